@@ -1,0 +1,148 @@
+"""The `pyunion` command: one thin layer over the library.
+
+Every subcommand's errors are `UserError`s printed as one line with a non-zero
+exit; a traceback only with `PYUNION_TRACEBACK=1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .errors import UserError
+from .options import MountConfig, parse_options
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_mount(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mount",
+        help="mount a stack of layers",
+        description=(
+            "Mount layers as one merged tree. Either the kernel's syntax, "
+            "'pyunion mount -o lowerdir=TOP:...:BOTTOM,upperdir=U,workdir=W MOUNTPOINT', "
+            "or 'pyunion mount [--upper U] [--work W] LAYER... MOUNTPOINT' with the layers "
+            "listed TOP FIRST (the first layer hides the ones after it). Without an upper "
+            "directory the mount is read-only. An image name from the store may stand for "
+            "the layers."
+        ),
+    )
+    p.add_argument("args", nargs="+", metavar="LAYER|MOUNTPOINT",
+                   help="layers, top first, then the mount point")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="comma-separated options: lowerdir=,upperdir=,workdir=,ro,allow_other,...")
+    p.add_argument("--upper", help="writable upper directory")
+    p.add_argument("--work", help="work directory (same filesystem as the upper)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
+    p.add_argument("--store", help="image store directory (for an image name)")
+    p.set_defaults(handler=_cmd_mount)
+
+
+def build_mount_config(args: argparse.Namespace) -> MountConfig:
+    cfg = MountConfig(lowers=[], mountpoint="")
+    parse_options(args.options, cfg)
+    positional = list(args.args)
+    cfg.mountpoint = positional.pop()
+    if positional:
+        if cfg.lowers:
+            raise UserError("give the layers either as lowerdir= or as arguments, not both")
+        if len(positional) == 1 and not os.path.isdir(positional[0]):
+            from .image import resolve_layers
+            cfg.lowers = resolve_layers(positional[0], getattr(args, "store", None))
+        else:
+            cfg.lowers = positional
+    if args.upper:
+        cfg.upper = args.upper
+    if args.work:
+        cfg.work = args.work
+    if not cfg.lowers:
+        raise UserError("no layers given (use -o lowerdir=... or list the layers)")
+    cfg.debug = args.debug
+    cfg.foreground = args.foreground or args.debug
+    return cfg
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount
+
+    cfg = build_mount_config(args)
+    mount(cfg)
+    return 0
+
+
+def _add_umount(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon to exit")
+    p.add_argument("mountpoint")
+    p.add_argument("-l", "--lazy", action="store_true", help="detach even if busy")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
+    p.set_defaults(handler=_cmd_umount)
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import umount
+
+    umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyunion", description="A userspace union filesystem for container image layers.")
+    parser.add_argument("--version", action="version", version=f"pyunion {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_mount(sub)
+    _add_umount(sub)
+    # Subcommands that live in their own modules register themselves.
+    for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli"):
+        try:
+            mod = __import__(modname, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="pyunion: %(levelname)s: %(message)s" if not debug else
+        "%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+
+
+def run_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "debug", False))
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UserError as e:
+        if os.environ.get("PYUNION_TRACEBACK"):
+            raise
+        print(f"pyunion: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(argv, build_parser())
+
+
+def overlayfs_main(argv: Sequence[str] | None = None) -> int:
+    """fuse-overlayfs' calling convention: `PROGRAM -o OPTS MOUNTPOINT` (for containers/storage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["mount", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The inode table: merged objects the kernel knows about, by node id.
+
+A node id is also the st_ino the kernel shows, so it must be a function of
+the object, not of when the kernel happened to look it up: it is derived from
+the object's identity, the (st_dev, st_ino) of its topmost lower instance
+(its origin) or of its upper instance when it has no lower one. Layers on the
+filesystem of the first layer use the real inode number; other filesystems get
+their index in the high bits (like the kernel's xino). Copy-up keeps the
+origin's number: `copied` remembers upper inode -> origin id for the mount's life,
+a table that grows with copy-ups, never with the size of the tree.
+
+Nodes are released when the kernel forgets them (lookup count zero), except
+pinned ones (open handles, hard-linked copy-ups), so a long walk does not grow
+memory without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .handles import Handle
+
+ROOT_ID = 1
+_HIGH_SHIFT = 56
+_OVERFLOW_BASE = 1 << 62
+
+
+class Node:
+    """A merged object.
+
+    Non-directories live at (`parent`, `name`) in layer `layer` (0: upper).
+    Directories merge the same name in every layer of `chain` (top first);
+    `fds` holds their directory fds in those layers, opened on demand.
+    """
+
+    __slots__ = (
+        "ino", "nlookup", "parent", "name", "links", "is_dir", "layer", "chain",
+        "fds", "listing", "attr", "handles", "origin", "unlinked", "xwh", "__weakref__",
+    )
+
+    def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, layer: int,
+                 chain: tuple[int, ...] = (), origin: tuple[int, int] = (0, 0)) -> None:
+        self.ino = ino
+        self.nlookup = 0
+        self.parent = parent
+        self.name = name
+        self.links: list[tuple[Node, bytes]] | None = None
+        self.is_dir = is_dir
+        self.layer = layer
+        self.chain = chain
+        self.fds: list[int] = [-1] * len(chain) if is_dir else []
+        self.listing: Any = None
+        self.attr: Any = None
+        self.handles: list[Handle] | None = None
+        self.origin = origin
+        self.unlinked = False
+        self.xwh: frozenset[int] = frozenset()
+
+    def close_fds(self) -> None:
+        for i, fd in enumerate(self.fds):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                self.fds[i] = -1
+
+    def add_link(self, parent: Node, name: bytes) -> None:
+        """Remember another name of this object (hard links)."""
+        if parent is self.parent and name == self.name:
+            return
+        if self.links is None:
+            self.links = []
+        if (parent, name) not in [(p, n) for p, n in self.links]:
+            self.links.append((parent, name))
+
+    def drop_link(self, parent: Node, name: bytes) -> None:
+        """Forget one name; if it was the primary one, promote another."""
+        if self.parent is parent and self.name == name:
+            if self.links:
+                self.parent, self.name = self.links.pop()
+            else:
+                self.unlinked = True
+        elif self.links:
+            self.links = [(p, n) for p, n in self.links if not (p is parent and n == name)]
+
+    def has_name(self, parent: Node, name: bytes) -> bool:
+        if self.parent is parent and self.name == name:
+            return True
+        return bool(self.links) and any(p is parent and n == name for p, n in self.links or ())
+
+    def __repr__(self) -> str:
+        return f"<Node {self.ino} {self.name!r} layer={self.layer} chain={self.chain}>"
+
+
+class InodeTable:
+    def __init__(self, devs: list[int]) -> None:
+        self.devs = devs
+        self.nodes: dict[int, Node] = {}
+        # Released nodes still referenced (as a parent or a link) stay one object per id.
+        self._zombies: weakref.WeakValueDictionary[int, Node] = weakref.WeakValueDictionary()
+        self.copied: dict[tuple[int, int], int] = {}
+        self._overflow: dict[tuple[int, int], int] = {}
+        self._next_overflow = _OVERFLOW_BASE
+
+    def ident_to_id(self, dev: int, ino: int) -> int:
+        """The node id (and st_ino) of the object whose identity is (dev, ino)."""
+        mapped = self.copied.get((dev, ino))
+        if mapped is not None:
+            return mapped
+        try:
+            idx = self.devs.index(dev)
+        except ValueError:
+            idx = len(self.devs)
+            self.devs.append(dev)
+        if ino < (1 << _HIGH_SHIFT) and idx < 64:
+            nid = (idx << _HIGH_SHIFT) | ino
+            if nid > ROOT_ID:
+                return nid
+        key = (dev, ino)
+        nid = self._overflow.get(key)
+        if nid is None:
+            nid = self._next_overflow
+            self._next_overflow += 1
+            self._overflow[key] = nid
+        return nid
+
+    def get(self, ino: int) -> Node | None:
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self._zombies.pop(ino, None)
+            if node is not None:
+                self.nodes[ino] = node
+        return node
+
+    def add(self, node: Node) -> Node:
+        self.nodes[node.ino] = node
+        return node
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None:
+            return
+        node.nlookup -= n
+        if node.nlookup <= 0:
+            node.nlookup = 0
+            self.release_if_unused(node)
+
+    def release_if_unused(self, node: Node) -> None:
+        if node.nlookup > 0 or node.handles or node.ino == ROOT_ID:
+            return
+        if self.nodes.get(node.ino) is node:
+            del self.nodes[node.ino]
+            self._zombies[node.ino] = node
+        node.close_fds()
+        node.listing = None

@@ -1,0 +1,138 @@
+"""Mount options: the kernel's and fuse-overlayfs' `-o` syntax, parsed into a `MountConfig`.
+
+`lowerdir=L1:L2` lists layers top first; `\\:` escapes a colon and `\\,` a comma,
+as in the kernel. Options we implement are consumed here; options that only
+concern the kernel's FUSE mount (allow_other, ...) are passed through to
+libfuse; harmless ones containers/storage passes are accepted and ignored;
+anything else is refused, since libfuse itself rejects unknown options.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Options libfuse understands and we pass on unchanged.
+FUSE_PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions"}
+# Generic mount options that make no sense for us to act on, accepted silently.
+IGNORED = {
+    "rw", "dev", "suid", "exec", "async", "atime", "relatime", "noatime", "nodiratime",
+    "strictatime", "lazytime", "nolazytime", "auto", "noauto", "user", "nouser", "_netdev",
+    "nofail", "defaults", "noacl", "acl", "index", "redirect_dir", "metacopy", "xino",
+    "userxattr", "volatile", "fsync", "nfs_export", "uuid", "default_permissions",
+    "threaded", "plugins", "fast_ino", "static_nlink", "noxattrs", "squash_to_root",
+    "squash_to_uid", "squash_to_gid", "xattr_permissions", "timeout", "context",
+    "fscontext", "defcontext", "rootcontext", "max_read", "nodev", "nosuid", "noexec",
+    "debug",
+}
+# Options we implement ourselves (not passed to libfuse).
+MOUNT_FLAGS = {"ro", "nosuid", "nodev", "noexec"}
+
+
+@dataclass
+class MountConfig:
+    """Everything a mount needs; layers are listed top first."""
+
+    lowers: list[str]
+    mountpoint: str
+    upper: str | None = None
+    work: str | None = None
+    fuse_options: set[str] = field(default_factory=set)
+    read_only: bool = False
+    volatile: bool = False  # fsync=0 / volatile: skip fsync to disk
+    debug: bool = False
+    foreground: bool = False
+    fsname: str = "pyunion"
+    uid_map: list[tuple[int, int, int]] = field(default_factory=list)
+    gid_map: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split on `sep`, honouring backslash escapes (`\\:` is a literal colon)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    it = iter(text)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise UserError(f"malformed option string (trailing backslash): {text!r}")
+            if nxt == sep:
+                cur.append(nxt)
+            else:
+                cur.append("\\" + nxt)
+            continue
+        if ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\\\", "\\")
+
+
+def _parse_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
+    out = []
+    for chunk in value.split(":"):
+        if not chunk:
+            continue
+        try:
+            a, b, c = (int(x) for x in chunk.split("-"))
+        except ValueError:
+            raise UserError(f"malformed {what} {value!r}: expected INSIDE-OUTSIDE-COUNT[:...]")
+        out.append((a, b, c))
+    return out
+
+
+def parse_options(opts: list[str], cfg: MountConfig) -> None:
+    """Apply every `-o` string in `opts` to `cfg`."""
+    for opt_string in opts:
+        if opt_string == "":
+            raise UserError("malformed option string: empty -o")
+        for item in split_escaped(opt_string, ","):
+            if item == "":
+                raise UserError(f"malformed option string {opt_string!r}: empty option")
+            key, eq, value = item.partition("=")
+            if key == "lowerdir":
+                if not eq or value == "":
+                    raise UserError("malformed option: lowerdir needs at least one directory")
+                # containers/storage may use '::' for data-only layers; treat as ':'.
+                layers = [_unescape(x) for x in split_escaped(value, ":")]
+                layers = [x for x in layers if x != ""]
+                if not layers:
+                    raise UserError("malformed option: lowerdir needs at least one directory")
+                cfg.lowers = layers
+            elif key == "upperdir":
+                if not value:
+                    raise UserError("malformed option: upperdir needs a directory")
+                cfg.upper = _unescape(value)
+            elif key == "workdir":
+                if not value:
+                    raise UserError("malformed option: workdir needs a directory")
+                cfg.work = _unescape(value)
+            elif key == "ro" and not eq:
+                cfg.read_only = True
+            elif key == "volatile" or (key == "fsync" and value == "0"):
+                cfg.volatile = True
+            elif key == "fsname" and eq:
+                cfg.fsname = value
+            elif key == "uidmapping":
+                cfg.uid_map = _parse_idmap(value, "uidmapping")
+            elif key == "gidmapping":
+                cfg.gid_map = _parse_idmap(value, "gidmapping")
+            elif key in FUSE_PASSTHROUGH and not eq:
+                cfg.fuse_options.add(key)
+            elif key in ("nosuid", "nodev", "noexec") and not eq:
+                cfg.fuse_options.add(key)
+            elif key in IGNORED:
+                log.debug("ignoring mount option %r", item)
+            else:
+                raise UserError(f"unknown mount option {item!r}")
