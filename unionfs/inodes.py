@@ -38,7 +38,7 @@ class Node:
 
     __slots__ = (
         "ino", "nlookup", "parent", "name", "links", "is_dir", "layer", "chain",
-        "fds", "listing", "attr", "handles", "origin", "unlinked", "xwh", "__weakref__",
+        "fds", "listing", "attr", "handles", "origin", "unlinked", "xwh", "st", "__weakref__",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, layer: int,
@@ -58,8 +58,11 @@ class Node:
         self.origin = origin
         self.unlinked = False
         self.xwh: frozenset[int] = frozenset()
+        self.st: os.stat_result | None = None  # lower objects: their (immutable) stat
 
     def close_fds(self) -> None:
+        if self.parent is None:
+            return  # the root's fds are the layers' own
         for i, fd in enumerate(self.fds):
             if fd >= 0:
                 try:
@@ -108,9 +111,6 @@ class InodeTable:
 
     def ident_to_id(self, dev: int, ino: int) -> int:
         """The node id (and st_ino) of the object whose identity is (dev, ino)."""
-        mapped = self.copied.get((dev, ino))
-        if mapped is not None:
-            return mapped
         try:
             idx = self.devs.index(dev)
         except ValueError:

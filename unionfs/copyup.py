@@ -1,0 +1,313 @@
+"""Copy-up: bring a lower object into the upper before its first change.
+
+Parents first, each with mode, owner, times and xattrs. The object is built
+under a temporary name in the work dir (`WORKDIR/work`, the kernel's own
+scratch directory, emptied at every mount) and renamed into place, so a crash
+never leaves a half-copied file in the upper. Data goes through
+copy_file_range hole by hole (sparse files stay sparse); a copy-up that
+truncates to zero copies no data.
+
+A copy-up is split in three so that the FUSE adaptor can run the data copy, the
+only slow part, in a worker thread: `begin` (metadata, on the event loop),
+`CopyJob.copy_data` (pure I/O on two fds, thread-safe), `finish` (rename into
+place and update the node, on the event loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+from dataclasses import dataclass
+
+from .errors import FsError
+from .inodes import InodeTable, Node
+from .layers import DIR_FLAGS, LayerStack
+from .resolve import Resolver
+from .sysfs import fdpath
+from .whiteout import is_internal_xattr
+
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+_CHUNK = 1 << 30
+
+
+def copy_xattrs(src: int | bytes, dst: int | bytes, follow: bool = True) -> None:
+    """Copy every xattr but overlay's own from `src` to `dst` (fds, or paths not followed)."""
+    try:
+        names = os.listxattr(src, follow_symlinks=follow)
+    except OSError:
+        return
+    for name in names:
+        if is_internal_xattr(name.encode()):
+            continue
+        try:
+            value = os.getxattr(src, name, follow_symlinks=follow)
+            os.setxattr(dst, name, value, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EPERM, errno.ENODATA, errno.EACCES):
+                raise
+
+
+def copy_file_data(src: int, dst: int, size: int) -> None:
+    """Copy `size` bytes, skipping holes; the caller's ftruncate sets the final size."""
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src, off, SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                break
+            data = off
+        try:
+            hole = os.lseek(src, data, SEEK_HOLE)
+        except OSError:
+            hole = size
+        hole = min(hole, size)
+        pos = data
+        while pos < hole:
+            n = _copy_range(src, dst, min(hole - pos, _CHUNK), pos)
+            if n == 0:
+                break
+            pos += n
+        off = max(hole, pos)
+        if pos < hole:  # the source shrank under us
+            break
+
+
+def _copy_range(src: int, dst: int, count: int, pos: int) -> int:
+    try:
+        return os.copy_file_range(src, dst, count, pos, pos)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    buf = os.pread(src, min(count, 1 << 20), pos)
+    if buf:
+        os.pwrite(dst, buf, pos)
+    return len(buf)
+
+
+def set_times(target: int | bytes, st: os.stat_result, follow: bool = True) -> None:
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=follow)
+
+
+@dataclass
+class CopyJob:
+    node: Node
+    st: os.stat_result
+    tmp: bytes
+    src_fd: int = -1
+    dst_fd: int = -1
+    with_data: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.st.st_size if self.with_data else 0
+
+    def copy_data(self) -> None:
+        if self.with_data and self.src_fd >= 0 and self.st.st_size:
+            copy_file_data(self.src_fd, self.dst_fd, self.st.st_size)
+
+    def close(self) -> None:
+        for fd in (self.src_fd, self.dst_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.src_fd = self.dst_fd = -1
+
+
+class CopyUp:
+    def __init__(self, stack: LayerStack, table: InodeTable, resolver: Resolver,
+                 work_fd: int) -> None:
+        self.stack = stack
+        self.table = table
+        self.resolver = resolver
+        self.work_fd = work_fd
+        self._serial = itertools.count(1)
+        upper = stack.upper
+        self.upper_dev = upper.dev if upper is not None else 0
+        # Lower hard links copied up this mount: origin (dev, ino) -> the (upper) node.
+        self.hardlinks: dict[tuple[int, int], Node] = {}
+
+    def tmpname(self) -> bytes:
+        return b"#pyunion-%d-%d" % (os.getpid(), next(self._serial))
+
+    # -- directories -----------------------------------------------------------
+    def upper_dirfd(self, d: Node) -> int:
+        """The upper fd of directory `d`, copying it (and its parents) up if needed."""
+        if not d.chain or d.chain[0] != 0:
+            self.copy_up_dir(d)
+        return self.resolver.dirfd(d, 0)
+
+    def copy_up_dir(self, d: Node) -> None:
+        if self.stack.upper is None:
+            raise FsError(errno.EROFS)
+        parent = d.parent
+        assert parent is not None, "the root always has an upper"
+        pfd = self.upper_dirfd(parent)
+        src_fd = self.resolver.dirfd(d, 0)
+        st = os.fstat(src_fd)
+        pst = os.fstat(pfd)
+        tmp = self.tmpname()
+        os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
+        fd = os.open(tmp, DIR_FLAGS, dir_fd=self.work_fd)
+        try:
+            os.chown(fd, st.st_uid, st.st_gid)
+            os.chmod(fd, stat.S_IMODE(st.st_mode))
+            copy_xattrs(src_fd, fd)
+            os.rename(tmp, d.name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
+            set_times(fd, st)
+        except BaseException:
+            os.close(fd)
+            _rmtree_at(self.work_fd, tmp)
+            raise
+        set_times(pfd, pst)
+        d.chain = (0,) + d.chain
+        d.fds.insert(0, fd)
+        d.attr = None
+        parent.listing = None
+
+    # -- non-directories -----------------------------------------------------
+    def begin(self, node: Node, with_data: bool = True) -> CopyJob | None:
+        """Start copying `node` up; None if it is in the upper already."""
+        if node.is_dir:
+            if node.chain[0] != 0:
+                self.copy_up_dir(node)
+            return None
+        if node.layer == 0:
+            return None
+        if self.stack.upper is None:
+            raise FsError(errno.EROFS)
+        assert node.parent is not None
+        self.upper_dirfd(node.parent)
+        src_dir = self.resolver.location_fd(node)
+        st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
+        job = CopyJob(node, st, self.tmpname(), with_data=with_data)
+        mode = st.st_mode
+        try:
+            if stat.S_ISREG(mode):
+                if with_data and st.st_size:
+                    job.src_fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                         dir_fd=src_dir)
+                job.dst_fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                     0o600, dir_fd=self.work_fd)
+            elif stat.S_ISLNK(mode):
+                target = os.readlink(node.name, dir_fd=src_dir)
+                os.symlink(target, job.tmp, dir_fd=self.work_fd)
+            else:
+                os.mknod(job.tmp, mode, st.st_rdev, dir_fd=self.work_fd)
+        except BaseException:
+            self.abort(job)
+            raise
+        return job
+
+    def abort(self, job: CopyJob) -> None:
+        job.close()
+        try:
+            os.unlink(job.tmp, dir_fd=self.work_fd)
+        except OSError:
+            pass
+
+    def finish(self, job: CopyJob) -> None:
+        node = job.node
+        st = job.st
+        try:
+            assert node.parent is not None
+            src_dir = self.resolver.location_fd(node)
+            pfd = self.resolver.dirfd(node.parent, 0)
+            tmp_path = fdpath(self.work_fd, job.tmp)
+            if job.dst_fd >= 0:
+                fd = job.dst_fd
+                if job.with_data:
+                    os.ftruncate(fd, st.st_size)
+                os.fchown(fd, st.st_uid, st.st_gid)
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                copy_xattrs(fdpath(src_dir, node.name), fd, follow=False)
+                set_times(fd, st)
+            else:
+                os.chown(job.tmp, st.st_uid, st.st_gid, dir_fd=self.work_fd, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    os.chmod(job.tmp, stat.S_IMODE(st.st_mode), dir_fd=self.work_fd)
+                copy_xattrs(fdpath(src_dir, node.name), tmp_path, follow=False)
+                set_times(tmp_path, st, follow=False)
+            pst = os.fstat(pfd)
+            os.rename(job.tmp, node.name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
+            set_times(pfd, pst)
+        except BaseException:
+            self.abort(job)
+            raise
+        job.close()
+        new = os.stat(node.name, dir_fd=pfd, follow_symlinks=False)
+        self.table.copied[(new.st_dev, new.st_ino)] = node.ino
+        old_layer = node.layer
+        node.layer = 0
+        node.attr = None
+        node.parent.listing = None
+        self._reopen_handles(node, pfd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and old_layer != 0:
+            self._link_aliases(node, (st.st_dev, st.st_ino))
+
+    def _reopen_handles(self, node: Node, pfd: int) -> None:
+        """Point read handles opened on the lower file at the upper copy."""
+        for h in node.handles or ():
+            if h.layer != 0:
+                newfd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                os.dup2(newfd, h.fd, inheritable=False)
+                os.close(newfd)
+                h.layer = 0
+
+    def _link_aliases(self, node: Node, origin: tuple[int, int]) -> None:
+        """Keep the other names of a lower hard link pointing at the copy (those we know)."""
+        self.hardlinks[origin] = node
+        assert node.parent is not None
+        src_fd = self.resolver.dirfd(node.parent, 0)
+        for parent, name in list(node.links or ()):
+            self.link_alias(node, src_fd, parent, name)
+            if parent.listing is not None:
+                parent.listing = None
+
+    def link_alias(self, node: Node, src_fd: int, parent: Node, name: bytes) -> None:
+        pfd = self.upper_dirfd(parent)
+        try:
+            os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            return  # the upper has that name already (it hides the lower alias)
+        except FileNotFoundError:
+            pass
+        os.link(node.name, name, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
+
+    def copy_up(self, node: Node, with_data: bool = True) -> None:
+        """Copy-up in one go, on the calling thread."""
+        job = self.begin(node, with_data)
+        if job is None:
+            return
+        try:
+            job.copy_data()
+        except BaseException:
+            self.abort(job)
+            raise
+        self.finish(job)
+
+
+def _rmtree_at(dirfd: int, name: bytes) -> None:
+    """Remove `name` below `dirfd` recursively, never following symlinks."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
+    try:
+        for e in os.scandir(fd):
+            child = os.fsencode(e.name)
+            if e.is_dir(follow_symlinks=False):
+                _rmtree_at(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+rmtree_at = _rmtree_at

@@ -1,0 +1,373 @@
+"""The FUSE adaptor: pyfuse3 requests in, `Union` calls out.
+
+Thin on purpose. It turns inode numbers into nodes, errors into FUSE replies
+(the only place that happens: an OSError becomes its errno, anything else is
+logged and becomes EIO, so no request can crash the daemon), and decides what
+the kernel may cache (`_attr`).
+
+Cache policy, and why it is safe: every change to the merged tree goes through
+this daemon, and the kernel keeps its own dentry and attribute caches coherent
+across the operations it sends us (it invalidates a parent's attributes after
+create/unlink/rename, a file's after write and setattr). Lower layers never
+change while mounted. So entries, negative entries and attributes are given
+long timeouts, and file data keeps the page cache across opens (`keep_cache`).
+The one slow operation, the data copy of a large copy-up, runs in a worker
+thread; other requests on the same node wait for it, the rest go on.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from .errors import FsError
+from .inodes import Node
+from .union import Ctx, Union
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 86400.0
+THREAD_COPY_MIN = 1 << 20  # copy-ups of more bytes than this run in a worker thread
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _fuse_errors(fn: F) -> F:
+    """Every handler: OSError -> its errno; a bug -> logged, EIO; never a crash."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _ctx(ctx: Any) -> Ctx:
+    return Ctx(ctx.uid, ctx.gid, getattr(ctx, "umask", 0))
+
+
+class FuseOps(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, core: Union, debug: bool = False) -> None:
+        super().__init__()
+        self.core = core
+        self._copying: dict[int, trio.Event] = {}
+        if debug:
+            self._wrap_debug()
+
+    def _wrap_debug(self) -> None:
+        for name in ("lookup", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
+                     "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush",
+                     "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs",
+                     "setxattr", "getxattr", "listxattr", "removexattr", "access", "create",
+                     "forget"):
+            fn = getattr(self, name)
+
+            async def logged(*args: Any, _fn: Any = fn, _name: str = name) -> Any:
+                shown = [a if not isinstance(a, (bytes, bytearray)) or len(a) < 64
+                         else f"<{len(a)} bytes>" for a in args
+                         if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken))]
+                try:
+                    result = await _fn(*args)
+                except pyfuse3.FUSEError as e:
+                    log.debug("%s%r -> %s", _name, tuple(shown), errno.errorcode.get(e.errno, e.errno))
+                    raise
+                log.debug("%s%r -> ok", _name, tuple(shown))
+                return result
+
+            setattr(self, name, logged)
+
+    # -- attributes ------------------------------------------------------------
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = node.attr
+        if a is not None:
+            return a
+        st, nlink = self.core.stat(node)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = st.st_mode
+        a.st_nlink = nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        if not self.core.needs_copyup(node) or node.unlinked:
+            return a  # upper objects change: ask each time
+        node.attr = a  # lower objects never change while mounted
+        return a
+
+    def _node(self, ino: int) -> Node:
+        node = self.core.table.nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    # -- copy-up off the event loop ----------------------------------------------
+    async def _settle(self, node: Node | None) -> None:
+        """Wait until no copy-up of `node` is under way."""
+        while node is not None and node.ino in self._copying:
+            await self._copying[node.ino].wait()
+
+    async def _copy_up(self, node: Node, with_data: bool = True) -> None:
+        await self._settle(node)
+        core = self.core
+        if not core.needs_copyup(node):
+            return
+        job = core.copyup_begin(node, with_data)
+        if job is None:
+            return
+        if job.size < THREAD_COPY_MIN:
+            try:
+                job.copy_data()
+            except BaseException:
+                core.copyup.abort(job)
+                raise
+            core.copyup.finish(job)
+            return
+        done = trio.Event()
+        self._copying[node.ino] = done
+        try:
+            try:
+                await trio.to_thread.run_sync(job.copy_data, abandon_on_cancel=False)
+            except BaseException:
+                core.copyup.abort(job)
+                raise
+            core.copyup.finish(job)
+        finally:
+            del self._copying[node.ino]
+            done.set()
+
+    def _peek(self, parent: Node, name: bytes) -> Node | None:
+        entry = self.core.resolver.resolve(parent, name) if parent.is_dir else None
+        return self.core._node_for(parent, name, entry) if entry is not None else None
+
+    # -- requests ----------------------------------------------------------------
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self.core.lookup(self._node(parent_inode), name)
+        if node is None:
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = TIMEOUT
+            return a
+        return self._attr(node)
+
+    async def forget(self, inode_list: Any) -> None:
+        forget = self.core.forget
+        for ino, n in inode_list:
+            forget(ino, n)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attr(self._node(inode))
+
+    @_fuse_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        size = attr.st_size if fields.update_size else None
+        only_trunc0 = size == 0 and not (fields.update_mode or fields.update_uid or fields.update_gid)
+        if self.core.needs_copyup(node) and self.core.stack.writable:
+            await self._copy_up(node, with_data=not only_trunc0)
+        await self._settle(node)
+        self.core.setattr(
+            node,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=size,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh,
+        )
+        return self._attr(node)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        return self.core.readlink(self._node(inode))
+
+    @_fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._attr(self.core.mknod(self._node(parent_inode), name, mode, rdev, _ctx(ctx)))
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._attr(self.core.mkdir(self._node(parent_inode), name, mode, _ctx(ctx)))
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
+        parent = self._node(parent_inode)
+        await self._settle(self._peek(parent, name))
+        self.core.unlink(parent, name)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
+        self.core.rmdir(self._node(parent_inode), name)
+
+    @_fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._attr(self.core.symlink(self._node(parent_inode), name, target, _ctx(ctx)))
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any = None) -> None:
+        old_parent = self._node(parent_inode_old)
+        new_parent = self._node(parent_inode_new)
+        src = self._peek(old_parent, name_old)
+        dst = self._peek(new_parent, name_new)
+        try:
+            if src is not None and not src.is_dir and self.core.stack.writable:
+                await self._copy_up(src)
+            await self._settle(dst)
+            self.core.rename(old_parent, name_old, new_parent, name_new, flags)
+        finally:
+            for n in (src, dst):
+                if n is not None:
+                    self.core.release_node(n)
+
+    @_fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if self.core.stack.writable and not node.is_dir:
+            await self._copy_up(node)
+        return self._attr(self.core.link(node, self._node(new_parent_inode), new_name))
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC) and not node.is_dir:
+            if not self.core.stack.writable:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            await self._copy_up(node, with_data=not flags & os.O_TRUNC)
+            await self._settle(node)
+        fh = self.core.open(node, flags)
+        if flags & os.O_TRUNC:
+            node.attr = None
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.core.read(fh, off, size)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.core.write(fh, off, buf)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        self.core.release(fh)
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.core.fsync(fh, datasync)
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        return self.core.opendir(self._node(inode))
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        core = self.core
+        reply = pyfuse3.readdir_reply
+        for name, node, nxt, counts in core.readdir(fh, start_id):
+            if not reply(token, name, self._attr(node), nxt):
+                if counts:
+                    core.release_node(node)
+                break
+            if counts:
+                node.nlookup += 1
+
+    @_fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self.core.releasedir(fh)
+
+    @_fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.core.fsyncdir(fh)
+
+    @_fuse_errors
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        sv = self.core.statfs()
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = sv.f_bsize
+        d.f_frsize = sv.f_frsize
+        d.f_blocks = sv.f_blocks
+        d.f_bfree = sv.f_bfree
+        d.f_bavail = sv.f_bavail
+        d.f_files = sv.f_files
+        d.f_ffree = sv.f_ffree
+        d.f_favail = sv.f_favail
+        d.f_namemax = sv.f_namemax
+        return d
+
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
+        node = self._node(inode)
+        if self.core.stack.writable:
+            await self._copy_up(node)
+        self.core.setxattr(node, name, value)
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        return self.core.getxattr(self._node(inode), name)
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return self.core.listxattr(self._node(inode))
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
+        node = self._node(inode)
+        self.core.getxattr(node, name)
+        if self.core.stack.writable:
+            await self._copy_up(node)
+        self.core.removexattr(node, name)
+
+    async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
+        return True  # default_permissions: the kernel has checked already
+
+    @_fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, node = self.core.create(self._node(parent_inode), name, mode, flags, _ctx(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node)
+
+
+def is_dir_mode(mode: int) -> bool:
+    return stat.S_ISDIR(mode)
+
+
+__all__ = ["FuseOps", "FsError"]

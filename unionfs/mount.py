@@ -1,0 +1,397 @@
+"""Mount lifecycle: check everything, fork the daemon, wait until the mount is live; unmount.
+
+The parent validates the request (so bad input is one line and nothing is
+mounted), then forks. The child opens the layers, prepares the work dir, mounts
+(`pyfuse3.init`) and only then tells the parent, through a pipe, that the mount
+is live (or why it failed); it then serves requests until it is unmounted or
+gets SIGTERM/SIGINT, which unmount it cleanly. The daemon records its pid in
+a small state file per mount point, so `umount` can wait for it to exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+from .errors import UserError
+from .layers import DIR_FLAGS, LayerStack
+from .options import MountConfig
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = os.environ.get("PYUNION_STATE_DIR", "/run/pyunion" if os.geteuid() == 0 else
+                           os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "pyunion"))
+
+
+# -- mount table ---------------------------------------------------------------
+def _unescape_mountinfo(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, super options) of every mount in this namespace."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                rfields = right.split()
+                if len(fields) >= 5 and len(rfields) >= 3:
+                    out.append((_unescape_mountinfo(fields[4]), rfields[0],
+                                _unescape_mountinfo(rfields[2])))
+    except OSError:
+        pass
+    return out
+
+
+def is_mountpoint(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(mp == real for mp, _, _ in mounts())
+
+
+def _state_path(mountpoint: str) -> str:
+    """Where the daemon of `mountpoint` records its pid (call before mounting: realpath stats)."""
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
+    return os.path.join(STATE_DIR, key + ".pid")
+
+
+def daemon_pid(mountpoint: str) -> int | None:
+    try:
+        with open(_state_path(mountpoint)) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# -- validation ------------------------------------------------------------------
+def _inside(path: str, top: str) -> bool:
+    return path.startswith(top.rstrip("/") + "/")
+
+
+def validate(cfg: MountConfig) -> None:
+    """Refuse a bad mount before anything is mounted, with one clear line."""
+    if not os.path.exists("/dev/fuse"):
+        raise UserError("/dev/fuse does not exist (is the fuse module loaded?)")
+    mp = cfg.mountpoint
+    if not os.path.exists(mp):
+        raise UserError(f"mount point {mp!r} does not exist")
+    if not os.path.isdir(mp):
+        raise UserError(f"mount point {mp!r} is not a directory")
+    if is_mountpoint(mp):
+        raise UserError(f"{mp!r} is already a mount point")
+    real_mp = os.path.realpath(mp)
+    layers = list(cfg.lowers) + ([cfg.upper] if cfg.upper else [])
+    for path in layers:
+        if not os.path.exists(path):
+            raise UserError(f"layer {path!r} does not exist")
+        if not os.path.isdir(path):
+            raise UserError(f"layer {path!r} is not a directory")
+        real = os.path.realpath(path)
+        if _inside(real_mp, real):
+            raise UserError(f"mount point {mp!r} is inside layer {path!r}")
+        if _inside(real, real_mp):
+            raise UserError(f"layer {path!r} is inside the mount point {mp!r}")
+    if cfg.upper:
+        for m, fstype, opts in mounts():
+            if fstype == "overlay" and f"upperdir={os.path.realpath(cfg.upper)}" in opts.split(","):
+                raise UserError(f"upper directory {cfg.upper!r} is in use by the overlay mount at {m}")
+        cfg.work = choose_workdir(cfg.upper, cfg.work)
+
+
+def choose_workdir(upper: str, work: str | None) -> str:
+    """The work dir: as given, or beside the upper (same filesystem), created if missing."""
+    if work is None:
+        up = os.path.realpath(upper)
+        work = os.path.join(os.path.dirname(up), "." + os.path.basename(up) + ".work")
+        created = not os.path.exists(work)
+        try:
+            os.makedirs(work, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create a work directory {work!r}: {e.strerror}")
+        if created:
+            print(f"pyunion: work directory: {work}", file=sys.stderr)
+    if not os.path.isdir(work):
+        raise UserError(f"work directory {work!r} does not exist or is not a directory")
+    if os.stat(work).st_dev != os.stat(upper).st_dev:
+        raise UserError(f"work directory {work!r} is not on the same filesystem as the upper {upper!r}")
+    rw, ru = os.path.realpath(work), os.path.realpath(upper)
+    if rw == ru or _inside(rw, ru) or _inside(ru, rw):
+        raise UserError("the work directory and the upper directory must be separate trees")
+    return work
+
+
+def prepare_workdir(work: str) -> tuple[int, int]:
+    """Lock the work dir for this mount, empty WORK/work, return (lock fd, WORK/work fd)."""
+    from .copyup import rmtree_at
+
+    lock_fd = os.open(work, DIR_FLAGS)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise UserError(f"work directory {work!r} is in use by another mount")
+    try:
+        os.mkdir(b"work", 0o700, dir_fd=lock_fd)
+    except FileExistsError:
+        pass
+    wfd = os.open(b"work", DIR_FLAGS, dir_fd=lock_fd)
+    for e in list(os.scandir(wfd)):
+        rmtree_at(wfd, os.fsencode(e.name))
+    return lock_fd, wfd
+
+
+def _lock_upper(upper_fd: int, upper: str) -> None:
+    try:
+        fcntl.flock(upper_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"upper directory {upper!r} is in use by another mount")
+
+
+# -- the daemon ------------------------------------------------------------------------
+def _fuse_options(cfg: MountConfig) -> set[str]:
+    import pyfuse3
+
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks permissions
+    opts.add(f"fsname={cfg.fsname}")
+    opts.add("subtype=pyunion")
+    if os.geteuid() == 0:
+        opts.add("allow_other")  # like a kernel mount: every user sees it
+    opts |= cfg.fuse_options
+    if cfg.read_only:
+        opts.add("ro")
+    return opts
+
+
+def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
+    """Mount and serve until unmounted. Reports readiness (or the error) on `ready_fd`."""
+    import pyfuse3
+    import trio
+
+    from .fuseops import FuseOps
+    from .union import Union
+
+    def fail(msg: str) -> int:
+        if ready_fd is not None:
+            os.write(ready_fd, b"E" + msg.encode(errors="replace"))
+            os.close(ready_fd)
+            return 1
+        raise UserError(msg)
+
+    os.umask(0)
+    lock_fd = -1
+    try:
+        stack = LayerStack(cfg.lowers, None if cfg.read_only else cfg.upper)
+    except UserError as e:
+        return fail(str(e))
+    work_fd = -1
+    try:
+        if stack.upper is not None:
+            assert cfg.work is not None and cfg.upper is not None
+            _lock_upper(stack.upper.fd, cfg.upper)
+            lock_fd, work_fd = prepare_workdir(cfg.work)
+    except UserError as e:
+        stack.close()
+        return fail(str(e))
+    core = Union(stack, work_fd, volatile=cfg.volatile)
+    ops = FuseOps(core, debug=cfg.debug)
+    _raise_fd_limit()
+    # Never touch the mount point once mounted: the daemon would wait on itself.
+    real_mp = os.path.realpath(cfg.mountpoint)
+    state = _state_path(real_mp)
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, _fuse_options(cfg))
+    except Exception as e:
+        core.close()
+        return fail(f"cannot mount {cfg.mountpoint!r}: {e}")
+    try:
+        os.makedirs(STATE_DIR, exist_ok=True)
+        with open(state, "w") as f:
+            f.write(f"{os.getpid()} {real_mp}\n")
+    except OSError:
+        state = ""
+    if ready_fd is not None:
+        os.write(ready_fd, b"OK")
+        os.close(ready_fd)
+    unmounted_by_us = False
+
+    async def main() -> None:
+        nonlocal unmounted_by_us
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                nonlocal unmounted_by_us
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async for _ in sigs:
+                        unmounted_by_us = True
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signals)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        try:
+            pyfuse3.close(unmount=unmounted_by_us)
+        except Exception:
+            pass
+        if unmounted_by_us and any(mp == real_mp for mp, _, _ in mounts()):
+            with contextlib.suppress(OSError):
+                _umount2(real_mp, lazy=True)
+        core.close()
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        if state:
+            with contextlib.suppress(OSError):
+                os.unlink(state)
+    return 0
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def mount(cfg: MountConfig) -> int:
+    """Mount; return the daemon's pid once the mount is live (0 in the foreground, after it ends)."""
+    validate(cfg)
+    if cfg.foreground:
+        serve(cfg)
+        return 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            _detach_stdio(cfg)
+            code = serve(cfg, w)
+        except BaseException as e:  # report, never a traceback on the user's terminal
+            with contextlib.suppress(OSError):
+                os.write(w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
+        finally:
+            os._exit(code)
+    os.close(w)
+    msg = b""
+    with os.fdopen(r, "rb") as f:
+        msg = f.read()
+    if msg == b"OK":
+        return pid
+    os.waitpid(pid, 0)
+    raise UserError(msg[1:].decode(errors="replace") or "the daemon died before the mount was ready")
+
+
+def _detach_stdio(cfg: MountConfig) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    logfile = os.environ.get("PYUNION_LOG")
+    if logfile:
+        fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+    else:
+        os.dup2(null, 2)
+    os.close(null)
+
+
+# -- unmounting ------------------------------------------------------------------------
+def _umount2(path: str, lazy: bool = False) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(path), 2 if lazy else 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+def holders(path: str) -> list[str]:
+    """Processes using something under `path` (cwd, root, open files)."""
+    real = os.path.realpath(path)
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+        try:
+            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == real or _inside(target, real):
+                try:
+                    with open(f"/proc/{pid}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                out.append(f"{comm} (pid {pid})")
+                break
+    return out
+
+
+def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
+    """Unmount and wait for the daemon to exit; a dead daemon's stale mount is cleaned too."""
+    if not is_mountpoint(mountpoint):
+        raise UserError(f"{mountpoint!r} is not mounted")
+    pid = daemon_pid(mountpoint)
+    try:
+        if os.geteuid() == 0:
+            _umount2(mountpoint, lazy=lazy)
+        else:
+            cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise OSError(errno.EBUSY if "busy" in r.stderr else errno.EPERM, r.stderr.strip())
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            who = holders(mountpoint)
+            detail = f" (used by {', '.join(who[:5])})" if who else ""
+            raise UserError(f"{mountpoint!r} is busy{detail}; use --lazy to detach it anyway")
+        raise UserError(f"cannot unmount {mountpoint!r}: {e.strerror}")
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:g}s")
+        time.sleep(0.02)
+    with contextlib.suppress(OSError):
+        os.unlink(_state_path(mountpoint))
+
+
+def _st_is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
