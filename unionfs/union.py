@@ -93,7 +93,14 @@ class Union:
         nid = self._entry_id(entry)
         node = self.table.get(nid)
         if node is not None and node.is_dir == is_dir and not node.unlinked:
-            if is_dir:
+            if not is_dir and node.layer == 0 and entry.layer != 0 and self.stack.writable:
+                # Another name of a lower hard link whose object was copied up: link it too.
+                assert node.parent is not None
+                self.copyup.link_alias(node, self.resolver.dirfd(node.parent, 0), parent, name)
+                parent.listing = None
+                node.attr = None
+                node.add_link(parent, name)
+            elif is_dir:
                 if node.parent is not parent or node.name != name:
                     node.close_fds()
                     node.parent, node.name = parent, name
