@@ -33,18 +33,20 @@ SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 _CHUNK = 1 << 30
 
 
-def copy_xattrs(src: int | bytes, dst: int | bytes, follow: bool = True) -> None:
-    """Copy every xattr but overlay's own from `src` to `dst` (fds, or paths not followed)."""
+def copy_xattrs(src: int | bytes, dst: int | bytes) -> None:
+    """Copy every xattr but overlay's own from `src` to `dst` (fds, or paths never followed)."""
+    sf = isinstance(src, int)
+    df = isinstance(dst, int)
     try:
-        names = os.listxattr(src, follow_symlinks=follow)
+        names = os.listxattr(src, follow_symlinks=sf)
     except OSError:
         return
     for name in names:
         if is_internal_xattr(name.encode()):
             continue
         try:
-            value = os.getxattr(src, name, follow_symlinks=follow)
-            os.setxattr(dst, name, value, follow_symlinks=follow)
+            value = os.getxattr(src, name, follow_symlinks=sf)
+            os.setxattr(dst, name, value, follow_symlinks=df)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EPERM, errno.ENODATA, errno.EACCES):
                 raise
@@ -222,13 +224,13 @@ class CopyUp:
                     os.ftruncate(fd, st.st_size)
                 os.fchown(fd, st.st_uid, st.st_gid)
                 os.fchmod(fd, stat.S_IMODE(st.st_mode))
-                copy_xattrs(fdpath(src_dir, node.name), fd, follow=False)
+                copy_xattrs(fdpath(src_dir, node.name), fd)
                 set_times(fd, st)
             else:
                 os.chown(job.tmp, st.st_uid, st.st_gid, dir_fd=self.work_fd, follow_symlinks=False)
                 if not stat.S_ISLNK(st.st_mode):
                     os.chmod(job.tmp, stat.S_IMODE(st.st_mode), dir_fd=self.work_fd)
-                copy_xattrs(fdpath(src_dir, node.name), tmp_path, follow=False)
+                copy_xattrs(fdpath(src_dir, node.name), tmp_path)
                 set_times(tmp_path, st, follow=False)
             pst = os.fstat(pfd)
             os.rename(job.tmp, node.name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)

@@ -1,0 +1,137 @@
+"""Real mounts: identity, caching (proved by counting the daemon's requests), lifecycle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import PYUNION, is_mounted, mounted, needs_fuse, pyunion
+
+
+def _drop_caches() -> None:
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+@needs_fuse
+def test_identity_stable_across_forget_and_copy_up(layers: tuple) -> None:
+    lows, upper, work, mnt = layers
+    (lows[1] / "d").mkdir()
+    (lows[1] / "d" / "f").write_text("x")
+    os.link(lows[1] / "d" / "f", lows[1] / "d" / "g")
+    with mounted(lows, mnt, upper, work):
+        st = os.stat(mnt / "d" / "f")
+        assert os.stat(mnt / "d" / "g").st_ino == st.st_ino
+        assert st.st_nlink == 2
+        entries = {e.name: e.inode() for e in os.scandir(mnt / "d")}
+        assert entries["f"] == st.st_ino
+        _drop_caches()  # the kernel forgets; the daemon releases; numbers stay
+        assert os.stat(mnt / "d" / "f").st_ino == st.st_ino
+        with open(mnt / "d" / "f", "a") as f:
+            f.write("y")
+        assert os.stat(mnt / "d" / "f").st_ino == st.st_ino
+        _drop_caches()
+        assert os.stat(mnt / "d" / "f").st_ino == st.st_ino
+        assert (mnt / "d" / "g").read_text() == "xy"
+        assert os.stat(mnt).st_dev == os.stat(mnt / "d" / "f").st_dev
+
+
+@needs_fuse
+def test_kernel_caches_lookups_and_attributes(layers: tuple, tmp_path: Path) -> None:
+    lows, upper, work, mnt = layers
+    for i in range(50):
+        (lows[0] / f"f{i}").write_text("x")
+    log = tmp_path / "daemon.log"
+    # --debug logs every request and keeps the daemon in the foreground: run it as a child.
+    proc = subprocess.Popen([*PYUNION, "mount", "-d", "-o",
+                             f"lowerdir={lows[0]}:{lows[1]}", str(mnt)],
+                            stderr=open(log, "w"))
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        for _ in range(3):
+            for i in range(50):
+                os.stat(mnt / f"f{i}")
+                assert not os.path.exists(mnt / f"missing{i}")
+            (mnt / "f1").read_text()
+        text = log.read_text()
+        lookups = text.count("lookup(")
+        getattrs = text.count("getattr(")
+        reads = text.count("read(")
+        # One lookup per name (positive and negative) for three passes, no getattr, one read.
+        assert lookups <= 101, lookups
+        assert getattrs <= 2, getattrs
+        assert reads <= 1, reads
+    finally:
+        pyunion("umount", str(mnt), check=False)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@needs_fuse
+def test_sigterm_unmounts_cleanly(layers: tuple) -> None:
+    lows, upper, work, mnt = layers
+    pyunion("mount", str(lows[0]), str(mnt))
+    try:
+        from unionfs.mount import daemon_pid
+
+        pid = daemon_pid(str(mnt))
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while is_mounted(mnt):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        if is_mounted(mnt):
+            pyunion("umount", "--lazy", str(mnt), check=False)
+
+
+@needs_fuse
+def test_stale_mount_of_dead_daemon_is_cleaned(layers: tuple) -> None:
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("x")
+    pyunion("mount", "-o", f"lowerdir={lows[0]},upperdir={upper},workdir={work}", str(mnt))
+    from unionfs.mount import daemon_pid
+
+    pid = daemon_pid(str(mnt))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pyunion("umount", str(mnt))
+    assert not is_mounted(mnt)
+    # The same upper mounts again.
+    with mounted(lows, mnt, upper, work):
+        assert (mnt / "f").read_text() == "x"
+
+
+@needs_fuse
+def test_busy_umount_names_the_holder(layers: tuple) -> None:
+    lows, upper, work, mnt = layers
+    (lows[0] / "d").mkdir()
+    with mounted(lows, mnt):
+        holder = subprocess.Popen(["sleep", "60"], cwd=mnt / "d")
+        try:
+            r = pyunion("umount", str(mnt), check=False)
+            assert r.returncode != 0 and "busy" in r.stderr and "sleep" in r.stderr
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+@needs_fuse
+def test_statfs_is_the_uppers(layers: tuple) -> None:
+    lows, upper, work, mnt = layers
+    with mounted(lows, mnt, upper, work):
+        a, b = os.statvfs(mnt), os.statvfs(upper)
+        assert (a.f_blocks, a.f_bsize) == (b.f_blocks, b.f_bsize)
