@@ -21,14 +21,12 @@ import errno
 import functools
 import logging
 import os
-import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from .errors import FsError
 from .inodes import Node
 from .union import Ctx, Union
 
@@ -65,7 +63,7 @@ def _ctx(ctx: Any) -> Ctx:
 class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
-    enable_acl = False
+    enable_acl = True
 
     def __init__(self, core: Union, debug: bool = False) -> None:
         super().__init__()
@@ -181,8 +179,11 @@ class FuseOps(pyfuse3.Operations):
 
     async def forget(self, inode_list: Any) -> None:
         forget = self.core.forget
-        for ino, n in inode_list:
-            forget(ino, n)
+        try:
+            for ino, n in inode_list:
+                forget(ino, n)
+        except Exception:  # forget has no reply: never let it end the main loop
+            log.exception("internal error in forget")
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -365,9 +366,3 @@ class FuseOps(pyfuse3.Operations):
         fh, node = self.core.create(self._node(parent_inode), name, mode, flags, _ctx(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node)
 
-
-def is_dir_mode(mode: int) -> bool:
-    return stat.S_ISDIR(mode)
-
-
-__all__ = ["FuseOps", "FsError"]
