@@ -1,0 +1,680 @@
+"""`pyunion run`: run a command chroot'd in a union of layers, with a throw-away writable layer.
+
+The parent side (this module) owns everything that must be undone:
+
+1. unshare a mount namespace and make it private, so the FUSE mount (and the
+   container's mounts under it) never appear in the host's mount table;
+2. mount the layers under a fresh upper in a temporary directory
+   (`unionfs.mount.mount`, allow_other so `-u USER` can read the tree);
+3. fork a janitor: if pyunion itself is killed (SIGKILL, OOM), the janitor
+   sees its pipe close and does the teardown pyunion could not do;
+4. fork the container's init into a new pid namespace (`sandbox.container_init`),
+   forward signals to it, relay a pty for `-t`;
+5. teardown, always: kill what is left of the container, unmount, wait for the
+   daemon (stop it if it lingers: only its pid), remove the temporary upper
+   unless `--keep`/`--upper`.
+
+Exit codes follow podman/docker: the command's own, 125 when pyunion fails,
+126 cannot execute, 127 not found, 128+N killed by signal N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import termios
+import time
+import tty as ttymod
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, NoReturn
+
+from . import sandbox
+from .errors import UserError
+from .options import MountConfig
+
+TOOL_ERROR = 125
+
+
+def _fail(msg: str) -> UserError:
+    return UserError(msg, TOOL_ERROR)
+
+
+# -- options ----------------------------------------------------------------------------
+@dataclass
+class RunOptions:
+    """A parsed `pyunion run` command line."""
+
+    layers: list[str]
+    command: list[str]
+    env: list[str] = field(default_factory=list)
+    env_files: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    volumes: list[str] = field(default_factory=list)
+    hostname: str | None = None
+    entrypoint: str | None = None
+    interactive: bool = False
+    tty: bool = False
+    keep: bool = False
+    upper: str | None = None
+    read_only: bool = False
+    store: str | None = None
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                   help="set an environment variable (K alone: take it from pyunion's)")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="read K=V lines from FILE")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]",
+                   help="run as USER (name or uid from the image's /etc/passwd)")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CONTAINER[:ro]",
+                   help="bind-mount a host path into the container")
+    p.add_argument("--hostname", help="the container's host name (default: the host's)")
+    p.add_argument("--entrypoint", help="override the image's Entrypoint")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
+    p.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    p.add_argument("--keep", action="store_true", help="keep the writable layer afterwards")
+    p.add_argument("--upper", metavar="DIR", help="use DIR as the writable layer (kept)")
+    p.add_argument("--read-only", action="store_true", help="no writable layer at all")
+    p.add_argument("--store", help="image store directory (for an image name)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a command in a union of layers (a throw-away container)",
+        usage="pyunion run [OPTIONS] LAYER... [-- COMMAND [ARG...]]",
+        description="Mount the layers (TOP FIRST, or one image name) under a fresh writable "
+                    "layer, run COMMAND chroot'd in the merged tree with private mount, pid, "
+                    "uts and ipc namespaces, then unmount and throw the writable layer away. "
+                    "Exit status: the command's; 125 pyunion failed; 126 cannot execute; "
+                    "127 not found; 128+N killed by signal N.")
+    _add_options(p)
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="LAYER... -- COMMAND",
+                   help="layers top first, then -- and the command")
+    p.set_defaults(handler=_cmd_run)
+
+
+def parse_run_args(args: argparse.Namespace) -> RunOptions:
+    """Split LAYER... -- COMMAND; options written between the layers are honoured too."""
+    rest: list[str] = list(args.args)
+    if "--" in rest:
+        i = rest.index("--")
+        before, command = rest[:i], rest[i + 1:]
+    else:
+        before, command = rest, []
+    if any(a.startswith("-") and a != "-" for a in before):
+        again = argparse.ArgumentParser(prog="pyunion run", add_help=False)
+        _add_options(again)
+        again.add_argument("layers", nargs="*")
+        try:
+            extra = again.parse_intermixed_args(before)
+        except SystemExit:
+            raise _fail("bad options before '--' (see 'pyunion run --help')")
+        for key, value in vars(extra).items():
+            if key == "layers":
+                continue
+            default = again.get_default(key)
+            if value != default:
+                cur = getattr(args, key)
+                setattr(args, key, cur + value if isinstance(value, list) else value)
+        before = extra.layers
+    return RunOptions(
+        layers=before, command=command, env=args.env, env_files=args.env_file,
+        workdir=args.workdir, user=args.user, volumes=args.volume, hostname=args.hostname,
+        entrypoint=args.entrypoint, interactive=args.interactive, tty=args.tty,
+        keep=args.keep, upper=args.upper, read_only=args.read_only, store=args.store)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return run(parse_run_args(args))
+
+
+# -- what to run: layers, image config, environment ------------------------------------------
+def resolve_image(opts: RunOptions) -> tuple[list[str], dict[str, Any]]:
+    """Layer dirs (top first) and the image's config (Env, Cmd, ...; {} for plain layers)."""
+    if not opts.layers:
+        raise _fail("no layers given: pyunion run LAYER... -- COMMAND")
+    if len(opts.layers) == 1 and not os.path.isdir(opts.layers[0]):
+        from . import image
+
+        ref = opts.layers[0]
+        try:
+            layers = image.resolve_layers(ref, opts.store)
+            resolve_config = getattr(image, "resolve_config", None)
+            config = resolve_config(ref, opts.store) if resolve_config else {}
+        except UserError as e:
+            raise _fail(str(e))
+        config = config or {}
+        if isinstance(config.get("config"), dict):  # the whole OCI config: take its runtime part
+            config = config["config"]
+        return list(layers), config
+    for layer in opts.layers:
+        if not os.path.isdir(layer):
+            raise _fail(f"layer {layer!r} is not a directory")
+    return [os.path.abspath(x) for x in opts.layers], {}
+
+
+def _parse_env_item(item: str, where: str) -> tuple[str, str] | None:
+    key, eq, value = item.partition("=")
+    if not key:
+        raise _fail(f"bad environment variable {item!r} ({where})")
+    if not eq:
+        if key not in os.environ:
+            return None
+        value = os.environ[key]
+    return key, value
+
+
+def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[str, str]:
+    """PATH and HOSTNAME, then the image's Env, then --env-file, then -e (later wins)."""
+    env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname}
+    if opts.tty:
+        env["TERM"] = os.environ.get("TERM", "xterm")
+    for item in config.get("Env") or []:
+        key, _, value = str(item).partition("=")
+        if key:
+            env[key] = value
+    for path in opts.env_files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise _fail(f"cannot read env file {path!r}: {e.strerror}")
+        for line in lines:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                kv = _parse_env_item(line, path)
+                if kv:
+                    env[kv[0]] = kv[1]
+    for item in opts.env:
+        kv = _parse_env_item(item, "-e")
+        if kv:
+            env[kv[0]] = kv[1]
+    return env
+
+
+def build_argv(opts: RunOptions, config: dict[str, Any]) -> list[str]:
+    """Entrypoint + (COMMAND or the image's Cmd), as podman does."""
+    if opts.entrypoint is not None:
+        entry = [opts.entrypoint] if opts.entrypoint else []
+    else:
+        entry = list(config.get("Entrypoint") or [])
+    # A new entrypoint drops the image's Cmd, as in podman.
+    cmd = opts.command or ([] if opts.entrypoint is not None else list(config.get("Cmd") or []))
+    argv = [str(a) for a in entry + cmd]
+    if not argv:
+        raise _fail("no command given: pyunion run LAYER... -- COMMAND [ARG...]")
+    return argv
+
+
+def parse_volumes(volumes: list[str]) -> list[sandbox.Bind]:
+    binds = []
+    for v in volumes:
+        parts = v.split(":")
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            src, dst, mode = parts
+        elif len(parts) == 2:
+            src, dst, mode = parts[0], parts[1], "rw"
+        else:
+            raise _fail(f"bad volume {v!r}: expected HOST:CONTAINER[:ro]")
+        if not os.path.exists(src):
+            raise _fail(f"volume source {src!r} does not exist")
+        if not dst.startswith("/"):
+            raise _fail(f"volume target {dst!r} must be an absolute path")
+        binds.append(sandbox.Bind(os.path.realpath(src), dst, mode == "ro"))
+    return binds
+
+
+def _host_etc_copies(etc_dir: str, hostname: str | None) -> dict[str, str]:
+    """Copies of the host's resolv.conf, hosts and hostname (symlinks resolved), to bind in."""
+    os.makedirs(etc_dir, exist_ok=True)
+    out = {}
+    for name in ("resolv.conf", "hosts", "hostname"):
+        try:
+            with open(os.path.realpath(f"/etc/{name}"), "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""
+        if name == "hostname" and hostname:
+            data = hostname.encode() + b"\n"
+        if name == "hosts" and hostname:
+            data += f"127.0.1.1\t{hostname}\n".encode()
+        path = os.path.join(etc_dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, 0o644)
+        out[f"/etc/{name}"] = path
+    return out
+
+
+# -- the run itself -----------------------------------------------------------------------
+class _Interrupted(Exception):
+    def __init__(self, signo: int) -> None:
+        super().__init__(signo)
+        self.signo = signo
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class Runner:
+    """One `pyunion run`: the state teardown needs, wherever it is interrupted."""
+
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.tmp: str | None = None
+        self.upper: str | None = None
+        self.merged: str | None = None
+        self.daemon: int | None = None
+        self.init: int | None = None
+        self.janitor_fd: int | None = None
+        self.janitor: int | None = None
+        self.pending: list[int] = []
+        self.forwarded: dict[int, int] = {}
+        self.master: int | None = None
+        self.take_terminal = False
+        self.saved_tty: list[Any] | None = None
+        self.wake_r = self.wake_w = -1
+        self.old_handlers: dict[int, Any] = {}
+
+    # signals ---------------------------------------------------------------------------
+    def _on_signal(self, signo: int, frame: FrameType | None) -> None:
+        if signo == signal.SIGCHLD:
+            return  # only wakes the loop (set_wakeup_fd)
+        if signo == signal.SIGWINCH:
+            self._copy_winsize()
+            return
+        if self.init is None:
+            self.pending.append(signo)
+            return
+        n = self.forwarded.get(signo, 0) + 1
+        self.forwarded[signo] = n
+        if n > 1 and signo in (signal.SIGINT, signal.SIGTERM):
+            sig: int = signal.SIGKILL  # asked twice: stop waiting for the command
+        else:
+            sig = signo
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.init, sig)
+
+    def _install_handlers(self) -> None:
+        for sig in (*sandbox.FORWARDED, signal.SIGCHLD, signal.SIGWINCH):
+            self.old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_handlers(self) -> None:
+        for sig, h in self.old_handlers.items():
+            with contextlib.suppress(Exception):
+                signal.signal(sig, h)
+        with contextlib.suppress(Exception):
+            signal.set_wakeup_fd(-1)
+
+    def _check_pending(self) -> None:
+        for sig in self.pending:
+            if sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                raise _Interrupted(sig)
+
+    # setup -----------------------------------------------------------------------------
+    def run(self) -> int:
+        opts = self.opts
+        if os.geteuid() != 0:
+            raise _fail("pyunion run needs root (namespaces, mounts, chroot)")
+        if not os.path.exists("/dev/fuse"):
+            raise _fail("/dev/fuse is missing (modprobe fuse)")
+        layers, config = resolve_image(opts)
+        hostname = opts.hostname or socket.gethostname()
+        spec = sandbox.ContainerSpec(
+            root="", argv=build_argv(opts, config), env=build_env(opts, config, hostname),
+            workdir=opts.workdir or config.get("WorkingDir") or None,
+            user=opts.user or config.get("User") or None, hostname=hostname,
+            binds=parse_volumes(opts.volumes), interactive=opts.interactive, tty=opts.tty,
+            read_only=opts.read_only)
+        if spec.workdir and not spec.workdir.startswith("/"):
+            raise _fail(f"the working directory {spec.workdir!r} must be an absolute path")
+        if opts.upper and opts.read_only:
+            raise _fail("--upper and --read-only exclude each other")
+        self._install_handlers()
+        try:
+            return self._run(layers, spec)
+        except _Interrupted as e:
+            return 128 + e.signo
+        finally:
+            self.teardown()
+            self._restore_handlers()
+
+    def _run(self, layers: list[str], spec: sandbox.ContainerSpec) -> int:
+        opts = self.opts
+        self.tmp = tempfile.mkdtemp(prefix="pyunion-run-")
+        os.chmod(self.tmp, 0o700)
+        self.merged = os.path.join(self.tmp, "merged")
+        os.mkdir(self.merged)
+        work = None
+        if opts.upper:
+            os.makedirs(opts.upper, exist_ok=True)
+            self.upper = os.path.abspath(opts.upper)
+        elif not opts.read_only:
+            self.upper = os.path.join(self.tmp, "upper")
+            work = os.path.join(self.tmp, "work")
+            os.mkdir(self.upper, 0o755)
+            os.mkdir(work, 0o700)
+        spec.root = self.merged
+        spec.etc_files = _host_etc_copies(os.path.join(self.tmp, "etc"), opts.hostname)
+        try:
+            sandbox.unshare(sandbox.CLONE_NEWNS)
+            sandbox.make_private("/")
+        except OSError as e:
+            raise _fail(f"cannot create a mount namespace: {e.strerror}")
+        from .mount import mount
+
+        cfg = MountConfig(lowers=layers, mountpoint=self.merged, upper=self.upper, work=work,
+                          fuse_options={"allow_other", "suid", "dev"}, read_only=opts.read_only)
+        try:
+            self.daemon = mount(cfg)
+        except UserError as e:
+            raise _fail(str(e))
+        self._start_janitor()
+        self._check_pending()
+        return self._start_and_wait(spec)
+
+    def _start_janitor(self) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            _janitor(r, self)
+        os.close(r)
+        self.janitor, self.janitor_fd = pid, w
+
+    def _tell_janitor(self, msg: str) -> None:
+        if self.janitor_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.janitor_fd, msg.encode() + b"\n")
+
+    def _fork_init(self, spec: sandbox.ContainerSpec, child_sock: socket.socket | None) -> int:
+        """Fork pid 1 of a new pid namespace; this process stays in its own."""
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sandbox.unshare(sandbox.CLONE_NEWPID)
+        except OSError as e:
+            os.close(own)
+            raise _fail(f"cannot create a pid namespace: {e.strerror}")
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(own)
+                if self.janitor_fd is not None:
+                    os.close(self.janitor_fd)
+                for fd in (self.wake_r, self.wake_w):
+                    if fd >= 0:
+                        os.close(fd)
+                sandbox.container_init(spec, child_sock)
+        finally:
+            if os.getpid() != 1:
+                sandbox.setns(own, sandbox.CLONE_NEWPID)
+                os.close(own)
+        return pid
+
+    def _start_and_wait(self, spec: sandbox.ContainerSpec) -> int:
+        opts = self.opts
+        stdin_tty = os.isatty(0)
+        if not opts.tty and stdin_tty:
+            with contextlib.suppress(OSError):
+                self.take_terminal = os.tcgetpgrp(0) == os.getpgrp()
+        spec.take_terminal = self.take_terminal
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        parent_sock = child_sock = None
+        if opts.tty:
+            parent_sock, child_sock = socket.socketpair()
+        self.init = self._fork_init(spec, child_sock)
+        self._tell_janitor(f"I {self.init}")
+        if child_sock is not None:
+            child_sock.close()
+        for sig in self.pending:  # arrived while forking: the command gets them now
+            self._on_signal(sig, None)
+        if parent_sock is not None:
+            with parent_sock:
+                _, fds, _, _ = socket.recv_fds(parent_sock, 16, 1)
+            if fds:
+                self.master = fds[0]
+                self._copy_winsize()
+                if stdin_tty and opts.interactive:
+                    self.saved_tty = termios.tcgetattr(0)
+                    ttymod.setraw(0, termios.TCSANOW)  # TCSAFLUSH would drop typed-ahead input
+        return self._supervise()
+
+    def _copy_winsize(self) -> None:
+        if self.master is None or not os.isatty(0):
+            return
+        with contextlib.suppress(OSError):
+            size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
+
+    def _supervise(self) -> int:
+        """Wait for init; meanwhile relay the pty (-t) and let handlers forward signals."""
+        assert self.init is not None
+        master = self.master
+        read_stdin = master is not None and self.opts.interactive
+        to_master = b""
+        eof_sent = False
+        if master is not None:
+            os.set_blocking(master, False)
+        while True:
+            pid, status = os.waitpid(self.init, os.WNOHANG)
+            if pid == self.init:
+                self.init = None
+                break
+            rlist = [self.wake_r]
+            wlist = []
+            if master is not None:
+                rlist.append(master)
+                if to_master:
+                    wlist.append(master)
+            if read_stdin and not to_master:
+                rlist.append(0)
+            try:
+                readable, writable, _ = select.select(rlist, wlist, [], 1.0)
+            except InterruptedError:
+                continue
+            if self.wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wake_r, 4096)
+            if master is not None and master in readable:
+                if not self._pump_output(master):
+                    master = None
+            if 0 in readable:
+                data = os.read(0, 65536)
+                if data:
+                    to_master += data
+                else:
+                    read_stdin = False
+                    if not eof_sent:
+                        to_master += b"\x04"  # stdin ended: ^D to the terminal
+                        eof_sent = True
+            if master is not None and master in writable and to_master:
+                try:
+                    n = os.write(master, to_master)
+                    to_master = to_master[n:]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    to_master = b""
+        if master is not None:  # what the command wrote just before exiting
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                r, _, _ = select.select([master], [], [], 0.1)
+                if not r or not self._pump_output(master):
+                    break
+        return _exit_code(status)
+
+    @staticmethod
+    def _pump_output(master: int) -> bool:
+        try:
+            data = os.read(master, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:  # EIO: every slave is closed
+            return False
+        if not data:
+            return False
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(1, view)
+            except BlockingIOError:
+                select.select([], [1], [])
+                continue
+            view = view[n:]
+        return True
+
+    # teardown ----------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Undo everything, in order, whatever state the run reached."""
+        if self.saved_tty is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(0, termios.TCSADRAIN, self.saved_tty)
+            self.saved_tty = None
+        if self.init is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init, signal.SIGKILL)  # pid 1 dies: the kernel kills the rest
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.init, 0)
+            self.init = None
+        if self.take_terminal:
+            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(0, os.getpgrp())
+            signal.signal(signal.SIGTTOU, old)
+        if self.master is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.master)
+            self.master = None
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.wake_r = self.wake_w = -1
+        with contextlib.suppress(Exception):
+            signal.set_wakeup_fd(-1)
+        _release(self.merged, self.daemon, self.tmp, self.upper, self.kept())
+        self._tell_janitor("DONE")
+        if self.janitor_fd is not None:
+            os.close(self.janitor_fd)
+            self.janitor_fd = None
+        if self.janitor is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.janitor, 0)  # it exits at once on DONE
+            self.janitor = None
+
+    def kept(self) -> bool:
+        return self.opts.keep or bool(self.opts.upper)
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str | None,
+             keep: bool) -> None:
+    """Unmount, make sure the daemon is gone, remove the temporary tree (minus a kept upper)."""
+    from .mount import is_mountpoint, umount
+
+    if merged is not None and is_mountpoint(merged):
+        try:
+            umount(merged, timeout=10)
+        except UserError:
+            with contextlib.suppress(UserError):
+                umount(merged, lazy=True, timeout=10)
+    if daemon is not None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(daemon, os.WNOHANG)  # ours when we forked it; reap the zombie
+        if not _wait_gone(daemon, 5):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon, signal.SIGTERM)
+            if not _wait_gone(daemon, 5):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(daemon, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(daemon, os.WNOHANG)
+    if tmp is None:
+        return
+    if merged is not None and is_mountpoint(merged):
+        print(f"pyunion: {merged} is still mounted; leaving {tmp}", file=sys.stderr)
+        return
+    tmp_upper = os.path.join(tmp, "upper")
+    if keep and upper is not None and upper == tmp_upper:
+        for name in os.listdir(tmp):
+            if name != "upper":
+                _rmtree(os.path.join(tmp, name))
+    else:
+        _rmtree(tmp)
+    if keep and upper is not None:
+        print(f"pyunion: the writable layer is kept in {upper}", file=sys.stderr)
+
+
+def _rmtree(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _janitor(rfd: int, runner: Runner) -> NoReturn:
+    """Cleans up after a pyunion that died without doing it (read its pipe until EOF)."""
+    code = 0
+    try:
+        for sig in (*sandbox.FORWARDED, signal.SIGWINCH):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        data = b""
+        while chunk := os.read(rfd, 4096):
+            data += chunk
+        lines = data.decode(errors="replace").split()
+        if "DONE" in lines:
+            os._exit(0)
+        init = [int(x) for x in lines if x.isdigit()]
+        for pid in init:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+        _release(runner.merged, runner.daemon, runner.tmp, runner.upper, runner.kept())
+    except BaseException:
+        code = 1
+    os._exit(code)
+
+
+def run(opts: RunOptions) -> int:
+    """Run one container; returns the exit code (raises UserError with code 125)."""
+    return Runner(opts).run()

@@ -1,0 +1,149 @@
+"""The built-in sample image: three busybox layers that exercise every whiteout format.
+
+Built on the spot from Debian's busybox-static (`/bin/busybox`), so the demo and
+the tests need no network and no registry. Layers, bottom to top:
+
+- `0-base`: busybox, one symlink per applet, /etc/passwd and /etc/group with
+  root, alice (1000) and nobody, the usual empty directories, and a few files
+  the layers above delete or hide.
+- `1-kernel`: kernel overlayfs format: deletes /etc/doomed.txt with a char 0/0
+  whiteout (mknod), makes /opt/old opaque with `trusted.overlay.opaque=y`
+  and adds /etc/motd.
+- `2-oci`: OCI format: deletes /usr/share/junk.txt with `.wh.junk.txt`, makes
+  /srv opaque with `.wh..wh..opq` (its own new file stays visible), and adds
+  /home/alice/hello.txt owned by alice.
+
+A kernel whiteout is a device node, so building the sample needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+BUSYBOX = "/bin/busybox"
+LAYER_NAMES = ("2-oci", "1-kernel", "0-base")  # top first
+
+PASSWD = """\
+root:x:0:0:root:/root:/bin/sh
+alice:x:1000:1000:Alice:/home/alice:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+"""
+GROUP = """\
+root:x:0:
+users:x:100:alice
+alice:x:1000:
+nogroup:x:65534:
+"""
+
+
+def _write(path: Path, text: str, mode: int = 0o644, owner: tuple[int, int] = (0, 0)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.chmod(path, mode)
+    os.lchown(path, *owner)
+
+
+def _mkdirs(root: Path, names: list[str], mode: int = 0o755) -> None:
+    for name in names:
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, mode)
+
+
+def _applets() -> list[str]:
+    """Every applet's path relative to / (e.g. `usr/bin/wget`), from busybox itself."""
+    out = subprocess.run([BUSYBOX, "--list-full"], capture_output=True, text=True, check=True)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def _base(root: Path) -> None:
+    _mkdirs(root, ["bin", "sbin", "usr/bin", "usr/sbin", "usr/share", "etc", "proc", "sys",
+                   "dev", "run", "var/log", "opt/old", "srv", "home"])
+    _mkdirs(root, ["root"], 0o700)
+    _mkdirs(root, ["tmp", "var/tmp"], 0o1777)
+    shutil.copyfile(BUSYBOX, root / "bin/busybox")
+    os.chmod(root / "bin/busybox", 0o755)
+    for applet in _applets():
+        link = root / applet
+        if "/" not in applet or applet == "bin/busybox" or link.exists() or link.is_symlink():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink("/bin/busybox", link)
+    _write(root / "etc/passwd", PASSWD)
+    _write(root / "etc/group", GROUP)
+    _write(root / "etc/os-release", 'NAME="pyunion sample"\nID=pyunion-sample\n')
+    _write(root / "etc/doomed.txt", "deleted by a kernel whiteout in 1-kernel\n")
+    _write(root / "usr/share/junk.txt", "deleted by an OCI whiteout in 2-oci\n")
+    _write(root / "opt/old/hidden.txt", "hidden: 1-kernel makes /opt/old opaque\n")
+    _write(root / "srv/hidden.txt", "hidden: 2-oci makes /srv opaque\n")
+    home = root / "home/alice"
+    home.mkdir()
+    os.chown(home, 1000, 1000)
+
+
+def _kernel(root: Path) -> None:
+    _mkdirs(root, ["etc", "opt/old"])
+    os.mknod(root / "etc/doomed.txt", 0o600 | 0o020000, os.makedev(0, 0))  # S_IFCHR 0/0
+    os.setxattr(root / "opt/old", "trusted.overlay.opaque", b"y")
+    _write(root / "opt/old/new.txt", "from 1-kernel, in an opaque directory\n")
+    _write(root / "etc/motd", "Welcome to the pyunion sample image (busybox).\n")
+
+
+def _oci(root: Path) -> None:
+    _mkdirs(root, ["usr/share", "srv", "home/alice"])
+    os.chown(root / "home/alice", 1000, 1000)
+    _write(root / "usr/share/.wh.junk.txt", "")
+    _write(root / "srv/.wh..wh..opq", "")
+    _write(root / "srv/index.html", "<p>from 2-oci, in an opaque directory</p>\n")
+    _write(root / "home/alice/hello.txt", "hello from alice\n", owner=(1000, 1000))
+
+
+def build_sample(dest: str | os.PathLike[str], force: bool = False) -> list[str]:
+    """Build the sample layers under DEST/layers; return their paths, top first."""
+    if os.geteuid() != 0:
+        raise UserError("building the sample image needs root (a kernel whiteout is a device node)")
+    if not os.path.isfile(BUSYBOX):
+        raise UserError(f"{BUSYBOX} is missing: run 'bash scripts/setup.sh' (busybox-static)")
+    layers_dir = Path(dest) / "layers"
+    if layers_dir.exists():
+        if not force and any(layers_dir.iterdir()):
+            raise UserError(f"{layers_dir} already exists (use --force to rebuild it)")
+        shutil.rmtree(layers_dir)
+    layers_dir.mkdir(parents=True)
+    old_umask = os.umask(0o022)
+    try:
+        builders = {"0-base": _base, "1-kernel": _kernel, "2-oci": _oci}
+        for name in reversed(LAYER_NAMES):
+            root = layers_dir / name
+            root.mkdir()
+            builders[name](root)
+    except OSError as e:
+        raise UserError(f"cannot build the sample image: {e}")
+    finally:
+        os.umask(old_umask)
+    return [str((layers_dir / name).resolve()) for name in LAYER_NAMES]
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    for path in build_sample(args.dir, force=args.force):
+        print(path)
+    sys.stdout.flush()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample", help="build the sample busybox image (three layers)",
+        description="Build the built-in sample image under DIR/layers from /bin/busybox and "
+                    "print its layer directories, top first, one per line (ready for "
+                    "'pyunion run $(pyunion sample DIR) -- sh').")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--force", action="store_true", help="rebuild DIR/layers if it exists")
+    p.set_defaults(handler=_cmd_sample)

@@ -1,0 +1,473 @@
+"""The container side of `pyunion run`: namespaces, /proc, /dev, /sys, binds, pivot_root, exec.
+
+Process tree (the parent side lives in `run.py`):
+
+    pyunion run (host pid ns, private mount ns holding the FUSE mount)
+     └─ init: pid 1 of a new pid ns; new mount, uts and ipc namespaces
+         └─ the command (setuid to the image's user, exec'd)
+
+`init` builds the container's view on top of the merged tree: a fresh /proc,
+a tmpfs /dev with the usual nodes, a new devpts instance, /sys read-only, the
+host's resolv.conf/hosts/hostname (copies, so the container cannot write the
+host's files) and the user's `-v` binds; then pivot_root into the tree and
+detach the host's root, so nothing of the host stays reachable. It then forks
+the command, forwards the signals pyunion relays to it, reaps every zombie
+(orphans are re-parented to pid 1) and exits with the command's status as an
+exit code (128+N for signal N). When init exits the kernel kills whatever the
+command left behind, and the container's mount namespace goes with it.
+
+Every path inside the image is resolved with openat2(RESOLVE_IN_ROOT): a
+symlink in the image (even an absolute one) can never make us mount over, or
+create, something outside the tree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import platform
+import signal
+import socket
+import stat
+import sys
+import termios
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+# -- syscalls Python 3.11 does not wrap ----------------------------------------
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+
+PR_SET_PDEATHSIG = 1
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+SYS_OPENAT2 = 437  # the same number on every architecture
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203,
+                  "s390x": 217, "i686": 217, "armv7l": 218}.get(platform.machine())
+
+# Signals pyunion forwards to the command (the issue's list).
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR1, signal.SIGUSR2)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _check(ret: int, what: str, path: str | None = None) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return ret
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    def enc(s: str | None) -> bytes | None:
+        return None if s is None else os.fsencode(s)
+
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           "mount", target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(os.fsencode(target), flags), "umount", target)
+
+
+def set_pdeathsig(sig: int) -> None:
+    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl")
+
+
+def make_private(path: str = "/") -> None:
+    """Stop mount events propagating between this namespace and the host's."""
+    mount(None, path, None, MS_REC | MS_PRIVATE)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
+    """Open PATH as if `rootfd` were `/`: `..` and symlinks (absolute too) stay inside."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(SYS_OPENAT2, rootfd, os.fsencode(path.lstrip("/") or "."),
+                       ctypes.byref(how), ctypes.sizeof(how))
+    return _check(fd, "open", path)
+
+
+def fd_path(fd: int) -> str:
+    """A path the kernel resolves to exactly the object behind `fd` (for mount(2))."""
+    return f"/proc/self/fd/{fd}"
+
+
+# -- what to run --------------------------------------------------------------------
+@dataclass
+class Bind:
+    source: str  # on the host
+    target: str  # inside the container
+    read_only: bool = False
+
+
+@dataclass
+class ContainerSpec:
+    """Everything init needs, fixed before the fork."""
+
+    root: str  # the merged mount point (in pyunion's mount namespace)
+    argv: list[str]
+    env: dict[str, str]
+    workdir: str | None = None
+    user: str | None = None  # USER[:GROUP], names or numbers, from the image's files
+    hostname: str = "pyunion"
+    binds: list[Bind] = field(default_factory=list)
+    etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x -> host copy
+    interactive: bool = False
+    tty: bool = False
+    take_terminal: bool = False  # make the command the terminal's foreground job
+    read_only: bool = False
+
+
+class SetupError(Exception):
+    """The container could not be set up: init prints it and exits 125."""
+
+
+# -- building the container's view ------------------------------------------------------
+def _ensure(rootfd: int, path: str, is_dir: bool, create: bool = True) -> int:
+    """An O_PATH fd of PATH in the tree, created (with parents) when missing."""
+    try:
+        return open_in_root(rootfd, path)
+    except FileNotFoundError:
+        if not create:
+            raise
+    parent, name = os.path.split(path.rstrip("/"))
+    pfd = _ensure(rootfd, parent or "/", True)
+    try:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):  # a dangling symlink: replace it
+                os.unlink(name, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        if is_dir:
+            os.mkdir(name, 0o755, dir_fd=pfd)
+        else:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o644, dir_fd=pfd))
+        return open_in_root(pfd, name)
+    finally:
+        os.close(pfd)
+
+
+def _mount_at(rootfd: int, path: str, source: str | None, fstype: str | None, flags: int,
+              data: str | None = None, is_dir: bool = True, create: bool = True) -> None:
+    fd = _ensure(rootfd, path, is_dir, create)
+    try:
+        mount(source, fd_path(fd), fstype, flags, data)
+    finally:
+        os.close(fd)
+
+
+def _warn(msg: str) -> None:
+    print(f"pyunion: warning: {msg}", file=sys.stderr)
+
+
+DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
+             "urandom": (1, 9), "tty": (5, 0)}
+DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+
+
+def _setup_dev(rootfd: int, create: bool) -> None:
+    _mount_at(rootfd, "/dev", "tmpfs", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k",
+              create=create)
+    dev = open_in_root(rootfd, "/dev", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, (major, minor) in DEV_NODES.items():
+            try:
+                os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
+                os.chmod(name, 0o666, dir_fd=dev)
+            except PermissionError:  # no CAP_MKNOD: bind the host's node instead
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dev))
+                mount(f"/dev/{name}", f"/proc/self/fd/{dev}/{name}", None, MS_BIND)
+        for name, target in DEV_LINKS.items():
+            os.symlink(target, name, dir_fd=dev)
+        os.mkdir("pts", 0o755, dir_fd=dev)
+        os.mkdir("shm", 0o1777, dir_fd=dev)
+        os.chmod("shm", 0o1777, dir_fd=dev)
+    finally:
+        os.close(dev)
+    try:
+        _mount_at(rootfd, "/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC,
+                  "newinstance,ptmxmode=0666,mode=0620")
+    except OSError as e:
+        _warn(f"no /dev/pts in the container: {e.strerror}")
+    _mount_at(rootfd, "/dev/shm", "shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+              "mode=1777,size=65536k")
+
+
+def _setup_sys(rootfd: int, create: bool) -> None:
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    try:
+        _mount_at(rootfd, "/sys", "sysfs", "sysfs", flags, create=create)
+    except PermissionError:  # sysfs refused (e.g. another net ns): the host's, read-only
+        fd = _ensure(rootfd, "/sys", True, create)
+        try:
+            mount("/sys", fd_path(fd), None, MS_BIND | MS_REC)
+        finally:
+            os.close(fd)
+        fd = open_in_root(rootfd, "/sys")
+        try:
+            mount(None, fd_path(fd), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
+                  | MS_NODEV | MS_NOEXEC)
+        finally:
+            os.close(fd)
+
+
+def _bind(rootfd: int, source: str, target: str, read_only: bool, create: bool) -> None:
+    is_dir = os.path.isdir(source)
+    fd = _ensure(rootfd, target, is_dir, create)
+    try:
+        mount(source, fd_path(fd), None, MS_BIND | MS_REC)
+    finally:
+        os.close(fd)
+    if read_only:
+        fd = open_in_root(rootfd, target)  # the new mount, not the directory under it
+        try:
+            mount(None, fd_path(fd), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        finally:
+            os.close(fd)
+
+
+def _pivot_into(root: str) -> None:
+    """Make ROOT the root and detach the host's tree (chroot if pivot_root is refused)."""
+    os.chdir(root)
+    if SYS_PIVOT_ROOT is not None:
+        if _libc.syscall(SYS_PIVOT_ROOT, b".", b".") == 0:
+            umount2(".", MNT_DETACH)
+            os.chdir("/")
+            return
+    os.chroot(".")
+    os.chdir("/")
+
+
+def setup_root(spec: ContainerSpec) -> None:
+    """Build the container's mounts over the merged tree, then enter it."""
+    create = not spec.read_only
+    rootfd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, create=create)
+        _setup_dev(rootfd, create)
+        _setup_sys(rootfd, create)
+        for target, host_copy in spec.etc_files.items():
+            try:
+                _bind(rootfd, host_copy, target, False, create)
+            except OSError as e:  # a read-only image without /etc/hosts: go without
+                if not spec.read_only:
+                    raise
+                _warn(f"cannot provide {target}: {e.strerror}")
+        for b in spec.binds:
+            try:
+                _bind(rootfd, b.source, b.target, b.read_only, create)
+            except OSError as e:
+                raise SetupError(f"cannot bind {b.source!r} to {b.target!r}: {e.strerror}")
+    finally:
+        os.close(rootfd)
+    _pivot_into(spec.root)
+
+
+# -- users, from the image's own files ----------------------------------------------------
+@dataclass
+class Identity:
+    uid: int
+    gid: int
+    groups: list[int]
+    home: str
+
+
+def _read_db(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f
+                    if line.strip() and not line.startswith("#")]
+    except OSError:
+        return []
+
+
+def resolve_user(user: str | None) -> Identity:
+    """USER[:GROUP] (names or numbers) from /etc/passwd and /etc/group (call after pivot)."""
+    name, _, group = (user or "0").partition(":")
+    passwd = [e for e in _read_db("/etc/passwd") if len(e) >= 7]
+    groups = [e for e in _read_db("/etc/group") if len(e) >= 3]
+    entry = None
+    if name.isdigit():
+        entry = next((e for e in passwd if e[2] == name), None)
+        uid = int(name)
+    else:
+        entry = next((e for e in passwd if e[0] == name), None)
+        if entry is None:
+            raise SetupError(f"unable to find user {name!r} in the image's /etc/passwd")
+        uid = int(entry[2])
+    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = next((e for e in groups if e[0] == group), None)
+            if g is None:
+                raise SetupError(f"unable to find group {group!r} in the image's /etc/group")
+            gid = int(g[2])
+    extra = [gid]
+    if entry is not None and not group:
+        for g in groups:
+            if len(g) >= 4 and entry[0] in g[3].split(",") and g[2].isdigit():
+                extra.append(int(g[2]))
+    home = entry[5] if entry is not None and entry[5] else "/"
+    return Identity(uid, gid, sorted(set(extra)), home)
+
+
+# -- init and the command -------------------------------------------------------------------
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None) -> NoReturn:
+    """In the forked child: become the command (never returns)."""
+    try:
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTTOU, signal.SIGTTIN,
+                    signal.SIGTSTP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        if slave is not None:
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+            os.close(slave)
+        else:
+            if spec.take_terminal:
+                os.setpgid(0, 0)
+                signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                try:
+                    os.tcsetpgrp(0 if os.isatty(0) else 2, os.getpgrp())
+                except OSError:
+                    pass
+                signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+            if not spec.interactive:
+                null = os.open("/dev/null", os.O_RDONLY)
+                os.dup2(null, 0)
+                os.close(null)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.setgroups(ident.groups)
+        os.setgid(ident.gid)
+        os.setuid(ident.uid)
+        os.umask(0o022)
+        if spec.workdir:
+            os.chdir(spec.workdir)
+    except OSError as e:
+        print(f"pyunion: cannot start the command: {e.strerror} ({e.filename or ''})",
+              file=sys.stderr)
+        os._exit(125)
+    env = dict(spec.env)
+    env.setdefault("HOME", ident.home)
+    try:
+        os.execvpe(spec.argv[0], spec.argv, env)
+    except OSError as e:
+        print(f"pyunion: {spec.argv[0]}: {e.strerror}", file=sys.stderr)
+        os._exit(127 if e.errno in (errno.ENOENT, errno.ENOTDIR) else 126)
+    os._exit(126)  # not reached
+
+
+def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
+    """Body of pid 1 (called right after the fork into the new pid namespace)."""
+    code = 125
+    try:
+        set_pdeathsig(signal.SIGKILL)  # pyunion killed: the whole container goes
+        mask = set(FORWARDED) | {signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+        try:
+            unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
+        except OSError:
+            unshare(CLONE_NEWNS)
+            _warn("no new uts/ipc namespace")
+        make_private("/")
+        try:
+            socket.sethostname(spec.hostname)
+        except OSError:
+            pass
+        setup_root(spec)
+        ident = resolve_user(spec.user)
+        if spec.workdir and not spec.read_only:
+            try:
+                os.makedirs(spec.workdir, exist_ok=True)
+                if ident.uid != 0 and os.stat(spec.workdir).st_uid == 0 and not os.listdir(spec.workdir):
+                    os.chown(spec.workdir, ident.uid, ident.gid)
+            except OSError as e:
+                raise SetupError(f"cannot create the working directory {spec.workdir!r}: {e.strerror}")
+        slave = None
+        if tty_sock is not None:
+            master, slave = os.openpty()  # /dev/ptmx is now the container's devpts
+            socket.send_fds(tty_sock, [b"T"], [master])
+            os.close(master)
+            tty_sock.close()
+        child = os.fork()
+        if child == 0:
+            _exec_command(spec, ident, slave)
+        if slave is not None:
+            os.close(slave)
+        code = _reap_until(child)
+    except SetupError as e:
+        print(f"pyunion: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"pyunion: cannot set up the container: {e.strerror}"
+              + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+    except BaseException as e:  # never a traceback, never a return into pyunion's code
+        print(f"pyunion: container init failed: {e!r}", file=sys.stderr)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _reap_until(child: int) -> int:
+    """pid 1's job: forward signals to the command, reap everything, return its exit code."""
+    mask = set(FORWARDED) | {signal.SIGCHLD}
+    while True:
+        info = signal.sigwaitinfo(mask)
+        if info.si_signo != signal.SIGCHLD:
+            try:
+                os.kill(child, info.si_signo)
+            except ProcessLookupError:
+                pass
+            continue
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == child:
+                return _exit_code(status)
