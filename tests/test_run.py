@@ -1,0 +1,353 @@
+"""`pyunion run` end to end: real FUSE mounts, namespaces and pivot_root into the sample image.
+
+Every test checks afterwards that nothing is left behind: no mount under the
+test's temp dir (pyunion's TMPDIR points there), no temporary upper, and no
+process still carrying the test's unique layer path on its command line (the
+daemon, init and the janitor are forks of pyunion and keep its argv).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import PYUNION, fuse_skip_reason
+
+pytestmark = [
+    pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),
+    pytest.mark.skipif(not os.path.exists("/bin/busybox"),
+                       reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)"),
+    pytest.mark.timeout(60),
+]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    from unionfs.sample import build_sample
+
+    return build_sample(tmp_path_factory.mktemp("img"))
+
+
+class Env:
+    """The sample image, a private TMPDIR for pyunion, and the leftover checks."""
+
+    def __init__(self, layers: list[str], tmp: Path) -> None:
+        self.layers = layers
+        self.tmp = tmp
+        self.env = dict(os.environ, TMPDIR=str(tmp))
+
+    def cmd(self, *opts: str, command: tuple[str, ...] = ()) -> list[str]:
+        return [*PYUNION, "run", *opts, *self.layers, "--", *command]
+
+    def run(self, *command: str, opts: tuple[str, ...] = (), input: str | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.cmd(*opts, command=command), capture_output=True, text=True,
+                              input=input, timeout=timeout, env=self.env,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+
+    def sh(self, script: str, *opts: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "-c", script, opts=opts, **kw)  # type: ignore[arg-type]
+
+    def popen(self, *command: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.cmd(command=command), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env)
+
+    def leftovers(self) -> list[str]:
+        out = []
+        real = os.path.realpath(self.tmp)
+        with open("/proc/self/mountinfo") as f:
+            out += [f"mount {line.split()[4]}" for line in f if real in line.split()[4]]
+        out += [f"temp {p}" for p in self.tmp.iterdir()]
+        marker = self.layers[0].encode()
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and int(pid) != os.getpid():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if marker in f.read():
+                            out.append(f"process {pid}")
+                except OSError:
+                    pass
+        return out
+
+    def wait_clean(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.leftovers() == []
+
+
+@pytest.fixture
+def env(image: list[str], tmp_path: Path) -> Iterator[Env]:
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    e = Env(image, tmp)
+    yield e
+    try:
+        e.wait_clean()
+    finally:  # never leave a process of ours behind, whatever the assertion said
+        for item in e.leftovers():
+            kind, _, what = item.partition(" ")
+            if kind == "process":
+                subprocess.run(["kill", "-9", what], capture_output=True)
+            elif kind == "mount":
+                subprocess.run(["umount", "-l", what], capture_output=True)
+
+
+def _child_of(ppid: int, timeout: float = 10) -> int:
+    """The first child of `ppid` (polls /proc: the process may not exist yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == ppid:
+                return int(pid)
+        time.sleep(0.02)
+    raise AssertionError(f"no child of {ppid}")
+
+
+# -- exit status ----------------------------------------------------------------------------
+@pytest.mark.parametrize("command,code", [
+    (("true",), 0),
+    (("sh", "-c", "exit 7"), 7),
+    (("/etc/passwd",), 126),  # not executable
+    (("/no/such/program",), 127),
+    (("sh", "-c", "kill -9 $$"), 137),
+])
+def test_exit_codes(env: Env, command: tuple[str, ...], code: int) -> None:
+    r = env.run(*command)
+    assert r.returncode == code, r.stderr
+
+
+def test_tool_errors_are_125(env: Env) -> None:
+    assert env.run("true", opts=("-u", "nosuchuser")).returncode == 125
+    r = subprocess.run([*PYUNION, "run", "/no/such/layer", "--", "true"], capture_output=True,
+                       text=True, timeout=30, env=env.env)
+    assert r.returncode == 125 and "pyunion:" in r.stderr
+    assert env.run().returncode == 125  # no command
+
+
+# -- the writable layer -----------------------------------------------------------------------
+def test_writes_vanish(env: Env) -> None:
+    r = env.sh("echo data > /root/new; rm /etc/motd; ls /root /etc")
+    assert r.returncode == 0, r.stderr
+    assert "new" in r.stdout and "motd" not in r.stdout
+    r = env.sh("ls /root /etc")
+    assert "new" not in r.stdout and "motd" in r.stdout
+
+
+def test_keep(env: Env) -> None:
+    r = env.sh("echo data > /root/new", "--keep")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"kept in (\S+)", r.stderr)
+    assert m, r.stderr
+    upper = Path(m.group(1))
+    try:
+        assert (upper / "root/new").read_text() == "data\n"
+    finally:
+        import shutil
+        shutil.rmtree(upper.parent)
+
+
+def test_explicit_upper(env: Env, tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    assert env.sh("echo 1 > /f", "--upper", str(upper)).returncode == 0
+    assert (upper / "f").read_text() == "1\n"
+    assert env.sh("cat /f", "--upper", str(upper)).stdout == "1\n"
+
+
+def test_read_only(env: Env) -> None:
+    r = env.sh("echo x > /f", "--read-only")
+    assert r.returncode != 0 and "Read-only" in r.stderr
+
+
+# -- isolation ------------------------------------------------------------------------------------
+def test_proc_shows_only_the_container(env: Env) -> None:
+    r = env.sh("ls -d /proc/[0-9]*")
+    pids = {int(p.rsplit("/", 1)[1]) for p in r.stdout.split()}
+    assert 1 in pids and len(pids) <= 4 and max(pids) < 50, r.stdout
+
+
+def test_ps_mount_hostname(env: Env) -> None:
+    r = env.sh("ps; mount; hostname; cat /etc/hostname", "--hostname", "box")
+    assert r.returncode == 0, r.stderr
+    assert "PID" in r.stdout and "ps" in r.stdout
+    assert "proc on /proc type proc" in r.stdout
+    assert "on / type fuse.pyunion" in r.stdout
+    assert "/dev/pts type devpts" in r.stdout and "sysfs on /sys type sysfs (ro" in r.stdout
+    assert r.stdout.split("\n")[-3:-1] == ["box", "box"]
+
+
+def test_dev_and_etc(env: Env) -> None:
+    r = env.sh("echo x > /dev/null && head -c 4 /dev/zero | wc -c && ls /dev && cat /etc/resolv.conf")
+    assert r.returncode == 0, r.stderr
+    for name in ("null", "zero", "full", "random", "urandom", "tty", "pts", "shm"):
+        assert name in r.stdout.split()
+    with open(os.path.realpath("/etc/resolv.conf")) as f:
+        assert f.read() in r.stdout
+
+
+# -- options ---------------------------------------------------------------------------------------
+def test_user_from_image(env: Env) -> None:
+    r = env.sh("id -u; id -g; id -G; echo $HOME; touch /root/x", "-u", "alice")
+    lines = r.stdout.split("\n")
+    assert lines[:2] == ["1000", "1000"] and "100" in lines[2].split(), r.stdout
+    assert lines[3] == "/home/alice"
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = env.sh("id -u; id -g", "-u", "alice:users")
+    assert r.stdout.split() == ["1000", "100"]
+    r = env.sh("id -u; id -g", "-u", "4321")
+    assert r.stdout.split() == ["4321", "0"]
+
+
+def test_env_and_workdir(env: Env, tmp_path: Path) -> None:
+    envfile = tmp_path / "envfile"
+    envfile.write_text("# comment\nFROMFILE=yes\nA=file\n")
+    r = env.sh('echo "$A $FROMFILE $PATH"; pwd', "-e", "A=cli", "--env-file", str(envfile),
+               "-w", "/srv/new")
+    assert r.stdout.split("\n")[:2] == [
+        "cli yes /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "/srv/new"]
+
+
+def test_volume(env: Env, tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "in").write_text("host\n")
+    r = env.sh("cat /data/in; echo container > /data/out", "-v", f"{vol}:/data")
+    assert r.returncode == 0 and r.stdout == "host\n", r.stderr
+    assert (vol / "out").read_text() == "container\n"
+    r = env.sh("echo x > /data/ro", "-v", f"{vol}:/data:ro")
+    assert r.returncode != 0 and not (vol / "ro").exists()
+
+
+def test_stdin(env: Env) -> None:
+    r = env.run("sh", "-c", "tr a-z A-Z", opts=("-i",), input="piped through\n")
+    assert r.stdout == "PIPED THROUGH\n"
+    r = env.run("cat", input="not without -i\n")
+    assert r.stdout == ""
+
+
+# -- signals and teardown ---------------------------------------------------------------------
+def test_sigterm_to_pyunion(env: Env) -> None:
+    p = env.popen("sh", "-c", "echo ready; sleep 30")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=15) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
+        p.communicate(timeout=15)
+
+
+def test_signals_forwarded(env: Env) -> None:
+    p = env.popen("sh", "-c", "trap 'echo got USR1; exit 3' USR1; echo ready; "
+                  "while :; do sleep 0.1; done")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=15)
+        assert out == "got USR1\n" and p.returncode == 3
+    finally:
+        p.kill()
+        p.communicate(timeout=15)
+
+
+def test_command_killed_from_the_host(env: Env) -> None:
+    p = env.popen("sh", "-c", "echo ready; sleep 30 & wait")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        init = _child_of_cmd(p.pid)
+        command = _child_of(init)
+        os.kill(command, signal.SIGKILL)
+        assert p.wait(timeout=15) == 137
+    finally:
+        p.kill()
+        p.communicate(timeout=15)
+
+
+def test_pyunion_killed(env: Env) -> None:
+    """SIGKILL to pyunion itself: the janitor still unmounts, stops the daemon, removes the upper."""
+    p = env.popen("sh", "-c", "echo ready; sleep 30")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        p.kill()
+        p.wait(timeout=15)
+        p.communicate(timeout=20)  # EOF on stderr once the janitor is done
+    finally:
+        p.kill()
+    env.wait_clean()
+
+
+def _child_of_cmd(pid: int) -> int:
+    """pyunion's container init: its child that is neither the daemon nor the janitor."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for child in os.listdir("/proc"):
+            if not child.isdigit():
+                continue
+            try:
+                with open(f"/proc/{child}/status") as f:
+                    status = f.read()
+            except OSError:
+                continue
+            if re.search(rf"^PPid:\s+{pid}$", status, re.M) and re.search(
+                    r"^NSpid:\s+\d+\s+1$", status, re.M):
+                return int(child)
+        time.sleep(0.02)
+    raise AssertionError("no container init")
+
+
+# -- a terminal ---------------------------------------------------------------------------------
+def _read_until(fd: int, needle: bytes, timeout: float = 15) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while needle not in out and time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+    return out
+
+
+def test_tty_session(env: Env) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(env.env)
+        os.execv(PYUNION[0], [*PYUNION, "run", "-it", *env.layers, "--", "sh"])
+    try:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert b"# " in _read_until(fd, b"# ")
+        os.write(fd, b"tty; echo $((6*7)); stty size; exit 3\n")
+        out = _read_until(fd, b"\xff", timeout=10)  # until EOF
+        assert b"/dev/pts/0" in out and b"42" in out and b"24 80" in out, out
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 3
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)

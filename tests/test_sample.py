@@ -1,0 +1,69 @@
+"""The sample image: its layers on disk use each whiteout format, and pyunion merges them."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import mounted, needs_fuse, pyunion
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a kernel whiteout is a device node)"),
+    pytest.mark.skipif(not os.path.exists("/bin/busybox"),
+                       reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)"),
+    pytest.mark.timeout(60),
+]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from unionfs.sample import build_sample
+
+    return [Path(p) for p in build_sample(tmp_path_factory.mktemp("sample"))]
+
+
+def test_three_layers_top_first(sample: list[Path]) -> None:
+    assert [p.name for p in sample] == ["2-oci", "1-kernel", "0-base"]
+
+
+def test_base_is_busybox(sample: list[Path]) -> None:
+    base = sample[2]
+    assert os.access(base / "bin/busybox", os.X_OK)
+    assert os.readlink(base / "bin/sh") == "/bin/busybox"
+    assert "alice:x:1000:1000" in (base / "etc/passwd").read_text()
+    assert stat.S_IMODE((base / "tmp").stat().st_mode) == 0o1777
+
+
+def test_kernel_layer_formats(sample: list[Path]) -> None:
+    st = os.lstat(sample[1] / "etc/doomed.txt")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+    assert os.getxattr(sample[1] / "opt/old", "trusted.overlay.opaque") == b"y"
+
+
+def test_oci_layer_formats(sample: list[Path]) -> None:
+    top = sample[0]
+    assert (top / "usr/share/.wh.junk.txt").stat().st_size == 0
+    assert (top / "srv/.wh..wh..opq").is_file()
+    assert (top / "home/alice/hello.txt").stat().st_uid == 1000
+
+
+def test_cli_prints_layers_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = pyunion("sample", str(tmp_path)).stdout.split()
+    assert out == [str(tmp_path / "layers" / n) for n in ("2-oci", "1-kernel", "0-base")]
+    r = pyunion("sample", str(tmp_path), check=False)
+    assert r.returncode != 0 and "--force" in r.stderr
+    assert pyunion("sample", "--force", str(tmp_path)).stdout.split() == out
+
+
+@needs_fuse
+def test_merged_view(sample: list[Path], tmp_path: Path) -> None:
+    with mounted(sample, tmp_path / "mnt") as m:
+        assert not (m / "etc/doomed.txt").exists()  # kernel whiteout
+        assert not (m / "usr/share/junk.txt").exists()  # OCI whiteout
+        assert sorted(os.listdir(m / "opt/old")) == ["new.txt"]  # trusted.overlay.opaque
+        assert sorted(os.listdir(m / "srv")) == ["index.html"]  # .wh..wh..opq, own file kept
+        assert (m / "etc/motd").is_file() and (m / "bin/busybox").is_file()
+        assert (m / "home/alice/hello.txt").stat().st_uid == 1000
