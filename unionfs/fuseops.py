@@ -162,6 +162,23 @@ class FuseOps(pyfuse3.Operations):
             del self._copying[node.ino]
             done.set()
 
+    async def _copy_up_tree(self, d: Node) -> None:
+        """Copy up the files under a merged directory about to be renamed, off the loop.
+
+        The core's rename then only has directories and whiteouts left to do.
+        """
+        core = self.core
+        for name, entry in list(core.resolver.listing(d).items()):
+            child = core._node_for(d, name, entry)
+            try:
+                if child.is_dir:
+                    if core.needs_copyup(child) or len(child.chain) > 1:
+                        await self._copy_up_tree(child)
+                else:
+                    await self._copy_up(child)
+            finally:
+                core.release_node(child)
+
     def _peek(self, parent: Node, name: bytes) -> Node | None:
         entry = self.core.resolver.resolve(parent, name) if parent.is_dir else None
         return self.core._node_for(parent, name, entry) if entry is not None else None
@@ -246,8 +263,11 @@ class FuseOps(pyfuse3.Operations):
         src = self._peek(old_parent, name_old)
         dst = self._peek(new_parent, name_new)
         try:
-            if src is not None and not src.is_dir and self.core.stack.writable:
-                await self._copy_up(src)
+            if src is not None and self.core.stack.writable:
+                if not src.is_dir:
+                    await self._copy_up(src)
+                elif self.core.needs_copyup(src) or len(src.chain) > 1:
+                    await self._copy_up_tree(src)
             await self._settle(dst)
             self.core.rename(old_parent, name_old, new_parent, name_new, flags)
         finally:
