@@ -53,6 +53,7 @@ MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 SYS_OPENAT2 = 437  # the same number on every architecture
@@ -99,6 +100,26 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def set_pdeathsig(sig: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl")
+
+
+def set_process_title(title: str) -> None:
+    """Show init as TITLE in `ps` inside, not as a copy of pyunion's long command line.
+
+    Overwrites the process's original argv area in place (what setproctitle does);
+    Python keeps its own copy of argv, so nothing reads that memory any more.
+    """
+    raw = title.encode()
+    _libc.prctl(PR_SET_NAME, raw[:15], 0, 0, 0)
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of stat
+    except (OSError, IndexError, ValueError):
+        return
+    size = arg_end - arg_start
+    if size <= len(raw):
+        return
+    ctypes.memmove(arg_start, raw + b"\0" * (size - len(raw)), size)
 
 
 def make_private(path: str = "/") -> None:
@@ -405,6 +426,7 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
     code = 125
     try:
         set_pdeathsig(signal.SIGKILL)  # pyunion killed: the whole container goes
+        set_process_title("pyunion-init")
         mask = set(FORWARDED) | {signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, mask)
         try:
