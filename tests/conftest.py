@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import signal
+import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +82,154 @@ def layers(tmp_path: Path) -> Iterator[tuple[list[Path], Path, Path, Path]]:
     mnt.mkdir()
     yield lows, upper, work, mnt
     force_unmount(mnt)
+
+
+# -- helpers for the reliability suites (fsx, concurrency, crash, resources, hostile) ------
+SOAK = bool(os.environ.get("PYUNION_SOAK"))
+
+
+def soak(ci: int, long: int) -> int:
+    """A size for CI, or the soak run's (PYUNION_SOAK=1)."""
+    return long if SOAK else ci
+
+
+def daemon_of(mnt: str | Path) -> int:
+    from unionfs.mount import daemon_pid
+
+    pid = daemon_pid(str(mnt))
+    assert pid is not None, f"no daemon for {mnt}"
+    return pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def kill_daemon(mnt: str | Path, pid: int | None = None) -> None:
+    """SIGKILL the daemon (of a mount we made): every request in flight fails with ENOTCONN."""
+    if pid is None:
+        from unionfs.mount import daemon_pid
+
+        pid = daemon_pid(str(mnt))
+    if pid is not None and alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+
+
+def run_child(fn: Callable[..., object], *args: object, timeout: float = 60,
+              mnt: str | Path | None = None) -> int:
+    """Run fn(*args) in a forked child; its exit code (0 unless it raised).
+
+    On timeout the child is killed (and the daemon of `mnt`, so that a hung
+    mount cannot hang the test) and the test fails: a deadlock, not a slowness.
+    """
+    procs = start_children([(fn, args)])
+    return join_children(procs, timeout, mnt)[0]
+
+
+def start_children(jobs: list[tuple[Callable[..., object], tuple]]) -> list[int]:
+    pids = []
+    for fn, args in jobs:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fn(*args)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+def join_children(pids: list[int], timeout: float, mnt: str | Path | None = None) -> list[int]:
+    """Exit codes of forked children; on a timeout kill them (and the daemon) and fail."""
+    deadline = time.monotonic() + timeout
+    codes: dict[int, int] = {}
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        if len(codes) < len(pids):
+            if time.monotonic() > deadline:
+                for pid in pids:
+                    if pid not in codes:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                if mnt is not None:
+                    kill_daemon(mnt)
+                for pid in pids:
+                    if pid not in codes:
+                        os.waitpid(pid, 0)
+                raise AssertionError(f"children still running after {timeout}s: deadlock?")
+            time.sleep(0.02)
+    return [codes[p] for p in pids]
+
+
+def tree_view(root: str | Path, content: bool = True) -> dict[bytes, tuple]:
+    """Everything a union view shows, per relative path: type, mode, owner, size, data or target.
+
+    Times and inode numbers are left out (they differ between two mounts of one tree);
+    regular file data is compared by hash.
+    """
+    out: dict[bytes, tuple] = {}
+    base = os.fsencode(str(root))
+
+    def walk(rel: bytes) -> None:
+        full = base + (b"/" + rel if rel else b"")
+        for e in sorted(os.scandir(full), key=lambda e: e.name):
+            name = os.fsencode(e.name)
+            r = rel + b"/" + name if rel else name
+            st = os.lstat(base + b"/" + r)
+            kind = stat.S_IFMT(st.st_mode)
+            extra: object = None
+            if kind == stat.S_IFREG and content:
+                with open(base + b"/" + r, "rb") as f:
+                    extra = hashlib.sha256(f.read()).hexdigest()
+            elif kind == stat.S_IFLNK:
+                extra = os.readlink(base + b"/" + r)
+            elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+                extra = st.st_rdev
+            size = st.st_size if kind != stat.S_IFDIR else 0
+            out[r] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, extra)
+            if kind == stat.S_IFDIR:
+                walk(r)
+
+    walk(b"")
+    return out
+
+
+@contextlib.contextmanager
+def kernel_overlay(lowers: list[Path], upper: Path, mnt: Path, work: Path) -> Iterator[Path]:
+    """The oracle: kernel overlayfs over the same layers (default options), read-write."""
+    work.mkdir(parents=True, exist_ok=True)
+    mnt.mkdir(parents=True, exist_ok=True)
+    opts = "lowerdir=" + ":".join(str(p) for p in lowers) + f",upperdir={upper},workdir={work}"
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"kernel overlayfs refused the tree: {r.stderr}"
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+        force_unmount(mnt)
