@@ -19,6 +19,7 @@ import errno
 import itertools
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import FsError
@@ -130,6 +131,9 @@ class CopyUp:
         self.upper_dev = upper.dev if upper is not None else 0
         # Lower hard links copied up this mount: origin (dev, ino) -> the (upper) node.
         self.hardlinks: dict[tuple[int, int], Node] = {}
+        # Told when the daemon itself changes an inode's links (the kernel's cached
+        # attributes of it are stale then); the FUSE adaptor sets it.
+        self.links_changed: Callable[[Node], None] = lambda node: None
 
     def tmpname(self) -> bytes:
         return b"#pyunion-%d-%d" % (os.getpid(), next(self._serial))
@@ -267,6 +271,8 @@ class CopyUp:
             self.link_alias(node, src_fd, parent, name)
             if parent.listing is not None:
                 parent.listing = None
+        if node.links:
+            self.links_changed(node)
 
     def link_alias(self, node: Node, src_fd: int, parent: Node, name: bytes) -> None:
         pfd = self.upper_dirfd(parent)

@@ -69,6 +69,7 @@ class FuseOps(pyfuse3.Operations):
         super().__init__()
         self.core = core
         self._copying: dict[int, trio.Event] = {}
+        core.copyup.links_changed = self._links_changed
         if debug:
             self._wrap_debug()
 
@@ -120,6 +121,14 @@ class FuseOps(pyfuse3.Operations):
             return a  # upper objects change: ask each time
         node.attr = a  # lower objects never change while mounted
         return a
+
+    def _links_changed(self, node: Node) -> None:
+        """The daemon linked a name on its own: the kernel's st_nlink of the inode is stale."""
+        node.attr = None
+        try:
+            pyfuse3.invalidate_inode(node.ino, attr_only=True)
+        except OSError:
+            pass  # the kernel does not know the inode (ENOENT): nothing cached
 
     def _node(self, ino: int) -> Node:
         node = self.core.table.nodes.get(ino)

@@ -100,6 +100,7 @@ class Union:
                 parent.listing = None
                 node.attr = None
                 node.add_link(parent, name)
+                self.copyup.links_changed(node)
             elif is_dir:
                 if node.parent is not parent or node.name != name:
                     node.close_fds()
@@ -116,6 +117,7 @@ class Union:
                 up.add_link(parent, name)
                 up.attr = None
                 parent.listing = None
+                self.copyup.links_changed(up)
                 self.table.nodes[up.ino] = up
                 return up
         new = Node(nid, parent, name, is_dir, entry.layer, entry.chain, entry.origin)
