@@ -45,8 +45,10 @@ def test_missing_layer(tmp_path: Path) -> None:
 @needs_fuse
 def test_layer_not_a_directory(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
+    (tmp_path / "l").mkdir()
     (tmp_path / "m").mkdir()
-    assert "not a directory" in _fails("mount", str(tmp_path / "f"), str(tmp_path / "m"))
+    msg = _fails("mount", str(tmp_path / "f"), str(tmp_path / "l"), str(tmp_path / "m"))
+    assert "not a directory" in msg
 
 
 @needs_fuse
