@@ -351,3 +351,26 @@ def test_tty_session(env: Env) -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+# -- an image with a config ------------------------------------------------------------------------
+def test_image_config(env: Env, tmp_path: Path) -> None:
+    """Env, WorkingDir, User and Cmd come from the image; -u/-w/-e and a command override them."""
+    from unionfs.sample import build_sample_oci
+
+    oci = build_sample_oci(tmp_path, env.layers)
+    store = tmp_path / "store"
+    r = subprocess.run([*PYUNION, "image", "import", "-q", "--store", str(store), "--tag",
+                        "pyunion-sample", oci], capture_output=True, text=True, timeout=60)
+    if "invalid choice" in r.stderr:
+        pytest.skip("no 'pyunion image' command yet")
+    assert r.returncode == 0, r.stderr
+    base = [*PYUNION, "run", "--store", str(store)]
+    r = subprocess.run([*base, "-i", "pyunion-sample"], input="echo $SAMPLE; id -un; pwd\n",
+                       capture_output=True, text=True, timeout=30, env=env.env)
+    assert r.stdout.split() == ["pyunion", "alice", "/home/alice"], r.stderr
+    r = subprocess.run([*base, "-u", "root", "-w", "/srv", "-e", "SAMPLE=cli", "pyunion-sample",
+                        "--", "sh", "-c", "echo $SAMPLE; id -un; pwd; ls"],
+                       capture_output=True, text=True, timeout=30, env=env.env,
+                       stdin=subprocess.DEVNULL)
+    assert r.stdout.split() == ["cli", "root", "/srv", "index.html"], r.stderr

@@ -67,3 +67,25 @@ def test_merged_view(sample: list[Path], tmp_path: Path) -> None:
         assert sorted(os.listdir(m / "srv")) == ["index.html"]  # .wh..wh..opq, own file kept
         assert (m / "etc/motd").is_file() and (m / "bin/busybox").is_file()
         assert (m / "home/alice/hello.txt").stat().st_uid == 1000
+
+
+def test_oci_layout(sample: list[Path], tmp_path: Path) -> None:
+    """`--oci`: kernel whiteouts and opaque xattrs become `.wh.` markers, the marker first."""
+    import gzip
+    import io
+    import json
+    import tarfile
+
+    from unionfs.sample import build_sample_oci
+
+    oci = Path(build_sample_oci(tmp_path, [str(p) for p in sample]))
+    index = json.loads((oci / "index.json").read_text())
+    blob = oci / "blobs/sha256"
+    manifest = json.loads((blob / index["manifests"][0]["digest"][7:]).read_text())
+    config = json.loads((blob / manifest["config"]["digest"][7:]).read_text())
+    assert config["config"]["User"] == "alice" and len(config["rootfs"]["diff_ids"]) == 3
+    kernel = manifest["layers"][1]["digest"][7:]
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress((blob / kernel).read_bytes()))) as t:
+        names = t.getnames()
+    assert "etc/.wh.doomed.txt" in names and "etc/doomed.txt" not in names
+    assert names.index("opt/old/.wh..wh..opq") < names.index("opt/old/new.txt")

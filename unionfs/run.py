@@ -156,8 +156,8 @@ def resolve_image(opts: RunOptions) -> tuple[list[str], dict[str, Any]]:
         except UserError as e:
             raise _fail(str(e))
         config = config or {}
-        if isinstance(config.get("config"), dict):  # the whole OCI config: take its runtime part
-            config = config["config"]
+        if "config" in config or "rootfs" in config:  # the whole OCI config: its runtime part
+            config = config.get("config") or {}
         return list(layers), config
     for layer in opts.layers:
         if not os.path.isdir(layer):

@@ -19,8 +19,15 @@ A kernel whiteout is a device node, so building the sample needs root.
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
+import io
+import json
 import os
+import platform
 import shutil
+import stat
+import tarfile
 import subprocess
 import sys
 from pathlib import Path
@@ -131,9 +138,92 @@ def build_sample(dest: str | os.PathLike[str], force: bool = False) -> list[str]
     return [str((layers_dir / name).resolve()) for name in LAYER_NAMES]
 
 
+# -- the same image as an OCI layout (for `pyunion image import`) -------------------------
+SAMPLE_CONFIG = {
+    "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "SAMPLE=pyunion"],
+    "Cmd": ["/bin/sh"],
+    "WorkingDir": "/home/alice",
+    "User": "alice",
+}
+GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+          "s390x": "s390x", "riscv64": "riscv64", "i686": "386"}
+
+
+def _layer_tar(root: Path) -> bytes:
+    """An OCI layer tar of ROOT: kernel whiteouts and opaque xattrs become `.wh.` markers."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def add(path: Path, arc: str) -> None:
+            st = os.lstat(path)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                info = tarfile.TarInfo(os.path.join(os.path.dirname(arc),
+                                                    ".wh." + os.path.basename(arc)))
+                info.mtime = int(st.st_mtime)
+                tar.addfile(info, io.BytesIO(b""))
+                return
+            tar.add(path, arcname=arc, recursive=False)
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    opaque = os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False)
+                except OSError:
+                    opaque = b""
+                if opaque == b"y":  # the marker comes before the directory's entries
+                    info = tarfile.TarInfo(f"{arc}/.wh..wh..opq")
+                    info.mtime = int(st.st_mtime)
+                    tar.addfile(info, io.BytesIO(b""))
+                for name in sorted(os.listdir(path)):
+                    add(path / name, f"{arc}/{name}")
+
+        for name in sorted(os.listdir(root)):
+            add(root / name, name)
+    return buf.getvalue()
+
+
+def _blob(blobs: Path, data: bytes) -> tuple[str, int]:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (blobs / digest.split(":")[1]).write_bytes(data)
+    return digest, len(data)
+
+
+def build_sample_oci(dest: str | os.PathLike[str], layers: list[str]) -> str:
+    """Write the sample as an OCI image layout in DEST/oci (gzip layers); return its path."""
+    out = Path(dest) / "oci"
+    if out.exists():
+        shutil.rmtree(out)
+    blobs = out / "blobs/sha256"
+    blobs.mkdir(parents=True)
+    diff_ids, descs = [], []
+    for layer in reversed(layers):  # bottom first, as the manifest lists them
+        raw = _layer_tar(Path(layer))
+        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+        digest, size = _blob(blobs, gzip.compress(raw, mtime=0))
+        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                      "digest": digest, "size": size})
+    config = {"architecture": GOARCH.get(platform.machine(), platform.machine()), "os": "linux",
+              "config": SAMPLE_CONFIG, "rootfs": {"type": "layers", "diff_ids": diff_ids},
+              "history": [{"created_by": f"pyunion sample: {Path(x).name}"}
+                          for x in reversed(layers)]}
+    cdigest, csize = _blob(blobs, json.dumps(config, indent=1).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": cdigest, "size": csize},
+                "layers": descs}
+    mdigest, msize = _blob(blobs, json.dumps(manifest, indent=1).encode())
+    index = {"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
+        "size": msize, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    (out / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return str(out.resolve())
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
-    for path in build_sample(args.dir, force=args.force):
+    layers = build_sample(args.dir, force=args.force)
+    for path in layers:
         print(path)
+    if args.oci:
+        print(f"pyunion: OCI layout: {build_sample_oci(args.dir, layers)}", file=sys.stderr)
     sys.stdout.flush()
     return 0
 
@@ -146,4 +236,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "'pyunion run $(pyunion sample DIR) -- sh').")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--force", action="store_true", help="rebuild DIR/layers if it exists")
+    p.add_argument("--oci", action="store_true",
+                   help="also write DIR/oci, the same image as an OCI layout (with a config: "
+                        "Env, Cmd, WorkingDir, User) for 'pyunion image import'")
     p.set_defaults(handler=_cmd_sample)
