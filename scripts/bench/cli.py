@@ -1,0 +1,177 @@
+"""The command line of scripts/bench.py."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import impls as impls_mod
+from .image import ensure_image, ensure_stack, log
+from .report import render
+from .runner import Config, Runner
+from .sizes import FULL, PRESETS, QUICK
+from .workloads import BY_ID
+
+DEFAULT_CACHE = "/var/tmp/pyunion-bench"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench.py",
+        description="Benchmark pyunion against kernel overlayfs, fuse-overlayfs, unionfs-fuse "
+                    "and a plain merged copy (issue 5). Needs root.")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, one warm repetition: under 3 minutes")
+    p.add_argument("--impl", default="",
+                   help=f"comma-separated implementations (default all: {','.join(impls_mod.ORDER)})")
+    p.add_argument("--workloads", default="",
+                   help="comma-separated workloads W1..W10 and 'mount' (default all)")
+    p.add_argument("--size", choices=sorted(PRESETS), help="sizes preset (--quick = --size quick; "
+                   "tiny is for smoke tests)")
+    p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
+    p.add_argument("--modes", help="cold,warm (default both, --quick warm)")
+    p.add_argument("--cache", default=DEFAULT_CACHE,
+                   help=f"where the image is built once and kept (default {DEFAULT_CACHE})")
+    p.add_argument("--source", choices=("auto", "debootstrap", "generated"), default="auto",
+                   help="root filesystem: debootstrap when it works (auto), or a generated tree")
+    p.add_argument("--out", metavar="FILE.json", help="save the raw results")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--no-session", action="store_true",
+                   help="skip the one-mount pass that measures the daemons' CPU time")
+    p.add_argument("--pyunion", help="command that runs pyunion (default .venv/bin/pyunion)")
+    p.add_argument("--verify", action="store_true",
+                   help="only check that every implementation shows the same merged tree")
+    p.add_argument("--report", metavar="FILE.json",
+                   help="only print the table of saved results (with --markdown for markdown)")
+    return p.parse_args(argv)
+
+
+def machine(cache: Path) -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) / (1 << 20)
+    except OSError:
+        mem = 0.0
+    fs = "?"
+    best = ""
+    real = os.path.realpath(cache)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = left.split()[4]
+            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                best, fs = mp, right.split()[0]
+    return {"cpu": cpu, "cpus": os.cpu_count(), "mem_gib": mem, "kernel": platform.release(),
+            "fs": fs, "hostname": platform.node()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        sys.stdout.write(render(data, args.markdown))
+        return 0
+    if os.geteuid() != 0:
+        print("bench: needs root (mounts, drop_caches)", file=sys.stderr)
+        return 2
+    sizes = PRESETS[args.size] if args.size else QUICK if args.quick else FULL
+    if args.reps:
+        sizes = sizes.with_(reps=args.reps)
+    if args.modes:
+        modes = tuple(m for m in args.modes.split(",") if m)
+        if not set(modes) <= {"cold", "warm"}:
+            print("bench: --modes takes cold and/or warm", file=sys.stderr)
+            return 2
+        sizes = sizes.with_(modes=modes)
+    wanted = [w.strip() for w in args.impl.split(",") if w.strip()] or impls_mod.ORDER
+    unknown = [w for w in wanted if w not in impls_mod.ALL]
+    if unknown:
+        print(f"bench: unknown implementation {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()] or \
+        [*BY_ID, "mount"]
+    bad = [w for w in workloads if w not in BY_ID and w != "mount"]
+    if bad:
+        print(f"bench: unknown workload {', '.join(bad)}", file=sys.stderr)
+        return 2
+
+    impls: list[impls_mod.Impl] = []
+    skipped: dict[str, str] = {}
+    for name in impls_mod.ORDER:
+        if name not in wanted:
+            continue
+        cls = impls_mod.ALL[name]
+        impl = impls_mod.Pyunion(shlex.split(args.pyunion) if args.pyunion else None) \
+            if cls is impls_mod.Pyunion else cls()
+        why = impl.missing()
+        if why:
+            if args.impl:
+                print(f"bench: {name}: {why}", file=sys.stderr)
+                return 2
+            log(f"skipping {name}: {why}")
+            skipped[name] = why
+            continue
+        impls.append(impl)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    t0 = time.monotonic()
+    cache = Path(args.cache)
+    image = ensure_image(cache, sizes, args.source)
+    stack = (ensure_stack(cache, sizes.stack_files)
+             if "mount" in workloads and not args.verify else None)
+    cfg = Config(cache=cache, sizes=sizes, impls=impls, workloads=workloads, modes=sizes.modes,
+                 reps=sizes.reps, session=not args.no_session)
+    runner = Runner(cfg, image, stack)
+    meta = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "argv": sys.argv,
+        "machine": machine(cache),
+        "sizes": {k: v for k, v in vars(sizes).items()},
+        "reps": sizes.reps, "modes": list(sizes.modes),
+        "impls": [i.name for i in impls], "skipped": skipped,
+        "versions": {i.name: i.version() for i in impls},
+        "image": {"source": image.source, "counts": image.counts, "path": str(image.root)},
+        "stack_files": sizes.stack_files,
+    }
+    if args.verify:
+        try:
+            diffs = runner.verify()
+        finally:
+            impls_mod.cleanup_all()
+        return 1 if any(diffs.values()) else 0
+    print(f"bench: {len(impls)} implementations, workloads {' '.join(workloads)}, "
+          f"{sizes.reps} repetition(s), {'/'.join(sizes.modes)}", flush=True)
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        print("bench: interrupted; unmounting", file=sys.stderr)
+        impls_mod.cleanup_all()
+        return 130
+    finally:
+        impls_mod.cleanup_all()
+    meta["elapsed_s"] = time.monotonic() - t0
+    data = {"meta": meta, "results": runner.results, "session": runner.session}
+    if args.out:
+        Path(args.out).write_text(json.dumps(data, indent=1))
+    print()
+    sys.stdout.write(render(data, args.markdown))
+    print(f"\n(bench took {meta['elapsed_s']:.0f} s)")
+    return 0

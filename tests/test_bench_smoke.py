@@ -1,0 +1,75 @@
+"""Keeps scripts/bench.py from rotting: builds a tiny image with the harness's own
+builder, checks both layer formats and the merged tree, and runs two workloads on
+native and kernel overlayfs (no FUSE, no pyunion: this is about the harness)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from bench import impls, report
+from bench.image import ensure_image, is_opaque, is_whiteout, walk
+from bench.runner import Config, Runner
+from bench.sizes import TINY
+
+
+def _overlay_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (mounts, mknod, trusted xattrs)"
+    return impls.Kernel().missing()
+
+
+pytestmark = [pytest.mark.skipif(_overlay_skip_reason() is not None,
+                                 reason=_overlay_skip_reason() or ""),
+              pytest.mark.timeout(60)]
+
+
+def test_image_and_one_run(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    image = ensure_image(cache, TINY, source="generated")
+    assert ensure_image(cache, TINY, source="generated").root == image.root  # cached
+
+    # kernel format: whiteouts and an opaque directory in the upper layers
+    top, mid, bottom = image.kernel_layers
+    for layer in (top, mid):
+        entries = walk(layer)
+        assert any(is_whiteout(st) for _, st in entries), layer
+        assert any(stat.S_ISDIR(st.st_mode) and is_opaque(layer / rel) for rel, st in entries)
+    assert (bottom / image.files["big"]).stat().st_size == TINY.big
+    # unionfs-fuse's format: no char devices, a hide file for each whiteout
+    hidden = [rel for rel, _ in walk(image.unionfs_layers[0]) if rel.endswith("_HIDDEN~")]
+    n_whiteouts = image.counts[0]["whiteouts"] + image.counts[0]["opaque"]
+    assert len(hidden) == n_whiteouts > 0
+    assert not any(is_whiteout(st) for _, st in walk(image.unionfs_layers[0]))
+    # the merged tree has no whited-out path
+    gone = [rel for rel, st in walk(top) if is_whiteout(st)]
+    assert gone and not any(os.path.lexists(image.merged / rel) for rel in gone)
+
+    cfg = Config(cache=cache, sizes=TINY, impls=[impls.Native(), impls.Kernel()],
+                 workloads=["W1", "W7"], modes=("warm",), reps=1, session=False)
+    runner = Runner(cfg, image, None)
+    try:
+        assert runner.verify() == {"kernel": []}
+        runner.run()
+    finally:
+        impls.cleanup_all()
+    assert not impls.ACTIVE
+    assert {(r["impl"], r["workload"]) for r in runner.results} == {
+        (i, w) for i in ("native", "kernel") for w in ("W1", "W7")}
+    assert all(r["error"] is None and r["seconds"] > 0 for r in runner.results), runner.results
+    assert not (cache / "runs").exists() or not any((cache / "runs").iterdir())
+
+    data = {"meta": {"date": "now", "machine": {"cpu": "cpu", "cpus": 1, "mem_gib": 1.0,
+                                                "kernel": "k", "fs": "fs"},
+                     "sizes": {"name": "tiny"}, "reps": 1, "modes": ["warm"],
+                     "impls": ["native", "kernel"], "versions": {}, "skipped": {},
+                     "image": {"source": image.source, "counts": image.counts}},
+            "results": runner.results, "session": {}}
+    text = report.render(data, markdown=True)
+    assert "| W1 find" in text and "W7 rename" in text
