@@ -1,10 +1,51 @@
-"""Images: a store of layers shared between images, OCI and docker archive import, commit."""
+"""Images: a store of layers shared between images, OCI and docker archive import, commit.
+
+The public face of the package; the CLI (`cli.py`) is a thin layer over it.
+Modules: `store` (the on-disk store and its atomicity), `oci` (reading layouts
+and archives), `unpack` (hostile-input-safe layer extraction), `load` (import),
+`commit` (an upper directory as a new layer), `export`.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import UserError
+from .commit import Changes, commit, write_layer_tar
+from .export import export_image
+from .load import import_image
+from .store import Image, Store, default_store
+
+__all__ = ["Changes", "Image", "Store", "commit", "default_store", "export_image",
+           "import_image", "resolve_config", "resolve_layers", "write_layer_tar"]
 
 
 def resolve_layers(ref: str, store: str | None = None) -> list[str]:
-    """The layer directories (top first) of the image `ref` in the store."""
-    raise UserError(f"{ref!r} is not a directory (and images are not supported yet)")
+    """The layer directories of the image `ref` in the store, TOP FIRST (as lowerdir wants).
+
+    `store` is the store directory (default: $PYUNION_STORE, else under
+    $XDG_DATA_HOME or ~/.local/share). Raises UserError if the image is unknown.
+    """
+    try:
+        s = Store(store, create=False)
+        img = s.lookup(ref)
+    except UserError as e:
+        raise UserError(f"{ref!r} is neither a directory nor an image: {e}", e.code) from None
+    dirs = []
+    for diff_id in reversed(img.diff_ids):
+        if not s.has_layer(diff_id):
+            raise UserError(f"image {ref!r}: layer {diff_id} is missing from the store")
+        dirs.append(s.layer_path(diff_id))
+    if not dirs:
+        raise UserError(f"image {ref!r} has no layers")
+    return dirs
+
+
+def resolve_config(ref: str, store: str | None = None) -> dict[str, Any]:
+    """The FULL OCI image config JSON of `ref` (architecture, os, rootfs, history, ...).
+
+    What `run` wants is its "config" section (may be missing or null): Env (list of
+    "K=V"), WorkingDir, User, Entrypoint and Cmd (lists), ExposedPorts, Labels, ...,
+    e.g. `resolve_config(ref).get("config") or {}`.
+    """
+    return Store(store, create=False).lookup(ref).config

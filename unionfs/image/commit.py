@@ -1,0 +1,308 @@
+"""Committing an upper directory as a new OCI layer on top of its image.
+
+The upper is read in the overlay formats pyunion and the kernel write, and the
+tar is written in the OCI format:
+- char device 0/0 NAME (kernel whiteout), or a zero-size file marked
+  trusted.overlay.whiteout in an `x` directory (xwhiteout) -> empty file `.wh.NAME`;
+  a `.wh.NAME` file already there (pyunion's fallback without root) stays as it is;
+- an opaque directory (trusted/user.overlay.opaque or user.fuseoverlayfs.opaque =
+  y, or a `.wh..wh..opq` file or `.wh..opq` char 0/0 in it) -> `DIR/.wh..wh..opq`,
+  written right after DIR and before any of its children;
+- internal xattrs (trusted.overlay.*, user.overlay.*, user.fuseoverlayfs.*) are
+  dropped, the others go in PAX `SCHILY.xattr.*` records;
+- the names of a multiply-linked file become one file and tar hard links to it.
+Entries are written in byte order of their names, with numeric owners only and
+no user/group names, so the same tree gives the same tar; `timestamp` clamps every
+mtime for reproducible layers. A directory the kernel marked with
+trusted.overlay.redirect or a file with trusted.overlay.metacopy has its content
+in a lower layer; committing those is refused rather than silently wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import io
+import logging
+import os
+import stat
+import tarfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, BinaryIO
+
+import zstandard
+
+from ..errors import UserError
+from ..whiteout import (AUFS_META_PREFIX, OPQ_CHAR, OPQ_OCI, WH_PREFIX, dir_flags,
+                        is_internal_xattr, is_whiteout_stat, is_xwhiteout)
+from .load import MEDIA_BY_COMPRESSION, store_layer_stream
+from .store import (MT_CONFIG, MT_LAYER_GZIP, MT_MANIFEST, Image, Store,
+                    canonical_json, normalize_tag)
+
+log = logging.getLogger(__name__)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_REFUSE_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy",
+                  b"user.overlay.redirect", b"user.overlay.metacopy")
+_DOCKER_TO_OCI = {
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": MT_LAYER_GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar": MEDIA_BY_COMPRESSION["none"],
+    "application/vnd.docker.container.image.v1+json": MT_CONFIG,
+}
+
+
+class HashingWriter(io.RawIOBase):
+    """Writes through to `dst`, hashing and counting on the way."""
+
+    def __init__(self, dst: BinaryIO | Any) -> None:
+        self.dst = dst
+        self.h = hashlib.sha256()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self.h.update(data)
+        self.count += len(data)
+        self.dst.write(data)
+        return len(data)
+
+    def digest(self) -> str:
+        return "sha256:" + self.h.hexdigest()
+
+
+@dataclass
+class _Walker:
+    tar: tarfile.TarFile
+    timestamp: int | None
+    links: dict[tuple[int, int], str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def _info(self, name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.type = kind
+        ti.mode = stat.S_IMODE(st.st_mode)
+        ti.uid, ti.gid = st.st_uid, st.st_gid
+        ti.uname = ti.gname = ""
+        mt = int(st.st_mtime)
+        ti.mtime = mt if self.timestamp is None else min(mt, self.timestamp)
+        return ti
+
+    def _xattrs(self, target: int | str, follow: bool, name: str) -> dict[str, str]:
+        try:
+            names = os.listxattr(target, follow_symlinks=follow)
+        except OSError:
+            return {}
+        out = {}
+        for n in sorted(names):
+            bn = os.fsencode(n)
+            if bn in _REFUSE_XATTRS:
+                raise UserError(f"cannot commit {name!r}: it has {n} (its content is in a lower "
+                                "layer; mount without redirect_dir/metacopy)")
+            if is_internal_xattr(bn):
+                continue
+            try:
+                v = os.getxattr(target, n, follow_symlinks=follow)
+            except OSError:
+                continue
+            out["SCHILY.xattr." + n] = v.decode("utf-8", "surrogateescape")
+        return out
+
+    def _whiteout(self, prefix: str, name: str, st: os.stat_result) -> None:
+        ti = self._info(prefix + WH_PREFIX.decode() + name, st, tarfile.REGTYPE)
+        ti.mode = 0o644 if stat.S_ISCHR(st.st_mode) else ti.mode
+        ti.size = 0
+        self.tar.addfile(ti)
+
+    def walk(self, dfd: int, prefix: str) -> None:
+        """Write the entries of the directory open at `dfd` (its own entry already written)."""
+        opaque, xwh = dir_flags(dfd)
+        names = sorted(os.listdir(dfd), key=os.fsencode)
+        if opaque:
+            st = os.fstat(dfd)
+            ti = self._info(prefix + OPQ_OCI.decode(), st, tarfile.REGTYPE)
+            ti.mode, ti.size = 0o644, 0
+            self.tar.addfile(ti)
+        for name in names:
+            bname = os.fsencode(name)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if bname in (OPQ_OCI, OPQ_CHAR):
+                continue  # already expressed as the directory's marker above
+            if bname.startswith(AUFS_META_PREFIX):
+                continue
+            if bname.startswith(WH_PREFIX):
+                if stat.S_ISREG(st.st_mode) or is_whiteout_stat(st):
+                    ti = self._info(prefix + name, st, tarfile.REGTYPE)
+                    ti.size = 0
+                    self.tar.addfile(ti)
+                continue
+            if is_whiteout_stat(st) or (xwh and is_xwhiteout(dfd, bname, st)):
+                self._whiteout(prefix, name, st)
+                continue
+            self._entry(dfd, prefix, name, st)
+
+    def _entry(self, dfd: int, prefix: str, name: str, st: os.stat_result) -> None:
+        path = prefix + name
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                ti = self._info(path, st, tarfile.DIRTYPE)
+                ti.pax_headers = self._xattrs(fd, True, path)
+                self.tar.addfile(ti)
+                self.walk(fd, path + "/")
+            finally:
+                os.close(fd)
+            return
+        if stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self.links:
+                ti = self._info(path, st, tarfile.LNKTYPE)
+                ti.linkname = self.links[key]
+                self.tar.addfile(ti)
+                return
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            with os.fdopen(fd, "rb") as f:
+                ti = self._info(path, st, tarfile.REGTYPE)
+                ti.size = st.st_size
+                ti.pax_headers = self._xattrs(f.fileno(), True, path)
+                self.tar.addfile(ti, f)
+            if st.st_nlink > 1:
+                self.links[key] = path
+            return
+        proc = f"/proc/self/fd/{dfd}/{name}"
+        if stat.S_ISLNK(mode):
+            ti = self._info(path, st, tarfile.SYMTYPE)
+            ti.linkname = os.readlink(name, dir_fd=dfd)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            ti = self._info(path, st, tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE)
+            ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        elif stat.S_ISFIFO(mode):
+            ti = self._info(path, st, tarfile.FIFOTYPE)
+        else:
+            self.skipped.append(path)  # sockets have no tar form
+            return
+        ti.pax_headers = self._xattrs(proc, False, path)
+        self.tar.addfile(ti)
+
+
+def write_layer_tar(upper: str, out: BinaryIO | Any, timestamp: int | None = None) -> list[str]:
+    """Write the upper directory as an OCI layer tar to `out`; returns skipped paths."""
+    try:
+        root = os.open(upper, _DIR_FLAGS)
+    except OSError as e:
+        raise UserError(f"cannot open upper directory {upper}: {e.strerror}") from e
+    try:
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            w = _Walker(tar, timestamp)
+            w.walk(root, "")
+        return w.skipped
+    finally:
+        os.close(root)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Changes:
+    """Config changes to apply with the commit (None: keep the base image's)."""
+
+    message: str | None = None
+    author: str | None = None
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    env: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+
+
+def new_config(base: dict[str, Any], diff_id: str, changes: Changes,
+               created: str) -> dict[str, Any]:
+    cfg = copy.deepcopy(base)
+    cfg["created"] = created
+    if changes.author is not None:
+        cfg["author"] = changes.author
+    cfg["rootfs"] = {"type": "layers",
+                     "diff_ids": list((base.get("rootfs") or {}).get("diff_ids", [])) + [diff_id]}
+    run = cfg.setdefault("config", {}) or {}
+    cfg["config"] = run
+    if changes.cmd is not None:
+        run["Cmd"] = changes.cmd
+    if changes.entrypoint is not None:
+        run["Entrypoint"] = changes.entrypoint
+    if changes.workdir is not None:
+        run["WorkingDir"] = changes.workdir
+    if changes.user is not None:
+        run["User"] = changes.user
+    if changes.env:
+        env = list(run.get("Env") or [])
+        for kv in changes.env:
+            key = kv.split("=", 1)[0]
+            env = [e for e in env if e.split("=", 1)[0] != key] + [kv]
+        run["Env"] = env
+    hist: dict[str, Any] = {"created": created,
+                            "created_by": changes.message or "pyunion commit"}
+    if changes.author is not None:
+        hist["author"] = changes.author
+    cfg["history"] = list(base.get("history") or []) + [hist]
+    for k in ("container", "container_config"):
+        cfg.pop(k, None)
+    return cfg
+
+
+def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
+           changes: Changes | None = None, compression: str = "gzip",
+           timestamp: int | None = None) -> tuple[str, Image]:
+    """Commit `upper` as a new layer on the image `base_ref`; returns (manifest digest, base)."""
+    changes = changes or Changes()
+    if compression not in MEDIA_BY_COMPRESSION:
+        raise UserError(f"unknown compression {compression!r} (none, gzip or zstd)")
+    if not os.path.isdir(upper):
+        raise UserError(f"{upper} is not a directory")
+    if tag is not None:
+        tag = normalize_tag(tag)
+    base = store.lookup(base_ref)
+    with store.using(), store.tempdir() as tmp:
+        tar_path = os.path.join(tmp, "layer.tar")
+        with open(tar_path, "wb") as f:
+            if compression == "gzip":
+                with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0,
+                                   compresslevel=6) as z:
+                    skipped = write_layer_tar(upper, z, timestamp)
+            elif compression == "zstd":
+                with zstandard.ZstdCompressor(level=3).stream_writer(f, closefd=False) as z:
+                    skipped = write_layer_tar(upper, z, timestamp)
+            else:
+                skipped = write_layer_tar(upper, f, timestamp)
+        for p in skipped:
+            log.warning("not committed (no tar form): %s", p)
+        with open(tar_path, "rb") as f:
+            info = store_layer_stream(store, tmp, f, None, None, "new layer")
+        store.sync()
+        info["publish"]()
+        created = _now() if timestamp is None else \
+            datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cfg = new_config(base.config, info["diff_id"], changes, created)
+        cbytes = canonical_json(cfg)
+        cdigest = "sha256:" + hashlib.sha256(cbytes).hexdigest()
+        store.put_blob_bytes(cbytes, cdigest, tmp)
+        layers = []
+        for d in base.manifest.get("layers", []):
+            d = dict(d)
+            d["mediaType"] = _DOCKER_TO_OCI.get(d.get("mediaType", ""), d.get("mediaType"))
+            layers.append(d)
+        layers.append({"mediaType": MEDIA_BY_COMPRESSION[compression], "digest": info["digest"],
+                       "size": info["compressed_size"]})
+        man = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
+               "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": len(cbytes)},
+               "layers": layers}
+        mbytes = canonical_json(man)
+        mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
+        store.put_blob_bytes(mbytes, mdigest, tmp)
+    store.add_image(mdigest, len(mbytes), tag, MT_MANIFEST)
+    return mdigest, base

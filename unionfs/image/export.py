@@ -1,0 +1,171 @@
+"""Exporting an image from the store: an OCI image layout (directory or tar) or a
+`docker save` archive (the `manifest.json` + `ID/layer.tar` shape that `docker
+load`, `skopeo docker-archive:` and podman read).
+
+OCI exports copy the stored blobs byte for byte, so the image keeps its digests.
+Docker archives need uncompressed layers; they are decompressed on the way and
+checked against their DiffIDs. Tar output is deterministic (fixed times and
+owners) and appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tarfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import UserError
+from .oci import CONTAINERD_NAME, HashingReader, decompressed
+from .store import MT_INDEX, REF_NAME, Image, Store, remove_tree
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes | None = None, *,
+             fileobj: Any = None, size: int = 0, is_dir: bool = False) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.mtime = 0
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    if is_dir:
+        ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(ti)
+        return
+    ti.mode = 0o644
+    if data is not None:
+        ti.size = len(data)
+        tar.addfile(ti, io.BytesIO(data))
+    else:
+        ti.size = size
+        tar.addfile(ti, fileobj)
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str, is_dir: bool) -> Iterator[str]:
+    """A temporary name beside `path`, renamed to it on success, removed on failure."""
+    if os.path.lexists(path):
+        raise UserError(f"{path} already exists")
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(parent):
+        raise UserError(f"{parent} is not a directory")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if is_dir:
+            os.mkdir(tmp, 0o755)
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+def _names(img: Image, ref: str) -> tuple[str | None, str | None]:
+    """(full name, tag part) to label the exported image with."""
+    full = ref if ref in img.tags else (img.tags[0] if img.tags else None)
+    if full is None:
+        return None, None
+    return full, full.rsplit(":", 1)[-1]
+
+
+def _oci_index(store: Store, img: Image, full: str | None, tag: str | None) -> bytes:
+    desc: dict[str, Any] = {"mediaType": img.manifest.get("mediaType") or
+                            "application/vnd.oci.image.manifest.v1+json",
+                            "digest": img.digest,
+                            "size": os.path.getsize(store.blob_path(img.digest))}
+    if full:
+        desc["annotations"] = {REF_NAME: tag, CONTAINERD_NAME: full}
+    return json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [desc]},
+                      indent=1).encode()
+
+
+def _blobs(img: Image) -> list[str]:
+    return [img.config_digest] + [d["digest"] for d in img.manifest.get("layers", [])]
+
+
+def export_oci(store: Store, img: Image, path: str, ref: str) -> None:
+    full, tag = _names(img, ref)
+    index = _oci_index(store, img, full, tag)
+    layout = json.dumps({"imageLayoutVersion": "1.0.0"}).encode()
+    digests = [img.digest] + _blobs(img)
+    if path.endswith(".tar"):
+        with _atomic_output(path, False) as tmp, tarfile.open(tmp, "w",
+                                                              format=tarfile.PAX_FORMAT) as tar:
+            _tar_add(tar, "oci-layout", layout)
+            _tar_add(tar, "index.json", index)
+            _tar_add(tar, "blobs", is_dir=True)
+            _tar_add(tar, "blobs/sha256", is_dir=True)
+            seen: set[str] = set()
+            for d in digests:
+                if d in seen:
+                    continue
+                seen.add(d)
+                p = store.blob_path(d)
+                with open(p, "rb") as f:
+                    _tar_add(tar, "blobs/" + d.replace(":", "/"), fileobj=f,
+                             size=os.fstat(f.fileno()).st_size)
+        return
+    with _atomic_output(path, True) as tmp:
+        for name, data in (("oci-layout", layout), ("index.json", index)):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        for d in digests:
+            algo, hexd = d.split(":", 1)
+            os.makedirs(os.path.join(tmp, "blobs", algo), exist_ok=True)
+            dst = os.path.join(tmp, "blobs", algo, hexd)
+            if os.path.exists(dst):
+                continue
+            try:
+                os.link(store.blob_path(d), dst)  # blobs are immutable: share them
+            except OSError:
+                with open(store.blob_path(d), "rb") as s, open(dst, "wb") as o:
+                    while chunk := s.read(1 << 20):
+                        o.write(chunk)
+
+
+def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
+    full, _tag = _names(img, ref)
+    repo_tags = [full] if full else []
+    cfg_hex = img.config_digest.split(":", 1)[1]
+    layer_names = []
+    with _atomic_output(path, False) as tmp, tarfile.open(tmp, "w",
+                                                          format=tarfile.PAX_FORMAT) as tar:
+        _tar_add(tar, f"{cfg_hex}.json", store.read_blob(img.config_digest))
+        seen: set[str] = set()
+        for desc, diff_id in zip(img.manifest.get("layers", []), img.diff_ids):
+            hexd = diff_id.split(":", 1)[1]
+            name = f"{hexd}/layer.tar"
+            layer_names.append(name)
+            if hexd in seen:
+                continue
+            seen.add(hexd)
+            size = store.layer_info(diff_id)["size"]
+            _tar_add(tar, f"{hexd}", is_dir=True)
+            with open(store.blob_path(desc["digest"]), "rb") as f:
+                raw, _comp = decompressed(f)
+                h = HashingReader(raw)
+                try:
+                    _tar_add(tar, name, fileobj=h, size=size)
+                except OSError as e:
+                    raise UserError(f"layer {diff_id} in the store is damaged: {e}") from e
+                if h.read(1) or h.digest() != diff_id:
+                    raise UserError(f"layer {diff_id} in the store does not match its DiffID")
+        manifest = [{"Config": f"{cfg_hex}.json", "RepoTags": repo_tags, "Layers": layer_names}]
+        _tar_add(tar, "manifest.json", json.dumps(manifest).encode())
+        if full:
+            name, _, tag = full.rpartition(":")
+            top = layer_names[-1].split("/")[0] if layer_names else cfg_hex
+            _tar_add(tar, "repositories", json.dumps({name: {tag: top}}).encode())
+
+
+def export_image(store: Store, ref: str, path: str, fmt: str = "oci") -> Image:
+    img = store.lookup(ref)
+    if fmt == "oci":
+        export_oci(store, img, path, ref)
+    elif fmt == "docker":
+        export_docker(store, img, path, ref)
+    else:
+        raise UserError(f"unknown export format {fmt!r} (oci or docker)")
+    return img

@@ -1,0 +1,213 @@
+"""Importing images into the store: verify every blob, unpack each new layer once.
+
+One pass per layer blob: the bytes are hashed (the blob digest) and copied to a
+temporary blob file, decompressed, hashed again (the DiffID) and unpacked into a
+temporary layer directory. Only when both digests match is anything renamed into
+the store; a layer whose DiffID is already there is hashed but not unpacked again.
+The image becomes visible (index.json) last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from ..errors import UserError
+from .oci import (DECOMPRESS_ERRORS, Candidate, HashingReader, ImageFormatError, LayerRef,
+                  Source, decompressed, find_images, open_source)
+from .store import (DOCKER_MANIFEST, MT_CONFIG, MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD,
+                    MT_MANIFEST, Store, canonical_json, check_digest, normalize_tag, short_id,
+                    write_json_atomic)
+from .unpack import UnpackError, unpack
+
+MEDIA_BY_COMPRESSION = {"none": MT_LAYER, "gzip": MT_LAYER_GZIP, "zstd": MT_LAYER_ZSTD}
+
+
+class Progress:
+    """A one-line progress report on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.label = ""
+        self.done = 0
+        self.total: int | None = None
+        self._last = 0.0
+
+    def start(self, label: str, total: int | None) -> None:
+        self.label, self.done, self.total = label, 0, total
+        self._show(force=True)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self._show()
+
+    def _show(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        mb = self.done / 1e6
+        if self.total:
+            pct = min(100, int(self.done * 100 / self.total))
+            bar = "#" * (pct // 5) + "-" * (20 - pct // 5)
+            text = f"{self.label} [{bar}] {pct:3d}% {mb:.1f} MB"
+        else:
+            text = f"{self.label} {mb:.1f} MB"
+        sys.stderr.write("\r\x1b[K" + text)
+        sys.stderr.flush()
+
+    def finish(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K" + text + "\n")
+            sys.stderr.flush()
+
+
+def store_layer_stream(store: Store, tmpdir: str, stream: IO[bytes] | Any, diff_id: str | None,
+                       digest: str | None, what: str,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Verify, keep and (if new) unpack one layer blob read from `stream`.
+
+    `diff_id`/`digest` are what the blob must hash to (None: accept what it hashes to).
+    Returns the layer's info: diff_id, digest, size, compression, and `publish`, a
+    function that renames the blob and layer into the store: call it (after
+    `store.sync()`) once every layer of the image has been verified, so that a
+    failed import leaves nothing behind.
+    """
+    blob_tmp = os.path.join(tmpdir, "blob-" + os.urandom(8).hex())
+    layer_tmp = os.path.join(tmpdir, "layer-" + os.urandom(8).hex())
+    keep_blob = digest is None or not store.has_blob(digest)
+    need_unpack = diff_id is None or not store.has_layer(diff_id)
+    with open(blob_tmp, "wb") if keep_blob else open(os.devnull, "wb") as tee:
+        outer = HashingReader(stream, tee=tee, progress=progress)
+        try:
+            raw, comp = decompressed(outer)
+            inner = HashingReader(raw)
+            whiteouts = "none"
+            if need_unpack:
+                os.mkdir(layer_tmp, 0o755)
+                diff = os.path.join(layer_tmp, "diff")
+                os.mkdir(diff, 0o755)
+                with tarfile.open(fileobj=inner, mode="r|", errorlevel=2) as tf:
+                    whiteouts = unpack(tf, diff)
+            inner.drain()
+            outer.drain()
+        except UnpackError as e:
+            raise UnpackError(f"{what}: {e}") from None
+        except DECOMPRESS_ERRORS as e:
+            raise ImageFormatError(f"{what}: corrupt or truncated archive ({e})") from None
+        tee.flush()
+        if keep_blob:
+            os.fsync(tee.fileno())
+    got_digest, got_diff = outer.digest(), inner.digest()
+    if digest is not None and got_digest != digest:
+        raise ImageFormatError(f"{what}: blob does not match its digest {digest} "
+                               f"(got {got_digest})")
+    if diff_id is not None and got_diff != diff_id:
+        raise ImageFormatError(f"{what}: uncompressed layer does not match its DiffID "
+                               f"{diff_id} (got {got_diff})")
+    info = {"diff_id": got_diff, "digest": got_digest, "size": inner.count,
+            "compressed_size": outer.count, "compression": comp}
+    if need_unpack and diff_id is None and store.has_layer(got_diff):
+        need_unpack = False  # learnt its identity only now, and it is already there
+    if need_unpack:
+        write_json_atomic(os.path.join(layer_tmp, "layer.json"), {
+            "diff_id": got_diff, "size": inner.count, "blob": got_digest,
+            "media_type": MEDIA_BY_COMPRESSION[comp], "whiteouts": whiteouts})
+
+    def publish() -> None:
+        if keep_blob:
+            store.publish_blob(blob_tmp, got_digest)
+        if need_unpack:
+            store.publish_layer(layer_tmp, got_diff)
+
+    info["publish"] = publish
+    return info
+
+
+def _import_layer(store: Store, src: Source, tmpdir: str, lr: LayerRef, n: int, total: int,
+                  progress: Progress) -> dict[str, Any]:
+    what = f"layer {n}/{total} ({short_id(lr.diff_id)})"
+    if lr.digest is not None and store.has_blob(lr.digest) and store.has_layer(lr.diff_id):
+        progress.finish(f"{what}: already in the store")
+        return {"diff_id": lr.diff_id, "digest": lr.digest,
+                "compressed_size": os.path.getsize(store.blob_path(lr.digest)),
+                "compression": None}
+    progress.start(what, lr.size)
+    with src.open(lr.path) as f:
+        info = store_layer_stream(store, tmpdir, f, lr.diff_id, lr.digest, what, progress.advance)
+    progress.finish(f"{what}: {info['size'] / 1e6:.1f} MB")
+    return info
+
+
+def _store_candidate(store: Store, src: Source, c: Candidate, tags: list[str],
+                     progress: Progress) -> str:
+    """Import one image; returns its manifest digest."""
+    with store.tempdir() as tmp:
+        infos = [_import_layer(store, src, tmp, lr, i + 1, len(c.layers), progress)
+                 for i, lr in enumerate(c.layers)]
+        store.sync()
+        for info in infos:
+            info.get("publish", lambda: None)()
+        store.put_blob_bytes(c.config_bytes, c.config_digest, tmp)
+        if c.manifest_bytes is not None and c.manifest_digest is not None:
+            mbytes, mdigest, mtype = c.manifest_bytes, c.manifest_digest, c.manifest_media_type
+        else:
+            layers = []
+            for lr, info in zip(c.layers, infos):
+                comp = info.get("compression") or "none"
+                layers.append({"mediaType": MEDIA_BY_COMPRESSION[comp], "digest": info["digest"],
+                               "size": info["compressed_size"]})
+            man = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                   "config": {"mediaType": MT_CONFIG, "digest": c.config_digest,
+                              "size": len(c.config_bytes)},
+                   "layers": layers}
+            mbytes = canonical_json(man)
+            mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
+            mtype = MT_MANIFEST
+        store.put_blob_bytes(mbytes, mdigest, tmp)
+    if mtype not in (MT_MANIFEST, DOCKER_MANIFEST):
+        mtype = MT_MANIFEST
+    if tags:
+        for t in tags:
+            store.add_image(mdigest, len(mbytes), t, mtype)
+    else:
+        store.add_image(mdigest, len(mbytes), None, mtype)
+    return mdigest
+
+
+def import_image(path: str, store: Store, tag: str | None = None, ref: str | None = None,
+                 platform: dict[str, str] | None = None,
+                 progress: Progress | None = None) -> list[tuple[str, list[str]]]:
+    """Import every image (or the one named `ref`) of a layout or archive.
+
+    Returns (manifest digest, tags) per image imported.
+    """
+    progress = progress or Progress(False)
+    if tag is not None:
+        tag = normalize_tag(tag)
+    src = open_source(path)
+    try:
+        repo = os.path.basename(os.path.normpath(path))
+        for suffix in (".tar.gz", ".tgz", ".tar.zst", ".tar"):
+            repo = repo.removesuffix(suffix)
+        repo = "".join(ch if ch.isalnum() or ch in "._-/" else "-" for ch in repo.lower()) \
+            or "imported"
+        cands = find_images(src, ref, platform, repo)
+        if tag is not None and len(cands) > 1:
+            raise UserError(f"{path} holds {len(cands)} images; choose one with --ref to tag it")
+        out = []
+        with store.using():
+            for c in cands:
+                tags = [tag] if tag is not None else [normalize_tag(t) for t in c.tags]
+                out.append((_store_candidate(store, src, c, tags, progress), tags))
+        return out
+    finally:
+        src.close()
+
