@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import PYUNION, fuse_skip_reason
 
 pytestmark = [
@@ -53,7 +52,8 @@ class Env:
 
     def run(self, *command: str, opts: tuple[str, ...] = (), input: str | None = None,
             timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.cmd(*opts, command=command), capture_output=True, text=True,
+        return subprocess.run(self.cmd(*opts, command=command), capture_output=True,
+                              check=False, text=True,
                               input=input, timeout=timeout, env=self.env,
                               stdin=None if input is not None else subprocess.DEVNULL)
 
@@ -101,9 +101,9 @@ def env(image: list[str], tmp_path: Path) -> Iterator[Env]:
         for item in e.leftovers():
             kind, _, what = item.partition(" ")
             if kind == "process":
-                subprocess.run(["kill", "-9", what], capture_output=True)
+                subprocess.run(["kill", "-9", what], capture_output=True, check=False)
             elif kind == "mount":
-                subprocess.run(["umount", "-l", what], capture_output=True)
+                subprocess.run(["umount", "-l", what], capture_output=True, check=False)
 
 
 def _child_of(ppid: int, timeout: float = 10) -> int:
@@ -140,6 +140,7 @@ def test_exit_codes(env: Env, command: tuple[str, ...], code: int) -> None:
 def test_tool_errors_are_125(env: Env) -> None:
     assert env.run("true", opts=("-u", "nosuchuser")).returncode == 125
     r = subprocess.run([*PYUNION, "run", "/no/such/layer", "--", "true"], capture_output=True,
+                       check=False,
                        text=True, timeout=30, env=env.env)
     assert r.returncode == 125 and "pyunion:" in r.stderr
     assert env.run().returncode == 125  # no command
@@ -197,7 +198,8 @@ def test_ps_mount_hostname(env: Env) -> None:
 
 
 def test_dev_and_etc(env: Env) -> None:
-    r = env.sh("echo x > /dev/null && head -c 4 /dev/zero | wc -c && ls /dev && cat /etc/resolv.conf")
+    r = env.sh("echo x > /dev/null && head -c 4 /dev/zero | wc -c && ls /dev "
+               "&& cat /etc/resolv.conf")
     assert r.returncode == 0, r.stderr
     for name in ("null", "zero", "full", "random", "urandom", "tty", "pts", "shm"):
         assert name in r.stdout.split()
@@ -284,7 +286,7 @@ def test_command_killed_from_the_host(env: Env) -> None:
 
 
 def test_pyunion_killed(env: Env) -> None:
-    """SIGKILL to pyunion itself: the janitor still unmounts, stops the daemon, removes the upper."""
+    """SIGKILL to pyunion: the janitor still unmounts, stops the daemon, removes the upper."""
     p = env.popen("sh", "-c", "echo ready; sleep 30")
     try:
         assert p.stdout is not None and p.stdout.readline() == "ready\n"
@@ -308,8 +310,8 @@ def _child_of_cmd(pid: int) -> int:
                     status = f.read()
             except OSError:
                 continue
-            if re.search(rf"^PPid:\s+{pid}$", status, re.M) and re.search(
-                    r"^NSpid:\s+\d+\s+1$", status, re.M):
+            if re.search(rf"^PPid:\s+{pid}$", status, re.MULTILINE) and re.search(
+                    r"^NSpid:\s+\d+\s+1$", status, re.MULTILINE):
                 return int(child)
         time.sleep(0.02)
     raise AssertionError("no container init")
@@ -361,16 +363,17 @@ def test_image_config(env: Env, tmp_path: Path) -> None:
     oci = build_sample_oci(tmp_path, env.layers)
     store = tmp_path / "store"
     r = subprocess.run([*PYUNION, "image", "import", "-q", "--store", str(store), "--tag",
-                        "pyunion-sample", oci], capture_output=True, text=True, timeout=60)
+                        "pyunion-sample", oci], capture_output=True, check=False, text=True,
+                       timeout=60)
     if "invalid choice" in r.stderr:
         pytest.skip("no 'pyunion image' command yet")
     assert r.returncode == 0, r.stderr
     base = [*PYUNION, "run", "--store", str(store)]
     r = subprocess.run([*base, "-i", "pyunion-sample"], input="echo $SAMPLE; id -un; pwd\n",
-                       capture_output=True, text=True, timeout=30, env=env.env)
+                       capture_output=True, check=False, text=True, timeout=30, env=env.env)
     assert r.stdout.split() == ["pyunion", "alice", "/home/alice"], r.stderr
     r = subprocess.run([*base, "-u", "root", "-w", "/srv", "-e", "SAMPLE=cli", "pyunion-sample",
                         "--", "sh", "-c", "echo $SAMPLE; id -un; pwd; ls"],
-                       capture_output=True, text=True, timeout=30, env=env.env,
+                       capture_output=True, check=False, text=True, timeout=30, env=env.env,
                        stdin=subprocess.DEVNULL)
     assert r.stdout.split() == ["cli", "root", "/srv", "index.html"], r.stderr

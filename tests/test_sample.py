@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from conftest import mounted, needs_fuse, pyunion
 
 pytestmark = [

@@ -90,7 +90,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="image store directory (for an image name)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run", help="run a command in a union of layers (a throw-away container)",
         usage="pyunion run [OPTIONS] LAYER... [-- COMMAND [ARG...]]",
@@ -504,9 +504,8 @@ class Runner:
             if self.wake_r in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)
-            if master is not None and master in readable:
-                if not self._pump_output(master):
-                    master = None
+            if master is not None and master in readable and not self._pump_output(master):
+                master = None
             if 0 in readable:
                 data = os.read(0, 65536)
                 if data:
@@ -670,7 +669,7 @@ def _janitor(rfd: int, runner: Runner) -> NoReturn:
                 os.kill(pid, signal.SIGKILL)
             _wait_gone(pid, 10)
         _release(runner.merged, runner.daemon, runner.tmp, runner.upper, runner.kept())
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - a forked child must never return into pyunion
         code = 1
     os._exit(code)
 

@@ -27,9 +27,9 @@ import os
 import platform
 import shutil
 import stat
-import tarfile
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 from .errors import UserError
@@ -228,7 +228,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "sample", help="build the sample busybox image (three layers)",
         description="Build the built-in sample image under DIR/layers from /bin/busybox and "

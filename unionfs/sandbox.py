@@ -285,11 +285,10 @@ def _bind(rootfd: int, source: str, target: str, read_only: bool, create: bool) 
 def _pivot_into(root: str) -> None:
     """Make ROOT the root and detach the host's tree (chroot if pivot_root is refused)."""
     os.chdir(root)
-    if SYS_PIVOT_ROOT is not None:
-        if _libc.syscall(SYS_PIVOT_ROOT, b".", b".") == 0:
-            umount2(".", MNT_DETACH)
-            os.chdir("/")
-            return
+    if SYS_PIVOT_ROOT is not None and _libc.syscall(SYS_PIVOT_ROOT, b".", b".") == 0:
+        umount2(".", MNT_DETACH)  # the host's root, stacked on ours by pivot_root(".", ".")
+        os.chdir("/")
+        return
     os.chroot(".")
     os.chdir("/")
 
@@ -441,13 +440,14 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             pass
         setup_root(spec)
         ident = resolve_user(spec.user)
-        if spec.workdir and not spec.read_only:
-            try:
-                os.makedirs(spec.workdir, exist_ok=True)
-                if ident.uid != 0 and os.stat(spec.workdir).st_uid == 0 and not os.listdir(spec.workdir):
+        if spec.workdir and not spec.read_only and not os.path.isdir(spec.workdir):
+            try:  # created for the user, as podman does
+                os.makedirs(spec.workdir)
+                if (ident.uid, ident.gid) != (0, 0):
                     os.chown(spec.workdir, ident.uid, ident.gid)
             except OSError as e:
-                raise SetupError(f"cannot create the working directory {spec.workdir!r}: {e.strerror}")
+                raise SetupError(f"cannot create the working directory {spec.workdir!r}: "
+                                 f"{e.strerror}")
         slave = None
         if tty_sock is not None:
             master, slave = os.openpty()  # /dev/ptmx is now the container's devpts
@@ -465,7 +465,7 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
     except OSError as e:
         print(f"pyunion: cannot set up the container: {e.strerror}"
               + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
-    except BaseException as e:  # never a traceback, never a return into pyunion's code
+    except BaseException as e:  # noqa: BLE001 - never a traceback, never a return into pyunion
         print(f"pyunion: container init failed: {e!r}", file=sys.stderr)
     finally:
         sys.stdout.flush()
