@@ -220,11 +220,15 @@ def tree_view(root: str | Path, content: bool = True) -> dict[bytes, tuple]:
 
 
 @contextlib.contextmanager
-def kernel_overlay(lowers: list[Path], upper: Path, mnt: Path, work: Path) -> Iterator[Path]:
-    """The oracle: kernel overlayfs over the same layers (default options), read-write."""
-    work.mkdir(parents=True, exist_ok=True)
+def kernel_overlay(lowers: list[Path], upper: Path | None, mnt: Path,
+                   work: Path | None = None) -> Iterator[Path]:
+    """The oracle: kernel overlayfs over the same layers (default options); read-only without upper."""
     mnt.mkdir(parents=True, exist_ok=True)
-    opts = "lowerdir=" + ":".join(str(p) for p in lowers) + f",upperdir={upper},workdir={work}"
+    opts = "lowerdir=" + ":".join(str(p) for p in lowers)
+    if upper is not None:
+        assert work is not None
+        work.mkdir(parents=True, exist_ok=True)
+        opts += f",upperdir={upper},workdir={work}"
     r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, f"kernel overlayfs refused the tree: {r.stderr}"
