@@ -248,6 +248,16 @@ def test_stdin(env: Env) -> None:
 
 
 # -- signals and teardown ---------------------------------------------------------------------
+def test_orphans_reaped_and_killed(env: Env) -> None:
+    """pid 1 reaps orphans; children left behind die with the container, and fast."""
+    r = env.sh("(sleep 0.2 &); sleep 0.8; ps -o stat,comm | grep -c '^Z' || true")
+    assert r.stdout.strip() == "0", r.stdout
+    start = time.monotonic()
+    r = env.sh("sleep 100 & echo started")
+    assert r.returncode == 0 and r.stdout == "started\n"
+    assert time.monotonic() - start < 10
+
+
 def test_sigterm_to_pyunion(env: Env) -> None:
     p = env.popen("sh", "-c", "echo ready; sleep 30")
     try:

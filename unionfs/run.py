@@ -548,6 +548,8 @@ class Runner:
             except BlockingIOError:
                 select.select([], [1], [])
                 continue
+            except OSError:  # our reader went away: keep draining so the command never blocks
+                break
             view = view[n:]
         return True
 
