@@ -182,6 +182,9 @@ class CopyUp:
             return None
         if node.layer == 0:
             return None
+        if node.unlinked:
+            # Copying it up would put a removed name back in the merged view.
+            raise FsError(errno.ENOENT)
         if self.stack.upper is None:
             raise FsError(errno.EROFS)
         assert node.parent is not None

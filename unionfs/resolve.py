@@ -14,9 +14,12 @@ layer, whatever the size of the tree.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import NamedTuple
+
+from .errors import FsError
 
 from .inodes import InodeTable, Node
 from .layers import LayerStack, open_dir_at
@@ -69,7 +72,14 @@ class Resolver:
         return self.dirfd(node, node.chain.index(layer))
 
     def location_fd(self, node: Node) -> int:
-        """The fd of the directory holding non-directory `node` in its layer."""
+        """The fd of the directory holding non-directory `node` in its layer.
+
+        An unlinked upper object has no name any more: whatever holds its old
+        name now (a whiteout, a new file) is another object, so it is ENOENT.
+        (An unlinked lower object is still at its name in its immutable layer.)
+        """
+        if node.unlinked and node.layer == 0:
+            raise FsError(errno.ENOENT)
         parent = node.parent
         assert parent is not None
         return self.dirfd(parent, parent.chain.index(node.layer))
