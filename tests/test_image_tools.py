@@ -1,0 +1,197 @@
+"""Images made by real tools: buildah builds, skopeo converts, umoci unpacks.
+
+One image in three layers is built offline (buildah from scratch, a static
+busybox copied in, then two `buildah run --isolation chroot` stages that add,
+change, re-own and delete files), exported by skopeo as an OCI layout and as a
+docker archive. The oracle for "what the image contains" is `umoci unpack`'s
+rootfs; pyunion's store is checked by merging its layer directories with the
+kernel's overlayfs (they are in the kernel's whiteout format when unpacked as
+root) and with `pyunion mount IMAGE`. A commit made on the kernel overlayfs'
+upper must round-trip through skopeo and umoci with the same files, owners,
+modes and deletions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import force_unmount, fuse_skip_reason, pyunion, tree_view
+
+from unionfs.image import Store, resolve_config, resolve_layers
+
+TOOLS = ("buildah", "skopeo", "umoci")
+BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (buildah/umoci without user namespaces, kernel overlayfs, mknod)"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (scripts/setup.sh installs them)"
+    if BUSYBOX is None or "statically linked" not in subprocess.run(
+            ["file", "-L", BUSYBOX], capture_output=True, text=True).stdout:
+        return "needs a static busybox (busybox-static)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+def sh(*args: str | Path, timeout: float = 120) -> str:
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-2000:]}")
+    return r.stdout.strip()
+
+
+STAGE2 = """B=/bin/busybox
+$B mkdir -p /etc /data/sub /gone/deep /work /usr/bin
+echo hi > /etc/hello; $B ln /etc/hello /etc/hello-link; $B ln -s /etc/hello /etc/hello-sym
+echo x > /data/sub/f; $B chown 1000:1000 /data/sub/f; $B chmod 4755 /data/sub/f
+echo g > /gone/deep/file; $B ln -s /bin/busybox /usr/bin/env; $B mkfifo /data/fifo
+$B chmod 700 /data/sub; echo keep > /usr/keep"""
+STAGE3 = """B=/bin/busybox
+$B rm /etc/hello-sym; $B rm -rf /gone; $B rm -rf /data; $B mkdir -p /data
+echo new > /data/new; echo changed > /etc/hello; $B chown 123:456 /etc/hello"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """T/oci (refs v2, v3: the 2- and 3-layer images), T/img3.tar (docker archive), T/bundle3."""
+    t = tmp_path_factory.mktemp("built")
+    storage = ["--root", str(t / "root"), "--runroot", str(t / "runroot"),
+               "--storage-driver", "vfs"]
+    bah = ["buildah", *storage]
+    (t / "ctx/bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, t / "ctx/bin/busybox")  # type: ignore[arg-type]
+    try:
+        c = sh(*bah, "from", "scratch")
+        sh(*bah, "copy", c, t / "ctx/bin", "/bin")
+        sh(*bah, "config", "--env", "FOO=bar", "--workingdir", "/work", "--user", "1000",
+           "--cmd", '["/bin/busybox", "sh"]', c)
+        sh(*bah, "commit", "-q", c, "img1")
+        for n, script in ((2, STAGE2), (3, STAGE3)):
+            c = sh(*bah, "from", f"img{n - 1}")
+            sh(*bah, "run", "--user", "0:0", "--isolation", "chroot", c, "--",
+               "/bin/busybox", "sh", "-c", script)
+            sh(*bah, "commit", "-q", c, f"img{n}")
+        src = f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/img"
+        sh("skopeo", "copy", "-q", src + "2", f"oci:{t / 'oci'}:v2")
+        sh("skopeo", "copy", "-q", src + "3", f"oci:{t / 'oci'}:v3")
+        sh("skopeo", "copy", "-q", src + "3", f"docker-archive:{t / 'img3.tar'}:test/img3:latest")
+        sh("umoci", "unpack", "--image", f"{t / 'oci'}:v3", t / "bundle3")
+        yield t
+    finally:
+        subprocess.run([*bah, "rm", "--all"], capture_output=True, timeout=60)
+        subprocess.run(["umount", "-R", str(t / "root")], capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def overlay(lowers: list[str], mnt: Path, upper: Path | None = None) -> Iterator[Path]:
+    """Kernel overlayfs over store layers: the oracle that they are in its format."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    opts = "lowerdir=" + ":".join(lowers)
+    if upper is not None:
+        upper.mkdir(parents=True, exist_ok=True)
+        work = upper.parent / (upper.name + ".work")
+        work.mkdir(exist_ok=True)
+        opts += f",upperdir={upper},workdir={work}"
+    sh("mount", "-t", "overlay", "overlay", "-o", opts, mnt)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+        force_unmount(mnt)
+
+
+@pytest.fixture(scope="module")
+def store(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """A store with the OCI layout's two images and the docker archive imported."""
+    s = tmp_path_factory.mktemp("store")
+    out = pyunion("image", "import", str(built / "oci"), "--store", str(s)).stdout
+    assert "oci:v2" in out and "oci:v3" in out
+    pyunion("image", "import", str(built / "img3.tar"), "--store", str(s))
+    return Store(str(s))
+
+
+def test_import_shares_layers_and_matches_umoci(built: Path, store: Store,
+                                                tmp_path: Path) -> None:
+    assert len(os.listdir(Path(store.root) / "layers")) == 3  # v2's two are v3's lower two
+    v3 = resolve_layers("oci:v3", store.root)
+    assert resolve_layers("oci:v2", store.root) == v3[1:]
+    assert resolve_layers("test/img3", store.root) == v3  # the docker archive: same layers
+    expected = tree_view(built / "bundle3/rootfs")
+    assert b"gone" not in expected and b"etc/hello-sym" not in expected
+    with overlay(v3, tmp_path / "mnt") as mnt:
+        assert tree_view(mnt) == expected
+    cfg = resolve_config("test/img3", store.root)["config"]
+    assert "FOO=bar" in cfg["Env"] and cfg["WorkingDir"] == "/work" and cfg["User"] == "1000"
+    assert cfg["Cmd"] == ["/bin/busybox", "sh"]
+    hist = pyunion("history", "oci:v3", "--store", store.root).stdout.splitlines()
+    assert len(hist) == 4 and hist[0].startswith("LAYER")
+
+
+@pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
+def test_pyunion_mounts_an_image_by_name(built: Path, store: Store, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pyunion("mount", "--store", store.root, "oci:v3", str(mnt))
+    try:
+        assert tree_view(mnt) == tree_view(built / "bundle3/rootfs")
+    finally:
+        if pyunion("umount", str(mnt), check=False).returncode != 0:
+            force_unmount(mnt)
+
+
+def test_commit_roundtrips_through_skopeo_and_umoci(built: Path, store: Store,
+                                                     tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    with overlay(resolve_layers("test/img3", store.root), tmp_path / "mnt", upper) as mnt:
+        os.unlink(mnt / "etc/hostname")                       # whiteout
+        shutil.rmtree(mnt / "usr")                             # a lower directory replaced:
+        (mnt / "usr").mkdir()                                  # opaque in the upper
+        (mnt / "usr/fresh").write_text("fresh\n")
+        os.rmdir(mnt / "work")
+        os.chown(mnt / "etc/hello", 7, 8)                      # copy-up keeps the data
+        os.chmod(mnt / "data/new", 0o640)
+        (mnt / "data/made").write_text("made\n")
+        os.link(mnt / "data/made", mnt / "data/made-link")
+        os.symlink("../etc/hello", mnt / "data/sym")
+        os.mkfifo(mnt / "data/pipe")
+        os.setxattr(mnt / "data/made", "user.note", b"kept")
+        expected = tree_view(mnt)
+    assert os.getxattr(upper / "usr", "trusted.overlay.opaque") == b"y"
+    s = ["--store", store.root]
+    new_id = pyunion("commit", str(upper), "--image", "test/img3", "--tag", "test/commit:1",
+                     "-m", "pyunion test", *s).stdout.strip()
+    assert new_id.startswith("sha256:")
+    hist = pyunion("history", "test/commit:1", *s).stdout.splitlines()
+    assert "pyunion test" in hist[1] and len(hist) == 5
+
+    # OCI layout -> umoci; docker archive -> skopeo -> OCI layout -> umoci.
+    pyunion("image", "export", "test/commit:1", str(tmp_path / "out"), *s)
+    pyunion("image", "export", "test/commit:1", str(tmp_path / "out.tar"), "--format", "docker",
+            *s)
+    info = json.loads(sh("skopeo", "inspect", f"oci:{tmp_path / 'out'}:1"))
+    assert len(info["Layers"]) == 4
+    sh("skopeo", "copy", "-q", f"docker-archive:{tmp_path / 'out.tar'}",
+       f"oci:{tmp_path / 'out2'}:x")
+    for layout, ref in ((tmp_path / "out", "1"), (tmp_path / "out2", "x")):
+        bundle = tmp_path / f"bundle-{ref}"
+        sh("umoci", "unpack", "--image", f"{layout}:{ref}", bundle)
+        rootfs = bundle / "rootfs"
+        assert tree_view(rootfs) == expected, ref
+        assert os.stat(rootfs / "data/made").st_ino == os.stat(rootfs / "data/made-link").st_ino
+        assert os.getxattr(rootfs / "data/made", "user.note") == b"kept"
+        assert not (rootfs / "usr/keep").exists() and not (rootfs / "etc/hostname").exists()
+    # The committed image also merges correctly from the store itself.
+    with overlay(resolve_layers("test/commit:1", store.root), tmp_path / "mnt2") as mnt:
+        assert tree_view(mnt) == expected
