@@ -336,6 +336,7 @@ class Runner:
         for sig in self.pending:
             if sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 raise _Interrupted(sig)
+        self.pending.clear()  # USR1 and the like before the command exists: nobody to tell
 
     # setup -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -677,5 +678,9 @@ def _janitor(rfd: int, runner: Runner) -> NoReturn:
 
 
 def run(opts: RunOptions) -> int:
-    """Run one container; returns the exit code (raises UserError with code 125)."""
+    """Run one container; returns the exit code (raises UserError with code 125).
+
+    Meant for the `pyunion run` process itself: it moves the calling process into
+    a private mount namespace for good and installs signal handlers while it runs.
+    """
     return Runner(opts).run()
