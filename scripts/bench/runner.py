@@ -27,7 +27,7 @@ from typing import Any
 
 from . import procs
 from .image import Image, Stack, rmtree
-from .impls import Impl, Instance, NotApplicable
+from .impls import Impl, Instance, NotApplicable, cleanup_all
 from .sizes import Sizes
 from .workloads import BY_ID
 
@@ -212,10 +212,23 @@ class Runner:
                 for d in diffs[impl.name][:10]:
                     print(f"      {d}")
         finally:
+            cleanup_all()
             rmtree(self.scratch)
         return diffs
 
+    def clear_stale(self) -> None:
+        """Remove the scratch of earlier runs that died (never a tree with a mount in it)."""
+        runs = self.cfg.cache / "runs"
+        for d in runs.glob("*-*") if runs.is_dir() else []:
+            pid = int(d.name.split("-")[0]) if d.name.split("-")[0].isdigit() else 0
+            if pid and not procs.alive(pid):
+                try:
+                    rmtree(d)
+                except RuntimeError as e:
+                    print(f"bench: {e}", file=sys.stderr)
+
     def run(self) -> None:
+        self.clear_stale()
         self.scratch.mkdir(parents=True)
         try:
             wids = [w for w in self.cfg.workloads if w in BY_ID]
@@ -238,4 +251,5 @@ class Runner:
                             self.session[impl.name] = {"errors": [str(e)]}
                             print(f"  {impl.name:15} session: ERROR {e}", flush=True)
         finally:
+            cleanup_all()
             rmtree(self.scratch)
