@@ -19,7 +19,8 @@ import zstandard
 from unionfs.errors import UserError
 from unionfs.image import (Changes, Store, commit, export_image, import_image, resolve_config,
                            resolve_layers)
-from unionfs.image.oci import open_source, find_images
+from unionfs.image.oci import find_images, open_source
+from unionfs.image.unpack import Unpacker, unpack
 
 from conftest import pyunion
 
@@ -241,6 +242,7 @@ HOSTILE = {
     "hardlink-abs": ([("pw", ("lnk", "/etc/passwd"))], "absolute path"),
     "hardlink-via-symlink": ([("d", ("sym", "/etc")), ("pw", ("lnk", "d/passwd"))], "symlink"),
     "hardlink-missing": ([("pw", ("lnk", "nothere"))], "not in the layer"),
+    "whiteout-dotdot": ([(".wh...", b"")], "names no entry"),
 }
 
 
@@ -383,3 +385,49 @@ def test_cli(tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stderr.startswith("pyunion: no image 'nothere'")
     r = pyunion("mount", "nothere", str(tmp_path / "mnt"), env=env, check=False)
     assert r.returncode != 0 and "nothere" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_oci_format_when_asked_and_devices_only_as_root(tmp_path: Path) -> None:
+    """Without root the markers stay OCI files and device nodes are skipped."""
+    buf = io.BytesIO(tar_bytes(TOP))
+    dest = tmp_path / "d"
+    dest.mkdir()
+    with tarfile.open(fileobj=buf) as tf:
+        assert unpack(tf, str(dest), kernel_format=False) == "oci"
+    assert (dest / "etc/.wh.b").is_file() and (dest / "opq/.wh..wh..opq").is_file()
+    assert not (dest / "etc/.wh.sym").exists()  # its own etc/sym already hides the lower one
+    dev = io.BytesIO()
+    with tarfile.open(fileobj=dev, mode="w") as tf:
+        ti = tarfile.TarInfo("null")
+        ti.type, ti.devmajor, ti.devminor = tarfile.CHRTYPE, 1, 3
+        tf.addfile(ti)
+    dev.seek(0)
+    d2 = tmp_path / "d2"
+    d2.mkdir()
+    fd = os.open(d2, os.O_RDONLY | os.O_DIRECTORY)
+    u = Unpacker(fd, kernel_format=False)
+    u.as_root = False
+    with tarfile.open(fileobj=dev) as tf:
+        u.extract(tf)
+    u.close()
+    os.close(fd)
+    assert os.listdir(d2) == []
+
+
+def test_interrupted_import_debris_is_ignored_and_cleaned(tmp_path: Path, store: Store) -> None:
+    top = tar_bytes(TOP)
+    (Path(store.root) / "tmp" / "dead-import").mkdir()
+    ((Path(store.root) / "tmp" / "dead-import") / "half").write_bytes(b"x")
+    half = Path(store.layer_dir(sha(top)))
+    (half / "diff").mkdir(parents=True)      # a layer dir without layer.json: not trusted
+    import_image(str(make_layout(tmp_path / "lay", [tar_bytes(BASE), top])), store)
+    assert store.has_layer(sha(top)) and (half / "diff/opq/new").exists()
+    assert os.listdir(Path(store.root) / "tmp") == []
+
+
+def test_rmi_by_short_name_untags_only_that_name(tmp_path: Path, store: Store) -> None:
+    import_image(str(make_layout(tmp_path / "lay", [tar_bytes(BASE)])), store, tag="reg/app:1")
+    img = store.lookup("app:1")
+    store.add_image(img.digest, len(store.read_blob(img.digest)), "other:2")
+    assert store.remove("app:1") == (["reg/app:1"], [])
+    assert store.lookup("other:2").digest == img.digest

@@ -195,3 +195,18 @@ def test_commit_roundtrips_through_skopeo_and_umoci(built: Path, store: Store,
     # The committed image also merges correctly from the store itself.
     with overlay(resolve_layers("test/commit:1", store.root), tmp_path / "mnt2") as mnt:
         assert tree_view(mnt) == expected
+
+
+@pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
+def test_run_image_defaults_then_commit_kept_upper(store: Store, tmp_path: Path) -> None:
+    s = ["--store", store.root]
+    r = pyunion("run", *s, "test/img3", "--", "/bin/busybox", "sh", "-c",
+                'echo "$FOO"; pwd; /bin/busybox id -u', timeout=120)
+    assert r.stdout.split() == ["bar", "/work", "1000"]
+    upper = tmp_path / "kept"
+    r = pyunion("run", *s, "--upper", str(upper), "-u", "0", "test/img3", "--", "/bin/busybox",
+                "sh", "-c", "/bin/busybox rm /etc/hello-link; echo ran > /data/ran", timeout=120)
+    pyunion("commit", str(upper), "--image", "test/img3", "--tag", "test/ran", *s)
+    r = pyunion("run", *s, "test/ran", "--", "/bin/busybox", "sh", "-c",
+                "/bin/busybox cat /data/ran; /bin/busybox ls /etc", timeout=120)
+    assert r.stdout.splitlines()[0] == "ran" and "hello-link" not in r.stdout

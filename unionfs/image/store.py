@@ -238,14 +238,12 @@ class Store:
         try:
             os.rename(tmp_layer_dir, dst)
         except OSError as e:
-            # Someone else published it first (ENOTEMPTY/EEXIST): theirs is as good.
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.has_layer(diff_id):
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    # A directory without layer.json is debris from before: replace it.
-                    remove_tree(dst)
-                    os.rename(tmp_layer_dir, dst)
-                    return
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
+            if self.has_layer(diff_id):
+                return  # published meanwhile by another import: theirs is as good
+            self._trash(dst)  # a directory without layer.json is nobody's: replace it
+            os.rename(tmp_layer_dir, dst)
 
     def sync(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -382,7 +380,9 @@ class Store:
         """
         with self.exclusive():
             img = self.lookup(ref)
-            by_tag = ref in img.tags or normalize_tag(ref) in img.tags if "@" not in ref else False
+            norm = _maybe_norm(ref) or ref
+            named = [t for t in img.tags if t in (ref, norm) or t.endswith("/" + norm)]
+            by_tag = len(named) == 1
             untagged: list[str] = []
             with self.edit_index() as idx:
                 keep = []
@@ -391,7 +391,7 @@ class Store:
                     if e.get("digest") != img.digest:
                         keep.append(e)
                         continue
-                    if by_tag and t not in (ref, _maybe_norm(ref)):
+                    if by_tag and t != named[0]:
                         keep.append(e)
                         continue
                     if t:

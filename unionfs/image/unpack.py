@@ -154,7 +154,10 @@ class Unpacker:
         elif base.startswith(AUFS_META):
             return  # AUFS metadata (.wh..wh.plnk etc.): never part of the tree
         else:
-            self._whiteouts.append(parts[:-1] + [base[len(WH):]])
+            target = base[len(WH):]
+            if target in ("", ".", ".."):
+                raise UnpackError(f"refusing whiteout {m.name!r}: it names no entry")
+            self._whiteouts.append(parts[:-1] + [target])
 
     def _create(self, tf: tarfile.TarFile, pfd: int, parts: list[str], m: tarfile.TarInfo) -> None:
         name = parts[-1]
