@@ -21,7 +21,7 @@ from ..errors import UserError
 from .oci import (DECOMPRESS_ERRORS, Candidate, HashingReader, ImageFormatError, LayerRef,
                   Source, decompressed, find_images, open_source)
 from .store import (DOCKER_MANIFEST, MT_CONFIG, MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD,
-                    MT_MANIFEST, Store, canonical_json, check_digest, normalize_tag, short_id,
+                    MT_MANIFEST, Store, canonical_json, normalize_tag, short_id,
                     write_json_atomic)
 from .unpack import UnpackError, unpack
 

@@ -193,7 +193,8 @@ class Unpacker:
         elif m.isfifo():
             os.mkfifo(name, 0o600, dir_fd=pfd)
         else:
-            self._warn("type" + str(m.type), f"skipping {m.name!r}: unsupported tar type {m.type!r}")
+            self._warn("type" + str(m.type),
+                       f"skipping {m.name!r}: unsupported tar type {m.type!r}")
             return
         self._meta_at(pfd, name, m, symlink=m.issym())
 
