@@ -128,6 +128,12 @@ class InodeTable:
             self._overflow[key] = nid
         return nid
 
+    def fresh_id(self) -> int:
+        """A node id never used before in this mount (from the overflow range)."""
+        nid = self._next_overflow
+        self._next_overflow += 1
+        return nid
+
     def get(self, ino: int) -> Node | None:
         node = self.nodes.get(ino)
         if node is None:

@@ -132,9 +132,17 @@ class Union:
     def _new_upper_node(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
         is_dir = stat.S_ISDIR(st.st_mode)
         nid = self.table.ident_to_id(st.st_dev, st.st_ino)
+        old = self.table.nodes.get(nid)
+        if old is not None and old.unlinked:
+            # The upper's filesystem reused the inode number of a removed object
+            # that the kernel still holds: the same node id would make the kernel
+            # take the new object for the old one (ESTALE on mkdir, another
+            # file's data on a reopen). Give it a number of its own.
+            nid = self.table.fresh_id()
+            self.table.copied[(st.st_dev, st.st_ino)] = nid
+            old = None
         chain = (0,) if is_dir else ()
         node = Node(nid, parent, name, is_dir, 0, chain, (st.st_dev, st.st_ino))
-        old = self.table.nodes.get(nid)
         if old is not None:
             node.nlookup = old.nlookup
         self.table.add(node)
@@ -529,7 +537,7 @@ class Union:
             node.unlinked = True
             node.close_fds()
             node.listing = None
-        if node.unlinked and st is not None and st.st_nlink <= 1:
+        if node.unlinked and st is not None and (node.is_dir or st.st_nlink <= 1):
             self.table.copied.pop((st.st_dev, st.st_ino), None)
             if self.copyup.hardlinks.get(node.origin) is node:
                 del self.copyup.hardlinks[node.origin]
