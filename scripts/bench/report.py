@@ -108,6 +108,16 @@ def build_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]], list[s
                     + [f"{sess[i]['cpu_s']:.2f}" if "cpu_s" in sess.get(i, {}) else "-"
                        for i in impls] + [""] * len(ratio_cols))
     notes = []
+    failed: dict[tuple[str, str, str], str] = {}
+    for r in data["results"]:
+        if r["error"]:
+            msg = r["error"]
+            if ": exit " in msg:  # "COMMAND: exit N: STDERR": the command line says little
+                msg = "exit " + msg.split(": exit ", 1)[1]
+            failed.setdefault((r["impl"], r["workload"], r["mode"]),
+                              msg.strip().splitlines()[0][:160])
+    for (impl, wid, mode), err in sorted(failed.items()):
+        notes.append(f"failed: {impl} {wid} ({mode}): {err}")
     if over:
         notes.append(f"pyunion over {GOAL_MAX_RATIO:.1f}x fuse-overlayfs: " + "; ".join(over))
     return header, rows, notes
@@ -144,13 +154,14 @@ def render(data: dict[str, Any], markdown: bool = False) -> str:
     desc = _describe(data["meta"])
     out: list[str] = []
     if markdown:
-        out += desc + [""]
+        for d in desc:
+            out += [d, ""]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for r in rows:
             out.append("| " + " | ".join(r) + " |")
         if notes:
-            out += [""] + notes
+            out += [""] + [f"- {n}" for n in notes]
     else:
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
