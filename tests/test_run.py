@@ -387,3 +387,28 @@ def test_image_config(env: Env, tmp_path: Path) -> None:
                        capture_output=True, check=False, text=True, timeout=30, env=env.env,
                        stdin=subprocess.DEVNULL)
     assert r.stdout.split() == ["cli", "root", "/srv", "index.html"], r.stderr
+
+
+@pytest.mark.parametrize("key,code,after", [(b"\x03", 130, False), (b"\x1a", 0, True)])
+def test_terminal_keys_without_tty_option(env: Env, key: bytes, code: int, after: bool) -> None:
+    """On pyunion's own terminal the command is the foreground job: ^C reaches it once and
+    only it; ^Z cannot leave the run hanging (there is no shell to resume it)."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(env.env)
+        os.execv(PYUNION[0], [*PYUNION, "run", *env.layers, "--", "sh", "-c",
+                              "echo ready; sleep 1; echo after"])
+    try:
+        out = _read_until(fd, b"ready")
+        time.sleep(0.2)  # let sleep start
+        os.write(fd, key)
+        out += _read_until(fd, b"\xff", timeout=10)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == code
+        assert (b"after" in out) == after, out
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)

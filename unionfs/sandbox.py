@@ -23,6 +23,7 @@ create, something outside the tree.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -486,10 +487,17 @@ def _reap_until(child: int) -> int:
             continue
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
+            if os.WIFSTOPPED(status):
+                # ^Z on a terminal the command owns: nobody here could ever resume it
+                # (pyunion is no job-control shell), so carry on rather than hang.
+                if os.WSTOPSIG(status) in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(os.getpgid(pid), signal.SIGCONT)  # its job stopped with it
+                continue
             if pid == child:
                 return _exit_code(status)
