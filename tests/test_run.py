@@ -14,6 +14,7 @@ import pty
 import re
 import select
 import signal
+import stat
 import struct
 import subprocess
 import termios
@@ -412,3 +413,23 @@ def test_terminal_keys_without_tty_option(env: Env, key: bytes, code: int, after
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+ROOTFS = os.environ.get("PYUNION_TEST_ROOTFS")
+
+
+@pytest.mark.skipif(not ROOTFS, reason="set PYUNION_TEST_ROOTFS to a Debian root filesystem "
+                    "(debootstrap --variant=minbase --include=python3-minimal bookworm DIR)")
+def test_real_debian_rootfs(env: Env, tmp_path: Path) -> None:
+    """A real distribution under two extra layers: apt-get and python3 run, nothing remains."""
+    assert ROOTFS is not None
+    top, mid = tmp_path / "top", tmp_path / "mid"
+    (top / "etc").mkdir(parents=True)
+    os.mknod(top / "etc/issue", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+    (mid / "etc").mkdir(parents=True)
+    (mid / "etc/.wh.issue.net").write_text("")
+    env.layers = [str(top), str(mid), ROOTFS]
+    r = env.run("/bin/bash", "-c", 'apt-get --version && python3 -c "print(1)" && '
+                "test ! -e /etc/issue && test ! -e /etc/issue.net && echo clean", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("apt ") and r.stdout.endswith("1\nclean\n")
