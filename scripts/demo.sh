@@ -15,7 +15,9 @@ PYUNION=(.venv/bin/python -m unionfs)
 
 WORK=$(mktemp -d /tmp/pyunion-demo.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-mounts_before=$(wc -l < /proc/self/mountinfo)
+# pyunion run keeps its throw-away upper in $TMPDIR: a private one shows it goes away.
+export TMPDIR=$WORK/tmp
+mkdir "$TMPDIR"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -54,6 +56,5 @@ set -x
 { set +x; } 2>/dev/null
 
 step "nothing left behind"
-mounts_after=$(wc -l < /proc/self/mountinfo)
-echo "mount table: $mounts_before lines before, $mounts_after after"
-ls -d /tmp/pyunion-run-* 2>/dev/null || echo "no temporary upper left in /tmp"
+echo "host mounts under $WORK: $(grep -c "$WORK" /proc/self/mountinfo || true)"
+echo "left in \$TMPDIR: $(ls -A "$TMPDIR" | wc -l) entries"
