@@ -433,3 +433,26 @@ def test_real_debian_rootfs(env: Env, tmp_path: Path) -> None:
                 "test ! -e /etc/issue && test ! -e /etc/issue.net && echo clean", timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("apt ") and r.stdout.endswith("1\nclean\n")
+
+
+@pytest.mark.parametrize("opts", [(), ("-it",)])
+def test_terminal_hangup(env: Env, opts: tuple[str, ...]) -> None:
+    """The terminal pyunion runs on goes away: SIGHUP ends the command and the run cleans up."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(env.env)
+        os.execv(PYUNION[0], [*PYUNION, "run", *opts, *env.layers, "--", "sh", "-c",
+                              "echo ready; sleep 30"])
+    try:
+        assert b"ready" in _read_until(fd, b"ready")
+        os.close(fd)
+        fd = -1
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if fd >= 0:
+            os.close(fd)
