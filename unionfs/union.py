@@ -593,10 +593,12 @@ class Union:
         if node.chain[0] == 0:
             ufd = self.resolver.dirfd(node, 0)
             st = os.fstat(ufd)
-            self._clean_upper_dir(ufd)
             if whiteout:
+                # One atomic step, whiteouts inside and all: emptying the upper dir
+                # first would let a crash bring the lower entries back.
                 self._remove_upper(pfd, name, True, True)
             else:
+                self._clean_upper_dir(ufd)
                 try:
                     os.unlink(OPQ_OCI, dir_fd=ufd)
                 except FileNotFoundError:
