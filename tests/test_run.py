@@ -456,3 +456,15 @@ def test_terminal_hangup(env: Env, opts: tuple[str, ...]) -> None:
             os.waitpid(pid, 0)
         if fd >= 0:
             os.close(fd)
+
+
+def test_kept_upper_has_no_mount_point_placeholders(env: Env, tmp_path: Path) -> None:
+    """Mount points the image lacks are created for the run, then dropped from a kept upper."""
+    upper = tmp_path / "upper"
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    r = env.sh("ls -d /mnt/deep/vol /etc/hosts && echo x > /root/kept", "--upper", str(upper),
+               "-v", f"{vol}:/mnt/deep/vol")
+    assert r.returncode == 0, r.stderr
+    assert (upper / "root/kept").exists()
+    assert not (upper / "mnt").exists() and not (upper / "etc/hosts").exists()

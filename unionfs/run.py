@@ -28,6 +28,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import termios
@@ -300,7 +301,9 @@ class Runner:
         self.take_terminal = False
         self.saved_tty: list[Any] | None = None
         self.wake_r = self.wake_w = -1
+        self.report_fd = -1
         self.old_handlers: dict[int, Any] = {}
+        self.layers: list[str] = []
 
     # signals ---------------------------------------------------------------------------
     def _on_signal(self, signo: int, frame: FrameType | None) -> None:
@@ -368,6 +371,7 @@ class Runner:
 
     def _run(self, layers: list[str], spec: sandbox.ContainerSpec) -> int:
         opts = self.opts
+        self.layers = layers
         self.tmp = tempfile.mkdtemp(prefix="pyunion-run-")
         os.chmod(self.tmp, 0o700)
         self.merged = os.path.join(self.tmp, "merged")
@@ -428,7 +432,7 @@ class Runner:
                 os.close(own)
                 if self.janitor_fd is not None:
                     os.close(self.janitor_fd)
-                for fd in (self.wake_r, self.wake_w):
+                for fd in (self.wake_r, self.wake_w, self.report_fd):
                     if fd >= 0:
                         os.close(fd)
                 sandbox.container_init(spec, child_sock)
@@ -452,7 +456,9 @@ class Runner:
         parent_sock = child_sock = None
         if opts.tty:
             parent_sock, child_sock = socket.socketpair()
+        self.report_fd, spec.report_fd = os.pipe()
         self.init = self._fork_init(spec, child_sock)
+        os.close(spec.report_fd)
         self._tell_janitor(f"I {self.init}")
         if child_sock is not None:
             child_sock.close()
@@ -583,7 +589,10 @@ class Runner:
         self.wake_r = self.wake_w = -1
         with contextlib.suppress(Exception):
             signal.set_wakeup_fd(-1)
+        created = self._created_mount_points()  # init is gone: its report is complete
         _release(self.merged, self.daemon, self.tmp, self.upper, self.kept())
+        if self.kept() and self.upper is not None and os.path.isdir(self.upper):
+            _drop_placeholders(self.upper, self.layers, created)
         self._tell_janitor("DONE")
         if self.janitor_fd is not None:
             os.close(self.janitor_fd)
@@ -592,6 +601,18 @@ class Runner:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.janitor, 0)  # it exits at once on DONE
             self.janitor = None
+
+    def _created_mount_points(self) -> list[str]:
+        if self.report_fd < 0:
+            return []
+        data = b""
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.report_fd, False)
+            while chunk := os.read(self.report_fd, 65536):
+                data += chunk
+        os.close(self.report_fd)
+        self.report_fd = -1
+        return data.decode(errors="surrogateescape").split()
 
     def kept(self) -> bool:
         return self.opts.keep or bool(self.opts.upper)
@@ -638,6 +659,25 @@ def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str
         _rmtree(tmp)
     if keep and upper is not None:
         print(f"pyunion: the writable layer is kept in {upper}", file=sys.stderr)
+
+
+def _drop_placeholders(upper: str, lowers: list[str], created: list[str]) -> None:
+    """Remove from a kept upper the empty mount points init created (deepest first).
+
+    Only what is still an empty file or directory and exists in no lower layer, so
+    removing it from the upper cannot change what the layers below show.
+    """
+    for path in sorted(set(created), key=lambda p: p.count("/"), reverse=True):
+        rel = path.lstrip("/")
+        if not rel or any(os.path.lexists(os.path.join(low, rel)) for low in lowers):
+            continue
+        target = os.path.join(upper, rel)
+        with contextlib.suppress(OSError):
+            st = os.lstat(target)
+            if stat.S_ISDIR(st.st_mode) and not os.listdir(target):
+                os.rmdir(target)
+            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                os.unlink(target)
 
 
 def _rmtree(path: str) -> None:

@@ -170,6 +170,7 @@ class ContainerSpec:
     tty: bool = False
     take_terminal: bool = False  # make the command the terminal's foreground job
     read_only: bool = False
+    report_fd: int = -1  # where init writes the mount points it created, one per line
 
 
 class SetupError(Exception):
@@ -177,6 +178,11 @@ class SetupError(Exception):
 
 
 # -- building the container's view ------------------------------------------------------
+# Mount points init had to create in the tree (they land in the upper): reported to
+# pyunion so that a kept upper does not carry them into a commit.
+CREATED: list[str] = []
+
+
 def _ensure(rootfd: int, path: str, is_dir: bool, create: bool = True) -> int:
     """An O_PATH fd of PATH in the tree, created (with parents) when missing."""
     try:
@@ -198,6 +204,7 @@ def _ensure(rootfd: int, path: str, is_dir: bool, create: bool = True) -> int:
         else:
             os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                              | os.O_CLOEXEC, 0o644, dir_fd=pfd))
+        CREATED.append("/" + path.strip("/"))
         return open_in_root(pfd, name)
     finally:
         os.close(pfd)
@@ -439,7 +446,13 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             socket.sethostname(spec.hostname)
         except OSError:
             pass
-        setup_root(spec)
+        try:
+            setup_root(spec)
+        finally:
+            if spec.report_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(spec.report_fd, "".join(p + "\n" for p in CREATED).encode())
+                os.close(spec.report_fd)
         ident = resolve_user(spec.user)
         if spec.workdir and not spec.read_only and not os.path.isdir(spec.workdir):
             try:  # created for the user, as podman does
