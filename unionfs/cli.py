@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import UserError
-from .options import MountConfig, parse_options
+from .options import MountConfig, normalize_overlayfs_options, parse_options
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -139,9 +139,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def overlayfs_main(argv: Sequence[str] | None = None) -> int:
-    """fuse-overlayfs' calling convention: `PROGRAM -o OPTS MOUNTPOINT` (for containers/storage)."""
+    """fuse-overlayfs' calling convention: `PROGRAM [-f] [-d] -o OPTS MOUNTPOINT`.
+
+    This is what containers/storage runs as its `overlay.mount_program`. Its
+    option strings carry empty items and maybe an SELinux label, which
+    `normalize_overlayfs_options` tidies; the rest is `pyunion mount`.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    return main(["mount", *argv])
+    if argv in (["--version"], ["-V"]):
+        return main(["--version"])
+    args: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o" or (arg.startswith("-o") and len(arg) > 2):
+            opts = arg[2:] if len(arg) > 2 else next(it, None)
+            if opts is None:
+                return main(["mount", "-o"])  # argparse reports the missing value
+            opts = normalize_overlayfs_options(opts)
+            if opts:
+                args += ["-o", opts]
+        elif arg == "--debug":
+            args.append("-d")
+        else:
+            args.append(arg)
+    return main(["mount", *args])
 
 
 if __name__ == "__main__":

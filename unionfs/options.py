@@ -4,7 +4,9 @@
 as in the kernel. Options we implement are consumed here; options that only
 concern the kernel's FUSE mount (allow_other, ...) are passed through to
 libfuse; harmless ones containers/storage passes are accepted and ignored;
-anything else is refused, since libfuse itself rejects unknown options.
+those that would change what the mount shows and that we cannot honour (ID
+mappings, squashing owners) are refused with the reason, and so is anything
+unknown, since libfuse itself rejects unknown options.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ IGNORED = {
     "strictatime", "lazytime", "nolazytime", "auto", "noauto", "user", "nouser", "_netdev",
     "nofail", "defaults", "noacl", "acl", "index", "redirect_dir", "metacopy", "xino",
     "userxattr", "volatile", "fsync", "nfs_export", "uuid", "default_permissions",
-    "threaded", "plugins", "fast_ino", "static_nlink", "noxattrs", "squash_to_root",
-    "squash_to_uid", "squash_to_gid", "xattr_permissions", "timeout", "context",
+    "threaded", "fast_ino", "static_nlink", "noxattrs", "writeback", "timeout", "context",
     "fscontext", "defcontext", "rootcontext", "max_read", "nodev", "nosuid", "noexec",
     "debug",
 }
+# fuse-overlayfs options that change what the mount shows (owners, modes); we
+# cannot honour them, and ignoring them would silently show a different tree.
+REFUSED = {
+    "squash_to_root": "showing every file as owned by root",
+    "squash_to_uid": "showing every file as owned by one user",
+    "squash_to_gid": "showing every file as owned by one group",
+}
+# Security-label options: their value may hold commas inside double quotes.
+LABEL_OPTIONS = {"context", "fscontext", "defcontext", "rootcontext"}
 # Options we implement ourselves (not passed to libfuse).
 MOUNT_FLAGS = {"ro", "nosuid", "nodev", "noexec"}
 
@@ -80,16 +90,66 @@ def _unescape(text: str) -> str:
 
 
 def _parse_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
-    out = []
-    for chunk in value.split(":"):
-        if not chunk:
+    """fuse-overlayfs' `ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]` (empty fields skipped, as it does)."""
+    fields = [x for x in value.split(":") if x != ""]
+    try:
+        nums = [int(x) for x in fields]
+    except ValueError:
+        nums = []
+    if not nums or len(nums) % 3 or min(nums) < 0:
+        raise UserError(f"malformed {what} {value!r}: expected ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]")
+    return [(nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3)]
+
+
+def _identity_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
+    """Accept an ID mapping only when it maps every ID to itself (nothing to translate)."""
+    mapping = _parse_idmap(value, what)
+    if any(inside != outside for inside, outside, _ in mapping):
+        raise UserError(
+            f"{what}={value}: ID mapping is not supported; pyunion shows owners as they are "
+            "on disk (use the mount program without a user-namespace ID mapping)")
+    return mapping
+
+
+def _split_raw(text: str) -> list[str]:
+    """Split an option string on commas, keeping escapes; commas inside double quotes stay."""
+    items: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    it = iter(text)
+    for ch in it:
+        if ch == "\\":
+            cur.append(ch)
+            cur.append(next(it, ""))
+        elif ch == '"':
+            quoted = not quoted
+            cur.append(ch)
+        elif ch == "," and not quoted:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    return items
+
+
+def normalize_overlayfs_options(text: str) -> str:
+    """Tidy an option string as containers/storage passes it to fuse-overlayfs.
+
+    It leaves empty items (`workdir=W,,volatile`, a trailing comma), which the
+    kernel and libfuse skip, and may add an SELinux `context="a,b"` label whose
+    quoted value holds commas. We drop both (a label is not ours to apply: a
+    FUSE file system gets its label from the policy), and keep the rest as is.
+    """
+    kept = []
+    for item in _split_raw(text):
+        if item == "":
             continue
-        try:
-            a, b, c = (int(x) for x in chunk.split("-"))
-        except ValueError:
-            raise UserError(f"malformed {what} {value!r}: expected INSIDE-OUTSIDE-COUNT[:...]")
-        out.append((a, b, c))
-    return out
+        if item.partition("=")[0] in LABEL_OPTIONS:
+            log.debug("ignoring mount option %r", item)
+            continue
+        kept.append(item)
+    return ",".join(kept)
 
 
 def parse_options(opts: list[str], cfg: MountConfig) -> None:
@@ -125,9 +185,18 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
             elif key == "fsname" and eq:
                 cfg.fsname = value
             elif key == "uidmapping":
-                cfg.uid_map = _parse_idmap(value, "uidmapping")
+                cfg.uid_map = _identity_idmap(value, "uidmapping")
             elif key == "gidmapping":
-                cfg.gid_map = _parse_idmap(value, "gidmapping")
+                cfg.gid_map = _identity_idmap(value, "gidmapping")
+            elif key in REFUSED:
+                raise UserError(f"mount option {item!r} is not supported ({REFUSED[key]})")
+            elif key == "xattr_permissions" and value not in ("", "0"):
+                raise UserError(f"mount option {item!r} is not supported "
+                                "(owners and modes kept in xattrs; needed with force_mask)")
+            elif key == "plugins" and value:
+                raise UserError(f"mount option {item!r} is not supported (fuse-overlayfs layer plugins)")
+            elif key in ("xattr_permissions", "plugins"):
+                log.debug("ignoring mount option %r", item)
             elif key in FUSE_PASSTHROUGH and not eq:
                 cfg.fuse_options.add(key)
             elif key in ("nosuid", "nodev", "noexec") and not eq:
