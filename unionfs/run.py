@@ -462,7 +462,8 @@ class Runner:
         self._tell_janitor(f"I {self.init}")
         if child_sock is not None:
             child_sock.close()
-        for sig in self.pending:  # arrived while forking: the command gets them now
+        pending, self.pending = self.pending, []
+        for sig in pending:  # arrived while forking: the command gets them now
             self._on_signal(sig, None)
         if parent_sock is not None:
             with parent_sock:
@@ -514,7 +515,10 @@ class Runner:
             if master is not None and master in readable and not self._pump_output(master):
                 master = None
             if 0 in readable:
-                data = os.read(0, 65536)
+                try:
+                    data = os.read(0, 65536)
+                except OSError:  # EIO: our terminal hung up; SIGHUP is on its way
+                    data = b""
                 if data:
                     to_master += data
                 else:
