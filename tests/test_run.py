@@ -177,8 +177,10 @@ def test_explicit_upper(env: Env, tmp_path: Path) -> None:
 
 
 def test_read_only(env: Env) -> None:
-    r = env.sh("echo x > /f", "--read-only")
-    assert r.returncode != 0 and "Read-only" in r.stderr
+    r = env.sh("echo x > /tmp/ok && cat /tmp/ok && echo x > /dev/shm/ok && test -d /cwd "
+               "&& echo x > /f", "--read-only", "-w", "/cwd")
+    assert r.stdout == "x\n" and r.returncode != 0 and "Read-only" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1  # no other complaint
 
 
 # -- isolation ------------------------------------------------------------------------------------

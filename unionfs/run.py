@@ -87,7 +87,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
     p.add_argument("--keep", action="store_true", help="keep the writable layer afterwards")
     p.add_argument("--upper", metavar="DIR", help="use DIR as the writable layer (kept)")
-    p.add_argument("--read-only", action="store_true", help="no writable layer at all")
+    p.add_argument("--read-only", action="store_true",
+                   help="mount the container's root read-only (tmpfs on /tmp, /var/tmp, /run)")
     p.add_argument("--store", help="image store directory (for an image name)")
 
 
@@ -358,8 +359,6 @@ class Runner:
             read_only=opts.read_only)
         if spec.workdir and not spec.workdir.startswith("/"):
             raise _fail(f"the working directory {spec.workdir!r} must be an absolute path")
-        if opts.upper and opts.read_only:
-            raise _fail("--upper and --read-only exclude each other")
         self._install_handlers()
         try:
             return self._run(layers, spec)
@@ -380,7 +379,7 @@ class Runner:
         if opts.upper:
             os.makedirs(opts.upper, exist_ok=True)
             self.upper = os.path.abspath(opts.upper)
-        elif not opts.read_only:
+        else:  # with --read-only too: it holds the mount points the image lacks
             self.upper = os.path.join(self.tmp, "upper")
             work = os.path.join(self.tmp, "work")
             os.mkdir(self.upper, 0o755)
@@ -395,7 +394,7 @@ class Runner:
         from .mount import mount
 
         cfg = MountConfig(lowers=layers, mountpoint=self.merged, upper=self.upper, work=work,
-                          fuse_options={"allow_other", "suid", "dev"}, read_only=opts.read_only)
+                          fuse_options={"allow_other", "suid", "dev"})
         try:
             self.daemon = mount(cfg)
         except UserError as e:

@@ -183,13 +183,12 @@ class SetupError(Exception):
 CREATED: list[str] = []
 
 
-def _ensure(rootfd: int, path: str, is_dir: bool, create: bool = True) -> int:
+def _ensure(rootfd: int, path: str, is_dir: bool) -> int:
     """An O_PATH fd of PATH in the tree, created (with parents) when missing."""
     try:
         return open_in_root(rootfd, path)
     except FileNotFoundError:
-        if not create:
-            raise
+        pass
     parent, name = os.path.split(path.rstrip("/"))
     pfd = _ensure(rootfd, parent or "/", True)
     try:
@@ -211,8 +210,8 @@ def _ensure(rootfd: int, path: str, is_dir: bool, create: bool = True) -> int:
 
 
 def _mount_at(rootfd: int, path: str, source: str | None, fstype: str | None, flags: int,
-              data: str | None = None, is_dir: bool = True, create: bool = True) -> None:
-    fd = _ensure(rootfd, path, is_dir, create)
+              data: str | None = None, is_dir: bool = True) -> None:
+    fd = _ensure(rootfd, path, is_dir)
     try:
         mount(source, fd_path(fd), fstype, flags, data)
     finally:
@@ -229,9 +228,8 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
 
-def _setup_dev(rootfd: int, create: bool) -> None:
-    _mount_at(rootfd, "/dev", "tmpfs", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k",
-              create=create)
+def _setup_dev(rootfd: int) -> None:
+    _mount_at(rootfd, "/dev", "tmpfs", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k")
     dev = open_in_root(rootfd, "/dev", os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name, (major, minor) in DEV_NODES.items():
@@ -257,12 +255,12 @@ def _setup_dev(rootfd: int, create: bool) -> None:
               "mode=1777,size=65536k")
 
 
-def _setup_sys(rootfd: int, create: bool) -> None:
+def _setup_sys(rootfd: int) -> None:
     flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
     try:
-        _mount_at(rootfd, "/sys", "sysfs", "sysfs", flags, create=create)
+        _mount_at(rootfd, "/sys", "sysfs", "sysfs", flags)
     except PermissionError:  # sysfs refused (e.g. another net ns): the host's, read-only
-        fd = _ensure(rootfd, "/sys", True, create)
+        fd = _ensure(rootfd, "/sys", True)
         try:
             mount("/sys", fd_path(fd), None, MS_BIND | MS_REC)
         finally:
@@ -275,9 +273,9 @@ def _setup_sys(rootfd: int, create: bool) -> None:
             os.close(fd)
 
 
-def _bind(rootfd: int, source: str, target: str, read_only: bool, create: bool) -> None:
+def _bind(rootfd: int, source: str, target: str, read_only: bool) -> None:
     is_dir = os.path.isdir(source)
-    fd = _ensure(rootfd, target, is_dir, create)
+    fd = _ensure(rootfd, target, is_dir)
     try:
         mount(source, fd_path(fd), None, MS_BIND | MS_REC)
     finally:
@@ -301,24 +299,24 @@ def _pivot_into(root: str) -> None:
     os.chdir("/")
 
 
+READ_ONLY_TMPFS = ("/tmp", "/var/tmp", "/run")  # writable even with --read-only, as podman
+
+
 def setup_root(spec: ContainerSpec) -> None:
     """Build the container's mounts over the merged tree, then enter it."""
-    create = not spec.read_only
     rootfd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, create=create)
-        _setup_dev(rootfd, create)
-        _setup_sys(rootfd, create)
+        _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        _setup_dev(rootfd)
+        _setup_sys(rootfd)
+        if spec.read_only:
+            for path in READ_ONLY_TMPFS:
+                _mount_at(rootfd, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         for target, host_copy in spec.etc_files.items():
-            try:
-                _bind(rootfd, host_copy, target, False, create)
-            except OSError as e:  # a read-only image without /etc/hosts: go without
-                if not spec.read_only:
-                    raise
-                _warn(f"cannot provide {target}: {e.strerror}")
+            _bind(rootfd, host_copy, target, False)
         for b in spec.binds:
             try:
-                _bind(rootfd, b.source, b.target, b.read_only, create)
+                _bind(rootfd, b.source, b.target, b.read_only)
             except OSError as e:
                 raise SetupError(f"cannot bind {b.source!r} to {b.target!r}: {e.strerror}")
     finally:
@@ -454,7 +452,7 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
                     os.write(spec.report_fd, "".join(p + "\n" for p in CREATED).encode())
                 os.close(spec.report_fd)
         ident = resolve_user(spec.user)
-        if spec.workdir and not spec.read_only and not os.path.isdir(spec.workdir):
+        if spec.workdir and not os.path.isdir(spec.workdir):
             try:  # created for the user, as podman does
                 os.makedirs(spec.workdir)
                 if (ident.uid, ident.gid) != (0, 0):
@@ -462,6 +460,8 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             except OSError as e:
                 raise SetupError(f"cannot create the working directory {spec.workdir!r}: "
                                  f"{e.strerror}")
+        if spec.read_only:  # the root mount only: /dev, /proc, binds, tmpfs keep their flags
+            mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         slave = None
         if tty_sock is not None:
             master, slave = os.openpty()  # /dev/ptmx is now the container's devpts
