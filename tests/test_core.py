@@ -201,3 +201,17 @@ def test_lookups_release_on_forget(tmp_path: Path, two: tuple[Path, Path]) -> No
     for n in found:
         u.forget(n.ino, 1)
     assert len(u.table.nodes) == before
+
+
+@root_only
+def test_setattr_on_directories(tmp_path: Path, two: tuple[Path, Path]) -> None:
+    l1, l2 = two
+    (l2 / "d").mkdir()
+    u = make_union(tmp_path, [l1, l2])
+    d = u.lookup(u.root, b"d")
+    new = u.mkdir(u.root, b"n", 0o755, Ctx())
+    for node, path in ((d, tmp_path / "upper" / "d"), (new, tmp_path / "upper" / "n")):
+        u.setattr(node, uid=12, gid=34, mode=0o710, atime_ns=10**9, mtime_ns=2 * 10**9)
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (12, 34, 0o710)
+        assert st.st_mtime_ns == 2 * 10**9

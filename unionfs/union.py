@@ -802,9 +802,10 @@ class Union:
                     os.ftruncate(fd, size)
                 finally:
                     os.close(fd)
+        nofollow = not isinstance(target, int)  # a path: never follow its last component
         if uid is not None or gid is not None:
             os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
-                     follow_symlinks=False)
+                     follow_symlinks=not nofollow)
         if mode is not None and not is_link:
             os.chmod(target, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
@@ -812,7 +813,7 @@ class Union:
                 cur = self.stat(node)[0]
                 atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+            os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=not nofollow)
         node.attr = None
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
