@@ -10,7 +10,10 @@ Process tree (the parent side lives in `run.py`):
 a tmpfs /dev with the usual nodes, a new devpts instance, /sys read-only, the
 host's resolv.conf/hosts/hostname (copies, so the container cannot write the
 host's files) and the user's `-v` binds; then pivot_root into the tree and
-detach the host's root, so nothing of the host stays reachable. It then forks
+detach the host's root, so nothing of the host stays reachable (`--read-only`
+then remounts just the root mount read-only). Mount points the image lacks are
+created in the tree, and reported to pyunion so that a kept upper can drop
+them again. It then forks
 the command, forwards the signals pyunion relays to it, reaps every zombie
 (orphans are re-parented to pid 1) and exits with the command's status as an
 exit code (128+N for signal N). When init exits the kernel kills whatever the
