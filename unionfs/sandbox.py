@@ -13,11 +13,11 @@ host's files) and the user's `-v` binds; then pivot_root into the tree and
 detach the host's root, so nothing of the host stays reachable (`--read-only`
 then remounts just the root mount read-only). Mount points the image lacks are
 created in the tree, and reported to pyunion so that a kept upper can drop
-them again. It then forks
-the command, forwards the signals pyunion relays to it, reaps every zombie
-(orphans are re-parented to pid 1) and exits with the command's status as an
-exit code (128+N for signal N). When init exits the kernel kills whatever the
-command left behind, and the container's mount namespace goes with it.
+them again. It then forks the command, forwards the signals pyunion relays to
+it, reaps every zombie (orphans are re-parented to pid 1) and exits with the
+command's status as an exit code (128+N for signal N). When init exits the
+kernel kills whatever the command left behind, and the container's mount
+namespace goes with it.
 
 Every path inside the image is resolved with openat2(RESOLVE_IN_ROOT): a
 symlink in the image (even an absolute one) can never make us mount over, or
