@@ -470,3 +470,20 @@ def test_kept_upper_has_no_mount_point_placeholders(env: Env, tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     assert (upper / "root/kept").exists()
     assert not (upper / "mnt").exists() and not (upper / "etc/hosts").exists()
+
+
+def test_image_symlinks_never_lead_out(env: Env, tmp_path: Path) -> None:
+    """Mount points behind absolute or `..` symlinks in the image resolve inside the tree."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    top = tmp_path / "evil"
+    (top / "etc").mkdir(parents=True)
+    os.symlink(str(victim / "hosts"), top / "etc/hosts")
+    os.symlink("../../../../../.." + str(victim / "resolv"), top / "etc/resolv.conf")
+    os.symlink(str(victim), top / "mnt")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    env.layers = [str(top), *env.layers]
+    r = env.sh("cat /etc/hosts >/dev/null && ls /mnt/v", "-v", f"{vol}:/mnt/v")
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(victim) == []
