@@ -132,6 +132,11 @@ def run_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
         return e.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `pyunion inspect X | head`: the reader left; exit quietly like other tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
