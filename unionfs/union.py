@@ -360,6 +360,8 @@ class Union:
             if is_whiteout_stat(st):
                 return "kernel"
             raise FsError(errno.EEXIST)
+        if len(WH_PREFIX) + len(name) > NAME_MAX:
+            return None  # no `.wh.NAME` can exist (stat would say ENAMETOOLONG)
         try:
             os.stat(WH_PREFIX + name, dir_fd=pfd, follow_symlinks=False)
             return "oci"
