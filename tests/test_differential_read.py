@@ -1,0 +1,86 @@
+"""The read-only merged view against kernel overlayfs, on stacks of layers made by hypothesis.
+
+Each generated stack is written twice: as generated (OCI `.wh.` files, AUFS
+metadata, user.overlay/fuseoverlayfs opaque xattrs, `.wh..opq` devices, xattr
+whiteouts, kernel whiteouts, all mixed) and converted to the kernel format.
+Kernel overlayfs mounts the converted one; pyunion mounts both; the three
+views must be equal in everything a snapshot records (see oracle.py),
+including which names share an inode. pyunion must also give readdir d_ino
+equal to st_ino and EINVAL for names starting with `.wh.`.
+
+PYUNION_EXAMPLES=N runs N examples (of up to four stacks each) instead of the default.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import oracle as o
+
+pytestmark = pytest.mark.skipif(o.skip_reason() is not None, reason=o.skip_reason() or "")
+
+
+def _views(stacks: list[list[o.Dir]], td: Path) -> tuple[o.Snapshot, o.Snapshot, o.Snapshot]:
+    raw = o.build_batch(td / "raw", stacks, kernel=False)
+    conv = o.build_batch(td / "conv", stacks, kernel=True)
+    with o.kernel_overlay(conv, td / "mk") as mk:
+        kernel = o.snapshot(mk)
+    with o.pyunion_mount(raw, td / "mp") as mp:
+        mine = o.snapshot(mp)
+        _check_identity_and_names(mp, mine)
+    with o.pyunion_mount(conv, td / "mc") as mc:
+        mine_conv = o.snapshot(mc)
+        _check_identity_and_names(mc, mine_conv)
+    return kernel, mine, mine_conv
+
+
+def _check_identity_and_names(mnt: Path, snap: o.Snapshot) -> None:
+    assert not snap.ghosts, f"readdir lists names that lstat cannot find: {snap.ghosts}"
+    bad = o.dino_mismatches(snap)
+    assert not bad, "readdir d_ino != st_ino:\n  " + "\n  ".join(bad)
+    dirs = [p for p, e in snap.entries.items() if e.kind == "dir"][:3]
+    for d in dirs:
+        for name in (".wh.a", ".wh..wh..opq", ".wh..opq", ".wh..wh.aufs"):
+            p = mnt / d / name
+            with pytest.raises(OSError) as ei:
+                os.lstat(p)
+            assert ei.value.errno == errno.EINVAL, f"lstat {p}: {ei.value}"
+
+
+@o.settings_for(60)
+@given(stacks=st.lists(o.stack_st(), min_size=1, max_size=4))
+def test_read_view_matches_kernel(stacks: list[list[o.Dir]]) -> None:
+    """Each example is up to four independent stacks (the first at the layer roots, the
+    others in subdirectories s1, s2, ...), so that one mount tests several."""
+    with tempfile.TemporaryDirectory(prefix="pyunion-dread-") as t:
+        td = Path(t)
+        try:
+            kernel, mine, mine_conv = _views(stacks, td)
+        finally:
+            o.rmtree(td)
+    o.assert_same(kernel, mine_conv, "kernel vs pyunion, both on kernel-format layers")
+    o.assert_same(kernel, mine, "kernel on kernel-format layers vs pyunion on the layers "
+                  "as generated (OCI and other formats)")
+
+
+def test_read_only_mount_refuses_writes(tmp_path: Path) -> None:
+    lower = tmp_path / "l"
+    lower.mkdir()
+    (lower / "f").write_text("x")
+    (lower / "d").mkdir()
+    with o.pyunion_mount([lower], tmp_path / "m") as m:
+        for op in (lambda: open(m / "f", "a"), lambda: open(m / "new", "w"),
+                   lambda: os.mkdir(m / "e"), lambda: os.unlink(m / "f"),
+                   lambda: os.chmod(m / "f", 0o600), lambda: os.rename(m / "f", m / "g"),
+                   lambda: os.setxattr(m / "f", "user.x", b"1"), lambda: os.rmdir(m / "d")):
+            with pytest.raises(OSError) as ei:
+                op()
+            assert ei.value.errno == errno.EROFS, ei.value
+        assert (m / "f").read_text() == "x"
