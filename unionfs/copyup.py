@@ -142,7 +142,16 @@ class CopyUp:
     def upper_dirfd(self, d: Node) -> int:
         """The upper fd of directory `d`, copying it (and its parents) up if needed."""
         if not d.chain or d.chain[0] != 0:
-            self.copy_up_dir(d)
+            if self.stack.upper is None:
+                raise FsError(errno.EROFS)
+            # Parents first, top down, in a loop: a tree can be deeper than Python's stack.
+            todo = []
+            n: Node | None = d
+            while n is not None and (not n.chain or n.chain[0] != 0):
+                todo.append(n)
+                n = n.parent
+            for n in reversed(todo):
+                self.copy_up_dir(n)
         return self.resolver.dirfd(d, 0)
 
     def copy_up_dir(self, d: Node) -> None:
