@@ -621,16 +621,37 @@ class Union:
         and kernel overlayfs mounts the result with the same view. It costs a
         copy of every file below it.
         """
-        ufd = self.copyup.upper_dirfd(d)
-        if len(d.chain) == 1:
+        # Depth first with a stack of our own: a tree can be deeper than Python's.
+        stack: list[tuple[Node, Iterator[tuple[bytes, Entry]]]] = []
+
+        def enter(n: Node) -> bool:
+            self.copyup.upper_dirfd(n)
+            if len(n.chain) == 1:
+                return False
+            stack.append((n, iter(list(self.resolver.listing(n).items()))))
+            return True
+
+        if not enter(d):
             return
-        for name, entry in list(self.resolver.listing(d).items()):
-            child = self._node_for(d, name, entry)
-            if child.is_dir:
-                self.materialize_dir(child)
+        while stack:
+            n, items = stack[-1]
+            for name, entry in items:
+                child = self._node_for(n, name, entry)
+                if child.is_dir:
+                    if enter(child):
+                        break  # released once its own subtree is done
+                else:
+                    self.copyup.copy_up(child)
+                self.table.release_if_unused(child)
             else:
-                self.copyup.copy_up(child)
-            self.table.release_if_unused(child)
+                stack.pop()
+                self._seal_materialized(n)
+                if n is not d:
+                    self.table.release_if_unused(n)
+
+    def _seal_materialized(self, d: Node) -> None:
+        """Every entry of `d` is in the upper now: make it opaque and upper-only."""
+        ufd = self.resolver.dirfd(d, 0)
         self.whiteouts.set_opaque(ufd)
         self._drop_whiteouts(ufd)
         st = os.fstat(ufd)
