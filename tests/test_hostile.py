@@ -464,3 +464,31 @@ def test_layer_under_mount_point_or_mount_point_in_layer_is_refused(layers: tupl
     finally:
         pyunion("umount", str(mnt), check=False)
         force_unmount(mnt)
+
+
+def test_rename_of_a_very_deep_merged_dir(layers: tuple) -> None:
+    """Renaming a merged dir copies its subtree up; depth must not matter (1200 levels)."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "top").mkdir()
+    top = os.open(lows[1], os.O_RDONLY | os.O_DIRECTORY)
+    fd = _make_chain(top, [b"top"] + [b"d"] * 1200)
+    os.close(top)
+    os.close(os.open(b"leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    os.close(fd)
+
+    def mover(m: str) -> None:
+        os.rename(f"{m}/top", f"{m}/moved")
+        os.chdir(f"{m}/moved")
+        for _ in range(1200):
+            os.chdir("d")
+        assert os.listdir(".") == ["leaf"]
+
+    try:
+        with mounted(lows, mnt, upper, work):
+            codes = join_children(start_children([(mover, (str(mnt),))]), timeout=90, mnt=mnt)
+            assert codes == [0], "rename of a 1200-level merged dir failed (see the traceback above)"
+    finally:
+        # Deeper than shutil.rmtree (pytest's cleanup of old tmp dirs) can go: rm -rf.
+        force_unmount(mnt)
+        for p in (lows[1], upper, work):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(p)], timeout=60)
