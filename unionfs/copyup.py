@@ -180,6 +180,7 @@ class CopyUp:
         d.chain = (0,) + d.chain
         d.fds.insert(0, fd)
         d.attr = None
+        d.xwh = None
         parent.listing = None
 
     # -- non-directories -----------------------------------------------------

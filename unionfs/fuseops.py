@@ -171,22 +171,28 @@ class FuseOps(pyfuse3.Operations):
             del self._copying[node.ino]
             done.set()
 
-    async def _copy_up_tree(self, d: Node) -> None:
+    async def _copy_up_tree(self, top: Node) -> None:
         """Copy up the files under a merged directory about to be renamed, off the loop.
 
-        The core's rename then only has directories and whiteouts left to do.
+        The core's rename then only has directories and whiteouts left to do. A
+        stack, not recursion: a tree may be deeper than Python's recursion limit.
         """
         core = self.core
-        for name, entry in list(core.resolver.listing(d).items()):
-            child = core._node_for(d, name, entry)
-            try:
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            for name, entry in list(core.resolver.listing(d).items()):
+                child = core._node_for(d, name, entry)
                 if child.is_dir:
                     if core.needs_copyup(child) or len(child.chain) > 1:
-                        await self._copy_up_tree(child)
-                else:
+                        stack.append(child)
+                    continue
+                try:
                     await self._copy_up(child)
-            finally:
-                core.release_node(child)
+                finally:
+                    core.release_node(child)
+            if d is not top:
+                core.release_node(d)
 
     def _peek(self, parent: Node, name: bytes) -> Node | None:
         entry = self.core.resolver.resolve(parent, name) if parent.is_dir else None

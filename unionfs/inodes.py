@@ -57,7 +57,7 @@ class Node:
         self.handles: list[Handle] | None = None
         self.origin = origin
         self.unlinked = False
-        self.xwh: frozenset[int] = frozenset()
+        self.xwh: frozenset[int] | None = None  # see Resolver.xwh_layers
         self.st: os.stat_result | None = None  # lower objects: their (immutable) stat
 
     def close_fds(self) -> None:

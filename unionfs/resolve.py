@@ -24,6 +24,7 @@ from .errors import FsError
 from .inodes import InodeTable, Node
 from .layers import LayerStack, open_dir_at
 from .whiteout import (
+    OPAQUE_XATTRS,
     OPQ_CHAR,
     WH_PREFIX,
     dir_flags,
@@ -40,7 +41,6 @@ class Entry(NamedTuple):
     st: os.stat_result
     chain: tuple[int, ...]
     origin: tuple[int, int]  # (dev, ino) that gives the object its identity
-    xwh: frozenset[int]
 
 
 _OCI_WH = -1  # pseudo d_type for a `.wh.NAME` marker in a listing
@@ -92,22 +92,42 @@ class Resolver:
             return False
         return True
 
-    def _child_flags(self, fd: int, name: bytes) -> tuple[bool, bool]:
+    def _child_opaque(self, fd: int, name: bytes) -> bool:
         try:
             cfd = open_dir_at(fd, name)
         except OSError:
-            return False, False
+            return False
         try:
-            return dir_flags(cfd)
+            return dir_flags(cfd)[0]
         finally:
             os.close(cfd)
+
+    def xwh_layers(self, d: Node) -> frozenset[int]:
+        """Layers in which directory `d` is marked `x` (may hold xattr-form whiteouts).
+
+        Asked only when a zero-size file could be such a whiteout, then kept.
+        """
+        if d.xwh is None:
+            found = []
+            for pos, layer in enumerate(d.chain):
+                try:
+                    if os.getxattr(self.dirfd(d, pos), OPAQUE_XATTRS[0]) == b"x":
+                        found.append(layer)
+                except OSError:
+                    pass
+            d.xwh = frozenset(found)
+        return d.xwh
+
+    def _is_xwhiteout(self, d: Node, pos: int, name: bytes, st: os.stat_result) -> bool:
+        return (st.st_size == 0 and stat.S_ISREG(st.st_mode)
+                and d.chain[pos] in self.xwh_layers(d)
+                and is_xwhiteout(self.dirfd(d, pos), name, st))
 
     def resolve(self, d: Node, name: bytes, start: int = 0) -> Entry | None:
         """Resolve `name` in directory `d`, looking only at chain positions >= start."""
         if start == 0 and d.listing is not None:
             return d.listing.get(name)
         chain: list[int] = []
-        xwh: list[int] = []
         top: tuple[int, os.stat_result] | None = None
         origin_st: os.stat_result | None = None
         n = len(d.chain)
@@ -123,27 +143,24 @@ class Resolver:
             mode = st.st_mode
             if stat.S_ISCHR(mode) and st.st_rdev == 0:
                 break
-            if layer in d.xwh and is_xwhiteout(fd, name, st):
+            if top is None and self._is_xwhiteout(d, pos, name, st):
                 break
             if top is None:
                 top = (layer, st)
                 if not stat.S_ISDIR(mode):
-                    return Entry(layer, st, (), (st.st_dev, st.st_ino), frozenset())
+                    return Entry(layer, st, (), (st.st_dev, st.st_ino))
             elif not stat.S_ISDIR(mode):
                 break
             chain.append(layer)
             if origin_st is None and layer != 0:
                 origin_st = st
             if pos < n - 1:
-                opaque, has_x = self._child_flags(fd, name)
-                if has_x:
-                    xwh.append(layer)
-                if opaque or self._has_oci_whiteout(fd, name):
+                if self._child_opaque(fd, name) or self._has_oci_whiteout(fd, name):
                     break
         if top is None:
             return None
         ost = origin_st or top[1]
-        return Entry(top[0], top[1], tuple(chain), (ost.st_dev, ost.st_ino), frozenset(xwh))
+        return Entry(top[0], top[1], tuple(chain), (ost.st_dev, ost.st_ino))
 
     # -- listing -------------------------------------------------------------
     def listing(self, d: Node) -> dict[bytes, Entry]:
@@ -186,7 +203,6 @@ class Resolver:
     def _merge_occurrences(self, d: Node, name: bytes,
                            lst: list[tuple[int, int, os.DirEntry[str] | None]]) -> Entry | None:
         chain: list[int] = []
-        xwh: list[int] = []
         top: tuple[int, os.stat_result] | None = None
         origin_st: os.stat_result | None = None
         count = len(lst)
@@ -199,15 +215,14 @@ class Resolver:
                 st = e.stat(follow_symlinks=False)
                 if st.st_rdev == 0:
                     break
-            elif kind == stat.S_IFREG and layer in d.xwh:
-                st = e.stat(follow_symlinks=False)
-                if is_xwhiteout(self.dirfd(d, pos), name, st):
+            elif kind == stat.S_IFREG and top is None:
+                if self._is_xwhiteout(d, pos, name, e.stat(follow_symlinks=False)):
                     break
             if top is None:
                 st = e.stat(follow_symlinks=False)
                 top = (layer, st)
                 if not stat.S_ISDIR(st.st_mode):
-                    return Entry(layer, st, (), (st.st_dev, st.st_ino), frozenset())
+                    return Entry(layer, st, (), (st.st_dev, st.st_ino))
                 if layer != 0:
                     origin_st = st
             elif kind != stat.S_IFDIR:
@@ -216,15 +231,12 @@ class Resolver:
                 origin_st = e.stat(follow_symlinks=False)
             chain.append(layer)
             if i < count - 1:
-                opaque, has_x = self._child_flags(self.dirfd(d, pos), name)
-                if has_x:
-                    xwh.append(layer)
-                if opaque:
+                if self._child_opaque(self.dirfd(d, pos), name):
                     break
         if top is None:
             return None
         ost = origin_st or top[1]
-        return Entry(top[0], top[1], tuple(chain), (ost.st_dev, ost.st_ino), frozenset(xwh))
+        return Entry(top[0], top[1], tuple(chain), (ost.st_dev, ost.st_ino))
 
 
 def _dtype(e: os.DirEntry[str]) -> int:

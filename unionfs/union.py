@@ -121,7 +121,6 @@ class Union:
                 self.table.nodes[up.ino] = up
                 return up
         new = Node(nid, parent, name, is_dir, entry.layer, entry.chain, entry.origin)
-        new.xwh = entry.xwh
         if entry.layer != 0:
             new.st = entry.st
         if node is not None:
@@ -661,7 +660,7 @@ class Union:
         d.chain = (0,)
         d.fds = [ufd]
         d.listing = None
-        d.xwh = frozenset()
+        d.xwh = None
         d.attr = None
         self.table.copied[(st.st_dev, st.st_ino)] = d.ino
 
