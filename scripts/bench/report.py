@@ -156,10 +156,12 @@ def render(data: dict[str, Any], markdown: bool = False) -> str:
     if markdown:
         for d in desc:
             out += [d, ""]
-        out.append("| " + " | ".join(header) + " |")
+        def cells(r: list[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
+
+        out.append(cells(header))
         out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-        for r in rows:
-            out.append("| " + " | ".join(r) + " |")
+        out += [cells(r) for r in rows]
         if notes:
             out += [""] + [f"- {n}" for n in notes]
     else:

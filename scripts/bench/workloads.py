@@ -74,7 +74,7 @@ def _sh(cmd: list[str] | str, ok: tuple[int, ...] = (0,), **kw: object) -> None:
                        check=False, **kw)  # type: ignore[call-overload]
     if r.returncode not in ok:
         raise RuntimeError(f"{cmd if isinstance(cmd, str) else ' '.join(cmd)}: exit "
-                           f"{r.returncode}: {r.stderr.decode(errors='replace')[-1500:]}")
+                           f"{r.returncode}: {r.stderr.decode(errors='replace')[:1500]}")
 
 
 def _read_all(path: str) -> None:
