@@ -102,11 +102,9 @@ def daemon_of(mnt: str | Path) -> int:
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    from unionfs.mount import process_alive
+
+    return process_alive(pid)
 
 
 def wait_gone(pid: int, timeout: float = 20) -> bool:

@@ -71,13 +71,14 @@ def daemon_pid(mountpoint: str) -> int | None:
             pid = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return pid if _alive(pid) else None
+    return pid if process_alive(pid) else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie or a dead one is not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
 
@@ -386,7 +387,7 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         # A detached mount stays alive while something still uses it; its daemon
         # exits after the last user. Waiting for that would hang the command.
         deadline = time.monotonic() + min(timeout, 2.0)
-    while _alive(pid):
+    while process_alive(pid):
         if time.monotonic() > deadline:
             if lazy:
                 return

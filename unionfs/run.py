@@ -40,6 +40,7 @@ from typing import Any, NoReturn
 
 from . import sandbox
 from .errors import UserError
+from .mount import process_alive
 from .options import MountConfig
 
 TOOL_ERROR = 125
@@ -267,17 +268,9 @@ class _Interrupted(Exception):
         self.signo = signo
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while process_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
