@@ -394,8 +394,9 @@ def meta_st(modes: Sequence[int], xattrs_ok: bool = True) -> st.SearchStrategy[M
 
 @st.composite
 def layer_st(draw: st.DrawFn, max_depth: int = 3, hardlinks: bool = True,
-             formats: bool = True) -> Dir:
-    """One layer. formats=False keeps to the kernel format (no OCI, no exotic markers)."""
+             formats: bool = True, devices: bool = True) -> Dir:
+    """One layer. formats=False keeps to the kernel format (no OCI, no exotic markers);
+    devices=False leaves out device nodes (for tests that open what they find)."""
     files: list[tuple[str, ...]] = []
 
     def node(path: tuple[str, ...]) -> Node:
@@ -416,7 +417,8 @@ def layer_st(draw: st.DrawFn, max_depth: int = 3, hardlinks: bool = True,
             o = draw(st.sampled_from(OWNERS))
             return Symlink(draw(st.sampled_from(SYMLINK_TARGETS)), o[0], o[1])
         if kind == "special":
-            k = draw(st.sampled_from(("fifo", "fifo", "sock", "chr", "blk")))
+            k = draw(st.sampled_from(("fifo", "fifo", "sock", "chr", "blk") if devices
+                                     else ("fifo", "sock")))
             rdev = {"chr": (1, 3), "blk": (7, 0)}.get(k, (0, 0))
             return Special(k, draw(meta_st((0o644, 0o600, 0o666), xattrs_ok=False)), rdev)
         if kind == "link":
@@ -602,6 +604,49 @@ def dino_mismatches(snap: Snapshot) -> list[str]:
     """Names whose readdir d_ino differs from their lstat st_ino."""
     return [f"{p}: d_ino {snap.dinos[p]} != st_ino {snap.inos[p]}"
             for p in snap.dinos if snap.dinos[p] != snap.inos[p]]
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """A plain-directory copy of a merged view: the third oracle, for what pyunion does
+    better than the kernel. Copies type, data, owner, mode, xattrs, mtime and hard links."""
+    seen: dict[int, Path] = {}
+
+    def meta(s: os.stat_result, sp: str, dp: Path) -> None:
+        os.chown(dp, s.st_uid, s.st_gid, follow_symlinks=False)
+        if not stat.S_ISLNK(s.st_mode):
+            os.chmod(dp, stat.S_IMODE(s.st_mode))
+        for k, v in _xattrs(sp):
+            os.setxattr(dp, k, v, follow_symlinks=False)
+        os.utime(dp, ns=(s.st_atime_ns, s.st_mtime_ns), follow_symlinks=False)
+
+    def one(sp: str, dp: Path) -> None:
+        s = os.lstat(sp)
+        m = s.st_mode
+        if stat.S_ISDIR(m):
+            dp.mkdir()
+            with os.scandir(sp) as it:
+                names = sorted(e.name for e in it)
+            for n in names:
+                try:
+                    one(os.path.join(sp, n), dp / n)
+                except FileNotFoundError:
+                    pass             # a whiteout the kernel listed (see Snapshot.ghosts)
+            meta(s, sp, dp)
+            return
+        if s.st_nlink > 1 and s.st_ino in seen:
+            os.link(seen[s.st_ino], dp, follow_symlinks=False)
+            return
+        seen[s.st_ino] = dp
+        if stat.S_ISREG(m):
+            with open(sp, "rb") as f, open(dp, "wb") as g:
+                shutil.copyfileobj(f, g)
+        elif stat.S_ISLNK(m):
+            os.symlink(os.readlink(sp), dp)
+        else:
+            os.mknod(dp, stat.S_IFMT(m) | 0o600, s.st_rdev)
+        meta(s, sp, dp)
+
+    one(str(src), dst)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,537 @@
+"""Writes against kernel overlayfs: random operation sequences, then programs as users run them.
+
+A generated sequence of operations runs on three trees in lockstep:
+- K, kernel overlayfs over the lower layers (kernel format) with its own upper;
+- P, pyunion over the same lower layers with its own upper;
+- D, a plain directory copy of the merged view: the oracle where pyunion
+  deliberately does better than the kernel (renaming a directory that has
+  lower content, where the kernel says EXDEV).
+Every operation's result (ok or errno) on P must match K's, or D's where K
+said EXDEV; after that K no longer follows (it refused what the others did)
+and D is the oracle. After every step P's view must equal the oracle's.
+After the sequence the upper P wrote must obey SPEC (no whiteout in an
+opaque dir, none for a name no lower has) and must show the same view when
+mounted again by pyunion and by kernel overlayfs over the same lowers.
+
+PYUNION_EXAMPLES=N runs N sequences per test instead of the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import oracle as o
+
+pytestmark = pytest.mark.skipif(o.skip_reason() is not None, reason=o.skip_reason() or "")
+
+# --------------------------------------------------------------------------------------------
+# Operations. Each is a tuple (name, args...) so that a failing sequence prints readably.
+
+Op = tuple
+
+_NB = os.O_NONBLOCK          # a fifo must never block a test: O_WRONLY on one gives ENXIO
+
+
+def _create(r: Path, p: str, mode: int, how: str) -> None:
+    flags = os.O_CREAT | os.O_WRONLY | _NB | {"excl": os.O_EXCL, "trunc": os.O_TRUNC,
+                                              "plain": 0}[how]
+    os.close(os.open(r / p, flags, mode))
+
+
+def _write(r: Path, p: str, off: int, data: bytes) -> None:
+    fd = os.open(r / p, os.O_WRONLY | _NB)
+    try:
+        assert os.pwrite(fd, data, off) == len(data)
+    finally:
+        os.close(fd)
+
+
+def _append(r: Path, p: str, data: bytes) -> None:
+    fd = os.open(r / p, os.O_WRONLY | os.O_APPEND | _NB)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _otrunc(r: Path, p: str) -> None:
+    os.close(os.open(r / p, os.O_WRONLY | os.O_TRUNC | _NB))
+
+
+class _Stale(Exception):
+    """A handle opened before a write (and so before a copy-up) read old data."""
+
+
+def _readwrite_same_handle(r: Path, p: str, data: bytes) -> None:
+    """Open for reading, then write through another handle: the first must see it."""
+    rfd = os.open(r / p, os.O_RDONLY | _NB)
+    try:
+        before = os.pread(rfd, 1 << 16, 0)
+        _write(r, p, 0, data)
+        after = os.pread(rfd, 1 << 16, 0)
+        expect = data + before[len(data):]
+        if after != expect:
+            raise _Stale()
+    finally:
+        os.close(rfd)
+
+
+OPS: dict[str, Callable[..., object]] = {
+    "create": _create,
+    "write": _write,
+    "append": _append,
+    "otrunc": _otrunc,
+    "coherent": _readwrite_same_handle,
+    "truncate": lambda r, p, n: os.truncate(r / p, n),
+    "chmod": lambda r, p, m: os.chmod(r / p, m),
+    "chown": lambda r, p, u, g, f: os.chown(r / p, u, g, follow_symlinks=f),
+    "utime": lambda r, p, t, f: os.utime(r / p, ns=(t, t), follow_symlinks=f),
+    "utime_now": lambda r, p: os.utime(r / p),
+    "setxattr": lambda r, p, k, v, f: os.setxattr(r / p, k, v, follow_symlinks=f),
+    "removexattr": lambda r, p, k: os.removexattr(r / p, k),
+    "mkdir": lambda r, p, m: os.mkdir(r / p, m),
+    "rmdir": lambda r, p: os.rmdir(r / p),
+    "unlink": lambda r, p: os.unlink(r / p),
+    "rename": lambda r, a, b, fl: o.renameat2(r / a, r / b, fl),
+    "link": lambda r, a, b: os.link(r / a, r / b, follow_symlinks=False),
+    "symlink": lambda r, t, p: os.symlink(t, r / p),
+    "mkfifo": lambda r, p, m: os.mkfifo(r / p, m),
+    "mknod_null": lambda r, p: os.mknod(r / p, 0o20666, os.makedev(1, 3)),
+    "umask": lambda r, m: None,     # applied once per step, see _step
+}
+
+
+def apply(root: Path, op: Op) -> str:
+    """Run OP on the tree at ROOT: "ok" or the errno's name."""
+    try:
+        OPS[op[0]](root, *op[1:])
+    except OSError as e:
+        return o.errno_name(e.errno)
+    except _Stale:
+        return "STALE-READ"
+    return "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies.
+
+NAMES = o.NAMES
+NEW_NAMES = (*NAMES, "n1", "n2")
+# Paths are mostly references, resolved against the plain copy just before each step (it
+# always shows what the view must be), so that most operations find something to act on:
+# ("E", k) is the k-th existing name (sorted, modulo their number), ("F", k) the k-th
+# non-directory, ("D", k) the k-th directory, ("N", k, name) NAME in the k-th directory
+# or the root. Plain strings are used as they are.
+_k = st.integers(0, 40)
+any_st = st.tuples(st.just("E"), _k)
+file_st = st.tuples(st.just("F"), _k)
+dir_st = st.tuples(st.just("D"), _k)
+new_st = st.tuples(st.just("N"), _k, st.sampled_from(NEW_NAMES))
+literal_st = st.integers(1, 3).flatmap(
+    lambda n: st.tuples(*[st.sampled_from(NAMES)] * n)).map("/".join)
+data_path_st = st.one_of(file_st, file_st, file_st, any_st, literal_st)
+meta_path_st = st.one_of(any_st, any_st, file_st, dir_st, st.just("."), literal_st)
+target_st = st.one_of(new_st, new_st, new_st, any_st)
+follow_st = st.sampled_from((True, True, False))
+DATAS = (b"W", b"written", b"\x00" * 10, b"Q" * 3000)
+T1 = o.BASE_TIME_NS + 7 * 86_400 * 10**9 + 5
+
+
+def _listing(root: Path) -> dict[str, list[str]]:
+    """Names under ROOT by reference kind, sorted; symlinks are not followed."""
+    files, dirs = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        files.extend(n if rel == "." else f"{rel}/{n}" for n in filenames)
+        dirs.extend(n if rel == "." else f"{rel}/{n}" for n in dirnames)
+    return {"E": sorted(files + dirs), "F": sorted(files), "D": sorted(dirs),
+            "N": [".", *sorted(dirs)]}
+
+
+def resolve(op: Op, root: Path) -> Op:
+    """OP with its path references replaced by the paths they stand for now."""
+    found = _listing(root)
+    out: list[object] = [op[0]]
+    for a in op[1:]:
+        if isinstance(a, tuple) and a and a[0] in found:
+            cands = found[a[0]]
+            if a[0] == "N":
+                d = cands[a[1] % len(cands)]
+                a = a[2] if d == "." else f"{d}/{a[2]}"
+            else:
+                a = cands[a[1] % len(cands)] if cands else "a"
+        out.append(a)
+    return tuple(out)
+
+
+def _op(name: str, *args: st.SearchStrategy) -> st.SearchStrategy[Op]:
+    return st.tuples(st.just(name), *args)
+
+
+op_st = st.one_of(
+    _op("create", target_st, st.sampled_from((0o644, 0o777, 0o600, 0o4755)),
+        st.sampled_from(("excl", "trunc", "plain"))),
+    _op("write", data_path_st, st.sampled_from((0, 1, 4, 4096, 70000)), st.sampled_from(DATAS)),
+    _op("append", data_path_st, st.sampled_from(DATAS)),
+    _op("otrunc", data_path_st),
+    _op("coherent", data_path_st, st.sampled_from(DATAS)),
+    _op("truncate", data_path_st, st.sampled_from((0, 2, 10000))),
+    _op("chmod", meta_path_st, st.sampled_from((0o644, 0o4755, 0o2755, 0o1777, 0o000, 0o700,
+                                                0o555))),
+    _op("chown", meta_path_st, st.sampled_from((0, 1000, 65534, -1)),
+        st.sampled_from((0, 1000, 1234, -1)), follow_st),
+    _op("utime", meta_path_st, st.sampled_from((T1, o.BASE_TIME_NS, 0)), follow_st),
+    _op("utime_now", meta_path_st),
+    _op("setxattr", meta_path_st, st.sampled_from(("user.one", "user.new")),
+        st.sampled_from((b"1", b"", b"22" * 50)), follow_st),
+    _op("removexattr", meta_path_st, st.sampled_from(("user.one", "user.two"))),
+    _op("mkdir", target_st, st.sampled_from((0o755, 0o700, 0o2775, 0o1777, 0o555))),
+    _op("rmdir", st.one_of(dir_st, dir_st, dir_st, any_st)),
+    _op("unlink", st.one_of(file_st, file_st, file_st, any_st)),
+    _op("rename", st.one_of(file_st, dir_st, dir_st, any_st, literal_st),
+        st.one_of(new_st, new_st, file_st, dir_st, literal_st), st.sampled_from((0, 0, 0, o.RENAME_NOREPLACE,
+                                                    o.RENAME_EXCHANGE))),
+    _op("link", st.one_of(file_st, file_st, any_st), target_st),
+    _op("symlink", st.sampled_from(o.SYMLINK_TARGETS), target_st),
+    _op("mkfifo", target_st, st.sampled_from((0o644, 0o600))),
+    _op("mknod_null", target_st),
+    _op("umask", st.sampled_from((0o022, 0o000, 0o077))),
+)
+ops_st = st.lists(op_st, min_size=3, max_size=25)
+
+
+def lowers_st(formats: bool) -> st.SearchStrategy[list[o.Dir]]:
+    # No hard links below: the kernel (without index) breaks them on copy-up and pyunion
+    # deliberately does not, so they get their own test against the plain-copy oracle.
+    # No devices: the operations open what they find.
+    return o.stack_st(min_layers=1, max_layers=3, max_depth=2, hardlinks=False,
+                      formats=formats, devices=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+class Run:
+    """One sequence on K, P and D; `history` says what happened, for failure messages."""
+
+    def __init__(self, td: Path) -> None:
+        self.td = td
+        self.history: list[str] = []
+        self.synced = True        # K still follows (it never refused what the others did)
+
+    def fail(self, msg: str) -> None:
+        hist = "\n    ".join(self.history) or "(none)"
+        raise AssertionError(f"{msg}\n  operations so far (result on pyunion):\n    {hist}")
+
+    def compare(self, k: Path, p: Path, d: Path, when: str) -> o.Snapshot:
+        sp = o.snapshot(p)
+        if sp.ghosts:
+            self.fail(f"{when}: pyunion's readdir lists names lstat cannot find: {sp.ghosts}")
+        ref, name = (o.snapshot(k), "kernel") if self.synced else (o.snapshot(d), "plain copy")
+        diffs = o.diff(ref, sp)
+        if diffs:
+            self.fail(f"{when}: pyunion differs from the {name}:\n    " + "\n    ".join(diffs[:30]))
+        return sp
+
+    def step(self, i: int, op: Op, k: Path, p: Path, d: Path) -> None:
+        op = resolve(op, d)
+        if op[0] == "umask":
+            os.umask(op[1])
+            self.history.append(f"{i}: {op}")
+            return
+        rd = apply(d, op)
+        rk = apply(k, op) if self.synced else None
+        rp = apply(p, op)
+        self.history.append(f"{i}: {op} -> {rp}")
+        if rk == "EXDEV" and op[0] == "rename":
+            expected, by = rd, "the plain copy (the kernel said EXDEV)"
+            if rd == "ok":
+                self.synced = False
+        elif rk is not None:
+            expected, by = rk, "the kernel"
+            if rd != rk:
+                self.fail(f"step {i} {op}: the oracles disagree: kernel {rk}, plain copy {rd} "
+                          "(a harness problem, not pyunion's)")
+        else:
+            expected, by = rd, "the plain copy"
+        if rp != expected:
+            self.fail(f"step {i} {op}: pyunion gave {rp}, expected {expected} from {by} "
+                      f"(kernel: {rk}, plain copy: {rd})")
+        self.compare(k, p, d, f"after step {i} {op}")
+
+
+def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path) -> None:
+    raw = o.build_stack(td / "raw", lowers, kernel=False)
+    conv = o.build_stack(td / "conv", lowers, kernel=True)
+    for n in ("ku", "kw", "pu", "pw", "kw2"):
+        (td / n).mkdir()
+    run = Run(td)
+    with _umask(0o022), \
+            o.kernel_overlay(conv, td / "mk", td / "ku", td / "kw") as k, \
+            o.pyunion_mount(raw, td / "mp", td / "pu", td / "pw") as p:
+        d = td / "plain"
+        o.copy_tree(k, d)
+        o.assert_same(o.snapshot(k), o.snapshot(d), "harness: the plain copy of the kernel view")
+        run.compare(k, p, d, "before any operation")
+        for i, op in enumerate(ops):
+            run.step(i, op, k, p, d)
+        final = run.compare(k, p, d, "after the sequence")
+        if run.synced:
+            o.assert_same(o.snapshot(k), o.snapshot(d), "harness: kernel vs plain copy at the end")
+    problems = o.upper_problems(td / "pu", conv)
+    if problems:
+        run.fail("the upper pyunion left breaks SPEC:\n    " + "\n    ".join(problems))
+    with o.pyunion_mount(raw, td / "mp2", td / "pu", td / "pw") as p2:
+        again = o.snapshot(p2)
+    d1 = o.diff(final, again)
+    if d1:
+        run.fail("pyunion mounted again over its own upper shows another view:\n    "
+                 + "\n    ".join(d1[:30]))
+    with o.kernel_overlay(conv, td / "mk2", td / "pu", td / "kw2") as k2:
+        kview = o.snapshot(k2)
+    d2 = o.diff(kview, final)
+    if d2:
+        run.fail("kernel overlayfs over pyunion's upper shows another view (expected = kernel, "
+                 "got = pyunion before unmount):\n    " + "\n    ".join(d2[:30]))
+
+
+@contextlib.contextmanager
+def _tempdir(prefix: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix=prefix) as t:
+        try:
+            yield Path(t)
+        finally:
+            o.rmtree(Path(t))
+
+
+@o.settings_for(60)
+@given(lowers=lowers_st(formats=False), ops=ops_st)
+def test_operations_match_kernel(lowers: list[o.Dir], ops: list[Op]) -> None:
+    """Lower layers in the kernel format; the main write-side test."""
+    with _tempdir("pyunion-dwrite-") as td:
+        run_sequence(lowers, ops, td)
+
+
+@o.settings_for(25)
+@given(lowers=lowers_st(formats=True), ops=ops_st)
+def test_operations_over_every_marker_format(lowers: list[o.Dir], ops: list[Op]) -> None:
+    """Lower layers in every format SPEC lists (the kernel mounts them converted)."""
+    with _tempdir("pyunion-dwritef-") as td:
+        run_sequence(lowers, ops, td)
+
+
+# --------------------------------------------------------------------------------------------
+# Hard links of a lower file: pyunion keeps the names one inode (the kernel without index
+# does not), so the oracle is the plain copy.
+
+def test_lower_hard_links_stay_linked_after_copy_up(tmp_path: Path) -> None:
+    lower = tmp_path / "l"
+    (lower / "d").mkdir(parents=True)
+    (lower / "f").write_bytes(b"one")
+    os.link(lower / "f", lower / "g")
+    os.link(lower / "f", lower / "d" / "h")
+    for n in ("u", "w"):
+        (tmp_path / n).mkdir()
+    ops: list[Op] = [("write", "f", 0, b"TWO"), ("chmod", "g", 0o600), ("link", "d/h", "d/i"),
+                     ("unlink", "g"), ("append", "d/i", b"!")]
+    with o.pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
+        d = tmp_path / "plain"
+        o.copy_tree(p, d)
+        o.assert_same(o.snapshot(d), o.snapshot(p), "before any operation")
+        for op in ops:
+            assert apply(p, op) == apply(d, op), op
+            o.assert_same(o.snapshot(d), o.snapshot(p), f"after {op}")
+
+
+# --------------------------------------------------------------------------------------------
+# Programs as users run them. Each script runs with its working directory in the mount,
+# first on kernel overlayfs, then on pyunion, both mounted at the same path (programs
+# write that path into files: venv's pyvenv.cfg), over the same lower layers. The two
+# views must be equal, and the upper pyunion leaves must mount under the kernel with the
+# same view.
+
+Populate = Callable[[list[Path]], None]
+
+
+def _base_lowers(ls: list[Path]) -> None:
+    top, bottom = ls
+    (bottom / "etc").mkdir()
+    (bottom / "etc" / "conf").write_text("name=old\nkeep=1\n")
+    (bottom / "etc" / "ro").write_text("read-only\n")
+    os.chmod(bottom / "etc" / "ro", 0o444)
+    (bottom / "srv" / "data" / "deep").mkdir(parents=True)
+    (bottom / "srv" / "data" / "deep" / "f").write_bytes(b"deep\n" * 100)
+    (bottom / "srv" / "data" / "x").write_bytes(b"x")
+    os.setxattr(bottom / "srv" / "data" / "x", "user.tag", b"lower")
+    os.symlink("deep/f", bottom / "srv" / "data" / "link")
+    (top / "srv" / "data").mkdir(parents=True)
+    (top / "srv" / "data" / "top").write_text("from the top layer\n")
+    os.mknod(top / "srv" / "data" / "x", 0o20000, os.makedev(0, 0))     # whiteout
+    (top / "home" / "user" / "proj").mkdir(parents=True)
+    (top / "home" / "user" / "proj" / "readme").write_text("hello\n")
+    (top / "home" / "user" / "proj" / "locked").write_text("locked\n")
+    os.chmod(top / "home" / "user" / "proj" / "locked", 0o444)
+    (top / "home" / "user" / "proj" / "rootfile").write_text("root's\n")
+    os.chmod(top / "home" / "user" / "proj" / "rootfile", 0o644)
+    for p in (top / "home" / "user", top / "home" / "user" / "proj",
+              top / "home" / "user" / "proj" / "readme", top / "home" / "user" / "proj" / "locked"):
+        os.chown(p, 1000, 1000)
+    for layer in ls:
+        for dirpath, dirnames, filenames in os.walk(layer):
+            for n in dirnames + filenames:
+                os.utime(os.path.join(dirpath, n), ns=(o.BASE_TIME_NS, o.BASE_TIME_NS),
+                         follow_symlinks=False)
+        os.utime(layer, ns=(o.BASE_TIME_NS, o.BASE_TIME_NS))
+
+
+def _source_tree(src: Path) -> None:
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "a.txt").write_text("new a\n")
+    (src / "conf").write_text("name=new\n")
+    (src / "sub" / "b.bin").write_bytes(bytes(range(256)) * 64)
+    (src / "sub" / "deeper" / "c").write_text("c\n")
+    os.symlink("../a.txt", src / "sub" / "to-a")
+    os.link(src / "a.txt", src / "sub" / "a-again")
+    os.mkfifo(src / "sub" / "fifo")
+    os.chmod(src / "sub" / "b.bin", 0o600)
+    os.chown(src / "sub" / "deeper", 1000, 1234)
+    os.setxattr(src / "sub" / "deeper" / "c", "user.note", b"tarred")
+    for dirpath, dirnames, filenames in os.walk(src, topdown=False):
+        for n in dirnames + filenames:
+            os.utime(os.path.join(dirpath, n), ns=(o.BASE_TIME_NS, o.BASE_TIME_NS),
+                     follow_symlinks=False)
+
+
+def _run_both(script: str, user: int | None = None, skip: tuple[str, ...] = (),
+              populate: Populate = _base_lowers, env: dict[str, str] | None = None,
+              timeout: float = 300) -> o.Snapshot:
+    # Not pytest's tmp_path: its parents are private to root, and some scripts run as a user.
+    with _tempdir("pyunion-dprog-") as tmp_path:
+        os.chmod(tmp_path, 0o755)
+        return _run_both_in(tmp_path, script, user, skip, populate, env, timeout)
+
+
+def _run_both_in(tmp_path: Path, script: str, user: int | None, skip: tuple[str, ...],
+                 populate: Populate, env: dict[str, str] | None, timeout: float) -> o.Snapshot:
+    lowers = [tmp_path / "L0", tmp_path / "L1"]
+    for p in lowers:
+        p.mkdir()
+    populate(lowers)
+    src = tmp_path / "src"
+    src.mkdir()
+    _source_tree(src)
+    subprocess.run(["tar", "--xattrs", "-cf", str(tmp_path / "src.tar"), "-C", str(src), "."],
+                   check=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+                "SRC": str(src), "TARBALL": str(tmp_path / "src.tar"), "LC_ALL": "C",
+                "PYTHON": sys.executable, "SOURCE_DATE_EPOCH": "1000000000",
+                "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env or {})}
+    cmd = ["sh", "-ec", script]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    mnt = tmp_path / "mnt"
+    views: dict[str, o.Snapshot] = {}
+    outputs: dict[str, str] = {}
+    for impl in ("kernel", "pyunion"):
+        upper, work = tmp_path / f"{impl}-upper", tmp_path / f"{impl}-work"
+        upper.mkdir()
+        work.mkdir()
+        os.chmod(upper, 0o755)
+        mount = o.kernel_overlay if impl == "kernel" else o.pyunion_mount
+        with mount(lowers, mnt, upper, work):
+            r = subprocess.run(cmd, cwd=mnt, env=full_env, capture_output=True, text=True,
+                               timeout=timeout)
+            outputs[impl] = r.stdout
+            assert r.returncode == 0, f"{impl}: the script failed ({r.returncode}):\n{r.stderr}"
+            views[impl] = o.snapshot(mnt, skip=skip)
+    assert outputs["kernel"] == outputs["pyunion"], outputs
+    o.assert_same(views["kernel"], views["pyunion"], "kernel vs pyunion after the script")
+    problems = o.upper_problems(tmp_path / "pyunion-upper", lowers)
+    assert not problems, problems
+    (tmp_path / "kw2").mkdir()
+    with o.kernel_overlay(lowers, tmp_path / "mk2", tmp_path / "pyunion-upper",
+                          tmp_path / "kw2") as k2:
+        o.assert_same(o.snapshot(k2, skip=skip), views["pyunion"],
+                      "kernel over pyunion's upper vs pyunion")
+    return views["pyunion"]
+
+
+def test_cp_a_into_the_mount() -> None:
+    _run_both('cp -a "$SRC"/. srv/data/ && cp -a srv srv.copy && cp -a "$SRC" etc/')
+
+
+def test_tar_x_into_the_mount() -> None:
+    view = _run_both('tar --xattrs -xpf "$TARBALL" -C srv/data && '
+                     'mkdir new && tar --xattrs -xpf "$TARBALL" -C new && '
+                     'tar --xattrs -xpf "$TARBALL" -C etc --overwrite')
+    assert view.entries["srv/data/sub/deeper/c"].xattrs == (("user.note", b"tarred"),)
+
+
+def test_sed_i_on_a_lower_file() -> None:
+    view = _run_both("sed -i s/old/new/ etc/conf && sed -i 's/deep/DEEP/' "
+                     "srv/data/link && cat etc/conf")
+    assert view.entries["etc/conf"].data == b"name=new\nkeep=1\n"
+
+
+def test_mkdir_mode_0555() -> None:
+    view = _run_both("mkdir -m 0555 ro-new && mkdir -m 0555 srv/data/ro-sub && "
+                     "mkdir -p -m 0555 etc/a/b && touch ro-new/inside-as-root && ls -la ro-new | wc -l")
+    assert view.entries["ro-new"].mode == 0o555
+
+
+def test_replace_read_only_lower_file_as_user() -> None:
+    _run_both("cd home/user/proj && echo new > locked.tmp && mv -f locked.tmp locked "
+              "&& rm -f rootfile && echo again > rootfile && cp readme readme.bak && "
+              "chmod 0444 readme && ! (echo x >> readme) 2>/dev/null && ls -l | wc -l", user=1000)
+
+
+def test_mv_of_lower_directories() -> None:
+    _run_both("mv srv/data srv/renamed && mv etc srv/renamed/etc && "
+              "mkdir home/user/empty && mv home/user/proj home/user/empty/ && "
+              "mv srv moved-srv && ls -R | wc -l")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_init_and_commit() -> None:
+    env = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@example.org",
+           "GIT_AUTHOR_DATE": "2001-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2001-01-01T00:00:00Z",
+           "GIT_CONFIG_NOSYSTEM": "1"}
+    # The index holds st_dev/st_ino/ctime, which differ between any two filesystems.
+    _run_both("cd srv/data && git -c init.defaultBranch=main init -q && git add -A && "
+              "git commit -qm first && echo more >> top && sed -i s/deep/DEEP/ deep/f && "
+              "git commit -qam second && git fsck --strict && git log --format=%H:%s && "
+              "git status --porcelain", skip=("srv/data/.git/index",), env=env)
+
+
+def test_python_venv() -> None:
+    try:
+        import ensurepip  # noqa: F401
+        pip = ""
+    except ImportError:
+        pip = "--without-pip"
+    _run_both(f'"$PYTHON" -m venv {pip} srv/venv && '
+              'srv/venv/bin/python -c "import sys; print(sys.prefix != sys.base_prefix)"',
+              timeout=600)
