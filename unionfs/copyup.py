@@ -181,6 +181,7 @@ class CopyUp:
         d.fds.insert(0, fd)
         d.attr = None
         d.xwh = None
+        d.xnames = None
         parent.listing = None
 
     # -- non-directories -----------------------------------------------------
@@ -261,6 +262,7 @@ class CopyUp:
         old_layer = node.layer
         node.layer = 0
         node.attr = None
+        node.xnames = None
         node.parent.listing = None
         self._reopen_handles(node, pfd)
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and old_layer != 0:

@@ -38,7 +38,7 @@ class Node:
 
     __slots__ = (
         "ino", "nlookup", "parent", "name", "links", "is_dir", "layer", "chain",
-        "fds", "listing", "attr", "handles", "origin", "unlinked", "xwh", "st", "__weakref__",
+        "fds", "listing", "attr", "handles", "origin", "unlinked", "xwh", "st", "xnames", "__weakref__",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, layer: int,
@@ -59,6 +59,9 @@ class Node:
         self.unlinked = False
         self.xwh: frozenset[int] | None = None  # see Resolver.xwh_layers
         self.st: os.stat_result | None = None  # lower objects: their (immutable) stat
+        # The object's xattr names, kept once asked: lower objects never change, and an
+        # upper object's xattrs change only through the daemon, which clears this.
+        self.xnames: frozenset[bytes] | None = None
 
     def close_fds(self) -> None:
         if self.parent is None:

@@ -242,16 +242,24 @@ class Union:
             return self.resolver.dirfd(node, 0), True
         return fdpath(self.resolver.location_fd(node), node.name), False
 
+    def _xattr_names(self, node: Node) -> frozenset[bytes]:
+        names = node.xnames
+        if names is None:
+            target, follow = self._xattr_target(node)
+            names = frozenset(n.encode() for n in os.listxattr(target, follow_symlinks=follow))
+            node.xnames = names
+        return names
+
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        if is_internal_xattr(name):
+        # The kernel asks for security.capability before every write(2): answer a
+        # missing name from the cached list, without a syscall.
+        if is_internal_xattr(name) or name not in self._xattr_names(node):
             raise FsError(errno.ENODATA)
         target, follow = self._xattr_target(node)
         return os.getxattr(target, name, follow_symlinks=follow)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        target, follow = self._xattr_target(node)
-        names = [n.encode() for n in os.listxattr(target, follow_symlinks=follow)]
-        return [n for n in names if not is_internal_xattr(n)]
+        return sorted(n for n in self._xattr_names(node) if not is_internal_xattr(n))
 
     # -- files -------------------------------------------------------------------
     def needs_copyup(self, node: Node) -> bool:
@@ -662,6 +670,7 @@ class Union:
         d.listing = None
         d.xwh = None
         d.attr = None
+        d.xnames = None
         self.table.copied[(st.st_dev, st.st_ino)] = d.ino
 
     def _drop_whiteouts(self, fd: int) -> None:
@@ -837,6 +846,7 @@ class Union:
                 mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
             os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=not nofollow)
         node.attr = None
+        node.xnames = None  # chmod rewrites an ACL
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         self._writable()
@@ -846,6 +856,7 @@ class Union:
         target, follow = self._xattr_target(node)
         os.setxattr(target, name, value, flags, follow_symlinks=follow)
         node.attr = None
+        node.xnames = None
 
     def removexattr(self, node: Node, name: bytes) -> None:
         self._writable()
@@ -856,6 +867,7 @@ class Union:
         target, follow = self._xattr_target(node)
         os.removexattr(target, name, follow_symlinks=follow)
         node.attr = None
+        node.xnames = None
 
     def close(self) -> None:
         for fh in list(self.handles):
