@@ -84,3 +84,29 @@ def test_read_only_mount_refuses_writes(tmp_path: Path) -> None:
                 op()
             assert ei.value.errno == errno.EROFS, ei.value
         assert (m / "f").read_text() == "x"
+
+
+def test_big_directories_and_odd_names_match_kernel(tmp_path: Path) -> None:
+    """Listings that take many readdir calls, names of 255 bytes, and names with
+    characters that paths and option strings treat specially."""
+    odd = ["sp ace", "new\nline", "colon:x", "back\\slash", "comma,y", "ü-ñ-✓", "-dash",
+           "x" * 255, "y" * 251, "%s", "..."]
+    stacks = []
+    for fmt in (False, True):
+        top = [(f"f{i:04d}", o.File(b"top", o.Meta(0o644))) for i in range(0, 1500, 2)]
+        top += [(n, o.File(n.encode("utf-8", "surrogateescape")[:10], o.Meta(0o600)))
+                for n in odd[:4]]
+        bottom = [(f"f{i:04d}", o.File(b"bottom", o.Meta(0o644))) for i in range(1500)]
+        bottom += [(n, o.Symlink(n)) for n in odd]
+        hidden = tuple(f"f{i:04d}" for i in range(1, 600, 4)) + ("y" * 251, "sp ace x")
+        if fmt:
+            upper = o.Dir(tuple(top), o.Meta(0o755), oci_whiteouts=hidden)
+        else:
+            upper = o.Dir(tuple(top) + tuple((n, o.Whiteout()) for n in hidden), o.Meta(0o755))
+        stacks.append([upper, o.Dir(tuple(bottom), o.Meta(0o755))])
+    with tempfile.TemporaryDirectory(prefix="pyunion-dread-") as t:
+        td = Path(t)
+        kernel, mine, mine_conv = _views(stacks, td)
+    assert len(kernel.entries) > 2500
+    o.assert_same(kernel, mine_conv, "kernel vs pyunion, both on kernel-format layers")
+    o.assert_same(kernel, mine, "kernel vs pyunion on OCI-format layers")

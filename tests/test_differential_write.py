@@ -127,7 +127,7 @@ def apply(root: Path, op: Op) -> str:
 # Strategies.
 
 NAMES = o.NAMES
-NEW_NAMES = (*NAMES, "n1", "n2")
+NEW_NAMES = ("n1", *NAMES, "n2")
 # Paths are mostly references, resolved against the plain copy just before each step (it
 # always shows what the view must be), so that most operations find something to act on:
 # ("E", k) is the k-th existing name (sorted, modulo their number), ("F", k) the k-th
@@ -151,12 +151,18 @@ T1 = o.BASE_TIME_NS + 7 * 86_400 * 10**9 + 5
 def _listing(root: Path) -> dict[str, list[str]]:
     """Names under ROOT by reference kind, sorted; symlinks are not followed."""
     files, dirs = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        files.extend(n if rel == "." else f"{rel}/{n}" for n in filenames)
-        dirs.extend(n if rel == "." else f"{rel}/{n}" for n in dirnames)
-    return {"E": sorted(files + dirs), "F": sorted(files), "D": sorted(dirs),
-            "N": [".", *sorted(dirs)]}
+
+    def walk(d: Path, rel: str) -> None:
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            r = e.name if rel == "." else f"{rel}/{e.name}"
+            if e.is_dir(follow_symlinks=False):
+                dirs.append(r)
+                walk(Path(e.path), r)
+            else:
+                files.append(r)
+
+    walk(root, ".")
+    return {"E": sorted(files + dirs), "F": files, "D": dirs, "N": [".", *dirs]}
 
 
 def resolve(op: Op, root: Path) -> Op:
@@ -179,7 +185,17 @@ def _op(name: str, *args: st.SearchStrategy) -> st.SearchStrategy[Op]:
     return st.tuples(st.just(name), *args)
 
 
+_structural = (
+    _op("rename", st.one_of(file_st, dir_st, dir_st, any_st, literal_st),
+        st.one_of(new_st, new_st, file_st, dir_st, literal_st),
+        st.sampled_from((0, 0, 0, o.RENAME_NOREPLACE, o.RENAME_EXCHANGE))),
+    _op("rmdir", st.one_of(dir_st, dir_st, dir_st, any_st)),
+    _op("unlink", st.one_of(file_st, file_st, file_st, any_st)),
+    _op("mkdir", target_st, st.sampled_from((0o755, 0o700, 0o2775, 0o1777, 0o555))),
+    _op("link", st.one_of(file_st, file_st, any_st), target_st),
+)
 op_st = st.one_of(
+    *_structural, *_structural, *_structural,   # weighted: where the hard cases are
     _op("create", target_st, st.sampled_from((0o644, 0o777, 0o600, 0o4755)),
         st.sampled_from(("excl", "trunc", "plain"))),
     _op("write", data_path_st, st.sampled_from((0, 1, 4, 4096, 70000)), st.sampled_from(DATAS)),
@@ -196,13 +212,6 @@ op_st = st.one_of(
     _op("setxattr", meta_path_st, st.sampled_from(("user.one", "user.new")),
         st.sampled_from((b"1", b"", b"22" * 50)), follow_st),
     _op("removexattr", meta_path_st, st.sampled_from(("user.one", "user.two"))),
-    _op("mkdir", target_st, st.sampled_from((0o755, 0o700, 0o2775, 0o1777, 0o555))),
-    _op("rmdir", st.one_of(dir_st, dir_st, dir_st, any_st)),
-    _op("unlink", st.one_of(file_st, file_st, file_st, any_st)),
-    _op("rename", st.one_of(file_st, dir_st, dir_st, any_st, literal_st),
-        st.one_of(new_st, new_st, file_st, dir_st, literal_st), st.sampled_from((0, 0, 0, o.RENAME_NOREPLACE,
-                                                    o.RENAME_EXCHANGE))),
-    _op("link", st.one_of(file_st, file_st, any_st), target_st),
     _op("symlink", st.sampled_from(o.SYMLINK_TARGETS), target_st),
     _op("mkfifo", target_st, st.sampled_from((0o644, 0o600))),
     _op("mknod_null", target_st),
@@ -231,6 +240,21 @@ def _umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
+IN_PLACE = {"write", "append", "otrunc", "coherent", "truncate", "chmod", "chown", "utime",
+            "utime_now", "setxattr", "removexattr"}
+
+
+def _ino(root: Path, op: Op) -> int | None:
+    """st_ino of what an in-place operation changes (None for other operations)."""
+    if op[0] not in IN_PLACE:
+        return None
+    follow = op[-1] if op[0] in ("chown", "utime", "setxattr") else True
+    try:
+        return os.stat(root / op[1], follow_symlinks=follow).st_ino
+    except OSError:
+        return None
+
+
 class Run:
     """One sequence on K, P and D; `history` says what happened, for failure messages."""
 
@@ -247,6 +271,9 @@ class Run:
         sp = o.snapshot(p)
         if sp.ghosts:
             self.fail(f"{when}: pyunion's readdir lists names lstat cannot find: {sp.ghosts}")
+        bad = o.dino_mismatches(sp)
+        if bad:
+            self.fail(f"{when}: pyunion's readdir d_ino != st_ino: {bad}")
         ref, name = (o.snapshot(k), "kernel") if self.synced else (o.snapshot(d), "plain copy")
         diffs = o.diff(ref, sp)
         if diffs:
@@ -261,8 +288,12 @@ class Run:
             return
         rd = apply(d, op)
         rk = apply(k, op) if self.synced else None
+        ino_before = _ino(p, op)
         rp = apply(p, op)
         self.history.append(f"{i}: {op} -> {rp}")
+        if rp == "ok" and ino_before is not None and _ino(p, op) != ino_before:
+            self.fail(f"step {i} {op}: st_ino changed from {ino_before} to {_ino(p, op)} "
+                      "(copy-up must keep it)")
         if rk == "EXDEV" and op[0] == "rename":
             expected, by = rd, "the plain copy (the kernel said EXDEV)"
             if rd == "ok":
@@ -535,3 +566,48 @@ def test_python_venv() -> None:
     _run_both(f'"$PYTHON" -m venv {pip} srv/venv && '
               'srv/venv/bin/python -c "import sys; print(sys.prefix != sys.base_prefix)"',
               timeout=600)
+
+
+def _special_lowers(ls: list[Path]) -> None:
+    _base_lowers(ls)
+    top = ls[0]
+    (top / "bin").mkdir()
+    shutil.copy2("/usr/bin/id", top / "bin" / "id-suid")
+    os.chmod(top / "bin" / "id-suid", 0o4755)
+    (top / "dev").mkdir()
+    os.mknod(top / "dev" / "null", 0o20666, os.makedev(1, 3))
+
+
+def test_device_nodes_open_like_the_kernel() -> None:
+    """A kernel overlay mount is not nodev: a chroot into it can use its /dev/null."""
+    _run_both("echo x > dev/null && mknod dev/null2 c 1 3 && echo y > dev/null2 && "
+              "head -c 4 dev/null | wc -c", populate=_special_lowers)
+
+
+def test_setuid_executables_like_the_kernel() -> None:
+    """A kernel overlay mount is not nosuid: a set-user-ID program in the image works."""
+    _run_both("bin/id-suid -u && cp -p bin/id-suid bin/id-copy && chmod 4755 bin/id-copy && "
+              "setpriv --reuid=1000 --regid=1000 --clear-groups bin/id-copy -u",
+              populate=_special_lowers)
+
+
+def test_copy_up_keeps_sparse_files_sparse(tmp_path: Path) -> None:
+    """A 256 MiB lower file with 8 KiB of data: the copy in the upper stays about as
+    small as the kernel's (and the data is the same)."""
+    lower = tmp_path / "l"
+    lower.mkdir()
+    with open(lower / "sparse", "wb") as f:
+        f.write(b"head" * 1024)
+        f.seek(256 << 20)
+        f.write(b"tail" * 1024)
+    blocks = {}
+    for impl in ("kernel", "pyunion"):
+        up, work = tmp_path / f"{impl}-u", tmp_path / f"{impl}-w"
+        up.mkdir()
+        work.mkdir()
+        mount = o.kernel_overlay if impl == "kernel" else o.pyunion_mount
+        with mount([lower], tmp_path / f"{impl}-m", up, work) as m:
+            _write(m, "sparse", 100 << 20, b"middle")
+            blocks[impl] = os.stat(up / "sparse").st_blocks * 512
+            assert o.entry_of(str(m / "sparse")).data == o.entry_of(str(up / "sparse")).data
+    assert blocks["pyunion"] <= max(2 * blocks["kernel"], 1 << 20), blocks
