@@ -192,7 +192,7 @@ def test_special_files_and_markers_in_lowers(layers: tuple, tmp_path: Path) -> N
     os.symlink(".", bottom / "dot")
     os.symlink("/etc", bottom / "etc")
     os.symlink("/nonexistent-pyunion-test/target", bottom / "dangling")
-    with mounted(lows, mnt, upper, work):
+    with mounted(lows, mnt, upper, work, extra=("-o", "nodev")):
         pid = daemon_of(mnt)
         names = set(os.listdir(mnt))
         assert {"sock", "fifo", "null", "blk", "loop1", "self", "etc", "d"} <= names
@@ -201,7 +201,7 @@ def test_special_files_and_markers_in_lowers(layers: tuple, tmp_path: Path) -> N
         assert stat.S_ISFIFO(os.lstat(mnt / "fifo").st_mode)
         assert os.lstat(mnt / "null").st_rdev == os.makedev(1, 3)
         assert os.lstat(mnt / "blk").st_rdev == os.makedev(7, 200)
-        # The mount is nodev, like a kernel overlay mounted by a user: devices do not open.
+        # Mounted nodev: devices do not open.
         assert _errno_of(open, mnt / "null", "wb") == errno.EACCES
         for loop in ("loop1", "self"):
             assert _errno_of(os.stat, mnt / loop) == errno.ELOOP
@@ -335,7 +335,7 @@ def test_unprivileged_user_on_allow_other_mount(layers: tuple, tmp_path: Path,
     out = mnt.parent / "result"  # where nobody can write
     out.touch()
     os.chmod(out, 0o666)
-    with mounted(lows, mnt, upper, work):
+    with mounted(lows, mnt, upper, work, extra=("-o", "nosuid")):
         opts = [line for line in open("/proc/self/mountinfo") if f" {mnt} " in line][0]
         assert "nosuid" in opts.split()[5], "the mount should be nosuid"
         codes = join_children(start_children([(as_nobody, (str(mnt), str(out)))]), 60, mnt)
@@ -492,3 +492,15 @@ def test_rename_of_a_very_deep_merged_dir(layers: tuple) -> None:
         force_unmount(mnt)
         for p in (lows[1], upper, work):
             subprocess.run(["rm", "-rf", "--one-file-system", str(p)], timeout=60)
+
+
+@needs_fuse
+def test_root_mount_allows_devices_and_setuid_like_the_kernel(layers: tuple) -> None:
+    """A root mount is dev,suid like a kernel overlay mount (libfuse's default is not)."""
+    lows, upper, work, mnt = layers
+    os.mknod(lows[0] / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    with mounted(lows, mnt, upper, work):
+        opts = [line for line in open("/proc/self/mountinfo") if f" {mnt} " in line][0].split()[5]
+        assert "nosuid" not in opts and "nodev" not in opts
+        with open(mnt / "null", "wb") as f:
+            f.write(b"discarded")

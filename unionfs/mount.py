@@ -174,9 +174,15 @@ def _fuse_options(cfg: MountConfig) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks permissions
     opts.add(f"fsname={cfg.fsname}")
     opts.add("subtype=pyunion")
-    if os.geteuid() == 0:
-        opts.add("allow_other")  # like a kernel mount: every user sees it
     opts |= cfg.fuse_options
+    if os.geteuid() == 0:
+        # Like a kernel mount by root: every user sees it, devices open and setuid
+        # programs work (libfuse's own default is nodev,nosuid); -o nodev/nosuid still apply.
+        opts.add("allow_other")
+        if "nodev" not in opts:
+            opts.add("dev")
+        if "nosuid" not in opts:
+            opts.add("suid")
     if cfg.read_only:
         opts.add("ro")
     return opts
