@@ -91,7 +91,11 @@ def _cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+_CORE_COMMANDS = ("mount", "umount", "unmount")
+
+
+def build_parser(extra: bool = True) -> argparse.ArgumentParser:
+    """The parser; `extra=False` leaves out the subcommands of other modules (faster mounts)."""
     parser = argparse.ArgumentParser(
         prog="pyunion", description="A userspace union filesystem for container image layers.")
     parser.add_argument("--version", action="version", version=f"pyunion {__version__}")
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_umount(sub)
     # Subcommands that live in their own modules register themselves.
-    for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli"):
+    for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli") if extra else ():
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:
@@ -140,7 +144,10 @@ def run_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(argv, build_parser())
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `mount` is on the start-up path of every container: skip importing the rest.
+    core_only = bool(args) and args[0] in _CORE_COMMANDS
+    return run_cli(args, build_parser(extra=not core_only))
 
 
 def overlayfs_main(argv: Sequence[str] | None = None) -> int:
