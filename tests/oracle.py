@@ -37,7 +37,6 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -108,7 +107,7 @@ def _escape(p: Path) -> str:
 def _detach(mnt: Path) -> None:
     """Last resort: a lazy unmount, so no test ever leaves a mount behind."""
     if is_mounted(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30, check=False)
 
 
 @contextlib.contextmanager
@@ -133,13 +132,13 @@ def kernel_overlay(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
     opts += ",index=off,redirect_dir=off,metacopy=off"
     mnt.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, check=False)
     if r.returncode != 0:
         raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} (-o {opts})")
     try:
         yield mnt
     finally:
-        r = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
+        r = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60, check=False)
         if r.returncode != 0:
             _detach(mnt)
 
@@ -162,7 +161,7 @@ def pyunion_mount(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
     if log is not None:
         env["PYUNION_LOG"] = str(log)
     r = subprocess.run([*PYUNION_CMD, "mount", "-o", opts, str(mnt)], capture_output=True,
-                       text=True, timeout=60, env=env)
+                       text=True, timeout=60, env=env, check=False)
     if r.returncode != 0:
         _detach(mnt)
         raise AssertionError(f"pyunion mount failed ({r.returncode}): {r.stderr.strip()}")
@@ -174,7 +173,7 @@ def pyunion_mount(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
         ok = True
     finally:
         r = subprocess.run([*PYUNION_CMD, "umount", str(mnt)], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=60, check=False)
         still = is_mounted(mnt)
         _detach(mnt)
         if ok and (r.returncode != 0 or still):
@@ -248,7 +247,7 @@ class Dir:
     aufs: bool = False
 
 
-Node = Union[File, Symlink, Special, HardLink, Whiteout, Dir]
+Node = File | Symlink | Special | HardLink | Whiteout | Dir
 
 OPAQUE_XATTR = {"kernel": "trusted.overlay.opaque", "user": "user.overlay.opaque",
                 "fuseoverlayfs": "user.fuseoverlayfs.opaque"}
@@ -449,8 +448,9 @@ def layer_st(draw: st.DrawFn, max_depth: int = 3, hardlinks: bool = True,
     return directory(())
 
 
-def stack_st(min_layers: int = 1, max_layers: int = 4, **kw: object) -> st.SearchStrategy:
-    return st.lists(layer_st(**kw), min_size=min_layers, max_size=max_layers)  # type: ignore[arg-type]
+def stack_st(min_layers: int = 1, max_layers: int = 4, **kw: bool | int) -> st.SearchStrategy:
+    """A stack of layers, top first."""
+    return st.lists(layer_st(**kw), min_size=min_layers, max_size=max_layers)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import oracle as o
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-import oracle as o
 
 pytestmark = pytest.mark.skipif(o.skip_reason() is not None, reason=o.skip_reason() or "")
 
@@ -54,7 +53,7 @@ def _check_identity_and_names(mnt: Path, snap: o.Snapshot) -> None:
             assert ei.value.errno == errno.EINVAL, f"lstat {p}: {ei.value}"
 
 
-@o.settings_for(60)
+@o.settings_for(90)
 @given(stacks=st.lists(o.stack_st(), min_size=1, max_size=4))
 def test_read_view_matches_kernel(stacks: list[list[o.Dir]]) -> None:
     """Each example is up to four independent stacks (the first at the layer roots, the
@@ -76,7 +75,11 @@ def test_read_only_mount_refuses_writes(tmp_path: Path) -> None:
     (lower / "f").write_text("x")
     (lower / "d").mkdir()
     with o.pyunion_mount([lower], tmp_path / "m") as m:
-        for op in (lambda: open(m / "f", "a"), lambda: open(m / "new", "w"),
+        def opens(path: Path, flags: int) -> None:
+            os.close(os.open(path, flags, 0o644))
+
+        for op in (lambda: opens(m / "f", os.O_WRONLY | os.O_APPEND),
+                   lambda: opens(m / "new", os.O_WRONLY | os.O_CREAT),
                    lambda: os.mkdir(m / "e"), lambda: os.unlink(m / "f"),
                    lambda: os.chmod(m / "f", 0o600), lambda: os.rename(m / "f", m / "g"),
                    lambda: os.setxattr(m / "f", "user.x", b"1"), lambda: os.rmdir(m / "d")):

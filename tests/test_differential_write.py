@@ -27,11 +27,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import oracle as o
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-import oracle as o
 
 pytestmark = pytest.mark.skipif(o.skip_reason() is not None, reason=o.skip_reason() or "")
 
@@ -108,7 +107,8 @@ OPS: dict[str, Callable[..., object]] = {
     "symlink": lambda r, t, p: os.symlink(t, r / p),
     "mkfifo": lambda r, p, m: os.mkfifo(r / p, m),
     "mknod_null": lambda r, p: os.mknod(r / p, 0o20666, os.makedev(1, 3)),
-    "umask": lambda r, m: None,     # applied once per step, see _step
+    "umask": lambda r, m: None,     # these two change the process, see Run.step
+    "user": lambda r, u: None,
 }
 
 
@@ -216,6 +216,8 @@ op_st = st.one_of(
     _op("mkfifo", target_st, st.sampled_from((0o644, 0o600))),
     _op("mknod_null", target_st),
     _op("umask", st.sampled_from((0o022, 0o000, 0o077))),
+    _op("user", st.sampled_from((1000, 0))),
+    _op("user", st.sampled_from((1000, 0))),
 )
 ops_st = st.lists(op_st, min_size=3, max_size=25)
 
@@ -230,6 +232,25 @@ def lowers_st(formats: bool) -> st.SearchStrategy[list[o.Dir]]:
 
 # --------------------------------------------------------------------------------------------
 # The run.
+
+@contextlib.contextmanager
+def _as_user(uid: int) -> Iterator[None]:
+    """Run the block with effective uid and gid UID (no supplementary groups) unless 0:
+    the kernel checks permissions, and clears set-id bits on an unprivileged write."""
+    if uid == 0:
+        yield
+        return
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
 
 @contextlib.contextmanager
 def _umask(mask: int) -> Iterator[None]:
@@ -262,6 +283,7 @@ class Run:
         self.td = td
         self.history: list[str] = []
         self.synced = True        # K still follows (it never refused what the others did)
+        self.uid = 0              # who runs the operations
 
     def fail(self, msg: str) -> None:
         hist = "\n    ".join(self.history) or "(none)"
@@ -277,19 +299,25 @@ class Run:
         ref, name = (o.snapshot(k), "kernel") if self.synced else (o.snapshot(d), "plain copy")
         diffs = o.diff(ref, sp)
         if diffs:
-            self.fail(f"{when}: pyunion differs from the {name}:\n    " + "\n    ".join(diffs[:30]))
+            self.fail(f"{when}: pyunion differs from the {name} (expected = {name}, "
+                      "got = pyunion):\n    " + "\n    ".join(diffs[:30]))
         return sp
 
     def step(self, i: int, op: Op, k: Path, p: Path, d: Path) -> None:
         op = resolve(op, d)
-        if op[0] == "umask":
-            os.umask(op[1])
+        if op[0] in ("umask", "user"):
+            if op[0] == "umask":
+                os.umask(op[1])
+            else:
+                self.uid = op[1]
             self.history.append(f"{i}: {op}")
             return
-        rd = apply(d, op)
-        rk = apply(k, op) if self.synced else None
+        with _as_user(self.uid):
+            rd = apply(d, op)
+            rk = apply(k, op) if self.synced else None
         ino_before = _ino(p, op)
-        rp = apply(p, op)
+        with _as_user(self.uid):
+            rp = apply(p, op)
         self.history.append(f"{i}: {op} -> {rp}")
         if rp == "ok" and ino_before is not None and _ino(p, op) != ino_before:
             self.fail(f"step {i} {op}: st_ino changed from {ino_before} to {_ino(p, op)} "
@@ -311,12 +339,13 @@ class Run:
         self.compare(k, p, d, f"after step {i} {op}")
 
 
-def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path) -> None:
+def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path, uid: int = 0) -> None:
     raw = o.build_stack(td / "raw", lowers, kernel=False)
     conv = o.build_stack(td / "conv", lowers, kernel=True)
     for n in ("ku", "kw", "pu", "pw", "kw2"):
         (td / n).mkdir()
     run = Run(td)
+    run.uid = uid
     with _umask(0o022), \
             o.kernel_overlay(conv, td / "mk", td / "ku", td / "kw") as k, \
             o.pyunion_mount(raw, td / "mp", td / "pu", td / "pw") as p:
@@ -349,26 +378,29 @@ def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path) -> None:
 @contextlib.contextmanager
 def _tempdir(prefix: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix=prefix) as t:
+        os.chmod(t, 0o755)      # operations run as a user too
         try:
             yield Path(t)
         finally:
             o.rmtree(Path(t))
 
 
-@o.settings_for(60)
-@given(lowers=lowers_st(formats=False), ops=ops_st)
-def test_operations_match_kernel(lowers: list[o.Dir], ops: list[Op]) -> None:
-    """Lower layers in the kernel format; the main write-side test."""
+@o.settings_for(90)
+@given(lowers=lowers_st(formats=False), ops=ops_st, uid=st.sampled_from((0, 1000)))
+def test_operations_match_kernel(lowers: list[o.Dir], ops: list[Op], uid: int) -> None:
+    """Lower layers in the kernel format; the main write-side test. UID runs the
+    operations until a ("user", N) operation says otherwise."""
     with _tempdir("pyunion-dwrite-") as td:
-        run_sequence(lowers, ops, td)
+        run_sequence(lowers, ops, td, uid)
 
 
-@o.settings_for(25)
-@given(lowers=lowers_st(formats=True), ops=ops_st)
-def test_operations_over_every_marker_format(lowers: list[o.Dir], ops: list[Op]) -> None:
+@o.settings_for(35)
+@given(lowers=lowers_st(formats=True), ops=ops_st, uid=st.sampled_from((0, 1000)))
+def test_operations_over_every_marker_format(lowers: list[o.Dir], ops: list[Op],
+                                             uid: int) -> None:
     """Lower layers in every format SPEC lists (the kernel mounts them converted)."""
     with _tempdir("pyunion-dwritef-") as td:
-        run_sequence(lowers, ops, td)
+        run_sequence(lowers, ops, td, uid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,7 +525,7 @@ def _run_both_in(tmp_path: Path, script: str, user: int | None, skip: tuple[str,
         mount = o.kernel_overlay if impl == "kernel" else o.pyunion_mount
         with mount(lowers, mnt, upper, work):
             r = subprocess.run(cmd, cwd=mnt, env=full_env, capture_output=True, text=True,
-                               timeout=timeout)
+                               timeout=timeout, check=False)
             outputs[impl] = r.stdout
             assert r.returncode == 0, f"{impl}: the script failed ({r.returncode}):\n{r.stderr}"
             views[impl] = o.snapshot(mnt, skip=skip)
@@ -528,7 +560,8 @@ def test_sed_i_on_a_lower_file() -> None:
 
 def test_mkdir_mode_0555() -> None:
     view = _run_both("mkdir -m 0555 ro-new && mkdir -m 0555 srv/data/ro-sub && "
-                     "mkdir -p -m 0555 etc/a/b && touch ro-new/inside-as-root && ls -la ro-new | wc -l")
+                     "mkdir -p -m 0555 etc/a/b && touch ro-new/inside-as-root && "
+                     "ls -la ro-new | wc -l")
     assert view.entries["ro-new"].mode == 0o555
 
 
