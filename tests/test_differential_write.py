@@ -669,3 +669,21 @@ def test_copy_up_keeps_sparse_files_sparse(tmp_path: Path) -> None:
             blocks[impl] = os.stat(up / "sparse").st_blocks * 512
             assert o.entry_of(str(m / "sparse")).data == o.entry_of(str(up / "sparse")).data
     assert blocks["pyunion"] <= max(2 * blocks["kernel"], 1 << 20), blocks
+
+
+def test_names_starting_wh_are_refused(tmp_path: Path) -> None:
+    """SPEC: creating or looking up a `.wh.` name gives EINVAL (the kernel allows them;
+    pyunion cannot, since they are its markers in every layer)."""
+    lower = tmp_path / "l"
+    lower.mkdir()
+    (lower / "f").write_text("x")
+    for n in ("u", "w"):
+        (tmp_path / n).mkdir()
+    with o.pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
+        for op in [("create", ".wh.x", 0o644, "excl"), ("mkdir", ".wh.d", 0o755),
+                   ("mkdir", ".wh..wh..opq", 0o755), ("symlink", "f", ".wh.s"),
+                   ("link", "f", ".wh.l"), ("rename", "f", ".wh.f", 0),
+                   ("mkfifo", ".wh..opq", 0o644), ("unlink", ".wh.f")]:
+            assert apply(p, op) == "EINVAL", op
+        assert sorted(os.listdir(p)) == ["f"]
+    assert sorted(os.listdir(tmp_path / "u")) == []
