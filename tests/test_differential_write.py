@@ -19,6 +19,7 @@ PYUNION_EXAMPLES=N runs N sequences per test instead of the default.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import subprocess
@@ -109,6 +110,8 @@ OPS: dict[str, Callable[..., object]] = {
     "mknod_null": lambda r, p: os.mknod(r / p, 0o20666, os.makedev(1, 3)),
     "umask": lambda r, m: None,     # these two change the process, see Run.step
     "user": lambda r, u: None,
+    "hold": lambda r, p: None,      # these two use handles kept open, see Run.apply
+    "readheld": lambda r: None,
 }
 
 
@@ -218,6 +221,9 @@ op_st = st.one_of(
     _op("umask", st.sampled_from((0o022, 0o000, 0o077))),
     _op("user", st.sampled_from((1000, 0))),
     _op("user", st.sampled_from((1000, 0))),
+    _op("hold", data_path_st),
+    _op("readheld"),
+    _op("readheld"),
 )
 ops_st = st.lists(op_st, min_size=3, max_size=25)
 
@@ -284,12 +290,40 @@ class Run:
         self.history: list[str] = []
         self.synced = True        # K still follows (it never refused what the others did)
         self.uid = 0              # who runs the operations
+        self.held: dict[Path, list[int]] = {}     # handles kept open, by tree
 
     def fail(self, msg: str) -> None:
         hist = "\n    ".join(self.history) or "(none)"
         raise AssertionError(f"{msg}\n  operations so far (result on pyunion):\n    {hist}")
 
     ignore: tuple[str, ...] = ()
+
+    def apply(self, root: Path, op: Op) -> str:
+        """apply(), plus the operations on handles kept open across steps: what is read
+        through a handle opened before a copy-up, a rename or an unlink."""
+        if op[0] == "hold":
+            try:
+                fd = os.open(root / op[1], os.O_RDONLY | _NB)
+            except OSError as e:
+                return o.errno_name(e.errno)
+            self.held.setdefault(root, []).append(fd)
+            return "ok"
+        if op[0] == "readheld":
+            out = []
+            for fd in self.held.get(root, []):
+                try:
+                    data = os.pread(fd, 1 << 20, 0)
+                    out.append(f"{len(data)}:{hashlib.sha256(data).hexdigest()[:8]}")
+                except OSError as e:
+                    out.append(o.errno_name(e.errno))
+            return "ok " + ",".join(out)
+        return apply(root, op)
+
+    def close_held(self) -> None:
+        for fds in self.held.values():
+            for fd in fds:
+                os.close(fd)
+        self.held.clear()
 
     def compare(self, k: Path | None, p: Path, d: Path, when: str) -> o.Snapshot:
         sp = o.snapshot(p)
@@ -318,11 +352,11 @@ class Run:
             self.history.append(f"{i}: {op}")
             return
         with _as_user(self.uid):
-            rd = apply(d, op)
-            rk = apply(k, op) if self.synced and k is not None else None
+            rd = self.apply(d, op)
+            rk = self.apply(k, op) if self.synced and k is not None else None
         ino_before = _ino(p, op)
         with _as_user(self.uid):
-            rp = apply(p, op)
+            rp = self.apply(p, op)
         self.history.append(f"{i}: {op} -> {rp}")
         if rp == "ok" and ino_before is not None and _ino(p, op) != ino_before:
             self.fail(f"step {i} {op}: st_ino changed from {ino_before} to {_ino(p, op)} "
@@ -368,8 +402,11 @@ def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path, uid: int = 0,
         else:
             o.assert_same(o.snapshot(k), o.snapshot(d), "harness: the plain copy of the kernel")
         run.compare(k, p, d, "before any operation")
-        for i, op in enumerate(ops):
-            run.step(i, op, k, p, d)
+        try:
+            for i, op in enumerate(ops):
+                run.step(i, op, k, p, d)
+        finally:
+            run.close_held()
         final = run.compare(k, p, d, "after the sequence")
         if run.synced and k is not None:
             o.assert_same(o.snapshot(k), o.snapshot(d), "harness: kernel vs plain copy at the end")
