@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import PYUNION, is_mounted, mounted, needs_fuse, pyunion
 
 
@@ -135,3 +137,68 @@ def test_statfs_is_the_uppers(layers: tuple) -> None:
     with mounted(lows, mnt, upper, work):
         a, b = os.statvfs(mnt), os.statvfs(upper)
         assert (a.f_blocks, a.f_bsize) == (b.f_blocks, b.f_bsize)
+
+
+@needs_fuse
+@pytest.mark.parametrize("writeback", ["0", "1"])
+def test_attributes_of_a_removed_file_still_open(layers: tuple, writeback: str) -> None:
+    """fchmod/fchown/futimens/ftruncate on an open file whose name is gone (the
+    writeback cache also flushes times of such files): they work, like the kernel's."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "low").write_text("lower data")
+    with mounted(lows, mnt, upper, work, extra=("-o", f"writeback={writeback}")):
+        for name in ("low", "new"):
+            fd = os.open(mnt / name, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, b"some bytes written through the cache")
+                os.unlink(mnt / name)
+                os.fchmod(fd, 0o600)
+                os.fchown(fd, 123, 456)
+                os.ftruncate(fd, 4)
+                os.utime(fd, ns=(10**18, 10**18))
+                st = os.fstat(fd)
+                assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == \
+                    (0o600, 123, 456, 4)
+                assert st.st_mtime_ns == 10**18
+                assert os.pread(fd, 100, 0) == b"some"
+            finally:
+                os.close(fd)  # no EIO from a late flush
+            assert not os.path.lexists(mnt / name)
+
+
+@needs_fuse
+def test_writes_through_the_writeback_cache_reach_the_upper(layers: tuple) -> None:
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_bytes(b"a" * 10000)
+    with mounted(lows, mnt, upper, work, extra=("-o", "writeback=1")):
+        with open(mnt / "f", "r+b") as f:
+            f.seek(5000)
+            f.write(b"b" * 100)
+        with open(mnt / "g", "ab") as f:  # O_APPEND kept by the kernel
+            f.write(b"1")
+        with open(mnt / "g", "ab") as f:
+            f.write(b"2")
+        with open(mnt / "h", "wb") as f:
+            for _ in range(100):
+                f.write(b"x" * 1000)  # small writes, gathered by the kernel
+            f.flush()
+            os.fsync(f.fileno())
+            assert (upper / "h").stat().st_size == 100000  # fsync reached the upper
+    assert (upper / "f").read_bytes() == b"a" * 5000 + b"b" * 100 + b"a" * 4900
+    assert (upper / "g").read_bytes() == b"12"
+    assert (upper / "h").read_bytes() == b"x" * 100000
+
+
+@needs_fuse
+def test_spin_and_writeback_options(layers: tuple) -> None:
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("x")
+    for opts in ("spin=0,writeback=0", "spin=200,writeback=1"):
+        with mounted(lows, mnt, upper, work, extra=("-o", opts)):
+            (mnt / "f").write_text("y")
+            assert (mnt / "f").read_text() == "y"
+    for bad, msg in (("spin=fast", "spin takes microseconds"), ("writeback=2", "expected 0 or 1")):
+        r = pyunion("mount", "-o", f"{bad},upperdir={upper},workdir={work},lowerdir={lows[0]}",
+                    str(mnt), check=False)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+        assert not is_mounted(mnt)

@@ -65,9 +65,13 @@ class FuseOps(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = True
 
-    def __init__(self, core: Union, debug: bool = False) -> None:
+    def __init__(self, core: Union, debug: bool = False, writeback: bool = False) -> None:
         super().__init__()
         self.core = core
+        # Read by pyfuse3.init(). The kernel then gathers small writes into big
+        # ones and keeps size and mtime itself; we open every writable file
+        # O_RDWR without O_APPEND, as that mode needs (see Union.open).
+        self.enable_writeback_cache = writeback
         self._copying: dict[int, trio.Event] = {}
         core.copyup.links_changed = self._links_changed
         if debug:
@@ -90,7 +94,12 @@ class FuseOps(pyfuse3.Operations):
                 except pyfuse3.FUSEError as e:
                     log.debug("%s%r -> %s", _name, tuple(shown), errno.errorcode.get(e.errno, e.errno))
                     raise
-                log.debug("%s%r -> ok", _name, tuple(shown))
+                attr = result[1] if isinstance(result, tuple) else result
+                if isinstance(attr, pyfuse3.EntryAttributes):
+                    log.debug("%s%r -> ino %d mode %o size %d", _name, tuple(shown),
+                              attr.st_ino, attr.st_mode, attr.st_size)
+                else:
+                    log.debug("%s%r -> ok", _name, tuple(shown))
                 return result
 
             setattr(self, name, logged)

@@ -38,7 +38,8 @@ class Node:
 
     __slots__ = (
         "ino", "nlookup", "parent", "name", "links", "is_dir", "layer", "chain",
-        "fds", "listing", "attr", "handles", "origin", "unlinked", "xwh", "st", "xnames", "__weakref__",
+        "fds", "listing", "attr", "handles", "origin", "unlinked", "xwh", "st", "xnames", "mtime_pin",
+        "__weakref__",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, layer: int,
@@ -62,6 +63,7 @@ class Node:
         # The object's xattr names, kept once asked: lower objects never change, and an
         # upper object's xattrs change only through the daemon, which clears this.
         self.xnames: frozenset[bytes] | None = None
+        self.mtime_pin: tuple[int, int] | None = None  # see Union.writeback
 
     def close_fds(self) -> None:
         if self.parent is None:

@@ -193,6 +193,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     import pyfuse3
     import trio
 
+    from . import reqloop
     from .fuseops import FuseOps
     from .union import Union
 
@@ -218,8 +219,9 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     except UserError as e:
         stack.close()
         return fail(str(e))
-    core = Union(stack, work_fd, volatile=cfg.volatile)
-    ops = FuseOps(core, debug=cfg.debug)
+    writeback = cfg.writeback and stack.upper is not None
+    core = Union(stack, work_fd, volatile=cfg.volatile, writeback=writeback)
+    ops = FuseOps(core, debug=cfg.debug, writeback=writeback)
     _raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     real_mp = os.path.realpath(cfg.mountpoint)
@@ -239,6 +241,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
     unmounted_by_us = False
+
+    reqloop.install(pyfuse3, cfg.spin_us)
 
     async def main() -> None:
         nonlocal unmounted_by_us

@@ -26,7 +26,7 @@ IGNORED = {
     "strictatime", "lazytime", "nolazytime", "auto", "noauto", "user", "nouser", "_netdev",
     "nofail", "defaults", "noacl", "acl", "index", "redirect_dir", "metacopy", "xino",
     "userxattr", "volatile", "fsync", "nfs_export", "uuid", "default_permissions",
-    "threaded", "fast_ino", "static_nlink", "noxattrs", "writeback", "timeout", "context",
+    "threaded", "fast_ino", "static_nlink", "noxattrs", "timeout", "context",
     "fscontext", "defcontext", "rootcontext", "max_read", "nodev", "nosuid", "noexec",
     "debug",
 }
@@ -54,6 +54,8 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     read_only: bool = False
     volatile: bool = False  # fsync=0 / volatile: skip fsync to disk
+    writeback: bool = False  # writeback=1: the kernel's writeback cache (README: the mtime caveat)
+    spin_us: int = 30  # poll /dev/fuse this long before sleeping (see reqloop.py)
     debug: bool = False
     foreground: bool = False
     fsname: str = "pyunion"
@@ -152,6 +154,14 @@ def normalize_overlayfs_options(text: str) -> str:
     return ",".join(kept)
 
 
+def _flag(item: str, value: str) -> bool:
+    if value in ("", "1", "yes", "true"):
+        return True
+    if value in ("0", "no", "false"):
+        return False
+    raise UserError(f"malformed option {item!r}: expected 0 or 1")
+
+
 def parse_options(opts: list[str], cfg: MountConfig) -> None:
     """Apply every `-o` string in `opts` to `cfg`."""
     for opt_string in opts:
@@ -182,6 +192,12 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 cfg.read_only = True
             elif key == "volatile" or (key == "fsync" and value == "0"):
                 cfg.volatile = True
+            elif key == "writeback":
+                cfg.writeback = _flag(item, value)
+            elif key == "spin":
+                if not value.isdigit() or int(value) > 10000:
+                    raise UserError(f"malformed option {item!r}: spin takes microseconds, 0 to 10000")
+                cfg.spin_us = int(value)
             elif key == "fsname" and eq:
                 cfg.fsname = value
             elif key == "uidmapping":

@@ -53,8 +53,13 @@ def check_name(name: bytes) -> None:
 class Union:
     """A mounted stack: lookups, listings, copy-up and every write."""
 
-    def __init__(self, stack: LayerStack, work_fd: int = -1, volatile: bool = False) -> None:
+    def __init__(self, stack: LayerStack, work_fd: int = -1, volatile: bool = False,
+                 writeback: bool = False) -> None:
         self.stack = stack
+        # With the kernel's writeback cache, the kernel keeps mtime and sends it in
+        # a setattr, which can overtake the last data writes it flushes: the mtime
+        # it set is re-applied after such writes (Node.mtime_pin).
+        self.writeback = writeback
         self.table = InodeTable(list(stack.devs))
         self.resolver = Resolver(stack, self.table)
         self.volatile = volatile
@@ -320,7 +325,11 @@ class Union:
         h = self.file_handle(fh)
         if not h.writable:
             raise FsError(errno.EBADF)
-        return os.pwrite(h.fd, data, off)
+        n = os.pwrite(h.fd, data, off)
+        pin = h.node.mtime_pin
+        if pin is not None:
+            os.utime(h.fd, ns=pin)
+        return n
 
     def fsync(self, fh: int, datasync: bool) -> None:
         if self.volatile:
@@ -814,25 +823,39 @@ class Union:
         if self.needs_copyup(node):
             only_trunc0 = size == 0 and mode is None and uid is None and gid is None
             self.copy_up(node, with_data=not only_trunc0)
+        target: int | bytes
+        dirfd: int | None = None
         if node.is_dir:
-            target: int | bytes = self.resolver.dirfd(node, 0)
-            dirfd, name = None, b""
+            target = self.resolver.dirfd(node, 0)
             if size is not None:
                 raise FsError(errno.EISDIR)
         else:
-            dirfd = self.resolver.location_fd(node)
-            name = node.name
-            target = fdpath(dirfd, name)
+            fd = self._upper_fd(node, handle)
+            if fd is not None:
+                target = fd  # also right for a removed file still open
+            elif node.unlinked:
+                # A removed file nobody has open: the kernel flushing its times on
+                # eviction (writeback cache). Nothing is left to change.
+                node.attr = None
+                return
+            else:
+                dirfd = self.resolver.location_fd(node)
+                target = fdpath(dirfd, node.name)
         is_link = not node.is_dir and stat.S_ISLNK(self.stat(node)[0].st_mode)
         if size is not None:
-            if isinstance(handle, Handle) and handle.writable:
-                os.ftruncate(handle.fd, size)
+            wfd = self._upper_fd(node, handle, writable=True)
+            if wfd is not None:
+                os.ftruncate(wfd, size)
             else:
-                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                # No writable handle: open one, by name or (a removed file) by its fd.
+                if isinstance(target, int):
+                    tfd = os.open(f"/proc/self/fd/{target}", os.O_WRONLY | os.O_CLOEXEC)
+                else:
+                    tfd = os.open(node.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
                 try:
-                    os.ftruncate(fd, size)
+                    os.ftruncate(tfd, size)
                 finally:
-                    os.close(fd)
+                    os.close(tfd)
         nofollow = not isinstance(target, int)  # a path: never follow its last component
         if uid is not None or gid is not None:
             os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
@@ -845,8 +868,19 @@ class Union:
                 atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
             os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=not nofollow)
+            if self.writeback and not node.is_dir:
+                node.mtime_pin = (atime_ns, mtime_ns)
         node.attr = None
         node.xnames = None  # chmod rewrites an ACL
+
+    @staticmethod
+    def _upper_fd(node: Node, handle: object, writable: bool = False) -> int | None:
+        """An fd on the upper file, when one is open: the caller's handle first."""
+        for h in (handle, *(node.handles or ())):
+            if isinstance(h, Handle) and h.layer == 0 and h.node is node \
+                    and (h.writable or not writable):
+                return h.fd
+        return None
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         self._writable()
