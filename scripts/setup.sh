@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr busybox-static
-      fuse-overlayfs unionfs-fuse fio buildah skopeo umoci zstd procps util-linux psmisc)
+      fuse-overlayfs unionfs-fuse fio buildah skopeo umoci zstd procps util-linux psmisc
+      debootstrap)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,6 +13,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import stat
 import struct
@@ -417,20 +418,47 @@ def test_terminal_keys_without_tty_option(env: Env, key: bytes, code: int, after
         os.close(fd)
 
 
-ROOTFS = os.environ.get("PYUNION_TEST_ROOTFS")
+ROOTFS_CACHE = Path("/var/tmp/pyunion-test-rootfs")
 
 
-@pytest.mark.skipif(not ROOTFS, reason="set PYUNION_TEST_ROOTFS to a Debian root filesystem "
-                    "(debootstrap --variant=minbase --include=python3-minimal bookworm DIR)")
-def test_real_debian_rootfs(env: Env, tmp_path: Path) -> None:
+@pytest.fixture(scope="session")
+def debian_rootfs() -> str:
+    """A real Debian root filesystem: $PYUNION_TEST_ROOTFS, or debootstrap'd once into a cache."""
+    given = os.environ.get("PYUNION_TEST_ROOTFS")
+    if given:
+        return given
+    if (ROOTFS_CACHE / "usr/bin/python3").exists():
+        return str(ROOTFS_CACHE)
+    exe = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not os.path.exists(exe):
+        pytest.skip("debootstrap is not installed (scripts/setup.sh installs it), "
+                    "and PYUNION_TEST_ROOTFS is not set")
+    tmp = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".log")
+    with open(log, "w") as out:
+        try:
+            r = subprocess.run([exe, "--variant=minbase", "--include=python3-minimal", "bookworm",
+                                str(tmp), "http://deb.debian.org/debian"],
+                               stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False)
+            ok = r.returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+    if not ok or not (tmp / "usr/bin/python3").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"debootstrap of Debian bookworm failed (no mirror reachable?): see {log}")
+    os.rename(tmp, ROOTFS_CACHE)
+    return str(ROOTFS_CACHE)
+
+
+def test_real_debian_rootfs(env: Env, tmp_path: Path, debian_rootfs: str) -> None:
     """A real distribution under two extra layers: apt-get and python3 run, nothing remains."""
-    assert ROOTFS is not None
     top, mid = tmp_path / "top", tmp_path / "mid"
     (top / "etc").mkdir(parents=True)
     os.mknod(top / "etc/issue", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
     (mid / "etc").mkdir(parents=True)
     (mid / "etc/.wh.issue.net").write_text("")
-    env.layers = [str(top), str(mid), ROOTFS]
+    env.layers = [str(top), str(mid), debian_rootfs]
     r = env.run("/bin/bash", "-c", 'apt-get --version && python3 -c "print(1)" && '
                 "test ! -e /etc/issue && test ! -e /etc/issue.net && echo clean", timeout=60)
     assert r.returncode == 0, r.stderr
