@@ -296,7 +296,9 @@ class CopyUp:
             return  # the upper has that name already (it hides the lower alias)
         except FileNotFoundError:
             pass
+        pst = os.fstat(pfd)
         os.link(node.name, name, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
+        set_times(pfd, pst)  # the name was there already in the merged view: no visible change
 
     def copy_up(self, node: Node, with_data: bool = True) -> None:
         """Copy-up in one go, on the calling thread."""
