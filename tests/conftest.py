@@ -108,12 +108,9 @@ def alive(pid: int) -> bool:
 
 
 def wait_gone(pid: int, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    from unionfs.mount import wait_gone as _wait_gone
+
+    return _wait_gone(pid, timeout)
 
 
 def kill_daemon(mnt: str | Path, pid: int | None = None) -> None:

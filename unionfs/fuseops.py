@@ -65,13 +65,13 @@ class FuseOps(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = True
 
-    def __init__(self, core: Union, debug: bool = False, writeback: bool = False) -> None:
+    def __init__(self, core: Union, debug: bool = False) -> None:
         super().__init__()
         self.core = core
         # Read by pyfuse3.init(). The kernel then gathers small writes into big
         # ones and keeps size and mtime itself; we open every writable file
         # O_RDWR without O_APPEND, as that mode needs (see Union.open).
-        self.enable_writeback_cache = writeback
+        self.enable_writeback_cache = core.writeback
         self._copying: dict[int, trio.Event] = {}
         core.copyup.links_changed = self._links_changed
         if debug:

@@ -83,6 +83,16 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until `pid` is no longer running; False if it still is after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 # -- validation ------------------------------------------------------------------
 def _inside(path: str, top: str) -> bool:
     return path.startswith(top.rstrip("/") + "/")
@@ -219,9 +229,9 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     except UserError as e:
         stack.close()
         return fail(str(e))
-    writeback = cfg.writeback and stack.upper is not None
-    core = Union(stack, work_fd, volatile=cfg.volatile, writeback=writeback)
-    ops = FuseOps(core, debug=cfg.debug, writeback=writeback)
+    core = Union(stack, work_fd, volatile=cfg.volatile,
+                 writeback=cfg.writeback and stack.upper is not None)
+    ops = FuseOps(core, debug=cfg.debug)
     _raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     real_mp = os.path.realpath(cfg.mountpoint)
@@ -392,17 +402,12 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         raise UserError(f"cannot unmount {mountpoint!r}: {e.strerror}")
     if pid is None:
         return
-    deadline = time.monotonic() + timeout
-    if lazy:
-        # A detached mount stays alive while something still uses it; its daemon
-        # exits after the last user. Waiting for that would hang the command.
-        deadline = time.monotonic() + min(timeout, 2.0)
-    while process_alive(pid):
-        if time.monotonic() > deadline:
-            if lazy:
-                return
-            raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:g}s")
-        time.sleep(0.02)
+    # A detached mount stays alive while something still uses it; its daemon
+    # exits after the last user. Waiting for that would hang the command.
+    if not wait_gone(pid, min(timeout, 2.0) if lazy else timeout):
+        if lazy:
+            return
+        raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:g}s")
     with contextlib.suppress(OSError):
         os.unlink(_state_path(mountpoint))
 

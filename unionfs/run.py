@@ -40,7 +40,7 @@ from typing import Any, NoReturn
 
 from . import sandbox
 from .errors import UserError
-from .mount import process_alive
+from .mount import wait_gone
 from .options import MountConfig
 
 TOOL_ERROR = 125
@@ -266,15 +266,6 @@ class _Interrupted(Exception):
     def __init__(self, signo: int) -> None:
         super().__init__(signo)
         self.signo = signo
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while process_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class Runner:
@@ -633,10 +624,10 @@ def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str
     if daemon is not None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(daemon, os.WNOHANG)  # ours when we forked it; reap the zombie
-        if not _wait_gone(daemon, 5):
+        if not wait_gone(daemon, 5):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(daemon, signal.SIGTERM)
-            if not _wait_gone(daemon, 5):
+            if not wait_gone(daemon, 5):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(daemon, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
@@ -706,7 +697,7 @@ def _janitor(rfd: int, runner: Runner) -> NoReturn:
         for pid in init:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 10)
+            wait_gone(pid, 10)
         _release(runner.merged, runner.daemon, runner.tmp, runner.upper, runner.kept())
     except BaseException:  # noqa: BLE001 - a forked child must never return into pyunion
         code = 1

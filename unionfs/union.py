@@ -841,7 +841,6 @@ class Union:
             else:
                 dirfd = self.resolver.location_fd(node)
                 target = fdpath(dirfd, node.name)
-        is_link = not node.is_dir and stat.S_ISLNK(self.stat(node)[0].st_mode)
         if size is not None:
             wfd = self._upper_fd(node, handle, writable=True)
             if wfd is not None:
@@ -860,7 +859,9 @@ class Union:
         if uid is not None or gid is not None:
             os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
                      follow_symlinks=not nofollow)
-        if mode is not None and not is_link:
+        # A path may name a symlink (whose mode cannot change); an fd never does.
+        if mode is not None and (isinstance(target, int)
+                                 or not stat.S_ISLNK(self.stat(node)[0].st_mode)):
             os.chmod(target, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
