@@ -45,7 +45,7 @@ from conftest import (
     start_children,
     tree_view,
 )
-from unionfs.sysfs import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from unionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 OPS = int(os.environ.get("PYUNION_CONC_OPS", soak(3000, 30000)))
 SEED = int(os.environ.get("PYUNION_CONC_SEED", int(time.time()) % 100000))

@@ -26,7 +26,8 @@ from .errors import FsError
 from .inodes import InodeTable, Node
 from .layers import DIR_FLAGS, LayerStack
 from .resolve import Resolver
-from .sysfs import fdpath
+from .syscalls import fdpath
+from .tree import rmtree_at
 from .whiteout import is_internal_xattr
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
@@ -174,7 +175,7 @@ class CopyUp:
             set_times(fd, st)
         except BaseException:
             os.close(fd)
-            _rmtree_at(self.work_fd, tmp)
+            rmtree_at(self.work_fd, tmp)
             raise
         set_times(pfd, pst)
         d.chain = (0,) + d.chain
@@ -311,28 +312,3 @@ class CopyUp:
             self.abort(job)
             raise
         self.finish(job)
-
-
-def _rmtree_at(dirfd: int, name: bytes) -> None:
-    """Remove `name` below `dirfd` recursively, never following symlinks."""
-    try:
-        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dirfd)
-        return
-    fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
-    try:
-        for e in os.scandir(fd):
-            child = os.fsencode(e.name)
-            if e.is_dir(follow_symlinks=False):
-                _rmtree_at(fd, child)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dirfd)
-
-
-rmtree_at = _rmtree_at

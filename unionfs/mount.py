@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import time
 from .errors import UserError
 from .layers import DIR_FLAGS, LayerStack
 from .options import MountConfig
+from .syscalls import MNT_DETACH, umount2
+from .tree import rmtree_at
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,6 @@ def choose_workdir(upper: str, work: str | None) -> str:
 
 def prepare_workdir(work: str) -> tuple[int, int]:
     """Lock the work dir for this mount, empty WORK/work, return (lock fd, WORK/work fd)."""
-    from .copyup import rmtree_at
-
     lock_fd = os.open(work, DIR_FLAGS)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -279,7 +278,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
             pass
         if unmounted_by_us and any(mp == real_mp for mp, _, _ in mounts()):
             with contextlib.suppress(OSError):
-                _umount2(real_mp, lazy=True)
+                umount2(real_mp, MNT_DETACH)
         core.close()
         if lock_fd >= 0:
             os.close(lock_fd)
@@ -344,15 +343,6 @@ def _detach_stdio(cfg: MountConfig) -> None:
 
 
 # -- unmounting ------------------------------------------------------------------------
-def _umount2(path: str, lazy: bool = False) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(os.fsencode(path), 2 if lazy else 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-
-
 def holders(path: str) -> list[str]:
     """Processes using something under `path` (cwd, root, open files)."""
     real = os.path.realpath(path)
@@ -388,7 +378,7 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     pid = daemon_pid(mountpoint)
     try:
         if os.geteuid() == 0:
-            _umount2(mountpoint, lazy=lazy)
+            umount2(mountpoint, MNT_DETACH if lazy else 0)
         else:
             cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -410,10 +400,3 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:g}s")
     with contextlib.suppress(OSError):
         os.unlink(_state_path(mountpoint))
-
-
-def _st_is_dir(path: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError:
-        return False

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn
 
-from . import sandbox
+from . import sandbox, syscalls
 from .errors import UserError
 from .mount import wait_gone
 from .options import MountConfig
@@ -371,8 +371,8 @@ class Runner:
         spec.root = self.merged
         spec.etc_files = _host_etc_copies(os.path.join(self.tmp, "etc"), opts.hostname)
         try:
-            sandbox.unshare(sandbox.CLONE_NEWNS)
-            sandbox.make_private("/")
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.make_private("/")
         except OSError as e:
             raise _fail(f"cannot create a mount namespace: {e.strerror}")
         from .mount import mount
@@ -405,7 +405,7 @@ class Runner:
         """Fork pid 1 of a new pid namespace; this process stays in its own."""
         own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            sandbox.unshare(sandbox.CLONE_NEWPID)
+            syscalls.unshare(syscalls.CLONE_NEWPID)
         except OSError as e:
             os.close(own)
             raise _fail(f"cannot create a pid namespace: {e.strerror}")
@@ -421,7 +421,7 @@ class Runner:
                 sandbox.container_init(spec, child_sock)
         finally:
             if os.getpid() != 1:
-                sandbox.setns(own, sandbox.CLONE_NEWPID)
+                syscalls.setns(own, syscalls.CLONE_NEWPID)
                 os.close(own)
         return pid
 

@@ -27,11 +27,9 @@ create, something outside the tree.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
-import platform
 import signal
 import socket
 import stat
@@ -40,113 +38,16 @@ import termios
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-# -- syscalls Python 3.11 does not wrap ----------------------------------------
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-MNT_DETACH = 0x2
-
-PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_IN_ROOT = 0x10
-SYS_OPENAT2 = 437  # the same number on every architecture
-SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203,
-                  "s390x": 217, "i686": 217, "armv7l": 218}.get(platform.machine())
+from .syscalls import (CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWUTS, MNT_DETACH, MS_BIND, MS_NODEV,
+                       MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT, make_private, mount,
+                       open_in_root, pivot_root, set_pdeathsig, set_process_title, umount2, unshare)
+from .syscalls import fd_str as fd_path
 
 # Signals pyunion forwards to the command (the issue's list).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _check(ret: int, what: str, path: str | None = None) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}", path)
-    return ret
-
-
-def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), "unshare")
-
-
-def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(fd, nstype), "setns")
-
-
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
-    def enc(s: str | None) -> bytes | None:
-        return None if s is None else os.fsencode(s)
-
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-           "mount", target)
-
-
-def umount2(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(os.fsencode(target), flags), "umount", target)
-
-
-def set_pdeathsig(sig: int) -> None:
-    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl")
-
-
-def set_process_title(title: str) -> None:
-    """Show init as TITLE in `ps` inside, not as a copy of pyunion's long command line.
-
-    Overwrites the process's original argv area in place (what setproctitle does);
-    Python keeps its own copy of argv, so nothing reads that memory any more.
-    """
-    raw = title.encode()
-    _libc.prctl(PR_SET_NAME, raw[:15], 0, 0, 0)
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of stat
-    except (OSError, IndexError, ValueError):
-        return
-    size = arg_end - arg_start
-    if size <= len(raw):
-        return
-    ctypes.memmove(arg_start, raw + b"\0" * (size - len(raw)), size)
-
-
-def make_private(path: str = "/") -> None:
-    """Stop mount events propagating between this namespace and the host's."""
-    mount(None, path, None, MS_REC | MS_PRIVATE)
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
-def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
-    """Open PATH as if `rootfd` were `/`: `..` and symlinks (absolute too) stay inside."""
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(SYS_OPENAT2, rootfd, os.fsencode(path.lstrip("/") or "."),
-                       ctypes.byref(how), ctypes.sizeof(how))
-    return _check(fd, "open", path)
-
-
-def fd_path(fd: int) -> str:
-    """A path the kernel resolves to exactly the object behind `fd` (for mount(2))."""
-    return f"/proc/self/fd/{fd}"
 
 
 # -- what to run --------------------------------------------------------------------
@@ -241,7 +142,7 @@ def _setup_dev(rootfd: int) -> None:
                 os.chmod(name, 0o666, dir_fd=dev)
             except PermissionError:  # no CAP_MKNOD: bind the host's node instead
                 os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dev))
-                mount(f"/dev/{name}", f"/proc/self/fd/{dev}/{name}", None, MS_BIND)
+                mount(f"/dev/{name}", f"{fd_path(dev)}/{name}", None, MS_BIND)
         for name, target in DEV_LINKS.items():
             os.symlink(target, name, dir_fd=dev)
         os.mkdir("pts", 0o755, dir_fd=dev)
@@ -294,7 +195,11 @@ def _bind(rootfd: int, source: str, target: str, read_only: bool) -> None:
 def _pivot_into(root: str) -> None:
     """Make ROOT the root and detach the host's tree (chroot if pivot_root is refused)."""
     os.chdir(root)
-    if SYS_PIVOT_ROOT is not None and _libc.syscall(SYS_PIVOT_ROOT, b".", b".") == 0:
+    try:
+        pivot_root(".", ".")
+    except OSError:
+        pass
+    else:
         umount2(".", MNT_DETACH)  # the host's root, stacked on ours by pivot_root(".", ".")
         os.chdir("/")
         return

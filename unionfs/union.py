@@ -19,13 +19,14 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .copyup import CopyJob, CopyUp, rmtree_at
+from .copyup import CopyJob, CopyUp
 from .errors import FsError
 from .handles import DirHandle, Handle
 from .inodes import ROOT_ID, InodeTable, Node
 from .layers import DIR_FLAGS, LayerStack
 from .resolve import Entry, Resolver
-from .sysfs import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fdpath, renameat2
+from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fdpath, renameat2
+from .tree import rmtree_at
 from .whiteout import OPQ_OCI, WH_PREFIX, WhiteoutWriter, is_internal_xattr, is_whiteout_stat
 
 NAME_MAX = 255

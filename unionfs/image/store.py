@@ -25,7 +25,6 @@ next command that can take the store lock exclusively).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -38,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import syscalls
 from ..errors import UserError
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -77,9 +77,8 @@ def default_store() -> str:
 def syncfs(fd: int) -> None:
     """Flush the store's filesystem once before publishing, rather than fsync per file."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syncfs(fd)
-    except (OSError, AttributeError):
+        syscalls.syncfs(fd)
+    except OSError:
         os.sync()
 
 

@@ -1,0 +1,213 @@
+"""Thin wrappers of the Linux syscalls Python's `os` module lacks, written once.
+
+Each wrapper raises `OSError` with the errno, like the `os` functions, so
+callers handle them the same way. libc is loaded here and nowhere else.
+
+`fdpath` names an object we hold by fd ("/proc/self/fd/N[/NAME]") for the
+calls that have no dir_fd form (xattrs, chmod, mount(2)): the directory part
+is the fd itself, so no symlink on the way is followed, and with
+follow_symlinks=False neither is the last component.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# renameat2(2)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+# unshare(2) / setns(2)
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# mount(2)
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MNT_FORCE = 0x1
+MNT_DETACH = 0x2
+
+# openat2(2)
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+# mount_setattr(2)
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+# prctl(2)
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_NO_NEW_PRIVS = 38
+
+# Syscall numbers glibc 2.36 has no wrapper for.
+SYS_OPENAT2 = 437  # the same number on every architecture (new syscall table)
+SYS_MOUNT_SETATTR = 442  # likewise
+SYS_CLOSE_RANGE = 436  # likewise
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203,
+                  "s390x": 217, "i686": 217, "armv7l": 218}.get(platform.machine())
+
+
+def _check(ret: int, what: str, path: str | bytes | None = None) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return ret
+
+
+def _enc(s: str | bytes | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+# -- names -------------------------------------------------------------------------------
+def fdpath(dirfd: int, name: bytes = b"") -> bytes:
+    """/proc/self/fd/DIRFD[/NAME]: a path that resolves through an fd we hold."""
+    if name:
+        return b"/proc/self/fd/%d/%s" % (dirfd, name)
+    return b"/proc/self/fd/%d" % dirfd
+
+
+def fd_str(fd: int) -> str:
+    """`fdpath` of a lone fd, as a str (for mount(2) targets and `os.open`)."""
+    return f"/proc/self/fd/{fd}"
+
+
+# -- files -------------------------------------------------------------------------------
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_libc.renameat2.restype = ctypes.c_int
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
+    if flags == 0:
+        os.rename(oldname, newname, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
+        return
+    if _libc.renameat2(olddirfd, oldname, newdirfd, newname, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _libc.syscall(SYS_OPENAT2, dirfd, _enc(path), ctypes.byref(how), ctypes.sizeof(how))
+    return _check(fd, "open", path)
+
+
+def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
+    """Open PATH as if `rootfd` were `/`: `..` and symlinks (absolute too) stay inside."""
+    return openat2(rootfd, path.lstrip("/") or ".", flags,
+                   RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+
+
+def syncfs(fd: int) -> None:
+    _check(_libc.syncfs(fd), "syncfs")
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
+    _check(_libc.syscall(SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(last),
+                         ctypes.c_uint(flags)), "close_range")
+
+
+# -- namespaces and mounts -----------------------------------------------------------------
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount(source: str | None, target: str | bytes, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    _check(_libc.mount(_enc(source), _enc(target), _enc(fstype), ctypes.c_ulong(flags),
+                       _enc(data)), "mount", target)
+
+
+def umount2(target: str | bytes, flags: int = 0) -> None:
+    _check(_libc.umount2(_enc(target), flags), "umount", target)
+
+
+def make_private(path: str = "/") -> None:
+    """Stop mount events propagating between this namespace and the host's."""
+    mount(None, path, None, MS_REC | MS_PRIVATE)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(dirfd: int, path: str, flags: int, attr_set: int, attr_clr: int = 0) -> None:
+    """Change mount attributes; with AT_RECURSIVE, of every mount below too."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, dirfd, _enc(path), ctypes.c_uint(flags),
+                         ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr", path)
+
+
+def pivot_root(new_root: str | bytes, put_old: str | bytes) -> None:
+    if SYS_PIVOT_ROOT is None:
+        raise OSError(38, "pivot_root: unknown syscall number on this architecture")
+    _check(_libc.syscall(SYS_PIVOT_ROOT, _enc(new_root), _enc(put_old)), "pivot_root")
+
+
+# -- processes -------------------------------------------------------------------------------
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), "prctl")
+
+
+def set_pdeathsig(sig: int) -> None:
+    prctl(PR_SET_PDEATHSIG, sig)
+
+
+def set_no_new_privs() -> None:
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def set_process_title(title: str) -> None:
+    """Show this process as TITLE in `ps`, not as a copy of pyunion's long command line.
+
+    Overwrites the process's original argv area in place (what setproctitle does);
+    Python keeps its own copy of argv, so nothing reads that memory any more.
+    """
+    raw = title.encode()
+    _libc.prctl(PR_SET_NAME, raw[:15], 0, 0, 0)
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of stat
+    except (OSError, IndexError, ValueError):
+        return
+    size = arg_end - arg_start
+    if size <= len(raw):
+        return
+    ctypes.memmove(arg_start, raw + b"\0" * (size - len(raw)), size)
