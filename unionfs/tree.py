@@ -120,7 +120,7 @@ def rmtree(path: str, missing_ok: bool = True) -> None:
         os.close(pfd)
 
 
-def walk_at(dirfd: int) -> "list[tuple[bytes, os.stat_result]]":
+def walk_at(dirfd: int) -> list[tuple[bytes, os.stat_result]]:
     """Every entry below `dirfd` (relative path, lstat), parents before children.
 
     Iterative and fd-based; holds one fd per directory level only while it is
