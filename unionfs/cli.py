@@ -104,7 +104,8 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_umount(sub)
     # Subcommands that live in their own modules register themselves.
-    for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli") if extra else ():
+    for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli",
+                    "unionfs.registry.cli") if extra else ():
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:

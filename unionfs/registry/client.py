@@ -1,0 +1,572 @@
+"""An OCI distribution API client (the `/v2/` protocol), on httpx over trio.
+
+One `Client` talks to one registry. It finds the scheme and the way to
+authenticate once (`GET /v2/`: HTTPS, or plain HTTP only with `tls_verify=False`,
+as containers/image does), then answers 401s by the challenge's rules: Basic
+with the credentials, or the Bearer token dance (a token per set of scopes,
+fetched from the challenge's realm with the credentials, kept for the session).
+
+Transient failures (connection refused or reset, timeouts, 429, 502-504) are
+retried with exponential backoff, honouring `Retry-After`; a blob download cut
+in the middle resumes with a `Range` request from where it stopped. Redirects
+(blob storage) are followed for GET and HEAD, without our `Authorization`
+header when they leave the registry's origin. Everything else becomes one
+`RegistryError` line a user understands: unknown image, unauthorized, TLS
+failure, unreachable, digest mismatch.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Self
+
+import httpx
+import trio
+
+from .. import __version__
+from ..errors import UserError
+from .auth import Challenge, Credentials, parse_challenges
+
+TRANSIENT_STATUS = (429, 500, 502, 503, 504)
+CERT_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
+MAX_MANIFEST = 4 << 20      # distribution's own limit on a manifest's size
+
+
+class RegistryError(UserError):
+    """A registry operation failed; the message is one line for the user."""
+
+    def __init__(self, msg: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.error_code = code
+
+
+class Transient(Exception):
+    """A failure worth another try (kept apart so retries never hide a real answer)."""
+
+
+@dataclass
+class Options:
+    """How to reach registries: what `--tls-verify`, `--cert-dir`, `--creds`, `--retry` set."""
+
+    tls_verify: bool = True
+    cert_dir: str | None = None
+    creds: Credentials | None = None
+    retries: int = 3
+    retry_delay: float = 0.5       # first backoff; doubles each time (capped at 10 s)
+    authfile: str | None = None
+
+
+def ssl_context(host: str, opts: Options) -> ssl.SSLContext:
+    """System CAs plus a certs.d directory: `*.crt` CAs, `NAME.cert`+`NAME.key` client certs."""
+    ctx = ssl.create_default_context()
+    dirs = [opts.cert_dir] if opts.cert_dir else [os.path.join(d, host) for d in CERT_DIRS]
+    for d in dirs:
+        if not os.path.isdir(d):
+            if opts.cert_dir:
+                raise UserError(f"--cert-dir {d}: not a directory")
+            continue
+        try:
+            for ca in sorted(glob.glob(os.path.join(d, "*.crt"))):
+                ctx.load_verify_locations(ca)
+            for cert in sorted(glob.glob(os.path.join(d, "*.cert"))):
+                key = cert[:-len(".cert")] + ".key"
+                if not os.path.exists(key):
+                    raise UserError(f"client certificate {cert} has no key {key}")
+                ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as e:
+            raise UserError(f"cannot load the certificates in {d}: {e}") from None
+    if not opts.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost useful text of a transport error."""
+    tls = _tls_error(exc)
+    if tls is not None:
+        return getattr(tls, "verify_message", None) or tls.reason or str(tls)
+    e: BaseException = exc
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    text = str(e) or str(exc) or type(exc).__name__
+    return text.split("] ")[-1] if text.startswith("[Errno") else text
+
+
+def registry_errors(resp: httpx.Response, body: bytes) -> tuple[str | None, str]:
+    """(first error code, message) of a distribution error body, if it is one."""
+    try:
+        errs = json.loads(body).get("errors") or []
+        first = errs[0]
+        code = str(first.get("code") or "")
+        msg = str(first.get("message") or code).strip()
+        return code or None, msg
+    except (ValueError, AttributeError, IndexError, TypeError):
+        text = body.decode(errors="replace").strip().splitlines()
+        return None, (text[0][:200] if text else resp.reason_phrase)
+
+
+class Client:
+    """A session with one registry; use as `async with Client(...) as c:`."""
+
+    def __init__(self, registry: str, api_host: str, opts: Options,
+                 creds: Credentials | None = None) -> None:
+        self.registry = registry          # as users name it (key of credentials)
+        self.host = api_host
+        self.opts = opts
+        self.creds = creds
+        self.base = ""
+        self.challenge: Challenge | None = None
+        self._tokens: dict[tuple[str, ...], str] = {}
+        self._token_lock = trio.Lock()
+        self._http: httpx.AsyncClient | None = None
+
+    # --- session ------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._http = httpx.AsyncClient(
+            verify=ssl_context(self.host, self.opts),
+            timeout=httpx.Timeout(120.0, connect=15.0),
+            headers={"User-Agent": f"pyunion/{__version__}"},
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+            follow_redirects=False)
+        try:
+            await self._ping()
+        except BaseException:
+            await self._http.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        assert self._http is not None, "use the client in `async with`"
+        return self._http
+
+    async def _ping(self) -> None:
+        """Pick the scheme and learn the auth challenge from `GET /v2/`."""
+        schemes = ["https"] if self.opts.tls_verify else ["https", "http"]
+        last: BaseException | None = None
+        for scheme in schemes:
+            base = f"{scheme}://{self.host}"
+            try:
+                resp = await self._retrying(functools.partial(self.http.get, base + "/v2/"),
+                                            f"GET {base}/v2/")
+            except RegistryError as e:
+                last = e
+                continue
+            if resp.status_code == 401:
+                self.challenge = self._pick(resp)
+            elif resp.status_code >= 400 and resp.status_code != 404:
+                raise RegistryError(f"registry {self.registry}: /v2/ answered "
+                                    f"{resp.status_code} {resp.reason_phrase}",
+                                    resp.status_code)
+            self.base = base
+            return
+        assert last is not None
+        raise last
+
+    def _pick(self, resp: httpx.Response) -> Challenge | None:
+        chs = parse_challenges(", ".join(resp.headers.get_list("www-authenticate")))
+        for scheme in ("bearer", "basic"):
+            for c in chs:
+                if c.scheme == scheme:
+                    return c
+        return None
+
+    # --- retries ----------------------------------------------------------------------
+    async def backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        delay = min(10.0, self.opts.retry_delay * (2 ** attempt))
+        if resp is not None:
+            ra = resp.headers.get("retry-after", "")
+            if ra.isdigit():
+                delay = min(30.0, float(ra))
+        await trio.sleep(delay)
+
+    def transport_error(self, e: BaseException, what: str) -> RegistryError:
+        tls = _tls_error(e)
+        if tls is not None:
+            hint = "" if self.opts.cert_dir else \
+                " (trust its CA with --cert-dir, or use --tls-verify=false)"
+            return RegistryError(f"TLS failure talking to {self.host}: {_reason(e)}{hint}")
+        if isinstance(e, httpx.TimeoutException):
+            return RegistryError(f"registry {self.host} timed out ({what})")
+        return RegistryError(f"registry {self.host} unreachable: {_reason(e)}")
+
+    async def _retrying(self, send: Callable[[], Awaitable[httpx.Response]],
+                        what: str) -> httpx.Response:
+        """send() until it gets an answer that is not transient, or the retries run out."""
+        attempt = 0
+        while True:
+            failed: httpx.Response | None = None
+            try:
+                resp = await send()
+            except httpx.TransportError as e:
+                if _tls_error(e) is not None or attempt >= self.opts.retries:
+                    raise self.transport_error(e, what) from None
+            else:
+                if resp.status_code not in TRANSIENT_STATUS or attempt >= self.opts.retries:
+                    return resp
+                await resp.aclose()
+                failed = resp
+            await self.backoff(attempt, failed)
+            attempt += 1
+
+    # --- authentication ---------------------------------------------------------------
+    async def _token(self, scopes: tuple[str, ...], fresh: bool = False) -> str:
+        ch = self.challenge
+        assert ch is not None and ch.scheme == "bearer"
+        async with self._token_lock:
+            if not fresh and scopes in self._tokens:
+                return self._tokens[scopes]
+            realm = ch.params.get("realm")
+            if not realm:
+                raise RegistryError(f"registry {self.registry} asks for a token without a realm")
+            params: list[tuple[str, str | int | float | bool | None]] = []
+            if "service" in ch.params:
+                params.append(("service", ch.params["service"]))
+            params += [("scope", s) for s in scopes]
+            headers = {}
+            if self.creds is not None:
+                headers["Authorization"] = self.creds.basic()
+                params.append(("account", self.creds.username))
+            resp = await self._retrying(
+                lambda: self.http.get(realm, params=params, headers=headers,
+                                      follow_redirects=True), f"GET {realm}")
+            body = await resp.aread()
+            if resp.status_code in (401, 403):
+                _, msg = registry_errors(resp, body)
+                raise RegistryError(f"unauthorized: {self.registry} refused the credentials "
+                                    f"({msg})", resp.status_code)
+            if resp.status_code != 200:
+                raise RegistryError(f"token server {realm} answered {resp.status_code}",
+                                    resp.status_code)
+            try:
+                data = json.loads(body)
+                token = data.get("token") or data.get("access_token")
+            except (ValueError, AttributeError):
+                token = None
+            if not isinstance(token, str) or not token:
+                raise RegistryError(f"token server {realm} gave no token")
+            self._tokens[scopes] = token
+            return token
+
+    async def _auth_header(self, scopes: tuple[str, ...], fresh: bool) -> str | None:
+        ch = self.challenge
+        if ch is None:
+            return None
+        if ch.scheme == "bearer":
+            return "Bearer " + await self._token(scopes, fresh)
+        if ch.scheme == "basic" and self.creds is not None:
+            return self.creds.basic()
+        return None
+
+    # --- requests -----------------------------------------------------------------------
+    def url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else self.base + path
+
+    async def request(self, method: str, path: str, scopes: tuple[str, ...], *,
+                      headers: dict[str, str] | None = None,
+                      content: bytes | Callable[[], AsyncIterator[bytes]] | None = None,
+                      params: dict[str, str] | None = None,
+                      stream: bool = False) -> httpx.Response:
+        """One request with auth and retries; a 401 is answered once with fresh credentials.
+
+        `content` is bytes or a function making a fresh body stream per attempt. With
+        `stream=True` the caller reads and closes the response.
+        """
+        follow = method in ("GET", "HEAD")
+        for fresh in (False, True):
+            hdrs = dict(headers or {})
+            auth = await self._auth_header(scopes, fresh)
+            if auth is not None:
+                hdrs["Authorization"] = auth
+
+            def send(hdrs: dict[str, str] = hdrs) -> Awaitable[httpx.Response]:
+                body = content() if callable(content) else content
+                req = self.http.build_request(method, self.url(path), headers=hdrs,
+                                              content=body, params=params)
+                return self.http.send(req, stream=True, follow_redirects=follow)
+
+            resp = await self._retrying(send, f"{method} {path}")
+            if resp.status_code != 401:
+                break
+            ch = self._pick(resp)
+            if fresh or ch is None or (ch.scheme == "basic" and self.creds is None) or \
+                    (self.challenge == ch and ch.scheme == "basic"):
+                break
+            await resp.aclose()
+            self.challenge = ch
+        if not stream:
+            await resp.aread()
+            await resp.aclose()
+        return resp
+
+    async def fail(self, resp: httpx.Response, what: str) -> RegistryError:
+        """The one-line error for an unexpected answer."""
+        body = await resp.aread()
+        await resp.aclose()
+        code, msg = registry_errors(resp, body)
+        st = resp.status_code
+        if st == 401:
+            how = "the credentials were refused" if self.creds else "authentication required"
+            return RegistryError(f"unauthorized: {what}: {how} ({msg}; use --creds or "
+                                 f"'pyunion login {self.registry}')", st, code)
+        if st == 403:
+            return RegistryError(f"denied: {what}: {msg}", st, code)
+        if code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN") or st == 404:
+            return RegistryError(f"{what}: not found ({msg})", st, code)
+        if code in ("DIGEST_INVALID", "SIZE_INVALID"):
+            return RegistryError(f"digest mismatch: {what}: the registry says {msg}", st, code)
+        return RegistryError(f"{what}: {self.registry} answered {st} {resp.reason_phrase}"
+                             f" ({msg})", st, code)
+
+    # --- the API --------------------------------------------------------------------
+    async def get_manifest(self, repo: str, target: str, accept: str,
+                           what: str) -> tuple[bytes, str, str]:
+        """(bytes, media type, digest) of a manifest or index, verified when asked by digest."""
+        resp = await self.request("GET", f"/v2/{repo}/manifests/{target}", pull_scope(repo),
+                                  headers={"Accept": accept}, stream=True)
+        if resp.status_code == 404:
+            err = await self.fail(resp, what)
+            raise RegistryError(f"unknown image {what} (the registry has no such "
+                                f"{'manifest' if err.error_code != 'NAME_UNKNOWN' else 'name'})",
+                                404, err.error_code)
+        if resp.status_code != 200:
+            raise await self.fail(resp, what)
+        body = await read_limited(resp, MAX_MANIFEST, f"manifest of {what}")
+        mtype = resp.headers.get("content-type", "").split(";")[0].strip()
+        algo = target.split(":", 1)[0] if ":" in target and target.startswith("sha") else \
+            "sha256"
+        digest = f"{algo}:{hashlib.new(algo, body).hexdigest()}"
+        if ":" in target and target.startswith("sha") and digest != target:
+            raise RegistryError(f"digest mismatch: the manifest of {what} hashes to {digest}")
+        said = resp.headers.get("docker-content-digest")
+        if said and said.startswith(algo + ":") and said != digest:
+            raise RegistryError(f"digest mismatch: the manifest of {what} hashes to {digest}, "
+                                f"the registry says {said}")
+        return body, mtype, digest
+
+    async def get_blob_bytes(self, repo: str, digest: str, size: int, what: str) -> bytes:
+        """A small blob (a config), verified."""
+        chunks: list[bytes] = []
+
+        async def sink(data: bytes) -> None:
+            chunks.append(data)
+
+        await self.download(repo, digest, size, sink, what)
+        data = b"".join(chunks)
+        algo, hexd = digest.split(":", 1)
+        if hashlib.new(algo, data).hexdigest() != hexd:
+            raise RegistryError(f"digest mismatch: {what} does not hash to {digest}")
+        return data
+
+    async def download(self, repo: str, digest: str, size: int,
+                       sink: Callable[[bytes], Awaitable[None]], what: str,
+                       progress: Callable[[int], None] | None = None) -> None:
+        """Stream a blob's exact `size` bytes into `sink`; resumes with Range after a cut."""
+        got = 0
+        attempt = 0
+        while True:
+            headers = {"Range": f"bytes={got}-"} if got else {}
+            resp = await self.request("GET", f"/v2/{repo}/blobs/{digest}", pull_scope(repo),
+                                      headers=headers, stream=True)
+            try:
+                if resp.status_code not in (200, 206):
+                    raise await self.fail(resp, what)
+                skip = got
+                if resp.status_code == 206:
+                    start = resp.headers.get("content-range", "").removeprefix("bytes ")
+                    if not start.startswith(f"{got}-"):
+                        raise RegistryError(f"{what}: the registry resumed at the wrong offset "
+                                            f"({start!r}, wanted {got})")
+                    skip = 0
+                async for chunk in resp.aiter_raw(1 << 20):
+                    if skip:
+                        drop = min(skip, len(chunk))
+                        chunk, skip = chunk[drop:], skip - drop
+                        if not chunk:
+                            continue
+                    got += len(chunk)
+                    if got > size:
+                        raise RegistryError(f"digest mismatch: {what} is larger than the "
+                                            f"{size} bytes its descriptor says")
+                    await sink(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+            except httpx.TransportError as e:
+                if _tls_error(e) is not None or attempt >= self.opts.retries:
+                    raise self.transport_error(e, f"GET {what}") from None
+                await self.backoff(attempt)
+                attempt += 1
+                continue
+            finally:
+                await resp.aclose()
+            if got < size:
+                if attempt >= self.opts.retries:
+                    raise RegistryError(f"digest mismatch: {what} has {got} bytes, its "
+                                        f"descriptor says {size}")
+                attempt += 1
+                continue
+            return
+
+    async def blob_exists(self, repo: str, digest: str, scopes: tuple[str, ...]) -> bool:
+        resp = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", scopes)
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        raise await self.fail(resp, f"HEAD blob {digest} in {self.registry}/{repo}")
+
+    async def start_upload(self, repo: str, digest: str | None = None,
+                           mount_from: str | None = None) -> str | None:
+        """POST an upload; with `mount_from`, ask for a cross-repository mount first.
+
+        Returns the upload URL, or None when the registry mounted the blob (201).
+        """
+        scopes = push_scope(repo)
+        params = None
+        if mount_from is not None and digest is not None:
+            scopes += (f"repository:{mount_from}:pull",)
+            params = {"mount": digest, "from": mount_from}
+        resp = await self.request("POST", f"/v2/{repo}/blobs/uploads/", scopes, params=params,
+                                  headers={"Content-Length": "0"})
+        if resp.status_code == 201 and mount_from is not None:
+            return None
+        if resp.status_code != 202 or not resp.headers.get("location"):
+            raise await self.fail(resp, f"starting an upload to {self.registry}/{repo}")
+        return str(resp.url.join(resp.headers["location"]))
+
+    async def upload(self, repo: str, location: str, path: str, size: int, digest: str,
+                     chunk_size: int, progress: Callable[[int], None] | None = None) -> None:
+        """Upload a file: one PUT when it fits in a chunk, else PATCH chunks then PUT.
+
+        A chunk cut by a transient error is resumed where the registry says the
+        upload stands (`GET` of the upload URL gives its `Range`).
+        """
+        scopes = push_scope(repo)
+        what = f"uploading blob {digest} to {self.registry}/{repo}"
+        if size <= chunk_size:
+            resp = await self.request(
+                "PUT", location, scopes, params={"digest": digest},
+                headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+                content=lambda: file_chunks(path, 0, size, progress))
+            if resp.status_code != 201:
+                raise await self.fail(resp, what)
+            return
+        offset = 0
+        attempt = 0
+        while offset < size:
+            end = min(size, offset + chunk_size)
+            try:
+                resp = await self.http.send(self.http.build_request(
+                    "PATCH", location, content=file_chunks(path, offset, end, progress),
+                    headers={**(await self._auth_headers(scopes)),
+                             "Content-Range": f"{offset}-{end - 1}",
+                             "Content-Length": str(end - offset),
+                             "Content-Type": "application/octet-stream"}))
+            except httpx.TransportError as e:
+                if _tls_error(e) is not None or attempt >= self.opts.retries:
+                    raise self.transport_error(e, what) from None
+                await self.backoff(attempt)
+                attempt += 1
+                location, offset = await self._upload_status(repo, location, what)
+                continue
+            if resp.status_code in TRANSIENT_STATUS and attempt < self.opts.retries:
+                await self.backoff(attempt, resp)
+                attempt += 1
+                location, offset = await self._upload_status(repo, location, what)
+                continue
+            if resp.status_code != 202:
+                raise await self.fail(resp, what)
+            location = str(resp.url.join(resp.headers.get("location") or location))
+            offset = end
+        resp = await self.request("PUT", location, scopes, params={"digest": digest},
+                                  headers={"Content-Length": "0"})
+        if resp.status_code != 201:
+            raise await self.fail(resp, what)
+
+    async def _auth_headers(self, scopes: tuple[str, ...]) -> dict[str, str]:
+        auth = await self._auth_header(scopes, False)
+        return {"Authorization": auth} if auth else {}
+
+    async def _upload_status(self, repo: str, location: str, what: str) -> tuple[str, int]:
+        """Where an interrupted upload stands: (upload URL, bytes the registry has)."""
+        resp = await self.request("GET", location, push_scope(repo))
+        if resp.status_code != 204:
+            raise await self.fail(resp, what)
+        rng = resp.headers.get("range", "0-0").removeprefix("bytes=")
+        end = int(rng.split("-", 1)[1]) if "-" in rng and rng.split("-", 1)[1].isdigit() else -1
+        return str(resp.url.join(resp.headers.get("location") or location)), end + 1
+
+    async def put_manifest(self, repo: str, target: str, body: bytes, media_type: str,
+                           digest: str) -> None:
+        what = f"pushing the manifest to {self.registry}/{repo}:{target}"
+        resp = await self.request("PUT", f"/v2/{repo}/manifests/{target}", push_scope(repo),
+                                  headers={"Content-Type": media_type}, content=body)
+        if resp.status_code not in (200, 201):
+            raise await self.fail(resp, what)
+        said = resp.headers.get("docker-content-digest")
+        if said and said != digest:
+            raise RegistryError(f"digest mismatch: {what}: the registry stored it as {said}, "
+                                f"not {digest}")
+
+
+def pull_scope(repo: str) -> tuple[str, ...]:
+    return (f"repository:{repo}:pull",)
+
+
+def push_scope(repo: str) -> tuple[str, ...]:
+    return (f"repository:{repo}:pull,push",)
+
+
+async def read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
+    buf = bytearray()
+    async for chunk in resp.aiter_raw():
+        buf += chunk
+        if len(buf) > limit:
+            await resp.aclose()
+            raise RegistryError(f"{what} is larger than {limit} bytes")
+    await resp.aclose()
+    return bytes(buf)
+
+
+async def file_chunks(path: str, start: int, end: int,
+                      progress: Callable[[int], None] | None = None,
+                      chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+    """Bytes [start, end) of a file, read in a worker thread a MiB at a time."""
+    f = await trio.open_file(path, "rb")
+    try:
+        await f.seek(start)
+        left = end - start
+        while left > 0:
+            data = await f.read(min(chunk, left))
+            if not data:
+                raise RegistryError(f"{path} is shorter than expected")
+            left -= len(data)
+            if progress is not None:
+                progress(len(data))
+            yield data
+    finally:
+        await f.aclose()

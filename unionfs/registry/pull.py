@@ -1,0 +1,294 @@
+"""`pyunion pull`: an image from a registry into the store, fetching only what is missing.
+
+1. The manifest (OCI or Docker v2 schema 2) by tag or digest; an index (OCI or
+   Docker manifest list) is resolved to this machine's platform or `--platform`.
+2. The config, verified; its DiffIDs name the layers.
+3. Every layer whose blob and unpacked tree are both in the store is skipped.
+   The others are downloaded concurrently (6 at a time, like skopeo), each
+   streamed through a pipe into the store's own import path
+   (`image.load.store_layer_stream`) in a worker thread, so a layer is hashed,
+   kept and unpacked while it arrives: its digest, size and DiffID are checked
+   on the way, and nothing is published unless all three match. A blob that is
+   in the store but not unpacked is unpacked from there.
+4. Each verified layer is published at once (content-addressed, so a pull cut
+   short leaves only complete layers that a later pull reuses); the config,
+   the manifest and, last, the image's entry in index.json follow.
+An interrupted pull therefore leaves nothing a later command trusts: at most
+unreferenced complete layers (reused) and temporary files (removed by the next
+command that uses the store).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import UserError
+from ..image.load import store_layer_stream
+from ..image.oci import _fmt_platform, _platform_matches, host_platform
+from ..image.store import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    MT_CONFIG,
+    MT_INDEX,
+    MT_LAYER,
+    MT_LAYER_GZIP,
+    MT_LAYER_ZSTD,
+    MT_MANIFEST,
+    Image,
+    Store,
+    check_digest,
+    short_id,
+)
+from . import locations
+from .auth import lookup as lookup_creds
+from .client import Client, Options, RegistryError
+from .progress import Bars
+from .reference import Reference, parse_reference
+
+ACCEPT = f"{MT_MANIFEST}, {MT_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+LAYER_TYPES = {MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD, DOCKER_LAYER,
+               "application/vnd.docker.image.rootfs.diff.tar",
+               "application/vnd.oci.image.layer.nondistributable.v1.tar",
+               "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+               "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+               "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}
+MAX_CONFIG = 64 << 20
+PARALLEL = 6
+
+
+@dataclass
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+
+def _descriptor(obj: object, what: str) -> Descriptor:
+    if not isinstance(obj, dict):
+        raise RegistryError(f"{what}: not a descriptor")
+    size = obj.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise RegistryError(f"{what}: invalid size {size!r}")
+    mt = obj.get("mediaType")
+    return Descriptor(mt if isinstance(mt, str) else "",
+                      check_digest(obj.get("digest"), f"{what} digest"), size)
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise RegistryError(f"{what} is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise RegistryError(f"{what} is not a JSON object")
+    return obj
+
+
+def media_type(obj: dict[str, Any], header: str) -> str:
+    """The manifest's own mediaType, else the Content-Type, else guessed from its shape."""
+    mt = obj.get("mediaType")
+    if isinstance(mt, str) and mt:
+        return mt
+    if header in (MT_MANIFEST, MT_INDEX, DOCKER_MANIFEST, DOCKER_LIST):
+        return header
+    return MT_INDEX if "manifests" in obj else MT_MANIFEST
+
+
+def choose_platform(index: dict[str, Any], want: dict[str, str], what: str) -> Descriptor:
+    entries = [e for e in index.get("manifests") or [] if isinstance(e, dict)]
+    for e in entries:
+        if _platform_matches(e.get("platform"), want):
+            return _descriptor(e, f"{what}: index entry")
+    avail = ", ".join(sorted({_fmt_platform(e.get("platform")) for e in entries})) or "none"
+    raise RegistryError(f"{what}: no image for platform {_fmt_platform(want)} "
+                        f"(available: {avail}; choose one with --platform)")
+
+
+def _store_error(e: OSError, store: Store, what: str) -> UserError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"out of space in the image store {store.root} while writing {what}")
+    return UserError(f"{what}: {e.strerror or e}")
+
+
+async def run_all(jobs: list[Callable[[], Awaitable[None]]]) -> None:
+    """Run jobs concurrently; the first failure cancels the others and is raised alone."""
+    errors: list[BaseException] = []
+    async with trio.open_nursery() as n:
+        for job in jobs:
+            async def wrapped(job: Callable[[], Awaitable[None]] = job) -> None:
+                try:
+                    await job()
+                except Exception as e:  # noqa: BLE001 - the first one is raised below
+                    if not errors:
+                        errors.append(e)
+                    n.cancel_scope.cancel()
+            n.start_soon(wrapped)
+    if errors:
+        raise errors[0]
+
+
+class Puller:
+    def __init__(self, store: Store, client: Client, ref: Reference, bars: Bars,
+                 tmp: str) -> None:
+        self.store, self.client, self.ref, self.bars, self.tmp = store, client, ref, bars, tmp
+        self.limit = trio.CapacityLimiter(PARALLEL)
+        self.downloaded: list[str] = []
+
+    async def layer(self, desc: Descriptor, diff_id: str, n: int, total: int) -> None:
+        store = self.store
+        what = f"layer {n}/{total} ({short_id(desc.digest)})"
+        label = f"Copying blob {short_id(desc.digest)}"
+        if store.has_blob(desc.digest) and store.has_layer(diff_id):
+            self.bars.note(f"{label} skipped: already exists")
+            return
+        async with self.limit:
+            if store.has_blob(desc.digest):   # kept, not unpacked: unpack the local copy
+                def local() -> dict[str, Any]:
+                    with open(store.blob_path(desc.digest), "rb") as f:
+                        return store_layer_stream(store, self.tmp, f, diff_id, desc.digest, what)
+                info = await trio.to_thread.run_sync(self._guard, local, what)
+            else:
+                bar = self.bars.bar(label, desc.size)
+                info = await self._stream(desc, diff_id, what, bar.update)
+                bar.done("done")
+                self.downloaded.append(desc.digest)
+            await trio.to_thread.run_sync(self._guard, lambda: self._publish(info), what)
+
+    def _publish(self, info: dict[str, Any]) -> None:
+        self.store.sync()
+        info["publish"]()
+
+    def _guard(self, fn: Callable[[], Any], what: str) -> Any:
+        try:
+            return fn()
+        except OSError as e:
+            raise _store_error(e, self.store, what) from None
+
+    async def _stream(self, desc: Descriptor, diff_id: str, what: str,
+                      progress: Callable[[int], None]) -> dict[str, Any]:
+        """Download into a pipe whose other end the store's layer import reads, in a thread."""
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+        except OSError:
+            pass
+        box: dict[str, Any] = {}
+
+        def consume() -> dict[str, Any]:
+            with open(r, "rb", buffering=1 << 20) as f:
+                return store_layer_stream(self.store, self.tmp, f, diff_id, desc.digest, what)
+
+        async def consumer() -> None:
+            try:
+                box["info"] = await trio.to_thread.run_sync(self._guard, consume, what)
+            except Exception as e:  # noqa: BLE001 - raised after the download ends
+                box["error"] = e
+
+        failed: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consumer)
+            out = trio.lowlevel.FdStream(w)
+            try:
+                await self.client.download(self.ref.repository, desc.digest, desc.size,
+                                           out.send_all, what, progress)
+            except trio.BrokenResourceError:
+                pass   # the reader stopped early: its error says why
+            except Exception as e:  # noqa: BLE001 - raised once the reader is done
+                failed = e
+            finally:
+                await out.aclose()
+        if failed is not None:
+            raise failed
+        if "error" in box:
+            raise box["error"]
+        info: dict[str, Any] = box["info"]
+        return info
+
+
+async def _pull(store: Store, ref: Reference, opts: Options, platform: dict[str, str] | None,
+                bars: Bars) -> tuple[str, list[str]]:
+    creds = opts.creds or lookup_creds(ref.registry, ref.repository, opts.authfile)
+    what = str(ref)
+    async with Client(ref.registry, ref.api_host, opts, creds) as client:
+        body, header, digest = await client.get_manifest(ref.repository, ref.target, ACCEPT, what)
+        man = _json_object(body, f"the manifest of {what}")
+        mtype = media_type(man, header)
+        if mtype in (MT_INDEX, DOCKER_LIST):
+            d = choose_platform(man, platform or host_platform(), what)
+            body, header, digest = await client.get_manifest(ref.repository, d.digest, ACCEPT,
+                                                             what)
+            man = _json_object(body, f"the manifest of {what}")
+            mtype = media_type(man, header)
+        if mtype not in (MT_MANIFEST, DOCKER_MANIFEST):
+            raise RegistryError(f"{what}: unsupported manifest type {mtype!r}")
+        if man.get("schemaVersion") != 2:
+            raise RegistryError(f"{what}: unsupported manifest schema version "
+                                f"{man.get('schemaVersion')!r}")
+        cdesc = _descriptor(man.get("config"), f"{what}: config")
+        if cdesc.media_type not in (MT_CONFIG, DOCKER_CONFIG):
+            raise RegistryError(f"{what} is not a container image (config type "
+                                f"{cdesc.media_type!r})")
+        if cdesc.size > MAX_CONFIG:
+            raise RegistryError(f"{what}: config of {cdesc.size} bytes is too large")
+        raw_layers = man.get("layers")
+        if not isinstance(raw_layers, list):
+            raise RegistryError(f"{what}: the manifest has no layer list")
+        layers = [_descriptor(x, f"{what}: layer {i + 1}") for i, x in enumerate(raw_layers)]
+        for ld in layers:
+            if ld.media_type not in LAYER_TYPES:
+                raise RegistryError(f"{what}: unsupported layer type {ld.media_type!r}")
+        if store.has_blob(cdesc.digest):   # verified when it was stored
+            config_bytes = store.read_blob(cdesc.digest)
+        else:
+            config_bytes = await client.get_blob_bytes(ref.repository, cdesc.digest,
+                                                       cdesc.size, f"the config of {what}")
+        config = _json_object(config_bytes, f"the config of {what}")
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(
+            config.get("rootfs"), dict) else None
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+            raise RegistryError(f"{what}: the manifest has {len(layers)} layers, the config "
+                                f"{len(diff_ids) if isinstance(diff_ids, list) else 'no'} "
+                                "diff_ids")
+        diff_ids = [check_digest(d, "DiffID") for d in diff_ids]
+
+        with store.using(), store.tempdir() as tmp:
+            puller = Puller(store, client, ref, bars, tmp)
+            jobs: list[Callable[[], Awaitable[None]]] = []
+            seen: set[str] = set()
+            for i, (ld, diff) in enumerate(zip(layers, diff_ids)):
+                if ld.digest in seen:
+                    continue
+                seen.add(ld.digest)
+                jobs.append(functools.partial(puller.layer, ld, diff, i + 1, len(layers)))
+            await run_all(jobs)
+            try:
+                store.put_blob_bytes(config_bytes, cdesc.digest, tmp)
+                store.put_blob_bytes(body, digest, tmp)
+            except OSError as e:
+                raise _store_error(e, store, "the manifest") from None
+        tag = str(Reference(ref.registry, ref.repository, ref.tag, None)) if ref.tag else None
+        store.add_image(digest, len(body), tag, mtype)
+        locations.record(store.root, ref.registry, ref.repository,
+                         [cdesc.digest] + [ld.digest for ld in layers])
+        bars.note(f"Writing manifest to image destination ({short_id(digest)})")
+        return digest, puller.downloaded
+
+
+def pull(text: str, store: Store, opts: Options, platform: dict[str, str] | None = None,
+         quiet: bool = False) -> tuple[Image, list[str]]:
+    """Pull `text` (a reference) into `store`; returns the image and the blobs downloaded."""
+    ref = parse_reference(text)
+    bars = Bars(False if quiet else None)
+    digest, downloaded = trio.run(_pull, store, ref, opts, platform, bars)
+    return store.lookup(digest), downloaded
