@@ -431,6 +431,19 @@ class Client:
                 continue
             return
 
+    async def check_digest(self, repo: str, digest: str, size: int, what: str) -> None:
+        """Download a blob again only to hash it: RegistryError if it is not what it claims."""
+        algo, hexd = digest.split(":", 1)
+        h = hashlib.new(algo)
+
+        async def sink(data: bytes) -> None:
+            h.update(data)
+
+        await self.download(repo, digest, size, sink, what)
+        if h.hexdigest() != hexd:
+            raise RegistryError(f"digest mismatch: {what}: the registry's blob does not match "
+                                f"its digest {digest} (got {algo}:{h.hexdigest()})")
+
     async def blob_exists(self, repo: str, digest: str, scopes: tuple[str, ...]) -> bool:
         resp = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", scopes)
         if resp.status_code == 200:
@@ -469,7 +482,7 @@ class Client:
         what = f"uploading blob {digest} to {self.registry}/{repo}"
         if size <= chunk_size:
             resp = await self.request(
-                "PUT", location, scopes, params={"digest": digest},
+                "PUT", with_digest(location, digest), scopes,
                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
                 content=lambda: file_chunks(path, 0, size, progress))
             if resp.status_code != 201:
@@ -502,7 +515,7 @@ class Client:
                 raise await self.fail(resp, what)
             location = str(resp.url.join(resp.headers.get("location") or location))
             offset = end
-        resp = await self.request("PUT", location, scopes, params={"digest": digest},
+        resp = await self.request("PUT", with_digest(location, digest), scopes,
                                   headers={"Content-Length": "0"})
         if resp.status_code != 201:
             raise await self.fail(resp, what)
@@ -531,6 +544,11 @@ class Client:
         if said and said != digest:
             raise RegistryError(f"digest mismatch: {what}: the registry stored it as {said}, "
                                 f"not {digest}")
+
+
+def with_digest(location: str, digest: str) -> str:
+    """The upload URL plus `digest=`, keeping its own query (httpx's params= would drop it)."""
+    return str(httpx.URL(location).copy_merge_params({"digest": digest}))
 
 
 def pull_scope(repo: str) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ import trio
 
 from ..errors import UserError
 from ..image.load import store_layer_stream
-from ..image.oci import _fmt_platform, _platform_matches, host_platform
+from ..image.oci import ImageFormatError, _fmt_platform, _platform_matches, host_platform
 from ..image.store import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -48,6 +48,7 @@ from ..image.store import (
     check_digest,
     short_id,
 )
+from ..image.unpack import UnpackError
 from . import locations
 from .auth import lookup as lookup_creds
 from .client import Client, Options, RegistryError
@@ -121,6 +122,18 @@ def _store_error(e: OSError, store: Store, what: str) -> UserError:
     return UserError(f"{what}: {e.strerror or e}")
 
 
+def _out_of_space(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT behind an error that the unpacker reworded, if any."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 async def run_all(jobs: list[Callable[[], Awaitable[None]]]) -> None:
     """Run jobs concurrently; the first failure cancels the others and is raised alone."""
     errors: list[BaseException] = []
@@ -174,6 +187,11 @@ class Puller:
             return fn()
         except OSError as e:
             raise _store_error(e, self.store, what) from None
+        except UserError as e:
+            full = _out_of_space(e)
+            if full is not None:
+                raise _store_error(full, self.store, what) from None
+            raise
 
     async def _stream(self, desc: Descriptor, diff_id: str, what: str,
                       progress: Callable[[int], None]) -> dict[str, Any]:
@@ -211,7 +229,11 @@ class Puller:
         if failed is not None:
             raise failed
         if "error" in box:
-            raise box["error"]
+            err = box["error"]
+            if isinstance(err, (ImageFormatError, UnpackError)):
+                # Not a tar, or not this DiffID: say so only if the bytes are the right ones.
+                await self.client.check_digest(self.ref.repository, desc.digest, desc.size, what)
+            raise err
         info: dict[str, Any] = box["info"]
         return info
 

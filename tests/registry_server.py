@@ -1,0 +1,189 @@
+"""A real registry for the tests: Debian's docker-registry (the CNCF distribution server).
+
+Started on a free loopback port with its own config and storage under a
+temporary directory, optionally with TLS (a throw-away CA and server
+certificate made with openssl) and htpasswd basic auth (bcrypt, made with
+htpasswd). Its access log (Apache combined format) is how tests count the
+requests a command made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BINARY = "docker-registry"
+USER, PASSWORD = "tester", "s3cret-pass"
+_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d+) \S+ '
+                     r'"[^"]*" "(?P<agent>[^"]*)"')
+
+
+def skip_reason() -> str | None:
+    missing = [t for t in (BINARY, "openssl", "htpasswd", "skopeo") if shutil.which(t) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (scripts/setup.sh installs them)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_certs(d: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1/localhost; returns the CA's directory."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60, cwd=d)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+         "-subj", "/CN=pyunion test CA", "-days", "2")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+         "-subj", "/CN=localhost")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                               "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    cadir = d / "trust"
+    cadir.mkdir(exist_ok=True)
+    shutil.copy(d / "ca.crt", cadir / "ca.crt")
+    return cadir
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    status: int
+    agent: str
+
+
+class Registry:
+    """One registry process; `host` is what references use (`127.0.0.1:PORT`)."""
+
+    def __init__(self, root: Path, tls: bool = False, htpasswd: bool = False) -> None:
+        self.root = root
+        self.tls = tls
+        self.auth = htpasswd
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ca_dir: Path | None = None
+        self.log = root / "registry.log"
+        self.storage = root / "storage"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        cfg = ["version: 0.1", "log:", "  level: warn", "  accesslog:", "    disabled: false",
+               "storage:", "  filesystem:", f"    rootdirectory: {self.storage}",
+               "  delete:", "    enabled: true", "http:", f"  addr: 127.0.0.1:{self.port}"]
+        if self.tls:
+            self.ca_dir = make_certs(self.root / "certs")
+            cfg += ["  tls:", f"    certificate: {self.root / 'certs/server.crt'}",
+                    f"    key: {self.root / 'certs/server.key'}"]
+        if self.auth:
+            r = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True,
+                               text=True, check=True, timeout=30)
+            (self.root / "htpasswd").write_text(r.stdout)
+            cfg += ["auth:", "  htpasswd:", "    realm: pyunion-test",
+                    f"    path: {self.root / 'htpasswd'}"]
+        (self.root / "config.yml").write_text("\n".join(cfg) + "\n")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([BINARY, "serve", str(self.root / "config.yml")],
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not self._answers():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"registry exited: {self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("registry did not answer within 30 s")
+            time.sleep(0.05)
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        assert self.ca_dir is not None
+        return ssl.create_default_context(cafile=str(self.ca_dir / "ca.crt"))
+
+    def _answers(self, query: str = "") -> bool:
+        try:
+            urllib.request.urlopen(f"{self.url}/v2/{query}", timeout=5, context=self._ssl())
+        except urllib.error.HTTPError as e:
+            return e.code in (200, 401)
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    # --- the access log ------------------------------------------------------------------
+    def mark(self) -> int:
+        return self.log.stat().st_size
+
+    def requests(self, since: int) -> list[Request]:
+        """Requests logged after `since` (a mark), once every earlier one is in the log.
+
+        The log is written when a handler returns, maybe just after the client has its
+        answer, so a sentinel request is sent and waited for.
+        """
+        token = uuid.uuid4().hex
+        self._answers(f"?sentinel={token}")
+        deadline = time.monotonic() + 10
+        while True:
+            with open(self.log, "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+            if token in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        out = []
+        for line in text.splitlines():
+            m = _ACCESS.search(line)
+            if m and token not in line:
+                out.append(Request(m["method"], m["path"], int(m["status"]), m["agent"]))
+        return out
+
+    def blob_file(self, digest: str) -> Path:
+        hexd = digest.split(":", 1)[1]
+        return self.storage / f"docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}/data"
+
+
+@contextlib.contextmanager
+def running(root: Path, tls: bool = False, htpasswd: bool = False) -> Iterator[Registry]:
+    reg = Registry(root, tls, htpasswd)
+    try:
+        reg.start()
+        yield reg
+    finally:
+        reg.stop()

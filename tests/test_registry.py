@@ -1,0 +1,441 @@
+"""`pyunion pull`/`push`/`login`/`logout` against a real registry, skopeo as the oracle.
+
+A session's registries (tests/registry_server.py): one plain HTTP, one with
+TLS and htpasswd. skopeo pushes the images the tests start from (the built-in
+busybox sample, a buildah-made image as OCI and as Docker v2 schema 2, a
+two-platform index, a big one-layer image) and copies what pyunion pulls or
+pushes into OCI layouts for comparison; umoci unpacks them; the registry's
+access log counts the requests each command made.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
+from registry_server import PASSWORD, USER, Registry, running, skip_reason
+
+from unionfs.image import Store, resolve_layers
+from unionfs.registry.reference import parse_reference
+
+BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
+
+
+def _skip() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (buildah, umoci, mounts)"
+    return skip_reason() or (None if shutil.which("buildah") and shutil.which("umoci")
+                             else "needs buildah and umoci")
+
+
+pytestmark = pytest.mark.skipif(_skip() is not None, reason=_skip() or "")
+NOTLS = "--tls-verify=false"
+
+
+def sh(*args: str | Path, timeout: float = 120, env: dict[str, str] | None = None) -> str:
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                       env=env)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-2000:]}")
+    return r.stdout.strip()
+
+
+def fails(*args: str, env: dict[str, str] | None = None) -> str:
+    """pyunion ARGS must fail with one line on stderr, no traceback; returns that line."""
+    r = pyunion(*args, check=False, env=env, timeout=120)
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+# --- images, made once --------------------------------------------------------------------
+def _oci_blob(layout: Path, data: bytes) -> tuple[str, int]:
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    p = layout / "blobs/sha256" / d[7:]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return d, len(data)
+
+
+def _write_layout(layout: Path, files: dict[str, bytes], ref: str = "latest") -> None:
+    """A one-layer image (uncompressed tar) with `files` in it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode = len(data), 0o644
+            tar.addfile(ti, io.BytesIO(data))
+    raw = buf.getvalue()
+    ldigest, lsize = _oci_blob(layout, raw)
+    cfg = {"architecture": "amd64", "os": "linux", "config": {},
+           "rootfs": {"type": "layers", "diff_ids": [ldigest]}}
+    cdigest, csize = _oci_blob(layout, json.dumps(cfg).encode())
+    man = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                      "digest": cdigest, "size": csize},
+           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                       "digest": ldigest, "size": lsize}]}
+    mdigest, msize = _oci_blob(layout, json.dumps(man).encode())
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": man["mediaType"], "digest": mdigest, "size": msize,
+         "annotations": {"org.opencontainers.image.ref.name": ref}}]}))
+
+
+def _add_platform_index(layout: Path, ref: str, new_ref: str) -> None:
+    """Make `new_ref` an index: this machine's image `ref` plus a linux/arm64 twin."""
+    idx = json.loads((layout / "index.json").read_text())
+    desc = next(d for d in idx["manifests"]
+                if d["annotations"]["org.opencontainers.image.ref.name"] == ref)
+    man = json.loads((layout / "blobs/sha256" / desc["digest"][7:]).read_bytes())
+    cfg = json.loads((layout / "blobs/sha256" / man["config"]["digest"][7:]).read_bytes())
+    host_arch = cfg["architecture"]
+    cfg["architecture"] = "arm64"
+    cdigest, csize = _oci_blob(layout, json.dumps(cfg).encode())
+    man["config"] = {**man["config"], "digest": cdigest, "size": csize}
+    m2digest, m2size = _oci_blob(layout, json.dumps(man).encode())
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [
+                 {"mediaType": desc["mediaType"], "digest": desc["digest"], "size": desc["size"],
+                  "platform": {"os": "linux", "architecture": host_arch}},
+                 {"mediaType": desc["mediaType"], "digest": m2digest, "size": m2size,
+                  "platform": {"os": "linux", "architecture": "arm64"}}]}
+    idigest, isize = _oci_blob(layout, json.dumps(index).encode())
+    idx["manifests"].append({"mediaType": index["mediaType"], "digest": idigest, "size": isize,
+                             "annotations": {"org.opencontainers.image.ref.name": new_ref}})
+    (layout / "index.json").write_text(json.dumps(idx))
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with running(tmp_path_factory.mktemp("registry")) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def images(reg: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """skopeo pushes: sample:1 (busybox sample), bah:1 (buildah, OCI), bah-docker:1 (v2s2),
+    multi:1 (index of bah:1 and an arm64 twin), big:1 (one 48 MiB layer)."""
+    from unionfs.sample import build_sample, build_sample_oci
+
+    t = tmp_path_factory.mktemp("images")
+    dest = f"docker://{reg.host}"
+    copy = ["skopeo", "copy", "-q", "--dest-tls-verify=false"]
+    sh(*copy, f"oci:{build_sample_oci(t / 'sample', build_sample(t / 'sample'))}:latest",
+       f"{dest}/sample:1")
+    storage = ["--root", str(t / "root"), "--runroot", str(t / "runroot"),
+               "--storage-driver", "vfs"]
+    bah = ["buildah", *storage]
+    (t / "ctx/bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, t / "ctx/bin/busybox")  # type: ignore[arg-type]
+    try:
+        c = sh(*bah, "from", "scratch")
+        sh(*bah, "copy", c, t / "ctx/bin", "/bin")
+        sh(*bah, "config", "--env", "FOO=bar", "--cmd", '["/bin/busybox", "sh"]', c)
+        sh(*bah, "run", "--isolation", "chroot", c, "--", "/bin/busybox", "sh", "-c",
+           "B=/bin/busybox; $B mkdir -p /etc /data; echo hi > /etc/hi; $B ln -s hi /etc/sym; "
+           "echo x > /data/x; $B chown 12:34 /data/x; $B rm /bin/busybox.gone 2>/dev/null; :")
+        sh(*bah, "commit", "-q", c, "bah")
+        src = f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/bah"
+        sh("skopeo", "copy", "-q", src, f"oci:{t / 'bah'}:1")
+    finally:
+        subprocess.run([*bah, "rm", "--all"], capture_output=True, timeout=60)
+        subprocess.run(["umount", "-R", str(t / "root")], capture_output=True, timeout=60)
+    sh(*copy, f"oci:{t / 'bah'}:1", f"{dest}/bah:1")
+    sh(*copy, "--format", "v2s2", f"oci:{t / 'bah'}:1", f"{dest}/bah-docker:1")
+    _add_platform_index(t / "bah", "1", "multi")
+    sh(*copy, "--all", f"oci:{t / 'bah'}:multi", f"{dest}/multi:1")
+    _write_layout(t / "big", {"big.bin": os.urandom(48 << 20), "small": b"small\n"})
+    sh(*copy, f"oci:{t / 'big'}:latest", f"{dest}/big:1")
+    yield t
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+def skopeo_layout(reg: Registry, name: str, out: Path) -> tuple[dict, bytes, Path]:
+    """skopeo's copy of NAME into an OCI layout: (manifest, manifest bytes, umoci rootfs)."""
+    sh("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{reg.host}/{name}",
+       f"oci:{out}:x")
+    idx = json.loads((out / "index.json").read_text())
+    mbytes = (out / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_bytes()
+    sh("umoci", "unpack", "--image", f"{out}:x", out.parent / (out.name + "-bundle"))
+    return json.loads(mbytes), mbytes, out.parent / (out.name + "-bundle") / "rootfs"
+
+
+def mounted_view(store: Path, image: str, mnt: Path) -> dict:
+    mnt.mkdir(parents=True, exist_ok=True)
+    pyunion("mount", "--store", str(store), image, str(mnt))
+    try:
+        return tree_view(mnt)
+    finally:
+        if pyunion("umount", str(mnt), check=False).returncode != 0:
+            force_unmount(mnt)
+
+
+def blob_gets(reqs: list) -> list[str]:
+    return [r.path for r in reqs if r.method == "GET" and "/blobs/sha256:" in r.path]
+
+
+# --- tests ---------------------------------------------------------------------------------
+def test_reference_normalisation() -> None:
+    r = parse_reference("busybox")
+    assert (r.registry, r.repository, r.tag, r.digest) == ("docker.io", "library/busybox",
+                                                           "latest", None)
+    assert str(parse_reference("docker://quay.io/a/b/c:v1")) == "quay.io/a/b/c:v1"
+    r = parse_reference("localhost:5000/x@sha256:" + "a" * 64)
+    assert (r.registry, r.repository, r.tag, r.target) == ("localhost:5000", "x", None,
+                                                           "sha256:" + "a" * 64)
+    assert parse_reference("localhost/img").registry == "localhost"
+    assert parse_reference("user/img:t").name == "docker.io/user/img"
+    for bad in ("UPPER", "a//b", "a:b:c", "x@sha256:12", "-x", ""):
+        with pytest.raises(Exception, match="invalid"):
+            parse_reference(bad)
+
+
+@pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
+@pytest.mark.parametrize("name", ["sample:1", "bah:1", "bah-docker:1", "multi:1"])
+def test_pull_equals_skopeo_copy(reg: Registry, images: Path, store: Path, tmp_path: Path,
+                                 name: str) -> None:
+    ref = f"{reg.host}/{name}"
+    image_id = pyunion("pull", NOTLS, "--store", str(store), ref, timeout=120).stdout.strip()
+    man, mbytes, rootfs = skopeo_layout(reg, name, tmp_path / "skopeo")
+    img = Store(str(store)).lookup(ref)
+    assert img.id == image_id == man["config"]["digest"]
+    assert [d["digest"] for d in img.manifest["layers"]] == [d["digest"] for d in man["layers"]]
+    if name != "bah-docker:1":        # skopeo turns a Docker manifest into an OCI one
+        assert Store(str(store)).read_blob(img.digest) == mbytes
+    else:
+        assert img.manifest["mediaType"] == \
+            "application/vnd.docker.distribution.manifest.v2+json"
+    assert mounted_view(store, ref, tmp_path / "mnt") == tree_view(rootfs)
+
+
+def test_second_pull_and_shared_layers_download_nothing(reg: Registry, images: Path,
+                                                        tmp_path: Path) -> None:
+    s = ["--store", str(tmp_path / "s")]
+    pyunion("pull", NOTLS, *s, f"{reg.host}/bah:1")
+    mark = reg.mark()
+    pyunion("pull", NOTLS, *s, f"{reg.host}/bah:1")
+    assert blob_gets(reg.requests(mark)) == []
+    # The arm64 twin in the index has the same layers, only its config is new.
+    mark = reg.mark()
+    pyunion("pull", NOTLS, *s, "--platform", "linux/arm64", f"{reg.host}/multi:1")
+    gets = blob_gets(reg.requests(mark))
+    arm = Store(s[1]).lookup(f"{reg.host}/multi:1")
+    assert arm.config["architecture"] == "arm64"
+    assert gets == [f"/v2/multi/blobs/{arm.config_digest}"]
+    err = fails("pull", NOTLS, *s, "--platform", "linux/s390x", f"{reg.host}/multi:1")
+    assert "no image for platform linux/s390x" in err and "arm64" in err
+
+
+def _commit(store: Path, base: str, tag: str, files: dict[str, bytes], tmp: Path) -> str:
+    upper = tmp / ("upper-" + tag.replace("/", "_").replace(":", "_"))
+    upper.mkdir()
+    for name, data in files.items():
+        (upper / name).write_bytes(data)
+    return pyunion("commit", str(upper), "--image", base, "--tag", tag, "--timestamp", "0",
+                   "--cmd", "head -n1 /" + next(iter(files)), "--store", str(store)).stdout.strip()
+
+
+def _uploads(reqs: list) -> tuple[list[str], list[str], int]:
+    """(digests uploaded, digests mounted, PATCH requests)."""
+    put = [r.path.split("digest=")[1].replace("%3A", ":") for r in reqs
+           if r.method == "PUT" and "/blobs/uploads/" in r.path and r.status == 201]
+    mounted = [r.path.split("mount=")[1].split("&")[0].replace("%3A", ":") for r in reqs
+               if r.method == "POST" and "mount=" in r.path and r.status == 201]
+    return put, mounted, sum(1 for r in reqs if r.method == "PATCH")
+
+
+@pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
+def test_push_uploads_only_missing_blobs_and_skopeo_reads_it(reg: Registry, images: Path,
+                                                              tmp_path: Path) -> None:
+    s = tmp_path / "s"
+    base = f"{reg.host}/sample:1"
+    pyunion("pull", NOTLS, "--store", str(s), base)
+    base_layers = [d["digest"] for d in Store(str(s)).lookup(base).manifest["layers"]]
+    _commit(s, base, "app:a", {"a.txt": b"made by a\n" + os.urandom(200_000)}, tmp_path)
+    _commit(s, base, "app:b", {"b.txt": b"made by b\n"}, tmp_path)
+    a, b = Store(str(s)).lookup("app:a"), Store(str(s)).lookup("app:b")
+
+    # First push to a new repository: the base is mounted from sample/, a's layer is
+    # uploaded in 64 KiB chunks, then its config.
+    mark = reg.mark()
+    out = pyunion("push", NOTLS, "--store", str(s), "--chunk-size", "64k", "app:a",
+                  f"docker://{reg.host}/apps/app:a").stdout.strip()
+    assert out == a.digest
+    put, mounted, patches = _uploads(reg.requests(mark))
+    assert sorted(mounted) == sorted(base_layers)
+    assert sorted(put) == sorted([a.manifest["layers"][-1]["digest"], a.config_digest])
+    assert patches >= 3
+    # A second image on the same base: only its own layer and config go up.
+    mark = reg.mark()
+    pyunion("push", NOTLS, "--store", str(s), "app:b", f"{reg.host}/apps/app:b")
+    put, mounted, patches = _uploads(reg.requests(mark))
+    assert sorted(put) == sorted([b.manifest["layers"][-1]["digest"], b.config_digest])
+    assert mounted == [] and patches == 0
+    # Pushing it again uploads nothing.
+    mark = reg.mark()
+    pyunion("push", NOTLS, "--store", str(s), "app:b", f"{reg.host}/apps/app:b")
+    assert _uploads(reg.requests(mark))[:2] == ([], [])
+
+    # skopeo gets the same manifest, config and layers ...
+    raw = sh("skopeo", "inspect", "--raw", "--tls-verify=false",
+             f"docker://{reg.host}/apps/app:a")
+    assert "sha256:" + hashlib.sha256(raw.encode()).hexdigest() == a.digest
+    man, _, rootfs = skopeo_layout(reg, "apps/app:a", tmp_path / "skopeo")
+    assert man["config"]["digest"] == a.id
+    assert (rootfs / "a.txt").read_bytes().startswith(b"made by a\n")
+    # ... and a pull into another store is the same image, which runs.
+    s2 = tmp_path / "s2"
+    got = pyunion("pull", NOTLS, "--store", str(s2), f"{reg.host}/apps/app:a").stdout.strip()
+    assert got == a.id
+    r = pyunion("run", "--store", str(s2), f"{reg.host}/apps/app:a", timeout=120)
+    assert r.stdout == "made by a\n"
+
+
+def test_interrupted_pull_leaves_nothing_trusted_then_completes(reg: Registry, images: Path,
+                                                               tmp_path: Path) -> None:
+    s = tmp_path / "s"
+    ref = f"{reg.host}/big:1"
+    p = subprocess.Popen([*PYUNION, "pull", NOTLS, "-q", "--store", str(s), ref],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        partial: list[str] = []
+        while time.monotonic() < deadline and p.poll() is None:
+            partial = [f for f in glob.glob(str(s / "tmp/*/blob-*"))
+                       if os.path.getsize(f) > (1 << 20)]
+            if partial:
+                break
+            time.sleep(0.005)
+        assert partial and p.poll() is None, "the pull ended before it could be interrupted"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+    assert pyunion("images", "-q", "--store", str(s)).stdout.strip() == ""
+    assert os.listdir(s / "layers") == []
+    assert glob.glob(str(s / "tmp/*"))          # the leftovers are only in tmp/
+    image_id = pyunion("pull", NOTLS, "--store", str(s), ref, timeout=120).stdout.strip()
+    assert Store(str(s)).lookup(ref).id == image_id
+    assert os.listdir(s / "tmp") == []
+    big = Path(resolve_layers(ref, str(s))[0]) / "big.bin"
+    blob = images / "big/blobs/sha256"
+    man = json.loads((images / "big/index.json").read_text())["manifests"][0]["digest"]
+    layer = json.loads((blob / man[7:]).read_text())["layers"][0]["digest"]
+    with tarfile.open(blob / layer[7:]) as tar:
+        f = tar.extractfile("big.bin")
+        assert f is not None
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(big.read_bytes()).digest()
+
+
+def test_errors_are_one_line(reg: Registry, images: Path, tmp_path: Path) -> None:
+    s = ["--store", str(tmp_path / "s")]
+    assert "unknown image" in fails("pull", NOTLS, *s, f"{reg.host}/nothere:1")
+    assert "unknown image" in fails("pull", NOTLS, *s, f"{reg.host}/sample:nosuchtag")
+    assert "unreachable" in fails("pull", "--retry", "0", *s, "127.0.0.1:1/x:1")
+    assert "TLS failure" in fails("pull", *s, f"{reg.host}/sample:1")   # it speaks plain HTTP
+    assert "invalid image reference" in fails("pull", *s, "Bad/Name")
+    # A blob corrupted in the registry's storage: refused, nothing kept.
+    layout = tmp_path / "corrupt"
+    _write_layout(layout, {"f": os.urandom(4096)})
+    sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:latest",
+       f"docker://{reg.host}/corrupt:1")
+    man = json.loads(sh("skopeo", "inspect", "--raw", "--tls-verify=false",
+                        f"docker://{reg.host}/corrupt:1"))
+    data = reg.blob_file(man["layers"][0]["digest"])
+    data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+    err = fails("pull", NOTLS, *s, f"{reg.host}/corrupt:1")
+    assert "digest" in err and "does not match" in err
+    assert os.listdir(tmp_path / "s/layers") == []
+    assert pyunion("images", "-q", *s).stdout.strip() == ""
+
+
+def test_out_of_space(reg: Registry, images: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", small)
+    try:
+        err = fails("pull", NOTLS, "--store", str(small / "s"), f"{reg.host}/big:1")
+        assert err.startswith("pyunion: out of space in the image store"), err
+        assert os.listdir(small / "s/layers") == [] and os.listdir(small / "s/tmp") == []
+    finally:
+        sh("umount", small)
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with running(tmp_path_factory.mktemp("secure"), tls=True, htpasswd=True) as r:
+        yield r
+
+
+def test_tls_and_basic_auth(secure: Registry, images: Path, tmp_path: Path) -> None:
+    assert secure.ca_dir is not None
+    home = tmp_path / "home"
+    (home / ".docker").mkdir(parents=True)
+    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+           "XDG_CONFIG_HOME": str(home / ".config")}
+    env.pop("REGISTRY_AUTH_FILE", None)
+    (tmp_path / "run").mkdir(mode=0o700)
+    certs = ["--cert-dir", str(secure.ca_dir)]
+    ref = f"{secure.host}/sample:1"
+    sh("skopeo", "copy", "-q", "--dest-cert-dir", secure.ca_dir, "--dest-creds",
+       f"{USER}:{PASSWORD}", f"oci:{images / 'sample/oci'}:latest", f"docker://{ref}")
+    s = ["--store", str(tmp_path / "s")]
+    assert "TLS failure" in fails("pull", *s, ref, env=env)
+    assert "unauthorized" in fails("pull", *s, *certs, ref, env=env)
+    assert "unauthorized" in fails("pull", *s, *certs, "--creds", f"{USER}:wrong", ref, env=env)
+    assert "unauthorized" in fails("login", *certs, "-u", USER, "-p", "wrong", secure.host,
+                                   env=env)
+    pyunion("pull", *s, *certs, "--creds", f"{USER}:{PASSWORD}", ref, env=env)
+
+    # login writes $XDG_RUNTIME_DIR/containers/auth.json, which skopeo reads too.
+    pyunion("login", *certs, "-u", USER, "--password-stdin", secure.host, env=env,
+            input=PASSWORD + "\n")
+    authfile = tmp_path / "run/containers/auth.json"
+    assert authfile.stat().st_mode & 0o777 == 0o600
+    assert pyunion("login", "--get-login", secure.host, env=env).stdout.strip() == USER
+    sh("skopeo", "inspect", "--cert-dir", secure.ca_dir, f"docker://{ref}", env=env)
+    pyunion("pull", *s, "--tls-verify=false", ref, env=env)       # no CA, no check
+    pyunion("push", *s, *certs, ref, f"{secure.host}/again:1", env=env)
+    pyunion("logout", secure.host, env=env)
+    assert "unauthorized" in fails("pull", *s, *certs, ref, env=env)
+    assert "not logged in" in fails("logout", secure.host, env=env)
+
+    # docker's ~/.docker/config.json is read too; skopeo login's file is pyunion's.
+    import base64
+    (home / ".docker/config.json").write_text(json.dumps({"auths": {f"https://{secure.host}": {
+        "auth": base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}}}))
+    pyunion("pull", *s, *certs, ref, env=env)
+    (home / ".docker/config.json").unlink()
+    sh("skopeo", "login", "--cert-dir", secure.ca_dir, "-u", USER, "-p", PASSWORD, secure.host,
+       env=env)
+    pyunion("pull", *s, *certs, f"{secure.host}/again:1", env=env)
+    pyunion("logout", "--all", env=env)
+    assert json.loads(authfile.read_text())["auths"] == {}
+
+
+def test_cli_lists_registry_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "unionfs", "--help"], capture_output=True,
+                         text=True, timeout=60).stdout
+    for cmd in ("pull", "push", "login", "logout"):
+        assert cmd in out
