@@ -384,7 +384,8 @@ def test_out_of_space(reg: Registry, images: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running(tmp_path_factory.mktemp("secure"), tls=True, htpasswd=True) as r:
+    with running(tmp_path_factory.mktemp("secure"), tls=True, htpasswd=True,
+                 redirect=True) as r:
         yield r
 
 
@@ -406,7 +407,12 @@ def test_tls_and_basic_auth(secure: Registry, images: Path, tmp_path: Path) -> N
     assert "unauthorized" in fails("pull", *s, *certs, "--creds", f"{USER}:wrong", ref, env=env)
     assert "unauthorized" in fails("login", *certs, "-u", USER, "-p", "wrong", secure.host,
                                    env=env)
+    assert secure.redirect is not None
+    seen = len(secure.redirect.requests)
     pyunion("pull", *s, *certs, "--creds", f"{USER}:{PASSWORD}", ref, env=env)
+    # The blobs came from the storage the registry redirected to, without our credentials.
+    fetched = [r for r in secure.redirect.requests[seen:] if r[0] == "GET"]
+    assert len(fetched) == 4 and all(r[1].endswith("/data") and not r[2] for r in fetched)
 
     # login writes $XDG_RUNTIME_DIR/containers/auth.json, which skopeo reads too.
     pyunion("login", *certs, "-u", USER, "--password-stdin", secure.host, env=env,
@@ -432,6 +438,38 @@ def test_tls_and_basic_auth(secure: Registry, images: Path, tmp_path: Path) -> N
     pyunion("pull", *s, *certs, f"{secure.host}/again:1", env=env)
     pyunion("logout", "--all", env=env)
     assert json.loads(authfile.read_text())["auths"] == {}
+
+
+@pytest.fixture(scope="module")
+def tokreg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with running(tmp_path_factory.mktemp("tokreg"), token=True) as r:
+        yield r
+
+
+def test_bearer_token_auth(tokreg: Registry, images: Path, tmp_path: Path) -> None:
+    assert tokreg.token is not None
+    env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
+    creds = ["--creds", f"{USER}:{PASSWORD}"]
+    ref = f"{tokreg.host}/tok/sample:1"
+    sh("skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-creds", f"{USER}:{PASSWORD}",
+       f"oci:{images / 'sample/oci'}:latest", f"docker://{ref}")
+    s = ["--store", str(tmp_path / "s")]
+    assert "unauthorized" in fails("pull", NOTLS, *s, ref, env=env)
+    assert "unauthorized" in fails("pull", NOTLS, *s, "--creds", f"{USER}:nope", ref, env=env)
+    tokreg.token.scopes.clear()
+    pyunion("pull", NOTLS, *s, *creds, ref, env=env)
+    assert tokreg.token.scopes == [["repository:tok/sample:pull"]]   # one token, reused
+    # A push to another repository asks for a token that may also pull from the source
+    # of the mount, and mounts instead of uploading.
+    tokreg.token.scopes.clear()
+    mark = tokreg.mark()
+    pyunion("push", NOTLS, *s, *creds, ref, f"{tokreg.host}/tok/copy:1", env=env)
+    assert ["repository:tok/copy:pull,push", "repository:tok/sample:pull"] in \
+        tokreg.token.scopes
+    put, mounted, _ = _uploads(tokreg.requests(mark))
+    assert put == [] and len(mounted) == 4
+    pyunion("login", NOTLS, "-u", USER, "-p", PASSWORD, tokreg.host, env=env)
+    pyunion("pull", NOTLS, *s, f"{tokreg.host}/tok/copy:1", env=env)
 
 
 def test_cli_lists_registry_commands() -> None:
