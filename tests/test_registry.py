@@ -47,7 +47,7 @@ NOTLS = "--tls-verify=false"
 
 def sh(*args: str | Path, timeout: float = 120, env: dict[str, str] | None = None) -> str:
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                       env=env)
+                       env=env, check=False)
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-2000:]}")
     return r.stdout.strip()
@@ -153,8 +153,9 @@ def images(reg: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         src = f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/bah"
         sh("skopeo", "copy", "-q", src, f"oci:{t / 'bah'}:1")
     finally:
-        subprocess.run([*bah, "rm", "--all"], capture_output=True, timeout=60)
-        subprocess.run(["umount", "-R", str(t / "root")], capture_output=True, timeout=60)
+        subprocess.run([*bah, "rm", "--all"], capture_output=True, timeout=60, check=False)
+        subprocess.run(["umount", "-R", str(t / "root")], capture_output=True, timeout=60,
+                       check=False)
     sh(*copy, f"oci:{t / 'bah'}:1", f"{dest}/bah:1")
     sh(*copy, "--format", "v2s2", f"oci:{t / 'bah'}:1", f"{dest}/bah-docker:1")
     _add_platform_index(t / "bah", "1", "multi")
@@ -474,6 +475,6 @@ def test_bearer_token_auth(tokreg: Registry, images: Path, tmp_path: Path) -> No
 
 def test_cli_lists_registry_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "unionfs", "--help"], capture_output=True,
-                         text=True, timeout=60).stdout
+                         text=True, timeout=60, check=True).stdout
     for cmd in ("pull", "push", "login", "logout"):
         assert cmd in out

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pyunion", help="command that runs pyunion (default .venv/bin/pyunion)")
     p.add_argument("--verify", action="store_true",
                    help="only check that every implementation shows the same merged tree")
+    p.add_argument("--pull", action="store_true",
+                   help="only the pull workload: the image from a local registry into a cold "
+                   "store, pyunion vs skopeo copy + umoci unpack (scripts/bench/pull.py)")
     p.add_argument("--report", metavar="FILE.json",
                    help="only print the table of saved results (with --markdown for markdown)")
     return p.parse_args(argv)
@@ -135,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     cache = Path(args.cache)
     image = ensure_image(cache, sizes, args.source)
+    if args.pull:
+        from . import pull
+        py = next(i for i in impls if isinstance(i, impls_mod.Pyunion)) if any(
+            isinstance(i, impls_mod.Pyunion) for i in impls) else impls_mod.Pyunion()
+        res = pull.run(cache, image, py.command, sizes.reps)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"machine": machine(cache), "pull": res,
+                                                  "version": py.version()}, indent=1))
+        sys.stdout.write(pull.render(res))
+        return 0
     stack = (ensure_stack(cache, sizes.stack_files)
              if "mount" in workloads and not args.verify else None)
     cfg = Config(cache=cache, sizes=sizes, impls=impls, workloads=workloads, modes=sizes.modes,

@@ -48,10 +48,6 @@ class RegistryError(UserError):
         self.error_code = code
 
 
-class Transient(Exception):
-    """A failure worth another try (kept apart so retries never hide a real answer)."""
-
-
 @dataclass
 class Options:
     """How to reach registries: what `--tls-verify`, `--cert-dir`, `--creds`, `--retry` set."""
