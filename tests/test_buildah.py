@@ -43,7 +43,7 @@ import pytest
 from conftest import alive, fuse_skip_reason, kernel_overlay, tree_view
 
 from unionfs.errors import UserError
-from unionfs.options import MountConfig, normalize_overlayfs_options, parse_options
+from unionfs.options import MountConfig, parse_options
 
 # The mount program under test: the venv's console script, or another build of it.
 PYUNION_OVERLAYFS = Path(os.environ.get("PYUNION_MOUNT_PROGRAM")
@@ -89,7 +89,7 @@ needs_fuse_overlayfs = pytest.mark.skipif(FUSE_OVERLAYFS is None,
 # -- the options containers/storage passes (no buildah needed) -----------------------------
 def _parse(opts: str) -> MountConfig:
     cfg = MountConfig(lowers=[], mountpoint="m")
-    parse_options([normalize_overlayfs_options(opts)], cfg)
+    parse_options([opts], cfg)
     return cfg
 
 

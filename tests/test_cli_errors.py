@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import is_mounted, needs_fuse, pyunion
+
 from unionfs.errors import UserError
-from unionfs.options import MountConfig, parse_options, split_escaped
+from unionfs.options import MountConfig, parse_options, split_lowerdirs, split_options
 
 
 def _fails(*args: str) -> str:
@@ -20,18 +23,76 @@ def _fails(*args: str) -> str:
     return lines[0]
 
 
-def test_split_escaped_colon() -> None:
-    assert split_escaped(r"a\:b:c", ":") == ["a:b", "c"]
+def test_escapes_quotes_and_empty_items() -> None:
+    r"""The kernel's rules: `\X` is X, commas in double quotes do not split, empty items skipped."""
+    assert split_lowerdirs(r"a\:b:c") == ["a:b", "c"]
+    assert split_lowerdirs(r"/l\\x::/data") == ["/l\\x", "/data"]  # '::' before data-only layers
+    assert split_options(',a,,b="x,y",\\,c,') == ["a", 'b="x,y"', "\\,c"]
     cfg = MountConfig(lowers=[], mountpoint="m")
-    parse_options([r"lowerdir=/x\:y:/z,upperdir=/u,workdir=/w"], cfg)
-    assert cfg.lowers == ["/x:y", "/z"] and cfg.upper == "/u" and cfg.work == "/w"
+    parse_options([r"lowerdir=/x\:y:/a\,b:/z,upperdir=/u\,v,,workdir=/w\\,"], cfg)
+    assert cfg.lowers == ["/x:y", "/a,b", "/z"] and cfg.upper == "/u,v" and cfg.work == "/w\\"
+    cfg = MountConfig(lowers=[], mountpoint="m")
+    parse_options(['lowerdir=/l,context="system_u:object_r:container_file_t:s0:c1,c2",ro', ""], cfg)
+    assert cfg.lowers == ["/l"] and cfg.read_only
 
 
-@pytest.mark.parametrize("opt", ["lowerdir=", "lowerdir=/a,,upperdir=/b", "bogus=1", "upperdir=",
-                                 "lowerdir=/a\\"])
+@pytest.mark.parametrize("opt", ["lowerdir=", "lowerdir=:", "bogus=1", "upperdir=",
+                                 "lowerdir=/a\\", 'lowerdir=/a,context="x,y'])
 def test_malformed_options(opt: str) -> None:
     with pytest.raises(UserError):
         parse_options([opt], MountConfig(lowers=[], mountpoint="m"))
+
+
+# (option string, None if it mounts, or a word of the one-line error)
+BOTH_COMMANDS = [
+    ('lowerdir={l},context="system_u:object_r:container_file_t:s0:c1,c2"', None),
+    ("lowerdir={l},,upperdir={u},workdir={w},", None),
+    ("lowerdir={esc},upperdir={u},workdir={w},volatile", None),
+    ("lowerdir={l},bogus", "bogus"),
+    ('lowerdir={l},context="a:b:c1,c2', "quote"),
+    ("lowerdir={l}\\", "backslash"),
+    ("lowerdir=,upperdir={u}", "lowerdir"),
+]
+
+
+@needs_fuse
+@pytest.mark.parametrize("opts,error", BOTH_COMMANDS)
+def test_one_option_parser_for_both_commands(tmp_path: Path, opts: str, error: str | None) -> None:
+    """`pyunion mount -o` and `pyunion-overlayfs -o` read every option string alike."""
+    from conftest import force_unmount
+
+    odd = tmp_path / "a,b:c"  # a layer whose name needs both escapes
+    for d in ("l", "u", "w", "m", odd):
+        (tmp_path / d).mkdir()
+    (odd / "seen").write_text("x")
+    opts = opts.format(l=tmp_path / "l", u=tmp_path / "u", w=tmp_path / "w",
+                       esc=str(odd).replace(",", "\\,").replace(":", "\\:"))
+    mnt = tmp_path / "m"
+    overlayfs = str(Path(sys.executable).parent / "pyunion-overlayfs")
+    outcomes = []
+    for cmd in (["mount", "-o", opts, str(mnt)], ["-o", opts, str(mnt)]):
+        if cmd[0] == "mount":
+            r = pyunion(*cmd, check=False)
+        else:
+            r = subprocess.run([overlayfs, *cmd], check=False, capture_output=True,
+                               text=True, timeout=60)
+        try:
+            mounted_now = is_mounted(mnt)
+            if mounted_now and str(odd) not in opts and "b\\:c" in opts:
+                assert os.listdir(mnt) == ["seen"]  # the escaped path named the odd layer
+        finally:
+            if is_mounted(mnt):
+                pyunion("umount", str(mnt), check=False)
+                force_unmount(mnt)
+        assert "Traceback" not in r.stderr
+        outcomes.append((r.returncode, r.stderr, mounted_now))
+    assert outcomes[0] == outcomes[1], outcomes
+    code, err, was_mounted = outcomes[0]
+    if error is None:
+        assert code == 0 and was_mounted, err
+    else:
+        assert code != 0 and not was_mounted
+        assert len(err.strip().splitlines()) == 1 and error in err, err
 
 
 @needs_fuse
@@ -67,7 +128,7 @@ def test_malformed_option_string_cli(tmp_path: Path) -> None:
 def test_already_mounted(layers: tuple) -> None:
     from conftest import mounted
 
-    lows, upper, work, mnt = layers
+    lows, _, _, mnt = layers
     with mounted(lows, mnt):
         assert "already a mount point" in _fails("mount", str(lows[0]), str(mnt))
 

@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import UserError
-from .options import MountConfig, normalize_overlayfs_options, parse_options
+from .options import MountConfig, parse_options
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _add_mount(sub: argparse._SubParsersAction) -> None:
+def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "mount",
         help="mount a stack of layers",
@@ -76,7 +76,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_umount(sub: argparse._SubParsersAction) -> None:
+def _add_umount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon to exit")
     p.add_argument("mountpoint")
     p.add_argument("-l", "--lazy", action="store_true", help="detach even if busy")
@@ -154,9 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def overlayfs_main(argv: Sequence[str] | None = None) -> int:
     """fuse-overlayfs' calling convention: `PROGRAM [-f] [-d] -o OPTS MOUNTPOINT`.
 
-    This is what containers/storage runs as its `overlay.mount_program`. Its
-    option strings carry empty items and maybe an SELinux label, which
-    `normalize_overlayfs_options` tidies; the rest is `pyunion mount`.
+    This is what containers/storage runs as its `overlay.mount_program`. The
+    option strings (empty items, a quoted SELinux label and all) go unchanged
+    to `pyunion mount`, whose parser reads them by the same rules.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["--version"], ["-V"]):
@@ -168,9 +168,8 @@ def overlayfs_main(argv: Sequence[str] | None = None) -> int:
             opts = arg[2:] if len(arg) > 2 else next(it, None)
             if opts is None:
                 return main(["mount", "-o"])  # argparse reports the missing value
-            opts = normalize_overlayfs_options(opts)
-            if opts:
-                args += ["-o", opts]
+            if opts:  # joined: a value starting with '-' is still the value of -o
+                args.append("-o" + opts)
         elif arg == "--debug":
             args.append("-d")
         else:

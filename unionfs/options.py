@@ -1,17 +1,23 @@
 """Mount options: the kernel's and fuse-overlayfs' `-o` syntax, parsed into a `MountConfig`.
 
-`lowerdir=L1:L2` lists layers top first; `\\:` escapes a colon and `\\,` a comma,
-as in the kernel. Options we implement are consumed here; options that only
-concern the kernel's FUSE mount (allow_other, ...) are passed through to
-libfuse; harmless ones containers/storage passes are accepted and ignored;
-those that would change what the mount shows and that we cannot honour (ID
-mappings, squashing owners) are refused with the reason, and so is anything
-unknown, since libfuse itself rejects unknown options.
+One parser for `pyunion mount -o` and `pyunion-overlayfs -o`, with the
+kernel's rules: items are separated by commas, except an escaped one (`\\,`)
+or one inside double quotes (`context="a:b:c1,c2"`); empty items are
+skipped; `lowerdir=L1:L2` lists layers top first, `\\:` escaping a colon; a
+backslash escapes any character in a path (`\\\\` is one backslash).
+
+Options we implement are consumed here; options that only concern the
+kernel's FUSE mount (allow_other, ...) are passed through to libfuse; harmless
+ones containers/storage passes are accepted and ignored; those that would
+change what the mount shows and that we cannot honour (ID mappings, squashing
+owners) are refused with the reason, and so is anything unknown, since libfuse
+itself rejects unknown options.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -37,10 +43,6 @@ REFUSED = {
     "squash_to_uid": "showing every file as owned by one user",
     "squash_to_gid": "showing every file as owned by one group",
 }
-# Security-label options: their value may hold commas inside double quotes.
-LABEL_OPTIONS = {"context", "fscontext", "defcontext", "rootcontext"}
-# Options we implement ourselves (not passed to libfuse).
-MOUNT_FLAGS = {"ro", "nosuid", "nodev", "noexec"}
 
 
 @dataclass
@@ -63,32 +65,60 @@ class MountConfig:
     gid_map: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-def split_escaped(text: str, sep: str) -> list[str]:
-    """Split on `sep`, honouring backslash escapes (`\\:` is a literal colon)."""
+def _scan(text: str, sep: str, quotes: bool) -> list[str]:
+    """Split `text` on `sep` where it is neither escaped nor (with `quotes`) inside double quotes.
+
+    Escapes and quotes are kept in the pieces: a later split of a value (the
+    colons of `lowerdir=`) must still see them; `unescape` removes them last.
+    """
     parts: list[str] = []
     cur: list[str] = []
-    it = iter(text)
-    for ch in it:
+    quoted = False
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
         if ch == "\\":
-            nxt = next(it, None)
-            if nxt is None:
+            if i + 1 == n:
                 raise UserError(f"malformed option string (trailing backslash): {text!r}")
-            if nxt == sep:
-                cur.append(nxt)
-            else:
-                cur.append("\\" + nxt)
+            cur.append(text[i:i + 2])
+            i += 2
             continue
-        if ch == sep:
+        if ch == '"' and quotes:
+            quoted = not quoted
+        if ch == sep and not quoted:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
+        i += 1
+    if quoted:
+        raise UserError(f"malformed option string (unterminated quote): {text!r}")
     parts.append("".join(cur))
     return parts
 
 
-def _unescape(text: str) -> str:
-    return text.replace("\\\\", "\\")
+def unescape(text: str) -> str:
+    """`\\X` -> `X`, as the kernel reads a path in an option (`\\,`, `\\:`, `\\\\`)."""
+    return re.sub(r"\\(.)", r"\1", text, flags=re.DOTALL)
+
+
+def split_options(text: str) -> list[str]:
+    """The items of one `-o` string, by the kernel's rules.
+
+    Items are separated by commas that are not escaped (`\\,`) and not inside
+    double quotes (an SELinux `context="a:b:c1,c2"`, as the kernel's LSM option
+    parser allows); empty items (`a,,b`, a trailing comma, as containers/storage
+    passes them) are skipped, as the kernel and libfuse do.
+    """
+    return [item for item in _scan(text, ",", quotes=True) if item != ""]
+
+
+def split_lowerdirs(value: str) -> list[str]:
+    """The layers of `lowerdir=`, top first: split on unescaped colons, then unescaped.
+
+    `::` (containers/storage's separator before data-only layers) counts as one colon.
+    """
+    return [unescape(x) for x in _scan(value, ":", quotes=False) if x != ""]
 
 
 def _parse_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
@@ -113,47 +143,6 @@ def _identity_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
     return mapping
 
 
-def _split_raw(text: str) -> list[str]:
-    """Split an option string on commas, keeping escapes; commas inside double quotes stay."""
-    items: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    it = iter(text)
-    for ch in it:
-        if ch == "\\":
-            cur.append(ch)
-            cur.append(next(it, ""))
-        elif ch == '"':
-            quoted = not quoted
-            cur.append(ch)
-        elif ch == "," and not quoted:
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    items.append("".join(cur))
-    return items
-
-
-def normalize_overlayfs_options(text: str) -> str:
-    """Tidy an option string as containers/storage passes it to fuse-overlayfs.
-
-    It leaves empty items (`workdir=W,,volatile`, a trailing comma), which the
-    kernel and libfuse skip, and may add an SELinux `context="a,b"` label whose
-    quoted value holds commas. We drop both (a label is not ours to apply: a
-    FUSE file system gets its label from the policy), and keep the rest as is.
-    """
-    kept = []
-    for item in _split_raw(text):
-        if item == "":
-            continue
-        if item.partition("=")[0] in LABEL_OPTIONS:
-            log.debug("ignoring mount option %r", item)
-            continue
-        kept.append(item)
-    return ",".join(kept)
-
-
 def _flag(item: str, value: str) -> bool:
     if value in ("", "1", "yes", "true"):
         return True
@@ -163,31 +152,27 @@ def _flag(item: str, value: str) -> bool:
 
 
 def parse_options(opts: list[str], cfg: MountConfig) -> None:
-    """Apply every `-o` string in `opts` to `cfg`."""
+    """Apply every `-o` string in `opts` to `cfg`: the one parser of both commands.
+
+    `pyunion mount -o` and `pyunion-overlayfs -o` (containers/storage's mount
+    program) read options by the same rules (`split_options`).
+    """
     for opt_string in opts:
-        if opt_string == "":
-            raise UserError("malformed option string: empty -o")
-        for item in split_escaped(opt_string, ","):
-            if item == "":
-                raise UserError(f"malformed option string {opt_string!r}: empty option")
+        for item in split_options(opt_string):
             key, eq, value = item.partition("=")
             if key == "lowerdir":
-                if not eq or value == "":
-                    raise UserError("malformed option: lowerdir needs at least one directory")
-                # containers/storage may use '::' for data-only layers; treat as ':'.
-                layers = [_unescape(x) for x in split_escaped(value, ":")]
-                layers = [x for x in layers if x != ""]
+                layers = split_lowerdirs(value)
                 if not layers:
                     raise UserError("malformed option: lowerdir needs at least one directory")
                 cfg.lowers = layers
             elif key == "upperdir":
                 if not value:
                     raise UserError("malformed option: upperdir needs a directory")
-                cfg.upper = _unescape(value)
+                cfg.upper = unescape(value)
             elif key == "workdir":
                 if not value:
                     raise UserError("malformed option: workdir needs a directory")
-                cfg.work = _unescape(value)
+                cfg.work = unescape(value)
             elif key == "ro" and not eq:
                 cfg.read_only = True
             elif key == "volatile" or (key == "fsync" and value == "0"):
@@ -199,7 +184,7 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                     raise UserError(f"malformed option {item!r}: spin takes microseconds, 0 to 10000")
                 cfg.spin_us = int(value)
             elif key == "fsname" and eq:
-                cfg.fsname = value
+                cfg.fsname = unescape(value)
             elif key == "uidmapping":
                 cfg.uid_map = _identity_idmap(value, "uidmapping")
             elif key == "gidmapping":
@@ -213,11 +198,11 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 raise UserError(f"mount option {item!r} is not supported (fuse-overlayfs layer plugins)")
             elif key in ("xattr_permissions", "plugins"):
                 log.debug("ignoring mount option %r", item)
-            elif key in FUSE_PASSTHROUGH and not eq:
-                cfg.fuse_options.add(key)
-            elif key in ("nosuid", "nodev", "noexec") and not eq:
+            elif not eq and (key in FUSE_PASSTHROUGH or key in ("nosuid", "nodev", "noexec")):
                 cfg.fuse_options.add(key)
             elif key in IGNORED:
+                # Security labels (context=...) among them: a FUSE file system
+                # gets its label from the policy, not from a mount option.
                 log.debug("ignoring mount option %r", item)
             else:
                 raise UserError(f"unknown mount option {item!r}")
