@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 
 from .inodes import Node
-from .union import Ctx, Union
+from .union import Ctx, Union, check_rename_flags
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,7 @@ class FuseOps(pyfuse3.Operations):
     @_fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any = None) -> None:
+        check_rename_flags(flags)  # before any copy-up
         old_parent = self._node(parent_inode_old)
         new_parent = self._node(parent_inode_new)
         src = self._peek(old_parent, name_old)

@@ -51,6 +51,12 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL)
 
 
+def check_rename_flags(flags: int) -> None:
+    """Only RENAME_NOREPLACE and RENAME_EXCHANGE, as kernel overlayfs: no RENAME_WHITEOUT here."""
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        raise FsError(errno.EINVAL)
+
+
 class Union:
     """A mounted stack: lookups, listings, copy-up and every write."""
 
@@ -476,6 +482,10 @@ class Union:
         return node
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Node:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # A whiteout: it would hide the lower name and stay stuck in the upper
+            # (missing from ls, ENOENT for rm). Kernel overlayfs refuses it too.
+            raise FsError(errno.EPERM)
         pfd, wh = self._prepare_new(parent, name)
         uid, gid, _ = self._owner(pfd, ctx, False, 0)
 
@@ -712,6 +722,7 @@ class Union:
 
     def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
                flags: int = 0) -> None:
+        check_rename_flags(flags)
         self._writable()
         check_name(new_name)
         src_entry, src = self._existing(old_parent, old_name)
