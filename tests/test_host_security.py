@@ -14,13 +14,21 @@ import errno
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from conftest import force_unmount, is_mounted, kernel_overlay, mounted, needs_fuse, run_child
+from conftest import (
+    force_unmount,
+    is_mounted,
+    kernel_overlay,
+    mounted,
+    needs_fuse,
+    pyunion,
+    run_child,
+)
 
 from unionfs.syscalls import RENAME_WHITEOUT, renameat2
 
@@ -117,3 +125,87 @@ def test_no_whiteout_through_the_merged_view(open_tree: Path) -> None:
         got = attempts(m)
     assert got == want
     assert not any(stat.S_ISCHR(os.lstat(p).st_mode) for p in upper.rglob("wh-*"))
+
+
+# -- overlapping layer, upper and work paths -----------------------------------------------
+# (lowerdir, upperdir, workdir) relative to the test tree, and whether kernel overlayfs
+# (6.x) mounts it. Every one is refused by pyunion: where the kernel accepts (an upper or
+# a work dir inside a lower layer), the lower would change under the mount, which the
+# kernel leaves undefined and pyunion does not allow.
+OVERLAPS = [
+    ("l1:l2", "u", "l1", False),        # work dir = a lower layer (it used to empty l1/work)
+    ("l1:l2", "u", "l1/sub", True),     # work dir inside a lower layer
+    ("w/x:l2", "u", "w", False),        # a lower layer inside the work dir
+    ("l1:l2", "l1", "w", False),        # upper = a lower layer (whiteouts written into it)
+    ("l1:l2", "l1/sub", "w", True),     # upper inside a lower layer
+    ("u/inner:l2", "u", "w", False),    # a lower layer inside the upper
+    ("l1:l1", None, None, False),       # the same lower layer twice
+    ("l2:l1:link", "u", "w", False),    # ... once through a symlink
+    ("l1/sub:l1", None, None, False),   # a lower layer inside another
+    ("l1:l1/sub", None, None, False),
+    ("l1", "u", "u", False),            # upper = work
+    ("l1", "u", "u/inner", False),      # work inside the upper
+    ("l1", "w/x", "w", False),          # upper inside the work dir
+    ("l1:bind", None, None, False),     # a bind mount of a lower layer, as another
+    ("bsub:l1", None, None, False),     # a bind mount of a lower's subdirectory
+    ("l1:l2", "u", "w", True),          # fine: separate trees
+]
+
+
+@pytest.fixture
+def overlap_tree(open_tree: Path) -> Iterator[Path]:
+    t = open_tree
+    for d in ("l1/sub", "l1/work", "l2", "u/inner", "w/x", "bind", "bsub", "mnt", "kmnt"):
+        (t / d).mkdir(parents=True)
+    (t / "l1" / "work" / "keep").write_text("lower data")
+    (t / "l1" / "sub" / "keep").write_text("lower data")
+    (t / "link").symlink_to("l1")
+    for src, dst in (("l1", "bind"), ("l1/sub", "bsub")):
+        subprocess.run(["mount", "--bind", str(t / src), str(t / dst)], check=True, timeout=30)
+    try:
+        yield t
+    finally:
+        for d in ("bind", "bsub"):
+            subprocess.run(["umount", str(t / d)], capture_output=True, timeout=30)
+
+
+def _snapshot(t: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every object of the tree: its mode, size and, for files, content."""
+    out = {}
+    for p in sorted(t.rglob("*")):
+        if p.parent.name in ("mnt", "kmnt", "bind", "bsub") or p.name in ("bind", "bsub"):
+            continue
+        st = os.lstat(p)
+        data = p.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        out[str(p.relative_to(t))] = (st.st_mode, st.st_size, data)
+    return out
+
+
+@pytest.mark.parametrize("lower,upper,work,kernel_mounts", OVERLAPS)
+def test_overlapping_paths_are_refused_before_anything_is_touched(
+        overlap_tree: Path, lower: str, upper: str | None, work: str | None,
+        kernel_mounts: bool) -> None:
+    t = overlap_tree
+    opts = "lowerdir=" + ":".join(str(t / p) for p in lower.split(":"))
+    if upper is not None:
+        opts += f",upperdir={t / upper},workdir={t / work}"
+    fine = (lower, upper, work) == OVERLAPS[-1][:3]
+    before = _snapshot(t)
+    r = pyunion("mount", "-o", opts, str(t / "mnt"), check=False)
+    if r.returncode == 0:
+        pyunion("umount", str(t / "mnt"))
+    after = _snapshot(t)
+    # The oracle last: refusing or not, the kernel may already have made (or emptied!)
+    # WORK/work, even inside a lower layer.
+    k = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(t / "kmnt")],
+                       capture_output=True, text=True, timeout=30)
+    if k.returncode == 0:
+        subprocess.run(["umount", str(t / "kmnt")], check=True, timeout=30)
+    assert (k.returncode == 0) == kernel_mounts, f"the kernel changed its mind: {k.stderr}"
+    if fine:
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode != 0 and not is_mounted(t / "mnt"), "pyunion mounted overlapping paths"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert after == before, "a refused mount touched the tree"

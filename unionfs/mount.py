@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from .errors import UserError
 from .layers import DIR_FLAGS, LayerStack
@@ -99,8 +100,105 @@ def _inside(path: str, top: str) -> bool:
     return path.startswith(top.rstrip("/") + "/")
 
 
+def _mount_roots() -> dict[int, tuple[str, str, str]]:
+    """mount id -> (device major:minor, root of the mount in its filesystem, mount point)."""
+    out = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split(" - ")[0].split()
+                if len(fields) >= 5 and fields[0].isdigit():
+                    out[int(fields[0])] = (fields[2], _unescape_mountinfo(fields[3]),
+                                           _unescape_mountinfo(fields[4]))
+    except OSError:
+        pass
+    return out
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a directory is, whatever path named it: its filesystem and its path in it.
+
+    Two paths that reach one directory (a symlink, a bind mount) have one place;
+    a bind mount of a subdirectory is inside its parent's place, as the kernel
+    sees it (it compares dentries, not path strings).
+    """
+
+    what: str  # "layer '/x'", for messages
+    device: str  # major:minor of the filesystem
+    fspath: str  # path from the filesystem's root
+    ident: tuple[int, int]  # (st_dev, st_ino)
+
+    def same(self, other: _Place) -> bool:
+        return self.ident == other.ident or (self.device == other.device
+                                             and self.fspath == other.fspath)
+
+    def inside(self, other: _Place) -> bool:
+        return self.device == other.device and _inside(self.fspath, other.fspath)
+
+
+def _place(what: str, path: str, roots: dict[int, tuple[str, str, str]]) -> _Place:
+    """The `_Place` of directory `path`, or of the one `path` would be created as."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        parent = _place(what, os.path.dirname(os.path.abspath(path)) or "/", roots)
+        name = os.path.basename(os.path.abspath(path))
+        return _Place(what, parent.device, os.path.join(parent.fspath, name), (-1, -1))
+    except OSError as e:
+        raise UserError(f"{what}: {e.strerror}")
+    try:
+        st = os.fstat(fd)
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        mnt_id = -1
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "mnt_id":
+                    mnt_id = int(value)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: cannot tell where it is ({e})")
+    finally:
+        os.close(fd)
+    device, root, mountpoint = roots.get(mnt_id, (f"dev{st.st_dev}", "/", "/"))
+    rel = os.path.relpath(real, mountpoint) if real != mountpoint else "."
+    fspath = os.path.normpath(os.path.join(root, rel))
+    return _Place(what, device, fspath, (st.st_dev, st.st_ino))
+
+
+def check_separate(lowers: list[str], upper: str | None, work: str | None) -> None:
+    """Refuse overlapping layers, upper and work dir, as kernel overlayfs does, and more.
+
+    The kernel refuses a lower layer twice, a lower inside another, inside the
+    upper or the work dir (and the reverse), the upper equal to a lower, and
+    an upper and work dir that are not separate trees. It accepts an upper or a
+    work dir inside a lower layer, which makes the lower change under the
+    mount; we refuse that too.
+    """
+    roots = _mount_roots()
+    places = [_place(f"layer {p!r}", p, roots) for p in lowers]
+    if upper is not None:
+        places.append(_place(f"upper directory {upper!r}", upper, roots))
+        if work is not None:
+            places.append(_place(f"work directory {work!r}", work, roots))
+    for i, a in enumerate(places):
+        for b in places[i + 1:]:
+            if a.same(b):
+                raise UserError(f"{a.what} and {b.what} are the same directory")
+            if a.inside(b) or b.inside(a):
+                inner, outer = (a, b) if a.inside(b) else (b, a)
+                raise UserError(f"{inner.what} is inside {outer.what}: layers, upper and work "
+                                "directory must be separate trees")
+
+
+def default_workdir(upper: str) -> str:
+    """`.UPPER.work` beside the upper (so on the same filesystem)."""
+    up = os.path.realpath(upper)
+    return os.path.join(os.path.dirname(up), "." + os.path.basename(up) + ".work")
+
+
 def validate(cfg: MountConfig) -> None:
-    """Refuse a bad mount before anything is mounted, with one clear line."""
+    """Refuse a bad mount before anything is mounted or created, with one clear line."""
     if not os.path.exists("/dev/fuse"):
         raise UserError("/dev/fuse does not exist (is the fuse module loaded?)")
     mp = cfg.mountpoint
@@ -122,6 +220,10 @@ def validate(cfg: MountConfig) -> None:
             raise UserError(f"mount point {mp!r} is inside layer {path!r}")
         if _inside(real, real_mp):
             raise UserError(f"layer {path!r} is inside the mount point {mp!r}")
+    if cfg.work is not None and cfg.upper and not os.path.isdir(cfg.work):
+        raise UserError(f"work directory {cfg.work!r} does not exist or is not a directory")
+    check_separate(cfg.lowers, cfg.upper,
+                   (cfg.work or default_workdir(cfg.upper)) if cfg.upper else None)
     if cfg.upper:
         for m, fstype, opts in mounts():
             if fstype == "overlay" and f"upperdir={os.path.realpath(cfg.upper)}" in opts.split(","):
@@ -132,8 +234,7 @@ def validate(cfg: MountConfig) -> None:
 def choose_workdir(upper: str, work: str | None) -> str:
     """The work dir: as given, or beside the upper (same filesystem), created if missing."""
     if work is None:
-        up = os.path.realpath(upper)
-        work = os.path.join(os.path.dirname(up), "." + os.path.basename(up) + ".work")
+        work = default_workdir(upper)
         created = not os.path.exists(work)
         try:
             os.makedirs(work, exist_ok=True)
