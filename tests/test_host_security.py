@@ -11,10 +11,12 @@ layer is released.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,7 +168,7 @@ def overlap_tree(open_tree: Path) -> Iterator[Path]:
         yield t
     finally:
         for d in ("bind", "bsub"):
-            subprocess.run(["umount", str(t / d)], capture_output=True, timeout=30)
+            subprocess.run(["umount", str(t / d)], capture_output=True, timeout=30, check=False)
 
 
 def _snapshot(t: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -198,7 +200,7 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(
     # The oracle last: refusing or not, the kernel may already have made (or emptied!)
     # WORK/work, even inside a lower layer.
     k = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(t / "kmnt")],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=30, check=False)
     if k.returncode == 0:
         subprocess.run(["umount", str(t / "kmnt")], check=True, timeout=30)
     assert (k.returncode == 0) == kernel_mounts, f"the kernel changed its mind: {k.stderr}"
@@ -209,3 +211,123 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert after == before, "a refused mount touched the tree"
+
+
+# -- state files ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def user() -> Iterator[tuple[int, int]]:
+    """A throw-away unprivileged user (uid, gid), removed afterwards."""
+    name = f"pyu-sec-{os.getpid()}"
+    subprocess.run(["useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        import pwd
+
+        pw = pwd.getpwnam(name)
+        yield pw.pw_uid, pw.pw_gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
+
+
+def _as(who: tuple[int, int], *cmd: str, env: dict[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command as user `who` (environment given whole, not through env(1))."""
+    uid, gid = who
+    r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd],
+                       capture_output=True, text=True, timeout=60, env=env, check=False,
+                       cwd=str(Path(__file__).parent.parent))
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_a_user_cannot_make_roots_mount_write_through_a_planted_pid_file(
+        open_tree: Path, user: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older pyunion left its state dir 0777: a user plants HASH.pid -> a root file."""
+    from unionfs.mount import daemon_pid
+
+    t = open_tree
+    for d in ("l", "mnt", "run"):
+        (t / d).mkdir()
+    state = t / "run" / "pyunion"
+    state.mkdir()
+    state.chmod(0o777)
+    victim = t / "victim"  # stands for /etc/shadow
+    victim.write_text("root:precious\n")
+    victim.chmod(0o600)
+    # The pid file's name is public knowledge: a hash of the mount point.
+    name = hashlib.sha256(os.fsencode(os.path.realpath(t / "mnt"))).hexdigest()[:24] + ".pid"
+    _as(user, "ln", "-s", str(victim), str(state / name))
+    _as(user, "ln", "-s", str(victim), str(state / "other.pid"))
+    monkeypatch.setenv("PYUNION_STATE_DIR", str(state))
+    with mounted([t / "l"], t / "mnt"):
+        assert victim.read_text() == "root:precious\n", "root's mount wrote through the symlink"
+        st = os.stat(state, follow_symlinks=False)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0
+        pid_file = os.lstat(state / name)
+        assert stat.S_ISREG(pid_file.st_mode) and pid_file.st_uid == 0
+        pid = daemon_pid(str(t / "mnt"))
+        assert pid is not None and (state / name).read_text().split()[0] == str(pid)
+        r = _as(user, "touch", str(state / "again"), check=False)
+        assert r.returncode != 0, "the state directory is still open to other users"
+    assert not (state / name).exists() and victim.read_text() == "root:precious\n"
+
+
+def test_an_unsafe_state_directory_is_refused(open_tree: Path, user: tuple[int, int],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    t = open_tree
+    for d in ("l", "mnt", "elsewhere", "users"):
+        (t / d).mkdir()
+    os.chown(t / "users", *user)
+    (t / "link").symlink_to("elsewhere")
+    for state, why in ((t / "link", "symlink"), (t / "users", "belongs to uid")):
+        env = {**os.environ, "PYUNION_STATE_DIR": str(state)}
+        r = pyunion("mount", str(t / "l"), str(t / "mnt"), check=False, env=env)
+        assert r.returncode != 0 and not is_mounted(t / "mnt")
+        assert len(r.stderr.strip().splitlines()) == 1 and why in r.stderr, r.stderr
+    assert os.listdir(t / "elsewhere") == [] and os.listdir(t / "users") == []
+
+
+def test_roots_default_state_directory_is_private(layers: tuple) -> None:
+    lows, _, _, mnt = layers
+    with mounted(lows, mnt):
+        st = os.stat("/run/pyunion", follow_symlinks=False)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0
+
+
+PROBE = ("import sys; from unionfs.errors import UserError; from unionfs.mount import "
+         "state_dir, open_state_dir\n"
+         "try:\n    open_state_dir()\nexcept UserError as e:\n    sys.exit(str(e))\n"
+         "print(state_dir())")
+
+
+def test_a_users_state_directory_is_private(open_tree: Path, user: tuple[int, int]) -> None:
+    """Non-root: $XDG_RUNTIME_DIR/pyunion when it is theirs, else a private dir in $TMPDIR."""
+    t = open_tree
+    python = str(Path(sys.executable).parent / "python")
+    runtime, tmp = t / "runtime", t / "tmp"
+    runtime.mkdir(mode=0o700)
+    os.chown(runtime, *user)
+    tmp.mkdir()
+    tmp.chmod(0o1777)
+    base = {k: v for k, v in os.environ.items() if k not in ("PYUNION_STATE_DIR", "XDG_RUNTIME_DIR")}
+    r = _as(user, python, "-c", PROBE, env={**base, "XDG_RUNTIME_DIR": str(runtime)})
+    assert r.stdout.strip() == str(runtime / "pyunion")
+    st = os.stat(runtime / "pyunion")
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user[0], 0o700)
+    # No runtime dir of theirs (root's here): a private one in $TMPDIR...
+    env = {**base, "XDG_RUNTIME_DIR": str(t), "TMPDIR": str(tmp)}
+    private = tmp / f"pyunion-run-{user[0]}"
+    # ... which another user cannot plant for them: a symlink, or a directory of their own.
+    _as((NOBODY, NOBODY), "ln", "-s", str(t / "runtime"), str(private))
+    r = _as(user, python, "-c", PROBE, env=env, check=False)
+    assert r.returncode != 0 and "symlink" in r.stderr, r.stderr
+    private.unlink()
+    _as((NOBODY, NOBODY), "mkdir", "-m", "777", str(private))
+    r = _as(user, python, "-c", PROBE, env=env, check=False)
+    assert r.returncode != 0 and f"belongs to uid {NOBODY}" in r.stderr, r.stderr
+    private.rmdir()
+    r = _as(user, python, "-c", PROBE, env=env)
+    st = os.stat(private, follow_symlinks=False)
+    assert r.stdout.strip() == str(private)
+    assert stat.S_ISDIR(st.st_mode) and (st.st_uid, stat.S_IMODE(st.st_mode)) == (user[0], 0o700)

@@ -16,7 +16,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -29,10 +31,6 @@ from .syscalls import MNT_DETACH, umount2
 from .tree import rmtree_at
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = os.environ.get("PYUNION_STATE_DIR", "/run/pyunion" if os.geteuid() == 0 else
-                           os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "pyunion"))
-
 
 # -- mount table ---------------------------------------------------------------
 def _unescape_mountinfo(s: str) -> str:
@@ -61,19 +59,160 @@ def is_mountpoint(path: str) -> bool:
     return any(mp == real for mp, _, _ in mounts())
 
 
-def _state_path(mountpoint: str) -> str:
-    """Where the daemon of `mountpoint` records its pid (call before mounting: realpath stats)."""
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
-    return os.path.join(STATE_DIR, key + ".pid")
+# -- state files -----------------------------------------------------------------------
+# The daemon of each mount records its pid in STATE_DIR/HASH.pid so that `umount`
+# can wait for it. Root's state directory is /run/pyunion, other users' a private
+# runtime directory: never a directory another user can write, since root writes
+# there. Files in it are made under a fresh name (O_EXCL|O_NOFOLLOW) and renamed
+# into place, relative to the directory's fd, so nothing planted is ever followed.
+PID_MAX_BYTES = 4096
+
+
+def state_dir() -> str:
+    """This user's state directory: $PYUNION_STATE_DIR, /run/pyunion (root), or a private one."""
+    env = os.environ.get("PYUNION_STATE_DIR")
+    if env:
+        return os.path.abspath(env)
+    uid = os.geteuid()
+    if uid == 0:
+        return "/run/pyunion"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        try:
+            st = os.stat(xdg)
+        except OSError:
+            st = None
+        # Only the user's own runtime dir (after `su`, it may still name the other user's).
+        if st is not None and st.st_uid == uid and not st.st_mode & 0o022:
+            return os.path.join(xdg, "pyunion")
+    return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pyunion-run-{uid}")
+
+
+def open_state_dir() -> int:
+    """An fd of the state directory, made (0700) or repaired if need be."""
+    fd = _open_state_dir(True)
+    assert fd is not None
+    return fd
+
+
+def find_state_dir() -> int | None:
+    """An fd of the state directory if there is one (repaired if need be), else None."""
+    return _open_state_dir(False)
+
+
+def _open_state_dir(create: bool) -> int | None:
+    """An fd of the state directory, made (0700) or repaired if need be; None if missing.
+
+    Refused: a symlink in its place, or a directory that another user owns. A
+    directory of ours that others can write (an older pyunion made /run/pyunion
+    0777) is made 0700 again; whatever was planted in it is never followed.
+    """
+    path = state_dir()
+    parent, name = os.path.split(path)
+    try:
+        pfd = os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UserError(f"cannot use the state directory {path!r}: {e.strerror}")
+    try:
+        if create:
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise UserError(f"cannot create the state directory {path!r}: {e.strerror}")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pfd)
+        except FileNotFoundError:
+            if create:
+                raise UserError(f"cannot create the state directory {path!r}")
+            return None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UserError(f"the state directory {path!r} is not a directory (a symlink?); "
+                                "refusing to use it")
+            raise UserError(f"cannot use the state directory {path!r}: {e.strerror}")
+    finally:
+        os.close(pfd)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise UserError(f"the state directory {path!r} belongs to uid {st.st_uid}; "
+                        "refusing to use it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _state_name(mountpoint: str) -> str:
+    """The pid file's name for `mountpoint` (call before mounting: realpath stats)."""
+    key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:24]
+    return key + ".pid"
+
+
+def write_pid(dfd: int, name: str, pid: int, real_mp: str) -> None:
+    """Record `pid` as NAME in the state dir: a fresh file renamed over whatever was there."""
+    data = f"{pid} {real_mp}\n".encode(errors="surrogateescape")
+    for _ in range(8):
+        tmp = f".{name}.{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dfd)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, 0o644)  # the daemon's umask is 0: the mode is exactly this anyway
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        return
+    raise OSError(errno.EEXIST, "no free temporary name in the state directory")
+
+
+def read_pid(dfd: int, name: str) -> int | None:
+    """The pid recorded as NAME: a regular file of ours, read within bounds; None otherwise."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        return int(os.read(fd, PID_MAX_BYTES).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def remove_pid(dfd: int, name: str, pid: int) -> None:
+    """Remove NAME if it still records `pid` (a new mount there may have replaced it)."""
+    if read_pid(dfd, name) == pid:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dfd)
 
 
 def daemon_pid(mountpoint: str) -> int | None:
+    """The pid of the running daemon of `mountpoint`, if it recorded one."""
     try:
-        with open(_state_path(mountpoint)) as f:
-            pid = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
+        dfd = find_state_dir()
+    except UserError:
         return None
-    return pid if process_alive(pid) else None
+    if dfd is None:
+        return None
+    try:
+        pid = read_pid(dfd, _state_name(mountpoint))
+    finally:
+        os.close(dfd)
+    return pid if pid is not None and process_alive(pid) else None
 
 
 def process_alive(pid: int) -> bool:
@@ -298,8 +437,12 @@ def _fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
-    """Mount and serve until unmounted. Reports readiness (or the error) on `ready_fd`."""
+def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = None) -> int:
+    """Mount and serve until unmounted. Reports readiness (or the error) on `ready_fd`.
+
+    `state_fd` is the state directory (`open_state_dir`), where the daemon's pid
+    is recorded for `umount`.
+    """
     import pyfuse3
     import trio
 
@@ -314,6 +457,14 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
             return 1
         raise UserError(msg)
 
+    if state_fd is None:
+        try:
+            state_fd = open_state_dir()
+        except UserError as e:
+            return fail(str(e))
+    sfd: int = state_fd
+    # Upper objects are created with exactly the modes the kernel sends (it has applied
+    # the caller's umask already). The state files are made with explicit modes.
     os.umask(0)
     lock_fd = -1
     try:
@@ -335,18 +486,19 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
     _raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     real_mp = os.path.realpath(cfg.mountpoint)
-    state = _state_path(real_mp)
+    state = _state_name(real_mp)
+    me = os.getpid()
+    try:
+        write_pid(sfd, state, me, real_mp)
+    except OSError as e:
+        core.close()
+        return fail(f"cannot record the daemon's pid in {state_dir()!r}: {e.strerror}")
     try:
         pyfuse3.init(ops, cfg.mountpoint, _fuse_options(cfg))
     except Exception as e:
         core.close()
+        remove_pid(sfd, state, me)
         return fail(f"cannot mount {cfg.mountpoint!r}: {e}")
-    try:
-        os.makedirs(STATE_DIR, exist_ok=True)
-        with open(state, "w") as f:
-            f.write(f"{os.getpid()} {real_mp}\n")
-    except OSError:
-        state = ""
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
@@ -383,9 +535,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> int:
         core.close()
         if lock_fd >= 0:
             os.close(lock_fd)
-        if state:
-            with contextlib.suppress(OSError):
-                os.unlink(state)
+        remove_pid(sfd, state, me)
+        os.close(sfd)
     return 0
 
 
@@ -402,8 +553,9 @@ def _raise_fd_limit() -> None:
 def mount(cfg: MountConfig) -> int:
     """Mount; return the daemon's pid once the mount is live (0 in the foreground, after it ends)."""
     validate(cfg)
+    state_fd = open_state_dir()
     if cfg.foreground:
-        serve(cfg)
+        serve(cfg, state_fd=state_fd)
         return 0
     r, w = os.pipe()
     pid = os.fork()
@@ -413,13 +565,14 @@ def mount(cfg: MountConfig) -> int:
             os.close(r)
             os.setsid()
             _detach_stdio(cfg)
-            code = serve(cfg, w)
+            code = serve(cfg, w, state_fd)
         except BaseException as e:  # report, never a traceback on the user's terminal
             with contextlib.suppress(OSError):
                 os.write(w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
         finally:
             os._exit(code)
     os.close(w)
+    os.close(state_fd)
     msg = b""
     with os.fdopen(r, "rb") as f:
         msg = f.read()
@@ -499,5 +652,10 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         if lazy:
             return
         raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:g}s")
-    with contextlib.suppress(OSError):
-        os.unlink(_state_path(mountpoint))
+    try:
+        dfd = find_state_dir()
+    except UserError:
+        return
+    if dfd is not None:
+        remove_pid(dfd, _state_name(mountpoint), pid)  # the daemon was killed: left behind
+        os.close(dfd)
