@@ -20,7 +20,6 @@ import stat
 from typing import NamedTuple
 
 from .errors import FsError
-
 from .inodes import InodeTable, Node
 from .layers import LayerStack, open_dir_at
 from .whiteout import (
@@ -28,7 +27,6 @@ from .whiteout import (
     OPQ_CHAR,
     WH_PREFIX,
     dir_flags,
-    is_whiteout_stat,
     is_xwhiteout,
     oci_whiteout_target,
 )
@@ -53,19 +51,32 @@ class Resolver:
 
     # -- directory fds -------------------------------------------------------
     def dirfd(self, node: Node, pos: int) -> int:
-        """The fd of directory `node` in the layer at `pos` of its chain."""
+        """The fd of directory `node` in the layer at `pos` of its chain.
+
+        Opened from the nearest ancestor whose fd in that layer is open, one name
+        at a time, top down: a loop, since a released chain of ancestors can be
+        deeper than Python's recursion limit.
+        """
         fd = node.fds[pos]
         if fd >= 0:
             return fd
         layer = node.chain[pos]
-        parent = node.parent
-        if parent is None:
-            lay = self.stack.layers[layer]
-            assert lay is not None
-            fd = lay.fd
-        else:
-            fd = open_dir_at(self.dirfd(parent, parent.chain.index(layer)), node.name)
-        node.fds[pos] = fd
+        todo: list[tuple[Node, int]] = []
+        n, p = node, pos
+        while True:
+            fd = n.fds[p]
+            if fd >= 0:
+                break
+            parent = n.parent
+            if parent is None:
+                lay = self.stack.layers[layer]
+                assert lay is not None
+                fd = n.fds[p] = lay.fd
+                break
+            todo.append((n, p))
+            n, p = parent, parent.chain.index(layer)
+        for n, p in reversed(todo):
+            fd = n.fds[p] = open_dir_at(fd, n.name)
         return fd
 
     def layer_dirfd(self, node: Node, layer: int) -> int:
