@@ -10,6 +10,7 @@ layer is released.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -18,11 +19,13 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
+    PYUNION,
     force_unmount,
     is_mounted,
     kernel_overlay,
@@ -331,3 +334,177 @@ def test_a_users_state_directory_is_private(open_tree: Path, user: tuple[int, in
     st = os.stat(private, follow_symlinks=False)
     assert r.stdout.strip() == str(private)
     assert stat.S_ISDIR(st.st_mode) and (st.st_uid, stat.S_IMODE(st.st_mode)) == (user[0], 0o700)
+
+
+# -- what the daemon holds -----------------------------------------------------------------
+@contextlib.contextmanager
+def tmpfs(path: Path) -> Iterator[Path]:
+    """A tmpfs at `path` for the block; unmounted (lazily, as a last resort) after it."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)],
+                   check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        if is_mounted(path):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30,
+                           check=False)
+
+
+def test_the_daemon_pins_no_filesystem_of_its_caller(tmp_path: Path) -> None:
+    """Its cwd is / (as libfuse's daemonize) and it keeps none of the caller's fds."""
+    t = tmp_path
+    for d in ("l", "mnt"):
+        (t / d).mkdir()
+    (t / "l" / "f").write_text("layer")
+    with tmpfs(t / "cwdfs") as cwdfs, tmpfs(t / "fdfs") as fdfs:
+        (fdfs / "held").write_text("x")
+        fd = os.open(fdfs / "held", os.O_RDONLY)
+        try:
+            # Relative paths, from a cwd on its own filesystem, with an fd on another.
+            r = subprocess.run([*PYUNION, "mount", "../l", "../mnt"], cwd=cwdfs, pass_fds=(fd,),
+                               capture_output=True, text=True, timeout=60, check=False)
+        finally:
+            os.close(fd)
+        assert r.returncode == 0, r.stderr
+        try:
+            for fs in (cwdfs, fdfs):
+                u = subprocess.run(["umount", str(fs)], capture_output=True, text=True,
+                                   timeout=30, check=False)
+                assert u.returncode == 0, f"the daemon pins {fs}: {u.stderr}"
+            assert (t / "mnt" / "f").read_text() == "layer"
+        finally:
+            pyunion("umount", str(t / "mnt"), check=False)
+            force_unmount(t / "mnt")
+
+
+def test_after_umount_the_layers_filesystem_unmounts_at_once(tmp_path: Path) -> None:
+    """`pyunion umount` returns: every layer is released, whatever the mount did (N times)."""
+    from unionfs.syscalls import umount2
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for i in range(5):
+        with tmpfs(tmp_path / "fs") as fs:
+            for d in ("l1/top/a/b/c", "l2/top/a/b/c", "l2/other/x", "u", "w"):
+                (fs / d).mkdir(parents=True)
+            for d in ("top", "top/a", "top/a/b", "top/a/b/c"):
+                (fs / "l2" / d / "f").write_text(d)
+            (fs / "l2" / "top" / "a" / "big").write_bytes(os.urandom(2 << 20))  # copied in a thread
+            with mounted([fs / "l1", fs / "l2"], mnt, fs / "u", fs / "w") as m:
+                os.rename(m / "top", m / "moved")  # merged dirs: their subtree is copied up
+                os.rename(m / "moved" / "a" / "b", m / "moved" / "b2")
+                os.rename(m / "other", m / "other2")
+                with open(m / "moved" / "a" / "f", "a") as f:
+                    f.write("more")
+                assert sorted(os.listdir(m / "moved" / "b2" / "c")) == ["f"]
+            umount2(str(fs))  # no retry: EBUSY fails the test
+            assert not is_mounted(fs), f"round {i}"
+
+
+def test_closing_the_core_releases_every_layer_fd(tmp_path: Path) -> None:
+    """After directory renames, released directory nodes had reopened fds nobody closed."""
+    import trio
+
+    from unionfs.fuseops import FuseOps
+    from unionfs.inodes import ROOT_ID
+    from unionfs.layers import LayerStack
+    from unionfs.mount import prepare_workdir
+    from unionfs.union import Union
+
+    for d in ("l1/top/a/b/c", "l2/top/a/b/c", "up", "work"):
+        (tmp_path / d).mkdir(parents=True)
+    for d in ("top", "top/a", "top/a/b", "top/a/b/c"):
+        (tmp_path / "l2" / d / "f").write_text(d)
+    stack = LayerStack([str(tmp_path / "l1"), str(tmp_path / "l2")], str(tmp_path / "up"))
+    lock_fd, work_fd = prepare_workdir(str(tmp_path / "work"))
+    core = Union(stack, work_fd)
+    ops = FuseOps(core)
+
+    async def requests() -> None:
+        await ops.lookup(ROOT_ID, b"top")
+        await ops.rename(ROOT_ID, b"top", ROOT_ID, b"moved", 0)
+
+    trio.run(requests)
+    core.close()
+    os.close(lock_fd)
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(tmp_path)):
+                held.append(target)
+    assert not held, f"fds left open after close: {held}"
+
+
+def test_wait_gone_waits_for_every_thread(tmp_path: Path) -> None:
+    """A zombie leader whose threads still run still holds its files: it is not gone."""
+    from unionfs.mount import process_alive, wait_gone
+
+    flag = tmp_path / "release"
+    code = ("import ctypes, os, threading, time\n"
+            f"def hold():\n    while not os.path.exists({str(flag)!r}):\n        time.sleep(0.01)\n"
+            "threading.Thread(target=hold).start()\n"
+            "ctypes.CDLL(None).pthread_exit(None)  # the main thread only\n")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        while _state(p.pid) != "Z":  # the leader has exited, its thread runs on
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.01)
+        assert process_alive(p.pid)
+        assert not wait_gone(p.pid, 0.2)
+        flag.touch()
+        assert wait_gone(p.pid, 20)
+    finally:
+        flag.touch()
+        p.wait(timeout=20)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+# -- no recursion over directory depth -----------------------------------------------------
+def test_a_deep_released_chain_resolves_without_recursion(tmp_path: Path) -> None:
+    """A file open 1500 levels down whose directories were all forgotten: it still works."""
+    from unionfs.layers import LayerStack
+    from unionfs.mount import prepare_workdir
+    from unionfs.tree import rmtree
+    from unionfs.union import Union
+
+    depth = 1500  # deeper than Python's recursion limit (1000)
+    for d in ("l1", "up", "work"):
+        (tmp_path / d).mkdir()
+    fd = os.open(tmp_path / "l1", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(b"d", dir_fd=fd)
+        nfd = os.open(b"d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    leaf_fd = os.open(b"leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+    os.write(leaf_fd, b"deep data")
+    os.close(leaf_fd)
+    os.close(fd)
+    stack = LayerStack([str(tmp_path / "l1")], str(tmp_path / "up"))
+    lock_fd, work_fd = prepare_workdir(str(tmp_path / "work"))
+    core = Union(stack, work_fd)
+    try:
+        dirs, d = [], core.root
+        for _ in range(depth):
+            d = core.lookup(d, b"d")
+            dirs.append(d.ino)
+        leaf = core.lookup(d, b"leaf")
+        fh = core.open(leaf, os.O_RDONLY)
+        del d
+        for ino in dirs:  # the kernel forgets the directories: their fds are closed
+            core.forget(ino, 1)
+        assert core.listxattr(leaf) == []
+        core.copy_up(leaf)  # parents first, from the top
+        assert core.read(fh, 0, 100) == b"deep data"
+    finally:
+        core.close()
+        os.close(lock_fd)
+        for d in ("l1", "up", "work"):
+            rmtree(str(tmp_path / d))

@@ -16,6 +16,7 @@ memory without bound.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -37,9 +38,25 @@ class Node:
     """
 
     __slots__ = (
-        "ino", "nlookup", "parent", "name", "links", "is_dir", "layer", "chain",
-        "fds", "listing", "attr", "handles", "origin", "unlinked", "xwh", "st", "xnames", "mtime_pin",
         "__weakref__",
+        "attr",
+        "chain",
+        "fds",
+        "handles",
+        "ino",
+        "is_dir",
+        "layer",
+        "links",
+        "listing",
+        "mtime_pin",
+        "name",
+        "nlookup",
+        "origin",
+        "parent",
+        "st",
+        "unlinked",
+        "xnames",
+        "xwh",
     )
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, layer: int,
@@ -75,6 +92,13 @@ class Node:
                 except OSError:
                     pass
                 self.fds[i] = -1
+
+    def __del__(self) -> None:
+        # A released directory's fds can be opened again (a child resolves through
+        # it); when the node goes, they go with it, or they would pin the layer
+        # until the daemon exits.
+        with contextlib.suppress(AttributeError):  # a node whose __init__ failed
+            self.close_fds()
 
     def add_link(self, parent: Node, name: bytes) -> None:
         """Remember another name of this object (hard links)."""
@@ -138,6 +162,11 @@ class InodeTable:
         nid = self._next_overflow
         self._next_overflow += 1
         return nid
+
+    def all_nodes(self) -> list[Node]:
+        """Every node still alive: those the kernel knows and released ones still referenced."""
+        return list(self.nodes.values()) + [n for n in list(self._zombies.values())
+                                            if self.nodes.get(n.ino) is not n]
 
     def get(self, ino: int) -> Node | None:
         node = self.nodes.get(ino)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import hashlib
 import logging
 import os
 import secrets
+import select
 import signal
 import stat
 import subprocess
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from .errors import UserError
 from .layers import DIR_FLAGS, LayerStack
 from .options import MountConfig
-from .syscalls import MNT_DETACH, umount2
+from .syscalls import MNT_DETACH, close_range, umount2
 from .tree import rmtree_at
 
 log = logging.getLogger(__name__)
@@ -216,22 +218,52 @@ def daemon_pid(mountpoint: str) -> int | None:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether `pid` is a running process (a zombie or a dead one is not)."""
+    """Whether a thread of process `pid` still runs.
+
+    A zombie or a dead process is not alive; but a zombie thread-group leader
+    whose other threads still run is: they still hold its open files.
+    """
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait until `pid` is no longer running; False if it still is after `timeout` s."""
+    """Wait until every thread of `pid` is gone; False if one still runs after `timeout` s.
+
+    Woken by a pidfd, which the kernel signals when the whole thread group has
+    exited (its files closed), so a caller can unmount what it held right away.
+    """
     deadline = time.monotonic() + timeout
-    while process_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone already (ESRCH), or no pidfds (ENOSYS): poll /proc
+        pidfd = -1
+    try:
+        poll = select.poll()
+        if pidfd >= 0:
+            poll.register(pidfd, select.POLLIN)
+        while process_alive(pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd >= 0:
+                poll.poll(max(1, int(min(left, 1.0) * 1000)))
+            else:
+                time.sleep(min(left, 0.02))
+        return True
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 # -- validation ------------------------------------------------------------------
@@ -504,6 +536,14 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
         os.close(ready_fd)
     unmounted_by_us = False
 
+    def release() -> None:
+        """Let go of every layer (and the work dir): a lower's filesystem can then go."""
+        nonlocal lock_fd
+        core.close()
+        if lock_fd >= 0:
+            os.close(lock_fd)
+            lock_fd = -1
+
     reqloop.install(pyfuse3, cfg.spin_us)
 
     async def main() -> None:
@@ -519,7 +559,13 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
                         return
 
             nursery.start_soon(on_signals)
-            await pyfuse3.main()
+            try:
+                await pyfuse3.main()
+            finally:
+                # The connection is over (unmounted): no request can come any more.
+                # Release the layers before anything else, the event loop's own
+                # teardown included: `umount` has returned to its caller already.
+                release()
             nursery.cancel_scope.cancel()
 
     try:
@@ -532,9 +578,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
         if unmounted_by_us and any(mp == real_mp for mp, _, _ in mounts()):
             with contextlib.suppress(OSError):
                 umount2(real_mp, MNT_DETACH)
-        core.close()
-        if lock_fd >= 0:
-            os.close(lock_fd)
+        release()
         remove_pid(sfd, state, me)
         os.close(sfd)
     return 0
@@ -557,6 +601,11 @@ def mount(cfg: MountConfig) -> int:
     if cfg.foreground:
         serve(cfg, state_fd=state_fd)
         return 0
+    # The daemon leaves the caller's cwd: the paths must not depend on it.
+    cfg.lowers = [os.path.abspath(p) for p in cfg.lowers]
+    cfg.upper = os.path.abspath(cfg.upper) if cfg.upper else cfg.upper
+    cfg.work = os.path.abspath(cfg.work) if cfg.work else cfg.work
+    cfg.mountpoint = os.path.abspath(cfg.mountpoint)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -565,6 +614,7 @@ def mount(cfg: MountConfig) -> int:
             os.close(r)
             os.setsid()
             _detach_stdio(cfg)
+            _pin_nothing({w, state_fd})
             code = serve(cfg, w, state_fd)
         except BaseException as e:  # report, never a traceback on the user's terminal
             with contextlib.suppress(OSError):
@@ -580,6 +630,29 @@ def mount(cfg: MountConfig) -> int:
         return pid
     os.waitpid(pid, 0)
     raise UserError(msg[1:].decode(errors="replace") or "the daemon died before the mount was ready")
+
+
+def _pin_nothing(keep: set[int]) -> None:
+    """Hold no filesystem of the caller: cwd `/` (as libfuse's daemonize), no inherited fds.
+
+    Otherwise the daemon, which lives as long as the mount, would keep the
+    caller's cwd and whatever it had open busy (and hold pipe ends open).
+    """
+    os.chdir("/")
+    # Objects inherited from the caller must never be finalized here: one that
+    # owned an fd would close the same number, by then a layer's.
+    gc.freeze()
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)  # the caller's wakeup fd (an event loop's) goes below
+    low = 3
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    try:
+        close_range(low)
+    except OSError:  # no close_range(2) (Linux < 5.9)
+        os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def _detach_stdio(cfg: MountConfig) -> None:

@@ -924,7 +924,7 @@ class Union:
                     os.close(h.fd)
                 except OSError:
                     pass
-        for node in list(self.table.nodes.values()):
+        for node in self.table.all_nodes():
             node.close_fds()
         if self.work_fd >= 0:
             os.close(self.work_fd)
