@@ -308,14 +308,19 @@ class _Place:
         return self.device == other.device and _inside(self.fspath, other.fspath)
 
 
-def _place(what: str, path: str, roots: dict[int, tuple[str, str, str]]) -> _Place:
-    """The `_Place` of directory `path`, or of the one `path` would be created as."""
+def _place(what: str, path: str, roots: dict[int, tuple[str, str, str]],
+           missing_ok: bool = True) -> _Place:
+    """The `_Place` of directory `path`, or (`missing_ok`) of the one it would be made as."""
     try:
         fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        parent = _place(what, os.path.dirname(os.path.abspath(path)) or "/", roots)
-        name = os.path.basename(os.path.abspath(path))
-        return _Place(what, parent.device, os.path.join(parent.fspath, name), (-1, -1))
+        # Not there yet (the default work dir): where it will be made, in its parent.
+        full = os.path.abspath(path)
+        if not missing_ok or os.path.dirname(full) == full:
+            raise UserError(f"{what} does not exist")
+        parent = _place(what, os.path.dirname(full), roots, missing_ok=False)
+        return _Place(what, parent.device, os.path.join(parent.fspath, os.path.basename(full)),
+                      (-1, -1))
     except OSError as e:
         raise UserError(f"{what}: {e.strerror}")
     try:
@@ -406,13 +411,13 @@ def choose_workdir(upper: str, work: str | None) -> str:
     """The work dir: as given, or beside the upper (same filesystem), created if missing."""
     if work is None:
         work = default_workdir(upper)
-        created = not os.path.exists(work)
         try:
-            os.makedirs(work, exist_ok=True)
+            os.mkdir(work, 0o700)  # beside the upper: its parent exists
+            print(f"pyunion: work directory: {work}", file=sys.stderr)
+        except FileExistsError:
+            pass
         except OSError as e:
             raise UserError(f"cannot create a work directory {work!r}: {e.strerror}")
-        if created:
-            print(f"pyunion: work directory: {work}", file=sys.stderr)
     if not os.path.isdir(work):
         raise UserError(f"work directory {work!r} does not exist or is not a directory")
     if os.stat(work).st_dev != os.stat(upper).st_dev:
@@ -527,7 +532,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
         return fail(f"cannot record the daemon's pid in {state_dir()!r}: {e.strerror}")
     try:
         pyfuse3.init(ops, cfg.mountpoint, _fuse_options(cfg))
-    except Exception as e:
+    except (RuntimeError, OSError) as e:  # libfuse's "fuse_session_mount failed"
         core.close()
         remove_pid(sfd, state, me)
         return fail(f"cannot mount {cfg.mountpoint!r}: {e}")
@@ -571,10 +576,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
     try:
         trio.run(main)
     finally:
-        try:
+        with contextlib.suppress(RuntimeError, OSError):
             pyfuse3.close(unmount=unmounted_by_us)
-        except Exception:
-            pass
         if unmounted_by_us and any(mp == real_mp for mp, _, _ in mounts()):
             with contextlib.suppress(OSError):
                 umount2(real_mp, MNT_DETACH)
@@ -587,7 +590,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
 def _raise_fd_limit() -> None:
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):
@@ -616,7 +619,7 @@ def mount(cfg: MountConfig) -> int:
             _detach_stdio(cfg)
             _pin_nothing({w, state_fd})
             code = serve(cfg, w, state_fd)
-        except BaseException as e:  # report, never a traceback on the user's terminal
+        except BaseException as e:  # noqa: BLE001 - report it, never a traceback on the user's tty
             with contextlib.suppress(OSError):
                 os.write(w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
         finally:
@@ -708,7 +711,7 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
             umount2(mountpoint, MNT_DETACH if lazy else 0)
         else:
             cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
             if r.returncode != 0:
                 raise OSError(errno.EBUSY if "busy" in r.stderr else errno.EPERM, r.stderr.strip())
     except OSError as e:
