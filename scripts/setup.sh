@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr busybox-static
       fuse-overlayfs unionfs-fuse fio buildah skopeo umoci zstd procps util-linux psmisc
-      debootstrap docker-registry apache2-utils openssl)
+      debootstrap docker-registry apache2-utils openssl libseccomp2 podman runc)
+# libseccomp2: pyunion run's seccomp filter (through pyseccomp). podman and runc: the
+# reference the confinement tests compare with (Debian's crun refuses hybrid cgroups).
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,7 +27,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import pyfuse3, trio, pytest, pytest_trio, hypothesis, zstandard, httpx, tqdm, unionfs' 2>/dev/null \
+if ! .venv/bin/python -c 'import pyfuse3, trio, pytest, pytest_trio, hypothesis, zstandard, httpx, tqdm, pyseccomp, unionfs' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
     .venv/bin/pip install -q -e '.[test]'

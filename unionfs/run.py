@@ -25,7 +25,6 @@ import contextlib
 import fcntl
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn
 
-from . import sandbox, syscalls
+from . import confine, sandbox, syscalls, tree, volumes
 from .errors import UserError
 from .mount import wait_gone
 from .options import MountConfig
@@ -70,6 +69,11 @@ class RunOptions:
     upper: str | None = None
     read_only: bool = False
     store: str | None = None
+    cap_add: list[str] = field(default_factory=list)
+    cap_drop: list[str] = field(default_factory=list)
+    privileged: bool = False
+    security_opt: list[str] = field(default_factory=list)
+    preserve_fds: int = 0
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -80,8 +84,10 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside")
     p.add_argument("-u", "--user", metavar="USER[:GROUP]",
                    help="run as USER (name or uid from the image's /etc/passwd)")
-    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CONTAINER[:ro]",
-                   help="bind-mount a host path into the container")
+    p.add_argument("-v", "--volume", action="append", default=[],
+                   metavar="HOST:CONTAINER[:OPTIONS]",
+                   help="bind-mount a host path into the container; OPTIONS: ro, rw, nosuid, "
+                        "nodev, noexec, bind, rbind, z, Z (ro is recursive)")
     p.add_argument("--hostname", help="the container's host name (default: the host's)")
     p.add_argument("--entrypoint", help="override the image's Entrypoint")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
@@ -91,6 +97,17 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-only", action="store_true",
                    help="mount the container's root read-only (tmpfs on /tmp, /var/tmp, /run)")
     p.add_argument("--store", help="image store directory (for an image name)")
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP",
+                   help="add a capability to podman's default set (ALL: every one)")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
+                   help="drop a capability (ALL: every one)")
+    p.add_argument("--privileged", action="store_true",
+                   help="no confinement: every capability, no seccomp, no masked paths")
+    p.add_argument("--security-opt", action="append", default=[], metavar="OPT",
+                   help="seccomp=unconfined|PROFILE.json, no-new-privileges, "
+                        "mask=PATH[:PATH...], unmask=ALL|PATH[:PATH...]")
+    p.add_argument("--preserve-fds", type=int, default=0, metavar="N",
+                   help="pass file descriptors 3..N+2 on to the command")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -136,7 +153,9 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         layers=before, command=command, env=args.env, env_files=args.env_file,
         workdir=args.workdir, user=args.user, volumes=args.volume, hostname=args.hostname,
         entrypoint=args.entrypoint, interactive=args.interactive, tty=args.tty,
-        keep=args.keep, upper=args.upper, read_only=args.read_only, store=args.store)
+        keep=args.keep, upper=args.upper, read_only=args.read_only, store=args.store,
+        cap_add=args.cap_add, cap_drop=args.cap_drop, privileged=args.privileged,
+        security_opt=args.security_opt, preserve_fds=args.preserve_fds)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -221,22 +240,8 @@ def build_argv(opts: RunOptions, config: dict[str, Any]) -> list[str]:
     return argv
 
 
-def parse_volumes(volumes: list[str]) -> list[sandbox.Bind]:
-    binds = []
-    for v in volumes:
-        parts = v.split(":")
-        if len(parts) == 3 and parts[2] in ("ro", "rw"):
-            src, dst, mode = parts
-        elif len(parts) == 2:
-            src, dst, mode = parts[0], parts[1], "rw"
-        else:
-            raise _fail(f"bad volume {v!r}: expected HOST:CONTAINER[:ro]")
-        if not os.path.exists(src):
-            raise _fail(f"volume source {src!r} does not exist")
-        if not dst.startswith("/"):
-            raise _fail(f"volume target {dst!r} must be an absolute path")
-        binds.append(sandbox.Bind(os.path.realpath(src), dst, mode == "ro"))
-    return binds
+def parse_volumes(specs: list[str]) -> list[volumes.Volume]:
+    return [volumes.parse(v) for v in specs]
 
 
 def _host_etc_copies(etc_dir: str, hostname: str | None) -> dict[str, str]:
@@ -333,6 +338,8 @@ class Runner:
             raise _fail("pyunion run needs root (namespaces, mounts, chroot)")
         if not os.path.exists("/dev/fuse"):
             raise _fail("/dev/fuse is missing (modprobe fuse)")
+        confinement = confine.from_options(opts.cap_add, opts.cap_drop, opts.privileged,
+                                           opts.security_opt, opts.preserve_fds)
         layers, config = resolve_image(opts)
         hostname = opts.hostname or socket.gethostname()
         spec = sandbox.ContainerSpec(
@@ -340,7 +347,7 @@ class Runner:
             workdir=opts.workdir or config.get("WorkingDir") or None,
             user=opts.user or config.get("User") or None, hostname=hostname,
             binds=parse_volumes(opts.volumes), interactive=opts.interactive, tty=opts.tty,
-            read_only=opts.read_only)
+            read_only=opts.read_only, confinement=confinement)
         if spec.workdir and not spec.workdir.startswith("/"):
             raise _fail(f"the working directory {spec.workdir!r} must be an absolute path")
         self._install_handlers()
@@ -377,8 +384,10 @@ class Runner:
             raise _fail(f"cannot create a mount namespace: {e.strerror}")
         from .mount import mount
 
+        # nodev: podman keeps the container off device nodes with the devices cgroup; with
+        # no cgroup here, a node shipped in the image (a host disk) must simply not open.
         cfg = MountConfig(lowers=layers, mountpoint=self.merged, upper=self.upper, work=work,
-                          fuse_options={"allow_other", "suid", "dev"})
+                          fuse_options={"allow_other", "suid", "nodev"})
         try:
             self.daemon = mount(cfg)
         except UserError as e:
@@ -637,13 +646,21 @@ def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str
     if merged is not None and is_mountpoint(merged):
         print(f"pyunion: {merged} is still mounted; leaving {tmp}", file=sys.stderr)
         return
-    tmp_upper = os.path.join(tmp, "upper")
-    if keep and upper is not None and upper == tmp_upper:
-        for name in os.listdir(tmp):
-            if name != "upper":
-                _rmtree(os.path.join(tmp, name))
-    else:
-        _rmtree(tmp)
+    # The container wrote what is in the upper: however deep, whatever its symlinks, it is
+    # removed through fds (tree.py), never by following a path it could have changed.
+    try:
+        if keep and upper is not None and upper == os.path.join(tmp, "upper"):
+            fd = os.open(tmp, tree.DIR_FLAGS)
+            try:
+                for name in os.listdir(fd):
+                    if name != "upper":
+                        tree.rmtree_at(fd, name)
+            finally:
+                os.close(fd)
+        else:
+            tree.rmtree(tmp)
+    except OSError as e:
+        print(f"pyunion: cannot remove {tmp}: {e.strerror}", file=sys.stderr)
     if keep and upper is not None:
         print(f"pyunion: the writable layer is kept in {upper}", file=sys.stderr)
 
@@ -652,27 +669,63 @@ def _drop_placeholders(upper: str, lowers: list[str], created: list[str]) -> Non
     """Remove from a kept upper the empty mount points init created (deepest first).
 
     Only what is still an empty file or directory and exists in no lower layer, so
-    removing it from the upper cannot change what the layers below show.
+    removing it from the upper cannot change what the layers below show. The
+    container may have replaced any directory on the way with a symlink to the
+    host's tree: every path is walked from the upper's fd one name at a time,
+    never following a symlink.
     """
-    for path in sorted(set(created), key=lambda p: p.count("/"), reverse=True):
-        rel = path.lstrip("/")
-        if not rel or any(os.path.lexists(os.path.join(low, rel)) for low in lowers):
-            continue
-        target = os.path.join(upper, rel)
-        with contextlib.suppress(OSError):
-            st = os.lstat(target)
-            if stat.S_ISDIR(st.st_mode) and not os.listdir(target):
-                os.rmdir(target)
-            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                os.unlink(target)
+    try:
+        ufd = os.open(upper, tree.DIR_FLAGS)
+    except OSError:
+        return
+    lfds: list[int] = []
+    try:
+        for low in lowers:
+            with contextlib.suppress(OSError):
+                lfds.append(os.open(low, tree.DIR_FLAGS))
+        for path in sorted(set(created), key=lambda p: p.count("/"), reverse=True):
+            rel = os.fsencode(os.path.normpath(path.strip("/")))
+            if not rel or rel == b"." or rel.startswith(b"..") or any(
+                    _in_layer(fd, rel) for fd in lfds):
+                continue
+            parent, name = os.path.split(rel)
+            try:
+                pfd = tree.open_rel(ufd, parent)
+            except OSError:  # a symlink or a file on the way: not ours any more
+                continue
+            with contextlib.suppress(OSError):
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        os.rmdir(name, dir_fd=pfd)  # only when empty
+                    elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                        os.unlink(name, dir_fd=pfd)
+                finally:
+                    os.close(pfd)
+    finally:
+        for fd in (ufd, *lfds):
+            os.close(fd)
 
 
-def _rmtree(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+def _in_layer(layer_fd: int, rel: bytes) -> bool:
+    """Whether a lower layer has `rel` (a symlink or a file on the way counts as yes: be
+    conservative, the path is then not a plain placeholder)."""
+    parent, name = os.path.split(rel)
+    try:
+        pfd = tree.open_rel(layer_fd, parent)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(pfd)
 
 
 def _janitor(rfd: int, runner: Runner) -> NoReturn:
@@ -683,6 +736,7 @@ def _janitor(rfd: int, runner: Runner) -> NoReturn:
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
+        confine.close_from(3, [rfd])  # hold nothing of pyunion's or its caller's
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)

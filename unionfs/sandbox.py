@@ -38,10 +38,30 @@ import termios
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from .syscalls import (CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWUTS, MNT_DETACH, MS_BIND, MS_NODEV,
-                       MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT, make_private, mount,
-                       open_in_root, pivot_root, set_pdeathsig, set_process_title, umount2, unshare)
+from . import confine, seccomp, volumes
+from .syscalls import (
+    CLONE_NEWIPC,
+    CLONE_NEWNS,
+    CLONE_NEWUTS,
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    make_private,
+    mount,
+    open_in_root,
+    pivot_root,
+    set_pdeathsig,
+    set_process_title,
+    umount2,
+    unshare,
+)
 from .syscalls import fd_str as fd_path
+from .volumes import Volume
 
 # Signals pyunion forwards to the command (the issue's list).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
@@ -52,13 +72,6 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # -- what to run --------------------------------------------------------------------
 @dataclass
-class Bind:
-    source: str  # on the host
-    target: str  # inside the container
-    read_only: bool = False
-
-
-@dataclass
 class ContainerSpec:
     """Everything init needs, fixed before the fork."""
 
@@ -68,13 +81,14 @@ class ContainerSpec:
     workdir: str | None = None
     user: str | None = None  # USER[:GROUP], names or numbers, from the image's files
     hostname: str = "pyunion"
-    binds: list[Bind] = field(default_factory=list)
+    binds: list[Volume] = field(default_factory=list)
     etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x -> host copy
     interactive: bool = False
     tty: bool = False
     take_terminal: bool = False  # make the command the terminal's foreground job
     read_only: bool = False
     report_fd: int = -1  # where init writes the mount points it created, one per line
+    confinement: confine.Confinement = field(default_factory=confine.Confinement)
 
 
 class SetupError(Exception):
@@ -159,35 +173,29 @@ def _setup_dev(rootfd: int) -> None:
               "mode=1777,size=65536k")
 
 
-def _setup_sys(rootfd: int) -> None:
-    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+def _setup_sys(rootfd: int, writable: bool) -> None:
+    """A fresh sysfs, read-only (writable only for --privileged, as podman)."""
+    flags = (0 if writable else MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC
     try:
         _mount_at(rootfd, "/sys", "sysfs", "sysfs", flags)
     except PermissionError:  # sysfs refused (e.g. another net ns): the host's, read-only
-        fd = _ensure(rootfd, "/sys", True)
-        try:
-            mount("/sys", fd_path(fd), None, MS_BIND | MS_REC)
-        finally:
-            os.close(fd)
-        fd = open_in_root(rootfd, "/sys")
-        try:
-            mount(None, fd_path(fd), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
-                  | MS_NODEV | MS_NOEXEC)
-        finally:
-            os.close(fd)
+        _bind(rootfd, Volume("/sys", "/sys", read_only=not writable, nosuid=True, nodev=True,
+                             noexec=True))
 
 
-def _bind(rootfd: int, source: str, target: str, read_only: bool) -> None:
-    is_dir = os.path.isdir(source)
-    fd = _ensure(rootfd, target, is_dir)
+def _bind(rootfd: int, vol: Volume) -> None:
+    """Bind vol.source at vol.target in the tree, then set its attributes (recursively
+    unless `bind` was asked for: `:ro` covers the mounts below the source too)."""
+    is_dir = os.path.isdir(vol.source)
+    fd = _ensure(rootfd, vol.target, is_dir)
     try:
-        mount(source, fd_path(fd), None, MS_BIND | MS_REC)
+        mount(vol.source, fd_path(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
     finally:
         os.close(fd)
-    if read_only:
-        fd = open_in_root(rootfd, target)  # the new mount, not the directory under it
+    if vol.attrs:
+        fd = open_in_root(rootfd, vol.target)  # the new mount, not the directory under it
         try:
-            mount(None, fd_path(fd), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            volumes.set_attrs(fd, vol.attrs, vol.recursive)
         finally:
             os.close(fd)
 
@@ -212,23 +220,29 @@ READ_ONLY_TMPFS = ("/tmp", "/var/tmp", "/run")  # writable even with --read-only
 
 def setup_root(spec: ContainerSpec) -> None:
     """Build the container's mounts over the merged tree, then enter it."""
+    conf = spec.confinement
     rootfd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         _setup_dev(rootfd)
-        _setup_sys(rootfd)
+        _setup_sys(rootfd, conf.privileged)
         if spec.read_only:
             for path in READ_ONLY_TMPFS:
                 _mount_at(rootfd, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         for target, host_copy in spec.etc_files.items():
-            _bind(rootfd, host_copy, target, False)
+            _bind(rootfd, Volume(host_copy, target, recursive=False))
         for b in spec.binds:
             try:
-                _bind(rootfd, b.source, b.target, b.read_only)
+                _bind(rootfd, b)
             except OSError as e:
                 raise SetupError(f"cannot bind {b.source!r} to {b.target!r}: {e.strerror}")
+        confine.mask_paths(rootfd, conf)
     finally:
         os.close(rootfd)
+    try:
+        confine.prepare(conf)  # needs the host's libseccomp: before the host goes away
+    except seccomp.SeccompError as e:
+        raise SetupError(str(e))
     _pivot_into(spec.root)
 
 
@@ -241,20 +255,63 @@ class Identity:
     home: str
 
 
+MAX_USER_DB = 4 << 20  # bytes of /etc/passwd or /etc/group read at most
+
+
 def _read_db(path: str) -> list[list[str]]:
+    """The entries of the image's passwd or group file (call after pivot_root).
+
+    The file comes from the image, so it may be anything: symlinks are resolved
+    inside the container's root, and only a regular file of at most 4 MiB is
+    read (a FIFO would hang the run, /dev/zero would eat memory). Missing: no
+    entries.
+    """
+    rootfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return [line.rstrip("\n").split(":") for line in f
-                    if line.strip() and not line.startswith("#")]
-    except OSError:
-        return []
+        try:
+            probe = open_in_root(rootfd, path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        try:
+            st = os.fstat(probe)
+        finally:
+            os.close(probe)
+        if not stat.S_ISREG(st.st_mode):
+            raise SetupError(f"the image's {path} is not a regular file")
+        if st.st_size > MAX_USER_DB:
+            raise SetupError(f"the image's {path} is larger than {MAX_USER_DB >> 20} MiB")
+        fd = open_in_root(rootfd, path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        raise SetupError(f"cannot read the image's {path}: {e.strerror}")
+    finally:
+        os.close(rootfd)
+    try:
+        again = os.fstat(fd)
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+            raise SetupError(f"the image's {path} changed while it was read")
+        data = b""
+        while len(data) <= MAX_USER_DB and (chunk := os.read(fd, 1 << 16)):
+            data += chunk
+    except OSError as e:
+        raise SetupError(f"cannot read the image's {path}: {e.strerror}")
+    finally:
+        os.close(fd)
+    if len(data) > MAX_USER_DB:
+        raise SetupError(f"the image's {path} is larger than {MAX_USER_DB >> 20} MiB")
+    text = data.decode("utf-8", errors="replace")
+    return [line.split(":") for line in text.split("\n")
+            if line.strip() and not line.startswith("#")]
 
 
 def resolve_user(user: str | None) -> Identity:
     """USER[:GROUP] (names or numbers) from /etc/passwd and /etc/group (call after pivot)."""
     name, _, group = (user or "0").partition(":")
-    passwd = [e for e in _read_db("/etc/passwd") if len(e) >= 7]
-    groups = [e for e in _read_db("/etc/group") if len(e) >= 3]
+    for part in (name, group):
+        if part.isdigit() and not _valid_id(part):
+            raise SetupError(f"user or group id {part} is out of range")
+    # Entries with ids that are not numbers, or out of range, are ignored like nss does.
+    passwd = [e for e in _read_db("/etc/passwd") if len(e) >= 7 and _valid_id(e[2])]
+    groups = [e for e in _read_db("/etc/group") if len(e) >= 3 and _valid_id(e[2])]
     entry = None
     if name.isdigit():
         entry = next((e for e in passwd if e[2] == name), None)
@@ -264,7 +321,7 @@ def resolve_user(user: str | None) -> Identity:
         if entry is None:
             raise SetupError(f"unable to find user {name!r} in the image's /etc/passwd")
         uid = int(entry[2])
-    gid = int(entry[3]) if entry is not None and entry[3].isdigit() else 0
+    gid = int(entry[3]) if entry is not None and _valid_id(entry[3]) else 0
     if group:
         if group.isdigit():
             gid = int(group)
@@ -276,10 +333,14 @@ def resolve_user(user: str | None) -> Identity:
     extra = [gid]
     if entry is not None and not group:
         for g in groups:
-            if len(g) >= 4 and entry[0] in g[3].split(",") and g[2].isdigit():
+            if len(g) >= 4 and entry[0] in g[3].split(","):
                 extra.append(int(g[2]))
     home = entry[5] if entry is not None and entry[5] else "/"
     return Identity(uid, gid, sorted(set(extra)), home)
+
+
+def _valid_id(s: str) -> bool:
+    return s.isascii() and s.isdigit() and int(s) < 0xFFFFFFFF
 
 
 # -- init and the command -------------------------------------------------------------------
@@ -314,15 +375,16 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None) -> No
                 os.dup2(null, 0)
                 os.close(null)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.setgroups(ident.groups)
-        os.setgid(ident.gid)
-        os.setuid(ident.uid)
+        confine.enter(spec.confinement, ident.uid, ident.gid, ident.groups)
         os.umask(0o022)
         if spec.workdir:
             os.chdir(spec.workdir)
+    except seccomp.SeccompError as e:
+        print(f"pyunion: {e}", file=sys.stderr)
+        os._exit(125)
     except OSError as e:
-        print(f"pyunion: cannot start the command: {e.strerror} ({e.filename or ''})",
-              file=sys.stderr)
+        print(f"pyunion: cannot start the command: {e.strerror}"
+              + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
         os._exit(125)
     env = dict(spec.env)
     env.setdefault("HOME", ident.home)
@@ -339,6 +401,15 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
     code = 125
     try:
         set_pdeathsig(signal.SIGKILL)  # pyunion killed: the whole container goes
+        # Nothing pyunion or its caller holds may reach the container (--preserve-fds aside).
+        own = [spec.report_fd] if spec.report_fd >= 0 else []
+        if tty_sock is not None:
+            own.append(tty_sock.detach())
+        moved = confine.close_fds(spec.confinement, own)
+        if spec.report_fd >= 0:
+            spec.report_fd = moved.pop(0)
+        if tty_sock is not None:
+            tty_sock = socket.socket(fileno=moved.pop(0))
         set_process_title("pyunion-init")
         mask = set(FORWARDED) | {signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, mask)

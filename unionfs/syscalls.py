@@ -211,3 +211,65 @@ def set_process_title(title: str) -> None:
     if size <= len(raw):
         return
     ctypes.memmove(arg_start, raw + b"\0" * (size - len(raw)), size)
+
+
+# == confinement of `pyunion run`: capabilities, keepcaps, ambient set ==========================
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+AT_EMPTY_PATH = 0x1000
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def capget() -> tuple[int, int, int]:
+    """This thread's (effective, permitted, inheritable) capability sets, as 64-bit masks."""
+    head = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(head), data), "capget")
+    lo, hi = data[0], data[1]
+    return (lo.effective | hi.effective << 32, lo.permitted | hi.permitted << 32,
+            lo.inheritable | hi.inheritable << 32)
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    head = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in (0, 1):
+        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
+    _check(_libc.capset(ctypes.byref(head), data), "capset")
+
+
+def capbset_read(cap: int) -> bool:
+    """Whether `cap` is in this thread's bounding set."""
+    return prctl(PR_CAPBSET_READ, cap) == 1
+
+
+def capbset_drop(cap: int) -> None:
+    prctl(PR_CAPBSET_DROP, cap)
+
+
+def set_keepcaps(on: bool) -> None:
+    """Keep the permitted set across a setuid() away from root (until execve)."""
+    prctl(PR_SET_KEEPCAPS, int(on))
+
+
+def clear_ambient_caps() -> None:
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def get_no_new_privs() -> bool:
+    return prctl(PR_GET_NO_NEW_PRIVS) == 1

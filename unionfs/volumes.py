@@ -1,0 +1,134 @@
+"""`-v HOST:CONTAINER[:OPTIONS]` of `pyunion run`: the spec podman takes, and the bind it makes.
+
+Options (comma-separated, podman's spelling): `ro`/`rw`, `nosuid`/`suid`,
+`nodev`/`dev`, `noexec`/`exec`, `rbind` (the default: mounts below HOST come
+along) or `bind` (HOST alone), `z`/`Z` (SELinux relabelling: accepted and
+ignored, there is no SELinux here), `private`/`rprivate` (what the
+container's mount namespace is anyway). Read-only and the other attributes
+apply to every mount below the target (mount_setattr with AT_RECURSIVE), as
+Docker does for `:ro`; kernels older than 5.12 get the same by a remount of
+each submount.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from . import syscalls
+from .errors import UserError
+from .syscalls import (
+    AT_EMPTY_PATH,
+    AT_RECURSIVE,
+    MOUNT_ATTR_NODEV,
+    MOUNT_ATTR_NOEXEC,
+    MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_RDONLY,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REMOUNT,
+)
+
+IGNORED = {"z", "Z", "private", "rprivate"}
+PAIRS = {"ro": "rw", "nosuid": "suid", "nodev": "dev", "noexec": "exec", "bind": "rbind"}
+OPPOSITE = {**PAIRS, **{v: k for k, v in PAIRS.items()}}
+ATTRS = {"ro": MOUNT_ATTR_RDONLY, "nosuid": MOUNT_ATTR_NOSUID, "nodev": MOUNT_ATTR_NODEV,
+         "noexec": MOUNT_ATTR_NOEXEC}
+
+
+@dataclass
+class Volume:
+    source: str  # on the host, symlinks resolved
+    target: str  # inside the container, resolved in its root
+    read_only: bool = False
+    recursive: bool = True
+    nosuid: bool = False
+    nodev: bool = False
+    noexec: bool = False
+
+    @property
+    def attrs(self) -> int:
+        """The MOUNT_ATTR_* flags to set on the bind (and every mount below it)."""
+        return ((MOUNT_ATTR_RDONLY if self.read_only else 0)
+                | (MOUNT_ATTR_NOSUID if self.nosuid else 0)
+                | (MOUNT_ATTR_NODEV if self.nodev else 0)
+                | (MOUNT_ATTR_NOEXEC if self.noexec else 0))
+
+
+def parse(spec: str) -> Volume:
+    """One `-v` value; a bad one is a UserError (exit 125) naming what is wrong."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise UserError(f"bad volume {spec!r}: expected HOST:CONTAINER[:OPTIONS]", 125)
+    src, dst = parts[0], parts[1]
+    options = parts[2].split(",") if len(parts) == 3 else []
+    seen: set[str] = set()
+    for opt in options:
+        if opt in IGNORED:
+            continue
+        if opt not in OPPOSITE:
+            raise UserError(f"bad volume {spec!r}: unknown option {opt!r} (supported: ro, rw, "
+                            "nosuid, suid, nodev, dev, noexec, exec, rbind, bind, z, Z)", 125)
+        if opt in seen or OPPOSITE[opt] in seen:
+            raise UserError(f"bad volume {spec!r}: option {opt!r} given twice or with its "
+                            "opposite", 125)
+        seen.add(opt)
+    if not src.startswith("/"):
+        raise UserError(f"bad volume {spec!r}: the host path must be absolute "
+                        "(named volumes are not supported)", 125)
+    if not os.path.exists(src):
+        raise UserError(f"volume source {src!r} does not exist", 125)
+    if not dst.startswith("/") or os.path.normpath(dst) == "/":
+        raise UserError(f"bad volume {spec!r}: the container path must be absolute and not /",
+                        125)
+    return Volume(os.path.realpath(src), dst, read_only="ro" in seen,
+                  recursive="bind" not in seen, nosuid="nosuid" in seen, nodev="nodev" in seen,
+                  noexec="noexec" in seen)
+
+
+# -- mount attributes, recursively --------------------------------------------------------------
+_ST_FLAGS = ((os.ST_RDONLY, MS_RDONLY), (os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV),
+             (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, 0x400), (os.ST_NODIRATIME, 0x800),
+             (os.ST_RELATIME, 0x200000))
+_ATTR_TO_MS = ((MOUNT_ATTR_RDONLY, MS_RDONLY), (MOUNT_ATTR_NOSUID, MS_NOSUID),
+               (MOUNT_ATTR_NODEV, MS_NODEV), (MOUNT_ATTR_NOEXEC, MS_NOEXEC))
+
+
+def set_attrs(fd: int, attrs: int, recursive: bool = True) -> None:
+    """Set MOUNT_ATTR_* `attrs` on the mount whose root `fd` is (and every mount below it)."""
+    if not attrs:
+        return
+    try:
+        syscalls.mount_setattr(fd, "", AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0), attrs)
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+        remount_each(fd, attrs, recursive)
+
+
+def remount_each(fd: int, attrs: int, recursive: bool = True) -> None:
+    """What `set_attrs` does on kernels without mount_setattr: remount the mount and each
+    one below it, one by one, keeping the flags each already has (a bind remount that
+    dropped a locked flag would fail)."""
+    from .mount import mounts
+
+    top = os.readlink(syscalls.fd_str(fd))
+    prefix = top.rstrip("/") + "/"
+    add = 0
+    for attr, ms in _ATTR_TO_MS:
+        if attrs & attr:
+            add |= ms
+    targets = [syscalls.fd_str(fd)]
+    if recursive:
+        targets += [mp for mp, _, _ in mounts() if mp.startswith(prefix)]
+    for target in targets:
+        flags = os.statvfs(target).f_flag
+        keep = 0
+        for st, ms in _ST_FLAGS:
+            if flags & st:
+                keep |= ms
+        syscalls.mount(None, target, None, MS_BIND | MS_REMOUNT | keep | add)
