@@ -10,8 +10,7 @@
   are podman's; `--security-opt mask=P1:P2` adds, `unmask=ALL|P1:P2` (globs
   allowed) removes.
 - **File descriptors**: only 0, 1 and 2 reach the command, plus 3..N+2 with
-  `--preserve-fds N` (those the caller really passed: pyunion's own fds that
-  happen to land there are closed too).
+  `--preserve-fds N` (which must all be open, as in podman).
 - **no_new_privs**: off, so setuid programs in the image work as in podman;
   `--security-opt no-new-privileges` sets it.
 - `--privileged`: every capability pyunion has, no seccomp, no masked or
@@ -55,7 +54,7 @@ class Confinement:
     masked: tuple[str, ...] = MASKED
     read_only: tuple[str, ...] = READ_ONLY
     privileged: bool = False
-    preserved: tuple[int, ...] = ()  # the caller's fds among 3..N+2 (--preserve-fds N)
+    preserved: tuple[int, ...] = ()  # 3..N+2 with --preserve-fds N
     first_closed: int = 3  # every fd from here up is closed in the container
     compiled: Any = field(default=None, repr=False)  # the libseccomp filter, built in init
 
@@ -105,6 +104,9 @@ def from_options(cap_add: list[str], cap_drop: list[str], privileged: bool,
         else:
             raise _fail(f"unsupported --security-opt {opt!r} (supported: seccomp=unconfined|FILE, "
                         "no-new-privileges, mask=PATHS, unmask=ALL|PATHS, label=...)")
+    for fd in range(3, 3 + preserve_fds):
+        if not _is_open(fd):  # podman's rule: what is asked for must have been passed
+            raise _fail(f"--preserve-fds {preserve_fds}: file descriptor {fd} is not open")
     for p in masked:
         if not p.startswith("/"):
             raise _fail(f"--security-opt mask: {p!r} is not an absolute path")
@@ -115,7 +117,7 @@ def from_options(cap_add: list[str], cap_drop: list[str], privileged: bool,
     conf = Confinement(caps=capset, last_cap=caps.last_cap(), no_new_privs=nnp,
                        masked=() if privileged else tuple(masked),
                        read_only=() if privileged else tuple(read_only), privileged=privileged,
-                       preserved=tuple(fd for fd in range(3, 3 + preserve_fds) if _is_open(fd)),
+                       preserved=tuple(range(3, 3 + preserve_fds)),
                        first_closed=3 + preserve_fds)
     if not unconfined:
         conf.seccomp = seccomp.load_profile(profile, capset)
@@ -139,10 +141,6 @@ def close_fds(conf: Confinement, own: list[int]) -> list[int]:
         new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, conf.first_closed)
         os.close(fd)
         moved.append(new)
-    keep = set(conf.preserved)
-    for fd in range(3, conf.first_closed):
-        if fd not in keep:
-            _close_quietly(fd)
     close_from(conf.first_closed, moved)
     return moved
 
@@ -155,13 +153,6 @@ def close_from(first: int, keep: list[int]) -> None:
             syscalls.close_range(lo, fd - 1)
         lo = fd + 1
     syscalls.close_range(lo)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def mask_paths(rootfd: int, conf: Confinement) -> None:

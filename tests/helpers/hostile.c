@@ -1,0 +1,173 @@
+/* What a hostile program in an image tries, for tests/test_confinement.py (built with gcc -static).
+ *
+ *   hostile gethandle PATH                 (on the host) print PATH's file handle: TYPE HEX
+ *   hostile openhandle FILE TYPE HEX NAME  open the directory with that handle on FILE's
+ *                                          filesystem, print the content of NAME in it
+ *   hostile syscalls                       try each syscall that reaches past a container,
+ *                                          with harmless arguments, each in its own child;
+ *                                          print "NAME ERRNO" (0: it worked)
+ *   hostile status                         print the effective uid and CapEff
+ *   suid-status                            the same (a setuid-root copy of this program)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/personality.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static int gethandle(const char *path) {
+    struct file_handle *h = malloc(sizeof(*h) + MAX_HANDLE_SZ);
+    int mount_id;
+    h->handle_bytes = MAX_HANDLE_SZ;
+    if (name_to_handle_at(AT_FDCWD, path, h, &mount_id, 0) < 0) {
+        perror("name_to_handle_at");
+        return 1;
+    }
+    printf("%d ", h->handle_type);
+    for (unsigned i = 0; i < h->handle_bytes; i++)
+        printf("%02x", h->f_handle[i]);
+    printf("\n");
+    return 0;
+}
+
+static int openhandle(const char *file, const char *type, const char *hex, const char *name) {
+    struct file_handle *h = malloc(sizeof(*h) + MAX_HANDLE_SZ);
+    size_t n = strlen(hex) / 2;
+    h->handle_type = atoi(type);
+    h->handle_bytes = n;
+    for (size_t i = 0; i < n; i++)
+        sscanf(hex + 2 * i, "%2hhx", &h->f_handle[i]);
+    int mfd = open(file, O_RDONLY);
+    if (mfd < 0) {
+        perror("open");
+        return 2;
+    }
+    int dfd = open_by_handle_at(mfd, h, O_RDONLY | O_DIRECTORY);
+    if (dfd < 0) {
+        printf("open_by_handle_at: %d %s\n", errno, strerror(errno));
+        return 1;
+    }
+    int fd = openat(dfd, name, O_RDONLY);
+    if (fd < 0) {
+        printf("openat: %d %s\n", errno, strerror(errno));
+        return 1;
+    }
+    char buf[4096];
+    ssize_t got;
+    while ((got = read(fd, buf, sizeof buf)) > 0)
+        fwrite(buf, 1, got, stdout);
+    return 0;
+}
+
+static long probe(const char *name) {
+    static char stack[65536];
+    struct timespec bad = {0, -1};
+    if (!strcmp(name, "mount")) return mount("none", "/tmp", "tmpfs", 0, NULL);
+    if (!strcmp(name, "umount2")) return umount2("/proc/sys", MNT_DETACH);
+    if (!strcmp(name, "open_tree")) return syscall(SYS_open_tree, AT_FDCWD, "/", 0);
+    if (!strcmp(name, "move_mount")) return syscall(SYS_move_mount, -1, "", -1, "", 0);
+    if (!strcmp(name, "fsopen")) return syscall(SYS_fsopen, "tmpfs", 0);
+    if (!strcmp(name, "fsconfig")) return syscall(SYS_fsconfig, -1, 0, NULL, NULL, 0);
+    if (!strcmp(name, "fsmount")) return syscall(SYS_fsmount, -1, 0, 0);
+    if (!strcmp(name, "fspick")) return syscall(SYS_fspick, AT_FDCWD, "/", 0);
+    if (!strcmp(name, "mount_setattr")) return syscall(SYS_mount_setattr, -1, "", 0, NULL, 0);
+    if (!strcmp(name, "pivot_root")) return syscall(SYS_pivot_root, "/", "/");
+    if (!strcmp(name, "unshare")) return unshare(CLONE_NEWUSER);
+    if (!strcmp(name, "setns")) return setns(-1, 0);
+    if (!strcmp(name, "clone")) {
+        long pid = syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, stack + sizeof stack, 0, 0, 0);
+        if (pid == 0) _exit(0);
+        return pid < 0 ? -1 : 0;
+    }
+    if (!strcmp(name, "clone3")) return syscall(SYS_clone3, NULL, 0);
+    if (!strcmp(name, "kexec_load")) return syscall(SYS_kexec_load, 0, 0, NULL, 0);
+    if (!strcmp(name, "kexec_file_load")) return syscall(SYS_kexec_file_load, -1, -1, 0, "", 0);
+    if (!strcmp(name, "init_module")) return syscall(SYS_init_module, NULL, 0, "");
+    if (!strcmp(name, "finit_module")) return syscall(SYS_finit_module, -1, "", 0);
+    if (!strcmp(name, "delete_module")) return syscall(SYS_delete_module, "pyunion_none", 0);
+    if (!strcmp(name, "bpf")) return syscall(SYS_bpf, 0, NULL, 0);
+    if (!strcmp(name, "keyctl")) return syscall(SYS_keyctl, 0 /* GET_KEYRING_ID */, -2, 0);
+    if (!strcmp(name, "add_key")) return syscall(SYS_add_key, "user", "pyunion", "x", 1, -2);
+    if (!strcmp(name, "request_key"))
+        return syscall(SYS_request_key, "user", "pyunion-none", NULL, -2);
+    if (!strcmp(name, "swapon")) return syscall(SYS_swapon, "/pyunion-none", 0);
+    if (!strcmp(name, "swapoff")) return syscall(SYS_swapoff, "/pyunion-none");
+    if (!strcmp(name, "reboot")) return syscall(SYS_reboot, 0, 0, 0, NULL); /* bad magic */
+    if (!strcmp(name, "settimeofday")) return syscall(SYS_settimeofday, &bad, NULL);
+    if (!strcmp(name, "clock_settime")) return syscall(SYS_clock_settime, CLOCK_REALTIME, &bad);
+    if (!strcmp(name, "acct")) return acct("/pyunion-none");
+    if (!strcmp(name, "quotactl")) return syscall(SYS_quotactl, 0x800001 /* Q_SYNC */, NULL, 0, NULL);
+    if (!strcmp(name, "open_by_handle_at")) return syscall(SYS_open_by_handle_at, -1, NULL, 0);
+    if (!strcmp(name, "userfaultfd")) return syscall(SYS_userfaultfd, 0);
+    if (!strcmp(name, "personality")) return personality(ADDR_NO_RANDOMIZE);
+    if (!strcmp(name, "syslog")) return syscall(SYS_syslog, 10 /* SIZE_BUFFER */, NULL, 0);
+    if (!strcmp(name, "iopl")) return syscall(SYS_iopl, 3);
+    if (!strcmp(name, "perf_event_open")) return syscall(SYS_perf_event_open, NULL, 0, -1, -1, 0);
+    if (!strcmp(name, "sethostname")) return sethostname("pyunion-probe", 13);
+    if (!strcmp(name, "ptrace")) return syscall(SYS_ptrace, 0 /* PTRACE_TRACEME */, 0, 0, 0);
+    errno = ENOSYS;
+    return -2;
+}
+
+static const char *PROBES[] = {
+    "mount", "umount2", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
+    "mount_setattr", "pivot_root", "unshare", "setns", "clone", "clone3", "kexec_load",
+    "kexec_file_load", "init_module", "finit_module", "delete_module", "bpf", "keyctl",
+    "add_key", "request_key", "swapon", "swapoff", "reboot", "settimeofday", "clock_settime",
+    "acct", "quotactl", "open_by_handle_at", "userfaultfd", "personality", "syslog", "iopl",
+    "perf_event_open", "sethostname", "ptrace", NULL};
+
+static int syscalls(void) {
+    for (const char **p = PROBES; *p; p++) {
+        int pipefd[2];
+        if (pipe(pipefd) < 0) return 2;
+        pid_t pid = fork();
+        if (pid == 0) {
+            int err = 0;
+            errno = 0;
+            if (probe(*p) < 0) err = errno;
+            if (write(pipefd[1], &err, sizeof err) != sizeof err) _exit(3);
+            _exit(0);
+        }
+        close(pipefd[1]);
+        int err = -1, status;
+        if (read(pipefd[0], &err, sizeof err) != sizeof err) err = -1;
+        close(pipefd[0]);
+        waitpid(pid, &status, 0);
+        printf("%s %d\n", *p, err);
+    }
+    return 0;
+}
+
+static int status(void) {
+    char line[256];
+    FILE *f = fopen("/proc/self/status", "r");
+    printf("euid=%d\n", (int)geteuid());
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "CapEff:", 7)) fputs(line, stdout);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *base = strrchr(argv[0], '/');
+    if (!strcmp(base ? base + 1 : argv[0], "suid-status")) return status();
+    if (argc == 3 && !strcmp(argv[1], "gethandle")) return gethandle(argv[2]);
+    if (argc == 6 && !strcmp(argv[1], "openhandle"))
+        return openhandle(argv[2], argv[3], argv[4], argv[5]);
+    if (argc == 2 && !strcmp(argv[1], "syscalls")) return syscalls();
+    if (argc == 2 && !strcmp(argv[1], "status")) return status();
+    fprintf(stderr, "usage: hostile gethandle|openhandle|syscalls|status ...\n");
+    return 2;
+}

@@ -1,0 +1,475 @@
+"""`pyunion run` as a container boundary, with podman as the reference.
+
+Each escape found in the security review is tried by a hostile program in an
+image (`helpers/hostile.c`, built with gcc -static into a test layer) or by
+the shell, and must fail; where it is safe, the same attack is shown to work
+once the confinement is turned off, so that each test can fail. Capabilities,
+seccomp results, masked paths and fds are compared with what podman (Debian's,
+with runc) gives on the same root filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import fuse_skip_reason, run_child
+from test_run import Env
+
+pytestmark = [
+    pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),
+    pytest.mark.skipif(not os.path.exists("/bin/busybox"),
+                       reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)"),
+    pytest.mark.timeout(120),
+]
+
+HELPER = Path(__file__).parent / "helpers" / "hostile.c"
+STATUS = "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status"
+EPERM, ENOSYS = 1, 38
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample image's base layer plus the hostile programs, as one directory."""
+    from unionfs.sample import build_sample
+
+    layers = build_sample(tmp_path_factory.mktemp("img"))
+    root = tmp_path_factory.mktemp("rootfs") / "root"
+    shutil.copytree(layers[-1], root, symlinks=True)
+    bindir = root / "usr/local/bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(bindir / "hostile"), str(HELPER)],
+                   check=True, timeout=120)
+    shutil.copy2(bindir / "hostile", bindir / "suid-status")
+    os.chmod(bindir / "suid-status", 0o4755)
+    return root
+
+
+@pytest.fixture
+def env(rootfs: Path, tmp_path: Path) -> Iterator[Env]:
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    e = Env([str(rootfs)], tmp)
+    yield e
+    try:
+        e.wait_clean()
+    finally:
+        for item in e.leftovers():
+            kind, _, what = item.partition(" ")
+            if kind == "process":
+                subprocess.run(["kill", "-9", what], capture_output=True, check=False)
+            elif kind == "mount":
+                subprocess.run(["umount", "-l", what], capture_output=True, check=False)
+
+
+class Podman:
+    """podman run --rootfs on a copy of the same tree, with its own storage (vfs, no mounts
+    left behind) and runc (Debian's crun refuses hybrid cgroups)."""
+
+    def __init__(self, root: Path, state: Path) -> None:
+        self.root, self.state = root, state
+
+    def run(self, *opts: str, command: tuple[str, ...],
+            fds: str = "") -> subprocess.CompletedProcess[str]:
+        cmd = [*_with_fds(fds), "podman", "--root", str(self.state / "root"), "--runroot",
+               str(self.state / "run"), "--storage-driver", "vfs", "--runtime", "runc",
+               "--cgroup-manager", "cgroupfs", "--events-backend", "none", "run", "--rm",
+               "--network", "host", "--ulimit", "nofile=1024:1024", "--ulimit",
+               "nproc=1000:1000", *opts, "--rootfs", str(self.root), *command]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False,
+                           stdin=subprocess.DEVNULL)
+        assert "Error:" not in r.stderr, r.stderr
+        return r
+
+    def sh(self, script: str, *opts: str) -> subprocess.CompletedProcess[str]:
+        return self.run(*opts, command=("sh", "-c", script))
+
+
+@pytest.fixture(scope="module")
+def podman(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    assert shutil.which("podman") and shutil.which("runc"), \
+        "podman and runc are the reference here: bash scripts/setup.sh installs them"
+    base = tmp_path_factory.mktemp("podman")
+    root = base / "root"
+    shutil.copytree(rootfs, root, symlinks=True)
+    (base / "state").mkdir()
+    return Podman(root, base / "state")
+
+
+def _with_fds(redirections: str) -> list[str]:
+    """A prefix that runs a command with extra fds opened by bash (`7</`, `3>FILE`), so that
+    the test process's own fds stay as they are."""
+    return ["bash", "-c", f'exec {redirections}; exec "$@"', "bash"] if redirections else []
+
+
+def _syscalls(out: str) -> dict[str, int]:
+    return {name: int(err) for name, err in (line.split() for line in out.splitlines())}
+
+
+# -- capabilities --------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts", [
+    (),
+    ("-u", "1000"),
+    ("--cap-add", "SYS_ADMIN"),
+    ("--cap-add", "all"),
+    ("--cap-drop", "ALL"),
+    ("--cap-drop", "ALL", "--cap-add", "chown,CAP_KILL"),
+    ("--cap-drop", "setuid", "-u", "1000:100"),
+    ("--privileged",),
+    ("--security-opt", "no-new-privileges"),
+    ("--security-opt", "seccomp=unconfined"),
+])
+def test_capabilities_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """CapInh/Prm/Eff/Bnd/Amb, NoNewPrivs and the seccomp mode equal podman's."""
+    ours = env.sh(STATUS, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(STATUS, *opts).stdout
+    assert "CapEff" in ours.stdout
+
+
+def test_default_capabilities_are_containers_conf(env: Env) -> None:
+    """The bounding set is containers.conf's default_capabilities, read from the file."""
+    from unionfs import caps
+
+    with open("/usr/share/containers/containers.conf", "rb") as f:
+        names = tomllib.load(f)["containers"]["default_capabilities"]
+    want = caps.mask({caps.NUMBERS[n.removeprefix("CAP_")] for n in names})
+    assert caps.mask(caps.DEFAULT) == want
+    r = env.sh(STATUS)
+    fields = dict(line.split(":\t") for line in r.stdout.splitlines())
+    assert int(fields["CapBnd"], 16) == int(fields["CapEff"], 16) == want
+    assert int(fields["CapInh"], 16) == int(fields["CapAmb"], 16) == 0
+
+
+@pytest.mark.parametrize("opts", [(), ("--security-opt", "no-new-privileges")])
+def test_setuid_program_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """A setuid-root program run by a user gets root and the bounding set, as in podman;
+    no-new-privileges turns that off."""
+    ours = env.run("suid-status", opts=("-u", "1000", *opts))
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.run("-u", "1000", *opts, command=("suid-status",)).stdout
+    assert ours.stdout.startswith("euid=1000" if opts else "euid=0\nCapEff:\t00000000800405fb")
+
+
+# -- seccomp ------------------------------------------------------------------------------------------
+def test_escape_open_by_handle_at(env: Env, tmp_path: Path) -> None:
+    """The shocker attack: a handle of a root-only host directory on the filesystem of
+    /etc/hostname's bind opens that directory from inside. Refused; without seccomp and
+    with CAP_DAC_READ_SEARCH it works (as it did by default before)."""
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "key").write_text("TOPSECRET\n")
+    helper = os.path.join(env.layers[0], "usr/local/bin/hostile")
+    handle = subprocess.run([helper, "gethandle", str(secret)], capture_output=True, text=True,
+                            check=True, timeout=10).stdout.split()
+    attack = ("hostile", "openhandle", "/etc/hostname", *handle, "key")
+    r = env.run(*attack)
+    assert r.returncode == 1 and "TOPSECRET" not in r.stdout
+    assert "open_by_handle_at: 1 Operation not permitted" in r.stdout
+    r = env.run(*attack, opts=("--security-opt", "seccomp=unconfined", "--cap-add",
+                               "DAC_READ_SEARCH"))
+    assert r.stdout == "TOPSECRET\n", r.stdout + r.stderr
+
+
+def test_syscalls_refused(env: Env) -> None:
+    """Every syscall that reaches past the container fails with EPERM (personality flags and
+    clone3 with ENOSYS, as in podman's profile); with seccomp off, those that need no
+    capability work, so the filter is what stops them."""
+    r = env.run("hostile", "syscalls")
+    assert r.returncode == 0, r.stderr
+    got = _syscalls(r.stdout)
+    assert got.pop("personality") == ENOSYS and got.pop("clone3") == ENOSYS
+    assert got.pop("ptrace") == 0  # allowed by the profile: it only reaches the container
+    assert got == dict.fromkeys(got, EPERM)
+    assert len(got) == 35
+    r = env.run("hostile", "syscalls", opts=("--security-opt", "seccomp=unconfined"))
+    loose = _syscalls(r.stdout)
+    assert {k: loose[k] for k in ("unshare", "clone", "add_key", "personality")} == {
+        "unshare": 0, "clone": 0, "add_key": 0, "personality": 0}
+
+
+def test_seccomp_at_least_as_strict_as_podman(env: Env, podman: Podman) -> None:
+    """Whatever podman's profile refuses with EPERM ours refuses too; with containers-common's
+    profile file given to pyunion, the results are podman's exactly."""
+    ref = _syscalls(podman.run(command=("hostile", "syscalls")).stdout)
+    ours = _syscalls(env.run("hostile", "syscalls").stdout)
+    assert ref.keys() == ours.keys()
+    assert ours.pop("clone3") == ENOSYS  # podman lets it through; its flags are unseen
+    for name, err in ref.items():
+        assert ours.get(name, err) in (err, EPERM), name
+        if err == EPERM:
+            assert ours[name] == EPERM, name
+    stricter = {n for n in ours if ours[n] != ref[n]}
+    assert {"unshare", "clone", "setns", "keyctl", "add_key", "open_tree"} <= stricter
+    same = env.run("hostile", "syscalls", opts=(
+        "--security-opt", "seccomp=/usr/share/containers/seccomp.json"))
+    assert _syscalls(same.stdout) == ref
+
+
+def test_seccomp_follows_capabilities(env: Env) -> None:
+    """Rules conditional on a capability follow --cap-add, as in podman."""
+    got = _syscalls(env.run("hostile", "syscalls", opts=("--cap-add", "SYS_ADMIN")).stdout)
+    assert got["unshare"] == got["add_key"] == got["sethostname"] == got["mount"] == 0
+    assert got["kexec_load"] == got["init_module"] == EPERM  # other capabilities' rules
+
+
+def test_profile_file(env: Env, tmp_path: Path) -> None:
+    """--security-opt seccomp=FILE in the OCI format; a bad profile is one line, exit 125."""
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps({
+        "defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
+                      "errnoRet": 13}]}))
+    r = env.sh("touch /ok && mkdir /no", "--security-opt", f"seccomp={prof}")
+    assert r.returncode == 1 and "Permission denied" in r.stderr, r.stderr
+    bad_arg = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["read"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 9, "op": "SCMP_CMP_EQ"}]}]}
+    for bad, why in [("{", "not valid JSON"),
+                     ('{"defaultAction": "SCMP_ACT_NOPE"}', "unknown action"),
+                     (json.dumps(bad_arg), "bad argument comparison")]:
+        prof.write_text(bad)
+        r = env.sh("true", "--security-opt", f"seccomp={prof}")
+        assert r.returncode == 125 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = env.sh("true", "--security-opt", "seccomp=/dev/zero")
+    assert r.returncode == 125 and "not a regular file" in r.stderr
+
+
+@pytest.mark.parametrize("opts,why", [
+    (("--cap-add", "NOPE"), "unknown capability"),
+    (("--cap-add", "CHOWN", "--cap-drop", "chown"), "both added and dropped"),
+    (("--security-opt", "apparmor=myprofile"), "unsupported --security-opt"),
+    (("--security-opt", "mask=relative"), "not an absolute path"),
+    (("--preserve-fds", "3"), "file descriptor 3 is not open"),
+])
+def test_bad_options(env: Env, opts: tuple[str, ...], why: str) -> None:
+    r = env.sh("true", *opts)
+    assert r.returncode == 125 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# -- read-only root, /proc and /sys -----------------------------------------------------------------
+def test_read_only_cannot_be_undone(env: Env) -> None:
+    """--read-only holds: no remount from inside (no CAP_SYS_ADMIN, and seccomp). With every
+    capability and no filter the remount works, which is what happened before."""
+    r = env.sh("mount -o remount,rw / ; touch /x", "--read-only")
+    assert r.returncode == 1 and "Read-only file system" in r.stderr, r.stderr
+    r = env.sh("mount -o remount,rw / && touch /x && echo writable", "--read-only",
+               "--privileged")
+    assert r.stdout == "writable\n", r.stderr
+
+
+def test_proc_sys_read_only(env: Env) -> None:
+    """/proc/sys/kernel/core_pattern (the host's: it is not namespaced) cannot be written;
+    written back with its own value so that the test changes nothing if it fails."""
+    r = env.sh("cat /proc/sys/kernel/core_pattern > /tmp/v && "
+               "cat /tmp/v > /proc/sys/kernel/core_pattern")
+    assert r.returncode != 0 and "Read-only file system" in r.stderr, r.stderr
+    r = env.sh("grep ' /proc/sys ' /proc/self/mountinfo", "--privileged")
+    assert r.stdout == ""  # nothing over /proc/sys: writable, as in podman --privileged
+
+
+def _special_mounts(out: str) -> set[tuple[str, str, str]]:
+    """(mount point, fs type, ro/rw) of the mounts podman and pyunion add in /proc, /sys and
+    over masked paths (cgroups left out: pyunion mounts none)."""
+    found = set()
+    for line in out.splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        point, flags, fstype = fields[4], fields[5].split(","), right.split()[0]
+        if re.match(r"/(proc|sys)/|/etc/motd$|/srv$", point) and \
+                not point.startswith("/sys/fs/cgroup"):
+            found.add((point, fstype, flags[0]))
+    return found
+
+
+@pytest.mark.parametrize("opts", [
+    (),
+    ("--privileged",),
+    ("--security-opt", "unmask=ALL"),
+    ("--security-opt", "unmask=/proc/*"),
+    ("--security-opt", "unmask=/proc/sys:/sys/firmware"),
+    ("--security-opt", "mask=/etc/motd:/srv"),
+])
+def test_masked_paths_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """The masked and read-only paths are podman's, with the same mask=/unmask= options."""
+    script = "cat /proc/self/mountinfo"
+    ours = _special_mounts(env.sh(script, *opts).stdout)
+    assert ours == _special_mounts(podman.sh(script, *opts).stdout)
+    if not opts:
+        assert ("/proc/sys", "proc", "ro") in ours and ("/sys/firmware", "tmpfs", "ro") in ours
+        r = env.sh("cat /proc/keys /proc/timer_list | wc -c; ls -A /sys/firmware | wc -l; "
+                   "touch /sys/firmware/x")
+        assert r.stdout.split() == ["0", "0"] and "Read-only file system" in r.stderr
+
+
+# -- file descriptors --------------------------------------------------------------------------------
+def test_inherited_fd_does_not_reach_the_command(env: Env, podman: Podman) -> None:
+    """`exec 7</` before pyunion run: the command cannot walk the host through fd 7."""
+    r = subprocess.run(_with_fds("7</") + env.cmd("-u", "1000", command=(
+        "sh", "-c", "ls /proc/self/fd; ls /proc/self/fd/7/")), capture_output=True,
+        text=True, timeout=60, env=env.env, stdin=subprocess.DEVNULL, check=False)
+    ref = podman.run("-u", "1000", command=("ls", "/proc/self/fd"), fds="7</")
+    assert r.stdout.split() == ["0", "1", "2", "3"] == ref.stdout.split()
+    assert "No such file" in r.stderr
+
+
+def test_preserve_fds(env: Env, podman: Podman, tmp_path: Path) -> None:
+    """--preserve-fds N passes 3..N+2 and nothing else (fd 5 here), as podman."""
+    three, four = tmp_path / "three", tmp_path / "four"
+    fds = f"3>>{three} 4>>{four} 5</"
+    script = "echo three >&3; echo four >&4; ls /proc/self/fd"
+    r = subprocess.run(_with_fds(fds) + env.cmd("--preserve-fds", "2", command=(
+        "sh", "-c", script)), capture_output=True, text=True, timeout=60, env=env.env,
+        stdin=subprocess.DEVNULL, check=False)
+    ref = podman.run("--preserve-fds", "2", command=("sh", "-c", script), fds=fds)
+    assert r.stdout.split() == ["0", "1", "2", "3", "4", "5"] == ref.stdout.split(), r.stderr
+    assert three.read_text() == "three\nthree\n" and four.read_text() == "four\nfour\n"
+
+
+# -- volumes -------------------------------------------------------------------------------------------
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Path]:
+    """A host directory with a tmpfs mounted below it (a submount)."""
+    vol = tmp_path / "vol"
+    (vol / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(vol / "sub")], check=True, timeout=10)
+    try:
+        (vol / "sub" / "marker").write_text("in the submount\n")
+        yield vol
+    finally:
+        subprocess.run(["umount", "-l", str(vol / "sub")], check=False, timeout=10)
+
+
+def test_volume_read_only_is_recursive(env: Env, volume: Path) -> None:
+    """`:ro` covers the mounts below the source too (it did not: a submount stayed writable)."""
+    r = env.sh("touch /data/x; touch /data/sub/x; cat /data/sub/marker", "-v", f"{volume}:/data:ro")
+    assert r.stderr.count("Read-only file system") == 2, r.stderr
+    assert r.stdout == "in the submount\n"
+    assert not (volume / "sub/x").exists() and not (volume / "x").exists()
+    r = env.sh("touch /data/sub/x", "-v", f"{volume}:/data")
+    assert r.returncode == 0 and (volume / "sub/x").exists()  # the submount is reached rw
+
+
+def test_volume_options(env: Env, volume: Path) -> None:
+    """podman's volume options: bind (no submounts), nosuid, nodev, noexec, z/Z ignored."""
+    r = env.sh("ls /data/sub; grep ' /data ' /proc/self/mountinfo", "-v",
+               f"{volume}:/data:bind,nosuid,nodev,noexec,Z")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "marker" not in lines
+    assert lines[-1].split()[5].split(",")[:4] == ["rw", "nosuid", "nodev", "noexec"]
+
+
+@pytest.mark.parametrize("spec,why", [
+    ("{vol}", "expected HOST:CONTAINER[:OPTIONS]"),
+    ("{vol}:/data:ro:x", "expected HOST:CONTAINER[:OPTIONS]"),
+    ("{vol}:/data:ro,rw", "with its opposite"),
+    ("{vol}:/data:O", "unknown option 'O'"),
+    ("{vol}:data", "must be absolute"),
+    ("{vol}:/", "must be absolute and not /"),
+    ("named:/data", "named volumes are not supported"),
+    ("/no/such/dir:/data", "does not exist"),
+])
+def test_bad_volumes(env: Env, tmp_path: Path, spec: str, why: str) -> None:
+    r = env.sh("true", "-v", spec.format(vol=tmp_path))
+    assert r.returncode == 125 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def _remount_each_in_private_ns(target: str, sub: str) -> None:
+    from unionfs import syscalls, volumes
+
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    syscalls.make_private("/")
+    fd = os.open(target, os.O_PATH | os.O_DIRECTORY)
+    volumes.remount_each(fd, syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID)
+    for path in (target, sub):
+        flags = os.statvfs(path).f_flag
+        assert flags & os.ST_RDONLY and flags & os.ST_NOSUID, path
+
+
+def test_volume_read_only_fallback_for_old_kernels(volume: Path) -> None:
+    """Without mount_setattr (kernels before 5.12), each submount is remounted one by one."""
+    assert run_child(_remount_each_in_private_ns, str(volume / "sub"), str(volume / "sub")) == 0
+    bind = volume.parent / "bind"
+    bind.mkdir()
+    subprocess.run(["mount", "--rbind", str(volume), str(bind)], check=True, timeout=10)
+    try:
+        assert run_child(_remount_each_in_private_ns, str(bind), str(bind / "sub")) == 0
+        assert not os.statvfs(volume / "sub").f_flag & os.ST_RDONLY  # our namespace: untouched
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(bind)], check=False, timeout=10)
+
+
+# -- teardown and the image's files ---------------------------------------------------------------------
+def test_teardown_ignores_symlinks_planted_by_the_container(env: Env, tmp_path: Path) -> None:
+    """The container moves a volume's placeholder parent away and puts a symlink to the host
+    in its place: removing the placeholders of a kept upper must not follow it (it removed
+    the host's VICTIM/vol)."""
+    victim, vol, upper = tmp_path / "victim", tmp_path / "vol", tmp_path / "upper"
+    (victim / "vol").mkdir(parents=True)
+    vol.mkdir()
+    r = env.sh(f"mv /mnt/deep /mnt/moved && ln -s {victim} /mnt/deep", "--upper", str(upper),
+               "-v", f"{vol}:/mnt/deep/vol")
+    assert r.returncode == 0, r.stderr
+    assert (victim / "vol").is_dir()
+    assert os.readlink(upper / "mnt/deep") == str(victim)
+
+
+def test_deep_tree_is_removed(env: Env) -> None:
+    """A command that builds a tree 1100 directories deep: its exit status comes through and
+    nothing is left under TMPDIR (shutil.rmtree hit the recursion limit)."""
+    r = env.sh("i=0; while [ $i -lt 1100 ]; do mkdir d && cd d || exit 9; i=$((i+1)); done; "
+               "exit 3")
+    assert r.returncode == 3, r.stderr
+    assert r.stderr == ""
+    env.wait_clean()
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "huge", "directory"])
+def test_hostile_passwd(env: Env, tmp_path: Path, kind: str) -> None:
+    """The image's /etc/passwd is a symlink to /dev/zero, a FIFO, 5 MiB or a directory:
+    one line and exit 125, at once (it grew the run's memory or hung it)."""
+    top = tmp_path / "top"
+    (top / "etc").mkdir(parents=True)
+    passwd = top / "etc/passwd"
+    if kind == "dev-zero":
+        os.symlink("/dev/zero", passwd)
+    elif kind == "fifo":
+        os.mkfifo(passwd)
+    elif kind == "huge":
+        passwd.write_bytes(b"x" * (5 << 20))
+    else:
+        passwd.mkdir()
+    env.layers = [str(top), *env.layers]
+    r = env.run("true", opts=("-u", "alice"), timeout=30)
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    assert "/etc/passwd" in r.stderr
+
+
+def test_passwd_symlink_resolves_inside_the_image(env: Env, tmp_path: Path) -> None:
+    """An absolute symlink in the image is resolved in the image's root, not the host's."""
+    top = tmp_path / "top"
+    (top / "etc").mkdir(parents=True)
+    (top / "srv").mkdir()
+    (top / "srv/users").write_text("mallory:x:4242:4242::/srv:/bin/sh\n")
+    os.symlink("/srv/users", top / "etc/passwd")
+    env.layers = [str(top), *env.layers]
+    r = env.sh("id -u; echo $HOME", "-u", "mallory")
+    assert r.stdout.split() == ["4242", "/srv"], r.stderr
+
+
+def test_device_nodes_of_the_image_do_not_open(env: Env, tmp_path: Path) -> None:
+    """A device node shipped in an image (here /dev/null's numbers) cannot be opened: the
+    root is nodev, as podman's devices cgroup would refuse it."""
+    top = tmp_path / "top"
+    top.mkdir()
+    os.mknod(top / "disk", 0o666 | 0o020000, os.makedev(1, 3))
+    env.layers = [str(top), *env.layers]
+    r = env.sh("echo x > /disk")
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
