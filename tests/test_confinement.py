@@ -158,6 +158,21 @@ def test_setuid_program_as_podman(env: Env, podman: Podman, opts: tuple[str, ...
     assert ours.stdout.startswith("euid=1000" if opts else "euid=0\nCapEff:\t00000000800405fb")
 
 
+@pytest.mark.parametrize("opts", [(), ("--cap-add", "SYS_PTRACE")])
+def test_init_has_no_more_than_the_command(env: Env, opts: tuple[str, ...]) -> None:
+    """pid 1 (pyunion's init, which stays to reap and forward signals) has the command's
+    capabilities and seccomp filter and is not dumpable: ptracing it would gain nothing,
+    and its environment (the host's) is out of reach, and blank for CAP_SYS_PTRACE."""
+    r = env.sh("grep -E '^(CapEff|CapBnd|Seccomp):' /proc/self/status > /tmp/self; "
+               "grep -E '^(CapEff|CapBnd|Seccomp):' /proc/1/status | diff - /tmp/self && "
+               "cat /proc/1/environ", *opts)
+    if opts:
+        assert r.returncode == 0 and r.stdout.strip("\0") == "", r.stderr
+    else:
+        assert r.returncode == 1 and "Permission denied" in r.stderr, r.stdout + r.stderr
+        assert r.stdout == ""
+
+
 # -- seccomp ------------------------------------------------------------------------------------------
 def test_escape_open_by_handle_at(env: Env, tmp_path: Path) -> None:
     """The shocker attack: a handle of a root-only host directory on the filesystem of

@@ -59,6 +59,7 @@ from .syscalls import (
     set_process_title,
     umount2,
     unshare,
+    wipe_environ,
 )
 from .syscalls import fd_str as fd_path
 from .volumes import Volume
@@ -411,6 +412,8 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         if tty_sock is not None:
             tty_sock = socket.socket(fileno=moved.pop(0))
         set_process_title("pyunion-init")
+        os.environ.clear()  # the host's: the command gets spec.env
+        wipe_environ()
         mask = set(FORWARDED) | {signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, mask)
         try:
@@ -452,6 +455,12 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             _exec_command(spec, ident, slave)
         if slave is not None:
             os.close(slave)
+        try:
+            confine.restrict_init(spec.confinement)
+        except (OSError, seccomp.SeccompError) as e:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+            raise SetupError(f"cannot confine the container's init: {e}")
         code = _reap_until(child)
     except SetupError as e:
         print(f"pyunion: {e}", file=sys.stderr)

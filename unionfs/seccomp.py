@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import stat
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
 FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG",
          "SECCOMP_FILTER_FLAG_SPEC_ALLOW"}
 
-# platform.machine() -> (libseccomp's name for the architecture, Go's name used in `arches`)
+# uname's machine -> (libseccomp's name for the architecture, Go's name used in `arches`)
 _MACHINES = {
     "x86_64": ("SCMP_ARCH_X86_64", "amd64"), "aarch64": ("SCMP_ARCH_AARCH64", "arm64"),
     "armv7l": ("SCMP_ARCH_ARM", "arm"), "armv6l": ("SCMP_ARCH_ARM", "arm"),
@@ -112,7 +111,7 @@ def _read(path: str) -> Any:
 
 
 def _kernel() -> tuple[int, ...]:
-    m = re.match(r"(\d+)\.(\d+)", platform.release())
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
@@ -189,7 +188,7 @@ def _uint(v: object, top: int) -> bool:
 
 def native() -> tuple[str, str]:
     """(libseccomp's, Go's) name of this machine's architecture."""
-    m = platform.machine()
+    m = os.uname().machine
     return _MACHINES.get(m, ("SCMP_ARCH_" + m.upper(), m))
 
 

@@ -214,6 +214,7 @@ def set_process_title(title: str) -> None:
 
 
 # == confinement of `pyunion run`: capabilities, keepcaps, ambient set ==========================
+PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
@@ -271,5 +272,28 @@ def clear_ambient_caps() -> None:
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 
+def set_dumpable(on: bool) -> None:
+    """A non-dumpable process's memory and /proc files are out of reach of ptrace-like access
+    without CAP_SYS_PTRACE."""
+    prctl(PR_SET_DUMPABLE, int(on))
+
+
 def get_no_new_privs() -> bool:
     return prctl(PR_GET_NO_NEW_PRIVS) == 1
+
+
+def wipe_environ() -> None:
+    """Blank this process's original environment block (what /proc/PID/environ shows).
+
+    pyunion's init keeps running inside the container: its environment is the
+    host's and must not be readable there. Python works from its own copy
+    (os.environ, cleared by the caller).
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # fields 50 and 51 of stat
+    except (OSError, IndexError, ValueError):
+        return
+    if end > start:
+        ctypes.memset(start, 0, end - start)
