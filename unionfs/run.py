@@ -9,10 +9,11 @@ The parent side (this module) owns everything that must be undone:
 3. fork a janitor: if pyunion itself is killed (SIGKILL, OOM), the janitor
    sees its pipe close and does the teardown pyunion could not do;
 4. fork the container's init into a new pid namespace (`sandbox.container_init`),
-   forward signals to it, relay a pty for `-t`;
+   confined as podman confines a container (`confine.py`: options checked here,
+   before anything is mounted), forward signals to it, relay a pty for `-t`;
 5. teardown, always: kill what is left of the container, unmount, wait for the
    daemon (stop it if it lingers: only its pid), remove the temporary upper
-   unless `--keep`/`--upper`.
+   unless `--keep`/`--upper`, through fds (`tree.py`): the container wrote it.
 
 Exit codes follow podman/docker: the command's own, 125 when pyunion fails,
 126 cannot execute, 127 not found, 128+N killed by signal N.
@@ -674,8 +675,8 @@ def _drop_placeholders(upper: str, lowers: list[str], created: list[str]) -> Non
     host's tree: every path is walked from the upper's fd one name at a time,
     never following a symlink.
     """
-    try:
-        ufd = os.open(upper, tree.DIR_FLAGS)
+    try:  # the upper's own path is the user's choice; what is inside is the container's
+        ufd = os.open(upper, tree.DIR_FLAGS & ~os.O_NOFOLLOW)
     except OSError:
         return
     lfds: list[int] = []

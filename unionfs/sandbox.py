@@ -6,17 +6,22 @@ Process tree (the parent side lives in `run.py`):
      └─ init: pid 1 of a new pid ns; new mount, uts and ipc namespaces
          └─ the command (setuid to the image's user, exec'd)
 
-`init` builds the container's view on top of the merged tree: a fresh /proc,
-a tmpfs /dev with the usual nodes, a new devpts instance, /sys read-only, the
-host's resolv.conf/hosts/hostname (copies, so the container cannot write the
-host's files) and the user's `-v` binds; then pivot_root into the tree and
-detach the host's root, so nothing of the host stays reachable (`--read-only`
-then remounts just the root mount read-only). Mount points the image lacks are
+`init` first closes every fd it inherited (only 0-2 and `--preserve-fds`
+stay), then builds the container's view on top of the merged tree: a fresh
+/proc, a tmpfs /dev with the usual nodes, a new devpts instance, /sys
+read-only, the host's resolv.conf/hosts/hostname (copies, so the container
+cannot write the host's files), the user's `-v` binds and the masked and
+read-only paths (`confine.py`); it builds the seccomp filter while the host's
+libseccomp is still reachable, then pivot_root into the tree and detach the
+host's root, so nothing of the host stays reachable (`--read-only` then
+remounts just the root mount read-only). Mount points the image lacks are
 created in the tree, and reported to pyunion so that a kept upper can drop
-them again. It then forks the command, forwards the signals pyunion relays to
-it, reaps every zombie (orphans are re-parented to pid 1) and exits with the
-command's status as an exit code (128+N for signal N). When init exits the
-kernel kills whatever the command left behind, and the container's mount
+them again. It then forks the command (which cuts its capabilities, loads the
+filter and switches to the image's user just before execve: `confine.enter`),
+takes the command's confinement itself, forwards the signals pyunion relays
+to it, reaps every zombie (orphans are re-parented to pid 1) and exits with
+the command's status as an exit code (128+N for signal N). When init exits
+the kernel kills whatever the command left behind, and the container's mount
 namespace goes with it.
 
 Every path inside the image is resolved with openat2(RESOLVE_IN_ROOT): a
@@ -350,8 +355,13 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None) -> NoReturn:
-    """In the forked child: become the command (never returns)."""
+def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None,
+                  go: int) -> NoReturn:
+    """In the forked child: become the command (never returns).
+
+    It waits for a byte on `go`: init confines itself first, so that the command
+    never runs beside an init that holds more than it does.
+    """
     try:
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTTOU, signal.SIGTTIN,
                     signal.SIGTSTP, signal.SIGINT):
@@ -376,6 +386,9 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None) -> No
                 os.dup2(null, 0)
                 os.close(null)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if os.read(go, 1) != b"G":
+            os._exit(125)  # init failed, and said so
+        os.close(go)
         confine.enter(spec.confinement, ident.uid, ident.gid, ident.groups)
         os.umask(0o022)
         if spec.workdir:
@@ -450,17 +463,23 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             socket.send_fds(tty_sock, [b"T"], [master])
             os.close(master)
             tty_sock.close()
+        go_r, go_w = os.pipe()
         child = os.fork()
         if child == 0:
-            _exec_command(spec, ident, slave)
+            os.close(go_w)
+            _exec_command(spec, ident, slave, go_r)
+        os.close(go_r)
         if slave is not None:
             os.close(slave)
         try:
             confine.restrict_init(spec.confinement)
+            os.write(go_w, b"G")
         except (OSError, seccomp.SeccompError) as e:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
             raise SetupError(f"cannot confine the container's init: {e}")
+        finally:
+            os.close(go_w)  # unblocks the command: with "G" only if init is confined
         code = _reap_until(child)
     except SetupError as e:
         print(f"pyunion: {e}", file=sys.stderr)
