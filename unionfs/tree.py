@@ -164,3 +164,146 @@ def open_rel(dirfd: int, rel: bytes, flags: int = DIR_FLAGS) -> int:
         os.close(fd)
         raise
     return fd
+
+
+Name = str | bytes
+
+
+class DirCursor:
+    """One directory fd that moves around the tree below `root_fd`, never following a symlink.
+
+    `goto(parts)` goes up with `openat("..")`, checked against the identity
+    recorded on the way down, and down one `O_NOFOLLOW` component at a time: a
+    move costs the distance between the two directories, not their depth, so a
+    walk in tree order is linear however deep the tree, and only two fds are
+    ever open. A component that is missing can be created (`mkdir=MODE`); one
+    that is a symlink or not a directory stops the move with ELOOP or ENOTDIR,
+    the cursor then standing in that component's parent (`parts`), so the
+    caller can say which it was.
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        self._root = root_fd  # borrowed: the caller keeps it open while the cursor lives
+        self.fd = os.dup(root_fd)
+        self.parts: list[Name] = []
+        self._ids = [_ident(os.fstat(self.fd))]
+
+    def ident(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the directory the cursor stands in."""
+        return self._ids[-1]
+
+    def goto(self, parts: list[str] | list[bytes] | list[Name], mkdir: int | None = None) -> int:
+        """Stand in the directory `parts` (relative to the root); returns the (borrowed) fd."""
+        common = 0
+        limit = min(len(parts), len(self.parts))
+        while common < limit and parts[common] == self.parts[common]:
+            common += 1
+        while len(self.parts) > common:
+            self._up()
+        for comp in parts[common:]:
+            self._down(comp, mkdir)
+        return self.fd
+
+    def reset(self) -> None:
+        """Back to the root, without using `..` (after the tree it stood in was removed)."""
+        fd = os.dup(self._root)
+        os.close(self.fd)
+        self.fd = fd
+        del self.parts[:]
+        del self._ids[1:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _up(self) -> None:
+        pfd = os.open("..", DIR_FLAGS, dir_fd=self.fd)
+        if _ident(os.fstat(pfd)) != self._ids[-2]:
+            os.close(pfd)
+            raise OSError(errno.ESTALE, "a directory moved while the tree was walked")
+        os.close(self.fd)
+        self.fd = pfd
+        self.parts.pop()
+        self._ids.pop()
+
+    def _down(self, comp: Name, mkdir: int | None) -> None:
+        try:
+            nfd = os.open(comp, DIR_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            if mkdir is None:
+                raise
+            os.mkdir(comp, mkdir, dir_fd=self.fd)
+            nfd = os.open(comp, DIR_FLAGS, dir_fd=self.fd)
+        except OSError as e:
+            # O_NOFOLLOW|O_DIRECTORY on a symlink gives ENOTDIR on Linux; say what it is.
+            if e.errno == errno.ENOTDIR and stat.S_ISLNK(
+                    os.stat(comp, dir_fd=self.fd, follow_symlinks=False).st_mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), comp) from None
+            raise
+        os.close(self.fd)
+        self.fd = nfd
+        self.parts.append(comp)
+        self._ids.append(_ident(os.fstat(nfd)))
+
+
+class NotRegularFile(OSError):
+    """`open_regular` found a symlink, a FIFO, a device or a directory where a file should be."""
+
+
+def open_regular(dirfd: int, path: Name, symlinks: bool = False) -> int:
+    """Open PATH below `dirfd` for reading, only if it is a regular file inside that tree.
+
+    Untrusted trees (an image layout, an image's /etc/passwd) may put a FIFO
+    there (a read would hang), a device (/dev/zero: endless), or a symlink out of
+    the tree. The path is resolved by openat2 beneath `dirfd` (with
+    `symlinks=False` no symlink at all; otherwise only ones that stay inside),
+    as O_PATH so that nothing is opened yet; only a regular file is then opened
+    for reading, through its O_PATH fd. Raises NotRegularFile for the rest.
+    """
+    from . import syscalls
+
+    resolve = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS
+    if not symlinks:
+        resolve |= syscalls.RESOLVE_NO_SYMLINKS
+    try:
+        pfd = syscalls.openat2(dirfd, path, os.O_PATH | (0 if symlinks else os.O_NOFOLLOW),
+                               resolve)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile(e.errno, "is a symlink", path) from None
+        if e.errno == errno.EXDEV:
+            raise NotRegularFile(e.errno, "leads outside its directory", path) from None
+        raise
+    try:
+        st = os.fstat(pfd)
+        if stat.S_ISLNK(st.st_mode):
+            raise NotRegularFile(errno.ELOOP, "is a symlink", path)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, "is not a regular file", path)
+        return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(pfd)
+
+
+def read_regular(dirfd: int, path: Name, limit: int, symlinks: bool = False) -> bytes:
+    """The content of a regular file below `dirfd` (see `open_regular`), at most `limit` bytes.
+
+    Raises `OSError(EFBIG)` when the file holds more: nothing past limit+1 is read.
+    """
+    fd = open_regular(dirfd, path, symlinks)
+    try:
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+    return data

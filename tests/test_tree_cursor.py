@@ -1,0 +1,112 @@
+"""tree.DirCursor and tree.open_regular: moving through hostile trees by fd, reading only
+regular files inside them."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from unionfs.tree import DirCursor, NotRegularFile, open_regular, read_regular, rmtree
+
+
+def _fd(p: Path) -> int:
+    return os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def test_cursor_walks_deep_trees_in_linear_time(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    rfd = _fd(root)
+    c = DirCursor(rfd)
+    try:
+        depth = 3000
+        t0 = time.monotonic()
+        for i in range(1, depth + 1):
+            c.goto(["d"] * i, mkdir=0o755)  # one component more each time: O(1) per step
+        fd = os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=c.fd)
+        os.close(fd)
+        c.goto(["d"] * (depth - 1) + ["e"], mkdir=0o755)  # a sibling: up one, down one
+        c.goto([])
+        assert time.monotonic() - t0 < 30
+        assert c.ident() == (os.fstat(rfd).st_dev, os.fstat(rfd).st_ino)
+        assert os.listdir(c.fd) == ["d"]
+    finally:
+        c.close()
+        os.close(rfd)
+        rmtree(str(root))
+
+
+def test_cursor_never_follows_and_says_where_it_stopped(tmp_path: Path) -> None:
+    (tmp_path / "root/a").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "root/a/link").symlink_to(tmp_path / "outside")
+    (tmp_path / "root/a/file").write_text("x")
+    rfd = _fd(tmp_path / "root")
+    c = DirCursor(rfd)
+    try:
+        with pytest.raises(OSError) as ei:
+            c.goto(["a", "link", "x"], mkdir=0o755)
+        assert ei.value.errno == errno.ELOOP and c.parts == ["a"]
+        with pytest.raises(OSError) as ei:
+            c.goto(["a", "file", "x"], mkdir=0o755)
+        assert ei.value.errno == errno.ENOTDIR and c.parts == ["a"]
+        assert os.listdir(tmp_path / "outside") == []
+        with pytest.raises(FileNotFoundError):
+            c.goto(["a", "nothere"])
+    finally:
+        c.close()
+        os.close(rfd)
+
+
+def test_cursor_refuses_to_climb_out_of_a_moved_directory(tmp_path: Path) -> None:
+    (tmp_path / "root/a/b").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    rfd = _fd(tmp_path / "root")
+    c = DirCursor(rfd)
+    try:
+        c.goto(["a", "b"])
+        os.rename(tmp_path / "root/a", tmp_path / "elsewhere/a")  # `..` of b is not root/a's
+        os.mkdir(tmp_path / "root/a")
+        c.goto(["a", "b"])  # no move needed: still where it was
+        with pytest.raises(OSError) as ei:
+            c.goto(["x"])
+        assert ei.value.errno == errno.ESTALE
+        c.reset()
+        assert c.goto(["a"]) >= 0 and c.parts == ["a"]
+    finally:
+        c.close()
+        os.close(rfd)
+
+
+def test_open_regular_refuses_what_is_not_a_file_inside(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "file").write_bytes(b"data")
+    (d / "sub/inner").write_bytes(b"inner")
+    (d / "zero").symlink_to("/dev/zero")
+    (d / "in-link").symlink_to("sub/inner")
+    (d / "out-link").symlink_to(tmp_path / "secret")
+    (tmp_path / "secret").write_bytes(b"secret")
+    os.mkfifo(d / "fifo")
+    dfd = _fd(d)
+    try:
+        assert read_regular(dfd, "file", 100) == b"data"
+        assert read_regular(dfd, "in-link", 100, symlinks=True) == b"inner"
+        for name, symlinks, why in (("zero", False, "symlink"), ("zero", True, "outside"),
+                                    ("in-link", False, "symlink"), ("out-link", True, "outside"),
+                                    ("fifo", True, "not a regular file"),
+                                    ("sub", True, "not a regular file"),
+                                    ("../secret", True, "outside")):
+            t0 = time.monotonic()
+            with pytest.raises(NotRegularFile, match=why):
+                open_regular(dfd, name, symlinks=symlinks)
+            assert time.monotonic() - t0 < 5  # a FIFO is never opened for reading
+        with pytest.raises(OSError) as ei:
+            read_regular(dfd, "file", 3)
+        assert ei.value.errno == errno.EFBIG
+    finally:
+        os.close(dfd)
