@@ -1,0 +1,162 @@
+"""Image names: the reference grammar of the OCI distribution spec, written once.
+
+    reference   := name [ ":" tag ] [ "@" digest ]
+    name        := [ domain "/" ] path-component [ "/" path-component ]*
+    domain      := host [ ":" port ]    host: DNS name or [IPv6]
+    path-component := [a-z0-9]+ ( ( "." | "_" | "__" | "-"+ ) [a-z0-9]+ )*
+    tag         := [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}
+    digest      := ALGORITHM ":" HEX{32,}
+
+(the regular expressions of distribution's `reference` package, which docker,
+podman, skopeo and containerd share). A name is at most 255 characters, and a
+64-hex-digit name is refused as it would be mistaken for an image ID. Nothing
+else gets through: no upper case in a repository, no spaces, no control
+characters, so a name printed from the store cannot drive the terminal.
+
+Which part is the registry follows docker's rule: the first component is a
+domain only if it has a "." or ":" or is "localhost". `normalize_local` is
+podman's naming of local images (`localhost/NAME:latest`); `normalize_remote`
+docker's for pulls (`docker.io/library/NAME:latest`). The store keeps names as
+they were given (plus ":latest") and treats `localhost/NAME` as `NAME`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .safetext import printable
+
+NAME_MAX = 255
+DEFAULT_TAG = "latest"
+LOCAL_DOMAIN = "localhost"
+DOCKER_DOMAIN = "docker.io"
+DOCKER_OFFICIAL = "library"
+
+_ALNUM = r"[a-z0-9]+"
+_SEPARATOR = r"(?:[._]|__|[-]+)"
+PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
+_IPV6 = r"\[[a-fA-F0-9:]+\]"
+DOMAIN = rf"(?:{_DOMAIN_NAME}|{_IPV6})(?::[0-9]+)?"
+TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+_PATH = rf"{PATH_COMPONENT}(?:/{PATH_COMPONENT})*"
+
+# re.ASCII and fullmatch: \w and [..] never match beyond ASCII, "$" never before a "\n".
+_REFERENCE_RE = re.compile(rf"(?:({DOMAIN})/)?({_PATH})(?::({TAG}))?(?:@({DIGEST}))?",
+                           re.ASCII)
+_TAG_RE = re.compile(TAG, re.ASCII)
+_PATH_RE = re.compile(_PATH, re.ASCII)
+_HEX64_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+
+class InvalidReference(UserError):
+    """A name that is not a valid image reference."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed reference; `domain` is None when the name has no registry part."""
+
+    domain: str | None
+    path: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.domain}/{self.path}" if self.domain else self.path
+
+    def __str__(self) -> str:
+        out = self.name
+        if self.tag is not None:
+            out += ":" + self.tag
+        if self.digest is not None:
+            out += "@" + self.digest
+        return out
+
+
+def _split_domain(first: str | None, path: str) -> tuple[str | None, str]:
+    """docker's rule: "foo/bar" is a path in the default registry, "foo.io/bar" is not."""
+    if first is None:
+        return None, path
+    if "." in first or ":" in first or first == LOCAL_DOMAIN or first.lower() != first:
+        return first, path
+    return None, f"{first}/{path}"
+
+
+def parse(text: object, what: str = "image name") -> Reference:
+    """Parse a reference; anything off the grammar is an InvalidReference (one line)."""
+    if not isinstance(text, str):
+        raise InvalidReference(f"invalid {what} {printable(repr(text))}: not a string")
+    m = _REFERENCE_RE.fullmatch(text)
+    if m is None:
+        raise InvalidReference(f"invalid {what} {printable(repr(text))} (expected "
+                               "[REGISTRY/]NAME[:TAG][@DIGEST], with NAME in lower case "
+                               "and a TAG of at most 128 letters, digits, '_', '.' and '-')")
+    first, path, tag, digest = m.groups()
+    domain, path = _split_domain(first, path)
+    ref = Reference(domain, path, tag, digest)
+    if len(ref.name) > NAME_MAX:
+        raise InvalidReference(f"invalid {what}: longer than {NAME_MAX} characters")
+    if domain is None and _HEX64_RE.fullmatch(path):
+        raise InvalidReference(f"invalid {what} {text!r}: a 64-digit hex name is an image ID")
+    return ref
+
+
+def is_tag(text: str) -> bool:
+    return _TAG_RE.fullmatch(text) is not None
+
+
+def tagged(text: object, what: str = "image name") -> str:
+    """NAME[:TAG] as the store keeps it: validated, ":latest" when no tag; no digest."""
+    ref = parse(text, what)
+    if ref.digest is not None:
+        raise InvalidReference(f"invalid {what} {text!r}: a digest cannot be a tag")
+    return f"{ref.name}:{ref.tag or DEFAULT_TAG}"
+
+
+def normalize_local(text: str) -> str:
+    """podman's name for a local image: `localhost/` when no registry, `:latest` when no tag."""
+    ref = parse(text)
+    domain = ref.domain if ref.domain else LOCAL_DOMAIN
+    return _with_tag(Reference(domain, ref.path, ref.tag, ref.digest))
+
+
+def normalize_remote(text: str) -> str:
+    """docker's name for a pull: `docker.io[/library]` when no registry, `:latest` when no tag."""
+    ref = parse(text)
+    domain, path = ref.domain, ref.path
+    if domain is None:
+        domain = DOCKER_DOMAIN
+    if domain == DOCKER_DOMAIN and "/" not in path:
+        path = f"{DOCKER_OFFICIAL}/{path}"
+    return _with_tag(Reference(domain, path, ref.tag, ref.digest))
+
+
+def _with_tag(ref: Reference) -> str:
+    if ref.tag is None and ref.digest is None:
+        return str(Reference(ref.domain, ref.path, DEFAULT_TAG))
+    if ref.tag is not None and ref.digest is not None:  # podman keeps the digest only
+        return str(Reference(ref.domain, ref.path, None, ref.digest))
+    return str(ref)
+
+
+def local_aliases(name: str) -> list[str]:
+    """The names that mean the same local image: `NAME` and `localhost/NAME`."""
+    prefix = LOCAL_DOMAIN + "/"
+    if name.startswith(prefix):
+        return [name, name[len(prefix):]]
+    return [name, prefix + name]
+
+
+def repository_from(text: str, default: str = "imported") -> str:
+    """A valid repository name made of arbitrary text (a file name, say)."""
+    words = re.findall(r"[a-z0-9]+", text.lower(), re.ASCII)
+    out = "-".join(words)[:NAME_MAX]
+    if not out or not _PATH_RE.fullmatch(out) or _HEX64_RE.fullmatch(out):
+        return default
+    return out
