@@ -1,9 +1,11 @@
 """Images: a store of layers shared between images, OCI and docker archive import, commit.
 
 The public face of the package; the CLI (`cli.py`) is a thin layer over it.
-Modules: `store` (the on-disk store and its atomicity), `oci` (reading layouts
-and archives), `unpack` (hostile-input-safe layer extraction), `load` (import),
-`commit` (an upper directory as a new layer), `export`.
+Modules: `store` (the on-disk store, its atomicity and privacy), `oci` (reading
+layouts and archives), `schema` (the shapes of image JSON, checked before use),
+`reference` (image names), `safetext` (printing text that came from an image),
+`unpack` (hostile-input-safe layer extraction), `load` (import), `commit` (an
+upper directory as a new layer), `export`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def resolve_config(ref: str, store: str | None = None) -> dict[str, Any]:
 
     What `run` wants is its "config" section (may be missing or null): Env (list of
     "K=V"), WorkingDir, User, Entrypoint and Cmd (lists), ExposedPorts, Labels, ...,
-    e.g. `resolve_config(ref).get("config") or {}`.
+    e.g. `resolve_config(ref).get("config") or {}`. Its shape was checked by
+    `schema.ImageConfig`: those that are present are strings or lists of strings
+    without NUL (Entrypoint, Cmd, Env may be null).
     """
     return Store(store, create=False).lookup(ref).config

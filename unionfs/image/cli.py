@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import UserError
@@ -16,6 +16,7 @@ from .commit import Changes, commit
 from .export import export_image
 from .load import Progress, import_image
 from .oci import parse_platform
+from .safetext import printable
 from .store import Image, Store, short_id
 
 
@@ -25,7 +26,7 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
                         "$XDG_DATA_HOME/pyunion/store or ~/.local/share/pyunion/store)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     img = sub.add_parser("image", help="import or export images",
                          description="Import images into the store, or export them.")
     isub = img.add_subparsers(dest="image_command", metavar="COMMAND")
@@ -115,7 +116,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                         progress=progress)
     for digest, tags in done:
         img = store.lookup(digest)
-        names = ", ".join(tags) if tags else "<none>"
+        names = printable(", ".join(tags)) if tags else "<none>"
         print(f"Loaded image {names} ({short_id(img.id)})")
     return 0
 
@@ -146,7 +147,7 @@ def _parse_time(text: Any) -> float | None:
     else:
         fmt = "%Y-%m-%dT%H:%M:%S"
     try:
-        return datetime.strptime(t[:26], fmt).replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(t[:26], fmt).replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
 
@@ -175,6 +176,8 @@ def _image_size(store: Store, img: Image) -> int:
 
 
 def _table(rows: list[list[str]]) -> None:
+    """Columns of text from the store, every cell escaped (`safetext.printable`)."""
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -192,8 +195,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         iid = img.id if args.no_trunc else short_id(img.id)
         size = human_size(_image_size(store, img))
         created = human_age(img.config.get("created"))
-        for t in img.tags or [None]:
-            repo, tag = t.rsplit(":", 1) if t else ("<none>", "<none>")
+        for t in img.tags or ["<none>:<none>"]:
+            repo, tag = t.rsplit(":", 1)
             rows.append([repo, tag, iid, created, size])
     _table(rows)
     return 0
@@ -206,8 +209,9 @@ def history_rows(store: Store, img: Image) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     li = 0
     for h in hist:
-        row: dict[str, Any] = {"created": h.get("created"), "created_by": h.get("created_by", ""),
-                               "comment": h.get("comment", ""), "layer": None, "size": 0}
+        row: dict[str, Any] = {"created": h.get("created"),
+                               "created_by": h.get("created_by") or "",
+                               "comment": h.get("comment") or "", "layer": None, "size": 0}
         if not h.get("empty_layer") and li < len(diffs):
             row["layer"] = diffs[li]
             li += 1
@@ -230,7 +234,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     for r in history_rows(store, img):
         layer = "<empty>" if r["layer"] is None else (
             r["layer"] if args.no_trunc else short_id(r["layer"]))
-        by = " ".join(str(r["created_by"]).split())
+        by = printable(" ".join(str(r["created_by"]).split()))
         if not args.no_trunc and len(by) > 60:
             by = by[:57] + "..."
         out.append([layer, human_age(r["created"]), by, human_size(r["size"]),
@@ -250,7 +254,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             status = 1
             continue
         for t in untagged:
-            print(f"Untagged: {t}")
+            print(f"Untagged: {printable(t)}")
         for d in deleted:
             print(f"Deleted: {d}")
     return status
@@ -282,7 +286,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_tag(args: argparse.Namespace) -> int:
     store = _store(args)
     img = store.lookup(args.image)
-    store.add_image(img.digest, len(store.read_blob(img.digest)), args.name,
+    store.add_image(img.digest, store.blob_size(img.digest), args.name,
                     img.manifest.get("mediaType") or "application/vnd.oci.image.manifest.v1+json")
     return 0
 

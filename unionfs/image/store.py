@@ -20,6 +20,16 @@ under its own lock, and only after every blob and layer it names is in place.
 So an interrupted command leaves at most unreferenced blobs or layers (reused
 by a later import, removed by `rmi`) and stale tmp/ entries (removed by the
 next command that can take the store lock exclusively).
+
+Privacy: an unpacked layer holds the image's files with their owners and modes,
+setuid-root programs included, so the store root, `blobs/`, `layers/`, each
+`layers/HEX/` and `tmp/` are 0700, as containers/storage keeps its layers: no
+other local user can reach into them. (The `diff/` trees keep the image's own
+modes: a mount of them shows the image as it is.) Every command that writes to
+a store first tightens directories an older pyunion left open.
+
+Everything read back from the store goes through the same checks as an import
+(`schema`): bounded reads of regular files, validated JSON.
 """
 
 from __future__ import annotations
@@ -27,10 +37,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
-import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -39,6 +51,12 @@ from typing import Any
 
 from .. import syscalls
 from ..errors import UserError
+from ..tree import DIR_FLAGS, NotRegularFile, open_rel, read_regular, rmtree
+from . import reference, schema
+from .safetext import ImageError, printable
+
+log = logging.getLogger(__name__)
+PRIVATE = 0o700
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -50,13 +68,13 @@ MT_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
-_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 def check_digest(digest: object, what: str = "digest") -> str:
     """A digest string safe to use as a file name; anything else is a corrupt image."""
-    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
-        raise UserError(f"invalid {what} {digest!r}")
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+        raise ImageError(f"invalid {what} {digest!r}")
     return digest
 
 
@@ -83,6 +101,7 @@ def syncfs(fd: int) -> None:
 
 
 def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON beside `path` (0600) and rename it into place."""
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
@@ -119,18 +138,13 @@ class Image:
 
     @property
     def diff_ids(self) -> list[str]:
-        """Bottom first, as in the config."""
-        return list(self.config.get("rootfs", {}).get("diff_ids", []))
+        """Bottom first, as in the config (its shape was checked when it was loaded)."""
+        return list(self.config["rootfs"]["diff_ids"])
 
 
-def normalize_tag(name: str) -> str:
-    """`name` -> `name:latest` when it has no tag (a ':' after the last '/')."""
-    if "@" in name:
-        raise UserError(f"invalid tag {name!r}: digests cannot be tags")
-    last = name.rsplit("/", 1)[-1]
-    if not name or not last or name.startswith(("/", ":")) or any(c.isspace() for c in name):
-        raise UserError(f"invalid tag {name!r}")
-    return name if ":" in last else name + ":latest"
+def normalize_tag(name: object) -> str:
+    """A valid reference as the store keeps it: `name:latest` when it has no tag."""
+    return reference.tagged(name)
 
 
 class Store:
@@ -138,6 +152,7 @@ class Store:
 
     def __init__(self, root: str | None = None, create: bool = True) -> None:
         self.root = os.path.abspath(root or default_store())
+        self._secured = False
         if create:
             self._init()
         elif not os.path.isfile(os.path.join(self.root, "index.json")):
@@ -146,8 +161,11 @@ class Store:
     # --- layout ---------------------------------------------------------------
     def _init(self) -> None:
         try:
-            for d in ("blobs/sha256", "layers", "tmp"):
-                os.makedirs(os.path.join(self.root, d), exist_ok=True)
+            os.makedirs(os.path.dirname(self.root), exist_ok=True)
+            for d in ("", "blobs", "blobs/sha256", "layers", "tmp"):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.join(self.root, d), PRIVATE)
+            self.secure()
             lay = os.path.join(self.root, "oci-layout")
             if not os.path.exists(lay):
                 write_json_atomic(lay, {"imageLayoutVersion": "1.0.0"})
@@ -157,6 +175,41 @@ class Store:
                                         "manifests": []})
         except OSError as e:
             raise UserError(f"cannot create image store {self.root}: {e.strerror}") from e
+
+    def secure(self) -> None:
+        """Make the store's directories 0700 (see the module comment); once per command."""
+        if self._secured:
+            return
+        try:
+            rfd = os.open(self.root, DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError as e:
+            raise UserError(f"cannot open the image store {self.root}: {e.strerror}") from e
+        try:
+            _private(rfd)
+            for rel in (b"blobs", b"layers", b"tmp"):
+                try:
+                    fd = open_rel(rfd, rel)
+                except FileNotFoundError:
+                    continue
+                try:
+                    _private(fd)
+                    with os.scandir(fd) as it:
+                        names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+                    for name in names if rel != b"tmp" else []:
+                        with contextlib.suppress(FileNotFoundError):
+                            sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+                            try:
+                                _private(sub)
+                            finally:
+                                os.close(sub)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise UserError(f"cannot make the image store {self.root} private: "
+                            f"{e.strerror}") from e
+        finally:
+            os.close(rfd)
+        self._secured = True
 
     def blob_path(self, digest: str) -> str:
         algo, hexd = check_digest(digest).split(":", 1)
@@ -177,40 +230,60 @@ class Store:
     def has_layer(self, diff_id: str) -> bool:
         return os.path.isfile(os.path.join(self.layer_dir(diff_id), "layer.json"))
 
-    def layer_info(self, diff_id: str) -> dict[str, Any]:
+    def _read(self, path: str, limit: int = schema.MAX_JSON) -> bytes:
+        """A file of the store (relative to its root): a regular file, at most `limit` bytes."""
+        rfd = os.open(self.root, DIR_FLAGS & ~os.O_NOFOLLOW)
         try:
-            with open(os.path.join(self.layer_dir(diff_id), "layer.json")) as f:
-                info: dict[str, Any] = json.load(f)
-            return info
-        except (OSError, ValueError) as e:
-            raise UserError(f"layer {diff_id} is missing from the store {self.root}") from e
+            return read_regular(rfd, path, limit)
+        finally:
+            os.close(rfd)
 
-    def read_blob(self, digest: str) -> bytes:
+    def layer_info(self, diff_id: str) -> dict[str, Any]:
+        rel = os.path.relpath(os.path.join(self.layer_dir(diff_id), "layer.json"), self.root)
         try:
-            with open(self.blob_path(digest), "rb") as f:
-                return f.read()
+            info = schema.load_object(self._read(rel, 1 << 16), schema.LayerInfo,
+                                      f"layer {diff_id}: layer.json")
+        except OSError as e:
+            raise UserError(f"layer {diff_id} is missing from the store {self.root}") from e
+        return info
+
+    def blob_size(self, digest: str) -> int:
+        try:
+            return os.stat(self.blob_path(digest)).st_size
         except OSError as e:
             raise UserError(f"blob {digest} is missing from the store {self.root}") from e
 
-    def read_json_blob(self, digest: str) -> dict[str, Any]:
+    def read_blob(self, digest: str, limit: int = schema.MAX_JSON) -> bytes:
+        """A small blob (a manifest or a config), checked against its digest."""
+        rel = os.path.relpath(self.blob_path(digest), self.root)
         try:
-            data = json.loads(self.read_blob(digest))
-        except ValueError as e:
-            raise UserError(f"blob {digest} in the store is not JSON") from e
-        if not isinstance(data, dict):
-            raise UserError(f"blob {digest} in the store is not a JSON object")
+            data = self._read(rel, limit)
+        except NotRegularFile as e:
+            raise UserError(f"blob {digest} in the store {e.strerror}") from e
+        except OSError as e:
+            if e.errno == errno.EFBIG:
+                raise UserError(f"blob {digest} in the store is too large to read") from e
+            raise UserError(f"blob {digest} is missing from the store {self.root}") from e
+        algo, hexd = digest.split(":", 1)
+        if hashlib.new(algo, data).hexdigest() != hexd:
+            raise UserError(f"blob {digest} in the store {self.root} is damaged "
+                            "(its content does not match its digest)")
         return data
+
+    def read_json_blob(self, digest: str, kind: type[Any], what: str) -> dict[str, Any]:
+        """A manifest or config from the store, checked like one being imported."""
+        return schema.load_object(self.read_blob(digest), kind, f"{what} {digest} in the store")
 
     # --- temporary work area and publishing ---------------------------------
     @contextlib.contextmanager
     def tempdir(self) -> Iterator[str]:
         """A private directory under tmp/, removed afterwards whatever was left in it."""
         path = os.path.join(self.root, "tmp", uuid.uuid4().hex)
-        os.mkdir(path, 0o700)
+        os.mkdir(path, PRIVATE)
         try:
             yield path
         finally:
-            remove_tree(path)
+            _remove_quietly(path)
 
     def publish_blob(self, tmp_file: str, digest: str) -> None:
         """Rename a complete, verified blob into place (a blob already there wins)."""
@@ -268,12 +341,14 @@ class Store:
     @contextlib.contextmanager
     def using(self) -> Iterator[None]:
         """Held (shared) while adding to the store, so removals and cleanup wait for us."""
+        self.secure()
         self.cleanup_tmp()
         with self._flock(".lock", fcntl.LOCK_SH):
             yield
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
+        self.secure()
         with self._flock(".lock", fcntl.LOCK_EX):
             yield
 
@@ -283,25 +358,28 @@ class Store:
             if not got:
                 return
             tmp = os.path.join(self.root, "tmp")
-            with contextlib.suppress(OSError):
-                for name in os.listdir(tmp):
-                    remove_tree(os.path.join(tmp, name))
+            try:
+                names = os.listdir(tmp)
+            except OSError:
+                return
+            for name in names:
+                _remove_quietly(os.path.join(tmp, name))
 
     # --- the index ----------------------------------------------------------------
     def _read_index(self) -> dict[str, Any]:
         try:
-            with open(os.path.join(self.root, "index.json")) as f:
-                idx: dict[str, Any] = json.load(f)
+            data = self._read("index.json")
         except FileNotFoundError:
             return {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": []}
-        except (OSError, ValueError) as e:
-            raise UserError(f"the store's index.json is unreadable: {e}") from e
-        idx.setdefault("manifests", [])
-        return idx
+        except OSError as e:
+            raise UserError(f"the store's index.json is unreadable: "
+                            f"{e.strerror or e}") from e
+        return schema.load_object(data, schema.Index, f"the store's index {self.root}/index.json")
 
     @contextlib.contextmanager
     def edit_index(self) -> Iterator[dict[str, Any]]:
         """Read-modify-write of index.json under its lock; written only if the block succeeds."""
+        self.secure()
         with self._flock(".index.lock", fcntl.LOCK_EX):
             idx = self._read_index()
             yield idx
@@ -342,34 +420,53 @@ class Store:
         return list(out.values())
 
     def _load_image(self, manifest_digest: str) -> Image:
-        m = self.read_json_blob(manifest_digest)
-        cd = check_digest((m.get("config") or {}).get("digest"), "config digest")
-        return Image(manifest_digest, m, self.read_json_blob(cd), cd)
+        m = self.read_json_blob(manifest_digest, schema.Manifest, "manifest")
+        cd = m["config"]["digest"]
+        img = Image(manifest_digest, m, self.read_json_blob(cd, schema.ImageConfig, "config"), cd)
+        if len(img.diff_ids) != len(m["layers"]):
+            raise ImageError(f"image {manifest_digest} in the store: its manifest has "
+                             f"{len(m['layers'])} layers, its config {len(img.diff_ids)}")
+        return img
 
     def lookup(self, ref: str) -> Image:
-        """An image by tag (`name`, `name:tag`), image ID or manifest digest (or a prefix)."""
+        """An image by tag (`name`, `name:tag`, `localhost/name`), image ID or manifest
+        digest (or a prefix of either), or `name@digest`."""
+        return self._find(ref)[0]
+
+    def _find(self, ref: str) -> tuple[Image, str | None]:
+        """(image, the one tag `ref` names, or None when it names the image itself)."""
         imgs = self.images()
         if not ref:
             raise UserError("empty image name")
-        for cand in (ref, ref + ":latest") if ":" not in ref.rsplit("/", 1)[-1] else (ref,):
-            for img in imgs:
-                if cand in img.tags:
-                    return img
+        name, at, digest = ref.partition("@")
+        if at:
+            same = [i for i in imgs if i.digest == digest]
+            if same and (not name or any(_same_repo(name, t) for t in same[0].tags)):
+                return same[0], None
+            raise ImageError(f"no image {ref!r} in the store {self.root}")
+        exact = _exact_names(ref)
+        for img in imgs:
+            for t in img.tags:
+                if t in exact:
+                    return img, t
         # A short name matches a tag that ends with it ("busybox" ~ "docker.io/library/busybox").
-        bare = ref if ":" in ref.rsplit("/", 1)[-1] else ref + ":latest"
-        found = [i for i in imgs if any(t.endswith("/" + bare) for t in i.tags)]
-        if len(found) == 1:
-            return found[0]
+        bare = exact[1]
+        short = [(i, t) for i in imgs for t in i.tags if t.endswith("/" + bare)]
+        if len(short) == 1:
+            return short[0]
+        if len(short) > 1:
+            names = ", ".join(sorted(t for _, t in short))
+            raise ImageError(f"{ref!r} is ambiguous: {names}")
         hexpart = ref.split(":", 1)[1] if ref.startswith(("sha256:", "sha512:")) else ref
         if len(hexpart) >= 4 and re.fullmatch(r"[0-9a-f]+", hexpart):
-            found = [i for i in imgs
-                     if i.config_digest.split(":", 1)[1].startswith(hexpart)
-                     or i.digest.split(":", 1)[1].startswith(hexpart)]
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                raise UserError(f"image ID {ref!r} is ambiguous")
-        raise UserError(f"no image {ref!r} in the store {self.root}")
+            ids = [i for i in imgs
+                   if i.config_digest.split(":", 1)[1].startswith(hexpart)
+                   or i.digest.split(":", 1)[1].startswith(hexpart)]
+            if len(ids) == 1:
+                return ids[0], None
+            if len(ids) > 1:
+                raise ImageError(f"image ID {ref!r} is ambiguous")
+        raise ImageError(f"no image {ref!r} in the store {self.root}")
 
     # --- removal ------------------------------------------------------------------
     def remove(self, ref: str) -> tuple[list[str], list[str]]:
@@ -378,19 +475,13 @@ class Store:
         Returns (untagged names, deleted digests: manifests, configs and layers).
         """
         with self.exclusive():
-            img = self.lookup(ref)
-            norm = _maybe_norm(ref) or ref
-            named = [t for t in img.tags if t in (ref, norm) or t.endswith("/" + norm)]
-            by_tag = len(named) == 1
+            img, named = self._find(ref)
             untagged: list[str] = []
             with self.edit_index() as idx:
                 keep = []
                 for e in idx["manifests"]:
                     t = (e.get("annotations") or {}).get(REF_NAME)
-                    if e.get("digest") != img.digest:
-                        keep.append(e)
-                        continue
-                    if by_tag and t != named[0]:
+                    if e["digest"] != img.digest or (named is not None and t != named):
                         keep.append(e)
                         continue
                     if t:
@@ -406,8 +497,8 @@ class Store:
         for img in self.images():
             live_blobs.add(img.digest)
             live_blobs.add(img.config_digest)
-            for d in img.manifest.get("layers", []):
-                live_blobs.add(d.get("digest"))
+            for d in img.manifest["layers"]:
+                live_blobs.add(d["digest"])
             live_layers.update(img.diff_ids)
         deleted: list[str] = []
         layers_root = os.path.join(self.root, "layers")
@@ -434,7 +525,7 @@ class Store:
             os.rename(path, dst)
         except FileNotFoundError:
             return
-        remove_tree(dst)
+        _remove_quietly(dst)
 
 
 def _dedupe(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -456,29 +547,32 @@ def _dedupe(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _maybe_norm(ref: str) -> str | None:
-    try:
-        return normalize_tag(ref)
-    except UserError:
-        return None
+def _exact_names(ref: str) -> list[str]:
+    """The tags `ref` names exactly: itself, with ":latest", and its `localhost/` alias."""
+    bare = ref if ":" in ref.rsplit("/", 1)[-1] else ref + ":latest"
+    return [ref, bare] + reference.local_aliases(bare)[1:]
+
+
+def _same_repo(name: str, tag: str) -> bool:
+    repo = tag.rsplit(":", 1)[0]
+    return name in reference.local_aliases(repo) or repo.endswith("/" + name)
+
+
+def _private(fd: int) -> None:
+    """chmod 0700 the directory open at `fd`, if it is looser (or has other bits)."""
+    if stat.S_IMODE(os.fstat(fd).st_mode) != PRIVATE:
+        os.fchmod(fd, PRIVATE)
 
 
 def remove_tree(path: str) -> None:
-    """rmtree that also copes with read-only directories left by an unpacked layer."""
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        parent = os.path.dirname(p)
-        try:
-            os.chmod(parent, 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.unlink(p)
-        except OSError:
-            pass
+    """Remove a tree of any depth without following a symlink in it (see `tree.rmtree`)."""
+    rmtree(path)
 
-    if os.path.lexists(path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, onerror=onerror)
-        else:
-            os.unlink(path)
+
+def _remove_quietly(path: str) -> None:
+    """Remove a tree in tmp/; if that fails, leave it for the next command to retry."""
+    try:
+        rmtree(path)
+    except OSError as e:
+        log.warning("could not remove %s (%s); a later command will retry",
+                    printable(path), e.strerror or e)
