@@ -29,19 +29,37 @@ import os
 import stat
 import tarfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 import zstandard
 
 from ..errors import UserError
-from ..whiteout import (AUFS_META_PREFIX, OPQ_CHAR, OPQ_OCI, WH_PREFIX, dir_flags,
-                        is_internal_xattr, is_whiteout_stat, is_xwhiteout)
+from ..tree import DirCursor
+from ..whiteout import (
+    AUFS_META_PREFIX,
+    OPQ_CHAR,
+    OPQ_OCI,
+    WH_PREFIX,
+    dir_flags,
+    is_internal_xattr,
+    is_whiteout_stat,
+    is_xwhiteout,
+)
 from .load import MEDIA_BY_COMPRESSION, store_layer_stream
-from .store import (MT_CONFIG, MT_LAYER_GZIP, MT_MANIFEST, Image, Store,
-                    canonical_json, normalize_tag)
+from .safetext import ImageError, printable
+from .store import (
+    MT_CONFIG,
+    MT_LAYER_GZIP,
+    MT_MANIFEST,
+    Image,
+    Store,
+    canonical_json,
+    normalize_tag,
+)
 
 log = logging.getLogger(__name__)
+MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last time an OCI "created" can say
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _REFUSE_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy",
                   b"user.overlay.redirect", b"user.overlay.metacopy")
@@ -75,7 +93,19 @@ class HashingWriter(io.RawIOBase):
 
 
 @dataclass
+class _Level:
+    """A directory being written: where it is, its tar prefix, the names still to write."""
+
+    parts: list[str]
+    prefix: str
+    names: list[str]
+    xwh: bool
+
+
+@dataclass
 class _Walker:
+    """Writes a tree as tar entries in name order, iteratively (any depth, two fds)."""
+
     tar: tarfile.TarFile
     timestamp: int | None
     links: dict[tuple[int, int], str] = field(default_factory=dict)
@@ -100,8 +130,8 @@ class _Walker:
         for n in sorted(names):
             bn = os.fsencode(n)
             if bn in _REFUSE_XATTRS:
-                raise UserError(f"cannot commit {name!r}: it has {n} (its content is in a lower "
-                                "layer; mount without redirect_dir/metacopy)")
+                raise ImageError(f"cannot commit {name!r}: it has {n} (its content is in a "
+                                 "lower layer; mount without redirect_dir/metacopy)")
             if is_internal_xattr(bn):
                 continue
             try:
@@ -117,34 +147,50 @@ class _Walker:
         ti.size = 0
         self.tar.addfile(ti)
 
-    def walk(self, dfd: int, prefix: str) -> None:
-        """Write the entries of the directory open at `dfd` (its own entry already written)."""
+    def _open_level(self, dfd: int, parts: list[str], prefix: str) -> _Level:
+        """Start a directory (its own entry already written): its opaque marker comes first."""
         opaque, xwh = dir_flags(dfd)
-        names = sorted(os.listdir(dfd), key=os.fsencode)
         if opaque:
-            st = os.fstat(dfd)
-            ti = self._info(prefix + OPQ_OCI.decode(), st, tarfile.REGTYPE)
+            ti = self._info(prefix + OPQ_OCI.decode(), os.fstat(dfd), tarfile.REGTYPE)
             ti.mode, ti.size = 0o644, 0
             self.tar.addfile(ti)
-        for name in names:
-            bname = os.fsencode(name)
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if bname in (OPQ_OCI, OPQ_CHAR):
-                continue  # already expressed as the directory's marker above
-            if bname.startswith(AUFS_META_PREFIX):
-                continue
-            if bname.startswith(WH_PREFIX):
-                if stat.S_ISREG(st.st_mode) or is_whiteout_stat(st):
-                    ti = self._info(prefix + name, st, tarfile.REGTYPE)
-                    ti.size = 0
-                    self.tar.addfile(ti)
-                continue
-            if is_whiteout_stat(st) or (xwh and is_xwhiteout(dfd, bname, st)):
-                self._whiteout(prefix, name, st)
-                continue
-            self._entry(dfd, prefix, name, st)
+        names = sorted(os.listdir(dfd), key=os.fsencode, reverse=True)  # popped from the end
+        return _Level(parts, prefix, names, xwh)
 
-    def _entry(self, dfd: int, prefix: str, name: str, st: os.stat_result) -> None:
+    def walk(self, root_fd: int) -> None:
+        """Write the entries below the directory open at `root_fd`, parents first."""
+        cur = DirCursor(root_fd)
+        try:
+            stack = [self._open_level(root_fd, [], "")]
+            while stack:
+                level = stack[-1]
+                if not level.names:
+                    stack.pop()
+                    continue
+                name = level.names.pop()
+                dfd = cur.goto(level.parts)
+                sub = self._one(dfd, level, name)
+                if sub is not None:
+                    stack.append(self._open_level(cur.goto(sub.parts), sub.parts, sub.prefix))
+        finally:
+            cur.close()
+
+    def _one(self, dfd: int, level: _Level, name: str) -> _Level | None:
+        """Write one entry of `level`; a directory's level to descend into, if it is one."""
+        bname = os.fsencode(name)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        prefix = level.prefix
+        if bname in (OPQ_OCI, OPQ_CHAR) or bname.startswith(AUFS_META_PREFIX):
+            return None  # the opaque marker was written with the directory
+        if bname.startswith(WH_PREFIX):
+            if stat.S_ISREG(st.st_mode) or is_whiteout_stat(st):
+                ti = self._info(prefix + name, st, tarfile.REGTYPE)
+                ti.size = 0
+                self.tar.addfile(ti)
+            return None
+        if is_whiteout_stat(st) or (level.xwh and is_xwhiteout(dfd, bname, st)):
+            self._whiteout(prefix, name, st)
+            return None
         path = prefix + name
         mode = st.st_mode
         if stat.S_ISDIR(mode):
@@ -153,26 +199,30 @@ class _Walker:
                 ti = self._info(path, st, tarfile.DIRTYPE)
                 ti.pax_headers = self._xattrs(fd, True, path)
                 self.tar.addfile(ti)
-                self.walk(fd, path + "/")
             finally:
                 os.close(fd)
-            return
+            return _Level(level.parts + [name], path + "/", [], False)
         if stat.S_ISREG(mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self.links:
                 ti = self._info(path, st, tarfile.LNKTYPE)
                 ti.linkname = self.links[key]
                 self.tar.addfile(ti)
-                return
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                return None
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dfd)
             with os.fdopen(fd, "rb") as f:
-                ti = self._info(path, st, tarfile.REGTYPE)
-                ti.size = st.st_size
+                fst = os.fstat(fd)
+                if not stat.S_ISREG(fst.st_mode):  # swapped since the stat: skip, never hang
+                    self.skipped.append(path)
+                    return None
+                ti = self._info(path, fst, tarfile.REGTYPE)
+                ti.size = fst.st_size
                 ti.pax_headers = self._xattrs(f.fileno(), True, path)
                 self.tar.addfile(ti, f)
             if st.st_nlink > 1:
                 self.links[key] = path
-            return
+            return None
         proc = f"/proc/self/fd/{dfd}/{name}"
         if stat.S_ISLNK(mode):
             ti = self._info(path, st, tarfile.SYMTYPE)
@@ -184,9 +234,10 @@ class _Walker:
             ti = self._info(path, st, tarfile.FIFOTYPE)
         else:
             self.skipped.append(path)  # sockets have no tar form
-            return
+            return None
         ti.pax_headers = self._xattrs(proc, False, path)
         self.tar.addfile(ti)
+        return None
 
 
 def write_layer_tar(upper: str, out: BinaryIO | Any, timestamp: int | None = None) -> list[str]:
@@ -198,14 +249,14 @@ def write_layer_tar(upper: str, out: BinaryIO | Any, timestamp: int | None = Non
     try:
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             w = _Walker(tar, timestamp)
-            w.walk(root, "")
+            w.walk(root)
         return w.skipped
     finally:
         os.close(root)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -266,6 +317,8 @@ def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
         raise UserError(f"{upper} is not a directory")
     if tag is not None:
         tag = normalize_tag(tag)
+    if timestamp is not None and not 0 <= timestamp <= MAX_TIMESTAMP:
+        raise UserError(f"--timestamp {timestamp}: out of range (0 to {MAX_TIMESTAMP})")
     base = store.lookup(base_ref)
     with store.using(), store.tempdir() as tmp:
         tar_path = os.path.join(tmp, "layer.tar")
@@ -280,13 +333,13 @@ def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
             else:
                 skipped = write_layer_tar(upper, f, timestamp)
         for p in skipped:
-            log.warning("not committed (no tar form): %s", p)
+            log.warning("not committed (no tar form): %s", printable(p))
         with open(tar_path, "rb") as f:
             info = store_layer_stream(store, tmp, f, None, None, "new layer")
         store.sync()
         info["publish"]()
         created = _now() if timestamp is None else \
-            datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         cfg = new_config(base.config, info["diff_id"], changes, created)
         cbytes = canonical_json(cfg)
         cdigest = "sha256:" + hashlib.sha256(cbytes).hexdigest()

@@ -5,7 +5,8 @@ load`, `skopeo docker-archive:` and podman read).
 OCI exports copy the stored blobs byte for byte, so the image keeps its digests.
 Docker archives need uncompressed layers; they are decompressed on the way and
 checked against their DiffIDs. Tar output is deterministic (fixed times and
-owners) and appears under its final name only when complete.
+owners) and appears under its final name only when complete; a failed export
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any
 
 from ..errors import UserError
 from .oci import CONTAINERD_NAME, HashingReader, decompressed
+from .safetext import ImageError
 from .store import MT_INDEX, REF_NAME, Image, Store, remove_tree
+from .unpack import CORRUPT
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes | None = None, *,
@@ -74,7 +77,7 @@ def _oci_index(store: Store, img: Image, full: str | None, tag: str | None) -> b
     desc: dict[str, Any] = {"mediaType": img.manifest.get("mediaType") or
                             "application/vnd.oci.image.manifest.v1+json",
                             "digest": img.digest,
-                            "size": os.path.getsize(store.blob_path(img.digest))}
+                            "size": store.blob_size(img.digest)}
     if full:
         desc["annotations"] = {REF_NAME: tag, CONTAINERD_NAME: full}
     return json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [desc]},
@@ -82,7 +85,7 @@ def _oci_index(store: Store, img: Image, full: str | None, tag: str | None) -> b
 
 
 def _blobs(img: Image) -> list[str]:
-    return [img.config_digest] + [d["digest"] for d in img.manifest.get("layers", [])]
+    return [img.config_digest] + [d["digest"] for d in img.manifest["layers"]]
 
 
 def export_oci(store: Store, img: Image, path: str, ref: str) -> None:
@@ -134,7 +137,7 @@ def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
                                                           format=tarfile.PAX_FORMAT) as tar:
         _tar_add(tar, f"{cfg_hex}.json", store.read_blob(img.config_digest))
         seen: set[str] = set()
-        for desc, diff_id in zip(img.manifest.get("layers", []), img.diff_ids):
+        for desc, diff_id in zip(img.manifest["layers"], img.diff_ids, strict=True):
             hexd = diff_id.split(":", 1)[1]
             name = f"{hexd}/layer.tar"
             layer_names.append(name)
@@ -148,10 +151,11 @@ def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
                 h = HashingReader(raw)
                 try:
                     _tar_add(tar, name, fileobj=h, size=size)
-                except OSError as e:
-                    raise UserError(f"layer {diff_id} in the store is damaged: {e}") from e
-                if h.read(1) or h.digest() != diff_id:
-                    raise UserError(f"layer {diff_id} in the store does not match its DiffID")
+                    if h.read(1) or h.digest() != diff_id:
+                        raise ImageError(f"layer {diff_id} in the store does not match its "
+                                         "DiffID")
+                except (OSError, *CORRUPT) as e:
+                    raise ImageError(f"layer {diff_id} in the store is damaged: {e}") from e
         manifest = [{"Config": f"{cfg_hex}.json", "RepoTags": repo_tags, "Layers": layer_names}]
         _tar_add(tar, "manifest.json", json.dumps(manifest).encode())
         if full:

@@ -12,17 +12,37 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
 from ..errors import UserError
-from .oci import (DECOMPRESS_ERRORS, Candidate, HashingReader, ImageFormatError, LayerRef,
-                  Source, decompressed, find_images, open_source)
-from .store import (DOCKER_MANIFEST, MT_CONFIG, MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD,
-                    MT_MANIFEST, Store, canonical_json, normalize_tag, short_id,
-                    write_json_atomic)
+from . import reference
+from .oci import (
+    DECOMPRESS_ERRORS,
+    Candidate,
+    HashingReader,
+    ImageFormatError,
+    LayerRef,
+    Source,
+    decompressed,
+    find_images,
+    open_source,
+)
+from .store import (
+    DOCKER_MANIFEST,
+    MT_CONFIG,
+    MT_LAYER,
+    MT_LAYER_GZIP,
+    MT_LAYER_ZSTD,
+    MT_MANIFEST,
+    PRIVATE,
+    Store,
+    canonical_json,
+    normalize_tag,
+    short_id,
+    write_json_atomic,
+)
 from .unpack import UnpackError, unpack
 
 MEDIA_BY_COMPRESSION = {"none": MT_LAYER, "gzip": MT_LAYER_GZIP, "zstd": MT_LAYER_ZSTD}
@@ -71,10 +91,12 @@ class Progress:
 
 def store_layer_stream(store: Store, tmpdir: str, stream: IO[bytes] | Any, diff_id: str | None,
                        digest: str | None, what: str,
-                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                       progress: Callable[[int], None] | None = None,
+                       size: int | None = None) -> dict[str, Any]:
     """Verify, keep and (if new) unpack one layer blob read from `stream`.
 
-    `diff_id`/`digest` are what the blob must hash to (None: accept what it hashes to).
+    `diff_id`/`digest` are what the blob must hash to (None: accept what it hashes to);
+    `size`, when known, bounds every tar member of an uncompressed blob.
     Returns the layer's info: diff_id, digest, size, compression, and `publish`, a
     function that renames the blob and layer into the store: call it (after
     `store.sync()`) once every layer of the image has been verified, so that a
@@ -91,11 +113,10 @@ def store_layer_stream(store: Store, tmpdir: str, stream: IO[bytes] | Any, diff_
             inner = HashingReader(raw)
             whiteouts = "none"
             if need_unpack:
-                os.mkdir(layer_tmp, 0o755)
+                os.mkdir(layer_tmp, PRIVATE)
                 diff = os.path.join(layer_tmp, "diff")
                 os.mkdir(diff, 0o755)
-                with tarfile.open(fileobj=inner, mode="r|", errorlevel=2) as tf:
-                    whiteouts = unpack(tf, diff)
+                whiteouts = unpack(inner, diff, max_member=size if comp == "none" else None)
             inner.drain()
             outer.drain()
         except UnpackError as e:
@@ -137,11 +158,17 @@ def _import_layer(store: Store, src: Source, tmpdir: str, lr: LayerRef, n: int, 
     if lr.digest is not None and store.has_blob(lr.digest) and store.has_layer(lr.diff_id):
         progress.finish(f"{what}: already in the store")
         return {"diff_id": lr.diff_id, "digest": lr.digest,
-                "compressed_size": os.path.getsize(store.blob_path(lr.digest)),
+                "compressed_size": store.blob_size(lr.digest),
                 "compression": None}
     progress.start(what, lr.size)
-    with src.open(lr.path) as f:
-        info = store_layer_stream(store, tmpdir, f, lr.diff_id, lr.digest, what, progress.advance)
+    try:
+        with src.open(lr.path, lr.size) as f:
+            info = store_layer_stream(store, tmpdir, f, lr.diff_id, lr.digest, what,
+                                      progress.advance, lr.size)
+    except ImageFormatError as e:
+        if str(e).startswith(what):
+            raise
+        raise ImageFormatError(f"{what}: {e}") from None
     progress.finish(f"{what}: {info['size'] / 1e6:.1f} MB")
     return info
 
@@ -197,8 +224,7 @@ def import_image(path: str, store: Store, tag: str | None = None, ref: str | Non
         repo = os.path.basename(os.path.normpath(path))
         for suffix in (".tar.gz", ".tgz", ".tar.zst", ".tar"):
             repo = repo.removesuffix(suffix)
-        repo = "".join(ch if ch.isalnum() or ch in "._-/" else "-" for ch in repo.lower()) \
-            or "imported"
+        repo = reference.repository_from(repo)
         cands = find_images(src, ref, platform, repo)
         if tag is not None and len(cands) > 1:
             raise UserError(f"{path} holds {len(cands)} images; choose one with --ref to tag it")

@@ -9,16 +9,21 @@ keep as they are. Shapes understood:
 - the newer `docker save` (Docker 25+): also an OCI layout; preferred when present.
 - the old `docker save`: `manifest.json` listing `Config`, `RepoTags`, `Layers`
   (`ID/layer.tar`, possibly symlinks inside the archive to another member).
-Every blob read through `verified_json` or a layer stream is checked against its
-digest; names taken from the archive are refused if absolute or containing `..`.
+Every blob read through `verified_blob` or a layer stream is checked against its
+digest and its declared size while it streams (nothing past size+1 is read);
+names taken from the archive are refused if absolute or containing `..`. Files
+of a layout directory are opened only if they are regular files inside it
+(`tree.open_regular`: no FIFO, no device, no symlink out; no symlink at all
+under `blobs/`). Every JSON document is checked by `schema` and every image name
+by `reference` before anything uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
-import json
 import os
 import platform
 import posixpath
@@ -31,15 +36,15 @@ from typing import IO, Any, BinaryIO
 import zstandard
 
 from ..errors import UserError
-from .store import (DOCKER_LIST, DOCKER_MANIFEST, MT_INDEX, MT_MANIFEST, REF_NAME,
-                    check_digest)
+from ..tree import DIR_FLAGS, NotRegularFile, open_regular
+from . import reference, schema
+from .schema import MAX_JSON, ImageFormatError
+from .store import DOCKER_LIST, DOCKER_MANIFEST, MT_INDEX, MT_MANIFEST, REF_NAME, check_digest
 
 CONTAINERD_NAME = "io.containerd.image.name"
-MAX_JSON = 64 << 20
 
-
-class ImageFormatError(UserError):
-    """The input is not an image we understand, or is corrupt."""
+__all__ = ["CONTAINERD_NAME", "MAX_JSON", "Candidate", "HashingReader", "ImageFormatError",
+           "LayerRef", "SizedReader", "Source", "decompressed", "find_images", "open_source"]
 
 
 # --- sources -------------------------------------------------------------------
@@ -59,32 +64,76 @@ class Source:
     def exists(self, path: str) -> bool:
         raise NotImplementedError
 
-    def open(self, path: str) -> IO[bytes]:
+    def open(self, path: str, size: int | None = None) -> IO[bytes]:
+        """A stream of the file's bytes that fails unless there are exactly `size` of them
+        (default: the size the file has when opened)."""
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
-    def read(self, path: str, limit: int = MAX_JSON) -> bytes:
-        with self.open(path) as f:
+    def read(self, path: str, limit: int = MAX_JSON, size: int | None = None) -> bytes:
+        if size is not None and size > limit:
+            raise ImageFormatError(f"{path} is too large ({size} bytes declared, at most "
+                                   f"{limit} read)")
+        with self.open(path, size) as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise ImageFormatError(f"{path} is too large")
+            raise ImageFormatError(f"{path} is too large (over {limit} bytes)")
         return data
 
 
+def _check_size(path: str, actual: int, declared: int | None) -> int:
+    if declared is not None and actual != declared:
+        raise ImageFormatError(f"{path} is {actual} bytes but its descriptor declares {declared}")
+    return actual
+
+
 class DirSource(Source):
+    """A layout or archive unpacked in a directory: regular files inside it only."""
+
     def __init__(self, root: str) -> None:
         self.root = root
+        try:
+            self.fd = os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError as e:
+            raise ImageFormatError(f"cannot open {root}: {e.strerror}") from e
 
     def exists(self, path: str) -> bool:
-        return os.path.isfile(os.path.join(self.root, _clean(path)))
-
-    def open(self, path: str) -> IO[bytes]:
         try:
-            return open(os.path.join(self.root, _clean(path)), "rb")
+            os.close(self._open(path))
+        except (OSError, ImageFormatError):
+            return False
+        return True
+
+    def _open(self, path: str) -> int:
+        rel = _clean(path)
+        # A blob is named by its digest: a symlink there is never what the layout means.
+        symlinks = not rel.startswith("blobs/")
+        try:
+            return open_regular(self.fd, rel, symlinks=symlinks)
+        except NotRegularFile as e:
+            raise ImageFormatError(f"refusing {path} in {self.root}: it {e.strerror}") from e
+
+    def open(self, path: str, size: int | None = None) -> IO[bytes]:
+        try:
+            fd = self._open(path)
+        except FileNotFoundError:
+            raise ImageFormatError(f"{path} is missing from {self.root}") from None
         except OSError as e:
             raise ImageFormatError(f"cannot read {path} in {self.root}: {e.strerror}") from e
+        f = os.fdopen(fd, "rb")
+        try:
+            actual = _check_size(path, os.fstat(fd).st_size, size)
+        except BaseException:
+            f.close()
+            raise
+        return _reader(SizedReader(f, actual, path))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class TarSource(Source):
@@ -92,14 +141,15 @@ class TarSource(Source):
 
     def __init__(self, path: str) -> None:
         try:
-            self.tf = tarfile.open(path, "r:*")
+            self.tf = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by close())
             self.members: dict[str, tarfile.TarInfo] = {}
             for m in self.tf.getmembers():
                 try:
                     self.members[_clean(m.name)] = m
                 except ImageFormatError:
                     continue  # never looked up, so harmless
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError,
+                OverflowError, zstandard.ZstdError) as e:
             raise ImageFormatError(f"cannot read archive {path}: {e}") from e
 
     def _resolve(self, path: str) -> tarfile.TarInfo | None:
@@ -123,12 +173,12 @@ class TarSource(Source):
     def exists(self, path: str) -> bool:
         return self._resolve(path) is not None
 
-    def open(self, path: str) -> IO[bytes]:
+    def open(self, path: str, size: int | None = None) -> IO[bytes]:
         m = self._resolve(path)
         f = self.tf.extractfile(m) if m is not None else None
-        if f is None:
-            raise ImageFormatError(f"{path} is missing from the archive")
-        return f
+        if f is None or m is None:
+            raise ImageFormatError(f"{path} is missing from the archive (or not a regular file)")
+        return _reader(SizedReader(f, _check_size(path, m.size, size), path))
 
     def close(self) -> None:
         self.tf.close()
@@ -139,6 +189,8 @@ def open_source(path: str) -> Source:
         return DirSource(path)
     if os.path.isfile(path):
         return TarSource(path)
+    if os.path.exists(path):
+        raise UserError(f"{path}: not a directory nor a regular file")
     raise UserError(f"{path}: no such file or directory")
 
 
@@ -178,6 +230,43 @@ class HashingReader(io.RawIOBase):
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+
+class SizedReader(io.RawIOBase):
+    """Passes reads through, failing as soon as the stream proves longer or shorter than
+    `size`: it never asks its source for more than size+1 bytes."""
+
+    def __init__(self, src: IO[bytes] | Any, size: int, what: str) -> None:
+        self.src = src
+        self.size = size
+        self.what = what
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        want = min(len(b), self.size + 1 - self.count)
+        data = self.src.read(want) if want > 0 else b""
+        n = len(data)
+        self.count += n
+        if self.count > self.size:
+            raise ImageFormatError(f"{self.what} is longer than the {self.size} bytes "
+                                   "its descriptor declares")
+        if n == 0 and self.count < self.size and len(b):
+            raise ImageFormatError(f"{self.what} is shorter ({self.count} bytes) than the "
+                                   f"{self.size} bytes its descriptor declares")
+        b[:n] = data
+        return n
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.src.close()
+        super().close()
+
+
+def _reader(raw: io.RawIOBase) -> IO[bytes]:
+    return io.BufferedReader(raw, 1 << 16)
 
 
 class Prefixed(io.RawIOBase):
@@ -256,23 +345,14 @@ class Candidate:
     manifest_media_type: str = MT_MANIFEST
 
 
-def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except ValueError as e:
-        raise ImageFormatError(f"{what} is not valid JSON") from e
-    if not isinstance(obj, dict):
-        raise ImageFormatError(f"{what} is not a JSON object")
-    return obj
-
-
 def blob_path(digest: str) -> str:
     algo, hexd = check_digest(digest).split(":", 1)
     return f"blobs/{algo}/{hexd}"
 
 
-def verified_blob(src: Source, digest: str, what: str) -> bytes:
-    data = src.read(blob_path(digest))
+def verified_blob(src: Source, digest: str, what: str, size: int | None = None) -> bytes:
+    """A (small) blob of the layout: at most MAX_JSON bytes, its declared size, its digest."""
+    data = src.read(blob_path(digest), size=size)
     algo, hexd = digest.split(":", 1)
     if hashlib.new(algo, data).hexdigest() != hexd:
         raise ImageFormatError(f"{what} {digest} does not match its digest")
@@ -324,8 +404,10 @@ def _pick_manifests(src: Source, descs: list[dict[str, Any]], want: dict[str, st
         if mt in (MT_INDEX, DOCKER_LIST):
             if depth > 4:
                 raise ImageFormatError("image indexes nested too deep")
-            sub = _json(verified_blob(src, check_digest(d.get("digest")), "index"), "index")
-            entries = [e for e in sub.get("manifests", []) if isinstance(e, dict)]
+            what = f"index {d['digest']}"
+            sub = schema.load_object(verified_blob(src, d["digest"], "index", d["size"]),
+                                     schema.Index, what)
+            entries: list[dict[str, Any]] = sub["manifests"]
             plats = [e for e in entries if e.get("platform")]
             if plats:
                 match = [e for e in entries if _platform_matches(e.get("platform"), want)]
@@ -342,22 +424,25 @@ def _pick_manifests(src: Source, descs: list[dict[str, Any]], want: dict[str, st
 
 
 def _tag_of(desc: dict[str, Any], default_repo: str) -> str | None:
+    """The name an index entry gives its image (validated), or None."""
     ann = desc.get("annotations") or {}
     full = ann.get(CONTAINERD_NAME)
-    if isinstance(full, str) and full:
-        return full
+    if full:
+        return reference.tagged(full, "image name in the layout")
     ref = ann.get(REF_NAME)
-    if not isinstance(ref, str) or not ref:
+    if not ref:
         return None
     if "/" in ref or ":" in ref:
-        return ref if ":" in ref.rsplit("/", 1)[-1] else ref + ":latest"
-    return f"{default_repo}:{ref}"
+        return reference.tagged(ref, "image name in the layout")
+    if not reference.is_tag(ref):
+        raise ImageFormatError(f"invalid image name in the layout: tag {ref!r}")
+    return reference.tagged(f"{default_repo}:{ref}", "image name in the layout")
 
 
 def _oci_candidates(src: Source, ref: str | None, want: dict[str, str],
                     default_repo: str) -> list[Candidate]:
-    index = _json(src.read("index.json"), "index.json")
-    descs = [d for d in index.get("manifests", []) if isinstance(d, dict)]
+    index = schema.load_object(src.read("index.json"), schema.Index, "index.json")
+    descs: list[dict[str, Any]] = index["manifests"]
     if ref is not None:
         sel = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == ref
                or (d.get("annotations") or {}).get(CONTAINERD_NAME) == ref]
@@ -370,28 +455,25 @@ def _oci_candidates(src: Source, ref: str | None, want: dict[str, str],
         raise ImageFormatError("the image layout's index.json lists no images")
     by_digest: dict[str, Candidate] = {}
     for mdesc, top in _pick_manifests(src, descs, want):
-        digest = check_digest(mdesc.get("digest"), "manifest digest")
+        digest = mdesc["digest"]
         tag = _tag_of(top, default_repo)
         if digest in by_digest:
             if tag and tag not in by_digest[digest].tags:
                 by_digest[digest].tags.append(tag)
             continue
-        mbytes = verified_blob(src, digest, "manifest")
-        man = _json(mbytes, "manifest")
-        cdesc = man.get("config") or {}
-        cdigest = check_digest(cdesc.get("digest"), "config digest")
-        cbytes = verified_blob(src, cdigest, "config")
-        config = _json(cbytes, "config")
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-        ldescs = man.get("layers") or []
+        mbytes = verified_blob(src, digest, "manifest", mdesc["size"])
+        man = schema.load_object(mbytes, schema.Manifest, f"manifest {digest}")
+        cdesc = man["config"]
+        cdigest = cdesc["digest"]
+        cbytes = verified_blob(src, cdigest, "config", cdesc["size"])
+        config = schema.load_object(cbytes, schema.ImageConfig, f"config {cdigest}")
+        diff_ids = config["rootfs"]["diff_ids"]
+        ldescs = man["layers"]
         if len(diff_ids) != len(ldescs):
             raise ImageFormatError(f"manifest {digest} has {len(ldescs)} layers but its config "
                                    f"lists {len(diff_ids)} diff_ids")
-        layers = []
-        for ld, diff in zip(ldescs, diff_ids):
-            ld_digest = check_digest(ld.get("digest"), "layer digest")
-            layers.append(LayerRef(blob_path(ld_digest), check_digest(diff, "DiffID"),
-                                   ld_digest, ld.get("mediaType"), ld.get("size")))
+        layers = [LayerRef(blob_path(ld["digest"]), diff, ld["digest"], ld.get("mediaType"),
+                           ld["size"]) for ld, diff in zip(ldescs, diff_ids, strict=True)]
         c = Candidate(cbytes, config, cdigest, layers, [tag] if tag else [], mbytes, digest,
                       mdesc.get("mediaType") or man.get("mediaType") or MT_MANIFEST)
         by_digest[digest] = c
@@ -401,18 +483,13 @@ def _oci_candidates(src: Source, ref: str | None, want: dict[str, str],
 
 
 def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
-    data = src.read("manifest.json")
-    try:
-        entries = json.loads(data)
-    except ValueError as e:
-        raise ImageFormatError("manifest.json is not valid JSON") from e
-    if not isinstance(entries, list) or not entries:
+    entries = schema.load(src.read("manifest.json"), schema.DockerManifest, "manifest.json")
+    if not entries:
         raise ImageFormatError("manifest.json lists no images")
     out = []
     for e in entries:
-        if not isinstance(e, dict) or not isinstance(e.get("Config"), str):
-            raise ImageFormatError("manifest.json entry without a Config")
-        tags = [t for t in (e.get("RepoTags") or []) if isinstance(t, str)]
+        tags = [reference.tagged(t, "image name in manifest.json")
+                for t in e.get("RepoTags") or []]
         if ref is not None and ref not in tags and ref + ":latest" not in tags:
             continue
         cpath = _clean(e["Config"])
@@ -422,14 +499,14 @@ def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
         if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) and \
                 stem != cdigest[7:]:
             raise ImageFormatError(f"config {cpath} does not match its digest")
-        config = _json(cbytes, "config")
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-        lpaths = e.get("Layers") or []
+        config = schema.load_object(cbytes, schema.ImageConfig, f"config {cpath}")
+        diff_ids = config["rootfs"]["diff_ids"]
+        lpaths = e["Layers"]
         if len(diff_ids) != len(lpaths):
             raise ImageFormatError(f"manifest.json lists {len(lpaths)} layers but the config "
                                    f"lists {len(diff_ids)} diff_ids")
-        layers = [LayerRef(_clean(p), check_digest(d, "DiffID"), None, None, None)
-                  for p, d in zip(lpaths, diff_ids)]
+        layers = [LayerRef(_clean(p), d, None, None, None)
+                  for p, d in zip(lpaths, diff_ids, strict=True)]
         out.append(Candidate(cbytes, config, cdigest, layers, tags))
     if not out:
         raise ImageFormatError(f"no image {ref!r} in the archive")

@@ -1,11 +1,25 @@
 """Unpacking a layer tar into a directory, safe against hostile archives.
 
-Every name is resolved component by component from the layer root's dir fd with
-O_NOFOLLOW|O_DIRECTORY, and every file is created with *at calls relative to its
+Every name is resolved component by component from the layer root with
+O_NOFOLLOW|O_DIRECTORY (a `tree.DirCursor`, so a walk in tar order costs the
+same at any depth), and every file is created with *at calls relative to its
 parent's fd, so nothing is ever written outside the layer: `..` and absolute
 names are refused, a symlink met as a parent is refused (never followed), hard
 links must point inside the tree. Device nodes are made only as root (skipped
-with a warning otherwise); ownership is applied only as root.
+with a warning otherwise); ownership is applied only as root. Header values
+that no filesystem can hold (a NUL in a name, an mtime of 1e30 or NaN, a
+negative or 2**40 uid, a member larger than its whole uncompressed blob) are
+refused in one line.
+
+A later entry replaces an earlier one of the same name, as containerd applies
+layers: a directory over a directory merges with it; anything else first
+removes what is there (a directory with its whole tree, without following a
+symlink in it) and then takes its place. Hard links link to the entry their
+target names at their point in the stream. Because containerd applies a layer
+over the layers below, a non-directory entry deletes the lower directory of
+that name, so a directory made again at that path in the same layer starts
+empty: it is made opaque. A marker (`.wh.NAME`, `.wh..wh..opq`) whose directory
+is replaced later in the stream is dropped with it.
 
 Whiteouts: as root the OCI markers become the kernel's format (`.wh.NAME` -> char
 device 0/0 NAME, `DIR/.wh..wh..opq` -> xattr trusted.overlay.opaque=y on DIR), so
@@ -22,28 +36,43 @@ redirect the kernel's lookups) are dropped.
 from __future__ import annotations
 
 import errno
+import gzip
 import logging
+import math
 import os
 import shutil
 import stat
 import tarfile
-from ..errors import UserError
+import zlib
+from typing import IO, Any
+
+import zstandard
+
+from ..tree import DIR_FLAGS, DirCursor, rmtree_at
 from ..whiteout import is_internal_xattr
+from .safetext import ImageError
 
 log = logging.getLogger(__name__)
 
 WH = ".wh."
 OPQ = ".wh..wh..opq"
 AUFS_META = ".wh..wh."
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_ID = 2**32 - 2          # (uid_t)-1 means "no change" to chown
+MAX_TIME = 2**63 // 10**9   # an mtime in nanoseconds must fit in 64 bits
+_PARENT_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
+_GONE_ERRNOS = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)
+
+Ident = tuple[int, int]
 
 
-class UnpackError(UserError):
+class UnpackError(ImageError):
     """The archive is corrupt or tries to write outside its directory."""
 
 
 def split_name(name: str, what: str = "entry") -> list[str]:
     """Path components of a tar member name; refuses absolute names and `..`."""
+    if "\x00" in name:
+        raise UnpackError(f"refusing {what} {name!r}: a NUL in its name")
     if name.startswith("/"):
         raise UnpackError(f"refusing {what} with an absolute path: {name!r}")
     parts = [p for p in name.split("/") if p not in ("", ".")]
@@ -52,73 +81,66 @@ def split_name(name: str, what: str = "entry") -> list[str]:
     return parts
 
 
-class Unpacker:
-    """Extracts one layer tar into the directory open at `root_fd`."""
+def _ident(st: os.stat_result) -> Ident:
+    return st.st_dev, st.st_ino
 
-    def __init__(self, root_fd: int, kernel_format: bool | None = None) -> None:
+
+def _lstat(name: str, dirfd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+class Unpacker:
+    """Extracts one layer tar into the directory open at `root_fd`.
+
+    `max_member`: no member may be larger (the size of an uncompressed blob).
+    """
+
+    def __init__(self, root_fd: int, kernel_format: bool | None = None,
+                 max_member: int | None = None) -> None:
         self.root_fd = root_fd
         self.as_root = os.geteuid() == 0
         self.kernel = self.as_root if kernel_format is None else kernel_format
+        self.max_member = max_member
         self.used_oci_markers = False
-        self._cache: tuple[tuple[str, ...], int] | None = None
-        self._dirs: list[tuple[list[str], tarfile.TarInfo]] = []
-        self._whiteouts: list[list[str]] = []
-        self._opaques: list[list[str]] = []
+        self._cur = DirCursor(root_fd)    # where entries are made
+        self._aux = DirCursor(root_fd)    # hard link targets
+        self._root_ident = _ident(os.fstat(root_fd))
+        # What to apply after the last member, each with the identity of the directory it
+        # was meant for: a directory replaced meanwhile no longer matches and is skipped.
+        self._dirs: dict[tuple[str, ...], tuple[tarfile.TarInfo, Ident]] = {}
+        self._whiteouts: list[tuple[list[str], Ident]] = []
+        self._opaques: list[tuple[list[str], Ident]] = []
         self._warned: set[str] = set()
 
-    # --- walking ---------------------------------------------------------------
-    def _forget(self) -> None:
-        if self._cache is not None:
-            os.close(self._cache[1])
-            self._cache = None
-
     def close(self) -> None:
-        self._forget()
+        self._cur.close()
+        self._aux.close()
 
-    def _open_dir(self, parts: list[str], name: str, create: bool = True) -> int:
-        """A new fd on the directory `parts`, walked without following any symlink."""
-        key = tuple(parts)
-        if self._cache is not None and self._cache[0] == key:
-            return os.dup(self._cache[1])
-        fd = os.dup(self.root_fd)
+    # --- walking ---------------------------------------------------------------
+    def _goto(self, cursor: DirCursor, parts: list[str], name: str, create: bool,
+              what: str = "") -> int:
+        """The directory `parts`, missing ones made if `create`; a symlink or a
+        non-directory on the way is an UnpackError that says which it is."""
         try:
-            for comp in parts:
-                try:
-                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    os.mkdir(comp, 0o755, dir_fd=fd)
-                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise UnpackError(
-                            f"refusing {name!r}: its parent {comp!r} is a symlink or not a "
-                            "directory") from None
-                    raise
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        self._forget()
-        self._cache = (key, os.dup(fd))
-        return fd
+            return cursor.goto(parts, mkdir=0o755 if create else None)
+        except OSError as e:
+            if e.errno not in _PARENT_ERRNOS:
+                raise
+            bad = "/".join(parts[:len(cursor.parts) + 1])
+            kind = "a symlink" if e.errno == errno.ELOOP else "not a directory"
+            raise UnpackError(f"refusing {name!r}: {what}{bad!r} is {kind} (nothing is "
+                              "written through it)") from None
 
-    def _clear(self, pfd: int, name: str, keep_dir: bool) -> bool:
-        """Make room for a new entry; True when an existing directory is kept as is."""
-        try:
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
+    def _clear(self, pfd: int, name: str, st: os.stat_result) -> None:
+        """Remove what an entry replaces (a directory with its tree, never following)."""
         if stat.S_ISDIR(st.st_mode):
-            if keep_dir:
-                return True
-            self._forget()
-            shutil.rmtree(name, dir_fd=pfd)
+            self._aux.reset()  # it might stand inside the tree about to go
+            rmtree_at(pfd, name)
         else:
             os.unlink(name, dir_fd=pfd)
-        return False
 
     # --- extraction -------------------------------------------------------------
     def extract(self, tf: tarfile.TarFile) -> None:
@@ -128,48 +150,78 @@ class Unpacker:
         self._finish()
 
     def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        self._check_header(m)
         parts = split_name(m.name)
         if not parts:
             if m.isdir():
-                self._dirs.append(([], m))
+                self._dirs[()] = (m, self._root_ident)
             return
-        base = parts[-1]
-        if base.startswith(WH):
+        if parts[-1].startswith(WH):
             self._marker(parts, m)
             return
-        pfd = self._open_dir(parts[:-1], m.name)
+        pfd = self._goto(self._cur, parts[:-1], m.name, create=True, what="its parent ")
         try:
             self._create(tf, pfd, parts, m)
         except UnpackError:
             raise
         except OSError as e:
             raise UnpackError(f"cannot unpack {m.name!r}: {e.strerror or e}") from e
-        finally:
-            os.close(pfd)
+
+    def _check_header(self, m: tarfile.TarInfo) -> None:
+        """Refuse header values no filesystem can hold, before anything is made of them."""
+        def bad(why: str) -> UnpackError:
+            return UnpackError(f"refusing {m.name!r}: {why}")
+
+        if "\x00" in m.name or "\x00" in m.linkname:
+            raise bad("a NUL in its name or link target")
+        mtime = float(m.mtime)
+        if not math.isfinite(mtime) or abs(mtime) >= MAX_TIME:
+            raise bad(f"its mtime {m.mtime!r} is out of range")
+        for what, v in (("uid", m.uid), ("gid", m.gid)):
+            if not 0 <= v <= MAX_ID:
+                raise bad(f"its {what} {v} is out of range")
+        if m.size < 0 or (self.max_member is not None and m.size > self.max_member):
+            raise bad(f"its header declares {m.size} bytes, more than the layer holds")
+        if (m.ischr() or m.isblk()) and not (0 <= m.devmajor < 2**32 and
+                                              0 <= m.devminor < 2**32):
+            raise bad("its device number is out of range")
+        for k in m.pax_headers or {}:
+            if k.startswith("SCHILY.xattr.") and ("\x00" in k or len(k) > 13 + 255):
+                raise bad(f"invalid xattr name {k[13:]!r}")
 
     def _marker(self, parts: list[str], m: tarfile.TarInfo) -> None:
         base = parts[-1]
-        if base == OPQ:
-            self._opaques.append(parts[:-1])
-        elif base.startswith(AUFS_META):
+        if base.startswith(AUFS_META) and base != OPQ:
             return  # AUFS metadata (.wh..wh.plnk etc.): never part of the tree
+        target = base[len(WH):]
+        if base != OPQ and target in ("", ".", ".."):
+            raise UnpackError(f"refusing whiteout {m.name!r}: it names no entry")
+        self._goto(self._cur, parts[:-1], m.name, create=True, what="its directory ")
+        if base == OPQ:
+            self._opaques.append((parts[:-1], self._cur.ident()))
         else:
-            target = base[len(WH):]
-            if target in ("", ".", ".."):
-                raise UnpackError(f"refusing whiteout {m.name!r}: it names no entry")
-            self._whiteouts.append(parts[:-1] + [target])
+            self._whiteouts.append((parts[:-1] + [target], self._cur.ident()))
 
     def _create(self, tf: tarfile.TarFile, pfd: int, parts: list[str], m: tarfile.TarInfo) -> None:
         name = parts[-1]
-        if m.isdir():
-            if not self._clear(pfd, name, keep_dir=True):
-                os.mkdir(name, 0o700, dir_fd=pfd)
-            self._dirs.append((parts, m))
-            return
         if m.islnk():
             self._hardlink(pfd, parts, m)
             return
-        self._clear(pfd, name, keep_dir=False)
+        old = _lstat(name, pfd)
+        if m.isdir():
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                ident = _ident(old)  # a directory again: merged, its metadata the later one
+            else:
+                if old is not None:
+                    self._clear(pfd, name, old)
+                os.mkdir(name, 0o700, dir_fd=pfd)
+                ident = _ident(os.stat(name, dir_fd=pfd, follow_symlinks=False))
+                if old is not None:  # the earlier entry deleted the directory below
+                    self._opaques.append((parts, ident))
+            self._dirs[tuple(parts)] = (m, ident)
+            return
+        if old is not None:
+            self._clear(pfd, name, old)
         if m.isreg():
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=pfd)
@@ -199,42 +251,44 @@ class Unpacker:
         self._meta_at(pfd, name, m, symlink=m.issym())
 
     def _hardlink(self, pfd: int, parts: list[str], m: tarfile.TarInfo) -> None:
+        """Link to what the target names now (a later entry of that name does not change it)."""
         tparts = split_name(m.linkname, "hard link target")
         if not tparts:
             raise UnpackError(f"refusing hard link {m.name!r} to the layer root")
-        tfd = self._open_dir(tparts[:-1], m.linkname, create=False) if len(tparts) > 1 \
-            else os.dup(self.root_fd)
-        try:
+        missing = UnpackError(f"refusing hard link {m.name!r}: target {m.linkname!r} is not in "
+                              "the layer")
+
+        def target() -> tuple[int, os.stat_result]:
             try:
-                tst = os.stat(tparts[-1], dir_fd=tfd, follow_symlinks=False)
+                tfd = self._goto(self._aux, tparts[:-1], m.name, create=False,
+                                 what=f"the parent of its target {m.linkname!r}, ")
             except FileNotFoundError:
-                raise UnpackError(f"refusing hard link {m.name!r}: target {m.linkname!r} is not "
-                                  "in the layer") from None
+                raise missing from None
+            tst = _lstat(tparts[-1], tfd)
+            if tst is None:
+                raise missing
             if stat.S_ISDIR(tst.st_mode):
                 raise UnpackError(f"refusing hard link {m.name!r} to directory {m.linkname!r}")
-            try:
-                st = os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino):
-                    return
-            except FileNotFoundError:
-                pass
-            self._clear(pfd, parts[-1], keep_dir=False)
-            os.link(tparts[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise UnpackError(f"refusing hard link {m.name!r}: target {m.linkname!r} is not "
-                              "in the layer") from None
-        finally:
-            os.close(tfd)
+            return tfd, tst
+
+        _tfd, tst = target()
+        old = _lstat(parts[-1], pfd)
+        if old is not None:
+            if _ident(old) == _ident(tst):
+                return  # already that file (a link to itself, or twice the same link)
+            self._clear(pfd, parts[-1], old)
+            _tfd, tst = target()  # clearing may have moved the cursor, or removed the target
+        os.link(tparts[-1], parts[-1], src_dir_fd=_tfd, dst_dir_fd=pfd, follow_symlinks=False)
 
     # --- metadata -------------------------------------------------------------
     def _warn(self, key: str, msg: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            log.warning(msg)
+            log.warning("%s", msg)
 
     @staticmethod
     def _times(m: tarfile.TarInfo) -> tuple[int, int]:
-        ns = int(float(m.mtime) * 1_000_000_000)
+        ns = int(float(m.mtime) * 1_000_000_000)  # in range: checked by _check_header
         return ns, ns
 
     def _xattrs(self, m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
@@ -253,7 +307,7 @@ class Unpacker:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as e:
             self._warn("xattr" + name.split(".")[0],
-                       f"cannot set xattr {name}: {e.strerror} (skipped)")
+                       f"cannot set xattr {name!r}: {e.strerror} (skipped)")
 
     def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
         if self.as_root:
@@ -277,35 +331,53 @@ class Unpacker:
         os.utime(name, ns=self._times(m), dir_fd=pfd, follow_symlinks=False)
 
     # --- after the last member -------------------------------------------------------
+    def _reach(self, parts: list[str] | tuple[str, ...], ident: Ident) -> int | None:
+        """The cursor's fd on `parts` if it is still the directory recorded as `ident`."""
+        try:
+            fd = self._cur.goto(list(parts))
+        except OSError as e:
+            if e.errno in _GONE_ERRNOS:
+                return None
+            raise
+        return fd if self._cur.ident() == ident else None
+
     def _finish(self) -> None:
-        for parts in self._whiteouts:
-            self._apply_whiteout(parts)
-        for parts in self._opaques:
-            self._apply_opaque(parts)
-        # Deepest first, so a read-only parent never blocks a child's metadata.
-        self._dirs.sort(key=lambda d: len(d[0]), reverse=True)
-        for parts, m in self._dirs:
+        for parts, pident in self._whiteouts:
+            pfd = self._reach(parts[:-1], pident)
+            if pfd is not None:
+                self._apply_whiteout(pfd, parts)
+        for parts, ident in self._opaques:
+            fd = self._reach(parts, ident)
+            if fd is not None:
+                self._set_opaque(fd)
+        # Children before parents (reverse tree order), so that a read-only directory never
+        # blocks the way to its children, and each directory is reached from its parent,
+        # which is still ours: the cursor never stands in one whose mode was applied.
+        for key in sorted(self._dirs, reverse=True):
+            m, ident = self._dirs[key]
+            if not key:
+                fd = os.dup(self.root_fd)
+            else:
+                try:
+                    pfd = self._cur.goto(list(key[:-1]))
+                    fd = os.open(key[-1], DIR_FLAGS, dir_fd=pfd)
+                except OSError as e:
+                    if e.errno in _GONE_ERRNOS:
+                        continue  # replaced later in the tar by a non-directory
+                    raise
             try:
-                fd = self._open_dir(parts, m.name, create=False)
-            except FileNotFoundError:
-                continue  # replaced later in the tar by a non-directory
-            try:
-                self._meta_fd(fd, m)
+                if _ident(os.fstat(fd)) == ident:
+                    self._meta_fd(fd, m)
             finally:
                 os.close(fd)
-        self._forget()
 
-    def _apply_whiteout(self, parts: list[str]) -> None:
+    def _apply_whiteout(self, pfd: int, parts: list[str]) -> None:
         name = "/".join(parts)
-        pfd = self._open_dir(parts[:-1], WH + name)
         try:
-            try:
-                st = os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
+            st = _lstat(parts[-1], pfd)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 # Deleted below and recreated in this layer: a new, opaque directory.
-                fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=pfd)
+                fd = os.open(parts[-1], DIR_FLAGS, dir_fd=pfd)
                 try:
                     self._set_opaque(fd)
                 finally:
@@ -327,15 +399,6 @@ class Unpacker:
             os.close(fd)
         except OSError as e:
             raise UnpackError(f"cannot create whiteout for {name!r}: {e.strerror}") from e
-        finally:
-            os.close(pfd)
-
-    def _apply_opaque(self, parts: list[str]) -> None:
-        fd = self._open_dir(parts, "/".join(parts + [OPQ]))
-        try:
-            self._set_opaque(fd)
-        finally:
-            os.close(fd)
 
     def _set_opaque(self, dfd: int) -> None:
         if self.kernel:
@@ -352,19 +415,30 @@ class Unpacker:
         os.close(fd)
 
 
-def unpack(tf: tarfile.TarFile, dest: str, kernel_format: bool | None = None) -> str:
-    """Extract the tar into the existing directory `dest`; returns "kernel" or "oci".
+# What a hostile or damaged tar stream can raise from inside tarfile and the decompressors.
+CORRUPT = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile,
+           ValueError, OverflowError, UnicodeError)
 
-    The result names the whiteout format actually written (see the module comment).
-    """
-    root_fd = os.open(dest, _DIR_FLAGS)
-    u = Unpacker(root_fd, kernel_format)
+
+def unpack(src: tarfile.TarFile | IO[bytes] | Any, dest: str, kernel_format: bool | None = None,
+           max_member: int | None = None) -> str:
+    """Extract a layer tar (a TarFile, or a stream read as one) into the existing directory
+    `dest`; returns the whiteout format actually written, "kernel" or "oci"."""
+    root_fd = os.open(dest, DIR_FLAGS)
+    u = Unpacker(root_fd, kernel_format, max_member)
     try:
-        u.extract(tf)
-    except (tarfile.TarError, EOFError) as e:
+        if isinstance(src, tarfile.TarFile):
+            u.extract(src)
+        else:
+            with tarfile.open(fileobj=src, mode="r|", errorlevel=2) as tf:
+                u.extract(tf)
+    except ImageError:
+        raise
+    except CORRUPT as e:
         raise UnpackError(f"corrupt or truncated layer archive: {e}") from e
+    except OSError as e:
+        raise UnpackError(f"cannot unpack the layer: {e.strerror or e}") from e
     finally:
         u.close()
         os.close(root_fd)
     return "oci" if u.used_oci_markers or not u.kernel else "kernel"
-

@@ -1,0 +1,941 @@
+"""Hostile images and hostile local users against the image store.
+
+Each test builds the attack for real (a layout whose blob is a symlink to
+/dev/zero, a FIFO, a sparse 20 GB file; JSON of the wrong shapes; tar headers
+with absurd numbers; names with terminal escapes; trees deeper than Python's
+recursion limit; an unprivileged user reaching for a setuid binary in the store)
+and checks the answer users expect: one line on stderr, a non-zero exit,
+nothing left half-written, and the store still usable afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import kernel_overlay, pyunion
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_image import BASE, make_layout, sha, tar_bytes
+
+from unionfs.errors import UserError
+from unionfs.image import Store, export_image, import_image, resolve_config, resolve_layers
+from unionfs.tree import rmtree
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="needs root (useradd, setuid files, chown)")
+TEST_USER = "pyunion-imgtest"
+
+
+def one_line_failure(r: subprocess.CompletedProcess[str]) -> str:
+    """The CLI failed the way users expect: one line on stderr, no traceback, exit != 0."""
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("pyunion: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    return r.stderr
+
+
+def store_state(root: str | Path) -> tuple[list[str], list[str], list[str], bytes]:
+    """Layers, blobs, tmp entries and index: what a refused import must leave as it was."""
+    root = Path(root)
+    return (sorted(os.listdir(root / "layers")), sorted(os.listdir(root / "blobs" / "sha256")),
+            sorted(os.listdir(root / "tmp")), (root / "index.json").read_bytes())
+
+
+def cli_import(path: Path, store: str, *extra: str, timeout: float = 60) -> \
+        subprocess.CompletedProcess[str]:
+    return pyunion("image", "import", "-q", str(path), "--store", store, *extra, check=False,
+                   timeout=timeout)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Any:
+    """The `pyunion` CLI run in this process (its real entry point, without a fork per call:
+    a traceback would fail the test as an exception)."""
+    from unionfs.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
+
+
+def layer_blob(lay: Path) -> Path:
+    """The (only) layer blob of a layout made by make_layout."""
+    man = json.loads(_blob(lay, json.loads((lay / "index.json").read_text())
+                           ["manifests"][0]["digest"]))
+    return lay / "blobs/sha256" / man["layers"][0]["digest"][7:]
+
+
+def _blob(lay: Path, digest: str) -> bytes:
+    return (lay / "blobs/sha256" / digest[7:]).read_bytes()
+
+
+# --- (4) the store is private -------------------------------------------------------------
+@pytest.fixture(scope="session")
+def test_user() -> Iterator[str]:
+    """A real unprivileged user, made for this session and removed afterwards."""
+    if not ROOT:
+        pytest.skip("needs root (useradd)")
+    made = subprocess.run(["id", "-u", TEST_USER], capture_output=True,
+                          check=False).returncode != 0
+    if made:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        TEST_USER], check=True, capture_output=True, timeout=60)
+    try:
+        yield TEST_USER
+    finally:
+        if made:
+            subprocess.run(["userdel", TEST_USER], capture_output=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every user can traverse (unlike pytest's tmp_path under a 0700 parent)."""
+    d = Path(tempfile.mkdtemp(prefix="pyunion-store-", dir="/var/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        rmtree(str(d))
+
+
+def as_user(user: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+    """Run CMD as `user`. Through env: setpriv keeps root's capabilities until its own execve,
+    whose path walk would then pass any directory mode; env's execve has none."""
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+                           "--inh-caps=-all", "env", *cmd],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def _setuid_image(tmp: Path) -> Path:
+    with open("/usr/bin/id", "rb") as f:
+        idbin = f.read()
+    return make_layout(tmp / "suid", [tar_bytes([
+        ("bin", "dir"), ("bin/id", ("file", idbin, 0o4755, 0, {})), ("etc", "dir"),
+        ("etc/motd", b"hello\n")])])
+
+
+PRIVATE = ("", "layers", "blobs", "blobs/sha256", "tmp")
+
+
+@needs_root
+def test_local_user_cannot_reach_setuid_binary_in_store(tmp_path: Path, open_dir: Path,
+                                                        test_user: str) -> None:
+    store = open_dir / "store"
+    pyunion("image", "import", "-q", str(_setuid_image(tmp_path)), "--tag", "suid",
+            "--store", str(store))
+    [layer] = resolve_layers("suid", str(store))
+    binary = Path(layer) / "bin/id"
+    assert stat.S_IMODE(binary.stat().st_mode) == 0o4755  # the image is intact
+    for d in PRIVATE:
+        assert stat.S_IMODE((store / d).stat().st_mode) == 0o700, d
+    assert stat.S_IMODE(Path(layer).parent.stat().st_mode) == 0o700
+    r = as_user(test_user, str(binary), "-u")
+    assert r.returncode != 0 and r.stdout.strip() != "0", (r.stdout, r.stderr)
+    assert "Permission denied" in r.stderr
+
+    # A store made by an older pyunion (0755 everywhere) is open: prove the attack works...
+    for d in PRIVATE:
+        os.chmod(store / d, 0o755)
+    os.chmod(Path(layer).parent, 0o755)
+    assert as_user(test_user, str(binary), "-u").stdout.strip() == "0"
+    # ... and that the next command that writes to the store closes it again.
+    pyunion("tag", "suid", "again", "--store", str(store))
+    for d in PRIVATE:
+        assert stat.S_IMODE((store / d).stat().st_mode) == 0o700, d
+    assert stat.S_IMODE(Path(layer).parent.stat().st_mode) == 0o700
+    assert as_user(test_user, str(binary), "-u").returncode != 0
+
+
+@needs_root
+def test_private_store_still_serves_mounts_to_users(tmp_path: Path, open_dir: Path,
+                                                    test_user: str) -> None:
+    """Privacy is about the store's directories, not the image: a mount of it shows the
+    image's own modes to every user, as podman's does."""
+    store = open_dir / "store"
+    pyunion("image", "import", "-q", str(_setuid_image(tmp_path)), "--tag", "suid",
+            "--store", str(store))
+    mnt = open_dir / "mnt"
+    mnt.mkdir()
+    pyunion("mount", "--store", str(store), "suid", str(mnt))
+    try:
+        r = as_user(test_user, "cat", str(mnt / "etc/motd"))
+        assert r.returncode == 0 and r.stdout == "hello\n", r.stderr
+    finally:
+        pyunion("umount", str(mnt), check=False)
+
+
+# --- (10) blobs: regular files, their declared size, bounded JSON ------------------------------
+@pytest.fixture
+def store_dir(tmp_path: Path) -> str:
+    s = Store(str(tmp_path / "store"))
+    import_image(str(make_layout(tmp_path / "first", [tar_bytes(BASE)])), s, tag="first")
+    return s.root
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "outside-file"])
+def test_blob_must_be_a_regular_file_inside_the_layout(tmp_path: Path, store_dir: str,
+                                                       kind: str) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"data")])])
+    blob = layer_blob(lay)
+    blob.unlink()
+    if kind == "dev-zero":
+        blob.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(blob)
+    else:
+        (tmp_path / "elsewhere").write_bytes(b"x")
+        blob.symlink_to(tmp_path / "elsewhere")
+    before = store_state(store_dir)
+    t0 = time.monotonic()
+    err = one_line_failure(cli_import(lay, store_dir, timeout=30))
+    assert time.monotonic() - t0 < 20
+    assert "regular file" in err or "symlink" in err, err
+    assert store_state(store_dir) == before
+
+
+def _sparse_tail(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_blob_longer_than_its_descriptor_is_not_read_to_the_end(tmp_path: Path,
+                                                                 store_dir: str) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"data")])], "none")
+    _sparse_tail(layer_blob(lay), 20 << 30)  # 20 GB of zeros after the real layer
+    before = store_state(store_dir)
+    t0 = time.monotonic()
+    err = one_line_failure(cli_import(lay, store_dir, timeout=30))
+    assert time.monotonic() - t0 < 20
+    assert "declares 10240" in err, err
+    assert store_state(store_dir) == before
+
+
+def test_streams_stop_at_their_declared_size() -> None:
+    """What a file can do after its size was checked (grow, or be endless): the stream
+    fails at size+1 bytes, having asked for no more."""
+    from unionfs.image.oci import SizedReader
+
+    with open("/dev/zero", "rb") as zero:
+        r = SizedReader(zero, 100_000, "blob")
+        with pytest.raises(UserError, match="longer than the 100000 bytes"):
+            while r.read(1 << 16):
+                pass
+        assert r.count == 100_001
+    r = SizedReader(io.BytesIO(b"x" * 10), 11, "blob")
+    with pytest.raises(UserError, match=r"shorter \(10 bytes\)"):
+        while r.read(4):
+            pass
+
+
+def test_blob_shorter_than_its_descriptor(tmp_path: Path, store_dir: str, cli: Any) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"data")])], "none")
+    _path, man = _manifest(lay)
+    man["layers"][0]["size"] += 10
+    _rewrite_manifest(lay, man)
+    before = store_state(store_dir)
+    err = one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir))
+    assert "size" in err or "bytes" in err, err
+    assert store_state(store_dir) == before
+
+
+def test_size_mismatch_in_a_tar_layout_refused_before_reading(tmp_path: Path,
+                                                              store_dir: str, cli: Any) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", os.urandom(4096))])], "none")
+    _path, man = _manifest(lay)
+    man["layers"][0]["size"] -= 1
+    _rewrite_manifest(lay, man)
+    tarball = tmp_path / "lay.tar"
+    with tarfile.open(tarball, "w") as tf:
+        tf.add(lay, arcname=".")
+    before = store_state(store_dir)
+    err = one_line_failure(cli("image", "import", "-q", str(tarball), "--store", store_dir))
+    assert "size" in err or "bytes" in err, err
+    assert store_state(store_dir) == before
+
+
+@pytest.mark.parametrize("which", ["index.json", "manifest", "config"])
+def test_json_reads_are_bounded(tmp_path: Path, store_dir: str, which: str) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"data")])])
+    if which == "index.json":
+        target = lay / "index.json"
+    else:
+        mpath, man = _manifest(lay)
+        target = mpath if which == "manifest" else lay / "blobs/sha256" / man["config"][
+            "digest"][7:]
+    _sparse_tail(target, 8 << 30)
+    t0 = time.monotonic()
+    err = one_line_failure(cli_import(lay, store_dir, timeout=30))
+    assert time.monotonic() - t0 < 20
+    assert "too large" in err or "declares" in err, err
+
+
+def test_docker_archive_directory_layer_symlink_to_dev_zero(tmp_path: Path,
+                                                            store_dir: str) -> None:
+    layer = tar_bytes([("f", b"x")])
+    cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                      "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}).encode()
+    d = tmp_path / "saved"
+    (d / "abc").mkdir(parents=True)
+    (d / "abc/layer.tar").symlink_to("/dev/zero")
+    (d / "c.json").write_bytes(cfg)
+    (d / "manifest.json").write_text(json.dumps([{"Config": "c.json", "RepoTags": ["z:1"],
+                                                  "Layers": ["abc/layer.tar"]}]))
+    before = store_state(store_dir)
+    err = one_line_failure(cli_import(d, store_dir, timeout=30))
+    assert "regular file" in err or "outside" in err, err
+    assert store_state(store_dir) == before
+
+
+# --- (11) malformed JSON: one line, never a traceback ---------------------------------------
+def _manifest(lay: Path) -> tuple[Path, dict[str, Any]]:
+    d = json.loads((lay / "index.json").read_text())["manifests"][0]["digest"]
+    p = lay / "blobs/sha256" / d[7:]
+    return p, json.loads(p.read_bytes())
+
+
+def _put(lay: Path, data: bytes) -> str:
+    d = sha(data)
+    (lay / "blobs/sha256" / d[7:]).write_bytes(data)
+    return d
+
+
+def _rewrite_manifest(lay: Path, man: Any, raw: bytes | None = None) -> None:
+    data = raw if raw is not None else json.dumps(man).encode()
+    idx = json.loads((lay / "index.json").read_text())
+    idx["manifests"][0].update(digest=_put(lay, data), size=len(data))
+    (lay / "index.json").write_text(json.dumps(idx))
+
+
+def _rewrite_config(lay: Path, cfg: Any, raw: bytes | None = None) -> None:
+    data = raw if raw is not None else json.dumps(cfg).encode()
+    _path, man = _manifest(lay)
+    man["config"].update(digest=_put(lay, data), size=len(data))
+    _rewrite_manifest(lay, man)
+
+
+def _config(lay: Path) -> dict[str, Any]:
+    _path, man = _manifest(lay)
+    return json.loads(_blob(lay, man["config"]["digest"]))  # type: ignore[no-any-return]
+
+
+def _set(obj: Any, path: list[Any], value: Any) -> None:
+    for k in path[:-1]:
+        obj = obj[k]
+    obj[path[-1]] = value
+
+
+BAD_CONFIG = {
+    "env-int": (["config", "Env"], [1]),
+    "env-nul": (["config", "Env"], ["A=\x00b"]),
+    "env-string": (["config", "Env"], "PATH=/bin"),
+    "cmd-string": (["config", "Cmd"], "sh"),
+    "cmd-dict": (["config", "Cmd"], {"a": 1}),
+    "entrypoint-ints": (["config", "Entrypoint"], [1, 2]),
+    "workdir-list": (["config", "WorkingDir"], ["/"]),
+    "user-int": (["config", "User"], 0),
+    "labels-int": (["config", "Labels"], {"a": 1}),
+    "config-list": (["config"], []),
+    "rootfs-string": (["rootfs"], "layers"),
+    "diff-ids-string": (["rootfs", "diff_ids"], "sha256:00"),
+    "diff-id-int": (["rootfs", "diff_ids"], [5]),
+    "history-string": (["history"], "x"),
+    "history-item-int": (["history"], [1]),
+    "history-created-huge": (["history"], [{"created": 1e30}]),
+    "history-created-by-list": (["history"], [{"created_by": ["a"]}]),
+    "history-empty-layer-string": (["history"], [{"empty_layer": "yes"}]),
+    "created-number": (["created"], 12),
+    "os-int": (["os"], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIG))
+def test_malformed_config_one_line(tmp_path: Path, store_dir: str, case: str, cli: Any) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
+    cfg = _config(lay)
+    path, value = BAD_CONFIG[case]
+    _set(cfg, path, value)
+    _rewrite_config(lay, cfg)
+    before = store_state(store_dir)
+    err = one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir))
+    assert "config" in err, err
+    assert store_state(store_dir) == before
+
+
+BAD_RAW_CONFIG = {
+    "nan": b'{"architecture": NaN}',
+    "infinity": b'{"rootfs": {"type": "layers", "diff_ids": []}, "x": Infinity}',
+    "huge-float": b'{"x": 1e999}',
+    "not-object": b'[1, 2]',
+    "not-json": b'{"a": ',
+    "bad-utf8": b'{"a": "\xff"}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RAW_CONFIG))
+def test_config_not_strict_json_one_line(tmp_path: Path, store_dir: str, case: str, cli: Any) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
+    _rewrite_config(lay, None, BAD_RAW_CONFIG[case])
+    one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir))
+
+
+BAD_MANIFEST = {
+    "layers-string": (["layers"], "x"),
+    "layer-int": (["layers"], [3]),
+    "layer-size-huge": (["layers", 0, "size"], 1e30),
+    "layer-size-negative": (["layers", 0, "size"], -1),
+    "layer-size-bigint": (["layers", 0, "size"], 2**80),
+    "layer-size-string": (["layers", 0, "size"], "12"),
+    "layer-digest-int": (["layers", 0, "digest"], 7),
+    "layer-digest-newline": (["layers", 0, "digest"], "sha256:" + "0" * 64 + "\n"),
+    "layer-media-type-list": (["layers", 0, "mediaType"], []),
+    "config-string": (["config"], "sha256:00"),
+    "config-size-float": (["config", "size"], 1.5),
+    "annotations-int": (["annotations"], {"a": 2}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MANIFEST))
+def test_malformed_manifest_one_line(tmp_path: Path, store_dir: str, case: str, cli: Any) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
+    _path, man = _manifest(lay)
+    path, value = BAD_MANIFEST[case]
+    _set(man, path, value)
+    _rewrite_manifest(lay, man)
+    before = store_state(store_dir)
+    err = one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir))
+    assert "manifest" in err, err
+    assert store_state(store_dir) == before
+
+
+BAD_INDEX = {
+    "manifests-string": (["manifests"], "x"),
+    "manifest-int": (["manifests"], [1]),
+    "entry-size-string": (["manifests", 0, "size"], "1"),
+    "entry-annotations-list": (["manifests", 0, "annotations"], ["a"]),
+    "entry-ref-int": (["manifests", 0, "annotations"], {"org.opencontainers.image.ref.name": 1}),
+    "entry-platform-string": (["manifests", 0, "platform"], "linux/amd64"),
+    "index-list": ([], None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INDEX))
+def test_malformed_index_one_line(tmp_path: Path, store_dir: str, case: str, cli: Any) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
+    idx = json.loads((lay / "index.json").read_text())
+    path, value = BAD_INDEX[case]
+    if path:
+        _set(idx, path, value)
+    else:
+        idx = [idx]
+    (lay / "index.json").write_text(json.dumps(idx))
+    before = store_state(store_dir)
+    err = one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir))
+    assert "index" in err, err
+    assert store_state(store_dir) == before
+
+
+BAD_DOCKER = {
+    "not-list": {"Config": "c.json"},
+    "repotags-string": [{"Config": "c.json", "RepoTags": "a:1", "Layers": []}],
+    "layers-int": [{"Config": "c.json", "Layers": [1]}],
+    "config-int": [{"Config": 3, "Layers": []}],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DOCKER))
+def test_malformed_docker_manifest_one_line(tmp_path: Path, store_dir: str, case: str, cli: Any) -> None:
+    d = tmp_path / "saved"
+    d.mkdir()
+    (d / "c.json").write_text(json.dumps({"rootfs": {"type": "layers", "diff_ids": []}}))
+    (d / "manifest.json").write_text(json.dumps(BAD_DOCKER[case]))
+    err = one_line_failure(cli("image", "import", "-q", str(d), "--store", store_dir))
+    assert "manifest.json" in err, err
+
+
+def _tar_with(ti: tarfile.TarInfo, pax: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti.pax_headers = pax
+        tf.addfile(ti, io.BytesIO(b"x" * ti.size))
+    return buf.getvalue()
+
+
+BAD_HEADERS = {
+    "mtime-huge": {"mtime": "1e30"},
+    "mtime-nan": {"mtime": "nan"},
+    "mtime-inf": {"mtime": "-inf"},
+    "uid-negative": {"uid": "-5"},
+    "gid-huge": {"gid": str(2**40)},
+    "path-nul": {"path": "a\x00b"},
+    "xattr-name-nul": {"SCHILY.xattr.user.a\x00b": "v"},
+    "size-negative": {"size": "-1"},
+    "linkpath-nul": {"linkpath": "a\x00"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_absurd_tar_headers_one_line(tmp_path: Path, store_dir: str, case: str, cli: Any) -> None:
+    ti = tarfile.TarInfo("file")
+    ti.size, ti.mode, ti.mtime = 1, 0o644, 1_600_000_000
+    layer = _tar_with(ti, BAD_HEADERS[case])
+    lay = make_layout(tmp_path / "lay", [layer], "none")
+    before = store_state(store_dir)
+    one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir))
+    assert store_state(store_dir) == before
+
+
+def test_corrupt_store_index_one_line(tmp_path: Path, store_dir: str, cli: Any) -> None:
+    idx = Path(store_dir) / "index.json"
+    for bad in ('{"manifests": "x"}', '{"manifests": [{"digest": 5}]}', "[]", "{",
+                '{"manifests": [{"digest": "sha256:' + "0" * 64 + '", "size": 1, '
+                '"annotations": {"org.opencontainers.image.ref.name": 3}}]}'):
+        idx.write_text(bad)
+        for cmd in (["images"], ["history", "first"], ["rmi", "first"], ["inspect", "first"]):
+            one_line_failure(cli(*cmd, "--store", store_dir))
+
+
+# --- (12) names --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["evil\x1b[31m", "a\nb", "Upper", "a:b:c", "-lead",
+                                  "a//b", "x:" + "t" * 129, "a@sha256:" + "0" * 64, "a:",
+                                  "tab\tname", "ünï"])
+def test_invalid_names_refused(tmp_path: Path, store_dir: str, name: str, cli: Any) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
+    one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir, f"--tag={name}"))
+    one_line_failure(cli("tag", "--store", store_dir, "--", "first", name))
+
+
+def test_hostile_names_in_archives_refused(tmp_path: Path, store_dir: str) -> None:
+    layer = tar_bytes([("f", b"x")])
+    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}).encode()
+    arch = tmp_path / "saved.tar"
+    with tarfile.open(arch, "w") as tf:
+        for name, data in (("l.tar", layer), ("c.json", cfg), ("manifest.json", json.dumps(
+                [{"Config": "c.json", "RepoTags": ["x\x1b]0;pwned\x07:1"],
+                  "Layers": ["l.tar"]}]).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    before = store_state(store_dir)
+    err = one_line_failure(cli_import(arch, store_dir))
+    assert "name" in err
+    assert store_state(store_dir) == before
+    lay = make_layout(tmp_path / "lay", [layer], ref="v1\x1b[2J")
+    one_line_failure(cli_import(lay, store_dir))
+
+
+def test_valid_names_accepted(tmp_path: Path, store_dir: str) -> None:
+    env = dict(os.environ, PYUNION_STORE=store_dir)
+    for name in ("localhost:5000/team/app:v1.0-rc_1", "a__b/c--d.e:latest", "x",
+                 "registry.example.com/ns/img", "[::1]:5000/img:2", "x:Tag_With-Upper.1"):
+        pyunion("tag", "first", name, env=env)
+    out = pyunion("images", env=env).stdout
+    assert "localhost:5000/team/app" in out and "v1.0-rc_1" in out and "[::1]:5000/img" in out
+    # A tag of localhost/NAME is the same image as NAME (podman names local images so).
+    assert store_state(store_dir)[0]
+    pyunion("inspect", "localhost/x", env=env)
+    pyunion("inspect", "localhost/x:latest", env=env)
+
+
+def test_text_from_an_image_is_printed_without_escapes(tmp_path: Path, store_dir: str) -> None:
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])], config_extra={
+        "history": [{"created_by": "RUN \x1b]0;owned\x07echo\x1b[2J hi",
+                     "comment": "\x1b[31mred\u202e", "created": "2020-01-01T00:00:00Z"}]})
+    pyunion("image", "import", "-q", str(lay), "--tag", "esc", "--store", store_dir)
+    out = pyunion("history", "esc", "--no-trunc", "--store", store_dir).stdout
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "echo" in out and "red" in out
+    up = tmp_path / "up"
+    up.mkdir()
+    (up / "f2").write_bytes(b"y")
+    pyunion("commit", str(up), "--image", "esc", "--tag", "esc2", "-m", "do \x1b[5m it",
+            "--author", "me\x1b[0m", "--store", store_dir)
+    out = pyunion("history", "esc2", "--store", store_dir).stdout
+    assert "\x1b" not in out and "do" in out
+    assert "\x1b" not in pyunion("images", "--store", store_dir).stdout
+    # The data is kept as it is; only its display is escaped.
+    cfg = resolve_config("esc2", store_dir)
+    assert cfg["history"][-1]["created_by"] == "do \x1b[5m it"
+    # A name an older pyunion let in: shown escaped, still removable.
+    idx_path = Path(store_dir) / "index.json"
+    idx = json.loads(idx_path.read_text())
+    idx["manifests"][-1]["annotations"][REF] = "old\x1b]0;x\x07:latest"
+    idx_path.write_text(json.dumps(idx))
+    out = pyunion("images", "--store", store_dir).stdout
+    assert "old\\x1b]0;x\\x07" in out and "\x1b" not in out
+    r = pyunion("rmi", "old\x1b]0;x\x07", "--store", store_dir)
+    assert "Untagged: old\\x1b" in r.stdout and "\x1b" not in r.stdout
+
+
+def test_socket_names_in_a_committed_upper_are_logged_escaped(tmp_path: Path,
+                                                              store_dir: str) -> None:
+    import socket
+
+    up = tmp_path / "up"
+    up.mkdir()
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(up / "sock\x1b[2J"))
+        r = pyunion("commit", str(up), "--image", "first", "--store", store_dir)
+    finally:
+        s.close()
+    assert "\x1b" not in r.stderr and "sock" in r.stderr
+
+
+# --- (13) a later entry replaces an earlier one -------------------------------------------------
+def _unpacked(tmp_path: Path, entries: list[tuple[str, Any]], tag: str = "t") -> Path:
+    s = Store(str(tmp_path / "store"))
+    import_image(str(make_layout(tmp_path / f"lay-{tag}", [tar_bytes(entries)])), s, tag=tag)
+    return Path(resolve_layers(tag, s.root)[0])
+
+
+def test_directory_replaced_by_file_and_by_symlink(tmp_path: Path) -> None:
+    d = _unpacked(tmp_path, [("a", "dir"), ("a/x", b"1"), ("a/sub", "dir"), ("a/sub/y", b"2"),
+                             ("a", b"now a file\n"),
+                             ("b", "dir"), ("b/z", b"3"), ("b", ("sym", "/etc")),
+                             ("c", "dir"), ("c/.wh.gone", b""), ("c", b"file")])
+    assert (d / "a").read_bytes() == b"now a file\n"
+    assert (d / "b").is_symlink() and os.readlink(d / "b") == "/etc"
+    assert (d / "c").is_file() and not (d / ".wh.gone").exists()
+
+
+def test_file_and_symlink_replaced_by_directory(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    d = _unpacked(tmp_path, [("f", b"file"), ("f", "dir"), ("f/in", b"1"),
+                             ("s", ("sym", str(outside))), ("s", "dir"), ("s/in", b"2"),
+                             ("r", ("sym", "../../../../..")), ("r", "dir"), ("r/in", b"3")])
+    for name, data in (("f", b"1"), ("s", b"2"), ("r", b"3")):
+        assert (d / name).is_dir() and not (d / name).is_symlink()
+        assert (d / name / "in").read_bytes() == data
+    assert os.listdir(outside) == []
+
+
+def test_hard_links_follow_the_entry_current_at_their_time(tmp_path: Path) -> None:
+    d = _unpacked(tmp_path, [("a", b"old"), ("b", ("lnk", "a")), ("a", b"new"),
+                             ("c", ("lnk", "a")), ("dir", "dir"), ("dir/t", b"t"),
+                             ("l", ("lnk", "dir/t")), ("dir", b"flat"),
+                             ("s", ("sym", "a")), ("h", ("lnk", "s"))])
+    assert (d / "b").read_bytes() == b"old" and (d / "c").read_bytes() == b"new"
+    assert os.stat(d / "c").st_ino == os.stat(d / "a").st_ino
+    assert (d / "l").read_bytes() == b"t" and (d / "dir").read_bytes() == b"flat"
+    assert (d / "h").is_symlink() and os.readlink(d / "h") == "a"  # the link, not its target
+
+
+@pytest.mark.parametrize("entries,word", [
+    ([("p", ("sym", "/tmp")), ("p/x", b"1")], "symlink"),
+    ([("p", b"file"), ("p/x", b"1")], "not a directory"),
+    ([("p", "dir"), ("p", ("sym", "/tmp")), ("p/x", b"1")], "symlink"),
+    ([("d", "dir"), ("d", b"f"), ("d/.wh.x", b"")], "not a directory"),
+    ([("p", ("sym", "/etc")), ("h", ("lnk", "p/passwd"))], "symlink"),
+])
+def test_parent_that_is_not_a_directory_named_right(tmp_path: Path, entries: Any,
+                                                    word: str) -> None:
+    s = Store(str(tmp_path / "store"))
+    with pytest.raises(UserError) as ei:
+        import_image(str(make_layout(tmp_path / "lay", [tar_bytes(entries)])), s)
+    msg = str(ei.value)
+    assert word in msg and "\n" not in msg, msg
+    other = "not a directory" if word == "symlink" else "symlink"
+    assert other not in msg, msg
+    assert not Path("/tmp/x").exists()
+
+
+@needs_root
+def test_replaced_directory_hides_the_layers_below(tmp_path: Path) -> None:
+    """containerd applies a layer in order over the ones below: a non-directory entry
+    removes the lower directory, so a directory made again at that path starts empty."""
+    s = Store(str(tmp_path / "store"))
+    lower = tar_bytes([("d", "dir"), ("d/old", b"old"), ("k", "dir"), ("k/keep", b"k")])
+    top = tar_bytes([("d", b"file"), ("d", "dir"), ("d/new", b"new"),
+                     ("k", "dir"), ("k/add", b"a")])
+    import_image(str(make_layout(tmp_path / "lay", [lower, top])), s, tag="r")
+    layers = [Path(p) for p in resolve_layers("r", s.root)]
+    with kernel_overlay(layers, None, tmp_path / "mnt") as mnt:
+        assert sorted(os.listdir(mnt / "d")) == ["new"]
+        assert sorted(os.listdir(mnt / "k")) == ["add", "keep"]
+
+
+UMOCI = shutil.which("umoci")
+
+
+@pytest.mark.skipif(not ROOT or UMOCI is None, reason="needs root and umoci (setup.sh)")
+def test_replacements_match_umoci(tmp_path: Path) -> None:
+    from conftest import tree_view
+
+    entries = [("a", "dir"), ("a/x", b"1"), ("a", b"file-a"), ("b", b"file-b"), ("b", "dir"),
+               ("b/in", b"2"), ("c", ("sym", "/etc")), ("c", "dir"), ("c/in", b"3"),
+               ("e", "dir"), ("e/deep", "dir"), ("e/deep/f", b"4"), ("e", ("sym", "a")),
+               ("g", b"old"), ("h", ("lnk", "g")), ("g", b"new"), ("i", ("lnk", "g"))]
+    lay = make_layout(tmp_path / "lay", [tar_bytes(entries)], ref="t")
+    subprocess.run([UMOCI, "unpack", "--image", f"{lay}:t", str(tmp_path / "bundle")],
+                   check=True, capture_output=True, timeout=60)
+    ours = _unpacked(tmp_path, entries)
+    theirs = tree_view(tmp_path / "bundle/rootfs")
+    assert tree_view(ours) == theirs
+    assert (ours / "b").is_dir() and (ours / "e").is_symlink()  # the oracle saw replacements
+
+
+# --- (9) trees deeper than the recursion limit ------------------------------------------------
+DEPTH = 1300
+
+
+def _deep_tar(depth: int) -> bytes:
+    entries: list[tuple[str, Any]] = []
+    path = ""
+    for i in range(depth):
+        path = f"{path}/d" if path else "d"
+        entries.append((path, "dir"))
+        if i % 100 == 0:
+            entries.append((f"{path}/f", f"{i}".encode()))
+    entries.append((f"{path}/bottom", b"bottom"))
+    return tar_bytes(entries)
+
+
+def _deep_dir(root: Path, depth: int) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            if i % 100 == 0:
+                with open(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd), "w") as f:
+                    f.write(str(i))
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def removed_after(*paths: Path) -> Iterator[None]:
+    """Deep trees must go before pytest's own (recursive) cleanup of tmp_path sees them."""
+    try:
+        yield
+    finally:
+        for p in paths:
+            rmtree(str(p))
+
+
+def test_deep_layer_import_rmi_and_later_imports(tmp_path: Path) -> None:
+    st = str(tmp_path / "store")
+    lay = make_layout(tmp_path / "lay", [_deep_tar(DEPTH)])
+    with removed_after(tmp_path / "store"):
+        r = pyunion("image", "import", "-q", str(lay), "--tag", "deep", "--store", st,
+                    check=False, timeout=120)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        [layer] = resolve_layers("deep", st)
+        fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            from unionfs.tree import open_rel
+            bfd = open_rel(fd, b"/".join([b"d"] * DEPTH) + b"/bottom", os.O_RDONLY)
+            assert os.read(bfd, 10) == b"bottom"
+            os.close(bfd)
+        finally:
+            os.close(fd)
+        r = pyunion("rmi", "deep", "--store", st, check=False, timeout=120)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert os.listdir(Path(st) / "tmp") == [] and os.listdir(Path(st) / "layers") == []
+        pyunion("image", "import", "-q", str(make_layout(tmp_path / "small",
+                                                          [tar_bytes(BASE)])),
+                "--store", st)
+        assert os.listdir(Path(st) / "tmp") == []
+
+
+def test_deep_upper_commit_and_export(tmp_path: Path, store_dir: str) -> None:
+    up = tmp_path / "up"
+    up.mkdir()
+    other = tmp_path / "other"
+    with removed_after(up, Path(store_dir), other):
+        _deep_dir(up, DEPTH)
+        r = pyunion("commit", str(up), "--image", "first", "--tag", "deep", "--store", store_dir,
+                    check=False, timeout=120)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        for fmt, out in (("docker", tmp_path / "d.tar"), ("oci", tmp_path / "o.tar")):
+            pyunion("image", "export", "deep", str(out), "--format", fmt, "--store", store_dir,
+                    timeout=120)
+            pyunion("image", "import", "-q", str(out), "--store", str(other), timeout=120)
+        assert Store(str(other)).lookup("deep").diff_ids == \
+            Store(store_dir).lookup("deep").diff_ids
+        pyunion("rmi", "deep", "--store", str(other), timeout=120)
+        pyunion("rmi", "deep", "--store", store_dir, timeout=120)
+        assert os.listdir(Path(store_dir) / "tmp") == []
+        assert os.listdir(other / "tmp") == []
+
+
+def test_interrupted_deep_trash_is_cleaned_by_the_next_command(tmp_path: Path,
+                                                               store_dir: str) -> None:
+    trash = Path(store_dir) / "tmp" / "trash-left-by-a-crash"
+    trash.mkdir()
+    with removed_after(trash):
+        _deep_dir(trash, DEPTH)
+        pyunion("image", "import", "-q", str(make_layout(tmp_path / "l2", [tar_bytes(
+            [("f", b"x")])])), "--store", store_dir)
+        assert os.listdir(Path(store_dir) / "tmp") == []
+
+
+def test_export_failure_leaves_nothing(tmp_path: Path, store_dir: str) -> None:
+    s = Store(store_dir)
+    img = s.lookup("first")
+    layer_blob_path = Path(s.blob_path(img.manifest["layers"][0]["digest"]))
+    saved = layer_blob_path.read_bytes()
+    layer_blob_path.write_bytes(saved[:-10])
+    try:
+        with pytest.raises(UserError):
+            export_image(s, "first", str(tmp_path / "out.tar"), "docker")
+    finally:
+        layer_blob_path.write_bytes(saved)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.tar")]
+
+
+def test_depth_is_past_the_recursion_limit() -> None:
+    assert sys.getrecursionlimit() < DEPTH
+
+
+# --- (11) a property: no mutation of an image's JSON gets past as a traceback ----------------
+def _mutate(doc: Any, path: list[Any], new: Any, delete: bool) -> Any:
+    """`doc` with the value at `path` replaced by `new` (or removed); path [] is the doc."""
+    if not path:
+        return new
+    import copy
+
+    doc = copy.deepcopy(doc)
+    obj = doc
+    for k in path[:-1]:
+        obj = obj[k]
+    if delete and isinstance(obj, dict):
+        obj.pop(path[-1], None)
+    else:
+        obj[path[-1]] = new
+    return doc
+
+
+def _paths(doc: Any, prefix: list[Any] | None = None) -> list[list[Any]]:
+    prefix = prefix or []
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, prefix + [k])
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, prefix + [i])
+    return out
+
+
+REF = "org.opencontainers.image.ref.name"
+
+
+def _write_image(root: Path, layer: bytes, config: Any, mutate: str, path: list[Any],
+                 new: Any, delete: bool) -> None:
+    blobs = root / "blobs/sha256"
+    blobs.mkdir(parents=True)
+
+    def put(doc: Any) -> tuple[str, int]:
+        data = doc if isinstance(doc, bytes) else json.dumps(doc, allow_nan=True).encode()
+        (blobs / sha(data)[7:]).write_bytes(data)
+        return sha(data), len(data)
+
+    ld, ls = put(layer)
+    if mutate == "config":
+        config = _mutate(config, path, new, delete)
+    cd, cs = put(config)
+    man: Any = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": cd, "size": cs},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": ld, "size": ls}]}
+    if mutate == "manifest":
+        man = _mutate(man, path, new, delete)
+    md, ms = put(man)
+    idx: Any = {"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+         "annotations": {REF: "v1"}}]}
+    if mutate == "index":
+        idx = _mutate(idx, path, new, delete)
+    (root / "index.json").write_bytes(json.dumps(idx, allow_nan=True).encode())
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+def _base_docs() -> tuple[bytes, dict[str, Any], dict[str, list[list[Any]]]]:
+    layer = tar_bytes([("etc", "dir"), ("etc/f", b"x")])
+    config = {"architecture": "amd64", "os": "linux", "created": "2020-01-01T00:00:00Z",
+              "config": {"Env": ["PATH=/bin", "A=1"], "Cmd": ["/bin/sh", "-c", "true"],
+                         "Entrypoint": ["/e"], "WorkingDir": "/w", "User": "1:1",
+                         "Labels": {"k": "v"}, "ExposedPorts": {"80/tcp": {}}},
+              "rootfs": {"type": "layers", "diff_ids": [sha(layer)]},
+              "history": [{"created": "2020-01-01T00:00:00Z", "created_by": "x",
+                           "comment": "c", "empty_layer": False}]}
+    man = {"schemaVersion": 2, "mediaType": "m/t", "config": {"mediaType": "m/t",
+           "digest": sha(b""), "size": 0}, "layers": [{"mediaType": "m/t", "digest": sha(b""),
+                                                       "size": 0}]}
+    idx = {"schemaVersion": 2, "manifests": [{"mediaType": "m/t", "digest": sha(b""), "size": 0,
+                                              "annotations": {REF: "v1"}}]}
+    return layer, config, {"config": _paths(config), "manifest": _paths(man),
+                           "index": _paths(idx)}
+
+
+LEAF = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e30, -1.0, 2**63, -(2**63) - 1, "", "\x00", "\x1b[2J", "a" * 300,
+                     "sha256:" + "0" * 64, "../..", "/etc/passwd", "a:b:c"]),
+    st.text(max_size=12))
+JSON = st.recursive(LEAF, lambda kids: st.lists(kids, max_size=3) |
+                    st.dictionaries(st.text(max_size=8), kids, max_size=3), max_leaves=6)
+_LAYER, _CONFIG, _PATHS = _base_docs()
+
+
+@settings(max_examples=int(os.environ.get("PYUNION_PROP_EXAMPLES", "120")), deadline=None,
+          derandomize=not os.environ.get("PYUNION_PROP_EXAMPLES"),
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_image_json_gives_one_line_or_a_usable_image(data: Any) -> None:
+    from unionfs.image.cli import history_rows, inspect_data
+
+    mutate = data.draw(st.sampled_from(["config", "manifest", "index"]))
+    path = data.draw(st.sampled_from(_PATHS[mutate]))
+    new = data.draw(JSON)
+    delete = data.draw(st.booleans())
+    work = Path(tempfile.mkdtemp(prefix="pyunion-prop-"))
+    try:
+        _write_image(work / "lay", _LAYER, _CONFIG, mutate, path, new, delete)
+        store = Store(str(work / "store"))
+        try:
+            import_image(str(work / "lay"), store)
+        except UserError as e:
+            msg = str(e)
+            assert "\n" not in msg and msg.isprintable(), msg
+            return
+        # Accepted: everything that reads the image must work on it.
+        for img in store.images():
+            history_rows(store, img)
+            inspect_data(store, img)
+            cfg = resolve_config(img.digest, store.root)
+            run = cfg.get("config") or {}
+            for key in ("Env", "Cmd", "Entrypoint"):
+                assert all(isinstance(a, str) and "\x00" not in a
+                           for a in run.get(key) or [])
+            for key in ("User", "WorkingDir"):
+                assert isinstance(run.get(key) or "", str)
+            export_image(store, img.digest, str(work / "out.tar"), "docker")
+            (work / "out.tar").unlink()
+    finally:
+        rmtree(str(work))
