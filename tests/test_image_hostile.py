@@ -191,13 +191,17 @@ def store_dir(tmp_path: Path) -> str:
     return s.root
 
 
-@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "outside-file"])
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "outside-file", "index-fifo"])
 def test_blob_must_be_a_regular_file_inside_the_layout(tmp_path: Path, store_dir: str,
                                                        kind: str) -> None:
     lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"data")])])
     blob = layer_blob(lay)
     blob.unlink()
-    if kind == "dev-zero":
+    if kind == "index-fifo":
+        blob = lay / "index.json"
+        blob.unlink()
+        os.mkfifo(blob)
+    elif kind == "dev-zero":
         blob.symlink_to("/dev/zero")
     elif kind == "fifo":
         os.mkfifo(blob)

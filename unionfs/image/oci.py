@@ -100,8 +100,9 @@ class DirSource(Source):
             raise ImageFormatError(f"cannot open {root}: {e.strerror}") from e
 
     def exists(self, path: str) -> bool:
+        """True also for a FIFO or a symlink there: reading it then says what is wrong."""
         try:
-            os.close(self._open(path))
+            os.stat(_clean(path), dir_fd=self.fd, follow_symlinks=False)
         except (OSError, ImageFormatError):
             return False
         return True
