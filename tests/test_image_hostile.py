@@ -540,10 +540,13 @@ def test_hostile_names_in_archives_refused(tmp_path: Path, store_dir: str) -> No
             tf.addfile(ti, io.BytesIO(data))
     before = store_state(store_dir)
     err = one_line_failure(cli_import(arch, store_dir))
-    assert "name" in err
+    assert "name" in err and "--tag" in err
     assert store_state(store_dir) == before
     lay = make_layout(tmp_path / "lay", [layer], ref="v1\x1b[2J")
     one_line_failure(cli_import(lay, store_dir))
+    # The way around: name the image yourself.
+    r = cli_import(arch, store_dir, "--tag", "renamed")
+    assert r.returncode == 0 and "renamed:latest" in r.stdout and "\x1b" not in r.stdout
 
 
 def test_valid_names_accepted(tmp_path: Path, store_dir: str) -> None:

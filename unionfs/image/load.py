@@ -209,6 +209,14 @@ def _store_candidate(store: Store, src: Source, c: Candidate, tags: list[str],
     return mdigest
 
 
+def _archive_name(name: str) -> str:
+    """A name the archive gives an image, validated; --tag is the way around a bad one."""
+    try:
+        return reference.tagged(name, "image name in the archive")
+    except reference.InvalidReference as e:
+        raise ImageFormatError(f"{e}; give the image a name with --tag") from None
+
+
 def import_image(path: str, store: Store, tag: str | None = None, ref: str | None = None,
                  platform: dict[str, str] | None = None,
                  progress: Progress | None = None) -> list[tuple[str, list[str]]]:
@@ -228,10 +236,11 @@ def import_image(path: str, store: Store, tag: str | None = None, ref: str | Non
         cands = find_images(src, ref, platform, repo)
         if tag is not None and len(cands) > 1:
             raise UserError(f"{path} holds {len(cands)} images; choose one with --ref to tag it")
+        # Every name is checked before anything is stored.
+        names = [[tag] if tag is not None else [_archive_name(t) for t in c.tags] for c in cands]
         out = []
         with store.using():
-            for c in cands:
-                tags = [tag] if tag is not None else [normalize_tag(t) for t in c.tags]
+            for c, tags in zip(cands, names, strict=True):
                 out.append((_store_candidate(store, src, c, tags, progress), tags))
         return out
     finally:

@@ -14,8 +14,8 @@ digest and its declared size while it streams (nothing past size+1 is read);
 names taken from the archive are refused if absolute or containing `..`. Files
 of a layout directory are opened only if they are regular files inside it
 (`tree.open_regular`: no FIFO, no device, no symlink out; no symlink at all
-under `blobs/`). Every JSON document is checked by `schema` and every image name
-by `reference` before anything uses it.
+under `blobs/`). Every JSON document is checked by `schema` before anything uses
+it; the names an archive gives its images are checked by the importer.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import zstandard
 
 from ..errors import UserError
 from ..tree import DIR_FLAGS, NotRegularFile, open_regular
-from . import reference, schema
+from . import schema
 from .schema import MAX_JSON, ImageFormatError
 from .store import DOCKER_LIST, DOCKER_MANIFEST, MT_INDEX, MT_MANIFEST, REF_NAME, check_digest
 
@@ -340,7 +340,7 @@ class Candidate:
     config: dict[str, Any]
     config_digest: str
     layers: list[LayerRef]          # bottom first
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # as the archive names it: not validated
     manifest_bytes: bytes | None = None   # kept verbatim (OCI); None: we write one
     manifest_digest: str | None = None
     manifest_media_type: str = MT_MANIFEST
@@ -425,19 +425,15 @@ def _pick_manifests(src: Source, descs: list[dict[str, Any]], want: dict[str, st
 
 
 def _tag_of(desc: dict[str, Any], default_repo: str) -> str | None:
-    """The name an index entry gives its image (validated), or None."""
+    """The name an index entry gives its image, as written (the importer validates it)."""
     ann = desc.get("annotations") or {}
     full = ann.get(CONTAINERD_NAME)
     if full:
-        return reference.tagged(full, "image name in the layout")
+        return str(full)
     ref = ann.get(REF_NAME)
     if not ref:
         return None
-    if "/" in ref or ":" in ref:
-        return reference.tagged(ref, "image name in the layout")
-    if not reference.is_tag(ref):
-        raise ImageFormatError(f"invalid image name in the layout: tag {ref!r}")
-    return reference.tagged(f"{default_repo}:{ref}", "image name in the layout")
+    return str(ref) if "/" in ref or ":" in ref else f"{default_repo}:{ref}"
 
 
 def _oci_candidates(src: Source, ref: str | None, want: dict[str, str],
@@ -489,8 +485,7 @@ def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
         raise ImageFormatError("manifest.json lists no images")
     out = []
     for e in entries:
-        tags = [reference.tagged(t, "image name in manifest.json")
-                for t in e.get("RepoTags") or []]
+        tags = list(e.get("RepoTags") or [])
         if ref is not None and ref not in tags and ref + ":latest" not in tags:
             continue
         cpath = _clean(e["Config"])
