@@ -905,8 +905,13 @@ LEAF = st.one_of(
     st.sampled_from([1e30, -1.0, 2**63, -(2**63) - 1, "", "\x00", "\x1b[2J", "a" * 300,
                      "sha256:" + "0" * 64, "../..", "/etc/passwd", "a:b:c"]),
     st.text(max_size=12))
-JSON = st.recursive(LEAF, lambda kids: st.lists(kids, max_size=3) |
-                    st.dictionaries(st.text(max_size=8), kids, max_size=3), max_leaves=6)
+
+
+def _nest(kids: Any) -> Any:
+    return st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3)
+
+
+JSON = st.recursive(LEAF, _nest, max_leaves=6)
 _LAYER, _CONFIG, _PATHS = _base_docs()
 
 
