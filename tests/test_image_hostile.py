@@ -517,6 +517,25 @@ def test_corrupt_store_index_one_line(tmp_path: Path, store_dir: str, cli: Any) 
             one_line_failure(cli(*cmd, "--store", store_dir))
 
 
+def test_a_damaged_image_leaves_the_others_usable(tmp_path: Path, store_dir: str) -> None:
+    """An image pyunion cannot read (a config rewritten, or of a shape refused since it was
+    stored) is left out with a warning; rmi of others keeps its data; rmi removes it."""
+    s = Store(store_dir)
+    import_image(str(make_layout(tmp_path / "two", [tar_bytes([("g", b"2")])])), s,
+                 tag="second")
+    second = s.lookup("second")
+    layer_dir = Path(s.layer_dir(second.diff_ids[0]))
+    Path(s.blob_path(second.config_digest)).write_bytes(b'{"rootfs": 5}')
+    r = pyunion("images", "--store", store_dir)
+    assert "first" in r.stdout and "second" not in r.stdout
+    assert "leaving out image " + second.digest[7:19] in r.stderr and r.stderr.count("\n") == 1
+    pyunion("rmi", "first", "--store", store_dir)
+    assert layer_dir.is_dir() and Path(s.blob_path(second.digest)).is_file()
+    r = pyunion("rmi", "second", "--store", store_dir)
+    assert "Untagged: second:latest" in r.stdout
+    assert store_state(store_dir)[:3] == ([], [], [])
+
+
 # --- (12) names --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["evil\x1b[31m", "a\nb", "Upper", "a:b:c", "-lead",
                                   "a//b", "x:" + "t" * 129, "a@sha256:" + "0" * 64, "a:",

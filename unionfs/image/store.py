@@ -153,6 +153,7 @@ class Store:
     def __init__(self, root: str | None = None, create: bool = True) -> None:
         self.root = os.path.abspath(root or default_store())
         self._secured = False
+        self._damaged: dict[str, str] = {}  # manifest digest -> why it cannot be loaded
         if create:
             self._init()
         elif not os.path.isfile(os.path.join(self.root, "index.json")):
@@ -404,20 +405,68 @@ class Store:
             idx["manifests"] = _dedupe(entries)
 
     def images(self) -> list[Image]:
-        """Every image in the store, one per manifest, in index order."""
+        """Every image in the store, one per manifest, in index order.
+
+        An image whose manifest or config is missing, damaged or of a shape pyunion
+        refuses is left out with a warning (once per command), so that the others stay
+        usable; `rmi` still removes it by name or digest, and `gc` keeps its blobs.
+        """
         out: dict[str, Image] = {}
         for e in self._read_index()["manifests"]:
-            d = e.get("digest")
-            if not isinstance(d, str):
-                continue
+            d = e["digest"]
             img = out.get(d)
             if img is None:
-                img = self._load_image(d)
+                if d in self._damaged:
+                    continue
+                try:
+                    img = self._load_image(d)
+                except UserError as err:
+                    self._damaged[d] = str(err)
+                    log.warning("leaving out image %s: %s (pyunion rmi %s removes it)",
+                                short_id(d), printable(err), short_id(d))
+                    continue
                 out[d] = img
             ref = (e.get("annotations") or {}).get(REF_NAME)
             if ref and ref not in img.tags:
                 img.tags.append(ref)
         return list(out.values())
+
+    def _damaged_match(self, ref: str) -> str | None:
+        """The manifest digest of a damaged image that `ref` names (tag, digest or prefix)."""
+        self.images()
+        exact = _exact_names(ref)
+        hexpart = ref.split(":", 1)[1] if ref.startswith(("sha256:", "sha512:")) else ref
+        found = set()
+        for e in self._read_index()["manifests"]:
+            d = e["digest"]
+            if d not in self._damaged:
+                continue
+            tag = (e.get("annotations") or {}).get(REF_NAME)
+            if tag in exact or (len(hexpart) >= 4 and d.split(":", 1)[1].startswith(hexpart)):
+                found.add(d)
+        return found.pop() if len(found) == 1 else None
+
+    def _blob_of(self, diff_id: str) -> str | None:
+        try:
+            return str(self.layer_info(diff_id)["blob"])
+        except UserError:
+            return None
+
+    def _raw_refs(self, digest: str) -> set[str]:
+        """Every digest a damaged image's manifest and config mention: what gc must keep."""
+        out = {digest}
+        pending = [digest]
+        while pending:
+            d = pending.pop()
+            try:
+                data = self._read(os.path.relpath(self.blob_path(d), self.root))
+            except (OSError, UserError):
+                continue  # missing, too large for JSON (a layer): nothing more to follow
+            for m in _DIGEST_RE.finditer(data.decode("ascii", "replace")):
+                if m.group() not in out:
+                    out.add(m.group())
+                    pending.append(m.group())
+        return out
 
     def _load_image(self, manifest_digest: str) -> Image:
         m = self.read_json_blob(manifest_digest, schema.Manifest, "manifest")
@@ -475,13 +524,20 @@ class Store:
         Returns (untagged names, deleted digests: manifests, configs and layers).
         """
         with self.exclusive():
-            img, named = self._find(ref)
+            try:
+                img, named = self._find(ref)
+                target = img.digest
+            except UserError:
+                damaged = self._damaged_match(ref)
+                if damaged is None:
+                    raise
+                target, named = damaged, None
             untagged: list[str] = []
             with self.edit_index() as idx:
                 keep = []
                 for e in idx["manifests"]:
                     t = (e.get("annotations") or {}).get(REF_NAME)
-                    if e["digest"] != img.digest or (named is not None and t != named):
+                    if e["digest"] != target or (named is not None and t != named):
                         keep.append(e)
                         continue
                     if t:
@@ -500,11 +556,17 @@ class Store:
             for d in img.manifest["layers"]:
                 live_blobs.add(d["digest"])
             live_layers.update(img.diff_ids)
+        indexed = {e["digest"] for e in self._read_index()["manifests"]}
+        kept: set[str] = set()  # what images pyunion cannot read might still use
+        for d in indexed & set(self._damaged):
+            kept |= self._raw_refs(d)
+        live_blobs |= kept
         deleted: list[str] = []
         layers_root = os.path.join(self.root, "layers")
         for name in sorted(os.listdir(layers_root)):
             diff_id = ("sha256:" + name) if "-" not in name else name.replace("-", ":", 1)
-            if diff_id in live_layers:
+            if diff_id in live_layers or diff_id in kept or (kept and self._blob_of(diff_id)
+                                                             in kept):
                 continue
             self._trash(os.path.join(layers_root, name))
             deleted.append(diff_id)
