@@ -15,14 +15,20 @@ from typing import Any
 
 import pytest
 import zstandard
+from conftest import pyunion
 
 from unionfs.errors import UserError
-from unionfs.image import (Changes, Store, commit, export_image, import_image, resolve_config,
-                           resolve_layers)
+from unionfs.image import (
+    Changes,
+    Store,
+    commit,
+    export_image,
+    import_image,
+    resolve_config,
+    resolve_layers,
+)
 from unionfs.image.oci import find_images, open_source
 from unionfs.image.unpack import Unpacker, unpack
-
-from conftest import pyunion
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (mknod 0/0, trusted xattrs, chown)")
@@ -128,7 +134,7 @@ def store_state(store: Store) -> tuple[list[str], list[str], list[str]]:
 @pytest.mark.parametrize("how", ["none", "gzip", "zstd"])
 def test_import_layout_and_whiteout_format(tmp_path: Path, store: Store, how: str) -> None:
     lay = make_layout(tmp_path / "lay", [tar_bytes(BASE), tar_bytes(TOP)], how)
-    [(digest, tags)] = import_image(str(lay), store)
+    [(_digest, tags)] = import_image(str(lay), store)
     assert tags == ["lay:latest"]
     top, base = resolve_layers("lay", store.root)
     assert (Path(base) / "etc/a").read_bytes() == b"a\n"
@@ -320,7 +326,7 @@ def test_commit_converts_overlay_formats(tmp_path: Path, store: Store) -> None:
     assert by["opq/a"].pax_headers["SCHILY.xattr.user.keep"] == "\udcff\x00bin"
     assert not any("overlay" in k for k in by["opq/a"].pax_headers)
     # Reproducible: the same upper and timestamp give the same layer.
-    d2, _ = commit(store, str(up), "lay", "new:2", Changes(message="made by test"),
+    _d2, _ = commit(store, str(up), "lay", "new:2", Changes(message="made by test"),
                    compression="zstd", timestamp=1_700_000_000)
     assert store.lookup("new:2").diff_ids == img.diff_ids
     # Stored unpacked in kernel format, like an imported layer.
