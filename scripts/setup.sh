@@ -27,7 +27,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import pyfuse3, trio, pytest, pytest_trio, hypothesis, zstandard, httpx, tqdm, pyseccomp, msgspec, unionfs' 2>/dev/null \
+if ! .venv/bin/python -c 'import pyfuse3, trio, pytest, pytest_trio, hypothesis, zstandard, httpx, tqdm, pyseccomp, msgspec, dockerfile, unionfs' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
     .venv/bin/pip install -q -e '.[test]'

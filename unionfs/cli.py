@@ -105,7 +105,7 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     _add_umount(sub)
     # Subcommands that live in their own modules register themselves.
     for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli",
-                    "unionfs.registry.cli") if extra else ():
+                    "unionfs.registry.cli", "unionfs.build.cli") if extra else ():
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:

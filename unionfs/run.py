@@ -75,6 +75,7 @@ class RunOptions:
     privileged: bool = False
     security_opt: list[str] = field(default_factory=list)
     preserve_fds: int = 0
+    quiet: bool = False  # no notice that the writable layer is kept (programmatic callers)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -587,7 +588,7 @@ class Runner:
         with contextlib.suppress(Exception):
             signal.set_wakeup_fd(-1)
         created = self._created_mount_points()  # init is gone: its report is complete
-        _release(self.merged, self.daemon, self.tmp, self.upper, self.kept())
+        _release(self.merged, self.daemon, self.tmp, self.upper, self.kept(), self.opts.quiet)
         if self.kept() and self.upper is not None and os.path.isdir(self.upper):
             _drop_placeholders(self.upper, self.layers, created)
         self._tell_janitor("DONE")
@@ -621,7 +622,7 @@ def _exit_code(status: int) -> int:
 
 
 def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str | None,
-             keep: bool) -> None:
+             keep: bool, quiet: bool = False) -> None:
     """Unmount, make sure the daemon is gone, remove the temporary tree (minus a kept upper)."""
     from .mount import is_mountpoint, umount
 
@@ -662,7 +663,7 @@ def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str
             tree.rmtree(tmp)
     except OSError as e:
         print(f"pyunion: cannot remove {tmp}: {e.strerror}", file=sys.stderr)
-    if keep and upper is not None:
+    if keep and upper is not None and not quiet:
         print(f"pyunion: the writable layer is kept in {upper}", file=sys.stderr)
 
 

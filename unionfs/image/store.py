@@ -318,6 +318,23 @@ class Store:
             self._trash(dst)  # a directory without layer.json is nobody's: replace it
             os.rename(tmp_layer_dir, dst)
 
+    def publish_layer_tree(self, tree: str, diff_id: str, size: int, blob: str,
+                           media_type: str, whiteouts: str) -> None:
+        """Make an already unpacked tree (under tmp/, same filesystem) the layer `diff_id`.
+
+        For a tree that is exactly what the blob `blob` unpacks to, such as a build
+        step's upper directory: it is moved, not copied. The caller syncs first.
+        """
+        layer_tmp = os.path.join(self.root, "tmp", "layer-" + uuid.uuid4().hex)
+        os.mkdir(layer_tmp, 0o755)
+        os.rename(tree, os.path.join(layer_tmp, "diff"))
+        write_json_atomic(os.path.join(layer_tmp, "layer.json"), {
+            "diff_id": diff_id, "size": size, "blob": blob, "media_type": media_type,
+            "whiteouts": whiteouts})
+        self.publish_layer(layer_tmp, diff_id)
+        if os.path.isdir(layer_tmp):  # published meanwhile by someone else
+            remove_tree(layer_tmp)
+
     def sync(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:

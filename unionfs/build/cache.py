@@ -1,0 +1,67 @@
+"""The build cache: which image state a step produced from which parent.
+
+A step's key is the sha256 of its parent state's image ID and of what the step
+does after substitution: the instruction's text, the build arguments it sees
+(all of them for RUN, which gets them as environment variables), and for COPY
+and ADD the digest of every source file's name, mode, owner and bytes after
+the ignore rules (`sources.SourceTree.digest`); for `COPY --from` the source
+stage's image ID stands for its content. The value is the state after the step:
+its full config (history included) and its layer descriptors, so a hit costs
+one small file read and no layer work, and the same parent gives the same child
+ID, on and on down the Containerfile.
+
+Entries live in STORE/build-cache/, one JSON file per key. They keep no layer
+alive: an entry whose layers `rmi` has removed is a miss (and is dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from typing import Any
+
+from ..errors import UserError
+from ..image.store import Store, write_json_atomic
+
+CACHE_DIR = "build-cache"
+MAX_ENTRY = 1 << 22
+
+
+def step_key(parent_id: str, *parts: Any) -> str:
+    data = json.dumps([parent_id, *parts], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(data.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class BuildCache:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.dir = os.path.join(store.root, CACHE_DIR)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.dir, key + ".json")
+
+    def get(self, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """(config, layer descriptors) stored for `key`, if all its layers are still here."""
+        try:
+            with open(self._path(key), "rb") as f:
+                entry = json.loads(f.read(MAX_ENTRY))
+            config, layers = entry["config"], entry["layers"]
+            diff_ids = config["rootfs"]["diff_ids"]
+            if not isinstance(layers, list) or len(layers) != len(diff_ids):
+                raise ValueError("layers and diff_ids differ")
+            for desc, diff_id in zip(layers, diff_ids):
+                if not (self.store.has_layer(diff_id) and self.store.has_blob(desc["digest"])):
+                    raise ValueError("a layer is gone")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            with contextlib.suppress(OSError):
+                os.unlink(self._path(key))
+            return None
+        return config, layers
+
+    def put(self, key: str, config: dict[str, Any], layers: list[dict[str, Any]]) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        write_json_atomic(self._path(key), {"config": config, "layers": layers})

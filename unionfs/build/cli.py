@@ -1,0 +1,74 @@
+"""`pyunion build [OPTIONS] CONTEXT`: the command line of the build."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import UserError
+
+
+def _bool(text: str) -> bool:
+    v = text.lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "build", aliases=["bud"], help="build an image from a Containerfile/Dockerfile",
+        usage="pyunion build [OPTIONS] CONTEXT",
+        description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, one "
+                    "layer per RUN, COPY and ADD, each RUN in a pyunion container; unchanged "
+                    "steps come from the build cache. The image goes into the store; its ID is "
+                    "the last line printed.")
+    p.add_argument("context", metavar="CONTEXT", help="the build context directory")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="the Containerfile ('-' reads it from stdin; default: "
+                        "CONTEXT/Containerfile, else CONTEXT/Dockerfile)")
+    p.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
+                   help="name the image (repeatable)")
+    p.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="set a build argument (KEY alone: from the environment)")
+    p.add_argument("--target", metavar="STAGE", help="build up to this stage and tag it")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run every step (the results still go into the cache)")
+    p.add_argument("--layers", type=_bool, nargs="?", const=True, default=True,
+                   metavar="true|false",
+                   help="one layer per RUN/COPY/ADD with the build cache (default); "
+                        "--layers=false: one new layer per stage, no cache")
+    p.add_argument("--squash", action="store_true",
+                   help="the new layers of each stage as one layer (as --layers=false)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the image ID (and the commands' own output)")
+    p.add_argument("--store", metavar="DIR", help="image store directory")
+    p.set_defaults(handler=_cmd_build)
+
+
+def parse_build_args(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not key:
+            raise UserError(f"--build-arg {item!r}: expected KEY=VALUE")
+        if not eq:
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .executor import BuildOptions, build
+
+    image_id = build(BuildOptions(
+        context=args.context, file=args.file, tags=list(args.tag),
+        build_args=parse_build_args(args.build_arg), target=args.target,
+        no_cache=args.no_cache, layers=args.layers and not args.squash, store=args.store,
+        quiet=args.quiet))
+    print(image_id)
+    return 0

@@ -1,0 +1,583 @@
+"""Writing COPY and ADD sources into a container's root, confined to that root.
+
+The destination is resolved with openat2(RESOLVE_IN_ROOT) on the container's
+merged tree, so a symlink in the image (`/app -> /opt/app`, or an absolute link
+to `/etc`) is followed the way the container sees it and never leads to the
+host. Everything below the destination is created with *at calls relative to
+its parent's fd and O_NOFOLLOW: an existing symlink where a copied directory
+or file goes is replaced, never written through.
+
+Ownership: `--chown` wins; otherwise files from the context belong to root and
+files from another stage or image keep their owners (what buildah and Docker
+do). `--chmod` sets the mode of every copied file and directory. Times are
+kept. Hard links inside one copy stay linked. ADD unpacks a local tar archive
+(plain, gzip, bzip2, xz or zstd) into the destination with the archive's owners,
+modes and times; anything else it copies like COPY.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import errno
+import gzip
+import lzma
+import os
+import posixpath
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import zstandard
+
+from .. import syscalls
+from ..errors import UserError
+from .sources import READ_FLAGS, Entry, Source, SourceTree
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SKIP_XATTR_PREFIXES = ("trusted.", "security.selinux")
+
+
+class CopyError(UserError):
+    """A COPY or ADD that cannot be done (bad destination, unreadable source)."""
+
+
+@dataclass
+class Owner:
+    uid: int
+    gid: int
+
+
+@dataclass
+class CopySpec:
+    """How the entries are to be written."""
+
+    chown: Owner | None = None
+    chmod: int | None = None
+    keep_owner: bool = False    # --from: keep the source's owners
+
+
+# --- users and groups of the container ------------------------------------------------
+def _read_db(rootfd: int, path: str) -> list[list[str]]:
+    try:
+        fd = syscalls.open_in_root(rootfd, path, os.O_RDONLY)
+    except OSError:
+        return []
+    try:
+        data = os.read(fd, 1 << 22)
+    finally:
+        os.close(fd)
+    return [line.split(":") for line in data.decode("utf-8", "replace").splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def resolve_owner(rootfd: int, spec: str) -> Owner:
+    """USER[:GROUP] (names or ids) from the container's /etc/passwd and /etc/group."""
+    user, _, group = spec.partition(":")
+    if not user:
+        raise CopyError(f"--chown={spec}: no user given")
+    passwd = [e for e in _read_db(rootfd, "/etc/passwd") if len(e) >= 4]
+    if user.isdigit():
+        uid = int(user)
+        entry = next((e for e in passwd if e[2] == user), None)
+        gid = int(entry[3]) if entry is not None and entry[3].isdigit() else uid
+    else:
+        entry = next((e for e in passwd if e[0] == user), None)
+        if entry is None or not entry[2].isdigit():
+            raise CopyError(f"--chown={spec}: no user {user!r} in the image's /etc/passwd")
+        uid = int(entry[2])
+        gid = int(entry[3]) if entry[3].isdigit() else uid
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = next((e for e in _read_db(rootfd, "/etc/group")
+                      if len(e) >= 3 and e[0] == group), None)
+            if g is None or not g[2].isdigit():
+                raise CopyError(f"--chown={spec}: no group {group!r} in the image's /etc/group")
+            gid = int(g[2])
+    return Owner(uid, gid)
+
+
+def parse_chmod(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise CopyError(f"--chmod={text}: expected an octal mode such as 0755") from None
+    if not 0 <= mode <= 0o7777:
+        raise CopyError(f"--chmod={text}: out of range")
+    return mode
+
+
+# --- the destination --------------------------------------------------------------------
+class Root:
+    """A container's root directory (the merged mount), for writing into it."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def lookup(self, path: str) -> os.stat_result | None:
+        """stat of PATH as the container sees it (symlinks followed inside), or None."""
+        try:
+            fd = syscalls.open_in_root(self.fd, path)
+        except OSError:
+            return None
+        try:
+            return os.stat(fd)
+        finally:
+            os.close(fd)
+
+    def ensure_dir(self, path: str, owner: Owner | None = None) -> int:
+        """An open fd of directory PATH, creating what is missing (mode 0755, root's
+        or `owner`'s); every existing component is resolved inside the root."""
+        parts = [p for p in path.split("/") if p and p != "."]
+        try:
+            return syscalls.open_in_root(self.fd, "/".join(parts), DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise CopyError(f"cannot open {path!r} in the container: {e.strerror}") from None
+        fd = syscalls.open_in_root(self.fd, ".", DIR_FLAGS & ~os.O_NOFOLLOW)
+        try:
+            for i, comp in enumerate(parts):
+                if comp == "..":
+                    nfd = syscalls.open_in_root(self.fd, "/".join(parts[:i + 1]),
+                                                DIR_FLAGS & ~os.O_NOFOLLOW)
+                else:
+                    nfd = self._child_dir(fd, comp, "/" + "/".join(parts[:i + 1]), owner)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _child_dir(self, pfd: int, name: str, where: str, owner: Owner | None) -> int:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            # Followed, but inside the root: resolve the whole path from the root again.
+            try:
+                return syscalls.open_in_root(self.fd, where, DIR_FLAGS & ~os.O_NOFOLLOW)
+            except OSError as e:
+                raise CopyError(f"{where!r} in the container is a symlink to something that is "
+                                f"not a directory ({e.strerror})") from None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise CopyError(f"{where!r} exists in the container and is not a directory")
+        if st is None:
+            os.mkdir(name, 0o755, dir_fd=pfd)
+            os.chmod(name, 0o755, dir_fd=pfd, follow_symlinks=False)
+            if owner is not None:
+                os.chown(name, owner.uid, owner.gid, dir_fd=pfd, follow_symlinks=False)
+        return os.open(name, DIR_FLAGS, dir_fd=pfd)
+
+
+# --- writing entries -------------------------------------------------------------------
+def _copy_xattrs(src: int | str, dst: int | str, follow: bool) -> None:
+    try:
+        names = os.listxattr(src, follow_symlinks=follow)
+    except OSError:
+        return
+    for n in names:
+        if n.startswith(_SKIP_XATTR_PREFIXES):
+            continue
+        with contextlib.suppress(OSError):
+            os.setxattr(dst, n, os.getxattr(src, n, follow_symlinks=follow),
+                        follow_symlinks=follow)
+
+
+def _clear(pfd: int, name: str, want_dir: bool, where: str) -> bool:
+    """Make room for NAME; True when an existing directory is to be merged into."""
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        if want_dir:
+            return True
+        raise CopyError(f"cannot replace directory {where!r} with a non-directory")
+    os.unlink(name, dir_fd=pfd)
+    return False
+
+
+class Writer:
+    """Writes entries below one destination directory fd."""
+
+    def __init__(self, spec: CopySpec, where: str) -> None:
+        self.spec = spec
+        self.where = where
+        self.links: dict[tuple[int, int], tuple[int, str]] = {}
+        self.dir_times: list[tuple[int, str, int, int]] = []   # (parent fd, name, atime, mtime)
+        self.fds: list[int] = []
+
+    def close(self) -> None:
+        for pfd, name, at, mt in reversed(self.dir_times):
+            with contextlib.suppress(OSError):
+                os.utime(name, ns=(at, mt), dir_fd=pfd, follow_symlinks=False)
+        for fd in self.fds:
+            os.close(fd)
+        for pfd, _ in self.links.values():
+            os.close(pfd)
+        self.fds.clear()
+        self.links.clear()
+        self.dir_times.clear()
+
+    def _owner(self, uid: int, gid: int) -> tuple[int, int]:
+        if self.spec.chown is not None:
+            return self.spec.chown.uid, self.spec.chown.gid
+        if self.spec.keep_owner:
+            return uid, gid
+        return 0, 0
+
+    def _mode(self, mode: int) -> int:
+        return self.spec.chmod if self.spec.chmod is not None else stat.S_IMODE(mode)
+
+    def _meta(self, pfd: int, name: str, uid: int, gid: int, mode: int) -> None:
+        o = self._owner(uid, gid)
+        os.chown(name, o[0], o[1], dir_fd=pfd, follow_symlinks=False)
+        os.chmod(name, self._mode(mode), dir_fd=pfd, follow_symlinks=False)
+
+    def directory(self, pfd: int, name: str, uid: int, gid: int, mode: int, atime: int,
+                  mtime: int, where: str, xattr_src: int | str | None = None) -> int:
+        """Create (or merge into) directory NAME; returns its fd, owned by the writer."""
+        if not _clear(pfd, name, True, where):
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        self._meta(pfd, name, uid, gid, mode)
+        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+        self.fds.append(fd)
+        if xattr_src is not None:
+            _copy_xattrs(xattr_src, syscalls.fd_str(fd), True)
+        self.dir_times.append((pfd, name, atime, mtime))
+        return fd
+
+    def file(self, pfd: int, name: str, src: IO[bytes] | int, size: int | None, uid: int,
+             gid: int, mode: int, atime: int, mtime: int, where: str) -> None:
+        _clear(pfd, name, False, where)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=pfd)
+        try:
+            if isinstance(src, int):
+                _sendfile(src, fd)
+                _copy_xattrs(syscalls.fd_str(src), syscalls.fd_str(fd), True)
+            else:
+                while chunk := src.read(1 << 20):
+                    _write_all(fd, chunk)
+            o = self._owner(uid, gid)
+            os.fchown(fd, o[0], o[1])
+            os.fchmod(fd, self._mode(mode))
+            os.utime(fd, ns=(atime, mtime))
+        finally:
+            os.close(fd)
+
+    def hardlink(self, key: tuple[int, int] | None, pfd: int, name: str, where: str) -> bool:
+        """Link NAME to the file already written for `key`; False if there is none yet."""
+        if key is None or key not in self.links:
+            return False
+        lfd, lname = self.links[key]
+        _clear(pfd, name, False, where)
+        os.link(lname, name, src_dir_fd=lfd, dst_dir_fd=pfd, follow_symlinks=False)
+        return True
+
+    def remember_link(self, key: tuple[int, int], pfd: int, name: str) -> None:
+        self.links.setdefault(key, (os.dup(pfd), name))
+
+    def symlink(self, pfd: int, name: str, target: str, uid: int, gid: int, atime: int,
+                mtime: int, where: str) -> None:
+        _clear(pfd, name, False, where)
+        os.symlink(target, name, dir_fd=pfd)
+        o = self._owner(uid, gid)
+        os.chown(name, o[0], o[1], dir_fd=pfd, follow_symlinks=False)
+        os.utime(name, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
+
+    def special(self, pfd: int, name: str, st_mode: int, rdev: int, uid: int, gid: int,
+                atime: int, mtime: int, where: str) -> None:
+        _clear(pfd, name, False, where)
+        if stat.S_ISFIFO(st_mode):
+            os.mkfifo(name, 0o600, dir_fd=pfd)
+        else:
+            os.mknod(name, stat.S_IFMT(st_mode) | 0o600, rdev, dir_fd=pfd)
+        self._meta(pfd, name, uid, gid, st_mode)
+        os.utime(name, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sendfile(src: int, dst: int) -> None:
+    offset = 0
+    while True:
+        try:
+            n = os.sendfile(dst, src, offset, 1 << 24)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            while chunk := os.pread(src, 1 << 20, offset):
+                _write_all(dst, chunk)
+                offset += len(chunk)
+            return
+        if n == 0:
+            return
+        offset += n
+
+
+# --- COPY -------------------------------------------------------------------------------
+def copy_sources(root: Root, tree: SourceTree, sources: list[Source], dest: str,
+                 spec: CopySpec, dest_is_dir: bool) -> None:
+    """Copy every source to `dest` (an absolute path in the container)."""
+    for src in sources:
+        if src.is_dir:
+            dfd = root.ensure_dir(dest, spec.chown)
+            try:
+                _copy_tree(dfd, tree, src, spec, dest)
+            finally:
+                os.close(dfd)
+            continue
+        if dest_is_dir:
+            parent, name = dest, posixpath.basename(src.name.rstrip("/")) or "root"
+        else:
+            parent, name = posixpath.split(dest.rstrip("/"))
+        pfd = root.ensure_dir(parent or "/", spec.chown)
+        w = Writer(spec, dest)
+        try:
+            _copy_entry(w, pfd, name, tree, src.entries[0], posixpath.join(parent, name))
+        finally:
+            w.close()
+            os.close(pfd)
+
+
+def _copy_entry(w: Writer, pfd: int, name: str, tree: SourceTree, e: Entry, where: str) -> None:
+    st = e.st
+    at, mt = st.st_atime_ns, st.st_mtime_ns
+    key = (st.st_dev, st.st_ino) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else None
+    try:
+        if w.hardlink(key, pfd, name, where):
+            return
+        if stat.S_ISREG(st.st_mode):
+            fd = tree.open(e.path, READ_FLAGS)
+            try:
+                w.file(pfd, name, fd, st.st_size, st.st_uid, st.st_gid, st.st_mode, at, mt, where)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(st.st_mode):
+            w.symlink(pfd, name, e.target or "", st.st_uid, st.st_gid, at, mt, where)
+        elif stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            w.special(pfd, name, st.st_mode, st.st_rdev, st.st_uid, st.st_gid, at, mt, where)
+        else:
+            return  # a socket: nothing to copy
+        if key is not None:
+            w.remember_link(key, pfd, name)
+    except CopyError:
+        raise
+    except OSError as e2:
+        raise CopyError(f"cannot copy {e.path or '.'!r} to {where!r}: {e2.strerror}") from None
+
+
+def _copy_tree(dfd: int, tree: SourceTree, src: Source, spec: CopySpec, dest: str) -> None:
+    """The contents of a source directory into the open directory `dfd`."""
+    w = Writer(spec, dest)
+    stack: list[tuple[str, int]] = [("", dfd)]  # (relative dir, fd) along the current path
+    try:
+        for e in src.entries[1:]:
+            parent = posixpath.dirname(e.rel)
+            while stack[-1][0] != parent:
+                stack.pop()
+                if not stack:
+                    raise CopyError(f"internal error: {e.rel!r} listed before its directory")
+            pfd = stack[-1][1]
+            name = posixpath.basename(e.rel)
+            where = posixpath.join(dest, e.rel)
+            if stat.S_ISDIR(e.st.st_mode):
+                try:
+                    src_fd = tree.open(e.path, DIR_FLAGS)
+                    try:
+                        fd = w.directory(pfd, name, e.st.st_uid, e.st.st_gid, e.st.st_mode,
+                                         e.st.st_atime_ns, e.st.st_mtime_ns, where,
+                                         syscalls.fd_str(src_fd))
+                    finally:
+                        os.close(src_fd)
+                except CopyError:
+                    raise
+                except OSError as err:
+                    raise CopyError(f"cannot copy {e.path!r} to {where!r}: "
+                                    f"{err.strerror}") from None
+                stack.append((e.rel, fd))
+            else:
+                _copy_entry(w, pfd, name, tree, e, where)
+    finally:
+        w.close()
+
+
+# --- ADD of a local archive ------------------------------------------------------------------
+_MAGIC = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"),
+          (b"\x28\xb5\x2f\xfd", "zst"))
+
+
+def _tar_header_ok(block: bytes) -> bool:
+    if len(block) < 512:
+        return False
+    if block[257:262] == b"ustar":
+        return True
+    try:
+        chk = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return chk == sum(block[:148]) + 256 + sum(block[156:512])
+
+
+@contextlib.contextmanager
+def open_archive(fd: int) -> Iterator[tarfile.TarFile | None]:
+    """The tar archive in the file `fd` (plain or compressed), or None if it is not one."""
+    head = os.pread(fd, 6, 0)
+    kind = next((k for m, k in _MAGIC if head.startswith(m)), None)
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(os.fdopen(os.dup(fd), "rb"))
+        stream: Any = raw
+        if kind == "gz":
+            stream = stack.enter_context(gzip.GzipFile(fileobj=raw))
+        elif kind == "bz2":
+            stream = stack.enter_context(bz2.BZ2File(raw))
+        elif kind == "xz":
+            stream = stack.enter_context(lzma.LZMAFile(raw))
+        elif kind == "zst":
+            stream = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw))
+        try:
+            first = stream.read(512)
+        except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError):
+            first = b""
+        if not _tar_header_ok(first):
+            yield None
+            return
+        prefixed: Any = _Prefixed(first, stream)
+        with tarfile.open(fileobj=prefixed, mode="r|") as tf:
+            yield tf
+
+
+class _Prefixed:
+    """A stream with some bytes already read put back in front."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self.head = head
+        self.rest = rest
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n < 0:
+                out, self.head = self.head + self.rest.read(), b""
+                return bytes(out)
+            out, self.head = self.head[:n], self.head[n:]
+            if len(out) < n:
+                out += self.rest.read(n - len(out))
+            return bytes(out)
+        return bytes(self.rest.read(n))
+
+
+def extract_archive(root: Root, tf: tarfile.TarFile, dest: str, spec: CopySpec,
+                    what: str) -> None:
+    """Unpack an archive into `dest`, confined to it; owners from the archive (or --chown)."""
+    dfd = root.ensure_dir(dest, spec.chown)
+    w = Writer(CopySpec(spec.chown, spec.chmod, keep_owner=True), dest)
+    dirs: dict[str, int] = {"": dfd}
+    try:
+        for m in tf:
+            parts = [p for p in m.name.split("/") if p not in ("", ".")]
+            if not parts:
+                continue
+            if ".." in parts:
+                raise CopyError(f"ADD {what}: refusing archive member {m.name!r} ('..')")
+            if parts[-1].startswith(".wh."):
+                raise CopyError(f"ADD {what}: refusing archive member {m.name!r} "
+                                "(a whiteout marker)")
+            pfd = _archive_dir(w, dirs, parts[:-1], dest)
+            name = parts[-1]
+            rel = "/".join(parts)
+            where = posixpath.join(dest, rel)
+            mt = int(m.mtime * 1_000_000_000)
+            try:
+                if m.isdir():
+                    old = dirs.pop(rel, None)
+                    if old is not None:
+                        # Made earlier as a parent of another member: give it its own metadata.
+                        w._meta(pfd, name, m.uid, m.gid, m.mode)
+                        w.dir_times.append((pfd, name, mt, mt))
+                        dirs[rel] = old
+                        continue
+                    dirs[rel] = w.directory(pfd, name, m.uid, m.gid, m.mode, mt, mt, where)
+                elif m.isreg():
+                    f = tf.extractfile(m)
+                    if f is None:
+                        continue
+                    w.file(pfd, name, f, m.size, m.uid, m.gid, m.mode, mt, mt, where)
+                elif m.issym():
+                    w.symlink(pfd, name, m.linkname, m.uid, m.gid, mt, mt, where)
+                elif m.islnk():
+                    _archive_link(dfd, pfd, name, m.linkname, where, what)
+                elif m.ischr() or m.isblk() or m.isfifo():
+                    kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else \
+                        stat.S_IFIFO
+                    w.special(pfd, name, kind | m.mode, os.makedev(m.devmajor, m.devminor),
+                              m.uid, m.gid, mt, mt, where)
+            except CopyError:
+                raise
+            except OSError as e:
+                raise CopyError(f"ADD {what}: cannot unpack {m.name!r}: {e.strerror}") from None
+    except (tarfile.TarError, EOFError, lzma.LZMAError, zstandard.ZstdError, OSError) as e:
+        raise CopyError(f"ADD {what}: corrupt or truncated archive ({e})") from None
+    finally:
+        w.close()
+        os.close(dfd)
+
+
+def _archive_dir(w: Writer, dirs: dict[str, int], parts: list[str], dest: str) -> int:
+    """The fd of an archive member's parent, made (0755, root) if the archive skipped it."""
+    rel = "/".join(parts)
+    if rel in dirs:
+        return dirs[rel]
+    pfd = _archive_dir(w, dirs, parts[:-1], dest) if parts else dirs[""]
+    name = parts[-1]
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+        w.fds.append(fd)
+    else:
+        if st is not None:
+            os.unlink(name, dir_fd=pfd)
+        os.mkdir(name, 0o755, dir_fd=pfd)
+        os.chmod(name, 0o755, dir_fd=pfd, follow_symlinks=False)
+        o = w.spec.chown
+        if o is not None:
+            os.chown(name, o.uid, o.gid, dir_fd=pfd, follow_symlinks=False)
+        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+        w.fds.append(fd)
+    dirs[rel] = fd
+    return fd
+
+
+def _archive_link(dfd: int, pfd: int, name: str, target: str, where: str, what: str) -> None:
+    tparts = [p for p in target.split("/") if p not in ("", ".")]
+    if not tparts or ".." in tparts:
+        raise CopyError(f"ADD {what}: refusing hard link {where!r} to {target!r}")
+    try:
+        tfd = syscalls.openat2(dfd, "/".join(tparts[:-1]) or ".", DIR_FLAGS,
+                               syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS)
+    except OSError:
+        raise CopyError(f"ADD {what}: hard link {where!r} to {target!r}, which is not in "
+                        "the archive") from None
+    try:
+        _clear(pfd, name, False, where)
+        os.link(tparts[-1], name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+    finally:
+        os.close(tfd)

@@ -1,0 +1,793 @@
+"""Running a Containerfile: stages, steps, the cache, and the image at the end.
+
+Each stage starts from an image of the store, `scratch` or an earlier stage,
+and carries an image state (full config plus layer descriptors) from step to
+step. A metadata step changes the config and adds an `empty_layer` history
+entry. A RUN, COPY or ADD step gets a fresh upper directory under the store's
+tmp/ over the state's layers:
+
+- RUN forks a child that calls `run.run` with that upper (the command gets the
+  image's Env, WorkingDir and User, the build args in scope, and everything
+  `pyunion run` confines a container with), so the build process's own mount
+  namespace and signal handlers never change;
+- COPY/ADD mount the layers plus the upper with pyunion in the build's private
+  mount namespace and write through the merged tree (`copier.py`), so the
+  destination resolves as the container sees it;
+
+then the upper is committed as one layer (`layer.py`), or recorded as an
+`empty_layer` entry when nothing changed. Every step first looks in the cache
+(`cache.py`); a hit takes the stored state and does no work. Only stages the
+target needs are built. With `--layers=false`/`--squash` each stage runs all
+its steps on one upper and commits one layer at its end, without the cache.
+
+A failing step stops the build with the step, the command and its exit status;
+its upper is thrown away, and nothing but complete layers and cache entries of
+the steps before it is left in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import posixpath
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import syscalls
+from ..errors import UserError
+from ..image.oci import host_platform
+from ..image.store import Store, normalize_tag, short_id
+from .cache import BuildCache, step_key
+from .copier import (
+    CopyError,
+    CopySpec,
+    Root,
+    copy_sources,
+    extract_archive,
+    open_archive,
+    parse_chmod,
+    resolve_owner,
+)
+from .ignore import IGNORE_FILES, Matcher, read_ignore_file
+from .instructions import EXPANDED, Scope, StageState, apply_metadata, platform_args
+from .layer import NewLayer, commit_upper, config_digest, is_empty, prune_upper, write_image
+from .lexer import Lexer
+from .parse import Dockerfile, DockerfileError, Instruction, Stage, parse, parse_commands
+from .sources import Source, SourceTree
+
+MAX_DOCKERFILE = 16 << 20
+LAYER_STEPS = ("RUN", "COPY", "ADD")
+
+
+class BuildError(UserError):
+    """The build stopped at a step."""
+
+
+@dataclass
+class BuildOptions:
+    context: str
+    file: str | None = None          # path, "-" for stdin, None: look in the context
+    tags: list[str] = field(default_factory=list)
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    no_cache: bool = False
+    layers: bool = True              # False: one new layer per stage (--squash)
+    store: str | None = None
+    quiet: bool = False
+
+
+@dataclass
+class ImageState:
+    config: dict[str, Any]
+    layers: list[dict[str, Any]]     # descriptors, bottom first, one per diff_id
+
+    @property
+    def id(self) -> str:
+        return config_digest(self.config)
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return list((self.config.get("rootfs") or {}).get("diff_ids") or [])
+
+    def copy(self) -> ImageState:
+        return ImageState(copy.deepcopy(self.config), copy.deepcopy(self.layers))
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def scratch_state() -> ImageState:
+    plat = host_platform()
+    cfg: dict[str, Any] = {"architecture": plat["architecture"], "os": plat["os"],
+                           "config": {}, "rootfs": {"type": "layers", "diff_ids": []},
+                           "history": []}
+    if plat.get("variant"):
+        cfg["variant"] = plat["variant"]
+    return ImageState(cfg, [])
+
+
+def _is_url(src: str) -> bool:
+    return src.startswith(("http://", "https://", "git://", "git@"))
+
+
+@dataclass
+class _Stage:
+    """A stage being built."""
+
+    stage: Stage
+    scope: Scope
+    state: StageState
+    image: ImageState
+    squash_upper: str | None = None   # --squash: the one upper every step writes to
+    base_lowers: list[str] = field(default_factory=list)
+
+
+class Builder:
+    def __init__(self, opts: BuildOptions) -> None:
+        self.opts = opts
+        self.store = Store(opts.store)
+        self.cache = BuildCache(self.store)
+        self.out = sys.stdout
+        self.tmp = ""
+        self.empty_layer_dir = ""
+        self.context: SourceTree | None = None
+        self.stages_done: dict[int, ImageState] = {}
+        self.step_no = 0
+        self.total = 0
+        self.prefix = ""
+        self.stage_names: dict[str, int] = {}
+
+    # --- output ------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        if not self.opts.quiet:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    # --- inputs --------------------------------------------------------------------
+    def _read_dockerfile(self) -> tuple[str, str | None]:
+        """The Containerfile's text and its path (None for stdin)."""
+        ctx = self.opts.context
+        f = self.opts.file
+        if f == "-":
+            return sys.stdin.read(MAX_DOCKERFILE), None
+        if f is None:
+            for name in ("Containerfile", "Dockerfile"):
+                if os.path.isfile(os.path.join(ctx, name)):
+                    f = os.path.join(ctx, name)
+                    break
+            else:
+                raise UserError(f"no Containerfile or Dockerfile in {ctx} (use -f FILE)")
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read(MAX_DOCKERFILE + 1)
+        except OSError as e:
+            raise UserError(f"cannot read {f}: {e.strerror}") from None
+        if len(data) > MAX_DOCKERFILE:
+            raise UserError(f"{f} is larger than {MAX_DOCKERFILE >> 20} MiB")
+        try:
+            return data.decode("utf-8"), f
+        except UnicodeDecodeError:
+            raise UserError(f"{f} is not valid UTF-8") from None
+
+    def _matcher(self, dockerfile: str | None) -> Matcher | None:
+        candidates = []
+        if dockerfile is not None:
+            candidates += [dockerfile + ".containerignore", dockerfile + ".dockerignore"]
+        candidates += [os.path.join(self.opts.context, n) for n in IGNORE_FILES]
+        for path in candidates:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise UserError(f"cannot read {path}: {e.strerror}") from None
+            with os.fdopen(fd, "rb") as fh:
+                return read_ignore_file(fh.read(MAX_DOCKERFILE), os.path.basename(path))
+        return None
+
+    # --- the build ---------------------------------------------------------------------
+    def build(self) -> str:
+        """Build; returns the image ID."""
+        if os.geteuid() != 0:
+            raise UserError("pyunion build needs root (RUN steps are containers, COPY mounts)")
+        if not os.path.isdir(self.opts.context):
+            raise UserError(f"the build context {self.opts.context!r} is not a directory")
+        tags = [normalize_tag(t) for t in self.opts.tags]
+        text, path = self._read_dockerfile()
+        df = parse(text)
+        matcher = self._matcher(path)
+        lexer = Lexer(df.escape)
+        global_scope = Scope(lexer, self.opts.build_args, {})
+        for inst in df.global_args:
+            global_scope.declare(inst, {}, is_global=True)
+        for k, v in platform_args().items():
+            global_scope.args.setdefault(k, v)
+        stages = self._needed(df, global_scope)
+        self.total = df.step_count(stages)
+        started = time.monotonic()
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.make_private("/")
+        except OSError as e:
+            raise UserError(f"cannot create a mount namespace: {e.strerror}") from None
+        self.context = SourceTree(os.path.abspath(self.opts.context), matcher,
+                                  "the build context")
+        consumed: set[str] = set(global_scope.consumed)
+        try:
+            with self.store.using(), self.store.tempdir() as tmp:
+                self.tmp = tmp
+                self.empty_layer_dir = os.path.join(tmp, "empty")
+                os.mkdir(self.empty_layer_dir, 0o755)
+                final: ImageState | None = None
+                for st in stages:
+                    scope = Scope(lexer, self.opts.build_args, dict(global_scope.args))
+                    final = self._build_stage(df, st, scope, global_scope, len(stages))
+                    consumed |= scope.consumed
+                    self.stages_done[st.index] = final
+                assert final is not None
+                if tags:
+                    self.say(f"COMMIT {' '.join(tags)}")
+                _, cdigest = write_image(self.store, final.config, final.layers, tags, tmp)
+        finally:
+            self.context.close()
+        unused = sorted(set(self.opts.build_args) - consumed)
+        if unused:
+            print(f"pyunion: warning: build args not used by any ARG: {', '.join(unused)}",
+                  file=sys.stderr)
+        self.say(f"--> {short_id(cdigest)} (built in {time.monotonic() - started:.2f}s)")
+        for t in tags:
+            self.say(f"Successfully tagged {t}")
+        return cdigest
+
+    def _needed(self, df: Dockerfile, global_scope: Scope) -> list[Stage]:
+        """The target stage and the stages it depends on, in file order."""
+        by_name = {s.name: s for s in df.stages if s.name}
+        self.stage_names = {n: s.index for n, s in by_name.items()}
+        if self.opts.target is not None:
+            t = by_name.get(self.opts.target.lower())
+            if t is None:
+                raise UserError(f"no stage named {self.opts.target!r} in the Containerfile")
+        else:
+            t = df.stages[-1]
+        need: set[int] = set()
+        todo = [t]
+        while todo:
+            s = todo.pop()
+            if s.index in need:
+                continue
+            need.add(s.index)
+            refs = [self._expand_global(s.base, global_scope)]
+            for inst in s.instructions:
+                if inst.cmd == "COPY" and inst.flags.get("from"):
+                    refs.append(self._expand_global(str(inst.flags["from"]), global_scope))
+            for ref in refs:
+                dep = self._stage_ref(df, ref, s.index)
+                if dep is not None:
+                    todo.append(dep)
+        return [s for s in df.stages if s.index in need]
+
+    @staticmethod
+    def _expand_global(text: str, scope: Scope) -> str:
+        try:
+            return scope.lexer.word(text, scope.args)
+        except UserError:
+            return text
+
+    def _stage_ref(self, df: Dockerfile, ref: str, before: int) -> Stage | None:
+        """An earlier stage named by `ref` (its name or its index), or None."""
+        idx = self.stage_names.get(ref.lower())
+        if idx is None and ref.isdigit():
+            idx = int(ref)
+        if idx is None:
+            return None
+        if idx >= before:
+            if ref.isdigit():
+                raise UserError(f"stage {ref} used before it is defined")
+            return None  # a later stage of that name cannot be used: then it is an image
+        return df.stages[idx]
+
+    # --- one stage -----------------------------------------------------------------------------
+    def _next_step(self, text: str) -> str:
+        self.step_no += 1
+        label = f"{self.prefix}STEP {self.step_no}/{self.total}: {text}"
+        self.say(label)
+        return label
+
+    def _build_stage(self, df: Dockerfile, stage: Stage, scope: Scope, global_scope: Scope,
+                     nstages: int) -> ImageState:
+        self.prefix = f"[{stage.index + 1}/{len(df.stages)}] " if len(df.stages) > 1 else ""
+        base_ref = self._expand_global(stage.base, global_scope)
+        self._next_step(f"FROM {base_ref}" + (f" AS {stage.name}" if stage.name else ""))
+        if stage.platform:
+            want = self._expand_global(stage.platform, global_scope)
+            p = host_platform()
+            if not want.startswith(f"{p['os']}/{p['architecture']}"):
+                raise BuildError(f"line {stage.line}: FROM --platform={want}: only this "
+                                 f"machine's platform ({p['os']}/{p['architecture']}) is built")
+        image = self._base(df, base_ref, stage)
+        st = _Stage(stage, scope, StageState(), image)
+        shell = (image.config.get("config") or {}).get("Shell")
+        if isinstance(shell, list) and shell and all(isinstance(x, str) for x in shell):
+            st.state.shell = list(shell)
+        triggers = [str(t) for t in (image.config.get("config") or {}).get("OnBuild") or []]
+        if triggers:
+            (image.config.get("config") or {}).pop("OnBuild", None)
+        if not self.opts.layers:
+            st.squash_upper = self._new_upper()
+            st.base_lowers = self._lowers(image)
+        try:
+            for text in triggers:
+                for inst in parse_commands(text, stage.line):
+                    self.say(f"{self.prefix}ONBUILD {inst.original}")
+                    self._step(st, inst, numbered=False)
+            for inst in stage.instructions:
+                self._step(st, inst)
+            if st.squash_upper is not None:
+                self._finish_squash(st)
+        finally:
+            if st.squash_upper is not None and os.path.exists(st.squash_upper):
+                self._remove(st.squash_upper)
+        return st.image
+
+    def _base(self, df: Dockerfile, ref: str, stage: Stage) -> ImageState:
+        if ref.lower() == "scratch":
+            return scratch_state()
+        dep = self._stage_ref(df, ref, stage.index)
+        if dep is not None:
+            return self.stages_done[dep.index].copy()
+        try:
+            img = self.store.lookup(ref)
+        except UserError:
+            raise BuildError(f"line {stage.line}: FROM {ref}: no such image in the store "
+                             f"{self.store.root} (pyunion build does not pull: import it with "
+                             "'pyunion image import')") from None
+        layers = [dict(d) for d in img.manifest.get("layers", [])]
+        state = ImageState(copy.deepcopy(img.config), layers)
+        if len(state.diff_ids) != len(layers):
+            raise BuildError(f"image {ref!r}: its config and manifest list different layers")
+        for d in state.diff_ids:
+            if not self.store.has_layer(d):
+                raise BuildError(f"image {ref!r}: layer {d} is missing from the store")
+        return state
+
+    def _lowers(self, image: ImageState) -> list[str]:
+        dirs = [self.store.layer_path(d) for d in reversed(image.diff_ids)]
+        return dirs or [self.empty_layer_dir]
+
+    # --- one step ----------------------------------------------------------------------------
+    def _step(self, st: _Stage, inst: Instruction, numbered: bool = True) -> None:
+        if numbered:
+            self._next_step(inst.original.split("\n", 1)[0] if not inst.heredocs
+                            else inst.original.rstrip("\n"))
+        t0 = time.monotonic()
+        cfg = st.image.config.setdefault("config", {}) or {}
+        st.image.config["config"] = cfg
+        if inst.cmd in LAYER_STEPS:
+            self._layer_step(st, inst, t0)
+            return
+        if inst.cmd in ("FROM",):
+            raise BuildError(f"line {inst.line}: FROM inside a stage")
+        new = st.image.copy()
+        created_by = apply_metadata(inst, new.config, st.scope, st.state)
+        key = step_key(st.image.id, "meta", inst.cmd, created_by, st.state.cmd_set,
+                       st.state.shell)
+        self._finish(st, new, key, created_by, False, t0)
+
+    def _finish(self, st: _Stage, new: ImageState, key: str, created_by: str,
+                layer: NewLayer | None | bool, t0: float) -> None:
+        """Record the step: the cached state, or the new one with its history entry.
+
+        `layer` is a NewLayer, None for an empty change, or False for a metadata step.
+        """
+        cached = None if layer is not False or self.opts.no_cache \
+            or st.squash_upper is not None else self.cache.get(key)
+        if cached is not None:
+            new = ImageState(cached[0], cached[1])
+            self.say(f"--> CACHED {short_id(new.id)}")
+            st.image = new
+            return
+        now = _now()
+        entry: dict[str, Any] = {"created": now, "created_by": created_by}
+        if not isinstance(layer, NewLayer):
+            entry["empty_layer"] = True
+        else:
+            new.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+            new.config["rootfs"].setdefault("diff_ids", []).append(layer.diff_id)
+            new.layers.append(layer.descriptor())
+        new.config["history"] = list(new.config.get("history") or []) + [entry]
+        new.config["created"] = now
+        for k in ("container", "container_config"):
+            new.config.pop(k, None)
+        st.image = new
+        if st.squash_upper is None:
+            self.cache.put(key, new.config, new.layers)
+        self.say(f"--> {short_id(new.id)} {time.monotonic() - t0:.2f}s")
+
+    def _layer_step(self, st: _Stage, inst: Instruction, t0: float) -> None:
+        if inst.cmd == "RUN":
+            argv, created_by, env = self._run_spec(st, inst)
+            key = step_key(st.image.id, "RUN", argv, sorted(env), st.state.workdir_pending)
+
+            def work(upper: str, lowers: list[str]) -> None:
+                self._run(st, argv, env, upper, lowers, inst)
+        else:
+            plan = self._copy_plan(st, inst)
+            created_by, key = plan.created_by, plan.key
+
+            def work(upper: str, lowers: list[str]) -> None:
+                self._copy(st, plan, upper, lowers)
+        if not self.opts.no_cache and st.squash_upper is None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                st.image = ImageState(cached[0], cached[1])
+                st.state.workdir_pending = False
+                self.say(f"--> CACHED {short_id(st.image.id)}")
+                return
+        if st.squash_upper is not None:
+            work(st.squash_upper, st.base_lowers)
+            st.state.workdir_pending = False
+            self._finish(st, st.image.copy(), key, created_by, None, t0)
+            return
+        lowers = self._lowers(st.image)
+        upper = self._new_upper()
+        try:
+            work(upper, lowers)
+            prune_upper(upper, lowers if st.image.diff_ids else [])
+            layer = None if is_empty(upper) else commit_upper(self.store, upper, self.tmp)
+        finally:
+            if os.path.exists(upper):
+                self._remove(upper)
+            self._remove(upper + ".work")
+        st.state.workdir_pending = False
+        self._finish(st, st.image.copy(), key, created_by, layer, t0)
+
+    def _finish_squash(self, st: _Stage) -> None:
+        upper = st.squash_upper
+        assert upper is not None
+        prune_upper(upper, st.base_lowers if st.image.diff_ids else [])
+        if is_empty(upper):
+            return
+        layer = commit_upper(self.store, upper, self.tmp)
+        st.image.config["rootfs"]["diff_ids"].append(layer.diff_id)
+        st.image.layers.append(layer.descriptor())
+        hist = st.image.config.get("history") or []
+        if hist:
+            hist[-1].pop("empty_layer", None)
+
+    def _new_upper(self) -> str:
+        upper = os.path.join(self.tmp, "upper-" + os.urandom(6).hex())
+        os.mkdir(upper, 0o755)
+        os.mkdir(os.path.join(self.tmp, "." + os.path.basename(upper) + ".work"), 0o700)
+        return upper
+
+    def _remove(self, path: str) -> None:
+        from ..tree import rmtree
+        with contextlib.suppress(OSError):
+            rmtree(path)
+        work = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".work")
+        with contextlib.suppress(OSError):
+            rmtree(work)
+
+    # --- RUN -------------------------------------------------------------------------------------
+    def _run_spec(self, st: _Stage, inst: Instruction) -> tuple[list[str], str, list[str]]:
+        """(argv, history text, build-arg environment) of a RUN."""
+        shell = st.state.shell
+        if inst.json:
+            argv = list(inst.args)
+            shown = json.dumps(argv)
+        elif inst.heredocs:
+            argv = shell + [_heredoc_script(inst)]
+            shown = " ".join(shell) + " " + argv[-1]
+        else:
+            text = " ".join(inst.args)
+            argv = shell + [text]
+            shown = " ".join(shell) + " " + text
+        if not argv:
+            raise BuildError(f"line {inst.line}: RUN needs a command")
+        env = st.scope.run_env(st.image.config["config"])
+        return argv, "RUN " + st.scope.history_args() + shown, env
+
+    def _run(self, st: _Stage, argv: list[str], env: list[str], upper: str,
+             lowers: list[str], inst: Instruction) -> None:
+        from ..run import RunOptions, run
+
+        cfg = st.image.config["config"]
+        image_env = [str(e) for e in cfg.get("Env") or []]
+        opts = RunOptions(layers=lowers, command=argv, env=env + image_env,
+                          workdir=cfg.get("WorkingDir") or None, user=cfg.get("User") or None,
+                          upper=upper, quiet=True)
+        self.out.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 125
+            try:
+                code = run(opts)
+            except UserError as e:
+                print(f"pyunion: {e}", file=sys.stderr)
+                code = e.code
+            except BaseException as e:  # noqa: BLE001 - a forked child never returns
+                print(f"pyunion: RUN failed: {e!r}", file=sys.stderr)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        code = _wait_child(pid)
+        if code != 0:
+            what = "could not run the command" if code == 125 else \
+                f"the command exited with status {code}"
+            if code > 128 and code != 255:
+                what = f"the command was killed by signal {code - 128}"
+            raise BuildError(f"building at STEP {self.step_no}/{self.total}: "
+                             f"{inst.original.splitlines()[0]}: {what}", 1)
+
+    # --- COPY and ADD ------------------------------------------------------------------------
+    def _copy_plan(self, st: _Stage, inst: Instruction) -> _CopyPlan:
+        cfg = st.image.config["config"]
+        scope = st.scope
+        assert inst.cmd in EXPANDED
+
+        def word(w: str) -> str:
+            return scope.word(inst, w, cfg)
+
+        flags = {k: (word(v) if v is not None else None) for k, v in inst.flags.items()}
+        args = list(inst.args)
+        dest_raw = args[-1]
+        srcs = args[:-1]
+        heredocs = {h.name: h for h in inst.heredocs}
+        dest = word(dest_raw)
+        if not dest:
+            raise BuildError(f"line {inst.line}: {inst.cmd}: empty destination")
+        workdir = cfg.get("WorkingDir") or "/"
+        dest_is_dir = dest.endswith(("/", "/.")) or dest in (".", "..")
+        dest_abs = posixpath.normpath(posixpath.join(workdir, dest))
+        plan = _CopyPlan(inst, dest_abs, dest_is_dir, flags)
+        from_ref = flags.get("from")
+        for s in srcs:
+            name = s[2:].lstrip("-") if s.startswith("<<") else None
+            if name is not None and name in heredocs:
+                h = heredocs[name]
+                content = scope.word(inst, h.content, cfg) if h.expand else h.content
+                plan.heredocs.append((name, content))
+                continue
+            value = word(s)
+            if _is_url(value):
+                raise BuildError(f"line {inst.line}: {inst.cmd} {value}: remote sources need "
+                                 "a network, which pyunion build does not use; download it "
+                                 "and COPY the file")
+            plan.patterns.append(value)
+        count = len(plan.patterns) + len(plan.heredocs)
+        if from_ref is not None:
+            src_state = self._from_state(from_ref, inst)
+            plan.from_state = src_state
+            plan.key = step_key(st.image.id, inst.cmd, flags, plan.patterns, dest_abs,
+                                dest_is_dir, src_state.id, st.state.workdir_pending)
+            plan.created_by = (f"{inst.cmd} --from={from_ref} "
+                               f"{' '.join(plan.patterns)} in {dest}")
+            plan.multi = count > 1
+            return plan
+        assert self.context is not None
+        sources: list[Source] = []
+        for p in plan.patterns:
+            matched = self.context.expand(p)
+            if not matched:
+                raise BuildError(f"line {inst.line}: {inst.cmd}: no source files match {p!r} "
+                                 "in the build context")
+            for m in matched:
+                try:
+                    sources.append(self.context.source(m))
+                except UserError as e:
+                    raise BuildError(f"line {inst.line}: {inst.cmd}: {e}") from None
+        plan.sources = sources
+        plan.multi = len(sources) + len(plan.heredocs) > 1
+        digest = self.context.digest(sources)
+        if plan.heredocs:
+            digest = step_key(digest, plan.heredocs)
+        kind = "multi" if plan.multi else ("dir" if sources and sources[0].is_dir else "file")
+        plan.created_by = f"{inst.cmd} {kind}:{digest} in {dest}"
+        plan.key = step_key(st.image.id, inst.cmd, flags, digest, dest_abs, dest_is_dir,
+                            [s.name for s in sources], st.state.workdir_pending)
+        return plan
+
+    def _from_state(self, ref: str, inst: Instruction) -> ImageState:
+        idx = self.stage_names.get(ref.lower())
+        if idx is None and ref.isdigit():
+            idx = int(ref)
+        if idx is not None and idx in self.stages_done:
+            return self.stages_done[idx]
+        try:
+            img = self.store.lookup(ref)
+        except UserError:
+            raise BuildError(f"line {inst.line}: COPY --from={ref}: no such stage, and no such "
+                             "image in the store") from None
+        return ImageState(img.config, [dict(d) for d in img.manifest.get("layers", [])])
+
+    def _copy(self, st: _Stage, plan: _CopyPlan, upper: str, lowers: list[str]) -> None:
+        inst = plan.inst
+        with contextlib.ExitStack() as stack:
+            mnt = stack.enter_context(self._mounted(lowers, upper))
+            root = Root(mnt)
+            stack.callback(root.close)
+            cfg = st.image.config["config"]
+            if st.state.workdir_pending and cfg.get("WorkingDir"):
+                os.close(root.ensure_dir(cfg["WorkingDir"]))
+            spec = CopySpec()
+            try:
+                if plan.flags.get("chown"):
+                    spec.chown = resolve_owner(root.fd, str(plan.flags["chown"]))
+                if plan.flags.get("chmod"):
+                    spec.chmod = parse_chmod(str(plan.flags["chmod"]))
+                existing = root.lookup(plan.dest)
+                dest_is_dir = plan.dest_is_dir or (existing is not None and
+                                                   (existing.st_mode & 0o170000) == 0o040000)
+                if plan.multi and not dest_is_dir:
+                    raise BuildError(f"line {inst.line}: {inst.cmd} with more than one source "
+                                     "needs a destination directory ending in '/'")
+                tree = self.context
+                sources = plan.sources
+                if plan.from_state is not None:
+                    src_lowers = self._lowers(plan.from_state)
+                    src_mnt = stack.enter_context(self._mounted(src_lowers, None))
+                    tree = SourceTree(src_mnt, None, f"--from={plan.flags['from']}")
+                    stack.callback(tree.close)
+                    spec.keep_owner = True
+                    sources = []
+                    for p in plan.patterns:
+                        matched = tree.expand(p)
+                        if not matched:
+                            raise BuildError(f"line {inst.line}: COPY --from: no files match "
+                                             f"{p!r}")
+                        sources += [tree.source(m) for m in matched]
+                    if len(sources) > 1 and not dest_is_dir:
+                        raise BuildError(f"line {inst.line}: COPY with more than one source "
+                                         "needs a destination directory ending in '/'")
+                assert tree is not None
+                if inst.cmd == "ADD":
+                    rest = []
+                    for s in sources:
+                        if not s.is_dir and self._add_archive(root, tree, s, plan, spec):
+                            continue
+                        rest.append(s)
+                    sources = rest
+                copy_sources(root, tree, sources, plan.dest, spec, dest_is_dir)
+                if plan.heredocs:
+                    self._copy_heredocs(root, plan, spec, dest_is_dir)
+            except CopyError as e:
+                raise BuildError(f"line {inst.line}: {inst.cmd}: {e}") from None
+
+    def _add_archive(self, root: Root, tree: SourceTree, src: Source, plan: _CopyPlan,
+                     spec: CopySpec) -> bool:
+        fd = tree.open(src.entries[0].path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            with open_archive(fd) as tf:
+                if tf is None:
+                    return False
+                extract_archive(root, tf, plan.dest, spec, src.name)
+                return True
+        finally:
+            os.close(fd)
+
+    def _copy_heredocs(self, root: Root, plan: _CopyPlan, spec: CopySpec,
+                       dest_is_dir: bool) -> None:
+        hd = os.path.join(self.tmp, "heredoc-" + os.urandom(6).hex())
+        os.mkdir(hd, 0o700)
+        try:
+            for name, content in plan.heredocs:
+                p = os.path.join(hd, name)
+                with open(p, "w") as f:
+                    f.write(content)
+                os.chmod(p, 0o644)
+            tree = SourceTree(hd, None, "the heredoc")
+            try:
+                srcs = [tree.source(name) for name, _ in plan.heredocs]
+                copy_sources(root, tree, srcs, plan.dest, spec, dest_is_dir)
+            finally:
+                tree.close()
+        finally:
+            self._remove(hd)
+
+    @contextlib.contextmanager
+    def _mounted(self, lowers: list[str], upper: str | None) -> Iterator[str]:
+        """A pyunion mount of the layers (+ upper) in the build's mount namespace."""
+        from ..mount import mount, umount, wait_gone
+        from ..options import MountConfig
+
+        mnt = os.path.join(self.tmp, "mnt-" + os.urandom(6).hex())
+        os.mkdir(mnt, 0o755)
+        work = None
+        if upper is not None:
+            work = os.path.join(os.path.dirname(upper), "." + os.path.basename(upper) + ".work")
+            os.makedirs(work, exist_ok=True)
+        cfg = MountConfig(lowers=lowers, mountpoint=mnt, upper=upper, work=work,
+                          fuse_options={"allow_other", "suid", "dev"},
+                          read_only=upper is None)
+        pid = mount(cfg)
+        try:
+            yield mnt
+        finally:
+            try:
+                umount(mnt, timeout=30)
+            except UserError:
+                with contextlib.suppress(UserError):
+                    umount(mnt, lazy=True)
+            if not wait_gone(pid, 10):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                os.rmdir(mnt)
+
+
+@dataclass
+class _CopyPlan:
+    inst: Instruction
+    dest: str
+    dest_is_dir: bool
+    flags: dict[str, str | None]
+    patterns: list[str] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    heredocs: list[tuple[str, str]] = field(default_factory=list)
+    from_state: ImageState | None = None
+    multi: bool = False
+    key: str = ""
+    created_by: str = ""
+
+
+def _heredoc_script(inst: Instruction) -> str:
+    """The shell script of a RUN with heredocs, as BuildKit runs it."""
+    cmd = " ".join(inst.args).strip()
+    if len(inst.heredocs) == 1 and cmd in (f"<<{inst.heredocs[0].name}",
+                                           f"<<-{inst.heredocs[0].name}"):
+        content = inst.heredocs[0].content
+        if content.startswith("#!"):
+            interp = content.split("\n", 1)[0][2:].strip()
+            return f"{interp} <<'PYUNION_HEREDOC_EOF'\n{content}PYUNION_HEREDOC_EOF\n"
+        return content
+    # Anything else: the command and its here-documents, handed to the shell as written.
+    body = inst.original.split(None, 1)[1] if " " in inst.original else ""
+    return body
+
+
+def _wait_child(pid: int) -> int:
+    """Wait for a RUN's child; ^C reaches it from the terminal, SIGTERM is passed on."""
+    got: list[int] = []
+
+    def on_signal(signo: int, _frame: Any) -> None:
+        got.append(signo)
+        if signo != signal.SIGINT:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signo)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM,
+                                                   signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    code = os.waitstatus_to_exitcode(status)
+    if got:
+        raise BuildError(f"interrupted by signal {got[0]}", 128 + got[0])
+    return 128 - code if code < 0 else code
+
+
+def build(opts: BuildOptions) -> str:
+    """Build the Containerfile in `opts`; returns the new image's ID."""
+    return Builder(opts).build()
+
+
+__all__ = ["BuildError", "BuildOptions", "DockerfileError", "build"]

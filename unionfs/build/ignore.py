@@ -1,0 +1,132 @@
+""".dockerignore / .containerignore: which context files COPY and ADD never see.
+
+Docker's rules (moby/patternmatcher): one pattern per line, `#` comment lines,
+surrounding whitespace dropped; each pattern is cleaned like a path (`./a/../b`
+is `b`, a leading `/` means the context root); `*` matches within one path
+component, `?` one character, `[...]` a class, `\\` escapes, `**` any number of
+components. A path is excluded when the last pattern that matches it, or one of
+its parent directories, is not a `!` exception. So `docs` excludes everything
+under docs/, and `!docs/README.md` after it brings that one file back.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+IGNORE_FILES = (".containerignore", ".dockerignore")  # the first one found wins, as in buildah
+
+
+@dataclass
+class _Pattern:
+    text: str
+    exclusion: bool
+    regex: re.Pattern[str]
+
+
+def _clean(p: str) -> str:
+    p = posixpath.normpath(p)
+    if p.startswith("/") and len(p) > 1:
+        p = p.lstrip("/") or "/"
+    return p
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    rest = pattern[2:]
+    if pattern.startswith("**") and rest and not any(c in rest for c in "*?[\\"):
+        # A leading ** and nothing special after it: a plain suffix match (`**.go`).
+        tail = re.escape(rest)
+        return re.compile(f"^(.*{tail}|{re.escape(rest[1:])})$" if rest.startswith("/")
+                          else f"^.*{tail}$", re.DOTALL)
+    out = "^"
+    i = 0
+    n = len(pattern)
+    while i < n:
+        ch = pattern[i]
+        i += 1
+        if ch == "*":
+            if i < n and pattern[i] == "*":
+                i += 1
+                if i < n and pattern[i] == "/":
+                    i += 1
+                out += ".*" if i >= n else "(.*/)?"
+            else:
+                out += "[^/]*"
+        elif ch == "?":
+            out += "[^/]"
+        elif ch == "\\":
+            if i < n:
+                out += re.escape(pattern[i])
+                i += 1
+            else:
+                out += "\\\\"
+        elif ch == "[":
+            j = i
+            if j < n and pattern[j] in "^!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                raise UserError(f"bad pattern {pattern!r} in the ignore file: unclosed '['")
+            body = pattern[i:j]
+            if body.startswith(("^", "!")):
+                body = "^" + body[1:]
+            out += "[" + body.replace("\\", "\\\\") + "]"
+            i = j + 1
+        else:
+            out += re.escape(ch)
+    return re.compile(out + "$", re.DOTALL)
+
+
+class Matcher:
+    """Patterns of an ignore file, evaluated against slash-separated relative paths."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.patterns: list[_Pattern] = []
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            exclusion = line.startswith("!")
+            if exclusion:
+                line = line[1:].strip()
+                if not line:
+                    raise UserError('illegal exclusion pattern "!" in the ignore file')
+            p = _clean(line)
+            self.patterns.append(_Pattern(p, exclusion, _compile(p)))
+        self.has_exceptions = any(p.exclusion for p in self.patterns)
+
+    def excluded(self, path: str) -> bool:
+        """Whether `path` (relative to the context, no leading slash) is ignored."""
+        if not self.patterns:
+            return False
+        path = posixpath.normpath(path)
+        if path in (".", ""):
+            return False
+        parts = path.split("/")
+        parents = ["/".join(parts[:i + 1]) for i in range(len(parts) - 1)]
+        matched = False
+        for p in self.patterns:
+            if p.exclusion != matched:
+                continue
+            hit = bool(p.regex.match(path)) or any(p.regex.match(q) for q in parents)
+            if hit:
+                matched = not p.exclusion
+        return matched
+
+    def may_include_below(self, directory: str) -> bool:
+        """Whether an excluded directory can still hold included paths (an exception)."""
+        return self.has_exceptions
+
+
+def read_ignore_file(data: bytes, name: str) -> Matcher:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{name} is not valid UTF-8") from None
+    return Matcher(text.lstrip("\ufeff").splitlines())

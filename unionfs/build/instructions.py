@@ -1,0 +1,304 @@
+"""What each metadata instruction does to an image config, and the variables in scope.
+
+These steps touch no file: ENV, LABEL, EXPOSE, VOLUME, USER, WORKDIR, CMD,
+ENTRYPOINT, STOPSIGNAL, HEALTHCHECK, ONBUILD, SHELL, MAINTAINER and ARG change
+the config (and the stage's state) and return the history text for their
+`empty_layer` entry, in Docker's style (`ENV A=1`, `WORKDIR /app`).
+
+Variables: the build arguments declared so far in the stage, overridden by the
+image's Env (ENV always wins over ARG). Global ARGs (before the first FROM) are
+visible to FROM lines only, and inside a stage through `ARG NAME` without a
+value. `--build-arg` overrides any declared default. The platform arguments
+(TARGETARCH and friends) are predefined; the proxy arguments (HTTP_PROXY...)
+reach RUN without being declared, and stay out of the history.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UserError
+from ..image.oci import host_platform
+from .lexer import Lexer
+from .parse import DockerfileError, Instruction
+
+PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY",
+              "ftp_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy")
+DEFAULT_SHELL = ["/bin/sh", "-c"]
+# Instructions whose arguments get variable substitution (Docker's list).
+EXPANDED = {"ADD", "COPY", "ENV", "EXPOSE", "FROM", "LABEL", "STOPSIGNAL", "USER", "VOLUME",
+            "WORKDIR", "ARG"}
+
+
+def platform_args() -> dict[str, str]:
+    p = host_platform()
+    plat = f"{p['os']}/{p['architecture']}" + (f"/{p['variant']}" if p.get("variant") else "")
+    out = {}
+    for prefix in ("TARGET", "BUILD"):
+        out[prefix + "PLATFORM"] = plat
+        out[prefix + "OS"] = p["os"]
+        out[prefix + "ARCH"] = p["architecture"]
+        out[prefix + "VARIANT"] = p.get("variant", "")
+    return out
+
+
+def _fail(inst: Instruction, msg: str) -> DockerfileError:
+    return DockerfileError(f"line {inst.line}: {inst.cmd}: {msg}")
+
+
+@dataclass
+class Scope:
+    """The variables of one stage (or of the global scope before the first FROM)."""
+
+    lexer: Lexer
+    build_args: dict[str, str]            # --build-arg
+    global_args: dict[str, str]           # values of the ARGs before the first FROM
+    args: dict[str, str] = field(default_factory=dict)  # declared here, with a value
+    consumed: set[str] = field(default_factory=set)     # build args some ARG declared
+
+    def variables(self, config: dict[str, Any]) -> dict[str, str]:
+        out = dict(self.args)
+        for item in config.get("Env") or []:
+            k, _, v = str(item).partition("=")
+            out[k] = v
+        return out
+
+    def word(self, inst: Instruction, text: str, config: dict[str, Any]) -> str:
+        try:
+            return self.lexer.word(text, self.variables(config))
+        except UserError as e:
+            raise _fail(inst, str(e)) from None
+
+    def declare(self, inst: Instruction, config: dict[str, Any], is_global: bool) -> str:
+        """ARG NAME[=default] ...: returns the history text, as written (no values from
+        --build-arg: those key the steps that use them, and stay out of the history)."""
+        for item in inst.args:
+            name, eq, default = item.partition("=")
+            if not name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise _fail(inst, f"invalid argument name {name!r}")
+            value: str | None
+            if name in self.build_args:
+                value = self.build_args[name]
+                self.consumed.add(name)
+            elif eq:
+                value = self.word(inst, default, config)
+            elif not is_global and name in self.global_args:
+                value = self.global_args[name]
+            elif name in platform_args():
+                value = platform_args()[name]
+            else:
+                value = None
+            if value is not None:
+                self.args[name] = value
+            else:
+                self.args.pop(name, None)
+        return "ARG " + " ".join(inst.args)
+
+    def run_env(self, config: dict[str, Any]) -> list[str]:
+        """Build args RUN sees as environment variables (ENV ones win later)."""
+        env = dict(self.args)
+        for k in PROXY_ARGS:
+            if k in self.build_args:
+                env.setdefault(k, self.build_args[k])
+                self.consumed.add(k)
+        return [f"{k}={v}" for k, v in env.items()]
+
+    def history_args(self) -> str:
+        """`|2 A=1 B=2 ` before a RUN's command in its history, as Docker writes it."""
+        if not self.args:
+            return ""
+        items = sorted(f"{k}={v}" for k, v in self.args.items())
+        return f"|{len(items)} " + " ".join(items) + " "
+
+
+@dataclass
+class StageState:
+    """What a stage carries between steps besides the config."""
+
+    shell: list[str] = field(default_factory=lambda: list(DEFAULT_SHELL))
+    cmd_set: bool = False
+    workdir_pending: bool = False   # WORKDIR named a directory the next layer creates
+
+
+def _json_or_shell(inst: Instruction, state: StageState) -> list[str]:
+    if inst.json:
+        return list(inst.args)
+    return state.shell + [" ".join(inst.args)]
+
+
+def _pairs(inst: Instruction) -> list[tuple[str, str]]:
+    a = inst.args
+    if len(a) % 2:
+        raise _fail(inst, "expects KEY=VALUE pairs")
+    return [(a[i], a[i + 1]) for i in range(0, len(a), 2)]
+
+
+def _ports(inst: Instruction, words: list[str]) -> list[str]:
+    out = []
+    for w in words:
+        spec, _, proto = w.partition("/")
+        proto = (proto or "tcp").lower()
+        if proto not in ("tcp", "udp", "sctp"):
+            raise _fail(inst, f"invalid protocol in {w!r}")
+        lo, dash, hi = spec.partition("-")
+        try:
+            start, end = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise _fail(inst, f"invalid port {w!r}") from None
+        if not (0 < start <= end <= 65535):
+            raise _fail(inst, f"invalid port {w!r}")
+        out += [f"{p}/{proto}" for p in range(start, end + 1)]
+    return out
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_NS = {"ns": 1, "us": 1000, "µs": 1000, "ms": 10**6, "s": 10**9, "m": 60 * 10**9,
+            "h": 3600 * 10**9}
+
+
+def _duration(inst: Instruction, flag: str, text: str) -> int:
+    """A Go duration (`30s`, `1m30s`, `500ms`) in nanoseconds."""
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_NS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise _fail(inst, f"--{flag}={text}: not a duration such as 30s")
+    return int(total)
+
+
+def _healthcheck(inst: Instruction) -> dict[str, Any]:
+    args = list(inst.args)
+    if not args:
+        raise _fail(inst, "missing CMD or NONE")
+    kind = args[0].upper()
+    if kind == "NONE":
+        if len(args) > 1 or inst.flags:
+            raise _fail(inst, "NONE takes no arguments or flags")
+        return {"Test": ["NONE"]}
+    if kind != "CMD":
+        raise _fail(inst, f"unknown type {args[0]!r} (CMD or NONE)")
+    hc: dict[str, Any] = {}
+    if inst.json:
+        hc["Test"] = ["CMD", *args[1:]]
+    else:
+        rest = inst.original.split(None, 1)[1] if len(inst.original.split(None, 1)) > 1 else ""
+        text = re.sub(r"^(\s*--\S+\s+)*", "", rest)
+        text = re.sub(r"^\s*CMD\s*", "", text, flags=re.IGNORECASE)
+        hc["Test"] = ["CMD-SHELL", text]
+    for flag, key in (("interval", "Interval"), ("timeout", "Timeout"),
+                      ("start-period", "StartPeriod"), ("start-interval", "StartInterval")):
+        v = inst.flags.get(flag)
+        if v is not None:
+            hc[key] = _duration(inst, flag, v)
+    if inst.flags.get("retries") is not None:
+        try:
+            hc["Retries"] = int(str(inst.flags["retries"]))
+        except ValueError:
+            raise _fail(inst, "--retries needs a number") from None
+    return hc
+
+
+def apply_metadata(inst: Instruction, image: dict[str, Any], scope: Scope,
+                   state: StageState) -> str:
+    """Apply a metadata instruction to the full image config; returns its history text."""
+    cfg = image.setdefault("config", {}) or {}
+    image["config"] = cfg
+    cmd = inst.cmd
+    if cmd == "ENV":
+        values = {k: scope.word(inst, v, cfg) for k, v in _pairs(inst)}
+        env = list(cfg.get("Env") or [])
+        for k, v in values.items():
+            if not k:
+                raise _fail(inst, "empty variable name")
+            keys = [e.partition("=")[0] for e in env]
+            if k in keys:
+                env[keys.index(k)] = f"{k}={v}"
+            else:
+                env.append(f"{k}={v}")
+        cfg["Env"] = env
+        return "ENV " + " ".join(f"{k}={v}" for k, v in values.items())
+    if cmd == "LABEL":
+        labels = dict(cfg.get("Labels") or {})
+        shown = []
+        for k, v in _pairs(inst):
+            key, value = scope.word(inst, k, cfg), scope.word(inst, v, cfg)
+            if not key:
+                raise _fail(inst, "empty label name")
+            labels[key] = value
+            shown.append(f"{key}={value}")
+        cfg["Labels"] = labels
+        return "LABEL " + " ".join(shown)
+    if cmd == "EXPOSE":
+        ports = _ports(inst, [scope.word(inst, a, cfg) for a in inst.args])
+        exposed = dict(cfg.get("ExposedPorts") or {})
+        for p in ports:
+            exposed[p] = {}
+        cfg["ExposedPorts"] = exposed
+        return "EXPOSE " + " ".join(ports)
+    if cmd == "VOLUME":
+        vols = dict(cfg.get("Volumes") or {})
+        names = [scope.word(inst, a, cfg) for a in inst.args]
+        for v in names:
+            if not v.strip():
+                raise _fail(inst, "empty volume path")
+            vols[v] = {}
+        cfg["Volumes"] = vols
+        return "VOLUME " + json.dumps(names) if inst.json else "VOLUME " + " ".join(names)
+    if cmd == "USER":
+        if len(inst.args) != 1:
+            raise _fail(inst, "takes exactly one argument")
+        user = scope.word(inst, inst.args[0], cfg)
+        if not user:
+            raise _fail(inst, "empty user")
+        cfg["User"] = user
+        return f"USER {user}"
+    if cmd == "WORKDIR":
+        if len(inst.args) != 1:
+            raise _fail(inst, "takes exactly one argument")
+        path = scope.word(inst, inst.args[0], cfg)
+        base = cfg.get("WorkingDir") or "/"
+        cfg["WorkingDir"] = posixpath.normpath(posixpath.join(base, path))
+        state.workdir_pending = True
+        return f"WORKDIR {cfg['WorkingDir']}"
+    if cmd == "CMD":
+        cfg["Cmd"] = _json_or_shell(inst, state)
+        state.cmd_set = True
+        return "CMD " + json.dumps(cfg["Cmd"])
+    if cmd == "ENTRYPOINT":
+        cfg["Entrypoint"] = _json_or_shell(inst, state)
+        if not state.cmd_set:
+            cfg["Cmd"] = None  # the base image's CMD no longer applies (Docker, buildah)
+        return "ENTRYPOINT " + json.dumps(cfg["Entrypoint"])
+    if cmd == "STOPSIGNAL":
+        sig = scope.word(inst, inst.args[0], cfg)
+        if not re.fullmatch(r"(SIG)?[A-Z0-9+-]+|\d+", sig):
+            raise _fail(inst, f"invalid signal {sig!r}")
+        cfg["StopSignal"] = sig
+        return f"STOPSIGNAL {sig}"
+    if cmd == "HEALTHCHECK":
+        cfg["Healthcheck"] = _healthcheck(inst)
+        return "HEALTHCHECK " + json.dumps(cfg["Healthcheck"], sort_keys=True)
+    if cmd == "ONBUILD":
+        trigger = inst.original.split(None, 1)[1]
+        cfg["OnBuild"] = list(cfg.get("OnBuild") or []) + [trigger]
+        return f"ONBUILD {trigger}"
+    if cmd == "SHELL":
+        if not inst.args:
+            raise _fail(inst, "needs a shell, e.g. [\"/bin/bash\", \"-c\"]")
+        state.shell = list(inst.args)
+        cfg["Shell"] = list(inst.args)
+        return "SHELL " + json.dumps(state.shell)
+    if cmd == "MAINTAINER":
+        author = " ".join(inst.args)
+        image["author"] = author
+        return "MAINTAINER " + author
+    if cmd == "ARG":
+        return scope.declare(inst, cfg, is_global=False)
+    raise _fail(inst, "not a metadata instruction")

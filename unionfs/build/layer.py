@@ -1,0 +1,222 @@
+"""A build step's writable layer becomes a layer of the store, and a stage an image.
+
+The step ran on a fresh upper directory over the image's layers; that upper is
+already in the kernel's format the store keeps its unpacked layers in (char
+0/0 whiteouts, `trusted.overlay.opaque`). So committing it writes the OCI tar
+once (`image.commit.write_layer_tar`), hashing it on the way (DiffID) and
+compressing it into the blob (digest), and then *moves the upper itself* into
+the store as the layer's `diff/` tree: no second unpack. What the tar cannot
+hold (sockets) is removed from the tree first, so the tree is what the blob
+unpacks to, timestamps aside (a tar keeps whole seconds).
+
+Before that, directories that copy-up left in the upper unchanged (same type,
+mode and owner as in the layers below, nothing in them, not opaque) are
+dropped: a `RUN true` whose container only looked at /etc leaves an empty
+change, recorded as an `empty_layer` history entry rather than a layer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+from ..image.commit import _DOCKER_TO_OCI, HashingWriter, write_layer_tar
+from ..image.load import MEDIA_BY_COMPRESSION
+from ..image.store import MT_CONFIG, MT_MANIFEST, Store, canonical_json
+from ..tree import DIR_FLAGS, open_rel, rmtree_at, walk_at
+from ..whiteout import WH_PREFIX, dir_flags, is_whiteout_stat
+
+GZIP_LEVEL = 1  # build layers are written often and read rarely: speed over size
+
+
+@dataclass
+class NewLayer:
+    diff_id: str
+    digest: str
+    size: int              # uncompressed bytes
+    compressed_size: int
+
+    def descriptor(self) -> dict[str, Any]:
+        return {"mediaType": MEDIA_BY_COMPRESSION["gzip"], "digest": self.digest,
+                "size": self.compressed_size}
+
+
+# --- what changed ------------------------------------------------------------------------
+def _lower_entry(lower_fds: list[int], parts: list[bytes]) -> os.stat_result | None:
+    """What the layers (top first) show at `parts`, overlay rules applied; None if nothing."""
+    for fd in lower_fds:
+        cur = os.dup(fd)
+        try:
+            opaque_above = False
+            found: os.stat_result | None = None
+            for i, comp in enumerate(parts):
+                try:
+                    st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+                except FileNotFoundError:
+                    try:
+                        os.stat(WH_PREFIX + comp, dir_fd=cur, follow_symlinks=False)
+                        return None  # an OCI whiteout hides it and everything below
+                    except FileNotFoundError:
+                        pass
+                    break
+                if is_whiteout_stat(st):
+                    return None
+                if i == len(parts) - 1:
+                    found = st
+                    break
+                if not stat.S_ISDIR(st.st_mode):
+                    return None
+                nfd = os.open(comp, DIR_FLAGS, dir_fd=cur)
+                os.close(cur)
+                cur = nfd
+                if dir_flags(cur)[0]:
+                    opaque_above = True
+            if found is not None:
+                return found
+            if opaque_above:
+                return None  # an opaque directory on the way hides the layers below
+        finally:
+            os.close(cur)
+    return None
+
+
+def prune_upper(upper: str, lowers: list[str]) -> None:
+    """Drop directories that copy-up left unchanged and empty (deepest first)."""
+    ufd = os.open(upper, DIR_FLAGS)
+    lfds = [os.open(low, DIR_FLAGS) for low in lowers]
+    try:
+        dirs = [rel for rel, st in walk_at(ufd) if stat.S_ISDIR(st.st_mode)]
+        for rel in reversed(dirs):
+            parent, _, name = rel.rpartition(b"/")
+            try:
+                pfd = open_rel(ufd, parent)
+            except OSError:
+                continue
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                dfd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+                try:
+                    if os.listdir(dfd) or dir_flags(dfd)[0]:
+                        continue
+                finally:
+                    os.close(dfd)
+                if _opaque_ancestor(ufd, rel):
+                    continue
+                low = _lower_entry(lfds, rel.split(b"/"))
+                if low is None or not stat.S_ISDIR(low.st_mode):
+                    continue
+                if (low.st_mode, low.st_uid, low.st_gid) != (st.st_mode, st.st_uid, st.st_gid):
+                    continue
+                os.rmdir(name, dir_fd=pfd)
+            except OSError:
+                continue
+            finally:
+                os.close(pfd)
+    finally:
+        os.close(ufd)
+        for fd in lfds:
+            os.close(fd)
+
+
+def _opaque_ancestor(ufd: int, rel: bytes) -> bool:
+    parts = rel.split(b"/")[:-1]
+    for i in range(1, len(parts) + 1):
+        fd = open_rel(ufd, b"/".join(parts[:i]))
+        try:
+            if dir_flags(fd)[0]:
+                return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def _drop_untarrable(upper: str) -> None:
+    """Sockets have no tar form: remove them so the tree matches the blob."""
+    fd = os.open(upper, DIR_FLAGS)
+    try:
+        for rel, st in walk_at(fd):
+            if stat.S_ISSOCK(st.st_mode):
+                parent, _, name = rel.rpartition(b"/")
+                pfd = open_rel(fd, parent)
+                try:
+                    os.unlink(name, dir_fd=pfd)
+                finally:
+                    os.close(pfd)
+    finally:
+        os.close(fd)
+
+
+def is_empty(upper: str) -> bool:
+    return not os.listdir(upper)
+
+
+# --- commit ----------------------------------------------------------------------------
+def commit_upper(store: Store, upper: str, tmpdir: str) -> NewLayer:
+    """Turn `upper` (under the store's tmp/, unmounted) into a store layer; it is moved."""
+    _drop_untarrable(upper)
+    blob_tmp = os.path.join(tmpdir, "blob-" + os.urandom(8).hex())
+    with open(blob_tmp, "wb") as f:
+        outer = HashingWriter(f)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0,
+                           compresslevel=GZIP_LEVEL) as z:
+            inner = HashingWriter(z)
+            write_layer_tar(upper, inner)
+        f.flush()
+        os.fsync(f.fileno())
+    layer = NewLayer(inner.digest(), outer.digest(), inner.count, outer.count)
+    store.sync()  # the tree and the blob are on disk before they become visible
+    store.publish_blob(blob_tmp, layer.digest)
+    if store.has_layer(layer.diff_id):
+        rm = os.open(os.path.dirname(upper), DIR_FLAGS)
+        try:
+            rmtree_at(rm, os.path.basename(upper))
+        finally:
+            os.close(rm)
+    else:
+        store.publish_layer_tree(upper, layer.diff_id, layer.size, layer.digest,
+                                 MEDIA_BY_COMPRESSION["gzip"], "kernel")
+    return layer
+
+
+# --- images --------------------------------------------------------------------------------
+def config_digest(config: dict[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json(config)).hexdigest()
+
+
+def oci_layers(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layer descriptors with Docker media types turned into OCI ones (same blobs)."""
+    out = []
+    for d in layers:
+        d = {k: v for k, v in d.items() if k in ("mediaType", "digest", "size", "annotations")}
+        d["mediaType"] = _DOCKER_TO_OCI.get(d.get("mediaType", ""), d.get("mediaType"))
+        out.append(d)
+    return out
+
+
+def write_image(store: Store, config: dict[str, Any], layers: list[dict[str, Any]],
+                tags: list[str], tmpdir: str) -> tuple[str, str]:
+    """Write config and manifest blobs, then name the image; returns (manifest, config) digests."""
+    for d in layers:
+        if not store.has_blob(d["digest"]):
+            raise UserError(f"layer blob {d['digest']} is missing from the store")
+    cbytes = canonical_json(config)
+    cdigest = "sha256:" + hashlib.sha256(cbytes).hexdigest()
+    store.put_blob_bytes(cbytes, cdigest, tmpdir)
+    man = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
+           "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": len(cbytes)},
+           "layers": oci_layers(layers)}
+    mbytes = canonical_json(man)
+    mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
+    store.put_blob_bytes(mbytes, mdigest, tmpdir)
+    store.sync()
+    if tags:
+        for t in tags:
+            store.add_image(mdigest, len(mbytes), t, MT_MANIFEST)
+    else:
+        store.add_image(mdigest, len(mbytes), None, MT_MANIFEST)
+    return mdigest, cdigest

@@ -1,0 +1,320 @@
+"""Variable substitution in Dockerfile words, the way BuildKit and buildah do it.
+
+A word is processed like a shell word, minus word splitting and globbing:
+single quotes keep everything literal, double quotes keep everything but `$`
+and the escapes `\\"`, `\\$`, `\\\\`; outside quotes the escape character (`\\`, or
+the one the `escape` directive chose) makes the next character literal. `$NAME`
+and `${NAME}` expand to the variable's value (empty when unset), and the
+modifiers are those of the Dockerfile reference: `${X:-word}` `${X-word}`
+(default), `${X:+word}` `${X+word}` (alternative), `${X:?msg}` `${X?msg}`
+(error), `${X#pat}` `${X##pat}` `${X%pat}` `${X%%pat}` (trim a prefix or
+suffix) and `${X/pat/repl}` `${X//pat/repl}` (replace), patterns with `*` and `?`.
+
+`Lexer.process` also reports which variables a word used, so that the build
+cache can key a step by the build arguments it depends on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+
+class SubstitutionError(UserError):
+    """A malformed `${...}` or a `${X:?message}` whose variable is unset."""
+
+
+_SPECIAL = set("@*#?-$!0")
+
+
+@dataclass
+class _Scan:
+    text: str
+    pos: int = 0
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def next(self) -> str:
+        ch = self.peek()
+        if ch:
+            self.pos += 1
+        return ch
+
+
+@dataclass
+class Result:
+    """One processed word: its value and the variables it looked up."""
+
+    value: str
+    words: list[str]
+    used: set[str] = field(default_factory=set)
+
+
+class _Words:
+    """Whitespace splitting after expansion (quoted text stays in one word)."""
+
+    def __init__(self) -> None:
+        self.words: list[str] = []
+        self.word = ""
+        self.in_word = False
+
+    def add_char(self, ch: str) -> None:
+        if ch.isspace():
+            if self.in_word and self.word:
+                self.words.append(self.word)
+                self.word = ""
+                self.in_word = False
+        else:
+            self.add_raw(ch)
+
+    def add_raw(self, s: str) -> None:
+        self.word += s
+        self.in_word = True
+
+    def add_string(self, s: str) -> None:
+        for ch in s:
+            self.add_char(ch)
+
+    def done(self) -> list[str]:
+        if self.word:
+            self.words.append(self.word)
+            self.word = ""
+        return self.words
+
+
+def _pattern_regex(pattern: str, greedy: bool, anchored: bool) -> re.Pattern[str]:
+    """A shell pattern (`*`, `?`, backslash escapes; no brackets) as a regex."""
+    out = "^" if anchored else ""
+    star = ".*" if greedy else ".*?"
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        i += 1
+        if ch == "*":
+            out += star
+        elif ch == "?":
+            out += "."
+        elif ch == "\\":
+            if i < len(pattern) and pattern[i] in "}/":
+                continue
+            nxt = pattern[i] if i < len(pattern) else ""
+            i += 1
+            if nxt not in ("*", "?", "\\"):
+                raise SubstitutionError(f"invalid escape '\\{nxt}' in pattern {pattern!r}")
+            out += "\\" + nxt
+        else:
+            out += re.escape(ch)
+    return re.compile(out, re.DOTALL)
+
+
+class Lexer:
+    """Expands variables in words; `escape` is the Dockerfile's escape character."""
+
+    def __init__(self, escape: str = "\\") -> None:
+        self.escape = escape
+
+    def process(self, word: str, env: dict[str, str]) -> Result:
+        state = _State(self.escape, env, _Scan(word))
+        try:
+            value, words = state.until("", raw_escapes=False)
+        except SubstitutionError as e:
+            raise SubstitutionError(f"{e} (in {word!r})") from None
+        return Result(value, words, state.used)
+
+    def word(self, word: str, env: dict[str, str]) -> str:
+        return self.process(word, env).value
+
+
+class _State:
+    def __init__(self, escape: str, env: dict[str, str], scan: _Scan) -> None:
+        self.escape = escape
+        self.env = env
+        self.scan = scan
+        self.raw_escapes = False
+        self.used: set[str] = set()
+
+    def lookup(self, name: str) -> tuple[str, bool]:
+        if name in self.env:
+            self.used.add(name)
+            return self.env[name], True
+        return "", False
+
+    def until(self, stop: str, raw_escapes: bool) -> tuple[str, list[str]]:
+        """Process up to `stop` (consumed) or the end of the word when `stop` is ''."""
+        saved, self.raw_escapes = self.raw_escapes, raw_escapes
+        try:
+            return self._until(stop)
+        finally:
+            self.raw_escapes = saved
+
+    def _until(self, stop: str) -> tuple[str, list[str]]:
+        out: list[str] = []
+        words = _Words()
+        sc = self.scan
+        while sc.peek():
+            ch = sc.peek()
+            if stop and ch == stop:
+                sc.next()
+                return "".join(out), words.done()
+            if ch == "$":
+                tmp = self.dollar()
+                out.append(tmp)
+                words.add_string(tmp)
+            elif ch == "'":
+                tmp = self.single_quote()
+                out.append(tmp)
+                words.add_raw(tmp)
+            elif ch == '"':
+                tmp = self.double_quote()
+                out.append(tmp)
+                words.add_raw(tmp)
+            else:
+                ch = sc.next()
+                if ch == self.escape:
+                    if self.raw_escapes:
+                        words.add_raw(ch)
+                        out.append(ch)
+                    ch = sc.next()
+                    if not ch:
+                        break
+                    words.add_raw(ch)
+                else:
+                    words.add_char(ch)
+                out.append(ch)
+        if stop:
+            raise SubstitutionError(f"unexpected end of statement while looking for matching {stop}")
+        return "".join(out), words.done()
+
+    def single_quote(self) -> str:
+        sc = self.scan
+        sc.next()
+        out: list[str] = []
+        while True:
+            ch = sc.next()
+            if not ch:
+                raise SubstitutionError("unexpected end of statement while looking for matching "
+                                        "single-quote")
+            if ch == "'":
+                return "".join(out)
+            out.append(ch)
+
+    def double_quote(self) -> str:
+        sc = self.scan
+        sc.next()
+        out: list[str] = []
+        while True:
+            ch = sc.peek()
+            if not ch:
+                raise SubstitutionError("unexpected end of statement while looking for matching "
+                                        "double-quote")
+            if ch == '"':
+                sc.next()
+                return "".join(out)
+            if ch == "$":
+                out.append(self.dollar())
+                continue
+            ch = sc.next()
+            if ch == self.escape:
+                if self.raw_escapes:
+                    out.append(ch)
+                nxt = sc.peek()
+                if not nxt:
+                    continue
+                if nxt in ('"', "$", self.escape):
+                    ch = sc.next()
+            out.append(ch)
+
+    def name(self) -> str:
+        sc = self.scan
+        out = ""
+        while sc.peek():
+            ch = sc.peek()
+            if not out and ch.isdigit():
+                while sc.peek() and sc.peek().isdigit():
+                    out += sc.next()
+                return out
+            if not out and ch in _SPECIAL:
+                return sc.next()
+            if not (ch.isalnum() or ch == "_"):
+                break
+            out += sc.next()
+        return out
+
+    def dollar(self) -> str:
+        sc = self.scan
+        sc.next()
+        if sc.peek() != "{":
+            name = self.name()
+            if not name:
+                return "$"
+            return self.lookup(name)[0]
+        sc.next()
+        if not sc.peek():
+            raise SubstitutionError("syntax error: missing '}'")
+        if sc.peek() in "{}:":
+            raise SubstitutionError("syntax error: bad substitution")
+        name = self.name()
+        ch = sc.next()
+        if ch == "}":
+            return self.lookup(name)[0]
+        mod = ch
+        null_is_unset = False
+        if ch == ":":
+            null_is_unset = True
+            ch = sc.next()
+            mod += ch
+            if ch not in "+-?":
+                raise SubstitutionError(f"unsupported modifier ({mod}) in substitution")
+        if ch and ch in "+-?#%":
+            try:
+                word, _ = self.until("}", raw_escapes=ch in "#%")
+            except SubstitutionError:
+                if not sc.peek():
+                    raise SubstitutionError("syntax error: missing '}'") from None
+                raise
+            value, is_set = self.lookup(name)
+            empty = not is_set or (null_is_unset and value == "")
+            if ch == "-":
+                return word if empty else value
+            if ch == "+":
+                return "" if empty else word
+            if ch == "?":
+                if empty:
+                    what = "is not allowed to be unset" if not is_set else \
+                        "is not allowed to be empty"
+                    raise SubstitutionError(f"{name}: {word or what}")
+                return value
+            greedy = word.startswith(ch)
+            if greedy:
+                word = word[1:]
+            if ch == "#":
+                m = _pattern_regex(word, greedy, True).match(value)
+                return value[m.end():] if m else value
+            # Shortest/longest suffix: the match that starts last/first.
+            rx = _pattern_regex(word, True, True)
+            starts = range(len(value) + 1) if greedy else range(len(value), -1, -1)
+            for i in starts:
+                if rx.fullmatch(value[i:]):
+                    return value[:i]
+            return value
+        if ch == "/":
+            replace_all = sc.peek() == "/"
+            if replace_all:
+                sc.next()
+            try:
+                pattern, _ = self.until("/", raw_escapes=True)
+            except SubstitutionError:
+                raise SubstitutionError("syntax error: missing '/' in ${}") from None
+            try:
+                repl, _ = self.until("}", raw_escapes=True)
+            except SubstitutionError:
+                raise SubstitutionError("syntax error: missing '}'") from None
+            value, _ = self.lookup(name)
+            rx = _pattern_regex(pattern, True, False)
+            return rx.sub(lambda _m: repl, value, count=0 if replace_all else 1)
+        if not ch:
+            raise SubstitutionError("syntax error: missing '}'")
+        raise SubstitutionError(f"unsupported modifier ({mod}) in substitution")
