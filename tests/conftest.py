@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -232,3 +233,37 @@ def kernel_overlay(lowers: list[Path], upper: Path | None, mnt: Path,
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
         force_unmount(mnt)
+
+
+# -- a real distribution, shared by the run and build tests ---------------------------------
+ROOTFS_CACHE = Path("/var/tmp/pyunion-test-rootfs")
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs() -> str:
+    """A real Debian root filesystem: $PYUNION_TEST_ROOTFS, or debootstrap'd once into a cache."""
+    given = os.environ.get("PYUNION_TEST_ROOTFS")
+    if given:
+        return given
+    if (ROOTFS_CACHE / "usr/bin/python3").exists():
+        return str(ROOTFS_CACHE)
+    exe = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not os.path.exists(exe):
+        pytest.skip("debootstrap is not installed (scripts/setup.sh installs it), "
+                    "and PYUNION_TEST_ROOTFS is not set")
+    tmp = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".log")
+    with open(log, "w") as out:
+        try:
+            r = subprocess.run([exe, "--variant=minbase", "--include=python3-minimal", "bookworm",
+                                str(tmp), "http://deb.debian.org/debian"],
+                               stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False)
+            ok = r.returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+    if not ok or not (tmp / "usr/bin/python3").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"debootstrap of Debian bookworm failed (no mirror reachable?): see {log}")
+    os.rename(tmp, ROOTFS_CACHE)
+    return str(ROOTFS_CACHE)

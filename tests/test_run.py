@@ -13,7 +13,6 @@ import os
 import pty
 import re
 import select
-import shutil
 import signal
 import stat
 import struct
@@ -416,39 +415,6 @@ def test_terminal_keys_without_tty_option(env: Env, key: bytes, code: int, after
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
-
-
-ROOTFS_CACHE = Path("/var/tmp/pyunion-test-rootfs")
-
-
-@pytest.fixture(scope="session")
-def debian_rootfs() -> str:
-    """A real Debian root filesystem: $PYUNION_TEST_ROOTFS, or debootstrap'd once into a cache."""
-    given = os.environ.get("PYUNION_TEST_ROOTFS")
-    if given:
-        return given
-    if (ROOTFS_CACHE / "usr/bin/python3").exists():
-        return str(ROOTFS_CACHE)
-    exe = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
-    if not os.path.exists(exe):
-        pytest.skip("debootstrap is not installed (scripts/setup.sh installs it), "
-                    "and PYUNION_TEST_ROOTFS is not set")
-    tmp = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    log = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".log")
-    with open(log, "w") as out:
-        try:
-            r = subprocess.run([exe, "--variant=minbase", "--include=python3-minimal", "bookworm",
-                                str(tmp), "http://deb.debian.org/debian"],
-                               stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False)
-            ok = r.returncode == 0
-        except subprocess.TimeoutExpired:
-            ok = False
-    if not ok or not (tmp / "usr/bin/python3").exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        pytest.skip(f"debootstrap of Debian bookworm failed (no mirror reachable?): see {log}")
-    os.rename(tmp, ROOTFS_CACHE)
-    return str(ROOTFS_CACHE)
 
 
 def test_real_debian_rootfs(env: Env, tmp_path: Path, debian_rootfs: str) -> None:

@@ -414,7 +414,7 @@ class Builder:
     def _layer_step(self, st: _Stage, inst: Instruction, t0: float) -> None:
         if inst.cmd == "RUN":
             argv, created_by, env = self._run_spec(st, inst)
-            key = step_key(st.image.id, "RUN", argv, sorted(env), st.state.workdir_pending)
+            key = step_key(st.image.id, "RUN", argv, sorted(env))
 
             def work(upper: str, lowers: list[str]) -> None:
                 self._run(st, argv, env, upper, lowers, inst)
@@ -428,12 +428,10 @@ class Builder:
             cached = self.cache.get(key)
             if cached is not None:
                 st.image = ImageState(cached[0], cached[1])
-                st.state.workdir_pending = False
                 self.say(f"--> CACHED {short_id(st.image.id)}")
                 return
         if st.squash_upper is not None:
             work(st.squash_upper, st.base_lowers)
-            st.state.workdir_pending = False
             self._finish(st, st.image.copy(), key, created_by, None, t0)
             return
         lowers = self._lowers(st.image)
@@ -446,7 +444,6 @@ class Builder:
             if os.path.exists(upper):
                 self._remove(upper)
             self._remove(upper + ".work")
-        st.state.workdir_pending = False
         self._finish(st, st.image.copy(), key, created_by, layer, t0)
 
     def _finish_squash(self, st: _Stage) -> None:
@@ -569,7 +566,7 @@ class Builder:
             src_state = self._from_state(from_ref, inst)
             plan.from_state = src_state
             plan.key = step_key(st.image.id, inst.cmd, flags, plan.patterns, dest_abs,
-                                dest_is_dir, src_state.id, st.state.workdir_pending)
+                                dest_is_dir, src_state.id)
             plan.created_by = (f"{inst.cmd} --from={from_ref} "
                                f"{' '.join(plan.patterns)} in {dest}")
             plan.multi = count > 1
@@ -594,7 +591,7 @@ class Builder:
         kind = "multi" if plan.multi else ("dir" if sources and sources[0].is_dir else "file")
         plan.created_by = f"{inst.cmd} {kind}:{digest} in {dest}"
         plan.key = step_key(st.image.id, inst.cmd, flags, digest, dest_abs, dest_is_dir,
-                            [s.name for s in sources], st.state.workdir_pending)
+                            [s.name for s in sources])
         return plan
 
     def _from_state(self, ref: str, inst: Instruction) -> ImageState:
@@ -616,9 +613,6 @@ class Builder:
             mnt = stack.enter_context(self._mounted(lowers, upper))
             root = Root(mnt)
             stack.callback(root.close)
-            cfg = st.image.config["config"]
-            if st.state.workdir_pending and cfg.get("WorkingDir"):
-                os.close(root.ensure_dir(cfg["WorkingDir"]))
             spec = CopySpec()
             try:
                 if plan.flags.get("chown"):

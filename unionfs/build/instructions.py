@@ -121,7 +121,6 @@ class StageState:
 
     shell: list[str] = field(default_factory=lambda: list(DEFAULT_SHELL))
     cmd_set: bool = False
-    workdir_pending: bool = False   # WORKDIR named a directory the next layer creates
 
 
 def _json_or_shell(inst: Instruction, state: StageState) -> list[str]:
@@ -151,7 +150,7 @@ def _ports(inst: Instruction, words: list[str]) -> list[str]:
             raise _fail(inst, f"invalid port {w!r}") from None
         if not (0 < start <= end <= 65535):
             raise _fail(inst, f"invalid port {w!r}")
-        out += [f"{p}/{proto}" for p in range(start, end + 1)]
+        out.append(f"{spec}/{proto}")  # a range stays one key, as buildah writes it
     return out
 
 
@@ -217,11 +216,8 @@ def apply_metadata(inst: Instruction, image: dict[str, Any], scope: Scope,
         for k, v in values.items():
             if not k:
                 raise _fail(inst, "empty variable name")
-            keys = [e.partition("=")[0] for e in env]
-            if k in keys:
-                env[keys.index(k)] = f"{k}={v}"
-            else:
-                env.append(f"{k}={v}")
+            # A variable set again moves to the end, as buildah (and `pyunion commit`) do.
+            env = [e for e in env if e.partition("=")[0] != k] + [f"{k}={v}"]
         cfg["Env"] = env
         return "ENV " + " ".join(f"{k}={v}" for k, v in values.items())
     if cmd == "LABEL":
@@ -264,8 +260,8 @@ def apply_metadata(inst: Instruction, image: dict[str, Any], scope: Scope,
             raise _fail(inst, "takes exactly one argument")
         path = scope.word(inst, inst.args[0], cfg)
         base = cfg.get("WorkingDir") or "/"
+        # Only recorded: as in buildah, a RUN creates it (owned by USER), or a COPY into it.
         cfg["WorkingDir"] = posixpath.normpath(posixpath.join(base, path))
-        state.workdir_pending = True
         return f"WORKDIR {cfg['WorkingDir']}"
     if cmd == "CMD":
         cfg["Cmd"] = _json_or_shell(inst, state)

@@ -60,9 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _store_arg(p)
     p.set_defaults(handler=cmd_images)
 
-    p = sub.add_parser("history", help="an image's layers, top first")
+    p = sub.add_parser("history", help="how an image was made: its history, top first")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--no-trunc", action="store_true", help="do not shorten digests and commands")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="json: a JSON array, one object per history entry")
     _store_arg(p)
     p.set_defaults(handler=cmd_history)
 
@@ -228,18 +230,30 @@ def history_rows(store: Store, img: Image) -> list[dict[str, Any]]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    """Docker's columns: the image ID on the top row (`<missing>` below, as for an image
+    whose intermediate states are not images of their own), age, command, layer size."""
     store = _store(args)
     img = store.lookup(args.image)
-    out = [["LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
-    for r in history_rows(store, img):
-        layer = "<empty>" if r["layer"] is None else (
-            r["layer"] if args.no_trunc else short_id(r["layer"]))
-        by = printable(" ".join(str(r["created_by"]).split()))
+    rows = history_rows(store, img)
+    if args.format == "json":
+        out = []
+        for i, r in enumerate(rows):
+            out.append({"id": img.id if i == 0 else "<missing>", "created": r["created"],
+                        "createdBy": r["created_by"], "size": r["size"],
+                        "comment": r["comment"] or "", "layer": r["layer"],
+                        "emptyLayer": r["layer"] is None})
+        print(json.dumps(out, indent=2))
+        return 0
+    table = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
+    for i, r in enumerate(rows):
+        iid = "<missing>" if i else (img.id if args.no_trunc else short_id(img.id))
+        by = str(r["created_by"]) if args.no_trunc else " ".join(str(r["created_by"]).split())
+        by = printable(by)
         if not args.no_trunc and len(by) > 60:
             by = by[:57] + "..."
-        out.append([layer, human_age(r["created"]), by, human_size(r["size"]),
-                    str(r["comment"] or "")])
-    _table(out)
+        table.append([iid, human_age(r["created"]), by, human_size(r["size"]),
+                      printable(str(r["comment"] or ""))])
+    _table(table)
     return 0
 
 

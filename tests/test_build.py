@@ -1,0 +1,578 @@
+"""`pyunion build` against `buildah bud` as the oracle, and the build cache's rules.
+
+The same Containerfiles are built by buildah (vfs storage, `--isolation chroot`,
+`--layers`) and by pyunion, on the busybox sample image and on the debootstrap
+rootfs. buildah's image is unpacked by umoci, pyunion's is mounted with
+`pyunion mount IMAGE`; the trees must be equal (types, modes, owners, sizes,
+contents, link targets; times are left out) and the configs must agree on Env,
+Cmd, Entrypoint, WorkingDir, User, ExposedPorts, Labels and Volumes. The
+only things left out are what buildah itself adds: the empty /etc/hosts,
+/etc/hostname and /etc/resolv.conf it leaves as mount points in a RUN's layer
+when the image has none, its io.buildah.version label, and log files that
+record the time of day.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
+
+from unionfs.build.ignore import Matcher
+from unionfs.build.lexer import Lexer, SubstitutionError
+from unionfs.image import Store
+
+TOOLS = ("buildah", "skopeo", "umoci", "dpkg-deb")
+CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "Labels",
+               "Volumes")
+BUILDAH_MOUNT_POINTS = (b"etc/hosts", b"etc/hostname", b"etc/resolv.conf")
+TIME_OF_DAY_LOGS = (b"var/log/dpkg.log", b"var/log/alternatives.log")
+
+
+def _skip_reason() -> str | None:
+    reason = fuse_skip_reason()
+    if reason:
+        return reason
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (scripts/setup.sh installs them)"
+    return None
+
+
+needs_tools = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+def sh(*args: str | Path, timeout: float = 300, input: str | None = None) -> str:
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                       input=input, check=False)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-3000:]}")
+    return r.stdout
+
+
+@dataclass
+class Env:
+    tmp: Path
+    store: str
+    root: Path      # buildah's vfs storage
+    runroot: Path
+
+    @property
+    def bah(self) -> list[str]:
+        return ["buildah", "--root", str(self.root), "--runroot", str(self.runroot),
+                "--storage-driver", "vfs"]
+
+    @property
+    def cs(self) -> str:
+        return f"containers-storage:[vfs@{self.root}+{self.runroot}]"
+
+    def build(self, ctx: Path, *args: str, check: bool = True,
+              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([*PYUNION, "build", "--store", self.store, *args, str(ctx)],
+                           capture_output=True, text=True, timeout=600, input=stdin,
+                           check=False)
+        if check and r.returncode != 0:
+            raise AssertionError(f"pyunion build failed ({r.returncode}): {r.stderr[-3000:]}"
+                                 f"\n{r.stdout[-3000:]}")
+        return r
+
+    def buildah(self, ctx: Path, tag: str, *args: str) -> None:
+        layers = () if any(a.startswith("--layers") for a in args) else ("--layers",)
+        sh(*self.bah, "bud", *layers, "--isolation", "chroot", "-q", "-t", tag, *args, ctx,
+           timeout=900)
+
+    def buildah_image(self, tag: str) -> tuple[dict[bytes, tuple], dict]:
+        """(tree as umoci unpacks it, config) of a buildah image."""
+        layout, bundle = self.tmp / f"oci-{tag}", self.tmp / f"bundle-{tag}"
+        sh("skopeo", "copy", "-q", f"{self.cs}localhost/{tag}:latest", f"oci:{layout}:{tag}")
+        sh("umoci", "unpack", "--image", f"{layout}:{tag}", bundle)
+        try:
+            cfg = _layout_config(layout)
+            return tree_view(bundle / "rootfs"), cfg
+        finally:
+            shutil.rmtree(bundle, ignore_errors=True)
+            shutil.rmtree(layout, ignore_errors=True)
+
+    def pyunion_image(self, tag: str) -> tuple[dict[bytes, tuple], dict]:
+        mnt = self.tmp / f"mnt-{tag}"
+        mnt.mkdir(exist_ok=True)
+        pyunion("mount", "--store", self.store, tag, str(mnt))
+        try:
+            view = tree_view(mnt)
+        finally:
+            if pyunion("umount", str(mnt), check=False).returncode != 0:
+                force_unmount(mnt)
+        return view, Store(self.store).lookup(tag).config
+
+
+def _layout_config(layout: Path) -> dict:
+    idx = json.loads((layout / "index.json").read_text())
+    man = json.loads((layout / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_text())
+    return json.loads((layout / "blobs/sha256" / man["config"]["digest"][7:]).read_text())
+
+
+def compare(theirs: tuple[dict[bytes, tuple], dict], ours: tuple[dict[bytes, tuple], dict]) -> None:
+    """The trees and the configs agree, buildah's own additions left out."""
+    bview, bcfg = theirs
+    pview, pcfg = ours
+    for p in BUILDAH_MOUNT_POINTS:
+        e = bview.get(p)
+        if e is not None and p not in pview and e[4] == 0:
+            del bview[p]
+    for view in (bview, pview):
+        for p in TIME_OF_DAY_LOGS:
+            if p in view:
+                view[p] = view[p][:4]
+    diff = {k: (bview.get(k), pview.get(k)) for k in set(bview) | set(pview)
+            if bview.get(k) != pview.get(k)}
+    assert not diff, f"trees differ (buildah, pyunion): {sorted(diff.items())[:20]}"
+    bc, pc = bcfg.get("config") or {}, pcfg.get("config") or {}
+    (bc.get("Labels") or {}).pop("io.buildah.version", None)
+    for key in CONFIG_KEYS:
+        assert (bc.get(key) or None) == (pc.get(key) or None), key
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """A pyunion store and a buildah vfs storage, both holding the busybox sample as `busybox`."""
+    t = tmp_path_factory.mktemp("build")
+    e = Env(t, str(t / "store"), t / "root", t / "runroot")
+    try:
+        pyunion("sample", str(t / "sample"), "--oci")
+        pyunion("image", "import", str(t / "sample/oci"), "--tag", "busybox", "--store", e.store,
+                "-q")
+        sh("skopeo", "copy", "-q", f"oci:{t / 'sample/oci'}:latest",
+           f"{e.cs}localhost/busybox:latest")
+        yield e
+    finally:
+        subprocess.run([*e.bah, "rm", "--all"], capture_output=True, timeout=120, check=False)
+        subprocess.run(["umount", "-R", str(e.root)], capture_output=True, timeout=60,
+                       check=False)
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.chmod(path, mode)
+
+
+def _tar_gz(path: Path, members: list[tuple[str, bytes | None, int]]) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data, mode in members:
+            ti = tarfile.TarInfo(name)
+            ti.uid, ti.gid, ti.mtime, ti.mode = 123, 456, 1_600_000_000, mode
+            if data is None:
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            elif name.endswith("@link"):
+                ti.name, ti.type, ti.linkname = name[:-5], tarfile.SYMTYPE, data.decode()
+                tf.addfile(ti)
+            else:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    path.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
+
+
+BUSYBOX_FILE = r"""# A multi-stage build that touches every instruction buildah and pyunion share.
+ARG BASE=busybox
+FROM ${BASE} AS builder
+USER root
+ARG GREETING=hello
+RUN mkdir -p /out/bin /out/etc && echo "$GREETING from the builder" > /out/etc/greeting \
+ && chown -R 1000:100 /out && chmod 750 /out/bin && ln -s ../etc/greeting /out/bin/link
+
+FROM ${BASE}
+USER root
+ARG GREETING=hello
+ENV APP_HOME=/srv/app PATH=/srv/app/bin:$PATH
+WORKDIR $APP_HOME
+COPY --from=builder /out ./
+COPY --chown=alice:users src/ ./src/
+COPY --chmod=0640 config.ini single.txt conf/
+COPY *.md docs/
+ADD bundle.tar.gz /opt/bundle/
+ADD plain.txt /opt/plain.txt
+RUN echo "${GREETING:-none} ${UNSET:-dflt}" > greeting && rm /etc/motd && rm -rf /opt/old \
+ && mkdir -p /var/empty-dir
+USER alice
+RUN touch /home/alice/made-by-alice
+USER root
+LABEL org.example.name="pyunion test" version=1
+EXPOSE 8080 53/udp 9000-9001
+ENTRYPOINT ["/bin/sh", "-c"]
+CMD ["echo $APP_HOME"]
+STOPSIGNAL SIGINT
+VOLUME /srv/data
+"""
+
+
+def _busybox_context(ctx: Path) -> None:
+    _write(ctx / "Containerfile", BUSYBOX_FILE)
+    _write(ctx / "src/main.py", "print('main')\n", 0o755)
+    _write(ctx / "src/pkg/util.py", "X = 1\n", 0o600)
+    _write(ctx / "src/pkg/util.pyc", "junk")                 # ignored by a pattern
+    _write(ctx / "src/cache/big.bin", "x" * 5000)            # ignored directory...
+    _write(ctx / "src/cache/keep.txt", "kept\n")             # ...but this exception comes back
+    os.symlink("main.py", ctx / "src/link-to-main")
+    os.link(ctx / "src/main.py", ctx / "src/hardlink-to-main")
+    os.mkdir(ctx / "src/private", 0o700)
+    _write(ctx / "config.ini", "[a]\nb = 1\n")
+    _write(ctx / "single.txt", "single\n")
+    _write(ctx / "README.md", "readme\n")
+    _write(ctx / "NOTES.md", "notes\n")
+    _write(ctx / "secret.txt", "never in the image\n")
+    _write(ctx / "plain.txt", "ADD copies a file that is no archive\n")
+    _write(ctx / ".dockerignore", "# comment\n**/*.pyc\nsrc/cache\n!src/cache/keep.txt\n"
+           "secret.txt\n")
+    _tar_gz(ctx / "bundle.tar.gz", [("top/", None, 0o750), ("top/a.txt", b"a\n", 0o644),
+                                    ("top/bin/run.sh", b"#!/bin/sh\n", 0o755),
+                                    ("top/alias@link", b"a.txt", 0o777)])
+
+
+@needs_tools
+def test_busybox_build_matches_buildah(env: Env) -> None:
+    ctx = env.tmp / "ctx-busybox"
+    _busybox_context(ctx)
+    args = ("--build-arg", "GREETING=bonjour")
+    env.buildah(ctx, "bb", *args)
+    r = env.build(ctx, "-t", "bb", *args)
+    assert r.stdout.strip().splitlines()[-1].startswith("sha256:")
+    assert "STEP 1/" in r.stdout and "Successfully tagged bb:latest" in r.stdout
+    ours = env.pyunion_image("bb")
+    compare(env.buildah_image("bb"), ours)
+    view = ours[0]
+    assert b"srv/app/src/cache/keep.txt" in view and b"srv/app/src/cache/big.bin" not in view
+    assert b"srv/app/src/pkg/util.pyc" not in view and b"srv/app/secret.txt" not in view
+    assert view[b"srv/app/src/main.py"][2:4] == (1000, 100)          # --chown=alice:users
+    assert view[b"srv/app/bin"][1:4] == (0o750, 1000, 100)           # --from keeps owners
+    assert view[b"opt/bundle/top/a.txt"][2:4] == (123, 456)          # ADD keeps the tar's
+    assert b"etc/motd" not in view and b"opt/old" not in view
+    cfg = ours[1]
+    hist = [h["created_by"] for h in cfg["history"]]
+    assert "RUN |1 GREETING=bonjour /bin/sh -c touch /home/alice/made-by-alice" in hist
+    assert any(h.startswith("COPY dir:") and h.endswith(" in ./src/") for h in hist)
+    assert "COPY --from=builder /out in ./" in hist and "USER alice" in hist
+    assert len(cfg["rootfs"]["diff_ids"]) == 3 + 8  # the sample's three, one per RUN/COPY/ADD
+    layered = [h for h in cfg["history"] if not h.get("empty_layer")]
+    assert len(layered) == len(cfg["rootfs"]["diff_ids"])
+
+
+@needs_tools
+def test_built_image_exports_to_skopeo_and_umoci(env: Env) -> None:
+    ctx = env.tmp / "ctx-export"
+    _busybox_context(ctx)  # the same context as the comparison: the cache makes it quick
+    env.build(ctx, "-t", "bb", "--build-arg", "GREETING=bonjour")
+    view, _ = env.pyunion_image("bb")
+    out = env.tmp / "export"
+    pyunion("image", "export", "bb", str(out), "--store", env.store)
+    pyunion("image", "export", "bb", str(env.tmp / "export.tar"), "--format", "docker",
+            "--store", env.store)
+    info = json.loads(sh("skopeo", "inspect", f"oci:{out}:latest"))
+    assert len(info["Layers"]) == 11 and info["Labels"]["version"] == "1"
+    sh("skopeo", "copy", "-q", f"docker-archive:{env.tmp / 'export.tar'}",
+       f"oci:{env.tmp / 'export2'}:x")
+    for layout, ref in ((out, "latest"), (env.tmp / "export2", "x")):
+        bundle = env.tmp / f"export-bundle-{ref}"
+        sh("umoci", "unpack", "--image", f"{layout}:{ref}", bundle)
+        assert tree_view(bundle / "rootfs") == view, ref
+        shutil.rmtree(bundle)
+
+
+def _deb(path: Path) -> None:
+    """A tiny local .deb (no network needed): a script, a data file and a postinst."""
+    root = path.with_suffix("")
+    _write(root / "DEBIAN/control", "Package: pyunion-hello\nVersion: 1.0\nArchitecture: all\n"
+           "Maintainer: pyunion tests <tests@example.org>\nDescription: build test package\n")
+    _write(root / "DEBIAN/postinst", "#!/bin/sh\nset -e\nmkdir -p /var/lib/pyunion-hello\n"
+           "echo installed > /var/lib/pyunion-hello/state\n", 0o755)
+    _write(root / "usr/bin/pyunion-hello", "#!/bin/sh\necho hello from a .deb\n", 0o755)
+    _write(root / "usr/share/pyunion-hello/data.txt", "data\n")
+    sh("dpkg-deb", "--root-owner-group", "-Zgzip", "--build", root, path)
+    shutil.rmtree(root)
+
+
+DEBIAN_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEBIAN_FILE = """FROM debian
+COPY pyunion-hello.deb /tmp/
+RUN dpkg -i /tmp/pyunion-hello.deb && rm /tmp/pyunion-hello.deb && pyunion-hello > /hello.out \\
+ && useradd -m -u 1234 -s /bin/bash builder
+COPY --chown=builder app/ /home/builder/app/
+USER builder
+RUN cd /home/builder/app && echo built > stamp && id -un >> stamp
+"""
+
+
+@pytest.fixture(scope="module")
+def debian_image(env: Env, debian_rootfs: str) -> str:
+    """The debootstrap rootfs as a one-layer image `debian`, in both stores."""
+
+    layout = env.tmp / "debian-oci"
+    blobs = layout / "blobs/sha256"
+    blobs.mkdir(parents=True)
+    tmp_tar = layout / "layer.tar"
+    sh("tar", "-C", debian_rootfs, "--numeric-owner", "--xattrs", "-cf", tmp_tar, ".")
+
+    def put(data_path: Path | None, data: bytes | None = None) -> tuple[str, int]:
+        h = hashlib.sha256()
+        if data_path is not None:
+            with open(data_path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            size = data_path.stat().st_size
+            os.rename(data_path, blobs / h.hexdigest())
+        else:
+            assert data is not None
+            h.update(data)
+            size = len(data)
+            (blobs / h.hexdigest()).write_bytes(data)
+        return "sha256:" + h.hexdigest(), size
+
+    ldigest, lsize = put(tmp_tar)
+    config = {"architecture": "amd64" if os.uname().machine == "x86_64" else "arm64",
+              "os": "linux", "config": {"Env": [DEBIAN_PATH], "Cmd": ["/bin/bash"]},
+              "rootfs": {"type": "layers", "diff_ids": [ldigest]},
+              "history": [{"created_by": "debootstrap"}]}
+    cdigest, csize = put(None, json.dumps(config).encode())
+    man = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                      "digest": cdigest, "size": csize},
+           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                       "digest": ldigest, "size": lsize}]}
+    mdigest, msize = put(None, json.dumps(man).encode())
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
+         "size": msize, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    pyunion("image", "import", str(layout), "--tag", "debian", "--store", env.store, "-q",
+            timeout=300)
+    sh("skopeo", "copy", "-q", f"oci:{layout}:latest", f"{env.cs}localhost/debian:latest")
+    shutil.rmtree(layout)
+    return "debian"
+
+
+@needs_tools
+def test_debian_build_with_dpkg_matches_buildah(env: Env, debian_image: str) -> None:
+    ctx = env.tmp / "ctx-debian"
+    _write(ctx / "Containerfile", DEBIAN_FILE)
+    _deb(ctx / "pyunion-hello.deb")
+    _write(ctx / "app/main.sh", "#!/bin/sh\necho app\n", 0o755)
+    _write(ctx / "app/lib/data.txt", "data\n")
+    env.buildah(ctx, "deb", "--layers=false")  # one container: vfs copies the rootfs once
+    env.build(ctx, "-t", "deb")
+    ours = env.pyunion_image("deb")
+    compare(env.buildah_image("deb"), ours)
+    view = ours[0]
+    assert view[b"home/builder/app/main.sh"][2:4] == (1234, 1234)
+    assert b"var/lib/pyunion-hello/state" in view and b"usr/bin/pyunion-hello" in view
+    r = pyunion("run", "--store", env.store, "deb", "--", "cat", "/home/builder/app/stamp",
+                "/hello.out", timeout=120)
+    assert r.stdout == "built\nbuilder\nhello from a .deb\n"
+
+
+# --- the cache ------------------------------------------------------------------------------
+CACHE_FILE = """FROM busybox
+USER root
+ARG MODE=a
+RUN echo "mode $MODE" > /mode
+COPY app/ /app/
+RUN ls -ln /app > /listing
+ENV DONE=1
+"""
+
+
+def _steps(out: str) -> list[str]:
+    """Per step: 'cached' or 'ran', from the build's output."""
+    res = []
+    for line in out.splitlines():
+        if line.startswith("--> CACHED"):
+            res.append("cached")
+        elif line.startswith("--> ") and "built in" not in line:
+            res.append("ran")
+    return res
+
+
+def _layers(store: str) -> set[str]:
+    return set(os.listdir(Path(store) / "layers"))
+
+
+@needs_tools
+def test_cache_rules(env: Env) -> None:
+    ctx = env.tmp / "ctx-cache"
+    _write(ctx / "Containerfile", CACHE_FILE)
+    _write(ctx / "app/a.txt", "one\n")
+    _write(ctx / "app/b.txt", "two\n")
+    _write(ctx / "app/ignored.log", "noise\n")
+    _write(ctx / ".dockerignore", "*.log\napp/*.log\n")
+    # Steps: USER, ARG, RUN, COPY, RUN, ENV.
+    first = env.build(ctx, "-t", "cache")
+    assert _steps(first.stdout) == ["ran"] * 6 or _steps(first.stdout)[0] == "cached"
+    image_id = first.stdout.strip().splitlines()[-1]
+
+    before = _layers(env.store)
+    t0 = time.monotonic()
+    again = env.build(ctx, "-t", "cache")
+    elapsed = time.monotonic() - t0
+    assert _steps(again.stdout) == ["cached"] * 6
+    assert again.stdout.strip().splitlines()[-1] == image_id  # same steps, same image
+    assert _layers(env.store) == before
+    assert elapsed < 1.5, f"a fully cached rebuild took {elapsed:.2f}s"
+
+    # A file the ignore rules exclude changes: nothing is rebuilt.
+    _write(ctx / "app/ignored.log", "other noise\n")
+    assert _steps(env.build(ctx).stdout) == ["cached"] * 6
+    # One copied file's bytes change: from that COPY on.
+    _write(ctx / "app/b.txt", "TWO\n")
+    assert _steps(env.build(ctx).stdout) == ["cached"] * 3 + ["ran"] * 3
+    # Its mode only.
+    os.chmod(ctx / "app/b.txt", 0o600)
+    assert _steps(env.build(ctx).stdout) == ["cached"] * 3 + ["ran"] * 3
+    # Its owner only.
+    os.chown(ctx / "app/b.txt", 4321, 4321)
+    assert _steps(env.build(ctx).stdout) == ["cached"] * 3 + ["ran"] * 3
+    # A new file's name.
+    _write(ctx / "app/c.txt", "three\n")
+    assert _steps(env.build(ctx).stdout) == ["cached"] * 3 + ["ran"] * 3
+    # A build arg the first RUN uses: from that RUN on (the ARG step itself stays).
+    r = env.build(ctx, "--build-arg", "MODE=b")
+    assert _steps(r.stdout) == ["cached"] * 2 + ["ran"] * 4
+    assert _steps(env.build(ctx, "--build-arg", "MODE=b").stdout) == ["cached"] * 6
+    # The instruction's text after substitution.
+    _write(ctx / "Containerfile", CACHE_FILE.replace("ENV DONE=1", "ENV DONE=2"))
+    assert _steps(env.build(ctx).stdout) == ["cached"] * 5 + ["ran"]
+    # --no-cache runs everything, and produces the same files.
+    assert _steps(env.build(ctx, "--no-cache").stdout) == ["ran"] * 6
+
+
+@needs_tools
+def test_failing_run_leaves_nothing_half_written(env: Env) -> None:
+    ctx = env.tmp / "ctx-fail"
+    _write(ctx / "Containerfile", "FROM busybox\nUSER root\nRUN echo partial > /partial\n"
+           "RUN echo doomed > /doomed && exit 7\nRUN echo never\n")
+    layers_before = _layers(env.store)
+    r = env.build(ctx, "-t", "failed", check=False)
+    assert r.returncode == 1
+    assert "STEP 4/5: RUN echo doomed > /doomed && exit 7: the command exited with status 7" \
+        in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "never" not in r.stdout
+    assert "failed" not in pyunion("images", "--store", env.store).stdout
+    assert os.listdir(Path(env.store) / "tmp") == []
+    new = _layers(env.store) - layers_before
+    assert len(new) == 1  # the step before the failure, complete and reusable
+    # The step before is cached; the fixed file finishes from there.
+    _write(ctx / "Containerfile", "FROM busybox\nUSER root\nRUN echo partial > /partial\n"
+           "RUN echo fixed > /fixed\n")
+    assert _steps(env.build(ctx, "-t", "failed").stdout) == ["cached", "cached", "ran"]
+
+
+@needs_tools
+def test_pyunion_only_features(env: Env) -> None:
+    """What buildah 1.28 lacks or does differently: heredocs, --target, ONBUILD, --squash."""
+    ctx = env.tmp / "ctx-extra"
+    _write(ctx / "Containerfile", """# escape=`
+FROM busybox AS base
+USER root
+ONBUILD RUN echo triggered > /triggered
+RUN <<EOF
+echo one > /heredoc
+echo two >> /heredoc
+EOF
+COPY <<EOT /etc/generated.conf
+answer=42
+EOT
+
+FROM base AS child
+RUN echo continued `
+    > /continued
+
+FROM busybox AS unused
+RUN exit 1
+""")
+    r = env.build(ctx, "--target", "child", "-t", "child")
+    assert "unused" not in r.stdout  # a stage the target does not need is not built
+    view, cfg = env.pyunion_image("child")
+    assert {b"triggered", b"heredoc", b"etc/generated.conf", b"continued"} <= set(view)
+    assert "OnBuild" not in cfg["config"]  # triggers run once, in the child
+    r = pyunion("run", "--store", env.store, "child", "--", "cat", "/heredoc",
+                "/etc/generated.conf", timeout=120)
+    assert r.stdout == "one\ntwo\nanswer=42\n"
+    base_layers = len(Store(env.store).lookup("busybox").diff_ids)
+    env.build(ctx, "--target", "child", "--squash", "-t", "squashed")
+    sq_view, sq_cfg = env.pyunion_image("squashed")
+    assert sq_view == view
+    assert len(sq_cfg["rootfs"]["diff_ids"]) == base_layers + 2  # one per stage: base, child
+    hist = json.loads(pyunion("history", "--format", "json", "child", "--store",
+                              env.store).stdout)
+    assert hist[0]["id"].startswith("sha256:") and hist[0]["createdBy"].startswith("RUN ")
+    table = pyunion("history", "child", "--store", env.store).stdout.splitlines()
+    assert table[0].split() == ["IMAGE", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]
+
+
+@needs_tools
+def test_bad_input_is_one_line(env: Env) -> None:
+    ctx = env.tmp / "ctx-bad"
+    ctx.mkdir()
+    os.symlink("/etc/passwd", ctx / "escape")
+    cases = {
+        "FROM busybox\nFROB x\n": "unknown instruction: FROB",
+        "RUN true\n": "no FROM before RUN",
+        "FROM nosuchimage\n": "FROM nosuchimage: no such image in the store",
+        "FROM busybox\nADD https://example.org/x /x\n": "remote sources need a network",
+        "FROM busybox\nCOPY missing /x\n": "cannot read 'missing'",
+        "FROM busybox\nCOPY escape /x\n": "cannot read 'escape'",
+        "FROM busybox\nENV A=${B:?must_be_set}\n": "B: must_be_set",
+        "FROM busybox\nRUN --mount=type=cache,target=/x true\n": "RUN --mount is not supported",
+    }
+    for text, message in cases.items():
+        r = env.build(ctx, "-f", "-", check=False, stdin=text)
+        assert r.returncode != 0, text
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (text, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+# --- pure rules (no root needed) ---------------------------------------------------------------
+def test_substitution_rules() -> None:
+    lx = Lexer()
+    env = {"A": "apple", "E": "", "P": "/usr/local/bin/tool.tar.gz"}
+    cases = {
+        "$A": "apple", "${A}": "apple", "x${A}y": "xappley", "'$A'": "$A", '"$A b"': "apple b",
+        r"\$A": "$A", "${U:-dflt}": "dflt", "${E:-dflt}": "dflt", "${E-dflt}": "",
+        "${A:+alt}": "alt", "${U:+alt}": "", "${P##*/}": "tool.tar.gz",
+        "${P#*/}": "usr/local/bin/tool.tar.gz",
+        "${P%%.*}": "/usr/local/bin/tool", "${P%.*}": "/usr/local/bin/tool.tar",
+        "${A/p/P}": "aPple", "${A//p/P}": "aPPle", "$": "$", "a$-b": "ab",
+    }
+    for word, want in cases.items():
+        assert lx.word(word, env) == want, word
+    assert Lexer("`").word("a`$A", env) == "a$A"
+    assert lx.process("${A}-$E-$U", env).used == {"A", "E"}
+    with pytest.raises(SubstitutionError):
+        lx.word("${U:?needed}", env)
+    with pytest.raises(SubstitutionError):
+        lx.word("${A", env)
+
+
+def test_ignore_rules() -> None:
+    m = Matcher(["# comment", "docs", "!docs/README.md", "**/*.pyc", "/secret", "*.log",
+                 "a/**/z", "  spaced  ", "[ab]?.txt"])
+    excluded = ["docs", "docs/x/y", "c.pyc", "a/b/c.pyc", "secret", "secret/s", "x.log",
+                "a/z", "a/b/c/z", "spaced", "ax.txt"]
+    kept = ["docs/README.md", "x/secret", "d/x.log", "README.md", "cx.txt", "a/zz"]
+    for p in excluded:
+        assert m.excluded(p), p
+    for p in kept:
+        assert not m.excluded(p), p
