@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import impls as impls_mod
+from .build import missing_tools, render_build, run_build_bench
 from .image import ensure_image, ensure_stack, log
 from .report import render
 from .runner import Config, Runner
@@ -34,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--impl", default="",
                    help=f"comma-separated implementations (default all: {','.join(impls_mod.ORDER)})")
     p.add_argument("--workloads", default="",
-                   help="comma-separated workloads W1..W10 and 'mount' (default all)")
+                   help="comma-separated workloads W1..W10, 'mount' and 'build' (pyunion build "
+                        "against buildah bud; default all)")
     p.add_argument("--size", choices=sorted(PRESETS), help="sizes preset (--quick = --size quick; "
                    "tiny is for smoke tests)")
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
@@ -107,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: unknown implementation {', '.join(unknown)}", file=sys.stderr)
         return 2
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()] or \
-        [*BY_ID, "mount"]
-    bad = [w for w in workloads if w not in BY_ID and w != "mount"]
+        [*BY_ID, "mount", "build"]
+    bad = [w for w in workloads if w not in BY_ID and w not in ("mount", "build")]
     if bad:
         print(f"bench: unknown workload {', '.join(bad)}", file=sys.stderr)
         return 2
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     t0 = time.monotonic()
     cache = Path(args.cache)
+    build_only = workloads == ["build"]
+    if build_only:
+        return build_main(args, cache, sizes.reps, t0)
     image = ensure_image(cache, sizes, args.source)
     if args.pull:
         from . import pull
@@ -180,11 +185,46 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         impls_mod.cleanup_all()
-    meta["elapsed_s"] = time.monotonic() - t0
     data = {"meta": meta, "results": runner.results, "session": runner.session}
+    if "build" in workloads and not build_skip(args):
+        data["build"] = run_build_bench(cache, _pyunion_command(args), sizes.reps, args.source)
+    meta["elapsed_s"] = time.monotonic() - t0
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=1))
     print()
     sys.stdout.write(render(data, args.markdown))
     print(f"\n(bench took {meta['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _pyunion_command(args: argparse.Namespace) -> list[str]:
+    return impls_mod.Pyunion(shlex.split(args.pyunion) if args.pyunion else None).command
+
+
+def build_skip(args: argparse.Namespace) -> str | None:
+    why = missing_tools()
+    if why:
+        log(f"skipping the build workload: {why}")
+    return why
+
+
+def build_main(args: argparse.Namespace, cache: Path, reps: int, t0: float) -> int:
+    """`--workloads build` alone: only the build workload."""
+    why = build_skip(args)
+    if why:
+        print(f"bench: build: {why}", file=sys.stderr)
+        return 2
+    try:
+        build = run_build_bench(cache, _pyunion_command(args), reps, args.source)
+    except KeyboardInterrupt:
+        return 130
+    data = {"meta": {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                     "argv": sys.argv, "machine": machine(cache),
+                     "elapsed_s": time.monotonic() - t0},
+            "build": build}
+    if args.out:
+        Path(args.out).write_text(json.dumps(data, indent=1))
+    print()
+    sys.stdout.write(render_build(build, args.markdown))
+    print(f"\n(bench took {data['meta']['elapsed_s']:.0f} s)")
     return 0

@@ -175,4 +175,8 @@ def render(data: dict[str, Any], markdown: bool = False) -> str:
         out.append("  ".join("-" * w for w in widths))
         out += [line(r) for r in rows]
         out += [""] + notes + desc
+    if data.get("build"):
+        from .build import render_build
+
+        out += ["", render_build(data["build"], markdown)]
     return "\n".join(out).rstrip() + "\n"
