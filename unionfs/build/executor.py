@@ -347,8 +347,8 @@ class Builder:
             img = self.store.lookup(ref)
         except UserError:
             raise BuildError(f"line {stage.line}: FROM {ref}: no such image in the store "
-                             f"{self.store.root} (pyunion build does not pull: import it with "
-                             "'pyunion image import')") from None
+                             f"{self.store.root} (pyunion build does not pull: get it with "
+                             "'pyunion pull' or 'pyunion image import')") from None
         layers = [dict(d) for d in img.manifest.get("layers", [])]
         state = ImageState(copy.deepcopy(img.config), layers)
         if len(state.diff_ids) != len(layers):
