@@ -210,6 +210,9 @@ RUN echo "${GREETING:-none} ${UNSET:-dflt}" > greeting && rm /etc/motd && rm -rf
 USER alice
 RUN touch /home/alice/made-by-alice
 USER root
+SHELL ["/bin/sh", "-ec"]
+RUN ["/bin/sh", "-c", "echo exec form > exec-form"]
+RUN test -f exec-form && echo shell form > shell-form
 LABEL org.example.name="pyunion test" version=1
 EXPOSE 8080 53/udp 9000-9001
 ENTRYPOINT ["/bin/sh", "-c"]
@@ -265,7 +268,7 @@ def test_busybox_build_matches_buildah(env: Env) -> None:
     assert "RUN |1 GREETING=bonjour /bin/sh -c touch /home/alice/made-by-alice" in hist
     assert any(h.startswith("COPY dir:") and h.endswith(" in ./src/") for h in hist)
     assert "COPY --from=builder /out in ./" in hist and "USER alice" in hist
-    assert len(cfg["rootfs"]["diff_ids"]) == 3 + 8  # the sample's three, one per RUN/COPY/ADD
+    assert len(cfg["rootfs"]["diff_ids"]) == 3 + 10  # the sample's three, one per RUN/COPY/ADD
     layered = [h for h in cfg["history"] if not h.get("empty_layer")]
     assert len(layered) == len(cfg["rootfs"]["diff_ids"])
 
@@ -281,7 +284,7 @@ def test_built_image_exports_to_skopeo_and_umoci(env: Env) -> None:
     pyunion("image", "export", "bb", str(env.tmp / "export.tar"), "--format", "docker",
             "--store", env.store)
     info = json.loads(sh("skopeo", "inspect", f"oci:{out}:latest"))
-    assert len(info["Layers"]) == 11 and info["Labels"]["version"] == "1"
+    assert len(info["Layers"]) == 13 and info["Labels"]["version"] == "1"
     sh("skopeo", "copy", "-q", f"docker-archive:{env.tmp / 'export.tar'}",
        f"oci:{env.tmp / 'export2'}:x")
     for layout, ref in ((out, "latest"), (env.tmp / "export2", "x")):
@@ -497,6 +500,13 @@ EOT
 FROM base AS child
 RUN echo continued `
     > /continued
+RUN true
+COPY --from=busybox /etc/passwd /copied-passwd
+HEALTHCHECK --interval=30s --retries=3 CMD wget -q -O- http://localhost/ || exit 1
+
+FROM scratch AS tiny
+COPY --from=busybox /bin/busybox /bin/busybox
+CMD ["/bin/busybox", "echo", "from scratch"]
 
 FROM busybox AS unused
 RUN exit 1
@@ -504,8 +514,14 @@ RUN exit 1
     r = env.build(ctx, "--target", "child", "-t", "child")
     assert "unused" not in r.stdout  # a stage the target does not need is not built
     view, cfg = env.pyunion_image("child")
-    assert {b"triggered", b"heredoc", b"etc/generated.conf", b"continued"} <= set(view)
+    assert {b"triggered", b"heredoc", b"etc/generated.conf", b"continued",
+            b"copied-passwd"} <= set(view)
     assert "OnBuild" not in cfg["config"]  # triggers run once, in the child
+    assert cfg["config"]["Healthcheck"] == {
+        "Test": ["CMD-SHELL", "wget -q -O- http://localhost/ || exit 1"],
+        "Interval": 30 * 10**9, "Retries": 3}
+    nop = next(h for h in cfg["history"] if h["created_by"] == "RUN /bin/sh -c true")
+    assert nop.get("empty_layer") is True  # nothing changed: no layer
     r = pyunion("run", "--store", env.store, "child", "--", "cat", "/heredoc",
                 "/etc/generated.conf", timeout=120)
     assert r.stdout == "one\ntwo\nanswer=42\n"
@@ -514,6 +530,11 @@ RUN exit 1
     sq_view, sq_cfg = env.pyunion_image("squashed")
     assert sq_view == view
     assert len(sq_cfg["rootfs"]["diff_ids"]) == base_layers + 2  # one per stage: base, child
+    env.build(ctx, "--target", "tiny", "-t", "tiny")
+    tiny_view, tiny_cfg = env.pyunion_image("tiny")
+    assert set(tiny_view) == {b"bin", b"bin/busybox"} and len(tiny_cfg["rootfs"]["diff_ids"]) == 1
+    r = pyunion("run", "--store", env.store, "tiny", timeout=120)
+    assert r.stdout == "from scratch\n"
     hist = json.loads(pyunion("history", "--format", "json", "child", "--store",
                               env.store).stdout)
     assert hist[0]["id"].startswith("sha256:") and hist[0]["createdBy"].startswith("RUN ")
