@@ -537,7 +537,8 @@ RUN exit 1
     assert r.stdout == "from scratch\n"
     hist = json.loads(pyunion("history", "--format", "json", "child", "--store",
                               env.store).stdout)
-    assert hist[0]["id"].startswith("sha256:") and hist[0]["createdBy"].startswith("RUN ")
+    assert hist[0]["id"].startswith("sha256:")
+    assert hist[0]["createdBy"].startswith("HEALTHCHECK ")
     table = pyunion("history", "child", "--store", env.store).stdout.splitlines()
     assert table[0].split() == ["IMAGE", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]
 
