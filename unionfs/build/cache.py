@@ -63,5 +63,5 @@ class BuildCache:
         return config, layers
 
     def put(self, key: str, config: dict[str, Any], layers: list[dict[str, Any]]) -> None:
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)  # private, like the rest of the store
         write_json_atomic(self._path(key), {"config": config, "layers": layers})

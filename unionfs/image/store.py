@@ -326,7 +326,7 @@ class Store:
         step's upper directory: it is moved, not copied. The caller syncs first.
         """
         layer_tmp = os.path.join(self.root, "tmp", "layer-" + uuid.uuid4().hex)
-        os.mkdir(layer_tmp, 0o755)
+        os.mkdir(layer_tmp, PRIVATE)
         os.rename(tree, os.path.join(layer_tmp, "diff"))
         write_json_atomic(os.path.join(layer_tmp, "layer.json"), {
             "diff_id": diff_id, "size": size, "blob": blob, "media_type": media_type,
