@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import fuse_skip_reason, run_child
-from test_run import Env
+from test_run import Env, _read_until
 
 pytestmark = [
     pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),
@@ -345,6 +347,42 @@ def test_preserve_fds(env: Env, podman: Podman, tmp_path: Path) -> None:
     ref = podman.run("--preserve-fds", "2", command=("sh", "-c", script), fds=fds)
     assert r.stdout.split() == ["0", "1", "2", "3", "4", "5"] == ref.stdout.split(), r.stderr
     assert three.read_text() == "three\nthree\n" and four.read_text() == "four\nfour\n"
+
+
+# -- the caller's terminal ---------------------------------------------------------------------------
+# Run in a terminal of its own: runs pyunion there, then counts what waits in the
+# terminal's input queue for the shell that started pyunion (it would run it, as root).
+_TERMINAL_CALLER = """
+import fcntl, struct, subprocess, sys, termios
+r = subprocess.run(sys.argv[1:])
+pending = struct.unpack("i", fcntl.ioctl(0, termios.FIONREAD, bytes(4)))[0]
+print("exit", r.returncode, "pending", pending)
+"""
+
+
+@pytest.mark.parametrize("opts,where", [((), "/dev/tty"), ((), "1"), (("-i",), "0")])
+def test_no_typing_into_the_callers_terminal(env: Env, opts: tuple[str, ...], where: str) -> None:
+    """Without -t the command writes to pyunion's own terminal; TIOCSTI through /dev/tty or an
+    inherited terminal fd pushed a line into the input of the shell that ran pyunion, which
+    then ran it as root. The container has its own session, as in runc: the terminal is
+    not its controlling terminal (/dev/tty is ENXIO, TIOCSTI EPERM without CAP_SYS_ADMIN)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child execs at once
+        os.environ.update(env.env)
+        os.execv(sys.executable, [sys.executable, "-c", _TERMINAL_CALLER, *env.cmd(
+            *opts, command=("hostile", "tiocsti", where, "touch /tmp/pwned\n"))])
+    try:
+        out = _read_until(fd, b"\xff", timeout=30)  # until EOF
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert b"exit 1 pending 0" in out, out
+    assert (b"open 6" if where == "/dev/tty" else b"TIOCSTI 1") in out, out
 
 
 # -- volumes -------------------------------------------------------------------------------------------

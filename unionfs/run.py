@@ -290,7 +290,6 @@ class Runner:
         self.pending: list[int] = []
         self.forwarded: dict[int, int] = {}
         self.master: int | None = None
-        self.take_terminal = False
         self.saved_tty: list[Any] | None = None
         self.wake_r = self.wake_w = -1
         self.report_fd = -1
@@ -439,10 +438,6 @@ class Runner:
     def _start_and_wait(self, spec: sandbox.ContainerSpec) -> int:
         opts = self.opts
         stdin_tty = os.isatty(0)
-        if not opts.tty and stdin_tty:
-            with contextlib.suppress(OSError):
-                self.take_terminal = os.tcgetpgrp(0) == os.getpgrp()
-        spec.take_terminal = self.take_terminal
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
@@ -571,11 +566,6 @@ class Runner:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.init, 0)
             self.init = None
-        if self.take_terminal:
-            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            with contextlib.suppress(OSError):
-                os.tcsetpgrp(0, os.getpgrp())
-            signal.signal(signal.SIGTTOU, old)
         if self.master is not None:
             with contextlib.suppress(OSError):
                 os.close(self.master)

@@ -91,7 +91,6 @@ class ContainerSpec:
     etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x -> host copy
     interactive: bool = False
     tty: bool = False
-    take_terminal: bool = False  # make the command the terminal's foreground job
     read_only: bool = False
     report_fd: int = -1  # where init writes the mount points it created, one per line
     confinement: confine.Confinement = field(default_factory=confine.Confinement)
@@ -372,19 +371,10 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None,
             for fd in (0, 1, 2):
                 os.dup2(slave, fd)
             os.close(slave)
-        else:
-            if spec.take_terminal:
-                os.setpgid(0, 0)
-                signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-                try:
-                    os.tcsetpgrp(0 if os.isatty(0) else 2, os.getpgrp())
-                except OSError:
-                    pass
-                signal.signal(signal.SIGTTOU, signal.SIG_DFL)
-            if not spec.interactive:
-                null = os.open("/dev/null", os.O_RDONLY)
-                os.dup2(null, 0)
-                os.close(null)
+        elif not spec.interactive:
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         if os.read(go, 1) != b"G":
             os._exit(125)  # init failed, and said so
@@ -415,6 +405,12 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
     code = 125
     try:
         set_pdeathsig(signal.SIGKILL)  # pyunion killed: the whole container goes
+        # A session of its own, as runc gives every container: the terminal pyunion runs
+        # on is then nobody's controlling terminal in here, so /dev/tty is ENXIO and
+        # TIOCSTI through an inherited terminal fd (typing a command into the shell that
+        # ran pyunion) needs CAP_SYS_ADMIN; and ^C there reaches pyunion only, which
+        # forwards it once.
+        os.setsid()
         # Nothing pyunion or its caller holds may reach the container (--preserve-fds aside).
         own = [spec.report_fd] if spec.report_fd >= 0 else []
         if tty_sock is not None:

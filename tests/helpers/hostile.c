@@ -7,6 +7,8 @@
  *                                          with harmless arguments, each in its own child;
  *                                          print "NAME ERRNO" (0: it worked)
  *   hostile status                         print the effective uid and CapEff
+ *   hostile tiocsti FD|PATH TEXT           push TEXT into a terminal's input (TIOCSTI), as
+ *                                          if typed there; print "typed" or the errno
  *   suid-status                            the same (a setuid-root copy of this program)
  */
 #define _GNU_SOURCE
@@ -21,6 +23,7 @@
 #include <string.h>
 #include <sys/personality.h>
 #include <sys/syscall.h>
+#include <sys/ioctl.h>
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -160,6 +163,21 @@ static int status(void) {
     return 0;
 }
 
+static int tiocsti(const char *where, const char *text) {
+    int fd = where[0] == '/' ? open(where, O_RDWR) : atoi(where);
+    if (fd < 0) {
+        printf("open %d\n", errno);
+        return 1;
+    }
+    for (const char *p = text; *p; p++)
+        if (ioctl(fd, TIOCSTI, p) < 0) {
+            printf("TIOCSTI %d\n", errno);
+            return 1;
+        }
+    printf("typed\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *base = strrchr(argv[0], '/');
     if (!strcmp(base ? base + 1 : argv[0], "suid-status")) return status();
@@ -168,6 +186,7 @@ int main(int argc, char **argv) {
         return openhandle(argv[2], argv[3], argv[4], argv[5]);
     if (argc == 2 && !strcmp(argv[1], "syscalls")) return syscalls();
     if (argc == 2 && !strcmp(argv[1], "status")) return status();
-    fprintf(stderr, "usage: hostile gethandle|openhandle|syscalls|status ...\n");
+    if (argc == 4 && !strcmp(argv[1], "tiocsti")) return tiocsti(argv[2], argv[3]);
+    fprintf(stderr, "usage: hostile gethandle|openhandle|syscalls|status|tiocsti ...\n");
     return 2;
 }
