@@ -526,3 +526,21 @@ def test_device_nodes_of_the_image_do_not_open(env: Env, tmp_path: Path) -> None
     env.layers = [str(top), *env.layers]
     r = env.sh("echo x > /disk")
     assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+
+
+def test_device_nodes_made_in_the_container_do_not_open(env: Env, tmp_path: Path) -> None:
+    """With --cap-add MKNOD the container made device nodes of the host in /dev (a tmpfs) or
+    in a volume and opened them: it wrote the host's /dev/kmsg and read its console
+    (/dev/vcs). podman's devices cgroup refuses them; here /dev and the volumes are nodev
+    while the usual nodes still work. --privileged lifts it, as in podman."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    script = ("mknod /dev/z c 1 5 && head -c 1 /dev/z | od -An -tx1; "
+              "mknod /vol/z c 1 5 && head -c 1 /vol/z | od -An -tx1; "
+              "echo x > /dev/null && head -c 1 /dev/zero | od -An -tx1")
+    r = env.sh(script, "--cap-add", "MKNOD", "-v", f"{vol}:/vol")
+    assert r.stderr.count("Permission denied") == 2, r.stderr
+    assert r.stdout.split() == ["00"]
+    (vol / "z").unlink()
+    r = env.sh(script, "--privileged", "-v", f"{vol}:/vol")
+    assert r.stdout.split() == ["00", "00", "00"], r.stderr

@@ -43,7 +43,7 @@ import termios
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from . import confine, seccomp, volumes
+from . import confine, seccomp, syscalls, volumes
 from .syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNS,
@@ -151,7 +151,15 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
 
-def _setup_dev(rootfd: int) -> None:
+def _setup_dev(rootfd: int, privileged: bool) -> None:
+    """A tmpfs /dev with the usual nodes, where no other device node opens.
+
+    podman's devices cgroup lets a container open only those nodes, whatever it
+    makes with CAP_MKNOD (`--cap-add MKNOD`). There is no cgroup here, so /dev
+    ends up `nodev` (as every other mount the container can write), and each
+    usual node is bound onto itself first: a mount of its own, which keeps the
+    right to open. `--privileged` lifts it, as podman lifts its devices cgroup.
+    """
     _mount_at(rootfd, "/dev", "tmpfs", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k")
     dev = open_in_root(rootfd, "/dev", os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -159,9 +167,14 @@ def _setup_dev(rootfd: int) -> None:
             try:
                 os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
                 os.chmod(name, 0o666, dir_fd=dev)
+                source = f"{fd_path(dev)}/{name}"
             except PermissionError:  # no CAP_MKNOD: bind the host's node instead
                 os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dev))
-                mount(f"/dev/{name}", f"{fd_path(dev)}/{name}", None, MS_BIND)
+                source = f"/dev/{name}"
+            mount(source, f"{fd_path(dev)}/{name}", None, MS_BIND)
+        if not privileged:
+            volumes.set_attrs(dev, syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+                              | syscalls.MOUNT_ATTR_NOEXEC, recursive=False)
         for name, target in DEV_LINKS.items():
             os.symlink(target, name, dir_fd=dev)
         os.mkdir("pts", 0o755, dir_fd=dev)
@@ -229,7 +242,7 @@ def setup_root(spec: ContainerSpec) -> None:
     rootfd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        _setup_dev(rootfd)
+        _setup_dev(rootfd, conf.privileged)
         _setup_sys(rootfd, conf.privileged)
         if spec.read_only:
             for path in READ_ONLY_TMPFS:
@@ -237,6 +250,8 @@ def setup_root(spec: ContainerSpec) -> None:
         for target, host_copy in spec.etc_files.items():
             _bind(rootfd, Volume(host_copy, target, recursive=False))
         for b in spec.binds:
+            # nodev, as /dev: podman's devices cgroup would refuse a node of the volume
+            b.nodev = b.nodev or not conf.privileged
             try:
                 _bind(rootfd, b)
             except OSError as e:
