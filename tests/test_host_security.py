@@ -508,3 +508,61 @@ def test_a_deep_released_chain_resolves_without_recursion(tmp_path: Path) -> Non
         os.close(lock_fd)
         for d in ("l1", "up", "work"):
             rmtree(str(tmp_path / d))
+
+
+# -- the daemon acts on what it opened, never on a name a user can swap ---------------------
+# Run as the user who owns the upper: chmod her own file through the mount, while a
+# thread swaps it in the upper (RENAME_EXCHANGE) with a symlink to root's file.
+_CHMOD_RACE = """
+import ctypes, os, stat, sys, threading, time
+upper, mnt, victim, budget = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+libc = ctypes.CDLL(None, use_errno=True)
+ufd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+start, rounds, tries = time.monotonic(), 0, 0
+while time.monotonic() - start < budget:
+    f, s = b"f%d" % rounds, b"s%d" % rounds  # a fresh name each round: an inode whose
+    open(os.path.join(mnt, f.decode()), "w").close()  # type changed under FUSE goes bad
+    os.symlink(victim, s, dir_fd=ufd)
+    stop = []
+    def swap():
+        while not stop:
+            libc.renameat2(ufd, f, ufd, s, 2)
+    t = threading.Thread(target=swap)
+    t.start()
+    try:
+        for i in range(100):
+            tries += 1
+            try:
+                os.chmod(os.path.join(mnt, f.decode()), 0o666 if i % 2 else 0o644)
+            except OSError:
+                pass
+            if stat.S_IMODE(os.stat(victim).st_mode) != 0o600:
+                sys.exit(f"root chmod'ed the victim after {tries} tries")
+    finally:
+        stop.append(1)
+        t.join()
+    rounds += 1
+print(f"{tries} tries in {rounds} rounds")
+"""
+
+
+def test_a_user_owning_the_upper_cannot_make_the_daemon_chmod_another_file(
+        open_tree: Path, user: tuple[int, int]) -> None:
+    """Root mounts a union whose upper and work dir a user owns (a writable view given to
+    her). She chmods her file through the mount while swapping it, in the upper, with a
+    symlink to a root-only file: the daemon checked the name, then chmod'ed it by path and
+    followed the symlink (0600 became 0666 within 2 s). Kernel overlayfs acts on the dentry
+    it holds; the daemon now chmods the object it opened, never through a symlink."""
+    t = open_tree
+    for d in ("l", "u", "w", "mnt"):
+        (t / d).mkdir()
+    os.chown(t / "u", *user)
+    os.chown(t / "w", *user)
+    victim = t / "victim"  # stands for /etc/shadow
+    victim.write_text("root:precious\n")
+    victim.chmod(0o600)
+    with mounted([t / "l"], t / "mnt", upper=t / "u", work=t / "w"):
+        r = _as(user, sys.executable, "-c", _CHMOD_RACE, str(t / "u"), str(t / "mnt"),
+                str(victim), "4", check=False)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600, r.stderr
+    assert r.returncode == 0 and " tries in " in r.stdout, r.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import stat
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -97,6 +98,23 @@ def fd_str(fd: int) -> str:
 
 
 # -- files -------------------------------------------------------------------------------
+def chmod_nofollow(dirfd: int, name: str | bytes, mode: int) -> bool:
+    """chmod NAME in DIRFD, never through a symlink; False (nothing done) for a symlink.
+
+    Whoever can write the directory (a user owning an upper layer) may swap NAME
+    for a symlink to any file between a check and a chmod by path, and root
+    would then chmod that file: the mode goes to the object opened here instead.
+    """
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            return False  # a symlink's mode cannot change (lchmod is EOPNOTSUPP)
+        os.chmod(fd_str(fd), mode)
+        return True
+    finally:
+        os.close(fd)
+
+
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint]
 _libc.renameat2.restype = ctypes.c_int

@@ -25,7 +25,14 @@ from .handles import DirHandle, Handle
 from .inodes import ROOT_ID, InodeTable, Node
 from .layers import DIR_FLAGS, LayerStack
 from .resolve import Entry, Resolver
-from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, fdpath, renameat2
+from .syscalls import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    chmod_nofollow,
+    fdpath,
+    renameat2,
+)
 from .tree import rmtree_at
 from .whiteout import OPQ_OCI, WH_PREFIX, WhiteoutWriter, is_internal_xattr, is_whiteout_stat
 
@@ -474,7 +481,7 @@ class Union:
             os.mkdir(n, mode, dir_fd=dfd)
             os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
             if mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
-                os.chmod(n, mode, dir_fd=dfd)
+                chmod_nofollow(dfd, n, mode)
 
         st = self._place(parent, pfd, name, wh, True, make)
         node = self._new_upper_node(parent, name, st)
@@ -493,7 +500,7 @@ class Union:
             os.mknod(n, mode, rdev, dir_fd=dfd)
             os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
             if mode & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(n, mode & 0o7777, dir_fd=dfd)
+                chmod_nofollow(dfd, n, mode & 0o7777)
 
         st = self._place(parent, pfd, name, wh, False, make)
         node = self._new_upper_node(parent, name, st)
@@ -871,10 +878,12 @@ class Union:
         if uid is not None or gid is not None:
             os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
                      follow_symlinks=not nofollow)
-        # A path may name a symlink (whose mode cannot change); an fd never does.
-        if mode is not None and (isinstance(target, int)
-                                 or not stat.S_ISLNK(self.stat(node)[0].st_mode)):
-            os.chmod(target, stat.S_IMODE(mode))
+        if mode is not None:
+            if isinstance(target, int):
+                os.chmod(target, stat.S_IMODE(mode))
+            else:  # by name, which the upper's owner may swap for a symlink at any time
+                assert dirfd is not None
+                chmod_nofollow(dirfd, node.name, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
                 cur = self.stat(node)[0]
