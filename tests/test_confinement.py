@@ -175,6 +175,28 @@ def test_init_has_no_more_than_the_command(env: Env, opts: tuple[str, ...]) -> N
         assert r.stdout == ""
 
 
+def test_nothing_of_pyunion_in_init_memory(env: Env) -> None:
+    """With CAP_SYS_PTRACE (common for strace and gdb) the command can read pid 1's memory
+    (/proc/1/mem). pid 1 was a fork of pyunion: pyunion's command line (here a layer's
+    host path) was always in it, and the caller's environment (its tokens) in about one
+    run in four, freed but not erased. pid 1 is now a fresh interpreter with an empty
+    environment. Needles reach the script in halves (-e), so that the command line
+    init keeps does not hold them; `pyunion-init` shows the search works."""
+    secret, path = "tok-9f8e7d6c5b4a", env.layers[0]
+    script = ('hostile memgrep 1 "$S1$S2"; hostile memgrep 1 "$P1$P2"; '
+              'hostile memgrep 1 pyunion-in"it"')
+    halves = [f"S1={secret[:8]}", f"S2={secret[8:]}", f"P1={path[:8]}", f"P2={path[8:]}"]
+    caller = {**env.env, "PYUNION_TEST_SHORT": secret,
+              **{f"PYUNION_TEST_{i}": "x" * (40 * i) + secret for i in range(1, 30)}}
+    opts = [a for h in halves for a in ("-e", h)]
+    r = subprocess.run(env.cmd("--cap-add", "SYS_PTRACE", *opts, command=("sh", "-c", script)),
+                       capture_output=True, text=True, timeout=60, check=False,
+                       stdin=subprocess.DEVNULL, env=caller)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == ["hits 0", "hits 0"], r.stdout
+    assert r.stdout.splitlines()[2] != "hits 0", r.stdout
+
+
 # -- seccomp ------------------------------------------------------------------------------------------
 def test_escape_open_by_handle_at(env: Env, tmp_path: Path) -> None:
     """The shocker attack: a handle of a root-only host directory on the filesystem of

@@ -8,7 +8,8 @@ The parent side (this module) owns everything that must be undone:
    (`unionfs.mount.mount`, allow_other so `-u USER` can read the tree);
 3. fork a janitor: if pyunion itself is killed (SIGKILL, OOM), the janitor
    sees its pipe close and does the teardown pyunion could not do;
-4. fork the container's init into a new pid namespace (`sandbox.container_init`),
+4. fork the container's init into a new pid namespace (`sandbox.start_init`: a fresh
+   interpreter, so that pid 1 holds nothing of pyunion's memory),
    confined as podman confines a container (`confine.py`: options checked here,
    before anything is mounted), forward signals to it, relay a pty for `-t`;
 5. teardown, always: kill what is left of the container, unmount, wait for the
@@ -428,7 +429,7 @@ class Runner:
                 for fd in (self.wake_r, self.wake_w, self.report_fd):
                     if fd >= 0:
                         os.close(fd)
-                sandbox.container_init(spec, child_sock)
+                sandbox.start_init(spec, child_sock)
         finally:
             if os.getpid() != 1:
                 syscalls.setns(own, syscalls.CLONE_NEWPID)

@@ -3,7 +3,8 @@
 Process tree (the parent side lives in `run.py`):
 
     pyunion run (host pid ns, private mount ns holding the FUSE mount)
-     └─ init: pid 1 of a new pid ns; new mount, uts and ipc namespaces
+     └─ init: pid 1 of a new pid ns (a fresh interpreter exec'd by the fork, so that it
+         │  holds nothing of pyunion's memory); new mount, uts and ipc namespaces
          └─ the command (setuid to the image's user, exec'd)
 
 `init` first closes every fd it inherited (only 0-2 and `--preserve-fds`
@@ -34,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
+import pickle
 import signal
 import socket
 import stat
@@ -415,8 +418,51 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None,
     os._exit(126)  # not reached
 
 
+# What the fresh interpreter of `start_init` runs: pyunion's sys.path, then the spec.
+_BOOT = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+         "from unionfs.sandbox import _init_main; _init_main(int(sys.argv[2]), int(sys.argv[3]))")
+
+
+def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
+    """Become pid 1 (right after the fork into the new pid namespace): exec a fresh
+    interpreter that runs `container_init`.
+
+    pid 1 stays for the container's whole life, and a command given CAP_SYS_PTRACE can
+    read its memory (/proc/1/mem; podman's pid 1 is the command itself). A fork of
+    pyunion would show it whatever pyunion's heap still holds, freed or not: the
+    caller's environment (its tokens), its command line. The interpreter exec'd here,
+    with an empty environment, holds only the spec, which it reads from a memfd.
+    """
+    try:
+        set_pdeathsig(signal.SIGKILL)  # kept across execve
+        blob = os.memfd_create("pyunion-spec", 0)
+        with os.fdopen(os.dup(blob), "wb") as f:
+            pickle.dump(spec, f)
+        os.lseek(blob, 0, os.SEEK_SET)
+        sock = tty_sock.detach() if tty_sock is not None else -1
+        for fd in (blob, sock, spec.report_fd, *spec.confinement.preserved):
+            if fd >= 0:
+                os.set_inheritable(fd, True)
+        os.execve(sys.executable, [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path),
+                                   str(blob), str(sock)], {})
+    except BaseException as e:  # noqa: BLE001 - a forked child must never return into pyunion
+        print(f"pyunion: cannot start the container's init: {e}", file=sys.stderr)
+    os._exit(125)
+
+
+def _init_main(blob: int, sock: int) -> NoReturn:
+    """pid 1 in its fresh interpreter: read the spec, then be `container_init`."""
+    try:
+        with os.fdopen(blob, "rb") as f:
+            spec = pickle.load(f)
+    except BaseException as e:  # noqa: BLE001
+        print(f"pyunion: cannot start the container's init: {e}", file=sys.stderr)
+        os._exit(125)
+    container_init(spec, socket.socket(fileno=sock) if sock >= 0 else None)
+
+
 def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
-    """Body of pid 1 (called right after the fork into the new pid namespace)."""
+    """Body of pid 1 (in the fresh interpreter `start_init` execs)."""
     code = 125
     try:
         set_pdeathsig(signal.SIGKILL)  # pyunion killed: the whole container goes

@@ -7,6 +7,8 @@
  *                                          with harmless arguments, each in its own child;
  *                                          print "NAME ERRNO" (0: it worked)
  *   hostile status                         print the effective uid and CapEff
+ *   hostile memgrep PID TEXT               count the readable mappings of PID's memory that
+ *                                          hold TEXT (/proc/PID/mem); print "hits N"
  *   hostile tiocsti FD|PATH TEXT           push TEXT into a terminal's input (TIOCSTI), as
  *                                          if typed there; print "typed" or the errno
  *   suid-status                            the same (a setuid-root copy of this program)
@@ -163,6 +165,35 @@ static int status(void) {
     return 0;
 }
 
+static int memgrep(const char *pid, const char *text) {
+    char path[64], line[512];
+    size_t n = strlen(text);
+    int hits = 0;
+    snprintf(path, sizeof path, "/proc/%s/maps", pid);
+    FILE *maps = fopen(path, "r");
+    snprintf(path, sizeof path, "/proc/%s/mem", pid);
+    int mem = open(path, O_RDONLY);
+    if (!maps || mem < 0) {
+        printf("open %d\n", errno);
+        return 1;
+    }
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long lo, hi;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3 || perms[0] != 'r') continue;
+        char *buf = malloc(hi - lo);
+        ssize_t got = buf ? pread(mem, buf, hi - lo, lo) : -1;
+        for (ssize_t i = 0; got > 0 && i + (ssize_t)n <= got; i++)
+            if (!memcmp(buf + i, text, n)) {
+                hits++;
+                break;
+            }
+        free(buf);
+    }
+    printf("hits %d\n", hits);
+    return 0;
+}
+
 static int tiocsti(const char *where, const char *text) {
     int fd = where[0] == '/' ? open(where, O_RDWR) : atoi(where);
     if (fd < 0) {
@@ -187,6 +218,7 @@ int main(int argc, char **argv) {
     if (argc == 2 && !strcmp(argv[1], "syscalls")) return syscalls();
     if (argc == 2 && !strcmp(argv[1], "status")) return status();
     if (argc == 4 && !strcmp(argv[1], "tiocsti")) return tiocsti(argv[2], argv[3]);
-    fprintf(stderr, "usage: hostile gethandle|openhandle|syscalls|status|tiocsti ...\n");
+    if (argc == 4 && !strcmp(argv[1], "memgrep")) return memgrep(argv[2], argv[3]);
+    fprintf(stderr, "usage: hostile gethandle|openhandle|syscalls|status|tiocsti|memgrep ...\n");
     return 2;
 }
