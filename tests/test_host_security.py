@@ -566,3 +566,37 @@ def test_a_user_owning_the_upper_cannot_make_the_daemon_chmod_another_file(
                 str(victim), "4", check=False)
     assert stat.S_IMODE(victim.stat().st_mode) == 0o600, r.stderr
     assert r.returncode == 0 and " tries in " in r.stdout, r.stderr
+
+
+def test_a_user_cannot_redirect_roots_umount_to_another_mount(open_tree: Path,
+                                                               user: tuple[int, int]) -> None:
+    """Root mounted a view in a user's directory. Before root's `pyunion umount`, she moves
+    the directory away and puts a symlink to another mount's parent in its place: root's
+    umount followed it and unmounted that filesystem (here a tmpfs standing for any), and
+    left the pyunion mount. Only a pyunion mount is unmounted, and only the one found by
+    the name in the parent directory held open."""
+    t = open_tree
+    home, other = t / "home", t / "other"
+    for d in (t / "l", home / "view/mnt", other / "mnt"):
+        d.mkdir(parents=True)
+    os.chown(home, *user)
+    os.chown(home / "view", *user)
+    with tmpfs(other / "mnt"):
+        (other / "mnt/data").write_text("still here\n")
+        pyunion("mount", str(t / "l"), str(home / "view/mnt"))
+        try:
+            _as(user, "mv", str(home / "view"), str(home / "moved"))
+            _as(user, "ln", "-s", str(other), str(home / "view"))
+            r = pyunion("umount", str(home / "view/mnt"), check=False)
+            assert r.returncode != 0 and "is not a pyunion mount" in r.stderr, r.stderr
+            assert (other / "mnt/data").read_text() == "still here\n"
+            r = pyunion("umount", str(other / "mnt"), check=False)
+            assert r.returncode != 0 and "is not a pyunion mount" in r.stderr, r.stderr
+            assert is_mounted(other / "mnt")
+            pyunion("umount", str(home / "moved/mnt"))
+            assert not is_mounted(home / "moved/mnt")
+        finally:
+            for mnt in (home / "moved/mnt", home / "view/mnt"):
+                if mnt.is_dir() and not mnt.is_symlink() and is_mounted(mnt):
+                    pyunion("umount", str(mnt), check=False)
+                    force_unmount(mnt)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .errors import UserError
 from .layers import DIR_FLAGS, LayerStack
 from .options import MountConfig
-from .syscalls import MNT_DETACH, close_range, umount2
+from .syscalls import MNT_DETACH, UMOUNT_NOFOLLOW, close_range, fd_str, umount2
 from .tree import rmtree_at
 
 log = logging.getLogger(__name__)
@@ -701,6 +701,48 @@ def holders(path: str) -> list[str]:
     return out
 
 
+def _umount_pyunion(mountpoint: str, flags: int) -> None:
+    """Unmount the pyunion mount at MOUNTPOINT, and nothing else, as root.
+
+    A user who can rename a directory on the way (a mount point in her home) can
+    swap in a symlink to another mount at any time, and root would unmount that
+    one. So the parent directory is held by an fd, and what is found in it under
+    the name (never through a symlink) must be a pyunion mount: checked, then
+    unmounted through that same fd.
+    """
+    parent, name = os.path.split(os.path.realpath(mountpoint))
+    if not name:
+        raise UserError(f"{mountpoint!r} is not a pyunion mount")
+    pfd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        target = f"{fd_str(pfd)}/{name}"
+        fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            ok = _is_pyunion_root(fd)
+        finally:
+            os.close(fd)  # an fd on the mount would keep it busy
+        if not ok:
+            raise UserError(f"{mountpoint!r} is not a pyunion mount")
+        umount2(target, flags | UMOUNT_NOFOLLOW)
+    finally:
+        os.close(pfd)
+
+
+def _is_pyunion_root(fd: int) -> bool:
+    """Whether `fd` is the root of a pyunion (fuse.pyunion) mount."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        mnt_id = next((int(v) for k, _, v in (line.partition(":") for line in f)
+                       if k == "mnt_id"), -1)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) >= 5 and rfields and fields[0] == str(mnt_id):
+                return (rfields[0] == "fuse.pyunion" and fields[3] == "/"
+                        and os.readlink(fd_str(fd)) == _unescape_mountinfo(fields[4]))
+    return False
+
+
 def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     """Unmount and wait for the daemon to exit; a dead daemon's stale mount is cleaned too."""
     if not is_mountpoint(mountpoint):
@@ -708,7 +750,7 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     pid = daemon_pid(mountpoint)
     try:
         if os.geteuid() == 0:
-            umount2(mountpoint, MNT_DETACH if lazy else 0)
+            _umount_pyunion(mountpoint, MNT_DETACH if lazy else 0)
         else:
             cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
