@@ -183,6 +183,34 @@ def test_private_store_still_serves_mounts_to_users(tmp_path: Path, open_dir: Pa
         pyunion("umount", str(mnt), check=False)
 
 
+@needs_root
+def test_a_store_that_another_user_owns_or_points_is_refused(tmp_path: Path, open_dir: Path,
+                                                              test_user: str) -> None:
+    """root given a store path in a user's directory (--store, or $XDG_DATA_HOME that `su`
+    keeps): she made it a symlink to a root directory, and root's `pyunion images` made
+    that directory 0700 and wrote its layout there (with `/` or `/etc`, every other user
+    is locked out); or it is her own store, whose images root would run. The store must be
+    the caller's own, and $XDG_DATA_HOME counts only when it is."""
+    import pwd
+
+    pw = pwd.getpwnam(test_user)
+    home, victim = open_dir / "home", open_dir / "victim"
+    home.mkdir()
+    os.chown(home, pw.pw_uid, pw.pw_gid)
+    victim.mkdir(mode=0o755)
+    assert as_user(test_user, "ln", "-s", str(victim), str(home / "store")).returncode == 0
+    assert as_user(test_user, "mkdir", "-p", str(home / "own"), str(home / "xdg")).returncode == 0
+    for store in ("store", "own"):
+        r = pyunion("images", "--store", str(home / store), check=False)
+        assert f"belongs to uid {pw.pw_uid}; refusing to use it" in one_line_failure(r)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and os.listdir(victim) == []
+    assert os.listdir(home / "own") == []
+    env = dict(os.environ, XDG_DATA_HOME=str(home / "xdg"), HOME=str(tmp_path))
+    env.pop("PYUNION_STORE", None)
+    r = pyunion("images", env=env)
+    assert os.listdir(home / "xdg") == [] and (tmp_path / ".local/share/pyunion/store").is_dir()
+
+
 # --- (10) blobs: regular files, their declared size, bounded JSON ------------------------------
 @pytest.fixture
 def store_dir(tmp_path: Path) -> str:

@@ -83,13 +83,37 @@ def short_id(digest: str) -> str:
 
 
 def default_store() -> str:
-    """$PYUNION_STORE, else $XDG_DATA_HOME/pyunion/store, else ~/.local/share/pyunion/store."""
+    """$PYUNION_STORE, else $XDG_DATA_HOME/pyunion/store, else ~/.local/share/pyunion/store.
+
+    $XDG_DATA_HOME counts only when it is the caller's own: after `su` it may still
+    name the other user's, whose store root would then use.
+    """
     env = os.environ.get("PYUNION_STORE")
     if env:
         return env
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                            "share")
+    base = os.path.join(os.path.expanduser("~"), ".local", "share")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    if xdg and os.path.isabs(xdg):
+        with contextlib.suppress(OSError):
+            if os.stat(xdg).st_uid == os.geteuid():
+                base = xdg
     return os.path.join(base, "pyunion", "store")
+
+
+def check_owner(root: str) -> None:
+    """Refuse a store that is not the caller's own, or a symlink to one that another user
+    made: its owner decides what is in it (root would run that user's images) and can
+    point it anywhere (root would make /etc 0700 and write its index there)."""
+    for follow in (False, True):
+        try:
+            st = os.stat(root, follow_symlinks=follow)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise UserError(f"cannot use the image store {printable(root)}: {e.strerror}") from e
+        if st.st_uid != os.geteuid() and (follow or stat.S_ISLNK(st.st_mode)):
+            raise UserError(f"the image store {printable(root)} belongs to uid {st.st_uid}; "
+                            "refusing to use it")
 
 
 def syncfs(fd: int) -> None:
@@ -154,6 +178,7 @@ class Store:
         self.root = os.path.abspath(root or default_store())
         self._secured = False
         self._damaged: dict[str, str] = {}  # manifest digest -> why it cannot be loaded
+        check_owner(self.root)
         if create:
             self._init()
         elif not os.path.isfile(os.path.join(self.root, "index.json")):
