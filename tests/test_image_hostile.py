@@ -169,7 +169,7 @@ def test_local_user_cannot_reach_setuid_binary_in_store(tmp_path: Path, open_dir
 def test_private_store_still_serves_mounts_to_users(tmp_path: Path, open_dir: Path,
                                                     test_user: str) -> None:
     """Privacy is about the store's directories, not the image: a mount of it shows the
-    image's own modes to every user, as podman's does."""
+    image's own files and modes to every user."""
     store = open_dir / "store"
     pyunion("image", "import", "-q", str(_setuid_image(tmp_path)), "--tag", "suid",
             "--store", str(store))
@@ -209,6 +209,35 @@ def test_a_store_that_another_user_owns_or_points_is_refused(tmp_path: Path, ope
     env.pop("PYUNION_STORE", None)
     r = pyunion("images", env=env)
     assert os.listdir(home / "xdg") == [] and (tmp_path / ".local/share/pyunion/store").is_dir()
+
+
+def _mount_flags(mnt: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return next(line.split()[5].split(",") for line in f if line.split()[4] == str(mnt))
+
+
+@needs_root
+def test_a_mount_of_an_image_hands_out_no_setuid_program(tmp_path: Path, open_dir: Path,
+                                                         test_user: str) -> None:
+    """The store is private so that no other user reaches an image's setuid-root programs;
+    root's `pyunion mount IMAGE MNT` at a mount point users can reach handed them out
+    again: a user ran the image's setuid `id` and got euid 0. An image name mounts
+    nosuid,nodev (podman's image mounts stay under its private storage); `-o suid,dev`
+    asks for them."""
+    store, mnt = open_dir / "store", open_dir / "mnt"
+    pyunion("image", "import", "-q", str(_setuid_image(tmp_path)), "--tag", "suid",
+            "--store", str(store))
+    mnt.mkdir()
+    for opts, euid0 in (((), False), (("-o", "suid,dev"), True)):
+        pyunion("mount", *opts, "--store", str(store), "suid", str(mnt))
+        try:
+            flags = _mount_flags(mnt)
+            r = as_user(test_user, str(mnt / "bin/id"))
+        finally:
+            pyunion("umount", str(mnt), check=False)
+        assert r.returncode == 0, r.stderr
+        assert ("euid=0" in r.stdout) == euid0, r.stdout
+        assert ("nosuid" in flags and "nodev" in flags) != euid0, flags
 
 
 # --- (10) blobs: regular files, their declared size, bounded JSON ------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import UserError
-from .options import MountConfig, parse_options
+from .options import MountConfig, parse_options, split_options
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -55,6 +55,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
         if len(positional) == 1 and not os.path.isdir(positional[0]):
             from .image import resolve_layers
             cfg.lowers = resolve_layers(positional[0], getattr(args, "store", None))
+            _image_mount_flags(cfg, args.options)
         else:
             cfg.lowers = positional
     if args.upper:
@@ -66,6 +67,20 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
     cfg.debug = args.debug
     cfg.foreground = args.foreground or args.debug
     return cfg
+
+
+def _image_mount_flags(cfg: MountConfig, options: list[str]) -> None:
+    """An image from the store mounts nosuid,nodev unless `-o suid`/`-o dev` asks otherwise.
+
+    The store is private (0700) so that no other user reaches an image's setuid-root
+    programs or device nodes; root's mount at a mount point they can reach would hand
+    them out again (a hostile image's setuid shell, a 0666 node of the host's disk).
+    podman's image mounts stay under its private storage directory instead.
+    """
+    given = {item for opt in options for item in split_options(opt)}
+    for flag in ("suid", "dev"):
+        if flag not in given:
+            cfg.fuse_options.add("no" + flag)
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
