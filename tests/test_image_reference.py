@@ -74,6 +74,34 @@ def test_normalisation(text: str, local: str, remote: str) -> None:
     assert reference.normalize_remote(text) == remote
 
 
+@pytest.mark.parametrize("text,parts", [
+    ("busybox", ("docker.io", "library/busybox", "latest", None)),
+    ("docker://quay.io/a/b/c:v1", ("quay.io", "a/b/c", "v1", None)),
+    (f"localhost:5000/x@sha256:{HEX}", ("localhost:5000", "x", None, f"sha256:{HEX}")),
+    (f"x:1@sha256:{HEX}", ("docker.io", "library/x", "1", f"sha256:{HEX}")),
+    ("localhost/img", ("localhost", "img", "latest", None)),
+    ("user/img:t", ("docker.io", "user/img", "t", None)),
+    ("index.docker.io/alpine", ("docker.io", "library/alpine", "latest", None)),
+    ("Registry.Example/x", ("Registry.Example", "x", "latest", None)),  # docker: a domain
+    ("[::1]:5000/img", ("[::1]:5000", "img", "latest", None)),
+])
+def test_remote_references_are_split_as_docker_does(text: str, parts: tuple[object, ...]) -> None:
+    ref = reference.parse_remote(text)
+    assert (ref.domain, ref.path, ref.tag, ref.digest) == parts
+    assert ref.target == (ref.digest or ref.tag)
+    assert reference.parse_remote(str(ref)) == ref  # normalised once and for all
+
+
+@pytest.mark.parametrize("text", ["UPPER", "a//b", "a:b:c", "x@sha256:12", "-x", "", "Bad/Name",
+                                  f"x@sha256:{HEX.upper().replace('0', 'A')}",
+                                  f"x@md5:{HEX}", HEX, "docker://", "docker:/x",
+                                  "docker.io/" + "a" * 240])
+def test_invalid_remote_references(text: str) -> None:
+    with pytest.raises(InvalidReference, match="invalid image reference") as ei:
+        reference.parse_remote(text)
+    assert "\n" not in str(ei.value)
+
+
 def test_local_aliases_and_repositories_from_file_names() -> None:
     assert reference.local_aliases("x:1") == ["x:1", "localhost/x:1"]
     assert reference.local_aliases("localhost/x:1") == ["localhost/x:1", "x:1"]

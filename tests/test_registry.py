@@ -29,7 +29,6 @@ from conftest import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_vie
 from registry_server import PASSWORD, USER, Registry, running, skip_reason
 
 from unionfs.image import Store, resolve_layers
-from unionfs.registry.reference import parse_reference
 
 BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
 
@@ -195,21 +194,6 @@ def blob_gets(reqs: list) -> list[str]:
 
 
 # --- tests ---------------------------------------------------------------------------------
-def test_reference_normalisation() -> None:
-    r = parse_reference("busybox")
-    assert (r.registry, r.repository, r.tag, r.digest) == ("docker.io", "library/busybox",
-                                                           "latest", None)
-    assert str(parse_reference("docker://quay.io/a/b/c:v1")) == "quay.io/a/b/c:v1"
-    r = parse_reference("localhost:5000/x@sha256:" + "a" * 64)
-    assert (r.registry, r.repository, r.tag, r.target) == ("localhost:5000", "x", None,
-                                                           "sha256:" + "a" * 64)
-    assert parse_reference("localhost/img").registry == "localhost"
-    assert parse_reference("user/img:t").name == "docker.io/user/img"
-    for bad in ("UPPER", "a//b", "a:b:c", "x@sha256:12", "-x", ""):
-        with pytest.raises(Exception, match="invalid"):
-            parse_reference(bad)
-
-
 @pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 @pytest.mark.parametrize("name", ["sample:1", "bah:1", "bah-docker:1", "multi:1"])
 def test_pull_equals_skopeo_copy(reg: Registry, images: Path, store: Path, tmp_path: Path,

@@ -14,10 +14,15 @@ else gets through: no upper case in a repository, no spaces, no control
 characters, so a name printed from the store cannot drive the terminal.
 
 Which part is the registry follows docker's rule: the first component is a
-domain only if it has a "." or ":" or is "localhost". `normalize_local` is
-podman's naming of local images (`localhost/NAME:latest`); `normalize_remote`
-docker's for pulls (`docker.io/library/NAME:latest`). The store keeps names as
-they were given (plus ":latest") and treats `localhost/NAME` as `NAME`.
+domain only if it has a "." or ":" or is "localhost" (or has upper case).
+`normalize_local` is podman's naming of local images (`localhost/NAME:latest`).
+`parse_remote` is docker's for pulls and pushes: no registry means docker.io
+(`index.docker.io` is its old name), a one-component name there is under
+`library/`, no tag and no digest means ":latest", and skopeo's and podman's
+transport prefix `docker://` may stand in front; it gives the registry,
+repository, tag and digest apart, and `normalize_remote` the same as one
+string. The store keeps names as they were given (plus ":latest") and treats
+`localhost/NAME` as `NAME`.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .safetext import printable
+from .schema import DIGEST_RE
 
 NAME_MAX = 255
 DEFAULT_TAG = "latest"
 LOCAL_DOMAIN = "localhost"
 DOCKER_DOMAIN = "docker.io"
+DOCKER_LEGACY_DOMAIN = "index.docker.io"  # docker's old name for docker.io
+TRANSPORT = "docker://"  # skopeo's and podman's name for the registry transport
 DOCKER_OFFICIAL = "library"
 
 _ALNUM = r"[a-z0-9]+"
@@ -49,6 +57,7 @@ _PATH = rf"{PATH_COMPONENT}(?:/{PATH_COMPONENT})*"
 _REFERENCE_RE = re.compile(rf"(?:({DOMAIN})/)?({_PATH})(?::({TAG}))?(?:@({DIGEST}))?",
                            re.ASCII)
 _TAG_RE = re.compile(TAG, re.ASCII)
+_DOMAIN_RE = re.compile(DOMAIN, re.ASCII)
 _PATH_RE = re.compile(_PATH, re.ASCII)
 _HEX64_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
@@ -77,6 +86,18 @@ class Reference:
         if self.digest is not None:
             out += "@" + self.digest
         return out
+
+
+@dataclass(frozen=True)
+class RemoteReference(Reference):
+    """A reference normalised for a registry (`parse_remote`): the registry is always known."""
+
+    domain: str
+
+    @property
+    def target(self) -> str:
+        """The tag or digest to ask the registry for (a digest wins: it pins the content)."""
+        return self.digest or self.tag or DEFAULT_TAG
 
 
 def _split_domain(first: str | None, path: str) -> tuple[str | None, str]:
@@ -126,15 +147,38 @@ def normalize_local(text: str) -> str:
     return _with_tag(Reference(domain, ref.path, ref.tag, ref.digest))
 
 
-def normalize_remote(text: str) -> str:
-    """docker's name for a pull: `docker.io[/library]` when no registry, `:latest` when no tag."""
-    ref = parse(text)
-    domain, path = ref.domain, ref.path
-    if domain is None:
+def parse_remote(text: object, what: str = "image reference") -> RemoteReference:
+    """A reference to pull or push, normalised as docker does (see the module comment).
+
+    A digest must be one pyunion can verify (sha256 or sha512, lower-case hex).
+    """
+    if isinstance(text, str):
+        text = text.removeprefix(TRANSPORT)
+    ref = parse(text, what)
+    domain, path = ref.domain or DOCKER_DOMAIN, ref.path
+    if domain == DOCKER_LEGACY_DOMAIN:
         domain = DOCKER_DOMAIN
     if domain == DOCKER_DOMAIN and "/" not in path:
         path = f"{DOCKER_OFFICIAL}/{path}"
-    return _with_tag(Reference(domain, path, ref.tag, ref.digest))
+    if ref.digest is not None and not DIGEST_RE.fullmatch(ref.digest):
+        raise InvalidReference(f"invalid {what} {printable(repr(text))}: unsupported digest "
+                               "(expected sha256 or sha512 in lower-case hex)")
+    tag = DEFAULT_TAG if ref.tag is None and ref.digest is None else ref.tag
+    out = RemoteReference(domain, path, tag, ref.digest)
+    if len(out.name) > NAME_MAX:
+        raise InvalidReference(f"invalid {what}: {out.name} is longer than {NAME_MAX} "
+                               "characters")
+    return out
+
+
+def normalize_remote(text: str) -> str:
+    """docker's name for a pull: `docker.io[/library]` when no registry, `:latest` when no tag."""
+    return _with_tag(parse_remote(text))
+
+
+def is_domain(text: str) -> bool:
+    """A registry as references name it: `HOST[:PORT]` (a DNS name or `[IPv6]`)."""
+    return _DOMAIN_RE.fullmatch(text) is not None
 
 
 def _with_tag(ref: Reference) -> str:

@@ -15,6 +15,7 @@ rest of the code keeps its simple `.get()` access, which the check made safe.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -31,7 +32,9 @@ class ImageFormatError(ImageError):
 
 
 # -- scalars ------------------------------------------------------------------------------
-_DIGEST = r"\A(?:sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})\Z"
+# The digests pyunion verifies (and uses as file names in the store).
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", re.ASCII)
+_DIGEST = rf"\A(?:{DIGEST_RE.pattern})\Z"
 _MEDIA_TYPE = (r"\A[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
                r"(?:;[ -~]*)?\Z")
 _NO_NUL = r"\A[^\x00]*\Z"

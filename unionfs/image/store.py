@@ -68,12 +68,11 @@ MT_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 def check_digest(digest: object, what: str = "digest") -> str:
     """A digest string safe to use as a file name; anything else is a corrupt image."""
-    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+    if not isinstance(digest, str) or not schema.DIGEST_RE.fullmatch(digest):
         raise ImageError(f"invalid {what} {digest!r}")
     return digest
 
@@ -504,7 +503,7 @@ class Store:
                 data = self._read(os.path.relpath(self.blob_path(d), self.root))
             except (OSError, UserError):
                 continue  # missing, too large for JSON (a layer): nothing more to follow
-            for m in _DIGEST_RE.finditer(data.decode("ascii", "replace")):
+            for m in schema.DIGEST_RE.finditer(data.decode("ascii", "replace")):
                 if m.group() not in out:
                     out.add(m.group())
                     pending.append(m.group())

@@ -1,6 +1,7 @@
 """Registries: `pull`, `push`, `login`, `logout` over the OCI distribution API.
 
-Modules: `reference` (what users type, normalised), `auth` (credential files and
+What users type is read by `image.reference.parse_remote` (docker's short names,
+`docker://`). Modules: `auth` (credential files, registry names and
 `WWW-Authenticate` challenges), `client` (the `/v2/` protocol on httpx and trio:
 auth, retries, manifests, blobs, uploads), `pull` and `push` (what moves, into
 and out of the image store), `locations` (where blobs were seen, for
@@ -12,6 +13,5 @@ from __future__ import annotations
 from .client import Options, RegistryError
 from .pull import pull
 from .push import push
-from .reference import Reference, parse_reference
 
-__all__ = ["Options", "Reference", "RegistryError", "parse_reference", "pull", "push"]
+__all__ = ["Options", "RegistryError", "pull", "push"]

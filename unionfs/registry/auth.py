@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from ..image import reference
 
-DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io",
-                   "https://index.docker.io/v1/", "https://index.docker.io/v1",
-                   "https://registry-1.docker.io")
+DOCKER_HUB_API = "registry-1.docker.io"  # where docker.io's /v2/ API lives
+# What names docker.io in an auth file or on the command line.
+DOCKER_HUB_NAMES = (reference.DOCKER_DOMAIN, reference.DOCKER_LEGACY_DOMAIN, DOCKER_HUB_API)
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,21 @@ def _read(path: str) -> dict[str, Any]:
 
 
 def _key_host(key: str) -> str:
-    """`https://host:port/v1/` -> `host:port/v1`; `host/ns` stays."""
+    """`https://host:port/v1/` -> `host:port`; `host/ns` stays; docker.io by any name."""
     k = re.sub(r"^[a-z]+://", "", key).rstrip("/")
-    if k in DOCKER_HUB_KEYS or k.split("/", 1)[0] in DOCKER_HUB_KEYS:
-        return "docker.io"
+    if k.split("/", 1)[0] in DOCKER_HUB_NAMES:
+        return reference.DOCKER_DOMAIN
     if key.startswith(("http://", "https://")):
         return k.split("/", 1)[0]  # docker's URL keys name the registry only
     return k
+
+
+def parse_registry(text: str) -> str:
+    """A registry as `login`/`logout` take it: `HOST[:PORT]`, maybe with a scheme or a path."""
+    host = _key_host(text.strip()).split("/", 1)[0]
+    if not host or not reference.is_domain(host):
+        raise UserError(f"invalid registry {text!r}")
+    return host
 
 
 def _decode(entry: object, path: str) -> Credentials | None:

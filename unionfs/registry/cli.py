@@ -12,9 +12,8 @@ from ..errors import UserError
 from ..image.oci import parse_platform
 from ..image.store import Store
 from . import auth
-from .auth import Credentials
+from .auth import Credentials, parse_registry
 from .client import Client, Options
-from .reference import parse_registry
 
 
 def _bool(text: str) -> bool:
@@ -131,10 +130,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 async def _check_login(registry: str, opts: Options, creds: Credentials) -> None:
     """Log in as podman does: `GET /v2/` (and a token for no scope) must accept the creds."""
-    from .reference import DOCKER_HUB, DOCKER_HUB_API
-
-    api = DOCKER_HUB_API if registry == DOCKER_HUB else registry
-    async with Client(registry, api, opts, creds) as c:
+    async with Client(registry, opts, creds) as c:
         resp = await c.request("GET", "/v2/", ())
         if resp.status_code != 200:
             raise await c.fail(resp, f"logging in to {registry}")

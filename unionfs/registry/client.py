@@ -32,11 +32,12 @@ import trio
 
 from .. import __version__
 from ..errors import UserError
-from .auth import Challenge, Credentials, parse_challenges
+from ..image import reference
+from ..image.schema import MAX_JSON
+from .auth import DOCKER_HUB_API, Challenge, Credentials, parse_challenges
 
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 CERT_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
-MAX_MANIFEST = 4 << 20      # distribution's own limit on a manifest's size
 
 
 class RegistryError(UserError):
@@ -121,13 +122,17 @@ def registry_errors(resp: httpx.Response, body: bytes) -> tuple[str | None, str]
         return None, (text[0][:200] if text else resp.reason_phrase)
 
 
+def api_host(registry: str) -> str:
+    """Where the /v2/ API of a registry lives: docker.io's is elsewhere."""
+    return DOCKER_HUB_API if registry == reference.DOCKER_DOMAIN else registry
+
+
 class Client:
     """A session with one registry; use as `async with Client(...) as c:`."""
 
-    def __init__(self, registry: str, api_host: str, opts: Options,
-                 creds: Credentials | None = None) -> None:
+    def __init__(self, registry: str, opts: Options, creds: Credentials | None = None) -> None:
         self.registry = registry          # as users name it (key of credentials)
-        self.host = api_host
+        self.host = api_host(registry)
         self.opts = opts
         self.creds = creds
         self.base = ""
@@ -351,7 +356,7 @@ class Client:
                                 404, err.error_code)
         if resp.status_code != 200:
             raise await self.fail(resp, what)
-        body = await read_limited(resp, MAX_MANIFEST, f"manifest of {what}")
+        body = await read_limited(resp, MAX_JSON, f"manifest of {what}")
         mtype = resp.headers.get("content-type", "").split(";")[0].strip()
         algo = target.split(":", 1)[0] if ":" in target and target.startswith("sha") else \
             "sha256"

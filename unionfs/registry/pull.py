@@ -34,6 +34,7 @@ import trio
 from ..errors import UserError
 from ..image.load import store_layer_stream
 from ..image.oci import ImageFormatError, _fmt_platform, _platform_matches, host_platform
+from ..image.reference import RemoteReference, parse_remote
 from ..image.store import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -53,7 +54,6 @@ from . import locations
 from .auth import lookup as lookup_creds
 from .client import Client, Options, RegistryError
 from .progress import Bars
-from .reference import Reference, parse_reference
 
 ACCEPT = f"{MT_MANIFEST}, {MT_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -152,7 +152,7 @@ async def run_all(jobs: list[Callable[[], Awaitable[None]]]) -> None:
 
 
 class Puller:
-    def __init__(self, store: Store, client: Client, ref: Reference, bars: Bars,
+    def __init__(self, store: Store, client: Client, ref: RemoteReference, bars: Bars,
                  tmp: str) -> None:
         self.store, self.client, self.ref, self.bars, self.tmp = store, client, ref, bars, tmp
         self.limit = trio.CapacityLimiter(PARALLEL)
@@ -218,7 +218,7 @@ class Puller:
             nursery.start_soon(consumer)
             out = trio.lowlevel.FdStream(w)
             try:
-                await self.client.download(self.ref.repository, desc.digest, desc.size,
+                await self.client.download(self.ref.path, desc.digest, desc.size,
                                            out.send_all, what, progress)
             except trio.BrokenResourceError:
                 pass   # the reader stopped early: its error says why
@@ -232,23 +232,23 @@ class Puller:
             err = box["error"]
             if isinstance(err, (ImageFormatError, UnpackError)):
                 # Not a tar, or not this DiffID: say so only if the bytes are the right ones.
-                await self.client.check_digest(self.ref.repository, desc.digest, desc.size, what)
+                await self.client.check_digest(self.ref.path, desc.digest, desc.size, what)
             raise err
         info: dict[str, Any] = box["info"]
         return info
 
 
-async def _pull(store: Store, ref: Reference, opts: Options, platform: dict[str, str] | None,
+async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dict[str, str] | None,
                 bars: Bars) -> tuple[str, list[str]]:
-    creds = opts.creds or lookup_creds(ref.registry, ref.repository, opts.authfile)
+    creds = opts.creds or lookup_creds(ref.domain, ref.path, opts.authfile)
     what = str(ref)
-    async with Client(ref.registry, ref.api_host, opts, creds) as client:
-        body, header, digest = await client.get_manifest(ref.repository, ref.target, ACCEPT, what)
+    async with Client(ref.domain, opts, creds) as client:
+        body, header, digest = await client.get_manifest(ref.path, ref.target, ACCEPT, what)
         man = _json_object(body, f"the manifest of {what}")
         mtype = media_type(man, header)
         if mtype in (MT_INDEX, DOCKER_LIST):
             d = choose_platform(man, platform or host_platform(), what)
-            body, header, digest = await client.get_manifest(ref.repository, d.digest, ACCEPT,
+            body, header, digest = await client.get_manifest(ref.path, d.digest, ACCEPT,
                                                              what)
             man = _json_object(body, f"the manifest of {what}")
             mtype = media_type(man, header)
@@ -273,7 +273,7 @@ async def _pull(store: Store, ref: Reference, opts: Options, platform: dict[str,
         if store.has_blob(cdesc.digest):   # verified when it was stored
             config_bytes = store.read_blob(cdesc.digest)
         else:
-            config_bytes = await client.get_blob_bytes(ref.repository, cdesc.digest,
+            config_bytes = await client.get_blob_bytes(ref.path, cdesc.digest,
                                                        cdesc.size, f"the config of {what}")
         config = _json_object(config_bytes, f"the config of {what}")
         diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(
@@ -299,9 +299,9 @@ async def _pull(store: Store, ref: Reference, opts: Options, platform: dict[str,
                 store.put_blob_bytes(body, digest, tmp)
             except OSError as e:
                 raise _store_error(e, store, "the manifest") from None
-        tag = str(Reference(ref.registry, ref.repository, ref.tag, None)) if ref.tag else None
+        tag = f"{ref.name}:{ref.tag}" if ref.tag else None
         store.add_image(digest, len(body), tag, mtype)
-        locations.record(store.root, ref.registry, ref.repository,
+        locations.record(store.root, ref.domain, ref.path,
                          [cdesc.digest] + [ld.digest for ld in layers])
         bars.note(f"Writing manifest to image destination ({short_id(digest)})")
         return digest, puller.downloaded
@@ -310,7 +310,7 @@ async def _pull(store: Store, ref: Reference, opts: Options, platform: dict[str,
 def pull(text: str, store: Store, opts: Options, platform: dict[str, str] | None = None,
          quiet: bool = False) -> tuple[Image, list[str]]:
     """Pull `text` (a reference) into `store`; returns the image and the blobs downloaded."""
-    ref = parse_reference(text)
+    ref = parse_remote(text)
     bars = Bars(False if quiet else None)
     digest, downloaded = trio.run(_pull, store, ref, opts, platform, bars)
     return store.lookup(digest), downloaded

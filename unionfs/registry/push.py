@@ -17,21 +17,21 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ..image.reference import RemoteReference, parse_remote
 from ..image.store import MT_MANIFEST, Image, Store, short_id
 from . import locations
 from .auth import lookup as lookup_creds
 from .client import Client, Options, RegistryError, push_scope
 from .progress import Bars
 from .pull import PARALLEL, run_all
-from .reference import Reference, parse_reference
 
 CHUNK = 64 << 20
 
 
-async def _push_blob(client: Client, store: Store, ref: Reference, digest: str,
+async def _push_blob(client: Client, store: Store, ref: RemoteReference, digest: str,
                      bars: Bars, limit: trio.CapacityLimiter, chunk: int,
                      uploaded: list[str]) -> None:
-    repo = ref.repository
+    repo = ref.path
     label = f"Copying blob {short_id(digest)}"
     path = store.blob_path(digest)
     try:
@@ -43,7 +43,7 @@ async def _push_blob(client: Client, store: Store, ref: Reference, digest: str,
             bars.note(f"{label} skipped: already exists")
             return
         location = None
-        for src in locations.candidates(store.root, ref.registry, digest, repo):
+        for src in locations.candidates(store.root, ref.domain, digest, repo):
             location = await client.start_upload(repo, digest, mount_from=src)
             if location is None:
                 bars.note(f"{label} mounted from {src}")
@@ -58,15 +58,15 @@ async def _push_blob(client: Client, store: Store, ref: Reference, digest: str,
         uploaded.append(digest)
 
 
-async def _push(store: Store, img: Image, ref: Reference, opts: Options, bars: Bars,
+async def _push(store: Store, img: Image, ref: RemoteReference, opts: Options, bars: Bars,
                 chunk: int) -> list[str]:
-    creds = opts.creds or lookup_creds(ref.registry, ref.repository, opts.authfile)
+    creds = opts.creds or lookup_creds(ref.domain, ref.path, opts.authfile)
     body = store.read_blob(img.digest)
     mtype = img.manifest.get("mediaType") or MT_MANIFEST
     digests = [d.get("digest") for d in img.manifest.get("layers") or []]
     blobs = list(dict.fromkeys([*digests, img.config_digest]))
     uploaded: list[str] = []
-    async with Client(ref.registry, ref.api_host, opts, creds) as client:
+    async with Client(ref.domain, opts, creds) as client:
         limit = trio.CapacityLimiter(PARALLEL)
         jobs: list[Callable[[], Awaitable[None]]] = [
             functools.partial(_push_blob, client, store, ref, d, bars, limit, chunk, uploaded)
@@ -74,21 +74,21 @@ async def _push(store: Store, img: Image, ref: Reference, opts: Options, bars: B
         await run_all(jobs)
         if ref.digest is not None and ref.digest != img.digest:
             raise RegistryError(f"{ref}: the image's manifest digest is {img.digest}")
-        await client.put_manifest(ref.repository, ref.tag or img.digest, body, mtype,
+        await client.put_manifest(ref.path, ref.tag or img.digest, body, mtype,
                                   img.digest)
-    locations.record(store.root, ref.registry, ref.repository, blobs)
+    locations.record(store.root, ref.domain, ref.path, blobs)
     bars.note(f"Writing manifest to image destination ({short_id(img.digest)})")
     return uploaded
 
 
 def push(name: str, dest: str | None, store: Store, opts: Options, quiet: bool = False,
-         chunk: int = CHUNK) -> tuple[Image, Reference, list[str]]:
+         chunk: int = CHUNK) -> tuple[Image, RemoteReference, list[str]]:
     """Push the store's image `name` to `dest` (default: `name` read as a reference).
 
     Returns the image, where it went and the blobs actually uploaded.
     """
     img = store.lookup(name)
-    ref = parse_reference(dest or name)
+    ref = parse_remote(dest or name)
     bars = Bars(False if quiet else None)
     uploaded = trio.run(_push, store, img, ref, opts, bars, chunk)
     return img, ref, uploaded
