@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import UserError
+from . import platforms
 from .commit import Changes, commit
 from .export import export_image
 from .load import Progress, import_image
-from .oci import parse_platform
 from .safetext import printable
 from .store import Image, Store, short_id
 
@@ -112,7 +112,7 @@ def _store(args: argparse.Namespace, create: bool = False) -> Store:
 # --- handlers -------------------------------------------------------------------
 def cmd_import(args: argparse.Namespace) -> int:
     store = _store(args, create=True)
-    plat = parse_platform(args.platform) if args.platform else None
+    plat = platforms.parse(args.platform) if args.platform else None
     progress = Progress(False if args.quiet else None)
     done = import_image(args.path, store, tag=args.tag, ref=args.ref, platform=plat,
                         progress=progress)

@@ -5,7 +5,8 @@ small interface (`Source`). `find_images` turns it into `Candidate`s: a config,
 layer references bottom first, tags, and, for OCI layouts, the manifest bytes to
 keep as they are. Shapes understood:
 - OCI layout: `oci-layout` + `index.json` + `blobs/ALG/HEX`; an index entry may be
-  a nested index (multi-platform): this machine's platform is picked, or --platform.
+  a nested index (multi-platform): this machine's platform is picked, or --platform
+  (`platforms.select`, the same rule as a pull's).
 - the newer `docker save` (Docker 25+): also an OCI layout; preferred when present.
 - the old `docker save`: `manifest.json` listing `Config`, `RepoTags`, `Layers`
   (`ID/layer.tar`, possibly symlinks inside the archive to another member).
@@ -25,7 +26,6 @@ import gzip
 import hashlib
 import io
 import os
-import platform
 import posixpath
 import tarfile
 import zlib
@@ -37,7 +37,7 @@ import zstandard
 
 from ..errors import UserError
 from ..tree import DIR_FLAGS, NotRegularFile, open_regular
-from . import schema
+from . import platforms, schema
 from .schema import MAX_JSON, ImageFormatError
 from .store import DOCKER_LIST, DOCKER_MANIFEST, MT_INDEX, MT_MANIFEST, REF_NAME, check_digest
 
@@ -360,42 +360,6 @@ def verified_blob(src: Source, digest: str, what: str, size: int | None = None) 
     return data
 
 
-def host_platform() -> dict[str, str]:
-    m = platform.machine().lower()
-    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-            "i386": "386", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x",
-            "riscv64": "riscv64"}.get(m)
-    if arch is None and m.startswith("armv"):
-        return {"os": "linux", "architecture": "arm", "variant": "v" + m[4]}
-    return {"os": "linux", "architecture": arch or m}
-
-
-def parse_platform(text: str) -> dict[str, str]:
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise UserError(f"invalid platform {text!r} (expected OS/ARCH[/VARIANT])")
-    p = {"os": parts[0], "architecture": parts[1]}
-    if len(parts) == 3:
-        p["variant"] = parts[2]
-    return p
-
-
-def _platform_matches(desc_platform: dict[str, Any] | None, want: dict[str, str]) -> bool:
-    if not desc_platform:
-        return False
-    if desc_platform.get("os") != want["os"]:
-        return False
-    if desc_platform.get("architecture") != want["architecture"]:
-        return False
-    return "variant" not in want or desc_platform.get("variant") in (None, want["variant"])
-
-
-def _fmt_platform(p: dict[str, Any] | None) -> str:
-    if not p:
-        return "?"
-    return "/".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
-
-
 def _pick_manifests(src: Source, descs: list[dict[str, Any]], want: dict[str, str],
                     depth: int = 0) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Resolve index entries down to image manifests: (descriptor, top-level descriptor)."""
@@ -408,15 +372,7 @@ def _pick_manifests(src: Source, descs: list[dict[str, Any]], want: dict[str, st
             what = f"index {d['digest']}"
             sub = schema.load_object(verified_blob(src, d["digest"], "index", d["size"]),
                                      schema.Index, what)
-            entries: list[dict[str, Any]] = sub["manifests"]
-            plats = [e for e in entries if e.get("platform")]
-            if plats:
-                match = [e for e in entries if _platform_matches(e.get("platform"), want)]
-                if not match:
-                    avail = ", ".join(sorted({_fmt_platform(e.get("platform")) for e in plats}))
-                    raise ImageFormatError(f"no image for platform {_fmt_platform(want)} "
-                                           f"(available: {avail})")
-                entries = match[:1]
+            entries = platforms.select(sub["manifests"], want)
             for m, _ in _pick_manifests(src, entries, want, depth + 1):
                 out.append((m, d))
         elif mt in (MT_MANIFEST, DOCKER_MANIFEST, None):
@@ -512,7 +468,7 @@ def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
 def find_images(src: Source, ref: str | None = None, want: dict[str, str] | None = None,
                 default_repo: str = "imported") -> list[Candidate]:
     """The images in an OCI layout or docker archive (OCI form preferred when both)."""
-    want = want or host_platform()
+    want = want or platforms.host()
     if src.exists("index.json") and (src.exists("oci-layout") or not src.exists("manifest.json")):
         return _oci_candidates(src, ref, want, default_repo)
     if src.exists("manifest.json"):

@@ -9,7 +9,7 @@ import sys
 import trio
 
 from ..errors import UserError
-from ..image.oci import parse_platform
+from ..image import platforms
 from ..image.store import Store
 from . import auth
 from .auth import Credentials, parse_registry
@@ -113,7 +113,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     from .pull import pull
 
-    plat = parse_platform(args.platform) if args.platform else None
+    plat = platforms.parse(args.platform) if args.platform else None
     img, _ = pull(args.image, Store(args.store), _options(args), plat, args.quiet)
     print(img.id)
     return 0

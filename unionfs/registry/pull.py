@@ -32,8 +32,9 @@ from typing import Any
 import trio
 
 from ..errors import UserError
+from ..image import platforms
 from ..image.load import store_layer_stream
-from ..image.oci import ImageFormatError, _fmt_platform, _platform_matches, host_platform
+from ..image.oci import ImageFormatError
 from ..image.reference import RemoteReference, parse_remote
 from ..image.store import (
     DOCKER_LIST,
@@ -108,12 +109,13 @@ def media_type(obj: dict[str, Any], header: str) -> str:
 
 def choose_platform(index: dict[str, Any], want: dict[str, str], what: str) -> Descriptor:
     entries = [e for e in index.get("manifests") or [] if isinstance(e, dict)]
-    for e in entries:
-        if _platform_matches(e.get("platform"), want):
-            return _descriptor(e, f"{what}: index entry")
-    avail = ", ".join(sorted({_fmt_platform(e.get("platform")) for e in entries})) or "none"
-    raise RegistryError(f"{what}: no image for platform {_fmt_platform(want)} "
-                        f"(available: {avail}; choose one with --platform)")
+    try:
+        chosen = platforms.select(entries, want)
+    except platforms.NoMatchingPlatform as e:
+        raise RegistryError(f"{what}: {e}") from None
+    if not chosen:
+        raise RegistryError(f"{what}: the index lists no images")
+    return _descriptor(chosen[0], f"{what}: index entry")
 
 
 def _store_error(e: OSError, store: Store, what: str) -> UserError:
@@ -247,7 +249,7 @@ async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dic
         man = _json_object(body, f"the manifest of {what}")
         mtype = media_type(man, header)
         if mtype in (MT_INDEX, DOCKER_LIST):
-            d = choose_platform(man, platform or host_platform(), what)
+            d = choose_platform(man, platform or platforms.host(), what)
             body, header, digest = await client.get_manifest(ref.path, d.digest, ACCEPT,
                                                              what)
             man = _json_object(body, f"the manifest of {what}")
