@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import http.server
 import json
 import re
@@ -314,6 +315,29 @@ class Registry:
             if m and token not in line:
                 out.append(Request(m["method"], m["path"], int(m["status"]), m["agent"]))
         return out
+
+    # --- the API itself, for what no client would push ------------------------------------
+    def _call(self, method: str, url: str, data: bytes, content_type: str) -> Any:
+        req = urllib.request.Request(url if url.startswith("http") else self.url + url,
+                                     data=data, method=method,
+                                     headers={"Content-Type": content_type})
+        return urllib.request.urlopen(req, timeout=30, context=self._ssl())
+
+    def upload_blob(self, repo: str, data: bytes) -> dict[str, Any]:
+        """POST then PUT (a monolithic upload); returns the blob's descriptor."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with self._call("POST", f"/v2/{repo}/blobs/uploads/", b"",
+                        "application/octet-stream") as resp:
+            location = resp.headers["Location"]
+        sep = "&" if "?" in location else "?"
+        with self._call("PUT", f"{location}{sep}digest={digest}", data,
+                        "application/octet-stream"):
+            pass
+        return {"digest": digest, "size": len(data)}
+
+    def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str) -> None:
+        with self._call("PUT", f"/v2/{repo}/manifests/{ref}", body, media_type):
+            pass
 
     def blob_file(self, digest: str) -> Path:
         hexd = digest.split(":", 1)[1]

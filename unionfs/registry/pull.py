@@ -1,8 +1,12 @@
 """`pyunion pull`: an image from a registry into the store, fetching only what is missing.
 
 1. The manifest (OCI or Docker v2 schema 2) by tag or digest; an index (OCI or
-   Docker manifest list) is resolved to this machine's platform or `--platform`.
-2. The config, verified; its DiffIDs name the layers.
+   Docker manifest list) is resolved to this machine's platform or `--platform`
+   (`image.platforms`, as import does).
+2. The config, verified; its DiffIDs name the layers. The index, manifest and
+   config are checked by `image.schema` exactly as an import checks them
+   (strict JSON, the shapes `run` and the store rely on) before anything is
+   stored: a malformed one is one line, and the store is left as it was.
 3. Every layer whose blob and unpacked tree are both in the store is skipped.
    The others are downloaded concurrently (6 at a time, like skopeo), each
    streamed through a pipe into the store's own import path
@@ -23,7 +27,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
-import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,10 +35,11 @@ from typing import Any
 import trio
 
 from ..errors import UserError
-from ..image import platforms
+from ..image import platforms, schema
 from ..image.load import store_layer_stream
 from ..image.oci import ImageFormatError
 from ..image.reference import RemoteReference, parse_remote
+from ..image.schema import MAX_JSON
 from ..image.store import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -47,7 +51,6 @@ from ..image.store import (
     MT_MANIFEST,
     Image,
     Store,
-    check_digest,
     short_id,
 )
 from ..image.unpack import UnpackError
@@ -65,7 +68,6 @@ LAYER_TYPES = {MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD, DOCKER_LAYER,
                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}
-MAX_CONFIG = 64 << 20
 PARALLEL = 6
 
 
@@ -76,25 +78,25 @@ class Descriptor:
     size: int
 
 
-def _descriptor(obj: object, what: str) -> Descriptor:
-    if not isinstance(obj, dict):
-        raise RegistryError(f"{what}: not a descriptor")
-    size = obj.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise RegistryError(f"{what}: invalid size {size!r}")
-    mt = obj.get("mediaType")
-    return Descriptor(mt if isinstance(mt, str) else "",
-                      check_digest(obj.get("digest"), f"{what} digest"), size)
+def _descriptor(d: dict[str, Any]) -> Descriptor:
+    """A descriptor of a document `_document` checked (digest and size are sound)."""
+    return Descriptor(d.get("mediaType") or "", d["digest"], d["size"])
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        raise RegistryError(f"{what} is not valid JSON") from None
+def _document(body: bytes, header: str, what: str) -> tuple[dict[str, Any], str]:
+    """A manifest or index from the registry, checked as import checks one (`schema`):
+    strict JSON of the right shape. Returns it and its media type."""
+    obj = schema.parse_json(body, f"the manifest of {what}")
     if not isinstance(obj, dict):
-        raise RegistryError(f"{what} is not a JSON object")
-    return obj
+        raise RegistryError(f"the manifest of {what} is not a JSON object")
+    mtype = media_type(obj, header)
+    if mtype in (MT_INDEX, DOCKER_LIST):
+        schema.check(obj, schema.Index, f"the index of {what}")
+    elif mtype in (MT_MANIFEST, DOCKER_MANIFEST):
+        schema.check(obj, schema.Manifest, f"the manifest of {what}")
+    else:
+        raise RegistryError(f"{what}: unsupported manifest type {mtype!r}")
+    return obj, mtype
 
 
 def media_type(obj: dict[str, Any], header: str) -> str:
@@ -108,14 +110,13 @@ def media_type(obj: dict[str, Any], header: str) -> str:
 
 
 def choose_platform(index: dict[str, Any], want: dict[str, str], what: str) -> Descriptor:
-    entries = [e for e in index.get("manifests") or [] if isinstance(e, dict)]
     try:
-        chosen = platforms.select(entries, want)
+        chosen = platforms.select(index["manifests"], want)
     except platforms.NoMatchingPlatform as e:
         raise RegistryError(f"{what}: {e}") from None
     if not chosen:
         raise RegistryError(f"{what}: the index lists no images")
-    return _descriptor(chosen[0], f"{what}: index entry")
+    return _descriptor(chosen[0])
 
 
 def _store_error(e: OSError, store: Store, what: str) -> UserError:
@@ -245,46 +246,40 @@ async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dic
     creds = opts.creds or lookup_creds(ref.domain, ref.path, opts.authfile)
     what = str(ref)
     async with Client(ref.domain, opts, creds) as client:
+        # Everything is checked (shapes as import checks them) before anything is stored.
         body, header, digest = await client.get_manifest(ref.path, ref.target, ACCEPT, what)
-        man = _json_object(body, f"the manifest of {what}")
-        mtype = media_type(man, header)
+        man, mtype = _document(body, header, what)
         if mtype in (MT_INDEX, DOCKER_LIST):
             d = choose_platform(man, platform or platforms.host(), what)
             body, header, digest = await client.get_manifest(ref.path, d.digest, ACCEPT,
                                                              what)
-            man = _json_object(body, f"the manifest of {what}")
-            mtype = media_type(man, header)
+            man, mtype = _document(body, header, what)
         if mtype not in (MT_MANIFEST, DOCKER_MANIFEST):
             raise RegistryError(f"{what}: unsupported manifest type {mtype!r}")
         if man.get("schemaVersion") != 2:
             raise RegistryError(f"{what}: unsupported manifest schema version "
                                 f"{man.get('schemaVersion')!r}")
-        cdesc = _descriptor(man.get("config"), f"{what}: config")
+        cdesc = _descriptor(man["config"])
         if cdesc.media_type not in (MT_CONFIG, DOCKER_CONFIG):
             raise RegistryError(f"{what} is not a container image (config type "
                                 f"{cdesc.media_type!r})")
-        if cdesc.size > MAX_CONFIG:
-            raise RegistryError(f"{what}: config of {cdesc.size} bytes is too large")
-        raw_layers = man.get("layers")
-        if not isinstance(raw_layers, list):
-            raise RegistryError(f"{what}: the manifest has no layer list")
-        layers = [_descriptor(x, f"{what}: layer {i + 1}") for i, x in enumerate(raw_layers)]
+        if cdesc.size > MAX_JSON:
+            raise RegistryError(f"{what}: config of {cdesc.size} bytes is too large (at most "
+                                f"{MAX_JSON})")
+        layers = [_descriptor(x) for x in man["layers"]]
         for ld in layers:
             if ld.media_type not in LAYER_TYPES:
                 raise RegistryError(f"{what}: unsupported layer type {ld.media_type!r}")
-        if store.has_blob(cdesc.digest):   # verified when it was stored
+        if store.has_blob(cdesc.digest):
             config_bytes = store.read_blob(cdesc.digest)
         else:
             config_bytes = await client.get_blob_bytes(ref.path, cdesc.digest,
                                                        cdesc.size, f"the config of {what}")
-        config = _json_object(config_bytes, f"the config of {what}")
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(
-            config.get("rootfs"), dict) else None
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        config = schema.load_object(config_bytes, schema.ImageConfig, f"the config of {what}")
+        diff_ids: list[str] = config["rootfs"]["diff_ids"]
+        if len(diff_ids) != len(layers):
             raise RegistryError(f"{what}: the manifest has {len(layers)} layers, the config "
-                                f"{len(diff_ids) if isinstance(diff_ids, list) else 'no'} "
-                                "diff_ids")
-        diff_ids = [check_digest(d, "DiffID") for d in diff_ids]
+                                f"{len(diff_ids)} diff_ids")
 
         with store.using(), store.tempdir() as tmp:
             puller = Puller(store, client, ref, bars, tmp)
