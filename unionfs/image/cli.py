@@ -301,7 +301,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     store = _store(args)
     img = store.lookup(args.image)
     store.add_image(img.digest, store.blob_size(img.digest), args.name,
-                    img.manifest.get("mediaType") or "application/vnd.oci.image.manifest.v1+json")
+                    img.media_type)
     return 0
 
 

@@ -49,6 +49,9 @@ from ..whiteout import (
 from .load import MEDIA_BY_COMPRESSION, store_layer_stream
 from .safetext import ImageError, printable
 from .store import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
     MT_CONFIG,
     MT_LAYER_GZIP,
     MT_MANIFEST,
@@ -64,9 +67,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _REFUSE_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy",
                   b"user.overlay.redirect", b"user.overlay.metacopy")
 _DOCKER_TO_OCI = {
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": MT_LAYER_GZIP,
-    "application/vnd.docker.image.rootfs.diff.tar": MEDIA_BY_COMPRESSION["none"],
-    "application/vnd.docker.container.image.v1+json": MT_CONFIG,
+    DOCKER_LAYER_GZIP: MT_LAYER_GZIP,
+    DOCKER_LAYER: MEDIA_BY_COMPRESSION["none"],
+    DOCKER_CONFIG: MT_CONFIG,
 }
 
 

@@ -74,9 +74,7 @@ def _names(img: Image, ref: str) -> tuple[str | None, str | None]:
 
 
 def _oci_index(store: Store, img: Image, full: str | None, tag: str | None) -> bytes:
-    desc: dict[str, Any] = {"mediaType": img.manifest.get("mediaType") or
-                            "application/vnd.oci.image.manifest.v1+json",
-                            "digest": img.digest,
+    desc: dict[str, Any] = {"mediaType": img.media_type, "digest": img.digest,
                             "size": store.blob_size(img.digest)}
     if full:
         desc["annotations"] = {REF_NAME: tag, CONTAINERD_NAME: full}

@@ -67,6 +67,9 @@ MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MT_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
 
@@ -158,6 +161,11 @@ class Image:
     @property
     def id(self) -> str:
         return self.config_digest
+
+    @property
+    def media_type(self) -> str:
+        """The manifest's media type (OCI when it does not say, as the spec allows)."""
+        return str(self.manifest.get("mediaType") or MT_MANIFEST)
 
     @property
     def diff_ids(self) -> list[str]:

@@ -41,6 +41,9 @@ from ..image.oci import ImageFormatError
 from ..image.reference import RemoteReference, parse_remote
 from ..image.schema import MAX_JSON
 from ..image.store import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
     DOCKER_LIST,
     DOCKER_MANIFEST,
     MT_CONFIG,
@@ -60,10 +63,7 @@ from .client import Client, Options, RegistryError
 from .progress import Bars
 
 ACCEPT = f"{MT_MANIFEST}, {MT_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-LAYER_TYPES = {MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD, DOCKER_LAYER,
-               "application/vnd.docker.image.rootfs.diff.tar",
+LAYER_TYPES = {MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD, DOCKER_LAYER, DOCKER_LAYER_GZIP,
                "application/vnd.oci.image.layer.nondistributable.v1.tar",
                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",

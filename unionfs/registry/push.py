@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..image.reference import RemoteReference, parse_remote
-from ..image.store import MT_MANIFEST, Image, Store, short_id
+from ..image.store import Image, Store, short_id
 from . import locations
 from .auth import lookup as lookup_creds
 from .client import Client, Options, RegistryError, push_scope
@@ -62,7 +62,6 @@ async def _push(store: Store, img: Image, ref: RemoteReference, opts: Options, b
                 chunk: int) -> list[str]:
     creds = opts.creds or lookup_creds(ref.domain, ref.path, opts.authfile)
     body = store.read_blob(img.digest)
-    mtype = img.manifest.get("mediaType") or MT_MANIFEST
     digests = [d.get("digest") for d in img.manifest.get("layers") or []]
     blobs = list(dict.fromkeys([*digests, img.config_digest]))
     uploaded: list[str] = []
@@ -74,7 +73,7 @@ async def _push(store: Store, img: Image, ref: RemoteReference, opts: Options, b
         await run_all(jobs)
         if ref.digest is not None and ref.digest != img.digest:
             raise RegistryError(f"{ref}: the image's manifest digest is {img.digest}")
-        await client.put_manifest(ref.path, ref.tag or img.digest, body, mtype,
+        await client.put_manifest(ref.path, ref.tag or img.digest, body, img.media_type,
                                   img.digest)
     locations.record(store.root, ref.domain, ref.path, blobs)
     bars.note(f"Writing manifest to image destination ({short_id(img.digest)})")
