@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -110,3 +111,40 @@ def test_open_regular_refuses_what_is_not_a_file_inside(tmp_path: Path) -> None:
         assert ei.value.errno == errno.EFBIG
     finally:
         os.close(dfd)
+
+
+def test_read_regular_in_root_sees_the_path_as_the_container_does(tmp_path: Path) -> None:
+    """in_root: symlinks (absolute too) and `..` resolve inside the root, as after a
+    chroot; a FIFO or a device there is still refused without being opened."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "srv").mkdir()
+    (root / "srv/users").write_bytes(b"in the root")
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv/users").write_bytes(b"on the host")
+    (root / "etc/passwd").symlink_to("/srv/users")
+    (root / "etc/group").symlink_to("../../../../srv/users")
+    (root / "etc/zero").symlink_to("/dev/zero")
+    (root / "etc/loop").symlink_to("loop")
+    os.mkfifo(root / "etc/fifo")
+    rfd = _fd(root)
+    try:
+        for path in ("/etc/passwd", "etc/group", "/../srv/users", b"/etc/passwd"):
+            assert read_regular(rfd, path, 100, in_root=True) == b"in the root"
+        with pytest.raises(FileNotFoundError):
+            read_regular(rfd, "/etc/zero", 100, in_root=True)  # no /dev in this root
+        os.mkdir(root / "dev")
+        os.mknod(root / "dev/zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+        for path in ("/etc/zero", "/etc/fifo", "/etc"):
+            t0 = time.monotonic()
+            with pytest.raises(NotRegularFile, match="not a regular file"):
+                read_regular(rfd, path, 100, in_root=True)
+            assert time.monotonic() - t0 < 5
+        with pytest.raises(OSError) as ei:
+            read_regular(rfd, "/etc/loop", 100, in_root=True)
+        assert ei.value.errno == errno.ELOOP and not isinstance(ei.value, NotRegularFile)
+        with pytest.raises(OSError) as ei:
+            read_regular(rfd, "/etc/passwd", 5, in_root=True)
+        assert ei.value.errno == errno.EFBIG
+    finally:
+        os.close(rfd)

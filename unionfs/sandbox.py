@@ -70,6 +70,7 @@ from .syscalls import (
     wipe_environ,
 )
 from .syscalls import fd_str as fd_path
+from .tree import NotRegularFile, read_regular
 from .volumes import Volume
 
 # Signals pyunion forwards to the command (the issue's list).
@@ -284,43 +285,24 @@ MAX_USER_DB = 4 << 20  # bytes of /etc/passwd or /etc/group read at most
 def _read_db(path: str) -> list[list[str]]:
     """The entries of the image's passwd or group file (call after pivot_root).
 
-    The file comes from the image, so it may be anything: symlinks are resolved
-    inside the container's root, and only a regular file of at most 4 MiB is
-    read (a FIFO would hang the run, /dev/zero would eat memory). Missing: no
-    entries.
+    The file comes from the image, so it may be anything: it is read by
+    `tree.read_regular` as the container sees it (symlinks resolved inside its
+    root), and only a regular file of at most 4 MiB (a FIFO would hang the run,
+    /dev/zero would eat memory). Missing: no entries.
     """
     rootfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        try:
-            probe = open_in_root(rootfd, path)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        try:
-            st = os.fstat(probe)
-        finally:
-            os.close(probe)
-        if not stat.S_ISREG(st.st_mode):
-            raise SetupError(f"the image's {path} is not a regular file")
-        if st.st_size > MAX_USER_DB:
-            raise SetupError(f"the image's {path} is larger than {MAX_USER_DB >> 20} MiB")
-        fd = open_in_root(rootfd, path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        data = read_regular(rootfd, path, MAX_USER_DB, in_root=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except NotRegularFile:
+        raise SetupError(f"the image's {path} is not a regular file")
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise SetupError(f"the image's {path} is larger than {MAX_USER_DB >> 20} MiB")
         raise SetupError(f"cannot read the image's {path}: {e.strerror}")
     finally:
         os.close(rootfd)
-    try:
-        again = os.fstat(fd)
-        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
-            raise SetupError(f"the image's {path} changed while it was read")
-        data = b""
-        while len(data) <= MAX_USER_DB and (chunk := os.read(fd, 1 << 16)):
-            data += chunk
-    except OSError as e:
-        raise SetupError(f"cannot read the image's {path}: {e.strerror}")
-    finally:
-        os.close(fd)
-    if len(data) > MAX_USER_DB:
-        raise SetupError(f"the image's {path} is larger than {MAX_USER_DB >> 20} MiB")
     text = data.decode("utf-8", errors="replace")
     return [line.split(":") for line in text.split("\n")
             if line.strip() and not line.startswith("#")]

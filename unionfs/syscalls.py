@@ -141,10 +141,10 @@ def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int, mode: int =
     return _check(fd, "open", path)
 
 
-def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
+def open_in_root(rootfd: int, path: str | bytes, flags: int = os.O_PATH) -> int:
     """Open PATH as if `rootfd` were `/`: `..` and symlinks (absolute too) stay inside."""
-    return openat2(rootfd, path.lstrip("/") or ".", flags,
-                   RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    rel = path.lstrip(b"/") or b"." if isinstance(path, bytes) else path.lstrip("/") or "."
+    return openat2(rootfd, rel, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
 
 
 def syncfs(fd: int) -> None:

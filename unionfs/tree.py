@@ -251,26 +251,32 @@ class NotRegularFile(OSError):
     """`open_regular` found a symlink, a FIFO, a device or a directory where a file should be."""
 
 
-def open_regular(dirfd: int, path: Name, symlinks: bool = False) -> int:
+def open_regular(dirfd: int, path: Name, symlinks: bool = False, in_root: bool = False) -> int:
     """Open PATH below `dirfd` for reading, only if it is a regular file inside that tree.
 
-    Untrusted trees (an image layout, an image's /etc/passwd) may put a FIFO
-    there (a read would hang), a device (/dev/zero: endless), or a symlink out of
-    the tree. The path is resolved by openat2 beneath `dirfd` (with
-    `symlinks=False` no symlink at all; otherwise only ones that stay inside),
-    as O_PATH so that nothing is opened yet; only a regular file is then opened
-    for reading, through its O_PATH fd. Raises NotRegularFile for the rest.
+    Untrusted trees (an image layout, a container's root) may put a FIFO there
+    (a read would hang), a device (/dev/zero: endless), or a symlink out of the
+    tree. The path is resolved by openat2 as O_PATH, so that nothing is opened
+    yet: beneath `dirfd` (with `symlinks=False` no symlink at all; otherwise
+    only ones that stay inside), or, with `in_root`, as if `dirfd` were `/`
+    (`syscalls.open_in_root`: symlinks, absolute ones too, and `..` resolve
+    inside it, as the container itself would see the path). Only a regular file
+    is then opened for reading, through its O_PATH fd. Raises NotRegularFile for
+    the rest.
     """
     from . import syscalls
 
-    resolve = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS
-    if not symlinks:
-        resolve |= syscalls.RESOLVE_NO_SYMLINKS
     try:
-        pfd = syscalls.openat2(dirfd, path, os.O_PATH | (0 if symlinks else os.O_NOFOLLOW),
-                               resolve)
+        if in_root:
+            pfd = syscalls.open_in_root(dirfd, path)
+        else:
+            resolve = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS
+            if not symlinks:
+                resolve |= syscalls.RESOLVE_NO_SYMLINKS
+            pfd = syscalls.openat2(dirfd, path, os.O_PATH | (0 if symlinks else os.O_NOFOLLOW),
+                                   resolve)
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP and not in_root:  # in_root: a loop, said as such
             raise NotRegularFile(e.errno, "is a symlink", path) from None
         if e.errno == errno.EXDEV:
             raise NotRegularFile(e.errno, "leads outside its directory", path) from None
@@ -286,12 +292,13 @@ def open_regular(dirfd: int, path: Name, symlinks: bool = False) -> int:
         os.close(pfd)
 
 
-def read_regular(dirfd: int, path: Name, limit: int, symlinks: bool = False) -> bytes:
+def read_regular(dirfd: int, path: Name, limit: int, symlinks: bool = False,
+                 in_root: bool = False) -> bytes:
     """The content of a regular file below `dirfd` (see `open_regular`), at most `limit` bytes.
 
     Raises `OSError(EFBIG)` when the file holds more: nothing past limit+1 is read.
     """
-    fd = open_regular(dirfd, path, symlinks)
+    fd = open_regular(dirfd, path, symlinks, in_root)
     try:
         chunks = []
         left = limit + 1
