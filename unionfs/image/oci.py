@@ -38,6 +38,7 @@ import zstandard
 from ..errors import UserError
 from ..tree import DIR_FLAGS, NotRegularFile, open_regular
 from . import platforms, schema
+from .platforms import host as host_platform  # noqa: F401 - an older name, still imported
 from .schema import MAX_JSON, ImageFormatError
 from .store import DOCKER_LIST, DOCKER_MANIFEST, MT_INDEX, MT_MANIFEST, REF_NAME, check_digest
 
