@@ -212,6 +212,23 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+def _self_stat(*numbers: int) -> tuple[int, ...] | None:
+    """Numeric fields of /proc/self/stat by their numbers in proc(5) (4: ppid, and on),
+    or None if unreadable.
+
+    The command name (field 2) may hold spaces and parentheses: fields are
+    counted from the last ")".
+    """
+    if min(numbers) < 4:
+        raise ValueError("only the numeric fields after the state (4 and up)")
+    try:
+        with open("/proc/self/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return tuple(int(rest[n - 3]) for n in numbers)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def set_process_title(title: str) -> None:
     """Show this process as TITLE in `ps`, not as a copy of pyunion's long command line.
 
@@ -220,12 +237,10 @@ def set_process_title(title: str) -> None:
     """
     raw = title.encode()
     _libc.prctl(PR_SET_NAME, raw[:15], 0, 0, 0)
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of stat
-    except (OSError, IndexError, ValueError):
+    area = _self_stat(48, 49)  # arg_start, arg_end
+    if area is None:
         return
+    arg_start, arg_end = area
     size = arg_end - arg_start
     if size <= len(raw):
         return
@@ -308,11 +323,9 @@ def wipe_environ() -> None:
     host's and must not be readable there. Python works from its own copy
     (os.environ, cleared by the caller).
     """
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        start, end = int(fields[47]), int(fields[48])  # fields 50 and 51 of stat
-    except (OSError, IndexError, ValueError):
+    area = _self_stat(50, 51)  # env_start, env_end
+    if area is None:
         return
+    start, end = area
     if end > start:
         ctypes.memset(start, 0, end - start)
