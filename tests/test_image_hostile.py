@@ -418,6 +418,8 @@ BAD_CONFIG = {
     "rootfs-string": (["rootfs"], "layers"),
     "diff-ids-string": (["rootfs", "diff_ids"], "sha256:00"),
     "diff-id-int": (["rootfs", "diff_ids"], [5]),
+    "diff-ids-fewer-than-layers": (["rootfs", "diff_ids"], []),
+    "diff-ids-more-than-layers": (["rootfs", "diff_ids"], ["sha256:" + "0" * 64] * 2),
     "history-string": (["history"], "x"),
     "history-item-int": (["history"], [1]),
     "history-created-huge": (["history"], [{"created": 1e30}]),

@@ -355,34 +355,39 @@ def test_errors_are_one_line(reg: Registry, images: Path, tmp_path: Path) -> Non
     assert pyunion("images", "-q", *s).stdout.strip() == ""
 
 
-@pytest.mark.parametrize("runtime", [{"Env": [1]}, {"Cmd": ["/bin/sh", "a\u0000b"]}],
-                         ids=["env-not-strings", "nul-in-cmd"])
+MALFORMED_CONFIG = {  # runtime config, extra DiffIDs, what the line says
+    "env-not-strings": ({"Env": [1]}, 0, "Expected `str`, got `int` - at `$.config.Env[0]`"),
+    "nul-in-cmd": ({"Cmd": ["/bin/sh", "a\u0000b"]}, 0,
+                   "Expected a string without NUL - at `$.config.Cmd[1]`"),
+    "more-diff-ids": ({}, 1, "has 1 layers but its config lists 2 diff_ids"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_CONFIG))
 def test_malformed_config_is_one_line_and_stores_nothing(reg: Registry, tmp_path: Path,
-                                                         runtime: dict) -> None:
+                                                         case: str) -> None:
     """A registry serves whatever was pushed to it: the config is checked as import checks it."""
+    runtime, extra, says = MALFORMED_CONFIG[case]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         ti = tarfile.TarInfo("f")
         ti.size = 2
         tar.addfile(ti, io.BytesIO(b"f\n"))
-    raw = buf.getvalue()
-    layer = reg.upload_blob("malformed", raw)
-    diff_id = layer["digest"]
+    layer = reg.upload_blob("malformed", buf.getvalue())   # uncompressed: DiffID = digest
     config = reg.upload_blob("malformed", json.dumps({
         "architecture": "amd64", "os": "linux", "config": runtime,
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode())
+        "rootfs": {"type": "layers", "diff_ids": [layer["digest"]] * (1 + extra)}}).encode())
     mt = "application/vnd.oci.image.manifest.v1+json"
     man = {"schemaVersion": 2, "mediaType": mt,
            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer}]}
-    tag = "env" if "Env" in runtime else "cmd"
-    reg.put_manifest("malformed", tag, json.dumps(man).encode(), mt)
+    reg.put_manifest("malformed", case, json.dumps(man).encode(), mt)
     s = tmp_path / "s"
     mark = reg.mark()
-    err = fails("pull", NOTLS, "--store", str(s), f"{reg.host}/malformed:{tag}")
-    assert err.startswith(f"pyunion: the config of {reg.host}/malformed:{tag}: "), err
-    assert ("Expected `str`, got `int` - at `$.config.Env[0]`" in err if tag == "env" else
-            "Expected a string without NUL - at `$.config.Cmd[1]`" in err), err
+    err = fails("pull", NOTLS, "--store", str(s), f"{reg.host}/malformed:{case}")
+    assert err.startswith(f"pyunion: {'the config of ' if not extra else ''}{reg.host}/"
+                          f"malformed:{case}: "), err
+    assert says in err, err
     assert blob_gets(reg.requests(mark)) == [f"/v2/malformed/blobs/{config['digest']}"]
     assert pyunion("images", "-q", "--store", str(s)).stdout.strip() == ""
     for d in ("blobs/sha256", "layers", "tmp"):

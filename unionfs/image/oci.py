@@ -421,11 +421,8 @@ def _oci_candidates(src: Source, ref: str | None, want: dict[str, str],
         cdigest = cdesc["digest"]
         cbytes = verified_blob(src, cdigest, "config", cdesc["size"])
         config = schema.load_object(cbytes, schema.ImageConfig, f"config {cdigest}")
-        diff_ids = config["rootfs"]["diff_ids"]
         ldescs = man["layers"]
-        if len(diff_ids) != len(ldescs):
-            raise ImageFormatError(f"manifest {digest} has {len(ldescs)} layers but its config "
-                                   f"lists {len(diff_ids)} diff_ids")
+        diff_ids = schema.diff_ids(config, len(ldescs), f"manifest {digest}")
         layers = [LayerRef(blob_path(ld["digest"]), diff, ld["digest"], ld.get("mediaType"),
                            ld["size"]) for ld, diff in zip(ldescs, diff_ids, strict=True)]
         c = Candidate(cbytes, config, cdigest, layers, [tag] if tag else [], mbytes, digest,
@@ -453,11 +450,8 @@ def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
                 stem != cdigest[7:]:
             raise ImageFormatError(f"config {cpath} does not match its digest")
         config = schema.load_object(cbytes, schema.ImageConfig, f"config {cpath}")
-        diff_ids = config["rootfs"]["diff_ids"]
         lpaths = e["Layers"]
-        if len(diff_ids) != len(lpaths):
-            raise ImageFormatError(f"manifest.json lists {len(lpaths)} layers but the config "
-                                   f"lists {len(diff_ids)} diff_ids")
+        diff_ids = schema.diff_ids(config, len(lpaths), "manifest.json")
         layers = [LayerRef(_clean(p), d, None, None, None)
                   for p, d in zip(lpaths, diff_ids, strict=True)]
         out.append(Candidate(cbytes, config, cdigest, layers, tags))

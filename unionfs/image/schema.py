@@ -179,6 +179,16 @@ def load_object(data: bytes, schema: type[Any], what: str) -> dict[str, Any]:
     return obj
 
 
+def diff_ids(config: dict[str, Any], layers: int, what: str) -> list[str]:
+    """A checked config's DiffIDs, bottom first: one per layer of its manifest (`what`
+    names the manifest), or one line saying they differ."""
+    ids: list[str] = config["rootfs"]["diff_ids"]
+    if len(ids) != layers:
+        raise ImageFormatError(f"{what} has {layers} layers but its config lists {len(ids)} "
+                               "diff_ids")
+    return list(ids)
+
+
 class LayerInfo(msgspec.Struct):
     """The store's own record of an unpacked layer (`layers/HEX/layer.json`)."""
 

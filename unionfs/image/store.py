@@ -520,11 +520,10 @@ class Store:
     def _load_image(self, manifest_digest: str) -> Image:
         m = self.read_json_blob(manifest_digest, schema.Manifest, "manifest")
         cd = m["config"]["digest"]
-        img = Image(manifest_digest, m, self.read_json_blob(cd, schema.ImageConfig, "config"), cd)
-        if len(img.diff_ids) != len(m["layers"]):
-            raise ImageError(f"image {manifest_digest} in the store: its manifest has "
-                             f"{len(m['layers'])} layers, its config {len(img.diff_ids)}")
-        return img
+        config = self.read_json_blob(cd, schema.ImageConfig, "config")
+        schema.diff_ids(config, len(m["layers"]), f"image {manifest_digest} in the store: "
+                        "its manifest")
+        return Image(manifest_digest, m, config, cd)
 
     def lookup(self, ref: str) -> Image:
         """An image by tag (`name`, `name:tag`, `localhost/name`), image ID or manifest

@@ -276,10 +276,7 @@ async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dic
             config_bytes = await client.get_blob_bytes(ref.path, cdesc.digest,
                                                        cdesc.size, f"the config of {what}")
         config = schema.load_object(config_bytes, schema.ImageConfig, f"the config of {what}")
-        diff_ids: list[str] = config["rootfs"]["diff_ids"]
-        if len(diff_ids) != len(layers):
-            raise RegistryError(f"{what}: the manifest has {len(layers)} layers, the config "
-                                f"{len(diff_ids)} diff_ids")
+        diff_ids = schema.diff_ids(config, len(layers), f"{what}: the manifest")
 
         with store.using(), store.tempdir() as tmp:
             puller = Puller(store, client, ref, bars, tmp)
