@@ -80,6 +80,7 @@ class RunOptions:
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
+    from .image.cli import store_option  # the image package only when the parser is built
     p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
                    help="set an environment variable (K alone: take it from pyunion's)")
     p.add_argument("--env-file", action="append", default=[], metavar="FILE",
@@ -99,7 +100,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upper", metavar="DIR", help="use DIR as the writable layer (kept)")
     p.add_argument("--read-only", action="store_true",
                    help="mount the container's root read-only (tmpfs on /tmp, /var/tmp, /run)")
-    p.add_argument("--store", help="image store directory (for an image name)")
+    store_option(p)
     p.add_argument("--cap-add", action="append", default=[], metavar="CAP",
                    help="add a capability to podman's default set (ALL: every one)")
     p.add_argument("--cap-drop", action="append", default=[], metavar="CAP",

@@ -20,10 +20,18 @@ from .safetext import printable
 from .store import Image, Store, short_id
 
 
-def _store_arg(p: argparse.ArgumentParser) -> None:
+def store_option(p: argparse.ArgumentParser) -> None:
+    """`--store DIR`, as every command that uses the image store takes it."""
     p.add_argument("--store", metavar="DIR",
                    help="image store (default: $PYUNION_STORE, else "
                         "$XDG_DATA_HOME/pyunion/store or ~/.local/share/pyunion/store)")
+
+
+def platform_option(p: argparse.ArgumentParser) -> None:
+    """`--platform OS/ARCH[/VARIANT]`, as import and pull take it (`platforms.parse`)."""
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="the image to pick from a multi-platform index (default: this "
+                        "machine's)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -39,10 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("path", metavar="PATH")
     p.add_argument("--tag", "-t", help="name to give the image (default: the names it has)")
     p.add_argument("--ref", help="import only the image with this name in the layout/archive")
-    p.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform index "
-                   "(default: this machine's)")
+    platform_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress report")
-    _store_arg(p)
+    store_option(p)
     p.set_defaults(handler=cmd_import)
 
     p = isub.add_parser("export", help="write an image as an OCI layout or docker archive",
@@ -51,13 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--format", choices=("oci", "docker"), default="oci")
-    _store_arg(p)
+    store_option(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("images", help="list the images in the store")
     p.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
     p.add_argument("--no-trunc", action="store_true", help="full image IDs")
-    _store_arg(p)
+    store_option(p)
     p.set_defaults(handler=cmd_images)
 
     p = sub.add_parser("history", help="how an image was made: its history, top first")
@@ -65,23 +72,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-trunc", action="store_true", help="do not shorten digests and commands")
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="json: a JSON array, one object per history entry")
-    _store_arg(p)
+    store_option(p)
     p.set_defaults(handler=cmd_history)
 
     p = sub.add_parser("rmi", help="remove images (and the layers no other image uses)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    _store_arg(p)
+    store_option(p)
     p.set_defaults(handler=cmd_rmi)
 
     p = sub.add_parser("inspect", help="an image's manifest, config and layers as JSON")
     p.add_argument("image", metavar="IMAGE")
-    _store_arg(p)
+    store_option(p)
     p.set_defaults(handler=cmd_inspect)
 
     p = sub.add_parser("tag", help="give an image another name")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("name", metavar="NAME")
-    _store_arg(p)
+    store_option(p)
     p.set_defaults(handler=cmd_tag)
 
     p = sub.add_parser("commit", help="commit an upper directory as a new image layer",
@@ -101,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip")
     p.add_argument("--timestamp", type=int, metavar="EPOCH",
                    help="clamp every mtime and the creation time to EPOCH (reproducible layers)")
-    _store_arg(p)
+    store_option(p)
     p.set_defaults(handler=cmd_commit)
 
 

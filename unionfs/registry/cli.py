@@ -10,6 +10,7 @@ import trio
 
 from ..errors import UserError
 from ..image import platforms
+from ..image.cli import platform_option, store_option
 from ..image.store import Store
 from . import auth
 from .auth import Credentials, parse_registry
@@ -55,8 +56,7 @@ def _common(p: argparse.ArgumentParser, creds: bool = True) -> None:
         p.add_argument("--retry-delay", type=float, default=0.5, metavar="SECONDS",
                        help="first delay between retries, doubled each time (default 0.5)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--store", metavar="DIR", help="image store (default: $PYUNION_STORE, "
-                       "else ~/.local/share/pyunion/store)")
+        store_option(p)
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -74,8 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "does: 'busybox' is docker.io/library/busybox:latest; a first component "
                        "with a '.' or ':' or 'localhost' names the registry.")
     p.add_argument("image", metavar="IMAGE", help="[REGISTRY/]NAME[:TAG][@DIGEST]")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                   help="the image to pick from a multi-platform index (default: this machine's)")
+    platform_option(p)
     _common(p)
     p.set_defaults(handler=cmd_pull)
 
