@@ -12,10 +12,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import UserError
+from ..progress import Bars
 from . import platforms
 from .commit import Changes, commit
 from .export import export_image
-from .load import Progress, import_image
+from .load import import_image
 from .safetext import printable
 from .store import Image, Store, short_id
 
@@ -120,7 +121,7 @@ def _store(args: argparse.Namespace, create: bool = False) -> Store:
 def cmd_import(args: argparse.Namespace) -> int:
     store = _store(args, create=True)
     plat = platforms.parse(args.platform) if args.platform else None
-    progress = Progress(False if args.quiet else None)
+    progress = Bars(False if args.quiet else None)
     done = import_image(args.path, store, tag=args.tag, ref=args.ref, platform=plat,
                         progress=progress)
     for digest, tags in done:

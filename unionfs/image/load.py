@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
-import time
 from collections.abc import Callable
 from typing import IO, Any
 
 from ..errors import UserError
+from ..progress import Bars
 from . import reference
 from .oci import (
     DECOMPRESS_ERRORS,
@@ -46,47 +45,6 @@ from .store import (
 from .unpack import UnpackError, unpack
 
 MEDIA_BY_COMPRESSION = {"none": MT_LAYER, "gzip": MT_LAYER_GZIP, "zstd": MT_LAYER_ZSTD}
-
-
-class Progress:
-    """A one-line progress report on a terminal; silent otherwise."""
-
-    def __init__(self, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.label = ""
-        self.done = 0
-        self.total: int | None = None
-        self._last = 0.0
-
-    def start(self, label: str, total: int | None) -> None:
-        self.label, self.done, self.total = label, 0, total
-        self._show(force=True)
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        self._show()
-
-    def _show(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.1:
-            return
-        self._last = now
-        mb = self.done / 1e6
-        if self.total:
-            pct = min(100, int(self.done * 100 / self.total))
-            bar = "#" * (pct // 5) + "-" * (20 - pct // 5)
-            text = f"{self.label} [{bar}] {pct:3d}% {mb:.1f} MB"
-        else:
-            text = f"{self.label} {mb:.1f} MB"
-        sys.stderr.write("\r\x1b[K" + text)
-        sys.stderr.flush()
-
-    def finish(self, text: str) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K" + text + "\n")
-            sys.stderr.flush()
 
 
 def store_layer_stream(store: Store, tmpdir: str, stream: IO[bytes] | Any, diff_id: str | None,
@@ -153,28 +111,32 @@ def store_layer_stream(store: Store, tmpdir: str, stream: IO[bytes] | Any, diff_
 
 
 def _import_layer(store: Store, src: Source, tmpdir: str, lr: LayerRef, n: int, total: int,
-                  progress: Progress) -> dict[str, Any]:
+                  bars: Bars) -> dict[str, Any]:
     what = f"layer {n}/{total} ({short_id(lr.diff_id)})"
     if lr.digest is not None and store.has_blob(lr.digest) and store.has_layer(lr.diff_id):
-        progress.finish(f"{what}: already in the store")
+        bars.note(f"{what}: already in the store")
         return {"diff_id": lr.diff_id, "digest": lr.digest,
                 "compressed_size": store.blob_size(lr.digest),
                 "compression": None}
-    progress.start(what, lr.size)
+    bar = bars.bar(what, lr.size)
     try:
         with src.open(lr.path, lr.size) as f:
             info = store_layer_stream(store, tmpdir, f, lr.diff_id, lr.digest, what,
-                                      progress.advance, lr.size)
+                                      bar.update, lr.size)
     except ImageFormatError as e:
+        bar.done()
         if str(e).startswith(what):
             raise
         raise ImageFormatError(f"{what}: {e}") from None
-    progress.finish(f"{what}: {info['size'] / 1e6:.1f} MB")
+    except BaseException:
+        bar.done()
+        raise
+    bar.done("done")
     return info
 
 
 def _store_candidate(store: Store, src: Source, c: Candidate, tags: list[str],
-                     progress: Progress) -> str:
+                     progress: Bars) -> str:
     """Import one image; returns its manifest digest."""
     with store.tempdir() as tmp:
         infos = [_import_layer(store, src, tmp, lr, i + 1, len(c.layers), progress)
@@ -219,12 +181,12 @@ def _archive_name(name: str) -> str:
 
 def import_image(path: str, store: Store, tag: str | None = None, ref: str | None = None,
                  platform: dict[str, str] | None = None,
-                 progress: Progress | None = None) -> list[tuple[str, list[str]]]:
+                 progress: Bars | None = None) -> list[tuple[str, list[str]]]:
     """Import every image (or the one named `ref`) of a layout or archive.
 
     Returns (manifest digest, tags) per image imported.
     """
-    progress = progress or Progress(False)
+    progress = progress or Bars(False)
     if tag is not None:
         tag = normalize_tag(tag)
     src = open_source(path)

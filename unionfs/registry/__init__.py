@@ -5,7 +5,7 @@ What users type is read by `image.reference.parse_remote` (docker's short names,
 `WWW-Authenticate` challenges), `client` (the `/v2/` protocol on httpx and trio:
 auth, retries, manifests, blobs, uploads), `pull` and `push` (what moves, into
 and out of the image store), `locations` (where blobs were seen, for
-cross-repository mounts), `progress` (bars on a terminal), `cli`.
+cross-repository mounts), `cli`; progress bars are `unionfs.progress`'s, as import's.
 """
 
 from __future__ import annotations

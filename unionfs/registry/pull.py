@@ -57,10 +57,10 @@ from ..image.store import (
     short_id,
 )
 from ..image.unpack import UnpackError
+from ..progress import Bars
 from . import locations
 from .auth import lookup as lookup_creds
 from .client import Client, Options, RegistryError
-from .progress import Bars
 
 ACCEPT = f"{MT_MANIFEST}, {MT_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"
 LAYER_TYPES = {MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD, DOCKER_LAYER, DOCKER_LAYER_GZIP,

@@ -19,10 +19,10 @@ import trio
 
 from ..image.reference import RemoteReference, parse_remote
 from ..image.store import Image, Store, short_id
+from ..progress import Bars
 from . import locations
 from .auth import lookup as lookup_creds
 from .client import Client, Options, RegistryError, push_scope
-from .progress import Bars
 from .pull import PARALLEL, run_all
 
 CHUNK = 64 << 20

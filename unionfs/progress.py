@@ -1,4 +1,5 @@
-"""Progress bars for transfers: one tqdm bar per blob, on stderr, only on a terminal.
+"""Progress bars for transfers (import, pull, push): one tqdm bar per blob, on stderr,
+only on a terminal.
 
 tqdm is the light choice among the bar libraries: pure Python, no dependencies,
 several bars at once (each takes its own line), and it turns itself off when
