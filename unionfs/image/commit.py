@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from ..errors import UserError
-from ..tree import DirCursor
+from ..tree import DIR_FLAGS, DirCursor, NotRegularFile, open_regular
 from ..whiteout import (
     AUFS_META_PREFIX,
     OPQ_CHAR,
@@ -63,7 +63,6 @@ from .store import (
 
 log = logging.getLogger(__name__)
 MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last time an OCI "created" can say
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _REFUSE_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy",
                   b"user.overlay.redirect", b"user.overlay.metacopy")
 _DOCKER_TO_OCI = {
@@ -197,7 +196,7 @@ class _Walker:
         path = prefix + name
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=dfd)
             try:
                 ti = self._info(path, st, tarfile.DIRTYPE)
                 ti.pax_headers = self._xattrs(fd, True, path)
@@ -212,13 +211,13 @@ class _Walker:
                 ti.linkname = self.links[key]
                 self.tar.addfile(ti)
                 return None
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dfd)
+            try:
+                fd = open_regular(dfd, name)
+            except NotRegularFile:  # swapped since the stat: skipped, never opened
+                self.skipped.append(path)
+                return None
             with os.fdopen(fd, "rb") as f:
                 fst = os.fstat(fd)
-                if not stat.S_ISREG(fst.st_mode):  # swapped since the stat: skip, never hang
-                    self.skipped.append(path)
-                    return None
                 ti = self._info(path, fst, tarfile.REGTYPE)
                 ti.size = fst.st_size
                 ti.pax_headers = self._xattrs(f.fileno(), True, path)
@@ -246,7 +245,7 @@ class _Walker:
 def write_layer_tar(upper: str, out: BinaryIO | Any, timestamp: int | None = None) -> list[str]:
     """Write the upper directory as an OCI layer tar to `out`; returns skipped paths."""
     try:
-        root = os.open(upper, _DIR_FLAGS)
+        root = os.open(upper, DIR_FLAGS)
     except OSError as e:
         raise UserError(f"cannot open upper directory {upper}: {e.strerror}") from e
     try:
