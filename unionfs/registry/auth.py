@@ -19,16 +19,15 @@ Bearer TOKEN`).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
 from ..image import reference
+from ..image.store import write_json_atomic
 
 DOCKER_HUB_API = "registry-1.docker.io"  # where docker.io's /v2/ API lives
 # What names docker.io in an auth file or on the command line.
@@ -137,18 +136,9 @@ def lookup(registry: str, repository: str | None = None,
 
 
 def _write(path: str, data: dict[str, Any]) -> None:
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".auth-")  # mode 0600, like podman's
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replace the file atomically, mode 0600 like podman's, its directory 0700."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    write_json_atomic(path, data)
 
 
 def store(key: str, creds: Credentials, authfile: str | None = None) -> str:
