@@ -114,7 +114,7 @@ def test_open_regular_refuses_what_is_not_a_file_inside(tmp_path: Path) -> None:
 
 
 def test_read_regular_in_root_sees_the_path_as_the_container_does(tmp_path: Path) -> None:
-    """in_root: symlinks (absolute too) and `..` resolve inside the root, as after a
+    """resolve="in_root": symlinks (absolute too) and `..` resolve inside the root, as after a
     chroot; a FIFO or a device there is still refused without being opened."""
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
@@ -130,21 +130,43 @@ def test_read_regular_in_root_sees_the_path_as_the_container_does(tmp_path: Path
     rfd = _fd(root)
     try:
         for path in ("/etc/passwd", "etc/group", "/../srv/users", b"/etc/passwd"):
-            assert read_regular(rfd, path, 100, in_root=True) == b"in the root"
+            assert read_regular(rfd, path, 100, resolve="in_root") == b"in the root"
         with pytest.raises(FileNotFoundError):
-            read_regular(rfd, "/etc/zero", 100, in_root=True)  # no /dev in this root
+            read_regular(rfd, "/etc/zero", 100, resolve="in_root")  # no /dev in this root
         os.mkdir(root / "dev")
         os.mknod(root / "dev/zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
         for path in ("/etc/zero", "/etc/fifo", "/etc"):
             t0 = time.monotonic()
             with pytest.raises(NotRegularFile, match="not a regular file"):
-                read_regular(rfd, path, 100, in_root=True)
+                read_regular(rfd, path, 100, resolve="in_root")
             assert time.monotonic() - t0 < 5
         with pytest.raises(OSError) as ei:
-            read_regular(rfd, "/etc/loop", 100, in_root=True)
+            read_regular(rfd, "/etc/loop", 100, resolve="in_root")
         assert ei.value.errno == errno.ELOOP and not isinstance(ei.value, NotRegularFile)
         with pytest.raises(OSError) as ei:
-            read_regular(rfd, "/etc/passwd", 5, in_root=True)
+            read_regular(rfd, "/etc/passwd", 5, resolve="in_root")
         assert ei.value.errno == errno.EFBIG
     finally:
         os.close(rfd)
+
+
+def test_read_regular_anywhere_takes_a_path_as_given(tmp_path: Path) -> None:
+    """resolve="anywhere" (a file the user named): symlinks followed, absolute paths taken,
+    but a FIFO or a device is still refused unopened, and the read is bounded."""
+    (tmp_path / "profile.json").write_bytes(b"{}")
+    (tmp_path / "link").symlink_to(tmp_path / "profile.json")
+    os.mkfifo(tmp_path / "fifo")
+    cwd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for path in (str(tmp_path / "link"), "profile.json"):
+            assert read_regular(cwd, path, 10, resolve="anywhere") == b"{}"
+        for path in ("/dev/zero", str(tmp_path / "fifo"), str(tmp_path)):
+            t0 = time.monotonic()
+            with pytest.raises(NotRegularFile, match="not a regular file"):
+                read_regular(cwd, path, 10, resolve="anywhere")
+            assert time.monotonic() - t0 < 5
+        with pytest.raises(OSError) as ei:
+            read_regular(cwd, "profile.json", 1, resolve="anywhere")
+        assert ei.value.errno == errno.EFBIG
+    finally:
+        os.close(cwd)

@@ -292,7 +292,7 @@ def _read_db(path: str) -> list[list[str]]:
     """
     rootfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        data = read_regular(rootfd, path, MAX_USER_DB, in_root=True)
+        data = read_regular(rootfd, path, MAX_USER_DB, resolve="in_root")
     except (FileNotFoundError, NotADirectoryError):
         return []
     except NotRegularFile:

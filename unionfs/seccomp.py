@@ -26,15 +26,17 @@ the BPF program. Names libseccomp does not know are skipped, as runc does.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass
 from typing import Any
 
 from . import caps
 from .errors import UserError
+from .syscalls import AT_FDCWD
+from .tree import NotRegularFile, read_regular
 
 DEFAULT_PROFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                "seccomp.json")
@@ -91,19 +93,13 @@ def _bad(path: str, what: str) -> UserError:
 
 def _read(path: str) -> Any:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        data = read_regular(AT_FDCWD, path, MAX_PROFILE, resolve="anywhere")
+    except NotRegularFile:
+        raise _bad(path, "not a regular file")
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise _bad(path, f"larger than {MAX_PROFILE >> 20} MiB")
         raise _bad(path, e.strerror or str(e))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _bad(path, "not a regular file")
-        data = b""
-        while len(data) <= MAX_PROFILE and (chunk := os.read(fd, 1 << 20)):
-            data += chunk
-    finally:
-        os.close(fd)
-    if len(data) > MAX_PROFILE:
-        raise _bad(path, f"larger than {MAX_PROFILE >> 20} MiB")
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:

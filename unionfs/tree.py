@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import Literal
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -251,32 +252,41 @@ class NotRegularFile(OSError):
     """`open_regular` found a symlink, a FIFO, a device or a directory where a file should be."""
 
 
-def open_regular(dirfd: int, path: Name, symlinks: bool = False, in_root: bool = False) -> int:
-    """Open PATH below `dirfd` for reading, only if it is a regular file inside that tree.
+Resolve = Literal["beneath", "in_root", "anywhere"]
+
+
+def open_regular(dirfd: int, path: Name, symlinks: bool = False,
+                 resolve: Resolve = "beneath") -> int:
+    """Open PATH (relative to `dirfd`) for reading, only if it is a regular file.
 
     Untrusted trees (an image layout, a container's root) may put a FIFO there
     (a read would hang), a device (/dev/zero: endless), or a symlink out of the
-    tree. The path is resolved by openat2 as O_PATH, so that nothing is opened
-    yet: beneath `dirfd` (with `symlinks=False` no symlink at all; otherwise
-    only ones that stay inside), or, with `in_root`, as if `dirfd` were `/`
-    (`syscalls.open_in_root`: symlinks, absolute ones too, and `..` resolve
-    inside it, as the container itself would see the path). Only a regular file
-    is then opened for reading, through its O_PATH fd. Raises NotRegularFile for
-    the rest.
+    tree. The path is resolved as O_PATH, so that nothing is opened yet:
+    - "beneath": by openat2 beneath `dirfd` (with `symlinks=False` no symlink
+      at all; otherwise only ones that stay inside);
+    - "in_root": as if `dirfd` were `/` (`syscalls.open_in_root`: symlinks,
+      absolute ones too, and `..` resolve inside it, as the container itself
+      would see the path);
+    - "anywhere": as an ordinary path (a file the user named, such as a
+      seccomp profile: only its type and size matter).
+    Only a regular file is then opened for reading, through its O_PATH fd.
+    Raises NotRegularFile for the rest.
     """
     from . import syscalls
 
     try:
-        if in_root:
+        if resolve == "in_root":
             pfd = syscalls.open_in_root(dirfd, path)
+        elif resolve == "anywhere":
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC, dir_fd=dirfd)
         else:
-            resolve = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS
+            how = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS
             if not symlinks:
-                resolve |= syscalls.RESOLVE_NO_SYMLINKS
+                how |= syscalls.RESOLVE_NO_SYMLINKS
             pfd = syscalls.openat2(dirfd, path, os.O_PATH | (0 if symlinks else os.O_NOFOLLOW),
-                                   resolve)
+                                   how)
     except OSError as e:
-        if e.errno == errno.ELOOP and not in_root:  # in_root: a loop, said as such
+        if e.errno == errno.ELOOP and resolve == "beneath":  # else: a loop, said as such
             raise NotRegularFile(e.errno, "is a symlink", path) from None
         if e.errno == errno.EXDEV:
             raise NotRegularFile(e.errno, "leads outside its directory", path) from None
@@ -293,12 +303,12 @@ def open_regular(dirfd: int, path: Name, symlinks: bool = False, in_root: bool =
 
 
 def read_regular(dirfd: int, path: Name, limit: int, symlinks: bool = False,
-                 in_root: bool = False) -> bytes:
+                 resolve: Resolve = "beneath") -> bytes:
     """The content of a regular file below `dirfd` (see `open_regular`), at most `limit` bytes.
 
     Raises `OSError(EFBIG)` when the file holds more: nothing past limit+1 is read.
     """
-    fd = open_regular(dirfd, path, symlinks, in_root)
+    fd = open_regular(dirfd, path, symlinks, resolve)
     try:
         chunks = []
         left = limit + 1
