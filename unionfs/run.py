@@ -531,7 +531,7 @@ class Runner:
                 r, _, _ = select.select([master], [], [], 0.1)
                 if not r or not self._pump_output(master):
                     break
-        return _exit_code(status)
+        return sandbox.exit_code(status)
 
     @staticmethod
     def _pump_output(master: int) -> bool:
@@ -606,11 +606,6 @@ class Runner:
 
     def kept(self) -> bool:
         return self.opts.keep or bool(self.opts.upper)
-
-
-def _exit_code(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
 
 
 def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str | None,

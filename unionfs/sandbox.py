@@ -349,7 +349,8 @@ def _valid_id(s: str) -> bool:
 
 
 # -- init and the command -------------------------------------------------------------------
-def _exit_code(status: int) -> int:
+def exit_code(status: int) -> int:
+    """A wait status as a shell says it: the exit code, or 128+N for signal N."""
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
 
@@ -559,4 +560,4 @@ def _reap_until(child: int) -> int:
                         os.killpg(os.getpgid(pid), signal.SIGCONT)  # its job stopped with it
                 continue
             if pid == child:
-                return _exit_code(status)
+                return exit_code(status)
