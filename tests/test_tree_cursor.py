@@ -7,7 +7,9 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +85,14 @@ def test_cursor_refuses_to_climb_out_of_a_moved_directory(tmp_path: Path) -> Non
         os.close(rfd)
 
 
+def _refused_at_once(why: str, fn: Callable[..., object], *args: Any, **kw: Any) -> None:
+    """fn(*args, **kw) raises NotRegularFile saying `why`, at once: a FIFO is never opened."""
+    t0 = time.monotonic()
+    with pytest.raises(NotRegularFile, match=why):
+        fn(*args, **kw)
+    assert time.monotonic() - t0 < 5
+
+
 def test_open_regular_refuses_what_is_not_a_file_inside(tmp_path: Path) -> None:
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)
@@ -102,10 +112,7 @@ def test_open_regular_refuses_what_is_not_a_file_inside(tmp_path: Path) -> None:
                                     ("fifo", True, "not a regular file"),
                                     ("sub", True, "not a regular file"),
                                     ("../secret", True, "outside")):
-            t0 = time.monotonic()
-            with pytest.raises(NotRegularFile, match=why):
-                open_regular(dfd, name, symlinks=symlinks)
-            assert time.monotonic() - t0 < 5  # a FIFO is never opened for reading
+            _refused_at_once(why, open_regular, dfd, name, symlinks=symlinks)
         with pytest.raises(OSError) as ei:
             read_regular(dfd, "file", 3)
         assert ei.value.errno == errno.EFBIG
@@ -136,10 +143,8 @@ def test_read_regular_in_root_sees_the_path_as_the_container_does(tmp_path: Path
         os.mkdir(root / "dev")
         os.mknod(root / "dev/zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
         for path in ("/etc/zero", "/etc/fifo", "/etc"):
-            t0 = time.monotonic()
-            with pytest.raises(NotRegularFile, match="not a regular file"):
-                read_regular(rfd, path, 100, resolve="in_root")
-            assert time.monotonic() - t0 < 5
+            _refused_at_once("not a regular file", read_regular, rfd, path, 100,
+                             resolve="in_root")
         with pytest.raises(OSError) as ei:
             read_regular(rfd, "/etc/loop", 100, resolve="in_root")
         assert ei.value.errno == errno.ELOOP and not isinstance(ei.value, NotRegularFile)
@@ -161,10 +166,8 @@ def test_read_regular_anywhere_takes_a_path_as_given(tmp_path: Path) -> None:
         for path in (str(tmp_path / "link"), "profile.json"):
             assert read_regular(cwd, path, 10, resolve="anywhere") == b"{}"
         for path in ("/dev/zero", str(tmp_path / "fifo"), str(tmp_path)):
-            t0 = time.monotonic()
-            with pytest.raises(NotRegularFile, match="not a regular file"):
-                read_regular(cwd, path, 10, resolve="anywhere")
-            assert time.monotonic() - t0 < 5
+            _refused_at_once("not a regular file", read_regular, cwd, path, 10,
+                             resolve="anywhere")
         with pytest.raises(OSError) as ei:
             read_regular(cwd, "profile.json", 1, resolve="anywhere")
         assert ei.value.errno == errno.EFBIG
