@@ -41,6 +41,7 @@ from . import platforms, schema
 from .platforms import host as host_platform  # noqa: F401 - an older name, still imported
 from .schema import MAX_JSON, ImageFormatError
 from .store import DOCKER_LIST, DOCKER_MANIFEST, MT_INDEX, MT_MANIFEST, REF_NAME, check_digest
+from .unpack import split_name
 
 CONTAINERD_NAME = "io.containerd.image.name"
 
@@ -50,13 +51,8 @@ __all__ = ["CONTAINERD_NAME", "MAX_JSON", "Candidate", "HashingReader", "ImageFo
 
 # --- sources -------------------------------------------------------------------
 def _clean(path: str) -> str:
-    """A member path from inside an archive, normalized; refuses escapes."""
-    if path.startswith("/"):
-        raise ImageFormatError(f"refusing absolute path {path!r} in the image")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ImageFormatError(f"refusing path with '..' in the image: {path!r}")
-    return "/".join(parts)
+    """A member path from inside an archive, normalized; refuses escapes (`split_name`)."""
+    return "/".join(split_name(path, "image file", ImageFormatError))
 
 
 class Source:

@@ -69,15 +69,17 @@ class UnpackError(ImageError):
     """The archive is corrupt or tries to write outside its directory."""
 
 
-def split_name(name: str, what: str = "entry") -> list[str]:
-    """Path components of a tar member name; refuses absolute names and `..`."""
+def split_name(name: str, what: str = "entry",
+               error: type[ImageError] = UnpackError) -> list[str]:
+    """Path components of a name from an image (a tar member, a file of a layout);
+    refuses absolute names, `..` and NUL with `error`."""
     if "\x00" in name:
-        raise UnpackError(f"refusing {what} {name!r}: a NUL in its name")
+        raise error(f"refusing {what} {name!r}: a NUL in its name")
     if name.startswith("/"):
-        raise UnpackError(f"refusing {what} with an absolute path: {name!r}")
+        raise error(f"refusing {what} with an absolute path: {name!r}")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UnpackError(f"refusing {what} with '..' in its path: {name!r}")
+        raise error(f"refusing {what} with '..' in its path: {name!r}")
     return parts
 
 
