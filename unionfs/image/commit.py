@@ -58,6 +58,7 @@ from .store import (
     Image,
     Store,
     canonical_json,
+    digest_of,
     normalize_tag,
 )
 
@@ -344,7 +345,7 @@ def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
             datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         cfg = new_config(base.config, info["diff_id"], changes, created)
         cbytes = canonical_json(cfg)
-        cdigest = "sha256:" + hashlib.sha256(cbytes).hexdigest()
+        cdigest = digest_of(cbytes)
         store.put_blob_bytes(cbytes, cdigest, tmp)
         layers = []
         for d in base.manifest.get("layers", []):
@@ -357,7 +358,7 @@ def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
                "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": len(cbytes)},
                "layers": layers}
         mbytes = canonical_json(man)
-        mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
+        mdigest = digest_of(mbytes)
         store.put_blob_bytes(mbytes, mdigest, tmp)
     store.add_image(mdigest, len(mbytes), tag, MT_MANIFEST)
     return mdigest, base

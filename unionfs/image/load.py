@@ -9,7 +9,6 @@ The image becomes visible (index.json) last.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from typing import IO, Any
@@ -38,6 +37,7 @@ from .store import (
     PRIVATE,
     Store,
     canonical_json,
+    digest_of,
     normalize_tag,
     short_id,
     write_json_atomic,
@@ -158,7 +158,7 @@ def _store_candidate(store: Store, src: Source, c: Candidate, tags: list[str],
                               "size": len(c.config_bytes)},
                    "layers": layers}
             mbytes = canonical_json(man)
-            mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
+            mdigest = digest_of(mbytes)
             mtype = MT_MANIFEST
         store.put_blob_bytes(mbytes, mdigest, tmp)
     if mtype not in (MT_MANIFEST, DOCKER_MANIFEST):

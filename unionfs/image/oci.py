@@ -40,7 +40,15 @@ from ..tree import DIR_FLAGS, NotRegularFile, open_regular
 from . import platforms, schema
 from .platforms import host as host_platform  # noqa: F401 - an older name, still imported
 from .schema import MAX_JSON, ImageFormatError
-from .store import DOCKER_LIST, DOCKER_MANIFEST, MT_INDEX, MT_MANIFEST, REF_NAME, check_digest
+from .store import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    MT_INDEX,
+    MT_MANIFEST,
+    REF_NAME,
+    check_digest,
+    digest_of,
+)
 from .unpack import split_name
 
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -351,8 +359,7 @@ def blob_path(digest: str) -> str:
 def verified_blob(src: Source, digest: str, what: str, size: int | None = None) -> bytes:
     """A (small) blob of the layout: at most MAX_JSON bytes, its declared size, its digest."""
     data = src.read(blob_path(digest), size=size)
-    algo, hexd = digest.split(":", 1)
-    if hashlib.new(algo, data).hexdigest() != hexd:
+    if digest_of(data, digest.split(":", 1)[0]) != digest:
         raise ImageFormatError(f"{what} {digest} does not match its digest")
     return data
 
@@ -440,7 +447,7 @@ def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
             continue
         cpath = _clean(e["Config"])
         cbytes = src.read(cpath)
-        cdigest = "sha256:" + hashlib.sha256(cbytes).hexdigest()
+        cdigest = digest_of(cbytes)
         stem = posixpath.basename(cpath).removesuffix(".json").removeprefix("sha256:")
         if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) and \
                 stem != cdigest[7:]:

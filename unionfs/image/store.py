@@ -80,6 +80,11 @@ def check_digest(digest: object, what: str = "digest") -> str:
     return digest
 
 
+def digest_of(data: bytes, algo: str = "sha256") -> str:
+    """`ALGO:HEX` of some bytes, as descriptors name them."""
+    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+
+
 def short_id(digest: str) -> str:
     return digest.split(":", 1)[-1][:12]
 
@@ -297,8 +302,7 @@ class Store:
             if e.errno == errno.EFBIG:
                 raise UserError(f"blob {digest} in the store is too large to read") from e
             raise UserError(f"blob {digest} is missing from the store {self.root}") from e
-        algo, hexd = digest.split(":", 1)
-        if hashlib.new(algo, data).hexdigest() != hexd:
+        if digest_of(data, digest.split(":", 1)[0]) != digest:
             raise UserError(f"blob {digest} in the store {self.root} is damaged "
                             "(its content does not match its digest)")
         return data

@@ -34,6 +34,7 @@ from .. import __version__
 from ..errors import UserError
 from ..image import reference
 from ..image.schema import MAX_JSON
+from ..image.store import digest_of
 from .auth import DOCKER_HUB_API, Challenge, Credentials, parse_challenges
 
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
@@ -360,7 +361,7 @@ class Client:
         mtype = resp.headers.get("content-type", "").split(";")[0].strip()
         algo = target.split(":", 1)[0] if ":" in target and target.startswith("sha") else \
             "sha256"
-        digest = f"{algo}:{hashlib.new(algo, body).hexdigest()}"
+        digest = digest_of(body, algo)
         if ":" in target and target.startswith("sha") and digest != target:
             raise RegistryError(f"digest mismatch: the manifest of {what} hashes to {digest}")
         said = resp.headers.get("docker-content-digest")
@@ -378,8 +379,7 @@ class Client:
 
         await self.download(repo, digest, size, sink, what)
         data = b"".join(chunks)
-        algo, hexd = digest.split(":", 1)
-        if hashlib.new(algo, data).hexdigest() != hexd:
+        if digest_of(data, digest.split(":", 1)[0]) != digest:
             raise RegistryError(f"digest mismatch: {what} does not hash to {digest}")
         return data
 
