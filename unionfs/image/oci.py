@@ -38,7 +38,7 @@ import zstandard
 from ..errors import UserError
 from ..tree import DIR_FLAGS, NotRegularFile, open_regular
 from . import platforms, schema
-from .platforms import host as host_platform  # noqa: F401 - an older name, still imported
+from .platforms import host as host_platform  # an older name, still imported
 from .schema import MAX_JSON, ImageFormatError
 from .store import (
     DOCKER_LIST,
@@ -54,7 +54,8 @@ from .unpack import split_name
 CONTAINERD_NAME = "io.containerd.image.name"
 
 __all__ = ["CONTAINERD_NAME", "MAX_JSON", "Candidate", "HashingReader", "ImageFormatError",
-           "LayerRef", "SizedReader", "Source", "decompressed", "find_images", "open_source"]
+           "LayerRef", "SizedReader", "Source", "decompressed", "find_images", "host_platform",
+           "open_source"]
 
 
 # --- sources -------------------------------------------------------------------
