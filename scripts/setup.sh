@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 
 PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr busybox-static
       fuse-overlayfs unionfs-fuse fio buildah skopeo umoci zstd procps util-linux psmisc
-      debootstrap docker-registry apache2-utils openssl libseccomp2 podman runc)
+      debootstrap docker-registry apache2-utils openssl libseccomp2 podman runc uidmap)
 # libseccomp2: pyunion run's seccomp filter (through pyseccomp). podman and runc: the
 # reference the confinement tests compare with (Debian's crun refuses hybrid cgroups).
+# uidmap: newuidmap/newgidmap, which map an ordinary user's subordinate IDs into the user
+# namespace of rootless pyunion (as for rootless podman and buildah).
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,6 +24,48 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 modprobe fuse 2>/dev/null || true
 modprobe overlay 2>/dev/null || true
+
+# Rootless operation (pyunion as an ordinary user, in a user namespace): make this machine
+# what a stock Debian 12 is where the feature counts on it.
+# - /dev/fuse: Debian's udev gives it mode 0666 at every boot (50-udev-default.rules:
+#   KERNEL=="fuse", MODE="0666"). This machine runs no udev, so it keeps the kernel's 0600
+#   and only root could mount FUSE. chmod it here: devtmpfs forgets the mode at the next
+#   boot, when this script runs again (scripts/test.sh and demo.sh call it first).
+# - Unprivileged user namespaces: on in Debian 12's kernel; turned on for this boot if not.
+# - A test user with a subordinate ID range in /etc/subuid and /etc/subgid, as useradd gives
+#   every regular user on Debian 12 (the tests also make throw-away users of their own).
+ROOTLESS_USER=pyunion-user
+rootless=()
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+    chmod 0666 /dev/fuse
+    rootless+=("/dev/fuse 0666 (Debian's mode, until reboot)")
+fi
+if [ "$(cat /proc/sys/kernel/unprivileged_userns_clone 2>/dev/null || echo 1)" = 0 ]; then
+    sysctl -qw kernel.unprivileged_userns_clone=1
+    rootless+=("kernel.unprivileged_userns_clone=1")
+fi
+if [ "$(cat /proc/sys/user/max_user_namespaces)" = 0 ]; then
+    sysctl -qw user.max_user_namespaces=15000
+    rootless+=("user.max_user_namespaces=15000")
+fi
+if ! id -u "$ROOTLESS_USER" >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/bash "$ROOTLESS_USER"
+    rootless+=("user $ROOTLESS_USER")
+fi
+for f in /etc/subuid /etc/subgid; do
+    if ! grep -q "^$ROOTLESS_USER:" "$f" 2>/dev/null; then
+        # The next free 65536 IDs at or above 100000 (what useradd would have picked).
+        start=$(awk -F: 'BEGIN { n = 100000 } $2 + $3 > n { n = $2 + $3 } END { print n }' \
+                "$f" 2>/dev/null || echo 100000)
+        opt=--add-subuids; [ "$f" = /etc/subgid ] && opt=--add-subgids
+        usermod "$opt" "$start-$((start + 65535))" "$ROOTLESS_USER"
+        rootless+=("$f range $start-$((start + 65535))")
+    fi
+done
+if [ ${#rootless[@]} -gt 0 ]; then
+    printf -v joined '%s; ' "${rootless[@]}"
+    echo "setup: rootless like a stock Debian 12: ${joined%; }" >&2
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

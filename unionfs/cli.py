@@ -54,6 +54,13 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
             raise UserError("give the layers either as lowerdir= or as arguments, not both")
         if len(positional) == 1 and not os.path.isdir(positional[0]):
             from .image import resolve_layers
+            from .userns import in_user_namespace
+
+            if os.geteuid() != 0 and not in_user_namespace():
+                # As with podman image mount: an ordinary user's layers hold the owners of
+                # the rootless namespace, which only mean something inside it.
+                raise UserError("an ordinary user mounts an image inside 'pyunion unshare', "
+                                "where its files have their owners")
             cfg.lowers = resolve_layers(positional[0], getattr(args, "store", None))
             _image_mount_flags(cfg, args.options)
         else:
@@ -120,7 +127,8 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     _add_umount(sub)
     # Subcommands that live in their own modules register themselves.
     for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli",
-                    "unionfs.registry.cli", "unionfs.build.cli") if extra else ():
+                    "unionfs.registry.cli", "unionfs.build.cli",
+                    "unionfs.userns") if extra else ():
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:

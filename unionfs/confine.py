@@ -30,7 +30,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import caps, seccomp, syscalls, volumes
+from . import caps, seccomp, syscalls, userns, volumes
 from .errors import UserError
 from .syscalls import MS_BIND, MS_RDONLY, open_in_root
 
@@ -243,7 +243,13 @@ def enter(conf: Confinement, uid: int, gid: int, groups: list[int]) -> None:
     if conf.compiled is not None and not conf.no_new_privs:
         seccomp.install(conf.compiled)
     syscalls.set_keepcaps(True)
-    os.setgroups(groups)
+    try:
+        os.setgroups(groups)
+    except PermissionError:
+        # A user namespace without subordinate gids denies setgroups: the kernel keeps
+        # the process's groups (the user's own, unmapped ones show as nogroup), as podman.
+        if not userns.setgroups_denied():
+            raise
     os.setgid(gid)
     os.setuid(uid)
     syscalls.set_keepcaps(False)

@@ -31,6 +31,7 @@ from .layers import DIR_FLAGS, LayerStack
 from .options import MountConfig
 from .syscalls import MNT_DETACH, UMOUNT_NOFOLLOW, close_range, fd_str, umount2
 from .tree import rmtree_at
+from .userns import host_uid, in_user_namespace
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def state_dir() -> str:
     if env:
         return os.path.abspath(env)
     uid = os.geteuid()
-    if uid == 0:
+    if uid == 0 and not in_user_namespace():
         return "/run/pyunion"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isabs(xdg):
@@ -87,7 +88,8 @@ def state_dir() -> str:
         # Only the user's own runtime dir (after `su`, it may still name the other user's).
         if st is not None and st.st_uid == uid and not st.st_mode & 0o022:
             return os.path.join(xdg, "pyunion")
-    return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pyunion-run-{uid}")
+    # Named by the host's uid: in a user namespace every user is 0.
+    return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pyunion-run-{host_uid()}")
 
 
 def open_state_dir() -> int:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn
 
-from . import confine, sandbox, syscalls, tree, volumes
+from . import confine, sandbox, syscalls, tree, userns, volumes
 from .errors import UserError
 from .mount import wait_gone
 from .options import MountConfig
@@ -337,8 +337,10 @@ class Runner:
     # setup -----------------------------------------------------------------------------
     def run(self) -> int:
         opts = self.opts
-        if os.geteuid() != 0:
-            raise _fail("pyunion run needs root (namespaces, mounts, chroot)")
+        try:
+            userns.enter_rootless()  # an ordinary user: root in a user namespace of their own
+        except UserError as e:
+            raise _fail(str(e)) from None
         if not os.path.exists("/dev/fuse"):
             raise _fail("/dev/fuse is missing (modprobe fuse)")
         confinement = confine.from_options(opts.cap_add, opts.cap_drop, opts.privileged,
@@ -433,7 +435,14 @@ class Runner:
                 sandbox.start_init(spec, child_sock)
         finally:
             if os.getpid() != 1:
-                syscalls.setns(own, syscalls.CLONE_NEWPID)
+                try:
+                    syscalls.setns(own, syscalls.CLONE_NEWPID)
+                except PermissionError:
+                    # The root of a user namespace cannot go back to the host's pid namespace
+                    # (the host's root owns it): our later children would land in the
+                    # container's, so pyunion forks nothing after init (teardown never does).
+                    if not userns.in_user_namespace():
+                        raise
                 os.close(own)
         return pid
 

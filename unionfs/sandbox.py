@@ -46,7 +46,7 @@ import termios
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from . import confine, seccomp, syscalls, volumes
+from . import confine, seccomp, syscalls, userns, volumes
 from .syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNS,
@@ -487,6 +487,9 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
                     os.write(spec.report_fd, "".join(p + "\n" for p in CREATED).encode())
                 os.close(spec.report_fd)
         ident = resolve_user(spec.user)
+        if userns.unmapped([ident.uid]) or userns.unmapped([ident.gid], "gid"):
+            raise SetupError(f"user {spec.user!r} ({ident.uid}:{ident.gid}) is not mapped in "
+                             f"the user namespace; {userns.owner_hint()}")
         if spec.workdir and not os.path.isdir(spec.workdir):
             try:  # created for the user, as podman does
                 os.makedirs(spec.workdir)

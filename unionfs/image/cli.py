@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..progress import Bars
+from ..userns import enter_rootless
 from . import platforms
 from .commit import Changes, commit
 from .export import export_image
@@ -119,6 +120,7 @@ def _store(args: argparse.Namespace, create: bool = False) -> Store:
 
 # --- handlers -------------------------------------------------------------------
 def cmd_import(args: argparse.Namespace) -> int:
+    enter_rootless()  # an ordinary user's layers hold the namespace's owners
     store = _store(args, create=True)
     plat = platforms.parse(args.platform) if args.platform else None
     progress = Bars(False if args.quiet else None)
@@ -266,6 +268,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
+    enter_rootless()  # an ordinary user's layers hold the namespace's owners
     store = _store(args)
     status = 0
     for ref in args.images:
@@ -331,6 +334,7 @@ def _argv(text: str | None, what: str) -> list[str] | None:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
+    enter_rootless()  # an ordinary user's layers hold the namespace's owners
     store = _store(args)
     for kv in args.env:
         if "=" not in kv or kv.startswith("="):

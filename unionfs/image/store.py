@@ -10,7 +10,7 @@ oci:STORE:NAME ...` and `umoci` can read the images straight out of it):
                                  (compressed or not), each verified against its digest
     layers/HEX/diff/             a layer unpacked once, named by its DiffID
     layers/HEX/layer.json        {"diff_id", "size" (uncompressed bytes), "blob",
-                                 "media_type", "whiteouts": "kernel" | "oci"}
+                                 "media_type", "whiteouts": "kernel" | "userxattr" | "oci"}
     tmp/                         work area; everything is built here and renamed into place
     .lock                        shared by importers, exclusive for removals
 

@@ -23,9 +23,18 @@ is replaced later in the stream is dropped with it.
 
 Whiteouts: as root the OCI markers become the kernel's format (`.wh.NAME` -> char
 device 0/0 NAME, `DIR/.wh..wh..opq` -> xattr trusted.overlay.opaque=y on DIR), so
-the store's layer directories also mount under kernel overlayfs. Without root
-(no mknod of 0/0 with trusted xattrs) the `.wh.` files are kept as they are:
-pyunion and fuse-overlayfs read that format in lower layers, the kernel does not.
+the store's layer directories also mount under kernel overlayfs. As root of a
+user namespace (an ordinary user's store, see userns.py) whiteouts are char 0/0
+all the same (Linux 5.8+ lets anyone make one) and opaque directories get
+user.overlay.opaque=y, the format of kernel overlayfs mounted in a user namespace
+(`-o userxattr`). Without either (no namespace, or a filesystem that refuses
+them) the `.wh.` files are kept as they are: pyunion and fuse-overlayfs read that
+format in lower layers, the kernel does not.
+
+Owners are applied as root, the root of a user namespace included: there an
+owner the namespace does not map, or a device node (which only the host's root
+may make), is an error that says so and what to do, rather than a layer with
+wrong owners or missing files.
 An OCI whiteout hides only the layers below, so a `.wh.NAME` next to a NAME of
 the same layer leaves NAME alone (a directory NAME becomes opaque instead). The
 markers are applied after the whole tar is read, whatever their order in it.
@@ -48,6 +57,7 @@ from typing import IO, Any
 
 import zstandard
 
+from .. import userns
 from ..tree import DIR_FLAGS, DirCursor, rmtree_at
 from ..whiteout import is_internal_xattr
 from .safetext import ImageError
@@ -105,6 +115,7 @@ class Unpacker:
         self.root_fd = root_fd
         self.as_root = os.geteuid() == 0
         self.kernel = self.as_root if kernel_format is None else kernel_format
+        self.opaque_xattr: str | None = "trusted.overlay.opaque" if self.kernel else None
         self.max_member = max_member
         self.used_oci_markers = False
         self._cur = DirCursor(root_fd)    # where entries are made
@@ -243,7 +254,16 @@ class Unpacker:
                 self._warn("dev", f"skipping device node {m.name!r}: needs root")
                 return
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-            os.mknod(name, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+            try:
+                os.mknod(name, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+            except PermissionError:
+                if not userns.in_user_namespace():
+                    raise
+                raise UnpackError(
+                    f"refusing device node {m.name!r} ({m.devmajor}:{m.devminor}): only the "
+                    "host's root can make device nodes, not an ordinary user (not even in a "
+                    "user namespace); import the image as root, or without its device nodes"
+                ) from None
         elif m.isfifo():
             os.mkfifo(name, 0o600, dir_fd=pfd)
         else:
@@ -311,9 +331,23 @@ class Unpacker:
             self._warn("xattr" + name.split(".")[0],
                        f"cannot set xattr {name!r}: {e.strerror} (skipped)")
 
+    def _chown(self, m: tarfile.TarInfo, fd: int, name: str | None = None) -> None:
+        """Give the entry its owner (as root): by `fd`, or NAME in the directory `fd`."""
+        try:
+            if name is None:
+                os.fchown(fd, m.uid, m.gid)
+            else:
+                os.chown(name, m.uid, m.gid, dir_fd=fd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno != errno.EINVAL or not (userns.unmapped([m.uid])
+                                               or userns.unmapped([m.gid], "gid")):
+                raise
+            raise UnpackError(f"cannot unpack {m.name!r}: its owner {m.uid}:{m.gid} is not "
+                              f"mapped; {userns.owner_hint()}") from None
+
     def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
         if self.as_root:
-            os.fchown(fd, m.uid, m.gid)
+            self._chown(m, fd)
         os.fchmod(fd, m.mode & 0o7777)
         for k, v in self._xattrs(m):
             self._set_xattr(fd, k, v)
@@ -321,7 +355,7 @@ class Unpacker:
 
     def _meta_at(self, pfd: int, name: str, m: tarfile.TarInfo, symlink: bool) -> None:
         if self.as_root:
-            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            self._chown(m, pfd, name)
         if not symlink:
             # We just made this node ourselves (not a symlink), so following is safe.
             os.chmod(name, m.mode & 0o7777, dir_fd=pfd)
@@ -403,14 +437,17 @@ class Unpacker:
             raise UnpackError(f"cannot create whiteout for {name!r}: {e.strerror}") from e
 
     def _set_opaque(self, dfd: int) -> None:
-        if self.kernel:
+        """trusted.overlay.opaque (the host's root), else user.overlay.opaque (the root of a
+        user namespace), else the OCI marker."""
+        while self.opaque_xattr is not None:
             try:
-                os.setxattr(dfd, "trusted.overlay.opaque", b"y")
+                os.setxattr(dfd, self.opaque_xattr, b"y")
                 return
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EACCES):
                     raise
-                self.kernel = False
+                trusted = self.opaque_xattr.startswith("trusted.")
+                self.opaque_xattr = "user.overlay.opaque" if trusted else None
         self.used_oci_markers = True
         fd = os.open(OPQ, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=dfd)
@@ -425,7 +462,8 @@ CORRUPT = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.Bad
 def unpack(src: tarfile.TarFile | IO[bytes] | Any, dest: str, kernel_format: bool | None = None,
            max_member: int | None = None) -> str:
     """Extract a layer tar (a TarFile, or a stream read as one) into the existing directory
-    `dest`; returns the whiteout format actually written, "kernel" or "oci"."""
+    `dest`; returns the whiteout format actually written: "kernel", "userxattr" (char 0/0
+    whiteouts, user.overlay.opaque) or "oci"."""
     root_fd = os.open(dest, DIR_FLAGS)
     u = Unpacker(root_fd, kernel_format, max_member)
     try:
@@ -443,4 +481,6 @@ def unpack(src: tarfile.TarFile | IO[bytes] | Any, dest: str, kernel_format: boo
     finally:
         u.close()
         os.close(root_fd)
-    return "oci" if u.used_oci_markers or not u.kernel else "kernel"
+    if u.used_oci_markers or not u.kernel:
+        return "oci"
+    return "userxattr" if u.opaque_xattr == "user.overlay.opaque" else "kernel"

@@ -28,6 +28,7 @@ from typing import Any
 from ..errors import UserError
 from ..image import reference
 from ..image.store import write_json_atomic
+from ..userns import host_uid
 
 DOCKER_HUB_API = "registry-1.docker.io"  # where docker.io's /v2/ API lives
 # What names docker.io in an auth file or on the command line.
@@ -59,7 +60,7 @@ def auth_files(authfile: str | None = None) -> list[str]:
         return [given]
     rt = os.environ.get("XDG_RUNTIME_DIR")
     first = os.path.join(rt, "containers", "auth.json") if rt else \
-        f"/run/containers/{os.getuid()}/auth.json"
+        f"/run/containers/{host_uid()}/auth.json"
     cfg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return [first, os.path.join(cfg, "containers", "auth.json"),
             os.path.join(os.path.expanduser("~"), ".docker", "config.json")]

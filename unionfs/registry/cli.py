@@ -110,7 +110,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from ..userns import enter_rootless
     from .pull import pull
+
+    enter_rootless()  # an ordinary user's layers are unpacked with the namespace's owners
 
     plat = platforms.parse(args.platform) if args.platform else None
     img, _ = pull(args.image, Store(args.store), _options(args), plat, args.quiet)

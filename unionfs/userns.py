@@ -1,0 +1,339 @@
+"""The rootless user namespace: where an ordinary user is root, as in rootless podman.
+
+An ordinary user can neither chown a file nor mount anything on the host. In a
+user namespace of their own they are root: the kernel lets them mount FUSE,
+proc, tmpfs, devpts and binds there, make mount, pid, uts and ipc namespaces,
+and give files any owner the namespace maps. The mapping is podman's:
+
+    uid_map   0  UID      1        the user is root inside
+              1  SUBUID   COUNT    their /etc/subuid range(s), as IDs 1..COUNT
+    gid_map   the same with the primary GID and /etc/subgid
+
+The ranges are written by the setuid helpers `newuidmap`/`newgidmap` (package
+uidmap), which check them against /etc/subuid and /etc/subgid. The mapping
+depends on those files only, so an ID on disk means the same owner every time.
+Without a range only the user's own IDs are mapped (written by pyunion itself,
+with setgroups denied as the kernel then requires): files of other owners
+cannot be made, which is said in one line, as podman does.
+
+`enter_rootless()` is what every command that writes owners or needs mounts
+calls first; it does nothing for root, or for a process already inside a user
+namespace (`pyunion unshare`, `buildah unshare`), where the IDs are what they are.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import syscalls
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import argparse
+
+SUBUID = "/etc/subuid"
+SUBGID = "/etc/subgid"
+MAX_SUBID_FILE = 1 << 20  # bytes of /etc/subuid read at most
+ID_LIMIT = 1 << 32
+# (first ID inside, first ID outside, count): one line of /proc/PID/uid_map.
+Extent = tuple[int, int, int]
+
+
+# -- where we are -----------------------------------------------------------------------
+def read_map(kind: str = "uid", pid: str = "self") -> list[Extent]:
+    """The ID mapping of a process (`kind` "uid" or "gid"); the identity outside any userns."""
+    try:
+        with open(f"/proc/{pid}/{kind}_map") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return [(0, 0, ID_LIMIT - 1)]
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and all(x.isdigit() for x in fields):
+            out.append((int(fields[0]), int(fields[1]), int(fields[2])))
+    return out
+
+
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the host's."""
+    return read_map("uid") != [(0, 0, ID_LIMIT - 1)]
+
+
+def to_host(inside: int, kind: str = "uid") -> int | None:
+    """The host's ID for an ID of this namespace (None: not mapped)."""
+    for first, outside, count in read_map(kind):
+        if first <= inside < first + count:
+            return outside + inside - first
+    return None
+
+
+def host_uid() -> int:
+    """The user's ID on the host (the same as `geteuid()` outside a user namespace)."""
+    uid = os.geteuid()
+    host = to_host(uid)
+    return uid if host is None else host
+
+
+def setgroups_denied() -> bool:
+    """Whether setgroups(2) is refused here (a namespace whose gid_map we wrote ourselves)."""
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read(16).strip() == "deny"
+    except OSError:
+        return False
+
+
+def unmapped(ids: list[int], kind: str = "uid") -> list[int]:
+    """Those of `ids` this namespace does not map (they cannot own a file or a process)."""
+    extents = read_map(kind)
+    return [i for i in ids if not any(a <= i < a + n for a, _, n in extents)]
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def owner_hint() -> str:
+    """What to do about an ID this namespace does not map: the end of a one-line error."""
+    size = max((a + n for a, _, n in read_map("uid")), default=0)
+    name = _user_name(host_uid())
+    return (f"this user namespace maps IDs 0-{size - 1} only; give {name} subordinate IDs in "
+            f"{SUBUID} and {SUBGID} (as root: usermod --add-subuids 100000-165535 "
+            f"--add-subgids 100000-165535 {name}), or run as root")
+
+
+# -- the rootless mapping ------------------------------------------------------------------
+def subordinate_ranges(path: str, name: str, uid: int) -> list[tuple[int, int]]:
+    """(start, count) of every range `path` (/etc/subuid or /etc/subgid) gives the user,
+    named by login name or by number, in file order (as newuidmap and podman read it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SUBID_FILE)
+    except OSError:
+        return []
+    out = []
+    for raw in data.decode("utf-8", "replace").splitlines():
+        fields = raw.strip().split(":")
+        if len(fields) != 3 or fields[0] not in (name, str(uid)):
+            continue
+        start, count = fields[1], fields[2]
+        if start.isdigit() and count.isdigit() and int(count) > 0 \
+                and int(start) + int(count) <= ID_LIMIT - 1:
+            out.append((int(start), int(count)))
+    return out
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """The rootless mapping of one user: the extents for uid_map and gid_map."""
+
+    user: str
+    uids: tuple[Extent, ...]
+    gids: tuple[Extent, ...]
+
+    @property
+    def single(self) -> bool:
+        """Only the user's own IDs are mapped (no subordinate range for one of them)."""
+        return len(self.uids) == 1 or len(self.gids) == 1
+
+    @property
+    def size(self) -> int:
+        """How many uids the namespace has (IDs 0..size-1)."""
+        return sum(n for _, _, n in self.uids)
+
+
+def _extents(own: int, ranges: list[tuple[int, int]]) -> tuple[Extent, ...]:
+    out: list[Extent] = [(0, own, 1)]
+    nxt = 1
+    for start, count in ranges:
+        count = min(count, ID_LIMIT - 1 - nxt)
+        if count <= 0:
+            break
+        out.append((nxt, start, count))
+        nxt += count
+    return tuple(out)
+
+
+def rootless_mapping(uid: int | None = None, gid: int | None = None) -> Mapping:
+    """podman's mapping for the user `uid` (default: this process's real user)."""
+    uid = os.getuid() if uid is None else uid
+    gid = os.getgid() if gid is None else gid
+    name = _user_name(uid)
+    return Mapping(name, _extents(uid, subordinate_ranges(SUBUID, name, uid)),
+                   _extents(gid, subordinate_ranges(SUBGID, name, uid)))
+
+
+def single_mapping_notice(m: Mapping) -> str:
+    """The one line that says what a namespace without subordinate IDs cannot do."""
+    missing = " and ".join(p for p, ext in ((SUBUID, m.uids), (SUBGID, m.gids)) if len(ext) == 1)
+    return (f"no subordinate IDs for {m.user} in {missing}: only your own user and group are "
+            "mapped (as root), so images with files of other owners cannot be used; add a "
+            f"range as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 "
+            f"{m.user}")
+
+
+# -- entering it ------------------------------------------------------------------------------
+def _map_line(extents: tuple[Extent, ...]) -> list[str]:
+    return [str(x) for ext in extents for x in ext]
+
+
+def _helper(pid: int, m: Mapping, go: int, report: int) -> None:
+    """In a child left outside: once `pid` has unshared, run newuidmap and newgidmap on it."""
+    import shutil
+    import subprocess
+
+    msg = b""
+    try:
+        if os.read(go, 1) == b"U":
+            for tool, extents in (("newuidmap", m.uids), ("newgidmap", m.gids)):
+                path = shutil.which(tool) or tool
+                r = subprocess.run([path, str(pid), *_map_line(extents)], capture_output=True,
+                                   timeout=60, check=False, stdin=subprocess.DEVNULL)
+                if r.returncode != 0:
+                    err = r.stderr.decode(errors="replace").strip().splitlines()
+                    msg = f"{tool}: {err[-1] if err else f'exit status {r.returncode}'}".encode()
+                    break
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, never raised here
+        msg = f"{e}".encode(errors="replace") or b"failed"
+    try:
+        os.write(report, msg or b"OK")
+    finally:
+        os._exit(0)
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _unshare_user() -> None:
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWUSER)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            why = "pyunion is multi-threaded at this point (a bug: please report it)"
+        elif e.errno == errno.ENOSPC:
+            why = ("the limit of user namespaces is reached or zero: raise it as root "
+                   "(sysctl -w user.max_user_namespaces=15000)")
+        else:
+            why = ("unprivileged user namespaces are disabled: enable them as root "
+                   "(sysctl -w kernel.unprivileged_userns_clone=1, or on Ubuntu "
+                   "kernel.apparmor_restrict_unprivileged_userns=0)")
+        raise UserError(f"cannot create a user namespace ({e.strerror}): {why}") from None
+
+
+def enter(m: Mapping) -> None:
+    """Move this process into a new user namespace with mapping `m` (it must be
+    single-threaded). With subordinate ranges, a child left outside runs the setuid
+    helpers on us; without, we write our own single mapping."""
+    import shutil
+
+    tools = all(shutil.which(t) for t in ("newuidmap", "newgidmap"))
+    if m.single or not tools:
+        if not m.single:
+            print("pyunion: warning: newuidmap/newgidmap are missing (install the uidmap "
+                  "package): only your own user and group are mapped", file=sys.stderr)
+            m = Mapping(m.user, m.uids[:1], m.gids[:1])
+        else:
+            print(f"pyunion: warning: {single_mapping_notice(m)}", file=sys.stderr)
+        uid, gid = m.uids[0][1], m.gids[0][1]
+        _unshare_user()
+        _write("/proc/self/setgroups", "deny")  # the kernel's rule for a map written by us
+        _write("/proc/self/uid_map", f"0 {uid} 1\n")
+        _write("/proc/self/gid_map", f"0 {gid} 1\n")
+        return
+    go_r, go_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    me = os.getpid()
+    child = os.fork()
+    if child == 0:
+        os.close(go_w)
+        os.close(rep_r)
+        _helper(me, m, go_r, rep_w)
+    os.close(go_r)
+    os.close(rep_w)
+    try:
+        try:
+            _unshare_user()
+        except UserError:
+            os.close(go_w)  # the helper sees EOF and leaves
+            go_w = -1
+            raise
+        os.write(go_w, b"U")
+        os.close(go_w)
+        go_w = -1
+        msg = b""
+        while chunk := os.read(rep_r, 4096):
+            msg += chunk
+    finally:
+        if go_w >= 0:
+            os.close(go_w)
+        os.close(rep_r)
+        os.waitpid(child, 0)
+    if msg != b"OK":
+        text = msg.decode(errors="replace")
+        raise UserError(f"cannot map IDs into the user namespace: {text} (check the ranges of "
+                        f"{m.user} in {SUBUID} and {SUBGID})")
+
+
+def enter_rootless() -> None:
+    """Become root in the rootless user namespace, unless root already (see the module)."""
+    if os.geteuid() == 0:
+        return
+    enter(rootless_mapping())
+
+
+# -- `pyunion unshare` ---------------------------------------------------------------------
+def unshare_command(argv: list[str]) -> int:
+    """Run COMMAND (default: $SHELL) in the rootless user namespace and a mount namespace of
+    its own, as `podman unshare` does: there the store's files show the owners the images
+    gave them, and can be inspected, changed or removed. Never returns on success (exec)."""
+    if os.geteuid() == 0 and not in_user_namespace():
+        raise UserError("pyunion unshare is for ordinary users: root needs no user namespace")
+    from .image.store import default_store
+
+    enter_rootless()
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWNS)  # the host's mounts stay visible (as slaves)
+    except OSError as e:
+        raise UserError(f"cannot create a mount namespace: {e.strerror}") from None
+    argv = argv or [os.environ.get("SHELL") or "/bin/sh"]
+    os.environ["PYUNION_STORE"] = os.path.abspath(default_store())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        print(f"pyunion: {argv[0]}: {e.strerror}", file=sys.stderr)
+        return 127 if e.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+    return 126  # not reached
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    import argparse
+
+    p = sub.add_parser(
+        "unshare", help="run a command in the rootless user namespace (like podman unshare)",
+        usage="pyunion unshare [COMMAND [ARG...]]",
+        description="Run COMMAND (default: $SHELL) as root in the user namespace pyunion uses "
+                    "for an ordinary user (IDs 1..N mapped onto the /etc/subuid and /etc/subgid "
+                    "ranges, the same every time) and in a mount namespace of its own. There the "
+                    "image store's files show their owners, and can be read or removed. "
+                    "PYUNION_STORE is set to the store. Exit status: the command's; 127 not "
+                    "found; 126 cannot execute.")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    p.set_defaults(handler=lambda args: unshare_command(
+        args.argv[1:] if args.argv[:1] == ["--"] else args.argv))
