@@ -128,7 +128,7 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     # Subcommands that live in their own modules register themselves.
     for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli",
                     "unionfs.registry.cli", "unionfs.build.cli",
-                    "unionfs.userns") if extra else ():
+                    "unionfs.unshare") if extra else ():
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:

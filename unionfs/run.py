@@ -353,6 +353,8 @@ class Runner:
             user=opts.user or config.get("User") or None, hostname=hostname,
             binds=parse_volumes(opts.volumes), interactive=opts.interactive, tty=opts.tty,
             read_only=opts.read_only, confinement=confinement)
+        if userns.in_user_namespace():
+            spec.outside = userns.outside_hint()
         if spec.workdir and not spec.workdir.startswith("/"):
             raise _fail(f"the working directory {spec.workdir!r} must be an absolute path")
         self._install_handlers()

@@ -142,8 +142,8 @@ def build_sample(dest: str | os.PathLike[str], force: bool = False) -> list[str]
             builders[name](root)
     except OSError as e:
         if e.errno == errno.EINVAL and userns.unmapped([1000]):
-            raise UserError("cannot build the sample image: its user alice (uid 1000) is "
-                            f"not mapped; {userns.owner_hint()}") from None
+            raise UserError("cannot build the sample image: its user alice (1000) is "
+                            f"{userns.outside_hint()}") from None
         raise UserError(f"cannot build the sample image: {e}")
     finally:
         os.umask(old_umask)

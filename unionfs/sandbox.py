@@ -98,6 +98,9 @@ class ContainerSpec:
     read_only: bool = False
     report_fd: int = -1  # where init writes the mount points it created, one per line
     confinement: confine.Confinement = field(default_factory=confine.Confinement)
+    # In a user namespace: why an ID outside it cannot be used (`userns.outside_hint`, from
+    # the host's files, which init no longer sees once it has entered the container).
+    outside: str = "outside the IDs of the user namespace"
 
 
 class SetupError(Exception):
@@ -488,8 +491,7 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
                 os.close(spec.report_fd)
         ident = resolve_user(spec.user)
         if userns.unmapped([ident.uid]) or userns.unmapped([ident.gid], "gid"):
-            raise SetupError(f"user {spec.user!r} ({ident.uid}:{ident.gid}) is not mapped in "
-                             f"the user namespace; {userns.owner_hint()}")
+            raise SetupError(f"user {spec.user!r} ({ident.uid}:{ident.gid}) is {spec.outside}")
         if spec.workdir and not os.path.isdir(spec.workdir):
             try:  # created for the user, as podman does
                 os.makedirs(spec.workdir)

@@ -27,13 +27,9 @@ import errno
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import syscalls
 from .errors import UserError
-
-if TYPE_CHECKING:
-    import argparse
 
 SUBUID = "/etc/subuid"
 SUBGID = "/etc/subgid"
@@ -103,13 +99,36 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def owner_hint() -> str:
-    """What to do about an ID this namespace does not map: the end of a one-line error."""
+def free_range(count: int = 65536) -> str:
+    """FIRST-LAST of `count` IDs no user has in /etc/subuid or /etc/subgid (for a hint)."""
+    start = 100000
+    for path in (SUBUID, SUBGID):
+        try:
+            with open(path, "rb") as f:
+                lines = f.read(MAX_SUBID_FILE).decode("utf-8", "replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.strip().split(":")
+            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                start = max(start, int(fields[1]) + int(fields[2]))
+    return f"{start}-{start + count - 1}"
+
+
+def add_range_command(name: str) -> str:
+    r = free_range()
+    return f"usermod --add-subuids {r} --add-subgids {r} {name}"
+
+
+def outside_hint() -> str:
+    """The end of a one-line error about an ID this namespace does not map: "X is " + this.
+
+    Reads the host's /etc/passwd and /etc/subuid: call it before leaving the host's root.
+    """
     size = max((a + n for a, _, n in read_map("uid")), default=0)
     name = _user_name(host_uid())
-    return (f"this user namespace maps IDs 0-{size - 1} only; give {name} subordinate IDs in "
-            f"{SUBUID} and {SUBGID} (as root: usermod --add-subuids 100000-165535 "
-            f"--add-subgids 100000-165535 {name}), or run as root")
+    return (f"outside the IDs of the user namespace (0-{size - 1}): give {name} subordinate "
+            f"IDs (as root: {add_range_command(name)}), or run as root")
 
 
 # -- the rootless mapping ------------------------------------------------------------------
@@ -177,9 +196,8 @@ def single_mapping_notice(m: Mapping) -> str:
     """The one line that says what a namespace without subordinate IDs cannot do."""
     missing = " and ".join(p for p, ext in ((SUBUID, m.uids), (SUBGID, m.gids)) if len(ext) == 1)
     return (f"no subordinate IDs for {m.user} in {missing}: only your own user and group are "
-            "mapped (as root), so images with files of other owners cannot be used; add a "
-            f"range as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 "
-            f"{m.user}")
+            "mapped (as root), so files of other owners in an image cannot be made or used "
+            f"(as root: {add_range_command(m.user)})")
 
 
 # -- entering it ------------------------------------------------------------------------------
@@ -295,45 +313,3 @@ def enter_rootless() -> None:
         return
     enter(rootless_mapping())
 
-
-# -- `pyunion unshare` ---------------------------------------------------------------------
-def unshare_command(argv: list[str]) -> int:
-    """Run COMMAND (default: $SHELL) in the rootless user namespace and a mount namespace of
-    its own, as `podman unshare` does: there the store's files show the owners the images
-    gave them, and can be inspected, changed or removed. Never returns on success (exec)."""
-    if os.geteuid() == 0 and not in_user_namespace():
-        raise UserError("pyunion unshare is for ordinary users: root needs no user namespace")
-    from .image.store import default_store
-
-    enter_rootless()
-    try:
-        syscalls.unshare(syscalls.CLONE_NEWNS)  # the host's mounts stay visible (as slaves)
-    except OSError as e:
-        raise UserError(f"cannot create a mount namespace: {e.strerror}") from None
-    argv = argv or [os.environ.get("SHELL") or "/bin/sh"]
-    os.environ["PYUNION_STORE"] = os.path.abspath(default_store())
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as e:
-        print(f"pyunion: {argv[0]}: {e.strerror}", file=sys.stderr)
-        return 127 if e.errno in (errno.ENOENT, errno.ENOTDIR) else 126
-    return 126  # not reached
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    import argparse
-
-    p = sub.add_parser(
-        "unshare", help="run a command in the rootless user namespace (like podman unshare)",
-        usage="pyunion unshare [COMMAND [ARG...]]",
-        description="Run COMMAND (default: $SHELL) as root in the user namespace pyunion uses "
-                    "for an ordinary user (IDs 1..N mapped onto the /etc/subuid and /etc/subgid "
-                    "ranges, the same every time) and in a mount namespace of its own. There the "
-                    "image store's files show their owners, and can be read or removed. "
-                    "PYUNION_STORE is set to the store. Exit status: the command's; 127 not "
-                    "found; 126 cannot execute.")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
-    p.set_defaults(handler=lambda args: unshare_command(
-        args.argv[1:] if args.argv[:1] == ["--"] else args.argv))

@@ -342,8 +342,8 @@ class Unpacker:
             if e.errno != errno.EINVAL or not (userns.unmapped([m.uid])
                                                or userns.unmapped([m.gid], "gid")):
                 raise
-            raise UnpackError(f"cannot unpack {m.name!r}: its owner {m.uid}:{m.gid} is not "
-                              f"mapped; {userns.owner_hint()}") from None
+            raise UnpackError(f"cannot unpack {m.name!r}: its owner {m.uid}:{m.gid} is "
+                              f"{userns.outside_hint()}") from None
 
     def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
         if self.as_root:
