@@ -46,17 +46,20 @@ def _exec(argv: list[str]) -> None:
 def _unmount_leftovers() -> None:
     """Unmount pyunion's mounts made in this namespace (deepest first), waiting for their
     daemons. Mounts propagated from the host are locked to us and stay untouched."""
-    from .mount import mounts, umount
+    from .mount import daemon_pid, mounts, wait_gone
 
     ours = [mp for mp, fstype, _ in mounts() if fstype == "fuse.pyunion"]
     for mp in sorted(ours, key=lambda p: p.count("/"), reverse=True):
+        pid = daemon_pid(mp)
         try:
             syscalls.umount2(mp, syscalls.MNT_DETACH | syscalls.UMOUNT_NOFOLLOW)
         except OSError:
             continue  # the host's (MNT_LOCKED), or gone meanwhile
         print(f"pyunion: unmounted {mp} (still mounted when the command ended)", file=sys.stderr)
-        with contextlib.suppress(UserError):
-            umount(mp, lazy=True, timeout=5)  # only waits for the daemon now
+        if pid is not None and not wait_gone(pid, 5):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # the connection is gone: nothing to lose
+            wait_gone(pid, 5)
 
 
 def unshare_command(argv: list[str]) -> int:

@@ -1,0 +1,572 @@
+"""pyunion as an ordinary user (rootless), compared with what root gets.
+
+The users are real: `pyunion-user`, which scripts/setup.sh makes with a
+subordinate ID range (as useradd does for every regular user on Debian 12),
+and a throw-away system user without one. Each command runs through
+`setpriv` with the user's own IDs and no capability, in a home of its own
+under /var/tmp, with the system's python3 (the venv's interpreter may live
+under root's 0700 home, which the user namespace cannot enter).
+
+What is compared with root: the tree `pyunion run` shows (names, types,
+modes, owners, sizes, link targets) of the sample and of an image buildah
+made with files of several owners and a setuid program; the IDs `run -u`
+gives; the layer `commit` makes (the same DiffID). Then what only the
+rootless side has: the mapping of `pyunion unshare`, the store's owners on
+disk, the single-ID mapping, the one-line failures, and that a root-only
+file of the host stays out of reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import site
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import PYUNION, fuse_skip_reason
+from test_image import make_layout
+
+from unionfs import userns
+from unionfs.tree import rmtree
+
+REPO = Path(__file__).resolve().parent.parent
+SETUP_USER = "pyunion-user"  # scripts/setup.sh
+BUSYBOX = "/bin/busybox"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+pytestmark = [
+    pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),
+    pytest.mark.timeout(180),
+]
+
+SHOW_IDS_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    printf("%d %d %d %d\n", (int)getuid(), (int)geteuid(), (int)getgid(), (int)getegid());
+    return 0;
+}
+"""
+# Every entry of the container's own tree (not /proc, /sys, /dev), one line each.
+LISTING = ("find / -xdev -mindepth 1 -exec stat -c '%n|%F|%a|%u|%g|%s|%N' {} + | sort")
+NOT_THE_IMAGE = ("/proc", "/sys", "/dev")
+
+
+# -- users ----------------------------------------------------------------------------------
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+
+    def run(self, home: Path, *argv: str, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """ARGV as this user: own IDs, supplementary groups from /etc/group, no capability."""
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
+               "XDG_DATA_HOME": str(home / "data"), "TMPDIR": str(home / "tmp"),
+               "PYTHONPATH": ":".join([str(REPO), *site.getsitepackages()]),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        return subprocess.run(
+            ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
+             "--inh-caps=-all", *argv],
+            capture_output=True, text=True, timeout=timeout, env=env, cwd=str(home),
+            input=input, stdin=None if input is not None else subprocess.DEVNULL, check=False)
+
+    def pyunion(self, home: Path, *args: str, check: bool = True,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        r = self.run(home, SYSTEM_PYTHON, "-m", "unionfs", *args, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"pyunion {' '.join(args)} as {self.name} failed "
+                                 f"({r.returncode}): {r.stderr}")
+        return r
+
+
+def _user(name: str) -> User:
+    pw = pwd.getpwnam(name)
+    return User(name, pw.pw_uid, pw.pw_gid)
+
+
+@pytest.fixture(scope="session")
+def user() -> User:
+    """The setup user, with a subordinate range for its uids and its gids."""
+    same = f"import sys; sys.exit(sys.version_info[:2] != {tuple(sys.version_info[:2])})"
+    if not os.path.exists(SYSTEM_PYTHON) or subprocess.run([SYSTEM_PYTHON, "-c", same],
+                                                           check=False).returncode:
+        pytest.fail(f"{SYSTEM_PYTHON} must be Python {sys.version_info[0]}.{sys.version_info[1]} "
+                    "(the one the venv's packages are built for)")
+    try:
+        u = _user(SETUP_USER)
+    except KeyError:
+        pytest.fail(f"no user {SETUP_USER}: run scripts/setup.sh")
+    m = userns.rootless_mapping(u.uid, u.gid)
+    assert not m.single, f"{SETUP_USER} has no subordinate range: run scripts/setup.sh"
+    return u
+
+
+@pytest.fixture(scope="session")
+def single_user() -> Iterator[User]:
+    """A throw-away system user: no subordinate IDs (useradd gives none to system users)."""
+    name = f"pyu-single-{os.getpid()}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    name], check=True, capture_output=True, timeout=60)
+    try:
+        u = _user(name)
+        assert userns.rootless_mapping(u.uid, u.gid).single
+        yield u
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
+
+
+def _processes_of(uid: int, marker: str) -> list[int]:
+    """Processes of host uid `uid` (or its subordinate IDs) started with `marker` in them."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{p}/status") as f:
+                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+            blob = Path(f"/proc/{p}/cmdline").read_bytes() + Path(f"/proc/{p}/environ").read_bytes()
+        except (OSError, StopIteration):
+            continue
+        if marker.encode() in blob and (int(uids[0]) == uid or int(uids[0]) >= 100000):
+            out.append(int(p))
+    return out
+
+
+@contextlib.contextmanager
+def _home(u: User) -> Iterator[Path]:
+    """A private home for `u`; removed afterwards with whatever is left running in it."""
+    home = Path(tempfile.mkdtemp(prefix="pyunion-rootless-", dir="/var/tmp"))
+    (home / "tmp").mkdir()
+    for d in (home, home / "tmp"):
+        os.chown(d, u.uid, u.gid)
+        os.chmod(d, 0o700)
+    try:
+        yield home
+    finally:
+        left = _processes_of(u.uid, str(home))
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        rmtree(str(home))
+        assert not left, f"processes left behind by {u.name}: {left}"
+
+
+@pytest.fixture
+def home(user: User) -> Iterator[Path]:
+    with _home(user) as h:
+        yield h
+
+
+@pytest.fixture
+def single_home(single_user: User) -> Iterator[Path]:
+    with _home(single_user) as h:
+        yield h
+
+
+def root_pyunion(store: Path, *args: str, check: bool = True,
+                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([*PYUNION, *args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYUNION_STORE": str(store)},
+                       stdin=subprocess.DEVNULL, check=False)
+    if check and r.returncode != 0:
+        raise AssertionError(f"pyunion {' '.join(args)} as root failed ({r.returncode}): "
+                             f"{r.stderr}")
+    return r
+
+
+def one_line(r: subprocess.CompletedProcess[str], code: int | None = None) -> str:
+    """The one error line of a failed command (a notice line about the mapping aside)."""
+    lines = [x for x in r.stderr.splitlines() if not x.startswith("pyunion: warning:")]
+    assert r.returncode != 0 and (code is None or r.returncode == code), r
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def listing(out: str) -> list[str]:
+    return [line for line in out.splitlines()
+            if not line.split("|", 1)[0].startswith(NOT_THE_IMAGE)]
+
+
+# -- images -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory both root and the users read: images to import, the static helper."""
+    d = Path(tempfile.mkdtemp(prefix="pyunion-rootless-shared-", dir="/var/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        src = d / "show-ids.c"
+        src.write_text(SHOW_IDS_C)
+        subprocess.run(["gcc", "-static", "-O1", "-o", str(d / "show-ids"), str(src)],
+                       check=True, timeout=120)
+        yield d
+    finally:
+        rmtree(str(d))
+
+
+@pytest.fixture(scope="session")
+def sample_oci(shared: Path) -> Path:
+    """The sample image as an OCI layout, built by root."""
+    out = shared / "sample"
+    subprocess.run([*PYUNION, "sample", "--oci", str(out)], check=True, capture_output=True,
+                   timeout=120)
+    for dirpath, dirnames, filenames in os.walk(out / "oci"):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    os.chmod(out, 0o755)
+    return out / "oci"
+
+
+@pytest.fixture(scope="session")
+def buildah_image(shared: Path) -> Path:
+    """An image made by buildah: files of several owners, private homes, a setuid-root and a
+    setgid program, a hard link, a symlink and a FIFO, as an OCI archive."""
+    if shutil.which("buildah") is None:
+        pytest.fail("needs buildah (scripts/setup.sh installs it)")
+    base = Path(tempfile.mkdtemp(prefix="buildah-", dir=shared))
+    b = ["buildah", "--root", str(base / "root"), "--runroot", str(base / "run"),
+         "--storage-driver", "vfs"]
+
+    def bah(*args: str) -> str:
+        r = subprocess.run([*b, *args], capture_output=True, text=True, timeout=120, check=False,
+                           env={**os.environ, "TMPDIR": str(base)})
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    try:
+        ctr = bah("from", "scratch")
+        mnt = Path(bah("mount", ctr))
+        for d in ("bin", "etc", "tmp", "root", "home", "srv", "usr/local/bin", "opt"):
+            (mnt / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(BUSYBOX, mnt / "bin/busybox")
+        for applet in ("sh", "ls", "cat", "id", "find", "stat", "sort", "echo", "touch",
+                       "chown", "chmod", "mkdir", "rm", "cp", "ln", "mkfifo"):
+            os.symlink("busybox", mnt / "bin" / applet)
+        os.chmod(mnt / "tmp", 0o1777)
+        os.chmod(mnt / "root", 0o700)
+        (mnt / "etc/passwd").write_text(
+            "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33::/srv/www:/bin/sh\n"
+            "alice:x:1000:1000::/home/alice:/bin/sh\nbob:x:2000:2001::/opt/bob:/bin/sh\n"
+            "nobody:x:65534:65534::/nonexistent:/bin/sh\n")
+        (mnt / "etc/group").write_text("root:x:0:\nwww-data:x:33:\nusers:x:100:alice\n"
+                                       "alice:x:1000:\nbobs:x:2001:\nnogroup:x:65534:\n")
+        files = [("home/alice", None, 0o700, 1000, 1000),
+                 ("home/alice/secret", "alice's\n", 0o600, 1000, 1000),
+                 ("srv/www", None, 0o750, 33, 33),
+                 ("srv/www/index.html", "<p>hi</p>\n", 0o640, 33, 33),
+                 ("opt/bob", None, 0o755, 2000, 2001),
+                 ("opt/bob/notes", "bob\n", 0o664, 2000, 2001),
+                 ("opt/nobody", "n\n", 0o644, 65534, 65534)]
+        for name, text, mode, uid, gid in files:
+            p = mnt / name
+            if text is None:
+                p.mkdir()
+            else:
+                p.write_text(text)
+            os.chown(p, uid, gid)
+            os.chmod(p, mode)
+        for name, mode, uid, gid in (("show-ids-suid", 0o4755, 0, 0),
+                                     ("show-ids-sgid", 0o2755, 2000, 2001)):
+            shutil.copy2(shared / "show-ids", mnt / "usr/local/bin" / name)
+            os.chown(mnt / "usr/local/bin" / name, uid, gid)
+            os.chmod(mnt / "usr/local/bin" / name, mode)
+        os.link(mnt / "opt/bob/notes", mnt / "opt/bob/notes-link")
+        os.lchown(mnt / "opt/bob/notes-link", 2000, 2001)
+        os.symlink("../home/alice/secret", mnt / "opt/to-secret")
+        os.mkfifo(mnt / "opt/bob/fifo")
+        os.chown(mnt / "opt/bob/fifo", 2000, 2001)
+        os.chmod(mnt / "opt/bob/fifo", 0o620)
+        bah("umount", ctr)
+        archive = shared / "owners.tar"
+        bah("commit", "-q", "--format", "oci", ctr, f"oci-archive:{archive}:owners:latest")
+        os.chmod(archive, 0o644)
+        bah("rm", "--all")
+        bah("rmi", "--all", "--force")
+        return archive
+    finally:
+        rmtree(str(base))
+
+
+@pytest.fixture(scope="module")
+def root_store(tmp_path_factory: pytest.TempPathFactory, sample_oci: Path,
+               buildah_image: Path) -> Path:
+    """Root's store with the same two images."""
+    store = tmp_path_factory.mktemp("root-store") / "store"
+    root_pyunion(store, "image", "import", "-q", str(sample_oci), "--tag", "sample")
+    root_pyunion(store, "image", "import", "-q", str(buildah_image), "--tag", "owners")
+    return store
+
+
+@pytest.fixture
+def user_store(user: User, home: Path, sample_oci: Path, buildah_image: Path) -> Path:
+    user.pyunion(home, "image", "import", "-q", str(sample_oci), "--tag", "sample")
+    user.pyunion(home, "image", "import", "-q", str(buildah_image), "--tag", "owners")
+    return home / "data/pyunion/store"
+
+
+# -- the namespace ---------------------------------------------------------------------------
+def test_unshare_maps_the_user_and_its_ranges_as_podman(user: User, home: Path) -> None:
+    ranges = {k: userns.subordinate_ranges(f"/etc/sub{k}", user.name, user.uid)
+              for k in ("uid", "gid")}
+    own = {"uid": user.uid, "gid": user.gid}
+    want = {k: [[0, own[k], 1]] + [[1, ranges[k][0][0], ranges[k][0][1]]] for k in own}
+    script = "cat /proc/self/uid_map; echo; cat /proc/self/gid_map; echo; id -u; " \
+             "echo $PYUNION_STORE; exit 7"
+    for _ in range(2):  # the same mapping every time: owners on disk keep their meaning
+        r = user.pyunion(home, "unshare", "sh", "-c", script, check=False)
+        assert r.returncode == 7, r.stderr
+        uid_map, gid_map, rest = r.stdout.split("\n\n")
+        got = {k: [[int(x) for x in line.split()] for line in text.splitlines()]
+               for k, text in (("uid", uid_map), ("gid", gid_map))}
+        assert got == want
+        assert rest.split() == ["0", str(home / "data/pyunion/store")]
+        assert r.stderr == ""
+    r = user.pyunion(home, "unshare", "no-such-command", check=False)
+    assert one_line(r, 127) == "pyunion: no-such-command: No such file or directory"
+    r = root_pyunion(home, "unshare", "true", check=False)
+    assert "for ordinary users" in one_line(r, 1)
+
+
+def test_a_root_only_file_stays_out_of_reach(user: User, home: Path, shared: Path) -> None:
+    """Root in the namespace is the user on the host: the host's root-only files stay closed,
+    through a volume, as a layer, and in pyunion unshare, with every capability there."""
+    secret = Path(tempfile.mkdtemp(prefix="secret-", dir="/var/tmp"))
+    try:
+        os.chmod(secret, 0o755)
+        (secret / "bin").mkdir()
+        shutil.copy2(BUSYBOX, secret / "bin/busybox")
+        (secret / "root-only").write_text("TOP SECRET\n")
+        os.chmod(secret / "root-only", 0o600)
+        cmd = "/bin/busybox cat /v/root-only /root-only; /bin/busybox ls /v"
+        r = user.pyunion(home, "run", "--privileged", "-v", f"{secret}:/v", str(secret), "--",
+                         "/bin/busybox", "sh", "-c", cmd, check=False)
+        assert r.returncode == 0, r.stderr  # ls worked: the volume and the layer are there
+        assert "TOP SECRET" not in r.stdout + r.stderr
+        assert r.stderr.count("Permission denied") == 2, r.stderr
+        r = user.pyunion(home, "unshare", "sh", "-c",
+                         f"cat {secret}/root-only; cat /etc/shadow; chown 0 {secret}/root-only",
+                         check=False)
+        assert "TOP SECRET" not in r.stdout and r.returncode != 0
+        assert r.stderr.count("Permission denied") == 2 and "Operation not permitted" in r.stderr
+        # Root, by contrast, reads it through the same run (the test can fail).
+        r = root_pyunion(home, "run", "-v", f"{secret}:/v", str(secret), "--",
+                         "/bin/busybox", "cat", "/v/root-only")
+        assert r.stdout == "TOP SECRET\n"
+    finally:
+        rmtree(str(secret))
+
+
+# -- the same as root ---------------------------------------------------------------------------
+def test_sample_demo(user: User, home: Path, root_store: Path, shared: Path) -> None:
+    """`pyunion sample` then `pyunion run` of its layers, as in the README, as the user."""
+    r = user.pyunion(home, "sample", str(home / "s"))
+    layers = r.stdout.split()
+    assert [Path(x).name for x in layers] == ["2-oci", "1-kernel", "0-base"]
+    base = Path(layers[2])
+    st = os.stat(base / "home/alice")  # alice's home: the ID the namespace maps 1000 to
+    assert st.st_uid == userns.rootless_mapping(user.uid, user.gid).uids[1][1] + 999
+    assert os.getxattr(Path(layers[1]) / "opt/old", "user.overlay.opaque") == b"y"
+    assert stat.S_ISCHR(os.lstat(Path(layers[1]) / "etc/doomed.txt").st_mode)
+    mine = user.pyunion(home, "run", *layers, "--", "sh", "-c", LISTING).stdout
+    theirs = root_pyunion(home, "run", *[str(shared / "sample/layers" / Path(x).name)
+                                         for x in layers], "--", "sh", "-c", LISTING).stdout
+    assert listing(mine) == listing(theirs)
+    assert "/home/alice/hello.txt|regular file|644|1000|1000|17|/home/alice/hello.txt" in mine
+    assert "/etc/doomed.txt" not in mine and "/opt/old/hidden.txt" not in mine
+
+
+def test_imported_images_show_the_same_tree_as_roots(user: User, home: Path, root_store: Path,
+                                                     user_store: Path) -> None:
+    for image in ("owners", "sample"):
+        mine = user.pyunion(home, "run", "-u", "root", image, "--", "sh", "-c", LISTING).stdout
+        theirs = root_pyunion(root_store, "run", "-u", "root", image, "--", "sh", "-c",
+                              LISTING).stdout
+        assert listing(mine) == listing(theirs), image
+    owners = listing(user.pyunion(home, "run", "-u", "root", "owners", "--", "sh", "-c",
+                                  LISTING).stdout)
+    for line in ("/usr/local/bin/show-ids-suid|regular file|4755|0|0|",
+                 "/usr/local/bin/show-ids-sgid|regular file|2755|2000|2001|",
+                 "/home/alice/secret|regular file|600|1000|1000|8|",
+                 "/srv/www|directory|750|33|33|", "/opt/bob/fifo|fifo|620|2000|2001|0|",
+                 "/opt/nobody|regular file|644|65534|65534|2|"):
+        assert any(x.startswith(line) for x in owners), line
+
+
+def test_store_holds_the_mapped_owners(user: User, home: Path, user_store: Path) -> None:
+    """On disk the layers carry the host IDs the namespace maps the image's IDs to."""
+    m = userns.rootless_mapping(user.uid, user.gid)
+    sub_uid, sub_gid = m.uids[1][1], m.gids[1][1]
+    info = json.loads(user.pyunion(home, "inspect", "owners").stdout)[0]
+    [layer] = info["Layers"]
+    assert layer["Whiteouts"] in ("kernel", "userxattr")
+    diff = Path(layer["Path"])
+    expect = {"home/alice/secret": (sub_uid + 999, sub_gid + 999),
+              "srv/www": (sub_uid + 32, sub_gid + 32), "opt/bob/notes": (sub_uid + 1999,
+                                                                          sub_gid + 2000),
+              "usr/local/bin/show-ids-suid": (user.uid, user.gid),
+              "opt/nobody": (sub_uid + 65533, sub_gid + 65533)}
+    for name, owner in expect.items():
+        st = os.lstat(diff / name)
+        assert (st.st_uid, st.st_gid) == owner, name
+    assert stat.S_IMODE(os.stat(diff / "usr/local/bin/show-ids-suid").st_mode) == 0o4755
+    assert os.stat(diff / "opt/bob/notes").st_ino == os.stat(diff / "opt/bob/notes-link").st_ino
+    # Outside the namespace the user cannot even list alice's home; rmi goes in and removes all.
+    r = user.run(home, "ls", str(diff / "home/alice"))
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    user.pyunion(home, "rmi", "owners", "sample")
+    assert os.listdir(user_store / "layers") == []
+    assert user.pyunion(home, "images", "-q").stdout == ""
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "www-data", "1000:33", "nobody"])
+def test_run_as_user(user: User, home: Path, root_store: Path, user_store: Path,
+                     who: str) -> None:
+    """-u: the IDs, groups, what the user may read, and the setuid/setgid programs."""
+    script = ("id; show-ids-suid; show-ids-sgid; cat /home/alice/secret 2>&1; "
+              "cat /srv/www/index.html 2>&1; touch /opt/bob/x 2>&1; echo $HOME")
+    mine = user.pyunion(home, "run", "-u", who, "owners", "--", "sh", "-c", script)
+    theirs = root_pyunion(root_store, "run", "-u", who, "owners", "--", "sh", "-c", script)
+    assert mine.stdout == theirs.stdout
+    if who == "alice":
+        assert mine.stdout.splitlines()[1:4] == ["1000 0 1000 1000", "1000 1000 1000 2001",
+                                                 "alice's"]
+
+
+def test_commit_makes_the_same_layer_as_root(user: User, home: Path, root_store: Path,
+                                             user_store: Path) -> None:
+    """Owners, a setuid bit, whiteouts and an opaque directory, committed reproducibly: the
+    layer is byte for byte root's (same DiffID)."""
+    script = ("echo x > /x; chown alice:users /x; cp /bin/busybox /usr/local/bin/suid; "
+              "chown 0:33 /usr/local/bin/suid; chmod 4750 /usr/local/bin/suid; "
+              "rm /home/alice/secret; rm -r /srv/www; mkdir /srv/www; echo new > /srv/www/new; "
+              "chown -R 33:33 /srv/www; mkdir -p /opt/bob/d/e; chown -R bob /opt/bob/d; "
+              "ln /x /x2; mkfifo /opt/p")
+    ids = {}
+    for who, store in (("user", user_store), ("root", root_store)):
+        up = home / f"up-{who}"
+        if who == "user":
+            user.run(home, "mkdir", str(up))
+            user.pyunion(home, "run", "-u", "root", "--upper", str(up), "owners", "--",
+                         "sh", "-c", script)
+            out = user.pyunion(home, "commit", str(up), "--image", "owners", "--tag", "owners2",
+                               "--timestamp", "0").stdout
+            info = json.loads(user.pyunion(home, "inspect", "owners2").stdout)[0]
+        else:
+            up.mkdir()
+            root_pyunion(store, "run", "-u", "root", "--upper", str(up), "owners", "--",
+                         "sh", "-c", script)
+            out = root_pyunion(store, "commit", str(up), "--image", "owners", "--tag",
+                               "owners2", "--timestamp", "0").stdout
+            info = json.loads(root_pyunion(store, "inspect", "owners2").stdout)[0]
+        assert out.strip() == info["Id"]
+        ids[who] = info["RootFS"]["diff_ids"][-1]
+        layer_blob = store / "blobs/sha256" / info["Manifest"]["layers"][-1]["digest"][7:]
+        with tarfile.open(layer_blob) as t:
+            members = {m.name: (m.type, m.mode, m.uid, m.gid) for m in t.getmembers()}
+        assert members["x"][1:] == (0o644, 1000, 100)
+        assert members["usr/local/bin/suid"][1:] == (0o4750, 0, 33)
+        assert "home/alice/.wh.secret" in members and "srv/www/.wh..wh..opq" in members
+        assert members["x2"][0] == tarfile.LNKTYPE
+    assert ids["user"] == ids["root"]
+
+
+# -- what only the rootless side has ---------------------------------------------------------------
+def test_mount_an_image_inside_unshare(user: User, home: Path, user_store: Path) -> None:
+    mnt = home / "mnt"
+    user.run(home, "mkdir", str(mnt))
+    r = user.pyunion(home, "mount", "owners", str(mnt), check=False)
+    assert "inside 'pyunion unshare'" in one_line(r)
+    py = f"{SYSTEM_PYTHON} -m unionfs"
+    r = user.pyunion(home, "unshare", "sh", "-c",
+                     f"{py} mount owners {mnt} && stat -c '%u:%g %a' {mnt}/home/alice/secret "
+                     f"{mnt}/usr/local/bin/show-ids-suid && cat {mnt}/home/alice/secret")
+    assert r.stdout == "1000:1000 600\n0:0 4755\nalice's\n"
+    # Left mounted when the shell ended: unmounted, its daemon gone (the home fixture checks).
+    assert r.stderr == f"pyunion: unmounted {mnt} (still mounted when the command ended)\n"
+
+
+def test_kernel_overlayfs_reads_the_rootless_store(user: User, home: Path,
+                                                   user_store: Path) -> None:
+    """The sample's layers in the user's store are char 0/0 whiteouts and user.overlay.opaque:
+    kernel overlayfs mounted by the user with -o userxattr shows what pyunion shows."""
+    info = json.loads(user.pyunion(home, "inspect", "sample").stdout)[0]
+    lowers = ":".join(x["Path"] for x in reversed(info["Layers"]))
+    assert [x["Whiteouts"] for x in info["Layers"]] == ["kernel", "userxattr", "userxattr"]
+    k, p = home / "k", home / "p"
+    user.run(home, "mkdir", str(k), str(p))
+    walk = "(cd {0} && find . -exec stat -c '%n|%F|%a|%u|%g|%s' {{}} + | sort)"
+    r = user.pyunion(home, "unshare", "sh", "-c",
+                     f"mount -t overlay -o userxattr,lowerdir={lowers} none {k} && "
+                     f"{SYSTEM_PYTHON} -m unionfs mount -o lowerdir={lowers} {p} && "
+                     f"{walk.format(k)} > {home}/k.txt && {walk.format(p)} > {home}/p.txt && "
+                     f"umount {k} && {SYSTEM_PYTHON} -m unionfs umount {p}")
+    assert r.returncode == 0, r.stderr
+    kernel, ours = (home / "k.txt").read_text(), (home / "p.txt").read_text()
+    # The merged directories' sizes differ by design (the kernel's are its upper's or a lower's).
+    strip = [line.rsplit("|", 1)[0] if "|directory|" in line else line
+             for line in kernel.splitlines()]
+    assert strip == [line.rsplit("|", 1)[0] if "|directory|" in line else line
+                     for line in ours.splitlines()]
+    assert "./etc/motd|" in kernel and "./etc/doomed.txt" not in kernel
+    assert "./opt/old/new.txt|" in kernel and "./opt/old/hidden.txt" not in kernel
+
+
+def test_single_mapping(single_user: User, single_home: Path, sample_oci: Path,
+                        shared: Path) -> None:
+    """Without subordinate IDs: one ID, a one-line notice; what needs more IDs fails in one
+    line that says what to do; a root-only image still runs."""
+    u, home = single_user, single_home
+    r = u.pyunion(home, "unshare", "sh", "-c", "cat /proc/self/uid_map /proc/self/setgroups")
+    assert r.stdout.split() == ["0", str(u.uid), "1", "deny"]
+    notice = r.stderr.splitlines()
+    assert len(notice) == 1 and notice[0].startswith(
+        f"pyunion: warning: no subordinate IDs for {u.name} in /etc/subuid and /etc/subgid")
+    assert "usermod --add-subuids" in notice[0]
+    r = u.pyunion(home, "image", "import", str(sample_oci), "--tag", "sample", check=False)
+    err = one_line(r)
+    assert "its owner 1000:1000 is outside the IDs of the user namespace (0-0)" in err
+    assert "usermod --add-subuids" in err and u.name in err
+    assert u.pyunion(home, "images", "-q").stdout == ""
+    r = u.pyunion(home, "sample", str(home / "s"), check=False)
+    assert "alice (1000) is outside the IDs of the user namespace" in one_line(r)
+    layer = home / "layer"
+    u.run(home, "mkdir", "-p", str(layer / "bin"), str(layer / "etc"))
+    u.run(home, "cp", BUSYBOX, str(layer / "bin/busybox"))
+    u.run(home, "cp", str(shared / "show-ids"), str(layer / "bin/show-ids"))
+    r = u.pyunion(home, "run", str(layer), "--", "/bin/show-ids")
+    assert r.stdout == "0 0 0 0\n"
+    r = u.pyunion(home, "run", "-u", "1000", str(layer), "--", "/bin/show-ids", check=False)
+    assert "user '1000' (1000:0) is outside the IDs of the user namespace" in one_line(r, 125)
+
+
+def test_device_nodes_need_root(user: User, home: Path, shared: Path, tmp_path: Path) -> None:
+    buf = tmp_path / "layer.tar"
+    with tarfile.open(buf, "w", format=tarfile.PAX_FORMAT) as t:
+        for name, kind in (("dev", tarfile.DIRTYPE), ("dev/null", tarfile.CHRTYPE)):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.devmajor, ti.devminor = kind, 0o666, 1, 3
+            t.addfile(ti)
+    lay = make_layout(shared / f"dev-{os.getpid()}", [buf.read_bytes()])
+    for dirpath, _, filenames in os.walk(lay):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    r = user.pyunion(home, "image", "import", str(lay), check=False)
+    assert "refusing device node 'dev/null' (1:3): only the host's root" in one_line(r)
+    assert user.pyunion(home, "images", "-q").stdout == ""
+    assert os.listdir(home / "data/pyunion/store/layers") == []
+    root_pyunion(tmp_path / "store", "image", "import", "-q", str(lay))  # root can
