@@ -570,3 +570,53 @@ def test_device_nodes_need_root(user: User, home: Path, shared: Path, tmp_path: 
     assert user.pyunion(home, "images", "-q").stdout == ""
     assert os.listdir(home / "data/pyunion/store/layers") == []
     root_pyunion(tmp_path / "store", "image", "import", "-q", str(lay))  # root can
+
+
+# -- rootless buildah with pyunion-overlayfs as its mount program --------------------------------
+BUILD_DRIVER = """
+import pickle, sys
+from pathlib import Path
+import test_buildah as tb
+base, program, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+src = base / "src"
+tb._data_tree(src)
+with tb.store(base / "store", program) as s:
+    result = tb.build(s, src)
+with open(out, "wb") as f:
+    pickle.dump(result, f)
+"""
+
+
+@pytest.mark.timeout(600)
+def test_rootless_buildah_builds_the_same_layers_as_with_fuse_overlayfs(user: User,
+                                                                        home: Path) -> None:
+    """test_buildah's three-stage build, run by the user inside `buildah unshare` (where
+    buildah's own user namespace maps the user's ranges), once with pyunion-overlayfs and once
+    with fuse-overlayfs as the mount program: the same output, trees and committed layers."""
+    import pickle
+
+    fuse_overlayfs = shutil.which("fuse-overlayfs")
+    assert fuse_overlayfs, "needs fuse-overlayfs (scripts/setup.sh installs it)"
+    program = home / "pyunion-overlayfs"  # the console script's python may be out of reach
+    program.write_text("#!/bin/sh\nexec " + SYSTEM_PYTHON + " -c 'import sys; from unionfs.cli "
+                       "import overlayfs_main; sys.exit(overlayfs_main())' \"$@\"\n")
+    os.chmod(program, 0o755)
+    results = {}
+    for name, prog in (("pyunion", str(program)), ("fuse-overlayfs", fuse_overlayfs)):
+        base, out = home / f"build-{name}", home / f"{name}.pickle"
+        user.run(home, "mkdir", str(base))
+        path = ":".join([str(REPO / "tests"), str(REPO), *site.getsitepackages()])
+        r = user.run(home, "env", f"PYTHONPATH={path}", "buildah", "unshare", SYSTEM_PYTHON,
+                     "-c", BUILD_DRIVER, str(base), prog, str(out), timeout=500)
+        assert r.returncode == 0, f"{name}:\n{r.stdout}\n{r.stderr}"
+        with open(out, "rb") as f:
+            results[name] = pickle.load(f)  # written by this test just now
+    ours, theirs = results["pyunion"], results["fuse-overlayfs"]
+    for key in ("stage2", "tree2", "stage3", "tree"):
+        assert ours[key] == theirs[key], key
+    assert len(ours["layers"]) == len(theirs["layers"]) == 3
+    for i, (a, b) in enumerate(zip(ours["layers"], theirs["layers"], strict=True)):
+        assert a == b, f"layer {i} differs (- fuse-overlayfs, + pyunion):\n" + "\n".join(
+            [f"- {x}" for x in b if x not in a] + [f"+ {x}" for x in a if x not in b])
+    owned = [m for m in ours["layers"][1] if m[0] == "data/owned"]
+    assert owned and owned[0][3:5] == (2000, 2001)  # chown in stage 2, as in the root build
