@@ -205,22 +205,31 @@ def _map_line(extents: tuple[Extent, ...]) -> list[str]:
     return [str(x) for ext in extents for x in ext]
 
 
-def _helper(pid: int, m: Mapping, go: int, report: int) -> None:
-    """In a child left outside: once `pid` has unshared, run newuidmap and newgidmap on it."""
-    import shutil
-    import subprocess
-
+def _helper(pid: int, m: Mapping, tools: list[str], go: int, report: int) -> None:
+    """In a child left outside: once `pid` has unshared, run newuidmap and newgidmap on it
+    (both at once), and report "OK" or the first error line of the one that failed."""
     msg = b""
     try:
         if os.read(go, 1) == b"U":
-            for tool, extents in (("newuidmap", m.uids), ("newgidmap", m.gids)):
-                path = shutil.which(tool) or tool
-                r = subprocess.run([path, str(pid), *_map_line(extents)], capture_output=True,
-                                   timeout=60, check=False, stdin=subprocess.DEVNULL)
-                if r.returncode != 0:
-                    err = r.stderr.decode(errors="replace").strip().splitlines()
-                    msg = f"{tool}: {err[-1] if err else f'exit status {r.returncode}'}".encode()
-                    break
+            running = []
+            for tool, extents in zip(tools, (m.uids, m.gids), strict=True):
+                r, w = os.pipe()
+                child = os.posix_spawn(tool, [tool, str(pid), *_map_line(extents)],
+                                       {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                                       file_actions=[(os.POSIX_SPAWN_DUP2, w, 2),
+                                                     (os.POSIX_SPAWN_CLOSE, r)])
+                os.close(w)
+                running.append((tool, child, r))
+            for tool, child, r in running:
+                err = b""
+                while chunk := os.read(r, 4096):
+                    err += chunk
+                os.close(r)
+                _, status = os.waitpid(child, 0)
+                if status != 0 and not msg:
+                    lines = err.decode(errors="replace").strip().splitlines()
+                    why = lines[-1] if lines else f"exit status {os.waitstatus_to_exitcode(status)}"
+                    msg = f"{os.path.basename(tool)}: {why}".encode()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, never raised here
         msg = f"{e}".encode(errors="replace") or b"failed"
     try:
@@ -259,8 +268,8 @@ def enter(m: Mapping) -> None:
     helpers on us; without, we write our own single mapping."""
     import shutil
 
-    tools = all(shutil.which(t) for t in ("newuidmap", "newgidmap"))
-    if m.single or not tools:
+    tools = [shutil.which(t) or "" for t in ("newuidmap", "newgidmap")]
+    if m.single or not all(tools):
         if not m.single:
             print("pyunion: warning: newuidmap/newgidmap are missing (install the uidmap "
                   "package): only your own user and group are mapped", file=sys.stderr)
@@ -280,7 +289,7 @@ def enter(m: Mapping) -> None:
     if child == 0:
         os.close(go_w)
         os.close(rep_r)
-        _helper(me, m, go_r, rep_w)
+        _helper(me, m, tools, go_r, rep_w)
     os.close(go_r)
     os.close(rep_w)
     try:
