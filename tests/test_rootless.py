@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import site
@@ -620,3 +621,42 @@ def test_rootless_buildah_builds_the_same_layers_as_with_fuse_overlayfs(user: Us
             [f"- {x}" for x in b if x not in a] + [f"+ {x}" for x in a if x not in b])
     owned = [m for m in ours["layers"][1] if m[0] == "data/owned"]
     assert owned and owned[0][3:5] == (2000, 2001)  # chown in stage 2, as in the root build
+
+
+# -- pyunion build -------------------------------------------------------------------------------
+def test_build_gives_the_user_roots_image(user: User, home: Path, root_store: Path,
+                                          user_store: Path) -> None:
+    """test_build's multi-stage Containerfile (RUN as root and as alice, chown, COPY --chown
+    and --from, ADD of a tar with its own owners) built by the user and by root: the same
+    tree, owners and history."""
+    from test_build import _busybox_context
+
+    ctx = home / "ctx"
+    _busybox_context(ctx)
+    for dirpath, dirnames, filenames in os.walk(ctx):
+        for name in [dirpath, *(os.path.join(dirpath, f) for f in dirnames + filenames)]:
+            os.lchown(name, user.uid, user.gid)
+    args = ("--build-arg", "BASE=sample", "--build-arg", "GREETING=bonjour", "-q", "-t", "app",
+            str(ctx))
+    mine = user.pyunion(home, "build", *args, timeout=600).stdout.split()[-1]
+    theirs = root_pyunion(root_store, "build", *args, timeout=600).stdout.split()[-1]
+    views = []
+    for who in ("user", "root"):
+        argv = ("run", "--entrypoint", "", "app", "--", "sh", "-c", LISTING)
+        out = user.pyunion(home, *argv).stdout if who == "user" else \
+            root_pyunion(root_store, *argv).stdout
+        views.append(listing(out))
+    assert views[0] == views[1]
+    assert any(x.startswith("/srv/app/src/main.py|regular file|755|1000|100|") for x in views[0])
+    assert any(x.startswith("/opt/bundle/top/a.txt|regular file|644|123|456|") for x in views[0])
+    assert any(x.startswith("/home/alice/made-by-alice|regular empty file|644|1000|1000|")
+               for x in views[0])
+    configs = [json.loads(out)[0] for out in (
+        user.pyunion(home, "inspect", mine).stdout,
+        root_pyunion(root_store, "inspect", theirs).stdout)]
+    # A COPY's source digest covers the context's owners, which are the user's own files,
+    # shown to root as the user's uid and in the namespace as 0: only those digests differ.
+    history = [[re.sub(r"(dir|file|multi):[0-9a-f]{64}", r"\1:", str(h.get("created_by")))
+                for h in c["History"]] for c in configs]
+    assert history[0] == history[1]
+    assert configs[0]["Config"] == configs[1]["Config"]

@@ -80,6 +80,11 @@ def parse_build_args(items: list[str]) -> dict[str, str]:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from ..userns import enter_rootless
+
+    # Before the executor is imported: its Containerfile parser (Go code) starts threads, and
+    # a multi-threaded process cannot enter a user namespace.
+    enter_rootless()
     from .executor import BuildOptions, build
 
     context = args.context or args.context_after_layers

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .. import syscalls
+from .. import syscalls, userns
 from ..errors import UserError
 from ..image.oci import host_platform
 from ..image.store import Store, normalize_tag, short_id
@@ -196,8 +196,9 @@ class Builder:
     # --- the build ---------------------------------------------------------------------
     def build(self) -> str:
         """Build; returns the image ID."""
-        if os.geteuid() != 0:
-            raise UserError("pyunion build needs root (RUN steps are containers, COPY mounts)")
+        # An ordinary user builds as root of their user namespace, as rootless buildah does
+        # (the CLI enters it before anything starts a thread).
+        userns.enter_rootless()
         if not os.path.isdir(self.opts.context):
             raise UserError(f"the build context {self.opts.context!r} is not a directory")
         tags = [normalize_tag(t) for t in self.opts.tags]
