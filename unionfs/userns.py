@@ -165,11 +165,6 @@ class Mapping:
         """Only the user's own IDs are mapped (no subordinate range for one of them)."""
         return len(self.uids) == 1 or len(self.gids) == 1
 
-    @property
-    def size(self) -> int:
-        """How many uids the namespace has (IDs 0..size-1)."""
-        return sum(n for _, _, n in self.uids)
-
 
 def _extents(own: int, ranges: list[tuple[int, int]]) -> tuple[Extent, ...]:
     out: list[Extent] = [(0, own, 1)]
@@ -278,9 +273,12 @@ def enter(m: Mapping) -> None:
             print(f"pyunion: warning: {single_mapping_notice(m)}", file=sys.stderr)
         uid, gid = m.uids[0][1], m.gids[0][1]
         _unshare_user()
-        _write("/proc/self/setgroups", "deny")  # the kernel's rule for a map written by us
-        _write("/proc/self/uid_map", f"0 {uid} 1\n")
-        _write("/proc/self/gid_map", f"0 {gid} 1\n")
+        try:
+            _write("/proc/self/setgroups", "deny")  # the kernel's rule for a map written by us
+            _write("/proc/self/uid_map", f"0 {uid} 1\n")
+            _write("/proc/self/gid_map", f"0 {gid} 1\n")
+        except OSError as e:
+            raise UserError(f"cannot map IDs into the user namespace: {e.strerror}") from None
         return
     go_r, go_w = os.pipe()
     rep_r, rep_w = os.pipe()
