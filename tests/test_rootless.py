@@ -312,11 +312,18 @@ def root_store(tmp_path_factory: pytest.TempPathFactory, sample_oci: Path,
     return store
 
 
-@pytest.fixture
-def user_store(user: User, home: Path, sample_oci: Path, buildah_image: Path) -> Path:
+def _import_both(user: User, home: Path, sample_oci: Path, buildah_image: Path) -> Path:
     user.pyunion(home, "image", "import", "-q", str(sample_oci), "--tag", "sample")
     user.pyunion(home, "image", "import", "-q", str(buildah_image), "--tag", "owners")
     return home / "data/pyunion/store"
+
+
+@pytest.fixture(scope="module")
+def user_store(user: User, sample_oci: Path, buildah_image: Path) -> Iterator[Path]:
+    """The user's store with both images, shared by the tests that only add to it; its home
+    is `user_store.parents[2]`."""
+    with _home(user) as h:
+        yield _import_both(user, h, sample_oci, buildah_image)
 
 
 # -- the namespace ---------------------------------------------------------------------------
@@ -390,8 +397,9 @@ def test_sample_demo(user: User, home: Path, root_store: Path, shared: Path) -> 
     assert "/etc/doomed.txt" not in mine and "/opt/old/hidden.txt" not in mine
 
 
-def test_imported_images_show_the_same_tree_as_roots(user: User, home: Path, root_store: Path,
+def test_imported_images_show_the_same_tree_as_roots(user: User, root_store: Path,
                                                      user_store: Path) -> None:
+    home = user_store.parents[2]
     for image in ("owners", "sample"):
         mine = user.pyunion(home, "run", "-u", "root", image, "--", "sh", "-c", LISTING).stdout
         theirs = root_pyunion(root_store, "run", "-u", "root", image, "--", "sh", "-c",
@@ -407,8 +415,10 @@ def test_imported_images_show_the_same_tree_as_roots(user: User, home: Path, roo
         assert any(x.startswith(line) for x in owners), line
 
 
-def test_store_holds_the_mapped_owners(user: User, home: Path, user_store: Path) -> None:
+def test_store_holds_the_mapped_owners(user: User, home: Path, sample_oci: Path,
+                                       buildah_image: Path) -> None:
     """On disk the layers carry the host IDs the namespace maps the image's IDs to."""
+    user_store = _import_both(user, home, sample_oci, buildah_image)
     m = userns.rootless_mapping(user.uid, user.gid)
     sub_uid, sub_gid = m.uids[1][1], m.gids[1][1]
     info = json.loads(user.pyunion(home, "inspect", "owners").stdout)[0]
@@ -434,9 +444,10 @@ def test_store_holds_the_mapped_owners(user: User, home: Path, user_store: Path)
 
 
 @pytest.mark.parametrize("who", ["alice", "bob", "www-data", "1000:33", "nobody"])
-def test_run_as_user(user: User, home: Path, root_store: Path, user_store: Path,
+def test_run_as_user(user: User, root_store: Path, user_store: Path,
                      who: str) -> None:
     """-u: the IDs, groups, what the user may read, and the setuid/setgid programs."""
+    home = user_store.parents[2]
     script = ("id; show-ids-suid; show-ids-sgid; cat /home/alice/secret 2>&1; "
               "cat /srv/www/index.html 2>&1; touch /opt/bob/x 2>&1; echo $HOME")
     mine = user.pyunion(home, "run", "-u", who, "owners", "--", "sh", "-c", script)
@@ -447,10 +458,11 @@ def test_run_as_user(user: User, home: Path, root_store: Path, user_store: Path,
                                                  "alice's"]
 
 
-def test_commit_makes_the_same_layer_as_root(user: User, home: Path, root_store: Path,
+def test_commit_makes_the_same_layer_as_root(user: User, root_store: Path,
                                              user_store: Path) -> None:
     """Owners, a setuid bit, whiteouts and an opaque directory, committed reproducibly: the
     layer is byte for byte root's (same DiffID)."""
+    home = user_store.parents[2]
     script = ("echo x > /x; chown alice:users /x; cp /bin/busybox /usr/local/bin/suid; "
               "chown 0:33 /usr/local/bin/suid; chmod 4750 /usr/local/bin/suid; "
               "rm /home/alice/secret; rm -r /srv/www; mkdir /srv/www; echo new > /srv/www/new; "
@@ -486,7 +498,8 @@ def test_commit_makes_the_same_layer_as_root(user: User, home: Path, root_store:
 
 
 # -- what only the rootless side has ---------------------------------------------------------------
-def test_mount_an_image_inside_unshare(user: User, home: Path, user_store: Path) -> None:
+def test_mount_an_image_inside_unshare(user: User, user_store: Path) -> None:
+    home = user_store.parents[2]
     mnt = home / "mnt"
     user.run(home, "mkdir", str(mnt))
     r = user.pyunion(home, "mount", "owners", str(mnt), check=False)
@@ -500,10 +513,11 @@ def test_mount_an_image_inside_unshare(user: User, home: Path, user_store: Path)
     assert r.stderr == f"pyunion: unmounted {mnt} (still mounted when the command ended)\n"
 
 
-def test_kernel_overlayfs_reads_the_rootless_store(user: User, home: Path,
+def test_kernel_overlayfs_reads_the_rootless_store(user: User,
                                                    user_store: Path) -> None:
     """The sample's layers in the user's store are char 0/0 whiteouts and user.overlay.opaque:
     kernel overlayfs mounted by the user with -o userxattr shows what pyunion shows."""
+    home = user_store.parents[2]
     info = json.loads(user.pyunion(home, "inspect", "sample").stdout)[0]
     lowers = ":".join(x["Path"] for x in reversed(info["Layers"]))
     assert [x["Whiteouts"] for x in info["Layers"]] == ["kernel", "userxattr", "userxattr"]
@@ -624,11 +638,12 @@ def test_rootless_buildah_builds_the_same_layers_as_with_fuse_overlayfs(user: Us
 
 
 # -- pyunion build -------------------------------------------------------------------------------
-def test_build_gives_the_user_roots_image(user: User, home: Path, root_store: Path,
+def test_build_gives_the_user_roots_image(user: User, root_store: Path,
                                           user_store: Path) -> None:
     """test_build's multi-stage Containerfile (RUN as root and as alice, chown, COPY --chown
     and --from, ADD of a tar with its own owners) built by the user and by root: the same
     tree, owners and history."""
+    home = user_store.parents[2]
     from test_build import _busybox_context
 
     ctx = home / "ctx"
