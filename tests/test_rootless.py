@@ -152,7 +152,8 @@ def _home(u: User) -> Iterator[Path]:
     """A private home for `u`; removed afterwards with whatever is left running in it."""
     home = Path(tempfile.mkdtemp(prefix="pyunion-rootless-", dir="/var/tmp"))
     (home / "tmp").mkdir()
-    for d in (home, home / "tmp"):
+    (home / "data").mkdir()  # XDG_DATA_HOME, which pyunion takes only when it is the user's
+    for d in (home, home / "tmp", home / "data"):
         os.chown(d, u.uid, u.gid)
         os.chmod(d, 0o700)
     try:
