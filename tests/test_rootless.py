@@ -676,3 +676,26 @@ def test_build_gives_the_user_roots_image(user: User, root_store: Path,
                 for h in c["History"]] for c in configs]
     assert history[0] == history[1]
     assert configs[0]["Config"] == configs[1]["Config"]
+
+
+PROBES = ("grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status; "
+          "wc -c < /proc/kcore; ls -A /sys/firmware | wc -l; "
+          "touch /proc/sys/kernel/core_pattern 2>&1; "
+          "unshare -U true 2>&1; mount -t tmpfs none /mnt 2>&1; "
+          "echo ok")
+
+
+@pytest.mark.parametrize("opts", [("-u", "root"), ("-u", "alice"),
+                                  ("-u", "root", "--cap-drop", "ALL"),
+                                  ("-u", "root", "--cap-add", "SYS_ADMIN")])
+def test_confinement_is_roots(user: User, root_store: Path, user_store: Path,
+                              opts: tuple[str, ...]) -> None:
+    """Capabilities, seccomp, masked and read-only paths: the same lines in both runs."""
+    home = user_store.parents[2]
+    mine = user.pyunion(home, "run", *opts, "sample", "--", "sh", "-c", PROBES).stdout
+    theirs = root_pyunion(root_store, "run", *opts, "sample", "--", "sh", "-c", PROBES).stdout
+    assert mine == theirs
+    assert mine.endswith("ok\n") and "Seccomp:\t2" in mine
+    assert "Read-only file system" in mine  # /proc/sys
+    if opts == ("-u", "root"):
+        assert "CapEff:\t00000000800405fb" in mine and "Operation not permitted" in mine
