@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import UserError
+from .mount import mount, umount
 from .options import MountConfig, parse_options, split_options
 
 Handler = Callable[[argparse.Namespace], int]
@@ -84,8 +85,6 @@ def _image_mount_flags(cfg: MountConfig, options: list[str]) -> None:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import mount
-
     cfg = build_mount_config(args)
     mount(cfg)
     return 0
@@ -100,8 +99,6 @@ def _add_umount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
-    from .mount import umount
-
     umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     return 0
 

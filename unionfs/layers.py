@@ -13,8 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from .errors import UserError
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from .tree import DIR_FLAGS
 
 
 @dataclass
@@ -24,7 +23,6 @@ class Layer:
     fd: int
     dev: int
     ino: int
-    writable: bool
 
 
 def open_dir_at(dirfd: int, name: bytes) -> int:
@@ -36,7 +34,7 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
         return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
 
 
-def _open_layer(path: str, index: int, writable: bool, what: str) -> Layer:
+def _open_layer(path: str, index: int, what: str) -> Layer:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -49,7 +47,7 @@ def _open_layer(path: str, index: int, writable: bool, what: str) -> Layer:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise UserError(f"{what} {path!r}: {e.strerror}")
-    return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino, writable)
+    return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino)
 
 
 class LayerStack:
@@ -61,9 +59,9 @@ class LayerStack:
         self.layers: list[Layer | None] = [None]
         try:
             if upper is not None:
-                self.layers[0] = _open_layer(upper, 0, True, "upper directory")
+                self.layers[0] = _open_layer(upper, 0, "upper directory")
             for i, path in enumerate(lowers, start=1):
-                self.layers.append(_open_layer(path, i, False, "layer"))
+                self.layers.append(_open_layer(path, i, "layer"))
         except BaseException:
             self.close()
             raise
@@ -80,6 +78,12 @@ class LayerStack:
     @property
     def writable(self) -> bool:
         return self.layers[0] is not None
+
+    def fd(self, index: int) -> int:
+        """The directory fd of the layer at `index` (0: the upper, which must exist)."""
+        layer = self.layers[index]
+        assert layer is not None
+        return layer.fd
 
     def root_chain(self) -> tuple[int, ...]:
         return tuple(layer.index for layer in self.layers if layer is not None)

@@ -61,8 +61,6 @@ class MountConfig:
     debug: bool = False
     foreground: bool = False
     fsname: str = "pyunion"
-    uid_map: list[tuple[int, int, int]] = field(default_factory=list)
-    gid_map: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def _scan(text: str, sep: str, quotes: bool) -> list[str]:
@@ -133,14 +131,12 @@ def _parse_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
     return [(nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3)]
 
 
-def _identity_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
+def _check_identity_idmap(value: str, what: str) -> None:
     """Accept an ID mapping only when it maps every ID to itself (nothing to translate)."""
-    mapping = _parse_idmap(value, what)
-    if any(inside != outside for inside, outside, _ in mapping):
+    if any(inside != outside for inside, outside, _ in _parse_idmap(value, what)):
         raise UserError(
             f"{what}={value}: ID mapping is not supported; pyunion shows owners as they are "
             "on disk (use the mount program without a user-namespace ID mapping)")
-    return mapping
 
 
 def _flag(item: str, value: str) -> bool:
@@ -185,10 +181,8 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 cfg.spin_us = int(value)
             elif key == "fsname" and eq:
                 cfg.fsname = unescape(value)
-            elif key == "uidmapping":
-                cfg.uid_map = _identity_idmap(value, "uidmapping")
-            elif key == "gidmapping":
-                cfg.gid_map = _identity_idmap(value, "gidmapping")
+            elif key in ("uidmapping", "gidmapping"):
+                _check_identity_idmap(value, key)
             elif key in REFUSED:
                 raise UserError(f"mount option {item!r} is not supported ({REFUSED[key]})")
             elif key == "xattr_permissions" and value not in ("", "0"):

@@ -1,6 +1,6 @@
 """Whiteouts and opaque directories: recognising every on-disk form, writing the kernel's.
 
-Forms read, in any layer (see shared/SPEC.md):
+Forms read, in any layer (docs/formats.md):
 - whiteout of NAME: char device 0/0 named NAME (kernel); empty file `.wh.NAME`
   (OCI/AUFS); a zero-size file with xattr `trusted.overlay.whiteout` inside a
   directory whose `trusted.overlay.opaque` is `x` (the kernel's "xwhiteout").
@@ -15,9 +15,13 @@ refused (no CAP_MKNOD or no trusted xattrs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+
+from .syscalls import RENAME_WHITEOUT, renameat2
+from .tree import DIR_FLAGS
 
 WH_PREFIX = b".wh."
 OPQ_OCI = b".wh..wh..opq"
@@ -28,6 +32,11 @@ OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", b"user.fuseo
 XWHITEOUT_XATTR = b"trusted.overlay.whiteout"
 INTERNAL_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
 
+# What the kernel answers when a whiteout (mknod 0/0, RENAME_WHITEOUT) or a trusted
+# xattr is not allowed here: then the OCI form is written instead.
+_KERNEL_REFUSED = (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL)
+_XATTR_REFUSED = (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP)
+
 
 def is_internal_xattr(name: bytes) -> bool:
     return name.startswith(INTERNAL_XATTR_PREFIXES)
@@ -36,11 +45,6 @@ def is_internal_xattr(name: bytes) -> bool:
 def is_whiteout_stat(st: os.stat_result) -> bool:
     """The kernel's whiteout: a character device with device number 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def is_marker_name(name: bytes) -> bool:
-    """Names that never appear in the merged view."""
-    return name.startswith(WH_PREFIX)
 
 
 def oci_whiteout_target(name: bytes) -> bytes | None:
@@ -101,27 +105,58 @@ def is_xwhiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
 
 
 class WhiteoutWriter:
-    """Writes whiteouts and opaque marks into the upper, kernel format first."""
+    """Writes whiteouts and opaque marks, the kernel's format first.
 
-    def __init__(self) -> None:
-        self.kernel_whiteouts = True
-        self.kernel_opaque = True
+    The kernel's forms (a char device 0/0, `trusted.overlay.opaque=y`) need
+    CAP_MKNOD and trusted xattrs; where they are refused the writer falls back
+    to the OCI forms (`.wh.NAME`, `.wh..wh..opq`) for good, once per kind.
+    Used for a mount's upper (`Union`) and for unpacking image layers
+    (`image.unpack`), which differ only in the fallback markers' mode and in
+    whether a fallback opaque mark also gets `user.overlay.opaque=y` (what
+    fuse-overlayfs writes in an upper; an image layer keeps only the marker).
+    """
+
+    def __init__(self, kernel: bool = True, marker_mode: int = 0o000,
+                 user_opaque_xattr: bool = True) -> None:
+        self.kernel_whiteouts = kernel
+        self.kernel_opaque = kernel
+        self.marker_mode = marker_mode
+        self.user_opaque_xattr = user_opaque_xattr
+        self.wrote_oci = False  # an OCI marker was written (the layer is not kernel-only)
+
+    def _marker(self, dirfd: int, name: bytes, excl: bool) -> None:
+        self.wrote_oci = True
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if excl else 0)
+        os.close(os.open(name, flags, self.marker_mode, dir_fd=dirfd))
 
     def make_whiteout(self, dirfd: int, name: bytes) -> None:
-        """Create a whiteout for `name` in the upper directory `dirfd` (name must be free)."""
+        """Create a whiteout for `name` in the directory `dirfd` (the name must be free)."""
         if self.kernel_whiteouts:
             try:
                 os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
                 return
-            except PermissionError:
-                self.kernel_whiteouts = False
             except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+                if e.errno not in _KERNEL_REFUSED:
                     raise
                 self.kernel_whiteouts = False
-        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                     0o000, dir_fd=dirfd)
-        os.close(fd)
+        self._marker(dirfd, WH_PREFIX + name, excl=True)
+
+    def rename_leaving_whiteout(self, old_dirfd: int, old_name: bytes, new_dirfd: int,
+                                new_name: bytes) -> None:
+        """Move `old_name` to `new_name`, leaving a whiteout at `old_name`.
+
+        One atomic RENAME_WHITEOUT where the kernel allows it; otherwise a
+        rename, then a whiteout made in the freed name.
+        """
+        if self.kernel_whiteouts:
+            try:
+                renameat2(old_dirfd, old_name, new_dirfd, new_name, RENAME_WHITEOUT)
+                return
+            except OSError as e:
+                if e.errno not in _KERNEL_REFUSED:
+                    raise
+        os.rename(old_name, new_name, src_dir_fd=old_dirfd, dst_dir_fd=new_dirfd)
+        self.make_whiteout(old_dirfd, old_name)
 
     def remove_whiteout(self, dirfd: int, name: bytes) -> bool:
         """Remove a whiteout of `name` from the upper dir, in whichever form it has."""
@@ -139,17 +174,24 @@ class WhiteoutWriter:
             return False
 
     def set_opaque(self, dirfd: int) -> None:
+        """Mark the directory open at `dirfd` opaque."""
         if self.kernel_opaque:
             try:
-                os.setxattr(dirfd, b"trusted.overlay.opaque", b"y")
+                os.setxattr(dirfd, OPAQUE_XATTRS[0], b"y")
                 return
             except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EACCES):
+                if e.errno not in _XATTR_REFUSED:
                     raise
                 self.kernel_opaque = False
+        if self.user_opaque_xattr:
+            with contextlib.suppress(OSError):
+                os.setxattr(dirfd, OPAQUE_XATTRS[1], b"y")
+        self._marker(dirfd, OPQ_OCI, excl=False)
+
+    def set_opaque_at(self, dirfd: int, name: bytes) -> None:
+        """Mark the directory `name` in `dirfd` opaque."""
+        fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
         try:
-            os.setxattr(dirfd, b"user.overlay.opaque", b"y")
-        except OSError:
-            pass
-        fd = os.open(OPQ_OCI, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o000, dir_fd=dirfd)
-        os.close(fd)
+            self.set_opaque(fd)
+        finally:
+            os.close(fd)
