@@ -125,9 +125,15 @@ class WhiteoutWriter:
         self.wrote_oci = False  # an OCI marker was written (the layer is not kernel-only)
 
     def _marker(self, dirfd: int, name: bytes, excl: bool) -> None:
+        """Create the empty marker file `name`; with `excl` False, one already there will do
+        (it is never opened: a mode 0 marker cannot be, without CAP_DAC_OVERRIDE)."""
         self.wrote_oci = True
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if excl else 0)
-        os.close(os.open(name, flags, self.marker_mode, dir_fd=dirfd))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            os.close(os.open(name, flags, self.marker_mode, dir_fd=dirfd))
+        except FileExistsError:
+            if excl:
+                raise
 
     def make_whiteout(self, dirfd: int, name: bytes) -> None:
         """Create a whiteout for `name` in the directory `dirfd` (the name must be free)."""
