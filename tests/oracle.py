@@ -2,7 +2,7 @@
 
 The differential tests (test_differential_read.py, test_differential_write.py)
 describe a stack of layers as immutable spec objects, write it to disk twice
-(once as generated, with every marker format SPEC.md lists, and once converted
+(once as generated, with every marker format docs/formats.md lists, and once converted
 to the kernel's format, which is all kernel overlayfs reads), mount it with
 kernel overlayfs and with pyunion, and compare *snapshots* of the merged trees.
 
@@ -40,35 +40,11 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
+from support import force_unmount
 
 # --------------------------------------------------------------------------------------------
-# Environment: why a test cannot run here.
-
-PYUNION_CMD = [sys.executable, "-m", "unionfs"]
-
-
-@functools.cache
-def skip_reason() -> str | None:
-    """Why the differential tests cannot run here, or None when they can."""
-    if os.geteuid() != 0:
-        return "needs root (kernel overlay mounts, mknod, trusted.* xattrs)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    with tempfile.TemporaryDirectory(prefix="pyunion-probe-") as td:
-        t = Path(td)
-        for d in ("l1", "l2", "u", "w", "m"):
-            (t / d).mkdir()
-        try:
-            with kernel_overlay([t / "l1", t / "l2"], t / "m", t / "u", t / "w"):
-                pass
-        except (OSError, subprocess.SubprocessError, AssertionError) as e:
-            return f"kernel overlayfs cannot be mounted here ({e})"
-        try:
-            os.setxattr(t / "l1", "user.probe", b"1")
-        except OSError as e:
-            return f"the temporary filesystem has no user xattrs ({e})"
-    return None
-
+# Environment and mounts are in support.py (kernel_overlay with its pinned options,
+# pyunion_mount, kernel_overlay_skip_reason).
 
 def settings_for(default_examples: int) -> settings:
     """Deterministic hypothesis settings; PYUNION_EXAMPLES=N runs N examples instead.
@@ -89,96 +65,6 @@ def settings_for(default_examples: int) -> settings:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.function_scoped_fixture],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Mounts.
-
-def is_mounted(path: str | Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
-def _escape(p: Path) -> str:
-    return str(p).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-
-
-def _detach(mnt: Path) -> None:
-    """Last resort: a lazy unmount, so no test ever leaves a mount behind."""
-    if is_mounted(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30, check=False)
-
-
-@contextlib.contextmanager
-def kernel_overlay(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
-                   work: Path | None = None) -> Iterator[Path]:
-    """Kernel overlayfs over LOWERS (top first), read-only without an upper.
-
-    A read-only kernel mount needs two lower layers; an empty bottom layer is
-    added for a single one, which changes nothing in the view.
-    """
-    lowers = list(lowers)
-    if upper is None and len(lowers) < 2:
-        empty = mnt.parent / f".{mnt.name}.empty-layer"
-        empty.mkdir(exist_ok=True)
-        lowers.append(empty)
-    opts = "lowerdir=" + ":".join(_escape(p) for p in lowers)
-    if upper is not None:
-        assert work is not None
-        opts += f",upperdir={_escape(upper)},workdir={_escape(work)}"
-    # The module's defaults on this machine, spelled out so that another machine's
-    # defaults (index=on breaks no links; redirect_dir=on renames dirs) cannot move the oracle.
-    opts += ",index=off,redirect_dir=off,metacopy=off"
-    mnt.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
-                       capture_output=True, text=True, timeout=60, check=False)
-    if r.returncode != 0:
-        raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} (-o {opts})")
-    try:
-        yield mnt
-    finally:
-        r = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60, check=False)
-        if r.returncode != 0:
-            _detach(mnt)
-
-
-@contextlib.contextmanager
-def pyunion_mount(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
-                  work: Path | None = None, log: Path | None = None) -> Iterator[Path]:
-    """pyunion over LOWERS (top first) through its CLI; unmounted whatever happens.
-
-    A failing `pyunion umount` fails the test (after a lazy unmount), unless the
-    block already raised: then the block's error is the one worth seeing.
-    """
-    opts = "lowerdir=" + ":".join(_escape(p) for p in lowers)
-    if upper is not None:
-        opts += f",upperdir={_escape(upper)}"
-        if work is not None:
-            opts += f",workdir={_escape(work)}"
-    mnt.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if log is not None:
-        env["PYUNION_LOG"] = str(log)
-    r = subprocess.run([*PYUNION_CMD, "mount", "-o", opts, str(mnt)], capture_output=True,
-                       text=True, timeout=60, env=env, check=False)
-    if r.returncode != 0:
-        _detach(mnt)
-        raise AssertionError(f"pyunion mount failed ({r.returncode}): {r.stderr.strip()}")
-    if not is_mounted(mnt):
-        raise AssertionError("pyunion mount returned 0 but nothing is mounted")
-    ok = False
-    try:
-        yield mnt
-        ok = True
-    finally:
-        r = subprocess.run([*PYUNION_CMD, "umount", str(mnt)], capture_output=True, text=True,
-                           timeout=60, check=False)
-        still = is_mounted(mnt)
-        _detach(mnt)
-        if ok and (r.returncode != 0 or still):
-            raise AssertionError(f"pyunion umount failed ({r.returncode}, still mounted: "
-                                 f"{still}): {r.stderr.strip()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,7 +561,7 @@ def is_kernel_whiteout(path: str | Path) -> bool:
 
 
 def upper_problems(upper: Path, lowers: Sequence[Path]) -> list[str]:
-    """What SPEC forbids in an upper: whiteouts inside opaque directories, whiteouts of names
+    """What docs/formats.md forbids in an upper: whiteouts inside opaque directories, whiteouts of names
     no lower layer has, OCI markers (as root the kernel format must be written)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(upper):
@@ -708,6 +594,5 @@ def rmtree(path: Path) -> None:
     if not path.exists():
         return
     for dirpath, _, _ in os.walk(path):
-        if is_mounted(dirpath):
-            _detach(Path(dirpath))
+        force_unmount(dirpath)
     shutil.rmtree(path, ignore_errors=True)

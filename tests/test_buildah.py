@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import alive, fuse_skip_reason, kernel_overlay, tree_view
+from support import alive, fuse_skip_reason, kernel_overlay, tree_view
 
 from unionfs.errors import UserError
 from unionfs.options import MountConfig, parse_options
@@ -375,7 +375,7 @@ def _kernel_view(s: Store, layer_dir: Path) -> dict[bytes, tuple]:
     lowers = [s.root / "overlay" / low for low in (layer_dir / "lower").read_text().split(":")]
     kmnt, kwork, kupper = s.base / "kmnt", s.base / "kwork", s.base / "kupper"
     kupper.mkdir(exist_ok=True)
-    with kernel_overlay([layer_dir / "diff", *lowers], kupper, kmnt, kwork):
+    with kernel_overlay([layer_dir / "diff", *lowers], kmnt, upper=kupper, work=kwork):
         return tree_view(kmnt)
 
 

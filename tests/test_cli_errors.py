@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import is_mounted, needs_fuse, pyunion
+from support import is_mounted, needs_fuse, pyunion
 
 from unionfs.errors import UserError
 from unionfs.options import MountConfig, parse_options, split_lowerdirs, split_options
@@ -59,7 +59,7 @@ BOTH_COMMANDS = [
 @pytest.mark.parametrize("opts,error", BOTH_COMMANDS)
 def test_one_option_parser_for_both_commands(tmp_path: Path, opts: str, error: str | None) -> None:
     """`pyunion mount -o` and `pyunion-overlayfs -o` read every option string alike."""
-    from conftest import force_unmount
+    from support import force_unmount
 
     odd = tmp_path / "a,b:c"  # a layer whose name needs both escapes
     for d in ("l", "u", "w", "m", odd):
@@ -126,7 +126,7 @@ def test_malformed_option_string_cli(tmp_path: Path) -> None:
 
 @needs_fuse
 def test_already_mounted(layers: tuple) -> None:
-    from conftest import mounted
+    from support import mounted
 
     lows, _, _, mnt = layers
     with mounted(lows, mnt):
@@ -157,7 +157,7 @@ def test_work_on_other_filesystem(tmp_path: Path) -> None:
 
 @needs_fuse
 def test_upper_in_use(layers: tuple) -> None:
-    from conftest import mounted
+    from support import mounted
 
     lows, upper, work, mnt = layers
     other = mnt.parent / "mnt2"

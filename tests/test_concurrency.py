@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from support import (
     alive,
     daemon_of,
     join_children,
@@ -238,7 +238,7 @@ def test_random_namespace_ops(layers: tuple, tmp_path: Path) -> None:
     lows, upper, work, mnt = layers
     print(f"PYUNION_CONC_SEED={SEED} PYUNION_CONC_OPS={OPS}")
     build_lowers(lows)
-    with kernel_overlay(lows, None, tmp_path / "k0") as k:
+    with kernel_overlay(lows, tmp_path / "k0") as k:
         lower_view = set(tree_view(k, content=False))
     stop = tmp_path / "stop"
     with mounted(lows, mnt, upper, work):
@@ -261,7 +261,7 @@ def test_random_namespace_ops(layers: tuple, tmp_path: Path) -> None:
         groups = link_groups(mnt)
     assert os.listdir(work / "work") == [], "the work dir holds leftovers"
     check_upper_rules(upper, lower_view)
-    with kernel_overlay(lows, upper, tmp_path / "kmnt", tmp_path / "kwork") as k:
+    with kernel_overlay(lows, tmp_path / "kmnt", upper=upper, work=tmp_path / "kwork") as k:
         kview = tree_view(k)
         kgroups = link_groups(k)
     diff = {p: (view.get(p), kview.get(p)) for p in set(view) | set(kview)
@@ -312,6 +312,6 @@ def test_same_lower_file_copied_up_by_two_at_once(layers: tuple, tmp_path: Path)
         assert os.listdir(work / "work") == []
     for name, data in files.items():
         assert (upper / name).read_bytes() == data
-    with kernel_overlay(lows, upper, tmp_path / "kmnt", tmp_path / "kwork") as k:
+    with kernel_overlay(lows, tmp_path / "kmnt", upper=upper, work=tmp_path / "kwork") as k:
         for name, data in files.items():
             assert (k / name).read_bytes() == data

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fuse_skip_reason, run_child
+from support import fuse_skip_reason, run_child
 from test_run import Env, _read_until
 
 pytestmark = [

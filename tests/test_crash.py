@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from support import (
     daemon_of,
     force_unmount,
     is_mounted,
@@ -104,7 +104,7 @@ def crash_run(tmp: Path, lows: list[Path], workload: Callable[[str, str], None],
         view = tree_view(mnt)
         for p in view:
             assert b"#pyunion" not in p, f"a temporary name is visible: {p!r}"
-    with kernel_overlay(lows, upper, tmp / "kmnt", tmp / "kwork") as k:
+    with kernel_overlay(lows, tmp / "kmnt", upper=upper, work=tmp / "kwork") as k:
         kview = tree_view(k)
     diff = {p: (view.get(p), kview.get(p)) for p in set(view) | set(kview)
             if view.get(p) != kview.get(p)}

@@ -22,19 +22,21 @@ import oracle as o
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
 
-pytestmark = pytest.mark.skipif(o.skip_reason() is not None, reason=o.skip_reason() or "")
+pytestmark = pytest.mark.skipif(kernel_overlay_skip_reason() is not None,
+                                reason=kernel_overlay_skip_reason() or "")
 
 
 def _views(stacks: list[list[o.Dir]], td: Path) -> tuple[o.Snapshot, o.Snapshot, o.Snapshot]:
     raw = o.build_batch(td / "raw", stacks, kernel=False)
     conv = o.build_batch(td / "conv", stacks, kernel=True)
-    with o.kernel_overlay(conv, td / "mk") as mk:
+    with kernel_overlay(conv, td / "mk") as mk:
         kernel = o.snapshot(mk)
-    with o.pyunion_mount(raw, td / "mp") as mp:
+    with pyunion_mount(raw, td / "mp") as mp:
         mine = o.snapshot(mp)
         _check_identity_and_names(mp, mine)
-    with o.pyunion_mount(conv, td / "mc") as mc:
+    with pyunion_mount(conv, td / "mc") as mc:
         mine_conv = o.snapshot(mc)
         _check_identity_and_names(mc, mine_conv)
     return kernel, mine, mine_conv
@@ -74,7 +76,7 @@ def test_read_only_mount_refuses_writes(tmp_path: Path) -> None:
     lower.mkdir()
     (lower / "f").write_text("x")
     (lower / "d").mkdir()
-    with o.pyunion_mount([lower], tmp_path / "m") as m:
+    with pyunion_mount([lower], tmp_path / "m") as m:
         def opens(path: Path, flags: int) -> None:
             os.close(os.open(path, flags, 0o644))
 

@@ -9,7 +9,7 @@ A generated sequence of operations runs on three trees in lockstep:
 Every operation's result (ok or errno) on P must match K's, or D's where K
 said EXDEV; after that K no longer follows (it refused what the others did)
 and D is the oracle. After every step P's view must equal the oracle's.
-After the sequence the upper P wrote must obey SPEC (no whiteout in an
+After the sequence the upper P wrote must obey docs/formats.md (no whiteout in an
 opaque dir, none for a name no lower has) and must show the same view when
 mounted again by pyunion and by kernel overlayfs over the same lowers.
 
@@ -32,8 +32,10 @@ import oracle as o
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
 
-pytestmark = pytest.mark.skipif(o.skip_reason() is not None, reason=o.skip_reason() or "")
+pytestmark = pytest.mark.skipif(kernel_overlay_skip_reason() is not None,
+                                reason=kernel_overlay_skip_reason() or "")
 
 # --------------------------------------------------------------------------------------------
 # Operations. Each is a tuple (name, args...) so that a failing sequence prints readably.
@@ -389,9 +391,9 @@ def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path, uid: int = 0,
     run.uid = uid
     with contextlib.ExitStack() as stack:
         stack.enter_context(_umask(0o022))
-        k = (stack.enter_context(o.kernel_overlay(conv, td / "mk", td / "ku", td / "kw"))
+        k = (stack.enter_context(kernel_overlay(conv, td / "mk", td / "ku", td / "kw"))
              if kernel else None)
-        p = stack.enter_context(o.pyunion_mount(raw, td / "mp", td / "pu", td / "pw"))
+        p = stack.enter_context(pyunion_mount(raw, td / "mp", td / "pu", td / "pw"))
         d = td / "plain"
         o.copy_tree(k or p, d)
         if k is None:
@@ -412,14 +414,14 @@ def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path, uid: int = 0,
             o.assert_same(o.snapshot(k), o.snapshot(d), "harness: kernel vs plain copy at the end")
     problems = o.upper_problems(td / "pu", conv)
     if problems:
-        run.fail("the upper pyunion left breaks SPEC:\n    " + "\n    ".join(problems))
-    with o.pyunion_mount(raw, td / "mp2", td / "pu", td / "pw") as p2:
+        run.fail("the upper pyunion left breaks the format rules:\n    " + "\n    ".join(problems))
+    with pyunion_mount(raw, td / "mp2", td / "pu", td / "pw") as p2:
         again = o.snapshot(p2)
     d1 = o.diff(final, again)
     if d1:
         run.fail("pyunion mounted again over its own upper shows another view:\n    "
                  + "\n    ".join(d1[:30]))
-    with o.kernel_overlay(conv, td / "mk2", td / "pu", td / "kw2") as k2:
+    with kernel_overlay(conv, td / "mk2", td / "pu", td / "kw2") as k2:
         kview = o.snapshot(k2)
     d2 = o.diff(kview, final)
     if d2:
@@ -450,7 +452,7 @@ def test_operations_match_kernel(lowers: list[o.Dir], ops: list[Op], uid: int) -
 @given(lowers=lowers_st(formats=True), ops=ops_st, uid=st.sampled_from((0, 1000)))
 def test_operations_over_every_marker_format(lowers: list[o.Dir], ops: list[Op],
                                              uid: int) -> None:
-    """Lower layers in every format SPEC lists (the kernel mounts them converted)."""
+    """Lower layers in every format docs/formats.md lists (the kernel mounts them converted)."""
     with _tempdir("pyunion-dwritef-") as td:
         run_sequence(lowers, ops, td, uid)
 
@@ -479,7 +481,7 @@ def test_lower_hard_links_stay_linked_after_copy_up(tmp_path: Path) -> None:
         (tmp_path / n).mkdir()
     ops: list[Op] = [("write", "f", 0, b"TWO"), ("chmod", "g", 0o600), ("link", "d/h", "d/i"),
                      ("unlink", "g"), ("append", "d/i", b"!")]
-    with o.pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
+    with pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
         d = tmp_path / "plain"
         o.copy_tree(p, d)
         o.assert_same(o.snapshot(d), o.snapshot(p), "before any operation")
@@ -584,7 +586,7 @@ def _run_both_in(tmp_path: Path, script: str, user: int | None, skip: tuple[str,
         upper.mkdir()
         work.mkdir()
         os.chmod(upper, 0o755)
-        mount = o.kernel_overlay if impl == "kernel" else o.pyunion_mount
+        mount = kernel_overlay if impl == "kernel" else pyunion_mount
         with mount(lowers, mnt, upper, work):
             r = subprocess.run(cmd, cwd=mnt, env=full_env, capture_output=True, text=True,
                                timeout=timeout, check=False)
@@ -596,7 +598,7 @@ def _run_both_in(tmp_path: Path, script: str, user: int | None, skip: tuple[str,
     problems = o.upper_problems(tmp_path / "pyunion-upper", lowers)
     assert not problems, problems
     (tmp_path / "kw2").mkdir()
-    with o.kernel_overlay(lowers, tmp_path / "mk2", tmp_path / "pyunion-upper",
+    with kernel_overlay(lowers, tmp_path / "mk2", tmp_path / "pyunion-upper",
                           tmp_path / "kw2") as k2:
         o.assert_same(o.snapshot(k2, skip=skip), views["pyunion"],
                       "kernel over pyunion's upper vs pyunion")
@@ -700,7 +702,7 @@ def test_copy_up_keeps_sparse_files_sparse(tmp_path: Path) -> None:
         up, work = tmp_path / f"{impl}-u", tmp_path / f"{impl}-w"
         up.mkdir()
         work.mkdir()
-        mount = o.kernel_overlay if impl == "kernel" else o.pyunion_mount
+        mount = kernel_overlay if impl == "kernel" else pyunion_mount
         with mount([lower], tmp_path / f"{impl}-m", up, work) as m:
             _write(m, "sparse", 100 << 20, b"middle")
             blocks[impl] = os.stat(up / "sparse").st_blocks * 512
@@ -709,14 +711,14 @@ def test_copy_up_keeps_sparse_files_sparse(tmp_path: Path) -> None:
 
 
 def test_names_starting_wh_are_refused(tmp_path: Path) -> None:
-    """SPEC: creating or looking up a `.wh.` name gives EINVAL (the kernel allows them;
+    """docs/formats.md: creating or looking up a `.wh.` name gives EINVAL (the kernel allows them;
     pyunion cannot, since they are its markers in every layer)."""
     lower = tmp_path / "l"
     lower.mkdir()
     (lower / "f").write_text("x")
     for n in ("u", "w"):
         (tmp_path / n).mkdir()
-    with o.pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
+    with pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
         for op in [("create", ".wh.x", 0o644, "excl"), ("mkdir", ".wh.d", 0o755),
                    ("mkdir", ".wh..wh..opq", 0o755), ("symlink", "f", ".wh.s"),
                    ("link", "f", ".wh.l"), ("rename", "f", ".wh.f", 0),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import join_children, kernel_overlay, mounted, needs_fuse, soak, start_children
+from support import join_children, kernel_overlay, mounted, needs_fuse, soak, start_children
 
 OPS = int(os.environ.get("PYUNION_FSX_OPS", soak(5000, 100000)))
 SEED = int(os.environ.get("PYUNION_FSX_SEED", int(time.time()) % 100000))
@@ -301,7 +301,7 @@ def _verify_everywhere(layers: tuple, tmp_path: Path, expect: dict[str, bytes]) 
             got = (mnt / _rel(name, i)).read_bytes()
             assert got == data, f"remount {name}: {_diff(0, got, data)}"
             assert oct((mnt / _rel(name, i)).stat().st_mode & 0o7777) == oct(0o640)
-    with kernel_overlay(lows, upper, tmp_path / "kmnt", tmp_path / "kwork") as k:
+    with kernel_overlay(lows, tmp_path / "kmnt", upper=upper, work=tmp_path / "kwork") as k:
         for i, (name, data) in enumerate(expect.items()):
             got = (k / _rel(name, i)).read_bytes()
             assert got == data, f"kernel overlayfs {name}: {_diff(0, got, data)}"

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from support import (
     PYUNION,
     force_unmount,
     is_mounted,
@@ -123,7 +123,7 @@ def test_no_whiteout_through_the_merged_view(open_tree: Path) -> None:
         out["listing"] = len(os.listdir(m / "merged"))
         return out
 
-    with kernel_overlay(lows, t / "kup", t / "kmnt", t / "kwork") as k:
+    with kernel_overlay(lows, t / "kmnt", upper=t / "kup", work=t / "kwork") as k:
         want = attempts(k)
     assert want["mknod merged root"] == errno.EPERM and want["mknod merged user"] == errno.EPERM
     with mounted(lows, mnt, upper, work) as m:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from support import (
     alive,
     daemon_of,
     force_unmount,
@@ -95,7 +95,7 @@ def test_odd_names_everywhere(layers: tuple, tmp_path: Path) -> None:
         assert _errno_of(os.mkdir, m + b"/.wh..wh..opq") == errno.EINVAL
         tried += 7
         view = tree_view(mnt)
-    with kernel_overlay(lows, upper, tmp_path / "k", tmp_path / "kw") as k:
+    with kernel_overlay(lows, tmp_path / "k", upper=upper, work=tmp_path / "kw") as k:
         assert tree_view(k) == view
     print(f"{tried} operations on {len(ODD_NAMES)} odd names")
 

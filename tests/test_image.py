@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import pyunion
+from support import pyunion
 
 from unionfs.errors import UserError
 from unionfs.image import (

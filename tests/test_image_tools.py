@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import force_unmount, fuse_skip_reason, pyunion, tree_view
+from support import force_unmount, fuse_skip_reason, pyunion, tree_view
 
 from unionfs.image import Store, resolve_config, resolve_layers
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
+from support import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 from registry_server import PASSWORD, USER, Registry, running, skip_reason
 
 from unionfs.image import Store, resolve_layers

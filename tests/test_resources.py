@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive, daemon_of, mounted, needs_fuse, soak
+from support import alive, daemon_of, mounted, needs_fuse, soak
 
 CYCLES = int(os.environ.get("PYUNION_RES_CYCLES", soak(2000, 100000)))
 BIG_DIR = 100_000

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYUNION, fuse_skip_reason
+from support import PYUNION, fuse_skip_reason
 
 pytestmark = [
     pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import mounted, needs_fuse, pyunion
+from support import mounted, needs_fuse, pyunion
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a kernel whiteout is a device node)"),
