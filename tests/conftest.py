@@ -54,16 +54,29 @@ def debian_rootfs() -> str:
         return str(ROOTFS_CACHE)
     exe = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
     if not os.path.exists(exe):
-        pytest.skip("debootstrap is not installed (scripts/setup.sh installs it), "
-                    "and PYUNION_TEST_ROOTFS is not set")
+        pytest.skip(
+            "debootstrap is not installed (scripts/setup.sh installs it), "
+            "and PYUNION_TEST_ROOTFS is not set"
+        )
     tmp = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     log = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".log")
     with open(log, "w") as out:
         try:
-            r = subprocess.run([exe, "--variant=minbase", "--include=python3-minimal", "bookworm",
-                                str(tmp), "http://deb.debian.org/debian"],
-                               stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False)
+            r = subprocess.run(
+                [
+                    exe,
+                    "--variant=minbase",
+                    "--include=python3-minimal",
+                    "bookworm",
+                    str(tmp),
+                    "http://deb.debian.org/debian",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=900,
+                check=False,
+            )
             ok = r.returncode == 0
         except subprocess.TimeoutExpired:
             ok = False

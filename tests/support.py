@@ -57,8 +57,9 @@ def fuse_skip_reason() -> str | None:
 
 needs_fuse = pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, trusted xattrs)")
-needs_busybox = pytest.mark.skipif(not os.path.exists("/bin/busybox"),
-                                   reason="needs busybox-static (scripts/setup.sh installs it)")
+needs_busybox = pytest.mark.skipif(
+    not os.path.exists("/bin/busybox"), reason="needs busybox-static (scripts/setup.sh installs it)"
+)
 
 
 @functools.cache
@@ -101,10 +102,22 @@ def escape(p: Path | str) -> str:
     return str(p).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
-def pyunion(*args: str, check: bool = True, timeout: float = 60,
-            env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([*PYUNION, *args], capture_output=True, text=True, timeout=timeout,
-                       env=env, check=False, **kw)
+def pyunion(
+    *args: str,
+    check: bool = True,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    **kw: Any,
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [*PYUNION, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+        **kw,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"pyunion {' '.join(args)} failed ({r.returncode}): {r.stderr}")
     return r
@@ -120,9 +133,14 @@ def _layer_options(lowers: Sequence[Path], upper: Path | None, work: Path | None
 
 
 @contextlib.contextmanager
-def mounted(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
-            work: Path | None = None, extra: tuple[str, ...] = (),
-            env: dict[str, str] | None = None) -> Iterator[Path]:
+def mounted(
+    lowers: Sequence[Path],
+    mnt: Path,
+    upper: Path | None = None,
+    work: Path | None = None,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[Path]:
     """A pyunion mount for the duration of the block, unmounted whatever happens."""
     mnt.mkdir(parents=True, exist_ok=True)
     pyunion("mount", "-o", _layer_options(lowers, upper, work), *extra, str(mnt), env=env)
@@ -135,8 +153,13 @@ def mounted(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
 
 
 @contextlib.contextmanager
-def pyunion_mount(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
-                  work: Path | None = None, log: Path | None = None) -> Iterator[Path]:
+def pyunion_mount(
+    lowers: Sequence[Path],
+    mnt: Path,
+    upper: Path | None = None,
+    work: Path | None = None,
+    log: Path | None = None,
+) -> Iterator[Path]:
     """pyunion over LOWERS (top first) through its CLI; unmounted whatever happens.
 
     A failing `pyunion umount` fails the test (after a lazy unmount), unless the
@@ -146,8 +169,7 @@ def pyunion_mount(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
     env = dict(os.environ)
     if log is not None:
         env["PYUNION_LOG"] = str(log)
-    r = pyunion("mount", "-o", _layer_options(lowers, upper, work), str(mnt), check=False,
-                env=env)
+    r = pyunion("mount", "-o", _layer_options(lowers, upper, work), str(mnt), check=False, env=env)
     if r.returncode != 0:
         force_unmount(mnt)
         raise AssertionError(f"pyunion mount failed ({r.returncode}): {r.stderr.strip()}")
@@ -162,13 +184,16 @@ def pyunion_mount(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
         still = is_mounted(mnt)
         force_unmount(mnt)
         if ok and (r.returncode != 0 or still):
-            raise AssertionError(f"pyunion umount failed ({r.returncode}, still mounted: "
-                                 f"{still}): {r.stderr.strip()}")
+            raise AssertionError(
+                f"pyunion umount failed ({r.returncode}, still mounted: "
+                f"{still}): {r.stderr.strip()}"
+            )
 
 
 @contextlib.contextmanager
-def kernel_overlay(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
-                   work: Path | None = None) -> Iterator[Path]:
+def kernel_overlay(
+    lowers: Sequence[Path], mnt: Path, upper: Path | None = None, work: Path | None = None
+) -> Iterator[Path]:
     """The oracle: kernel overlayfs over LOWERS (top first), read-only without an upper.
 
     Its options are pinned (`KERNEL_OPTIONS`). A read-only kernel mount needs
@@ -185,8 +210,13 @@ def kernel_overlay(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
         work.mkdir(parents=True, exist_ok=True)
     opts = _layer_options(lowers, upper, work) + "," + KERNEL_OPTIONS
     mnt.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if r.returncode != 0:
         raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} (-o {opts})")
     try:
@@ -198,8 +228,12 @@ def kernel_overlay(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
 
 
 # -- waiting ---------------------------------------------------------------------------------
-def wait_until(cond: Callable[[], object], timeout: float = 20, what: str = "the condition",
-               alive: Callable[[], bool] | None = None) -> None:
+def wait_until(
+    cond: Callable[[], object],
+    timeout: float = 20,
+    what: str = "the condition",
+    alive: Callable[[], bool] | None = None,
+) -> None:
     """Poll `cond` until it holds; fail after `timeout` s, or as soon as `alive()` is False."""
     deadline = time.monotonic() + timeout
     while not cond():
@@ -243,8 +277,9 @@ def kill_daemon(mnt: str | Path, pid: int | None = None) -> None:
         wait_gone(pid)
 
 
-def run_child(fn: Callable[..., object], *args: object, timeout: float = 60,
-              mnt: str | Path | None = None) -> int:
+def run_child(
+    fn: Callable[..., object], *args: object, timeout: float = 60, mnt: str | Path | None = None
+) -> int:
     """Run fn(*args) in a forked child; its exit code (0 unless it raised).
 
     On timeout the child is killed (and the daemon of `mnt`, so that a hung
@@ -263,7 +298,7 @@ def start_children(jobs: list[tuple[Callable[..., object], tuple[Any, ...]]]) ->
             try:
                 fn(*args)
                 code = 0
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - reported, and the exit code says it failed
                 traceback.print_exc()
             finally:
                 sys.stdout.flush()

@@ -37,8 +37,9 @@ def made(tmp_path: Path) -> Iterator[list[Union]]:
         u.close()
 
 
-def make(tmp_path: Path, made: list[Union], lowers: list[Path], upper: bool = True,
-         oci: bool = False) -> Union:
+def make(
+    tmp_path: Path, made: list[Union], lowers: list[Path], upper: bool = True, oci: bool = False
+) -> Union:
     """A Union over `lowers` (top first), with an upper and work dir under tmp_path.
 
     `oci`: write OCI markers even where the kernel's form would be allowed (root).
@@ -111,16 +112,38 @@ def opaque(d: Path) -> bool:
 def test_lookup_and_listing_agree_on_every_name(tmp_path: Path, made: list[Union]) -> None:
     """One rule for one name across layers, whether it is looked up or listed."""
     l1, l2, l3 = (tmp_path / n for n in ("l1", "l2", "l3"))
-    tree(l1, {"file_over_dir": "top", "d": {"p": "1"}, "d2": {"p": "1"},
-              "d3": {"xattr:user.overlay.opaque": "", "p": "1"}, ".wh.w": "",
-              ".wh.e": "", "x": {"top": "1"}, ".wh.x": "", "m": {"a": "1"},
-              ".wh..wh.plnk": "", "only1": "1"})
-    tree(l2, {"file_over_dir": {"below": "2"}, "d": {"q": "2"},
-              "d2": {".wh..wh..opq": "", "q": "2"}, "d3": {"q": "2"}, "w": "2",
-              "s": "same layer", ".wh.s": "", "e": {"z": "2"}, "x": {"mid": "2"},
-              "m": "a file ends the merge"})
-    tree(l3, {"d": {"r": "3"}, "d2": {"r": "3"}, "s": "hidden", "x": {"low": "3"},
-              "m": {"b": "3"}})
+    tree(
+        l1,
+        {
+            "file_over_dir": "top",
+            "d": {"p": "1"},
+            "d2": {"p": "1"},
+            "d3": {"xattr:user.overlay.opaque": "", "p": "1"},
+            ".wh.w": "",
+            ".wh.e": "",
+            "x": {"top": "1"},
+            ".wh.x": "",
+            "m": {"a": "1"},
+            ".wh..wh.plnk": "",
+            "only1": "1",
+        },
+    )
+    tree(
+        l2,
+        {
+            "file_over_dir": {"below": "2"},
+            "d": {"q": "2"},
+            "d2": {".wh..wh..opq": "", "q": "2"},
+            "d3": {"q": "2"},
+            "w": "2",
+            "s": "same layer",
+            ".wh.s": "",
+            "e": {"z": "2"},
+            "x": {"mid": "2"},
+            "m": "a file ends the merge",
+        },
+    )
+    tree(l3, {"d": {"r": "3"}, "d2": {"r": "3"}, "s": "hidden", "x": {"low": "3"}, "m": {"b": "3"}})
     u = make(tmp_path, made, [l1, l2, l3], upper=False)
     root = u.root
     every = {os.fsencode(n) for layer in (l1, l2, l3) for n in os.listdir(layer)}
@@ -147,16 +170,19 @@ def test_lookup_and_listing_agree_on_every_name(tmp_path: Path, made: list[Union
         assert e.value.errno in (errno.EINVAL, errno.ENAMETOOLONG)
 
 
-def test_readdir_counts_lookups_and_gives_back_the_one_not_taken(tmp_path: Path,
-                                                                  made: list[Union]) -> None:
+def test_readdir_counts_lookups_and_gives_back_the_one_not_taken(
+    tmp_path: Path, made: list[Union]
+) -> None:
     l1 = tmp_path / "l1"
     tree(l1, {f"f{i}": "x" for i in range(5)})
     u = make(tmp_path, made, [l1], upper=False)
     before = len(u.table.nodes)
     fh = u.opendir(u.root)
     entries = list(u.readdir(fh, 0))
-    assert [(n, off, counted) for n, _, off, counted in entries[:2]] == \
-        [(b".", 1, False), (b"..", 2, False)]
+    assert [(n, off, counted) for n, _, off, counted in entries[:2]] == [
+        (b".", 1, False),
+        (b"..", 2, False),
+    ]
     assert [off for _, _, off, _ in entries] == list(range(1, 8))
     assert all(node.nlookup == 1 for _, node, _, counted in entries if counted)
     assert len(u.table.nodes) == before + 5
@@ -214,10 +240,14 @@ def test_read_only_stack_plans_nothing_and_refuses(tmp_path: Path, made: list[Un
     f = walk(u, b"f")
     assert list(u.copyups_for_setattr(f, size=0, mode=None, uid=None, gid=None)) == []
     assert list(u.copyups_for_rename(u.root, b"f", 0)) == []
-    for call in (lambda: u.copyups_for_open(f, os.O_WRONLY), lambda: u.open(f, os.O_RDWR),
-                 lambda: u.setattr(f, mode=0o600), lambda: u.unlink(u.root, b"f"),
-                 lambda: u.mkdir(u.root, b"n", 0o755, Ctx()),
-                 lambda: u.rename(u.root, b"f", u.root, b"g")):
+    for call in (
+        lambda: u.copyups_for_open(f, os.O_WRONLY),
+        lambda: u.open(f, os.O_RDWR),
+        lambda: u.setattr(f, mode=0o600),
+        lambda: u.unlink(u.root, b"f"),
+        lambda: u.mkdir(u.root, b"n", 0o755, Ctx()),
+        lambda: u.rename(u.root, b"f", u.root, b"g"),
+    ):
         with pytest.raises(OSError) as e:
             call()
         assert e.value.errno == errno.EROFS
@@ -230,8 +260,10 @@ def test_rename_plan_is_the_materializing_walk(tmp_path: Path, made: list[Union]
     """The adaptor's copy-ups before a merged directory's rename, then the rename copies nothing."""
     l1, l2 = tmp_path / "l1", tmp_path / "l2"
     tree(l1, {"d": {"e": "top", "sub": {"c": "top c"}}})
-    tree(l2, {"d": {"a": "low", "sub": {"b": "low b", "deeper": {"z": "zz"}}, "gone": "x"},
-              "keep": "k"})
+    tree(
+        l2,
+        {"d": {"a": "low", "sub": {"b": "low b", "deeper": {"z": "zz"}}, "gone": "x"}, "keep": "k"},
+    )
     (l1 / "d" / ".wh.gone").touch()
     u = make(tmp_path, made, [l1, l2], oci=True)
     plan = u.copyups_for_rename(u.root, b"d", 0)
@@ -306,17 +338,24 @@ async def test_adaptor_replies_without_a_mount(tmp_path: Path, made: list[Union]
     ops = FuseOps(u)
     a = await ops.lookup(ROOT_ID, b"f")
     st = os.lstat(l1 / "f")
-    assert (a.st_mode, a.st_size, a.st_nlink, a.entry_timeout, a.attr_timeout) == \
-        (st.st_mode, st.st_size, 1, TIMEOUT, TIMEOUT)
+    assert (a.st_mode, a.st_size, a.st_nlink, a.entry_timeout, a.attr_timeout) == (
+        st.st_mode,
+        st.st_size,
+        1,
+        TIMEOUT,
+        TIMEOUT,
+    )
     ino = a.st_ino
     assert ino == u.node(ino).ino and ino != ROOT_ID
     assert await ops.getattr(ino) is a  # a lower object's attributes are built once
     missing = await ops.lookup(ROOT_ID, b"missing")
     assert missing.st_ino == 0 and missing.entry_timeout == TIMEOUT  # a cached negative entry
-    for call, err in ((ops.lookup(ROOT_ID, b".wh.f"), errno.EINVAL),
-                      (ops.getattr(123456789), errno.ENOENT),
-                      (ops.removexattr(ino, b"user.missing"), errno.ENODATA),
-                      (ops.rename(ROOT_ID, b"f", ROOT_ID, b"g", 4), errno.EINVAL)):
+    for call, err in (
+        (ops.lookup(ROOT_ID, b".wh.f"), errno.EINVAL),
+        (ops.getattr(123456789), errno.ENOENT),
+        (ops.removexattr(ino, b"user.missing"), errno.ENODATA),
+        (ops.rename(ROOT_ID, b"f", ROOT_ID, b"g", 4), errno.EINVAL),
+    ):
         with pytest.raises(pyfuse3.FUSEError) as e:
             await call
         assert e.value.errno == err
@@ -330,8 +369,14 @@ async def test_adaptor_replies_without_a_mount(tmp_path: Path, made: list[Union]
     after = await ops.getattr(ino)
     assert after is not a and after.st_ino == ino and after.st_size == 10
     assert await ops.getattr(ino) is not after
-    fields = SimpleNamespace(update_size=True, update_mode=True, update_uid=False,
-                             update_gid=False, update_atime=False, update_mtime=False)
+    fields = SimpleNamespace(
+        update_size=True,
+        update_mode=True,
+        update_uid=False,
+        update_gid=False,
+        update_atime=False,
+        update_mtime=False,
+    )
     got = await ops.setattr(ino, SimpleNamespace(st_size=2, st_mode=0o600), fields, None, None)
     assert (stat.S_IMODE(got.st_mode), got.st_size) == (0o600, 2)
     assert (tmp_path / "upper" / "f").read_bytes() == b"UP"

@@ -6,7 +6,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -45,14 +44,15 @@ def test_identity_stable_across_forget_and_copy_up(layers: tuple) -> None:
 
 @needs_fuse
 def test_kernel_caches_lookups_and_attributes(layers: tuple, tmp_path: Path) -> None:
-    lows, upper, work, mnt = layers
+    lows, _upper, _work, mnt = layers
     for i in range(50):
         (lows[0] / f"f{i}").write_text("x")
     log = tmp_path / "daemon.log"
     # --debug logs every request and keeps the daemon in the foreground: run it as a child.
     with open(log, "w") as err:
-        proc = subprocess.Popen([*PYUNION, "mount", "-d", "-o",
-                                 f"lowerdir={lows[0]}:{lows[1]}", str(mnt)], stderr=err)
+        proc = subprocess.Popen(
+            [*PYUNION, "mount", "-d", "-o", f"lowerdir={lows[0]}:{lows[1]}", str(mnt)], stderr=err
+        )
     try:
         wait_until(lambda: is_mounted(mnt), what="the mount", alive=lambda: proc.poll() is None)
         for _ in range(3):
@@ -82,7 +82,7 @@ def test_kernel_caches_lookups_and_attributes(layers: tuple, tmp_path: Path) -> 
 
 @needs_fuse
 def test_sigterm_unmounts_cleanly(layers: tuple) -> None:
-    lows, upper, work, mnt = layers
+    lows, _upper, _work, mnt = layers
     pyunion("mount", str(lows[0]), str(mnt))
     try:
         pid = daemon_pid(str(mnt))
@@ -112,7 +112,7 @@ def test_stale_mount_of_dead_daemon_is_cleaned(layers: tuple) -> None:
 
 @needs_fuse
 def test_busy_umount_names_the_holder(layers: tuple) -> None:
-    lows, upper, work, mnt = layers
+    lows, _upper, _work, mnt = layers
     (lows[0] / "d").mkdir()
     with mounted(lows, mnt):
         holder = subprocess.Popen(["sleep", "60"], cwd=mnt / "d")
@@ -150,8 +150,12 @@ def test_attributes_of_a_removed_file_still_open(layers: tuple, writeback: str) 
                 os.ftruncate(fd, 4)
                 os.utime(fd, ns=(10**18, 10**18))
                 st = os.fstat(fd)
-                assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == \
-                    (0o600, 123, 456, 4)
+                assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == (
+                    0o600,
+                    123,
+                    456,
+                    4,
+                )
                 assert st.st_mtime_ns == 10**18
                 assert os.pread(fd, 100, 0) == b"some"
             finally:
@@ -191,7 +195,12 @@ def test_spin_and_writeback_options(layers: tuple) -> None:
             (mnt / "f").write_text("y")
             assert (mnt / "f").read_text() == "y"
     for bad, msg in (("spin=fast", "spin takes microseconds"), ("writeback=2", "expected 0 or 1")):
-        r = pyunion("mount", "-o", f"{bad},upperdir={upper},workdir={work},lowerdir={lows[0]}",
-                    str(mnt), check=False)
+        r = pyunion(
+            "mount",
+            "-o",
+            f"{bad},upperdir={upper},workdir={work},lowerdir={lows[0]}",
+            str(mnt),
+            check=False,
+        )
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
         assert not is_mounted(mnt)

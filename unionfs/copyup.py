@@ -17,6 +17,7 @@ all three on the calling thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -163,8 +164,14 @@ class CopyJob:
 
 
 class CopyUp:
-    def __init__(self, stack: LayerStack, table: InodeTable, resolver: Resolver,
-                 work_fd: int, changed: Changed = _unchanged) -> None:
+    def __init__(
+        self,
+        stack: LayerStack,
+        table: InodeTable,
+        resolver: Resolver,
+        work_fd: int,
+        changed: Changed = _unchanged,
+    ) -> None:
         self.stack = stack
         self.table = table
         self.resolver = resolver
@@ -248,10 +255,15 @@ class CopyUp:
         try:
             if stat.S_ISREG(mode):
                 if with_data and st.st_size:
-                    job.src_fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                         dir_fd=src_dir)
-                job.dst_fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                     0o600, dir_fd=self.work_fd)
+                    job.src_fd = os.open(
+                        node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir
+                    )
+                job.dst_fd = os.open(
+                    job.tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=self.work_fd,
+                )
             elif stat.S_ISLNK(mode):
                 target = os.readlink(node.name, dir_fd=src_dir)
                 os.symlink(target, job.tmp, dir_fd=self.work_fd)
@@ -264,10 +276,8 @@ class CopyUp:
 
     def abort(self, job: CopyJob) -> None:
         job.close()
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(job.tmp, dir_fd=self.work_fd)
-        except OSError:
-            pass
 
     def finish(self, job: CopyJob) -> None:
         node = job.node

@@ -24,4 +24,3 @@ class UserError(Exception):
     def __init__(self, msg: str, code: int = 1) -> None:
         super().__init__(msg)
         self.code = code
-

@@ -22,10 +22,10 @@ requests on the same node wait for it, the rest go on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
-import os
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
@@ -88,26 +88,64 @@ class FuseOps(pyfuse3.Operations):
             self._wrap_debug()
 
     def _wrap_debug(self) -> None:
-        for name in ("lookup", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
-                     "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush",
-                     "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs",
-                     "setxattr", "getxattr", "listxattr", "removexattr", "access", "create",
-                     "forget"):
+        for name in (
+            "lookup",
+            "getattr",
+            "setattr",
+            "readlink",
+            "mknod",
+            "mkdir",
+            "unlink",
+            "rmdir",
+            "symlink",
+            "rename",
+            "link",
+            "open",
+            "read",
+            "write",
+            "flush",
+            "release",
+            "fsync",
+            "opendir",
+            "readdir",
+            "releasedir",
+            "fsyncdir",
+            "statfs",
+            "setxattr",
+            "getxattr",
+            "listxattr",
+            "removexattr",
+            "access",
+            "create",
+            "forget",
+        ):
             fn = getattr(self, name)
 
             async def logged(*args: Any, _fn: Any = fn, _name: str = name) -> Any:
-                shown = [a if not isinstance(a, (bytes, bytearray)) or len(a) < 64
-                         else f"<{len(a)} bytes>" for a in args
-                         if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken))]
+                shown = [
+                    a
+                    if not isinstance(a, (bytes, bytearray)) or len(a) < 64
+                    else f"<{len(a)} bytes>"
+                    for a in args
+                    if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken))
+                ]
                 try:
                     result = await _fn(*args)
                 except pyfuse3.FUSEError as e:
-                    log.debug("%s%r -> %s", _name, tuple(shown), errno.errorcode.get(e.errno, e.errno))
+                    log.debug(
+                        "%s%r -> %s", _name, tuple(shown), errno.errorcode.get(e.errno, e.errno)
+                    )
                     raise
                 attr = result[1] if isinstance(result, tuple) else result
                 if isinstance(attr, pyfuse3.EntryAttributes):
-                    log.debug("%s%r -> ino %d mode %o size %d", _name, tuple(shown),
-                              attr.st_ino, attr.st_mode, attr.st_size)
+                    log.debug(
+                        "%s%r -> ino %d mode %o size %d",
+                        _name,
+                        tuple(shown),
+                        attr.st_ino,
+                        attr.st_mode,
+                        attr.st_size,
+                    )
                 else:
                     log.debug("%s%r -> ok", _name, tuple(shown))
                 return result
@@ -147,10 +185,9 @@ class FuseOps(pyfuse3.Operations):
         """The core's notification: `node` was copied up, or (`links`) linked by the daemon."""
         self._shown.pop(node.ino, None)
         if links:  # the kernel's st_nlink of the inode is stale
-            try:
+            # OSError: the kernel does not know the inode (ENOENT): nothing cached.
+            with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(node.ino, attr_only=True)
-            except OSError:
-                pass  # the kernel does not know the inode (ENOENT): nothing cached
 
     # -- copy-up off the event loop ----------------------------------------------
     async def _settle(self, node: Node | None) -> None:
@@ -184,7 +221,9 @@ class FuseOps(pyfuse3.Operations):
 
     # -- requests ----------------------------------------------------------------
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
         node = self.core.lookup(self.core.node(parent_inode), name)
         if node is None:
             a = pyfuse3.EntryAttributes()
@@ -206,8 +245,9 @@ class FuseOps(pyfuse3.Operations):
         return self._attr(self.core.node(inode))
 
     @_fuse_errors
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
-                      ctx: Any) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         core = self.core
         node = core.node(inode)
         size = attr.st_size if fields.update_size else None
@@ -216,7 +256,11 @@ class FuseOps(pyfuse3.Operations):
         gid = attr.st_gid if fields.update_gid else None
         await self._copy_ups(core.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid))
         core.setattr(
-            node, mode=mode, uid=uid, gid=gid, size=size,
+            node,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=size,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fh=fh,
@@ -228,12 +272,17 @@ class FuseOps(pyfuse3.Operations):
         return self.core.readlink(self.core.node(inode))
 
     @_fuse_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._attr(self.core.mknod(self.core.node(parent_inode), name, mode, rdev, _ctx(ctx)))
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(
+            self.core.mknod(self.core.node(parent_inode), name, mode, rdev, _ctx(ctx))
+        )
 
     @_fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         return self._attr(self.core.mkdir(self.core.node(parent_inode), name, mode, _ctx(ctx)))
 
     async def _settle_name(self, parent: Node, name: bytes) -> None:
@@ -257,13 +306,21 @@ class FuseOps(pyfuse3.Operations):
         self.core.rmdir(self.core.node(parent_inode), name)
 
     @_fuse_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: Any) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         return self._attr(self.core.symlink(self.core.node(parent_inode), name, target, _ctx(ctx)))
 
     @_fuse_errors
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: Any = None) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any = None,
+    ) -> None:
         core = self.core
         old_parent = core.node(parent_inode_old)
         new_parent = core.node(parent_inode_new)
@@ -277,8 +334,9 @@ class FuseOps(pyfuse3.Operations):
                 plan.close()  # lets go of the nodes it held
 
     @_fuse_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
         node = self.core.node(inode)
         await self._copy_ups(self.core.copyups_for_link(node))
         return self._attr(self.core.link(node, self.core.node(new_parent_inode), new_name))
@@ -379,8 +437,8 @@ class FuseOps(pyfuse3.Operations):
         return True  # default_permissions: the kernel has checked already
 
     @_fuse_errors
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh, node = self.core.create(self.core.node(parent_inode), name, mode, flags, _ctx(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node)
-

@@ -95,11 +95,16 @@ class HandleTable:
         self._open.clear()
 
     @staticmethod
-    def upper_fd(node: Node, handle: Handle | DirHandle | None,
-                 writable: bool = False) -> int | None:
+    def upper_fd(
+        node: Node, handle: Handle | DirHandle | None, writable: bool = False
+    ) -> int | None:
         """An fd on `node`'s upper file, when one is open: the caller's handle first."""
         for h in (handle, *(node.handles or ())):
-            if isinstance(h, Handle) and h.layer == 0 and h.node is node \
-                    and (h.writable or not writable):
+            if (
+                isinstance(h, Handle)
+                and h.layer == 0
+                and h.node is node
+                and (h.writable or not writable)
+            ):
                 return h.fd
         return None

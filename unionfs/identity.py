@@ -23,8 +23,9 @@ from .resolve import Entry, Resolver
 
 
 class Identity:
-    def __init__(self, stack: LayerStack, table: InodeTable, resolver: Resolver,
-                 copyup: CopyUp) -> None:
+    def __init__(
+        self, stack: LayerStack, table: InodeTable, resolver: Resolver, copyup: CopyUp
+    ) -> None:
         self.stack = stack
         self.table = table
         self.resolver = resolver
@@ -111,11 +112,14 @@ class Identity:
                 del self.copyup.hardlinks[node.origin]
 
     @staticmethod
-    def relink(node: Node, old_parent: Node, old_name: bytes, new_parent: Node,
-               new_name: bytes) -> None:
+    def relink(
+        node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
+    ) -> None:
         """`node`'s name `old_name` in `old_parent` is now `new_name` in `new_parent`."""
         if node.parent is old_parent and node.name == old_name:
             node.parent, node.name = new_parent, new_name
         elif node.links:
-            node.links = [(new_parent, new_name) if (p is old_parent and n == old_name) else (p, n)
-                          for p, n in node.links]
+            node.links = [
+                (new_parent, new_name) if (p is old_parent and n == old_name) else (p, n)
+                for p, n in node.links
+            ]

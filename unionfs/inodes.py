@@ -59,8 +59,16 @@ class Node:
         "xwh",
     )
 
-    def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, layer: int,
-                 chain: tuple[int, ...] = (), origin: tuple[int, int] = (0, 0)) -> None:
+    def __init__(
+        self,
+        ino: int,
+        parent: Node | None,
+        name: bytes,
+        is_dir: bool,
+        layer: int,
+        chain: tuple[int, ...] = (),
+        origin: tuple[int, int] = (0, 0),
+    ) -> None:
         self.ino = ino
         self.nlookup = 0
         self.parent = parent
@@ -86,10 +94,8 @@ class Node:
             return  # the root's fds are the layers' own
         for i, fd in enumerate(self.fds):
             if fd >= 0:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
                 self.fds[i] = -1
 
     def __del__(self) -> None:
@@ -159,8 +165,9 @@ class InodeTable:
 
     def all_nodes(self) -> list[Node]:
         """Every node still alive: those the kernel knows and released ones still referenced."""
-        return list(self.nodes.values()) + [n for n in list(self._zombies.values())
-                                            if self.nodes.get(n.ino) is not n]
+        return list(self.nodes.values()) + [
+            n for n in list(self._zombies.values()) if self.nodes.get(n.ino) is not n
+        ]
 
     def get(self, ino: int) -> Node | None:
         node = self.nodes.get(ino)

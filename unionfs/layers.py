@@ -1,4 +1,4 @@
-"""The layer stack: the upper (index 0, absent on a read-only mount) and the lowers (1..n, top first).
+"""The layer stack: the upper (index 0, absent on a read-only mount), the lowers (1..n, top first).
 
 Each layer is held open by a directory fd; every later access is an `*at`
 call relative to an fd of a directory inside that layer, one name at a time
@@ -31,22 +31,24 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
         return os.open(name, DIR_FLAGS, dir_fd=dirfd)
     except PermissionError:
         # An unreadable directory can still be used as a dir fd for *at calls.
-        return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        return os.open(
+            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
+        )
 
 
 def _open_layer(path: str, index: int, what: str) -> Layer:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise UserError(f"{what} {path!r} does not exist")
+        raise UserError(f"{what} {path!r} does not exist") from None
     except OSError as e:
-        raise UserError(f"{what} {path!r}: {e.strerror}")
+        raise UserError(f"{what} {path!r}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"{what} {path!r} is not a directory")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise UserError(f"{what} {path!r}: {e.strerror}")
+        raise UserError(f"{what} {path!r}: {e.strerror}") from None
     return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino)
 
 

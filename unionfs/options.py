@@ -28,12 +28,50 @@ log = logging.getLogger(__name__)
 FUSE_PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions"}
 # Generic mount options that make no sense for us to act on, accepted silently.
 IGNORED = {
-    "rw", "dev", "suid", "exec", "async", "atime", "relatime", "noatime", "nodiratime",
-    "strictatime", "lazytime", "nolazytime", "auto", "noauto", "user", "nouser", "_netdev",
-    "nofail", "defaults", "noacl", "acl", "index", "redirect_dir", "metacopy", "xino",
-    "userxattr", "volatile", "fsync", "nfs_export", "uuid", "default_permissions",
-    "threaded", "fast_ino", "static_nlink", "noxattrs", "timeout", "context",
-    "fscontext", "defcontext", "rootcontext", "max_read", "nodev", "nosuid", "noexec",
+    "rw",
+    "dev",
+    "suid",
+    "exec",
+    "async",
+    "atime",
+    "relatime",
+    "noatime",
+    "nodiratime",
+    "strictatime",
+    "lazytime",
+    "nolazytime",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "_netdev",
+    "nofail",
+    "defaults",
+    "noacl",
+    "acl",
+    "index",
+    "redirect_dir",
+    "metacopy",
+    "xino",
+    "userxattr",
+    "volatile",
+    "fsync",
+    "nfs_export",
+    "uuid",
+    "default_permissions",
+    "threaded",
+    "fast_ino",
+    "static_nlink",
+    "noxattrs",
+    "timeout",
+    "context",
+    "fscontext",
+    "defcontext",
+    "rootcontext",
+    "max_read",
+    "nodev",
+    "nosuid",
+    "noexec",
     "debug",
 }
 # fuse-overlayfs options that change what the mount shows (owners, modes); we
@@ -78,7 +116,7 @@ def _scan(text: str, sep: str, quotes: bool) -> list[str]:
         if ch == "\\":
             if i + 1 == n:
                 raise UserError(f"malformed option string (trailing backslash): {text!r}")
-            cur.append(text[i:i + 2])
+            cur.append(text[i : i + 2])
             i += 2
             continue
         if ch == '"' and quotes:
@@ -120,14 +158,16 @@ def split_lowerdirs(value: str) -> list[str]:
 
 
 def _parse_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
-    """fuse-overlayfs' `ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]` (empty fields skipped, as it does)."""
+    """fuse-overlayfs' `ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]` (empty fields skipped, as there)."""
     fields = [x for x in value.split(":") if x != ""]
     try:
         nums = [int(x) for x in fields]
     except ValueError:
         nums = []
     if not nums or len(nums) % 3 or min(nums) < 0:
-        raise UserError(f"malformed {what} {value!r}: expected ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]")
+        raise UserError(
+            f"malformed {what} {value!r}: expected ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]"
+        )
     return [(nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3)]
 
 
@@ -136,7 +176,8 @@ def _check_identity_idmap(value: str, what: str) -> None:
     if any(inside != outside for inside, outside, _ in _parse_idmap(value, what)):
         raise UserError(
             f"{what}={value}: ID mapping is not supported; pyunion shows owners as they are "
-            "on disk (use the mount program without a user-namespace ID mapping)")
+            "on disk (use the mount program without a user-namespace ID mapping)"
+        )
 
 
 def _flag(item: str, value: str) -> bool:
@@ -177,7 +218,9 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 cfg.writeback = _flag(item, value)
             elif key == "spin":
                 if not value.isdigit() or int(value) > 10000:
-                    raise UserError(f"malformed option {item!r}: spin takes microseconds, 0 to 10000")
+                    raise UserError(
+                        f"malformed option {item!r}: spin takes microseconds, 0 to 10000"
+                    )
                 cfg.spin_us = int(value)
             elif key == "fsname" and eq:
                 cfg.fsname = unescape(value)
@@ -186,10 +229,14 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
             elif key in REFUSED:
                 raise UserError(f"mount option {item!r} is not supported ({REFUSED[key]})")
             elif key == "xattr_permissions" and value not in ("", "0"):
-                raise UserError(f"mount option {item!r} is not supported "
-                                "(owners and modes kept in xattrs; needed with force_mask)")
+                raise UserError(
+                    f"mount option {item!r} is not supported "
+                    "(owners and modes kept in xattrs; needed with force_mask)"
+                )
             elif key == "plugins" and value:
-                raise UserError(f"mount option {item!r} is not supported (fuse-overlayfs layer plugins)")
+                raise UserError(
+                    f"mount option {item!r} is not supported (fuse-overlayfs layer plugins)"
+                )
             elif key in ("xattr_permissions", "plugins"):
                 log.debug("ignoring mount option %r", item)
             elif not eq and (key in FUSE_PASSTHROUGH or key in ("nosuid", "nodev", "noexec")):

@@ -129,10 +129,14 @@ class Renamer:
             n = os.fsencode(e.name)
             if n == OPQ_OCI:
                 continue
-            if n.startswith(WH_PREFIX):
-                os.unlink(n, dir_fd=fd)
-            elif not (e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
-                      or e.is_symlink()) and is_whiteout_stat(e.stat(follow_symlinks=False)):
+            if n.startswith(WH_PREFIX) or (
+                not (
+                    e.is_dir(follow_symlinks=False)
+                    or e.is_file(follow_symlinks=False)
+                    or e.is_symlink()
+                )
+                and is_whiteout_stat(e.stat(follow_symlinks=False))
+            ):
                 os.unlink(n, dir_fd=fd)
 
     # -- rename ------------------------------------------------------------------
@@ -148,8 +152,9 @@ class Renamer:
         if node.is_dir and len(new_parent.chain) > 1:
             self.core.whiteouts.set_opaque(self.core.resolver.dirfd(node, 0))
 
-    def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
-               flags: int) -> None:
+    def rename(
+        self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes, flags: int
+    ) -> None:
         core = self.core
         _, src = core.existing(old_parent, old_name)
         if not new_parent.is_dir:
@@ -179,8 +184,15 @@ class Renamer:
             if dst is not None:
                 core.table.release_if_unused(dst)
 
-    def _move(self, old_parent: Node, old_name: bytes, src: Node, new_parent: Node,
-              new_name: bytes, dst: Node | None) -> None:
+    def _move(
+        self,
+        old_parent: Node,
+        old_name: bytes,
+        src: Node,
+        new_parent: Node,
+        new_name: bytes,
+        dst: Node | None,
+    ) -> None:
         core = self.core
         self._prepare_source(src)
         src_wh = core.lower_has(old_parent, old_name)
@@ -216,8 +228,9 @@ class Renamer:
             core.identity.dropped(dst, new_parent, new_name, dst_st)
         core.identity.relink(src, old_parent, old_name, new_parent, new_name)
 
-    def _exchange(self, old_parent: Node, old_name: bytes, a: Node, new_parent: Node,
-                  new_name: bytes, b: Node) -> None:
+    def _exchange(
+        self, old_parent: Node, old_name: bytes, a: Node, new_parent: Node, new_name: bytes, b: Node
+    ) -> None:
         if a is b:
             return
         self._prepare_source(a)

@@ -141,9 +141,12 @@ class Resolver:
         return d.xwh
 
     def _is_xwhiteout(self, d: Node, pos: int, name: bytes, st: os.stat_result) -> bool:
-        return (st.st_size == 0 and stat.S_ISREG(st.st_mode)
-                and d.chain[pos] in self.xwh_layers(d)
-                and is_xwhiteout(self.dirfd(d, pos), name, st))
+        return (
+            st.st_size == 0
+            and stat.S_ISREG(st.st_mode)
+            and d.chain[pos] in self.xwh_layers(d)
+            and is_xwhiteout(self.dirfd(d, pos), name, st)
+        )
 
     def resolve(self, d: Node, name: bytes, start: int = 0) -> Entry | None:
         """Resolve `name` in directory `d`, looking only at chain positions >= start."""
@@ -151,8 +154,9 @@ class Resolver:
             return d.listing.get(name)
         return self._merge(d, name, None, start, len(d.chain) - 1)
 
-    def _merge(self, d: Node, name: bytes, found: list[Occurrence] | None, start: int,
-               last: int) -> Entry | None:
+    def _merge(
+        self, d: Node, name: bytes, found: list[Occurrence] | None, start: int, last: int
+    ) -> Entry | None:
         """The rule for one name across the layers of `d`, top down: written once.
 
         The occurrences of the name come either from `found` (a listing's scans,

@@ -19,6 +19,7 @@ own live beside this module: node identity and hard-link aliases
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -62,8 +63,9 @@ def check_name(name: bytes) -> None:
 class Union:
     """A mounted stack: lookups, listings, copy-up and every write."""
 
-    def __init__(self, stack: LayerStack, work_fd: int = -1, volatile: bool = False,
-                 writeback: bool = False) -> None:
+    def __init__(
+        self, stack: LayerStack, work_fd: int = -1, volatile: bool = False, writeback: bool = False
+    ) -> None:
         self.stack = stack
         # With the kernel's writeback cache, the kernel keeps mtime and sends it in
         # a setattr, which can overtake the last data writes it flushes: the mtime
@@ -84,8 +86,9 @@ class Union:
         # The one notification from the core: see copyup.Changed. The FUSE adaptor
         # sets it to drop (and, for links, invalidate) what it showed the kernel.
         self.changed: Changed = lambda node, links: None
-        self.copyup = CopyUp(stack, self.table, self.resolver, work_fd,
-                             lambda node, links: self.changed(node, links))
+        self.copyup = CopyUp(
+            stack, self.table, self.resolver, work_fd, lambda node, links: self.changed(node, links)
+        )
         self.identity = Identity(stack, self.table, self.resolver, self.copyup)
         self.whiteouts = WhiteoutWriter()
         self.handles = HandleTable()
@@ -246,8 +249,9 @@ class Union:
             return NO_COPYUPS
         return ((node, not flags & os.O_TRUNC),)  # O_TRUNC: no data to copy
 
-    def copyups_for_setattr(self, node: Node, *, size: int | None, mode: int | None,
-                            uid: int | None, gid: int | None) -> CopyPlan:
+    def copyups_for_setattr(
+        self, node: Node, *, size: int | None, mode: int | None, uid: int | None, gid: int | None
+    ) -> CopyPlan:
         if not self.stack.writable or not self.needs_copyup(node):
             return NO_COPYUPS
         only_trunc0 = size == 0 and mode is None and uid is None and gid is None
@@ -400,8 +404,15 @@ class Union:
                 mode |= stat.S_ISGID
         return ctx.uid, gid, mode
 
-    def _place(self, parent: Node, pfd: int, name: bytes, wh: str | None, is_dir: bool,
-               make: Callable[[int, bytes], None]) -> os.stat_result:
+    def _place(
+        self,
+        parent: Node,
+        pfd: int,
+        name: bytes,
+        wh: str | None,
+        is_dir: bool,
+        make: Callable[[int, bytes], None],
+    ) -> os.stat_result:
         """Create an object with `make(dirfd, name)`, replacing a whiteout atomically."""
         if wh == "kernel":
             tmp = self.copyup.tmpname()
@@ -425,14 +436,20 @@ class Union:
         parent.listing = None
         return os.stat(name, dir_fd=pfd, follow_symlinks=False)
 
-    def create(self, parent: Node, name: bytes, mode: int, flags: int, ctx: Ctx) -> tuple[int, Node]:
+    def create(
+        self, parent: Node, name: bytes, mode: int, flags: int, ctx: Ctx
+    ) -> tuple[int, Node]:
         pfd, wh = self._prepare_new(parent, name)
         uid, gid, mode = self._owner(pfd, ctx, False, mode & 0o7777)
         fds: list[int] = []
 
         def make(dfd: int, n: bytes) -> None:
-            fd = os.open(n, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         mode, dir_fd=dfd)
+            fd = os.open(
+                n,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode,
+                dir_fd=dfd,
+            )
             fds.append(fd)
             os.fchown(fd, uid, gid)
             if mode & (stat.S_ISUID | stat.S_ISGID):
@@ -564,7 +581,7 @@ class Union:
 
     def rmdir(self, parent: Node, name: bytes) -> None:
         self._writable()
-        entry, node = self.existing(parent, name)
+        _entry, node = self.existing(parent, name)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         self.check_empty(node)
@@ -580,10 +597,8 @@ class Union:
                 self._remove_upper(pfd, name, True, True)
             else:
                 self.clean_upper_dir(ufd)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(OPQ_OCI, dir_fd=ufd)
-                except FileNotFoundError:
-                    pass
                 os.rmdir(name, dir_fd=pfd)
         else:
             self.whiteouts.make_whiteout(pfd, name)
@@ -592,8 +607,9 @@ class Union:
         self.table.release_if_unused(node)
 
     # -- rename ------------------------------------------------------------------
-    def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
-               flags: int = 0) -> None:
+    def rename(
+        self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes, flags: int = 0
+    ) -> None:
         check_rename_flags(flags)
         self._writable()
         check_name(new_name)
@@ -604,9 +620,18 @@ class Union:
         self._renamer.materialize(d)
 
     # -- attributes --------------------------------------------------------------
-    def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
-                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None, fh: int | None = None) -> None:
+    def setattr(
+        self,
+        node: Node,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        fh: int | None = None,
+    ) -> None:
         self._writable()
         handle = self.handles.get(fh) if fh is not None else None
         self._copy_ups(self.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid))
@@ -636,15 +661,21 @@ class Union:
                 if isinstance(target, int):
                     tfd = os.open(fdpath(target), os.O_WRONLY | os.O_CLOEXEC)
                 else:
-                    tfd = os.open(node.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                    tfd = os.open(
+                        node.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
+                    )
                 try:
                     os.ftruncate(tfd, size)
                 finally:
                     os.close(tfd)
         nofollow = not isinstance(target, int)  # a path: never follow its last component
         if uid is not None or gid is not None:
-            os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
-                     follow_symlinks=not nofollow)
+            os.chown(
+                target,
+                -1 if uid is None else uid,
+                -1 if gid is None else gid,
+                follow_symlinks=not nofollow,
+            )
         if mode is not None:
             if isinstance(target, int):
                 os.chmod(target, stat.S_IMODE(mode))
@@ -688,4 +719,3 @@ class Union:
             os.close(self.work_fd)
             self.work_fd = -1
         self.stack.close()
-

@@ -51,7 +51,7 @@ def oci_whiteout_target(name: bytes) -> bytes | None:
     """`.wh.NAME` -> NAME; None for other names and for AUFS metadata and markers."""
     if not name.startswith(WH_PREFIX) or name.startswith(AUFS_META_PREFIX) or name == OPQ_CHAR:
         return None
-    target = name[len(WH_PREFIX):]
+    target = name[len(WH_PREFIX) :]
     return target or None
 
 
@@ -116,8 +116,9 @@ class WhiteoutWriter:
     fuse-overlayfs writes in an upper; an image layer keeps only the marker).
     """
 
-    def __init__(self, kernel: bool = True, marker_mode: int = 0o000,
-                 user_opaque_xattr: bool = True) -> None:
+    def __init__(
+        self, kernel: bool = True, marker_mode: int = 0o000, user_opaque_xattr: bool = True
+    ) -> None:
         self.kernel_whiteouts = kernel
         self.kernel_opaque = kernel
         self.marker_mode = marker_mode
@@ -147,8 +148,9 @@ class WhiteoutWriter:
                 self.kernel_whiteouts = False
         self._marker(dirfd, WH_PREFIX + name, excl=True)
 
-    def rename_leaving_whiteout(self, old_dirfd: int, old_name: bytes, new_dirfd: int,
-                                new_name: bytes) -> None:
+    def rename_leaving_whiteout(
+        self, old_dirfd: int, old_name: bytes, new_dirfd: int, new_name: bytes
+    ) -> None:
         """Move `old_name` to `new_name`, leaving a whiteout at `old_name`.
 
         One atomic RENAME_WHITEOUT where the kernel allows it; otherwise a
