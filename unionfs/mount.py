@@ -347,7 +347,7 @@ def _place(
         raise UserError(f"{what}: {e.strerror}") from e
     try:
         st = os.fstat(fd)
-        real = os.readlink(f"/proc/self/fd/{fd}")
+        real = os.readlink(fd_str(fd))
         mnt_id = -1
         with open(f"/proc/self/fdinfo/{fd}") as f:
             for line in f:

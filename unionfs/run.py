@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 
 from . import confine, sandbox, syscalls, tree, volumes
 from .errors import UserError
-from .mount import wait_gone
+from .mount import is_mountpoint, mount, umount, wait_gone
 from .options import MountConfig
 
 TOOL_ERROR = 125
@@ -172,13 +172,12 @@ def resolve_image(opts: RunOptions) -> tuple[list[str], dict[str, Any]]:
     if not opts.layers:
         raise _fail("no layers given: pyunion run LAYER... -- COMMAND")
     if len(opts.layers) == 1 and not os.path.isdir(opts.layers[0]):
-        from . import image
+        from . import image  # only for an image name: plain layers start faster without it
 
         ref = opts.layers[0]
         try:
             layers = image.resolve_layers(ref, opts.store)
-            resolve_config = getattr(image, "resolve_config", None)
-            config = resolve_config(ref, opts.store) if resolve_config else {}
+            config = image.resolve_config(ref, opts.store)
         except UserError as e:
             raise _fail(str(e))
         config = config or {}
@@ -385,8 +384,6 @@ class Runner:
             syscalls.make_private("/")
         except OSError as e:
             raise _fail(f"cannot create a mount namespace: {e.strerror}")
-        from .mount import mount
-
         # nodev: podman keeps the container off device nodes with the devices cgroup; with
         # no cgroup here, a node shipped in the image (a host disk) must simply not open.
         cfg = MountConfig(lowers=layers, mountpoint=self.merged, upper=self.upper, work=work,
@@ -611,8 +608,6 @@ class Runner:
 def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str | None,
              keep: bool, quiet: bool = False) -> None:
     """Unmount, make sure the daemon is gone, remove the temporary tree (minus a kept upper)."""
-    from .mount import is_mountpoint, umount
-
     if merged is not None and is_mountpoint(merged):
         try:
             umount(merged, timeout=10)

@@ -69,7 +69,7 @@ from .syscalls import (
     unshare,
     wipe_environ,
 )
-from .syscalls import fd_str as fd_path
+from .syscalls import fd_str
 from .tree import NotRegularFile, read_regular
 from .volumes import Volume
 
@@ -140,7 +140,7 @@ def _mount_at(rootfd: int, path: str, source: str | None, fstype: str | None, fl
               data: str | None = None, is_dir: bool = True) -> None:
     fd = _ensure(rootfd, path, is_dir)
     try:
-        mount(source, fd_path(fd), fstype, flags, data)
+        mount(source, fd_str(fd), fstype, flags, data)
     finally:
         os.close(fd)
 
@@ -171,11 +171,11 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
             try:
                 os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
                 os.chmod(name, 0o666, dir_fd=dev)
-                source = f"{fd_path(dev)}/{name}"
+                source = f"{fd_str(dev)}/{name}"
             except PermissionError:  # no CAP_MKNOD: bind the host's node instead
                 os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dev))
                 source = f"/dev/{name}"
-            mount(source, f"{fd_path(dev)}/{name}", None, MS_BIND)
+            mount(source, f"{fd_str(dev)}/{name}", None, MS_BIND)
         if not privileged:
             volumes.set_attrs(dev, syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
                               | syscalls.MOUNT_ATTR_NOEXEC, recursive=False)
@@ -211,7 +211,7 @@ def _bind(rootfd: int, vol: Volume) -> None:
     is_dir = os.path.isdir(vol.source)
     fd = _ensure(rootfd, vol.target, is_dir)
     try:
-        mount(vol.source, fd_path(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
+        mount(vol.source, fd_str(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
     finally:
         os.close(fd)
     if vol.attrs:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import syscalls
 from .errors import UserError
+from .mount import mounts
 from .syscalls import (
     AT_EMPTY_PATH,
     AT_RECURSIVE,
@@ -114,8 +115,6 @@ def remount_each(fd: int, attrs: int, recursive: bool = True) -> None:
     """What `set_attrs` does on kernels without mount_setattr: remount the mount and each
     one below it, one by one, keeping the flags each already has (a bind remount that
     dropped a locked flag would fail)."""
-    from .mount import mounts
-
     top = os.readlink(syscalls.fd_str(fd))
     prefix = top.rstrip("/") + "/"
     add = 0

@@ -109,21 +109,39 @@ class WhiteoutWriter:
 
     The kernel's forms (a char device 0/0, `trusted.overlay.opaque=y`) need
     CAP_MKNOD and trusted xattrs; where they are refused the writer falls back
-    to the OCI forms (`.wh.NAME`, `.wh..wh..opq`) for good, once per kind.
+    to the OCI forms (`.wh.NAME`, `.wh..wh..opq`) for good, once per kind, or
+    for both kinds at once with `together` (an image layer is in one format).
     Used for a mount's upper (`Union`) and for unpacking image layers
-    (`image.unpack`), which differ only in the fallback markers' mode and in
-    whether a fallback opaque mark also gets `user.overlay.opaque=y` (what
-    fuse-overlayfs writes in an upper; an image layer keeps only the marker).
+    (`image.unpack`), which differ only in those conventions: the fallback
+    markers' mode, and whether a fallback opaque mark also gets
+    `user.overlay.opaque=y` (what fuse-overlayfs writes in an upper; an image
+    layer keeps only the marker).
     """
 
     def __init__(
-        self, kernel: bool = True, marker_mode: int = 0o000, user_opaque_xattr: bool = True
+        self,
+        kernel: bool = True,
+        marker_mode: int = 0o000,
+        user_opaque_xattr: bool = True,
+        together: bool = False,
     ) -> None:
         self.kernel_whiteouts = kernel
         self.kernel_opaque = kernel
         self.marker_mode = marker_mode
         self.user_opaque_xattr = user_opaque_xattr
+        self.together = together
         self.wrote_oci = False  # an OCI marker was written (the layer is not kernel-only)
+
+    @property
+    def kernel_format(self) -> bool:
+        """Whether everything written so far, and from now on, is in the kernel's format."""
+        return self.kernel_whiteouts and self.kernel_opaque and not self.wrote_oci
+
+    def _refused(self, whiteouts: bool) -> None:
+        if whiteouts or self.together:
+            self.kernel_whiteouts = False
+        if not whiteouts or self.together:
+            self.kernel_opaque = False
 
     def _marker(self, dirfd: int, name: bytes, excl: bool) -> None:
         """Create the empty marker file `name`; with `excl` False, one already there will do
@@ -145,7 +163,7 @@ class WhiteoutWriter:
             except OSError as e:
                 if e.errno not in _KERNEL_REFUSED:
                     raise
-                self.kernel_whiteouts = False
+                self._refused(whiteouts=True)
         self._marker(dirfd, WH_PREFIX + name, excl=True)
 
     def rename_leaving_whiteout(
@@ -190,7 +208,7 @@ class WhiteoutWriter:
             except OSError as e:
                 if e.errno not in _XATTR_REFUSED:
                     raise
-                self.kernel_opaque = False
+                self._refused(whiteouts=False)
         if self.user_opaque_xattr:
             with contextlib.suppress(OSError):
                 os.setxattr(dirfd, OPAQUE_XATTRS[1], b"y")
