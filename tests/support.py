@@ -58,7 +58,8 @@ def fuse_skip_reason() -> str | None:
 needs_fuse = pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, trusted xattrs)")
 needs_busybox = pytest.mark.skipif(
-    not os.path.exists("/bin/busybox"), reason="needs busybox-static (scripts/setup.sh installs it)"
+    not os.path.exists("/bin/busybox"),
+    reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)",
 )
 
 

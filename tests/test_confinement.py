@@ -22,15 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import fuse_skip_reason, run_child
+from support import needs_busybox, needs_fuse, run_child
 from test_run import Env, _read_until
 
-pytestmark = [
-    pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),
-    pytest.mark.skipif(not os.path.exists("/bin/busybox"),
-                       reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)"),
-    pytest.mark.timeout(120),
-]
+pytestmark = [needs_fuse, needs_busybox, pytest.mark.timeout(120)]
 
 HELPER = Path(__file__).parent / "helpers" / "hostile.c"
 STATUS = "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status"

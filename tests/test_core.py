@@ -8,12 +8,13 @@ import stat
 from pathlib import Path
 
 import pytest
+from support import needs_root
 
 from unionfs.layers import LayerStack
 from unionfs.mount import prepare_workdir
 from unionfs.union import Ctx, Union
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, trusted xattrs)")
+root_only = needs_root
 
 
 def make_union(tmp_path: Path, lowers: list[Path], upper: bool = True) -> Union:

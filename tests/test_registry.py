@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 from registry_server import PASSWORD, USER, Registry, running, skip_reason
+from support import PYUNION, force_unmount, needs_fuse, pyunion, tree_view
 
 from unionfs.image import Store, resolve_layers
 
@@ -194,7 +194,7 @@ def blob_gets(reqs: list) -> list[str]:
 
 
 # --- tests ---------------------------------------------------------------------------------
-@pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
+@needs_fuse
 @pytest.mark.parametrize("name", ["sample:1", "bah:1", "bah-docker:1", "multi:1"])
 def test_pull_equals_skopeo_copy(reg: Registry, images: Path, store: Path, tmp_path: Path,
                                  name: str) -> None:
@@ -248,7 +248,7 @@ def _uploads(reqs: list) -> tuple[list[str], list[str], int]:
     return put, mounted, sum(1 for r in reqs if r.method == "PATCH")
 
 
-@pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
+@needs_fuse
 def test_push_uploads_only_missing_blobs_and_skopeo_reads_it(reg: Registry, images: Path,
                                                               tmp_path: Path) -> None:
     s = tmp_path / "s"
