@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -106,6 +108,33 @@ def opaque(d: Path) -> bool:
         except OSError:
             pass
     return (d / ".wh..wh..opq").exists()
+
+
+def test_the_core_never_imports_fuse_or_trio() -> None:
+    """Data flows one way: the adaptor imports the core, never the reverse."""
+    core = (
+        "union",
+        "identity",
+        "rename",
+        "copyup",
+        "resolve",
+        "handles",
+        "whiteout",
+        "inodes",
+        "layers",
+        "tree",
+        "syscalls",
+        "errors",
+    )
+    code = (
+        "import sys\n"
+        + "".join(f"import unionfs.{m}\n" for m in core)
+        + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyfuse3', 'trio')))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert r.stdout.strip() == "[]"
 
 
 # -- the merge rule ------------------------------------------------------------------------
