@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from support import (
+    KERNEL_OPTIONS,
     PYUNION,
     force_unmount,
     is_mounted,
@@ -202,7 +203,8 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(
     after = _snapshot(t)
     # The oracle last: refusing or not, the kernel may already have made (or emptied!)
     # WORK/work, even inside a lower layer.
-    k = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(t / "kmnt")],
+    kopts = f"{opts},{KERNEL_OPTIONS}"
+    k = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", kopts, str(t / "kmnt")],
                        capture_output=True, text=True, timeout=30, check=False)
     if k.returncode == 0:
         subprocess.run(["umount", str(t / "kmnt")], check=True, timeout=30)

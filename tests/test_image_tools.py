@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import force_unmount, fuse_skip_reason, pyunion, tree_view
+from support import force_unmount, fuse_skip_reason, kernel_overlay, pyunion, tree_view
 
 from unionfs.image import Store, resolve_config, resolve_layers
 
@@ -94,22 +94,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         subprocess.run(["umount", "-R", str(t / "root")], capture_output=True, timeout=60)
 
 
-@contextlib.contextmanager
-def overlay(lowers: list[str], mnt: Path, upper: Path | None = None) -> Iterator[Path]:
+def overlay(lowers: list[str], mnt: Path,
+            upper: Path | None = None) -> contextlib.AbstractContextManager[Path]:
     """Kernel overlayfs over store layers: the oracle that they are in its format."""
-    mnt.mkdir(parents=True, exist_ok=True)
-    opts = "lowerdir=" + ":".join(lowers)
+    work = None
     if upper is not None:
         upper.mkdir(parents=True, exist_ok=True)
         work = upper.parent / (upper.name + ".work")
-        work.mkdir(exist_ok=True)
-        opts += f",upperdir={upper},workdir={work}"
-    sh("mount", "-t", "overlay", "overlay", "-o", opts, mnt)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
-        force_unmount(mnt)
+    return kernel_overlay([Path(p) for p in lowers], mnt, upper, work)
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,8 @@ def _unchanged(node: Node, links: bool) -> None:
 
 # One copy-up an operation needs: the node, and whether its data must be copied
 # (not when the operation truncates it to zero). A plan is the steps of one
-# operation, in order (see Union.copyups_for_open and friends).
+# operation, in order (see Union.copyups_for_open and friends); an empty plan is
+# falsy (NO_COPYUPS), so that the adaptor skips it without a coroutine.
 CopyStep = tuple[Node, bool]
 CopyPlan = Iterable[CopyStep]
 NO_COPYUPS: tuple[CopyStep, ...] = ()

@@ -155,8 +155,9 @@ class FuseOps(pyfuse3.Operations):
     # -- attributes ------------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         a = self._shown.get(node.ino)
-        if a is not None:
-            return a
+        return a if a is not None else self._build_attr(node)
+
+    def _build_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         st, nlink = self.core.stat(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
@@ -242,7 +243,8 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self._attr(self.core.node(inode))
+        a = self._shown.get(inode)  # a lower object's attributes: no need for its node
+        return a if a is not None else self._build_attr(self.core.node(inode))
 
     @_fuse_errors
     async def setattr(
@@ -254,7 +256,9 @@ class FuseOps(pyfuse3.Operations):
         mode = attr.st_mode if fields.update_mode else None
         uid = attr.st_uid if fields.update_uid else None
         gid = attr.st_gid if fields.update_gid else None
-        await self._copy_ups(core.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid))
+        plan = core.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid)
+        if plan:
+            await self._copy_ups(plan)
         core.setattr(
             node,
             mode=mode,
@@ -338,13 +342,17 @@ class FuseOps(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
         node = self.core.node(inode)
-        await self._copy_ups(self.core.copyups_for_link(node))
+        plan = self.core.copyups_for_link(node)
+        if plan:
+            await self._copy_ups(plan)
         return self._attr(self.core.link(node, self.core.node(new_parent_inode), new_name))
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         node = self.core.node(inode)
-        await self._copy_ups(self.core.copyups_for_open(node, flags))
+        plan = self.core.copyups_for_open(node, flags)
+        if plan:  # most opens need nothing: no coroutine for them
+            await self._copy_ups(plan)
         return pyfuse3.FileInfo(fh=self.core.open(node, flags), keep_cache=True)
 
     @_fuse_errors
@@ -377,10 +385,11 @@ class FuseOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         core = self.core
         reply = pyfuse3.readdir_reply
-        attr = self._attr
+        build = self._build_attr
+        shown = self._shown.get
         for name, node, nxt, counted in core.readdir(fh, start_id):
             try:
-                taken = reply(token, name, attr(node), nxt)
+                taken = reply(token, name, shown(node.ino) or build(node), nxt)
             except BaseException:
                 taken = False
                 raise
@@ -416,7 +425,9 @@ class FuseOps(pyfuse3.Operations):
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
         node = self.core.node(inode)
-        await self._copy_ups(self.core.copyups_for_xattr(node, name, remove=False))
+        plan = self.core.copyups_for_xattr(node, name, remove=False)
+        if plan:
+            await self._copy_ups(plan)
         self.core.setxattr(node, name, value)
 
     @_fuse_errors
@@ -430,7 +441,9 @@ class FuseOps(pyfuse3.Operations):
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
         node = self.core.node(inode)
-        await self._copy_ups(self.core.copyups_for_xattr(node, name, remove=True))
+        plan = self.core.copyups_for_xattr(node, name, remove=True)
+        if plan:
+            await self._copy_ups(plan)
         self.core.removexattr(node, name)
 
     async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:

@@ -54,7 +54,7 @@ Occurrence = tuple[int, int, "os.stat_result | os.DirEntry[str] | None"]
 def _st(src: os.stat_result | os.DirEntry[str] | None) -> os.stat_result:
     if type(src) is os.stat_result:
         return src
-    assert isinstance(src, os.DirEntry)
+    assert src is not None
     return src.stat(follow_symlinks=False)
 
 
@@ -171,6 +171,7 @@ class Resolver:
         origin_st: os.stat_result | None = None
         pos = start - 1
         i = 0
+        end = len(found) if found is not None else 0
         fd = -1
         src: os.stat_result | os.DirEntry[str] | None
         while True:
@@ -188,7 +189,7 @@ class Resolver:
                     continue
                 kind = src.st_mode & _IFMT
             else:
-                if i == len(found):
+                if i == end:
                     break
                 pos, kind, src = found[i]
                 i += 1
@@ -196,22 +197,20 @@ class Resolver:
                     break
             # -- the rule ------------------------------------------------------
             layer = d.chain[pos]
-            if kind == _IFCHR:
-                if _st(src).st_rdev == 0:
-                    break  # a whiteout
-            elif kind == _IFREG and top is None:
-                st = _st(src)
-                if st.st_size == 0 and self._is_xwhiteout(d, pos, name, st):
+            if top is None:  # the first layer that has the name decides
+                st = src if type(src) is os.stat_result else _st(src)
+                if kind == _IFCHR:
+                    if st.st_rdev == 0:
+                        break  # a whiteout: hides the name here and below
+                elif kind == _IFREG and st.st_size == 0 and self._is_xwhiteout(d, pos, name, st):
                     break
-            if top is None:
-                st = _st(src)
                 top = (layer, st)
                 if not stat.S_ISDIR(st.st_mode):
                     return Entry(layer, st, (), (st.st_dev, st.st_ino))  # hides all below
                 if layer != 0:
                     origin_st = st
             elif kind != _IFDIR:
-                break  # a non-directory below a directory ends the merge
+                break  # below a directory, a non-directory or a whiteout ends the merge
             elif origin_st is None:
                 origin_st = _st(src)
             chain.append(layer)
