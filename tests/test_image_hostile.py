@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import kernel_overlay, pyunion
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import kernel_overlay, pyunion, tree_view
 from test_image import BASE, make_layout, sha, tar_bytes
 
 from unionfs.errors import UserError
@@ -754,7 +754,7 @@ def test_replaced_directory_hides_the_layers_below(tmp_path: Path) -> None:
                      ("k", "dir"), ("k/add", b"a")])
     import_image(str(make_layout(tmp_path / "lay", [lower, top])), s, tag="r")
     layers = [Path(p) for p in resolve_layers("r", s.root)]
-    with kernel_overlay(layers, None, tmp_path / "mnt") as mnt:
+    with kernel_overlay(layers, tmp_path / "mnt") as mnt:
         assert sorted(os.listdir(mnt / "d")) == ["new"]
         assert sorted(os.listdir(mnt / "k")) == ["add", "keep"]
 
@@ -764,8 +764,6 @@ UMOCI = shutil.which("umoci")
 
 @pytest.mark.skipif(not ROOT or UMOCI is None, reason="needs root and umoci (setup.sh)")
 def test_replacements_match_umoci(tmp_path: Path) -> None:
-    from conftest import tree_view
-
     entries = [("a", "dir"), ("a/x", b"1"), ("a", b"file-a"), ("b", b"file-b"), ("b", "dir"),
                ("b/in", b"2"), ("c", ("sym", "/etc")), ("c", "dir"), ("c/in", b"3"),
                ("e", "dir"), ("e/deep", "dir"), ("e/deep/f", b"4"), ("e", ("sym", "a")),
