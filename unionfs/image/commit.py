@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from ..errors import UserError
+from ..syscalls import fdpath
 from ..tree import DIR_FLAGS, DirCursor, NotRegularFile, open_regular
 from ..whiteout import (
     AUFS_META_PREFIX,
@@ -124,7 +125,7 @@ class _Walker:
         ti.mtime = mt if self.timestamp is None else min(mt, self.timestamp)
         return ti
 
-    def _xattrs(self, target: int | str, follow: bool, name: str) -> dict[str, str]:
+    def _xattrs(self, target: int | bytes, follow: bool, name: str) -> dict[str, str]:
         try:
             names = os.listxattr(target, follow_symlinks=follow)
         except OSError:
@@ -226,7 +227,7 @@ class _Walker:
             if st.st_nlink > 1:
                 self.links[key] = path
             return None
-        proc = f"/proc/self/fd/{dfd}/{name}"
+        proc = fdpath(dfd, os.fsencode(name))
         if stat.S_ISLNK(mode):
             ti = self._info(path, st, tarfile.SYMTYPE)
             ti.linkname = os.readlink(name, dir_fd=dfd)

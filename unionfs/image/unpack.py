@@ -48,15 +48,15 @@ from typing import IO, Any
 
 import zstandard
 
+from ..syscalls import fdpath
 from ..tree import DIR_FLAGS, DirCursor, rmtree_at
-from ..whiteout import is_internal_xattr
+from ..whiteout import AUFS_META_PREFIX, OPQ_OCI, WH_PREFIX, WhiteoutWriter, is_internal_xattr
 from .safetext import ImageError
 
 log = logging.getLogger(__name__)
 
-WH = ".wh."
-OPQ = ".wh..wh..opq"
-AUFS_META = ".wh..wh."
+# The markers' names (whiteout.py) as tar member names, which are str.
+WH, OPQ, AUFS_META = (os.fsdecode(n) for n in (WH_PREFIX, OPQ_OCI, AUFS_META_PREFIX))
 MAX_ID = 2**32 - 2          # (uid_t)-1 means "no change" to chown
 MAX_TIME = 2**63 // 10**9   # an mtime in nanoseconds must fit in 64 bits
 _PARENT_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
@@ -104,9 +104,15 @@ class Unpacker:
                  max_member: int | None = None) -> None:
         self.root_fd = root_fd
         self.as_root = os.geteuid() == 0
-        self.kernel = self.as_root if kernel_format is None else kernel_format
+        # The layer is in one format: the kernel's where allowed (as root), else OCI
+        # markers (mode 0600, no user xattr), for whiteouts and opaque dirs together.
+        self.whiteouts = WhiteoutWriter(
+            kernel=self.as_root if kernel_format is None else kernel_format,
+            marker_mode=0o600,
+            user_opaque_xattr=False,
+            together=True,
+        )
         self.max_member = max_member
-        self.used_oci_markers = False
         self._cur = DirCursor(root_fd)    # where entries are made
         self._aux = DirCursor(root_fd)    # hard link targets
         self._root_ident = _ident(os.fstat(root_fd))
@@ -304,7 +310,7 @@ class Unpacker:
             out.append((name, v.encode("utf-8", "surrogateescape")))
         return out
 
-    def _set_xattr(self, target: int | str, name: str, value: bytes, follow: bool = True) -> None:
+    def _set_xattr(self, target: int | bytes, name: str, value: bytes, follow: bool = True) -> None:
         try:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as e:
@@ -327,7 +333,7 @@ class Unpacker:
             os.chmod(name, m.mode & 0o7777, dir_fd=pfd)
         xs = self._xattrs(m)
         if xs:
-            path = f"/proc/self/fd/{pfd}/{name}"
+            path = fdpath(pfd, os.fsencode(name))
             for k, v in xs:
                 self._set_xattr(path, k, v, follow=False)
         os.utime(name, ns=self._times(m), dir_fd=pfd, follow_symlinks=False)
@@ -387,34 +393,15 @@ class Unpacker:
                 return
             if st is not None:
                 return  # the layer's own NAME already hides the layers below
-            if self.kernel:
-                try:
-                    os.mknod(parts[-1], stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
-                    return
-                except OSError as e:
-                    if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    self.kernel = False
-            self.used_oci_markers = True
-            fd = os.open(WH + parts[-1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=pfd)
-            os.close(fd)
+            try:
+                self.whiteouts.make_whiteout(pfd, os.fsencode(parts[-1]))
+            except FileExistsError:
+                pass  # its marker is there already: the tar names this whiteout twice
         except OSError as e:
             raise UnpackError(f"cannot create whiteout for {name!r}: {e.strerror}") from e
 
     def _set_opaque(self, dfd: int) -> None:
-        if self.kernel:
-            try:
-                os.setxattr(dfd, "trusted.overlay.opaque", b"y")
-                return
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EACCES):
-                    raise
-                self.kernel = False
-        self.used_oci_markers = True
-        fd = os.open(OPQ, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dfd)
-        os.close(fd)
+        self.whiteouts.set_opaque(dfd)
 
 
 # What a hostile or damaged tar stream can raise from inside tarfile and the decompressors.
@@ -443,4 +430,4 @@ def unpack(src: tarfile.TarFile | IO[bytes] | Any, dest: str, kernel_format: boo
     finally:
         u.close()
         os.close(root_fd)
-    return "oci" if u.used_oci_markers or not u.kernel else "kernel"
+    return "kernel" if u.whiteouts.kernel_format else "oci"
