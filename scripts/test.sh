@@ -14,7 +14,8 @@ for a in "${args[@]}"; do
     case "$a" in --basetemp|--basetemp=*) basetemp=0 ;; esac
 done
 if [ "$basetemp" = 1 ]; then
-    key=$(printf '%s' "$PWD" | sha256sum | cut -c1-12)
-    args=("--basetemp=${TMPDIR:-/tmp}/pyunion-pytest-$(id -u)-$key" "${args[@]}")
+    # Short: some tools under test limit their paths (podman's runroot: 50 characters).
+    key=$(printf '%s' "$PWD" | sha256sum | cut -c1-8)
+    args=("--basetemp=${TMPDIR:-/tmp}/pyt-$(id -u)-$key" "${args[@]}")
 fi
 exec .venv/bin/python -m pytest "${args[@]}"
