@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
+from support import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 
 from unionfs.build.ignore import Matcher
 from unionfs.build.lexer import Lexer, SubstitutionError

@@ -7,6 +7,7 @@ exit; a traceback only with `PYUNION_TRACEBACK=1`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -104,6 +105,14 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 
 
 _CORE_COMMANDS = ("mount", "umount", "unmount")
+# Each has register(subparsers), which adds its subcommands.
+SUBCOMMAND_MODULES = (
+    "unionfs.run",
+    "unionfs.sample",
+    "unionfs.image.cli",
+    "unionfs.registry.cli",
+    "unionfs.build.cli",
+)
 
 
 def build_parser(extra: bool = True) -> argparse.ArgumentParser:
@@ -116,15 +125,8 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_umount(sub)
     # Subcommands that live in their own modules register themselves.
-    for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli",
-                    "unionfs.registry.cli", "unionfs.build.cli") if extra else ():
-        try:
-            mod = __import__(modname, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            continue
-        mod.register(sub)
+    for modname in SUBCOMMAND_MODULES if extra else ():
+        importlib.import_module(modname).register(sub)
     return parser
 
 
