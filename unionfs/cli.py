@@ -34,10 +34,19 @@ def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "the layers."
         ),
     )
-    p.add_argument("args", nargs="+", metavar="LAYER|MOUNTPOINT",
-                   help="layers, top first, then the mount point")
-    p.add_argument("-o", dest="options", action="append", default=[],
-                   help="comma-separated options: lowerdir=,upperdir=,workdir=,ro,allow_other,...")
+    p.add_argument(
+        "args",
+        nargs="+",
+        metavar="LAYER|MOUNTPOINT",
+        help="layers, top first, then the mount point",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        help="comma-separated options: lowerdir=,upperdir=,workdir=,ro,allow_other,...",
+    )
     p.add_argument("--upper", help="writable upper directory")
     p.add_argument("--work", help="work directory (same filesystem as the upper)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -56,6 +65,7 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
             raise UserError("give the layers either as lowerdir= or as arguments, not both")
         if len(positional) == 1 and not os.path.isdir(positional[0]):
             from .image import resolve_layers
+
             cfg.lowers = resolve_layers(positional[0], getattr(args, "store", None))
             _image_mount_flags(cfg, args.options)
         else:
@@ -92,7 +102,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _add_umount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon to exit")
+    p = sub.add_parser(
+        "umount", aliases=["unmount"], help="unmount and wait for the daemon to exit"
+    )
     p.add_argument("mountpoint")
     p.add_argument("-l", "--lazy", action="store_true", help="detach even if busy")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
@@ -118,7 +130,8 @@ SUBCOMMAND_MODULES = (
 def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     """The parser; `extra=False` leaves out the subcommands of other modules (faster mounts)."""
     parser = argparse.ArgumentParser(
-        prog="pyunion", description="A userspace union filesystem for container image layers.")
+        prog="pyunion", description="A userspace union filesystem for container image layers."
+    )
     parser.add_argument("--version", action="version", version=f"pyunion {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -133,8 +146,9 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
-        format="pyunion: %(levelname)s: %(message)s" if not debug else
-        "%(asctime)s %(name)s %(levelname)s: %(message)s",
+        format="pyunion: %(levelname)s: %(message)s"
+        if not debug
+        else "%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
 
 

@@ -35,6 +35,7 @@ redirect the kernel's lookups) are dropped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import logging
@@ -57,8 +58,8 @@ log = logging.getLogger(__name__)
 
 # The markers' names (whiteout.py) as tar member names, which are str.
 WH, OPQ, AUFS_META = (os.fsdecode(n) for n in (WH_PREFIX, OPQ_OCI, AUFS_META_PREFIX))
-MAX_ID = 2**32 - 2          # (uid_t)-1 means "no change" to chown
-MAX_TIME = 2**63 // 10**9   # an mtime in nanoseconds must fit in 64 bits
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to chown
+MAX_TIME = 2**63 // 10**9  # an mtime in nanoseconds must fit in 64 bits
 _PARENT_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
 _GONE_ERRNOS = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)
 
@@ -69,8 +70,7 @@ class UnpackError(ImageError):
     """The archive is corrupt or tries to write outside its directory."""
 
 
-def split_name(name: str, what: str = "entry",
-               error: type[ImageError] = UnpackError) -> list[str]:
+def split_name(name: str, what: str = "entry", error: type[ImageError] = UnpackError) -> list[str]:
     """Path components of a name from an image (a tar member, a file of a layout);
     refuses absolute names, `..` and NUL with `error`."""
     if "\x00" in name:
@@ -100,8 +100,9 @@ class Unpacker:
     `max_member`: no member may be larger (the size of an uncompressed blob).
     """
 
-    def __init__(self, root_fd: int, kernel_format: bool | None = None,
-                 max_member: int | None = None) -> None:
+    def __init__(
+        self, root_fd: int, kernel_format: bool | None = None, max_member: int | None = None
+    ) -> None:
         self.root_fd = root_fd
         self.as_root = os.geteuid() == 0
         # The layer is in one format: the kernel's where allowed (as root), else OCI
@@ -113,8 +114,8 @@ class Unpacker:
             together=True,
         )
         self.max_member = max_member
-        self._cur = DirCursor(root_fd)    # where entries are made
-        self._aux = DirCursor(root_fd)    # hard link targets
+        self._cur = DirCursor(root_fd)  # where entries are made
+        self._aux = DirCursor(root_fd)  # hard link targets
         self._root_ident = _ident(os.fstat(root_fd))
         # What to apply after the last member, each with the identity of the directory it
         # was meant for: a directory replaced meanwhile no longer matches and is skipped.
@@ -128,8 +129,9 @@ class Unpacker:
         self._aux.close()
 
     # --- walking ---------------------------------------------------------------
-    def _goto(self, cursor: DirCursor, parts: list[str], name: str, create: bool,
-              what: str = "") -> int:
+    def _goto(
+        self, cursor: DirCursor, parts: list[str], name: str, create: bool, what: str = ""
+    ) -> int:
         """The directory `parts`, missing ones made if `create`; a symlink or a
         non-directory on the way is an UnpackError that says which it is."""
         try:
@@ -137,10 +139,11 @@ class Unpacker:
         except OSError as e:
             if e.errno not in _PARENT_ERRNOS:
                 raise
-            bad = "/".join(parts[:len(cursor.parts) + 1])
+            bad = "/".join(parts[: len(cursor.parts) + 1])
             kind = "a symlink" if e.errno == errno.ELOOP else "not a directory"
-            raise UnpackError(f"refusing {name!r}: {what}{bad!r} is {kind} (nothing is "
-                              "written through it)") from None
+            raise UnpackError(
+                f"refusing {name!r}: {what}{bad!r} is {kind} (nothing is written through it)"
+            ) from None
 
     def _clear(self, pfd: int, name: str, st: os.stat_result) -> None:
         """Remove what an entry replaces (a directory with its tree, never following)."""
@@ -177,6 +180,7 @@ class Unpacker:
 
     def _check_header(self, m: tarfile.TarInfo) -> None:
         """Refuse header values no filesystem can hold, before anything is made of them."""
+
         def bad(why: str) -> UnpackError:
             return UnpackError(f"refusing {m.name!r}: {why}")
 
@@ -190,8 +194,7 @@ class Unpacker:
                 raise bad(f"its {what} {v} is out of range")
         if m.size < 0 or (self.max_member is not None and m.size > self.max_member):
             raise bad(f"its header declares {m.size} bytes, more than the layer holds")
-        if (m.ischr() or m.isblk()) and not (0 <= m.devmajor < 2**32 and
-                                              0 <= m.devminor < 2**32):
+        if (m.ischr() or m.isblk()) and not (0 <= m.devmajor < 2**32 and 0 <= m.devminor < 2**32):
             raise bad("its device number is out of range")
         for k in m.pax_headers or {}:
             if k.startswith("SCHILY.xattr.") and ("\x00" in k or len(k) > 13 + 255):
@@ -201,14 +204,14 @@ class Unpacker:
         base = parts[-1]
         if base.startswith(AUFS_META) and base != OPQ:
             return  # AUFS metadata (.wh..wh.plnk etc.): never part of the tree
-        target = base[len(WH):]
+        target = base[len(WH) :]
         if base != OPQ and target in ("", ".", ".."):
             raise UnpackError(f"refusing whiteout {m.name!r}: it names no entry")
         self._goto(self._cur, parts[:-1], m.name, create=True, what="its directory ")
         if base == OPQ:
             self._opaques.append((parts[:-1], self._cur.ident()))
         else:
-            self._whiteouts.append((parts[:-1] + [target], self._cur.ident()))
+            self._whiteouts.append(([*parts[:-1], target], self._cur.ident()))
 
     def _create(self, tf: tarfile.TarFile, pfd: int, parts: list[str], m: tarfile.TarInfo) -> None:
         name = parts[-1]
@@ -231,8 +234,12 @@ class Unpacker:
         if old is not None:
             self._clear(pfd, name, old)
         if m.isreg():
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=pfd)
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=pfd,
+            )
             try:
                 src = tf.extractfile(m)
                 if src is not None:
@@ -253,8 +260,9 @@ class Unpacker:
         elif m.isfifo():
             os.mkfifo(name, 0o600, dir_fd=pfd)
         else:
-            self._warn("type" + str(m.type),
-                       f"skipping {m.name!r}: unsupported tar type {m.type!r}")
+            self._warn(
+                "type" + str(m.type), f"skipping {m.name!r}: unsupported tar type {m.type!r}"
+            )
             return
         self._meta_at(pfd, name, m, symlink=m.issym())
 
@@ -263,13 +271,19 @@ class Unpacker:
         tparts = split_name(m.linkname, "hard link target")
         if not tparts:
             raise UnpackError(f"refusing hard link {m.name!r} to the layer root")
-        missing = UnpackError(f"refusing hard link {m.name!r}: target {m.linkname!r} is not in "
-                              "the layer")
+        missing = UnpackError(
+            f"refusing hard link {m.name!r}: target {m.linkname!r} is not in the layer"
+        )
 
         def target() -> tuple[int, os.stat_result]:
             try:
-                tfd = self._goto(self._aux, tparts[:-1], m.name, create=False,
-                                 what=f"the parent of its target {m.linkname!r}, ")
+                tfd = self._goto(
+                    self._aux,
+                    tparts[:-1],
+                    m.name,
+                    create=False,
+                    what=f"the parent of its target {m.linkname!r}, ",
+                )
             except FileNotFoundError:
                 raise missing from None
             tst = _lstat(tparts[-1], tfd)
@@ -304,7 +318,7 @@ class Unpacker:
         for k, v in (m.pax_headers or {}).items():
             if not k.startswith("SCHILY.xattr."):
                 continue
-            name = k[len("SCHILY.xattr."):]
+            name = k[len("SCHILY.xattr.") :]
             if not name or is_internal_xattr(os.fsencode(name)):
                 continue
             out.append((name, v.encode("utf-8", "surrogateescape")))
@@ -314,8 +328,9 @@ class Unpacker:
         try:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as e:
-            self._warn("xattr" + name.split(".")[0],
-                       f"cannot set xattr {name!r}: {e.strerror} (skipped)")
+            self._warn(
+                "xattr" + name.split(".")[0], f"cannot set xattr {name!r}: {e.strerror} (skipped)"
+            )
 
     def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
         if self.as_root:
@@ -393,10 +408,9 @@ class Unpacker:
                 return
             if st is not None:
                 return  # the layer's own NAME already hides the layers below
-            try:
+            # FileExistsError: its marker is there already (the tar names this whiteout twice).
+            with contextlib.suppress(FileExistsError):
                 self.whiteouts.make_whiteout(pfd, os.fsencode(parts[-1]))
-            except FileExistsError:
-                pass  # its marker is there already: the tar names this whiteout twice
         except OSError as e:
             raise UnpackError(f"cannot create whiteout for {name!r}: {e.strerror}") from e
 
@@ -405,12 +419,24 @@ class Unpacker:
 
 
 # What a hostile or damaged tar stream can raise from inside tarfile and the decompressors.
-CORRUPT = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile,
-           ValueError, OverflowError, UnicodeError)
+CORRUPT = (
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    zstandard.ZstdError,
+    gzip.BadGzipFile,
+    ValueError,
+    OverflowError,
+    UnicodeError,
+)
 
 
-def unpack(src: tarfile.TarFile | IO[bytes] | Any, dest: str, kernel_format: bool | None = None,
-           max_member: int | None = None) -> str:
+def unpack(
+    src: tarfile.TarFile | IO[bytes] | Any,
+    dest: str,
+    kernel_format: bool | None = None,
+    max_member: int | None = None,
+) -> str:
     """Extract a layer tar (a TarFile, or a stream read as one) into the existing directory
     `dest`; returns the whiteout format actually written, "kernel" or "oci"."""
     root_fd = os.open(dest, DIR_FLAGS)
