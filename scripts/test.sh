@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
+# Gates before the tests: lint, formatting and types (versions pinned in pyproject.toml's
+# test extra). Fix what they report rather than silencing it.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy --strict unionfs/
+
 # pytest's default base temp (/tmp/pytest-of-USER) is shared by every checkout, and a
 # session removes what older sessions left there: concurrent runs from two checkouts
 # would delete each other's directories. Each checkout gets its own, unless given one.
