@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark pyunion against kernel overlayfs, fuse-overlayfs, unionfs-fuse and a plain
-merged copy (issue 5). As root, from the checkout:
+merged copy. As root, from the checkout:
 
     python3 scripts/bench.py --quick            # a short run, under 3 minutes
     python3 scripts/bench.py --out bench.json   # the full run (tens of minutes)

@@ -74,6 +74,6 @@ fi
 if ! .venv/bin/python -c 'import pyfuse3, trio, pytest, pytest_trio, hypothesis, zstandard, httpx, tqdm, pyseccomp, msgspec, dockerfile, unionfs' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -qq -e '.[test]'  # -qq: setuptools' notes on editable installs
     touch .venv/.installed
 fi

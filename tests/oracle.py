@@ -2,7 +2,7 @@
 
 The differential tests (test_differential_read.py, test_differential_write.py)
 describe a stack of layers as immutable spec objects, write it to disk twice
-(once as generated, with every marker format SPEC.md lists, and once converted
+(once as generated, with every marker format docs/formats.md lists, and once converted
 to the kernel's format, which is all kernel overlayfs reads), mount it with
 kernel overlayfs and with pyunion, and compare *snapshots* of the merged trees.
 
@@ -26,48 +26,21 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import functools
 import hashlib
 import os
 import shutil
 import stat
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
+from support import force_unmount
 
 # --------------------------------------------------------------------------------------------
-# Environment: why a test cannot run here.
-
-PYUNION_CMD = [sys.executable, "-m", "unionfs"]
-
-
-@functools.cache
-def skip_reason() -> str | None:
-    """Why the differential tests cannot run here, or None when they can."""
-    if os.geteuid() != 0:
-        return "needs root (kernel overlay mounts, mknod, trusted.* xattrs)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    with tempfile.TemporaryDirectory(prefix="pyunion-probe-") as td:
-        t = Path(td)
-        for d in ("l1", "l2", "u", "w", "m"):
-            (t / d).mkdir()
-        try:
-            with kernel_overlay([t / "l1", t / "l2"], t / "m", t / "u", t / "w"):
-                pass
-        except (OSError, subprocess.SubprocessError, AssertionError) as e:
-            return f"kernel overlayfs cannot be mounted here ({e})"
-        try:
-            os.setxattr(t / "l1", "user.probe", b"1")
-        except OSError as e:
-            return f"the temporary filesystem has no user xattrs ({e})"
-    return None
+# Environment and mounts are in support.py (kernel_overlay with its pinned options,
+# pyunion_mount, kernel_overlay_skip_reason).
 
 
 def settings_for(default_examples: int) -> settings:
@@ -86,106 +59,19 @@ def settings_for(default_examples: int) -> settings:
         deadline=None,
         database=None,
         print_blob=False,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                               HealthCheck.function_scoped_fixture],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Mounts.
-
-def is_mounted(path: str | Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
-def _escape(p: Path) -> str:
-    return str(p).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-
-
-def _detach(mnt: Path) -> None:
-    """Last resort: a lazy unmount, so no test ever leaves a mount behind."""
-    if is_mounted(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30, check=False)
-
-
-@contextlib.contextmanager
-def kernel_overlay(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
-                   work: Path | None = None) -> Iterator[Path]:
-    """Kernel overlayfs over LOWERS (top first), read-only without an upper.
-
-    A read-only kernel mount needs two lower layers; an empty bottom layer is
-    added for a single one, which changes nothing in the view.
-    """
-    lowers = list(lowers)
-    if upper is None and len(lowers) < 2:
-        empty = mnt.parent / f".{mnt.name}.empty-layer"
-        empty.mkdir(exist_ok=True)
-        lowers.append(empty)
-    opts = "lowerdir=" + ":".join(_escape(p) for p in lowers)
-    if upper is not None:
-        assert work is not None
-        opts += f",upperdir={_escape(upper)},workdir={_escape(work)}"
-    # The module's defaults on this machine, spelled out so that another machine's
-    # defaults (index=on breaks no links; redirect_dir=on renames dirs) cannot move the oracle.
-    opts += ",index=off,redirect_dir=off,metacopy=off"
-    mnt.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
-                       capture_output=True, text=True, timeout=60, check=False)
-    if r.returncode != 0:
-        raise AssertionError(f"kernel overlay mount failed: {r.stderr.strip()} (-o {opts})")
-    try:
-        yield mnt
-    finally:
-        r = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60, check=False)
-        if r.returncode != 0:
-            _detach(mnt)
-
-
-@contextlib.contextmanager
-def pyunion_mount(lowers: Sequence[Path], mnt: Path, upper: Path | None = None,
-                  work: Path | None = None, log: Path | None = None) -> Iterator[Path]:
-    """pyunion over LOWERS (top first) through its CLI; unmounted whatever happens.
-
-    A failing `pyunion umount` fails the test (after a lazy unmount), unless the
-    block already raised: then the block's error is the one worth seeing.
-    """
-    opts = "lowerdir=" + ":".join(_escape(p) for p in lowers)
-    if upper is not None:
-        opts += f",upperdir={_escape(upper)}"
-        if work is not None:
-            opts += f",workdir={_escape(work)}"
-    mnt.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if log is not None:
-        env["PYUNION_LOG"] = str(log)
-    r = subprocess.run([*PYUNION_CMD, "mount", "-o", opts, str(mnt)], capture_output=True,
-                       text=True, timeout=60, env=env, check=False)
-    if r.returncode != 0:
-        _detach(mnt)
-        raise AssertionError(f"pyunion mount failed ({r.returncode}): {r.stderr.strip()}")
-    if not is_mounted(mnt):
-        raise AssertionError("pyunion mount returned 0 but nothing is mounted")
-    ok = False
-    try:
-        yield mnt
-        ok = True
-    finally:
-        r = subprocess.run([*PYUNION_CMD, "umount", str(mnt)], capture_output=True, text=True,
-                           timeout=60, check=False)
-        still = is_mounted(mnt)
-        _detach(mnt)
-        if ok and (r.returncode != 0 or still):
-            raise AssertionError(f"pyunion umount failed ({r.returncode}, still mounted: "
-                                 f"{still}): {r.stderr.strip()}")
 
 
 # --------------------------------------------------------------------------------------------
 # Layer specs.
 
-BASE_TIME_NS = 978_307_200_123_456_789      # 2001-01-01, with nanoseconds to test precision
-RECENT_NS = 1_500_000_000 * 10**9           # anything after 2017 is "now" for the comparison
+BASE_TIME_NS = 978_307_200_123_456_789  # 2001-01-01, with nanoseconds to test precision
+RECENT_NS = 1_500_000_000 * 10**9  # anything after 2017 is "now" for the comparison
 
 Xattrs = tuple[tuple[str, bytes], ...]
 
@@ -215,7 +101,8 @@ class Symlink:
 @dataclass(frozen=True)
 class Special:
     """A fifo, socket, or character or block device (never 0/0: that is a whiteout)."""
-    kind: str                      # "fifo" | "sock" | "chr" | "blk"
+
+    kind: str  # "fifo" | "sock" | "chr" | "blk"
     meta: Meta
     rdev: tuple[int, int] = (0, 0)
 
@@ -223,6 +110,7 @@ class Special:
 @dataclass(frozen=True)
 class HardLink:
     """Another name for an earlier File of the same layer (path from the layer root)."""
+
     target: tuple[str, ...]
 
 
@@ -230,6 +118,7 @@ class HardLink:
 class Whiteout:
     """A whiteout as a node: "kernel" (char 0/0) or "xattr" (a zero-size file with
     trusted.overlay.whiteout in a directory marked trusted.overlay.opaque=x)."""
+
     style: str = "kernel"
 
 
@@ -249,8 +138,11 @@ class Dir:
 
 Node = File | Symlink | Special | HardLink | Whiteout | Dir
 
-OPAQUE_XATTR = {"kernel": "trusted.overlay.opaque", "user": "user.overlay.opaque",
-                "fuseoverlayfs": "user.fuseoverlayfs.opaque"}
+OPAQUE_XATTR = {
+    "kernel": "trusted.overlay.opaque",
+    "user": "user.overlay.opaque",
+    "fuseoverlayfs": "user.fuseoverlayfs.opaque",
+}
 
 
 def _set_times(path: Path, mtime_ns: int) -> None:
@@ -259,7 +151,7 @@ def _set_times(path: Path, mtime_ns: int) -> None:
 
 def _apply_meta(path: Path, meta: Meta, extra_xattrs: Xattrs = ()) -> None:
     os.chown(path, meta.uid, meta.gid, follow_symlinks=False)
-    os.chmod(path, meta.mode)          # after chown, which clears set-id bits
+    os.chmod(path, meta.mode)  # after chown, which clears set-id bits
     for k, v in (*meta.xattrs, *extra_xattrs):
         os.setxattr(path, k, v, follow_symlinks=False)
     _set_times(path, meta.mtime_ns)
@@ -275,8 +167,9 @@ def build_layer(root: Path, spec: Dir, kernel: bool) -> None:
     _build_dir(root, root, spec, kernel, is_root=True, force_opaque=False)
 
 
-def _build_dir(layer: Path, path: Path, spec: Dir, kernel: bool, is_root: bool,
-               force_opaque: bool) -> None:
+def _build_dir(
+    layer: Path, path: Path, spec: Dir, kernel: bool, is_root: bool, force_opaque: bool
+) -> None:
     names = {n for n, _ in spec.children}
     extra: list[tuple[str, bytes]] = []
     has_xwhiteout = any(isinstance(c, Whiteout) and c.style == "xattr" for _, c in spec.children)
@@ -284,7 +177,7 @@ def _build_dir(layer: Path, path: Path, spec: Dir, kernel: bool, is_root: bool,
         p = path / name
         if isinstance(child, Dir):
             p.mkdir()
-            opq = kernel and name in spec.oci_whiteouts   # OCI: .wh.NAME next to a dir NAME
+            opq = kernel and name in spec.oci_whiteouts  # OCI: .wh.NAME next to a dir NAME
             _build_dir(layer, p, child, kernel, is_root=False, force_opaque=opq)
         elif isinstance(child, File):
             p.write_bytes(child.data)
@@ -294,8 +187,12 @@ def _build_dir(layer: Path, path: Path, spec: Dir, kernel: bool, is_root: bool,
             os.chown(p, child.uid, child.gid, follow_symlinks=False)
             _set_times(p, BASE_TIME_NS)
         elif isinstance(child, Special):
-            fmt = {"fifo": stat.S_IFIFO, "sock": stat.S_IFSOCK, "chr": stat.S_IFCHR,
-                   "blk": stat.S_IFBLK}[child.kind]
+            fmt = {
+                "fifo": stat.S_IFIFO,
+                "sock": stat.S_IFSOCK,
+                "chr": stat.S_IFCHR,
+                "blk": stat.S_IFBLK,
+            }[child.kind]
             os.mknod(p, fmt | 0o600, os.makedev(*child.rdev))
             _apply_meta(p, child.meta)
         elif isinstance(child, HardLink):
@@ -359,7 +256,7 @@ def build_batch(base: Path, stacks: Sequence[Sequence[Dir]], kernel: bool) -> li
             if j < len(stack):
                 build_layer(p / f"s{i}", stack[j], kernel)
         paths.append(p)
-    for j, p in enumerate(paths):        # making s{i} moved the root's mtime
+    for j, p in enumerate(paths):  # making s{i} moved the root's mtime
         _set_times(p, stacks[0][j].meta.mtime_ns if j < len(stacks[0]) else BASE_TIME_NS)
     return paths
 
@@ -374,7 +271,7 @@ OWNERS = ((0, 0), (1000, 1000), (0, 1234), (65534, 65534))
 XATTR_NAMES = ("user.one", "user.two")
 XATTR_VALUES = (b"", b"v", b"\x00bin\xff", b"long" * 40)
 DATAS = (b"", b"x", b"hello\n", b"\x00" * 100 + b"end", b"z" * 5000)
-SYMLINK_TARGETS = ("a", "b/c", "zz", "c/a/b", ".")   # relative and downward: never escape
+SYMLINK_TARGETS = ("a", "b/c", "zz", "c/a/b", ".")  # relative and downward: never escape
 TIMES = (BASE_TIME_NS, BASE_TIME_NS + 86_400 * 10**9 + 1, 1_000_000_000 * 10**9)
 
 
@@ -384,23 +281,37 @@ def _weighted(*pairs: tuple[int, object]) -> st.SearchStrategy:
 
 def meta_st(modes: Sequence[int], xattrs_ok: bool = True) -> st.SearchStrategy[Meta]:
     owner = st.sampled_from(OWNERS)
-    xattrs = st.dictionaries(st.sampled_from(XATTR_NAMES), st.sampled_from(XATTR_VALUES),
-                             max_size=2 if xattrs_ok else 0).map(
-                                 lambda d: tuple(sorted(d.items())))
-    return st.builds(lambda m, o, x, t: Meta(m, o[0], o[1], x, t), st.sampled_from(modes),
-                     owner, xattrs, st.sampled_from(TIMES))
+    xattrs = st.dictionaries(
+        st.sampled_from(XATTR_NAMES), st.sampled_from(XATTR_VALUES), max_size=2 if xattrs_ok else 0
+    ).map(lambda d: tuple(sorted(d.items())))
+    return st.builds(
+        lambda m, o, x, t: Meta(m, o[0], o[1], x, t),
+        st.sampled_from(modes),
+        owner,
+        xattrs,
+        st.sampled_from(TIMES),
+    )
 
 
 @st.composite
-def layer_st(draw: st.DrawFn, max_depth: int = 3, hardlinks: bool = True,
-             formats: bool = True, devices: bool = True) -> Dir:
+def layer_st(
+    draw: st.DrawFn,
+    max_depth: int = 3,
+    hardlinks: bool = True,
+    formats: bool = True,
+    devices: bool = True,
+) -> Dir:
     """One layer. formats=False keeps to the kernel format (no OCI, no exotic markers);
     devices=False leaves out device nodes (for tests that open what they find)."""
     files: list[tuple[str, ...]] = []
 
     def node(path: tuple[str, ...]) -> Node:
-        kinds: list[tuple[int, str]] = [(4, "file"), (2, "whiteout"), (1, "symlink"),
-                                        (1, "special")]
+        kinds: list[tuple[int, str]] = [
+            (4, "file"),
+            (2, "whiteout"),
+            (1, "symlink"),
+            (1, "special"),
+        ]
         if len(path) < max_depth:
             kinds.append((4, "dir"))
         if hardlinks and files:
@@ -408,16 +319,20 @@ def layer_st(draw: st.DrawFn, max_depth: int = 3, hardlinks: bool = True,
         kind = draw(_weighted(*kinds))
         if kind == "file":
             files.append(path)
-            return File(draw(st.sampled_from(DATAS) | st.binary(max_size=20)),
-                        draw(meta_st(FILE_MODES)))
+            return File(
+                draw(st.sampled_from(DATAS) | st.binary(max_size=20)), draw(meta_st(FILE_MODES))
+            )
         if kind == "dir":
             return directory(path)
         if kind == "symlink":
             o = draw(st.sampled_from(OWNERS))
             return Symlink(draw(st.sampled_from(SYMLINK_TARGETS)), o[0], o[1])
         if kind == "special":
-            k = draw(st.sampled_from(("fifo", "fifo", "sock", "chr", "blk") if devices
-                                     else ("fifo", "sock")))
+            k = draw(
+                st.sampled_from(
+                    ("fifo", "fifo", "sock", "chr", "blk") if devices else ("fifo", "sock")
+                )
+            )
             rdev = {"chr": (1, 3), "blk": (7, 0)}.get(k, (0, 0))
             return Special(k, draw(meta_st((0o644, 0o600, 0o666), xattrs_ok=False)), rdev)
         if kind == "link":
@@ -436,9 +351,17 @@ def layer_st(draw: st.DrawFn, max_depth: int = 3, hardlinks: bool = True,
         aufs = False
         if formats:
             oci = tuple(n for n in NAMES if draw(_weighted((4, False), (1, True))))
-            if path:       # an opaque layer root means nothing to the kernel
-                opaque = draw(_weighted((6, None), (2, "kernel"), (2, "oci"), (1, "user"),
-                                        (1, "fuseoverlayfs"), (1, "whopq")))
+            if path:  # an opaque layer root means nothing to the kernel
+                opaque = draw(
+                    _weighted(
+                        (6, None),
+                        (2, "kernel"),
+                        (2, "oci"),
+                        (1, "user"),
+                        (1, "fuseoverlayfs"),
+                        (1, "whopq"),
+                    )
+                )
             else:
                 aufs = draw(_weighted((5, False), (1, True)))
         elif path:
@@ -467,7 +390,7 @@ class Entry:
     gid: int
     size: int | None = None
     nlink: int | None = None
-    data: bytes | str | None = None        # contents, or a sha256 for big files
+    data: bytes | str | None = None  # contents, or a sha256 for big files
     target: str | None = None
     rdev: tuple[int, int] | None = None
     xattrs: Xattrs = ()
@@ -492,8 +415,15 @@ class Snapshot:
         return frozenset(frozenset(s) for s in by.values() if len(s) > 1)
 
 
-_KINDS = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
-          stat.S_IFIFO: "fifo", stat.S_IFSOCK: "sock", stat.S_IFCHR: "chr", stat.S_IFBLK: "blk"}
+_KINDS = {
+    stat.S_IFDIR: "dir",
+    stat.S_IFREG: "file",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "sock",
+    stat.S_IFCHR: "chr",
+    stat.S_IFBLK: "blk",
+}
 
 
 def _xattrs(path: str) -> Xattrs:
@@ -528,10 +458,19 @@ def entry_of(path: str, st_: os.stat_result | None = None, times: bool = True) -
     mtime: int | str | None = None
     if times:
         mtime = s.st_mtime_ns if s.st_mtime_ns < RECENT_NS else "recent"
-    return Entry(kind=kind, mode=stat.S_IMODE(s.st_mode), uid=s.st_uid, gid=s.st_gid,
-                 size=None if kind == "dir" else s.st_size,
-                 nlink=None if kind == "dir" else s.st_nlink,
-                 data=data, target=target, rdev=rdev, xattrs=_xattrs(path), mtime=mtime)
+    return Entry(
+        kind=kind,
+        mode=stat.S_IMODE(s.st_mode),
+        uid=s.st_uid,
+        gid=s.st_gid,
+        size=None if kind == "dir" else s.st_size,
+        nlink=None if kind == "dir" else s.st_nlink,
+        data=data,
+        target=target,
+        rdev=rdev,
+        xattrs=_xattrs(path),
+        mtime=mtime,
+    )
 
 
 def snapshot(root: Path, times: bool = True, skip: Sequence[str] = ()) -> Snapshot:
@@ -562,8 +501,9 @@ def snapshot(root: Path, times: bool = True, skip: Sequence[str] = ()) -> Snapsh
     return snap
 
 
-def diff(expected: Snapshot, actual: Snapshot, ignore: Sequence[str] = (),
-         sharing: bool = True) -> list[str]:
+def diff(
+    expected: Snapshot, actual: Snapshot, ignore: Sequence[str] = (), sharing: bool = True
+) -> list[str]:
     """Human-readable differences; ignore names Entry fields not to compare."""
     out = []
     for p in sorted(set(expected.entries) | set(actual.entries)):
@@ -587,13 +527,19 @@ def diff(expected: Snapshot, actual: Snapshot, ignore: Sequence[str] = (),
         es = frozenset(g & common for g in es if len(g & common) > 1)
         as_ = frozenset(g & common for g in as_ if len(g & common) > 1)
         if es != as_:
-            out.append(f"inode sharing: expected {sorted(map(sorted, es))}, "
-                       f"got {sorted(map(sorted, as_))}")
+            out.append(
+                f"inode sharing: expected {sorted(map(sorted, es))}, got {sorted(map(sorted, as_))}"
+            )
     return out
 
 
-def assert_same(expected: Snapshot, actual: Snapshot, what: str, ignore: Sequence[str] = (),
-                sharing: bool = True) -> None:
+def assert_same(
+    expected: Snapshot,
+    actual: Snapshot,
+    what: str,
+    ignore: Sequence[str] = (),
+    sharing: bool = True,
+) -> None:
     d = diff(expected, actual, ignore, sharing)
     if d:
         shown = "\n  ".join(d[:40]) + ("\n  ..." if len(d) > 40 else "")
@@ -602,8 +548,11 @@ def assert_same(expected: Snapshot, actual: Snapshot, what: str, ignore: Sequenc
 
 def dino_mismatches(snap: Snapshot) -> list[str]:
     """Names whose readdir d_ino differs from their lstat st_ino."""
-    return [f"{p}: d_ino {snap.dinos[p]} != st_ino {snap.inos[p]}"
-            for p in snap.dinos if snap.dinos[p] != snap.inos[p]]
+    return [
+        f"{p}: d_ino {snap.dinos[p]} != st_ino {snap.inos[p]}"
+        for p in snap.dinos
+        if snap.dinos[p] != snap.inos[p]
+    ]
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -627,10 +576,9 @@ def copy_tree(src: Path, dst: Path) -> None:
             with os.scandir(sp) as it:
                 names = sorted(e.name for e in it)
             for n in names:
-                try:
+                # FileNotFoundError: a whiteout the kernel listed (see Snapshot.ghosts).
+                with contextlib.suppress(FileNotFoundError):
                     one(os.path.join(sp, n), dp / n)
-                except FileNotFoundError:
-                    pass             # a whiteout the kernel listed (see Snapshot.ghosts)
             meta(s, sp, dp)
             return
         if s.st_nlink > 1 and s.st_ino in seen:
@@ -659,8 +607,9 @@ RENAME_EXCHANGE = 2
 
 
 def renameat2(src: str | Path, dst: str | Path, flags: int = 0) -> None:
-    r = _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
-                        ctypes.c_uint(flags))
+    r = _libc.renameat2(
+        AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)
+    )
     if r != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), str(src))
@@ -675,8 +624,9 @@ def is_kernel_whiteout(path: str | Path) -> bool:
 
 
 def upper_problems(upper: Path, lowers: Sequence[Path]) -> list[str]:
-    """What SPEC forbids in an upper: whiteouts inside opaque directories, whiteouts of names
-    no lower layer has, OCI markers (as root the kernel format must be written)."""
+    """What docs/formats.md forbids in an upper: whiteouts inside opaque directories,
+    whiteouts of names no lower layer has, OCI markers (as root the kernel format must be
+    written)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(upper):
         rel = os.path.relpath(dirpath, upper)
@@ -693,8 +643,7 @@ def upper_problems(upper: Path, lowers: Sequence[Path]) -> list[str]:
                 continue
             if opaque:
                 out.append(f"{r}: whiteout inside an opaque directory")
-            if not any(os.path.lexists(lo / r) and not is_kernel_whiteout(lo / r)
-                       for lo in lowers):
+            if not any(os.path.lexists(lo / r) and not is_kernel_whiteout(lo / r) for lo in lowers):
                 out.append(f"{r}: whiteout of a name no lower layer has")
     return out
 
@@ -708,6 +657,5 @@ def rmtree(path: Path) -> None:
     if not path.exists():
         return
     for dirpath, _, _ in os.walk(path):
-        if is_mounted(dirpath):
-            _detach(Path(dirpath))
+        force_unmount(dirpath)
     shutil.rmtree(path, ignore_errors=True)

@@ -43,8 +43,10 @@ from typing import Any
 
 BINARY = "docker-registry"
 USER, PASSWORD = "tester", "s3cret-pass"
-_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d+) \S+ '
-                     r'"[^"]*" "(?P<agent>[^"]*)"')
+_ACCESS = re.compile(
+    r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d+) \S+ '
+    r'"[^"]*" "(?P<agent>[^"]*)"'
+)
 
 
 def skip_reason() -> str | None:
@@ -67,14 +69,54 @@ def make_certs(d: Path) -> Path:
     def ossl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60, cwd=d)
 
-    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-         "-subj", "/CN=pyunion test CA", "-days", "2")
-    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-         "-subj", "/CN=localhost")
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                               "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
-    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    ossl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=pyunion test CA",
+        "-days",
+        "2",
+    )
+    ossl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    )
+    (d / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    ossl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
     cadir = d / "trust"
     cadir.mkdir(exist_ok=True)
     shutil.copy(d / "ca.crt", cadir / "ca.crt")
@@ -116,13 +158,35 @@ class TokenServer(_Threaded):
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.key, self.cert = root / "token.key", root / "token.crt"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                        str(self.key), "-out", str(self.cert), "-subj", "/CN=pyunion token",
-                        "-days", "2"], check=True, capture_output=True, timeout=60)
-        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
-                             check=True, capture_output=True, timeout=60).stdout
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(self.key),
+                "-out",
+                str(self.cert),
+                "-subj",
+                "/CN=pyunion token",
+                "-days",
+                "2",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        ).stdout
         self.x5c = base64.b64encode(der).decode()
-        self.scopes: list[list[str]] = []     # scopes asked for, one list per granted token
+        self.scopes: list[list[str]] = []  # scopes asked for, one list per granted token
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -164,13 +228,24 @@ class TokenServer(_Threaded):
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
         now = int(time.time())
         header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
-        claims = {"iss": self.ISSUER, "sub": user or "", "aud": self.SERVICE, "exp": now + 600,
-                  "nbf": now - 60, "iat": now, "jti": uuid.uuid4().hex, "access": access}
-        signing = (_b64url(json.dumps(header).encode()) + "." +
-                   _b64url(json.dumps(claims).encode()))
-        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)],
-                             input=signing.encode(), check=True, capture_output=True,
-                             timeout=30).stdout
+        claims = {
+            "iss": self.ISSUER,
+            "sub": user or "",
+            "aud": self.SERVICE,
+            "exp": now + 600,
+            "nbf": now - 60,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
+        signing = _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        sig = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing.encode(),
+            check=True,
+            capture_output=True,
+            timeout=30,
+        ).stdout
         return signing + "." + _b64url(sig)
 
 
@@ -179,7 +254,7 @@ class BlobStorage(_Threaded):
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.requests: list[tuple[str, str, bool]] = []   # (method, path, had credentials)
+        self.requests: list[tuple[str, str, bool]] = []  # (method, path, had credentials)
         self.directory = directory
         owner = self
 
@@ -191,8 +266,7 @@ class BlobStorage(_Threaded):
                 pass
 
             def send_head(self) -> Any:
-                owner.requests.append((self.command, self.path,
-                                       "Authorization" in self.headers))
+                owner.requests.append((self.command, self.path, "Authorization" in self.headers))
                 return super().send_head()
 
         self._serve(Handler)
@@ -205,8 +279,14 @@ class BlobStorage(_Threaded):
 class Registry:
     """One registry process; `host` is what references use (`127.0.0.1:PORT`)."""
 
-    def __init__(self, root: Path, tls: bool = False, htpasswd: bool = False,
-                 token: TokenServer | None = None, redirect: BlobStorage | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        tls: bool = False,
+        htpasswd: bool = False,
+        token: TokenServer | None = None,
+        redirect: BlobStorage | None = None,
+    ) -> None:
         self.root = root
         self.tls = tls
         self.auth = htpasswd
@@ -231,31 +311,67 @@ class Registry:
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
-        cfg = ["version: 0.1", "log:", "  level: warn", "  accesslog:", "    disabled: false",
-               "storage:", "  filesystem:", f"    rootdirectory: {self.storage}",
-               "  delete:", "    enabled: true", "http:", f"  addr: 127.0.0.1:{self.port}"]
+        cfg = [
+            "version: 0.1",
+            "log:",
+            "  level: warn",
+            "  accesslog:",
+            "    disabled: false",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {self.storage}",
+            "  delete:",
+            "    enabled: true",
+            "http:",
+            f"  addr: 127.0.0.1:{self.port}",
+        ]
         if self.tls:
             self.ca_dir = make_certs(self.root / "certs")
-            cfg += ["  tls:", f"    certificate: {self.root / 'certs/server.crt'}",
-                    f"    key: {self.root / 'certs/server.key'}"]
+            cfg += [
+                "  tls:",
+                f"    certificate: {self.root / 'certs/server.crt'}",
+                f"    key: {self.root / 'certs/server.key'}",
+            ]
         if self.auth:
-            r = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True,
-                               text=True, check=True, timeout=30)
+            r = subprocess.run(
+                ["htpasswd", "-Bbn", USER, PASSWORD],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            )
             (self.root / "htpasswd").write_text(r.stdout)
-            cfg += ["auth:", "  htpasswd:", "    realm: pyunion-test",
-                    f"    path: {self.root / 'htpasswd'}"]
+            cfg += [
+                "auth:",
+                "  htpasswd:",
+                "    realm: pyunion-test",
+                f"    path: {self.root / 'htpasswd'}",
+            ]
         if self.token is not None:
-            cfg += ["auth:", "  token:", f"    realm: {self.token.realm}",
-                    f"    service: {self.token.SERVICE}", f"    issuer: {self.token.ISSUER}",
-                    f"    rootcertbundle: {self.token.cert}"]
+            cfg += [
+                "auth:",
+                "  token:",
+                f"    realm: {self.token.realm}",
+                f"    service: {self.token.SERVICE}",
+                f"    issuer: {self.token.ISSUER}",
+                f"    rootcertbundle: {self.token.cert}",
+            ]
         if self.redirect is not None:
-            cfg += ["middleware:", "  storage:", "    - name: redirect", "      options:",
-                    f"        baseurl: {self.redirect.url}"]
+            cfg += [
+                "middleware:",
+                "  storage:",
+                "    - name: redirect",
+                "      options:",
+                f"        baseurl: {self.redirect.url}",
+            ]
         (self.root / "config.yml").write_text("\n".join(cfg) + "\n")
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([BINARY, "serve", str(self.root / "config.yml")],
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [BINARY, "serve", str(self.root / "config.yml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 30
         while not self._answers():
             if self.proc.poll() is not None:
@@ -318,20 +434,23 @@ class Registry:
 
     # --- the API itself, for what no client would push ------------------------------------
     def _call(self, method: str, url: str, data: bytes, content_type: str) -> Any:
-        req = urllib.request.Request(url if url.startswith("http") else self.url + url,
-                                     data=data, method=method,
-                                     headers={"Content-Type": content_type})
+        req = urllib.request.Request(
+            url if url.startswith("http") else self.url + url,
+            data=data,
+            method=method,
+            headers={"Content-Type": content_type},
+        )
         return urllib.request.urlopen(req, timeout=30, context=self._ssl())
 
     def upload_blob(self, repo: str, data: bytes) -> dict[str, Any]:
         """POST then PUT (a monolithic upload); returns the blob's descriptor."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        with self._call("POST", f"/v2/{repo}/blobs/uploads/", b"",
-                        "application/octet-stream") as resp:
+        with self._call(
+            "POST", f"/v2/{repo}/blobs/uploads/", b"", "application/octet-stream"
+        ) as resp:
             location = resp.headers["Location"]
         sep = "&" if "?" in location else "?"
-        with self._call("PUT", f"{location}{sep}digest={digest}", data,
-                        "application/octet-stream"):
+        with self._call("PUT", f"{location}{sep}digest={digest}", data, "application/octet-stream"):
             pass
         return {"digest": digest, "size": len(data)}
 
@@ -345,8 +464,13 @@ class Registry:
 
 
 @contextlib.contextmanager
-def running(root: Path, tls: bool = False, htpasswd: bool = False, token: bool = False,
-            redirect: bool = False) -> Iterator[Registry]:
+def running(
+    root: Path,
+    tls: bool = False,
+    htpasswd: bool = False,
+    token: bool = False,
+    redirect: bool = False,
+) -> Iterator[Registry]:
     """A registry for the block; `token`/`redirect` start its partner servers too."""
     tok = TokenServer(root / "token") if token else None
     store = BlobStorage(root / "storage") if redirect else None

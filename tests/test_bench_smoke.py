@@ -25,9 +25,10 @@ def _overlay_skip_reason() -> str | None:
     return impls.Kernel().missing()
 
 
-pytestmark = [pytest.mark.skipif(_overlay_skip_reason() is not None,
-                                 reason=_overlay_skip_reason() or ""),
-              pytest.mark.timeout(60)]
+pytestmark = [
+    pytest.mark.skipif(_overlay_skip_reason() is not None, reason=_overlay_skip_reason() or ""),
+    pytest.mark.timeout(60),
+]
 
 
 def test_image_and_one_run(tmp_path: Path) -> None:
@@ -51,8 +52,15 @@ def test_image_and_one_run(tmp_path: Path) -> None:
     gone = [rel for rel, st in walk(top) if is_whiteout(st)]
     assert gone and not any(os.path.lexists(image.merged / rel) for rel in gone)
 
-    cfg = Config(cache=cache, sizes=TINY, impls=[impls.Native(), impls.Kernel()],
-                 workloads=["W1", "W7"], modes=("warm",), reps=1, session=False)
+    cfg = Config(
+        cache=cache,
+        sizes=TINY,
+        impls=[impls.Native(), impls.Kernel()],
+        workloads=["W1", "W7"],
+        modes=("warm",),
+        reps=1,
+        session=False,
+    )
     runner = Runner(cfg, image, None)
     try:
         assert runner.verify() == {"kernel": []}
@@ -61,15 +69,25 @@ def test_image_and_one_run(tmp_path: Path) -> None:
         impls.cleanup_all()
     assert not impls.ACTIVE
     assert {(r["impl"], r["workload"]) for r in runner.results} == {
-        (i, w) for i in ("native", "kernel") for w in ("W1", "W7")}
+        (i, w) for i in ("native", "kernel") for w in ("W1", "W7")
+    }
     assert all(r["error"] is None and r["seconds"] > 0 for r in runner.results), runner.results
     assert not (cache / "runs").exists() or not any((cache / "runs").iterdir())
 
-    data = {"meta": {"date": "now", "machine": {"cpu": "cpu", "cpus": 1, "mem_gib": 1.0,
-                                                "kernel": "k", "fs": "fs"},
-                     "sizes": {"name": "tiny"}, "reps": 1, "modes": ["warm"],
-                     "impls": ["native", "kernel"], "versions": {}, "skipped": {},
-                     "image": {"source": image.source, "counts": image.counts}},
-            "results": runner.results, "session": {}}
+    data = {
+        "meta": {
+            "date": "now",
+            "machine": {"cpu": "cpu", "cpus": 1, "mem_gib": 1.0, "kernel": "k", "fs": "fs"},
+            "sizes": {"name": "tiny"},
+            "reps": 1,
+            "modes": ["warm"],
+            "impls": ["native", "kernel"],
+            "versions": {},
+            "skipped": {},
+            "image": {"source": image.source, "counts": image.counts},
+        },
+        "results": runner.results,
+        "session": {},
+    }
     text = report.render(data, markdown=True)
     assert "| W1 find" in text and "W7 rename" in text

@@ -28,15 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
+from support import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 
 from unionfs.build.ignore import Matcher
 from unionfs.build.lexer import Lexer, SubstitutionError
 from unionfs.image import Store
 
 TOOLS = ("buildah", "skopeo", "umoci", "dpkg-deb")
-CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "Labels",
-               "Volumes")
+CONFIG_KEYS = (
+    "Env",
+    "Cmd",
+    "Entrypoint",
+    "WorkingDir",
+    "User",
+    "ExposedPorts",
+    "Labels",
+    "Volumes",
+)
 BUILDAH_MOUNT_POINTS = (b"etc/hosts", b"etc/hostname", b"etc/resolv.conf")
 TIME_OF_DAY_LOGS = (b"var/log/dpkg.log", b"var/log/alternatives.log")
 
@@ -55,8 +63,14 @@ needs_tools = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason
 
 
 def sh(*args: str | Path, timeout: float = 300, input: str | None = None) -> str:
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                       input=input, check=False)
+    r = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        check=False,
+    )
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-3000:]}")
     return r.stdout
@@ -66,32 +80,57 @@ def sh(*args: str | Path, timeout: float = 300, input: str | None = None) -> str
 class Env:
     tmp: Path
     store: str
-    root: Path      # buildah's vfs storage
+    root: Path  # buildah's vfs storage
     runroot: Path
 
     @property
     def bah(self) -> list[str]:
-        return ["buildah", "--root", str(self.root), "--runroot", str(self.runroot),
-                "--storage-driver", "vfs"]
+        return [
+            "buildah",
+            "--root",
+            str(self.root),
+            "--runroot",
+            str(self.runroot),
+            "--storage-driver",
+            "vfs",
+        ]
 
     @property
     def cs(self) -> str:
         return f"containers-storage:[vfs@{self.root}+{self.runroot}]"
 
-    def build(self, ctx: Path, *args: str, check: bool = True,
-              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([*PYUNION, "build", "--store", self.store, *args, str(ctx)],
-                           capture_output=True, text=True, timeout=600, input=stdin,
-                           check=False)
+    def build(
+        self, ctx: Path, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [*PYUNION, "build", "--store", self.store, *args, str(ctx)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            input=stdin,
+            check=False,
+        )
         if check and r.returncode != 0:
-            raise AssertionError(f"pyunion build failed ({r.returncode}): {r.stderr[-3000:]}"
-                                 f"\n{r.stdout[-3000:]}")
+            raise AssertionError(
+                f"pyunion build failed ({r.returncode}): {r.stderr[-3000:]}\n{r.stdout[-3000:]}"
+            )
         return r
 
     def buildah(self, ctx: Path, tag: str, *args: str) -> None:
         layers = () if any(a.startswith("--layers") for a in args) else ("--layers",)
-        sh(*self.bah, "bud", *layers, "--isolation", "chroot", "-q", "-t", tag, *args, ctx,
-           timeout=900)
+        sh(
+            *self.bah,
+            "bud",
+            *layers,
+            "--isolation",
+            "chroot",
+            "-q",
+            "-t",
+            tag,
+            *args,
+            ctx,
+            timeout=900,
+        )
 
     def buildah_image(self, tag: str) -> tuple[dict[bytes, tuple], dict]:
         """(tree as umoci unpacks it, config) of a buildah image."""
@@ -135,8 +174,11 @@ def compare(theirs: tuple[dict[bytes, tuple], dict], ours: tuple[dict[bytes, tup
         for p in TIME_OF_DAY_LOGS:
             if p in view:
                 view[p] = view[p][:4]
-    diff = {k: (bview.get(k), pview.get(k)) for k in set(bview) | set(pview)
-            if bview.get(k) != pview.get(k)}
+    diff = {
+        k: (bview.get(k), pview.get(k))
+        for k in set(bview) | set(pview)
+        if bview.get(k) != pview.get(k)
+    }
     assert not diff, f"trees differ (buildah, pyunion): {sorted(diff.items())[:20]}"
     bc, pc = bcfg.get("config") or {}, pcfg.get("config") or {}
     (bc.get("Labels") or {}).pop("io.buildah.version", None)
@@ -151,15 +193,20 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     e = Env(t, str(t / "store"), t / "root", t / "runroot")
     try:
         pyunion("sample", str(t / "sample"), "--oci")
-        pyunion("image", "import", str(t / "sample/oci"), "--tag", "busybox", "--store", e.store,
-                "-q")
-        sh("skopeo", "copy", "-q", f"oci:{t / 'sample/oci'}:latest",
-           f"{e.cs}localhost/busybox:latest")
+        pyunion(
+            "image", "import", str(t / "sample/oci"), "--tag", "busybox", "--store", e.store, "-q"
+        )
+        sh(
+            "skopeo",
+            "copy",
+            "-q",
+            f"oci:{t / 'sample/oci'}:latest",
+            f"{e.cs}localhost/busybox:latest",
+        )
         yield e
     finally:
         subprocess.run([*e.bah, "rm", "--all"], capture_output=True, timeout=120, check=False)
-        subprocess.run(["umount", "-R", str(e.root)], capture_output=True, timeout=60,
-                       check=False)
+        subprocess.run(["umount", "-R", str(e.root)], capture_output=True, timeout=60, check=False)
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -226,9 +273,9 @@ def _busybox_context(ctx: Path) -> None:
     _write(ctx / "Containerfile", BUSYBOX_FILE)
     _write(ctx / "src/main.py", "print('main')\n", 0o755)
     _write(ctx / "src/pkg/util.py", "X = 1\n", 0o600)
-    _write(ctx / "src/pkg/util.pyc", "junk")                 # ignored by a pattern
-    _write(ctx / "src/cache/big.bin", "x" * 5000)            # ignored directory...
-    _write(ctx / "src/cache/keep.txt", "kept\n")             # ...but this exception comes back
+    _write(ctx / "src/pkg/util.pyc", "junk")  # ignored by a pattern
+    _write(ctx / "src/cache/big.bin", "x" * 5000)  # ignored directory...
+    _write(ctx / "src/cache/keep.txt", "kept\n")  # ...but this exception comes back
     os.symlink("main.py", ctx / "src/link-to-main")
     os.link(ctx / "src/main.py", ctx / "src/hardlink-to-main")
     os.mkdir(ctx / "src/private", 0o700)
@@ -238,11 +285,18 @@ def _busybox_context(ctx: Path) -> None:
     _write(ctx / "NOTES.md", "notes\n")
     _write(ctx / "secret.txt", "never in the image\n")
     _write(ctx / "plain.txt", "ADD copies a file that is no archive\n")
-    _write(ctx / ".dockerignore", "# comment\n**/*.pyc\nsrc/cache\n!src/cache/keep.txt\n"
-           "secret.txt\n")
-    _tar_gz(ctx / "bundle.tar.gz", [("top/", None, 0o750), ("top/a.txt", b"a\n", 0o644),
-                                    ("top/bin/run.sh", b"#!/bin/sh\n", 0o755),
-                                    ("top/alias@link", b"a.txt", 0o777)])
+    _write(
+        ctx / ".dockerignore", "# comment\n**/*.pyc\nsrc/cache\n!src/cache/keep.txt\nsecret.txt\n"
+    )
+    _tar_gz(
+        ctx / "bundle.tar.gz",
+        [
+            ("top/", None, 0o750),
+            ("top/a.txt", b"a\n", 0o644),
+            ("top/bin/run.sh", b"#!/bin/sh\n", 0o755),
+            ("top/alias@link", b"a.txt", 0o777),
+        ],
+    )
 
 
 @needs_tools
@@ -259,9 +313,9 @@ def test_busybox_build_matches_buildah(env: Env) -> None:
     view = ours[0]
     assert b"srv/app/src/cache/keep.txt" in view and b"srv/app/src/cache/big.bin" not in view
     assert b"srv/app/src/pkg/util.pyc" not in view and b"srv/app/secret.txt" not in view
-    assert view[b"srv/app/src/main.py"][2:4] == (1000, 100)          # --chown=alice:users
-    assert view[b"srv/app/bin"][1:4] == (0o750, 1000, 100)           # --from keeps owners
-    assert view[b"opt/bundle/top/a.txt"][2:4] == (123, 456)          # ADD keeps the tar's
+    assert view[b"srv/app/src/main.py"][2:4] == (1000, 100)  # --chown=alice:users
+    assert view[b"srv/app/bin"][1:4] == (0o750, 1000, 100)  # --from keeps owners
+    assert view[b"opt/bundle/top/a.txt"][2:4] == (123, 456)  # ADD keeps the tar's
     assert b"etc/motd" not in view and b"opt/old" not in view
     cfg = ours[1]
     hist = [h["created_by"] for h in cfg["history"]]
@@ -281,12 +335,25 @@ def test_built_image_exports_to_skopeo_and_umoci(env: Env) -> None:
     view, _ = env.pyunion_image("bb")
     out = env.tmp / "export"
     pyunion("image", "export", "bb", str(out), "--store", env.store)
-    pyunion("image", "export", "bb", str(env.tmp / "export.tar"), "--format", "docker",
-            "--store", env.store)
+    pyunion(
+        "image",
+        "export",
+        "bb",
+        str(env.tmp / "export.tar"),
+        "--format",
+        "docker",
+        "--store",
+        env.store,
+    )
     info = json.loads(sh("skopeo", "inspect", f"oci:{out}:latest"))
     assert len(info["Layers"]) == 13 and info["Labels"]["version"] == "1"
-    sh("skopeo", "copy", "-q", f"docker-archive:{env.tmp / 'export.tar'}",
-       f"oci:{env.tmp / 'export2'}:x")
+    sh(
+        "skopeo",
+        "copy",
+        "-q",
+        f"docker-archive:{env.tmp / 'export.tar'}",
+        f"oci:{env.tmp / 'export2'}:x",
+    )
     for layout, ref in ((out, "latest"), (env.tmp / "export2", "x")):
         bundle = env.tmp / f"export-bundle-{ref}"
         sh("umoci", "unpack", "--image", f"{layout}:{ref}", bundle)
@@ -297,10 +364,17 @@ def test_built_image_exports_to_skopeo_and_umoci(env: Env) -> None:
 def _deb(path: Path) -> None:
     """A tiny local .deb (no network needed): a script, a data file and a postinst."""
     root = path.with_suffix("")
-    _write(root / "DEBIAN/control", "Package: pyunion-hello\nVersion: 1.0\nArchitecture: all\n"
-           "Maintainer: pyunion tests <tests@example.org>\nDescription: build test package\n")
-    _write(root / "DEBIAN/postinst", "#!/bin/sh\nset -e\nmkdir -p /var/lib/pyunion-hello\n"
-           "echo installed > /var/lib/pyunion-hello/state\n", 0o755)
+    _write(
+        root / "DEBIAN/control",
+        "Package: pyunion-hello\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: pyunion tests <tests@example.org>\nDescription: build test package\n",
+    )
+    _write(
+        root / "DEBIAN/postinst",
+        "#!/bin/sh\nset -e\nmkdir -p /var/lib/pyunion-hello\n"
+        "echo installed > /var/lib/pyunion-hello/state\n",
+        0o755,
+    )
     _write(root / "usr/bin/pyunion-hello", "#!/bin/sh\necho hello from a .deb\n", 0o755)
     _write(root / "usr/share/pyunion-hello/data.txt", "data\n")
     sh("dpkg-deb", "--root-owner-group", "-Zgzip", "--build", root, path)
@@ -344,23 +418,50 @@ def debian_image(env: Env, debian_rootfs: str) -> str:
         return "sha256:" + h.hexdigest(), size
 
     ldigest, lsize = put(tmp_tar)
-    config = {"architecture": "amd64" if os.uname().machine == "x86_64" else "arm64",
-              "os": "linux", "config": {"Env": [DEBIAN_PATH], "Cmd": ["/bin/bash"]},
-              "rootfs": {"type": "layers", "diff_ids": [ldigest]},
-              "history": [{"created_by": "debootstrap"}]}
+    config = {
+        "architecture": "amd64" if os.uname().machine == "x86_64" else "arm64",
+        "os": "linux",
+        "config": {"Env": [DEBIAN_PATH], "Cmd": ["/bin/bash"]},
+        "rootfs": {"type": "layers", "diff_ids": [ldigest]},
+        "history": [{"created_by": "debootstrap"}],
+    }
     cdigest, csize = put(None, json.dumps(config).encode())
-    man = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                      "digest": cdigest, "size": csize},
-           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                       "digest": ldigest, "size": lsize}]}
+    man = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": cdigest,
+            "size": csize,
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": ldigest,
+                "size": lsize,
+            }
+        ],
+    }
     mdigest, msize = put(None, json.dumps(man).encode())
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
-         "size": msize, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": mdigest,
+                        "size": msize,
+                        "annotations": {"org.opencontainers.image.ref.name": "latest"},
+                    }
+                ],
+            }
+        )
+    )
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    pyunion("image", "import", str(layout), "--tag", "debian", "--store", env.store, "-q",
-            timeout=300)
+    pyunion(
+        "image", "import", str(layout), "--tag", "debian", "--store", env.store, "-q", timeout=300
+    )
     sh("skopeo", "copy", "-q", f"oci:{layout}:latest", f"{env.cs}localhost/debian:latest")
     shutil.rmtree(layout)
     return "debian"
@@ -380,8 +481,17 @@ def test_debian_build_with_dpkg_matches_buildah(env: Env, debian_image: str) -> 
     view = ours[0]
     assert view[b"home/builder/app/main.sh"][2:4] == (1234, 1234)
     assert b"var/lib/pyunion-hello/state" in view and b"usr/bin/pyunion-hello" in view
-    r = pyunion("run", "--store", env.store, "deb", "--", "cat", "/home/builder/app/stamp",
-                "/hello.out", timeout=120)
+    r = pyunion(
+        "run",
+        "--store",
+        env.store,
+        "deb",
+        "--",
+        "cat",
+        "/home/builder/app/stamp",
+        "/hello.out",
+        timeout=120,
+    )
     assert r.stdout == "built\nbuilder\nhello from a .deb\n"
 
 
@@ -462,13 +572,18 @@ def test_cache_rules(env: Env) -> None:
 @needs_tools
 def test_failing_run_leaves_nothing_half_written(env: Env) -> None:
     ctx = env.tmp / "ctx-fail"
-    _write(ctx / "Containerfile", "FROM busybox\nUSER root\nRUN echo partial > /partial\n"
-           "RUN echo doomed > /doomed && exit 7\nRUN echo never\n")
+    _write(
+        ctx / "Containerfile",
+        "FROM busybox\nUSER root\nRUN echo partial > /partial\n"
+        "RUN echo doomed > /doomed && exit 7\nRUN echo never\n",
+    )
     layers_before = _layers(env.store)
     r = env.build(ctx, "-t", "failed", check=False)
     assert r.returncode == 1
-    assert "STEP 4/5: RUN echo doomed > /doomed && exit 7: the command exited with status 7" \
+    assert (
+        "STEP 4/5: RUN echo doomed > /doomed && exit 7: the command exited with status 7"
         in r.stderr
+    )
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "never" not in r.stdout
     assert "failed" not in pyunion("images", "--store", env.store).stdout
@@ -476,8 +591,10 @@ def test_failing_run_leaves_nothing_half_written(env: Env) -> None:
     new = _layers(env.store) - layers_before
     assert len(new) == 1  # the step before the failure, complete and reusable
     # The step before is cached; the fixed file finishes from there.
-    _write(ctx / "Containerfile", "FROM busybox\nUSER root\nRUN echo partial > /partial\n"
-           "RUN echo fixed > /fixed\n")
+    _write(
+        ctx / "Containerfile",
+        "FROM busybox\nUSER root\nRUN echo partial > /partial\nRUN echo fixed > /fixed\n",
+    )
     assert _steps(env.build(ctx, "-t", "failed").stdout) == ["cached", "cached", "ran"]
 
 
@@ -485,7 +602,9 @@ def test_failing_run_leaves_nothing_half_written(env: Env) -> None:
 def test_pyunion_only_features(env: Env) -> None:
     """What buildah 1.28 lacks or does differently: heredocs, --target, ONBUILD, --squash."""
     ctx = env.tmp / "ctx-extra"
-    _write(ctx / "Containerfile", """# escape=`
+    _write(
+        ctx / "Containerfile",
+        """# escape=`
 FROM busybox AS base
 USER root
 ONBUILD RUN echo triggered > /triggered
@@ -510,20 +629,33 @@ CMD ["/bin/busybox", "echo", "from scratch"]
 
 FROM busybox AS unused
 RUN exit 1
-""")
+""",
+    )
     r = env.build(ctx, "--target", "child", "-t", "child")
     assert "unused" not in r.stdout  # a stage the target does not need is not built
     view, cfg = env.pyunion_image("child")
-    assert {b"triggered", b"heredoc", b"etc/generated.conf", b"continued",
-            b"copied-passwd"} <= set(view)
+    assert {b"triggered", b"heredoc", b"etc/generated.conf", b"continued", b"copied-passwd"} <= set(
+        view
+    )
     assert "OnBuild" not in cfg["config"]  # triggers run once, in the child
     assert cfg["config"]["Healthcheck"] == {
         "Test": ["CMD-SHELL", "wget -q -O- http://localhost/ || exit 1"],
-        "Interval": 30 * 10**9, "Retries": 3}
+        "Interval": 30 * 10**9,
+        "Retries": 3,
+    }
     nop = next(h for h in cfg["history"] if h["created_by"] == "RUN /bin/sh -c true")
     assert nop.get("empty_layer") is True  # nothing changed: no layer
-    r = pyunion("run", "--store", env.store, "child", "--", "cat", "/heredoc",
-                "/etc/generated.conf", timeout=120)
+    r = pyunion(
+        "run",
+        "--store",
+        env.store,
+        "child",
+        "--",
+        "cat",
+        "/heredoc",
+        "/etc/generated.conf",
+        timeout=120,
+    )
     assert r.stdout == "one\ntwo\nanswer=42\n"
     base_layers = len(Store(env.store).lookup("busybox").diff_ids)
     env.build(ctx, "--target", "child", "--squash", "-t", "squashed")
@@ -535,8 +667,7 @@ RUN exit 1
     assert set(tiny_view) == {b"bin", b"bin/busybox"} and len(tiny_cfg["rootfs"]["diff_ids"]) == 1
     r = pyunion("run", "--store", env.store, "tiny", timeout=120)
     assert r.stdout == "from scratch\n"
-    hist = json.loads(pyunion("history", "--format", "json", "child", "--store",
-                              env.store).stdout)
+    hist = json.loads(pyunion("history", "--format", "json", "child", "--store", env.store).stdout)
     assert hist[0]["id"].startswith("sha256:")
     assert hist[0]["createdBy"].startswith("HEALTHCHECK ")
     table = pyunion("history", "child", "--store", env.store).stdout.splitlines()
@@ -571,12 +702,25 @@ def test_substitution_rules() -> None:
     lx = Lexer()
     env = {"A": "apple", "E": "", "P": "/usr/local/bin/tool.tar.gz"}
     cases = {
-        "$A": "apple", "${A}": "apple", "x${A}y": "xappley", "'$A'": "$A", '"$A b"': "apple b",
-        r"\$A": "$A", "${U:-dflt}": "dflt", "${E:-dflt}": "dflt", "${E-dflt}": "",
-        "${A:+alt}": "alt", "${U:+alt}": "", "${P##*/}": "tool.tar.gz",
+        "$A": "apple",
+        "${A}": "apple",
+        "x${A}y": "xappley",
+        "'$A'": "$A",
+        '"$A b"': "apple b",
+        r"\$A": "$A",
+        "${U:-dflt}": "dflt",
+        "${E:-dflt}": "dflt",
+        "${E-dflt}": "",
+        "${A:+alt}": "alt",
+        "${U:+alt}": "",
+        "${P##*/}": "tool.tar.gz",
         "${P#*/}": "usr/local/bin/tool.tar.gz",
-        "${P%%.*}": "/usr/local/bin/tool", "${P%.*}": "/usr/local/bin/tool.tar",
-        "${A/p/P}": "aPple", "${A//p/P}": "aPPle", "$": "$", "a$-b": "ab",
+        "${P%%.*}": "/usr/local/bin/tool",
+        "${P%.*}": "/usr/local/bin/tool.tar",
+        "${A/p/P}": "aPple",
+        "${A//p/P}": "aPPle",
+        "$": "$",
+        "a$-b": "ab",
     }
     for word, want in cases.items():
         assert lx.word(word, env) == want, word
@@ -589,10 +733,32 @@ def test_substitution_rules() -> None:
 
 
 def test_ignore_rules() -> None:
-    m = Matcher(["# comment", "docs", "!docs/README.md", "**/*.pyc", "/secret", "*.log",
-                 "a/**/z", "  spaced  ", "[ab]?.txt"])
-    excluded = ["docs", "docs/x/y", "c.pyc", "a/b/c.pyc", "secret", "secret/s", "x.log",
-                "a/z", "a/b/c/z", "spaced", "ax.txt"]
+    m = Matcher(
+        [
+            "# comment",
+            "docs",
+            "!docs/README.md",
+            "**/*.pyc",
+            "/secret",
+            "*.log",
+            "a/**/z",
+            "  spaced  ",
+            "[ab]?.txt",
+        ]
+    )
+    excluded = [
+        "docs",
+        "docs/x/y",
+        "c.pyc",
+        "a/b/c.pyc",
+        "secret",
+        "secret/s",
+        "x.log",
+        "a/z",
+        "a/b/c/z",
+        "spaced",
+        "ax.txt",
+    ]
     kept = ["docs/README.md", "x/secret", "d/x.log", "README.md", "cx.txt", "a/zz"]
     for p in excluded:
         assert m.excluded(p), p

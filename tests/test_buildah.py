@@ -40,14 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import alive, fuse_skip_reason, kernel_overlay, tree_view
+from support import alive, fuse_skip_reason, kernel_overlay, tree_view
 
 from unionfs.errors import UserError
 from unionfs.options import MountConfig, parse_options
 
 # The mount program under test: the venv's console script, or another build of it.
-PYUNION_OVERLAYFS = Path(os.environ.get("PYUNION_MOUNT_PROGRAM")
-                         or Path(sys.executable).parent / "pyunion-overlayfs")
+PYUNION_OVERLAYFS = Path(
+    os.environ.get("PYUNION_MOUNT_PROGRAM") or Path(sys.executable).parent / "pyunion-overlayfs"
+)
 FUSE_OVERLAYFS = shutil.which("fuse-overlayfs")
 BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
 
@@ -63,8 +64,9 @@ def _static_elf(path: str) -> bool:
         phnum = int.from_bytes(head[56:58], "little")
         f.seek(phoff)
         table = f.read(phentsize * phnum)
-    return all(int.from_bytes(table[i:i + 4], "little") != 3
-               for i in range(0, len(table), phentsize))
+    return all(
+        int.from_bytes(table[i : i + 4], "little") != 3 for i in range(0, len(table), phentsize)
+    )
 
 
 def _buildah_skip_reason() -> str | None:
@@ -74,16 +76,21 @@ def _buildah_skip_reason() -> str | None:
     if shutil.which("buildah") is None:
         return "needs buildah (scripts/setup.sh installs it)"
     if not PYUNION_OVERLAYFS.exists():
-        return f"needs the pyunion-overlayfs console script in {PYUNION_OVERLAYFS.parent} (pip install -e .)"
+        return (
+            f"needs the pyunion-overlayfs console script in {PYUNION_OVERLAYFS.parent} "
+            "(pip install -e .)"
+        )
     if BUSYBOX is None or not _static_elf(BUSYBOX):
         return "needs a static busybox (busybox-static): it runs chroot'd in the image"
     return None
 
 
-needs_buildah = pytest.mark.skipif(_buildah_skip_reason() is not None,
-                                   reason=_buildah_skip_reason() or "")
-needs_fuse_overlayfs = pytest.mark.skipif(FUSE_OVERLAYFS is None,
-                                          reason="needs fuse-overlayfs to compare with")
+needs_buildah = pytest.mark.skipif(
+    _buildah_skip_reason() is not None, reason=_buildah_skip_reason() or ""
+)
+needs_fuse_overlayfs = pytest.mark.skipif(
+    FUSE_OVERLAYFS is None, reason="needs fuse-overlayfs to compare with"
+)
 
 
 # -- the options containers/storage passes (no buildah needed) -----------------------------
@@ -108,23 +115,39 @@ def test_storage_option_strings() -> None:
     assert cfg.lowers == ["/a,b", "/c"] and cfg.volatile
 
 
-@pytest.mark.parametrize("opt", ["noacl", "fsync=1", "static_nlink", "fast_ino=1", "threaded=1",
-                                 "writeback=0", "timeout=5", "noxattrs=1", "xattr_permissions=0",
-                                 "redirect_dir=off", "uidmapping=0:0:4294967295",
-                                 "gidmapping=:0:0:1:1:1:65536"])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        "noacl",
+        "fsync=1",
+        "static_nlink",
+        "fast_ino=1",
+        "threaded=1",
+        "writeback=0",
+        "timeout=5",
+        "noxattrs=1",
+        "xattr_permissions=0",
+        "redirect_dir=off",
+        "uidmapping=0:0:4294967295",
+        "gidmapping=:0:0:1:1:1:65536",
+    ],
+)
 def test_harmless_options_accepted(opt: str) -> None:
     _parse(f"lowerdir=/a,{opt}")
 
 
-@pytest.mark.parametrize("opt,why", [
-    ("uidmapping=0:100000:65536", "ID mapping"),
-    ("gidmapping=:0:1000:1:1:100000:65536", "ID mapping"),
-    ("uidmapping=0:1", "malformed"),
-    ("squash_to_root", "owned by root"),
-    ("squash_to_uid=1000", "owned by one user"),
-    ("xattr_permissions=2", "xattrs"),
-    ("plugins=/usr/lib/x.so", "plugins"),
-])
+@pytest.mark.parametrize(
+    "opt,why",
+    [
+        ("uidmapping=0:100000:65536", "ID mapping"),
+        ("gidmapping=:0:1000:1:1:100000:65536", "ID mapping"),
+        ("uidmapping=0:1", "malformed"),
+        ("squash_to_root", "owned by root"),
+        ("squash_to_uid=1000", "owned by one user"),
+        ("xattr_permissions=2", "xattrs"),
+        ("plugins=/usr/lib/x.so", "plugins"),
+    ],
+)
 def test_unsupported_options_refused(opt: str, why: str) -> None:
     with pytest.raises(UserError, match=why):
         _parse(f"lowerdir=/a,{opt}")
@@ -143,36 +166,54 @@ class Store:
         (base / "tmp").mkdir(parents=True, exist_ok=True)
         conf = base / "storage.conf"
         # The one-line setting the README documents; --storage-opt overrides it per call.
-        conf.write_text('[storage]\ndriver = "overlay"\n'
-                        f'graphroot = "{self.root}"\nrunroot = "{self.runroot}"\n'
-                        f'[storage.options.overlay]\nmount_program = "{program}"\n')
-        self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf), "TMPDIR": str(base / "tmp"),
-                    "PYUNION_STATE_DIR": str(self.state), "PYUNION_LOG": str(base / "daemon.log"),
-                    "BUILDAH_ISOLATION": "chroot"}
+        conf.write_text(
+            '[storage]\ndriver = "overlay"\n'
+            f'graphroot = "{self.root}"\nrunroot = "{self.runroot}"\n'
+            f'[storage.options.overlay]\nmount_program = "{program}"\n'
+        )
+        self.env = {
+            **os.environ,
+            "CONTAINERS_STORAGE_CONF": str(conf),
+            "TMPDIR": str(base / "tmp"),
+            "PYUNION_STATE_DIR": str(self.state),
+            "PYUNION_LOG": str(base / "daemon.log"),
+            "BUILDAH_ISOLATION": "chroot",
+        }
 
     def __call__(self, *args: str, program: str | None = None, check: bool = True) -> str:
         # No --storage-driver: buildah then drops the driver options of storage.conf.
         argv = ["buildah", "--root", str(self.root), "--runroot", str(self.runroot)]
         if program is not None:
             argv += ["--storage-opt", f"overlay.mount_program={program}"]
-        r = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=120,
-                           env=self.env, stdin=subprocess.DEVNULL, check=False)
+        r = subprocess.run(
+            [*argv, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         if check and r.returncode != 0:
             log = self.base / "daemon.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
-            raise AssertionError(f"buildah {' '.join(args)} failed ({r.returncode}):\n"
-                                 f"{r.stdout}\n{r.stderr}\ndaemon log:\n{tail}")
+            raise AssertionError(
+                f"buildah {' '.join(args)} failed ({r.returncode}):\n"
+                f"{r.stdout}\n{r.stderr}\ndaemon log:\n{tail}"
+            )
         return r.stdout.strip()
 
     def run(self, ctr: str, script: str, program: str | None = None) -> str:
-        return self("run", "--isolation", "chroot", ctr, "--", "/bin/sh", "-ec", script,
-                    program=program)
+        return self(
+            "run", "--isolation", "chroot", ctr, "--", "/bin/sh", "-ec", script, program=program
+        )
 
     def commit(self, ctr: str, program: str | None = None) -> str:
         return self("commit", "-q", "--rm", ctr, program=program).splitlines()[-1]
 
     def layers(self, image: str) -> list[list[tuple]]:
-        """The image's layers as tar listings: name, type, mode, owner, size, link, device, xattrs."""
+        """The image's layers as tar listings: name, type, mode, owner, size, link, device,
+        xattrs."""
         dest = self.base / f"oci-{image[:12]}"
         self("push", "-q", image, f"oci:{dest}")
         index = json.loads((dest / "index.json").read_text())
@@ -181,11 +222,22 @@ class Store:
         out = []
         for layer in manifest["layers"]:
             with tarfile.open(dest / "blobs/sha256" / layer["digest"].split(":")[1]) as t:
-                out.append([(m.name, m.type, m.mode & 0o7777, m.uid, m.gid,
-                             m.size if m.isreg() else 0, m.linkname,
-                             (m.devmajor, m.devminor) if m.ischr() or m.isblk() else None,
-                             sorted(k for k in m.pax_headers if k.startswith("SCHILY.xattr.")))
-                            for m in t.getmembers()])
+                out.append(
+                    [
+                        (
+                            m.name,
+                            m.type,
+                            m.mode & 0o7777,
+                            m.uid,
+                            m.gid,
+                            m.size if m.isreg() else 0,
+                            m.linkname,
+                            (m.devmajor, m.devminor) if m.ischr() or m.isblk() else None,
+                            sorted(k for k in m.pax_headers if k.startswith("SCHILY.xattr.")),
+                        )
+                        for m in t.getmembers()
+                    ]
+                )
         shutil.rmtree(dest)
         return out
 
@@ -222,7 +274,8 @@ class Store:
                     os.kill(pid, signal.SIGKILL)
 
     def _daemons(self) -> list[int]:
-        """Mount daemons of this store only: pyunion records its pid; fuse-overlayfs has our paths."""
+        """Mount daemons of this store only: pyunion records its pid, fuse-overlayfs has our
+        paths."""
         pids = set()
         if self.state.is_dir():
             for f in self.state.iterdir():
@@ -232,8 +285,9 @@ class Store:
             if p.isdigit():
                 with contextlib.suppress(OSError):
                     cmd = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-                    if os.path.basename(cmd[0]) == b"fuse-overlayfs" and \
-                            any(str(self.root).encode() in a for a in cmd):
+                    if os.path.basename(cmd[0]) == b"fuse-overlayfs" and any(
+                        str(self.root).encode() in a for a in cmd
+                    ):
                         pids.add(int(p))
         return [p for p in pids if p != os.getpid() and alive(p)]
 
@@ -264,8 +318,29 @@ def store(base: Path, program: str) -> Iterator[Store]:
 
 
 # -- the build --------------------------------------------------------------------------------
-APPLETS = ["sh", "cat", "echo", "ls", "mkdir", "rm", "rmdir", "mv", "ln", "touch", "chmod", "chown",
-           "truncate", "mkfifo", "stat", "find", "sort", "md5sum", "test", "readlink", "printf"]
+APPLETS = [
+    "sh",
+    "cat",
+    "echo",
+    "ls",
+    "mkdir",
+    "rm",
+    "rmdir",
+    "mv",
+    "ln",
+    "touch",
+    "chmod",
+    "chown",
+    "truncate",
+    "mkfifo",
+    "stat",
+    "find",
+    "sort",
+    "md5sum",
+    "test",
+    "readlink",
+    "printf",
+]
 
 STAGE2 = """
 cd /data
@@ -322,10 +397,22 @@ def _data_tree(src: Path) -> None:
     d = src / "data"
     for sub in ("sub/deep", "r/keep", "gone/inner", "mv-dir", "typechange-d"):
         (d / sub).mkdir(parents=True)
-    files = {"a": "hello\n", "ro": "read-only\n", "owned": "owned\n", "hl1": "linked\n",
-             "sub/b": "b\n", "sub/deep/c": "ccccccc\n", "r/keep/k": "k\n", "gone/x": "x\n",
-             "gone/inner/y": "y\n", "mv-dir/f": "f\n", "mv-file": "m\n", "typechange-f": "t\n",
-             "typechange-d/z": "z\n", "touched": "t\n"}
+    files = {
+        "a": "hello\n",
+        "ro": "read-only\n",
+        "owned": "owned\n",
+        "hl1": "linked\n",
+        "sub/b": "b\n",
+        "sub/deep/c": "ccccccc\n",
+        "r/keep/k": "k\n",
+        "gone/x": "x\n",
+        "gone/inner/y": "y\n",
+        "mv-dir/f": "f\n",
+        "mv-file": "m\n",
+        "typechange-f": "t\n",
+        "typechange-d/z": "z\n",
+        "touched": "t\n",
+    }
     for name, text in files.items():
         (d / name).write_text(text)
     os.chmod(d / "ro", 0o444)
@@ -375,7 +462,7 @@ def _kernel_view(s: Store, layer_dir: Path) -> dict[bytes, tuple]:
     lowers = [s.root / "overlay" / low for low in (layer_dir / "lower").read_text().split(":")]
     kmnt, kwork, kupper = s.base / "kmnt", s.base / "kwork", s.base / "kupper"
     kupper.mkdir(exist_ok=True)
-    with kernel_overlay([layer_dir / "diff", *lowers], kupper, kmnt, kwork):
+    with kernel_overlay([layer_dir / "diff", *lowers], kmnt, upper=kupper, work=kwork):
         return tree_view(kmnt)
 
 
@@ -384,14 +471,30 @@ def _expect_final(tree: dict[bytes, tuple]) -> None:
         e = tree.get(p.encode())
         return None if e is None else e[0]
 
-    absent = ["data/a", "data/new", "data/r/keep", "data/gone/x", "data/mv-dir", "data/mv-file",
-              "bin/stat", "newdir/x/y"]
+    absent = [
+        "data/a",
+        "data/new",
+        "data/r/keep",
+        "data/gone/x",
+        "data/mv-dir",
+        "data/mv-file",
+        "bin/stat",
+        "newdir/x/y",
+    ]
     assert [p for p in absent if kind(p) is not None] == []
-    for p, k in [("data/gone", stat.S_IFDIR), ("data/sub/b", stat.S_IFREG),
-                 ("data/typechange-f", stat.S_IFDIR), ("data/typechange-d", stat.S_IFREG),
-                 ("data/mv-dir2/f", stat.S_IFREG), ("data/fifo2", stat.S_IFIFO),
-                 ("data/sym2", stat.S_IFLNK), ("data/hl3", stat.S_IFREG), ("newdir/x", stat.S_IFDIR),
-                 ("bin/busybox", stat.S_IFREG), ("bin/sh", stat.S_IFLNK)]:
+    for p, k in [
+        ("data/gone", stat.S_IFDIR),
+        ("data/sub/b", stat.S_IFREG),
+        ("data/typechange-f", stat.S_IFDIR),
+        ("data/typechange-d", stat.S_IFREG),
+        ("data/mv-dir2/f", stat.S_IFREG),
+        ("data/fifo2", stat.S_IFIFO),
+        ("data/sym2", stat.S_IFLNK),
+        ("data/hl3", stat.S_IFREG),
+        ("newdir/x", stat.S_IFDIR),
+        ("bin/busybox", stat.S_IFREG),
+        ("bin/sh", stat.S_IFLNK),
+    ]:
         assert kind(p) == k, p
     assert tree[b"data/ro"][1] == 0o600 and tree[b"data/owned"][1:4] == (0o640, 2000, 2001)
     assert tree[b"data/sub/deep/c"][4] == 3
@@ -414,8 +517,10 @@ def pyunion_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[St
 def test_buildah_with_pyunion(pyunion_store: tuple[Store, dict]) -> None:
     out = pyunion_store[1]
     # sub/deep/c was truncated to 3 bytes: "ccc" has no newline.
-    listing = ("a fifo fifo2 hl1 hl2 hl3 mv-dir2 mv-file2 new owned r ro sub sym sym2 touched "
-               "typechange-d typechange-f")
+    listing = (
+        "a fifo fifo2 hl1 hl2 hl3 mv-dir2 mv-file2 new owned r ro sub sym sym2 touched "
+        "typechange-d typechange-f"
+    )
     assert out["stage3"] == f"hello\nmore\nnew\nn\nf\nz\nlinked\nccc{listing}\nn\ndeep"
     _expect_final(out["tree"])
     # What pyunion wrote to the container's upper reads the same under kernel overlayfs.
@@ -439,8 +544,9 @@ def test_directory_replaced_beside_deletions(pyunion_store: tuple[Store, dict]) 
     s("rm", ctr)
     names = [m[0] for m in s.layers(img)[1]]
     assert "data/.wh.gone" in names and "data/sub/n" in names
-    assert {"data/sub/.wh.b", "data/sub/.wh.deep"} <= set(names) or \
-        "data/sub/.wh..wh..opq" in names, names
+    assert {"data/sub/.wh.b", "data/sub/.wh.deep"} <= set(
+        names
+    ) or "data/sub/.wh..wh..opq" in names, names
 
 
 @needs_buildah
@@ -460,8 +566,10 @@ def test_lower_hard_link_written(pyunion_store: tuple[Store, dict]) -> None:
     ctr = s("from", img)
     assert s.run(ctr, "cat /data/hl1 /data/hl2 /data/hl3") == expect
     s("rm", ctr)
-    assert [(m[0], m[1], m[5], m[6]) for m in s.layers(img)[2] if m[0].startswith("data/")] == \
-        [("data/hl1", tarfile.REGTYPE, 13, ""), ("data/hl2", tarfile.LNKTYPE, 0, "data/hl1")]
+    assert [(m[0], m[1], m[5], m[6]) for m in s.layers(img)[2] if m[0].startswith("data/")] == [
+        ("data/hl1", tarfile.REGTYPE, 13, ""),
+        ("data/hl2", tarfile.LNKTYPE, 0, "data/hl1"),
+    ]
 
 
 @needs_buildah
@@ -475,9 +583,10 @@ def test_same_layers_as_fuse_overlayfs(pyunion_store: tuple[Store, dict], tmp_pa
     for key in ("stage2", "tree2", "stage3", "tree"):
         assert ours[key] == theirs[key], key
     assert len(ours["layers"]) == len(theirs["layers"]) == 3
-    for i, (a, b) in enumerate(zip(ours["layers"], theirs["layers"])):
+    for i, (a, b) in enumerate(zip(ours["layers"], theirs["layers"], strict=True)):
         assert a == b, f"layer {i} differs (- fuse-overlayfs, + pyunion):\n" + "\n".join(
-            [f"- {x}" for x in b if x not in a] + [f"+ {x}" for x in a if x not in b])
+            [f"- {x}" for x in b if x not in a] + [f"+ {x}" for x in a if x not in b]
+        )
 
 
 @needs_buildah

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import is_mounted, needs_fuse, pyunion
+from support import is_mounted, needs_fuse, pyunion
 
 from unionfs.errors import UserError
 from unionfs.options import MountConfig, parse_options, split_lowerdirs, split_options
@@ -36,8 +36,17 @@ def test_escapes_quotes_and_empty_items() -> None:
     assert cfg.lowers == ["/l"] and cfg.read_only
 
 
-@pytest.mark.parametrize("opt", ["lowerdir=", "lowerdir=:", "bogus=1", "upperdir=",
-                                 "lowerdir=/a\\", 'lowerdir=/a,context="x,y'])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        "lowerdir=",
+        "lowerdir=:",
+        "bogus=1",
+        "upperdir=",
+        "lowerdir=/a\\",
+        'lowerdir=/a,context="x,y',
+    ],
+)
 def test_malformed_options(opt: str) -> None:
     with pytest.raises(UserError):
         parse_options([opt], MountConfig(lowers=[], mountpoint="m"))
@@ -59,14 +68,18 @@ BOTH_COMMANDS = [
 @pytest.mark.parametrize("opts,error", BOTH_COMMANDS)
 def test_one_option_parser_for_both_commands(tmp_path: Path, opts: str, error: str | None) -> None:
     """`pyunion mount -o` and `pyunion-overlayfs -o` read every option string alike."""
-    from conftest import force_unmount
+    from support import force_unmount
 
     odd = tmp_path / "a,b:c"  # a layer whose name needs both escapes
     for d in ("l", "u", "w", "m", odd):
         (tmp_path / d).mkdir()
     (odd / "seen").write_text("x")
-    opts = opts.format(l=tmp_path / "l", u=tmp_path / "u", w=tmp_path / "w",
-                       esc=str(odd).replace(",", "\\,").replace(":", "\\:"))
+    opts = opts.format(
+        l=tmp_path / "l",
+        u=tmp_path / "u",
+        w=tmp_path / "w",
+        esc=str(odd).replace(",", "\\,").replace(":", "\\:"),
+    )
     mnt = tmp_path / "m"
     overlayfs = str(Path(sys.executable).parent / "pyunion-overlayfs")
     outcomes = []
@@ -74,8 +87,9 @@ def test_one_option_parser_for_both_commands(tmp_path: Path, opts: str, error: s
         if cmd[0] == "mount":
             r = pyunion(*cmd, check=False)
         else:
-            r = subprocess.run([overlayfs, *cmd], check=False, capture_output=True,
-                               text=True, timeout=60)
+            r = subprocess.run(
+                [overlayfs, *cmd], check=False, capture_output=True, text=True, timeout=60
+            )
         try:
             mounted_now = is_mounted(mnt)
             if mounted_now and str(odd) not in opts and "b\\:c" in opts:
@@ -126,7 +140,7 @@ def test_malformed_option_string_cli(tmp_path: Path) -> None:
 
 @needs_fuse
 def test_already_mounted(layers: tuple) -> None:
-    from conftest import mounted
+    from support import mounted
 
     lows, _, _, mnt = layers
     with mounted(lows, mnt):
@@ -150,19 +164,25 @@ def test_work_on_other_filesystem(tmp_path: Path) -> None:
     (tmp_path / "l").mkdir()
     (tmp_path / "u").mkdir()
     (tmp_path / "m").mkdir()
-    msg = _fails("mount", "-o", f"lowerdir={tmp_path}/l,upperdir={tmp_path}/u,workdir=/dev/shm",
-                 str(tmp_path / "m"))
+    msg = _fails(
+        "mount",
+        "-o",
+        f"lowerdir={tmp_path}/l,upperdir={tmp_path}/u,workdir=/dev/shm",
+        str(tmp_path / "m"),
+    )
     assert "same filesystem" in msg
 
 
 @needs_fuse
 def test_upper_in_use(layers: tuple) -> None:
-    from conftest import mounted
+    from support import mounted
 
     lows, upper, work, mnt = layers
     other = mnt.parent / "mnt2"
     other.mkdir()
     with mounted(lows, mnt, upper, work):
-        msg = _fails("mount", "-o", f"lowerdir={lows[0]},upperdir={upper},workdir={work}", str(other))
+        msg = _fails(
+            "mount", "-o", f"lowerdir={lows[0]},upperdir={upper},workdir={work}", str(other)
+        )
         assert "in use" in msg
     assert not is_mounted(other)

@@ -33,8 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import (
+from support import (
     alive,
     daemon_of,
     join_children,
@@ -45,6 +44,7 @@ from conftest import (
     start_children,
     tree_view,
 )
+
 from unionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 OPS = int(os.environ.get("PYUNION_CONC_OPS", soak(3000, 30000)))
@@ -54,8 +54,17 @@ WORKERS = 4
 pytestmark = [needs_fuse, pytest.mark.timeout(300)]
 
 # Races between workers make these legitimate outcomes of any operation.
-RACY = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR,
-        errno.EINVAL, errno.EPERM, errno.EMLINK, errno.ELOOP}  # ELOOP: our own symlinks
+RACY = {
+    errno.ENOENT,
+    errno.EEXIST,
+    errno.ENOTEMPTY,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EINVAL,
+    errno.EPERM,
+    errno.EMLINK,
+    errno.ELOOP,
+}  # ELOOP: our own symlinks
 
 TOPS = [b"d0", b"d1", b"d2", b"d3"]
 NAMES = [b"f0", b"f1", b"f2", b"h", b"s0", b"s1", b"n0", b"n1", b"n2"]
@@ -153,9 +162,20 @@ def worker(mnt: str, seed: int, ops: int, stats_path: str) -> None:
     def op_stat() -> None:
         os.lstat(rand_path(rng))
 
-    table = [(op_create, 10), (op_append, 8), (op_read, 8), (op_unlink, 8), (op_mkdir, 6),
-             (op_rmdir, 6), (op_rename, 12), (op_link, 4), (op_symlink, 2), (op_chmod, 3),
-             (op_list, 6), (op_stat, 6)]
+    table = [
+        (op_create, 10),
+        (op_append, 8),
+        (op_read, 8),
+        (op_unlink, 8),
+        (op_mkdir, 6),
+        (op_rmdir, 6),
+        (op_rename, 12),
+        (op_link, 4),
+        (op_symlink, 2),
+        (op_chmod, 3),
+        (op_list, 6),
+        (op_stat, 6),
+    ]
     funcs = [f for f, _ in table]
     weights = [w for _, w in table]
     for i in range(ops):
@@ -175,7 +195,7 @@ def worker(mnt: str, seed: int, ops: int, stats_path: str) -> None:
 def forgetter(mnt: str, stop_path: str) -> None:
     """Walk the tree and make the kernel forget inodes, again and again."""
     while not os.path.exists(stop_path):
-        for root, dirs, files in os.walk(mnt):
+        for root, _dirs, files in os.walk(mnt):
             for n in files:
                 try:
                     os.lstat(os.path.join(root, n))
@@ -190,7 +210,7 @@ def forgetter(mnt: str, stop_path: str) -> None:
 def check_inode_numbers(mnt: Path) -> None:
     """readdir's d_ino is stat's st_ino; names of one object share it, and nothing else does."""
     seen: dict[int, tuple[bytes, int]] = {}
-    for root, dirs, files in os.walk(os.fsencode(str(mnt))):
+    for root, _dirs, _files in os.walk(os.fsencode(str(mnt))):
         for e in os.scandir(root):
             st = e.stat(follow_symlinks=False)
             assert e.inode() == st.st_ino, f"d_ino {e.inode()} != st_ino {st.st_ino} for {e.path!r}"
@@ -200,7 +220,9 @@ def check_inode_numbers(mnt: Path) -> None:
             else:
                 prev = seen.get(st.st_ino)
                 if prev is not None:
-                    assert prev[1] == st.st_mode, f"{e.path!r} and {prev[0]!r}: one inode, two modes"
+                    assert prev[1] == st.st_mode, (
+                        f"{e.path!r} and {prev[0]!r}: one inode, two modes"
+                    )
                 seen[st.st_ino] = (e.path, st.st_mode)
 
 
@@ -208,18 +230,18 @@ def link_groups(root: Path) -> set[frozenset[bytes]]:
     """Which names are one object (by st_ino), as sets of paths with more than one name."""
     by_ino: dict[int, set[bytes]] = {}
     base = os.fsencode(str(root))
-    for r, dirs, files in os.walk(base):
+    for r, _dirs, files in os.walk(base):
         for n in files:
             p = os.path.join(r, n)
             st = os.lstat(p)
-            by_ino.setdefault(st.st_ino, set()).add(p[len(base):])
+            by_ino.setdefault(st.st_ino, set()).add(p[len(base) :])
     return {frozenset(s) for s in by_ino.values() if len(s) > 1}
 
 
 def check_upper_rules(upper: Path, lower_view: set[bytes]) -> None:
     base = os.fsencode(str(upper))
     for r, dirs, files in os.walk(base):
-        rel = r[len(base) + 1:]
+        rel = r[len(base) + 1 :]
         try:
             opaque = os.getxattr(r, b"trusted.overlay.opaque") == b"y"
         except OSError:
@@ -238,13 +260,14 @@ def test_random_namespace_ops(layers: tuple, tmp_path: Path) -> None:
     lows, upper, work, mnt = layers
     print(f"PYUNION_CONC_SEED={SEED} PYUNION_CONC_OPS={OPS}")
     build_lowers(lows)
-    with kernel_overlay(lows, None, tmp_path / "k0") as k:
+    with kernel_overlay(lows, tmp_path / "k0") as k:
         lower_view = set(tree_view(k, content=False))
     stop = tmp_path / "stop"
     with mounted(lows, mnt, upper, work):
         pid = daemon_of(mnt)
-        jobs = [(worker, (str(mnt), SEED + i, OPS, str(tmp_path / f"stats{i}")))
-                for i in range(WORKERS)]
+        jobs = [
+            (worker, (str(mnt), SEED + i, OPS, str(tmp_path / f"stats{i}"))) for i in range(WORKERS)
+        ]
         fpid = start_children([(forgetter, (str(mnt), str(stop)))])
         try:
             codes = join_children(start_children(jobs), timeout=200, mnt=mnt)
@@ -261,11 +284,14 @@ def test_random_namespace_ops(layers: tuple, tmp_path: Path) -> None:
         groups = link_groups(mnt)
     assert os.listdir(work / "work") == [], "the work dir holds leftovers"
     check_upper_rules(upper, lower_view)
-    with kernel_overlay(lows, upper, tmp_path / "kmnt", tmp_path / "kwork") as k:
+    with kernel_overlay(lows, tmp_path / "kmnt", upper=upper, work=tmp_path / "kwork") as k:
         kview = tree_view(k)
         kgroups = link_groups(k)
-    diff = {p: (view.get(p), kview.get(p)) for p in set(view) | set(kview)
-            if view.get(p) != kview.get(p)}
+    diff = {
+        p: (view.get(p), kview.get(p))
+        for p in set(view) | set(kview)
+        if view.get(p) != kview.get(p)
+    }
     assert not diff, f"pyunion and kernel overlayfs differ (seed {SEED}): {diff}"
     assert groups == kgroups, f"hard links differ: pyunion {groups}, kernel {kgroups}"
     with mounted(lows, mnt, upper, work):
@@ -299,8 +325,10 @@ def test_same_lower_file_copied_up_by_two_at_once(layers: tuple, tmp_path: Path)
     with mounted(lows, mnt, upper, work):
         for name in files:
             barrier = ctx.Barrier(2)
-            jobs = [(_opener, (str(mnt / name), 0, b"AAAA", barrier)),
-                    (_opener, (str(mnt / name), 100, b"BBBB", barrier))]
+            jobs = [
+                (_opener, (str(mnt / name), 0, b"AAAA", barrier)),
+                (_opener, (str(mnt / name), 100, b"BBBB", barrier)),
+            ]
             codes = join_children(start_children(jobs), timeout=60, mnt=mnt)
             assert codes == [0, 0]
             want = bytearray(files[name])
@@ -312,6 +340,6 @@ def test_same_lower_file_copied_up_by_two_at_once(layers: tuple, tmp_path: Path)
         assert os.listdir(work / "work") == []
     for name, data in files.items():
         assert (upper / name).read_bytes() == data
-    with kernel_overlay(lows, upper, tmp_path / "kmnt", tmp_path / "kwork") as k:
+    with kernel_overlay(lows, tmp_path / "kmnt", upper=upper, work=tmp_path / "kwork") as k:
         for name, data in files.items():
             assert (k / name).read_bytes() == data

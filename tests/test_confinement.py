@@ -22,15 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fuse_skip_reason, run_child
+from support import needs_busybox, needs_fuse, run_child
 from test_run import Env, _read_until
 
-pytestmark = [
-    pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),
-    pytest.mark.skipif(not os.path.exists("/bin/busybox"),
-                       reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)"),
-    pytest.mark.timeout(120),
-]
+pytestmark = [needs_fuse, needs_busybox, pytest.mark.timeout(120)]
 
 HELPER = Path(__file__).parent / "helpers" / "hostile.c"
 STATUS = "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status"
@@ -47,8 +42,11 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(layers[-1], root, symlinks=True)
     bindir = root / "usr/local/bin"
     bindir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["gcc", "-static", "-O1", "-o", str(bindir / "hostile"), str(HELPER)],
-                   check=True, timeout=120)
+    subprocess.run(
+        ["gcc", "-static", "-O1", "-o", str(bindir / "hostile"), str(HELPER)],
+        check=True,
+        timeout=120,
+    )
     shutil.copy2(bindir / "hostile", bindir / "suid-status")
     os.chmod(bindir / "suid-status", 0o4755)
     return root
@@ -78,15 +76,40 @@ class Podman:
     def __init__(self, root: Path, state: Path) -> None:
         self.root, self.state = root, state
 
-    def run(self, *opts: str, command: tuple[str, ...],
-            fds: str = "") -> subprocess.CompletedProcess[str]:
-        cmd = [*_with_fds(fds), "podman", "--root", str(self.state / "root"), "--runroot",
-               str(self.state / "run"), "--storage-driver", "vfs", "--runtime", "runc",
-               "--cgroup-manager", "cgroupfs", "--events-backend", "none", "run", "--rm",
-               "--network", "host", "--ulimit", "nofile=1024:1024", "--ulimit",
-               "nproc=1000:1000", *opts, "--rootfs", str(self.root), *command]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False,
-                           stdin=subprocess.DEVNULL)
+    def run(
+        self, *opts: str, command: tuple[str, ...], fds: str = ""
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            *_with_fds(fds),
+            "podman",
+            "--root",
+            str(self.state / "root"),
+            "--runroot",
+            str(self.state / "run"),
+            "--storage-driver",
+            "vfs",
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "none",
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1000:1000",
+            *opts,
+            "--rootfs",
+            str(self.root),
+            *command,
+        ]
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL
+        )
         assert "Error:" not in r.stderr, r.stderr
         return r
 
@@ -96,8 +119,9 @@ class Podman:
 
 @pytest.fixture(scope="module")
 def podman(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Podman:
-    assert shutil.which("podman") and shutil.which("runc"), \
+    assert shutil.which("podman") and shutil.which("runc"), (
         "podman and runc are the reference here: bash scripts/setup.sh installs them"
+    )
     base = tmp_path_factory.mktemp("podman")
     root = base / "root"
     shutil.copytree(rootfs, root, symlinks=True)
@@ -115,19 +139,22 @@ def _syscalls(out: str) -> dict[str, int]:
     return {name: int(err) for name, err in (line.split() for line in out.splitlines())}
 
 
-# -- capabilities --------------------------------------------------------------------------------
-@pytest.mark.parametrize("opts", [
-    (),
-    ("-u", "1000"),
-    ("--cap-add", "SYS_ADMIN"),
-    ("--cap-add", "all"),
-    ("--cap-drop", "ALL"),
-    ("--cap-drop", "ALL", "--cap-add", "chown,CAP_KILL"),
-    ("--cap-drop", "setuid", "-u", "1000:100"),
-    ("--privileged",),
-    ("--security-opt", "no-new-privileges"),
-    ("--security-opt", "seccomp=unconfined"),
-])
+# -- capabilities ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "opts",
+    [
+        (),
+        ("-u", "1000"),
+        ("--cap-add", "SYS_ADMIN"),
+        ("--cap-add", "all"),
+        ("--cap-drop", "ALL"),
+        ("--cap-drop", "ALL", "--cap-add", "chown,CAP_KILL"),
+        ("--cap-drop", "setuid", "-u", "1000:100"),
+        ("--privileged",),
+        ("--security-opt", "no-new-privileges"),
+        ("--security-opt", "seccomp=unconfined"),
+    ],
+)
 def test_capabilities_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
     """CapInh/Prm/Eff/Bnd/Amb, NoNewPrivs and the seccomp mode equal podman's."""
     ours = env.sh(STATUS, *opts)
@@ -165,9 +192,12 @@ def test_init_has_no_more_than_the_command(env: Env, opts: tuple[str, ...]) -> N
     """pid 1 (pyunion's init, which stays to reap and forward signals) has the command's
     capabilities and seccomp filter and is not dumpable: ptracing it would gain nothing,
     and its environment (the host's) is out of reach, and blank for CAP_SYS_PTRACE."""
-    r = env.sh("grep -E '^(CapEff|CapBnd|Seccomp):' /proc/self/status > /tmp/self; "
-               "grep -E '^(CapEff|CapBnd|Seccomp):' /proc/1/status | diff - /tmp/self && "
-               "cat /proc/1/environ", *opts)
+    r = env.sh(
+        "grep -E '^(CapEff|CapBnd|Seccomp):' /proc/self/status > /tmp/self; "
+        "grep -E '^(CapEff|CapBnd|Seccomp):' /proc/1/status | diff - /tmp/self && "
+        "cat /proc/1/environ",
+        *opts,
+    )
     if opts:
         assert r.returncode == 0 and r.stdout.strip("\0") == "", r.stderr
     else:
@@ -183,21 +213,31 @@ def test_nothing_of_pyunion_in_init_memory(env: Env) -> None:
     environment. Needles reach the script in halves (-e), so that the command line
     init keeps does not hold them; `pyunion-init` shows the search works."""
     secret, path = "tok-9f8e7d6c5b4a", env.layers[0]
-    script = ('hostile memgrep 1 "$S1$S2"; hostile memgrep 1 "$P1$P2"; '
-              'hostile memgrep 1 pyunion-in"it"')
+    script = (
+        'hostile memgrep 1 "$S1$S2"; hostile memgrep 1 "$P1$P2"; hostile memgrep 1 pyunion-in"it"'
+    )
     halves = [f"S1={secret[:8]}", f"S2={secret[8:]}", f"P1={path[:8]}", f"P2={path[8:]}"]
-    caller = {**env.env, "PYUNION_TEST_SHORT": secret,
-              **{f"PYUNION_TEST_{i}": "x" * (40 * i) + secret for i in range(1, 30)}}
+    caller = {
+        **env.env,
+        "PYUNION_TEST_SHORT": secret,
+        **{f"PYUNION_TEST_{i}": "x" * (40 * i) + secret for i in range(1, 30)},
+    }
     opts = [a for h in halves for a in ("-e", h)]
-    r = subprocess.run(env.cmd("--cap-add", "SYS_PTRACE", *opts, command=("sh", "-c", script)),
-                       capture_output=True, text=True, timeout=60, check=False,
-                       stdin=subprocess.DEVNULL, env=caller)
+    r = subprocess.run(
+        env.cmd("--cap-add", "SYS_PTRACE", *opts, command=("sh", "-c", script)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=caller,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[:2] == ["hits 0", "hits 0"], r.stdout
     assert r.stdout.splitlines()[2] != "hits 0", r.stdout
 
 
-# -- seccomp ------------------------------------------------------------------------------------------
+# -- seccomp ---------------------------------------------------------------------------------------
 def test_escape_open_by_handle_at(env: Env, tmp_path: Path) -> None:
     """The shocker attack: a handle of a root-only host directory on the filesystem of
     /etc/hostname's bind opens that directory from inside. Refused; without seccomp and
@@ -206,14 +246,16 @@ def test_escape_open_by_handle_at(env: Env, tmp_path: Path) -> None:
     secret.mkdir(mode=0o700)
     (secret / "key").write_text("TOPSECRET\n")
     helper = os.path.join(env.layers[0], "usr/local/bin/hostile")
-    handle = subprocess.run([helper, "gethandle", str(secret)], capture_output=True, text=True,
-                            check=True, timeout=10).stdout.split()
+    handle = subprocess.run(
+        [helper, "gethandle", str(secret)], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.split()
     attack = ("hostile", "openhandle", "/etc/hostname", *handle, "key")
     r = env.run(*attack)
     assert r.returncode == 1 and "TOPSECRET" not in r.stdout
     assert "open_by_handle_at: 1 Operation not permitted" in r.stdout
-    r = env.run(*attack, opts=("--security-opt", "seccomp=unconfined", "--cap-add",
-                               "DAC_READ_SEARCH"))
+    r = env.run(
+        *attack, opts=("--security-opt", "seccomp=unconfined", "--cap-add", "DAC_READ_SEARCH")
+    )
     assert r.stdout == "TOPSECRET\n", r.stdout + r.stderr
 
 
@@ -231,7 +273,11 @@ def test_syscalls_refused(env: Env) -> None:
     r = env.run("hostile", "syscalls", opts=("--security-opt", "seccomp=unconfined"))
     loose = _syscalls(r.stdout)
     assert {k: loose[k] for k in ("unshare", "clone", "add_key", "personality")} == {
-        "unshare": 0, "clone": 0, "add_key": 0, "personality": 0}
+        "unshare": 0,
+        "clone": 0,
+        "add_key": 0,
+        "personality": 0,
+    }
 
 
 def test_seccomp_at_least_as_strict_as_podman(env: Env, podman: Podman) -> None:
@@ -247,8 +293,9 @@ def test_seccomp_at_least_as_strict_as_podman(env: Env, podman: Podman) -> None:
             assert ours[name] == EPERM, name
     stricter = {n for n in ours if ours[n] != ref[n]}
     assert {"unshare", "clone", "setns", "keyctl", "add_key", "open_tree"} <= stricter
-    same = env.run("hostile", "syscalls", opts=(
-        "--security-opt", "seccomp=/usr/share/containers/seccomp.json"))
+    same = env.run(
+        "hostile", "syscalls", opts=("--security-opt", "seccomp=/usr/share/containers/seccomp.json")
+    )
     assert _syscalls(same.stdout) == ref
 
 
@@ -262,17 +309,34 @@ def test_seccomp_follows_capabilities(env: Env) -> None:
 def test_profile_file(env: Env, tmp_path: Path) -> None:
     """--security-opt seccomp=FILE in the OCI format; a bad profile is one line, exit 125."""
     prof = tmp_path / "p.json"
-    prof.write_text(json.dumps({
-        "defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
-        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
-                      "errnoRet": 13}]}))
+    prof.write_text(
+        json.dumps(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [
+                    {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}
+                ],
+            }
+        )
+    )
     r = env.sh("touch /ok && mkdir /no", "--security-opt", f"seccomp={prof}")
     assert r.returncode == 1 and "Permission denied" in r.stderr, r.stderr
-    bad_arg = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-        {"names": ["read"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 9, "op": "SCMP_CMP_EQ"}]}]}
-    for bad, why in [("{", "not valid JSON"),
-                     ('{"defaultAction": "SCMP_ACT_NOPE"}', "unknown action"),
-                     (json.dumps(bad_arg), "bad argument comparison")]:
+    bad_arg = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [
+            {
+                "names": ["read"],
+                "action": "SCMP_ACT_ERRNO",
+                "args": [{"index": 9, "op": "SCMP_CMP_EQ"}],
+            }
+        ],
+    }
+    for bad, why in [
+        ("{", "not valid JSON"),
+        ('{"defaultAction": "SCMP_ACT_NOPE"}', "unknown action"),
+        (json.dumps(bad_arg), "bad argument comparison"),
+    ]:
         prof.write_text(bad)
         r = env.sh("true", "--security-opt", f"seccomp={prof}")
         assert r.returncode == 125 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
@@ -280,34 +344,37 @@ def test_profile_file(env: Env, tmp_path: Path) -> None:
     assert r.returncode == 125 and "not a regular file" in r.stderr
 
 
-@pytest.mark.parametrize("opts,why", [
-    (("--cap-add", "NOPE"), "unknown capability"),
-    (("--cap-add", "CHOWN", "--cap-drop", "chown"), "both added and dropped"),
-    (("--security-opt", "apparmor=myprofile"), "unsupported --security-opt"),
-    (("--security-opt", "mask=relative"), "not an absolute path"),
-    (("--preserve-fds", "3"), "file descriptor 3 is not open"),
-])
+@pytest.mark.parametrize(
+    "opts,why",
+    [
+        (("--cap-add", "NOPE"), "unknown capability"),
+        (("--cap-add", "CHOWN", "--cap-drop", "chown"), "both added and dropped"),
+        (("--security-opt", "apparmor=myprofile"), "unsupported --security-opt"),
+        (("--security-opt", "mask=relative"), "not an absolute path"),
+        (("--preserve-fds", "3"), "file descriptor 3 is not open"),
+    ],
+)
 def test_bad_options(env: Env, opts: tuple[str, ...], why: str) -> None:
     r = env.sh("true", *opts)
     assert r.returncode == 125 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-# -- read-only root, /proc and /sys -----------------------------------------------------------------
+# -- read-only root, /proc and /sys ----------------------------------------------------------------
 def test_read_only_cannot_be_undone(env: Env) -> None:
     """--read-only holds: no remount from inside (no CAP_SYS_ADMIN, and seccomp). With every
     capability and no filter the remount works, which is what happened before."""
     r = env.sh("mount -o remount,rw / ; touch /x", "--read-only")
     assert r.returncode == 1 and "Read-only file system" in r.stderr, r.stderr
-    r = env.sh("mount -o remount,rw / && touch /x && echo writable", "--read-only",
-               "--privileged")
+    r = env.sh("mount -o remount,rw / && touch /x && echo writable", "--read-only", "--privileged")
     assert r.stdout == "writable\n", r.stderr
 
 
 def test_proc_sys_read_only(env: Env) -> None:
     """/proc/sys/kernel/core_pattern (the host's: it is not namespaced) cannot be written;
     written back with its own value so that the test changes nothing if it fails."""
-    r = env.sh("cat /proc/sys/kernel/core_pattern > /tmp/v && "
-               "cat /tmp/v > /proc/sys/kernel/core_pattern")
+    r = env.sh(
+        "cat /proc/sys/kernel/core_pattern > /tmp/v && cat /tmp/v > /proc/sys/kernel/core_pattern"
+    )
     assert r.returncode != 0 and "Read-only file system" in r.stderr, r.stderr
     r = env.sh("grep ' /proc/sys ' /proc/self/mountinfo", "--privileged")
     assert r.stdout == ""  # nothing over /proc/sys: writable, as in podman --privileged
@@ -321,20 +388,24 @@ def _special_mounts(out: str) -> set[tuple[str, str, str]]:
         left, _, right = line.partition(" - ")
         fields = left.split()
         point, flags, fstype = fields[4], fields[5].split(","), right.split()[0]
-        if re.match(r"/(proc|sys)/|/etc/motd$|/srv$", point) and \
-                not point.startswith("/sys/fs/cgroup"):
+        if re.match(r"/(proc|sys)/|/etc/motd$|/srv$", point) and not point.startswith(
+            "/sys/fs/cgroup"
+        ):
             found.add((point, fstype, flags[0]))
     return found
 
 
-@pytest.mark.parametrize("opts", [
-    (),
-    ("--privileged",),
-    ("--security-opt", "unmask=ALL"),
-    ("--security-opt", "unmask=/proc/*"),
-    ("--security-opt", "unmask=/proc/sys:/sys/firmware"),
-    ("--security-opt", "mask=/etc/motd:/srv"),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        (),
+        ("--privileged",),
+        ("--security-opt", "unmask=ALL"),
+        ("--security-opt", "unmask=/proc/*"),
+        ("--security-opt", "unmask=/proc/sys:/sys/firmware"),
+        ("--security-opt", "mask=/etc/motd:/srv"),
+    ],
+)
 def test_masked_paths_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
     """The masked and read-only paths are podman's, with the same mask=/unmask= options."""
     script = "cat /proc/self/mountinfo"
@@ -342,17 +413,26 @@ def test_masked_paths_as_podman(env: Env, podman: Podman, opts: tuple[str, ...])
     assert ours == _special_mounts(podman.sh(script, *opts).stdout)
     if not opts:
         assert ("/proc/sys", "proc", "ro") in ours and ("/sys/firmware", "tmpfs", "ro") in ours
-        r = env.sh("cat /proc/keys /proc/timer_list | wc -c; ls -A /sys/firmware | wc -l; "
-                   "touch /sys/firmware/x")
+        r = env.sh(
+            "cat /proc/keys /proc/timer_list | wc -c; ls -A /sys/firmware | wc -l; "
+            "touch /sys/firmware/x"
+        )
         assert r.stdout.split() == ["0", "0"] and "Read-only file system" in r.stderr
 
 
-# -- file descriptors --------------------------------------------------------------------------------
+# -- file descriptors ------------------------------------------------------------------------------
 def test_inherited_fd_does_not_reach_the_command(env: Env, podman: Podman) -> None:
     """`exec 7</` before pyunion run: the command cannot walk the host through fd 7."""
-    r = subprocess.run(_with_fds("7</") + env.cmd("-u", "1000", command=(
-        "sh", "-c", "ls /proc/self/fd; ls /proc/self/fd/7/")), capture_output=True,
-        text=True, timeout=60, env=env.env, stdin=subprocess.DEVNULL, check=False)
+    r = subprocess.run(
+        _with_fds("7</")
+        + env.cmd("-u", "1000", command=("sh", "-c", "ls /proc/self/fd; ls /proc/self/fd/7/")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     ref = podman.run("-u", "1000", command=("ls", "/proc/self/fd"), fds="7</")
     assert r.stdout.split() == ["0", "1", "2", "3"] == ref.stdout.split()
     assert "No such file" in r.stderr
@@ -363,15 +443,21 @@ def test_preserve_fds(env: Env, podman: Podman, tmp_path: Path) -> None:
     three, four = tmp_path / "three", tmp_path / "four"
     fds = f"3>>{three} 4>>{four} 5</"
     script = "echo three >&3; echo four >&4; ls /proc/self/fd"
-    r = subprocess.run(_with_fds(fds) + env.cmd("--preserve-fds", "2", command=(
-        "sh", "-c", script)), capture_output=True, text=True, timeout=60, env=env.env,
-        stdin=subprocess.DEVNULL, check=False)
+    r = subprocess.run(
+        _with_fds(fds) + env.cmd("--preserve-fds", "2", command=("sh", "-c", script)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     ref = podman.run("--preserve-fds", "2", command=("sh", "-c", script), fds=fds)
     assert r.stdout.split() == ["0", "1", "2", "3", "4", "5"] == ref.stdout.split(), r.stderr
     assert three.read_text() == "three\nthree\n" and four.read_text() == "four\nfour\n"
 
 
-# -- the caller's terminal ---------------------------------------------------------------------------
+# -- the caller's terminal -------------------------------------------------------------------------
 # Run in a terminal of its own: runs pyunion there, then counts what waits in the
 # terminal's input queue for the shell that started pyunion (it would run it, as root).
 _TERMINAL_CALLER = """
@@ -391,8 +477,15 @@ def test_no_typing_into_the_callers_terminal(env: Env, opts: tuple[str, ...], wh
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child execs at once
         os.environ.update(env.env)
-        os.execv(sys.executable, [sys.executable, "-c", _TERMINAL_CALLER, *env.cmd(
-            *opts, command=("hostile", "tiocsti", where, "touch /tmp/pwned\n"))])
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-c",
+                _TERMINAL_CALLER,
+                *env.cmd(*opts, command=("hostile", "tiocsti", where, "touch /tmp/pwned\n")),
+            ],
+        )
     try:
         out = _read_until(fd, b"\xff", timeout=30)  # until EOF
         _, status = os.waitpid(pid, 0)
@@ -407,7 +500,7 @@ def test_no_typing_into_the_callers_terminal(env: Env, opts: tuple[str, ...], wh
     assert (b"open 6" if where == "/dev/tty" else b"TIOCSTI 1") in out, out
 
 
-# -- volumes -------------------------------------------------------------------------------------------
+# -- volumes ---------------------------------------------------------------------------------------
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Path]:
     """A host directory with a tmpfs mounted below it (a submount)."""
@@ -433,24 +526,30 @@ def test_volume_read_only_is_recursive(env: Env, volume: Path) -> None:
 
 def test_volume_options(env: Env, volume: Path) -> None:
     """podman's volume options: bind (no submounts), nosuid, nodev, noexec, z/Z ignored."""
-    r = env.sh("ls /data/sub; grep ' /data ' /proc/self/mountinfo", "-v",
-               f"{volume}:/data:bind,nosuid,nodev,noexec,Z")
+    r = env.sh(
+        "ls /data/sub; grep ' /data ' /proc/self/mountinfo",
+        "-v",
+        f"{volume}:/data:bind,nosuid,nodev,noexec,Z",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "marker" not in lines
     assert lines[-1].split()[5].split(",")[:4] == ["rw", "nosuid", "nodev", "noexec"]
 
 
-@pytest.mark.parametrize("spec,why", [
-    ("{vol}", "expected HOST:CONTAINER[:OPTIONS]"),
-    ("{vol}:/data:ro:x", "expected HOST:CONTAINER[:OPTIONS]"),
-    ("{vol}:/data:ro,rw", "with its opposite"),
-    ("{vol}:/data:O", "unknown option 'O'"),
-    ("{vol}:data", "must be absolute"),
-    ("{vol}:/", "must be absolute and not /"),
-    ("named:/data", "named volumes are not supported"),
-    ("/no/such/dir:/data", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec,why",
+    [
+        ("{vol}", "expected HOST:CONTAINER[:OPTIONS]"),
+        ("{vol}:/data:ro:x", "expected HOST:CONTAINER[:OPTIONS]"),
+        ("{vol}:/data:ro,rw", "with its opposite"),
+        ("{vol}:/data:O", "unknown option 'O'"),
+        ("{vol}:data", "must be absolute"),
+        ("{vol}:/", "must be absolute and not /"),
+        ("named:/data", "named volumes are not supported"),
+        ("/no/such/dir:/data", "does not exist"),
+    ],
+)
 def test_bad_volumes(env: Env, tmp_path: Path, spec: str, why: str) -> None:
     r = env.sh("true", "-v", spec.format(vol=tmp_path))
     assert r.returncode == 125 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
@@ -481,7 +580,7 @@ def test_volume_read_only_fallback_for_old_kernels(volume: Path) -> None:
         subprocess.run(["umount", "-R", "-l", str(bind)], check=False, timeout=10)
 
 
-# -- teardown and the image's files ---------------------------------------------------------------------
+# -- teardown and the image's files ----------------------------------------------------------------
 def test_teardown_ignores_symlinks_planted_by_the_container(env: Env, tmp_path: Path) -> None:
     """The container moves a volume's placeholder parent away and puts a symlink to the host
     in its place: removing the placeholders of a kept upper must not follow it (it removed
@@ -489,8 +588,13 @@ def test_teardown_ignores_symlinks_planted_by_the_container(env: Env, tmp_path: 
     victim, vol, upper = tmp_path / "victim", tmp_path / "vol", tmp_path / "upper"
     (victim / "vol").mkdir(parents=True)
     vol.mkdir()
-    r = env.sh(f"mv /mnt/deep /mnt/moved && ln -s {victim} /mnt/deep", "--upper", str(upper),
-               "-v", f"{vol}:/mnt/deep/vol")
+    r = env.sh(
+        f"mv /mnt/deep /mnt/moved && ln -s {victim} /mnt/deep",
+        "--upper",
+        str(upper),
+        "-v",
+        f"{vol}:/mnt/deep/vol",
+    )
     assert r.returncode == 0, r.stderr
     assert (victim / "vol").is_dir()
     assert os.readlink(upper / "mnt/deep") == str(victim)
@@ -499,8 +603,7 @@ def test_teardown_ignores_symlinks_planted_by_the_container(env: Env, tmp_path: 
 def test_deep_tree_is_removed(env: Env) -> None:
     """A command that builds a tree 1100 directories deep: its exit status comes through and
     nothing is left under TMPDIR (shutil.rmtree hit the recursion limit)."""
-    r = env.sh("i=0; while [ $i -lt 1100 ]; do mkdir d && cd d || exit 9; i=$((i+1)); done; "
-               "exit 3")
+    r = env.sh("i=0; while [ $i -lt 1100 ]; do mkdir d && cd d || exit 9; i=$((i+1)); done; exit 3")
     assert r.returncode == 3, r.stderr
     assert r.stderr == ""
     env.wait_clean()
@@ -557,9 +660,11 @@ def test_device_nodes_made_in_the_container_do_not_open(env: Env, tmp_path: Path
     while the usual nodes still work. --privileged lifts it, as in podman."""
     vol = tmp_path / "vol"
     vol.mkdir()
-    script = ("mknod /dev/z c 1 5 && head -c 1 /dev/z | od -An -tx1; "
-              "mknod /vol/z c 1 5 && head -c 1 /vol/z | od -An -tx1; "
-              "echo x > /dev/null && head -c 1 /dev/zero | od -An -tx1")
+    script = (
+        "mknod /dev/z c 1 5 && head -c 1 /dev/z | od -An -tx1; "
+        "mknod /vol/z c 1 5 && head -c 1 /vol/z | od -An -tx1; "
+        "echo x > /dev/null && head -c 1 /dev/zero | od -An -tx1"
+    )
     r = env.sh(script, "--cap-add", "MKNOD", "-v", f"{vol}:/vol")
     assert r.stderr.count("Permission denied") == 2, r.stderr
     assert r.stdout.split() == ["00"]

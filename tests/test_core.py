@@ -8,12 +8,13 @@ import stat
 from pathlib import Path
 
 import pytest
+from support import needs_root
 
 from unionfs.layers import LayerStack
 from unionfs.mount import prepare_workdir
 from unionfs.union import Ctx, Union
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, trusted xattrs)")
+root_only = needs_root
 
 
 def make_union(tmp_path: Path, lowers: list[Path], upper: bool = True) -> Union:
@@ -80,7 +81,9 @@ def test_oci_marker_hides_only_layers_below(tmp_path: Path, two: tuple[Path, Pat
 @root_only
 def test_opaque_xattr_forms(tmp_path: Path, two: tuple[Path, Path]) -> None:
     l1, l2 = two
-    for i, attr in enumerate(("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")):
+    for i, attr in enumerate(
+        ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+    ):
         (l2 / f"d{i}").mkdir()
         (l2 / f"d{i}" / "below").touch()
         (l1 / f"d{i}").mkdir()

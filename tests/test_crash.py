@@ -27,8 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from conftest import (
+from support import (
     daemon_of,
     force_unmount,
     is_mounted,
@@ -64,8 +63,13 @@ def _progress(progress: Path) -> list[str]:
         return []
 
 
-def crash_run(tmp: Path, lows: list[Path], workload: Callable[[str, str], None],
-              kill_after: tuple[int, float], rng: random.Random) -> tuple[Path, list[str], dict]:
+def crash_run(
+    tmp: Path,
+    lows: list[Path],
+    workload: Callable[[str, str], None],
+    kill_after: tuple[int, float],
+    rng: random.Random,
+) -> tuple[Path, list[str], dict]:
     """Mount, run `workload(mnt, progress)`, kill the daemon after `kill_after`
     = (progress entries, then up to that many seconds); recover; return (upper,
     progress, pyunion's view after the recovery), having checked the recovery
@@ -104,10 +108,13 @@ def crash_run(tmp: Path, lows: list[Path], workload: Callable[[str, str], None],
         view = tree_view(mnt)
         for p in view:
             assert b"#pyunion" not in p, f"a temporary name is visible: {p!r}"
-    with kernel_overlay(lows, upper, tmp / "kmnt", tmp / "kwork") as k:
+    with kernel_overlay(lows, tmp / "kmnt", upper=upper, work=tmp / "kwork") as k:
         kview = tree_view(k)
-    diff = {p: (view.get(p), kview.get(p)) for p in set(view) | set(kview)
-            if view.get(p) != kview.get(p)}
+    diff = {
+        p: (view.get(p), kview.get(p))
+        for p in set(view) | set(kview)
+        if view.get(p) != kview.get(p)
+    }
     assert not diff, f"pyunion and kernel overlayfs differ after the crash: {diff}"
     log = (tmp / "daemon.log").read_text() if (tmp / "daemon.log").exists() else ""
     assert "Traceback" not in log, log
@@ -148,16 +155,18 @@ def test_kill_during_copy_up(tmp_path: Path) -> None:
         (lows[1] / "big").mkdir()
         for i in range(N_BIG):
             (lows[1] / "big" / f"f{i}").write_bytes(_content(i, BIG))
-        upper, done, view = crash_run(tmp, lows, _copyup_workload,
-                                      (rng.randrange(N_BIG), 0.05), rng)
+        _upper, done, view = crash_run(
+            tmp, lows, _copyup_workload, (rng.randrange(N_BIG), 0.05), rng
+        )
         for i in range(N_BIG):
             base = _content(i, BIG)
             got = view[b"big/f%d" % i]
             ok = {hashlib.sha256(base).hexdigest(), hashlib.sha256(base + b"APPENDED").hexdigest()}
             assert got[5] in ok, f"run {run}: big/f{i} is neither the old nor the new content"
             if str(i) in done:
-                assert got[5] == hashlib.sha256(base + b"APPENDED").hexdigest(), \
+                assert got[5] == hashlib.sha256(base + b"APPENDED").hexdigest(), (
                     f"run {run}: the fsync'd append to big/f{i} is lost"
+                )
 
 
 # -- rename of merged directories -------------------------------------------------------
@@ -182,12 +191,15 @@ def test_kill_during_rename_of_merged_dirs(tmp_path: Path) -> None:
             for layer, rng_files in ((lows[1], range(N_FILES)), (lows[0], range(0, N_FILES, 7))):
                 (layer / f"d{i}").mkdir()
                 for j in rng_files:
-                    (layer / f"d{i}" / f"f{j}").write_bytes(b"%d/%d/%s" % (i, j, layer.name.encode()))
-        upper, done, view = crash_run(tmp, lows, _rename_workload,
-                                      (1, rng.uniform(0.0, 0.6)), rng)
+                    (layer / f"d{i}" / f"f{j}").write_bytes(
+                        b"%d/%d/%s" % (i, j, layer.name.encode())
+                    )
+        _upper, done, view = crash_run(tmp, lows, _rename_workload, (1, rng.uniform(0.0, 0.6)), rng)
         for i in range(N_DIRS):
             old, new = b"d%d" % i, b"r%d" % i
-            assert (old in view) != (new in view), f"run {run}: d{i} and r{i}: {old in view}, {new in view}"
+            assert (old in view) != (new in view), (
+                f"run {run}: d{i} and r{i}: {old in view}, {new in view}"
+            )
             d = old if old in view else new
             if str(i) in done:
                 assert d == new, f"run {run}: the completed rename of d{i} was undone"
@@ -226,15 +238,16 @@ def test_kill_during_rmdir_of_merged_dirs(tmp_path: Path) -> None:
                 (lows[1] / f"m{i}" / f"f{j}").write_bytes(b"x")
         # Half the runs kill during the unlinks, half during the rmdirs.
         when = (rng.randrange(1, N_RM), 0.01) if run % 2 else (N_RM + 1, 0.03)
-        upper, done, view = crash_run(tmp, lows, _rmdir_workload, when, rng)
+        _upper, done, view = crash_run(tmp, lows, _rmdir_workload, when, rng)
         for i in range(N_RM):
             d = b"m%d" % i
             names = {p for p in view if p.startswith(d + b"/")}
             if f"removed {i}" in done:
                 assert d not in view, f"run {run}: the removed m{i} is back"
             if f"emptied {i}" in done:
-                assert d not in view or not names, \
+                assert d not in view or not names, (
                     f"run {run}: removed entries of m{i} came back: {sorted(names)[:5]}..."
+                )
 
 
 # -- whiteout creation --------------------------------------------------------------------
@@ -254,8 +267,9 @@ def test_kill_during_whiteout_creation(tmp_path: Path) -> None:
         (lows[1] / "w").mkdir()
         for j in range(N_WH):
             (lows[1] / "w" / f"f{j}").write_bytes(b"%d" % j)
-        upper, done, view = crash_run(tmp, lows, _unlink_workload,
-                                      (rng.randrange(N_WH), 0.01), rng)
+        _upper, done, view = crash_run(
+            tmp, lows, _unlink_workload, (rng.randrange(N_WH), 0.01), rng
+        )
         gone = {int(x) for x in done}
         for j in range(N_WH):
             p = b"w/f%d" % j
@@ -273,8 +287,10 @@ CHUNK, N_CHUNKS = 1 << 20, 24
 
 
 def _write_workload(mnt: str, progress: str) -> None:
-    fds = [os.open(f"{mnt}/new", os.O_CREAT | os.O_WRONLY, 0o644),
-           os.open(f"{mnt}/low", os.O_WRONLY)]
+    fds = [
+        os.open(f"{mnt}/new", os.O_CREAT | os.O_WRONLY, 0o644),
+        os.open(f"{mnt}/low", os.O_WRONLY),
+    ]
     for k in range(N_CHUNKS):
         for n, fd in enumerate(fds):
             os.pwrite(fd, _content(1000 + k + n, CHUNK), k * CHUNK)
@@ -287,13 +303,15 @@ def test_kill_during_big_writes(tmp_path: Path) -> None:
     for run in range(RUNS):
         tmp, lows = _fresh(tmp_path, run)
         (lows[1] / "low").write_bytes(b"L" * (CHUNK * 2 + 17))
-        upper, done, view = crash_run(tmp, lows, _write_workload,
-                                      (rng.randrange(N_CHUNKS), 0.02), rng)
+        upper, done, _view = crash_run(
+            tmp, lows, _write_workload, (rng.randrange(N_CHUNKS), 0.02), rng
+        )
         synced = max((int(x) for x in done), default=-1) + 1
         for name, n in ((b"new", 0), (b"low", 1)):
             if synced == 0:
                 continue
             data = (upper / name.decode()).read_bytes()
             for k in range(synced):
-                assert data[k * CHUNK:(k + 1) * CHUNK] == _content(1000 + k + n, CHUNK), \
+                assert data[k * CHUNK : (k + 1) * CHUNK] == _content(1000 + k + n, CHUNK), (
                     f"run {run}: fsync'd chunk {k} of {name!r} is not intact"
+                )

@@ -22,19 +22,22 @@ import oracle as o
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
 
-pytestmark = pytest.mark.skipif(o.skip_reason() is not None, reason=o.skip_reason() or "")
+pytestmark = pytest.mark.skipif(
+    kernel_overlay_skip_reason() is not None, reason=kernel_overlay_skip_reason() or ""
+)
 
 
 def _views(stacks: list[list[o.Dir]], td: Path) -> tuple[o.Snapshot, o.Snapshot, o.Snapshot]:
     raw = o.build_batch(td / "raw", stacks, kernel=False)
     conv = o.build_batch(td / "conv", stacks, kernel=True)
-    with o.kernel_overlay(conv, td / "mk") as mk:
+    with kernel_overlay(conv, td / "mk") as mk:
         kernel = o.snapshot(mk)
-    with o.pyunion_mount(raw, td / "mp") as mp:
+    with pyunion_mount(raw, td / "mp") as mp:
         mine = o.snapshot(mp)
         _check_identity_and_names(mp, mine)
-    with o.pyunion_mount(conv, td / "mc") as mc:
+    with pyunion_mount(conv, td / "mc") as mc:
         mine_conv = o.snapshot(mc)
         _check_identity_and_names(mc, mine_conv)
     return kernel, mine, mine_conv
@@ -65,8 +68,12 @@ def test_read_view_matches_kernel(stacks: list[list[o.Dir]]) -> None:
         finally:
             o.rmtree(td)
     o.assert_same(kernel, mine_conv, "kernel vs pyunion, both on kernel-format layers")
-    o.assert_same(kernel, mine, "kernel on kernel-format layers vs pyunion on the layers "
-                  "as generated (OCI and other formats)")
+    o.assert_same(
+        kernel,
+        mine,
+        "kernel on kernel-format layers vs pyunion on the layers "
+        "as generated (OCI and other formats)",
+    )
 
 
 def test_read_only_mount_refuses_writes(tmp_path: Path) -> None:
@@ -74,15 +81,21 @@ def test_read_only_mount_refuses_writes(tmp_path: Path) -> None:
     lower.mkdir()
     (lower / "f").write_text("x")
     (lower / "d").mkdir()
-    with o.pyunion_mount([lower], tmp_path / "m") as m:
+    with pyunion_mount([lower], tmp_path / "m") as m:
+
         def opens(path: Path, flags: int) -> None:
             os.close(os.open(path, flags, 0o644))
 
-        for op in (lambda: opens(m / "f", os.O_WRONLY | os.O_APPEND),
-                   lambda: opens(m / "new", os.O_WRONLY | os.O_CREAT),
-                   lambda: os.mkdir(m / "e"), lambda: os.unlink(m / "f"),
-                   lambda: os.chmod(m / "f", 0o600), lambda: os.rename(m / "f", m / "g"),
-                   lambda: os.setxattr(m / "f", "user.x", b"1"), lambda: os.rmdir(m / "d")):
+        for op in (
+            lambda: opens(m / "f", os.O_WRONLY | os.O_APPEND),
+            lambda: opens(m / "new", os.O_WRONLY | os.O_CREAT),
+            lambda: os.mkdir(m / "e"),
+            lambda: os.unlink(m / "f"),
+            lambda: os.chmod(m / "f", 0o600),
+            lambda: os.rename(m / "f", m / "g"),
+            lambda: os.setxattr(m / "f", "user.x", b"1"),
+            lambda: os.rmdir(m / "d"),
+        ):
             with pytest.raises(OSError) as ei:
                 op()
             assert ei.value.errno == errno.EROFS, ei.value
@@ -92,16 +105,28 @@ def test_read_only_mount_refuses_writes(tmp_path: Path) -> None:
 def test_big_directories_and_odd_names_match_kernel(tmp_path: Path) -> None:
     """Listings that take many readdir calls, names of 255 bytes, and names with
     characters that paths and option strings treat specially."""
-    odd = ["sp ace", "new\nline", "colon:x", "back\\slash", "comma,y", "ü-ñ-✓", "-dash",
-           "x" * 255, "y" * 251, "%s", "..."]
+    odd = [
+        "sp ace",
+        "new\nline",
+        "colon:x",
+        "back\\slash",
+        "comma,y",
+        "ü-ñ-✓",
+        "-dash",
+        "x" * 255,
+        "y" * 251,
+        "%s",
+        "...",
+    ]
     stacks = []
     for fmt in (False, True):
         top = [(f"f{i:04d}", o.File(b"top", o.Meta(0o644))) for i in range(0, 1500, 2)]
-        top += [(n, o.File(n.encode("utf-8", "surrogateescape")[:10], o.Meta(0o600)))
-                for n in odd[:4]]
+        top += [
+            (n, o.File(n.encode("utf-8", "surrogateescape")[:10], o.Meta(0o600))) for n in odd[:4]
+        ]
         bottom = [(f"f{i:04d}", o.File(b"bottom", o.Meta(0o644))) for i in range(1500)]
         bottom += [(n, o.Symlink(n)) for n in odd]
-        hidden = tuple(f"f{i:04d}" for i in range(1, 600, 4)) + ("y" * 251, "sp ace x")
+        hidden = (*tuple(f"f{i:04d}" for i in range(1, 600, 4)), "y" * 251, "sp ace x")
         if fmt:
             upper = o.Dir(tuple(top), o.Meta(0o755), oci_whiteouts=hidden)
         else:

@@ -9,7 +9,7 @@ A generated sequence of operations runs on three trees in lockstep:
 Every operation's result (ok or errno) on P must match K's, or D's where K
 said EXDEV; after that K no longer follows (it refused what the others did)
 and D is the oracle. After every step P's view must equal the oracle's.
-After the sequence the upper P wrote must obey SPEC (no whiteout in an
+After the sequence the upper P wrote must obey docs/formats.md (no whiteout in an
 opaque dir, none for a name no lower has) and must show the same view when
 mounted again by pyunion and by kernel overlayfs over the same lowers.
 
@@ -32,20 +32,24 @@ import oracle as o
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
 
-pytestmark = pytest.mark.skipif(o.skip_reason() is not None, reason=o.skip_reason() or "")
+pytestmark = pytest.mark.skipif(
+    kernel_overlay_skip_reason() is not None, reason=kernel_overlay_skip_reason() or ""
+)
 
 # --------------------------------------------------------------------------------------------
 # Operations. Each is a tuple (name, args...) so that a failing sequence prints readably.
 
 Op = tuple
 
-_NB = os.O_NONBLOCK          # a fifo must never block a test: O_WRONLY on one gives ENXIO
+_NB = os.O_NONBLOCK  # a fifo must never block a test: O_WRONLY on one gives ENXIO
 
 
 def _create(r: Path, p: str, mode: int, how: str) -> None:
-    flags = os.O_CREAT | os.O_WRONLY | _NB | {"excl": os.O_EXCL, "trunc": os.O_TRUNC,
-                                              "plain": 0}[how]
+    flags = (
+        os.O_CREAT | os.O_WRONLY | _NB | {"excl": os.O_EXCL, "trunc": os.O_TRUNC, "plain": 0}[how]
+    )
     os.close(os.open(r / p, flags, mode))
 
 
@@ -80,7 +84,7 @@ def _readwrite_same_handle(r: Path, p: str, data: bytes) -> None:
         before = os.pread(rfd, 1 << 16, 0)
         _write(r, p, 0, data)
         after = os.pread(rfd, 1 << 16, 0)
-        expect = data + before[len(data):]
+        expect = data + before[len(data) :]
         if after != expect:
             raise _Stale()
     finally:
@@ -108,9 +112,9 @@ OPS: dict[str, Callable[..., object]] = {
     "symlink": lambda r, t, p: os.symlink(t, r / p),
     "mkfifo": lambda r, p, m: os.mkfifo(r / p, m),
     "mknod_null": lambda r, p: os.mknod(r / p, 0o20666, os.makedev(1, 3)),
-    "umask": lambda r, m: None,     # these two change the process, see Run.step
+    "umask": lambda r, m: None,  # these two change the process, see Run.step
     "user": lambda r, u: None,
-    "hold": lambda r, p: None,      # these two use handles kept open, see Run.apply
+    "hold": lambda r, p: None,  # these two use handles kept open, see Run.apply
     "readheld": lambda r: None,
 }
 
@@ -141,8 +145,9 @@ any_st = st.tuples(st.just("E"), _k)
 file_st = st.tuples(st.just("F"), _k)
 dir_st = st.tuples(st.just("D"), _k)
 new_st = st.tuples(st.just("N"), _k, st.sampled_from(NEW_NAMES))
-literal_st = st.integers(1, 3).flatmap(
-    lambda n: st.tuples(*[st.sampled_from(NAMES)] * n)).map("/".join)
+literal_st = (
+    st.integers(1, 3).flatmap(lambda n: st.tuples(*[st.sampled_from(NAMES)] * n)).map("/".join)
+)
 data_path_st = st.one_of(file_st, file_st, file_st, any_st, literal_st)
 meta_path_st = st.one_of(any_st, any_st, file_st, dir_st, st.just("."), literal_st)
 target_st = st.one_of(new_st, new_st, new_st, any_st)
@@ -189,31 +194,51 @@ def _op(name: str, *args: st.SearchStrategy) -> st.SearchStrategy[Op]:
 
 
 _structural = (
-    _op("rename", st.one_of(file_st, dir_st, dir_st, any_st, literal_st),
+    _op(
+        "rename",
+        st.one_of(file_st, dir_st, dir_st, any_st, literal_st),
         st.one_of(new_st, new_st, file_st, dir_st, literal_st),
-        st.sampled_from((0, 0, 0, o.RENAME_NOREPLACE, o.RENAME_EXCHANGE))),
+        st.sampled_from((0, 0, 0, o.RENAME_NOREPLACE, o.RENAME_EXCHANGE)),
+    ),
     _op("rmdir", st.one_of(dir_st, dir_st, dir_st, any_st)),
     _op("unlink", st.one_of(file_st, file_st, file_st, any_st)),
     _op("mkdir", target_st, st.sampled_from((0o755, 0o700, 0o2775, 0o1777, 0o555))),
     _op("link", st.one_of(file_st, file_st, any_st), target_st),
 )
 op_st = st.one_of(
-    *_structural, *_structural, *_structural,   # weighted: where the hard cases are
-    _op("create", target_st, st.sampled_from((0o644, 0o777, 0o600, 0o4755)),
-        st.sampled_from(("excl", "trunc", "plain"))),
+    *_structural,
+    *_structural,
+    *_structural,  # weighted: where the hard cases are
+    _op(
+        "create",
+        target_st,
+        st.sampled_from((0o644, 0o777, 0o600, 0o4755)),
+        st.sampled_from(("excl", "trunc", "plain")),
+    ),
     _op("write", data_path_st, st.sampled_from((0, 1, 4, 4096, 70000)), st.sampled_from(DATAS)),
     _op("append", data_path_st, st.sampled_from(DATAS)),
     _op("otrunc", data_path_st),
     _op("coherent", data_path_st, st.sampled_from(DATAS)),
     _op("truncate", data_path_st, st.sampled_from((0, 2, 10000))),
-    _op("chmod", meta_path_st, st.sampled_from((0o644, 0o4755, 0o2755, 0o1777, 0o000, 0o700,
-                                                0o555))),
-    _op("chown", meta_path_st, st.sampled_from((0, 1000, 65534, -1)),
-        st.sampled_from((0, 1000, 1234, -1)), follow_st),
+    _op(
+        "chmod", meta_path_st, st.sampled_from((0o644, 0o4755, 0o2755, 0o1777, 0o000, 0o700, 0o555))
+    ),
+    _op(
+        "chown",
+        meta_path_st,
+        st.sampled_from((0, 1000, 65534, -1)),
+        st.sampled_from((0, 1000, 1234, -1)),
+        follow_st,
+    ),
     _op("utime", meta_path_st, st.sampled_from((T1, o.BASE_TIME_NS, 0)), follow_st),
     _op("utime_now", meta_path_st),
-    _op("setxattr", meta_path_st, st.sampled_from(("user.one", "user.new")),
-        st.sampled_from((b"1", b"", b"22" * 50)), follow_st),
+    _op(
+        "setxattr",
+        meta_path_st,
+        st.sampled_from(("user.one", "user.new")),
+        st.sampled_from((b"1", b"", b"22" * 50)),
+        follow_st,
+    ),
     _op("removexattr", meta_path_st, st.sampled_from(("user.one", "user.two"))),
     _op("symlink", st.sampled_from(o.SYMLINK_TARGETS), target_st),
     _op("mkfifo", target_st, st.sampled_from((0o644, 0o600))),
@@ -232,12 +257,14 @@ def lowers_st(formats: bool) -> st.SearchStrategy[list[o.Dir]]:
     # No hard links below: the kernel (without index) breaks them on copy-up and pyunion
     # deliberately does not, so they get their own test against the plain-copy oracle.
     # No devices: the operations open what they find.
-    return o.stack_st(min_layers=1, max_layers=3, max_depth=2, hardlinks=False,
-                      formats=formats, devices=False)
+    return o.stack_st(
+        min_layers=1, max_layers=3, max_depth=2, hardlinks=False, formats=formats, devices=False
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # The run.
+
 
 @contextlib.contextmanager
 def _as_user(uid: int) -> Iterator[None]:
@@ -267,8 +294,19 @@ def _umask(mask: int) -> Iterator[None]:
         os.umask(old)
 
 
-IN_PLACE = {"write", "append", "otrunc", "coherent", "truncate", "chmod", "chown", "utime",
-            "utime_now", "setxattr", "removexattr"}
+IN_PLACE = {
+    "write",
+    "append",
+    "otrunc",
+    "coherent",
+    "truncate",
+    "chmod",
+    "chown",
+    "utime",
+    "utime_now",
+    "setxattr",
+    "removexattr",
+}
 
 
 def _ino(root: Path, op: Op) -> int | None:
@@ -288,9 +326,9 @@ class Run:
     def __init__(self, td: Path) -> None:
         self.td = td
         self.history: list[str] = []
-        self.synced = True        # K still follows (it never refused what the others did)
-        self.uid = 0              # who runs the operations
-        self.held: dict[Path, list[int]] = {}     # handles kept open, by tree
+        self.synced = True  # K still follows (it never refused what the others did)
+        self.uid = 0  # who runs the operations
+        self.held: dict[Path, list[int]] = {}  # handles kept open, by tree
 
     def fail(self, msg: str) -> None:
         hist = "\n    ".join(self.history) or "(none)"
@@ -338,8 +376,10 @@ class Run:
             ref, name = o.snapshot(d), "plain copy"
         diffs = o.diff(ref, sp, self.ignore)
         if diffs:
-            self.fail(f"{when}: pyunion differs from the {name} (expected = {name}, "
-                      "got = pyunion):\n    " + "\n    ".join(diffs[:30]))
+            self.fail(
+                f"{when}: pyunion differs from the {name} (expected = {name}, "
+                "got = pyunion):\n    " + "\n    ".join(diffs[:30])
+            )
         return sp
 
     def step(self, i: int, op: Op, k: Path | None, p: Path, d: Path) -> None:
@@ -359,8 +399,10 @@ class Run:
             rp = self.apply(p, op)
         self.history.append(f"{i}: {op} -> {rp}")
         if rp == "ok" and ino_before is not None and _ino(p, op) != ino_before:
-            self.fail(f"step {i} {op}: st_ino changed from {ino_before} to {_ino(p, op)} "
-                      "(copy-up must keep it)")
+            self.fail(
+                f"step {i} {op}: st_ino changed from {ino_before} to {_ino(p, op)} "
+                "(copy-up must keep it)"
+            )
         if rk == "EXDEV" and op[0] == "rename":
             expected, by = rd, "the plain copy (the kernel said EXDEV)"
             if rd == "ok":
@@ -368,18 +410,23 @@ class Run:
         elif rk is not None:
             expected, by = rk, "the kernel"
             if rd != rk:
-                self.fail(f"step {i} {op}: the oracles disagree: kernel {rk}, plain copy {rd} "
-                          "(a harness problem, not pyunion's)")
+                self.fail(
+                    f"step {i} {op}: the oracles disagree: kernel {rk}, plain copy {rd} "
+                    "(a harness problem, not pyunion's)"
+                )
         else:
             expected, by = rd, "the plain copy"
         if rp != expected:
-            self.fail(f"step {i} {op}: pyunion gave {rp}, expected {expected} from {by} "
-                      f"(kernel: {rk}, plain copy: {rd})")
+            self.fail(
+                f"step {i} {op}: pyunion gave {rp}, expected {expected} from {by} "
+                f"(kernel: {rk}, plain copy: {rd})"
+            )
         self.compare(k, p, d, f"after step {i} {op}")
 
 
-def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path, uid: int = 0,
-                 kernel: bool = True) -> None:
+def run_sequence(
+    lowers: list[o.Dir], ops: list[Op], td: Path, uid: int = 0, kernel: bool = True
+) -> None:
     """OPS on K, P and D (kernel=False: on P and D only, D copied from P's view)."""
     raw = o.build_stack(td / "raw", lowers, kernel=False)
     conv = o.build_stack(td / "conv", lowers, kernel=True)
@@ -389,9 +436,12 @@ def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path, uid: int = 0,
     run.uid = uid
     with contextlib.ExitStack() as stack:
         stack.enter_context(_umask(0o022))
-        k = (stack.enter_context(o.kernel_overlay(conv, td / "mk", td / "ku", td / "kw"))
-             if kernel else None)
-        p = stack.enter_context(o.pyunion_mount(raw, td / "mp", td / "pu", td / "pw"))
+        k = (
+            stack.enter_context(kernel_overlay(conv, td / "mk", td / "ku", td / "kw"))
+            if kernel
+            else None
+        )
+        p = stack.enter_context(pyunion_mount(raw, td / "mp", td / "pu", td / "pw"))
         d = td / "plain"
         o.copy_tree(k or p, d)
         if k is None:
@@ -412,25 +462,29 @@ def run_sequence(lowers: list[o.Dir], ops: list[Op], td: Path, uid: int = 0,
             o.assert_same(o.snapshot(k), o.snapshot(d), "harness: kernel vs plain copy at the end")
     problems = o.upper_problems(td / "pu", conv)
     if problems:
-        run.fail("the upper pyunion left breaks SPEC:\n    " + "\n    ".join(problems))
-    with o.pyunion_mount(raw, td / "mp2", td / "pu", td / "pw") as p2:
+        run.fail("the upper pyunion left breaks the format rules:\n    " + "\n    ".join(problems))
+    with pyunion_mount(raw, td / "mp2", td / "pu", td / "pw") as p2:
         again = o.snapshot(p2)
     d1 = o.diff(final, again)
     if d1:
-        run.fail("pyunion mounted again over its own upper shows another view:\n    "
-                 + "\n    ".join(d1[:30]))
-    with o.kernel_overlay(conv, td / "mk2", td / "pu", td / "kw2") as k2:
+        run.fail(
+            "pyunion mounted again over its own upper shows another view:\n    "
+            + "\n    ".join(d1[:30])
+        )
+    with kernel_overlay(conv, td / "mk2", td / "pu", td / "kw2") as k2:
         kview = o.snapshot(k2)
     d2 = o.diff(kview, final)
     if d2:
-        run.fail("kernel overlayfs over pyunion's upper shows another view (expected = kernel, "
-                 "got = pyunion before unmount):\n    " + "\n    ".join(d2[:30]))
+        run.fail(
+            "kernel overlayfs over pyunion's upper shows another view (expected = kernel, "
+            "got = pyunion before unmount):\n    " + "\n    ".join(d2[:30])
+        )
 
 
 @contextlib.contextmanager
 def _tempdir(prefix: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix=prefix) as t:
-        os.chmod(t, 0o755)      # operations run as a user too
+        os.chmod(t, 0o755)  # operations run as a user too
         try:
             yield Path(t)
         finally:
@@ -448,9 +502,8 @@ def test_operations_match_kernel(lowers: list[o.Dir], ops: list[Op], uid: int) -
 
 @o.settings_for(35)
 @given(lowers=lowers_st(formats=True), ops=ops_st, uid=st.sampled_from((0, 1000)))
-def test_operations_over_every_marker_format(lowers: list[o.Dir], ops: list[Op],
-                                             uid: int) -> None:
-    """Lower layers in every format SPEC lists (the kernel mounts them converted)."""
+def test_operations_over_every_marker_format(lowers: list[o.Dir], ops: list[Op], uid: int) -> None:
+    """Lower layers in every format docs/formats.md lists (the kernel mounts them converted)."""
     with _tempdir("pyunion-dwritef-") as td:
         run_sequence(lowers, ops, td, uid)
 
@@ -459,9 +512,14 @@ def test_operations_over_every_marker_format(lowers: list[o.Dir], ops: list[Op],
 # Hard links of a lower file: pyunion keeps the names one inode (the kernel without index
 # does not), so the oracle is the plain copy.
 
+
 @o.settings_for(30)
-@given(lowers=o.stack_st(min_layers=1, max_layers=3, max_depth=2, hardlinks=True,
-                         formats=False, devices=False), ops=ops_st)
+@given(
+    lowers=o.stack_st(
+        min_layers=1, max_layers=3, max_depth=2, hardlinks=True, formats=False, devices=False
+    ),
+    ops=ops_st,
+)
 def test_operations_over_lower_hard_links(lowers: list[o.Dir], ops: list[Op]) -> None:
     """Lower layers with hard links; pyunion against the plain copy only. Every name is
     looked up after every step, so pyunion must keep all names of a file one inode."""
@@ -477,9 +535,14 @@ def test_lower_hard_links_stay_linked_after_copy_up(tmp_path: Path) -> None:
     os.link(lower / "f", lower / "d" / "h")
     for n in ("u", "w"):
         (tmp_path / n).mkdir()
-    ops: list[Op] = [("write", "f", 0, b"TWO"), ("chmod", "g", 0o600), ("link", "d/h", "d/i"),
-                     ("unlink", "g"), ("append", "d/i", b"!")]
-    with o.pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
+    ops: list[Op] = [
+        ("write", "f", 0, b"TWO"),
+        ("chmod", "g", 0o600),
+        ("link", "d/h", "d/i"),
+        ("unlink", "g"),
+        ("append", "d/i", b"!"),
+    ]
+    with pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
         d = tmp_path / "plain"
         o.copy_tree(p, d)
         o.assert_same(o.snapshot(d), o.snapshot(p), "before any operation")
@@ -511,21 +574,28 @@ def _base_lowers(ls: list[Path]) -> None:
     os.symlink("deep/f", bottom / "srv" / "data" / "link")
     (top / "srv" / "data").mkdir(parents=True)
     (top / "srv" / "data" / "top").write_text("from the top layer\n")
-    os.mknod(top / "srv" / "data" / "x", 0o20000, os.makedev(0, 0))     # whiteout
+    os.mknod(top / "srv" / "data" / "x", 0o20000, os.makedev(0, 0))  # whiteout
     (top / "home" / "user" / "proj").mkdir(parents=True)
     (top / "home" / "user" / "proj" / "readme").write_text("hello\n")
     (top / "home" / "user" / "proj" / "locked").write_text("locked\n")
     os.chmod(top / "home" / "user" / "proj" / "locked", 0o444)
     (top / "home" / "user" / "proj" / "rootfile").write_text("root's\n")
     os.chmod(top / "home" / "user" / "proj" / "rootfile", 0o644)
-    for p in (top / "home" / "user", top / "home" / "user" / "proj",
-              top / "home" / "user" / "proj" / "readme", top / "home" / "user" / "proj" / "locked"):
+    for p in (
+        top / "home" / "user",
+        top / "home" / "user" / "proj",
+        top / "home" / "user" / "proj" / "readme",
+        top / "home" / "user" / "proj" / "locked",
+    ):
         os.chown(p, 1000, 1000)
     for layer in ls:
         for dirpath, dirnames, filenames in os.walk(layer):
             for n in dirnames + filenames:
-                os.utime(os.path.join(dirpath, n), ns=(o.BASE_TIME_NS, o.BASE_TIME_NS),
-                         follow_symlinks=False)
+                os.utime(
+                    os.path.join(dirpath, n),
+                    ns=(o.BASE_TIME_NS, o.BASE_TIME_NS),
+                    follow_symlinks=False,
+                )
         os.utime(layer, ns=(o.BASE_TIME_NS, o.BASE_TIME_NS))
 
 
@@ -543,21 +613,34 @@ def _source_tree(src: Path) -> None:
     os.setxattr(src / "sub" / "deeper" / "c", "user.note", b"tarred")
     for dirpath, dirnames, filenames in os.walk(src, topdown=False):
         for n in dirnames + filenames:
-            os.utime(os.path.join(dirpath, n), ns=(o.BASE_TIME_NS, o.BASE_TIME_NS),
-                     follow_symlinks=False)
+            os.utime(
+                os.path.join(dirpath, n), ns=(o.BASE_TIME_NS, o.BASE_TIME_NS), follow_symlinks=False
+            )
 
 
-def _run_both(script: str, user: int | None = None, skip: tuple[str, ...] = (),
-              populate: Populate = _base_lowers, env: dict[str, str] | None = None,
-              timeout: float = 300) -> o.Snapshot:
+def _run_both(
+    script: str,
+    user: int | None = None,
+    skip: tuple[str, ...] = (),
+    populate: Populate = _base_lowers,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> o.Snapshot:
     # Not pytest's tmp_path: its parents are private to root, and some scripts run as a user.
     with _tempdir("pyunion-dprog-") as tmp_path:
         os.chmod(tmp_path, 0o755)
         return _run_both_in(tmp_path, script, user, skip, populate, env, timeout)
 
 
-def _run_both_in(tmp_path: Path, script: str, user: int | None, skip: tuple[str, ...],
-                 populate: Populate, env: dict[str, str] | None, timeout: float) -> o.Snapshot:
+def _run_both_in(
+    tmp_path: Path,
+    script: str,
+    user: int | None,
+    skip: tuple[str, ...],
+    populate: Populate,
+    env: dict[str, str] | None,
+    timeout: float,
+) -> o.Snapshot:
     lowers = [tmp_path / "L0", tmp_path / "L1"]
     for p in lowers:
         p.mkdir()
@@ -565,14 +648,23 @@ def _run_both_in(tmp_path: Path, script: str, user: int | None, skip: tuple[str,
     src = tmp_path / "src"
     src.mkdir()
     _source_tree(src)
-    subprocess.run(["tar", "--xattrs", "-cf", str(tmp_path / "src.tar"), "-C", str(src), "."],
-                   check=True)
+    subprocess.run(
+        ["tar", "--xattrs", "-cf", str(tmp_path / "src.tar"), "-C", str(src), "."], check=True
+    )
     home = tmp_path / "home"
     home.mkdir()
-    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-                "SRC": str(src), "TARBALL": str(tmp_path / "src.tar"), "LC_ALL": "C",
-                "PYTHON": sys.executable, "SOURCE_DATE_EPOCH": "1000000000",
-                "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env or {})}
+    full_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "SRC": str(src),
+        "TARBALL": str(tmp_path / "src.tar"),
+        "LC_ALL": "C",
+        "PYTHON": sys.executable,
+        "SOURCE_DATE_EPOCH": "1000000000",
+        "PIP_NO_CACHE_DIR": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        **(env or {}),
+    }
     cmd = ["sh", "-ec", script]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
@@ -584,10 +676,17 @@ def _run_both_in(tmp_path: Path, script: str, user: int | None, skip: tuple[str,
         upper.mkdir()
         work.mkdir()
         os.chmod(upper, 0o755)
-        mount = o.kernel_overlay if impl == "kernel" else o.pyunion_mount
+        mount = kernel_overlay if impl == "kernel" else pyunion_mount
         with mount(lowers, mnt, upper, work):
-            r = subprocess.run(cmd, cwd=mnt, env=full_env, capture_output=True, text=True,
-                               timeout=timeout, check=False)
+            r = subprocess.run(
+                cmd,
+                cwd=mnt,
+                env=full_env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
             outputs[impl] = r.stdout
             assert r.returncode == 0, f"{impl}: the script failed ({r.returncode}):\n{r.stderr}"
             views[impl] = o.snapshot(mnt, skip=skip)
@@ -596,10 +695,12 @@ def _run_both_in(tmp_path: Path, script: str, user: int | None, skip: tuple[str,
     problems = o.upper_problems(tmp_path / "pyunion-upper", lowers)
     assert not problems, problems
     (tmp_path / "kw2").mkdir()
-    with o.kernel_overlay(lowers, tmp_path / "mk2", tmp_path / "pyunion-upper",
-                          tmp_path / "kw2") as k2:
-        o.assert_same(o.snapshot(k2, skip=skip), views["pyunion"],
-                      "kernel over pyunion's upper vs pyunion")
+    with kernel_overlay(
+        lowers, tmp_path / "mk2", tmp_path / "pyunion-upper", tmp_path / "kw2"
+    ) as k2:
+        o.assert_same(
+            o.snapshot(k2, skip=skip), views["pyunion"], "kernel over pyunion's upper vs pyunion"
+        )
     return views["pyunion"]
 
 
@@ -608,59 +709,81 @@ def test_cp_a_into_the_mount() -> None:
 
 
 def test_tar_x_into_the_mount() -> None:
-    view = _run_both('tar --xattrs -xpf "$TARBALL" -C srv/data && '
-                     'mkdir new && tar --xattrs -xpf "$TARBALL" -C new && '
-                     'tar --xattrs -xpf "$TARBALL" -C etc --overwrite')
+    view = _run_both(
+        'tar --xattrs -xpf "$TARBALL" -C srv/data && '
+        'mkdir new && tar --xattrs -xpf "$TARBALL" -C new && '
+        'tar --xattrs -xpf "$TARBALL" -C etc --overwrite'
+    )
     assert view.entries["srv/data/sub/deeper/c"].xattrs == (("user.note", b"tarred"),)
 
 
 def test_sed_i_on_a_lower_file() -> None:
-    view = _run_both("sed -i s/old/new/ etc/conf && sed -i 's/deep/DEEP/' "
-                     "srv/data/link && cat etc/conf")
+    view = _run_both(
+        "sed -i s/old/new/ etc/conf && sed -i 's/deep/DEEP/' srv/data/link && cat etc/conf"
+    )
     assert view.entries["etc/conf"].data == b"name=new\nkeep=1\n"
 
 
 def test_mkdir_mode_0555() -> None:
-    view = _run_both("mkdir -m 0555 ro-new && mkdir -m 0555 srv/data/ro-sub && "
-                     "mkdir -p -m 0555 etc/a/b && touch ro-new/inside-as-root && "
-                     "ls -la ro-new | wc -l")
+    view = _run_both(
+        "mkdir -m 0555 ro-new && mkdir -m 0555 srv/data/ro-sub && "
+        "mkdir -p -m 0555 etc/a/b && touch ro-new/inside-as-root && "
+        "ls -la ro-new | wc -l"
+    )
     assert view.entries["ro-new"].mode == 0o555
 
 
 def test_replace_read_only_lower_file_as_user() -> None:
-    _run_both("cd home/user/proj && echo new > locked.tmp && mv -f locked.tmp locked "
-              "&& rm -f rootfile && echo again > rootfile && cp readme readme.bak && "
-              "chmod 0444 readme && ! (echo x >> readme) 2>/dev/null && ls -l | wc -l", user=1000)
+    _run_both(
+        "cd home/user/proj && echo new > locked.tmp && mv -f locked.tmp locked "
+        "&& rm -f rootfile && echo again > rootfile && cp readme readme.bak && "
+        "chmod 0444 readme && ! (echo x >> readme) 2>/dev/null && ls -l | wc -l",
+        user=1000,
+    )
 
 
 def test_mv_of_lower_directories() -> None:
-    _run_both("mv srv/data srv/renamed && mv etc srv/renamed/etc && "
-              "mkdir home/user/empty && mv home/user/proj home/user/empty/ && "
-              "mv srv moved-srv && ls -R | wc -l")
+    _run_both(
+        "mv srv/data srv/renamed && mv etc srv/renamed/etc && "
+        "mkdir home/user/empty && mv home/user/proj home/user/empty/ && "
+        "mv srv moved-srv && ls -R | wc -l"
+    )
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_git_init_and_commit() -> None:
-    env = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.org",
-           "GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@example.org",
-           "GIT_AUTHOR_DATE": "2001-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2001-01-01T00:00:00Z",
-           "GIT_CONFIG_NOSYSTEM": "1"}
+    env = {
+        "GIT_AUTHOR_NAME": "T",
+        "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "T",
+        "GIT_COMMITTER_EMAIL": "t@example.org",
+        "GIT_AUTHOR_DATE": "2001-01-01T00:00:00Z",
+        "GIT_COMMITTER_DATE": "2001-01-01T00:00:00Z",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
     # The index holds st_dev/st_ino/ctime, which differ between any two filesystems.
-    _run_both("cd srv/data && git -c init.defaultBranch=main init -q && git add -A && "
-              "git commit -qm first && echo more >> top && sed -i s/deep/DEEP/ deep/f && "
-              "git commit -qam second && git fsck --strict && git log --format=%H:%s && "
-              "git status --porcelain", skip=("srv/data/.git/index",), env=env)
+    _run_both(
+        "cd srv/data && git -c init.defaultBranch=main init -q && git add -A && "
+        "git commit -qm first && echo more >> top && sed -i s/deep/DEEP/ deep/f && "
+        "git commit -qam second && git fsck --strict && git log --format=%H:%s && "
+        "git status --porcelain",
+        skip=("srv/data/.git/index",),
+        env=env,
+    )
 
 
 def test_python_venv() -> None:
     try:
         import ensurepip  # noqa: F401
+
         pip = ""
     except ImportError:
         pip = "--without-pip"
-    _run_both(f'"$PYTHON" -m venv {pip} srv/venv && '
-              'srv/venv/bin/python -c "import sys; print(sys.prefix != sys.base_prefix)"',
-              timeout=600)
+    _run_both(
+        f'"$PYTHON" -m venv {pip} srv/venv && '
+        'srv/venv/bin/python -c "import sys; print(sys.prefix != sys.base_prefix)"',
+        timeout=600,
+    )
 
 
 def _special_lowers(ls: list[Path]) -> None:
@@ -675,15 +798,20 @@ def _special_lowers(ls: list[Path]) -> None:
 
 def test_device_nodes_open_like_the_kernel() -> None:
     """A kernel overlay mount is not nodev: a chroot into it can use its /dev/null."""
-    _run_both("echo x > dev/null && mknod dev/null2 c 1 3 && echo y > dev/null2 && "
-              "head -c 4 dev/null | wc -c", populate=_special_lowers)
+    _run_both(
+        "echo x > dev/null && mknod dev/null2 c 1 3 && echo y > dev/null2 && "
+        "head -c 4 dev/null | wc -c",
+        populate=_special_lowers,
+    )
 
 
 def test_setuid_executables_like_the_kernel() -> None:
     """A kernel overlay mount is not nosuid: a set-user-ID program in the image works."""
-    _run_both("bin/id-suid -u && cp -p bin/id-suid bin/id-copy && chmod 4755 bin/id-copy && "
-              "setpriv --reuid=1000 --regid=1000 --clear-groups bin/id-copy -u",
-              populate=_special_lowers)
+    _run_both(
+        "bin/id-suid -u && cp -p bin/id-suid bin/id-copy && chmod 4755 bin/id-copy && "
+        "setpriv --reuid=1000 --regid=1000 --clear-groups bin/id-copy -u",
+        populate=_special_lowers,
+    )
 
 
 def test_copy_up_keeps_sparse_files_sparse(tmp_path: Path) -> None:
@@ -700,7 +828,7 @@ def test_copy_up_keeps_sparse_files_sparse(tmp_path: Path) -> None:
         up, work = tmp_path / f"{impl}-u", tmp_path / f"{impl}-w"
         up.mkdir()
         work.mkdir()
-        mount = o.kernel_overlay if impl == "kernel" else o.pyunion_mount
+        mount = kernel_overlay if impl == "kernel" else pyunion_mount
         with mount([lower], tmp_path / f"{impl}-m", up, work) as m:
             _write(m, "sparse", 100 << 20, b"middle")
             blocks[impl] = os.stat(up / "sparse").st_blocks * 512
@@ -709,18 +837,24 @@ def test_copy_up_keeps_sparse_files_sparse(tmp_path: Path) -> None:
 
 
 def test_names_starting_wh_are_refused(tmp_path: Path) -> None:
-    """SPEC: creating or looking up a `.wh.` name gives EINVAL (the kernel allows them;
+    """docs/formats.md: creating or looking up a `.wh.` name gives EINVAL (the kernel allows them;
     pyunion cannot, since they are its markers in every layer)."""
     lower = tmp_path / "l"
     lower.mkdir()
     (lower / "f").write_text("x")
     for n in ("u", "w"):
         (tmp_path / n).mkdir()
-    with o.pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
-        for op in [("create", ".wh.x", 0o644, "excl"), ("mkdir", ".wh.d", 0o755),
-                   ("mkdir", ".wh..wh..opq", 0o755), ("symlink", "f", ".wh.s"),
-                   ("link", "f", ".wh.l"), ("rename", "f", ".wh.f", 0),
-                   ("mkfifo", ".wh..opq", 0o644), ("unlink", ".wh.f")]:
+    with pyunion_mount([lower], tmp_path / "m", tmp_path / "u", tmp_path / "w") as p:
+        for op in [
+            ("create", ".wh.x", 0o644, "excl"),
+            ("mkdir", ".wh.d", 0o755),
+            ("mkdir", ".wh..wh..opq", 0o755),
+            ("symlink", "f", ".wh.s"),
+            ("link", "f", ".wh.l"),
+            ("rename", "f", ".wh.f", 0),
+            ("mkfifo", ".wh..opq", 0o644),
+            ("unlink", ".wh.f"),
+        ]:
             assert apply(p, op) == "EINVAL", op
         assert sorted(os.listdir(p)) == ["f"]
     assert sorted(os.listdir(tmp_path / "u")) == []

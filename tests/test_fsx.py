@@ -1,4 +1,5 @@
-"""fsx-style data integrity: random I/O on files that start in a lower layer, checked against a model.
+"""fsx-style data integrity: random I/O on files that start in a lower layer, checked against a
+model.
 
 Each worker drives one file with random reads, writes at random offsets,
 truncates up and down, mmap reads, shared mmap writes, fsyncs and re-opens,
@@ -28,8 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import join_children, kernel_overlay, mounted, needs_fuse, soak, start_children
+from support import join_children, kernel_overlay, mounted, needs_fuse, soak, start_children
 
 OPS = int(os.environ.get("PYUNION_FSX_OPS", soak(5000, 100000)))
 SEED = int(os.environ.get("PYUNION_FSX_SEED", int(time.time()) % 100000))
@@ -51,7 +51,7 @@ class Model:
             self.buf: bytearray | mmap.mmap = mmap.mmap(-1, MAXLEN + 8)
         else:
             self.buf = bytearray(MAXLEN + 8)
-        self.buf[8:8 + len(initial)] = initial
+        self.buf[8 : 8 + len(initial)] = initial
         self.size = len(initial)
 
     @property
@@ -64,19 +64,19 @@ class Model:
 
     def get(self, off: int, n: int) -> bytes:
         end = min(off + n, self.size)
-        return bytes(self.buf[8 + off:8 + end]) if end > off else b""
+        return bytes(self.buf[8 + off : 8 + end]) if end > off else b""
 
     def write(self, off: int, data: bytes) -> None:
         size = self.size
         if off > size:
-            self.buf[8 + size:8 + off] = bytes(off - size)
-        self.buf[8 + off:8 + off + len(data)] = data
+            self.buf[8 + size : 8 + off] = bytes(off - size)
+        self.buf[8 + off : 8 + off + len(data)] = data
         self.size = max(size, off + len(data))
 
     def truncate(self, n: int) -> None:
         size = self.size
         if n < size:
-            self.buf[8 + n:8 + size] = bytes(size - n)
+            self.buf[8 + n : 8 + size] = bytes(size - n)
         self.size = n
 
     def all(self) -> bytes:
@@ -84,7 +84,7 @@ class Model:
 
 
 def _diff(off: int, got: bytes, want: bytes) -> str:
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
         if a != b:
             return f"first difference at file offset {off + i}: got {a:#x}, want {b:#x}"
     return f"length {len(got)} instead of {len(want)}"
@@ -93,8 +93,15 @@ def _diff(off: int, got: bytes, want: bytes) -> str:
 class Worker:
     """One fsx process on one file. `lock` (if given) serialises it with a partner."""
 
-    def __init__(self, path: str, model: Model, seed: int, ops: int, lock: object = None,
-                 blocks: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        model: Model,
+        seed: int,
+        ops: int,
+        lock: object = None,
+        blocks: tuple[int, int] | None = None,
+    ) -> None:
         self.path = path
         self.model = model
         self.rng = random.Random(seed)
@@ -124,7 +131,7 @@ class Worker:
         """Clamp a write to one of this worker's blocks (disjoint mode)."""
         assert self.blocks is not None
         idx, count = self.blocks
-        block = (off // PAGE)
+        block = off // PAGE
         block -= block % count
         block += idx
         off = block * PAGE + self.rng.randrange(PAGE)
@@ -150,8 +157,14 @@ class Worker:
 
     def op_truncate(self) -> None:
         size = self.model.size
-        n = self.rng.choice([0, self.rng.randrange(0, size + 1), self.rng.randrange(0, MAXLEN // 2),
-                             size + self.rng.randrange(1, 70000)])
+        n = self.rng.choice(
+            [
+                0,
+                self.rng.randrange(0, size + 1),
+                self.rng.randrange(0, MAXLEN // 2),
+                size + self.rng.randrange(1, 70000),
+            ]
+        )
         n = min(n, MAXLEN - 65536)
         self.log(f"ftruncate {n} (from {size})")
         if self.rng.random() < 0.3:
@@ -176,7 +189,7 @@ class Worker:
         off, n, start, length = r
         self.log(f"mapread {off} {n}")
         with mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=start) as m:
-            got = m[off - start:off - start + n]
+            got = m[off - start : off - start + n]
         self.check("mapread", off, got, n)
 
     def op_mapwrite(self) -> None:
@@ -192,9 +205,10 @@ class Worker:
             length = off + n - start
         data = self.rng.randbytes(n)
         self.log(f"mapwrite {off} {n}")
-        with mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                       offset=start) as m:
-            m[off - start:off - start + n] = data
+        with mmap.mmap(
+            self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start
+        ) as m:
+            m[off - start : off - start + n] = data
             if self.rng.random() < 0.5:
                 m.flush()
         self.model.write(off, data)
@@ -237,9 +251,15 @@ class Worker:
             if not self.blocks:
                 self.check("pread-lower", 0, os.pread(self.ro_fd, MAXLEN, 0), MAXLEN)
             self.fd = os.open(self.path, os.O_RDWR)  # the copy-up
-        ops = [(self.op_read, 30), (self.op_write, 30), (self.op_mapread, 8),
-               (self.op_fsync, 3), (self.op_reopen, 2), (self.op_stat, 5),
-               (self.op_dropcache, 4)]
+        ops = [
+            (self.op_read, 30),
+            (self.op_write, 30),
+            (self.op_mapread, 8),
+            (self.op_fsync, 3),
+            (self.op_reopen, 2),
+            (self.op_stat, 5),
+            (self.op_dropcache, 4),
+        ]
         if not self.blocks:
             ops += [(self.op_truncate, 6), (self.op_mapwrite, 8)]
         else:
@@ -301,7 +321,7 @@ def _verify_everywhere(layers: tuple, tmp_path: Path, expect: dict[str, bytes]) 
             got = (mnt / _rel(name, i)).read_bytes()
             assert got == data, f"remount {name}: {_diff(0, got, data)}"
             assert oct((mnt / _rel(name, i)).stat().st_mode & 0o7777) == oct(0o640)
-    with kernel_overlay(lows, upper, tmp_path / "kmnt", tmp_path / "kwork") as k:
+    with kernel_overlay(lows, tmp_path / "kmnt", upper=upper, work=tmp_path / "kwork") as k:
         for i, (name, data) in enumerate(expect.items()):
             got = (k / _rel(name, i)).read_bytes()
             assert got == data, f"kernel overlayfs {name}: {_diff(0, got, data)}"
@@ -340,9 +360,16 @@ def test_fsx_two_processes_one_file_lockstep(layers: tuple, tmp_path: Path) -> N
     model = Model(initial["s"], shared=True)
     lock = multiprocessing.get_context("fork").Lock()
     with mounted(lows, mnt, upper, work):
-        jobs = [(_run_worker, (Worker(str(mnt / "s"), model, SEED + 10 + i, OPS // 2, lock=lock),
-                               str(tmp_path / "model-s")))
-                for i in range(2)]
+        jobs = [
+            (
+                _run_worker,
+                (
+                    Worker(str(mnt / "s"), model, SEED + 10 + i, OPS // 2, lock=lock),
+                    str(tmp_path / "model-s"),
+                ),
+            )
+            for i in range(2)
+        ]
         codes = join_children(start_children(jobs), timeout=240, mnt=mnt)
         assert codes == [0, 0], f"fsx workers failed (seed {SEED}): {codes}"
     _verify_everywhere(layers, tmp_path, {"s": model.all()})
@@ -357,8 +384,7 @@ def test_fsx_two_processes_one_file_concurrently(layers: tuple, tmp_path: Path) 
     with mounted(lows, mnt, upper, work):
         jobs = []
         for i in range(2):
-            w = Worker(str(mnt / "t"), Model(initial["t"]), SEED + 20 + i, OPS // 2,
-                       blocks=(i, 2))
+            w = Worker(str(mnt / "t"), Model(initial["t"]), SEED + 20 + i, OPS // 2, blocks=(i, 2))
             # Reads of the partner's pages are not predictable: read only own data.
             w.op_read = _own_read(w)  # type: ignore[method-assign]
             w.op_mapread = w.op_read  # type: ignore[method-assign]
@@ -375,7 +401,7 @@ def test_fsx_two_processes_one_file_concurrently(layers: tuple, tmp_path: Path) 
     merged = bytearray(n)
     for p in range(0, n, PAGE):
         src = m0 if (p // PAGE) % 2 == 0 else m1
-        merged[p:p + PAGE] = src[p:p + PAGE]
+        merged[p : p + PAGE] = src[p : p + PAGE]
     _verify_everywhere(layers, tmp_path, {"t": bytes(merged)})
 
 

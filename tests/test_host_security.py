@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from support import (
+    KERNEL_OPTIONS,
     PYUNION,
     force_unmount,
     is_mounted,
@@ -107,23 +108,32 @@ def test_no_whiteout_through_the_merged_view(open_tree: Path) -> None:
             def go() -> None:
                 fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
                 try:
-                    renameat2(fd, os.fsencode(a.relative_to(m)), fd, os.fsencode(b.relative_to(m)),
-                              RENAME_WHITEOUT)
+                    renameat2(
+                        fd,
+                        os.fsencode(a.relative_to(m)),
+                        fd,
+                        os.fsencode(b.relative_to(m)),
+                        RENAME_WHITEOUT,
+                    )
                 finally:
                     os.close(fd)
+
             return go
 
         out = {}
         for who, uid in (("root", 0), ("user", NOBODY)):
             out[f"mknod top {who}"] = _errno_as(uid, mknod(m / f"wh-{who}"))
             out[f"mknod merged {who}"] = _errno_as(uid, mknod(m / "merged" / f"wh-{who}"))
-        out["rename_whiteout root"] = _errno_as(0, rename_wh(m / "merged" / "f", m / "merged" / "g"))
-        out["rename_whiteout user"] = _errno_as(NOBODY, rename_wh(m / "merged" / "f",
-                                                                  m / "merged" / "g"))
+        out["rename_whiteout root"] = _errno_as(
+            0, rename_wh(m / "merged" / "f", m / "merged" / "g")
+        )
+        out["rename_whiteout user"] = _errno_as(
+            NOBODY, rename_wh(m / "merged" / "f", m / "merged" / "g")
+        )
         out["listing"] = len(os.listdir(m / "merged"))
         return out
 
-    with kernel_overlay(lows, t / "kup", t / "kmnt", t / "kwork") as k:
+    with kernel_overlay(lows, t / "kmnt", upper=t / "kup", work=t / "kwork") as k:
         want = attempts(k)
     assert want["mknod merged root"] == errno.EPERM and want["mknod merged user"] == errno.EPERM
     with mounted(lows, mnt, upper, work) as m:
@@ -138,22 +148,22 @@ def test_no_whiteout_through_the_merged_view(open_tree: Path) -> None:
 # a work dir inside a lower layer), the lower would change under the mount, which the
 # kernel leaves undefined and pyunion does not allow.
 OVERLAPS = [
-    ("l1:l2", "u", "l1", False),        # work dir = a lower layer (it used to empty l1/work)
-    ("l1:l2", "u", "l1/sub", True),     # work dir inside a lower layer
-    ("w/x:l2", "u", "w", False),        # a lower layer inside the work dir
-    ("l1:l2", "l1", "w", False),        # upper = a lower layer (whiteouts written into it)
-    ("l1:l2", "l1/sub", "w", True),     # upper inside a lower layer
-    ("u/inner:l2", "u", "w", False),    # a lower layer inside the upper
-    ("l1:l1", None, None, False),       # the same lower layer twice
-    ("l2:l1:link", "u", "w", False),    # ... once through a symlink
-    ("l1/sub:l1", None, None, False),   # a lower layer inside another
+    ("l1:l2", "u", "l1", False),  # work dir = a lower layer (it used to empty l1/work)
+    ("l1:l2", "u", "l1/sub", True),  # work dir inside a lower layer
+    ("w/x:l2", "u", "w", False),  # a lower layer inside the work dir
+    ("l1:l2", "l1", "w", False),  # upper = a lower layer (whiteouts written into it)
+    ("l1:l2", "l1/sub", "w", True),  # upper inside a lower layer
+    ("u/inner:l2", "u", "w", False),  # a lower layer inside the upper
+    ("l1:l1", None, None, False),  # the same lower layer twice
+    ("l2:l1:link", "u", "w", False),  # ... once through a symlink
+    ("l1/sub:l1", None, None, False),  # a lower layer inside another
     ("l1:l1/sub", None, None, False),
-    ("l1", "u", "u", False),            # upper = work
-    ("l1", "u", "u/inner", False),      # work inside the upper
-    ("l1", "w/x", "w", False),          # upper inside the work dir
-    ("l1:bind", None, None, False),     # a bind mount of a lower layer, as another
-    ("bsub:l1", None, None, False),     # a bind mount of a lower's subdirectory
-    ("l1:l2", "u", "w", True),          # fine: separate trees
+    ("l1", "u", "u", False),  # upper = work
+    ("l1", "u", "u/inner", False),  # work inside the upper
+    ("l1", "w/x", "w", False),  # upper inside the work dir
+    ("l1:bind", None, None, False),  # a bind mount of a lower layer, as another
+    ("bsub:l1", None, None, False),  # a bind mount of a lower's subdirectory
+    ("l1:l2", "u", "w", True),  # fine: separate trees
 ]
 
 
@@ -188,8 +198,8 @@ def _snapshot(t: Path) -> dict[str, tuple[int, int, bytes]]:
 
 @pytest.mark.parametrize("lower,upper,work,kernel_mounts", OVERLAPS)
 def test_overlapping_paths_are_refused_before_anything_is_touched(
-        overlap_tree: Path, lower: str, upper: str | None, work: str | None,
-        kernel_mounts: bool) -> None:
+    overlap_tree: Path, lower: str, upper: str | None, work: str | None, kernel_mounts: bool
+) -> None:
     t = overlap_tree
     opts = "lowerdir=" + ":".join(str(t / p) for p in lower.split(":"))
     if upper is not None:
@@ -202,8 +212,14 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(
     after = _snapshot(t)
     # The oracle last: refusing or not, the kernel may already have made (or emptied!)
     # WORK/work, even inside a lower layer.
-    k = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(t / "kmnt")],
-                       capture_output=True, text=True, timeout=30, check=False)
+    kopts = f"{opts},{KERNEL_OPTIONS}"
+    k = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", kopts, str(t / "kmnt")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     if k.returncode == 0:
         subprocess.run(["umount", str(t / "kmnt")], check=True, timeout=30)
     assert (k.returncode == 0) == kernel_mounts, f"the kernel changed its mind: {k.stderr}"
@@ -221,8 +237,12 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(
 def user() -> Iterator[tuple[int, int]]:
     """A throw-away unprivileged user (uid, gid), removed afterwards."""
     name = f"pyu-sec-{os.getpid()}"
-    subprocess.run(["useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", name],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     try:
         import pwd
 
@@ -232,20 +252,28 @@ def user() -> Iterator[tuple[int, int]]:
         subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
 
 
-def _as(who: tuple[int, int], *cmd: str, env: dict[str, str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+def _as(
+    who: tuple[int, int], *cmd: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run a command as user `who` (environment given whole, not through env(1))."""
     uid, gid = who
-    r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd],
-                       capture_output=True, text=True, timeout=60, env=env, check=False,
-                       cwd=str(Path(__file__).parent.parent))
+    r = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+        cwd=str(Path(__file__).parent.parent),
+    )
     if check:
         assert r.returncode == 0, r.stderr
     return r
 
 
 def test_a_user_cannot_make_roots_mount_write_through_a_planted_pid_file(
-        open_tree: Path, user: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    open_tree: Path, user: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An older pyunion left its state dir 0777: a user plants HASH.pid -> a root file."""
     from unionfs.mount import daemon_pid
 
@@ -276,8 +304,9 @@ def test_a_user_cannot_make_roots_mount_write_through_a_planted_pid_file(
     assert not (state / name).exists() and victim.read_text() == "root:precious\n"
 
 
-def test_an_unsafe_state_directory_is_refused(open_tree: Path, user: tuple[int, int],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unsafe_state_directory_is_refused(
+    open_tree: Path, user: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     t = open_tree
     for d in ("l", "mnt", "elsewhere", "users"):
         (t / d).mkdir()
@@ -298,10 +327,12 @@ def test_roots_default_state_directory_is_private(layers: tuple) -> None:
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0
 
 
-PROBE = ("import sys; from unionfs.errors import UserError; from unionfs.mount import "
-         "state_dir, open_state_dir\n"
-         "try:\n    open_state_dir()\nexcept UserError as e:\n    sys.exit(str(e))\n"
-         "print(state_dir())")
+PROBE = (
+    "import sys; from unionfs.errors import UserError; from unionfs.mount import "
+    "state_dir, open_state_dir\n"
+    "try:\n    open_state_dir()\nexcept UserError as e:\n    sys.exit(str(e))\n"
+    "print(state_dir())"
+)
 
 
 def test_a_users_state_directory_is_private(open_tree: Path, user: tuple[int, int]) -> None:
@@ -313,7 +344,9 @@ def test_a_users_state_directory_is_private(open_tree: Path, user: tuple[int, in
     os.chown(runtime, *user)
     tmp.mkdir()
     tmp.chmod(0o1777)
-    base = {k: v for k, v in os.environ.items() if k not in ("PYUNION_STATE_DIR", "XDG_RUNTIME_DIR")}
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("PYUNION_STATE_DIR", "XDG_RUNTIME_DIR")
+    }
     r = _as(user, python, "-c", PROBE, env={**base, "XDG_RUNTIME_DIR": str(runtime)})
     assert r.stdout.strip() == str(runtime / "pyunion")
     st = os.stat(runtime / "pyunion")
@@ -341,14 +374,16 @@ def test_a_users_state_directory_is_private(open_tree: Path, user: tuple[int, in
 def tmpfs(path: Path) -> Iterator[Path]:
     """A tmpfs at `path` for the block; unmounted (lazily, as a last resort) after it."""
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)],
-                   check=True, timeout=30)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True, timeout=30
+    )
     try:
         yield path
     finally:
         if is_mounted(path):
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30,
-                           check=False)
+            subprocess.run(
+                ["umount", "-l", str(path)], capture_output=True, timeout=30, check=False
+            )
 
 
 def test_the_daemon_pins_no_filesystem_of_its_caller(tmp_path: Path) -> None:
@@ -362,15 +397,23 @@ def test_the_daemon_pins_no_filesystem_of_its_caller(tmp_path: Path) -> None:
         fd = os.open(fdfs / "held", os.O_RDONLY)
         try:
             # Relative paths, from a cwd on its own filesystem, with an fd on another.
-            r = subprocess.run([*PYUNION, "mount", "../l", "../mnt"], cwd=cwdfs, pass_fds=(fd,),
-                               capture_output=True, text=True, timeout=60, check=False)
+            r = subprocess.run(
+                [*PYUNION, "mount", "../l", "../mnt"],
+                cwd=cwdfs,
+                pass_fds=(fd,),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
         finally:
             os.close(fd)
         assert r.returncode == 0, r.stderr
         try:
             for fs in (cwdfs, fdfs):
-                u = subprocess.run(["umount", str(fs)], capture_output=True, text=True,
-                                   timeout=30, check=False)
+                u = subprocess.run(
+                    ["umount", str(fs)], capture_output=True, text=True, timeout=30, check=False
+                )
                 assert u.returncode == 0, f"the daemon pins {fs}: {u.stderr}"
             assert (t / "mnt" / "f").read_text() == "layer"
         finally:
@@ -442,10 +485,12 @@ def test_wait_gone_waits_for_every_thread(tmp_path: Path) -> None:
     from unionfs.mount import process_alive, wait_gone
 
     flag = tmp_path / "release"
-    code = ("import ctypes, os, threading, time\n"
-            f"def hold():\n    while not os.path.exists({str(flag)!r}):\n        time.sleep(0.01)\n"
-            "threading.Thread(target=hold).start()\n"
-            "ctypes.CDLL(None).pthread_exit(None)  # the main thread only\n")
+    code = (
+        "import ctypes, os, threading, time\n"
+        f"def hold():\n    while not os.path.exists({str(flag)!r}):\n        time.sleep(0.01)\n"
+        "threading.Thread(target=hold).start()\n"
+        "ctypes.CDLL(None).pthread_exit(None)  # the main thread only\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 20
@@ -547,7 +592,8 @@ print(f"{tries} tries in {rounds} rounds")
 
 
 def test_a_user_owning_the_upper_cannot_make_the_daemon_chmod_another_file(
-        open_tree: Path, user: tuple[int, int]) -> None:
+    open_tree: Path, user: tuple[int, int]
+) -> None:
     """Root mounts a union whose upper and work dir a user owns (a writable view given to
     her). She chmods her file through the mount while swapping it, in the upper, with a
     symlink to a root-only file: the daemon checked the name, then chmod'ed it by path and
@@ -562,14 +608,24 @@ def test_a_user_owning_the_upper_cannot_make_the_daemon_chmod_another_file(
     victim.write_text("root:precious\n")
     victim.chmod(0o600)
     with mounted([t / "l"], t / "mnt", upper=t / "u", work=t / "w"):
-        r = _as(user, sys.executable, "-c", _CHMOD_RACE, str(t / "u"), str(t / "mnt"),
-                str(victim), "4", check=False)
+        r = _as(
+            user,
+            sys.executable,
+            "-c",
+            _CHMOD_RACE,
+            str(t / "u"),
+            str(t / "mnt"),
+            str(victim),
+            "4",
+            check=False,
+        )
     assert stat.S_IMODE(victim.stat().st_mode) == 0o600, r.stderr
     assert r.returncode == 0 and " tries in " in r.stdout, r.stderr
 
 
-def test_a_user_cannot_redirect_roots_umount_to_another_mount(open_tree: Path,
-                                                               user: tuple[int, int]) -> None:
+def test_a_user_cannot_redirect_roots_umount_to_another_mount(
+    open_tree: Path, user: tuple[int, int]
+) -> None:
     """Root mounted a view in a user's directory. Before root's `pyunion umount`, she moves
     the directory away and puts a symlink to another mount's parent in its place: root's
     umount followed it and unmounted that filesystem (here a tmpfs standing for any), and

@@ -11,6 +11,7 @@ layers is the oracle. The daemon must stay alive through all of it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -24,8 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from conftest import (
+from support import (
     alive,
     daemon_of,
     force_unmount,
@@ -45,6 +45,16 @@ pytestmark = [needs_fuse, pytest.mark.timeout(120)]
 NOBODY = 65534
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, mode: str, text: str) -> None:
+    with open(path, mode) as f:
+        f.write(text)
+
+
 def _errno_of(fn, *args) -> int:  # type: ignore[no-untyped-def]
     try:
         fn(*args)
@@ -54,9 +64,22 @@ def _errno_of(fn, *args) -> int:  # type: ignore[no-untyped-def]
 
 
 # -- names ----------------------------------------------------------------------------------
-ODD_NAMES = [b"new\nline", b"tab\there", b"\xff\xfe non-utf8 \x80", b"x" * 255, b" lead space",
-             b"trail space ", b"-dash", b"back\\slash", b"quote\"'", b"\x01\x02\x1b[31m",
-             "ünïcødé ✓".encode(), b"a:b", b"*?[]", b"%s%n%d"]
+ODD_NAMES = [
+    b"new\nline",
+    b"tab\there",
+    b"\xff\xfe non-utf8 \x80",
+    b"x" * 255,
+    b" lead space",
+    b"trail space ",
+    b"-dash",
+    b"back\\slash",
+    b"quote\"'",
+    b"\x01\x02\x1b[31m",
+    "ünïcødé ✓".encode(),
+    b"a:b",
+    b"*?[]",
+    b"%s%n%d",
+]
 
 
 def test_odd_names_everywhere(layers: tuple, tmp_path: Path) -> None:
@@ -95,7 +118,7 @@ def test_odd_names_everywhere(layers: tuple, tmp_path: Path) -> None:
         assert _errno_of(os.mkdir, m + b"/.wh..wh..opq") == errno.EINVAL
         tried += 7
         view = tree_view(mnt)
-    with kernel_overlay(lows, upper, tmp_path / "k", tmp_path / "kw") as k:
+    with kernel_overlay(lows, tmp_path / "k", upper=upper, work=tmp_path / "kw") as k:
         assert tree_view(k) == view
     print(f"{tried} operations on {len(ODD_NAMES)} odd names")
 
@@ -120,7 +143,7 @@ def _deep_child(mnt: str, names: list[bytes], leaf: bytes, extra: int) -> None:
         assert f.read() == b"deep"
     with open(leaf, "ab") as f:  # copy-up of the file and every parent, by relative path
         f.write(b"er")
-    for i in range(extra):  # new dirs further down, one level at a time
+    for _i in range(extra):  # new dirs further down, one level at a time
         os.mkdir(b"n" * 200)
         os.chdir(b"n" * 200)
     with open(b"made", "wb") as f:
@@ -149,8 +172,9 @@ def test_long_paths_and_deep_trees(layers: tuple, tmp_path: Path, shape: str) ->
     os.close(fd)
     with mounted(lows, mnt, upper, work):
         pid = daemon_of(mnt)
-        codes = join_children(start_children([(_deep_child, (str(mnt), names, leaf, extra))]),
-                              timeout=90, mnt=mnt)
+        codes = join_children(
+            start_children([(_deep_child, (str(mnt), names, leaf, extra))]), timeout=90, mnt=mnt
+        )
         assert codes == [0]
         assert alive(pid)
     # The upper holds the copied-up chain; read it back by dir fds.
@@ -220,8 +244,9 @@ def test_special_files_and_markers_in_lowers(layers: tuple, tmp_path: Path) -> N
         assert _errno_of(os.lstat, mnt / ".wh.dirlike") == errno.EINVAL
         assert sorted(os.listdir(mnt / "d")) == ["f"]
         assert alive(pid)
-    assert not (upper / "ghost").exists() and not os.path.lexists(upper / "ghost"), \
+    assert not (upper / "ghost").exists() and not os.path.lexists(upper / "ghost"), (
         "a whiteout was left where nothing below has the name"
+    )
     assert os.readlink(upper / "etc") == "/etc" and os.lstat(upper / "etc").st_uid == 1
     assert stat.S_ISSOCK(os.lstat(upper / "sock").st_mode)
 
@@ -263,10 +288,8 @@ def test_swapped_directory_component_does_not_leak(layers: tuple, tmp_path: Path
                 listing = []
             if "secret" in listing:
                 leaked.append(f"listdir {k}/d")
-            try:  # a copy-up through the swapped component
+            with contextlib.suppress(OSError):  # a copy-up through the swapped component
                 (mnt / k / "d" / "new").write_text("x")
-            except OSError:
-                pass
         assert not leaked, f"the daemon followed a layer's symlink to the host: {leaked}"
         assert not (host / "new").exists(), "the daemon wrote through a layer's symlink"
         assert (host / "secret").read_text() == "HOST-SECRET"
@@ -285,8 +308,9 @@ def open_mnt() -> Iterator[Path]:
         shutil.rmtree(base)
 
 
-def test_unprivileged_user_on_allow_other_mount(layers: tuple, tmp_path: Path,
-                                                  open_mnt: Path) -> None:
+def test_unprivileged_user_on_allow_other_mount(
+    layers: tuple, tmp_path: Path, open_mnt: Path
+) -> None:
     lows, upper, work, _ = layers
     mnt = open_mnt
     lo = lows[1]
@@ -312,21 +336,21 @@ def test_unprivileged_user_on_allow_other_mount(layers: tuple, tmp_path: Path,
         os.setgid(NOBODY)
         os.setuid(NOBODY)
         res = {}
-        res["read private"] = _errno_of(lambda: open(f"{m}/private").read())
-        res["read public"] = _errno_of(lambda: open(f"{m}/public").read())
-        res["write public"] = _errno_of(lambda: open(f"{m}/public", "a").write("x"))
-        res["create in root dir"] = _errno_of(lambda: open(f"{m}/mine", "w"))
+        res["read private"] = _errno_of(_read, f"{m}/private")
+        res["read public"] = _errno_of(_read, f"{m}/public")
+        res["write public"] = _errno_of(_write, f"{m}/public", "a", "x")
+        res["create in root dir"] = _errno_of(_write, f"{m}/mine", "w", "")
         res["list closed"] = _errno_of(os.listdir, f"{m}/closed")
-        res["read closed/f"] = _errno_of(lambda: open(f"{m}/closed/f").read())
+        res["read closed/f"] = _errno_of(_read, f"{m}/closed/f")
         res["list search"] = _errno_of(os.listdir, f"{m}/search")
-        res["read search/known"] = _errno_of(lambda: open(f"{m}/search/known").read())
+        res["read search/known"] = _errno_of(_read, f"{m}/search/known")
         res["unlink public"] = _errno_of(os.unlink, f"{m}/public")
         res["chmod public"] = _errno_of(os.chmod, f"{m}/public", 0o666)
-        res["create in sticky"] = _errno_of(lambda: open(f"{m}/sticky/nobodys", "w").write("n"))
+        res["create in sticky"] = _errno_of(_write, f"{m}/sticky/nobodys", "w", "n")
         res["unlink roots in sticky"] = _errno_of(os.unlink, f"{m}/sticky/roots")
         res["rename roots in sticky"] = _errno_of(os.rename, f"{m}/sticky/roots", f"{m}/sticky/x")
         res["setxattr trusted"] = _errno_of(os.setxattr, f"{m}/sticky/nobodys", "trusted.x", b"1")
-        res["write suidw"] = _errno_of(lambda: open(f"{m}/suidw", "a").write("more"))
+        res["write suidw"] = _errno_of(_write, f"{m}/suidw", "a", "more")
         r = subprocess.run([f"{m}/suid-id", "-u"], capture_output=True, text=True, timeout=20)
         res["suid-id euid"] = int(r.stdout.strip() or -1)
         with open(out, "w") as f:
@@ -336,21 +360,33 @@ def test_unprivileged_user_on_allow_other_mount(layers: tuple, tmp_path: Path,
     out.touch()
     os.chmod(out, 0o666)
     with mounted(lows, mnt, upper, work, extra=("-o", "nosuid")):
-        opts = [line for line in open("/proc/self/mountinfo") if f" {mnt} " in line][0]
+        opts = next(
+            line for line in _read("/proc/self/mountinfo").splitlines() if f" {mnt} " in line
+        )
         assert "nosuid" in opts.split()[5], "the mount should be nosuid"
         codes = join_children(start_children([(as_nobody, (str(mnt), str(out)))]), 60, mnt)
         assert codes == [0]
-        res = eval(out.read_text())  # noqa: S307 (our own repr)
+        res = eval(out.read_text())
         assert os.stat(mnt / "suid-id").st_mode & stat.S_ISUID, "the suid bit shows"
         suidw_mode = os.stat(mnt / "suidw").st_mode
         assert (mnt / "private").read_text() == "root only"
     want = {
-        "read private": errno.EACCES, "read public": 0, "write public": errno.EACCES,
-        "create in root dir": errno.EACCES, "list closed": errno.EACCES,
-        "read closed/f": errno.EACCES, "list search": errno.EACCES, "read search/known": 0,
-        "unlink public": errno.EACCES, "chmod public": errno.EPERM, "create in sticky": 0,
-        "unlink roots in sticky": errno.EPERM, "rename roots in sticky": errno.EPERM,
-        "setxattr trusted": errno.EPERM, "write suidw": 0, "suid-id euid": NOBODY,
+        "read private": errno.EACCES,
+        "read public": 0,
+        "write public": errno.EACCES,
+        "create in root dir": errno.EACCES,
+        "list closed": errno.EACCES,
+        "read closed/f": errno.EACCES,
+        "list search": errno.EACCES,
+        "read search/known": 0,
+        "unlink public": errno.EACCES,
+        "chmod public": errno.EPERM,
+        "create in sticky": 0,
+        "unlink roots in sticky": errno.EPERM,
+        "rename roots in sticky": errno.EPERM,
+        "setxattr trusted": errno.EPERM,
+        "write suidw": 0,
+        "suid-id euid": NOBODY,
     }
     assert res == want, {k: (res.get(k), v) for k, v in want.items() if res.get(k) != v}
     # What nobody was refused left the upper alone.
@@ -441,18 +477,19 @@ def test_sigterm_during_a_big_copy_up(layers: tuple) -> None:
         assert os.listdir(work / "work") == []
 
 
-def test_layer_under_mount_point_or_mount_point_in_layer_is_refused(layers: tuple,
-                                                                      tmp_path: Path) -> None:
-    lows, upper, work, mnt = layers
+def test_layer_under_mount_point_or_mount_point_in_layer_is_refused(
+    layers: tuple, tmp_path: Path
+) -> None:
+    lows, _upper, work, mnt = layers
     (lows[0] / "inner").mkdir()
     (mnt / "sub").mkdir()
     os.symlink(mnt, tmp_path / "alias")
     cases = [
-        ["-o", f"lowerdir={lows[0]}", str(lows[0] / "inner")],            # mount point in a layer
-        ["-o", f"lowerdir={mnt / 'sub'}", str(mnt)],                      # layer under the mount point
-        ["-o", f"lowerdir={tmp_path / 'alias' / 'sub'}", str(mnt)],       # the same through a symlink
+        ["-o", f"lowerdir={lows[0]}", str(lows[0] / "inner")],  # mount point in a layer
+        ["-o", f"lowerdir={mnt / 'sub'}", str(mnt)],  # layer under the mount point
+        ["-o", f"lowerdir={tmp_path / 'alias' / 'sub'}", str(mnt)],  # the same through a symlink
         ["-o", f"lowerdir={lows[0]},upperdir={mnt / 'sub'},workdir={work}", str(mnt)],
-        ["-o", f"lowerdir={lows[0]}", str(tmp_path / "alias")],           # fine: a plain mount
+        ["-o", f"lowerdir={lows[0]}", str(tmp_path / "alias")],  # fine: a plain mount
     ]
     for args in cases[:-1]:
         r = pyunion("mount", *args, check=False, timeout=20)
@@ -486,7 +523,9 @@ def test_rename_of_a_very_deep_merged_dir(layers: tuple) -> None:
     try:
         with mounted(lows, mnt, upper, work):
             codes = join_children(start_children([(mover, (str(mnt),))]), timeout=90, mnt=mnt)
-            assert codes == [0], "rename of a 1200-level merged dir failed (see the traceback above)"
+            assert codes == [0], (
+                "rename of a 1200-level merged dir failed (see the traceback above)"
+            )
     finally:
         # Deeper than shutil.rmtree (pytest's cleanup of old tmp dirs) can go: rm -rf.
         force_unmount(mnt)
@@ -500,7 +539,9 @@ def test_root_mount_allows_devices_and_setuid_like_the_kernel(layers: tuple) -> 
     lows, upper, work, mnt = layers
     os.mknod(lows[0] / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     with mounted(lows, mnt, upper, work):
-        opts = [line for line in open("/proc/self/mountinfo") if f" {mnt} " in line][0].split()[5]
+        opts = next(
+            line for line in _read("/proc/self/mountinfo").splitlines() if f" {mnt} " in line
+        ).split()[5]
         assert "nosuid" not in opts and "nodev" not in opts
         with open(mnt / "null", "wb") as f:
             f.write(b"discarded")

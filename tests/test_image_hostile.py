@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import kernel_overlay, pyunion
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import kernel_overlay, pyunion, tree_view
 from test_image import BASE, make_layout, sha, tar_bytes
 
 from unionfs.errors import UserError
@@ -52,14 +52,20 @@ def one_line_failure(r: subprocess.CompletedProcess[str]) -> str:
 def store_state(root: str | Path) -> tuple[list[str], list[str], list[str], bytes]:
     """Layers, blobs, tmp entries and index: what a refused import must leave as it was."""
     root = Path(root)
-    return (sorted(os.listdir(root / "layers")), sorted(os.listdir(root / "blobs" / "sha256")),
-            sorted(os.listdir(root / "tmp")), (root / "index.json").read_bytes())
+    return (
+        sorted(os.listdir(root / "layers")),
+        sorted(os.listdir(root / "blobs" / "sha256")),
+        sorted(os.listdir(root / "tmp")),
+        (root / "index.json").read_bytes(),
+    )
 
 
-def cli_import(path: Path, store: str, *extra: str, timeout: float = 60) -> \
-        subprocess.CompletedProcess[str]:
-    return pyunion("image", "import", "-q", str(path), "--store", store, *extra, check=False,
-                   timeout=timeout)
+def cli_import(
+    path: Path, store: str, *extra: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return pyunion(
+        "image", "import", "-q", str(path), "--store", store, *extra, check=False, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -79,8 +85,9 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Any:
 
 def layer_blob(lay: Path) -> Path:
     """The (only) layer blob of a layout made by make_layout."""
-    man = json.loads(_blob(lay, json.loads((lay / "index.json").read_text())
-                           ["manifests"][0]["digest"]))
+    man = json.loads(
+        _blob(lay, json.loads((lay / "index.json").read_text())["manifests"][0]["digest"])
+    )
     return lay / "blobs/sha256" / man["layers"][0]["digest"][7:]
 
 
@@ -94,11 +101,14 @@ def test_user() -> Iterator[str]:
     """A real unprivileged user, made for this session and removed afterwards."""
     if not ROOT:
         pytest.skip("needs root (useradd)")
-    made = subprocess.run(["id", "-u", TEST_USER], capture_output=True,
-                          check=False).returncode != 0
+    made = subprocess.run(["id", "-u", TEST_USER], capture_output=True, check=False).returncode != 0
     if made:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        TEST_USER], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     try:
         yield TEST_USER
     finally:
@@ -120,28 +130,59 @@ def open_dir() -> Iterator[Path]:
 def as_user(user: str, *cmd: str) -> subprocess.CompletedProcess[str]:
     """Run CMD as `user`. Through env: setpriv keeps root's capabilities until its own execve,
     whose path walk would then pass any directory mode; env's execve has none."""
-    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-                           "--inh-caps=-all", "env", *cmd],
-                          capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "env",
+            *cmd,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def _setuid_image(tmp: Path) -> Path:
     with open("/usr/bin/id", "rb") as f:
         idbin = f.read()
-    return make_layout(tmp / "suid", [tar_bytes([
-        ("bin", "dir"), ("bin/id", ("file", idbin, 0o4755, 0, {})), ("etc", "dir"),
-        ("etc/motd", b"hello\n")])])
+    return make_layout(
+        tmp / "suid",
+        [
+            tar_bytes(
+                [
+                    ("bin", "dir"),
+                    ("bin/id", ("file", idbin, 0o4755, 0, {})),
+                    ("etc", "dir"),
+                    ("etc/motd", b"hello\n"),
+                ]
+            )
+        ],
+    )
 
 
 PRIVATE = ("", "layers", "blobs", "blobs/sha256", "tmp")
 
 
 @needs_root
-def test_local_user_cannot_reach_setuid_binary_in_store(tmp_path: Path, open_dir: Path,
-                                                        test_user: str) -> None:
+def test_local_user_cannot_reach_setuid_binary_in_store(
+    tmp_path: Path, open_dir: Path, test_user: str
+) -> None:
     store = open_dir / "store"
-    pyunion("image", "import", "-q", str(_setuid_image(tmp_path)), "--tag", "suid",
-            "--store", str(store))
+    pyunion(
+        "image",
+        "import",
+        "-q",
+        str(_setuid_image(tmp_path)),
+        "--tag",
+        "suid",
+        "--store",
+        str(store),
+    )
     [layer] = resolve_layers("suid", str(store))
     binary = Path(layer) / "bin/id"
     assert stat.S_IMODE(binary.stat().st_mode) == 0o4755  # the image is intact
@@ -166,13 +207,22 @@ def test_local_user_cannot_reach_setuid_binary_in_store(tmp_path: Path, open_dir
 
 
 @needs_root
-def test_private_store_still_serves_mounts_to_users(tmp_path: Path, open_dir: Path,
-                                                    test_user: str) -> None:
+def test_private_store_still_serves_mounts_to_users(
+    tmp_path: Path, open_dir: Path, test_user: str
+) -> None:
     """Privacy is about the store's directories, not the image: a mount of it shows the
     image's own files and modes to every user."""
     store = open_dir / "store"
-    pyunion("image", "import", "-q", str(_setuid_image(tmp_path)), "--tag", "suid",
-            "--store", str(store))
+    pyunion(
+        "image",
+        "import",
+        "-q",
+        str(_setuid_image(tmp_path)),
+        "--tag",
+        "suid",
+        "--store",
+        str(store),
+    )
     mnt = open_dir / "mnt"
     mnt.mkdir()
     pyunion("mount", "--store", str(store), "suid", str(mnt))
@@ -184,8 +234,9 @@ def test_private_store_still_serves_mounts_to_users(tmp_path: Path, open_dir: Pa
 
 
 @needs_root
-def test_a_store_that_another_user_owns_or_points_is_refused(tmp_path: Path, open_dir: Path,
-                                                              test_user: str) -> None:
+def test_a_store_that_another_user_owns_or_points_is_refused(
+    tmp_path: Path, open_dir: Path, test_user: str
+) -> None:
     """root given a store path in a user's directory (--store, or $XDG_DATA_HOME that `su`
     keeps): she made it a symlink to a root directory, and root's `pyunion images` made
     that directory 0700 and wrote its layout there (with `/` or `/etc`, every other user
@@ -217,16 +268,25 @@ def _mount_flags(mnt: Path) -> list[str]:
 
 
 @needs_root
-def test_a_mount_of_an_image_hands_out_no_setuid_program(tmp_path: Path, open_dir: Path,
-                                                         test_user: str) -> None:
+def test_a_mount_of_an_image_hands_out_no_setuid_program(
+    tmp_path: Path, open_dir: Path, test_user: str
+) -> None:
     """The store is private so that no other user reaches an image's setuid-root programs;
     root's `pyunion mount IMAGE MNT` at a mount point users can reach handed them out
     again: a user ran the image's setuid `id` and got euid 0. An image name mounts
     nosuid,nodev (podman's image mounts stay under its private storage); `-o suid,dev`
     asks for them."""
     store, mnt = open_dir / "store", open_dir / "mnt"
-    pyunion("image", "import", "-q", str(_setuid_image(tmp_path)), "--tag", "suid",
-            "--store", str(store))
+    pyunion(
+        "image",
+        "import",
+        "-q",
+        str(_setuid_image(tmp_path)),
+        "--tag",
+        "suid",
+        "--store",
+        str(store),
+    )
     mnt.mkdir()
     for opts, euid0 in (((), False), (("-o", "suid,dev"), True)):
         pyunion("mount", *opts, "--store", str(store), "suid", str(mnt))
@@ -249,8 +309,9 @@ def store_dir(tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["dev-zero", "fifo", "outside-file", "index-fifo"])
-def test_blob_must_be_a_regular_file_inside_the_layout(tmp_path: Path, store_dir: str,
-                                                       kind: str) -> None:
+def test_blob_must_be_a_regular_file_inside_the_layout(
+    tmp_path: Path, store_dir: str, kind: str
+) -> None:
     lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"data")])])
     blob = layer_blob(lay)
     blob.unlink()
@@ -278,8 +339,9 @@ def _sparse_tail(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def test_blob_longer_than_its_descriptor_is_not_read_to_the_end(tmp_path: Path,
-                                                                 store_dir: str) -> None:
+def test_blob_longer_than_its_descriptor_is_not_read_to_the_end(
+    tmp_path: Path, store_dir: str
+) -> None:
     lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"data")])], "none")
     _sparse_tail(layer_blob(lay), 20 << 30)  # 20 GB of zeros after the real layer
     before = store_state(store_dir)
@@ -318,8 +380,9 @@ def test_blob_shorter_than_its_descriptor(tmp_path: Path, store_dir: str, cli: A
     assert store_state(store_dir) == before
 
 
-def test_size_mismatch_in_a_tar_layout_refused_before_reading(tmp_path: Path,
-                                                              store_dir: str, cli: Any) -> None:
+def test_size_mismatch_in_a_tar_layout_refused_before_reading(
+    tmp_path: Path, store_dir: str, cli: Any
+) -> None:
     lay = make_layout(tmp_path / "lay", [tar_bytes([("f", os.urandom(4096))])], "none")
     _path, man = _manifest(lay)
     man["layers"][0]["size"] -= 1
@@ -340,8 +403,9 @@ def test_json_reads_are_bounded(tmp_path: Path, store_dir: str, which: str) -> N
         target = lay / "index.json"
     else:
         mpath, man = _manifest(lay)
-        target = mpath if which == "manifest" else lay / "blobs/sha256" / man["config"][
-            "digest"][7:]
+        target = (
+            mpath if which == "manifest" else lay / "blobs/sha256" / man["config"]["digest"][7:]
+        )
     _sparse_tail(target, 8 << 30)
     t0 = time.monotonic()
     err = one_line_failure(cli_import(lay, store_dir, timeout=30))
@@ -349,17 +413,22 @@ def test_json_reads_are_bounded(tmp_path: Path, store_dir: str, which: str) -> N
     assert "too large" in err or "declares" in err, err
 
 
-def test_docker_archive_directory_layer_symlink_to_dev_zero(tmp_path: Path,
-                                                            store_dir: str) -> None:
+def test_docker_archive_directory_layer_symlink_to_dev_zero(tmp_path: Path, store_dir: str) -> None:
     layer = tar_bytes([("f", b"x")])
-    cfg = json.dumps({"architecture": "amd64", "os": "linux",
-                      "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}).encode()
+    cfg = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha(layer)]},
+        }
+    ).encode()
     d = tmp_path / "saved"
     (d / "abc").mkdir(parents=True)
     (d / "abc/layer.tar").symlink_to("/dev/zero")
     (d / "c.json").write_bytes(cfg)
-    (d / "manifest.json").write_text(json.dumps([{"Config": "c.json", "RepoTags": ["z:1"],
-                                                  "Layers": ["abc/layer.tar"]}]))
+    (d / "manifest.json").write_text(
+        json.dumps([{"Config": "c.json", "RepoTags": ["z:1"], "Layers": ["abc/layer.tar"]}])
+    )
     before = store_state(store_dir)
     err = one_line_failure(cli_import(d, store_dir, timeout=30))
     assert "regular file" in err or "outside" in err, err
@@ -447,14 +516,16 @@ BAD_RAW_CONFIG = {
     "nan": b'{"architecture": NaN}',
     "infinity": b'{"rootfs": {"type": "layers", "diff_ids": []}, "x": Infinity}',
     "huge-float": b'{"x": 1e999}',
-    "not-object": b'[1, 2]',
+    "not-object": b"[1, 2]",
     "not-json": b'{"a": ',
     "bad-utf8": b'{"a": "\xff"}',
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_RAW_CONFIG))
-def test_config_not_strict_json_one_line(tmp_path: Path, store_dir: str, case: str, cli: Any) -> None:
+def test_config_not_strict_json_one_line(
+    tmp_path: Path, store_dir: str, case: str, cli: Any
+) -> None:
     lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
     _rewrite_config(lay, None, BAD_RAW_CONFIG[case])
     one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir))
@@ -525,7 +596,9 @@ BAD_DOCKER = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DOCKER))
-def test_malformed_docker_manifest_one_line(tmp_path: Path, store_dir: str, case: str, cli: Any) -> None:
+def test_malformed_docker_manifest_one_line(
+    tmp_path: Path, store_dir: str, case: str, cli: Any
+) -> None:
     d = tmp_path / "saved"
     d.mkdir()
     (d / "c.json").write_text(json.dumps({"rootfs": {"type": "layers", "diff_ids": []}}))
@@ -568,9 +641,14 @@ def test_absurd_tar_headers_one_line(tmp_path: Path, store_dir: str, case: str, 
 
 def test_corrupt_store_index_one_line(tmp_path: Path, store_dir: str, cli: Any) -> None:
     idx = Path(store_dir) / "index.json"
-    for bad in ('{"manifests": "x"}', '{"manifests": [{"digest": 5}]}', "[]", "{",
-                '{"manifests": [{"digest": "sha256:' + "0" * 64 + '", "size": 1, '
-                '"annotations": {"org.opencontainers.image.ref.name": 3}}]}'):
+    for bad in (
+        '{"manifests": "x"}',
+        '{"manifests": [{"digest": 5}]}',
+        "[]",
+        "{",
+        '{"manifests": [{"digest": "sha256:' + "0" * 64 + '", "size": 1, '
+        '"annotations": {"org.opencontainers.image.ref.name": 3}}]}',
+    ):
         idx.write_text(bad)
         for cmd in (["images"], ["history", "first"], ["rmi", "first"], ["inspect", "first"]):
             one_line_failure(cli(*cmd, "--store", store_dir))
@@ -580,8 +658,7 @@ def test_a_damaged_image_leaves_the_others_usable(tmp_path: Path, store_dir: str
     """An image pyunion cannot read (a config rewritten, or of a shape refused since it was
     stored) is left out with a warning; rmi of others keeps its data; rmi removes it."""
     s = Store(store_dir)
-    import_image(str(make_layout(tmp_path / "two", [tar_bytes([("g", b"2")])])), s,
-                 tag="second")
+    import_image(str(make_layout(tmp_path / "two", [tar_bytes([("g", b"2")])])), s, tag="second")
     second = s.lookup("second")
     layer_dir = Path(s.layer_dir(second.diff_ids[0]))
     Path(s.blob_path(second.config_digest)).write_bytes(b'{"rootfs": 5}')
@@ -596,9 +673,22 @@ def test_a_damaged_image_leaves_the_others_usable(tmp_path: Path, store_dir: str
 
 
 # --- (12) names --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["evil\x1b[31m", "a\nb", "Upper", "a:b:c", "-lead",
-                                  "a//b", "x:" + "t" * 129, "a@sha256:" + "0" * 64, "a:",
-                                  "tab\tname", "ünï"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "evil\x1b[31m",
+        "a\nb",
+        "Upper",
+        "a:b:c",
+        "-lead",
+        "a//b",
+        "x:" + "t" * 129,
+        "a@sha256:" + "0" * 64,
+        "a:",
+        "tab\tname",
+        "ünï",
+    ],
+)
 def test_invalid_names_refused(tmp_path: Path, store_dir: str, name: str, cli: Any) -> None:
     lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
     one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir, f"--tag={name}"))
@@ -610,9 +700,16 @@ def test_hostile_names_in_archives_refused(tmp_path: Path, store_dir: str) -> No
     cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}).encode()
     arch = tmp_path / "saved.tar"
     with tarfile.open(arch, "w") as tf:
-        for name, data in (("l.tar", layer), ("c.json", cfg), ("manifest.json", json.dumps(
-                [{"Config": "c.json", "RepoTags": ["x\x1b]0;pwned\x07:1"],
-                  "Layers": ["l.tar"]}]).encode())):
+        for name, data in (
+            ("l.tar", layer),
+            ("c.json", cfg),
+            (
+                "manifest.json",
+                json.dumps(
+                    [{"Config": "c.json", "RepoTags": ["x\x1b]0;pwned\x07:1"], "Layers": ["l.tar"]}]
+                ).encode(),
+            ),
+        ):
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
@@ -629,8 +726,14 @@ def test_hostile_names_in_archives_refused(tmp_path: Path, store_dir: str) -> No
 
 def test_valid_names_accepted(tmp_path: Path, store_dir: str) -> None:
     env = dict(os.environ, PYUNION_STORE=store_dir)
-    for name in ("localhost:5000/team/app:v1.0-rc_1", "a__b/c--d.e:latest", "x",
-                 "registry.example.com/ns/img", "[::1]:5000/img:2", "x:Tag_With-Upper.1"):
+    for name in (
+        "localhost:5000/team/app:v1.0-rc_1",
+        "a__b/c--d.e:latest",
+        "x",
+        "registry.example.com/ns/img",
+        "[::1]:5000/img:2",
+        "x:Tag_With-Upper.1",
+    ):
         pyunion("tag", "first", name, env=env)
     out = pyunion("images", env=env).stdout
     assert "localhost:5000/team/app" in out and "v1.0-rc_1" in out and "[::1]:5000/img" in out
@@ -641,9 +744,19 @@ def test_valid_names_accepted(tmp_path: Path, store_dir: str) -> None:
 
 
 def test_text_from_an_image_is_printed_without_escapes(tmp_path: Path, store_dir: str) -> None:
-    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])], config_extra={
-        "history": [{"created_by": "RUN \x1b]0;owned\x07echo\x1b[2J hi",
-                     "comment": "\x1b[31mred\u202e", "created": "2020-01-01T00:00:00Z"}]})
+    lay = make_layout(
+        tmp_path / "lay",
+        [tar_bytes([("f", b"x")])],
+        config_extra={
+            "history": [
+                {
+                    "created_by": "RUN \x1b]0;owned\x07echo\x1b[2J hi",
+                    "comment": "\x1b[31mred\u202e",
+                    "created": "2020-01-01T00:00:00Z",
+                }
+            ]
+        },
+    )
     pyunion("image", "import", "-q", str(lay), "--tag", "esc", "--store", store_dir)
     out = pyunion("history", "esc", "--no-trunc", "--store", store_dir).stdout
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
@@ -651,8 +764,20 @@ def test_text_from_an_image_is_printed_without_escapes(tmp_path: Path, store_dir
     up = tmp_path / "up"
     up.mkdir()
     (up / "f2").write_bytes(b"y")
-    pyunion("commit", str(up), "--image", "esc", "--tag", "esc2", "-m", "do \x1b[5m it",
-            "--author", "me\x1b[0m", "--store", store_dir)
+    pyunion(
+        "commit",
+        str(up),
+        "--image",
+        "esc",
+        "--tag",
+        "esc2",
+        "-m",
+        "do \x1b[5m it",
+        "--author",
+        "me\x1b[0m",
+        "--store",
+        store_dir,
+    )
     out = pyunion("history", "esc2", "--store", store_dir).stdout
     assert "\x1b" not in out and "do" in out
     assert "\x1b" not in pyunion("images", "--store", store_dir).stdout
@@ -670,8 +795,9 @@ def test_text_from_an_image_is_printed_without_escapes(tmp_path: Path, store_dir
     assert "Untagged: old\\x1b" in r.stdout and "\x1b" not in r.stdout
 
 
-def test_socket_names_in_a_committed_upper_are_logged_escaped(tmp_path: Path,
-                                                              store_dir: str) -> None:
+def test_socket_names_in_a_committed_upper_are_logged_escaped(
+    tmp_path: Path, store_dir: str
+) -> None:
     import socket
 
     up = tmp_path / "up"
@@ -693,10 +819,22 @@ def _unpacked(tmp_path: Path, entries: list[tuple[str, Any]], tag: str = "t") ->
 
 
 def test_directory_replaced_by_file_and_by_symlink(tmp_path: Path) -> None:
-    d = _unpacked(tmp_path, [("a", "dir"), ("a/x", b"1"), ("a/sub", "dir"), ("a/sub/y", b"2"),
-                             ("a", b"now a file\n"),
-                             ("b", "dir"), ("b/z", b"3"), ("b", ("sym", "/etc")),
-                             ("c", "dir"), ("c/.wh.gone", b""), ("c", b"file")])
+    d = _unpacked(
+        tmp_path,
+        [
+            ("a", "dir"),
+            ("a/x", b"1"),
+            ("a/sub", "dir"),
+            ("a/sub/y", b"2"),
+            ("a", b"now a file\n"),
+            ("b", "dir"),
+            ("b/z", b"3"),
+            ("b", ("sym", "/etc")),
+            ("c", "dir"),
+            ("c/.wh.gone", b""),
+            ("c", b"file"),
+        ],
+    )
     assert (d / "a").read_bytes() == b"now a file\n"
     assert (d / "b").is_symlink() and os.readlink(d / "b") == "/etc"
     assert (d / "c").is_file() and not (d / ".wh.gone").exists()
@@ -705,9 +843,20 @@ def test_directory_replaced_by_file_and_by_symlink(tmp_path: Path) -> None:
 def test_file_and_symlink_replaced_by_directory(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    d = _unpacked(tmp_path, [("f", b"file"), ("f", "dir"), ("f/in", b"1"),
-                             ("s", ("sym", str(outside))), ("s", "dir"), ("s/in", b"2"),
-                             ("r", ("sym", "../../../../..")), ("r", "dir"), ("r/in", b"3")])
+    d = _unpacked(
+        tmp_path,
+        [
+            ("f", b"file"),
+            ("f", "dir"),
+            ("f/in", b"1"),
+            ("s", ("sym", str(outside))),
+            ("s", "dir"),
+            ("s/in", b"2"),
+            ("r", ("sym", "../../../../..")),
+            ("r", "dir"),
+            ("r/in", b"3"),
+        ],
+    )
     for name, data in (("f", b"1"), ("s", b"2"), ("r", b"3")):
         assert (d / name).is_dir() and not (d / name).is_symlink()
         assert (d / name / "in").read_bytes() == data
@@ -715,25 +864,40 @@ def test_file_and_symlink_replaced_by_directory(tmp_path: Path) -> None:
 
 
 def test_hard_links_follow_the_entry_current_at_their_time(tmp_path: Path) -> None:
-    d = _unpacked(tmp_path, [("a", b"old"), ("b", ("lnk", "a")), ("a", b"new"),
-                             ("c", ("lnk", "a")), ("dir", "dir"), ("dir/t", b"t"),
-                             ("l", ("lnk", "dir/t")), ("dir", b"flat"),
-                             ("s", ("sym", "a")), ("h", ("lnk", "s"))])
+    d = _unpacked(
+        tmp_path,
+        [
+            ("a", b"old"),
+            ("b", ("lnk", "a")),
+            ("a", b"new"),
+            ("c", ("lnk", "a")),
+            ("dir", "dir"),
+            ("dir/t", b"t"),
+            ("l", ("lnk", "dir/t")),
+            ("dir", b"flat"),
+            ("s", ("sym", "a")),
+            ("h", ("lnk", "s")),
+        ],
+    )
     assert (d / "b").read_bytes() == b"old" and (d / "c").read_bytes() == b"new"
     assert os.stat(d / "c").st_ino == os.stat(d / "a").st_ino
     assert (d / "l").read_bytes() == b"t" and (d / "dir").read_bytes() == b"flat"
     assert (d / "h").is_symlink() and os.readlink(d / "h") == "a"  # the link, not its target
 
 
-@pytest.mark.parametrize("entries,word", [
-    ([("p", ("sym", "/tmp")), ("p/x", b"1")], "symlink"),
-    ([("p", b"file"), ("p/x", b"1")], "not a directory"),
-    ([("p", "dir"), ("p", ("sym", "/tmp")), ("p/x", b"1")], "symlink"),
-    ([("d", "dir"), ("d", b"f"), ("d/.wh.x", b"")], "not a directory"),
-    ([("p", ("sym", "/etc")), ("h", ("lnk", "p/passwd"))], "symlink"),
-])
-def test_parent_that_is_not_a_directory_named_right(tmp_path: Path, entries: Any,
-                                                    word: str) -> None:
+@pytest.mark.parametrize(
+    "entries,word",
+    [
+        ([("p", ("sym", "/tmp")), ("p/x", b"1")], "symlink"),
+        ([("p", b"file"), ("p/x", b"1")], "not a directory"),
+        ([("p", "dir"), ("p", ("sym", "/tmp")), ("p/x", b"1")], "symlink"),
+        ([("d", "dir"), ("d", b"f"), ("d/.wh.x", b"")], "not a directory"),
+        ([("p", ("sym", "/etc")), ("h", ("lnk", "p/passwd"))], "symlink"),
+    ],
+)
+def test_parent_that_is_not_a_directory_named_right(
+    tmp_path: Path, entries: Any, word: str
+) -> None:
     s = Store(str(tmp_path / "store"))
     with pytest.raises(UserError) as ei:
         import_image(str(make_layout(tmp_path / "lay", [tar_bytes(entries)])), s)
@@ -750,11 +914,12 @@ def test_replaced_directory_hides_the_layers_below(tmp_path: Path) -> None:
     removes the lower directory, so a directory made again at that path starts empty."""
     s = Store(str(tmp_path / "store"))
     lower = tar_bytes([("d", "dir"), ("d/old", b"old"), ("k", "dir"), ("k/keep", b"k")])
-    top = tar_bytes([("d", b"file"), ("d", "dir"), ("d/new", b"new"),
-                     ("k", "dir"), ("k/add", b"a")])
+    top = tar_bytes(
+        [("d", b"file"), ("d", "dir"), ("d/new", b"new"), ("k", "dir"), ("k/add", b"a")]
+    )
     import_image(str(make_layout(tmp_path / "lay", [lower, top])), s, tag="r")
     layers = [Path(p) for p in resolve_layers("r", s.root)]
-    with kernel_overlay(layers, None, tmp_path / "mnt") as mnt:
+    with kernel_overlay(layers, tmp_path / "mnt") as mnt:
         assert sorted(os.listdir(mnt / "d")) == ["new"]
         assert sorted(os.listdir(mnt / "k")) == ["add", "keep"]
 
@@ -764,15 +929,32 @@ UMOCI = shutil.which("umoci")
 
 @pytest.mark.skipif(not ROOT or UMOCI is None, reason="needs root and umoci (setup.sh)")
 def test_replacements_match_umoci(tmp_path: Path) -> None:
-    from conftest import tree_view
-
-    entries = [("a", "dir"), ("a/x", b"1"), ("a", b"file-a"), ("b", b"file-b"), ("b", "dir"),
-               ("b/in", b"2"), ("c", ("sym", "/etc")), ("c", "dir"), ("c/in", b"3"),
-               ("e", "dir"), ("e/deep", "dir"), ("e/deep/f", b"4"), ("e", ("sym", "a")),
-               ("g", b"old"), ("h", ("lnk", "g")), ("g", b"new"), ("i", ("lnk", "g"))]
+    entries = [
+        ("a", "dir"),
+        ("a/x", b"1"),
+        ("a", b"file-a"),
+        ("b", b"file-b"),
+        ("b", "dir"),
+        ("b/in", b"2"),
+        ("c", ("sym", "/etc")),
+        ("c", "dir"),
+        ("c/in", b"3"),
+        ("e", "dir"),
+        ("e/deep", "dir"),
+        ("e/deep/f", b"4"),
+        ("e", ("sym", "a")),
+        ("g", b"old"),
+        ("h", ("lnk", "g")),
+        ("g", b"new"),
+        ("i", ("lnk", "g")),
+    ]
     lay = make_layout(tmp_path / "lay", [tar_bytes(entries)], ref="t")
-    subprocess.run([UMOCI, "unpack", "--image", f"{lay}:t", str(tmp_path / "bundle")],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [UMOCI, "unpack", "--image", f"{lay}:t", str(tmp_path / "bundle")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     ours = _unpacked(tmp_path, entries)
     theirs = tree_view(tmp_path / "bundle/rootfs")
     assert tree_view(ours) == theirs
@@ -824,13 +1006,24 @@ def test_deep_layer_import_rmi_and_later_imports(tmp_path: Path) -> None:
     st = str(tmp_path / "store")
     lay = make_layout(tmp_path / "lay", [_deep_tar(DEPTH)])
     with removed_after(tmp_path / "store"):
-        r = pyunion("image", "import", "-q", str(lay), "--tag", "deep", "--store", st,
-                    check=False, timeout=120)
+        r = pyunion(
+            "image",
+            "import",
+            "-q",
+            str(lay),
+            "--tag",
+            "deep",
+            "--store",
+            st,
+            check=False,
+            timeout=120,
+        )
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
         [layer] = resolve_layers("deep", st)
         fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
         try:
             from unionfs.tree import open_rel
+
             bfd = open_rel(fd, b"/".join([b"d"] * DEPTH) + b"/bottom", os.O_RDONLY)
             assert os.read(bfd, 10) == b"bottom"
             os.close(bfd)
@@ -839,9 +1032,14 @@ def test_deep_layer_import_rmi_and_later_imports(tmp_path: Path) -> None:
         r = pyunion("rmi", "deep", "--store", st, check=False, timeout=120)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert os.listdir(Path(st) / "tmp") == [] and os.listdir(Path(st) / "layers") == []
-        pyunion("image", "import", "-q", str(make_layout(tmp_path / "small",
-                                                          [tar_bytes(BASE)])),
-                "--store", st)
+        pyunion(
+            "image",
+            "import",
+            "-q",
+            str(make_layout(tmp_path / "small", [tar_bytes(BASE)])),
+            "--store",
+            st,
+        )
         assert os.listdir(Path(st) / "tmp") == []
 
 
@@ -851,29 +1049,54 @@ def test_deep_upper_commit_and_export(tmp_path: Path, store_dir: str) -> None:
     other = tmp_path / "other"
     with removed_after(up, Path(store_dir), other):
         _deep_dir(up, DEPTH)
-        r = pyunion("commit", str(up), "--image", "first", "--tag", "deep", "--store", store_dir,
-                    check=False, timeout=120)
+        r = pyunion(
+            "commit",
+            str(up),
+            "--image",
+            "first",
+            "--tag",
+            "deep",
+            "--store",
+            store_dir,
+            check=False,
+            timeout=120,
+        )
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
         for fmt, out in (("docker", tmp_path / "d.tar"), ("oci", tmp_path / "o.tar")):
-            pyunion("image", "export", "deep", str(out), "--format", fmt, "--store", store_dir,
-                    timeout=120)
+            pyunion(
+                "image",
+                "export",
+                "deep",
+                str(out),
+                "--format",
+                fmt,
+                "--store",
+                store_dir,
+                timeout=120,
+            )
             pyunion("image", "import", "-q", str(out), "--store", str(other), timeout=120)
-        assert Store(str(other)).lookup("deep").diff_ids == \
-            Store(store_dir).lookup("deep").diff_ids
+        assert Store(str(other)).lookup("deep").diff_ids == Store(store_dir).lookup("deep").diff_ids
         pyunion("rmi", "deep", "--store", str(other), timeout=120)
         pyunion("rmi", "deep", "--store", store_dir, timeout=120)
         assert os.listdir(Path(store_dir) / "tmp") == []
         assert os.listdir(other / "tmp") == []
 
 
-def test_interrupted_deep_trash_is_cleaned_by_the_next_command(tmp_path: Path,
-                                                               store_dir: str) -> None:
+def test_interrupted_deep_trash_is_cleaned_by_the_next_command(
+    tmp_path: Path, store_dir: str
+) -> None:
     trash = Path(store_dir) / "tmp" / "trash-left-by-a-crash"
     trash.mkdir()
     with removed_after(trash):
         _deep_dir(trash, DEPTH)
-        pyunion("image", "import", "-q", str(make_layout(tmp_path / "l2", [tar_bytes(
-            [("f", b"x")])])), "--store", store_dir)
+        pyunion(
+            "image",
+            "import",
+            "-q",
+            str(make_layout(tmp_path / "l2", [tar_bytes([("f", b"x")])])),
+            "--store",
+            store_dir,
+        )
         assert os.listdir(Path(store_dir) / "tmp") == []
 
 
@@ -918,18 +1141,19 @@ def _paths(doc: Any, prefix: list[Any] | None = None) -> list[list[Any]]:
     out = [prefix]
     if isinstance(doc, dict):
         for k, v in doc.items():
-            out += _paths(v, prefix + [k])
+            out += _paths(v, [*prefix, k])
     elif isinstance(doc, list):
         for i, v in enumerate(doc):
-            out += _paths(v, prefix + [i])
+            out += _paths(v, [*prefix, i])
     return out
 
 
 REF = "org.opencontainers.image.ref.name"
 
 
-def _write_image(root: Path, layer: bytes, config: Any, mutate: str, path: list[Any],
-                 new: Any, delete: bool) -> None:
+def _write_image(
+    root: Path, layer: bytes, config: Any, mutate: str, path: list[Any], new: Any, delete: bool
+) -> None:
     blobs = root / "blobs/sha256"
     blobs.mkdir(parents=True)
 
@@ -942,17 +1166,32 @@ def _write_image(root: Path, layer: bytes, config: Any, mutate: str, path: list[
     if mutate == "config":
         config = _mutate(config, path, new, delete)
     cd, cs = put(config)
-    man: Any = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": cd, "size": cs},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            "digest": ld, "size": ls}]}
+    man: Any = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": cd,
+            "size": cs,
+        },
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ls}
+        ],
+    }
     if mutate == "manifest":
         man = _mutate(man, path, new, delete)
     md, ms = put(man)
-    idx: Any = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
-         "annotations": {REF: "v1"}}]}
+    idx: Any = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": md,
+                "size": ms,
+                "annotations": {REF: "v1"},
+            }
+        ],
+    }
     if mutate == "index":
         idx = _mutate(idx, path, new, delete)
     (root / "index.json").write_bytes(json.dumps(idx, allow_nan=True).encode())
@@ -961,28 +1200,67 @@ def _write_image(root: Path, layer: bytes, config: Any, mutate: str, path: list[
 
 def _base_docs() -> tuple[bytes, dict[str, Any], dict[str, list[list[Any]]]]:
     layer = tar_bytes([("etc", "dir"), ("etc/f", b"x")])
-    config = {"architecture": "amd64", "os": "linux", "created": "2020-01-01T00:00:00Z",
-              "config": {"Env": ["PATH=/bin", "A=1"], "Cmd": ["/bin/sh", "-c", "true"],
-                         "Entrypoint": ["/e"], "WorkingDir": "/w", "User": "1:1",
-                         "Labels": {"k": "v"}, "ExposedPorts": {"80/tcp": {}}},
-              "rootfs": {"type": "layers", "diff_ids": [sha(layer)]},
-              "history": [{"created": "2020-01-01T00:00:00Z", "created_by": "x",
-                           "comment": "c", "empty_layer": False}]}
-    man = {"schemaVersion": 2, "mediaType": "m/t", "config": {"mediaType": "m/t",
-           "digest": sha(b""), "size": 0}, "layers": [{"mediaType": "m/t", "digest": sha(b""),
-                                                       "size": 0}]}
-    idx = {"schemaVersion": 2, "manifests": [{"mediaType": "m/t", "digest": sha(b""), "size": 0,
-                                              "annotations": {REF: "v1"}}]}
-    return layer, config, {"config": _paths(config), "manifest": _paths(man),
-                           "index": _paths(idx)}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "2020-01-01T00:00:00Z",
+        "config": {
+            "Env": ["PATH=/bin", "A=1"],
+            "Cmd": ["/bin/sh", "-c", "true"],
+            "Entrypoint": ["/e"],
+            "WorkingDir": "/w",
+            "User": "1:1",
+            "Labels": {"k": "v"},
+            "ExposedPorts": {"80/tcp": {}},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [sha(layer)]},
+        "history": [
+            {
+                "created": "2020-01-01T00:00:00Z",
+                "created_by": "x",
+                "comment": "c",
+                "empty_layer": False,
+            }
+        ],
+    }
+    man = {
+        "schemaVersion": 2,
+        "mediaType": "m/t",
+        "config": {"mediaType": "m/t", "digest": sha(b""), "size": 0},
+        "layers": [{"mediaType": "m/t", "digest": sha(b""), "size": 0}],
+    }
+    idx = {
+        "schemaVersion": 2,
+        "manifests": [
+            {"mediaType": "m/t", "digest": sha(b""), "size": 0, "annotations": {REF: "v1"}}
+        ],
+    }
+    return layer, config, {"config": _paths(config), "manifest": _paths(man), "index": _paths(idx)}
 
 
 LEAF = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([1e30, -1.0, 2**63, -(2**63) - 1, "", "\x00", "\x1b[2J", "a" * 300,
-                     "sha256:" + "0" * 64, "../..", "/etc/passwd", "a:b:c"]),
-    st.text(max_size=12))
+    st.sampled_from(
+        [
+            1e30,
+            -1.0,
+            2**63,
+            -(2**63) - 1,
+            "",
+            "\x00",
+            "\x1b[2J",
+            "a" * 300,
+            "sha256:" + "0" * 64,
+            "../..",
+            "/etc/passwd",
+            "a:b:c",
+        ]
+    ),
+    st.text(max_size=12),
+)
 
 
 def _nest(kids: Any) -> Any:
@@ -993,9 +1271,12 @@ JSON = st.recursive(LEAF, _nest, max_leaves=6)
 _LAYER, _CONFIG, _PATHS = _base_docs()
 
 
-@settings(max_examples=int(os.environ.get("PYUNION_PROP_EXAMPLES", "120")), deadline=None,
-          derandomize=not os.environ.get("PYUNION_PROP_EXAMPLES"),
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("PYUNION_PROP_EXAMPLES", "120")),
+    deadline=None,
+    derandomize=not os.environ.get("PYUNION_PROP_EXAMPLES"),
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_mutated_image_json_gives_one_line_or_a_usable_image(data: Any) -> None:
     from unionfs.image.cli import history_rows, inspect_data
@@ -1021,8 +1302,7 @@ def test_mutated_image_json_gives_one_line_or_a_usable_image(data: Any) -> None:
             cfg = resolve_config(img.digest, store.root)
             run = cfg.get("config") or {}
             for key in ("Env", "Cmd", "Entrypoint"):
-                assert all(isinstance(a, str) and "\x00" not in a
-                           for a in run.get(key) or [])
+                assert all(isinstance(a, str) and "\x00" not in a for a in run.get(key) or [])
             for key in ("User", "WorkingDir"):
                 assert isinstance(run.get(key) or "", str)
             export_image(store, img.digest, str(work / "out.tar"), "docker")

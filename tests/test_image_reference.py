@@ -27,10 +27,37 @@ VALID = {
     f"foo/{HEX}": Reference(None, f"foo/{HEX}"),
 }
 
-INVALID = ["", "Busybox", "foo/Bar", "a___b", "a-", "-a", "a//b", "/a", "a/", "a:", ":a",
-           "a:b:c", "x:" + "t" * 129, "x:.tag", "x:-tag", "a b", "a\tb", "a\n", "a\x1b[31m",
-           "ünï", "x@sha256:abc", "x@", HEX, "a" * 256, "a.", "a..b", "localhost:port/x",
-           "[::1/x", "x:t\u0430g"]
+INVALID = [
+    "",
+    "Busybox",
+    "foo/Bar",
+    "a___b",
+    "a-",
+    "-a",
+    "a//b",
+    "/a",
+    "a/",
+    "a:",
+    ":a",
+    "a:b:c",
+    "x:" + "t" * 129,
+    "x:.tag",
+    "x:-tag",
+    "a b",
+    "a\tb",
+    "a\n",
+    "a\x1b[31m",
+    "ünï",
+    "x@sha256:abc",
+    "x@",
+    HEX,
+    "a" * 256,
+    "a.",
+    "a..b",
+    "localhost:port/x",
+    "[::1/x",
+    "x:t\u0430g",
+]
 
 
 @pytest.mark.parametrize("text", sorted(VALID))
@@ -61,30 +88,36 @@ def test_tagged_is_what_the_store_keeps() -> None:
         reference.tagged(f"a@sha256:{HEX}")
 
 
-@pytest.mark.parametrize("text,local,remote", [
-    ("busybox", "localhost/busybox:latest", "docker.io/library/busybox:latest"),
-    ("foo/bar:1", "localhost/foo/bar:1", "docker.io/foo/bar:1"),
-    ("quay.io/x/y", "quay.io/x/y:latest", "quay.io/x/y:latest"),
-    ("localhost/x:2", "localhost/x:2", "localhost/x:2"),
-    ("docker.io/alpine", "docker.io/alpine:latest", "docker.io/library/alpine:latest"),
-    (f"a:1@sha256:{HEX}", f"localhost/a@sha256:{HEX}", f"docker.io/library/a@sha256:{HEX}"),
-])
+@pytest.mark.parametrize(
+    "text,local,remote",
+    [
+        ("busybox", "localhost/busybox:latest", "docker.io/library/busybox:latest"),
+        ("foo/bar:1", "localhost/foo/bar:1", "docker.io/foo/bar:1"),
+        ("quay.io/x/y", "quay.io/x/y:latest", "quay.io/x/y:latest"),
+        ("localhost/x:2", "localhost/x:2", "localhost/x:2"),
+        ("docker.io/alpine", "docker.io/alpine:latest", "docker.io/library/alpine:latest"),
+        (f"a:1@sha256:{HEX}", f"localhost/a@sha256:{HEX}", f"docker.io/library/a@sha256:{HEX}"),
+    ],
+)
 def test_normalisation(text: str, local: str, remote: str) -> None:
     assert reference.normalize_local(text) == local
     assert reference.normalize_remote(text) == remote
 
 
-@pytest.mark.parametrize("text,parts", [
-    ("busybox", ("docker.io", "library/busybox", "latest", None)),
-    ("docker://quay.io/a/b/c:v1", ("quay.io", "a/b/c", "v1", None)),
-    (f"localhost:5000/x@sha256:{HEX}", ("localhost:5000", "x", None, f"sha256:{HEX}")),
-    (f"x:1@sha256:{HEX}", ("docker.io", "library/x", "1", f"sha256:{HEX}")),
-    ("localhost/img", ("localhost", "img", "latest", None)),
-    ("user/img:t", ("docker.io", "user/img", "t", None)),
-    ("index.docker.io/alpine", ("docker.io", "library/alpine", "latest", None)),
-    ("Registry.Example/x", ("Registry.Example", "x", "latest", None)),  # docker: a domain
-    ("[::1]:5000/img", ("[::1]:5000", "img", "latest", None)),
-])
+@pytest.mark.parametrize(
+    "text,parts",
+    [
+        ("busybox", ("docker.io", "library/busybox", "latest", None)),
+        ("docker://quay.io/a/b/c:v1", ("quay.io", "a/b/c", "v1", None)),
+        (f"localhost:5000/x@sha256:{HEX}", ("localhost:5000", "x", None, f"sha256:{HEX}")),
+        (f"x:1@sha256:{HEX}", ("docker.io", "library/x", "1", f"sha256:{HEX}")),
+        ("localhost/img", ("localhost", "img", "latest", None)),
+        ("user/img:t", ("docker.io", "user/img", "t", None)),
+        ("index.docker.io/alpine", ("docker.io", "library/alpine", "latest", None)),
+        ("Registry.Example/x", ("Registry.Example", "x", "latest", None)),  # docker: a domain
+        ("[::1]:5000/img", ("[::1]:5000", "img", "latest", None)),
+    ],
+)
 def test_remote_references_are_split_as_docker_does(text: str, parts: tuple[object, ...]) -> None:
     ref = reference.parse_remote(text)
     assert (ref.domain, ref.path, ref.tag, ref.digest) == parts
@@ -92,10 +125,24 @@ def test_remote_references_are_split_as_docker_does(text: str, parts: tuple[obje
     assert reference.parse_remote(str(ref)) == ref  # normalised once and for all
 
 
-@pytest.mark.parametrize("text", ["UPPER", "a//b", "a:b:c", "x@sha256:12", "-x", "", "Bad/Name",
-                                  f"x@sha256:{HEX.upper().replace('0', 'A')}",
-                                  f"x@md5:{HEX}", HEX, "docker://", "docker:/x",
-                                  "docker.io/" + "a" * 240])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "UPPER",
+        "a//b",
+        "a:b:c",
+        "x@sha256:12",
+        "-x",
+        "",
+        "Bad/Name",
+        f"x@sha256:{HEX.upper().replace('0', 'A')}",
+        f"x@md5:{HEX}",
+        HEX,
+        "docker://",
+        "docker:/x",
+        "docker.io/" + "a" * 240,
+    ],
+)
 def test_invalid_remote_references(text: str) -> None:
     with pytest.raises(InvalidReference, match="invalid image reference") as ei:
         reference.parse_remote(text)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import force_unmount, fuse_skip_reason, pyunion, tree_view
+from support import force_unmount, fuse_skip_reason, kernel_overlay, pyunion, tree_view
 
 from unionfs.image import Store, resolve_config, resolve_layers
 
@@ -36,8 +36,11 @@ def _skip_reason() -> str | None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         return f"needs {', '.join(missing)} (scripts/setup.sh installs them)"
-    if BUSYBOX is None or "statically linked" not in subprocess.run(
-            ["file", "-L", BUSYBOX], capture_output=True, text=True).stdout:
+    if (
+        BUSYBOX is None
+        or "statically linked"
+        not in subprocess.run(["file", "-L", BUSYBOX], capture_output=True, text=True).stdout
+    ):
         return "needs a static busybox (busybox-static)"
     return None
 
@@ -67,21 +70,50 @@ echo new > /data/new; echo changed > /etc/hello; $B chown 123:456 /etc/hello"""
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """T/oci (refs v2, v3: the 2- and 3-layer images), T/img3.tar (docker archive), T/bundle3."""
     t = tmp_path_factory.mktemp("built")
-    storage = ["--root", str(t / "root"), "--runroot", str(t / "runroot"),
-               "--storage-driver", "vfs"]
+    storage = [
+        "--root",
+        str(t / "root"),
+        "--runroot",
+        str(t / "runroot"),
+        "--storage-driver",
+        "vfs",
+    ]
     bah = ["buildah", *storage]
     (t / "ctx/bin").mkdir(parents=True)
     shutil.copy(BUSYBOX, t / "ctx/bin/busybox")  # type: ignore[arg-type]
     try:
         c = sh(*bah, "from", "scratch")
         sh(*bah, "copy", c, t / "ctx/bin", "/bin")
-        sh(*bah, "config", "--env", "FOO=bar", "--workingdir", "/work", "--user", "1000",
-           "--cmd", '["/bin/busybox", "sh"]', c)
+        sh(
+            *bah,
+            "config",
+            "--env",
+            "FOO=bar",
+            "--workingdir",
+            "/work",
+            "--user",
+            "1000",
+            "--cmd",
+            '["/bin/busybox", "sh"]',
+            c,
+        )
         sh(*bah, "commit", "-q", c, "img1")
         for n, script in ((2, STAGE2), (3, STAGE3)):
             c = sh(*bah, "from", f"img{n - 1}")
-            sh(*bah, "run", "--user", "0:0", "--isolation", "chroot", c, "--",
-               "/bin/busybox", "sh", "-c", script)
+            sh(
+                *bah,
+                "run",
+                "--user",
+                "0:0",
+                "--isolation",
+                "chroot",
+                c,
+                "--",
+                "/bin/busybox",
+                "sh",
+                "-c",
+                script,
+            )
             sh(*bah, "commit", "-q", c, f"img{n}")
         src = f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/img"
         sh("skopeo", "copy", "-q", src + "2", f"oci:{t / 'oci'}:v2")
@@ -94,22 +126,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         subprocess.run(["umount", "-R", str(t / "root")], capture_output=True, timeout=60)
 
 
-@contextlib.contextmanager
-def overlay(lowers: list[str], mnt: Path, upper: Path | None = None) -> Iterator[Path]:
+def overlay(
+    lowers: list[str], mnt: Path, upper: Path | None = None
+) -> contextlib.AbstractContextManager[Path]:
     """Kernel overlayfs over store layers: the oracle that they are in its format."""
-    mnt.mkdir(parents=True, exist_ok=True)
-    opts = "lowerdir=" + ":".join(lowers)
+    work = None
     if upper is not None:
         upper.mkdir(parents=True, exist_ok=True)
         work = upper.parent / (upper.name + ".work")
-        work.mkdir(exist_ok=True)
-        opts += f",upperdir={upper},workdir={work}"
-    sh("mount", "-t", "overlay", "overlay", "-o", opts, mnt)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
-        force_unmount(mnt)
+    return kernel_overlay([Path(p) for p in lowers], mnt, upper, work)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +147,7 @@ def store(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
     return Store(str(s))
 
 
-def test_import_shares_layers_and_matches_umoci(built: Path, store: Store,
-                                                tmp_path: Path) -> None:
+def test_import_shares_layers_and_matches_umoci(built: Path, store: Store, tmp_path: Path) -> None:
     assert len(os.listdir(Path(store.root) / "layers")) == 3  # v2's two are v3's lower two
     v3 = resolve_layers("oci:v3", store.root)
     assert resolve_layers("oci:v2", store.root) == v3[1:]
@@ -151,16 +175,17 @@ def test_pyunion_mounts_an_image_by_name(built: Path, store: Store, tmp_path: Pa
             force_unmount(mnt)
 
 
-def test_commit_roundtrips_through_skopeo_and_umoci(built: Path, store: Store,
-                                                     tmp_path: Path) -> None:
+def test_commit_roundtrips_through_skopeo_and_umoci(
+    built: Path, store: Store, tmp_path: Path
+) -> None:
     upper = tmp_path / "upper"
     with overlay(resolve_layers("test/img3", store.root), tmp_path / "mnt", upper) as mnt:
-        os.unlink(mnt / "etc/hostname")                       # whiteout
-        shutil.rmtree(mnt / "usr")                             # a lower directory replaced:
-        (mnt / "usr").mkdir()                                  # opaque in the upper
+        os.unlink(mnt / "etc/hostname")  # whiteout
+        shutil.rmtree(mnt / "usr")  # a lower directory replaced:
+        (mnt / "usr").mkdir()  # opaque in the upper
         (mnt / "usr/fresh").write_text("fresh\n")
         os.rmdir(mnt / "work")
-        os.chown(mnt / "etc/hello", 7, 8)                      # copy-up keeps the data
+        os.chown(mnt / "etc/hello", 7, 8)  # copy-up keeps the data
         os.chmod(mnt / "data/new", 0o640)
         (mnt / "data/made").write_text("made\n")
         os.link(mnt / "data/made", mnt / "data/made-link")
@@ -170,20 +195,33 @@ def test_commit_roundtrips_through_skopeo_and_umoci(built: Path, store: Store,
         expected = tree_view(mnt)
     assert os.getxattr(upper / "usr", "trusted.overlay.opaque") == b"y"
     s = ["--store", store.root]
-    new_id = pyunion("commit", str(upper), "--image", "test/img3", "--tag", "test/commit:1",
-                     "-m", "pyunion test", *s).stdout.strip()
+    new_id = pyunion(
+        "commit",
+        str(upper),
+        "--image",
+        "test/img3",
+        "--tag",
+        "test/commit:1",
+        "-m",
+        "pyunion test",
+        *s,
+    ).stdout.strip()
     assert new_id.startswith("sha256:")
     hist = pyunion("history", "test/commit:1", *s).stdout.splitlines()
     assert "pyunion test" in hist[1] and len(hist) == 5
 
     # OCI layout -> umoci; docker archive -> skopeo -> OCI layout -> umoci.
     pyunion("image", "export", "test/commit:1", str(tmp_path / "out"), *s)
-    pyunion("image", "export", "test/commit:1", str(tmp_path / "out.tar"), "--format", "docker",
-            *s)
+    pyunion("image", "export", "test/commit:1", str(tmp_path / "out.tar"), "--format", "docker", *s)
     info = json.loads(sh("skopeo", "inspect", f"oci:{tmp_path / 'out'}:1"))
     assert len(info["Layers"]) == 4
-    sh("skopeo", "copy", "-q", f"docker-archive:{tmp_path / 'out.tar'}",
-       f"oci:{tmp_path / 'out2'}:x")
+    sh(
+        "skopeo",
+        "copy",
+        "-q",
+        f"docker-archive:{tmp_path / 'out.tar'}",
+        f"oci:{tmp_path / 'out2'}:x",
+    )
     for layout, ref in ((tmp_path / "out", "1"), (tmp_path / "out2", "x")):
         bundle = tmp_path / f"bundle-{ref}"
         sh("umoci", "unpack", "--image", f"{layout}:{ref}", bundle)
@@ -200,13 +238,44 @@ def test_commit_roundtrips_through_skopeo_and_umoci(built: Path, store: Store,
 @pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 def test_run_image_defaults_then_commit_kept_upper(store: Store, tmp_path: Path) -> None:
     s = ["--store", store.root]
-    r = pyunion("run", *s, "test/img3", "--", "/bin/busybox", "sh", "-c",
-                'echo "$FOO"; pwd; /bin/busybox id -u', timeout=120)
+    r = pyunion(
+        "run",
+        *s,
+        "test/img3",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        'echo "$FOO"; pwd; /bin/busybox id -u',
+        timeout=120,
+    )
     assert r.stdout.split() == ["bar", "/work", "1000"]
     upper = tmp_path / "kept"
-    r = pyunion("run", *s, "--upper", str(upper), "-u", "0", "test/img3", "--", "/bin/busybox",
-                "sh", "-c", "/bin/busybox rm /etc/hello-link; echo ran > /data/ran", timeout=120)
+    r = pyunion(
+        "run",
+        *s,
+        "--upper",
+        str(upper),
+        "-u",
+        "0",
+        "test/img3",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "/bin/busybox rm /etc/hello-link; echo ran > /data/ran",
+        timeout=120,
+    )
     pyunion("commit", str(upper), "--image", "test/img3", "--tag", "test/ran", *s)
-    r = pyunion("run", *s, "test/ran", "--", "/bin/busybox", "sh", "-c",
-                "/bin/busybox cat /data/ran; /bin/busybox ls /etc", timeout=120)
+    r = pyunion(
+        "run",
+        *s,
+        "test/ran",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "/bin/busybox cat /data/ran; /bin/busybox ls /etc",
+        timeout=120,
+    )
     assert r.stdout.splitlines()[0] == "ran" and "hello-link" not in r.stdout

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 from registry_server import PASSWORD, USER, Registry, running, skip_reason
+from support import PYUNION, force_unmount, needs_fuse, pyunion, tree_view
 
 from unionfs.image import Store, resolve_layers
 
@@ -36,8 +36,9 @@ BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exist
 def _skip() -> str | None:
     if os.geteuid() != 0:
         return "needs root (buildah, umoci, mounts)"
-    return skip_reason() or (None if shutil.which("buildah") and shutil.which("umoci")
-                             else "needs buildah and umoci")
+    return skip_reason() or (
+        None if shutil.which("buildah") and shutil.which("umoci") else "needs buildah and umoci"
+    )
 
 
 pytestmark = pytest.mark.skipif(_skip() is not None, reason=_skip() or "")
@@ -45,8 +46,14 @@ NOTLS = "--tls-verify=false"
 
 
 def sh(*args: str | Path, timeout: float = 120, env: dict[str, str] | None = None) -> str:
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                       env=env, check=False)
+    r = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-2000:]}")
     return r.stdout.strip()
@@ -80,26 +87,54 @@ def _write_layout(layout: Path, files: dict[str, bytes], ref: str = "latest") ->
             tar.addfile(ti, io.BytesIO(data))
     raw = buf.getvalue()
     ldigest, lsize = _oci_blob(layout, raw)
-    cfg = {"architecture": "amd64", "os": "linux", "config": {},
-           "rootfs": {"type": "layers", "diff_ids": [ldigest]}}
+    cfg = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [ldigest]},
+    }
     cdigest, csize = _oci_blob(layout, json.dumps(cfg).encode())
-    man = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                      "digest": cdigest, "size": csize},
-           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                       "digest": ldigest, "size": lsize}]}
+    man = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": cdigest,
+            "size": csize,
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": ldigest,
+                "size": lsize,
+            }
+        ],
+    }
     mdigest, msize = _oci_blob(layout, json.dumps(man).encode())
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": man["mediaType"], "digest": mdigest, "size": msize,
-         "annotations": {"org.opencontainers.image.ref.name": ref}}]}))
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": man["mediaType"],
+                        "digest": mdigest,
+                        "size": msize,
+                        "annotations": {"org.opencontainers.image.ref.name": ref},
+                    }
+                ],
+            }
+        )
+    )
 
 
 def _add_platform_index(layout: Path, ref: str, new_ref: str) -> None:
     """Make `new_ref` an index: this machine's image `ref` plus a linux/arm64 twin."""
     idx = json.loads((layout / "index.json").read_text())
-    desc = next(d for d in idx["manifests"]
-                if d["annotations"]["org.opencontainers.image.ref.name"] == ref)
+    desc = next(
+        d for d in idx["manifests"] if d["annotations"]["org.opencontainers.image.ref.name"] == ref
+    )
     man = json.loads((layout / "blobs/sha256" / desc["digest"][7:]).read_bytes())
     cfg = json.loads((layout / "blobs/sha256" / man["config"]["digest"][7:]).read_bytes())
     host_arch = cfg["architecture"]
@@ -107,15 +142,33 @@ def _add_platform_index(layout: Path, ref: str, new_ref: str) -> None:
     cdigest, csize = _oci_blob(layout, json.dumps(cfg).encode())
     man["config"] = {**man["config"], "digest": cdigest, "size": csize}
     m2digest, m2size = _oci_blob(layout, json.dumps(man).encode())
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-             "manifests": [
-                 {"mediaType": desc["mediaType"], "digest": desc["digest"], "size": desc["size"],
-                  "platform": {"os": "linux", "architecture": host_arch}},
-                 {"mediaType": desc["mediaType"], "digest": m2digest, "size": m2size,
-                  "platform": {"os": "linux", "architecture": "arm64"}}]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": desc["mediaType"],
+                "digest": desc["digest"],
+                "size": desc["size"],
+                "platform": {"os": "linux", "architecture": host_arch},
+            },
+            {
+                "mediaType": desc["mediaType"],
+                "digest": m2digest,
+                "size": m2size,
+                "platform": {"os": "linux", "architecture": "arm64"},
+            },
+        ],
+    }
     idigest, isize = _oci_blob(layout, json.dumps(index).encode())
-    idx["manifests"].append({"mediaType": index["mediaType"], "digest": idigest, "size": isize,
-                             "annotations": {"org.opencontainers.image.ref.name": new_ref}})
+    idx["manifests"].append(
+        {
+            "mediaType": index["mediaType"],
+            "digest": idigest,
+            "size": isize,
+            "annotations": {"org.opencontainers.image.ref.name": new_ref},
+        }
+    )
     (layout / "index.json").write_text(json.dumps(idx))
 
 
@@ -134,10 +187,19 @@ def images(reg: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     t = tmp_path_factory.mktemp("images")
     dest = f"docker://{reg.host}"
     copy = ["skopeo", "copy", "-q", "--dest-tls-verify=false"]
-    sh(*copy, f"oci:{build_sample_oci(t / 'sample', build_sample(t / 'sample'))}:latest",
-       f"{dest}/sample:1")
-    storage = ["--root", str(t / "root"), "--runroot", str(t / "runroot"),
-               "--storage-driver", "vfs"]
+    sh(
+        *copy,
+        f"oci:{build_sample_oci(t / 'sample', build_sample(t / 'sample'))}:latest",
+        f"{dest}/sample:1",
+    )
+    storage = [
+        "--root",
+        str(t / "root"),
+        "--runroot",
+        str(t / "runroot"),
+        "--storage-driver",
+        "vfs",
+    ]
     bah = ["buildah", *storage]
     (t / "ctx/bin").mkdir(parents=True)
     shutil.copy(BUSYBOX, t / "ctx/bin/busybox")  # type: ignore[arg-type]
@@ -145,16 +207,27 @@ def images(reg: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         c = sh(*bah, "from", "scratch")
         sh(*bah, "copy", c, t / "ctx/bin", "/bin")
         sh(*bah, "config", "--env", "FOO=bar", "--cmd", '["/bin/busybox", "sh"]', c)
-        sh(*bah, "run", "--isolation", "chroot", c, "--", "/bin/busybox", "sh", "-c",
-           "B=/bin/busybox; $B mkdir -p /etc /data; echo hi > /etc/hi; $B ln -s hi /etc/sym; "
-           "echo x > /data/x; $B chown 12:34 /data/x; $B rm /bin/busybox.gone 2>/dev/null; :")
+        sh(
+            *bah,
+            "run",
+            "--isolation",
+            "chroot",
+            c,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "B=/bin/busybox; $B mkdir -p /etc /data; echo hi > /etc/hi; $B ln -s hi /etc/sym; "
+            "echo x > /data/x; $B chown 12:34 /data/x; $B rm /bin/busybox.gone 2>/dev/null; :",
+        )
         sh(*bah, "commit", "-q", c, "bah")
         src = f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/bah"
         sh("skopeo", "copy", "-q", src, f"oci:{t / 'bah'}:1")
     finally:
         subprocess.run([*bah, "rm", "--all"], capture_output=True, timeout=60, check=False)
-        subprocess.run(["umount", "-R", str(t / "root")], capture_output=True, timeout=60,
-                       check=False)
+        subprocess.run(
+            ["umount", "-R", str(t / "root")], capture_output=True, timeout=60, check=False
+        )
     sh(*copy, f"oci:{t / 'bah'}:1", f"{dest}/bah:1")
     sh(*copy, "--format", "v2s2", f"oci:{t / 'bah'}:1", f"{dest}/bah-docker:1")
     _add_platform_index(t / "bah", "1", "multi")
@@ -171,8 +244,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def skopeo_layout(reg: Registry, name: str, out: Path) -> tuple[dict, bytes, Path]:
     """skopeo's copy of NAME into an OCI layout: (manifest, manifest bytes, umoci rootfs)."""
-    sh("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{reg.host}/{name}",
-       f"oci:{out}:x")
+    sh(
+        "skopeo",
+        "copy",
+        "-q",
+        "--src-tls-verify=false",
+        f"docker://{reg.host}/{name}",
+        f"oci:{out}:x",
+    )
     idx = json.loads((out / "index.json").read_text())
     mbytes = (out / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_bytes()
     sh("umoci", "unpack", "--image", f"{out}:x", out.parent / (out.name + "-bundle"))
@@ -194,26 +273,27 @@ def blob_gets(reqs: list) -> list[str]:
 
 
 # --- tests ---------------------------------------------------------------------------------
-@pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
+@needs_fuse
 @pytest.mark.parametrize("name", ["sample:1", "bah:1", "bah-docker:1", "multi:1"])
-def test_pull_equals_skopeo_copy(reg: Registry, images: Path, store: Path, tmp_path: Path,
-                                 name: str) -> None:
+def test_pull_equals_skopeo_copy(
+    reg: Registry, images: Path, store: Path, tmp_path: Path, name: str
+) -> None:
     ref = f"{reg.host}/{name}"
     image_id = pyunion("pull", NOTLS, "--store", str(store), ref, timeout=120).stdout.strip()
     man, mbytes, rootfs = skopeo_layout(reg, name, tmp_path / "skopeo")
     img = Store(str(store)).lookup(ref)
     assert img.id == image_id == man["config"]["digest"]
     assert [d["digest"] for d in img.manifest["layers"]] == [d["digest"] for d in man["layers"]]
-    if name != "bah-docker:1":        # skopeo turns a Docker manifest into an OCI one
+    if name != "bah-docker:1":  # skopeo turns a Docker manifest into an OCI one
         assert Store(str(store)).read_blob(img.digest) == mbytes
     else:
-        assert img.manifest["mediaType"] == \
-            "application/vnd.docker.distribution.manifest.v2+json"
+        assert img.manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
     assert mounted_view(store, ref, tmp_path / "mnt") == tree_view(rootfs)
 
 
-def test_second_pull_and_shared_layers_download_nothing(reg: Registry, images: Path,
-                                                        tmp_path: Path) -> None:
+def test_second_pull_and_shared_layers_download_nothing(
+    reg: Registry, images: Path, tmp_path: Path
+) -> None:
     s = ["--store", str(tmp_path / "s")]
     pyunion("pull", NOTLS, *s, f"{reg.host}/bah:1")
     mark = reg.mark()
@@ -235,22 +315,41 @@ def _commit(store: Path, base: str, tag: str, files: dict[str, bytes], tmp: Path
     upper.mkdir()
     for name, data in files.items():
         (upper / name).write_bytes(data)
-    return pyunion("commit", str(upper), "--image", base, "--tag", tag, "--timestamp", "0",
-                   "--cmd", "head -n1 /" + next(iter(files)), "--store", str(store)).stdout.strip()
+    return pyunion(
+        "commit",
+        str(upper),
+        "--image",
+        base,
+        "--tag",
+        tag,
+        "--timestamp",
+        "0",
+        "--cmd",
+        "head -n1 /" + next(iter(files)),
+        "--store",
+        str(store),
+    ).stdout.strip()
 
 
 def _uploads(reqs: list) -> tuple[list[str], list[str], int]:
     """(digests uploaded, digests mounted, PATCH requests)."""
-    put = [r.path.split("digest=")[1].replace("%3A", ":") for r in reqs
-           if r.method == "PUT" and "/blobs/uploads/" in r.path and r.status == 201]
-    mounted = [r.path.split("mount=")[1].split("&")[0].replace("%3A", ":") for r in reqs
-               if r.method == "POST" and "mount=" in r.path and r.status == 201]
+    put = [
+        r.path.split("digest=")[1].replace("%3A", ":")
+        for r in reqs
+        if r.method == "PUT" and "/blobs/uploads/" in r.path and r.status == 201
+    ]
+    mounted = [
+        r.path.split("mount=")[1].split("&")[0].replace("%3A", ":")
+        for r in reqs
+        if r.method == "POST" and "mount=" in r.path and r.status == 201
+    ]
     return put, mounted, sum(1 for r in reqs if r.method == "PATCH")
 
 
-@pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
-def test_push_uploads_only_missing_blobs_and_skopeo_reads_it(reg: Registry, images: Path,
-                                                              tmp_path: Path) -> None:
+@needs_fuse
+def test_push_uploads_only_missing_blobs_and_skopeo_reads_it(
+    reg: Registry, images: Path, tmp_path: Path
+) -> None:
     s = tmp_path / "s"
     base = f"{reg.host}/sample:1"
     pyunion("pull", NOTLS, "--store", str(s), base)
@@ -262,8 +361,16 @@ def test_push_uploads_only_missing_blobs_and_skopeo_reads_it(reg: Registry, imag
     # First push to a new repository: the base is mounted from sample/, a's layer is
     # uploaded in 64 KiB chunks, then its config.
     mark = reg.mark()
-    out = pyunion("push", NOTLS, "--store", str(s), "--chunk-size", "64k", "app:a",
-                  f"docker://{reg.host}/apps/app:a").stdout.strip()
+    out = pyunion(
+        "push",
+        NOTLS,
+        "--store",
+        str(s),
+        "--chunk-size",
+        "64k",
+        "app:a",
+        f"docker://{reg.host}/apps/app:a",
+    ).stdout.strip()
     assert out == a.digest
     put, mounted, patches = _uploads(reg.requests(mark))
     assert sorted(mounted) == sorted(base_layers)
@@ -281,8 +388,7 @@ def test_push_uploads_only_missing_blobs_and_skopeo_reads_it(reg: Registry, imag
     assert _uploads(reg.requests(mark))[:2] == ([], [])
 
     # skopeo gets the same manifest, config and layers ...
-    raw = sh("skopeo", "inspect", "--raw", "--tls-verify=false",
-             f"docker://{reg.host}/apps/app:a")
+    raw = sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/apps/app:a")
     assert "sha256:" + hashlib.sha256(raw.encode()).hexdigest() == a.digest
     man, _, rootfs = skopeo_layout(reg, "apps/app:a", tmp_path / "skopeo")
     assert man["config"]["digest"] == a.id
@@ -295,18 +401,23 @@ def test_push_uploads_only_missing_blobs_and_skopeo_reads_it(reg: Registry, imag
     assert r.stdout == "made by a\n"
 
 
-def test_interrupted_pull_leaves_nothing_trusted_then_completes(reg: Registry, images: Path,
-                                                               tmp_path: Path) -> None:
+def test_interrupted_pull_leaves_nothing_trusted_then_completes(
+    reg: Registry, images: Path, tmp_path: Path
+) -> None:
     s = tmp_path / "s"
     ref = f"{reg.host}/big:1"
-    p = subprocess.Popen([*PYUNION, "pull", NOTLS, "-q", "--store", str(s), ref],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [*PYUNION, "pull", NOTLS, "-q", "--store", str(s), ref],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         partial: list[str] = []
         while time.monotonic() < deadline and p.poll() is None:
-            partial = [f for f in glob.glob(str(s / "tmp/*/blob-*"))
-                       if os.path.getsize(f) > (1 << 20)]
+            partial = [
+                f for f in glob.glob(str(s / "tmp/*/blob-*")) if os.path.getsize(f) > (1 << 20)
+            ]
             if partial:
                 break
             time.sleep(0.005)
@@ -319,7 +430,7 @@ def test_interrupted_pull_leaves_nothing_trusted_then_completes(reg: Registry, i
             p.wait(timeout=30)
     assert pyunion("images", "-q", "--store", str(s)).stdout.strip() == ""
     assert os.listdir(s / "layers") == []
-    assert glob.glob(str(s / "tmp/*"))          # the leftovers are only in tmp/
+    assert glob.glob(str(s / "tmp/*"))  # the leftovers are only in tmp/
     image_id = pyunion("pull", NOTLS, "--store", str(s), ref, timeout=120).stdout.strip()
     assert Store(str(s)).lookup(ref).id == image_id
     assert os.listdir(s / "tmp") == []
@@ -338,15 +449,22 @@ def test_errors_are_one_line(reg: Registry, images: Path, tmp_path: Path) -> Non
     assert "unknown image" in fails("pull", NOTLS, *s, f"{reg.host}/nothere:1")
     assert "unknown image" in fails("pull", NOTLS, *s, f"{reg.host}/sample:nosuchtag")
     assert "unreachable" in fails("pull", "--retry", "0", *s, "127.0.0.1:1/x:1")
-    assert "TLS failure" in fails("pull", *s, f"{reg.host}/sample:1")   # it speaks plain HTTP
+    assert "TLS failure" in fails("pull", *s, f"{reg.host}/sample:1")  # it speaks plain HTTP
     assert "invalid image reference" in fails("pull", *s, "Bad/Name")
     # A blob corrupted in the registry's storage: refused, nothing kept.
     layout = tmp_path / "corrupt"
     _write_layout(layout, {"f": os.urandom(4096)})
-    sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:latest",
-       f"docker://{reg.host}/corrupt:1")
-    man = json.loads(sh("skopeo", "inspect", "--raw", "--tls-verify=false",
-                        f"docker://{reg.host}/corrupt:1"))
+    sh(
+        "skopeo",
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        f"oci:{layout}:latest",
+        f"docker://{reg.host}/corrupt:1",
+    )
+    man = json.loads(
+        sh("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/corrupt:1")
+    )
     data = reg.blob_file(man["layers"][0]["digest"])
     data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
     err = fails("pull", NOTLS, *s, f"{reg.host}/corrupt:1")
@@ -357,15 +475,19 @@ def test_errors_are_one_line(reg: Registry, images: Path, tmp_path: Path) -> Non
 
 MALFORMED_CONFIG = {  # runtime config, extra DiffIDs, what the line says
     "env-not-strings": ({"Env": [1]}, 0, "Expected `str`, got `int` - at `$.config.Env[0]`"),
-    "nul-in-cmd": ({"Cmd": ["/bin/sh", "a\u0000b"]}, 0,
-                   "Expected a string without NUL - at `$.config.Cmd[1]`"),
+    "nul-in-cmd": (
+        {"Cmd": ["/bin/sh", "a\u0000b"]},
+        0,
+        "Expected a string without NUL - at `$.config.Cmd[1]`",
+    ),
     "more-diff-ids": ({}, 1, "has 1 layers but its config lists 2 diff_ids"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED_CONFIG))
-def test_malformed_config_is_one_line_and_stores_nothing(reg: Registry, tmp_path: Path,
-                                                         case: str) -> None:
+def test_malformed_config_is_one_line_and_stores_nothing(
+    reg: Registry, tmp_path: Path, case: str
+) -> None:
     """A registry serves whatever was pushed to it: the config is checked as import checks it."""
     runtime, extra, says = MALFORMED_CONFIG[case]
     buf = io.BytesIO()
@@ -373,20 +495,32 @@ def test_malformed_config_is_one_line_and_stores_nothing(reg: Registry, tmp_path
         ti = tarfile.TarInfo("f")
         ti.size = 2
         tar.addfile(ti, io.BytesIO(b"f\n"))
-    layer = reg.upload_blob("malformed", buf.getvalue())   # uncompressed: DiffID = digest
-    config = reg.upload_blob("malformed", json.dumps({
-        "architecture": "amd64", "os": "linux", "config": runtime,
-        "rootfs": {"type": "layers", "diff_ids": [layer["digest"]] * (1 + extra)}}).encode())
+    layer = reg.upload_blob("malformed", buf.getvalue())  # uncompressed: DiffID = digest
+    config = reg.upload_blob(
+        "malformed",
+        json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": runtime,
+                "rootfs": {"type": "layers", "diff_ids": [layer["digest"]] * (1 + extra)},
+            }
+        ).encode(),
+    )
     mt = "application/vnd.oci.image.manifest.v1+json"
-    man = {"schemaVersion": 2, "mediaType": mt,
-           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
-           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer}]}
+    man = {
+        "schemaVersion": 2,
+        "mediaType": mt,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **layer}],
+    }
     reg.put_manifest("malformed", case, json.dumps(man).encode(), mt)
     s = tmp_path / "s"
     mark = reg.mark()
     err = fails("pull", NOTLS, "--store", str(s), f"{reg.host}/malformed:{case}")
-    assert err.startswith(f"pyunion: {'the config of ' if not extra else ''}{reg.host}/"
-                          f"malformed:{case}: "), err
+    assert err.startswith(
+        f"pyunion: {'the config of ' if not extra else ''}{reg.host}/malformed:{case}: "
+    ), err
     assert says in err, err
     assert blob_gets(reg.requests(mark)) == [f"/v2/malformed/blobs/{config['digest']}"]
     assert pyunion("images", "-q", "--store", str(s)).stdout.strip() == ""
@@ -408,8 +542,7 @@ def test_out_of_space(reg: Registry, images: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with running(tmp_path_factory.mktemp("secure"), tls=True, htpasswd=True,
-                 redirect=True) as r:
+    with running(tmp_path_factory.mktemp("secure"), tls=True, htpasswd=True, redirect=True) as r:
         yield r
 
 
@@ -417,20 +550,32 @@ def test_tls_and_basic_auth(secure: Registry, images: Path, tmp_path: Path) -> N
     assert secure.ca_dir is not None
     home = tmp_path / "home"
     (home / ".docker").mkdir(parents=True)
-    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(tmp_path / "run"),
-           "XDG_CONFIG_HOME": str(home / ".config")}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+    }
     env.pop("REGISTRY_AUTH_FILE", None)
     (tmp_path / "run").mkdir(mode=0o700)
     certs = ["--cert-dir", str(secure.ca_dir)]
     ref = f"{secure.host}/sample:1"
-    sh("skopeo", "copy", "-q", "--dest-cert-dir", secure.ca_dir, "--dest-creds",
-       f"{USER}:{PASSWORD}", f"oci:{images / 'sample/oci'}:latest", f"docker://{ref}")
+    sh(
+        "skopeo",
+        "copy",
+        "-q",
+        "--dest-cert-dir",
+        secure.ca_dir,
+        "--dest-creds",
+        f"{USER}:{PASSWORD}",
+        f"oci:{images / 'sample/oci'}:latest",
+        f"docker://{ref}",
+    )
     s = ["--store", str(tmp_path / "s")]
     assert "TLS failure" in fails("pull", *s, ref, env=env)
     assert "unauthorized" in fails("pull", *s, *certs, ref, env=env)
     assert "unauthorized" in fails("pull", *s, *certs, "--creds", f"{USER}:wrong", ref, env=env)
-    assert "unauthorized" in fails("login", *certs, "-u", USER, "-p", "wrong", secure.host,
-                                   env=env)
+    assert "unauthorized" in fails("login", *certs, "-u", USER, "-p", "wrong", secure.host, env=env)
     assert secure.redirect is not None
     seen = len(secure.redirect.requests)
     pyunion("pull", *s, *certs, "--creds", f"{USER}:{PASSWORD}", ref, env=env)
@@ -439,13 +584,14 @@ def test_tls_and_basic_auth(secure: Registry, images: Path, tmp_path: Path) -> N
     assert len(fetched) == 4 and all(r[1].endswith("/data") and not r[2] for r in fetched)
 
     # login writes $XDG_RUNTIME_DIR/containers/auth.json, which skopeo reads too.
-    pyunion("login", *certs, "-u", USER, "--password-stdin", secure.host, env=env,
-            input=PASSWORD + "\n")
+    pyunion(
+        "login", *certs, "-u", USER, "--password-stdin", secure.host, env=env, input=PASSWORD + "\n"
+    )
     authfile = tmp_path / "run/containers/auth.json"
     assert authfile.stat().st_mode & 0o777 == 0o600
     assert pyunion("login", "--get-login", secure.host, env=env).stdout.strip() == USER
     sh("skopeo", "inspect", "--cert-dir", secure.ca_dir, f"docker://{ref}", env=env)
-    pyunion("pull", *s, "--tls-verify=false", ref, env=env)       # no CA, no check
+    pyunion("pull", *s, "--tls-verify=false", ref, env=env)  # no CA, no check
     pyunion("push", *s, *certs, ref, f"{secure.host}/again:1", env=env)
     pyunion("logout", secure.host, env=env)
     assert "unauthorized" in fails("pull", *s, *certs, ref, env=env)
@@ -453,12 +599,32 @@ def test_tls_and_basic_auth(secure: Registry, images: Path, tmp_path: Path) -> N
 
     # docker's ~/.docker/config.json is read too; skopeo login's file is pyunion's.
     import base64
-    (home / ".docker/config.json").write_text(json.dumps({"auths": {f"https://{secure.host}": {
-        "auth": base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}}}))
+
+    (home / ".docker/config.json").write_text(
+        json.dumps(
+            {
+                "auths": {
+                    f"https://{secure.host}": {
+                        "auth": base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                    }
+                }
+            }
+        )
+    )
     pyunion("pull", *s, *certs, ref, env=env)
     (home / ".docker/config.json").unlink()
-    sh("skopeo", "login", "--cert-dir", secure.ca_dir, "-u", USER, "-p", PASSWORD, secure.host,
-       env=env)
+    sh(
+        "skopeo",
+        "login",
+        "--cert-dir",
+        secure.ca_dir,
+        "-u",
+        USER,
+        "-p",
+        PASSWORD,
+        secure.host,
+        env=env,
+    )
     pyunion("pull", *s, *certs, f"{secure.host}/again:1", env=env)
     pyunion("logout", "--all", env=env)
     assert json.loads(authfile.read_text())["auths"] == {}
@@ -475,21 +641,28 @@ def test_bearer_token_auth(tokreg: Registry, images: Path, tmp_path: Path) -> No
     env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
     creds = ["--creds", f"{USER}:{PASSWORD}"]
     ref = f"{tokreg.host}/tok/sample:1"
-    sh("skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-creds", f"{USER}:{PASSWORD}",
-       f"oci:{images / 'sample/oci'}:latest", f"docker://{ref}")
+    sh(
+        "skopeo",
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"{USER}:{PASSWORD}",
+        f"oci:{images / 'sample/oci'}:latest",
+        f"docker://{ref}",
+    )
     s = ["--store", str(tmp_path / "s")]
     assert "unauthorized" in fails("pull", NOTLS, *s, ref, env=env)
     assert "unauthorized" in fails("pull", NOTLS, *s, "--creds", f"{USER}:nope", ref, env=env)
     tokreg.token.scopes.clear()
     pyunion("pull", NOTLS, *s, *creds, ref, env=env)
-    assert tokreg.token.scopes == [["repository:tok/sample:pull"]]   # one token, reused
+    assert tokreg.token.scopes == [["repository:tok/sample:pull"]]  # one token, reused
     # A push to another repository asks for a token that may also pull from the source
     # of the mount, and mounts instead of uploading.
     tokreg.token.scopes.clear()
     mark = tokreg.mark()
     pyunion("push", NOTLS, *s, *creds, ref, f"{tokreg.host}/tok/copy:1", env=env)
-    assert ["repository:tok/copy:pull,push", "repository:tok/sample:pull"] in \
-        tokreg.token.scopes
+    assert ["repository:tok/copy:pull,push", "repository:tok/sample:pull"] in tokreg.token.scopes
     put, mounted, _ = _uploads(tokreg.requests(mark))
     assert put == [] and len(mounted) == 4
     pyunion("login", NOTLS, "-u", USER, "-p", PASSWORD, tokreg.host, env=env)
@@ -497,7 +670,12 @@ def test_bearer_token_auth(tokreg: Registry, images: Path, tmp_path: Path) -> No
 
 
 def test_cli_lists_registry_commands() -> None:
-    out = subprocess.run([sys.executable, "-m", "unionfs", "--help"], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "unionfs", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     for cmd in ("pull", "push", "login", "logout"):
         assert cmd in out

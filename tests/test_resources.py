@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import alive, daemon_of, mounted, needs_fuse, soak
+from support import alive, daemon_of, mounted, needs_fuse, soak
 
 CYCLES = int(os.environ.get("PYUNION_RES_CYCLES", soak(2000, 100000)))
 BIG_DIR = 100_000
@@ -88,8 +87,10 @@ def test_fd_and_memory_bounded_over_many_cycles(layers: tuple) -> None:
         elapsed = time.monotonic() - t
         drop_caches()
         fds1, rss1 = fd_count(pid), rss_kib(pid)
-        print(f"{CYCLES} cycles (~{CYCLES * 14} requests) in {elapsed:.1f}s: "
-              f"fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB")
+        print(
+            f"{CYCLES} cycles (~{CYCLES * 14} requests) in {elapsed:.1f}s: "
+            f"fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB"
+        )
         assert alive(pid)
         assert fds1 <= fds0 + 8, f"the daemon leaks fds: {fds0} -> {fds1}"
         assert rss1 <= rss0 + 16 * 1024, f"the daemon's memory grows: {rss0} -> {rss1} KiB"
@@ -131,7 +132,7 @@ def test_directory_of_100000_entries(layers: tuple) -> None:
     for i in range(BIG_DIR):
         os.close(os.open(big / f"entry-{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
     (lows[0] / "big").mkdir()
-    for i in range(0, 1000):
+    for i in range(1000):
         (lows[0] / "big" / f"top-{i}").write_bytes(b"t")
     setup = time.monotonic() - t
     total = BIG_DIR + 1000
@@ -143,8 +144,11 @@ def test_directory_of_100000_entries(layers: tuple) -> None:
         t_list = time.monotonic() - t
         assert len(names) == total
         t = time.monotonic()
-        count = sum(1 for e in os.scandir(mnt / "big") if e.is_file(follow_symlinks=False)
-                    and e.stat(follow_symlinks=False).st_size >= 0)
+        count = sum(
+            1
+            for e in os.scandir(mnt / "big")
+            if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_size >= 0
+        )
         t_stat = time.monotonic() - t
         assert count == total
         rss1 = rss_kib(pid)
@@ -157,8 +161,10 @@ def test_directory_of_100000_entries(layers: tuple) -> None:
         drop_caches()
         rss2 = rss_kib(pid)
         fds = fd_count(pid)
-        print(f"{total} entries: setup {setup:.1f}s, list {t_list:.1f}s, scandir+stat {t_stat:.1f}s, "
-              f"remove {t_rm:.1f}s; RSS {rss0} -> {rss1} -> {rss2} KiB; fds {fds}")
+        print(
+            f"{total} entries: setup {setup:.1f}s, list {t_list:.1f}s, scandir+stat {t_stat:.1f}s, "
+            f"remove {t_rm:.1f}s; RSS {rss0} -> {rss1} -> {rss2} KiB; fds {fds}"
+        )
         assert t_list < 30 and t_stat < 60 and t_rm < 180
         assert rss1 - rss0 < 300 * 1024, "listing 100,000 entries costs over 300 MiB"
         assert fds < 100

@@ -61,7 +61,7 @@ int main(void) {
 }
 """
 # Every entry of the container's own tree (not /proc, /sys, /dev), one line each.
-LISTING = ("find / -xdev -mindepth 1 -exec stat -c '%n|%F|%a|%u|%g|%s|%N' {} + | sort")
+LISTING = "find / -xdev -mindepth 1 -exec stat -c '%n|%F|%a|%u|%g|%s|%N' {} + | sort"
 NOT_THE_IMAGE = ("/proc", "/sys", "/dev")
 
 
@@ -72,25 +72,46 @@ class User:
     uid: int
     gid: int
 
-    def run(self, home: Path, *argv: str, timeout: float = 120,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, home: Path, *argv: str, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """ARGV as this user: own IDs, supplementary groups from /etc/group, no capability."""
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
-               "XDG_DATA_HOME": str(home / "data"), "TMPDIR": str(home / "tmp"),
-               "PYTHONPATH": ":".join([str(REPO), *site.getsitepackages()]),
-               "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(home),
+            "LANG": "C.UTF-8",
+            "XDG_DATA_HOME": str(home / "data"),
+            "TMPDIR": str(home / "tmp"),
+            "PYTHONPATH": ":".join([str(REPO), *site.getsitepackages()]),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         return subprocess.run(
-            ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-             "--inh-caps=-all", *argv],
-            capture_output=True, text=True, timeout=timeout, env=env, cwd=str(home),
-            input=input, stdin=None if input is not None else subprocess.DEVNULL, check=False)
+            [
+                "setpriv",
+                f"--reuid={self.uid}",
+                f"--regid={self.gid}",
+                "--init-groups",
+                "--inh-caps=-all",
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=str(home),
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            check=False,
+        )
 
-    def pyunion(self, home: Path, *args: str, check: bool = True,
-                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def pyunion(
+        self, home: Path, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         r = self.run(home, SYSTEM_PYTHON, "-m", "unionfs", *args, timeout=timeout)
         if check and r.returncode != 0:
-            raise AssertionError(f"pyunion {' '.join(args)} as {self.name} failed "
-                                 f"({r.returncode}): {r.stderr}")
+            raise AssertionError(
+                f"pyunion {' '.join(args)} as {self.name} failed ({r.returncode}): {r.stderr}"
+            )
         return r
 
 
@@ -103,10 +124,14 @@ def _user(name: str) -> User:
 def user() -> User:
     """The setup user, with a subordinate range for its uids and its gids."""
     same = f"import sys; sys.exit(sys.version_info[:2] != {tuple(sys.version_info[:2])})"
-    if not os.path.exists(SYSTEM_PYTHON) or subprocess.run([SYSTEM_PYTHON, "-c", same],
-                                                           check=False).returncode:
-        pytest.fail(f"{SYSTEM_PYTHON} must be Python {sys.version_info[0]}.{sys.version_info[1]} "
-                    "(the one the venv's packages are built for)")
+    if (
+        not os.path.exists(SYSTEM_PYTHON)
+        or subprocess.run([SYSTEM_PYTHON, "-c", same], check=False).returncode
+    ):
+        pytest.fail(
+            f"{SYSTEM_PYTHON} must be Python {sys.version_info[0]}.{sys.version_info[1]} "
+            "(the one the venv's packages are built for)"
+        )
     try:
         u = _user(SETUP_USER)
     except KeyError:
@@ -120,8 +145,12 @@ def user() -> User:
 def single_user() -> Iterator[User]:
     """A throw-away system user: no subordinate IDs (useradd gives none to system users)."""
     name = f"pyu-single-{os.getpid()}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    name], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     try:
         u = _user(name)
         assert userns.rootless_mapping(u.uid, u.gid).single
@@ -179,14 +208,22 @@ def single_home(single_user: User) -> Iterator[Path]:
         yield h
 
 
-def root_pyunion(store: Path, *args: str, check: bool = True,
-                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([*PYUNION, *args], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "PYUNION_STORE": str(store)},
-                       stdin=subprocess.DEVNULL, check=False)
+def root_pyunion(
+    store: Path, *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [*PYUNION, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYUNION_STORE": str(store)},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"pyunion {' '.join(args)} as root failed ({r.returncode}): "
-                             f"{r.stderr}")
+        raise AssertionError(
+            f"pyunion {' '.join(args)} as root failed ({r.returncode}): {r.stderr}"
+        )
     return r
 
 
@@ -199,8 +236,9 @@ def one_line(r: subprocess.CompletedProcess[str], code: int | None = None) -> st
 
 
 def listing(out: str) -> list[str]:
-    return [line for line in out.splitlines()
-            if not line.split("|", 1)[0].startswith(NOT_THE_IMAGE)]
+    return [
+        line for line in out.splitlines() if not line.split("|", 1)[0].startswith(NOT_THE_IMAGE)
+    ]
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -212,8 +250,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         src = d / "show-ids.c"
         src.write_text(SHOW_IDS_C)
-        subprocess.run(["gcc", "-static", "-O1", "-o", str(d / "show-ids"), str(src)],
-                       check=True, timeout=120)
+        subprocess.run(
+            ["gcc", "-static", "-O1", "-o", str(d / "show-ids"), str(src)], check=True, timeout=120
+        )
         yield d
     finally:
         rmtree(str(d))
@@ -223,9 +262,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def sample_oci(shared: Path) -> Path:
     """The sample image as an OCI layout, built by root."""
     out = shared / "sample"
-    subprocess.run([*PYUNION, "sample", "--oci", str(out)], check=True, capture_output=True,
-                   timeout=120)
-    for dirpath, dirnames, filenames in os.walk(out / "oci"):
+    subprocess.run(
+        [*PYUNION, "sample", "--oci", str(out)], check=True, capture_output=True, timeout=120
+    )
+    for dirpath, _dirnames, filenames in os.walk(out / "oci"):
         os.chmod(dirpath, 0o755)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o644)
@@ -240,12 +280,25 @@ def buildah_image(shared: Path) -> Path:
     if shutil.which("buildah") is None:
         pytest.fail("needs buildah (scripts/setup.sh installs it)")
     base = Path(tempfile.mkdtemp(prefix="buildah-", dir=shared))
-    b = ["buildah", "--root", str(base / "root"), "--runroot", str(base / "run"),
-         "--storage-driver", "vfs"]
+    b = [
+        "buildah",
+        "--root",
+        str(base / "root"),
+        "--runroot",
+        str(base / "run"),
+        "--storage-driver",
+        "vfs",
+    ]
 
     def bah(*args: str) -> str:
-        r = subprocess.run([*b, *args], capture_output=True, text=True, timeout=120, check=False,
-                           env={**os.environ, "TMPDIR": str(base)})
+        r = subprocess.run(
+            [*b, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "TMPDIR": str(base)},
+        )
         assert r.returncode == 0, r.stderr
         return r.stdout.strip()
 
@@ -255,24 +308,45 @@ def buildah_image(shared: Path) -> Path:
         for d in ("bin", "etc", "tmp", "root", "home", "srv", "usr/local/bin", "opt"):
             (mnt / d).mkdir(parents=True, exist_ok=True)
         shutil.copy2(BUSYBOX, mnt / "bin/busybox")
-        for applet in ("sh", "ls", "cat", "id", "find", "stat", "sort", "echo", "touch",
-                       "chown", "chmod", "mkdir", "rm", "cp", "ln", "mkfifo"):
+        for applet in (
+            "sh",
+            "ls",
+            "cat",
+            "id",
+            "find",
+            "stat",
+            "sort",
+            "echo",
+            "touch",
+            "chown",
+            "chmod",
+            "mkdir",
+            "rm",
+            "cp",
+            "ln",
+            "mkfifo",
+        ):
             os.symlink("busybox", mnt / "bin" / applet)
         os.chmod(mnt / "tmp", 0o1777)
         os.chmod(mnt / "root", 0o700)
         (mnt / "etc/passwd").write_text(
             "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33::/srv/www:/bin/sh\n"
             "alice:x:1000:1000::/home/alice:/bin/sh\nbob:x:2000:2001::/opt/bob:/bin/sh\n"
-            "nobody:x:65534:65534::/nonexistent:/bin/sh\n")
-        (mnt / "etc/group").write_text("root:x:0:\nwww-data:x:33:\nusers:x:100:alice\n"
-                                       "alice:x:1000:\nbobs:x:2001:\nnogroup:x:65534:\n")
-        files = [("home/alice", None, 0o700, 1000, 1000),
-                 ("home/alice/secret", "alice's\n", 0o600, 1000, 1000),
-                 ("srv/www", None, 0o750, 33, 33),
-                 ("srv/www/index.html", "<p>hi</p>\n", 0o640, 33, 33),
-                 ("opt/bob", None, 0o755, 2000, 2001),
-                 ("opt/bob/notes", "bob\n", 0o664, 2000, 2001),
-                 ("opt/nobody", "n\n", 0o644, 65534, 65534)]
+            "nobody:x:65534:65534::/nonexistent:/bin/sh\n"
+        )
+        (mnt / "etc/group").write_text(
+            "root:x:0:\nwww-data:x:33:\nusers:x:100:alice\n"
+            "alice:x:1000:\nbobs:x:2001:\nnogroup:x:65534:\n"
+        )
+        files = [
+            ("home/alice", None, 0o700, 1000, 1000),
+            ("home/alice/secret", "alice's\n", 0o600, 1000, 1000),
+            ("srv/www", None, 0o750, 33, 33),
+            ("srv/www/index.html", "<p>hi</p>\n", 0o640, 33, 33),
+            ("opt/bob", None, 0o755, 2000, 2001),
+            ("opt/bob/notes", "bob\n", 0o664, 2000, 2001),
+            ("opt/nobody", "n\n", 0o644, 65534, 65534),
+        ]
         for name, text, mode, uid, gid in files:
             p = mnt / name
             if text is None:
@@ -281,8 +355,10 @@ def buildah_image(shared: Path) -> Path:
                 p.write_text(text)
             os.chown(p, uid, gid)
             os.chmod(p, mode)
-        for name, mode, uid, gid in (("show-ids-suid", 0o4755, 0, 0),
-                                     ("show-ids-sgid", 0o2755, 2000, 2001)):
+        for name, mode, uid, gid in (
+            ("show-ids-suid", 0o4755, 0, 0),
+            ("show-ids-sgid", 0o2755, 2000, 2001),
+        ):
             shutil.copy2(shared / "show-ids", mnt / "usr/local/bin" / name)
             os.chown(mnt / "usr/local/bin" / name, uid, gid)
             os.chmod(mnt / "usr/local/bin" / name, mode)
@@ -304,8 +380,9 @@ def buildah_image(shared: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def root_store(tmp_path_factory: pytest.TempPathFactory, sample_oci: Path,
-               buildah_image: Path) -> Path:
+def root_store(
+    tmp_path_factory: pytest.TempPathFactory, sample_oci: Path, buildah_image: Path
+) -> Path:
     """Root's store with the same two images."""
     store = tmp_path_factory.mktemp("root-store") / "store"
     root_pyunion(store, "image", "import", "-q", str(sample_oci), "--tag", "sample")
@@ -329,18 +406,23 @@ def user_store(user: User, sample_oci: Path, buildah_image: Path) -> Iterator[Pa
 
 # -- the namespace ---------------------------------------------------------------------------
 def test_unshare_maps_the_user_and_its_ranges_as_podman(user: User, home: Path) -> None:
-    ranges = {k: userns.subordinate_ranges(f"/etc/sub{k}", user.name, user.uid)
-              for k in ("uid", "gid")}
+    ranges = {
+        k: userns.subordinate_ranges(f"/etc/sub{k}", user.name, user.uid) for k in ("uid", "gid")
+    }
     own = {"uid": user.uid, "gid": user.gid}
-    want = {k: [[0, own[k], 1]] + [[1, ranges[k][0][0], ranges[k][0][1]]] for k in own}
-    script = "cat /proc/self/uid_map; echo; cat /proc/self/gid_map; echo; id -u; " \
-             "echo $PYUNION_STORE; exit 7"
+    want = {k: [[0, own[k], 1], [1, ranges[k][0][0], ranges[k][0][1]]] for k in own}
+    script = (
+        "cat /proc/self/uid_map; echo; cat /proc/self/gid_map; echo; id -u; "
+        "echo $PYUNION_STORE; exit 7"
+    )
     for _ in range(2):  # the same mapping every time: owners on disk keep their meaning
         r = user.pyunion(home, "unshare", "sh", "-c", script, check=False)
         assert r.returncode == 7, r.stderr
         uid_map, gid_map, rest = r.stdout.split("\n\n")
-        got = {k: [[int(x) for x in line.split()] for line in text.splitlines()]
-               for k, text in (("uid", uid_map), ("gid", gid_map))}
+        got = {
+            k: [[int(x) for x in line.split()] for line in text.splitlines()]
+            for k, text in (("uid", uid_map), ("gid", gid_map))
+        }
         assert got == want
         assert rest.split() == ["0", str(home / "data/pyunion/store")]
         assert r.stderr == ""
@@ -361,19 +443,45 @@ def test_a_root_only_file_stays_out_of_reach(user: User, home: Path, shared: Pat
         (secret / "root-only").write_text("TOP SECRET\n")
         os.chmod(secret / "root-only", 0o600)
         cmd = "/bin/busybox cat /v/root-only /root-only; /bin/busybox ls /v"
-        r = user.pyunion(home, "run", "--privileged", "-v", f"{secret}:/v", str(secret), "--",
-                         "/bin/busybox", "sh", "-c", cmd, check=False)
+        r = user.pyunion(
+            home,
+            "run",
+            "--privileged",
+            "-v",
+            f"{secret}:/v",
+            str(secret),
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            cmd,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr  # ls worked: the volume and the layer are there
         assert "TOP SECRET" not in r.stdout + r.stderr
         assert r.stderr.count("Permission denied") == 2, r.stderr
-        r = user.pyunion(home, "unshare", "sh", "-c",
-                         f"cat {secret}/root-only; cat /etc/shadow; chown 0 {secret}/root-only",
-                         check=False)
+        r = user.pyunion(
+            home,
+            "unshare",
+            "sh",
+            "-c",
+            f"cat {secret}/root-only; cat /etc/shadow; chown 0 {secret}/root-only",
+            check=False,
+        )
         assert "TOP SECRET" not in r.stdout and r.returncode != 0
         assert r.stderr.count("Permission denied") == 2 and "Operation not permitted" in r.stderr
         # Root, by contrast, reads it through the same run (the test can fail).
-        r = root_pyunion(home, "run", "-v", f"{secret}:/v", str(secret), "--",
-                         "/bin/busybox", "cat", "/v/root-only")
+        r = root_pyunion(
+            home,
+            "run",
+            "-v",
+            f"{secret}:/v",
+            str(secret),
+            "--",
+            "/bin/busybox",
+            "cat",
+            "/v/root-only",
+        )
         assert r.stdout == "TOP SECRET\n"
     finally:
         rmtree(str(secret))
@@ -391,33 +499,47 @@ def test_sample_demo(user: User, home: Path, root_store: Path, shared: Path) -> 
     assert os.getxattr(Path(layers[1]) / "opt/old", "user.overlay.opaque") == b"y"
     assert stat.S_ISCHR(os.lstat(Path(layers[1]) / "etc/doomed.txt").st_mode)
     mine = user.pyunion(home, "run", *layers, "--", "sh", "-c", LISTING).stdout
-    theirs = root_pyunion(home, "run", *[str(shared / "sample/layers" / Path(x).name)
-                                         for x in layers], "--", "sh", "-c", LISTING).stdout
+    theirs = root_pyunion(
+        home,
+        "run",
+        *[str(shared / "sample/layers" / Path(x).name) for x in layers],
+        "--",
+        "sh",
+        "-c",
+        LISTING,
+    ).stdout
     assert listing(mine) == listing(theirs)
     assert "/home/alice/hello.txt|regular file|644|1000|1000|17|/home/alice/hello.txt" in mine
     assert "/etc/doomed.txt" not in mine and "/opt/old/hidden.txt" not in mine
 
 
-def test_imported_images_show_the_same_tree_as_roots(user: User, root_store: Path,
-                                                     user_store: Path) -> None:
+def test_imported_images_show_the_same_tree_as_roots(
+    user: User, root_store: Path, user_store: Path
+) -> None:
     home = user_store.parents[2]
     for image in ("owners", "sample"):
         mine = user.pyunion(home, "run", "-u", "root", image, "--", "sh", "-c", LISTING).stdout
-        theirs = root_pyunion(root_store, "run", "-u", "root", image, "--", "sh", "-c",
-                              LISTING).stdout
+        theirs = root_pyunion(
+            root_store, "run", "-u", "root", image, "--", "sh", "-c", LISTING
+        ).stdout
         assert listing(mine) == listing(theirs), image
-    owners = listing(user.pyunion(home, "run", "-u", "root", "owners", "--", "sh", "-c",
-                                  LISTING).stdout)
-    for line in ("/usr/local/bin/show-ids-suid|regular file|4755|0|0|",
-                 "/usr/local/bin/show-ids-sgid|regular file|2755|2000|2001|",
-                 "/home/alice/secret|regular file|600|1000|1000|8|",
-                 "/srv/www|directory|750|33|33|", "/opt/bob/fifo|fifo|620|2000|2001|0|",
-                 "/opt/nobody|regular file|644|65534|65534|2|"):
+    owners = listing(
+        user.pyunion(home, "run", "-u", "root", "owners", "--", "sh", "-c", LISTING).stdout
+    )
+    for line in (
+        "/usr/local/bin/show-ids-suid|regular file|4755|0|0|",
+        "/usr/local/bin/show-ids-sgid|regular file|2755|2000|2001|",
+        "/home/alice/secret|regular file|600|1000|1000|8|",
+        "/srv/www|directory|750|33|33|",
+        "/opt/bob/fifo|fifo|620|2000|2001|0|",
+        "/opt/nobody|regular file|644|65534|65534|2|",
+    ):
         assert any(x.startswith(line) for x in owners), line
 
 
-def test_store_holds_the_mapped_owners(user: User, home: Path, sample_oci: Path,
-                                       buildah_image: Path) -> None:
+def test_store_holds_the_mapped_owners(
+    user: User, home: Path, sample_oci: Path, buildah_image: Path
+) -> None:
     """On disk the layers carry the host IDs the namespace maps the image's IDs to."""
     user_store = _import_both(user, home, sample_oci, buildah_image)
     m = userns.rootless_mapping(user.uid, user.gid)
@@ -426,11 +548,13 @@ def test_store_holds_the_mapped_owners(user: User, home: Path, sample_oci: Path,
     [layer] = info["Layers"]
     assert layer["Whiteouts"] in ("kernel", "userxattr")
     diff = Path(layer["Path"])
-    expect = {"home/alice/secret": (sub_uid + 999, sub_gid + 999),
-              "srv/www": (sub_uid + 32, sub_gid + 32), "opt/bob/notes": (sub_uid + 1999,
-                                                                          sub_gid + 2000),
-              "usr/local/bin/show-ids-suid": (user.uid, user.gid),
-              "opt/nobody": (sub_uid + 65533, sub_gid + 65533)}
+    expect = {
+        "home/alice/secret": (sub_uid + 999, sub_gid + 999),
+        "srv/www": (sub_uid + 32, sub_gid + 32),
+        "opt/bob/notes": (sub_uid + 1999, sub_gid + 2000),
+        "usr/local/bin/show-ids-suid": (user.uid, user.gid),
+        "opt/nobody": (sub_uid + 65533, sub_gid + 65533),
+    }
     for name, owner in expect.items():
         st = os.lstat(diff / name)
         assert (st.st_uid, st.st_gid) == owner, name
@@ -445,46 +569,65 @@ def test_store_holds_the_mapped_owners(user: User, home: Path, sample_oci: Path,
 
 
 @pytest.mark.parametrize("who", ["alice", "bob", "www-data", "1000:33", "nobody"])
-def test_run_as_user(user: User, root_store: Path, user_store: Path,
-                     who: str) -> None:
+def test_run_as_user(user: User, root_store: Path, user_store: Path, who: str) -> None:
     """-u: the IDs, groups, what the user may read, and the setuid/setgid programs."""
     home = user_store.parents[2]
-    script = ("id; show-ids-suid; show-ids-sgid; cat /home/alice/secret 2>&1; "
-              "cat /srv/www/index.html 2>&1; touch /opt/bob/x 2>&1; echo $HOME")
+    script = (
+        "id; show-ids-suid; show-ids-sgid; cat /home/alice/secret 2>&1; "
+        "cat /srv/www/index.html 2>&1; touch /opt/bob/x 2>&1; echo $HOME"
+    )
     mine = user.pyunion(home, "run", "-u", who, "owners", "--", "sh", "-c", script)
     theirs = root_pyunion(root_store, "run", "-u", who, "owners", "--", "sh", "-c", script)
     assert mine.stdout == theirs.stdout
     if who == "alice":
-        assert mine.stdout.splitlines()[1:4] == ["1000 0 1000 1000", "1000 1000 1000 2001",
-                                                 "alice's"]
+        assert mine.stdout.splitlines()[1:4] == [
+            "1000 0 1000 1000",
+            "1000 1000 1000 2001",
+            "alice's",
+        ]
 
 
-def test_commit_makes_the_same_layer_as_root(user: User, root_store: Path,
-                                             user_store: Path) -> None:
+def test_commit_makes_the_same_layer_as_root(
+    user: User, root_store: Path, user_store: Path
+) -> None:
     """Owners, a setuid bit, whiteouts and an opaque directory, committed reproducibly: the
     layer is byte for byte root's (same DiffID)."""
     home = user_store.parents[2]
-    script = ("echo x > /x; chown alice:users /x; cp /bin/busybox /usr/local/bin/suid; "
-              "chown 0:33 /usr/local/bin/suid; chmod 4750 /usr/local/bin/suid; "
-              "rm /home/alice/secret; rm -r /srv/www; mkdir /srv/www; echo new > /srv/www/new; "
-              "chown -R 33:33 /srv/www; mkdir -p /opt/bob/d/e; chown -R bob /opt/bob/d; "
-              "ln /x /x2; mkfifo /opt/p")
+    script = (
+        "echo x > /x; chown alice:users /x; cp /bin/busybox /usr/local/bin/suid; "
+        "chown 0:33 /usr/local/bin/suid; chmod 4750 /usr/local/bin/suid; "
+        "rm /home/alice/secret; rm -r /srv/www; mkdir /srv/www; echo new > /srv/www/new; "
+        "chown -R 33:33 /srv/www; mkdir -p /opt/bob/d/e; chown -R bob /opt/bob/d; "
+        "ln /x /x2; mkfifo /opt/p"
+    )
     ids = {}
     for who, store in (("user", user_store), ("root", root_store)):
         up = home / f"up-{who}"
         if who == "user":
             user.run(home, "mkdir", str(up))
-            user.pyunion(home, "run", "-u", "root", "--upper", str(up), "owners", "--",
-                         "sh", "-c", script)
-            out = user.pyunion(home, "commit", str(up), "--image", "owners", "--tag", "owners2",
-                               "--timestamp", "0").stdout
+            user.pyunion(
+                home, "run", "-u", "root", "--upper", str(up), "owners", "--", "sh", "-c", script
+            )
+            out = user.pyunion(
+                home, "commit", str(up), "--image", "owners", "--tag", "owners2", "--timestamp", "0"
+            ).stdout
             info = json.loads(user.pyunion(home, "inspect", "owners2").stdout)[0]
         else:
             up.mkdir()
-            root_pyunion(store, "run", "-u", "root", "--upper", str(up), "owners", "--",
-                         "sh", "-c", script)
-            out = root_pyunion(store, "commit", str(up), "--image", "owners", "--tag",
-                               "owners2", "--timestamp", "0").stdout
+            root_pyunion(
+                store, "run", "-u", "root", "--upper", str(up), "owners", "--", "sh", "-c", script
+            )
+            out = root_pyunion(
+                store,
+                "commit",
+                str(up),
+                "--image",
+                "owners",
+                "--tag",
+                "owners2",
+                "--timestamp",
+                "0",
+            ).stdout
             info = json.loads(root_pyunion(store, "inspect", "owners2").stdout)[0]
         assert out.strip() == info["Id"]
         ids[who] = info["RootFS"]["diff_ids"][-1]
@@ -506,16 +649,20 @@ def test_mount_an_image_inside_unshare(user: User, user_store: Path) -> None:
     r = user.pyunion(home, "mount", "owners", str(mnt), check=False)
     assert "inside 'pyunion unshare'" in one_line(r)
     py = f"{SYSTEM_PYTHON} -m unionfs"
-    r = user.pyunion(home, "unshare", "sh", "-c",
-                     f"{py} mount owners {mnt} && stat -c '%u:%g %a' {mnt}/home/alice/secret "
-                     f"{mnt}/usr/local/bin/show-ids-suid && cat {mnt}/home/alice/secret")
+    r = user.pyunion(
+        home,
+        "unshare",
+        "sh",
+        "-c",
+        f"{py} mount owners {mnt} && stat -c '%u:%g %a' {mnt}/home/alice/secret "
+        f"{mnt}/usr/local/bin/show-ids-suid && cat {mnt}/home/alice/secret",
+    )
     assert r.stdout == "1000:1000 600\n0:0 4755\nalice's\n"
     # Left mounted when the shell ended: unmounted, its daemon gone (the home fixture checks).
     assert r.stderr == f"pyunion: unmounted {mnt} (still mounted when the command ended)\n"
 
 
-def test_kernel_overlayfs_reads_the_rootless_store(user: User,
-                                                   user_store: Path) -> None:
+def test_kernel_overlayfs_reads_the_rootless_store(user: User, user_store: Path) -> None:
     """The sample's layers in the user's store are char 0/0 whiteouts and user.overlay.opaque:
     kernel overlayfs mounted by the user with -o userxattr shows what pyunion shows."""
     home = user_store.parents[2]
@@ -525,24 +672,32 @@ def test_kernel_overlayfs_reads_the_rootless_store(user: User,
     k, p = home / "k", home / "p"
     user.run(home, "mkdir", str(k), str(p))
     walk = "(cd {0} && find . -exec stat -c '%n|%F|%a|%u|%g|%s' {{}} + | sort)"
-    r = user.pyunion(home, "unshare", "sh", "-c",
-                     f"mount -t overlay -o userxattr,lowerdir={lowers} none {k} && "
-                     f"{SYSTEM_PYTHON} -m unionfs mount -o lowerdir={lowers} {p} && "
-                     f"{walk.format(k)} > {home}/k.txt && {walk.format(p)} > {home}/p.txt && "
-                     f"umount {k} && {SYSTEM_PYTHON} -m unionfs umount {p}")
+    r = user.pyunion(
+        home,
+        "unshare",
+        "sh",
+        "-c",
+        f"mount -t overlay -o userxattr,lowerdir={lowers} none {k} && "
+        f"{SYSTEM_PYTHON} -m unionfs mount -o lowerdir={lowers} {p} && "
+        f"{walk.format(k)} > {home}/k.txt && {walk.format(p)} > {home}/p.txt && "
+        f"umount {k} && {SYSTEM_PYTHON} -m unionfs umount {p}",
+    )
     assert r.returncode == 0, r.stderr
     kernel, ours = (home / "k.txt").read_text(), (home / "p.txt").read_text()
     # The merged directories' sizes differ by design (the kernel's are its upper's or a lower's).
-    strip = [line.rsplit("|", 1)[0] if "|directory|" in line else line
-             for line in kernel.splitlines()]
-    assert strip == [line.rsplit("|", 1)[0] if "|directory|" in line else line
-                     for line in ours.splitlines()]
+    strip = [
+        line.rsplit("|", 1)[0] if "|directory|" in line else line for line in kernel.splitlines()
+    ]
+    assert strip == [
+        line.rsplit("|", 1)[0] if "|directory|" in line else line for line in ours.splitlines()
+    ]
     assert "./etc/motd|" in kernel and "./etc/doomed.txt" not in kernel
     assert "./opt/old/new.txt|" in kernel and "./opt/old/hidden.txt" not in kernel
 
 
-def test_single_mapping(single_user: User, single_home: Path, sample_oci: Path,
-                        shared: Path) -> None:
+def test_single_mapping(
+    single_user: User, single_home: Path, sample_oci: Path, shared: Path
+) -> None:
     """Without subordinate IDs: one ID, a one-line notice; what needs more IDs fails in one
     line that says what to do; a root-only image still runs."""
     u, home = single_user, single_home
@@ -550,7 +705,8 @@ def test_single_mapping(single_user: User, single_home: Path, sample_oci: Path,
     assert r.stdout.split() == ["0", str(u.uid), "1", "deny"]
     notice = r.stderr.splitlines()
     assert len(notice) == 1 and notice[0].startswith(
-        f"pyunion: warning: no subordinate IDs for {u.name} in /etc/subuid and /etc/subgid")
+        f"pyunion: warning: no subordinate IDs for {u.name} in /etc/subuid and /etc/subgid"
+    )
     assert "usermod --add-subuids" in notice[0]
     r = u.pyunion(home, "image", "import", str(sample_oci), "--tag", "sample", check=False)
     err = one_line(r)
@@ -604,8 +760,9 @@ with open(out, "wb") as f:
 
 
 @pytest.mark.timeout(600)
-def test_rootless_buildah_builds_the_same_layers_as_with_fuse_overlayfs(user: User,
-                                                                        home: Path) -> None:
+def test_rootless_buildah_builds_the_same_layers_as_with_fuse_overlayfs(
+    user: User, home: Path
+) -> None:
     """test_buildah's three-stage build, run by the user inside `buildah unshare` (where
     buildah's own user namespace maps the user's ranges), once with pyunion-overlayfs and once
     with fuse-overlayfs as the mount program: the same output, trees and committed layers."""
@@ -614,16 +771,30 @@ def test_rootless_buildah_builds_the_same_layers_as_with_fuse_overlayfs(user: Us
     fuse_overlayfs = shutil.which("fuse-overlayfs")
     assert fuse_overlayfs, "needs fuse-overlayfs (scripts/setup.sh installs it)"
     program = home / "pyunion-overlayfs"  # the console script's python may be out of reach
-    program.write_text("#!/bin/sh\nexec " + SYSTEM_PYTHON + " -c 'import sys; from unionfs.cli "
-                       "import overlayfs_main; sys.exit(overlayfs_main())' \"$@\"\n")
+    program.write_text(
+        "#!/bin/sh\nexec " + SYSTEM_PYTHON + " -c 'import sys; from unionfs.cli "
+        'import overlayfs_main; sys.exit(overlayfs_main())\' "$@"\n'
+    )
     os.chmod(program, 0o755)
     results = {}
     for name, prog in (("pyunion", str(program)), ("fuse-overlayfs", fuse_overlayfs)):
         base, out = home / f"build-{name}", home / f"{name}.pickle"
         user.run(home, "mkdir", str(base))
         path = ":".join([str(REPO / "tests"), str(REPO), *site.getsitepackages()])
-        r = user.run(home, "env", f"PYTHONPATH={path}", "buildah", "unshare", SYSTEM_PYTHON,
-                     "-c", BUILD_DRIVER, str(base), prog, str(out), timeout=500)
+        r = user.run(
+            home,
+            "env",
+            f"PYTHONPATH={path}",
+            "buildah",
+            "unshare",
+            SYSTEM_PYTHON,
+            "-c",
+            BUILD_DRIVER,
+            str(base),
+            prog,
+            str(out),
+            timeout=500,
+        )
         assert r.returncode == 0, f"{name}:\n{r.stdout}\n{r.stderr}"
         with open(out, "rb") as f:
             results[name] = pickle.load(f)  # written by this test just now
@@ -633,14 +804,14 @@ def test_rootless_buildah_builds_the_same_layers_as_with_fuse_overlayfs(user: Us
     assert len(ours["layers"]) == len(theirs["layers"]) == 3
     for i, (a, b) in enumerate(zip(ours["layers"], theirs["layers"], strict=True)):
         assert a == b, f"layer {i} differs (- fuse-overlayfs, + pyunion):\n" + "\n".join(
-            [f"- {x}" for x in b if x not in a] + [f"+ {x}" for x in a if x not in b])
+            [f"- {x}" for x in b if x not in a] + [f"+ {x}" for x in a if x not in b]
+        )
     owned = [m for m in ours["layers"][1] if m[0] == "data/owned"]
     assert owned and owned[0][3:5] == (2000, 2001)  # chown in stage 2, as in the root build
 
 
 # -- pyunion build -------------------------------------------------------------------------------
-def test_build_gives_the_user_roots_image(user: User, root_store: Path,
-                                          user_store: Path) -> None:
+def test_build_gives_the_user_roots_image(user: User, root_store: Path, user_store: Path) -> None:
     """test_build's multi-stage Containerfile (RUN as root and as alice, chown, COPY --chown
     and --from, ADD of a tar with its own owners) built by the user and by root: the same
     tree, owners and history."""
@@ -652,44 +823,75 @@ def test_build_gives_the_user_roots_image(user: User, root_store: Path,
     for dirpath, dirnames, filenames in os.walk(ctx):
         for name in [dirpath, *(os.path.join(dirpath, f) for f in dirnames + filenames)]:
             os.lchown(name, user.uid, user.gid)
-    args = ("--build-arg", "BASE=sample", "--build-arg", "GREETING=bonjour", "-q", "-t", "app",
-            str(ctx))
+    args = (
+        "--build-arg",
+        "BASE=sample",
+        "--build-arg",
+        "GREETING=bonjour",
+        "-q",
+        "-t",
+        "app",
+        str(ctx),
+    )
     mine = user.pyunion(home, "build", *args, timeout=600).stdout.split()[-1]
     theirs = root_pyunion(root_store, "build", *args, timeout=600).stdout.split()[-1]
     views = []
     for who in ("user", "root"):
         argv = ("run", "--entrypoint", "", "app", "--", "sh", "-c", LISTING)
-        out = user.pyunion(home, *argv).stdout if who == "user" else \
-            root_pyunion(root_store, *argv).stdout
+        out = (
+            user.pyunion(home, *argv).stdout
+            if who == "user"
+            else root_pyunion(root_store, *argv).stdout
+        )
         views.append(listing(out))
     assert views[0] == views[1]
     assert any(x.startswith("/srv/app/src/main.py|regular file|755|1000|100|") for x in views[0])
     assert any(x.startswith("/opt/bundle/top/a.txt|regular file|644|123|456|") for x in views[0])
-    assert any(x.startswith("/home/alice/made-by-alice|regular empty file|644|1000|1000|")
-               for x in views[0])
-    configs = [json.loads(out)[0] for out in (
-        user.pyunion(home, "inspect", mine).stdout,
-        root_pyunion(root_store, "inspect", theirs).stdout)]
+    assert any(
+        x.startswith("/home/alice/made-by-alice|regular empty file|644|1000|1000|")
+        for x in views[0]
+    )
+    configs = [
+        json.loads(out)[0]
+        for out in (
+            user.pyunion(home, "inspect", mine).stdout,
+            root_pyunion(root_store, "inspect", theirs).stdout,
+        )
+    ]
     # A COPY's source digest covers the context's owners, which are the user's own files,
     # shown to root as the user's uid and in the namespace as 0: only those digests differ.
-    history = [[re.sub(r"(dir|file|multi):[0-9a-f]{64}", r"\1:", str(h.get("created_by")))
-                for h in c["History"]] for c in configs]
+    history = [
+        [
+            re.sub(r"(dir|file|multi):[0-9a-f]{64}", r"\1:", str(h.get("created_by")))
+            for h in c["History"]
+        ]
+        for c in configs
+    ]
     assert history[0] == history[1]
     assert configs[0]["Config"] == configs[1]["Config"]
 
 
-PROBES = ("grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status; "
-          "wc -c < /proc/kcore; ls -A /sys/firmware | wc -l; "
-          "touch /proc/sys/kernel/core_pattern 2>&1; "
-          "unshare -U true 2>&1; mount -t tmpfs none /mnt 2>&1; "
-          "echo ok")
+PROBES = (
+    "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status; "
+    "wc -c < /proc/kcore; ls -A /sys/firmware | wc -l; "
+    "touch /proc/sys/kernel/core_pattern 2>&1; "
+    "unshare -U true 2>&1; mount -t tmpfs none /mnt 2>&1; "
+    "echo ok"
+)
 
 
-@pytest.mark.parametrize("opts", [("-u", "root"), ("-u", "alice"),
-                                  ("-u", "root", "--cap-drop", "ALL"),
-                                  ("-u", "root", "--cap-add", "SYS_ADMIN")])
-def test_confinement_is_roots(user: User, root_store: Path, user_store: Path,
-                              opts: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("-u", "root"),
+        ("-u", "alice"),
+        ("-u", "root", "--cap-drop", "ALL"),
+        ("-u", "root", "--cap-add", "SYS_ADMIN"),
+    ],
+)
+def test_confinement_is_roots(
+    user: User, root_store: Path, user_store: Path, opts: tuple[str, ...]
+) -> None:
     """Capabilities, seccomp, masked and read-only paths: the same lines in both runs."""
     home = user_store.parents[2]
     mine = user.pyunion(home, "run", *opts, "sample", "--", "sh", "-c", PROBES).stdout

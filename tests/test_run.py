@@ -23,12 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYUNION, fuse_skip_reason
+from support import PYUNION, fuse_skip_reason
 
 pytestmark = [
     pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),
-    pytest.mark.skipif(not os.path.exists("/bin/busybox"),
-                       reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)"),
+    pytest.mark.skipif(
+        not os.path.exists("/bin/busybox"),
+        reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)",
+    ),
     pytest.mark.timeout(60),
 ]
 
@@ -51,20 +53,36 @@ class Env:
     def cmd(self, *opts: str, command: tuple[str, ...] = ()) -> list[str]:
         return [*PYUNION, "run", *opts, *self.layers, "--", *command]
 
-    def run(self, *command: str, opts: tuple[str, ...] = (), input: str | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.cmd(*opts, command=command), capture_output=True,
-                              check=False, text=True,
-                              input=input, timeout=timeout, env=self.env,
-                              stdin=None if input is not None else subprocess.DEVNULL)
+    def run(
+        self,
+        *command: str,
+        opts: tuple[str, ...] = (),
+        input: str | None = None,
+        timeout: float = 30,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.cmd(*opts, command=command),
+            capture_output=True,
+            check=False,
+            text=True,
+            input=input,
+            timeout=timeout,
+            env=self.env,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
 
     def sh(self, script: str, *opts: str, **kw: object) -> subprocess.CompletedProcess[str]:
         return self.run("sh", "-c", script, opts=opts, **kw)  # type: ignore[arg-type]
 
     def popen(self, *command: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.cmd(command=command), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env)
+        return subprocess.Popen(
+            self.cmd(command=command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+        )
 
     def leftovers(self) -> list[str]:
         out = []
@@ -126,13 +144,16 @@ def _child_of(ppid: int, timeout: float = 10) -> int:
 
 
 # -- exit status ----------------------------------------------------------------------------
-@pytest.mark.parametrize("command,code", [
-    (("true",), 0),
-    (("sh", "-c", "exit 7"), 7),
-    (("/etc/passwd",), 126),  # not executable
-    (("/no/such/program",), 127),
-    (("sh", "-c", "kill -9 $$"), 137),
-])
+@pytest.mark.parametrize(
+    "command,code",
+    [
+        (("true",), 0),
+        (("sh", "-c", "exit 7"), 7),
+        (("/etc/passwd",), 126),  # not executable
+        (("/no/such/program",), 127),
+        (("sh", "-c", "kill -9 $$"), 137),
+    ],
+)
 def test_exit_codes(env: Env, command: tuple[str, ...], code: int) -> None:
     r = env.run(*command)
     assert r.returncode == code, r.stderr
@@ -140,9 +161,14 @@ def test_exit_codes(env: Env, command: tuple[str, ...], code: int) -> None:
 
 def test_tool_errors_are_125(env: Env) -> None:
     assert env.run("true", opts=("-u", "nosuchuser")).returncode == 125
-    r = subprocess.run([*PYUNION, "run", "/no/such/layer", "--", "true"], capture_output=True,
-                       check=False,
-                       text=True, timeout=30, env=env.env)
+    r = subprocess.run(
+        [*PYUNION, "run", "/no/such/layer", "--", "true"],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=30,
+        env=env.env,
+    )
     assert r.returncode == 125 and "pyunion:" in r.stderr
     assert env.run().returncode == 125  # no command
 
@@ -166,6 +192,7 @@ def test_keep(env: Env) -> None:
         assert (upper / "root/new").read_text() == "data\n"
     finally:
         import shutil
+
         shutil.rmtree(upper.parent)
 
 
@@ -177,8 +204,12 @@ def test_explicit_upper(env: Env, tmp_path: Path) -> None:
 
 
 def test_read_only(env: Env) -> None:
-    r = env.sh("echo x > /tmp/ok && cat /tmp/ok && echo x > /dev/shm/ok && test -d /cwd "
-               "&& echo x > /f", "--read-only", "-w", "/cwd")
+    r = env.sh(
+        "echo x > /tmp/ok && cat /tmp/ok && echo x > /dev/shm/ok && test -d /cwd && echo x > /f",
+        "--read-only",
+        "-w",
+        "/cwd",
+    )
     assert r.stdout == "x\n" and r.returncode != 0 and "Read-only" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1  # no other complaint
 
@@ -201,8 +232,9 @@ def test_ps_mount_hostname(env: Env) -> None:
 
 
 def test_dev_and_etc(env: Env) -> None:
-    r = env.sh("echo x > /dev/null && head -c 4 /dev/zero | wc -c && ls /dev "
-               "&& cat /etc/resolv.conf")
+    r = env.sh(
+        "echo x > /dev/null && head -c 4 /dev/zero | wc -c && ls /dev && cat /etc/resolv.conf"
+    )
     assert r.returncode == 0, r.stderr
     for name in ("null", "zero", "full", "random", "urandom", "tty", "pts", "shm"):
         assert name in r.stdout.split()
@@ -226,10 +258,19 @@ def test_user_from_image(env: Env) -> None:
 def test_env_and_workdir(env: Env, tmp_path: Path) -> None:
     envfile = tmp_path / "envfile"
     envfile.write_text("# comment\nFROMFILE=yes\nA=file\n")
-    r = env.sh('echo "$A $FROMFILE $PATH"; pwd', "-e", "A=cli", "--env-file", str(envfile),
-               "-w", "/srv/new")
+    r = env.sh(
+        'echo "$A $FROMFILE $PATH"; pwd',
+        "-e",
+        "A=cli",
+        "--env-file",
+        str(envfile),
+        "-w",
+        "/srv/new",
+    )
     assert r.stdout.split("\n")[:2] == [
-        "cli yes /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "/srv/new"]
+        "cli yes /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "/srv/new",
+    ]
 
 
 def test_volume(env: Env, tmp_path: Path) -> None:
@@ -273,8 +314,9 @@ def test_sigterm_to_pyunion(env: Env) -> None:
 
 
 def test_signals_forwarded(env: Env) -> None:
-    p = env.popen("sh", "-c", "trap 'echo got USR1; exit 3' USR1; echo ready; "
-                  "while :; do sleep 0.1; done")
+    p = env.popen(
+        "sh", "-c", "trap 'echo got USR1; exit 3' USR1; echo ready; while :; do sleep 0.1; done"
+    )
     try:
         assert p.stdout is not None and p.stdout.readline() == "ready\n"
         p.send_signal(signal.SIGUSR1)
@@ -324,7 +366,8 @@ def _child_of_cmd(pid: int) -> int:
             except OSError:
                 continue
             if re.search(rf"^PPid:\s+{pid}$", status, re.MULTILINE) and re.search(
-                    r"^NSpid:\s+\d+\s+1$", status, re.MULTILINE):
+                r"^NSpid:\s+\d+\s+1$", status, re.MULTILINE
+            ):
                 return int(child)
         time.sleep(0.02)
     raise AssertionError("no container init")
@@ -375,20 +418,49 @@ def test_image_config(env: Env, tmp_path: Path) -> None:
 
     oci = build_sample_oci(tmp_path, env.layers)
     store = tmp_path / "store"
-    r = subprocess.run([*PYUNION, "image", "import", "-q", "--store", str(store), "--tag",
-                        "pyunion-sample", oci], capture_output=True, check=False, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [*PYUNION, "image", "import", "-q", "--store", str(store), "--tag", "pyunion-sample", oci],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
     if "invalid choice" in r.stderr:
         pytest.skip("no 'pyunion image' command yet")
     assert r.returncode == 0, r.stderr
     base = [*PYUNION, "run", "--store", str(store)]
-    r = subprocess.run([*base, "-i", "pyunion-sample"], input="echo $SAMPLE; id -un; pwd\n",
-                       capture_output=True, check=False, text=True, timeout=30, env=env.env)
+    r = subprocess.run(
+        [*base, "-i", "pyunion-sample"],
+        input="echo $SAMPLE; id -un; pwd\n",
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=30,
+        env=env.env,
+    )
     assert r.stdout.split() == ["pyunion", "alice", "/home/alice"], r.stderr
-    r = subprocess.run([*base, "-u", "root", "-w", "/srv", "-e", "SAMPLE=cli", "pyunion-sample",
-                        "--", "sh", "-c", "echo $SAMPLE; id -un; pwd; ls"],
-                       capture_output=True, check=False, text=True, timeout=30, env=env.env,
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [
+            *base,
+            "-u",
+            "root",
+            "-w",
+            "/srv",
+            "-e",
+            "SAMPLE=cli",
+            "pyunion-sample",
+            "--",
+            "sh",
+            "-c",
+            "echo $SAMPLE; id -un; pwd; ls",
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=30,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.stdout.split() == ["cli", "root", "/srv", "index.html"], r.stderr
 
 
@@ -399,8 +471,10 @@ def test_terminal_keys_without_tty_option(env: Env, key: bytes, code: int, after
     pid, fd = pty.fork()
     if pid == 0:
         os.environ.update(env.env)
-        os.execv(PYUNION[0], [*PYUNION, "run", *env.layers, "--", "sh", "-c",
-                              "echo ready; sleep 1; echo after"])
+        os.execv(
+            PYUNION[0],
+            [*PYUNION, "run", *env.layers, "--", "sh", "-c", "echo ready; sleep 1; echo after"],
+        )
     try:
         out = _read_until(fd, b"ready")
         time.sleep(0.2)  # let sleep start
@@ -425,8 +499,13 @@ def test_real_debian_rootfs(env: Env, tmp_path: Path, debian_rootfs: str) -> Non
     (mid / "etc").mkdir(parents=True)
     (mid / "etc/.wh.issue.net").write_text("")
     env.layers = [str(top), str(mid), debian_rootfs]
-    r = env.run("/bin/bash", "-c", 'apt-get --version && python3 -c "print(1)" && '
-                "test ! -e /etc/issue && test ! -e /etc/issue.net && echo clean", timeout=60)
+    r = env.run(
+        "/bin/bash",
+        "-c",
+        'apt-get --version && python3 -c "print(1)" && '
+        "test ! -e /etc/issue && test ! -e /etc/issue.net && echo clean",
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("apt ") and r.stdout.endswith("1\nclean\n")
 
@@ -437,8 +516,10 @@ def test_terminal_hangup(env: Env, opts: tuple[str, ...]) -> None:
     pid, fd = pty.fork()
     if pid == 0:
         os.environ.update(env.env)
-        os.execv(PYUNION[0], [*PYUNION, "run", *opts, *env.layers, "--", "sh", "-c",
-                              "echo ready; sleep 30"])
+        os.execv(
+            PYUNION[0],
+            [*PYUNION, "run", *opts, *env.layers, "--", "sh", "-c", "echo ready; sleep 30"],
+        )
     try:
         assert b"ready" in _read_until(fd, b"ready")
         os.close(fd)
@@ -459,8 +540,13 @@ def test_kept_upper_has_no_mount_point_placeholders(env: Env, tmp_path: Path) ->
     upper = tmp_path / "upper"
     vol = tmp_path / "vol"
     vol.mkdir()
-    r = env.sh("ls -d /mnt/deep/vol /etc/hosts && echo x > /root/kept", "--upper", str(upper),
-               "-v", f"{vol}:/mnt/deep/vol")
+    r = env.sh(
+        "ls -d /mnt/deep/vol /etc/hosts && echo x > /root/kept",
+        "--upper",
+        str(upper),
+        "-v",
+        f"{vol}:/mnt/deep/vol",
+    )
     assert r.returncode == 0, r.stderr
     assert (upper / "root/kept").exists()
     assert not (upper / "mnt").exists() and not (upper / "etc/hosts").exists()

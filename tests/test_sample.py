@@ -7,14 +7,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import mounted, needs_fuse, pyunion
+from support import mounted, needs_busybox, needs_fuse, needs_root, pyunion
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a kernel whiteout is a device node)"),
-    pytest.mark.skipif(not os.path.exists("/bin/busybox"),
-                       reason="needs /bin/busybox (busybox-static; bash scripts/setup.sh)"),
-    pytest.mark.timeout(60),
-]
+pytestmark = [needs_root, needs_busybox, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(scope="module")

@@ -107,11 +107,15 @@ def test_open_regular_refuses_what_is_not_a_file_inside(tmp_path: Path) -> None:
     try:
         assert read_regular(dfd, "file", 100) == b"data"
         assert read_regular(dfd, "in-link", 100, symlinks=True) == b"inner"
-        for name, symlinks, why in (("zero", False, "symlink"), ("zero", True, "outside"),
-                                    ("in-link", False, "symlink"), ("out-link", True, "outside"),
-                                    ("fifo", True, "not a regular file"),
-                                    ("sub", True, "not a regular file"),
-                                    ("../secret", True, "outside")):
+        for name, symlinks, why in (
+            ("zero", False, "symlink"),
+            ("zero", True, "outside"),
+            ("in-link", False, "symlink"),
+            ("out-link", True, "outside"),
+            ("fifo", True, "not a regular file"),
+            ("sub", True, "not a regular file"),
+            ("../secret", True, "outside"),
+        ):
             _refused_at_once(why, open_regular, dfd, name, symlinks=symlinks)
         with pytest.raises(OSError) as ei:
             read_regular(dfd, "file", 3)
@@ -143,8 +147,7 @@ def test_read_regular_in_root_sees_the_path_as_the_container_does(tmp_path: Path
         os.mkdir(root / "dev")
         os.mknod(root / "dev/zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
         for path in ("/etc/zero", "/etc/fifo", "/etc"):
-            _refused_at_once("not a regular file", read_regular, rfd, path, 100,
-                             resolve="in_root")
+            _refused_at_once("not a regular file", read_regular, rfd, path, 100, resolve="in_root")
         with pytest.raises(OSError) as ei:
             read_regular(rfd, "/etc/loop", 100, resolve="in_root")
         assert ei.value.errno == errno.ELOOP and not isinstance(ei.value, NotRegularFile)
@@ -166,8 +169,7 @@ def test_read_regular_anywhere_takes_a_path_as_given(tmp_path: Path) -> None:
         for path in (str(tmp_path / "link"), "profile.json"):
             assert read_regular(cwd, path, 10, resolve="anywhere") == b"{}"
         for path in ("/dev/zero", str(tmp_path / "fifo"), str(tmp_path)):
-            _refused_at_once("not a regular file", read_regular, cwd, path, 10,
-                             resolve="anywhere")
+            _refused_at_once("not a regular file", read_regular, cwd, path, 10, resolve="anywhere")
         with pytest.raises(OSError) as ei:
             read_regular(cwd, "profile.json", 1, resolve="anywhere")
         assert ei.value.errno == errno.EFBIG

@@ -7,6 +7,7 @@ exit; a traceback only with `PYUNION_TRACEBACK=1`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import UserError
+from .mount import mount, umount
 from .options import MountConfig, parse_options, split_options
 
 Handler = Callable[[argparse.Namespace], int]
@@ -32,10 +34,19 @@ def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "the layers."
         ),
     )
-    p.add_argument("args", nargs="+", metavar="LAYER|MOUNTPOINT",
-                   help="layers, top first, then the mount point")
-    p.add_argument("-o", dest="options", action="append", default=[],
-                   help="comma-separated options: lowerdir=,upperdir=,workdir=,ro,allow_other,...")
+    p.add_argument(
+        "args",
+        nargs="+",
+        metavar="LAYER|MOUNTPOINT",
+        help="layers, top first, then the mount point",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        help="comma-separated options: lowerdir=,upperdir=,workdir=,ro,allow_other,...",
+    )
     p.add_argument("--upper", help="writable upper directory")
     p.add_argument("--work", help="work directory (same filesystem as the upper)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -59,8 +70,10 @@ def build_mount_config(args: argparse.Namespace) -> MountConfig:
             if os.geteuid() != 0 and not in_user_namespace():
                 # As with podman image mount: an ordinary user's layers hold the owners of
                 # the rootless namespace, which only mean something inside it.
-                raise UserError("an ordinary user mounts an image inside 'pyunion unshare', "
-                                "where its files have their owners")
+                raise UserError(
+                    "an ordinary user mounts an image inside 'pyunion unshare', "
+                    "where its files have their owners"
+                )
             cfg.lowers = resolve_layers(positional[0], getattr(args, "store", None))
             _image_mount_flags(cfg, args.options)
         else:
@@ -91,15 +104,15 @@ def _image_mount_flags(cfg: MountConfig, options: list[str]) -> None:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import mount
-
     cfg = build_mount_config(args)
     mount(cfg)
     return 0
 
 
 def _add_umount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon to exit")
+    p = sub.add_parser(
+        "umount", aliases=["unmount"], help="unmount and wait for the daemon to exit"
+    )
     p.add_argument("mountpoint")
     p.add_argument("-l", "--lazy", action="store_true", help="detach even if busy")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
@@ -107,43 +120,44 @@ def _add_umount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
-    from .mount import umount
-
     umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     return 0
 
 
 _CORE_COMMANDS = ("mount", "umount", "unmount")
+# Each has register(subparsers), which adds its subcommands.
+SUBCOMMAND_MODULES = (
+    "unionfs.run",
+    "unionfs.sample",
+    "unionfs.image.cli",
+    "unionfs.registry.cli",
+    "unionfs.build.cli",
+    "unionfs.unshare",
+)
 
 
 def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     """The parser; `extra=False` leaves out the subcommands of other modules (faster mounts)."""
     parser = argparse.ArgumentParser(
-        prog="pyunion", description="A userspace union filesystem for container image layers.")
+        prog="pyunion", description="A userspace union filesystem for container image layers."
+    )
     parser.add_argument("--version", action="version", version=f"pyunion {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_mount(sub)
     _add_umount(sub)
     # Subcommands that live in their own modules register themselves.
-    for modname in ("unionfs.run", "unionfs.sample", "unionfs.image.cli",
-                    "unionfs.registry.cli", "unionfs.build.cli",
-                    "unionfs.unshare") if extra else ():
-        try:
-            mod = __import__(modname, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            continue
-        mod.register(sub)
+    for modname in SUBCOMMAND_MODULES if extra else ():
+        importlib.import_module(modname).register(sub)
     return parser
 
 
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
-        format="pyunion: %(levelname)s: %(message)s" if not debug else
-        "%(asctime)s %(name)s %(levelname)s: %(message)s",
+        format="pyunion: %(levelname)s: %(message)s"
+        if not debug
+        else "%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
 
 

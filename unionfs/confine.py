@@ -34,11 +34,28 @@ from . import caps, seccomp, syscalls, userns, volumes
 from .errors import UserError
 from .syscalls import MS_BIND, MS_RDONLY, open_in_root
 
-MASKED = ("/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-          "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-          "/sys/fs/selinux", "/sys/dev/block", "/sys/devices/virtual/powercap")
-READ_ONLY = ("/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-             "/proc/sysrq-trigger")
+MASKED = (
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/fs/selinux",
+    "/sys/dev/block",
+    "/sys/devices/virtual/powercap",
+)
+READ_ONLY = (
+    "/proc/asound",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
 
 
 _DEFAULT_CAPS = caps.DEFAULT
@@ -70,8 +87,13 @@ def _split(value: str) -> tuple[str, str]:
     return key, val
 
 
-def from_options(cap_add: list[str], cap_drop: list[str], privileged: bool,
-                 security_opts: list[str], preserve_fds: int) -> Confinement:
+def from_options(
+    cap_add: list[str],
+    cap_drop: list[str],
+    privileged: bool,
+    security_opts: list[str],
+    preserve_fds: int,
+) -> Confinement:
     """The container's confinement from podman's options (in pyunion, before anything else)."""
     if preserve_fds < 0:
         raise _fail("--preserve-fds must be 0 or more")
@@ -93,8 +115,7 @@ def from_options(cap_add: list[str], cap_drop: list[str], privileged: bool,
         elif key == "unmask" and val:
             pats = ["*"] if val == "ALL" else [p for p in val.split(":") if p]
             masked = [p for p in masked if not any(fnmatch.fnmatchcase(p, x) for x in pats)]
-            read_only = [p for p in read_only
-                         if not any(fnmatch.fnmatchcase(p, x) for x in pats)]
+            read_only = [p for p in read_only if not any(fnmatch.fnmatchcase(p, x) for x in pats)]
         elif key == "systempaths" and val == "unconfined":  # Docker's unmask=ALL
             masked, read_only = [], []
         elif key == "label" and val:
@@ -102,8 +123,10 @@ def from_options(cap_add: list[str], cap_drop: list[str], privileged: bool,
         elif key == "apparmor" and val == "unconfined":
             pass
         else:
-            raise _fail(f"unsupported --security-opt {opt!r} (supported: seccomp=unconfined|FILE, "
-                        "no-new-privileges, mask=PATHS, unmask=ALL|PATHS, label=...)")
+            raise _fail(
+                f"unsupported --security-opt {opt!r} (supported: seccomp=unconfined|FILE, "
+                "no-new-privileges, mask=PATHS, unmask=ALL|PATHS, label=...)"
+            )
     for fd in range(3, 3 + preserve_fds):
         if not _is_open(fd):  # podman's rule: what is asked for must have been passed
             raise _fail(f"--preserve-fds {preserve_fds}: file descriptor {fd} is not open")
@@ -114,11 +137,16 @@ def from_options(cap_add: list[str], cap_drop: list[str], privileged: bool,
     adds, drops = caps.parse(cap_add, "--cap-add"), caps.parse(cap_drop, "--cap-drop")
     base = available if privileged else caps.DEFAULT
     capset = caps.merge(base, adds, drops, available)
-    conf = Confinement(caps=capset, last_cap=caps.last_cap(), no_new_privs=nnp,
-                       masked=() if privileged else tuple(masked),
-                       read_only=() if privileged else tuple(read_only), privileged=privileged,
-                       preserved=tuple(range(3, 3 + preserve_fds)),
-                       first_closed=3 + preserve_fds)
+    conf = Confinement(
+        caps=capset,
+        last_cap=caps.last_cap(),
+        no_new_privs=nnp,
+        masked=() if privileged else tuple(masked),
+        read_only=() if privileged else tuple(read_only),
+        privileged=privileged,
+        preserved=tuple(range(3, 3 + preserve_fds)),
+        first_closed=3 + preserve_fds,
+    )
     if not unconfined:
         conf.seccomp = seccomp.load_profile(profile, capset)
     return conf
@@ -179,14 +207,20 @@ def mask_paths(rootfd: int, conf: Confinement) -> None:
         if fd is None:
             continue
         try:
-            syscalls.mount(syscalls.fd_str(fd), syscalls.fd_str(fd), None, MS_BIND
-                           | syscalls.MS_REC)
+            syscalls.mount(
+                syscalls.fd_str(fd), syscalls.fd_str(fd), None, MS_BIND | syscalls.MS_REC
+            )
         finally:
             os.close(fd)
         fd = open_in_root(rootfd, path)  # the new mount, not the one under it
         try:
-            volumes.set_attrs(fd, syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID
-                              | syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
+            volumes.set_attrs(
+                fd,
+                syscalls.MOUNT_ATTR_RDONLY
+                | syscalls.MOUNT_ATTR_NOSUID
+                | syscalls.MOUNT_ATTR_NODEV
+                | syscalls.MOUNT_ATTR_NOEXEC,
+            )
         finally:
             os.close(fd)
 

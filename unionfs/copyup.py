@@ -9,25 +9,28 @@ truncates to zero copies no data.
 
 A copy-up is split in three so that the FUSE adaptor can run the data copy, the
 only slow part, in a worker thread: `begin` (metadata, on the event loop),
-`CopyJob.copy_data` (pure I/O on two fds, thread-safe), `finish` (rename into
-place and update the node, on the event loop).
+`CopyJob.copy_data` (pure I/O on two fds, thread-safe), `CopyJob.finish` (rename
+into place and update the node, on the event loop). Which copy-ups an
+operation needs is the core's decision (`Union.copyups_*`); `CopyJob.run` does
+all three on the calling thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import FsError
 from .inodes import InodeTable, Node
-from .layers import DIR_FLAGS, LayerStack
+from .layers import LayerStack
 from .resolve import Resolver
 from .syscalls import fdpath
-from .tree import rmtree_at
+from .tree import DIR_FLAGS, rmtree_at
 from .whiteout import is_internal_xattr
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
@@ -96,8 +99,31 @@ def set_times(target: int | bytes, st: os.stat_result, follow: bool = True) -> N
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=follow)
 
 
+# Told about a node whose attributes as shown changed other than by the request
+# being served: (node, links) - copied up (links=False: same attributes, the
+# object now lives in the upper), or linked under another name by the daemon
+# itself (links=True: its st_nlink changed behind the kernel's back).
+Changed = Callable[[Node, bool], None]
+
+
+def _unchanged(node: Node, links: bool) -> None:
+    pass
+
+
+# One copy-up an operation needs: the node, and whether its data must be copied
+# (not when the operation truncates it to zero). A plan is the steps of one
+# operation, in order (see Union.copyups_for_open and friends); an empty plan is
+# falsy (NO_COPYUPS), so that the adaptor skips it without a coroutine.
+CopyStep = tuple[Node, bool]
+CopyPlan = Iterable[CopyStep]
+NO_COPYUPS: tuple[CopyStep, ...] = ()
+
+
 @dataclass
 class CopyJob:
+    """One copy-up under way: begun, its data to copy, then finished or aborted."""
+
+    engine: CopyUp
     node: Node
     st: os.stat_result
     tmp: bytes
@@ -110,8 +136,26 @@ class CopyJob:
         return self.st.st_size if self.with_data else 0
 
     def copy_data(self) -> None:
+        """The data copy: I/O on two fds only, safe in a worker thread."""
         if self.with_data and self.src_fd >= 0 and self.st.st_size:
             copy_file_data(self.src_fd, self.dst_fd, self.st.st_size)
+
+    def finish(self) -> None:
+        """Move the copy into place and point the node at it (on the event loop)."""
+        self.engine.finish(self)
+
+    def abort(self) -> None:
+        """Throw the copy away: the node stays where it was."""
+        self.engine.abort(self)
+
+    def run(self) -> None:
+        """The whole copy-up on the calling thread."""
+        try:
+            self.copy_data()
+        except BaseException:
+            self.abort()
+            raise
+        self.finish()
 
     def close(self) -> None:
         for fd in (self.src_fd, self.dst_fd):
@@ -121,8 +165,14 @@ class CopyJob:
 
 
 class CopyUp:
-    def __init__(self, stack: LayerStack, table: InodeTable, resolver: Resolver,
-                 work_fd: int) -> None:
+    def __init__(
+        self,
+        stack: LayerStack,
+        table: InodeTable,
+        resolver: Resolver,
+        work_fd: int,
+        changed: Changed = _unchanged,
+    ) -> None:
         self.stack = stack
         self.table = table
         self.resolver = resolver
@@ -132,9 +182,7 @@ class CopyUp:
         self.upper_dev = upper.dev if upper is not None else 0
         # Lower hard links copied up this mount: origin (dev, ino) -> the (upper) node.
         self.hardlinks: dict[tuple[int, int], Node] = {}
-        # Told when the daemon itself changes an inode's links (the kernel's cached
-        # attributes of it are stale then); the FUSE adaptor sets it.
-        self.links_changed: Callable[[Node], None] = lambda node: None
+        self.changed = changed
 
     def tmpname(self) -> bytes:
         return b"#pyunion-%d-%d" % (os.getpid(), next(self._serial))
@@ -178,12 +226,12 @@ class CopyUp:
             rmtree_at(self.work_fd, tmp)
             raise
         set_times(pfd, pst)
-        d.chain = (0,) + d.chain
+        d.chain = (0, *d.chain)
         d.fds.insert(0, fd)
-        d.attr = None
         d.xwh = None
         d.xnames = None
         parent.listing = None
+        self.changed(d, False)
 
     # -- non-directories -----------------------------------------------------
     def begin(self, node: Node, with_data: bool = True) -> CopyJob | None:
@@ -203,15 +251,20 @@ class CopyUp:
         self.upper_dirfd(node.parent)
         src_dir = self.resolver.location_fd(node)
         st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
-        job = CopyJob(node, st, self.tmpname(), with_data=with_data)
+        job = CopyJob(self, node, st, self.tmpname(), with_data=with_data)
         mode = st.st_mode
         try:
             if stat.S_ISREG(mode):
                 if with_data and st.st_size:
-                    job.src_fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                         dir_fd=src_dir)
-                job.dst_fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                     0o600, dir_fd=self.work_fd)
+                    job.src_fd = os.open(
+                        node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir
+                    )
+                job.dst_fd = os.open(
+                    job.tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=self.work_fd,
+                )
             elif stat.S_ISLNK(mode):
                 target = os.readlink(node.name, dir_fd=src_dir)
                 os.symlink(target, job.tmp, dir_fd=self.work_fd)
@@ -224,10 +277,8 @@ class CopyUp:
 
     def abort(self, job: CopyJob) -> None:
         job.close()
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(job.tmp, dir_fd=self.work_fd)
-        except OSError:
-            pass
 
     def finish(self, job: CopyJob) -> None:
         node = job.node
@@ -262,10 +313,10 @@ class CopyUp:
         self.table.copied[(new.st_dev, new.st_ino)] = node.ino
         old_layer = node.layer
         node.layer = 0
-        node.attr = None
         node.xnames = None
         node.parent.listing = None
         self._reopen_handles(node, pfd)
+        self.changed(node, False)
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and old_layer != 0:
             self._link_aliases(node, (st.st_dev, st.st_ino))
 
@@ -288,7 +339,7 @@ class CopyUp:
             if parent.listing is not None:
                 parent.listing = None
         if node.links:
-            self.links_changed(node)
+            self.changed(node, True)
 
     def link_alias(self, node: Node, src_fd: int, parent: Node, name: bytes) -> None:
         pfd = self.upper_dirfd(parent)
@@ -304,11 +355,5 @@ class CopyUp:
     def copy_up(self, node: Node, with_data: bool = True) -> None:
         """Copy-up in one go, on the calling thread."""
         job = self.begin(node, with_data)
-        if job is None:
-            return
-        try:
-            job.copy_data()
-        except BaseException:
-            self.abort(job)
-            raise
-        self.finish(job)
+        if job is not None:
+            job.run()

@@ -8,7 +8,6 @@ message and exits with its code, never a traceback.
 
 from __future__ import annotations
 
-import errno as _errno
 import os
 
 
@@ -25,7 +24,3 @@ class UserError(Exception):
     def __init__(self, msg: str, code: int = 1) -> None:
         super().__init__(msg)
         self.code = code
-
-
-def enoent() -> FsError:
-    return FsError(_errno.ENOENT)

@@ -2,8 +2,10 @@
 
 Thin on purpose. It turns inode numbers into nodes, errors into FUSE replies
 (the only place that happens: an OSError becomes its errno, anything else is
-logged and becomes EIO, so no request can crash the daemon), and decides what
-the kernel may cache (`_attr`).
+logged and becomes EIO, so no request can crash the daemon), decides what the
+kernel may cache (`_attr`), and runs the copy-ups the core says an operation
+needs before calling it (`_copy_ups`), the big data copies in a worker thread.
+It makes no union decision of its own.
 
 Cache policy, and why it is safe: every change to the merged tree goes through
 this daemon, and the kernel keeps its own dentry and attribute caches coherent
@@ -11,29 +13,34 @@ across the operations it sends us (it invalidates a parent's attributes after
 create/unlink/rename, a file's after write and setattr). Lower layers never
 change while mounted. So entries, negative entries and attributes are given
 long timeouts, and file data keeps the page cache across opens (`keep_cache`).
-The one slow operation, the data copy of a large copy-up, runs in a worker
-thread; other requests on the same node wait for it, the rest go on.
+The attributes of a lower object are built once and kept (`_shown`) until the
+core says the object changed (`Union.changed`: copied up, or linked by the
+daemon itself, when the kernel's copy is invalidated too). The one slow
+operation, the data copy of a large copy-up, runs in a worker thread; other
+requests on the same node wait for it, the rest go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
-import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
+from .copyup import CopyPlan
 from .inodes import Node
-from .union import Ctx, Union, check_rename_flags
+from .union import Ctx, Union
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 86400.0
 THREAD_COPY_MIN = 1 << 20  # copy-ups of more bytes than this run in a worker thread
+SHOWN_MAX = 1 << 16  # attributes kept for lower objects; past that the memo starts afresh
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -73,31 +80,72 @@ class FuseOps(pyfuse3.Operations):
         # O_RDWR without O_APPEND, as that mode needs (see Union.open).
         self.enable_writeback_cache = core.writeback
         self._copying: dict[int, trio.Event] = {}
-        core.copyup.links_changed = self._links_changed
+        # What the kernel was told of lower objects (their attributes never change
+        # while they stay lower): node id -> attributes, dropped on Union.changed.
+        self._shown: dict[int, pyfuse3.EntryAttributes] = {}
+        core.changed = self._changed
         if debug:
             self._wrap_debug()
 
     def _wrap_debug(self) -> None:
-        for name in ("lookup", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink",
-                     "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush",
-                     "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs",
-                     "setxattr", "getxattr", "listxattr", "removexattr", "access", "create",
-                     "forget"):
+        for name in (
+            "lookup",
+            "getattr",
+            "setattr",
+            "readlink",
+            "mknod",
+            "mkdir",
+            "unlink",
+            "rmdir",
+            "symlink",
+            "rename",
+            "link",
+            "open",
+            "read",
+            "write",
+            "flush",
+            "release",
+            "fsync",
+            "opendir",
+            "readdir",
+            "releasedir",
+            "fsyncdir",
+            "statfs",
+            "setxattr",
+            "getxattr",
+            "listxattr",
+            "removexattr",
+            "access",
+            "create",
+            "forget",
+        ):
             fn = getattr(self, name)
 
             async def logged(*args: Any, _fn: Any = fn, _name: str = name) -> Any:
-                shown = [a if not isinstance(a, (bytes, bytearray)) or len(a) < 64
-                         else f"<{len(a)} bytes>" for a in args
-                         if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken))]
+                shown = [
+                    a
+                    if not isinstance(a, (bytes, bytearray)) or len(a) < 64
+                    else f"<{len(a)} bytes>"
+                    for a in args
+                    if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken))
+                ]
                 try:
                     result = await _fn(*args)
                 except pyfuse3.FUSEError as e:
-                    log.debug("%s%r -> %s", _name, tuple(shown), errno.errorcode.get(e.errno, e.errno))
+                    log.debug(
+                        "%s%r -> %s", _name, tuple(shown), errno.errorcode.get(e.errno, e.errno)
+                    )
                     raise
                 attr = result[1] if isinstance(result, tuple) else result
                 if isinstance(attr, pyfuse3.EntryAttributes):
-                    log.debug("%s%r -> ino %d mode %o size %d", _name, tuple(shown),
-                              attr.st_ino, attr.st_mode, attr.st_size)
+                    log.debug(
+                        "%s%r -> ino %d mode %o size %d",
+                        _name,
+                        tuple(shown),
+                        attr.st_ino,
+                        attr.st_mode,
+                        attr.st_size,
+                    )
                 else:
                     log.debug("%s%r -> ok", _name, tuple(shown))
                 return result
@@ -106,9 +154,10 @@ class FuseOps(pyfuse3.Operations):
 
     # -- attributes ------------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        a = node.attr
-        if a is not None:
-            return a
+        a = self._shown.get(node.ino)
+        return a if a is not None else self._build_attr(node)
+
+    def _build_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         st, nlink = self.core.stat(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
@@ -128,22 +177,18 @@ class FuseOps(pyfuse3.Operations):
         a.st_ctime_ns = st.st_ctime_ns
         if not self.core.needs_copyup(node) or node.unlinked:
             return a  # upper objects change: ask each time
-        node.attr = a  # lower objects never change while mounted
+        if len(self._shown) >= SHOWN_MAX:
+            self._shown.clear()
+        self._shown[node.ino] = a  # lower objects never change while mounted
         return a
 
-    def _links_changed(self, node: Node) -> None:
-        """The daemon linked a name on its own: the kernel's st_nlink of the inode is stale."""
-        node.attr = None
-        try:
-            pyfuse3.invalidate_inode(node.ino, attr_only=True)
-        except OSError:
-            pass  # the kernel does not know the inode (ENOENT): nothing cached
-
-    def _node(self, ino: int) -> Node:
-        node = self.core.table.nodes.get(ino)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return node
+    def _changed(self, node: Node, links: bool) -> None:
+        """The core's notification: `node` was copied up, or (`links`) linked by the daemon."""
+        self._shown.pop(node.ino, None)
+        if links:  # the kernel's st_nlink of the inode is stale
+            # OSError: the kernel does not know the inode (ENOENT): nothing cached.
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
 
     # -- copy-up off the event loop ----------------------------------------------
     async def _settle(self, node: Node | None) -> None:
@@ -151,66 +196,36 @@ class FuseOps(pyfuse3.Operations):
         while node is not None and node.ino in self._copying:
             await self._copying[node.ino].wait()
 
-    async def _copy_up(self, node: Node, with_data: bool = True) -> None:
-        await self._settle(node)
+    async def _copy_ups(self, plan: CopyPlan) -> None:
+        """Run the copy-ups the core planned, the big data copies in a worker thread."""
         core = self.core
-        if not core.needs_copyup(node):
-            return
-        job = core.copyup_begin(node, with_data)
-        if job is None:
-            return
-        if job.size < THREAD_COPY_MIN:
+        for node, with_data in plan:
+            await self._settle(node)
+            job = core.copyup_begin(node, with_data)
+            if job is None:
+                continue
+            if job.size < THREAD_COPY_MIN:
+                job.run()
+                continue
+            done = trio.Event()
+            self._copying[node.ino] = done
             try:
-                job.copy_data()
-            except BaseException:
-                core.copyup.abort(job)
-                raise
-            core.copyup.finish(job)
-            return
-        done = trio.Event()
-        self._copying[node.ino] = done
-        try:
-            try:
-                await trio.to_thread.run_sync(job.copy_data, abandon_on_cancel=False)
-            except BaseException:
-                core.copyup.abort(job)
-                raise
-            core.copyup.finish(job)
-        finally:
-            del self._copying[node.ino]
-            done.set()
-
-    async def _copy_up_tree(self, top: Node) -> None:
-        """Copy up the files under a merged directory about to be renamed, off the loop.
-
-        The core's rename then only has directories and whiteouts left to do. A
-        stack, not recursion: a tree may be deeper than Python's recursion limit.
-        """
-        core = self.core
-        stack = [top]
-        while stack:
-            d = stack.pop()
-            for name, entry in list(core.resolver.listing(d).items()):
-                child = core._node_for(d, name, entry)
-                if child.is_dir:
-                    if core.needs_copyup(child) or len(child.chain) > 1:
-                        stack.append(child)
-                    continue
                 try:
-                    await self._copy_up(child)
-                finally:
-                    core.release_node(child)
-            if d is not top:
-                core.release_node(d)
-
-    def _peek(self, parent: Node, name: bytes) -> Node | None:
-        entry = self.core.resolver.resolve(parent, name) if parent.is_dir else None
-        return self.core._node_for(parent, name, entry) if entry is not None else None
+                    await trio.to_thread.run_sync(job.copy_data, abandon_on_cancel=False)
+                except BaseException:
+                    job.abort()
+                    raise
+                job.finish()
+            finally:
+                del self._copying[node.ino]
+                done.set()
 
     # -- requests ----------------------------------------------------------------
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        node = self.core.lookup(self._node(parent_inode), name)
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        node = self.core.lookup(self.core.node(parent_inode), name)
         if node is None:
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
@@ -228,22 +243,27 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self._attr(self._node(inode))
+        a = self._shown.get(inode)  # a lower object's attributes: no need for its node
+        return a if a is not None else self._build_attr(self.core.node(inode))
 
     @_fuse_errors
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
-                      ctx: Any) -> pyfuse3.EntryAttributes:
-        node = self._node(inode)
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        core = self.core
+        node = core.node(inode)
         size = attr.st_size if fields.update_size else None
-        only_trunc0 = size == 0 and not (fields.update_mode or fields.update_uid or fields.update_gid)
-        if self.core.needs_copyup(node) and self.core.stack.writable:
-            await self._copy_up(node, with_data=not only_trunc0)
-        await self._settle(node)
-        self.core.setattr(
+        mode = attr.st_mode if fields.update_mode else None
+        uid = attr.st_uid if fields.update_uid else None
+        gid = attr.st_gid if fields.update_gid else None
+        plan = core.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid)
+        if plan:
+            await self._copy_ups(plan)
+        core.setattr(
             node,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            mode=mode,
+            uid=uid,
+            gid=gid,
             size=size,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
@@ -253,73 +273,87 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        return self.core.readlink(self._node(inode))
+        return self.core.readlink(self.core.node(inode))
 
     @_fuse_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._attr(self.core.mknod(self._node(parent_inode), name, mode, rdev, _ctx(ctx)))
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(
+            self.core.mknod(self.core.node(parent_inode), name, mode, rdev, _ctx(ctx))
+        )
 
     @_fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._attr(self.core.mkdir(self._node(parent_inode), name, mode, _ctx(ctx)))
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(self.core.mkdir(self.core.node(parent_inode), name, mode, _ctx(ctx)))
+
+    async def _settle_name(self, parent: Node, name: bytes) -> None:
+        """Wait for a copy-up under way of what `name` in `parent` names."""
+        if self._copying:
+            node = self.core.peek(parent, name)
+            if node is not None:
+                try:
+                    await self._settle(node)
+                finally:
+                    self.core.release_node(node)
 
     @_fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
-        parent = self._node(parent_inode)
-        await self._settle(self._peek(parent, name))
+        parent = self.core.node(parent_inode)
+        await self._settle_name(parent, name)
         self.core.unlink(parent, name)
 
     @_fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
-        self.core.rmdir(self._node(parent_inode), name)
+        self.core.rmdir(self.core.node(parent_inode), name)
 
     @_fuse_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._attr(self.core.symlink(self._node(parent_inode), name, target, _ctx(ctx)))
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(self.core.symlink(self.core.node(parent_inode), name, target, _ctx(ctx)))
 
     @_fuse_errors
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: Any = None) -> None:
-        check_rename_flags(flags)  # before any copy-up
-        old_parent = self._node(parent_inode_old)
-        new_parent = self._node(parent_inode_new)
-        src = self._peek(old_parent, name_old)
-        dst = self._peek(new_parent, name_new)
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any = None,
+    ) -> None:
+        core = self.core
+        old_parent = core.node(parent_inode_old)
+        new_parent = core.node(parent_inode_new)
+        plan = core.copyups_for_rename(old_parent, name_old, flags)
         try:
-            if src is not None and self.core.stack.writable:
-                if not src.is_dir:
-                    await self._copy_up(src)
-                elif self.core.needs_copyup(src) or len(src.chain) > 1:
-                    await self._copy_up_tree(src)
-            await self._settle(dst)
-            self.core.rename(old_parent, name_old, new_parent, name_new, flags)
+            await self._copy_ups(plan)
+            await self._settle_name(new_parent, name_new)
+            core.rename(old_parent, name_old, new_parent, name_new, flags)
         finally:
-            for n in (src, dst):
-                if n is not None:
-                    self.core.release_node(n)
+            if isinstance(plan, Generator):
+                plan.close()  # lets go of the nodes it held
 
     @_fuse_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: Any = None) -> pyfuse3.EntryAttributes:
-        node = self._node(inode)
-        if self.core.stack.writable and not node.is_dir:
-            await self._copy_up(node)
-        return self._attr(self.core.link(node, self._node(new_parent_inode), new_name))
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        node = self.core.node(inode)
+        plan = self.core.copyups_for_link(node)
+        if plan:
+            await self._copy_ups(plan)
+        return self._attr(self.core.link(node, self.core.node(new_parent_inode), new_name))
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
-        node = self._node(inode)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC) and not node.is_dir:
-            if not self.core.stack.writable:
-                raise pyfuse3.FUSEError(errno.EROFS)
-            await self._copy_up(node, with_data=not flags & os.O_TRUNC)
-            await self._settle(node)
-        fh = self.core.open(node, flags)
-        if flags & os.O_TRUNC:
-            node.attr = None
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        node = self.core.node(inode)
+        plan = self.core.copyups_for_open(node, flags)
+        if plan:  # most opens need nothing: no coroutine for them
+            await self._copy_ups(plan)
+        return pyfuse3.FileInfo(fh=self.core.open(node, flags), keep_cache=True)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -345,19 +379,25 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def opendir(self, inode: int, ctx: Any = None) -> int:
-        return self.core.opendir(self._node(inode))
+        return self.core.opendir(self.core.node(inode))
 
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         core = self.core
         reply = pyfuse3.readdir_reply
-        for name, node, nxt, counts in core.readdir(fh, start_id):
-            if not reply(token, name, self._attr(node), nxt):
-                if counts:
-                    core.release_node(node)
+        build = self._build_attr
+        shown = self._shown.get
+        for name, node, nxt, counted in core.readdir(fh, start_id):
+            try:
+                taken = reply(token, name, shown(node.ino) or build(node), nxt)
+            except BaseException:
+                taken = False
+                raise
+            finally:
+                if not taken and counted:
+                    core.unlookup(node)
+            if not taken:
                 break
-            if counts:
-                node.nlookup += 1
 
     @_fuse_errors
     async def releasedir(self, fh: int) -> None:
@@ -384,33 +424,34 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
-        node = self._node(inode)
-        if self.core.stack.writable:
-            await self._copy_up(node)
+        node = self.core.node(inode)
+        plan = self.core.copyups_for_xattr(node, name, remove=False)
+        if plan:
+            await self._copy_ups(plan)
         self.core.setxattr(node, name, value)
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        return self.core.getxattr(self._node(inode), name)
+        return self.core.getxattr(self.core.node(inode), name)
 
     @_fuse_errors
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
-        return self.core.listxattr(self._node(inode))
+        return self.core.listxattr(self.core.node(inode))
 
     @_fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
-        node = self._node(inode)
-        self.core.getxattr(node, name)
-        if self.core.stack.writable:
-            await self._copy_up(node)
+        node = self.core.node(inode)
+        plan = self.core.copyups_for_xattr(node, name, remove=True)
+        if plan:
+            await self._copy_ups(plan)
         self.core.removexattr(node, name)
 
     async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
         return True  # default_permissions: the kernel has checked already
 
     @_fuse_errors
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node = self.core.create(self._node(parent_inode), name, mode, flags, _ctx(ctx))
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, node = self.core.create(self.core.node(parent_inode), name, mode, flags, _ctx(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node)
-

@@ -1,9 +1,15 @@
-"""Open file and directory handles."""
+"""Open file and directory handles, by the number (fh) the kernel holds for each open."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import errno
+import itertools
+import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .errors import FsError
 
 if TYPE_CHECKING:
     from .inodes import Node
@@ -26,4 +32,79 @@ class DirHandle:
 
     node: Node
     entries: list[tuple[bytes, Entry]] | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+
+
+class HandleTable:
+    """fh -> handle. A file handle is also listed on its node (`Node.handles`), which
+    keeps the node alive and lets copy-up re-point it."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, Handle | DirHandle] = {}
+        self._fh = itertools.count(1)
+
+    def add_file(self, node: Node, fd: int, writable: bool) -> int:
+        h = Handle(fd, node, node.layer, writable)
+        if node.handles is None:
+            node.handles = []
+        node.handles.append(h)
+        fh = next(self._fh)
+        self._open[fh] = h
+        return fh
+
+    def add_dir(self, node: Node) -> int:
+        fh = next(self._fh)
+        self._open[fh] = DirHandle(node)
+        return fh
+
+    def get(self, fh: int) -> Handle | DirHandle | None:
+        return self._open.get(fh)
+
+    def file(self, fh: int) -> Handle:
+        h = self._open.get(fh)
+        if not isinstance(h, Handle):
+            raise FsError(errno.EBADF)
+        return h
+
+    def dir(self, fh: int) -> DirHandle:
+        h = self._open.get(fh)
+        if not isinstance(h, DirHandle):
+            raise FsError(errno.EBADF)
+        return h
+
+    def close_file(self, fh: int) -> Node | None:
+        """Close file handle `fh`; its node (to release if unused), None if no such handle."""
+        h = self._open.pop(fh, None)
+        if not isinstance(h, Handle):
+            return None
+        os.close(h.fd)
+        node = h.node
+        if node.handles:
+            node.handles.remove(h)
+            if not node.handles:
+                node.handles = None
+        return node
+
+    def close_dir(self, fh: int) -> None:
+        self._open.pop(fh, None)
+
+    def close_all(self) -> None:
+        for h in self._open.values():
+            if isinstance(h, Handle):
+                with contextlib.suppress(OSError):
+                    os.close(h.fd)
+        self._open.clear()
+
+    @staticmethod
+    def upper_fd(
+        node: Node, handle: Handle | DirHandle | None, writable: bool = False
+    ) -> int | None:
+        """An fd on `node`'s upper file, when one is open: the caller's handle first."""
+        for h in (handle, *(node.handles or ())):
+            if (
+                isinstance(h, Handle)
+                and h.layer == 0
+                and h.node is node
+                and (h.writable or not writable)
+            ):
+                return h.fd
+        return None

@@ -47,15 +47,18 @@ def parse_extents(value: str, what: str) -> tuple[Extent, ...]:
     """`DISK:SHOWN:COUNT[:DISK:SHOWN:COUNT...]` (empty fields skipped, as fuse-overlayfs does)."""
     fields = [x for x in value.split(":") if x != ""]
     if not fields or len(fields) % 3 or not all(x.isascii() and x.isdigit() for x in fields):
-        raise UserError(f"malformed {what}={value!r}: expected ID:HOST-ID:COUNT triples "
-                        "joined by ':'")
+        raise UserError(
+            f"malformed {what}={value!r}: expected ID:HOST-ID:COUNT triples joined by ':'"
+        )
     nums = [int(x) for x in fields]
     out = []
     for i in range(0, len(nums), 3):
-        disk, shown, count = nums[i:i + 3]
+        disk, shown, count = nums[i : i + 3]
         if count == 0 or disk + count > ID_LIMIT or shown + count > ID_LIMIT:
-            raise UserError(f"malformed {what}={value!r}: the triple {disk}:{shown}:{count} "
-                            "is empty or goes past the last ID")
+            raise UserError(
+                f"malformed {what}={value!r}: the triple {disk}:{shown}:{count} "
+                "is empty or goes past the last ID"
+            )
         out.append((disk, shown, count))
     return tuple(out)
 
@@ -96,18 +99,30 @@ class IdMap:
     overflow_gid: int = 65534
 
     @classmethod
-    def make(cls, uids: tuple[Extent, ...] = (), gids: tuple[Extent, ...] = (),
-             squash_root: bool = False, squash_uid: int | None = None,
-             squash_gid: int | None = None, static_nlink: bool = False) -> IdMap | None:
+    def make(
+        cls,
+        uids: tuple[Extent, ...] = (),
+        gids: tuple[Extent, ...] = (),
+        squash_root: bool = False,
+        squash_uid: int | None = None,
+        squash_gid: int | None = None,
+        static_nlink: bool = False,
+    ) -> IdMap | None:
         """The map for these options; None when they change nothing."""
         if squash_root:
             squash_uid = 0 if squash_uid is None else squash_uid
             squash_gid = 0 if squash_gid is None else squash_gid
-        if not (uids or gids or squash_uid is not None or squash_gid is not None
-                or static_nlink):
+        if not (uids or gids or squash_uid is not None or squash_gid is not None or static_nlink):
             return None
-        return cls(uids, gids, squash_uid, squash_gid, static_nlink,
-                   _overflow("uid") if uids else 65534, _overflow("gid") if gids else 65534)
+        return cls(
+            uids,
+            gids,
+            squash_uid,
+            squash_gid,
+            static_nlink,
+            _overflow("uid") if uids else 65534,
+            _overflow("gid") if gids else 65534,
+        )
 
     @property
     def squashing(self) -> bool:
@@ -138,9 +153,12 @@ class IdMap:
 
     def acl(self, value: bytes, to_shown: bool) -> bytes:
         """A POSIX ACL xattr with its user and group IDs shifted (anything else unchanged)."""
-        if not self.shifts or len(value) < _ACL_HEADER.size or \
-                (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size or \
-                _ACL_HEADER.unpack_from(value)[0] != _ACL_VERSION:
+        if (
+            not self.shifts
+            or len(value) < _ACL_HEADER.size
+            or (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size
+            or _ACL_HEADER.unpack_from(value)[0] != _ACL_VERSION
+        ):
             return value  # not an ACL we know: the kernel refuses it anyway
         out = bytearray(value)
         for off in range(_ACL_HEADER.size, len(value), _ACL_ENTRY.size):

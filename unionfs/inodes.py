@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .handles import Handle
+    from .resolve import Entry
 
 ROOT_ID = 1
 _HIGH_SHIFT = 56
@@ -39,7 +40,6 @@ class Node:
 
     __slots__ = (
         "__weakref__",
-        "attr",
         "chain",
         "fds",
         "handles",
@@ -59,8 +59,16 @@ class Node:
         "xwh",
     )
 
-    def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, layer: int,
-                 chain: tuple[int, ...] = (), origin: tuple[int, int] = (0, 0)) -> None:
+    def __init__(
+        self,
+        ino: int,
+        parent: Node | None,
+        name: bytes,
+        is_dir: bool,
+        layer: int,
+        chain: tuple[int, ...] = (),
+        origin: tuple[int, int] = (0, 0),
+    ) -> None:
         self.ino = ino
         self.nlookup = 0
         self.parent = parent
@@ -70,8 +78,7 @@ class Node:
         self.layer = layer
         self.chain = chain
         self.fds: list[int] = [-1] * len(chain) if is_dir else []
-        self.listing: Any = None
-        self.attr: Any = None
+        self.listing: dict[bytes, Entry] | None = None  # see Resolver.listing
         self.handles: list[Handle] | None = None
         self.origin = origin
         self.unlinked = False
@@ -87,10 +94,8 @@ class Node:
             return  # the root's fds are the layers' own
         for i, fd in enumerate(self.fds):
             if fd >= 0:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
                 self.fds[i] = -1
 
     def __del__(self) -> None:
@@ -119,11 +124,6 @@ class Node:
         elif self.links:
             self.links = [(p, n) for p, n in self.links if not (p is parent and n == name)]
 
-    def has_name(self, parent: Node, name: bytes) -> bool:
-        if self.parent is parent and self.name == name:
-            return True
-        return bool(self.links) and any(p is parent and n == name for p, n in self.links or ())
-
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.name!r} layer={self.layer} chain={self.chain}>"
 
@@ -150,11 +150,11 @@ class InodeTable:
             if nid > ROOT_ID:
                 return nid
         key = (dev, ino)
-        nid = self._overflow.get(key)
-        if nid is None:
-            nid = self._next_overflow
-            self._next_overflow += 1
-            self._overflow[key] = nid
+        known = self._overflow.get(key)
+        if known is not None:
+            return known
+        nid = self.fresh_id()
+        self._overflow[key] = nid
         return nid
 
     def fresh_id(self) -> int:
@@ -165,8 +165,9 @@ class InodeTable:
 
     def all_nodes(self) -> list[Node]:
         """Every node still alive: those the kernel knows and released ones still referenced."""
-        return list(self.nodes.values()) + [n for n in list(self._zombies.values())
-                                            if self.nodes.get(n.ino) is not n]
+        return list(self.nodes.values()) + [
+            n for n in list(self._zombies.values()) if self.nodes.get(n.ino) is not n
+        ]
 
     def get(self, ino: int) -> Node | None:
         node = self.nodes.get(ino)
@@ -181,6 +182,7 @@ class InodeTable:
         return node
 
     def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped `n` references to node `ino`."""
         node = self.nodes.get(ino)
         if node is None:
             return
@@ -190,6 +192,7 @@ class InodeTable:
             self.release_if_unused(node)
 
     def release_if_unused(self, node: Node) -> None:
+        """Drop `node` from the table unless the kernel or an open handle still uses it."""
         if node.nlookup > 0 or node.handles or node.ino == ROOT_ID:
             return
         if self.nodes.get(node.ino) is node:

@@ -1,4 +1,4 @@
-"""The layer stack: the upper (index 0, absent on a read-only mount) and the lowers (1..n, top first).
+"""The layer stack: the upper (index 0, absent on a read-only mount), the lowers (1..n, top first).
 
 Each layer is held open by a directory fd; every later access is an `*at`
 call relative to an fd of a directory inside that layer, one name at a time
@@ -13,8 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from .errors import UserError
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from .tree import DIR_FLAGS
 
 
 @dataclass
@@ -24,7 +23,6 @@ class Layer:
     fd: int
     dev: int
     ino: int
-    writable: bool
 
 
 def open_dir_at(dirfd: int, name: bytes) -> int:
@@ -33,23 +31,25 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
         return os.open(name, DIR_FLAGS, dir_fd=dirfd)
     except PermissionError:
         # An unreadable directory can still be used as a dir fd for *at calls.
-        return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        return os.open(
+            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
+        )
 
 
-def _open_layer(path: str, index: int, writable: bool, what: str) -> Layer:
+def _open_layer(path: str, index: int, what: str) -> Layer:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise UserError(f"{what} {path!r} does not exist")
+        raise UserError(f"{what} {path!r} does not exist") from None
     except OSError as e:
-        raise UserError(f"{what} {path!r}: {e.strerror}")
+        raise UserError(f"{what} {path!r}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"{what} {path!r} is not a directory")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise UserError(f"{what} {path!r}: {e.strerror}")
-    return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino, writable)
+        raise UserError(f"{what} {path!r}: {e.strerror}") from None
+    return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino)
 
 
 class LayerStack:
@@ -61,9 +61,9 @@ class LayerStack:
         self.layers: list[Layer | None] = [None]
         try:
             if upper is not None:
-                self.layers[0] = _open_layer(upper, 0, True, "upper directory")
+                self.layers[0] = _open_layer(upper, 0, "upper directory")
             for i, path in enumerate(lowers, start=1):
-                self.layers.append(_open_layer(path, i, False, "layer"))
+                self.layers.append(_open_layer(path, i, "layer"))
         except BaseException:
             self.close()
             raise
@@ -80,6 +80,12 @@ class LayerStack:
     @property
     def writable(self) -> bool:
         return self.layers[0] is not None
+
+    def fd(self, index: int) -> int:
+        """The directory fd of the layer at `index` (0: the upper, which must exist)."""
+        layer = self.layers[index]
+        assert layer is not None
+        return layer.fd
 
     def root_chain(self) -> tuple[int, ...]:
         return tuple(layer.index for layer in self.layers if layer is not None)

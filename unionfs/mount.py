@@ -27,17 +27,20 @@ import time
 from dataclasses import dataclass
 
 from .errors import UserError
-from .layers import DIR_FLAGS, LayerStack
+from .layers import LayerStack
 from .options import MountConfig
 from .syscalls import MNT_DETACH, UMOUNT_NOFOLLOW, close_range, fd_str, umount2
-from .tree import rmtree_at
+from .tree import DIR_FLAGS, rmtree_at
 from .userns import host_uid, in_user_namespace
 
 log = logging.getLogger(__name__)
 
+
 # -- mount table ---------------------------------------------------------------
 def _unescape_mountinfo(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    return (
+        s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    )
 
 
 def mounts() -> list[tuple[str, str, str]]:
@@ -50,8 +53,13 @@ def mounts() -> list[tuple[str, str, str]]:
                 fields = left.split()
                 rfields = right.split()
                 if len(fields) >= 5 and len(rfields) >= 3:
-                    out.append((_unescape_mountinfo(fields[4]), rfields[0],
-                                _unescape_mountinfo(rfields[2])))
+                    out.append(
+                        (
+                            _unescape_mountinfo(fields[4]),
+                            rfields[0],
+                            _unescape_mountinfo(rfields[2]),
+                        )
+                    )
     except OSError:
         pass
     return out
@@ -116,7 +124,7 @@ def _open_state_dir(create: bool) -> int | None:
     try:
         pfd = os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise UserError(f"cannot use the state directory {path!r}: {e.strerror}")
+        raise UserError(f"cannot use the state directory {path!r}: {e.strerror}") from e
     try:
         if create:
             try:
@@ -124,26 +132,30 @@ def _open_state_dir(create: bool) -> int | None:
             except FileExistsError:
                 pass
             except OSError as e:
-                raise UserError(f"cannot create the state directory {path!r}: {e.strerror}")
+                raise UserError(f"cannot create the state directory {path!r}: {e.strerror}") from e
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=pfd)
+            fd = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
+            )
         except FileNotFoundError:
             if create:
-                raise UserError(f"cannot create the state directory {path!r}")
+                raise UserError(f"cannot create the state directory {path!r}") from None
             return None
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UserError(f"the state directory {path!r} is not a directory (a symlink?); "
-                                "refusing to use it")
-            raise UserError(f"cannot use the state directory {path!r}: {e.strerror}")
+                raise UserError(
+                    f"the state directory {path!r} is not a directory (a symlink?); "
+                    "refusing to use it"
+                ) from e
+            raise UserError(f"cannot use the state directory {path!r}: {e.strerror}") from e
     finally:
         os.close(pfd)
     st = os.fstat(fd)
     if st.st_uid != os.geteuid():
         os.close(fd)
-        raise UserError(f"the state directory {path!r} belongs to uid {st.st_uid}; "
-                        "refusing to use it")
+        raise UserError(
+            f"the state directory {path!r} belongs to uid {st.st_uid}; refusing to use it"
+        )
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.fchmod(fd, 0o700)
     return fd
@@ -161,8 +173,12 @@ def write_pid(dfd: int, name: str, pid: int, real_mp: str) -> None:
     for _ in range(8):
         tmp = f".{name}.{secrets.token_hex(8)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644, dir_fd=dfd)
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+                dir_fd=dfd,
+            )
         except FileExistsError:
             continue
         try:
@@ -281,8 +297,11 @@ def _mount_roots() -> dict[int, tuple[str, str, str]]:
             for line in f:
                 fields = line.split(" - ")[0].split()
                 if len(fields) >= 5 and fields[0].isdigit():
-                    out[int(fields[0])] = (fields[2], _unescape_mountinfo(fields[3]),
-                                           _unescape_mountinfo(fields[4]))
+                    out[int(fields[0])] = (
+                        fields[2],
+                        _unescape_mountinfo(fields[3]),
+                        _unescape_mountinfo(fields[4]),
+                    )
     except OSError:
         pass
     return out
@@ -303,15 +322,17 @@ class _Place:
     ident: tuple[int, int]  # (st_dev, st_ino)
 
     def same(self, other: _Place) -> bool:
-        return self.ident == other.ident or (self.device == other.device
-                                             and self.fspath == other.fspath)
+        return self.ident == other.ident or (
+            self.device == other.device and self.fspath == other.fspath
+        )
 
     def inside(self, other: _Place) -> bool:
         return self.device == other.device and _inside(self.fspath, other.fspath)
 
 
-def _place(what: str, path: str, roots: dict[int, tuple[str, str, str]],
-           missing_ok: bool = True) -> _Place:
+def _place(
+    what: str, path: str, roots: dict[int, tuple[str, str, str]], missing_ok: bool = True
+) -> _Place:
     """The `_Place` of directory `path`, or (`missing_ok`) of the one it would be made as."""
     try:
         fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -319,15 +340,16 @@ def _place(what: str, path: str, roots: dict[int, tuple[str, str, str]],
         # Not there yet (the default work dir): where it will be made, in its parent.
         full = os.path.abspath(path)
         if not missing_ok or os.path.dirname(full) == full:
-            raise UserError(f"{what} does not exist")
+            raise UserError(f"{what} does not exist") from None
         parent = _place(what, os.path.dirname(full), roots, missing_ok=False)
-        return _Place(what, parent.device, os.path.join(parent.fspath, os.path.basename(full)),
-                      (-1, -1))
+        return _Place(
+            what, parent.device, os.path.join(parent.fspath, os.path.basename(full)), (-1, -1)
+        )
     except OSError as e:
-        raise UserError(f"{what}: {e.strerror}")
+        raise UserError(f"{what}: {e.strerror}") from e
     try:
         st = os.fstat(fd)
-        real = os.readlink(f"/proc/self/fd/{fd}")
+        real = os.readlink(fd_str(fd))
         mnt_id = -1
         with open(f"/proc/self/fdinfo/{fd}") as f:
             for line in f:
@@ -335,7 +357,7 @@ def _place(what: str, path: str, roots: dict[int, tuple[str, str, str]],
                 if key == "mnt_id":
                     mnt_id = int(value)
     except (OSError, ValueError) as e:
-        raise UserError(f"{what}: cannot tell where it is ({e})")
+        raise UserError(f"{what}: cannot tell where it is ({e})") from e
     finally:
         os.close(fd)
     device, root, mountpoint = roots.get(mnt_id, (f"dev{st.st_dev}", "/", "/"))
@@ -360,13 +382,15 @@ def check_separate(lowers: list[str], upper: str | None, work: str | None) -> No
         if work is not None:
             places.append(_place(f"work directory {work!r}", work, roots))
     for i, a in enumerate(places):
-        for b in places[i + 1:]:
+        for b in places[i + 1 :]:
             if a.same(b):
                 raise UserError(f"{a.what} and {b.what} are the same directory")
             if a.inside(b) or b.inside(a):
                 inner, outer = (a, b) if a.inside(b) else (b, a)
-                raise UserError(f"{inner.what} is inside {outer.what}: layers, upper and work "
-                                "directory must be separate trees")
+                raise UserError(
+                    f"{inner.what} is inside {outer.what}: layers, upper and work "
+                    "directory must be separate trees"
+                )
 
 
 def default_workdir(upper: str) -> str:
@@ -400,12 +424,15 @@ def validate(cfg: MountConfig) -> None:
             raise UserError(f"layer {path!r} is inside the mount point {mp!r}")
     if cfg.work is not None and cfg.upper and not os.path.isdir(cfg.work):
         raise UserError(f"work directory {cfg.work!r} does not exist or is not a directory")
-    check_separate(cfg.lowers, cfg.upper,
-                   (cfg.work or default_workdir(cfg.upper)) if cfg.upper else None)
+    check_separate(
+        cfg.lowers, cfg.upper, (cfg.work or default_workdir(cfg.upper)) if cfg.upper else None
+    )
     if cfg.upper:
         for m, fstype, opts in mounts():
             if fstype == "overlay" and f"upperdir={os.path.realpath(cfg.upper)}" in opts.split(","):
-                raise UserError(f"upper directory {cfg.upper!r} is in use by the overlay mount at {m}")
+                raise UserError(
+                    f"upper directory {cfg.upper!r} is in use by the overlay mount at {m}"
+                )
         cfg.work = choose_workdir(cfg.upper, cfg.work)
 
 
@@ -419,11 +446,13 @@ def choose_workdir(upper: str, work: str | None) -> str:
         except FileExistsError:
             pass
         except OSError as e:
-            raise UserError(f"cannot create a work directory {work!r}: {e.strerror}")
+            raise UserError(f"cannot create a work directory {work!r}: {e.strerror}") from e
     if not os.path.isdir(work):
         raise UserError(f"work directory {work!r} does not exist or is not a directory")
     if os.stat(work).st_dev != os.stat(upper).st_dev:
-        raise UserError(f"work directory {work!r} is not on the same filesystem as the upper {upper!r}")
+        raise UserError(
+            f"work directory {work!r} is not on the same filesystem as the upper {upper!r}"
+        )
     rw, ru = os.path.realpath(work), os.path.realpath(upper)
     if rw == ru or _inside(rw, ru) or _inside(ru, rw):
         raise UserError("the work directory and the upper directory must be separate trees")
@@ -437,11 +466,9 @@ def prepare_workdir(work: str) -> tuple[int, int]:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock_fd)
-        raise UserError(f"work directory {work!r} is in use by another mount")
-    try:
+        raise UserError(f"work directory {work!r} is in use by another mount") from None
+    with contextlib.suppress(FileExistsError):
         os.mkdir(b"work", 0o700, dir_fd=lock_fd)
-    except FileExistsError:
-        pass
     wfd = os.open(b"work", DIR_FLAGS, dir_fd=lock_fd)
     for e in list(os.scandir(wfd)):
         rmtree_at(wfd, os.fsencode(e.name))
@@ -452,7 +479,7 @@ def _lock_upper(upper_fd: int, upper: str) -> None:
     try:
         fcntl.flock(upper_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise UserError(f"upper directory {upper!r} is in use by another mount")
+        raise UserError(f"upper directory {upper!r} is in use by another mount") from None
 
 
 # -- the daemon ------------------------------------------------------------------------
@@ -519,8 +546,9 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
     except UserError as e:
         stack.close()
         return fail(str(e))
-    core = Union(stack, work_fd, volatile=cfg.volatile,
-                 writeback=cfg.writeback and stack.upper is not None)
+    core = Union(
+        stack, work_fd, volatile=cfg.volatile, writeback=cfg.writeback and stack.upper is not None
+    )
     ops = FuseOps(core, debug=cfg.debug)
     _raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
@@ -551,7 +579,17 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
             os.close(lock_fd)
             lock_fd = -1
 
-    reqloop.install(pyfuse3, cfg.spin_us)
+    if cfg.spin_us > 0:
+        # Without the hook every request waits in epoll (README: Performance, ~1.3x
+        # slower): say so, and the tests read this line in the debug log.
+        if reqloop.install(pyfuse3, cfg.spin_us):
+            log.debug("request loop: /dev/fuse polled for %d us before sleeping", cfg.spin_us)
+        else:
+            log.warning(
+                "request loop: cannot hook pyfuse3 %s's wait for /dev/fuse; requests are "
+                "served without polling (slower)",
+                getattr(pyfuse3, "__version__", "?"),
+            )
 
     async def main() -> None:
         nonlocal unmounted_by_us
@@ -559,7 +597,9 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
 
             async def on_signals() -> None:
                 nonlocal unmounted_by_us
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                with trio.open_signal_receiver(
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                ) as sigs:
                     async for _ in sigs:
                         unmounted_by_us = True
                         pyfuse3.terminate()
@@ -593,14 +633,12 @@ def _raise_fd_limit() -> None:
     import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
+    with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):
-        pass
 
 
 def mount(cfg: MountConfig) -> int:
-    """Mount; return the daemon's pid once the mount is live (0 in the foreground, after it ends)."""
+    """Mount; the daemon's pid once the mount is live (0 in the foreground, after it ends)."""
     validate(cfg)
     state_fd = open_state_dir()
     if cfg.foreground:
@@ -634,7 +672,9 @@ def mount(cfg: MountConfig) -> int:
     if msg == b"OK":
         return pid
     os.waitpid(pid, 0)
-    raise UserError(msg[1:].decode(errors="replace") or "the daemon died before the mount was ready")
+    raise UserError(
+        msg[1:].decode(errors="replace") or "the daemon died before the mount was ready"
+    )
 
 
 def _pin_nothing(keep: set[int]) -> None:
@@ -733,15 +773,19 @@ def _umount_pyunion(mountpoint: str, flags: int) -> None:
 def _is_pyunion_root(fd: int) -> bool:
     """Whether `fd` is the root of a pyunion (fuse.pyunion) mount."""
     with open(f"/proc/self/fdinfo/{fd}") as f:
-        mnt_id = next((int(v) for k, _, v in (line.partition(":") for line in f)
-                       if k == "mnt_id"), -1)
+        mnt_id = next(
+            (int(v) for k, _, v in (line.partition(":") for line in f) if k == "mnt_id"), -1
+        )
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
             if len(fields) >= 5 and rfields and fields[0] == str(mnt_id):
-                return (rfields[0] == "fuse.pyunion" and fields[3] == "/"
-                        and os.readlink(fd_str(fd)) == _unescape_mountinfo(fields[4]))
+                return (
+                    rfields[0] == "fuse.pyunion"
+                    and fields[3] == "/"
+                    and os.readlink(fd_str(fd)) == _unescape_mountinfo(fields[4])
+                )
     return False
 
 
@@ -762,8 +806,10 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         if e.errno == errno.EBUSY:
             who = holders(mountpoint)
             detail = f" (used by {', '.join(who[:5])})" if who else ""
-            raise UserError(f"{mountpoint!r} is busy{detail}; use --lazy to detach it anyway")
-        raise UserError(f"cannot unmount {mountpoint!r}: {e.strerror}")
+            raise UserError(
+                f"{mountpoint!r} is busy{detail}; use --lazy to detach it anyway"
+            ) from e
+        raise UserError(f"cannot unmount {mountpoint!r}: {e.strerror}") from e
     if pid is None:
         return
     # A detached mount stays alive while something still uses it; its daemon

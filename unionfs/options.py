@@ -28,12 +28,50 @@ log = logging.getLogger(__name__)
 FUSE_PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions"}
 # Generic mount options that make no sense for us to act on, accepted silently.
 IGNORED = {
-    "rw", "dev", "suid", "exec", "async", "atime", "relatime", "noatime", "nodiratime",
-    "strictatime", "lazytime", "nolazytime", "auto", "noauto", "user", "nouser", "_netdev",
-    "nofail", "defaults", "noacl", "acl", "index", "redirect_dir", "metacopy", "xino",
-    "userxattr", "volatile", "fsync", "nfs_export", "uuid", "default_permissions",
-    "threaded", "fast_ino", "static_nlink", "noxattrs", "timeout", "context",
-    "fscontext", "defcontext", "rootcontext", "max_read", "nodev", "nosuid", "noexec",
+    "rw",
+    "dev",
+    "suid",
+    "exec",
+    "async",
+    "atime",
+    "relatime",
+    "noatime",
+    "nodiratime",
+    "strictatime",
+    "lazytime",
+    "nolazytime",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "_netdev",
+    "nofail",
+    "defaults",
+    "noacl",
+    "acl",
+    "index",
+    "redirect_dir",
+    "metacopy",
+    "xino",
+    "userxattr",
+    "volatile",
+    "fsync",
+    "nfs_export",
+    "uuid",
+    "default_permissions",
+    "threaded",
+    "fast_ino",
+    "static_nlink",
+    "noxattrs",
+    "timeout",
+    "context",
+    "fscontext",
+    "defcontext",
+    "rootcontext",
+    "max_read",
+    "nodev",
+    "nosuid",
+    "noexec",
     "debug",
 }
 # fuse-overlayfs options that change what the mount shows (owners, modes); we
@@ -61,8 +99,6 @@ class MountConfig:
     debug: bool = False
     foreground: bool = False
     fsname: str = "pyunion"
-    uid_map: list[tuple[int, int, int]] = field(default_factory=list)
-    gid_map: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def _scan(text: str, sep: str, quotes: bool) -> list[str]:
@@ -80,7 +116,7 @@ def _scan(text: str, sep: str, quotes: bool) -> list[str]:
         if ch == "\\":
             if i + 1 == n:
                 raise UserError(f"malformed option string (trailing backslash): {text!r}")
-            cur.append(text[i:i + 2])
+            cur.append(text[i : i + 2])
             i += 2
             continue
         if ch == '"' and quotes:
@@ -122,25 +158,26 @@ def split_lowerdirs(value: str) -> list[str]:
 
 
 def _parse_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
-    """fuse-overlayfs' `ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]` (empty fields skipped, as it does)."""
+    """fuse-overlayfs' `ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]` (empty fields skipped, as there)."""
     fields = [x for x in value.split(":") if x != ""]
     try:
         nums = [int(x) for x in fields]
     except ValueError:
         nums = []
     if not nums or len(nums) % 3 or min(nums) < 0:
-        raise UserError(f"malformed {what} {value!r}: expected ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]")
+        raise UserError(
+            f"malformed {what} {value!r}: expected ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]"
+        )
     return [(nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3)]
 
 
-def _identity_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
+def _check_identity_idmap(value: str, what: str) -> None:
     """Accept an ID mapping only when it maps every ID to itself (nothing to translate)."""
-    mapping = _parse_idmap(value, what)
-    if any(inside != outside for inside, outside, _ in mapping):
+    if any(inside != outside for inside, outside, _ in _parse_idmap(value, what)):
         raise UserError(
             f"{what}={value}: ID mapping is not supported; pyunion shows owners as they are "
-            "on disk (use the mount program without a user-namespace ID mapping)")
-    return mapping
+            "on disk (use the mount program without a user-namespace ID mapping)"
+        )
 
 
 def _flag(item: str, value: str) -> bool:
@@ -181,21 +218,25 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 cfg.writeback = _flag(item, value)
             elif key == "spin":
                 if not value.isdigit() or int(value) > 10000:
-                    raise UserError(f"malformed option {item!r}: spin takes microseconds, 0 to 10000")
+                    raise UserError(
+                        f"malformed option {item!r}: spin takes microseconds, 0 to 10000"
+                    )
                 cfg.spin_us = int(value)
             elif key == "fsname" and eq:
                 cfg.fsname = unescape(value)
-            elif key == "uidmapping":
-                cfg.uid_map = _identity_idmap(value, "uidmapping")
-            elif key == "gidmapping":
-                cfg.gid_map = _identity_idmap(value, "gidmapping")
+            elif key in ("uidmapping", "gidmapping"):
+                _check_identity_idmap(value, key)
             elif key in REFUSED:
                 raise UserError(f"mount option {item!r} is not supported ({REFUSED[key]})")
             elif key == "xattr_permissions" and value not in ("", "0"):
-                raise UserError(f"mount option {item!r} is not supported "
-                                "(owners and modes kept in xattrs; needed with force_mask)")
+                raise UserError(
+                    f"mount option {item!r} is not supported "
+                    "(owners and modes kept in xattrs; needed with force_mask)"
+                )
             elif key == "plugins" and value:
-                raise UserError(f"mount option {item!r} is not supported (fuse-overlayfs layer plugins)")
+                raise UserError(
+                    f"mount option {item!r} is not supported (fuse-overlayfs layer plugins)"
+                )
             elif key in ("xattr_permissions", "plugins"):
                 log.debug("ignoring mount option %r", item)
             elif not eq and (key in FUSE_PASSTHROUGH or key in ("nosuid", "nodev", "noexec")):

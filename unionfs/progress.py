@@ -15,9 +15,18 @@ from tqdm import tqdm
 
 class Bar:
     def __init__(self, bars: Bars, desc: str, total: int | None) -> None:
-        self._t = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                       file=sys.stderr, leave=True, disable=not bars.enabled,
-                       dynamic_ncols=True, mininterval=0.2)
+        self._t = tqdm(
+            total=total,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            leave=True,
+            disable=not bars.enabled,
+            dynamic_ncols=True,
+            mininterval=0.2,
+        )
 
     def update(self, n: int) -> None:
         self._t.update(n)

@@ -72,8 +72,11 @@ def install(pyfuse3: Any, spin_us: int) -> bool:
     Returns False (and changes nothing) when spinning is off or this pyfuse3
     is not built the way this relies on.
     """
-    if spin_us <= 0 or getattr(pyfuse3, "trio", None) is not trio \
-            or not hasattr(pyfuse3, "_wait_fuse_readable"):
+    if (
+        spin_us <= 0
+        or getattr(pyfuse3, "trio", None) is not trio
+        or not hasattr(pyfuse3, "_wait_fuse_readable")
+    ):
         return False
     pyfuse3.trio = _Trio(spin_us / 1e6)
     return True

@@ -1,10 +1,12 @@
 """Path resolution: what a name means in a merged directory, and the merged listing.
 
 Lookup goes top-down through the layers of the parent's chain; the first layer
-that has the name decides (see shared/SPEC.md): a whiteout hides it, a
+that has the name decides (docs/semantics.md): a whiteout hides it, a
 non-directory hides everything below, a directory merges with the directories
 of the same name below it, down to the first opaque one. OCI markers
-(`.wh.NAME`, `.wh..wh..opq`) act on the layers below their own only.
+(`.wh.NAME`, `.wh..wh..opq`) act on the layers below their own only. That rule
+is written once (`_merge`), fed the name's occurrences layer by layer: by a
+stat in each layer for a lookup, from the directory scans for a listing.
 
 Every access is relative to a directory fd of the parent in that layer, one
 name at a time, with no symlink followed. A directory's fds are opened on
@@ -41,7 +43,19 @@ class Entry(NamedTuple):
     origin: tuple[int, int]  # (dev, ino) that gives the object its identity
 
 
-_OCI_WH = -1  # pseudo d_type for a `.wh.NAME` marker in a listing
+_IFMT, _IFDIR, _IFREG, _IFCHR = 0o170000, stat.S_IFDIR, stat.S_IFREG, stat.S_IFCHR
+_OCI_WH = -1  # pseudo file type of an OCI whiteout `.wh.NAME` of the name in a layer
+
+# One occurrence of a name in a layer of a directory: (position in the chain, file
+# type, and its stat or the DirEntry to stat lazily; None for an OCI whiteout).
+Occurrence = tuple[int, int, "os.stat_result | os.DirEntry[str] | None"]
+
+
+def _st(src: os.stat_result | os.DirEntry[str] | None) -> os.stat_result:
+    if type(src) is os.stat_result:
+        return src
+    assert src is not None
+    return src.stat(follow_symlinks=False)
 
 
 class Resolver:
@@ -78,9 +92,6 @@ class Resolver:
         for n, p in reversed(todo):
             fd = n.fds[p] = open_dir_at(fd, n.name)
         return fd
-
-    def layer_dirfd(self, node: Node, layer: int) -> int:
-        return self.dirfd(node, node.chain.index(layer))
 
     def location_fd(self, node: Node) -> int:
         """The fd of the directory holding non-directory `node` in its layer.
@@ -130,43 +141,86 @@ class Resolver:
         return d.xwh
 
     def _is_xwhiteout(self, d: Node, pos: int, name: bytes, st: os.stat_result) -> bool:
-        return (st.st_size == 0 and stat.S_ISREG(st.st_mode)
-                and d.chain[pos] in self.xwh_layers(d)
-                and is_xwhiteout(self.dirfd(d, pos), name, st))
+        return (
+            st.st_size == 0
+            and stat.S_ISREG(st.st_mode)
+            and d.chain[pos] in self.xwh_layers(d)
+            and is_xwhiteout(self.dirfd(d, pos), name, st)
+        )
 
     def resolve(self, d: Node, name: bytes, start: int = 0) -> Entry | None:
         """Resolve `name` in directory `d`, looking only at chain positions >= start."""
         if start == 0 and d.listing is not None:
             return d.listing.get(name)
+        return self._merge(d, name, None, start, len(d.chain) - 1)
+
+    def _merge(
+        self, d: Node, name: bytes, found: list[Occurrence] | None, start: int, last: int
+    ) -> Entry | None:
+        """The rule for one name across the layers of `d`, top down: written once.
+
+        The occurrences of the name come either from `found` (a listing's scans,
+        top down) or, when it is None, from one stat per layer from position
+        `start` on (a lookup: it stops at the first layer that decides, so a
+        name found in the top layer costs one stat). `last` is the lowest
+        position an occurrence can come from: below it there is nothing to hide,
+        so no opaque mark needs reading.
+        """
         chain: list[int] = []
         top: tuple[int, os.stat_result] | None = None
         origin_st: os.stat_result | None = None
-        n = len(d.chain)
-        for pos in range(start, n):
-            layer = d.chain[pos]
-            fd = self.dirfd(d, pos)
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
-                if pos < n - 1 and self._has_oci_whiteout(fd, name):
+        pos = start - 1
+        i = 0
+        end = len(found) if found is not None else 0
+        fd = -1
+        src: os.stat_result | os.DirEntry[str] | None
+        while True:
+            # -- the next occurrence ------------------------------------------
+            if found is None:
+                pos += 1
+                if pos > last:
                     break
-                continue
-            mode = st.st_mode
-            if stat.S_ISCHR(mode) and st.st_rdev == 0:
-                break
-            if top is None and self._is_xwhiteout(d, pos, name, st):
-                break
-            if top is None:
+                fd = self.dirfd(d, pos)
+                try:
+                    src = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    if pos < last and self._has_oci_whiteout(fd, name):
+                        break  # an OCI whiteout: hides the name below this layer
+                    continue
+                kind = src.st_mode & _IFMT
+            else:
+                if i == end:
+                    break
+                pos, kind, src = found[i]
+                i += 1
+                if kind == _OCI_WH:
+                    break
+            # -- the rule ------------------------------------------------------
+            layer = d.chain[pos]
+            if top is None:  # the first layer that has the name decides
+                st = src if type(src) is os.stat_result else _st(src)
+                if kind == _IFCHR:
+                    if st.st_rdev == 0:
+                        break  # a whiteout: hides the name here and below
+                elif kind == _IFREG and st.st_size == 0 and self._is_xwhiteout(d, pos, name, st):
+                    break
                 top = (layer, st)
-                if not stat.S_ISDIR(mode):
-                    return Entry(layer, st, (), (st.st_dev, st.st_ino))
-            elif not stat.S_ISDIR(mode):
-                break
+                if not stat.S_ISDIR(st.st_mode):
+                    return Entry(layer, st, (), (st.st_dev, st.st_ino))  # hides all below
+                if layer != 0:
+                    origin_st = st
+            elif kind != _IFDIR:
+                break  # below a directory, a non-directory or a whiteout ends the merge
+            elif origin_st is None:
+                origin_st = _st(src)
             chain.append(layer)
-            if origin_st is None and layer != 0:
-                origin_st = st
-            if pos < n - 1:
-                if self._child_opaque(fd, name) or self._has_oci_whiteout(fd, name):
+            if pos < last:
+                # An opaque directory, or an OCI whiteout of its name beside it in
+                # its own layer (a listing meets that as the next occurrence), ends it.
+                if found is None:
+                    if self._child_opaque(fd, name) or self._has_oci_whiteout(fd, name):
+                        break
+                elif self._child_opaque(self.dirfd(d, pos), name):
                     break
         if top is None:
             return None
@@ -178,7 +232,7 @@ class Resolver:
         """The merged listing of `d` (cached on the node until something in it changes)."""
         if d.listing is not None:
             return d.listing
-        occ: dict[bytes, list[tuple[int, int, os.DirEntry[str] | None]]] = {}
+        occ: dict[bytes, list[Occurrence]] = {}
         n = len(d.chain)
         for pos in range(n):
             fd = self.dirfd(d, pos)
@@ -204,50 +258,13 @@ class Resolver:
                 else:
                     lst.append((pos, _OCI_WH, None))
         result: dict[bytes, Entry] = {}
+        merge = self._merge
         for name, lst in occ.items():
-            entry = self._merge_occurrences(d, name, lst)
+            entry = merge(d, name, lst, 0, lst[-1][0])
             if entry is not None:
                 result[name] = entry
         d.listing = result
         return result
-
-    def _merge_occurrences(self, d: Node, name: bytes,
-                           lst: list[tuple[int, int, os.DirEntry[str] | None]]) -> Entry | None:
-        chain: list[int] = []
-        top: tuple[int, os.stat_result] | None = None
-        origin_st: os.stat_result | None = None
-        count = len(lst)
-        for i, (pos, kind, e) in enumerate(lst):
-            if kind == _OCI_WH:
-                break
-            assert e is not None
-            layer = d.chain[pos]
-            if kind == stat.S_IFCHR:
-                st = e.stat(follow_symlinks=False)
-                if st.st_rdev == 0:
-                    break
-            elif kind == stat.S_IFREG and top is None:
-                if self._is_xwhiteout(d, pos, name, e.stat(follow_symlinks=False)):
-                    break
-            if top is None:
-                st = e.stat(follow_symlinks=False)
-                top = (layer, st)
-                if not stat.S_ISDIR(st.st_mode):
-                    return Entry(layer, st, (), (st.st_dev, st.st_ino))
-                if layer != 0:
-                    origin_st = st
-            elif kind != stat.S_IFDIR:
-                break
-            elif origin_st is None:
-                origin_st = e.stat(follow_symlinks=False)
-            chain.append(layer)
-            if i < count - 1:
-                if self._child_opaque(self.dirfd(d, pos), name):
-                    break
-        if top is None:
-            return None
-        ost = origin_st or top[1]
-        return Entry(top[0], top[1], tuple(chain), (ost.st_dev, ost.st_ino))
 
 
 def _dtype(e: os.DirEntry[str]) -> int:

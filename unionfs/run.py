@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 
 from . import confine, sandbox, syscalls, tree, userns, volumes
 from .errors import UserError
-from .mount import wait_gone
+from .mount import is_mountpoint, mount, umount, wait_gone
 from .options import MountConfig
 
 TOOL_ERROR = 125
@@ -81,51 +81,100 @@ class RunOptions:
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     from .image.cli import store_option  # the image package only when the parser is built
-    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
-                   help="set an environment variable (K alone: take it from pyunion's)")
-    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
-                   help="read K=V lines from FILE")
+
+    p.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set an environment variable (K alone: take it from pyunion's)",
+    )
+    p.add_argument(
+        "--env-file", action="append", default=[], metavar="FILE", help="read K=V lines from FILE"
+    )
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside")
-    p.add_argument("-u", "--user", metavar="USER[:GROUP]",
-                   help="run as USER (name or uid from the image's /etc/passwd)")
-    p.add_argument("-v", "--volume", action="append", default=[],
-                   metavar="HOST:CONTAINER[:OPTIONS]",
-                   help="bind-mount a host path into the container; OPTIONS: ro, rw, nosuid, "
-                        "nodev, noexec, bind, rbind, z, Z (ro is recursive)")
+    p.add_argument(
+        "-u",
+        "--user",
+        metavar="USER[:GROUP]",
+        help="run as USER (name or uid from the image's /etc/passwd)",
+    )
+    p.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="HOST:CONTAINER[:OPTIONS]",
+        help="bind-mount a host path into the container; OPTIONS: ro, rw, nosuid, "
+        "nodev, noexec, bind, rbind, z, Z (ro is recursive)",
+    )
     p.add_argument("--hostname", help="the container's host name (default: the host's)")
     p.add_argument("--entrypoint", help="override the image's Entrypoint")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
     p.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
     p.add_argument("--keep", action="store_true", help="keep the writable layer afterwards")
     p.add_argument("--upper", metavar="DIR", help="use DIR as the writable layer (kept)")
-    p.add_argument("--read-only", action="store_true",
-                   help="mount the container's root read-only (tmpfs on /tmp, /var/tmp, /run)")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="mount the container's root read-only (tmpfs on /tmp, /var/tmp, /run)",
+    )
     store_option(p)
-    p.add_argument("--cap-add", action="append", default=[], metavar="CAP",
-                   help="add a capability to podman's default set (ALL: every one)")
-    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
-                   help="drop a capability (ALL: every one)")
-    p.add_argument("--privileged", action="store_true",
-                   help="no confinement: every capability, no seccomp, no masked paths")
-    p.add_argument("--security-opt", action="append", default=[], metavar="OPT",
-                   help="seccomp=unconfined|PROFILE.json, no-new-privileges, "
-                        "mask=PATH[:PATH...], unmask=ALL|PATH[:PATH...]")
-    p.add_argument("--preserve-fds", type=int, default=0, metavar="N",
-                   help="pass file descriptors 3..N+2 on to the command")
+    p.add_argument(
+        "--cap-add",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="add a capability to podman's default set (ALL: every one)",
+    )
+    p.add_argument(
+        "--cap-drop",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="drop a capability (ALL: every one)",
+    )
+    p.add_argument(
+        "--privileged",
+        action="store_true",
+        help="no confinement: every capability, no seccomp, no masked paths",
+    )
+    p.add_argument(
+        "--security-opt",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="seccomp=unconfined|PROFILE.json, no-new-privileges, "
+        "mask=PATH[:PATH...], unmask=ALL|PATH[:PATH...]",
+    )
+    p.add_argument(
+        "--preserve-fds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pass file descriptors 3..N+2 on to the command",
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "run", help="run a command in a union of layers (a throw-away container)",
+        "run",
+        help="run a command in a union of layers (a throw-away container)",
         usage="pyunion run [OPTIONS] LAYER... [-- COMMAND [ARG...]]",
         description="Mount the layers (TOP FIRST, or one image name) under a fresh writable "
-                    "layer, run COMMAND chroot'd in the merged tree with private mount, pid, "
-                    "uts and ipc namespaces, then unmount and throw the writable layer away. "
-                    "Exit status: the command's; 125 pyunion failed; 126 cannot execute; "
-                    "127 not found; 128+N killed by signal N.")
+        "layer, run COMMAND chroot'd in the merged tree with private mount, pid, "
+        "uts and ipc namespaces, then unmount and throw the writable layer away. "
+        "Exit status: the command's; 125 pyunion failed; 126 cannot execute; "
+        "127 not found; 128+N killed by signal N.",
+    )
     _add_options(p)
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="LAYER... -- COMMAND",
-                   help="layers top first, then -- and the command")
+    p.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        metavar="LAYER... -- COMMAND",
+        help="layers top first, then -- and the command",
+    )
     p.set_defaults(handler=_cmd_run)
 
 
@@ -134,7 +183,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
     rest: list[str] = list(args.args)
     if "--" in rest:
         i = rest.index("--")
-        before, command = rest[:i], rest[i + 1:]
+        before, command = rest[:i], rest[i + 1 :]
     else:
         before, command = rest, []
     if any(a.startswith("-") and a != "-" for a in before):
@@ -144,7 +193,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         try:
             extra = again.parse_intermixed_args(before)
         except SystemExit:
-            raise _fail("bad options before '--' (see 'pyunion run --help')")
+            raise _fail("bad options before '--' (see 'pyunion run --help')") from None
         for key, value in vars(extra).items():
             if key == "layers":
                 continue
@@ -154,12 +203,27 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
                 setattr(args, key, cur + value if isinstance(value, list) else value)
         before = extra.layers
     return RunOptions(
-        layers=before, command=command, env=args.env, env_files=args.env_file,
-        workdir=args.workdir, user=args.user, volumes=args.volume, hostname=args.hostname,
-        entrypoint=args.entrypoint, interactive=args.interactive, tty=args.tty,
-        keep=args.keep, upper=args.upper, read_only=args.read_only, store=args.store,
-        cap_add=args.cap_add, cap_drop=args.cap_drop, privileged=args.privileged,
-        security_opt=args.security_opt, preserve_fds=args.preserve_fds)
+        layers=before,
+        command=command,
+        env=args.env,
+        env_files=args.env_file,
+        workdir=args.workdir,
+        user=args.user,
+        volumes=args.volume,
+        hostname=args.hostname,
+        entrypoint=args.entrypoint,
+        interactive=args.interactive,
+        tty=args.tty,
+        keep=args.keep,
+        upper=args.upper,
+        read_only=args.read_only,
+        store=args.store,
+        cap_add=args.cap_add,
+        cap_drop=args.cap_drop,
+        privileged=args.privileged,
+        security_opt=args.security_opt,
+        preserve_fds=args.preserve_fds,
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -172,15 +236,14 @@ def resolve_image(opts: RunOptions) -> tuple[list[str], dict[str, Any]]:
     if not opts.layers:
         raise _fail("no layers given: pyunion run LAYER... -- COMMAND")
     if len(opts.layers) == 1 and not os.path.isdir(opts.layers[0]):
-        from . import image
+        from . import image  # only for an image name: plain layers start faster without it
 
         ref = opts.layers[0]
         try:
             layers = image.resolve_layers(ref, opts.store)
-            resolve_config = getattr(image, "resolve_config", None)
-            config = resolve_config(ref, opts.store) if resolve_config else {}
+            config = image.resolve_config(ref, opts.store)
         except UserError as e:
-            raise _fail(str(e))
+            raise _fail(str(e)) from e
         config = config or {}
         if "config" in config or "rootfs" in config:  # the whole OCI config: its runtime part
             config = config.get("config") or {}
@@ -216,7 +279,7 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
             with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except OSError as e:
-            raise _fail(f"cannot read env file {path!r}: {e.strerror}")
+            raise _fail(f"cannot read env file {path!r}: {e.strerror}") from e
         for line in lines:
             line = line.strip()
             if line and not line.startswith("#"):
@@ -343,16 +406,24 @@ class Runner:
             raise _fail(str(e)) from None
         if not os.path.exists("/dev/fuse"):
             raise _fail("/dev/fuse is missing (modprobe fuse)")
-        confinement = confine.from_options(opts.cap_add, opts.cap_drop, opts.privileged,
-                                           opts.security_opt, opts.preserve_fds)
+        confinement = confine.from_options(
+            opts.cap_add, opts.cap_drop, opts.privileged, opts.security_opt, opts.preserve_fds
+        )
         layers, config = resolve_image(opts)
         hostname = opts.hostname or socket.gethostname()
         spec = sandbox.ContainerSpec(
-            root="", argv=build_argv(opts, config), env=build_env(opts, config, hostname),
+            root="",
+            argv=build_argv(opts, config),
+            env=build_env(opts, config, hostname),
             workdir=opts.workdir or config.get("WorkingDir") or None,
-            user=opts.user or config.get("User") or None, hostname=hostname,
-            binds=parse_volumes(opts.volumes), interactive=opts.interactive, tty=opts.tty,
-            read_only=opts.read_only, confinement=confinement)
+            user=opts.user or config.get("User") or None,
+            hostname=hostname,
+            binds=parse_volumes(opts.volumes),
+            interactive=opts.interactive,
+            tty=opts.tty,
+            read_only=opts.read_only,
+            confinement=confinement,
+        )
         if userns.in_user_namespace():
             spec.outside = userns.outside_hint()
         if spec.workdir and not spec.workdir.startswith("/"):
@@ -388,17 +459,20 @@ class Runner:
             syscalls.unshare(syscalls.CLONE_NEWNS)
             syscalls.make_private("/")
         except OSError as e:
-            raise _fail(f"cannot create a mount namespace: {e.strerror}")
-        from .mount import mount
-
+            raise _fail(f"cannot create a mount namespace: {e.strerror}") from e
         # nodev: podman keeps the container off device nodes with the devices cgroup; with
         # no cgroup here, a node shipped in the image (a host disk) must simply not open.
-        cfg = MountConfig(lowers=layers, mountpoint=self.merged, upper=self.upper, work=work,
-                          fuse_options={"allow_other", "suid", "nodev"})
+        cfg = MountConfig(
+            lowers=layers,
+            mountpoint=self.merged,
+            upper=self.upper,
+            work=work,
+            fuse_options={"allow_other", "suid", "nodev"},
+        )
         try:
             self.daemon = mount(cfg)
         except UserError as e:
-            raise _fail(str(e))
+            raise _fail(str(e)) from e
         self._start_janitor()
         self._check_pending()
         return self._start_and_wait(spec)
@@ -424,7 +498,7 @@ class Runner:
             syscalls.unshare(syscalls.CLONE_NEWPID)
         except OSError as e:
             os.close(own)
-            raise _fail(f"cannot create a pid namespace: {e.strerror}")
+            raise _fail(f"cannot create a pid namespace: {e.strerror}") from e
         try:
             pid = os.fork()
             if pid == 0:
@@ -619,11 +693,15 @@ class Runner:
         return self.opts.keep or bool(self.opts.upper)
 
 
-def _release(merged: str | None, daemon: int | None, tmp: str | None, upper: str | None,
-             keep: bool, quiet: bool = False) -> None:
+def _release(
+    merged: str | None,
+    daemon: int | None,
+    tmp: str | None,
+    upper: str | None,
+    keep: bool,
+    quiet: bool = False,
+) -> None:
     """Unmount, make sure the daemon is gone, remove the temporary tree (minus a kept upper)."""
-    from .mount import is_mountpoint, umount
-
     if merged is not None and is_mountpoint(merged):
         try:
             umount(merged, timeout=10)
@@ -685,8 +763,12 @@ def _drop_placeholders(upper: str, lowers: list[str], created: list[str]) -> Non
                 lfds.append(os.open(low, tree.DIR_FLAGS))
         for path in sorted(set(created), key=lambda p: p.count("/"), reverse=True):
             rel = os.fsencode(os.path.normpath(path.strip("/")))
-            if not rel or rel == b"." or rel.startswith(b"..") or any(
-                    _in_layer(fd, rel) for fd in lfds):
+            if (
+                not rel
+                or rel == b"."
+                or rel.startswith(b"..")
+                or any(_in_layer(fd, rel) for fd in lfds)
+            ):
                 continue
             parent, name = os.path.split(rel)
             try:

@@ -24,6 +24,7 @@ host's root). The merged view is the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -79,8 +80,25 @@ def _applets() -> list[str]:
 
 
 def _base(root: Path) -> None:
-    _mkdirs(root, ["bin", "sbin", "usr/bin", "usr/sbin", "usr/share", "etc", "proc", "sys",
-                   "dev", "run", "var/log", "opt/old", "srv", "home"])
+    _mkdirs(
+        root,
+        [
+            "bin",
+            "sbin",
+            "usr/bin",
+            "usr/sbin",
+            "usr/share",
+            "etc",
+            "proc",
+            "sys",
+            "dev",
+            "run",
+            "var/log",
+            "opt/old",
+            "srv",
+            "home",
+        ],
+    )
     _mkdirs(root, ["root"], 0o700)
     _mkdirs(root, ["tmp", "var/tmp"], 0o1777)
     shutil.copyfile(BUSYBOX, root / "bin/busybox")
@@ -142,9 +160,10 @@ def build_sample(dest: str | os.PathLike[str], force: bool = False) -> list[str]
             builders[name](root)
     except OSError as e:
         if e.errno == errno.EINVAL and userns.unmapped([1000]):
-            raise UserError("cannot build the sample image: its user alice (1000) is "
-                            f"{userns.outside_hint()}") from None
-        raise UserError(f"cannot build the sample image: {e}")
+            raise UserError(
+                f"cannot build the sample image: its user alice (1000) is {userns.outside_hint()}"
+            ) from None
+        raise UserError(f"cannot build the sample image: {e}") from e
     finally:
         os.umask(old_umask)
     return [str((layers_dir / name).resolve()) for name in LAYER_NAMES]
@@ -152,25 +171,33 @@ def build_sample(dest: str | os.PathLike[str], force: bool = False) -> list[str]
 
 # -- the same image as an OCI layout (for `pyunion image import`) -------------------------
 SAMPLE_CONFIG = {
-    "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "SAMPLE=pyunion"],
+    "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SAMPLE=pyunion"],
     "Cmd": ["/bin/sh"],
     "WorkingDir": "/home/alice",
     "User": "alice",
 }
-GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
-          "s390x": "s390x", "riscv64": "riscv64", "i686": "386"}
+GOARCH = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+    "i686": "386",
+}
 
 
 def _layer_tar(root: Path) -> bytes:
     """An OCI layer tar of ROOT: kernel whiteouts and opaque xattrs become `.wh.` markers."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
         def add(path: Path, arc: str) -> None:
             st = os.lstat(path)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                info = tarfile.TarInfo(os.path.join(os.path.dirname(arc),
-                                                    ".wh." + os.path.basename(arc)))
+                info = tarfile.TarInfo(
+                    os.path.join(os.path.dirname(arc), ".wh." + os.path.basename(arc))
+                )
                 info.mtime = int(st.st_mtime)
                 tar.addfile(info, io.BytesIO(b""))
                 return
@@ -178,10 +205,8 @@ def _layer_tar(root: Path) -> bytes:
             if stat.S_ISDIR(st.st_mode):
                 opaque = False
                 for xattr in ("trusted.overlay.opaque", "user.overlay.opaque"):
-                    try:
+                    with contextlib.suppress(OSError):
                         opaque |= os.getxattr(path, xattr, follow_symlinks=False) == b"y"
-                    except OSError:
-                        pass
                 if opaque:  # the marker comes before the directory's entries
                     info = tarfile.TarInfo(f"{arc}/.wh..wh..opq")
                     info.mtime = int(st.st_mtime)
@@ -212,21 +237,43 @@ def build_sample_oci(dest: str | os.PathLike[str], layers: list[str]) -> str:
         raw = _layer_tar(Path(layer))
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
         digest, size = _blob(blobs, gzip.compress(raw, mtime=0))
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                      "digest": digest, "size": size})
-    config = {"architecture": GOARCH.get(platform.machine(), platform.machine()), "os": "linux",
-              "config": SAMPLE_CONFIG, "rootfs": {"type": "layers", "diff_ids": diff_ids},
-              "history": [{"created_by": f"pyunion sample: {Path(x).name}"}
-                          for x in reversed(layers)]}
+        descs.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": digest,
+                "size": size,
+            }
+        )
+    config = {
+        "architecture": GOARCH.get(platform.machine(), platform.machine()),
+        "os": "linux",
+        "config": SAMPLE_CONFIG,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": f"pyunion sample: {Path(x).name}"} for x in reversed(layers)],
+    }
     cdigest, csize = _blob(blobs, json.dumps(config, indent=1).encode())
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": cdigest, "size": csize},
-                "layers": descs}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": cdigest,
+            "size": csize,
+        },
+        "layers": descs,
+    }
     mdigest, msize = _blob(blobs, json.dumps(manifest, indent=1).encode())
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
-        "size": msize, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": mdigest,
+                "size": msize,
+                "annotations": {"org.opencontainers.image.ref.name": "latest"},
+            }
+        ],
+    }
     (out / "index.json").write_text(json.dumps(index, indent=1))
     (out / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return str(out.resolve())
@@ -245,13 +292,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "sample", help="build the sample busybox image (three layers)",
+        "sample",
+        help="build the sample busybox image (three layers)",
         description="Build the built-in sample image under DIR/layers from /bin/busybox and "
-                    "print its layer directories, top first, one per line (ready for "
-                    "'pyunion run $(pyunion sample DIR) -- sh').")
+        "print its layer directories, top first, one per line (ready for "
+        "'pyunion run $(pyunion sample DIR) -- sh').",
+    )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--force", action="store_true", help="rebuild DIR/layers if it exists")
-    p.add_argument("--oci", action="store_true",
-                   help="also write DIR/oci, the same image as an OCI layout (with a config: "
-                        "Env, Cmd, WorkingDir, User) for 'pyunion image import'")
+    p.add_argument(
+        "--oci",
+        action="store_true",
+        help="also write DIR/oci, the same image as an OCI layout (with a config: "
+        "Env, Cmd, WorkingDir, User) for 'pyunion image import'",
+    )
     p.set_defaults(handler=_cmd_sample)

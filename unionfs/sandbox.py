@@ -59,6 +59,7 @@ from .syscalls import (
     MS_RDONLY,
     MS_REC,
     MS_REMOUNT,
+    fd_str,
     make_private,
     mount,
     open_in_root,
@@ -69,13 +70,18 @@ from .syscalls import (
     unshare,
     wipe_environ,
 )
-from .syscalls import fd_str as fd_path
 from .tree import NotRegularFile, read_regular
 from .volumes import Volume
 
 # Signals pyunion forwards to the command (the issue's list).
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-             signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -131,19 +137,32 @@ def _ensure(rootfd: int, path: str, is_dir: bool) -> int:
         if is_dir:
             os.mkdir(name, 0o755, dir_fd=pfd)
         else:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o644, dir_fd=pfd))
+            os.close(
+                os.open(
+                    name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=pfd,
+                )
+            )
         CREATED.append("/" + path.strip("/"))
         return open_in_root(pfd, name)
     finally:
         os.close(pfd)
 
 
-def _mount_at(rootfd: int, path: str, source: str | None, fstype: str | None, flags: int,
-              data: str | None = None, is_dir: bool = True) -> None:
+def _mount_at(
+    rootfd: int,
+    path: str,
+    source: str | None,
+    fstype: str | None,
+    flags: int,
+    data: str | None = None,
+    is_dir: bool = True,
+) -> None:
     fd = _ensure(rootfd, path, is_dir)
     try:
-        mount(source, fd_path(fd), fstype, flags, data)
+        mount(source, fd_str(fd), fstype, flags, data)
     finally:
         os.close(fd)
 
@@ -152,10 +171,21 @@ def _warn(msg: str) -> None:
     print(f"pyunion: warning: {msg}", file=sys.stderr)
 
 
-DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
-             "urandom": (1, 9), "tty": (5, 0)}
-DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
-             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+DEV_NODES = {
+    "null": (1, 3),
+    "zero": (1, 5),
+    "full": (1, 7),
+    "random": (1, 8),
+    "urandom": (1, 9),
+    "tty": (5, 0),
+}
+DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+    "ptmx": "pts/ptmx",
+}
 
 
 def _setup_dev(rootfd: int, privileged: bool) -> None:
@@ -174,14 +204,17 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
             try:
                 os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
                 os.chmod(name, 0o666, dir_fd=dev)
-                source = f"{fd_path(dev)}/{name}"
+                source = f"{fd_str(dev)}/{name}"
             except PermissionError:  # no CAP_MKNOD: bind the host's node instead
                 os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dev))
                 source = f"/dev/{name}"
-            mount(source, f"{fd_path(dev)}/{name}", None, MS_BIND)
+            mount(source, f"{fd_str(dev)}/{name}", None, MS_BIND)
         if not privileged:
-            volumes.set_attrs(dev, syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
-                              | syscalls.MOUNT_ATTR_NOEXEC, recursive=False)
+            volumes.set_attrs(
+                dev,
+                syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC,
+                recursive=False,
+            )
         for name, target in DEV_LINKS.items():
             os.symlink(target, name, dir_fd=dev)
         os.mkdir("pts", 0o755, dir_fd=dev)
@@ -190,12 +223,24 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
     finally:
         os.close(dev)
     try:
-        _mount_at(rootfd, "/dev/pts", "devpts", "devpts", MS_NOSUID | MS_NOEXEC,
-                  "newinstance,ptmxmode=0666,mode=0620")
+        _mount_at(
+            rootfd,
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            MS_NOSUID | MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        )
     except OSError as e:
         _warn(f"no /dev/pts in the container: {e.strerror}")
-    _mount_at(rootfd, "/dev/shm", "shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-              "mode=1777,size=65536k")
+    _mount_at(
+        rootfd,
+        "/dev/shm",
+        "shm",
+        "tmpfs",
+        MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        "mode=1777,size=65536k",
+    )
 
 
 def _setup_sys(rootfd: int, writable: bool) -> None:
@@ -204,8 +249,10 @@ def _setup_sys(rootfd: int, writable: bool) -> None:
     try:
         _mount_at(rootfd, "/sys", "sysfs", "sysfs", flags)
     except PermissionError:  # sysfs refused (e.g. another net ns): the host's, read-only
-        _bind(rootfd, Volume("/sys", "/sys", read_only=not writable, nosuid=True, nodev=True,
-                             noexec=True))
+        _bind(
+            rootfd,
+            Volume("/sys", "/sys", read_only=not writable, nosuid=True, nodev=True, noexec=True),
+        )
 
 
 def _bind(rootfd: int, vol: Volume) -> None:
@@ -214,7 +261,7 @@ def _bind(rootfd: int, vol: Volume) -> None:
     is_dir = os.path.isdir(vol.source)
     fd = _ensure(rootfd, vol.target, is_dir)
     try:
-        mount(vol.source, fd_path(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
+        mount(vol.source, fd_str(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
     finally:
         os.close(fd)
     if vol.attrs:
@@ -262,14 +309,14 @@ def setup_root(spec: ContainerSpec) -> None:
             try:
                 _bind(rootfd, b)
             except OSError as e:
-                raise SetupError(f"cannot bind {b.source!r} to {b.target!r}: {e.strerror}")
+                raise SetupError(f"cannot bind {b.source!r} to {b.target!r}: {e.strerror}") from e
         confine.mask_paths(rootfd, conf)
     finally:
         os.close(rootfd)
     try:
         confine.prepare(conf)  # needs the host's libseccomp: before the host goes away
     except seccomp.SeccompError as e:
-        raise SetupError(str(e))
+        raise SetupError(str(e)) from e
     _pivot_into(spec.root)
 
 
@@ -299,16 +346,17 @@ def _read_db(path: str) -> list[list[str]]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     except NotRegularFile:
-        raise SetupError(f"the image's {path} is not a regular file")
+        raise SetupError(f"the image's {path} is not a regular file") from None
     except OSError as e:
         if e.errno == errno.EFBIG:
-            raise SetupError(f"the image's {path} is larger than {MAX_USER_DB >> 20} MiB")
-        raise SetupError(f"cannot read the image's {path}: {e.strerror}")
+            raise SetupError(f"the image's {path} is larger than {MAX_USER_DB >> 20} MiB") from e
+        raise SetupError(f"cannot read the image's {path}: {e.strerror}") from e
     finally:
         os.close(rootfd)
     text = data.decode("utf-8", errors="replace")
-    return [line.split(":") for line in text.split("\n")
-            if line.strip() and not line.startswith("#")]
+    return [
+        line.split(":") for line in text.split("\n") if line.strip() and not line.startswith("#")
+    ]
 
 
 def resolve_user(user: str | None) -> Identity:
@@ -358,16 +406,21 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None,
-                  go: int) -> NoReturn:
+def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None, go: int) -> NoReturn:
     """In the forked child: become the command (never returns).
 
     It waits for a byte on `go`: init confines itself first, so that the command
     never runs beside an init that holds more than it does.
     """
     try:
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTTOU, signal.SIGTTIN,
-                    signal.SIGTSTP, signal.SIGINT):
+        for sig in (
+            signal.SIGPIPE,
+            signal.SIGXFSZ,
+            signal.SIGTTOU,
+            signal.SIGTTIN,
+            signal.SIGTSTP,
+            signal.SIGINT,
+        ):
             signal.signal(sig, signal.SIG_DFL)
         if slave is not None:
             os.setsid()
@@ -391,8 +444,11 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None,
         print(f"pyunion: {e}", file=sys.stderr)
         os._exit(125)
     except OSError as e:
-        print(f"pyunion: cannot start the command: {e.strerror}"
-              + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+        print(
+            f"pyunion: cannot start the command: {e.strerror}"
+            + (f" ({e.filename})" if e.filename else ""),
+            file=sys.stderr,
+        )
         os._exit(125)
     env = dict(spec.env)
     env.setdefault("HOME", ident.home)
@@ -405,8 +461,10 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None,
 
 
 # What the fresh interpreter of `start_init` runs: pyunion's sys.path, then the spec.
-_BOOT = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-         "from unionfs.sandbox import _init_main; _init_main(int(sys.argv[2]), int(sys.argv[3]))")
+_BOOT = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+    "from unionfs.sandbox import _init_main; _init_main(int(sys.argv[2]), int(sys.argv[3]))"
+)
 
 
 def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
@@ -429,8 +487,11 @@ def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
         for fd in (blob, sock, spec.report_fd, *spec.confinement.preserved):
             if fd >= 0:
                 os.set_inheritable(fd, True)
-        os.execve(sys.executable, [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path),
-                                   str(blob), str(sock)], {})
+        os.execve(
+            sys.executable,
+            [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(blob), str(sock)],
+            {},
+        )
     except BaseException as e:  # noqa: BLE001 - a forked child must never return into pyunion
         print(f"pyunion: cannot start the container's init: {e}", file=sys.stderr)
     os._exit(125)
@@ -478,10 +539,8 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             unshare(CLONE_NEWNS)
             _warn("no new uts/ipc namespace")
         make_private("/")
-        try:
+        with contextlib.suppress(OSError):
             socket.sethostname(spec.hostname)
-        except OSError:
-            pass
         try:
             setup_root(spec)
         finally:
@@ -498,8 +557,9 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
                 if (ident.uid, ident.gid) != (0, 0):
                     os.chown(spec.workdir, ident.uid, ident.gid)
             except OSError as e:
-                raise SetupError(f"cannot create the working directory {spec.workdir!r}: "
-                                 f"{e.strerror}")
+                raise SetupError(
+                    f"cannot create the working directory {spec.workdir!r}: {e.strerror}"
+                ) from e
         if spec.read_only:  # the root mount only: /dev, /proc, binds, tmpfs keep their flags
             mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         slave = None
@@ -522,15 +582,18 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         except (OSError, seccomp.SeccompError) as e:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
-            raise SetupError(f"cannot confine the container's init: {e}")
+            raise SetupError(f"cannot confine the container's init: {e}") from e
         finally:
             os.close(go_w)  # unblocks the command: with "G" only if init is confined
         code = _reap_until(child)
     except SetupError as e:
         print(f"pyunion: {e}", file=sys.stderr)
     except OSError as e:
-        print(f"pyunion: cannot set up the container: {e.strerror}"
-              + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+        print(
+            f"pyunion: cannot set up the container: {e.strerror}"
+            + (f" ({e.filename})" if e.filename else ""),
+            file=sys.stderr,
+        )
     except BaseException as e:  # noqa: BLE001 - never a traceback, never a return into pyunion
         print(f"pyunion: container init failed: {e!r}", file=sys.stderr)
     finally:
@@ -545,10 +608,8 @@ def _reap_until(child: int) -> int:
     while True:
         info = signal.sigwaitinfo(mask)
         if info.si_signo != signal.SIGCHLD:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, info.si_signo)
-            except ProcessLookupError:
-                pass
             continue
         while True:
             try:

@@ -38,29 +38,45 @@ from .errors import UserError
 from .syscalls import AT_FDCWD
 from .tree import NotRegularFile, read_regular
 
-DEFAULT_PROFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                               "seccomp.json")
+DEFAULT_PROFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "seccomp.json")
 MAX_PROFILE = 4 << 20
 EPERM = 1
 
 # libseccomp's action values (the kernel's SECCOMP_RET_*); ERRNO and TRACE carry a number.
-ACTIONS = {"SCMP_ACT_KILL": 0x00000000, "SCMP_ACT_KILL_THREAD": 0x00000000,
-           "SCMP_ACT_KILL_PROCESS": 0x80000000, "SCMP_ACT_TRAP": 0x00030000,
-           "SCMP_ACT_ERRNO": 0x00050000, "SCMP_ACT_TRACE": 0x7FF00000,
-           "SCMP_ACT_LOG": 0x7FFC0000, "SCMP_ACT_ALLOW": 0x7FFF0000}
+ACTIONS = {
+    "SCMP_ACT_KILL": 0x00000000,
+    "SCMP_ACT_KILL_THREAD": 0x00000000,
+    "SCMP_ACT_KILL_PROCESS": 0x80000000,
+    "SCMP_ACT_TRAP": 0x00030000,
+    "SCMP_ACT_ERRNO": 0x00050000,
+    "SCMP_ACT_TRACE": 0x7FF00000,
+    "SCMP_ACT_LOG": 0x7FFC0000,
+    "SCMP_ACT_ALLOW": 0x7FFF0000,
+}
 WITH_NUMBER = {"SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"}
-OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
-       "SCMP_CMP_GE": 5, "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7}
-FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG",
-         "SECCOMP_FILTER_FLAG_SPEC_ALLOW"}
+OPS = {
+    "SCMP_CMP_NE": 1,
+    "SCMP_CMP_LT": 2,
+    "SCMP_CMP_LE": 3,
+    "SCMP_CMP_EQ": 4,
+    "SCMP_CMP_GE": 5,
+    "SCMP_CMP_GT": 6,
+    "SCMP_CMP_MASKED_EQ": 7,
+}
+FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_SPEC_ALLOW"}
 
 # uname's machine -> (libseccomp's name for the architecture, Go's name used in `arches`)
 _MACHINES = {
-    "x86_64": ("SCMP_ARCH_X86_64", "amd64"), "aarch64": ("SCMP_ARCH_AARCH64", "arm64"),
-    "armv7l": ("SCMP_ARCH_ARM", "arm"), "armv6l": ("SCMP_ARCH_ARM", "arm"),
-    "i686": ("SCMP_ARCH_X86", "x86"), "i386": ("SCMP_ARCH_X86", "x86"),
-    "ppc64le": ("SCMP_ARCH_PPC64LE", "ppc64le"), "s390x": ("SCMP_ARCH_S390X", "s390x"),
-    "riscv64": ("SCMP_ARCH_RISCV64", "riscv64"), "mips64": ("SCMP_ARCH_MIPS64", "mips64"),
+    "x86_64": ("SCMP_ARCH_X86_64", "amd64"),
+    "aarch64": ("SCMP_ARCH_AARCH64", "arm64"),
+    "armv7l": ("SCMP_ARCH_ARM", "arm"),
+    "armv6l": ("SCMP_ARCH_ARM", "arm"),
+    "i686": ("SCMP_ARCH_X86", "x86"),
+    "i386": ("SCMP_ARCH_X86", "x86"),
+    "ppc64le": ("SCMP_ARCH_PPC64LE", "ppc64le"),
+    "s390x": ("SCMP_ARCH_S390X", "s390x"),
+    "riscv64": ("SCMP_ARCH_RISCV64", "riscv64"),
+    "mips64": ("SCMP_ARCH_MIPS64", "mips64"),
 }
 
 
@@ -95,15 +111,15 @@ def _read(path: str) -> Any:
     try:
         data = read_regular(AT_FDCWD, path, MAX_PROFILE, resolve="anywhere")
     except NotRegularFile:
-        raise _bad(path, "not a regular file")
+        raise _bad(path, "not a regular file") from None
     except OSError as e:
         if e.errno == errno.EFBIG:
-            raise _bad(path, f"larger than {MAX_PROFILE >> 20} MiB")
-        raise _bad(path, e.strerror or str(e))
+            raise _bad(path, f"larger than {MAX_PROFILE >> 20} MiB") from e
+        raise _bad(path, e.strerror or str(e)) from e
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise _bad(path, f"not valid JSON ({e})")
+        raise _bad(path, f"not valid JSON ({e})") from e
 
 
 def _kernel() -> tuple[int, ...]:
@@ -203,8 +219,9 @@ def load_profile(path: str | None, capset: frozenset[int]) -> Filter:
             raise _bad(path, "archMap entries must be objects")
         if entry.get("architecture") == scmp_arch:
             arches += _strings(path, entry.get("subArchitectures"), "subArchitectures")
-    arches += [a for a in _strings(path, doc.get("architectures"), "architectures")
-               if a != scmp_arch]
+    arches += [
+        a for a in _strings(path, doc.get("architectures"), "architectures") if a != scmp_arch
+    ]
     flags = _strings(path, doc.get("flags"), "flags")
     for flag in flags:
         if flag not in FLAGS:
@@ -233,9 +250,13 @@ def load_profile(path: str | None, capset: frozenset[int]) -> Filter:
         for name in names:
             for group in groups:
                 rules.append(Rule(action, name, tuple(group)))
-    return Filter(default, tuple(dict.fromkeys(arches)), tuple(rules),
-                  log="SECCOMP_FILTER_FLAG_LOG" in flags,
-                  spec_allow="SECCOMP_FILTER_FLAG_SPEC_ALLOW" in flags)
+    return Filter(
+        default,
+        tuple(dict.fromkeys(arches)),
+        tuple(rules),
+        log="SECCOMP_FILTER_FLAG_LOG" in flags,
+        spec_allow="SECCOMP_FILTER_FLAG_SPEC_ALLOW" in flags,
+    )
 
 
 # -- building and loading the filter (the container's init, then the command) -------------------
@@ -244,8 +265,10 @@ def compile(f: Filter) -> Any:
     try:
         import pyseccomp as sc
     except (ImportError, RuntimeError) as e:  # RuntimeError: libseccomp.so not found
-        raise SeccompError(f"cannot load libseccomp ({e}); install libseccomp2 or run with "
-                           "--security-opt seccomp=unconfined")
+        raise SeccompError(
+            f"cannot load libseccomp ({e}); install libseccomp2 or run with "
+            "--security-opt seccomp=unconfined"
+        ) from e
     try:
         filt = sc.SyscallFilter(f.default_action)
         filt.set_attr(sc.Attr.CTL_NNP, 0)  # no_new_privs only when asked for
@@ -258,7 +281,7 @@ def compile(f: Filter) -> Any:
             if token is not None and not filt.exist_arch(token):
                 filt.add_arch(token)
     except OSError as e:
-        raise SeccompError(f"cannot set up the seccomp filter: {e.strerror}")
+        raise SeccompError(f"cannot set up the seccomp filter: {e.strerror}") from e
     for rule in f.rules:
         nr = sc.resolve_syscall(sc.Arch.NATIVE, rule.name)
         if nr == -1:  # __NR_SCMP_ERROR: a name this libseccomp does not know
@@ -266,7 +289,7 @@ def compile(f: Filter) -> Any:
         try:
             filt.add_rule(rule.action, nr, *(sc.Arg(i, op, a, b) for i, op, a, b in rule.args))
         except OSError as e:
-            raise SeccompError(f"seccomp rejected the rule for {rule.name}: {e.strerror}")
+            raise SeccompError(f"seccomp rejected the rule for {rule.name}: {e.strerror}") from e
     return filt
 
 
@@ -275,4 +298,4 @@ def install(filt: Any) -> None:
     try:
         filt.load()
     except OSError as e:
-        raise SeccompError(f"cannot load the seccomp filter: {e.strerror}")
+        raise SeccompError(f"cannot load the seccomp filter: {e.strerror}") from e

@@ -71,8 +71,15 @@ PR_SET_NO_NEW_PRIVS = 38
 SYS_OPENAT2 = 437  # the same number on every architecture (new syscall table)
 SYS_MOUNT_SETATTR = 442  # likewise
 SYS_CLOSE_RANGE = 436  # likewise
-SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203,
-                  "s390x": 217, "i686": 217, "armv7l": 218}.get(platform.machine())
+SYS_PIVOT_ROOT = {
+    "x86_64": 155,
+    "aarch64": 41,
+    "riscv64": 41,
+    "ppc64le": 203,
+    "s390x": 217,
+    "i686": 217,
+    "armv7l": 218,
+}.get(platform.machine())
 
 
 def _check(ret: int, what: str, path: str | bytes | None = None) -> int:
@@ -117,8 +124,13 @@ def chmod_nofollow(dirfd: int, name: str | bytes, mode: int) -> bool:
         os.close(fd)
 
 
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                            ctypes.c_uint]
+_libc.renameat2.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+]
 _libc.renameat2.restype = ctypes.c_int
 
 
@@ -132,8 +144,7 @@ def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flag
 
 
 class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int, mode: int = 0) -> int:
@@ -153,8 +164,12 @@ def syncfs(fd: int) -> None:
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
-    _check(_libc.syscall(SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(last),
-                         ctypes.c_uint(flags)), "close_range")
+    _check(
+        _libc.syscall(
+            SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags)
+        ),
+        "close_range",
+    )
 
 
 # -- namespaces and mounts -----------------------------------------------------------------
@@ -166,10 +181,18 @@ def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(fd, nstype), "setns")
 
 
-def mount(source: str | None, target: str | bytes, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
-    _check(_libc.mount(_enc(source), _enc(target), _enc(fstype), ctypes.c_ulong(flags),
-                       _enc(data)), "mount", target)
+def mount(
+    source: str | None,
+    target: str | bytes,
+    fstype: str | None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    _check(
+        _libc.mount(_enc(source), _enc(target), _enc(fstype), ctypes.c_ulong(flags), _enc(data)),
+        "mount",
+        target,
+    )
 
 
 def umount2(target: str | bytes, flags: int = 0) -> None:
@@ -182,15 +205,29 @@ def make_private(path: str = "/") -> None:
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def mount_setattr(dirfd: int, path: str, flags: int, attr_set: int, attr_clr: int = 0) -> None:
     """Change mount attributes; with AT_RECURSIVE, of every mount below too."""
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
-    _check(_libc.syscall(SYS_MOUNT_SETATTR, dirfd, _enc(path), ctypes.c_uint(flags),
-                         ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr", path)
+    _check(
+        _libc.syscall(
+            SYS_MOUNT_SETATTR,
+            dirfd,
+            _enc(path),
+            ctypes.c_uint(flags),
+            ctypes.byref(attr),
+            ctypes.sizeof(attr),
+        ),
+        "mount_setattr",
+        path,
+    )
 
 
 def pivot_root(new_root: str | bytes, put_old: str | bytes) -> None:
@@ -201,8 +238,16 @@ def pivot_root(new_root: str | bytes, put_old: str | bytes) -> None:
 
 # -- processes -------------------------------------------------------------------------------
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), "prctl")
+    return _check(
+        _libc.prctl(
+            option,
+            ctypes.c_ulong(arg2),
+            ctypes.c_ulong(arg3),
+            ctypes.c_ulong(arg4),
+            ctypes.c_ulong(arg5),
+        ),
+        "prctl",
+    )
 
 
 def set_pdeathsig(sig: int) -> None:
@@ -265,8 +310,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 def capget() -> tuple[int, int, int]:
@@ -275,8 +323,11 @@ def capget() -> tuple[int, int, int]:
     data = (_CapData * 2)()
     _check(_libc.capget(ctypes.byref(head), data), "capget")
     lo, hi = data[0], data[1]
-    return (lo.effective | hi.effective << 32, lo.permitted | hi.permitted << 32,
-            lo.inheritable | hi.inheritable << 32)
+    return (
+        lo.effective | hi.effective << 32,
+        lo.permitted | hi.permitted << 32,
+        lo.inheritable | hi.inheritable << 32,
+    )
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:

@@ -135,8 +135,7 @@ def walk_at(dirfd: int) -> list[tuple[bytes, os.stat_result]]:
         fd = open_rel(dirfd, rel)
         try:
             with os.scandir(fd) as it:
-                children = sorted((os.fsencode(e.name), e.stat(follow_symlinks=False))
-                                  for e in it)
+                children = sorted((os.fsencode(e.name), e.stat(follow_symlinks=False)) for e in it)
         finally:
             os.close(fd)
         subdirs = []
@@ -239,7 +238,8 @@ class DirCursor:
         except OSError as e:
             # O_NOFOLLOW|O_DIRECTORY on a symlink gives ENOTDIR on Linux; say what it is.
             if e.errno == errno.ENOTDIR and stat.S_ISLNK(
-                    os.stat(comp, dir_fd=self.fd, follow_symlinks=False).st_mode):
+                os.stat(comp, dir_fd=self.fd, follow_symlinks=False).st_mode
+            ):
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), comp) from None
             raise
         os.close(self.fd)
@@ -255,8 +255,9 @@ class NotRegularFile(OSError):
 Resolve = Literal["beneath", "in_root", "anywhere"]
 
 
-def open_regular(dirfd: int, path: Name, symlinks: bool = False,
-                 resolve: Resolve = "beneath") -> int:
+def open_regular(
+    dirfd: int, path: Name, symlinks: bool = False, resolve: Resolve = "beneath"
+) -> int:
     """Open PATH (relative to `dirfd`) for reading, only if it is a regular file.
 
     Untrusted trees (an image layout, a container's root) may put a FIFO there
@@ -283,8 +284,7 @@ def open_regular(dirfd: int, path: Name, symlinks: bool = False,
             how = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS
             if not symlinks:
                 how |= syscalls.RESOLVE_NO_SYMLINKS
-            pfd = syscalls.openat2(dirfd, path, os.O_PATH | (0 if symlinks else os.O_NOFOLLOW),
-                                   how)
+            pfd = syscalls.openat2(dirfd, path, os.O_PATH | (0 if symlinks else os.O_NOFOLLOW), how)
     except OSError as e:
         if e.errno == errno.ELOOP and resolve == "beneath":  # else: a loop, said as such
             raise NotRegularFile(e.errno, "is a symlink", path) from None
@@ -302,8 +302,9 @@ def open_regular(dirfd: int, path: Name, symlinks: bool = False,
         os.close(pfd)
 
 
-def read_regular(dirfd: int, path: Name, limit: int, symlinks: bool = False,
-                 resolve: Resolve = "beneath") -> bytes:
+def read_regular(
+    dirfd: int, path: Name, limit: int, symlinks: bool = False, resolve: Resolve = "beneath"
+) -> bytes:
     """The content of a regular file below `dirfd` (see `open_regular`), at most `limit` bytes.
 
     Raises `OSError(EFBIG)` when the file holds more: nothing past limit+1 is read.

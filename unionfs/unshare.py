@@ -106,15 +106,20 @@ def unshare_command(argv: list[str]) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "unshare", help="run a command in the rootless user namespace (like podman unshare)",
+        "unshare",
+        help="run a command in the rootless user namespace (like podman unshare)",
         usage="pyunion unshare [COMMAND [ARG...]]",
         description="Run COMMAND (default: $SHELL) as root in the user namespace pyunion uses "
-                    "for an ordinary user (IDs 1..N mapped onto the /etc/subuid and /etc/subgid "
-                    "ranges, the same every time) and in a mount namespace of its own. There the "
-                    "image store's files show their owners, and can be read or removed, and "
-                    "images can be mounted. PYUNION_STORE is set to the store. What is still "
-                    "mounted when COMMAND ends is unmounted. Exit status: the command's; 127 "
-                    "not found; 126 cannot execute; 128+N killed by signal N.")
+        "for an ordinary user (IDs 1..N mapped onto the /etc/subuid and /etc/subgid "
+        "ranges, the same every time) and in a mount namespace of its own. There the "
+        "image store's files show their owners, and can be read or removed, and "
+        "images can be mounted. PYUNION_STORE is set to the store. What is still "
+        "mounted when COMMAND ends is unmounted. Exit status: the command's; 127 "
+        "not found; 126 cannot execute; 128+N killed by signal N.",
+    )
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
-    p.set_defaults(handler=lambda args: unshare_command(
-        args.argv[1:] if args.argv[:1] == ["--"] else args.argv))
+    p.set_defaults(
+        handler=lambda args: unshare_command(
+            args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        )
+    )

@@ -127,8 +127,10 @@ def outside_hint() -> str:
     """
     size = max((a + n for a, _, n in read_map("uid")), default=0)
     name = _user_name(host_uid())
-    return (f"outside the IDs of the user namespace (0-{size - 1}): give {name} subordinate "
-            f"IDs (as root: {add_range_command(name)}), or run as root")
+    return (
+        f"outside the IDs of the user namespace (0-{size - 1}): give {name} subordinate "
+        f"IDs (as root: {add_range_command(name)}), or run as root"
+    )
 
 
 # -- the rootless mapping ------------------------------------------------------------------
@@ -146,8 +148,12 @@ def subordinate_ranges(path: str, name: str, uid: int) -> list[tuple[int, int]]:
         if len(fields) != 3 or fields[0] not in (name, str(uid)):
             continue
         start, count = fields[1], fields[2]
-        if start.isdigit() and count.isdigit() and int(count) > 0 \
-                and int(start) + int(count) <= ID_LIMIT - 1:
+        if (
+            start.isdigit()
+            and count.isdigit()
+            and int(count) > 0
+            and int(start) + int(count) <= ID_LIMIT - 1
+        ):
             out.append((int(start), int(count)))
     return out
 
@@ -183,16 +189,21 @@ def rootless_mapping(uid: int | None = None, gid: int | None = None) -> Mapping:
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
     name = _user_name(uid)
-    return Mapping(name, _extents(uid, subordinate_ranges(SUBUID, name, uid)),
-                   _extents(gid, subordinate_ranges(SUBGID, name, uid)))
+    return Mapping(
+        name,
+        _extents(uid, subordinate_ranges(SUBUID, name, uid)),
+        _extents(gid, subordinate_ranges(SUBGID, name, uid)),
+    )
 
 
 def single_mapping_notice(m: Mapping) -> str:
     """The one line that says what a namespace without subordinate IDs cannot do."""
     missing = " and ".join(p for p, ext in ((SUBUID, m.uids), (SUBGID, m.gids)) if len(ext) == 1)
-    return (f"no subordinate IDs for {m.user} in {missing}: only your own user and group are "
-            "mapped (as root), so files of other owners in an image cannot be made or used "
-            f"(as root: {add_range_command(m.user)})")
+    return (
+        f"no subordinate IDs for {m.user} in {missing}: only your own user and group are "
+        "mapped (as root), so files of other owners in an image cannot be made or used "
+        f"(as root: {add_range_command(m.user)})"
+    )
 
 
 # -- entering it ------------------------------------------------------------------------------
@@ -209,10 +220,12 @@ def _helper(pid: int, m: Mapping, tools: list[str], go: int, report: int) -> Non
             running = []
             for tool, extents in zip(tools, (m.uids, m.gids), strict=True):
                 r, w = os.pipe()
-                child = os.posix_spawn(tool, [tool, str(pid), *_map_line(extents)],
-                                       {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                                       file_actions=[(os.POSIX_SPAWN_DUP2, w, 2),
-                                                     (os.POSIX_SPAWN_CLOSE, r)])
+                child = os.posix_spawn(
+                    tool,
+                    [tool, str(pid), *_map_line(extents)],
+                    {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                    file_actions=[(os.POSIX_SPAWN_DUP2, w, 2), (os.POSIX_SPAWN_CLOSE, r)],
+                )
                 os.close(w)
                 running.append((tool, child, r))
             for tool, child, r in running:
@@ -248,12 +261,16 @@ def _unshare_user() -> None:
         if e.errno == errno.EINVAL:
             why = "pyunion is multi-threaded at this point (a bug: please report it)"
         elif e.errno == errno.ENOSPC:
-            why = ("the limit of user namespaces is reached or zero: raise it as root "
-                   "(sysctl -w user.max_user_namespaces=15000)")
+            why = (
+                "the limit of user namespaces is reached or zero: raise it as root "
+                "(sysctl -w user.max_user_namespaces=15000)"
+            )
         else:
-            why = ("unprivileged user namespaces are disabled: enable them as root "
-                   "(sysctl -w kernel.unprivileged_userns_clone=1, or on Ubuntu "
-                   "kernel.apparmor_restrict_unprivileged_userns=0)")
+            why = (
+                "unprivileged user namespaces are disabled: enable them as root "
+                "(sysctl -w kernel.unprivileged_userns_clone=1, or on Ubuntu "
+                "kernel.apparmor_restrict_unprivileged_userns=0)"
+            )
         raise UserError(f"cannot create a user namespace ({e.strerror}): {why}") from None
 
 
@@ -266,8 +283,11 @@ def enter(m: Mapping) -> None:
     tools = [shutil.which(t) or "" for t in ("newuidmap", "newgidmap")]
     if m.single or not all(tools):
         if not m.single:
-            print("pyunion: warning: newuidmap/newgidmap are missing (install the uidmap "
-                  "package): only your own user and group are mapped", file=sys.stderr)
+            print(
+                "pyunion: warning: newuidmap/newgidmap are missing (install the uidmap "
+                "package): only your own user and group are mapped",
+                file=sys.stderr,
+            )
             m = Mapping(m.user, m.uids[:1], m.gids[:1])
         else:
             print(f"pyunion: warning: {single_mapping_notice(m)}", file=sys.stderr)
@@ -310,8 +330,10 @@ def enter(m: Mapping) -> None:
         os.waitpid(child, 0)
     if msg != b"OK":
         text = msg.decode(errors="replace")
-        raise UserError(f"cannot map IDs into the user namespace: {text} (check the ranges of "
-                        f"{m.user} in {SUBUID} and {SUBGID})")
+        raise UserError(
+            f"cannot map IDs into the user namespace: {text} (check the ranges of "
+            f"{m.user} in {SUBUID} and {SUBGID})"
+        )
 
 
 def enter_rootless() -> None:
@@ -319,4 +341,3 @@ def enter_rootless() -> None:
     if os.geteuid() == 0:
         return
     enter(rootless_mapping())
-

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import syscalls
 from .errors import UserError
+from .mount import mounts
 from .syscalls import (
     AT_EMPTY_PATH,
     AT_RECURSIVE,
@@ -36,8 +37,12 @@ from .syscalls import (
 IGNORED = {"z", "Z", "private", "rprivate"}
 PAIRS = {"ro": "rw", "nosuid": "suid", "nodev": "dev", "noexec": "exec", "bind": "rbind"}
 OPPOSITE = {**PAIRS, **{v: k for k, v in PAIRS.items()}}
-ATTRS = {"ro": MOUNT_ATTR_RDONLY, "nosuid": MOUNT_ATTR_NOSUID, "nodev": MOUNT_ATTR_NODEV,
-         "noexec": MOUNT_ATTR_NOEXEC}
+ATTRS = {
+    "ro": MOUNT_ATTR_RDONLY,
+    "nosuid": MOUNT_ATTR_NOSUID,
+    "nodev": MOUNT_ATTR_NODEV,
+    "noexec": MOUNT_ATTR_NOEXEC,
+}
 
 
 @dataclass
@@ -53,10 +58,12 @@ class Volume:
     @property
     def attrs(self) -> int:
         """The MOUNT_ATTR_* flags to set on the bind (and every mount below it)."""
-        return ((MOUNT_ATTR_RDONLY if self.read_only else 0)
-                | (MOUNT_ATTR_NOSUID if self.nosuid else 0)
-                | (MOUNT_ATTR_NODEV if self.nodev else 0)
-                | (MOUNT_ATTR_NOEXEC if self.noexec else 0))
+        return (
+            (MOUNT_ATTR_RDONLY if self.read_only else 0)
+            | (MOUNT_ATTR_NOSUID if self.nosuid else 0)
+            | (MOUNT_ATTR_NODEV if self.nodev else 0)
+            | (MOUNT_ATTR_NOEXEC if self.noexec else 0)
+        )
 
 
 def parse(spec: str) -> Volume:
@@ -71,31 +78,53 @@ def parse(spec: str) -> Volume:
         if opt in IGNORED:
             continue
         if opt not in OPPOSITE:
-            raise UserError(f"bad volume {spec!r}: unknown option {opt!r} (supported: ro, rw, "
-                            "nosuid, suid, nodev, dev, noexec, exec, rbind, bind, z, Z)", 125)
+            raise UserError(
+                f"bad volume {spec!r}: unknown option {opt!r} (supported: ro, rw, "
+                "nosuid, suid, nodev, dev, noexec, exec, rbind, bind, z, Z)",
+                125,
+            )
         if opt in seen or OPPOSITE[opt] in seen:
-            raise UserError(f"bad volume {spec!r}: option {opt!r} given twice or with its "
-                            "opposite", 125)
+            raise UserError(
+                f"bad volume {spec!r}: option {opt!r} given twice or with its opposite", 125
+            )
         seen.add(opt)
     if not src.startswith("/"):
-        raise UserError(f"bad volume {spec!r}: the host path must be absolute "
-                        "(named volumes are not supported)", 125)
+        raise UserError(
+            f"bad volume {spec!r}: the host path must be absolute "
+            "(named volumes are not supported)",
+            125,
+        )
     if not os.path.exists(src):
         raise UserError(f"volume source {src!r} does not exist", 125)
     if not dst.startswith("/") or os.path.normpath(dst) == "/":
-        raise UserError(f"bad volume {spec!r}: the container path must be absolute and not /",
-                        125)
-    return Volume(os.path.realpath(src), dst, read_only="ro" in seen,
-                  recursive="bind" not in seen, nosuid="nosuid" in seen, nodev="nodev" in seen,
-                  noexec="noexec" in seen)
+        raise UserError(f"bad volume {spec!r}: the container path must be absolute and not /", 125)
+    return Volume(
+        os.path.realpath(src),
+        dst,
+        read_only="ro" in seen,
+        recursive="bind" not in seen,
+        nosuid="nosuid" in seen,
+        nodev="nodev" in seen,
+        noexec="noexec" in seen,
+    )
 
 
 # -- mount attributes, recursively --------------------------------------------------------------
-_ST_FLAGS = ((os.ST_RDONLY, MS_RDONLY), (os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV),
-             (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, 0x400), (os.ST_NODIRATIME, 0x800),
-             (os.ST_RELATIME, 0x200000))
-_ATTR_TO_MS = ((MOUNT_ATTR_RDONLY, MS_RDONLY), (MOUNT_ATTR_NOSUID, MS_NOSUID),
-               (MOUNT_ATTR_NODEV, MS_NODEV), (MOUNT_ATTR_NOEXEC, MS_NOEXEC))
+_ST_FLAGS = (
+    (os.ST_RDONLY, MS_RDONLY),
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_NOATIME, 0x400),
+    (os.ST_NODIRATIME, 0x800),
+    (os.ST_RELATIME, 0x200000),
+)
+_ATTR_TO_MS = (
+    (MOUNT_ATTR_RDONLY, MS_RDONLY),
+    (MOUNT_ATTR_NOSUID, MS_NOSUID),
+    (MOUNT_ATTR_NODEV, MS_NODEV),
+    (MOUNT_ATTR_NOEXEC, MS_NOEXEC),
+)
 
 
 def set_attrs(fd: int, attrs: int, recursive: bool = True) -> None:
@@ -114,8 +143,6 @@ def remount_each(fd: int, attrs: int, recursive: bool = True) -> None:
     """What `set_attrs` does on kernels without mount_setattr: remount the mount and each
     one below it, one by one, keeping the flags each already has (a bind remount that
     dropped a locked flag would fail)."""
-    from .mount import mounts
-
     top = os.readlink(syscalls.fd_str(fd))
     prefix = top.rstrip("/") + "/"
     add = 0

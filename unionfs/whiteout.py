@@ -1,6 +1,6 @@
 """Whiteouts and opaque directories: recognising every on-disk form, writing the kernel's.
 
-Forms read, in any layer (see shared/SPEC.md):
+Forms read, in any layer (docs/formats.md):
 - whiteout of NAME: char device 0/0 named NAME (kernel); empty file `.wh.NAME`
   (OCI/AUFS); a zero-size file with xattr `trusted.overlay.whiteout` inside a
   directory whose `trusted.overlay.opaque` is `x` (the kernel's "xwhiteout").
@@ -15,9 +15,13 @@ refused (no CAP_MKNOD or no trusted xattrs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+
+from .syscalls import RENAME_WHITEOUT, renameat2
+from .tree import DIR_FLAGS
 
 WH_PREFIX = b".wh."
 OPQ_OCI = b".wh..wh..opq"
@@ -27,6 +31,11 @@ AUFS_META_PREFIX = b".wh..wh."
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", b"user.fuseoverlayfs.opaque")
 XWHITEOUT_XATTR = b"trusted.overlay.whiteout"
 INTERNAL_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
+
+# What the kernel answers when a whiteout (mknod 0/0, RENAME_WHITEOUT) or a trusted
+# xattr is not allowed here: then the OCI form is written instead.
+_KERNEL_REFUSED = (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.EINVAL)
+_XATTR_REFUSED = (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP)
 
 
 def is_internal_xattr(name: bytes) -> bool:
@@ -38,16 +47,11 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def is_marker_name(name: bytes) -> bool:
-    """Names that never appear in the merged view."""
-    return name.startswith(WH_PREFIX)
-
-
 def oci_whiteout_target(name: bytes) -> bytes | None:
     """`.wh.NAME` -> NAME; None for other names and for AUFS metadata and markers."""
     if not name.startswith(WH_PREFIX) or name.startswith(AUFS_META_PREFIX) or name == OPQ_CHAR:
         return None
-    target = name[len(WH_PREFIX):]
+    target = name[len(WH_PREFIX) :]
     return target or None
 
 
@@ -101,27 +105,100 @@ def is_xwhiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
 
 
 class WhiteoutWriter:
-    """Writes whiteouts and opaque marks into the upper, kernel format first."""
+    """Writes whiteouts and opaque marks, the kernel's format first.
 
-    def __init__(self) -> None:
-        self.kernel_whiteouts = True
-        self.kernel_opaque = True
+    The kernel's forms (a char device 0/0, `trusted.overlay.opaque=y`) need
+    CAP_MKNOD and trusted xattrs; where they are refused the writer falls back
+    to the OCI forms (`.wh.NAME`, `.wh..wh..opq`) for good, once per kind, or
+    for both kinds at once with `together` (an image layer is in one format).
+    Used for a mount's upper (`Union`) and for unpacking image layers
+    (`image.unpack`), which differ only in those conventions: the fallback
+    markers' mode, and whether a fallback opaque mark also gets
+    `user.overlay.opaque=y` (what fuse-overlayfs writes in an upper; an image
+    layer keeps only the marker).
+
+    With `userxattr`, a refused trusted xattr is followed by
+    `user.overlay.opaque=y` as the opaque mark, with whiteouts still char 0/0:
+    the format kernel overlayfs reads with `-o userxattr` in a user namespace,
+    whose root may make that device but not trusted xattrs (a rootless store).
+    """
+
+    def __init__(
+        self,
+        kernel: bool = True,
+        marker_mode: int = 0o000,
+        user_opaque_xattr: bool = True,
+        together: bool = False,
+        userxattr: bool = False,
+    ) -> None:
+        self.kernel_whiteouts = kernel
+        self.kernel_opaque = kernel
+        self.marker_mode = marker_mode
+        self.user_opaque_xattr = user_opaque_xattr
+        self.together = together
+        self.wrote_oci = False  # an OCI marker was written (the layer is not kernel-only)
+        self.userxattr = userxattr  # may fall back to user.overlay.opaque, kernel-readable
+        self.wrote_userxattr = False
+
+    @property
+    def kernel_format(self) -> bool:
+        """Whether everything written so far, and from now on, is in the kernel's format."""
+        return self.kernel_whiteouts and self.kernel_opaque and not self.wrote_oci
+
+    @property
+    def format(self) -> str:
+        """What was written: "kernel", "userxattr" (char 0/0 whiteouts with
+        user.overlay.opaque) or "oci"."""
+        if not self.kernel_format:
+            return "oci"
+        return "userxattr" if self.wrote_userxattr else "kernel"
+
+    def _refused(self, whiteouts: bool) -> None:
+        if whiteouts or self.together:
+            self.kernel_whiteouts = False
+        if not whiteouts or self.together:
+            self.kernel_opaque = False
+
+    def _marker(self, dirfd: int, name: bytes, excl: bool) -> None:
+        """Create the empty marker file `name`; with `excl` False, one already there will do
+        (it is never opened: a mode 0 marker cannot be, without CAP_DAC_OVERRIDE)."""
+        self.wrote_oci = True
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            os.close(os.open(name, flags, self.marker_mode, dir_fd=dirfd))
+        except FileExistsError:
+            if excl:
+                raise
 
     def make_whiteout(self, dirfd: int, name: bytes) -> None:
-        """Create a whiteout for `name` in the upper directory `dirfd` (name must be free)."""
+        """Create a whiteout for `name` in the directory `dirfd` (the name must be free)."""
         if self.kernel_whiteouts:
             try:
                 os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
                 return
-            except PermissionError:
-                self.kernel_whiteouts = False
             except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+                if e.errno not in _KERNEL_REFUSED:
                     raise
-                self.kernel_whiteouts = False
-        fd = os.open(WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                     0o000, dir_fd=dirfd)
-        os.close(fd)
+                self._refused(whiteouts=True)
+        self._marker(dirfd, WH_PREFIX + name, excl=True)
+
+    def rename_leaving_whiteout(
+        self, old_dirfd: int, old_name: bytes, new_dirfd: int, new_name: bytes
+    ) -> None:
+        """Move `old_name` to `new_name`, leaving a whiteout at `old_name`.
+
+        One atomic RENAME_WHITEOUT where the kernel allows it; otherwise a
+        rename, then a whiteout made in the freed name.
+        """
+        if self.kernel_whiteouts:
+            try:
+                renameat2(old_dirfd, old_name, new_dirfd, new_name, RENAME_WHITEOUT)
+                return
+            except OSError as e:
+                if e.errno not in _KERNEL_REFUSED:
+                    raise
+        os.rename(old_name, new_name, src_dir_fd=old_dirfd, dst_dir_fd=new_dirfd)
+        self.make_whiteout(old_dirfd, old_name)
 
     def remove_whiteout(self, dirfd: int, name: bytes) -> bool:
         """Remove a whiteout of `name` from the upper dir, in whichever form it has."""
@@ -139,17 +216,33 @@ class WhiteoutWriter:
             return False
 
     def set_opaque(self, dirfd: int) -> None:
+        """Mark the directory open at `dirfd` opaque."""
         if self.kernel_opaque:
-            try:
-                os.setxattr(dirfd, b"trusted.overlay.opaque", b"y")
-                return
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EACCES):
-                    raise
-                self.kernel_opaque = False
+            # trusted.overlay.opaque, then (with `userxattr`) user.overlay.opaque; once one
+            # is refused it is not tried again.
+            names: tuple[bytes, ...]
+            if self.wrote_userxattr:
+                names = OPAQUE_XATTRS[1:2]
+            else:
+                names = OPAQUE_XATTRS[:2] if self.userxattr else OPAQUE_XATTRS[:1]
+            for name in names:
+                try:
+                    os.setxattr(dirfd, name, b"y")
+                    self.wrote_userxattr = name == OPAQUE_XATTRS[1]
+                    return
+                except OSError as e:
+                    if e.errno not in _XATTR_REFUSED:
+                        raise
+            self._refused(whiteouts=False)
+        if self.user_opaque_xattr:
+            with contextlib.suppress(OSError):
+                os.setxattr(dirfd, OPAQUE_XATTRS[1], b"y")
+        self._marker(dirfd, OPQ_OCI, excl=False)
+
+    def set_opaque_at(self, dirfd: int, name: bytes) -> None:
+        """Mark the directory `name` in `dirfd` opaque."""
+        fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
         try:
-            os.setxattr(dirfd, b"user.overlay.opaque", b"y")
-        except OSError:
-            pass
-        fd = os.open(OPQ_OCI, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o000, dir_fd=dirfd)
-        os.close(fd)
+            self.set_opaque(fd)
+        finally:
+            os.close(fd)

@@ -1,4 +1,4 @@
-"""The benchmark harness behind `scripts/bench.py` (issue 5).
+"""The benchmark harness behind `scripts/bench.py`.
 
 One run mounts the same layers with every implementation (kernel overlayfs,
 fuse-overlayfs, unionfs-fuse, pyunion, and a plain merged copy called

@@ -65,15 +65,23 @@ def _deb(out: Path, name: str, files: int, size: int, seed: int, script: bool = 
     rnd = random.Random(seed)
     root = out.parent / f"{name}-root"
     shutil.rmtree(root, ignore_errors=True)
-    _write(root / "DEBIAN/control", (f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
-                                     "Maintainer: bench <bench@example.org>\n"
-                                     f"Description: {name}\n").encode())
+    _write(
+        root / "DEBIAN/control",
+        (
+            f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
+            "Maintainer: bench <bench@example.org>\n"
+            f"Description: {name}\n"
+        ).encode(),
+    )
     for i in range(files):
         _write(root / f"usr/share/{name}/d{i % 20}/f{i}.bin", rnd.randbytes(size))
     if script:
         _write(root / "usr/bin/bench-tool", b"#!/bin/sh\necho tool ran\n", 0o755)
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "--build", str(root),
-                    str(out)], check=True, capture_output=True)
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "--build", str(root), str(out)],
+        check=True,
+        capture_output=True,
+    )
     shutil.rmtree(root)
 
 
@@ -82,8 +90,9 @@ def _oci_base(rootfs: Path, out: Path) -> None:
     blobs = out / "blobs/sha256"
     blobs.mkdir(parents=True)
     tar = out / "layer.tar"
-    subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "--xattrs", "-cf", str(tar),
-                    "."], check=True)
+    subprocess.run(
+        ["tar", "-C", str(rootfs), "--numeric-owner", "--xattrs", "-cf", str(tar), "."], check=True
+    )
     h = hashlib.sha256()
     with open(tar, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -98,19 +107,48 @@ def _oci_base(rootfs: Path, out: Path) -> None:
         return "sha256:" + d, len(data)
 
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
-    cdigest, csize = put({"architecture": arch, "os": "linux",
-                          "config": {"Env": [PATH], "Cmd": ["/bin/bash"]},
-                          "rootfs": {"type": "layers", "diff_ids": [ldigest]},
-                          "history": [{"created_by": "debootstrap"}]})
-    mdigest, msize = put({"schemaVersion": 2,
-                          "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                          "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                     "digest": cdigest, "size": csize},
-                          "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                                      "digest": ldigest, "size": lsize}]})
-    (out / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
-         "size": msize, "annotations": {"org.opencontainers.image.ref.name": "base"}}]}))
+    cdigest, csize = put(
+        {
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Env": [PATH], "Cmd": ["/bin/bash"]},
+            "rootfs": {"type": "layers", "diff_ids": [ldigest]},
+            "history": [{"created_by": "debootstrap"}],
+        }
+    )
+    mdigest, msize = put(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": cdigest,
+                "size": csize,
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": ldigest,
+                    "size": lsize,
+                }
+            ],
+        }
+    )
+    (out / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": mdigest,
+                        "size": msize,
+                        "annotations": {"org.opencontainers.image.ref.name": "base"},
+                    }
+                ],
+            }
+        )
+    )
     (out / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
 
 
@@ -172,12 +210,30 @@ class PyunionBuild(_Tool):
 
     def fresh(self, oci: Path) -> None:
         self.cleanup()
-        run([*self.command, "image", "import", str(oci), "--tag", "base", "--store",
-             str(self.store), "-q"], 1200, "pyunion image import", env=self.env)
+        run(
+            [
+                *self.command,
+                "image",
+                "import",
+                str(oci),
+                "--tag",
+                "base",
+                "--store",
+                str(self.store),
+                "-q",
+            ],
+            1200,
+            "pyunion image import",
+            env=self.env,
+        )
 
     def build(self, ctx: Path) -> None:
-        run([*self.command, "build", "-q", "--store", str(self.store), "-t", "bench", str(ctx)],
-            1800, "pyunion build", env=self.env)
+        run(
+            [*self.command, "build", "-q", "--store", str(self.store), "-t", "bench", str(ctx)],
+            1800,
+            "pyunion build",
+            env=self.env,
+        )
 
     def cleanup(self) -> None:
         shutil.rmtree(self.store, ignore_errors=True)
@@ -196,38 +252,58 @@ class BuildahBuild(_Tool):
 
     @property
     def cmd(self) -> list[str]:
-        return ["buildah", "--root", str(self.root), "--runroot", str(self.runroot),
-                "--storage-driver", "overlay", "--storage-opt",
-                f"overlay.mount_program={self.mount_program}"]
+        return [
+            "buildah",
+            "--root",
+            str(self.root),
+            "--runroot",
+            str(self.runroot),
+            "--storage-driver",
+            "overlay",
+            "--storage-opt",
+            f"overlay.mount_program={self.mount_program}",
+        ]
 
     def fresh(self, oci: Path) -> None:
         self.cleanup()
-        cs = f"containers-storage:[overlay@{self.root}+{self.runroot}:" \
-             f"overlay.mount_program={self.mount_program}]"
-        run(["skopeo", "copy", "-q", f"oci:{oci}:base", cs + "localhost/base:latest"], 1200,
-            "skopeo copy")
+        cs = (
+            f"containers-storage:[overlay@{self.root}+{self.runroot}:"
+            f"overlay.mount_program={self.mount_program}]"
+        )
+        run(
+            ["skopeo", "copy", "-q", f"oci:{oci}:base", cs + "localhost/base:latest"],
+            1200,
+            "skopeo copy",
+        )
 
     def build(self, ctx: Path) -> None:
-        run([*self.cmd, "bud", "--layers", "--isolation", "chroot", "-q", "-t", "bench",
-             str(ctx)], 1800, "buildah bud")
+        run(
+            [*self.cmd, "bud", "--layers", "--isolation", "chroot", "-q", "-t", "bench", str(ctx)],
+            1800,
+            "buildah bud",
+        )
 
     def cleanup(self) -> None:
         if self.root.exists():
-            subprocess.run([*self.cmd, "rm", "--all"], capture_output=True, timeout=300,
-                           check=False)
-            subprocess.run(["umount", "-R", str(self.root)], capture_output=True, timeout=60,
-                           check=False)
+            subprocess.run(
+                [*self.cmd, "rm", "--all"], capture_output=True, timeout=300, check=False
+            )
+            subprocess.run(
+                ["umount", "-R", str(self.root)], capture_output=True, timeout=60, check=False
+            )
             for sub in (self.root / "overlay",):
                 if sub.exists():
                     for m in sorted(sub.glob("*/merged"), reverse=True):
-                        subprocess.run(["umount", "-l", str(m)], capture_output=True,
-                                       timeout=60, check=False)
+                        subprocess.run(
+                            ["umount", "-l", str(m)], capture_output=True, timeout=60, check=False
+                        )
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.runroot, ignore_errors=True)
 
     def version(self) -> str:
-        out = subprocess.run(["buildah", "--version"], capture_output=True, text=True,
-                             check=False).stdout.strip()
+        out = subprocess.run(
+            ["buildah", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
         return f"{out}; {FuseOverlayfs().version()}"
 
 
@@ -238,8 +314,9 @@ def missing_tools() -> str | None:
     return None
 
 
-def run_build_bench(cache: Path, pyunion_cmd: list[str], reps: int,
-                    source: str = "auto") -> dict[str, Any]:
+def run_build_bench(
+    cache: Path, pyunion_cmd: list[str], reps: int, source: str = "auto"
+) -> dict[str, Any]:
     """Time cold, warm and edit builds for each tool, `reps` times; raw seconds."""
     oci, ctx, name = ensure_build_inputs(cache, source)
     work = cache / "build" / "work"
@@ -265,17 +342,25 @@ def run_build_bench(cache: Path, pyunion_cmd: list[str], reps: int,
         edited.write_text("VALUE = 0\n")
         for tool in tools:
             tool.cleanup()
-    return {"rootfs": name, "containerfile": CONTAINERFILE, "reps": reps, "times": times,
-            "versions": {t.name: t.version() for t in tools},
-            "source_files": N_SOURCE_FILES}
+    return {
+        "rootfs": name,
+        "containerfile": CONTAINERFILE,
+        "reps": reps,
+        "times": times,
+        "versions": {t.name: t.version() for t in tools},
+        "source_files": N_SOURCE_FILES,
+    }
 
 
 def render_build(build: dict[str, Any], markdown: bool) -> str:
     """The build table: median seconds per tool and mode, and pyunion/buildah."""
     t = build["times"]
     rows = [["build (median s)", "pyunion", "buildah", "py/buildah"]]
-    for mode, label in (("cold", "cold: empty build cache"), ("warm", "warm: nothing changed"),
-                        ("edit", "one source file changed")):
+    for mode, label in (
+        ("cold", "cold: empty build cache"),
+        ("warm", "warm: nothing changed"),
+        ("edit", "one source file changed"),
+    ):
         p = statistics.median(t["pyunion"][mode]) if t["pyunion"][mode] else None
         b = statistics.median(t["buildah"][mode]) if t["buildah"][mode] else None
         ratio = f"{p / b:.2f}" if p and b else "-"
@@ -285,9 +370,16 @@ def render_build(build: dict[str, Any], markdown: bool) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     else:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    head = (f"Build: a {len(build['containerfile'].splitlines()) - 1}-step Containerfile on the "
-            f"{build['rootfs']} image, {build['reps']} repetition(s); "
-            f"buildah: {build['versions'].get('buildah', '?')}")
+        lines = [
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+            for r in rows
+        ]
+    head = (
+        f"Build: a {len(build['containerfile'].splitlines()) - 1}-step Containerfile on the "
+        f"{build['rootfs']} image, {build['reps']} repetition(s); "
+        f"buildah: {build['versions'].get('buildah', '?')}"
+    )
     return head + "\n\n" + "\n".join(lines) + "\n"

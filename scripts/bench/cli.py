@@ -29,34 +29,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench.py",
         description="Benchmark pyunion against kernel overlayfs, fuse-overlayfs, unionfs-fuse "
-                    "and a plain merged copy (issue 5). Needs root.")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes, one warm repetition: under 3 minutes")
-    p.add_argument("--impl", default="",
-                   help=f"comma-separated implementations (default all: {','.join(impls_mod.ORDER)})")
-    p.add_argument("--workloads", default="",
-                   help="comma-separated workloads W1..W10, 'mount' and 'build' (pyunion build "
-                        "against buildah bud; default all)")
-    p.add_argument("--size", choices=sorted(PRESETS), help="sizes preset (--quick = --size quick; "
-                   "tiny is for smoke tests)")
+        "and a plain merged copy (issue 5). Needs root.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes, one warm repetition: under 3 minutes"
+    )
+    p.add_argument(
+        "--impl",
+        default="",
+        help=f"comma-separated implementations (default all: {','.join(impls_mod.ORDER)})",
+    )
+    p.add_argument(
+        "--workloads",
+        default="",
+        help="comma-separated workloads W1..W10, 'mount' and 'build' (pyunion build "
+        "against buildah bud; default all)",
+    )
+    p.add_argument(
+        "--size",
+        choices=sorted(PRESETS),
+        help="sizes preset (--quick = --size quick; tiny is for smoke tests)",
+    )
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
     p.add_argument("--modes", help="cold,warm (default both, --quick warm)")
-    p.add_argument("--cache", default=DEFAULT_CACHE,
-                   help=f"where the image is built once and kept (default {DEFAULT_CACHE})")
-    p.add_argument("--source", choices=("auto", "debootstrap", "generated"), default="auto",
-                   help="root filesystem: debootstrap when it works (auto), or a generated tree")
+    p.add_argument(
+        "--cache",
+        default=DEFAULT_CACHE,
+        help=f"where the image is built once and kept (default {DEFAULT_CACHE})",
+    )
+    p.add_argument(
+        "--source",
+        choices=("auto", "debootstrap", "generated"),
+        default="auto",
+        help="root filesystem: debootstrap when it works (auto), or a generated tree",
+    )
     p.add_argument("--out", metavar="FILE.json", help="save the raw results")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    p.add_argument("--no-session", action="store_true",
-                   help="skip the one-mount pass that measures the daemons' CPU time")
+    p.add_argument(
+        "--no-session",
+        action="store_true",
+        help="skip the one-mount pass that measures the daemons' CPU time",
+    )
     p.add_argument("--pyunion", help="command that runs pyunion (default .venv/bin/pyunion)")
-    p.add_argument("--verify", action="store_true",
-                   help="only check that every implementation shows the same merged tree")
-    p.add_argument("--pull", action="store_true",
-                   help="only the pull workload: the image from a local registry into a cold "
-                   "store, pyunion vs skopeo copy + umoci unpack (scripts/bench/pull.py)")
-    p.add_argument("--report", metavar="FILE.json",
-                   help="only print the table of saved results (with --markdown for markdown)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="only check that every implementation shows the same merged tree",
+    )
+    p.add_argument(
+        "--pull",
+        action="store_true",
+        help="only the pull workload: the image from a local registry into a cold "
+        "store, pyunion vs skopeo copy + umoci unpack (scripts/bench/pull.py)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="FILE.json",
+        help="only print the table of saved results (with --markdown for markdown)",
+    )
     return p.parse_args(argv)
 
 
@@ -81,8 +111,14 @@ def machine(cache: Path) -> dict[str, Any]:
             mp = left.split()[4]
             if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
                 best, fs = mp, right.split()[0]
-    return {"cpu": cpu, "cpus": os.cpu_count(), "mem_gib": mem, "kernel": platform.release(),
-            "fs": fs, "hostname": platform.node()}
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_gib": mem,
+        "kernel": platform.release(),
+        "fs": fs,
+        "hostname": platform.node(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: unknown implementation {', '.join(unknown)}", file=sys.stderr)
         return 2
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()] or \
-        [*BY_ID, "mount", "build"]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()] or [
+        *BY_ID,
+        "mount",
+        "build",
+    ]
     bad = [w for w in workloads if w not in BY_ID and w not in ("mount", "build")]
     if bad:
         print(f"bench: unknown workload {', '.join(bad)}", file=sys.stderr)
@@ -121,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         if name not in wanted:
             continue
         cls = impls_mod.ALL[name]
-        impl = impls_mod.Pyunion(shlex.split(args.pyunion) if args.pyunion else None) \
-            if cls is impls_mod.Pyunion else cls()
+        impl = (
+            impls_mod.Pyunion(shlex.split(args.pyunion) if args.pyunion else None)
+            if cls is impls_mod.Pyunion
+            else cls()
+        )
         why = impl.missing()
         if why:
             if args.impl:
@@ -145,26 +187,43 @@ def main(argv: list[str] | None = None) -> int:
     image = ensure_image(cache, sizes, args.source)
     if args.pull:
         from . import pull
-        py = next(i for i in impls if isinstance(i, impls_mod.Pyunion)) if any(
-            isinstance(i, impls_mod.Pyunion) for i in impls) else impls_mod.Pyunion()
+
+        py = (
+            next(i for i in impls if isinstance(i, impls_mod.Pyunion))
+            if any(isinstance(i, impls_mod.Pyunion) for i in impls)
+            else impls_mod.Pyunion()
+        )
         res = pull.run(cache, image, py.command, sizes.reps)
         if args.out:
-            Path(args.out).write_text(json.dumps({"machine": machine(cache), "pull": res,
-                                                  "version": py.version()}, indent=1))
+            Path(args.out).write_text(
+                json.dumps(
+                    {"machine": machine(cache), "pull": res, "version": py.version()}, indent=1
+                )
+            )
         sys.stdout.write(pull.render(res))
         return 0
-    stack = (ensure_stack(cache, sizes.stack_files)
-             if "mount" in workloads and not args.verify else None)
-    cfg = Config(cache=cache, sizes=sizes, impls=impls, workloads=workloads, modes=sizes.modes,
-                 reps=sizes.reps, session=not args.no_session)
+    stack = (
+        ensure_stack(cache, sizes.stack_files) if "mount" in workloads and not args.verify else None
+    )
+    cfg = Config(
+        cache=cache,
+        sizes=sizes,
+        impls=impls,
+        workloads=workloads,
+        modes=sizes.modes,
+        reps=sizes.reps,
+        session=not args.no_session,
+    )
     runner = Runner(cfg, image, stack)
     meta = {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "argv": sys.argv,
         "machine": machine(cache),
-        "sizes": {k: v for k, v in vars(sizes).items()},
-        "reps": sizes.reps, "modes": list(sizes.modes),
-        "impls": [i.name for i in impls], "skipped": skipped,
+        "sizes": dict(vars(sizes).items()),
+        "reps": sizes.reps,
+        "modes": list(sizes.modes),
+        "impls": [i.name for i in impls],
+        "skipped": skipped,
         "versions": {i.name: i.version() for i in impls},
         "image": {"source": image.source, "counts": image.counts, "path": str(image.root)},
         "stack_files": sizes.stack_files,
@@ -175,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             impls_mod.cleanup_all()
         return 1 if any(diffs.values()) else 0
-    print(f"bench: {len(impls)} implementations, workloads {' '.join(workloads)}, "
-          f"{sizes.reps} repetition(s), {'/'.join(sizes.modes)}", flush=True)
+    print(
+        f"bench: {len(impls)} implementations, workloads {' '.join(workloads)}, "
+        f"{sizes.reps} repetition(s), {'/'.join(sizes.modes)}",
+        flush=True,
+    )
     try:
         runner.run()
     except KeyboardInterrupt:
@@ -218,10 +280,15 @@ def build_main(args: argparse.Namespace, cache: Path, reps: int, t0: float) -> i
         build = run_build_bench(cache, _pyunion_command(args), reps, args.source)
     except KeyboardInterrupt:
         return 130
-    data = {"meta": {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                     "argv": sys.argv, "machine": machine(cache),
-                     "elapsed_s": time.monotonic() - t0},
-            "build": build}
+    data = {
+        "meta": {
+            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "argv": sys.argv,
+            "machine": machine(cache),
+            "elapsed_s": time.monotonic() - t0,
+        },
+        "build": build,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=1))
     print()

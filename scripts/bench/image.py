@@ -51,10 +51,10 @@ from pathlib import Path
 from .sizes import MiB, Sizes
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
-UNIONFS_META = ".unionfs-fuse"   # Debian's unionfs-fuse 1.0 (upstream's later ones: .unionfs)
+UNIONFS_META = ".unionfs-fuse"  # Debian's unionfs-fuse 1.0 (upstream's later ones: .unionfs)
 UNIONFS_HIDETAG = "_HIDDEN~"
 N_LAYERS = 3
-FORMAT = 2      # bump when the layout of a cached image or stack changes
+FORMAT = 2  # bump when the layout of a cached image or stack changes
 
 
 def log(msg: str) -> None:
@@ -150,7 +150,7 @@ def write_random(path: Path, size: int, chunk: int = 8 * MiB) -> None:
 # -- the root filesystem -----------------------------------------------------------
 def apt_mirror() -> str:
     """The Debian mirror apt uses here (sources.list or deb822 .sources)."""
-    files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
+    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for p in files:
         try:
             text = p.read_text()
@@ -171,8 +171,9 @@ def apt_mirror() -> str:
 
 def debootstrap(dest: Path, timeout: float = 1800.0) -> bool:
     """minbase bookworm with python3 into `dest`; False if debootstrap is missing or fails."""
-    exe = shutil.which("debootstrap") or ("/usr/sbin/debootstrap"
-                                          if os.path.exists("/usr/sbin/debootstrap") else None)
+    exe = shutil.which("debootstrap") or (
+        "/usr/sbin/debootstrap" if os.path.exists("/usr/sbin/debootstrap") else None
+    )
     if exe is None:
         log("debootstrap is not installed (apt-get install debootstrap); generating a tree")
         return False
@@ -180,14 +181,20 @@ def debootstrap(dest: Path, timeout: float = 1800.0) -> bool:
     if tmp.exists():
         shutil.rmtree(tmp)
     mirror = apt_mirror()
-    log(f"debootstrap --variant=minbase --include=python3 bookworm {tmp} {mirror} "
-        f"(a few minutes, once)")
+    log(
+        f"debootstrap --variant=minbase --include=python3 bookworm {tmp} {mirror} "
+        f"(a few minutes, once)"
+    )
     logf = dest.with_name("debootstrap.log")
     with open(logf, "w") as out:
         try:
-            r = subprocess.run([exe, "--variant=minbase", "--include=python3", "bookworm",
-                                str(tmp), mirror], stdout=out, stderr=subprocess.STDOUT,
-                               timeout=timeout, check=False)
+            r = subprocess.run(
+                [exe, "--variant=minbase", "--include=python3", "bookworm", str(tmp), mirror],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             log(f"debootstrap timed out; see {logf}; generating a tree")
             return False
@@ -228,12 +235,29 @@ def generate_rootfs(dest: Path, n_files: int, seed: int = 0) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for d in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "etc/alternatives",
-              "etc/apt/apt.conf.d", "var/lib/dpkg/info", "var/tmp", "tmp", "srv", "opt",
-              "root", "dev", "proc"):
+    for d in (
+        "usr/bin",
+        "usr/sbin",
+        "usr/lib",
+        "usr/lib64",
+        "etc/alternatives",
+        "etc/apt/apt.conf.d",
+        "var/lib/dpkg/info",
+        "var/tmp",
+        "tmp",
+        "srv",
+        "opt",
+        "root",
+        "dev",
+        "proc",
+    ):
         (tmp / d).mkdir(parents=True, exist_ok=True)
-    for name, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"),
-                         ("lib64", "usr/lib64")):
+    for name, target in (
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ):
         os.symlink(target, tmp / name)
     python_files: list[str] = []
     k = 0
@@ -244,8 +268,11 @@ def generate_rootfs(dest: Path, n_files: int, seed: int = 0) -> None:
                 rel = f"{top}/pkg{i // 3:04d}/{('copyright', 'changelog.Debian.gz', 'NEWS')[i % 3]}"
             elif top == "usr/lib/python3.11":
                 mod = f"mod{i // 40:03d}"
-                rel = (f"{top}/{mod}/__pycache__/f{i:05d}.cpython-311.pyc" if i % 2
-                       else f"{top}/{mod}/f{i:05d}.py")
+                rel = (
+                    f"{top}/{mod}/__pycache__/f{i:05d}.cpython-311.pyc"
+                    if i % 2
+                    else f"{top}/{mod}/f{i:05d}.py"
+                )
             elif top in ("usr/share/zoneinfo", "usr/share/locale"):
                 rel = f"{top}/d{i // 50:03d}/f{i:05d}"
             else:
@@ -283,9 +310,18 @@ def ensure_rootfs(cache: Path, source: str, n_generated: int) -> tuple[Path, str
         if root.exists():
             shutil.rmtree(root)
         if debootstrap(root):
-            (cache / "rootfs.json").write_text(json.dumps(
-                {"source": "debootstrap", "suite": "bookworm", "variant": "minbase",
-                 "include": ["python3"], "mirror": apt_mirror(), "built": time.time()}))
+            (cache / "rootfs.json").write_text(
+                json.dumps(
+                    {
+                        "source": "debootstrap",
+                        "suite": "bookworm",
+                        "variant": "minbase",
+                        "include": ["python3"],
+                        "mirror": apt_mirror(),
+                        "built": time.time(),
+                    }
+                )
+            )
             return root, "debootstrap"
         if source == "debootstrap":
             raise SystemExit("bench: debootstrap failed and --source debootstrap was asked for")
@@ -304,8 +340,10 @@ def data_file(cache: Path, role: str, size: int) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     p = d / f"{role}-{size}.bin"
     if not p.exists() or p.stat().st_size != size:
-        log(f"writing {size // MiB or size} {'MiB' if size >= MiB else 'bytes'} "
-            f"of random data to {p} (once)")
+        log(
+            f"writing {size // MiB or size} {'MiB' if size >= MiB else 'bytes'} "
+            f"of random data to {p} (once)"
+        )
         write_random(p, size)
     return p
 
@@ -314,10 +352,11 @@ def data_file(cache: Path, role: str, size: int) -> Path:
 @dataclass
 class Image:
     """A built image; every path in `files` is relative to the mount's root."""
+
     root: Path
     source: str
-    kernel_layers: list[Path]      # top first
-    unionfs_layers: list[Path]     # top first
+    kernel_layers: list[Path]  # top first
+    unionfs_layers: list[Path]  # top first
     merged: Path
     tarball: Path
     files: dict[str, str] = field(default_factory=dict)
@@ -329,12 +368,19 @@ class Image:
     @classmethod
     def load(cls, root: Path) -> Image:
         meta = json.loads((root / "image.json").read_text())
-        return cls(root=root, source=meta["source"],
-                   kernel_layers=[root / "kernel" / f"l{i}" for i in range(N_LAYERS)],
-                   unionfs_layers=[root / "unionfs" / f"l{i}" for i in range(N_LAYERS)],
-                   merged=root / "merged", tarball=root / "w8.tar", files=meta["files"],
-                   w7_count=meta["w7_count"], has_true=meta["has_true"],
-                   has_python=meta["has_python"], counts=meta["counts"])
+        return cls(
+            root=root,
+            source=meta["source"],
+            kernel_layers=[root / "kernel" / f"l{i}" for i in range(N_LAYERS)],
+            unionfs_layers=[root / "unionfs" / f"l{i}" for i in range(N_LAYERS)],
+            merged=root / "merged",
+            tarball=root / "w8.tar",
+            files=meta["files"],
+            w7_count=meta["w7_count"],
+            has_true=meta["has_true"],
+            has_python=meta["has_python"],
+            counts=meta["counts"],
+        )
 
 
 def _python_paths(rootfs: Path, entries: list[tuple[str, os.stat_result]]) -> set[str]:
@@ -408,8 +454,11 @@ def build_layers(rootfs: Path, out: Path, cache: Path, sizes: Sizes) -> dict[str
     doc = rootfs / "usr/share/doc"
     whited_dirs: list[str] = []
     if doc.is_dir():
-        pkgs = sorted(n for n in os.listdir(doc) if (doc / n).is_dir()
-                      and not (doc / n).is_symlink() and "python" not in n)
+        pkgs = sorted(
+            n
+            for n in os.listdir(doc)
+            if (doc / n).is_dir() and not (doc / n).is_symlink() and "python" not in n
+        )
         for n in pkgs[::2]:
             rel = f"usr/share/doc/{n}"
             if os.path.lexists(l1 / rel):
@@ -438,9 +487,14 @@ def build_layers(rootfs: Path, out: Path, cache: Path, sizes: Sizes) -> dict[str
         p.write_bytes(b"# generated\n" + rng.randbytes(rng.randint(200, 8000)).hex().encode())
     (l0 / "etc").mkdir(exist_ok=True)
     (l0 / "etc/hostname").write_text("bench\n")
-    shared = [rel for rel, st in entries
-              if rel.startswith("usr/share/") and stat.S_ISREG(st.st_mode) and rel not in python
-              and not any(rel.startswith(w) for w in whited_dirs)]
+    shared = [
+        rel
+        for rel, st in entries
+        if rel.startswith("usr/share/")
+        and stat.S_ISREG(st.st_mode)
+        and rel not in python
+        and not any(rel.startswith(w) for w in whited_dirs)
+    ]
     for rel in shared[::25]:
         ensure_parents(rootfs, l0, rel)
         make_whiteout(l0 / rel)
@@ -484,7 +538,7 @@ def merge_layers(layers: list[Path], dest: Path) -> None:
             if stat.S_ISDIR(st.st_mode):
                 below = [dirs[i] / name]
                 if not is_opaque(dirs[i] / name):
-                    for d in dirs[i + 1:]:
+                    for d in dirs[i + 1 :]:
                         try:
                             lst = os.lstat(d / name)
                         except FileNotFoundError:
@@ -580,7 +634,7 @@ def ensure_stack(cache: Path, n_files: int) -> Stack:
     if root.exists():
         shutil.rmtree(root)
     bounds = [0, int(n_files * 0.6), int(n_files * 0.85), n_files]  # l2, l1, l0
-    for li, layer in zip((2, 1, 0), (kernel[2], kernel[1], kernel[0])):
+    for li, layer in zip((2, 1, 0), (kernel[2], kernel[1], kernel[0]), strict=True):
         layer.mkdir(parents=True)
         lo, hi = bounds[2 - li], bounds[3 - li]
         for i in range(lo, hi):
@@ -595,7 +649,7 @@ def ensure_stack(cache: Path, n_files: int) -> Stack:
     opq = kernel[1] / "d0000"
     opq.mkdir(exist_ok=True)
     os.setxattr(opq, OPAQUE_XATTR, b"y")
-    for k, u in zip(kernel, unionfs):
+    for k, u in zip(kernel, unionfs, strict=True):
         u.parent.mkdir(parents=True, exist_ok=True)
         to_unionfs(k, u)
     (root / "done").touch()

@@ -9,6 +9,7 @@ can unmount whatever is left after an error or ^C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -27,11 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _version_line(text: str, name: str) -> str:
-    """"NAME X.Y, FUSE library A.B" from a --version output."""
+    """ "NAME X.Y, FUSE library A.B" from a --version output."""
     own = re.search(re.escape(name) + r"[^\n]*?version:?\s*([0-9][0-9.]*[0-9])", text)
     lib = re.search(r"FUSE library version:?\s*([0-9][0-9.]*[0-9])", text)
-    return (f"{name} {own.group(1) if own else '?'}"
-            + (f", FUSE library {lib.group(1)}" if lib else ""))
+    return f"{name} {own.group(1) if own else '?'}" + (
+        f", FUSE library {lib.group(1)}" if lib else ""
+    )
 
 
 class Layers(Protocol):
@@ -47,9 +49,9 @@ class NotApplicable(Exception):
 class Instance:
     impl: Impl
     base: Path
-    root: Path                  # where the workloads run
+    root: Path  # where the workloads run
     mounted: bool = False
-    pid: int | None = None      # the FUSE daemon
+    pid: int | None = None  # the FUSE daemon
     stats: dict[str, float] = field(default_factory=dict)
 
     def find_daemon(self) -> None:
@@ -92,8 +94,12 @@ def cleanup_all() -> None:
         except Exception as e:  # noqa: BLE001  (go on with the others, then force it)
             print(f"bench: cleanup of {inst.root}: {e}", file=sys.stderr)
             if procs.is_mounted(inst.root):
-                subprocess.run(["umount", "-l", str(inst.root)], timeout=30,
-                               stderr=subprocess.DEVNULL, check=False)
+                subprocess.run(
+                    ["umount", "-l", str(inst.root)],
+                    timeout=30,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                )
             if inst.pid is not None:
                 procs.stop(inst.pid)
 
@@ -145,8 +151,12 @@ class Impl:
             self._unmount(inst)
         except Exception:
             if procs.is_mounted(inst.root):
-                subprocess.run(["umount", "-l", str(inst.root)], timeout=30,
-                               stderr=subprocess.DEVNULL, check=False)
+                subprocess.run(
+                    ["umount", "-l", str(inst.root)],
+                    timeout=30,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                )
             if inst.pid is not None:
                 procs.stop(inst.pid)
             raise
@@ -162,6 +172,7 @@ class Impl:
 
 class Native(Impl):
     """A plain merged copy on the host filesystem: the floor."""
+
     name = "native"
 
     def mount(self, layers: Layers, base: Path, private: tuple[str, ...] = ()) -> Instance:
@@ -193,8 +204,9 @@ class Kernel(Impl):
     def missing(self) -> str | None:
         with open("/proc/filesystems") as f:
             if "overlay" not in f.read():
-                subprocess.run(["modprobe", "overlay"], timeout=30, stderr=subprocess.DEVNULL,
-                               check=False)
+                subprocess.run(
+                    ["modprobe", "overlay"], timeout=30, stderr=subprocess.DEVNULL, check=False
+                )
         with open("/proc/filesystems") as f:
             return None if "overlay" in f.read() else "no overlay filesystem in this kernel"
 
@@ -202,15 +214,24 @@ class Kernel(Impl):
         params = Path("/sys/module/overlay/parameters")
         opts = []
         for p in ("redirect_dir", "index", "metacopy", "xino_auto"):
-            try:
+            with contextlib.suppress(OSError):
                 opts.append(f"{p}={(params / p).read_text().strip()}")
-            except OSError:
-                pass
         return f"Linux {os.uname().release} ({', '.join(opts)})"
 
     def _mount(self, layers: Layers, inst: Instance, private: tuple[str, ...]) -> None:
-        procs.run(["mount", "-t", "overlay", "overlay", "-o", self._overlay_opts(layers, inst),
-                   str(inst.root)], MOUNT_TIMEOUT, "mount -t overlay")
+        procs.run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                self._overlay_opts(layers, inst),
+                str(inst.root),
+            ],
+            MOUNT_TIMEOUT,
+            "mount -t overlay",
+        )
 
 
 class FuseOverlayfs(Impl):
@@ -223,19 +244,29 @@ class FuseOverlayfs(Impl):
 
     def version(self) -> str:
         try:
-            out = subprocess.run(["fuse-overlayfs", "--version"], capture_output=True,
-                                 text=True, timeout=10, check=False)
+            out = subprocess.run(
+                ["fuse-overlayfs", "--version"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return "?"
         return _version_line(out.stdout + out.stderr, "fuse-overlayfs")
 
     def _mount(self, layers: Layers, inst: Instance, private: tuple[str, ...]) -> None:
-        procs.run(["fuse-overlayfs", "-o", self._overlay_opts(layers, inst), str(inst.root)],
-                  MOUNT_TIMEOUT, "fuse-overlayfs", log=inst.base / "daemon.log")
+        procs.run(
+            ["fuse-overlayfs", "-o", self._overlay_opts(layers, inst), str(inst.root)],
+            MOUNT_TIMEOUT,
+            "fuse-overlayfs",
+            log=inst.base / "daemon.log",
+        )
 
 
 class UnionfsFuse(Impl):
     """unionfs-fuse with copy-on-write; it reads its own whiteouts (the unionfs/ layers)."""
+
     name = "unionfs-fuse"
     daemon_names = ("unionfs",)
     fuse = True
@@ -245,8 +276,9 @@ class UnionfsFuse(Impl):
 
     def version(self) -> str:
         try:
-            out = subprocess.run(["unionfs", "--version"], capture_output=True, text=True,
-                                 timeout=10, check=False)
+            out = subprocess.run(
+                ["unionfs", "--version"], capture_output=True, text=True, timeout=10, check=False
+            )
         except (OSError, subprocess.TimeoutExpired):
             return "?"
         return _version_line(out.stdout + out.stderr, "unionfs")
@@ -255,8 +287,12 @@ class UnionfsFuse(Impl):
         upper = inst.base / "upper"
         upper.mkdir()
         branches = ":".join([f"{upper}=RW"] + [f"{p}=RO" for p in layers.unionfs_layers])
-        procs.run(["unionfs", "-o", "cow,hide_meta_files", branches, str(inst.root)],
-                  MOUNT_TIMEOUT, "unionfs", log=inst.base / "daemon.log")
+        procs.run(
+            ["unionfs", "-o", "cow,hide_meta_files", branches, str(inst.root)],
+            MOUNT_TIMEOUT,
+            "unionfs",
+            log=inst.base / "daemon.log",
+        )
 
 
 class Pyunion(Impl):
@@ -268,14 +304,25 @@ class Pyunion(Impl):
         if command is None:
             venv = REPO / ".venv/bin/pyunion"
             found = shutil.which("pyunion")
-            command = [str(venv)] if venv.exists() else [found] if found else \
-                [sys.executable, "-m", "unionfs"]
+            command = (
+                [str(venv)]
+                if venv.exists()
+                else [found]
+                if found
+                else [sys.executable, "-m", "unionfs"]
+            )
         self.command = command
 
     def missing(self) -> str | None:
         try:
-            r = subprocess.run([*self.command, "--help"], capture_output=True, text=True,
-                               timeout=30, cwd=REPO, check=False)
+            r = subprocess.run(
+                [*self.command, "--help"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=REPO,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"pyunion does not run: {e}"
         if r.returncode != 0 or "mount" not in r.stdout:
@@ -284,21 +331,30 @@ class Pyunion(Impl):
 
     def version(self) -> str:
         try:
-            rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                                 capture_output=True, text=True, timeout=10,
-                                 check=False).stdout.strip()
+            rev = subprocess.run(
+                ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             rev = "?"
         return f"pyunion {rev} ({' '.join(self.command)})"
 
     def _mount(self, layers: Layers, inst: Instance, private: tuple[str, ...]) -> None:
-        procs.run([*self.command, "mount", "-o", self._overlay_opts(layers, inst),
-                   str(inst.root)], MOUNT_TIMEOUT, "pyunion mount", log=inst.base / "daemon.log")
+        procs.run(
+            [*self.command, "mount", "-o", self._overlay_opts(layers, inst), str(inst.root)],
+            MOUNT_TIMEOUT,
+            "pyunion mount",
+            log=inst.base / "daemon.log",
+        )
 
     def _unmount(self, inst: Instance) -> None:
         procs.run([*self.command, "umount", str(inst.root)], UMOUNT_TIMEOUT, "pyunion umount")
 
 
-ALL: dict[str, type[Impl]] = {c.name: c for c in (Native, Kernel, FuseOverlayfs, UnionfsFuse,
-                                                  Pyunion)}
+ALL: dict[str, type[Impl]] = {
+    c.name: c for c in (Native, Kernel, FuseOverlayfs, UnionfsFuse, Pyunion)
+}
 ORDER = list(ALL)

@@ -20,16 +20,27 @@ class CommandFailed(RuntimeError):
     pass
 
 
-def run(cmd: list[str], timeout: float, what: str = "", log: Path | None = None,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str],
+    timeout: float,
+    what: str = "",
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run `cmd` in a session of its own; on a timeout or an interrupt, kill that session
     (only processes this run started). A daemon that `cmd` forks keeps its output in `log`
     (never a pipe, which would keep `cmd` from seeming to finish)."""
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(log, "a")) if log else None
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out or subprocess.PIPE,
-                             stderr=out or subprocess.PIPE, text=True,
-                             start_new_session=True, env=env)
+        p = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out or subprocess.PIPE,
+            stderr=out or subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=env,
+        )
         try:
             stdout, stderr = p.communicate(timeout=timeout)
         except BaseException:
@@ -38,19 +49,15 @@ def run(cmd: list[str], timeout: float, what: str = "", log: Path | None = None,
     if p.returncode != 0:
         detail = (stderr or "").strip()
         if log and not detail:
-            try:
+            with contextlib.suppress(OSError):
                 detail = log.read_text().strip()[-2000:]
-            except OSError:
-                pass
         raise CommandFailed(f"{what or cmd[0]}: exit {p.returncode}: {detail[-2000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
 def _kill_session(p: subprocess.Popen[str]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
         p.communicate(timeout=10)
 
@@ -116,7 +123,7 @@ def find_daemon(mountpoint: Path, names: tuple[str, ...]) -> int | None:
 @dataclass
 class ProcStat:
     state: str
-    cpu_s: float        # utime + stime of the whole process (all its threads)
+    cpu_s: float  # utime + stime of the whole process (all its threads)
     starttime: float
 
 
@@ -127,8 +134,9 @@ def read_stat(pid: int) -> ProcStat | None:
     except OSError:
         return None
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15; starttime 22
-    return ProcStat(fields[0], (int(fields[11]) + int(fields[12])) / CLK_TCK,
-                    int(fields[19]) / CLK_TCK)
+    return ProcStat(
+        fields[0], (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[19]) / CLK_TCK
+    )
 
 
 def read_hwm_kib(pid: int) -> int | None:

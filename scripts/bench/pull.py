@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[2]
 REF = "bench"
 # pyunion's own commit code writes each layer (kernel whiteouts -> `.wh.` markers), in
 # the interpreter that has pyunion's dependencies.
-_TAR = ("import sys; from unionfs.image import write_layer_tar; "
-        "write_layer_tar(sys.argv[1], sys.stdout.buffer, timestamp=0)")
+_TAR = (
+    "import sys; from unionfs.image import write_layer_tar; "
+    "write_layer_tar(sys.argv[1], sys.stdout.buffer, timestamp=0)"
+)
 
 
 class _Hashing:
@@ -83,38 +85,64 @@ def ensure_layout(image: Image, python: str) -> Path:
     blobs.mkdir(parents=True)
     layers, diff_ids = [], []
     t0 = time.monotonic()
-    for layer in reversed(image.kernel_layers):     # bottom first
+    for layer in reversed(image.kernel_layers):  # bottom first
         part = tmp / "layer.part"
         with open(part, "wb") as f:
             comp = _Hashing(f)
             with gzip.GzipFile(fileobj=comp, mode="wb", compresslevel=6, mtime=0) as gz:
                 raw = _Hashing(gz)
-                p = subprocess.Popen([python, "-c", _TAR, str(layer)], stdout=subprocess.PIPE,
-                                     cwd=ROOT)
+                p = subprocess.Popen(
+                    [python, "-c", _TAR, str(layer)], stdout=subprocess.PIPE, cwd=ROOT
+                )
                 assert p.stdout is not None
                 while chunk := p.stdout.read(1 << 20):
                     raw.write(chunk)
                 if p.wait() != 0:
                     raise RuntimeError(f"writing the layer tar of {layer} failed")
         os.rename(part, blobs / comp.digest()[7:])
-        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                       "digest": comp.digest(), "size": comp.n})
+        layers.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": comp.digest(),
+                "size": comp.n,
+            }
+        )
         diff_ids.append(raw.digest())
-    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
     cdesc = _blob(blobs, json.dumps(config).encode())
-    man = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cdesc},
-           "layers": layers}
+    man = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cdesc},
+        "layers": layers,
+    }
     mdesc = _blob(blobs, json.dumps(man).encode())
     (tmp / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (tmp / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": man["mediaType"], **mdesc,
-        "annotations": {"org.opencontainers.image.ref.name": REF}}]}))
+    (tmp / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": man["mediaType"],
+                        **mdesc,
+                        "annotations": {"org.opencontainers.image.ref.name": REF},
+                    }
+                ],
+            }
+        )
+    )
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
-    log(f"OCI layout of the image written in {time.monotonic() - t0:.0f} s "
-        f"({sum(x['size'] for x in layers) / 1e6:.0f} MB of gzip layers)")
+    log(
+        f"OCI layout of the image written in {time.monotonic() - t0:.0f} s "
+        f"({sum(x['size'] for x in layers) / 1e6:.0f} MB of gzip layers)"
+    )
     return out
 
 
@@ -130,11 +158,15 @@ class LocalRegistry:
         (root / "config.yml").write_text(
             f"version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {root / 'storage'}\n"
-            f"http:\n  addr: {self.host}\n")
+            f"http:\n  addr: {self.host}\n"
+        )
         self.log = open(root / "registry.log", "wb")  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["docker-registry", "serve", str(root / "config.yml")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         ok = procs.wait_until(lambda: self._up(), 30, 0.05)
         if not ok:
             self.stop()
@@ -142,6 +174,7 @@ class LocalRegistry:
 
     def _up(self) -> bool:
         import urllib.request
+
         try:
             urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2)
             return True
@@ -165,40 +198,82 @@ def _timed(cmd: list[str], timeout: float) -> float:
     return time.monotonic() - t0
 
 
-def run(cache: Path, image: Image, pyunion: list[str], reps: int,
-        timeout: float = 1800.0) -> dict[str, Any]:
+def run(
+    cache: Path, image: Image, pyunion: list[str], reps: int, timeout: float = 1800.0
+) -> dict[str, Any]:
     """Time both ways `reps` times, alternating; returns the raw seconds and the medians."""
     missing = [t for t in ("docker-registry", "skopeo", "umoci") if shutil.which(t) is None]
     if missing:
-        raise SystemExit(f"bench: the pull workload needs {', '.join(missing)} "
-                         "(scripts/setup.sh installs them)")
+        raise SystemExit(
+            f"bench: the pull workload needs {', '.join(missing)} (scripts/setup.sh installs them)"
+        )
     layout = ensure_layout(image, _python(pyunion))
     work = cache / "pull-run"
     reg = LocalRegistry(work / "registry")
-    results: dict[str, list[float]] = {"pyunion": [], "skopeo copy": [], "umoci unpack": [],
-                                       "skopeo+umoci": []}
+    results: dict[str, list[float]] = {
+        "pyunion": [],
+        "skopeo copy": [],
+        "umoci unpack": [],
+        "skopeo+umoci": [],
+    }
     try:
         ref = f"{reg.host}/bench:1"
         log(f"pushing the image to {reg.host} with skopeo")
-        procs.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:{REF}",
-                   f"docker://{ref}"], timeout, "skopeo copy (push)")
+        procs.run(
+            [
+                "skopeo",
+                "copy",
+                "-q",
+                "--dest-tls-verify=false",
+                f"oci:{layout}:{REF}",
+                f"docker://{ref}",
+            ],
+            timeout,
+            "skopeo copy (push)",
+        )
         for rep in range(reps):
-            for who in ("pyunion", "skopeo+umoci") if rep % 2 == 0 else \
-                    ("skopeo+umoci", "pyunion"):
+            for who in ("pyunion", "skopeo+umoci") if rep % 2 == 0 else ("skopeo+umoci", "pyunion"):
                 scratch = work / "dest"
                 shutil.rmtree(scratch, ignore_errors=True)
                 scratch.mkdir()
                 os.sync()
                 procs.drop_caches()
                 if who == "pyunion":
-                    t = _timed([*pyunion, "pull", "-q", "--tls-verify=false", "--store",
-                                str(scratch / "store"), ref], timeout)
+                    t = _timed(
+                        [
+                            *pyunion,
+                            "pull",
+                            "-q",
+                            "--tls-verify=false",
+                            "--store",
+                            str(scratch / "store"),
+                            ref,
+                        ],
+                        timeout,
+                    )
                     results["pyunion"].append(t)
                 else:
-                    t1 = _timed(["skopeo", "copy", "-q", "--src-tls-verify=false",
-                                 f"docker://{ref}", f"oci:{scratch / 'oci'}:{REF}"], timeout)
-                    t2 = _timed(["umoci", "unpack", "--image", f"{scratch / 'oci'}:{REF}",
-                                 str(scratch / "bundle")], timeout)
+                    t1 = _timed(
+                        [
+                            "skopeo",
+                            "copy",
+                            "-q",
+                            "--src-tls-verify=false",
+                            f"docker://{ref}",
+                            f"oci:{scratch / 'oci'}:{REF}",
+                        ],
+                        timeout,
+                    )
+                    t2 = _timed(
+                        [
+                            "umoci",
+                            "unpack",
+                            "--image",
+                            f"{scratch / 'oci'}:{REF}",
+                            str(scratch / "bundle"),
+                        ],
+                        timeout,
+                    )
                     results["skopeo copy"].append(t1)
                     results["umoci unpack"].append(t2)
                     results["skopeo+umoci"].append(t1 + t2)
@@ -211,15 +286,20 @@ def run(cache: Path, image: Image, pyunion: list[str], reps: int,
     med = {k: statistics.median(v) for k, v in results.items() if v}
     blobs = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
     man = json.loads((layout / "blobs/sha256" / blobs[7:]).read_text())
-    return {"seconds": results, "median": med,
-            "compressed_bytes": sum(x["size"] for x in man["layers"]),
-            "ratio": med["pyunion"] / med["skopeo+umoci"]}
+    return {
+        "seconds": results,
+        "median": med,
+        "compressed_bytes": sum(x["size"] for x in man["layers"]),
+        "ratio": med["pyunion"] / med["skopeo+umoci"],
+    }
 
 
 def render(res: dict[str, Any]) -> str:
     med = res["median"]
-    head = (f"pull workload: {res['compressed_bytes'] / 1e6:.0f} MB of gzip layers from a "
-            f"local registry into a cold store (medians of {len(res['seconds']['pyunion'])})")
+    head = (
+        f"pull workload: {res['compressed_bytes'] / 1e6:.0f} MB of gzip layers from a "
+        f"local registry into a cold store (medians of {len(res['seconds']['pyunion'])})"
+    )
     lines = [head, "| way | median s |", "|---|---:|"]
     for k in ("pyunion", "skopeo copy", "umoci unpack", "skopeo+umoci"):
         lines.append(f"| {k} | {med[k]:.2f} |")

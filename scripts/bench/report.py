@@ -43,7 +43,7 @@ def medians(data: dict[str, Any]) -> dict[tuple[str, str], dict[str, float | str
 
 def _row_order(data: dict[str, Any]) -> list[tuple[str, str]]:
     present = {(r["workload"], r["mode"]) for r in data["results"]}
-    order = [w for w in BY_ID] + ["mount"]
+    order = [*list(BY_ID), "mount"]
     modes = data["meta"].get("modes", ["cold", "warm"])
     return [(w, m) for w in order for m in modes if (w, m) in present]
 
@@ -88,8 +88,9 @@ def build_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]], list[s
     if ratio_cols:
         gm = ["geometric mean of pyunion's ratios"] + [""] * len(impls)
         for _, label in ratio_cols:
-            gm.append(f"{math.exp(sum(logs[label]) / len(logs[label])):.2f}"
-                      if logs[label] else "-")
+            gm.append(
+                f"{math.exp(sum(logs[label]) / len(logs[label])):.2f}" if logs[label] else "-"
+            )
         rows.append(gm)
     # daemon rows
     peak: dict[str, float] = {}
@@ -100,13 +101,18 @@ def build_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]], list[s
         if s.get("rss_peak_mib") is not None:
             peak[impl] = max(peak.get(impl, 0.0), s["rss_peak_mib"])
     if peak:
-        rows.append(["daemon peak RSS, MiB (VmHWM)"] + [f"{peak[i]:.1f}" if i in peak else "-"
-                                                       for i in impls] + [""] * len(ratio_cols))
+        rows.append(
+            ["daemon peak RSS, MiB (VmHWM)"]
+            + [f"{peak[i]:.1f}" if i in peak else "-" for i in impls]
+            + [""] * len(ratio_cols)
+        )
     sess = data.get("session", {})
     if any("cpu_s" in s for s in sess.values()):
-        rows.append(["daemon CPU s, one pass of all workloads"]
-                    + [f"{sess[i]['cpu_s']:.2f}" if "cpu_s" in sess.get(i, {}) else "-"
-                       for i in impls] + [""] * len(ratio_cols))
+        rows.append(
+            ["daemon CPU s, one pass of all workloads"]
+            + [f"{sess[i]['cpu_s']:.2f}" if "cpu_s" in sess.get(i, {}) else "-" for i in impls]
+            + [""] * len(ratio_cols)
+        )
     notes = []
     failed: dict[tuple[str, str, str], str] = {}
     for r in data["results"]:
@@ -114,8 +120,9 @@ def build_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]], list[s
             msg = r["error"]
             if ": exit " in msg:  # "COMMAND: exit N: STDERR": the command line says little
                 msg = "exit " + msg.split(": exit ", 1)[1]
-            failed.setdefault((r["impl"], r["workload"], r["mode"]),
-                              msg.strip().splitlines()[0][:160])
+            failed.setdefault(
+                (r["impl"], r["workload"], r["mode"]), msg.strip().splitlines()[0][:160]
+            )
     for (impl, wid, mode), err in sorted(failed.items()):
         notes.append(f"failed: {impl} {wid} ({mode}): {err}")
     if over:
@@ -126,23 +133,33 @@ def build_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]], list[s
 def _describe(meta: dict[str, Any]) -> list[str]:
     m = meta["machine"]
     img = meta["image"]
-    layers = ", ".join(f"l{i}: {c['files']} files, {c['whiteouts']} whiteouts, "
-                       f"{c['opaque']} opaque, {c['bytes'] / (1 << 20):.0f} MiB"
-                       for i, c in enumerate(img["counts"]))
+    layers = ", ".join(
+        f"l{i}: {c['files']} files, {c['whiteouts']} whiteouts, "
+        f"{c['opaque']} opaque, {c['bytes'] / (1 << 20):.0f} MiB"
+        for i, c in enumerate(img["counts"])
+    )
     lines = [
-        (f"Date: {meta['date']}. Machine: {m['cpu']}, {m['cpus']} CPUs, "
-         f"{m['mem_gib']:.0f} GiB RAM, {m['kernel']}, layers and uppers on {m['fs']}."),
-        (f"Run: {meta['sizes']['name']}, {meta['reps']} repetition(s), "
-         f"modes {', '.join(meta['modes'])}; every measurement on a fresh mount with a fresh "
-         f"upper (native: a fresh hard-linked copy of the merged tree); cold = after "
-         f"`sync; echo 3 > /proc/sys/vm/drop_caches`; medians."),
-        (f"Image: {img['source']} in 3 layers (top first: {layers}); kernel-format whiteouts "
-         f"and opaque directories for kernel, fuse-overlayfs and pyunion; unionfs-fuse "
-         f"(`-o cow,hide_meta_files`) gets the same layers with its own "
-         f"`.unionfs-fuse/*_HIDDEN~` whiteouts."),
+        (
+            f"Date: {meta['date']}. Machine: {m['cpu']}, {m['cpus']} CPUs, "
+            f"{m['mem_gib']:.0f} GiB RAM, {m['kernel']}, layers and uppers on {m['fs']}."
+        ),
+        (
+            f"Run: {meta['sizes']['name']}, {meta['reps']} repetition(s), "
+            f"modes {', '.join(meta['modes'])}; every measurement on a fresh mount with a fresh "
+            f"upper (native: a fresh hard-linked copy of the merged tree); cold = after "
+            f"`sync; echo 3 > /proc/sys/vm/drop_caches`; medians."
+        ),
+        (
+            f"Image: {img['source']} in 3 layers (top first: {layers}); kernel-format whiteouts "
+            f"and opaque directories for kernel, fuse-overlayfs and pyunion; unionfs-fuse "
+            f"(`-o cow,hide_meta_files`) gets the same layers with its own "
+            f"`.unionfs-fuse/*_HIDDEN~` whiteouts."
+        ),
         "Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items() if v) + ".",
-        ("Ratios are pyunion's time over the other's (below 1 = pyunion faster); `!` marks "
-         "a ratio over the goal (over 2.0 vs fuse-overlayfs, 1.0 or more vs unionfs-fuse)."),
+        (
+            "Ratios are pyunion's time over the other's (below 1 = pyunion faster); `!` marks "
+            "a ratio over the goal (over 2.0 vs fuse-overlayfs, 1.0 or more vs unionfs-fuse)."
+        ),
     ]
     if meta.get("skipped"):
         lines.append("Not run: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()))
@@ -156,6 +173,7 @@ def render(data: dict[str, Any], markdown: bool = False) -> str:
     if markdown:
         for d in desc:
             out += [d, ""]
+
         def cells(r: list[str]) -> str:
             return "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
 
@@ -165,16 +183,17 @@ def render(data: dict[str, Any], markdown: bool = False) -> str:
         if notes:
             out += [""] + [f"- {n}" for n in notes]
     else:
-        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
         def line(r: list[str]) -> str:
-            return "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
-                             for i, c in enumerate(r))
+            return "  ".join(
+                c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)
+            )
 
         out.append(line(header))
         out.append("  ".join("-" * w for w in widths))
         out += [line(r) for r in rows]
-        out += [""] + notes + desc
+        out += ["", *notes, *desc]
     if data.get("build"):
         from .build import render_build
 

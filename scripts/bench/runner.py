@@ -39,7 +39,7 @@ class Config:
     cache: Path
     sizes: Sizes
     impls: list[Impl]
-    workloads: list[str]        # W1..W10 and "mount"
+    workloads: list[str]  # W1..W10 and "mount"
     modes: tuple[str, ...]
     reps: int
     session: bool = True
@@ -61,23 +61,38 @@ class Runner:
     # -- helpers ----------------------------------------------------------------
     def _args(self) -> dict[str, Any]:
         s = self.cfg.sizes
-        return {**self.image.files, "w5_files": s.w5_files, "w6_true": s.w6_true,
-                "w6_python": s.w6_python, "w7_files": s.w7_files, "w9_bytes": s.w9_bytes,
-                "tarball": str(self.image.tarball), "has_python": self.image.has_python}
+        return {
+            **self.image.files,
+            "w5_files": s.w5_files,
+            "w6_true": s.w6_true,
+            "w6_python": s.w6_python,
+            "w7_files": s.w7_files,
+            "w9_bytes": s.w9_bytes,
+            "tarball": str(self.image.tarball),
+            "has_python": self.image.has_python,
+        }
 
     def child(self, wid: str, root: Path, warmup: bool = False) -> float:
         """Run a workload in a child process; its own timing, in seconds."""
         spec = json.dumps({"w": wid, "root": str(root), "warmup": warmup, "args": self._args()})
         env = {**os.environ, "PYTHONPATH": str(SCRIPTS)}
         try:
-            r = procs.run([sys.executable, "-m", "bench.workloads", spec], self.cfg.sizes.timeout,
-                          wid, env=env)
+            r = procs.run(
+                [sys.executable, "-m", "bench.workloads", spec],
+                self.cfg.sizes.timeout,
+                wid,
+                env=env,
+            )
         except subprocess.TimeoutExpired:
-            raise procs.CommandFailed(f"{wid}: timed out after {self.cfg.sizes.timeout:.0f} s")
+            raise procs.CommandFailed(
+                f"{wid}: timed out after {self.cfg.sizes.timeout:.0f} s"
+            ) from None
         try:
             out = json.loads(r.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
-            raise procs.CommandFailed(f"{wid}: no result: {r.stdout[-500:]} {r.stderr[-500:]}")
+            raise procs.CommandFailed(
+                f"{wid}: no result: {r.stdout[-500:]} {r.stderr[-500:]}"
+            ) from None
         if "error" in out:
             raise procs.CommandFailed(out["error"])
         return float(out["seconds"])
@@ -90,13 +105,33 @@ class Runner:
         """Files a workload writes in place: "native" needs its own copy of them."""
         return (self.image.files["mid"],) if wid in ("W4", "SESSION") else ()
 
-    def _record(self, impl: Impl, wid: str, mode: str, rep: int, seconds: float | None,
-                error: str | None, stats: dict[str, float]) -> None:
-        self.results.append({"impl": impl.name, "workload": wid, "mode": mode, "rep": rep,
-                             "seconds": seconds, "error": error, **stats})
+    def _record(
+        self,
+        impl: Impl,
+        wid: str,
+        mode: str,
+        rep: int,
+        seconds: float | None,
+        error: str | None,
+        stats: dict[str, float],
+    ) -> None:
+        self.results.append(
+            {
+                "impl": impl.name,
+                "workload": wid,
+                "mode": mode,
+                "rep": rep,
+                "seconds": seconds,
+                "error": error,
+                **stats,
+            }
+        )
         shown = f"{seconds:.4f} s" if seconds is not None else f"ERROR {error}"
-        extra = (f"  (daemon {stats['rss_peak_mib']:.0f} MiB, {stats['cpu_s']:.2f} s cpu)"
-                 if stats else "")
+        extra = (
+            f"  (daemon {stats['rss_peak_mib']:.0f} MiB, {stats['cpu_s']:.2f} s cpu)"
+            if stats
+            else ""
+        )
         print(f"  {impl.name:15} {wid:5} {mode:4} #{rep}: {shown}{extra}", flush=True)
 
     # -- measurements -------------------------------------------------------------
@@ -105,8 +140,9 @@ class Runner:
             return
         inst: Instance | None = None
         try:
-            inst = impl.mount(self.image, self._base(f"{impl.name}-{wid}-{mode}"),
-                              self._private(wid))
+            inst = impl.mount(
+                self.image, self._base(f"{impl.name}-{wid}-{mode}"), self._private(wid)
+            )
             inst.find_daemon()
             if mode == "warm":
                 self.child(wid, inst.root, warmup=True)
@@ -150,8 +186,11 @@ class Runner:
             self._record(impl, "mount", mode, rep, None, str(e), {})
 
     def run_session(self, impl: Impl) -> None:
-        wids = [w for w in self.cfg.workloads if w in BY_ID
-                and not (w == "W6" and not self.image.has_true)]
+        wids = [
+            w
+            for w in self.cfg.workloads
+            if w in BY_ID and not (w == "W6" and not self.image.has_true)
+        ]
         errors: list[str] = []
         inst = impl.mount(self.image, self._base(f"{impl.name}-session"), self._private("SESSION"))
         try:
@@ -167,16 +206,21 @@ class Runner:
         finally:
             inst.teardown()
         self.session[impl.name] = {"workloads": wids, "wall_s": wall, "errors": errors, **stats}
-        print(f"  {impl.name:15} session ({' '.join(wids)}): {wall:.2f} s wall, "
-              f"daemon {stats.get('rss_peak_mib', 0):.0f} MiB peak, "
-              f"{stats.get('cpu_s', 0):.2f} s cpu{'; errors: ' + str(errors) if errors else ''}",
-              flush=True)
+        print(
+            f"  {impl.name:15} session ({' '.join(wids)}): {wall:.2f} s wall, "
+            f"daemon {stats.get('rss_peak_mib', 0):.0f} MiB peak, "
+            f"{stats.get('cpu_s', 0):.2f} s cpu{'; errors: ' + str(errors) if errors else ''}",
+            flush=True,
+        )
 
     def listing(self, root: Path) -> list[str]:
         """Every entry of a merged tree: path, type, mode, size (not for directories),
         symlink target."""
-        r = procs.run(["find", str(root), "-mindepth", "1", "-printf", "%P\t%y\t%m\t%s\t%l\n"],
-                      self.cfg.sizes.timeout, "find")
+        r = procs.run(
+            ["find", str(root), "-mindepth", "1", "-printf", "%P\t%y\t%m\t%s\t%l\n"],
+            self.cfg.sizes.timeout,
+            "find",
+        )
         out = []
         for line in r.stdout.splitlines():
             f = line.split("\t")
@@ -189,6 +233,7 @@ class Runner:
         """Differences between each implementation's merged view and native's (the
         merged tree computed from the layers): the layers mean the same to all."""
         from .impls import Native
+
         self.scratch.mkdir(parents=True)
         diffs: dict[str, list[str]] = {}
         try:
@@ -205,10 +250,14 @@ class Runner:
                     got = set(self.listing(inst.root))
                 finally:
                     inst.teardown()
-                diffs[impl.name] = ([f"missing {x}" for x in sorted(want - got)]
-                                    + [f"extra   {x}" for x in sorted(got - want)])
-                print(f"  {impl.name:15} {len(got)} entries, {len(diffs[impl.name])} "
-                      f"differences from native ({len(want)})", flush=True)
+                diffs[impl.name] = [f"missing {x}" for x in sorted(want - got)] + [
+                    f"extra   {x}" for x in sorted(got - want)
+                ]
+                print(
+                    f"  {impl.name:15} {len(got)} entries, {len(diffs[impl.name])} "
+                    f"differences from native ({len(want)})",
+                    flush=True,
+                )
                 for d in diffs[impl.name][:10]:
                     print(f"      {d}")
         finally:

@@ -44,9 +44,13 @@ WORKLOADS = [
     Workload("W10", "two processes reading different trees at once"),
 ]
 BY_ID = {w.id: w for w in WORKLOADS}
-Args = dict[str, Any]   # sizes and paths in the image, from the runner
-CHROOT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C",
-              "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/root"}
+Args = dict[str, Any]  # sizes and paths in the image, from the runner
+CHROOT_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+    "LANG": "C",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "HOME": "/root",
+}
 
 
 def title(wid: str, s: Sizes) -> str:
@@ -68,13 +72,21 @@ def title(wid: str, s: Sizes) -> str:
 
 # -- child side ---------------------------------------------------------------------
 def _sh(cmd: list[str] | str, ok: tuple[int, ...] = (0,), **kw: object) -> None:
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, shell=isinstance(cmd, str),
-                       executable="/bin/bash" if isinstance(cmd, str) else None,
-                       check=False, **kw)  # type: ignore[call-overload]
+    r = subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        shell=isinstance(cmd, str),
+        executable="/bin/bash" if isinstance(cmd, str) else None,
+        check=False,
+        **kw,
+    )  # type: ignore[call-overload]
     if r.returncode not in ok:
-        raise RuntimeError(f"{cmd if isinstance(cmd, str) else ' '.join(cmd)}: exit "
-                           f"{r.returncode}: {r.stderr.decode(errors='replace')[:1500]}")
+        raise RuntimeError(
+            f"{cmd if isinstance(cmd, str) else ' '.join(cmd)}: exit "
+            f"{r.returncode}: {r.stderr.decode(errors='replace')[:1500]}"
+        )
 
 
 def _read_all(path: str) -> None:
@@ -140,8 +152,10 @@ def _w6(root: str, a: Args) -> None:
         _sh(["chroot", root, true], env=CHROOT_ENV)
     if a["has_python"]:
         for _ in range(a["w6_python"]):
-            _sh(["chroot", root, "/usr/bin/python3", "-c", "import json,email,http.client"],
-                env=CHROOT_ENV)
+            _sh(
+                ["chroot", root, "/usr/bin/python3", "-c", "import json,email,http.client"],
+                env=CHROOT_ENV,
+            )
 
 
 def _w7(root: str, a: Args) -> None:
@@ -175,13 +189,28 @@ def _w9(root: str, a: Args) -> float:
     """fio takes ~0.3 s to start, more than the reads themselves in a quick run: the
     result is the sum of the reads' latencies as fio measured them."""
     r = subprocess.run(
-        ["fio", "--name=w9", f"--filename={os.path.join(root, a['big'])}", "--readonly",
-         "--rw=randread", "--bs=4k", "--ioengine=psync", f"--io_size={a['w9_bytes']}",
-         "--invalidate=0", "--randrepeat=1", "--norandommap", "--output-format=json"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        [
+            "fio",
+            "--name=w9",
+            f"--filename={os.path.join(root, a['big'])}",
+            "--readonly",
+            "--rw=randread",
+            "--bs=4k",
+            "--ioengine=psync",
+            f"--io_size={a['w9_bytes']}",
+            "--invalidate=0",
+            "--randrepeat=1",
+            "--norandommap",
+            "--output-format=json",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"fio: exit {r.returncode}: {r.stderr[-1500:]}")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read"]
+    job = json.loads(r.stdout[r.stdout.index("{") :])["jobs"][0]["read"]
     if job.get("total_ios", 0) == 0:
         raise RuntimeError(f"fio read nothing: {r.stderr[-500:]}")
     return float(job["lat_ns"]["mean"]) * int(job["total_ios"]) / 1e9
@@ -189,10 +218,16 @@ def _w9(root: str, a: Args) -> float:
 
 def _w10(root: str, a: Args) -> None:
     trees = [t for t in ("usr/lib", "usr/share") if os.path.isdir(os.path.join(root, t))]
-    procs = [subprocess.Popen(["/bin/bash", "-c", _tar_read(root, t)], stdin=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for t in trees]
+    procs = [
+        subprocess.Popen(
+            ["/bin/bash", "-c", _tar_read(root, t)],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for t in trees
+    ]
     errors = []
-    for p, t in zip(procs, trees):
+    for p, t in zip(procs, trees, strict=True):
         _, err = p.communicate()
         if p.returncode not in (0, 1):
             errors.append(f"tar {t}: exit {p.returncode}: {err.decode(errors='replace')[-500:]}")
@@ -200,8 +235,18 @@ def _w10(root: str, a: Args) -> None:
         raise RuntimeError("; ".join(errors))
 
 
-RUN: dict[str, Callable[[str, Args], object]] = {"W1": _w1, "W2": _w2, "W3": _w3, "W4": _w4, "W5": _w5, "W6": _w6, "W7": _w7, "W8": _w8,
-       "W9": _w9, "W10": _w10}
+RUN: dict[str, Callable[[str, Args], object]] = {
+    "W1": _w1,
+    "W2": _w2,
+    "W3": _w3,
+    "W4": _w4,
+    "W5": _w5,
+    "W6": _w6,
+    "W7": _w7,
+    "W8": _w8,
+    "W9": _w9,
+    "W10": _w10,
+}
 WARM = {**RUN, "W4": _w4_warm, "W5": _w5_warm, "W7": _w7_warm, "W8": _w8_warm}
 
 

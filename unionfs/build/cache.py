@@ -51,7 +51,7 @@ class BuildCache:
             diff_ids = config["rootfs"]["diff_ids"]
             if not isinstance(layers, list) or len(layers) != len(diff_ids):
                 raise ValueError("layers and diff_ids differ")
-            for desc, diff_id in zip(layers, diff_ids):
+            for desc, diff_id in zip(layers, diff_ids, strict=True):
                 if not (self.store.has_layer(diff_id) and self.store.has_blob(desc["digest"])):
                     raise ValueError("a layer is gone")
         except FileNotFoundError:

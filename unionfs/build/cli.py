@@ -21,8 +21,13 @@ class _LayersAction(argparse.Action):
     """`--layers`, `--layers=true|false`; `--layers DIR` is the flag and then the context
     (as buildah users type it), not a bad boolean."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         if values is None:
             namespace.layers = True
             return
@@ -36,31 +41,64 @@ class _LayersAction(argparse.Action):
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "build", aliases=["bud"], help="build an image from a Containerfile/Dockerfile",
+        "build",
+        aliases=["bud"],
+        help="build an image from a Containerfile/Dockerfile",
         usage="pyunion build [OPTIONS] CONTEXT",
         description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, one "
-                    "layer per RUN, COPY and ADD, each RUN in a pyunion container; unchanged "
-                    "steps come from the build cache. The image goes into the store; its ID is "
-                    "the last line printed.")
+        "layer per RUN, COPY and ADD, each RUN in a pyunion container; unchanged "
+        "steps come from the build cache. The image goes into the store; its ID is "
+        "the last line printed.",
+    )
     p.add_argument("context", metavar="CONTEXT", nargs="?", help="the build context directory")
-    p.add_argument("-f", "--file", metavar="FILE",
-                   help="the Containerfile ('-' reads it from stdin; default: "
-                        "CONTEXT/Containerfile, else CONTEXT/Dockerfile)")
-    p.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
-                   help="name the image (repeatable)")
-    p.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
-                   help="set a build argument (KEY alone: from the environment)")
+    p.add_argument(
+        "-f",
+        "--file",
+        metavar="FILE",
+        help="the Containerfile ('-' reads it from stdin; default: "
+        "CONTEXT/Containerfile, else CONTEXT/Dockerfile)",
+    )
+    p.add_argument(
+        "-t",
+        "--tag",
+        action="append",
+        default=[],
+        metavar="NAME[:TAG]",
+        help="name the image (repeatable)",
+    )
+    p.add_argument(
+        "--build-arg",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="set a build argument (KEY alone: from the environment)",
+    )
     p.add_argument("--target", metavar="STAGE", help="build up to this stage and tag it")
-    p.add_argument("--no-cache", action="store_true",
-                   help="run every step (the results still go into the cache)")
-    p.add_argument("--layers", action=_LayersAction, nargs="?", default=True,
-                   metavar="true|false",
-                   help="one layer per RUN/COPY/ADD with the build cache (default); "
-                        "--layers=false: one new layer per stage, no cache")
-    p.add_argument("--squash", action="store_true",
-                   help="the new layers of each stage as one layer (as --layers=false)")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="print only the image ID (and the commands' own output)")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run every step (the results still go into the cache)",
+    )
+    p.add_argument(
+        "--layers",
+        action=_LayersAction,
+        nargs="?",
+        default=True,
+        metavar="true|false",
+        help="one layer per RUN/COPY/ADD with the build cache (default); "
+        "--layers=false: one new layer per stage, no cache",
+    )
+    p.add_argument(
+        "--squash",
+        action="store_true",
+        help="the new layers of each stage as one layer (as --layers=false)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the image ID (and the commands' own output)",
+    )
     p.add_argument("--store", metavar="DIR", help="image store directory")
     p.set_defaults(handler=_cmd_build, context_after_layers=None)
 
@@ -92,10 +130,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise UserError("no build context given: pyunion build [OPTIONS] CONTEXT")
     if args.context and args.context_after_layers:
         raise UserError(f"--layers takes true or false, not {args.context_after_layers!r}")
-    image_id = build(BuildOptions(
-        context=context, file=args.file, tags=list(args.tag),
-        build_args=parse_build_args(args.build_arg), target=args.target,
-        no_cache=args.no_cache, layers=args.layers and not args.squash, store=args.store,
-        quiet=args.quiet))
+    image_id = build(
+        BuildOptions(
+            context=context,
+            file=args.file,
+            tags=list(args.tag),
+            build_args=parse_build_args(args.build_arg),
+            target=args.target,
+            no_cache=args.no_cache,
+            layers=args.layers and not args.squash,
+            store=args.store,
+            quiet=args.quiet,
+        )
+    )
     print(image_id)
     return 0

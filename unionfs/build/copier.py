@@ -56,7 +56,7 @@ class CopySpec:
 
     chown: Owner | None = None
     chmod: int | None = None
-    keep_owner: bool = False    # --from: keep the source's owners
+    keep_owner: bool = False  # --from: keep the source's owners
 
 
 # --- users and groups of the container ------------------------------------------------
@@ -69,8 +69,11 @@ def _read_db(rootfd: int, path: str) -> list[list[str]]:
         data = os.read(fd, 1 << 22)
     finally:
         os.close(fd)
-    return [line.split(":") for line in data.decode("utf-8", "replace").splitlines()
-            if line.strip() and not line.startswith("#")]
+    return [
+        line.split(":")
+        for line in data.decode("utf-8", "replace").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
 
 def resolve_owner(rootfd: int, spec: str) -> Owner:
@@ -93,8 +96,9 @@ def resolve_owner(rootfd: int, spec: str) -> Owner:
         if group.isdigit():
             gid = int(group)
         else:
-            g = next((e for e in _read_db(rootfd, "/etc/group")
-                      if len(e) >= 3 and e[0] == group), None)
+            g = next(
+                (e for e in _read_db(rootfd, "/etc/group") if len(e) >= 3 and e[0] == group), None
+            )
             if g is None or not g[2].isdigit():
                 raise CopyError(f"--chown={spec}: no group {group!r} in the image's /etc/group")
             gid = int(g[2])
@@ -147,10 +151,11 @@ class Root:
         try:
             for i, comp in enumerate(parts):
                 if comp == "..":
-                    nfd = syscalls.open_in_root(self.fd, "/".join(parts[:i + 1]),
-                                                DIR_FLAGS & ~os.O_NOFOLLOW)
+                    nfd = syscalls.open_in_root(
+                        self.fd, "/".join(parts[: i + 1]), DIR_FLAGS & ~os.O_NOFOLLOW
+                    )
                 else:
-                    nfd = self._child_dir(fd, comp, "/" + "/".join(parts[:i + 1]), owner)
+                    nfd = self._child_dir(fd, comp, "/" + "/".join(parts[: i + 1]), owner)
                 os.close(fd)
                 fd = nfd
         except BaseException:
@@ -168,8 +173,10 @@ class Root:
             try:
                 return syscalls.open_in_root(self.fd, where, DIR_FLAGS & ~os.O_NOFOLLOW)
             except OSError as e:
-                raise CopyError(f"{where!r} in the container is a symlink to something that is "
-                                f"not a directory ({e.strerror})") from None
+                raise CopyError(
+                    f"{where!r} in the container is a symlink to something that is "
+                    f"not a directory ({e.strerror})"
+                ) from None
         if st is not None and not stat.S_ISDIR(st.st_mode):
             raise CopyError(f"{where!r} exists in the container and is not a directory")
         if st is None:
@@ -190,8 +197,7 @@ def _copy_xattrs(src: int | str, dst: int | str, follow: bool) -> None:
         if n.startswith(_SKIP_XATTR_PREFIXES):
             continue
         with contextlib.suppress(OSError):
-            os.setxattr(dst, n, os.getxattr(src, n, follow_symlinks=follow),
-                        follow_symlinks=follow)
+            os.setxattr(dst, n, os.getxattr(src, n, follow_symlinks=follow), follow_symlinks=follow)
 
 
 def _clear(pfd: int, name: str, want_dir: bool, where: str) -> bool:
@@ -215,7 +221,7 @@ class Writer:
         self.spec = spec
         self.where = where
         self.links: dict[tuple[int, int], tuple[int, str]] = {}
-        self.dir_times: list[tuple[int, str, int, int]] = []   # (parent fd, name, atime, mtime)
+        self.dir_times: list[tuple[int, str, int, int]] = []  # (parent fd, name, atime, mtime)
         self.fds: list[int] = []
 
     def close(self) -> None:
@@ -245,8 +251,18 @@ class Writer:
         os.chown(name, o[0], o[1], dir_fd=pfd, follow_symlinks=False)
         os.chmod(name, self._mode(mode), dir_fd=pfd, follow_symlinks=False)
 
-    def directory(self, pfd: int, name: str, uid: int, gid: int, mode: int, atime: int,
-                  mtime: int, where: str, xattr_src: int | str | None = None) -> int:
+    def directory(
+        self,
+        pfd: int,
+        name: str,
+        uid: int,
+        gid: int,
+        mode: int,
+        atime: int,
+        mtime: int,
+        where: str,
+        xattr_src: int | str | None = None,
+    ) -> int:
         """Create (or merge into) directory NAME; returns its fd, owned by the writer."""
         if not _clear(pfd, name, True, where):
             os.mkdir(name, 0o700, dir_fd=pfd)
@@ -258,11 +274,26 @@ class Writer:
         self.dir_times.append((pfd, name, atime, mtime))
         return fd
 
-    def file(self, pfd: int, name: str, src: IO[bytes] | int, size: int | None, uid: int,
-             gid: int, mode: int, atime: int, mtime: int, where: str) -> None:
+    def file(
+        self,
+        pfd: int,
+        name: str,
+        src: IO[bytes] | int,
+        size: int | None,
+        uid: int,
+        gid: int,
+        mode: int,
+        atime: int,
+        mtime: int,
+        where: str,
+    ) -> None:
         _clear(pfd, name, False, where)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=pfd)
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=pfd,
+        )
         try:
             if isinstance(src, int):
                 _sendfile(src, fd)
@@ -289,16 +320,35 @@ class Writer:
     def remember_link(self, key: tuple[int, int], pfd: int, name: str) -> None:
         self.links.setdefault(key, (os.dup(pfd), name))
 
-    def symlink(self, pfd: int, name: str, target: str, uid: int, gid: int, atime: int,
-                mtime: int, where: str) -> None:
+    def symlink(
+        self,
+        pfd: int,
+        name: str,
+        target: str,
+        uid: int,
+        gid: int,
+        atime: int,
+        mtime: int,
+        where: str,
+    ) -> None:
         _clear(pfd, name, False, where)
         os.symlink(target, name, dir_fd=pfd)
         o = self._owner(uid, gid)
         os.chown(name, o[0], o[1], dir_fd=pfd, follow_symlinks=False)
         os.utime(name, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
 
-    def special(self, pfd: int, name: str, st_mode: int, rdev: int, uid: int, gid: int,
-                atime: int, mtime: int, where: str) -> None:
+    def special(
+        self,
+        pfd: int,
+        name: str,
+        st_mode: int,
+        rdev: int,
+        uid: int,
+        gid: int,
+        atime: int,
+        mtime: int,
+        where: str,
+    ) -> None:
         _clear(pfd, name, False, where)
         if stat.S_ISFIFO(st_mode):
             os.mkfifo(name, 0o600, dir_fd=pfd)
@@ -311,7 +361,7 @@ class Writer:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _sendfile(src: int, dst: int) -> None:
@@ -332,8 +382,14 @@ def _sendfile(src: int, dst: int) -> None:
 
 
 # --- COPY -------------------------------------------------------------------------------
-def copy_sources(root: Root, tree: SourceTree, sources: list[Source], dest: str,
-                 spec: CopySpec, dest_is_dir: bool) -> None:
+def copy_sources(
+    root: Root,
+    tree: SourceTree,
+    sources: list[Source],
+    dest: str,
+    spec: CopySpec,
+    dest_is_dir: bool,
+) -> None:
     """Copy every source to `dest` (an absolute path in the container)."""
     for src in sources:
         if src.is_dir:
@@ -401,16 +457,25 @@ def _copy_tree(dfd: int, tree: SourceTree, src: Source, spec: CopySpec, dest: st
                 try:
                     src_fd = tree.open(e.path, DIR_FLAGS)
                     try:
-                        fd = w.directory(pfd, name, e.st.st_uid, e.st.st_gid, e.st.st_mode,
-                                         e.st.st_atime_ns, e.st.st_mtime_ns, where,
-                                         syscalls.fd_str(src_fd))
+                        fd = w.directory(
+                            pfd,
+                            name,
+                            e.st.st_uid,
+                            e.st.st_gid,
+                            e.st.st_mode,
+                            e.st.st_atime_ns,
+                            e.st.st_mtime_ns,
+                            where,
+                            syscalls.fd_str(src_fd),
+                        )
                     finally:
                         os.close(src_fd)
                 except CopyError:
                     raise
                 except OSError as err:
-                    raise CopyError(f"cannot copy {e.path!r} to {where!r}: "
-                                    f"{err.strerror}") from None
+                    raise CopyError(
+                        f"cannot copy {e.path!r} to {where!r}: {err.strerror}"
+                    ) from None
                 stack.append((e.rel, fd))
             else:
                 _copy_entry(w, pfd, name, tree, e, where)
@@ -419,8 +484,12 @@ def _copy_tree(dfd: int, tree: SourceTree, src: Source, spec: CopySpec, dest: st
 
 
 # --- ADD of a local archive ------------------------------------------------------------------
-_MAGIC = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"),
-          (b"\x28\xb5\x2f\xfd", "zst"))
+_MAGIC = (
+    (b"\x1f\x8b", "gz"),
+    (b"BZh", "bz2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zst"),
+)
 
 
 def _tar_header_ok(block: bytes) -> bool:
@@ -482,8 +551,7 @@ class _Prefixed:
         return bytes(self.rest.read(n))
 
 
-def extract_archive(root: Root, tf: tarfile.TarFile, dest: str, spec: CopySpec,
-                    what: str) -> None:
+def extract_archive(root: Root, tf: tarfile.TarFile, dest: str, spec: CopySpec, what: str) -> None:
     """Unpack an archive into `dest`, confined to it; owners from the archive (or --chown)."""
     dfd = root.ensure_dir(dest, spec.chown)
     w = Writer(CopySpec(spec.chown, spec.chmod, keep_owner=True), dest)
@@ -496,8 +564,9 @@ def extract_archive(root: Root, tf: tarfile.TarFile, dest: str, spec: CopySpec,
             if ".." in parts:
                 raise CopyError(f"ADD {what}: refusing archive member {m.name!r} ('..')")
             if parts[-1].startswith(".wh."):
-                raise CopyError(f"ADD {what}: refusing archive member {m.name!r} "
-                                "(a whiteout marker)")
+                raise CopyError(
+                    f"ADD {what}: refusing archive member {m.name!r} (a whiteout marker)"
+                )
             pfd = _archive_dir(w, dirs, parts[:-1], dest)
             name = parts[-1]
             rel = "/".join(parts)
@@ -523,10 +592,20 @@ def extract_archive(root: Root, tf: tarfile.TarFile, dest: str, spec: CopySpec,
                 elif m.islnk():
                     _archive_link(dfd, pfd, name, m.linkname, where, what)
                 elif m.ischr() or m.isblk() or m.isfifo():
-                    kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else \
-                        stat.S_IFIFO
-                    w.special(pfd, name, kind | m.mode, os.makedev(m.devmajor, m.devminor),
-                              m.uid, m.gid, mt, mt, where)
+                    kind = (
+                        stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+                    )
+                    w.special(
+                        pfd,
+                        name,
+                        kind | m.mode,
+                        os.makedev(m.devmajor, m.devminor),
+                        m.uid,
+                        m.gid,
+                        mt,
+                        mt,
+                        where,
+                    )
             except CopyError:
                 raise
             except OSError as e:
@@ -571,11 +650,16 @@ def _archive_link(dfd: int, pfd: int, name: str, target: str, where: str, what: 
     if not tparts or ".." in tparts:
         raise CopyError(f"ADD {what}: refusing hard link {where!r} to {target!r}")
     try:
-        tfd = syscalls.openat2(dfd, "/".join(tparts[:-1]) or ".", DIR_FLAGS,
-                               syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS)
+        tfd = syscalls.openat2(
+            dfd,
+            "/".join(tparts[:-1]) or ".",
+            DIR_FLAGS,
+            syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS,
+        )
     except OSError:
-        raise CopyError(f"ADD {what}: hard link {where!r} to {target!r}, which is not in "
-                        "the archive") from None
+        raise CopyError(
+            f"ADD {what}: hard link {where!r} to {target!r}, which is not in the archive"
+        ) from None
     try:
         _clear(pfd, name, False, where)
         os.link(tparts[-1], name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)

@@ -73,12 +73,12 @@ class BuildError(UserError):
 @dataclass
 class BuildOptions:
     context: str
-    file: str | None = None          # path, "-" for stdin, None: look in the context
+    file: str | None = None  # path, "-" for stdin, None: look in the context
     tags: list[str] = field(default_factory=list)
     build_args: dict[str, str] = field(default_factory=dict)
     target: str | None = None
     no_cache: bool = False
-    layers: bool = True              # False: one new layer per stage (--squash)
+    layers: bool = True  # False: one new layer per stage (--squash)
     store: str | None = None
     quiet: bool = False
 
@@ -86,7 +86,7 @@ class BuildOptions:
 @dataclass
 class ImageState:
     config: dict[str, Any]
-    layers: list[dict[str, Any]]     # descriptors, bottom first, one per diff_id
+    layers: list[dict[str, Any]]  # descriptors, bottom first, one per diff_id
 
     @property
     def id(self) -> str:
@@ -106,9 +106,13 @@ def _now() -> str:
 
 def scratch_state() -> ImageState:
     plat = host_platform()
-    cfg: dict[str, Any] = {"architecture": plat["architecture"], "os": plat["os"],
-                           "config": {}, "rootfs": {"type": "layers", "diff_ids": []},
-                           "history": []}
+    cfg: dict[str, Any] = {
+        "architecture": plat["architecture"],
+        "os": plat["os"],
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "history": [],
+    }
     if plat.get("variant"):
         cfg["variant"] = plat["variant"]
     return ImageState(cfg, [])
@@ -126,7 +130,7 @@ class _Stage:
     scope: Scope
     state: StageState
     image: ImageState
-    squash_upper: str | None = None   # --squash: the one upper every step writes to
+    squash_upper: str | None = None  # --squash: the one upper every step writes to
     base_lowers: list[str] = field(default_factory=list)
 
 
@@ -219,8 +223,7 @@ class Builder:
             syscalls.make_private("/")
         except OSError as e:
             raise UserError(f"cannot create a mount namespace: {e.strerror}") from None
-        self.context = SourceTree(os.path.abspath(self.opts.context), matcher,
-                                  "the build context")
+        self.context = SourceTree(os.path.abspath(self.opts.context), matcher, "the build context")
         consumed: set[str] = set(global_scope.consumed)
         try:
             with self.store.using(), self.store.tempdir() as tmp:
@@ -241,8 +244,10 @@ class Builder:
             self.context.close()
         unused = sorted(set(self.opts.build_args) - consumed)
         if unused:
-            print(f"pyunion: warning: build args not used by any ARG: {', '.join(unused)}",
-                  file=sys.stderr)
+            print(
+                f"pyunion: warning: build args not used by any ARG: {', '.join(unused)}",
+                file=sys.stderr,
+            )
         self.say(f"--> {short_id(cdigest)} (built in {time.monotonic() - started:.2f}s)")
         for t in tags:
             self.say(f"Successfully tagged {t}")
@@ -302,8 +307,9 @@ class Builder:
         self.say(label)
         return label
 
-    def _build_stage(self, df: Dockerfile, stage: Stage, scope: Scope, global_scope: Scope,
-                     nstages: int) -> ImageState:
+    def _build_stage(
+        self, df: Dockerfile, stage: Stage, scope: Scope, global_scope: Scope, nstages: int
+    ) -> ImageState:
         self.prefix = f"[{stage.index + 1}/{len(df.stages)}] " if len(df.stages) > 1 else ""
         base_ref = self._expand_global(stage.base, global_scope)
         self._next_step(f"FROM {base_ref}" + (f" AS {stage.name}" if stage.name else ""))
@@ -311,8 +317,10 @@ class Builder:
             want = self._expand_global(stage.platform, global_scope)
             p = host_platform()
             if not want.startswith(f"{p['os']}/{p['architecture']}"):
-                raise BuildError(f"line {stage.line}: FROM --platform={want}: only this "
-                                 f"machine's platform ({p['os']}/{p['architecture']}) is built")
+                raise BuildError(
+                    f"line {stage.line}: FROM --platform={want}: only this "
+                    f"machine's platform ({p['os']}/{p['architecture']}) is built"
+                )
         image = self._base(df, base_ref, stage)
         st = _Stage(stage, scope, StageState(), image)
         shell = (image.config.get("config") or {}).get("Shell")
@@ -347,9 +355,11 @@ class Builder:
         try:
             img = self.store.lookup(ref)
         except UserError:
-            raise BuildError(f"line {stage.line}: FROM {ref}: no such image in the store "
-                             f"{self.store.root} (pyunion build does not pull: get it with "
-                             "'pyunion pull' or 'pyunion image import')") from None
+            raise BuildError(
+                f"line {stage.line}: FROM {ref}: no such image in the store "
+                f"{self.store.root} (pyunion build does not pull: get it with "
+                "'pyunion pull' or 'pyunion image import')"
+            ) from None
         layers = [dict(d) for d in img.manifest.get("layers", [])]
         state = ImageState(copy.deepcopy(img.config), layers)
         if len(state.diff_ids) != len(layers):
@@ -366,8 +376,9 @@ class Builder:
     # --- one step ----------------------------------------------------------------------------
     def _step(self, st: _Stage, inst: Instruction, numbered: bool = True) -> None:
         if numbered:
-            self._next_step(inst.original.split("\n", 1)[0] if not inst.heredocs
-                            else inst.original.rstrip("\n"))
+            self._next_step(
+                inst.original.split("\n", 1)[0] if not inst.heredocs else inst.original.rstrip("\n")
+            )
         t0 = time.monotonic()
         cfg = st.image.config.setdefault("config", {}) or {}
         st.image.config["config"] = cfg
@@ -378,18 +389,27 @@ class Builder:
             raise BuildError(f"line {inst.line}: FROM inside a stage")
         new = st.image.copy()
         created_by = apply_metadata(inst, new.config, st.scope, st.state)
-        key = step_key(st.image.id, "meta", inst.cmd, created_by, st.state.cmd_set,
-                       st.state.shell)
+        key = step_key(st.image.id, "meta", inst.cmd, created_by, st.state.cmd_set, st.state.shell)
         self._finish(st, new, key, created_by, False, t0)
 
-    def _finish(self, st: _Stage, new: ImageState, key: str, created_by: str,
-                layer: NewLayer | None | bool, t0: float) -> None:
+    def _finish(
+        self,
+        st: _Stage,
+        new: ImageState,
+        key: str,
+        created_by: str,
+        layer: NewLayer | bool | None,
+        t0: float,
+    ) -> None:
         """Record the step: the cached state, or the new one with its history entry.
 
         `layer` is a NewLayer, None for an empty change, or False for a metadata step.
         """
-        cached = None if layer is not False or self.opts.no_cache \
-            or st.squash_upper is not None else self.cache.get(key)
+        cached = (
+            None
+            if layer is not False or self.opts.no_cache or st.squash_upper is not None
+            else self.cache.get(key)
+        )
         if cached is not None:
             new = ImageState(cached[0], cached[1])
             self.say(f"--> CACHED {short_id(new.id)}")
@@ -403,7 +423,7 @@ class Builder:
             new.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
             new.config["rootfs"].setdefault("diff_ids", []).append(layer.diff_id)
             new.layers.append(layer.descriptor())
-        new.config["history"] = list(new.config.get("history") or []) + [entry]
+        new.config["history"] = [*list(new.config.get("history") or []), entry]
         new.config["created"] = now
         for k in ("container", "container_config"):
             new.config.pop(k, None)
@@ -425,6 +445,7 @@ class Builder:
 
             def work(upper: str, lowers: list[str]) -> None:
                 self._copy(st, plan, upper, lowers)
+
         if not self.opts.no_cache and st.squash_upper is None:
             cached = self.cache.get(key)
             if cached is not None:
@@ -468,6 +489,7 @@ class Builder:
 
     def _remove(self, path: str) -> None:
         from ..tree import rmtree
+
         with contextlib.suppress(OSError):
             rmtree(path)
         work = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".work")
@@ -482,26 +504,39 @@ class Builder:
             argv = list(inst.args)
             shown = json.dumps(argv)
         elif inst.heredocs:
-            argv = shell + [_heredoc_script(inst)]
+            argv = [*shell, _heredoc_script(inst)]
             shown = " ".join(shell) + " " + argv[-1]
         else:
             text = " ".join(inst.args)
-            argv = shell + [text]
+            argv = [*shell, text]
             shown = " ".join(shell) + " " + text
         if not argv:
             raise BuildError(f"line {inst.line}: RUN needs a command")
         env = st.scope.run_env(st.image.config["config"])
         return argv, "RUN " + st.scope.history_args() + shown, env
 
-    def _run(self, st: _Stage, argv: list[str], env: list[str], upper: str,
-             lowers: list[str], inst: Instruction) -> None:
+    def _run(
+        self,
+        st: _Stage,
+        argv: list[str],
+        env: list[str],
+        upper: str,
+        lowers: list[str],
+        inst: Instruction,
+    ) -> None:
         from ..run import RunOptions, run
 
         cfg = st.image.config["config"]
         image_env = [str(e) for e in cfg.get("Env") or []]
-        opts = RunOptions(layers=lowers, command=argv, env=env + image_env,
-                          workdir=cfg.get("WorkingDir") or None, user=cfg.get("User") or None,
-                          upper=upper, quiet=True)
+        opts = RunOptions(
+            layers=lowers,
+            command=argv,
+            env=env + image_env,
+            workdir=cfg.get("WorkingDir") or None,
+            user=cfg.get("User") or None,
+            upper=upper,
+            quiet=True,
+        )
         self.out.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -520,12 +555,18 @@ class Builder:
                 os._exit(code)
         code = _wait_child(pid)
         if code != 0:
-            what = "could not run the command" if code == 125 else \
-                f"the command exited with status {code}"
+            what = (
+                "could not run the command"
+                if code == 125
+                else f"the command exited with status {code}"
+            )
             if code > 128 and code != 255:
                 what = f"the command was killed by signal {code - 128}"
-            raise BuildError(f"building at STEP {self.step_no}/{self.total}: "
-                             f"{inst.original.splitlines()[0]}: {what}", 1)
+            raise BuildError(
+                f"building at STEP {self.step_no}/{self.total}: "
+                f"{inst.original.splitlines()[0]}: {what}",
+                1,
+            )
 
     # --- COPY and ADD ------------------------------------------------------------------------
     def _copy_plan(self, st: _Stage, inst: Instruction) -> _CopyPlan:
@@ -558,18 +599,20 @@ class Builder:
                 continue
             value = word(s)
             if _is_url(value):
-                raise BuildError(f"line {inst.line}: {inst.cmd} {value}: remote sources need "
-                                 "a network, which pyunion build does not use; download it "
-                                 "and COPY the file")
+                raise BuildError(
+                    f"line {inst.line}: {inst.cmd} {value}: remote sources need "
+                    "a network, which pyunion build does not use; download it "
+                    "and COPY the file"
+                )
             plan.patterns.append(value)
         count = len(plan.patterns) + len(plan.heredocs)
         if from_ref is not None:
             src_state = self._from_state(from_ref, inst)
             plan.from_state = src_state
-            plan.key = step_key(st.image.id, inst.cmd, flags, plan.patterns, dest_abs,
-                                dest_is_dir, src_state.id)
-            plan.created_by = (f"{inst.cmd} --from={from_ref} "
-                               f"{' '.join(plan.patterns)} in {dest}")
+            plan.key = step_key(
+                st.image.id, inst.cmd, flags, plan.patterns, dest_abs, dest_is_dir, src_state.id
+            )
+            plan.created_by = f"{inst.cmd} --from={from_ref} {' '.join(plan.patterns)} in {dest}"
             plan.multi = count > 1
             return plan
         assert self.context is not None
@@ -577,8 +620,10 @@ class Builder:
         for p in plan.patterns:
             matched = self.context.expand(p)
             if not matched:
-                raise BuildError(f"line {inst.line}: {inst.cmd}: no source files match {p!r} "
-                                 "in the build context")
+                raise BuildError(
+                    f"line {inst.line}: {inst.cmd}: no source files match {p!r} "
+                    "in the build context"
+                )
             for m in matched:
                 try:
                     sources.append(self.context.source(m))
@@ -591,8 +636,9 @@ class Builder:
             digest = step_key(digest, plan.heredocs)
         kind = "multi" if plan.multi else ("dir" if sources and sources[0].is_dir else "file")
         plan.created_by = f"{inst.cmd} {kind}:{digest} in {dest}"
-        plan.key = step_key(st.image.id, inst.cmd, flags, digest, dest_abs, dest_is_dir,
-                            [s.name for s in sources])
+        plan.key = step_key(
+            st.image.id, inst.cmd, flags, digest, dest_abs, dest_is_dir, [s.name for s in sources]
+        )
         return plan
 
     def _from_state(self, ref: str, inst: Instruction) -> ImageState:
@@ -604,8 +650,10 @@ class Builder:
         try:
             img = self.store.lookup(ref)
         except UserError:
-            raise BuildError(f"line {inst.line}: COPY --from={ref}: no such stage, and no such "
-                             "image in the store") from None
+            raise BuildError(
+                f"line {inst.line}: COPY --from={ref}: no such stage, and no such "
+                "image in the store"
+            ) from None
         return ImageState(img.config, [dict(d) for d in img.manifest.get("layers", [])])
 
     def _copy(self, st: _Stage, plan: _CopyPlan, upper: str, lowers: list[str]) -> None:
@@ -621,11 +669,14 @@ class Builder:
                 if plan.flags.get("chmod"):
                     spec.chmod = parse_chmod(str(plan.flags["chmod"]))
                 existing = root.lookup(plan.dest)
-                dest_is_dir = plan.dest_is_dir or (existing is not None and
-                                                   (existing.st_mode & 0o170000) == 0o040000)
+                dest_is_dir = plan.dest_is_dir or (
+                    existing is not None and (existing.st_mode & 0o170000) == 0o040000
+                )
                 if plan.multi and not dest_is_dir:
-                    raise BuildError(f"line {inst.line}: {inst.cmd} with more than one source "
-                                     "needs a destination directory ending in '/'")
+                    raise BuildError(
+                        f"line {inst.line}: {inst.cmd} with more than one source "
+                        "needs a destination directory ending in '/'"
+                    )
                 tree = self.context
                 sources = plan.sources
                 if plan.from_state is not None:
@@ -638,12 +689,13 @@ class Builder:
                     for p in plan.patterns:
                         matched = tree.expand(p)
                         if not matched:
-                            raise BuildError(f"line {inst.line}: COPY --from: no files match "
-                                             f"{p!r}")
+                            raise BuildError(f"line {inst.line}: COPY --from: no files match {p!r}")
                         sources += [tree.source(m) for m in matched]
                     if len(sources) > 1 and not dest_is_dir:
-                        raise BuildError(f"line {inst.line}: COPY with more than one source "
-                                         "needs a destination directory ending in '/'")
+                        raise BuildError(
+                            f"line {inst.line}: COPY with more than one source "
+                            "needs a destination directory ending in '/'"
+                        )
                 assert tree is not None
                 if inst.cmd == "ADD":
                     rest = []
@@ -658,8 +710,9 @@ class Builder:
             except CopyError as e:
                 raise BuildError(f"line {inst.line}: {inst.cmd}: {e}") from None
 
-    def _add_archive(self, root: Root, tree: SourceTree, src: Source, plan: _CopyPlan,
-                     spec: CopySpec) -> bool:
+    def _add_archive(
+        self, root: Root, tree: SourceTree, src: Source, plan: _CopyPlan, spec: CopySpec
+    ) -> bool:
         fd = tree.open(src.entries[0].path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             with open_archive(fd) as tf:
@@ -670,8 +723,9 @@ class Builder:
         finally:
             os.close(fd)
 
-    def _copy_heredocs(self, root: Root, plan: _CopyPlan, spec: CopySpec,
-                       dest_is_dir: bool) -> None:
+    def _copy_heredocs(
+        self, root: Root, plan: _CopyPlan, spec: CopySpec, dest_is_dir: bool
+    ) -> None:
         hd = os.path.join(self.tmp, "heredoc-" + os.urandom(6).hex())
         os.mkdir(hd, 0o700)
         try:
@@ -701,9 +755,14 @@ class Builder:
         if upper is not None:
             work = os.path.join(os.path.dirname(upper), "." + os.path.basename(upper) + ".work")
             os.makedirs(work, exist_ok=True)
-        cfg = MountConfig(lowers=lowers, mountpoint=mnt, upper=upper, work=work,
-                          fuse_options={"allow_other", "suid", "dev"},
-                          read_only=upper is None)
+        cfg = MountConfig(
+            lowers=lowers,
+            mountpoint=mnt,
+            upper=upper,
+            work=work,
+            fuse_options={"allow_other", "suid", "dev"},
+            read_only=upper is None,
+        )
         pid = mount(cfg)
         try:
             yield mnt
@@ -740,8 +799,10 @@ class _CopyPlan:
 def _heredoc_script(inst: Instruction) -> str:
     """The shell script of a RUN with heredocs, as BuildKit runs it."""
     cmd = " ".join(inst.args).strip()
-    if len(inst.heredocs) == 1 and cmd in (f"<<{inst.heredocs[0].name}",
-                                           f"<<-{inst.heredocs[0].name}"):
+    if len(inst.heredocs) == 1 and cmd in (
+        f"<<{inst.heredocs[0].name}",
+        f"<<-{inst.heredocs[0].name}",
+    ):
         content = inst.heredocs[0].content
         if content.startswith("#!"):
             interp = content.split("\n", 1)[0][2:].strip()
@@ -762,8 +823,7 @@ def _wait_child(pid: int) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signo)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM,
-                                                   signal.SIGHUP)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
             try:

@@ -39,8 +39,10 @@ def _compile(pattern: str) -> re.Pattern[str]:
     if pattern.startswith("**") and rest and not any(c in rest for c in "*?[\\"):
         # A leading ** and nothing special after it: a plain suffix match (`**.go`).
         tail = re.escape(rest)
-        return re.compile(f"^(.*{tail}|{re.escape(rest[1:])})$" if rest.startswith("/")
-                          else f"^.*{tail}$", re.DOTALL)
+        return re.compile(
+            f"^(.*{tail}|{re.escape(rest[1:])})$" if rest.startswith("/") else f"^.*{tail}$",
+            re.DOTALL,
+        )
     out = "^"
     i = 0
     n = len(pattern)
@@ -109,7 +111,7 @@ class Matcher:
         if path in (".", ""):
             return False
         parts = path.split("/")
-        parents = ["/".join(parts[:i + 1]) for i in range(len(parts) - 1)]
+        parents = ["/".join(parts[: i + 1]) for i in range(len(parts) - 1)]
         matched = False
         for p in self.patterns:
             if p.exclusion != matched:

@@ -26,12 +26,33 @@ from ..image.oci import host_platform
 from .lexer import Lexer
 from .parse import DockerfileError, Instruction
 
-PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY",
-              "ftp_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy")
+PROXY_ARGS = (
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 # Instructions whose arguments get variable substitution (Docker's list).
-EXPANDED = {"ADD", "COPY", "ENV", "EXPOSE", "FROM", "LABEL", "STOPSIGNAL", "USER", "VOLUME",
-            "WORKDIR", "ARG"}
+EXPANDED = {
+    "ADD",
+    "COPY",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "LABEL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+    "ARG",
+}
 
 
 def platform_args() -> dict[str, str]:
@@ -55,10 +76,10 @@ class Scope:
     """The variables of one stage (or of the global scope before the first FROM)."""
 
     lexer: Lexer
-    build_args: dict[str, str]            # --build-arg
-    global_args: dict[str, str]           # values of the ARGs before the first FROM
+    build_args: dict[str, str]  # --build-arg
+    global_args: dict[str, str]  # values of the ARGs before the first FROM
     args: dict[str, str] = field(default_factory=dict)  # declared here, with a value
-    consumed: set[str] = field(default_factory=set)     # build args some ARG declared
+    consumed: set[str] = field(default_factory=set)  # build args some ARG declared
 
     def variables(self, config: dict[str, Any]) -> dict[str, str]:
         out = dict(self.args)
@@ -126,7 +147,7 @@ class StageState:
 def _json_or_shell(inst: Instruction, state: StageState) -> list[str]:
     if inst.json:
         return list(inst.args)
-    return state.shell + [" ".join(inst.args)]
+    return [*state.shell, " ".join(inst.args)]
 
 
 def _pairs(inst: Instruction) -> list[tuple[str, str]]:
@@ -155,8 +176,15 @@ def _ports(inst: Instruction, words: list[str]) -> list[str]:
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT_NS = {"ns": 1, "us": 1000, "µs": 1000, "ms": 10**6, "s": 10**9, "m": 60 * 10**9,
-            "h": 3600 * 10**9}
+_UNIT_NS = {
+    "ns": 1,
+    "us": 1000,
+    "µs": 1000,
+    "ms": 10**6,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
 
 
 def _duration(inst: Instruction, flag: str, text: str) -> int:
@@ -191,8 +219,12 @@ def _healthcheck(inst: Instruction) -> dict[str, Any]:
         text = re.sub(r"^(\s*--\S+\s+)*", "", rest)
         text = re.sub(r"^\s*CMD\s*", "", text, flags=re.IGNORECASE)
         hc["Test"] = ["CMD-SHELL", text]
-    for flag, key in (("interval", "Interval"), ("timeout", "Timeout"),
-                      ("start-period", "StartPeriod"), ("start-interval", "StartInterval")):
+    for flag, key in (
+        ("interval", "Interval"),
+        ("timeout", "Timeout"),
+        ("start-period", "StartPeriod"),
+        ("start-interval", "StartInterval"),
+    ):
         v = inst.flags.get(flag)
         if v is not None:
             hc[key] = _duration(inst, flag, v)
@@ -204,8 +236,9 @@ def _healthcheck(inst: Instruction) -> dict[str, Any]:
     return hc
 
 
-def apply_metadata(inst: Instruction, image: dict[str, Any], scope: Scope,
-                   state: StageState) -> str:
+def apply_metadata(
+    inst: Instruction, image: dict[str, Any], scope: Scope, state: StageState
+) -> str:
     """Apply a metadata instruction to the full image config; returns its history text."""
     cfg = image.setdefault("config", {}) or {}
     image["config"] = cfg
@@ -283,11 +316,11 @@ def apply_metadata(inst: Instruction, image: dict[str, Any], scope: Scope,
         return "HEALTHCHECK " + json.dumps(cfg["Healthcheck"], sort_keys=True)
     if cmd == "ONBUILD":
         trigger = inst.original.split(None, 1)[1]
-        cfg["OnBuild"] = list(cfg.get("OnBuild") or []) + [trigger]
+        cfg["OnBuild"] = [*list(cfg.get("OnBuild") or []), trigger]
         return f"ONBUILD {trigger}"
     if cmd == "SHELL":
         if not inst.args:
-            raise _fail(inst, "needs a shell, e.g. [\"/bin/bash\", \"-c\"]")
+            raise _fail(inst, 'needs a shell, e.g. ["/bin/bash", "-c"]')
         state.shell = list(inst.args)
         cfg["Shell"] = list(inst.args)
         return "SHELL " + json.dumps(state.shell)

@@ -38,12 +38,15 @@ GZIP_LEVEL = 1  # build layers are written often and read rarely: speed over siz
 class NewLayer:
     diff_id: str
     digest: str
-    size: int              # uncompressed bytes
+    size: int  # uncompressed bytes
     compressed_size: int
 
     def descriptor(self) -> dict[str, Any]:
-        return {"mediaType": MEDIA_BY_COMPRESSION["gzip"], "digest": self.digest,
-                "size": self.compressed_size}
+        return {
+            "mediaType": MEDIA_BY_COMPRESSION["gzip"],
+            "digest": self.digest,
+            "size": self.compressed_size,
+        }
 
 
 # --- what changed ------------------------------------------------------------------------
@@ -162,8 +165,9 @@ def commit_upper(store: Store, upper: str, tmpdir: str) -> NewLayer:
     blob_tmp = os.path.join(tmpdir, "blob-" + os.urandom(8).hex())
     with open(blob_tmp, "wb") as f:
         outer = HashingWriter(f)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0,
-                           compresslevel=GZIP_LEVEL) as z:
+        with gzip.GzipFile(
+            filename="", mode="wb", fileobj=outer, mtime=0, compresslevel=GZIP_LEVEL
+        ) as z:
             inner = HashingWriter(z)
             write_layer_tar(upper, inner)
         f.flush()
@@ -178,8 +182,9 @@ def commit_upper(store: Store, upper: str, tmpdir: str) -> NewLayer:
         finally:
             os.close(rm)
     else:
-        store.publish_layer_tree(upper, layer.diff_id, layer.size, layer.digest,
-                                 MEDIA_BY_COMPRESSION["gzip"], "kernel")
+        store.publish_layer_tree(
+            upper, layer.diff_id, layer.size, layer.digest, MEDIA_BY_COMPRESSION["gzip"], "kernel"
+        )
     return layer
 
 
@@ -198,8 +203,9 @@ def oci_layers(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write_image(store: Store, config: dict[str, Any], layers: list[dict[str, Any]],
-                tags: list[str], tmpdir: str) -> tuple[str, str]:
+def write_image(
+    store: Store, config: dict[str, Any], layers: list[dict[str, Any]], tags: list[str], tmpdir: str
+) -> tuple[str, str]:
     """Write config and manifest blobs, then name the image; returns (manifest, config) digests."""
     for d in layers:
         if not store.has_blob(d["digest"]):
@@ -207,9 +213,12 @@ def write_image(store: Store, config: dict[str, Any], layers: list[dict[str, Any
     cbytes = canonical_json(config)
     cdigest = "sha256:" + hashlib.sha256(cbytes).hexdigest()
     store.put_blob_bytes(cbytes, cdigest, tmpdir)
-    man = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
-           "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": len(cbytes)},
-           "layers": oci_layers(layers)}
+    man = {
+        "schemaVersion": 2,
+        "mediaType": MT_MANIFEST,
+        "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": len(cbytes)},
+        "layers": oci_layers(layers),
+    }
     mbytes = canonical_json(man)
     mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
     store.put_blob_bytes(mbytes, mdigest, tmpdir)

@@ -185,7 +185,9 @@ class _State:
                     words.add_char(ch)
                 out.append(ch)
         if stop:
-            raise SubstitutionError(f"unexpected end of statement while looking for matching {stop}")
+            raise SubstitutionError(
+                f"unexpected end of statement while looking for matching {stop}"
+            )
         return "".join(out), words.done()
 
     def single_quote(self) -> str:
@@ -195,8 +197,9 @@ class _State:
         while True:
             ch = sc.next()
             if not ch:
-                raise SubstitutionError("unexpected end of statement while looking for matching "
-                                        "single-quote")
+                raise SubstitutionError(
+                    "unexpected end of statement while looking for matching single-quote"
+                )
             if ch == "'":
                 return "".join(out)
             out.append(ch)
@@ -208,8 +211,9 @@ class _State:
         while True:
             ch = sc.peek()
             if not ch:
-                raise SubstitutionError("unexpected end of statement while looking for matching "
-                                        "double-quote")
+                raise SubstitutionError(
+                    "unexpected end of statement while looking for matching double-quote"
+                )
             if ch == '"':
                 sc.next()
                 return "".join(out)
@@ -283,8 +287,9 @@ class _State:
                 return "" if empty else word
             if ch == "?":
                 if empty:
-                    what = "is not allowed to be unset" if not is_set else \
-                        "is not allowed to be empty"
+                    what = (
+                        "is not allowed to be unset" if not is_set else "is not allowed to be empty"
+                    )
                     raise SubstitutionError(f"{name}: {word or what}")
                 return value
             greedy = word.startswith(ch)
@@ -292,7 +297,7 @@ class _State:
                 word = word[1:]
             if ch == "#":
                 m = _pattern_regex(word, greedy, True).match(value)
-                return value[m.end():] if m else value
+                return value[m.end() :] if m else value
             # Shortest/longest suffix: the match that starts last/first.
             rx = _pattern_regex(word, True, True)
             starts = range(len(value) + 1) if greedy else range(len(value), -1, -1)

@@ -33,11 +33,11 @@ class Heredoc:
 class Instruction:
     """One instruction as written (nothing expanded yet)."""
 
-    cmd: str                       # upper case: RUN, COPY, ...
-    args: list[str]                # the parser's words (JSON form: the decoded list)
-    json: bool                     # exec/JSON form
-    flags: dict[str, str | None]   # --name=value (None for a bare --name)
-    original: str                  # the instruction's text, continuations joined
+    cmd: str  # upper case: RUN, COPY, ...
+    args: list[str]  # the parser's words (JSON form: the decoded list)
+    json: bool  # exec/JSON form
+    flags: dict[str, str | None]  # --name=value (None for a bare --name)
+    original: str  # the instruction's text, continuations joined
     line: int
     heredocs: list[Heredoc] = field(default_factory=list)
     trigger: Instruction | None = None  # ONBUILD's instruction
@@ -49,8 +49,8 @@ class Instruction:
 @dataclass
 class Stage:
     index: int
-    name: str | None   # `FROM image AS name`, lower case
-    base: str          # the FROM argument, unexpanded
+    name: str | None  # `FROM image AS name`, lower case
+    base: str  # the FROM argument, unexpanded
     platform: str | None
     line: int
     instructions: list[Instruction] = field(default_factory=list)
@@ -75,9 +75,26 @@ FLAGS: dict[str, set[str]] = {
     "HEALTHCHECK": {"interval", "timeout", "start-period", "start-interval", "retries"},
 }
 NO_ARGS_OK = {"HEALTHCHECK"}
-KNOWN = {"FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ADD", "COPY",
-         "ENTRYPOINT", "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL",
-         "HEALTHCHECK", "SHELL"}
+KNOWN = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "MAINTAINER",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 _STAGE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
 _DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.*?)\s*$")
 
@@ -103,11 +120,14 @@ def _flags(cmd: str, raw: tuple[str, ...], line: int) -> dict[str, str | None]:
         name, eq, value = f[2:].partition("=")
         if name not in allowed:
             if cmd == "RUN" and name in ("mount", "network", "security"):
-                raise DockerfileError(f"line {line}: RUN --{name} is not supported by "
-                                      "pyunion build")
+                raise DockerfileError(
+                    f"line {line}: RUN --{name} is not supported by pyunion build"
+                )
             if cmd == "ADD" and name in ("checksum", "keep-git-dir"):
-                raise DockerfileError(f"line {line}: ADD --{name} is for remote sources, "
-                                      "which pyunion build does not fetch")
+                raise DockerfileError(
+                    f"line {line}: ADD --{name} is for remote sources, "
+                    "which pyunion build does not fetch"
+                )
             raise DockerfileError(f"line {line}: unknown flag for {cmd}: --{name}")
         if name in out:
             raise DockerfileError(f"line {line}: {cmd} --{name} given twice")
@@ -144,8 +164,9 @@ def _instruction(c: dockerfile.Command) -> Instruction:
         raise DockerfileError(f"line {line}: {cmd} requires at least one argument")
     flags = _flags(cmd, c.flags, line)
     if cmd in ("COPY", "ADD") and len(args) < 2:
-        raise DockerfileError(f"line {line}: {cmd} requires at least two arguments: "
-                              "a source and a destination")
+        raise DockerfileError(
+            f"line {line}: {cmd} requires at least two arguments: a source and a destination"
+        )
     if cmd == "SHELL" and not c.json:
         raise DockerfileError(f"line {line}: SHELL requires the arguments to be in JSON form")
     return Instruction(cmd, args, c.json, flags, c.original, line, _heredocs(c))
@@ -179,8 +200,10 @@ def parse(text: str) -> Dockerfile:
             stages.append(_stage(inst, len(stages), names))
         elif not stages:
             if inst.cmd != "ARG":
-                raise DockerfileError(f"line {inst.line}: no FROM before {inst.cmd} (only ARG "
-                                      "may come before the first FROM)")
+                raise DockerfileError(
+                    f"line {inst.line}: no FROM before {inst.cmd} (only ARG "
+                    "may come before the first FROM)"
+                )
             global_args.append(inst)
         else:
             stages[-1].instructions.append(inst)
@@ -200,6 +223,5 @@ def _stage(inst: Instruction, index: int, names: set[str]) -> Stage:
             raise DockerfileError(f"line {inst.line}: duplicate stage name {args[2]!r}")
         names.add(name)
     elif len(args) != 1:
-        raise DockerfileError(f"line {inst.line}: FROM takes an image and optionally "
-                              "'AS name'")
+        raise DockerfileError(f"line {inst.line}: FROM takes an image and optionally 'AS name'")
     return Stage(index, name, args[0], inst.flags.get("platform"), inst.line)

@@ -33,15 +33,15 @@ READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 @dataclass
 class Entry:
-    rel: str            # path below the source ('' for the source itself)
-    path: str           # path in the tree, for opening ('' for the tree root)
+    rel: str  # path below the source ('' for the source itself)
+    path: str  # path in the tree, for opening ('' for the tree root)
     st: os.stat_result
     target: str | None = None  # a symlink's target
 
 
 @dataclass
 class Source:
-    name: str           # the path matched, relative to the tree root
+    name: str  # the path matched, relative to the tree root
     is_dir: bool
     entries: list[Entry] = field(default_factory=list)
 
@@ -76,8 +76,9 @@ def _component_regex(pattern: str) -> re.Pattern[str]:
             if j >= n:
                 raise UserError(f"bad pattern {pattern!r}: unclosed '['")
             body = pattern[i:j]
-            out += "[" + ("^" + body[1:] if body.startswith("^") else body).replace(
-                "\\", "\\\\") + "]"
+            out += (
+                "[" + ("^" + body[1:] if body.startswith("^") else body).replace("\\", "\\\\") + "]"
+            )
             i = j + 1
         else:
             out += re.escape(ch)
@@ -160,10 +161,10 @@ class SourceTree:
         try:
             fd = self.open(path)
         except OSError as e:
-            hint = "" if e.errno != errno.ENOENT else \
-                " (no such file; symlinks resolve inside it)"
-            raise UserError(f"cannot read {path or '.'!r} from {self.what}: "
-                            f"{e.strerror}{hint}") from None
+            hint = "" if e.errno != errno.ENOENT else " (no such file; symlinks resolve inside it)"
+            raise UserError(
+                f"cannot read {path or '.'!r} from {self.what}: {e.strerror}{hint}"
+            ) from None
         try:
             st = os.stat(fd)
             real = self._path_of(fd)
@@ -173,7 +174,7 @@ class SourceTree:
             return Source(path, False, [Entry("", real, st)])
         dirfd = self.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            return Source(path, True, [Entry("", real, st)] + self._walk(dirfd, real))
+            return Source(path, True, [Entry("", real, st), *self._walk(dirfd, real)])
         finally:
             os.close(dirfd)
 
@@ -185,12 +186,12 @@ class SourceTree:
             return ""
         if not here.startswith(top.rstrip("/") + "/"):
             raise UserError(f"a source in {self.what} moved while it was read")
-        return here[len(top.rstrip("/")) + 1:]
+        return here[len(top.rstrip("/")) + 1 :]
 
     def _walk(self, top: int, base: str) -> list[Entry]:
         """Every entry below `top` (the directory `base`), ignore rules applied."""
         out: list[Entry] = []
-        held: dict[str, Entry] = {}   # excluded directories kept for their included children
+        held: dict[str, Entry] = {}  # excluded directories kept for their included children
         pending: list[tuple[int, str]] = [(os.dup(top), "")]
         try:
             while pending:
@@ -200,16 +201,18 @@ class SourceTree:
                         items = sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
                 except OSError as e:
                     os.close(dfd)
-                    raise UserError(f"cannot read {posixpath.join(base, rel)!r} in {self.what}: "
-                                    f"{e.strerror}") from None
+                    raise UserError(
+                        f"cannot read {posixpath.join(base, rel)!r} in {self.what}: {e.strerror}"
+                    ) from None
                 try:
                     for name, st in items:
                         r = posixpath.join(rel, name) if rel else name
                         path = posixpath.join(base, r) if base else r
                         excluded = self.ignored(path)
                         is_dir = stat.S_ISDIR(st.st_mode)
-                        if excluded and not (is_dir and self.matcher is not None
-                                             and self.matcher.has_exceptions):
+                        if excluded and not (
+                            is_dir and self.matcher is not None and self.matcher.has_exceptions
+                        ):
                             continue
                         target = None
                         if stat.S_ISLNK(st.st_mode):
@@ -220,9 +223,16 @@ class SourceTree:
                         else:
                             out.append(entry)
                         if is_dir:
-                            pending.append((os.open(name, os.O_RDONLY | os.O_DIRECTORY
-                                                    | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                                    dir_fd=dfd), r))
+                            pending.append(
+                                (
+                                    os.open(
+                                        name,
+                                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                        dir_fd=dfd,
+                                    ),
+                                    r,
+                                )
+                            )
                 finally:
                     os.close(dfd)
         finally:
@@ -247,8 +257,10 @@ class SourceTree:
             h.update(b"S" + src.name.encode("utf-8", "surrogateescape") + b"\0")
             for e in src.entries:
                 st = e.st
-                rec = (f"{e.rel}\0{stat.S_IFMT(st.st_mode):o}\0{stat.S_IMODE(st.st_mode):o}\0"
-                       f"{st.st_uid}\0{st.st_gid}\0")
+                rec = (
+                    f"{e.rel}\0{stat.S_IFMT(st.st_mode):o}\0{stat.S_IMODE(st.st_mode):o}\0"
+                    f"{st.st_uid}\0{st.st_gid}\0"
+                )
                 h.update(rec.encode("utf-8", "surrogateescape"))
                 if stat.S_ISREG(st.st_mode):
                     h.update(b"%d\0" % st.st_size)

@@ -18,8 +18,18 @@ from .export import export_image
 from .load import import_image
 from .store import Image, Store, default_store
 
-__all__ = ["Changes", "Image", "Store", "commit", "default_store", "export_image",
-           "import_image", "resolve_config", "resolve_layers", "write_layer_tar"]
+__all__ = [
+    "Changes",
+    "Image",
+    "Store",
+    "commit",
+    "default_store",
+    "export_image",
+    "import_image",
+    "resolve_config",
+    "resolve_layers",
+    "write_layer_tar",
+]
 
 
 def resolve_layers(ref: str, store: str | None = None) -> list[str]:

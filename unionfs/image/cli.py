@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -24,28 +25,39 @@ from .store import Image, Store, short_id
 
 def store_option(p: argparse.ArgumentParser) -> None:
     """`--store DIR`, as every command that uses the image store takes it."""
-    p.add_argument("--store", metavar="DIR",
-                   help="image store (default: $PYUNION_STORE, else "
-                        "$XDG_DATA_HOME/pyunion/store or ~/.local/share/pyunion/store)")
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        help="image store (default: $PYUNION_STORE, else "
+        "$XDG_DATA_HOME/pyunion/store or ~/.local/share/pyunion/store)",
+    )
 
 
 def platform_option(p: argparse.ArgumentParser) -> None:
     """`--platform OS/ARCH[/VARIANT]`, as import and pull take it (`platforms.parse`)."""
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                   help="the image to pick from a multi-platform index (default: this "
-                        "machine's)")
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="the image to pick from a multi-platform index (default: this machine's)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    img = sub.add_parser("image", help="import or export images",
-                         description="Import images into the store, or export them.")
+    img = sub.add_parser(
+        "image",
+        help="import or export images",
+        description="Import images into the store, or export them.",
+    )
     isub = img.add_subparsers(dest="image_command", metavar="COMMAND")
     isub.required = True
 
-    p = isub.add_parser("import", help="import an OCI layout or a docker save archive",
-                        description="Import an OCI image layout (directory or tar) or a "
-                        "'docker save' archive. Digests are verified; layers already in the "
-                        "store are not unpacked again.")
+    p = isub.add_parser(
+        "import",
+        help="import an OCI layout or a docker save archive",
+        description="Import an OCI image layout (directory or tar) or a "
+        "'docker save' archive. Digests are verified; layers already in the "
+        "store are not unpacked again.",
+    )
     p.add_argument("path", metavar="PATH")
     p.add_argument("--tag", "-t", help="name to give the image (default: the names it has)")
     p.add_argument("--ref", help="import only the image with this name in the layout/archive")
@@ -54,9 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     store_option(p)
     p.set_defaults(handler=cmd_import)
 
-    p = isub.add_parser("export", help="write an image as an OCI layout or docker archive",
-                        description="Write IMAGE to PATH: an OCI image layout (a directory, "
-                        "or a tar if PATH ends in .tar) or a 'docker save' archive.")
+    p = isub.add_parser(
+        "export",
+        help="write an image as an OCI layout or docker archive",
+        description="Write IMAGE to PATH: an OCI image layout (a directory, "
+        "or a tar if PATH ends in .tar) or a 'docker save' archive.",
+    )
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--format", choices=("oci", "docker"), default="oci")
@@ -72,8 +87,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("history", help="how an image was made: its history, top first")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--no-trunc", action="store_true", help="do not shorten digests and commands")
-    p.add_argument("--format", choices=("table", "json"), default="table",
-                   help="json: a JSON array, one object per history entry")
+    p.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="json: a JSON array, one object per history entry",
+    )
     store_option(p)
     p.set_defaults(handler=cmd_history)
 
@@ -93,12 +112,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     store_option(p)
     p.set_defaults(handler=cmd_tag)
 
-    p = sub.add_parser("commit", help="commit an upper directory as a new image layer",
-                       description="Make a new image from BASE plus the changes in UPPER (the "
-                       "writable layer of 'run --keep' or of a mount's --upper; unmount first).")
+    p = sub.add_parser(
+        "commit",
+        help="commit an upper directory as a new image layer",
+        description="Make a new image from BASE plus the changes in UPPER (the "
+        "writable layer of 'run --keep' or of a mount's --upper; unmount first).",
+    )
     p.add_argument("upper", metavar="UPPER")
-    p.add_argument("--image", "-i", required=True, metavar="BASE",
-                   help="the image UPPER was made on")
+    p.add_argument(
+        "--image", "-i", required=True, metavar="BASE", help="the image UPPER was made on"
+    )
     p.add_argument("--tag", "-t", metavar="NAME", help="name of the new image")
     p.add_argument("-m", "--message", help="history entry (created_by)")
     p.add_argument("--author")
@@ -108,8 +131,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-w", "--workdir")
     p.add_argument("-u", "--user")
     p.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip")
-    p.add_argument("--timestamp", type=int, metavar="EPOCH",
-                   help="clamp every mtime and the creation time to EPOCH (reproducible layers)")
+    p.add_argument(
+        "--timestamp",
+        type=int,
+        metavar="EPOCH",
+        help="clamp every mtime and the creation time to EPOCH (reproducible layers)",
+    )
     store_option(p)
     p.set_defaults(handler=cmd_commit)
 
@@ -124,8 +151,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     store = _store(args, create=True)
     plat = platforms.parse(args.platform) if args.platform else None
     progress = Bars(False if args.quiet else None)
-    done = import_image(args.path, store, tag=args.tag, ref=args.ref, platform=plat,
-                        progress=progress)
+    done = import_image(
+        args.path, store, tag=args.tag, ref=args.ref, platform=plat, progress=progress
+    )
     for digest, tags in done:
         img = store.lookup(digest)
         names = printable(", ".join(tags)) if tags else "<none>"
@@ -169,8 +197,14 @@ def human_age(text: Any) -> str:
     if ts is None:
         return "N/A"
     d = max(0.0, time.time() - ts)
-    for secs, unit in ((86400 * 365, "year"), (86400 * 30, "month"), (86400 * 7, "week"),
-                       (86400, "day"), (3600, "hour"), (60, "minute")):
+    for secs, unit in (
+        (86400 * 365, "year"),
+        (86400 * 30, "month"),
+        (86400 * 7, "week"),
+        (86400, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+    ):
         if d >= secs:
             n = int(d // secs)
             return f"{n} {unit}{'s' if n > 1 else ''} ago"
@@ -180,10 +214,8 @@ def human_age(text: Any) -> str:
 def _image_size(store: Store, img: Image) -> int:
     total = 0
     for d in img.diff_ids:
-        try:
+        with contextlib.suppress(UserError):
             total += int(store.layer_info(d).get("size", 0))
-        except UserError:
-            pass
     return total
 
 
@@ -192,7 +224,7 @@ def _table(rows: list[list[str]]) -> None:
     rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -221,14 +253,18 @@ def history_rows(store: Store, img: Image) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     li = 0
     for h in hist:
-        row: dict[str, Any] = {"created": h.get("created"),
-                               "created_by": h.get("created_by") or "",
-                               "comment": h.get("comment") or "", "layer": None, "size": 0}
+        row: dict[str, Any] = {
+            "created": h.get("created"),
+            "created_by": h.get("created_by") or "",
+            "comment": h.get("comment") or "",
+            "layer": None,
+            "size": 0,
+        }
         if not h.get("empty_layer") and li < len(diffs):
             row["layer"] = diffs[li]
             li += 1
         rows.append(row)
-    for d in diffs[li:]:   # layers the history does not account for
+    for d in diffs[li:]:  # layers the history does not account for
         rows.append({"created": None, "created_by": "", "comment": "", "layer": d, "size": 0})
     for r in rows:
         if r["layer"] is not None:
@@ -248,10 +284,17 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.format == "json":
         out = []
         for i, r in enumerate(rows):
-            out.append({"id": img.id if i == 0 else "<missing>", "created": r["created"],
-                        "createdBy": r["created_by"], "size": r["size"],
-                        "comment": r["comment"] or "", "layer": r["layer"],
-                        "emptyLayer": r["layer"] is None})
+            out.append(
+                {
+                    "id": img.id if i == 0 else "<missing>",
+                    "created": r["created"],
+                    "createdBy": r["created_by"],
+                    "size": r["size"],
+                    "comment": r["comment"] or "",
+                    "layer": r["layer"],
+                    "emptyLayer": r["layer"] is None,
+                }
+            )
         print(json.dumps(out, indent=2))
         return 0
     table = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
@@ -261,8 +304,15 @@ def cmd_history(args: argparse.Namespace) -> int:
         by = printable(by)
         if not args.no_trunc and len(by) > 60:
             by = by[:57] + "..."
-        table.append([iid, human_age(r["created"]), by, human_size(r["size"]),
-                      printable(str(r["comment"] or ""))])
+        table.append(
+            [
+                iid,
+                human_age(r["created"]),
+                by,
+                human_size(r["size"]),
+                printable(str(r["comment"] or "")),
+            ]
+        )
     _table(table)
     return 0
 
@@ -288,18 +338,34 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 def inspect_data(store: Store, img: Image) -> dict[str, Any]:
     cfg = img.config
     layers = []
-    for desc, d in zip(img.manifest.get("layers", []), img.diff_ids):
+    for desc, d in zip(img.manifest.get("layers", []), img.diff_ids, strict=False):
         info = store.layer_info(d) if store.has_layer(d) else {}
-        layers.append({"DiffID": d, "Digest": desc.get("digest"),
-                       "MediaType": desc.get("mediaType"), "Size": info.get("size"),
-                       "Path": store.layer_path(d), "Whiteouts": info.get("whiteouts")})
-    return {"Id": img.id, "Digest": img.digest, "RepoTags": img.tags,
-            "Created": cfg.get("created"), "Author": cfg.get("author"),
-            "Architecture": cfg.get("architecture"), "Os": cfg.get("os"),
-            "Variant": cfg.get("variant"), "Config": cfg.get("config") or {},
-            "RootFS": cfg.get("rootfs"), "History": cfg.get("history") or [],
-            "Size": _image_size(store, img), "Layers": layers,
-            "Manifest": img.manifest}
+        layers.append(
+            {
+                "DiffID": d,
+                "Digest": desc.get("digest"),
+                "MediaType": desc.get("mediaType"),
+                "Size": info.get("size"),
+                "Path": store.layer_path(d),
+                "Whiteouts": info.get("whiteouts"),
+            }
+        )
+    return {
+        "Id": img.id,
+        "Digest": img.digest,
+        "RepoTags": img.tags,
+        "Created": cfg.get("created"),
+        "Author": cfg.get("author"),
+        "Architecture": cfg.get("architecture"),
+        "Os": cfg.get("os"),
+        "Variant": cfg.get("variant"),
+        "Config": cfg.get("config") or {},
+        "RootFS": cfg.get("rootfs"),
+        "History": cfg.get("history") or [],
+        "Size": _image_size(store, img),
+        "Layers": layers,
+        "Manifest": img.manifest,
+    }
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -311,8 +377,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_tag(args: argparse.Namespace) -> int:
     store = _store(args)
     img = store.lookup(args.image)
-    store.add_image(img.digest, store.blob_size(img.digest), args.name,
-                    img.media_type)
+    store.add_image(img.digest, store.blob_size(img.digest), args.name, img.media_type)
     return 0
 
 
@@ -339,10 +404,17 @@ def cmd_commit(args: argparse.Namespace) -> int:
     for kv in args.env:
         if "=" not in kv or kv.startswith("="):
             raise UserError(f"--env {kv!r}: expected KEY=VALUE")
-    changes = Changes(message=args.message, author=args.author,
-                      cmd=_argv(args.cmd, "cmd"), entrypoint=_argv(args.entrypoint, "entrypoint"),
-                      env=list(args.env), workdir=args.workdir, user=args.user)
-    digest, _base = commit(store, args.upper, args.image, args.tag, changes,
-                           args.compression, args.timestamp)
+    changes = Changes(
+        message=args.message,
+        author=args.author,
+        cmd=_argv(args.cmd, "cmd"),
+        entrypoint=_argv(args.entrypoint, "entrypoint"),
+        env=list(args.env),
+        workdir=args.workdir,
+        user=args.user,
+    )
+    digest, _base = commit(
+        store, args.upper, args.image, args.tag, changes, args.compression, args.timestamp
+    )
     print(store.lookup(digest).id)
     return 0

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from ..errors import UserError
+from ..syscalls import fdpath
 from ..tree import DIR_FLAGS, DirCursor, NotRegularFile, open_regular
 from ..whiteout import (
     AUFS_META_PREFIX,
@@ -64,8 +65,12 @@ from .store import (
 
 log = logging.getLogger(__name__)
 MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last time an OCI "created" can say
-_REFUSE_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy",
-                  b"user.overlay.redirect", b"user.overlay.metacopy")
+_REFUSE_XATTRS = (
+    b"trusted.overlay.redirect",
+    b"trusted.overlay.metacopy",
+    b"user.overlay.redirect",
+    b"user.overlay.metacopy",
+)
 _DOCKER_TO_OCI = {
     DOCKER_LAYER_GZIP: MT_LAYER_GZIP,
     DOCKER_LAYER: MEDIA_BY_COMPRESSION["none"],
@@ -124,7 +129,7 @@ class _Walker:
         ti.mtime = mt if self.timestamp is None else min(mt, self.timestamp)
         return ti
 
-    def _xattrs(self, target: int | str, follow: bool, name: str) -> dict[str, str]:
+    def _xattrs(self, target: int | bytes, follow: bool, name: str) -> dict[str, str]:
         try:
             names = os.listxattr(target, follow_symlinks=follow)
         except OSError:
@@ -133,8 +138,10 @@ class _Walker:
         for n in sorted(names):
             bn = os.fsencode(n)
             if bn in _REFUSE_XATTRS:
-                raise ImageError(f"cannot commit {name!r}: it has {n} (its content is in a "
-                                 "lower layer; mount without redirect_dir/metacopy)")
+                raise ImageError(
+                    f"cannot commit {name!r}: it has {n} (its content is in a "
+                    "lower layer; mount without redirect_dir/metacopy)"
+                )
             if is_internal_xattr(bn):
                 continue
             try:
@@ -204,7 +211,7 @@ class _Walker:
                 self.tar.addfile(ti)
             finally:
                 os.close(fd)
-            return _Level(level.parts + [name], path + "/", [], False)
+            return _Level([*level.parts, name], path + "/", [], False)
         if stat.S_ISREG(mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self.links:
@@ -226,7 +233,7 @@ class _Walker:
             if st.st_nlink > 1:
                 self.links[key] = path
             return None
-        proc = f"/proc/self/fd/{dfd}/{name}"
+        proc = fdpath(dfd, os.fsencode(name))
         if stat.S_ISLNK(mode):
             ti = self._info(path, st, tarfile.SYMTYPE)
             ti.linkname = os.readlink(name, dir_fd=dfd)
@@ -275,14 +282,17 @@ class Changes:
     user: str | None = None
 
 
-def new_config(base: dict[str, Any], diff_id: str, changes: Changes,
-               created: str) -> dict[str, Any]:
+def new_config(
+    base: dict[str, Any], diff_id: str, changes: Changes, created: str
+) -> dict[str, Any]:
     cfg = copy.deepcopy(base)
     cfg["created"] = created
     if changes.author is not None:
         cfg["author"] = changes.author
-    cfg["rootfs"] = {"type": "layers",
-                     "diff_ids": list((base.get("rootfs") or {}).get("diff_ids", [])) + [diff_id]}
+    cfg["rootfs"] = {
+        "type": "layers",
+        "diff_ids": [*list((base.get("rootfs") or {}).get("diff_ids", [])), diff_id],
+    }
     run = cfg.setdefault("config", {}) or {}
     cfg["config"] = run
     if changes.cmd is not None:
@@ -299,19 +309,24 @@ def new_config(base: dict[str, Any], diff_id: str, changes: Changes,
             key = kv.split("=", 1)[0]
             env = [e for e in env if e.split("=", 1)[0] != key] + [kv]
         run["Env"] = env
-    hist: dict[str, Any] = {"created": created,
-                            "created_by": changes.message or "pyunion commit"}
+    hist: dict[str, Any] = {"created": created, "created_by": changes.message or "pyunion commit"}
     if changes.author is not None:
         hist["author"] = changes.author
-    cfg["history"] = list(base.get("history") or []) + [hist]
+    cfg["history"] = [*list(base.get("history") or []), hist]
     for k in ("container", "container_config"):
         cfg.pop(k, None)
     return cfg
 
 
-def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
-           changes: Changes | None = None, compression: str = "gzip",
-           timestamp: int | None = None) -> tuple[str, Image]:
+def commit(
+    store: Store,
+    upper: str,
+    base_ref: str,
+    tag: str | None = None,
+    changes: Changes | None = None,
+    compression: str = "gzip",
+    timestamp: int | None = None,
+) -> tuple[str, Image]:
     """Commit `upper` as a new layer on the image `base_ref`; returns (manifest digest, base)."""
     changes = changes or Changes()
     if compression not in MEDIA_BY_COMPRESSION:
@@ -327,8 +342,9 @@ def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
         tar_path = os.path.join(tmp, "layer.tar")
         with open(tar_path, "wb") as f:
             if compression == "gzip":
-                with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0,
-                                   compresslevel=6) as z:
+                with gzip.GzipFile(
+                    filename="", mode="wb", fileobj=f, mtime=0, compresslevel=6
+                ) as z:
                     skipped = write_layer_tar(upper, z, timestamp)
             elif compression == "zstd":
                 with zstandard.ZstdCompressor(level=3).stream_writer(f, closefd=False) as z:
@@ -341,8 +357,11 @@ def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
             info = store_layer_stream(store, tmp, f, None, None, "new layer")
         store.sync()
         info["publish"]()
-        created = _now() if timestamp is None else \
-            datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        created = (
+            _now()
+            if timestamp is None
+            else datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        )
         cfg = new_config(base.config, info["diff_id"], changes, created)
         cbytes = canonical_json(cfg)
         cdigest = digest_of(cbytes)
@@ -352,11 +371,19 @@ def commit(store: Store, upper: str, base_ref: str, tag: str | None = None,
             d = dict(d)
             d["mediaType"] = _DOCKER_TO_OCI.get(d.get("mediaType", ""), d.get("mediaType"))
             layers.append(d)
-        layers.append({"mediaType": MEDIA_BY_COMPRESSION[compression], "digest": info["digest"],
-                       "size": info["compressed_size"]})
-        man = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
-               "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": len(cbytes)},
-               "layers": layers}
+        layers.append(
+            {
+                "mediaType": MEDIA_BY_COMPRESSION[compression],
+                "digest": info["digest"],
+                "size": info["compressed_size"],
+            }
+        )
+        man = {
+            "schemaVersion": 2,
+            "mediaType": MT_MANIFEST,
+            "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": len(cbytes)},
+            "layers": layers,
+        }
         mbytes = canonical_json(man)
         mdigest = digest_of(mbytes)
         store.put_blob_bytes(mbytes, mdigest, tmp)

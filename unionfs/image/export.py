@@ -27,8 +27,15 @@ from .store import MT_INDEX, REF_NAME, Image, Store, remove_tree
 from .unpack import CORRUPT
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes | None = None, *,
-             fileobj: Any = None, size: int = 0, is_dir: bool = False) -> None:
+def _tar_add(
+    tar: tarfile.TarFile,
+    name: str,
+    data: bytes | None = None,
+    *,
+    fileobj: Any = None,
+    size: int = 0,
+    is_dir: bool = False,
+) -> None:
     ti = tarfile.TarInfo(name)
     ti.mtime = 0
     ti.uid = ti.gid = 0
@@ -74,12 +81,16 @@ def _names(img: Image, ref: str) -> tuple[str | None, str | None]:
 
 
 def _oci_index(store: Store, img: Image, full: str | None, tag: str | None) -> bytes:
-    desc: dict[str, Any] = {"mediaType": img.media_type, "digest": img.digest,
-                            "size": store.blob_size(img.digest)}
+    desc: dict[str, Any] = {
+        "mediaType": img.media_type,
+        "digest": img.digest,
+        "size": store.blob_size(img.digest),
+    }
     if full:
         desc["annotations"] = {REF_NAME: tag, CONTAINERD_NAME: full}
-    return json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [desc]},
-                      indent=1).encode()
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [desc]}, indent=1
+    ).encode()
 
 
 def _blobs(img: Image) -> list[str]:
@@ -90,10 +101,12 @@ def export_oci(store: Store, img: Image, path: str, ref: str) -> None:
     full, tag = _names(img, ref)
     index = _oci_index(store, img, full, tag)
     layout = json.dumps({"imageLayoutVersion": "1.0.0"}).encode()
-    digests = [img.digest] + _blobs(img)
+    digests = [img.digest, *_blobs(img)]
     if path.endswith(".tar"):
-        with _atomic_output(path, False) as tmp, tarfile.open(tmp, "w",
-                                                              format=tarfile.PAX_FORMAT) as tar:
+        with (
+            _atomic_output(path, False) as tmp,
+            tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar,
+        ):
             _tar_add(tar, "oci-layout", layout)
             _tar_add(tar, "index.json", index)
             _tar_add(tar, "blobs", is_dir=True)
@@ -105,8 +118,12 @@ def export_oci(store: Store, img: Image, path: str, ref: str) -> None:
                 seen.add(d)
                 p = store.blob_path(d)
                 with open(p, "rb") as f:
-                    _tar_add(tar, "blobs/" + d.replace(":", "/"), fileobj=f,
-                             size=os.fstat(f.fileno()).st_size)
+                    _tar_add(
+                        tar,
+                        "blobs/" + d.replace(":", "/"),
+                        fileobj=f,
+                        size=os.fstat(f.fileno()).st_size,
+                    )
         return
     with _atomic_output(path, True) as tmp:
         for name, data in (("oci-layout", layout), ("index.json", index)):
@@ -131,8 +148,10 @@ def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
     repo_tags = [full] if full else []
     cfg_hex = img.config_digest.split(":", 1)[1]
     layer_names = []
-    with _atomic_output(path, False) as tmp, tarfile.open(tmp, "w",
-                                                          format=tarfile.PAX_FORMAT) as tar:
+    with (
+        _atomic_output(path, False) as tmp,
+        tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         _tar_add(tar, f"{cfg_hex}.json", store.read_blob(img.config_digest))
         seen: set[str] = set()
         for desc, diff_id in zip(img.manifest["layers"], img.diff_ids, strict=True):
@@ -150,8 +169,7 @@ def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
                 try:
                     _tar_add(tar, name, fileobj=h, size=size)
                     if h.read(1) or h.digest() != diff_id:
-                        raise ImageError(f"layer {diff_id} in the store does not match its "
-                                         "DiffID")
+                        raise ImageError(f"layer {diff_id} in the store does not match its DiffID")
                 except (OSError, *CORRUPT) as e:
                     raise ImageError(f"layer {diff_id} in the store is damaged: {e}") from e
         manifest = [{"Config": f"{cfg_hex}.json", "RepoTags": repo_tags, "Layers": layer_names}]

@@ -47,10 +47,16 @@ from .unpack import UnpackError, unpack
 MEDIA_BY_COMPRESSION = {"none": MT_LAYER, "gzip": MT_LAYER_GZIP, "zstd": MT_LAYER_ZSTD}
 
 
-def store_layer_stream(store: Store, tmpdir: str, stream: IO[bytes] | Any, diff_id: str | None,
-                       digest: str | None, what: str,
-                       progress: Callable[[int], None] | None = None,
-                       size: int | None = None) -> dict[str, Any]:
+def store_layer_stream(
+    store: Store,
+    tmpdir: str,
+    stream: IO[bytes] | Any,
+    diff_id: str | None,
+    digest: str | None,
+    what: str,
+    progress: Callable[[int], None] | None = None,
+    size: int | None = None,
+) -> dict[str, Any]:
     """Verify, keep and (if new) unpack one layer blob read from `stream`.
 
     `diff_id`/`digest` are what the blob must hash to (None: accept what it hashes to);
@@ -86,19 +92,33 @@ def store_layer_stream(store: Store, tmpdir: str, stream: IO[bytes] | Any, diff_
             os.fsync(tee.fileno())
     got_digest, got_diff = outer.digest(), inner.digest()
     if digest is not None and got_digest != digest:
-        raise ImageFormatError(f"{what}: blob does not match its digest {digest} "
-                               f"(got {got_digest})")
+        raise ImageFormatError(
+            f"{what}: blob does not match its digest {digest} (got {got_digest})"
+        )
     if diff_id is not None and got_diff != diff_id:
-        raise ImageFormatError(f"{what}: uncompressed layer does not match its DiffID "
-                               f"{diff_id} (got {got_diff})")
-    info = {"diff_id": got_diff, "digest": got_digest, "size": inner.count,
-            "compressed_size": outer.count, "compression": comp}
+        raise ImageFormatError(
+            f"{what}: uncompressed layer does not match its DiffID {diff_id} (got {got_diff})"
+        )
+    info = {
+        "diff_id": got_diff,
+        "digest": got_digest,
+        "size": inner.count,
+        "compressed_size": outer.count,
+        "compression": comp,
+    }
     if need_unpack and diff_id is None and store.has_layer(got_diff):
         need_unpack = False  # learnt its identity only now, and it is already there
     if need_unpack:
-        write_json_atomic(os.path.join(layer_tmp, "layer.json"), {
-            "diff_id": got_diff, "size": inner.count, "blob": got_digest,
-            "media_type": MEDIA_BY_COMPRESSION[comp], "whiteouts": whiteouts})
+        write_json_atomic(
+            os.path.join(layer_tmp, "layer.json"),
+            {
+                "diff_id": got_diff,
+                "size": inner.count,
+                "blob": got_digest,
+                "media_type": MEDIA_BY_COMPRESSION[comp],
+                "whiteouts": whiteouts,
+            },
+        )
 
     def publish() -> None:
         if keep_blob:
@@ -110,19 +130,24 @@ def store_layer_stream(store: Store, tmpdir: str, stream: IO[bytes] | Any, diff_
     return info
 
 
-def _import_layer(store: Store, src: Source, tmpdir: str, lr: LayerRef, n: int, total: int,
-                  bars: Bars) -> dict[str, Any]:
+def _import_layer(
+    store: Store, src: Source, tmpdir: str, lr: LayerRef, n: int, total: int, bars: Bars
+) -> dict[str, Any]:
     what = f"layer {n}/{total} ({short_id(lr.diff_id)})"
     if lr.digest is not None and store.has_blob(lr.digest) and store.has_layer(lr.diff_id):
         bars.note(f"{what}: already in the store")
-        return {"diff_id": lr.diff_id, "digest": lr.digest,
-                "compressed_size": store.blob_size(lr.digest),
-                "compression": None}
+        return {
+            "diff_id": lr.diff_id,
+            "digest": lr.digest,
+            "compressed_size": store.blob_size(lr.digest),
+            "compression": None,
+        }
     bar = bars.bar(what, lr.size)
     try:
         with src.open(lr.path, lr.size) as f:
-            info = store_layer_stream(store, tmpdir, f, lr.diff_id, lr.digest, what,
-                                      bar.update, lr.size)
+            info = store_layer_stream(
+                store, tmpdir, f, lr.diff_id, lr.digest, what, bar.update, lr.size
+            )
     except ImageFormatError as e:
         bar.done()
         if str(e).startswith(what):
@@ -135,12 +160,15 @@ def _import_layer(store: Store, src: Source, tmpdir: str, lr: LayerRef, n: int, 
     return info
 
 
-def _store_candidate(store: Store, src: Source, c: Candidate, tags: list[str],
-                     progress: Bars) -> str:
+def _store_candidate(
+    store: Store, src: Source, c: Candidate, tags: list[str], progress: Bars
+) -> str:
     """Import one image; returns its manifest digest."""
     with store.tempdir() as tmp:
-        infos = [_import_layer(store, src, tmp, lr, i + 1, len(c.layers), progress)
-                 for i, lr in enumerate(c.layers)]
+        infos = [
+            _import_layer(store, src, tmp, lr, i + 1, len(c.layers), progress)
+            for i, lr in enumerate(c.layers)
+        ]
         store.sync()
         for info in infos:
             info.get("publish", lambda: None)()
@@ -149,14 +177,25 @@ def _store_candidate(store: Store, src: Source, c: Candidate, tags: list[str],
             mbytes, mdigest, mtype = c.manifest_bytes, c.manifest_digest, c.manifest_media_type
         else:
             layers = []
-            for lr, info in zip(c.layers, infos):
+            for _lr, info in zip(c.layers, infos, strict=False):
                 comp = info.get("compression") or "none"
-                layers.append({"mediaType": MEDIA_BY_COMPRESSION[comp], "digest": info["digest"],
-                               "size": info["compressed_size"]})
-            man = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                   "config": {"mediaType": MT_CONFIG, "digest": c.config_digest,
-                              "size": len(c.config_bytes)},
-                   "layers": layers}
+                layers.append(
+                    {
+                        "mediaType": MEDIA_BY_COMPRESSION[comp],
+                        "digest": info["digest"],
+                        "size": info["compressed_size"],
+                    }
+                )
+            man = {
+                "schemaVersion": 2,
+                "mediaType": MT_MANIFEST,
+                "config": {
+                    "mediaType": MT_CONFIG,
+                    "digest": c.config_digest,
+                    "size": len(c.config_bytes),
+                },
+                "layers": layers,
+            }
             mbytes = canonical_json(man)
             mdigest = digest_of(mbytes)
             mtype = MT_MANIFEST
@@ -179,9 +218,14 @@ def _archive_name(name: str) -> str:
         raise ImageFormatError(f"{e}; give the image a name with --tag") from None
 
 
-def import_image(path: str, store: Store, tag: str | None = None, ref: str | None = None,
-                 platform: dict[str, str] | None = None,
-                 progress: Bars | None = None) -> list[tuple[str, list[str]]]:
+def import_image(
+    path: str,
+    store: Store,
+    tag: str | None = None,
+    ref: str | None = None,
+    platform: dict[str, str] | None = None,
+    progress: Bars | None = None,
+) -> list[tuple[str, list[str]]]:
     """Import every image (or the one named `ref`) of a layout or archive.
 
     Returns (manifest digest, tags) per image imported.
@@ -207,4 +251,3 @@ def import_image(path: str, store: Store, tag: str | None = None, ref: str | Non
         return out
     finally:
         src.close()
-

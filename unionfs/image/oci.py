@@ -53,9 +53,20 @@ from .unpack import split_name
 
 CONTAINERD_NAME = "io.containerd.image.name"
 
-__all__ = ["CONTAINERD_NAME", "MAX_JSON", "Candidate", "HashingReader", "ImageFormatError",
-           "LayerRef", "SizedReader", "Source", "decompressed", "find_images", "host_platform",
-           "open_source"]
+__all__ = [
+    "CONTAINERD_NAME",
+    "MAX_JSON",
+    "Candidate",
+    "HashingReader",
+    "ImageFormatError",
+    "LayerRef",
+    "SizedReader",
+    "Source",
+    "decompressed",
+    "find_images",
+    "host_platform",
+    "open_source",
+]
 
 
 # --- sources -------------------------------------------------------------------
@@ -80,8 +91,9 @@ class Source:
 
     def read(self, path: str, limit: int = MAX_JSON, size: int | None = None) -> bytes:
         if size is not None and size > limit:
-            raise ImageFormatError(f"{path} is too large ({size} bytes declared, at most "
-                                   f"{limit} read)")
+            raise ImageFormatError(
+                f"{path} is too large ({size} bytes declared, at most {limit} read)"
+            )
         with self.open(path, size) as f:
             data = f.read(limit + 1)
         if len(data) > limit:
@@ -155,8 +167,15 @@ class TarSource(Source):
                     self.members[_clean(m.name)] = m
                 except ImageFormatError:
                     continue  # never looked up, so harmless
-        except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError,
-                OverflowError, zstandard.ZstdError) as e:
+        except (
+            tarfile.TarError,
+            EOFError,
+            OSError,
+            zlib.error,
+            ValueError,
+            OverflowError,
+            zstandard.ZstdError,
+        ) as e:
             raise ImageFormatError(f"cannot read archive {path}: {e}") from e
 
     def _resolve(self, path: str) -> tarfile.TarInfo | None:
@@ -167,8 +186,9 @@ class TarSource(Source):
                 return None
             if m.issym():
                 base = posixpath.dirname(path)
-                target = m.linkname if m.linkname.startswith("/") else \
-                    posixpath.join(base, m.linkname)
+                target = (
+                    m.linkname if m.linkname.startswith("/") else posixpath.join(base, m.linkname)
+                )
                 path = _clean(posixpath.normpath("/" + target).lstrip("/"))
                 continue
             if m.islnk():
@@ -205,9 +225,13 @@ def open_source(path: str) -> Source:
 class HashingReader(io.RawIOBase):
     """Passes reads through, hashing them (and optionally copying them to `tee`)."""
 
-    def __init__(self, src: IO[bytes] | Any, algo: str = "sha256",
-                 tee: BinaryIO | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        src: IO[bytes] | Any,
+        algo: str = "sha256",
+        tee: BinaryIO | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         self.src = src
         self.h = hashlib.new(algo)
         self.algo = algo
@@ -258,11 +282,14 @@ class SizedReader(io.RawIOBase):
         n = len(data)
         self.count += n
         if self.count > self.size:
-            raise ImageFormatError(f"{self.what} is longer than the {self.size} bytes "
-                                   "its descriptor declares")
+            raise ImageFormatError(
+                f"{self.what} is longer than the {self.size} bytes its descriptor declares"
+            )
         if n == 0 and self.count < self.size and len(b):
-            raise ImageFormatError(f"{self.what} is shorter ({self.count} bytes) than the "
-                                   f"{self.size} bytes its descriptor declares")
+            raise ImageFormatError(
+                f"{self.what} is shorter ({self.count} bytes) than the "
+                f"{self.size} bytes its descriptor declares"
+            )
         b[:n] = data
         return n
 
@@ -293,7 +320,7 @@ class Prefixed(io.RawIOBase):
             self.prefix = self.prefix[n:]
             return n
         data = self.src.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
 
@@ -333,7 +360,7 @@ class LayerRef:
 
     path: str
     diff_id: str
-    digest: str | None       # None for the old docker archives: computed on the way
+    digest: str | None  # None for the old docker archives: computed on the way
     media_type: str | None
     size: int | None
 
@@ -345,9 +372,9 @@ class Candidate:
     config_bytes: bytes
     config: dict[str, Any]
     config_digest: str
-    layers: list[LayerRef]          # bottom first
+    layers: list[LayerRef]  # bottom first
     tags: list[str] = field(default_factory=list)  # as the archive names it: not validated
-    manifest_bytes: bytes | None = None   # kept verbatim (OCI); None: we write one
+    manifest_bytes: bytes | None = None  # kept verbatim (OCI); None: we write one
     manifest_digest: str | None = None
     manifest_media_type: str = MT_MANIFEST
 
@@ -365,8 +392,9 @@ def verified_blob(src: Source, digest: str, what: str, size: int | None = None) 
     return data
 
 
-def _pick_manifests(src: Source, descs: list[dict[str, Any]], want: dict[str, str],
-                    depth: int = 0) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def _pick_manifests(
+    src: Source, descs: list[dict[str, Any]], want: dict[str, str], depth: int = 0
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Resolve index entries down to image manifests: (descriptor, top-level descriptor)."""
     out = []
     for d in descs:
@@ -375,8 +403,9 @@ def _pick_manifests(src: Source, descs: list[dict[str, Any]], want: dict[str, st
             if depth > 4:
                 raise ImageFormatError("image indexes nested too deep")
             what = f"index {d['digest']}"
-            sub = schema.load_object(verified_blob(src, d["digest"], "index", d["size"]),
-                                     schema.Index, what)
+            sub = schema.load_object(
+                verified_blob(src, d["digest"], "index", d["size"]), schema.Index, what
+            )
             entries = platforms.select(sub["manifests"], want)
             for m, _ in _pick_manifests(src, entries, want, depth + 1):
                 out.append((m, d))
@@ -397,17 +426,23 @@ def _tag_of(desc: dict[str, Any], default_repo: str) -> str | None:
     return str(ref) if "/" in ref or ":" in ref else f"{default_repo}:{ref}"
 
 
-def _oci_candidates(src: Source, ref: str | None, want: dict[str, str],
-                    default_repo: str) -> list[Candidate]:
+def _oci_candidates(
+    src: Source, ref: str | None, want: dict[str, str], default_repo: str
+) -> list[Candidate]:
     index = schema.load_object(src.read("index.json"), schema.Index, "index.json")
     descs: list[dict[str, Any]] = index["manifests"]
     if ref is not None:
-        sel = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == ref
-               or (d.get("annotations") or {}).get(CONTAINERD_NAME) == ref]
+        sel = [
+            d
+            for d in descs
+            if (d.get("annotations") or {}).get(REF_NAME) == ref
+            or (d.get("annotations") or {}).get(CONTAINERD_NAME) == ref
+        ]
         if not sel:
             names = sorted({(d.get("annotations") or {}).get(REF_NAME, "") for d in descs} - {""})
-            raise ImageFormatError(f"no image {ref!r} in the layout (it has: "
-                                   f"{', '.join(names) or 'no names'})")
+            raise ImageFormatError(
+                f"no image {ref!r} in the layout (it has: {', '.join(names) or 'no names'})"
+            )
         descs = sel
     if not descs:
         raise ImageFormatError("the image layout's index.json lists no images")
@@ -427,10 +462,20 @@ def _oci_candidates(src: Source, ref: str | None, want: dict[str, str],
         config = schema.load_object(cbytes, schema.ImageConfig, f"config {cdigest}")
         ldescs = man["layers"]
         diff_ids = schema.diff_ids(config, len(ldescs), f"manifest {digest}")
-        layers = [LayerRef(blob_path(ld["digest"]), diff, ld["digest"], ld.get("mediaType"),
-                           ld["size"]) for ld, diff in zip(ldescs, diff_ids, strict=True)]
-        c = Candidate(cbytes, config, cdigest, layers, [tag] if tag else [], mbytes, digest,
-                      mdesc.get("mediaType") or man.get("mediaType") or MT_MANIFEST)
+        layers = [
+            LayerRef(blob_path(ld["digest"]), diff, ld["digest"], ld.get("mediaType"), ld["size"])
+            for ld, diff in zip(ldescs, diff_ids, strict=True)
+        ]
+        c = Candidate(
+            cbytes,
+            config,
+            cdigest,
+            layers,
+            [tag] if tag else [],
+            mbytes,
+            digest,
+            mdesc.get("mediaType") or man.get("mediaType") or MT_MANIFEST,
+        )
         by_digest[digest] = c
     if not by_digest:
         raise ImageFormatError("no image manifests found in the layout")
@@ -450,27 +495,32 @@ def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
         cbytes = src.read(cpath)
         cdigest = digest_of(cbytes)
         stem = posixpath.basename(cpath).removesuffix(".json").removeprefix("sha256:")
-        if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) and \
-                stem != cdigest[7:]:
+        if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) and stem != cdigest[7:]:
             raise ImageFormatError(f"config {cpath} does not match its digest")
         config = schema.load_object(cbytes, schema.ImageConfig, f"config {cpath}")
         lpaths = e["Layers"]
         diff_ids = schema.diff_ids(config, len(lpaths), "manifest.json")
-        layers = [LayerRef(_clean(p), d, None, None, None)
-                  for p, d in zip(lpaths, diff_ids, strict=True)]
+        layers = [
+            LayerRef(_clean(p), d, None, None, None) for p, d in zip(lpaths, diff_ids, strict=True)
+        ]
         out.append(Candidate(cbytes, config, cdigest, layers, tags))
     if not out:
         raise ImageFormatError(f"no image {ref!r} in the archive")
     return out
 
 
-def find_images(src: Source, ref: str | None = None, want: dict[str, str] | None = None,
-                default_repo: str = "imported") -> list[Candidate]:
+def find_images(
+    src: Source,
+    ref: str | None = None,
+    want: dict[str, str] | None = None,
+    default_repo: str = "imported",
+) -> list[Candidate]:
     """The images in an OCI layout or docker archive (OCI form preferred when both)."""
     want = want or platforms.host()
     if src.exists("index.json") and (src.exists("oci-layout") or not src.exists("manifest.json")):
         return _oci_candidates(src, ref, want, default_repo)
     if src.exists("manifest.json"):
         return _docker_candidates(src, ref)
-    raise ImageFormatError("not an OCI image layout (no index.json) nor a docker archive "
-                           "(no manifest.json)")
+    raise ImageFormatError(
+        "not an OCI image layout (no index.json) nor a docker archive (no manifest.json)"
+    )

@@ -20,9 +20,17 @@ from .schema import ImageFormatError
 
 Platform = dict[str, str]
 
-_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-         "i386": "386", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x",
-         "riscv64": "riscv64"}
+_ARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
 
 
 class NoMatchingPlatform(ImageFormatError):
@@ -77,5 +85,6 @@ def select(entries: list[dict[str, Any]], want: Platform) -> list[dict[str, Any]
         if matches(e.get("platform"), want):
             return [e]
     avail = ", ".join(sorted({describe(e.get("platform")) for e in described}))
-    raise NoMatchingPlatform(f"no image for platform {describe(want)} (available: {avail}; "
-                             "choose one with --platform)")
+    raise NoMatchingPlatform(
+        f"no image for platform {describe(want)} (available: {avail}; choose one with --platform)"
+    )

@@ -54,8 +54,7 @@ DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 _PATH = rf"{PATH_COMPONENT}(?:/{PATH_COMPONENT})*"
 
 # re.ASCII and fullmatch: \w and [..] never match beyond ASCII, "$" never before a "\n".
-_REFERENCE_RE = re.compile(rf"(?:({DOMAIN})/)?({_PATH})(?::({TAG}))?(?:@({DIGEST}))?",
-                           re.ASCII)
+_REFERENCE_RE = re.compile(rf"(?:({DOMAIN})/)?({_PATH})(?::({TAG}))?(?:@({DIGEST}))?", re.ASCII)
 _TAG_RE = re.compile(TAG, re.ASCII)
 _DOMAIN_RE = re.compile(DOMAIN, re.ASCII)
 _PATH_RE = re.compile(_PATH, re.ASCII)
@@ -115,9 +114,11 @@ def parse(text: object, what: str = "image name") -> Reference:
         raise InvalidReference(f"invalid {what} {printable(repr(text))}: not a string")
     m = _REFERENCE_RE.fullmatch(text)
     if m is None:
-        raise InvalidReference(f"invalid {what} {printable(repr(text))} (expected "
-                               "[REGISTRY/]NAME[:TAG][@DIGEST], with NAME in lower case "
-                               "and a TAG of at most 128 letters, digits, '_', '.' and '-')")
+        raise InvalidReference(
+            f"invalid {what} {printable(repr(text))} (expected "
+            "[REGISTRY/]NAME[:TAG][@DIGEST], with NAME in lower case "
+            "and a TAG of at most 128 letters, digits, '_', '.' and '-')"
+        )
     first, path, tag, digest = m.groups()
     domain, path = _split_domain(first, path)
     ref = Reference(domain, path, tag, digest)
@@ -161,13 +162,14 @@ def parse_remote(text: object, what: str = "image reference") -> RemoteReference
     if domain == DOCKER_DOMAIN and "/" not in path:
         path = f"{DOCKER_OFFICIAL}/{path}"
     if ref.digest is not None and not DIGEST_RE.fullmatch(ref.digest):
-        raise InvalidReference(f"invalid {what} {printable(repr(text))}: unsupported digest "
-                               "(expected sha256 or sha512 in lower-case hex)")
+        raise InvalidReference(
+            f"invalid {what} {printable(repr(text))}: unsupported digest "
+            "(expected sha256 or sha512 in lower-case hex)"
+        )
     tag = DEFAULT_TAG if ref.tag is None and ref.digest is None else ref.tag
     out = RemoteReference(domain, path, tag, ref.digest)
     if len(out.name) > NAME_MAX:
-        raise InvalidReference(f"invalid {what}: {out.name} is longer than {NAME_MAX} "
-                               "characters")
+        raise InvalidReference(f"invalid {what}: {out.name} is longer than {NAME_MAX} characters")
     return out
 
 
@@ -193,7 +195,7 @@ def local_aliases(name: str) -> list[str]:
     """The names that mean the same local image: `NAME` and `localhost/NAME`."""
     prefix = LOCAL_DOMAIN + "/"
     if name.startswith(prefix):
-        return [name, name[len(prefix):]]
+        return [name, name[len(prefix) :]]
     return [name, prefix + name]
 
 

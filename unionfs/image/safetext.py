@@ -19,8 +19,10 @@ def printable(text: object) -> str:
     s = text if isinstance(text, str) else str(text)
     if s.isprintable():
         return s
-    return "".join(ch if ch.isprintable() else
-                   ch.encode("unicode_escape", "backslashreplace").decode("ascii") for ch in s)
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for ch in s
+    )
 
 
 class ImageError(UserError):

@@ -35,8 +35,10 @@ class ImageFormatError(ImageError):
 # The digests pyunion verifies (and uses as file names in the store).
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", re.ASCII)
 _DIGEST = rf"\A(?:{DIGEST_RE.pattern})\Z"
-_MEDIA_TYPE = (r"\A[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-               r"(?:;[ -~]*)?\Z")
+_MEDIA_TYPE = (
+    r"\A[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+    r"(?:;[ -~]*)?\Z"
+)
 _NO_NUL = r"\A[^\x00]*\Z"
 Digest = Annotated[str, msgspec.Meta(pattern=_DIGEST)]
 Size = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -147,8 +149,12 @@ def parse_json(data: bytes, what: str) -> Any:
 
 _PATTERN_NAMES = {
     "`str` matching regex " + repr(pattern): name
-    for pattern, name in ((_DIGEST, "a sha256 or sha512 digest"),
-                          (_MEDIA_TYPE, "a media type"), (_NO_NUL, "a string without NUL"))}
+    for pattern, name in (
+        (_DIGEST, "a sha256 or sha512 digest"),
+        (_MEDIA_TYPE, "a media type"),
+        (_NO_NUL, "a string without NUL"),
+    )
+}
 
 
 def check(obj: Any, schema: type[T], what: str) -> T:
@@ -184,8 +190,9 @@ def diff_ids(config: dict[str, Any], layers: int, what: str) -> list[str]:
     names the manifest), or one line saying they differ."""
     ids: list[str] = config["rootfs"]["diff_ids"]
     if len(ids) != layers:
-        raise ImageFormatError(f"{what} has {layers} layers but its config lists {len(ids)} "
-                               "diff_ids")
+        raise ImageFormatError(
+            f"{what} has {layers} layers but its config lists {len(ids)} diff_ids"
+        )
     return list(ids)
 
 

@@ -72,7 +72,6 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
-
 def check_digest(digest: object, what: str = "digest") -> str:
     """A digest string safe to use as a file name; anything else is a corrupt image."""
     if not isinstance(digest, str) or not schema.DIGEST_RE.fullmatch(digest):
@@ -119,8 +118,9 @@ def check_owner(root: str) -> None:
         except OSError as e:
             raise UserError(f"cannot use the image store {printable(root)}: {e.strerror}") from e
         if st.st_uid != os.geteuid() and (follow or stat.S_ISLNK(st.st_mode)):
-            raise UserError(f"the image store {printable(root)} belongs to uid {st.st_uid}; "
-                            "refusing to use it")
+            raise UserError(
+                f"the image store {printable(root)} belongs to uid {st.st_uid}; refusing to use it"
+            )
 
 
 def syncfs(fd: int) -> None:
@@ -157,7 +157,7 @@ def canonical_json(data: Any) -> bytes:
 class Image:
     """One image in the store: its manifest, config and tags."""
 
-    digest: str                      # manifest digest
+    digest: str  # manifest digest
     manifest: dict[str, Any]
     config: dict[str, Any]
     config_digest: str
@@ -209,8 +209,7 @@ class Store:
                 write_json_atomic(lay, {"imageLayoutVersion": "1.0.0"})
             idx = os.path.join(self.root, "index.json")
             if not os.path.exists(idx):
-                write_json_atomic(idx, {"schemaVersion": 2, "mediaType": MT_INDEX,
-                                        "manifests": []})
+                write_json_atomic(idx, {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": []})
         except OSError as e:
             raise UserError(f"cannot create image store {self.root}: {e.strerror}") from e
 
@@ -243,8 +242,7 @@ class Store:
                 finally:
                     os.close(fd)
         except OSError as e:
-            raise UserError(f"cannot make the image store {self.root} private: "
-                            f"{e.strerror}") from e
+            raise UserError(f"cannot make the image store {self.root} private: {e.strerror}") from e
         finally:
             os.close(rfd)
         self._secured = True
@@ -279,8 +277,9 @@ class Store:
     def layer_info(self, diff_id: str) -> dict[str, Any]:
         rel = os.path.relpath(os.path.join(self.layer_dir(diff_id), "layer.json"), self.root)
         try:
-            info = schema.load_object(self._read(rel, 1 << 16), schema.LayerInfo,
-                                      f"layer {diff_id}: layer.json")
+            info = schema.load_object(
+                self._read(rel, 1 << 16), schema.LayerInfo, f"layer {diff_id}: layer.json"
+            )
         except OSError as e:
             raise UserError(f"layer {diff_id} is missing from the store {self.root}") from e
         return info
@@ -303,8 +302,10 @@ class Store:
                 raise UserError(f"blob {digest} in the store is too large to read") from e
             raise UserError(f"blob {digest} is missing from the store {self.root}") from e
         if digest_of(data, digest.split(":", 1)[0]) != digest:
-            raise UserError(f"blob {digest} in the store {self.root} is damaged "
-                            "(its content does not match its digest)")
+            raise UserError(
+                f"blob {digest} in the store {self.root} is damaged "
+                "(its content does not match its digest)"
+            )
         return data
 
     def read_json_blob(self, digest: str, kind: type[Any], what: str) -> dict[str, Any]:
@@ -354,8 +355,9 @@ class Store:
             self._trash(dst)  # a directory without layer.json is nobody's: replace it
             os.rename(tmp_layer_dir, dst)
 
-    def publish_layer_tree(self, tree: str, diff_id: str, size: int, blob: str,
-                           media_type: str, whiteouts: str) -> None:
+    def publish_layer_tree(
+        self, tree: str, diff_id: str, size: int, blob: str, media_type: str, whiteouts: str
+    ) -> None:
         """Make an already unpacked tree (under tmp/, same filesystem) the layer `diff_id`.
 
         For a tree that is exactly what the blob `blob` unpacks to, such as a build
@@ -364,9 +366,16 @@ class Store:
         layer_tmp = os.path.join(self.root, "tmp", "layer-" + uuid.uuid4().hex)
         os.mkdir(layer_tmp, PRIVATE)
         os.rename(tree, os.path.join(layer_tmp, "diff"))
-        write_json_atomic(os.path.join(layer_tmp, "layer.json"), {
-            "diff_id": diff_id, "size": size, "blob": blob, "media_type": media_type,
-            "whiteouts": whiteouts})
+        write_json_atomic(
+            os.path.join(layer_tmp, "layer.json"),
+            {
+                "diff_id": diff_id,
+                "size": size,
+                "blob": blob,
+                "media_type": media_type,
+                "whiteouts": whiteouts,
+            },
+        )
         self.publish_layer(layer_tmp, diff_id)
         if os.path.isdir(layer_tmp):  # published meanwhile by someone else
             remove_tree(layer_tmp)
@@ -426,8 +435,7 @@ class Store:
         except FileNotFoundError:
             return {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": []}
         except OSError as e:
-            raise UserError(f"the store's index.json is unreadable: "
-                            f"{e.strerror or e}") from e
+            raise UserError(f"the store's index.json is unreadable: {e.strerror or e}") from e
         return schema.load_object(data, schema.Index, f"the store's index {self.root}/index.json")
 
     @contextlib.contextmanager
@@ -439,8 +447,9 @@ class Store:
             yield idx
             write_json_atomic(os.path.join(self.root, "index.json"), idx)
 
-    def add_image(self, manifest_digest: str, size: int, tag: str | None,
-                  media_type: str = MT_MANIFEST) -> None:
+    def add_image(
+        self, manifest_digest: str, size: int, tag: str | None, media_type: str = MT_MANIFEST
+    ) -> None:
         """Record an image (its manifest blob must be in place); a tag moves to it."""
         with self.edit_index() as idx:
             entries = idx["manifests"]
@@ -450,8 +459,11 @@ class Store:
                     ann = e.get("annotations") or {}
                     if ann.get(REF_NAME) == tag:
                         del ann[REF_NAME]
-            desc: dict[str, Any] = {"mediaType": media_type, "digest": manifest_digest,
-                                    "size": size}
+            desc: dict[str, Any] = {
+                "mediaType": media_type,
+                "digest": manifest_digest,
+                "size": size,
+            }
             if tag is not None:
                 desc["annotations"] = {REF_NAME: tag}
             entries.append(desc)
@@ -475,8 +487,12 @@ class Store:
                     img = self._load_image(d)
                 except UserError as err:
                     self._damaged[d] = str(err)
-                    log.warning("leaving out image %s: %s (pyunion rmi %s removes it)",
-                                short_id(d), printable(err), short_id(d))
+                    log.warning(
+                        "leaving out image %s: %s (pyunion rmi %s removes it)",
+                        short_id(d),
+                        printable(err),
+                        short_id(d),
+                    )
                     continue
                 out[d] = img
             ref = (e.get("annotations") or {}).get(REF_NAME)
@@ -525,8 +541,9 @@ class Store:
         m = self.read_json_blob(manifest_digest, schema.Manifest, "manifest")
         cd = m["config"]["digest"]
         config = self.read_json_blob(cd, schema.ImageConfig, "config")
-        schema.diff_ids(config, len(m["layers"]), f"image {manifest_digest} in the store: "
-                        "its manifest")
+        schema.diff_ids(
+            config, len(m["layers"]), f"image {manifest_digest} in the store: its manifest"
+        )
         return Image(manifest_digest, m, config, cd)
 
     def lookup(self, ref: str) -> Image:
@@ -560,9 +577,12 @@ class Store:
             raise ImageError(f"{ref!r} is ambiguous: {names}")
         hexpart = ref.split(":", 1)[1] if ref.startswith(("sha256:", "sha512:")) else ref
         if len(hexpart) >= 4 and re.fullmatch(r"[0-9a-f]+", hexpart):
-            ids = [i for i in imgs
-                   if i.config_digest.split(":", 1)[1].startswith(hexpart)
-                   or i.digest.split(":", 1)[1].startswith(hexpart)]
+            ids = [
+                i
+                for i in imgs
+                if i.config_digest.split(":", 1)[1].startswith(hexpart)
+                or i.digest.split(":", 1)[1].startswith(hexpart)
+            ]
             if len(ids) == 1:
                 return ids[0], None
             if len(ids) > 1:
@@ -617,8 +637,11 @@ class Store:
         layers_root = os.path.join(self.root, "layers")
         for name in sorted(os.listdir(layers_root)):
             diff_id = ("sha256:" + name) if "-" not in name else name.replace("-", ":", 1)
-            if diff_id in live_layers or diff_id in kept or (kept and self._blob_of(diff_id)
-                                                             in kept):
+            if (
+                diff_id in live_layers
+                or diff_id in kept
+                or (kept and self._blob_of(diff_id) in kept)
+            ):
                 continue
             self._trash(os.path.join(layers_root, name))
             deleted.append(diff_id)
@@ -664,7 +687,7 @@ def _dedupe(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _exact_names(ref: str) -> list[str]:
     """The tags `ref` names exactly: itself, with ":latest", and its `localhost/` alias."""
     bare = ref if ":" in ref.rsplit("/", 1)[-1] else ref + ":latest"
-    return [ref, bare] + reference.local_aliases(bare)[1:]
+    return [ref, bare, *reference.local_aliases(bare)[1:]]
 
 
 def _same_repo(name: str, tag: str) -> bool:
@@ -688,5 +711,6 @@ def _remove_quietly(path: str) -> None:
     try:
         rmtree(path)
     except OSError as e:
-        log.warning("could not remove %s (%s); a later command will retry",
-                    printable(path), e.strerror or e)
+        log.warning(
+            "could not remove %s (%s); a later command will retry", printable(path), e.strerror or e
+        )

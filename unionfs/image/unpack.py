@@ -44,6 +44,7 @@ redirect the kernel's lookups) are dropped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import logging
@@ -58,17 +59,17 @@ from typing import IO, Any
 import zstandard
 
 from .. import userns
+from ..syscalls import fdpath
 from ..tree import DIR_FLAGS, DirCursor, rmtree_at
-from ..whiteout import is_internal_xattr
+from ..whiteout import AUFS_META_PREFIX, OPQ_OCI, WH_PREFIX, WhiteoutWriter, is_internal_xattr
 from .safetext import ImageError
 
 log = logging.getLogger(__name__)
 
-WH = ".wh."
-OPQ = ".wh..wh..opq"
-AUFS_META = ".wh..wh."
-MAX_ID = 2**32 - 2          # (uid_t)-1 means "no change" to chown
-MAX_TIME = 2**63 // 10**9   # an mtime in nanoseconds must fit in 64 bits
+# The markers' names (whiteout.py) as tar member names, which are str.
+WH, OPQ, AUFS_META = (os.fsdecode(n) for n in (WH_PREFIX, OPQ_OCI, AUFS_META_PREFIX))
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to chown
+MAX_TIME = 2**63 // 10**9  # an mtime in nanoseconds must fit in 64 bits
 _PARENT_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
 _GONE_ERRNOS = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)
 
@@ -79,8 +80,7 @@ class UnpackError(ImageError):
     """The archive is corrupt or tries to write outside its directory."""
 
 
-def split_name(name: str, what: str = "entry",
-               error: type[ImageError] = UnpackError) -> list[str]:
+def split_name(name: str, what: str = "entry", error: type[ImageError] = UnpackError) -> list[str]:
     """Path components of a name from an image (a tar member, a file of a layout);
     refuses absolute names, `..` and NUL with `error`."""
     if "\x00" in name:
@@ -110,16 +110,24 @@ class Unpacker:
     `max_member`: no member may be larger (the size of an uncompressed blob).
     """
 
-    def __init__(self, root_fd: int, kernel_format: bool | None = None,
-                 max_member: int | None = None) -> None:
+    def __init__(
+        self, root_fd: int, kernel_format: bool | None = None, max_member: int | None = None
+    ) -> None:
         self.root_fd = root_fd
         self.as_root = os.geteuid() == 0
-        self.kernel = self.as_root if kernel_format is None else kernel_format
-        self.opaque_xattr: str | None = "trusted.overlay.opaque" if self.kernel else None
+        # The layer is in one format: the kernel's where allowed (as root; as root of a user
+        # namespace with user.overlay.opaque), else OCI markers (mode 0600, no user xattr),
+        # for whiteouts and opaque dirs together.
+        self.whiteouts = WhiteoutWriter(
+            kernel=self.as_root if kernel_format is None else kernel_format,
+            marker_mode=0o600,
+            user_opaque_xattr=False,
+            together=True,
+            userxattr=True,
+        )
         self.max_member = max_member
-        self.used_oci_markers = False
-        self._cur = DirCursor(root_fd)    # where entries are made
-        self._aux = DirCursor(root_fd)    # hard link targets
+        self._cur = DirCursor(root_fd)  # where entries are made
+        self._aux = DirCursor(root_fd)  # hard link targets
         self._root_ident = _ident(os.fstat(root_fd))
         # What to apply after the last member, each with the identity of the directory it
         # was meant for: a directory replaced meanwhile no longer matches and is skipped.
@@ -133,8 +141,9 @@ class Unpacker:
         self._aux.close()
 
     # --- walking ---------------------------------------------------------------
-    def _goto(self, cursor: DirCursor, parts: list[str], name: str, create: bool,
-              what: str = "") -> int:
+    def _goto(
+        self, cursor: DirCursor, parts: list[str], name: str, create: bool, what: str = ""
+    ) -> int:
         """The directory `parts`, missing ones made if `create`; a symlink or a
         non-directory on the way is an UnpackError that says which it is."""
         try:
@@ -142,10 +151,11 @@ class Unpacker:
         except OSError as e:
             if e.errno not in _PARENT_ERRNOS:
                 raise
-            bad = "/".join(parts[:len(cursor.parts) + 1])
+            bad = "/".join(parts[: len(cursor.parts) + 1])
             kind = "a symlink" if e.errno == errno.ELOOP else "not a directory"
-            raise UnpackError(f"refusing {name!r}: {what}{bad!r} is {kind} (nothing is "
-                              "written through it)") from None
+            raise UnpackError(
+                f"refusing {name!r}: {what}{bad!r} is {kind} (nothing is written through it)"
+            ) from None
 
     def _clear(self, pfd: int, name: str, st: os.stat_result) -> None:
         """Remove what an entry replaces (a directory with its tree, never following)."""
@@ -182,6 +192,7 @@ class Unpacker:
 
     def _check_header(self, m: tarfile.TarInfo) -> None:
         """Refuse header values no filesystem can hold, before anything is made of them."""
+
         def bad(why: str) -> UnpackError:
             return UnpackError(f"refusing {m.name!r}: {why}")
 
@@ -195,8 +206,7 @@ class Unpacker:
                 raise bad(f"its {what} {v} is out of range")
         if m.size < 0 or (self.max_member is not None and m.size > self.max_member):
             raise bad(f"its header declares {m.size} bytes, more than the layer holds")
-        if (m.ischr() or m.isblk()) and not (0 <= m.devmajor < 2**32 and
-                                              0 <= m.devminor < 2**32):
+        if (m.ischr() or m.isblk()) and not (0 <= m.devmajor < 2**32 and 0 <= m.devminor < 2**32):
             raise bad("its device number is out of range")
         for k in m.pax_headers or {}:
             if k.startswith("SCHILY.xattr.") and ("\x00" in k or len(k) > 13 + 255):
@@ -206,14 +216,14 @@ class Unpacker:
         base = parts[-1]
         if base.startswith(AUFS_META) and base != OPQ:
             return  # AUFS metadata (.wh..wh.plnk etc.): never part of the tree
-        target = base[len(WH):]
+        target = base[len(WH) :]
         if base != OPQ and target in ("", ".", ".."):
             raise UnpackError(f"refusing whiteout {m.name!r}: it names no entry")
         self._goto(self._cur, parts[:-1], m.name, create=True, what="its directory ")
         if base == OPQ:
             self._opaques.append((parts[:-1], self._cur.ident()))
         else:
-            self._whiteouts.append((parts[:-1] + [target], self._cur.ident()))
+            self._whiteouts.append(([*parts[:-1], target], self._cur.ident()))
 
     def _create(self, tf: tarfile.TarFile, pfd: int, parts: list[str], m: tarfile.TarInfo) -> None:
         name = parts[-1]
@@ -236,8 +246,12 @@ class Unpacker:
         if old is not None:
             self._clear(pfd, name, old)
         if m.isreg():
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=pfd)
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=pfd,
+            )
             try:
                 src = tf.extractfile(m)
                 if src is not None:
@@ -267,8 +281,9 @@ class Unpacker:
         elif m.isfifo():
             os.mkfifo(name, 0o600, dir_fd=pfd)
         else:
-            self._warn("type" + str(m.type),
-                       f"skipping {m.name!r}: unsupported tar type {m.type!r}")
+            self._warn(
+                "type" + str(m.type), f"skipping {m.name!r}: unsupported tar type {m.type!r}"
+            )
             return
         self._meta_at(pfd, name, m, symlink=m.issym())
 
@@ -277,13 +292,19 @@ class Unpacker:
         tparts = split_name(m.linkname, "hard link target")
         if not tparts:
             raise UnpackError(f"refusing hard link {m.name!r} to the layer root")
-        missing = UnpackError(f"refusing hard link {m.name!r}: target {m.linkname!r} is not in "
-                              "the layer")
+        missing = UnpackError(
+            f"refusing hard link {m.name!r}: target {m.linkname!r} is not in the layer"
+        )
 
         def target() -> tuple[int, os.stat_result]:
             try:
-                tfd = self._goto(self._aux, tparts[:-1], m.name, create=False,
-                                 what=f"the parent of its target {m.linkname!r}, ")
+                tfd = self._goto(
+                    self._aux,
+                    tparts[:-1],
+                    m.name,
+                    create=False,
+                    what=f"the parent of its target {m.linkname!r}, ",
+                )
             except FileNotFoundError:
                 raise missing from None
             tst = _lstat(tparts[-1], tfd)
@@ -318,18 +339,19 @@ class Unpacker:
         for k, v in (m.pax_headers or {}).items():
             if not k.startswith("SCHILY.xattr."):
                 continue
-            name = k[len("SCHILY.xattr."):]
+            name = k[len("SCHILY.xattr.") :]
             if not name or is_internal_xattr(os.fsencode(name)):
                 continue
             out.append((name, v.encode("utf-8", "surrogateescape")))
         return out
 
-    def _set_xattr(self, target: int | str, name: str, value: bytes, follow: bool = True) -> None:
+    def _set_xattr(self, target: int | bytes, name: str, value: bytes, follow: bool = True) -> None:
         try:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as e:
-            self._warn("xattr" + name.split(".")[0],
-                       f"cannot set xattr {name!r}: {e.strerror} (skipped)")
+            self._warn(
+                "xattr" + name.split(".")[0], f"cannot set xattr {name!r}: {e.strerror} (skipped)"
+            )
 
     def _chown(self, m: tarfile.TarInfo, fd: int, name: str | None = None) -> None:
         """Give the entry its owner (as root): by `fd`, or NAME in the directory `fd`."""
@@ -339,11 +361,13 @@ class Unpacker:
             else:
                 os.chown(name, m.uid, m.gid, dir_fd=fd, follow_symlinks=False)
         except OSError as e:
-            if e.errno != errno.EINVAL or not (userns.unmapped([m.uid])
-                                               or userns.unmapped([m.gid], "gid")):
+            if e.errno != errno.EINVAL or not (
+                userns.unmapped([m.uid]) or userns.unmapped([m.gid], "gid")
+            ):
                 raise
-            raise UnpackError(f"cannot unpack {m.name!r}: its owner {m.uid}:{m.gid} is "
-                              f"{userns.outside_hint()}") from None
+            raise UnpackError(
+                f"cannot unpack {m.name!r}: its owner {m.uid}:{m.gid} is {userns.outside_hint()}"
+            ) from None
 
     def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
         if self.as_root:
@@ -361,7 +385,7 @@ class Unpacker:
             os.chmod(name, m.mode & 0o7777, dir_fd=pfd)
         xs = self._xattrs(m)
         if xs:
-            path = f"/proc/self/fd/{pfd}/{name}"
+            path = fdpath(pfd, os.fsencode(name))
             for k, v in xs:
                 self._set_xattr(path, k, v, follow=False)
         os.utime(name, ns=self._times(m), dir_fd=pfd, follow_symlinks=False)
@@ -421,46 +445,35 @@ class Unpacker:
                 return
             if st is not None:
                 return  # the layer's own NAME already hides the layers below
-            if self.kernel:
-                try:
-                    os.mknod(parts[-1], stat.S_IFCHR, os.makedev(0, 0), dir_fd=pfd)
-                    return
-                except OSError as e:
-                    if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    self.kernel = False
-            self.used_oci_markers = True
-            fd = os.open(WH + parts[-1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=pfd)
-            os.close(fd)
+            # FileExistsError: its marker is there already (the tar names this whiteout twice).
+            with contextlib.suppress(FileExistsError):
+                self.whiteouts.make_whiteout(pfd, os.fsencode(parts[-1]))
         except OSError as e:
             raise UnpackError(f"cannot create whiteout for {name!r}: {e.strerror}") from e
 
     def _set_opaque(self, dfd: int) -> None:
-        """trusted.overlay.opaque (the host's root), else user.overlay.opaque (the root of a
-        user namespace), else the OCI marker."""
-        while self.opaque_xattr is not None:
-            try:
-                os.setxattr(dfd, self.opaque_xattr, b"y")
-                return
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EACCES):
-                    raise
-                trusted = self.opaque_xattr.startswith("trusted.")
-                self.opaque_xattr = "user.overlay.opaque" if trusted else None
-        self.used_oci_markers = True
-        fd = os.open(OPQ, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dfd)
-        os.close(fd)
+        self.whiteouts.set_opaque(dfd)
 
 
 # What a hostile or damaged tar stream can raise from inside tarfile and the decompressors.
-CORRUPT = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile,
-           ValueError, OverflowError, UnicodeError)
+CORRUPT = (
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    zstandard.ZstdError,
+    gzip.BadGzipFile,
+    ValueError,
+    OverflowError,
+    UnicodeError,
+)
 
 
-def unpack(src: tarfile.TarFile | IO[bytes] | Any, dest: str, kernel_format: bool | None = None,
-           max_member: int | None = None) -> str:
+def unpack(
+    src: tarfile.TarFile | IO[bytes] | Any,
+    dest: str,
+    kernel_format: bool | None = None,
+    max_member: int | None = None,
+) -> str:
     """Extract a layer tar (a TarFile, or a stream read as one) into the existing directory
     `dest`; returns the whiteout format actually written: "kernel", "userxattr" (char 0/0
     whiteouts, user.overlay.opaque) or "oci"."""
@@ -481,6 +494,4 @@ def unpack(src: tarfile.TarFile | IO[bytes] | Any, dest: str, kernel_format: boo
     finally:
         u.close()
         os.close(root_fd)
-    if u.used_oci_markers or not u.kernel:
-        return "oci"
-    return "userxattr" if u.opaque_xattr == "user.overlay.opaque" else "kernel"
+    return u.whiteouts.format

@@ -59,11 +59,17 @@ def auth_files(authfile: str | None = None) -> list[str]:
     if given:
         return [given]
     rt = os.environ.get("XDG_RUNTIME_DIR")
-    first = os.path.join(rt, "containers", "auth.json") if rt else \
-        f"/run/containers/{host_uid()}/auth.json"
+    first = (
+        os.path.join(rt, "containers", "auth.json")
+        if rt
+        else f"/run/containers/{host_uid()}/auth.json"
+    )
     cfg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return [first, os.path.join(cfg, "containers", "auth.json"),
-            os.path.join(os.path.expanduser("~"), ".docker", "config.json")]
+    return [
+        first,
+        os.path.join(cfg, "containers", "auth.json"),
+        os.path.join(os.path.expanduser("~"), ".docker", "config.json"),
+    ]
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -115,8 +121,9 @@ def _decode(entry: object, path: str) -> Credentials | None:
     return None
 
 
-def lookup(registry: str, repository: str | None = None,
-           authfile: str | None = None) -> Credentials | None:
+def lookup(
+    registry: str, repository: str | None = None, authfile: str | None = None
+) -> Credentials | None:
     """Stored credentials for a repository of `registry`, the most specific key first."""
     want = [f"{registry}/{repository}"] if repository else []
     if repository:
@@ -183,7 +190,7 @@ def remove(key: str | None, authfile: str | None = None) -> bool:
 # --- challenges -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Challenge:
-    scheme: str                 # "basic" or "bearer" (lower case)
+    scheme: str  # "basic" or "bearer" (lower case)
     params: dict[str, str]
 
 
@@ -207,8 +214,9 @@ def parse_challenges(header: str) -> list[Challenge]:
             if not pm or (pm.group(2) is None and pm.group(3) is None):
                 break
             val = pm.group(2)
-            params[pm.group(1).lower()] = (re.sub(r"\\(.)", r"\1", val) if val is not None
-                                           else pm.group(3))
+            params[pm.group(1).lower()] = (
+                re.sub(r"\\(.)", r"\1", val) if val is not None else pm.group(3)
+            )
             pos = pm.end()
         out.append(Challenge(scheme, params))
         while pos < len(header) and header[pos] in ", ":

@@ -40,65 +40,108 @@ def _size(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser, creds: bool = True) -> None:
-    p.add_argument("--tls-verify", type=_bool, nargs="?", const=True, default=True,
-                   metavar="BOOL", help="verify the registry's certificate and require HTTPS "
-                   "(default true; false also allows plain HTTP)")
-    p.add_argument("--cert-dir", metavar="DIR", help="CA certificates (*.crt) and client "
-                   "certificates (*.cert + *.key) to use (default: "
-                   "/etc/containers/certs.d/REGISTRY and /etc/docker/certs.d/REGISTRY)")
-    p.add_argument("--authfile", metavar="FILE", help="credentials file (default: "
-                   "$REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json, also "
-                   "reading ~/.config/containers/auth.json and ~/.docker/config.json)")
+    p.add_argument(
+        "--tls-verify",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="verify the registry's certificate and require HTTPS "
+        "(default true; false also allows plain HTTP)",
+    )
+    p.add_argument(
+        "--cert-dir",
+        metavar="DIR",
+        help="CA certificates (*.crt) and client "
+        "certificates (*.cert + *.key) to use (default: "
+        "/etc/containers/certs.d/REGISTRY and /etc/docker/certs.d/REGISTRY)",
+    )
+    p.add_argument(
+        "--authfile",
+        metavar="FILE",
+        help="credentials file (default: "
+        "$REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json, also "
+        "reading ~/.config/containers/auth.json and ~/.docker/config.json)",
+    )
     if creds:
         p.add_argument("--creds", metavar="USER:PASS", help="credentials for the registry")
-        p.add_argument("--retry", type=int, default=3, metavar="N",
-                       help="retries of a transient failure (default 3)")
-        p.add_argument("--retry-delay", type=float, default=0.5, metavar="SECONDS",
-                       help="first delay between retries, doubled each time (default 0.5)")
+        p.add_argument(
+            "--retry",
+            type=int,
+            default=3,
+            metavar="N",
+            help="retries of a transient failure (default 3)",
+        )
+        p.add_argument(
+            "--retry-delay",
+            type=float,
+            default=0.5,
+            metavar="SECONDS",
+            help="first delay between retries, doubled each time (default 0.5)",
+        )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         store_option(p)
 
 
 def _options(args: argparse.Namespace) -> Options:
-    return Options(tls_verify=args.tls_verify, cert_dir=args.cert_dir,
-                   creds=Credentials.parse(args.creds) if getattr(args, "creds", None) else None,
-                   retries=max(0, getattr(args, "retry", 3)),
-                   retry_delay=max(0.0, getattr(args, "retry_delay", 0.5)),
-                   authfile=args.authfile)
+    return Options(
+        tls_verify=args.tls_verify,
+        cert_dir=args.cert_dir,
+        creds=Credentials.parse(args.creds) if getattr(args, "creds", None) else None,
+        retries=max(0, getattr(args, "retry", 3)),
+        retry_delay=max(0.0, getattr(args, "retry_delay", 0.5)),
+        authfile=args.authfile,
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("pull", help="pull an image from a registry",
-                       description="Copy IMAGE from a registry into the store. Only the layers "
-                       "the store lacks are downloaded. A short name is completed as docker "
-                       "does: 'busybox' is docker.io/library/busybox:latest; a first component "
-                       "with a '.' or ':' or 'localhost' names the registry.")
+    p = sub.add_parser(
+        "pull",
+        help="pull an image from a registry",
+        description="Copy IMAGE from a registry into the store. Only the layers "
+        "the store lacks are downloaded. A short name is completed as docker "
+        "does: 'busybox' is docker.io/library/busybox:latest; a first component "
+        "with a '.' or ':' or 'localhost' names the registry.",
+    )
     p.add_argument("image", metavar="IMAGE", help="[REGISTRY/]NAME[:TAG][@DIGEST]")
     platform_option(p)
     _common(p)
     p.set_defaults(handler=cmd_pull)
 
-    p = sub.add_parser("push", help="push an image to a registry",
-                       description="Copy IMAGE from the store to DESTINATION (default: IMAGE "
-                       "read as a reference). Blobs the registry has are not uploaded again.")
+    p = sub.add_parser(
+        "push",
+        help="push an image to a registry",
+        description="Copy IMAGE from the store to DESTINATION (default: IMAGE "
+        "read as a reference). Blobs the registry has are not uploaded again.",
+    )
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("destination", metavar="DESTINATION", nargs="?",
-                   help="[docker://]REGISTRY/NAME[:TAG]")
-    p.add_argument("--chunk-size", type=_size, default=None, metavar="SIZE",
-                   help="blobs larger than this are uploaded in chunks of this size "
-                   "(default 64MiB)")
+    p.add_argument(
+        "destination", metavar="DESTINATION", nargs="?", help="[docker://]REGISTRY/NAME[:TAG]"
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="blobs larger than this are uploaded in chunks of this size (default 64MiB)",
+    )
     _common(p)
     p.set_defaults(handler=cmd_push)
 
-    p = sub.add_parser("login", help="log in to a registry",
-                       description="Check USERNAME and PASSWORD against REGISTRY and store them "
-                       "where podman, buildah and skopeo find them too.")
+    p = sub.add_parser(
+        "login",
+        help="log in to a registry",
+        description="Check USERNAME and PASSWORD against REGISTRY and store them "
+        "where podman, buildah and skopeo find them too.",
+    )
     p.add_argument("registry", metavar="REGISTRY")
     p.add_argument("-u", "--username")
     p.add_argument("-p", "--password")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    p.add_argument("--get-login", action="store_true",
-                   help="print the user name stored for REGISTRY")
+    p.add_argument(
+        "--get-login", action="store_true", help="print the user name stored for REGISTRY"
+    )
     _common(p, creds=False)
     p.set_defaults(handler=cmd_login)
 
@@ -124,8 +167,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from .push import CHUNK, push
 
-    img, _ref, _ = push(args.image, args.destination, Store(args.store, create=False),
-                       _options(args), args.quiet, args.chunk_size or CHUNK)
+    img, _ref, _ = push(
+        args.image,
+        args.destination,
+        Store(args.store, create=False),
+        _options(args),
+        args.quiet,
+        args.chunk_size or CHUNK,
+    )
     print(img.digest)
     return 0
 

@@ -58,7 +58,7 @@ class Options:
     cert_dir: str | None = None
     creds: Credentials | None = None
     retries: int = 3
-    retry_delay: float = 0.5       # first backoff; doubles each time (capped at 10 s)
+    retry_delay: float = 0.5  # first backoff; doubles each time (capped at 10 s)
     authfile: str | None = None
 
 
@@ -75,7 +75,7 @@ def ssl_context(host: str, opts: Options) -> ssl.SSLContext:
             for ca in sorted(glob.glob(os.path.join(d, "*.crt"))):
                 ctx.load_verify_locations(ca)
             for cert in sorted(glob.glob(os.path.join(d, "*.cert"))):
-                key = cert[:-len(".cert")] + ".key"
+                key = cert[: -len(".cert")] + ".key"
                 if not os.path.exists(key):
                     raise UserError(f"client certificate {cert} has no key {key}")
                 ctx.load_cert_chain(cert, key)
@@ -132,7 +132,7 @@ class Client:
     """A session with one registry; use as `async with Client(...) as c:`."""
 
     def __init__(self, registry: str, opts: Options, creds: Credentials | None = None) -> None:
-        self.registry = registry          # as users name it (key of credentials)
+        self.registry = registry  # as users name it (key of credentials)
         self.host = api_host(registry)
         self.opts = opts
         self.creds = creds
@@ -149,7 +149,8 @@ class Client:
             timeout=httpx.Timeout(120.0, connect=15.0),
             headers={"User-Agent": f"pyunion/{__version__}"},
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-            follow_redirects=False)
+            follow_redirects=False,
+        )
         try:
             await self._ping()
         except BaseException:
@@ -173,17 +174,20 @@ class Client:
         for scheme in schemes:
             base = f"{scheme}://{self.host}"
             try:
-                resp = await self._retrying(functools.partial(self.http.get, base + "/v2/"),
-                                            f"GET {base}/v2/")
+                resp = await self._retrying(
+                    functools.partial(self.http.get, base + "/v2/"), f"GET {base}/v2/"
+                )
             except RegistryError as e:
                 last = e
                 continue
             if resp.status_code == 401:
                 self.challenge = self._pick(resp)
             elif resp.status_code >= 400 and resp.status_code != 404:
-                raise RegistryError(f"registry {self.registry}: /v2/ answered "
-                                    f"{resp.status_code} {resp.reason_phrase}",
-                                    resp.status_code)
+                raise RegistryError(
+                    f"registry {self.registry}: /v2/ answered "
+                    f"{resp.status_code} {resp.reason_phrase}",
+                    resp.status_code,
+                )
             self.base = base
             return
         assert last is not None
@@ -199,7 +203,7 @@ class Client:
 
     # --- retries ----------------------------------------------------------------------
     async def backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
-        delay = min(10.0, self.opts.retry_delay * (2 ** attempt))
+        delay = min(10.0, self.opts.retry_delay * (2**attempt))
         if resp is not None:
             ra = resp.headers.get("retry-after", "")
             if ra.isdigit():
@@ -209,15 +213,19 @@ class Client:
     def transport_error(self, e: BaseException, what: str) -> RegistryError:
         tls = _tls_error(e)
         if tls is not None:
-            hint = "" if self.opts.cert_dir else \
-                " (trust its CA with --cert-dir, or use --tls-verify=false)"
+            hint = (
+                ""
+                if self.opts.cert_dir
+                else " (trust its CA with --cert-dir, or use --tls-verify=false)"
+            )
             return RegistryError(f"TLS failure talking to {self.host}: {_reason(e)}{hint}")
         if isinstance(e, httpx.TimeoutException):
             return RegistryError(f"registry {self.host} timed out ({what})")
         return RegistryError(f"registry {self.host} unreachable: {_reason(e)}")
 
-    async def _retrying(self, send: Callable[[], Awaitable[httpx.Response]],
-                        what: str) -> httpx.Response:
+    async def _retrying(
+        self, send: Callable[[], Awaitable[httpx.Response]], what: str
+    ) -> httpx.Response:
         """send() until it gets an answer that is not transient, or the retries run out."""
         attempt = 0
         while True:
@@ -254,16 +262,20 @@ class Client:
                 headers["Authorization"] = self.creds.basic()
                 params.append(("account", self.creds.username))
             resp = await self._retrying(
-                lambda: self.http.get(realm, params=params, headers=headers,
-                                      follow_redirects=True), f"GET {realm}")
+                lambda: self.http.get(realm, params=params, headers=headers, follow_redirects=True),
+                f"GET {realm}",
+            )
             body = await resp.aread()
             if resp.status_code in (401, 403):
                 _, msg = registry_errors(resp, body)
-                raise RegistryError(f"unauthorized: {self.registry} refused the credentials "
-                                    f"({msg})", resp.status_code)
+                raise RegistryError(
+                    f"unauthorized: {self.registry} refused the credentials ({msg})",
+                    resp.status_code,
+                )
             if resp.status_code != 200:
-                raise RegistryError(f"token server {realm} answered {resp.status_code}",
-                                    resp.status_code)
+                raise RegistryError(
+                    f"token server {realm} answered {resp.status_code}", resp.status_code
+                )
             try:
                 data = json.loads(body)
                 token = data.get("token") or data.get("access_token")
@@ -288,11 +300,17 @@ class Client:
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else self.base + path
 
-    async def request(self, method: str, path: str, scopes: tuple[str, ...], *,
-                      headers: dict[str, str] | None = None,
-                      content: bytes | Callable[[], AsyncIterator[bytes]] | None = None,
-                      params: dict[str, str] | None = None,
-                      stream: bool = False) -> httpx.Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        scopes: tuple[str, ...],
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | Callable[[], AsyncIterator[bytes]] | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
         """One request with auth and retries; a 401 is answered once with fresh credentials.
 
         `content` is bytes or a function making a fresh body stream per attempt. With
@@ -307,16 +325,21 @@ class Client:
 
             def send(hdrs: dict[str, str] = hdrs) -> Awaitable[httpx.Response]:
                 body = content() if callable(content) else content
-                req = self.http.build_request(method, self.url(path), headers=hdrs,
-                                              content=body, params=params)
+                req = self.http.build_request(
+                    method, self.url(path), headers=hdrs, content=body, params=params
+                )
                 return self.http.send(req, stream=True, follow_redirects=follow)
 
             resp = await self._retrying(send, f"{method} {path}")
             if resp.status_code != 401:
                 break
             ch = self._pick(resp)
-            if fresh or ch is None or (ch.scheme == "basic" and self.creds is None) or \
-                    (self.challenge == ch and ch.scheme == "basic"):
+            if (
+                fresh
+                or ch is None
+                or (ch.scheme == "basic" and self.creds is None)
+                or (self.challenge == ch and ch.scheme == "basic")
+            ):
                 break
             await resp.aclose()
             self.challenge = ch
@@ -333,41 +356,56 @@ class Client:
         st = resp.status_code
         if st == 401:
             how = "the credentials were refused" if self.creds else "authentication required"
-            return RegistryError(f"unauthorized: {what}: {how} ({msg}; use --creds or "
-                                 f"'pyunion login {self.registry}')", st, code)
+            return RegistryError(
+                f"unauthorized: {what}: {how} ({msg}; use --creds or "
+                f"'pyunion login {self.registry}')",
+                st,
+                code,
+            )
         if st == 403:
             return RegistryError(f"denied: {what}: {msg}", st, code)
         if code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN") or st == 404:
             return RegistryError(f"{what}: not found ({msg})", st, code)
         if code in ("DIGEST_INVALID", "SIZE_INVALID"):
             return RegistryError(f"digest mismatch: {what}: the registry says {msg}", st, code)
-        return RegistryError(f"{what}: {self.registry} answered {st} {resp.reason_phrase}"
-                             f" ({msg})", st, code)
+        return RegistryError(
+            f"{what}: {self.registry} answered {st} {resp.reason_phrase} ({msg})", st, code
+        )
 
     # --- the API --------------------------------------------------------------------
-    async def get_manifest(self, repo: str, target: str, accept: str,
-                           what: str) -> tuple[bytes, str, str]:
+    async def get_manifest(
+        self, repo: str, target: str, accept: str, what: str
+    ) -> tuple[bytes, str, str]:
         """(bytes, media type, digest) of a manifest or index, verified when asked by digest."""
-        resp = await self.request("GET", f"/v2/{repo}/manifests/{target}", pull_scope(repo),
-                                  headers={"Accept": accept}, stream=True)
+        resp = await self.request(
+            "GET",
+            f"/v2/{repo}/manifests/{target}",
+            pull_scope(repo),
+            headers={"Accept": accept},
+            stream=True,
+        )
         if resp.status_code == 404:
             err = await self.fail(resp, what)
-            raise RegistryError(f"unknown image {what} (the registry has no such "
-                                f"{'manifest' if err.error_code != 'NAME_UNKNOWN' else 'name'})",
-                                404, err.error_code)
+            raise RegistryError(
+                f"unknown image {what} (the registry has no such "
+                f"{'manifest' if err.error_code != 'NAME_UNKNOWN' else 'name'})",
+                404,
+                err.error_code,
+            )
         if resp.status_code != 200:
             raise await self.fail(resp, what)
         body = await read_limited(resp, MAX_JSON, f"manifest of {what}")
         mtype = resp.headers.get("content-type", "").split(";")[0].strip()
-        algo = target.split(":", 1)[0] if ":" in target and target.startswith("sha") else \
-            "sha256"
+        algo = target.split(":", 1)[0] if ":" in target and target.startswith("sha") else "sha256"
         digest = digest_of(body, algo)
         if ":" in target and target.startswith("sha") and digest != target:
             raise RegistryError(f"digest mismatch: the manifest of {what} hashes to {digest}")
         said = resp.headers.get("docker-content-digest")
         if said and said.startswith(algo + ":") and said != digest:
-            raise RegistryError(f"digest mismatch: the manifest of {what} hashes to {digest}, "
-                                f"the registry says {said}")
+            raise RegistryError(
+                f"digest mismatch: the manifest of {what} hashes to {digest}, "
+                f"the registry says {said}"
+            )
         return body, mtype, digest
 
     async def get_blob_bytes(self, repo: str, digest: str, size: int, what: str) -> bytes:
@@ -383,16 +421,23 @@ class Client:
             raise RegistryError(f"digest mismatch: {what} does not hash to {digest}")
         return data
 
-    async def download(self, repo: str, digest: str, size: int,
-                       sink: Callable[[bytes], Awaitable[None]], what: str,
-                       progress: Callable[[int], None] | None = None) -> None:
+    async def download(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        sink: Callable[[bytes], Awaitable[None]],
+        what: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Stream a blob's exact `size` bytes into `sink`; resumes with Range after a cut."""
         got = 0
         attempt = 0
         while True:
             headers = {"Range": f"bytes={got}-"} if got else {}
-            resp = await self.request("GET", f"/v2/{repo}/blobs/{digest}", pull_scope(repo),
-                                      headers=headers, stream=True)
+            resp = await self.request(
+                "GET", f"/v2/{repo}/blobs/{digest}", pull_scope(repo), headers=headers, stream=True
+            )
             try:
                 if resp.status_code not in (200, 206):
                     raise await self.fail(resp, what)
@@ -400,8 +445,10 @@ class Client:
                 if resp.status_code == 206:
                     start = resp.headers.get("content-range", "").removeprefix("bytes ")
                     if not start.startswith(f"{got}-"):
-                        raise RegistryError(f"{what}: the registry resumed at the wrong offset "
-                                            f"({start!r}, wanted {got})")
+                        raise RegistryError(
+                            f"{what}: the registry resumed at the wrong offset "
+                            f"({start!r}, wanted {got})"
+                        )
                     skip = 0
                 async for chunk in resp.aiter_raw(1 << 20):
                     if skip:
@@ -411,8 +458,10 @@ class Client:
                             continue
                     got += len(chunk)
                     if got > size:
-                        raise RegistryError(f"digest mismatch: {what} is larger than the "
-                                            f"{size} bytes its descriptor says")
+                        raise RegistryError(
+                            f"digest mismatch: {what} is larger than the "
+                            f"{size} bytes its descriptor says"
+                        )
                     await sink(chunk)
                     if progress is not None:
                         progress(len(chunk))
@@ -426,8 +475,9 @@ class Client:
                 await resp.aclose()
             if got < size:
                 if attempt >= self.opts.retries:
-                    raise RegistryError(f"digest mismatch: {what} has {got} bytes, its "
-                                        f"descriptor says {size}")
+                    raise RegistryError(
+                        f"digest mismatch: {what} has {got} bytes, its descriptor says {size}"
+                    )
                 attempt += 1
                 continue
             return
@@ -442,8 +492,10 @@ class Client:
 
         await self.download(repo, digest, size, sink, what)
         if h.hexdigest() != hexd:
-            raise RegistryError(f"digest mismatch: {what}: the registry's blob does not match "
-                                f"its digest {digest} (got {algo}:{h.hexdigest()})")
+            raise RegistryError(
+                f"digest mismatch: {what}: the registry's blob does not match "
+                f"its digest {digest} (got {algo}:{h.hexdigest()})"
+            )
 
     async def blob_exists(self, repo: str, digest: str, scopes: tuple[str, ...]) -> bool:
         resp = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", scopes)
@@ -453,8 +505,9 @@ class Client:
             return False
         raise await self.fail(resp, f"HEAD blob {digest} in {self.registry}/{repo}")
 
-    async def start_upload(self, repo: str, digest: str | None = None,
-                           mount_from: str | None = None) -> str | None:
+    async def start_upload(
+        self, repo: str, digest: str | None = None, mount_from: str | None = None
+    ) -> str | None:
         """POST an upload; with `mount_from`, ask for a cross-repository mount first.
 
         Returns the upload URL, or None when the registry mounted the blob (201).
@@ -464,16 +517,29 @@ class Client:
         if mount_from is not None and digest is not None:
             scopes += (f"repository:{mount_from}:pull",)
             params = {"mount": digest, "from": mount_from}
-        resp = await self.request("POST", f"/v2/{repo}/blobs/uploads/", scopes, params=params,
-                                  headers={"Content-Length": "0"})
+        resp = await self.request(
+            "POST",
+            f"/v2/{repo}/blobs/uploads/",
+            scopes,
+            params=params,
+            headers={"Content-Length": "0"},
+        )
         if resp.status_code == 201 and mount_from is not None:
             return None
         if resp.status_code != 202 or not resp.headers.get("location"):
             raise await self.fail(resp, f"starting an upload to {self.registry}/{repo}")
         return str(resp.url.join(resp.headers["location"]))
 
-    async def upload(self, repo: str, location: str, path: str, size: int, digest: str,
-                     chunk_size: int, progress: Callable[[int], None] | None = None) -> None:
+    async def upload(
+        self,
+        repo: str,
+        location: str,
+        path: str,
+        size: int,
+        digest: str,
+        chunk_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Upload a file: one PUT when it fits in a chunk, else PATCH chunks then PUT.
 
         A chunk cut by a transient error is resumed where the registry says the
@@ -483,9 +549,12 @@ class Client:
         what = f"uploading blob {digest} to {self.registry}/{repo}"
         if size <= chunk_size:
             resp = await self.request(
-                "PUT", with_digest(location, digest), scopes,
+                "PUT",
+                with_digest(location, digest),
+                scopes,
                 headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-                content=lambda: file_chunks(path, 0, size, progress))
+                content=lambda: file_chunks(path, 0, size, progress),
+            )
             if resp.status_code != 201:
                 raise await self.fail(resp, what)
             return
@@ -494,12 +563,19 @@ class Client:
         while offset < size:
             end = min(size, offset + chunk_size)
             try:
-                resp = await self.http.send(self.http.build_request(
-                    "PATCH", location, content=file_chunks(path, offset, end, progress),
-                    headers={**(await self._auth_headers(scopes)),
-                             "Content-Range": f"{offset}-{end - 1}",
-                             "Content-Length": str(end - offset),
-                             "Content-Type": "application/octet-stream"}))
+                resp = await self.http.send(
+                    self.http.build_request(
+                        "PATCH",
+                        location,
+                        content=file_chunks(path, offset, end, progress),
+                        headers={
+                            **(await self._auth_headers(scopes)),
+                            "Content-Range": f"{offset}-{end - 1}",
+                            "Content-Length": str(end - offset),
+                            "Content-Type": "application/octet-stream",
+                        },
+                    )
+                )
             except httpx.TransportError as e:
                 if _tls_error(e) is not None or attempt >= self.opts.retries:
                     raise self.transport_error(e, what) from None
@@ -516,8 +592,9 @@ class Client:
                 raise await self.fail(resp, what)
             location = str(resp.url.join(resp.headers.get("location") or location))
             offset = end
-        resp = await self.request("PUT", with_digest(location, digest), scopes,
-                                  headers={"Content-Length": "0"})
+        resp = await self.request(
+            "PUT", with_digest(location, digest), scopes, headers={"Content-Length": "0"}
+        )
         if resp.status_code != 201:
             raise await self.fail(resp, what)
 
@@ -534,17 +611,24 @@ class Client:
         end = int(rng.split("-", 1)[1]) if "-" in rng and rng.split("-", 1)[1].isdigit() else -1
         return str(resp.url.join(resp.headers.get("location") or location)), end + 1
 
-    async def put_manifest(self, repo: str, target: str, body: bytes, media_type: str,
-                           digest: str) -> None:
+    async def put_manifest(
+        self, repo: str, target: str, body: bytes, media_type: str, digest: str
+    ) -> None:
         what = f"pushing the manifest to {self.registry}/{repo}:{target}"
-        resp = await self.request("PUT", f"/v2/{repo}/manifests/{target}", push_scope(repo),
-                                  headers={"Content-Type": media_type}, content=body)
+        resp = await self.request(
+            "PUT",
+            f"/v2/{repo}/manifests/{target}",
+            push_scope(repo),
+            headers={"Content-Type": media_type},
+            content=body,
+        )
         if resp.status_code not in (200, 201):
             raise await self.fail(resp, what)
         said = resp.headers.get("docker-content-digest")
         if said and said != digest:
-            raise RegistryError(f"digest mismatch: {what}: the registry stored it as {said}, "
-                                f"not {digest}")
+            raise RegistryError(
+                f"digest mismatch: {what}: the registry stored it as {said}, not {digest}"
+            )
 
 
 def with_digest(location: str, digest: str) -> str:
@@ -571,9 +655,13 @@ async def read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
     return bytes(buf)
 
 
-async def file_chunks(path: str, start: int, end: int,
-                      progress: Callable[[int], None] | None = None,
-                      chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+async def file_chunks(
+    path: str,
+    start: int,
+    end: int,
+    progress: Callable[[int], None] | None = None,
+    chunk: int = 1 << 20,
+) -> AsyncIterator[bytes]:
     """Bytes [start, end) of a file, read in a worker thread a MiB at a time."""
     f = await trio.open_file(path, "rb")
     try:

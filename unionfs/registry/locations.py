@@ -28,12 +28,14 @@ def _db(store_root: str) -> Iterator[sqlite3.Connection | None]:
         yield None
         return
     try:
-        con.execute("CREATE TABLE IF NOT EXISTS seen (digest TEXT, registry TEXT, repo TEXT, "
-                    "at REAL, PRIMARY KEY (digest, registry, repo))")
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS seen (digest TEXT, registry TEXT, repo TEXT, "
+            "at REAL, PRIMARY KEY (digest, registry, repo))"
+        )
         yield con
         con.commit()
     except sqlite3.Error:
-        pass   # a hint we could not keep
+        pass  # a hint we could not keep
     finally:
         con.close()
 
@@ -42,8 +44,10 @@ def record(store_root: str, registry: str, repo: str, digests: Iterable[str]) ->
     now = time.time()
     with _db(store_root) as con:
         if con is not None:
-            con.executemany("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)",
-                            [(d, registry, repo, now) for d in set(digests)])
+            con.executemany(
+                "INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)",
+                [(d, registry, repo, now) for d in set(digests)],
+            )
 
 
 def candidates(store_root: str, registry: str, digest: str, exclude: str) -> list[str]:
@@ -53,7 +57,10 @@ def candidates(store_root: str, registry: str, digest: str, exclude: str) -> lis
     with _db(store_root) as con:
         if con is None:
             return []
-        rows = con.execute("SELECT repo FROM seen WHERE digest = ? AND registry = ? AND repo != ? "
-                           "ORDER BY at DESC LIMIT 3", (digest, registry, exclude)).fetchall()
+        rows = con.execute(
+            "SELECT repo FROM seen WHERE digest = ? AND registry = ? AND repo != ? "
+            "ORDER BY at DESC LIMIT 3",
+            (digest, registry, exclude),
+        ).fetchall()
         return [r[0] for r in rows]
     return []

@@ -24,6 +24,7 @@ command that uses the store).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -63,11 +64,17 @@ from .auth import lookup as lookup_creds
 from .client import Client, Options, RegistryError
 
 ACCEPT = f"{MT_MANIFEST}, {MT_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"
-LAYER_TYPES = {MT_LAYER, MT_LAYER_GZIP, MT_LAYER_ZSTD, DOCKER_LAYER, DOCKER_LAYER_GZIP,
-               "application/vnd.oci.image.layer.nondistributable.v1.tar",
-               "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-               "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-               "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}
+LAYER_TYPES = {
+    MT_LAYER,
+    MT_LAYER_GZIP,
+    MT_LAYER_ZSTD,
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+}
 PARALLEL = 6
 
 
@@ -142,6 +149,7 @@ async def run_all(jobs: list[Callable[[], Awaitable[None]]]) -> None:
     errors: list[BaseException] = []
     async with trio.open_nursery() as n:
         for job in jobs:
+
             async def wrapped(job: Callable[[], Awaitable[None]] = job) -> None:
                 try:
                     await job()
@@ -149,14 +157,16 @@ async def run_all(jobs: list[Callable[[], Awaitable[None]]]) -> None:
                     if not errors:
                         errors.append(e)
                     n.cancel_scope.cancel()
+
             n.start_soon(wrapped)
     if errors:
         raise errors[0]
 
 
 class Puller:
-    def __init__(self, store: Store, client: Client, ref: RemoteReference, bars: Bars,
-                 tmp: str) -> None:
+    def __init__(
+        self, store: Store, client: Client, ref: RemoteReference, bars: Bars, tmp: str
+    ) -> None:
         self.store, self.client, self.ref, self.bars, self.tmp = store, client, ref, bars, tmp
         self.limit = trio.CapacityLimiter(PARALLEL)
         self.downloaded: list[str] = []
@@ -169,10 +179,12 @@ class Puller:
             self.bars.note(f"{label} skipped: already exists")
             return
         async with self.limit:
-            if store.has_blob(desc.digest):   # kept, not unpacked: unpack the local copy
+            if store.has_blob(desc.digest):  # kept, not unpacked: unpack the local copy
+
                 def local() -> dict[str, Any]:
                     with open(store.blob_path(desc.digest), "rb") as f:
                         return store_layer_stream(store, self.tmp, f, diff_id, desc.digest, what)
+
                 info = await trio.to_thread.run_sync(self._guard, local, what)
             else:
                 bar = self.bars.bar(label, desc.size)
@@ -196,14 +208,13 @@ class Puller:
                 raise _store_error(full, self.store, what) from None
             raise
 
-    async def _stream(self, desc: Descriptor, diff_id: str, what: str,
-                      progress: Callable[[int], None]) -> dict[str, Any]:
+    async def _stream(
+        self, desc: Descriptor, diff_id: str, what: str, progress: Callable[[int], None]
+    ) -> dict[str, Any]:
         """Download into a pipe whose other end the store's layer import reads, in a thread."""
         r, w = os.pipe()
-        try:
+        with contextlib.suppress(OSError):
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-        except OSError:
-            pass
         box: dict[str, Any] = {}
 
         def consume() -> dict[str, Any]:
@@ -221,10 +232,11 @@ class Puller:
             nursery.start_soon(consumer)
             out = trio.lowlevel.FdStream(w)
             try:
-                await self.client.download(self.ref.path, desc.digest, desc.size,
-                                           out.send_all, what, progress)
+                await self.client.download(
+                    self.ref.path, desc.digest, desc.size, out.send_all, what, progress
+                )
             except trio.BrokenResourceError:
-                pass   # the reader stopped early: its error says why
+                pass  # the reader stopped early: its error says why
             except Exception as e:  # noqa: BLE001 - raised once the reader is done
                 failed = e
             finally:
@@ -241,8 +253,9 @@ class Puller:
         return info
 
 
-async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dict[str, str] | None,
-                bars: Bars) -> tuple[str, list[str]]:
+async def _pull(
+    store: Store, ref: RemoteReference, opts: Options, platform: dict[str, str] | None, bars: Bars
+) -> tuple[str, list[str]]:
     creds = opts.creds or lookup_creds(ref.domain, ref.path, opts.authfile)
     what = str(ref)
     async with Client(ref.domain, opts, creds) as client:
@@ -251,21 +264,23 @@ async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dic
         man, mtype = _document(body, header, what)
         if mtype in (MT_INDEX, DOCKER_LIST):
             d = choose_platform(man, platform or platforms.host(), what)
-            body, header, digest = await client.get_manifest(ref.path, d.digest, ACCEPT,
-                                                             what)
+            body, header, digest = await client.get_manifest(ref.path, d.digest, ACCEPT, what)
             man, mtype = _document(body, header, what)
         if mtype not in (MT_MANIFEST, DOCKER_MANIFEST):
             raise RegistryError(f"{what}: unsupported manifest type {mtype!r}")
         if man.get("schemaVersion") != 2:
-            raise RegistryError(f"{what}: unsupported manifest schema version "
-                                f"{man.get('schemaVersion')!r}")
+            raise RegistryError(
+                f"{what}: unsupported manifest schema version {man.get('schemaVersion')!r}"
+            )
         cdesc = _descriptor(man["config"])
         if cdesc.media_type not in (MT_CONFIG, DOCKER_CONFIG):
-            raise RegistryError(f"{what} is not a container image (config type "
-                                f"{cdesc.media_type!r})")
+            raise RegistryError(
+                f"{what} is not a container image (config type {cdesc.media_type!r})"
+            )
         if cdesc.size > MAX_JSON:
-            raise RegistryError(f"{what}: config of {cdesc.size} bytes is too large (at most "
-                                f"{MAX_JSON})")
+            raise RegistryError(
+                f"{what}: config of {cdesc.size} bytes is too large (at most {MAX_JSON})"
+            )
         layers = [_descriptor(x) for x in man["layers"]]
         for ld in layers:
             if ld.media_type not in LAYER_TYPES:
@@ -273,8 +288,9 @@ async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dic
         if store.has_blob(cdesc.digest):
             config_bytes = store.read_blob(cdesc.digest)
         else:
-            config_bytes = await client.get_blob_bytes(ref.path, cdesc.digest,
-                                                       cdesc.size, f"the config of {what}")
+            config_bytes = await client.get_blob_bytes(
+                ref.path, cdesc.digest, cdesc.size, f"the config of {what}"
+            )
         config = schema.load_object(config_bytes, schema.ImageConfig, f"the config of {what}")
         diff_ids = schema.diff_ids(config, len(layers), f"{what}: the manifest")
 
@@ -282,7 +298,7 @@ async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dic
             puller = Puller(store, client, ref, bars, tmp)
             jobs: list[Callable[[], Awaitable[None]]] = []
             seen: set[str] = set()
-            for i, (ld, diff) in enumerate(zip(layers, diff_ids)):
+            for i, (ld, diff) in enumerate(zip(layers, diff_ids, strict=False)):
                 if ld.digest in seen:
                     continue
                 seen.add(ld.digest)
@@ -295,14 +311,20 @@ async def _pull(store: Store, ref: RemoteReference, opts: Options, platform: dic
                 raise _store_error(e, store, "the manifest") from None
         tag = f"{ref.name}:{ref.tag}" if ref.tag else None
         store.add_image(digest, len(body), tag, mtype)
-        locations.record(store.root, ref.domain, ref.path,
-                         [cdesc.digest] + [ld.digest for ld in layers])
+        locations.record(
+            store.root, ref.domain, ref.path, [cdesc.digest] + [ld.digest for ld in layers]
+        )
         bars.note(f"Writing manifest to image destination ({short_id(digest)})")
         return digest, puller.downloaded
 
 
-def pull(text: str, store: Store, opts: Options, platform: dict[str, str] | None = None,
-         quiet: bool = False) -> tuple[Image, list[str]]:
+def pull(
+    text: str,
+    store: Store,
+    opts: Options,
+    platform: dict[str, str] | None = None,
+    quiet: bool = False,
+) -> tuple[Image, list[str]]:
     """Pull `text` (a reference) into `store`; returns the image and the blobs downloaded."""
     ref = parse_remote(text)
     bars = Bars(False if quiet else None)

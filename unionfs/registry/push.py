@@ -28,9 +28,16 @@ from .pull import PARALLEL, run_all
 CHUNK = 64 << 20
 
 
-async def _push_blob(client: Client, store: Store, ref: RemoteReference, digest: str,
-                     bars: Bars, limit: trio.CapacityLimiter, chunk: int,
-                     uploaded: list[str]) -> None:
+async def _push_blob(
+    client: Client,
+    store: Store,
+    ref: RemoteReference,
+    digest: str,
+    bars: Bars,
+    limit: trio.CapacityLimiter,
+    chunk: int,
+    uploaded: list[str],
+) -> None:
     repo = ref.path
     label = f"Copying blob {short_id(digest)}"
     path = store.blob_path(digest)
@@ -48,7 +55,7 @@ async def _push_blob(client: Client, store: Store, ref: RemoteReference, digest:
             if location is None:
                 bars.note(f"{label} mounted from {src}")
                 return
-            break   # refused: the registry opened an ordinary upload instead
+            break  # refused: the registry opened an ordinary upload instead
         if location is None:
             location = await client.start_upload(repo)
         assert location is not None
@@ -58,8 +65,9 @@ async def _push_blob(client: Client, store: Store, ref: RemoteReference, digest:
         uploaded.append(digest)
 
 
-async def _push(store: Store, img: Image, ref: RemoteReference, opts: Options, bars: Bars,
-                chunk: int) -> list[str]:
+async def _push(
+    store: Store, img: Image, ref: RemoteReference, opts: Options, bars: Bars, chunk: int
+) -> list[str]:
     creds = opts.creds or lookup_creds(ref.domain, ref.path, opts.authfile)
     body = store.read_blob(img.digest)
     digests = [d.get("digest") for d in img.manifest.get("layers") or []]
@@ -69,19 +77,25 @@ async def _push(store: Store, img: Image, ref: RemoteReference, opts: Options, b
         limit = trio.CapacityLimiter(PARALLEL)
         jobs: list[Callable[[], Awaitable[None]]] = [
             functools.partial(_push_blob, client, store, ref, d, bars, limit, chunk, uploaded)
-            for d in blobs]
+            for d in blobs
+        ]
         await run_all(jobs)
         if ref.digest is not None and ref.digest != img.digest:
             raise RegistryError(f"{ref}: the image's manifest digest is {img.digest}")
-        await client.put_manifest(ref.path, ref.tag or img.digest, body, img.media_type,
-                                  img.digest)
+        await client.put_manifest(ref.path, ref.tag or img.digest, body, img.media_type, img.digest)
     locations.record(store.root, ref.domain, ref.path, blobs)
     bars.note(f"Writing manifest to image destination ({short_id(img.digest)})")
     return uploaded
 
 
-def push(name: str, dest: str | None, store: Store, opts: Options, quiet: bool = False,
-         chunk: int = CHUNK) -> tuple[Image, RemoteReference, list[str]]:
+def push(
+    name: str,
+    dest: str | None,
+    store: Store,
+    opts: Options,
+    quiet: bool = False,
+    chunk: int = CHUNK,
+) -> tuple[Image, RemoteReference, list[str]]:
     """Push the store's image `name` to `dest` (default: `name` read as a reference).
 
     Returns the image, where it went and the blobs actually uploaded.

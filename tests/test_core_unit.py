@@ -1,0 +1,423 @@
+"""The fast tier: the core (`Union`) and the adaptor's replies, without FUSE and without root.
+
+Layers are directories under tmp_path in the OCI format (`.wh.NAME`,
+`.wh..wh..opq`, `user.overlay.opaque`), which any user can write; the core is
+driven directly, and `FuseOps` methods are awaited as coroutines, which they
+are, with no mount behind them. Runs in a few seconds as any user:
+`pytest -m "not mount"`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+
+from unionfs.fuseops import TIMEOUT, FuseOps
+from unionfs.inodes import ROOT_ID, Node
+from unionfs.layers import LayerStack
+from unionfs.mount import prepare_workdir
+from unionfs.resolve import Entry
+from unionfs.union import Ctx, Union
+from unionfs.whiteout import WhiteoutWriter
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> Iterator[list[Union]]:
+    """Unions made by `make` in this test, closed (every layer fd) after it."""
+    unions: list[Union] = []
+    yield unions
+    for u in unions:
+        u.close()
+
+
+def make(
+    tmp_path: Path, made: list[Union], lowers: list[Path], upper: bool = True, oci: bool = False
+) -> Union:
+    """A Union over `lowers` (top first), with an upper and work dir under tmp_path.
+
+    `oci`: write OCI markers even where the kernel's form would be allowed (root).
+    """
+    up, work = tmp_path / "upper", tmp_path / "work"
+    up.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    stack = LayerStack([str(p) for p in lowers], str(up) if upper else None)
+    wfd = -1
+    if upper:
+        lock_fd, wfd = prepare_workdir(str(work))
+        os.close(lock_fd)
+    u = Union(stack, wfd)
+    if oci:
+        u.whiteouts = WhiteoutWriter(kernel=False)
+    made.append(u)
+    return u
+
+
+def walk(u: Union, path: bytes) -> Node:
+    d = u.root
+    for part in filter(None, path.split(b"/")):
+        n = u.lookup(d, part)
+        assert n is not None, part
+        d = n
+    return d
+
+
+def names(u: Union, path: bytes = b"") -> set[bytes]:
+    fh = u.opendir(walk(u, path))
+    try:
+        got = {name for name, node, _, counted in u.readdir(fh, 0)}
+    finally:
+        u.releasedir(fh)
+    return got - {b".", b".."}
+
+
+def tree(root: Path, spec: dict[str, object]) -> None:
+    """Make files (str: content), directories (dict) under root; `xattr:NAME` sets NAME=y."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, value in spec.items():
+        if name.startswith("xattr:"):
+            os.setxattr(root, name[6:], b"y")
+        elif isinstance(value, dict):
+            tree(root / name, value)
+        else:
+            (root / name).write_text(str(value))
+
+
+def upper_marker(upper: Path, name: str) -> bool:
+    """A whiteout of `name` in the upper dir, in either form."""
+    try:
+        st = os.lstat(upper / name)
+        return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    except FileNotFoundError:
+        return (upper / f".wh.{name}").is_file()
+
+
+def opaque(d: Path) -> bool:
+    for attr in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            if os.getxattr(d, attr) == b"y":
+                return True
+        except OSError:
+            pass
+    return (d / ".wh..wh..opq").exists()
+
+
+def test_the_core_never_imports_fuse_or_trio() -> None:
+    """Data flows one way: the adaptor imports the core, never the reverse."""
+    core = (
+        "union",
+        "identity",
+        "rename",
+        "copyup",
+        "resolve",
+        "handles",
+        "whiteout",
+        "inodes",
+        "layers",
+        "tree",
+        "syscalls",
+        "errors",
+    )
+    code = (
+        "import sys\n"
+        + "".join(f"import unionfs.{m}\n" for m in core)
+        + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyfuse3', 'trio')))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert r.stdout.strip() == "[]"
+
+
+# -- the merge rule ------------------------------------------------------------------------
+def test_lookup_and_listing_agree_on_every_name(tmp_path: Path, made: list[Union]) -> None:
+    """One rule for one name across layers, whether it is looked up or listed."""
+    l1, l2, l3 = (tmp_path / n for n in ("l1", "l2", "l3"))
+    tree(
+        l1,
+        {
+            "file_over_dir": "top",
+            "d": {"p": "1"},
+            "d2": {"p": "1"},
+            "d3": {"xattr:user.overlay.opaque": "", "p": "1"},
+            ".wh.w": "",
+            ".wh.e": "",
+            "x": {"top": "1"},
+            ".wh.x": "",
+            "m": {"a": "1"},
+            ".wh..wh.plnk": "",
+            "only1": "1",
+        },
+    )
+    tree(
+        l2,
+        {
+            "file_over_dir": {"below": "2"},
+            "d": {"q": "2"},
+            "d2": {".wh..wh..opq": "", "q": "2"},
+            "d3": {"q": "2"},
+            "w": "2",
+            "s": "same layer",
+            ".wh.s": "",
+            "e": {"z": "2"},
+            "x": {"mid": "2"},
+            "m": "a file ends the merge",
+        },
+    )
+    tree(l3, {"d": {"r": "3"}, "d2": {"r": "3"}, "s": "hidden", "x": {"low": "3"}, "m": {"b": "3"}})
+    u = make(tmp_path, made, [l1, l2, l3], upper=False)
+    root = u.root
+    every = {os.fsencode(n) for layer in (l1, l2, l3) for n in os.listdir(layer)}
+    listing = dict(u.resolver.listing(root))
+    for name in sorted(every):
+        root.listing = None
+        if name.startswith(b".wh."):
+            assert name not in listing
+            continue
+        looked: Entry | None = u.resolver.resolve(root, name)
+        assert looked == listing.get(name), name
+    assert set(listing) == {b"file_over_dir", b"d", b"d2", b"d3", b"x", b"m", b"only1", b"s"}
+    assert listing[b"file_over_dir"].layer == 1 and listing[b"file_over_dir"].chain == ()
+    assert listing[b"d"].chain == (1, 2, 3)
+    assert listing[b"m"].chain == (1,)
+    assert listing[b"x"].chain == (1,)  # the OCI whiteout beside it hides the layers below
+    assert listing[b"s"].layer == 2  # a marker acts on the layers below its own only
+    assert names(u, b"d") == {b"p", b"q", b"r"}
+    assert names(u, b"d2") == {b"p", b"q"}
+    assert names(u, b"d3") == {b"p"}
+    for bad in (b".wh.w", b".wh..wh..opq", b"x" * 256):
+        with pytest.raises(OSError) as e:
+            u.lookup(root, bad)
+        assert e.value.errno in (errno.EINVAL, errno.ENAMETOOLONG)
+
+
+def test_readdir_counts_lookups_and_gives_back_the_one_not_taken(
+    tmp_path: Path, made: list[Union]
+) -> None:
+    l1 = tmp_path / "l1"
+    tree(l1, {f"f{i}": "x" for i in range(5)})
+    u = make(tmp_path, made, [l1], upper=False)
+    before = len(u.table.nodes)
+    fh = u.opendir(u.root)
+    entries = list(u.readdir(fh, 0))
+    assert [(n, off, counted) for n, _, off, counted in entries[:2]] == [
+        (b".", 1, False),
+        (b"..", 2, False),
+    ]
+    assert [off for _, _, off, _ in entries] == list(range(1, 8))
+    assert all(node.nlookup == 1 for _, node, _, counted in entries if counted)
+    assert len(u.table.nodes) == before + 5
+    for _, node, _, counted in entries:
+        if counted:
+            u.unlookup(node)
+    assert len(u.table.nodes) == before
+    resumed = [n for n, _, _, _ in u.readdir(fh, 4)]  # from an offset the kernel passed back
+    assert resumed == [n for n, _, _, _ in entries[4:]]
+    u.releasedir(fh)
+
+
+# -- copy-up: decided once, in the core ------------------------------------------------------
+def test_copy_up_plans(tmp_path: Path, made: list[Union]) -> None:
+    l1 = tmp_path / "l1"
+    tree(l1, {"f": "data", "d": {"g": "x"}})
+    os.setxattr(l1 / "f", "user.k", b"v")
+    u = make(tmp_path, made, [l1])
+    f = walk(u, b"f")
+    d = walk(u, b"d")
+    assert list(u.copyups_for_open(f, os.O_RDONLY)) == []
+    assert list(u.copyups_for_open(f, os.O_WRONLY)) == [(f, True)]
+    assert list(u.copyups_for_open(f, os.O_RDWR | os.O_TRUNC)) == [(f, False)]
+    assert list(u.copyups_for_open(d, os.O_RDONLY)) == []
+    # setattr: a truncate to zero and nothing else needs no data; anything more does.
+    plan = u.copyups_for_setattr
+    assert list(plan(f, size=0, mode=None, uid=None, gid=None)) == [(f, False)]
+    assert list(plan(f, size=0, mode=0o600, uid=None, gid=None)) == [(f, True)]
+    assert list(plan(f, size=10, mode=None, uid=None, gid=None)) == [(f, True)]
+    assert list(plan(d, size=None, mode=0o700, uid=None, gid=None)) == [(d, True)]
+    assert list(u.copyups_for_link(f)) == [(f, True)]
+    assert list(u.copyups_for_link(d)) == []
+    assert list(u.copyups_for_xattr(f, b"user.k", remove=False)) == [(f, True)]
+    assert list(u.copyups_for_xattr(f, b"trusted.overlay.opaque", remove=False)) == []
+    with pytest.raises(OSError) as e:  # removing a missing xattr: ENODATA before any copy-up
+        u.copyups_for_xattr(f, b"user.missing", remove=True)
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as e:
+        u.copyups_for_rename(u.root, b"f", 4)  # RENAME_WHITEOUT: EINVAL before any copy-up
+    assert e.value.errno == errno.EINVAL
+    assert os.listdir(tmp_path / "upper") == []
+    # The operation runs its own plan: a truncating open copies no data.
+    fh = u.open(f, os.O_WRONLY | os.O_TRUNC)
+    u.release(fh)
+    assert (tmp_path / "upper" / "f").read_bytes() == b""
+    assert os.getxattr(tmp_path / "upper" / "f", "user.k") == b"v"
+    assert list(u.copyups_for_open(f, os.O_WRONLY)) == []  # in the upper now
+    assert list(u.copyups_for_setattr(f, size=0, mode=None, uid=None, gid=None)) == []
+
+
+def test_read_only_stack_plans_nothing_and_refuses(tmp_path: Path, made: list[Union]) -> None:
+    l1 = tmp_path / "l1"
+    tree(l1, {"f": "data", "d": {}})
+    u = make(tmp_path, made, [l1], upper=False)
+    f = walk(u, b"f")
+    assert list(u.copyups_for_setattr(f, size=0, mode=None, uid=None, gid=None)) == []
+    assert list(u.copyups_for_rename(u.root, b"f", 0)) == []
+    for call in (
+        lambda: u.copyups_for_open(f, os.O_WRONLY),
+        lambda: u.open(f, os.O_RDWR),
+        lambda: u.setattr(f, mode=0o600),
+        lambda: u.unlink(u.root, b"f"),
+        lambda: u.mkdir(u.root, b"n", 0o755, Ctx()),
+        lambda: u.rename(u.root, b"f", u.root, b"g"),
+    ):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EROFS
+    fh = u.open(f, os.O_RDONLY)
+    assert u.read(fh, 0, 100) == b"data"
+    u.release(fh)
+
+
+def test_rename_plan_is_the_materializing_walk(tmp_path: Path, made: list[Union]) -> None:
+    """The adaptor's copy-ups before a merged directory's rename, then the rename copies nothing."""
+    l1, l2 = tmp_path / "l1", tmp_path / "l2"
+    tree(l1, {"d": {"e": "top", "sub": {"c": "top c"}}})
+    tree(
+        l2,
+        {"d": {"a": "low", "sub": {"b": "low b", "deeper": {"z": "zz"}}, "gone": "x"}, "keep": "k"},
+    )
+    (l1 / "d" / ".wh.gone").touch()
+    u = make(tmp_path, made, [l1, l2], oci=True)
+    plan = u.copyups_for_rename(u.root, b"d", 0)
+    copied = []
+    for node, with_data in plan:
+        assert with_data
+        copied.append(node.name)
+        u.copy_up(node, with_data)
+    assert sorted(copied) == [b"a", b"b", b"c", b"e", b"z"]
+    upper = tmp_path / "upper"
+    inos = {p: os.lstat(upper / "d" / p).st_ino for p in ("a", "e", "sub/b", "sub/deeper/z")}
+    u.rename(u.root, b"d", u.root, b"moved")
+    assert names(u) == {b"moved", b"keep"}
+    assert names(u, b"moved") == {b"a", b"e", b"sub"}
+    assert names(u, b"moved/sub") == {b"b", b"c", b"deeper"}
+    for p, ino in inos.items():  # the rename moved the copies: no second copy
+        assert os.lstat(upper / "moved" / p).st_ino == ino
+    assert upper_marker(upper, "d") and opaque(upper / "moved")
+    assert opaque(upper / "moved" / "sub")
+    assert not (upper / "moved" / ".wh.gone").exists()  # no whiteout in an opaque dir
+    assert os.listdir(tmp_path / "work" / "work") == []
+
+
+# -- whiteouts written -----------------------------------------------------------------------
+def test_oci_whiteouts_and_opaque_dirs_written(tmp_path: Path, made: list[Union]) -> None:
+    """Where the kernel's forms are refused: `.wh.NAME` mode 0, `.wh..wh..opq` + user xattr."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"f": "x", "d": {"old": "x"}})
+    u = make(tmp_path, made, [l1], oci=True)
+    upper = tmp_path / "upper"
+    u.unlink(u.root, b"f")
+    st = os.lstat(upper / ".wh.f")
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0 and st.st_size == 0
+    u.unlink(walk(u, b"d"), b"old")
+    u.rmdir(u.root, b"d")
+    assert (upper / ".wh.d").is_file() and not (upper / "d").exists()
+    assert names(u) == set()
+    u.mkdir(u.root, b"d", 0o755, Ctx(os.getuid(), os.getgid()))
+    assert not (upper / ".wh.d").exists()
+    assert (upper / "d" / ".wh..wh..opq").is_file()
+    assert os.getxattr(upper / "d", "user.overlay.opaque") == b"y"
+    assert names(u, b"d") == set()
+    fh, _ = u.create(u.root, b"f", 0o640, os.O_WRONLY, Ctx(os.getuid(), os.getgid()))
+    u.release(fh)
+    assert not (upper / ".wh.f").exists() and (upper / "f").is_file()
+
+
+def test_rename_leaving_whiteout_falls_back_to_a_marker(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a").write_text("x")
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        w = WhiteoutWriter(kernel=False)
+        w.rename_leaving_whiteout(fd, b"a", fd, b"b")
+        assert (d / "b").read_text() == "x" and (d / ".wh.a").is_file() and w.wrote_oci
+        assert w.remove_whiteout(fd, b"a") and not (d / ".wh.a").exists()
+        w = WhiteoutWriter()  # the kernel's form where allowed (root), the marker otherwise
+        w.rename_leaving_whiteout(fd, b"b", fd, b"c")
+        assert upper_marker(d, "b") and (d / "c").read_text() == "x"
+        assert w.wrote_oci == (os.geteuid() != 0 or not w.kernel_whiteouts)
+    finally:
+        os.close(fd)
+
+
+# -- the adaptor's replies -------------------------------------------------------------------
+async def test_adaptor_replies_without_a_mount(tmp_path: Path, made: list[Union]) -> None:
+    l1 = tmp_path / "l1"
+    tree(l1, {"f": "lower data", "d": {}})
+    os.chmod(l1 / "f", 0o640)
+    u = make(tmp_path, made, [l1])
+    ops = FuseOps(u)
+    a = await ops.lookup(ROOT_ID, b"f")
+    st = os.lstat(l1 / "f")
+    assert (a.st_mode, a.st_size, a.st_nlink, a.entry_timeout, a.attr_timeout) == (
+        st.st_mode,
+        st.st_size,
+        1,
+        TIMEOUT,
+        TIMEOUT,
+    )
+    ino = a.st_ino
+    assert ino == u.node(ino).ino and ino != ROOT_ID
+    assert await ops.getattr(ino) is a  # a lower object's attributes are built once
+    missing = await ops.lookup(ROOT_ID, b"missing")
+    assert missing.st_ino == 0 and missing.entry_timeout == TIMEOUT  # a cached negative entry
+    for call, err in (
+        (ops.lookup(ROOT_ID, b".wh.f"), errno.EINVAL),
+        (ops.getattr(123456789), errno.ENOENT),
+        (ops.removexattr(ino, b"user.missing"), errno.ENODATA),
+        (ops.rename(ROOT_ID, b"f", ROOT_ID, b"g", 4), errno.EINVAL),
+    ):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await call
+        assert e.value.errno == err
+    assert os.listdir(tmp_path / "upper") == []  # refused requests copied nothing up
+    # Opening for writing copies up (the core's plan, run by the adaptor); the
+    # attributes are then the upper's, asked for each time, under the same inode.
+    fi = await ops.open(ino, os.O_WRONLY, None)
+    assert fi.keep_cache
+    assert await ops.write(fi.fh, 0, b"UPPER") == 5
+    await ops.release(fi.fh)
+    after = await ops.getattr(ino)
+    assert after is not a and after.st_ino == ino and after.st_size == 10
+    assert await ops.getattr(ino) is not after
+    fields = SimpleNamespace(
+        update_size=True,
+        update_mode=True,
+        update_uid=False,
+        update_gid=False,
+        update_atime=False,
+        update_mtime=False,
+    )
+    got = await ops.setattr(ino, SimpleNamespace(st_size=2, st_mode=0o600), fields, None, None)
+    assert (stat.S_IMODE(got.st_mode), got.st_size) == (0o600, 2)
+    assert (tmp_path / "upper" / "f").read_bytes() == b"UP"
+    ctx = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), umask=0o022)
+    fi, new = await ops.create(ROOT_ID, b"new", 0o644, os.O_WRONLY, ctx)
+    assert new.st_ino not in (0, ino) and stat.S_IMODE(new.st_mode) == 0o644
+    await ops.release(fi.fh)
+    sv = await ops.statfs(None)
+    ref = os.statvfs(tmp_path / "upper")
+    assert (sv.f_bsize, sv.f_blocks, sv.f_namemax) == (ref.f_bsize, ref.f_blocks, ref.f_namemax)
+    # The lower directory's attributes are kept too, until a child created in it copies it up.
+    d = await ops.lookup(ROOT_ID, b"d")
+    assert await ops.getattr(d.st_ino) is d
+    await ops.mkdir(d.st_ino, b"sub", 0o755, ctx)
+    assert await ops.getattr(d.st_ino) is not d

@@ -1,0 +1,125 @@
+"""Node identity: which node a resolved name is, and the other names of one object.
+
+A name resolves to an `Entry` (where its topmost instance lives); the node of
+that entry is the live one with the entry's id, or a new one. The id comes from
+the object, not the name (see inodes.py), so two names of one lower hard link
+are one node, and a copied-up object keeps its lower id (`InodeTable.copied`).
+
+Hard links: copy-up gives the upper one new inode, so the other names of a
+lower hard link would show the old lower object. Every other name the daemon
+knows is linked to the copy when it is made (copyup.py), and a name met later
+(a lookup of another name of a copied-up object) is linked then, here.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .copyup import CopyUp
+from .inodes import InodeTable, Node
+from .layers import LayerStack
+from .resolve import Entry, Resolver
+
+
+class Identity:
+    def __init__(
+        self, stack: LayerStack, table: InodeTable, resolver: Resolver, copyup: CopyUp
+    ) -> None:
+        self.stack = stack
+        self.table = table
+        self.resolver = resolver
+        self.copyup = copyup
+
+    def _entry_id(self, entry: Entry) -> int:
+        if entry.layer == 0:
+            st = entry.st
+            mapped = self.table.copied.get((st.st_dev, st.st_ino))
+            if mapped is not None:
+                return mapped
+        return self.table.ident_to_id(*entry.origin)
+
+    def node_for(self, parent: Node, name: bytes, entry: Entry) -> Node:
+        """The node of a resolved entry: the live one with its id, or a new one."""
+        is_dir = stat.S_ISDIR(entry.st.st_mode)
+        nid = self._entry_id(entry)
+        node = self.table.get(nid)
+        if node is not None and node.is_dir == is_dir and not node.unlinked:
+            if not is_dir and node.layer == 0 and entry.layer != 0 and self.stack.writable:
+                # Another name of a lower hard link whose object was copied up: link it too.
+                self._link_alias(node, parent, name)
+            elif is_dir:
+                if node.parent is not parent or node.name != name:
+                    node.close_fds()
+                    node.parent, node.name = parent, name
+                    node.chain, node.fds = entry.chain, [-1] * len(entry.chain)
+            else:
+                node.add_link(parent, name)
+            return node
+        if not is_dir and entry.layer != 0 and entry.st.st_nlink > 1:
+            up = self.copyup.hardlinks.get(entry.origin)
+            if up is not None and not up.unlinked and self.stack.writable:
+                self._link_alias(up, parent, name)
+                self.table.nodes[up.ino] = up
+                return up
+        new = Node(nid, parent, name, is_dir, entry.layer, entry.chain, entry.origin)
+        if entry.layer != 0:
+            new.st = entry.st
+        if node is not None:
+            new.nlookup = node.nlookup  # the kernel reuses its inode for this id
+        self.table.add(new)
+        return new
+
+    def _link_alias(self, up: Node, parent: Node, name: bytes) -> None:
+        """Link `name` in `parent` to the copied-up object `up`, another name of it below."""
+        assert up.parent is not None
+        self.copyup.link_alias(up, self.resolver.dirfd(up.parent, 0), parent, name)
+        up.add_link(parent, name)
+        parent.listing = None
+        self.copyup.changed(up, True)
+
+    def new_upper_node(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
+        """The node of an object just made in the upper, its lookup count raised."""
+        is_dir = stat.S_ISDIR(st.st_mode)
+        nid = self.table.ident_to_id(st.st_dev, st.st_ino)
+        old = self.table.nodes.get(nid)
+        if old is not None and old.unlinked:
+            # The upper's filesystem reused the inode number of a removed object
+            # that the kernel still holds: the same node id would make the kernel
+            # take the new object for the old one (ESTALE on mkdir, another
+            # file's data on a reopen). Give it a number of its own.
+            nid = self.table.fresh_id()
+            self.table.copied[(st.st_dev, st.st_ino)] = nid
+            old = None
+        chain = (0,) if is_dir else ()
+        node = Node(nid, parent, name, is_dir, 0, chain, (st.st_dev, st.st_ino))
+        if old is not None:
+            node.nlookup = old.nlookup
+        self.table.add(node)
+        node.nlookup += 1
+        return node
+
+    def dropped(self, node: Node, parent: Node, name: bytes, st: os.stat_result | None) -> None:
+        """Bookkeeping after `name` in `parent` stopped naming `node` (`st`: its upper stat)."""
+        node.drop_link(parent, name)
+        if node.is_dir:
+            node.unlinked = True
+            node.close_fds()
+            node.listing = None
+        if node.unlinked and st is not None and (node.is_dir or st.st_nlink <= 1):
+            self.table.copied.pop((st.st_dev, st.st_ino), None)
+            if self.copyup.hardlinks.get(node.origin) is node:
+                del self.copyup.hardlinks[node.origin]
+
+    @staticmethod
+    def relink(
+        node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
+    ) -> None:
+        """`node`'s name `old_name` in `old_parent` is now `new_name` in `new_parent`."""
+        if node.parent is old_parent and node.name == old_name:
+            node.parent, node.name = new_parent, new_name
+        elif node.links:
+            node.links = [
+                (new_parent, new_name) if (p is old_parent and n == old_name) else (p, n)
+                for p, n in node.links
+            ]
