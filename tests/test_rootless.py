@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PYUNION, fuse_skip_reason
+from support import PYUNION, fuse_skip_reason
 from test_image import make_layout
 
 from unionfs import userns
