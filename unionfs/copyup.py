@@ -57,6 +57,18 @@ def copy_xattrs(src: int | bytes, dst: int | bytes) -> None:
                 raise
 
 
+def chown_failed(e: OSError, optional: bool) -> None:
+    """After a chown raised `e`: re-raise it unless owners are `optional` and it was refused.
+
+    Owners are optional when the mount shows owners of its own (fuse-overlayfs'
+    squash options): an unprivileged daemon cannot give a copied-up or new
+    file another owner (EPERM, or EINVAL for an ID its namespace lacks), and
+    fuse-overlayfs carries on with the daemon's own.
+    """
+    if not optional or e.errno not in (errno.EPERM, errno.EINVAL):
+        raise e
+
+
 def copy_file_data(src: int, dst: int, size: int) -> None:
     """Copy `size` bytes, skipping holes; the caller's ftruncate sets the final size."""
     off = 0
@@ -172,8 +184,10 @@ class CopyUp:
         resolver: Resolver,
         work_fd: int,
         changed: Changed = _unchanged,
+        owners_optional: bool = False,
     ) -> None:
         self.stack = stack
+        self.owners_optional = owners_optional  # see chown_failed
         self.table = table
         self.resolver = resolver
         self.work_fd = work_fd
@@ -216,7 +230,10 @@ class CopyUp:
         os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
         fd = os.open(tmp, DIR_FLAGS, dir_fd=self.work_fd)
         try:
-            os.chown(fd, st.st_uid, st.st_gid)
+            try:
+                os.chown(fd, st.st_uid, st.st_gid)
+            except OSError as e:
+                chown_failed(e, self.owners_optional)
             os.chmod(fd, stat.S_IMODE(st.st_mode))
             copy_xattrs(src_fd, fd)
             os.rename(tmp, d.name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
@@ -292,12 +309,20 @@ class CopyUp:
                 fd = job.dst_fd
                 if job.with_data:
                     os.ftruncate(fd, st.st_size)
-                os.fchown(fd, st.st_uid, st.st_gid)
+                try:
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                except OSError as e:
+                    chown_failed(e, self.owners_optional)
                 os.fchmod(fd, stat.S_IMODE(st.st_mode))
                 copy_xattrs(fdpath(src_dir, node.name), fd)
                 set_times(fd, st)
             else:
-                os.chown(job.tmp, st.st_uid, st.st_gid, dir_fd=self.work_fd, follow_symlinks=False)
+                try:
+                    os.chown(
+                        job.tmp, st.st_uid, st.st_gid, dir_fd=self.work_fd, follow_symlinks=False
+                    )
+                except OSError as e:
+                    chown_failed(e, self.owners_optional)
                 if not stat.S_ISLNK(st.st_mode):
                     os.chmod(job.tmp, stat.S_IMODE(st.st_mode), dir_fd=self.work_fd)
                 copy_xattrs(fdpath(src_dir, node.name), tmp_path)

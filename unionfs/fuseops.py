@@ -18,6 +18,14 @@ core says the object changed (`Union.changed`: copied up, or linked by the
 daemon itself, when the kernel's copy is invalidated too). The one slow
 operation, the data copy of a large copy-up, runs in a worker thread; other
 requests on the same node wait for it, the rest go on.
+
+Owners: fuse-overlayfs' owner options (`uidmapping=`, `squash_to_*`,
+`static_nlink`; idmap.py) are applied by `MappedFuseOps`, chosen at mount
+time (`make_ops`), in the four places owners cross the adaptor: the
+attributes it builds (`_build_attr`, which every reply with attributes uses),
+the caller's IDs (`_caller`), setattr's new owner, and the IDs inside POSIX
+ACL xattrs. The plain `FuseOps` never looks at a map, and the core never
+knows one exists.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import contextlib
 import errno
 import functools
 import logging
+import stat
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
@@ -33,6 +42,7 @@ import pyfuse3
 import trio
 
 from .copyup import CopyPlan
+from .idmap import ACL_XATTRS, IdMap
 from .inodes import Node
 from .union import Ctx, Union
 
@@ -71,6 +81,8 @@ class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = True
+
+    _caller = staticmethod(_ctx)  # who asks, as the core sees them (MappedFuseOps shifts it)
 
     def __init__(self, core: Union, debug: bool = False) -> None:
         super().__init__()
@@ -280,14 +292,16 @@ class FuseOps(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         return self._attr(
-            self.core.mknod(self.core.node(parent_inode), name, mode, rdev, _ctx(ctx))
+            self.core.mknod(self.core.node(parent_inode), name, mode, rdev, self._caller(ctx))
         )
 
     @_fuse_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        return self._attr(self.core.mkdir(self.core.node(parent_inode), name, mode, _ctx(ctx)))
+        return self._attr(
+            self.core.mkdir(self.core.node(parent_inode), name, mode, self._caller(ctx))
+        )
 
     async def _settle_name(self, parent: Node, name: bytes) -> None:
         """Wait for a copy-up under way of what `name` in `parent` names."""
@@ -313,7 +327,9 @@ class FuseOps(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        return self._attr(self.core.symlink(self.core.node(parent_inode), name, target, _ctx(ctx)))
+        return self._attr(
+            self.core.symlink(self.core.node(parent_inode), name, target, self._caller(ctx))
+        )
 
     @_fuse_errors
     async def rename(
@@ -453,5 +469,58 @@ class FuseOps(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node = self.core.create(self.core.node(parent_inode), name, mode, flags, _ctx(ctx))
+        fh, node = self.core.create(
+            self.core.node(parent_inode), name, mode, flags, self._caller(ctx)
+        )
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node)
+
+
+class MappedFuseOps(FuseOps):
+    """The adaptor with fuse-overlayfs' owner options: IDs shifted or squashed on the way.
+
+    Replies show `IdMap.shown_*` of what is on disk; requests hand the core
+    `IdMap.disk_*` of what the kernel sent. The attributes of lower objects
+    are memoized already mapped (`_shown`), so the map costs once per object.
+    """
+
+    def __init__(self, core: Union, idmap: IdMap, debug: bool = False) -> None:
+        self.idmap = idmap
+        super().__init__(core, debug)
+
+    def _build_attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        # The object the memo keeps: mapped here, before anything reads it.
+        a = super()._build_attr(node)
+        m = self.idmap
+        a.st_uid = m.shown_uid(a.st_uid)
+        a.st_gid = m.shown_gid(a.st_gid)
+        if m.static_nlink and stat.S_ISDIR(a.st_mode):
+            a.st_nlink = 1
+        return a
+
+    def _caller(self, ctx: Any) -> Ctx:
+        m = self.idmap
+        return Ctx(m.disk_uid(ctx.uid), m.disk_gid(ctx.gid), getattr(ctx, "umask", 0))
+
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        m = self.idmap
+        if fields.update_uid:
+            attr.st_uid = m.disk_uid(attr.st_uid)
+        if fields.update_gid:
+            attr.st_gid = m.disk_gid(attr.st_gid)
+        return await super().setattr(inode, attr, fields, fh, ctx)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        value = await super().getxattr(inode, name, ctx)
+        return self.idmap.acl(value, True) if name in ACL_XATTRS else value
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
+        if name in ACL_XATTRS:
+            value = self.idmap.acl(value, False)
+        await super().setxattr(inode, name, value, ctx)
+
+
+def make_ops(core: Union, idmap: IdMap | None, debug: bool = False) -> FuseOps:
+    """The adaptor for a mount: the plain one unless owner options change something."""
+    return FuseOps(core, debug) if idmap is None else MappedFuseOps(core, idmap, debug)

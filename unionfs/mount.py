@@ -513,7 +513,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
     import trio
 
     from . import reqloop
-    from .fuseops import FuseOps
+    from .fuseops import make_ops
     from .union import Union
 
     def fail(msg: str) -> int:
@@ -547,9 +547,13 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
         stack.close()
         return fail(str(e))
     core = Union(
-        stack, work_fd, volatile=cfg.volatile, writeback=cfg.writeback and stack.upper is not None
+        stack,
+        work_fd,
+        volatile=cfg.volatile,
+        writeback=cfg.writeback and stack.upper is not None,
+        owners_optional=cfg.idmap is not None and cfg.idmap.squashing,
     )
-    ops = FuseOps(core, debug=cfg.debug)
+    ops = make_ops(core, cfg.idmap, debug=cfg.debug)
     _raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     real_mp = os.path.realpath(cfg.mountpoint)

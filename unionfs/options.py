@@ -8,10 +8,12 @@ backslash escapes any character in a path (`\\\\` is one backslash).
 
 Options we implement are consumed here; options that only concern the
 kernel's FUSE mount (allow_other, ...) are passed through to libfuse; harmless
-ones containers/storage passes are accepted and ignored; those that would
-change what the mount shows and that we cannot honour (ID mappings, squashing
-owners) are refused with the reason, and so is anything unknown, since libfuse
-itself rejects unknown options.
+ones containers/storage passes are accepted and ignored; fuse-overlayfs'
+owner options (`uidmapping=`, `gidmapping=`, `squash_to_root`,
+`squash_to_uid=`, `squash_to_gid=`, `static_nlink`) become the mount's
+`IdMap` (see idmap.py); options that would change what the mount shows and
+that we cannot honour are refused with the reason, and so is anything
+unknown, since libfuse itself rejects unknown options.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .idmap import Extent, IdMap, parse_extents, parse_id
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,6 @@ IGNORED = {
     "default_permissions",
     "threaded",
     "fast_ino",
-    "static_nlink",
     "noxattrs",
     "timeout",
     "context",
@@ -73,13 +75,6 @@ IGNORED = {
     "nosuid",
     "noexec",
     "debug",
-}
-# fuse-overlayfs options that change what the mount shows (owners, modes); we
-# cannot honour them, and ignoring them would silently show a different tree.
-REFUSED = {
-    "squash_to_root": "showing every file as owned by root",
-    "squash_to_uid": "showing every file as owned by one user",
-    "squash_to_gid": "showing every file as owned by one group",
 }
 
 
@@ -99,6 +94,20 @@ class MountConfig:
     debug: bool = False
     foreground: bool = False
     fsname: str = "pyunion"
+    idmap: IdMap | None = None  # fuse-overlayfs' owner options; None: owners as on disk
+
+
+@dataclass
+class _Owners:
+    """The owner options as read, made into one `IdMap` once every option is in."""
+
+    uids: tuple[Extent, ...] = ()
+    gids: tuple[Extent, ...] = ()
+    squash_root: bool = False
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+    static_nlink: bool = False
+    seen: bool = False
 
 
 def _scan(text: str, sep: str, quotes: bool) -> list[str]:
@@ -157,29 +166,6 @@ def split_lowerdirs(value: str) -> list[str]:
     return [unescape(x) for x in _scan(value, ":", quotes=False) if x != ""]
 
 
-def _parse_idmap(value: str, what: str) -> list[tuple[int, int, int]]:
-    """fuse-overlayfs' `ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]` (empty fields skipped, as there)."""
-    fields = [x for x in value.split(":") if x != ""]
-    try:
-        nums = [int(x) for x in fields]
-    except ValueError:
-        nums = []
-    if not nums or len(nums) % 3 or min(nums) < 0:
-        raise UserError(
-            f"malformed {what} {value!r}: expected ID:HOST-ID:COUNT[:ID:HOST-ID:COUNT...]"
-        )
-    return [(nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3)]
-
-
-def _check_identity_idmap(value: str, what: str) -> None:
-    """Accept an ID mapping only when it maps every ID to itself (nothing to translate)."""
-    if any(inside != outside for inside, outside, _ in _parse_idmap(value, what)):
-        raise UserError(
-            f"{what}={value}: ID mapping is not supported; pyunion shows owners as they are "
-            "on disk (use the mount program without a user-namespace ID mapping)"
-        )
-
-
 def _flag(item: str, value: str) -> bool:
     if value in ("", "1", "yes", "true"):
         return True
@@ -194,9 +180,12 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
     `pyunion mount -o` and `pyunion-overlayfs -o` (containers/storage's mount
     program) read options by the same rules (`split_options`).
     """
+    owners = _Owners()
     for opt_string in opts:
         for item in split_options(opt_string):
             key, eq, value = item.partition("=")
+            if _owner_option(owners, item, key, eq, value):
+                continue
             if key == "lowerdir":
                 layers = split_lowerdirs(value)
                 if not layers:
@@ -224,10 +213,6 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 cfg.spin_us = int(value)
             elif key == "fsname" and eq:
                 cfg.fsname = unescape(value)
-            elif key in ("uidmapping", "gidmapping"):
-                _check_identity_idmap(value, key)
-            elif key in REFUSED:
-                raise UserError(f"mount option {item!r} is not supported ({REFUSED[key]})")
             elif key == "xattr_permissions" and value not in ("", "0"):
                 raise UserError(
                     f"mount option {item!r} is not supported "
@@ -247,3 +232,40 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 log.debug("ignoring mount option %r", item)
             else:
                 raise UserError(f"unknown mount option {item!r}")
+    if owners.seen:
+        cfg.idmap = IdMap.make(
+            owners.uids,
+            owners.gids,
+            owners.squash_root,
+            owners.squash_uid,
+            owners.squash_gid,
+            owners.static_nlink,
+        )
+
+
+def _owner_option(owners: _Owners, item: str, key: str, eq: str, value: str) -> bool:
+    """Read one of fuse-overlayfs' owner options into `owners`; False: not one of them.
+
+    As in fuse-overlayfs, a later occurrence replaces an earlier one, and
+    `squash_to_root`/`static_nlink` are plain flags (`=0` turns them off).
+    """
+    if key in ("uidmapping", "gidmapping"):
+        extents = parse_extents(value, key)
+        if key == "uidmapping":
+            owners.uids = extents
+        else:
+            owners.gids = extents
+    elif key in ("squash_to_uid", "squash_to_gid"):
+        n = parse_id(value, key)
+        if key == "squash_to_uid":
+            owners.squash_uid = n
+        else:
+            owners.squash_gid = n
+    elif key == "squash_to_root":
+        owners.squash_root = _flag(item, value)
+    elif key == "static_nlink":
+        owners.static_nlink = _flag(item, value)
+    else:
+        return False
+    owners.seen = True
+    return True

@@ -26,7 +26,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .copyup import NO_COPYUPS, Changed, CopyJob, CopyPlan, CopyUp
+from .copyup import NO_COPYUPS, Changed, CopyJob, CopyPlan, CopyUp, chown_failed
 from .errors import FsError
 from .handles import DirHandle, HandleTable
 from .identity import Identity
@@ -64,9 +64,16 @@ class Union:
     """A mounted stack: lookups, listings, copy-up and every write."""
 
     def __init__(
-        self, stack: LayerStack, work_fd: int = -1, volatile: bool = False, writeback: bool = False
+        self,
+        stack: LayerStack,
+        work_fd: int = -1,
+        volatile: bool = False,
+        writeback: bool = False,
+        owners_optional: bool = False,
     ) -> None:
         self.stack = stack
+        # A chown the daemon may not make is no error (copyup.chown_failed).
+        self.owners_optional = owners_optional
         # With the kernel's writeback cache, the kernel keeps mtime and sends it in
         # a setattr, which can overtake the last data writes it flushes: the mtime
         # it set is re-applied after such writes (Node.mtime_pin).
@@ -87,7 +94,12 @@ class Union:
         # sets it to drop (and, for links, invalidate) what it showed the kernel.
         self.changed: Changed = lambda node, links: None
         self.copyup = CopyUp(
-            stack, self.table, self.resolver, work_fd, lambda node, links: self.changed(node, links)
+            stack,
+            self.table,
+            self.resolver,
+            work_fd,
+            lambda node, links: self.changed(node, links),
+            owners_optional,
         )
         self.identity = Identity(stack, self.table, self.resolver, self.copyup)
         self.whiteouts = WhiteoutWriter()
@@ -451,7 +463,10 @@ class Union:
                 dir_fd=dfd,
             )
             fds.append(fd)
-            os.fchown(fd, uid, gid)
+            try:
+                os.fchown(fd, uid, gid)
+            except OSError as e:
+                chown_failed(e, self.owners_optional)
             if mode & (stat.S_ISUID | stat.S_ISGID):
                 os.fchmod(fd, mode)
 
@@ -470,7 +485,10 @@ class Union:
 
         def make(dfd: int, n: bytes) -> None:
             os.mkdir(n, mode, dir_fd=dfd)
-            os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            try:
+                os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                chown_failed(e, self.owners_optional)
             if mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
                 chmod_nofollow(dfd, n, mode)
 
@@ -487,7 +505,10 @@ class Union:
 
         def make(dfd: int, n: bytes) -> None:
             os.mknod(n, mode, rdev, dir_fd=dfd)
-            os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            try:
+                os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                chown_failed(e, self.owners_optional)
             if mode & (stat.S_ISUID | stat.S_ISGID):
                 chmod_nofollow(dfd, n, mode & 0o7777)
 
@@ -500,7 +521,10 @@ class Union:
 
         def make(dfd: int, n: bytes) -> None:
             os.symlink(target, n, dir_fd=dfd)
-            os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            try:
+                os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                chown_failed(e, self.owners_optional)
 
         st = self._place(parent, pfd, name, wh, False, make)
         return self.identity.new_upper_node(parent, name, st)
@@ -670,12 +694,15 @@ class Union:
                     os.close(tfd)
         nofollow = not isinstance(target, int)  # a path: never follow its last component
         if uid is not None or gid is not None:
-            os.chown(
-                target,
-                -1 if uid is None else uid,
-                -1 if gid is None else gid,
-                follow_symlinks=not nofollow,
-            )
+            try:
+                os.chown(
+                    target,
+                    -1 if uid is None else uid,
+                    -1 if gid is None else gid,
+                    follow_symlinks=not nofollow,
+                )
+            except OSError as e:
+                chown_failed(e, self.owners_optional)
         if mode is not None:
             if isinstance(target, int):
                 os.chmod(target, stat.S_IMODE(mode))
