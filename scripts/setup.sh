@@ -7,11 +7,12 @@ cd "$(dirname "$0")/.."
 
 PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr busybox-static
       fuse-overlayfs unionfs-fuse fio buildah skopeo umoci zstd procps util-linux psmisc
-      debootstrap docker-registry apache2-utils openssl libseccomp2 podman runc uidmap)
+      debootstrap docker-registry apache2-utils openssl libseccomp2 podman runc uidmap acl)
 # libseccomp2: pyunion run's seccomp filter (through pyseccomp). podman and runc: the
 # reference the confinement tests compare with (Debian's crun refuses hybrid cgroups).
 # uidmap: newuidmap/newgidmap, which map an ordinary user's subordinate IDs into the user
 # namespace of rootless pyunion (as for rootless podman and buildah).
+# acl: setfacl/getfacl, with which the tests check the IDs inside POSIX ACLs (uidmapping=).
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
