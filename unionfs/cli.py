@@ -125,19 +125,24 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 
 
 _CORE_COMMANDS = ("mount", "umount", "unmount")
-# Each has register(subparsers), which adds its subcommands.
-SUBCOMMAND_MODULES = (
-    "unionfs.run",
-    "unionfs.sample",
-    "unionfs.image.cli",
-    "unionfs.registry.cli",
-    "unionfs.build.cli",
-    "unionfs.unshare",
-)
+# Each has register(subparsers), which adds its subcommands (named here, so that a
+# command imports only its own module: `pyunion run` is on every container's start-up).
+SUBCOMMANDS = {
+    "unionfs.run": ("run",),
+    "unionfs.sample": ("sample",),
+    "unionfs.image.cli": ("image", "images", "history", "rmi", "inspect", "tag", "commit"),
+    "unionfs.registry.cli": ("pull", "push", "login", "logout"),
+    "unionfs.build.cli": ("build", "bud"),
+    "unionfs.unshare": ("unshare",),
+}
+SUBCOMMAND_MODULES = tuple(SUBCOMMANDS)
 
 
-def build_parser(extra: bool = True) -> argparse.ArgumentParser:
-    """The parser; `extra=False` leaves out the subcommands of other modules (faster mounts)."""
+def build_parser(
+    extra: bool = True, modules: Sequence[str] | None = None
+) -> argparse.ArgumentParser:
+    """The parser; `extra=False` leaves out the subcommands of other modules (faster mounts),
+    `modules` registers only those modules' subcommands."""
     parser = argparse.ArgumentParser(
         prog="pyunion", description="A userspace union filesystem for container image layers."
     )
@@ -147,7 +152,7 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     _add_mount(sub)
     _add_umount(sub)
     # Subcommands that live in their own modules register themselves.
-    for modname in SUBCOMMAND_MODULES if extra else ():
+    for modname in (SUBCOMMAND_MODULES if modules is None else modules) if extra else ():
         importlib.import_module(modname).register(sub)
     return parser
 
@@ -183,9 +188,16 @@ def run_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    # `mount` is on the start-up path of every container: skip importing the rest.
-    core_only = bool(args) and args[0] in _CORE_COMMANDS
-    return run_cli(args, build_parser(extra=not core_only))
+    if args == ["--version"]:
+        print(f"pyunion {__version__}")
+        return 0
+    # `mount` and `run` are on the start-up path of every container: a command builds
+    # the parser of its own module only; help and mistakes get every command.
+    first = args[0] if args else ""
+    if first in _CORE_COMMANDS:
+        return run_cli(args, build_parser(extra=False))
+    owner = [mod for mod, names in SUBCOMMANDS.items() if first in names]
+    return run_cli(args, build_parser(modules=owner or None))
 
 
 def overlayfs_main(argv: Sequence[str] | None = None) -> int:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from tqdm import tqdm
-
 
 class Bar:
     def __init__(self, bars: Bars, desc: str, total: int | None) -> None:
+        from tqdm import tqdm  # on first use: the image commands' parsers load this module
+
         self._t = tqdm(
             total=total,
             desc=desc,
@@ -48,4 +48,6 @@ class Bars:
 
     def note(self, text: str) -> None:
         if self.enabled:
+            from tqdm import tqdm
+
             tqdm.write(text, file=sys.stderr)

@@ -10,13 +10,38 @@ upper directory as a new layer), `export`.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .commit import Changes, commit, write_layer_tar
-from .export import export_image
-from .load import import_image
 from .store import Image, Store, default_store
+
+if TYPE_CHECKING:
+    from .commit import Changes, commit, write_layer_tar
+    from .export import export_image
+    from .load import import_image
+
+# Import, export and commit pull in tar, compression and the registry's formats: loaded
+# on first use, so that `pyunion run IMAGE` (which only reads the store) starts fast.
+# (Once `unionfs.image.commit` the module is imported, the package's `commit` names
+# it, as for any submodule: take the function from `.commit` itself.)
+_LAZY = {
+    "Changes": "commit",
+    "commit": "commit",
+    "write_layer_tar": "commit",
+    "export_image": "export",
+    "import_image": "load",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Changes",

@@ -16,9 +16,6 @@ from ..errors import UserError
 from ..progress import Bars
 from ..userns import enter_rootless
 from . import platforms
-from .commit import Changes, commit
-from .export import export_image
-from .load import import_image
 from .safetext import printable
 from .store import Image, Store, short_id
 
@@ -146,7 +143,11 @@ def _store(args: argparse.Namespace, create: bool = False) -> Store:
 
 
 # --- handlers -------------------------------------------------------------------
+# Import, export and commit load their modules when they run: `run` and `pull` build
+# their parsers from this module, and must not pay for tar and compression.
 def cmd_import(args: argparse.Namespace) -> int:
+    from .load import import_image
+
     enter_rootless()  # an ordinary user's layers hold the namespace's owners
     store = _store(args, create=True)
     plat = platforms.parse(args.platform) if args.platform else None
@@ -162,6 +163,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_image
+
     img = export_image(_store(args), args.image, args.path, args.format)
     print(f"Exported {short_id(img.id)} to {args.path}", file=sys.stderr)
     return 0
@@ -399,6 +402,8 @@ def _argv(text: str | None, what: str) -> list[str] | None:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
+    from .commit import Changes, commit
+
     enter_rootless()  # an ordinary user's layers hold the namespace's owners
     store = _store(args)
     for kv in args.env:

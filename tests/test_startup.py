@@ -1,0 +1,60 @@
+"""Start-up: each command builds only its own parser, and the client path of `run` and
+`mount` stays free of the daemon's and the image tools' heavy imports."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+
+from unionfs import __version__, cli
+
+
+def test_subcommand_table_names_what_each_module_registers() -> None:
+    for mod, names in cli.SUBCOMMANDS.items():
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        importlib.import_module(mod).register(sub)
+        registered = {n for n in sub.choices if n not in ("unmount",)}
+        assert registered == set(names), mod
+
+
+def test_version_is_printed_without_building_the_parser() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "unionfs", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert r.stdout == f"pyunion {__version__}\n"
+
+
+def test_run_and_mount_parsers_skip_heavy_modules() -> None:
+    code = (
+        "import sys; from unionfs import cli; "
+        "cli.build_parser(modules=['unionfs.run']).parse_args(['run', 'x', 'true']); "
+        "cli.build_parser(extra=False).parse_args(['mount', 'a', 'b']); "
+        "heavy = [m for m in ('trio', 'pyfuse3', 'httpx', 'tqdm', 'unionfs.image.load', "
+        "'unionfs.image.commit', 'unionfs.image.export', 'unionfs.registry.client') "
+        "if m in sys.modules]; print(' '.join(heavy))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert r.stdout.strip() == ""
+
+
+def test_unknown_command_still_lists_every_command() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "unionfs", "nosuchcommand"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2
+    for names in cli.SUBCOMMANDS.values():
+        for name in names:
+            assert name in r.stderr
