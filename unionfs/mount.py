@@ -654,15 +654,18 @@ def mount(cfg: MountConfig) -> int:
     cfg.work = os.path.abspath(cfg.work) if cfg.work else cfg.work
     cfg.mountpoint = os.path.abspath(cfg.mountpoint)
     r, w = os.pipe()
-    pid = os.fork()
+    # From the fork server when there is one (docs/architecture.md: start-up), else forked here.
+    from . import forkserver
+
+    pid = forkserver.spawn(cfg, w, state_fd) if forkserver.enabled() else None
+    ours = pid is None
+    if pid is None:
+        pid = os.fork()
     if pid == 0:  # the daemon
         code = 1
         try:
             os.close(r)
-            os.setsid()
-            _detach_stdio(cfg)
-            _pin_nothing({w, state_fd})
-            code = serve(cfg, w, state_fd)
+            code = run_daemon(cfg, w, state_fd)
         except BaseException as e:  # noqa: BLE001 - report it, never a traceback on the user's tty
             with contextlib.suppress(OSError):
                 os.write(w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
@@ -675,10 +678,21 @@ def mount(cfg: MountConfig) -> int:
         msg = f.read()
     if msg == b"OK":
         return pid
-    os.waitpid(pid, 0)
+    if ours:
+        os.waitpid(pid, 0)
+    else:
+        wait_gone(pid, 10)
     raise UserError(
         msg[1:].decode(errors="replace") or "the daemon died before the mount was ready"
     )
+
+
+def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int) -> int:
+    """The body of a freshly forked daemon: its own session, nothing of the caller's held."""
+    os.setsid()
+    _detach_stdio(cfg)
+    _pin_nothing({ready_fd, state_fd})
+    return serve(cfg, ready_fd, state_fd)
 
 
 def _pin_nothing(keep: set[int]) -> None:

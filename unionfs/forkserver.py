@@ -1,0 +1,288 @@
+"""A per-user fork server: a mount's daemon forked from a process that imported everything.
+
+A daemon forked straight from `pyunion mount` or `run` must import trio, pyfuse3
+and the filesystem before it can mount: about 0.1 s and 15 MiB of private
+memory per mount. The fork server is a long-lived process that has done those
+imports once (then `gc.freeze()`, so that the collector never touches, and
+copies, the shared objects); it forks one daemon per mount, which shares the
+server's pages copy-on-write and mounts at once.
+
+- **Started on demand**, by the first mount that finds no server: that mount
+  forks its daemon directly as before (it never waits for the server), and the
+  server serves the next ones. It exits after `IDLE_S` seconds without a
+  request, or when its socket is removed or replaced.
+- **Its socket** is `forkserver.sock` in the state directory (0700, the
+  user's own, `mount.state_dir`); both ends check the other's uid
+  (SO_PEERCRED). A request is the `MountConfig`, and by SCM_RIGHTS the
+  caller's mount namespace, the readiness pipe and the state directory: the
+  daemon joins the caller's mount namespace (`run` mounts in a private one),
+  then runs exactly what a directly forked daemon runs (`mount.serve`). The
+  reply is the daemon's pid; readiness comes through the pipe as before.
+- **Isolation.** Each daemon is a process of its own (own session, no fd of
+  the server's or of another mount's); the server runs no filesystem code, so
+  a daemon's crash touches no other mount, and a server's crash none at all
+  (the daemons are not its threads; the next mount starts a new server).
+- **Only for root outside a user namespace.** A rootless mount's daemon must
+  live in the caller's user namespace; it is forked directly, as before.
+  `PYUNION_FORKSERVER=0` turns the server off.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import NoReturn
+
+from .options import MountConfig
+from .syscalls import CLONE_NEWNS, fd_str, setns
+
+log = logging.getLogger(__name__)
+
+IDLE_S = 60.0  # exit after this long without a request
+MAX_REQUEST = 1 << 20
+_PID = struct.Struct("=i")
+
+
+def enabled() -> bool:
+    """Whether mounts go through the server: root outside a user namespace, not turned off."""
+    if os.environ.get("PYUNION_FORKSERVER", "1") == "0" or os.geteuid() != 0:
+        return False
+    from .userns import in_user_namespace
+
+    return not in_user_namespace()
+
+
+def _names() -> tuple[str, str]:
+    """The socket's and the lock's names, for this interpreter and this very code.
+
+    Several installations (a venv, a checkout) may share a state directory: each gets
+    a server of its own, and an edited or upgraded pyunion never meets an old server.
+    """
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256(f"{sys.executable}\0{pkg}".encode(errors="surrogateescape"))
+    for root, _dirs, files in os.walk(pkg):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(root, name))
+                h.update(f"\0{name}:{st.st_mtime_ns}:{st.st_size}".encode())
+    key = h.hexdigest()[:16]
+    return f"forkserver-{key}.sock", f"forkserver-{key}.lock"
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+# -- the client side ---------------------------------------------------------------------
+def spawn(cfg: MountConfig, ready_w: int, state_fd: int) -> int | None:
+    """Have the server fork the daemon of `cfg`; its pid, or None if there is no server.
+
+    With None the caller forks the daemon itself; a server is then started for the
+    mounts that follow. The daemon reports on `ready_w` as a directly forked one does.
+    """
+    path = f"{fd_str(state_fd)}/{_names()[0]}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.connect(path)
+        except OSError:
+            start_server(state_fd)
+            return None
+        if _peer_uid(sock) != os.geteuid():
+            return None
+        mntns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            env = {k: v for k, v in os.environ.items() if k == "PYUNION_LOG"}
+            payload = pickle.dumps((cfg, env))
+            fds = array.array("i", [mntns, ready_w, state_fd])
+            sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        finally:
+            os.close(mntns)
+        sock.settimeout(30)
+        reply = sock.recv(64)
+    except OSError:
+        return None  # a server that went away while we asked: fork directly
+    finally:
+        sock.close()
+    if len(reply) != _PID.size:
+        return None
+    pid: int = _PID.unpack(reply)[0]
+    return pid if pid > 0 else None
+
+
+_BOOT = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+    "from unionfs.forkserver import server_main; server_main(int(sys.argv[2]))"
+)
+
+
+def start_server(state_fd: int) -> None:
+    """Start a server in the background (detached, a fresh interpreter); never waits for it."""
+    pid = os.fork()
+    if pid:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        return
+    try:  # the middle process: exits at once, so the server is nobody's child
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        fd = os.dup(state_fd)
+        os.set_inheritable(fd, True)
+        os.closerange(3, fd)
+        os.closerange(fd + 1, 1 << 16)
+        os.chdir("/")
+        os.execve(
+            sys.executable,
+            [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(fd)],
+            {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+        )
+    except BaseException:  # noqa: BLE001 - a forked child must never return into pyunion
+        pass
+    os._exit(1)
+
+
+# -- the server --------------------------------------------------------------------------
+def server_main(state_fd: int) -> NoReturn:
+    """The server's body, in its fresh interpreter; `state_fd` is the state directory."""
+    import fcntl
+
+    code = 0
+    try:
+        os.set_inheritable(state_fd, False)
+        sock_name, lock_name = _names()
+        lock = os.open(
+            lock_name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=state_fd
+        )
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os._exit(0)  # another server runs
+        # Everything a daemon needs, imported once and shared by every fork.
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+
+        from . import fuseops, mount, reqloop, union  # noqa: F401
+
+        logging.basicConfig(level=logging.WARNING, format="pyunion: %(levelname)s: %(message)s")
+        path = f"{fd_str(state_fd)}/{sock_name}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock_name, dir_fd=state_fd)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        ident = os.stat(sock_name, dir_fd=state_fd, follow_symlinks=False).st_ino
+        gc.collect()
+        gc.freeze()
+        _serve_forever(listener, state_fd, sock_name, ident)
+        if _still_ours(state_fd, sock_name, ident):
+            with contextlib.suppress(OSError):
+                os.unlink(sock_name, dir_fd=state_fd)
+    except BaseException:  # noqa: BLE001 - never a traceback: nobody reads it
+        code = 1
+    os._exit(code)
+
+
+def _serve_forever(listener: socket.socket, state_fd: int, name: str, ident: int) -> None:
+    last = time.monotonic()
+    poll = select.poll()
+    poll.register(listener.fileno(), select.POLLIN)
+    while True:
+        _reap()
+        if not poll.poll(1000):
+            if time.monotonic() - last > IDLE_S or not _still_ours(state_fd, name, ident):
+                return
+            continue
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            continue
+        last = time.monotonic()
+        with conn, contextlib.suppress(OSError):
+            _handle(conn, listener)
+
+
+def _still_ours(state_fd: int, name: str, ident: int) -> bool:
+    try:
+        return os.stat(name, dir_fd=state_fd, follow_symlinks=False).st_ino == ident
+    except OSError:
+        return False
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _handle(conn: socket.socket, listener: socket.socket) -> None:
+    if _peer_uid(conn) != os.geteuid():
+        return
+    conn.settimeout(10)
+    fds = array.array("i")
+    msg, ancdata, _, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(8 * fds.itemsize))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    try:
+        if len(fds) != 3:
+            return
+        cfg, env = pickle.loads(msg)
+        if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
+            return
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            _daemon(cfg, env, conn, fds[0], fds[1], fds[2])
+        conn.sendall(_PID.pack(pid))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _daemon(
+    cfg: MountConfig, env: dict[str, str], conn: socket.socket, mntns: int, ready: int, state: int
+) -> NoReturn:
+    """The forked daemon: join the caller's mount namespace, then what `mount.mount` forks."""
+    from . import mount
+
+    code = 1
+    try:
+        conn.close()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        setns(mntns, CLONE_NEWNS)
+        os.close(mntns)
+        os.environ.clear()
+        os.environ.update(env)
+        code = mount.run_daemon(cfg, ready, state)
+    except BaseException as e:  # noqa: BLE001 - report it, never a traceback
+        with contextlib.suppress(OSError):
+            os.write(ready, b"E" + f"daemon failed: {e}".encode(errors="replace"))
+    os._exit(code)
+
+
+__all__ = ["enabled", "server_main", "spawn", "start_server"]
