@@ -16,6 +16,7 @@ from typing import Any
 
 from . import impls as impls_mod
 from .build import missing_tools, render_build, run_build_bench
+from .containers import render_containers, run_container_bench
 from .image import ensure_image, ensure_stack, log
 from .report import render
 from .runner import Config, Runner
@@ -23,6 +24,8 @@ from .sizes import FULL, PRESETS, QUICK
 from .workloads import BY_ID
 
 DEFAULT_CACHE = "/var/tmp/pyunion-bench"
+CONTAINER_WORKLOADS = ("start", "parallel")
+START_REPS = 10  # container starts are short: a median of ten
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,8 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         default="",
-        help="comma-separated workloads W1..W10, 'mount' and 'build' (pyunion build "
-        "against buildah bud; default all)",
+        help="comma-separated workloads W1..W10, 'mount', 'build' (pyunion build "
+        "against buildah bud), 'start' (container start latency) and 'parallel' "
+        "(20 containers at once; default all)",
     )
     p.add_argument(
         "--size",
@@ -148,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         *BY_ID,
         "mount",
         "build",
+        *CONTAINER_WORKLOADS,
     ]
-    bad = [w for w in workloads if w not in BY_ID and w not in ("mount", "build")]
+    bad = [
+        w for w in workloads if w not in BY_ID and w not in ("mount", "build", *CONTAINER_WORKLOADS)
+    ]
     if bad:
         print(f"bench: unknown workload {', '.join(bad)}", file=sys.stderr)
         return 2
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         cls = impls_mod.ALL[name]
         impl = (
             impls_mod.Pyunion(shlex.split(args.pyunion) if args.pyunion else None)
-            if cls is impls_mod.Pyunion
+            if issubclass(cls, impls_mod.Pyunion)
             else cls()
         )
         why = impl.missing()
@@ -184,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     build_only = workloads == ["build"]
     if build_only:
         return build_main(args, cache, sizes.reps, t0)
+    file_workloads = [w for w in workloads if w not in ("build", *CONTAINER_WORKLOADS)]
+    if not file_workloads and not args.pull and not args.verify:
+        return containers_main(args, cache, sizes, workloads, t0)
     image = ensure_image(cache, sizes, args.source)
     if args.pull:
         from . import pull
@@ -250,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     data = {"meta": meta, "results": runner.results, "session": runner.session}
     if "build" in workloads and not build_skip(args):
         data["build"] = run_build_bench(cache, _pyunion_command(args), sizes.reps, args.source)
+    if set(workloads) & set(CONTAINER_WORKLOADS):
+        data["containers"] = run_container_bench(
+            cache,
+            _pyunion_command(args),
+            max(sizes.reps, START_REPS),
+            sizes.modes,
+            args.source,
+            workloads,
+        )
     meta["elapsed_s"] = time.monotonic() - t0
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=1))
@@ -261,6 +280,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pyunion_command(args: argparse.Namespace) -> list[str]:
     return impls_mod.Pyunion(shlex.split(args.pyunion) if args.pyunion else None).command
+
+
+def containers_main(
+    args: argparse.Namespace, cache: Path, sizes: Any, workloads: list[str], t0: float
+) -> int:
+    """Only the container workloads (start, parallel)."""
+    try:
+        res = run_container_bench(
+            cache,
+            _pyunion_command(args),
+            max(sizes.reps, START_REPS),
+            sizes.modes,
+            args.source,
+            workloads,
+        )
+    except KeyboardInterrupt:
+        return 130
+    data = {
+        "meta": {
+            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "argv": sys.argv,
+            "machine": machine(cache),
+            "elapsed_s": time.monotonic() - t0,
+        },
+        "containers": res,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(data, indent=1))
+    print()
+    sys.stdout.write(render_containers(res, args.markdown))
+    return 0
 
 
 def build_skip(args: argparse.Namespace) -> str | None:

@@ -25,6 +25,7 @@ from .image import rmtree
 MOUNT_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 60.0
 REPO = Path(__file__).resolve().parents[2]
+STATE_DIR = "/run/pyunion"  # root's pyunion state directory: a daemon's pid per mount
 
 
 def _version_line(text: str, name: str) -> str:
@@ -56,7 +57,7 @@ class Instance:
 
     def find_daemon(self) -> None:
         if self.impl.daemon_names and self.pid is None:
-            self.pid = procs.find_daemon(self.root, self.impl.daemon_names)
+            self.pid = self.impl.daemon_pid(self.root)
 
     def sample(self) -> dict[str, float]:
         """The daemon's peak RSS (MiB) and CPU time (s) so far."""
@@ -112,6 +113,10 @@ class Impl:
     def missing(self) -> str | None:
         """Why this implementation cannot run here, or None."""
         return None
+
+    def daemon_pid(self, root: Path) -> int | None:
+        """The FUSE daemon of the mount at `root`."""
+        return procs.find_daemon(root, self.daemon_names)
 
     def version(self) -> str:
         return ""
@@ -342,9 +347,24 @@ class Pyunion(Impl):
             rev = "?"
         return f"pyunion {rev} ({' '.join(self.command)})"
 
+    def daemon_pid(self, root: Path) -> int | None:
+        """From the daemon's pid record (a daemon forked by the fork server has the
+        server's command line), else by its command line."""
+        real = os.path.realpath(root)
+        with contextlib.suppress(OSError):
+            for rec in Path(STATE_DIR).glob("*.pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    pid, _, mp = rec.read_text().rstrip("\n").partition(" ")
+                    if mp == real and procs.alive(int(pid)):
+                        return int(pid)
+        return super().daemon_pid(root)
+
+    extra_opts = ""
+
     def _mount(self, layers: Layers, inst: Instance, private: tuple[str, ...]) -> None:
+        opts = self._overlay_opts(layers, inst) + self.extra_opts
         procs.run(
-            [*self.command, "mount", "-o", self._overlay_opts(layers, inst), str(inst.root)],
+            [*self.command, "mount", "-o", opts, str(inst.root)],
             MOUNT_TIMEOUT,
             "pyunion mount",
             log=inst.base / "daemon.log",
@@ -354,7 +374,14 @@ class Pyunion(Impl):
         procs.run([*self.command, "umount", str(inst.root)], UMOUNT_TIMEOUT, "pyunion umount")
 
 
+class PyunionNoSpin(Pyunion):
+    """pyunion without the poll of /dev/fuse before sleeping (`-o spin=0`): the spin's A/B."""
+
+    name = "pyunion-nospin"
+    extra_opts = ",spin=0"
+
+
 ALL: dict[str, type[Impl]] = {
-    c.name: c for c in (Native, Kernel, FuseOverlayfs, UnionfsFuse, Pyunion)
+    c.name: c for c in (Native, Kernel, FuseOverlayfs, UnionfsFuse, Pyunion, PyunionNoSpin)
 }
 ORDER = list(ALL)

@@ -1,0 +1,297 @@
+"""Container workloads: start latency, and twenty containers of one image at once.
+
+- **start**: `pyunion run IMAGE -- true` against a shell script doing what a
+  minimal runtime does (`unshare` + a kernel overlay mount of the same layer
+  + `chroot` + `true`), and against `podman run --rm` when podman runs here;
+  cold (caches dropped before each start) and warm, medians of `reps` starts.
+- **parallel**: twenty `pyunion run`s of the image started at once, each
+  command marking in a shared volume that it runs, then waiting to be told to
+  exit: the time until all twenty run, and, while they all run, the PSS
+  (/proc/PID/smaps_rollup) of each mount daemon and of each whole container
+  (the `pyunion run` process, its janitor, the container's pid 1, its daemon).
+
+The image is the debootstrap root filesystem as one layer (the build workload's
+base), imported once per run into a store of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import procs
+from .build import ensure_build_inputs
+from .image import log
+
+N_PARALLEL = 20
+STATE_DIR = "/run/pyunion"
+
+
+def _pss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
+def _daemons() -> dict[str, int]:
+    """Mount point -> daemon pid, from pyunion's pid records."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for rec in Path(STATE_DIR).glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid, _, mp = rec.read_text().rstrip("\n").partition(" ")
+                if procs.alive(int(pid)):
+                    out[mp] = int(pid)
+    return out
+
+
+class _Setup:
+    def __init__(self, cache: Path, pyunion: list[str], source: str) -> None:
+        oci, _ctx, _name = ensure_build_inputs(cache, source)
+        self.work = cache / "containers"
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.store = self.work / "store"
+        self.pyunion = pyunion
+        procs.run(
+            [
+                *pyunion,
+                "image",
+                "import",
+                str(oci),
+                "--tag",
+                "bench-run",
+                "--store",
+                str(self.store),
+                "-q",
+            ],
+            1200,
+            "pyunion image import",
+        )
+        layers = sorted(self.store.glob("layers/*/diff"))
+        if len(layers) != 1:
+            raise RuntimeError(f"expected a one-layer image, found {len(layers)} layers")
+        self.layer = layers[0]
+        self.oci = oci
+        self.podman_root = self.work / "podman"
+        self.podman_image = ""
+
+    def pyunion_run(self, *argv: str, volume: str = "") -> list[str]:
+        vol = ["-v", volume] if volume else []
+        return [*self.pyunion, "run", "--store", str(self.store), *vol, "bench-run", "--", *argv]
+
+    def kernel_script(self) -> list[str]:
+        d = self.work / "kernel"
+        script = (
+            f"set -e; rm -rf '{d}'; mkdir -p '{d}/u' '{d}/w' '{d}/m'; "
+            f'unshare -m sh -c "mount --make-rprivate / && mount -t overlay overlay '
+            f"-o lowerdir='{self.layer}',upperdir='{d}/u',workdir='{d}/w' '{d}/m' && "
+            f"chroot '{d}/m' true\""
+        )
+        return ["sh", "-c", script]
+
+    def podman(self, *args: str) -> list[str]:
+        r = self.podman_root
+        return [
+            "podman",
+            "--root",
+            str(r / "root"),
+            "--runroot",
+            str(r / "run"),
+            "--storage-driver",
+            "overlay",
+            *args,
+        ]
+
+    def podman_ready(self) -> str | None:
+        """Why podman cannot run a container here, or None (it pulled the image)."""
+        if not shutil.which("podman"):
+            return "podman is not installed"
+        try:
+            r = procs.run(self.podman("pull", "-q", f"oci:{self.oci}"), 600, "podman pull")
+            self.podman_image = r.stdout.strip().splitlines()[-1]
+            procs.run(self.podman_run(), 120, "podman run")
+        except (procs.CommandFailed, subprocess.TimeoutExpired, IndexError) as e:
+            return f"podman run fails here: {str(e).strip().splitlines()[-1][:200]}"
+        return None
+
+    def podman_run(self) -> list[str]:
+        return self.podman("run", "--rm", "--network", "none", self.podman_image, "true")
+
+    def cleanup(self) -> None:
+        if self.podman_image:
+            with contextlib.suppress(Exception):
+                procs.run(self.podman("system", "reset", "-f"), 300, "podman reset")
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _time(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    procs.run(cmd, 120, cmd[0])
+    return time.perf_counter() - t0
+
+
+def start_latency(setup: _Setup, reps: int, modes: tuple[str, ...]) -> dict[str, Any]:
+    impls: dict[str, list[str]] = {
+        "pyunion run": setup.pyunion_run("true"),
+        "unshare + kernel overlay + chroot": setup.kernel_script(),
+    }
+    skipped = {}
+    why = setup.podman_ready()
+    if why:
+        skipped["podman run --rm"] = why
+        log(f"start workload: skipping podman: {why}")
+    else:
+        impls["podman run --rm"] = setup.podman_run()
+    out: dict[str, Any] = {"skipped": skipped, "reps": reps, "medians": {}, "all": {}}
+    for mode in modes:
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for cmd in impls.values():
+            _time(cmd)  # the first start after the others': warms what a warm start reuses
+        for _ in range(reps):
+            for name, cmd in impls.items():  # interleaved: a slow spell hits all alike
+                if mode == "cold":
+                    procs.drop_caches()
+                times[name].append(_time(cmd))
+        out["all"][mode] = times
+        out["medians"][mode] = {n: statistics.median(v) for n, v in times.items()}
+    return out
+
+
+def parallel(setup: _Setup, n: int = N_PARALLEL) -> dict[str, Any]:
+    """`n` containers started at once; time until all run, PSS while they all run."""
+    marks = setup.work / "marks"
+    shutil.rmtree(marks, ignore_errors=True)
+    marks.mkdir()
+    before = set(_daemons().values())
+    wait = "while [ ! -e /m/stop ]; do sleep 0.05; done"
+    t0 = time.perf_counter()
+    running = [
+        subprocess.Popen(
+            setup.pyunion_run("sh", "-c", f"touch /m/c{i}; {wait}", volume=f"{marks}:/m"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for i in range(n)
+    ]
+    result: dict[str, Any] = {"n": n}
+    try:
+        ok = procs.wait_until(lambda: len(list(marks.glob("c*"))) == n, 120, 0.005)
+        result["all_running_s"] = time.perf_counter() - t0 if ok else None
+        if not ok:
+            errs = [
+                p.stderr.read().decode(errors="replace")[-300:]
+                for p in running
+                if p.poll() is not None and p.stderr
+            ]
+            raise RuntimeError(f"not all {n} containers started: {'; '.join(errs)[:600]}")
+        time.sleep(0.5)  # settled
+        daemons = [p for p in _daemons().values() if p not in before]
+        result["daemon_pss_mib"] = [(_pss_kib(p) or 0) / 1024 for p in daemons]
+        containers = []
+        for p in running:
+            containers.append(sum((_pss_kib(q) or 0) for q in _tree(p.pid)) / 1024)
+        result["run_tree_pss_mib"] = containers
+    finally:
+        (marks / "stop").touch()
+        for p in running:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, 9)
+                p.wait(timeout=10)
+    if result.get("daemon_pss_mib"):
+        d = result["daemon_pss_mib"]
+        c = result["run_tree_pss_mib"]
+        result["daemon_pss_mean_mib"] = statistics.mean(d)
+        # A container's whole cost: its processes, plus its daemon.
+        result["container_pss_mean_mib"] = statistics.mean(c) + statistics.mean(d)
+    return result
+
+
+def run_container_bench(
+    cache: Path,
+    pyunion: list[str],
+    reps: int,
+    modes: tuple[str, ...],
+    source: str,
+    workloads: list[str],
+) -> dict[str, Any]:
+    setup = _Setup(cache, pyunion, source)
+    out: dict[str, Any] = {}
+    try:
+        if "start" in workloads:
+            log("container start latency")
+            out["start"] = start_latency(setup, reps, modes)
+        if "parallel" in workloads:
+            log(f"{N_PARALLEL} parallel containers")
+            out["parallel"] = parallel(setup)
+    finally:
+        setup.cleanup()
+    return out
+
+
+def render_containers(res: dict[str, Any], markdown: bool) -> str:
+    lines = []
+    st = res.get("start")
+    if st:
+        names = list(next(iter(st["medians"].values())))
+        head = [f"container start (median s of {st['reps']})", *names]
+        rows = [
+            [f"`... true` ({mode})", *(f"{v:.3f}" for v in st["medians"][mode].values())]
+            for mode in st["medians"]
+        ]
+        lines += _table(head, rows, markdown)
+        for name, why in st.get("skipped", {}).items():
+            lines.append(f"{name}: skipped ({why})")
+        lines.append("")
+    par = res.get("parallel")
+    if par:
+        lines.append(
+            f"{par['n']} parallel `pyunion run`s: all running after "
+            f"{par['all_running_s']:.2f} s; PSS per daemon {par.get('daemon_pss_mean_mib', 0):.1f}"
+            f" MiB (max {max(par.get('daemon_pss_mib') or [0]):.1f}), per container (daemon, "
+            f"run process, janitor, pid 1) {par.get('container_pss_mean_mib', 0):.1f} MiB"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _table(head: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        return ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"] + [
+            "| " + " | ".join(r) + " |" for r in rows
+        ]
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in [head, *rows]]
