@@ -71,7 +71,8 @@ def _names() -> tuple[str, str]:
     a server of its own, and an edited or upgraded pyunion never meets an old server.
     """
     pkg = os.path.dirname(os.path.abspath(__file__))
-    h = hashlib.sha256(f"{sys.executable}\0{pkg}".encode(errors="surrogateescape"))
+    exe = os.path.realpath(sys.executable)
+    h = hashlib.sha256(f"{exe}\0{pkg}".encode(errors="surrogateescape"))
     for root, _dirs, files in os.walk(pkg):
         for name in sorted(files):
             if name.endswith(".py"):
@@ -106,7 +107,9 @@ def spawn(cfg: MountConfig, ready_w: int, state_fd: int) -> int | None:
         mntns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
             env = {k: v for k, v in os.environ.items() if k == "PYUNION_LOG"}
-            payload = pickle.dumps((cfg, env))
+            with open("/proc/self/cgroup") as f:
+                cgroups = f.read(1 << 16)
+            payload = pickle.dumps((cfg, env, cgroups))
             fds = array.array("i", [mntns, ready_w, state_fd])
             sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         finally:
@@ -251,29 +254,68 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
     try:
         if len(fds) != 3:
             return
-        cfg, env = pickle.loads(msg)
+        cfg, env, cgroups = pickle.loads(msg)
         if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
             return
         pid = os.fork()
         if pid == 0:
             listener.close()
-            _daemon(cfg, env, conn, fds[0], fds[1], fds[2])
+            _daemon(cfg, env, str(cgroups), conn, fds[0], fds[1], fds[2])
         conn.sendall(_PID.pack(pid))
     finally:
         for fd in fds:
             os.close(fd)
 
 
+def _join_cgroups(cgroups: str) -> None:
+    """Move this process into the caller's cgroups (best effort, as root).
+
+    Its memory and its fate then belong to the caller, as a directly forked
+    daemon's do: stopping the caller's unit, or a memory limit, never reaches a
+    daemon that the server forked for someone else.
+    """
+    for line in cgroups.splitlines():
+        num, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if not path.startswith("/") or "/.." in path or not num.isdigit():
+            continue
+        if controllers == "":
+            base = (
+                "/sys/fs/cgroup/unified"
+                if os.path.isdir("/sys/fs/cgroup/unified")
+                else ("/sys/fs/cgroup")
+            )
+        else:
+            base = "/sys/fs/cgroup/" + controllers.removeprefix("name=")
+        with contextlib.suppress(OSError):
+            fd = os.open(
+                os.path.join(base + path, "cgroup.procs"),
+                os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            )
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+
+
 def _daemon(
-    cfg: MountConfig, env: dict[str, str], conn: socket.socket, mntns: int, ready: int, state: int
+    cfg: MountConfig,
+    env: dict[str, str],
+    cgroups: str,
+    conn: socket.socket,
+    mntns: int,
+    ready: int,
+    state: int,
 ) -> NoReturn:
-    """The forked daemon: join the caller's mount namespace, then what `mount.mount` forks."""
+    """The forked daemon: join the caller's cgroups and mount namespace, then what
+    `mount.mount` forks."""
     from . import mount
 
     code = 1
     try:
         conn.close()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _join_cgroups(cgroups)
         setns(mntns, CLONE_NEWNS)
         os.close(mntns)
         os.environ.clear()

@@ -1,0 +1,139 @@
+"""The fork server (forkserver.py): daemons forked from it serve real mounts, in the
+caller's mount namespace; one daemon's death touches no other mount; the server is
+found only in the caller's private state dir, and mounts work without it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import force_unmount, is_mounted, mounted, needs_fuse, pyunion, wait_gone, wait_until
+
+from unionfs import forkserver
+from unionfs.mount import daemon_pid
+
+pytestmark = [needs_fuse, pytest.mark.timeout(120)]
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _server_pid(state: Path) -> int | None:
+    """The pid of the server listening in `state`, if one does."""
+    for sock in state.glob("forkserver-*.sock"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(str(sock))
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return int(struct.unpack("3i", creds)[0])
+        except OSError:
+            continue
+        finally:
+            s.close()
+    return None
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A state dir of this test's own; the server it gets is stopped (its socket removed)."""
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("PYUNION_STATE_DIR", str(d))
+    monkeypatch.delenv("PYUNION_FORKSERVER", raising=False)
+    yield d
+    pid = _server_pid(d)
+    for sock in d.glob("forkserver-*.sock"):
+        sock.unlink()  # the server sees its socket gone and exits within a second
+    if pid is not None:
+        assert wait_gone(pid, 10), "the fork server did not exit when its socket went"
+
+
+def _layers(tmp_path: Path) -> tuple[Path, Path, Path]:
+    low, up, work = tmp_path / "low", tmp_path / "up", tmp_path / "work"
+    for d in (low, up, work):
+        d.mkdir(parents=True)
+    (low / "f").write_text("lower\n")
+    return low, up, work
+
+
+@pytest.mark.mount
+def test_second_mount_is_forked_by_the_server_and_crashes_stay_apart(
+    tmp_path: Path, state: Path
+) -> None:
+    a, b, c = (_layers(tmp_path / n) for n in ("a", "b", "c"))
+    with mounted([a[0]], tmp_path / "ma", a[1], a[2]) as ma:
+        direct = daemon_pid(str(ma))
+        assert direct is not None and b"mount" in _cmdline(direct)  # no server yet: forked here
+        wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+        server = _server_pid(state)
+        assert server is not None
+        with (
+            mounted([b[0]], tmp_path / "mb", b[1], b[2]) as mb,
+            mounted([c[0]], tmp_path / "mc", c[1], c[2]) as mc,
+        ):
+            pb, pc = daemon_pid(str(mb)), daemon_pid(str(mc))
+            assert pb is not None and pc is not None
+            for pid in (pb, pc):
+                assert b"server_main" in _cmdline(pid)  # forked by the server
+                assert os.readlink(f"/proc/{pid}/cwd") == "/"
+                # in the caller's mount namespace and cgroups, as a directly forked one
+                assert os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+                assert Path(f"/proc/{pid}/cgroup").read_text() == Path(
+                    "/proc/self/cgroup"
+                ).read_text()
+            (mb / "new").write_text("b\n")
+            assert (b[1] / "new").read_text() == "b\n"
+            assert (mc / "f").read_text() == "lower\n"
+            # One daemon dies: its mount breaks, no other one, nor the server.
+            os.kill(pb, signal.SIGKILL)
+            assert wait_gone(pb, 10)
+            with pytest.raises(OSError):
+                (mb / "f").read_text()
+            assert (mc / "f").read_text() == "lower\n"
+            assert (ma / "f").read_text() == "lower\n"
+            assert _server_pid(state) == server
+            force_unmount(mb)
+        # The server's socket is the user's own, in the private state dir.
+        sock = next(state.glob("forkserver-*.sock"))
+        st = sock.lstat()
+        assert st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+@pytest.mark.mount
+def test_mounts_work_with_the_server_turned_off(tmp_path: Path, state: Path) -> None:
+    low, up, work = _layers(tmp_path)
+    env = {**os.environ, "PYUNION_FORKSERVER": "0"}
+    for n in range(2):
+        with mounted([low], tmp_path / f"m{n}", up, work, env=env) as m:
+            pid = daemon_pid(str(m))
+            assert pid is not None and b"mount" in _cmdline(pid)
+            assert (m / "f").read_text() == "lower\n"
+    assert not list(state.glob("forkserver-*"))
+
+
+@pytest.mark.mount
+def test_a_stale_socket_is_replaced(tmp_path: Path, state: Path) -> None:
+    """A socket nobody listens on (a server killed): the mount forks directly, a new
+    server takes the name, and the next mount goes through it."""
+    name = forkserver._names()[0]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(str(state / name))
+    s.close()  # bound, never listening: connect() is refused
+    low, up, work = _layers(tmp_path)
+    with mounted([low], tmp_path / "m0", up, work) as m:
+        assert (m / "f").read_text() == "lower\n"
+    wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+    with mounted([low], tmp_path / "m1", up, work) as m:
+        pid = daemon_pid(str(m))
+        assert pid is not None and b"server_main" in _cmdline(pid)
+    with contextlib.suppress(OSError):
+        assert not is_mounted(tmp_path / "m1")
+    r = pyunion("--version")
+    assert r.returncode == 0
