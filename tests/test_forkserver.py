@@ -85,9 +85,9 @@ def test_second_mount_is_forked_by_the_server_and_crashes_stay_apart(
                 assert os.readlink(f"/proc/{pid}/cwd") == "/"
                 # in the caller's mount namespace and cgroups, as a directly forked one
                 assert os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
-                assert Path(f"/proc/{pid}/cgroup").read_text() == Path(
-                    "/proc/self/cgroup"
-                ).read_text()
+                assert (
+                    Path(f"/proc/{pid}/cgroup").read_text() == Path("/proc/self/cgroup").read_text()
+                )
             (mb / "new").write_text("b\n")
             assert (b[1] / "new").read_text() == "b\n"
             assert (mc / "f").read_text() == "lower\n"
