@@ -30,8 +30,9 @@ async def test_spin_backs_off_when_requests_come_seldom_and_resumes_when_they_co
         await low.wait_readable(r)
         os.read(r, 1)
         assert (low.hits, low.spins, low.spinning) == (1, 1, True)
-        # Requests 20 ms apart: every spin misses; after MISSES_MAX, no more spinning.
-        for _ in range(reqloop.MISSES_MAX):
+        # Requests 20 ms apart: every spin misses; its credit spent, no more spinning.
+        for _ in range(reqloop.CREDIT_START + reqloop.HIT_CREDIT):
+            assert low.spinning
             await _wait_with_late_writer(low, r, w, 0.02)
         assert not low.spinning
         spins = low.spins
@@ -46,6 +47,14 @@ async def test_spin_backs_off_when_requests_come_seldom_and_resumes_when_they_co
         await low.wait_readable(r)
         os.read(r, 1)
         assert low.spins == spins + 1 and low.hits == 2
+        # One hit in three keeps it spinning.
+        for _ in range(20):
+            await _wait_with_late_writer(low, r, w, 0.005)
+            await _wait_with_late_writer(low, r, w, 0.005)
+            os.write(w, b"x")
+            await low.wait_readable(r)
+            os.read(r, 1)
+            assert low.spinning
     finally:
         os.close(r)
         os.close(w)

@@ -487,9 +487,12 @@ def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
         for fd in (blob, sock, spec.report_fd, *spec.confinement.preserved):
             if fd >= 0:
                 os.set_inheritable(fd, True)
+        # -S: no site (the path is given, the package's own directory first, for an
+        # editable install whose finder `site` would load): ~20 ms less for every start.
+        path = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *sys.path]
         os.execve(
             sys.executable,
-            [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(blob), str(sock)],
+            [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(path), str(blob), str(sock)],
             {},
         )
     except BaseException as e:  # noqa: BLE001 - a forked child must never return into pyunion

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from . import syscalls
 from .errors import UserError
-from .mount import mounts
 from .syscalls import (
     AT_EMPTY_PATH,
     AT_RECURSIVE,
@@ -151,6 +150,8 @@ def remount_each(fd: int, attrs: int, recursive: bool = True) -> None:
             add |= ms
     targets = [syscalls.fd_str(fd)]
     if recursive:
+        from .mount import mounts  # here: the container's init imports this module
+
         targets += [mp for mp, _, _ in mounts() if mp.startswith(prefix)]
     for target in targets:
         flags = os.statvfs(target).f_flag

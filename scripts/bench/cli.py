@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cls = impls_mod.ALL[name]
         impl = (
-            impls_mod.Pyunion(shlex.split(args.pyunion) if args.pyunion else None)
+            cls(shlex.split(args.pyunion) if args.pyunion else None)  # type: ignore[call-arg]
             if issubclass(cls, impls_mod.Pyunion)
             else cls()
         )

@@ -33,15 +33,7 @@ N_PARALLEL = 20
 STATE_DIR = "/run/pyunion"
 
 
-def _pss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+_pss_kib = procs.read_pss_kib
 
 
 def _children(pid: int) -> list[int]:

@@ -69,6 +69,9 @@ class Instance:
         if st is None or hwm is None:
             return {}
         self.stats = {"rss_peak_mib": hwm / 1024, "cpu_s": st.cpu_s}
+        pss = procs.read_pss_kib(self.pid)
+        if pss is not None:  # pages shared with other processes (a fork server) count in part
+            self.stats["pss_mib"] = pss / 1024
         return self.stats
 
     def teardown(self) -> None:

@@ -151,6 +151,18 @@ def read_hwm_kib(pid: int) -> int | None:
     return None
 
 
+def read_pss_kib(pid: int) -> int | None:
+    """Proportional set size (each shared page divided among its sharers) in KiB."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def alive(pid: int) -> bool:
     st = read_stat(pid)
     return st is not None and st.state != "Z"

@@ -111,6 +111,19 @@ def build_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]], list[s
             + [f"{peak[i]:.1f}" if i in peak else "-" for i in impls]
             + [""] * len(ratio_cols)
         )
+    pss: dict[str, float] = {}
+    for r in data["results"]:
+        if r.get("pss_mib") is not None:
+            pss[r["impl"]] = max(pss.get(r["impl"], 0.0), r["pss_mib"])
+    for impl, s in data.get("session", {}).items():
+        if s.get("pss_mib") is not None:
+            pss[impl] = max(pss.get(impl, 0.0), s["pss_mib"])
+    if pss:
+        rows.append(
+            ["daemon PSS after a workload, MiB (highest)"]
+            + [f"{pss[i]:.1f}" if i in pss else "-" for i in impls]
+            + [""] * len(ratio_cols)
+        )
     sess = data.get("session", {})
     if any("cpu_s" in s for s in sess.values()):
         rows.append(
