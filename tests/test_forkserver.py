@@ -137,3 +137,22 @@ def test_a_stale_socket_is_replaced(tmp_path: Path, state: Path) -> None:
         assert not is_mounted(tmp_path / "m1")
     r = pyunion("--version")
     assert r.returncode == 0
+
+
+@pytest.mark.mount
+def test_a_server_started_by_run_lives_outside_its_private_namespace(
+    tmp_path: Path, state: Path, debian_rootfs: str
+) -> None:
+    """`run` mounts in a private copy of the mount namespace; a server started there
+    would pin every mount of that copy (another mount's FUSE connection among them)."""
+    r = pyunion("run", debian_rootfs, "--", "true", timeout=120)
+    assert r.returncode == 0
+    wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+    server = _server_pid(state)
+    assert server is not None
+    assert os.readlink(f"/proc/{server}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    # and the next run's daemon comes from it, in that run's private namespace
+    low, up, work = _layers(tmp_path)
+    with mounted([low], tmp_path / "m", up, work) as m:
+        pid = daemon_pid(str(m))
+        assert pid is not None and b"server_main" in _cmdline(pid)

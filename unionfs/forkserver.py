@@ -55,6 +55,22 @@ MAX_REQUEST = 1 << 20
 _PID = struct.Struct("=i")
 
 
+_home_ns = -1  # the mount namespace to start a server in (remember_namespace)
+
+
+def remember_namespace() -> None:
+    """Note this process's mount namespace before it unshares one of its own (run, build).
+
+    A server started later is started back in this one: in the private copy it
+    would pin every mount the copy holds (another mount's FUSE connection among
+    them, whose daemon would then outlive its unmount) for as long as it lives.
+    """
+    global _home_ns
+    if _home_ns < 0:
+        with contextlib.suppress(OSError):
+            _home_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+
+
 def enabled() -> bool:
     """Whether mounts go through the server: root outside a user namespace, not turned off."""
     if os.environ.get("PYUNION_FORKSERVER", "1") == "0" or os.geteuid() != 0:
@@ -140,6 +156,8 @@ def start_server(state_fd: int) -> None:
             os.waitpid(pid, 0)
         return
     try:  # the middle process: exits at once, so the server is nobody's child
+        if _home_ns >= 0:
+            setns(_home_ns, CLONE_NEWNS)  # failing, no server: never one in a private copy
         os.setsid()
         if os.fork():
             os._exit(0)
@@ -327,4 +345,4 @@ def _daemon(
     os._exit(code)
 
 
-__all__ = ["enabled", "server_main", "spawn", "start_server"]
+__all__ = ["enabled", "remember_namespace", "server_main", "spawn", "start_server"]

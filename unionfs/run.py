@@ -455,6 +455,9 @@ class Runner:
             os.mkdir(work, 0o700)
         spec.root = self.merged
         spec.etc_files = _host_etc_copies(os.path.join(self.tmp, "etc"), opts.hostname)
+        from . import forkserver
+
+        forkserver.remember_namespace()  # a fork server is started outside the private copy
         try:
             syscalls.unshare(syscalls.CLONE_NEWNS)
             syscalls.make_private("/")

@@ -218,6 +218,9 @@ class Builder:
         stages = self._needed(df, global_scope)
         self.total = df.step_count(stages)
         started = time.monotonic()
+        from .. import forkserver
+
+        forkserver.remember_namespace()  # a fork server is started outside the private copy
         try:
             syscalls.unshare(syscalls.CLONE_NEWNS)
             syscalls.make_private("/")
