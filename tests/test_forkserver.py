@@ -9,11 +9,21 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import force_unmount, is_mounted, mounted, needs_fuse, pyunion, wait_gone, wait_until
+from support import (
+    PYUNION,
+    force_unmount,
+    is_mounted,
+    mounted,
+    needs_fuse,
+    pyunion,
+    wait_gone,
+    wait_until,
+)
 
 from unionfs import forkserver
 from unionfs.mount import daemon_pid
@@ -156,3 +166,35 @@ def test_a_server_started_by_run_lives_outside_its_private_namespace(
     with mounted([low], tmp_path / "m", up, work) as m:
         pid = daemon_pid(str(m))
         assert pid is not None and b"server_main" in _cmdline(pid)
+
+
+@pytest.mark.mount
+def test_a_more_confined_caller_gets_its_daemon_forked_directly(
+    tmp_path: Path, state: Path
+) -> None:
+    """Root with fewer capabilities or no_new_privs must not get a daemon from a server
+    that holds more: its daemon is forked directly and keeps the caller's bounds."""
+    a, b = _layers(tmp_path / "a"), _layers(tmp_path / "b")
+    with mounted([a[0]], tmp_path / "ma", a[1], a[2]):
+        wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+        d = tmp_path / "mb"
+        d.mkdir()
+        opts = f"lowerdir={b[0]},upperdir={b[1]},workdir={b[2]}"
+        confined = ["setpriv", "--no-new-privs", "--bounding-set", "-sys_ptrace"]
+        r = subprocess.run(
+            [*confined, *PYUNION, "mount", "-o", opts, str(d)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        try:
+            assert r.returncode == 0, r.stderr
+            pid = daemon_pid(str(d))
+            assert pid is not None and b"server_main" not in _cmdline(pid)
+            status = Path(f"/proc/{pid}/status").read_text()
+            assert "NoNewPrivs:\t1" in status
+            assert (d / "f").read_text() == "lower\n"
+        finally:
+            pyunion("umount", str(d), check=False)
+            force_unmount(d)

@@ -98,9 +98,46 @@ def _names() -> tuple[str, str]:
     return f"forkserver-{key}.sock", f"forkserver-{key}.lock"
 
 
-def _peer_uid(sock: socket.socket) -> int:
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    return _peer(sock)[1]
+
+
+_CONFINEMENT = ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")
+
+
+def _confinement(pid: int | str) -> dict[str, str]:
+    """What bounds a process's privileges: capability sets, no_new_privs, seccomp."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in _CONFINEMENT:
+                out[key] = value.strip()
+    return out
+
+
+def _as_free_as_me(pid: int) -> bool:
+    """Whether process `pid` holds every privilege this server holds, and no more bounds.
+
+    A root caller with fewer capabilities, no_new_privs or a seccomp filter gets
+    its daemon forked directly: a daemon from the server would not share its bounds.
+    """
+    try:
+        mine, theirs = _confinement("self"), _confinement(pid)
+    except OSError:
+        return False
+    for key in ("CapEff", "CapPrm", "CapBnd"):
+        have, need = int(theirs.get(key, "0"), 16), int(mine.get(key, "0"), 16)
+        if need & ~have:
+            return False
+    return all(theirs.get(k) == mine.get(k) for k in ("NoNewPrivs", "Seccomp"))
 
 
 # -- the client side ---------------------------------------------------------------------
@@ -261,7 +298,9 @@ def _reap() -> None:
 
 
 def _handle(conn: socket.socket, listener: socket.socket) -> None:
-    if _peer_uid(conn) != os.geteuid():
+    peer, uid = _peer(conn)
+    if uid != os.geteuid() or not _as_free_as_me(peer):
+        conn.sendall(_PID.pack(0))  # the caller forks its daemon itself
         return
     conn.settimeout(10)
     fds = array.array("i")
