@@ -58,3 +58,17 @@ def test_unknown_command_still_lists_every_command() -> None:
     for names in cli.SUBCOMMANDS.values():
         for name in names:
             assert name in r.stderr
+
+
+def test_image_package_names_the_functions_whatever_was_imported_first() -> None:
+    """`unionfs.image.commit` stays the function once its submodule is imported (lazily)."""
+    code = (
+        "import unionfs.image.commit; from unionfs.image import Changes, commit, "
+        "export_image, import_image; import unionfs.image as i; "
+        "print(all(callable(f) and not isinstance(f, type(i)) "
+        "for f in (commit, i.commit, export_image, import_image)))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert r.stdout.strip() == "True"

@@ -11,6 +11,8 @@ upper directory as a new layer), `export`.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
@@ -23,8 +25,6 @@ if TYPE_CHECKING:
 
 # Import, export and commit pull in tar, compression and the registry's formats: loaded
 # on first use, so that `pyunion run IMAGE` (which only reads the store) starts fast.
-# (Once `unionfs.image.commit` the module is imported, the package's `commit` names
-# it, as for any submodule: take the function from `.commit` itself.)
 _LAZY = {
     "Changes": "commit",
     "commit": "commit",
@@ -41,6 +41,22 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{mod}", __name__), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """Keeps `unionfs.image.commit` the function, as the eager import did.
+
+    Importing a submodule binds it on its package under its own name; the submodule
+    `commit` would then hide the function `commit`. The function wins here.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if _LAZY.get(name) == name and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
