@@ -266,6 +266,8 @@ def render_containers(res: dict[str, Any], markdown: bool) -> str:
             for mode in st["medians"]
         ]
         lines += _table(head, rows, markdown)
+        if st.get("skipped"):
+            lines.append("")
         for name, why in st.get("skipped", {}).items():
             lines.append(f"{name}: skipped ({why})")
         lines.append("")
