@@ -656,3 +656,116 @@ def test_a_user_cannot_redirect_roots_umount_to_another_mount(
                 if mnt.is_dir() and not mnt.is_symlink() and is_mounted(mnt):
                     pyunion("umount", str(mnt), check=False)
                     force_unmount(mnt)
+
+
+# -- mount points and volume sources named by a path a user controls ------------------------
+_SWAP_RACE = r"""
+import os, sys, time
+from unionfs.syscalls import RENAME_EXCHANGE, renameat2
+home, seconds = sys.argv[1], float(sys.argv[2])
+fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+end = time.monotonic() + seconds
+n = 0
+while time.monotonic() < end:
+    try:
+        renameat2(fd, b"mnt", fd, b"swap", RENAME_EXCHANGE)
+        n += 1
+    except OSError:  # EBUSY: one of them is a mount point now
+        pass
+print(n)
+"""
+
+
+def test_a_user_cannot_make_root_mount_over_another_directory(
+    open_tree: Path, user: tuple[int, int]
+) -> None:
+    """Root mounts on a directory in a user's home. She puts a symlink to another
+    directory (standing for /etc) in its place, or in place of a parent: root's
+    mount followed it and covered that directory. Now a symlink that neither root
+    nor the caller owns is refused, as the kernel's protected_symlinks would, and
+    the mount is made on the directory resolved once (an fd), so a swap between
+    the checks and the mount changes nothing. Root's own symlinks are followed."""
+    t = open_tree
+    home, victim = t / "home", t / "etc"
+    for d in (t / "l", home, victim, t / "real"):
+        d.mkdir()
+    (t / "l/marker").write_text("layer\n")
+    (victim / "passwd").write_text("root:x:0:0\n")
+    os.chown(home, *user)
+    _as(user, "ln", "-s", str(victim), str(home / "mnt"))
+    _as(user, "ln", "-s", str(t), str(home / "up"))
+    for mp in (home / "mnt", home / "up/etc"):
+        r = pyunion("mount", str(t / "l"), str(mp), check=False)
+        assert r.returncode != 0 and not is_mounted(victim), r.stderr
+        assert "symlink owned by uid" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (t / "rootlink").symlink_to(t / "real")  # root's own symlink: followed, as mount(8)
+    pyunion("mount", str(t / "l"), str(t / "rootlink"))
+    try:
+        assert is_mounted(t / "real") and (t / "real/marker").read_text() == "layer\n"
+    finally:
+        pyunion("umount", str(t / "real"))
+    # The race: `mnt` and `swap` (a symlink to the victim) exchanged all the time.
+    os.unlink(home / "mnt")
+    _as(user, "mkdir", str(home / "mnt"))
+    _as(user, "ln", "-s", str(victim), str(home / "swap"))
+    racer = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={user[0]}",
+            f"--regid={user[1]}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            _SWAP_RACE,
+            str(home),
+            "4",
+        ],
+        cwd=str(Path(__file__).parent.parent),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    landed = 0
+    try:
+        for _ in range(8):
+            r = pyunion("mount", str(t / "l"), str(home / "mnt"), check=False)
+            if r.returncode == 0:
+                assert not is_mounted(victim), "root's mount landed on the victim"
+                landed += 1
+                # Wherever the swapping put it: a mount point cannot move, so this holds still.
+                name = "mnt" if is_mounted(home / "mnt") else "swap"
+                pyunion("umount", str(home / name))
+    finally:
+        out, err = racer.communicate(timeout=60)
+        force_unmount(victim)
+        for name in ("mnt", "swap"):
+            force_unmount(home / name)
+    assert not is_mounted(victim) and (victim / "passwd").read_text() == "root:x:0:0\n"
+    assert racer.returncode == 0 and int(out) > 0, err
+
+
+def test_a_user_cannot_swap_a_volume_source_for_a_symlink(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """`pyunion run -v /home/u/data:/data`: a symlink she put there (to a root-only
+    directory) is refused, not bound into the container."""
+    from unionfs.sample import build_sample
+
+    t = open_tree
+    home, victim = t / "home", t / "secret"
+    home.mkdir()
+    victim.mkdir(mode=0o700)
+    (victim / "shadow").write_text("root:precious\n")
+    os.chown(home, *user)
+    _as(user, "ln", "-s", str(victim), str(home / "data"))
+    image = build_sample(tmp_path / "img")
+    r = subprocess.run(
+        [*PYUNION, "run", "-v", f"{home / 'data'}:/data", *image, "--", "cat", "/data/shadow"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ, TMPDIR=str(tmp_path)),
+    )
+    assert r.returncode != 0 and "precious" not in r.stdout, r.stdout
+    assert "symlink owned by uid" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -14,7 +14,8 @@ server's pages copy-on-write and mounts at once.
 - **Its socket** is `forkserver.sock` in the state directory (0700, the
   user's own, `mount.state_dir`); both ends check the other's uid
   (SO_PEERCRED). A request is the `MountConfig`, and by SCM_RIGHTS the
-  caller's mount namespace, the readiness pipe and the state directory: the
+  caller's mount namespace, the readiness pipe, the state directory and the
+  mount point the caller resolved and checked (`mount.open_mountpoint`): the
   daemon joins the caller's mount namespace (`run` mounts in a private one),
   then runs exactly what a directly forked daemon runs (`mount.serve`). The
   reply is the daemon's pid; readiness comes through the pipe as before.
@@ -141,7 +142,7 @@ def _as_free_as_me(pid: int) -> bool:
 
 
 # -- the client side ---------------------------------------------------------------------
-def spawn(cfg: MountConfig, ready_w: int, state_fd: int) -> int | None:
+def spawn(cfg: MountConfig, ready_w: int, state_fd: int, mp_fd: int) -> int | None:
     """Have the server fork the daemon of `cfg`; its pid, or None if there is no server.
 
     With None the caller forks the daemon itself; a server is then started for the
@@ -163,7 +164,7 @@ def spawn(cfg: MountConfig, ready_w: int, state_fd: int) -> int | None:
             with open("/proc/self/cgroup") as f:
                 cgroups = f.read(1 << 16)
             payload = pickle.dumps((cfg, env, cgroups))
-            fds = array.array("i", [mntns, ready_w, state_fd])
+            fds = array.array("i", [mntns, ready_w, state_fd, mp_fd])
             sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         finally:
             os.close(mntns)
@@ -309,7 +310,7 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     try:
-        if len(fds) != 3:
+        if len(fds) != 4:
             return
         cfg, env, cgroups = pickle.loads(msg)
         if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
@@ -317,7 +318,7 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
         pid = os.fork()
         if pid == 0:
             listener.close()
-            _daemon(cfg, env, str(cgroups), conn, fds[0], fds[1], fds[2])
+            _daemon(cfg, env, str(cgroups), conn, fds[0], fds[1], fds[2], fds[3])
         conn.sendall(_PID.pack(pid))
     finally:
         for fd in fds:
@@ -363,6 +364,7 @@ def _daemon(
     mntns: int,
     ready: int,
     state: int,
+    mp: int,
 ) -> NoReturn:
     """The forked daemon: join the caller's cgroups and mount namespace, then what
     `mount.mount` forks."""
@@ -377,7 +379,7 @@ def _daemon(
         os.close(mntns)
         os.environ.clear()
         os.environ.update(env)
-        code = mount.run_daemon(cfg, ready, state)
+        code = mount.run_daemon(cfg, ready, state, mp)
     except BaseException as e:  # noqa: BLE001 - report it, never a traceback
         with contextlib.suppress(OSError):
             os.write(ready, b"E" + f"daemon failed: {e}".encode(errors="replace"))

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from .errors import UserError
 from .layers import LayerStack
 from .options import MountConfig
-from .syscalls import MNT_DETACH, UMOUNT_NOFOLLOW, close_range, fd_str, umount2
-from .tree import DIR_FLAGS, rmtree_at
+from .syscalls import MNT_DETACH, UMOUNT_NOFOLLOW, close_range, fd_str, fdpath, umount2
+from .tree import DIR_FLAGS, UntrustedSymlink, open_trusted, rmtree_at
 from .userns import host_uid, in_user_namespace
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,8 @@ def remove_pid(dfd: int, name: str, pid: int) -> None:
             os.unlink(name, dir_fd=dfd)
 
 
-def daemon_pid(mountpoint: str) -> int | None:
-    """The pid of the running daemon of `mountpoint`, if it recorded one."""
+def daemon_pid(mountpoint: str, state: str | None = None) -> int | None:
+    """The pid of the running daemon of `mountpoint` (its pid file: `state`), if recorded."""
     try:
         dfd = find_state_dir()
     except UserError:
@@ -229,7 +229,7 @@ def daemon_pid(mountpoint: str) -> int | None:
     if dfd is None:
         return None
     try:
-        pid = read_pid(dfd, _state_name(mountpoint))
+        pid = read_pid(dfd, state or _state_name(mountpoint))
     finally:
         os.close(dfd)
     return pid if pid is not None and process_alive(pid) else None
@@ -399,18 +399,35 @@ def default_workdir(upper: str) -> str:
     return os.path.join(os.path.dirname(up), "." + os.path.basename(up) + ".work")
 
 
-def validate(cfg: MountConfig) -> None:
-    """Refuse a bad mount before anything is mounted or created, with one clear line."""
+def open_mountpoint(mp: str) -> int:
+    """The mount point, resolved once into an O_PATH fd (`tree.open_trusted`).
+
+    The mount is then made on `/proc/self/fd/N`: a user who owns a directory on
+    the way cannot swap in a symlink to /etc between the checks and the mount.
+    """
+    try:
+        return open_trusted(mp)
+    except UntrustedSymlink as e:
+        raise UserError(f"mount point {mp!r} {e.strerror}; refusing to mount there") from None
+    except FileNotFoundError:
+        raise UserError(f"mount point {mp!r} does not exist") from None
+    except NotADirectoryError:
+        raise UserError(f"mount point {mp!r} is not a directory") from None
+    except OSError as e:
+        raise UserError(f"mount point {mp!r}: {e.strerror}") from None
+
+
+def validate(cfg: MountConfig, mp_fd: int) -> None:
+    """Refuse a bad mount before anything is mounted or created, with one clear line.
+
+    `mp_fd` is the mount point (`open_mountpoint`): its checks are made on it.
+    """
     if not os.path.exists("/dev/fuse"):
         raise UserError("/dev/fuse does not exist (is the fuse module loaded?)")
     mp = cfg.mountpoint
-    if not os.path.exists(mp):
-        raise UserError(f"mount point {mp!r} does not exist")
-    if not os.path.isdir(mp):
-        raise UserError(f"mount point {mp!r} is not a directory")
-    if is_mountpoint(mp):
+    real_mp = os.readlink(fd_str(mp_fd))
+    if any(m == real_mp for m, _, _ in mounts()):
         raise UserError(f"{mp!r} is already a mount point")
-    real_mp = os.path.realpath(mp)
     layers = list(cfg.lowers) + ([cfg.upper] if cfg.upper else [])
     for path in layers:
         if not os.path.exists(path):
@@ -503,11 +520,17 @@ def _fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = None) -> int:
+def serve(
+    cfg: MountConfig,
+    ready_fd: int | None = None,
+    state_fd: int | None = None,
+    mp_fd: int | None = None,
+) -> int:
     """Mount and serve until unmounted. Reports readiness (or the error) on `ready_fd`.
 
     `state_fd` is the state directory (`open_state_dir`), where the daemon's pid
-    is recorded for `umount`.
+    is recorded for `umount`; `mp_fd` the mount point (`open_mountpoint`, taken
+    over: closed here).
     """
     import pyfuse3
     import trio
@@ -529,6 +552,15 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
         except UserError as e:
             return fail(str(e))
     sfd: int = state_fd
+    if mp_fd is None:
+        try:
+            mp_fd = open_mountpoint(cfg.mountpoint)
+        except UserError as e:
+            return fail(str(e))
+    # The parent directory and the name, to unmount on a signal without a path lookup.
+    real_mp = os.readlink(fd_str(mp_fd))
+    mp_name = os.fsencode(os.path.basename(real_mp))
+    mp_parent = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=mp_fd)
     # Upper objects are created with exactly the modes the kernel sends (it has applied
     # the caller's umask already). The state files are made with explicit modes.
     os.umask(0)
@@ -536,6 +568,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
     try:
         stack = LayerStack(cfg.lowers, None if cfg.read_only else cfg.upper)
     except UserError as e:
+        os.close(mp_fd)
+        os.close(mp_parent)
         return fail(str(e))
     work_fd = -1
     try:
@@ -545,6 +579,8 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
             lock_fd, work_fd = prepare_workdir(cfg.work)
     except UserError as e:
         stack.close()
+        os.close(mp_fd)
+        os.close(mp_parent)
         return fail(str(e))
     core = Union(
         stack,
@@ -556,20 +592,27 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
     ops = make_ops(core, cfg.idmap, debug=cfg.debug)
     _raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
-    real_mp = os.path.realpath(cfg.mountpoint)
     state = _state_name(real_mp)
     me = os.getpid()
     try:
         write_pid(sfd, state, me, real_mp)
     except OSError as e:
         core.close()
+        os.close(mp_fd)
+        os.close(mp_parent)
         return fail(f"cannot record the daemon's pid in {state_dir()!r}: {e.strerror}")
+    # Root mounts (mount(2)) on the fd's object itself; a user's mount goes through
+    # fusermount3, a setuid helper that makes its own checks on the path.
+    target = fd_str(mp_fd) if os.geteuid() == 0 else real_mp
     try:
-        pyfuse3.init(ops, cfg.mountpoint, _fuse_options(cfg))
+        pyfuse3.init(ops, target, _fuse_options(cfg))
     except (RuntimeError, OSError) as e:  # libfuse's "fuse_session_mount failed"
         core.close()
         remove_pid(sfd, state, me)
+        os.close(mp_parent)
         return fail(f"cannot mount {cfg.mountpoint!r}: {e}")
+    finally:
+        os.close(mp_fd)  # the directory under the mount: never used again
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
@@ -622,11 +665,14 @@ def serve(cfg: MountConfig, ready_fd: int | None = None, state_fd: int | None = 
     try:
         trio.run(main)
     finally:
+        # libfuse would unmount by the name it mounted on (a /proc/self/fd name by
+        # then meaningless): the mount is found by name in its parent, held open.
         with contextlib.suppress(RuntimeError, OSError):
-            pyfuse3.close(unmount=unmounted_by_us)
+            pyfuse3.close(unmount=False)
         if unmounted_by_us and any(mp == real_mp for mp, _, _ in mounts()):
             with contextlib.suppress(OSError):
-                umount2(real_mp, MNT_DETACH)
+                umount2(fdpath(mp_parent, mp_name), MNT_DETACH | UMOUNT_NOFOLLOW)
+        os.close(mp_parent)
         release()
         remove_pid(sfd, state, me)
         os.close(sfd)
@@ -643,10 +689,15 @@ def _raise_fd_limit() -> None:
 
 def mount(cfg: MountConfig) -> int:
     """Mount; the daemon's pid once the mount is live (0 in the foreground, after it ends)."""
-    validate(cfg)
-    state_fd = open_state_dir()
+    mp_fd = open_mountpoint(cfg.mountpoint)
+    try:
+        validate(cfg, mp_fd)
+        state_fd = open_state_dir()
+    except BaseException:
+        os.close(mp_fd)
+        raise
     if cfg.foreground:
-        serve(cfg, state_fd=state_fd)
+        serve(cfg, state_fd=state_fd, mp_fd=mp_fd)
         return 0
     # The daemon leaves the caller's cwd: the paths must not depend on it.
     cfg.lowers = [os.path.abspath(p) for p in cfg.lowers]
@@ -657,7 +708,7 @@ def mount(cfg: MountConfig) -> int:
     # From the fork server when there is one (docs/architecture.md: start-up), else forked here.
     from . import forkserver
 
-    pid = forkserver.spawn(cfg, w, state_fd) if forkserver.enabled() else None
+    pid = forkserver.spawn(cfg, w, state_fd, mp_fd) if forkserver.enabled() else None
     ours = pid is None
     if pid is None:
         pid = os.fork()
@@ -665,7 +716,7 @@ def mount(cfg: MountConfig) -> int:
         code = 1
         try:
             os.close(r)
-            code = run_daemon(cfg, w, state_fd)
+            code = run_daemon(cfg, w, state_fd, mp_fd)
         except BaseException as e:  # noqa: BLE001 - report it, never a traceback on the user's tty
             with contextlib.suppress(OSError):
                 os.write(w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
@@ -673,6 +724,7 @@ def mount(cfg: MountConfig) -> int:
             os._exit(code)
     os.close(w)
     os.close(state_fd)
+    os.close(mp_fd)
     msg = b""
     with os.fdopen(r, "rb") as f:
         msg = f.read()
@@ -687,12 +739,15 @@ def mount(cfg: MountConfig) -> int:
     )
 
 
-def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int) -> int:
-    """The body of a freshly forked daemon: its own session, nothing of the caller's held."""
+def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int, mp_fd: int) -> int:
+    """The body of a freshly forked daemon: its own session, nothing of the caller's held.
+
+    `mp_fd` is the mount point the caller checked (`open_mountpoint`), taken over.
+    """
     os.setsid()
     _detach_stdio(cfg)
-    _pin_nothing({ready_fd, state_fd})
-    return serve(cfg, ready_fd, state_fd)
+    _pin_nothing({ready_fd, state_fd, mp_fd})
+    return serve(cfg, ready_fd, state_fd, mp_fd)
 
 
 def _pin_nothing(keep: set[int]) -> None:
@@ -773,7 +828,10 @@ def _umount_pyunion(mountpoint: str, flags: int) -> None:
     parent, name = os.path.split(os.path.realpath(mountpoint))
     if not name:
         raise UserError(f"{mountpoint!r} is not a pyunion mount")
-    pfd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        pfd = open_trusted(parent)
+    except OSError as e:
+        raise UserError(f"cannot unmount {mountpoint!r}: {e.strerror}") from None
     try:
         target = f"{fd_str(pfd)}/{name}"
         fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -809,9 +867,14 @@ def _is_pyunion_root(fd: int) -> bool:
 
 def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     """Unmount and wait for the daemon to exit; a dead daemon's stale mount is cleaned too."""
-    if not is_mountpoint(mountpoint):
-        raise UserError(f"{mountpoint!r} is not mounted")
-    pid = daemon_pid(mountpoint)
+    try:
+        # Named once: once unmounted, a user may move things on the path again.
+        state = _state_name(mountpoint)
+        if not is_mountpoint(mountpoint):
+            raise UserError(f"{mountpoint!r} is not mounted")
+    except OSError as e:  # realpath racing a user who renames on the way
+        raise UserError(f"cannot unmount {mountpoint!r}: {e.strerror}") from None
+    pid = daemon_pid(mountpoint, state)
     try:
         if os.geteuid() == 0:
             _umount_pyunion(mountpoint, MNT_DETACH if lazy else 0)
@@ -841,5 +904,5 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     except UserError:
         return
     if dfd is not None:
-        remove_pid(dfd, _state_name(mountpoint), pid)  # the daemon was killed: left behind
+        remove_pid(dfd, state, pid)  # the daemon was killed: left behind
         os.close(dfd)

@@ -70,7 +70,7 @@ from .syscalls import (
     unshare,
     wipe_environ,
 )
-from .tree import NotRegularFile, read_regular
+from .tree import NotRegularFile, open_trusted, read_regular
 from .volumes import Volume
 
 # Signals pyunion forwards to the command (the issue's list).
@@ -257,13 +257,20 @@ def _setup_sys(rootfd: int, writable: bool) -> None:
 
 def _bind(rootfd: int, vol: Volume) -> None:
     """Bind vol.source at vol.target in the tree, then set its attributes (recursively
-    unless `bind` was asked for: `:ro` covers the mounts below the source too)."""
-    is_dir = os.path.isdir(vol.source)
-    fd = _ensure(rootfd, vol.target, is_dir)
+    unless `bind` was asked for: `:ro` covers the mounts below the source too).
+
+    The source is resolved once (`tree.open_trusted`: a symlink another user
+    swapped into a directory of hers on the way is refused) and bound by fd."""
+    src = open_trusted(vol.source, os.O_PATH)
     try:
-        mount(vol.source, fd_str(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
+        is_dir = stat.S_ISDIR(os.fstat(src).st_mode)
+        fd = _ensure(rootfd, vol.target, is_dir)
+        try:
+            mount(fd_str(src), fd_str(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        os.close(src)
     if vol.attrs:
         fd = open_in_root(rootfd, vol.target)  # the new mount, not the directory under it
         try:

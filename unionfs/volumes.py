@@ -32,6 +32,7 @@ from .syscalls import (
     MS_RDONLY,
     MS_REMOUNT,
 )
+from .tree import open_trusted
 
 IGNORED = {"z", "Z", "private", "rprivate"}
 PAIRS = {"ro": "rw", "nosuid": "suid", "nodev": "dev", "noexec": "exec", "bind": "rbind"}
@@ -46,7 +47,7 @@ ATTRS = {
 
 @dataclass
 class Volume:
-    source: str  # on the host, symlinks resolved
+    source: str  # on the host, symlinks resolved (only root's and the caller's followed)
     target: str  # inside the container, resolved in its root
     read_only: bool = False
     recursive: bool = True
@@ -93,12 +94,20 @@ def parse(spec: str) -> Volume:
             "(named volumes are not supported)",
             125,
         )
-    if not os.path.exists(src):
-        raise UserError(f"volume source {src!r} does not exist", 125)
+    try:
+        fd = open_trusted(src, os.O_PATH)
+    except FileNotFoundError:
+        raise UserError(f"volume source {src!r} does not exist", 125) from None
+    except OSError as e:
+        raise UserError(f"volume source {src!r}: {e.strerror}", 125) from None
+    try:
+        real = os.readlink(syscalls.fd_str(fd))
+    finally:
+        os.close(fd)
     if not dst.startswith("/") or os.path.normpath(dst) == "/":
         raise UserError(f"bad volume {spec!r}: the container path must be absolute and not /", 125)
     return Volume(
-        os.path.realpath(src),
+        real,
         dst,
         read_only="ro" in seen,
         recursive="bind" not in seen,
