@@ -769,3 +769,68 @@ def test_a_user_cannot_swap_a_volume_source_for_a_symlink(
     )
     assert r.returncode != 0 and "precious" not in r.stdout, r.stdout
     assert "symlink owned by uid" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- special files swapped into a layer a user owns --------------------------------------------
+_TRY_OPEN = r"""
+import errno, os, sys
+path, how = sys.argv[1], sys.argv[2]
+try:
+    if how == "truncate":
+        os.truncate(path, 0)
+    else:
+        os.close(os.open(path, {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}[how]))
+    print(0)
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def _errno_in_child(path: Path, how: str) -> int | str:
+    """errno of opening `path` (mode `how`) in a child; "hang" if it does not answer in 5 s."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", _TRY_OPEN, str(path), how], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        out, _ = p.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        p.kill()  # a FUSE request is killable
+        p.communicate(timeout=30)
+        return "hang"
+    return int(out)
+
+
+def test_a_fifo_swapped_into_a_users_layer_does_not_stall_the_daemon(
+    open_tree: Path, user: tuple[int, int]
+) -> None:
+    """Root mounts layers a user owns. Once a file was looked up, she replaces it in the
+    upper (or a lower) by a FIFO: the daemon opened it as the file it had looked up, and
+    the open waited for a writer forever, every request of the mount with it. Now the
+    daemon's open never blocks and refuses what is no longer a regular file with ESTALE
+    (as kernel overlayfs for a layer changed under it): the kernel looks the name up
+    again and the caller meets the FIFO as a FIFO (its open waits for a peer, in the
+    caller), while the mount keeps serving everyone else."""
+    t = open_tree
+    for d in ("l", "u", "w", "mnt"):
+        (t / d).mkdir()
+        os.chown(t / d, *user)
+    cases = {"low-r": "r", "low-w": "w", "up-r": "r", "up-t": "truncate"}
+    for name in cases:
+        (t / ("l" if name.startswith("low") else "u") / name).write_text("data\n")
+    with mounted([t / "l"], t / "mnt", upper=t / "u", work=t / "w") as m:
+        for name in cases:
+            os.stat(m / name)  # looked up: the kernel holds the regular file's node
+        for name in cases:
+            layer = t / ("l" if name.startswith("low") else "u")
+            _as(user, "rm", str(layer / name))
+            _as(user, "mkfifo", str(layer / name))
+        for name, how in cases.items():
+            got = _errno_in_child(m / name, how)
+            # ESTALE, or (looked up again) the caller waits on the FIFO as on overlayfs.
+            want = {errno.ESTALE, errno.EINVAL if how == "truncate" else "hang"}
+            assert got in want, (name, got)
+            assert _errno_in_child(m / "up-new", "r") == errno.ENOENT, "the daemon stalled"
+        (m / "new").write_text("still serving\n")
+        assert (m / "new").read_text() == "still serving\n"
+        assert sorted(os.listdir(m)) == sorted([*cases, "new"])
+    assert stat.S_ISFIFO(os.lstat(t / "l/low-w").st_mode)  # nothing copied from it

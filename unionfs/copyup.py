@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from .errors import FsError
 from .inodes import InodeTable, Node
-from .layers import LayerStack
+from .layers import LayerStack, open_file_at
 from .resolve import Resolver
 from .syscalls import fdpath
 from .tree import DIR_FLAGS, rmtree_at
@@ -273,9 +273,9 @@ class CopyUp:
         try:
             if stat.S_ISREG(mode):
                 if with_data and st.st_size:
-                    job.src_fd = os.open(
-                        node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir
-                    )
+                    # Data is read through this fd only; its own stat rules (size, owner).
+                    job.src_fd = open_file_at(src_dir, node.name, os.O_RDONLY)
+                    job.st = os.fstat(job.src_fd)
                 job.dst_fd = os.open(
                     job.tmp,
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
@@ -314,7 +314,7 @@ class CopyUp:
                 except OSError as e:
                     chown_failed(e, self.owners_optional)
                 os.fchmod(fd, stat.S_IMODE(st.st_mode))
-                copy_xattrs(fdpath(src_dir, node.name), fd)
+                copy_xattrs(job.src_fd if job.src_fd >= 0 else fdpath(src_dir, node.name), fd)
                 set_times(fd, st)
             else:
                 try:
@@ -349,7 +349,7 @@ class CopyUp:
         """Point read handles opened on the lower file at the upper copy."""
         for h in node.handles or ():
             if h.layer != 0:
-                newfd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                newfd = open_file_at(pfd, node.name, os.O_RDONLY)
                 os.dup2(newfd, h.fd, inheritable=False)
                 os.close(newfd)
                 h.layer = 0

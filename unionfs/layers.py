@@ -8,11 +8,13 @@ daemon out of its tree.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import FsError, UserError
 from .tree import DIR_FLAGS
 
 
@@ -34,6 +36,35 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
         return os.open(
             name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
         )
+
+
+def open_file_at(dirfd: int, name: bytes, flags: int) -> int:
+    """Open the regular file NAME below `dirfd` with `flags`; ESTALE if it is not one now.
+
+    Whoever owns a layer directory can swap a FIFO in for the file the node was
+    looked up as: a plain open would then wait for a writer (or a reader) and
+    stall the daemon, every mount's requests with it. So the open never blocks
+    (O_NONBLOCK), never follows a symlink (O_NOFOLLOW), and what it got must be
+    a regular file, else ESTALE (what kernel overlayfs answers when a layer's
+    object is not what it looked up; the kernel then looks the name up again
+    and meets the FIFO as a FIFO, in the caller, not here). O_NONBLOCK is then
+    cleared again.
+    """
+    try:
+        fd = os.open(name, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ELOOP):  # a FIFO without reader, a socket; a symlink
+            raise FsError(errno.ESTALE, "not the regular file it was looked up as") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FsError(errno.ESTALE, "not the regular file it was looked up as")
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _open_layer(path: str, index: int, what: str) -> Layer:

@@ -31,7 +31,7 @@ from .errors import FsError
 from .handles import DirHandle, HandleTable
 from .identity import Identity
 from .inodes import ROOT_ID, InodeTable, Node
-from .layers import LayerStack
+from .layers import LayerStack, open_file_at
 from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
 from .syscalls import RENAME_EXCHANGE, chmod_nofollow, fdpath, renameat2
@@ -325,16 +325,15 @@ class Union:
             keep = flags & _OPEN_KEEP
             pfd = self.resolver.location_fd(node)
             try:
-                fd = os.open(node.name, os.O_RDWR | keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                fd = open_file_at(pfd, node.name, os.O_RDWR | keep)
             except PermissionError:
-                fd = os.open(node.name, acc | keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                fd = open_file_at(pfd, node.name, acc | keep)
         else:
             pfd = self.resolver.location_fd(node)
-            base = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                fd = os.open(node.name, base | (_NOATIME if node.layer else 0), dir_fd=pfd)
+                fd = open_file_at(pfd, node.name, os.O_RDONLY | (_NOATIME if node.layer else 0))
             except PermissionError:
-                fd = os.open(node.name, base, dir_fd=pfd)
+                fd = open_file_at(pfd, node.name, os.O_RDONLY)
         return self.handles.add_file(node, fd, writing)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
@@ -685,9 +684,8 @@ class Union:
                 if isinstance(target, int):
                     tfd = os.open(fdpath(target), os.O_WRONLY | os.O_CLOEXEC)
                 else:
-                    tfd = os.open(
-                        node.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
-                    )
+                    assert dirfd is not None  # a name: set with target above
+                    tfd = open_file_at(dirfd, node.name, os.O_WRONLY)
                 try:
                     os.ftruncate(tfd, size)
                 finally:
