@@ -376,7 +376,7 @@ def open_trusted(path: Name, flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
             if target.startswith(b"/"):
                 os.close(fd)
                 fd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        out = os.open(b".", flags | os.O_CLOEXEC, dir_fd=fd)
+        out = os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)  # the object, not a path
     finally:
         os.close(fd)
     return out
