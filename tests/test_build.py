@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import time
@@ -695,6 +696,76 @@ def test_bad_input_is_one_line(env: Env) -> None:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (text, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def _build_within(env: Env, ctx: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`pyunion build` that must answer within 60 s (a hang is the failure looked for)."""
+    return subprocess.run(
+        [*PYUNION, "build", "--store", env.store, *args, str(ctx)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@needs_tools
+def test_special_files_in_the_context_are_never_read(env: Env) -> None:
+    """A FIFO in the context: `ADD fifo` opened it to look for an archive and hung the
+    build. Only regular files are read; a FIFO is copied as a FIFO (buildah does not
+    fail either). A FIFO as the ignore file is one line, not a hang."""
+    ctx = env.tmp / "ctx-fifo"
+    _write(ctx / "Containerfile", "FROM busybox\nCOPY fifo /copied\nADD fifo /added\n")
+    os.mkfifo(ctx / "fifo")
+    r = _build_within(env, ctx, "-t", "fifo")
+    assert r.returncode == 0, r.stderr
+    view, _ = env.pyunion_image("fifo")
+    for name in (b"copied", b"added"):
+        assert stat.S_ISFIFO(view[name][0]), view[name]
+    os.mkfifo(ctx / ".dockerignore")
+    r = _build_within(env, ctx, "-t", "fifo2")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ".dockerignore" in r.stderr and "not a regular file" in r.stderr
+
+
+@needs_tools
+def test_a_base_image_whose_passwd_is_a_fifo(env: Env) -> None:
+    """`COPY --chown=NAME` reads the image's /etc/passwd: a FIFO there hung the build.
+    It is read by the rule `pyunion run` uses (a regular file, bounded): one line."""
+    ctx = env.tmp / "ctx-passwd"
+    _write(ctx / "f", "x\n")
+    _write(ctx / "Containerfile", "FROM busybox\nUSER root\nRUN rm /etc/passwd && mkfifo /etc/passwd\n")
+    assert _build_within(env, ctx, "-t", "fifo-passwd").returncode == 0
+    _write(ctx / "Containerfile", "FROM fifo-passwd\nCOPY --chown=alice f /f\n")
+    r = _build_within(env, ctx, "-t", "never")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--chown=alice: the image's /etc/passwd is not a regular file" in r.stderr
+
+
+def test_a_context_file_swapped_or_grown_after_the_walk(tmp_path: Path) -> None:
+    """What the walk saw is what is read: a file replaced by a FIFO after the walk (a
+    read would hang) or one that grew (an endless file would fill the layer) is an
+    error, and no more than the walked size is ever read."""
+    from unionfs.build.sources import SourceTree
+    from unionfs.errors import UserError
+
+    (tmp_path / "a").write_text("a\n")
+    (tmp_path / "b").write_text("b\n")
+    tree = SourceTree(str(tmp_path), None, "the build context")
+    try:
+        sources = [tree.source("a"), tree.source("b")]
+        tree.digest(sources)  # fine as walked
+        os.unlink(tmp_path / "a")
+        os.mkfifo(tmp_path / "a")
+        with pytest.raises(UserError, match="'a' .*changed while it was read"):
+            tree.digest(sources[:1])
+        with open(tmp_path / "b", "a") as f:
+            f.write("more\n")
+        with pytest.raises(UserError, match="'b' .*changed while it was read"):
+            tree.digest(sources[1:])
+    finally:
+        tree.close()
 
 
 # --- pure rules (no root needed) ---------------------------------------------------------------

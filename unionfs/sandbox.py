@@ -339,15 +339,15 @@ class Identity:
 MAX_USER_DB = 4 << 20  # bytes of /etc/passwd or /etc/group read at most
 
 
-def _read_db(path: str) -> list[list[str]]:
-    """The entries of the image's passwd or group file (call after pivot_root).
+def read_user_db(rootfd: int, path: str) -> list[list[str]]:
+    """The entries of the passwd or group file PATH of the container tree `rootfd`.
 
     The file comes from the image, so it may be anything: it is read by
     `tree.read_regular` as the container sees it (symlinks resolved inside its
-    root), and only a regular file of at most 4 MiB (a FIFO would hang the run,
-    /dev/zero would eat memory). Missing: no entries.
+    root), and only a regular file of at most 4 MiB (a FIFO would hang the run
+    or the build, /dev/zero would eat memory). Missing: no entries. `pyunion run`
+    and a build's `COPY --chown` read the image's users through this one rule.
     """
-    rootfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         data = read_regular(rootfd, path, MAX_USER_DB, resolve="in_root")
     except (FileNotFoundError, NotADirectoryError):
@@ -358,12 +358,19 @@ def _read_db(path: str) -> list[list[str]]:
         if e.errno == errno.EFBIG:
             raise SetupError(f"the image's {path} is larger than {MAX_USER_DB >> 20} MiB") from e
         raise SetupError(f"cannot read the image's {path}: {e.strerror}") from e
-    finally:
-        os.close(rootfd)
     text = data.decode("utf-8", errors="replace")
     return [
         line.split(":") for line in text.split("\n") if line.strip() and not line.startswith("#")
     ]
+
+
+def _read_db(path: str) -> list[list[str]]:
+    """`read_user_db` of the container we are in (call after pivot_root)."""
+    rootfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return read_user_db(rootfd, path)
+    finally:
+        os.close(rootfd)
 
 
 def resolve_user(user: str | None) -> Identity:

@@ -34,7 +34,8 @@ import zstandard
 
 from .. import syscalls
 from ..errors import UserError
-from .sources import READ_FLAGS, Entry, Source, SourceTree
+from ..sandbox import SetupError, read_user_db
+from .sources import Entry, Source, SourceTree
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SKIP_XATTR_PREFIXES = ("trusted.", "security.selinux")
@@ -60,20 +61,12 @@ class CopySpec:
 
 
 # --- users and groups of the container ------------------------------------------------
-def _read_db(rootfd: int, path: str) -> list[list[str]]:
+def _read_db(rootfd: int, path: str, spec: str) -> list[list[str]]:
+    """The image's passwd or group file, read by the one rule `pyunion run` uses."""
     try:
-        fd = syscalls.open_in_root(rootfd, path, os.O_RDONLY)
-    except OSError:
-        return []
-    try:
-        data = os.read(fd, 1 << 22)
-    finally:
-        os.close(fd)
-    return [
-        line.split(":")
-        for line in data.decode("utf-8", "replace").splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+        return read_user_db(rootfd, path)
+    except SetupError as e:
+        raise CopyError(f"--chown={spec}: {e}") from None
 
 
 def resolve_owner(rootfd: int, spec: str) -> Owner:
@@ -81,7 +74,7 @@ def resolve_owner(rootfd: int, spec: str) -> Owner:
     user, _, group = spec.partition(":")
     if not user:
         raise CopyError(f"--chown={spec}: no user given")
-    passwd = [e for e in _read_db(rootfd, "/etc/passwd") if len(e) >= 4]
+    passwd = [e for e in _read_db(rootfd, "/etc/passwd", spec) if len(e) >= 4]
     if user.isdigit():
         uid = int(user)
         entry = next((e for e in passwd if e[2] == user), None)
@@ -97,7 +90,8 @@ def resolve_owner(rootfd: int, spec: str) -> Owner:
             gid = int(group)
         else:
             g = next(
-                (e for e in _read_db(rootfd, "/etc/group") if len(e) >= 3 and e[0] == group), None
+                (e for e in _read_db(rootfd, "/etc/group", spec) if len(e) >= 3 and e[0] == group),
+                None,
             )
             if g is None or not g[2].isdigit():
                 raise CopyError(f"--chown={spec}: no group {group!r} in the image's /etc/group")
@@ -296,7 +290,7 @@ class Writer:
         )
         try:
             if isinstance(src, int):
-                _sendfile(src, fd)
+                _sendfile(src, fd, size)
                 _copy_xattrs(syscalls.fd_str(src), syscalls.fd_str(fd), True)
             else:
                 while chunk := src.read(1 << 20):
@@ -364,15 +358,18 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _sendfile(src: int, dst: int) -> None:
+def _sendfile(src: int, dst: int, size: int | None) -> None:
+    """Copy `src` to `dst`: `size` bytes at most (the size walked: a file that grows
+    meanwhile, or is endless, cannot fill the layer)."""
     offset = 0
-    while True:
+    end = (1 << 63) - 1 if size is None else size
+    while offset < end:
         try:
-            n = os.sendfile(dst, src, offset, 1 << 24)
+            n = os.sendfile(dst, src, offset, min(1 << 24, end - offset))
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOSYS):
                 raise
-            while chunk := os.pread(src, 1 << 20, offset):
+            while offset < end and (chunk := os.pread(src, min(1 << 20, end - offset), offset)):
                 _write_all(dst, chunk)
                 offset += len(chunk)
             return
@@ -420,7 +417,7 @@ def _copy_entry(w: Writer, pfd: int, name: str, tree: SourceTree, e: Entry, wher
         if w.hardlink(key, pfd, name, where):
             return
         if stat.S_ISREG(st.st_mode):
-            fd = tree.open(e.path, READ_FLAGS)
+            fd = tree.open_file(e)
             try:
                 w.file(pfd, name, fd, st.st_size, st.st_uid, st.st_gid, st.st_mode, at, mt, where)
             finally:

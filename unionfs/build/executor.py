@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
 import posixpath
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -42,8 +44,9 @@ from typing import Any
 
 from .. import syscalls, userns
 from ..errors import UserError
-from ..image.oci import host_platform
+from ..image.platforms import host as host_platform
 from ..image.store import Store, normalize_tag, short_id
+from ..tree import NotRegularFile, Resolve, read_regular
 from .cache import BuildCache, step_key
 from .copier import (
     CopyError,
@@ -64,6 +67,31 @@ from .sources import Source, SourceTree
 
 MAX_DOCKERFILE = 16 << 20
 LAYER_STEPS = ("RUN", "COPY", "ADD")
+
+
+def _read_context_file(path: str, limit: int, resolve: Resolve = "beneath") -> bytes | None:
+    """A Containerfile or ignore file of the context (None if missing): a regular file
+    (a FIFO put there would hang the build), at most `limit` bytes; no symlink unless
+    `resolve` is "anywhere" (a Containerfile may be one, as for buildah)."""
+    parent, name = os.path.split(path)
+    try:
+        dfd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return read_regular(dfd, name, limit, resolve=resolve)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except NotRegularFile as e:
+        raise UserError(f"cannot read {path}: it {e.strerror}") from None
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise UserError(f"{path} is larger than {limit >> 20} MiB") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(dfd)
 
 
 class BuildError(UserError):
@@ -164,18 +192,20 @@ class Builder:
             return sys.stdin.read(MAX_DOCKERFILE), None
         if f is None:
             for name in ("Containerfile", "Dockerfile"):
-                if os.path.isfile(os.path.join(ctx, name)):
+                data = _read_context_file(os.path.join(ctx, name), MAX_DOCKERFILE, "anywhere")
+                if data is not None:
                     f = os.path.join(ctx, name)
                     break
             else:
                 raise UserError(f"no Containerfile or Dockerfile in {ctx} (use -f FILE)")
-        try:
-            with open(f, "rb") as fh:
-                data = fh.read(MAX_DOCKERFILE + 1)
-        except OSError as e:
-            raise UserError(f"cannot read {f}: {e.strerror}") from None
-        if len(data) > MAX_DOCKERFILE:
-            raise UserError(f"{f} is larger than {MAX_DOCKERFILE >> 20} MiB")
+        else:  # named by the user: a pipe (-f <(...)) is fine, the read is bounded
+            try:
+                with open(f, "rb") as fh:
+                    data = fh.read(MAX_DOCKERFILE + 1)
+            except OSError as e:
+                raise UserError(f"cannot read {f}: {e.strerror}") from None
+            if len(data) > MAX_DOCKERFILE:
+                raise UserError(f"{f} is larger than {MAX_DOCKERFILE >> 20} MiB")
         try:
             return data.decode("utf-8"), f
         except UnicodeDecodeError:
@@ -187,14 +217,9 @@ class Builder:
             candidates += [dockerfile + ".containerignore", dockerfile + ".dockerignore"]
         candidates += [os.path.join(self.opts.context, n) for n in IGNORE_FILES]
         for path in candidates:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise UserError(f"cannot read {path}: {e.strerror}") from None
-            with os.fdopen(fd, "rb") as fh:
-                return read_ignore_file(fh.read(MAX_DOCKERFILE), os.path.basename(path))
+            data = _read_context_file(path, MAX_DOCKERFILE)
+            if data is not None:
+                return read_ignore_file(data, os.path.basename(path))
         return None
 
     # --- the build ---------------------------------------------------------------------
@@ -703,7 +728,9 @@ class Builder:
                 if inst.cmd == "ADD":
                     rest = []
                     for s in sources:
-                        if not s.is_dir and self._add_archive(root, tree, s, plan, spec):
+                        # Only a regular file may be an archive: a FIFO is copied as one.
+                        regular = not s.is_dir and stat.S_ISREG(s.entries[0].st.st_mode)
+                        if regular and self._add_archive(root, tree, s, plan, spec):
                             continue
                         rest.append(s)
                     sources = rest
@@ -716,7 +743,10 @@ class Builder:
     def _add_archive(
         self, root: Root, tree: SourceTree, src: Source, plan: _CopyPlan, spec: CopySpec
     ) -> bool:
-        fd = tree.open(src.entries[0].path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fd = tree.open_file(src.entries[0])
+        except OSError as e:
+            raise CopyError(f"cannot read {src.name!r}: {e.strerror}") from None
         try:
             with open_archive(fd) as tf:
                 if tf is None:

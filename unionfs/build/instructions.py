@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
-from ..image.oci import host_platform
+from ..image.platforms import host as host_platform
 from .lexer import Lexer
 from .parse import DockerfileError, Instruction
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from ..image.commit import _DOCKER_TO_OCI, HashingWriter, write_layer_tar
+from ..image.commit import DOCKER_TO_OCI, HashingWriter, write_layer_tar
 from ..image.load import MEDIA_BY_COMPRESSION
 from ..image.store import MT_CONFIG, MT_MANIFEST, Store, canonical_json
 from ..tree import DIR_FLAGS, open_rel, rmtree_at, walk_at
@@ -198,7 +198,7 @@ def oci_layers(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for d in layers:
         d = {k: v for k, v in d.items() if k in ("mediaType", "digest", "size", "annotations")}
-        d["mediaType"] = _DOCKER_TO_OCI.get(d.get("mediaType", ""), d.get("mediaType"))
+        d["mediaType"] = DOCKER_TO_OCI.get(d.get("mediaType", ""), d.get("mediaType"))
         out.append(d)
     return out
 

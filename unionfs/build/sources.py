@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from .. import syscalls
 from ..errors import UserError
+from ..tree import NotRegularFile, open_regular
 from .ignore import Matcher
 
 _GLOB_CHARS = re.compile(r"[*?\[\\]")
-READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -264,7 +264,7 @@ class SourceTree:
                 h.update(rec.encode("utf-8", "surrogateescape"))
                 if stat.S_ISREG(st.st_mode):
                     h.update(b"%d\0" % st.st_size)
-                    h.update(self.file_digest(e.path).encode())
+                    h.update(self.file_digest(e).encode())
                 elif e.target is not None:
                     h.update(e.target.encode("utf-8", "surrogateescape"))
                 elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
@@ -272,15 +272,37 @@ class SourceTree:
                 h.update(b"\n")
         return h.hexdigest()
 
-    def file_digest(self, path: str) -> str:
+    def open_file(self, e: Entry) -> int:
+        """The regular file the walk found as `e`, opened for reading; OSError otherwise.
+
+        Between the walk and the read, whoever can write the context may put a FIFO
+        there (a read would hang the build) or another file: the path is resolved
+        without opening anything (`tree.open_regular`), and only the very file
+        walked, still a regular file, is opened.
+        """
         try:
-            fd = self.open(path, READ_FLAGS)
-        except OSError as e:
-            raise UserError(f"cannot read {path!r} from {self.what}: {e.strerror}") from None
-        h = hashlib.sha256()
-        try:
-            while chunk := os.read(fd, 1 << 20):
-                h.update(chunk)
-        finally:
+            fd = open_regular(self.fd, e.path or ".", resolve="in_root")
+        except NotRegularFile as err:
+            raise OSError(errno.ESTALE, f"changed while it was read ({err.strerror})") from None
+        if os.fstat(fd)[1:3] != e.st[1:3]:  # (st_ino, st_dev)
             os.close(fd)
+            raise OSError(errno.ESTALE, "changed while it was read")
+        return fd
+
+    def file_digest(self, e: Entry) -> str:
+        """sha256 of the file `e`: exactly its walked size is read, no more."""
+        try:
+            fd = self.open_file(e)
+            h = hashlib.sha256()
+            try:
+                left = e.st.st_size
+                while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+                    h.update(chunk)
+                    left -= len(chunk)
+                if left or os.read(fd, 1):
+                    raise OSError(errno.ESTALE, "changed while it was read")
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise UserError(f"cannot read {e.path!r} from {self.what}: {err.strerror}") from None
         return h.hexdigest()

@@ -71,7 +71,8 @@ _REFUSE_XATTRS = (
     b"user.overlay.redirect",
     b"user.overlay.metacopy",
 )
-_DOCKER_TO_OCI = {
+# Docker media types and their OCI equivalents (the same blobs): for manifests written as OCI.
+DOCKER_TO_OCI = {
     DOCKER_LAYER_GZIP: MT_LAYER_GZIP,
     DOCKER_LAYER: MEDIA_BY_COMPRESSION["none"],
     DOCKER_CONFIG: MT_CONFIG,
@@ -369,7 +370,7 @@ def commit(
         layers = []
         for d in base.manifest.get("layers", []):
             d = dict(d)
-            d["mediaType"] = _DOCKER_TO_OCI.get(d.get("mediaType", ""), d.get("mediaType"))
+            d["mediaType"] = DOCKER_TO_OCI.get(d.get("mediaType", ""), d.get("mediaType"))
             layers.append(d)
         layers.append(
             {

@@ -38,7 +38,6 @@ import zstandard
 from ..errors import UserError
 from ..tree import DIR_FLAGS, NotRegularFile, open_regular
 from . import platforms, schema
-from .platforms import host as host_platform  # an older name, still imported
 from .schema import MAX_JSON, ImageFormatError
 from .store import (
     DOCKER_LIST,
@@ -64,7 +63,6 @@ __all__ = [
     "Source",
     "decompressed",
     "find_images",
-    "host_platform",
     "open_source",
 ]
 
