@@ -735,7 +735,9 @@ def test_a_base_image_whose_passwd_is_a_fifo(env: Env) -> None:
     It is read by the rule `pyunion run` uses (a regular file, bounded): one line."""
     ctx = env.tmp / "ctx-passwd"
     _write(ctx / "f", "x\n")
-    _write(ctx / "Containerfile", "FROM busybox\nUSER root\nRUN rm /etc/passwd && mkfifo /etc/passwd\n")
+    _write(
+        ctx / "Containerfile", "FROM busybox\nUSER root\nRUN rm /etc/passwd && mkfifo /etc/passwd\n"
+    )
     assert _build_within(env, ctx, "-t", "fifo-passwd").returncode == 0
     _write(ctx / "Containerfile", "FROM fifo-passwd\nCOPY --chown=alice f /f\n")
     r = _build_within(env, ctx, "-t", "never")
@@ -758,11 +760,11 @@ def test_a_context_file_swapped_or_grown_after_the_walk(tmp_path: Path) -> None:
         tree.digest(sources)  # fine as walked
         os.unlink(tmp_path / "a")
         os.mkfifo(tmp_path / "a")
-        with pytest.raises(UserError, match="'a' .*changed while it was read"):
+        with pytest.raises(UserError, match=r"'a' .*changed while it was read"):
             tree.digest(sources[:1])
         with open(tmp_path / "b", "a") as f:
             f.write("more\n")
-        with pytest.raises(UserError, match="'b' .*changed while it was read"):
+        with pytest.raises(UserError, match=r"'b' .*changed while it was read"):
             tree.digest(sources[1:])
     finally:
         tree.close()
