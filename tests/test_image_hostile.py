@@ -1114,6 +1114,79 @@ def test_export_failure_leaves_nothing(tmp_path: Path, store_dir: str) -> None:
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.tar")]
 
 
+_EXPORT_SWAP = r"""
+import os, sys, time
+home, victim, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.monotonic() + seconds
+n = 0
+while time.monotonic() < end:
+    for name in os.listdir(home):  # every temporary name root makes: swap it for a symlink
+        if name.startswith(".img"):
+            try:
+                os.rename(os.path.join(home, name), os.path.join(home, "moved-" + name))
+                os.symlink(victim, os.path.join(home, name))
+                n += 1
+            except OSError:
+                pass
+print(n)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker", "oci-tar"])
+def test_export_into_a_users_directory_writes_nowhere_else(
+    open_dir: Path, test_user: str, store_dir: str, fmt: str
+) -> None:
+    """Root exports into a directory a user owns. She puts a symlink to a directory of
+    root's (standing for /etc) on the way, or swaps root's temporary output for one while
+    it is written: the export wrote through paths and followed them. Now the parent is
+    opened once (only root's and the caller's symlinks followed), the output is made
+    and filled through fds, and renamed into place without replacing anything."""
+    home, victim = open_dir / "home", open_dir / "victim"
+    home.mkdir()
+    victim.mkdir()
+    shutil.chown(home, test_user, test_user)
+    assert as_user(test_user, "ln", "-s", str(victim), str(home / "link")).returncode == 0
+    s = Store(store_dir)
+    name = "img.tar" if fmt != "oci" else "img"
+    with pytest.raises(UserError, match="symlink owned by uid"):
+        export_image(s, "first", str(home / "link" / name), fmt.removesuffix("-tar"))
+    assert os.listdir(victim) == []
+    racer = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={test_user}",
+            f"--regid={test_user}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "env",
+            "/usr/bin/python3",  # the system's: this one may be out of her reach
+            "-c",
+            _EXPORT_SWAP,
+            str(home),
+            str(victim),
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with contextlib.suppress(UserError, OSError):
+                export_image(s, "first", str(home / name), fmt.removesuffix("-tar"))
+            for p in home.iterdir():  # start again from nothing (she moves things too)
+                with contextlib.suppress(FileNotFoundError):
+                    if p.is_symlink() or p.is_file():
+                        p.unlink()
+                    elif p.is_dir():
+                        rmtree(str(p))
+    finally:
+        out, err = racer.communicate(timeout=30)
+    assert os.listdir(victim) == [], "root's export wrote into the victim directory"
+    assert racer.returncode == 0 and int(out) > 0, err
+
+
 def test_depth_is_past_the_recursion_limit() -> None:
     assert sys.getrecursionlimit() < DEPTH
 

@@ -7,24 +7,36 @@ Docker archives need uncompressed layers; they are decompressed on the way and
 checked against their DiffIDs. Tar output is deterministic (fixed times and
 owners) and appears under its final name only when complete; a failed export
 leaves nothing behind.
+
+The destination may be in a directory another user can write (root exporting
+into her home): its parent is opened once (`tree.open_trusted`), and everything
+is made relative to that fd and to the fds of the directories made, with
+O_NOFOLLOW|O_EXCL, then renamed into place with RENAME_NOREPLACE; a symlink she
+swaps in anywhere on the way is never followed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import tarfile
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import IO, Any
 
 from ..errors import UserError
+from ..syscalls import RENAME_NOREPLACE, renameat2
+from ..tree import DIR_FLAGS, open_trusted, rmtree_at
 from .oci import CONTAINERD_NAME, HashingReader, decompressed
 from .safetext import ImageError
-from .store import MT_INDEX, REF_NAME, Image, Store, remove_tree
+from .store import MT_INDEX, REF_NAME, Image, Store
 from .unpack import CORRUPT
+
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _tar_add(
@@ -53,23 +65,78 @@ def _tar_add(
         tar.addfile(ti, fileobj)
 
 
+@dataclass
+class _Output:
+    """The output being made: a directory fd (`is_dir`) or a file open for writing."""
+
+    fd: int
+    file: IO[bytes] | None = None
+
+
 @contextlib.contextmanager
-def _atomic_output(path: str, is_dir: bool) -> Iterator[str]:
-    """A temporary name beside `path`, renamed to it on success, removed on failure."""
-    if os.path.lexists(path):
+def _atomic_output(path: str, is_dir: bool) -> Iterator[_Output]:
+    """A new directory or file under a temporary name beside `path`, held by fd;
+    renamed to `path` on success (never over something there), removed on failure."""
+    full = os.path.abspath(path)
+    parent, name = os.path.split(full)
+    if not name:
         raise UserError(f"{path} already exists")
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(parent):
-        raise UserError(f"{parent} is not a directory")
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        if is_dir:
-            os.mkdir(tmp, 0o755)
-        yield tmp
-        os.rename(tmp, path)
-    except BaseException:
-        remove_tree(tmp)
-        raise
+        pfd = open_trusted(parent, os.O_RDONLY | os.O_DIRECTORY)
+    except NotADirectoryError:
+        raise UserError(f"{parent} is not a directory") from None
+    except OSError as e:
+        raise UserError(f"cannot export to {path}: {e.strerror}") from None
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            raise UserError(f"{path} already exists")
+        tmp = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        out: _Output | None = None
+        try:
+            if is_dir:
+                os.mkdir(tmp, 0o755, dir_fd=pfd)
+                out = _Output(os.open(tmp, DIR_FLAGS, dir_fd=pfd))
+            else:
+                fd = os.open(tmp, NEW_FILE, 0o644, dir_fd=pfd)
+                out = _Output(fd, os.fdopen(fd, "wb", closefd=False))
+            yield out
+            if out.file is not None:
+                out.file.close()
+            try:
+                renameat2(pfd, os.fsencode(tmp), pfd, os.fsencode(name), RENAME_NOREPLACE)
+            except FileExistsError:
+                raise UserError(f"{path} already exists") from None
+            except FileNotFoundError:  # someone who can write the directory moved it
+                raise UserError(f"cannot export to {path}: the output was moved away") from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                rmtree_at(pfd, tmp)
+            raise
+        finally:
+            if out is not None:
+                if out.file is not None:
+                    out.file.close()
+                os.close(out.fd)
+    finally:
+        os.close(pfd)
+
+
+def _subdir(dfd: int, name: str) -> int:
+    """The directory NAME below `dfd` (made if missing), never through a symlink."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o755, dir_fd=dfd)
+    return os.open(name, DIR_FLAGS, dir_fd=dfd)
+
+
+def _write_new(dfd: int, name: str, data: bytes | IO[bytes]) -> None:
+    """A new file NAME below `dfd` (O_EXCL|O_NOFOLLOW) holding `data`."""
+    with os.fdopen(os.open(name, NEW_FILE, 0o644, dir_fd=dfd), "wb") as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            while chunk := data.read(1 << 20):
+                f.write(chunk)
 
 
 def _names(img: Image, ref: str) -> tuple[str | None, str | None]:
@@ -104,8 +171,8 @@ def export_oci(store: Store, img: Image, path: str, ref: str) -> None:
     digests = [img.digest, *_blobs(img)]
     if path.endswith(".tar"):
         with (
-            _atomic_output(path, False) as tmp,
-            tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar,
+            _atomic_output(path, False) as out,
+            tarfile.open(fileobj=out.file, mode="w", format=tarfile.PAX_FORMAT) as tar,
         ):
             _tar_add(tar, "oci-layout", layout)
             _tar_add(tar, "index.json", index)
@@ -125,22 +192,29 @@ def export_oci(store: Store, img: Image, path: str, ref: str) -> None:
                         size=os.fstat(f.fileno()).st_size,
                     )
         return
-    with _atomic_output(path, True) as tmp:
+    with _atomic_output(path, True) as out:
         for name, data in (("oci-layout", layout), ("index.json", index)):
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-        for d in digests:
-            algo, hexd = d.split(":", 1)
-            os.makedirs(os.path.join(tmp, "blobs", algo), exist_ok=True)
-            dst = os.path.join(tmp, "blobs", algo, hexd)
-            if os.path.exists(dst):
-                continue
-            try:
-                os.link(store.blob_path(d), dst)  # blobs are immutable: share them
-            except OSError:
-                with open(store.blob_path(d), "rb") as s, open(dst, "wb") as o:
-                    while chunk := s.read(1 << 20):
-                        o.write(chunk)
+            _write_new(out.fd, name, data)
+        blobs = _subdir(out.fd, "blobs")
+        try:
+            for d in digests:
+                algo, hexd = d.split(":", 1)
+                afd = _subdir(blobs, algo)
+                try:
+                    try:
+                        # Blobs are immutable: share them.
+                        os.link(store.blob_path(d), hexd, dst_dir_fd=afd, follow_symlinks=False)
+                    except FileExistsError:
+                        continue
+                    except OSError as e:
+                        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                            raise
+                        with open(store.blob_path(d), "rb") as s:
+                            _write_new(afd, hexd, s)
+                finally:
+                    os.close(afd)
+        finally:
+            os.close(blobs)
 
 
 def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
@@ -149,8 +223,8 @@ def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
     cfg_hex = img.config_digest.split(":", 1)[1]
     layer_names = []
     with (
-        _atomic_output(path, False) as tmp,
-        tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar,
+        _atomic_output(path, False) as out,
+        tarfile.open(fileobj=out.file, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         _tar_add(tar, f"{cfg_hex}.json", store.read_blob(img.config_digest))
         seen: set[str] = set()
