@@ -834,3 +834,57 @@ def test_a_fifo_swapped_into_a_users_layer_does_not_stall_the_daemon(
         assert (m / "new").read_text() == "still serving\n"
         assert sorted(os.listdir(m)) == sorted([*cases, "new"])
     assert stat.S_ISFIFO(os.lstat(t / "l/low-w").st_mode)  # nothing copied from it
+
+
+# -- a deep tree does not exhaust the daemon's fds -------------------------------------------
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_deep_tree_does_not_exhaust_the_daemons_fds(tmp_path: Path) -> None:
+    """A container builds a tree 6000 levels deep and keeps its deepest directory open, so
+    the kernel holds every level. The daemon kept one fd per level (EMFILE at about
+    20000, for every request of the mount): now it keeps at most `DIR_FDS` between
+    requests, opens the others again by name, and every operation keeps working."""
+    from unionfs.mount import daemon_pid
+    from unionfs.resolve import DIR_FDS
+    from unionfs.tree import rmtree
+
+    depth = DIR_FDS + 2000
+    for d in ("l", "u", "w"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "l/lower-file").write_text("lower\n")
+    # pytest's own clean-up recurses: the deep upper is removed here, through fds.
+    cleanup = contextlib.ExitStack()
+    cleanup.callback(rmtree, str(tmp_path / "u"))
+    with (
+        cleanup,
+        mounted([tmp_path / "l"], tmp_path / "mnt", upper=tmp_path / "u", work=tmp_path / "w") as m,
+    ):
+        pid = daemon_pid(str(m))
+        assert pid is not None
+        before = _fd_count(pid)
+        fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):
+                os.mkdir("d", dir_fd=fd)
+                nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            assert _fd_count(pid) < before + DIR_FDS + 64, "one fd per level"
+            # Work at the bottom, which needs the levels the daemon let go of.
+            wfd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+            os.write(wfd, b"deep\n")
+            os.close(wfd)
+            os.rename("f", "g", src_dir_fd=fd, dst_dir_fd=fd)
+            rfd = os.open("g", os.O_RDONLY, dir_fd=fd)
+            assert os.read(rfd, 100) == b"deep\n"
+            os.close(rfd)
+            assert os.listdir(fd) == ["g"]
+            # ...and at the top, for anyone else.
+            assert (m / "lower-file").read_text() == "lower\n"
+            (m / "top").write_text("top\n")
+            assert sorted(os.listdir(m)) == ["d", "lower-file", "top"]
+            assert _fd_count(pid) < before + DIR_FDS + 64
+        finally:
+            os.close(fd)

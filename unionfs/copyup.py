@@ -244,7 +244,8 @@ class CopyUp:
             raise
         set_times(pfd, pst)
         d.chain = (0, *d.chain)
-        d.fds.insert(0, fd)
+        d.fds.insert(0, -1)
+        self.resolver.keep_fd(d, 0, fd)
         d.xwh = None
         d.xnames = None
         parent.listing = None

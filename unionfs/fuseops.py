@@ -69,6 +69,9 @@ def _fuse_errors(fn: F) -> F:
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            # Between requests: directory fds past the bound can be closed (resolve.py).
+            args[0].core.resolver.trim()
 
     return wrapper  # type: ignore[return-value]
 

@@ -12,13 +12,23 @@ Every access is relative to a directory fd of the parent in that layer, one
 name at a time, with no symlink followed. A directory's fds are opened on
 demand from its parent's, so the cost of a lookup is a few fstatat calls per
 layer, whatever the size of the tree.
+
+The kernel holds every ancestor of a directory it references, so a container
+that builds a tree 20000 levels deep would make the daemon hold 20000 fds
+(EMFILE for every mount it serves). So at most `DIR_FDS` directory fds stay
+open: past that, the oldest are closed at the end of a request (`trim`; never
+during one, so no operation loses an fd it holds) and opened again by name from
+the parent when needed, and the ancestors a deep lookup passes are only kept
+while there is room.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
+import weakref
 from typing import NamedTuple
 
 from .errors import FsError
@@ -58,10 +68,37 @@ def _st(src: os.stat_result | os.DirEntry[str] | None) -> os.stat_result:
     return src.stat(follow_symlinks=False)
 
 
+DIR_FDS = 4096  # directory fds kept open at most, between requests (see the docstring)
+
+
 class Resolver:
     def __init__(self, stack: LayerStack, table: InodeTable) -> None:
         self.stack = stack
         self.table = table
+        self.max_fds = DIR_FDS
+        # The directory fds opened here, oldest first: (node, position in its chain, fd).
+        self._opened: collections.deque[tuple[weakref.ref[Node], int, int]] = collections.deque()
+
+    def keep_fd(self, node: Node, pos: int, fd: int) -> None:
+        """`fd` is now node.fds[pos]: count it (`trim` may close it later)."""
+        node.fds[pos] = fd
+        self._opened.append((weakref.ref(node), pos, fd))
+
+    def trim(self) -> None:
+        """Close the oldest directory fds past `max_fds` (between requests only).
+
+        An entry whose node is gone, or whose fd was closed or replaced since
+        (an unlinked directory's are closed at once: `Identity.dropped`), is
+        dropped. The root's fds are the layers' own and never counted.
+        """
+        opened = self._opened
+        while len(opened) > self.max_fds:
+            ref, pos, fd = opened.popleft()
+            n = ref()
+            if n is None or pos >= len(n.fds) or n.fds[pos] != fd or n.parent is None:
+                continue
+            n.fds[pos] = -1
+            os.close(fd)
 
     # -- directory fds -------------------------------------------------------
     def dirfd(self, node: Node, pos: int) -> int:
@@ -89,8 +126,24 @@ class Resolver:
                 break
             todo.append((n, p))
             n, p = parent, parent.chain.index(layer)
-        for n, p in reversed(todo):
-            fd = n.fds[p] = open_dir_at(fd, n.name)
+        # The ancestors on the way are kept only while there is room (a very deep
+        # chain would otherwise open one fd per level at once): past that, each is
+        # closed as soon as the next level is open.
+        passing = -1
+        try:
+            for n, p in reversed(todo):
+                nfd = open_dir_at(fd, n.name)
+                if passing >= 0:
+                    os.close(passing)
+                    passing = -1
+                if n is node or len(self._opened) < self.max_fds:
+                    self.keep_fd(n, p, nfd)
+                else:
+                    passing = nfd
+                fd = nfd
+        finally:
+            if passing >= 0:
+                os.close(passing)
         return fd
 
     def location_fd(self, node: Node) -> int:
