@@ -13,6 +13,11 @@ in the middle resumes with a `Range` request from where it stopped. Redirects
 header when they leave the registry's origin. Everything else becomes one
 `RegistryError` line a user understands: unknown image, unauthorized, TLS
 failure, unreachable, digest mismatch.
+
+No answer is read without a bound, as containers/image: manifests 4 MiB
+(`MAX_JSON`), tokens and error or other bodies 1 MiB (`MAX_BODY`), blobs their
+descriptor's size. A registry or token server that streams forever is cut off
+with one line.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import hashlib
 import json
 import os
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 import httpx
 import trio
@@ -38,6 +44,7 @@ from ..image.store import digest_of
 from .auth import DOCKER_HUB_API, Challenge, Credentials, parse_challenges
 
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
+MAX_BODY = 1 << 20  # a token, an error, any answer but manifests and blobs (containers/image)
 CERT_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
 
 
@@ -48,6 +55,10 @@ class RegistryError(UserError):
         super().__init__(msg)
         self.status = status
         self.error_code = code
+
+
+class TooLarge(RegistryError):
+    """An answer longer than its bound (`read_limited`)."""
 
 
 @dataclass
@@ -140,6 +151,8 @@ class Client:
         self.challenge: Challenge | None = None
         self._tokens: dict[tuple[str, ...], str] = {}
         self._token_lock = trio.Lock()
+        # Bodies of answers `request` read already (bounded), for `fail` to quote.
+        self._bodies: weakref.WeakKeyDictionary[httpx.Response, bytes] = weakref.WeakKeyDictionary()
         self._http: httpx.AsyncClient | None = None
 
     # --- session ------------------------------------------------------------------
@@ -175,8 +188,11 @@ class Client:
             base = f"{scheme}://{self.host}"
             try:
                 resp = await self._retrying(
-                    functools.partial(self.http.get, base + "/v2/"), f"GET {base}/v2/"
+                    functools.partial(self._get_stream, base + "/v2/"), f"GET {base}/v2/"
                 )
+                await read_limited(resp, MAX_BODY, f"the answer to GET {base}/v2/", raw=False)
+            except TooLarge:
+                raise
             except RegistryError as e:
                 last = e
                 continue
@@ -192,6 +208,10 @@ class Client:
             return
         assert last is not None
         raise last
+
+    def _get_stream(self, url: str, **kw: Any) -> Awaitable[httpx.Response]:
+        """GET with the body left unread: the caller reads it with `read_limited`."""
+        return self.http.send(self.http.build_request("GET", url, **kw), stream=True)
 
     def _pick(self, resp: httpx.Response) -> Challenge | None:
         chs = parse_challenges(", ".join(resp.headers.get_list("www-authenticate")))
@@ -262,10 +282,14 @@ class Client:
                 headers["Authorization"] = self.creds.basic()
                 params.append(("account", self.creds.username))
             resp = await self._retrying(
-                lambda: self.http.get(realm, params=params, headers=headers, follow_redirects=True),
+                lambda: self.http.send(
+                    self.http.build_request("GET", realm, params=params, headers=headers),
+                    stream=True,
+                    follow_redirects=True,
+                ),
                 f"GET {realm}",
             )
-            body = await resp.aread()
+            body = await read_limited(resp, MAX_BODY, f"the token server's answer ({realm})", False)
             if resp.status_code in (401, 403):
                 _, msg = registry_errors(resp, body)
                 raise RegistryError(
@@ -344,14 +368,15 @@ class Client:
             await resp.aclose()
             self.challenge = ch
         if not stream:
-            await resp.aread()
-            await resp.aclose()
+            what = f"the answer to {method} {path}"
+            self._bodies[resp] = await read_limited(resp, MAX_BODY, what, raw=False)
         return resp
 
     async def fail(self, resp: httpx.Response, what: str) -> RegistryError:
         """The one-line error for an unexpected answer."""
-        body = await resp.aread()
-        await resp.aclose()
+        body = self._bodies.pop(resp, None)
+        if body is None:
+            body = await read_limited(resp, MAX_BODY, f"the answer about {what}", raw=False)
         code, msg = registry_errors(resp, body)
         st = resp.status_code
         if st == 401:
@@ -644,14 +669,17 @@ def push_scope(repo: str) -> tuple[str, ...]:
     return (f"repository:{repo}:pull,push",)
 
 
-async def read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
+async def read_limited(resp: httpx.Response, limit: int, what: str, raw: bool = True) -> bytes:
+    """The body of `resp` (as sent, or with `raw=False` decoded), at most `limit` bytes;
+    closed in any case."""
     buf = bytearray()
-    async for chunk in resp.aiter_raw():
-        buf += chunk
-        if len(buf) > limit:
-            await resp.aclose()
-            raise RegistryError(f"{what} is larger than {limit} bytes")
-    await resp.aclose()
+    try:
+        async for chunk in resp.aiter_raw() if raw else resp.aiter_bytes():
+            buf += chunk
+            if len(buf) > limit:
+                raise TooLarge(f"{what} is larger than {limit} bytes")
+    finally:
+        await resp.aclose()
     return bytes(buf)
 
 
