@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +71,58 @@ def test_rmtree_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
     rmtree(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError):
         rmtree(str(tmp_path / "nope"), missing_ok=False)
+
+
+# -- open_trusted: the path root acts on ------------------------------------------------------
+_IN_USERNS = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from unionfs.tree import open_trusted
+fd = open_trusted(sys.argv[1], os.O_PATH)
+print(os.readlink(f"/proc/self/fd/{fd}"))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown of a symlink)")
+def test_open_trusted_follows_only_roots_and_the_callers_symlinks(tmp_path: Path) -> None:
+    """Root's and the caller's symlinks are followed (as mount(8) follows /var/run), another
+    user's is EACCES wherever it is on the path; a file is opened as well as a directory.
+    In a user namespace (rootless) the host's root owns nothing mapped, and every symlink
+    is followed: there the caller has no right another user could borrow."""
+    from unionfs.tree import UntrustedSymlink, open_trusted
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real/file").write_text("x")
+    (tmp_path / "mine").symlink_to(tmp_path / "real")
+    (tmp_path / "theirs").symlink_to(tmp_path / "real")
+    os.chown(tmp_path / "theirs", 65534, 65534, follow_symlinks=False)
+    for path, want in (
+        ("mine", "real"),
+        ("mine/file", "real/file"),
+        ("real/../mine/./file", "real/file"),
+    ):
+        fd = open_trusted(str(tmp_path / path), os.O_PATH)
+        try:
+            assert os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / want)
+        finally:
+            os.close(fd)
+    for path in ("theirs", "theirs/file"):
+        with pytest.raises(UntrustedSymlink) as e:
+            open_trusted(str(tmp_path / path))
+        assert e.value.errno == errno.EACCES
+    with pytest.raises(NotADirectoryError):
+        open_trusted(str(tmp_path / "real/file"))  # O_DIRECTORY by default
+    # A user's namespace: root's /lib -> usr/lib (merged /usr) is unmapped there.
+    r = subprocess.run(
+        [
+            *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"),
+            *("env", "unshare", "-Ur", "/usr/bin/python3", "-c", _IN_USERNS, "/lib"),
+            str(Path(__file__).parent.parent),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/",
+    )
+    assert r.returncode == 0 and r.stdout.strip() == os.path.realpath("/lib"), r.stderr
