@@ -770,6 +770,26 @@ def test_a_context_file_swapped_or_grown_after_the_walk(tmp_path: Path) -> None:
         tree.close()
 
 
+def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None:
+    """40 lines each doubling a variable ask for 2^40 characters: the expansion stops
+    at its bound with one line, at once (a value was split per character: minutes)."""
+    lines = ["FROM scratch", "ENV A0=" + "x" * 32]
+    lines += [f"ENV A{i}=${{A{i - 1}}}${{A{i - 1}}}" for i in range(1, 40)]
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-t", "bomb", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "line 18: ENV: expands to more than 1048576 characters" in r.stderr
+    assert time.monotonic() - started < 20
+
+
 # --- pure rules (no root needed) ---------------------------------------------------------------
 def test_substitution_rules() -> None:
     lx = Lexer()

@@ -12,6 +12,10 @@ suffix) and `${X/pat/repl}` `${X//pat/repl}` (replace), patterns with `*` and `?
 
 `Lexer.process` also reports which variables a word used, so that the build
 cache can key a step by the build arguments it depends on.
+
+What one word expands to is bounded (`MAX_EXPANSION`): a Containerfile whose
+lines each double a variable (`ENV B=$A$A`, `ENV C=$B$B`, ...) would otherwise
+grow past any memory in 40 lines; past the bound it is one line of error.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from ..errors import UserError
 
 class SubstitutionError(UserError):
     """A malformed `${...}` or a `${X:?message}` whose variable is unset."""
+
+
+MAX_EXPANSION = 1 << 20  # characters of variable values one word may take in
 
 
 _SPECIAL = set("@*#?-$!0")
@@ -75,8 +82,16 @@ class _Words:
         self.in_word = True
 
     def add_string(self, s: str) -> None:
-        for ch in s:
-            self.add_char(ch)
+        """Unquoted expanded text: split at whitespace (a whole value at once, not per
+        character: values may be long)."""
+        parts = re.split(r"(\s+)", s)
+        for i, part in enumerate(parts):
+            if not part:
+                continue
+            if i % 2:  # a run of whitespace
+                self.add_char(part[0])
+            else:
+                self.add_raw(part)
 
     def done(self) -> list[str]:
         if self.word:
@@ -135,11 +150,16 @@ class _State:
         self.scan = scan
         self.raw_escapes = False
         self.used: set[str] = set()
+        self.expanded = 0  # characters of values taken in so far (MAX_EXPANSION)
 
     def lookup(self, name: str) -> tuple[str, bool]:
         if name in self.env:
             self.used.add(name)
-            return self.env[name], True
+            value = self.env[name]
+            self.expanded += len(value)
+            if self.expanded > MAX_EXPANSION:
+                raise SubstitutionError(f"expands to more than {MAX_EXPANSION} characters")
+            return value, True
         return "", False
 
     def until(self, stop: str, raw_escapes: bool) -> tuple[str, list[str]]:
