@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,9 @@ def test_rmtree_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
         rmtree(str(tmp_path / "nope"), missing_ok=False)
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 # -- open_trusted: the path root acts on ------------------------------------------------------
 _IN_USERNS = """
 import os, sys
@@ -83,12 +88,50 @@ print(os.readlink(f"/proc/self/fd/{fd}"))
 """
 
 
+# As root: a user namespace mapping 0..65535 onto 100000.. (as LXC or --userns=auto do).
+_MAPPED_USERNS = """
+import os, sys
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(w)
+    sys.path.insert(0, sys.argv[2])
+    from unionfs import syscalls
+    syscalls.unshare(syscalls.CLONE_NEWUSER)
+    os.read(r, 1)  # the maps are written
+    os.setresgid(0, 0, 0); os.setresuid(0, 0, 0)
+    os.execv("/usr/bin/python3", ["python3", "-c", '''
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from unionfs.tree import open_trusted
+fd = open_trusted(sys.argv[1], os.O_PATH)
+print(os.readlink(f"/proc/self/fd/{fd}"))
+''', sys.argv[1], sys.argv[2]])
+os.close(r)
+import time
+for _ in range(500):  # until the child has unshared
+    if os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user"):
+        break
+    time.sleep(0.01)
+with open(f"/proc/{pid}/uid_map", "w") as f:
+    f.write("0 100000 65536")
+with open(f"/proc/{pid}/setgroups", "w") as f:
+    f.write("deny")
+with open(f"/proc/{pid}/gid_map", "w") as f:
+    f.write("0 100000 65536")
+os.write(w, b"x")
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown of a symlink)")
 def test_open_trusted_follows_only_roots_and_the_callers_symlinks(tmp_path: Path) -> None:
     """Root's and the caller's symlinks are followed (as mount(8) follows /var/run), another
     user's is EACCES wherever it is on the path; a file is opened as well as a directory.
-    In a user namespace (rootless) the host's root owns nothing mapped, and every symlink
-    is followed: there the caller has no right another user could borrow."""
+    In a user namespace the host's root and users are unmapped (the overflow ID) and their
+    symlinks are followed: there the caller has no right they could borrow; a mapped
+    user's are not."""
     from unionfs.tree import UntrustedSymlink, open_trusted
 
     (tmp_path / "real").mkdir()
@@ -126,3 +169,28 @@ def test_open_trusted_follows_only_roots_and_the_callers_symlinks(tmp_path: Path
         cwd="/",
     )
     assert r.returncode == 0 and r.stdout.strip() == os.path.realpath("/lib"), r.stderr
+    # A namespace that maps many IDs has users of its own: its root does not follow the
+    # symlink of its uid 1000 (host 101000); root's (unmapped there) it does. In a
+    # directory the namespace's root can reach (pytest's base temp is 0700).
+    base = Path(tempfile.mkdtemp(prefix="pyunion-trusted-"))
+    try:
+        os.chmod(base, 0o755)
+        (base / "real").mkdir()
+        (base / "mine").symlink_to(base / "real")
+        (base / "theirs").symlink_to(base / "real")
+        os.chown(base / "theirs", 101000, 101000, follow_symlinks=False)
+        for name, ok in (("theirs", False), ("mine", True)):
+            r = subprocess.run(
+                [sys.executable, "-c", _MAPPED_USERNS, str(base / name), str(REPO)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+                cwd="/",
+            )
+            if ok:
+                assert r.returncode == 0 and r.stdout.strip() == str(base / "real"), r.stderr
+            else:
+                assert r.returncode != 0 and "UntrustedSymlink" in r.stderr, (r.stdout, r.stderr)
+    finally:
+        rmtree(str(base))

@@ -32,6 +32,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import UserError
+from .userns import overflow_id
 
 # (first ID on disk, first ID shown, count)
 Extent = tuple[int, int, int]
@@ -67,14 +68,6 @@ def parse_id(value: str, what: str) -> int:
     if not (value.isascii() and value.isdigit()) or int(value) >= ID_LIMIT - 1:
         raise UserError(f"malformed {what}={value!r}: expected a user or group ID")
     return int(value)
-
-
-def _overflow(kind: str) -> int:
-    try:
-        with open(f"/proc/sys/kernel/overflow{kind}") as f:
-            return int(f.read(32))
-    except (OSError, ValueError):
-        return 65534
 
 
 def _shift(extents: tuple[Extent, ...], i: int, to_shown: bool, overflow: int) -> int:
@@ -120,8 +113,8 @@ class IdMap:
             squash_uid,
             squash_gid,
             static_nlink,
-            _overflow("uid") if uids else 65534,
-            _overflow("gid") if gids else 65534,
+            overflow_id("uid") if uids else 65534,
+            overflow_id("gid") if gids else 65534,
         )
 
     @property

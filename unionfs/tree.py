@@ -347,17 +347,18 @@ def open_trusted(path: Name, flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
     the fd (`syscalls.fd_str`), so what was resolved and checked is what is
     used. `flags` (O_PATH by default) apply to the last component.
 
-    In a user namespace (rootless) every symlink is followed: the process has
-    no right there that the users of the host it could be tricked by lack
-    (their own IDs and the host's root all look alike, unmapped).
+    In a user namespace the symlinks of unmapped owners (the overflow ID:
+    the host's root and users, who all look alike there) are followed too:
+    the process has no right there that they lack. A mapped user's are not
+    (a namespace that maps many IDs has users of its own).
     """
-    from .userns import in_user_namespace
+    from .userns import in_user_namespace, overflow_id
 
     p = os.fsencode(path)
     if not p.startswith(b"/"):
         p = os.fsencode(os.getcwd()) + b"/" + p
     me = os.geteuid()
-    check_owner = not in_user_namespace()
+    trusted = {0, me, overflow_id()} if in_user_namespace() else {0, me}
     todo = [c for c in reversed(p.split(b"/")) if c and c != b"."]
     fd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     links = 0
@@ -370,15 +371,19 @@ def open_trusted(path: Name, flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
                 os.close(fd)
                 fd = nfd
                 continue
-            os.close(nfd)
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-            if check_owner and st.st_uid not in (0, me):
-                raise UntrustedSymlink(
-                    errno.EACCES, f"crosses a symlink owned by uid {st.st_uid}", path
-                )
-            target = os.readlink(comp, dir_fd=fd)
+            try:
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                if st.st_uid not in trusted:
+                    raise UntrustedSymlink(
+                        errno.EACCES, f"crosses a symlink owned by uid {st.st_uid}", path
+                    )
+                # The link that was checked, through its fd: by name, a rename could
+                # put another one in its place meanwhile.
+                target = os.readlink(b"", dir_fd=nfd)
+            finally:
+                os.close(nfd)
             todo.extend(c for c in reversed(target.split(b"/")) if c and c != b".")
             if target.startswith(b"/"):
                 os.close(fd)

@@ -60,6 +60,15 @@ def in_user_namespace() -> bool:
     return read_map("uid") != [(0, 0, ID_LIMIT - 1)]
 
 
+def overflow_id(kind: str = "uid") -> int:
+    """The ID the kernel shows for one this namespace does not map (65534, `nobody`)."""
+    try:
+        with open(f"/proc/sys/kernel/overflow{kind}") as f:
+            return int(f.read(32))
+    except (OSError, ValueError):
+        return 65534
+
+
 def to_host(inside: int, kind: str = "uid") -> int | None:
     """The host's ID for an ID of this namespace (None: not mapped)."""
     for first, outside, count in read_map(kind):
