@@ -56,7 +56,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     d = tmp_path / "state"
     d.mkdir(mode=0o700)
     monkeypatch.setenv("PYUNION_STATE_DIR", str(d))
-    monkeypatch.delenv("PYUNION_FORKSERVER", raising=False)
+    monkeypatch.setenv("PYUNION_FORKSERVER", "1")
     yield d
     pid = _server_pid(d)
     for sock in d.glob("forkserver-*.sock"):
@@ -118,9 +118,12 @@ def test_second_mount_is_forked_by_the_server_and_crashes_stay_apart(
 
 @pytest.mark.mount
 def test_mounts_work_with_the_server_turned_off(tmp_path: Path, state: Path) -> None:
+    """Off by default (opt-in), and with PYUNION_FORKSERVER=0."""
     low, up, work = _layers(tmp_path)
-    env = {**os.environ, "PYUNION_FORKSERVER": "0"}
-    for n in range(2):
+    env = {k: v for k, v in os.environ.items() if k != "PYUNION_FORKSERVER"}
+    for n in range(4):
+        if n == 2:
+            env["PYUNION_FORKSERVER"] = "0"
         with mounted([low], tmp_path / f"m{n}", up, work, env=env) as m:
             pid = daemon_pid(str(m))
             assert pid is not None and b"mount" in _cmdline(pid)

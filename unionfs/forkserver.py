@@ -23,9 +23,11 @@ server's pages copy-on-write and mounts at once.
   the server's or of another mount's); the server runs no filesystem code, so
   a daemon's crash touches no other mount, and a server's crash none at all
   (the daemons are not its threads; the next mount starts a new server).
-- **Only for root outside a user namespace.** A rootless mount's daemon must
-  live in the caller's user namespace; it is forked directly, as before.
-  `PYUNION_FORKSERVER=0` turns the server off.
+- **Only when asked for** (`PYUNION_FORKSERVER=1`), **and only for root outside
+  a user namespace.** A rootless mount's daemon must live in the caller's user
+  namespace; it is forked directly, as before. Opt-in because a daemon from
+  the server has the server's confinement, and not every bound of a caller
+  can be seen and compared (see `enabled`).
 """
 
 from __future__ import annotations
@@ -73,8 +75,16 @@ def remember_namespace() -> None:
 
 
 def enabled() -> bool:
-    """Whether mounts go through the server: root outside a user namespace, not turned off."""
-    if os.environ.get("PYUNION_FORKSERVER", "1") == "0" or os.geteuid() != 0:
+    """Whether mounts go through the server: asked for (`PYUNION_FORKSERVER=1`), as root
+    outside a user namespace.
+
+    Opt-in: a daemon from the server carries the server's confinement, not the
+    caller's, and some of the caller's cannot be seen from outside to be
+    compared (a Landlock domain, an LSM label given after exec, a chroot the
+    layer paths are relative to). A caller that wants the faster start vouches
+    that it runs unconfined in the host's mount namespace and root.
+    """
+    if os.environ.get("PYUNION_FORKSERVER", "0") != "1" or os.geteuid() != 0:
         return False
     from .userns import in_user_namespace
 
@@ -161,9 +171,7 @@ def spawn(cfg: MountConfig, ready_w: int, state_fd: int, mp_fd: int) -> int | No
         mntns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
             env = {k: v for k, v in os.environ.items() if k == "PYUNION_LOG"}
-            with open("/proc/self/cgroup") as f:
-                cgroups = f.read(1 << 16)
-            payload = pickle.dumps((cfg, env, cgroups))
+            payload = pickle.dumps((cfg, env, None))  # cgroups: the server reads them
             fds = array.array("i", [mntns, ready_w, state_fd, mp_fd])
             sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         finally:
@@ -312,9 +320,13 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
     try:
         if len(fds) != 4:
             return
-        cfg, env, cgroups = pickle.loads(msg)
+        cfg, env, _ = pickle.loads(msg)
         if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
             return
+        # The caller's cgroups as the kernel says (a caller in a cgroup namespace of its
+        # own would report "0::/", the root, and its daemon would leave its limits).
+        with open(f"/proc/{peer}/cgroup") as f:
+            cgroups = f.read(1 << 16)
         pid = os.fork()
         if pid == 0:
             listener.close()
