@@ -171,7 +171,7 @@ def spawn(cfg: MountConfig, ready_w: int, state_fd: int, mp_fd: int) -> int | No
         mntns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
             env = {k: v for k, v in os.environ.items() if k == "PYUNION_LOG"}
-            payload = pickle.dumps((cfg, env, None))  # cgroups: the server reads them
+            payload = pickle.dumps((cfg, env))  # the caller's cgroups: the server reads them
             fds = array.array("i", [mntns, ready_w, state_fd, mp_fd])
             sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         finally:
@@ -320,7 +320,7 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
     try:
         if len(fds) != 4:
             return
-        cfg, env, _ = pickle.loads(msg)
+        cfg, env = pickle.loads(msg)
         if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
             return
         # The caller's cgroups as the kernel says (a caller in a cgroup namespace of its
