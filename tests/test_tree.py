@@ -194,3 +194,61 @@ def test_open_trusted_follows_only_roots_and_the_callers_symlinks(tmp_path: Path
                 assert r.returncode != 0 and "UntrustedSymlink" in r.stderr, (r.stdout, r.stderr)
     finally:
         rmtree(str(base))
+
+
+# A user swaps her own symlink (to /etc) with root's (to a directory of hers) in a loop.
+_SWAPPER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+d = os.open(sys.argv[1], os.O_PATH | os.O_DIRECTORY)
+os.write(1, b"go\\n")
+while True:
+    libc.renameat2(d, b"mnt", d, b"evil", 2)  # RENAME_EXCHANGE
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root and the test user")
+def test_open_trusted_is_not_raced_by_a_symlink_exchange() -> None:
+    """The owner checked is the owner of the link whose target is read: with the target
+    read by name again, an exchange in between sent root to /etc (1 in 12 tries)."""
+    import pwd
+
+    from unionfs.tree import UntrustedSymlink, open_trusted
+
+    user = pwd.getpwnam("pyunion-user")
+    base = Path(tempfile.mkdtemp(prefix="pyunion-race-"))
+    proc = None
+    try:
+        os.chmod(base, 0o755)
+        home = base / "home"
+        home.mkdir()
+        (base / "target").mkdir()
+        (home / "mnt").symlink_to(base / "target")  # root's
+        (home / "evil").symlink_to("/etc")
+        os.chown(home / "evil", user.pw_uid, user.pw_gid, follow_symlinks=False)
+        os.chown(home, user.pw_uid, user.pw_gid)
+        proc = subprocess.Popen(
+            [
+                *("setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}"),
+                *("--clear-groups", "/usr/bin/python3", "-c", _SWAPPER, str(home)),
+            ],
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == b"go\n"
+        seen = set()
+        for _ in range(5000):
+            try:
+                fd = open_trusted(str(home / "mnt"))
+            except (UntrustedSymlink, FileNotFoundError):
+                seen.add("refused")
+                continue
+            try:
+                seen.add(os.readlink(f"/proc/self/fd/{fd}"))
+            finally:
+                os.close(fd)
+        assert seen <= {"refused", str(base / "target")}, seen
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
+        rmtree(str(base))
