@@ -15,7 +15,6 @@ record the time of day.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ocilayout import Layout
 from support import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 
 from unionfs.build.ignore import Matcher
@@ -398,68 +398,17 @@ def debian_image(env: Env, debian_rootfs: str) -> str:
     """The debootstrap rootfs as a one-layer image `debian`, in both stores."""
 
     layout = env.tmp / "debian-oci"
-    blobs = layout / "blobs/sha256"
-    blobs.mkdir(parents=True)
+    lay = Layout(layout)
     tmp_tar = layout / "layer.tar"
     sh("tar", "-C", debian_rootfs, "--numeric-owner", "--xattrs", "-cf", tmp_tar, ".")
-
-    def put(data_path: Path | None, data: bytes | None = None) -> tuple[str, int]:
-        h = hashlib.sha256()
-        if data_path is not None:
-            with open(data_path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            size = data_path.stat().st_size
-            os.rename(data_path, blobs / h.hexdigest())
-        else:
-            assert data is not None
-            h.update(data)
-            size = len(data)
-            (blobs / h.hexdigest()).write_bytes(data)
-        return "sha256:" + h.hexdigest(), size
-
-    ldigest, lsize = put(tmp_tar)
+    layer = lay.put_file(tmp_tar)  # uncompressed: the digest is the DiffID
     config = {
         "architecture": "amd64" if os.uname().machine == "x86_64" else "arm64",
         "os": "linux",
         "config": {"Env": [DEBIAN_PATH], "Cmd": ["/bin/bash"]},
-        "rootfs": {"type": "layers", "diff_ids": [ldigest]},
         "history": [{"created_by": "debootstrap"}],
     }
-    cdigest, csize = put(None, json.dumps(config).encode())
-    man = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": cdigest,
-            "size": csize,
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": ldigest,
-                "size": lsize,
-            }
-        ],
-    }
-    mdigest, msize = put(None, json.dumps(man).encode())
-    (layout / "index.json").write_text(
-        json.dumps(
-            {
-                "schemaVersion": 2,
-                "manifests": [
-                    {
-                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "digest": mdigest,
-                        "size": msize,
-                        "annotations": {"org.opencontainers.image.ref.name": "latest"},
-                    }
-                ],
-            }
-        )
-    )
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    lay.tag(lay.image([layer], [layer["digest"]], config), "latest")
     pyunion(
         "image", "import", str(layout), "--tag", "debian", "--store", env.store, "-q", timeout=300
     )

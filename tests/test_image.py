@@ -4,7 +4,6 @@ conversion, layer sharing, hostile archives, commit and export, the CLI."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import zstandard
+from ocilayout import Layout, sha
 from support import pyunion
 
 from unionfs.errors import UserError
@@ -62,10 +62,6 @@ def tar_bytes(entries: list[tuple[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def compress(data: bytes, how: str) -> tuple[bytes, str]:
     if how == "gzip":
         return gzip.compress(data), "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -85,57 +81,22 @@ def make_layout(
     bad_blob: bool = False,
 ) -> Path:
     """An OCI image layout of the given layer tars (bottom first)."""
-    blobs = path / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-
-    def put(data: bytes) -> str:
-        d = sha(data)
-        (blobs / d[7:]).write_bytes(data)
-        return d
-
+    lay = Layout(path)
     descs = []
     for t in layers:
         blob, mt = compress(t, how)
-        d = put(blob)
+        desc = lay.put(blob, mt)
         if bad_blob:
-            (blobs / d[7:]).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
-        descs.append({"mediaType": mt, "digest": d, "size": len(blob)})
+            (lay.blobs / desc["digest"][7:]).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+        descs.append(desc)
     config = {
         "architecture": "amd64",
         "os": "linux",
         "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/w"},
-        "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layers]},
         "history": [{"created_by": f"step {i}"} for i in range(len(layers))],
     }
     config.update(config_extra or {})
-    cbytes = json.dumps(config).encode()
-    man = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": put(cbytes),
-            "size": len(cbytes),
-        },
-        "layers": descs,
-    }
-    mbytes = json.dumps(man).encode()
-    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (path / "index.json").write_text(
-        json.dumps(
-            {
-                "schemaVersion": 2,
-                "manifests": [
-                    {
-                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "digest": put(mbytes),
-                        "size": len(mbytes),
-                        "annotations": {"org.opencontainers.image.ref.name": ref},
-                    }
-                ],
-            }
-        )
-    )
+    lay.tag(lay.image(descs, [sha(t) for t in layers], config), ref)
     return path
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ocilayout import CONFIG, LAYER_TAR, Layout
 from registry_server import PASSWORD, USER, Registry, running, skip_reason
 from support import PYUNION, force_unmount, needs_fuse, pyunion, tree_view
 
@@ -69,14 +70,6 @@ def fails(*args: str, env: dict[str, str] | None = None) -> str:
 
 
 # --- images, made once --------------------------------------------------------------------
-def _oci_blob(layout: Path, data: bytes) -> tuple[str, int]:
-    d = "sha256:" + hashlib.sha256(data).hexdigest()
-    p = layout / "blobs/sha256" / d[7:]
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-    return d, len(data)
-
-
 def _write_layout(layout: Path, files: dict[str, bytes], ref: str = "latest") -> None:
     """A one-layer image (uncompressed tar) with `files` in it."""
     buf = io.BytesIO()
@@ -85,91 +78,29 @@ def _write_layout(layout: Path, files: dict[str, bytes], ref: str = "latest") ->
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode = len(data), 0o644
             tar.addfile(ti, io.BytesIO(data))
-    raw = buf.getvalue()
-    ldigest, lsize = _oci_blob(layout, raw)
-    cfg = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [ldigest]},
-    }
-    cdigest, csize = _oci_blob(layout, json.dumps(cfg).encode())
-    man = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": cdigest,
-            "size": csize,
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": ldigest,
-                "size": lsize,
-            }
-        ],
-    }
-    mdigest, msize = _oci_blob(layout, json.dumps(man).encode())
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (layout / "index.json").write_text(
-        json.dumps(
-            {
-                "schemaVersion": 2,
-                "manifests": [
-                    {
-                        "mediaType": man["mediaType"],
-                        "digest": mdigest,
-                        "size": msize,
-                        "annotations": {"org.opencontainers.image.ref.name": ref},
-                    }
-                ],
-            }
-        )
-    )
+    lay = Layout(layout)
+    layer = lay.put(buf.getvalue(), LAYER_TAR)
+    config = {"architecture": "amd64", "os": "linux", "config": {}}
+    lay.tag(lay.image([layer], [layer["digest"]], config), ref)
 
 
 def _add_platform_index(layout: Path, ref: str, new_ref: str) -> None:
     """Make `new_ref` an index: this machine's image `ref` plus a linux/arm64 twin."""
-    idx = json.loads((layout / "index.json").read_text())
-    desc = next(
-        d for d in idx["manifests"] if d["annotations"]["org.opencontainers.image.ref.name"] == ref
-    )
-    man = json.loads((layout / "blobs/sha256" / desc["digest"][7:]).read_bytes())
-    cfg = json.loads((layout / "blobs/sha256" / man["config"]["digest"][7:]).read_bytes())
+    lay = Layout(layout)
+    desc = lay.find(ref)
+    man = lay.read_json(desc["digest"])
+    cfg = lay.read_json(man["config"]["digest"])
     host_arch = cfg["architecture"]
     cfg["architecture"] = "arm64"
-    cdigest, csize = _oci_blob(layout, json.dumps(cfg).encode())
-    man["config"] = {**man["config"], "digest": cdigest, "size": csize}
-    m2digest, m2size = _oci_blob(layout, json.dumps(man).encode())
-    index = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {
-                "mediaType": desc["mediaType"],
-                "digest": desc["digest"],
-                "size": desc["size"],
-                "platform": {"os": "linux", "architecture": host_arch},
-            },
-            {
-                "mediaType": desc["mediaType"],
-                "digest": m2digest,
-                "size": m2size,
-                "platform": {"os": "linux", "architecture": "arm64"},
-            },
-        ],
-    }
-    idigest, isize = _oci_blob(layout, json.dumps(index).encode())
-    idx["manifests"].append(
-        {
-            "mediaType": index["mediaType"],
-            "digest": idigest,
-            "size": isize,
-            "annotations": {"org.opencontainers.image.ref.name": new_ref},
-        }
+    twin = lay.put_json({**man, "config": lay.put_json(cfg, CONFIG)}, desc["mediaType"])
+    plain = {k: desc[k] for k in ("mediaType", "digest", "size")}
+    index = lay.platform_index(
+        [
+            (plain, {"os": "linux", "architecture": host_arch}),
+            (twin, {"os": "linux", "architecture": "arm64"}),
+        ]
     )
-    (layout / "index.json").write_text(json.dumps(idx))
+    lay.tag(index, new_ref)
 
 
 @pytest.fixture(scope="module")
