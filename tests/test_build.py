@@ -33,6 +33,8 @@ from support import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 
 from unionfs.build.ignore import Matcher
 from unionfs.build.lexer import Lexer, SubstitutionError
+from unionfs.build.sources import SourceTree
+from unionfs.errors import UserError
 from unionfs.image import Store
 
 TOOLS = ("buildah", "skopeo", "umoci", "dpkg-deb")
@@ -806,3 +808,24 @@ def test_ignore_rules() -> None:
         assert m.excluded(p), p
     for p in kept:
         assert not m.excluded(p), p
+
+
+def test_source_glob_rules(tmp_path: Path) -> None:
+    """COPY sources match as Go's filepath.Match: per component, classes, escapes."""
+    for name in ("a1", "b2", "c3", "ab", "star*", "x.txt", "sub/y.txt", "sub/deep/z.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    tree = SourceTree(str(tmp_path), None, "the context")
+    try:
+        assert tree.expand("?[0-9]") == ["a1", "b2", "c3"]
+        assert tree.expand("[^a]?") == ["b2", "c3"]
+        assert tree.expand("[ab]*") == ["a1", "ab", "b2"]
+        assert tree.expand("star\\*") == ["star*"]
+        assert tree.expand("*.txt") == ["x.txt"]  # `*` stays within one component
+        assert tree.expand("*/*.txt") == ["sub/y.txt"]
+        # In Go `[!a]` is the class of '!' and 'a' (ignore files take `!` as `^`).
+        assert tree.expand("[!a]1") == ["a1"]
+        with pytest.raises(UserError, match=r"unclosed '\['"):
+            tree.expand("[ab")
+    finally:
+        tree.close()

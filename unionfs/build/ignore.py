@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .pattern import translate
 
 IGNORE_FILES = (".containerignore", ".dockerignore")  # the first one found wins, as in buildah
 
@@ -43,46 +44,8 @@ def _compile(pattern: str) -> re.Pattern[str]:
             f"^(.*{tail}|{re.escape(rest[1:])})$" if rest.startswith("/") else f"^.*{tail}$",
             re.DOTALL,
         )
-    out = "^"
-    i = 0
-    n = len(pattern)
-    while i < n:
-        ch = pattern[i]
-        i += 1
-        if ch == "*":
-            if i < n and pattern[i] == "*":
-                i += 1
-                if i < n and pattern[i] == "/":
-                    i += 1
-                out += ".*" if i >= n else "(.*/)?"
-            else:
-                out += "[^/]*"
-        elif ch == "?":
-            out += "[^/]"
-        elif ch == "\\":
-            if i < n:
-                out += re.escape(pattern[i])
-                i += 1
-            else:
-                out += "\\\\"
-        elif ch == "[":
-            j = i
-            if j < n and pattern[j] in "^!":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 1
-            if j >= n:
-                raise UserError(f"bad pattern {pattern!r} in the ignore file: unclosed '['")
-            body = pattern[i:j]
-            if body.startswith(("^", "!")):
-                body = "^" + body[1:]
-            out += "[" + body.replace("\\", "\\\\") + "]"
-            i = j + 1
-        else:
-            out += re.escape(ch)
-    return re.compile(out + "$", re.DOTALL)
+    body = translate(pattern, globstar=True, negation="^!", where=" in the ignore file")
+    return re.compile("^" + body + "$", re.DOTALL)
 
 
 class Matcher:

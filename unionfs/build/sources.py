@@ -27,6 +27,7 @@ from .. import syscalls
 from ..errors import UserError
 from ..tree import NotRegularFile, open_regular
 from .ignore import Matcher
+from .pattern import translate
 
 _GLOB_CHARS = re.compile(r"[*?\[\\]")
 
@@ -52,37 +53,8 @@ def clean(path: str) -> str:
 
 
 def _component_regex(pattern: str) -> re.Pattern[str]:
-    """Go's filepath.Match for one path component: `*`, `?`, `[...]`/`[^...]`, `\\`."""
-    out = ""
-    i, n = 0, len(pattern)
-    while i < n:
-        ch = pattern[i]
-        i += 1
-        if ch == "*":
-            out += "[^/]*"
-        elif ch == "?":
-            out += "[^/]"
-        elif ch == "\\" and i < n:
-            out += re.escape(pattern[i])
-            i += 1
-        elif ch == "[":
-            j = i
-            if j < n and pattern[j] == "^":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 1
-            if j >= n:
-                raise UserError(f"bad pattern {pattern!r}: unclosed '['")
-            body = pattern[i:j]
-            out += (
-                "[" + ("^" + body[1:] if body.startswith("^") else body).replace("\\", "\\\\") + "]"
-            )
-            i = j + 1
-        else:
-            out += re.escape(ch)
-    return re.compile(out + r"\Z", re.DOTALL)
+    """Go's filepath.Match for one path component."""
+    return re.compile(translate(pattern) + r"\Z", re.DOTALL)
 
 
 def _unescape(component: str) -> str:
