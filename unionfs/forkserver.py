@@ -49,7 +49,7 @@ import time
 from typing import NoReturn
 
 from .options import MountConfig
-from .syscalls import CLONE_NEWNS, fd_str, setns
+from .syscalls import CLONE_NEWNS, fd_str, import_with_sonames, setns
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def server_main(state_fd: int) -> NoReturn:
         except BlockingIOError:
             os._exit(0)  # another server runs
         # Everything a daemon needs, imported once and shared by every fork.
+        import_with_sonames("trio")  # no `ldconfig -p` (syscalls.SONAMES)
         import pyfuse3  # noqa: F401
         import trio  # noqa: F401
 

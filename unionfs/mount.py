@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from .errors import UserError
 from .layers import LayerStack
 from .options import MountConfig
-from .syscalls import MNT_DETACH, UMOUNT_NOFOLLOW, close_range, fd_str, fdpath, umount2
+from .syscalls import (
+    MNT_DETACH,
+    UMOUNT_NOFOLLOW,
+    close_range,
+    fd_str,
+    fdpath,
+    import_with_sonames,
+    umount2,
+)
 from .tree import DIR_FLAGS, UntrustedSymlink, open_trusted, rmtree_at
 from .userns import host_uid, in_user_namespace
 
@@ -532,6 +540,7 @@ def serve(
     is recorded for `umount`; `mp_fd` the mount point (`open_mountpoint`, taken
     over: closed here).
     """
+    import_with_sonames("trio")  # before pyfuse3, which imports it: no `ldconfig -p`
     import pyfuse3
     import trio
 

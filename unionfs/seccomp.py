@@ -261,37 +261,10 @@ def load_profile(path: str | None, capset: frozenset[int]) -> Filter:
 
 
 # -- building and loading the filter (the container's init, then the command) -------------------
-# pyseccomp finds libc and libseccomp with ctypes.util.find_library, which runs
-# `ldconfig -p` once for each (~10 ms apiece, on every container start). The
-# sonames of Debian's (and most distributions') libraries open directly; only
-# when they do not is the search left to find_library.
-_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
-
-
 def _import_pyseccomp() -> Any:
-    import ctypes
-    import ctypes.util
+    from .syscalls import import_with_sonames  # no `ldconfig -p` for libc and libseccomp
 
-    if "pyseccomp" in sys.modules:
-        return sys.modules["pyseccomp"]
-    search = ctypes.util.find_library
-
-    def find_library(name: str) -> str | None:
-        soname = _SONAMES.get(name)
-        if soname is not None:
-            try:
-                ctypes.CDLL(soname)
-                return soname
-            except OSError:
-                pass
-        return search(name)
-
-    ctypes.util.find_library = find_library
-    try:
-        import pyseccomp
-    finally:
-        ctypes.util.find_library = search
-    return pyseccomp
+    return import_with_sonames("pyseccomp")
 
 
 def compile(f: Filter) -> Any:

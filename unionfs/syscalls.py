@@ -12,12 +12,51 @@ follow_symlinks=False neither is the last component.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
-import platform
 import stat
+import sys
+from types import ModuleType
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+# Libraries that third-party modules look up with ctypes.util.find_library, which runs
+# `ldconfig -p` once per name (~10 ms apiece, on every mount and container start: trio
+# for pthread, pyseccomp for libc and libseccomp). The sonames of glibc's and Debian's
+# (most distributions') libraries open directly; only when they do not is the search
+# left to find_library.
+SONAMES = {
+    "c": "libc.so.6",
+    "pthread": "libpthread.so.0",
+    "seccomp": "libseccomp.so.2",
+    "fuse3": "libfuse3.so.3",
+}
+
+
+def import_with_sonames(name: str) -> ModuleType:
+    """Import module NAME with `find_library` answering SONAMES without `ldconfig -p`."""
+    import ctypes.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    search = ctypes.util.find_library
+
+    def find_library(lib: str) -> str | None:
+        soname = SONAMES.get(lib)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+                return soname
+            except OSError:
+                pass
+        return search(lib)
+
+    ctypes.util.find_library = find_library
+    try:
+        return importlib.import_module(name)
+    finally:
+        ctypes.util.find_library = search
 
 # renameat2(2)
 RENAME_NOREPLACE = 1
@@ -79,7 +118,7 @@ SYS_PIVOT_ROOT = {
     "s390x": 217,
     "i686": 217,
     "armv7l": 218,
-}.get(platform.machine())
+}.get(os.uname().machine)
 
 
 def _check(ret: int, what: str, path: str | bytes | None = None) -> int:
