@@ -15,10 +15,11 @@ import os
 import pty
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,50 @@ def test_seccomp_follows_capabilities(env: Env) -> None:
     got = _syscalls(env.run("hostile", "syscalls", opts=("--cap-add", "SYS_ADMIN")).stdout)
     assert got["unshare"] == got["add_key"] == got["sethostname"] == got["mount"] == 0
     assert got["kexec_load"] == got["init_module"] == EPERM  # other capabilities' rules
+
+
+def _loaded_filter(load: Callable[[], None]) -> bytes:
+    """The BPF a child holds after `load()`, read back from the kernel (ptrace)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ptrace_attach, ptrace_seccomp_get_filter = 16, 0x420C
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            load()
+            os.kill(os.getpid(), signal.SIGSTOP)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
+        assert libc.ptrace(ptrace_attach, pid, 0, 0) == 0, ctypes.get_errno()
+        os.waitpid(pid, os.WUNTRACED)
+        n = libc.ptrace(ptrace_seccomp_get_filter, pid, 0, None)
+        assert n > 0, ctypes.get_errno()
+        buf = ctypes.create_string_buffer(n * 8)
+        assert libc.ptrace(ptrace_seccomp_get_filter, pid, 0, buf) == n
+        return buf.raw
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("caps_", ["default", "all"])
+def test_filter_is_the_one_libseccomp_loads(caps_: str) -> None:
+    """init and the command load the program libseccomp generated once in init
+    (`seccomp.compile`, `seccomp_export_bpf`); read back from the kernel, it is the one
+    libseccomp's own `seccomp_load` installs for the same profile."""
+    from unionfs import caps, seccomp
+
+    capset = caps.DEFAULT if caps_ == "default" else frozenset(range(len(caps.NAMES)))
+    f = seccomp.load_profile(None, capset)
+    theirs = _loaded_filter(lambda: seccomp._build(f).load())
+    ours = _loaded_filter(lambda: seccomp.install(seccomp.compile(f)))
+    assert len(ours) > 1000 * 8 and ours == theirs
 
 
 def test_profile_file(env: Env, tmp_path: Path) -> None:

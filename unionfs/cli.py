@@ -12,11 +12,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import UserError
-from .mount import mount, umount
-from .options import MountConfig, parse_options, split_options
+
+if TYPE_CHECKING:
+    from .options import MountConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -56,6 +58,8 @@ def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def build_mount_config(args: argparse.Namespace) -> MountConfig:
+    from .options import MountConfig, parse_options
+
     cfg = MountConfig(lowers=[], mountpoint="")
     parse_options(args.options, cfg)
     positional = list(args.args)
@@ -97,6 +101,8 @@ def _image_mount_flags(cfg: MountConfig, options: list[str]) -> None:
     them out again (a hostile image's setuid shell, a 0666 node of the host's disk).
     podman's image mounts stay under its private storage directory instead.
     """
+    from .options import split_options
+
     given = {item for opt in options for item in split_options(opt)}
     for flag in ("suid", "dev"):
         if flag not in given:
@@ -104,6 +110,8 @@ def _image_mount_flags(cfg: MountConfig, options: list[str]) -> None:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount
+
     cfg = build_mount_config(args)
     mount(cfg)
     return 0
@@ -120,8 +128,20 @@ def _add_umount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import umount
+
     umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     return 0
+
+
+def store_option(p: argparse.ArgumentParser) -> None:
+    """`--store DIR`, as every command that uses the image store takes it."""
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        help="image store (default: $PYUNION_STORE, else "
+        "$XDG_DATA_HOME/pyunion/store or ~/.local/share/pyunion/store)",
+    )
 
 
 _CORE_COMMANDS = ("mount", "umount", "unmount")

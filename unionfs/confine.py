@@ -73,7 +73,7 @@ class Confinement:
     privileged: bool = False
     preserved: tuple[int, ...] = ()  # 3..N+2 with --preserve-fds N
     first_closed: int = 3  # every fd from here up is closed in the container
-    compiled: Any = field(default=None, repr=False)  # the libseccomp filter, built in init
+    compiled: seccomp.Program | None = field(default=None, repr=False)  # built in init
 
 
 def _fail(msg: str) -> UserError:

@@ -17,14 +17,17 @@ import gc
 import hashlib
 import logging
 import os
+import pickle
 import secrets
 import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 from .errors import UserError
 from .layers import LayerStack
@@ -540,7 +543,7 @@ def serve(
     is recorded for `umount`; `mp_fd` the mount point (`open_mountpoint`, taken
     over: closed here).
     """
-    import_with_sonames("trio")  # before pyfuse3, which imports it: no `ldconfig -p`
+    _preload()
     import pyfuse3
     import trio
 
@@ -696,8 +699,80 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def mount(cfg: MountConfig) -> int:
-    """Mount; the daemon's pid once the mount is live (0 in the foreground, after it ends)."""
+def _preload() -> None:
+    """Import what serving needs (most of a daemon's start-up)."""
+    import_with_sonames("trio")  # before pyfuse3, which imports it: no `ldconfig -p`
+    import pyfuse3  # noqa: F401
+
+    from . import fuseops, reqloop, union  # noqa: F401
+
+
+class Prefork:
+    """A daemon forked before its mount is known, importing what serving needs meanwhile.
+
+    `pyunion run` forks it first thing and prepares the container (image, options,
+    the upper, init) while it imports; `mount(cfg, prefork)` then hands it the
+    mount. It is a child of the caller like a daemon `mount` forks, cut off from
+    the caller (session, stdio, fds) at once; without a mount (`cancel`, or the
+    caller gone: its socket ends) it exits, having touched nothing.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            _prefork_main(theirs)
+        theirs.close()
+        self.pid = pid
+        self.sock: socket.socket | None = ours
+
+    def hand_over(self, cfg: MountConfig, ready_w: int, state_fd: int, mp_fd: int) -> int:
+        """Send the daemon its mount (it reports on `ready_w` as any daemon); its pid."""
+        sock, self.sock = self.sock, None
+        assert sock is not None, "a preforked daemon serves one mount"
+        with sock, contextlib.suppress(OSError):  # it died: `mount` reads no OK, reaps it
+            socket.send_fds(sock, [pickle.dumps(cfg)], [ready_w, state_fd, mp_fd])
+        return self.pid
+
+    def cancel(self) -> None:
+        """No mount for it after all: stop it and reap it (it holds nothing)."""
+        if self.sock is None:
+            return
+        self.sock.close()
+        self.sock = None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _prefork_main(sock: socket.socket) -> NoReturn:
+    code = 1
+    ready_w = -1
+    try:
+        os.setsid()
+        _detach_stdio()
+        _pin_nothing({sock.fileno()})
+        _preload()
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
+        sock.close()
+        if not msg or len(fds) != 3:
+            os._exit(0)  # cancelled, or the caller is gone
+        ready_w, state_fd, mp_fd = fds
+        code = serve(pickle.loads(msg), ready_w, state_fd, mp_fd)
+    except BaseException as e:  # noqa: BLE001 - report it, never a traceback on the user's tty
+        if ready_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(ready_w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
+    os._exit(code)
+
+
+def mount(cfg: MountConfig, prefork: Prefork | None = None) -> int:
+    """Mount; the daemon's pid once the mount is live (0 in the foreground, after it ends).
+
+    With `prefork`, that daemon serves the mount (it is reaped here if it fails).
+    """
     mp_fd = open_mountpoint(cfg.mountpoint)
     try:
         validate(cfg, mp_fd)
@@ -715,10 +790,14 @@ def mount(cfg: MountConfig) -> int:
     cfg.mountpoint = os.path.abspath(cfg.mountpoint)
     r, w = os.pipe()
     # From the fork server when there is one (docs/architecture.md: start-up), else forked here.
-    from . import forkserver
+    pid = None
+    if prefork is not None:
+        pid = prefork.hand_over(cfg, w, state_fd, mp_fd)
+    elif forkserver_wanted():
+        from . import forkserver
 
-    pid = forkserver.spawn(cfg, w, state_fd, mp_fd) if forkserver.enabled() else None
-    ours = pid is None
+        pid = forkserver.spawn(cfg, w, state_fd, mp_fd) if forkserver.enabled() else None
+    ours = pid is None or prefork is not None
     if pid is None:
         pid = os.fork()
     if pid == 0:  # the daemon
@@ -748,13 +827,18 @@ def mount(cfg: MountConfig) -> int:
     )
 
 
+def forkserver_wanted() -> bool:
+    """`PYUNION_FORKSERVER=1` (`forkserver.enabled` decides; this spares its import)."""
+    return os.environ.get("PYUNION_FORKSERVER", "0") == "1"
+
+
 def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int, mp_fd: int) -> int:
     """The body of a freshly forked daemon: its own session, nothing of the caller's held.
 
     `mp_fd` is the mount point the caller checked (`open_mountpoint`), taken over.
     """
     os.setsid()
-    _detach_stdio(cfg)
+    _detach_stdio()
     _pin_nothing({ready_fd, state_fd, mp_fd})
     return serve(cfg, ready_fd, state_fd, mp_fd)
 
@@ -782,7 +866,7 @@ def _pin_nothing(keep: set[int]) -> None:
         os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
-def _detach_stdio(cfg: MountConfig) -> None:
+def _detach_stdio() -> None:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)

@@ -37,12 +37,19 @@ import time
 import tty as ttymod
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import confine, sandbox, syscalls, tree, userns, volumes
+from . import syscalls, tree, userns
 from .errors import UserError
-from .mount import is_mountpoint, mount, umount, wait_gone
+from .mount import Prefork, forkserver_wanted, is_mountpoint, mount, umount, wait_gone
 from .options import MountConfig
+
+if TYPE_CHECKING:
+    from . import confine, sandbox, volumes
+
+# sandbox, volumes and the image store are imported once the daemon is forked
+# (`Runner._unshare_mounts`): the parent imports them while the daemon imports pyfuse3
+# and trio. Imported before, the daemon would wait for them too.
 
 TOOL_ERROR = 125
 
@@ -80,7 +87,7 @@ class RunOptions:
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    from .image.cli import store_option  # the image package only when the parser is built
+    from .cli import store_option
 
     p.add_argument(
         "-e",
@@ -267,6 +274,8 @@ def _parse_env_item(item: str, where: str) -> tuple[str, str] | None:
 
 def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[str, str]:
     """PATH and HOSTNAME, then the image's Env, then --env-file, then -e (later wins)."""
+    from . import sandbox
+
     env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname}
     if opts.tty:
         env["TERM"] = os.environ.get("TERM", "xterm")
@@ -308,6 +317,8 @@ def build_argv(opts: RunOptions, config: dict[str, Any]) -> list[str]:
 
 
 def parse_volumes(specs: list[str]) -> list[volumes.Volume]:
+    from . import volumes
+
     return [volumes.parse(v) for v in specs]
 
 
@@ -349,7 +360,11 @@ class Runner:
         self.upper: str | None = None
         self.merged: str | None = None
         self.daemon: int | None = None
-        self.init: int | None = None
+        self.init: int | None = None  # pid 1 once it goes on (signals are forwarded to it)
+        self.starting: int | None = None  # pid 1 waiting for "go"
+        self.go_fd = -1
+        self.tty_sock: socket.socket | None = None
+        self.prefork: Prefork | None = None
         self.janitor_fd: int | None = None
         self.janitor: int | None = None
         self.pending: list[int] = []
@@ -381,6 +396,8 @@ class Runner:
             os.kill(self.init, sig)
 
     def _install_handlers(self) -> None:
+        from . import sandbox
+
         for sig in (*sandbox.FORWARDED, signal.SIGCHLD, signal.SIGWINCH):
             self.old_handlers[sig] = signal.signal(sig, self._on_signal)
 
@@ -406,9 +423,44 @@ class Runner:
             raise _fail(str(e)) from None
         if not os.path.exists("/dev/fuse"):
             raise _fail("/dev/fuse is missing (modprobe fuse)")
+        from . import confine
+
+        # Before pyunion opens any fd: --preserve-fds checks the caller's 3..N+2.
         confinement = confine.from_options(
             opts.cap_add, opts.cap_drop, opts.privileged, opts.security_opt, opts.preserve_fds
         )
+        try:
+            self._unshare_mounts()
+            self._install_handlers()
+            return self._prepare_and_run(confinement)
+        except _Interrupted as e:
+            return 128 + e.signo
+        finally:
+            self.teardown()
+            self._restore_handlers()
+
+    def _unshare_mounts(self) -> None:
+        """A private mount namespace, and in it the daemon-to-be (`mount.Prefork`): its
+        imports, most of a mount's start-up, overlap everything up to the mount."""
+        server = False
+        if forkserver_wanted():
+            from . import forkserver
+
+            forkserver.remember_namespace()  # a fork server is started outside the copy
+            server = forkserver.enabled()
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.make_private("/")
+        except OSError as e:
+            raise _fail(f"cannot create a mount namespace: {e.strerror}") from e
+        if not server:  # (root only: it may fork after init, back in its own pid namespace)
+            self.prefork = Prefork()
+            self.daemon = self.prefork.pid
+
+    def _prepare_and_run(self, confinement: confine.Confinement) -> int:
+        from . import sandbox
+
+        opts = self.opts
         layers, config = resolve_image(opts)
         hostname = opts.hostname or socket.gethostname()
         spec = sandbox.ContainerSpec(
@@ -428,14 +480,7 @@ class Runner:
             spec.outside = userns.outside_hint()
         if spec.workdir and not spec.workdir.startswith("/"):
             raise _fail(f"the working directory {spec.workdir!r} must be an absolute path")
-        self._install_handlers()
-        try:
-            return self._run(layers, spec)
-        except _Interrupted as e:
-            return 128 + e.signo
-        finally:
-            self.teardown()
-            self._restore_handlers()
+        return self._run(layers, spec)
 
     def _run(self, layers: list[str], spec: sandbox.ContainerSpec) -> int:
         opts = self.opts
@@ -455,14 +500,9 @@ class Runner:
             os.mkdir(work, 0o700)
         spec.root = self.merged
         spec.etc_files = _host_etc_copies(os.path.join(self.tmp, "etc"), opts.hostname)
-        from . import forkserver
-
-        forkserver.remember_namespace()  # a fork server is started outside the private copy
-        try:
-            syscalls.unshare(syscalls.CLONE_NEWNS)
-            syscalls.make_private("/")
-        except OSError as e:
-            raise _fail(f"cannot create a mount namespace: {e.strerror}") from e
+        self._start_janitor()
+        # init starts its interpreter while the daemon mounts; it enters the tree on "go".
+        self._fork_init(spec)
         # nodev: podman keeps the container off device nodes with the devices cgroup; with
         # no cgroup here, a node shipped in the image (a host disk) must simply not open.
         cfg = MountConfig(
@@ -473,10 +513,12 @@ class Runner:
             fuse_options={"allow_other", "suid", "nodev"},
         )
         try:
-            self.daemon = mount(cfg)
+            self.daemon = mount(cfg, self.prefork)
         except UserError as e:
+            # Reaped by mount once handed over; if not, teardown stops it (cancel).
+            self.daemon = None
             raise _fail(str(e)) from e
-        self._start_janitor()
+        self.prefork = None
         self._check_pending()
         return self._start_and_wait(spec)
 
@@ -494,8 +536,24 @@ class Runner:
             with contextlib.suppress(OSError):
                 os.write(self.janitor_fd, msg.encode() + b"\n")
 
-    def _fork_init(self, spec: sandbox.ContainerSpec, child_sock: socket.socket | None) -> int:
-        """Fork pid 1 of a new pid namespace; this process stays in its own."""
+    def _fork_init(self, spec: sandbox.ContainerSpec) -> None:
+        """Fork pid 1 of a new pid namespace (this process stays in its own); it waits
+        for "go" (`_start_and_wait`) before it enters the tree."""
+        child_sock = None
+        if self.opts.tty:
+            self.tty_sock, child_sock = socket.socketpair()
+        self.report_fd, spec.report_fd = os.pipe()
+        spec.go_fd, self.go_fd = os.pipe()
+        try:
+            self.starting = self._fork_pid1(spec, child_sock)
+        finally:
+            os.close(spec.report_fd)
+            os.close(spec.go_fd)
+            if child_sock is not None:
+                child_sock.close()
+        self._tell_janitor(f"I {self.starting}")
+
+    def _fork_pid1(self, spec: sandbox.ContainerSpec, child_sock: socket.socket | None) -> int:
         own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         try:
             syscalls.unshare(syscalls.CLONE_NEWPID)
@@ -508,9 +566,12 @@ class Runner:
                 os.close(own)
                 if self.janitor_fd is not None:
                     os.close(self.janitor_fd)
-                for fd in (self.wake_r, self.wake_w, self.report_fd):
-                    if fd >= 0:
-                        os.close(fd)
+                for fd in (self.report_fd, self.go_fd):
+                    os.close(fd)
+                if self.tty_sock is not None:
+                    self.tty_sock.close()
+                from . import sandbox
+
                 sandbox.start_init(spec, child_sock)
         finally:
             if os.getpid() != 1:
@@ -526,21 +587,19 @@ class Runner:
         return pid
 
     def _start_and_wait(self, spec: sandbox.ContainerSpec) -> int:
+        """The tree is mounted: let init go on, then supervise it."""
         opts = self.opts
         stdin_tty = os.isatty(0)
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        parent_sock = child_sock = None
-        if opts.tty:
-            parent_sock, child_sock = socket.socketpair()
-        self.report_fd, spec.report_fd = os.pipe()
-        self.init = self._fork_init(spec, child_sock)
-        os.close(spec.report_fd)
-        self._tell_janitor(f"I {self.init}")
-        if child_sock is not None:
-            child_sock.close()
+        with contextlib.suppress(OSError):  # init died early: its status tells
+            os.write(self.go_fd, b"G")
+        os.close(self.go_fd)
+        self.go_fd = -1
+        self.init, self.starting = self.starting, None
+        parent_sock, self.tty_sock = self.tty_sock, None
         pending, self.pending = self.pending, []
         for sig in pending:  # arrived while forking: the command gets them now
             self._on_signal(sig, None)
@@ -619,6 +678,8 @@ class Runner:
                 r, _, _ = select.select([master], [], [], 0.1)
                 if not r or not self._pump_output(master):
                     break
+        from . import sandbox
+
         return sandbox.exit_code(status)
 
     @staticmethod
@@ -650,12 +711,23 @@ class Runner:
             with contextlib.suppress(termios.error):
                 termios.tcsetattr(0, termios.TCSADRAIN, self.saved_tty)
             self.saved_tty = None
-        if self.init is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.init, signal.SIGKILL)  # pid 1 dies: the kernel kills the rest
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.init, 0)
-            self.init = None
+        if self.go_fd >= 0:
+            os.close(self.go_fd)  # init never went on
+            self.go_fd = -1
+        if self.tty_sock is not None:
+            self.tty_sock.close()
+            self.tty_sock = None
+        for pid in (self.init, self.starting):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # pid 1 dies: the kernel kills the rest
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        self.init = self.starting = None
+        if self.prefork is not None:  # no mount was handed to it
+            self.prefork.cancel()
+            self.prefork = None
+            self.daemon = None  # reaped
         if self.master is not None:
             with contextlib.suppress(OSError):
                 os.close(self.master)
@@ -815,6 +887,8 @@ def _in_layer(layer_fd: int, rel: bytes) -> bool:
 
 def _janitor(rfd: int, runner: Runner) -> NoReturn:
     """Cleans up after a pyunion that died without doing it (read its pipe until EOF)."""
+    from . import confine, sandbox
+
     code = 0
     try:
         for sig in (*sandbox.FORWARDED, signal.SIGWINCH):

@@ -103,6 +103,7 @@ class ContainerSpec:
     tty: bool = False
     read_only: bool = False
     report_fd: int = -1  # where init writes the mount points it created, one per line
+    go_fd: int = -1  # "G" once the tree is mounted (EOF: no container after all)
     confinement: confine.Confinement = field(default_factory=confine.Confinement)
     # In a user namespace: why an ID outside it cannot be used (`userns.outside_hint`, from
     # the host's files, which init no longer sees once it has entered the container).
@@ -320,11 +321,15 @@ def setup_root(spec: ContainerSpec) -> None:
         confine.mask_paths(rootfd, conf)
     finally:
         os.close(rootfd)
+    _prepare_filter(conf)
+    _pivot_into(spec.root)
+
+
+def _prepare_filter(conf: confine.Confinement) -> None:
     try:
         confine.prepare(conf)  # needs the host's libseccomp: before the host goes away
     except seccomp.SeccompError as e:
         raise SetupError(str(e)) from e
-    _pivot_into(spec.root)
 
 
 # -- users, from the image's own files ----------------------------------------------------
@@ -498,7 +503,7 @@ def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
             pickle.dump(spec, f)
         os.lseek(blob, 0, os.SEEK_SET)
         sock = tty_sock.detach() if tty_sock is not None else -1
-        for fd in (blob, sock, spec.report_fd, *spec.confinement.preserved):
+        for fd in (blob, sock, spec.report_fd, spec.go_fd, *spec.confinement.preserved):
             if fd >= 0:
                 os.set_inheritable(fd, True)
         # -S: no site (the path is given, the package's own directory first, for an
@@ -537,12 +542,14 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         # forwards it once.
         os.setsid()
         # Nothing pyunion or its caller holds may reach the container (--preserve-fds aside).
-        own = [spec.report_fd] if spec.report_fd >= 0 else []
+        own = [fd for fd in (spec.report_fd, spec.go_fd) if fd >= 0]
         if tty_sock is not None:
             own.append(tty_sock.detach())
         moved = confine.close_fds(spec.confinement, own)
         if spec.report_fd >= 0:
             spec.report_fd = moved.pop(0)
+        if spec.go_fd >= 0:
+            spec.go_fd = moved.pop(0)
         if tty_sock is not None:
             tty_sock = socket.socket(fileno=moved.pop(0))
         set_process_title("pyunion-init")
@@ -550,6 +557,12 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         wipe_environ()
         mask = set(FORWARDED) | {signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+        _prepare_filter(spec.confinement)  # while pyunion mounts the tree
+        if spec.go_fd >= 0:  # the tree is mounted: the mount namespace copied next has it
+            go = os.read(spec.go_fd, 1)
+            os.close(spec.go_fd)
+            if go != b"G":
+                os._exit(125)  # no container after all: pyunion says why
         try:
             unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
         except OSError:

@@ -13,9 +13,11 @@ Three steps, in three processes, so that `pyunion run` pays for each only once:
 - `load_profile` (pyunion itself, before anything is mounted): read and check
   the JSON, keep the rules that apply to this container's capabilities, this
   architecture and this kernel. A bad profile is one line and exit 125.
-- `compile` (the container's init, before pivot_root, while the host's
-  libraries are reachable): import the libseccomp binding and add the rules.
-- `install` (the command, just before execve): load the filter into the kernel.
+- `compile` (the container's init, while pyunion mounts the tree and the host's
+  libraries are reachable): import the libseccomp binding, add the rules and
+  have libseccomp generate the BPF program (`seccomp_export_bpf`).
+- `install` (init, and the command just before execve): load that program into
+  the kernel with the flags libseccomp's `seccomp_load` would use.
 
 The binding is pyseccomp: ctypes over the system's libseccomp2 with the same
 API as libseccomp's own Python module, which is not on PyPI (Debian's
@@ -36,7 +38,12 @@ from typing import Any
 
 from . import caps
 from .errors import UserError
-from .syscalls import AT_FDCWD
+from .syscalls import (
+    AT_FDCWD,
+    SECCOMP_FILTER_FLAG_LOG,
+    SECCOMP_FILTER_FLAG_SPEC_ALLOW,
+    seccomp_set_filter,
+)
 from .tree import NotRegularFile, read_regular
 
 DEFAULT_PROFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "seccomp.json")
@@ -267,8 +274,41 @@ def _import_pyseccomp() -> Any:
     return import_with_sonames("pyseccomp")
 
 
-def compile(f: Filter) -> Any:
-    """A libseccomp filter context with every rule added (not loaded yet)."""
+@dataclass(frozen=True)
+class Program:
+    """A filter as libseccomp generated it (`seccomp_export_bpf`), with the flags its
+    `seccomp_load` passes to seccomp(2) for this filter's attributes.
+
+    init and the command both load it: generated once, the BPF costs libseccomp's
+    code generation once per container instead of once per process.
+    """
+
+    bpf: bytes
+    flags: int
+
+
+def compile(f: Filter) -> Program:
+    """The filter's BPF program, made by libseccomp from every rule (not loaded yet)."""
+    filt = _build(f)
+    fd = os.memfd_create("pyunion-seccomp", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as out:  # export_bpf writes to the fd
+            filt.export_bpf(out)
+        size = os.fstat(fd).st_size
+        bpf = os.pread(fd, size, 0)
+    except OSError as e:
+        raise SeccompError(f"cannot build the seccomp filter: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    # seccomp_load's flags: no TSYNC (one thread), no listener (no NOTIFY action).
+    flags = (SECCOMP_FILTER_FLAG_LOG if f.log else 0) | (
+        SECCOMP_FILTER_FLAG_SPEC_ALLOW if f.spec_allow else 0
+    )
+    return Program(bpf, flags)
+
+
+def _build(f: Filter) -> Any:
+    """A libseccomp filter context with every rule added."""
     try:
         sc = _import_pyseccomp()
     except (ImportError, RuntimeError) as e:  # RuntimeError: libseccomp.so not found
@@ -300,9 +340,9 @@ def compile(f: Filter) -> Any:
     return filt
 
 
-def install(filt: Any) -> None:
+def install(prog: Program) -> None:
     """Load the filter into this process (needs CAP_SYS_ADMIN or no_new_privs)."""
     try:
-        filt.load()
+        seccomp_set_filter(prog.flags, prog.bpf)
     except OSError as e:
         raise SeccompError(f"cannot load the seccomp filter: {e.strerror}") from e

@@ -120,6 +120,25 @@ SYS_PIVOT_ROOT = {
     "armv7l": 218,
 }.get(os.uname().machine)
 
+SYS_SECCOMP = {
+    "x86_64": 317,
+    "aarch64": 277,
+    "riscv64": 277,
+    "ppc64le": 358,
+    "s390x": 348,
+    "i686": 354,
+    "armv7l": 383,
+}.get(os.uname().machine)
+
+# seccomp(2)
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_LOG = 2
+SECCOMP_FILTER_FLAG_SPEC_ALLOW = 4
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
 
 def _check(ret: int, what: str, path: str | bytes | None = None) -> int:
     if ret < 0:
@@ -420,3 +439,14 @@ def wipe_environ() -> None:
     start, end = area
     if end > start:
         ctypes.memset(start, 0, end - start)
+
+
+def seccomp_set_filter(flags: int, program: bytes) -> None:
+    """seccomp(SECCOMP_SET_MODE_FILTER, flags, program): load a classic BPF program
+    (`struct sock_filter`s, 8 bytes each), as libseccomp's own `seccomp_load` does."""
+    if SYS_SECCOMP is None:
+        raise OSError(38, "seccomp: unknown syscall number on this architecture")
+    if not program or len(program) % 8 or len(program) // 8 > 0xFFFF:
+        raise OSError(22, "seccomp: not a BPF program")
+    prog = _SockFprog(len(program) // 8, program)
+    _check(_libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)), "seccomp")

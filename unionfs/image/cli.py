@@ -12,22 +12,13 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from ..cli import store_option
 from ..errors import UserError
 from ..progress import Bars
 from ..userns import enter_rootless
 from . import platforms
 from .safetext import printable
 from .store import Image, Store, short_id
-
-
-def store_option(p: argparse.ArgumentParser) -> None:
-    """`--store DIR`, as every command that uses the image store takes it."""
-    p.add_argument(
-        "--store",
-        metavar="DIR",
-        help="image store (default: $PYUNION_STORE, else "
-        "$XDG_DATA_HOME/pyunion/store or ~/.local/share/pyunion/store)",
-    )
 
 
 def platform_option(p: argparse.ArgumentParser) -> None:
