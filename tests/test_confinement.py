@@ -351,6 +351,28 @@ def test_filter_is_the_one_libseccomp_loads(caps_: str) -> None:
     assert len(ours) > 1000 * 8 and ours == theirs
 
 
+def test_program_is_kept_and_checked(env: Env, tmp_path: Path) -> None:
+    """The program libseccomp made is kept in the state directory for the next container
+    (which loads it as it is); a kept file that is not a whole program is made again."""
+    state = tmp_path / "state"
+    env.env["PYUNION_STATE_DIR"] = str(state)
+    want = _syscalls(env.run("hostile", "syscalls").stdout)
+    assert want["unshare"] == EPERM
+    (kept,) = state.glob("seccomp-*.bpf")
+    good, mtime = kept.read_bytes(), kept.stat().st_mtime_ns
+    assert _syscalls(env.run("hostile", "syscalls").stdout) == want
+    assert kept.stat().st_mtime_ns == mtime  # loaded, not made again
+    kept.write_bytes(good[:-4])  # not whole: made again, never loaded
+    r = env.run("hostile", "syscalls")
+    assert r.returncode == 0 and _syscalls(r.stdout) == want, r.stderr
+    assert kept.read_bytes() == good
+    assert (
+        _syscalls(env.run("hostile", "syscalls", opts=("--cap-add", "SYS_ADMIN")).stdout)["unshare"]
+        == 0
+    )
+    assert len(list(state.glob("seccomp-*.bpf"))) == 2  # one per filter
+
+
 def test_profile_file(env: Env, tmp_path: Path) -> None:
     """--security-opt seccomp=FILE in the OCI format; a bad profile is one line, exit 125."""
     prof = tmp_path / "p.json"

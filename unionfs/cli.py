@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import UserError
@@ -206,7 +206,32 @@ def run_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
         return 141
 
 
+# Commands that leave without the interpreter's teardown (`_exit_now`) when they are the
+# program (not `main([...])` called in a process that goes on).
+_QUICK_EXIT = ("run", "mount", "umount", "unmount")
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit at once: `pyunion run` is on every container's start-up, and the interpreter's
+    teardown (freeing every module's objects) took longer than the container's own.
+    These commands leave nothing to finalize: no threads, no atexit, no open files but
+    stdio, flushed here."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        code = code or 141
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and sys.argv[1:2] and sys.argv[1] in _QUICK_EXIT:
+        _exit_now(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["--version"]:
         print(f"pyunion {__version__}")

@@ -28,10 +28,10 @@ import fnmatch
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import caps, seccomp, syscalls, userns, volumes
 from .errors import UserError
+from .seccomp import Program
 from .syscalls import MS_BIND, MS_RDONLY, open_in_root
 
 MASKED = (
@@ -73,7 +73,7 @@ class Confinement:
     privileged: bool = False
     preserved: tuple[int, ...] = ()  # 3..N+2 with --preserve-fds N
     first_closed: int = 3  # every fd from here up is closed in the container
-    compiled: seccomp.Program | None = field(default=None, repr=False)  # built in init
+    compiled: Program | None = field(default=None, repr=False)  # seccomp.program's
 
 
 def _fail(msg: str) -> UserError:

@@ -261,6 +261,27 @@ def resolve_image(opts: RunOptions) -> tuple[list[str], dict[str, Any]]:
     return [os.path.abspath(x) for x in opts.layers], {}
 
 
+def _build_filter(conf: confine.Confinement) -> None:
+    """The seccomp program (`seccomp.program`), made here while the daemon starts, and
+    kept for the next container: init only loads it."""
+    if conf.seccomp is None:
+        return
+    from . import seccomp
+    from .mount import open_state_dir
+
+    try:
+        dfd: int | None = open_state_dir()
+    except UserError:
+        dfd = None  # mount() says what is wrong with it
+    try:
+        conf.compiled = seccomp.program(conf.seccomp, dfd)
+    except seccomp.SeccompError as e:
+        raise _fail(str(e)) from e
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
 def _parse_env_item(item: str, where: str) -> tuple[str, str] | None:
     key, eq, value = item.partition("=")
     if not key:
@@ -462,6 +483,7 @@ class Runner:
 
         opts = self.opts
         layers, config = resolve_image(opts)
+        _build_filter(confinement)
         hostname = opts.hostname or socket.gethostname()
         spec = sandbox.ContainerSpec(
             root="",

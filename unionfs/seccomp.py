@@ -8,16 +8,17 @@ capabilities, architecture and kernel version. The default profile shipped
 in `data/seccomp.json` is derived from containers/common's (see
 `data/NOTICE`).
 
-Three steps, in three processes, so that `pyunion run` pays for each only once:
+Three steps, in three processes, so that `pyunion run` pays for each at most once:
 
 - `load_profile` (pyunion itself, before anything is mounted): read and check
   the JSON, keep the rules that apply to this container's capabilities, this
   architecture and this kernel. A bad profile is one line and exit 125.
-- `compile` (the container's init, while pyunion mounts the tree and the host's
-  libraries are reachable): import the libseccomp binding, add the rules and
-  have libseccomp generate the BPF program (`seccomp_export_bpf`).
-- `install` (init, and the command just before execve): load that program into
-  the kernel with the flags libseccomp's `seccomp_load` would use.
+- `program` (pyunion, while the daemon starts): import the libseccomp binding,
+  add the rules and have libseccomp generate the BPF program
+  (`seccomp_export_bpf`), or take the one it generated for the same filter
+  before, kept in the private state directory.
+- `install` (the container's init, and the command just before execve): load
+  that program into the kernel with the flags libseccomp's `seccomp_load` uses.
 
 The binding is pyseccomp: ctypes over the system's libseccomp2 with the same
 API as libseccomp's own Python module, which is not on PyPI (Debian's
@@ -28,11 +29,14 @@ the BPF program. Names libseccomp does not know are skipped, as runc does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
-import sys
+import stat
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,6 +309,102 @@ def compile(f: Filter) -> Program:
         SECCOMP_FILTER_FLAG_SPEC_ALLOW if f.spec_allow else 0
     )
     return Program(bpf, flags)
+
+
+# -- the program, kept between containers -------------------------------------------------------
+# libseccomp's part (import the binding, add the rules, generate the BPF) is ~40 ms of
+# CPU on every container start. The program it made is kept in the state directory
+# (private to the user, see mount.state_dir), named by a hash of everything it depends
+# on: the filter, this module, libseccomp's version, the kernel and the architecture.
+CACHE_MAGIC = b"pyunion seccomp program 1\n"
+_FLAGS = struct.Struct("<I")
+MAX_PROGRAM = 8 * 0xFFFF  # BPF programs are at most 65535 instructions of 8 bytes
+
+
+def program(f: Filter, cache_fd: int | None) -> Program:
+    """`compile(f)`, or the program compiled for the same filter before (`cache_fd`: the
+    state directory, None for no cache)."""
+    name = _cache_name(f) if cache_fd is not None else None
+    if cache_fd is not None and name is not None:
+        prog = _read_cached(cache_fd, name)
+        if prog is not None:
+            return prog
+    prog = compile(f)
+    if cache_fd is not None and name is not None:
+        with contextlib.suppress(OSError):  # a full disk costs the next start, no more
+            _write_cached(cache_fd, name, prog)
+    return prog
+
+
+def _libseccomp_version() -> str | None:
+    """libseccomp's version (without the binding's import; None if it is missing)."""
+    import ctypes
+
+    from .syscalls import SONAMES
+
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+    try:
+        lib = ctypes.CDLL(SONAMES["seccomp"])
+    except OSError:
+        return None
+    lib.seccomp_version.restype = ctypes.POINTER(Version)
+    v = lib.seccomp_version().contents
+    return f"{v.major}.{v.minor}.{v.micro}"
+
+
+def _cache_name(f: Filter) -> str | None:
+    version = _libseccomp_version()
+    if version is None:
+        return None  # compile() says what is wrong
+    me = os.stat(__file__)
+    uname = os.uname()
+    key = "\0".join(
+        (repr(f), f"{me.st_mtime_ns}:{me.st_size}", version, uname.release, uname.version)
+    )
+    return f"seccomp-{uname.machine}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.bpf"
+
+
+def _read_cached(dfd: int, name: str) -> Program | None:
+    """The kept program, if it is ours, whole and sound; None otherwise (compile again)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        head = len(CACHE_MAGIC) + _FLAGS.size
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        if not head < st.st_size <= head + MAX_PROGRAM:
+            return None
+        data = os.pread(fd, st.st_size + 1, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    bpf = data[head:]
+    if len(data) != st.st_size or not data.startswith(CACHE_MAGIC) or len(bpf) % 8:
+        return None
+    (flags,) = _FLAGS.unpack_from(data, len(CACHE_MAGIC))
+    return Program(bpf, flags)
+
+
+def _write_cached(dfd: int, name: str, prog: Program) -> None:
+    """Under a fresh name, then renamed into place: a reader sees all of it or nothing."""
+    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
+    )
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(CACHE_MAGIC + _FLAGS.pack(prog.flags) + prog.bpf)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
 
 
 def _build(f: Filter) -> Any:

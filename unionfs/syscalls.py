@@ -42,21 +42,22 @@ def import_with_sonames(name: str) -> ModuleType:
         return sys.modules[name]
     search = ctypes.util.find_library
 
-    def find_library(lib: str) -> str | None:
-        soname = SONAMES.get(lib)
+    def find_library(name: str) -> str | None:
+        soname = SONAMES.get(name)
         if soname is not None:
             try:
                 ctypes.CDLL(soname)
                 return soname
             except OSError:
                 pass
-        return search(lib)
+        return search(name)
 
     ctypes.util.find_library = find_library
     try:
         return importlib.import_module(name)
     finally:
         ctypes.util.find_library = search
+
 
 # renameat2(2)
 RENAME_NOREPLACE = 1
@@ -449,4 +450,6 @@ def seccomp_set_filter(flags: int, program: bytes) -> None:
     if not program or len(program) % 8 or len(program) // 8 > 0xFFFF:
         raise OSError(22, "seccomp: not a BPF program")
     prog = _SockFprog(len(program) // 8, program)
-    _check(_libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)), "seccomp")
+    _check(
+        _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)), "seccomp"
+    )

@@ -8,9 +8,10 @@ import sys
 
 import trio
 
+from ..cli import store_option
 from ..errors import UserError
 from ..image import platforms
-from ..image.cli import platform_option, store_option
+from ..image.cli import platform_option
 from ..image.store import Store
 from . import auth
 from .auth import Credentials, parse_registry
