@@ -72,3 +72,22 @@ def test_image_package_names_the_functions_whatever_was_imported_first() -> None
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert r.stdout.strip() == "True"
+
+
+def test_daemon_preload_skips_metadata_and_ldconfig() -> None:
+    """A daemon's imports (`mount._preload`) leave out importlib.metadata (pyfuse3 reads
+    its own version with it) and `ldconfig -p` (trio's find_library), and pyfuse3 still
+    knows its version."""
+    from importlib.metadata import version
+
+    code = (
+        "import ctypes.util, sys\n"
+        "def no(name): raise AssertionError('find_library ' + name)\n"
+        "ctypes.util._findSoname_ldconfig = no\n"
+        "from unionfs import mount; mount._preload(); import pyfuse3\n"
+        "print('importlib.metadata' in sys.modules, pyfuse3.__version__)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert r.stdout.split() == ["False", version("pyfuse3")], r.stderr
