@@ -713,7 +713,7 @@ def _import_pyfuse3() -> None:
     start. A stand-in answers `version()` from the `NAME-VERSION.dist-info` directory
     beside the package while pyfuse3 is imported, then leaves."""
     if "pyfuse3" in sys.modules or "importlib.metadata" in sys.modules:
-        import pyfuse3  # noqa: F401
+        import pyfuse3
 
         return
     import importlib.util
