@@ -3,15 +3,18 @@
 The parent side (this module) owns everything that must be undone:
 
 1. unshare a mount namespace and make it private, so the FUSE mount (and the
-   container's mounts under it) never appear in the host's mount table;
-2. mount the layers under a fresh upper in a temporary directory
-   (`unionfs.mount.mount`, allow_other so `-u USER` can read the tree);
-3. fork a janitor: if pyunion itself is killed (SIGKILL, OOM), the janitor
+   container's mounts under it) never appear in the host's mount table, and
+   fork the daemon-to-be in it (`mount.Prefork`), which imports while the
+   rest is prepared (docs/architecture.md: start-up as a pipeline);
+2. fork a janitor: if pyunion itself is killed (SIGKILL, OOM), the janitor
    sees its pipe close and does the teardown pyunion could not do;
-4. fork the container's init into a new pid namespace (`sandbox.start_init`: a fresh
+3. fork the container's init into a new pid namespace (`sandbox.start_init`: a fresh
    interpreter, so that pid 1 holds nothing of pyunion's memory),
    confined as podman confines a container (`confine.py`: options checked here,
-   before anything is mounted), forward signals to it, relay a pty for `-t`;
+   before anything is mounted); it waits for "go";
+4. mount the layers under a fresh upper in a temporary directory
+   (`unionfs.mount.mount`, allow_other so `-u USER` can read the tree), then
+   tell init to go on; forward signals to it, relay a pty for `-t`;
 5. teardown, always: kill what is left of the container, unmount, wait for the
    daemon (stop it if it lingers: only its pid), remove the temporary upper
    unless `--keep`/`--upper`, through fds (`tree.py`): the container wrote it.

@@ -8,12 +8,11 @@ Process tree (the parent side lives in `run.py`):
          └─ the command (setuid to the image's user, exec'd)
 
 `init` first closes every fd it inherited (only 0-2 and `--preserve-fds`
-stay), then builds the container's view on top of the merged tree: a fresh
+stay) and waits for pyunion's "go" (the tree is mounted), then builds the container's view on top of the merged tree: a fresh
 /proc, a tmpfs /dev with the usual nodes, a new devpts instance, /sys
 read-only, the host's resolv.conf/hosts/hostname (copies, so the container
 cannot write the host's files), the user's `-v` binds and the masked and
-read-only paths (`confine.py`); it builds the seccomp filter while the host's
-libseccomp is still reachable, then pivot_root into the tree and detach the
+read-only paths (`confine.py`), then pivot_root into the tree and detach the
 host's root, so nothing of the host stays reachable (`--read-only` then
 remounts just the root mount read-only). Mount points the image lacks are
 created in the tree, and reported to pyunion so that a kept upper can drop
@@ -35,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import pickle
 import signal
@@ -479,10 +477,13 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None, go: i
     os._exit(126)  # not reached
 
 
-# What the fresh interpreter of `start_init` runs: pyunion's sys.path, then the spec.
+# What the fresh interpreter of `start_init` runs: pyunion's sys.path, then the spec, both
+# from the memfd (a pickle of builtins: no json or other import before the path is set).
 _BOOT = (
-    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-    "from unionfs.sandbox import _init_main; _init_main(int(sys.argv[2]), int(sys.argv[3]))"
+    "import pickle, sys\n"
+    "with open(int(sys.argv[1]), 'rb') as f: path, spec = pickle.load(f)\n"
+    "sys.path[:0] = path\n"
+    "from unionfs.sandbox import _init_main; _init_main(spec, int(sys.argv[2]))"
 )
 
 
@@ -498,32 +499,29 @@ def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
     """
     try:
         set_pdeathsig(signal.SIGKILL)  # kept across execve
+        # -S: no site (the path is given, the package's own directory first, for an
+        # editable install whose finder `site` would load): ~20 ms less for every start.
+        path = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *sys.path]
         blob = os.memfd_create("pyunion-spec", 0)
         with os.fdopen(os.dup(blob), "wb") as f:
-            pickle.dump(spec, f)
+            pickle.dump((path, pickle.dumps(spec)), f)
         os.lseek(blob, 0, os.SEEK_SET)
         sock = tty_sock.detach() if tty_sock is not None else -1
         for fd in (blob, sock, spec.report_fd, spec.go_fd, *spec.confinement.preserved):
             if fd >= 0:
                 os.set_inheritable(fd, True)
-        # -S: no site (the path is given, the package's own directory first, for an
-        # editable install whose finder `site` would load): ~20 ms less for every start.
-        path = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *sys.path]
         os.execve(
-            sys.executable,
-            [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(path), str(blob), str(sock)],
-            {},
+            sys.executable, [sys.executable, "-I", "-S", "-c", _BOOT, str(blob), str(sock)], {}
         )
     except BaseException as e:  # noqa: BLE001 - a forked child must never return into pyunion
         print(f"pyunion: cannot start the container's init: {e}", file=sys.stderr)
     os._exit(125)
 
 
-def _init_main(blob: int, sock: int) -> NoReturn:
-    """pid 1 in its fresh interpreter: read the spec, then be `container_init`."""
+def _init_main(blob: bytes, sock: int) -> NoReturn:
+    """pid 1 in its fresh interpreter: unpickle the spec, then be `container_init`."""
     try:
-        with os.fdopen(blob, "rb") as f:
-            spec = pickle.load(f)
+        spec = pickle.loads(blob)
     except BaseException as e:  # noqa: BLE001
         print(f"pyunion: cannot start the container's init: {e}", file=sys.stderr)
         os._exit(125)

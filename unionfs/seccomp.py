@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import os
 import re
 import stat
@@ -120,6 +118,8 @@ def _bad(path: str, what: str) -> UserError:
 
 
 def _read(path: str) -> Any:
+    import json  # here: the container's init imports this module and reads no profile
+
     try:
         data = read_regular(AT_FDCWD, path, MAX_PROFILE, resolve="anywhere")
     except NotRegularFile:
@@ -251,6 +251,8 @@ def load_profile(path: str | None, capset: frozenset[int]) -> Filter:
         if isinstance(entry.get("name"), str):
             names = [*names, entry["name"]]
         if not names:
+            import json
+
             raise _bad(path, f"a syscalls entry without names: {json.dumps(entry)[:80]}")
         action = _action(path, entry.get("action"), entry.get("errnoRet"), EPERM)
         args = _args(path, entry.get("args"))
@@ -355,6 +357,8 @@ def _libseccomp_version() -> str | None:
 
 
 def _cache_name(f: Filter) -> str | None:
+    import hashlib  # here: init, which imports this module, never needs it
+
     version = _libseccomp_version()
     if version is None:
         return None  # compile() says what is wrong
