@@ -110,10 +110,16 @@ def _image_mount_flags(cfg: MountConfig, options: list[str]) -> None:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import mount
+    from .mount import Prefork, forkserver_wanted, mount
 
-    cfg = build_mount_config(args)
-    mount(cfg)
+    # The daemon-to-be imports while the request is checked (docs/architecture.md).
+    background = not (args.foreground or args.debug or forkserver_wanted())
+    prefork = Prefork() if background else None
+    try:
+        mount(build_mount_config(args), prefork)
+    finally:
+        if prefork is not None:
+            prefork.cancel()  # never handed a mount (a bad request): stop and reap it
     return 0
 
 
