@@ -7,22 +7,23 @@ Process tree (the parent side lives in `run.py`):
          │  holds nothing of pyunion's memory); new mount, uts and ipc namespaces
          └─ the command (setuid to the image's user, exec'd)
 
-`init` first closes every fd it inherited (only 0-2 and `--preserve-fds`
-stay) and waits for pyunion's "go" (the tree is mounted), then builds the container's view on top of the merged tree: a fresh
-/proc, a tmpfs /dev with the usual nodes, a new devpts instance, /sys
-read-only, the host's resolv.conf/hosts/hostname (copies, so the container
-cannot write the host's files), the user's `-v` binds and the masked and
-read-only paths (`confine.py`), then pivot_root into the tree and detach the
-host's root, so nothing of the host stays reachable (`--read-only` then
-remounts just the root mount read-only). Mount points the image lacks are
-created in the tree, and reported to pyunion so that a kept upper can drop
-them again. It then forks the command (which cuts its capabilities, loads the
-filter and switches to the image's user just before execve: `confine.enter`),
-takes the command's confinement itself, forwards the signals pyunion relays
-to it, reaps every zombie (orphans are re-parented to pid 1) and exits with
-the command's status as an exit code (128+N for signal N). When init exits
-the kernel kills whatever the command left behind, and the container's mount
-namespace goes with it.
+`init` first closes every fd it inherited (only 0-2 and `--preserve-fds` stay)
+and waits for pyunion's "go" (the tree is mounted), then builds the
+container's view on top of the merged tree: a fresh /proc, a tmpfs /dev with
+the usual nodes, a new devpts instance, /sys read-only, the host's
+resolv.conf/hosts/hostname (copies, so the container cannot write the host's
+files), the user's `-v` binds and the masked and read-only paths
+(`confine.py`), then pivot_root into the tree and detach the host's root, so
+nothing of the host stays reachable (`--read-only` then remounts just the root
+mount read-only). Mount points the image lacks are created in the tree, and
+reported to pyunion so that a kept upper can drop them again. It then forks
+the command (which cuts its capabilities, loads the filter and switches to the
+image's user just before execve: `confine.enter`), takes the command's
+confinement itself, forwards the signals pyunion relays to it, reaps every
+zombie (orphans are re-parented to pid 1) and exits with the command's status
+as an exit code (128+N for signal N). When init exits the kernel kills
+whatever the command left behind, and the container's mount namespace goes
+with it.
 
 Every path inside the image is resolved with openat2(RESOLVE_IN_ROOT): a
 symlink in the image (even an absolute one) can never make us mount over, or
