@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import trio
+import trio.testing
 
 from unionfs import reqloop
 
@@ -58,3 +59,31 @@ async def test_spin_backs_off_when_requests_come_seldom_and_resumes_when_they_co
     finally:
         os.close(r)
         os.close(w)
+
+
+async def test_read_lock_taken_again_without_yielding_waiter_gets_it_when_holder_sleeps() -> None:
+    lock = reqloop._Trio(0).Lock()
+    order: list[str] = []
+
+    async def other() -> None:
+        async with lock:
+            order.append("other")
+
+    async with trio.open_nursery() as nursery:
+        async with lock:
+            nursery.start_soon(other)
+            await trio.testing.wait_all_tasks_blocked()  # `other` waits for the lock
+            order.append("held")
+        # Released and taken again many times over without a checkpoint: `other`,
+        # woken, has not run in between (trio's Lock would have handed it over).
+        for i in range(100):
+            async with lock:
+                order.append(f"again{i}")
+        assert "other" not in order
+        # The holder sleeps (as the loop does in wait_readable) holding the lock:
+        # the waiter stays out; once it is free, the waiter gets it.
+        async with lock:
+            await trio.testing.wait_all_tasks_blocked()
+            assert "other" not in order
+        await trio.testing.wait_all_tasks_blocked()
+    assert order[-1] == "other" and order.count("other") == 1

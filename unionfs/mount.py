@@ -638,17 +638,17 @@ def serve(
             os.close(lock_fd)
             lock_fd = -1
 
-    if cfg.spin_us > 0:
-        # Without the hook every request waits in epoll (README: Performance, ~1.3x
-        # slower): say so, and the tests read this line in the debug log.
-        if reqloop.install(pyfuse3, cfg.spin_us):
-            log.debug("request loop: /dev/fuse polled for %d us before sleeping", cfg.spin_us)
-        else:
-            log.warning(
-                "request loop: cannot hook pyfuse3 %s's wait for /dev/fuse; requests are "
-                "served without polling (slower)",
-                getattr(pyfuse3, "__version__", "?"),
-            )
+    # The request loop's hooks (reqloop.py): pyfuse3's read lock, and the poll of
+    # /dev/fuse unless spin=0. Without them every request waits in epoll (README:
+    # Performance, ~1.3x slower): say so, and the tests read this line in the debug log.
+    if reqloop.install(pyfuse3, cfg.spin_us):
+        log.debug("request loop: /dev/fuse polled for %d us before sleeping", cfg.spin_us)
+    else:
+        log.warning(
+            "request loop: cannot hook pyfuse3 %s's wait for /dev/fuse; requests are "
+            "served without polling (slower)",
+            getattr(pyfuse3, "__version__", "?"),
+        )
 
     async def main() -> None:
         nonlocal unmounted_by_us
