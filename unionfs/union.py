@@ -232,10 +232,16 @@ class Union:
             node.xnames = names
         return names
 
+    def has_xattr(self, node: Node, name: bytes) -> bool:
+        """Whether `node` has xattr `name`, from the cached list (no syscall).
+
+        The kernel asks for security.capability before every write(2) and exec:
+        the FUSE adaptor answers its usual ENODATA from this.
+        """
+        return not is_internal_xattr(name) and name in self._xattr_names(node)
+
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        # The kernel asks for security.capability before every write(2): answer a
-        # missing name from the cached list, without a syscall.
-        if is_internal_xattr(name) or name not in self._xattr_names(node):
+        if not self.has_xattr(node, name):
             raise FsError(errno.ENODATA)
         target, follow = self._xattr_target(node)
         return os.getxattr(target, name, follow_symlinks=follow)
