@@ -242,6 +242,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args == ["--version"]:
         print(f"pyunion {__version__}")
         return 0
+    # Before anything imports trio: a daemon forked from here never loads what it never uses.
+    from .lazyimport import defer
+
+    defer()
     # `mount` and `run` are on the start-up path of every container: a command builds
     # the parser of its own module only; help and mistakes get every command.
     first = args[0] if args else ""

@@ -242,6 +242,9 @@ def server_main(state_fd: int) -> NoReturn:
         except BlockingIOError:
             os._exit(0)  # another server runs
         # Everything a daemon needs, imported once and shared by every fork.
+        from .lazyimport import defer
+
+        defer()
         import_with_sonames("trio")  # no `ldconfig -p` (syscalls.SONAMES)
         import pyfuse3  # noqa: F401
         import trio  # noqa: F401

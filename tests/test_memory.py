@@ -1,0 +1,74 @@
+"""What a mount's daemon holds: modules it never uses stay unloaded; per-object records stay small.
+
+The memory figures themselves are the benchmark's (scripts/bench.py); these
+tests pin the mechanisms behind them, each of which a change elsewhere could
+silently undo (a new module-level `import ssl`, a cache that keeps full stats).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support import daemon_of, mounted, needs_fuse
+
+# Shared objects a daemon would map only for TLS.
+TLS_LIBS = ("libssl.so", "/_ssl.")
+
+
+def _run_python(code: str) -> str:
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_deferred_modules_load_on_first_use_only() -> None:
+    """trio imports ssl and idna (twice over); neither runs until something reads it."""
+    out = _run_python(
+        "import sys, unionfs.lazyimport as l\n"
+        "l.defer()\n"
+        "import trio, pyfuse3, ssl, idna\n"
+        "from unionfs import fuseops, reqloop, union\n"
+        "kind = lambda n: type(sys.modules[n]).__name__\n"
+        "print(kind('ssl'), kind('idna'), '_ssl' in sys.modules, 'idna.core' in sys.modules)\n"
+        "ctx = ssl.create_default_context()\n"  # the first use loads it, as if eager
+        "print(kind('ssl'), '_ssl' in sys.modules, ctx.verify_mode == ssl.CERT_REQUIRED)\n"
+        "print(idna.encode('b\\u00fccher.example', uts46=True).decode())\n"
+        "l.defer()\n"  # idempotent: a loaded module is left alone
+        "print(kind('ssl'), sys.modules['ssl'].SSLContext is ssl.SSLContext)\n"
+    )
+    assert out.split("\n") == [
+        "_LazyModule _LazyModule False False",
+        "module True True",
+        "xn--bcher-kva.example",
+        "module True",
+        "",
+    ]
+
+
+def test_a_missing_module_stays_missing() -> None:
+    out = _run_python(
+        "import sys, unionfs.lazyimport as l\n"
+        "l.defer(('no_such_module_here',))\n"
+        "print('no_such_module_here' in sys.modules)\n"
+        "try:\n    import no_such_module_here\nexcept ImportError:\n    print('ImportError')\n"
+    )
+    assert out.split() == ["False", "ImportError"]
+
+
+@needs_fuse
+def test_mounted_daemon_maps_no_tls(layers: tuple) -> None:
+    """A daemon started by the CLI serves requests without OpenSSL's TLS library mapped."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("x")
+    with mounted(lows, mnt, upper, work):
+        assert (mnt / "f").read_text() == "x"
+        (mnt / "g").write_text("y")
+        assert sorted(os.listdir(mnt)) == ["f", "g"]
+        maps = Path(f"/proc/{daemon_of(mnt)}/maps").read_text()
+        assert "libfuse3.so" in maps  # the right process
+        assert not [line for line in maps.splitlines() if any(s in line for s in TLS_LIBS)]

@@ -1,0 +1,59 @@
+"""Modules a mount's daemon carries but never uses, loaded only on first use.
+
+trio imports `ssl` (for `trio.SSLStream`) and `idna` (for host names given to
+`trio.socket`) at module level, and uses them only inside functions. A daemon
+serves a filesystem and never opens a connection, yet each of its processes
+would map OpenSSL and build these modules: about 5 MiB of its resident memory
+per mount (README: Performance). So they are registered here as lazy modules,
+with the standard library's recipe (importlib.util.LazyLoader, "Implementing
+lazy imports"): `import ssl` still succeeds everywhere, and the module is
+executed when an attribute of it is first read (`ssl.create_default_context`
+in the registry client), so commands that do use TLS work as before.
+
+On Python 3.11 the recipe alone does not hold: a second `import ssl`
+(trio imports it twice) reads `ssl.__spec__` to see whether the module is
+still initializing, and the lazy module loads on any attribute read. The
+subclass below answers that one read from the module's own dictionary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+# Never used by a daemon (see the docstring); anything else a daemon imports is used.
+UNUSED_BY_DAEMON = ("ssl", "idna")
+
+
+_classes: dict[type[types.ModuleType], type[types.ModuleType]] = {}
+
+
+def _lazy_class(lazy: type[types.ModuleType]) -> type[types.ModuleType]:
+    """The standard library's lazy module class `lazy`, which reading `__spec__` does not load."""
+    cls = _classes.get(lazy)
+    if cls is None:
+
+        def __getattribute__(self: types.ModuleType, attr: str) -> object:
+            if attr == "__spec__":  # the import system's check, on every `import NAME`
+                return types.ModuleType.__getattribute__(self, attr)
+            return lazy.__getattribute__(self, attr)  # loads it, then reads `attr`
+
+        cls = _classes[lazy] = type(lazy.__name__, (lazy,), {"__getattribute__": __getattribute__})
+    return cls
+
+
+def defer(names: tuple[str, ...] = UNUSED_BY_DAEMON) -> None:
+    """Register `names` as lazy modules unless imported already (idempotent)."""
+    for name in names:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            continue  # not installed: an import of it fails as it would have
+        loader = importlib.util.LazyLoader(spec.loader)
+        spec.loader = loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        loader.exec_module(module)
+        module.__class__ = _lazy_class(type(module))
