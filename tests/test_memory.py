@@ -14,6 +14,10 @@ from pathlib import Path
 
 from support import daemon_of, mounted, needs_fuse
 
+from unionfs.inodes import ROOT_ID, Stat, compact
+from unionfs.layers import LayerStack
+from unionfs.union import Union
+
 # Shared objects a daemon would map only for TLS.
 TLS_LIBS = ("libssl.so", "/_ssl.")
 
@@ -72,3 +76,34 @@ def test_mounted_daemon_maps_no_tls(layers: tuple) -> None:
         maps = Path(f"/proc/{daemon_of(mnt)}/maps").read_text()
         assert "libfuse3.so" in maps  # the right process
         assert not [line for line in maps.splitlines() if any(s in line for s in TLS_LIBS)]
+
+
+def test_stats_are_kept_compact(tmp_path: Path) -> None:
+    """What listings and nodes keep of a lower object is a `Stat`, equal to its lstat."""
+    low = tmp_path / "low"
+    low.mkdir()
+    for i in range(3):
+        (low / f"f{i}").write_text("x" * i)
+    (low / "d").mkdir()
+    os.symlink("f0", low / "s")
+    u = Union(LayerStack([str(low)], None), -1)
+    try:
+        root = u.table.get(ROOT_ID)
+        assert root is not None
+        listing = u.resolver.listing(root)
+        assert sorted(listing) == [b"d", b"f0", b"f1", b"f2", b"s"]
+        for name, entry in listing.items():
+            node = u.lookup(root, name)
+            assert node is not None
+            real = os.lstat(low / os.fsdecode(name))
+            for st in (entry.st, node.st, u.stat(node)[0]):
+                assert type(st) is Stat
+                assert {f: getattr(st, f) for f in Stat.__slots__} == {
+                    f: getattr(real, f) for f in Stat.__slots__
+                }
+            assert u.resolver.resolve(root, name) == entry
+        f0, f1 = listing[b"f0"].st, listing[b"f1"].st
+        assert f0.st_mode is f1.st_mode and f0.st_dev is f1.st_dev  # one int per value
+        assert f0 != f1 and f0 == compact(os.lstat(low / "f0")) and compact(f0) is f0
+    finally:
+        u.close()

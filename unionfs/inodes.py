@@ -12,14 +12,23 @@ a table that grows with copy-ups, never with the size of the tree.
 Nodes are released when the kernel forgets them (lookup count zero), except
 pinned ones (open handles, hard-linked copy-ups), so a long walk does not grow
 memory without bound.
+
+The kernel holds on to what it looked up for as long as it has memory to
+spare, so the daemon keeps a node, and a stat of each lower object, for every
+name a walk met. The stats are kept as `Stat` records, built once per stat
+call (`compact`): an `os.stat_result` holds every time three times over (int
+seconds, float, int ns) in objects of its own, about 620 bytes in all, where
+the fields the daemon reads, with the values many objects share (modes,
+devices, block sizes) held once, fit in about 300.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     from .handles import Handle
@@ -28,6 +37,111 @@ if TYPE_CHECKING:
 ROOT_ID = 1
 _HIGH_SHIFT = 56
 _OVERFLOW_BASE = 1 << 62
+
+
+class Stat:
+    """The fields of a stat the daemon reads (see the module docstring), by their stat names."""
+
+    __slots__ = (
+        "st_atime_ns",
+        "st_blksize",
+        "st_blocks",
+        "st_ctime_ns",
+        "st_dev",
+        "st_gid",
+        "st_ino",
+        "st_mode",
+        "st_mtime_ns",
+        "st_nlink",
+        "st_rdev",
+        "st_size",
+        "st_uid",
+    )
+    st_mode: int
+    st_ino: int
+    st_dev: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_size: int
+    st_atime_ns: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    st_blksize: int
+    st_blocks: int
+    st_rdev: int
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Stat:
+            return NotImplemented
+        return _fields(self) == _fields(other)
+
+    def __hash__(self) -> int:
+        return hash(_fields(self))
+
+    def __repr__(self) -> str:
+        return "Stat(" + ", ".join(f"{f}={getattr(self, f)}" for f in self.__slots__) + ")"
+
+
+# A stat as the daemon keeps it (`Stat`) or as a syscall returned it, read the same way.
+AnyStat: TypeAlias = "Stat | os.stat_result"
+
+_fields = operator.attrgetter(
+    "st_mode",
+    "st_ino",
+    "st_dev",
+    "st_nlink",
+    "st_uid",
+    "st_gid",
+    "st_size",
+    "st_atime_ns",
+    "st_mtime_ns",
+    "st_ctime_ns",
+    "st_blksize",
+    "st_blocks",
+    "st_rdev",
+)
+# Modes, device and block-size numbers repeat across a tree: one int object per value.
+# Bounded, since a layer may hold any number of distinct modes.
+_shared: dict[int, int] = {}
+_SHARED_MAX = 1024
+
+
+def _share(v: int) -> int:
+    if len(_shared) < _SHARED_MAX:
+        return _shared.setdefault(v, v)
+    return v
+
+
+def compact(st: AnyStat) -> Stat:
+    """`st` as a `Stat` (itself if it is one already)."""
+    if type(st) is Stat:
+        return st
+    s = object.__new__(Stat)
+    (
+        mode,
+        s.st_ino,
+        dev,
+        s.st_nlink,
+        s.st_uid,
+        s.st_gid,
+        s.st_size,
+        s.st_atime_ns,
+        s.st_mtime_ns,
+        s.st_ctime_ns,
+        blksize,
+        s.st_blocks,
+        s.st_rdev,
+    ) = _fields(st)
+    shared = _shared.get
+    s.st_mode = shared(mode) or _share(mode)
+    s.st_dev = shared(dev) or _share(dev)
+    s.st_blksize = shared(blksize) or _share(blksize)
+    return s
+
+
+# The `fds` of every non-directory: one shared list, never changed (only a directory's are).
+_NO_FDS: list[int] = []
 
 
 class Node:
@@ -77,13 +191,13 @@ class Node:
         self.is_dir = is_dir
         self.layer = layer
         self.chain = chain
-        self.fds: list[int] = [-1] * len(chain) if is_dir else []
+        self.fds: list[int] = [-1] * len(chain) if is_dir else _NO_FDS
         self.listing: dict[bytes, Entry] | None = None  # see Resolver.listing
         self.handles: list[Handle] | None = None
         self.origin = origin
         self.unlinked = False
         self.xwh: frozenset[int] | None = None  # see Resolver.xwh_layers
-        self.st: os.stat_result | None = None  # lower objects: their (immutable) stat
+        self.st: AnyStat | None = None  # lower objects: their (immutable) stat
         # The object's xattr names, kept once asked: lower objects never change, and an
         # upper object's xattrs change only through the daemon, which clears this.
         self.xnames: frozenset[bytes] | None = None

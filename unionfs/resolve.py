@@ -32,7 +32,7 @@ import weakref
 from typing import NamedTuple
 
 from .errors import FsError
-from .inodes import InodeTable, Node
+from .inodes import InodeTable, Node, Stat, compact
 from .layers import LayerStack, open_dir_at
 from .whiteout import (
     OPAQUE_XATTRS,
@@ -48,7 +48,7 @@ class Entry(NamedTuple):
     """A resolved name: where its topmost instance lives and, for a directory, its chain."""
 
     layer: int
-    st: os.stat_result
+    st: Stat  # kept in listings and nodes: compact (inodes.Stat)
     chain: tuple[int, ...]
     origin: tuple[int, int]  # (dev, ino) that gives the object its identity
 
@@ -259,7 +259,8 @@ class Resolver:
                     break
                 top = (layer, st)
                 if not stat.S_ISDIR(st.st_mode):
-                    return Entry(layer, st, (), (st.st_dev, st.st_ino))  # hides all below
+                    cst = compact(st)
+                    return Entry(layer, cst, (), (cst.st_dev, cst.st_ino))  # hides all below
                 if layer != 0:
                     origin_st = st
             elif kind != _IFDIR:
@@ -277,8 +278,9 @@ class Resolver:
                     break
         if top is None:
             return None
-        ost = origin_st or top[1]
-        return Entry(top[0], top[1], tuple(chain), (ost.st_dev, ost.st_ino))
+        cst = compact(top[1])
+        ost = cst if origin_st is None or origin_st is top[1] else origin_st
+        return Entry(top[0], cst, tuple(chain), (ost.st_dev, ost.st_ino))
 
     # -- listing -------------------------------------------------------------
     def listing(self, d: Node) -> dict[bytes, Entry]:

@@ -30,7 +30,7 @@ from .copyup import NO_COPYUPS, Changed, CopyJob, CopyPlan, CopyUp, chown_failed
 from .errors import FsError
 from .handles import DirHandle, HandleTable
 from .identity import Identity
-from .inodes import ROOT_ID, InodeTable, Node
+from .inodes import ROOT_ID, AnyStat, InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
@@ -151,7 +151,7 @@ class Union:
         node.nlookup += 1
         return node
 
-    def stat(self, node: Node) -> tuple[os.stat_result, int]:
+    def stat(self, node: Node) -> tuple[AnyStat, int]:
         """(stat of the object's topmost instance, st_nlink to show)."""
         if node.is_dir:
             if node.chain[0] != 0 and node.st is not None:
