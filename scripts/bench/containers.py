@@ -213,7 +213,9 @@ def parallel(setup: _Setup, n: int = N_PARALLEL) -> dict[str, Any]:
         result["daemon_pss_mib"] = [(_pss_kib(p) or 0) / 1024 for p in daemons]
         containers = []
         for p in running:
-            containers.append(sum((_pss_kib(q) or 0) for q in _tree(p.pid)) / 1024)
+            # A daemon forked by `run` is its child: counted once, as a daemon, below.
+            tree = [q for q in _tree(p.pid) if q not in daemons]
+            containers.append(sum((_pss_kib(q) or 0) for q in tree) / 1024)
         result["run_tree_pss_mib"] = containers
     finally:
         (marks / "stop").touch()
