@@ -83,3 +83,7 @@ if ! .venv/bin/python -c 'import pyfuse3, trio, pytest, pytest_trio, hypothesis,
     .venv/bin/pip install -qq -e '.[test]' --config-settings editable_mode=compat
     touch .venv/.installed
 fi
+# Bytecode for pyunion itself, as an installed package has it: where the environment says
+# PYTHONDONTWRITEBYTECODE, every command would compile its modules again (~10 ms of each
+# start) and each daemon would hold ~2 MiB more.
+.venv/bin/python -m compileall -q unionfs >/dev/null
