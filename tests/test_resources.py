@@ -30,6 +30,20 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fd_count(pid: int, timeout: float = 5.0) -> int:
+    """The daemon's fd count once the FORGETs and RELEASEs the kernel queued (after
+    drop_caches, after a close) have been served: they arrive asynchronously, so a
+    count taken at once may include fds that are about to be closed. A real leak stays."""
+    last, same = fd_count(pid), 0
+    deadline = time.monotonic() + timeout
+    while same < 3 and time.monotonic() < deadline:  # unchanged for 0.6 s
+        time.sleep(0.2)
+        now = fd_count(pid)
+        same = same + 1 if now == last else 0
+        last = now
+    return last
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -80,13 +94,13 @@ def test_fd_and_memory_bounded_over_many_cycles(layers: tuple) -> None:
         for i in range(warm):
             _cycle(mnt, i)
         drop_caches()
-        fds0, rss0 = fd_count(pid), rss_kib(pid)
+        fds0, rss0 = settled_fd_count(pid), rss_kib(pid)
         t = time.monotonic()
         for i in range(warm, CYCLES):
             _cycle(mnt, i)
         elapsed = time.monotonic() - t
         drop_caches()
-        fds1, rss1 = fd_count(pid), rss_kib(pid)
+        fds1, rss1 = settled_fd_count(pid), rss_kib(pid)
         print(
             f"{CYCLES} cycles (~{CYCLES * 14} requests) in {elapsed:.1f}s: "
             f"fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB"
