@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
+from . import syscalls
 from .errors import UserError
 from .layers import LayerStack
 from .options import MountConfig
@@ -428,16 +429,17 @@ def open_mountpoint(mp: str) -> int:
         raise UserError(f"mount point {mp!r}: {e.strerror}") from None
 
 
-def validate(cfg: MountConfig, mp_fd: int) -> None:
+def validate(cfg: MountConfig, mp_fd: int | None) -> None:
     """Refuse a bad mount before anything is mounted or created, with one clear line.
 
-    `mp_fd` is the mount point (`open_mountpoint`): its checks are made on it.
+    `mp_fd` is the mount point (`open_mountpoint`): its checks are made on it;
+    None for a detached mount (`mount_detached`), which has no mount point here.
     """
     if not os.path.exists("/dev/fuse"):
         raise UserError("/dev/fuse does not exist (is the fuse module loaded?)")
     mp = cfg.mountpoint
-    real_mp = os.readlink(fd_str(mp_fd))
-    if any(m == real_mp for m, _, _ in mounts()):
+    real_mp = os.readlink(fd_str(mp_fd)) if mp_fd is not None else None
+    if real_mp is not None and any(m == real_mp for m, _, _ in mounts()):
         raise UserError(f"{mp!r} is already a mount point")
     layers = list(cfg.lowers) + ([cfg.upper] if cfg.upper else [])
     for path in layers:
@@ -445,6 +447,8 @@ def validate(cfg: MountConfig, mp_fd: int) -> None:
             raise UserError(f"layer {path!r} does not exist")
         if not os.path.isdir(path):
             raise UserError(f"layer {path!r} is not a directory")
+        if real_mp is None:
+            continue
         real = os.path.realpath(path)
         if _inside(real_mp, real):
             raise UserError(f"mount point {mp!r} is inside layer {path!r}")
@@ -511,10 +515,13 @@ def _lock_upper(upper_fd: int, upper: str) -> None:
 
 
 # -- the daemon ------------------------------------------------------------------------
-def _fuse_options(cfg: MountConfig) -> set[str]:
-    import pyfuse3
+# pyfuse3.default_options, written here so that the parent of a detached mount, which
+# makes the kernel mount itself (`kernel_mount_params`), need not import pyfuse3.
+FUSE_DEFAULT_OPTIONS = frozenset({"default_permissions"})  # the kernel checks permissions
 
-    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks permissions
+
+def _fuse_options(cfg: MountConfig) -> set[str]:
+    opts = set(FUSE_DEFAULT_OPTIONS)
     opts.add(f"fsname={cfg.fsname}")
     opts.add("subtype=pyunion")
     opts |= cfg.fuse_options
@@ -531,17 +538,196 @@ def _fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
+# What libfuse's mount(2) makes of the options (lib/mount.c), for a mount made here with
+# the new mount API: VFS flags (libfuse's defaults are nosuid,nodev), the kernel's own
+# FUSE parameters, and the two it turns into the mount's source and type.
+_MOUNT_ATTRS = {
+    "ro": (syscalls.MOUNT_ATTR_RDONLY, True),
+    "rw": (syscalls.MOUNT_ATTR_RDONLY, False),
+    "nosuid": (syscalls.MOUNT_ATTR_NOSUID, True),
+    "suid": (syscalls.MOUNT_ATTR_NOSUID, False),
+    "nodev": (syscalls.MOUNT_ATTR_NODEV, True),
+    "dev": (syscalls.MOUNT_ATTR_NODEV, False),
+    "noexec": (syscalls.MOUNT_ATTR_NOEXEC, True),
+    "exec": (syscalls.MOUNT_ATTR_NOEXEC, False),
+}
+_KERNEL_FLAGS = {"allow_other", "default_permissions"}
+_KERNEL_VALUES = {"max_read", "blksize"}
+
+
+def kernel_mount_params(cfg: MountConfig) -> tuple[list[tuple[str, str | None]], int]:
+    """The fsconfig parameters (key, value or None for a flag) and the MOUNT_ATTR_* flags
+    of `cfg`'s FUSE mount, as libfuse would mount it (less the fd and the owner).
+
+    An option libfuse handles in userspace only (auto_unmount, ...) cannot be honoured
+    by a mount made here: refused, never dropped.
+    """
+    params: list[tuple[str, str | None]] = [("rootmode", "40000")]
+    attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+    for opt in sorted(_fuse_options(cfg)):
+        key, eq, value = opt.partition("=")
+        if key in _MOUNT_ATTRS and not eq:
+            bit, on = _MOUNT_ATTRS[key]
+            attrs = attrs | bit if on else attrs & ~bit
+            if key == "ro":
+                params.append(("ro", None))  # the superblock too, as mount(2) with MS_RDONLY
+        elif key in _KERNEL_FLAGS and not eq:
+            params.append((key, None))
+        elif key in _KERNEL_VALUES and eq:
+            params.append((key, value))
+        elif key == "fsname" and eq:
+            params.append(("source", value))
+        elif key == "subtype" and eq:
+            params.append(("subtype", value))
+        else:
+            raise UserError(f"the FUSE option {opt!r} is not supported for this mount")
+    return params, attrs
+
+
+def _fuse_superblock(fuse_fd: int, params: list[tuple[str, str | None]], attrs: int) -> int:
+    """A detached FUSE mount (its fd) served through `fuse_fd`: fsopen, fsconfig, fsmount.
+
+    Creating the superblock queues the kernel's INIT request on `fuse_fd`; any
+    use of the mount waits until the daemon has answered it.
+    """
+    fsfd = syscalls.fsopen("fuse")
+    try:
+        syscalls.fsconfig(fsfd, "fd", str(fuse_fd))
+        # libfuse's rule: the caller's real IDs (in a user namespace, as seen there).
+        syscalls.fsconfig(fsfd, "user_id", str(os.getuid()))
+        syscalls.fsconfig(fsfd, "group_id", str(os.getgid()))
+        for key, value in params:
+            syscalls.fsconfig(fsfd, key, value)
+        syscalls.fsconfig(fsfd, None)
+        return syscalls.fsmount(fsfd, attrs)
+    finally:
+        os.close(fsfd)
+
+
+def _fuse_superblock_in_own_ns(
+    fuse_fd: int, params: list[tuple[str, str | None]], attrs: int
+) -> int:
+    """`_fuse_superblock` from a short-lived child in a mount namespace of its own.
+
+    fsopen needs CAP_SYS_ADMIN over the caller's mount namespace, which the root
+    of a user namespace lacks over the host's (rootless `run`). The child's
+    namespace is owned by the user namespace; the detached mount outlives it (it
+    belongs to no namespace until attached) and comes back by SCM_RIGHTS.
+    """
+    import socket
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            parent.close()
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            mfd = _fuse_superblock(fuse_fd, params, attrs)
+            socket.send_fds(child, [b"M"], [mfd])
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - a forked child never returns
+            with contextlib.suppress(OSError):
+                child.send(b"E" + str(e).encode(errors="replace"))
+        os._exit(code)
+    child.close()
+    try:
+        msg, fds, _, _ = socket.recv_fds(parent, 4096, 1)
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+    if msg == b"M" and len(fds) == 1:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    raise OSError(errno.EPERM, msg[1:].decode(errors="replace") or "the helper died")
+
+
+def mount_detached(cfg: MountConfig, prefork: Prefork | None = None) -> tuple[int, int]:
+    """A FUSE mount in no mount namespace, for a container: (daemon pid, mount fd).
+
+    `pyunion run` hands the fd (close-on-exec) to the container's init, which
+    attaches it in its own mount namespace (`syscalls.move_mount`). The caller's
+    namespace is never copied: no process of pyunion's holds a copy of the
+    host's mounts, so none of them is kept alive while the container runs. The
+    daemon gets /dev/fuse as an fd (libfuse's `/dev/fd/N` mount point: it then
+    mounts nothing); the mount ends when the container's namespace and every fd
+    of it are gone, and the daemon then exits. There is no mount point on the
+    host, so no pid file (`umount` has nothing to name). `cfg.mountpoint` only
+    names the mount in messages.
+    """
+    cfg.detached = True
+    validate(cfg, None)
+    params, attrs = kernel_mount_params(cfg)
+    cfg.lowers = [os.path.abspath(p) for p in cfg.lowers]
+    cfg.upper = os.path.abspath(cfg.upper) if cfg.upper else cfg.upper
+    cfg.work = os.path.abspath(cfg.work) if cfg.work else cfg.work
+    try:
+        fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise UserError(f"cannot open /dev/fuse: {e.strerror}") from None
+    try:
+        try:
+            mnt_fd = _fuse_superblock(fuse_fd, params, attrs)
+        except PermissionError:
+            if not in_user_namespace():
+                raise
+            mnt_fd = _fuse_superblock_in_own_ns(fuse_fd, params, attrs)
+    except OSError as e:
+        os.close(fuse_fd)
+        raise UserError(f"cannot make the FUSE mount: {e.strerror or e}") from None
+    except BaseException:
+        os.close(fuse_fd)
+        raise
+    try:
+        # The superblock exists: the daemon may read /dev/fuse (before, a read is EPERM).
+        pid = _start_detached_daemon(cfg, fuse_fd, prefork)
+    except BaseException:
+        os.close(mnt_fd)
+        raise
+    return pid, mnt_fd
+
+
+def _start_detached_daemon(cfg: MountConfig, fuse_fd: int, prefork: Prefork | None) -> int:
+    """The daemon of a detached mount (`prefork`'s, or forked here), serving `fuse_fd`
+    (taken over: the daemon then holds the only one); its pid once it serves."""
+    r, w = os.pipe()
+    pid = prefork.hand_over(cfg, w, None, fuse_fd) if prefork is not None else os.fork()
+    if pid == 0:  # the daemon
+        code = 1
+        try:
+            os.close(r)
+            code = run_daemon(cfg, w, None, fuse_fd)
+        except BaseException as e:  # noqa: BLE001 - report it, never a traceback on the user's tty
+            with contextlib.suppress(OSError):
+                os.write(w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(fuse_fd)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read()
+    if msg == b"OK":
+        return pid
+    os.waitpid(pid, 0)
+    raise UserError(
+        msg[1:].decode(errors="replace") or "the daemon died before the mount was ready"
+    )
+
+
 def serve(
     cfg: MountConfig,
     ready_fd: int | None = None,
     state_fd: int | None = None,
     mp_fd: int | None = None,
+    fuse_fd: int | None = None,
 ) -> int:
     """Mount and serve until unmounted. Reports readiness (or the error) on `ready_fd`.
 
     `state_fd` is the state directory (`open_state_dir`), where the daemon's pid
     is recorded for `umount`; `mp_fd` the mount point (`open_mountpoint`, taken
-    over: closed here).
+    over: closed here). With `fuse_fd` (/dev/fuse, of a mount `mount_detached`
+    made) nothing is mounted here and there is neither mount point nor pid file.
     """
     _preload()
     import pyfuse3
@@ -558,21 +744,32 @@ def serve(
             return 1
         raise UserError(msg)
 
-    if state_fd is None:
+    detached = fuse_fd is not None
+    if state_fd is None and not detached:
         try:
             state_fd = open_state_dir()
         except UserError as e:
             return fail(str(e))
-    sfd: int = state_fd
-    if mp_fd is None:
+    sfd = state_fd if state_fd is not None else -1
+    if mp_fd is None and not detached:
         try:
             mp_fd = open_mountpoint(cfg.mountpoint)
         except UserError as e:
             return fail(str(e))
     # The parent directory and the name, to unmount on a signal without a path lookup.
-    real_mp = os.readlink(fd_str(mp_fd))
-    mp_name = os.fsencode(os.path.basename(real_mp))
-    mp_parent = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=mp_fd)
+    real_mp, mp_name, mp_parent = cfg.mountpoint, b"", -1
+    if mp_fd is not None:
+        real_mp = os.readlink(fd_str(mp_fd))
+        mp_name = os.fsencode(os.path.basename(real_mp))
+        mp_parent = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=mp_fd)
+
+    def close_mount_point() -> None:
+        """The mount point's fds: the directory under the mount is never used again."""
+        nonlocal mp_fd
+        if mp_fd is not None:
+            os.close(mp_fd)
+            mp_fd = None
+
     # Upper objects are created with exactly the modes the kernel sends (it has applied
     # the caller's umask already). The state files are made with explicit modes.
     os.umask(0)
@@ -580,8 +777,9 @@ def serve(
     try:
         stack = LayerStack(cfg.lowers, None if cfg.read_only else cfg.upper)
     except UserError as e:
-        os.close(mp_fd)
-        os.close(mp_parent)
+        close_mount_point()
+        if mp_parent >= 0:
+            os.close(mp_parent)
         return fail(str(e))
     work_fd = -1
     try:
@@ -591,8 +789,9 @@ def serve(
             lock_fd, work_fd = prepare_workdir(cfg.work)
     except UserError as e:
         stack.close()
-        os.close(mp_fd)
-        os.close(mp_parent)
+        close_mount_point()
+        if mp_parent >= 0:
+            os.close(mp_parent)
         return fail(str(e))
     core = Union(
         stack,
@@ -604,27 +803,35 @@ def serve(
     ops = make_ops(core, cfg.idmap, debug=cfg.debug)
     _raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
-    state = _state_name(real_mp)
+    state = _state_name(real_mp) if not detached else ""
     me = os.getpid()
     try:
-        write_pid(sfd, state, me, real_mp)
+        if not detached:
+            write_pid(sfd, state, me, real_mp)
     except OSError as e:
         core.close()
-        os.close(mp_fd)
-        os.close(mp_parent)
+        close_mount_point()
+        if mp_parent >= 0:
+            os.close(mp_parent)
         return fail(f"cannot record the daemon's pid in {state_dir()!r}: {e.strerror}")
     # Root mounts (mount(2)) on the fd's object itself; a user's mount goes through
     # fusermount3, a setuid helper that makes its own checks on the path.
-    target = fd_str(mp_fd) if os.geteuid() == 0 else real_mp
+    if fuse_fd is not None:
+        target = f"/dev/fd/{fuse_fd}"  # libfuse serves this fd and mounts nothing
+    else:
+        assert mp_fd is not None
+        target = fd_str(mp_fd) if os.geteuid() == 0 else real_mp
     try:
         pyfuse3.init(ops, target, _fuse_options(cfg))
     except (RuntimeError, OSError) as e:  # libfuse's "fuse_session_mount failed"
         core.close()
-        remove_pid(sfd, state, me)
-        os.close(mp_parent)
+        if not detached:
+            remove_pid(sfd, state, me)
+        if mp_parent >= 0:
+            os.close(mp_parent)
         return fail(f"cannot mount {cfg.mountpoint!r}: {e}")
     finally:
-        os.close(mp_fd)  # the directory under the mount: never used again
+        close_mount_point()
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
@@ -681,13 +888,15 @@ def serve(
         # then meaningless): the mount is found by name in its parent, held open.
         with contextlib.suppress(RuntimeError, OSError):
             pyfuse3.close(unmount=False)
-        if unmounted_by_us and any(mp == real_mp for mp, _, _ in mounts()):
+        if not detached and unmounted_by_us and any(mp == real_mp for mp, _, _ in mounts()):
             with contextlib.suppress(OSError):
                 umount2(fdpath(mp_parent, mp_name), MNT_DETACH | UMOUNT_NOFOLLOW)
-        os.close(mp_parent)
+        if mp_parent >= 0:
+            os.close(mp_parent)
         release()
-        remove_pid(sfd, state, me)
-        os.close(sfd)
+        if not detached:
+            remove_pid(sfd, state, me)
+            os.close(sfd)
     return 0
 
 
@@ -768,12 +977,15 @@ class Prefork:
         self.pid = pid
         self.sock: socket.socket | None = ours
 
-    def hand_over(self, cfg: MountConfig, ready_w: int, state_fd: int, mp_fd: int) -> int:
-        """Send the daemon its mount (it reports on `ready_w` as any daemon); its pid."""
+    def hand_over(self, cfg: MountConfig, ready_w: int, state_fd: int | None, mp_fd: int) -> int:
+        """Send the daemon its mount (it reports on `ready_w` as any daemon); its pid.
+
+        `mp_fd` is /dev/fuse for a detached mount (`cfg.detached`, no `state_fd`)."""
         sock, self.sock = self.sock, None
         assert sock is not None, "a preforked daemon serves one mount"
+        fds = [ready_w, mp_fd] + ([state_fd] if state_fd is not None else [])
         with sock, contextlib.suppress(OSError):  # it died: `mount` reads no OK, reaps it
-            socket.send_fds(sock, [pickle.dumps(cfg)], [ready_w, state_fd, mp_fd])
+            socket.send_fds(sock, [pickle.dumps(cfg)], fds)
         return self.pid
 
     def cancel(self) -> None:
@@ -798,10 +1010,14 @@ def _prefork_main(sock: socket.socket) -> NoReturn:
         _preload()
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
         sock.close()
-        if not msg or len(fds) != 3:
+        if not msg or len(fds) not in (2, 3):
             os._exit(0)  # cancelled, or the caller is gone
-        ready_w, state_fd, mp_fd = fds
-        code = serve(pickle.loads(msg), ready_w, state_fd, mp_fd)
+        ready_w, mp_fd = fds[:2]
+        cfg = pickle.loads(msg)
+        if cfg.detached:
+            code = serve(cfg, ready_w, fuse_fd=mp_fd)
+        else:
+            code = serve(cfg, ready_w, fds[2], mp_fd)
     except BaseException as e:  # noqa: BLE001 - report it, never a traceback on the user's tty
         if ready_w >= 0:
             with contextlib.suppress(OSError):
@@ -873,14 +1089,17 @@ def forkserver_wanted() -> bool:
     return os.environ.get("PYUNION_FORKSERVER", "0") == "1"
 
 
-def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int, mp_fd: int) -> int:
+def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int | None, mp_fd: int) -> int:
     """The body of a freshly forked daemon: its own session, nothing of the caller's held.
 
-    `mp_fd` is the mount point the caller checked (`open_mountpoint`), taken over.
+    `mp_fd` is the mount point the caller checked (`open_mountpoint`), or for a
+    detached mount (`cfg.detached`) /dev/fuse; taken over, as `state_fd`.
     """
     os.setsid()
     _detach_stdio()
-    _pin_nothing({ready_fd, state_fd, mp_fd})
+    _pin_nothing({ready_fd, mp_fd} | ({state_fd} if state_fd is not None else set()))
+    if cfg.detached:
+        return serve(cfg, ready_fd, fuse_fd=mp_fd)
     return serve(cfg, ready_fd, state_fd, mp_fd)
 
 

@@ -95,6 +95,7 @@ class MountConfig:
     foreground: bool = False
     fsname: str = "pyunion"
     idmap: IdMap | None = None  # fuse-overlayfs' owner options; None: owners as on disk
+    detached: bool = False  # mount.mount_detached: a mount made for a container, in no namespace
 
 
 @dataclass

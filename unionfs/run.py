@@ -2,19 +2,21 @@
 
 The parent side (this module) owns everything that must be undone:
 
-1. unshare a mount namespace and make it private, so the FUSE mount (and the
-   container's mounts under it) never appear in the host's mount table, and
-   fork the daemon-to-be in it (`mount.Prefork`), which imports while the
-   rest is prepared (docs/architecture.md: start-up as a pipeline);
+1. fork the daemon-to-be (`mount.Prefork`), which imports while the rest is
+   prepared (docs/architecture.md: start-up as a pipeline); pyunion never
+   copies the host's mount namespace, so none of its processes holds (pins)
+   the host's mounts while the container runs;
 2. fork a janitor: if pyunion itself is killed (SIGKILL, OOM), the janitor
    sees its pipe close and does the teardown pyunion could not do;
 3. fork the container's init into a new pid namespace (`sandbox.start_init`: a fresh
    interpreter, so that pid 1 holds nothing of pyunion's memory),
    confined as podman confines a container (`confine.py`: options checked here,
    before anything is mounted); it waits for "go";
-4. mount the layers under a fresh upper in a temporary directory
-   (`unionfs.mount.mount`, allow_other so `-u USER` can read the tree), then
-   tell init to go on; forward signals to it, relay a pty for `-t`;
+4. make the FUSE mount of the layers under a fresh upper (in a temporary
+   directory) as a detached mount (`unionfs.mount.mount_detached`, allow_other
+   so `-u USER` can read the tree: in no mount namespace, never in the host's
+   mount table), then tell init to go on, handing it the mount, which it
+   attaches in its own namespace; forward signals to it, relay a pty for `-t`;
 5. teardown, always: kill what is left of the container, unmount, wait for the
    daemon (stop it if it lingers: only its pid), remove the temporary upper
    unless `--keep`/`--upper`, through fds (`tree.py`): the container wrote it.
@@ -44,14 +46,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import syscalls, tree, userns
 from .errors import UserError
-from .mount import Prefork, forkserver_wanted, is_mountpoint, mount, umount, wait_gone
+from .mount import Prefork, is_mountpoint, mount_detached, umount, wait_gone
 from .options import MountConfig
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
 
 # sandbox, volumes and the image store are imported once the daemon is forked
-# (`Runner._unshare_mounts`): the parent imports them while the daemon imports pyfuse3
+# (`Runner._prefork_daemon`): the parent imports them while the daemon imports pyfuse3
 # and trio. Imported before, the daemon would wait for them too.
 
 TOOL_ERROR = 125
@@ -387,6 +389,7 @@ class Runner:
         self.init: int | None = None  # pid 1 once it goes on (signals are forwarded to it)
         self.starting: int | None = None  # pid 1 waiting for "go"
         self.go_fd = -1
+        self.mount_fd = -1  # the detached mount, until init has it
         self.tty_sock: socket.socket | None = None
         self.prefork: Prefork | None = None
         self.janitor_fd: int | None = None
@@ -454,7 +457,7 @@ class Runner:
             opts.cap_add, opts.cap_drop, opts.privileged, opts.security_opt, opts.preserve_fds
         )
         try:
-            self._unshare_mounts()
+            self._prefork_daemon()
             self._install_handlers()
             return self._prepare_and_run(confinement)
         except _Interrupted as e:
@@ -463,23 +466,12 @@ class Runner:
             self.teardown()
             self._restore_handlers()
 
-    def _unshare_mounts(self) -> None:
-        """A private mount namespace, and in it the daemon-to-be (`mount.Prefork`): its
-        imports, most of a mount's start-up, overlap everything up to the mount."""
-        server = False
-        if forkserver_wanted():
-            from . import forkserver
-
-            forkserver.remember_namespace()  # a fork server is started outside the copy
-            server = forkserver.enabled()
-        try:
-            syscalls.unshare(syscalls.CLONE_NEWNS)
-            syscalls.make_private("/")
-        except OSError as e:
-            raise _fail(f"cannot create a mount namespace: {e.strerror}") from e
-        if not server:  # (root only: it may fork after init, back in its own pid namespace)
-            self.prefork = Prefork()
-            self.daemon = self.prefork.pid
+    def _prefork_daemon(self) -> None:
+        """The daemon-to-be (`mount.Prefork`): its imports, most of a mount's start-up,
+        overlap everything up to the mount. No mount namespace is unshared here: the mount
+        is detached (`mount.mount_detached`), and a copy of the host's would pin its mounts."""
+        self.prefork = Prefork()
+        self.daemon = self.prefork.pid
 
     def _prepare_and_run(self, confinement: confine.Confinement) -> int:
         from . import sandbox
@@ -538,7 +530,7 @@ class Runner:
             fuse_options={"allow_other", "suid", "nodev"},
         )
         try:
-            self.daemon = mount(cfg, self.prefork)
+            self.daemon, self.mount_fd = mount_detached(cfg, self.prefork)
         except UserError as e:
             # Reaped by mount once handed over; if not, teardown stops it (cancel).
             self.daemon = None
@@ -568,7 +560,8 @@ class Runner:
         if self.opts.tty:
             self.tty_sock, child_sock = socket.socketpair()
         self.report_fd, spec.report_fd = os.pipe()
-        spec.go_fd, self.go_fd = os.pipe()
+        theirs, ours = socket.socketpair()  # "G" and the mount's fd (SCM_RIGHTS)
+        spec.go_fd, self.go_fd = theirs.detach(), ours.detach()
         try:
             self.starting = self._fork_pid1(spec, child_sock)
         finally:
@@ -619,10 +612,11 @@ class Runner:
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        with contextlib.suppress(OSError):  # init died early: its status tells
-            os.write(self.go_fd, b"G")
-        os.close(self.go_fd)
-        self.go_fd = -1
+        go, self.go_fd = socket.socket(fileno=self.go_fd), -1
+        with go, contextlib.suppress(OSError):  # init died early: its status tells
+            socket.send_fds(go, [b"G"], [self.mount_fd])
+        self._close_mount()  # init's now: the mount lives as long as the container's namespace
+        self.mount_fd = -1  # the detached mount, until init has it
         self.init, self.starting = self.starting, None
         parent_sock, self.tty_sock = self.tty_sock, None
         pending, self.pending = self.pending, []
@@ -739,6 +733,7 @@ class Runner:
         if self.go_fd >= 0:
             os.close(self.go_fd)  # init never went on
             self.go_fd = -1
+        self.mount_fd = -1  # the detached mount, until init has it
         if self.tty_sock is not None:
             self.tty_sock.close()
             self.tty_sock = None
@@ -764,6 +759,7 @@ class Runner:
         self.wake_r = self.wake_w = -1
         with contextlib.suppress(Exception):
             signal.set_wakeup_fd(-1)
+        self._close_mount()  # never handed to init: it goes now
         created = self._created_mount_points()  # init is gone: its report is complete
         _release(self.merged, self.daemon, self.tmp, self.upper, self.kept(), self.opts.quiet)
         if self.kept() and self.upper is not None and os.path.isdir(self.upper):
@@ -776,6 +772,11 @@ class Runner:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.janitor, 0)  # it exits at once on DONE
             self.janitor = None
+
+    def _close_mount(self) -> None:
+        if self.mount_fd >= 0:
+            os.close(self.mount_fd)
+            self.mount_fd = -1
 
     def _created_mount_points(self) -> list[str]:
         if self.report_fd < 0:
@@ -945,7 +946,7 @@ def _janitor(rfd: int, runner: Runner) -> NoReturn:
 def run(opts: RunOptions) -> int:
     """Run one container; returns the exit code (raises UserError with code 125).
 
-    Meant for the `pyunion run` process itself: it moves the calling process into
-    a private mount namespace for good and installs signal handlers while it runs.
+    Meant for the `pyunion run` process itself: it installs signal handlers while
+    it runs, and in a user namespace it cannot fork after init (`_fork_pid1`).
     """
     return Runner(opts).run()

@@ -2,13 +2,14 @@
 
 Process tree (the parent side lives in `run.py`):
 
-    pyunion run (host pid ns, private mount ns holding the FUSE mount)
+    pyunion run (the caller's namespaces; makes the FUSE mount as a detached mount fd)
      └─ init: pid 1 of a new pid ns (a fresh interpreter exec'd by the fork, so that it
-         │  holds nothing of pyunion's memory); new mount, uts and ipc namespaces
+         │  holds nothing of pyunion's memory); new mount, uts and ipc namespaces,
+         │  where it attaches the FUSE mount (the only namespace that ever holds it)
          └─ the command (setuid to the image's user, exec'd)
 
 `init` first closes every fd it inherited (only 0-2 and `--preserve-fds` stay)
-and waits for pyunion's "go" (the tree is mounted), then builds the
+and waits for pyunion's "go" (with the tree's mount, which it attaches), then builds the
 container's view on top of the merged tree: a fresh /proc, a tmpfs /dev with
 the usual nodes, a new devpts instance, /sys read-only, the host's
 resolv.conf/hosts/hostname (copies, so the container cannot write the host's
@@ -61,6 +62,7 @@ from .syscalls import (
     fd_str,
     make_private,
     mount,
+    move_mount,
     open_in_root,
     pivot_root,
     set_pdeathsig,
@@ -90,7 +92,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 class ContainerSpec:
     """Everything init needs, fixed before the fork."""
 
-    root: str  # the merged mount point (in pyunion's mount namespace)
+    root: str  # where init attaches the mount: an empty directory of pyunion's
     argv: list[str]
     env: dict[str, str]
     workdir: str | None = None
@@ -102,7 +104,7 @@ class ContainerSpec:
     tty: bool = False
     read_only: bool = False
     report_fd: int = -1  # where init writes the mount points it created, one per line
-    go_fd: int = -1  # "G" once the tree is mounted (EOF: no container after all)
+    go_fd: int = -1  # a socket: "G" and the tree's detached mount (EOF: no container)
     confinement: confine.Confinement = field(default_factory=confine.Confinement)
     # In a user namespace: why an ID outside it cannot be used (`userns.outside_hint`, from
     # the host's files, which init no longer sees once it has entered the container).
@@ -277,6 +279,24 @@ def _bind(rootfd: int, vol: Volume) -> None:
             volumes.set_attrs(fd, vol.attrs, vol.recursive)
         finally:
             os.close(fd)
+
+
+def _attach_root(root: str, mount_fd: int) -> None:
+    """Attach the union (a detached mount, `mount_fd`, closed here) at ROOT, in this new
+    mount namespace only.
+
+    Resolved here, after the unshare (an fd from pyunion's namespace names a mount
+    this one cannot mount on). Its first use waits until the daemon has answered
+    the kernel's INIT: the daemon was serving before pyunion said "go".
+    """
+    try:
+        target = open_trusted(root)
+        try:
+            move_mount(mount_fd, target)
+        finally:
+            os.close(target)
+    finally:
+        os.close(mount_fd)
 
 
 def _pivot_into(root: str) -> None:
@@ -557,17 +577,22 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         mask = set(FORWARDED) | {signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, mask)
         _prepare_filter(spec.confinement)  # while pyunion mounts the tree
-        if spec.go_fd >= 0:  # the tree is mounted: the mount namespace copied next has it
-            go = os.read(spec.go_fd, 1)
-            os.close(spec.go_fd)
-            if go != b"G":
+        mount_fd = -1
+        if spec.go_fd >= 0:  # the tree is mounted (detached): init attaches it below
+            with socket.socket(fileno=spec.go_fd) as go_sock:
+                go, fds, _, _ = socket.recv_fds(go_sock, 1, 1)
+            spec.go_fd = -1
+            if go != b"G" or len(fds) != 1:
                 os._exit(125)  # no container after all: pyunion says why
+            mount_fd = fds[0]
         try:
             unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
         except OSError:
             unshare(CLONE_NEWNS)
             _warn("no new uts/ipc namespace")
         make_private("/")
+        if mount_fd >= 0:
+            _attach_root(spec.root, mount_fd)
         with contextlib.suppress(OSError):
             socket.sethostname(spec.hostname)
         try:

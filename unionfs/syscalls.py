@@ -102,6 +102,15 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
 
+# The new mount API: fsopen(2), fsconfig(2), fsmount(2), move_mount(2)
+FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 0x1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+
 # prctl(2)
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -111,6 +120,10 @@ PR_SET_NO_NEW_PRIVS = 38
 SYS_OPENAT2 = 437  # the same number on every architecture (new syscall table)
 SYS_MOUNT_SETATTR = 442  # likewise
 SYS_CLOSE_RANGE = 436  # likewise
+SYS_MOVE_MOUNT = 429  # likewise, and the three below
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
 SYS_PIVOT_ROOT = {
     "x86_64": 155,
     "aarch64": 41,
@@ -286,6 +299,74 @@ def mount_setattr(dirfd: int, path: str, flags: int, attr_set: int, attr_clr: in
         ),
         "mount_setattr",
         path,
+    )
+
+
+def fsopen(fstype: str) -> int:
+    """A filesystem context for `fstype` (close-on-exec): configure it with `fsconfig`."""
+    return _check(_libc.syscall(SYS_FSOPEN, _enc(fstype), ctypes.c_uint(FSOPEN_CLOEXEC)), "fsopen")
+
+
+def fsconfig(fsfd: int, key: str | None, value: str | None = None) -> None:
+    """Set one parameter of a filesystem context: KEY=VALUE, a flag KEY (no value), or,
+    with no key, create the superblock (FSCONFIG_CMD_CREATE).
+
+    A refusal raises OSError whose message carries what the filesystem logged
+    on the context (`fscontext_log`), e.g. "fuse: Unknown parameter 'x'".
+    """
+    if key is None:
+        cmd, k, v = FSCONFIG_CMD_CREATE, None, None
+    elif value is None:
+        cmd, k, v = FSCONFIG_SET_FLAG, _enc(key), None
+    else:
+        cmd, k, v = FSCONFIG_SET_STRING, _enc(key), _enc(value)
+    ret = _libc.syscall(
+        SYS_FSCONFIG, fsfd, ctypes.c_uint(cmd), ctypes.c_char_p(k), ctypes.c_char_p(v), 0
+    )
+    if ret < 0:
+        err = ctypes.get_errno()
+        what = key if key is not None else "create"
+        logged = fscontext_log(fsfd)
+        raise OSError(err, f"{what}: {logged or os.strerror(err)}")
+
+
+def fscontext_log(fsfd: int) -> str:
+    """What the filesystem logged on a context (its error messages), drained; '' if none."""
+    lines = []
+    for _ in range(16):
+        try:
+            msg = os.read(fsfd, 1024)
+        except OSError:  # ENODATA: nothing (more) logged
+            break
+        text = msg.decode(errors="replace").strip()
+        lines.append(text[2:] if text[1:2] == " " else text)  # "e msg", "w msg", "i msg"
+    return "; ".join(lines)
+
+
+def fsmount(fsfd: int, attrs: int = 0) -> int:
+    """A detached mount (close-on-exec fd) of a context's superblock, with MOUNT_ATTR_* `attrs`.
+
+    It is in no mount namespace until `move_mount` attaches it; closed unattached,
+    it goes away, its superblock with it once nothing else holds it."""
+    return _check(
+        _libc.syscall(SYS_FSMOUNT, fsfd, ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attrs)),
+        "fsmount",
+    )
+
+
+def move_mount(from_fd: int, to_fd: int) -> None:
+    """Attach the mount `from_fd` (an `fsmount` fd) on the directory `to_fd` (opened in
+    this mount namespace: the mount goes into this one)."""
+    _check(
+        _libc.syscall(
+            SYS_MOVE_MOUNT,
+            from_fd,
+            b"",
+            to_fd,
+            b"",
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+        ),
+        "move_mount",
     )
 
 
