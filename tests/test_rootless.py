@@ -901,3 +901,62 @@ def test_confinement_is_roots(
     assert "Read-only file system" in mine  # /proc/sys
     if opts == ("-u", "root"):
         assert "CapEff:\t00000000800405fb" in mine and "Operation not permitted" in mine
+
+
+# -- the host's mounts ----------------------------------------------------------------------------
+def test_rootless_run_pins_no_host_mount(user: User, home: Path, tmp_path: Path) -> None:
+    """A host tmpfs mounted before a rootless container starts, unmounted while it runs, is
+    gone from every namespace: neither pyunion (its FUSE mount is made from a short-lived
+    namespace of its own) nor the container (which detaches the host's tree) holds a copy."""
+    import threading
+
+    from test_run_pinning import run_processes, sources_anywhere
+
+    layer = home / "layer"
+    (layer / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, layer / "bin/busybox")
+    os.symlink("busybox", layer / "bin/sh")
+    sync = home / "sync"
+    sync.mkdir()
+    for p in (layer, layer / "bin", sync):
+        os.chown(p, user.uid, user.gid)
+    target = tmp_path / "t"
+    target.mkdir()
+    source = "pyunion-pin-" + os.urandom(6).hex()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", source, str(target)], check=True)
+    result: list[subprocess.CompletedProcess[str]] = []
+    script = "echo > /sync/up; while [ ! -e /sync/go ]; do sleep 0.05; done"
+    t = threading.Thread(
+        target=lambda: result.append(
+            user.pyunion(
+                home,
+                "run",
+                "-v",
+                f"{sync}:/sync",
+                str(layer),
+                "--",
+                "sh",
+                "-c",
+                script,
+                check=False,
+                timeout=60,
+            )
+        )
+    )
+    t.start()
+    try:
+        deadline = 100 * 30
+        while not (sync / "up").exists() and t.is_alive() and deadline:
+            t.join(0.01)
+            deadline -= 1
+        assert (sync / "up").exists(), result[0].stderr if result else "no container"
+        subprocess.run(["umount", str(target)], check=True, timeout=30)
+        pids = run_processes(str(layer))
+        assert len(pids) >= 5, pids  # pyunion, daemon, janitor, init, command
+        holders = sources_anywhere(source, pids)
+        assert holders == [], f"the unmounted tmpfs is still mounted in pids {holders}"
+    finally:
+        (sync / "go").touch()
+        t.join(60)
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+    assert result and result[0].returncode == 0, result[0].stderr if result else "hung"

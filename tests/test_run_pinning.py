@@ -59,12 +59,38 @@ def container(image: list[str], tmp_path: Path) -> Iterator[subprocess.Popen[str
             p.communicate()
 
 
-def _sources_anywhere(source: str) -> list[str]:
-    """The processes whose mount namespace has a mount whose source is `source`."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+def run_processes(marker: str) -> set[int]:
+    """The processes of a `pyunion run`: those whose command line holds `marker` (pyunion,
+    its daemon and janitor keep pyunion's argv), and all their descendants (the container's
+    init and command)."""
+    parent: dict[int, int] = {}
+    ours: set[int] = set()
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == os.getpid():
             continue
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    ours.add(int(p))
+        except (OSError, IndexError, ValueError):
+            continue
+    grew = True
+    while grew:
+        more = {pid for pid, pp in parent.items() if pp in ours} - ours
+        ours |= more
+        grew = bool(more)
+    return ours
+
+
+def sources_anywhere(source: str, pids: set[int]) -> list[int]:
+    """Those of `pids` whose mount namespace has a mount whose source is `source`.
+
+    Only the run's own processes are looked at: on a shared machine another
+    program's namespace (an older pyunion's, a build's) may hold a copy too."""
+    out = []
+    for pid in sorted(pids):
         try:
             with open(f"/proc/{pid}/mountinfo") as f:
                 for line in f:
@@ -108,9 +134,76 @@ def test_host_tmpfs_really_goes_while_a_container_runs(image: list[str], tmp_pat
     source = "pyunion-pin-" + secrets.token_hex(6)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", source, str(target)], check=True)
     try:
-        with container(image, tmp_path):
+        with container(image, tmp_path) as run:
             subprocess.run(["umount", str(target)], check=True, timeout=30)
-            holders = _sources_anywhere(source)
+            pids = run_processes(image[0]) | {run.pid}
+            assert len(pids) >= 5, pids  # pyunion, daemon, janitor, init, command
+            holders = sources_anywhere(source, pids)
             assert holders == [], f"the unmounted tmpfs is still mounted in pids {holders}"
     finally:
         force_unmount(target)
+
+
+def test_volume_from_another_pyunion_mount(image: list[str], tmp_path: Path) -> None:
+    """A -v source inside a pyunion mount made before the run is bound in (the container's
+    namespace copies the host's), and once the run is over that mount unmounts cleanly."""
+    low = tmp_path / "low"
+    (low / "sub").mkdir(parents=True)
+    (low / "sub/f").write_text("from the other mount\n")
+    mnt = tmp_path / "m"
+    with mounted([low], mnt):
+        pid = daemon_of(mnt)
+        tmp = tmp_path / "tmpdir"
+        tmp.mkdir()
+        r = subprocess.run(
+            [*PYUNION, "run", "-v", f"{mnt}/sub:/data:ro", *image, "--", "cat", "/data/f"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=dict(os.environ, TMPDIR=str(tmp)),
+        )
+        assert r.returncode == 0 and r.stdout == "from the other mount\n", r.stderr
+        r = subprocess.run(
+            [*PYUNION, "umount", "--timeout", "10", str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        assert wait_gone(pid, 5)
+        assert list(tmp.iterdir()) == []  # the run removed its upper and temporary tree
+
+
+def test_fuse_options_as_libfuse_makes_them() -> None:
+    """The options of run's mount become the fsconfig parameters and mount flags libfuse's
+    mount(2) would use; the defaults are pyfuse3's; an option only libfuse could honour is
+    refused, not dropped."""
+    import pyfuse3
+
+    from unionfs.errors import UserError
+    from unionfs.mount import FUSE_DEFAULT_OPTIONS, kernel_mount_params
+    from unionfs.options import MountConfig
+    from unionfs.syscalls import MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY
+
+    assert set(pyfuse3.default_options) == FUSE_DEFAULT_OPTIONS
+    cfg = MountConfig(lowers=["/"], mountpoint="/m", fuse_options={"allow_other", "suid", "nodev"})
+    params, attrs = kernel_mount_params(cfg)
+    assert sorted(params, key=str) == sorted(
+        [
+            ("rootmode", "40000"),
+            ("allow_other", None),
+            ("default_permissions", None),
+            ("source", "pyunion"),
+            ("subtype", "pyunion"),
+        ],
+        key=str,
+    )
+    assert attrs == MOUNT_ATTR_NODEV  # suid asked for: no nosuid
+    cfg = MountConfig(lowers=["/"], mountpoint="/m", fuse_options={"ro", "nosuid"})
+    params, attrs = kernel_mount_params(cfg)
+    assert ("ro", None) in params and attrs & MOUNT_ATTR_RDONLY and attrs & MOUNT_ATTR_NOSUID
+    cfg = MountConfig(lowers=["/"], mountpoint="/m", fuse_options={"auto_unmount"})
+    with pytest.raises(UserError, match="auto_unmount"):
+        kernel_mount_params(cfg)
