@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,3 +209,68 @@ def test_fuse_options_as_libfuse_makes_them() -> None:
     cfg = MountConfig(lowers=["/"], mountpoint="/m", fuse_options={"auto_unmount"})
     with pytest.raises(UserError, match="auto_unmount"):
         kernel_mount_params(cfg)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(p))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def test_a_build_pins_no_host_mount(tmp_path: Path) -> None:
+    """A build (its COPY mounts and its RUN containers) holds no copy of the host's mounts:
+    a host tmpfs unmounted during a RUN step is gone from every process of the build."""
+    store = tmp_path / "store"
+    subprocess.run([*PYUNION, "sample", str(tmp_path / "s"), "--oci"], check=True, timeout=120)
+    subprocess.run(
+        [*PYUNION, "image", "import", str(tmp_path / "s/oci"), "-t", "busybox", "--store", store],
+        check=True,
+        timeout=120,
+    )
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "f").write_text("copied\n")
+    (ctx / "Containerfile").write_text(
+        "FROM busybox\nUSER root\nCOPY f /f\nRUN cat /f; while true; do sleep 0.05; done\n"
+    )
+    target = tmp_path / "t"
+    target.mkdir()
+    source = "pyunion-pin-" + secrets.token_hex(6)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", source, str(target)], check=True)
+    b = subprocess.Popen(
+        [*PYUNION, "build", "--store", str(store), str(ctx)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        command = None  # the RUN step's command: a child of the container's init
+        deadline = time.monotonic() + 60
+        while command is None and b.poll() is None and time.monotonic() < deadline:
+            for pid in run_processes(str(ctx)):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == "pyunion-init":
+                        command = next(iter(_children(pid)), None)
+            time.sleep(0.02)
+        assert command is not None, b.stderr.read() if b.stderr else "no RUN container"
+        subprocess.run(["umount", str(target)], check=True, timeout=30)
+        pids = run_processes(str(ctx)) | {b.pid}
+        holders = sources_anywhere(source, pids)
+        assert holders == [], f"the unmounted tmpfs is still mounted in pids {holders}"
+        os.kill(command, signal.SIGKILL)
+        out, err = b.communicate(timeout=60)
+        assert b.returncode == 1 and "killed by signal 9" in err, err
+        assert "copied" in out + err, out + err
+    finally:
+        if b.poll() is None:
+            b.kill()
+            b.communicate()
+        force_unmount(target)

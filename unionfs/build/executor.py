@@ -10,9 +10,10 @@ tmp/ over the state's layers:
   image's Env, WorkingDir and User, the build args in scope, and everything
   `pyunion run` confines a container with), so the build process's own mount
   namespace and signal handlers never change;
-- COPY/ADD mount the layers plus the upper with pyunion in the build's private
-  mount namespace and write through the merged tree (`copier.py`), so the
-  destination resolves as the container sees it;
+- COPY/ADD mount the layers plus the upper with pyunion as a detached mount
+  (in no namespace: the build never copies the host's, so it holds none of the
+  host's mounts) and write through the merged tree by its fd (`copier.py`), so
+  the destination resolves as the container sees it;
 
 then the upper is committed as one layer (`layer.py`), or recorded as an
 `empty_layer` entry when nothing changed. Every step first looks in the cache
@@ -42,10 +43,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .. import syscalls, userns
+from .. import userns
 from ..errors import UserError
 from ..image.platforms import host as host_platform
 from ..image.store import Store, normalize_tag, short_id
+from ..syscalls import fd_str
 from ..tree import NotRegularFile, Resolve, read_regular
 from .cache import BuildCache, step_key
 from .copier import (
@@ -243,14 +245,6 @@ class Builder:
         stages = self._needed(df, global_scope)
         self.total = df.step_count(stages)
         started = time.monotonic()
-        from .. import forkserver
-
-        forkserver.remember_namespace()  # a fork server is started outside the private copy
-        try:
-            syscalls.unshare(syscalls.CLONE_NEWNS)
-            syscalls.make_private("/")
-        except OSError as e:
-            raise UserError(f"cannot create a mount namespace: {e.strerror}") from None
         self.context = SourceTree(os.path.abspath(self.opts.context), matcher, "the build context")
         consumed: set[str] = set(global_scope.consumed)
         try:
@@ -778,12 +772,15 @@ class Builder:
 
     @contextlib.contextmanager
     def _mounted(self, lowers: list[str], upper: str | None) -> Iterator[str]:
-        """A pyunion mount of the layers (+ upper) in the build's mount namespace."""
-        from ..mount import mount, umount, wait_gone
+        """A pyunion mount of the layers (+ upper), detached (`mount.mount_detached`): in no
+        mount namespace, named by its fd (`/proc/self/fd/N`), gone when the fd is closed.
+
+        The build never copies the host's mount namespace, so it pins none of its mounts.
+        """
+        from ..mount import mount_detached, wait_gone
         from ..options import MountConfig
 
-        mnt = os.path.join(self.tmp, "mnt-" + os.urandom(6).hex())
-        os.mkdir(mnt, 0o755)
+        mnt = os.path.join(self.tmp, "mnt-" + os.urandom(6).hex())  # names it in messages
         work = None
         if upper is not None:
             work = os.path.join(os.path.dirname(upper), "." + os.path.basename(upper) + ".work")
@@ -796,22 +793,16 @@ class Builder:
             fuse_options={"allow_other", "suid", "dev"},
             read_only=upper is None,
         )
-        pid = mount(cfg)
+        pid, mfd = mount_detached(cfg)
         try:
-            yield mnt
+            yield fd_str(mfd)
         finally:
-            try:
-                umount(mnt, timeout=30)
-            except UserError:
-                with contextlib.suppress(UserError):
-                    umount(mnt, lazy=True)
+            os.close(mfd)  # the last reference (the caller closed its fds): the mount ends
             if not wait_gone(pid, 10):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-            with contextlib.suppress(OSError):
-                os.rmdir(mnt)
 
 
 @dataclass
