@@ -251,8 +251,8 @@ def test_a_build_pins_no_host_mount(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    command = None  # the RUN step's command: a child of the container's init
     try:
-        command = None  # the RUN step's command: a child of the container's init
         deadline = time.monotonic() + 60
         while command is None and b.poll() is None and time.monotonic() < deadline:
             for pid in run_processes(str(ctx)):
@@ -270,7 +270,12 @@ def test_a_build_pins_no_host_mount(tmp_path: Path) -> None:
         assert b.returncode == 1 and "killed by signal 9" in err, err
         assert "copied" in out + err, out + err
     finally:
-        if b.poll() is None:
+        if command is not None:  # the RUN step ends: the build fails and tears down
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(command, signal.SIGKILL)
+        try:
+            b.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
             b.kill()
             b.communicate()
         force_unmount(target)
