@@ -12,6 +12,7 @@ follow_symlinks=False neither is the last component.
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib
 import os
 import stat
@@ -219,9 +220,19 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+OPENAT2_TRIES = 16  # EAGAIN retries (below): bounded, so a flood of renames cannot hang us
+
+
 def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2). With RESOLVE_IN_ROOT or RESOLVE_BENEATH a `..` walked while any rename
+    or mount happened anywhere on the system is EAGAIN (the kernel cannot tell it stayed
+    inside): retried, as openat2(2) says to, a bounded number of times."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd = _libc.syscall(SYS_OPENAT2, dirfd, _enc(path), ctypes.byref(how), ctypes.sizeof(how))
+    name = _enc(path)
+    for _ in range(OPENAT2_TRIES):
+        fd = _libc.syscall(SYS_OPENAT2, dirfd, name, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0 or ctypes.get_errno() != errno.EAGAIN:
+            break
     return _check(fd, "open", path)
 
 
