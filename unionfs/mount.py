@@ -692,7 +692,21 @@ def _start_detached_daemon(cfg: MountConfig, fuse_fd: int, prefork: Prefork | No
     """The daemon of a detached mount (`prefork`'s, or forked here), serving `fuse_fd`
     (taken over: the daemon then holds the only one); its pid once it serves."""
     r, w = os.pipe()
-    pid = prefork.hand_over(cfg, w, None, fuse_fd) if prefork is not None else os.fork()
+    pid = None
+    if prefork is not None:
+        pid = prefork.hand_over(cfg, w, None, fuse_fd)
+    elif forkserver_wanted():
+        from . import forkserver
+
+        if forkserver.enabled():
+            state_fd = open_state_dir()  # where the server's socket is
+            try:
+                pid = forkserver.spawn(cfg, w, state_fd, fuse_fd)
+            finally:
+                os.close(state_fd)
+    ours = pid is None or prefork is not None
+    if pid is None:
+        pid = os.fork()
     if pid == 0:  # the daemon
         code = 1
         try:
@@ -709,7 +723,10 @@ def _start_detached_daemon(cfg: MountConfig, fuse_fd: int, prefork: Prefork | No
         msg = f.read()
     if msg == b"OK":
         return pid
-    os.waitpid(pid, 0)
+    if ours:
+        os.waitpid(pid, 0)
+    else:
+        wait_gone(pid, 10)
     raise UserError(
         msg[1:].decode(errors="replace") or "the daemon died before the mount was ready"
     )
@@ -1097,6 +1114,9 @@ def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int | None, mp_fd: int
     """
     os.setsid()
     _detach_stdio()
+    if cfg.detached and state_fd is not None:  # from the fork server: not needed
+        os.close(state_fd)
+        state_fd = None
     _pin_nothing({ready_fd, mp_fd} | ({state_fd} if state_fd is not None else set()))
     if cfg.detached:
         return serve(cfg, ready_fd, fuse_fd=mp_fd)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import syscalls, tree, userns
 from .errors import UserError
-from .mount import Prefork, is_mountpoint, mount_detached, umount, wait_gone
+from .mount import Prefork, forkserver_wanted, is_mountpoint, mount_detached, umount, wait_gone
 from .options import MountConfig
 
 if TYPE_CHECKING:
@@ -469,7 +469,13 @@ class Runner:
     def _prefork_daemon(self) -> None:
         """The daemon-to-be (`mount.Prefork`): its imports, most of a mount's start-up,
         overlap everything up to the mount. No mount namespace is unshared here: the mount
-        is detached (`mount.mount_detached`), and a copy of the host's would pin its mounts."""
+        is detached (`mount.mount_detached`), and a copy of the host's would pin its mounts.
+        None when the fork server is to fork the daemon (`PYUNION_FORKSERVER=1`, root)."""
+        if forkserver_wanted():
+            from . import forkserver
+
+            if forkserver.enabled():
+                return
         self.prefork = Prefork()
         self.daemon = self.prefork.pid
 
