@@ -30,7 +30,6 @@ from .build import ensure_build_inputs
 from .image import log
 
 N_PARALLEL = 20
-STATE_DIR = "/run/pyunion"
 
 
 _pss_kib = procs.read_pss_kib
@@ -54,15 +53,19 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _daemons() -> dict[str, int]:
-    """Mount point -> daemon pid, from pyunion's pid records."""
-    out = {}
-    with contextlib.suppress(OSError):
-        for rec in Path(STATE_DIR).glob("*.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                pid, _, mp = rec.read_text().rstrip("\n").partition(" ")
-                if procs.alive(int(pid)):
-                    out[mp] = int(pid)
+def _fuse_daemons() -> set[int]:
+    """The processes that hold /dev/fuse: mount daemons. A container's mount is
+    detached, so its daemon has no pid record; forked by `run` or by a fork server."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse":
+                        out.add(int(entry))
+                        break
     return out
 
 
@@ -184,7 +187,7 @@ def parallel(setup: _Setup, n: int = N_PARALLEL) -> dict[str, Any]:
     marks = setup.work / "marks"
     shutil.rmtree(marks, ignore_errors=True)
     marks.mkdir()
-    before = set(_daemons().values())
+    before = _fuse_daemons()
     wait = "while [ ! -e /m/stop ]; do sleep 0.05; done"
     t0 = time.perf_counter()
     running = [
@@ -209,7 +212,7 @@ def parallel(setup: _Setup, n: int = N_PARALLEL) -> dict[str, Any]:
             ]
             raise RuntimeError(f"not all {n} containers started: {'; '.join(errs)[:600]}")
         time.sleep(0.5)  # settled
-        daemons = [p for p in _daemons().values() if p not in before]
+        daemons = sorted(_fuse_daemons() - before)
         result["daemon_pss_mib"] = [(_pss_kib(p) or 0) / 1024 for p in daemons]
         containers = []
         for p in running:
