@@ -7,6 +7,7 @@ silently undo (a new module-level `import ssl`, a cache that keeps full stats).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -16,10 +17,11 @@ from support import daemon_of, mounted, needs_fuse
 
 from unionfs.inodes import ROOT_ID, Stat, compact
 from unionfs.layers import LayerStack
+from unionfs.mount import _state_name
 from unionfs.union import Union
 
-# Shared objects a daemon would map only for TLS.
-TLS_LIBS = ("libssl.so", "/_ssl.")
+# Shared objects a daemon would map only for TLS or OpenSSL's hashes.
+OPENSSL_LIBS = ("libssl.so", "libcrypto.so", "/_ssl.", "/_hashlib.")
 
 
 def _run_python(code: str) -> str:
@@ -31,14 +33,16 @@ def _run_python(code: str) -> str:
 
 
 def test_deferred_modules_load_on_first_use_only() -> None:
-    """trio imports ssl and idna (twice over); neither runs until something reads it."""
+    """trio imports ssl, idna and hmac (twice over); none runs until something reads it."""
     out = _run_python(
         "import sys, unionfs.lazyimport as l\n"
         "l.defer()\n"
-        "import trio, pyfuse3, ssl, idna\n"
-        "from unionfs import fuseops, reqloop, union\n"
+        "import trio, pyfuse3, ssl, idna, hmac\n"
+        "from unionfs import fuseops, mount, reqloop, union\n"
         "kind = lambda n: type(sys.modules[n]).__name__\n"
-        "print(kind('ssl'), kind('idna'), '_ssl' in sys.modules, 'idna.core' in sys.modules)\n"
+        "print(kind('ssl'), kind('idna'), kind('hmac'), '_ssl' in sys.modules, "
+        "'idna.core' in sys.modules, '_hashlib' in sys.modules)\n"
+        "print(hmac.new(b'k', b'm', 'sha256').hexdigest()[:16], kind('hmac'))\n"
         "ctx = ssl.create_default_context()\n"  # the first use loads it, as if eager
         "print(kind('ssl'), '_ssl' in sys.modules, ctx.verify_mode == ssl.CERT_REQUIRED)\n"
         "print(idna.encode('b\\u00fccher.example', uts46=True).decode())\n"
@@ -46,12 +50,19 @@ def test_deferred_modules_load_on_first_use_only() -> None:
         "print(kind('ssl'), sys.modules['ssl'].SSLContext is ssl.SSLContext)\n"
     )
     assert out.split("\n") == [
-        "_LazyModule _LazyModule False False",
+        "_LazyModule _LazyModule _LazyModule False False False",
+        "b60090e3052297ae module",
         "module True True",
         "xn--bcher-kva.example",
         "module True",
         "",
     ]
+
+
+def test_pid_file_name_is_sha256_of_the_mount_point(tmp_path: Path) -> None:
+    """The name `umount` looks for, whichever SHA-256 implementation made it."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(tmp_path))).hexdigest()
+    assert _state_name(str(tmp_path)) == digest[:24] + ".pid"
 
 
 def test_a_missing_module_stays_missing() -> None:
@@ -65,8 +76,9 @@ def test_a_missing_module_stays_missing() -> None:
 
 
 @needs_fuse
-def test_mounted_daemon_maps_no_tls(layers: tuple) -> None:
-    """A daemon started by the CLI serves requests without OpenSSL's TLS library mapped."""
+def test_mounted_daemon_maps_no_openssl(layers: tuple) -> None:
+    """A daemon started by the CLI serves requests without OpenSSL mapped (its pid file's
+    name is a SHA-256, made by CPython's own implementation)."""
     lows, upper, work, mnt = layers
     (lows[0] / "f").write_text("x")
     with mounted(lows, mnt, upper, work):
@@ -75,7 +87,7 @@ def test_mounted_daemon_maps_no_tls(layers: tuple) -> None:
         assert sorted(os.listdir(mnt)) == ["f", "g"]
         maps = Path(f"/proc/{daemon_of(mnt)}/maps").read_text()
         assert "libfuse3.so" in maps  # the right process
-        assert not [line for line in maps.splitlines() if any(s in line for s in TLS_LIBS)]
+        assert not [line for line in maps.splitlines() if any(s in line for s in OPENSSL_LIBS)]
 
 
 def test_stats_are_kept_compact(tmp_path: Path) -> None:

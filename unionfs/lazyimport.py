@@ -1,7 +1,8 @@
 """Modules a mount's daemon carries but never uses, loaded only on first use.
 
-trio imports `ssl` (for `trio.SSLStream`) and `idna` (for host names given to
-`trio.socket`) at module level, and uses them only inside functions. A daemon
+trio imports `ssl` (for `trio.SSLStream`), `idna` (for host names given to
+`trio.socket`) and `hmac` (for DTLS cookies; it imports hashlib, which maps
+OpenSSL's libcrypto) at module level, and uses them only inside functions. A daemon
 serves a filesystem and never opens a connection, yet each of its processes
 would map OpenSSL and build these modules: about 5 MiB of its resident memory
 per mount (README: Performance). So they are registered here as lazy modules,
@@ -23,7 +24,7 @@ import sys
 import types
 
 # Never used by a daemon (see the docstring); anything else a daemon imports is used.
-UNUSED_BY_DAEMON = ("ssl", "idna")
+UNUSED_BY_DAEMON = ("ssl", "idna", "hmac")
 
 
 _classes: dict[type[types.ModuleType], type[types.ModuleType]] = {}

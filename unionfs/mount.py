@@ -14,11 +14,10 @@ import contextlib
 import errno
 import fcntl
 import gc
-import hashlib
+import importlib
 import logging
 import os
 import pickle
-import secrets
 import select
 import signal
 import socket
@@ -175,15 +174,26 @@ def _open_state_dir(create: bool) -> int | None:
 
 def _state_name(mountpoint: str) -> str:
     """The pid file's name for `mountpoint` (call before mounting: realpath stats)."""
-    key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:24]
+    key = _sha256_hex(os.fsencode(os.path.realpath(mountpoint)))[:24]
     return key + ".pid"
+
+
+def _sha256_hex(data: bytes) -> str:
+    """SHA-256 by CPython's own implementation where it has one (`_sha256`, 3.11), as
+    hashlib would without OpenSSL: hashlib maps libcrypto into the daemon, ~1.4 MiB of
+    every mount's memory for this one short digest (README: Memory)."""
+    try:
+        impl = importlib.import_module("_sha256")
+    except ImportError:
+        impl = importlib.import_module("hashlib")
+    return str(impl.sha256(data).hexdigest())
 
 
 def write_pid(dfd: int, name: str, pid: int, real_mp: str) -> None:
     """Record `pid` as NAME in the state dir: a fresh file renamed over whatever was there."""
     data = f"{pid} {real_mp}\n".encode(errors="surrogateescape")
     for _ in range(8):
-        tmp = f".{name}.{secrets.token_hex(8)}"
+        tmp = f".{name}.{os.urandom(8).hex()}"
         try:
             fd = os.open(
                 tmp,
