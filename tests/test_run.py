@@ -173,6 +173,14 @@ def test_tool_errors_are_125(env: Env) -> None:
     assert env.run().returncode == 125  # no command
 
 
+def test_quick_containers_print_nothing(env: Env) -> None:
+    """Nothing of pyunion's on stderr when all goes well, teardown included: signals
+    (the daemon's SIGCHLD) may arrive at any point of it."""
+    for _ in range(25):
+        r = env.run("true")
+        assert (r.returncode, r.stderr) == (0, "")
+
+
 # -- the writable layer -----------------------------------------------------------------------
 def test_writes_vanish(env: Env) -> None:
     r = env.sh("echo data > /root/new; rm /etc/motd; ls /root /etc")

@@ -758,13 +758,16 @@ class Runner:
             with contextlib.suppress(OSError):
                 os.close(self.master)
             self.master = None
+        # The wakeup fd is unset before its pipe is closed: a signal in between (the
+        # daemon's SIGCHLD) would have the interpreter write to a closed fd and print
+        # "Exception ignored ... Bad file descriptor" on the user's terminal.
+        with contextlib.suppress(Exception):
+            signal.set_wakeup_fd(-1)
         for fd in (self.wake_r, self.wake_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.wake_r = self.wake_w = -1
-        with contextlib.suppress(Exception):
-            signal.set_wakeup_fd(-1)
         self._close_mount()  # never handed to init: it goes now
         created = self._created_mount_points()  # init is gone: its report is complete
         _release(self.merged, self.daemon, self.tmp, self.upper, self.kept(), self.opts.quiet)
