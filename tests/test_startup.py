@@ -4,9 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+from support import PYUNION
 
 from unionfs import __version__, cli
 
@@ -91,3 +97,39 @@ def test_daemon_preload_skips_metadata_and_ldconfig() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert r.stdout.split() == ["False", version("pyfuse3")], r.stderr
+
+
+def _processes_naming(marker: str) -> list[int]:
+    """Live processes whose command line holds `marker` (a fork keeps its parent's)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon is forked first thing for root only")
+def test_a_daemon_forked_first_and_never_used_goes_with_the_program(tmp_path: Path) -> None:
+    """`run` and `mount` fork their daemon before parsing anything (`prefork.start_early`);
+    a bad request still gets its one line, and the daemon-to-be is gone (killed and
+    reaped: it never mounted anything) by the time the program has exited."""
+    marker = str(tmp_path / "no-such-layer-for-the-early-daemon")
+    for args in (["run", marker, "--", "true"], ["mount", marker, str(tmp_path)]):
+        r = subprocess.run(
+            [*PYUNION, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert r.returncode != 0 and r.stderr.startswith("pyunion: "), r.stderr
+        assert r.stderr.count("\n") == 1, r.stderr
+        assert _processes_naming(marker) == []
+        # Refused by the parser, before the command could take its daemon.
+        r = subprocess.run(
+            [*PYUNION, args[0], "--no-such-option", *args[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 2 and "--no-such-option" in r.stderr, r.stderr
+        assert _processes_naming(marker) == []

@@ -110,11 +110,12 @@ def _image_mount_flags(cfg: MountConfig, options: list[str]) -> None:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import Prefork, forkserver_wanted, mount
+    from .mount import mount
+    from .prefork import Prefork, forkserver_wanted, take_early
 
     # The daemon-to-be imports while the request is checked (docs/architecture.md).
     background = not (args.foreground or args.debug or forkserver_wanted())
-    prefork = Prefork() if background else None
+    prefork = (take_early() or Prefork()) if background else None
     try:
         mount(build_mount_config(args), prefork)
     finally:
@@ -231,13 +232,13 @@ def _exit_now(code: int) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    code = _main(argv)
+    code = _main(argv, program=argv is None)
     if argv is None and sys.argv[1:2] and sys.argv[1] in _QUICK_EXIT:
         _exit_now(code)
     return code
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, program: bool = False) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["--version"]:
         print(f"pyunion {__version__}")
@@ -246,13 +247,25 @@ def _main(argv: Sequence[str] | None) -> int:
     from .lazyimport import defer
 
     defer()
-    # `mount` and `run` are on the start-up path of every container: a command builds
-    # the parser of its own module only; help and mistakes get every command.
     first = args[0] if args else ""
-    if first in _CORE_COMMANDS:
-        return run_cli(args, build_parser(extra=False))
-    owner = [mod for mod, names in SUBCOMMANDS.items() if first in names]
-    return run_cli(args, build_parser(modules=owner or None))
+    # The daemon of `run` or `mount`, forked before the command's own imports: it
+    # imports trio and pyfuse3 meanwhile (the program only: never a fork of a caller
+    # that calls main()).
+    early = program and first in ("run", "mount")
+    if early:
+        from . import prefork
+
+        prefork.start_early(first, args[1:])
+    try:
+        # `mount` and `run` are on the start-up path of every container: a command builds
+        # the parser of its own module only; help and mistakes get every command.
+        if first in _CORE_COMMANDS:
+            return run_cli(args, build_parser(extra=False))
+        owner = [mod for mod, names in SUBCOMMANDS.items() if first in names]
+        return run_cli(args, build_parser(modules=owner or None))
+    finally:
+        if early:
+            prefork.cancel_early()
 
 
 def overlayfs_main(argv: Sequence[str] | None = None) -> int:

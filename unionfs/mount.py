@@ -32,6 +32,7 @@ from . import syscalls
 from .errors import UserError
 from .layers import LayerStack
 from .options import MountConfig
+from .prefork import Prefork, forkserver_wanted
 from .syscalls import (
     MNT_DETACH,
     UMOUNT_NOFOLLOW,
@@ -984,50 +985,8 @@ def _import_pyfuse3() -> None:
             del sys.modules["importlib.metadata"]
 
 
-class Prefork:
-    """A daemon forked before its mount is known, importing what serving needs meanwhile.
-
-    `pyunion run` forks it first thing and prepares the container (image, options,
-    the upper, init) while it imports; `mount(cfg, prefork)` then hands it the
-    mount. It is a child of the caller like a daemon `mount` forks, cut off from
-    the caller (session, stdio, fds) at once; without a mount (`cancel`, or the
-    caller gone: its socket ends) it exits, having touched nothing.
-    """
-
-    def __init__(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            _prefork_main(theirs)
-        theirs.close()
-        self.pid = pid
-        self.sock: socket.socket | None = ours
-
-    def hand_over(self, cfg: MountConfig, ready_w: int, state_fd: int | None, mp_fd: int) -> int:
-        """Send the daemon its mount (it reports on `ready_w` as any daemon); its pid.
-
-        `mp_fd` is /dev/fuse for a detached mount (`cfg.detached`, no `state_fd`)."""
-        sock, self.sock = self.sock, None
-        assert sock is not None, "a preforked daemon serves one mount"
-        fds = [ready_w, mp_fd] + ([state_fd] if state_fd is not None else [])
-        with sock, contextlib.suppress(OSError):  # it died: `mount` reads no OK, reaps it
-            socket.send_fds(sock, [pickle.dumps(cfg)], fds)
-        return self.pid
-
-    def cancel(self) -> None:
-        """No mount for it after all: stop it and reap it (it holds nothing)."""
-        if self.sock is None:
-            return
-        self.sock.close()
-        self.sock = None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
-
-
-def _prefork_main(sock: socket.socket) -> NoReturn:
+def prefork_main(sock: socket.socket) -> NoReturn:
+    """The body of a `prefork.Prefork` child: import, then serve the mount handed over."""
     code = 1
     ready_w = -1
     try:
@@ -1109,11 +1068,6 @@ def mount(cfg: MountConfig, prefork: Prefork | None = None) -> int:
     raise UserError(
         msg[1:].decode(errors="replace") or "the daemon died before the mount was ready"
     )
-
-
-def forkserver_wanted() -> bool:
-    """`PYUNION_FORKSERVER=1` (`forkserver.enabled` decides; this spares its import)."""
-    return os.environ.get("PYUNION_FORKSERVER", "0") == "1"
 
 
 def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int | None, mp_fd: int) -> int:

@@ -2,8 +2,9 @@
 
 The parent side (this module) owns everything that must be undone:
 
-1. fork the daemon-to-be (`mount.Prefork`), which imports while the rest is
-   prepared (docs/architecture.md: start-up as a pipeline); pyunion never
+1. fork the daemon-to-be (`prefork.Prefork`; the program forks it first thing
+   when it can), which imports while the rest is prepared
+   (docs/architecture.md: start-up as a pipeline); pyunion never
    copies the host's mount namespace, so none of its processes holds (pins)
    the host's mounts while the container runs;
 2. fork a janitor: if pyunion itself is killed (SIGKILL, OOM), the janitor
@@ -46,8 +47,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import syscalls, tree, userns
 from .errors import UserError
-from .mount import Prefork, forkserver_wanted, is_mountpoint, mount_detached, umount, wait_gone
+from .mount import is_mountpoint, mount_detached, umount, wait_gone
 from .options import MountConfig
+from .prefork import Prefork, forkserver_wanted, take_early
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -467,7 +469,7 @@ class Runner:
             self._restore_handlers()
 
     def _prefork_daemon(self) -> None:
-        """The daemon-to-be (`mount.Prefork`): its imports, most of a mount's start-up,
+        """The daemon-to-be (`prefork.Prefork`): its imports, most of a mount's start-up,
         overlap everything up to the mount. No mount namespace is unshared here: the mount
         is detached (`mount.mount_detached`), and a copy of the host's would pin its mounts.
         None when the fork server is to fork the daemon (`PYUNION_FORKSERVER=1`, root)."""
@@ -476,7 +478,7 @@ class Runner:
 
             if forkserver.enabled():
                 return
-        self.prefork = Prefork()
+        self.prefork = take_early() or Prefork()  # forked by the program first thing, if it could
         self.daemon = self.prefork.pid
 
     def _prepare_and_run(self, confinement: confine.Confinement) -> int:

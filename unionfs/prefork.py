@@ -1,0 +1,111 @@
+"""The daemon-to-be, forked before its mount is known (docs/architecture.md: start-up).
+
+A mount's daemon spends most of its start importing trio, pyfuse3 and the
+filesystem (~90 ms). `Prefork` forks it first and lets it import while the
+caller does its own work (parse the command line, import its modules, read the
+image, check the request); the mount is handed over when it is ready
+(`hand_over`). This module imports only what the fork needs, so that the
+program can fork it first thing (`start_early`): the child imports the rest.
+
+Whether a daemon may come from a fork server (`forkserver_wanted`) is also
+decided here, once, because it decides whether a daemon is forked at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .options import MountConfig
+
+
+def forkserver_wanted() -> bool:
+    """`PYUNION_FORKSERVER=1` (`forkserver.enabled` decides; this spares its import)."""
+    return os.environ.get("PYUNION_FORKSERVER", "0") == "1"
+
+
+class Prefork:
+    """A daemon forked before its mount is known, importing what serving needs meanwhile.
+
+    `mount(cfg, prefork)` or `mount_detached(cfg, prefork)` then hands it the
+    mount. It is a child of the caller like a daemon `mount` forks, cut off from
+    the caller (session, stdio, fds) at once; without a mount (`cancel`, or the
+    caller gone: its socket ends) it exits, having touched nothing.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            from .mount import prefork_main  # the child's imports: the point of forking first
+
+            prefork_main(theirs)
+        theirs.close()
+        self.pid = pid
+        self.sock: socket.socket | None = ours
+
+    def hand_over(self, cfg: MountConfig, ready_w: int, state_fd: int | None, mp_fd: int) -> int:
+        """Send the daemon its mount (it reports on `ready_w` as any daemon); its pid.
+
+        `mp_fd` is /dev/fuse for a detached mount (`cfg.detached`, no `state_fd`)."""
+        sock, self.sock = self.sock, None
+        assert sock is not None, "a preforked daemon serves one mount"
+        fds = [ready_w, mp_fd] + ([state_fd] if state_fd is not None else [])
+        with sock, contextlib.suppress(OSError):  # it died: `mount` reads no OK, reaps it
+            socket.send_fds(sock, [pickle.dumps(cfg)], fds)
+        return self.pid
+
+    def cancel(self) -> None:
+        """No mount for it after all: stop it and reap it (it holds nothing)."""
+        if self.sock is None:
+            return
+        self.sock.close()
+        self.sock = None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+# -- forked first thing by the program ---------------------------------------------------
+_early: Prefork | None = None
+
+# Arguments after which the command forks no daemon, or not at once: help, a daemon in
+# the foreground (`mount -f`, `-d`), and `run --preserve-fds`, whose check of the
+# caller's fds 3..N+2 must come before pyunion opens any fd (the prefork's socket).
+_NO_EARLY = ("-h", "--help", "-f", "--foreground", "-d", "--debug", "--preserve-fds")
+
+
+def start_early(command: str, args: Sequence[str]) -> None:
+    """Fork the daemon of `pyunion run` or `pyunion mount` before the command's own
+    imports and checks, when it will surely want one: root (an ordinary user's `run`
+    first enters a user namespace, where its daemon must be forked), no fork server,
+    none of `_NO_EARLY`. Taken by the command (`take_early`), or cancelled
+    (`cancel_early`) when it ends without."""
+    global _early
+    if command not in ("run", "mount") or os.geteuid() != 0 or forkserver_wanted():
+        return
+    if any(a in _NO_EARLY or a.startswith("--preserve-fds=") for a in args):
+        return
+    _early = Prefork()
+
+
+def take_early() -> Prefork | None:
+    """The daemon `start_early` forked, now the caller's to hand a mount or cancel."""
+    global _early
+    prefork, _early = _early, None
+    return prefork
+
+
+def cancel_early() -> None:
+    """Stop an early daemon nobody took (a bad request, help): it never mounted anything."""
+    prefork = take_early()
+    if prefork is not None:
+        prefork.cancel()
