@@ -43,10 +43,13 @@ class Prefork:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
-            ours.close()
-            from .mount import prefork_main  # the child's imports: the point of forking first
+            try:
+                ours.close()
+                from .mount import prefork_main  # the child's imports: forked first for them
 
-            prefork_main(theirs)
+                prefork_main(theirs)
+            finally:
+                os._exit(1)  # a forked child never returns into the caller (a failed import)
         theirs.close()
         self.pid = pid
         self.sock: socket.socket | None = ours
