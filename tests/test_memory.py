@@ -65,6 +65,19 @@ def test_pid_file_name_is_sha256_of_the_mount_point(tmp_path: Path) -> None:
     assert _state_name(str(tmp_path)) == digest[:24] + ".pid"
 
 
+def test_short_digests_need_no_openssl() -> None:
+    """The digests made on every container start (the seccomp program's cache name, the
+    pid file's) come without hashlib's OpenSSL module, and equal hashlib's."""
+    out = _run_python(
+        "import sys\n"
+        "from unionfs import confine, seccomp\n"
+        "from unionfs.sha256 import sha256_hex\n"
+        "name = seccomp._cache_name(confine.from_options([], [], False, [], 0).seccomp)\n"
+        "print('_hashlib' in sys.modules, name is not None, sha256_hex(b'abc'))\n"
+    )
+    assert out.split() == ["False", "True", hashlib.sha256(b"abc").hexdigest()]
+
+
 def test_a_missing_module_stays_missing() -> None:
     out = _run_python(
         "import sys, unionfs.lazyimport as l\n"

@@ -35,7 +35,6 @@ from __future__ import annotations
 import array
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ import time
 from typing import NoReturn
 
 from .options import MountConfig
+from .sha256 import sha256_hex
 from .syscalls import CLONE_NEWNS, fd_str, import_with_sonames, setns
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,13 @@ def _names() -> tuple[str, str]:
     """
     pkg = os.path.dirname(os.path.abspath(__file__))
     exe = os.path.realpath(sys.executable)
-    h = hashlib.sha256(f"{exe}\0{pkg}".encode(errors="surrogateescape"))
+    parts = [f"{exe}\0{pkg}".encode(errors="surrogateescape")]
     for root, _dirs, files in os.walk(pkg):
         for name in sorted(files):
             if name.endswith(".py"):
                 st = os.stat(os.path.join(root, name))
-                h.update(f"\0{name}:{st.st_mtime_ns}:{st.st_size}".encode())
-    key = h.hexdigest()[:16]
+                parts.append(f"\0{name}:{st.st_mtime_ns}:{st.st_size}".encode())
+    key = sha256_hex(b"".join(parts))[:16]
     return f"forkserver-{key}.sock", f"forkserver-{key}.lock"
 
 

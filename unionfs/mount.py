@@ -14,7 +14,6 @@ import contextlib
 import errno
 import fcntl
 import gc
-import importlib
 import logging
 import os
 import pickle
@@ -33,6 +32,7 @@ from .errors import UserError
 from .layers import LayerStack
 from .options import MountConfig
 from .prefork import Prefork, forkserver_wanted
+from .sha256 import sha256_hex
 from .syscalls import (
     MNT_DETACH,
     UMOUNT_NOFOLLOW,
@@ -175,19 +175,8 @@ def _open_state_dir(create: bool) -> int | None:
 
 def _state_name(mountpoint: str) -> str:
     """The pid file's name for `mountpoint` (call before mounting: realpath stats)."""
-    key = _sha256_hex(os.fsencode(os.path.realpath(mountpoint)))[:24]
+    key = sha256_hex(os.fsencode(os.path.realpath(mountpoint)))[:24]
     return key + ".pid"
-
-
-def _sha256_hex(data: bytes) -> str:
-    """SHA-256 by CPython's own implementation where it has one (`_sha256`, 3.11), as
-    hashlib would without OpenSSL: hashlib maps libcrypto into the daemon, ~1.4 MiB of
-    every mount's memory for this one short digest (README: Memory)."""
-    try:
-        impl = importlib.import_module("_sha256")
-    except ImportError:
-        impl = importlib.import_module("hashlib")
-    return str(impl.sha256(data).hexdigest())
 
 
 def write_pid(dfd: int, name: str, pid: int, real_mp: str) -> None:

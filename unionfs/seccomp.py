@@ -40,6 +40,7 @@ from typing import Any
 
 from . import caps
 from .errors import UserError
+from .sha256 import sha256_hex
 from .syscalls import (
     AT_FDCWD,
     SECCOMP_FILTER_FLAG_LOG,
@@ -357,8 +358,6 @@ def _libseccomp_version() -> str | None:
 
 
 def _cache_name(f: Filter) -> str | None:
-    import hashlib  # here: init, which imports this module, never needs it
-
     version = _libseccomp_version()
     if version is None:
         return None  # compile() says what is wrong
@@ -367,7 +366,7 @@ def _cache_name(f: Filter) -> str | None:
     key = "\0".join(
         (repr(f), f"{me.st_mtime_ns}:{me.st_size}", version, uname.release, uname.version)
     )
-    return f"seccomp-{uname.machine}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.bpf"
+    return f"seccomp-{uname.machine}-{sha256_hex(key.encode())[:32]}.bpf"
 
 
 def _read_cached(dfd: int, name: str) -> Program | None:
