@@ -26,6 +26,8 @@ import pytest
 from support import needs_busybox, needs_fuse, run_child
 from test_run import Env, _read_until
 
+from unionfs import seccomp
+
 pytestmark = [needs_fuse, needs_busybox, pytest.mark.timeout(120)]
 
 HELPER = Path(__file__).parent / "helpers" / "hostile.c"
@@ -371,6 +373,29 @@ def test_program_is_kept_and_checked(env: Env, tmp_path: Path) -> None:
         == 0
     )
     assert len(list(state.glob("seccomp-*.bpf"))) == 2  # one per filter
+
+
+def test_kept_programs_are_bounded(tmp_path: Path) -> None:
+    """A new program pushes the oldest kept ones out (never itself, nothing else)."""
+    for i in range(seccomp.KEEP_PROGRAMS + 4):
+        p = tmp_path / f"seccomp-x86_64-{i:032x}.bpf"
+        p.write_bytes(b"x")
+        os.utime(p, ns=(i * 10**9, i * 10**9))
+    (tmp_path / "other.pid").write_text("1 /mnt\n")
+    newest = f"seccomp-x86_64-{'f' * 32}.bpf"
+    (tmp_path / newest).write_bytes(b"x")
+    os.utime(tmp_path / newest, ns=(0, 0))  # the oldest mtime: kept all the same
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seccomp._prune(dfd, newest)
+    finally:
+        os.close(dfd)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "other.pid" in left and newest in left
+    programs = [n for n in left if n.endswith(".bpf")]
+    assert len(programs) == seccomp.KEEP_PROGRAMS
+    assert f"seccomp-x86_64-{seccomp.KEEP_PROGRAMS + 3:032x}.bpf" in programs
+    assert f"seccomp-x86_64-{0:032x}.bpf" not in programs
 
 
 def test_profile_file(env: Env, tmp_path: Path) -> None:

@@ -336,6 +336,7 @@ def program(f: Filter, cache_fd: int | None) -> Program:
     if cache_fd is not None and name is not None:
         with contextlib.suppress(OSError):  # a full disk costs the next start, no more
             _write_cached(cache_fd, name, prog)
+            _prune(cache_fd, name)
     return prog
 
 
@@ -392,6 +393,25 @@ def _read_cached(dfd: int, name: str) -> Program | None:
         return None
     (flags,) = _FLAGS.unpack_from(data, len(CACHE_MAGIC))
     return Program(bpf, flags)
+
+
+# Each pyunion version, kernel, libseccomp and profile makes a program of its own; a new
+# one pushes the oldest out (one that is still used is made again, once: ~40 ms).
+KEEP_PROGRAMS = 16
+
+
+def _prune(dfd: int, keep: str) -> None:
+    """Keep at most KEEP_PROGRAMS programs in the state directory, `keep` among them."""
+    kept = []
+    for entry in os.listdir(dfd):
+        if entry.startswith("seccomp-") and entry.endswith(".bpf") and entry != keep:
+            with contextlib.suppress(OSError):
+                st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+                kept.append((st.st_mtime_ns, entry))
+    kept.sort()
+    for _, entry in kept[: max(0, len(kept) - (KEEP_PROGRAMS - 1))]:
+        with contextlib.suppress(OSError):
+            os.unlink(entry, dir_fd=dfd)
 
 
 def _write_cached(dfd: int, name: str, prog: Program) -> None:
