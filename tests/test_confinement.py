@@ -444,6 +444,9 @@ def test_profile_file(env: Env, tmp_path: Path) -> None:
         (("--security-opt", "apparmor=myprofile"), "unsupported --security-opt"),
         (("--security-opt", "mask=relative"), "not an absolute path"),
         (("--preserve-fds", "3"), "file descriptor 3 is not open"),
+        # Abbreviated as argparse allows: still checked before pyunion opens an fd.
+        (("--preserve-fd", "1"), "file descriptor 3 is not open"),
+        (("--preserve=1",), "file descriptor 3 is not open"),
     ],
 )
 def test_bad_options(env: Env, opts: tuple[str, ...], why: str) -> None:

@@ -181,6 +181,27 @@ def test_quick_containers_print_nothing(env: Env) -> None:
         assert (r.returncode, r.stderr) == (0, "")
 
 
+def test_closed_stdio(env: Env) -> None:
+    """A caller that closed stdin (or stdin and stdout) gets its container all the same:
+    pyunion's own pipes and sockets never land on fds 0-2."""
+    for redirect in ("<&-", "<&- >&-"):
+        r = subprocess.run(
+            ["sh", "-c", f'"$@" {redirect}; echo "exit $?" >&2', "sh", *env.cmd(command=("true",))],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env.env,
+            check=False,
+        )
+        assert r.stderr == "exit 0\n", r.stderr
+
+
+def test_upper_that_cannot_be_made(env: Env) -> None:
+    r = env.run("true", opts=("--upper", "/proc/no-such-dir/upper"))
+    assert r.returncode == 125 and r.stderr.startswith("pyunion: cannot create the upper")
+    assert r.stderr.count("\n") == 1, r.stderr
+
+
 # -- the writable layer -----------------------------------------------------------------------
 def test_writes_vanish(env: Env) -> None:
     r = env.sh("echo data > /root/new; rm /etc/motd; ls /root /etc")

@@ -115,7 +115,11 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
     # The daemon-to-be imports while the request is checked (docs/architecture.md).
     background = not (args.foreground or args.debug or forkserver_wanted())
-    prefork = (take_early() or Prefork()) if background else None
+    early = take_early()
+    if not background and early is not None:
+        early.cancel()  # not for a daemon in the foreground (start_early skips most cases)
+        early = None
+    prefork = (early or Prefork()) if background else None
     try:
         mount(build_mount_config(args), prefork)
     finally:
@@ -218,21 +222,43 @@ def run_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
 _QUICK_EXIT = ("run", "mount", "umount", "unmount")
 
 
+def _ensure_stdio() -> None:
+    """Open fds 0-2 on /dev/null where the caller closed them (`pyunion run ... <&-`):
+    otherwise the first fds pyunion opens (a pipe to the container's init, /dev/fuse)
+    would be taken for stdin, stdout or stderr."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one
+            if null != fd:
+                os.dup2(null, fd, inheritable=True)
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)
+
+
 def _exit_now(code: int) -> NoReturn:
     """Exit at once: `pyunion run` is on every container's start-up, and the interpreter's
     teardown (freeing every module's objects) took longer than the container's own.
     These commands leave nothing to finalize: no threads, no atexit, no open files but
     stdio, flushed here."""
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the fd was closed when Python started
+                stream.flush()
     except BrokenPipeError:
         code = code or 141
     os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    code = _main(argv, program=argv is None)
+    if argv is None:
+        _ensure_stdio()
+    try:
+        code = _main(argv, program=argv is None)
+    except KeyboardInterrupt:  # ^C before the command's own handling (parsing, imports)
+        code = 130
     if argv is None and sys.argv[1:2] and sys.argv[1] in _QUICK_EXIT:
         _exit_now(code)
     return code

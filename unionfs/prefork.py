@@ -80,22 +80,33 @@ class Prefork:
 # -- forked first thing by the program ---------------------------------------------------
 _early: Prefork | None = None
 
-# Arguments after which the command forks no daemon, or not at once: help, a daemon in
+# Options after which the command forks no daemon, or not at once: help, a daemon in
 # the foreground (`mount -f`, `-d`), and `run --preserve-fds`, whose check of the
-# caller's fds 3..N+2 must come before pyunion opens any fd (the prefork's socket).
-_NO_EARLY = ("-h", "--help", "-f", "--foreground", "-d", "--debug", "--preserve-fds")
+# caller's fds 3..N+2 must come before pyunion opens any fd (the prefork's socket;
+# `run` also gives the early daemon up before that check, whatever the spelling).
+_NO_EARLY_LONG = ("--help", "--foreground", "--debug", "--preserve-fds")
+_NO_EARLY_SHORT = "hfd"
+
+
+def _wants_no_early(arg: str) -> bool:
+    """Whether `arg` may be one of those options as argparse reads it: a long option
+    abbreviated (`--pre`, `--fore=...`), or short ones bundled (`-fd`)."""
+    if arg.startswith("--"):
+        name = arg.partition("=")[0]
+        return len(name) > 2 and any(o.startswith(name) for o in _NO_EARLY_LONG)
+    return arg.startswith("-") and any(c in _NO_EARLY_SHORT for c in arg[1:])
 
 
 def start_early(command: str, args: Sequence[str]) -> None:
     """Fork the daemon of `pyunion run` or `pyunion mount` before the command's own
     imports and checks, when it will surely want one: root (an ordinary user's `run`
     first enters a user namespace, where its daemon must be forked), no fork server,
-    none of `_NO_EARLY`. Taken by the command (`take_early`), or cancelled
+    none of the options of `_wants_no_early`. Taken by the command (`take_early`), or cancelled
     (`cancel_early`) when it ends without."""
     global _early
     if command not in ("run", "mount") or os.geteuid() != 0 or forkserver_wanted():
         return
-    if any(a in _NO_EARLY or a.startswith("--preserve-fds=") for a in args):
+    if any(_wants_no_early(a) for a in args):
         return
     _early = Prefork()
 

@@ -41,6 +41,7 @@ import tempfile
 import termios
 import time
 import tty as ttymod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -49,7 +50,7 @@ from . import syscalls, tree, userns
 from .errors import UserError
 from .mount import is_mountpoint, mount_detached, umount, wait_gone
 from .options import MountConfig
-from .prefork import Prefork, forkserver_wanted, take_early
+from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -454,7 +455,10 @@ class Runner:
             raise _fail("/dev/fuse is missing (modprobe fuse)")
         from . import confine
 
-        # Before pyunion opens any fd: --preserve-fds checks the caller's 3..N+2.
+        # Before pyunion opens any fd: --preserve-fds checks the caller's 3..N+2 (so a
+        # daemon-to-be forked first thing, whose socket is an fd of ours, goes first).
+        if opts.preserve_fds:
+            cancel_early()
         confinement = confine.from_options(
             opts.cap_add, opts.cap_drop, opts.privileged, opts.security_opt, opts.preserve_fds
         )
@@ -516,7 +520,12 @@ class Runner:
         os.mkdir(self.merged)
         work = None
         if opts.upper:
-            os.makedirs(opts.upper, exist_ok=True)
+            try:
+                os.makedirs(opts.upper, exist_ok=True)
+            except OSError as e:
+                raise _fail(
+                    f"cannot create the upper directory {opts.upper!r}: {e.strerror}"
+                ) from None
             self.upper = os.path.abspath(opts.upper)
         else:  # with --read-only too: it holds the mount points the image lacks
             self.upper = os.path.join(self.tmp, "upper")
@@ -549,10 +558,11 @@ class Runner:
 
     def _start_janitor(self) -> None:
         r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(w)
-            _janitor(r, self)
+        with _forwarded_signals_blocked():
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                _janitor(r, self)
         os.close(r)
         self.janitor, self.janitor_fd = pid, w
 
@@ -587,18 +597,19 @@ class Runner:
             os.close(own)
             raise _fail(f"cannot create a pid namespace: {e.strerror}") from e
         try:
-            pid = os.fork()
-            if pid == 0:
-                os.close(own)
-                if self.janitor_fd is not None:
-                    os.close(self.janitor_fd)
-                for fd in (self.report_fd, self.go_fd):
-                    os.close(fd)
-                if self.tty_sock is not None:
-                    self.tty_sock.close()
-                from . import sandbox
+            with _forwarded_signals_blocked():  # init keeps them blocked (`container_init`)
+                pid = os.fork()
+                if pid == 0:
+                    os.close(own)
+                    if self.janitor_fd is not None:
+                        os.close(self.janitor_fd)
+                    for fd in (self.report_fd, self.go_fd):
+                        os.close(fd)
+                    if self.tty_sock is not None:
+                        self.tty_sock.close()
+                    from . import sandbox
 
-                sandbox.start_init(spec, child_sock)
+                    sandbox.start_init(spec, child_sock)
         finally:
             if os.getpid() != 1:
                 try:
@@ -920,6 +931,22 @@ def _in_layer(layer_fd: int, rel: bytes) -> bool:
         return True
     finally:
         os.close(pfd)
+
+
+@contextlib.contextmanager
+def _forwarded_signals_blocked() -> Iterator[None]:
+    """Around a fork: the child starts with the signals pyunion forwards blocked, so that
+    none becomes a KeyboardInterrupt (a traceback, or a return into pyunion's code)
+    before it has set itself up; init keeps them blocked across its exec and waits for
+    them (`sandbox.container_init`), the janitor ignores them. The parent gets what
+    came meanwhile once they are unblocked."""
+    from .sandbox import FORWARDED
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _janitor(rfd: int, runner: Runner) -> NoReturn:
