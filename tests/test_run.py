@@ -382,6 +382,21 @@ def test_pyunion_killed(env: Env) -> None:
     env.wait_clean()
 
 
+def test_pyunion_killed_while_starting(env: Env) -> None:
+    """SIGKILL to pyunion at any moment of its start-up leaves nothing behind either: the
+    janitor is forked before the temporary tree is made, and told where it is."""
+    for delay in [0.03 + 0.01 * i for i in range(15)] + [0.25, 0.4]:  # every phase
+        p = env.popen("sleep", "5")
+        try:
+            time.sleep(delay)
+            p.kill()
+            p.wait(timeout=15)
+            p.communicate(timeout=20)  # EOF on stderr once the janitor is done
+        finally:
+            p.kill()
+        env.wait_clean()
+
+
 def _child_of_cmd(pid: int) -> int:
     """pyunion's container init: its child that is neither the daemon nor the janitor."""
     deadline = time.monotonic() + 10

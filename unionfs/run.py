@@ -514,7 +514,10 @@ class Runner:
     def _run(self, layers: list[str], spec: sandbox.ContainerSpec) -> int:
         opts = self.opts
         self.layers = layers
+        # The janitor first: whatever is made from here on, it removes if pyunion is killed.
+        self._start_janitor()
         self.tmp = tempfile.mkdtemp(prefix="pyunion-run-")
+        self._tell_janitor("T", os.fsencode(self.tmp))
         os.chmod(self.tmp, 0o700)
         self.merged = os.path.join(self.tmp, "merged")
         os.mkdir(self.merged)
@@ -534,7 +537,6 @@ class Runner:
             os.mkdir(work, 0o700)
         spec.root = self.merged
         spec.etc_files = _host_etc_copies(os.path.join(self.tmp, "etc"), opts.hostname)
-        self._start_janitor()
         # init starts its interpreter while the daemon mounts; it enters the tree on "go".
         self._fork_init(spec)
         # nodev: podman keeps the container off device nodes with the devices cgroup; with
@@ -566,10 +568,12 @@ class Runner:
         os.close(r)
         self.janitor, self.janitor_fd = pid, w
 
-    def _tell_janitor(self, msg: str) -> None:
+    def _tell_janitor(self, kind: str, value: bytes = b"") -> None:
+        """One line to the janitor: "I PID" (init), "T DIR" (the temporary tree), "DONE"."""
         if self.janitor_fd is not None:
+            line = kind.encode() + (b" " + value if value else b"") + b"\n"
             with contextlib.suppress(OSError):
-                os.write(self.janitor_fd, msg.encode() + b"\n")
+                os.write(self.janitor_fd, line)
 
     def _fork_init(self, spec: sandbox.ContainerSpec) -> None:
         """Fork pid 1 of a new pid namespace (this process stays in its own); it waits
@@ -587,7 +591,7 @@ class Runner:
             os.close(spec.go_fd)
             if child_sock is not None:
                 child_sock.close()
-        self._tell_janitor(f"I {self.starting}")
+        self._tell_janitor("I", str(self.starting).encode())
 
     def _fork_pid1(self, spec: sandbox.ContainerSpec, child_sock: socket.socket | None) -> int:
         own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -967,10 +971,20 @@ def _janitor(rfd: int, runner: Runner) -> NoReturn:
         data = b""
         while chunk := os.read(rfd, 4096):
             data += chunk
-        lines = data.decode(errors="replace").split()
-        if "DONE" in lines:
-            os._exit(0)
-        init = [int(x) for x in lines if x.isdigit()]
+        init: list[int] = []
+        for line in data.split(b"\n"):
+            kind, _, value = line.partition(b" ")
+            if kind == b"DONE":
+                os._exit(0)
+            if kind == b"I" and value.isdigit():
+                init.append(int(value))
+            elif kind == b"T" and value:  # forked before it was made (`Runner._run`)
+                runner.tmp = os.fsdecode(value)
+                runner.merged = os.path.join(runner.tmp, "merged")
+                opts = runner.opts
+                runner.upper = (
+                    os.path.abspath(opts.upper) if opts.upper else os.path.join(runner.tmp, "upper")
+                )
         for pid in init:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
