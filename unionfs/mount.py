@@ -629,7 +629,8 @@ def _fuse_superblock_in_own_ns(
         except BaseException as e:  # noqa: BLE001 - a forked child never returns
             with contextlib.suppress(OSError):
                 child.send(b"E" + str(e).encode(errors="replace"))
-        os._exit(code)
+        finally:
+            os._exit(code)
     child.close()
     try:
         msg, fds, _, _ = socket.recv_fds(parent, 4096, 1)
