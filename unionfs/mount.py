@@ -660,9 +660,7 @@ def mount_detached(cfg: MountConfig, prefork: Prefork | None = None) -> tuple[in
     cfg.detached = True
     validate(cfg, None)
     params, attrs = kernel_mount_params(cfg)
-    cfg.lowers = [os.path.abspath(p) for p in cfg.lowers]
-    cfg.upper = os.path.abspath(cfg.upper) if cfg.upper else cfg.upper
-    cfg.work = os.path.abspath(cfg.work) if cfg.work else cfg.work
+    _absolute_layers(cfg)
     try:
         fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -682,29 +680,43 @@ def mount_detached(cfg: MountConfig, prefork: Prefork | None = None) -> tuple[in
         raise
     try:
         # The superblock exists: the daemon may read /dev/fuse (before, a read is EPERM).
-        pid = _start_detached_daemon(cfg, fuse_fd, prefork)
+        pid = _start_daemon(cfg, fuse_fd, None, prefork)
     except BaseException:
         os.close(mnt_fd)
         raise
     return pid, mnt_fd
 
 
-def _start_detached_daemon(cfg: MountConfig, fuse_fd: int, prefork: Prefork | None) -> int:
-    """The daemon of a detached mount (`prefork`'s, or forked here), serving `fuse_fd`
-    (taken over: the daemon then holds the only one); its pid once it serves."""
+def _absolute_layers(cfg: MountConfig) -> None:
+    """The daemon leaves the caller's cwd: the layers' paths must not depend on it."""
+    cfg.lowers = [os.path.abspath(p) for p in cfg.lowers]
+    cfg.upper = os.path.abspath(cfg.upper) if cfg.upper else cfg.upper
+    cfg.work = os.path.abspath(cfg.work) if cfg.work else cfg.work
+
+
+def _start_daemon(
+    cfg: MountConfig, mp_fd: int, state_fd: int | None, prefork: Prefork | None
+) -> int:
+    """The daemon of `cfg`: `prefork`'s, the fork server's when there is one
+    (docs/architecture.md: start-up), else forked here. It gets the mount point, or
+    /dev/fuse of a detached mount (`mp_fd`), and the state dir (`state_fd`, None for a
+    detached mount); both are taken over (closed here). Its pid once the mount is live;
+    if it fails it is reaped, and its message raised."""
     r, w = os.pipe()
     pid = None
     if prefork is not None:
-        pid = prefork.hand_over(cfg, w, None, fuse_fd)
+        pid = prefork.hand_over(cfg, w, state_fd, mp_fd)
     elif forkserver_wanted():
         from . import forkserver
 
         if forkserver.enabled():
-            state_fd = open_state_dir()  # where the server's socket is
+            # Where the server's socket is: a detached mount has no state dir of its own.
+            server_fd = state_fd if state_fd is not None else open_state_dir()
             try:
-                pid = forkserver.spawn(cfg, w, state_fd, fuse_fd)
+                pid = forkserver.spawn(cfg, w, server_fd, mp_fd)
             finally:
-                os.close(state_fd)
+                if server_fd != state_fd:
+                    os.close(server_fd)
     ours = pid is None or prefork is not None
     if pid is None:
         pid = os.fork()
@@ -712,14 +724,16 @@ def _start_detached_daemon(cfg: MountConfig, fuse_fd: int, prefork: Prefork | No
         code = 1
         try:
             os.close(r)
-            code = run_daemon(cfg, w, None, fuse_fd)
+            code = run_daemon(cfg, w, state_fd, mp_fd)
         except BaseException as e:  # noqa: BLE001 - report it, never a traceback on the user's tty
             with contextlib.suppress(OSError):
                 os.write(w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
         finally:
             os._exit(code)
     os.close(w)
-    os.close(fuse_fd)
+    os.close(mp_fd)
+    if state_fd is not None:
+        os.close(state_fd)
     with os.fdopen(r, "rb") as f:
         msg = f.read()
     if msg == b"OK":
@@ -1016,48 +1030,9 @@ def mount(cfg: MountConfig, prefork: Prefork | None = None) -> int:
     if cfg.foreground:
         serve(cfg, state_fd=state_fd, mp_fd=mp_fd)
         return 0
-    # The daemon leaves the caller's cwd: the paths must not depend on it.
-    cfg.lowers = [os.path.abspath(p) for p in cfg.lowers]
-    cfg.upper = os.path.abspath(cfg.upper) if cfg.upper else cfg.upper
-    cfg.work = os.path.abspath(cfg.work) if cfg.work else cfg.work
+    _absolute_layers(cfg)
     cfg.mountpoint = os.path.abspath(cfg.mountpoint)
-    r, w = os.pipe()
-    # From the fork server when there is one (docs/architecture.md: start-up), else forked here.
-    pid = None
-    if prefork is not None:
-        pid = prefork.hand_over(cfg, w, state_fd, mp_fd)
-    elif forkserver_wanted():
-        from . import forkserver
-
-        pid = forkserver.spawn(cfg, w, state_fd, mp_fd) if forkserver.enabled() else None
-    ours = pid is None or prefork is not None
-    if pid is None:
-        pid = os.fork()
-    if pid == 0:  # the daemon
-        code = 1
-        try:
-            os.close(r)
-            code = run_daemon(cfg, w, state_fd, mp_fd)
-        except BaseException as e:  # noqa: BLE001 - report it, never a traceback on the user's tty
-            with contextlib.suppress(OSError):
-                os.write(w, b"E" + f"daemon failed: {e}".encode(errors="replace"))
-        finally:
-            os._exit(code)
-    os.close(w)
-    os.close(state_fd)
-    os.close(mp_fd)
-    msg = b""
-    with os.fdopen(r, "rb") as f:
-        msg = f.read()
-    if msg == b"OK":
-        return pid
-    if ours:
-        os.waitpid(pid, 0)
-    else:
-        wait_gone(pid, 10)
-    raise UserError(
-        msg[1:].decode(errors="replace") or "the daemon died before the mount was ready"
-    )
+    return _start_daemon(cfg, mp_fd, state_fd, prefork)
 
 
 def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int | None, mp_fd: int) -> int:
