@@ -47,6 +47,16 @@ KERNEL_OPTIONS = "index=off,redirect_dir=off,metacopy=off"
 
 
 # -- why a test cannot run here ------------------------------------------------------------
+def python_output(code: str) -> str:
+    """What a fresh interpreter running `code` prints (-I: nothing from the environment);
+    a non-zero exit fails the test with its stderr."""
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def fuse_skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root (FUSE mounts with allow_other, mknod, trusted xattrs)"

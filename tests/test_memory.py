@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from support import daemon_of, mounted, needs_fuse
+from support import daemon_of, mounted, needs_fuse, python_output
 
 from unionfs.inodes import ROOT_ID, Stat, compact
 from unionfs.layers import LayerStack
@@ -24,17 +22,9 @@ from unionfs.union import Union
 OPENSSL_LIBS = ("libssl.so", "libcrypto.so", "/_ssl.", "/_hashlib.")
 
 
-def _run_python(code: str) -> str:
-    r = subprocess.run(
-        [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
 def test_deferred_modules_load_on_first_use_only() -> None:
     """trio imports ssl, idna and hmac (twice over); none runs until something reads it."""
-    out = _run_python(
+    out = python_output(
         "import sys, unionfs.lazyimport as l\n"
         "l.defer()\n"
         "import trio, pyfuse3, ssl, idna, hmac\n"
@@ -68,7 +58,7 @@ def test_pid_file_name_is_sha256_of_the_mount_point(tmp_path: Path) -> None:
 def test_short_digests_need_no_openssl() -> None:
     """The digests made on every container start (the seccomp program's cache name, the
     pid file's) come without hashlib's OpenSSL module, and equal hashlib's."""
-    out = _run_python(
+    out = python_output(
         "import sys\n"
         "from unionfs import confine, seccomp\n"
         "from unionfs.sha256 import sha256_hex\n"
@@ -79,7 +69,7 @@ def test_short_digests_need_no_openssl() -> None:
 
 
 def test_a_missing_module_stays_missing() -> None:
-    out = _run_python(
+    out = python_output(
         "import sys, unionfs.lazyimport as l\n"
         "l.defer(('no_such_module_here',))\n"
         "print('no_such_module_here' in sys.modules)\n"

@@ -369,14 +369,19 @@ def test_command_killed_from_the_host(env: Env) -> None:
         p.communicate(timeout=15)
 
 
+def _kill_and_wait_for_janitor(p: subprocess.Popen[str]) -> None:
+    """SIGKILL to pyunion; back once its janitor is done (it holds stderr until then)."""
+    p.kill()
+    p.wait(timeout=15)
+    p.communicate(timeout=20)
+
+
 def test_pyunion_killed(env: Env) -> None:
     """SIGKILL to pyunion: the janitor still unmounts, stops the daemon, removes the upper."""
     p = env.popen("sh", "-c", "echo ready; sleep 30")
     try:
         assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        p.kill()
-        p.wait(timeout=15)
-        p.communicate(timeout=20)  # EOF on stderr once the janitor is done
+        _kill_and_wait_for_janitor(p)
     finally:
         p.kill()
     env.wait_clean()
@@ -389,9 +394,7 @@ def test_pyunion_killed_while_starting(env: Env) -> None:
         p = env.popen("sleep", "5")
         try:
             time.sleep(delay)
-            p.kill()
-            p.wait(timeout=15)
-            p.communicate(timeout=20)  # EOF on stderr once the janitor is done
+            _kill_and_wait_for_janitor(p)
         finally:
             p.kill()
         env.wait_clean()

@@ -105,6 +105,17 @@ def sources_anywhere(source: str, pids: set[int]) -> list[int]:
     return out
 
 
+def pyunion_umount(mnt: Path) -> None:
+    r = subprocess.run(
+        [*PYUNION, "umount", "--timeout", "10", str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+
+
 def test_umount_of_another_pyunion_mount_while_a_container_runs(
     image: list[str], tmp_path: Path
 ) -> None:
@@ -116,14 +127,7 @@ def test_umount_of_another_pyunion_mount_while_a_container_runs(
     with mounted([low], mnt):
         pid = daemon_of(mnt)
         with container(image, tmp_path):
-            r = subprocess.run(
-                [*PYUNION, "umount", "--timeout", "10", str(mnt)],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            assert r.returncode == 0, r.stderr
+            pyunion_umount(mnt)
             assert not is_mounted(mnt)
             assert wait_gone(pid, 5), "the unmounted mount's daemon still runs"
 
@@ -166,14 +170,7 @@ def test_volume_from_another_pyunion_mount(image: list[str], tmp_path: Path) -> 
             env=dict(os.environ, TMPDIR=str(tmp)),
         )
         assert r.returncode == 0 and r.stdout == "from the other mount\n", r.stderr
-        r = subprocess.run(
-            [*PYUNION, "umount", "--timeout", "10", str(mnt)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert r.returncode == 0, r.stderr
+        pyunion_umount(mnt)
         assert wait_gone(pid, 5)
         assert list(tmp.iterdir()) == []  # the run removed its upper and temporary tree
 

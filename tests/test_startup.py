@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import PYUNION
+from support import PYUNION, python_output
 
 from unionfs import __version__, cli
 
@@ -46,10 +46,8 @@ def test_run_and_mount_parsers_skip_heavy_modules() -> None:
         "'unionfs.image.commit', 'unionfs.image.export', 'unionfs.registry.client') "
         "if m in sys.modules]; print(' '.join(heavy))"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert r.stdout.strip() == ""
+    out = python_output(code)
+    assert out.strip() == ""
 
 
 def test_unknown_command_still_lists_every_command() -> None:
@@ -74,10 +72,8 @@ def test_image_package_names_the_functions_whatever_was_imported_first() -> None
         "print(all(callable(f) and not isinstance(f, type(i)) "
         "for f in (commit, i.commit, export_image, import_image)))"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert r.stdout.strip() == "True"
+    out = python_output(code)
+    assert out.strip() == "True"
 
 
 def test_daemon_preload_skips_metadata_and_ldconfig() -> None:
@@ -93,10 +89,8 @@ def test_daemon_preload_skips_metadata_and_ldconfig() -> None:
         "from unionfs import mount; mount._preload(); import pyfuse3\n"
         "print('importlib.metadata' in sys.modules, pyfuse3.__version__)"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert r.stdout.split() == ["False", version("pyfuse3")], r.stderr
+    out = python_output(code)
+    assert out.split() == ["False", version("pyfuse3")]
 
 
 def _processes_naming(marker: str) -> list[int]:
