@@ -342,6 +342,24 @@ def test_sigterm_to_pyunion(env: Env) -> None:
         p.communicate(timeout=15)
 
 
+def test_sigterm_while_starting_ends_at_once(env: Env) -> None:
+    """SIGTERM to pyunion during start-up, also between the mount and init's "go": it
+    closes the detached mount it still holds, so the daemon exits at once (it waited
+    5 s, then was stopped, when that fd stayed open)."""
+    for delay in [0.05 + 0.01 * i for i in range(20)]:
+        p = env.popen("sleep", "5")
+        try:
+            time.sleep(delay)
+            t = time.monotonic()
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=30)
+            p.communicate(timeout=15)
+            assert time.monotonic() - t < 2.5, f"SIGTERM after {delay:.2f} s"
+        finally:
+            p.kill()
+        env.wait_clean()
+
+
 def test_signals_forwarded(env: Env) -> None:
     p = env.popen(
         "sh", "-c", "trap 'echo got USR1; exit 3' USR1; echo ready; while :; do sleep 0.1; done"

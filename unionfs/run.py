@@ -639,7 +639,6 @@ class Runner:
         with go, contextlib.suppress(OSError):  # init died early: its status tells
             socket.send_fds(go, [b"G"], [self.mount_fd])
         self._close_mount()  # init's now: the mount lives as long as the container's namespace
-        self.mount_fd = -1  # the detached mount, until init has it
         self.init, self.starting = self.starting, None
         parent_sock, self.tty_sock = self.tty_sock, None
         pending, self.pending = self.pending, []
@@ -756,7 +755,6 @@ class Runner:
         if self.go_fd >= 0:
             os.close(self.go_fd)  # init never went on
             self.go_fd = -1
-        self.mount_fd = -1  # the detached mount, until init has it
         if self.tty_sock is not None:
             self.tty_sock.close()
             self.tty_sock = None
