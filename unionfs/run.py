@@ -18,8 +18,9 @@ The parent side (this module) owns everything that must be undone:
    so `-u USER` can read the tree: in no mount namespace, never in the host's
    mount table), then tell init to go on, handing it the mount, which it
    attaches in its own namespace; forward signals to it, relay a pty for `-t`;
-5. teardown, always: kill what is left of the container, unmount, wait for the
-   daemon (stop it if it lingers: only its pid), remove the temporary upper
+5. teardown, always: kill what is left of the container (the mount goes with its
+   namespace; one init never got is closed), wait for the daemon (stop it if it
+   lingers: only its pid), remove the temporary upper
    unless `--keep`/`--upper`, through fds (`tree.py`): the container wrote it.
 
 Exit codes follow podman/docker: the command's own, 125 when pyunion fails,
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import syscalls, tree, userns
 from .errors import UserError
-from .mount import is_mountpoint, mount_detached, umount, wait_gone
+from .mount import is_mountpoint, mount_detached, wait_gone
 from .options import MountConfig
 from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 
@@ -826,13 +827,10 @@ def _release(
     keep: bool,
     quiet: bool = False,
 ) -> None:
-    """Unmount, make sure the daemon is gone, remove the temporary tree (minus a kept upper)."""
-    if merged is not None and is_mountpoint(merged):
-        try:
-            umount(merged, timeout=10)
-        except UserError:
-            with contextlib.suppress(UserError):
-                umount(merged, lazy=True, timeout=10)
+    """Make sure the daemon is gone, remove the temporary tree (minus a kept upper).
+
+    Nothing to unmount: the union is a detached mount, attached only in the container's
+    namespace, and it ends with that namespace (and every fd of it)."""
     if daemon is not None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(daemon, os.WNOHANG)  # ours when we forked it; reap the zombie

@@ -538,9 +538,9 @@ def seccomp_set_filter(flags: int, program: bytes) -> None:
     """seccomp(SECCOMP_SET_MODE_FILTER, flags, program): load a classic BPF program
     (`struct sock_filter`s, 8 bytes each), as libseccomp's own `seccomp_load` does."""
     if SYS_SECCOMP is None:
-        raise OSError(38, "seccomp: unknown syscall number on this architecture")
+        raise OSError(errno.ENOSYS, "seccomp: unknown syscall number on this architecture")
     if not program or len(program) % 8 or len(program) // 8 > 0xFFFF:
-        raise OSError(22, "seccomp: not a BPF program")
+        raise OSError(errno.EINVAL, "seccomp: not a BPF program")
     prog = _SockFprog(len(program) // 8, program)
     _check(
         _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)), "seccomp"
