@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 
 PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr busybox-static
       fuse-overlayfs unionfs-fuse fio buildah skopeo umoci zstd procps util-linux psmisc
-      debootstrap docker-registry apache2-utils openssl libseccomp2 podman runc uidmap acl)
-# libseccomp2: pyunion run's seccomp filter (through pyseccomp). podman and runc: the
+      debootstrap docker-registry apache2-utils openssl libseccomp2 podman runc uidmap acl
+      catatonit)
+# libseccomp2: pyunion run's seccomp filter (through pyseccomp). catatonit: the
+# container's pid 1 (podman's --init), a static binary of under 1 MiB. podman and runc: the
 # reference the confinement tests compare with (Debian's crun refuses hybrid cgroups).
 # uidmap: newuidmap/newgidmap, which map an ordinary user's subordinate IDs into the user
 # namespace of rootless pyunion (as for rootless podman and buildah).

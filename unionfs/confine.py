@@ -238,30 +238,8 @@ def prepare(conf: Confinement) -> None:
         conf.compiled = seccomp.compile(conf.seccomp)
 
 
-def restrict_init(conf: Confinement) -> None:
-    """Give init (pid 1, which stays to reap and forward signals) no more than the command.
-
-    The command may be able to ptrace it (with CAP_SYS_PTRACE, or when both are
-    alike), so init gets the command's filter and capabilities (plus CAP_KILL, to
-    signal a command run as another user) and is made non-dumpable: taking it over
-    yields nothing the command does not already have.
-    """
-    if conf.privileged:
-        return
-    if conf.compiled is not None and not conf.no_new_privs:
-        seccomp.install(conf.compiled)
-    keep = conf.caps | {caps.NUMBERS["KILL"]}
-    caps.apply_bounding(keep, conf.last_cap)
-    caps.apply_sets(keep, True)
-    syscalls.set_dumpable(False)
-    if conf.no_new_privs:
-        syscalls.set_no_new_privs()
-        if conf.compiled is not None:
-            seccomp.install(conf.compiled)
-
-
 # -- in the command, just before execve -----------------------------------------------------------
-def enter(conf: Confinement, uid: int, gid: int, groups: list[int]) -> None:
+def enter(conf: Confinement, uid: int, gid: int, groups: list[int], keep: list[int]) -> None:
     """Become the command: fds, bounding set, seccomp, user, capability sets, no_new_privs.
 
     The order is runc's: without no_new_privs, loading a filter needs
@@ -269,7 +247,7 @@ def enter(conf: Confinement, uid: int, gid: int, groups: list[int]) -> None:
     (the filter lets those calls through); with no_new_privs it comes last,
     so the fewest syscalls run under it before execve.
     """
-    close_from(conf.first_closed, [])
+    close_from(conf.first_closed, keep)  # `keep`: the caller's own, close-on-exec
     for fd in conf.preserved:
         os.set_inheritable(fd, True)
     if not conf.privileged:

@@ -393,6 +393,11 @@ class Runner:
         self.init: int | None = None  # pid 1 once it goes on (signals are forwarded to it)
         self.starting: int | None = None  # pid 1 waiting for "go"
         self.go_fd = -1
+        # After "go", the same socket: init's "E" asks pyunion to hold signals until
+        # catatonit has blocked them (`sandbox._take_signals`); EOF: init exec'd it.
+        self.go: socket.socket | None = None
+        self.holding = False
+        self.held: list[int] = []
         self.mount_fd = -1  # the detached mount, until init has it
         self.tty_sock: socket.socket | None = None
         self.prefork: Prefork | None = None
@@ -423,8 +428,41 @@ class Runner:
             sig: int = signal.SIGKILL  # asked twice: stop waiting for the command
         else:
             sig = signo
+        if self.holding and sig != signal.SIGKILL:
+            self.held.append(sig)
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.init, sig)
+
+    def _hand_over(self) -> float:
+        """Follow init's exec of catatonit; the select timeout while signals are held."""
+        if self.go is not None:
+            try:
+                data = self.go.recv(1)
+            except BlockingIOError:
+                return 1.0
+            except OSError:
+                data = b""
+            if data == b"E":
+                self.holding = True
+                with contextlib.suppress(OSError):
+                    self.go.send(b"K")
+                return 1.0
+            self.go.close()  # EOF: exec'd (or init is gone)
+            self.go = None
+        if not self.holding:
+            return 1.0
+        from .sandbox import FORWARDED
+
+        assert self.init is not None
+        if not _blocks(self.init, FORWARDED):
+            return 0.001  # catatonit is starting: a few hundred microseconds
+        self.holding = False
+        held, self.held = self.held, []
+        for sig in held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init, sig)
+        return 1.0
 
     def _install_handlers(self) -> None:
         from . import sandbox
@@ -490,11 +528,15 @@ class Runner:
         from . import sandbox
 
         opts = self.opts
+        init = sandbox.find_init()
+        if init is None:
+            raise _fail("catatonit, the container's pid 1, is missing (apt install catatonit)")
         layers, config = resolve_image(opts)
         _build_filter(confinement)
         hostname = opts.hostname or socket.gethostname()
         spec = sandbox.ContainerSpec(
             root="",
+            init=init,
             argv=build_argv(opts, config),
             env=build_env(opts, config, hostname),
             workdir=opts.workdir or config.get("WorkingDir") or None,
@@ -637,8 +679,10 @@ class Runner:
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         go, self.go_fd = socket.socket(fileno=self.go_fd), -1
-        with go, contextlib.suppress(OSError):  # init died early: its status tells
+        with contextlib.suppress(OSError):  # init died early: its status tells
             socket.send_fds(go, [b"G"], [self.mount_fd])
+        go.setblocking(False)
+        self.go = go
         self._close_mount()  # init's now: the mount lives as long as the container's namespace
         self.init, self.starting = self.starting, None
         parent_sock, self.tty_sock = self.tty_sock, None
@@ -677,7 +721,10 @@ class Runner:
             if pid == self.init:
                 self.init = None
                 break
+            timeout = self._hand_over()
             rlist = [self.wake_r]
+            if self.go is not None:
+                rlist.append(self.go.fileno())
             wlist = []
             if master is not None:
                 rlist.append(master)
@@ -686,7 +733,7 @@ class Runner:
             if read_stdin and not to_master:
                 rlist.append(0)
             try:
-                readable, writable, _ = select.select(rlist, wlist, [], 1.0)
+                readable, writable, _ = select.select(rlist, wlist, [], timeout)
             except InterruptedError:
                 continue
             if self.wake_r in readable:
@@ -756,6 +803,9 @@ class Runner:
         if self.go_fd >= 0:
             os.close(self.go_fd)  # init never went on
             self.go_fd = -1
+        if self.go is not None:
+            self.go.close()
+            self.go = None
         if self.tty_sock is not None:
             self.tty_sock.close()
             self.tty_sock = None
@@ -933,13 +983,26 @@ def _in_layer(layer_fd: int, rel: bytes) -> bool:
         os.close(pfd)
 
 
+def _blocks(pid: int, sigs: tuple[int, ...]) -> bool:
+    """Whether process PID blocks all of SIGS (its /proc status; gone: nothing to wait for)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigBlk:"):
+                    mask = int(line.split()[1], 16)
+                    return all(mask >> (sig - 1) & 1 for sig in sigs)
+    except OSError:
+        pass
+    return True
+
+
 @contextlib.contextmanager
 def _forwarded_signals_blocked() -> Iterator[None]:
     """Around a fork: the child starts with the signals pyunion forwards blocked, so that
     none becomes a KeyboardInterrupt (a traceback, or a return into pyunion's code)
-    before it has set itself up; init keeps them blocked across its exec and waits for
-    them (`sandbox.container_init`), the janitor ignores them. The parent gets what
-    came meanwhile once they are unblocked."""
+    before it has set itself up; init keeps them blocked across its exec and until it
+    hands them over to catatonit (`sandbox._take_signals`), the janitor ignores them.
+    The parent gets what came meanwhile once they are unblocked."""
     from .sandbox import FORWARDED
 
     old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)

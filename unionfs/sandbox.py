@@ -5,26 +5,28 @@ Process tree (the parent side lives in `run.py`):
     pyunion run (the caller's namespaces; makes the FUSE mount as a detached mount fd)
      └─ init: pid 1 of a new pid ns (a fresh interpreter exec'd by the fork, so that it
          │  holds nothing of pyunion's memory); new mount, uts and ipc namespaces,
-         │  where it attaches the FUSE mount (the only namespace that ever holds it)
-         └─ the command (setuid to the image's user, exec'd)
+         │  where it attaches the FUSE mount (the only namespace that ever holds it);
+         │  once the container is built it execs catatonit, which stays pid 1
+         └─ the command (forked and exec'd by catatonit)
 
-`init` first closes every fd it inherited (only 0-2 and `--preserve-fds` stay)
-and waits for pyunion's "go" (with the tree's mount, which it attaches), then builds the
-container's view on top of the merged tree: a fresh /proc, a tmpfs /dev with
-the usual nodes, a new devpts instance, /sys read-only, the host's
-resolv.conf/hosts/hostname (copies, so the container cannot write the host's
-files), the user's `-v` binds and the masked and read-only paths
-(`confine.py`), then pivot_root into the tree and detach the host's root, so
-nothing of the host stays reachable (`--read-only` then remounts just the root
-mount read-only). Mount points the image lacks are created in the tree, and
-reported to pyunion so that a kept upper can drop them again. It then forks
-the command (which cuts its capabilities, loads the filter and switches to the
-image's user just before execve: `confine.enter`), takes the command's
-confinement itself, forwards the signals pyunion relays to it, reaps every
-zombie (orphans are re-parented to pid 1) and exits with the command's status
-as an exit code (128+N for signal N). When init exits the kernel kills
-whatever the command left behind, and the container's mount namespace goes
-with it.
+`init` first closes every fd it inherited (only 0-2 and `--preserve-fds` stay),
+opens the host's catatonit (a static binary) and waits for pyunion's "go" (with
+the tree's mount, which it attaches), then builds the container's view on top
+of the merged tree: a fresh /proc, a tmpfs /dev with the usual nodes, a new
+devpts instance, /sys read-only, the host's resolv.conf/hosts/hostname
+(copies, so the container cannot write the host's files), the user's `-v`
+binds and the masked and read-only paths (`confine.py`), then pivot_root into
+the tree and detach the host's root, so nothing of the host stays reachable
+(`--read-only` then remounts just the root mount read-only). Mount points the
+image lacks are created in the tree, and reported to pyunion so that a kept
+upper can drop them again. It then takes the command's confinement
+(`confine.enter`: capabilities, filter, the image's user), checks that the
+command can be exec'd (127/126 and one line if not) and execs catatonit
+(podman's `--init`), which forks the command, forwards the signals pyunion
+relays to it, reaps every zombie (orphans are re-parented to pid 1) and exits
+with the command's status as an exit code (128+N for signal N). When pid 1
+exits the kernel kills whatever the command left behind, and the container's
+mount namespace goes with it.
 
 Every path inside the image is resolved with openat2(RESOLVE_IN_ROOT): a
 symlink in the image (even an absolute one) can never make us mount over, or
@@ -86,6 +88,15 @@ FORWARDED = (
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+# Where the container's pid 1 is looked for: podman's own first, then Debian's package.
+INIT_PATHS = (
+    "/usr/libexec/podman/catatonit",
+    "/usr/libexec/catatonit/catatonit",
+    "/usr/bin/catatonit",
+    "/usr/local/libexec/podman/catatonit",
+    "/usr/local/bin/catatonit",
+)
+
 
 # -- what to run --------------------------------------------------------------------
 @dataclass
@@ -93,6 +104,7 @@ class ContainerSpec:
     """Everything init needs, fixed before the fork."""
 
     root: str  # where init attaches the mount: an empty directory of pyunion's
+    init: str  # the catatonit that pid 1 becomes (`find_init`)
     argv: list[str]
     env: dict[str, str]
     workdir: str | None = None
@@ -444,24 +456,81 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None, go: int) -> NoReturn:
-    """In the forked child: become the command (never returns).
+def find_init() -> str | None:
+    """The catatonit binary the container's pid 1 becomes (podman's places first)."""
+    for path in INIT_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    return None
 
-    It waits for a byte on `go`: init confines itself first, so that the command
-    never runs beside an init that holds more than it does.
+
+def _open_init(path: str) -> int:
+    """An fd of the host's catatonit, taken while the host's tree is still in view: the
+    container's pid 1 is exec'd from it (a static binary: nothing of the image runs)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        raise SetupError(f"cannot open the container's init {path!r}: {e.strerror}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SetupError(f"the container's init {path!r} is not a regular file")
+    return fd
+
+
+def _exec_error(name: str, env: dict[str, str]) -> OSError | None:
+    """Why execvpe(NAME) would fail for this process (as the command's user), as execvpe
+    searches PATH; None when it would run. pyunion says it in one line with 127 or 126,
+    before catatonit takes over (which would only say "failed to exec pid1", exit 1)."""
+    paths = [name] if "/" in name else [os.path.join(d, name) for d in os.get_exec_path(env)]
+    first: OSError | None = None
+    last: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            last = e
+        else:
+            if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
+                return None
+            last = PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        if first is None and last.errno not in (errno.ENOENT, errno.ENOTDIR):
+            first = last
+    return first or last
+
+
+def _take_signals(go: socket.socket | None) -> None:
+    """Unblock the forwarded signals for catatonit's exec without losing one.
+
+    Between this unblock and catatonit's own block, a signal to pid 1 would be
+    dropped (pid 1 of a pid namespace ignores what it has no handler for). So
+    pyunion is asked to hold them from here ("E", answered "K") until it sees
+    catatonit block them (`run.Runner`); one that came before has no command to
+    reach yet, and all of them end a process that has no handler: the container
+    ends now with 128+N, as the command would have.
+    """
+    if go is not None:
+        go.sendall(b"E")
+        if go.recv(1) != b"K":
+            os._exit(125)  # pyunion is gone
+    pending = signal.sigpending() & set(FORWARDED)
+    if pending:
+        os._exit(128 + min(pending))
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _exec_init(
+    spec: ContainerSpec, ident: Identity, exe: int, go: socket.socket | None, slave: int | None
+) -> NoReturn:
+    """Become what stays pid 1: catatonit, confined as the command, which it then runs.
+
+    catatonit (podman's `--init`) forwards signals to the command, reaps orphans and
+    exits with the command's status (128+N for signal N): a static binary of under
+    1 MiB, where a Python pid 1 kept ~9 MiB per container. It is exec'd with the
+    command's user, capabilities, filter and environment, so pid 1 holds nothing
+    the command does not, and nothing of pyunion or of the host.
     """
     try:
-        for sig in (
-            signal.SIGPIPE,
-            signal.SIGXFSZ,
-            signal.SIGTTOU,
-            signal.SIGTTIN,
-            signal.SIGTSTP,
-            signal.SIGINT,
-        ):
-            signal.signal(sig, signal.SIG_DFL)
-        if slave is not None:
-            os.setsid()
+        if slave is not None:  # init leads the session (setsid): the pty is its terminal
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
             for fd in (0, 1, 2):
                 os.dup2(slave, fd)
@@ -470,11 +539,9 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None, go: i
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             os.close(null)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if os.read(go, 1) != b"G":
-            os._exit(125)  # init failed, and said so
-        os.close(go)
-        confine.enter(spec.confinement, ident.uid, ident.gid, ident.groups)
+        keep = [exe] if go is None else [exe, go.fileno()]
+        confine.enter(spec.confinement, ident.uid, ident.gid, ident.groups, keep)
+        set_pdeathsig(signal.SIGKILL)  # a new user clears it; kept across execve
         os.umask(0o022)
         if spec.workdir:
             os.chdir(spec.workdir)
@@ -490,12 +557,25 @@ def _exec_command(spec: ContainerSpec, ident: Identity, slave: int | None, go: i
         os._exit(125)
     env = dict(spec.env)
     env.setdefault("HOME", ident.home)
+    err = _exec_error(spec.argv[0], env)
+    if err is not None:
+        print(f"pyunion: {spec.argv[0]}: {err.strerror}", file=sys.stderr)
+        os._exit(127 if err.errno in (errno.ENOENT, errno.ENOTDIR) else 126)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python's SIG_IGN would be inherited
+        signal.signal(sig, signal.SIG_DFL)
+    # ^Z on the container's terminal: nobody could resume the command (pyunion is no
+    # job-control shell); ignored, as when the command is pid 1 in podman.
+    stop = signal.SIG_IGN if slave is not None else signal.SIG_DFL
+    for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, stop)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _take_signals(go)
     try:
-        os.execvpe(spec.argv[0], spec.argv, env)
+        os.execve(exe, ["catatonit", "--", *spec.argv], env)
     except OSError as e:
-        print(f"pyunion: {spec.argv[0]}: {e.strerror}", file=sys.stderr)
-        os._exit(127 if e.errno in (errno.ENOENT, errno.ENOTDIR) else 126)
-    os._exit(126)  # not reached
+        print(f"pyunion: cannot start the container's init: {e.strerror}", file=sys.stderr)
+    os._exit(125)
 
 
 # What the fresh interpreter of `start_init` runs: pyunion's sys.path, then the spec, both
@@ -577,10 +657,12 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         mask = set(FORWARDED) | {signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, mask)
         _prepare_filter(spec.confinement)  # while pyunion mounts the tree
+        exe = _open_init(spec.init)
         mount_fd = -1
+        go_sock = None  # kept for the hand-over of signals (`_take_signals`)
         if spec.go_fd >= 0:  # the tree is mounted (detached): init attaches it below
-            with socket.socket(fileno=spec.go_fd) as go_sock:
-                go, fds, _, _ = socket.recv_fds(go_sock, 1, 1)
+            go_sock = socket.socket(fileno=spec.go_fd)
+            go, fds, _, _ = socket.recv_fds(go_sock, 1, 1)
             spec.go_fd = -1
             if go != b"G" or len(fds) != 1:
                 os._exit(125)  # no container after all: pyunion says why
@@ -622,24 +704,7 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             socket.send_fds(tty_sock, [b"T"], [master])
             os.close(master)
             tty_sock.close()
-        go_r, go_w = os.pipe()
-        child = os.fork()
-        if child == 0:
-            os.close(go_w)
-            _exec_command(spec, ident, slave, go_r)
-        os.close(go_r)
-        if slave is not None:
-            os.close(slave)
-        try:
-            confine.restrict_init(spec.confinement)
-            os.write(go_w, b"G")
-        except (OSError, seccomp.SeccompError) as e:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-            raise SetupError(f"cannot confine the container's init: {e}") from e
-        finally:
-            os.close(go_w)  # unblocks the command: with "G" only if init is confined
-        code = _reap_until(child)
+        _exec_init(spec, ident, exe, go_sock, slave)
     except SetupError as e:
         print(f"pyunion: {e}", file=sys.stderr)
     except OSError as e:
@@ -654,30 +719,3 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
-
-
-def _reap_until(child: int) -> int:
-    """pid 1's job: forward signals to the command, reap everything, return its exit code."""
-    mask = set(FORWARDED) | {signal.SIGCHLD}
-    while True:
-        info = signal.sigwaitinfo(mask)
-        if info.si_signo != signal.SIGCHLD:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, info.si_signo)
-            continue
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            if os.WIFSTOPPED(status):
-                # ^Z on a terminal the command owns: nobody here could ever resume it
-                # (pyunion is no job-control shell), so carry on rather than hang.
-                if os.WSTOPSIG(status) in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(os.getpgid(pid), signal.SIGCONT)  # its job stopped with it
-                continue
-            if pid == child:
-                return exit_code(status)
