@@ -206,6 +206,26 @@ def test_init_has_no_more_than_the_command(env: Env, opts: tuple[str, ...]) -> N
     assert r.stdout.split() == ["HOME", "HOSTNAME", "PATH"]
 
 
+def test_pid1_is_not_the_hosts_file(env: Env) -> None:
+    """pid 1 is dumpable and as privileged as the command, so root in the container can
+    open /proc/1/exe. Were it the host's catatonit, a chmod through it would make a
+    setuid-root binary on the host; it is a sealed in-memory copy, which nothing can
+    write. (Only looked at, never changed: a regression must not touch the host.)"""
+    from unionfs.sandbox import find_init
+
+    init = find_init()
+    assert init is not None
+    host = os.stat(init)
+    r = env.sh(
+        "readlink /proc/1/exe; stat -L -c '%d:%i' /proc/1/exe; "
+        "if echo x >> /proc/1/exe; then echo written; fi"
+    )
+    link, ident = r.stdout.splitlines()[:2]
+    assert link.startswith("/memfd:catatonit"), r.stdout
+    assert ident != f"{host.st_dev}:{host.st_ino}", r.stdout
+    assert "written" not in r.stdout
+
+
 def test_nothing_of_pyunion_in_init_memory(env: Env) -> None:
     """With CAP_SYS_PTRACE (common for strace and gdb) the command can read pid 1's memory
     (/proc/1/mem). pid 1 was a fork of pyunion: pyunion's command line (here a layer's

@@ -168,6 +168,31 @@ def test_pid1_is_catatonit_not_an_interpreter(env: Env) -> None:
     assert "python" not in r.stdout and ".so" not in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize(
+    "content,code,error",
+    [
+        (b"#!/bin/sh\necho ran\n", 0, ""),
+        (b"#!/no/such/shell\necho ran\n", 127, "No such file or directory"),
+        (b"echo ran\n", 126, "Exec format error"),  # no #!: not run by /bin/sh
+        (b"\x7fELFgarbage", 126, "Exec format error"),
+    ],
+)
+def test_exit_codes_of_files(
+    env: Env, tmp_path: Path, content: bytes, code: int, error: str
+) -> None:
+    """A file that execve cannot run is one line of pyunion's and 126/127, as before pid 1
+    was catatonit (whose glibc execvpe would run it with /bin/sh, or say "failed to exec
+    pid1" and exit 1)."""
+    (tmp_path / "prog").write_bytes(content)
+    (tmp_path / "prog").chmod(0o755)
+    r = env.run("/x/prog", opts=("-v", f"{tmp_path}:/x"))
+    assert r.returncode == code, r.stderr
+    if error:
+        assert r.stderr == f"pyunion: /x/prog: {error}\n" and r.stdout == ""
+    else:
+        assert r.stdout == "ran\n", r.stderr
+
+
 def test_tool_errors_are_125(env: Env) -> None:
     assert env.run("true", opts=("-u", "nosuchuser")).returncode == 125
     r = subprocess.run(

@@ -253,8 +253,8 @@ def test_a_build_pins_no_host_mount(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while command is None and b.poll() is None and time.monotonic() < deadline:
             for pid in run_processes(str(ctx)):
-                with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
-                    if f.read().strip() == "catatonit":
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"catatonit\0"):
                         command = next(iter(_children(pid)), None)
             time.sleep(0.02)
         assert command is not None, b.stderr.read() if b.stderr else "no RUN container"

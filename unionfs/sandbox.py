@@ -10,7 +10,7 @@ Process tree (the parent side lives in `run.py`):
          └─ the command (forked and exec'd by catatonit)
 
 `init` first closes every fd it inherited (only 0-2 and `--preserve-fds` stay),
-opens the host's catatonit (a static binary) and waits for pyunion's "go" (with
+copies the host's catatonit (a static binary) into a sealed memfd and waits for pyunion's "go" (with
 the tree's mount, which it attaches), then builds the container's view on top
 of the merged tree: a fresh /proc, a tmpfs /dev with the usual nodes, a new
 devpts instance, /sys read-only, the host's resolv.conf/hosts/hostname
@@ -464,17 +464,51 @@ def find_init() -> str | None:
     return None
 
 
+MAX_INIT = 16 << 20  # bytes of the init binary copied at most
+MFD_EXEC = 0x0010  # Linux 6.3: an executable memfd even where vm.memfd_noexec says otherwise
+
+
 def _open_init(path: str) -> int:
-    """An fd of the host's catatonit, taken while the host's tree is still in view: the
-    container's pid 1 is exec'd from it (a static binary: nothing of the image runs)."""
+    """A sealed in-memory copy of the host's catatonit, the container's pid 1 to be.
+
+    Taken while the host's tree is still in view (a static binary: nothing of the
+    image runs in pid 1). Not the host's file itself: pid 1 runs as the command's
+    user and is dumpable, so root in the container could open /proc/1/exe and
+    chmod or chown the host's file (setuid root: root on the host). A memfd sealed
+    against writes is what runc runs for the same reason (CVE-2019-5736).
+    """
     try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise SetupError(f"cannot open the container's init {path!r}: {e.strerror}") from e
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SetupError(f"the container's init {path!r} is not a regular file")
-    return fd
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INIT:
+            raise SetupError(
+                f"the container's init {path!r} is not a regular file of at most 16 MiB"
+            )
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        try:
+            fd = os.memfd_create("catatonit", flags | MFD_EXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # a kernel before 6.3: memfds are executable
+                raise
+            fd = os.memfd_create("catatonit", flags)
+        try:
+            done = 0
+            while done < st.st_size:
+                n = os.sendfile(fd, src, done, st.st_size - done)
+                if n == 0:
+                    raise SetupError(f"the container's init {path!r} changed while read")
+                done += n
+            seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    finally:
+        os.close(src)
 
 
 def _exec_error(name: str, env: dict[str, str]) -> OSError | None:
@@ -491,11 +525,43 @@ def _exec_error(name: str, env: dict[str, str]) -> OSError | None:
             last = e
         else:
             if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
-                return None
+                return _format_error(path)
             last = PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
         if first is None and last.errno not in (errno.ENOENT, errno.ENOTDIR):
             first = last
     return first or last
+
+
+def _format_error(path: str) -> OSError | None:
+    """What execve(PATH) of an executable regular file would fail with, by its first
+    bytes: ENOEXEC unless an ELF executable or `#!` (glibc's execvpe, in catatonit, would
+    run any other file with /bin/sh), ENOENT or EACCES for a `#!` interpreter that cannot
+    run."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None  # execute-only (no read permission): the kernel reads it, not us
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # swapped meanwhile: execve will say
+        head = os.read(fd, 256)
+    finally:
+        os.close(fd)
+    if head.startswith(b"\x7fELF"):  # an ELF header's class, byte order, version, type
+        e_type = int.from_bytes(head[16:18], "little" if head[5:6] == b"\x01" else "big")
+        # ET_EXEC or ET_DYN, of any machine (binfmt_misc may run another one's)
+        header = len(head) >= 52 and head[4] in (1, 2) and head[5] in (1, 2) and head[6] == 1
+        if header and e_type in (2, 3):
+            return None
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        if words:
+            interp = os.fsdecode(words[0])
+            if os.access(interp, os.X_OK):
+                return None
+            code = errno.EACCES if os.path.exists(interp) else errno.ENOENT
+            return OSError(code, os.strerror(code), path)
+    return OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), path)
 
 
 def _take_signals(go: socket.socket | None) -> None:
