@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -222,6 +223,44 @@ def test_pid1_is_not_the_hosts_file(env: Env) -> None:
     )
     link, ident = r.stdout.splitlines()[:2]
     assert link.startswith("/memfd:catatonit"), r.stdout
+    assert ident != f"{host.st_dev}:{host.st_ino}", r.stdout
+    assert "written" not in r.stdout
+
+
+def test_pid1_without_executable_memfds(env: Env) -> None:
+    """vm.memfd_noexec=2 (a hardened host) forbids executable memfds: pid 1 is then an
+    unnamed, unlinkable copy in pyunion's private directory, still no host file and
+    still not writable. The sysctl is set in a pid namespace of the test's own."""
+    from unionfs.sandbox import find_init
+
+    init = find_init()
+    assert init is not None
+    host = os.stat(init)
+    script = (
+        "readlink /proc/1/exe; stat -L -c '%d:%i' /proc/1/exe; "
+        "if echo x >> /proc/1/exe; then echo written; fi"
+    )
+    inner = " ".join(shlex.quote(a) for a in env.cmd(command=("sh", "-c", script)))
+    r = subprocess.run(
+        [
+            "unshare",
+            "-p",
+            "-f",
+            "--mount-proc",
+            "sh",
+            "-c",
+            f"echo 2 > /proc/sys/vm/memfd_noexec && exec {inner}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=env.env,
+    )
+    assert r.returncode == 0, r.stderr
+    link, ident = r.stdout.splitlines()[:2]
+    assert "memfd" not in link and link.endswith("(deleted)"), r.stdout
     assert ident != f"{host.st_dev}:{host.st_ino}", r.stdout
     assert "written" not in r.stdout
 

@@ -169,22 +169,27 @@ def test_pid1_is_catatonit_not_an_interpreter(env: Env) -> None:
 
 
 @pytest.mark.parametrize(
-    "content,code,error",
+    "content,inner,code,error",
     [
-        (b"#!/bin/sh\necho ran\n", 0, ""),
-        (b"#!/no/such/shell\necho ran\n", 127, "No such file or directory"),
-        (b"echo ran\n", 126, "Exec format error"),  # no #!: not run by /bin/sh
-        (b"\x7fELFgarbage", 126, "Exec format error"),
+        (b"#!/bin/sh\necho ran\n", b"", 0, ""),
+        (b"#!/x/inner\n", b"#!/bin/sh\necho ran\n", 0, ""),
+        (b"#!/no/such/shell\necho ran\n", b"", 127, "No such file or directory"),
+        (b"#!/x/inner\n", b"#!/no/such/shell\n", 127, "No such file or directory"),
+        (b"#!/tmp\necho ran\n", b"", 126, "Permission denied"),  # a directory
+        (b"echo ran\n", b"", 126, "Exec format error"),  # no #!: not run by /bin/sh
+        (b"#!/x/inner\n", b"echo ran\n", 126, "Exec format error"),
+        (b"\x7fELFgarbage", b"", 126, "Exec format error"),
     ],
 )
 def test_exit_codes_of_files(
-    env: Env, tmp_path: Path, content: bytes, code: int, error: str
+    env: Env, tmp_path: Path, content: bytes, inner: bytes, code: int, error: str
 ) -> None:
-    """A file that execve cannot run is one line of pyunion's and 126/127, as before pid 1
-    was catatonit (whose glibc execvpe would run it with /bin/sh, or say "failed to exec
-    pid1" and exit 1)."""
-    (tmp_path / "prog").write_bytes(content)
-    (tmp_path / "prog").chmod(0o755)
+    """A file that execve cannot run, directly or through its #! interpreters, is one line
+    of pyunion's and 126/127, as before pid 1 was catatonit (whose glibc execvpe would
+    run it with /bin/sh, or say "failed to exec pid1" and exit 1)."""
+    for name, data in (("prog", content), ("inner", inner)):
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / name).chmod(0o755)
     r = env.run("/x/prog", opts=("-v", f"{tmp_path}:/x"))
     assert r.returncode == code, r.stderr
     if error:

@@ -468,14 +468,16 @@ MAX_INIT = 16 << 20  # bytes of the init binary copied at most
 MFD_EXEC = 0x0010  # Linux 6.3: an executable memfd even where vm.memfd_noexec says otherwise
 
 
-def _open_init(path: str) -> int:
+def _open_init(path: str, scratch: str) -> int:
     """A sealed in-memory copy of the host's catatonit, the container's pid 1 to be.
 
     Taken while the host's tree is still in view (a static binary: nothing of the
     image runs in pid 1). Not the host's file itself: pid 1 runs as the command's
     user and is dumpable, so root in the container could open /proc/1/exe and
     chmod or chown the host's file (setuid root: root on the host). A memfd sealed
-    against writes is what runc runs for the same reason (CVE-2019-5736).
+    against writes is what runc runs for the same reason (CVE-2019-5736); where
+    vm.memfd_noexec=2 forbids executable memfds, an unlinkable O_TMPFILE in SCRATCH
+    (pyunion's private directory), left with no writer.
     """
     try:
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -491,16 +493,14 @@ def _open_init(path: str) -> int:
         try:
             fd = os.memfd_create("catatonit", flags | MFD_EXEC)
         except OSError as e:
-            if e.errno != errno.EINVAL:  # a kernel before 6.3: memfds are executable
+            if e.errno == errno.EINVAL:  # a kernel before 6.3: memfds are executable
+                fd = os.memfd_create("catatonit", flags)
+            elif e.errno in (errno.EACCES, errno.EPERM):  # vm.memfd_noexec=2
+                return _tmpfile_copy(src, st.st_size, path, scratch)
+            else:
                 raise
-            fd = os.memfd_create("catatonit", flags)
         try:
-            done = 0
-            while done < st.st_size:
-                n = os.sendfile(fd, src, done, st.st_size - done)
-                if n == 0:
-                    raise SetupError(f"the container's init {path!r} changed while read")
-                done += n
+            _copy(src, fd, st.st_size, path)
             seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
         except BaseException:
@@ -509,6 +509,26 @@ def _open_init(path: str) -> int:
         return fd
     finally:
         os.close(src)
+
+
+def _tmpfile_copy(src: int, size: int, path: str, scratch: str) -> int:
+    """The copy as a file of SCRATCH that never has a name (O_EXCL: it cannot be linked
+    in), reopened read-only: the writable fd is closed, so nobody can write it."""
+    rw = os.open(scratch, os.O_TMPFILE | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o555)
+    try:
+        _copy(src, rw, size, path)
+        return os.open(f"/proc/self/fd/{rw}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(rw)
+
+
+def _copy(src: int, dst: int, size: int, path: str) -> None:
+    done = 0
+    while done < size:
+        n = os.sendfile(dst, src, done, size - done)
+        if n == 0:
+            raise SetupError(f"the container's init {path!r} changed while read")
+        done += n
 
 
 def _exec_error(name: str, env: dict[str, str]) -> OSError | None:
@@ -532,11 +552,11 @@ def _exec_error(name: str, env: dict[str, str]) -> OSError | None:
     return first or last
 
 
-def _format_error(path: str) -> OSError | None:
+def _format_error(path: str, depth: int = 0) -> OSError | None:
     """What execve(PATH) of an executable regular file would fail with, by its first
     bytes: ENOEXEC unless an ELF executable or `#!` (glibc's execvpe, in catatonit, would
-    run any other file with /bin/sh), ENOENT or EACCES for a `#!` interpreter that cannot
-    run."""
+    run any other file with /bin/sh); for `#!`, the interpreter's own error, ENOENT or
+    EACCES (a directory, not executable), down the kernel's four levels."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
@@ -553,14 +573,18 @@ def _format_error(path: str) -> OSError | None:
         header = len(head) >= 52 and head[4] in (1, 2) and head[5] in (1, 2) and head[6] == 1
         if header and e_type in (2, 3):
             return None
-    if head.startswith(b"#!"):
+    if head.startswith(b"#!") and depth < 4:
         words = head[2:].split(b"\n", 1)[0].split()
         if words:
             interp = os.fsdecode(words[0])
-            if os.access(interp, os.X_OK):
-                return None
-            code = errno.EACCES if os.path.exists(interp) else errno.ENOENT
-            return OSError(code, os.strerror(code), path)
+            try:
+                st = os.stat(interp)
+            except OSError as e:
+                return OSError(e.errno, e.strerror, path)
+            if not stat.S_ISREG(st.st_mode) or not os.access(interp, os.X_OK):
+                return OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+            err = _format_error(interp, depth + 1)
+            return None if err is None else OSError(err.errno, err.strerror, path)
     return OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), path)
 
 
@@ -723,7 +747,7 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         mask = set(FORWARDED) | {signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, mask)
         _prepare_filter(spec.confinement)  # while pyunion mounts the tree
-        exe = _open_init(spec.init)
+        exe = _open_init(spec.init, os.path.dirname(spec.root))
         mount_fd = -1
         go_sock = None  # kept for the hand-over of signals (`_take_signals`)
         if spec.go_fd >= 0:  # the tree is mounted (detached): init attaches it below
