@@ -625,8 +625,9 @@ print("exit", r.returncode, "pending", pending)
 def test_no_typing_into_the_callers_terminal(env: Env, opts: tuple[str, ...], where: str) -> None:
     """Without -t the command writes to pyunion's own terminal; TIOCSTI through /dev/tty or an
     inherited terminal fd pushed a line into the input of the shell that ran pyunion, which
-    then ran it as root. The container has its own session, as in runc: the terminal is
-    not its controlling terminal (/dev/tty is ENXIO, TIOCSTI EPERM without CAP_SYS_ADMIN)."""
+    then ran it as root. The container has its own session, as in runc (/dev/tty is
+    ENXIO), and the terminal reaches it only through pipes of pyunion's, as podman's
+    conmon does (TIOCSTI on fd 0 or 1: ENOTTY)."""
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child execs at once
         os.environ.update(env.env)
@@ -650,7 +651,49 @@ def test_no_typing_into_the_callers_terminal(env: Env, opts: tuple[str, ...], wh
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0, out
     assert b"exit 1 pending 0" in out, out
-    assert (b"open 6" if where == "/dev/tty" else b"TIOCSTI 1") in out, out
+    assert (b"open 6" if where == "/dev/tty" else b"TIOCSTI 25") in out, out
+
+
+def test_stdio_files_are_not_the_containers(env: Env, tmp_path: Path) -> None:
+    """`pyunion run -i ... < in > out 2> err` with host files: the container gets pipes,
+    so its root can neither chmod nor chown those files through /proc/self/fd, nor
+    reopen the read-only stdin for writing; the data still flows both ways."""
+    files = {name: tmp_path / name for name in ("in", "out", "err")}
+    files["in"].write_text("input\n")
+    files["out"].write_text("")
+    files["err"].write_text("")
+    script = (
+        "cat; echo to-err >&2; ls -l /proc/self/fd/0 /proc/self/fd/1 /proc/self/fd/2; "
+        "for fd in 0 1 2; do chmod 4777 /proc/self/fd/$fd; chown 1000:1000 /proc/self/fd/$fd; "
+        "done; echo PWNED > /proc/self/fd/0; true"
+    )
+    before = {name: f.stat() for name, f in files.items()}
+    with (
+        files["in"].open("rb") as i,
+        files["out"].open("wb") as o,
+        files["err"].open("wb") as e,
+    ):
+        r = subprocess.run(
+            env.cmd("-i", command=("sh", "-c", script)),
+            stdin=i,
+            stdout=o,
+            stderr=e,
+            timeout=60,
+            check=False,
+            env=env.env,
+        )
+    assert r.returncode == 0, files["err"].read_text()
+    out = files["out"].read_text()
+    assert out.startswith("input\n") and out.count("pipe:") == 3, out
+    assert files["err"].read_text().startswith("to-err\n")
+    assert files["in"].read_text() == "input\n"
+    for name, f in files.items():
+        st = f.stat()
+        assert (st.st_mode, st.st_uid, st.st_gid) == (
+            before[name].st_mode,
+            before[name].st_uid,
+            before[name].st_gid,
+        ), name
 
 
 # -- volumes ---------------------------------------------------------------------------------------

@@ -398,6 +398,10 @@ class Runner:
         self.go: socket.socket | None = None
         self.holding = False
         self.held: list[int] = []
+        # stdio that is not a pipe reaches the container through pipes of ours (`_relayed_stdio`)
+        self.out_pipes: dict[int, int] = {}  # our read end -> our fd 1 or 2
+        self.stdin_pipe: int | None = None  # our write end, for fd 0 (-i)
+        self.child_stdio: list[tuple[int, int]] = []  # (fd, the container's end) until forked
         self.mount_fd = -1  # the detached mount, until init has it
         self.tty_sock: socket.socket | None = None
         self.prefork: Prefork | None = None
@@ -627,6 +631,12 @@ class Runner:
         self.report_fd, spec.report_fd = os.pipe()
         theirs, ours = socket.socketpair()  # "G" and the mount's fd (SCM_RIGHTS)
         spec.go_fd, self.go_fd = theirs.detach(), ours.detach()
+        for fd, child_end, our_end in _relayed_stdio(self.opts.interactive and not self.opts.tty):
+            self.child_stdio.append((fd, child_end))
+            if fd == 0:
+                self.stdin_pipe = our_end
+            else:
+                self.out_pipes[our_end] = fd
         try:
             self.starting = self._fork_pid1(spec, child_sock)
         finally:
@@ -634,6 +644,9 @@ class Runner:
             os.close(spec.go_fd)
             if child_sock is not None:
                 child_sock.close()
+            for _, child_end in self.child_stdio:
+                os.close(child_end)
+            self.child_stdio = []
         self._tell_janitor("I", str(self.starting).encode())
 
     def _fork_pid1(self, spec: sandbox.ContainerSpec, child_sock: socket.socket | None) -> int:
@@ -654,6 +667,8 @@ class Runner:
                         os.close(fd)
                     if self.tty_sock is not None:
                         self.tty_sock.close()
+                    for fd, child_end in self.child_stdio:
+                        os.dup2(child_end, fd)  # inheritable; the pipes' other fds close on exec
                     from . import sandbox
 
                     sandbox.start_init(spec, child_sock)
@@ -708,29 +723,31 @@ class Runner:
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
 
     def _supervise(self) -> int:
-        """Wait for init; meanwhile relay the pty (-t) and let handlers forward signals."""
+        """Wait for init; meanwhile relay the pty (-t) or the stdio pipes, and let handlers
+        forward signals."""
         assert self.init is not None
         master = self.master
-        read_stdin = master is not None and self.opts.interactive
-        to_master = b""
+        # Where our stdin goes: the pty, or the pipe that stands for a non-pipe stdin (-i).
+        sink = master if master is not None else self.stdin_pipe
+        read_stdin = sink is not None and self.opts.interactive
+        to_sink = b""
         eof_sent = False
+        outputs = dict(self.out_pipes)  # read end -> our fd it is copied to
         if master is not None:
-            os.set_blocking(master, False)
+            outputs[master] = 1
+        for fd in (*outputs, *([sink] if sink is not None else [])):
+            os.set_blocking(fd, False)
         while True:
             pid, status = os.waitpid(self.init, os.WNOHANG)
             if pid == self.init:
                 self.init = None
                 break
             timeout = self._hand_over()
-            rlist = [self.wake_r]
+            rlist = [self.wake_r, *outputs]
             if self.go is not None:
                 rlist.append(self.go.fileno())
-            wlist = []
-            if master is not None:
-                rlist.append(master)
-                if to_master:
-                    wlist.append(master)
-            if read_stdin and not to_master:
+            wlist = [sink] if sink is not None and to_sink else []
+            if read_stdin and not to_sink:
                 rlist.append(0)
             try:
                 readable, writable, _ = select.select(rlist, wlist, [], timeout)
@@ -739,59 +756,55 @@ class Runner:
             if self.wake_r in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)
-            if master is not None and master in readable and not self._pump_output(master):
-                master = None
+            for fd in [fd for fd in outputs if fd in readable]:
+                if not _pump(fd, outputs[fd]):
+                    del outputs[fd]
             if 0 in readable:
                 try:
                     data = os.read(0, 65536)
                 except OSError:  # EIO: our terminal hung up; SIGHUP is on its way
                     data = b""
                 if data:
-                    to_master += data
+                    to_sink += data
                 else:
                     read_stdin = False
-                    if not eof_sent:
-                        to_master += b"\x04"  # stdin ended: ^D to the terminal
+                    if sink is master and not eof_sent:
+                        to_sink += b"\x04"  # stdin ended: ^D to the terminal
                         eof_sent = True
-            if master is not None and master in writable and to_master:
+                    elif sink is not master and sink is not None:
+                        self._close_stdin_pipe()  # the command reads its end of file
+                        sink = None
+            if sink is not None and sink in writable and to_sink:
                 try:
-                    n = os.write(master, to_master)
-                    to_master = to_master[n:]
+                    n = os.write(sink, to_sink)
+                    to_sink = to_sink[n:]
                 except BlockingIOError:
                     pass
-                except OSError:
-                    to_master = b""
-        if master is not None:  # what the command wrote just before exiting
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline:
-                r, _, _ = select.select([master], [], [], 0.1)
-                if not r or not self._pump_output(master):
-                    break
+                except OSError:  # the command closed its stdin
+                    to_sink = b""
+                    read_stdin = False
+        self._drain(outputs)  # what the command wrote just before exiting
         from . import sandbox
 
         return sandbox.exit_code(status)
 
-    @staticmethod
-    def _pump_output(master: int) -> bool:
-        try:
-            data = os.read(master, 65536)
-        except BlockingIOError:
-            return True
-        except OSError:  # EIO: every slave is closed
-            return False
-        if not data:
-            return False
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(1, view)
-            except BlockingIOError:
-                select.select([], [1], [])
-                continue
-            except OSError:  # our reader went away: keep draining so the command never blocks
-                break
-            view = view[n:]
-        return True
+    def _drain(self, outputs: dict[int, int]) -> None:
+        """Copy what is left in the output pipes (and pty) until their end, at most 2 s:
+        every writer is in the container, which is gone or going."""
+        deadline = time.monotonic() + 2.0
+        while outputs and time.monotonic() < deadline:
+            r, _, _ = select.select(list(outputs), [], [], 0.1)
+            if not r and all(fd not in self.out_pipes for fd in outputs):
+                break  # only the pty, and quiet
+            for fd in r:
+                if not _pump(fd, outputs[fd]):
+                    del outputs[fd]
+
+    def _close_stdin_pipe(self) -> None:
+        if self.stdin_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.stdin_pipe)
+            self.stdin_pipe = None
 
     # teardown ----------------------------------------------------------------------------
     def teardown(self) -> None:
@@ -816,6 +829,12 @@ class Runner:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
         self.init = self.starting = None
+        if self.out_pipes:  # init's own last words, when it failed before supervising
+            self._drain(dict(self.out_pipes))
+            for fd in self.out_pipes:
+                os.close(fd)
+            self.out_pipes = {}
+        self._close_stdin_pipe()
         if self.prefork is not None:  # no mount was handed to it
             self.prefork.cancel()
             self.prefork = None
@@ -981,6 +1000,66 @@ def _in_layer(layer_fd: int, rel: bytes) -> bool:
         return True
     finally:
         os.close(pfd)
+
+
+_NO_SPLICE: set[int] = set()  # our fds splice(2) refused (O_APPEND, non-blocking, ...)
+
+
+def _pump(src: int, dst: int) -> bool:
+    """Copy what SRC has to DST; False at SRC's end (EOF, or EIO: every pty slave closed).
+    A DST that fails drops the data: the command is never blocked by our reader."""
+    if dst not in _NO_SPLICE:  # pipe to file or terminal without a copy through us
+        try:
+            if not os.get_blocking(dst):
+                raise BlockingIOError  # EAGAIN would not say which end is empty
+            return os.splice(src, dst, 1 << 20) > 0
+        except BlockingIOError:
+            if os.get_blocking(dst):
+                return True  # SRC is empty
+            _NO_SPLICE.add(dst)
+        except OSError:  # EINVAL (not a pipe, O_APPEND), or DST failed: read and write below
+            _NO_SPLICE.add(dst)
+    try:
+        data = os.read(src, 65536)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    if not data:
+        return False
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(dst, view)
+        except BlockingIOError:
+            select.select([], [dst], [])
+            continue
+        except OSError:  # our reader went away: keep draining so the command never blocks
+            break
+        view = view[n:]
+    return True
+
+
+def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int]]:
+    """(our fd, the container's end, our end) for each stdio fd that is not a pipe or a
+    socket: a file, a terminal or a device reaches the container as a pipe of ours.
+
+    An fd passed as is gives the container's root its inode: /proc/self/fd/1 of a
+    `> host-file` could be chmod'ed or chown'ed, a `< file` reopened for writing,
+    /dev/null or the caller's terminal made world-writable. A pipe's inode is
+    nobody's. podman puts conmon's pipes there for the same reason.
+    """
+    out: list[tuple[int, int, int]] = []
+    for fd in (0, 1, 2) if interactive else (1, 2):
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            continue
+        r, w = os.pipe2(os.O_CLOEXEC)
+        out.append((fd, r, w) if fd == 0 else (fd, w, r))
+    return out
 
 
 def _blocks(pid: int, sigs: tuple[int, ...]) -> bool:
