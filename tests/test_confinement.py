@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tomllib
@@ -694,6 +695,58 @@ def test_stdio_files_are_not_the_containers(env: Env, tmp_path: Path) -> None:
             before[name].st_uid,
             before[name].st_gid,
         ), name
+
+
+def test_stdio_named_fifo_is_not_the_containers(env: Env, tmp_path: Path) -> None:
+    """A named FIFO is a host file too (unlike an anonymous pipe): relayed as well."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    try:
+        with fifo.open("wb") as w:
+            r = subprocess.run(
+                env.cmd(
+                    command=(
+                        "sh",
+                        "-c",
+                        "echo via-fifo; chmod 4777 /proc/self/fd/1; "
+                        "chown 1000:1000 /proc/self/fd/1; true",
+                    )
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=w,
+                stderr=subprocess.PIPE,
+                timeout=60,
+                check=False,
+                env=env.env,
+            )
+        out, _ = reader.communicate(timeout=30)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert r.returncode == 0, r.stderr
+    assert out == b"via-fifo\n"
+    st = fifo.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, 0)
+
+
+def test_stdout_and_stderr_to_one_file_keep_their_order(env: Env, tmp_path: Path) -> None:
+    """`> log 2>&1`: one pipe for both (they are one file), so the lines stay in order."""
+    log = tmp_path / "log"
+    script = "i=0; while [ $i -lt 300 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"
+    with log.open("wb") as f:
+        r = subprocess.run(
+            env.cmd(command=("sh", "-c", script)),
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+            check=False,
+            env=env.env,
+        )
+    assert r.returncode == 0
+    want = [f"{kind}{i}" for i in range(300) for kind in ("out", "err")]
+    assert log.read_text().split() == want
 
 
 # -- volumes ---------------------------------------------------------------------------------------

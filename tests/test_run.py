@@ -399,6 +399,35 @@ def test_sigterm_while_starting_ends_at_once(env: Env) -> None:
         env.wait_clean()
 
 
+def test_sigterm_while_nobody_reads_the_terminal(env: Env) -> None:
+    """pyunion on a terminal nobody reads, the command filling it: SIGTERM still ends the
+    run at once (the output it cannot write is dropped, not waited for)."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(env.env)
+        os.execv(PYUNION[0], [*PYUNION, "run", *env.layers, "--", "sh", "-c", "yes"])
+    try:
+        time.sleep(3)  # the terminal's buffer fills; we do not read it
+        t = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        deadline = t + 10
+        status = None
+        while status is None and time.monotonic() < deadline:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+            time.sleep(0.05)
+        assert status is not None, "pyunion still runs 10 s after SIGTERM"
+        assert os.waitstatus_to_exitcode(status) == 143
+        pid = 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    env.wait_clean()
+
+
 def test_signals_forwarded(env: Env) -> None:
     p = env.popen(
         "sh", "-c", "trap 'echo got USR1; exit 3' USR1; echo ready; while :; do sleep 0.1; done"

@@ -42,7 +42,7 @@ import tempfile
 import termios
 import time
 import tty as ttymod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -398,6 +398,7 @@ class Runner:
         self.go: socket.socket | None = None
         self.holding = False
         self.held: list[int] = []
+        self.stopping = False  # told to stop (SIGINT, SIGTERM, SIGHUP): blocked output may go
         # stdio that is not a pipe reaches the container through pipes of ours (`_relayed_stdio`)
         self.out_pipes: dict[int, int] = {}  # our read end -> our fd 1 or 2
         self.stdin_pipe: int | None = None  # our write end, for fd 0 (-i)
@@ -428,6 +429,8 @@ class Runner:
             return
         n = self.forwarded.get(signo, 0) + 1
         self.forwarded[signo] = n
+        if signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.stopping = True
         if n > 1 and signo in (signal.SIGINT, signal.SIGTERM):
             sig: int = signal.SIGKILL  # asked twice: stop waiting for the command
         else:
@@ -635,7 +638,7 @@ class Runner:
             self.child_stdio.append((fd, child_end))
             if fd == 0:
                 self.stdin_pipe = our_end
-            else:
+            elif our_end is not None:
                 self.out_pipes[our_end] = fd
         try:
             self.starting = self._fork_pid1(spec, child_sock)
@@ -644,7 +647,7 @@ class Runner:
             os.close(spec.go_fd)
             if child_sock is not None:
                 child_sock.close()
-            for _, child_end in self.child_stdio:
+            for child_end in {end for _, end in self.child_stdio}:
                 os.close(child_end)
             self.child_stdio = []
         self._tell_janitor("I", str(self.starting).encode())
@@ -757,7 +760,7 @@ class Runner:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)
             for fd in [fd for fd in outputs if fd in readable]:
-                if not _pump(fd, outputs[fd]):
+                if not _pump(fd, outputs[fd], self._giving_up):
                     del outputs[fd]
             if 0 in readable:
                 try:
@@ -797,8 +800,12 @@ class Runner:
             if not r and all(fd not in self.out_pipes for fd in outputs):
                 break  # only the pty, and quiet
             for fd in r:
-                if not _pump(fd, outputs[fd]):
+                if not _pump(fd, outputs[fd], lambda: True):
                     del outputs[fd]
+
+    def _giving_up(self) -> bool:
+        """Output that cannot be written may be dropped: pid 1 is gone or we are told to stop."""
+        return self.init is None or self.stopping
 
     def _close_stdin_pipe(self) -> None:
         if self.stdin_pipe is not None:
@@ -1002,21 +1009,25 @@ def _in_layer(layer_fd: int, rel: bytes) -> bool:
         os.close(pfd)
 
 
-_NO_SPLICE: set[int] = set()  # our fds splice(2) refused (O_APPEND, non-blocking, ...)
+_NO_SPLICE: set[int] = set()  # our fds splice(2) refused (O_APPEND, ...)
 
 
-def _pump(src: int, dst: int) -> bool:
+def _pump(src: int, dst: int, giving_up: Callable[[], bool]) -> bool:
     """Copy what SRC has to DST; False at SRC's end (EOF, or EIO: every pty slave closed).
-    A DST that fails drops the data: the command is never blocked by our reader."""
-    if dst not in _NO_SPLICE:  # pipe to file or terminal without a copy through us
+
+    A regular file takes it by splice(2), without a copy through us. A terminal, FIFO
+    or device is waited for (select) and written in pieces it can take at once, so a
+    reader that stops (a terminal nobody reads) never blocks pyunion for good: once
+    `giving_up()` (pid 1 gone, or told to stop) and DST still takes nothing for
+    0.2 s, the rest is dropped. A DST that fails drops the data too: the command is
+    never blocked by our reader.
+    """
+    regular = stat.S_ISREG(os.fstat(dst).st_mode)
+    if regular and dst not in _NO_SPLICE:
         try:
-            if not os.get_blocking(dst):
-                raise BlockingIOError  # EAGAIN would not say which end is empty
             return os.splice(src, dst, 1 << 20) > 0
         except BlockingIOError:
-            if os.get_blocking(dst):
-                return True  # SRC is empty
-            _NO_SPLICE.add(dst)
+            return True  # SRC is empty
         except OSError:  # EINVAL (not a pipe, O_APPEND), or DST failed: read and write below
             _NO_SPLICE.add(dst)
     try:
@@ -1028,11 +1039,17 @@ def _pump(src: int, dst: int) -> bool:
     if not data:
         return False
     view = memoryview(data)
+    piece = len(view) if regular else 256 if os.isatty(dst) else 4096
     while view:
+        if not regular:
+            _, ready, _ = select.select([], [dst], [], 0.2)
+            if not ready:
+                if giving_up():
+                    break
+                continue
         try:
-            n = os.write(dst, view)
+            n = os.write(dst, view[:piece])
         except BlockingIOError:
-            select.select([], [dst], [])
             continue
         except OSError:  # our reader went away: keep draining so the command never blocks
             break
@@ -1040,25 +1057,37 @@ def _pump(src: int, dst: int) -> bool:
     return True
 
 
-def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int]]:
-    """(our fd, the container's end, our end) for each stdio fd that is not a pipe or a
-    socket: a file, a terminal or a device reaches the container as a pipe of ours.
+def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
+    """(our fd, the container's end, our end) for each stdio fd that is not an anonymous
+    pipe or a socket: a file, a named FIFO, a terminal or a device reaches the container
+    as a pipe of ours. stderr on the same file as stdout shares its pipe (our end None),
+    so that their order stays the command's.
 
     An fd passed as is gives the container's root its inode: /proc/self/fd/1 of a
     `> host-file` could be chmod'ed or chown'ed, a `< file` reopened for writing,
-    /dev/null or the caller's terminal made world-writable. A pipe's inode is
-    nobody's. podman puts conmon's pipes there for the same reason.
+    /dev/null or the caller's terminal made world-writable. An anonymous pipe's or a
+    socket's inode is nobody's. podman puts conmon's pipes there for the same reason.
     """
-    out: list[tuple[int, int, int]] = []
+    probe_r, probe_w = os.pipe()
+    pipefs = os.fstat(probe_r).st_dev
+    os.close(probe_r)
+    os.close(probe_w)
+    out: list[tuple[int, int, int | None]] = []
+    seen: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> the container's end
     for fd in (0, 1, 2) if interactive else (1, 2):
         try:
-            mode = os.fstat(fd).st_mode
+            st = os.fstat(fd)
         except OSError:
             continue
-        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        if stat.S_ISSOCK(st.st_mode) or (stat.S_ISFIFO(st.st_mode) and st.st_dev == pipefs):
+            continue
+        if fd == 2 and (st.st_dev, st.st_ino) in seen:
+            out.append((2, seen[st.st_dev, st.st_ino], None))
             continue
         r, w = os.pipe2(os.O_CLOEXEC)
         out.append((fd, r, w) if fd == 0 else (fd, w, r))
+        if fd == 1:
+            seen[st.st_dev, st.st_ino] = w
     return out
 
 
