@@ -435,12 +435,17 @@ def test_program_is_kept_and_checked(env: Env, tmp_path: Path) -> None:
 
 
 def test_kept_programs_are_bounded(tmp_path: Path) -> None:
-    """A new program pushes the oldest kept ones out (never itself, nothing else)."""
+    """A new program pushes the oldest kept ones out (never itself, nothing else), and a
+    temporary file a killed writer left goes once it is a minute old."""
     for i in range(seccomp.KEEP_PROGRAMS + 4):
         p = tmp_path / f"seccomp-x86_64-{i:032x}.bpf"
         p.write_bytes(b"x")
         os.utime(p, ns=(i * 10**9, i * 10**9))
     (tmp_path / "other.pid").write_text("1 /mnt\n")
+    stale, fresh = (tmp_path / f".seccomp-x86_64-{'e' * 32}.bpf.{n}.ab12" for n in (7, 8))
+    stale.write_bytes(b"half")  # a writer killed before its rename, long ago
+    os.utime(stale, ns=(0, 0))
+    fresh.write_bytes(b"half")  # one still being written
     newest = f"seccomp-x86_64-{'f' * 32}.bpf"
     (tmp_path / newest).write_bytes(b"x")
     os.utime(tmp_path / newest, ns=(0, 0))  # the oldest mtime: kept all the same
@@ -451,6 +456,7 @@ def test_kept_programs_are_bounded(tmp_path: Path) -> None:
         os.close(dfd)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert "other.pid" in left and newest in left
+    assert fresh.name in left and stale.name not in left
     programs = [n for n in left if n.endswith(".bpf")]
     assert len(programs) == seccomp.KEEP_PROGRAMS
     assert f"seccomp-x86_64-{seccomp.KEEP_PROGRAMS + 3:032x}.bpf" in programs

@@ -35,6 +35,7 @@ import os
 import re
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -400,11 +401,20 @@ def _read_cached(dfd: int, name: str) -> Program | None:
 KEEP_PROGRAMS = 16
 
 
+STALE_TMP_S = 60  # a program's temporary file older than this lost its writer (SIGKILL)
+
+
 def _prune(dfd: int, keep: str) -> None:
-    """Keep at most KEEP_PROGRAMS programs in the state directory, `keep` among them."""
+    """Keep at most KEEP_PROGRAMS programs in the state directory, `keep` among them, and
+    remove temporary files a killed writer left (`_write_cached`; written in milliseconds)."""
     kept = []
     for entry in os.listdir(dfd):
-        if entry.startswith("seccomp-") and entry.endswith(".bpf") and entry != keep:
+        if entry.startswith(".seccomp-"):
+            with contextlib.suppress(OSError):
+                st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+                if time.time() - st.st_mtime > STALE_TMP_S:
+                    os.unlink(entry, dir_fd=dfd)
+        elif entry.startswith("seccomp-") and entry.endswith(".bpf") and entry != keep:
             with contextlib.suppress(OSError):
                 st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
                 kept.append((st.st_mtime_ns, entry))
