@@ -428,6 +428,43 @@ def test_sigterm_while_nobody_reads_the_terminal(env: Env) -> None:
     env.wait_clean()
 
 
+def test_output_that_cannot_be_written_is_not_swallowed(env: Env, tmp_path: Path) -> None:
+    """stdout relayed by pyunion (not an anonymous pipe) whose destination fails: the
+    command's writes fail too (a reader gone: SIGPIPE, 141, at once) and a full device
+    is said in one line, rather than the command running on with its output dropped."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["sh", "-c", 'head -c 3 < "$0" > /dev/null', str(fifo)])
+    try:
+        with open(fifo, "wb") as w:
+            t = time.monotonic()
+            r = subprocess.run(
+                env.cmd(command=("yes",)),
+                stdin=subprocess.DEVNULL,
+                stdout=w,
+                stderr=subprocess.PIPE,
+                timeout=60,
+                check=False,
+                env=env.env,
+            )
+        assert r.returncode == 141 and time.monotonic() - t < 10, r.stderr
+    finally:
+        reader.kill()
+        reader.wait()
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            env.cmd(command=("sh", "-c", "echo hi")),
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+            env=env.env,
+            text=True,
+        )
+    assert "pyunion: cannot write the container's output: No space left on device" in r.stderr
+
+
 def test_signals_forwarded(env: Env) -> None:
     p = env.popen(
         "sh", "-c", "trap 'echo got USR1; exit 3' USR1; echo ready; while :; do sleep 0.1; done"

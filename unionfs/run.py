@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import os
 import select
@@ -566,8 +567,7 @@ class Runner:
         self.layers = layers
         # The janitor first: whatever is made from here on, it removes if pyunion is killed.
         self._start_janitor()
-        self.tmp = tempfile.mkdtemp(prefix="pyunion-run-")
-        self._tell_janitor("T", os.fsencode(self.tmp))
+        self.tmp = self._make_tmp()
         os.chmod(self.tmp, 0o700)
         self.merged = os.path.join(self.tmp, "merged")
         os.mkdir(self.merged)
@@ -617,6 +617,19 @@ class Runner:
                 _janitor(r, self)
         os.close(r)
         self.janitor, self.janitor_fd = pid, w
+
+    def _make_tmp(self) -> str:
+        """mkdtemp, but the janitor is told the name before the directory exists: a SIGKILL
+        between the two can no longer leave it behind."""
+        base = tempfile.gettempdir()
+        while True:
+            path = os.path.join(base, "pyunion-run-" + os.urandom(6).hex())
+            self._tell_janitor("T", os.fsencode(path))
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                continue  # not ours: the janitor is told the next name (the last one wins)
+            return os.path.abspath(path)
 
     def _tell_janitor(self, kind: str, value: bytes = b"") -> None:
         """One line to the janitor: "I PID" (init), "T DIR" (the temporary tree), "DONE"."""
@@ -761,7 +774,7 @@ class Runner:
                     os.read(self.wake_r, 4096)
             for fd in [fd for fd in outputs if fd in readable]:
                 if not _pump(fd, outputs[fd], self._giving_up):
-                    del outputs[fd]
+                    self._output_ended(fd, outputs)
             if 0 in readable:
                 try:
                     data = os.read(0, 65536)
@@ -792,20 +805,32 @@ class Runner:
         return sandbox.exit_code(status)
 
     def _drain(self, outputs: dict[int, int]) -> None:
-        """Copy what is left in the output pipes (and pty) until their end, at most 2 s:
-        every writer is in the container, which is gone or going."""
+        """Copy what is left in the output pipes (and pty) until their end: every writer
+        is in the container, which is gone or going (2 s without anything to read: one
+        lives on outside, and is left)."""
         deadline = time.monotonic() + 2.0
         while outputs and time.monotonic() < deadline:
             r, _, _ = select.select(list(outputs), [], [], 0.1)
             if not r and all(fd not in self.out_pipes for fd in outputs):
                 break  # only the pty, and quiet
+            if r:
+                deadline = time.monotonic() + 2.0
             for fd in r:
-                if not _pump(fd, outputs[fd], lambda: True):
-                    del outputs[fd]
+                if not _pump(fd, outputs[fd], self._giving_up):
+                    self._output_ended(fd, outputs)
+
+    def _output_ended(self, fd: int, outputs: dict[int, int]) -> None:
+        """SRC ended, or its destination failed: close our end, so the command's writes fail
+        (EPIPE) instead of vanishing."""
+        del outputs[fd]
+        if fd in self.out_pipes:
+            del self.out_pipes[fd]
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _giving_up(self) -> bool:
-        """Output that cannot be written may be dropped: pid 1 is gone or we are told to stop."""
-        return self.init is None or self.stopping
+        """Output that cannot be written may be dropped: we are told to stop."""
+        return self.stopping
 
     def _close_stdin_pipe(self) -> None:
         if self.stdin_pipe is not None:
@@ -936,6 +961,8 @@ def _release(
                 os.close(fd)
         else:
             tree.rmtree(tmp)
+    except FileNotFoundError:
+        pass  # killed between telling the janitor its name and making it (`_make_tmp`)
     except OSError as e:
         print(f"pyunion: cannot remove {tmp}: {e.strerror}", file=sys.stderr)
     if keep and upper is not None and not quiet:
@@ -1013,14 +1040,15 @@ _NO_SPLICE: set[int] = set()  # our fds splice(2) refused (O_APPEND, ...)
 
 
 def _pump(src: int, dst: int, giving_up: Callable[[], bool]) -> bool:
-    """Copy what SRC has to DST; False at SRC's end (EOF, or EIO: every pty slave closed).
+    """Copy what SRC has to DST; False at SRC's end (EOF, or EIO: every pty slave closed)
+    or when DST failed, which is said in one line (but EPIPE: the reader left). The
+    caller then closes SRC, so that the command's next write fails as it would have
+    on DST itself (EPIPE, SIGPIPE) rather than its output vanishing.
 
     A regular file takes it by splice(2), without a copy through us. A terminal, FIFO
     or device is waited for (select) and written in pieces it can take at once, so a
-    reader that stops (a terminal nobody reads) never blocks pyunion for good: once
-    `giving_up()` (pid 1 gone, or told to stop) and DST still takes nothing for
-    0.2 s, the rest is dropped. A DST that fails drops the data too: the command is
-    never blocked by our reader.
+    reader that stops (a terminal nobody reads) never blocks pyunion past a signal to
+    stop: once `giving_up()` and DST still takes nothing for 0.2 s, the rest is dropped.
     """
     regular = stat.S_ISREG(os.fstat(dst).st_mode)
     if regular and dst not in _NO_SPLICE:
@@ -1028,8 +1056,10 @@ def _pump(src: int, dst: int, giving_up: Callable[[], bool]) -> bool:
             return os.splice(src, dst, 1 << 20) > 0
         except BlockingIOError:
             return True  # SRC is empty
-        except OSError:  # EINVAL (not a pipe, O_APPEND), or DST failed: read and write below
-            _NO_SPLICE.add(dst)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                return _output_failed(e)
+            _NO_SPLICE.add(dst)  # not a pipe, or O_APPEND: read and write below
     try:
         data = os.read(src, 65536)
     except BlockingIOError:
@@ -1051,10 +1081,17 @@ def _pump(src: int, dst: int, giving_up: Callable[[], bool]) -> bool:
             n = os.write(dst, view[:piece])
         except BlockingIOError:
             continue
-        except OSError:  # our reader went away: keep draining so the command never blocks
-            break
+        except OSError as e:
+            return _output_failed(e)
         view = view[n:]
     return True
+
+
+def _output_failed(e: OSError) -> bool:
+    if e.errno != errno.EPIPE:
+        with contextlib.suppress(OSError):
+            os.write(2, f"pyunion: cannot write the container's output: {e.strerror}\n".encode())
+    return False
 
 
 def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
