@@ -748,9 +748,9 @@ class Runner:
         read_stdin = sink is not None and self.opts.interactive
         to_sink = b""
         eof_sent = False
-        outputs = dict(self.out_pipes)  # read end -> our fd it is copied to
+        outputs = self._outputs()
         if master is not None:
-            outputs[master] = 1
+            outputs[master] = _dest(1)
         for fd in (*outputs, *([sink] if sink is not None else [])):
             os.set_blocking(fd, False)
         while True:
@@ -804,7 +804,11 @@ class Runner:
 
         return sandbox.exit_code(status)
 
-    def _drain(self, outputs: dict[int, int]) -> None:
+    def _outputs(self) -> dict[int, _Dest]:
+        """Our read end of each output pipe -> where it is copied to."""
+        return {src: _dest(fd) for src, fd in self.out_pipes.items()}
+
+    def _drain(self, outputs: dict[int, _Dest]) -> None:
         """Copy what is left in the output pipes (and pty) until their end: every writer
         is in the container, which is gone or going (2 s without anything to read: one
         lives on outside, and is left)."""
@@ -819,7 +823,7 @@ class Runner:
                 if not _pump(fd, outputs[fd], self._giving_up):
                     self._output_ended(fd, outputs)
 
-    def _output_ended(self, fd: int, outputs: dict[int, int]) -> None:
+    def _output_ended(self, fd: int, outputs: dict[int, _Dest]) -> None:
         """SRC ended, or its destination failed: close our end, so the command's writes fail
         (EPIPE) instead of vanishing."""
         del outputs[fd]
@@ -862,7 +866,7 @@ class Runner:
                     os.waitpid(pid, 0)
         self.init = self.starting = None
         if self.out_pipes:  # init's own last words, when it failed before supervising
-            self._drain(dict(self.out_pipes))
+            self._drain(self._outputs())
             for fd in self.out_pipes:
                 os.close(fd)
             self.out_pipes = {}
@@ -1036,10 +1040,23 @@ def _in_layer(layer_fd: int, rel: bytes) -> bool:
         os.close(pfd)
 
 
-_NO_SPLICE: set[int] = set()  # our fds splice(2) refused (O_APPEND, ...)
+@dataclass
+class _Dest:
+    """Where relayed output goes, looked at once: a regular file takes splice(2) until it
+    refuses (O_APPEND); anything else gets pieces it can take at once."""
+
+    fd: int
+    regular: bool
+    piece: int  # bytes per write to a terminal, FIFO or device
+    splice: bool
 
 
-def _pump(src: int, dst: int, giving_up: Callable[[], bool]) -> bool:
+def _dest(fd: int) -> _Dest:
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    return _Dest(fd, regular, 256 if os.isatty(fd) else 4096, regular)
+
+
+def _pump(src: int, dst: _Dest, giving_up: Callable[[], bool]) -> bool:
     """Copy what SRC has to DST; False at SRC's end (EOF, or EIO: every pty slave closed)
     or when DST failed, which is said in one line (but EPIPE: the reader left). The
     caller then closes SRC, so that the command's next write fails as it would have
@@ -1050,16 +1067,15 @@ def _pump(src: int, dst: int, giving_up: Callable[[], bool]) -> bool:
     reader that stops (a terminal nobody reads) never blocks pyunion past a signal to
     stop: once `giving_up()` and DST still takes nothing for 0.2 s, the rest is dropped.
     """
-    regular = stat.S_ISREG(os.fstat(dst).st_mode)
-    if regular and dst not in _NO_SPLICE:
+    if dst.splice:
         try:
-            return os.splice(src, dst, 1 << 20) > 0
+            return os.splice(src, dst.fd, 1 << 20) > 0
         except BlockingIOError:
             return True  # SRC is empty
         except OSError as e:
             if e.errno != errno.EINVAL:
                 return _output_failed(e)
-            _NO_SPLICE.add(dst)  # not a pipe, or O_APPEND: read and write below
+            dst.splice = False  # not a pipe, or O_APPEND: read and write below
     try:
         data = os.read(src, 65536)
     except BlockingIOError:
@@ -1069,16 +1085,16 @@ def _pump(src: int, dst: int, giving_up: Callable[[], bool]) -> bool:
     if not data:
         return False
     view = memoryview(data)
-    piece = len(view) if regular else 256 if os.isatty(dst) else 4096
+    piece = len(view) if dst.regular else dst.piece
     while view:
-        if not regular:
-            _, ready, _ = select.select([], [dst], [], 0.2)
+        if not dst.regular:
+            _, ready, _ = select.select([], [dst.fd], [], 0.2)
             if not ready:
                 if giving_up():
                     break
                 continue
         try:
-            n = os.write(dst, view[:piece])
+            n = os.write(dst.fd, view[:piece])
         except BlockingIOError:
             continue
         except OSError as e:
