@@ -539,17 +539,24 @@ def _exec_error(name: str, env: dict[str, str]) -> OSError | None:
     first: OSError | None = None
     last: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            last = e
-        else:
-            if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
-                return _format_error(path)
-            last = PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        err = _runnable(path)
+        if err is None:
+            return _format_error(path)
+        last = err
         if first is None and last.errno not in (errno.ENOENT, errno.ENOTDIR):
             first = last
     return first or last
+
+
+def _runnable(path: str) -> OSError | None:
+    """execve's checks of the file itself: there, a regular file, executable for us."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return e
+    if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
+        return None
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
 
 def _format_error(path: str, depth: int = 0) -> OSError | None:
@@ -577,13 +584,7 @@ def _format_error(path: str, depth: int = 0) -> OSError | None:
         words = head[2:].split(b"\n", 1)[0].split()
         if words:
             interp = os.fsdecode(words[0])
-            try:
-                st = os.stat(interp)
-            except OSError as e:
-                return OSError(e.errno, e.strerror, path)
-            if not stat.S_ISREG(st.st_mode) or not os.access(interp, os.X_OK):
-                return OSError(errno.EACCES, os.strerror(errno.EACCES), path)
-            err = _format_error(interp, depth + 1)
+            err = _runnable(interp) or _format_error(interp, depth + 1)
             return None if err is None else OSError(err.errno, err.strerror, path)
     return OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), path)
 
