@@ -680,15 +680,7 @@ def test_stdio_files_are_not_the_containers(env: Env, tmp_path: Path) -> None:
         files["out"].open("wb") as o,
         files["err"].open("wb") as e,
     ):
-        r = subprocess.run(
-            env.cmd("-i", command=("sh", "-c", script)),
-            stdin=i,
-            stdout=o,
-            stderr=e,
-            timeout=60,
-            check=False,
-            env=env.env,
-        )
+        r = env.run_with("sh", "-c", script, opts=("-i",), stdin=i, stdout=o, stderr=e)
     assert r.returncode == 0, files["err"].read_text()
     out = files["out"].read_text()
     assert out.startswith("input\n") and out.count("pipe:") == 3, out
@@ -710,22 +702,10 @@ def test_stdio_named_fifo_is_not_the_containers(env: Env, tmp_path: Path) -> Non
     reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
     try:
         with fifo.open("wb") as w:
-            r = subprocess.run(
-                env.cmd(
-                    command=(
-                        "sh",
-                        "-c",
-                        "echo via-fifo; chmod 4777 /proc/self/fd/1; "
-                        "chown 1000:1000 /proc/self/fd/1; true",
-                    )
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=w,
-                stderr=subprocess.PIPE,
-                timeout=60,
-                check=False,
-                env=env.env,
+            script = (
+                "echo via-fifo; chmod 4777 /proc/self/fd/1; chown 1000:1000 /proc/self/fd/1; true"
             )
+            r = env.run_with("sh", "-c", script, stdout=w)
         out, _ = reader.communicate(timeout=30)
     finally:
         reader.kill()
@@ -741,15 +721,7 @@ def test_stdout_and_stderr_to_one_file_keep_their_order(env: Env, tmp_path: Path
     log = tmp_path / "log"
     script = "i=0; while [ $i -lt 300 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"
     with log.open("wb") as f:
-        r = subprocess.run(
-            env.cmd(command=("sh", "-c", script)),
-            stdin=subprocess.DEVNULL,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            timeout=60,
-            check=False,
-            env=env.env,
-        )
+        r = env.run_with("sh", "-c", script, stdout=f, stderr=subprocess.STDOUT)
     assert r.returncode == 0
     want = [f"{kind}{i}" for i in range(300) for kind in ("out", "err")]
     assert log.read_text().split() == want

@@ -21,6 +21,7 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 from support import PYUNION, fuse_skip_reason
@@ -69,6 +70,27 @@ class Env:
             timeout=timeout,
             env=self.env,
             stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+    def run_with(
+        self,
+        *command: str,
+        opts: tuple[str, ...] = (),
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = subprocess.PIPE,
+    ) -> subprocess.CompletedProcess[str]:
+        """`pyunion run` with the given stdio (files, FIFOs: what pyunion relays), text
+        stderr when piped."""
+        return subprocess.run(
+            self.cmd(*opts, command=command),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            timeout=60,
+            check=False,
+            env=self.env,
+            text=True,
         )
 
     def sh(self, script: str, *opts: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -438,30 +460,13 @@ def test_output_that_cannot_be_written_is_not_swallowed(env: Env, tmp_path: Path
     try:
         with open(fifo, "wb") as w:
             t = time.monotonic()
-            r = subprocess.run(
-                env.cmd(command=("yes",)),
-                stdin=subprocess.DEVNULL,
-                stdout=w,
-                stderr=subprocess.PIPE,
-                timeout=60,
-                check=False,
-                env=env.env,
-            )
+            r = env.run_with("yes", stdout=w)
         assert r.returncode == 141 and time.monotonic() - t < 10, r.stderr
     finally:
         reader.kill()
         reader.wait()
     with open("/dev/full", "wb") as full:
-        r = subprocess.run(
-            env.cmd(command=("sh", "-c", "echo hi")),
-            stdin=subprocess.DEVNULL,
-            stdout=full,
-            stderr=subprocess.PIPE,
-            timeout=60,
-            check=False,
-            env=env.env,
-            text=True,
-        )
+        r = env.run_with("sh", "-c", "echo hi", stdout=full)
     assert "pyunion: cannot write the container's output: No space left on device" in r.stderr
 
 
