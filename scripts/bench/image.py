@@ -303,6 +303,7 @@ def generate_rootfs(dest: Path, n_files: int, seed: int = 0) -> None:
 def ensure_rootfs(cache: Path, source: str, n_generated: int) -> tuple[Path, str]:
     """The cached root filesystem for `source` ("auto", "debootstrap" or "generated"):
     (its path, its name). "auto" uses debootstrap when it works, else generates."""
+    cache.mkdir(parents=True, exist_ok=True)
     if source in ("auto", "debootstrap"):
         root = cache / "rootfs"
         if (cache / "rootfs.json").exists():
