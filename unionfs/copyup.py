@@ -358,6 +358,7 @@ class CopyUp:
     def _link_aliases(self, node: Node, origin: tuple[int, int]) -> None:
         """Keep the other names of a lower hard link pointing at the copy (those we know)."""
         self.hardlinks[origin] = node
+        node.origin = origin
         assert node.parent is not None
         src_fd = self.resolver.dirfd(node.parent, 0)
         for parent, name in list(node.links or ()):

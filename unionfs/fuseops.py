@@ -43,7 +43,7 @@ import trio
 
 from .copyup import CopyPlan
 from .idmap import ACL_XATTRS, IdMap
-from .inodes import Node
+from .inodes import Node, stat_fields
 from .union import Ctx, Union
 
 log = logging.getLogger(__name__)
@@ -179,17 +179,18 @@ class FuseOps(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
-        a.st_mode = st.st_mode
+        mode, _, _, _, uid, gid, size, atime, mtime, ctime, blksize, blocks, rdev = stat_fields(st)
+        a.st_mode = mode
         a.st_nlink = nlink
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
-        a.st_rdev = st.st_rdev
-        a.st_size = st.st_size
-        a.st_blksize = st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
+        a.st_uid = uid
+        a.st_gid = gid
+        a.st_rdev = rdev
+        a.st_size = size
+        a.st_blksize = blksize
+        a.st_blocks = blocks
+        a.st_atime_ns = atime
+        a.st_mtime_ns = mtime
+        a.st_ctime_ns = ctime
         if not self.core.needs_copyup(node) or node.unlinked:
             return a  # upper objects change: ask each time
         if len(self._shown) >= SHOWN_MAX:

@@ -37,7 +37,7 @@ class Identity:
             mapped = self.table.copied.get((st.st_dev, st.st_ino))
             if mapped is not None:
                 return mapped
-        return self.table.ident_to_id(*entry.origin)
+        return self.table.ident_to_id(*entry.ident())
 
     def node_for(self, parent: Node, name: bytes, entry: Entry) -> Node:
         """The node of a resolved entry: the live one with its id, or a new one."""
@@ -57,12 +57,12 @@ class Identity:
                 node.add_link(parent, name)
             return node
         if not is_dir and entry.layer != 0 and entry.st.st_nlink > 1:
-            up = self.copyup.hardlinks.get(entry.origin)
+            up = self.copyup.hardlinks.get(entry.ident())
             if up is not None and not up.unlinked and self.stack.writable:
                 self._link_alias(up, parent, name)
                 self.table.nodes[up.ino] = up
                 return up
-        new = Node(nid, parent, name, is_dir, entry.layer, entry.chain, entry.origin)
+        new = Node(nid, parent, name, is_dir, entry.layer, entry.chain)
         if entry.layer != 0:
             new.st = entry.st
         if node is not None:
@@ -92,7 +92,7 @@ class Identity:
             self.table.copied[(st.st_dev, st.st_ino)] = nid
             old = None
         chain = (0,) if is_dir else ()
-        node = Node(nid, parent, name, is_dir, 0, chain, (st.st_dev, st.st_ino))
+        node = Node(nid, parent, name, is_dir, 0, chain)
         if old is not None:
             node.nlookup = old.nlookup
         self.table.add(node)
@@ -108,7 +108,7 @@ class Identity:
             node.listing = None
         if node.unlinked and st is not None and (node.is_dir or st.st_nlink <= 1):
             self.table.copied.pop((st.st_dev, st.st_ino), None)
-            if self.copyup.hardlinks.get(node.origin) is node:
+            if node.origin is not None and self.copyup.hardlinks.get(node.origin) is node:
                 del self.copyup.hardlinks[node.origin]
 
     @staticmethod

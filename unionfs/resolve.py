@@ -32,7 +32,7 @@ import weakref
 from typing import NamedTuple
 
 from .errors import FsError
-from .inodes import InodeTable, Node, Stat, compact
+from .inodes import AnyStat, InodeTable, Node, compact
 from .layers import LayerStack, open_dir_at
 from .whiteout import (
     OPAQUE_XATTRS,
@@ -48,9 +48,16 @@ class Entry(NamedTuple):
     """A resolved name: where its topmost instance lives and, for a directory, its chain."""
 
     layer: int
-    st: Stat  # kept in listings and nodes: compact (inodes.Stat)
+    st: AnyStat  # kept in listings and nodes: compact (inodes.compact)
     chain: tuple[int, ...]
-    origin: tuple[int, int]  # (dev, ino) that gives the object its identity
+    # (dev, ino) of the instance that gives the object its identity, when that is not
+    # `st`'s own (a directory whose top is the upper): kept only then, see `ident`.
+    origin: tuple[int, int] | None
+
+    def ident(self) -> tuple[int, int]:
+        """(dev, ino) that gives the object its identity: its topmost lower instance's."""
+        o = self.origin
+        return o if o is not None else (self.st.st_dev, self.st.st_ino)
 
 
 _IFMT, _IFDIR, _IFREG, _IFCHR = 0o170000, stat.S_IFDIR, stat.S_IFREG, stat.S_IFCHR
@@ -260,7 +267,7 @@ class Resolver:
                 top = (layer, st)
                 if not stat.S_ISDIR(st.st_mode):
                     cst = compact(st)
-                    return Entry(layer, cst, (), (cst.st_dev, cst.st_ino))  # hides all below
+                    return Entry(layer, cst, (), None)  # hides all below
                 if layer != 0:
                     origin_st = st
             elif kind != _IFDIR:
@@ -278,9 +285,9 @@ class Resolver:
                     break
         if top is None:
             return None
-        cst = compact(top[1])
-        ost = cst if origin_st is None or origin_st is top[1] else origin_st
-        return Entry(top[0], cst, tuple(chain), (ost.st_dev, ost.st_ino))
+        ost = None if origin_st is None or origin_st is top[1] else origin_st
+        origin = None if ost is None else (ost.st_dev, ost.st_ino)
+        return Entry(top[0], compact(top[1]), tuple(chain), origin)
 
     # -- listing -------------------------------------------------------------
     def listing(self, d: Node) -> dict[bytes, Entry]:

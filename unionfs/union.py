@@ -82,9 +82,7 @@ class Union:
         self.resolver = Resolver(stack, self.table)
         self.volatile = volatile
         chain = stack.root_chain()
-        top = stack.layers[chain[0]]
-        assert top is not None
-        root = Node(ROOT_ID, None, b"", True, chain[0], chain, (top.dev, top.ino))
+        root = Node(ROOT_ID, None, b"", True, chain[0], chain)
         root.fds = [stack.fd(i) for i in chain]
         root.nlookup = 1
         self.root = root
