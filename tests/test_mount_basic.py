@@ -204,3 +204,35 @@ def test_spin_and_writeback_options(layers: tuple) -> None:
         )
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
         assert not is_mounted(mnt)
+
+
+@needs_fuse
+def test_mount_t_fuse_pyunion_overlayfs(layers: tuple) -> None:
+    """`mount -t fuse.pyunion-overlayfs overlay MNT -o lowerdir=...` (as with fuse-overlayfs):
+    mount.fuse3 runs `pyunion-overlayfs overlay MNT -o rw,...,dev,suid`, the source first;
+    like fuse-overlayfs, pyunion-overlayfs takes the last argument as the mount point."""
+    import sys
+
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("top")
+    (lows[1] / "f").write_text("bottom")
+    (lows[1] / "g").write_text("g")
+    opts = f"rw,lowerdir={lows[0]}:{lows[1]},upperdir={upper},workdir={work}"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(
+        ["/sbin/mount.fuse3", "overlay", str(mnt), "-t", "fuse.pyunion-overlayfs", "-o", opts],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    try:
+        assert sorted(os.listdir(mnt)) == ["f", "g"]
+        assert (mnt / "f").read_text() == "top"
+        (mnt / "g").write_text("new")
+        assert (upper / "g").read_text() == "new"
+    finally:
+        pyunion("umount", str(mnt), check=False)
+    assert not is_mounted(mnt)

@@ -295,16 +295,21 @@ def _main(argv: Sequence[str] | None, program: bool = False) -> int:
 
 
 def overlayfs_main(argv: Sequence[str] | None = None) -> int:
-    """fuse-overlayfs' calling convention: `PROGRAM [-f] [-d] -o OPTS MOUNTPOINT`.
+    """fuse-overlayfs' calling convention: `PROGRAM [-f] [-d] -o OPTS [SOURCE] MOUNTPOINT`.
 
-    This is what containers/storage runs as its `overlay.mount_program`. The
-    option strings (empty items, a quoted SELinux label and all) go unchanged
-    to `pyunion mount`, whose parser reads them by the same rules.
+    This is what containers/storage runs as its `overlay.mount_program`, and what
+    `mount -t fuse.pyunion-overlayfs SOURCE MOUNTPOINT -o OPTS` runs (mount.fuse3
+    puts the source first). The option strings (empty items, a quoted SELinux label
+    and all) go unchanged to `pyunion mount`, whose parser reads them by the same
+    rules. As with fuse-overlayfs, the last argument is the mount point and a source
+    before it is a name only, when the layers come from `lowerdir=`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["--version"], ["-V"]):
         return main(["--version"])
     args: list[str] = []
+    positional: list[int] = []  # where the non-options are in `args`
+    lowerdir = False
     it = iter(argv)
     for arg in it:
         if arg == "-o" or (arg.startswith("-o") and len(arg) > 2):
@@ -313,10 +318,16 @@ def overlayfs_main(argv: Sequence[str] | None = None) -> int:
                 return main(["mount", "-o"])  # argparse reports the missing value
             if opts:  # joined: a value starting with '-' is still the value of -o
                 args.append("-o" + opts)
+                lowerdir = lowerdir or any(o.startswith("lowerdir=") for o in opts.split(","))
         elif arg == "--debug":
             args.append("-d")
         else:
+            if not arg.startswith("-"):
+                positional.append(len(args))
             args.append(arg)
+    if lowerdir and len(positional) > 1:
+        drop = set(positional[:-1])
+        args = [a for i, a in enumerate(args) if i not in drop]
     return main(["mount", *args])
 
 
