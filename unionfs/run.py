@@ -9,8 +9,9 @@ The parent side (this module) owns everything that must be undone:
    the host's mounts while the container runs;
 2. fork a janitor: if pyunion itself is killed (SIGKILL, OOM), the janitor
    sees its pipe close and does the teardown pyunion could not do;
-3. fork the container's init into a new pid namespace (`sandbox.start_init`: a fresh
-   interpreter, so that pid 1 holds nothing of pyunion's memory),
+3. fork the container's init into a new pid namespace (`sandbox.start_init`: it execs
+   catatonit before any process of the container exists, so pid 1 holds nothing of
+   pyunion's memory while the container runs),
    confined as podman confines a container (`confine.py`: options checked here,
    before anything is mounted); it waits for "go";
 4. make the FUSE mount of the layers under a fresh upper (in a temporary
@@ -587,7 +588,8 @@ class Runner:
             os.mkdir(work, 0o700)
         spec.root = self.merged
         spec.etc_files = _host_etc_copies(os.path.join(self.tmp, "etc"), opts.hostname)
-        # init starts its interpreter while the daemon mounts; it enters the tree on "go".
+        # init prepares (its seccomp filter, catatonit) while the daemon mounts; it enters
+        # the tree on "go".
         self._fork_init(spec)
         # nodev: podman keeps the container off device nodes with the devices cgroup; with
         # no cgroup here, a node shipped in the image (a host disk) must simply not open.
@@ -673,6 +675,9 @@ class Runner:
             os.close(own)
             raise _fail(f"cannot create a pid namespace: {e.strerror}") from e
         try:
+            for stream in (sys.stdout, sys.stderr):  # init is a fork: not written twice
+                with contextlib.suppress(Exception):
+                    stream.flush()
             with _forwarded_signals_blocked():  # init keeps them blocked (`container_init`)
                 pid = os.fork()
                 if pid == 0:

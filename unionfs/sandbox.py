@@ -3,8 +3,8 @@
 Process tree (the parent side lives in `run.py`):
 
     pyunion run (the caller's namespaces; makes the FUSE mount as a detached mount fd)
-     └─ init: pid 1 of a new pid ns (a fresh interpreter exec'd by the fork, so that it
-         │  holds nothing of pyunion's memory); new mount, uts and ipc namespaces,
+     └─ init: pid 1 of a new pid ns (a fork of pyunion, not dumpable: it holds pyunion's
+         │  memory until it execs catatonit); new mount, uts and ipc namespaces,
          │  where it attaches the FUSE mount (the only namespace that ever holds it);
          │  once the container is built it execs catatonit, which stays pid 1
          └─ the command (forked and exec'd by catatonit)
@@ -38,8 +38,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import os
-import pickle
 import signal
 import socket
 import stat
@@ -67,6 +67,7 @@ from .syscalls import (
     move_mount,
     open_in_root,
     pivot_root,
+    set_dumpable,
     set_pdeathsig,
     set_process_title,
     umount2,
@@ -659,8 +660,7 @@ def _exec_init(
     stop = signal.SIG_IGN if slave is not None else signal.SIG_DFL
     for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, stop)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_stdio()
     _take_signals(go)
     try:
         os.execve(exe, ["catatonit", "--", *spec.argv], env)
@@ -669,59 +669,44 @@ def _exec_init(
     os._exit(125)
 
 
-# What the fresh interpreter of `start_init` runs: pyunion's sys.path, then the spec, both
-# from the memfd (a pickle of builtins: no json or other import before the path is set).
-_BOOT = (
-    "import pickle, sys\n"
-    "with open(int(sys.argv[1]), 'rb') as f: path, spec = pickle.load(f)\n"
-    "sys.path[:0] = path\n"
-    "from unionfs.sandbox import _init_main; _init_main(spec, int(sys.argv[2]))"
-)
-
-
 def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
-    """Become pid 1 (right after the fork into the new pid namespace): exec a fresh
-    interpreter that runs `container_init`.
+    """Become pid 1 (right after the fork into the new pid namespace): `container_init`.
 
     pid 1 stays for the container's whole life, and a command given CAP_SYS_PTRACE can
-    read its memory (/proc/1/mem; podman's pid 1 is the command itself). A fork of
-    pyunion would show it whatever pyunion's heap still holds, freed or not: the
-    caller's environment (its tokens), its command line. The interpreter exec'd here,
-    with an empty environment, holds only the spec, which it reads from a memfd.
+    read its memory (/proc/1/mem). A fork of pyunion holds whatever pyunion's heap
+    still holds, freed or not: the caller's environment (its tokens), its command line.
+    That is safe here because init execs catatonit before any process of the container
+    exists (the exec replaces the whole address space), and until then it is not
+    dumpable: no core file of that heap in the container's tree, no ptrace without
+    CAP_SYS_PTRACE in the host. (Init used to exec a fresh interpreter and import the
+    sandbox there: ~0.1 s of CPU per container, when pid 1 was a Python init that stayed.)
     """
     try:
-        set_pdeathsig(signal.SIGKILL)  # kept across execve
-        # -S: no site (the path is given, the package's own directory first, for an
-        # editable install whose finder `site` would load): ~20 ms less for every start.
-        path = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *sys.path]
-        blob = os.memfd_create("pyunion-spec", 0)
-        with os.fdopen(os.dup(blob), "wb") as f:
-            pickle.dump((path, pickle.dumps(spec)), f)
-        os.lseek(blob, 0, os.SEEK_SET)
-        sock = tty_sock.detach() if tty_sock is not None else -1
-        for fd in (blob, sock, spec.report_fd, spec.go_fd, *spec.confinement.preserved):
-            if fd >= 0:
-                os.set_inheritable(fd, True)
-        os.execve(
-            sys.executable, [sys.executable, "-I", "-S", "-c", _BOOT, str(blob), str(sock)], {}
-        )
+        set_dumpable(False)  # until catatonit's exec, which makes the process dumpable again
+        gc.disable()  # a collection would copy every page it shares with pyunion
+        for sig in (*FORWARDED, signal.SIGCHLD, signal.SIGWINCH):
+            signal.signal(sig, signal.SIG_DFL)  # pyunion's handlers; blocked until the exec
+        for fd in spec.confinement.preserved:
+            os.set_inheritable(fd, True)
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            if getattr(sys, name) is None:  # pyunion started without it; init has one now
+                with contextlib.suppress(OSError):
+                    setattr(sys, name, open(fd, "w", closefd=False))  # noqa: SIM115
     except BaseException as e:  # noqa: BLE001 - a forked child must never return into pyunion
         print(f"pyunion: cannot start the container's init: {e}", file=sys.stderr)
-    os._exit(125)
-
-
-def _init_main(blob: bytes, sock: int) -> NoReturn:
-    """pid 1 in its fresh interpreter: unpickle the spec, then be `container_init`."""
-    try:
-        spec = pickle.loads(blob)
-    except BaseException as e:  # noqa: BLE001
-        print(f"pyunion: cannot start the container's init: {e}", file=sys.stderr)
         os._exit(125)
-    container_init(spec, socket.socket(fileno=sock) if sock >= 0 else None)
+    container_init(spec, tty_sock)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
 
 
 def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
-    """Body of pid 1 (in the fresh interpreter `start_init` execs)."""
+    """Body of pid 1, until it execs catatonit (`start_init`)."""
     code = 125
     try:
         set_pdeathsig(signal.SIGKILL)  # pyunion killed: the whole container goes
@@ -807,6 +792,5 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
     except BaseException as e:  # noqa: BLE001 - never a traceback, never a return into pyunion
         print(f"pyunion: container init failed: {e!r}", file=sys.stderr)
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_stdio()
     os._exit(code)
