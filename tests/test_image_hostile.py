@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ocilayout import Layout
 from support import kernel_overlay, pyunion, tree_view
 from test_image import BASE, make_layout, sha, tar_bytes
 
@@ -1382,3 +1383,97 @@ def test_mutated_image_json_gives_one_line_or_a_usable_image(data: Any) -> None:
             (work / "out.tar").unlink()
     finally:
         rmtree(str(work))
+
+
+# --- (16) what a compressed layer may expand to --------------------------------------------------
+def _octal(n: int, width: int) -> bytes:
+    """A tar number field: octal, or GNU base-256 when it does not fit."""
+    s = b"%0*o" % (width - 1, n)
+    if len(s) <= width - 1:
+        return s + b"\0"
+    b = bytearray(n.to_bytes(width, "big"))
+    b[0] |= 0x80
+    return bytes(b)
+
+
+def _gnu_sparse(name: str, size: int, regions: list[tuple[int, bytes]], stored: int = -1) -> bytes:
+    """A tar of one old-GNU sparse member (type S): `size` bytes read back, of which only
+    the `regions` (at most 4, (offset, data)) are in the archive; `stored` overrides the
+    data size the header declares."""
+    data = b"".join(d for _, d in regions)
+    h = bytearray(512)
+    h[0 : len(name)] = name.encode()
+    h[100:108], h[108:116], h[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
+    h[124:136] = _octal(len(data) if stored < 0 else stored, 12)
+    h[136:148] = _octal(1_600_000_000, 12)
+    h[156:157] = b"S"
+    h[257:265] = b"ustar  \0"
+    for i, (off, d) in enumerate(regions):
+        h[386 + 24 * i : 398 + 24 * i] = _octal(off, 12)
+        h[398 + 24 * i : 410 + 24 * i] = _octal(len(d), 12)
+    h[483:495] = _octal(size, 12)
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    pad = -len(data) % 512
+    return bytes(h) + data + b"\0" * pad + b"\0" * 1024
+
+
+def test_a_sparse_member_is_written_with_its_holes(tmp_path: Path, store_dir: str) -> None:
+    """A 2 KiB gzip layer whose member reads as 2 GiB takes the disk its data takes, not
+    2 GiB (before: every zero written, 2 GiB in the store from a 93-byte blob)."""
+    size = 2 << 30
+    regions = [(4096, b"A" * 700), (1 << 30, b"B" * 512), (size - 512, b"Z" * 512)]
+    lay = make_layout(tmp_path / "lay", [_gnu_sparse("big", size, regions)], "gzip")
+    pyunion("image", "import", "-q", str(lay), "--store", store_dir, "--tag", "sp")
+    f = Path(resolve_layers("sp", store_dir)[0]) / "big"
+    st = f.stat()
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 1 << 20, f"{st.st_blocks * 512} bytes on disk"
+    with open(f, "rb") as fh:
+        for off, data in [(0, b"\0" * 4096), *regions, (4096 + 700, b"\0" * 100)]:
+            fh.seek(off)
+            assert fh.read(len(data)) == data, off
+
+
+@pytest.mark.parametrize("case", ["unordered", "overlapping", "beyond-size", "more-than-held"])
+def test_a_sparse_map_that_lies_is_one_line(
+    tmp_path: Path, store_dir: str, case: str, cli: Any
+) -> None:
+    regions = {
+        "unordered": [(8192, b"b" * 10), (0, b"a" * 10)],
+        "overlapping": [(0, b"a" * 600), (100, b"b" * 10)],
+        "beyond-size": [(1 << 20, b"a" * 10)],
+        "more-than-held": [(0, b"a" * 10), (4096, b"b" * 10)],
+    }[case]
+    stored = 0 if case == "more-than-held" else -1
+    layer = _gnu_sparse("s", 1 << 19 if case == "beyond-size" else 1 << 16, regions, stored)
+    lay = make_layout(tmp_path / "lay", [layer], "gzip")
+    before = store_state(store_dir)
+    err = one_line_failure(cli("image", "import", "-q", str(lay), "--store", store_dir))
+    assert "sparse map" in err, err
+    assert store_state(store_dir) == before
+
+
+def test_a_compression_bomb_is_refused(tmp_path: Path, store_dir: str, cli: Any) -> None:
+    """A zstd layer of a few KiB that unpacks to 300 MiB of zeros: refused in one line once
+    it passes the bound (256 MiB, or 100 times its size), with nothing kept."""
+    import zstandard
+
+    head = tarfile.TarInfo("zeros")
+    head.size, head.mode = 300 << 20, 0o644
+    cobj = zstandard.ZstdCompressor().compressobj()
+    blob = bytearray(cobj.compress(head.tobuf(format=tarfile.PAX_FORMAT)))
+    zeros = b"\0" * (1 << 20)
+    for _ in range(300):
+        blob += cobj.compress(zeros)
+    blob += cobj.compress(b"\0" * 1024) + cobj.flush()
+    lay = Layout(tmp_path / "lay")
+    desc = lay.put(bytes(blob), "application/vnd.oci.image.layer.v1.tar+zstd")
+    diff = "sha256:" + "0" * 64  # never reached: the bound stops the stream first
+    lay.tag(lay.image([desc], [diff], {"architecture": "amd64", "os": "linux"}), "latest")
+    before = store_state(store_dir)
+    t0 = time.monotonic()
+    err = one_line_failure(cli("image", "import", "-q", str(lay.path), "--store", store_dir))
+    assert "unpacks to more than 268435456 bytes" in err and "PYUNION_MAX_EXPANSION" in err, err
+    assert store_state(store_dir) == before
+    assert time.monotonic() - t0 < 30

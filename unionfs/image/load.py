@@ -9,6 +9,7 @@ The image becomes visible (index.json) last.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from typing import IO, Any
@@ -45,6 +46,47 @@ from .store import (
 from .unpack import UnpackError, unpack
 
 MEDIA_BY_COMPRESSION = {"none": MT_LAYER, "gzip": MT_LAYER_GZIP, "zstd": MT_LAYER_ZSTD}
+# A compressed layer may unpack to EXPANSION times its compressed size, and to FLOOR
+# whatever its size: real layers stay far below (2-10x); a gzip or zstd bomb does not.
+EXPANSION, EXPANSION_FLOOR = 100, 256 << 20
+EXPANSION_ENV = "PYUNION_MAX_EXPANSION"
+
+
+def max_expansion() -> int:
+    """The ratio a compressed layer may expand by: $PYUNION_MAX_EXPANSION, 0 for no bound."""
+    text = os.environ.get(EXPANSION_ENV, "").strip()
+    if not text:
+        return EXPANSION
+    if not text.isdigit():
+        raise UserError(f"{EXPANSION_ENV}={text!r}: expected a whole number (0: no bound)")
+    return int(text)
+
+
+class ExpansionBound(io.RawIOBase):
+    """Passes a layer's decompressed bytes through, refusing more than the ratio allows
+    of `compressed` (the declared size, else what was read of the blob so far)."""
+
+    def __init__(self, src: Any, compressed: Callable[[], int], what: str) -> None:
+        self.src, self.compressed, self.what = src, compressed, what
+        self.ratio = max_expansion()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.src.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.count += n
+        if self.ratio:
+            limit = max(EXPANSION_FLOOR, self.ratio * self.compressed())
+            if self.count > limit:
+                raise ImageFormatError(
+                    f"{self.what}: unpacks to more than {limit} bytes ({self.ratio} times "
+                    f"its compressed size; {EXPANSION_ENV}=N sets the ratio, 0 no bound)"
+                )
+        return n
 
 
 def store_layer_stream(
@@ -60,7 +102,8 @@ def store_layer_stream(
     """Verify, keep and (if new) unpack one layer blob read from `stream`.
 
     `diff_id`/`digest` are what the blob must hash to (None: accept what it hashes to);
-    `size`, when known, bounds every tar member of an uncompressed blob.
+    `size`, the blob's declared size when known, bounds every tar member of an
+    uncompressed blob, and what a compressed one may expand to (`ExpansionBound`).
     Returns the layer's info: diff_id, digest, size, compression, and `publish`, a
     function that renames the blob and layer into the store: call it (after
     `store.sync()`) once every layer of the image has been verified, so that a
@@ -74,6 +117,9 @@ def store_layer_stream(
         outer = HashingReader(stream, tee=tee, progress=progress)
         try:
             raw, comp = decompressed(outer)
+            if comp != "none":
+                compressed = (lambda: size) if size is not None else (lambda: outer.count)
+                raw = ExpansionBound(raw, compressed, what)
             inner = HashingReader(raw)
             whiteouts = "none"
             if need_unpack:

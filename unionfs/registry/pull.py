@@ -183,7 +183,9 @@ class Puller:
 
                 def local() -> dict[str, Any]:
                     with open(store.blob_path(desc.digest), "rb") as f:
-                        return store_layer_stream(store, self.tmp, f, diff_id, desc.digest, what)
+                        return store_layer_stream(
+                            store, self.tmp, f, diff_id, desc.digest, what, size=desc.size
+                        )
 
                 info = await trio.to_thread.run_sync(self._guard, local, what)
             else:
@@ -219,7 +221,9 @@ class Puller:
 
         def consume() -> dict[str, Any]:
             with open(r, "rb", buffering=1 << 20) as f:
-                return store_layer_stream(self.store, self.tmp, f, diff_id, desc.digest, what)
+                return store_layer_stream(
+                    self.store, self.tmp, f, diff_id, desc.digest, what, size=desc.size
+                )
 
         async def consumer() -> None:
             try:
