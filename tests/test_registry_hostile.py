@@ -4,19 +4,28 @@ Every answer a registry (or its token server) sends is read up to a bound, as
 containers/image does (1 MiB for error bodies and tokens, 4 MiB for
 manifests): a server that streams forever gets one line and a closed
 connection, not the machine's memory. The servers here are small hand-made
-ones, since the point is that they misbehave.
+ones, since the point is that they misbehave: they also loop redirects, name
+upload locations that are not http(s) or on another host, and list one blob
+under two DiffIDs; each is one line, and credentials stay on the registry's
+origin.
 """
 
 from __future__ import annotations
 
 import http.server
+import json
+import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ocilayout import CONFIG, LAYER_TAR, sha
 from support import pyunion
+from test_image import make_layout, tar_bytes
+
+from unionfs.image import Store, import_image
 
 CHUNK = b"x" * 65536
 GIVE_UP = 1 << 30  # the server stops after 1 GiB, whatever the client does
@@ -119,3 +128,178 @@ def test_an_endless_answer_is_cut_short(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "larger than" in lines[0] and said in lines[0], r.stderr
     assert hostile.sent < 64 << 20, f"read {hostile.sent >> 20} MiB of an endless answer"
+
+
+# --- a registry that answers with hostile URLs, documents and locations ------------------------
+class _Static(http.server.ThreadingHTTPServer):
+    """Serves one image (`manifest`, `blobs`) as x:latest, bent by `mode`; takes pushes
+    (uploads go to `upload_to`); records (method, path, Authorization) per request."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str) -> None:
+        super().__init__((host, 0), _StaticHandler)
+        self.mode = ""
+        self.manifest = b""
+        self.blobs: dict[str, bytes] = {}
+        self.upload_to = "/up/1"
+        self.need_auth = False
+        self.seen: list[tuple[str, str, str | None]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+
+class _StaticHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Static
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def handle_one(self) -> None:
+        srv, path = self.server, self.path.split("?")[0]
+        auth = self.headers.get("Authorization")
+        srv.seen.append((self.command, self.path, auth))
+        if n := int(self.headers.get("Content-Length") or 0):
+            self.rfile.read(n)
+        if srv.need_auth and auth is None:
+            self.reply(401, b"{}", {"WWW-Authenticate": 'Basic realm="r"'})
+        elif path == "/v2/":
+            self.reply(200, b"{}")
+        elif self.command == "POST":
+            self.reply(202, b"", {"Location": srv.upload_to})
+        elif self.command in ("PUT", "PATCH"):
+            self.reply(201, b"", {"Location": "/done"})
+        elif "/manifests/" in path:
+            self.reply(
+                200, srv.manifest, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+            )
+        elif "/blobs/" in path and srv.mode == "redirect-loop":
+            self.reply(302, b"", {"Location": self.path})
+        elif "/blobs/" in path and path.rsplit("/", 1)[1] in srv.blobs:
+            self.reply(200, srv.blobs[path.rsplit("/", 1)[1]])
+        else:
+            self.reply(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}')
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = handle_one
+
+
+@pytest.fixture
+def static() -> Iterator[Callable[[str], _Static]]:
+    servers: list[_Static] = []
+
+    def start(host: str = "127.0.0.1") -> _Static:
+        srv = _Static(host)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv
+
+    try:
+        yield start
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
+def _serve_image(srv: _Static, layers: list[bytes], diff_ids: list[str]) -> None:
+    """`layers` (blobs, repeats allowed) with the config's `diff_ids`, as x:latest."""
+    srv.blobs = {sha(b): b for b in layers}
+    cfg = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    ).encode()
+    srv.blobs[sha(cfg)] = cfg
+    srv.manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": CONFIG, "digest": sha(cfg), "size": len(cfg)},
+            "layers": [{"mediaType": LAYER_TAR, "digest": sha(b), "size": len(b)} for b in layers],
+        }
+    ).encode()
+
+
+def _cli(*args: str, store: Path) -> subprocess.CompletedProcess[str]:
+    return pyunion(
+        *args,
+        "--tls-verify=false",
+        "--retry",
+        "1",
+        "--retry-delay",
+        "0.05",
+        "--store",
+        str(store),
+        check=False,
+        timeout=60,
+    )
+
+
+def _one_line(r: subprocess.CompletedProcess[str], said: str) -> None:
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0], r.stderr
+
+
+def test_a_redirect_loop_is_one_line(static: Any, tmp_path: Path) -> None:
+    """A blob that redirects to itself: one line (before: httpx.TooManyRedirects traceback)."""
+    srv = static()
+    layer = tar_bytes([("f", b"x")])
+    _serve_image(srv, [layer], [sha(layer)])
+    srv.mode = "redirect-loop"
+    r = _cli("pull", f"{srv.url[7:]}/x:latest", store=tmp_path / "s")
+    _one_line(r, "redirects too many times")
+
+
+@pytest.fixture
+def pushable(tmp_path: Path) -> Path:
+    """A store holding one small image, `img`."""
+    store = tmp_path / "store"
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"pushed")])])
+    import_image(str(lay), Store(str(store)), tag="img")
+    return store
+
+
+@pytest.mark.parametrize("loc", ["file:///etc/passwd", "ftp://h/x", "gopher:x"])
+def test_an_upload_location_that_is_not_http_is_one_line(
+    static: Any, pushable: Path, loc: str
+) -> None:
+    """(before: httpx.InvalidURL traceback)"""
+    srv = static()
+    srv.upload_to = loc
+    r = _cli("push", "img", f"{srv.url[7:]}/x:latest", store=pushable)
+    _one_line(r, "not an http(s) URL")
+
+
+def test_credentials_go_only_to_the_registrys_origin(static: Any, pushable: Path) -> None:
+    """An upload Location on another origin gets no Authorization (before: Basic u:p sent
+    to whatever host the registry named), while the registry itself gets it."""
+    srv, other = static(), static("127.0.0.2")
+    srv.need_auth = True
+    srv.upload_to = f"{other.url}/up/1"
+    r = pyunion(
+        "push",
+        "--tls-verify=false",
+        "--creds",
+        "u:p",
+        "--store",
+        str(pushable),
+        "img",
+        f"{srv.url[7:]}/x:latest",
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert [m for m, _, _ in other.seen].count("PUT") == 2, other.seen  # layer and config
+    assert all(a is None for _, _, a in other.seen), other.seen
+    assert any(m == "PUT" and "/manifests/" in p and a for m, p, a in srv.seen), srv.seen

@@ -9,10 +9,13 @@ fetched from the challenge's realm with the credentials, kept for the session).
 Transient failures (connection refused or reset, timeouts, 429, 502-504) are
 retried with exponential backoff, honouring `Retry-After`; a blob download cut
 in the middle resumes with a `Range` request from where it stopped. Redirects
-(blob storage) are followed for GET and HEAD, without our `Authorization`
-header when they leave the registry's origin. Everything else becomes one
-`RegistryError` line a user understands: unknown image, unauthorized, TLS
-failure, unreachable, digest mismatch.
+(blob storage) are followed for GET and HEAD. Credentials (Basic, or a Bearer
+token) go only to the registry's own origin (`Client.own`): a redirect or an
+upload Location elsewhere gets no `Authorization`, and its 401 challenge is
+not taken for the registry's. An upload Location must be http(s). Everything
+else, any exception of httpx included, becomes one `RegistryError` line a user
+understands (`Client.http_error`): unknown image, unauthorized, TLS failure,
+unreachable, too many redirects, digest mismatch.
 
 No answer is read without a bound, as containers/image: manifests 4 MiB
 (`MAX_JSON`), tokens and error or other bodies 1 MiB (`MAX_BODY`), blobs their
@@ -44,6 +47,9 @@ from ..image.store import digest_of
 from .auth import DOCKER_HUB_API, Challenge, Credentials, parse_challenges
 
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
+# What httpx raises: its HTTPError family, and InvalidURL (a URL it cannot parse), which is
+# not one of them.
+HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL)
 MAX_BODY = 1 << 20  # a token, an error, any answer but manifests and blobs (containers/image)
 CERT_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
 
@@ -166,14 +172,19 @@ class Client:
         )
         try:
             await self._ping()
-        except BaseException:
+        except BaseException as e:
             await self._http.aclose()
+            if isinstance(e, HTTPX_ERRORS):
+                raise self.http_error(e, f"GET {self.host}/v2/") from None
             raise
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
         if self._http is not None:
             await self._http.aclose()
+        if isinstance(exc, HTTPX_ERRORS):
+            # Each request turns httpx's errors into one line; this catches any it missed.
+            raise self.http_error(exc, "talking to the registry") from None
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -230,7 +241,8 @@ class Client:
                 delay = min(30.0, float(ra))
         await trio.sleep(delay)
 
-    def transport_error(self, e: BaseException, what: str) -> RegistryError:
+    def http_error(self, e: BaseException, what: str) -> RegistryError:
+        """The one line for an exception of httpx (any of HTTPX_ERRORS)."""
         tls = _tls_error(e)
         if tls is not None:
             hint = (
@@ -241,7 +253,22 @@ class Client:
             return RegistryError(f"TLS failure talking to {self.host}: {_reason(e)}{hint}")
         if isinstance(e, httpx.TimeoutException):
             return RegistryError(f"registry {self.host} timed out ({what})")
-        return RegistryError(f"registry {self.host} unreachable: {_reason(e)}")
+        if isinstance(e, httpx.TooManyRedirects):
+            return RegistryError(f"{what}: registry {self.host} redirects too many times")
+        if isinstance(e, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
+            return RegistryError(f"{what}: registry {self.host} sent an unusable URL ({e})")
+        if isinstance(e, httpx.TransportError):
+            return RegistryError(f"registry {self.host} unreachable: {_reason(e)}")
+        return RegistryError(f"{what}: bad answer from registry {self.host}: {_reason(e)}")
+
+    def _retry(self, e: BaseException, attempt: int) -> bool:
+        """Whether a request that raised `e` is worth sending again."""
+        return (
+            isinstance(e, httpx.TransportError)
+            and not isinstance(e, httpx.UnsupportedProtocol)
+            and _tls_error(e) is None
+            and attempt < self.opts.retries
+        )
 
     async def _retrying(
         self, send: Callable[[], Awaitable[httpx.Response]], what: str
@@ -252,9 +279,9 @@ class Client:
             failed: httpx.Response | None = None
             try:
                 resp = await send()
-            except httpx.TransportError as e:
-                if _tls_error(e) is not None or attempt >= self.opts.retries:
-                    raise self.transport_error(e, what) from None
+            except HTTPX_ERRORS as e:
+                if not self._retry(e, attempt):
+                    raise self.http_error(e, what) from None
             else:
                 if resp.status_code not in TRANSIENT_STATUS or attempt >= self.opts.retries:
                     return resp
@@ -310,9 +337,15 @@ class Client:
             self._tokens[scopes] = token
             return token
 
-    async def _auth_header(self, scopes: tuple[str, ...], fresh: bool) -> str | None:
+    def own(self, url: str) -> bool:
+        """Whether `url` is on the registry's own origin (scheme, host, port): the only
+        place our credentials go, as docker and containers/image send them. An upload
+        Location or a redirect elsewhere (blob storage, or a hostile answer) gets none."""
+        return _origin(httpx.URL(url)) == _origin(httpx.URL(self.base))
+
+    async def _auth_header(self, scopes: tuple[str, ...], fresh: bool, url: str) -> str | None:
         ch = self.challenge
-        if ch is None:
+        if ch is None or not self.own(url):
             return None
         if ch.scheme == "bearer":
             return "Bearer " + await self._token(scopes, fresh)
@@ -341,16 +374,17 @@ class Client:
         `stream=True` the caller reads and closes the response.
         """
         follow = method in ("GET", "HEAD")
+        url = self.url(path)
         for fresh in (False, True):
             hdrs = dict(headers or {})
-            auth = await self._auth_header(scopes, fresh)
+            auth = await self._auth_header(scopes, fresh, url)
             if auth is not None:
                 hdrs["Authorization"] = auth
 
             def send(hdrs: dict[str, str] = hdrs) -> Awaitable[httpx.Response]:
                 body = content() if callable(content) else content
                 req = self.http.build_request(
-                    method, self.url(path), headers=hdrs, content=body, params=params
+                    method, url, headers=hdrs, content=body, params=params
                 )
                 return self.http.send(req, stream=True, follow_redirects=follow)
 
@@ -360,6 +394,7 @@ class Client:
             ch = self._pick(resp)
             if (
                 fresh
+                or not self.own(url)  # another origin's challenge is not the registry's
                 or ch is None
                 or (ch.scheme == "basic" and self.creds is None)
                 or (self.challenge == ch and ch.scheme == "basic")
@@ -490,9 +525,9 @@ class Client:
                     await sink(chunk)
                     if progress is not None:
                         progress(len(chunk))
-            except httpx.TransportError as e:
-                if _tls_error(e) is not None or attempt >= self.opts.retries:
-                    raise self.transport_error(e, f"GET {what}") from None
+            except HTTPX_ERRORS as e:
+                if not self._retry(e, attempt):
+                    raise self.http_error(e, f"GET {what}") from None
                 await self.backoff(attempt)
                 attempt += 1
                 continue
@@ -551,9 +586,10 @@ class Client:
         )
         if resp.status_code == 201 and mount_from is not None:
             return None
+        what = f"starting an upload to {self.registry}/{repo}"
         if resp.status_code != 202 or not resp.headers.get("location"):
-            raise await self.fail(resp, f"starting an upload to {self.registry}/{repo}")
-        return str(resp.url.join(resp.headers["location"]))
+            raise await self.fail(resp, what)
+        return upload_location(resp, None, what)
 
     async def upload(
         self,
@@ -594,16 +630,16 @@ class Client:
                         location,
                         content=file_chunks(path, offset, end, progress),
                         headers={
-                            **(await self._auth_headers(scopes)),
+                            **(await self._auth_headers(scopes, location)),
                             "Content-Range": f"{offset}-{end - 1}",
                             "Content-Length": str(end - offset),
                             "Content-Type": "application/octet-stream",
                         },
                     )
                 )
-            except httpx.TransportError as e:
-                if _tls_error(e) is not None or attempt >= self.opts.retries:
-                    raise self.transport_error(e, what) from None
+            except HTTPX_ERRORS as e:
+                if not self._retry(e, attempt):
+                    raise self.http_error(e, what) from None
                 await self.backoff(attempt)
                 attempt += 1
                 location, offset = await self._upload_status(repo, location, what)
@@ -615,7 +651,7 @@ class Client:
                 continue
             if resp.status_code != 202:
                 raise await self.fail(resp, what)
-            location = str(resp.url.join(resp.headers.get("location") or location))
+            location = upload_location(resp, location, what)
             offset = end
         resp = await self.request(
             "PUT", with_digest(location, digest), scopes, headers={"Content-Length": "0"}
@@ -623,8 +659,8 @@ class Client:
         if resp.status_code != 201:
             raise await self.fail(resp, what)
 
-    async def _auth_headers(self, scopes: tuple[str, ...]) -> dict[str, str]:
-        auth = await self._auth_header(scopes, False)
+    async def _auth_headers(self, scopes: tuple[str, ...], url: str) -> dict[str, str]:
+        auth = await self._auth_header(scopes, False, url)
         return {"Authorization": auth} if auth else {}
 
     async def _upload_status(self, repo: str, location: str, what: str) -> tuple[str, int]:
@@ -634,7 +670,7 @@ class Client:
             raise await self.fail(resp, what)
         rng = resp.headers.get("range", "0-0").removeprefix("bytes=")
         end = int(rng.split("-", 1)[1]) if "-" in rng and rng.split("-", 1)[1].isdigit() else -1
-        return str(resp.url.join(resp.headers.get("location") or location)), end + 1
+        return upload_location(resp, location, what), end + 1
 
     async def put_manifest(
         self, repo: str, target: str, body: bytes, media_type: str, digest: str
@@ -654,6 +690,26 @@ class Client:
             raise RegistryError(
                 f"digest mismatch: {what}: the registry stored it as {said}, not {digest}"
             )
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def upload_location(resp: httpx.Response, default: str | None, what: str) -> str:
+    """Where an upload goes on: the answer's Location (else `default`) resolved against
+    its URL, which must be http(s) with a host; anything else is one line."""
+    text = resp.headers.get("location") or default or ""
+    try:
+        url = resp.url.join(text)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise RegistryError(
+            f"{what}: the registry gave an upload location that is not an "
+            f"http(s) URL ({text[:200]!r})"
+        )
+    return str(url)
 
 
 def with_digest(location: str, digest: str) -> str:
