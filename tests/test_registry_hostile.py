@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ocilayout import CONFIG, LAYER_TAR, sha
+from ocilayout import CONFIG, LAYER_TAR, Layout, sha
 from support import pyunion
 from test_image import make_layout, tar_bytes
 
@@ -279,6 +279,24 @@ def test_an_upload_location_that_is_not_http_is_one_line(
     srv.upload_to = loc
     r = _cli("push", "img", f"{srv.url[7:]}/x:latest", store=pushable)
     _one_line(r, "not an http(s) URL")
+
+
+def test_a_blob_listed_twice_with_two_diff_ids_is_refused(static: Any, tmp_path: Path) -> None:
+    """The same blob under two DiffIDs cannot be both: refused before anything is stored, as
+    import refuses it (before: the pull tagged an image whose second layer was missing)."""
+    srv = static()
+    layer, other = tar_bytes([("f", b"x")]), tar_bytes([("g", b"y")])
+    _serve_image(srv, [layer, layer], [sha(layer), sha(other)])
+    store = tmp_path / "s"
+    r = _cli("pull", f"{srv.url[7:]}/x:latest", store=store)
+    _one_line(r, "layer 2 is the blob of layer 1 again")
+    assert json.loads((store / "index.json").read_text())["manifests"] == []
+    lay = tmp_path / "lay"
+    layout = Layout(lay)
+    d = layout.put(layer, LAYER_TAR)
+    layout.tag(layout.image([d, d], [sha(layer), sha(other)], {"os": "linux"}), "latest")
+    r = pyunion("image", "import", "-q", str(lay), "--store", str(store), check=False)
+    _one_line(r, "layer 2 is the blob of layer 1 again")
 
 
 def test_credentials_go_only_to_the_registrys_origin(static: Any, pushable: Path) -> None:

@@ -459,7 +459,7 @@ def _oci_candidates(
         cbytes = verified_blob(src, cdigest, "config", cdesc["size"])
         config = schema.load_object(cbytes, schema.ImageConfig, f"config {cdigest}")
         ldescs = man["layers"]
-        diff_ids = schema.diff_ids(config, len(ldescs), f"manifest {digest}")
+        diff_ids = schema.diff_ids(config, [ld["digest"] for ld in ldescs], f"manifest {digest}")
         layers = [
             LayerRef(blob_path(ld["digest"]), diff, ld["digest"], ld.get("mediaType"), ld["size"])
             for ld, diff in zip(ldescs, diff_ids, strict=True)
@@ -497,7 +497,7 @@ def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
             raise ImageFormatError(f"config {cpath} does not match its digest")
         config = schema.load_object(cbytes, schema.ImageConfig, f"config {cpath}")
         lpaths = e["Layers"]
-        diff_ids = schema.diff_ids(config, len(lpaths), "manifest.json")
+        diff_ids = schema.diff_ids(config, [_clean(p) for p in lpaths], "manifest.json")
         layers = [
             LayerRef(_clean(p), d, None, None, None) for p, d in zip(lpaths, diff_ids, strict=True)
         ]

@@ -16,6 +16,7 @@ rest of the code keeps its simple `.get()` access, which the check made safe.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -185,14 +186,24 @@ def load_object(data: bytes, schema: type[Any], what: str) -> dict[str, Any]:
     return obj
 
 
-def diff_ids(config: dict[str, Any], layers: int, what: str) -> list[str]:
-    """A checked config's DiffIDs, bottom first: one per layer of its manifest (`what`
-    names the manifest), or one line saying they differ."""
+def diff_ids(config: dict[str, Any], blobs: Sequence[str], what: str) -> list[str]:
+    """A checked config's DiffIDs, bottom first: one per layer blob of its manifest
+    (`blobs`: digests, or paths in a docker archive; `what` names the manifest), or one
+    line saying they disagree. A blob listed twice must have one DiffID both times: it
+    unpacks to one tar, and import and pull verify and unpack it once."""
     ids: list[str] = config["rootfs"]["diff_ids"]
-    if len(ids) != layers:
+    if len(ids) != len(blobs):
         raise ImageFormatError(
-            f"{what} has {layers} layers but its config lists {len(ids)} diff_ids"
+            f"{what} has {len(blobs)} layers but its config lists {len(ids)} diff_ids"
         )
+    first: dict[str, int] = {}
+    for i, (blob, diff) in enumerate(zip(blobs, ids, strict=True)):
+        j = first.setdefault(blob, i)
+        if ids[j] != diff:
+            raise ImageFormatError(
+                f"{what}: layer {i + 1} is the blob of layer {j + 1} again, but the config "
+                f"gives it another DiffID ({diff}, not {ids[j]})"
+            )
     return list(ids)
 
 

@@ -450,7 +450,17 @@ class Store:
     def add_image(
         self, manifest_digest: str, size: int, tag: str | None, media_type: str = MT_MANIFEST
     ) -> None:
-        """Record an image (its manifest blob must be in place); a tag moves to it."""
+        """Record an image (its manifest blob must be in place); a tag moves to it.
+
+        Every layer it names must be in the store already: an image is never tagged
+        that `run` would then find incomplete, whichever command made it."""
+        img = self._load_image(manifest_digest)
+        for diff_id in img.diff_ids:
+            if not self.has_layer(diff_id):
+                raise UserError(
+                    f"image {short_id(manifest_digest)}: layer {diff_id} is not in the store "
+                    "(the image is not recorded)"
+                )
         with self.edit_index() as idx:
             entries = idx["manifests"]
             if tag is not None:
@@ -542,7 +552,9 @@ class Store:
         cd = m["config"]["digest"]
         config = self.read_json_blob(cd, schema.ImageConfig, "config")
         schema.diff_ids(
-            config, len(m["layers"]), f"image {manifest_digest} in the store: its manifest"
+            config,
+            [ld["digest"] for ld in m["layers"]],
+            f"image {manifest_digest} in the store: its manifest",
         )
         return Image(manifest_digest, m, config, cd)
 

@@ -296,12 +296,12 @@ async def _pull(
                 ref.path, cdesc.digest, cdesc.size, f"the config of {what}"
             )
         config = schema.load_object(config_bytes, schema.ImageConfig, f"the config of {what}")
-        diff_ids = schema.diff_ids(config, len(layers), f"{what}: the manifest")
+        diff_ids = schema.diff_ids(config, [ld.digest for ld in layers], f"{what}: the manifest")
 
         with store.using(), store.tempdir() as tmp:
             puller = Puller(store, client, ref, bars, tmp)
             jobs: list[Callable[[], Awaitable[None]]] = []
-            seen: set[str] = set()
+            seen: set[str] = set()  # a blob listed twice has one DiffID (schema.diff_ids)
             for i, (ld, diff) in enumerate(zip(layers, diff_ids, strict=False)):
                 if ld.digest in seen:
                     continue
