@@ -392,7 +392,7 @@ class Builder:
         return state
 
     def _lowers(self, image: ImageState) -> list[str]:
-        dirs = [self.store.layer_path(d) for d in reversed(image.diff_ids)]
+        dirs = self.store.lower_dirs(image.diff_ids)
         return dirs or [self.empty_layer_dir]
 
     # --- one step ----------------------------------------------------------------------------

@@ -84,11 +84,10 @@ def resolve_layers(ref: str, store: str | None = None) -> list[str]:
         img = s.lookup(ref)
     except UserError as e:
         raise UserError(f"{ref!r} is neither a directory nor an image: {e}", e.code) from None
-    dirs = []
-    for diff_id in reversed(img.diff_ids):
+    for diff_id in img.diff_ids:
         if not s.has_layer(diff_id):
             raise UserError(f"image {ref!r}: layer {diff_id} is missing from the store")
-        dirs.append(s.layer_path(diff_id))
+    dirs = s.lower_dirs(img.diff_ids)
     if not dirs:
         raise UserError(f"image {ref!r} has no layers")
     return dirs

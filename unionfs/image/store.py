@@ -45,7 +45,7 @@ import re
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,6 +259,14 @@ class Store:
     def layer_path(self, diff_id: str) -> str:
         """The unpacked tree of a layer: what goes into a lowerdir."""
         return os.path.join(self.layer_dir(diff_id), "diff")
+
+    def lower_dirs(self, diff_ids: Sequence[str]) -> list[str]:
+        """An image's layer directories (its DiffIDs bottom first), TOP FIRST as lowerdir
+        wants, each once: a layer the image repeats (docker's empty layer, two identical
+        COPY steps) is kept at its topmost place only. That shows the same tree: the upper
+        copy shadows every entry of the lower one and shows again what the layers between
+        hid of it. A mount refuses one directory twice, as the kernel does."""
+        return [self.layer_path(d) for d in dict.fromkeys(reversed(diff_ids))]
 
     def has_blob(self, digest: str) -> bool:
         return os.path.isfile(self.blob_path(digest))
