@@ -683,7 +683,9 @@ def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
     """
     try:
         set_dumpable(False)  # until catatonit's exec, which makes the process dumpable again
-        gc.disable()  # a collection would copy every page it shares with pyunion
+        # pyunion's objects are never collected here: one that owned an fd would close
+        # the same number, by then init's own (and a collection would copy every page).
+        gc.freeze()
         for sig in (*FORWARDED, signal.SIGCHLD, signal.SIGWINCH):
             signal.signal(sig, signal.SIG_DFL)  # pyunion's handlers; blocked until the exec
         for fd in spec.confinement.preserved:
