@@ -617,7 +617,7 @@ class Builder:
             if name is not None and name in heredocs:
                 h = heredocs[name]
                 content = scope.word(inst, h.content, cfg) if h.expand else h.content
-                plan.heredocs.append((name, content))
+                plan.heredocs.append((_heredoc_file_name(name, inst), content))
                 continue
             value = word(s)
             if _is_url(value):
@@ -753,17 +753,32 @@ class Builder:
     def _copy_heredocs(
         self, root: Root, plan: _CopyPlan, spec: CopySpec, dest_is_dir: bool
     ) -> None:
+        """Each heredoc is written as a file named by its index (never by its name, which
+        the Containerfile chose), then copied under its name in the image."""
         hd = os.path.join(self.tmp, "heredoc-" + os.urandom(6).hex())
         os.mkdir(hd, 0o700)
         try:
-            for name, content in plan.heredocs:
-                p = os.path.join(hd, name)
-                with open(p, "w") as f:
-                    f.write(content)
-                os.chmod(p, 0o644)
+            dfd = os.open(hd, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                for i, (_, content) in enumerate(plan.heredocs):
+                    fd = os.open(
+                        str(i),
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o644,
+                        dir_fd=dfd,
+                    )
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(content.encode("utf-8", "surrogateescape"))
+                        os.fchmod(f.fileno(), 0o644)
+            finally:
+                os.close(dfd)
             tree = SourceTree(hd, None, "the heredoc")
             try:
-                srcs = [tree.source(name) for name, _ in plan.heredocs]
+                srcs = []
+                for i, (name, _) in enumerate(plan.heredocs):
+                    src = tree.source(str(i))
+                    src.name = name
+                    srcs.append(src)
                 copy_sources(root, tree, srcs, plan.dest, spec, dest_is_dir)
             finally:
                 tree.close()
@@ -818,6 +833,15 @@ class _CopyPlan:
     multi: bool = False
     key: str = ""
     created_by: str = ""
+
+
+def _heredoc_file_name(name: str, inst: Instruction) -> str:
+    """The name a `COPY <<NAME` file gets in the image: the last component of NAME, as
+    buildah takes it (`<<a/b` makes `b`); a name that is no file name is refused."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    if base in ("", ".", "..") or "\0" in base:
+        raise BuildError(f"line {inst.line}: {inst.cmd} <<{name}: not a file name for a heredoc")
+    return base
 
 
 def _heredoc_script(inst: Instruction) -> str:
