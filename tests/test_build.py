@@ -763,6 +763,9 @@ def test_substitution_rules() -> None:
         "${P%.*}": "/usr/local/bin/tool.tar",
         "${A/p/P}": "aPple",
         "${A//p/P}": "aPPle",
+        "${A//*/x}": "x",  # no second, empty match at the end (Go, the shell)
+        "${A/p*/x}": "ax",
+        "${A%%p*}": "a",
         "$": "$",
         "a$-b": "ab",
     }
@@ -827,5 +830,7 @@ def test_source_glob_rules(tmp_path: Path) -> None:
         assert tree.expand("[!a]1") == ["a1"]
         with pytest.raises(UserError, match=r"unclosed '\['"):
             tree.expand("[ab")
+        with pytest.raises(UserError, match=r"bad range z-a"):
+            tree.expand("[z-a]")
     finally:
         tree.close()

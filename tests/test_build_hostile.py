@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,46 @@ def test_a_heredoc_name_never_becomes_a_host_path(tmp_path: Path) -> None:
     (ctx / "Containerfile").write_text("FROM scratch\nCOPY <<.. /d\nx\n..\n")
     line = _one_line_error(_build(store, ctx))
     assert "COPY <<..: not a file name for a heredoc" in line
+
+
+# --- F5: patterns match in linear time ----------------------------------------------------------
+PATTERN_CASES = """
+import sys, time
+from unionfs.build.ignore import Matcher
+from unionfs.build.lexer import Lexer
+from unionfs.build.sources import SourceTree
+
+started = time.monotonic()
+m = Matcher(["**/" * 12 + "x"])
+deep = "a/" * 30
+assert not m.excluded(deep + "keep") and m.excluded(deep + "x") and m.excluded("x/y")
+tree = SourceTree(sys.argv[1], None, "the context")
+assert tree.expand("*a" * 14 + "b") == ["a" * 40 + "b"]
+assert tree.expand("*a" * 14 + "c") == []
+lx = Lexer()
+v = "a" * 40
+assert lx.word("${X#" + "*a" * 13 + "b}", {"X": v}) == v
+assert lx.word("${X%" + "*a" * 13 + "b}", {"X": v}) == v
+assert lx.word("${X##" + "*a" * 13 + "}", {"X": v + "bc"}) == "bc"
+assert lx.word("${X%%" + "a*" * 13 + "}", {"X": "cb" + v}) == "cb"
+assert lx.word("${X/" + "*a" * 13 + "b/R}", {"X": v + "bc"}) == "Rc"
+print(round(time.monotonic() - started, 3))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_patterns_that_made_a_regex_backtrack_match_at_once(tmp_path: Path) -> None:
+    """A `.dockerignore` line `**/**/.../x` against a 30-deep path, a COPY glob
+    `*a*a...*ab` against a 40-character name and `${X#*a*a...*ab}` took exponential
+    time (the build hung). Each now takes milliseconds, with the same answers."""
+    (tmp_path / ("a" * 40)).touch()
+    (tmp_path / ("a" * 40 + "b")).touch()
+    r = subprocess.run(
+        [sys.executable, "-c", PATTERN_CASES, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) < 2, r.stdout

@@ -12,11 +12,10 @@ under docs/, and `!docs/README.md` after it brings that one file back.
 from __future__ import annotations
 
 import posixpath
-import re
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .pattern import translate
+from .pattern import ANY_RUN, DIRS, Glob, literals, parse
 
 IGNORE_FILES = (".containerignore", ".dockerignore")  # the first one found wins, as in buildah
 
@@ -25,7 +24,7 @@ IGNORE_FILES = (".containerignore", ".dockerignore")  # the first one found wins
 class _Pattern:
     text: str
     exclusion: bool
-    regex: re.Pattern[str]
+    glob: Glob
 
 
 def _clean(p: str) -> str:
@@ -35,17 +34,14 @@ def _clean(p: str) -> str:
     return p
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
+def _compile(pattern: str) -> Glob:
     rest = pattern[2:]
     if pattern.startswith("**") and rest and not any(c in rest for c in "*?[\\"):
         # A leading ** and nothing special after it: a plain suffix match (`**.go`).
-        tail = re.escape(rest)
-        return re.compile(
-            f"^(.*{tail}|{re.escape(rest[1:])})$" if rest.startswith("/") else f"^.*{tail}$",
-            re.DOTALL,
-        )
-    body = translate(pattern, globstar=True, negation="^!", where=" in the ignore file")
-    return re.compile("^" + body + "$", re.DOTALL)
+        if rest.startswith("/"):
+            return Glob([DIRS, *literals(rest[1:])])
+        return Glob([ANY_RUN, *literals(rest)])
+    return Glob(parse(pattern, globstar=True, negation="^!", where=" in the ignore file"))
 
 
 class Matcher:
@@ -79,7 +75,7 @@ class Matcher:
         for p in self.patterns:
             if p.exclusion != matched:
                 continue
-            hit = bool(p.regex.match(path)) or any(p.regex.match(q) for q in parents)
+            hit = p.glob.match(path) or any(p.glob.match(q) for q in parents)
             if hit:
                 matched = not p.exclusion
         return matched

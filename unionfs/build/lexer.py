@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from .pattern import ANY_ONE, ANY_RUN, Glob, Token, literal
 
 
 class SubstitutionError(UserError):
@@ -100,18 +101,17 @@ class _Words:
         return self.words
 
 
-def _pattern_regex(pattern: str, greedy: bool, anchored: bool) -> re.Pattern[str]:
-    """A shell pattern (`*`, `?`, backslash escapes; no brackets) as a regex."""
-    out = "^" if anchored else ""
-    star = ".*" if greedy else ".*?"
+def _shell_glob(pattern: str) -> Glob:
+    """A substitution's pattern (`*`, `?`, backslash escapes; no brackets)."""
+    tokens: list[Token] = []
     i = 0
     while i < len(pattern):
         ch = pattern[i]
         i += 1
         if ch == "*":
-            out += star
+            tokens.append(ANY_RUN)
         elif ch == "?":
-            out += "."
+            tokens.append(ANY_ONE)
         elif ch == "\\":
             if i < len(pattern) and pattern[i] in "}/":
                 continue
@@ -119,10 +119,33 @@ def _pattern_regex(pattern: str, greedy: bool, anchored: bool) -> re.Pattern[str
             i += 1
             if nxt not in ("*", "?", "\\"):
                 raise SubstitutionError(f"invalid escape '\\{nxt}' in pattern {pattern!r}")
-            out += "\\" + nxt
+            tokens.append(literal(nxt))
         else:
-            out += re.escape(ch)
-    return re.compile(out, re.DOTALL)
+            tokens.append(literal(ch))
+    return Glob(tokens)
+
+
+def _replace(glob: Glob, value: str, repl: str, replace_all: bool) -> str:
+    """`${X/pat/repl}`: the leftmost-longest match replaced (every one with `//`); an
+    empty match right after a match is not replaced, as in Go and the shell."""
+    out: list[str] = []
+    done = at = 0
+    prev_end = -1
+    while at <= len(value):
+        m = glob.search(value, at)
+        if m is None:
+            break
+        start, end = m
+        if start == end == prev_end:
+            at = end + 1
+            continue
+        out += [value[done:start], repl]
+        done = prev_end = end
+        if not replace_all:
+            break
+        at = end if end > start else end + 1
+    out.append(value[done:])
+    return "".join(out)
 
 
 class Lexer:
@@ -315,16 +338,13 @@ class _State:
             greedy = word.startswith(ch)
             if greedy:
                 word = word[1:]
+            # Shortest/longest prefix; a suffix is a prefix of the reversed value.
+            glob = _shell_glob(word)
             if ch == "#":
-                m = _pattern_regex(word, greedy, True).match(value)
-                return value[m.end() :] if m else value
-            # Shortest/longest suffix: the match that starts last/first.
-            rx = _pattern_regex(word, True, True)
-            starts = range(len(value) + 1) if greedy else range(len(value), -1, -1)
-            for i in starts:
-                if rx.fullmatch(value[i:]):
-                    return value[:i]
-            return value
+                ends = list(glob.prefixes(value))
+                return value[ends[-1 if greedy else 0] :] if ends else value
+            ends = list(glob.reversed().prefixes(value[::-1]))
+            return value[: len(value) - ends[-1 if greedy else 0]] if ends else value
         if ch == "/":
             replace_all = sc.peek() == "/"
             if replace_all:
@@ -338,8 +358,7 @@ class _State:
             except SubstitutionError:
                 raise SubstitutionError("syntax error: missing '}'") from None
             value, _ = self.lookup(name)
-            rx = _pattern_regex(pattern, True, False)
-            return rx.sub(lambda _m: repl, value, count=0 if replace_all else 1)
+            return _replace(_shell_glob(pattern), value, repl, replace_all)
         if not ch:
             raise SubstitutionError("syntax error: missing '}'")
         raise SubstitutionError(f"unsupported modifier ({mod}) in substitution")

@@ -27,7 +27,7 @@ from .. import syscalls
 from ..errors import UserError
 from ..tree import NotRegularFile, open_regular
 from .ignore import Matcher
-from .pattern import translate
+from .pattern import compile_glob
 
 _GLOB_CHARS = re.compile(r"[*?\[\\]")
 
@@ -50,11 +50,6 @@ class Source:
 def clean(path: str) -> str:
     """A source path relative to the tree root: `..` cannot climb above it."""
     return posixpath.normpath("/" + path).lstrip("/")
-
-
-def _component_regex(pattern: str) -> re.Pattern[str]:
-    """Go's filepath.Match for one path component."""
-    return re.compile(translate(pattern) + r"\Z", re.DOTALL)
 
 
 def _unescape(component: str) -> str:
@@ -98,10 +93,10 @@ class SourceTree:
                 name = _unescape(comp)
                 nxt = [posixpath.join(p, name) if p else name for p in found]
             else:
-                rx = _component_regex(comp)
+                glob = compile_glob(comp)
                 for parent in found:
                     for name in self._listdir(parent):
-                        if rx.match(name):
+                        if glob.match(name):
                             path = posixpath.join(parent, name) if parent else name
                             if not self.ignored(path):
                                 nxt.append(path)
