@@ -9,16 +9,19 @@ quickly, leaving nothing outside the store.
 
 from __future__ import annotations
 
+import io
 import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from support import PYUNION, fuse_skip_reason
 
 from unionfs.image import Store
+from unionfs.tree import rmtree
 
 needs_fuse = pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 
@@ -133,3 +136,137 @@ def test_patterns_that_made_a_regex_backtrack_match_at_once(tmp_path: Path) -> N
     )
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) < 2, r.stdout
+
+
+# --- F3: ADD of sparse and lying members ---------------------------------------------------------
+def _octal(n: int, width: int) -> bytes:
+    """A tar number field; GNU base-256 when octal does not fit."""
+    s = b"%0*o" % (width - 1, n)
+    if len(s) > width - 1:
+        b = bytearray(n.to_bytes(width, "big"))
+        b[0] |= 0x80
+        return bytes(b)
+    return s + b"\0"
+
+
+def _header(name: bytes, size: int, kind: bytes, extra: dict[int, bytes] | None = None) -> bytes:
+    h = bytearray(512)
+    h[0 : len(name)] = name
+    h[100:108], h[108:116], h[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
+    h[124:136], h[136:148] = _octal(size, 12), _octal(0, 12)
+    h[156:157] = kind
+    h[257:265] = b"ustar  \0"
+    for at, value in (extra or {}).items():
+        h[at : at + len(value)] = value
+    h[148:156] = b"        "
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def _sparse_tar(path: Path, apparent: int) -> None:
+    """A GNU (old format) sparse member: one 512-byte region of 'Z' at the very end."""
+    extra = {386: _octal(apparent - 512, 12), 398: _octal(512, 12), 483: _octal(apparent, 12)}
+    path.write_bytes(_header(b"sparse", 512, b"S", extra) + b"Z" * 512 + b"\0" * 1024)
+
+
+@needs_fuse
+@pytest.mark.timeout(120)
+def test_add_keeps_the_holes_of_sparse_members_and_bounds_them(tmp_path: Path) -> None:
+    """A 2 KiB archive whose sparse member reads as 2 GiB was written densely: 2 GiB of
+    disk. The data regions alone are written (the disk holds 512 bytes), and an
+    archive whose holes come to more than 1 GiB is refused, as is a plain tar's member
+    that declares more bytes than the archive has."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    apparent = 64 << 20
+    _sparse_tar(ctx / "small.tar", apparent)
+    (ctx / "Containerfile").write_text("FROM scratch\nADD small.tar /out/\n")
+    store = tmp_path / "store"
+    r = _build(store, ctx, "-t", "sparse")
+    assert r.returncode == 0, r.stderr
+    f = _layer(store, "sparse") / "out/sparse"
+    st = f.stat()
+    assert st.st_size == apparent and st.st_blocks * 512 <= 64 << 10, (st.st_size, st.st_blocks)
+    with open(f, "rb") as fh:
+        assert fh.read(4096) == b"\0" * 4096
+        fh.seek(apparent - 512)
+        assert fh.read() == b"Z" * 512
+    _sparse_tar(ctx / "huge.tar", 1 << 40)
+    (ctx / "Containerfile").write_text("FROM scratch\nADD huge.tar /out/\n")
+    started = time.monotonic()
+    line = _one_line_error(_build(store, ctx))
+    assert "refusing 'sparse': a sparse file of 1099511627776 bytes" in line, line
+    assert time.monotonic() - started < 30
+    liar = _header(b"liar", 1 << 30, b"0") + b"x" * 512 + b"\0" * 1024
+    (ctx / "liar.tar").write_bytes(liar)
+    (ctx / "Containerfile").write_text("FROM scratch\nADD liar.tar /out/\n")
+    line = _one_line_error(_build(store, ctx))
+    assert "refusing 'liar': its header declares 1073741824 bytes, more than the" in line, line
+    assert os.listdir(store / "tmp") == []
+
+
+# --- F2, F4: trees deeper or wider than the fd limit -------------------------------------------
+def _deep_and_wide_tar(path: Path, depth: int, width: int) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for i in range(width):
+            ti = tarfile.TarInfo(f"w{i}/")
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(ti)
+        ti = tarfile.TarInfo("a/" * depth + "f")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+
+
+def _depth(root: Path, name: str) -> int:
+    """How many levels of `name` directories there are below `root`."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    n = 0
+    try:
+        while True:
+            try:
+                nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                return n
+            os.close(fd)
+            fd, n = nfd, n + 1
+    finally:
+        os.close(fd)
+
+
+@needs_fuse
+@pytest.mark.timeout(180)
+def test_copy_and_add_of_trees_deeper_and_wider_than_the_fd_limit(tmp_path: Path) -> None:
+    """Under `ulimit -n 1024`: COPY of 1,500 directories ran out of fds (one per pending
+    directory of the walk, one per directory written), ADD of a 1,500-deep member was
+    a RecursionError, ADD of 3,000 directories ran out of fds. Walks now hold a few fds
+    at any width or depth."""
+    ctx = tmp_path / "ctx"
+    for i in range(1500):
+        (ctx / "wide" / f"d{i}" / "sub").mkdir(parents=True)
+    deep = ctx / "deep"
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(2000):
+        os.mkdir("a", dir_fd=fd)
+        nfd = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
+    _deep_and_wide_tar(ctx / "t.tar", 1500, 3000)
+    (ctx / "Containerfile").write_text(
+        "FROM scratch\nCOPY wide /wide\nCOPY deep /deep\nADD t.tar /t/\n"
+    )
+    store = tmp_path / "store"
+    try:
+        r = _build(store, ctx, "-t", "tree", nofile=1024, timeout=150)
+        assert r.returncode == 0, r.stderr
+        wide = _layer(store, "tree", 0) / "wide"
+        assert len(os.listdir(wide)) == 1500 and os.listdir(wide / "d1499") == ["sub"]
+        assert _depth(_layer(store, "tree", 1) / "deep", "a") == 2000
+        t = _layer(store, "tree", 2) / "t"
+        assert len(os.listdir(t)) == 3001 and _depth(t, "a") == 1500
+    finally:  # deeper than pytest's own clean-up can remove
+        rmtree(str(ctx))
+        rmtree(str(store))

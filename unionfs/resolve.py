@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import resource
 import stat
 import weakref
 from typing import NamedTuple
@@ -78,11 +79,20 @@ def _st(src: os.stat_result | os.DirEntry[str] | None) -> os.stat_result:
 DIR_FDS = 4096  # directory fds kept open at most, between requests (see the docstring)
 
 
+def dir_fd_budget() -> int:
+    """DIR_FDS, or half the fd limit when that is lower (`ulimit -n 1024`): the other
+    half is for the files and handles the requests themselves open."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return DIR_FDS
+    return max(16, min(DIR_FDS, soft // 2))
+
+
 class Resolver:
     def __init__(self, stack: LayerStack, table: InodeTable) -> None:
         self.stack = stack
         self.table = table
-        self.max_fds = DIR_FDS
+        self.max_fds = dir_fd_budget()
         # The directory fds opened here, oldest first: (node, position in its chain, fd).
         self._opened: collections.deque[tuple[weakref.ref[Node], int, int]] = collections.deque()
 

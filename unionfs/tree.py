@@ -124,27 +124,28 @@ def rmtree(path: str, missing_ok: bool = True) -> None:
 def walk_at(dirfd: int) -> list[tuple[bytes, os.stat_result]]:
     """Every entry below `dirfd` (relative path, lstat), parents before children.
 
-    Iterative and fd-based; holds one fd per directory level only while it is
-    listed (the list of pending directories carries paths relative to `dirfd`,
-    each opened one component at a time with O_NOFOLLOW).
+    Iterative and fd-based; the list of pending directories carries paths
+    relative to `dirfd`, reached with a `DirCursor` (two fds; depth first, so
+    each move is short and a walk is linear however deep the tree).
     """
     out: list[tuple[bytes, os.stat_result]] = []
     pending: list[bytes] = [b""]
-    while pending:
-        rel = pending.pop()
-        fd = open_rel(dirfd, rel)
-        try:
+    cur = DirCursor(dirfd)
+    try:
+        while pending:
+            rel = pending.pop()
+            fd = cur.goto(rel.split(b"/") if rel else [])
             with os.scandir(fd) as it:
                 children = sorted((os.fsencode(e.name), e.stat(follow_symlinks=False)) for e in it)
-        finally:
-            os.close(fd)
-        subdirs = []
-        for name, st in children:
-            path = rel + b"/" + name if rel else name
-            out.append((path, st))
-            if stat.S_ISDIR(st.st_mode):
-                subdirs.append(path)
-        pending.extend(reversed(subdirs))
+            subdirs = []
+            for name, st in children:
+                path = rel + b"/" + name if rel else name
+                out.append((path, st))
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(path)
+            pending.extend(reversed(subdirs))
+    finally:
+        cur.close()
     return out
 
 

@@ -35,10 +35,15 @@ import zstandard
 from .. import syscalls
 from ..errors import UserError
 from ..sandbox import SetupError, read_user_db
+from ..tree import DirCursor
 from .sources import Entry, Source, SourceTree
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SKIP_XATTR_PREFIXES = ("trusted.", "security.selinux")
+# What the holes of an ADD archive's sparse members may add to the layer, all members
+# together: the disk holds only their data, but the layer's tar (and its digest, and
+# every pull of it) holds their whole apparent size.
+MAX_HOLES = 1 << 30
 
 
 class CopyError(UserError):
@@ -209,24 +214,30 @@ def _clear(pfd: int, name: str, want_dir: bool, where: str) -> bool:
 
 
 class Writer:
-    """Writes entries below one destination directory fd."""
+    """Writes entries below one destination directory, `base` (borrowed, kept open by
+    the caller). It holds no fd of its own between calls: directories are reached
+    again from `base` by their path (a `DirCursor`), so a copy of any number of
+    directories, at any depth, needs a few fds."""
 
-    def __init__(self, spec: CopySpec, where: str) -> None:
+    def __init__(self, spec: CopySpec, where: str, base: int) -> None:
         self.spec = spec
         self.where = where
-        self.links: dict[tuple[int, int], tuple[int, str]] = {}
-        self.dir_times: list[tuple[int, str, int, int]] = []  # (parent fd, name, atime, mtime)
-        self.fds: list[int] = []
+        self.base = base
+        self.links: dict[tuple[int, int], list[str]] = {}  # (dev, ino) -> path below base
+        self.dir_times: dict[tuple[str, ...], tuple[int, int]] = {}  # path -> (atime, mtime)
 
     def close(self) -> None:
-        for pfd, name, at, mt in reversed(self.dir_times):
-            with contextlib.suppress(OSError):
-                os.utime(name, ns=(at, mt), dir_fd=pfd, follow_symlinks=False)
-        for fd in self.fds:
-            os.close(fd)
-        for pfd, _ in self.links.values():
-            os.close(pfd)
-        self.fds.clear()
+        """Give the directories their times, now that nothing more is made in them."""
+        if self.dir_times:
+            cur = DirCursor(self.base)
+            try:
+                for parts in sorted(self.dir_times):
+                    at, mt = self.dir_times[parts]
+                    with contextlib.suppress(OSError):
+                        pfd = cur.goto(list(parts[:-1]))
+                        os.utime(parts[-1], ns=(at, mt), dir_fd=pfd, follow_symlinks=False)
+            finally:
+                cur.close()
         self.links.clear()
         self.dir_times.clear()
 
@@ -249,6 +260,7 @@ class Writer:
         self,
         pfd: int,
         name: str,
+        rel: list[str],
         uid: int,
         gid: int,
         mode: int,
@@ -256,17 +268,19 @@ class Writer:
         mtime: int,
         where: str,
         xattr_src: int | str | None = None,
-    ) -> int:
-        """Create (or merge into) directory NAME; returns its fd, owned by the writer."""
+    ) -> None:
+        """Create (or merge into) directory NAME, which is `rel` below the base; its times
+        are set at `close`."""
         if not _clear(pfd, name, True, where):
             os.mkdir(name, 0o700, dir_fd=pfd)
         self._meta(pfd, name, uid, gid, mode)
-        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
-        self.fds.append(fd)
         if xattr_src is not None:
-            _copy_xattrs(xattr_src, syscalls.fd_str(fd), True)
-        self.dir_times.append((pfd, name, atime, mtime))
-        return fd
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:
+                _copy_xattrs(xattr_src, syscalls.fd_str(fd), True)
+            finally:
+                os.close(fd)
+        self.dir_times[tuple(rel)] = (atime, mtime)
 
     def file(
         self,
@@ -280,7 +294,10 @@ class Writer:
         atime: int,
         mtime: int,
         where: str,
+        sparse: list[tuple[int, int]] | None = None,
     ) -> None:
+        """A regular file from `src` (an fd: `size` bytes at most; a stream: all of it,
+        or only the (offset, length) regions of `sparse`, its holes left as holes)."""
         _clear(pfd, name, False, where)
         fd = os.open(
             name,
@@ -292,6 +309,8 @@ class Writer:
             if isinstance(src, int):
                 _sendfile(src, fd, size)
                 _copy_xattrs(syscalls.fd_str(src), syscalls.fd_str(fd), True)
+            elif sparse is not None and size is not None:
+                _write_sparse(src, fd, sparse, size)
             else:
                 while chunk := src.read(1 << 20):
                     _write_all(fd, chunk)
@@ -306,13 +325,23 @@ class Writer:
         """Link NAME to the file already written for `key`; False if there is none yet."""
         if key is None or key not in self.links:
             return False
-        lfd, lname = self.links[key]
-        _clear(pfd, name, False, where)
-        os.link(lname, name, src_dir_fd=lfd, dst_dir_fd=pfd, follow_symlinks=False)
+        rel = self.links[key]
+        lfd = syscalls.openat2(
+            self.base,
+            "/".join(rel[:-1]) or ".",
+            DIR_FLAGS,
+            syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS,
+        )
+        try:
+            _clear(pfd, name, False, where)
+            os.link(rel[-1], name, src_dir_fd=lfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(lfd)
         return True
 
-    def remember_link(self, key: tuple[int, int], pfd: int, name: str) -> None:
-        self.links.setdefault(key, (os.dup(pfd), name))
+    def remember_link(self, key: tuple[int, int], rel: list[str]) -> None:
+        """The file written for `key` is `rel` below the base."""
+        self.links.setdefault(key, rel)
 
     def symlink(
         self,
@@ -358,6 +387,25 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _write_sparse(src: IO[bytes], dst: int, regions: list[tuple[int, int]], size: int) -> None:
+    """A sparse archive member from its stored data (`src`: the regions' bytes one after
+    the other, as the archive holds them): each region is written at its offset and
+    the holes stay holes. Reading the member as a file would make zeros of the holes,
+    and of a few KiB of archive gigabytes of disk."""
+    for offset, length in regions:
+        while length > 0:
+            chunk = src.read(min(length, 1 << 20))
+            if not chunk:
+                raise EOFError("unexpected end of data")
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(dst, view, offset)
+                view = view[n:]
+                offset += n
+            length -= len(chunk)
+    os.ftruncate(dst, size)
+
+
 def _sendfile(src: int, dst: int, size: int | None) -> None:
     """Copy `src` to `dst`: `size` bytes at most (the size walked: a file that grows
     meanwhile, or is endless, cannot fill the layer)."""
@@ -401,15 +449,17 @@ def copy_sources(
         else:
             parent, name = posixpath.split(dest.rstrip("/"))
         pfd = root.ensure_dir(parent or "/", spec.chown)
-        w = Writer(spec, dest)
+        w = Writer(spec, dest, pfd)
         try:
-            _copy_entry(w, pfd, name, tree, src.entries[0], posixpath.join(parent, name))
+            _copy_entry(w, pfd, name, [name], tree, src.entries[0], posixpath.join(parent, name))
         finally:
             w.close()
             os.close(pfd)
 
 
-def _copy_entry(w: Writer, pfd: int, name: str, tree: SourceTree, e: Entry, where: str) -> None:
+def _copy_entry(
+    w: Writer, pfd: int, name: str, rel: list[str], tree: SourceTree, e: Entry, where: str
+) -> None:
     st = e.st
     at, mt = st.st_atime_ns, st.st_mtime_ns
     key = (st.st_dev, st.st_ino) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else None
@@ -429,7 +479,7 @@ def _copy_entry(w: Writer, pfd: int, name: str, tree: SourceTree, e: Entry, wher
         else:
             return  # a socket: nothing to copy
         if key is not None:
-            w.remember_link(key, pfd, name)
+            w.remember_link(key, rel)
     except CopyError:
         raise
     except OSError as e2:
@@ -438,25 +488,21 @@ def _copy_entry(w: Writer, pfd: int, name: str, tree: SourceTree, e: Entry, wher
 
 def _copy_tree(dfd: int, tree: SourceTree, src: Source, spec: CopySpec, dest: str) -> None:
     """The contents of a source directory into the open directory `dfd`."""
-    w = Writer(spec, dest)
-    stack: list[tuple[str, int]] = [("", dfd)]  # (relative dir, fd) along the current path
+    w = Writer(spec, dest, dfd)
+    cur = DirCursor(dfd)
     try:
         for e in src.entries[1:]:
-            parent = posixpath.dirname(e.rel)
-            while stack[-1][0] != parent:
-                stack.pop()
-                if not stack:
-                    raise CopyError(f"internal error: {e.rel!r} listed before its directory")
-            pfd = stack[-1][1]
-            name = posixpath.basename(e.rel)
+            rel = e.rel.split("/")
             where = posixpath.join(dest, e.rel)
-            if stat.S_ISDIR(e.st.st_mode):
-                try:
+            try:
+                pfd = cur.goto(rel[:-1])
+                if stat.S_ISDIR(e.st.st_mode):
                     src_fd = tree.open(e.path, DIR_FLAGS)
                     try:
-                        fd = w.directory(
+                        w.directory(
                             pfd,
-                            name,
+                            rel[-1],
+                            rel,
                             e.st.st_uid,
                             e.st.st_gid,
                             e.st.st_mode,
@@ -467,16 +513,14 @@ def _copy_tree(dfd: int, tree: SourceTree, src: Source, spec: CopySpec, dest: st
                         )
                     finally:
                         os.close(src_fd)
-                except CopyError:
-                    raise
-                except OSError as err:
-                    raise CopyError(
-                        f"cannot copy {e.path!r} to {where!r}: {err.strerror}"
-                    ) from None
-                stack.append((e.rel, fd))
-            else:
-                _copy_entry(w, pfd, name, tree, e, where)
+                else:
+                    _copy_entry(w, pfd, rel[-1], rel, tree, e, where)
+            except CopyError:
+                raise
+            except OSError as err:
+                raise CopyError(f"cannot copy {e.path!r} to {where!r}: {err.strerror}") from None
     finally:
+        cur.close()
         w.close()
 
 
@@ -501,8 +545,17 @@ def _tar_header_ok(block: bytes) -> bool:
     return chk == sum(block[:148]) + 256 + sum(block[156:512])
 
 
+@dataclass
+class Archive:
+    """An open tar archive, and how much a member's data can be: a plain tar holds no
+    member larger than itself (None: compressed, whatever the stream gives)."""
+
+    tar: tarfile.TarFile
+    max_member: int | None
+
+
 @contextlib.contextmanager
-def open_archive(fd: int) -> Iterator[tarfile.TarFile | None]:
+def open_archive(fd: int) -> Iterator[Archive | None]:
     """The tar archive in the file `fd` (plain or compressed), or None if it is not one."""
     head = os.pread(fd, 6, 0)
     kind = next((k for m, k in _MAGIC if head.startswith(m)), None)
@@ -526,7 +579,7 @@ def open_archive(fd: int) -> Iterator[tarfile.TarFile | None]:
             return
         prefixed: Any = _Prefixed(first, stream)
         with tarfile.open(fileobj=prefixed, mode="r|") as tf:
-            yield tf
+            yield Archive(tf, os.fstat(fd).st_size if kind is None else None)
 
 
 class _Prefixed:
@@ -548,13 +601,19 @@ class _Prefixed:
         return bytes(self.rest.read(n))
 
 
-def extract_archive(root: Root, tf: tarfile.TarFile, dest: str, spec: CopySpec, what: str) -> None:
-    """Unpack an archive into `dest`, confined to it; owners from the archive (or --chown)."""
+def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, what: str) -> None:
+    """Unpack an archive into `dest`, confined to it; owners from the archive (or --chown).
+
+    Members come in any order: each is reached from `dest` by its path, one
+    O_NOFOLLOW component at a time (a `DirCursor`: a few fds at any depth). A sparse
+    member is written sparse, and its holes count against `MAX_HOLES`.
+    """
     dfd = root.ensure_dir(dest, spec.chown)
-    w = Writer(CopySpec(spec.chown, spec.chmod, keep_owner=True), dest)
-    dirs: dict[str, int] = {"": dfd}
+    w = Writer(CopySpec(spec.chown, spec.chmod, keep_owner=True), dest, dfd)
+    cur = DirCursor(dfd)
+    holes = 0
     try:
-        for m in tf:
+        for m in archive.tar:
             parts = [p for p in m.name.split("/") if p not in ("", ".")]
             if not parts:
                 continue
@@ -564,26 +623,37 @@ def extract_archive(root: Root, tf: tarfile.TarFile, dest: str, spec: CopySpec, 
                 raise CopyError(
                     f"ADD {what}: refusing archive member {m.name!r} (a whiteout marker)"
                 )
-            pfd = _archive_dir(w, dirs, parts[:-1], dest)
             name = parts[-1]
-            rel = "/".join(parts)
-            where = posixpath.join(dest, rel)
+            where = posixpath.join(dest, "/".join(parts))
             mt = int(m.mtime * 1_000_000_000)
             try:
+                pfd = _archive_parent(w, cur, parts[:-1])
                 if m.isdir():
-                    old = dirs.pop(rel, None)
-                    if old is not None:
-                        # Made earlier as a parent of another member: give it its own metadata.
-                        w._meta(pfd, name, m.uid, m.gid, m.mode)
-                        w.dir_times.append((pfd, name, mt, mt))
-                        dirs[rel] = old
-                        continue
-                    dirs[rel] = w.directory(pfd, name, m.uid, m.gid, m.mode, mt, mt, where)
+                    w.directory(pfd, name, parts, m.uid, m.gid, m.mode, mt, mt, where)
                 elif m.isreg():
-                    f = tf.extractfile(m)
+                    regions = _sparse_map(m)
+                    data = m.size if regions is None else sum(n for _, n in regions)
+                    if archive.max_member is not None and data > archive.max_member:
+                        raise CopyError(
+                            f"ADD {what}: refusing {m.name!r}: its header declares {data} "
+                            "bytes, more than the archive holds"
+                        )
+                    holes += m.size - data
+                    if holes > MAX_HOLES:
+                        raise CopyError(
+                            f"ADD {what}: refusing {m.name!r}: a sparse file of {m.size} "
+                            f"bytes; the holes of the archive's sparse files come to more "
+                            f"than {MAX_HOLES >> 30} GiB"
+                        )
+                    if regions is not None:
+                        stream: Any = archive.tar.fileobj  # the stored data, read forward
+                        stream.seek(m.offset_data)
+                        f: IO[bytes] | None = stream
+                    else:
+                        f = archive.tar.extractfile(m)
                     if f is None:
                         continue
-                    w.file(pfd, name, f, m.size, m.uid, m.gid, m.mode, mt, mt, where)
+                    w.file(pfd, name, f, m.size, m.uid, m.gid, m.mode, mt, mt, where, regions)
                 elif m.issym():
                     w.symlink(pfd, name, m.linkname, m.uid, m.gid, mt, mt, where)
                 elif m.islnk():
@@ -610,36 +680,37 @@ def extract_archive(root: Root, tf: tarfile.TarFile, dest: str, spec: CopySpec, 
     except (tarfile.TarError, EOFError, lzma.LZMAError, zstandard.ZstdError, OSError) as e:
         raise CopyError(f"ADD {what}: corrupt or truncated archive ({e})") from None
     finally:
+        cur.close()
         w.close()
         os.close(dfd)
 
 
-def _archive_dir(w: Writer, dirs: dict[str, int], parts: list[str], dest: str) -> int:
-    """The fd of an archive member's parent, made (0755, root) if the archive skipped it."""
-    rel = "/".join(parts)
-    if rel in dirs:
-        return dirs[rel]
-    pfd = _archive_dir(w, dirs, parts[:-1], dest) if parts else dirs[""]
-    name = parts[-1]
-    try:
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
-        w.fds.append(fd)
-    else:
-        if st is not None:
+def _sparse_map(m: tarfile.TarInfo) -> list[tuple[int, int]] | None:
+    """A sparse member's data regions (offset, length), in order; None if not sparse."""
+    if not m.issparse():
+        return None
+    sparse: Any = m.sparse  # typeshed says bytes: tarfile keeps a list of pairs
+    return [(int(off), int(n)) for off, n in sparse]
+
+
+def _archive_parent(w: Writer, cur: DirCursor, parts: list[str]) -> int:
+    """The fd of an archive member's parent directory `parts` (below the destination),
+    made where the archive skipped it (0755, root's or --chown's); a non-directory in
+    the way, a symlink included, is replaced, never followed."""
+    while True:
+        try:
+            return cur.goto(parts)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+        pfd, name = cur.fd, parts[len(cur.parts)]
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=pfd)
         os.mkdir(name, 0o755, dir_fd=pfd)
         os.chmod(name, 0o755, dir_fd=pfd, follow_symlinks=False)
         o = w.spec.chown
         if o is not None:
             os.chown(name, o.uid, o.gid, dir_fd=pfd, follow_symlinks=False)
-        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
-        w.fds.append(fd)
-    dirs[rel] = fd
-    return fd
 
 
 def _archive_link(dfd: int, pfd: int, name: str, target: str, where: str, what: str) -> None:

@@ -742,10 +742,10 @@ class Builder:
         except OSError as e:
             raise CopyError(f"cannot read {src.name!r}: {e.strerror}") from None
         try:
-            with open_archive(fd) as tf:
-                if tf is None:
+            with open_archive(fd) as archive:
+                if archive is None:
                     return False
-                extract_archive(root, tf, plan.dest, spec, src.name)
+                extract_archive(root, archive, plan.dest, spec, src.name)
                 return True
         finally:
             os.close(fd)

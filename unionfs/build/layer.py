@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..image.commit import DOCKER_TO_OCI, HashingWriter, write_layer_tar
 from ..image.load import MEDIA_BY_COMPRESSION
 from ..image.store import MT_CONFIG, MT_MANIFEST, Store, canonical_json
-from ..tree import DIR_FLAGS, open_rel, rmtree_at, walk_at
+from ..tree import DIR_FLAGS, DirCursor, open_rel, rmtree_at, walk_at
 from ..whiteout import WH_PREFIX, dir_flags, is_whiteout_stat
 
 GZIP_LEVEL = 1  # build layers are written often and read rarely: speed over size
@@ -92,13 +92,16 @@ def prune_upper(upper: str, lowers: list[str]) -> None:
     """Drop directories that copy-up left unchanged and empty (deepest first)."""
     ufd = os.open(upper, DIR_FLAGS)
     lfds = [os.open(low, DIR_FLAGS) for low in lowers]
+    cur = DirCursor(ufd)
     try:
         dirs = [rel for rel, st in walk_at(ufd) if stat.S_ISDIR(st.st_mode)]
         for rel in reversed(dirs):
-            parent, _, name = rel.rpartition(b"/")
+            parts = rel.split(b"/")
+            name = parts[-1]
             try:
-                pfd = open_rel(ufd, parent)
+                pfd = cur.goto(parts[:-1])
             except OSError:
+                cur.reset()
                 continue
             try:
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -108,9 +111,9 @@ def prune_upper(upper: str, lowers: list[str]) -> None:
                         continue
                 finally:
                     os.close(dfd)
-                if _opaque_ancestor(ufd, rel):
+                if _opaque_ancestor(ufd, parts[:-1]):
                     continue
-                low = _lower_entry(lfds, rel.split(b"/"))
+                low = _lower_entry(lfds, parts)
                 if low is None or not stat.S_ISDIR(low.st_mode):
                     continue
                 if (low.st_mode, low.st_uid, low.st_gid) != (st.st_mode, st.st_uid, st.st_gid):
@@ -118,24 +121,26 @@ def prune_upper(upper: str, lowers: list[str]) -> None:
                 os.rmdir(name, dir_fd=pfd)
             except OSError:
                 continue
-            finally:
-                os.close(pfd)
     finally:
+        cur.close()
         os.close(ufd)
         for fd in lfds:
             os.close(fd)
 
 
-def _opaque_ancestor(ufd: int, rel: bytes) -> bool:
-    parts = rel.split(b"/")[:-1]
-    for i in range(1, len(parts) + 1):
-        fd = open_rel(ufd, b"/".join(parts[:i]))
-        try:
+def _opaque_ancestor(ufd: int, parts: list[bytes]) -> bool:
+    """Whether a directory on the way down to `parts` (below the upper) is opaque."""
+    fd = os.dup(ufd)
+    try:
+        for comp in parts:
+            nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
             if dir_flags(fd)[0]:
                 return True
-        finally:
-            os.close(fd)
-    return False
+        return False
+    finally:
+        os.close(fd)
 
 
 def _drop_untarrable(upper: str) -> None:

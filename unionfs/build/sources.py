@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .. import syscalls
 from ..errors import UserError
-from ..tree import NotRegularFile, open_regular
+from ..tree import DirCursor, NotRegularFile, open_regular
 from .ignore import Matcher
 from .pattern import compile_glob
 
@@ -139,7 +139,10 @@ class SourceTree:
             os.close(fd)
         if not stat.S_ISDIR(st.st_mode):
             return Source(path, False, [Entry("", real, st)])
-        dirfd = self.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            dirfd = self.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as e:
+            raise UserError(f"cannot read {path or '.'!r} from {self.what}: {e.strerror}") from None
         try:
             return Source(path, True, [Entry("", real, st), *self._walk(dirfd, real)])
         finally:
@@ -156,55 +159,49 @@ class SourceTree:
         return here[len(top.rstrip("/")) + 1 :]
 
     def _walk(self, top: int, base: str) -> list[Entry]:
-        """Every entry below `top` (the directory `base`), ignore rules applied."""
+        """Every entry below `top` (the directory `base`), ignore rules applied.
+
+        Iterative, and a `DirCursor` reaches each directory from `top` one O_NOFOLLOW
+        component at a time: a few fds whatever the tree's width or depth.
+        """
         out: list[Entry] = []
         held: dict[str, Entry] = {}  # excluded directories kept for their included children
-        pending: list[tuple[int, str]] = [(os.dup(top), "")]
+        pending: list[str] = [""]
+        cur = DirCursor(top)
+        rel = ""
         try:
             while pending:
-                dfd, rel = pending.pop()
-                try:
-                    with os.scandir(dfd) as it:
-                        items = sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
-                except OSError as e:
-                    os.close(dfd)
-                    raise UserError(
-                        f"cannot read {posixpath.join(base, rel)!r} in {self.what}: {e.strerror}"
-                    ) from None
-                try:
-                    for name, st in items:
-                        r = posixpath.join(rel, name) if rel else name
-                        path = posixpath.join(base, r) if base else r
-                        excluded = self.ignored(path)
-                        is_dir = stat.S_ISDIR(st.st_mode)
-                        if excluded and not (
-                            is_dir and self.matcher is not None and self.matcher.has_exceptions
-                        ):
-                            continue
-                        target = None
-                        if stat.S_ISLNK(st.st_mode):
-                            target = os.readlink(name, dir_fd=dfd)
-                        entry = Entry(r, path, st, target)
-                        if excluded:
-                            held[r] = entry
-                        else:
-                            out.append(entry)
-                        if is_dir:
-                            pending.append(
-                                (
-                                    os.open(
-                                        name,
-                                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                        dir_fd=dfd,
-                                    ),
-                                    r,
-                                )
-                            )
-                finally:
-                    os.close(dfd)
+                rel = pending.pop()
+                dfd = cur.goto(rel.split("/") if rel else [])
+                with os.scandir(dfd) as it:
+                    items = sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
+                subdirs = []
+                for name, st in items:
+                    r = posixpath.join(rel, name) if rel else name
+                    path = posixpath.join(base, r) if base else r
+                    excluded = self.ignored(path)
+                    is_dir = stat.S_ISDIR(st.st_mode)
+                    if excluded and not (
+                        is_dir and self.matcher is not None and self.matcher.has_exceptions
+                    ):
+                        continue
+                    target = None
+                    if stat.S_ISLNK(st.st_mode):
+                        target = os.readlink(name, dir_fd=dfd)
+                    entry = Entry(r, path, st, target)
+                    if excluded:
+                        held[r] = entry
+                    else:
+                        out.append(entry)
+                    if is_dir:
+                        subdirs.append(r)
+                pending.extend(reversed(subdirs))  # depth first, in order: short moves
+        except OSError as e:
+            raise UserError(
+                f"cannot read {posixpath.join(base, rel)!r} in {self.what}: {e.strerror}"
+            ) from None
         finally:
-            for fd, _ in pending:
-                os.close(fd)
+            cur.close()
         if held:  # an excluded directory that holds included entries is still created
             have = {e.rel for e in out}
             for entry in list(out):
