@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import zstandard
 
-from .. import syscalls
+from .. import sparse, syscalls
 from ..errors import UserError
 from ..sandbox import SetupError, read_user_db
 from ..tree import DirCursor
@@ -294,10 +294,10 @@ class Writer:
         atime: int,
         mtime: int,
         where: str,
-        sparse: list[tuple[int, int]] | None = None,
+        regions: list[tuple[int, int]] | None = None,
     ) -> None:
         """A regular file from `src` (an fd: `size` bytes at most; a stream: all of it,
-        or only the (offset, length) regions of `sparse`, its holes left as holes)."""
+        or only its (offset, length) `regions` of a sparse member, the holes left as holes)."""
         _clear(pfd, name, False, where)
         fd = os.open(
             name,
@@ -309,8 +309,8 @@ class Writer:
             if isinstance(src, int):
                 _sendfile(src, fd, size)
                 _copy_xattrs(syscalls.fd_str(src), syscalls.fd_str(fd), True)
-            elif sparse is not None and size is not None:
-                _write_sparse(src, fd, sparse, size)
+            elif regions is not None and size is not None:
+                sparse.write_regions(src, fd, regions, size)
             else:
                 while chunk := src.read(1 << 20):
                     _write_all(fd, chunk)
@@ -385,25 +385,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _write_sparse(src: IO[bytes], dst: int, regions: list[tuple[int, int]], size: int) -> None:
-    """A sparse archive member from its stored data (`src`: the regions' bytes one after
-    the other, as the archive holds them): each region is written at its offset and
-    the holes stay holes. Reading the member as a file would make zeros of the holes,
-    and of a few KiB of archive gigabytes of disk."""
-    for offset, length in regions:
-        while length > 0:
-            chunk = src.read(min(length, 1 << 20))
-            if not chunk:
-                raise EOFError("unexpected end of data")
-            view = memoryview(chunk)
-            while view:
-                n = os.pwrite(dst, view, offset)
-                view = view[n:]
-                offset += n
-            length -= len(chunk)
-    os.ftruncate(dst, size)
 
 
 def _sendfile(src: int, dst: int, size: int | None) -> None:
@@ -631,8 +612,11 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
                 if m.isdir():
                     w.directory(pfd, name, parts, m.uid, m.gid, m.mode, mt, mt, where)
                 elif m.isreg():
-                    regions = _sparse_map(m)
-                    data = m.size if regions is None else sum(n for _, n in regions)
+                    try:
+                        regions = sparse.data_regions(m)
+                    except sparse.SparseError as e:
+                        raise CopyError(f"ADD {what}: refusing {m.name!r}: {e}") from None
+                    data = sparse.stored_size(m, regions)
                     if archive.max_member is not None and data > archive.max_member:
                         raise CopyError(
                             f"ADD {what}: refusing {m.name!r}: its header declares {data} "
@@ -645,10 +629,12 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
                             f"bytes; the holes of the archive's sparse files come to more "
                             f"than {MAX_HOLES >> 30} GiB"
                         )
+                    f: IO[bytes] | None
                     if regions is not None:
-                        stream: Any = archive.tar.fileobj  # the stored data, read forward
-                        stream.seek(m.offset_data)
-                        f: IO[bytes] | None = stream
+                        try:
+                            f = sparse.open_data(archive.tar, m, regions)
+                        except sparse.SparseError as e:
+                            raise CopyError(f"ADD {what}: refusing {m.name!r}: {e}") from None
                     else:
                         f = archive.tar.extractfile(m)
                     if f is None:
@@ -683,14 +669,6 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
         cur.close()
         w.close()
         os.close(dfd)
-
-
-def _sparse_map(m: tarfile.TarInfo) -> list[tuple[int, int]] | None:
-    """A sparse member's data regions (offset, length), in order; None if not sparse."""
-    if not m.issparse():
-        return None
-    sparse: Any = m.sparse  # typeshed says bytes: tarfile keeps a list of pairs
-    return [(int(off), int(n)) for off, n in sparse]
 
 
 def _archive_parent(w: Writer, cur: DirCursor, parts: list[str]) -> int:

@@ -54,11 +54,11 @@ import shutil
 import stat
 import tarfile
 import zlib
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import zstandard
 
-from .. import userns
+from .. import sparse, userns
 from ..syscalls import fdpath
 from ..tree import DIR_FLAGS, DirCursor, rmtree_at
 from ..whiteout import AUFS_META_PREFIX, OPQ_OCI, WH_PREFIX, WhiteoutWriter, is_internal_xattr
@@ -102,13 +102,6 @@ def _lstat(name: str, dirfd: int) -> os.stat_result | None:
         return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-
-
-def _sparse_map(m: tarfile.TarInfo) -> list[tuple[int, int]] | None:
-    """A sparse member's (offset, length) data regions, without the empty slots of an old
-    GNU header; None for a plain member."""
-    regions = cast("list[tuple[int, int]] | None", m.sparse)  # typeshed says bytes: it is not
-    return None if regions is None else [r for r in regions if r[1] != 0]
 
 
 class Unpacker:
@@ -211,9 +204,10 @@ class Unpacker:
         for what, v in (("uid", m.uid), ("gid", m.gid)):
             if not 0 <= v <= MAX_ID:
                 raise bad(f"its {what} {v} is out of range")
-        # What the archive holds of the member: a sparse one's holes take no room in it.
-        regions = _sparse_map(m)
-        stored = m.size if regions is None else sum(n for _, n in regions)
+        try:
+            stored = sparse.stored_size(m, sparse.data_regions(m))
+        except sparse.SparseError as e:
+            raise bad(str(e)) from None
         if m.size < 0 or (self.max_member is not None and stored > self.max_member):
             raise bad(f"its header declares {stored} bytes, more than the layer holds")
         if (m.ischr() or m.isblk()) and not (0 <= m.devmajor < 2**32 and 0 <= m.devminor < 2**32):
@@ -295,41 +289,19 @@ class Unpacker:
         self._meta_at(pfd, name, m, symlink=m.issym())
 
     def _write_data(self, tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int) -> None:
-        """A regular member's bytes; a sparse member's holes stay holes (seeked over, as
-        docker and containers/storage write them), so a tiny archive cannot fill the disk
-        with zeros it never held."""
-        regions = _sparse_map(m)
+        """A regular member's bytes; a sparse member's holes stay holes (`sparse.py`), so
+        a tiny archive cannot fill the disk with zeros it never held."""
+        regions = sparse.data_regions(m)  # checked in _check_header
         if regions is None:
             src = tf.extractfile(m)
             if src is not None:
                 with os.fdopen(fd, "wb", closefd=False) as out:
                     shutil.copyfileobj(src, out, 1 << 20)
             return
-        # The regions' data lie one after the other from offset_data, up to the next header
-        # (tf.offset); read straight from there, never through the zeros of the holes.
-        room = tf.offset - m.offset_data
-        end = 0
-        for offset, length in regions:
-            if offset < end or length < 0 or offset + length > m.size:
-                raise UnpackError(f"refusing {m.name!r}: its sparse map is out of order or range")
-            end = offset + length
-            room -= length
-        if room < 0:
-            raise UnpackError(f"refusing {m.name!r}: its sparse map names more data than it holds")
-        f = tf.fileobj
-        assert f is not None
-        f.seek(m.offset_data)
-        for offset, length in regions:
-            pos, end = offset, offset + length
-            while pos < end:
-                data = f.read(min(end - pos, 1 << 20))
-                if not data:
-                    raise UnpackError(f"refusing {m.name!r}: the archive ends inside its data")
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, pos)
-                    pos, view = pos + n, view[n:]
-        os.ftruncate(fd, m.size)
+        try:
+            sparse.write_regions(sparse.open_data(tf, m, regions), fd, regions, m.size)
+        except (sparse.SparseError, EOFError) as e:
+            raise UnpackError(f"refusing {m.name!r}: {e}") from None
 
     def _hardlink(self, pfd: int, parts: list[str], m: tarfile.TarInfo) -> None:
         """Link to what the target names now (a later entry of that name does not change it)."""
