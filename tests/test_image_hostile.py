@@ -1454,19 +1454,41 @@ def test_a_sparse_map_that_lies_is_one_line(
     assert store_state(store_dir) == before
 
 
-def test_a_compression_bomb_is_refused(tmp_path: Path, store_dir: str, cli: Any) -> None:
-    """A zstd layer of a few KiB that unpacks to 300 MiB of zeros: refused in one line once
-    it passes the bound (256 MiB, or 100 times its size), with nothing kept."""
+def _zstd_zeros(mib: int) -> bytes:
+    """A zstd layer of a few KiB: one member of `mib` MiB of zeros."""
     import zstandard
 
     head = tarfile.TarInfo("zeros")
-    head.size, head.mode = 300 << 20, 0o644
+    head.size, head.mode = mib << 20, 0o644
     cobj = zstandard.ZstdCompressor().compressobj()
     blob = bytearray(cobj.compress(head.tobuf(format=tarfile.PAX_FORMAT)))
     zeros = b"\0" * (1 << 20)
-    for _ in range(300):
+    for _ in range(mib):
         blob += cobj.compress(zeros)
     blob += cobj.compress(b"\0" * 1024) + cobj.flush()
+    return bytes(blob)
+
+
+def test_a_bomb_is_bounded_by_what_was_read_not_by_a_declared_size(tmp_path: Path) -> None:
+    """A pull passes the manifest's size, which the registry chose: a bomb of a few KiB
+    declared 10 MB is still refused at 256 MiB (before: 100 times the declared size,
+    1 GB, was let through, and the short body noticed only once all was out)."""
+    from unionfs.image.load import ExpansionError, store_layer_stream
+
+    blob = _zstd_zeros(400)
+    store = Store(str(tmp_path / "store"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with pytest.raises(ExpansionError, match="unpacks to more than 268435456 bytes"):
+        store_layer_stream(
+            store, str(tmp), io.BytesIO(blob), None, None, "layer 1/1", size=10_000_000
+        )
+
+
+def test_a_compression_bomb_is_refused(tmp_path: Path, store_dir: str, cli: Any) -> None:
+    """A zstd layer of a few KiB that unpacks to 300 MiB of zeros: refused in one line once
+    it passes the bound (256 MiB, or 100 times its size), with nothing kept."""
+    blob = _zstd_zeros(300)
     lay = Layout(tmp_path / "lay")
     desc = lay.put(bytes(blob), "application/vnd.oci.image.layer.v1.tar+zstd")
     diff = "sha256:" + "0" * 64  # never reached: the bound stops the stream first

@@ -144,6 +144,7 @@ class _Static(http.server.ThreadingHTTPServer):
         self.blobs: dict[str, bytes] = {}
         self.upload_to = "/up/1"
         self.need_auth = False
+        self.redirect_to = ""
         self.seen: list[tuple[str, str, str | None]] = []
 
     @property
@@ -187,6 +188,15 @@ class _StaticHandler(http.server.BaseHTTPRequestHandler):
             )
         elif "/blobs/" in path and srv.mode == "redirect-loop":
             self.reply(302, b"", {"Location": self.path})
+        elif "/blobs/" in path and srv.mode == "redirect-away" and self.command == "GET":
+            self.reply(307, b"", {"Location": srv.redirect_to})
+        elif srv.mode == "phish":  # blob storage that wants credentials for itself
+            if path == "/token":
+                self.reply(200, b'{"token": "t"}')
+            else:
+                realm = f'Bearer realm="{srv.url}/token",service="x",scope="x"'
+                self.reply(401, b"{}", {"WWW-Authenticate": realm})
+
         elif "/blobs/" in path and path.rsplit("/", 1)[1] in srv.blobs:
             self.reply(200, srv.blobs[path.rsplit("/", 1)[1]])
         else:
@@ -321,3 +331,35 @@ def test_credentials_go_only_to_the_registrys_origin(static: Any, pushable: Path
     assert [m for m, _, _ in other.seen].count("PUT") == 2, other.seen  # layer and config
     assert all(a is None for _, _, a in other.seen), other.seen
     assert any(m == "PUT" and "/manifests/" in p and a for m, p, a in srv.seen), srv.seen
+
+
+def test_a_challenge_from_where_a_blob_redirects_is_not_adopted(
+    static: Any, tmp_path: Path
+) -> None:
+    """The registry redirects a blob to another host, which answers 401 with a token realm
+    of its own: it gets no credentials (before: Basic alice:s3cret went to its realm, and
+    its token to the registry), and the pull fails in one line."""
+    srv, other = static(), static("127.0.0.2")
+    layer = tar_bytes([("f", b"x")])
+    _serve_image(srv, [layer], [sha(layer)])
+    srv.need_auth, srv.mode = True, "redirect-away"
+    srv.redirect_to = f"{other.url}/storage/blob"
+    other.mode = "phish"
+    r = pyunion(
+        "pull",
+        "--tls-verify=false",
+        "--creds",
+        "alice:s3cret",
+        "--retry",
+        "1",
+        "--store",
+        str(tmp_path / "s"),
+        f"{srv.url[7:]}/x:latest",
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert other.seen and all(a is None for _, _, a in other.seen), other.seen
+    assert not [p for _, p, _ in other.seen if p.startswith("/token")], other.seen
+    assert all(a is None or a.startswith("Basic") for _, _, a in srv.seen), srv.seen

@@ -62,9 +62,16 @@ def max_expansion() -> int:
     return int(text)
 
 
+class ExpansionError(ImageFormatError):
+    """A layer that unpacks to more than `ExpansionBound` allows: refused whatever its
+    bytes, so there is no point fetching them again to check them."""
+
+
 class ExpansionBound(io.RawIOBase):
     """Passes a layer's decompressed bytes through, refusing more than the ratio allows
-    of `compressed` (the declared size, else what was read of the blob so far)."""
+    of `compressed`: what was read of the blob so far, never its declared size (a
+    registry's manifest could declare any size, and the body ends short only after
+    the bomb is out)."""
 
     def __init__(self, src: Any, compressed: Callable[[], int], what: str) -> None:
         self.src, self.compressed, self.what = src, compressed, what
@@ -82,7 +89,7 @@ class ExpansionBound(io.RawIOBase):
         if self.ratio:
             limit = max(EXPANSION_FLOOR, self.ratio * self.compressed())
             if self.count > limit:
-                raise ImageFormatError(
+                raise ExpansionError(
                     f"{self.what}: unpacks to more than {limit} bytes ({self.ratio} times "
                     f"its compressed size; {EXPANSION_ENV}=N sets the ratio, 0 no bound)"
                 )
@@ -118,8 +125,7 @@ def store_layer_stream(
         try:
             raw, comp = decompressed(outer)
             if comp != "none":
-                compressed = (lambda: size) if size is not None else (lambda: outer.count)
-                raw = ExpansionBound(raw, compressed, what)
+                raw = ExpansionBound(raw, lambda: outer.count, what)
             inner = HashingReader(raw)
             whiteouts = "none"
             if need_unpack:

@@ -394,7 +394,9 @@ class Client:
             ch = self._pick(resp)
             if (
                 fresh
-                or not self.own(url)  # another origin's challenge is not the registry's
+                # Another origin's challenge is not the registry's: where the 401 came
+                # from, after any redirect (blob storage, or a host that wants creds).
+                or not self.own(str(resp.url))
                 or ch is None
                 or (ch.scheme == "basic" and self.creds is None)
                 or (self.challenge == ch and ch.scheme == "basic")

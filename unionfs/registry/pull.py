@@ -37,7 +37,7 @@ import trio
 
 from ..errors import UserError
 from ..image import platforms, schema
-from ..image.load import store_layer_stream
+from ..image.load import ExpansionError, store_layer_stream
 from ..image.oci import ImageFormatError
 from ..image.reference import RemoteReference, parse_remote
 from ..image.schema import MAX_JSON
@@ -230,6 +230,9 @@ class Puller:
                 box["info"] = await trio.to_thread.run_sync(self._guard, consume, what)
             except Exception as e:  # noqa: BLE001 - raised after the download ends
                 box["error"] = e
+                # Nothing more of a blob already refused: a server that sends it slowly,
+                # or never finishes, is not waited for.
+                nursery.cancel_scope.cancel()
 
         failed: Exception | None = None
         async with trio.open_nursery() as nursery:
@@ -249,7 +252,9 @@ class Puller:
             raise failed
         if "error" in box:
             err = box["error"]
-            if isinstance(err, (ImageFormatError, UnpackError)):
+            if isinstance(err, (ImageFormatError, UnpackError)) and not isinstance(
+                err, ExpansionError
+            ):
                 # Not a tar, or not this DiffID: say so only if the bytes are the right ones.
                 await self.client.check_digest(self.ref.path, desc.digest, desc.size, what)
             raise err
