@@ -270,3 +270,31 @@ def test_copy_and_add_of_trees_deeper_and_wider_than_the_fd_limit(tmp_path: Path
     finally:  # deeper than pytest's own clean-up can remove
         rmtree(str(ctx))
         rmtree(str(store))
+
+
+# --- a symlink named as a COPY source never reaches what the ignore file excludes -------------
+@needs_fuse
+def test_a_symlink_source_does_not_bypass_the_ignore_file(tmp_path: Path) -> None:
+    """`x -> secret.key` named (or globbed) as a COPY source copied the ignored file's
+    content (the rules were checked against the name as written only); docker and
+    buildah never send an ignored file, so the COPY fails. A link to a file the ignore
+    file keeps still copies its target."""
+    ctx = tmp_path / "ctx"
+    (ctx / "sdir").mkdir(parents=True)
+    (ctx / "secret.key").write_text("TOPSECRET")
+    (ctx / "sdir" / "inner").write_text("S2")
+    (ctx / "plain.txt").write_text("ok")
+    os.symlink("secret.key", ctx / "link")
+    os.symlink("/secret.key", ctx / "abslink")  # resolved inside the context
+    os.symlink("sdir", ctx / "lnkdir")
+    os.symlink("plain.txt", ctx / "fine")
+    (ctx / ".dockerignore").write_text("*.key\nsdir\n")
+    store = tmp_path / "store"
+    for src in ("link", "lin*", "abslink", "lnkdir/inner", "lnkdir"):
+        (ctx / "Containerfile").write_text(f"FROM scratch\nCOPY {src} /d/\n")
+        line = _one_line_error(_build(store, ctx, "-t", "leak"))
+        assert "excluded by the ignore file" in line, (src, line)
+    (ctx / "Containerfile").write_text("FROM scratch\nCOPY fine /d/\n")
+    r = _build(store, ctx, "-t", "fine")
+    assert r.returncode == 0, r.stderr
+    assert (_layer(store, "fine") / "d" / "fine").read_text() == "ok"

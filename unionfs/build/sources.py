@@ -137,6 +137,12 @@ class SourceTree:
             real = self._path_of(fd)
         finally:
             os.close(fd)
+        if real and real != path and self.ignored(real):
+            # A symlink in the context to an ignored file (`x.json -> .env`): what it
+            # names was never part of the context, as for docker and buildah.
+            raise UserError(
+                f"{path!r} leads to {real!r}, which is excluded by the ignore file of {self.what}"
+            )
         if not stat.S_ISDIR(st.st_mode):
             return Source(path, False, [Entry("", real, st)])
         try:
