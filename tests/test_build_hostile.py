@@ -298,3 +298,64 @@ def test_a_symlink_source_does_not_bypass_the_ignore_file(tmp_path: Path) -> Non
     r = _build(store, ctx, "-t", "fine")
     assert r.returncode == 0, r.stderr
     assert (_layer(store, "fine") / "d" / "fine").read_text() == "ok"
+
+
+# --- archives tarfile chokes on, and owners out of range: one line, at once --------------------
+def _pax_digits_tar(n: int) -> bytes:
+    """A gzipped tar whose first member is a pax header of `n` digits (CVE-2024-6232: the
+    `\\d+ hdrcharset=` search of tarfile before 3.11.10 is quadratic in it)."""
+    import gzip
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        ti = tarfile.TarInfo("././@PaxHeader")
+        ti.type, ti.size = tarfile.XHDTYPE, n
+        tf.addfile(ti, io.BytesIO(b"1" * n))
+        ti = tarfile.TarInfo("f")
+        ti.size = 6
+        tf.addfile(ti, io.BytesIO(b"hello\n"))
+    return gzip.compress(buf.getvalue())
+
+
+@needs_fuse
+def test_hostile_archives_and_owners_are_one_line_at_once(tmp_path: Path) -> None:
+    """A 2 KiB ADD archive with a pax header of 2 MB of digits kept tarfile's regex busy
+    for hours; a pax sparse map with empty fields, a header with a bad checksum and an
+    owner id past 2^32 were tracebacks."""
+    import tarfile
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "redos.tar.gz").write_bytes(_pax_digits_tar(2_000_000))
+    (ctx / "f").write_text("f")
+    odd = tarfile.TarInfo("sp")
+    odd.type = tarfile.XHDTYPE
+    body = (
+        b"27 GNU.sparse.size=1048576\n26 GNU.sparse.numblocks=3\n22 GNU.sparse.name=sp\n"
+        b"47 GNU.sparse.map=0,4096,524288,,,,,,1048576,0\n"
+    )
+    odd.size = len(body)
+    with tarfile.open(ctx / "odd.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        tf.addfile(odd, io.BytesIO(body))
+        f = tarfile.TarInfo("f")
+        f.size = 1
+        tf.addfile(f, io.BytesIO(b"x"))
+    bad = bytearray((ctx / "odd.tar").read_bytes())
+    bad[148:156] = b"0000000\0"  # the first header's checksum
+    (ctx / "bad.tar").write_bytes(bytes(bad))
+    store = tmp_path / "store"
+    (ctx / "Containerfile").write_text("FROM scratch\nADD redos.tar.gz /x/\n")
+    t0 = time.monotonic()
+    r = _build(store, ctx, "-t", "redos", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 20
+    assert (_layer(store, "redos") / "x" / "f").read_text() == "hello\n"
+    for line, said in (
+        ("ADD odd.tar /x/", "corrupt or truncated archive"),
+        ("ADD bad.tar /x/", "corrupt or truncated archive"),
+        ("COPY --chown=99999999999 f /f", "user id 99999999999 is out of range"),
+        ("COPY --chown=0:4294967295 f /f", "group id 4294967295 is out of range"),
+    ):
+        (ctx / "Containerfile").write_text(f"FROM scratch\n{line}\n")
+        assert said in _one_line_error(_build(store, ctx)), line

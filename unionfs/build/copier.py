@@ -35,6 +35,7 @@ import zstandard
 from .. import sparse, syscalls
 from ..errors import UserError
 from ..sandbox import SetupError, read_user_db
+from ..tarsafe import open_tar
 from ..tree import DirCursor
 from .sources import Entry, Source, SourceTree
 
@@ -48,6 +49,18 @@ MAX_HOLES = 1 << 30
 
 class CopyError(UserError):
     """A COPY or ADD that cannot be done (bad destination, unreadable source)."""
+
+
+# What reading a hostile archive can raise (tarfile's ValueError: a pax sparse map with
+# empty fields, say).
+ARCHIVE_ERRORS = (
+    tarfile.TarError,
+    EOFError,
+    ValueError,
+    lzma.LZMAError,
+    zstandard.ZstdError,
+    OSError,
+)
 
 
 @dataclass
@@ -101,6 +114,9 @@ def resolve_owner(rootfd: int, spec: str) -> Owner:
             if g is None or not g[2].isdigit():
                 raise CopyError(f"--chown={spec}: no group {group!r} in the image's /etc/group")
             gid = int(g[2])
+    for kind, n in (("user", uid), ("group", gid)):
+        if n >= 2**32 - 1:  # (uid_t)-1 means "unchanged" to chown(2)
+            raise CopyError(f"--chown={spec}: {kind} id {n} is out of range")
     return Owner(uid, gid)
 
 
@@ -559,7 +575,11 @@ def open_archive(fd: int) -> Iterator[Archive | None]:
             yield None
             return
         prefixed: Any = _Prefixed(first, stream)
-        with tarfile.open(fileobj=prefixed, mode="r|") as tf:
+        try:
+            tf = open_tar(fileobj=prefixed, mode="r|")
+        except ARCHIVE_ERRORS as e:  # tarfile reads the first header here
+            raise CopyError(f"corrupt or truncated archive ({e})") from None
+        with tf:
             yield Archive(tf, os.fstat(fd).st_size if kind is None else None)
 
 
@@ -663,7 +683,7 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
                 raise
             except OSError as e:
                 raise CopyError(f"ADD {what}: cannot unpack {m.name!r}: {e.strerror}") from None
-    except (tarfile.TarError, EOFError, lzma.LZMAError, zstandard.ZstdError, OSError) as e:
+    except ARCHIVE_ERRORS as e:
         raise CopyError(f"ADD {what}: corrupt or truncated archive ({e})") from None
     finally:
         cur.close()

@@ -36,6 +36,7 @@ from typing import IO, Any, BinaryIO
 import zstandard
 
 from ..errors import UserError
+from ..tarsafe import open_tar
 from ..tree import DIR_FLAGS, NotRegularFile, open_regular
 from . import platforms, schema
 from .schema import MAX_JSON, ImageFormatError
@@ -158,7 +159,7 @@ class TarSource(Source):
 
     def __init__(self, path: str) -> None:
         try:
-            self.tf = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by close())
+            self.tf = open_tar(path, "r:*")
             self.members: dict[str, tarfile.TarInfo] = {}
             for m in self.tf.getmembers():
                 try:

@@ -60,6 +60,7 @@ import zstandard
 
 from .. import sparse, userns
 from ..syscalls import fdpath
+from ..tarsafe import open_tar
 from ..tree import DIR_FLAGS, DirCursor, rmtree_at
 from ..whiteout import AUFS_META_PREFIX, OPQ_OCI, WH_PREFIX, WhiteoutWriter, is_internal_xattr
 from .safetext import ImageError
@@ -499,7 +500,7 @@ def unpack(
         if isinstance(src, tarfile.TarFile):
             u.extract(src)
         else:
-            with tarfile.open(fileobj=src, mode="r|", errorlevel=2) as tf:
+            with open_tar(fileobj=src, mode="r|", errorlevel=2) as tf:
                 u.extract(tf)
     except ImageError:
         raise

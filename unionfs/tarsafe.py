@@ -1,0 +1,52 @@
+"""tarfile's pax header parsing without its quadratic regular expressions.
+
+Python's tarfile before 3.11.10 (3.12.6, 3.13.0) looks for `hdrcharset` and
+for GNU sparse 0.0 records with searches like `\\d+ hdrcharset=` over the whole
+pax header (CVE-2024-6232): a header of a few MB of digits, 2 KiB once
+gzipped, keeps the search busy for hours, and every layer, `ADD` archive and
+`docker save` archive goes through that parser. Importing this module hands
+tarfile a `re` whose three searches start only where a run of digits starts
+(`(?<!\\d)`), which finds the same matches in linear time; every other use of
+`re` is tarfile's own. Every archive pyunion reads is opened with `open_tar`.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from typing import Any
+
+# tarfile's pattern -> the same pattern anchored at the start of a run of digits.
+_LINEAR = {
+    rb"\d+ hdrcharset=([^\n]+)\n": re.compile(rb"(?<!\d)\d+ hdrcharset=([^\n]+)\n"),
+    rb"\d+ GNU.sparse.offset=(\d+)\n": re.compile(rb"(?<!\d)\d+ GNU.sparse.offset=(\d+)\n"),
+    rb"\d+ GNU.sparse.numbytes=(\d+)\n": re.compile(rb"(?<!\d)\d+ GNU.sparse.numbytes=(\d+)\n"),
+}
+
+
+class _Re:
+    """`re` as tarfile sees it: the searches above made linear, all else unchanged."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re, name)
+
+    @staticmethod
+    def search(pattern: Any, string: Any, flags: int = 0) -> Any:
+        linear = _LINEAR.get(pattern) if not flags else None
+        return linear.search(string) if linear is not None else re.search(pattern, string, flags)
+
+    @staticmethod
+    def finditer(pattern: Any, string: Any, flags: int = 0) -> Any:
+        linear = _LINEAR.get(pattern) if not flags else None
+        if linear is not None:
+            return linear.finditer(string)
+        return re.finditer(pattern, string, flags)
+
+
+if getattr(tarfile, "re", None) is re:
+    tarfile.re = _Re()  # type: ignore[attr-defined]
+
+
+def open_tar(*args: Any, **kwargs: Any) -> tarfile.TarFile:
+    """`tarfile.open`, for an archive that may be hostile (this module is loaded)."""
+    return tarfile.open(*args, **kwargs)
