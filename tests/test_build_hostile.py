@@ -359,3 +359,24 @@ def test_hostile_archives_and_owners_are_one_line_at_once(tmp_path: Path) -> Non
     ):
         (ctx / "Containerfile").write_text(f"FROM scratch\n{line}\n")
         assert said in _one_line_error(_build(store, ctx)), line
+
+
+@needs_fuse
+def test_quoted_heredoc_names(tmp_path: Path) -> None:
+    """`COPY <<'EOF' dest` and `<<"EOF"` (quotes: no expansion, as in the shell) were taken
+    for context paths ("cannot read '<<EOF' from the build context")."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Containerfile").write_text(
+        "FROM scratch\nARG X=expanded\nCOPY <<'EOF' /d/f\nq $X\nEOF\n"
+        'COPY <<"G" /d/g\ndq\nG\nCOPY <<H /d/h\nplain $X\nH\n'
+    )
+    store = tmp_path / "store"
+    r = _build(store, ctx, "-t", "hq")
+    assert r.returncode == 0, r.stderr
+    d = Store(str(store))
+    files = {}
+    for diff in d.lookup("hq").diff_ids:
+        for p in (Path(d.layer_path(diff)) / "d").iterdir():
+            files[p.name] = p.read_text()
+    assert files == {"f": "q $X\n", "g": "dq\n", "h": "plain expanded\n"}

@@ -613,7 +613,7 @@ class Builder:
         plan = _CopyPlan(inst, dest_abs, dest_is_dir, flags)
         from_ref = flags.get("from")
         for s in srcs:
-            name = s[2:].lstrip("-") if s.startswith("<<") else None
+            name = _heredoc_name(s)
             if name is not None and name in heredocs:
                 h = heredocs[name]
                 content = scope.word(inst, h.content, cfg) if h.expand else h.content
@@ -833,6 +833,17 @@ class _CopyPlan:
     multi: bool = False
     key: str = ""
     created_by: str = ""
+
+
+def _heredoc_name(word: str) -> str | None:
+    """The heredoc a COPY source word `<<NAME`, `<<-NAME`, `<<'NAME'` or `<<"NAME"` names
+    (quotes only stop expansion, as in the shell); None for any other word."""
+    if not word.startswith("<<"):
+        return None
+    name = word[2:].lstrip("-")
+    if len(name) >= 2 and name[0] in "'\"" and name[-1] == name[0]:
+        name = name[1:-1]
+    return name
 
 
 def _heredoc_file_name(name: str, inst: Instruction) -> str:
