@@ -9,8 +9,10 @@ quickly, leaving nothing outside the store.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -97,7 +99,7 @@ def test_a_heredoc_name_never_becomes_a_host_path(tmp_path: Path) -> None:
 
 # --- F5: patterns match in linear time ----------------------------------------------------------
 PATTERN_CASES = """
-import sys, time
+import random, sys, time
 from unionfs.build.ignore import Matcher
 from unionfs.build.lexer import Lexer
 from unionfs.build.sources import SourceTree
@@ -116,6 +118,11 @@ assert lx.word("${X%" + "*a" * 13 + "b}", {"X": v}) == v
 assert lx.word("${X##" + "*a" * 13 + "}", {"X": v + "bc"}) == "bc"
 assert lx.word("${X%%" + "a*" * 13 + "}", {"X": "cb" + v}) == "cb"
 assert lx.word("${X/" + "*a" * 13 + "b/R}", {"X": v + "bc"}) == "Rc"
+m = Matcher(["**/*a" + "?" * 250])
+rnd = random.Random(14)
+deep = "/".join("".join(rnd.choice("ab") for _ in range(250)) for _ in range(15))
+assert not any(m.excluded(deep[:3760] + f"/f{i}") for i in range(5))
+assert m.excluded("b/" + "a" * 251 + "/f")
 print(round(time.monotonic() - started, 3))
 """
 
@@ -124,7 +131,8 @@ print(round(time.monotonic() - started, 3))
 def test_patterns_that_made_a_regex_backtrack_match_at_once(tmp_path: Path) -> None:
     """A `.dockerignore` line `**/**/.../x` against a 30-deep path, a COPY glob
     `*a*a...*ab` against a 40-character name and `${X#*a*a...*ab}` took exponential
-    time (the build hung). Each now takes milliseconds, with the same answers."""
+    time (the build hung); `**/*a???...?` against a 3,764-character path took 0.8 s
+    (its DFA rebuilt over and over). Each now takes milliseconds, same answers."""
     (tmp_path / ("a" * 40)).touch()
     (tmp_path / ("a" * 40 + "b")).touch()
     r = subprocess.run(
@@ -167,6 +175,48 @@ def _sparse_tar(path: Path, apparent: int) -> None:
     """A GNU (old format) sparse member: one 512-byte region of 'Z' at the very end."""
     extra = {386: _octal(apparent - 512, 12), 398: _octal(512, 12), 483: _octal(apparent, 12)}
     path.write_bytes(_header(b"sparse", 512, b"S", extra) + b"Z" * 512 + b"\0" * 1024)
+
+
+def _chain(top: Path, names: list[str]) -> int:
+    """An fd of top/names[0]/names[1]/..., made as needed (the path may be too long)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for name in names:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, dir_fd=fd)
+        nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+@needs_fuse
+@pytest.mark.timeout(120)
+def test_an_ignore_pattern_with_a_huge_dfa_against_long_paths(tmp_path: Path) -> None:
+    """`**/*a???...?` (250 `?`) against 14 directories of 250 random a/b characters:
+    the DFA overflowed its bound and was rebuilt, each character a Python walk over
+    ~250 states, and every parent of every file was matched again from the start.
+    300 files took over 180 s (buildah: 3 s); each file now costs its name's length."""
+    rnd = random.Random(14)
+    names = ["".join(rnd.choice("ab") for _ in range(250)) for _ in range(14)]
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    fd = _chain(ctx, names)
+    for i in range(300):
+        os.close(os.open(f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    (ctx / ".dockerignore").write_text("**/*a" + "?" * 250 + "\n")
+    (ctx / "Containerfile").write_text("FROM scratch\nCOPY . /c/\n")
+    store = tmp_path / "store"
+    started = time.monotonic()
+    r = _build(store, ctx, "-t", "long", timeout=90)
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stderr
+    fd = _chain(_layer(store, "long") / "c", names)
+    try:
+        assert len(os.listdir(fd)) == 300
+    finally:
+        os.close(fd)
+    assert took < 30, took
 
 
 @needs_fuse

@@ -12,12 +12,22 @@ under docs/, and `!docs/README.md` after it brings that one file back.
 from __future__ import annotations
 
 import posixpath
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..errors import UserError
 from .pattern import ANY_RUN, DIRS, Glob, literals, parse
 
 IGNORE_FILES = (".containerignore", ".dockerignore")  # the first one found wins, as in buildah
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """A path read so far: per pattern, its states and whether the path or a parent
+    matched (Docker excludes a path when a pattern matches it or a parent)."""
+
+    states: tuple[int, ...]
+    hits: tuple[bool, ...]
 
 
 @dataclass
@@ -47,6 +57,8 @@ def _compile(pattern: str) -> Glob:
 class Matcher:
     """Patterns of an ignore file, evaluated against slash-separated relative paths."""
 
+    DIR_CACHE = 1024  # directories whose matcher states are kept (the walk's recent ones)
+
     def __init__(self, lines: list[str]) -> None:
         self.patterns: list[_Pattern] = []
         for raw in lines:
@@ -61,6 +73,10 @@ class Matcher:
             p = _clean(line)
             self.patterns.append(_Pattern(p, exclusion, _compile(p)))
         self.has_exceptions = any(p.exclusion for p in self.patterns)
+        self._root = _Prefix(
+            tuple(p.glob.start for p in self.patterns), (False,) * len(self.patterns)
+        )
+        self._dirs: OrderedDict[str, _Prefix] = OrderedDict()
 
     def excluded(self, path: str) -> bool:
         """Whether `path` (relative to the context, no leading slash) is ignored."""
@@ -69,16 +85,46 @@ class Matcher:
         path = posixpath.normpath(path)
         if path in (".", ""):
             return False
-        parts = path.split("/")
-        parents = ["/".join(parts[: i + 1]) for i in range(len(parts) - 1)]
+        parent, _, name = path.rpartition("/")
+        hits = self._extend(self._prefix(parent), parent, name).hits
         matched = False
-        for p in self.patterns:
-            if p.exclusion != matched:
-                continue
-            hit = p.glob.match(path) or any(p.glob.match(q) for q in parents)
-            if hit:
+        for p, hit in zip(self.patterns, hits, strict=True):
+            if hit and p.exclusion == matched:  # the last pattern that matches decides
                 matched = not p.exclusion
         return matched
+
+    def _prefix(self, directory: str) -> _Prefix:
+        """The states after `directory`, carried on from the nearest directory above it
+        already met: a file costs the length of its name, not of its path (nor of each
+        parent's, matched again from the start)."""
+        missing: list[str] = []
+        known = self._root
+        while directory:
+            found = self._dirs.get(directory)
+            if found is not None:
+                self._dirs.move_to_end(directory)
+                known = found
+                break
+            missing.append(directory)
+            directory = directory.rpartition("/")[0]
+        for d in reversed(missing):
+            parent, _, name = d.rpartition("/")
+            known = self._dirs[d] = self._extend(known, parent, name)
+        while len(self._dirs) > self.DIR_CACHE:
+            self._dirs.popitem(last=False)
+        return known
+
+    def _extend(self, prefix: _Prefix, parent: str, name: str) -> _Prefix:
+        """`prefix` (the states after `parent`) carried on to `parent/name`."""
+        text = f"/{name}" if parent else name
+        states = tuple(
+            p.glob.advance(st, text) for p, st in zip(self.patterns, prefix.states, strict=True)
+        )
+        hits = tuple(
+            hit or p.glob.accepts(st)
+            for p, st, hit in zip(self.patterns, states, prefix.hits, strict=True)
+        )
+        return _Prefix(states, hits)
 
     def may_include_below(self, directory: str) -> bool:
         """Whether an excluded directory can still hold included paths (an exception)."""

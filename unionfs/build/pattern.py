@@ -7,12 +7,12 @@ Ignore files add `**` (any number of components, moby/patternmatcher) and also
 take `[!...]`. The substitutions `${X#pat}`, `${X%pat}` and `${X/pat/repl}`
 take `*` and `?` matching any character (the lexer parses their syntax).
 
-Every pattern becomes a `Glob`: a list of tokens run as an NFA, whose sets of
-states are turned into DFA states as they are met and kept (as RE2 does, and
-Docker's matchers are Go's linear-time regexp). A name costs one dict lookup
-per character once its transitions are known, and building one costs the
-pattern's length: at worst O(len(name) * len(pattern)), whatever the pattern.
-A backtracking regex took exponential time on `**/**/**/.../x` against a deep
+Every pattern becomes a `Glob`: a list of tokens run as an NFA whose sets of
+states are bitsets, the steps met kept as DFA transitions up to a bound (as
+RE2 does, and Docker's matchers are Go's linear-time regexp). A name costs one
+dict lookup per character once its transitions are known, and a few big-int
+operations otherwise: at worst O(len(name) * len(pattern) / 64), whatever the
+pattern. A backtracking regex took exponential time on `**/**/**/.../x` against a deep
 path or on `*a*a*a*...b` against a long name, and hung the build.
 """
 
@@ -124,104 +124,102 @@ def parse(
 
 
 class Glob:
-    """A compiled pattern: whole-string, prefix and leftmost-longest matches."""
+    """A compiled pattern: whole-string, prefix and leftmost-longest matches.
 
-    MAX_DFA_STATES = 2048  # past this the DFA is built again from scratch (memory bound)
+    A set of NFA states is an int, bit i set when the state is in it, so one step
+    of the NFA is a few big-int operations whatever the pattern's size. Steps met
+    are kept as DFA transitions up to a bound; past it they are computed again,
+    never thrown away: a pattern whose DFA would be huge (`**/*a???...?`) was
+    rebuilt over and over, each character a pure-Python walk over its states.
+    """
+
+    MAX_DFA_TRANSITIONS = 8192  # kept per pattern (memory bound); more run as the NFA
 
     def __init__(self, tokens: list[Token]) -> None:
         self.tokens = tuple(tokens)
         lit = [t.literal for t in tokens]
         self.literal = "".join(c for c in lit if c is not None) if None not in lit else None
-        self._n = len(tokens)
-        self._reset()
+        # NFA state i is "before token i", n accepts, n+1+i is "inside `dirs` token i".
+        n = self._n = len(tokens)
+        self._eps = sum(1 << i for i, t in enumerate(tokens) if t.kind != "one")
+        self._dirs = sum(1 << i for i, t in enumerate(tokens) if t.kind == "dirs")
+        self._accept = 1 << n
+        self._low = (1 << (n + 1)) - 1  # the states before a token, and accepting
+        self._masks: dict[str, tuple[int, int]] = {}
+        self._trans: dict[int, dict[str, int]] = {}
+        self._kept = 0
+        self.start = self._close(1)
 
-    # --- the NFA: state i is "before token i", n accepts, n+1+i is "inside `dirs` token i"
-    def _close(self, states: set[int]) -> frozenset[int]:
-        todo = list(states)
-        while todo:
-            s = todo.pop()
-            if s < self._n and self.tokens[s].kind != "one" and s + 1 not in states:
-                states.add(s + 1)
-                todo.append(s + 1)
-        return frozenset(states)
+    def _close(self, states: int) -> int:
+        """With the states reached through `star` and `dirs` tokens (empty matches).
 
-    def _moves(self, state: int, ch: str, out: set[int]) -> None:
-        n = self._n
-        if state < n:
-            tok = self.tokens[state]
-            if tok.kind == "one":
-                if tok.test(ch):
-                    out.add(state + 1)
-            elif tok.kind == "star":
-                if tok.test(ch):
-                    out.add(state)
-            else:
-                out.add(n + 1 + state)
-                if ch == "/":
-                    out.add(state + 1)
-        elif state > n:
-            out.add(state)
-            if ch == "/":
-                out.add(state - n)
+        Adding the set bits of a run of such tokens to the run carries through it:
+        each bit that changes is a state reached from one below it in the run."""
+        return states | ((self._eps + (states & self._eps)) ^ self._eps)
 
-    def _step(self, states: frozenset[int], ch: str) -> frozenset[int]:
-        out: set[int] = set()
-        for s in states:
-            self._moves(s, ch, out)
+    def _char_masks(self, ch: str) -> tuple[int, int]:
+        """The `one` and the `star` tokens that take `ch`."""
+        masks = self._masks.get(ch)
+        if masks is None:
+            one = star = 0
+            for i, t in enumerate(self.tokens):
+                if t.kind != "dirs" and t.test(ch):
+                    if t.kind == "one":
+                        one |= 1 << i
+                    else:
+                        star |= 1 << i
+            masks = (one, star)
+            if len(self._masks) < self.MAX_DFA_TRANSITIONS:
+                self._masks[ch] = masks
+        return masks
+
+    def _step(self, states: int, ch: str) -> int:
+        """The NFA states after `ch` from `states`."""
+        one, star = self._char_masks(ch)
+        n1 = self._n + 1
+        dirs = states & self._dirs
+        out = ((states & one) << 1) | (states & star) | (dirs << n1) | (states & ~self._low)
+        if ch == "/":
+            out |= (dirs << 1) | ((states >> n1) << 1)
         return self._close(out)
 
-    # --- the DFA, built lazily --------------------------------------------------------------
-    def _reset(self) -> None:
-        self._sets: list[frozenset[int]] = []
-        self._ids: dict[frozenset[int], int] = {}
-        self._trans: list[dict[str, int]] = []
-        self._accepts: list[bool] = []
-        self._dead = self._intern(frozenset())
-        self._start = self._intern(self._close({0}))
+    # --- the DFA: the steps already met -------------------------------------------------
+    def advance(self, states: int, s: str) -> int:
+        """The states after reading `s` from `states` (0: nothing can match any more)."""
+        trans = self._trans
+        for ch in s:
+            if not states:
+                return 0
+            row = trans.get(states)
+            nxt = row.get(ch) if row is not None else None
+            if nxt is None:
+                nxt = self._step(states, ch)
+                if self._kept < self.MAX_DFA_TRANSITIONS:
+                    self._kept += 1
+                    trans.setdefault(states, {})[ch] = nxt
+            states = nxt
+        return states
 
-    def _intern(self, states: frozenset[int]) -> int:
-        sid = self._ids.get(states)
-        if sid is None:
-            sid = len(self._sets)
-            self._ids[states] = sid
-            self._sets.append(states)
-            self._trans.append({})
-            self._accepts.append(self._n in states)
-        return sid
-
-    def _next(self, sid: int, ch: str) -> int:
-        nxt = self._trans[sid].get(ch)
-        if nxt is None:
-            states = self._step(self._sets[sid], ch)
-            if len(self._sets) >= self.MAX_DFA_STATES:
-                self._reset()
-                return self._intern(states)  # `sid` is gone: nothing to remember it under
-            nxt = self._intern(states)
-            self._trans[sid][ch] = nxt
-        return nxt
+    def accepts(self, states: int) -> bool:
+        return bool(states & self._accept)
 
     # --- matching --------------------------------------------------------------------------
     def match(self, s: str) -> bool:
         """Whether the whole of `s` matches."""
         if self.literal is not None:
             return s == self.literal
-        sid = self._start
-        for ch in s:
-            sid = self._next(sid, ch)
-            if sid == self._dead:
-                return False
-        return self._accepts[sid]
+        return self.accepts(self.advance(self.start, s))
 
     def prefixes(self, s: str) -> Iterator[int]:
         """The lengths of the prefixes of `s` that match, shortest first."""
-        sid = self._start
-        if self._accepts[sid]:
+        states = self.start
+        if self.accepts(states):
             yield 0
         for i, ch in enumerate(s):
-            sid = self._next(sid, ch)
-            if sid == self._dead:
+            states = self.advance(states, ch)
+            if not states:
                 return
-            if self._accepts[sid]:
+            if self.accepts(states):
                 yield i + 1
 
     def reversed(self) -> Glob:
@@ -234,32 +232,37 @@ class Glob:
         if self.literal is not None:
             i = s.find(self.literal, pos)
             return None if i < 0 else (i, i + len(self.literal))
-        start_set = self._sets[self._start]
-        threads: dict[int, int] = {}  # NFA state -> the leftmost start that reached it
+        threads: dict[int, int] = {}  # start -> the states reached from it and no earlier one
         best: tuple[int, int] | None = None
         i = pos
         while True:
             if best is None:
-                for st in start_set:
-                    threads.setdefault(st, i)
-            if self._n in threads:
-                b = threads[self._n]
-                if best is None or b < best[0] or (b == best[0] and i > best[1]):
+                threads[i] = self.start & ~self._union(threads)
+            for b, states in threads.items():
+                if self.accepts(states) and (best is None or b < best[0] or i > best[1]):
                     best = (b, i)
+                    break  # starts are in order: a later one is not leftmost
             if best is not None:
-                threads = {st: b for st, b in threads.items() if b <= best[0]}
+                threads = {b: st for b, st in threads.items() if b <= best[0]}
+            threads = {b: st for b, st in threads.items() if st}
             if i >= len(s) or not threads:
                 return best
             ch = s[i]
+            seen = 0
             nxt: dict[int, int] = {}
-            for st, b in threads.items():
-                moved: set[int] = set()
-                self._moves(st, ch, moved)
-                for t in self._close(moved):
-                    if nxt.get(t, b) >= b:
-                        nxt[t] = b
+            for b, states in threads.items():  # earliest start first: it keeps a state
+                moved = self.advance(states, ch) & ~seen
+                seen |= moved
+                nxt[b] = moved
             threads = nxt
             i += 1
+
+    @staticmethod
+    def _union(threads: dict[int, int]) -> int:
+        out = 0
+        for states in threads.values():
+            out |= states
+        return out
 
 
 def compile_glob(
