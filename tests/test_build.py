@@ -813,6 +813,18 @@ def test_ignore_rules() -> None:
         assert not m.excluded(p), p
 
 
+def test_ignore_rules_read_as_docker_reads_them() -> None:
+    """Go's classes are complemented by `^` only: `[!a]1` is `!1` or `a1`. Docker
+    looks for `#` before trimming: ` #secret` is the pattern `#secret`. POSIX
+    classes (`[[:alpha:]]`) are not supported, but do not fail."""
+    m = Matcher(["[!a]1", "[^x]2", " #secret", "#comment", "[[:alpha:]]"])
+    for p in ("!1", "a1", "y2", "#secret"):
+        assert m.excluded(p), p
+    for p in ("b1", "x2", "#comment", "comment", "secret", "d/#secret", "a"):
+        assert not m.excluded(p), p
+    assert Matcher([" \t#x"]).excluded("#x") and not Matcher(["#x", "# y"]).excluded("#x")
+
+
 def test_source_glob_rules(tmp_path: Path) -> None:
     """COPY sources match as Go's filepath.Match: per component, classes, escapes."""
     for name in ("a1", "b2", "c3", "ab", "star*", "x.txt", "sub/y.txt", "sub/deep/z.txt"):

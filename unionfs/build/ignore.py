@@ -1,7 +1,8 @@
 """.dockerignore / .containerignore: which context files COPY and ADD never see.
 
-Docker's rules (moby/patternmatcher): one pattern per line, `#` comment lines,
-surrounding whitespace dropped; each pattern is cleaned like a path (`./a/../b`
+Docker's rules (moby/patternmatcher): one pattern per line, lines starting
+with `#` are comments (before trimming: ` #x` is a pattern), surrounding
+whitespace dropped; each pattern is cleaned like a path (`./a/../b`
 is `b`, a leading `/` means the context root); `*` matches within one path
 component, `?` one character, `[...]` a class, `\\` escapes, `**` any number of
 components. A path is excluded when the last pattern that matches it, or one of
@@ -51,7 +52,7 @@ def _compile(pattern: str) -> Glob:
         if rest.startswith("/"):
             return Glob([DIRS, *literals(rest[1:])])
         return Glob([ANY_RUN, *literals(rest)])
-    return Glob(parse(pattern, globstar=True, negation="^!", where=" in the ignore file"))
+    return Glob(parse(pattern, globstar=True, where=" in the ignore file"))
 
 
 class Matcher:
@@ -62,8 +63,10 @@ class Matcher:
     def __init__(self, lines: list[str]) -> None:
         self.patterns: list[_Pattern] = []
         for raw in lines:
+            if raw.startswith("#"):  # before trimming, as Docker: " #x" is a pattern
+                continue
             line = raw.strip()
-            if not line or line.startswith("#"):
+            if not line:
                 continue
             exclusion = line.startswith("!")
             if exclusion:

@@ -3,9 +3,10 @@
 The pattern language of COPY/ADD sources and of ignore files is Go's
 filepath.Match: `*` matches within one path component, `?` one character,
 `[...]` a class (`[^...]` its complement), `\\` escapes the next character.
-Ignore files add `**` (any number of components, moby/patternmatcher) and also
-take `[!...]`. The substitutions `${X#pat}`, `${X%pat}` and `${X/pat/repl}`
-take `*` and `?` matching any character (the lexer parses their syntax).
+Ignore files add `**` (any number of components, moby/patternmatcher); as in
+Go, `[!...]` is a class holding `!`, not a complement. The substitutions
+`${X#pat}`, `${X%pat}` and `${X/pat/repl}` take `*` and `?` matching any
+character (the lexer parses their syntax).
 
 Every pattern becomes a `Glob`: a list of tokens run as an NFA whose sets of
 states are bitsets, the steps met kept as DFA transitions up to a bound (as
@@ -81,11 +82,8 @@ def _class(body: str, negate: bool, pattern: str, where: str) -> Token:
     return Token("one", test)
 
 
-def parse(
-    pattern: str, *, globstar: bool = False, negation: str = "^", where: str = ""
-) -> list[Token]:
-    """The tokens of a filepath.Match pattern (`globstar`: with `**`; `negation`: the
-    characters that complement a class)."""
+def parse(pattern: str, *, globstar: bool = False, where: str = "") -> list[Token]:
+    """The tokens of a filepath.Match pattern (`globstar`: with `**`)."""
     out: list[Token] = []
     i, n = 0, len(pattern)
     while i < n:
@@ -106,7 +104,7 @@ def parse(
             i += 1
         elif ch == "[":
             j = i
-            negate = j < n and pattern[j] in negation
+            negate = j < n and pattern[j] == "^"  # only `^`: Go's `[!a]` is `!` or `a`
             if negate:
                 j += 1
             start = j
@@ -265,8 +263,6 @@ class Glob:
         return out
 
 
-def compile_glob(
-    pattern: str, *, globstar: bool = False, negation: str = "^", where: str = ""
-) -> Glob:
+def compile_glob(pattern: str, *, globstar: bool = False, where: str = "") -> Glob:
     """A filepath.Match pattern (see `parse`) ready to match."""
-    return Glob(parse(pattern, globstar=globstar, negation=negation, where=where))
+    return Glob(parse(pattern, globstar=globstar, where=where))
