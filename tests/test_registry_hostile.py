@@ -345,19 +345,7 @@ def test_a_challenge_from_where_a_blob_redirects_is_not_adopted(
     srv.need_auth, srv.mode = True, "redirect-away"
     srv.redirect_to = f"{other.url}/storage/blob"
     other.mode = "phish"
-    r = pyunion(
-        "pull",
-        "--tls-verify=false",
-        "--creds",
-        "alice:s3cret",
-        "--retry",
-        "1",
-        "--store",
-        str(tmp_path / "s"),
-        f"{srv.url[7:]}/x:latest",
-        check=False,
-        timeout=60,
-    )
+    r = _cli("pull", "--creds", "alice:s3cret", f"{srv.url[7:]}/x:latest", store=tmp_path / "s")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert other.seen and all(a is None for _, _, a in other.seen), other.seen

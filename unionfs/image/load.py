@@ -9,7 +9,6 @@ The image becomes visible (index.json) last.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from typing import IO, Any
@@ -67,24 +66,19 @@ class ExpansionError(ImageFormatError):
     bytes, so there is no point fetching them again to check them."""
 
 
-class ExpansionBound(io.RawIOBase):
-    """Passes a layer's decompressed bytes through, refusing more than the ratio allows
-    of `compressed`: what was read of the blob so far, never its declared size (a
-    registry's manifest could declare any size, and the body ends short only after
+class ExpansionBound:
+    """Counts a layer's decompressed bytes as they are read (the `progress` of the
+    `HashingReader` that hashes them for the DiffID), refusing more than the ratio
+    allows of `compressed`: what was read of the blob so far, never its declared size
+    (a registry's manifest could declare any size, and the body ends short only after
     the bomb is out)."""
 
-    def __init__(self, src: Any, compressed: Callable[[], int], what: str) -> None:
-        self.src, self.compressed, self.what = src, compressed, what
+    def __init__(self, compressed: Callable[[], int], what: str) -> None:
+        self.compressed, self.what = compressed, what
         self.ratio = max_expansion()
         self.count = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self.src.read(len(b))
-        n = len(data)
-        b[:n] = data
+    def __call__(self, n: int) -> None:
         self.count += n
         if self.ratio:
             limit = max(EXPANSION_FLOOR, self.ratio * self.compressed())
@@ -93,7 +87,6 @@ class ExpansionBound(io.RawIOBase):
                     f"{self.what}: unpacks to more than {limit} bytes ({self.ratio} times "
                     f"its compressed size; {EXPANSION_ENV}=N sets the ratio, 0 no bound)"
                 )
-        return n
 
 
 def store_layer_stream(
@@ -124,9 +117,8 @@ def store_layer_stream(
         outer = HashingReader(stream, tee=tee, progress=progress)
         try:
             raw, comp = decompressed(outer)
-            if comp != "none":
-                raw = ExpansionBound(raw, lambda: outer.count, what)
-            inner = HashingReader(raw)
+            bound = ExpansionBound(lambda: outer.count, what) if comp != "none" else None
+            inner = HashingReader(raw, progress=bound)
             whiteouts = "none"
             if need_unpack:
                 os.mkdir(layer_tmp, PRIVATE)
