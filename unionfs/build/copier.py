@@ -341,18 +341,8 @@ class Writer:
         """Link NAME to the file already written for `key`; False if there is none yet."""
         if key is None or key not in self.links:
             return False
-        rel = self.links[key]
-        lfd = syscalls.openat2(
-            self.base,
-            "/".join(rel[:-1]) or ".",
-            DIR_FLAGS,
-            syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS,
-        )
-        try:
-            _clear(pfd, name, False, where)
-            os.link(rel[-1], name, src_dir_fd=lfd, dst_dir_fd=pfd, follow_symlinks=False)
-        finally:
-            os.close(lfd)
+        if not _link_below(self.base, self.links[key], pfd, name, where):
+            raise FileNotFoundError(errno.ENOENT, "the first copy of the link is gone")
         return True
 
     def remember_link(self, key: tuple[int, int], rel: list[str]) -> None:
@@ -715,19 +705,27 @@ def _archive_link(dfd: int, pfd: int, name: str, target: str, where: str, what: 
     tparts = [p for p in target.split("/") if p not in ("", ".")]
     if not tparts or ".." in tparts:
         raise CopyError(f"ADD {what}: refusing hard link {where!r} to {target!r}")
+    if not _link_below(dfd, tparts, pfd, name, where):
+        raise CopyError(
+            f"ADD {what}: hard link {where!r} to {target!r}, which is not in the archive"
+        )
+
+
+def _link_below(base: int, target: list[str], pfd: int, name: str, where: str) -> bool:
+    """Hard-link NAME in `pfd` (replacing what is there) to the file `target` below `base`;
+    False if `target`'s directory cannot be reached (no symlink, no way out on the path)."""
     try:
         tfd = syscalls.openat2(
-            dfd,
-            "/".join(tparts[:-1]) or ".",
+            base,
+            "/".join(target[:-1]) or ".",
             DIR_FLAGS,
             syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS,
         )
     except OSError:
-        raise CopyError(
-            f"ADD {what}: hard link {where!r} to {target!r}, which is not in the archive"
-        ) from None
+        return False
     try:
         _clear(pfd, name, False, where)
-        os.link(tparts[-1], name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        os.link(target[-1], name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
     finally:
         os.close(tfd)
+    return True
