@@ -674,10 +674,10 @@ class Runner:
         except OSError as e:
             os.close(own)
             raise _fail(f"cannot create a pid namespace: {e.strerror}") from e
+        from . import sandbox
+
         try:
-            for stream in (sys.stdout, sys.stderr):  # init is a fork: not written twice
-                with contextlib.suppress(Exception):
-                    stream.flush()
+            sandbox.flush_stdio()  # init is a fork: nothing buffered is written twice
             with _forwarded_signals_blocked():  # init keeps them blocked (`container_init`)
                 pid = os.fork()
                 if pid == 0:
@@ -690,8 +690,6 @@ class Runner:
                         self.tty_sock.close()
                     for fd, child_end in self.child_stdio:
                         os.dup2(child_end, fd)  # inheritable; the pipes' other fds close on exec
-                    from . import sandbox
-
                     sandbox.start_init(spec, child_sock)
         finally:
             if os.getpid() != 1:

@@ -660,7 +660,7 @@ def _exec_init(
     stop = signal.SIG_IGN if slave is not None else signal.SIG_DFL
     for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, stop)
-    _flush_stdio()
+    flush_stdio()
     _take_signals(go)
     try:
         os.execve(exe, ["catatonit", "--", *spec.argv], env)
@@ -700,7 +700,9 @@ def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
     container_init(spec, tty_sock)
 
 
-def _flush_stdio() -> None:
+def flush_stdio() -> None:
+    """Write out what Python holds for stdout and stderr before a fork or an exec (a fork
+    would write it twice, an exec lose it); a stream Python started without is skipped."""
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             with contextlib.suppress(Exception):
@@ -794,5 +796,5 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
     except BaseException as e:  # noqa: BLE001 - never a traceback, never a return into pyunion
         print(f"pyunion: container init failed: {e!r}", file=sys.stderr)
     finally:
-        _flush_stdio()
+        flush_stdio()
     os._exit(code)
