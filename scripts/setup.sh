@@ -70,7 +70,17 @@ if [ ${#rootless[@]} -gt 0 ]; then
     echo "setup: rootless like a stock Debian 12: ${joined%; }" >&2
 fi
 
-PY=${PYTHON:-python3}
+# Debian's own interpreter, not whichever python3 comes first in PATH: it is the one the
+# packages above install (python3-venv, python3-dev), it carries Debian's security fixes, and
+# it is built with profile-guided and link-time optimisation, libpython linked into the
+# executable (a default pyenv build has neither, and ran pyunion's Python ~1.7x slower).
+# PYTHON= chooses another one.
+PY=${PYTHON:-/usr/bin/python3}
+PY_HOME=$(dirname "$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))')")
+if [ -x .venv/bin/python ] && ! grep -qxF "home = $PY_HOME" .venv/pyvenv.cfg 2>/dev/null; then
+    echo "setup: .venv was made by another interpreter; making it again with $PY" >&2
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

@@ -8,6 +8,8 @@ gzipped, keeps the search busy for hours, and every layer, `ADD` archive and
 tarfile a `re` whose three searches start only where a run of digits starts
 (`(?<!\\d)`), which finds the same matches in linear time; every other use of
 `re` is tarfile's own. Every archive pyunion reads is opened with `open_tar`.
+Debian's 3.11.2 has the fix since 3.11.2-6+deb12u4 (such a header is then
+refused as invalid); this module is for any other interpreter the venv uses.
 """
 
 from __future__ import annotations
