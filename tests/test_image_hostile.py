@@ -1499,3 +1499,67 @@ def test_a_compression_bomb_is_refused(tmp_path: Path, store_dir: str, cli: Any)
     assert "unpacks to more than 268435456 bytes" in err and "PYUNION_MAX_EXPANSION" in err, err
     assert store_state(store_dir) == before
     assert time.monotonic() - t0 < 30
+
+
+# --- a layer the manifest lists many times ---------------------------------------------------
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at `path` for the block, unmounted (lazily at worst) after it."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs", str(path)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30, check=False)
+
+
+def _zeros_tar(mib: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("zeros")
+        ti.size = mib << 20
+        tf.addfile(ti, io.BytesIO(bytes(ti.size)))
+    return buf.getvalue()
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["oci", "docker"])
+def test_a_layer_listed_many_times_is_unpacked_once(tmp_path: Path, kind: str) -> None:
+    """A manifest that lists one layer 6 times (a 24 MiB tar; gzip, 24 KiB, in the
+    layout): unpacked and kept once, so the import fits a 64 MiB store (before: each
+    repeat was read, kept and unpacked again into tmp/, 144 MiB and more, "out of space";
+    a 4 MiB index repeating a 256 MiB bomb asked for terabytes)."""
+    layer = _zeros_tar(24)
+    if kind == "oci":
+        src = make_layout(tmp_path / "lay", [layer] * 6)
+    else:
+        src = tmp_path / "saved"
+        src.mkdir()
+        (src / "l").mkdir()
+        (src / "l" / "layer.tar").write_bytes(layer)
+        cfg = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [sha(layer)] * 6},
+            }
+        ).encode()
+        (src / "config.json").write_bytes(cfg)
+        (src / "manifest.json").write_text(
+            json.dumps([{"Config": "config.json", "RepoTags": [], "Layers": ["l/layer.tar"] * 6}])
+        )
+    with _small_tmpfs(tmp_path / "fs", "64m") as fs:
+        store = str(fs / "store")
+        r = cli_import(src, store, "--tag", "rep")
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+        s = Store(store)
+        img = s.lookup("rep")
+        assert img.diff_ids == [sha(layer)] * 6
+        assert os.listdir(s.root + "/layers") == [sha(layer)[7:]]
+        assert os.listdir(s.root + "/tmp") == []
+        assert resolve_layers("rep", s.root) == [s.layer_path(sha(layer))]

@@ -98,10 +98,13 @@ def store_layer_stream(
     what: str,
     progress: Callable[[int], None] | None = None,
     size: int | None = None,
+    unpack_it: bool = True,
 ) -> dict[str, Any]:
     """Verify, keep and (if new) unpack one layer blob read from `stream`.
 
     `diff_id`/`digest` are what the blob must hash to (None: accept what it hashes to);
+    `unpack_it=False` only verifies and keeps the blob (its DiffID is being unpacked
+    from another blob of the same import);
     `size`, the blob's declared size when known, bounds every tar member of an
     uncompressed blob, and what a compressed one may expand to (`ExpansionBound`).
     Returns the layer's info: diff_id, digest, size, compression, and `publish`, a
@@ -112,7 +115,7 @@ def store_layer_stream(
     blob_tmp = os.path.join(tmpdir, "blob-" + os.urandom(8).hex())
     layer_tmp = os.path.join(tmpdir, "layer-" + os.urandom(8).hex())
     keep_blob = digest is None or not store.has_blob(digest)
-    need_unpack = diff_id is None or not store.has_layer(diff_id)
+    need_unpack = unpack_it and (diff_id is None or not store.has_layer(diff_id))
     with open(blob_tmp, "wb") if keep_blob else open(os.devnull, "wb") as tee:
         outer = HashingReader(stream, tee=tee, progress=progress)
         try:
@@ -175,7 +178,14 @@ def store_layer_stream(
 
 
 def _import_layer(
-    store: Store, src: Source, tmpdir: str, lr: LayerRef, n: int, total: int, bars: Bars
+    store: Store,
+    src: Source,
+    tmpdir: str,
+    lr: LayerRef,
+    n: int,
+    total: int,
+    bars: Bars,
+    unpack_it: bool = True,
 ) -> dict[str, Any]:
     what = f"layer {n}/{total} ({short_id(lr.diff_id)})"
     if lr.digest is not None and store.has_blob(lr.digest) and store.has_layer(lr.diff_id):
@@ -190,7 +200,7 @@ def _import_layer(
     try:
         with src.open(lr.path, lr.size) as f:
             info = store_layer_stream(
-                store, tmpdir, f, lr.diff_id, lr.digest, what, bar.update, lr.size
+                store, tmpdir, f, lr.diff_id, lr.digest, what, bar.update, lr.size, unpack_it
             )
     except ImageFormatError as e:
         bar.done()
@@ -209,12 +219,23 @@ def _store_candidate(
 ) -> str:
     """Import one image; returns its manifest digest."""
     with store.tempdir() as tmp:
-        infos = [
-            _import_layer(store, src, tmp, lr, i + 1, len(c.layers), progress)
-            for i, lr in enumerate(c.layers)
-        ]
+        # A blob listed again is the same layer (`schema.diff_ids`), and a DiffID is
+        # unpacked once whatever number of blobs hold it: nothing is published before
+        # the last layer is verified, so each repeat would otherwise be read, kept and
+        # unpacked again (a manifest repeating a small bomb filled the disk).
+        by_path: dict[str, dict[str, Any]] = {}
+        unpacked: set[str] = set()
+        infos = []
+        for i, lr in enumerate(c.layers):
+            info = by_path.get(lr.path)
+            if info is None:
+                first = lr.diff_id not in unpacked
+                info = _import_layer(store, src, tmp, lr, i + 1, len(c.layers), progress, first)
+                by_path[lr.path] = info
+                unpacked.add(lr.diff_id)
+            infos.append(info)
         store.sync()
-        for info in infos:
+        for info in by_path.values():
             info.get("publish", lambda: None)()
         store.put_blob_bytes(c.config_bytes, c.config_digest, tmp)
         if c.manifest_bytes is not None and c.manifest_digest is not None:
