@@ -12,15 +12,21 @@ origin.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gzip
 import http.server
 import json
 import subprocess
+import sys
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 from ocilayout import CONFIG, LAYER_TAR, Layout, sha
 from support import pyunion
 from test_image import make_layout, tar_bytes
@@ -351,3 +357,112 @@ def test_a_challenge_from_where_a_blob_redirects_is_not_adopted(
     assert other.seen and all(a is None for _, _, a in other.seen), other.seen
     assert not [p for _, p, _ in other.seen if p.startswith("/token")], other.seen
     assert all(a is None or a.startswith("Basic") for _, _, a in srv.seen), srv.seen
+
+
+# --- compressed answers ------------------------------------------------------------------------
+@functools.cache
+def _bomb(encoding: str) -> bytes:
+    """Zeros compressed as `encoding`: zstd 2 GiB in 64 KiB, gzip 256 MiB in 255 KiB."""
+    zeros = bytes(1 << 20)
+    if encoding == "gzip":
+        z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return b"".join(z.compress(zeros) for _ in range(256)) + z.flush()
+    w = zstandard.ZstdCompressor(level=1).compressobj()
+    return b"".join(w.compress(zeros) for _ in range(2048)) + w.flush()
+
+
+class _Encoded(http.server.ThreadingHTTPServer):
+    """Answers every request with `body` sent as `Content-Encoding: encoding` (after a Bearer
+    challenge to /token in mode "token"), and 404 with it in mode "error"."""
+
+    daemon_threads = True
+    mode, encoding, body = "", "", b""
+
+
+class _EncodedHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    server: _Encoded
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        if srv.mode == "token" and self.path == "/v2/":
+            realm = f'Bearer realm="http://127.0.0.1:{srv.server_address[1]}/token"'
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", realm)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        status = 404 if srv.mode == "error" and self.path != "/v2/" else 200
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Encoding", srv.encoding)
+        self.send_header("Content-Length", str(len(srv.body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(srv.body)
+
+
+@pytest.fixture
+def encoded() -> Iterator[_Encoded]:
+    srv = _Encoded(("127.0.0.1", 0), _EncodedHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+PEAK_RSS = (
+    "import resource, subprocess, sys\n"
+    "r = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=120)\n"
+    "sys.stderr.write(r.stderr)\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(r.returncode)\n"
+)
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "gzip"])
+@pytest.mark.parametrize("mode", ["ping", "token", "error"])
+def test_a_compressed_answer_is_bounded_as_it_is_decoded(
+    encoded: _Encoded, tmp_path: Path, encoding: str, mode: str
+) -> None:
+    """GET /v2/, the token, an error body: a few KiB sent as `Content-Encoding: zstd` or
+    `gzip` that inflate to 2 GiB or 256 MiB. One line, and pyunion never holds more than a few
+    bounds' worth (before: httpx inflated each 64 KiB read whole, 2 GiB of zstd at once,
+    4.2 GB of RSS for one answer)."""
+    encoded.mode, encoded.encoding = mode, encoding
+    encoded.body = _bomb(encoding)
+    host = f"127.0.0.1:{encoded.server_address[1]}"
+    cmd = [sys.executable, "-m", "unionfs", "pull", "--tls-verify=false", "--retry", "0"]
+    cmd += ["--store", str(tmp_path / "s"), f"{host}/evil:1"]
+    r = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, *cmd], capture_output=True, text=True, timeout=180
+    )
+    assert r.returncode not in (0, 2) and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    peak_mib = int(r.stdout) >> 10
+    assert peak_mib < 300, f"peak RSS {peak_mib} MiB: {r.stderr}"
+
+
+def test_a_gzip_token_answer_is_read(encoded: _Encoded, tmp_path: Path) -> None:
+    """A token server that gzips its answer (asked for identity, it may anyway) still
+    gives its token: the pull goes on to the manifest."""
+    encoded.mode, encoded.encoding = "token", "gzip"
+    encoded.body = gzip.compress(b'{"token": "t"}')
+    r = pyunion(
+        "pull",
+        "--tls-verify=false",
+        "--retry",
+        "0",
+        "--store",
+        str(tmp_path / "s"),
+        f"127.0.0.1:{encoded.server_address[1]}/x:1",
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "token" not in r.stderr and "manifest" in r.stderr, r.stderr

@@ -20,7 +20,11 @@ unreachable, too many redirects, digest mismatch.
 No answer is read without a bound, as containers/image: manifests 4 MiB
 (`MAX_JSON`), tokens and error or other bodies 1 MiB (`MAX_BODY`), blobs their
 descriptor's size. A registry or token server that streams forever is cut off
-with one line.
+with one line. The bound is on what the answer is once decoded, checked as it
+is decoded: answers are asked for uncompressed (`Accept-Encoding: identity`),
+and a gzip or deflate one is inflated a bounded piece at a time (`read_limited`),
+never a whole network read at once (httpx's own decoders do that: 64 KiB of
+zstd made 2 GiB before any bound was checked).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import os
 import ssl
 import weakref
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -166,7 +171,9 @@ class Client:
         self._http = httpx.AsyncClient(
             verify=ssl_context(self.host, self.opts),
             timeout=httpx.Timeout(120.0, connect=15.0),
-            headers={"User-Agent": f"pyunion/{__version__}"},
+            # Manifests and blobs are hashed as sent, and a compressed answer is a bomb's
+            # way past the bounds: ask for none (`read_limited` inflates gzip, bounded).
+            headers={"User-Agent": f"pyunion/{__version__}", "Accept-Encoding": "identity"},
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
             follow_redirects=False,
         )
@@ -727,14 +734,35 @@ def push_scope(repo: str) -> tuple[str, ...]:
     return (f"repository:{repo}:pull,push",)
 
 
+def _inflater(resp: httpx.Response) -> Any:
+    """A zlib decompressor for an answer sent with `Content-Encoding: gzip` or `deflate`
+    (zlib-wrapped, as HTTP means it); None for any other encoding, whose bytes are then
+    taken as sent, as Go's client does with an encoding it did not ask for."""
+    codings = [c.strip().lower() for c in resp.headers.get("content-encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if codings in (["gzip"], ["x-gzip"], ["deflate"]):
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or zlib header, either
+    return None
+
+
 async def read_limited(resp: httpx.Response, limit: int, what: str, raw: bool = True) -> bytes:
-    """The body of `resp` (as sent, or with `raw=False` decoded), at most `limit` bytes;
-    closed in any case."""
+    """The body of `resp` (as sent, or with `raw=False` inflated if it is gzip or deflate),
+    at most `limit` bytes; closed in any case. Inflating asks zlib for no more than the
+    room left (plus one byte, to tell "more" from "exactly full"), so a bomb costs at
+    most `limit` bytes of memory."""
     buf = bytearray()
+    z = None if raw else _inflater(resp)
     try:
-        async for chunk in resp.aiter_raw() if raw else resp.aiter_bytes():
+        async for chunk in resp.aiter_raw():
+            if z is not None:
+                try:
+                    chunk = z.decompress(chunk, limit + 1 - len(buf))
+                except zlib.error as e:
+                    raise RegistryError(
+                        f"{what} is not valid {resp.headers['content-encoding']} ({e})"
+                    ) from None
             buf += chunk
-            if len(buf) > limit:
+            if len(buf) > limit or (z is not None and z.unconsumed_tail):
                 raise TooLarge(f"{what} is larger than {limit} bytes")
     finally:
         await resp.aclose()
