@@ -17,9 +17,11 @@ import functools
 import gzip
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -466,3 +468,137 @@ def test_a_gzip_token_answer_is_read(encoded: _Encoded, tmp_path: Path) -> None:
     )
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert "token" not in r.stderr and "manifest" in r.stderr, r.stderr
+
+
+# --- slow answers ---------------------------------------------------------------------------
+class _Drip(http.server.ThreadingHTTPServer):
+    """Serves one image as x:latest, but drips one part of it a byte at a time (`mode`):
+    the headers, or the body of GET /v2/, the token, the manifest or the layer blob."""
+
+    daemon_threads = True
+    mode = ""
+    image: dict[str, bytes] = {}  # noqa: RUF012 - set per server
+    manifest = b""
+    stop = threading.Event()
+
+
+class _DripHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    server: _Drip
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def answer(self, body: bytes, drip: bool, status: int = 200, hdrs: Any = ()) -> None:
+        srv = self.server
+        if drip and srv.mode == "headers":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+            body, head = b"", b"X-Slow: " + b"x" * 8000
+            for i in range(len(head)):
+                if srv.stop.wait(0.2):
+                    return
+                self.wfile.write(head[i : i + 1])
+                self.wfile.flush()
+            return
+        self.send_response(status)
+        for k, v in hdrs:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not drip:
+            self.wfile.write(body)
+            return
+        for i in range(len(body)):
+            if srv.stop.wait(0.2):
+                return
+            self.wfile.write(body[i : i + 1])
+            self.wfile.flush()
+
+    def do_GET(self) -> None:
+        srv, path = self.server, self.path.split("?")[0]
+        try:
+            if path == "/v2/" and srv.mode == "token":
+                realm = f'Bearer realm="http://127.0.0.1:{srv.server_address[1]}/token"'
+                self.answer(b"", False, 401, [("WWW-Authenticate", realm)])
+            elif path == "/v2/":
+                self.answer(b"{}" + b" " * 2000, srv.mode in ("ping", "headers"))
+            elif path == "/token":
+                self.answer(b'{"token": "t"}' + b" " * 2000, True)
+            elif "/manifests/" in path:
+                mt = ("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                self.answer(srv.manifest, srv.mode == "manifest", 200, [mt])
+            else:
+                blob = srv.image[path.rsplit("/", 1)[1]]
+                self.answer(blob, srv.mode == "blob" and len(blob) > 4096)
+        except OSError:
+            pass  # the client hung up
+
+
+@pytest.fixture
+def drip() -> Iterator[_Drip]:
+    srv = _Drip(("127.0.0.1", 0), _DripHandler)
+    srv.stop = threading.Event()
+    layer = tar_bytes([("f", os.urandom(200_000))])
+    cfg = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha(layer)]},
+        }
+    ).encode()
+    srv.image = {sha(layer): layer, sha(cfg): cfg}
+    srv.manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": CONFIG, "digest": sha(cfg), "size": len(cfg)},
+            "layers": [{"mediaType": LAYER_TAR, "digest": sha(layer), "size": len(layer)}],
+        }
+    ).encode()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.stop.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        ("headers", "timed out"),
+        ("ping", "too slowly"),
+        ("token", "too slowly"),
+        ("manifest", "too slowly"),
+        ("blob", "timed out"),
+    ],
+)
+def test_a_registry_that_drips_is_not_waited_for_without_end(
+    drip: _Drip, tmp_path: Path, mode: str, said: str
+) -> None:
+    """Headers, /v2/, a token, a manifest or a blob sent a byte every 0.2 s: with
+    `--timeout 2` the pull gives up in one line within seconds, nothing stored (before:
+    httpx's timeout is per read, so it waited for days: 100 KB at a byte a second)."""
+    drip.mode = mode
+    store = tmp_path / "s"
+    t0 = time.monotonic()
+    r = pyunion(
+        "pull",
+        "--tls-verify=false",
+        "--retry",
+        "1",
+        "--retry-delay",
+        "0.05",
+        "--timeout",
+        "2",
+        "--store",
+        str(store),
+        f"127.0.0.1:{drip.server_address[1]}/x:latest",
+        check=False,
+        timeout=120,
+    )
+    took = time.monotonic() - t0
+    _one_line(r, said)
+    assert took < 30, f"{took:.0f} s"
+    assert json.loads((store / "index.json").read_text())["manifests"] == []

@@ -15,7 +15,7 @@ from ..image.cli import platform_option
 from ..image.store import Store
 from . import auth
 from .auth import Credentials, parse_registry
-from .client import Client, Options
+from .client import TIMEOUT, Client, Options
 
 
 def _bool(text: str) -> bool:
@@ -38,6 +38,16 @@ def _size(text: str) -> int:
     if n < 1 << 16:
         raise argparse.ArgumentTypeError("the chunk size must be at least 64KiB")
     return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}")
+    return v
 
 
 def _common(p: argparse.ArgumentParser, creds: bool = True) -> None:
@@ -81,6 +91,14 @@ def _common(p: argparse.ArgumentParser, creds: bool = True) -> None:
             metavar="SECONDS",
             help="first delay between retries, doubled each time (default 0.5)",
         )
+        p.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=TIMEOUT,
+            metavar="SECONDS",
+            help="how long the registry may take to answer a request, to send a whole "
+            f"manifest or token, or to send each 64KiB of a blob (default {TIMEOUT:.0f})",
+        )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         store_option(p)
 
@@ -93,6 +111,7 @@ def _options(args: argparse.Namespace) -> Options:
         retries=max(0, getattr(args, "retry", 3)),
         retry_delay=max(0.0, getattr(args, "retry_delay", 0.5)),
         authfile=args.authfile,
+        timeout=getattr(args, "timeout", TIMEOUT),
     )
 
 

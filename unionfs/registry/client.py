@@ -20,7 +20,12 @@ unreachable, too many redirects, digest mismatch.
 No answer is read without a bound, as containers/image: manifests 4 MiB
 (`MAX_JSON`), tokens and error or other bodies 1 MiB (`MAX_BODY`), blobs their
 descriptor's size. A registry or token server that streams forever is cut off
-with one line. The bound is on what the answer is once decoded, checked as it
+with one line. Nor is one waited for without a bound (`Options.timeout`, 120 s;
+httpx's own timeout is per read, which a server sending a byte a minute never
+reaches): an answer's headers (but an upload's, which come after its body)
+and a whole manifest, token or error must come within it, and a blob must
+bring 64 KiB each time that long is spent waiting on it (else it is resumed,
+as after a cut). The bound is on what the answer is once decoded, checked as it
 is decoded: answers are asked for uncompressed (`Accept-Encoding: identity`),
 and a gzip or deflate one is inflated a bounded piece at a time (`read_limited`),
 never a whole network read at once (httpx's own decoders do that: 64 KiB of
@@ -33,6 +38,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import ssl
 import weakref
@@ -56,6 +62,8 @@ TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 # not one of them.
 HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL)
 MAX_BODY = 1 << 20  # a token, an error, any answer but manifests and blobs (containers/image)
+TIMEOUT = 120.0  # seconds: see the module's docstring
+STALL_BYTES = 64 << 10  # what a blob must bring per `timeout` seconds of waiting
 CERT_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
 
 
@@ -82,6 +90,7 @@ class Options:
     retries: int = 3
     retry_delay: float = 0.5  # first backoff; doubles each time (capped at 10 s)
     authfile: str | None = None
+    timeout: float = TIMEOUT  # an answer's headers, a whole document, 64 KiB of a blob
 
 
 def ssl_context(host: str, opts: Options) -> ssl.SSLContext:
@@ -170,7 +179,7 @@ class Client:
     async def __aenter__(self) -> Self:
         self._http = httpx.AsyncClient(
             verify=ssl_context(self.host, self.opts),
-            timeout=httpx.Timeout(120.0, connect=15.0),
+            timeout=httpx.Timeout(self.opts.timeout, connect=min(15.0, self.opts.timeout)),
             # Manifests and blobs are hashed as sent, and a compressed answer is a bomb's
             # way past the bounds: ask for none (`read_limited` inflates gzip, bounded).
             headers={"User-Agent": f"pyunion/{__version__}", "Accept-Encoding": "identity"},
@@ -208,7 +217,9 @@ class Client:
                 resp = await self._retrying(
                     functools.partial(self._get_stream, base + "/v2/"), f"GET {base}/v2/"
                 )
-                await read_limited(resp, MAX_BODY, f"the answer to GET {base}/v2/", raw=False)
+                await read_limited(
+                    resp, MAX_BODY, f"the answer to GET {base}/v2/", False, self.opts.timeout
+                )
             except TooLarge:
                 raise
             except RegistryError as e:
@@ -278,14 +289,22 @@ class Client:
         )
 
     async def _retrying(
-        self, send: Callable[[], Awaitable[httpx.Response]], what: str
+        self, send: Callable[[], Awaitable[httpx.Response]], what: str, deadline: bool = True
     ) -> httpx.Response:
-        """send() until it gets an answer that is not transient, or the retries run out."""
+        """send() until it gets an answer that is not transient, or the retries run out.
+        With `deadline`, an answer whose headers take longer than the timeout is one
+        (`deadline=False` for an upload, whose answer comes once its body is sent)."""
         attempt = 0
+        limit = self.opts.timeout if deadline else math.inf
         while True:
             failed: httpx.Response | None = None
             try:
-                resp = await send()
+                got: httpx.Response | None = None
+                with trio.move_on_after(limit):
+                    got = await send()
+                if got is None:
+                    raise httpx.ReadTimeout(f"no answer within {limit:.0f} s")
+                resp = got
             except HTTPX_ERRORS as e:
                 if not self._retry(e, attempt):
                     raise self.http_error(e, what) from None
@@ -323,7 +342,9 @@ class Client:
                 ),
                 f"GET {realm}",
             )
-            body = await read_limited(resp, MAX_BODY, f"the token server's answer ({realm})", False)
+            body = await read_limited(
+                resp, MAX_BODY, f"the token server's answer ({realm})", False, self.opts.timeout
+            )
             if resp.status_code in (401, 403):
                 _, msg = registry_errors(resp, body)
                 raise RegistryError(
@@ -395,7 +416,7 @@ class Client:
                 )
                 return self.http.send(req, stream=True, follow_redirects=follow)
 
-            resp = await self._retrying(send, f"{method} {path}")
+            resp = await self._retrying(send, f"{method} {path}", not callable(content))
             if resp.status_code != 401:
                 break
             ch = self._pick(resp)
@@ -413,14 +434,16 @@ class Client:
             self.challenge = ch
         if not stream:
             what = f"the answer to {method} {path}"
-            self._bodies[resp] = await read_limited(resp, MAX_BODY, what, raw=False)
+            self._bodies[resp] = await read_limited(resp, MAX_BODY, what, False, self.opts.timeout)
         return resp
 
     async def fail(self, resp: httpx.Response, what: str) -> RegistryError:
         """The one-line error for an unexpected answer."""
         body = self._bodies.pop(resp, None)
         if body is None:
-            body = await read_limited(resp, MAX_BODY, f"the answer about {what}", raw=False)
+            body = await read_limited(
+                resp, MAX_BODY, f"the answer about {what}", False, self.opts.timeout
+            )
         code, msg = registry_errors(resp, body)
         st = resp.status_code
         if st == 401:
@@ -463,7 +486,7 @@ class Client:
             )
         if resp.status_code != 200:
             raise await self.fail(resp, what)
-        body = await read_limited(resp, MAX_JSON, f"manifest of {what}")
+        body = await read_limited(resp, MAX_JSON, f"manifest of {what}", True, self.opts.timeout)
         mtype = resp.headers.get("content-type", "").split(";")[0].strip()
         algo = target.split(":", 1)[0] if ":" in target and target.startswith("sha") else "sha256"
         digest = digest_of(body, algo)
@@ -519,7 +542,27 @@ class Client:
                             f"({start!r}, wanted {got})"
                         )
                     skip = 0
-                async for chunk in resp.aiter_raw(1 << 20):
+                # Each network read as it comes (a 1 MiB chunk would wait for all of it),
+                # timed: STALL_BYTES per `timeout` spent waiting, or it is a cut.
+                chunks = resp.aiter_raw().__aiter__()
+                waited, mark, seen = 0.0, 0, 0
+                while True:
+                    t0 = trio.current_time()
+                    step: bytes | None = None
+                    if waited < self.opts.timeout:
+                        with trio.move_on_after(self.opts.timeout - waited):
+                            step = await anext(chunks, b"")
+                    waited += trio.current_time() - t0
+                    if step is None:
+                        raise httpx.ReadTimeout(
+                            f"less than {STALL_BYTES} bytes in {self.opts.timeout:.0f} s"
+                        )
+                    if not step:
+                        break
+                    chunk = step
+                    seen += len(chunk)
+                    if seen - mark >= STALL_BYTES:
+                        waited, mark = 0.0, seen
                     if skip:
                         drop = min(skip, len(chunk))
                         chunk, skip = chunk[drop:], skip - drop
@@ -745,28 +788,45 @@ def _inflater(resp: httpx.Response) -> Any:
     return None
 
 
-async def read_limited(resp: httpx.Response, limit: int, what: str, raw: bool = True) -> bytes:
+async def read_limited(
+    resp: httpx.Response,
+    limit: int,
+    what: str,
+    raw: bool = True,
+    timeout: float = TIMEOUT,
+) -> bytes:
     """The body of `resp` (as sent, or with `raw=False` inflated if it is gzip or deflate),
-    at most `limit` bytes; closed in any case. Inflating asks zlib for no more than the
-    room left (plus one byte, to tell "more" from "exactly full"), so a bomb costs at
-    most `limit` bytes of memory."""
+    at most `limit` bytes, all of it within `timeout` seconds; closed in any case.
+    Inflating asks zlib for no more than the room left (plus one byte, to tell "more"
+    from "exactly full"), so a bomb costs at most `limit` bytes of memory."""
     buf = bytearray()
     z = None if raw else _inflater(resp)
     try:
-        async for chunk in resp.aiter_raw():
-            if z is not None:
-                try:
-                    chunk = z.decompress(chunk, limit + 1 - len(buf))
-                except zlib.error as e:
-                    raise RegistryError(
-                        f"{what} is not valid {resp.headers['content-encoding']} ({e})"
-                    ) from None
-            buf += chunk
-            if len(buf) > limit or (z is not None and z.unconsumed_tail):
-                raise TooLarge(f"{what} is larger than {limit} bytes")
+        with trio.move_on_after(timeout) as scope:
+            await _read_into(buf, resp, z, limit, what)
     finally:
         await resp.aclose()
+    if scope.cancelled_caught:
+        raise RegistryError(
+            f"{what}: registry {resp.url.host} sent it too slowly "
+            f"(not all of it in {timeout:.0f} s)"
+        )
     return bytes(buf)
+
+
+async def _read_into(buf: bytearray, resp: httpx.Response, z: Any, limit: int, what: str) -> None:
+    """`read_limited`'s reading: the body into `buf`, inflated by `z` unless None."""
+    async for chunk in resp.aiter_raw():
+        if z is not None:
+            try:
+                chunk = z.decompress(chunk, limit + 1 - len(buf))
+            except zlib.error as e:
+                raise RegistryError(
+                    f"{what} is not valid {resp.headers['content-encoding']} ({e})"
+                ) from None
+        buf += chunk
+        if len(buf) > limit or (z is not None and z.unconsumed_tail):
+            raise TooLarge(f"{what} is larger than {limit} bytes")
 
 
 async def file_chunks(
