@@ -1563,3 +1563,72 @@ def test_a_layer_listed_many_times_is_unpacked_once(tmp_path: Path, kind: str) -
         assert os.listdir(s.root + "/layers") == [sha(layer)[7:]]
         assert os.listdir(s.root + "/tmp") == []
         assert resolve_layers("rep", s.root) == [s.layer_path(sha(layer))]
+
+
+# --- sparse files in a committed upper -----------------------------------------------------------
+def _sparse(path: Path, size: int, data: dict[int, bytes]) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, chunk in data.items():
+            f.seek(off)
+            f.write(chunk)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_a_sparse_file_is_committed_with_its_holes(
+    tmp_path: Path, store_dir: str, compression: str
+) -> None:
+    """What `useradd -u 2000000000` leaves (a 2 GiB `lastlog`, a few bytes of data) and a
+    `truncate -s 1T`: committed in seconds as PAX 1.0 sparse members, unpacked with
+    their holes, hard link kept, GNU tar reading the same (before: 2 GiB of zeros went
+    through gzip in 27 s and the commit was then refused as a bomb; the terabyte took
+    hours, or the disk with --compression none)."""
+    up = tmp_path / "up"
+    (up / "var" / "log").mkdir(parents=True)
+    marks = {0: b"head", 1_000_000_000: b"middle", (2 << 30) - 4: b"tail"}
+    _sparse(up / "var" / "log" / "lastlog", 2 << 30, marks)
+    os.link(up / "var" / "log" / "lastlog", up / "lastlog.link")
+    _sparse(up / "huge", 1 << 40, {})
+    _sparse(up / "ends-in-hole", 8 << 20, {4096: b"data"})
+    (up / "plain").write_bytes(b"dense" * 1000)
+    t0 = time.monotonic()
+    r = pyunion(
+        "commit",
+        str(up),
+        "--image",
+        "first",
+        "--tag",
+        "sparse",
+        "--compression",
+        compression,
+        "--store",
+        store_dir,
+        check=False,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 30
+    s = Store(store_dir)
+    img = s.lookup("sparse")
+    blob = s.blob_path(img.manifest["layers"][-1]["digest"])
+    assert os.path.getsize(blob) < 1 << 20
+    diff = Path(s.layer_path(img.diff_ids[-1]))
+    log = diff / "var" / "log" / "lastlog"
+    st = log.stat()
+    assert st.st_size == 2 << 30 and st.st_blocks * 512 < 1 << 20 and st.st_nlink == 2
+    assert st.st_ino == (diff / "lastlog.link").stat().st_ino
+    with open(log, "rb") as f:
+        for off, chunk in marks.items():
+            f.seek(off)
+            assert f.read(len(chunk)) == chunk
+        f.seek(1 << 20)
+        assert f.read(4096) == bytes(4096)
+    assert (diff / "huge").stat().st_size == 1 << 40
+    eh = diff / "ends-in-hole"
+    assert eh.stat().st_size == 8 << 20 and eh.read_bytes()[4096:4100] == b"data"
+    assert (diff / "plain").read_bytes() == b"dense" * 1000
+    listing = subprocess.run(
+        ["tar", "-tvf", blob], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert " 1099511627776 " in listing and " 2147483648 " in listing, listing
+    assert "GNUSparseFile" not in listing, listing

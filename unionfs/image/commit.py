@@ -10,7 +10,14 @@ tar is written in the OCI format:
   written right after DIR and before any of its children;
 - internal xattrs (trusted.overlay.*, user.overlay.*, user.fuseoverlayfs.*) are
   dropped, the others go in PAX `SCHILY.xattr.*` records;
-- the names of a multiply-linked file become one file and tar hard links to it.
+- the names of a multiply-linked file become one file and tar hard links to it;
+- a sparse file (one whose holes add up to 1 MiB or more: a `lastlog` after
+  `useradd -u 2000000000`, a `truncate -s 1T`) is a PAX 1.0 sparse member, its
+  holes left out as GNU tar writes them and as tarfile, Go's archive/tar and
+  pyunion's own unpacker read them (before: written as zeros, 2 GiB of
+  them in 27 s, and then refused by the import's bound on expansion);
+- a file is written with the size it had when opened: one that shrinks
+  meanwhile is padded with zeros, never a truncated tar.
 Entries are written in byte order of their names, with numeric owners only and
 no user/group names, so the same tree gives the same tar; `timestamp` clamps every
 mtime for reproducible layers. A directory the kernel marked with
@@ -21,6 +28,7 @@ in a lower layer; committing those is refused rather than silently wrong.
 from __future__ import annotations
 
 import copy
+import errno
 import gzip
 import hashlib
 import io
@@ -79,6 +87,78 @@ DOCKER_TO_OCI = {
 }
 
 
+SPARSE_MIN_HOLES = 1 << 20  # holes that save less than this: the file is written whole
+
+
+def data_regions(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) data regions of the first `size` bytes of the file `fd`, by
+    SEEK_DATA/SEEK_HOLE (one region for all of it where the filesystem cannot say)."""
+    regions: list[tuple[int, int]] = []
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break  # a hole from here to the end
+            if e.errno == errno.EINVAL:
+                return [(0, size)]
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        regions.append((start, end - start))
+        off = end
+    return regions
+
+
+class MemberData(io.RawIOBase):
+    """A member's exact bytes: `head` (a sparse member's map), then each (offset, length)
+    region of the file `fd`, read with pread; zeros where the file has shrunk since it
+    was measured, so that the member holds what its header says."""
+
+    def __init__(self, fd: int, regions: list[tuple[int, int]], head: bytes = b"") -> None:
+        self.fd, self.head = fd, head
+        self.todo = list(reversed(regions))
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        while self.todo and self.todo[-1][1] == 0:
+            self.todo.pop()
+        if not self.todo:
+            return 0
+        off, left = self.todo[-1]
+        want = min(len(b), left, 1 << 20)
+        data = os.pread(self.fd, want, off) or bytes(want)  # shrunk: zeros
+        n = len(data)
+        b[:n] = data
+        self.todo[-1] = (off + n, left - n)
+        return n
+
+
+def _reader(raw: io.RawIOBase) -> io.BufferedReader:
+    """Reads of the exact length asked (tarfile takes a short read for the end of data)."""
+    return io.BufferedReader(raw, 1 << 16)
+
+
+def sparse_map(regions: list[tuple[int, int]], size: int) -> bytes:
+    """The PAX 1.0 sparse map GNU tar puts before the data: the number of regions, then
+    each one's offset and length, one per line, padded to a 512-byte block; a file that
+    ends in a hole ends with an empty region at its size, as GNU tar writes it."""
+    if not regions or sum(regions[-1]) < size:
+        regions = [*regions, (size, 0)]
+    text = f"{len(regions)}\n" + "".join(f"{o}\n{n}\n" for o, n in regions)
+    raw = text.encode()
+    return raw + bytes(-len(raw) % tarfile.BLOCKSIZE)
+
+
 class HashingWriter(io.RawIOBase):
     """Writes through to `dst`, hashing and counting on the way."""
 
@@ -119,6 +199,7 @@ class _Walker:
     timestamp: int | None
     links: dict[tuple[int, int], str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    sparse_count: int = 0
 
     def _info(self, name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
@@ -186,6 +267,34 @@ class _Walker:
         finally:
             cur.close()
 
+    def _file(self, fd: int, path: str) -> None:
+        """A regular file's member: a PAX 1.0 sparse one if its holes are worth it."""
+        fst = os.fstat(fd)
+        size = fst.st_size
+        ti = self._info(path, fst, tarfile.REGTYPE)
+        ti.pax_headers = self._xattrs(fd, True, path)
+        regions = [(0, size)]
+        if fst.st_blocks * 512 <= size - SPARSE_MIN_HOLES:  # maybe sparse: ask where data is
+            regions = data_regions(fd, size)
+        if size - sum(n for _, n in regions) < SPARSE_MIN_HOLES:
+            ti.size = size
+            self.tar.addfile(ti, _reader(MemberData(fd, [(0, size)])))
+            return
+        head = sparse_map(regions, size)
+        # The ustar name is a stand-in (what a reader without sparse support extracts);
+        # GNU.sparse.name is the file's. Short and ASCII, so tarfile adds no `path`.
+        self.sparse_count += 1
+        ti.name = f"GNUSparseFile.0/{self.sparse_count}"
+        ti.size = len(head) + sum(n for _, n in regions)
+        ti.pax_headers = {
+            **ti.pax_headers,
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.name": path,
+            "GNU.sparse.realsize": str(size),
+        }
+        self.tar.addfile(ti, _reader(MemberData(fd, regions, head)))
+
     def _one(self, dfd: int, level: _Level, name: str) -> _Level | None:
         """Write one entry of `level`; a directory's level to descend into, if it is one."""
         bname = os.fsencode(name)
@@ -225,12 +334,10 @@ class _Walker:
             except NotRegularFile:  # swapped since the stat: skipped, never opened
                 self.skipped.append(path)
                 return None
-            with os.fdopen(fd, "rb") as f:
-                fst = os.fstat(fd)
-                ti = self._info(path, fst, tarfile.REGTYPE)
-                ti.size = fst.st_size
-                ti.pax_headers = self._xattrs(f.fileno(), True, path)
-                self.tar.addfile(ti, f)
+            try:
+                self._file(fd, path)
+            finally:
+                os.close(fd)
             if st.st_nlink > 1:
                 self.links[key] = path
             return None
