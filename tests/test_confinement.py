@@ -23,6 +23,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import needs_busybox, needs_fuse, run_child
@@ -805,6 +806,66 @@ def test_volume_read_only_fallback_for_old_kernels(volume: Path) -> None:
         assert not os.statvfs(volume / "sub").f_flag & os.ST_RDONLY  # our namespace: untouched
     finally:
         subprocess.run(["umount", "-R", "-l", str(bind)], check=False, timeout=10)
+
+
+def _bind_ro_with_the_race_won(root: str, secret: str) -> None:
+    """In a private mount namespace: `sandbox._bind` of SECRET at /data/secret `:ro` in the
+    tree ROOT, with the move of a user who owns /data (an outer volume's source) made the
+    moment the bind is attached: the fresh mount point renamed to /data/moved and a
+    symlink to /proc (a mount root) left in its place. The bind must be read-only all
+    the same."""
+    from unionfs import sandbox, syscalls
+    from unionfs.volumes import Volume
+
+    host_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY)  # where the user acts
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    syscalls.make_private("/")
+    syscalls.mount("tmpfs", f"{root}/proc", "tmpfs", 0)
+    data = f"{root}/data"
+
+    def swap() -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                syscalls.setns(host_ns, syscalls.CLONE_NEWNS)
+                os.rename(f"{data}/secret", f"{data}/moved")
+                os.symlink("/proc", f"{data}/secret")
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0, "the swap failed"
+
+    real_mount, real_move = sandbox.mount, sandbox.move_mount
+
+    def mount(*args: Any) -> None:
+        real_mount(*args)
+        swap()
+
+    def move_mount(*args: Any) -> None:
+        real_move(*args)
+        swap()
+
+    sandbox.mount, sandbox.move_mount = mount, move_mount  # type: ignore[assignment]
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    sandbox._bind(rootfd, Volume(secret, "/data/secret", read_only=True))
+    assert os.statvfs(f"{data}/moved").f_flag & os.ST_RDONLY, "the :ro volume is writable"
+    assert not os.statvfs(f"{root}/proc").f_flag & os.ST_RDONLY
+
+
+def test_a_ro_volume_stays_read_only_when_its_mount_point_is_swapped(tmp_path: Path) -> None:
+    """`-v /home/u/share:/data -v /srv/secret:/data/secret:ro`: the user who owns the share
+    moves the new mount point away and leaves a symlink to /proc between the bind and its
+    `:ro` (before: the mount was looked up again by its path, so /proc became read-only
+    and the secret stayed writable at /data/moved; a racing user won about one run in 50,
+    see the commit). The attributes are now set before the bind is attached."""
+    root, secret = tmp_path / "root", tmp_path / "secret"
+    (root / "data" / "secret").mkdir(parents=True)
+    (root / "proc").mkdir()
+    secret.mkdir()
+    (secret / "file").write_text("orig\n")
+    assert run_child(_bind_ro_with_the_race_won, str(root), str(secret)) == 0
+    assert (secret / "file").read_text() == "orig\n"
 
 
 # -- teardown and the image's files ----------------------------------------------------------------

@@ -271,27 +271,60 @@ def _setup_sys(rootfd: int, writable: bool) -> None:
 
 
 def _bind(rootfd: int, vol: Volume) -> None:
-    """Bind vol.source at vol.target in the tree, then set its attributes (recursively
-    unless `bind` was asked for: `:ro` covers the mounts below the source too).
+    """Bind vol.source at vol.target in the tree with its attributes (recursively unless
+    `bind` was asked for: `:ro` covers the mounts below the source too).
 
     The source is resolved once (`tree.open_trusted`: a symlink another user
-    swapped into a directory of hers on the way is refused) and bound by fd."""
+    swapped into a directory of hers on the way is refused), and so is the target
+    (in the tree, `_ensure`). The attributes are set on a detached copy of the
+    source (`open_tree`), which is then attached on the target's fd: no path is
+    looked up again once the bind is there. (Before, the mount was found again
+    by its path to make it read-only: a user owning the directory of an outer
+    volume could, in between, move the fresh mount point away and leave a
+    symlink to /proc in its place, and the `:ro` volume stayed writable.)"""
     src = open_trusted(vol.source, os.O_PATH)
+    tree = -1
     try:
         is_dir = stat.S_ISDIR(os.fstat(src).st_mode)
+        if vol.attrs:
+            tree = _clone_with_attrs(src, vol)
         fd = _ensure(rootfd, vol.target, is_dir)
         try:
-            mount(fd_str(src), fd_str(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
+            if tree >= 0:
+                move_mount(tree, fd)
+            else:
+                mount(fd_str(src), fd_str(fd), None, MS_BIND | (MS_REC if vol.recursive else 0))
         finally:
             os.close(fd)
     finally:
         os.close(src)
-    if vol.attrs:
+        if tree >= 0:
+            os.close(tree)
+    if vol.attrs and tree < 0:  # a kernel without open_tree or mount_setattr (before 5.12)
         fd = open_in_root(rootfd, vol.target)  # the new mount, not the directory under it
         try:
             volumes.set_attrs(fd, vol.attrs, vol.recursive)
         finally:
             os.close(fd)
+
+
+def _clone_with_attrs(src: int, vol: Volume) -> int:
+    """A detached bind of `src` with `vol`'s attributes set; -1 if the kernel cannot."""
+    try:
+        tree = syscalls.open_tree_clone(src, vol.recursive)
+    except OSError as e:
+        if e.errno == errno.ENOSYS:
+            return -1
+        raise
+    try:
+        flags = syscalls.AT_EMPTY_PATH | (syscalls.AT_RECURSIVE if vol.recursive else 0)
+        syscalls.mount_setattr(tree, "", flags, vol.attrs)
+    except OSError as e:
+        os.close(tree)
+        if e.errno == errno.ENOSYS:
+            return -1
+        raise
+    return tree
 
 
 def _attach_root(root: str, mount_fd: int) -> None:

@@ -111,6 +111,8 @@ FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 
 # prctl(2)
 PR_SET_PDEATHSIG = 1
@@ -121,7 +123,8 @@ PR_SET_NO_NEW_PRIVS = 38
 SYS_OPENAT2 = 437  # the same number on every architecture (new syscall table)
 SYS_MOUNT_SETATTR = 442  # likewise
 SYS_CLOSE_RANGE = 436  # likewise
-SYS_MOVE_MOUNT = 429  # likewise, and the three below
+SYS_OPEN_TREE = 428  # likewise, and the four below
+SYS_MOVE_MOUNT = 429
 SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
@@ -365,8 +368,16 @@ def fsmount(fsfd: int, attrs: int = 0) -> int:
     )
 
 
+def open_tree_clone(fd: int, recursive: bool) -> int:
+    """A detached copy (close-on-exec fd) of the mount tree at `fd` (its mounts below too
+    if `recursive`), as a bind mount would attach: set its attributes with
+    `mount_setattr`, then attach it with `move_mount`."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    return _check(_libc.syscall(SYS_OPEN_TREE, fd, b"", ctypes.c_uint(flags)), "open_tree")
+
+
 def move_mount(from_fd: int, to_fd: int) -> None:
-    """Attach the mount `from_fd` (an `fsmount` fd) on the directory `to_fd` (opened in
+    """Attach the mount `from_fd` (an `fsmount` or `open_tree_clone` fd) on `to_fd` (opened in
     this mount namespace: the mount goes into this one)."""
     _check(
         _libc.syscall(
