@@ -602,3 +602,21 @@ def test_a_registry_that_drips_is_not_waited_for_without_end(
     _one_line(r, said)
     assert took < 30, f"{took:.0f} s"
     assert json.loads((store / "index.json").read_text())["manifests"] == []
+
+
+@pytest.mark.parametrize(("mode", "said"), [("error", "unknown image"), ("token", "no token")])
+def test_deeply_nested_json_is_one_line(
+    encoded: _Encoded, tmp_path: Path, mode: str, said: str
+) -> None:
+    """An error body or a token answer of 100,000 nested `[` (100 KB, under the bound):
+    one line (before: the stdlib's JSON parser recursed into a RecursionError traceback)."""
+    encoded.mode, encoded.encoding, encoded.body = mode, "identity", b"[" * 100_000
+    r = _cli("pull", f"127.0.0.1:{encoded.server_address[1]}/x:1", store=tmp_path / "s")
+    _one_line(r, said)
+
+
+def test_deeply_nested_json_in_an_auth_file_is_one_line(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.json"
+    auth.write_bytes(b"[" * 100_000)
+    r = pyunion("logout", "--authfile", str(auth), "example.com", check=False, timeout=60)
+    _one_line(r, "not valid JSON")

@@ -56,7 +56,7 @@ class BuildCache:
                     raise ValueError("a layer is gone")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, UserError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, UserError):
             with contextlib.suppress(OSError):
                 os.unlink(self._path(key))
             return None

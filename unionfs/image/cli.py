@@ -381,7 +381,7 @@ def _argv(text: str | None, what: str) -> list[str] | None:
     if text.lstrip().startswith("["):
         try:
             v = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UserError(f"--{what}: not a valid JSON array") from None
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise UserError(f"--{what}: expected a JSON array of strings")

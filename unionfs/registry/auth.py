@@ -82,7 +82,7 @@ def _read(path: str) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: {e.strerror}") from e
     try:
         obj = json.loads(data) if data.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UserError(f"{path} is not valid JSON") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} is not a JSON object")

@@ -149,7 +149,8 @@ def registry_errors(resp: httpx.Response, body: bytes) -> tuple[str | None, str]
         code = str(first.get("code") or "")
         msg = str(first.get("message") or code).strip()
         return code or None, msg
-    except (ValueError, AttributeError, IndexError, TypeError):
+    except (ValueError, AttributeError, IndexError, TypeError, RecursionError):
+        # RecursionError: a body of 100,000 nested '[' (the stdlib's parser recurses)
         text = body.decode(errors="replace").strip().splitlines()
         return None, (text[0][:200] if text else resp.reason_phrase)
 
@@ -358,7 +359,7 @@ class Client:
             try:
                 data = json.loads(body)
                 token = data.get("token") or data.get("access_token")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 token = None
             if not isinstance(token, str) or not token:
                 raise RegistryError(f"token server {realm} gave no token")
