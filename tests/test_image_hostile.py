@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1690,3 +1691,47 @@ def test_a_compressed_archive_bomb_is_refused(tmp_path: Path, store_dir: str) ->
     err = one_line_failure(cli_import(arch, store_dir, timeout=120))
     assert "unpacks to more than 268435456 bytes" in err, err
     assert store_state(store_dir) == before
+
+
+def test_an_archive_swapped_for_a_fifo_never_hangs_the_import(
+    tmp_path: Path, store_dir: str
+) -> None:
+    """Root imports an archive from a directory a user can write; she keeps swapping the
+    archive for a FIFO. The archive is opened once (non-blocking, then checked to be a
+    regular file) and read through that fd: each import loads it or says in one line
+    that it is not a regular file (before: it was checked by name, then opened by name,
+    and a FIFO swapped in between blocked the import for good)."""
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as tf:
+        tf.add(lay, arcname=".")
+    d = tmp_path / "shared"
+    d.mkdir()
+    target = d / "img.tar"
+    stop = threading.Event()
+
+    def racer() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            tmp = d / f"t{n}"
+            if n % 2:
+                os.link(good, tmp)
+            else:
+                os.mkfifo(tmp)
+            os.rename(tmp, target)
+
+    t = threading.Thread(target=racer, daemon=True)
+    t.start()
+    try:
+        for _ in range(30):
+            try:
+                r = cli_import(target, store_dir, "--tag", "raced", timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the import hung on a FIFO swapped in for the archive")
+            if r.returncode:
+                one_line_failure(r)
+    finally:
+        stop.set()
+        t.join(10)
+    assert os.listdir(Path(store_dir) / "tmp") == []

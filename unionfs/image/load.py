@@ -14,6 +14,7 @@ import gzip
 import io
 import lzma
 import os
+import stat
 import zlib
 from collections.abc import Callable
 from typing import IO, Any
@@ -306,8 +307,25 @@ _COMPRESSED: dict[bytes, Callable[[Any], Any]] = {
 }
 
 
-def plain_archive(path: str, scratch: str) -> str:
-    """PATH, or for a compressed archive (gzip, bzip2, xz) a plain copy made in SCRATCH.
+def open_archive(path: str) -> IO[bytes]:
+    """The archive PATH, opened once: only a regular file (opened non-blocking, so a FIFO
+    swapped in after a check by name cannot hang the import; read as usual after)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file or directory") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: not a directory nor a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def plain_archive(path: str, scratch: str) -> IO[bytes]:
+    """The archive PATH (`open_archive`), or for a compressed one (gzip, bzip2, xz) a
+    plain copy made in SCRATCH.
 
     tarfile reads a member of a compressed archive by seeking in it, and a seek
     backwards decompresses the stream again from its start: each layer stored
@@ -315,16 +333,16 @@ def plain_archive(path: str, scratch: str) -> str:
     20 layers follow 256 MiB of gzipped zeros took 20 s of CPU; thousands of
     layers, hours). Decompressed once, within the bound a compressed layer has
     (`ExpansionBound`), it is then read by plain seeks."""
+    f = open_archive(path)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as e:
-        raise UserError(f"{path}: {e.strerror}") from None
+        head = os.pread(f.fileno(), 6, 0)
+    except BaseException:
+        f.close()
+        raise
+    opener = next((o for m, o in _COMPRESSED.items() if head.startswith(m)), None)
+    if opener is None:
+        return f
     with f:
-        head = f.read(6)
-        opener = next((o for m, o in _COMPRESSED.items() if head.startswith(m)), None)
-        if opener is None:
-            return path
-        f.seek(0)
         counted = _Counted(f)
         bound = ExpansionBound(lambda: counted.count, f"archive {path}")
         out = os.path.join(scratch, "archive.tar")
@@ -339,7 +357,7 @@ def plain_archive(path: str, scratch: str) -> str:
             if isinstance(e, gzip.BadGzipFile) or e.errno is None:
                 raise ImageFormatError(f"cannot read archive {path}: {e}") from None
             raise UserError(f"cannot decompress {path} into {scratch}: {e.strerror}") from None
-    return out
+    return open(out, "rb")
 
 
 def _archive_name(name: str) -> str:
@@ -366,7 +384,10 @@ def import_image(
     if tag is not None:
         tag = normalize_tag(tag)
     with store.using(), store.tempdir() as scratch:
-        src = open_source(plain_archive(path, scratch) if os.path.isfile(path) else path)
+        if os.path.isdir(path):
+            src = open_source(path)
+        else:  # opened once: what was checked is what is read
+            src = open_source(path, plain_archive(path, scratch))
         try:
             repo = os.path.basename(os.path.normpath(path))
             for suffix in (".tar.gz", ".tgz", ".tar.zst", ".tar"):

@@ -155,11 +155,16 @@ class DirSource(Source):
 
 
 class TarSource(Source):
-    """A layout or archive packed in a tar; symlinks between members are followed inside it."""
+    """A layout or archive packed in a tar; symlinks between members are followed inside it.
+    Read from `fileobj` if given (closed with the source), else opened by `path`."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fileobj: IO[bytes] | None = None) -> None:
+        self.fileobj = fileobj
         try:
-            self.tf = open_tar(path, "r:*")
+            if fileobj is None:
+                self.tf = open_tar(path, "r:*")
+            else:
+                self.tf = open_tar(fileobj=fileobj, mode="r:*")
             self.members: dict[str, tarfile.TarInfo] = {}
             for m in self.tf.getmembers():
                 try:
@@ -207,10 +212,21 @@ class TarSource(Source):
         return _reader(SizedReader(f, _check_size(path, m.size, size), path))
 
     def close(self) -> None:
-        self.tf.close()
+        if hasattr(self, "tf"):
+            self.tf.close()
+        if self.fileobj is not None:
+            self.fileobj.close()
 
 
-def open_source(path: str) -> Source:
+def open_source(path: str, archive: IO[bytes] | None = None) -> Source:
+    """The layout directory PATH, or the archive PATH (read from `archive` if given: the
+    file the caller opened, checked to be a regular file, and closed with the source)."""
+    if archive is not None:
+        try:
+            return TarSource(path, archive)
+        except BaseException:
+            archive.close()
+            raise
     if os.path.isdir(path):
         return DirSource(path)
     if os.path.isfile(path):
