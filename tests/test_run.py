@@ -345,6 +345,24 @@ def test_user_from_image(env: Env) -> None:
     assert r.stdout.split() == ["4321", "0"]
 
 
+def test_user_in_too_many_groups_is_one_line(image: list[str], tmp_path: Path) -> None:
+    """An image whose /etc/group puts the user in more groups than setgroups(2) takes
+    was "container init failed: ValueError('too many groups')"."""
+    top = tmp_path / "top"
+    (top / "etc").mkdir(parents=True)
+    lines = [f"g{i}:x:{10000 + i}:alice\n" for i in range(70000)]
+    (top / "etc/group").write_text("users:x:100:alice\n" + "".join(lines))
+    (tmp_path / "tmp").mkdir()
+    env = Env([str(top), *image], tmp_path / "tmp")
+    r = env.run("true", opts=("-u", "alice"))
+    assert r.returncode == 125
+    assert r.stderr == (
+        "pyunion: user 'alice' is in 70002 groups of the image's /etc/group, "
+        "more than the kernel's limit of 65536\n"
+    )
+    assert env.run("true", opts=("-u", "alice:users")).returncode == 0
+
+
 def test_env_and_workdir(env: Env, tmp_path: Path) -> None:
     envfile = tmp_path / "envfile"
     envfile.write_text("# comment\nFROMFILE=yes\nA=file\n")

@@ -407,6 +407,7 @@ class Identity:
 
 
 MAX_USER_DB = 4 << 20  # bytes of /etc/passwd or /etc/group read at most
+NGROUPS_MAX = 65536  # supplementary groups a process may have (linux/limits.h)
 
 
 def read_user_db(rootfd: int, path: str) -> list[list[str]]:
@@ -476,7 +477,13 @@ def resolve_user(user: str | None) -> Identity:
             if len(g) >= 4 and entry[0] in g[3].split(","):
                 extra.append(int(g[2]))
     home = entry[5] if entry is not None and entry[5] else "/"
-    return Identity(uid, gid, sorted(set(extra)), home)
+    ids = sorted(set(extra))
+    if len(ids) > NGROUPS_MAX:  # setgroups(2) would say EINVAL: say why instead
+        raise SetupError(
+            f"user {name!r} is in {len(ids)} groups of the image's /etc/group, "
+            f"more than the kernel's limit of {NGROUPS_MAX}"
+        )
+    return Identity(uid, gid, ids, home)
 
 
 def _valid_id(s: str) -> bool:
