@@ -56,6 +56,7 @@ from ..whiteout import (
     is_xwhiteout,
 )
 from .load import MEDIA_BY_COMPRESSION, store_layer_stream
+from .oci import Prefixed
 from .safetext import ImageError, printable
 from .store import (
     DOCKER_CONFIG,
@@ -113,23 +114,18 @@ def data_regions(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 class MemberData(io.RawIOBase):
-    """A member's exact bytes: `head` (a sparse member's map), then each (offset, length)
-    region of the file `fd`, read with pread; zeros where the file has shrunk since it
-    was measured, so that the member holds what its header says."""
+    """A member's exact bytes: each (offset, length) region of the file `fd`, read with
+    pread; zeros where the file has shrunk since it was measured, so that the member
+    holds what its header says (a sparse member's map goes in front: `oci.Prefixed`)."""
 
-    def __init__(self, fd: int, regions: list[tuple[int, int]], head: bytes = b"") -> None:
-        self.fd, self.head = fd, head
+    def __init__(self, fd: int, regions: list[tuple[int, int]]) -> None:
+        self.fd = fd
         self.todo = list(reversed(regions))
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
-        if self.head:
-            n = min(len(b), len(self.head))
-            b[:n] = self.head[:n]
-            self.head = self.head[n:]
-            return n
         while self.todo and self.todo[-1][1] == 0:
             self.todo.pop()
         if not self.todo:
@@ -293,7 +289,7 @@ class _Walker:
             "GNU.sparse.name": path,
             "GNU.sparse.realsize": str(size),
         }
-        self.tar.addfile(ti, _reader(MemberData(fd, regions, head)))
+        self.tar.addfile(ti, _reader(Prefixed(head, MemberData(fd, regions))))
 
     def _one(self, dfd: int, level: _Level, name: str) -> _Level | None:
         """Write one entry of `level`; a directory's level to descend into, if it is one."""
