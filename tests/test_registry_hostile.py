@@ -619,4 +619,4 @@ def test_deeply_nested_json_in_an_auth_file_is_one_line(tmp_path: Path) -> None:
     auth = tmp_path / "auth.json"
     auth.write_bytes(b"[" * 100_000)
     r = pyunion("logout", "--authfile", str(auth), "example.com", check=False, timeout=60)
-    _one_line(r, "not valid JSON")
+    _one_line(r, "nested too deeply")

@@ -120,7 +120,7 @@ def _bad(path: str, what: str) -> UserError:
 
 
 def _read(path: str) -> Any:
-    import json  # here: the container's init imports this module and reads no profile
+    from . import jsondoc  # here: the container's init imports this module and reads no profile
 
     try:
         data = read_regular(AT_FDCWD, path, MAX_PROFILE, resolve="anywhere")
@@ -131,9 +131,9 @@ def _read(path: str) -> Any:
             raise _bad(path, f"larger than {MAX_PROFILE >> 20} MiB") from e
         raise _bad(path, e.strerror or str(e)) from e
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise _bad(path, f"not valid JSON ({e})") from e
+        return jsondoc.parse(data, "it")
+    except jsondoc.JSONError as e:
+        raise _bad(path, str(e).removeprefix("it is ")) from None
 
 
 def _kernel() -> tuple[int, ...]:

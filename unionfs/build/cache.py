@@ -22,6 +22,7 @@ import json
 import os
 from typing import Any
 
+from .. import jsondoc
 from ..errors import UserError
 from ..image.store import Store, write_json_atomic
 
@@ -46,7 +47,7 @@ class BuildCache:
         """(config, layer descriptors) stored for `key`, if all its layers are still here."""
         try:
             with open(self._path(key), "rb") as f:
-                entry = json.loads(f.read(MAX_ENTRY))
+                entry = jsondoc.parse(f.read(MAX_ENTRY), "a build cache entry")
             config, layers = entry["config"], entry["layers"]
             diff_ids = config["rootfs"]["diff_ids"]
             if not isinstance(layers, list) or len(layers) != len(diff_ids):
@@ -56,7 +57,7 @@ class BuildCache:
                     raise ValueError("a layer is gone")
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, RecursionError, UserError):
+        except (OSError, ValueError, KeyError, TypeError, UserError):
             with contextlib.suppress(OSError):
                 os.unlink(self._path(key))
             return None

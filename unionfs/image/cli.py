@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from .. import jsondoc
 from ..cli import store_option
 from ..errors import UserError
 from ..progress import Bars
@@ -380,9 +381,9 @@ def _argv(text: str | None, what: str) -> list[str] | None:
         return None
     if text.lstrip().startswith("["):
         try:
-            v = json.loads(text)
-        except (ValueError, RecursionError):
-            raise UserError(f"--{what}: not a valid JSON array") from None
+            v = jsondoc.parse(text, f"--{what}")
+        except jsondoc.JSONError as e:
+            raise UserError(f"{e} (a JSON array of strings or a command line)") from None
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise UserError(f"--{what}: expected a JSON array of strings")
         return v

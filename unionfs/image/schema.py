@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from .. import jsondoc
 from .safetext import ImageError
 
 MAX_JSON = 4 << 20  # containers/image allows 4 MiB for a manifest or a config
@@ -141,11 +142,9 @@ def parse_json(data: bytes, what: str) -> Any:
     if len(data) > MAX_JSON:
         raise ImageFormatError(f"{what} is too large (over {MAX_JSON} bytes)")
     try:
-        return msgspec.json.decode(data)
-    except msgspec.DecodeError as e:
-        raise ImageFormatError(f"{what} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ImageFormatError(f"{what} is nested too deeply") from None
+        return jsondoc.parse(data, what)
+    except jsondoc.JSONError as e:
+        raise ImageFormatError(str(e)) from None
 
 
 _PATTERN_NAMES = {

@@ -19,12 +19,12 @@ Bearer TOKEN`).
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from .. import jsondoc
 from ..errors import UserError
 from ..image import reference
 from ..image.store import write_json_atomic
@@ -80,13 +80,7 @@ def _read(path: str) -> dict[str, Any]:
         return {}
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from e
-    try:
-        obj = json.loads(data) if data.strip() else {}
-    except (ValueError, RecursionError):
-        raise UserError(f"{path} is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return obj
+    return jsondoc.parse_object(data, path) if data.strip() else {}
 
 
 def _key_host(key: str) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import json
 import math
 import os
 import ssl
@@ -50,7 +49,7 @@ from typing import Any, Self
 import httpx
 import trio
 
-from .. import __version__
+from .. import __version__, jsondoc
 from ..errors import UserError
 from ..image import reference
 from ..image.schema import MAX_JSON
@@ -144,13 +143,12 @@ def _reason(exc: BaseException) -> str:
 def registry_errors(resp: httpx.Response, body: bytes) -> tuple[str | None, str]:
     """(first error code, message) of a distribution error body, if it is one."""
     try:
-        errs = json.loads(body).get("errors") or []
+        errs = jsondoc.parse(body, "the error").get("errors") or []
         first = errs[0]
         code = str(first.get("code") or "")
         msg = str(first.get("message") or code).strip()
         return code or None, msg
-    except (ValueError, AttributeError, IndexError, TypeError, RecursionError):
-        # RecursionError: a body of 100,000 nested '[' (the stdlib's parser recurses)
+    except (jsondoc.JSONError, AttributeError, IndexError, TypeError):
         text = body.decode(errors="replace").strip().splitlines()
         return None, (text[0][:200] if text else resp.reason_phrase)
 
@@ -357,9 +355,9 @@ class Client:
                     f"token server {realm} answered {resp.status_code}", resp.status_code
                 )
             try:
-                data = json.loads(body)
+                data = jsondoc.parse_object(body, "the token answer")
                 token = data.get("token") or data.get("access_token")
-            except (ValueError, AttributeError, RecursionError):
+            except jsondoc.JSONError:
                 token = None
             if not isinstance(token, str) or not token:
                 raise RegistryError(f"token server {realm} gave no token")
