@@ -17,10 +17,9 @@ modes and times; anything else it copies like COPY.
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import errno
-import gzip
+import io
 import lzma
 import os
 import posixpath
@@ -32,7 +31,7 @@ from typing import IO, Any
 
 import zstandard
 
-from .. import sparse, syscalls
+from .. import compression, sparse, syscalls
 from ..errors import UserError
 from ..sandbox import SetupError, read_user_db
 from ..tarsafe import open_tar
@@ -512,14 +511,6 @@ def _copy_tree(dfd: int, tree: SourceTree, src: Source, spec: CopySpec, dest: st
 
 
 # --- ADD of a local archive ------------------------------------------------------------------
-_MAGIC = (
-    (b"\x1f\x8b", "gz"),
-    (b"BZh", "bz2"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"\x28\xb5\x2f\xfd", "zst"),
-)
-
-
 def _tar_header_ok(block: bytes) -> bool:
     if len(block) < 512:
         return False
@@ -544,52 +535,26 @@ class Archive:
 @contextlib.contextmanager
 def open_archive(fd: int) -> Iterator[Archive | None]:
     """The tar archive in the file `fd` (plain or compressed), or None if it is not one."""
-    head = os.pread(fd, 6, 0)
-    kind = next((k for m, k in _MAGIC if head.startswith(m)), None)
+    kind = compression.kind_of(os.pread(fd, compression.HEAD, 0))
     with contextlib.ExitStack() as stack:
         raw = stack.enter_context(os.fdopen(os.dup(fd), "rb"))
         stream: Any = raw
-        if kind == "gz":
-            stream = stack.enter_context(gzip.GzipFile(fileobj=raw))
-        elif kind == "bz2":
-            stream = stack.enter_context(bz2.BZ2File(raw))
-        elif kind == "xz":
-            stream = stack.enter_context(lzma.LZMAFile(raw))
-        elif kind == "zst":
-            stream = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw))
+        if kind != compression.NONE:
+            stream = stack.enter_context(compression.reader(kind, raw))
         try:
-            first = stream.read(512)
-        except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError):
+            first = compression.read_head(stream, 512)
+        except compression.ERRORS:
             first = b""
         if not _tar_header_ok(first):
             yield None
             return
-        prefixed: Any = _Prefixed(first, stream)
+        prefixed = io.BufferedReader(compression.Prefixed(first, stream), 1 << 16)
         try:
             tf = open_tar(fileobj=prefixed, mode="r|")
         except ARCHIVE_ERRORS as e:  # tarfile reads the first header here
             raise CopyError(f"corrupt or truncated archive ({e})") from None
         with tf:
-            yield Archive(tf, os.fstat(fd).st_size if kind is None else None)
-
-
-class _Prefixed:
-    """A stream with some bytes already read put back in front."""
-
-    def __init__(self, head: bytes, rest: Any) -> None:
-        self.head = head
-        self.rest = rest
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            if n < 0:
-                out, self.head = self.head + self.rest.read(), b""
-                return bytes(out)
-            out, self.head = self.head[:n], self.head[n:]
-            if len(out) < n:
-                out += self.rest.read(n - len(out))
-            return bytes(out)
-        return bytes(self.rest.read(n))
+            yield Archive(tf, os.fstat(fd).st_size if kind == compression.NONE else None)
 
 
 def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, what: str) -> None:

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from ..compression import Prefixed
 from ..errors import UserError
 from ..syscalls import fdpath
 from ..tree import DIR_FLAGS, DirCursor, NotRegularFile, open_regular
@@ -56,7 +57,6 @@ from ..whiteout import (
     is_xwhiteout,
 )
 from .load import MEDIA_BY_COMPRESSION, store_layer_stream
-from .oci import Prefixed
 from .safetext import ImageError, printable
 from .store import (
     DOCKER_CONFIG,
@@ -116,7 +116,7 @@ def data_regions(fd: int, size: int) -> list[tuple[int, int]]:
 class MemberData(io.RawIOBase):
     """A member's exact bytes: each (offset, length) region of the file `fd`, read with
     pread; zeros where the file has shrunk since it was measured, so that the member
-    holds what its header says (a sparse member's map goes in front: `oci.Prefixed`)."""
+    holds what its header says (a sparse member's map goes in front: `compression.Prefixed`)."""
 
     def __init__(self, fd: int, regions: list[tuple[int, int]]) -> None:
         self.fd = fd

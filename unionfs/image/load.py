@@ -9,16 +9,14 @@ The image becomes visible (index.json) last.
 
 from __future__ import annotations
 
-import bz2
 import gzip
 import io
-import lzma
 import os
 import stat
-import zlib
 from collections.abc import Callable
 from typing import IO, Any
 
+from .. import compression
 from ..errors import UserError
 from ..progress import Bars
 from . import reference
@@ -296,15 +294,7 @@ class _Counted(io.RawIOBase):
         return int(n)
 
 
-def _gunzip(f: Any) -> Any:
-    return gzip.GzipFile(fileobj=f, mode="rb")
-
-
-_COMPRESSED: dict[bytes, Callable[[Any], Any]] = {
-    b"\x1f\x8b": _gunzip,
-    b"BZh": bz2.BZ2File,
-    b"\xfd7zXZ\x00": lzma.LZMAFile,
-}
+_ARCHIVE_ERRORS: tuple[type[Exception], ...] = (*compression.ERRORS, ValueError)
 
 
 def open_archive(path: str) -> IO[bytes]:
@@ -324,8 +314,8 @@ def open_archive(path: str) -> IO[bytes]:
 
 
 def plain_archive(path: str, scratch: str) -> IO[bytes]:
-    """The archive PATH (`open_archive`), or for a compressed one (gzip, bzip2, xz) a
-    plain copy made in SCRATCH.
+    """The archive PATH (`open_archive`), or for a compressed one (gzip, bzip2, xz, zstd:
+    what docker load takes) a plain copy made in SCRATCH.
 
     tarfile reads a member of a compressed archive by seeking in it, and a seek
     backwards decompresses the stream again from its start: each layer stored
@@ -335,28 +325,29 @@ def plain_archive(path: str, scratch: str) -> IO[bytes]:
     (`ExpansionBound`), it is then read by plain seeks."""
     f = open_archive(path)
     try:
-        head = os.pread(f.fileno(), 6, 0)
+        head = os.pread(f.fileno(), compression.HEAD, 0)
     except BaseException:
         f.close()
         raise
-    opener = next((o for m, o in _COMPRESSED.items() if head.startswith(m)), None)
-    if opener is None:
+    kind = compression.kind_of(head)
+    if kind == compression.NONE:
         return f
     with f:
         counted = _Counted(f)
         bound = ExpansionBound(lambda: counted.count, f"archive {path}")
         out = os.path.join(scratch, "archive.tar")
         try:
-            with opener(io.BufferedReader(counted, 1 << 16)) as z, open(out, "wb") as w:
+            raw = io.BufferedReader(counted, 1 << 16)
+            with compression.reader(kind, raw) as z, open(out, "wb") as w:
                 while chunk := z.read(1 << 20):
                     bound(len(chunk))
                     w.write(chunk)
-        except (EOFError, zlib.error, lzma.LZMAError, ValueError) as e:
-            raise ImageFormatError(f"cannot read archive {path}: {e}") from None
         except OSError as e:
             if isinstance(e, gzip.BadGzipFile) or e.errno is None:
                 raise ImageFormatError(f"cannot read archive {path}: {e}") from None
             raise UserError(f"cannot decompress {path} into {scratch}: {e.strerror}") from None
+        except _ARCHIVE_ERRORS as e:
+            raise ImageFormatError(f"cannot read archive {path}: {e}") from None
     return open(out, "rb")
 
 

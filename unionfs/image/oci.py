@@ -22,19 +22,16 @@ it; the names an archive gives its images are checked by the importer.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import io
 import os
 import posixpath
 import tarfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 
-import zstandard
-
+from .. import compression
 from ..errors import UserError
 from ..tarsafe import open_tar
 from ..tree import DIR_FLAGS, NotRegularFile, open_regular
@@ -154,6 +151,14 @@ class DirSource(Source):
             self.fd = -1
 
 
+_ARCHIVE_ERRORS: tuple[type[Exception], ...] = (
+    tarfile.TarError,
+    ValueError,
+    OverflowError,
+    *compression.ERRORS,
+)
+
+
 class TarSource(Source):
     """A layout or archive packed in a tar; symlinks between members are followed inside it.
     Read from `fileobj` if given (closed with the source), else opened by `path`."""
@@ -171,15 +176,7 @@ class TarSource(Source):
                     self.members[_clean(m.name)] = m
                 except ImageFormatError:
                     continue  # never looked up, so harmless
-        except (
-            tarfile.TarError,
-            EOFError,
-            OSError,
-            zlib.error,
-            ValueError,
-            OverflowError,
-            zstandard.ZstdError,
-        ) as e:
+        except _ARCHIVE_ERRORS as e:
             raise ImageFormatError(f"cannot read archive {path}: {e}") from e
 
     def _resolve(self, path: str) -> tarfile.TarInfo | None:
@@ -318,54 +315,16 @@ def _reader(raw: io.RawIOBase) -> IO[bytes]:
     return io.BufferedReader(raw, 1 << 16)
 
 
-class Prefixed(io.RawIOBase):
-    """A stream with some already-read bytes put back in front."""
-
-    def __init__(self, prefix: bytes, src: Any) -> None:
-        self.prefix = prefix
-        self.src = src
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if self.prefix:
-            n = min(len(b), len(self.prefix))
-            b[:n] = self.prefix[:n]
-            self.prefix = self.prefix[n:]
-            return n
-        data = self.src.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-def compression_of(head: bytes) -> str:
-    """By magic number, not media type: files are often mislabelled."""
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "zstd"
-    return "none"
+LAYER_KINDS = (compression.GZIP, compression.ZSTD)
+"""What a layer blob may be compressed with: what a manifest's media types can say."""
 
 
 def decompressed(src: Any) -> tuple[Any, str]:
     """(a readable uncompressed stream, compression name) for a layer blob stream."""
-    head = b""
-    while len(head) < 4:
-        more = src.read(4 - len(head))
-        if not more:
-            break
-        head += more
-    comp = compression_of(head)
-    raw = io.BufferedReader(Prefixed(head, src), 1 << 16)
-    if comp == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb"), comp
-    if comp == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), comp
-    return raw, comp
+    return compression.decompressed(src, LAYER_KINDS)
 
 
-DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, tarfile.TarError)
+DECOMPRESS_ERRORS: tuple[type[Exception], ...] = (*compression.ERRORS, tarfile.TarError)
 
 
 # --- finding images -------------------------------------------------------------
