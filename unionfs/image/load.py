@@ -10,7 +10,6 @@ The image becomes visible (index.json) last.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import stat
 from collections.abc import Callable
@@ -279,21 +278,6 @@ def _store_candidate(
     return mdigest
 
 
-class _Counted(io.RawIOBase):
-    """Passes reads of `src` through, counting the bytes."""
-
-    def __init__(self, src: Any) -> None:
-        self.src, self.count = src, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = self.src.readinto(b)
-        self.count += n
-        return int(n)
-
-
 _ARCHIVE_ERRORS: tuple[type[Exception], ...] = (*compression.ERRORS, ValueError)
 
 
@@ -333,12 +317,10 @@ def plain_archive(path: str, scratch: str) -> IO[bytes]:
     if kind == compression.NONE:
         return f
     with f:
-        counted = _Counted(f)
-        bound = ExpansionBound(lambda: counted.count, f"archive {path}")
+        bound = ExpansionBound(f.tell, f"archive {path}")  # compressed bytes read so far
         out = os.path.join(scratch, "archive.tar")
         try:
-            raw = io.BufferedReader(counted, 1 << 16)
-            with compression.reader(kind, raw) as z, open(out, "wb") as w:
+            with compression.reader(kind, f) as z, open(out, "wb") as w:
                 while chunk := z.read(1 << 20):
                     bound(len(chunk))
                     w.write(chunk)
