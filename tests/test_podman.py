@@ -1,0 +1,282 @@
+"""pyunion as podman's mount program (containers/storage `overlay.mount_program`).
+
+podman runs a container on the FUSE mount pyunion-overlayfs makes (runc
+mounts /proc, /dev and the rest over it), `podman diff` and `podman commit`
+read the container's upper through a second mount, and `podman rm` unmounts.
+The same container is run with fuse-overlayfs as the mount program: both must
+report the same changes, and the committed image must read back as the
+container left its tree. Everything lives in a private --root/--runroot under
+the test's temp dir and is removed afterwards, failures included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import alive, fuse_skip_reason
+
+PYUNION_OVERLAYFS = Path(
+    os.environ.get("PYUNION_MOUNT_PROGRAM") or Path(sys.executable).parent / "pyunion-overlayfs"
+)
+FUSE_OVERLAYFS = shutil.which("fuse-overlayfs")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _skip_reason() -> str | None:
+    if reason := fuse_skip_reason():
+        return reason
+    if shutil.which("podman") is None:
+        return "needs podman (scripts/setup.sh installs it)"
+    if not PYUNION_OVERLAYFS.exists():
+        return f"needs the pyunion-overlayfs console script in {PYUNION_OVERLAYFS.parent}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+# Changes of every kind to the lower layer: new, appended, deleted file and directory,
+# a directory replaced (opaque), renames, a hard link to a lower file, a mode change.
+SHARED_CHANGES = """
+echo new > /data/new
+echo more >> /data/a
+rm /data/gone-file
+rm -r /data/gone-dir
+mv /data/mv-file /data/mv-file2
+mv /data/mv-dir /data/mv-dir2
+ln /data/hl /data/hl2
+chmod 600 /data/ro
+cat /data/a /data/mv-dir2/f
+"""
+SHARED_AFTER = """
+cd /data
+ls -A . mv-dir2
+cat a hl2
+stat -c '%a %h' ro hl
+test ! -e gone-file && test ! -e gone-dir && test ! -e mv-file
+"""
+# A directory deleted and made again (opaque): podman with fuse-overlayfs 1.10 commits a
+# layer that loses it (replaced/old comes back), so it is checked with pyunion alone.
+CHANGES = (
+    SHARED_CHANGES
+    + """
+rm -r /data/replaced; mkdir /data/replaced; echo n > /data/replaced/n
+cat /data/replaced/n
+"""
+)
+AFTER = (
+    SHARED_AFTER
+    + """
+ls -A replaced
+test ! -e replaced/old
+"""
+)
+
+
+class Podman:
+    """podman on a private root, runroot and configuration, with one mount program."""
+
+    def __init__(self, base: Path, program: str) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.runroot = Path(tempfile.mkdtemp(prefix="pu-podman-"))  # podman: < 50 characters
+        (base / "tmp").mkdir(parents=True, exist_ok=True)
+        self.program = program
+        conf = base / "containers.conf"
+        conf.write_text('[engine]\nevents_logger = "file"\ncgroup_manager = "cgroupfs"\n')
+        self.state = base / "state"
+        self.env = {
+            **os.environ,
+            "CONTAINERS_CONF": str(conf),
+            "TMPDIR": str(base / "tmp"),
+            "PYUNION_STATE_DIR": str(self.state),
+            "PYUNION_LOG": str(base / "daemon.log"),
+        }
+
+    def __call__(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(
+            [
+                *("podman", "--root", str(self.root), "--runroot", str(self.runroot)),
+                # On the command line: podman given --root reads no storage.conf options.
+                *("--storage-driver", "overlay"),
+                *("--storage-opt", f"overlay.mount_program={self.program}"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if check and r.returncode != 0:
+            log = self.base / "daemon.log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise AssertionError(
+                f"podman {' '.join(args)} failed ({r.returncode}):\n"
+                f"{r.stdout}\n{r.stderr}\ndaemon log:\n{tail}"
+            )
+        return r.stdout.strip()
+
+    def run(self, *args: str) -> str:
+        """`podman run` with modest limits: podman's defaults (nofile 1048576, nproc
+        4194304) exceed this machine's, and runc then fails to set them."""
+        limits = []
+        for name, res, want in (
+            ("nofile", resource.RLIMIT_NOFILE, 1024),
+            ("nproc", resource.RLIMIT_NPROC, 4096),
+        ):
+            n = min(want, resource.getrlimit(res)[0])
+            limits += ["--ulimit", f"{name}={n}:{n}"]
+        return self("run", "--network", "none", *limits, *args)
+
+    def mounts(self) -> list[str]:
+        bases = tuple(str(d.resolve()) + "/" for d in (self.base, self.runroot))
+        with open("/proc/self/mountinfo") as f:
+            return [line.split()[4] for line in f if line.split()[4].startswith(bases)]
+
+    def daemons(self) -> list[int]:
+        """Mount daemons of this root: pyunion records its pid, fuse-overlayfs has our paths."""
+        pids = set()
+        if self.state.is_dir():
+            for f in self.state.iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    pids.add(int(f.read_text().split()[0]))
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                with contextlib.suppress(OSError):
+                    cmd = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+                    if os.path.basename(cmd[0]) == b"fuse-overlayfs" and any(
+                        str(self.root).encode() in a for a in cmd
+                    ):
+                        pids.add(int(p))
+        return [p for p in pids if p != os.getpid() and alive(p)]
+
+    def cleanup(self) -> None:
+        """Remove containers and images, then whatever a failure left mounted or running."""
+        if self.root.exists():
+            self("rm", "--all", "--force", check=False)
+            self("rmi", "--all", "--force", check=False)
+        for mp in sorted(self.mounts(), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30, check=False)
+        for pid in self.daemons():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def podman(base: Path, program: str) -> Iterator[Podman]:
+    p = Podman(base, program)
+    try:
+        yield p
+    finally:
+        p.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(p.runroot, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def base_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample image's busybox layer plus a /data tree to change, as one tar."""
+    d = tmp_path_factory.mktemp("podman-base")
+    out = subprocess.run(
+        [sys.executable, "-m", "unionfs", "sample", str(d / "sample")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=REPO,
+    ).stdout.split()
+    root = Path(out[-1])  # the bottom layer: a whole busybox tree
+    data = root / "data"
+    for sub in ("gone-dir", "replaced", "mv-dir"):
+        (data / sub).mkdir(parents=True)
+    for name, text in (
+        ("a", "a\n"),
+        ("gone-file", "g\n"),
+        ("gone-dir/x", "x\n"),
+        ("replaced/old", "o\n"),
+        ("mv-file", "m\n"),
+        ("mv-dir/f", "f\n"),
+        ("hl", "h\n"),
+        ("ro", "r\n"),
+    ):
+        (data / name).write_text(text)
+    (data / "ro").chmod(0o644)
+    tar = d / "base.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(root, arcname=".")
+    return tar
+
+
+def _session(p: Podman, tar: Path, changes: str, after: str) -> dict[str, object]:
+    """Import, run the changes, diff, commit, read the commit back, remove the container."""
+    out: dict[str, object] = {}
+    p("import", str(tar), "localhost/base:1")
+    out["run"] = p.run("--name", "c1", "localhost/base:1", "/bin/sh", "-ec", changes)
+    out["diff"] = sorted(p("diff", "c1").splitlines())
+    p("commit", "-q", "c1", "localhost/changed:1")
+    p("rm", "c1")
+    out["after"] = p.run("--rm", "localhost/changed:1", "/bin/sh", "-ec", after)
+    return out
+
+
+def test_podman_run_diff_commit_with_pyunion(base_tar: Path, tmp_path: Path) -> None:
+    with podman(tmp_path / "podman", str(PYUNION_OVERLAYFS)) as p:
+        out = _session(p, base_tar, CHANGES, AFTER)
+        # The container's root was pyunion's FUSE mount, not a kernel overlay.
+        assert (
+            "fuse.pyunion"
+            in p.run("--rm", "localhost/base:1", "/bin/sh", "-c", "cat /proc/self/mounts").split(
+                "\n"
+            )[0]
+        )
+        assert p.mounts() == [] and p.daemons() == [], "left mounted or running after rm"
+    assert out["run"] == "a\nmore\nf\nn"
+    assert out["after"] == (
+        ".:\na\nhl\nhl2\nmv-dir2\nmv-file2\nnew\nreplaced\nro\n\nmv-dir2:\nf\n"
+        "a\nmore\nh\n600 1\n644 1\n"  # the naive diff commits hl2 as a file of its own
+        "n"
+    )
+    diff = out["diff"]
+    assert isinstance(diff, list)
+    for change in (
+        "A /data/new",
+        "C /data/a",
+        "D /data/gone-file",
+        "D /data/gone-dir",
+        "A /data/mv-file2",
+        "D /data/mv-file",
+        "A /data/mv-dir2",
+        "D /data/mv-dir",
+        "A /data/hl2",
+    ):
+        assert change in diff, (change, diff)
+
+
+@pytest.mark.skipif(FUSE_OVERLAYFS is None, reason="needs fuse-overlayfs to compare with")
+def test_podman_sees_the_same_changes_as_with_fuse_overlayfs(
+    base_tar: Path, tmp_path: Path
+) -> None:
+    runs = []
+    for name, program in (("pyunion", str(PYUNION_OVERLAYFS)), ("fo", str(FUSE_OVERLAYFS))):
+        with podman(tmp_path / name, program) as p:
+            runs.append(_session(p, base_tar, SHARED_CHANGES, SHARED_AFTER))
+    assert runs[0] == runs[1], f"pyunion: {runs[0]}\nfuse-overlayfs: {runs[1]}"
