@@ -140,7 +140,10 @@ class _Setup:
         return None
 
     def podman_run(self) -> list[str]:
-        return self.podman("run", "--rm", "--network", "none", self.podman_image, "true")
+        # podman's default limits (nofile 1048576, nproc 4194304) exceed this machine's
+        # hard limits, and runc then fails to set them: ask for ordinary ones.
+        limits = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096")
+        return self.podman("run", "--rm", "--network", "none", *limits, self.podman_image, "true")
 
     def cleanup(self) -> None:
         if self.podman_image:
