@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ocilayout import Layout
-from support import kernel_overlay, pyunion, tree_view
+from support import PYUNION, kernel_overlay, pyunion, tree_view
 from test_image import BASE, make_layout, sha, tar_bytes
 
 from unionfs.errors import UserError
@@ -1634,6 +1634,39 @@ def test_a_sparse_file_is_committed_with_its_holes(
     ).stdout
     assert " 1099511627776 " in listing and " 2147483648 " in listing, listing
     assert "GNUSparseFile" not in listing, listing
+
+
+def test_an_upper_changing_during_commit_is_one_line(tmp_path: Path, store_dir: str) -> None:
+    """Commit reads the upper while something deletes from it (a container still
+    running): a directory it listed is gone when it gets there. One line that says so,
+    nothing stored (before: a FileNotFoundError traceback)."""
+    up = tmp_path / "up"
+    (up / "z").mkdir(parents=True)
+    (up / "z" / "f").write_text("x")
+    (up / "a-big").write_bytes(os.urandom(48 << 20))  # written first, through gzip: slow
+    before = store_state(store_dir)
+    proc = subprocess.Popen(
+        [*PYUNION, "commit", str(up), "--image", "first", "--store", store_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        tmp = Path(store_dir) / "tmp"
+        deadline = time.monotonic() + 60
+        while not any(f.stat().st_size > 1 << 20 for f in tmp.rglob("*") if f.is_file()):
+            assert proc.poll() is None and time.monotonic() < deadline, "commit went too fast"
+            time.sleep(0.01)
+        shutil.rmtree(up / "z")  # listed, not written yet: names go in byte order
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0, out
+    assert "changed while it was committed (z went away)" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert store_state(store_dir) == before
 
 
 # --- compressed archives -------------------------------------------------------------------------

@@ -196,6 +196,7 @@ class _Walker:
     links: dict[tuple[int, int], str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     sparse_count: int = 0
+    current: str = "."  # the entry being written, for an error's message
 
     def _info(self, name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
@@ -256,6 +257,7 @@ class _Walker:
                     stack.pop()
                     continue
                 name = level.names.pop()
+                self.current = level.prefix + name
                 dfd = cur.goto(level.parts)
                 sub = self._one(dfd, level, name)
                 if sub is not None:
@@ -360,11 +362,20 @@ def write_layer_tar(upper: str, out: BinaryIO | Any, timestamp: int | None = Non
         root = os.open(upper, DIR_FLAGS)
     except OSError as e:
         raise UserError(f"cannot open upper directory {upper}: {e.strerror}") from e
+    w: _Walker | None = None
     try:
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             w = _Walker(tar, timestamp)
             w.walk(root)
         return w.skipped
+    except OSError as e:
+        where = printable(w.current if w is not None else ".")
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+            raise ImageError(
+                f"{upper} changed while it was committed ({where} went away): stop what "
+                "writes to it (unmount it) and commit again"
+            ) from None
+        raise ImageError(f"cannot commit {upper}: {where}: {e.strerror or e}") from None
     finally:
         os.close(root)
 
