@@ -604,6 +604,112 @@ def test_a_registry_that_drips_is_not_waited_for_without_end(
     assert json.loads((store / "index.json").read_text())["manifests"] == []
 
 
+class _SlowAnswer(http.server.ThreadingHTTPServer):
+    """Takes a push, but answers an upload (PUT, or the PATCH of a chunk) after its body
+    a byte every 0.2 s (`mode` "drip"), or a chunk with a body that never ends
+    ("endless")."""
+
+    daemon_threads = True
+    mode = ""
+    stop = threading.Event()
+
+
+class _SlowAnswerHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    server: _SlowAnswer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def reply(self, status: int, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def handle_one(self) -> None:
+        srv, path = self.server, self.path.split("?")[0]
+        if n := int(self.headers.get("Content-Length") or 0):
+            self.rfile.read(n)
+        try:
+            if path == "/v2/":
+                self.reply(200)
+            elif self.command == "HEAD":
+                self.reply(404)
+            elif self.command == "POST":
+                self.reply(202, {"Location": "/up/1"})
+            elif "/manifests/" in path:
+                self.reply(201)
+            elif srv.mode == "drip":
+                self.wfile.write(b"HTTP/1.0 201 Created\r\n")
+                for c in b"X-Slow: " + b"x" * 8000:
+                    if srv.stop.wait(0.2):
+                        return
+                    self.wfile.write(bytes([c]))
+                    self.wfile.flush()
+            elif srv.mode == "endless" and self.command == "PATCH":
+                self.send_response(202)
+                self.send_header("Location", "/up/1")
+                self.end_headers()
+                sent = 0
+                while sent < GIVE_UP and not srv.stop.is_set():
+                    self.wfile.write(CHUNK)
+                    sent += len(CHUNK)
+            else:
+                self.reply(202 if self.command == "PATCH" else 201, {"Location": "/up/1"})
+        except OSError:
+            pass  # the client hung up
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = handle_one
+
+
+@pytest.fixture
+def slow_answer() -> Iterator[_SlowAnswer]:
+    srv = _SlowAnswer(("127.0.0.1", 0), _SlowAnswerHandler)
+    srv.stop = threading.Event()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.stop.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "chunked", "said"),
+    [("drip", False, "timed out"), ("drip", True, "timed out"), ("endless", True, "larger than")],
+)
+def test_an_upload_answered_slowly_or_without_end_is_one_line(
+    slow_answer: _SlowAnswer, tmp_path: Path, mode: str, chunked: bool, said: str
+) -> None:
+    """A registry answers an upload a byte every 0.2 s, or with an endless body: with
+    `--timeout 2` the push gives up in one line within seconds (before: an upload's
+    answer had no deadline, httpx's being per read, so a dripped one was waited for
+    as long as it dripped; a chunk's answer was read whole into memory)."""
+    slow_answer.mode = mode
+    store = tmp_path / "store"  # a layer of 300 KB that gzip cannot shrink: 5 chunks
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", os.urandom(300_000))])])
+    import_image(str(lay), Store(str(store)), tag="img")
+    chunk = ["--chunk-size", "64KiB"] if chunked else []
+    t0 = time.monotonic()
+    r = pyunion(
+        "push",
+        *("--tls-verify=false", "--retry", "1", "--retry-delay", "0.05", "--timeout", "2"),
+        *chunk,
+        "--store",
+        str(store),
+        "img",
+        f"127.0.0.1:{slow_answer.server_address[1]}/x:1",
+        check=False,
+        timeout=120,
+    )
+    took = time.monotonic() - t0
+    _one_line(r, said)
+    assert took < 30, f"{took:.0f} s"
+
+
 @pytest.mark.parametrize(("mode", "said"), [("error", "unknown image"), ("token", "no token")])
 def test_deeply_nested_json_is_one_line(
     encoded: _Encoded, tmp_path: Path, mode: str, said: str

@@ -22,10 +22,11 @@ No answer is read without a bound, as containers/image: manifests 4 MiB
 descriptor's size. A registry or token server that streams forever is cut off
 with one line. Nor is one waited for without a bound (`Options.timeout`, 120 s;
 httpx's own timeout is per read, which a server sending a byte a minute never
-reaches): an answer's headers (but an upload's, which come after its body)
-and a whole manifest, token or error must come within it, and a blob must
-bring 64 KiB each time that long is spent waiting on it (else it is resumed,
-as after a cut). The bound is on what the answer is once decoded, checked as it
+reaches): an answer's headers and a whole manifest, token or error must come
+within it, and a blob must bring 64 KiB each time that long is spent waiting
+on it (else it is resumed, as after a cut); an upload's body must be taken
+64 KiB at a time within it, and its answer come within it of the body's end
+(`UploadDeadline`). The bound is on what the answer is once decoded, checked as it
 is decoded: answers are asked for uncompressed (`Accept-Encoding: identity`),
 and a gzip or deflate one is inflated a bounded piece at a time (`read_limited`),
 never a whole network read at once (httpx's own decoders do that: 64 KiB of
@@ -37,7 +38,6 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import math
 import os
 import ssl
 import weakref
@@ -151,6 +151,34 @@ def registry_errors(resp: httpx.Response, body: bytes) -> tuple[str | None, str]
     except (jsondoc.JSONError, AttributeError, IndexError, TypeError):
         text = body.decode(errors="replace").strip().splitlines()
         return None, (text[0][:200] if text else resp.reason_phrase)
+
+
+class UploadDeadline:
+    """An upload's deadline, moved as its body goes out: the server must take every
+    STALL_BYTES of the body within `timeout`, then answer within `timeout` of the last.
+
+    httpx's timeouts are per read and per write: a server draining a body slowly, or
+    sending its answer a byte at a time, would hold a push for as long as it liked.
+    One cancel scope per attempt (`start`), its deadline pushed by `body`."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.scope = trio.CancelScope()
+
+    def start(self) -> trio.CancelScope:
+        self.scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
+        return self.scope
+
+    def _push(self) -> None:
+        self.scope.deadline = trio.current_time() + self.timeout
+
+    async def body(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`chunks` in pieces of STALL_BYTES, each given once the last one was taken."""
+        async for chunk in chunks:
+            for i in range(0, len(chunk), STALL_BYTES):
+                self._push()
+                yield chunk[i : i + STALL_BYTES]
+        self._push()
 
 
 def api_host(registry: str) -> str:
@@ -288,21 +316,24 @@ class Client:
         )
 
     async def _retrying(
-        self, send: Callable[[], Awaitable[httpx.Response]], what: str, deadline: bool = True
+        self,
+        send: Callable[[], Awaitable[httpx.Response]],
+        what: str,
+        upload: UploadDeadline | None = None,
     ) -> httpx.Response:
         """send() until it gets an answer that is not transient, or the retries run out.
-        With `deadline`, an answer whose headers take longer than the timeout is one
-        (`deadline=False` for an upload, whose answer comes once its body is sent)."""
+        An answer whose headers take longer than the timeout is a timeout; for an upload
+        (whose answer comes once its body is sent), the timeout runs from the last part
+        of the body the server took (`upload`)."""
         attempt = 0
-        limit = self.opts.timeout if deadline else math.inf
         while True:
             failed: httpx.Response | None = None
             try:
                 got: httpx.Response | None = None
-                with trio.move_on_after(limit):
+                with upload.start() if upload else trio.move_on_after(self.opts.timeout):
                     got = await send()
                 if got is None:
-                    raise httpx.ReadTimeout(f"no answer within {limit:.0f} s")
+                    raise httpx.ReadTimeout(f"no progress within {self.opts.timeout:.0f} s")
                 resp = got
             except HTTPX_ERRORS as e:
                 if not self._retry(e, attempt):
@@ -408,14 +439,22 @@ class Client:
             if auth is not None:
                 hdrs["Authorization"] = auth
 
-            def send(hdrs: dict[str, str] = hdrs) -> Awaitable[httpx.Response]:
-                body = content() if callable(content) else content
+            upload = UploadDeadline(self.opts.timeout) if callable(content) else None
+
+            def send(
+                hdrs: dict[str, str] = hdrs, upload: UploadDeadline | None = upload
+            ) -> Awaitable[httpx.Response]:
+                if callable(content):
+                    assert upload is not None
+                    body: bytes | AsyncIterator[bytes] | None = upload.body(content())
+                else:
+                    body = content
                 req = self.http.build_request(
                     method, url, headers=hdrs, content=body, params=params
                 )
                 return self.http.send(req, stream=True, follow_redirects=follow)
 
-            resp = await self._retrying(send, f"{method} {path}", not callable(content))
+            resp = await self._retrying(send, f"{method} {path}", upload)
             if resp.status_code != 401:
                 break
             ch = self._pick(resp)
@@ -674,19 +713,27 @@ class Client:
         attempt = 0
         while offset < size:
             end = min(size, offset + chunk_size)
+            upload = UploadDeadline(self.opts.timeout)
             try:
-                resp = await self.http.send(
-                    self.http.build_request(
-                        "PATCH",
-                        location,
-                        content=file_chunks(path, offset, end, progress),
-                        headers={
-                            **(await self._auth_headers(scopes, location)),
-                            "Content-Range": f"{offset}-{end - 1}",
-                            "Content-Length": str(end - offset),
-                            "Content-Type": "application/octet-stream",
-                        },
-                    )
+                req = self.http.build_request(
+                    "PATCH",
+                    location,
+                    content=upload.body(file_chunks(path, offset, end, progress)),
+                    headers={
+                        **(await self._auth_headers(scopes, location)),
+                        "Content-Range": f"{offset}-{end - 1}",
+                        "Content-Length": str(end - offset),
+                        "Content-Type": "application/octet-stream",
+                    },
+                )
+                got: httpx.Response | None = None
+                with upload.start():
+                    got = await self.http.send(req, stream=True)
+                if got is None:
+                    raise httpx.WriteTimeout(f"no progress within {self.opts.timeout:.0f} s")
+                resp = got
+                self._bodies[resp] = await read_limited(
+                    resp, MAX_BODY, f"the answer to PATCH {location}", False, self.opts.timeout
                 )
             except HTTPX_ERRORS as e:
                 if not self._retry(e, attempt):
