@@ -14,6 +14,7 @@ decided here, once, because it decides whether a daemon is forked at all.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import signal
@@ -30,6 +31,18 @@ def forkserver_wanted() -> bool:
     return os.environ.get("PYUNION_FORKSERVER", "0") == "1"
 
 
+def share_with_fork() -> None:
+    """Before a fork whose child lives on beside its parent (a daemon, a janitor): keep
+    the pages the two share shared.
+
+    A collection writes to every object it walks (its GC header), so the first full
+    collection in either process after the fork copies every page holding one. Frozen
+    objects are never walked again; they are never freed either, which a process that
+    lives as long as its container, and holds what it imported, can afford.
+    """
+    gc.freeze()
+
+
 class Prefork:
     """A daemon forked before its mount is known, importing what serving needs meanwhile.
 
@@ -41,6 +54,9 @@ class Prefork:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # What both processes hold stays shared: the caller's later collections never
+        # write to (so never copy) the pages of the objects it has now (`share_with_fork`).
+        share_with_fork()
         pid = os.fork()
         if pid == 0:
             try:

@@ -53,7 +53,7 @@ from . import syscalls, tree, userns
 from .errors import UserError
 from .mount import is_mountpoint, mount_detached, wait_gone
 from .options import MountConfig
-from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
+from .prefork import Prefork, cancel_early, forkserver_wanted, share_with_fork, take_early
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -612,6 +612,7 @@ class Runner:
 
     def _start_janitor(self) -> None:
         r, w = os.pipe()
+        share_with_fork()  # the janitor waits beside pyunion for the container's life
         with _forwarded_signals_blocked():
             pid = os.fork()
             if pid == 0:
