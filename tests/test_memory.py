@@ -92,6 +92,8 @@ def test_mounted_daemon_maps_no_openssl(layers: tuple) -> None:
         maps = Path(f"/proc/{daemon_of(mnt)}/maps").read_text()
         assert "libfuse3.so" in maps  # the right process
         assert not [line for line in maps.splitlines() if any(s in line for s in OPENSSL_LIBS)]
+        # shutil's compressors, which ctypes.util's imports would bring (lazyimport.py)
+        assert "libbz2" not in maps and "liblzma" not in maps
 
 
 def test_stats_are_kept_compact(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ exit; a traceback only with `PYUNION_TRACEBACK=1`.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -18,9 +17,11 @@ from . import __version__
 from .errors import UserError
 
 if TYPE_CHECKING:
+    import argparse
+
     from .options import MountConfig
 
-Handler = Callable[[argparse.Namespace], int]
+    Handler = Callable[[argparse.Namespace], int]
 
 
 def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -174,6 +175,9 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """The parser; `extra=False` leaves out the subcommands of other modules (faster mounts),
     `modules` registers only those modules' subcommands."""
+    # Imported here, after the daemon-to-be is forked (`_main`): a daemon never parses.
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="pyunion", description="A userspace union filesystem for container image layers."
     )

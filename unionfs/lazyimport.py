@@ -24,7 +24,10 @@ import sys
 import types
 
 # Never used by a daemon (see the docstring); anything else a daemon imports is used.
-UNUSED_BY_DAEMON = ("ssl", "idna", "hmac")
+# `ctypes.util` imports tempfile and shutil (and shutil bz2 and lzma, which map their
+# libraries) for `find_library`, which a daemon never calls (`syscalls.import_with_sonames`
+# answers trio's lookup by soname).
+UNUSED_BY_DAEMON = ("ssl", "idna", "hmac", "tempfile", "shutil", "bz2", "lzma")
 
 
 _classes: dict[type[types.ModuleType], type[types.ModuleType]] = {}
