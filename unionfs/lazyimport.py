@@ -24,10 +24,14 @@ import sys
 import types
 
 # Never used by a daemon (see the docstring); anything else a daemon imports is used.
-# `ctypes.util` imports tempfile and shutil (and shutil bz2 and lzma, which map their
-# libraries) for `find_library`, which a daemon never calls (`syscalls.import_with_sonames`
-# answers trio's lookup by soname).
-UNUSED_BY_DAEMON = ("ssl", "idna", "hmac", "tempfile", "shutil", "bz2", "lzma")
+UNUSED_BY_DAEMON = ("ssl", "idna", "hmac")
+# Also never used by a daemon: `ctypes.util` imports tempfile and shutil (and shutil bz2
+# and lzma, which map their libraries) for `find_library`, which a daemon never calls
+# (`syscalls.import_with_sonames` answers trio's lookup by soname). Deferred in the
+# daemon-to-be only (`prefork.Prefork`): on Python 3.11 a lazy module is not safe to
+# load from two threads at once (fixed in 3.12), and other commands use these from
+# worker threads (pull's unpacking: shutil.copyfileobj).
+DAEMON_ONLY = ("tempfile", "shutil", "bz2", "lzma")
 
 
 _classes: dict[type[types.ModuleType], type[types.ModuleType]] = {}

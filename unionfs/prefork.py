@@ -61,6 +61,9 @@ class Prefork:
         if pid == 0:
             try:
                 ours.close()
+                from .lazyimport import DAEMON_ONLY, defer
+
+                defer(DAEMON_ONLY)
                 from .mount import prefork_main  # the child's imports: forked first for them
 
                 prefork_main(theirs)
