@@ -190,6 +190,11 @@ class _StaticHandler(http.server.BaseHTTPRequestHandler):
             self.reply(202, b"", {"Location": srv.upload_to})
         elif self.command in ("PUT", "PATCH"):
             self.reply(201, b"", {"Location": "/done"})
+        elif "/manifests/" in path and srv.mode == "escapes-json":
+            msg = "no \x1b]0;PWNED\x07\x1b[2J\nsecond line"
+            self.reply(403, json.dumps({"errors": [{"code": "DENIED", "message": msg}]}).encode())
+        elif "/manifests/" in path and srv.mode == "escapes-text":
+            self.reply(403, b"no \x1b]0;PWNED\x07\x1b[2J\x9b31m\nsecond line")
         elif "/manifests/" in path:
             self.reply(
                 200, srv.manifest, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
@@ -277,6 +282,20 @@ def test_a_redirect_loop_is_one_line(static: Any, tmp_path: Path) -> None:
     srv.mode = "redirect-loop"
     r = _cli("pull", f"{srv.url[7:]}/x:latest", store=tmp_path / "s")
     _one_line(r, "redirects too many times")
+
+
+@pytest.mark.parametrize("mode", ["escapes-json", "escapes-text"])
+def test_a_registry_error_message_reaches_the_terminal_escaped(
+    static: Any, tmp_path: Path, mode: str
+) -> None:
+    """An error body (JSON or text) whose message holds terminal control sequences and a
+    newline: one line, the controls shown escaped (before: an error's message went to the
+    terminal as the registry wrote it, so a registry could retitle or clear it)."""
+    srv = static()
+    srv.mode = mode
+    r = _cli("pull", f"{srv.url[7:]}/x:latest", store=tmp_path / "s")
+    _one_line(r, "\\x1b]0;PWNED\\x07")
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr, r.stderr
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@ import trio
 from .. import __version__, jsondoc
 from ..errors import UserError
 from ..image import reference
+from ..image.safetext import printable
 from ..image.schema import MAX_JSON
 from ..image.store import digest_of
 from .auth import DOCKER_HUB_API, Challenge, Credentials, parse_challenges
@@ -67,10 +68,11 @@ CERT_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
 
 
 class RegistryError(UserError):
-    """A registry operation failed; the message is one line for the user."""
+    """A registry operation failed; the message is one line for the user, printed escaped
+    (`printable`): it may quote what the registry said (an error body's message)."""
 
     def __init__(self, msg: str, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(msg)
+        super().__init__(printable(msg))
         self.status = status
         self.error_code = code
 
