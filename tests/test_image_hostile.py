@@ -1743,6 +1743,23 @@ def test_a_compressed_archive_imports(tmp_path: Path, store_dir: str, kind: str)
     assert len(Store(store_dir).lookup("junk:1").diff_ids) == 3
 
 
+def test_a_plain_archive_whose_first_name_looks_compressed_imports(
+    tmp_path: Path, store_dir: str
+) -> None:
+    """A plain tar whose first member is named "BZh..." (bzip2's magic) is a tar: its first
+    block is a valid tar header (before: read as bzip2, "Invalid data stream")."""
+    lay = make_layout(tmp_path / "lay", [tar_bytes([("f", b"x")])])
+    arch = tmp_path / "img.tar"
+    with tarfile.open(arch, "w") as tf:
+        ti = tarfile.TarInfo("BZh91AY&SY-notes.txt")
+        ti.size = 2
+        tf.addfile(ti, io.BytesIO(b"hi"))
+        tf.add(lay, arcname=".")
+    assert arch.read_bytes().startswith(b"BZh")
+    r = cli_import(arch, store_dir, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
 def test_a_compressed_archive_bomb_is_refused(tmp_path: Path, store_dir: str) -> None:
     """The same with 300 MiB of zeros: the archive is bounded as a layer is (256 MiB, or
     100 times its size): one line, nothing kept."""

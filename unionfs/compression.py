@@ -25,13 +25,32 @@ _MAGIC = {
     XZ: b"\xfd7zXZ\x00",
     ZSTD: b"\x28\xb5\x2f\xfd",
 }
-HEAD = max(len(m) for m in _MAGIC.values())
-"""How many first bytes `kind_of` needs."""
+TAR_BLOCK = 512
+HEAD = TAR_BLOCK
+"""How many first bytes `kind_of` reads: a whole tar header."""
+
+
+def is_tar_header(block: bytes) -> bool:
+    """Whether `block` is a tar header: ustar magic, or a checksum that adds up (old
+    v7 and GNU headers)."""
+    if len(block) < TAR_BLOCK:
+        return False
+    if block[257:262] == b"ustar":
+        return True
+    try:
+        chk = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return chk == sum(block[:148]) + 256 + sum(block[156:TAR_BLOCK])
 
 
 def kind_of(head: bytes, kinds: tuple[str, ...] = ALL) -> str:
     """The compression among `kinds` that `head` (a stream's first bytes) starts with,
-    or NONE."""
+    or NONE. A plain tar whose first member's name begins like a magic number (`BZh...`
+    is bzip2's) is a tar: its first block is a valid header, which compressed data is
+    not (the odds are those of a checksum matching by chance)."""
+    if is_tar_header(head[:TAR_BLOCK]):
+        return NONE
     return next((k for k in kinds if head.startswith(_MAGIC[k])), NONE)
 
 

@@ -511,18 +511,6 @@ def _copy_tree(dfd: int, tree: SourceTree, src: Source, spec: CopySpec, dest: st
 
 
 # --- ADD of a local archive ------------------------------------------------------------------
-def _tar_header_ok(block: bytes) -> bool:
-    if len(block) < 512:
-        return False
-    if block[257:262] == b"ustar":
-        return True
-    try:
-        chk = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-    except ValueError:
-        return False
-    return chk == sum(block[:148]) + 256 + sum(block[156:512])
-
-
 @dataclass
 class Archive:
     """An open tar archive, and how much a member's data can be: a plain tar holds no
@@ -545,7 +533,7 @@ def open_archive(fd: int) -> Iterator[Archive | None]:
             first = compression.read_head(stream, 512)
         except compression.ERRORS:
             first = b""
-        if not _tar_header_ok(first):
+        if not compression.is_tar_header(first):
             yield None
             return
         prefixed = io.BufferedReader(compression.Prefixed(first, stream), 1 << 16)
