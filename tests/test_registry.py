@@ -10,16 +10,20 @@ access log counts the requests each command made.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -330,6 +334,95 @@ def test_push_uploads_only_missing_blobs_and_skopeo_reads_it(
     assert got == a.id
     r = pyunion("run", "--store", str(s2), f"{reg.host}/apps/app:a", timeout=120)
     assert r.stdout == "made by a\n"
+
+
+class _CutFirstPut:
+    """A TCP proxy to the registry that cuts the first blob PUT whose body is longer
+    than 2 x `after` bytes, `after` bytes into its body (a link that drops)."""
+
+    def __init__(self, upstream: str, after: int) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.after = after
+        self.cut = threading.Event()
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.socks: list[socket.socket] = [self.lsock]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(self.upstream, timeout=30)
+            self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        left = -1  # bytes of the body to cut still to forward; -1: not armed
+        try:
+            while data := src.recv(1 << 16):
+                if upward and left < 0 and not self.cut.is_set() and b"PUT /v2/" in data:
+                    m = re.search(rb"content-length: *(\d+)", data, re.IGNORECASE)
+                    end = data.find(b"\r\n\r\n")
+                    if m and end > 0 and int(m.group(1)) > 2 * self.after:
+                        self.cut.set()
+                        left = self.after + end + 4
+                if left >= 0:
+                    dst.sendall(data[:left])
+                    left -= min(left, len(data))
+                    if left == 0:
+                        time.sleep(0.5)  # the registry stores what it got before the cut
+                        break
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def test_a_cut_upload_resumes_where_the_registry_stands(
+    reg: Registry, images: Path, tmp_path: Path
+) -> None:
+    """A link that drops in the middle of a blob's single PUT: the push sends it again to a
+    new upload (before: to the same upload, which the registry refuses, having kept
+    what it read: "blob upload invalid"). The image then pulls back whole."""
+    s = tmp_path / "s"
+    base = f"{reg.host}/sample:1"
+    pyunion("pull", NOTLS, "--store", str(s), base)
+    blob = os.urandom(1 << 20)
+    _commit(s, base, "cut:1", {"cut.bin": blob}, tmp_path)
+    proxy = _CutFirstPut(reg.host, 256 << 10)
+    try:
+        r = pyunion(
+            "push",
+            NOTLS,
+            *("--retry", "2", "--retry-delay", "0.05", "--timeout", "10"),
+            "--store",
+            str(s),
+            "cut:1",
+            f"{proxy.host}/cut/img:1",
+            check=False,
+            timeout=120,
+        )
+    finally:
+        proxy.close()
+    assert proxy.cut.is_set(), "no PUT was cut"
+    assert r.returncode == 0, r.stderr
+    s2 = tmp_path / "s2"
+    pyunion("pull", NOTLS, "--store", str(s2), f"{reg.host}/cut/img:1", timeout=120)
+    layer = resolve_layers(f"{reg.host}/cut/img:1", str(s2))[0]
+    assert (Path(layer) / "cut.bin").read_bytes() == blob
 
 
 def test_interrupted_pull_leaves_nothing_trusted_then_completes(

@@ -81,6 +81,11 @@ class TooLarge(RegistryError):
     """An answer longer than its bound (`read_limited`)."""
 
 
+class Cut(RegistryError):
+    """A request cut by a transient failure and not sent again (`resend=False`): an
+    upload's registry may hold part of its body, and the caller resumes from there."""
+
+
 @dataclass
 class Options:
     """How to reach registries: what `--tls-verify`, `--cert-dir`, `--creds`, `--retry` set."""
@@ -322,12 +327,14 @@ class Client:
         send: Callable[[], Awaitable[httpx.Response]],
         what: str,
         upload: UploadDeadline | None = None,
+        resend: bool = True,
     ) -> httpx.Response:
         """send() until it gets an answer that is not transient, or the retries run out.
         An answer whose headers take longer than the timeout is a timeout; for an upload
         (whose answer comes once its body is sent), the timeout runs from the last part
-        of the body the server took (`upload`)."""
-        attempt = 0
+        of the body the server took (`upload`). With `resend=False`, sent once: a cut is
+        `Cut`, a transient answer is returned."""
+        attempt = 0 if resend else self.opts.retries
         while True:
             failed: httpx.Response | None = None
             try:
@@ -338,6 +345,8 @@ class Client:
                     raise httpx.ReadTimeout(f"no progress within {self.opts.timeout:.0f} s")
                 resp = got
             except HTTPX_ERRORS as e:
+                if not resend and self._retry(e, 0):
+                    raise Cut(str(self.http_error(e, what))) from None
                 if not self._retry(e, attempt):
                     raise self.http_error(e, what) from None
             else:
@@ -427,11 +436,13 @@ class Client:
         content: bytes | Callable[[], AsyncIterator[bytes]] | None = None,
         params: dict[str, str] | None = None,
         stream: bool = False,
+        resend: bool = True,
     ) -> httpx.Response:
         """One request with auth and retries; a 401 is answered once with fresh credentials.
 
         `content` is bytes or a function making a fresh body stream per attempt. With
-        `stream=True` the caller reads and closes the response.
+        `stream=True` the caller reads and closes the response. `resend=False`: no
+        retries (`_retrying`).
         """
         follow = method in ("GET", "HEAD")
         url = self.url(path)
@@ -456,7 +467,7 @@ class Client:
                 )
                 return self.http.send(req, stream=True, follow_redirects=follow)
 
-            resp = await self._retrying(send, f"{method} {path}", upload)
+            resp = await self._retrying(send, f"{method} {path}", upload, resend)
             if resp.status_code != 401:
                 break
             ch = self._pick(resp)
@@ -695,21 +706,43 @@ class Client:
     ) -> None:
         """Upload a file: one PUT when it fits in a chunk, else PATCH chunks then PUT.
 
-        A chunk cut by a transient error is resumed where the registry says the
-        upload stands (`GET` of the upload URL gives its `Range`).
+        A chunk cut by a transient error is resumed where the registry says the upload
+        stands (`GET` of the upload URL gives its `Range`). A cut PUT is sent again to a
+        new upload, as containers/image does: the registry kept what it read of the
+        cut one, and refuses the same body again there ("blob upload invalid").
         """
         scopes = push_scope(repo)
         what = f"uploading blob {digest} to {self.registry}/{repo}"
         if size <= chunk_size:
-            resp = await self.request(
-                "PUT",
-                with_digest(location, digest),
-                scopes,
-                headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-                content=lambda: file_chunks(path, 0, size, progress),
-            )
-            if resp.status_code != 201:
-                raise await self.fail(resp, what)
+            for attempt in range(self.opts.retries + 1):
+                last = attempt == self.opts.retries
+                if attempt:
+                    fresh = await self.start_upload(repo)
+                    assert fresh is not None  # no mount asked for: always an upload URL
+                    location = fresh
+                try:
+                    resp = await self.request(
+                        "PUT",
+                        with_digest(location, digest),
+                        scopes,
+                        headers={
+                            "Content-Length": str(size),
+                            "Content-Type": "application/octet-stream",
+                        },
+                        content=lambda: file_chunks(path, 0, size, progress),
+                        resend=False,
+                    )
+                except Cut:
+                    if last:
+                        raise
+                    await self.backoff(attempt)
+                    continue
+                if resp.status_code == 201:
+                    return
+                if resp.status_code not in TRANSIENT_STATUS or last:
+                    raise await self.fail(resp, what)
+                self._bodies.pop(resp, None)
+                await self.backoff(attempt, resp)
             return
         offset = 0
         attempt = 0
