@@ -340,7 +340,8 @@ class _CutFirstPut:
     """A TCP proxy to the registry that cuts the first blob PUT whose body is longer
     than 2 x `after` bytes, `after` bytes into its body (a link that drops)."""
 
-    def __init__(self, upstream: str, after: int) -> None:
+    def __init__(self, upstream: str, after: int, method: bytes = b"PUT") -> None:
+        self.method = method + b" /v2/"
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.after = after
@@ -365,7 +366,7 @@ class _CutFirstPut:
         left = -1  # bytes of the body to cut still to forward; -1: not armed
         try:
             while data := src.recv(1 << 16):
-                if upward and left < 0 and not self.cut.is_set() and b"PUT /v2/" in data:
+                if upward and left < 0 and not self.cut.is_set() and self.method in data:
                     m = re.search(rb"content-length: *(\d+)", data, re.IGNORECASE)
                     end = data.find(b"\r\n\r\n")
                     if m and end > 0 and int(m.group(1)) > 2 * self.after:
@@ -391,23 +392,27 @@ class _CutFirstPut:
                 s.close()
 
 
-def test_a_cut_upload_resumes_where_the_registry_stands(
-    reg: Registry, images: Path, tmp_path: Path
+@pytest.mark.parametrize("method", [b"PUT", b"PATCH"])
+def test_a_cut_upload_is_sent_again(
+    reg: Registry, images: Path, tmp_path: Path, method: bytes
 ) -> None:
-    """A link that drops in the middle of a blob's single PUT: the push sends it again to a
-    new upload (before: to the same upload, which the registry refuses, having kept
-    what it read: "blob upload invalid"). The image then pulls back whole."""
+    """A link that drops in the middle of a blob's single PUT, or of a chunk's PATCH: the
+    push sends it again to a new upload (before: to the same upload, which the registry
+    refuses once it has kept part of it: "blob upload invalid"). The image then pulls
+    back whole."""
     s = tmp_path / "s"
     base = f"{reg.host}/sample:1"
     pyunion("pull", NOTLS, "--store", str(s), base)
     blob = os.urandom(1 << 20)
     _commit(s, base, "cut:1", {"cut.bin": blob}, tmp_path)
-    proxy = _CutFirstPut(reg.host, 256 << 10)
+    proxy = _CutFirstPut(reg.host, 256 << 10, method)
+    chunks = ["--chunk-size", "768KiB"] if method == b"PATCH" else []
     try:
         r = pyunion(
             "push",
             NOTLS,
             *("--retry", "2", "--retry-delay", "0.05", "--timeout", "10"),
+            *chunks,
             "--store",
             str(s),
             "cut:1",

@@ -707,9 +707,10 @@ class Client:
         """Upload a file: one PUT when it fits in a chunk, else PATCH chunks then PUT.
 
         A chunk cut by a transient error is resumed where the registry says the upload
-        stands (`GET` of the upload URL gives its `Range`). A cut PUT is sent again to a
-        new upload, as containers/image does: the registry kept what it read of the
-        cut one, and refuses the same body again there ("blob upload invalid").
+        stands (`GET` of the upload URL gives its `Range`), or from the start in a new
+        upload when the registry refuses the old one (`_resume`). A cut PUT is sent
+        again to a new upload, as containers/image does: the registry kept what it read
+        of the cut one, and refuses the same body again there ("blob upload invalid").
         """
         scopes = push_scope(repo)
         what = f"uploading blob {digest} to {self.registry}/{repo}"
@@ -775,12 +776,12 @@ class Client:
                     raise self.http_error(e, what) from None
                 await self.backoff(attempt)
                 attempt += 1
-                location, offset = await self._upload_status(repo, location, what)
+                location, offset = await self._resume(repo, location, what)
                 continue
             if resp.status_code in TRANSIENT_STATUS and attempt < self.opts.retries:
                 await self.backoff(attempt, resp)
                 attempt += 1
-                location, offset = await self._upload_status(repo, location, what)
+                location, offset = await self._resume(repo, location, what)
                 continue
             if resp.status_code != 202:
                 raise await self.fail(resp, what)
@@ -795,6 +796,20 @@ class Client:
     async def _auth_headers(self, scopes: tuple[str, ...], url: str) -> dict[str, str]:
         auth = await self._auth_header(scopes, False, url)
         return {"Authorization": auth} if auth else {}
+
+    async def _resume(self, repo: str, location: str, what: str) -> tuple[str, int]:
+        """Where to go on after a cut chunk: where the upload stands, or a new upload from
+        the start when the registry refuses the old one (docker-registry's upload URL
+        carries the offset it expects, signed, and a cut leaves its file longer than
+        that: "upload resumed at wrong offset")."""
+        try:
+            return await self._upload_status(repo, location, what)
+        except RegistryError as e:
+            if e.status not in (404, 416):
+                raise
+        fresh = await self.start_upload(repo)
+        assert fresh is not None  # no mount asked for: always an upload URL
+        return fresh, 0
 
     async def _upload_status(self, repo: str, location: str, what: str) -> tuple[str, int]:
         """Where an interrupted upload stands: (upload URL, bytes the registry has)."""
