@@ -9,6 +9,7 @@ are, with no mount behind them. Runs in a few seconds as any user:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -26,6 +27,7 @@ from unionfs.inodes import ROOT_ID, Node
 from unionfs.layers import LayerStack
 from unionfs.mount import prepare_workdir
 from unionfs.resolve import Entry
+from unionfs.syscalls import RENAME_EXCHANGE, renameat2
 from unionfs.union import Ctx, Union
 from unionfs.whiteout import WhiteoutWriter
 
@@ -421,3 +423,29 @@ async def test_adaptor_replies_without_a_mount(tmp_path: Path, made: list[Union]
     assert await ops.getattr(d.st_ino) is d
     await ops.mkdir(d.st_ino, b"sub", 0o755, ctx)
     assert await ops.getattr(d.st_ino) is not d
+
+
+def test_a_special_file_copy_up_chmods_what_it_made_not_a_symlink_swapped_in(
+    tmp_path: Path, made: list[Union]
+) -> None:
+    """The copy-up of a FIFO (socket, device) makes it in the work dir by name, then sets
+    its owner, mode, xattrs and times there by name. Whoever can write the work dir can
+    swap a symlink in between: the chmod followed it, and root gave the symlink's target
+    the FIFO's mode (a user owning WORK/work made a root-only file 0666 through a root
+    mount at the first swap). The swap is made here between `begin` and `finish`."""
+    low = tmp_path / "l"
+    low.mkdir()
+    os.mkfifo(low / "fifo")
+    os.chmod(low / "fifo", 0o666)
+    victim = tmp_path / "victim"
+    victim.write_text("root:precious\n")
+    victim.chmod(0o600)
+    u = make(tmp_path, made, [low])
+    node = walk(u, b"fifo")
+    job = u.copyup.begin(node)
+    assert job is not None
+    os.symlink(victim, b"swap", dir_fd=u.work_fd)
+    renameat2(u.work_fd, b"swap", u.work_fd, job.tmp, RENAME_EXCHANGE)
+    with contextlib.suppress(OSError):  # refusing is fine too; following the symlink is not
+        job.finish()
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600, "the copy-up chmod'ed the victim"

@@ -29,7 +29,7 @@ from .errors import FsError
 from .inodes import InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .resolve import Resolver
-from .syscalls import fdpath
+from .syscalls import chmod_nofollow, fdpath
 from .tree import DIR_FLAGS, rmtree_at
 from .whiteout import is_internal_xattr
 
@@ -324,8 +324,9 @@ class CopyUp:
                     )
                 except OSError as e:
                     chown_failed(e, self.owners_optional)
-                if not stat.S_ISLNK(st.st_mode):
-                    os.chmod(job.tmp, stat.S_IMODE(st.st_mode), dir_fd=self.work_fd)
+                # Never through a symlink: whoever can write the work dir could swap
+                # one in for the node just made, and root would chmod its target.
+                chmod_nofollow(self.work_fd, job.tmp, stat.S_IMODE(st.st_mode))
                 copy_xattrs(fdpath(src_dir, node.name), tmp_path)
                 set_times(tmp_path, st, follow=False)
             pst = os.fstat(pfd)
