@@ -623,6 +623,34 @@ def test_a_user_owning_the_upper_cannot_make_the_daemon_chmod_another_file(
     assert r.returncode == 0 and " tries in " in r.stdout, r.stderr
 
 
+def test_a_work_dir_a_user_made_is_not_the_daemons_scratch_dir(
+    open_tree: Path, user: tuple[int, int]
+) -> None:
+    """Root mounts a union whose work dir a user owns. She made `WORK/work` herself before
+    the mount: the daemon kept it (it only emptied it) and made its copy-ups there by name,
+    where she could swap each for a symlink while root worked on it (a chmod through one
+    gave a root-only file 0666). Like the kernel, the daemon now makes WORK/work afresh,
+    its own and 0700, so that nothing in it is hers; what she left there is gone."""
+    t = open_tree
+    for d in ("l", "u", "w", "mnt"):
+        (t / d).mkdir()
+    os.mkfifo(t / "l" / "fifo")
+    os.chmod(t / "l" / "fifo", 0o666)
+    os.chown(t / "u", *user)
+    os.chown(t / "w", *user)
+    _as(user, "mkdir", "-m", "777", str(t / "w" / "work"))
+    _as(user, "ln", "-s", "/etc/shadow", str(t / "w" / "work" / "planted"))
+    with mounted([t / "l"], t / "mnt", upper=t / "u", work=t / "w") as mnt:
+        st = (t / "w" / "work").stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+        assert os.listdir(t / "w" / "work") == []
+        # She can no longer make anything there, and copy-ups still work.
+        r = _as(user, "ln", "-s", "x", str(t / "w" / "work" / "again"), check=False)
+        assert r.returncode != 0
+        _as(user, "touch", str(mnt / "fifo"))
+        assert stat.S_ISFIFO((t / "u" / "fifo").lstat().st_mode)
+
+
 def test_a_user_cannot_redirect_roots_umount_to_another_mount(
     open_tree: Path, user: tuple[int, int]
 ) -> None:

@@ -492,18 +492,29 @@ def choose_workdir(upper: str, work: str | None) -> str:
 
 
 def prepare_workdir(work: str) -> tuple[int, int]:
-    """Lock the work dir for this mount, empty WORK/work, return (lock fd, WORK/work fd)."""
+    """Lock the work dir for this mount, make WORK/work afresh, return (lock fd, WORK/work fd).
+
+    WORK/work is removed and made again, the daemon's own and 0700, as the kernel
+    does: the daemon makes objects there by name and works on them before they
+    move into the upper, so a WORK/work that someone else made (the owner of
+    WORK, who may not be the mounter) would let her swap them for symlinks.
+    """
     lock_fd = os.open(work, DIR_FLAGS)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        raise UserError(f"work directory {work!r} is in use by another mount") from None
-    with contextlib.suppress(FileExistsError):
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"work directory {work!r} is in use by another mount") from None
+        rmtree_at(lock_fd, b"work")
         os.mkdir(b"work", 0o700, dir_fd=lock_fd)
-    wfd = os.open(b"work", DIR_FLAGS, dir_fd=lock_fd)
-    for e in list(os.scandir(wfd)):
-        rmtree_at(wfd, os.fsencode(e.name))
+        wfd = os.open(b"work", DIR_FLAGS, dir_fd=lock_fd)
+        st = os.fstat(wfd)
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            os.close(wfd)
+            raise UserError(f"{work!r}/work was replaced while it was made; try again")
+    except BaseException:
+        os.close(lock_fd)
+        raise
     return lock_fd, wfd
 
 
