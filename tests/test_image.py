@@ -3,11 +3,13 @@ conversion, layer sharing, hostile archives, commit and export, the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 import zstandard
 from ocilayout import Layout, sha
-from support import pyunion
+from support import PYUNION, pyunion
 
 from unionfs.errors import UserError
 from unionfs.image import (
@@ -501,3 +503,52 @@ def test_rmi_by_short_name_untags_only_that_name(tmp_path: Path, store: Store) -
     store.add_image(img.digest, len(store.read_blob(img.digest)), "other:2")
     assert store.remove("app:1") == (["reg/app:1"], [])
     assert store.lookup("other:2").digest == img.digest
+
+
+@pytest.mark.timeout(120)
+def test_an_rmi_waiting_for_a_commit_does_not_collect_the_new_image(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`commit` (and `pull`) published the new layer and blobs under the store's shared
+    lock, then let it go and only then named the image in the index: an `rmi` of anything
+    that was waiting for the lock ran its collection in between, found the new layer
+    unnamed and deleted it (the commit then failed, or named an image whose layer was
+    gone). `rmi other` is started here right at that point, as a separate command, and
+    given 2 s: it must wait for the image to be named, then leave it whole."""
+    import_image(str(make_layout(tmp_path / "lay", [tar_bytes(BASE)])), store, tag="base")
+    img = store.lookup("base")
+    store.add_image(img.digest, len(store.read_blob(img.digest)), "other")
+    up = tmp_path / "upper"
+    up.mkdir()
+    (up / "new-file").write_bytes(b"new\n")
+    real_add = Store.add_image
+    rmi: list[subprocess.Popen[str]] = []
+
+    def add_image_after_an_rmi(self: Store, *args: Any, **kw: Any) -> None:
+        p = subprocess.Popen(
+            [*PYUNION, "rmi", "other", "--store", store.root],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        rmi.append(p)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=2)
+        real_add(self, *args, **kw)
+
+    monkeypatch.setattr(Store, "add_image", add_image_after_an_rmi)
+    try:
+        digest, _ = commit(store, str(up), "base", "new", compression="none")
+    finally:
+        for p in rmi:
+            out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Untagged: other:latest" in out, err
+    monkeypatch.undo()
+    new = store.lookup("new")
+    assert new.digest == digest
+    for diff_id in new.diff_ids:
+        assert store.has_layer(diff_id), f"rmi collected {diff_id} of the new image"
+    for d in [new.config_digest] + [d["digest"] for d in new.manifest["layers"]]:
+        assert store.has_blob(d), f"rmi collected the blob {d}"
+    lowers = resolve_layers("new", store.root)
+    assert (Path(lowers[0]) / "new-file").read_bytes() == b"new\n"

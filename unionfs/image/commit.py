@@ -502,5 +502,7 @@ def commit(
         mbytes = canonical_json(man)
         mdigest = digest_of(mbytes)
         store.put_blob_bytes(mbytes, mdigest, tmp)
-    store.add_image(mdigest, len(mbytes), tag, MT_MANIFEST)
+        # Named while the store is held: an rmi waiting for it would collect the new,
+        # still unnamed layer and blobs the moment it is let go.
+        store.add_image(mdigest, len(mbytes), tag, MT_MANIFEST)
     return mdigest, base

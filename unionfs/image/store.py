@@ -461,7 +461,14 @@ class Store:
         """Record an image (its manifest blob must be in place); a tag moves to it.
 
         Every layer it names must be in the store already: an image is never tagged
-        that `run` would then find incomplete, whichever command made it."""
+        that `run` would then find incomplete, whichever command made it. It runs
+        under the store's shared lock (`using`), so that no `rmi` can collect what
+        it checked before the index names it; a command that publishes blobs or
+        layers calls it inside its own `using` block, before they are unnamed."""
+        with self.using():
+            self._add_image(manifest_digest, size, tag, media_type)
+
+    def _add_image(self, manifest_digest: str, size: int, tag: str | None, media_type: str) -> None:
         img = self._load_image(manifest_digest)
         for diff_id in img.diff_ids:
             if not self.has_layer(diff_id):

@@ -318,8 +318,9 @@ async def _pull(
                 store.put_blob_bytes(body, digest, tmp)
             except OSError as e:
                 raise _store_error(e, store, "the manifest") from None
-        tag = f"{ref.name}:{ref.tag}" if ref.tag else None
-        store.add_image(digest, len(body), tag, mtype)
+            # Named while the store is held (see Store.add_image).
+            tag = f"{ref.name}:{ref.tag}" if ref.tag else None
+            store.add_image(digest, len(body), tag, mtype)
         locations.record(
             store.root, ref.domain, ref.path, [cdesc.digest] + [ld.digest for ld in layers]
         )
