@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import zstandard
 from ocilayout import Layout, sha
-from support import PYUNION, pyunion
+from support import PYUNION, mounted, needs_fuse, pyunion
 
 from unionfs.errors import UserError
 from unionfs.image import (
@@ -552,3 +552,26 @@ def test_an_rmi_waiting_for_a_commit_does_not_collect_the_new_image(
         assert store.has_blob(d), f"rmi collected the blob {d}"
     lowers = resolve_layers("new", store.root)
     assert (Path(lowers[0]) / "new-file").read_bytes() == b"new\n"
+
+
+@needs_fuse
+@pytest.mark.timeout(120)
+def test_rmi_keeps_the_layers_a_mount_is_using(tmp_path: Path, store: Store) -> None:
+    """`rmi` of the image a container runs deleted its layers under it: the container's
+    /bin emptied mid-run ("sh: ls: not found"); podman refuses to remove an image in use.
+    A mount now holds each lower layer (a shared flock on its directory) and the store's
+    collection keeps a layer it cannot lock, with a warning; the next rmi after the
+    unmount removes it."""
+    import_image(str(make_layout(tmp_path / "lay", [tar_bytes(BASE)])), store, tag="base")
+    import_image(str(make_layout(tmp_path / "lay2", [tar_bytes(TOP)])), store, tag="other")
+    lowers = [Path(p) for p in resolve_layers("base", store.root)]
+    with mounted(lowers, tmp_path / "mnt") as mnt:
+        r = pyunion("rmi", "base", "--store", store.root)
+        assert "in use by a mount" in r.stderr, r
+        assert (mnt / "etc" / "a").read_bytes() == b"a\n"
+        assert all(p.is_dir() for p in lowers)
+        with pytest.raises(UserError):
+            store.lookup("base")
+    r = pyunion("rmi", "other", "--store", store.root)
+    assert "in use" not in r.stderr and not any(p.exists() for p in lowers), r
+    assert os.listdir(Path(store.root) / "layers") == []

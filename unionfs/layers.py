@@ -8,6 +8,7 @@ daemon out of its tree.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -80,7 +81,21 @@ def _open_layer(path: str, index: int, what: str) -> Layer:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise UserError(f"{what} {path!r}: {e.strerror}") from None
+    if index > 0:
+        hold_lower(fd)
     return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino)
+
+
+def hold_lower(fd: int) -> None:
+    """Say that a mount uses the lower layer open at `fd`, for as long as the fd is open.
+
+    A shared flock on the layer's directory: the image store's collection
+    (`image.store.Store.gc`) keeps a layer it cannot lock exclusively, so an
+    `rmi` no longer deletes the files of a running container's image under it.
+    Nothing else waits for it; where flock is refused the layer is just not held.
+    """
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
 
 
 class LayerStack:

@@ -670,8 +670,14 @@ class Store:
                 or (kept and self._blob_of(diff_id) in kept)
             ):
                 continue
-            self._trash(os.path.join(layers_root, name))
-            deleted.append(diff_id)
+            if self._trash_unless_mounted(os.path.join(layers_root, name)):
+                deleted.append(diff_id)
+            else:
+                log.warning(
+                    "layer %s is in use by a mount (a running container); it is kept until "
+                    "a later rmi",
+                    diff_id,
+                )
         blobs_root = os.path.join(self.root, "blobs")
         for algo in sorted(os.listdir(blobs_root)):
             for hexd in sorted(os.listdir(os.path.join(blobs_root, algo))):
@@ -681,6 +687,30 @@ class Store:
                         os.unlink(os.path.join(blobs_root, algo, hexd))
                     deleted.append(d)
         return deleted
+
+    def _trash_unless_mounted(self, layer_dir: str) -> bool:
+        """Trash a layer directory unless a mount holds its `diff/` (`layers.hold_lower`).
+
+        Its exclusive lock is held until the layer is out of the way, so that a mount
+        starting meanwhile either holds it first (and it stays) or finds it gone.
+        """
+        try:
+            fd = os.open(os.path.join(layer_dir, "diff"), DIR_FLAGS)
+        except OSError:
+            fd = -1  # no diff/ (a half layer): nobody can have mounted it
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                except OSError:
+                    pass  # flock refused here: nothing can hold it either
+            self._trash(layer_dir)
+            return True
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def _trash(self, path: str) -> None:
         """Make a directory vanish at once (rename into tmp/), then delete it at leisure."""
