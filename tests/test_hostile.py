@@ -397,6 +397,55 @@ def test_unprivileged_user_on_allow_other_mount(
     assert (upper / "sticky" / "nobodys").stat().st_uid == NOBODY
 
 
+def test_truncating_open_clears_set_id_bits_as_the_kernel_does(
+    layers: tuple, open_mnt: Path
+) -> None:
+    """open(O_TRUNC) by a user who may write a setuid-root file must clear its set-user-ID
+    bit (and set-group-ID with group execute), as a truncate does; root (CAP_FSETID) keeps
+    them. The kernel's FUSE client leaves an O_TRUNC open's truncation to the daemon
+    (atomic_o_trunc) and sends no mode, and the daemon truncated as root: the file stayed
+    setuid root (`: > file` by nobody; kernel overlayfs clears it). Checked through the
+    mount (the kernel's cached mode must not show the old bits) and in the upper."""
+    lows, upper, work, _ = layers
+    mnt = open_mnt
+    modes = {"suid": 0o4777, "sgid": 0o2777, "sgid-nx": 0o2767, "root-suid": 0o4777}
+    for name, mode in modes.items():
+        for where in (lows[0], upper):  # copied up by the open, and upper already
+            (where / f"{where.name}-{name}").write_text("data")
+            os.chmod(where / f"{where.name}-{name}", mode)
+
+    def as_nobody(m: str) -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        for where in (lows[0], upper):
+            for name in ("suid", "sgid", "sgid-nx"):
+                os.close(os.open(f"{m}/{where.name}-{name}", os.O_WRONLY | os.O_TRUNC))
+
+    want = {"suid": 0o777, "sgid": 0o777, "sgid-nx": 0o2767, "root-suid": 0o4777}
+    with mounted(lows, mnt, upper, work):
+        for where in (lows[0], upper):
+            for name in modes:
+                os.stat(mnt / f"{where.name}-{name}")  # the kernel caches the mode
+        codes = join_children(start_children([(as_nobody, (str(mnt),))]), 60, mnt)
+        assert codes == [0]
+        for where in (lows[0], upper):
+            os.close(os.open(mnt / f"{where.name}-root-suid", os.O_WRONLY | os.O_TRUNC))
+        shown = {
+            (where.name, name): stat.S_IMODE(os.stat(mnt / f"{where.name}-{name}").st_mode)
+            for where in (lows[0], upper)
+            for name in modes
+        }
+    on_disk = {
+        (where.name, name): stat.S_IMODE(os.stat(upper / f"{where.name}-{name}").st_mode)
+        for where in (lows[0], upper)
+        for name in modes
+    }
+    expected = {(where.name, name): want[name] for where in (lows[0], upper) for name in modes}
+    assert shown == expected, {k: oct(v) for k, v in shown.items() if v != expected[k]}
+    assert on_disk == expected, {k: oct(v) for k, v in on_disk.items() if v != expected[k]}
+
+
 # -- lifecycle ------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
 def test_other_signals_unmount_cleanly(layers: tuple, sig: int) -> None:

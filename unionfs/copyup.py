@@ -114,7 +114,8 @@ def set_times(target: int | bytes, st: os.stat_result, follow: bool = True) -> N
 # Told about a node whose attributes as shown changed other than by the request
 # being served: (node, links) - copied up (links=False: same attributes, the
 # object now lives in the upper), or linked under another name by the daemon
-# itself (links=True: its st_nlink changed behind the kernel's back).
+# itself, or its set-ID bits cleared on open(O_TRUNC) (links=True: attributes the
+# kernel cached, st_nlink or the mode, changed behind its back).
 Changed = Callable[[Node, bool], None]
 
 

@@ -373,7 +373,9 @@ class FuseOps(pyfuse3.Operations):
         plan = self.core.copyups_for_open(node, flags)
         if plan:  # most opens need nothing: no coroutine for them
             await self._copy_ups(plan)
-        return pyfuse3.FileInfo(fh=self.core.open(node, flags), keep_cache=True)
+        # uid 0 stands for CAP_FSETID (the kernel's test to keep set-ID bits on O_TRUNC).
+        privileged = ctx is None or ctx.uid == 0
+        return pyfuse3.FileInfo(fh=self.core.open(node, flags, privileged), keep_cache=True)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:

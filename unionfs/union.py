@@ -319,7 +319,8 @@ class Union:
         self.copyup.copy_up(node, with_data)
 
     # -- files -------------------------------------------------------------------
-    def open(self, node: Node, flags: int) -> int:
+    def open(self, node: Node, flags: int, privileged: bool = True) -> int:
+        """Open `node`; `privileged`: the caller may keep set-ID bits (CAP_FSETID: uid 0)."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writing = bool(flags & _WRITE_FLAGS)
@@ -332,6 +333,12 @@ class Union:
                 fd = open_file_at(pfd, node.name, os.O_RDWR | keep)
             except PermissionError:
                 fd = open_file_at(pfd, node.name, acc | keep)
+            if flags & os.O_TRUNC and not privileged:
+                try:
+                    self._kill_setid(node, fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
         else:
             pfd = self.resolver.location_fd(node)
             try:
@@ -339,6 +346,24 @@ class Union:
             except PermissionError:
                 fd = open_file_at(pfd, node.name, os.O_RDONLY)
         return self.handles.add_file(node, fd, writing)
+
+    def _kill_setid(self, node: Node, fd: int) -> None:
+        """Clear set-user-ID, and set-group-ID with group execute, as a truncation does.
+
+        The kernel does it for a write, a truncate and a chown by sending the
+        new mode; for open(O_TRUNC) it leaves the truncation to the daemon
+        (atomic_o_trunc) and sends none, and the daemon's own truncation, as root,
+        keeps them: a user could truncate a setuid-root file it may write and keep
+        it setuid. The kernel's cached mode is stale afterwards: `changed` says so.
+        """
+        mode = os.fstat(fd).st_mode
+        kill = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if kill:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+            node.xnames = None  # a mode change may rewrite an ACL
+            self.changed(node, True)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self.handles.file(fh).fd, size, off)
