@@ -196,7 +196,7 @@ class Union:
         dh = self.handles.dir(fh)
         d = dh.node
         if dh.entries is None:
-            dh.entries = list(self.resolver.listing(d).items())
+            dh.entries = self.handles.snapshot(d, self.resolver.listing(d))
         if off == 0:
             yield b".", d, 1, False
             off = 1
