@@ -869,6 +869,79 @@ def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def test_a_deep_lower_tree_copied_up_does_not_exhaust_the_daemons_fds(tmp_path: Path) -> None:
+    """An image ships a tree 2000 levels deep, and the container creates a file at its
+    bottom: one request copies all 2000 levels up. The daemon (fd limit 1024 here, the
+    usual default) kept every level's upper and lower fd during that request (EMFILE,
+    where kernel overlayfs just works), and the lower fds the copy-ups moved within
+    each node's chain were never closed again: each retry left more open, until the
+    mount could not open 5 files at once. Now a deep copy-up lets each level's fds go
+    once the next is made, and the daemon stays within its budget."""
+    from unionfs.mount import daemon_pid
+    from unionfs.tree import rmtree
+
+    depth = 2000
+    for d in ("l", "u", "w"):
+        (tmp_path / d).mkdir()
+    fd = os.open(tmp_path / "l", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+
+    def bottom(top: Path) -> int:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(depth):
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+
+    m = tmp_path / "mnt"
+    m.mkdir()
+    opts = f"lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u'},workdir={tmp_path / 'w'}"
+    with contextlib.ExitStack() as cleanup:
+        # pytest's own clean-up recurses: the deep trees are removed here, through fds.
+        cleanup.callback(rmtree, str(tmp_path / "l"))
+        cleanup.callback(rmtree, str(tmp_path / "u"))
+        cleanup.callback(force_unmount, m)
+        cleanup.callback(pyunion, "umount", str(m), check=False)
+        # The daemon's fd limit: the usual default (it raises its soft limit to the hard).
+        r = subprocess.run(
+            ["prlimit", "--nofile=1024:1024", *PYUNION, "mount", "-o", opts, str(m)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        pid = daemon_pid(str(m))
+        assert pid is not None
+        fd = bottom(m)
+        try:
+            for name in ("new", "leaf"):  # a new file, then the lower one written
+                wfd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+                os.write(wfd, b"deep\n")
+                os.close(wfd)
+            assert sorted(os.listdir(fd)) == ["leaf", "new"]
+        finally:
+            os.close(fd)
+        assert _fd_count(pid) < 512 + 64
+        files = [os.open(m / f"f{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(64)]
+        for f in files:
+            os.close(f)
+        fd = bottom(tmp_path / "u")
+        try:
+            rfd = os.open("leaf", os.O_RDONLY, dir_fd=fd)
+            assert os.read(rfd, 100) == b"deep\n"
+            os.close(rfd)
+        finally:
+            os.close(fd)
+
+
 def test_a_deep_tree_does_not_exhaust_the_daemons_fds(tmp_path: Path) -> None:
     """A container builds a tree 6000 levels deep and keeps its deepest directory open, so
     the kernel holds every level. The daemon kept one fd per level (EMFILE at about

@@ -214,8 +214,16 @@ class CopyUp:
             while n is not None and (not n.chain or n.chain[0] != 0):
                 todo.append(n)
                 n = n.parent
+            # Each level needs only its parent's new upper fd: past the fd budget, the
+            # fds of the level before are closed as the next is made (none of them was
+            # in the upper before, so the request holds none of their fds). All kept,
+            # a tree deeper than the fd limit failed with EMFILE half-way.
+            prev: Node | None = None
             for n in reversed(todo):
                 self.copy_up_dir(n)
+                if prev is not None:
+                    self.resolver.let_go(prev)
+                prev = n
         return self.resolver.dirfd(d, 0)
 
     def copy_up_dir(self, d: Node) -> None:

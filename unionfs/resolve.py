@@ -106,16 +106,30 @@ class Resolver:
 
         An entry whose node is gone, or whose fd was closed or replaced since
         (an unlinked directory's are closed at once: `Identity.dropped`), is
-        dropped. The root's fds are the layers' own and never counted.
+        dropped. The root's fds are the layers' own and never counted. The fd is
+        looked for by value: a copy-up puts the new upper fd in front of the
+        node's chain, and every fd it kept moves one place (found at its old
+        place, it was taken for closed, never counted again, and stayed open:
+        repeated deep copy-ups brought the daemon to its fd limit).
         """
         opened = self._opened
         while len(opened) > self.max_fds:
-            ref, pos, fd = opened.popleft()
+            ref, _pos, fd = opened.popleft()
             n = ref()
-            if n is None or pos >= len(n.fds) or n.fds[pos] != fd or n.parent is None:
+            if n is None or n.parent is None or fd not in n.fds:
                 continue
-            n.fds[pos] = -1
+            n.fds[n.fds.index(fd)] = -1
             os.close(fd)
+
+    def let_go(self, node: Node) -> None:
+        """Close `node`'s directory fds now if more than `max_fds` are open, for a node
+        whose fds nothing in the request holds (a level a deep copy-up has gone past)."""
+        if node.parent is None or len(self._opened) <= self.max_fds:
+            return
+        for pos, fd in enumerate(node.fds):
+            if fd >= 0:
+                node.fds[pos] = -1
+                os.close(fd)
 
     # -- directory fds -------------------------------------------------------
     def dirfd(self, node: Node, pos: int) -> int:
