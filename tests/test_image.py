@@ -30,6 +30,7 @@ from unionfs.image import (
     resolve_layers,
 )
 from unionfs.image.oci import find_images, open_source
+from unionfs.image.store import remove_tree
 from unionfs.image.unpack import Unpacker, unpack
 
 ROOT = os.geteuid() == 0
@@ -575,3 +576,20 @@ def test_rmi_keeps_the_layers_a_mount_is_using(tmp_path: Path, store: Store) -> 
     r = pyunion("rmi", "other", "--store", store.root)
     assert "in use" not in r.stderr and not any(p.exists() for p in lowers), r
     assert os.listdir(Path(store.root) / "layers") == []
+
+
+def test_a_layer_whose_tree_was_deleted_is_unpacked_again(tmp_path: Path, store: Store) -> None:
+    """A layer's `diff/` removed by hand (its layer.json left): the image failed to run,
+    and importing it again said "Loaded" but skipped the layer, whose layer.json said it
+    was there, so nothing but rmi could repair it. It now counts as missing: the next
+    import unpacks it again in place of the remains."""
+    lay = make_layout(tmp_path / "lay", [tar_bytes(BASE)])
+    import_image(str(lay), store, tag="base")
+    (diff,) = resolve_layers("base", store.root)
+    remove_tree(diff)
+    with pytest.raises(UserError, match="missing"):
+        resolve_layers("base", store.root)
+    import_image(str(lay), store, tag="base")
+    assert resolve_layers("base", store.root) == [diff]
+    assert (Path(diff) / "etc" / "a").read_bytes() == b"a\n"
+    assert os.listdir(Path(store.root) / "tmp") == []

@@ -272,7 +272,15 @@ class Store:
         return os.path.isfile(self.blob_path(digest))
 
     def has_layer(self, diff_id: str) -> bool:
-        return os.path.isfile(os.path.join(self.layer_dir(diff_id), "layer.json"))
+        """Whether the layer is unpacked: its `layer.json` and its `diff/` tree are there.
+
+        A `diff/` removed by hand made the image fail to run, and importing or
+        pulling it again skipped the layer (its layer.json said it was there):
+        now such a layer is unpacked again, and replaces the remains."""
+        d = self.layer_dir(diff_id)
+        return os.path.isfile(os.path.join(d, "layer.json")) and os.path.isdir(
+            os.path.join(d, "diff")
+        )
 
     def _read(self, path: str, limit: int = schema.MAX_JSON) -> bytes:
         """A file of the store (relative to its root): a regular file, at most `limit` bytes."""
