@@ -61,6 +61,9 @@ BOTH_COMMANDS = [
     ('lowerdir={l},context="a:b:c1,c2', "quote"),
     ("lowerdir={l}\\", "backslash"),
     ("lowerdir=,upperdir={u}", "lowerdir"),
+    # A flag with a value was ignored, and the mount kept what the flag takes away.
+    ("lowerdir={l},nosuid=1", "nosuid"),
+    ("lowerdir={l},nodev=0", "nodev"),
 ]
 
 
@@ -107,6 +110,29 @@ def test_one_option_parser_for_both_commands(tmp_path: Path, opts: str, error: s
     else:
         assert code != 0 and not was_mounted
         assert len(err.strip().splitlines()) == 1 and error in err, err
+
+
+@needs_fuse
+def test_a_comma_in_the_file_system_name_is_no_option_of_its_own(tmp_path: Path) -> None:
+    """`fsname=a\\,ro` names the mount "a,ro"; handed to libfuse unescaped, which splits
+    options on commas, it mounted a read-only file system named "a"."""
+    from support import force_unmount
+
+    for d in ("l", "u", "w", "m"):
+        (tmp_path / d).mkdir()
+    mnt = tmp_path / "m"
+    opts = f"lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u'},workdir={tmp_path / 'w'}"
+    pyunion("mount", "-o", opts + ",fsname=a\\,ro", str(mnt))
+    try:
+        (mnt / "f").write_text("written")
+        line = next(
+            ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if f" {mnt} " in ln
+        )
+        assert line.split(" - ")[1].split()[1] == "a,ro", line
+    finally:
+        pyunion("umount", str(mnt), check=False)
+        force_unmount(mnt)
+    assert (tmp_path / "u" / "f").read_text() == "written"
 
 
 @needs_fuse

@@ -531,6 +531,19 @@ def _lock_upper(upper_fd: int, upper: str) -> None:
 FUSE_DEFAULT_OPTIONS = frozenset({"default_permissions"})  # the kernel checks permissions
 
 
+def _libfuse_options(cfg: MountConfig) -> set[str]:
+    """`_fuse_options` as libfuse reads them: it splits each on commas (a backslash escapes
+    one), so the file system's name is escaped; a name with a comma (`-o fsname=a\\,ro`)
+    gave libfuse an option of its own."""
+    out = set()
+    for opt in _fuse_options(cfg):
+        if opt.startswith("fsname="):
+            name = opt[len("fsname=") :]
+            opt = "fsname=" + name.replace("\\", "\\\\").replace(",", "\\,")
+        out.add(opt)
+    return out
+
+
 def _fuse_options(cfg: MountConfig) -> set[str]:
     opts = set(FUSE_DEFAULT_OPTIONS)
     opts.add(f"fsname={cfg.fsname}")
@@ -865,7 +878,7 @@ def serve(
         assert mp_fd is not None
         target = fd_str(mp_fd) if os.geteuid() == 0 else real_mp
     try:
-        pyfuse3.init(ops, target, _fuse_options(cfg))
+        pyfuse3.init(ops, target, _libfuse_options(cfg))
     except (RuntimeError, OSError) as e:  # libfuse's "fuse_session_mount failed"
         core.close()
         if not detached:

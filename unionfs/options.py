@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # Options libfuse understands and we pass on unchanged.
 FUSE_PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions"}
+# The VFS flags a mount takes from us (libfuse's defaults for root are dev,suid,exec).
+VFS_FLAGS = ("nosuid", "nodev", "noexec")
 # Generic mount options that make no sense for us to act on, accepted silently.
 IGNORED = {
     "rw",
@@ -225,7 +227,10 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 )
             elif key in ("xattr_permissions", "plugins"):
                 log.debug("ignoring mount option %r", item)
-            elif not eq and (key in FUSE_PASSTHROUGH or key in ("nosuid", "nodev", "noexec")):
+            elif key in FUSE_PASSTHROUGH or key in VFS_FLAGS:
+                if eq:
+                    # `nosuid=1` was taken for an ignored option: the mount kept suid.
+                    raise UserError(f"malformed option {item!r}: {key} takes no value")
                 cfg.fuse_options.add(key)
             elif key in IGNORED:
                 # Security labels (context=...) among them: a FUSE file system
