@@ -118,8 +118,6 @@ class Identity:
         """`node`'s name `old_name` in `old_parent` is now `new_name` in `new_parent`."""
         if node.parent is old_parent and node.name == old_name:
             node.parent, node.name = new_parent, new_name
-        elif node.links:
-            node.links = [
-                (new_parent, new_name) if (p is old_parent and n == old_name) else (p, n)
-                for p, n in node.links
-            ]
+        elif node.links and (old_parent, old_name) in node.links:
+            del node.links[(old_parent, old_name)]
+            node.links[(new_parent, new_name)] = None
