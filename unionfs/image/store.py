@@ -8,7 +8,9 @@ oci:STORE:NAME ...` and `umoci` can read the images straight out of it):
                                  (untagged images have no such annotation)
     blobs/sha256/HEX             manifests, configs and layer blobs as imported
                                  (compressed or not), each verified against its digest
-    layers/HEX/diff/             a layer unpacked once, named by its DiffID
+    layers/HEX/diff/             a layer unpacked once, named by its DiffID; a mount using
+                                 it holds a shared flock on it (`layers.hold_lower`), and
+                                 `gc` keeps it until that is gone
     layers/HEX/layer.json        {"diff_id", "size" (uncompressed bytes), "blob",
                                  "media_type", "whiteouts": "kernel" | "userxattr" | "oci"}
     tmp/                         work area; everything is built here and renamed into place
