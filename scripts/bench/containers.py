@@ -4,11 +4,15 @@
   minimal runtime does (`unshare` + a kernel overlay mount of the same layer
   + `chroot` + `true`), and against `podman run --rm` when podman runs here;
   cold (caches dropped before each start) and warm, medians of `reps` starts.
+  `pyunion run` is measured twice: as installed, and with its opt-in fork
+  server (`PYUNION_FORKSERVER=1`, daemons forked by a process that has
+  already imported everything; README: Using it).
 - **parallel**: twenty `pyunion run`s of the image started at once, each
   command marking in a shared volume that it runs, then waiting to be told to
   exit: the time until all twenty run, and, while they all run, the PSS
   (/proc/PID/smaps_rollup) of each mount daemon and of each whole container
-  (the `pyunion run` process, its janitor, the container's pid 1, its daemon).
+  (the `pyunion run` process, its janitor, the container's pid 1, its daemon);
+  then again with the fork server, whose own PSS is shared among the twenty.
 
 The image is the debootstrap root filesystem as one layer (the build workload's
 base), imported once per run into a store of its own.
@@ -99,10 +103,16 @@ class _Setup:
         self.oci = oci
         self.podman_root = self.work / "podman"
         self.podman_image = ""
+        self.state = self.work / "state"  # the fork server's
 
-    def pyunion_run(self, *argv: str, volume: str = "") -> list[str]:
+    def pyunion_run(self, *argv: str, volume: str = "", forkserver: bool = False) -> list[str]:
         vol = ["-v", volume] if volume else []
-        return [*self.pyunion, "run", "--store", str(self.store), *vol, "bench-run", "--", *argv]
+        # The fork server's state dir is the bench's own: removing it (cleanup) ends the server.
+        env = (
+            ["env", "PYUNION_FORKSERVER=1", f"PYUNION_STATE_DIR={self.state}"] if forkserver else []
+        )
+        cmd = [*self.pyunion, "run", "--store", str(self.store), *vol, "bench-run", "--", *argv]
+        return [*env, *cmd]
 
     def kernel_script(self) -> list[str]:
         d = self.work / "kernel"
@@ -161,6 +171,7 @@ def _time(cmd: list[str]) -> float:
 def start_latency(setup: _Setup, reps: int, modes: tuple[str, ...]) -> dict[str, Any]:
     impls: dict[str, list[str]] = {
         "pyunion run": setup.pyunion_run("true"),
+        "pyunion run (fork server)": setup.pyunion_run("true", forkserver=True),
         "unshare + kernel overlay + chroot": setup.kernel_script(),
     }
     skipped = {}
@@ -185,17 +196,46 @@ def start_latency(setup: _Setup, reps: int, modes: tuple[str, ...]) -> dict[str,
     return out
 
 
-def parallel(setup: _Setup, n: int = N_PARALLEL) -> dict[str, Any]:
-    """`n` containers started at once; time until all run, PSS while they all run."""
+def _forkservers(state: Path) -> set[int]:
+    """The fork servers of the state dir `state`: interpreters booting `server_main`
+    and holding that directory open."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"forkserver import server_main" not in f.read():
+                    continue
+                fds = os.listdir(f"/proc/{entry}/fd")
+                if any(os.readlink(f"/proc/{entry}/fd/{fd}") == str(state) for fd in fds):
+                    out.add(int(entry))
+    return out
+
+
+def parallel(setup: _Setup, n: int = N_PARALLEL, forkserver: bool = False) -> dict[str, Any]:
+    """`n` containers started at once; time until all run, PSS while they all run.
+
+    With `forkserver`, a first container starts the server (a mount that finds none
+    starts it and forks its daemon itself), and the server's PSS is shared among the `n`.
+    """
     marks = setup.work / "marks"
     shutil.rmtree(marks, ignore_errors=True)
     marks.mkdir()
+    servers: set[int] = set()
+    if forkserver:
+        _time(setup.pyunion_run("true", forkserver=True))
+        procs.wait_until(lambda: bool(_forkservers(setup.state)), 30, 0.01)
+        _time(setup.pyunion_run("true", forkserver=True))  # served by it: its pages touched
+        servers = _forkservers(setup.state)
+        if not servers:
+            raise RuntimeError("the fork server did not start")
     before = _fuse_daemons()
     wait = "while [ ! -e /m/stop ]; do sleep 0.05; done"
     t0 = time.perf_counter()
     running = [
         subprocess.Popen(
-            setup.pyunion_run("sh", "-c", f"touch /m/c{i}; {wait}", volume=f"{marks}:/m"),
+            setup.pyunion_run(
+                "sh", "-c", f"touch /m/c{i}; {wait}", volume=f"{marks}:/m", forkserver=forkserver
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -223,6 +263,7 @@ def parallel(setup: _Setup, n: int = N_PARALLEL) -> dict[str, Any]:
             tree = [q for q in _tree(p.pid) if q not in daemons]
             containers.append(sum((_pss_kib(q) or 0) for q in tree) / 1024)
         result["run_tree_pss_mib"] = containers
+        result["server_pss_mib"] = sum((_pss_kib(q) or 0) for q in servers) / 1024
     finally:
         (marks / "stop").touch()
         for p in running:
@@ -236,8 +277,9 @@ def parallel(setup: _Setup, n: int = N_PARALLEL) -> dict[str, Any]:
         d = result["daemon_pss_mib"]
         c = result["run_tree_pss_mib"]
         result["daemon_pss_mean_mib"] = statistics.mean(d)
-        # A container's whole cost: its processes, plus its daemon.
-        result["container_pss_mean_mib"] = statistics.mean(c) + statistics.mean(d)
+        # A container's whole cost: its processes, its daemon, its share of a fork server.
+        share = result["server_pss_mib"] / n
+        result["container_pss_mean_mib"] = statistics.mean(c) + statistics.mean(d) + share
     return result
 
 
@@ -258,6 +300,8 @@ def run_container_bench(
         if "parallel" in workloads:
             log(f"{N_PARALLEL} parallel containers")
             out["parallel"] = parallel(setup)
+            log(f"{N_PARALLEL} parallel containers, with the fork server")
+            out["parallel_forkserver"] = parallel(setup, forkserver=True)
     finally:
         setup.cleanup()
     return out
@@ -279,14 +323,23 @@ def render_containers(res: dict[str, Any], markdown: bool) -> str:
         for name, why in st.get("skipped", {}).items():
             lines.append(f"{name}: skipped ({why})")
         lines.append("")
-    par = res.get("parallel")
-    if par:
+    for key, how in (("parallel", ""), ("parallel_forkserver", " with the fork server")):
+        par = res.get(key)
+        if not par:
+            continue
+        server = (
+            f", the server's {par['server_pss_mib']:.1f} MiB shared among them"
+            if "forkserver" in key and "server_pss_mib" in par
+            else ""
+        )
         lines.append(
-            f"{par['n']} parallel `pyunion run`s: all running after "
+            f"{par['n']} parallel `pyunion run`s{how}: all running after "
             f"{par['all_running_s']:.2f} s; PSS per daemon {par.get('daemon_pss_mean_mib', 0):.1f}"
             f" MiB (max {max(par.get('daemon_pss_mib') or [0]):.1f}), per container (daemon, "
-            f"run process, janitor, pid 1) {par.get('container_pss_mean_mib', 0):.1f} MiB"
+            f"run process, janitor, pid 1{server and ', a share of the server'}) "
+            f"{par.get('container_pss_mean_mib', 0):.1f} MiB{server}"
         )
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
