@@ -497,6 +497,18 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def wait_exit_code(pid: int) -> int:
+    """Wait for the child `pid` to end, through the signals its caller handles meanwhile;
+    its `exit_code`."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    return exit_code(status)
+
+
 def find_init() -> str | None:
     """The catatonit binary the container's pid 1 becomes (podman's places first)."""
     for path in INIT_PATHS:

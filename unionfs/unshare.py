@@ -67,6 +67,7 @@ def unshare_command(argv: list[str]) -> int:
     if os.geteuid() == 0 and not userns.in_user_namespace():
         raise UserError("pyunion unshare is for ordinary users: root needs no user namespace")
     from .image.store import default_store
+    from .sandbox import wait_exit_code
 
     userns.enter_rootless()
     try:
@@ -90,18 +91,12 @@ def unshare_command(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         old[sig] = signal.signal(sig, forward)
     try:
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
+        code = wait_exit_code(child)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
     _unmount_leftovers()
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
+    return code
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -47,6 +47,7 @@ from .. import userns
 from ..errors import UserError
 from ..image.platforms import host as host_platform
 from ..image.store import Store, normalize_tag, short_id
+from ..sandbox import wait_exit_code
 from ..syscalls import fd_str
 from ..tree import NotRegularFile, Resolve, read_regular
 from .cache import BuildCache, step_key
@@ -884,19 +885,13 @@ def _wait_child(pid: int) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+        code = wait_exit_code(pid)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    code = os.waitstatus_to_exitcode(status)
     if got:
         raise BuildError(f"interrupted by signal {got[0]}", 128 + got[0])
-    return 128 - code if code < 0 else code
+    return code
 
 
 def build(opts: BuildOptions) -> str:
