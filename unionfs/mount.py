@@ -42,7 +42,7 @@ from .syscalls import (
     import_with_sonames,
     umount2,
 )
-from .tree import DIR_FLAGS, UntrustedSymlink, open_trusted, rmtree_at
+from .tree import DIR_FLAGS, UntrustedSymlink, open_own_file, open_trusted, replace_file, rmtree_at
 from .userns import host_uid, in_user_namespace
 
 log = logging.getLogger(__name__)
@@ -181,43 +181,16 @@ def _state_name(mountpoint: str) -> str:
 
 def write_pid(dfd: int, name: str, pid: int, real_mp: str) -> None:
     """Record `pid` as NAME in the state dir: a fresh file renamed over whatever was there."""
-    data = f"{pid} {real_mp}\n".encode(errors="surrogateescape")
-    for _ in range(8):
-        tmp = f".{name}.{os.urandom(8).hex()}"
-        try:
-            fd = os.open(
-                tmp,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
-                dir_fd=dfd,
-            )
-        except FileExistsError:
-            continue
-        try:
-            os.fchmod(fd, 0o644)  # the daemon's umask is 0: the mode is exactly this anyway
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        try:
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
-            raise
-        return
-    raise OSError(errno.EEXIST, "no free temporary name in the state directory")
+    replace_file(dfd, name, f"{pid} {real_mp}\n".encode(errors="surrogateescape"), 0o644)
 
 
 def read_pid(dfd: int, name: str) -> int | None:
     """The pid recorded as NAME: a regular file of ours, read within bounds; None otherwise."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
+    got = open_own_file(dfd, name)
+    if got is None:
         return None
+    fd, _ = got
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            return None
         return int(os.read(fd, PID_MAX_BYTES).split()[0])
     except (OSError, ValueError, IndexError):
         return None

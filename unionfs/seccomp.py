@@ -33,7 +33,6 @@ import contextlib
 import errno
 import os
 import re
-import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from .syscalls import (
     SECCOMP_FILTER_FLAG_SPEC_ALLOW,
     seccomp_set_filter,
 )
-from .tree import NotRegularFile, read_regular
+from .tree import NotRegularFile, open_own_file, read_regular, replace_file
 
 DEFAULT_PROFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "seccomp.json")
 MAX_PROFILE = 4 << 20
@@ -373,15 +372,12 @@ def _cache_name(f: Filter) -> str | None:
 
 def _read_cached(dfd: int, name: str) -> Program | None:
     """The kept program, if it is ours, whole and sound; None otherwise (compile again)."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
-    except OSError:
+    got = open_own_file(dfd, name)
+    if got is None:
         return None
+    fd, st = got
     try:
-        st = os.fstat(fd)
         head = len(CACHE_MAGIC) + _FLAGS.size
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            return None
         if not head < st.st_size <= head + MAX_PROGRAM:
             return None
         data = os.pread(fd, st.st_size + 1, 0)
@@ -426,18 +422,7 @@ def _prune(dfd: int, keep: str) -> None:
 
 def _write_cached(dfd: int, name: str, prog: Program) -> None:
     """Under a fresh name, then renamed into place: a reader sees all of it or nothing."""
-    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}"
-    fd = os.open(
-        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
-    )
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(CACHE_MAGIC + _FLAGS.pack(prog.flags) + prog.bpf)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dfd)
-        raise
+    replace_file(dfd, name, CACHE_MAGIC + _FLAGS.pack(prog.flags) + prog.bpf, 0o600)
 
 
 def _build(f: Filter) -> Any:

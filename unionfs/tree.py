@@ -12,6 +12,7 @@ meanwhile stops the walk with an error instead of leading it elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -326,6 +327,58 @@ def read_regular(
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
     return data
+
+
+def open_own_file(dirfd: int, name: str) -> tuple[int, os.stat_result] | None:
+    """NAME in `dirfd` opened for reading, with its stat, only if it is a regular file of
+    this user's (a private state directory's file, not something put in its place: no
+    symlink followed, no FIFO waited on); None if it is missing, anything else, or cannot
+    be opened. The caller closes the fd."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return None
+    st: os.stat_result | None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def replace_file(dirfd: int, name: str, data: bytes, mode: int) -> None:
+    """Write `data` as NAME in `dirfd` (a private state directory), mode exactly `mode`:
+    under a fresh temporary name (`.NAME.RANDOM`), then renamed over whatever was there,
+    so that a reader sees all of it or nothing. The temporary file goes if anything fails."""
+    for _ in range(8):
+        tmp = f".{name}.{os.urandom(8).hex()}"
+        try:
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode,
+                dir_fd=dirfd,
+            )
+        except FileExistsError:
+            continue
+        try:
+            try:
+                os.fchmod(fd, mode)  # whatever the umask
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dirfd)
+            raise
+        return
+    raise OSError(errno.EEXIST, "no free temporary name in the state directory")
 
 
 class UntrustedSymlink(OSError):
