@@ -12,6 +12,8 @@
 - **Processes**: forked children with a deadline (`run_child`,
   `start_children`, `join_children`), the daemon of a mount (`daemon_of`,
   `kill_daemon`).
+- **Container tools**: `sh` (a tool's output, or the test fails), `buildah_busybox`
+  (a busybox container on a private buildah store), `buildah_image`, `BUSYBOX`.
 - **Views**: `tree_view`, what a merged tree shows, for comparing two mounts.
 """
 
@@ -21,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -340,6 +343,50 @@ def join_children(pids: list[int], timeout: float, mnt: str | Path | None = None
                 raise AssertionError(f"children still running after {timeout}s: deadlock?")
             time.sleep(0.02)
     return [codes[p] for p in pids]
+
+
+# -- container tools (buildah, skopeo, umoci) -------------------------------------------------
+BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
+
+
+def sh(*args: str | Path, timeout: float = 120, env: dict[str, str] | None = None) -> str:
+    """Run a tool; its stdout, stripped. A failure fails the test with the end of its stderr."""
+    r = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-2000:]}")
+    return r.stdout.strip()
+
+
+@contextlib.contextmanager
+def buildah_busybox(t: Path) -> Iterator[tuple[list[str], str]]:
+    """buildah on a private vfs store under T (T/root, T/runroot), and a container on it made
+    from scratch with the static `BUSYBOX` as /bin/busybox: (buildah's command, the
+    container). Containers and what they left mounted go when the block ends."""
+    bah = ["buildah", "--root", str(t / "root"), "--runroot", str(t / "runroot")]
+    bah += ["--storage-driver", "vfs"]
+    (t / "ctx/bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, t / "ctx/bin/busybox")  # type: ignore[arg-type]
+    try:
+        c = sh(*bah, "from", "scratch")
+        sh(*bah, "copy", c, t / "ctx/bin", "/bin")
+        yield bah, c
+    finally:
+        subprocess.run([*bah, "rm", "--all"], capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            ["umount", "-R", str(t / "root")], capture_output=True, timeout=60, check=False
+        )
+
+
+def buildah_image(t: Path, name: str) -> str:
+    """Image NAME of `buildah_busybox(t)`'s store, as skopeo names it."""
+    return f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/{name}"
 
 
 # -- views -----------------------------------------------------------------------------------

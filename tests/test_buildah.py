@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import alive, fuse_skip_reason, kernel_overlay, tree_view
+from support import BUSYBOX, alive, fuse_skip_reason, kernel_overlay, tree_view
 
 from unionfs.errors import UserError
 from unionfs.options import MountConfig, parse_options
@@ -50,7 +50,6 @@ PYUNION_OVERLAYFS = Path(
     os.environ.get("PYUNION_MOUNT_PROGRAM") or Path(sys.executable).parent / "pyunion-overlayfs"
 )
 FUSE_OVERLAYFS = shutil.which("fuse-overlayfs")
-BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
 
 
 def _static_elf(path: str) -> bool:

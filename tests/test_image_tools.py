@@ -22,12 +22,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import force_unmount, fuse_skip_reason, kernel_overlay, pyunion, tree_view
+from support import (
+    BUSYBOX,
+    buildah_busybox,
+    buildah_image,
+    force_unmount,
+    fuse_skip_reason,
+    kernel_overlay,
+    pyunion,
+    sh,
+    tree_view,
+)
 
 from unionfs.image import Store, resolve_config, resolve_layers
 
 TOOLS = ("buildah", "skopeo", "umoci")
-BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
 
 
 def _skip_reason() -> str | None:
@@ -48,13 +57,6 @@ def _skip_reason() -> str | None:
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
 
-def sh(*args: str | Path, timeout: float = 120) -> str:
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-2000:]}")
-    return r.stdout.strip()
-
-
 STAGE2 = """B=/bin/busybox
 $B mkdir -p /etc /data/sub /gone/deep /work /usr/bin
 echo hi > /etc/hello; $B ln /etc/hello /etc/hello-link; $B ln -s /etc/hello /etc/hello-sym
@@ -70,20 +72,7 @@ echo new > /data/new; echo changed > /etc/hello; $B chown 123:456 /etc/hello"""
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """T/oci (refs v2, v3: the 2- and 3-layer images), T/img3.tar (docker archive), T/bundle3."""
     t = tmp_path_factory.mktemp("built")
-    storage = [
-        "--root",
-        str(t / "root"),
-        "--runroot",
-        str(t / "runroot"),
-        "--storage-driver",
-        "vfs",
-    ]
-    bah = ["buildah", *storage]
-    (t / "ctx/bin").mkdir(parents=True)
-    shutil.copy(BUSYBOX, t / "ctx/bin/busybox")  # type: ignore[arg-type]
-    try:
-        c = sh(*bah, "from", "scratch")
-        sh(*bah, "copy", c, t / "ctx/bin", "/bin")
+    with buildah_busybox(t) as (bah, c):
         sh(
             *bah,
             "config",
@@ -115,15 +104,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 script,
             )
             sh(*bah, "commit", "-q", c, f"img{n}")
-        src = f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/img"
+        src = buildah_image(t, "img")
         sh("skopeo", "copy", "-q", src + "2", f"oci:{t / 'oci'}:v2")
         sh("skopeo", "copy", "-q", src + "3", f"oci:{t / 'oci'}:v3")
         sh("skopeo", "copy", "-q", src + "3", f"docker-archive:{t / 'img3.tar'}:test/img3:latest")
         sh("umoci", "unpack", "--image", f"{t / 'oci'}:v3", t / "bundle3")
         yield t
-    finally:
-        subprocess.run([*bah, "rm", "--all"], capture_output=True, timeout=60)
-        subprocess.run(["umount", "-R", str(t / "root")], capture_output=True, timeout=60)
 
 
 def overlay(

@@ -31,11 +31,18 @@ from pathlib import Path
 import pytest
 from ocilayout import CONFIG, LAYER_TAR, Layout
 from registry_server import PASSWORD, USER, Registry, running, skip_reason
-from support import PYUNION, force_unmount, needs_fuse, pyunion, tree_view
+from support import (
+    PYUNION,
+    buildah_busybox,
+    buildah_image,
+    force_unmount,
+    needs_fuse,
+    pyunion,
+    sh,
+    tree_view,
+)
 
 from unionfs.image import Store, resolve_layers
-
-BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
 
 
 def _skip() -> str | None:
@@ -48,20 +55,6 @@ def _skip() -> str | None:
 
 pytestmark = pytest.mark.skipif(_skip() is not None, reason=_skip() or "")
 NOTLS = "--tls-verify=false"
-
-
-def sh(*args: str | Path, timeout: float = 120, env: dict[str, str] | None = None) -> str:
-    r = subprocess.run(
-        [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    if r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-2000:]}")
-    return r.stdout.strip()
 
 
 def fails(*args: str, env: dict[str, str] | None = None) -> str:
@@ -127,20 +120,7 @@ def images(reg: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         f"oci:{build_sample_oci(t / 'sample', build_sample(t / 'sample'))}:latest",
         f"{dest}/sample:1",
     )
-    storage = [
-        "--root",
-        str(t / "root"),
-        "--runroot",
-        str(t / "runroot"),
-        "--storage-driver",
-        "vfs",
-    ]
-    bah = ["buildah", *storage]
-    (t / "ctx/bin").mkdir(parents=True)
-    shutil.copy(BUSYBOX, t / "ctx/bin/busybox")  # type: ignore[arg-type]
-    try:
-        c = sh(*bah, "from", "scratch")
-        sh(*bah, "copy", c, t / "ctx/bin", "/bin")
+    with buildah_busybox(t) as (bah, c):
         sh(*bah, "config", "--env", "FOO=bar", "--cmd", '["/bin/busybox", "sh"]', c)
         sh(
             *bah,
@@ -156,13 +136,7 @@ def images(reg: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "echo x > /data/x; $B chown 12:34 /data/x; $B rm /bin/busybox.gone 2>/dev/null; :",
         )
         sh(*bah, "commit", "-q", c, "bah")
-        src = f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/bah"
-        sh("skopeo", "copy", "-q", src, f"oci:{t / 'bah'}:1")
-    finally:
-        subprocess.run([*bah, "rm", "--all"], capture_output=True, timeout=60, check=False)
-        subprocess.run(
-            ["umount", "-R", str(t / "root")], capture_output=True, timeout=60, check=False
-        )
+        sh("skopeo", "copy", "-q", buildah_image(t, "bah"), f"oci:{t / 'bah'}:1")
     sh(*copy, f"oci:{t / 'bah'}:1", f"{dest}/bah:1")
     sh(*copy, "--format", "v2s2", f"oci:{t / 'bah'}:1", f"{dest}/bah-docker:1")
     _add_platform_index(t / "bah", "1", "multi")
