@@ -13,7 +13,9 @@
   `start_children`, `join_children`), the daemon of a mount (`daemon_of`,
   `kill_daemon`).
 - **Container tools**: `sh` (a tool's output, or the test fails), `buildah_busybox`
-  (a busybox container on a private buildah store), `buildah_image`, `BUSYBOX`.
+  (a busybox container on a private buildah store), `buildah_image`, `BUSYBOX`;
+  buildah and podman on a private root with a mount program (`storage_tool`,
+  `mounts_below`, `storage_daemons`, `stop_storage_leftovers`).
 - **Views**: `tree_view`, what a merged tree shows, for comparing two mounts.
 """
 
@@ -387,6 +389,72 @@ def buildah_busybox(t: Path) -> Iterator[tuple[list[str], str]]:
 def buildah_image(t: Path, name: str) -> str:
     """Image NAME of `buildah_busybox(t)`'s store, as skopeo names it."""
     return f"containers-storage:[vfs@{t / 'root'}+{t / 'runroot'}]localhost/{name}"
+
+
+# -- buildah and podman with a mount program, on a private root ------------------------------
+def storage_tool(
+    argv: Sequence[str], shown: str, env: dict[str, str], log: Path, check: bool = True
+) -> str:
+    """Run buildah or podman (`argv`); its stdout, stripped. A failure (with `check`) fails
+    the test with `shown` (the command as it reads), its output and the end of the mount
+    daemon's `log` (PYUNION_LOG)."""
+    r = subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if check and r.returncode != 0:
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        raise AssertionError(
+            f"{shown} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\ndaemon log:\n{tail}"
+        )
+    return r.stdout.strip()
+
+
+def mounts_below(*dirs: Path) -> list[str]:
+    """The mount points below any of `dirs`."""
+    bases = tuple(str(d.resolve()) + "/" for d in dirs)
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(bases)]
+
+
+def storage_daemons(state: Path, root: Path) -> list[int]:
+    """Mount daemons of one containers/storage root only: pyunion records its pid in `state`
+    (PYUNION_STATE_DIR), fuse-overlayfs has `root` on its command line."""
+    pids = set()
+    if state.is_dir():
+        for f in state.iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                pids.add(int(f.read_text().split()[0]))
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+                if os.path.basename(cmd[0]) == b"fuse-overlayfs" and any(
+                    str(root).encode() in a for a in cmd
+                ):
+                    pids.add(int(p))
+    return [p for p in pids if p != os.getpid() and alive(p)]
+
+
+def stop_storage_leftovers(dirs: Sequence[Path], state: Path, root: Path) -> None:
+    """What a failure left of a private containers/storage: the mounts below `dirs`
+    (detached, deepest first), then its mount daemons (SIGTERM; SIGKILL after 10 s)."""
+    for mp in sorted(mounts_below(*dirs), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30, check=False)
+    for pid in storage_daemons(state, root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- views -----------------------------------------------------------------------------------

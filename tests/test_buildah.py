@@ -29,18 +29,22 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import BUSYBOX, alive, fuse_skip_reason, kernel_overlay, tree_view
+from support import (
+    BUSYBOX,
+    fuse_skip_reason,
+    kernel_overlay,
+    stop_storage_leftovers,
+    storage_tool,
+    tree_view,
+)
 
 from unionfs.errors import UserError
 from unionfs.options import MountConfig, parse_options
@@ -183,23 +187,9 @@ class Store:
         argv = ["buildah", "--root", str(self.root), "--runroot", str(self.runroot)]
         if program is not None:
             argv += ["--storage-opt", f"overlay.mount_program={program}"]
-        r = subprocess.run(
-            [*argv, *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            check=False,
+        return storage_tool(
+            [*argv, *args], f"buildah {' '.join(args)}", self.env, self.base / "daemon.log", check
         )
-        if check and r.returncode != 0:
-            log = self.base / "daemon.log"
-            tail = log.read_text()[-2000:] if log.exists() else ""
-            raise AssertionError(
-                f"buildah {' '.join(args)} failed ({r.returncode}):\n"
-                f"{r.stdout}\n{r.stderr}\ndaemon log:\n{tail}"
-            )
-        return r.stdout.strip()
 
     def run(self, ctr: str, script: str, program: str | None = None) -> str:
         return self(
@@ -256,38 +246,7 @@ class Store:
         if self.root.exists():
             self("rm", "--all", check=False)
             self("rmi", "--all", "--force", check=False)
-        base = str(self.base.resolve()) + "/"
-        with open("/proc/self/mountinfo") as f:
-            leftovers = [line.split()[4] for line in f if line.split()[4].startswith(base)]
-        for mp in sorted(leftovers, key=len, reverse=True):
-            subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30, check=False)
-        for pid in self._daemons():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-    def _daemons(self) -> list[int]:
-        """Mount daemons of this store only: pyunion records its pid, fuse-overlayfs has our
-        paths."""
-        pids = set()
-        if self.state.is_dir():
-            for f in self.state.iterdir():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    pids.add(int(f.read_text().split()[0]))
-        for p in os.listdir("/proc"):
-            if p.isdigit():
-                with contextlib.suppress(OSError):
-                    cmd = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-                    if os.path.basename(cmd[0]) == b"fuse-overlayfs" and any(
-                        str(self.root).encode() in a for a in cmd
-                    ):
-                        pids.add(int(p))
-        return [p for p in pids if p != os.getpid() and alive(p)]
+        stop_storage_leftovers([self.base], self.state, self.root)
 
 
 def _fstype_of(program: str) -> str:

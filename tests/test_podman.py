@@ -15,17 +15,21 @@ import contextlib
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import alive, fuse_skip_reason
+from support import (
+    fuse_skip_reason,
+    mounts_below,
+    stop_storage_leftovers,
+    storage_daemons,
+    storage_tool,
+)
 
 PYUNION_OVERLAYFS = Path(
     os.environ.get("PYUNION_MOUNT_PROGRAM") or Path(sys.executable).parent / "pyunion-overlayfs"
@@ -105,29 +109,15 @@ class Podman:
         }
 
     def __call__(self, *args: str, check: bool = True) -> str:
-        r = subprocess.run(
-            [
-                *("podman", "--root", str(self.root), "--runroot", str(self.runroot)),
-                # On the command line: podman given --root reads no storage.conf options.
-                *("--storage-driver", "overlay"),
-                *("--storage-opt", f"overlay.mount_program={self.program}"),
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        if check and r.returncode != 0:
-            log = self.base / "daemon.log"
-            tail = log.read_text()[-2000:] if log.exists() else ""
-            raise AssertionError(
-                f"podman {' '.join(args)} failed ({r.returncode}):\n"
-                f"{r.stdout}\n{r.stderr}\ndaemon log:\n{tail}"
-            )
-        return r.stdout.strip()
+        argv = [
+            *("podman", "--root", str(self.root), "--runroot", str(self.runroot)),
+            # On the command line: podman given --root reads no storage.conf options.
+            *("--storage-driver", "overlay"),
+            *("--storage-opt", f"overlay.mount_program={self.program}"),
+            *args,
+        ]
+        log = self.base / "daemon.log"
+        return storage_tool(argv, f"podman {' '.join(args)}", self.env, log, check)
 
     def run(self, *args: str) -> str:
         """`podman run` with modest limits: podman's defaults (nofile 1048576, nproc
@@ -142,43 +132,17 @@ class Podman:
         return self("run", "--network", "none", *limits, *args)
 
     def mounts(self) -> list[str]:
-        bases = tuple(str(d.resolve()) + "/" for d in (self.base, self.runroot))
-        with open("/proc/self/mountinfo") as f:
-            return [line.split()[4] for line in f if line.split()[4].startswith(bases)]
+        return mounts_below(self.base, self.runroot)
 
     def daemons(self) -> list[int]:
-        """Mount daemons of this root: pyunion records its pid, fuse-overlayfs has our paths."""
-        pids = set()
-        if self.state.is_dir():
-            for f in self.state.iterdir():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    pids.add(int(f.read_text().split()[0]))
-        for p in os.listdir("/proc"):
-            if p.isdigit():
-                with contextlib.suppress(OSError):
-                    cmd = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
-                    if os.path.basename(cmd[0]) == b"fuse-overlayfs" and any(
-                        str(self.root).encode() in a for a in cmd
-                    ):
-                        pids.add(int(p))
-        return [p for p in pids if p != os.getpid() and alive(p)]
+        return storage_daemons(self.state, self.root)
 
     def cleanup(self) -> None:
         """Remove containers and images, then whatever a failure left mounted or running."""
         if self.root.exists():
             self("rm", "--all", "--force", check=False)
             self("rmi", "--all", "--force", check=False)
-        for mp in sorted(self.mounts(), key=len, reverse=True):
-            subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30, check=False)
-        for pid in self.daemons():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        stop_storage_leftovers([self.base, self.runroot], self.state, self.root)
 
 
 @contextlib.contextmanager
