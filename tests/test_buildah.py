@@ -529,6 +529,18 @@ def test_lower_hard_link_written(pyunion_store: tuple[Store, dict]) -> None:
     ]
 
 
+def assert_same_build(ours: dict, theirs: dict) -> None:
+    """`build` with pyunion (`ours`) and with fuse-overlayfs: the same outputs, trees and
+    committed layers."""
+    for key in ("stage2", "tree2", "stage3", "tree"):
+        assert ours[key] == theirs[key], key
+    assert len(ours["layers"]) == len(theirs["layers"]) == 3
+    for i, (a, b) in enumerate(zip(ours["layers"], theirs["layers"], strict=True)):
+        assert a == b, f"layer {i} differs (- fuse-overlayfs, + pyunion):\n" + "\n".join(
+            [f"- {x}" for x in b if x not in a] + [f"+ {x}" for x in a if x not in b]
+        )
+
+
 @needs_buildah
 @needs_fuse_overlayfs
 def test_same_layers_as_fuse_overlayfs(pyunion_store: tuple[Store, dict], tmp_path: Path) -> None:
@@ -537,13 +549,7 @@ def test_same_layers_as_fuse_overlayfs(pyunion_store: tuple[Store, dict], tmp_pa
     _data_tree(src)
     with store(tmp_path / "store", FUSE_OVERLAYFS) as s:  # type: ignore[arg-type]
         theirs = build(s, src)
-    for key in ("stage2", "tree2", "stage3", "tree"):
-        assert ours[key] == theirs[key], key
-    assert len(ours["layers"]) == len(theirs["layers"]) == 3
-    for i, (a, b) in enumerate(zip(ours["layers"], theirs["layers"], strict=True)):
-        assert a == b, f"layer {i} differs (- fuse-overlayfs, + pyunion):\n" + "\n".join(
-            [f"- {x}" for x in b if x not in a] + [f"+ {x}" for x in a if x not in b]
-        )
+    assert_same_build(ours, theirs)
 
 
 @needs_buildah
