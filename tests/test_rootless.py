@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import PYUNION, fuse_skip_reason
+from support import PYUNION, fuse_skip_reason, pyunion
 from test_image import make_layout
 
 from unionfs import userns
@@ -211,15 +211,8 @@ def single_home(single_user: User) -> Iterator[Path]:
 def root_pyunion(
     store: Path, *args: str, check: bool = True, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [*PYUNION, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYUNION_STORE": str(store)},
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    env = {**os.environ, "PYUNION_STORE": str(store)}
+    r = pyunion(*args, check=False, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     if check and r.returncode != 0:
         raise AssertionError(
             f"pyunion {' '.join(args)} as root failed ({r.returncode}): {r.stderr}"
