@@ -168,6 +168,12 @@ def _setuid_image(tmp: Path) -> Path:
     )
 
 
+def _import_setuid_image(tmp: Path, store: Path) -> None:
+    """`_setuid_image` in STORE, named `suid`."""
+    layout = str(_setuid_image(tmp))
+    pyunion("image", "import", "-q", layout, "--tag", "suid", "--store", str(store))
+
+
 PRIVATE = ("", "layers", "blobs", "blobs/sha256", "tmp")
 
 
@@ -176,16 +182,7 @@ def test_local_user_cannot_reach_setuid_binary_in_store(
     tmp_path: Path, open_dir: Path, test_user: str
 ) -> None:
     store = open_dir / "store"
-    pyunion(
-        "image",
-        "import",
-        "-q",
-        str(_setuid_image(tmp_path)),
-        "--tag",
-        "suid",
-        "--store",
-        str(store),
-    )
+    _import_setuid_image(tmp_path, store)
     [layer] = resolve_layers("suid", str(store))
     binary = Path(layer) / "bin/id"
     assert stat.S_IMODE(binary.stat().st_mode) == 0o4755  # the image is intact
@@ -216,16 +213,7 @@ def test_private_store_still_serves_mounts_to_users(
     """Privacy is about the store's directories, not the image: a mount of it shows the
     image's own files and modes to every user."""
     store = open_dir / "store"
-    pyunion(
-        "image",
-        "import",
-        "-q",
-        str(_setuid_image(tmp_path)),
-        "--tag",
-        "suid",
-        "--store",
-        str(store),
-    )
+    _import_setuid_image(tmp_path, store)
     mnt = open_dir / "mnt"
     mnt.mkdir()
     pyunion("mount", "--store", str(store), "suid", str(mnt))
@@ -280,16 +268,7 @@ def test_a_mount_of_an_image_hands_out_no_setuid_program(
     nosuid,nodev (podman's image mounts stay under its private storage); `-o suid,dev`
     asks for them."""
     store, mnt = open_dir / "store", open_dir / "mnt"
-    pyunion(
-        "image",
-        "import",
-        "-q",
-        str(_setuid_image(tmp_path)),
-        "--tag",
-        "suid",
-        "--store",
-        str(store),
-    )
+    _import_setuid_image(tmp_path, store)
     mnt.mkdir()
     for opts, euid0 in (((), False), (("-o", "suid,dev"), True)):
         pyunion("mount", *opts, "--store", str(store), "suid", str(mnt))
