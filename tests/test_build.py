@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import support
 from ocilayout import Layout
 from support import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 
@@ -65,18 +66,9 @@ def _skip_reason() -> str | None:
 needs_tools = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
 
-def sh(*args: str | Path, timeout: float = 300, input: str | None = None) -> str:
-    r = subprocess.run(
-        [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=input,
-        check=False,
-    )
-    if r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed: {r.stderr[-3000:]}")
-    return r.stdout
+def sh(*args: str | Path, timeout: float = 300) -> str:
+    """`support.sh` with the patience of a build."""
+    return support.sh(*args, timeout=timeout)
 
 
 @dataclass
