@@ -10,6 +10,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,4 +201,52 @@ def test_a_more_confined_caller_gets_its_daemon_forked_directly(
             assert (d / "f").read_text() == "lower\n"
         finally:
             pyunion("umount", str(d), check=False)
+            force_unmount(d)
+
+
+# A client of the server's own making, as an attacker writes it: `spawn` with a mount
+# request, printing the reply (the daemon's pid, or None) and what the daemon reported.
+_CLIENT = """
+import os, sys
+from unionfs import forkserver
+from unionfs.options import MountConfig
+low, up, work, mp, state = sys.argv[1:6]
+cfg = MountConfig(lowers=[low], mountpoint=mp, upper=up, work=work)
+r, w = os.pipe()
+sfd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+mfd = os.open(mp, os.O_RDONLY | os.O_DIRECTORY)
+pid = forkserver.spawn(cfg, w, sfd, mfd)
+os.close(w)
+print(pid, os.read(r, 4096).decode(errors="replace") if pid else "")
+"""
+
+
+@pytest.mark.mount
+def test_a_root_of_another_user_namespace_gets_no_daemon_from_the_server(
+    tmp_path: Path, state: Path
+) -> None:
+    """Root of a user namespace that maps 0 onto 0 (systemd's `PrivateUsers=`, `unshare
+    -Ur`) shows every capability in its status, but holds none on the host: it cannot
+    mount there. The server compared only the status, so it forked such a caller a
+    daemon with the host's capabilities, which mounted in the host's namespace."""
+    a, b = _layers(tmp_path / "a"), _layers(tmp_path / "b")
+    d = tmp_path / "mb"
+    d.mkdir()
+    with mounted([a[0]], tmp_path / "ma", a[1], a[2]):
+        wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+        try:
+            r = subprocess.run(
+                [
+                    *("unshare", "--user", "--map-root-user", sys.executable, "-c", _CLIENT),
+                    *(str(p) for p in (*b, d, state)),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.split()[0] == "None", f"the server forked a daemon: {r.stdout}"
+            assert not is_mounted(d)
+        finally:
             force_unmount(d)

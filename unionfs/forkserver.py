@@ -13,7 +13,10 @@ server's pages copy-on-write and mounts at once.
   request, or when its socket is removed or replaced.
 - **Its socket** is `forkserver.sock` in the state directory (0700, the
   user's own, `mount.state_dir`); both ends check the other's uid
-  (SO_PEERCRED). A request is the `MountConfig`, and by SCM_RIGHTS the
+  (SO_PEERCRED), and the server the caller's bounds (`_as_free_as_me`: its
+  capabilities, no_new_privs, seccomp, LSM label, root directory, user and pid
+  namespaces, read while a pidfd says the caller still lives). A request is the
+  `MountConfig`, and by SCM_RIGHTS the
   caller's mount namespace, the readiness pipe, the state directory and the
   mount point the caller resolved and checked (`mount.open_mountpoint`): the
   daemon joins the caller's mount namespace (`run` mounts in a private one),
@@ -80,9 +83,9 @@ def enabled() -> bool:
 
     Opt-in: a daemon from the server carries the server's confinement, not the
     caller's, and some of the caller's cannot be seen from outside to be
-    compared (a Landlock domain, an LSM label given after exec, a chroot the
-    layer paths are relative to). A caller that wants the faster start vouches
-    that it runs unconfined in the host's mount namespace and root.
+    compared (a Landlock domain; those that can be are, `_as_free_as_me`). A caller
+    that wants the faster start vouches that it runs unconfined in the host's mount
+    namespace and root.
     """
     if os.environ.get("PYUNION_FORKSERVER", "0") != "1" or os.geteuid() != 0:
         return False
@@ -134,20 +137,50 @@ def _confinement(pid: int | str) -> dict[str, str]:
     return out
 
 
+def _object(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _label(pid: int | str) -> bytes | int:
+    """The process's LSM label (AppArmor, SELinux, Smack); the errno when it has none."""
+    try:
+        with open(f"/proc/{pid}/attr/current", "rb") as f:
+            return f.read(4096)
+    except OSError as e:
+        return e.errno or -1
+
+
 def _as_free_as_me(pid: int) -> bool:
     """Whether process `pid` holds every privilege this server holds, and no more bounds.
 
-    A root caller with fewer capabilities, no_new_privs or a seccomp filter gets
-    its daemon forked directly: a daemon from the server would not share its bounds.
+    A root caller with fewer capabilities, no_new_privs, any seccomp filter (two
+    cannot be compared), another LSM label, a chroot, or in another user namespace
+    (root there, every capability in its status, none on the host: systemd's
+    `PrivateUsers=`, `unshare -Ur`) or pid namespace (the pid the server replies
+    would name another process) gets its daemon forked directly: a daemon from the
+    server would not share its bounds.
     """
     try:
         mine, theirs = _confinement("self"), _confinement(pid)
+        for ns in ("user", "pid"):
+            if _object(f"/proc/{pid}/ns/{ns}") != _object(f"/proc/self/ns/{ns}"):
+                return False
+        # The server's root is its namespace's: a chroot of the caller's is a bound.
+        if _object(f"/proc/{pid}/root") != _object("/proc/self/root"):
+            return False
+        if _label(pid) != _label("self"):
+            return False
     except OSError:
         return False
     for key in ("CapEff", "CapPrm", "CapBnd"):
         have, need = int(theirs.get(key, "0"), 16), int(mine.get(key, "0"), 16)
         if need & ~have:
             return False
+    # Two seccomp filters cannot be compared from here (only counted): a filtered caller's
+    # daemon is forked directly, whatever filter the server has.
+    if theirs.get("Seccomp") != "0":
+        return False
     return all(theirs.get(k) == mine.get(k) for k in ("NoNewPrivs", "Seccomp"))
 
 
@@ -310,9 +343,39 @@ def _reap() -> None:
             return
 
 
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
+
+
+def _peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the process that connected; on kernels before 6.5, of `pid` now."""
+    try:
+        return int(conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        return os.pidfd_open(pid)
+
+
+def _gone(pidfd: int) -> bool:
+    """Whether the process of `pidfd` has exited (its pid may then name another one)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
 def _handle(conn: socket.socket, listener: socket.socket) -> None:
     peer, uid = _peer(conn)
-    if uid != os.geteuid() or not _as_free_as_me(peer):
+    pidfd = _peer_pidfd(conn, peer) if peer > 0 else -1
+    cgroups = ""
+    try:
+        # What /proc/PEER says is the caller's only while the caller lives: checked after.
+        ok = pidfd >= 0 and uid == os.geteuid() and _as_free_as_me(peer)
+        if ok:
+            # The caller's cgroups as the kernel says (a caller in a cgroup namespace of
+            # its own would report "0::/", the root, and its daemon would leave its limits).
+            with open(f"/proc/{peer}/cgroup") as f:
+                cgroups = f.read(1 << 16)
+            ok = not _gone(pidfd)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    if not ok:
         conn.sendall(_PID.pack(0))  # the caller forks its daemon itself
         return
     conn.settimeout(10)
@@ -327,14 +390,10 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
         cfg, env = pickle.loads(msg)
         if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
             return
-        # The caller's cgroups as the kernel says (a caller in a cgroup namespace of its
-        # own would report "0::/", the root, and its daemon would leave its limits).
-        with open(f"/proc/{peer}/cgroup") as f:
-            cgroups = f.read(1 << 16)
         pid = os.fork()
         if pid == 0:
             listener.close()
-            _daemon(cfg, env, str(cgroups), conn, fds[0], fds[1], fds[2], fds[3])
+            _daemon(cfg, env, cgroups, conn, fds[0], fds[1], fds[2], fds[3])
         conn.sendall(_PID.pack(pid))
     finally:
         for fd in fds:
