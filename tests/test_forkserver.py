@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -250,3 +251,43 @@ def test_a_root_of_another_user_namespace_gets_no_daemon_from_the_server(
             assert not is_mounted(d)
         finally:
             force_unmount(d)
+
+
+class _Run:
+    """What a request must never be: a callable the server calls while decoding it."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+
+    def __reduce__(self) -> tuple[object, tuple[list[str]]]:
+        return subprocess.call, (self.argv,)
+
+
+@pytest.mark.mount
+def test_a_request_is_a_mount_never_code_the_server_runs(tmp_path: Path, state: Path) -> None:
+    """The server cannot see every bound of a caller (a Landlock domain): with the
+    request decoded by `pickle.loads`, a caller that passed the checks ran code of its
+    choice in the unconfined server. Now the request is refused and the server goes on."""
+    a, b = _layers(tmp_path / "a"), _layers(tmp_path / "b")
+    mark = tmp_path / "ran-in-the-server"
+    with mounted([a[0]], tmp_path / "ma", a[1], a[2]):
+        wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+        server = _server_pid(state)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(30)
+        fds = [os.open("/proc/self/ns/mnt", os.O_RDONLY), *os.pipe(), os.open(state, os.O_RDONLY)]
+        try:
+            s.connect(str(state / forkserver._names()[0]))
+            payload = pickle.dumps((_Run(["touch", str(mark)]), {}))
+            socket.send_fds(s, [payload], fds)
+            with contextlib.suppress(OSError):
+                s.recv(64)
+        finally:
+            s.close()
+            for fd in fds:
+                os.close(fd)
+        assert not mark.exists(), "the request ran code in the fork server"
+        assert _server_pid(state) == server
+        with mounted([b[0]], tmp_path / "mb", b[1], b[2]) as mb:  # and it still serves
+            pid = daemon_pid(str(mb))
+            assert pid is not None and b"server_main" in _cmdline(pid)

@@ -16,7 +16,8 @@ server's pages copy-on-write and mounts at once.
   (SO_PEERCRED), and the server the caller's bounds (`_as_free_as_me`: its
   capabilities, no_new_privs, seccomp, LSM label, root directory, user and pid
   namespaces, read while a pidfd says the caller still lives). A request is the
-  `MountConfig`, and by SCM_RIGHTS the
+  `MountConfig` (decoded by `_Request`, which knows the option classes and
+  nothing else), and by SCM_RIGHTS the
   caller's mount namespace, the readiness pipe, the state directory and the
   mount point the caller resolved and checked (`mount.open_mountpoint`): the
   daemon joins the caller's mount namespace (`run` mounts in a private one),
@@ -343,6 +344,37 @@ def _reap() -> None:
             return
 
 
+class _Request(pickle.Unpickler):
+    """A request's decoder: the option classes, nothing else (no callable, no import).
+
+    The caller passed the checks of `_as_free_as_me`, but not every bound can be
+    seen (a Landlock domain): with `pickle.loads`, a request naming `os.system` ran
+    that caller's code in the unconfined server. Now a request can only be a mount.
+    """
+
+    ALLOWED = frozenset({("unionfs.options", "MountConfig"), ("unionfs.idmap", "IdMap")})
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is no part of a mount request")
+        cls: type = super().find_class(module, name)
+        return cls
+
+
+def _decode(msg: bytes) -> tuple[MountConfig, dict[str, str]] | None:
+    """The request's `MountConfig` and environment (only `PYUNION_LOG`); None if malformed."""
+    import io
+
+    try:
+        cfg, env = _Request(io.BytesIO(msg)).load()
+    except Exception:  # noqa: BLE001 - any malformed request is refused, the server goes on
+        return None
+    if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
+        return None
+    log_file = env.get("PYUNION_LOG")
+    return cfg, ({"PYUNION_LOG": log_file} if isinstance(log_file, str) else {})
+
+
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
 
 
@@ -385,11 +417,10 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     try:
-        if len(fds) != 4:
+        request = _decode(msg) if len(fds) == 4 else None
+        if request is None:
             return
-        cfg, env = pickle.loads(msg)
-        if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
-            return
+        cfg, env = request
         pid = os.fork()
         if pid == 0:
             listener.close()
