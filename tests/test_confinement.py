@@ -662,6 +662,49 @@ def test_no_typing_into_the_callers_terminal(env: Env, opts: tuple[str, ...], wh
     assert (b"open 6" if where == "/dev/tty" else b"TIOCSTI 25") in out, out
 
 
+# -- the caller's session keyring ------------------------------------------------------------
+# Joins a session keyring of its own, puts a secret in it (as pam_keyinit and a login
+# tool leave a login's keys there), then runs pyunion.
+_KEYRING_CALLER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+keyctl, add_key = 250, 248  # x86_64
+assert libc.syscall(keyctl, 1, b"pyunion-test-session") > 0  # KEYCTL_JOIN_SESSION_KEYRING
+assert libc.syscall(add_key, b"user", b"pyunion-secret", b"s3cret", 6, -3) > 0  # into @s
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers of x86_64")
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("--security-opt", "seccomp=unconfined"),
+        ("--cap-add", "SYS_ADMIN"),
+        ("--privileged",),
+        ("--security-opt", "seccomp=unconfined", "-u", "1000"),
+    ],
+)
+def test_the_callers_session_keyring_is_not_the_containers(env: Env, opts: tuple[str, ...]) -> None:
+    """The container got the session keyring of the process that ran pyunion: with the
+    keyring calls allowed (`seccomp=unconfined`, `--cap-add SYS_ADMIN`, `--privileged`)
+    it read the caller's keys (`keyctl print`), and could add, link or clear them. runc
+    gives each container a fresh session keyring; so does pyunion now."""
+    command = ("hostile", "sessionkey", "pyunion-secret")
+    r = subprocess.run(
+        [sys.executable, "-c", _KEYRING_CALLER, *env.cmd(*opts, command=command)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "errno 126", r.stdout  # ENOKEY: not there
+
+
 def test_stdio_files_are_not_the_containers(env: Env, tmp_path: Path) -> None:
     """`pyunion run -i ... < in > out 2> err` with host files: the container gets pipes,
     so its root can neither chmod nor chown those files through /proc/self/fd, nor

@@ -62,6 +62,7 @@ from .syscalls import (
     MS_REC,
     MS_REMOUNT,
     fd_str,
+    join_new_session_keyring,
     make_private,
     mount,
     move_mount,
@@ -772,6 +773,13 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         # ran pyunion) needs CAP_SYS_ADMIN; and ^C there reaches pyunion only, which
         # forwards it once.
         os.setsid()
+        # A session keyring of its own, as runc gives every container: the caller's (a
+        # login's keys) was the container's, readable wherever the keyring calls are
+        # allowed (seccomp=unconfined, CAP_SYS_ADMIN).
+        try:
+            join_new_session_keyring()
+        except OSError as e:
+            raise SetupError(f"cannot make the container's session keyring: {e.strerror}") from e
         # Nothing pyunion or its caller holds may reach the container (--preserve-fds aside).
         own = [fd for fd in (spec.report_fd, spec.go_fd) if fd >= 0]
         if tty_sock is not None:

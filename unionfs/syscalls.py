@@ -148,6 +148,17 @@ SYS_SECCOMP = {
     "armv7l": 383,
 }.get(os.uname().machine)
 
+SYS_KEYCTL = {
+    "x86_64": 250,
+    "aarch64": 219,
+    "riscv64": 219,
+    "ppc64le": 271,
+    "s390x": 280,
+    "i686": 288,
+    "armv7l": 311,
+}.get(os.uname().machine)
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
 # seccomp(2)
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_LOG = 2
@@ -410,6 +421,19 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
         ),
         "prctl",
     )
+
+
+def join_new_session_keyring() -> None:
+    """Subscribe this process (and what it runs) to a fresh, anonymous session keyring.
+
+    Without a name: a named one would be joined if it exists (another container's).
+    A kernel without keys (ENOSYS) has no keyring to hide.
+    """
+    if SYS_KEYCTL is None:
+        raise OSError(errno.ENOSYS, "keyctl: unknown syscall number on this architecture")
+    ret = _libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None, 0, 0, 0)
+    if ret < 0 and ctypes.get_errno() != errno.ENOSYS:
+        _check(ret, "keyctl")
 
 
 def set_pdeathsig(sig: int) -> None:

@@ -11,6 +11,8 @@
  *                                          hold TEXT (/proc/PID/mem); print "hits N"
  *   hostile tiocsti FD|PATH TEXT           push TEXT into a terminal's input (TIOCSTI), as
  *                                          if typed there; print "typed" or the errno
+ *   hostile sessionkey DESC                read the "user" key DESC found in the session
+ *                                          keyring: print "key PAYLOAD" or "errno N"
  *   suid-status                            the same (a setuid-root copy of this program)
  */
 #define _GNU_SOURCE
@@ -209,6 +211,23 @@ static int tiocsti(const char *where, const char *text) {
     return 0;
 }
 
+static int sessionkey(const char *desc) {
+    char buf[256];
+    long id = syscall(SYS_keyctl, 10 /* KEYCTL_SEARCH */, -3 /* @s */, "user", desc, 0);
+    if (id < 0) {
+        printf("errno %d\n", errno);
+        return 0;
+    }
+    long n = syscall(SYS_keyctl, 11 /* KEYCTL_READ */, id, buf, sizeof(buf) - 1);
+    if (n < 0) {
+        printf("errno %d\n", errno);
+        return 0;
+    }
+    buf[n < (long)sizeof(buf) - 1 ? n : (long)sizeof(buf) - 1] = 0;
+    printf("key %s\n", buf);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *base = strrchr(argv[0], '/');
     if (!strcmp(base ? base + 1 : argv[0], "suid-status")) return status();
@@ -219,6 +238,8 @@ int main(int argc, char **argv) {
     if (argc == 2 && !strcmp(argv[1], "status")) return status();
     if (argc == 4 && !strcmp(argv[1], "tiocsti")) return tiocsti(argv[2], argv[3]);
     if (argc == 4 && !strcmp(argv[1], "memgrep")) return memgrep(argv[2], argv[3]);
-    fprintf(stderr, "usage: hostile gethandle|openhandle|syscalls|status|tiocsti|memgrep ...\n");
+    if (argc == 3 && !strcmp(argv[1], "sessionkey")) return sessionkey(argv[2]);
+    fprintf(stderr,
+            "usage: hostile gethandle|openhandle|syscalls|status|tiocsti|memgrep|sessionkey ...\n");
     return 2;
 }
