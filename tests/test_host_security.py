@@ -336,7 +336,8 @@ PROBE = (
 
 
 def test_a_users_state_directory_is_private(open_tree: Path, user: tuple[int, int]) -> None:
-    """Non-root: $XDG_RUNTIME_DIR/pyunion when it is theirs, else a private dir in $TMPDIR."""
+    """Non-root: $XDG_RUNTIME_DIR/pyunion when it is theirs, else a private dir in $TMPDIR,
+    or in their home when another user took that name."""
     t = open_tree
     python = str(Path(sys.executable).parent / "python")
     runtime, tmp = t / "runtime", t / "tmp"
@@ -352,16 +353,24 @@ def test_a_users_state_directory_is_private(open_tree: Path, user: tuple[int, in
     st = os.stat(runtime / "pyunion")
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user[0], 0o700)
     # No runtime dir of theirs (root's here): a private one in $TMPDIR...
-    env = {**base, "XDG_RUNTIME_DIR": str(t), "TMPDIR": str(tmp)}
+    home = t / "home"
+    home.mkdir(mode=0o700)
+    os.chown(home, *user)
+    env = {**base, "XDG_RUNTIME_DIR": str(t), "TMPDIR": str(tmp), "HOME": str(home)}
     private = tmp / f"pyunion-run-{user[0]}"
-    # ... which another user cannot plant for them: a symlink, or a directory of their own.
+    # ... which another user cannot plant for them (a symlink, or a directory of their
+    # own): never used, nor can she stop them with it (before, every mount failed): a
+    # directory in their home instead, as podman's ~/rundir.
     _as((NOBODY, NOBODY), "ln", "-s", str(t / "runtime"), str(private))
-    r = _as(user, python, "-c", PROBE, env=env, check=False)
-    assert r.returncode != 0 and "symlink" in r.stderr, r.stderr
+    r = _as(user, python, "-c", PROBE, env=env)
+    assert r.stdout.strip() == str(home / ".pyunion-run")
+    assert os.listdir(runtime) == ["pyunion"]  # what XDG_RUNTIME_DIR made, nothing more
     private.unlink()
     _as((NOBODY, NOBODY), "mkdir", "-m", "777", str(private))
-    r = _as(user, python, "-c", PROBE, env=env, check=False)
-    assert r.returncode != 0 and f"belongs to uid {NOBODY}" in r.stderr, r.stderr
+    r = _as(user, python, "-c", PROBE, env=env)
+    assert r.stdout.strip() == str(home / ".pyunion-run") and os.listdir(private) == []
+    st = os.stat(home / ".pyunion-run")
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user[0], 0o700)
     private.rmdir()
     r = _as(user, python, "-c", PROBE, env=env)
     st = os.stat(private, follow_symlinks=False)

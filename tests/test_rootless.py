@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import PYUNION, fuse_skip_reason, pyunion
+from support import PYUNION, force_unmount, fuse_skip_reason, is_mounted, pyunion
 from test_image import make_layout
 
 from unionfs import userns
@@ -949,3 +949,40 @@ def test_rootless_run_pins_no_host_mount(user: User, home: Path, tmp_path: Path)
         t.join(60)
         subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
     assert result and result[0].returncode == 0, result[0].stderr if result else "hung"
+
+
+@pytest.mark.parametrize("taken", ["directory", "symlink"])
+def test_a_state_dir_name_taken_in_tmp_stops_no_mount(user: User, home: Path, taken: str) -> None:
+    """Without XDG_RUNTIME_DIR (su, runuser, cron, ssh without logind) the state directory
+    is $TMPDIR/pyunion-run-UID, a name in a directory every user writes: another user who
+    made it first (or a symlink there) made every `pyunion mount` and `umount` of this
+    user fail ("cannot use the state directory ...: Permission denied"). As podman, a
+    directory in the user's home is used instead, and nothing goes into the other's."""
+    tmp = Path(tempfile.mkdtemp(prefix="pyunion-shared-tmp-", dir="/var/tmp"))
+    os.chmod(tmp, 0o1777)
+    mnt = home / "mnt"
+    try:
+        name = tmp / f"pyunion-run-{user.uid}"
+        if taken == "directory":
+            name.mkdir(mode=0o700)
+            os.chown(name, 65534, 65534)  # nobody's: any other user
+        else:
+            os.symlink(str(home / "tmp"), name)
+        low = home / "low"
+        user.run(home, "mkdir", str(low), str(mnt))
+        user.run(home, "sh", "-c", f"echo hi > {low}/f")
+        py = ("env", f"TMPDIR={tmp}", SYSTEM_PYTHON, "-m", "unionfs")
+        r = user.run(home, *py, "mount", str(low), str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert user.run(home, "cat", f"{mnt}/f").stdout == "hi\n"
+        assert any((home / ".pyunion-run").iterdir())  # the daemon's pid file
+        r = user.run(home, *py, "umount", str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(mnt)
+        if taken == "directory":
+            assert not any(name.iterdir())
+        else:
+            assert not any((home / "tmp").iterdir())
+    finally:
+        force_unmount(mnt)
+        rmtree(str(tmp))

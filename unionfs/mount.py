@@ -92,7 +92,9 @@ PID_MAX_BYTES = 4096
 
 
 def state_dir() -> str:
-    """This user's state directory: $PYUNION_STATE_DIR, /run/pyunion (root), or a private one."""
+    """This user's state directory: $PYUNION_STATE_DIR, /run/pyunion (root), or a private
+    one: $XDG_RUNTIME_DIR/pyunion, $TMPDIR/pyunion-run-UID, or ~/.pyunion-run when
+    another user has taken that name."""
     env = os.environ.get("PYUNION_STATE_DIR")
     if env:
         return os.path.abspath(env)
@@ -109,7 +111,33 @@ def state_dir() -> str:
         if st is not None and st.st_uid == uid and not st.st_mode & 0o022:
             return os.path.join(xdg, "pyunion")
     # Named by the host's uid: in a user namespace every user is 0.
-    return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pyunion-run-{host_uid()}")
+    tmp = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pyunion-run-{host_uid()}")
+    try:
+        st = os.lstat(tmp)
+    except OSError:
+        return tmp
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+        return tmp
+    # A name in a directory every user writes is anyone's to take: another user who made
+    # it first (or planted a symlink) stopped every mount and umount of ours. As podman
+    # does then, a directory in the user's home (without one: refused, as before).
+    home = _home(uid)
+    return tmp if home is None else os.path.join(home, ".pyunion-run")
+
+
+def _home(uid: int) -> str | None:
+    """The user's home: $HOME when it is the user's own directory, else the passwd entry's."""
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home):
+        with contextlib.suppress(OSError):
+            if os.stat(home).st_uid == uid:
+                return home
+    import pwd
+
+    try:
+        return pwd.getpwuid(host_uid()).pw_dir or None
+    except KeyError:
+        return None
 
 
 def open_state_dir() -> int:
