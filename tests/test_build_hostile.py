@@ -409,9 +409,36 @@ def test_hostile_archives_and_owners_are_one_line_at_once(tmp_path: Path) -> Non
         ("ADD bad.tar /x/", "corrupt or truncated archive"),
         ("COPY --chown=99999999999 f /f", "user id 99999999999 is out of range"),
         ("COPY --chown=0:4294967295 f /f", "group id 4294967295 is out of range"),
+        # str.isdigit() takes these, int() refused them: a traceback.
+        ("COPY --chown=" + "9" * 5000 + " f /f", "out of range"),
+        ("COPY --chown=\u00b2 f /f", "no user"),
+        ("COPY --chown=0:\u00b2 f /f", "no group"),
     ):
         (ctx / "Containerfile").write_text(f"FROM scratch\n{line}\n")
         assert said in _one_line_error(_build(store, ctx)), line
+
+
+@needs_fuse
+def test_an_image_passwd_with_absurd_ids_is_read_as_nss_reads_it(tmp_path: Path) -> None:
+    """An entry whose uid has more digits than int() takes (or a `²`, which
+    str.isdigit() accepts) stopped `COPY --chown` of any other user with a traceback;
+    it is an entry like any other: matched by name, its id out of range."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "f").write_text("f")
+    (ctx / "passwd").write_text(
+        f"bob:x:{'9' * 5000}:0::/:/bin/sh\ncarol:x:\u00b2:0::/:/bin/sh\n"
+        "alice:x:1000:1000::/home/alice:/bin/sh\n"
+    )
+    store = tmp_path / "store"
+    head = "FROM scratch\nCOPY passwd /etc/passwd\n"
+    (ctx / "Containerfile").write_text(head + "COPY --chown=alice f /f\n")
+    r = _build(store, ctx, "-t", "ids")
+    assert r.returncode == 0, r.stderr
+    assert os.stat(_layer(store, "ids") / "f").st_uid == 1000
+    for user, said in (("bob", "out of range"), ("carol", "no user 'carol'")):
+        (ctx / "Containerfile").write_text(head + f"COPY --chown={user} f /f\n")
+        assert said in _one_line_error(_build(store, ctx)), user
 
 
 @needs_fuse

@@ -64,6 +64,14 @@ BOTH_COMMANDS = [
     # A flag with a value was ignored, and the mount kept what the flag takes away.
     ("lowerdir={l},nosuid=1", "nosuid"),
     ("lowerdir={l},nodev=0", "nodev"),
+    # Numbers: str.isdigit() took `²` and int() refused it, or more than 4300 digits
+    # (a traceback); `١٢` (Arabic-Indic digits) was read as 12.
+    ("lowerdir={l},spin=\u00b2", "spin"),
+    ("lowerdir={l},spin=\u0661\u0662", "spin"),
+    ("lowerdir={l},spin=" + "1" * 5000, "spin"),
+    ("lowerdir={l},uidmapping=0:" + "1" * 5000 + ":1", "uidmapping"),
+    ("lowerdir={l},squash_to_gid=" + "9" * 5000, "squash_to_gid"),
+    ("lowerdir={l},spin=" + "0" * 30 + "50", None),
 ]
 
 

@@ -961,6 +961,23 @@ def test_hostile_passwd(env: Env, tmp_path: Path, kind: str) -> None:
     assert "/etc/passwd" in r.stderr
 
 
+def test_passwd_entries_with_absurd_ids_are_skipped(env: Env, tmp_path: Path) -> None:
+    """An entry whose uid has more digits than int() takes made every run of the image
+    fail ("container init failed: ValueError(...)"), whoever it ran as; nss skips it."""
+    top = tmp_path / "top"
+    (top / "etc").mkdir(parents=True)
+    (top / "etc/passwd").write_text(
+        f"root:x:0:0::/root:/bin/sh\nbob:x:{'9' * 5000}:0::/:/bin/sh\n"
+        "alice:x:1000:1000::/home/alice:/bin/sh\n"
+    )
+    env.layers = [str(top), *env.layers]
+    for user, out in (("alice", "1000"), ("0", "0")):
+        r = env.run("id", "-u", opts=("-u", user), timeout=30)
+        assert (r.returncode, r.stdout.strip()) == (0, out), r.stderr
+    r = env.run("true", opts=("-u", "bob"), timeout=30)
+    assert r.returncode == 125 and "unable to find user 'bob'" in r.stderr, r.stderr
+
+
 def test_passwd_symlink_resolves_inside_the_image(env: Env, tmp_path: Path) -> None:
     """An absolute symlink in the image is resolved in the image's root, not the host's."""
     top = tmp_path / "top"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .digits import number
 from .errors import UserError
 from .userns import overflow_id
 
@@ -46,12 +47,12 @@ _ACL_USER, _ACL_GROUP = 0x02, 0x08
 
 def parse_extents(value: str, what: str) -> tuple[Extent, ...]:
     """`DISK:SHOWN:COUNT[:DISK:SHOWN:COUNT...]` (empty fields skipped, as fuse-overlayfs does)."""
-    fields = [x for x in value.split(":") if x != ""]
-    if not fields or len(fields) % 3 or not all(x.isascii() and x.isdigit() for x in fields):
+    fields = [number(x) for x in value.split(":") if x != ""]
+    nums = [x for x in fields if x is not None]
+    if not fields or len(fields) % 3 or len(nums) != len(fields):
         raise UserError(
             f"malformed {what}={value!r}: expected ID:HOST-ID:COUNT triples joined by ':'"
         )
-    nums = [int(x) for x in fields]
     out = []
     for i in range(0, len(nums), 3):
         disk, shown, count = nums[i : i + 3]
@@ -65,9 +66,10 @@ def parse_extents(value: str, what: str) -> tuple[Extent, ...]:
 
 
 def parse_id(value: str, what: str) -> int:
-    if not (value.isascii() and value.isdigit()) or int(value) >= ID_LIMIT - 1:
+    n = number(value)
+    if n is None or n >= ID_LIMIT - 1:
         raise UserError(f"malformed {what}={value!r}: expected a user or group ID")
-    return int(value)
+    return n
 
 
 def _shift(extents: tuple[Extent, ...], i: int, to_shown: bool, overflow: int) -> int:

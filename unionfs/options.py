@@ -22,6 +22,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+from .digits import number
 from .errors import UserError
 from .idmap import Extent, IdMap, parse_extents, parse_id
 
@@ -209,11 +210,12 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
             elif key == "writeback":
                 cfg.writeback = _flag(item, value)
             elif key == "spin":
-                if not value.isdigit() or int(value) > 10000:
+                spin = number(value)
+                if spin is None or spin > 10000:
                     raise UserError(
                         f"malformed option {item!r}: spin takes microseconds, 0 to 10000"
                     )
-                cfg.spin_us = int(value)
+                cfg.spin_us = spin
             elif key == "fsname" and eq:
                 cfg.fsname = unescape(value)
             elif key == "xattr_permissions" and value not in ("", "0"):

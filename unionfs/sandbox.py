@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from . import confine, seccomp, syscalls, userns, volumes
+from .digits import number
 from .syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNS,
@@ -449,24 +450,25 @@ def resolve_user(user: str | None) -> Identity:
     """USER[:GROUP] (names or numbers) from /etc/passwd and /etc/group (call after pivot)."""
     name, _, group = (user or "0").partition(":")
     for part in (name, group):
-        if part.isdigit() and not _valid_id(part):
+        if part.isdigit() and _id(part) is None:
             raise SetupError(f"user or group id {part} is out of range")
     # Entries with ids that are not numbers, or out of range, are ignored like nss does.
-    passwd = [e for e in _read_db("/etc/passwd") if len(e) >= 7 and _valid_id(e[2])]
-    groups = [e for e in _read_db("/etc/group") if len(e) >= 3 and _valid_id(e[2])]
+    passwd = [e for e in _read_db("/etc/passwd") if len(e) >= 7 and _id(e[2]) is not None]
+    groups = [e for e in _read_db("/etc/group") if len(e) >= 3 and _id(e[2]) is not None]
     entry = None
-    if name.isdigit():
-        entry = next((e for e in passwd if e[2] == name), None)
-        uid = int(name)
+    uid = _id(name)
+    if uid is not None:
+        entry = next((e for e in passwd if _id(e[2]) == uid), None)
     else:
         entry = next((e for e in passwd if e[0] == name), None)
         if entry is None:
             raise SetupError(f"unable to find user {name!r} in the image's /etc/passwd")
         uid = int(entry[2])
-    gid = int(entry[3]) if entry is not None and _valid_id(entry[3]) else 0
+    gid = (_id(entry[3]) if entry is not None else None) or 0
     if group:
-        if group.isdigit():
-            gid = int(group)
+        gid_given = _id(group)
+        if gid_given is not None:
+            gid = gid_given
         else:
             g = next((e for e in groups if e[0] == group), None)
             if g is None:
@@ -487,8 +489,10 @@ def resolve_user(user: str | None) -> Identity:
     return Identity(uid, gid, ids, home)
 
 
-def _valid_id(s: str) -> bool:
-    return s.isascii() and s.isdigit() and int(s) < 0xFFFFFFFF
+def _id(s: str) -> int | None:
+    """A user or group ID in the text (ASCII digits, below (uid_t)-1), else None."""
+    n = number(s)
+    return n if n is not None and n < 0xFFFFFFFF else None
 
 
 # -- init and the command -------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import IO, Any
 import zstandard
 
 from .. import compression, sparse, syscalls
+from ..digits import number
 from ..errors import UserError
 from ..sandbox import SetupError, read_user_db
 from ..tarsafe import open_tar
@@ -92,27 +93,33 @@ def resolve_owner(rootfd: int, spec: str) -> Owner:
     if not user:
         raise CopyError(f"--chown={spec}: no user given")
     passwd = [e for e in _read_db(rootfd, "/etc/passwd", spec) if len(e) >= 4]
-    if user.isdigit():
-        uid = int(user)
-        entry = next((e for e in passwd if e[2] == user), None)
-        gid = int(entry[3]) if entry is not None and entry[3].isdigit() else uid
+    given = number(user)
+    if given is not None:
+        uid = given
+        entry = next((e for e in passwd if number(e[2]) == uid), None)
+        found = number(entry[3]) if entry is not None else None
+        gid = uid if found is None else found
     else:
         entry = next((e for e in passwd if e[0] == user), None)
-        if entry is None or not entry[2].isdigit():
+        found = number(entry[2]) if entry is not None else None
+        if entry is None or found is None:
             raise CopyError(f"--chown={spec}: no user {user!r} in the image's /etc/passwd")
-        uid = int(entry[2])
-        gid = int(entry[3]) if entry[3].isdigit() else uid
+        uid = found
+        found = number(entry[3])
+        gid = uid if found is None else found
     if group:
-        if group.isdigit():
-            gid = int(group)
+        given = number(group)
+        if given is not None:
+            gid = given
         else:
             g = next(
                 (e for e in _read_db(rootfd, "/etc/group", spec) if len(e) >= 3 and e[0] == group),
                 None,
             )
-            if g is None or not g[2].isdigit():
+            found = number(g[2]) if g is not None else None
+            if found is None:
                 raise CopyError(f"--chown={spec}: no group {group!r} in the image's /etc/group")
-            gid = int(g[2])
+            gid = found
     for kind, n in (("user", uid), ("group", gid)):
         if n >= 2**32 - 1:  # (uid_t)-1 means "unchanged" to chown(2)
             raise CopyError(f"--chown={spec}: {kind} id {n} is out of range")
