@@ -381,6 +381,23 @@ def test_env_and_workdir(env: Env, tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "data,said",
+    [
+        (b"A=\xff\xfe\n", "is not UTF-8 text"),
+        (b"A=b\x00c\n", "'A' holds a NUL character"),
+    ],
+)
+def test_a_bad_env_file_is_one_line(env: Env, tmp_path: Path, data: bytes, said: str) -> None:
+    """Bytes that are no UTF-8 gave a UnicodeDecodeError traceback; a NUL, which execve
+    cannot pass, "container init failed: ValueError('embedded null byte')"."""
+    envfile = tmp_path / "envfile"
+    envfile.write_bytes(data)
+    r = env.run("true", opts=("--env-file", str(envfile)))
+    assert r.returncode == 125 and r.stderr.count("\n") == 1 and said in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_volume(env: Env, tmp_path: Path) -> None:
     vol = tmp_path / "vol"
     vol.mkdir()

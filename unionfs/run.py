@@ -321,6 +321,8 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
                 lines = f.read().splitlines()
         except OSError as e:
             raise _fail(f"cannot read env file {path!r}: {e.strerror}") from e
+        except UnicodeDecodeError as e:  # a traceback before
+            raise _fail(f"env file {path!r} is not UTF-8 text (byte {e.start})") from None
         for line in lines:
             line = line.strip()
             if line and not line.startswith("#"):
@@ -331,6 +333,9 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
         kv = _parse_env_item(item, "-e")
         if kv:
             env[kv[0]] = kv[1]
+    for key, value in env.items():
+        if "\0" in key or "\0" in value:  # execve cannot pass it: init failed with a ValueError
+            raise _fail(f"the environment variable {key!r} holds a NUL character")
     return env
 
 
