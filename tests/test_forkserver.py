@@ -5,6 +5,7 @@ found only in the caller's private state dir, and mounts work without it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -291,3 +292,39 @@ def test_a_request_is_a_mount_never_code_the_server_runs(tmp_path: Path, state: 
         with mounted([b[0]], tmp_path / "mb", b[1], b[2]) as mb:  # and it still serves
             pid = daemon_pid(str(mb))
             assert pid is not None and b"server_main" in _cmdline(pid)
+
+
+@pytest.mark.mount
+def test_the_first_callers_working_directory_is_not_on_the_servers_path(
+    tmp_path: Path, state: Path
+) -> None:
+    """`python -m unionfs` puts its working directory first on sys.path; the server
+    took the sys.path of the mount that started it, and forks every later caller's
+    daemon with it: a module a daemon imports late, planted there (/tmp), would run in
+    the daemons of callers who never went there."""
+    a = _layers(tmp_path / "a")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    mnt = tmp_path / "ma"
+    mnt.mkdir()
+    opts = f"lowerdir={a[0]},upperdir={a[1]},workdir={a[2]}"
+    r = subprocess.run(
+        [*PYUNION, "mount", "-o", opts, str(mnt)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+        server = _server_pid(state)
+        assert server is not None
+        argv = _cmdline(server).split(b"\0")
+        path = json.loads(argv[argv.index(b"-c") + 2])
+        assert str(cwd) not in path, path
+        assert os.path.dirname(os.path.dirname(forkserver.__file__)) == path[0]
+    finally:
+        pyunion("umount", str(mnt), check=False)
+        force_unmount(mnt)

@@ -228,8 +228,33 @@ _BOOT = (
 )
 
 
+def _server_path() -> list[str]:
+    """The server's `sys.path`: where this package is, then the caller's, less its working
+    directory (`python -m` and `-c` put it first).
+
+    The server outlives its first caller and forks every later caller's daemon, which
+    imports some modules only then (`resource`): a module planted in that caller's
+    working directory (/tmp) ran as root in the daemons of callers who never went there.
+    """
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        cwd = ""
+    out = [here]
+    for entry in sys.path:
+        if entry in ("", ".") or not os.path.isabs(entry):
+            continue
+        if os.path.realpath(entry) == cwd and entry != here:
+            continue
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
 def start_server(state_fd: int) -> None:
     """Start a server in the background (detached, a fresh interpreter); never waits for it."""
+    path = json.dumps(_server_path())  # before the child leaves the working directory
     pid = os.fork()
     if pid:
         with contextlib.suppress(ChildProcessError):
@@ -251,7 +276,7 @@ def start_server(state_fd: int) -> None:
         os.chdir("/")
         os.execve(
             sys.executable,
-            [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(fd)],
+            [sys.executable, "-I", "-c", _BOOT, path, str(fd)],
             {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
         )
     except BaseException:  # noqa: BLE001 - a forked child must never return into pyunion
