@@ -328,3 +328,58 @@ def test_the_first_callers_working_directory_is_not_on_the_servers_path(
     finally:
         pyunion("umount", str(mnt), check=False)
         force_unmount(mnt)
+
+
+# A server of an attacker's making: root of a user namespace mapping 0 onto 0 (no
+# capability on the host), listening under the server's name, writing down the fds a
+# client hands it and saying the mount is live.
+_FAKE_SERVER = """
+import os, socket, struct, sys
+path, mark = sys.argv[1:3]
+if os.path.lexists(path):
+    os.unlink(path)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.bind(path)
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+c.settimeout(20)
+try:
+    msg, fds, _, _ = socket.recv_fds(c, 1 << 20, 8)
+except OSError:
+    fds = []
+if fds:
+    with open(mark, "w") as f:
+        f.write(" ".join(os.readlink(f"/proc/self/fd/{fd}") for fd in fds))
+    os.write(fds[1], b"OK")
+    c.sendall(struct.pack("=i", os.getpid()))
+"""
+
+
+@pytest.mark.mount
+def test_a_client_hands_nothing_to_a_server_bound_more_tightly_than_itself(
+    tmp_path: Path, state: Path
+) -> None:
+    """The client checked only the server's uid: root of a user namespace (or any root
+    with fewer capabilities) that bound the server's name in the root-owned state dir got
+    the caller's mount point, mount namespace and state dir fds (for `run`: /dev/fuse of
+    the container's root, which it could then serve), and made `pyunion mount` say the
+    mount was live with nothing mounted."""
+    low, up, work = _layers(tmp_path)
+    mark = tmp_path / "handed-over"
+    sock = state / forkserver._names()[0]
+    fake = subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", _FAKE_SERVER, sock, mark],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "listening\n"
+        with mounted([low], tmp_path / "m", up, work) as m:
+            assert (m / "f").read_text() == "lower\n"
+            pid = daemon_pid(str(m))
+            assert pid is not None and pid != fake.pid
+        assert not mark.exists(), f"handed to the fake server: {mark.read_text()}"
+    finally:
+        fake.kill()
+        fake.wait(10)

@@ -13,7 +13,7 @@ server's pages copy-on-write and mounts at once.
   request, or when its socket is removed or replaced.
 - **Its socket** is `forkserver.sock` in the state directory (0700, the
   user's own, `mount.state_dir`); both ends check the other's uid
-  (SO_PEERCRED), and the server the caller's bounds (`_as_free_as_me`: its
+  (SO_PEERCRED) and bounds (`_peer_is_my_equal`, `_as_free_as_me`: its
   capabilities, no_new_privs, seccomp, LSM label, root directory, user and pid
   namespaces, read while a pidfd says the caller still lives). A request is the
   `MountConfig` (decoded by `_Request`, which knows the option classes and
@@ -49,6 +49,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from .options import MountConfig
@@ -120,10 +121,6 @@ def _peer(sock: socket.socket) -> tuple[int, int]:
     return int(pid), int(uid)
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    return _peer(sock)[1]
-
-
 _CONFINEMENT = ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")
 
 
@@ -185,6 +182,47 @@ def _as_free_as_me(pid: int) -> bool:
     return all(theirs.get(k) == mine.get(k) for k in ("NoNewPrivs", "Seccomp"))
 
 
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
+
+
+def _peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the process that connected; on kernels before 6.5, of `pid` now."""
+    try:
+        return int(conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        return os.pidfd_open(pid)
+
+
+def _gone(pidfd: int) -> bool:
+    """Whether the process of `pidfd` has exited (its pid may then name another one)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _peer_is_my_equal(sock: socket.socket, then: Callable[[int], None] | None = None) -> bool:
+    """Whether the process at the other end of `sock` has this one's uid and is bound no
+    more tightly (`_as_free_as_me`), `then(pid)` run meanwhile: both ends ask it.
+
+    The client hands the server its mount namespace, its mount point or the /dev/fuse of
+    a container's root, and the state dir: a server bound more tightly than the client
+    (root of a user namespace, fewer capabilities) that took the socket's name in the
+    root-owned state dir got them (and served the container's root, or said a mount
+    was live with nothing mounted). What /proc/PID says is the peer's only while the
+    peer lives: checked after, by a pidfd.
+    """
+    peer, uid = _peer(sock)
+    if peer <= 0 or uid != os.geteuid():
+        return False
+    pidfd = _peer_pidfd(sock, peer)
+    try:
+        if not _as_free_as_me(peer):
+            return False
+        if then is not None:
+            then(peer)
+        return not _gone(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 # -- the client side ---------------------------------------------------------------------
 def spawn(cfg: MountConfig, ready_w: int, state_fd: int, mp_fd: int) -> int | None:
     """Have the server fork the daemon of `cfg`; its pid, or None if there is no server.
@@ -200,8 +238,8 @@ def spawn(cfg: MountConfig, ready_w: int, state_fd: int, mp_fd: int) -> int | No
         except OSError:
             start_server(state_fd)
             return None
-        if _peer_uid(sock) != os.geteuid():
-            return None
+        if not _peer_is_my_equal(sock):
+            return None  # forked directly; the name is not ours to take over
         mntns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
             env = {k: v for k, v in os.environ.items() if k == "PYUNION_LOG"}
@@ -400,39 +438,17 @@ def _decode(msg: bytes) -> tuple[MountConfig, dict[str, str]] | None:
     return cfg, ({"PYUNION_LOG": log_file} if isinstance(log_file, str) else {})
 
 
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
-
-
-def _peer_pidfd(conn: socket.socket, pid: int) -> int:
-    """A pidfd of the process that connected; on kernels before 6.5, of `pid` now."""
-    try:
-        return int(conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
-    except OSError:
-        return os.pidfd_open(pid)
-
-
-def _gone(pidfd: int) -> bool:
-    """Whether the process of `pidfd` has exited (its pid may then name another one)."""
-    return bool(select.select([pidfd], [], [], 0)[0])
-
-
 def _handle(conn: socket.socket, listener: socket.socket) -> None:
-    peer, uid = _peer(conn)
-    pidfd = _peer_pidfd(conn, peer) if peer > 0 else -1
     cgroups = ""
-    try:
-        # What /proc/PEER says is the caller's only while the caller lives: checked after.
-        ok = pidfd >= 0 and uid == os.geteuid() and _as_free_as_me(peer)
-        if ok:
-            # The caller's cgroups as the kernel says (a caller in a cgroup namespace of
-            # its own would report "0::/", the root, and its daemon would leave its limits).
-            with open(f"/proc/{peer}/cgroup") as f:
-                cgroups = f.read(1 << 16)
-            ok = not _gone(pidfd)
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
-    if not ok:
+
+    def read_cgroups(peer: int) -> None:
+        # The caller's cgroups as the kernel says (a caller in a cgroup namespace of its
+        # own would report "0::/", the root, and its daemon would leave its limits).
+        nonlocal cgroups
+        with open(f"/proc/{peer}/cgroup") as f:
+            cgroups = f.read(1 << 16)
+
+    if not _peer_is_my_equal(conn, read_cgroups):
         conn.sendall(_PID.pack(0))  # the caller forks its daemon itself
         return
     conn.settimeout(10)
