@@ -398,6 +398,16 @@ def test_a_bad_env_file_is_one_line(env: Env, tmp_path: Path, data: bytes, said:
     assert "Traceback" not in r.stderr
 
 
+def test_a_host_name_too_long_is_refused(env: Env) -> None:
+    """sethostname(2) refused a name over 64 bytes, and the container silently kept the
+    host's, while its /etc/hostname said the name asked for."""
+    r = env.run("hostname", opts=("--hostname", "h" * 65))
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    assert "longer than 64 bytes" in r.stderr
+    r = env.run("hostname", opts=("--hostname", "h" * 64))
+    assert (r.returncode, r.stdout) == (0, "h" * 64 + "\n"), r.stderr
+
+
 def test_volume(env: Env, tmp_path: Path) -> None:
     vol = tmp_path / "vol"
     vol.mkdir()

@@ -196,6 +196,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_cmd_run)
 
 
+HOST_NAME_MAX = 64  # the kernel's limit for sethostname(2)
+
+
 def parse_run_args(args: argparse.Namespace) -> RunOptions:
     """Split LAYER... -- COMMAND; options written between the layers are honoured too."""
     rest: list[str] = list(args.args)
@@ -220,6 +223,10 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
                 cur = getattr(args, key)
                 setattr(args, key, cur + value if isinstance(value, list) else value)
         before = extra.layers
+    host = args.hostname
+    if host and len(os.fsencode(host)) > HOST_NAME_MAX:
+        # sethostname(2) refused it, and the container kept the host's name unsaid.
+        raise _fail(f"--hostname: {host!r} is longer than {HOST_NAME_MAX} bytes")
     return RunOptions(
         layers=before,
         command=command,
