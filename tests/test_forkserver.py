@@ -29,7 +29,7 @@ from support import (
 )
 
 from unionfs import forkserver
-from unionfs.mount import daemon_pid
+from unionfs.mount import daemon_pid, process_alive
 
 pytestmark = [needs_fuse, pytest.mark.timeout(120)]
 
@@ -292,6 +292,66 @@ def test_a_request_is_a_mount_never_code_the_server_runs(tmp_path: Path, state: 
         with mounted([b[0]], tmp_path / "mb", b[1], b[2]) as mb:  # and it still serves
             pid = daemon_pid(str(mb))
             assert pid is not None and b"server_main" in _cmdline(pid)
+
+
+# A dict whose key is a tuple nested 300,000 deep: 300 KB of opcodes (TUPLE1 each) that
+# the restricted decoder takes, and whose hash recurses in C without a bound.
+_NESTED_KEY = b"\x80\x04}N" + b"\x85" * 300_000 + b"Ns."
+
+
+@pytest.mark.mount
+def test_a_request_that_crashes_its_decoder_leaves_the_server_alive(
+    tmp_path: Path, state: Path
+) -> None:
+    """The server decoded each request itself: a caller that passed its checks sent 300 KB
+    of pickle opcodes (a deeply nested tuple as a dict key) and the server died of SIGSEGV
+    while decoding it, for every later caller. Now the process forked for the request
+    decodes it, and only that process can die of it."""
+    a, b = _layers(tmp_path / "a"), _layers(tmp_path / "b")
+    (tmp_path / "mp").mkdir()
+    with mounted([a[0]], tmp_path / "ma", a[1], a[2]):
+        wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+        server = _server_pid(state)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)  # one 300 KB message
+        ready_r, ready_w = os.pipe()
+        fds = [
+            os.open("/proc/self/ns/mnt", os.O_RDONLY),
+            ready_w,
+            os.open(state, os.O_RDONLY),
+            os.open(tmp_path / "mp", os.O_RDONLY),
+        ]
+        try:
+            s.connect(str(state / forkserver._names()[0]))
+            socket.send_fds(s, [_NESTED_KEY], fds)
+            with contextlib.suppress(OSError):
+                s.recv(64)
+        finally:
+            s.close()
+            for fd in fds:
+                os.close(fd)
+        try:  # whoever decoded it is gone: the pipe's last writer
+            os.set_blocking(ready_r, False)
+            wait_until(lambda: _drained(ready_r), 30, "the decoder to end")
+        finally:
+            os.close(ready_r)
+        # The server takes one request at a time: the next mount's is served after it.
+        with mounted([b[0]], tmp_path / "mb", b[1], b[2]) as mb:
+            pid = daemon_pid(str(mb))
+            assert pid is not None and b"server_main" in _cmdline(pid), "not the server's"
+            assert (mb / "f").read_text() == "lower\n"
+        assert _server_pid(state) == server and process_alive(server)
+
+
+def _drained(fd: int) -> bool:
+    """Whether the pipe `fd` reads from is at its end (every writer gone)."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        return False
+    return True
 
 
 @pytest.mark.mount

@@ -17,7 +17,8 @@ server's pages copy-on-write and mounts at once.
   capabilities, no_new_privs, seccomp, LSM label, root directory, user and pid
   namespaces, read while a pidfd says the caller still lives). A request is the
   `MountConfig` (decoded by `_Request`, which knows the option classes and
-  nothing else), and by SCM_RIGHTS the
+  nothing else, in the process forked for it: never in the server), and by
+  SCM_RIGHTS the
   caller's mount namespace, the readiness pipe, the state directory and the
   mount point the caller resolved and checked (`mount.open_mountpoint`): the
   daemon joins the caller's mount namespace (`run` mounts in a private one),
@@ -430,7 +431,7 @@ def _decode(msg: bytes) -> tuple[MountConfig, dict[str, str]] | None:
 
     try:
         cfg, env = _Request(io.BytesIO(msg)).load()
-    except Exception:  # noqa: BLE001 - any malformed request is refused, the server goes on
+    except Exception:  # noqa: BLE001 - any malformed request is refused in one line
         return None
     if not isinstance(cfg, MountConfig) or not isinstance(env, dict):
         return None
@@ -458,14 +459,16 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     try:
-        request = _decode(msg) if len(fds) == 4 else None
-        if request is None:
+        if len(fds) != 4 or not msg:
             return
-        cfg, env = request
+        # Decoded in the fork, never here: a request can still build what crashes or
+        # swamps the process reading it (a tuple nested 300,000 deep as a dict key: its
+        # hash recursed in C until the server died of SIGSEGV), and the server is every
+        # later caller's.
         pid = os.fork()
         if pid == 0:
             listener.close()
-            _daemon(cfg, env, cgroups, conn, fds[0], fds[1], fds[2], fds[3])
+            _daemon(msg, cgroups, conn, fds[0], fds[1], fds[2], fds[3])
         conn.sendall(_PID.pack(pid))
     finally:
         for fd in fds:
@@ -504,8 +507,7 @@ def _join_cgroups(cgroups: str) -> None:
 
 
 def _daemon(
-    cfg: MountConfig,
-    env: dict[str, str],
+    msg: bytes,
     cgroups: str,
     conn: socket.socket,
     mntns: int,
@@ -513,7 +515,8 @@ def _daemon(
     state: int,
     mp: int,
 ) -> NoReturn:
-    """The forked daemon: join the caller's cgroups and mount namespace, then what
+    """The forked daemon: join the caller's cgroups, decode the request (its memory and
+    its crash are the caller's), join the caller's mount namespace, then what
     `mount.mount` forks."""
     from . import mount
 
@@ -522,6 +525,11 @@ def _daemon(
         conn.close()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         _join_cgroups(cgroups)
+        request = _decode(msg)
+        del msg
+        if request is None:
+            raise ValueError("the request is no mount")
+        cfg, env = request
         setns(mntns, CLONE_NEWNS)
         os.close(mntns)
         os.environ.clear()
