@@ -74,7 +74,9 @@ def _handler(srv: _Hostile) -> type[http.server.BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             port = srv.server_address[1]
-            if self.path == "/v2/":
+            if srv.mode == "retry-after" and self.path != "/v2/":
+                self.small(503, {"Retry-After": "\u00b2"})  # busy; back in "²" (superscript 2)
+            elif self.path == "/v2/":
                 if srv.mode == "ping":
                     self.endless(200)
                 elif srv.mode == "token":
@@ -136,6 +138,28 @@ def test_an_endless_answer_is_cut_short(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "larger than" in lines[0] and said in lines[0], r.stderr
     assert hostile.sent < 64 << 20, f"read {hostile.sent >> 20} MiB of an endless answer"
+
+
+def test_a_retry_after_that_is_no_number_is_one_line(hostile: _Hostile, tmp_path: Path) -> None:
+    """`Retry-After: ²`: str.isdigit() took it, float() refused it, and the pull ended in a
+    ValueError traceback; it is no number of seconds, so the usual delay is waited."""
+    hostile.mode = "retry-after"
+    host = f"127.0.0.1:{hostile.server_address[1]}"
+    r = pyunion(
+        "pull",
+        "--tls-verify=false",
+        "--retry",
+        "1",
+        "--retry-delay",
+        "0.05",
+        "--store",
+        str(tmp_path / "s"),
+        f"{host}/evil:1",
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "503" in r.stderr, r.stderr
 
 
 # --- a registry that answers with hostile URLs, documents and locations ------------------------

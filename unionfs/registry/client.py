@@ -50,6 +50,7 @@ import httpx
 import trio
 
 from .. import __version__, jsondoc
+from ..digits import number
 from ..errors import UserError
 from ..image import reference
 from ..image.safetext import printable
@@ -288,9 +289,9 @@ class Client:
     async def backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
         delay = min(10.0, self.opts.retry_delay * (2**attempt))
         if resp is not None:
-            ra = resp.headers.get("retry-after", "")
-            if ra.isdigit():
-                delay = min(30.0, float(ra))
+            ra = number(resp.headers.get("retry-after", ""))
+            if ra is not None:
+                delay = float(min(30, ra))
         await trio.sleep(delay)
 
     def http_error(self, e: BaseException, what: str) -> RegistryError:
@@ -816,9 +817,9 @@ class Client:
         resp = await self.request("GET", location, push_scope(repo))
         if resp.status_code != 204:
             raise await self.fail(resp, what)
-        rng = resp.headers.get("range", "0-0").removeprefix("bytes=")
-        end = int(rng.split("-", 1)[1]) if "-" in rng and rng.split("-", 1)[1].isdigit() else -1
-        return upload_location(resp, location, what), end + 1
+        _, dash, last = resp.headers.get("range", "0-0").removeprefix("bytes=").partition("-")
+        end = number(last) if dash else None
+        return upload_location(resp, location, what), 0 if end is None else end + 1
 
     async def put_manifest(
         self, repo: str, target: str, body: bytes, media_type: str, digest: str
