@@ -419,6 +419,27 @@ def test_hostile_archives_and_owners_are_one_line_at_once(tmp_path: Path) -> Non
 
 
 @needs_fuse
+def test_numbers_in_a_containerfile_are_ascii_digits_in_range(tmp_path: Path) -> None:
+    """A HEALTHCHECK duration of 400 digits (float() reads inf, int() raised
+    OverflowError) and `COPY --from=` 5000 digits (str.isdigit() took them, int()
+    refused them) were tracebacks; `--retries=-3`, `EXPOSE +80` and `--chmod=0o755`
+    were taken (int() reads a sign and a prefix; docker and buildah refuse them)."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "f").write_text("f")
+    store = tmp_path / "store"
+    for line, said in (
+        (f"HEALTHCHECK --interval={'9' * 400}s CMD true".encode(), "not a duration"),
+        (b"HEALTHCHECK --retries=-3 CMD true", "--retries needs a number"),
+        (b"COPY --from=" + b"9" * 5000 + b" f /f", "used before it is defined"),
+        (b"COPY --chmod=0o755 f /f", "expected an octal mode"),
+        (b"EXPOSE +80", "invalid port"),
+    ):
+        (ctx / "Containerfile").write_bytes(b"FROM scratch\n" + line + b"\n")
+        assert said in _one_line_error(_build(store, ctx)), line
+
+
+@needs_fuse
 def test_an_image_passwd_with_absurd_ids_is_read_as_nss_reads_it(tmp_path: Path) -> None:
     """An entry whose uid has more digits than int() takes (or a `²`, which
     str.isdigit() accepts) stopped `COPY --chown` of any other user with a traceback;

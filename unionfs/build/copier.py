@@ -127,10 +127,11 @@ def resolve_owner(rootfd: int, spec: str) -> Owner:
 
 
 def parse_chmod(text: str) -> int:
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise CopyError(f"--chmod={text}: expected an octal mode such as 0755") from None
+    # ASCII octal digits only: int(text, 8) also took "+755", "0o755", "7_55" and other
+    # scripts' digits.
+    if not text or text.strip("01234567"):
+        raise CopyError(f"--chmod={text}: expected an octal mode such as 0755")
+    mode = int(text, 8)
     if not 0 <= mode <= 0o7777:
         raise CopyError(f"--chmod={text}: out of range")
     return mode

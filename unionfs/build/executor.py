@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import userns
+from ..digits import number
 from ..errors import UserError
 from ..image.platforms import host as host_platform
 from ..image.store import Store, normalize_tag, short_id
@@ -310,15 +311,18 @@ class Builder:
         except UserError:
             return text
 
+    def _stage_index(self, ref: str) -> int | None:
+        """The stage `ref` names: by its name, else by its index (ASCII digits only)."""
+        idx = self.stage_names.get(ref.lower())
+        return idx if idx is not None else number(ref)
+
     def _stage_ref(self, df: Dockerfile, ref: str, before: int) -> Stage | None:
         """An earlier stage named by `ref` (its name or its index), or None."""
-        idx = self.stage_names.get(ref.lower())
-        if idx is None and ref.isdigit():
-            idx = int(ref)
+        idx = self._stage_index(ref)
         if idx is None:
             return None
         if idx >= before:
-            if ref.isdigit():
+            if ref.lower() not in self.stage_names:
                 raise UserError(f"stage {ref} used before it is defined")
             return None  # a later stage of that name cannot be used: then it is an image
         return df.stages[idx]
@@ -665,9 +669,7 @@ class Builder:
         return plan
 
     def _from_state(self, ref: str, inst: Instruction) -> ImageState:
-        idx = self.stage_names.get(ref.lower())
-        if idx is None and ref.isdigit():
-            idx = int(ref)
+        idx = self._stage_index(ref)
         if idx is not None and idx in self.stages_done:
             return self.stages_done[idx]
         try:

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..digits import number
 from ..errors import UserError
 from ..image.platforms import host as host_platform
 from .lexer import Lexer
@@ -165,17 +166,15 @@ def _ports(inst: Instruction, words: list[str]) -> list[str]:
         if proto not in ("tcp", "udp", "sctp"):
             raise _fail(inst, f"invalid protocol in {w!r}")
         lo, dash, hi = spec.partition("-")
-        try:
-            start, end = int(lo), int(hi) if dash else int(lo)
-        except ValueError:
-            raise _fail(inst, f"invalid port {w!r}") from None
-        if not (0 < start <= end <= 65535):
+        start, end = number(lo), number(hi) if dash else number(lo)
+        if start is None or end is None or not (0 < start <= end <= 65535):
             raise _fail(inst, f"invalid port {w!r}")
         out.append(f"{spec}/{proto}")  # a range stays one key, as buildah writes it
     return out
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")  # ASCII digits only
+MAX_DURATION_NS = (1 << 63) - 1  # Go's time.Duration, an int64 of nanoseconds
 _UNIT_NS = {
     "ns": 1,
     "us": 1000,
@@ -195,7 +194,7 @@ def _duration(inst: Instruction, flag: str, text: str) -> int:
             break
         total += float(m.group(1)) * _UNIT_NS[m.group(2)]
         pos = m.end()
-    if pos != len(text) or not text:
+    if pos != len(text) or not text or not total <= MAX_DURATION_NS:  # inf: int() raised
         raise _fail(inst, f"--{flag}={text}: not a duration such as 30s")
     return int(total)
 
@@ -229,10 +228,10 @@ def _healthcheck(inst: Instruction) -> dict[str, Any]:
         if v is not None:
             hc[key] = _duration(inst, flag, v)
     if inst.flags.get("retries") is not None:
-        try:
-            hc["Retries"] = int(str(inst.flags["retries"]))
-        except ValueError:
-            raise _fail(inst, "--retries needs a number") from None
+        retries = number(str(inst.flags["retries"]))
+        if retries is None or retries > 2**31 - 1:  # Go's int in podman's and docker's configs
+            raise _fail(inst, "--retries needs a number")
+        hc["Retries"] = retries
     return hc
 
 
