@@ -408,6 +408,16 @@ def test_a_host_name_too_long_is_refused(env: Env) -> None:
     assert (r.returncode, r.stdout) == (0, "h" * 64 + "\n"), r.stderr
 
 
+@pytest.mark.parametrize("name", ["h\udcff", "h\n10.0.0.1 registry", "h\tx", "h x"])
+def test_a_host_name_that_is_no_name_is_refused(env: Env, name: str) -> None:
+    """A name of bytes that are no UTF-8 gave a UnicodeEncodeError traceback (writing
+    /etc/hostname); a newline, tab or space put lines and names of the caller's text into
+    the container's /etc/hosts ("127.0.1.1 h" then "10.0.0.1 registry")."""
+    r = env.run("cat", "/etc/hosts", opts=("--hostname", name))
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    assert "--hostname" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_volume(env: Env, tmp_path: Path) -> None:
     vol = tmp_path / "vol"
     vol.mkdir()

@@ -227,6 +227,10 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
     if host and len(os.fsencode(host)) > HOST_NAME_MAX:
         # sethostname(2) refused it, and the container kept the host's name unsaid.
         raise _fail(f"--hostname: {host!r} is longer than {HOST_NAME_MAX} bytes")
+    if host and not (host.isprintable() and " " not in host):
+        # Bytes that are no UTF-8 (a UnicodeEncodeError traceback writing /etc/hostname);
+        # a newline, tab or space wrote lines and names of its own into /etc/hosts.
+        raise _fail(f"--hostname: {host!r} holds a space, a control character or no text")
     return RunOptions(
         layers=before,
         command=command,
