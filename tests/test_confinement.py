@@ -490,10 +490,27 @@ def test_profile_file(env: Env, tmp_path: Path) -> None:
             }
         ],
     }
+    # A minKernel past int()'s 4300 digits was a ValueError traceback; one in Arabic-Indic
+    # digits (re's \d takes them) was read as 1.0. The first is a kernel still to come.
+    mkdir_from = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [
+            {
+                "names": ["mkdir", "mkdirat"],
+                "action": "SCMP_ACT_ERRNO",
+                "includes": {"minKernel": "9" * 5000 + ".0"},
+            }
+        ],
+    }
+    prof.write_text(json.dumps(mkdir_from))
+    r = env.sh("mkdir /yes", "--security-opt", f"seccomp={prof}")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    mkdir_from["syscalls"][0]["includes"] = {"minKernel": "\u0661.0"}
     for bad, why in [
         ("{", "not valid JSON"),
         ('{"defaultAction": "SCMP_ACT_NOPE"}', "unknown action"),
         (json.dumps(bad_arg), "bad argument comparison"),
+        (json.dumps(mkdir_from), "bad minKernel"),
     ]:
         prof.write_text(bad)
         r = env.sh("true", "--security-opt", f"seccomp={prof}")
