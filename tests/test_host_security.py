@@ -371,7 +371,12 @@ def test_a_users_state_directory_is_private(open_tree: Path, user: tuple[int, in
     assert r.stdout.strip() == str(home / ".pyunion-run") and os.listdir(private) == []
     st = os.stat(home / ".pyunion-run")
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user[0], 0o700)
+    # She lets the name go: the home's stays theirs (before, $TMPDIR's was made and used,
+    # and umount found none of the daemons recorded in the home, nor waited for them).
     private.rmdir()
+    r = _as(user, python, "-c", PROBE, env=env)
+    assert r.stdout.strip() == str(home / ".pyunion-run") and not private.exists()
+    (home / ".pyunion-run").rmdir()
     r = _as(user, python, "-c", PROBE, env=env)
     st = os.stat(private, follow_symlinks=False)
     assert r.stdout.strip() == str(private)

@@ -112,17 +112,30 @@ def state_dir() -> str:
             return os.path.join(xdg, "pyunion")
     # Named by the host's uid: in a user namespace every user is 0.
     tmp = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pyunion-run-{host_uid()}")
-    try:
-        st = os.lstat(tmp)
-    except OSError:
-        return tmp
-    if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+    there = _whose(tmp, uid)
+    if there == "ours":
         return tmp
     # A name in a directory every user writes is anyone's to take: another user who made
     # it first (or planted a symlink) stopped every mount and umount of ours. As podman
-    # does then, a directory in the user's home (without one: refused, as before).
+    # does then, a directory in the user's home (without one: refused, as before); once
+    # made, it stays the one when she lets the name go (umount looked in $TMPDIR then,
+    # and returned without waiting for the daemons recorded in the home).
     home = _home(uid)
-    return tmp if home is None else os.path.join(home, ".pyunion-run")
+    if home is None:
+        return tmp
+    fallback = os.path.join(home, ".pyunion-run")
+    if there == "free" and _whose(fallback, uid) != "ours":
+        return tmp
+    return fallback
+
+
+def _whose(path: str, uid: int) -> str:
+    """ "ours" (a directory of `uid`, no symlink), "free" (nothing there) or "taken"."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "free"
+    return "ours" if stat.S_ISDIR(st.st_mode) and st.st_uid == uid else "taken"
 
 
 def _home(uid: int) -> str | None:
