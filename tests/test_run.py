@@ -12,6 +12,7 @@ import fcntl
 import os
 import pty
 import re
+import resource
 import select
 import signal
 import stat
@@ -396,6 +397,28 @@ def test_a_bad_env_file_is_one_line(env: Env, tmp_path: Path, data: bytes, said:
     r = env.run("true", opts=("--env-file", str(envfile)))
     assert r.returncode == 125 and r.stderr.count("\n") == 1 and said in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_endless_env_file_is_one_line(env: Env) -> None:
+    """`--env-file /dev/zero` (or a symlink to it in a project's directory) was read to
+    its end: the run grew until the machine ran out of memory. Bounded here by an
+    address-space limit, it was a MemoryError traceback."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    r = subprocess.run(
+        env.cmd("--env-file", "/dev/zero", command=("true",)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit,
+        check=False,
+    )
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "larger than 4 MiB" in r.stderr
 
 
 def test_a_host_name_too_long_is_refused(env: Env) -> None:

@@ -315,6 +315,9 @@ def _parse_env_item(item: str, where: str) -> tuple[str, str] | None:
     return key, value
 
 
+MAX_ENV_FILE = 4 << 20  # twice what execve(2) takes for all of argv and the environment
+
+
 def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[str, str]:
     """PATH and HOSTNAME, then the image's Env, then --env-file, then -e (later wins)."""
     from . import sandbox
@@ -328,10 +331,14 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
             env[key] = value
     for path in opts.env_files:
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open(path, "rb") as f:  # a pipe too (`--env-file <(...)`), as podman
+                data = f.read(MAX_ENV_FILE + 1)
         except OSError as e:
             raise _fail(f"cannot read env file {path!r}: {e.strerror}") from e
+        if len(data) > MAX_ENV_FILE:  # /dev/zero: read until the machine ran out of memory
+            raise _fail(f"env file {path!r} is larger than {MAX_ENV_FILE >> 20} MiB")
+        try:
+            lines = data.decode("utf-8").splitlines()
         except UnicodeDecodeError as e:  # a traceback before
             raise _fail(f"env file {path!r} is not UTF-8 text (byte {e.start})") from None
         for line in lines:
