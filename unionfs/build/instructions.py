@@ -229,7 +229,7 @@ def _healthcheck(inst: Instruction) -> dict[str, Any]:
             hc[key] = _duration(inst, flag, v)
     if inst.flags.get("retries") is not None:
         retries = number(str(inst.flags["retries"]))
-        if retries is None or retries > 2**31 - 1:  # Go's int in podman's and docker's configs
+        if retries is None or retries > 2**63 - 1:  # an int in docker's and podman's Go
             raise _fail(inst, "--retries needs a number")
         hc["Retries"] = retries
     return hc
