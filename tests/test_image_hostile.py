@@ -1482,6 +1482,23 @@ def test_a_compression_bomb_is_refused(tmp_path: Path, store_dir: str, cli: Any)
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 5000])
+def test_an_expansion_bound_that_is_no_number_is_one_line(
+    tmp_path: Path, store_dir: str, cli: Any, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """PYUNION_MAX_EXPANSION=² (str.isdigit() took it, int() refused it) or 5000 digits
+    (past int()'s limit) stopped every compressed layer's import with a ValueError
+    traceback; now `²` is one line, and 5000 digits are a bound no layer reaches."""
+    monkeypatch.setenv("PYUNION_MAX_EXPANSION", value)
+    lay = Layout(tmp_path / "lay")
+    desc = lay.put(_zstd_zeros(1), "application/vnd.oci.image.layer.v1.tar+zstd")
+    diff = "sha256:" + "0" * 64  # not the tar's: refused once it is read, if it is
+    lay.tag(lay.image([desc], [diff], {"architecture": "amd64", "os": "linux"}), "latest")
+    err = one_line_failure(cli("image", "import", "-q", str(lay.path), "--store", store_dir))
+    said = "expected a whole number" if value == "\u00b2" else "DiffID"
+    assert said in err, err
+
+
 # --- a layer the manifest lists many times ---------------------------------------------------
 @contextlib.contextmanager
 def _small_tmpfs(path: Path, size: str) -> Iterator[Path]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from .. import compression
+from ..digits import number
 from ..errors import UserError
 from ..progress import Bars
 from . import reference
@@ -59,9 +60,10 @@ def max_expansion() -> int:
     text = os.environ.get(EXPANSION_ENV, "").strip()
     if not text:
         return EXPANSION
-    if not text.isdigit():
+    ratio = number(text)  # str.isdigit() took `²`, which int() refused: a traceback
+    if ratio is None:
         raise UserError(f"{EXPANSION_ENV}={text!r}: expected a whole number (0: no bound)")
-    return int(text)
+    return ratio
 
 
 class ExpansionError(ImageFormatError):
