@@ -34,6 +34,7 @@ from support import PYUNION, force_unmount, fuse_skip_reason, pyunion, tree_view
 
 from unionfs.build.ignore import Matcher
 from unionfs.build.lexer import Lexer, SubstitutionError
+from unionfs.build.parse import parse
 from unionfs.build.sources import SourceTree
 from unionfs.errors import UserError
 from unionfs.image import Store
@@ -734,6 +735,18 @@ def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None
 
 
 # --- pure rules (no root needed) ---------------------------------------------------------------
+def test_flags_keep_their_non_ascii_text() -> None:
+    """The parser library hands flags back as UTF-8 read as Latin-1: `--chown=josé` came
+    as a user `josÃ©` that does not exist, `--from=²` was said to be `--from=Â²`."""
+    df = parse(
+        "FROM scratch AS base\nFROM scratch\n"
+        "COPY --from=² --chown=josé:ü x /x\nCOPY --chown=Ã© y /y\n"
+    )
+    first, second = df.stages[1].instructions
+    assert first.flags == {"from": "²", "chown": "josé:ü"}
+    assert second.flags == {"chown": "Ã©"}  # written so: kept as written
+
+
 def test_substitution_rules() -> None:
     lx = Lexer()
     env = {"A": "apple", "E": "", "P": "/usr/local/bin/tool.tar.gz"}

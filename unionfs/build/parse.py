@@ -113,10 +113,23 @@ def directives(text: str) -> dict[str, str]:
     return out
 
 
-def _flags(cmd: str, raw: tuple[str, ...], line: int) -> dict[str, str | None]:
+def _flag_text(flag: str, original: str) -> str:
+    """A flag as written: the `dockerfile` library (3.4) hands flags back as their
+    UTF-8 bytes read as Latin-1 (`--from=é` comes as `--from=Ã©`), values and the
+    original line correctly. A flag not found in the line is mended if, mended, it is."""
+    if flag in original:
+        return flag
+    try:
+        mended = flag.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return flag
+    return mended if mended in original else flag
+
+
+def _flags(cmd: str, raw: tuple[str, ...], line: int, original: str) -> dict[str, str | None]:
     allowed = FLAGS.get(cmd, set())
     out: dict[str, str | None] = {}
-    for f in raw:
+    for f in (_flag_text(f, original) for f in raw):
         name, eq, value = f[2:].partition("=")
         if name not in allowed:
             if cmd == "RUN" and name in ("mount", "network", "security"):
@@ -162,7 +175,7 @@ def _instruction(c: dockerfile.Command) -> Instruction:
         return Instruction(cmd, args, c.json, {}, c.original, line, trigger=parsed[0])
     if (not args or args == [""]) and cmd not in NO_ARGS_OK:
         raise DockerfileError(f"line {line}: {cmd} requires at least one argument")
-    flags = _flags(cmd, c.flags, line)
+    flags = _flags(cmd, c.flags, line, c.original)
     if cmd in ("COPY", "ADD") and len(args) < 2:
         raise DockerfileError(
             f"line {line}: {cmd} requires at least two arguments: a source and a destination"
