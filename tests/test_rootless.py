@@ -986,3 +986,14 @@ def test_a_state_dir_name_taken_in_tmp_stops_no_mount(user: User, home: Path, ta
     finally:
         force_unmount(mnt)
         rmtree(str(tmp))
+
+
+def test_subordinate_ranges_read_only_ascii_numbers(tmp_path: Path) -> None:
+    """/etc/subuid's numbers follow the one rule for numbers from outside (digits.py):
+    `²` passed str.isdigit() and made int() raise, 5000 digits too."""
+    sub = tmp_path / "subuid"
+    sub.write_text(
+        "alice:²:65536\nalice:100000:" + "9" * 5000 + "\nalice:\u0661\u0660\u0660:65536\n"
+        "alice:200000:65536\nbob:300000:65536\n1000:400000:10\n"
+    )
+    assert userns.subordinate_ranges(str(sub), "alice", 1000) == [(200000, 65536), (400000, 10)]

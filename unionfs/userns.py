@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass
 
 from . import syscalls
+from .digits import number
 from .errors import UserError
 
 SUBUID = "/etc/subuid"
@@ -50,8 +51,9 @@ def read_map(kind: str = "uid", pid: str = "self") -> list[Extent]:
     out = []
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) == 3 and all(x.isdigit() for x in fields):
-            out.append((int(fields[0]), int(fields[1]), int(fields[2])))
+        nums = [n for n in map(number, fields) if n is not None]
+        if len(fields) == len(nums) == 3:
+            out.append((nums[0], nums[1], nums[2]))
     return out
 
 
@@ -119,8 +121,11 @@ def free_range(count: int = 65536) -> str:
             continue
         for line in lines:
             fields = line.strip().split(":")
-            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
-                start = max(start, int(fields[1]) + int(fields[2]))
+            if len(fields) != 3:
+                continue
+            first, n = number(fields[1]), number(fields[2])
+            if first is not None and n is not None and first + n <= ID_LIMIT:
+                start = max(start, first + n)
     return f"{start}-{start + count - 1}"
 
 
@@ -156,14 +161,9 @@ def subordinate_ranges(path: str, name: str, uid: int) -> list[tuple[int, int]]:
         fields = raw.strip().split(":")
         if len(fields) != 3 or fields[0] not in (name, str(uid)):
             continue
-        start, count = fields[1], fields[2]
-        if (
-            start.isdigit()
-            and count.isdigit()
-            and int(count) > 0
-            and int(start) + int(count) <= ID_LIMIT - 1
-        ):
-            out.append((int(start), int(count)))
+        start, count = number(fields[1]), number(fields[2])
+        if start is not None and count is not None and count > 0 and start + count <= ID_LIMIT - 1:
+            out.append((start, count))
     return out
 
 
