@@ -57,9 +57,8 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _fuse_daemons() -> set[int]:
-    """The processes that hold /dev/fuse: mount daemons. A container's mount is
-    detached, so its daemon has no pid record; forked by `run` or by a fork server."""
+def _holding(path: str) -> set[int]:
+    """The processes that hold `path` open."""
     out = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -67,10 +66,16 @@ def _fuse_daemons() -> set[int]:
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{entry}/fd"):
                 with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse":
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == path:
                         out.add(int(entry))
                         break
     return out
+
+
+def _fuse_daemons() -> set[int]:
+    """The processes that hold /dev/fuse: mount daemons. A container's mount is
+    detached, so its daemon has no pid record; forked by `run` or by a fork server."""
+    return _holding("/dev/fuse")
 
 
 class _Setup:
@@ -200,14 +205,10 @@ def _forkservers(state: Path) -> set[int]:
     """The fork servers of the state dir `state`: interpreters booting `server_main`
     and holding that directory open."""
     out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"forkserver import server_main" not in f.read():
-                    continue
-                fds = os.listdir(f"/proc/{entry}/fd")
-                if any(os.readlink(f"/proc/{entry}/fd/{fd}") == str(state) for fd in fds):
-                    out.add(int(entry))
+    for pid in _holding(str(state)):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"forkserver import server_main" in f.read():
+                out.add(pid)
     return out
 
 
