@@ -254,6 +254,23 @@ def test_a_root_of_another_user_namespace_gets_no_daemon_from_the_server(
             force_unmount(d)
 
 
+def _send_request(state: Path, payload: bytes, fds: list[int]) -> None:
+    """Send the fork server of `state` a request of our own making with `fds` (closed
+    afterwards, whatever happens), and wait for its answer, if any."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.settimeout(30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)  # a 300 KB request too
+        s.connect(str(state / forkserver._names()[0]))
+        socket.send_fds(s, [payload], fds)
+        with contextlib.suppress(OSError):
+            s.recv(64)
+    finally:
+        s.close()
+        for fd in fds:
+            os.close(fd)
+
+
 class _Run:
     """What a request must never be: a callable the server calls while decoding it."""
 
@@ -274,19 +291,8 @@ def test_a_request_is_a_mount_never_code_the_server_runs(tmp_path: Path, state: 
     with mounted([a[0]], tmp_path / "ma", a[1], a[2]):
         wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
         server = _server_pid(state)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.settimeout(30)
         fds = [os.open("/proc/self/ns/mnt", os.O_RDONLY), *os.pipe(), os.open(state, os.O_RDONLY)]
-        try:
-            s.connect(str(state / forkserver._names()[0]))
-            payload = pickle.dumps((_Run(["touch", str(mark)]), {}))
-            socket.send_fds(s, [payload], fds)
-            with contextlib.suppress(OSError):
-                s.recv(64)
-        finally:
-            s.close()
-            for fd in fds:
-                os.close(fd)
+        _send_request(state, pickle.dumps((_Run(["touch", str(mark)]), {})), fds)
         assert not mark.exists(), "the request ran code in the fork server"
         assert _server_pid(state) == server
         with mounted([b[0]], tmp_path / "mb", b[1], b[2]) as mb:  # and it still serves
@@ -312,9 +318,6 @@ def test_a_request_that_crashes_its_decoder_leaves_the_server_alive(
     with mounted([a[0]], tmp_path / "ma", a[1], a[2]):
         wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
         server = _server_pid(state)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.settimeout(30)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)  # one 300 KB message
         ready_r, ready_w = os.pipe()
         fds = [
             os.open("/proc/self/ns/mnt", os.O_RDONLY),
@@ -322,15 +325,7 @@ def test_a_request_that_crashes_its_decoder_leaves_the_server_alive(
             os.open(state, os.O_RDONLY),
             os.open(tmp_path / "mp", os.O_RDONLY),
         ]
-        try:
-            s.connect(str(state / forkserver._names()[0]))
-            socket.send_fds(s, [_NESTED_KEY], fds)
-            with contextlib.suppress(OSError):
-                s.recv(64)
-        finally:
-            s.close()
-            for fd in fds:
-                os.close(fd)
+        _send_request(state, _NESTED_KEY, fds)
         try:  # whoever decoded it is gone: the pipe's last writer
             os.set_blocking(ready_r, False)
             wait_until(lambda: _drained(ready_r), 30, "the decoder to end")
