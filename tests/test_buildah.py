@@ -131,6 +131,13 @@ def test_storage_option_strings() -> None:
         "noxattrs=1",
         "xattr_permissions=0",
         "redirect_dir=off",
+        "redirect_dir=nofollow",
+        # containers/common's `-v SRC:DST:O` and `--rootfs DIR:O` (test_podman.py).
+        "private",
+        "rslave",
+        # libfuse's threading options, which fuse-overlayfs takes.
+        "max_threads=4",
+        "clone_fd",
         "uidmapping=0:0:4294967295",
         "gidmapping=:0:0:1:1:1:65536",
     ],
@@ -148,6 +155,12 @@ def test_harmless_options_accepted(opt: str) -> None:
         ("squash_to_root=maybe", "expected 0 or 1"),
         ("xattr_permissions=2", "xattrs"),
         ("plugins=/usr/lib/x.so", "plugins"),
+        # fuse-overlayfs refuses these too: a redirect in a layer would not be followed.
+        ("redirect_dir=on", "redirect"),
+        ("redirect_dir=follow", "redirect"),
+        # It turned fsync off.
+        ("volatile=0", "volatile takes no value"),
+        ("private=1", "private takes no value"),
     ],
 )
 def test_unsupported_options_refused(opt: str, why: str) -> None:

@@ -244,3 +244,43 @@ def test_podman_sees_the_same_changes_as_with_fuse_overlayfs(
         with podman(tmp_path / name, program) as p:
             runs.append(_session(p, base_tar, SHARED_CHANGES, SHARED_AFTER))
     assert runs[0] == runs[1], f"pyunion: {runs[0]}\nfuse-overlayfs: {runs[1]}"
+
+
+def _overlay_mounts(p: Podman, tar: Path, base: Path) -> tuple[str, str]:
+    """`-v SRC:DST:O` and `--rootfs DIR:O`: containers/common mounts SRC (or DIR) under a
+    throw-away upper with the mount program, passing `private`, which pyunion refused
+    (the run failed with "exec pyunion-overlayfs: exit status 1")."""
+    vol = base / "vol"
+    vol.mkdir(parents=True)
+    (vol / "h").write_text("host\n")
+    rootfs = base / "rootfs"
+    rootfs.mkdir()
+    subprocess.run(["tar", "-xf", str(tar), "-C", str(rootfs)], check=True, timeout=60)
+    p("import", str(tar), "localhost/base:1")
+    volume = p.run(
+        *("--rm", "-v", f"{vol}:/vol:O", "localhost/base:1"),
+        *("/bin/sh", "-ec", "cat /vol/h; echo w > /vol/new; rm /vol/h; ls /vol"),
+    )
+    root = p.run(
+        *("--rm", "--rootfs", f"{rootfs}:O"),
+        *("/bin/sh", "-ec", "echo x > /etc/xx; cat /etc/xx; rm /data/a; ls /data"),
+    )
+    # The host's trees are as they were: the changes went to the throw-away uppers.
+    assert sorted(os.listdir(vol)) == ["h"] and (vol / "h").read_text() == "host\n"
+    assert not (rootfs / "etc/xx").exists() and (rootfs / "data/a").exists()
+    assert p.mounts() == [] and p.daemons() == [], "left mounted or running after --rm"
+    return volume, root
+
+
+def test_overlay_volume_and_rootfs(base_tar: Path, tmp_path: Path) -> None:
+    runs = []
+    programs = [("pyunion", str(PYUNION_OVERLAYFS))]
+    if FUSE_OVERLAYFS is not None:
+        programs.append(("fo", FUSE_OVERLAYFS))
+    for name, program in programs:
+        with podman(tmp_path / name, program) as p:
+            runs.append(_overlay_mounts(p, base_tar, tmp_path / f"{name}-host"))
+    volume, root = runs[0]
+    assert volume == "host\nnew"
+    assert root.split("\n")[0] == "x" and "a" not in root.split("\n")[1:]
+    assert all(r == runs[0] for r in runs), runs

@@ -32,6 +32,23 @@ log = logging.getLogger(__name__)
 FUSE_PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions"}
 # The VFS flags a mount takes from us (libfuse's defaults for root are dev,suid,exec).
 VFS_FLAGS = ("nosuid", "nodev", "noexec")
+# Mount propagation: containers/common passes `private` with `-v SRC:DST:O` and
+# `--rootfs DIR:O`, then bind-mounts the merged tree into the container as `slave`;
+# fuse-overlayfs ignores them. They say where mounts propagate, not what this one shows.
+PROPAGATION = {
+    "private",
+    "rprivate",
+    "slave",
+    "rslave",
+    "shared",
+    "rshared",
+    "unbindable",
+    "runbindable",
+}
+# The kernel's redirect_dir values that follow no redirect: pyunion never writes one and
+# cannot follow one (a layer's renamed directory would show the wrong tree);
+# fuse-overlayfs refuses every other value too.
+REDIRECT_OFF = {"off", "nofollow"}
 # Generic mount options that make no sense for us to act on, accepted silently.
 IGNORED = {
     "rw",
@@ -56,7 +73,6 @@ IGNORED = {
     "noacl",
     "acl",
     "index",
-    "redirect_dir",
     "metacopy",
     "xino",
     "userxattr",
@@ -78,6 +94,10 @@ IGNORED = {
     "nosuid",
     "noexec",
     "debug",
+    # libfuse's threading: pyunion serves requests on one trio loop.
+    "clone_fd",
+    "max_threads",
+    "max_idle_threads",
 }
 
 
@@ -205,8 +225,17 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                 cfg.work = unescape(value)
             elif key == "ro" and not eq:
                 cfg.read_only = True
+            elif key == "volatile" and eq:
+                # `volatile=0` turned fsync off: the kernel's flag takes no value.
+                raise UserError(f"malformed option {item!r}: volatile takes no value")
             elif key == "volatile" or (key == "fsync" and value == "0"):
                 cfg.volatile = True
+            elif key == "redirect_dir":
+                if value not in REDIRECT_OFF:
+                    raise UserError(
+                        f"mount option {item!r} is not supported "
+                        "(redirects are neither written nor followed: redirect_dir=off)"
+                    )
             elif key == "writeback":
                 cfg.writeback = _flag(item, value)
             elif key == "spin":
@@ -228,6 +257,10 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                     f"mount option {item!r} is not supported (fuse-overlayfs layer plugins)"
                 )
             elif key in ("xattr_permissions", "plugins"):
+                log.debug("ignoring mount option %r", item)
+            elif key in PROPAGATION:
+                if eq:
+                    raise UserError(f"malformed option {item!r}: {key} takes no value")
                 log.debug("ignoring mount option %r", item)
             elif key in FUSE_PASSTHROUGH or key in VFS_FLAGS:
                 if eq:
