@@ -111,6 +111,27 @@ def test_stale_mount_of_dead_daemon_is_cleaned(layers: tuple) -> None:
 
 
 @needs_fuse
+def test_auto_unmount(layers: tuple) -> None:
+    """`-o auto_unmount` (libfuse's: fusermount3 watches the daemon and unmounts when it
+    dies). As root it failed ("fuse_session_mount failed": fusermount3 cannot open the
+    daemon's fd of the mount point), and once mounted `mount` never returned: it read
+    the daemon's report up to EOF, and fusermount3's watcher holds the pipe too."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("x")
+    opts = f"lowerdir={lows[0]},upperdir={upper},workdir={work},auto_unmount"
+    try:
+        pyunion("mount", "-o", opts, str(mnt), timeout=20)
+        assert (mnt / "f").read_text() == "x"
+        pid = daemon_pid(str(mnt))
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not is_mounted(mnt), what="fusermount3's unmount of a dead daemon")
+    finally:
+        if is_mounted(mnt):
+            pyunion("umount", "--lazy", str(mnt), check=False)
+
+
+@needs_fuse
 def test_busy_umount_names_the_holder(layers: tuple) -> None:
     lows, _upper, _work, mnt = layers
     (lows[0] / "d").mkdir()

@@ -773,9 +773,12 @@ def _start_daemon(
     if state_fd is not None:
         os.close(state_fd)
     with os.fdopen(r, "rb") as f:
-        msg = f.read()
-    if msg == b"OK":
-        return pid
+        # Not up to EOF: with auto_unmount, fusermount3's watcher (it lives as long as
+        # the mount) holds the write end too, and `mount` never returned.
+        msg = f.read(2)
+        if msg == b"OK":
+            return pid
+        msg += f.read()
     if ours:
         os.waitpid(pid, 0)
     else:
@@ -885,12 +888,15 @@ def serve(
             os.close(mp_parent)
         return fail(f"cannot record the daemon's pid in {state_dir()!r}: {e.strerror}")
     # Root mounts (mount(2)) on the fd's object itself; a user's mount goes through
-    # fusermount3, a setuid helper that makes its own checks on the path.
+    # fusermount3, a setuid helper that makes its own checks on the path, and so does
+    # root's with auto_unmount: libfuse then runs fusermount3, which cannot open this
+    # process's fd (the mount failed).
     if fuse_fd is not None:
         target = f"/dev/fd/{fuse_fd}"  # libfuse serves this fd and mounts nothing
     else:
         assert mp_fd is not None
-        target = fd_str(mp_fd) if os.geteuid() == 0 else real_mp
+        by_fd = os.geteuid() == 0 and "auto_unmount" not in cfg.fuse_options
+        target = fd_str(mp_fd) if by_fd else real_mp
     try:
         pyfuse3.init(ops, target, _libfuse_options(cfg))
     except (RuntimeError, OSError) as e:  # libfuse's "fuse_session_mount failed"
