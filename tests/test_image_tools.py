@@ -149,6 +149,30 @@ def test_import_shares_layers_and_matches_umoci(built: Path, store: Store, tmp_p
     assert len(hist) == 4 and hist[0].split()[:2] == ["IMAGE", "CREATED"]
 
 
+def test_import_skopeo_dir_layouts(built: Path, store: Store, tmp_path: Path) -> None:
+    """skopeo's `dir:` (also `podman save --format docker-dir`), docker and OCI manifests,
+    compressed or not: the same layers as the OCI layout's (before: "manifest.json:
+    Expected `array`, got `object`", read as a docker archive)."""
+    v3 = resolve_layers("oci:v3", store.root)
+    s = str(tmp_path / "store")
+    for name, flags in (("docker", ["--format", "v2s2"]), ("oci", ["--format", "oci"])):
+        d = tmp_path / name
+        sh("skopeo", "copy", "-q", *flags, f"oci:{built / 'oci'}:v3", f"dir:{d}")
+        out = pyunion("image", "import", str(d), "--tag", f"dir/{name}", "--store", s).stdout
+        assert f"dir/{name}:latest" in out
+        # The same DiffIDs, top first: the layers' directory names in the store.
+        assert [Path(p).parent.name for p in resolve_layers(f"dir/{name}", s)] == [
+            Path(p).parent.name for p in v3
+        ]
+    # A blob that is not what its digest says is refused.
+    d = tmp_path / "docker"
+    man = json.loads((d / "manifest.json").read_text())
+    blob = d / man["config"]["digest"].split(":")[1]
+    blob.write_bytes(blob.read_bytes().replace(b"FOO=bar", b"FOO=baz"))
+    r = pyunion("image", "import", str(d), "--store", str(tmp_path / "s2"), check=False)
+    assert r.returncode != 0 and "does not match its digest" in r.stderr
+
+
 @pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 def test_pyunion_mounts_an_image_by_name(built: Path, store: Store, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"

@@ -10,6 +10,8 @@ keep as they are. Shapes understood:
 - the newer `docker save` (Docker 25+): also an OCI layout; preferred when present.
 - the old `docker save`: `manifest.json` listing `Config`, `RepoTags`, `Layers`
   (`ID/layer.tar`, possibly symlinks inside the archive to another member).
+- skopeo's `dir:` (`podman save --format docker-dir`): `version`, `manifest.json`
+  and blobs named by their digest's hex; its image has no name.
 Every blob read through `verified_blob` or a layer stream is checked against its
 digest and its declared size while it streams (nothing past size+1 is read);
 names taken from the archive are refused if absolute or containing `..`. Files
@@ -429,31 +431,66 @@ def _oci_candidates(
                 by_digest[digest].tags.append(tag)
             continue
         mbytes = verified_blob(src, digest, "manifest", mdesc["size"])
-        man = schema.load_object(mbytes, schema.Manifest, f"manifest {digest}")
-        cdesc = man["config"]
-        cdigest = cdesc["digest"]
-        cbytes = verified_blob(src, cdigest, "config", cdesc["size"])
-        config = schema.load_object(cbytes, schema.ImageConfig, f"config {cdigest}")
-        ldescs = man["layers"]
-        diff_ids = schema.diff_ids(config, [ld["digest"] for ld in ldescs], f"manifest {digest}")
-        layers = [
-            LayerRef(blob_path(ld["digest"]), diff, ld["digest"], ld.get("mediaType"), ld["size"])
-            for ld, diff in zip(ldescs, diff_ids, strict=True)
-        ]
-        c = Candidate(
-            cbytes,
-            config,
-            cdigest,
-            layers,
-            [tag] if tag else [],
-            mbytes,
-            digest,
-            mdesc.get("mediaType") or man.get("mediaType") or MT_MANIFEST,
+        by_digest[digest] = _from_manifest(
+            src, mbytes, digest, mdesc.get("mediaType"), [tag] if tag else [], blob_path
         )
-        by_digest[digest] = c
     if not by_digest:
         raise ImageFormatError("no image manifests found in the layout")
     return list(by_digest.values())
+
+
+def _from_manifest(
+    src: Source,
+    mbytes: bytes,
+    digest: str,
+    media_type: str | None,
+    tags: list[str],
+    path_of: Callable[[str], str],
+) -> Candidate:
+    """The image of one manifest (kept verbatim), its blobs read at `path_of(digest)`."""
+    man = schema.load_object(mbytes, schema.Manifest, f"manifest {digest}")
+    cdesc = man["config"]
+    cdigest = cdesc["digest"]
+    data = src.read(path_of(cdigest), size=cdesc["size"])
+    if digest_of(data, cdigest.split(":", 1)[0]) != cdigest:
+        raise ImageFormatError(f"config {cdigest} does not match its digest")
+    config = schema.load_object(data, schema.ImageConfig, f"config {cdigest}")
+    ldescs = man["layers"]
+    diff_ids = schema.diff_ids(config, [ld["digest"] for ld in ldescs], f"manifest {digest}")
+    layers = [
+        LayerRef(path_of(ld["digest"]), diff, ld["digest"], ld.get("mediaType"), ld["size"])
+        for ld, diff in zip(ldescs, diff_ids, strict=True)
+    ]
+    mt = media_type or man.get("mediaType") or MT_MANIFEST
+    return Candidate(data, config, cdigest, layers, tags, mbytes, digest, mt)
+
+
+# skopeo's `dir:` transport (and `podman save --format docker-dir`): `version`,
+# `manifest.json` (one image's manifest, or an index whose images' manifests are
+# `HEX.manifest.json`), and every blob as a file named by its digest's hex.
+DIR_VERSION = b"Directory Transport Version: "
+
+
+def _dir_blob(digest: str) -> str:
+    algo, hexd = check_digest(digest).split(":", 1)
+    return hexd if algo == "sha256" else f"{algo}-{hexd}"
+
+
+def _dir_candidates(src: Source, want: dict[str, str]) -> list[Candidate]:
+    mbytes = src.read("manifest.json")
+    top = schema.parse_json(mbytes, "manifest.json")
+    if isinstance(top, dict) and "manifests" in top:  # an index (skopeo copy --all)
+        index = schema.load_object(mbytes, schema.Index, "manifest.json")
+        out = []
+        for d in platforms.select(index["manifests"], want):
+            digest = d["digest"]
+            path = _dir_blob(digest) + ".manifest.json"
+            data = src.read(path, size=d["size"])
+            if digest_of(data, digest.split(":", 1)[0]) != digest:
+                raise ImageFormatError(f"{path} does not match its digest")
+            out.append(_from_manifest(src, data, digest, d.get("mediaType"), [], _dir_blob))
+        return out
+    return [_from_manifest(src, mbytes, digest_of(mbytes), None, [], _dir_blob)]
 
 
 def _docker_candidates(src: Source, ref: str | None) -> list[Candidate]:
@@ -493,8 +530,13 @@ def find_images(
     want = want or platforms.host()
     if src.exists("index.json") and (src.exists("oci-layout") or not src.exists("manifest.json")):
         return _oci_candidates(src, ref, want, default_repo)
+    if src.exists("version") and src.read("version").startswith(DIR_VERSION):
+        if ref is not None:
+            raise ImageFormatError("a dir: layout holds one unnamed image: --ref names none")
+        return _dir_candidates(src, want)
     if src.exists("manifest.json"):
         return _docker_candidates(src, ref)
     raise ImageFormatError(
-        "not an OCI image layout (no index.json) nor a docker archive (no manifest.json)"
+        "not an OCI image layout (no index.json), a dir: layout (no version) "
+        "nor a docker archive (no manifest.json)"
     )
