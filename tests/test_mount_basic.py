@@ -257,3 +257,23 @@ def test_mount_t_fuse_pyunion_overlayfs(layers: tuple) -> None:
     finally:
         pyunion("umount", str(mnt), check=False)
     assert not is_mounted(mnt)
+
+
+@needs_fuse
+def test_pyunion_overlayfs_single_threaded_flag(layers: tuple) -> None:
+    """`-s` (libfuse's single-threaded mode; fuse-overlayfs takes it) was an error."""
+    import sys
+
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("x")
+    program = str(Path(sys.executable).parent / "pyunion-overlayfs")
+    opts = f"lowerdir={lows[0]},upperdir={upper},workdir={work}"
+    r = subprocess.run(
+        [program, "-s", "-o", opts, str(mnt)], capture_output=True, text=True, timeout=60
+    )
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "f").read_text() == "x"
+    finally:
+        pyunion("umount", str(mnt), check=False)
+    assert not is_mounted(mnt)

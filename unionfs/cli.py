@@ -325,6 +325,8 @@ def overlayfs_main(argv: Sequence[str] | None = None) -> int:
                 lowerdir = lowerdir or any(o.startswith("lowerdir=") for o in opts.split(","))
         elif arg == "--debug":
             args.append("-d")
+        elif arg == "-s":
+            continue  # libfuse's single-threaded mode, which fuse-overlayfs takes: ours already
         else:
             if not arg.startswith("-"):
                 positional.append(len(args))
