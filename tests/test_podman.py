@@ -191,13 +191,16 @@ def base_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _session(p: Podman, tar: Path, changes: str, after: str) -> dict[str, object]:
-    """Import, run the changes, diff, commit, read the commit back, remove the container."""
+    """Import, run the changes, diff, commit, read the commit back, remove the container.
+
+    The container's name is not hex: podman 4.3's `diff NAME` takes an image whose ID
+    starts with NAME before the container (a random ID began with "c1" now and then)."""
     out: dict[str, object] = {}
     p("import", str(tar), "localhost/base:1")
-    out["run"] = p.run("--name", "c1", "localhost/base:1", "/bin/sh", "-ec", changes)
-    out["diff"] = sorted(p("diff", "c1").splitlines())
-    p("commit", "-q", "c1", "localhost/changed:1")
-    p("rm", "c1")
+    out["run"] = p.run("--name", "ctr1", "localhost/base:1", "/bin/sh", "-ec", changes)
+    out["diff"] = sorted(p("diff", "ctr1").splitlines())
+    p("commit", "-q", "ctr1", "localhost/changed:1")
+    p("rm", "ctr1")
     out["after"] = p.run("--rm", "localhost/changed:1", "/bin/sh", "-ec", after)
     return out
 
