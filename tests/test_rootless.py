@@ -997,3 +997,92 @@ def test_subordinate_ranges_read_only_ascii_numbers(tmp_path: Path) -> None:
         "alice:200000:65536\nbob:300000:65536\n1000:400000:10\n"
     )
     assert userns.subordinate_ranges(str(sub), "alice", 1000) == [(200000, 65536), (400000, 10)]
+
+
+# -- podman ---------------------------------------------------------------------------------------
+PODMAN_CHANGES = """
+echo n > /srv/n; rm -rf /opt; mkdir /opt; echo o > /opt/o; ln /bin/busybox /root/bb
+chmod 700 /srv; cat /vol/h; echo w > /vol/w; rm /vol/h; ls /vol; ls -A /opt /root
+"""
+PODMAN_AFTER = "ls -A /opt /srv /root; stat -c '%a %n' /srv"
+
+
+def _rootless_podman(user: User, home: Path, name: str, program: str, image: Path) -> list[str]:
+    """A container's life under the user's podman with `program` as its mount program: run
+    (with an overlay volume, `-v SRC:DST:O`), diff, commit, run the commit, and the owners
+    `--userns=keep-id` shows. The pause process podman leaves is ended afterwards."""
+    base = home / name
+    for sub in ("", "xdg", "tmp", "vol"):
+        (base / sub).mkdir(mode=0o700)
+        os.chown(base / sub, user.uid, user.gid)
+    (base / "vol/h").write_text("host\n")
+    os.chown(base / "vol/h", user.uid, user.gid)
+    conf = base / "containers.conf"
+    conf.write_text('[engine]\nevents_logger = "file"\ncgroup_manager = "cgroupfs"\n')
+    env = [f"XDG_RUNTIME_DIR={base / 'xdg'}", f"CONTAINERS_CONF={conf}", f"TMPDIR={base / 'tmp'}"]
+    argv = [*("podman", "--root", str(base / "root"), "--runroot", str(base / "r"))]
+    argv += ["--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={program}"]
+    limits = ["--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+    limits += ["--user", "0"]  # the sample's config runs alice
+
+    def podman(*args: str) -> str:
+        r = user.run(home, "env", *env, *argv, *args)
+        assert r.returncode == 0, f"{name}: podman {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
+        return r.stdout.strip()
+
+    out = []
+    try:
+        # With its ref name: podman names an image without one after its path, which
+        # mkdtemp's letters may make an invalid reference.
+        podman(
+            "tag", podman("pull", "-q", f"oci:{image}:latest").splitlines()[-1], "localhost/sample"
+        )
+        vol = f"{base / 'vol'}:/vol:O"
+        out.append(
+            podman(
+                "run", *limits, "--name", "ctr", "-v", vol, "sample", "sh", "-ec", PODMAN_CHANGES
+            )
+        )
+        out.append("\n".join(sorted(podman("diff", "ctr").splitlines())))
+        podman("commit", "-q", "ctr", "localhost/changed")
+        podman("rm", "ctr")
+        out.append(podman("run", *limits, "--rm", "localhost/changed", "sh", "-ec", PODMAN_AFTER))
+        ids = "stat -c '%u:%g %n' / /root /opt/o; touch /tmp/t; stat -c '%u:%g' /tmp/t"
+        out.append(
+            podman("run", *limits, "--rm", "--userns=keep-id", "localhost/changed", "sh", "-c", ids)
+        )
+        out.append(
+            podman(
+                "run", *limits, "--rm", "localhost/changed", "sh", "-c", "head -1 /proc/self/mounts"
+            )
+        )
+        assert sorted(os.listdir(base / "vol")) == ["h"], "the overlay volume wrote to the host"
+        podman("rm", "--all", "--force")
+        podman("rmi", "--all", "--force")
+    finally:
+        pause = base / "tmp/libpod/tmp/pause.pid"
+        for p in (pause, base / "xdg/libpod/tmp/pause.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(p.read_text()), signal.SIGKILL)
+    return out
+
+
+def test_rootless_podman_with_pyunion_as_with_fuse_overlayfs(
+    user: User, home: Path, sample_oci: Path
+) -> None:
+    """Rootless podman, the mount program's main user: the same container life with
+    pyunion-overlayfs as with fuse-overlayfs (an overlay volume failed with pyunion)."""
+    fuse_overlayfs = shutil.which("fuse-overlayfs")
+    if shutil.which("podman") is None or fuse_overlayfs is None:
+        pytest.skip("needs podman and fuse-overlayfs (scripts/setup.sh installs them)")
+    program = home / "pyunion-overlayfs"  # the console script's python may be out of reach
+    program.write_text(
+        "#!/bin/sh\nexec " + SYSTEM_PYTHON + " -c 'import sys; from unionfs.cli "
+        'import overlayfs_main; sys.exit(overlayfs_main())\' "$@"\n'
+    )
+    os.chmod(program, 0o755)
+    ours = _rootless_podman(user, home, "pu", str(program), sample_oci)
+    theirs = _rootless_podman(user, home, "fo", fuse_overlayfs, sample_oci)
+    assert ours[-1].split()[2] == "fuse.pyunion" and theirs[-1].split()[2] == "fuse.fuse-overlayfs"
+    assert ours[:-1] == theirs[:-1], f"pyunion: {ours}\nfuse-overlayfs: {theirs}"
+    assert ours[0].startswith("host\nw\n") and "A /srv/n" in ours[1] and "D /opt/old" in ours[1]
