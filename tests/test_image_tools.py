@@ -14,6 +14,7 @@ modes and deletions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -164,6 +165,22 @@ def test_import_skopeo_dir_layouts(built: Path, store: Store, tmp_path: Path) ->
         assert [Path(p).parent.name for p in resolve_layers(f"dir/{name}", s)] == [
             Path(p).parent.name for p in v3
         ]
+    # An index (skopeo copy --all): its images' manifests are HEX.manifest.json.
+    d = tmp_path / "oci"
+    man = (d / "manifest.json").read_bytes()
+    digest = hashlib.sha256(man).hexdigest()
+    (d / f"{digest}.manifest.json").write_bytes(man)
+    entry = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": len(man)}
+    entry |= {"digest": f"sha256:{digest}", "platform": {"os": "linux", "architecture": "s390x"}}
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json"}
+    (d / "manifest.json").write_text(json.dumps(index | {"manifests": [entry]}))
+    args = ("image", "import", str(d), "--tag", "dir/index", "--store", s)
+    pyunion(*args, "--platform", "linux/s390x")
+    assert [Path(p).parent.name for p in resolve_layers("dir/index", s)] == [
+        Path(p).parent.name for p in v3
+    ]
+    r = pyunion(*args, "--platform", "linux/riscv64", check=False)
+    assert r.returncode != 0 and "riscv64" in r.stderr
     # A blob that is not what its digest says is refused.
     d = tmp_path / "docker"
     man = json.loads((d / "manifest.json").read_text())
