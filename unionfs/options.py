@@ -13,7 +13,10 @@ owner options (`uidmapping=`, `gidmapping=`, `squash_to_root`,
 `squash_to_uid=`, `squash_to_gid=`, `static_nlink`) become the mount's
 `IdMap` (see idmap.py); options that would change what the mount shows and
 that we cannot honour are refused with the reason, and so is anything
-unknown, since libfuse itself rejects unknown options.
+unknown: fuse-overlayfs drops those with a warning, but an option dropped may
+be one that mattered (`sync`, `nosymfollow`). Mount propagation flags
+(podman's `private`) and libfuse's threading options are taken: they change
+nothing that is shown.
 """
 
 from __future__ import annotations
