@@ -411,7 +411,17 @@ class FuseOps(pyfuse3.Operations):
         shown = self._shown.get
         for name, node, nxt, counted in core.readdir(fh, start_id):
             try:
-                taken = reply(token, name, shown(node.ino) or build(node), nxt)
+                attr = shown(node.ino) or build(node)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                # Removed since the handle's listing was taken (a program deleting as
+                # it reads): skipped, as a fresh listing would; not an error for the pass.
+                if counted:
+                    core.unlookup(node)
+                continue
+            try:
+                taken = reply(token, name, attr, nxt)
             except BaseException:
                 taken = False
                 raise

@@ -195,7 +195,9 @@ class Union:
         """
         dh = self.handles.dir(fh)
         d = dh.node
-        if dh.entries is None:
+        if dh.entries is None or off == 0:
+            # Offset 0 again is rewinddir: it shows the directory as it is now, as the
+            # kernel's overlayfs does (its cache is dropped when the directory changed).
             dh.entries = self.handles.snapshot(d, self.resolver.listing(d))
         if off == 0:
             yield b".", d, 1, False
