@@ -114,8 +114,9 @@ def set_times(target: int | bytes, st: os.stat_result, follow: bool = True) -> N
 # Told about a node whose attributes as shown changed other than by the request
 # being served: (node, links) - copied up (links=False: same attributes, the
 # object now lives in the upper), or linked under another name by the daemon
-# itself, or its set-ID bits cleared on open(O_TRUNC) (links=True: attributes the
-# kernel cached, st_nlink or the mode, changed behind its back).
+# itself, or its set-ID bits cleared on open(O_TRUNC), or a directory of one layer
+# copied up, now merged with st_nlink 1 (links=True: attributes the kernel cached,
+# st_nlink or the mode, changed behind its back).
 Changed = Callable[[Node, bool], None]
 
 
@@ -258,7 +259,9 @@ class CopyUp:
         d.xwh = None
         d.xnames = None
         parent.listing = None
-        self.changed(d, False)
+        # A directory of one layer shows its own st_nlink, a merged one 1 (as the
+        # kernel's): the kernel's cached count is stale when it just became merged.
+        self.changed(d, len(d.chain) == 2)
 
     # -- non-directories -----------------------------------------------------
     def begin(self, node: Node, with_data: bool = True) -> CopyJob | None:
