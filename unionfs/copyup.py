@@ -31,7 +31,7 @@ from .layers import LayerStack, open_file_at
 from .resolve import Resolver
 from .syscalls import chmod_nofollow, fdpath
 from .tree import DIR_FLAGS, rmtree_at
-from .whiteout import is_internal_xattr
+from .whiteout import shown_xattr
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
@@ -39,7 +39,8 @@ _CHUNK = 1 << 30
 
 
 def copy_xattrs(src: int | bytes, dst: int | bytes) -> None:
-    """Copy every xattr but overlay's own from `src` to `dst` (fds, or paths never followed)."""
+    """Copy every xattr but overlay's markers from `src` to `dst` (fds, or paths never
+    followed); escaped ones (whiteout.stored_xattr) are the object's own and go along."""
     sf = isinstance(src, int)
     df = isinstance(dst, int)
     try:
@@ -47,7 +48,7 @@ def copy_xattrs(src: int | bytes, dst: int | bytes) -> None:
     except OSError:
         return
     for name in names:
-        if is_internal_xattr(name.encode()):
+        if shown_xattr(name.encode()) is None:
             continue
         try:
             value = os.getxattr(src, name, follow_symlinks=sf)

@@ -36,7 +36,14 @@ from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
 from .syscalls import RENAME_EXCHANGE, chmod_nofollow, fdpath, renameat2
 from .tree import rmtree_at
-from .whiteout import OPQ_OCI, WH_PREFIX, WhiteoutWriter, is_internal_xattr, is_whiteout_stat
+from .whiteout import (
+    OPQ_OCI,
+    WH_PREFIX,
+    WhiteoutWriter,
+    is_whiteout_stat,
+    shown_xattr,
+    stored_xattr,
+)
 
 NAME_MAX = 255
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
@@ -238,16 +245,19 @@ class Union:
         The kernel asks for security.capability before every write(2) and exec:
         the FUSE adaptor answers its usual ENODATA from this.
         """
-        return not is_internal_xattr(name) and name in self._xattr_names(node)
+        stored = stored_xattr(name)
+        return stored is not None and stored in self._xattr_names(node)
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        if not self.has_xattr(node, name):
+        stored = stored_xattr(name)
+        if stored is None or stored not in self._xattr_names(node):
             raise FsError(errno.ENODATA)
         target, follow = self._xattr_target(node)
-        return os.getxattr(target, name, follow_symlinks=follow)
+        return os.getxattr(target, stored, follow_symlinks=follow)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        return sorted(n for n in self._xattr_names(node) if not is_internal_xattr(n))
+        shown = (shown_xattr(n) for n in self._xattr_names(node))
+        return sorted(n for n in shown if n is not None)
 
     # -- copy-up plans ------------------------------------------------------------
     # The copy-ups an operation needs before it can change a node, decided here
@@ -284,7 +294,8 @@ class Union:
         """Before setxattr/removexattr of `name`; removing a missing one is ENODATA first."""
         if remove:
             self.getxattr(node, name)
-        if not self.stack.writable or is_internal_xattr(name) or not self.needs_copyup(node):
+        reserved = stored_xattr(name) is None
+        if not self.stack.writable or reserved or not self.needs_copyup(node):
             return NO_COPYUPS
         return ((node, True),)
 
@@ -750,20 +761,22 @@ class Union:
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         self._writable()
-        if is_internal_xattr(name):
+        stored = stored_xattr(name)
+        if stored is None:
             raise FsError(errno.EPERM)
         self._copy_ups(self.copyups_for_xattr(node, name, remove=False))
         target, follow = self._xattr_target(node)
-        os.setxattr(target, name, value, flags, follow_symlinks=follow)
+        os.setxattr(target, stored, value, flags, follow_symlinks=follow)
         node.xnames = None
 
     def removexattr(self, node: Node, name: bytes) -> None:
         self._writable()
-        if is_internal_xattr(name):
+        stored = stored_xattr(name)
+        if stored is None:
             raise FsError(errno.ENODATA)
         self._copy_ups(self.copyups_for_xattr(node, name, remove=True))  # ENODATA first
         target, follow = self._xattr_target(node)
-        os.removexattr(target, name, follow_symlinks=follow)
+        os.removexattr(target, stored, follow_symlinks=follow)
         node.xnames = None
 
     def close(self) -> None:

@@ -42,6 +42,29 @@ def is_internal_xattr(name: bytes) -> bool:
     return name.startswith(INTERNAL_XATTR_PREFIXES)
 
 
+# The kernel's escaping (Linux 6.7): `trusted.overlay.X` set through a mount is stored
+# as `trusted.overlay.overlay.X` in the layer, which the mount shows as
+# `trusted.overlay.X` again, so that an overlay's own xattrs can be set on the files
+# of another overlay's layers (nested overlays). user.overlay.* is not escaped: without
+# `userxattr` the kernel treats it as an ordinary name, pyunion as its markers.
+_ESCAPE = b"trusted.overlay."
+_ESCAPED = b"trusted.overlay.overlay."
+
+
+def stored_xattr(name: bytes) -> bytes | None:
+    """The name a layer stores for xattr `name` as the mount shows it; None if reserved."""
+    if name.startswith(_ESCAPE):
+        return _ESCAPED + name[len(_ESCAPE) :]
+    return None if is_internal_xattr(name) else name
+
+
+def shown_xattr(stored: bytes) -> bytes | None:
+    """The name the mount shows for an xattr a layer stores; None if it is a marker."""
+    if stored.startswith(_ESCAPED):
+        return _ESCAPE + stored[len(_ESCAPED) :]
+    return None if is_internal_xattr(stored) else stored
+
+
 def is_whiteout_stat(st: os.stat_result) -> bool:
     """The kernel's whiteout: a character device with device number 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
