@@ -257,6 +257,10 @@ def base_layers(top: Path, bottom: Path) -> None:
     for owner, n in ((1000, "u1000"), (1001, "u1001"), (0, "root")):
         (bottom / "tmp" / n).write_bytes(n.encode())
         os.chown(bottom / "tmp" / n, owner, owner)
+    os.mkfifo(bottom / "fifo", 0o640)
+    os.mknod(bottom / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.symlink("zz", bottom / "dangling")
+    os.symlink("d/sub", bottom / "dirlink")
     (bottom / "own").write_bytes(b"owned by 1000\n")
     os.chown(bottom / "own", 1000, 1000)
     os.chmod(bottom / "own", 0o640)
@@ -1361,6 +1365,109 @@ def open_files_unlinked_and_renamed_over(p: Probe) -> None:
     finally:
         os.close(g)
     p.read("g now", "g")
+    p.names("root", ".")
+
+
+@scenario
+def fd_operations_before_copy_up(p: Probe) -> None:
+    """f* calls through a read-only fd opened while the file was lower."""
+    r = p.r
+    fd = os.open(r / "f", os.O_RDONLY)
+    try:
+        p.do("fchmod", lambda: os.fchmod(fd, 0o600))
+        p.note("fstat after fchmod", p.fields(os.fstat(fd)))
+        p.do("fchown", lambda: os.fchown(fd, 1000, -1))
+        p.do("futimens", lambda: os.utime(fd, ns=(T1, T1)))
+        p.do("fsetxattr", lambda: os.setxattr(fd, "user.fd", b"1"))
+        p.do("flistxattr", lambda: sorted(os.listxattr(fd)))
+        p.do("fremovexattr", lambda: os.removexattr(fd, "user.x"))
+        p.do("ftruncate rdonly", lambda: os.ftruncate(fd, 0))
+        p.do("read", lambda: os.pread(fd, 100, 0))
+        p.note("fstat at last", p.fields(os.fstat(fd)))
+    finally:
+        os.close(fd)
+    fd = os.open(r / "d/f", os.O_PATH)
+    try:
+        p.do("fchmod O_PATH", lambda: os.fchmod(fd, 0o600))
+        p.do("fstat O_PATH", lambda: p.fields(os.fstat(fd)))
+        p.do(
+            "fchmodat AT_EMPTY_PATH",
+            lambda: _check(_libc.fchmodat(fd, b"", 0o640, AT_EMPTY_PATH)),
+        )
+    finally:
+        os.close(fd)
+    p.stat("f", "f")
+    p.stat("d/f", "d/f")
+    p.xattrs("f xattrs", "f")
+
+
+@scenario
+def through_symlinks(p: Probe) -> None:
+    r = p.r
+    p.do("O_CREAT through a dangling lower symlink", lambda: (r / "dangling").write_bytes(b"made"))
+    p.stat("zz", "zz")
+    p.do("O_CREAT|O_EXCL on a symlink", lambda: os.open(r / "sym", os.O_CREAT | os.O_EXCL))
+    p.do("write through a lower symlink", lambda: (r / "sym").write_bytes(b"via link"))
+    p.read("f", "f")
+    p.stat("sym", "sym")
+    p.do("mkdir through a dir symlink", lambda: os.mkdir(r / "dirlink/new"))
+    p.names("d/sub", "d/sub")
+    p.do("chmod follows", lambda: os.chmod(r / "dirlink", 0o711))
+    p.stat("d/sub after chmod", "d/sub")
+    p.stat("dirlink", "dirlink")
+    p.do("rename the symlink", lambda: os.rename(r / "dirlink", r / "m/dl"))
+    p.do("readlink moved", lambda: os.readlink(r / "m/dl"))
+    p.do("unlink with a trailing slash", lambda: os.unlink(os.fsdecode(r / "sym") + "/"))
+    p.do("rmdir a dir symlink", lambda: os.rmdir(r / "m/dl"))
+    p.do("symlink over whiteout", lambda: os.symlink("target", r / "gone"))
+    p.stat("gone", "gone")
+
+
+@scenario
+def special_files_copy_up(p: Probe) -> None:
+    r = p.r
+    p.stat("fifo first", "fifo")
+    p.stat("null first", "null")
+    fd = p.do("open lower fifo O_RDWR", lambda: os.open(r / "fifo", os.O_RDWR | os.O_NONBLOCK))
+    if fd is not None:
+        os.write(fd, b"through the pipe")
+        p.note("fifo read", os.read(fd, 100))
+        os.close(fd)
+    p.do("write lower null", lambda: (r / "null").write_bytes(b"gone"))
+    p.do("truncate fifo", lambda: os.truncate(r / "fifo", 0))
+    p.do("chmod fifo", lambda: os.chmod(r / "fifo", 0o600))
+    p.do("chown null", lambda: os.chown(r / "null", 1000, 1000))
+    p.do("utime fifo", lambda: os.utime(r / "fifo", ns=(T1, T1)))
+    p.do("setxattr null", lambda: os.setxattr(r / "null", "trusted.n", b"1"))
+    p.do("link fifo", lambda: os.link(r / "fifo", r / "m/fifo2"))
+    p.do("rename null", lambda: os.rename(r / "null", r / "t/null"))
+    for n in ("fifo", "m/fifo2", "t/null"):
+        p.stat(n, n)
+        p.xattrs(f"{n} xattrs", n)
+
+
+@scenario
+def rename_edge_cases(p: Probe) -> None:
+    r = p.r
+    p.do("onto itself, lower", lambda: os.rename(r / "f", r / "f"))
+    p.stat("f still lower", "f")
+    p.do("file into a lower dir", lambda: os.rename(r / "g", r / "d/sub/g"))
+    p.do("file onto a dir", lambda: os.rename(r / "ro", r / "m"))
+    p.do("dir onto a file", lambda: os.rename(r / "t", r / "f"))
+    p.do("dir into itself", lambda: os.rename(r / "t", r / "t/x"))
+    p.do("onto a non-empty merged dir", lambda: (os.mkdir(r / "e"), os.rename(r / "e", r / "m"))[1])
+    p.do("onto the whiteout name", lambda: os.rename(r / "own", r / "gone"))
+    p.do("trailing slash on a file", lambda: os.rename(os.fsdecode(r / "f") + "/", r / "x"))
+    p.do("source missing", lambda: os.rename(r / "nothing", r / "x"))
+    p.do("source whited out", lambda: os.rename(r / "gone2", r / "x"))
+    p.do("lower onto its own hard link name", lambda: os.rename(r / "m/low", r / "m/high"))
+    p.do("rename .", lambda: os.rename(os.fsdecode(r) + "/t/.", r / "t2"))
+    with p.as_user(1000):
+        p.do("user renames in a root dir", lambda: os.rename(r / "m/high", r / "m/h2"))
+        p.do("user renames own out of sticky", lambda: os.rename(r / "tmp/u1000", r / "tmp/x"))
+    for n in ("d/sub/g", "gone", "m/high", "tmp/x"):
+        p.stat(n, n)
+    p.names("m", "m")
     p.names("root", ".")
 
 
