@@ -28,11 +28,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -261,6 +263,9 @@ def base_layers(top: Path, bottom: Path) -> None:
     os.mknod(bottom / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     os.symlink("zz", bottom / "dangling")
     os.symlink("d/sub", bottom / "dirlink")
+    (bottom / "sgid").mkdir()
+    os.chown(bottom / "sgid", 0, 1234)
+    os.chmod(bottom / "sgid", 0o2777)
     (bottom / "own").write_bytes(b"owned by 1000\n")
     os.chown(bottom / "own", 1000, 1000)
     os.chmod(bottom / "own", 0o640)
@@ -1469,6 +1474,219 @@ def rename_edge_cases(p: Probe) -> None:
         p.stat(n, n)
     p.names("m", "m")
     p.names("root", ".")
+
+
+@scenario
+def setgid_directories(p: Probe) -> None:
+    """New objects in a set-group-ID lower directory take its group; directories keep
+    the bit; a file's set-group-ID bit goes when its creator is not in that group."""
+    r = p.r
+    p.do("root creates", lambda: (r / "sgid/byroot").write_bytes(b""))
+    p.do("root mkdir", lambda: os.mkdir(r / "sgid/dirroot", 0o755))
+    with p.as_user(1000):
+        p.do(
+            "user creates",
+            lambda: os.close(os.open(r / "sgid/byuser", os.O_CREAT | os.O_WRONLY, 0o2775)),
+        )
+        p.do("user mkdir", lambda: os.mkdir(r / "sgid/diruser", 0o700))
+        p.do("user mknod fifo", lambda: os.mkfifo(r / "sgid/fifouser", 0o2660))
+        p.do("user symlink", lambda: os.symlink("x", r / "sgid/linkuser"))
+        p.do("user mkdir inside", lambda: os.mkdir(r / "sgid/diruser/deeper"))
+        p.do(
+            "user creates setgid elsewhere",
+            lambda: os.close(os.open(r / "tmp/sg", os.O_CREAT | os.O_WRONLY, 0o2755)),
+        )
+        p.do("chmod g+s, not in group", lambda: os.chmod(r / "tmp/sg", 0o2755))
+    for n in (
+        "sgid",
+        "sgid/byroot",
+        "sgid/dirroot",
+        "sgid/byuser",
+        "sgid/diruser",
+        "sgid/fifouser",
+        "sgid/linkuser",
+        "sgid/diruser/deeper",
+        "tmp/sg",
+    ):
+        p.stat(f"stat {n}", n)
+
+
+class _StatxTs(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_uint32), ("_r", ctypes.c_int32)]
+
+
+class _Statx(ctypes.Structure):
+    _fields_ = [
+        ("stx_mask", ctypes.c_uint32),
+        ("stx_blksize", ctypes.c_uint32),
+        ("stx_attributes", ctypes.c_uint64),
+        ("stx_nlink", ctypes.c_uint32),
+        ("stx_uid", ctypes.c_uint32),
+        ("stx_gid", ctypes.c_uint32),
+        ("stx_mode", ctypes.c_uint16),
+        ("_s0", ctypes.c_uint16),
+        ("stx_ino", ctypes.c_uint64),
+        ("stx_size", ctypes.c_uint64),
+        ("stx_blocks", ctypes.c_uint64),
+        ("stx_attributes_mask", ctypes.c_uint64),
+        ("stx_atime", _StatxTs),
+        ("stx_btime", _StatxTs),
+        ("stx_ctime", _StatxTs),
+        ("stx_mtime", _StatxTs),
+        ("_rest", ctypes.c_uint64 * 32),
+    ]
+
+
+STATX_BASIC_STATS, STATX_BTIME = 0x7FF, 0x800
+
+
+def _statx(path: Path) -> dict[str, Any]:
+    buf = _Statx()
+    _check(
+        _libc.statx(
+            AT_FDCWD,
+            os.fsencode(path),
+            AT_SYMLINK_NOFOLLOW,
+            STATX_BASIC_STATS | STATX_BTIME,
+            ctypes.byref(buf),
+        ),
+        str(path),
+    )
+    return {
+        "basic": buf.stx_mask & STATX_BASIC_STATS == STATX_BASIC_STATS,
+        "btime": bool(buf.stx_mask & STATX_BTIME),
+        "attributes": hex(buf.stx_attributes),
+    }
+
+
+@scenario
+def statx_fields(p: Probe) -> None:
+    r = p.r
+    for n in ("f", "d", "m", "t/tf", "sym"):
+        p.do(f"statx {n}", lambda n=n: _statx(r / n))
+    os.chmod(r / "f", 0o600)
+    p.do("statx f after copy-up", lambda: _statx(r / "f"))
+
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_NOATIME_FL = 0x80
+
+
+def _getflags(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("l", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8))[0]
+    finally:
+        os.close(fd)
+
+
+def _setflags(path: Path, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("l", flags))
+    finally:
+        os.close(fd)
+
+
+@scenario
+def inode_flags_ioctl(p: Probe) -> None:
+    """lsattr/chattr: FS_IOC_GETFLAGS/SETFLAGS (the kernel's overlay copies up to set)."""
+    r = p.r
+    p.do("getflags lower f", lambda: hex(_getflags(r / "f")))
+    p.do("getflags dir", lambda: hex(_getflags(r / "m")))
+    p.do(
+        "setflags noatime on lower g",
+        lambda: _setflags(r / "g", _getflags(r / "g") | FS_NOATIME_FL),
+    )
+    p.do("getflags g", lambda: hex(_getflags(r / "g")))
+
+
+def _inotify_events(p: Probe, d: Path, action: Callable[[], None]) -> list[tuple[str, bytes]]:
+    fd = _check(_libc.inotify_init1(os.O_NONBLOCK))
+    try:
+        _check(_libc.inotify_add_watch(fd, os.fsencode(d), 0xFFF))
+        action()
+        out = []
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            data = b""
+        off = 0
+        while off < len(data):
+            _wd, mask, _cookie, ln = struct.unpack_from("iIII", data, off)
+            name = data[off + 16 : off + 16 + ln].rstrip(b"\0")
+            out.append((hex(mask & ~0x40000000), name))
+            off += 16 + ln
+        return out
+    finally:
+        os.close(fd)
+
+
+@scenario
+def inotify_events(p: Probe) -> None:
+    r = p.r
+
+    def changes() -> None:
+        (r / "m/new").write_bytes(b"x")
+        with open(r / "m/low", "ab") as f:
+            f.write(b"more")
+        os.chmod(r / "m/high", 0o600)
+        os.rename(r / "m/new", r / "m/new2")
+        os.unlink(r / "m/low")
+        os.mkdir(r / "m/sub")
+        os.rmdir(r / "m/sdir")
+        os.setxattr(r / "m/new2", "user.i", b"1")
+
+    p.do("events in m", lambda: _inotify_events(p, r / "m", changes))
+    p.do(
+        "events on a lower file",
+        lambda: _inotify_events(p, r / "f", lambda: (r / "f").write_bytes(b"w")),
+    )
+
+
+@scenario
+def file_handles(p: Probe) -> None:
+    """name_to_handle_at: the kernel's overlay encodes handles (for fanotify) even
+    without nfs_export; opening them needs nfs_export=on."""
+    r = p.r
+
+    class _Fh(ctypes.Structure):
+        _fields_ = [("bytes", ctypes.c_uint), ("type", ctypes.c_int), ("f", ctypes.c_ubyte * 128)]
+
+    def encode(n: str) -> str:
+        fh = _Fh(128, 0)
+        mnt = ctypes.c_int()
+        _check(
+            _libc.name_to_handle_at(
+                AT_FDCWD, os.fsencode(r / n), ctypes.byref(fh), ctypes.byref(mnt), 0
+            )
+        )
+        return "ok"
+
+    for n in ("f", "m", "t/tf"):
+        p.do(f"name_to_handle_at {n}", lambda n=n: encode(n))
+
+
+_SX = {"basic": True, "btime": True, "attributes": "0x0"}
+DOCUMENTED["statx_fields"] = {
+    # pyfuse3 3.5 answers getattr, not statx: no birth time (FUSE_STATX is newer).
+    **{f"statx {n}": (_SX, {**_SX, "btime": False}) for n in ("f", "d", "m", "t/tf", "sym")},
+    "statx f after copy-up": (_SX, {**_SX, "btime": False}),
+}
+DOCUMENTED["inode_flags_ioctl"] = {
+    # pyfuse3 3.5 has no ioctl handler: the FUSE kernel says ENOTTY (lsattr, chattr).
+    "getflags lower f": (ANY, "ENOTTY"),
+    "getflags dir": (ANY, "ENOTTY"),
+    "setflags noatime on lower g": ("ok", "ENOTTY"),
+    "getflags g": (ANY, "ENOTTY"),
+    "~upper g": "skip",  # the kernel copied it up to set the flag
+}
+DOCUMENTED["file_handles"] = {
+    # The FUSE kernel encodes handles of its own (node id and generation); the kernel's
+    # overlay without nfs_export refuses. Opening one fails on both.
+    **{f"name_to_handle_at {n}": ("ENOTSUP", "ok") for n in ("f", "m", "t/tf")},
+}
 
 
 # After every scenario and DOCUMENTED entry: the parameters are taken here.
