@@ -1668,6 +1668,78 @@ def file_handles(p: Probe) -> None:
         p.do(f"name_to_handle_at {n}", lambda n=n: encode(n))
 
 
+@scenario
+def refused_changes_copy_nothing_up(p: Probe) -> None:
+    """A change the kernel refuses (permissions) leaves the upper as it was."""
+    r = p.r
+    with p.as_user(1001):
+        p.do("create in a root dir", lambda: (r / "m/x").write_bytes(b""))
+        p.do("chmod not own", lambda: os.chmod(r / "f", 0o777))
+        p.do("chown not own", lambda: os.chown(r / "f", 1001, 1001))
+        p.do("setxattr not own", lambda: os.setxattr(r / "f", "user.y", b"1"))
+        p.do("removexattr not own", lambda: os.removexattr(r / "f", "user.x"))
+        p.do("utime not own", lambda: os.utime(r / "f", ns=(T1, T1)))
+        p.do("utime now, no write", lambda: os.utime(r / "f"))
+        p.do("truncate no write", lambda: os.truncate(r / "f", 0))
+        p.do("open for write", lambda: os.open(r / "d/sub/deep", os.O_WRONLY))
+        p.do("unlink in a root dir", lambda: os.unlink(r / "m/low"))
+        p.do("rename in a root dir", lambda: os.rename(r / "m/low", r / "m/x"))
+        p.do("mkdir in a 0750 dir", lambda: os.mkdir(r / "d/x"))
+        p.do("link a file not own", lambda: os.link(r / "f", r / "tmp/hl"))
+        p.do("rmdir in a root dir", lambda: os.rmdir(r / "m/sdir"))
+        p.do("mknod in a root dir", lambda: os.mkfifo(r / "t/p"))
+        p.do("symlink in a root dir", lambda: os.symlink("f", r / "t/s"))
+        p.do("set trusted", lambda: os.setxattr(r / "tmp/u1001", "trusted.x", b"1"))
+        p.do("set security", lambda: os.setxattr(r / "tmp/u1001", "security.x", b"1"))
+    p.do("removexattr missing as root", lambda: os.removexattr(r / "g", "user.none"))
+    p.do("chown to the same owner", lambda: os.chown(r / "ro", -1, -1))
+    p.names("upper stays empty (root)", ".")
+
+
+def _listxattr_size(path: Path, size: int) -> int:
+    buf = ctypes.create_string_buffer(max(size, 1))
+    return _check(_libc.listxattr(os.fsencode(path), buf if size else None, size), str(path))
+
+
+def _getxattr_size(path: Path, name: str, size: int) -> int:
+    buf = ctypes.create_string_buffer(max(size, 1))
+    return _check(
+        _libc.getxattr(os.fsencode(path), name.encode(), buf if size else None, size), str(path)
+    )
+
+
+@scenario
+def xattr_buffer_sizes(p: Probe) -> None:
+    r = p.r
+    p.do("listxattr size query", lambda: _listxattr_size(r / "f", 0))
+    p.do("listxattr too small", lambda: _listxattr_size(r / "f", 3))
+    p.do("getxattr size query", lambda: _getxattr_size(r / "f", "user.x", 0))
+    p.do("getxattr too small", lambda: _getxattr_size(r / "f", "user.x", 1))
+    p.do("getxattr exact", lambda: _getxattr_size(r / "f", "user.x", 2))
+    p.do("getxattr missing", lambda: _getxattr_size(r / "f", "user.none", 0))
+    p.do("getxattr no namespace", lambda: _getxattr_size(r / "f", "plain", 0))
+    p.do("removexattr no namespace", lambda: os.removexattr(r / "f", "plain"))
+    p.do("getxattr system", lambda: _getxattr_size(r / "f", "system.foo", 0))
+    p.do("getxattr acl", lambda: _getxattr_size(r / "f", "system.posix_acl_access", 0))
+    p.do("getxattr empty name", lambda: _getxattr_size(r / "f", "", 0))
+    p.do("listxattr of an escaped one", lambda: _listxattr_size(r / "d/f", 0))
+    p.do("set 64 KiB + 1", lambda: os.setxattr(r / "g", "user.big", b"v" * 65537))
+
+
+@scenario
+def capabilities_on_chown(p: Probe) -> None:
+    r = p.r
+    cap = bytes.fromhex("0100000200000000000000000000000000000000")
+    p.do("set caps", lambda: os.setxattr(r / "g", "security.capability", cap))
+    p.do("chown root to root", lambda: os.chown(r / "g", 0, 0))
+    p.xattrs("after chown", "g")
+    p.do("set caps again", lambda: os.setxattr(r / "g", "security.capability", cap))
+    p.do("chmod", lambda: os.chmod(r / "g", 0o755))
+    p.xattrs("after chmod", "g")
+    p.do("truncate", lambda: os.truncate(r / "g", 1))
+    p.xattrs("after truncate", "g")
+
+
 _SX = {"basic": True, "btime": True, "attributes": "0x0"}
 DOCUMENTED["statx_fields"] = {
     # pyfuse3 3.5 answers getattr, not statx: no birth time (FUSE_STATX is newer).
@@ -1686,6 +1758,12 @@ DOCUMENTED["file_handles"] = {
     # The FUSE kernel encodes handles of its own (node id and generation); the kernel's
     # overlay without nfs_export refuses. Opening one fails on both.
     **{f"name_to_handle_at {n}": ("ENOTSUP", "ok") for n in ("f", "m", "t/tf")},
+}
+
+DOCUMENTED["xattr_buffer_sizes"] = {
+    # The kernel's size query answers the layer's raw size (escaped names are longer);
+    # pyunion's is exact. Both are what listxattr(2) allows: enough for the list.
+    "listxattr of an escaped one": (28, 20),
 }
 
 

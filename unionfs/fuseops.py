@@ -45,6 +45,7 @@ from .copyup import CopyPlan
 from .idmap import ACL_XATTRS, IdMap
 from .inodes import Node, stat_fields
 from .union import Ctx, Union
+from .whiteout import missing_xattr_errno
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +469,7 @@ class FuseOps(pyfuse3.Operations):
         if not self.core.has_xattr(node, name):
             # The usual answer (security.capability, asked before every write and
             # exec): the FUSE error at once, ~4 µs less than an FsError turned into it.
-            raise pyfuse3.FUSEError(errno.ENODATA)
+            raise pyfuse3.FUSEError(missing_xattr_errno(name))
         return self.core.getxattr(node, name)
 
     @_fuse_errors

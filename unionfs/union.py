@@ -41,6 +41,7 @@ from .whiteout import (
     WH_PREFIX,
     WhiteoutWriter,
     is_whiteout_stat,
+    missing_xattr_errno,
     shown_xattr,
     stored_xattr,
 )
@@ -251,7 +252,7 @@ class Union:
     def getxattr(self, node: Node, name: bytes) -> bytes:
         stored = stored_xattr(name)
         if stored is None or stored not in self._xattr_names(node):
-            raise FsError(errno.ENODATA)
+            raise FsError(missing_xattr_errno(name))
         target, follow = self._xattr_target(node)
         return os.getxattr(target, stored, follow_symlinks=follow)
 
@@ -773,7 +774,7 @@ class Union:
         self._writable()
         stored = stored_xattr(name)
         if stored is None:
-            raise FsError(errno.ENODATA)
+            raise FsError(missing_xattr_errno(name))
         self._copy_ups(self.copyups_for_xattr(node, name, remove=True))  # ENODATA first
         target, follow = self._xattr_target(node)
         os.removexattr(target, stored, follow_symlinks=follow)

@@ -58,6 +58,15 @@ def stored_xattr(name: bytes) -> bytes | None:
     return None if is_internal_xattr(name) else name
 
 
+_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.posix_acl_")
+
+
+def missing_xattr_errno(name: bytes) -> int:
+    """What getxattr/removexattr of a name no layer has answers: ENODATA, or, for a
+    name in no namespace the layers' filesystems know, their EOPNOTSUPP."""
+    return errno.ENODATA if name.startswith(_NAMESPACES) else errno.EOPNOTSUPP
+
+
 def shown_xattr(stored: bytes) -> bytes | None:
     """The name the mount shows for an xattr a layer stores; None if it is a marker."""
     if stored.startswith(_ESCAPED):
