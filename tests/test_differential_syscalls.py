@@ -1740,6 +1740,60 @@ def capabilities_on_chown(p: Probe) -> None:
     p.xattrs("after truncate", "g")
 
 
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def _fallocate(path: Path, mode: int, off: int, length: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        _check(_libc.fallocate(fd, mode, ctypes.c_long(off), ctypes.c_long(length)), str(path))
+    finally:
+        os.close(fd)
+
+
+@scenario
+def fallocate_and_locks(p: Probe) -> None:
+    r = p.r
+    p.do("fallocate", lambda: _fallocate(r / "f", 0, 0, 8192))
+    p.do("fallocate keep size", lambda: _fallocate(r / "g", FALLOC_FL_KEEP_SIZE, 0, 8192))
+    p.do(
+        "punch hole",
+        lambda: _fallocate(r / "m/low", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 2),
+    )
+    fd = os.open(r / "ro", os.O_RDONLY)
+    try:
+        p.do("posix_fallocate on O_RDONLY", lambda: os.posix_fallocate(fd, 0, 100))
+        p.do("flock", lambda: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB))
+        p.do("F_SETLK read lock", lambda: fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB))
+    finally:
+        os.close(fd)
+    fd = os.open(r / "d/f", os.O_RDWR)
+    try:
+        p.do("posix_fallocate", lambda: os.posix_fallocate(fd, 0, 10000))
+        p.do("F_SETLK write lock", lambda: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB))
+    finally:
+        os.close(fd)
+    for n in ("f", "g", "m/low", "d/f"):
+        p.stat(f"stat {n}", n)
+
+
+@scenario
+def dir_fd_across_copy_up(p: Probe) -> None:
+    """A directory opened while it was lower, read after it got an upper."""
+    r = p.r
+    fds = {d: os.open(r / d, os.O_RDONLY | os.O_DIRECTORY) for d in ("d", "m", "t")}
+    try:
+        for d in fds:
+            (r / d / "new").write_bytes(b"")
+        for d, fd in fds.items():
+            p.do(f"{d} listed through the old fd", lambda fd=fd: sorted(os.listdir(fd)))
+            p.do(f"fchmod {d} through the old fd", lambda fd=fd: os.fchmod(fd, 0o711))
+            p.note(f"fstat {d} through the old fd", p.fields(os.fstat(fd)))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 _SX = {"basic": True, "btime": True, "attributes": "0x0"}
 DOCUMENTED["statx_fields"] = {
     # pyfuse3 3.5 answers getattr, not statx: no birth time (FUSE_STATX is newer).
@@ -1764,6 +1818,18 @@ DOCUMENTED["xattr_buffer_sizes"] = {
     # The kernel's size query answers the layer's raw size (escaped names are longer);
     # pyunion's is exact. Both are what listxattr(2) allows: enough for the list.
     "listxattr of an escaped one": (28, 20),
+}
+
+DOCUMENTED["fallocate_and_locks"] = {
+    # pyfuse3 3.5 has no fallocate handler (docs/semantics.md); glibc's
+    # posix_fallocate then writes zeros.
+    "fallocate": ("ok", "ENOTSUP"),
+    "fallocate keep size": ("ok", "ENOTSUP"),
+    "punch hole": ("ok", "ENOTSUP"),
+    # What the kernel allocated or punched (and copied up to do so).
+    **{f"stat {n}": "skip" for n in ("f", "g", "m/low")},
+    **{f"~upper {n}": "skip" for n in ("f", "g", "m/low")},
+    **{f"~view {n}": "skip" for n in ("f", "g", "m/low")},
 }
 
 
