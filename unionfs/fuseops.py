@@ -44,7 +44,7 @@ import trio
 from .copyup import CopyPlan
 from .idmap import ACL_XATTRS, IdMap
 from .inodes import Node, stat_fields
-from .union import Ctx, Union
+from .union import ACL_ACCESS, Ctx, Union
 from .whiteout import missing_xattr_errno
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,21 @@ def _fuse_errors(fn: F) -> F:
             args[0].core.resolver.trim()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _in_group(ctx: Any, gid: int) -> bool:
+    """Whether the caller is in group `gid`: its own, or one of its supplementary
+    groups (the request has none: they are read from /proc, as the kernel sees them)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return str(gid).encode() in line.split()[1:]
+    except OSError:  # the caller is gone: nobody to keep the bit for
+        pass
+    return False
 
 
 def _ctx(ctx: Any) -> Ctx:
@@ -461,7 +476,14 @@ class FuseOps(pyfuse3.Operations):
         plan = self.core.copyups_for_xattr(node, name, remove=False)
         if plan:
             await self._copy_ups(plan)
-        self.core.setxattr(node, name, value)
+        # uid 0 stands for CAP_FSETID, as in open.
+        kill = (
+            name == ACL_ACCESS
+            and ctx is not None
+            and ctx.uid != 0
+            and not _in_group(ctx, self._attr(node).st_gid)
+        )
+        self.core.setxattr(node, name, value, kill_sgid=kill)
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:

@@ -50,6 +50,7 @@ NAME_MAX = 255
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 _OPEN_KEEP = os.O_SYNC | os.O_DSYNC | os.O_TRUNC
 _NOATIME = getattr(os, "O_NOATIME", 0)
+ACL_ACCESS = b"system.posix_acl_access"
 
 
 @dataclass
@@ -760,7 +761,11 @@ class Union:
                 node.mtime_pin = (atime_ns, mtime_ns)
         node.xnames = None  # chmod rewrites an ACL
 
-    def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(
+        self, node: Node, name: bytes, value: bytes, flags: int = 0, kill_sgid: bool = False
+    ) -> None:
+        """`kill_sgid`: the caller may not keep the set-group-ID bit (outside the file's
+        group, without CAP_FSETID), which setting an access ACL then clears."""
         self._writable()
         stored = stored_xattr(name)
         if stored is None:
@@ -769,6 +774,30 @@ class Union:
         target, follow = self._xattr_target(node)
         os.setxattr(target, stored, value, flags, follow_symlinks=follow)
         node.xnames = None
+        if kill_sgid and name == ACL_ACCESS:
+            self._kill_sgid_acl(node)
+
+    def _kill_sgid_acl(self, node: Node) -> None:
+        """Clear set-group-ID after an access ACL was set, as the kernel does for a caller
+        outside the group (posix_acl_update_mode). The daemon set the ACL as root, so
+        the upper's filesystem kept the bit; the FUSE kernel would ask for this with
+        FUSE_SETXATTR_ACL_KILL_SGID, which needs setxattr_ext that pyfuse3 3.5 lacks."""
+        if node.is_dir:
+            fd = os.dup(self.resolver.dirfd(node, 0))
+        else:
+            fd = os.open(
+                node.name,
+                os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=self.resolver.location_fd(node),
+            )
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & stat.S_ISGID and not stat.S_ISLNK(st.st_mode):
+                os.chmod(fdpath(fd), stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
+                node.xnames = None  # a mode change may rewrite an ACL
+                self.changed(node, True)
+        finally:
+            os.close(fd)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         self._writable()
