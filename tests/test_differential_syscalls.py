@@ -1842,6 +1842,58 @@ def default_acl_and_umask(p: Probe) -> None:
     _inherit(p, r / "m", "")
 
 
+@scenario
+def remove_while_reading_a_big_directory(p: Probe) -> None:
+    """rm -r's way: unlink each name as readdir returns it, over many getdents batches,
+    in a directory of upper and lower names; telldir positions kept across batches."""
+    r = p.r
+    for i in range(0, 1200, 2):
+        (r / "m" / f"n{i:04d}-{'x' * 40}").write_bytes(b"")
+    ds = _Dir(r / "m")
+    try:
+        marks = []
+        for i in range(700):
+            if i % 100 == 0:
+                marks.append((_libc.telldir(ds.d), ds.next()))
+            else:
+                ds.next()
+        ok = True
+        for pos, name in marks:
+            _libc.seekdir(ds.d, pos)
+            ok = ok and ds.next() == name
+        p.note("seekdir to marks across batches", ok)
+    finally:
+        ds.close()
+    ds = _Dir(r / "m")
+    removed, errors = 0, []
+    try:
+        while True:
+            try:
+                n = ds.next()
+            except OSError as e:
+                errors.append(o.errno_name(e.errno))
+                break
+            if n is None:
+                break
+            if n in (b".", b".."):
+                continue
+            path = os.path.join(os.fsencode(r / "m"), n)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)
+                else:
+                    os.unlink(path)
+                removed += 1
+            except OSError as e:
+                errors.append(f"{n!r}: {o.errno_name(e.errno)}")
+    finally:
+        ds.close()
+    p.note("removed", removed)
+    p.note("errors", errors)
+    p.do("left", lambda: sorted(os.listdir(r / "m")))
+    p.do("rmdir", lambda: os.rmdir(r / "m"))
+
+
 _SX = {"basic": True, "btime": True, "attributes": "0x0"}
 DOCUMENTED["statx_fields"] = {
     # pyfuse3 3.5 answers getattr, not statx: no birth time (FUSE_STATX is newer).
