@@ -1943,6 +1943,25 @@ def _write0(path: Path) -> int:
         os.close(fd)
 
 
+@scenario
+def mount_root(p: Probe) -> None:
+    """The root of the mount: the upper's root directory, merged with the lowers'."""
+    r = p.r
+    p.stat("root first", ".")
+    p.do("chmod root", lambda: os.chmod(r, 0o711))
+    p.do("chown root", lambda: os.chown(r, 1000, 1234))
+    p.do("utime root", lambda: os.utime(r, ns=(T1, T1)))
+    p.do("setxattr root", lambda: os.setxattr(r, "user.root", b"1"))
+    p.do("setxattr opaque on root", lambda: os.setxattr(r, "trusted.overlay.opaque", b"y"))
+    p.stat("root after", ".")
+    p.xattrs("root xattrs", ".")
+    p.names("root names", ".")
+    p.do("rmdir root", lambda: os.rmdir(r))
+    p.do("rename root", lambda: os.rename(r, r.parent / "elsewhere"))
+    p.do("rename into root's parent", lambda: os.rename(r / "f", r.parent / "x"))
+    p.do("link out of the mount", lambda: os.link(r / "f", r.parent / "x"))
+
+
 _SX = {"basic": True, "btime": True, "attributes": "0x0"}
 DOCUMENTED["statx_fields"] = {
     # pyfuse3 3.5 answers getattr, not statx: no birth time (FUSE_STATX is newer).
