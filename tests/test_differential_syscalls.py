@@ -43,7 +43,7 @@ from typing import Any
 
 import oracle as o
 import pytest
-from support import kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
+from support import force_unmount, kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
 
 pytestmark = pytest.mark.skipif(
     kernel_overlay_skip_reason() is not None, reason=kernel_overlay_skip_reason() or ""
@@ -282,6 +282,7 @@ def base_layers(top: Path, bottom: Path) -> None:
 # -- running a scenario on both ----------------------------------------------------------------
 Scenario = Callable[[Probe], None]
 SCENARIOS: dict[str, Scenario] = {}
+UPPER_ON_TMPFS: set[str] = set()  # scenarios whose upper is on another filesystem
 # scenario -> label -> (the kernel's value, pyunion's value): see the module docstring.
 # "skip" leaves an observation out; "~view PATH" / "~upper PATH" leave a path of the
 # merged view / the upper out, "~upper" the whole upper; ANY as the kernel's value
@@ -327,19 +328,25 @@ def _upper_form(upper: Path) -> dict[str, Any]:
 
 
 def _run_on(impl: str, lowers: list[Path], td: Path, fn: Scenario) -> tuple[Probe, Any, Any]:
-    up, work, mnt = td / f"{impl}-u", td / f"{impl}-w", td / f"{impl}-m"
-    up.mkdir()
-    work.mkdir()
-    mount = kernel_overlay if impl == "kernel" else pyunion_mount
-    with mount(lowers, mnt, up, work) as m:
-        p = Probe(m)
-        old = os.umask(0o022)
-        try:
-            fn(p)
-        finally:
-            os.umask(old)
-        view = o.snapshot(m)
-    return p, view, _upper_form(up)
+    base = td / f"{impl}-fs"
+    base.mkdir()
+    with contextlib.ExitStack() as stack:
+        if fn.__name__ in UPPER_ON_TMPFS:
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(base)], check=True, timeout=30)
+            stack.callback(force_unmount, base)
+        up, work, mnt = base / "u", base / "w", td / f"{impl}-m"
+        up.mkdir()
+        work.mkdir()
+        mount = kernel_overlay if impl == "kernel" else pyunion_mount
+        with mount(lowers, mnt, up, work) as m:
+            p = Probe(m)
+            old = os.umask(0o022)
+            try:
+                fn(p)
+            finally:
+                os.umask(old)
+            view = o.snapshot(m)
+        return p, view, _upper_form(up)
 
 
 def run_scenario(name: str) -> None:
@@ -1962,6 +1969,30 @@ def mount_root(p: Probe) -> None:
     p.do("link out of the mount", lambda: os.link(r / "f", r.parent / "x"))
 
 
+@scenario
+def identity_across_filesystems(p: Probe) -> None:
+    """Upper on tmpfs, lowers on the test's filesystem (not samefs, xino off): the
+    kernel gives non-directories the st_dev of their layer's filesystem (a pseudo
+    device per lower) and their real st_ino; directories the overlay's st_dev."""
+    r = p.r
+    (r / "new").write_bytes(b"upper")
+    os.mkdir(r / "newdir")
+    os.chmod(r / "g", 0o600)  # copied up: its st_ino is kept
+    names = (".", "m", "d", "t", "newdir", "f", "g", "new", "m/low", "m/high", "t/tf", "sym")
+    seen: dict[str, tuple[int, int]] = {}
+    for n in names:
+        st = os.lstat(r / n)
+        seen[n] = (st.st_dev, st.st_ino)
+    p.note("(st_dev, st_ino) unique", len(set(seen.values())) == len(seen))
+    p.note("st_dev classes", {n: p.dev_class(d) for n, (d, _) in seen.items()})
+    p.note(
+        "d_ino == st_ino", all(e.inode() == os.lstat(e.path).st_ino for e in os.scandir(r / "m"))
+    )
+
+
+UPPER_ON_TMPFS.add("identity_across_filesystems")
+
+
 _SX = {"basic": True, "btime": True, "attributes": "0x0"}
 DOCUMENTED["statx_fields"] = {
     # pyfuse3 3.5 answers getattr, not statx: no birth time (FUSE_STATX is newer).
@@ -2024,6 +2055,35 @@ DOCUMENTED["attribute_details"] = {
     # here take an xattr block of their own; pyunion writes neither (docs/semantics.md).
     "details m after": "skip",
     "details f after": "skip",
+}
+
+DOCUMENTED["identity_across_filesystems"] = {
+    # The kernel's readdir gives a merged directory's entries the layer's inode number,
+    # which differs from st_ino here, and the view compares st_ino alone, which
+    # collides across the two filesystems; pyunion's agree and never collide.
+    "d_ino == st_ino": (ANY, True),
+    "~view inode sharing": "skip",
+    # FUSE has one st_dev for the whole mount; pyunion keeps st_ino unique instead,
+    # so (st_dev, st_ino) names one object on both.
+    "st_dev classes": (
+        {
+            ".": 0,
+            "m": 0,
+            "d": 0,
+            "t": 0,
+            "newdir": 0,
+            "f": 1,
+            "g": 1,
+            "new": 2,
+            "m/low": 1,
+            "m/high": 1,
+            "t/tf": 1,
+            "sym": 1,
+        },
+        dict.fromkeys(
+            (".", "m", "d", "t", "newdir", "f", "g", "new", "m/low", "m/high", "t/tf", "sym"), 0
+        ),
+    ),
 }
 
 
