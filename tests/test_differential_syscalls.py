@@ -2140,6 +2140,84 @@ DOCUMENTED["copy_range_and_sendfile__upper_on_tmpfs"] = {
 }
 
 
+def _read_only_ops(p: Probe) -> None:
+    r = p.r
+    sv = os.statvfs(r)
+    p.note("statvfs flags", hex(sv.f_flag))
+    p.do("access W_OK", lambda: os.access(r / "f", os.W_OK))
+    p.do("faccessat W_OK", lambda: faccessat(r / "f", os.W_OK, AT_EACCESS))
+    p.do("access X_OK on a dir", lambda: faccessat(r / "d", os.X_OK, 0))
+    p.do("utime", lambda: os.utime(r / "f"))
+    p.do("utime omit", lambda: utimensat(r / "f", "omit", "omit"))
+    p.do("truncate", lambda: os.truncate(r / "f", 0))
+    p.do("open O_RDWR", lambda: os.open(r / "f", os.O_RDWR))
+    p.do("open O_RDONLY|O_TRUNC", lambda: os.open(r / "f", os.O_RDONLY | os.O_TRUNC))
+    p.do("open O_CREAT existing", lambda: os.close(os.open(r / "f", os.O_RDONLY | os.O_CREAT)))
+    p.do("open O_CREAT new", lambda: os.open(r / "new", os.O_RDONLY | os.O_CREAT))
+    p.do("mkdir existing", lambda: os.mkdir(r / "d"))
+    p.do("mkfifo", lambda: os.mkfifo(r / "p"))
+    p.do("chown", lambda: os.chown(r / "f", 1, 1))
+    p.do("chmod", lambda: os.chmod(r / "f", 0o600))
+    p.do("setxattr", lambda: os.setxattr(r / "f", "user.y", b"1"))
+    p.do("removexattr missing", lambda: os.removexattr(r / "f", "user.none"))
+    p.do("removexattr present", lambda: os.removexattr(r / "f", "user.x"))
+    p.do("unlink missing", lambda: os.unlink(r / "none"))
+    p.do("unlink", lambda: os.unlink(r / "f"))
+    p.do("rmdir", lambda: os.rmdir(r / "m/sdir"))
+    p.do("rename", lambda: os.rename(r / "f", r / "g"))
+    p.do("link", lambda: os.link(r / "f", r / "h"))
+    p.do("symlink", lambda: os.symlink("f", r / "s"))
+    p.do("O_TMPFILE", lambda: os.open(r, O_TMPFILE | os.O_RDWR))
+    p.do("mmap shared writable of O_RDONLY", lambda: _map_shared(r / "f"))
+    p.do("fsync dir", lambda: _fsync_path(r / "m"))
+    p.do("read", lambda: (r / "f").read_bytes())
+    p.names("m", "m")
+
+
+def _map_shared(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_WRITE).close()
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_read_only_mount_matches_kernel() -> None:
+    """No upper: every change is EROFS, checked by the VFS first, as for the kernel's
+    overlay without an upper (its superblock is read-only)."""
+    with tempfile.TemporaryDirectory(prefix="pyunion-dsys-") as t:
+        td = Path(t)
+        try:
+            logs = []
+            for impl in ("kernel", "pyunion"):
+                lowers = [td / f"{impl}-L0", td / f"{impl}-L1"]
+                for lo in lowers:
+                    lo.mkdir()
+                base_layers(*lowers)
+                mount = kernel_overlay if impl == "kernel" else pyunion_mount
+                with mount(lowers, td / f"{impl}-m") as m:
+                    p = Probe(m)
+                    _read_only_ops(p)
+                    logs.append(p.log)
+        finally:
+            o.rmtree(td)
+    kernel, mine = logs
+    diffs = [
+        f"{k}: kernel {kv!r}, pyunion {pv!r}"
+        for (k, kv), (_, pv) in zip(kernel, mine, strict=True)
+        if kv != pv
+    ]
+    assert not diffs, "\n  ".join(diffs)
+
+
 # After every scenario and DOCUMENTED entry: the parameters are taken here.
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_scenario_matches_kernel(name: str) -> None:

@@ -571,7 +571,9 @@ def _fuse_options(cfg: MountConfig) -> set[str]:
             opts.add("dev")
         if "nosuid" not in opts:
             opts.add("suid")
-    if cfg.read_only:
+    if cfg.read_only or not cfg.upper:
+        # Read-only for the VFS too, as a kernel overlay without an upper: statvfs says
+        # ST_RDONLY, access(W_OK) and every change say EROFS before asking the daemon.
         opts.add("ro")
     return opts
 
