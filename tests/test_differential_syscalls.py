@@ -1997,6 +1997,28 @@ def identity_across_filesystems(p: Probe) -> None:
 UPPER_ON_TMPFS.add("identity_across_filesystems")
 
 
+@scenario
+def special_names(p: Probe) -> None:
+    r = os.fsdecode(p.r)
+    p.do("mkdir .", lambda: os.mkdir(f"{r}/m/."))
+    p.do("mkdir ..", lambda: os.mkdir(f"{r}/m/.."))
+    p.do("rename onto ..", lambda: os.rename(f"{r}/f", f"{r}/m/.."))
+    p.do("rename ..", lambda: os.rename(f"{r}/m/..", f"{r}/x"))
+    p.do("link onto .", lambda: os.link(f"{r}/f", f"{r}/m/."))
+    p.do("unlink .", lambda: os.unlink(f"{r}/m/."))
+    p.do("rmdir ..", lambda: os.rmdir(f"{r}/m/.."))
+    p.do("symlink named ..", lambda: os.symlink("x", f"{r}/m/.."))
+    p.do("mkdir a trailing slash", lambda: os.mkdir(f"{r}/m/new/"))
+    p.do("mkdir trailing slashes", lambda: os.mkdir(f"{r}/t/new2//"))
+    p.do("create a trailing slash", lambda: os.open(f"{r}/m/file/", os.O_CREAT | os.O_WRONLY))
+    p.do("rename dir with slashes", lambda: os.rename(f"{r}/m/new/", f"{r}/m/new3/"))
+    p.do("stat f/.", lambda: os.stat(f"{r}/f/."))
+    p.do("stat d/sub/../f", lambda: os.stat(f"{r}/d/sub/../f").st_size)
+    p.do("wh name create", lambda: os.close(os.open(f"{r}/m/.wh.x", os.O_CREAT | os.O_WRONLY)))
+    p.do("wh name lookup", lambda: os.stat(f"{r}/m/.wh.low"))
+    p.names("m", "m")
+
+
 _SX = {"basic": True, "btime": True, "attributes": "0x0"}
 DOCUMENTED["statx_fields"] = {
     # pyfuse3 3.5 answers getattr, not statx: no birth time (FUSE_STATX is newer).
@@ -2216,6 +2238,16 @@ def test_read_only_mount_matches_kernel() -> None:
         if kv != pv
     ]
     assert not diffs, "\n  ".join(diffs)
+
+
+DOCUMENTED["special_names"] = {
+    # `.wh.` names are pyunion's markers in every layer: refused (docs/formats.md).
+    "wh name create": ("ok", "EINVAL"),
+    "wh name lookup": ("ENOENT", "EINVAL"),
+    "m": "skip",
+    "~view m/.wh.x": "skip",
+    "~upper m/.wh.x": "skip",
+}
 
 
 # After every scenario and DOCUMENTED entry: the parameters are taken here.
