@@ -544,6 +544,13 @@ def read_fd_across_copy_up(p: Probe) -> None:
         m = mmap.mmap(rfd, 0, prot=mmap.PROT_READ)
         p.note("mmap after", bytes(m[:20]))
         m.close()
+        os.truncate(r / "g", 5)
+        os.chmod(r / "g", 0o600)
+        p.do("read after truncate", lambda: os.pread(rfd, 100, 0))
+        p.note("fstat after chmod", p.fields(os.fstat(rfd)))
+        os.unlink(r / "g")
+        p.do("read after unlink", lambda: os.pread(rfd, 100, 0))
+        p.note("fstat after unlink", p.fields(os.fstat(rfd)))
     finally:
         os.close(rfd)
 
@@ -1261,7 +1268,7 @@ DOCUMENTED["seek_data_hole"] = {
     "after copy-up": "skip",
     "lower holes seen": (True, False),
     "holes seen after copy-up": (True, False),
-    # Copy-up keeps every hole (the kernel fills those under its 1 MiB copy chunk).
+    # Copy-up keeps every hole (the kernel's may fill small ones).
     "blocks small": (ANY, True),
 }
 _TMPFILE = {
