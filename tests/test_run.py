@@ -3,7 +3,8 @@
 Every test checks afterwards that nothing is left behind: no mount under the
 test's temp dir (pyunion's TMPDIR points there), no temporary upper, and no
 process still carrying the test's unique layer path on its command line (the
-daemon, init and the janitor are forks of pyunion and keep its argv).
+daemon and init are forks of pyunion and keep its argv; the janitor, a shell,
+holds pyunion's stderr until it is done).
 """
 
 from __future__ import annotations
@@ -604,6 +605,57 @@ def test_pyunion_killed_while_starting(env: Env) -> None:
         finally:
             p.kill()
         env.wait_clean()
+
+
+def test_pyunion_killed_keeps_an_explicit_upper(env: Env, tmp_path: Path) -> None:
+    """SIGKILL to pyunion run with --upper: the janitor removes the temporary tree but
+    keeps the upper, with what the container wrote, and says so."""
+    upper = tmp_path / "upper"
+    p = subprocess.Popen(
+        env.cmd("--upper", str(upper), command=("sh", "-c", "echo 1 > /f; echo ready; sleep 30")),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env.env,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        p.kill()
+        p.wait(timeout=15)
+        _, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    env.wait_clean()
+    assert (upper / "f").read_text() == "1\n"
+    assert f"the writable layer is kept in {upper}" in err
+
+
+def _private_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(
+            int(x.split()[1]) for x in f if x.startswith(("Private_Clean:", "Private_Dirty:"))
+        )
+
+
+def test_janitor_is_small(env: Env) -> None:
+    """The janitor, which waits beside pyunion for the container's whole life, is a shell
+    (under 1 MiB of its own), not a fork of pyunion's interpreter (~2.6 MiB)."""
+    p = env.popen("sh", "-c", "echo ready; sleep 30")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        init = _child_of_cmd(p.pid)
+        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+            children = {int(x) for x in f.read().split()} - {init}
+        shells = [
+            c for c in children if os.readlink(f"/proc/{c}/exe") == os.path.realpath("/bin/sh")
+        ]
+        assert len(shells) == 1, children
+        assert _private_kib(shells[0]) < 1024
+    finally:
+        p.terminate()
+        p.communicate(timeout=20)
+    env.wait_clean()
 
 
 def _child_of_cmd(pid: int) -> int:

@@ -53,7 +53,7 @@ from . import syscalls, tree, userns
 from .errors import UserError
 from .mount import is_mountpoint, mount_detached, wait_gone
 from .options import MountConfig
-from .prefork import Prefork, cancel_early, forkserver_wanted, share_with_fork, take_early
+from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -635,14 +635,20 @@ class Runner:
 
     def _start_janitor(self) -> None:
         r, w = os.pipe()
-        share_with_fork()  # the janitor waits beside pyunion for the container's life
         with _forwarded_signals_blocked():
             pid = os.fork()
             if pid == 0:
                 os.close(w)
-                _janitor(r, self)
+                _janitor(r)
         os.close(r)
         self.janitor, self.janitor_fd = pid, w
+        # What it needs besides the names told later (`_tell_janitor`).
+        if self.daemon is not None:
+            self._tell_janitor("D", str(self.daemon).encode())
+        if self.opts.upper:
+            self._tell_janitor("U", os.fsencode(os.path.abspath(self.opts.upper)))
+        if self.kept():
+            self._tell_janitor("K")
 
     def _make_tmp(self) -> str:
         """mkdtemp, but the janitor is told the name before the directory exists: a SIGKILL
@@ -658,7 +664,9 @@ class Runner:
             return os.path.abspath(path)
 
     def _tell_janitor(self, kind: str, value: bytes = b"") -> None:
-        """One line to the janitor: "I PID" (init), "T DIR" (the temporary tree), "DONE"."""
+        """One line to the janitor (`_janitor_cleanup` reads them): "D PID" (the daemon),
+        "U DIR" (--upper), "K" (keep the upper), "T DIR" (the temporary tree), "I PID"
+        (init), "DONE"."""
         if self.janitor_fd is not None:
             line = kind.encode() + (b" " + value if value else b"") + b"\n"
             with contextlib.suppress(OSError):
@@ -1200,46 +1208,90 @@ def _forwarded_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _janitor(rfd: int, runner: Runner) -> NoReturn:
-    """Cleans up after a pyunion that died without doing it (read its pipe until EOF)."""
-    from . import confine, sandbox
+# The janitor waits for the container's whole life, so it is a shell reading its pipe
+# (fd 0) rather than a fork of pyunion: a forked interpreter kept ~2.5 MiB of private
+# pages per container (those either process wrote after the fork). Only when pyunion
+# died without saying DONE after making something (a "T" line) does it start Python to
+# clean up (`_janitor_cleanup`). $0: the interpreter, $1: the code, $2: its sys.path[0].
+_JANITOR_SH = """
+lines=
+while IFS= read -r line; do
+  [ "$line" = DONE ] && exit 0
+  lines="$lines$line
+"
+done
+case "$lines" in
+  "T "*|*"
+T "*) exec "$0" -c "$1" "$2" "$lines" ;;
+esac
+"""
+_JANITOR_PY = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from unionfs.run import _janitor_cleanup; _janitor_cleanup(sys.argv[2])"
+)
 
+
+def _janitor(rfd: int) -> NoReturn:
+    """The forked janitor: cut off from pyunion (its session, fds, the signals it
+    forwards), it becomes the shell `_JANITOR_SH`, reading its pipe until EOF. Where no
+    shell runs, it reads and cleans up itself."""
     code = 0
     try:
-        for sig in (*sandbox.FORWARDED, signal.SIGWINCH):
-            signal.signal(sig, signal.SIG_IGN)
+        from .sandbox import FORWARDED
+
+        for sig in (*FORWARDED, signal.SIGWINCH):
+            signal.signal(sig, signal.SIG_IGN)  # inherited by the shell and its Python
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.setsid()
-        confine.close_from(3, [rfd])  # hold nothing of pyunion's or its caller's
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
+        os.dup2(rfd, 0)
+        null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
-        os.close(null)
+        syscalls.close_range(3)  # hold nothing of pyunion's or its caller's (stderr stays)
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with contextlib.suppress(OSError):
+            os.execv(
+                "/bin/sh", ["sh", "-c", _JANITOR_SH, sys.executable, _JANITOR_PY, package_parent]
+            )
         data = b""
-        while chunk := os.read(rfd, 4096):
+        while chunk := os.read(0, 4096):
             data += chunk
-        init: list[int] = []
-        for line in data.split(b"\n"):
-            kind, _, value = line.partition(b" ")
-            if kind == b"DONE":
-                os._exit(0)
-            if kind == b"I" and value.isdigit():
-                init.append(int(value))
-            elif kind == b"T" and value:  # forked before it was made (`Runner._run`)
-                runner.tmp = os.fsdecode(value)
-                runner.merged = os.path.join(runner.tmp, "merged")
-                opts = runner.opts
-                runner.upper = (
-                    os.path.abspath(opts.upper) if opts.upper else os.path.join(runner.tmp, "upper")
-                )
-        for pid in init:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            wait_gone(pid, 10)
-        _release(runner.merged, runner.daemon, runner.tmp, runner.upper, runner.kept())
+        _janitor_cleanup(os.fsdecode(data))
     except BaseException:  # noqa: BLE001 - a forked child must never return into pyunion
         code = 1
     os._exit(code)
+
+
+def _janitor_cleanup(told: str) -> None:
+    """Undo what pyunion made and told the janitor of (`Runner._tell_janitor`) but could
+    not undo itself: it died (SIGKILL, OOM) before DONE."""
+    daemon = tmp = upper = None
+    keep = False
+    init: list[int] = []
+    for line in os.fsencode(told).split(b"\n"):
+        kind, _, value = line.partition(b" ")
+        if kind == b"DONE":
+            return
+        if kind in (b"I", b"D") and value.isdigit():
+            if kind == b"I":
+                init.append(int(value))
+            else:
+                daemon = int(value)
+        elif kind == b"T" and value:  # the last one wins (`Runner._make_tmp`)
+            tmp = os.fsdecode(value)
+        elif kind == b"U" and value:
+            upper = os.fsdecode(value)
+        elif kind == b"K":
+            keep = True
+    for pid in init:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, 10)
+    merged = None
+    if tmp is not None:
+        merged = os.path.join(tmp, "merged")
+        upper = upper or os.path.join(tmp, "upper")
+    _release(merged, daemon, tmp, upper, keep)
 
 
 def run(opts: RunOptions) -> int:
