@@ -658,6 +658,50 @@ def test_janitor_is_small(env: Env) -> None:
     env.wait_clean()
 
 
+def test_run_process_keeps_no_image_modules(env: Env, tmp_path: Path) -> None:
+    """An image run by name: the image is read in a short-lived child, so the run
+    process, which lives as long as the container, never maps msgspec (nor holds the
+    image modules' ~2.4 MiB); what the image says still applies."""
+    from unionfs.sample import build_sample_oci
+
+    oci = build_sample_oci(tmp_path / "sample", env.layers)
+    store = str(tmp_path / "store")
+    r = subprocess.run(
+        [*PYUNION, "image", "import", oci, "--tag", "sample", "--store", store, "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen(
+        [*PYUNION, "run", "--store", store, "sample", "--", "sh", "-c", "echo ready; sleep 30"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env.env,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        with open(f"/proc/{p.pid}/maps") as f:
+            maps = f.read()
+            assert "msgspec" not in maps, [x for x in maps.splitlines() if "msgspec" in x]
+    finally:
+        p.terminate()
+        p.communicate(timeout=20)
+    r = subprocess.run(
+        [*PYUNION, "run", "--store", store, "no-such-image", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env.env,
+    )
+    assert r.returncode == 125 and "is neither a directory nor an image" in r.stderr, r.stderr
+    env.wait_clean()
+
+
 def _child_of_cmd(pid: int) -> int:
     """pyunion's container init: its child that is neither the daemon nor the janitor."""
     deadline = time.monotonic() + 10

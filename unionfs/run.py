@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import gc
 import os
 import select
 import signal
@@ -47,7 +48,7 @@ import tty as ttymod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import syscalls, tree, userns
 from .errors import UserError
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
 # and trio. Imported before, the daemon would wait for them too.
 
 TOOL_ERROR = 125
+T = TypeVar("T")
 
 
 def _fail(msg: str) -> UserError:
@@ -281,6 +283,89 @@ def resolve_image(opts: RunOptions) -> tuple[list[str], dict[str, Any]]:
         if not os.path.isdir(layer):
             raise _fail(f"layer {layer!r} is not a directory")
     return [os.path.abspath(x) for x in opts.layers], {}
+
+
+def _confinement_and_image(
+    opts: RunOptions,
+) -> tuple[confine.Confinement, list[str], dict[str, Any]]:
+    """`confine.from_options` and `resolve_image`, in a short-lived child
+    (`_in_child`): the seccomp profile's JSON reader (msgspec, ~1.3 MiB) and the
+    image modules (~2.4 MiB) stay out of the run process, which lives as long as
+    its container. Their errors in that order, as if read here."""
+
+    def both() -> tuple[Answer, Answer]:
+        from . import confine
+
+        conf = _answer(
+            lambda: confine.from_options(
+                opts.cap_add, opts.cap_drop, opts.privileged, opts.security_opt, opts.preserve_fds
+            )
+        )
+        return conf, _answer(lambda: resolve_image(opts))
+
+    conf, image = _in_child(both)
+    confinement = _answered(conf)
+    layers, config = _answered(image)
+    return confinement, layers, config
+
+
+# What a piece of work came to: ("ok", result) or ("user", message, code) for the
+# UserError it raised.
+Answer = tuple[Any, ...]
+
+
+def _answer(work: Callable[[], Any]) -> Answer:
+    try:
+        return ("ok", work())
+    except UserError as e:
+        return ("user", str(e), e.code)
+
+
+def _answered(answer: Answer) -> Any:
+    """The result, or the UserError raised again."""
+    if answer[0] == "user":
+        raise UserError(answer[1], answer[2])
+    return answer[1]
+
+
+def _in_child(work: Callable[[], T]) -> T:
+    """`work()` in a short-lived forked child, its result pickled back (its UserError
+    raised here): what it imports never weighs on this process."""
+    import pickle
+
+    r, w = os.pipe()
+    with _forwarded_signals_blocked():  # the child's stay blocked: ours are recorded
+        pid = os.fork()
+        if pid == 0:
+            try:
+                # A collection would write to (so copy) every page of the parent's objects
+                # it walks; this child lives for a few milliseconds.
+                gc.disable()
+                os.close(r)
+                try:
+                    answer = _answer(work)
+                except Exception as e:  # noqa: BLE001 - raised again in the parent
+                    answer = ("error", f"{type(e).__name__}: {e}")
+                data = pickle.dumps(answer)
+                while data:
+                    data = data[os.write(w, data) :]
+            finally:
+                os._exit(0)
+    os.close(w)
+    try:
+        data = b""
+        while chunk := os.read(r, 1 << 20):
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    if not data:
+        raise _fail("a child of pyunion died reading the image or the seccomp profile")
+    answer = pickle.loads(data)
+    if answer[0] == "error":
+        raise RuntimeError(answer[1])
+    result: T = _answered(answer)
+    return result
 
 
 def _build_filter(conf: confine.Confinement) -> None:
@@ -530,9 +615,15 @@ class Runner:
         # daemon-to-be forked first thing, whose socket is an fd of ours, goes first).
         if opts.preserve_fds:
             cancel_early()
-        confinement = confine.from_options(
-            opts.cap_add, opts.cap_drop, opts.privileged, opts.security_opt, opts.preserve_fds
-        )
+        # The seccomp profile (JSON: msgspec, ~1.3 MiB) is read, with the image, in a
+        # short-lived child once the daemon is forked (`_confinement_and_image`); here
+        # only where --preserve-fds checks the caller's fds, which the child's pipe would
+        # take, or where msgspec is imported already (build's RUN).
+        confinement = None
+        if opts.preserve_fds or "msgspec" in sys.modules:
+            confinement = confine.from_options(
+                opts.cap_add, opts.cap_drop, opts.privileged, opts.security_opt, opts.preserve_fds
+            )
         try:
             self._prefork_daemon()
             self._install_handlers()
@@ -556,14 +647,17 @@ class Runner:
         self.prefork = take_early() or Prefork()  # forked by the program first thing, if it could
         self.daemon = self.prefork.pid
 
-    def _prepare_and_run(self, confinement: confine.Confinement) -> int:
+    def _prepare_and_run(self, confinement: confine.Confinement | None) -> int:
         from . import sandbox
 
         opts = self.opts
         init = sandbox.find_init()
         if init is None:
             raise _fail("catatonit, the container's pid 1, is missing (apt install catatonit)")
-        layers, config = resolve_image(opts)
+        if confinement is None:
+            confinement, layers, config = _confinement_and_image(opts)
+        else:
+            layers, config = resolve_image(opts)
         _build_filter(confinement)
         hostname = opts.hostname or socket.gethostname()
         spec = sandbox.ContainerSpec(
