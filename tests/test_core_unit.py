@@ -451,3 +451,18 @@ def test_a_special_file_copy_up_chmods_what_it_made_not_a_symlink_swapped_in(
     with contextlib.suppress(OSError):  # refusing is fine too; following the symlink is not
         job.finish()
     assert stat.S_IMODE(victim.stat().st_mode) == 0o600, "the copy-up chmod'ed the victim"
+
+
+def test_objects_without_xattrs_share_one_empty_name_set(tmp_path: Path, made: list[Union]) -> None:
+    """The xattr names kept per object (`has_xattr`, asked before every write) are one
+    shared empty set for the many objects that have none (an empty frozenset each was
+    ~220 bytes: 2.1 MiB for 10,000 files just written), and still right for the rest."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"a": "1", "b": "2", "c": "3"})
+    os.setxattr(l1 / "c", "user.k", b"v")
+    u = make(tmp_path, made, [l1])
+    a, b, c = walk(u, b"a"), walk(u, b"b"), walk(u, b"c")
+    assert not u.has_xattr(a, b"security.capability")
+    assert not u.has_xattr(b, b"security.capability")
+    assert a.xnames is not None and a.xnames is b.xnames
+    assert u.has_xattr(c, b"user.k") and c.xnames == frozenset({b"user.k"})

@@ -51,6 +51,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 _OPEN_KEEP = os.O_SYNC | os.O_DSYNC | os.O_TRUNC
 _NOATIME = getattr(os, "O_NOATIME", 0)
 ACL_ACCESS = b"system.posix_acl_access"
+NO_XATTRS: frozenset[bytes] = frozenset()  # the xattr names of most objects (`_xattr_names`)
 
 
 @dataclass
@@ -237,7 +238,10 @@ class Union:
         names = node.xnames
         if names is None:
             target, follow = self._xattr_target(node)
-            names = frozenset(n.encode() for n in os.listxattr(target, follow_symlinks=follow))
+            listed = os.listxattr(target, follow_symlinks=follow)
+            # Most objects have none: one shared empty set, not ~220 bytes each (10,000
+            # files just written held 2.1 MiB of empty sets).
+            names = frozenset(n.encode() for n in listed) if listed else NO_XATTRS
             node.xnames = names
         return names
 
