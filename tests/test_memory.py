@@ -50,6 +50,22 @@ def test_deferred_modules_load_on_first_use_only() -> None:
     ]
 
 
+def test_daemon_only_modules_stay_unloaded_through_the_daemons_imports() -> None:
+    """What the daemon-to-be defers (`DAEMON_ONLY`) is still unloaded once it has imported
+    everything serving needs (`mount._preload`), and loads on first use."""
+    out = python_output(
+        "import sys, unionfs.lazyimport as l\n"
+        "l.defer(); l.defer(l.DAEMON_ONLY)\n"
+        "from unionfs import mount\n"
+        "mount._preload()\n"
+        "kind = lambda n: type(sys.modules[n]).__name__\n"
+        "print([n for n in ('ipaddress', *l.DAEMON_ONLY) if kind(n) != '_LazyModule'])\n"
+        "import ipaddress\n"
+        "print(ipaddress.ip_address('127.0.0.1').is_loopback, type(ipaddress).__name__)\n"
+    )
+    assert out.split("\n") == ["[]", "True module", ""]
+
+
 def test_pid_file_name_is_sha256_of_the_mount_point(tmp_path: Path) -> None:
     """The name `umount` looks for, whichever SHA-256 implementation made it."""
     digest = hashlib.sha256(os.fsencode(os.path.realpath(tmp_path))).hexdigest()

@@ -30,8 +30,9 @@ UNUSED_BY_DAEMON = ("ssl", "idna", "hmac")
 # (`syscalls.import_with_sonames` answers trio's lookup by soname). Deferred in the
 # daemon-to-be only (`prefork.Prefork`): on Python 3.11 a lazy module is not safe to
 # load from two threads at once (fixed in 3.12), and other commands use these from
-# worker threads (pull's unpacking: shutil.copyfileobj).
-DAEMON_ONLY = ("tempfile", "shutil", "bz2", "lzma")
+# worker threads (pull's unpacking: shutil.copyfileobj). `ipaddress` likewise: trio's
+# sockets import it for addresses a daemon never resolves (~0.25 MiB per daemon).
+DAEMON_ONLY = ("tempfile", "shutil", "bz2", "lzma", "ipaddress")
 
 
 _classes: dict[type[types.ModuleType], type[types.ModuleType]] = {}
