@@ -19,6 +19,7 @@ import signal
 import stat
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -629,6 +630,40 @@ def test_pyunion_killed_keeps_an_explicit_upper(env: Env, tmp_path: Path) -> Non
     env.wait_clean()
     assert (upper / "f").read_text() == "1\n"
     assert f"the writable layer is kept in {upper}" in err
+
+
+def test_janitor_imports_nothing_from_the_working_directory(env: Env, tmp_path: Path) -> None:
+    """pyunion run started in a directory others can write (root in /tmp) and then
+    killed: the janitor's Python, which cleans up as root, never imports a module
+    planted there (a `select.py` beside the caller)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "planted-ran"
+    for mod in ("select", "contextlib", "socket", "termios", "tty", "argparse"):
+        (cwd / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    # The installed command, as users run it (`python -m` would itself import from cwd).
+    command = [
+        str(Path(sys.executable).parent / "pyunion"),
+        *env.cmd(command=("sh", "-c", "echo ready; sleep 30"))[len(PYUNION) :],
+    ]
+    p = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env.env,
+        cwd=cwd,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        p.kill()
+        p.wait(timeout=15)
+        p.communicate(timeout=20)
+    finally:
+        p.kill()
+    env.wait_clean()
+    assert not marker.exists()
 
 
 def _private_kib(pid: int) -> int:

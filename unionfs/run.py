@@ -1316,7 +1316,7 @@ while IFS= read -r line; do
 done
 case "$lines" in
   "T "*|*"
-T "*) exec "$0" -c "$1" "$2" "$lines" ;;
+T "*) exec "$0" -I -c "$1" "$2" "$lines" ;;
 esac
 """
 _JANITOR_PY = (
@@ -1338,6 +1338,9 @@ def _janitor(rfd: int) -> NoReturn:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.setsid()
+        # Its Python runs as the caller (root) in isolated mode (-I) from / : nothing
+        # is imported from the caller's working directory, which others may write.
+        os.chdir("/")
         os.dup2(rfd, 0)
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
