@@ -187,7 +187,9 @@ def test_fuse_options_as_libfuse_makes_them() -> None:
     from unionfs.syscalls import MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY
 
     assert set(pyfuse3.default_options) == FUSE_DEFAULT_OPTIONS
-    cfg = MountConfig(lowers=["/"], mountpoint="/m", fuse_options={"allow_other", "suid", "nodev"})
+    cfg = MountConfig(
+        lowers=["/"], upper="/u", mountpoint="/m", fuse_options={"allow_other", "suid", "nodev"}
+    )
     params, attrs = kernel_mount_params(cfg)
     assert sorted(params, key=str) == sorted(
         [
@@ -206,6 +208,9 @@ def test_fuse_options_as_libfuse_makes_them() -> None:
     cfg = MountConfig(lowers=["/"], mountpoint="/m", fuse_options={"auto_unmount"})
     with pytest.raises(UserError, match="auto_unmount"):
         kernel_mount_params(cfg)
+    # No upper: read-only for the VFS too, as a kernel overlay without an upper.
+    params, attrs = kernel_mount_params(MountConfig(lowers=["/"], mountpoint="/m"))
+    assert ("ro", None) in params and attrs & MOUNT_ATTR_RDONLY
 
 
 def _children(pid: int) -> list[int]:
