@@ -119,6 +119,73 @@ def test_second_mount_is_forked_by_the_server_and_crashes_stay_apart(
         assert st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
+def _v1_hierarchy(controller: str) -> tuple[Path, str] | None:
+    """(mount of the cgroup v1 hierarchy `controller`, this process's cgroup in it)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        base = Path("/sys/fs/cgroup") / controller
+        if controller in controllers.split(",") and (base / "cgroup.procs").exists():
+            return base, path
+    return None
+
+
+@pytest.mark.mount
+def test_a_daemon_from_the_server_joins_the_callers_cgroups_where_they_differ(
+    tmp_path: Path, state: Path
+) -> None:
+    """A caller in another cgroup of one hierarchy: its daemon is moved there, and stays
+    where it is in the hierarchies the caller shares with the server (those are not
+    written: a move costs an RCU grace period even into the cgroup one is in)."""
+    found = _v1_hierarchy("pids")
+    if found is None:
+        pytest.skip("no cgroup v1 pids hierarchy here")
+    base, mine = found
+    cg = base / mine.lstrip("/") / f"pyunion-test-{os.getpid()}"
+    a, b = _layers(tmp_path / "a"), _layers(tmp_path / "b")
+    cg.mkdir()
+    try:
+        with mounted([a[0]], tmp_path / "ma", a[1], a[2]):
+            wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+            mb = tmp_path / "mb"
+            mb.mkdir()
+            # The caller moves itself into `cg`, then runs `pyunion mount`.
+            r = subprocess.run(
+                [
+                    "sh",
+                    "-c",
+                    'echo 0 > "$0" && exec "$@"',
+                    str(cg / "cgroup.procs"),
+                    *PYUNION,
+                    "mount",
+                    "-o",
+                    f"lowerdir={b[0]},upperdir={b[1]},workdir={b[2]}",
+                    str(mb),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            try:
+                assert r.returncode == 0, r.stderr
+                pid = daemon_pid(str(mb))
+                assert pid is not None and b"server_main" in _cmdline(pid)
+                want = []
+                for line in Path("/proc/self/cgroup").read_text().splitlines():
+                    num, controllers, path = line.split(":", 2)
+                    if "pids" in controllers.split(","):
+                        path = f"/{cg.relative_to(base)}"
+                    want.append(f"{num}:{controllers}:{path}")
+                assert Path(f"/proc/{pid}/cgroup").read_text().splitlines() == want
+                assert (mb / "f").read_text() == "lower\n"
+            finally:
+                pyunion("umount", str(mb), check=False)
+                force_unmount(mb)
+    finally:
+        wait_until(lambda: not (cg / "cgroup.procs").read_text().strip(), 20, "the daemon to go")
+        cg.rmdir()
+
+
 @pytest.mark.mount
 def test_mounts_work_with_the_server_turned_off(tmp_path: Path, state: Path) -> None:
     """Off by default (opt-in), and with PYUNION_FORKSERVER=0."""
