@@ -57,25 +57,10 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _holding(path: str) -> set[int]:
-    """The processes that hold `path` open."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{entry}/fd/{fd}") == path:
-                        out.add(int(entry))
-                        break
-    return out
-
-
 def _fuse_daemons() -> set[int]:
     """The processes that hold /dev/fuse: mount daemons. A container's mount is
     detached, so its daemon has no pid record; forked by `run` or by a fork server."""
-    return _holding("/dev/fuse")
+    return procs.holding("/dev/fuse")
 
 
 class _Setup:
@@ -201,17 +186,6 @@ def start_latency(setup: _Setup, reps: int, modes: tuple[str, ...]) -> dict[str,
     return out
 
 
-def _forkservers(state: Path) -> set[int]:
-    """The fork servers of the state dir `state`: interpreters booting `server_main`
-    and holding that directory open."""
-    out = set()
-    for pid in _holding(str(state)):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"forkserver import server_main" in f.read():
-                out.add(pid)
-    return out
-
-
 def parallel(setup: _Setup, n: int = N_PARALLEL, forkserver: bool = False) -> dict[str, Any]:
     """`n` containers started at once; time until all run, PSS while they all run.
 
@@ -224,9 +198,9 @@ def parallel(setup: _Setup, n: int = N_PARALLEL, forkserver: bool = False) -> di
     servers: set[int] = set()
     if forkserver:
         _time(setup.pyunion_run("true", forkserver=True))
-        procs.wait_until(lambda: bool(_forkservers(setup.state)), 30, 0.01)
+        procs.wait_until(lambda: bool(procs.forkservers(setup.state)), 30, 0.01)
         _time(setup.pyunion_run("true", forkserver=True))  # served by it: its pages touched
-        servers = _forkservers(setup.state)
+        servers = procs.forkservers(setup.state)
         if not servers:
             raise RuntimeError("the fork server did not start")
     before = _fuse_daemons()

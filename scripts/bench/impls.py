@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,7 @@ MOUNT_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 60.0
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = "/run/pyunion"  # root's pyunion state directory: a daemon's pid per mount
+FORKSERVER_START_S = 30.0
 
 
 def _version_line(text: str, name: str) -> str:
@@ -141,6 +143,19 @@ class Impl:
 
     def _mount(self, layers: Layers, inst: Instance, private: tuple[str, ...]) -> None:
         raise NotImplementedError
+
+    # Measured in the mount workload only (not W1..W10, not the session).
+    mount_only = False
+
+    def ready(self, layers: Layers, base: Path) -> None:
+        """Before a measured mount (untimed): whatever the implementation keeps running."""
+
+    def check(self, inst: Instance) -> None:
+        """After a measured mount (untimed): raise CommandFailed if it was not what it
+        stands for."""
+
+    def close(self) -> None:
+        """At the end of the run: stop whatever it kept running."""
 
     def _dirs(self, inst: Instance) -> tuple[Path, Path]:
         upper, work = inst.base / "upper", inst.base / "work"
@@ -355,7 +370,7 @@ class Pyunion(Impl):
         server's command line), else by its command line."""
         real = os.path.realpath(root)
         with contextlib.suppress(OSError):
-            for rec in Path(STATE_DIR).glob("*.pid"):
+            for rec in self.state_dir().glob("*.pid"):
                 with contextlib.suppress(OSError, ValueError):
                     pid, _, mp = rec.read_text().rstrip("\n").partition(" ")
                     if mp == real and procs.alive(int(pid)):
@@ -364,6 +379,13 @@ class Pyunion(Impl):
 
     extra_opts = ""
 
+    def state_dir(self) -> Path:
+        return Path(STATE_DIR)
+
+    def env(self) -> dict[str, str] | None:
+        """The environment of its commands (None: the bench's own)."""
+        return None
+
     def _mount(self, layers: Layers, inst: Instance, private: tuple[str, ...]) -> None:
         opts = self._overlay_opts(layers, inst) + self.extra_opts
         procs.run(
@@ -371,10 +393,16 @@ class Pyunion(Impl):
             MOUNT_TIMEOUT,
             "pyunion mount",
             log=inst.base / "daemon.log",
+            env=self.env(),
         )
 
     def _unmount(self, inst: Instance) -> None:
-        procs.run([*self.command, "umount", str(inst.root)], UMOUNT_TIMEOUT, "pyunion umount")
+        procs.run(
+            [*self.command, "umount", str(inst.root)],
+            UMOUNT_TIMEOUT,
+            "pyunion umount",
+            env=self.env(),
+        )
 
 
 class PyunionNoSpin(Pyunion):
@@ -384,7 +412,50 @@ class PyunionNoSpin(Pyunion):
     extra_opts = ",spin=0"
 
 
+class PyunionForkserver(Pyunion):
+    """pyunion with its opt-in fork server (`PYUNION_FORKSERVER=1`): a mount's daemon is
+    forked by a server that has imported everything (README: Using it). In the mount
+    workload only; every measured mount is one the server forked. The state dir is the
+    bench's own: removing it (`close`) ends the server."""
+
+    name = "pyunion-forkserver"
+    mount_only = True
+    _state: Path | None = None
+
+    def state_dir(self) -> Path:
+        if self._state is None:
+            self._state = Path(tempfile.mkdtemp(prefix="pyunion-bench-state-"))
+        return self._state
+
+    def env(self) -> dict[str, str] | None:
+        return {**os.environ, "PYUNION_FORKSERVER": "1", "PYUNION_STATE_DIR": str(self.state_dir())}
+
+    def ready(self, layers: Layers, base: Path) -> None:
+        """A server running: when there is none (the first mount, or it left after a
+        minute without a request), a mount that starts it (its own daemon is forked
+        directly), and the wait until it listens."""
+        if procs.forkservers(self.state_dir()):
+            return
+        self.mount(layers, base).teardown()
+        if not procs.wait_until(
+            lambda: bool(procs.forkservers(self.state_dir())), FORKSERVER_START_S, 0.01
+        ):
+            raise procs.CommandFailed("the fork server did not start")
+
+    def check(self, inst: Instance) -> None:
+        inst.find_daemon()
+        servers = procs.forkservers(self.state_dir())
+        if inst.pid is None or procs.parent(inst.pid) not in servers:
+            raise procs.CommandFailed("the mount's daemon was not forked by the fork server")
+
+    def close(self) -> None:
+        if self._state is not None:
+            shutil.rmtree(self._state, ignore_errors=True)  # the server sees its socket go
+            self._state = None
+
+
 ALL: dict[str, type[Impl]] = {
-    c.name: c for c in (Native, Kernel, FuseOverlayfs, UnionfsFuse, Pyunion, PyunionNoSpin)
+    c.name: c
+    for c in (Native, Kernel, FuseOverlayfs, UnionfsFuse, Pyunion, PyunionForkserver, PyunionNoSpin)
 }
 ORDER = list(ALL)

@@ -92,6 +92,40 @@ def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> 
 
 
 # -- the daemon of a FUSE mount ------------------------------------------------------
+def holding(path: str) -> set[int]:
+    """The processes that hold `path` open."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == path:
+                        out.add(int(entry))
+                        break
+    return out
+
+
+def forkservers(state: Path) -> set[int]:
+    """The pyunion fork servers of the state dir `state`: interpreters booting
+    `server_main` and holding that directory open."""
+    out = set()
+    for pid in holding(str(state)):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"forkserver import server_main" in f.read():
+                out.add(pid)
+    return out
+
+
+def parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def find_daemon(mountpoint: Path, names: tuple[str, ...]) -> int | None:
     """The newest live process whose command line holds `mountpoint` as an argument and
     one of `names` (the program's name) in its first arguments."""

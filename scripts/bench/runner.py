@@ -136,7 +136,7 @@ class Runner:
 
     # -- measurements -------------------------------------------------------------
     def measure(self, impl: Impl, wid: str, mode: str, rep: int) -> None:
-        if wid == "W6" and not self.image.has_true:
+        if (wid == "W6" and not self.image.has_true) or impl.mount_only:
             return
         inst: Instance | None = None
         try:
@@ -165,6 +165,7 @@ class Runner:
     def measure_mount(self, impl: Impl, mode: str, rep: int) -> None:
         assert self.stack is not None
         try:
+            impl.ready(self.stack, self._base(f"{impl.name}-mount-ready"))
             if mode == "warm":  # a first mount warms the caches
                 impl.mount(self.stack, self._base(f"{impl.name}-mount-prewarm")).teardown()
                 os.sync()
@@ -177,6 +178,7 @@ class Runner:
                 os.listdir(inst.root)
                 seconds = time.perf_counter() - t0
                 stats = inst.sample()
+                impl.check(inst)
             finally:
                 inst.teardown()
             self._record(impl, "mount", mode, rep, seconds, None, stats)
@@ -262,6 +264,8 @@ class Runner:
                     print(f"      {d}")
         finally:
             cleanup_all()
+            for impl in self.cfg.impls:
+                impl.close()
             rmtree(self.scratch)
         return diffs
 
@@ -298,7 +302,7 @@ class Runner:
             if self.cfg.session and wids:
                 print("-- daemon session", flush=True)
                 for impl in self.cfg.impls:
-                    if impl.fuse:
+                    if impl.fuse and not impl.mount_only:
                         try:
                             self.run_session(impl)
                         except (procs.CommandFailed, OSError, RuntimeError) as e:
@@ -306,4 +310,6 @@ class Runner:
                             print(f"  {impl.name:15} session: ERROR {e}", flush=True)
         finally:
             cleanup_all()
+            for impl in self.cfg.impls:
+                impl.close()
             rmtree(self.scratch)
