@@ -7,10 +7,10 @@ exit; a traceback only with `PYUNION_TRACEBACK=1`.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
@@ -193,12 +193,19 @@ def build_parser(
 
 
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="pyunion: %(levelname)s: %(message)s"
-        if not debug
-        else "%(asctime)s %(name)s %(levelname)s: %(message)s",
-    )
+    """pyunion's log lines, set up when logging is imported: the caller of a background
+    `pyunion mount` logs nothing, and never imports it."""
+    from .lazyimport import when_imported
+
+    def setup(logging: ModuleType) -> None:
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.WARNING,
+            format="pyunion: %(levelname)s: %(message)s"
+            if not debug
+            else "%(asctime)s %(name)s %(levelname)s: %(message)s",
+        )
+
+    when_imported("logging", setup)
 
 
 def run_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
@@ -274,10 +281,12 @@ def _main(argv: Sequence[str] | None, program: bool = False) -> int:
         print(f"pyunion {__version__}")
         return 0
     # Before anything imports trio: a daemon forked from here never loads what it never uses.
-    from .lazyimport import defer
+    from .lazyimport import MOUNT_COMMAND, defer
 
     defer()
     first = args[0] if args else ""
+    if first == "mount":
+        defer(MOUNT_COMMAND)
     # The daemon of `run` or `mount`, forked before the command's own imports: it
     # imports trio and pyfuse3 meanwhile (the program only: never a fork of a caller
     # that calls main()).

@@ -40,8 +40,6 @@ from __future__ import annotations
 import array
 import contextlib
 import gc
-import json
-import logging
 import os
 import pickle
 import select
@@ -56,8 +54,6 @@ from typing import NoReturn
 from .options import MountConfig
 from .sha256 import sha256_hex
 from .syscalls import CLONE_NEWNS, fd_str, import_with_sonames, setns
-
-log = logging.getLogger(__name__)
 
 IDLE_S = 60.0  # exit after this long without a request
 MAX_REQUEST = 1 << 20
@@ -293,6 +289,8 @@ def _server_path() -> list[str]:
 
 def start_server(state_fd: int) -> None:
     """Start a server in the background (detached, a fresh interpreter); never waits for it."""
+    import json  # here: a mount that finds its server never needs it
+
     path = json.dumps(_server_path())  # before the child leaves the working directory
     pid = os.fork()
     if pid:
@@ -327,6 +325,7 @@ def start_server(state_fd: int) -> None:
 def server_main(state_fd: int) -> NoReturn:
     """The server's body, in its fresh interpreter; `state_fd` is the state directory."""
     import fcntl
+    import logging
 
     code = 0
     try:

@@ -21,6 +21,8 @@ from .tree import DIR_FLAGS
 
 @dataclass
 class Layer:
+    """One layer, held by its directory fd: index 0 is the upper, 1.. the lowers, top first."""
+
     index: int
     path: str
     fd: int

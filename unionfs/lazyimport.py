@@ -19,9 +19,16 @@ subclass below answers that one read from the module's own dictionary.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
+    from importlib.machinery import ModuleSpec
 
 # Never used by a daemon (see the docstring); anything else a daemon imports is used.
 UNUSED_BY_DAEMON = ("ssl", "idna", "hmac")
@@ -33,6 +40,11 @@ UNUSED_BY_DAEMON = ("ssl", "idna", "hmac")
 # worker threads (pull's unpacking: shutil.copyfileobj). `ipaddress` likewise: trio's
 # sockets import it for addresses a daemon never resolves (~0.25 MiB per daemon).
 DAEMON_ONLY = ("tempfile", "shutil", "bz2", "lzma", "ipaddress")
+# Deferred in `pyunion mount` too, whose process only hands a daemon its mount (or is the
+# daemon, `-f`), and runs no thread before the daemon's imports: those, and `inspect`, which
+# dataclasses imports and uses only for a class without a docstring (~3 ms of every mount).
+# trio's import loads `inspect`, in the daemon's one thread, before it serves.
+MOUNT_COMMAND = (*DAEMON_ONLY, "inspect")
 
 
 _classes: dict[type[types.ModuleType], type[types.ModuleType]] = {}
@@ -66,3 +78,51 @@ def defer(names: tuple[str, ...] = UNUSED_BY_DAEMON) -> None:
         sys.modules[name] = module
         loader.exec_module(module)
         module.__class__ = _lazy_class(type(module))
+
+
+class _Then:
+    """A loader that runs its module's own loader, then `then(module)`."""
+
+    def __init__(self, loader: Loader, then: Callable[[types.ModuleType], None]) -> None:
+        self.loader = loader
+        self.then = then
+
+    def create_module(self, spec: ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.loader.exec_module(module)
+        self.then(module)
+
+
+class _WhenImported:
+    """A finder on `sys.meta_path` for one module: its spec, with the loader `_Then`.
+    It takes itself off at the first import of that module."""
+
+    def __init__(self, name: str, then: Callable[[types.ModuleType], None]) -> None:
+        self.name = name
+        self.then = then
+
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Then(spec.loader, self.then)  # type: ignore[assignment]
+        return spec
+
+
+def when_imported(name: str, then: Callable[[types.ModuleType], None]) -> None:
+    """Run `then(module)` as soon as the top-level module `name` is imported (now if it
+    is already). The CLI sets up logging so: a command whose process never logs (the
+    caller of `pyunion mount`) never imports it (~3 ms), and any other is set up before
+    its first line."""
+    module = sys.modules.get(name)
+    if module is not None:
+        then(module)
+    else:
+        sys.meta_path.insert(0, _WhenImported(name, then))

@@ -14,14 +14,12 @@ import contextlib
 import errno
 import fcntl
 import gc
-import logging
 import os
 import pickle
 import select
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -44,8 +42,6 @@ from .syscalls import (
 )
 from .tree import DIR_FLAGS, UntrustedSymlink, open_own_file, open_trusted, replace_file, rmtree_at
 from .userns import host_uid, in_user_namespace
-
-log = logging.getLogger(__name__)
 
 
 # -- mount table ---------------------------------------------------------------
@@ -805,6 +801,8 @@ def serve(
     made) nothing is mounted here and there is neither mount point nor pid file.
     """
     _preload()
+    import logging
+
     import pyfuse3
     import trio
 
@@ -926,6 +924,7 @@ def serve(
     # The request loop's hooks (reqloop.py): pyfuse3's read lock, and the poll of
     # /dev/fuse unless spin=0. Without them every request waits in epoll (README:
     # Performance, ~1.3x slower): say so, and the tests read this line in the debug log.
+    log = logging.getLogger(__name__)
     if reqloop.install(pyfuse3, cfg.spin_us):
         log.debug("request loop: /dev/fuse polled for %d us before sleeping", cfg.spin_us)
     else:
@@ -1227,6 +1226,8 @@ def umount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         if os.geteuid() == 0:
             _umount_pyunion(mountpoint, MNT_DETACH if lazy else 0)
         else:
+            import subprocess  # here: root's umount never runs a command
+
             cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
             if r.returncode != 0:

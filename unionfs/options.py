@@ -21,15 +21,12 @@ nothing that is shown.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 
 from .digits import number
 from .errors import UserError
 from .idmap import Extent, IdMap, parse_extents, parse_id
-
-log = logging.getLogger(__name__)
 
 # Options libfuse understands and we pass on unchanged.
 FUSE_PASSTHROUGH = {"allow_other", "allow_root", "auto_unmount", "default_permissions"}
@@ -201,6 +198,14 @@ def _flag(item: str, value: str) -> bool:
     raise UserError(f"malformed option {item!r}: expected 0 or 1")
 
 
+def _ignoring(item: str) -> None:
+    """Say (in the debug log) that `item` is accepted and ignored. logging is imported
+    here, when there is something to say: `pyunion mount` itself logs nothing else."""
+    import logging
+
+    logging.getLogger(__name__).debug("ignoring mount option %r", item)
+
+
 def parse_options(opts: list[str], cfg: MountConfig) -> None:
     """Apply every `-o` string in `opts` to `cfg`: the one parser of both commands.
 
@@ -260,11 +265,11 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                     f"mount option {item!r} is not supported (fuse-overlayfs layer plugins)"
                 )
             elif key in ("xattr_permissions", "plugins"):
-                log.debug("ignoring mount option %r", item)
+                _ignoring(item)
             elif key in PROPAGATION:
                 if eq:
                     raise UserError(f"malformed option {item!r}: {key} takes no value")
-                log.debug("ignoring mount option %r", item)
+                _ignoring(item)
             elif key in FUSE_PASSTHROUGH or key in VFS_FLAGS:
                 if eq:
                     # `nosuid=1` was taken for an ignored option: the mount kept suid.
@@ -273,7 +278,7 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
             elif key in IGNORED:
                 # Security labels (context=...) among them: a FUSE file system
                 # gets its label from the policy, not from a mount option.
-                log.debug("ignoring mount option %r", item)
+                _ignoring(item)
             else:
                 raise UserError(f"unknown mount option {item!r}")
     if owners.seen:
