@@ -68,6 +68,19 @@ def test_the_caller_of_mount_loads_neither_logging_nor_inspect(tmp_path: Path) -
     assert r.stderr == f"pyunion: layer '{tmp_path}/missing' does not exist\n"
 
 
+def test_when_imported_runs_every_callback_once_in_order_and_leaves() -> None:
+    code = (
+        "import sys; from unionfs.lazyimport import when_imported; seen = []; "
+        "when_imported('json', lambda m: seen.append(('a', m.__name__))); "
+        "when_imported('json', lambda m: seen.append(('b', m.dumps([1])))); "
+        "assert not seen; import json, json.decoder; import json; "
+        "when_imported('json', lambda m: seen.append(('c', m is json))); "
+        "left = [f for f in sys.meta_path if type(f).__name__ == '_WhenImported']; "
+        "print(seen, left)"
+    )
+    assert python_output(code).strip() == "[('a', 'json'), ('b', '[1]'), ('c', True)] []"
+
+
 def test_a_mount_in_the_foreground_still_logs_its_debug_lines(tmp_path: Path) -> None:
     """-d: logging is set up when it is imported, before its first line."""
     r = subprocess.run(

@@ -81,9 +81,9 @@ def defer(names: tuple[str, ...] = UNUSED_BY_DAEMON) -> None:
 
 
 class _Then:
-    """A loader that runs its module's own loader, then `then(module)`."""
+    """A loader that runs its module's own loader, then each of `then` on the module."""
 
-    def __init__(self, loader: Loader, then: Callable[[types.ModuleType], None]) -> None:
+    def __init__(self, loader: Loader, then: list[Callable[[types.ModuleType], None]]) -> None:
         self.loader = loader
         self.then = then
 
@@ -92,16 +92,17 @@ class _Then:
 
     def exec_module(self, module: types.ModuleType) -> None:
         self.loader.exec_module(module)
-        self.then(module)
+        for then in self.then:
+            then(module)
 
 
 class _WhenImported:
     """A finder on `sys.meta_path` for one module: its spec, with the loader `_Then`.
     It takes itself off at the first import of that module."""
 
-    def __init__(self, name: str, then: Callable[[types.ModuleType], None]) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.then = then
+        self.then: list[Callable[[types.ModuleType], None]] = []
 
     def find_spec(
         self, fullname: str, path: object = None, target: object = None
@@ -118,11 +119,17 @@ class _WhenImported:
 
 def when_imported(name: str, then: Callable[[types.ModuleType], None]) -> None:
     """Run `then(module)` as soon as the top-level module `name` is imported (now if it
-    is already). The CLI sets up logging so: a command whose process never logs (the
-    caller of `pyunion mount`) never imports it (~3 ms), and any other is set up before
-    its first line."""
+    is already; in the order asked). The CLI sets up logging so: a command whose process
+    never logs (the caller of `pyunion mount`) never imports it (~3 ms), and any other is
+    set up before its first line."""
     module = sys.modules.get(name)
     if module is not None:
         then(module)
-    else:
-        sys.meta_path.insert(0, _WhenImported(name, then))
+        return
+    finder = next(
+        (f for f in sys.meta_path if isinstance(f, _WhenImported) and f.name == name), None
+    )
+    if finder is None:
+        finder = _WhenImported(name)
+        sys.meta_path.insert(0, finder)
+    finder.then.append(then)
