@@ -352,10 +352,16 @@ class Pyunion(Impl):
             return "pyunion has no 'mount' command yet"
         return None
 
+    def checkout(self) -> Path:
+        """The checkout whose venv runs this pyunion (`--pyunion` may name another), else
+        this one."""
+        exe = Path(self.command[0]).absolute()
+        return exe.parents[2] if exe.parent.parent.name == ".venv" else REPO
+
     def version(self) -> str:
         try:
             rev = subprocess.run(
-                ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                ["git", "-C", str(self.checkout()), "describe", "--always", "--dirty"],
                 capture_output=True,
                 text=True,
                 timeout=10,
