@@ -543,6 +543,40 @@ def test_failing_run_leaves_nothing_half_written(env: Env) -> None:
     assert _steps(env.build(ctx, "-t", "failed").stdout) == ["cached", "cached", "ran"]
 
 
+OWNERS_FILE = """FROM busybox
+USER root
+ARG A=7
+WORKDIR /w/$A/x
+USER 0:$A
+RUN echo > /ran
+USER root
+COPY --chown=:users a.txt /group-only
+COPY *.none* a.txt /maybe/
+ADD --chown=3:4 --chmod=600 t.tar.gz /unpacked/
+"""
+
+
+@needs_tools
+def test_owners_and_sources_match_buildah(env: Env) -> None:
+    """Edge rules where pyunion differed from buildah: a WORKDIR made at the next RUN
+    is the user's with all its missing parents; `--chown=:GROUP` is root's user; a
+    pattern matching nothing beside one that matches is no error; ADD's `--chown` and
+    `--chmod` leave an archive's members as the archive has them."""
+    ctx = env.tmp / "ctx-owners"
+    _write(ctx / "Containerfile", OWNERS_FILE)
+    _write(ctx / "a.txt", "a\n")
+    _tar_gz(ctx / "t.tar.gz", [("d/", None, 0o750), ("d/f", b"f\n", 0o640)])
+    env.buildah(ctx, "owners")
+    env.build(ctx, "-t", "owners")
+    ours = env.pyunion_image("owners")
+    compare(env.buildah_image("owners"), ours)
+    view = ours[0]
+    assert view[b"w"][2:4] == view[b"w/7/x"][2:4] == (0, 7)
+    assert view[b"group-only"][2:4] == (0, 100) and b"maybe/a.txt" in view
+    assert view[b"unpacked"][1:4] == (0o755, 3, 4)
+    assert view[b"unpacked/d/f"][1:4] == (0o640, 123, 456)
+
+
 @needs_tools
 def test_pyunion_only_features(env: Env) -> None:
     """What buildah 1.28 lacks or does differently: heredocs, --target, ONBUILD, --squash."""

@@ -329,6 +329,20 @@ def _clone_with_attrs(src: int, vol: Volume) -> int:
     return tree
 
 
+def _make_workdir(path: str, uid: int, gid: int) -> None:
+    """Create the working directory and every missing parent for the user, as podman's
+    run and buildah's RUN do (a WORKDIR after USER is the user's all the way down)."""
+    missing = []
+    head = os.path.normpath(path)
+    while head != "/" and not os.path.lexists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    os.makedirs(path)
+    if (uid, gid) != (0, 0):
+        for p in missing:
+            os.chown(p, uid, gid, follow_symlinks=False)
+
+
 def _attach_root(root: str, mount_fd: int) -> None:
     """Attach the union (a detached mount, `mount_fd`, closed here) at ROOT, in this new
     mount namespace only.
@@ -832,10 +846,8 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         if userns.unmapped([ident.uid]) or userns.unmapped([ident.gid], "gid"):
             raise SetupError(f"user {spec.user!r} ({ident.uid}:{ident.gid}) is {spec.outside}")
         if spec.workdir and not os.path.isdir(spec.workdir):
-            try:  # created for the user, as podman does
-                os.makedirs(spec.workdir)
-                if (ident.uid, ident.gid) != (0, 0):
-                    os.chown(spec.workdir, ident.uid, ident.gid)
+            try:
+                _make_workdir(spec.workdir, ident.uid, ident.gid)
             except OSError as e:
                 raise SetupError(
                     f"cannot create the working directory {spec.workdir!r}: {e.strerror}"

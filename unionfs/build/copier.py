@@ -12,7 +12,9 @@ files from another stage or image keep their owners (what buildah and Docker
 do). `--chmod` sets the mode of every copied file and directory. Times are
 kept. Hard links inside one copy stay linked. ADD unpacks a local tar archive
 (plain, gzip, bzip2, xz or zstd) into the destination with the archive's owners,
-modes and times; anything else it copies like COPY.
+modes and times, whatever `--chown` and `--chmod` say (they apply to the
+destination directory only, as buildah and Docker's classic builder do); anything
+else it copies like COPY.
 """
 
 from __future__ import annotations
@@ -88,8 +90,11 @@ def _read_db(rootfd: int, path: str, spec: str) -> list[list[str]]:
 
 
 def resolve_owner(rootfd: int, spec: str) -> Owner:
-    """USER[:GROUP] (names or ids) from the container's /etc/passwd and /etc/group."""
+    """[USER][:GROUP] (names or ids) from the container's /etc/passwd and /etc/group;
+    no user is root (`--chown=:GROUP`), as buildah takes it."""
     user, _, group = spec.partition(":")
+    if not user and group:
+        user = "0"
     if not user:
         raise CopyError(f"--chown={spec}: no user given")
     passwd = [e for e in _read_db(rootfd, "/etc/passwd", spec) if len(e) >= 4]
@@ -554,14 +559,14 @@ def open_archive(fd: int) -> Iterator[Archive | None]:
 
 
 def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, what: str) -> None:
-    """Unpack an archive into `dest`, confined to it; owners from the archive (or --chown).
+    """Unpack an archive into `dest`, confined to it; owners and modes from the archive.
 
     Members come in any order: each is reached from `dest` by its path, one
     O_NOFOLLOW component at a time (a `DirCursor`: a few fds at any depth). A sparse
     member is written sparse, and its holes count against `MAX_HOLES`.
     """
     dfd = root.ensure_dir(dest, spec.chown)
-    w = Writer(CopySpec(spec.chown, spec.chmod, keep_owner=True), dest, dfd)
+    w = Writer(CopySpec(keep_owner=True), dest, dfd)
     cur = DirCursor(dfd)
     holes = 0
     try:
@@ -579,7 +584,7 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
             where = posixpath.join(dest, "/".join(parts))
             mt = int(m.mtime * 1_000_000_000)
             try:
-                pfd = _archive_parent(w, cur, parts[:-1])
+                pfd = _archive_parent(cur, parts[:-1])
                 if m.isdir():
                     w.directory(pfd, name, parts, m.uid, m.gid, m.mode, mt, mt, where)
                 elif m.isreg():
@@ -642,9 +647,9 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
         os.close(dfd)
 
 
-def _archive_parent(w: Writer, cur: DirCursor, parts: list[str]) -> int:
+def _archive_parent(cur: DirCursor, parts: list[str]) -> int:
     """The fd of an archive member's parent directory `parts` (below the destination),
-    made where the archive skipped it (0755, root's or --chown's); a non-directory in
+    made where the archive skipped it (0755, root's); a non-directory in
     the way, a symlink included, is replaced, never followed."""
     while True:
         try:
@@ -657,9 +662,6 @@ def _archive_parent(w: Writer, cur: DirCursor, parts: list[str]) -> int:
             os.unlink(name, dir_fd=pfd)
         os.mkdir(name, 0o755, dir_fd=pfd)
         os.chmod(name, 0o755, dir_fd=pfd, follow_symlinks=False)
-        o = w.spec.chown
-        if o is not None:
-            os.chown(name, o.uid, o.gid, dir_fd=pfd, follow_symlinks=False)
 
 
 def _archive_link(dfd: int, pfd: int, name: str, target: str, where: str, what: str) -> None:

@@ -644,13 +644,15 @@ class Builder:
             return plan
         assert self.context is not None
         sources: list[Source] = []
-        for p in plan.patterns:
-            matched = self.context.expand(p)
-            if not matched:
-                raise BuildError(
-                    f"line {inst.line}: {inst.cmd}: no source files match {p!r} "
-                    "in the build context"
-                )
+        # A pattern matching nothing is an error only when nothing else is copied
+        # (buildah's rule; a missing plain name still fails when it is read).
+        expanded = [(p, self.context.expand(p)) for p in plan.patterns]
+        if not plan.heredocs and not any(m for _, m in expanded):
+            p = next((p for p, m in expanded if not m), "")
+            raise BuildError(
+                f"line {inst.line}: {inst.cmd}: no source files match {p!r} in the build context"
+            )
+        for _, matched in expanded:
             for m in matched:
                 try:
                     sources.append(self.context.source(m))
