@@ -885,3 +885,23 @@ def test_source_glob_rules(tmp_path: Path) -> None:
             tree.expand("[z-a]")
     finally:
         tree.close()
+
+
+def test_ignore_exceptions_below_an_excluded_directory(tmp_path: Path) -> None:
+    """An excluded directory is searched for `!` exceptions only when an exception's
+    text starts with its path, as Docker's walks and buildah 1.28 do (checked with
+    `buildah bud`): `!*/sub/yes` and `!x/**/keep` bring nothing back, `!d/sub2/yes`
+    does (it was every exception, whatever its text)."""
+    for name in ("d/sub/yes", "d/sub/no", "d/sub2/yes", "d/sub2/no", "x/a/keep", "x/top"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    rules = ["*/sub", "!*/sub/yes", "*/sub2", "!d/sub2/yes", "x/**", "!x/**/keep", "!x/top"]
+    m = Matcher(rules)
+    assert not m.may_include_below("d/sub") and m.may_include_below("d/sub2")
+    assert m.may_include_below("x") and not m.may_include_below("x/a")
+    tree = SourceTree(str(tmp_path), m, "the context")
+    try:
+        names = [e.rel for e in tree.source("").entries if e.rel]
+    finally:
+        tree.close()
+    assert names == ["d", "d/sub2", "d/sub2/yes", "x", "x/top"]

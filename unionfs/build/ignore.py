@@ -7,7 +7,9 @@ is `b`, a leading `/` means the context root); `*` matches within one path
 component, `?` one character, `[...]` a class, `\\` escapes, `**` any number of
 components. A path is excluded when the last pattern that matches it, or one of
 its parent directories, is not a `!` exception. So `docs` excludes everything
-under docs/, and `!docs/README.md` after it brings that one file back.
+under docs/, and `!docs/README.md` after it brings that one file back; an
+excluded directory is only searched for such files when an exception's text
+starts with the directory's path (`may_include_below`).
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ class Matcher:
                     raise UserError('illegal exclusion pattern "!" in the ignore file')
             p = _clean(line)
             self.patterns.append(_Pattern(p, exclusion, _compile(p)))
-        self.has_exceptions = any(p.exclusion for p in self.patterns)
         self._root = _Prefix(
             tuple(p.glob.start for p in self.patterns), (False,) * len(self.patterns)
         )
@@ -130,8 +131,12 @@ class Matcher:
         return _Prefix(states, hits)
 
     def may_include_below(self, directory: str) -> bool:
-        """Whether an excluded directory can still hold included paths (an exception)."""
-        return self.has_exceptions
+        """Whether an excluded directory is walked for exceptions: only when an exception's
+        text starts with the directory's path, the rule of Docker (moby's archive walk,
+        BuildKit's fsutil) and buildah; so `!*/sub/yes` brings nothing back from below an
+        excluded `d/sub`, and `!d/sub/yes` does."""
+        prefix = directory + "/"
+        return any(p.exclusion and (p.text + "/").startswith(prefix) for p in self.patterns)
 
 
 def read_ignore_file(data: bytes, name: str) -> Matcher:

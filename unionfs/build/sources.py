@@ -188,7 +188,7 @@ class SourceTree:
                     excluded = self.ignored(path)
                     is_dir = stat.S_ISDIR(st.st_mode)
                     if excluded and not (
-                        is_dir and self.matcher is not None and self.matcher.has_exceptions
+                        is_dir and self.matcher is not None and self.matcher.may_include_below(path)
                     ):
                         continue
                     target = None
