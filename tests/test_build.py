@@ -543,7 +543,7 @@ def test_failing_run_leaves_nothing_half_written(env: Env) -> None:
     assert _steps(env.build(ctx, "-t", "failed").stdout) == ["cached", "cached", "ran"]
 
 
-OWNERS_FILE = """FROM busybox
+OWNERS_FILE = """FROM busybox AS owners-base
 USER root
 ARG A=7
 WORKDIR /w/$A/x
@@ -553,6 +553,10 @@ USER root
 COPY --chown=:users a.txt /group-only
 COPY *.none* a.txt /maybe/
 ADD --chown=3:4 --chmod=600 t.tar.gz /unpacked/
+ENTRYPOINT ["/bin/echo"]
+CMD ["x"]
+FROM owners-base
+ENTRYPOINT []
 """
 
 
@@ -561,7 +565,8 @@ def test_owners_and_sources_match_buildah(env: Env) -> None:
     """Edge rules where pyunion differed from buildah: a WORKDIR made at the next RUN
     is the user's with all its missing parents; `--chown=:GROUP` is root's user; a
     pattern matching nothing beside one that matches is no error; ADD's `--chown` and
-    `--chmod` leave an archive's members as the archive has them."""
+    `--chmod` leave an archive's members as the archive has them; `ENTRYPOINT []` clears
+    the entrypoint (and the base's CMD) instead of failing."""
     ctx = env.tmp / "ctx-owners"
     _write(ctx / "Containerfile", OWNERS_FILE)
     _write(ctx / "a.txt", "a\n")
@@ -570,6 +575,7 @@ def test_owners_and_sources_match_buildah(env: Env) -> None:
     env.build(ctx, "-t", "owners")
     ours = env.pyunion_image("owners")
     compare(env.buildah_image("owners"), ours)
+    assert not ours[1]["config"].get("Entrypoint") and not ours[1]["config"].get("Cmd")
     view = ours[0]
     assert view[b"w"][2:4] == view[b"w/7/x"][2:4] == (0, 7)
     assert view[b"group-only"][2:4] == (0, 100) and b"maybe/a.txt" in view

@@ -173,7 +173,9 @@ def _instruction(c: dockerfile.Command) -> Instruction:
         if len(parsed) != 1:
             raise DockerfileError(f"line {line}: ONBUILD takes exactly one instruction")
         return Instruction(cmd, args, c.json, {}, c.original, line, trigger=parsed[0])
-    if (not args or args == [""]) and cmd not in NO_ARGS_OK:
+    # `CMD []` and `ENTRYPOINT []` (JSON, no words) clear them, as in Docker and buildah.
+    empty_ok = cmd in NO_ARGS_OK or (c.json and not args and cmd in ("CMD", "ENTRYPOINT"))
+    if (not args or args == [""]) and not empty_ok:
         raise DockerfileError(f"line {line}: {cmd} requires at least one argument")
     flags = _flags(cmd, c.flags, line, c.original)
     if cmd in ("COPY", "ADD") and len(args) < 2:
