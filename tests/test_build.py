@@ -488,6 +488,11 @@ def test_cache_rules(env: Env) -> None:
     assert _layers(env.store) == before
     assert elapsed < 1.5, f"a fully cached rebuild took {elapsed:.2f}s"
 
+    # A build argument no instruction declares, or a copied file's time alone: nothing,
+    # as with buildah --layers.
+    assert _steps(env.build(ctx, "--build-arg", "UNDECLARED=1").stdout) == ["cached"] * 6
+    os.utime(ctx / "app/a.txt", (1, 1))
+    assert _steps(env.build(ctx).stdout) == ["cached"] * 6
     # A file the ignore rules exclude changes: nothing is rebuilt.
     _write(ctx / "app/ignored.log", "other noise\n")
     assert _steps(env.build(ctx).stdout) == ["cached"] * 6
