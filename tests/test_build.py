@@ -589,6 +589,19 @@ def test_owners_and_sources_match_buildah(env: Env) -> None:
 
 
 @needs_tools
+def test_scratch_matches_buildah(env: Env) -> None:
+    """`FROM scratch` starts with PATH in Env, as buildah and BuildKit have it (it had none)."""
+    ctx = env.tmp / "ctx-scratch"
+    _write(ctx / "Containerfile", "FROM scratch\nENV A=1\nCOPY a.txt /\n")
+    _write(ctx / "a.txt", "a\n")
+    env.buildah(ctx, "scratch")
+    env.build(ctx, "-t", "scratch")
+    ours = env.pyunion_image("scratch")
+    compare(env.buildah_image("scratch"), ours)
+    assert ours[1]["config"]["Env"][0].startswith("PATH=/usr/local/sbin:")
+
+
+@needs_tools
 def test_pyunion_only_features(env: Env) -> None:
     """What buildah 1.28 lacks or does differently: heredocs, --target, ONBUILD, --squash."""
     ctx = env.tmp / "ctx-extra"

@@ -48,7 +48,7 @@ from ..digits import number
 from ..errors import UserError
 from ..image.platforms import host as host_platform
 from ..image.store import Store, normalize_tag, short_id
-from ..sandbox import wait_exit_code
+from ..sandbox import DEFAULT_PATH, wait_exit_code
 from ..syscalls import fd_str
 from ..tree import NotRegularFile, Resolve, read_regular
 from .cache import BuildCache, step_key
@@ -137,11 +137,12 @@ def _now() -> str:
 
 
 def scratch_state() -> ImageState:
+    """`FROM scratch`: no layers, and PATH in the config, as buildah and BuildKit set it."""
     plat = host_platform()
     cfg: dict[str, Any] = {
         "architecture": plat["architecture"],
         "os": plat["os"],
-        "config": {},
+        "config": {"Env": [f"PATH={DEFAULT_PATH}"]},
         "rootfs": {"type": "layers", "diff_ids": []},
         "history": [],
     }
