@@ -252,3 +252,21 @@ def test_open_trusted_is_not_raced_by_a_symlink_exchange() -> None:
             proc.kill()
             proc.wait(10)
         rmtree(str(base))
+
+
+def test_walk_stops_at_the_first_path_longer_than_asked(tmp_path: Path) -> None:
+    """The paths a walk holds grow with the square of the depth: a caller walking a tree
+    someone else built bounds them, and the walk stops there, not at the bottom."""
+    top = tmp_path / "top"
+    top.mkdir()
+    _deep(str(top), 3000)
+    fd = os.open(str(top), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert len(walk_at(fd, 6000)) == 6000
+        with pytest.raises(OSError) as e:
+            walk_at(fd, 4095)
+        assert e.value.errno == errno.ENAMETOOLONG
+        assert 4095 < len(e.value.filename) <= 4097  # "d/d/...": odd lengths
+    finally:
+        os.close(fd)
+        rmtree(str(top))

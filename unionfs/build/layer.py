@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from ..image.commit import DOCKER_TO_OCI, HashingWriter, write_layer_tar
+from ..image.commit import (
+    DOCKER_TO_OCI,
+    LAYER_PATH_MAX,
+    HashingWriter,
+    walk_error,
+    write_layer_tar,
+)
 from ..image.load import MEDIA_BY_COMPRESSION
 from ..image.store import MT_CONFIG, MT_MANIFEST, Store, canonical_json
 from ..tree import DIR_FLAGS, DirCursor, open_rel, rmtree_at, walk_at
@@ -88,13 +94,21 @@ def _lower_entry(lower_fds: list[int], parts: list[bytes]) -> os.stat_result | N
     return None
 
 
+def _walk(upper: str, fd: int) -> list[tuple[bytes, os.stat_result]]:
+    """The step's tree (`tree.walk_at`), stopped at a path no layer can hold."""
+    try:
+        return walk_at(fd, LAYER_PATH_MAX)
+    except OSError as e:
+        raise walk_error(upper, e.filename or b".", e) from None
+
+
 def prune_upper(upper: str, lowers: list[str]) -> None:
     """Drop directories that copy-up left unchanged and empty (deepest first)."""
     ufd = os.open(upper, DIR_FLAGS)
     lfds = [os.open(low, DIR_FLAGS) for low in lowers]
     cur = DirCursor(ufd)
     try:
-        dirs = [rel for rel, st in walk_at(ufd) if stat.S_ISDIR(st.st_mode)]
+        dirs = [rel for rel, st in _walk(upper, ufd) if stat.S_ISDIR(st.st_mode)]
         for rel in reversed(dirs):
             parts = rel.split(b"/")
             name = parts[-1]
@@ -147,7 +161,7 @@ def _drop_untarrable(upper: str) -> None:
     """Sockets have no tar form: remove them so the tree matches the blob."""
     fd = os.open(upper, DIR_FLAGS)
     try:
-        for rel, st in walk_at(fd):
+        for rel, st in _walk(upper, fd):
             if stat.S_ISSOCK(st.st_mode):
                 parent, _, name = rel.rpartition(b"/")
                 pfd = open_rel(fd, parent)
