@@ -30,7 +30,7 @@ def test_rmtree_deeper_than_recursion_and_fd_limits(tmp_path) -> None:  # type: 
     top = tmp_path / "top"
     top.mkdir()
     _deep(str(top), 3000)
-    assert len(walk_at(os.open(str(top), os.O_RDONLY | os.O_DIRECTORY))) == 6000
+    assert len(list(walk_at(os.open(str(top), os.O_RDONLY | os.O_DIRECTORY)))) == 6000
     rmtree(str(top))
     assert not top.exists()
 
@@ -262,11 +262,40 @@ def test_walk_stops_at_the_first_path_longer_than_asked(tmp_path: Path) -> None:
     _deep(str(top), 3000)
     fd = os.open(str(top), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert len(walk_at(fd, 6000)) == 6000
+        assert len(list(walk_at(fd, 6000))) == 6000
         with pytest.raises(OSError) as e:
-            walk_at(fd, 4095)
+            list(walk_at(fd, 4095))
         assert e.value.errno == errno.ENAMETOOLONG
         assert 4095 < len(e.value.filename) <= 4097  # "d/d/...": odd lengths
+    finally:
+        os.close(fd)
+        rmtree(str(top))
+
+
+def test_walk_holds_one_directory_not_the_tree(tmp_path: Path) -> None:
+    """The walk returned every entry's path and stat result at once (930 bytes an entry:
+    a million files a container made were 930 MB in a build step's two walks); it now
+    yields them as it goes and holds the directory it is in."""
+    import tracemalloc
+
+    top = tmp_path / "top"
+    top.mkdir()
+    fd = os.open(str(top), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(600):
+            os.mkdir(f"d{i}", dir_fd=fd)
+            dfd = os.open(f"d{i}", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            for j in range(100):
+                os.close(os.open(f"f{j}", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=dfd))
+            os.close(dfd)
+        tracemalloc.start()
+        try:
+            count = sum(1 for _ in walk_at(fd))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert count == 60_600
+        assert peak < 4 << 20, peak
     finally:
         os.close(fd)
         rmtree(str(top))

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from typing import Literal
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -122,17 +123,19 @@ def rmtree(path: str, missing_ok: bool = True) -> None:
         os.close(pfd)
 
 
-def walk_at(dirfd: int, max_path: int | None = None) -> list[tuple[bytes, os.stat_result]]:
-    """Every entry below `dirfd` (relative path, lstat), parents before children.
+def walk_at(dirfd: int, max_path: int | None = None) -> Iterator[tuple[bytes, int]]:
+    """Every entry below `dirfd` (relative path, st_mode), parents before children.
 
     Iterative and fd-based; the list of pending directories carries paths
     relative to `dirfd`, reached with a `DirCursor` (two fds; depth first, so
-    each move is short). The paths held grow with the square of the depth (a
-    chain 20,000 deep: 400 MB of them), so a caller walking a tree that someone
-    else built gives `max_path`: an entry whose path is longer stops the walk
-    with ENAMETOOLONG (its path as the error's filename) before anything below it.
+    each move is short). Entries are yielded as they are met, and only a
+    directory's names and modes are kept while it is gone through: a tree of a
+    million files held a million stat results (930 bytes an entry) when the
+    walk returned a list. The paths grow with the depth (a chain 20,000 deep:
+    400 MB of them), so a caller walking a tree that someone else built gives
+    `max_path`: an entry whose path is longer stops the walk with ENAMETOOLONG
+    (its path as the error's filename) before anything below it.
     """
-    out: list[tuple[bytes, os.stat_result]] = []
     pending: list[bytes] = [b""]
     cur = DirCursor(dirfd)
     try:
@@ -140,19 +143,20 @@ def walk_at(dirfd: int, max_path: int | None = None) -> list[tuple[bytes, os.sta
             rel = pending.pop()
             fd = cur.goto(rel.split(b"/") if rel else [])
             with os.scandir(fd) as it:
-                children = sorted((os.fsencode(e.name), e.stat(follow_symlinks=False)) for e in it)
+                children = sorted(
+                    (os.fsencode(e.name), e.stat(follow_symlinks=False).st_mode) for e in it
+                )
             subdirs = []
-            for name, st in children:
+            for name, mode in children:
                 path = rel + b"/" + name if rel else name
                 if max_path is not None and len(path) > max_path:
                     raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
-                out.append((path, st))
-                if stat.S_ISDIR(st.st_mode):
+                yield path, mode
+                if stat.S_ISDIR(mode):
                     subdirs.append(path)
             pending.extend(reversed(subdirs))
     finally:
         cur.close()
-    return out
 
 
 def open_rel(dirfd: int, rel: bytes, flags: int = DIR_FLAGS) -> int:

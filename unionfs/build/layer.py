@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,10 +95,10 @@ def _lower_entry(lower_fds: list[int], parts: list[bytes]) -> os.stat_result | N
     return None
 
 
-def _walk(upper: str, fd: int) -> list[tuple[bytes, os.stat_result]]:
+def _walk(upper: str, fd: int) -> Iterator[tuple[bytes, int]]:
     """The step's tree (`tree.walk_at`), stopped at a path no layer can hold."""
     try:
-        return walk_at(fd, LAYER_PATH_MAX)
+        yield from walk_at(fd, LAYER_PATH_MAX)
     except OSError as e:
         raise walk_error(upper, e.filename or b".", e) from None
 
@@ -108,7 +109,7 @@ def prune_upper(upper: str, lowers: list[str]) -> None:
     lfds = [os.open(low, DIR_FLAGS) for low in lowers]
     cur = DirCursor(ufd)
     try:
-        dirs = [rel for rel, st in _walk(upper, ufd) if stat.S_ISDIR(st.st_mode)]
+        dirs = [rel for rel, mode in _walk(upper, ufd) if stat.S_ISDIR(mode)]
         for rel in reversed(dirs):
             parts = rel.split(b"/")
             name = parts[-1]
@@ -161,8 +162,8 @@ def _drop_untarrable(upper: str) -> None:
     """Sockets have no tar form: remove them so the tree matches the blob."""
     fd = os.open(upper, DIR_FLAGS)
     try:
-        for rel, st in _walk(upper, fd):
-            if stat.S_ISSOCK(st.st_mode):
+        for rel, mode in _walk(upper, fd):
+            if stat.S_ISSOCK(mode):
                 parent, _, name = rel.rpartition(b"/")
                 pfd = open_rel(fd, parent)
                 try:
