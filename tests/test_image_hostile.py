@@ -1809,3 +1809,35 @@ def test_an_archive_swapped_for_a_fifo_never_hangs_the_import(
         stop.set()
         t.join(10)
     assert os.listdir(Path(store_dir) / "tmp") == []
+
+
+def test_commit_never_follows_another_users_symlink_to_the_upper(
+    tmp_path: Path, test_user: str, open_dir: Path
+) -> None:
+    """Root commits an upper below a user's directory (the one she kept). Only the last
+    component was opened without following: a directory on the way that she turned into
+    a symlink to root's files made those the new layer, in root's store. The path is now
+    resolved as `tree.open_trusted` does (root's and the caller's symlinks only): one line."""
+    from unionfs.sample import build_sample, build_sample_oci
+
+    store = str(tmp_path / "store")
+    layout = build_sample_oci(tmp_path / "oci", build_sample(tmp_path / "sample"))
+    assert cli_import(Path(layout), store, "-t", "base").returncode == 0
+    secret = open_dir / "secret"
+    (secret / "upper").mkdir(parents=True)
+    (secret / "upper" / "key").write_text("root's\n")
+    os.chmod(secret, 0o700)
+    home = open_dir / "home"
+    (home / "work" / "upper").mkdir(parents=True)
+    (home / "work" / "upper" / "mine").write_text("hers\n")
+    shutil.chown(home, test_user)
+    r = as_user(test_user, "sh", "-c", f"cd {home} && mv work old && ln -s {secret} work")
+    assert r.returncode == 0, r.stderr
+    commit = ("commit", "--store", store, "-i", "base", "-t")
+    r = pyunion(*commit, "x", str(home / "work/upper"), check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "crosses a symlink owned by uid" in r.stderr, r.stderr
+    assert "x " not in pyunion("images", "--store", store).stdout
+    r = pyunion(*commit, "y", str(home / "old/upper"), check=False)
+    assert r.returncode == 0, r.stderr

@@ -45,7 +45,7 @@ import zstandard
 from ..compression import Prefixed
 from ..errors import UserError
 from ..syscalls import fdpath
-from ..tree import DIR_FLAGS, DirCursor, NotRegularFile, open_regular
+from ..tree import DIR_FLAGS, DirCursor, NotRegularFile, open_regular, open_trusted
 from ..whiteout import (
     AUFS_META_PREFIX,
     OPQ_CHAR,
@@ -384,10 +384,12 @@ class _Walker:
 
 def write_layer_tar(upper: str, out: BinaryIO | Any, timestamp: int | None = None) -> list[str]:
     """Write the upper directory as an OCI layer tar to `out`; returns skipped paths."""
+    # Root commits an upper that may lie below another user's directory (a kept upper in
+    # her home): a symlink she swaps in on the way must not lead the walk to root's files.
     try:
-        root = os.open(upper, DIR_FLAGS)
+        root = open_trusted(upper, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-        raise UserError(f"cannot open upper directory {upper}: {e.strerror}") from e
+        raise ImageError(f"cannot open upper directory {upper}: {e.strerror}") from None
     w: _Walker | None = None
     try:
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
