@@ -52,3 +52,11 @@ if getattr(tarfile, "re", None) is re:
 def open_tar(*args: Any, **kwargs: Any) -> tarfile.TarFile:
     """`tarfile.open`, for an archive that may be hostile (this module is loaded)."""
     return tarfile.open(*args, **kwargs)
+
+
+def forget_members(tf: tarfile.TarFile) -> None:
+    """Drop tarfile's record of the members read or written so far (`TarFile.members`,
+    400-500 bytes each, kept for random access): a stream read or written once never
+    looks back, and a layer of a million empty files is a few MB gzipped."""
+    members: list[tarfile.TarInfo] = tf.members  # type: ignore[attr-defined]
+    members.clear()

@@ -45,6 +45,7 @@ import zstandard
 from ..compression import Prefixed
 from ..errors import UserError
 from ..syscalls import fdpath
+from ..tarsafe import forget_members
 from ..tree import DIR_FLAGS, DirCursor, NotRegularFile, open_regular, open_trusted
 from ..whiteout import (
     AUFS_META_PREFIX,
@@ -284,6 +285,7 @@ class _Walker:
                 self.current = level.prefix + name
                 dfd = cur.goto(level.parts)
                 sub = self._one(dfd, level, name)
+                forget_members(self.tar)  # 136 MB for a container's 300,000 files
                 if sub is not None:
                     stack.append(self._open_level(cur.goto(sub.parts), sub.parts, sub.prefix))
         finally:

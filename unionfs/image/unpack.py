@@ -60,7 +60,7 @@ import zstandard
 
 from .. import sparse, userns
 from ..syscalls import fdpath
-from ..tarsafe import open_tar
+from ..tarsafe import forget_members, open_tar
 from ..tree import DIR_FLAGS, DirCursor, rmtree_at
 from ..whiteout import AUFS_META_PREFIX, OPQ_OCI, WH_PREFIX, WhiteoutWriter, is_internal_xattr
 from .safetext import ImageError
@@ -171,6 +171,7 @@ class Unpacker:
         """Extract every member (streaming), then markers and directory metadata."""
         for m in tf:
             self._member(tf, m)
+            forget_members(tf)  # hard links are found by name (`_hardlink`), not in tarfile
         self._finish()
 
     def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
