@@ -569,3 +569,42 @@ def test_commit_of_a_kept_upper_deeper_than_path_max_is_one_line(tmp_path: Path)
     line = _one_line_error(r)
     assert "a path longer than 4095 bytes (PATH_MAX) has no place in a layer" in line, line
     assert os.listdir(store / "tmp") == []
+
+
+def _a_chain(top: Path, depth: int, opaque_at: int | None = None) -> None:
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(depth):
+        os.mkdir("a", 0o755, dir_fd=fd)
+        nfd = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+        if i == opaque_at:
+            os.setxattr(fd, "trusted.overlay.opaque", b"y")
+    os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (trusted xattrs)")
+@pytest.mark.timeout(120)
+def test_pruning_a_deep_copied_up_chain_is_linear(tmp_path: Path) -> None:
+    """A RUN step that changes something at the bottom of a deep tree of its base (which
+    a hostile base image, or the step before, makes) copies every directory on the way
+    up; pruning those, deepest first, walked every one from the top, in the upper and in
+    each layer below: 88 s for 2,000 levels. Each directory is now looked at once."""
+    from unionfs.build.layer import prune_upper
+
+    low, up = tmp_path / "low", tmp_path / "up"
+    low.mkdir()
+    up.mkdir()
+    try:
+        _a_chain(low, 1500)
+        _a_chain(up, 1500)
+        t0 = time.monotonic()
+        prune_upper(str(up), [str(low)])
+        assert time.monotonic() - t0 < 15
+        assert os.listdir(up) == []  # nothing changed: no layer
+        _a_chain(up, 1500, opaque_at=700)  # under an opaque directory, nothing is a copy-up
+        prune_upper(str(up), [str(low)])
+        assert _depth(up, "a") == 1500
+    finally:  # deeper than pytest's own clean-up can remove
+        rmtree(str(low))
+        rmtree(str(up))
