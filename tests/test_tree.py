@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -299,3 +300,36 @@ def test_walk_holds_one_directory_not_the_tree(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         rmtree(str(top))
+
+
+def test_rmtree_of_a_wide_directory_is_linear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removal read a directory from its start again for each subdirectory, and ext4
+    reads past every slot emptied before: a container's 80,000 empty directories took
+    186 s to tear down (20,000: 19 s). Each read now gives a batch of names: the wide
+    directory is read a few times, not once per subdirectory."""
+    top = tmp_path / "top"
+    top.mkdir()
+    fd = os.open(str(top), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(10_000):
+            os.mkdir(f"d{i:05d}", dir_fd=fd)
+        os.mkdir("d00000/x", dir_fd=fd)
+        os.symlink("/", "d00001/link", dir_fd=fd)
+    finally:
+        os.close(fd)
+    wide = top.stat().st_ino
+    reads = []
+    scandir = os.scandir
+
+    def counting(path: Any) -> Any:
+        if isinstance(path, int) and os.fstat(path).st_ino == wide:
+            reads.append(path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    rmtree(str(top))
+    monkeypatch.undo()
+    assert not top.exists()
+    assert len(reads) <= 6, len(reads)  # batches of 4096, then one that finds it empty

@@ -7,7 +7,9 @@ anywhere. So nothing here recurses, nothing follows a symlink (every open is
 `O_NOFOLLOW` relative to the parent's fd), and at most two directory fds are
 open at a time: going back up is `openat(fd, "..")`, checked against the
 identity (st_dev, st_ino) recorded on the way down, so a directory moved
-meanwhile stops the walk with an error instead of leading it elsewhere.
+meanwhile stops the walk with an error instead of leading it elsewhere. They
+can also be wide: no directory is read from its start once per entry (a batch
+of names is kept instead), and a walk holds the directory it is in, not the tree.
 """
 
 from __future__ import annotations
@@ -52,8 +54,16 @@ def _open_dir(name: str | bytes, fd: int) -> int:
         return os.open(name, DIR_FLAGS, dir_fd=fd)
 
 
-def _first_subdir(fd: int) -> str | None:
-    """Unlink every non-directory of `fd`; return the name of a subdirectory, if any."""
+SUBDIR_BATCH = 4096  # subdirectory names a removal keeps for one directory at a time
+
+
+def _subdirs(fd: int) -> list[str]:
+    """Unlink every non-directory of `fd`; return up to SUBDIR_BATCH of its subdirectories.
+
+    A directory is read again only once the names it gave are all removed: reading it
+    from its start for each subdirectory (the first one found) made removing a
+    directory of N subdirectories quadratic (ext4 reads past every emptied slot:
+    80,000 took 186 s)."""
     try:
         entries = os.scandir(fd)
     except PermissionError:
@@ -61,12 +71,16 @@ def _first_subdir(fd: int) -> str | None:
             raise
         _writable(fd)
         entries = os.scandir(fd)
+    subdirs: list[str] = []
     with entries:
         for e in entries:
             if e.is_dir(follow_symlinks=False):
-                return e.name
-            _unlink(e.name, fd, False)
-    return None
+                subdirs.append(e.name)
+                if len(subdirs) >= SUBDIR_BATCH:
+                    break
+            else:
+                _unlink(e.name, fd, False)
+    return subdirs
 
 
 def rmtree_at(dirfd: int, name: str | bytes) -> None:
@@ -81,15 +95,24 @@ def rmtree_at(dirfd: int, name: str | bytes) -> None:
     fd = _open_dir(name, dirfd)
     ids = [_ident(os.fstat(fd))]
     names: list[str] = []
+    todo = [_subdirs(fd)]  # per level on the way down: the subdirectories still to remove
     try:
         while True:
-            sub = _first_subdir(fd)
-            if sub is not None:
-                nfd = _open_dir(sub, fd)
+            if todo[-1]:
+                sub = todo[-1].pop()
+                try:
+                    nfd = _open_dir(sub, fd)
+                except FileNotFoundError:
+                    continue  # gone since it was listed
                 os.close(fd)
                 fd = nfd
                 ids.append(_ident(os.fstat(fd)))
                 names.append(sub)
+                todo.append(_subdirs(fd))
+                continue
+            more = _subdirs(fd)  # past the batch, or made meanwhile
+            if more:
+                todo[-1] = more
                 continue
             if not names:
                 break
@@ -100,6 +123,7 @@ def rmtree_at(dirfd: int, name: str | bytes) -> None:
             os.close(fd)
             fd = pfd
             ids.pop()
+            todo.pop()
             _unlink(names.pop(), fd, True)
     finally:
         os.close(fd)
