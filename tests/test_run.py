@@ -951,3 +951,35 @@ def test_image_symlinks_never_lead_out(env: Env, tmp_path: Path) -> None:
     r = env.sh("cat /etc/hosts >/dev/null && ls /mnt/v", "-v", f"{vol}:/mnt/v")
     assert r.returncode == 0, r.stderr
     assert os.listdir(victim) == []
+
+
+def test_janitor_told_a_path_with_a_newline(env: Env, tmp_path: Path) -> None:
+    """An --upper whose name holds a newline and what looks like a line of the janitor's
+    protocol ("I PID") is one path to the janitor, never a pid for it to SIGKILL as root
+    once pyunion is killed; the upper is kept and the temporary tree removed as usual."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        upper = tmp_path / f"up\nI {bystander.pid}\nD {bystander.pid}\nx\xe9"
+        p = subprocess.Popen(
+            env.cmd(
+                "--upper", str(upper), command=("sh", "-c", "echo 1 > /f; echo ready; sleep 30")
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env.env,
+        )
+        try:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+            p.kill()
+            p.wait(timeout=15)
+            p.communicate(timeout=20)
+        finally:
+            p.kill()
+        env.wait_clean()
+        assert bystander.poll() is None
+        assert (upper / "f").read_text() == "1\n"
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=15)

@@ -760,9 +760,10 @@ class Runner:
     def _tell_janitor(self, kind: str, value: bytes = b"") -> None:
         """One line to the janitor (`_janitor_cleanup` reads them): "D PID" (the daemon),
         "U DIR" (--upper), "K" (keep the upper), "T DIR" (the temporary tree), "I PID"
-        (init), "DONE"."""
+        (init), "DONE". The value goes in hex: a path may hold any byte but NUL, and a
+        newline in it (--upper, TMPDIR) made lines the janitor obeyed ("I PID": SIGKILL)."""
         if self.janitor_fd is not None:
-            line = kind.encode() + (b" " + value if value else b"") + b"\n"
+            line = kind.encode() + (b" " + value.hex().encode() if value else b"") + b"\n"
             with contextlib.suppress(OSError):
                 os.write(self.janitor_fd, line)
 
@@ -1366,9 +1367,13 @@ def _janitor_cleanup(told: str) -> None:
     keep = False
     init: list[int] = []
     for line in os.fsencode(told).split(b"\n"):
-        kind, _, value = line.partition(b" ")
+        kind, _, hexed = line.partition(b" ")
         if kind == b"DONE":
             return
+        try:
+            value = bytes.fromhex(hexed.decode("ascii"))
+        except ValueError:  # not a line `Runner._tell_janitor` wrote
+            continue
         if kind in (b"I", b"D") and value.isdigit():
             if kind == b"I":
                 init.append(int(value))
