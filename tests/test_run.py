@@ -608,17 +608,17 @@ def test_pyunion_killed_while_starting(env: Env) -> None:
         env.wait_clean()
 
 
-def test_pyunion_killed_keeps_an_explicit_upper(env: Env, tmp_path: Path) -> None:
-    """SIGKILL to pyunion run with --upper: the janitor removes the temporary tree but
-    keeps the upper, with what the container wrote, and says so."""
-    upper = tmp_path / "upper"
+def _killed_when_ready(env: Env, argv: list[str], cwd: Path | None = None) -> str:
+    """Start `argv` (a pyunion run whose command prints "ready"), SIGKILL pyunion once
+    the container runs, wait until everything is cleaned up; pyunion's stderr."""
     p = subprocess.Popen(
-        env.cmd("--upper", str(upper), command=("sh", "-c", "echo 1 > /f; echo ready; sleep 30")),
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env.env,
+        cwd=cwd,
     )
     try:
         assert p.stdout is not None and p.stdout.readline() == "ready\n"
@@ -628,6 +628,17 @@ def test_pyunion_killed_keeps_an_explicit_upper(env: Env, tmp_path: Path) -> Non
     finally:
         p.kill()
     env.wait_clean()
+    return err
+
+
+def test_pyunion_killed_keeps_an_explicit_upper(env: Env, tmp_path: Path) -> None:
+    """SIGKILL to pyunion run with --upper: the janitor removes the temporary tree but
+    keeps the upper, with what the container wrote, and says so."""
+    upper = tmp_path / "upper"
+    err = _killed_when_ready(
+        env,
+        env.cmd("--upper", str(upper), command=("sh", "-c", "echo 1 > /f; echo ready; sleep 30")),
+    )
     assert (upper / "f").read_text() == "1\n"
     assert f"the writable layer is kept in {upper}" in err
 
@@ -646,23 +657,7 @@ def test_janitor_imports_nothing_from_the_working_directory(env: Env, tmp_path: 
         str(Path(sys.executable).parent / "pyunion"),
         *env.cmd(command=("sh", "-c", "echo ready; sleep 30"))[len(PYUNION) :],
     ]
-    p = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env.env,
-        cwd=cwd,
-    )
-    try:
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        p.kill()
-        p.wait(timeout=15)
-        p.communicate(timeout=20)
-    finally:
-        p.kill()
-    env.wait_clean()
+    _killed_when_ready(env, command, cwd)
     assert not marker.exists()
 
 
@@ -960,24 +955,12 @@ def test_janitor_told_a_path_with_a_newline(env: Env, tmp_path: Path) -> None:
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         upper = tmp_path / f"up\nI {bystander.pid}\nD {bystander.pid}\nx\xe9"
-        p = subprocess.Popen(
+        _killed_when_ready(
+            env,
             env.cmd(
                 "--upper", str(upper), command=("sh", "-c", "echo 1 > /f; echo ready; sleep 30")
             ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env.env,
         )
-        try:
-            assert p.stdout is not None and p.stdout.readline() == "ready\n"
-            p.kill()
-            p.wait(timeout=15)
-            p.communicate(timeout=20)
-        finally:
-            p.kill()
-        env.wait_clean()
         assert bystander.poll() is None
         assert (upper / "f").read_text() == "1\n"
     finally:
