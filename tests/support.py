@@ -488,3 +488,19 @@ def tree_view(root: str | Path, content: bool = True) -> dict[bytes, tuple[Any, 
             if kind == stat.S_IFDIR:
                 todo.append(r)
     return out
+
+
+@contextlib.contextmanager
+def as_user(uid: int, gid: int | None = None) -> Iterator[None]:
+    """Effective (and so filesystem) IDs of a user, no supplementary groups, for the
+    block of a test running as root; root's again after it."""
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(uid if gid is None else gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)

@@ -37,13 +37,19 @@ import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import oracle as o
 import pytest
-from support import force_unmount, kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
+from support import (
+    as_user,
+    force_unmount,
+    kernel_overlay,
+    kernel_overlay_skip_reason,
+    pyunion_mount,
+)
 
 pytestmark = pytest.mark.skipif(
     kernel_overlay_skip_reason() is not None, reason=kernel_overlay_skip_reason() or ""
@@ -195,20 +201,6 @@ class Probe:
             subprocess.run(["mv", "-T", str(a), str(b)], check=True, timeout=60)
             return "EXDEV, mv copied"
         return "ok"
-
-    @contextlib.contextmanager
-    def as_user(self, uid: int, gid: int | None = None) -> Iterator[None]:
-        """Effective (and so filesystem) IDs of a user, no groups, for the block."""
-        groups = os.getgroups()
-        os.setgroups([])
-        os.setegid(uid if gid is None else gid)
-        os.seteuid(uid)
-        try:
-            yield
-        finally:
-            os.seteuid(0)
-            os.setegid(0)
-            os.setgroups(groups)
 
 
 def _dtype(e: os.DirEntry[bytes]) -> str:
@@ -576,7 +568,7 @@ def truncate_lower(p: Probe) -> None:
     finally:
         os.close(fd)
     p.stat("d/f", "d/f")
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("truncate ro by user", lambda: os.truncate(r / "ro", 0))
         p.do("truncate own by user", lambda: os.truncate(r / "own", 2))
     p.stat("own", "own")
@@ -599,7 +591,7 @@ def utimensat_flags(p: Probe) -> None:
     p.do("lower dir", lambda: utimensat(r / "d/sub", "omit", T1))
     p.stat("d/sub", "d/sub")
     p.stat("d", "d")
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("now by non-owner, no write", lambda: utimensat(r / "ro", "now", "now"))
         p.do("set by non-owner", lambda: utimensat(r / "g", T1, T1))
         p.do("now by owner", lambda: utimensat(r / "own", "now", "now"))
@@ -626,7 +618,7 @@ def chmod_chown_lower_dir(p: Probe) -> None:
     p.do("lchown sym", lambda: os.chown(r / "sym", 1000, 1000, follow_symlinks=False))
     p.stat("sym", "sym")
     p.stat("f", "f")
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("chmod not owned", lambda: os.chmod(r / "m", 0o777))
         p.do("chown own to other", lambda: os.chown(r / "own", 1001, -1))
         p.do("chgrp own to non-member", lambda: os.chown(r / "own", -1, 5))
@@ -647,7 +639,7 @@ def mknod_kinds(p: Probe) -> None:
         p.do("socket bind", lambda: s.bind(os.fsdecode(r / "m/sock")))
     finally:
         s.close()
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("chr by user", lambda: os.mknod(r / "tmp/n", stat.S_IFCHR | 0o600, os.makedev(1, 3)))
         p.do("fifo by user", lambda: os.mkfifo(r / "tmp/fifo"))
     for n in ("m/fifo", "gone", "m/null", "d/loop", "t/wo", "t/reg", "m/sock", "tmp/fifo"):
@@ -700,7 +692,7 @@ def xattr_namespaces(p: Probe) -> None:
     p.do("big value", lambda: os.setxattr(r / "m/low", "user.big", b"v" * 65536))
     p.do("long name", lambda: os.setxattr(r / "m/low", "user." + "n" * 251, b"v"))
     p.do("too long name", lambda: os.setxattr(r / "m/low", "user." + "n" * 252, b"v"))
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("user sets trusted", lambda: os.setxattr(r / "own", "trusted.u", b"1"))
         p.do("user lists trusted", lambda: sorted(os.listxattr(r / "f")))
         p.do("user sets user on own", lambda: os.setxattr(r / "own", "user.u", b"1"))
@@ -741,7 +733,7 @@ def posix_acls(p: Probe) -> None:
     p.do("getfacl d/sub", lambda: _getfacl(r / "d/sub"))
     p.do("chmod updates mask", lambda: os.chmod(r / "g", 0o600))
     p.do("getfacl g after chmod", lambda: _getfacl(r / "g"))
-    with p.as_user(1001):
+    with as_user(1001):
         p.do("1001 writes g (mask ---)", lambda: os.close(os.open(r / "g", os.O_WRONLY)))
         p.do(
             "1001 creates in m", lambda: os.close(os.open(r / "m/by1001", os.O_CREAT | os.O_WRONLY))
@@ -1062,14 +1054,14 @@ def access_as_user(p: Probe) -> None:
         ("sym", os.R_OK),
     ]
     for uid in (1000, 1234, 0):
-        with p.as_user(uid, 1234 if uid == 1234 else None):
+        with as_user(uid, 1234 if uid == 1234 else None):
             for n, mode in checks:
                 p.do(
                     f"{uid} faccessat EACCESS {n} {mode}",
                     lambda n=n, m=mode: faccessat(r / n, m, AT_EACCESS),
                 )
     # access() checks the real IDs (root here), faccessat(AT_EACCESS) the effective ones.
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("access real root ro W", lambda: faccessat(r / "ro", os.W_OK, 0))
         p.do("access real root f X", lambda: faccessat(r / "f", os.X_OK, 0))
     subprocess_checks = subprocess.run(
@@ -1096,14 +1088,14 @@ def access_as_user(p: Probe) -> None:
 @scenario
 def sticky_directory(p: Probe) -> None:
     r = p.r
-    with p.as_user(1001):
+    with as_user(1001):
         p.do("unlink other's", lambda: os.unlink(r / "tmp/u1000"))
         p.do("rename other's away", lambda: os.rename(r / "tmp/u1000", r / "tmp/mine"))
         p.do("rename own onto other's", lambda: os.rename(r / "tmp/u1001", r / "tmp/u1000"))
         p.do("unlink root's", lambda: os.unlink(r / "tmp/root"))
         p.do("create new", lambda: (r / "tmp/new1001").write_bytes(b"n"))
         p.do("unlink own", lambda: os.unlink(r / "tmp/u1001"))
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("1000 unlinks 1001's new", lambda: os.unlink(r / "tmp/new1001"))
         p.do("1000 unlinks own", lambda: os.unlink(r / "tmp/u1000"))
     p.names("tmp names", "tmp")
@@ -1129,9 +1121,9 @@ def open_flags(p: Probe) -> None:
         lambda: os.close(os.open(r / "t/direct", os.O_CREAT | os.O_RDWR | os.O_DIRECT)),
     )
     p.do("O_NOATIME owner(root)", lambda: os.close(os.open(r / "g", os.O_RDONLY | os.O_NOATIME)))
-    with p.as_user(1001):
+    with as_user(1001):
         p.do("O_NOATIME non-owner", lambda: os.close(os.open(r / "g", os.O_RDONLY | os.O_NOATIME)))
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("O_NOATIME owner", lambda: os.close(os.open(r / "own", os.O_RDONLY | os.O_NOATIME)))
     p.do("O_DIRECTORY on file", lambda: os.open(r / "f", os.O_RDONLY | os.O_DIRECTORY))
     p.do("O_NOFOLLOW on symlink", lambda: os.open(r / "sym", os.O_RDONLY | os.O_NOFOLLOW))
@@ -1485,7 +1477,7 @@ def rename_edge_cases(p: Probe) -> None:
     p.do("source whited out", lambda: os.rename(r / "gone2", r / "x"))
     p.do("lower onto its own hard link name", lambda: os.rename(r / "m/low", r / "m/high"))
     p.do("rename .", lambda: os.rename(os.fsdecode(r) + "/t/.", r / "t2"))
-    with p.as_user(1000):
+    with as_user(1000):
         p.do("user renames in a root dir", lambda: os.rename(r / "m/high", r / "m/h2"))
         p.do("user renames own out of sticky", lambda: os.rename(r / "tmp/u1000", r / "tmp/x"))
     for n in ("d/sub/g", "gone", "m/high", "tmp/x"):
@@ -1501,7 +1493,7 @@ def setgid_directories(p: Probe) -> None:
     r = p.r
     p.do("root creates", lambda: (r / "sgid/byroot").write_bytes(b""))
     p.do("root mkdir", lambda: os.mkdir(r / "sgid/dirroot", 0o755))
-    with p.as_user(1000):
+    with as_user(1000):
         p.do(
             "user creates",
             lambda: os.close(os.open(r / "sgid/byuser", os.O_CREAT | os.O_WRONLY, 0o2775)),
@@ -1690,7 +1682,7 @@ def file_handles(p: Probe) -> None:
 def refused_changes_copy_nothing_up(p: Probe) -> None:
     """A change the kernel refuses (permissions) leaves the upper as it was."""
     r = p.r
-    with p.as_user(1001):
+    with as_user(1001):
         p.do("create in a root dir", lambda: (r / "m/x").write_bytes(b""))
         p.do("chmod not own", lambda: os.chmod(r / "f", 0o777))
         p.do("chown not own", lambda: os.chown(r / "f", 1001, 1001))
@@ -1819,7 +1811,7 @@ def acl_mode_and_setgid(p: Probe) -> None:
     r = p.r
     os.chown(r / "own", 1000, 1234)
     os.chmod(r / "own", 0o2775)
-    with p.as_user(1000):
+    with as_user(1000):
         p.do(
             "setfacl by owner, not in group",
             lambda: _facl("-m", "u::rwx,g::r-x,o::---", str(r / "own")),

@@ -32,7 +32,7 @@ import oracle as o
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support import kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
+from support import as_user, kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
 
 pytestmark = pytest.mark.skipif(
     kernel_overlay_skip_reason() is not None, reason=kernel_overlay_skip_reason() or ""
@@ -273,16 +273,8 @@ def _as_user(uid: int) -> Iterator[None]:
     if uid == 0:
         yield
         return
-    groups = os.getgroups()
-    os.setgroups([])
-    os.setegid(uid)
-    os.seteuid(uid)
-    try:
+    with as_user(uid):
         yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-        os.setgroups(groups)
 
 
 @contextlib.contextmanager
