@@ -221,6 +221,15 @@ def _times(root: Path) -> None:
     os.utime(root, ns=(T0, T0))
 
 
+def own_base_layers(td: Path, impl: str) -> list[Path]:
+    """`base_layers` in two fresh directories of `impl`'s own under `td`, top first."""
+    lowers = [td / f"{impl}-L0", td / f"{impl}-L1"]
+    for lo in lowers:
+        lo.mkdir()
+    base_layers(*lowers)
+    return lowers
+
+
 def base_layers(top: Path, bottom: Path) -> None:
     """The common stack. bottom: files, a directory with xattrs, a symlink, a sparse file,
     a sticky directory; top: a merged directory, a whiteout, a directory of its own."""
@@ -353,10 +362,7 @@ def run_scenario(name: str) -> None:
             # the atime of a lower file.
             runs = []
             for impl in ("kernel", "pyunion"):
-                lowers = [td / f"{impl}-L0", td / f"{impl}-L1"]
-                for lo in lowers:
-                    lo.mkdir()
-                base_layers(*lowers)
+                lowers = own_base_layers(td, impl)
                 runs.append(_run_on(impl, lowers, td, fn))
             (kp, kview, kupper), (pp, pview, pupper) = runs
         finally:
@@ -2219,10 +2225,7 @@ def test_read_only_mount_matches_kernel() -> None:
         try:
             logs = []
             for impl in ("kernel", "pyunion"):
-                lowers = [td / f"{impl}-L0", td / f"{impl}-L1"]
-                for lo in lowers:
-                    lo.mkdir()
-                base_layers(*lowers)
+                lowers = own_base_layers(td, impl)
                 mount = kernel_overlay if impl == "kernel" else pyunion_mount
                 with mount(lowers, td / f"{impl}-m") as m:
                     p = Probe(m)
