@@ -353,9 +353,7 @@ def _in_child(work: Callable[[], T]) -> T:
                 os._exit(0)
     os.close(w)
     try:
-        data = b""
-        while chunk := os.read(r, 1 << 20):
-            data += chunk
+        data = syscalls.read_to_eof(r)
     finally:
         os.close(r)
         os.waitpid(pid, 0)
@@ -1351,10 +1349,7 @@ def _janitor(rfd: int) -> NoReturn:
             os.execv(
                 "/bin/sh", ["sh", "-c", _JANITOR_SH, sys.executable, _JANITOR_PY, package_parent]
             )
-        data = b""
-        while chunk := os.read(0, 4096):
-            data += chunk
-        _janitor_cleanup(os.fsdecode(data))
+        _janitor_cleanup(os.fsdecode(syscalls.read_to_eof(0)))
     except BaseException:  # noqa: BLE001 - a forked child must never return into pyunion
         code = 1
     os._exit(code)

@@ -188,6 +188,14 @@ def fdpath(dirfd: int, name: bytes = b"") -> bytes:
     return b"/proc/self/fd/%d" % dirfd
 
 
+def read_to_eof(fd: int, chunk: int = 65536) -> bytes:
+    """Everything `fd` (a pipe, usually a child's report) gives until EOF."""
+    parts = []
+    while part := os.read(fd, chunk):
+        parts.append(part)
+    return b"".join(parts)
+
+
 def fd_str(fd: int) -> str:
     """`fdpath` of a lone fd, as a str (for mount(2) targets and `os.open`)."""
     return f"/proc/self/fd/{fd}"

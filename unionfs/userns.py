@@ -238,9 +238,7 @@ def _helper(pid: int, m: Mapping, tools: list[str], go: int, report: int) -> Non
                 os.close(w)
                 running.append((tool, child, r))
             for tool, child, r in running:
-                err = b""
-                while chunk := os.read(r, 4096):
-                    err += chunk
+                err = syscalls.read_to_eof(r)
                 os.close(r)
                 _, status = os.waitpid(child, 0)
                 if status != 0 and not msg:
@@ -329,9 +327,7 @@ def enter(m: Mapping) -> None:
         os.write(go_w, b"U")
         os.close(go_w)
         go_w = -1
-        msg = b""
-        while chunk := os.read(rep_r, 4096):
-            msg += chunk
+        msg = syscalls.read_to_eof(rep_r)
     finally:
         if go_w >= 0:
             os.close(go_w)
