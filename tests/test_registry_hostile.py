@@ -107,6 +107,30 @@ def hostile() -> Iterator[_Hostile]:
         srv.server_close()
 
 
+def _cli(
+    *args: str, store: Path, retry: str = "1", timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """pyunion ARGS against a test registry: plain HTTP, `retry` retries 0.05 s apart."""
+    return pyunion(
+        *args,
+        "--tls-verify=false",
+        "--retry",
+        retry,
+        "--retry-delay",
+        "0.05",
+        "--store",
+        str(store),
+        check=False,
+        timeout=timeout,
+    )
+
+
+def _one_line(r: subprocess.CompletedProcess[str], said: str) -> None:
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0], r.stderr
+
+
 @pytest.mark.parametrize(
     ("mode", "said"),
     [
@@ -123,20 +147,9 @@ def test_an_endless_answer_is_cut_short(
     stops reading after the bound and says so in one line; nothing is stored."""
     hostile.mode = mode
     host = f"127.0.0.1:{hostile.server_address[1]}"
-    r = pyunion(
-        "pull",
-        "--tls-verify=false",
-        "--retry",
-        "0",
-        "--store",
-        str(tmp_path / "s"),
-        f"{host}/evil:1",
-        check=False,
-        timeout=60,
-    )
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "larger than" in lines[0] and said in lines[0], r.stderr
+    r = _cli("pull", f"{host}/evil:1", store=tmp_path / "s", retry="0")
+    _one_line(r, said)
+    assert "larger than" in r.stderr, r.stderr
     assert hostile.sent < 64 << 20, f"read {hostile.sent >> 20} MiB of an endless answer"
 
 
@@ -145,21 +158,8 @@ def test_a_retry_after_that_is_no_number_is_one_line(hostile: _Hostile, tmp_path
     ValueError traceback; it is no number of seconds, so the usual delay is waited."""
     hostile.mode = "retry-after"
     host = f"127.0.0.1:{hostile.server_address[1]}"
-    r = pyunion(
-        "pull",
-        "--tls-verify=false",
-        "--retry",
-        "1",
-        "--retry-delay",
-        "0.05",
-        "--store",
-        str(tmp_path / "s"),
-        f"{host}/evil:1",
-        check=False,
-        timeout=60,
-    )
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "503" in r.stderr, r.stderr
+    r = _cli("pull", f"{host}/evil:1", store=tmp_path / "s")
+    _one_line(r, "503")
 
 
 # --- a registry that answers with hostile URLs, documents and locations ------------------------
@@ -275,27 +275,6 @@ def _serve_image(srv: _Static, layers: list[bytes], diff_ids: list[str]) -> None
             "layers": [{"mediaType": LAYER_TAR, "digest": sha(b), "size": len(b)} for b in layers],
         }
     ).encode()
-
-
-def _cli(*args: str, store: Path) -> subprocess.CompletedProcess[str]:
-    return pyunion(
-        *args,
-        "--tls-verify=false",
-        "--retry",
-        "1",
-        "--retry-delay",
-        "0.05",
-        "--store",
-        str(store),
-        check=False,
-        timeout=60,
-    )
-
-
-def _one_line(r: subprocess.CompletedProcess[str], said: str) -> None:
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and said in lines[0], r.stderr
 
 
 def test_a_redirect_loop_is_one_line(static: Any, tmp_path: Path) -> None:
@@ -498,17 +477,7 @@ def test_a_gzip_token_answer_is_read(encoded: _Encoded, tmp_path: Path) -> None:
     gives its token: the pull goes on to the manifest."""
     encoded.mode, encoded.encoding = "token", "gzip"
     encoded.body = gzip.compress(b'{"token": "t"}')
-    r = pyunion(
-        "pull",
-        "--tls-verify=false",
-        "--retry",
-        "0",
-        "--store",
-        str(tmp_path / "s"),
-        f"127.0.0.1:{encoded.server_address[1]}/x:1",
-        check=False,
-        timeout=60,
-    )
+    r = _cli("pull", f"127.0.0.1:{encoded.server_address[1]}/x:1", store=tmp_path / "s", retry="0")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert "token" not in r.stderr and "manifest" in r.stderr, r.stderr
 
@@ -626,21 +595,8 @@ def test_a_registry_that_drips_is_not_waited_for_without_end(
     drip.mode = mode
     store = tmp_path / "s"
     t0 = time.monotonic()
-    r = pyunion(
-        "pull",
-        "--tls-verify=false",
-        "--retry",
-        "1",
-        "--retry-delay",
-        "0.05",
-        "--timeout",
-        "2",
-        "--store",
-        str(store),
-        f"127.0.0.1:{drip.server_address[1]}/x:latest",
-        check=False,
-        timeout=120,
-    )
+    ref = f"127.0.0.1:{drip.server_address[1]}/x:latest"
+    r = _cli("pull", "--timeout", "2", ref, store=store, timeout=120)
     took = time.monotonic() - t0
     _one_line(r, said)
     assert took < 30, f"{took:.0f} s"
