@@ -16,12 +16,10 @@ import fcntl
 import gc
 import os
 import pickle
-import select
 import signal
 import socket
 import stat
 import sys
-import time
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -30,6 +28,11 @@ from .errors import UserError
 from .layers import LayerStack
 from .options import MountConfig
 from .prefork import Prefork, forkserver_wanted
+from .procfs import is_mountpoint as is_mountpoint  # re-exported: the light helpers moved
+from .procfs import mounts as mounts
+from .procfs import process_alive as process_alive
+from .procfs import unescape_mountinfo
+from .procfs import wait_gone as wait_gone
 from .sha256 import sha256_hex
 from .syscalls import (
     MNT_DETACH,
@@ -42,41 +45,6 @@ from .syscalls import (
 )
 from .tree import DIR_FLAGS, UntrustedSymlink, open_own_file, open_trusted, replace_file, rmtree_at
 from .userns import host_uid, in_user_namespace
-
-
-# -- mount table ---------------------------------------------------------------
-def _unescape_mountinfo(s: str) -> str:
-    return (
-        s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-    )
-
-
-def mounts() -> list[tuple[str, str, str]]:
-    """(mount point, fs type, super options) of every mount in this namespace."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                rfields = right.split()
-                if len(fields) >= 5 and len(rfields) >= 3:
-                    out.append(
-                        (
-                            _unescape_mountinfo(fields[4]),
-                            rfields[0],
-                            _unescape_mountinfo(rfields[2]),
-                        )
-                    )
-    except OSError:
-        pass
-    return out
-
-
-def is_mountpoint(path: str) -> bool:
-    real = os.path.realpath(path)
-    return any(mp == real for mp, _, _ in mounts())
-
 
 # -- state files -----------------------------------------------------------------------
 # The daemon of each mount records its pid in STATE_DIR/HASH.pid so that `umount`
@@ -257,55 +225,6 @@ def daemon_pid(mountpoint: str, state: str | None = None) -> int | None:
     return pid if pid is not None and process_alive(pid) else None
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a thread of process `pid` still runs.
-
-    A zombie or a dead process is not alive; but a zombie thread-group leader
-    whose other threads still run is: they still hold its open files.
-    """
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    return True
-        except (OSError, IndexError):
-            continue
-    return False
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait until every thread of `pid` is gone; False if one still runs after `timeout` s.
-
-    Woken by a pidfd, which the kernel signals when the whole thread group has
-    exited (its files closed), so a caller can unmount what it held right away.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:  # gone already (ESRCH), or no pidfds (ENOSYS): poll /proc
-        pidfd = -1
-    try:
-        poll = select.poll()
-        if pidfd >= 0:
-            poll.register(pidfd, select.POLLIN)
-        while process_alive(pid):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if pidfd >= 0:
-                poll.poll(max(1, int(min(left, 1.0) * 1000)))
-            else:
-                time.sleep(min(left, 0.02))
-        return True
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
-
-
 # -- validation ------------------------------------------------------------------
 def _inside(path: str, top: str) -> bool:
     return path.startswith(top.rstrip("/") + "/")
@@ -321,8 +240,8 @@ def _mount_roots() -> dict[int, tuple[str, str, str]]:
                 if len(fields) >= 5 and fields[0].isdigit():
                     out[int(fields[0])] = (
                         fields[2],
-                        _unescape_mountinfo(fields[3]),
-                        _unescape_mountinfo(fields[4]),
+                        unescape_mountinfo(fields[3]),
+                        unescape_mountinfo(fields[4]),
                     )
     except OSError:
         pass
@@ -1207,7 +1126,7 @@ def _is_pyunion_root(fd: int) -> bool:
                 return (
                     rfields[0] == "fuse.pyunion"
                     and fields[3] == "/"
-                    and os.readlink(fd_str(fd)) == _unescape_mountinfo(fields[4])
+                    and os.readlink(fd_str(fd)) == unescape_mountinfo(fields[4])
                 )
     return False
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import userns
 from ..digits import number
@@ -50,7 +50,7 @@ from ..image.platforms import host as host_platform
 from ..image.store import Store, normalize_tag, short_id
 from ..sandbox import DEFAULT_PATH, wait_exit_code
 from ..syscalls import fd_str
-from ..tree import NotRegularFile, Resolve, read_regular
+from ..tree import NotRegularFile, read_regular
 from .cache import BuildCache, step_key
 from .copier import (
     CopyError,
@@ -68,6 +68,9 @@ from .layer import NewLayer, commit_upper, config_digest, is_empty, prune_upper,
 from .lexer import Lexer
 from .parse import Dockerfile, DockerfileError, Instruction, Stage, parse, parse_commands
 from .sources import Source, SourceTree
+
+if TYPE_CHECKING:
+    from ..tree import Resolve
 
 MAX_DOCKERFILE = 16 << 20
 LAYER_STEPS = ("RUN", "COPY", "ADD")

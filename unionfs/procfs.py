@@ -1,0 +1,95 @@
+"""What /proc says about mounts and processes, with the lightest of imports.
+
+The supervisor of a running container (`supervise.py`) imports this in a fresh
+interpreter that lives as long as the container: no module here may pull in
+more than `os`, `select` and `time` (`mount.py` re-exports these names).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+
+# -- mount table ---------------------------------------------------------------
+def unescape_mountinfo(s: str) -> str:
+    return (
+        s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    )
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, super options) of every mount in this namespace."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                rfields = right.split()
+                if len(fields) >= 5 and len(rfields) >= 3:
+                    out.append(
+                        (
+                            unescape_mountinfo(fields[4]),
+                            rfields[0],
+                            unescape_mountinfo(rfields[2]),
+                        )
+                    )
+    except OSError:
+        pass
+    return out
+
+
+def is_mountpoint(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(mp == real for mp, _, _ in mounts())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a thread of process `pid` still runs.
+
+    A zombie or a dead process is not alive; but a zombie thread-group leader
+    whose other threads still run is: they still hold its open files.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until every thread of `pid` is gone; False if one still runs after `timeout` s.
+
+    Woken by a pidfd, which the kernel signals when the whole thread group has
+    exited (its files closed), so a caller can unmount what it held right away.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone already (ESRCH), or no pidfds (ENOSYS): poll /proc
+        pidfd = -1
+    try:
+        poll = select.poll()
+        if pidfd >= 0:
+            poll.register(pidfd, select.POLLIN)
+        while process_alive(pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd >= 0:
+                poll.poll(max(1, int(min(left, 1.0) * 1000)))
+            else:
+                time.sleep(min(left, 0.02))
+        return True
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
