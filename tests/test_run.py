@@ -3,8 +3,8 @@
 Every test checks afterwards that nothing is left behind: no mount under the
 test's temp dir (pyunion's TMPDIR points there), no temporary upper, and no
 process still carrying the test's unique layer path on its command line (the
-daemon and init are forks of pyunion and keep its argv; the janitor, a shell,
-holds pyunion's stderr until it is done).
+daemon and init are forks of pyunion and keep its argv, the supervisor names it;
+the janitor, a shell, holds pyunion's stderr until it is done).
 """
 
 from __future__ import annotations
@@ -685,6 +685,57 @@ def test_janitor_is_small(env: Env) -> None:
     finally:
         p.terminate()
         p.communicate(timeout=20)
+    env.wait_clean()
+
+
+def test_supervisor_is_a_lean_interpreter(env: Env, tmp_path: Path) -> None:
+    """Once the container runs, `pyunion run` re-executes itself into a fresh `python -I
+    -S` that imports only the supervisor (`supervise.py`): ~3 MiB of its own, where the
+    run process held ~9 MiB (every module of its set-up) for the container's whole life.
+    Same pid (init and the janitor stay its children), in / and importing nothing from
+    the caller's directory, no fd beyond supervision's (not the state's memfd); the
+    signals and the exit code are the command's as before."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "planted-ran"
+    for mod in ("select", "stat", "errno", "fcntl", "termios", "unionfs"):
+        (cwd / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    script = "trap 'echo term; exit 7' TERM; echo ready; while :; do sleep 0.1; done"
+    p = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "pyunion"),
+            *env.cmd(command=("sh", "-c", script))[len(PYUNION) :],
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env.env,
+        cwd=cwd,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        # The exec, then its comm back to "pyunion" once it has taken the state.
+        deadline = time.monotonic() + 10
+        while b"unionfs.supervise" not in Path(f"/proc/{p.pid}/cmdline").read_bytes() or (
+            Path(f"/proc/{p.pid}/comm").read_text() != "pyunion\n"
+        ):
+            assert time.monotonic() < deadline, "the run process never became the supervisor"
+            time.sleep(0.02)
+        maps = Path(f"/proc/{p.pid}/maps").read_text()
+        assert "_ctypes" not in maps and "libffi" not in maps  # syscalls.py: not imported
+        assert _private_kib(p.pid) < 4096
+        assert os.readlink(f"/proc/{p.pid}/cwd") == "/"
+        fds = [os.readlink(f"/proc/{p.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{p.pid}/fd")]
+        assert not [fd for fd in fds if fd.startswith("/memfd:")], fds
+        assert _child_of_cmd(p.pid)  # init is still its child
+        p.send_signal(signal.SIGTERM)  # forwarded to the command, which traps it
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+        p.wait(timeout=20)
+    assert (p.returncode, out, err) == (7, "term\n", "")
+    assert not marker.exists()
     env.wait_clean()
 
 

@@ -208,8 +208,13 @@ def _setup_logging(debug: bool) -> None:
     when_imported("logging", setup)
 
 
-def run_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
+def run_cli(
+    argv: Sequence[str] | None, parser: argparse.ArgumentParser, program: bool = False
+) -> int:
+    """Parse and run one command; `program`: this process is pyunion itself (not `main([...])`
+    called in a process that goes on), which `run` may re-execute (`run.SUPERVISOR_AFTER`)."""
     args = parser.parse_args(argv)
+    args.program = program
     _setup_logging(getattr(args, "debug", False))
     handler: Handler = args.handler
     try:
@@ -299,9 +304,9 @@ def _main(argv: Sequence[str] | None, program: bool = False) -> int:
         # `mount` and `run` are on the start-up path of every container: a command builds
         # the parser of its own module only; help and mistakes get every command.
         if first in _CORE_COMMANDS:
-            return run_cli(args, build_parser(extra=False))
+            return run_cli(args, build_parser(extra=False), program)
         owner = [mod for mod, names in SUBCOMMANDS.items() if first in names]
-        return run_cli(args, build_parser(modules=owner or None))
+        return run_cli(args, build_parser(modules=owner or None), program)
     finally:
         if early:
             prefork.cancel_early()

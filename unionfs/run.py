@@ -18,7 +18,10 @@ The parent side (this module) owns everything that must be undone:
    directory) as a detached mount (`unionfs.mount.mount_detached`, allow_other
    so `-u USER` can read the tree: in no mount namespace, never in the host's
    mount table), then tell init to go on, handing it the mount, which it
-   attaches in its own namespace; forward signals to it, relay a pty for `-t`;
+   attaches in its own namespace; forward signals to it, relay a pty for `-t`
+   (`supervise.Supervisor`: once the container has run a moment, the `pyunion
+   run` program re-executes itself into a lean interpreter that does only this
+   and the teardown);
 5. teardown, always: kill what is left of the container (the mount goes with its
    namespace; one init never got is closed), wait for the daemon (stop it if it
    lingers: only its pid), remove the temporary upper
@@ -32,11 +35,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import gc
 import os
-import select
 import signal
 import socket
 import stat
@@ -50,11 +50,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from . import syscalls, tree, userns
+from . import syscalls, userns
 from .errors import UserError
-from .mount import is_mountpoint, mount_detached, wait_gone
+from .mount import mount_detached
 from .options import MountConfig
 from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
+from .supervise import FORWARDED, HANDLED, Supervisor, janitor_cleanup
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -65,6 +66,9 @@ if TYPE_CHECKING:
 
 TOOL_ERROR = 125
 T = TypeVar("T")
+# How long the container runs before the run process becomes a lean supervisor
+# (`Supervisor.exec_self`).
+SUPERVISOR_AFTER = 0.2
 
 
 def _fail(msg: str) -> UserError:
@@ -97,6 +101,9 @@ class RunOptions:
     security_opt: list[str] = field(default_factory=list)
     preserve_fds: int = 0
     quiet: bool = False  # no notice that the writable layer is kept (programmatic callers)
+    # Become a lean supervisor once the container runs (`Supervisor.exec_self`): the
+    # `pyunion run` program only, never a caller's process, which must go on.
+    lean_supervisor: bool = False
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -258,7 +265,9 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return run(parse_run_args(args))
+    opts = parse_run_args(args)
+    opts.lean_supervisor = getattr(args, "program", False)
+    return run(opts)
 
 
 # -- what to run: layers, image config, environment ------------------------------------------
@@ -490,99 +499,35 @@ class _Interrupted(Exception):
 
 
 class Runner:
-    """One `pyunion run`: the state teardown needs, wherever it is interrupted."""
+    """One `pyunion run`: its set-up, and the state teardown needs, wherever it is
+    interrupted. What must be undone, and the running container, are its `Supervisor`'s
+    (`supervise.py`), which goes on in a lean interpreter of its own once the container
+    runs (`_start_and_wait`)."""
 
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
-        self.tmp: str | None = None
-        self.upper: str | None = None
-        self.merged: str | None = None
-        self.daemon: int | None = None
-        self.init: int | None = None  # pid 1 once it goes on (signals are forwarded to it)
+        self.sup = Supervisor()
+        self.sup.keep = self.kept()
+        self.sup.quiet = opts.quiet
+        self.sup.interactive = opts.interactive
         self.starting: int | None = None  # pid 1 waiting for "go"
         self.go_fd = -1
-        # After "go", the same socket: init's "E" asks pyunion to hold signals until
-        # catatonit has blocked them (`sandbox._take_signals`); EOF: init exec'd it.
-        self.go: socket.socket | None = None
-        self.holding = False
-        self.held: list[int] = []
-        self.stopping = False  # told to stop (SIGINT, SIGTERM, SIGHUP): blocked output may go
-        # stdio that is not a pipe reaches the container through pipes of ours (`_relayed_stdio`)
-        self.out_pipes: dict[int, int] = {}  # our read end -> our fd 1 or 2
-        self.stdin_pipe: int | None = None  # our write end, for fd 0 (-i)
         self.child_stdio: list[tuple[int, int]] = []  # (fd, the container's end) until forked
         self.mount_fd = -1  # the detached mount, until init has it
         self.tty_sock: socket.socket | None = None
         self.prefork: Prefork | None = None
-        self.janitor_fd: int | None = None
-        self.janitor: int | None = None
-        self.pending: list[int] = []
-        self.forwarded: dict[int, int] = {}
-        self.master: int | None = None
-        self.saved_tty: list[Any] | None = None
-        self.wake_r = self.wake_w = -1
-        self.report_fd = -1
+        self.pending: list[int] = []  # signals before pid 1 went on
         self.old_handlers: dict[int, Any] = {}
-        self.layers: list[str] = []
 
     # signals ---------------------------------------------------------------------------
     def _on_signal(self, signo: int, frame: FrameType | None) -> None:
-        if signo == signal.SIGCHLD:
-            return  # only wakes the loop (set_wakeup_fd)
-        if signo == signal.SIGWINCH:
-            self._copy_winsize()
-            return
-        if self.init is None:
+        if self.sup.init is None and signo not in (signal.SIGCHLD, signal.SIGWINCH):
             self.pending.append(signo)
             return
-        n = self.forwarded.get(signo, 0) + 1
-        self.forwarded[signo] = n
-        if signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self.stopping = True
-        if n > 1 and signo in (signal.SIGINT, signal.SIGTERM):
-            sig: int = signal.SIGKILL  # asked twice: stop waiting for the command
-        else:
-            sig = signo
-        if self.holding and sig != signal.SIGKILL:
-            self.held.append(sig)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.init, sig)
-
-    def _hand_over(self) -> float:
-        """Follow init's exec of catatonit; the select timeout while signals are held."""
-        if self.go is not None:
-            try:
-                data = self.go.recv(1)
-            except BlockingIOError:
-                return 1.0
-            except OSError:
-                data = b""
-            if data == b"E":
-                self.holding = True
-                with contextlib.suppress(OSError):
-                    self.go.send(b"K")
-                return 1.0
-            self.go.close()  # EOF: exec'd (or init is gone)
-            self.go = None
-        if not self.holding:
-            return 1.0
-        from .sandbox import FORWARDED
-
-        assert self.init is not None
-        if not _blocks(self.init, FORWARDED):
-            return 0.001  # catatonit is starting: a few hundred microseconds
-        self.holding = False
-        held, self.held = self.held, []
-        for sig in held:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.init, sig)
-        return 1.0
+        self.sup.on_signal(signo)
 
     def _install_handlers(self) -> None:
-        from . import sandbox
-
-        for sig in (*sandbox.FORWARDED, signal.SIGCHLD, signal.SIGWINCH):
+        for sig in HANDLED:
             self.old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _restore_handlers(self) -> None:
@@ -643,7 +588,7 @@ class Runner:
             if forkserver.enabled():
                 return
         self.prefork = take_early() or Prefork()  # forked by the program first thing, if it could
-        self.daemon = self.prefork.pid
+        self.sup.daemon = self.prefork.pid
 
     def _prepare_and_run(self, confinement: confine.Confinement | None) -> int:
         from . import sandbox
@@ -680,13 +625,13 @@ class Runner:
 
     def _run(self, layers: list[str], spec: sandbox.ContainerSpec) -> int:
         opts = self.opts
-        self.layers = layers
+        self.sup.layers = layers
         # The janitor first: whatever is made from here on, it removes if pyunion is killed.
         self._start_janitor()
-        self.tmp = self._make_tmp()
-        os.chmod(self.tmp, 0o700)
-        self.merged = os.path.join(self.tmp, "merged")
-        os.mkdir(self.merged)
+        self.sup.tmp = self._make_tmp()
+        os.chmod(self.sup.tmp, 0o700)
+        self.sup.merged = os.path.join(self.sup.tmp, "merged")
+        os.mkdir(self.sup.merged)
         work = None
         if opts.upper:
             try:
@@ -695,14 +640,14 @@ class Runner:
                 raise _fail(
                     f"cannot create the upper directory {opts.upper!r}: {e.strerror}"
                 ) from None
-            self.upper = os.path.abspath(opts.upper)
+            self.sup.upper = os.path.abspath(opts.upper)
         else:  # with --read-only too: it holds the mount points the image lacks
-            self.upper = os.path.join(self.tmp, "upper")
-            work = os.path.join(self.tmp, "work")
-            os.mkdir(self.upper, 0o755)
+            self.sup.upper = os.path.join(self.sup.tmp, "upper")
+            work = os.path.join(self.sup.tmp, "work")
+            os.mkdir(self.sup.upper, 0o755)
             os.mkdir(work, 0o700)
-        spec.root = self.merged
-        spec.etc_files = _host_etc_copies(os.path.join(self.tmp, "etc"), opts.hostname)
+        spec.root = self.sup.merged
+        spec.etc_files = _host_etc_copies(os.path.join(self.sup.tmp, "etc"), opts.hostname)
         # init prepares (its seccomp filter, catatonit) while the daemon mounts; it enters
         # the tree on "go".
         self._fork_init(spec)
@@ -710,16 +655,16 @@ class Runner:
         # no cgroup here, a node shipped in the image (a host disk) must simply not open.
         cfg = MountConfig(
             lowers=layers,
-            mountpoint=self.merged,
-            upper=self.upper,
+            mountpoint=self.sup.merged,
+            upper=self.sup.upper,
             work=work,
             fuse_options={"allow_other", "suid", "nodev"},
         )
         try:
-            self.daemon, self.mount_fd = mount_detached(cfg, self.prefork)
+            self.sup.daemon, self.mount_fd = mount_detached(cfg, self.prefork)
         except UserError as e:
             # Reaped by mount once handed over; if not, teardown stops it (cancel).
-            self.daemon = None
+            self.sup.daemon = None
             raise _fail(str(e)) from e
         self.prefork = None
         self._check_pending()
@@ -733,14 +678,14 @@ class Runner:
                 os.close(w)
                 _janitor(r)
         os.close(r)
-        self.janitor, self.janitor_fd = pid, w
+        self.sup.janitor, self.sup.janitor_fd = pid, w
         # What it needs besides the names told later (`_tell_janitor`).
-        if self.daemon is not None:
-            self._tell_janitor("D", str(self.daemon).encode())
+        if self.sup.daemon is not None:
+            self.sup.tell_janitor("D", str(self.sup.daemon).encode())
         if self.opts.upper:
-            self._tell_janitor("U", os.fsencode(os.path.abspath(self.opts.upper)))
+            self.sup.tell_janitor("U", os.fsencode(os.path.abspath(self.opts.upper)))
         if self.kept():
-            self._tell_janitor("K")
+            self.sup.tell_janitor("K")
 
     def _make_tmp(self) -> str:
         """mkdtemp, but the janitor is told the name before the directory exists: a SIGKILL
@@ -748,22 +693,12 @@ class Runner:
         base = tempfile.gettempdir()
         while True:
             path = os.path.join(base, "pyunion-run-" + os.urandom(6).hex())
-            self._tell_janitor("T", os.fsencode(path))
+            self.sup.tell_janitor("T", os.fsencode(path))
             try:
                 os.mkdir(path, 0o700)
             except FileExistsError:
                 continue  # not ours: the janitor is told the next name (the last one wins)
             return os.path.abspath(path)
-
-    def _tell_janitor(self, kind: str, value: bytes = b"") -> None:
-        """One line to the janitor (`_janitor_cleanup` reads them): "D PID" (the daemon),
-        "U DIR" (--upper), "K" (keep the upper), "T DIR" (the temporary tree), "I PID"
-        (init), "DONE". The value goes in hex: a path may hold any byte but NUL, and a
-        newline in it (--upper, TMPDIR) made lines the janitor obeyed ("I PID": SIGKILL)."""
-        if self.janitor_fd is not None:
-            line = kind.encode() + (b" " + value.hex().encode() if value else b"") + b"\n"
-            with contextlib.suppress(OSError):
-                os.write(self.janitor_fd, line)
 
     def _fork_init(self, spec: sandbox.ContainerSpec) -> None:
         """Fork pid 1 of a new pid namespace (this process stays in its own); it waits
@@ -771,15 +706,15 @@ class Runner:
         child_sock = None
         if self.opts.tty:
             self.tty_sock, child_sock = socket.socketpair()
-        self.report_fd, spec.report_fd = os.pipe()
+        self.sup.report_fd, spec.report_fd = os.pipe()
         theirs, ours = socket.socketpair()  # "G" and the mount's fd (SCM_RIGHTS)
         spec.go_fd, self.go_fd = theirs.detach(), ours.detach()
         for fd, child_end, our_end in _relayed_stdio(self.opts.interactive and not self.opts.tty):
             self.child_stdio.append((fd, child_end))
             if fd == 0:
-                self.stdin_pipe = our_end
+                self.sup.stdin_pipe = our_end
             elif our_end is not None:
-                self.out_pipes[our_end] = fd
+                self.sup.out_pipes[our_end] = fd
         try:
             self.starting = self._fork_pid1(spec, child_sock)
         finally:
@@ -790,7 +725,7 @@ class Runner:
             for child_end in {end for _, end in self.child_stdio}:
                 os.close(child_end)
             self.child_stdio = []
-        self._tell_janitor("I", str(self.starting).encode())
+        self.sup.tell_janitor("I", str(self.starting).encode())
 
     def _fork_pid1(self, spec: sandbox.ContainerSpec, child_sock: socket.socket | None) -> int:
         own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -807,9 +742,9 @@ class Runner:
                 pid = os.fork()
                 if pid == 0:
                     os.close(own)
-                    if self.janitor_fd is not None:
-                        os.close(self.janitor_fd)
-                    for fd in (self.report_fd, self.go_fd):
+                    if self.sup.janitor_fd is not None:
+                        os.close(self.sup.janitor_fd)
+                    for fd in (self.sup.report_fd, self.go_fd):
                         os.close(fd)
                     if self.tty_sock is not None:
                         self.tty_sock.close()
@@ -830,412 +765,71 @@ class Runner:
         return pid
 
     def _start_and_wait(self, spec: sandbox.ContainerSpec) -> int:
-        """The tree is mounted: let init go on, then supervise it."""
+        """The tree is mounted: let init go on, then supervise it (from a lean interpreter
+        once it has run for `SUPERVISOR_AFTER` s, when we are the program)."""
         opts = self.opts
+        sup = self.sup
         stdin_tty = os.isatty(0)
-        self.wake_r, self.wake_w = os.pipe()
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        sup.open_wake_pipe()
         go, self.go_fd = socket.socket(fileno=self.go_fd), -1
         with contextlib.suppress(OSError):  # init died early: its status tells
             socket.send_fds(go, [b"G"], [self.mount_fd])
         go.setblocking(False)
-        self.go = go
+        sup.go = go.detach()
         self._close_mount()  # init's now: the mount lives as long as the container's namespace
-        self.init, self.starting = self.starting, None
+        sup.init, self.starting = self.starting, None
         parent_sock, self.tty_sock = self.tty_sock, None
         pending, self.pending = self.pending, []
         for sig in pending:  # arrived while forking: the command gets them now
-            self._on_signal(sig, None)
+            sup.on_signal(sig)
         if parent_sock is not None:
             with parent_sock:
                 _, fds, _, _ = socket.recv_fds(parent_sock, 16, 1)
             if fds:
-                self.master = fds[0]
-                self._copy_winsize()
+                sup.master = fds[0]
+                sup.copy_winsize()
                 if stdin_tty and opts.interactive:
-                    self.saved_tty = termios.tcgetattr(0)
+                    sup.saved_tty = termios.tcgetattr(0)
                     ttymod.setraw(0, termios.TCSANOW)  # TCSAFLUSH would drop typed-ahead input
-        return self._supervise()
-
-    def _copy_winsize(self) -> None:
-        if self.master is None or not os.isatty(0):
-            return
-        with contextlib.suppress(OSError):
-            size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
-
-    def _supervise(self) -> int:
-        """Wait for init; meanwhile relay the pty (-t) or the stdio pipes, and let handlers
-        forward signals."""
-        assert self.init is not None
-        master = self.master
-        # Where our stdin goes: the pty, or the pipe that stands for a non-pipe stdin (-i).
-        sink = master if master is not None else self.stdin_pipe
-        read_stdin = sink is not None and self.opts.interactive
-        to_sink = b""
-        eof_sent = False
-        outputs = self._outputs()
-        if master is not None:
-            outputs[master] = _dest(1)
-        for fd in (*outputs, *([sink] if sink is not None else [])):
-            os.set_blocking(fd, False)
-        while True:
-            pid, status = os.waitpid(self.init, os.WNOHANG)
-            if pid == self.init:
-                self.init = None
-                break
-            timeout = self._hand_over()
-            rlist = [self.wake_r, *outputs]
-            if self.go is not None:
-                rlist.append(self.go.fileno())
-            wlist = [sink] if sink is not None and to_sink else []
-            if read_stdin and not to_sink:
-                rlist.append(0)
-            try:
-                readable, writable, _ = select.select(rlist, wlist, [], timeout)
-            except InterruptedError:
-                continue
-            if self.wake_r in readable:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self.wake_r, 4096)
-            for fd in [fd for fd in outputs if fd in readable]:
-                if not _pump(fd, outputs[fd], self._giving_up):
-                    self._output_ended(fd, outputs)
-            if 0 in readable:
-                try:
-                    data = os.read(0, 65536)
-                except OSError:  # EIO: our terminal hung up; SIGHUP is on its way
-                    data = b""
-                if data:
-                    to_sink += data
-                else:
-                    read_stdin = False
-                    if sink is master and not eof_sent:
-                        to_sink += b"\x04"  # stdin ended: ^D to the terminal
-                        eof_sent = True
-                    elif sink is not master and sink is not None:
-                        self._close_stdin_pipe()  # the command reads its end of file
-                        sink = None
-            if sink is not None and sink in writable and to_sink:
-                try:
-                    n = os.write(sink, to_sink)
-                    to_sink = to_sink[n:]
-                except BlockingIOError:
-                    pass
-                except OSError:  # the command closed its stdin
-                    to_sink = b""
-                    read_stdin = False
-        self._drain(outputs)  # what the command wrote just before exiting
-        from . import sandbox
-
-        return sandbox.exit_code(status)
-
-    def _outputs(self) -> dict[int, _Dest]:
-        """Our read end of each output pipe -> where it is copied to."""
-        return {src: _dest(fd) for src, fd in self.out_pipes.items()}
-
-    def _drain(self, outputs: dict[int, _Dest]) -> None:
-        """Copy what is left in the output pipes (and pty) until their end: every writer
-        is in the container, which is gone or going (2 s without anything to read: one
-        lives on outside, and is left)."""
-        deadline = time.monotonic() + 2.0
-        while outputs and time.monotonic() < deadline:
-            r, _, _ = select.select(list(outputs), [], [], 0.1)
-            if not r and all(fd not in self.out_pipes for fd in outputs):
-                break  # only the pty, and quiet
-            if r:
-                deadline = time.monotonic() + 2.0
-            for fd in r:
-                if not _pump(fd, outputs[fd], self._giving_up):
-                    self._output_ended(fd, outputs)
-
-    def _output_ended(self, fd: int, outputs: dict[int, _Dest]) -> None:
-        """SRC ended, or its destination failed: close our end, so the command's writes fail
-        (EPIPE) instead of vanishing."""
-        del outputs[fd]
-        if fd in self.out_pipes:
-            del self.out_pipes[fd]
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def _giving_up(self) -> bool:
-        """Output that cannot be written may be dropped: we are told to stop."""
-        return self.stopping
-
-    def _close_stdin_pipe(self) -> None:
-        if self.stdin_pipe is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.stdin_pipe)
-            self.stdin_pipe = None
+        if not opts.lean_supervisor:
+            code = sup.supervise()
+        else:
+            code = sup.supervise(time.monotonic() + SUPERVISOR_AFTER)
+            if code is None:
+                sup.exec_self()  # returns only if it could not
+                code = sup.supervise()
+        assert code is not None
+        return code
 
     # teardown ----------------------------------------------------------------------------
     def teardown(self) -> None:
         """Undo everything, in order, whatever state the run reached."""
-        if self.saved_tty is not None:
-            with contextlib.suppress(termios.error):
-                termios.tcsetattr(0, termios.TCSADRAIN, self.saved_tty)
-            self.saved_tty = None
         if self.go_fd >= 0:
             os.close(self.go_fd)  # init never went on
             self.go_fd = -1
-        if self.go is not None:
-            self.go.close()
-            self.go = None
         if self.tty_sock is not None:
             self.tty_sock.close()
             self.tty_sock = None
-        for pid in (self.init, self.starting):
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)  # pid 1 dies: the kernel kills the rest
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
-        self.init = self.starting = None
-        if self.out_pipes:  # init's own last words, when it failed before supervising
-            self._drain(self._outputs())
-            for fd in self.out_pipes:
-                os.close(fd)
-            self.out_pipes = {}
-        self._close_stdin_pipe()
+        if self.starting is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.starting, signal.SIGKILL)  # pid 1 dies: the kernel kills the rest
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.starting, 0)
+            self.starting = None
         if self.prefork is not None:  # no mount was handed to it
             self.prefork.cancel()
             self.prefork = None
-            self.daemon = None  # reaped
-        if self.master is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.master)
-            self.master = None
-        # The wakeup fd is unset before its pipe is closed: a signal in between (the
-        # daemon's SIGCHLD) would have the interpreter write to a closed fd and print
-        # "Exception ignored ... Bad file descriptor" on the user's terminal.
-        with contextlib.suppress(Exception):
-            signal.set_wakeup_fd(-1)
-        for fd in (self.wake_r, self.wake_w):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self.wake_r = self.wake_w = -1
+            self.sup.daemon = None  # reaped
         self._close_mount()  # never handed to init: it goes now
-        created = self._created_mount_points()  # init is gone: its report is complete
-        _release(self.merged, self.daemon, self.tmp, self.upper, self.kept(), self.opts.quiet)
-        if self.kept() and self.upper is not None and os.path.isdir(self.upper):
-            _drop_placeholders(self.upper, self.layers, created)
-        self._tell_janitor("DONE")
-        if self.janitor_fd is not None:
-            os.close(self.janitor_fd)
-            self.janitor_fd = None
-        if self.janitor is not None:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.janitor, 0)  # it exits at once on DONE
-            self.janitor = None
+        self.sup.teardown()
 
     def _close_mount(self) -> None:
         if self.mount_fd >= 0:
             os.close(self.mount_fd)
             self.mount_fd = -1
 
-    def _created_mount_points(self) -> list[str]:
-        if self.report_fd < 0:
-            return []
-        data = b""
-        with contextlib.suppress(OSError):
-            os.set_blocking(self.report_fd, False)
-            while chunk := os.read(self.report_fd, 65536):
-                data += chunk
-        os.close(self.report_fd)
-        self.report_fd = -1
-        return data.decode(errors="surrogateescape").split()
-
     def kept(self) -> bool:
         return self.opts.keep or bool(self.opts.upper)
-
-
-def _release(
-    merged: str | None,
-    daemon: int | None,
-    tmp: str | None,
-    upper: str | None,
-    keep: bool,
-    quiet: bool = False,
-) -> None:
-    """Make sure the daemon is gone, remove the temporary tree (minus a kept upper).
-
-    Nothing to unmount: the union is a detached mount, attached only in the container's
-    namespace, and it ends with that namespace (and every fd of it)."""
-    if daemon is not None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(daemon, os.WNOHANG)  # ours when we forked it; reap the zombie
-        if not wait_gone(daemon, 5):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(daemon, signal.SIGTERM)
-            if not wait_gone(daemon, 5):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(daemon, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(daemon, os.WNOHANG)
-    if tmp is None:
-        return
-    if merged is not None and is_mountpoint(merged):
-        print(f"pyunion: {merged} is still mounted; leaving {tmp}", file=sys.stderr)
-        return
-    # The container wrote what is in the upper: however deep, whatever its symlinks, it is
-    # removed through fds (tree.py), never by following a path it could have changed.
-    try:
-        if keep and upper is not None and upper == os.path.join(tmp, "upper"):
-            fd = os.open(tmp, tree.DIR_FLAGS)
-            try:
-                for name in os.listdir(fd):
-                    if name != "upper":
-                        tree.rmtree_at(fd, name)
-            finally:
-                os.close(fd)
-        else:
-            tree.rmtree(tmp)
-    except FileNotFoundError:
-        pass  # killed between telling the janitor its name and making it (`_make_tmp`)
-    except OSError as e:
-        print(f"pyunion: cannot remove {tmp}: {e.strerror}", file=sys.stderr)
-    if keep and upper is not None and not quiet:
-        print(f"pyunion: the writable layer is kept in {upper}", file=sys.stderr)
-
-
-def _drop_placeholders(upper: str, lowers: list[str], created: list[str]) -> None:
-    """Remove from a kept upper the empty mount points init created (deepest first).
-
-    Only what is still an empty file or directory and exists in no lower layer, so
-    removing it from the upper cannot change what the layers below show. The
-    container may have replaced any directory on the way with a symlink to the
-    host's tree: every path is walked from the upper's fd one name at a time,
-    never following a symlink.
-    """
-    try:  # the upper's own path is the user's choice; what is inside is the container's
-        ufd = os.open(upper, tree.DIR_FLAGS & ~os.O_NOFOLLOW)
-    except OSError:
-        return
-    lfds: list[int] = []
-    try:
-        for low in lowers:
-            with contextlib.suppress(OSError):
-                lfds.append(os.open(low, tree.DIR_FLAGS))
-        for path in sorted(set(created), key=lambda p: p.count("/"), reverse=True):
-            rel = os.fsencode(os.path.normpath(path.strip("/")))
-            if (
-                not rel
-                or rel == b"."
-                or rel.startswith(b"..")
-                or any(_in_layer(fd, rel) for fd in lfds)
-            ):
-                continue
-            parent, name = os.path.split(rel)
-            try:
-                pfd = tree.open_rel(ufd, parent)
-            except OSError:  # a symlink or a file on the way: not ours any more
-                continue
-            with contextlib.suppress(OSError):
-                try:
-                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode):
-                        os.rmdir(name, dir_fd=pfd)  # only when empty
-                    elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                        os.unlink(name, dir_fd=pfd)
-                finally:
-                    os.close(pfd)
-    finally:
-        for fd in (ufd, *lfds):
-            os.close(fd)
-
-
-def _in_layer(layer_fd: int, rel: bytes) -> bool:
-    """Whether a lower layer has `rel` (a symlink or a file on the way counts as yes: be
-    conservative, the path is then not a plain placeholder)."""
-    parent, name = os.path.split(rel)
-    try:
-        pfd = tree.open_rel(layer_fd, parent)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    try:
-        os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(pfd)
-
-
-@dataclass
-class _Dest:
-    """Where relayed output goes, looked at once: a regular file takes splice(2) until it
-    refuses (O_APPEND); anything else gets pieces it can take at once."""
-
-    fd: int
-    regular: bool
-    piece: int  # bytes per write to a terminal, FIFO or device
-    splice: bool
-
-
-def _dest(fd: int) -> _Dest:
-    regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    return _Dest(fd, regular, 256 if os.isatty(fd) else 4096, regular)
-
-
-def _pump(src: int, dst: _Dest, giving_up: Callable[[], bool]) -> bool:
-    """Copy what SRC has to DST; False at SRC's end (EOF, or EIO: every pty slave closed)
-    or when DST failed, which is said in one line (but EPIPE: the reader left). The
-    caller then closes SRC, so that the command's next write fails as it would have
-    on DST itself (EPIPE, SIGPIPE) rather than its output vanishing.
-
-    A regular file takes it by splice(2), without a copy through us. A terminal, FIFO
-    or device is waited for (select) and written in pieces it can take at once, so a
-    reader that stops (a terminal nobody reads) never blocks pyunion past a signal to
-    stop: once `giving_up()` and DST still takes nothing for 0.2 s, the rest is dropped.
-    """
-    if dst.splice:
-        try:
-            return os.splice(src, dst.fd, 1 << 20) > 0
-        except BlockingIOError:
-            return True  # SRC is empty
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                return _output_failed(e)
-            dst.splice = False  # not a pipe, or O_APPEND: read and write below
-    try:
-        data = os.read(src, 65536)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    if not data:
-        return False
-    view = memoryview(data)
-    piece = len(view) if dst.regular else dst.piece
-    while view:
-        if not dst.regular:
-            _, ready, _ = select.select([], [dst.fd], [], 0.2)
-            if not ready:
-                if giving_up():
-                    break
-                continue
-        try:
-            n = os.write(dst.fd, view[:piece])
-        except BlockingIOError:
-            continue
-        except OSError as e:
-            return _output_failed(e)
-        view = view[n:]
-    return True
-
-
-def _output_failed(e: OSError) -> bool:
-    if e.errno != errno.EPIPE:
-        with contextlib.suppress(OSError):
-            os.write(2, f"pyunion: cannot write the container's output: {e.strerror}\n".encode())
-    return False
 
 
 def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
@@ -1272,19 +866,6 @@ def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
     return out
 
 
-def _blocks(pid: int, sigs: tuple[int, ...]) -> bool:
-    """Whether process PID blocks all of SIGS (its /proc status; gone: nothing to wait for)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"SigBlk:"):
-                    mask = int(line.split()[1], 16)
-                    return all(mask >> (sig - 1) & 1 for sig in sigs)
-    except OSError:
-        pass
-    return True
-
-
 @contextlib.contextmanager
 def _forwarded_signals_blocked() -> Iterator[None]:
     """Around a fork: the child starts with the signals pyunion forwards blocked, so that
@@ -1292,8 +873,6 @@ def _forwarded_signals_blocked() -> Iterator[None]:
     before it has set itself up; init keeps them blocked across its exec and until it
     hands them over to catatonit (`sandbox._take_signals`), the janitor ignores them.
     The parent gets what came meanwhile once they are unblocked."""
-    from .sandbox import FORWARDED
-
     old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     try:
         yield
@@ -1320,7 +899,7 @@ esac
 """
 _JANITOR_PY = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from unionfs.run import _janitor_cleanup; _janitor_cleanup(sys.argv[2])"
+    "from unionfs.supervise import janitor_cleanup; janitor_cleanup(sys.argv[2])"
 )
 
 
@@ -1330,8 +909,6 @@ def _janitor(rfd: int) -> NoReturn:
     shell runs, it reads and cleans up itself."""
     code = 0
     try:
-        from .sandbox import FORWARDED
-
         for sig in (*FORWARDED, signal.SIGWINCH):
             signal.signal(sig, signal.SIG_IGN)  # inherited by the shell and its Python
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -1349,46 +926,10 @@ def _janitor(rfd: int) -> NoReturn:
             os.execv(
                 "/bin/sh", ["sh", "-c", _JANITOR_SH, sys.executable, _JANITOR_PY, package_parent]
             )
-        _janitor_cleanup(os.fsdecode(syscalls.read_to_eof(0)))
+        janitor_cleanup(os.fsdecode(syscalls.read_to_eof(0)))
     except BaseException:  # noqa: BLE001 - a forked child must never return into pyunion
         code = 1
     os._exit(code)
-
-
-def _janitor_cleanup(told: str) -> None:
-    """Undo what pyunion made and told the janitor of (`Runner._tell_janitor`) but could
-    not undo itself: it died (SIGKILL, OOM) before DONE."""
-    daemon = tmp = upper = None
-    keep = False
-    init: list[int] = []
-    for line in os.fsencode(told).split(b"\n"):
-        kind, _, hexed = line.partition(b" ")
-        if kind == b"DONE":
-            return
-        try:
-            value = bytes.fromhex(hexed.decode("ascii"))
-        except ValueError:  # not a line `Runner._tell_janitor` wrote
-            continue
-        if kind in (b"I", b"D") and value.isdigit():
-            if kind == b"I":
-                init.append(int(value))
-            else:
-                daemon = int(value)
-        elif kind == b"T" and value:  # the last one wins (`Runner._make_tmp`)
-            tmp = os.fsdecode(value)
-        elif kind == b"U" and value:
-            upper = os.fsdecode(value)
-        elif kind == b"K":
-            keep = True
-    for pid in init:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        wait_gone(pid, 10)
-    merged = None
-    if tmp is not None:
-        merged = os.path.join(tmp, "merged")
-        upper = upper or os.path.join(tmp, "upper")
-    _release(merged, daemon, tmp, upper, keep)
 
 
 def run(opts: RunOptions) -> int:

@@ -50,6 +50,9 @@ from typing import NoReturn
 
 from . import confine, seccomp, syscalls, userns, volumes
 from .digits import number
+from .supervise import FORWARDED as FORWARDED  # re-exported: the supervisor owns them
+from .supervise import exit_code as exit_code
+from .supervise import flush_stdio as flush_stdio
 from .syscalls import (
     CLONE_NEWIPC,
     CLONE_NEWNS,
@@ -78,16 +81,6 @@ from .syscalls import (
 )
 from .tree import NotRegularFile, open_trusted, read_regular
 from .volumes import Volume
-
-# Signals pyunion forwards to the command (the issue's list).
-FORWARDED = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -510,12 +503,6 @@ def _id(s: str) -> int | None:
 
 
 # -- init and the command -------------------------------------------------------------------
-def exit_code(status: int) -> int:
-    """A wait status as a shell says it: the exit code, or 128+N for signal N."""
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
 def wait_exit_code(pid: int) -> int:
     """Wait for the child `pid` to end, through the signals its caller handles meanwhile;
     its `exit_code`."""
@@ -769,15 +756,6 @@ def start_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
         print(f"pyunion: cannot start the container's init: {e}", file=sys.stderr)
         os._exit(125)
     container_init(spec, tty_sock)
-
-
-def flush_stdio() -> None:
-    """Write out what Python holds for stdout and stderr before a fork or an exec (a fork
-    would write it twice, an exec lose it); a stream Python started without is skipped."""
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.flush()
 
 
 def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoReturn:
