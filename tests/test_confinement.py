@@ -598,6 +598,56 @@ def test_masked_paths_as_podman(env: Env, podman: Podman, opts: tuple[str, ...])
         assert r.stdout.split() == ["0", "0"] and "Read-only file system" in r.stderr
 
 
+def _symlinked_kernel_fs(top: Path, fs: str) -> None:
+    """/FS -> /dev/link -> /real in the image: FS was mounted at /real, then /dev's tmpfs
+    hid the link, so that /FS/... (each masked and read-only path) led nowhere."""
+    (top / "dev").mkdir(parents=True, exist_ok=True)
+    (top / "real").mkdir()
+    os.symlink("/real", top / "dev/link")
+    os.symlink("/dev/link", top / fs)
+
+
+@pytest.mark.parametrize("fs", ["proc", "sys"])
+def test_a_symlinked_proc_or_sys_is_refused(
+    env: Env, podman: Podman, tmp_path: Path, fs: str
+) -> None:
+    """An image whose /proc (or /sys) is a symlink is refused in one line, exit 125, as runc
+    refuses it. Before, every mask missed: /real/sys/kernel/core_pattern (the host's) was
+    writable by the container's root (probed with test -w, nothing written), and
+    /real/firmware had no empty tmpfs over it."""
+    top = tmp_path / "top"
+    _symlinked_kernel_fs(top, fs)
+    env.layers = [str(top), *env.layers]
+    if fs == "proc":
+        probe = "test -w /real/sys/kernel/core_pattern && echo unmasked"
+    else:
+        probe = "grep -q ' /real/firmware ' /proc/self/mountinfo || echo unmasked"
+    r = env.sh(f"{probe}; echo ran")
+    assert (r.returncode, r.stdout) == (125, ""), r.stdout + r.stderr
+    said = f"pyunion: the image's /{fs} is a symlink: it must be an ordinary directory\n"
+    assert r.stderr == said
+    env.wait_clean()
+    root = tmp_path / "podman-root"  # podman refuses it too
+    shutil.copytree(podman.root, root, symlinks=True)
+    shutil.rmtree(root / fs)
+    _symlinked_kernel_fs(root, fs)
+    state = podman.state
+    ref = subprocess.run(
+        [
+            *("podman", "--root", str(state / "root"), "--runroot", str(state / "run")),
+            *("--storage-driver", "vfs", "--runtime", "runc", "--cgroup-manager", "cgroupfs"),
+            *("--events-backend", "none", "run", "--rm", "--network", "host"),
+            *("--rootfs", str(root), "true"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert ref.returncode != 0 and "must be mounted on ordinary directory" in ref.stderr
+
+
 # -- file descriptors ------------------------------------------------------------------------------
 def test_inherited_fd_does_not_reach_the_command(env: Env, podman: Podman) -> None:
     """`exec 7</` before pyunion run: the command cannot walk the host through fd 7."""

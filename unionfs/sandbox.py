@@ -129,10 +129,11 @@ class SetupError(Exception):
 CREATED: list[str] = []
 
 
-def _ensure(rootfd: int, path: str, is_dir: bool) -> int:
-    """An O_PATH fd of PATH in the tree, created (with parents) when missing."""
+def _ensure(rootfd: int, path: str, is_dir: bool, plain: bool = False) -> int:
+    """An O_PATH fd of PATH in the tree, created (with parents) when missing; with
+    `plain`, reached without any symlink (`_plain`)."""
     try:
-        return open_in_root(rootfd, path)
+        return _plain(rootfd, path) if plain else open_in_root(rootfd, path)
     except FileNotFoundError:
         pass
     parent, name = os.path.split(path.rstrip("/"))
@@ -156,9 +157,32 @@ def _ensure(rootfd: int, path: str, is_dir: bool) -> int:
                 )
             )
         CREATED.append("/" + path.strip("/"))
-        return open_in_root(pfd, name)
+        return _plain(pfd, name) if plain else open_in_root(pfd, name)
     finally:
         os.close(pfd)
+
+
+def _plain(rootfd: int, path: str) -> int:
+    """An O_PATH fd of PATH in the tree, reached without following any symlink: where
+    /proc and /sys are mounted, as runc ("must be mounted on ordinary directory").
+
+    Their masked and read-only paths (`confine.mask_paths`) are looked up by path
+    again once /dev, the binds and the volumes are mounted. An image with
+    `/proc -> /dev/link` and `/dev/link -> /real` had proc mounted at /real, then
+    the /dev tmpfs hid the link: every mask then missed (ENOENT, skipped), and
+    root in the container wrote /real/sys/kernel/core_pattern, a way to run a
+    program as the host's root."""
+    rel = path.lstrip("/") or "."
+    try:
+        return syscalls.openat2(
+            rootfd, rel, os.O_PATH, syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_SYMLINKS
+        )
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SetupError(
+                f"the image's {path} is a symlink: it must be an ordinary directory"
+            ) from None
+        raise
 
 
 def _mount_at(
@@ -169,8 +193,9 @@ def _mount_at(
     flags: int,
     data: str | None = None,
     is_dir: bool = True,
+    plain: bool = False,
 ) -> None:
-    fd = _ensure(rootfd, path, is_dir)
+    fd = _ensure(rootfd, path, is_dir, plain)
     try:
         mount(source, fd_str(fd), fstype, flags, data)
     finally:
@@ -257,7 +282,7 @@ def _setup_sys(rootfd: int, writable: bool) -> None:
     """A fresh sysfs, read-only (writable only for --privileged, as podman)."""
     flags = (0 if writable else MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC
     try:
-        _mount_at(rootfd, "/sys", "sysfs", "sysfs", flags)
+        _mount_at(rootfd, "/sys", "sysfs", "sysfs", flags, plain=True)
     except PermissionError:  # sysfs refused (e.g. another net ns): the host's, read-only
         _bind(
             rootfd,
@@ -377,7 +402,7 @@ def setup_root(spec: ContainerSpec) -> None:
     conf = spec.confinement
     rootfd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, plain=True)
         _setup_dev(rootfd, conf.privileged)
         _setup_sys(rootfd, conf.privileged)
         if spec.read_only:
