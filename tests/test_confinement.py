@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -825,6 +826,50 @@ def test_stdio_named_fifo_is_not_the_containers(env: Env, tmp_path: Path) -> Non
     assert out == b"via-fifo\n"
     st = fifo.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, 0)
+
+
+def test_the_callers_pipes_and_sockets_keep_their_flags(env: Env) -> None:
+    """The command sets O_NONBLOCK on fds 0-2 and shuts down those that are sockets. The
+    caller's own open files (the test keeps each one it passes) stay as they were:
+    before, an anonymous pipe or a socket was passed as is, one open file with the
+    caller's, and the caller's next write to a full pipe failed with EAGAIN (podman's
+    conmon passes pipes of its own), a socket could no longer be written at all."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    sock, peer = socket.socketpair()
+    try:
+        os.close(in_w)  # stdin: at its end
+        r = env.run_with(
+            "hostile", "stdio", opts=("-i",), stdin=in_r, stdout=out_w, stderr=sock.fileno()
+        )
+        assert r.returncode == 0
+        os.close(out_w)
+        out_w = -1
+        assert os.read(out_r, 100) == b"done\n"
+        assert os.get_blocking(in_r), "the caller's stdin pipe was made non-blocking"
+        assert sock.getblocking() and os.get_blocking(sock.fileno())
+        sock.sendall(b"still open\n")
+        assert peer.recv(100) == b"still open\n"
+    finally:
+        for fd in (in_r, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+        sock.close()
+        peer.close()
+
+
+def test_a_pipe_shared_with_the_caller_stays_blocking(env: Env) -> None:
+    """The same for stdout, seen by the caller: its own write end of the pipe (a shell's
+    `{ pyunion run ...; cat big; } | slow`) is still blocking afterwards."""
+    out_r, out_w = os.pipe()
+    try:
+        r = env.run_with("hostile", "stdio", stdout=out_w)
+        assert r.returncode == 0, r.stderr
+        assert os.read(out_r, 100) == b"done\n"
+        assert os.get_blocking(out_w), "the caller's stdout pipe was made non-blocking"
+    finally:
+        os.close(out_r)
+        os.close(out_w)
 
 
 def test_stdout_and_stderr_to_one_file_keep_their_order(env: Env, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import gc
 import os
 import signal
@@ -833,15 +834,18 @@ class Runner:
 
 
 def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
-    """(our fd, the container's end, our end) for each stdio fd that is not an anonymous
-    pipe or a socket: a file, a named FIFO, a terminal or a device reaches the container
-    as a pipe of ours. stderr on the same file as stdout shares its pipe (our end None),
-    so that their order stays the command's.
+    """(our fd, the container's end, our end) for each stdio fd: an anonymous pipe
+    reaches the container as an open file of its own on that pipe (`_reopened`, our end
+    None); anything else (a file, a named FIFO, a terminal, a device, a socket) as a
+    pipe of ours. stderr on the same file as stdout shares its pipe (our end None), so
+    that their order stays the command's.
 
     An fd passed as is gives the container's root its inode: /proc/self/fd/1 of a
     `> host-file` could be chmod'ed or chown'ed, a `< file` reopened for writing,
-    /dev/null or the caller's terminal made world-writable. An anonymous pipe's or a
-    socket's inode is nobody's. podman puts conmon's pipes there for the same reason.
+    /dev/null or the caller's terminal made world-writable. An anonymous pipe's inode
+    is nobody's, but its open file is the caller's too: the container set O_NONBLOCK
+    on it, and the caller's next writes to a full pipe failed (EAGAIN); on a socket it
+    could also shut the caller's stream down. podman puts conmon's pipes there.
     """
     probe_r, probe_w = os.pipe()
     pipefs = os.fstat(probe_r).st_dev
@@ -854,8 +858,11 @@ def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
             st = os.fstat(fd)
         except OSError:
             continue
-        if stat.S_ISSOCK(st.st_mode) or (stat.S_ISFIFO(st.st_mode) and st.st_dev == pipefs):
-            continue
+        if stat.S_ISFIFO(st.st_mode) and st.st_dev == pipefs:
+            own = _reopened(fd)
+            if own is not None:
+                out.append((fd, own, None))
+                continue
         if fd == 2 and (st.st_dev, st.st_ino) in seen:
             out.append((2, seen[st.st_dev, st.st_ino], None))
             continue
@@ -864,6 +871,19 @@ def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
         if fd == 1:
             seen[st.st_dev, st.st_ino] = w
     return out
+
+
+def _reopened(fd: int) -> int | None:
+    """A new open file of the anonymous pipe at FD, same direction, blocking, close-on-exec
+    (`/proc/self/fd/N` opens the pipe itself, not FD's open file); None when it cannot be
+    had: its reader is gone (ENXIO), or it is another user's pipe (EACCES)."""
+    mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    try:
+        new = os.open(f"/proc/self/fd/{fd}", mode | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    os.set_blocking(new, True)
+    return new
 
 
 @contextlib.contextmanager

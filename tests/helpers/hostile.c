@@ -13,6 +13,8 @@
  *                                          if typed there; print "typed" or the errno
  *   hostile sessionkey DESC                read the "user" key DESC found in the session
  *                                          keyring: print "key PAYLOAD" or "errno N"
+ *   hostile stdio                          set O_NONBLOCK on fds 0-2 and shut down those
+ *                                          that are sockets; print "done"
  *   suid-status                            the same (a setuid-root copy of this program)
  */
 #define _GNU_SOURCE
@@ -26,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/personality.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/ioctl.h>
 #include <sys/time.h>
@@ -228,6 +231,17 @@ static int sessionkey(const char *desc) {
     return 0;
 }
 
+static int stdio(void) {
+    printf("done\n");
+    fflush(stdout);
+    for (int fd = 0; fd < 3; fd++) {
+        int flags = fcntl(fd, F_GETFL);
+        if (flags >= 0) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+        shutdown(fd, SHUT_RDWR);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *base = strrchr(argv[0], '/');
     if (!strcmp(base ? base + 1 : argv[0], "suid-status")) return status();
@@ -239,6 +253,7 @@ int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "tiocsti")) return tiocsti(argv[2], argv[3]);
     if (argc == 4 && !strcmp(argv[1], "memgrep")) return memgrep(argv[2], argv[3]);
     if (argc == 3 && !strcmp(argv[1], "sessionkey")) return sessionkey(argv[2]);
+    if (argc == 2 && !strcmp(argv[1], "stdio")) return stdio();
     fprintf(stderr,
             "usage: hostile gethandle|openhandle|syscalls|status|tiocsti|memgrep|sessionkey ...\n");
     return 2;
