@@ -83,11 +83,9 @@ class Podman:
     def __init__(self, root: Path, state: Path) -> None:
         self.root, self.state = root, state
 
-    def run(
-        self, *opts: str, command: tuple[str, ...], fds: str = ""
-    ) -> subprocess.CompletedProcess[str]:
-        cmd = [
-            *_with_fds(fds),
+    def cmd(self, *opts: str, command: tuple[str, ...], root: Path | None = None) -> list[str]:
+        """The podman command line (`root`: another tree than the image's)."""
+        return [
             "podman",
             "--root",
             str(self.state / "root"),
@@ -111,11 +109,20 @@ class Podman:
             "nproc=1000:1000",
             *opts,
             "--rootfs",
-            str(self.root),
+            str(root or self.root),
             *command,
         ]
+
+    def run(
+        self, *opts: str, command: tuple[str, ...], fds: str = ""
+    ) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL
+            [*_with_fds(fds), *self.cmd(*opts, command=command)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
         )
         assert "Error:" not in r.stderr, r.stderr
         return r
@@ -632,14 +639,8 @@ def test_a_symlinked_proc_or_sys_is_refused(
     shutil.copytree(podman.root, root, symlinks=True)
     shutil.rmtree(root / fs)
     _symlinked_kernel_fs(root, fs)
-    state = podman.state
     ref = subprocess.run(
-        [
-            *("podman", "--root", str(state / "root"), "--runroot", str(state / "run")),
-            *("--storage-driver", "vfs", "--runtime", "runc", "--cgroup-manager", "cgroupfs"),
-            *("--events-backend", "none", "run", "--rm", "--network", "host"),
-            *("--rootfs", str(root), "true"),
-        ],
+        podman.cmd(command=("true",), root=root),
         capture_output=True,
         text=True,
         timeout=60,
@@ -647,6 +648,51 @@ def test_a_symlinked_proc_or_sys_is_refused(
         stdin=subprocess.DEVNULL,
     )
     assert ref.returncode != 0 and "must be mounted on ordinary directory" in ref.stderr
+
+
+# Runs argv[1:] with pivot_root refused (EPERM) by a seccomp filter, as a caller's
+# systemd SystemCallFilter= or a runtime's profile may refuse it.
+_NO_PIVOT = (
+    "import errno, os, sys, pyseccomp\n"
+    "f = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)\n"
+    "f.add_rule(pyseccomp.ERRNO(errno.EPERM), 'pivot_root')\n"
+    "f.load()\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def test_no_chroot_when_pivot_root_is_refused(env: Env, podman: Podman, tmp_path: Path) -> None:
+    """Where pivot_root is refused, the run fails in one line (exit 125), as podman's runc
+    does. Before, init fell back to a chroot with the host's tree still in its mount
+    namespace, and the container's root (CAP_SYS_CHROOT, podman's default) walked out
+    of it: `hostile chroot-escape` saw a file of the host's."""
+    marker = tmp_path / "host-only"
+    marker.write_text("")
+    cmd = env.cmd(command=("hostile", "chroot-escape", str(marker)))
+    r = subprocess.run(
+        [sys.executable, "-c", _NO_PIVOT, *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert (r.returncode, r.stdout) == (125, ""), r.stdout + r.stderr
+    assert r.stderr.startswith("pyunion: cannot enter the container's root: ") and (
+        r.stderr.count("\n") == 1
+    ), r.stderr
+    env.wait_clean()
+    assert env.sh(f"hostile chroot-escape {marker}").stdout == "contained\n"  # pivot_root'ed
+    ref = subprocess.run(
+        [sys.executable, "-c", _NO_PIVOT, *podman.cmd(command=("true",))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert ref.returncode != 0 and "pivot_root" in ref.stderr, ref.stderr
 
 
 # -- file descriptors ------------------------------------------------------------------------------

@@ -380,17 +380,20 @@ def _attach_root(root: str, mount_fd: int) -> None:
 
 
 def _pivot_into(root: str) -> None:
-    """Make ROOT the root and detach the host's tree (chroot if pivot_root is refused)."""
+    """Make ROOT the root and detach the host's tree; a refused pivot_root is an error.
+
+    There is no chroot fallback, as runc has none (but for its explicit --no-pivot,
+    which detaches the host's mounts first): the host's tree would stay in the mount
+    namespace under a mere chroot, which root in the container leaves with
+    CAP_SYS_CHROOT (podman's default set): `mkdir x; chroot x; cd ../..; chroot .`.
+    Where pivot_root was refused (a seccomp filter of pyunion's caller, a root on the
+    initial ramfs), the container's root had the whole host's file system."""
     os.chdir(root)
     try:
         pivot_root(".", ".")
-    except OSError:
-        pass
-    else:
-        umount2(".", MNT_DETACH)  # the host's root, stacked on ours by pivot_root(".", ".")
-        os.chdir("/")
-        return
-    os.chroot(".")
+    except OSError as e:
+        raise SetupError(f"cannot enter the container's root: {e.strerror}") from e
+    umount2(".", MNT_DETACH)  # the host's root, stacked on ours by pivot_root(".", ".")
     os.chdir("/")
 
 

@@ -15,6 +15,8 @@
  *                                          keyring: print "key PAYLOAD" or "errno N"
  *   hostile stdio                          set O_NONBLOCK on fds 0-2 and shut down those
  *                                          that are sockets; print "done"
+ *   hostile chroot-escape PATH             chroot into a new directory, walk up out of it and
+ *                                          chroot there: print "escaped" if PATH is then seen
  *   suid-status                            the same (a setuid-root copy of this program)
  */
 #define _GNU_SOURCE
@@ -29,6 +31,7 @@
 #include <string.h>
 #include <sys/personality.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/ioctl.h>
 #include <sys/time.h>
@@ -242,6 +245,22 @@ static int stdio(void) {
     return 0;
 }
 
+static int chroot_escape(const char *path) {
+    mkdir("/pyunion-jail", 0755);
+    if (chroot("/pyunion-jail") < 0) {
+        printf("chroot %d\n", errno);
+        return 1;
+    }
+    for (int i = 0; i < 64; i++)
+        if (chdir("..") < 0) break;
+    if (chroot(".") < 0) {
+        printf("chroot . %d\n", errno);
+        return 1;
+    }
+    printf(access(path, F_OK) == 0 ? "escaped\n" : "contained\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *base = strrchr(argv[0], '/');
     if (!strcmp(base ? base + 1 : argv[0], "suid-status")) return status();
@@ -254,6 +273,7 @@ int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "memgrep")) return memgrep(argv[2], argv[3]);
     if (argc == 3 && !strcmp(argv[1], "sessionkey")) return sessionkey(argv[2]);
     if (argc == 2 && !strcmp(argv[1], "stdio")) return stdio();
+    if (argc == 3 && !strcmp(argv[1], "chroot-escape")) return chroot_escape(argv[2]);
     fprintf(stderr,
             "usage: hostile gethandle|openhandle|syscalls|status|tiocsti|memgrep|sessionkey ...\n");
     return 2;
