@@ -10,6 +10,7 @@ with runc) gives on the same root filesystem.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pty
@@ -37,6 +38,7 @@ pytestmark = [needs_fuse, needs_busybox, pytest.mark.timeout(120)]
 HELPER = Path(__file__).parent / "helpers" / "hostile.c"
 STATUS = "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status"
 EPERM, ENOSYS = 1, 38
+CLONE_NEWIPC = 0x08000000
 
 
 @pytest.fixture(scope="module")
@@ -650,15 +652,31 @@ def test_a_symlinked_proc_or_sys_is_refused(
     assert ref.returncode != 0 and "must be mounted on ordinary directory" in ref.stderr
 
 
-# Runs argv[1:] with pivot_root refused (EPERM) by a seccomp filter, as a caller's
-# systemd SystemCallFilter= or a runtime's profile may refuse it.
-_NO_PIVOT = (
-    "import errno, os, sys, pyseccomp\n"
-    "f = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)\n"
-    "f.add_rule(pyseccomp.ERRNO(errno.EPERM), 'pivot_root')\n"
+# `python -c _REFUSING NAME MASK ARGV...` runs ARGV with the syscall NAME refused (EPERM)
+# by a seccomp filter, when its first argument has the bits of MASK (0: always), as a
+# caller's systemd SystemCallFilter= or a runtime's profile may refuse it.
+_REFUSING = (
+    "import errno, os, sys, pyseccomp as s\n"
+    "name, mask = sys.argv[1], int(sys.argv[2])\n"
+    "f = s.SyscallFilter(defaction=s.ALLOW)\n"
+    "f.add_rule(s.ERRNO(errno.EPERM), name, *([s.Arg(0, s.MASKED_EQ, mask, mask)] * bool(mask)))\n"
     "f.load()\n"
-    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n"
 )
+
+
+def _refusing(
+    syscall: str, mask: int, cmd: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _REFUSING, syscall, str(mask), *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def test_no_chroot_when_pivot_root_is_refused(env: Env, podman: Podman, tmp_path: Path) -> None:
@@ -668,15 +686,8 @@ def test_no_chroot_when_pivot_root_is_refused(env: Env, podman: Podman, tmp_path
     of it: `hostile chroot-escape` saw a file of the host's."""
     marker = tmp_path / "host-only"
     marker.write_text("")
-    cmd = env.cmd(command=("hostile", "chroot-escape", str(marker)))
-    r = subprocess.run(
-        [sys.executable, "-c", _NO_PIVOT, *cmd],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env.env,
-        stdin=subprocess.DEVNULL,
-        check=False,
+    r = _refusing(
+        "pivot_root", 0, env.cmd(command=("hostile", "chroot-escape", str(marker))), env.env
     )
     assert (r.returncode, r.stdout) == (125, ""), r.stdout + r.stderr
     assert r.stderr.startswith("pyunion: cannot enter the container's root: ") and (
@@ -684,15 +695,35 @@ def test_no_chroot_when_pivot_root_is_refused(env: Env, podman: Podman, tmp_path
     ), r.stderr
     env.wait_clean()
     assert env.sh(f"hostile chroot-escape {marker}").stdout == "contained\n"  # pivot_root'ed
-    ref = subprocess.run(
-        [sys.executable, "-c", _NO_PIVOT, *podman.cmd(command=("true",))],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    ref = _refusing("pivot_root", 0, podman.cmd(command=("true",)))
     assert ref.returncode != 0 and "pivot_root" in ref.stderr, ref.stderr
+
+
+def test_no_container_in_the_hosts_ipc_namespace(env: Env, podman: Podman) -> None:
+    """Where a new ipc namespace is refused, the run fails in one line (exit 125), as
+    podman's does. Before, it went on in the host's with a warning, and the container's
+    root (uid 0) attached the host root's SysV shared memory, mode 0600."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    shmid = libc.shmget(0, 4096, 0o1600)  # IPC_PRIVATE, IPC_CREAT, 0600
+    assert shmid >= 0, os.strerror(ctypes.get_errno())
+    try:
+        addr = libc.shmat(shmid, None, 0)
+        ctypes.memmove(addr, b"host-root-secret\0", 17)
+        libc.shmdt(ctypes.c_void_p(addr))
+        assert "shm host-root-secret" not in env.run("hostile", "shm", str(shmid)).stdout
+        r = _refusing(
+            "unshare", CLONE_NEWIPC, env.cmd(command=("hostile", "shm", str(shmid))), env.env
+        )
+        assert (r.returncode, r.stdout) == (125, ""), r.stdout + r.stderr
+        assert r.stderr.startswith("pyunion: cannot create the container's namespaces: ") and (
+            r.stderr.count("\n") == 1
+        ), r.stderr
+        env.wait_clean()
+        ref = _refusing("unshare", CLONE_NEWIPC, podman.cmd(command=("true",)))
+        assert ref.returncode != 0, ref.stderr
+    finally:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
 
 
 # -- file descriptors ------------------------------------------------------------------------------

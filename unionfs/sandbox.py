@@ -831,11 +831,13 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             if go != b"G" or len(fds) != 1:
                 os._exit(125)  # no container after all: pyunion says why
             mount_fd = fds[0]
+        # All three, or no container (as runc): a container left in the host's ipc
+        # namespace (it went on with a warning) attached the host root's SysV shared
+        # memory, 0600 as it was, for its root is uid 0 there too.
         try:
             unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
-        except OSError:
-            unshare(CLONE_NEWNS)
-            _warn("no new uts/ipc namespace")
+        except OSError as e:
+            raise SetupError(f"cannot create the container's namespaces: {e.strerror}") from e
         make_private("/")
         if mount_fd >= 0:
             _attach_root(spec.root, mount_fd)

@@ -17,6 +17,8 @@
  *                                          that are sockets; print "done"
  *   hostile chroot-escape PATH             chroot into a new directory, walk up out of it and
  *                                          chroot there: print "escaped" if PATH is then seen
+ *   hostile shm ID                         attach SysV shared memory ID: print "shm TEXT" (its
+ *                                          first bytes) or "errno N"
  *   suid-status                            the same (a setuid-root copy of this program)
  */
 #define _GNU_SOURCE
@@ -30,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/personality.h>
+#include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -261,6 +264,16 @@ static int chroot_escape(const char *path) {
     return 0;
 }
 
+static int shm(const char *id) {
+    const char *p = shmat(atoi(id), NULL, SHM_RDONLY);
+    if (p == (void *)-1) {
+        printf("errno %d\n", errno);
+        return 0;
+    }
+    printf("shm %.32s\n", p);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *base = strrchr(argv[0], '/');
     if (!strcmp(base ? base + 1 : argv[0], "suid-status")) return status();
@@ -274,6 +287,7 @@ int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "sessionkey")) return sessionkey(argv[2]);
     if (argc == 2 && !strcmp(argv[1], "stdio")) return stdio();
     if (argc == 3 && !strcmp(argv[1], "chroot-escape")) return chroot_escape(argv[2]);
+    if (argc == 3 && !strcmp(argv[1], "shm")) return shm(argv[2]);
     fprintf(stderr,
             "usage: hostile gethandle|openhandle|syscalls|status|tiocsti|memgrep|sessionkey ...\n");
     return 2;
