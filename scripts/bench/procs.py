@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import time
@@ -42,7 +43,11 @@ def run(
             env=env,
         )
         try:
-            stdout, stderr = p.communicate(timeout=timeout)
+            if out is None:
+                stdout, stderr = p.communicate(timeout=timeout)
+            else:
+                stdout, stderr = None, None
+                _wait(p, timeout)
         except BaseException:
             _kill_session(p)
             raise
@@ -53,6 +58,18 @@ def run(
                 detail = log.read_text().strip()[-2000:]
         raise CommandFailed(f"{what or cmd[0]}: exit {p.returncode}: {detail[-2000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
+
+def _wait(p: subprocess.Popen[str], timeout: float) -> None:
+    """Wait for `p` to exit, woken by its exit (a pidfd). `Popen.wait(timeout)` polls in
+    sleeps that double up to 50 ms: a mount that took 33 ms was measured as 63 ms."""
+    fd = os.pidfd_open(p.pid)
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(p.args, timeout)
+    finally:
+        os.close(fd)
+    p.wait()
 
 
 def _kill_session(p: subprocess.Popen[str]) -> None:
