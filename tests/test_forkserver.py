@@ -187,6 +187,37 @@ def test_a_daemon_from_the_server_joins_the_callers_cgroups_where_they_differ(
 
 
 @pytest.mark.mount
+def test_the_caller_of_a_mount_the_server_forks_loads_neither_typing_nor_socket(
+    tmp_path: Path, state: Path
+) -> None:
+    """Its process parses, checks and sends the request: `typing` and `socket` (over
+    `_socket`) were ~3 ms of each such mount's ~45 (README: Start-up)."""
+    low, up, work = _layers(tmp_path)
+    with mounted([low], tmp_path / "first", up, work):  # starts the server
+        wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    code = (
+        "import sys, types; from unionfs import cli; "
+        f"code = cli.main(['mount', '--upper', '{up}', '--work', '{work}', '{low}', '{mnt}']); "
+        "loaded = [m for m in ('typing', 'socket', 'logging', 'inspect') "
+        "if type(sys.modules.get(m)) is types.ModuleType]; "
+        "print(code, ' '.join(loaded))"
+    )
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert r.stdout.split() == ["0"], r.stderr
+        pid = daemon_pid(str(mnt))
+        assert pid is not None and b"server_main" in _cmdline(pid)  # the server's
+        assert (mnt / "f").read_text() == "lower\n"
+        pyunion("umount", str(mnt))
+    finally:
+        force_unmount(mnt)
+
+
+@pytest.mark.mount
 def test_mounts_work_with_the_server_turned_off(tmp_path: Path, state: Path) -> None:
     """Off by default (opt-in), and with PYUNION_FORKSERVER=0."""
     low, up, work = _layers(tmp_path)

@@ -10,14 +10,15 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType
-from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import UserError
 
+TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
 if TYPE_CHECKING:
     import argparse
+    from types import ModuleType
+    from typing import NoReturn
 
     from .options import MountConfig
 

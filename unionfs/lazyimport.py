@@ -24,8 +24,8 @@ import importlib.util
 import sys
 import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
 if TYPE_CHECKING:
     from importlib.abc import Loader
     from importlib.machinery import ModuleSpec

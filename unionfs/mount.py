@@ -15,13 +15,10 @@ import errno
 import fcntl
 import gc
 import os
-import pickle
 import signal
-import socket
 import stat
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
 
 from . import syscalls
 from .errors import UserError
@@ -45,6 +42,12 @@ from .syscalls import (
 )
 from .tree import DIR_FLAGS, UntrustedSymlink, open_own_file, open_trusted, replace_file, rmtree_at
 from .userns import host_uid, in_user_namespace
+
+TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
+if TYPE_CHECKING:
+    import socket
+    from typing import NoReturn
+
 
 # -- state files -----------------------------------------------------------------------
 # The daemon of each mount records its pid in STATE_DIR/HASH.pid so that `umount`
@@ -955,6 +958,9 @@ def _import_pyfuse3() -> None:
 
 def prefork_main(sock: socket.socket) -> NoReturn:
     """The body of a `prefork.Prefork` child: import, then serve the mount handed over."""
+    import pickle
+    import socket
+
     code = 1
     ready_w = -1
     try:

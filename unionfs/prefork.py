@@ -16,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import pickle
 import signal
-import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
 if TYPE_CHECKING:
+    import socket
+
     from .options import MountConfig
 
 
@@ -53,6 +53,8 @@ class Prefork:
     """
 
     def __init__(self) -> None:
+        import socket
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # What both processes hold stays shared: the caller's later collections never
         # write to (so never copy) the pages of the objects it has now (`share_with_fork`).
@@ -79,6 +81,9 @@ class Prefork:
         `mp_fd` is /dev/fuse for a detached mount (`cfg.detached`, no `state_fd`)."""
         sock, self.sock = self.sock, None
         assert sock is not None, "a preforked daemon serves one mount"
+        import pickle
+        import socket
+
         fds = [ready_w, mp_fd] + ([state_fd] if state_fd is not None else [])
         with sock, contextlib.suppress(OSError):  # it died: `mount` reads no OK, reaps it
             socket.send_fds(sock, [pickle.dumps(cfg)], fds)
