@@ -187,11 +187,12 @@ def test_a_daemon_from_the_server_joins_the_callers_cgroups_where_they_differ(
 
 
 @pytest.mark.mount
-def test_the_caller_of_a_mount_the_server_forks_loads_neither_typing_nor_socket(
+def test_the_caller_of_a_mount_the_server_forks_loads_no_module_it_does_not_use(
     tmp_path: Path, state: Path
 ) -> None:
-    """Its process parses, checks and sends the request: `typing` and `socket` (over
-    `_socket`) were ~3 ms of each such mount's ~45 (README: Start-up)."""
+    """Its process parses, checks and sends the request: `typing`, `socket` (over
+    `_socket`) and `shutil` (argparse's, for the terminal's width) were ~5 ms of each
+    such mount's ~45 (README: Start-up)."""
     low, up, work = _layers(tmp_path)
     with mounted([low], tmp_path / "first", up, work):  # starts the server
         wait_until(lambda: _server_pid(state) is not None, 30, "the fork server to start")
@@ -200,7 +201,7 @@ def test_the_caller_of_a_mount_the_server_forks_loads_neither_typing_nor_socket(
     code = (
         "import sys, types; from unionfs import cli; "
         f"code = cli.main(['mount', '--upper', '{up}', '--work', '{work}', '{low}', '{mnt}']); "
-        "loaded = [m for m in ('typing', 'socket', 'logging', 'inspect') "
+        "loaded = [m for m in ('typing', 'socket', 'shutil', 'logging', 'inspect') "
         "if type(sys.modules.get(m)) is types.ModuleType]; "
         "print(code, ' '.join(loaded))"
     )

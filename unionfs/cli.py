@@ -6,6 +6,7 @@ exit; a traceback only with `PYUNION_TRACEBACK=1`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -18,7 +19,7 @@ TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (
 if TYPE_CHECKING:
     import argparse
     from types import ModuleType
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
     from .options import MountConfig
 
@@ -171,6 +172,32 @@ SUBCOMMANDS = {
 SUBCOMMAND_MODULES = tuple(SUBCOMMANDS)
 
 
+def _help_width() -> int:
+    """The width argparse's formatter picks itself: `shutil.get_terminal_size`'s columns
+    (COLUMNS when a positive number, else the terminal's at stdout, else 80), less 2.
+
+    Read here, not by argparse: it imports shutil for it (~2 ms of every `pyunion mount`,
+    which never prints help) when it makes a formatter, as it does for every argument it
+    adds (to check the argument's metavar).
+    """
+    with contextlib.suppress(KeyError, ValueError):
+        columns = int(os.environ["COLUMNS"])
+        if columns > 0:
+            return columns - 2
+    stdout = sys.__stdout__  # None when Python started with fd 1 closed
+    try:
+        columns = os.get_terminal_size(stdout.fileno()).columns if stdout is not None else 0
+    except (ValueError, OSError):
+        columns = 0
+    return (columns or 80) - 2
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    import argparse
+
+    return argparse.HelpFormatter(prog, width=_help_width())
+
+
 def build_parser(
     extra: bool = True, modules: Sequence[str] | None = None
 ) -> argparse.ArgumentParser:
@@ -179,7 +206,14 @@ def build_parser(
     # Imported here, after the daemon-to-be is forked (`_main`): a daemon never parses.
     import argparse
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        """argparse's, formatting at `_help_width` (its subcommands' parsers are Parsers too)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.setdefault("formatter_class", _formatter)
+            super().__init__(**kwargs)
+
+    parser: argparse.ArgumentParser = Parser(
         prog="pyunion", description="A userspace union filesystem for container image layers."
     )
     parser.add_argument("--version", action="version", version=f"pyunion {__version__}")
