@@ -97,12 +97,14 @@ def test_image_and_one_run(tmp_path: Path) -> None:
 def test_a_command_is_timed_to_its_exit_not_to_a_poll(tmp_path: Path) -> None:
     """`procs.run` with a log returns when the command exits: `Popen.wait(timeout)` slept
     in doubling steps (1, 2, 4, ... 32 ms), and a 35 ms command was timed 63 ms (the mount
-    workload times `pyunion mount` so). The fastest of three, against the machine's noise."""
+    workload times `pyunion mount` so). A 65 ms command: the poll said 113 ms at the least
+    (1+2+...+32+50); its own exit is 40 ms below that, room for a loaded machine's noise.
+    The fastest of three."""
     from bench import procs
 
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        procs.run(["sleep", "0.035"], 10, "sleep", log=tmp_path / "log")
+        procs.run(["sleep", "0.065"], 10, "sleep", log=tmp_path / "log")
         times.append(time.perf_counter() - t0)
-    assert min(times) < 0.055, times
+    assert min(times) < 0.105, times
