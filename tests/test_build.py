@@ -691,6 +691,7 @@ def test_bad_input_is_one_line(env: Env) -> None:
         "FROM busybox\nCOPY escape /x\n": "cannot read 'escape'",
         "FROM busybox\nENV A=${B:?must_be_set}\n": "B: must_be_set",
         "FROM busybox\nRUN --mount=type=cache,target=/x true\n": "RUN --mount is not supported",
+        "FROM busybox\nRUN --network=bridge true\n": "RUN --network=bridge: none, host or default",
     }
     for text, message in cases.items():
         r = env.build(ctx, "-f", "-", check=False, stdin=text)
@@ -698,6 +699,28 @@ def test_bad_input_is_one_line(env: Env) -> None:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (text, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+@needs_tools
+def test_run_network(env: Env) -> None:
+    """RUN steps get the host's network (a connection, as buildah's) unless RUN --network=none or
+    `pyunion build --network none` says otherwise; default is the build's."""
+    ctx = env.tmp / "ctx-net"
+    ctx.mkdir()
+    text = (
+        "FROM busybox\nUSER root\n"
+        "RUN ls /sys/class/net > /default\n"
+        "RUN --network=none ls /sys/class/net > /none\n"
+        "RUN --network=host ls /sys/class/net > /host\n"
+    )
+    host = "".join(f"{n}\n" for n in sorted(os.listdir("/sys/class/net")))
+    assert host != "lo\n"
+    for opts, default in (((), host), (("--network", "none"), "lo\n")):
+        env.build(ctx, "-f", "-", "-t", "net", *opts, stdin=text)
+        r = pyunion("run", "--store", env.store, "net", "--", "cat", "/default", "/none", "/host")
+        assert r.stdout == default + "lo\n" + host, r.stderr
+    r = env.build(ctx, "-f", "-", "--network", "bridge", check=False, stdin=text)
+    assert r.returncode != 0 and "unsupported network mode 'bridge'" in r.stderr, r.stderr
 
 
 def _build_within(env: Env, ctx: Path, *args: str) -> subprocess.CompletedProcess[str]:

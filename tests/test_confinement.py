@@ -103,8 +103,7 @@ class Podman:
             "none",
             "run",
             "--rm",
-            "--network",
-            "host",
+            *(() if "--network" in opts else ("--network", "host")),
             "--ulimit",
             "nofile=1024:1024",
             "--ulimit",
@@ -1208,3 +1207,75 @@ def test_device_nodes_made_in_the_container_do_not_open(env: Env, tmp_path: Path
     (vol / "z").unlink()
     r = env.sh(script, "--privileged", "-v", f"{vol}:/vol")
     assert r.stdout.split() == ["00", "00", "00"], r.stderr
+
+
+# -- the network -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("opts", "reached"),
+    [
+        ((), False),  # the default: a network namespace of the container's own
+        (("--network", "none"), False),
+        (("--net=none",), False),
+        (("--network", "host"), True),
+        (("--net", "host", "--privileged"), True),
+    ],
+)
+def test_host_services_out_of_reach(env: Env, opts: tuple[str, ...], reached: bool) -> None:
+    """A TCP listener on the host's localhost and an abstract Unix socket (D-Bus, X11 and
+    systemd's private sockets are such) are out of the container's reach, as in podman; a
+    root container shared the host's network before, and reached both as the host's uid 0.
+    With --network host it reaches them: the test fails on the old code."""
+    name = f"pyunion-test-{os.getpid()}-{os.urandom(4).hex()}"
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
+    ):
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(4)
+        unix.bind("\0" + name)
+        unix.listen(4)
+        port = tcp.getsockname()[1]
+        r = env.sh(
+            f"grep -c @{name} /proc/net/unix; hostile connect {port}; hostile connect @{name}",
+            *opts,
+        )
+        want = "1\nconnected\nconnected\n" if reached else "0\nerrno 111\nerrno 111\n"
+        assert r.stdout == want, r.stderr
+        if reached:  # the host's sockets did get what the container sent
+            for listener in (tcp, unix):
+                listener.settimeout(10)
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(10)
+                    assert conn.recv(16) == b"hostile"
+
+
+NET_PROBE = "ls /sys/class/net; cat /sys/class/net/lo/flags; tail -n +3 /proc/net/dev | cut -d: -f1"
+
+
+def test_network_none_is_podmans(env: Env, podman: Podman) -> None:
+    """--network none: only the loopback, up, seen in /sys and /proc/net alike (a fresh
+    sysfs of the container's namespace), as podman gives it."""
+    ours = env.sh(NET_PROBE)
+    assert ours.stdout == "lo\n0x9\n    lo\n", ours.stderr
+    assert ours.stdout == podman.sh(NET_PROBE, "--network", "none").stdout
+    r = env.sh("ls /sys/class/net", "--network", "host")
+    assert r.stdout.split() == sorted(os.listdir("/sys/class/net")), r.stderr
+
+
+def test_loopback_works_inside(env: Env) -> None:
+    """A server and a client in the container talk over its own loopback, and the
+    container's name is on it (/etc/hosts, as podman writes it)."""
+    script = (
+        "nc -l -p 4711 -e sh -c 'cat > /tmp/got' & "  # -e: not nc's stdin, at EOF already
+        "for i in $(seq 100); do echo inside | nc 127.0.0.1 4711 2>/dev/null && break; "
+        "usleep 50000; done; wait; cat /tmp/got; grep -w box /etc/hosts"
+    )
+    r = env.sh(script, "--hostname", "box")
+    assert r.stdout == "inside\n127.0.0.1\tbox\n", r.stderr
+
+
+def test_unknown_network_mode_is_one_line(env: Env) -> None:
+    r = env.sh("true", "--network", "bridge")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    assert "unsupported network mode 'bridge'" in r.stderr

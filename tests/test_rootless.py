@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import site
+import socket
 import stat
 import subprocess
 import sys
@@ -890,6 +891,45 @@ def test_confinement_is_roots(
     assert "Read-only file system" in mine  # /proc/sys
     if opts == ("-u", "root"):
         assert "CapEff:\t00000000800405fb" in mine and "Operation not permitted" in mine
+
+
+# -- the network -----------------------------------------------------------------------------------
+def test_rootless_network(user: User, user_store: Path) -> None:
+    """--network none (the default) in a user namespace: only the loopback, up and working,
+    a fresh sysfs of the container's namespace (the kernel refuses one for the host's
+    network, where the host's /sys is bound), and neither the host's localhost nor its
+    abstract Unix sockets in reach; --network host reaches both."""
+    home = user_store.parents[2]
+    name = f"pyunion-test-{os.getpid()}-{os.urandom(4).hex()}"
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
+    ):
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(4)
+        unix.bind("\0" + name)
+        unix.listen(4)
+        port = tcp.getsockname()[1]
+        script = (
+            "ls /sys/class/net | tr '\\n' ' '; echo; stat -c %d /sys; "
+            f"grep -c @{name} /proc/net/unix; "
+            f"nc 127.0.0.1 {port} -e true 2>/dev/null && echo reached; "
+            "nc -l -p 4711 -e sh -c 'cat > /tmp/got' & "  # -e: not nc's stdin, at EOF already
+            "for i in $(seq 100); do echo inside | nc 127.0.0.1 4711 2>/dev/null && break; "
+            "usleep 50000; done; wait; cat /tmp/got"
+        )
+        host_sys = os.stat("/sys").st_dev
+        host_links = " ".join(sorted(os.listdir("/sys/class/net")))
+        for opts, want in (
+            ((), ["lo ", "fresh", "0", "inside"]),
+            (("--network", "host"), [f"{host_links} ", str(host_sys), "1", "reached", "inside"]),
+        ):
+            r = user.pyunion(home, "run", *opts, "sample", "--", "sh", "-c", script)
+            lines = r.stdout.splitlines()
+            if not opts:
+                assert lines[1] != str(host_sys), r.stdout
+                lines[1] = "fresh"
+            assert lines == want, r.stderr
 
 
 # -- the host's mounts ----------------------------------------------------------------------------

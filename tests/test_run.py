@@ -326,13 +326,18 @@ def test_ps_mount_hostname(env: Env) -> None:
 
 def test_dev_and_etc(env: Env) -> None:
     r = env.sh(
-        "echo x > /dev/null && head -c 4 /dev/zero | wc -c && ls /dev && cat /etc/resolv.conf"
+        "echo x > /dev/null && head -c 4 /dev/zero | wc -c && ls /dev && cat /etc/resolv.conf",
+        "--network",
+        "host",
     )
     assert r.returncode == 0, r.stderr
     for name in ("null", "zero", "full", "random", "urandom", "tty", "pts", "shm"):
         assert name in r.stdout.split()
     with open(os.path.realpath("/etc/resolv.conf")) as f:
         assert f.read() in r.stdout
+    # --network none (the default): no name server to reach, the image's own file (podman)
+    r = env.sh("grep -c ' /etc/' /proc/self/mountinfo")
+    assert r.stdout == "2\n", r.stderr  # hosts and hostname
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -994,7 +999,7 @@ def test_image_symlinks_never_lead_out(env: Env, tmp_path: Path) -> None:
     vol = tmp_path / "vol"
     vol.mkdir()
     env.layers = [str(top), *env.layers]
-    r = env.sh("cat /etc/hosts >/dev/null && ls /mnt/v", "-v", f"{vol}:/mnt/v")
+    r = env.sh("cat /etc/hosts >/dev/null && ls /mnt/v", "-v", f"{vol}:/mnt/v", "--network", "host")
     assert r.returncode == 0, r.stderr
     assert os.listdir(victim) == []
 

@@ -89,6 +89,7 @@ class RunOptions:
     user: str | None = None
     volumes: list[str] = field(default_factory=list)
     hostname: str | None = None
+    network: str = "none"  # NETWORK_MODES
     entrypoint: str | None = None
     interactive: bool = False
     tty: bool = False
@@ -138,6 +139,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         "nodev, noexec, bind, rbind, z, Z (ro is recursive)",
     )
     p.add_argument("--hostname", help="the container's host name (default: the host's)")
+    p.add_argument(
+        "--network",
+        "--net",
+        metavar="MODE",
+        help="none (default): a network namespace of its own with only the loopback; "
+        "host: the host's network",
+    )
     p.add_argument("--entrypoint", help="override the image's Entrypoint")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
     p.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
@@ -192,7 +200,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         usage="pyunion run [OPTIONS] LAYER... [-- COMMAND [ARG...]]",
         description="Mount the layers (TOP FIRST, or one image name) under a fresh writable "
         "layer, run COMMAND chroot'd in the merged tree with private mount, pid, "
-        "uts and ipc namespaces, then unmount and throw the writable layer away. "
+        "uts, ipc and network namespaces (--network host: the host's network), then "
+        "unmount and throw the writable layer away. "
         "Exit status: the command's; 125 pyunion failed; 126 cannot execute; "
         "127 not found; 128+N killed by signal N.",
     )
@@ -207,6 +216,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 HOST_NAME_MAX = 64  # the kernel's limit for sethostname(2)
+# none: a network namespace of the container's own, only its loopback up (podman's
+# `--network none`); host: the host's network, its localhost and abstract Unix sockets.
+NETWORK_MODES = ("none", "host")
+DEFAULT_NETWORK = "none"
+
+
+def check_network(mode: str, option: str = "--network") -> str:
+    """MODE if pyunion has that network mode, else a one-line error."""
+    if mode not in NETWORK_MODES:
+        raise _fail(
+            f"{option}: unsupported network mode {mode!r} (none or host: pyunion makes no "
+            "bridge, slirp4netns or pasta network)"
+        )
+    return mode
 
 
 def parse_run_args(args: argparse.Namespace) -> RunOptions:
@@ -250,6 +273,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         user=args.user,
         volumes=args.volume,
         hostname=args.hostname,
+        network=check_network(args.network or DEFAULT_NETWORK),
         entrypoint=args.entrypoint,
         interactive=args.interactive,
         tty=args.tty,
@@ -470,11 +494,19 @@ def parse_volumes(specs: list[str]) -> list[volumes.Volume]:
     return [volumes.parse(v) for v in specs]
 
 
-def _host_etc_copies(etc_dir: str, hostname: str | None) -> dict[str, str]:
-    """Copies of the host's resolv.conf, hosts and hostname (symlinks resolved), to bind in."""
+def _host_etc_copies(
+    etc_dir: str, hostname: str | None, name_inside: str, network: str
+) -> dict[str, str]:
+    """Copies of the host's resolv.conf, hosts and hostname (symlinks resolved), to bind in.
+
+    With `--network none` the container's name is on its own loopback (127.0.0.1), as
+    podman writes it (the host's file may give the host's name an address the container
+    cannot reach), and no resolv.conf is bound (the image keeps its own): no name server
+    is reachable, as in podman."""
     os.makedirs(etc_dir, exist_ok=True)
     out = {}
-    for name in ("resolv.conf", "hosts", "hostname"):
+    names = ("hosts", "hostname") if network == "none" else ("resolv.conf", "hosts", "hostname")
+    for name in names:
         try:
             with open(os.path.realpath(f"/etc/{name}"), "rb") as f:
                 data = f.read()
@@ -482,7 +514,11 @@ def _host_etc_copies(etc_dir: str, hostname: str | None) -> dict[str, str]:
             data = b""
         if name == "hostname" and hostname:
             data = hostname.encode() + b"\n"
-        if name == "hosts" and hostname:
+        if name == "hosts" and data and not data.endswith(b"\n"):
+            data += b"\n"  # the line added below must not join the host's last one
+        if name == "hosts" and network == "none":
+            data += f"127.0.0.1\t{name_inside}\n".encode()
+        elif name == "hosts" and hostname:
             data += f"127.0.1.1\t{hostname}\n".encode()
         path = os.path.join(etc_dir, name)
         with open(path, "wb") as f:
@@ -612,6 +648,7 @@ class Runner:
             workdir=opts.workdir or config.get("WorkingDir") or None,
             user=opts.user or config.get("User") or None,
             hostname=hostname,
+            network=opts.network,
             binds=parse_volumes(opts.volumes),
             interactive=opts.interactive,
             tty=opts.tty,
@@ -648,7 +685,9 @@ class Runner:
             os.mkdir(self.sup.upper, 0o755)
             os.mkdir(work, 0o700)
         spec.root = self.sup.merged
-        spec.etc_files = _host_etc_copies(os.path.join(self.sup.tmp, "etc"), opts.hostname)
+        spec.etc_files = _host_etc_copies(
+            os.path.join(self.sup.tmp, "etc"), opts.hostname, spec.hostname, opts.network
+        )
         # init prepares (its seccomp filter, catatonit) while the daemon mounts; it enters
         # the tree on "go".
         self._fork_init(spec)

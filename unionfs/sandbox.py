@@ -4,7 +4,8 @@ Process tree (the parent side lives in `run.py`):
 
     pyunion run (the caller's namespaces; makes the FUSE mount as a detached mount fd)
      └─ init: pid 1 of a new pid ns (a fork of pyunion, not dumpable: it holds pyunion's
-         │  memory until it execs catatonit); new mount, uts and ipc namespaces,
+         │  memory until it execs catatonit); new mount, uts and ipc namespaces, and a
+         │  network namespace with only its loopback up (`--network none`, the default),
          │  where it attaches the FUSE mount (the only namespace that ever holds it);
          │  once the container is built it execs catatonit, which stays pid 1
          └─ the command (forked and exec'd by catatonit)
@@ -55,6 +56,7 @@ from .supervise import exit_code as exit_code
 from .supervise import flush_stdio as flush_stdio
 from .syscalls import (
     CLONE_NEWIPC,
+    CLONE_NEWNET,
     CLONE_NEWNS,
     CLONE_NEWUTS,
     MNT_DETACH,
@@ -106,6 +108,7 @@ class ContainerSpec:
     workdir: str | None = None
     user: str | None = None  # USER[:GROUP], names or numbers, from the image's files
     hostname: str = "pyunion"
+    network: str = "none"  # `run.NETWORK_MODES`: none, a namespace of its own; host, the host's
     binds: list[Volume] = field(default_factory=list)
     etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x -> host copy
     interactive: bool = False
@@ -279,11 +282,16 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
 
 
 def _setup_sys(rootfd: int, writable: bool) -> None:
-    """A fresh sysfs, read-only (writable only for --privileged, as podman)."""
+    """A fresh sysfs, read-only (writable only for --privileged, as podman): its
+    /sys/class/net shows the container's network namespace.
+
+    In a user namespace the kernel mounts a sysfs only for a network namespace that
+    namespace owns (`--network none`); with the host's network, the host's /sys is
+    bound read-only instead, as runc does for rootless podman's `--network host`."""
     flags = (0 if writable else MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC
     try:
         _mount_at(rootfd, "/sys", "sysfs", "sysfs", flags, plain=True)
-    except PermissionError:  # sysfs refused (e.g. another net ns): the host's, read-only
+    except PermissionError:  # sysfs refused (the host's net ns, rootless): bind the host's
         _bind(
             rootfd,
             Volume("/sys", "/sys", read_only=not writable, nosuid=True, nodev=True, noexec=True),
@@ -831,11 +839,17 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             if go != b"G" or len(fds) != 1:
                 os._exit(125)  # no container after all: pyunion says why
             mount_fd = fds[0]
-        # All three, or no container (as runc): a container left in the host's ipc
+        # All of them, or no container (as runc): a container left in the host's ipc
         # namespace (it went on with a warning) attached the host root's SysV shared
-        # memory, 0600 as it was, for its root is uid 0 there too.
+        # memory, 0600 as it was, for its root is uid 0 there too. The network namespace
+        # first (`--network none`): the sysfs mounted below is then its own.
+        private_net = spec.network == "none"
         try:
-            unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
+            unshare(
+                CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (CLONE_NEWNET if private_net else 0)
+            )
+            if private_net:
+                syscalls.link_up("lo")
         except OSError as e:
             raise SetupError(f"cannot create the container's namespaces: {e.strerror}") from e
         make_private("/")

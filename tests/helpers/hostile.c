@@ -19,6 +19,9 @@
  *                                          chroot there: print "escaped" if PATH is then seen
  *   hostile shm ID                         attach SysV shared memory ID: print "shm TEXT" (its
  *                                          first bytes) or "errno N"
+ *   hostile connect @NAME|PORT             connect to the abstract Unix socket NAME or to TCP
+ *                                          PORT on 127.0.0.1 and send "hostile": print
+ *                                          "connected" or "errno N"
  *   suid-status                            the same (a setuid-root copy of this program)
  */
 #define _GNU_SOURCE
@@ -27,6 +30,7 @@
 #include <sys/mount.h>
 #include <sched.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +43,9 @@
 #include <sys/ioctl.h>
 #include <sys/time.h>
 #include <sys/types.h>
+#include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -274,6 +281,34 @@ static int shm(const char *id) {
     return 0;
 }
 
+static int connect_to(const char *where) {
+    struct sockaddr_un un = {.sun_family = AF_UNIX};
+    struct sockaddr_in in = {.sin_family = AF_INET};
+    struct sockaddr *addr;
+    socklen_t len;
+    int fd;
+    if (where[0] == '@') {
+        size_t n = strnlen(where + 1, sizeof(un.sun_path) - 1);
+        memcpy(un.sun_path + 1, where + 1, n); /* sun_path[0] = 0: abstract */
+        addr = (struct sockaddr *)&un;
+        len = offsetof(struct sockaddr_un, sun_path) + 1 + n;
+        fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    } else {
+        in.sin_port = htons(atoi(where));
+        in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        addr = (struct sockaddr *)&in;
+        len = sizeof(in);
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+    }
+    if (fd < 0 || connect(fd, addr, len) < 0 || write(fd, "hostile", 7) != 7) {
+        printf("errno %d\n", errno);
+        return 0;
+    }
+    printf("connected\n");
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *base = strrchr(argv[0], '/');
     if (!strcmp(base ? base + 1 : argv[0], "suid-status")) return status();
@@ -288,6 +323,7 @@ int main(int argc, char **argv) {
     if (argc == 2 && !strcmp(argv[1], "stdio")) return stdio();
     if (argc == 3 && !strcmp(argv[1], "chroot-escape")) return chroot_escape(argv[2]);
     if (argc == 3 && !strcmp(argv[1], "shm")) return shm(argv[2]);
+    if (argc == 3 && !strcmp(argv[1], "connect")) return connect_to(argv[2]);
     fprintf(stderr,
             "usage: hostile gethandle|openhandle|syscalls|status|tiocsti|memgrep|sessionkey ...\n");
     return 2;

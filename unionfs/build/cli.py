@@ -99,6 +99,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="print only the image ID (and the commands' own output)",
     )
+    p.add_argument(
+        "--network",
+        "--net",
+        metavar="MODE",
+        default="host",
+        help="the network of RUN steps without their own --network: host (default) "
+        "or none (a namespace with only the loopback)",
+    )
     p.add_argument("--store", metavar="DIR", help="image store directory")
     p.set_defaults(handler=_cmd_build, context_after_layers=None)
 
@@ -123,6 +131,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     # Before the executor is imported: its Containerfile parser (Go code) starts threads, and
     # a multi-threaded process cannot enter a user namespace.
     enter_rootless()
+    from ..run import check_network
     from .executor import BuildOptions, build
 
     context = args.context or args.context_after_layers
@@ -141,6 +150,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             layers=args.layers and not args.squash,
             store=args.store,
             quiet=args.quiet,
+            network=check_network(args.network),
         )
     )
     print(image_id)

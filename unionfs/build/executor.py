@@ -116,6 +116,9 @@ class BuildOptions:
     layers: bool = True  # False: one new layer per stage (--squash)
     store: str | None = None
     quiet: bool = False
+    # RUN's, unless it says --network: the host's, since buildah's and BuildKit's default
+    # (a private namespace with a NAT'ed connection) is one pyunion cannot make.
+    network: str = "host"
 
 
 @dataclass
@@ -466,10 +469,13 @@ class Builder:
     def _layer_step(self, st: _Stage, inst: Instruction, t0: float) -> None:
         if inst.cmd == "RUN":
             argv, created_by, env = self._run_spec(st, inst)
-            key = step_key(st.image.id, "RUN", argv, sorted(env))
+            network = self._run_network(inst)
+            # The host's network keeps the key it always had; another mode is a step of its own.
+            net_part = [] if network == "host" else [{"network": network}]
+            key = step_key(st.image.id, "RUN", argv, sorted(env), *net_part)
 
             def work(upper: str, lowers: list[str]) -> None:
-                self._run(st, argv, env, upper, lowers, inst)
+                self._run(st, argv, env, upper, lowers, inst, network)
         else:
             plan = self._copy_plan(st, inst)
             created_by, key = plan.created_by, plan.key
@@ -546,6 +552,11 @@ class Builder:
         env = st.scope.run_env(st.image.config["config"])
         return argv, "RUN " + st.scope.history_args() + shown, env
 
+    def _run_network(self, inst: Instruction) -> str:
+        """RUN --network= (checked by the parser), `default` being the build's --network."""
+        mode = inst.flags.get("network") or "default"
+        return self.opts.network if mode == "default" else mode
+
     def _run(
         self,
         st: _Stage,
@@ -554,6 +565,7 @@ class Builder:
         upper: str,
         lowers: list[str],
         inst: Instruction,
+        network: str,
     ) -> None:
         from ..run import RunOptions, run
 
@@ -566,6 +578,7 @@ class Builder:
             workdir=cfg.get("WorkingDir") or None,
             user=cfg.get("User") or None,
             upper=upper,
+            network=network,
             quiet=True,
         )
         self.out.flush()

@@ -73,7 +73,11 @@ FLAGS: dict[str, set[str]] = {
     "COPY": {"from", "chown", "chmod", "link"},
     "ADD": {"chown", "chmod", "link"},
     "HEALTHCHECK": {"interval", "timeout", "start-period", "start-interval", "retries"},
+    "RUN": {"network"},
 }
+# RUN --network=: BuildKit's modes that need no network of pyunion's making (default: the
+# build's --network).
+RUN_NETWORKS = ("default", "none", "host")
 NO_ARGS_OK = {"HEALTHCHECK"}
 KNOWN = {
     "FROM",
@@ -132,7 +136,7 @@ def _flags(cmd: str, raw: tuple[str, ...], line: int, original: str) -> dict[str
     for f in (_flag_text(f, original) for f in raw):
         name, eq, value = f[2:].partition("=")
         if name not in allowed:
-            if cmd == "RUN" and name in ("mount", "network", "security"):
+            if cmd == "RUN" and name in ("mount", "security"):
                 raise DockerfileError(
                     f"line {line}: RUN --{name} is not supported by pyunion build"
                 )
@@ -145,6 +149,12 @@ def _flags(cmd: str, raw: tuple[str, ...], line: int, original: str) -> dict[str
         if name in out:
             raise DockerfileError(f"line {line}: {cmd} --{name} given twice")
         out[name] = value if eq else None
+    net = out.get("network", "default")
+    if cmd == "RUN" and net not in RUN_NETWORKS:
+        raise DockerfileError(
+            f"line {line}: RUN --network={net or ''}: none, host or default "
+            "(pyunion build makes no other network)"
+        )
     return out
 
 
