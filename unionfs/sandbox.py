@@ -851,7 +851,8 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             if private_net:
                 syscalls.link_up("lo")
         except OSError as e:
-            raise SetupError(f"cannot create the container's namespaces: {e.strerror}") from e
+            hint = " (--network host makes no network namespace)" if private_net else ""
+            raise SetupError(f"cannot create the container's namespaces: {e.strerror}{hint}") from e
         make_private("/")
         if mount_fd >= 0:
             _attach_root(spec.root, mount_fd)
