@@ -22,6 +22,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1279,3 +1280,28 @@ def test_unknown_network_mode_is_one_line(env: Env) -> None:
     r = env.sh("true", "--network", "bridge")
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
     assert "unsupported network mode 'bridge'" in r.stderr
+
+
+def test_network_ns_path(env: Env) -> None:
+    """--network ns:PATH joins that namespace (podman's spelling), as it is: its loopback
+    stays down, pyunion brings up only the one of a namespace it made. A path that is
+    no network namespace is one line."""
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "60"])
+    try:
+        path = f"/proc/{holder.pid}/ns/net"
+        for _ in range(100):  # until unshare has exec'd sleep in the new namespace
+            if os.readlink(path) != os.readlink("/proc/self/ns/net"):
+                break
+            time.sleep(0.02)
+        r = env.sh(
+            "readlink /proc/self/ns/net; ls /sys/class/net; cat /sys/class/net/lo/flags",
+            "--network",
+            f"ns:{path}",
+        )
+        assert r.stdout == f"{os.readlink(path)}\nlo\n0x8\n", r.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    r = env.sh("true", "--network", "ns:/etc/passwd")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    assert "not a network namespace" in r.stderr

@@ -144,7 +144,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         "--net",
         metavar="MODE",
         help="none (default): a network namespace of its own with only the loopback; "
-        "host: the host's network",
+        "host: the host's network; ns:PATH: join the network namespace at PATH",
     )
     p.add_argument("--entrypoint", help="override the image's Entrypoint")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin connected")
@@ -217,16 +217,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 HOST_NAME_MAX = 64  # the kernel's limit for sethostname(2)
 # none: a network namespace of the container's own, only its loopback up (podman's
-# `--network none`); host: the host's network, its localhost and abstract Unix sockets.
+# `--network none`); host: the host's network, its localhost and abstract Unix sockets;
+# ns:PATH (run only): join the network namespace at PATH (`ip netns`'s, /proc/PID/ns/net).
 NETWORK_MODES = ("none", "host")
 DEFAULT_NETWORK = "none"
 
 
-def check_network(mode: str, option: str = "--network") -> str:
-    """MODE if pyunion has that network mode, else a one-line error."""
+def check_network(mode: str, option: str = "--network", ns_path: bool = False) -> str:
+    """MODE if pyunion has that network mode (with `ns_path`, ns:PATH too), else a
+    one-line error."""
+    if ns_path and mode.startswith("ns:"):
+        if not mode[3:].startswith("/"):
+            raise _fail(f"{option}: {mode!r}: ns: takes an absolute path")
+        return mode
     if mode not in NETWORK_MODES:
+        more = ", host or ns:PATH" if ns_path else " or host"
         raise _fail(
-            f"{option}: unsupported network mode {mode!r} (none or host: pyunion makes no "
+            f"{option}: unsupported network mode {mode!r} (none{more}: pyunion makes no "
             "bridge, slirp4netns or pasta network)"
         )
     return mode
@@ -273,7 +280,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         user=args.user,
         volumes=args.volume,
         hostname=args.hostname,
-        network=check_network(args.network or DEFAULT_NETWORK),
+        network=check_network(args.network or DEFAULT_NETWORK, ns_path=True),
         entrypoint=args.entrypoint,
         interactive=args.interactive,
         tty=args.tty,

@@ -108,7 +108,7 @@ class ContainerSpec:
     workdir: str | None = None
     user: str | None = None  # USER[:GROUP], names or numbers, from the image's files
     hostname: str = "pyunion"
-    network: str = "none"  # `run.NETWORK_MODES`: none, a namespace of its own; host, the host's
+    network: str = "none"  # none: a namespace of its own; host: the host's; ns:PATH: join it
     binds: list[Volume] = field(default_factory=list)
     etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x -> host copy
     interactive: bool = False
@@ -367,6 +367,30 @@ def _make_workdir(path: str, uid: int, gid: int) -> None:
     if (uid, gid) != (0, 0):
         for p in missing:
             os.chown(p, uid, gid, follow_symlinks=False)
+
+
+def _join_netns(path: str) -> None:
+    """Enter the network namespace at PATH (`--network ns:PATH`), before the mount
+    namespace is made, while the host's tree is in view.
+
+    Its directories are resolved as root's other paths (`tree.open_trusted`: no symlink
+    another user swapped in on the way); the last component is opened by the kernel,
+    which follows /proc/PID/ns/net, a link that is no path. setns(2) checks it is a
+    network namespace that this process may enter (CAP_SYS_ADMIN over its owner)."""
+    parent, name = os.path.split(path.rstrip("/"))
+    try:
+        dfd = open_trusted(parent or "/")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        try:
+            syscalls.setns(fd, CLONE_NEWNET)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        why = "not a network namespace" if e.errno == errno.EINVAL else e.strerror
+        raise SetupError(f"cannot join the network namespace {path!r}: {why}") from e
 
 
 def _attach_root(root: str, mount_fd: int) -> None:
@@ -844,6 +868,8 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         # memory, 0600 as it was, for its root is uid 0 there too. The network namespace
         # first (`--network none`): the sysfs mounted below is then its own.
         private_net = spec.network == "none"
+        if spec.network.startswith("ns:"):
+            _join_netns(spec.network[3:])
         try:
             unshare(
                 CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (CLONE_NEWNET if private_net else 0)
