@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import importlib
 import os
 import stat
-import struct
 import sys
 from types import ModuleType
 
@@ -292,7 +290,11 @@ def link_up(name: str) -> None:
     """Bring the network interface NAME up (SIOCSIFFLAGS, CAP_NET_ADMIN in its network
     namespace): a new namespace's loopback starts down, and no address answers on it.
     Its other flags a user can change are all clear then, so IFF_UP alone is set."""
-    import socket  # here: ~7 ms to import, for pyunion run's init only
+    # Here: for pyunion run's init only (socket is ~7 ms to import, and a mount's client
+    # imports this module).
+    import fcntl
+    import socket
+    import struct
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), IFF_UP))  # ifreq
