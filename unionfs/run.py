@@ -223,18 +223,19 @@ NETWORK_MODES = ("none", "host")
 DEFAULT_NETWORK = "none"
 
 
-def check_network(mode: str, option: str = "--network", ns_path: bool = False) -> str:
+def check_network(mode: str, ns_path: bool = False, code: int = TOOL_ERROR) -> str:
     """MODE if pyunion has that network mode (with `ns_path`, ns:PATH too), else a
-    one-line error."""
+    one-line error (exit `code`: run's 125, build's 1)."""
     if ns_path and mode.startswith("ns:"):
         if not mode[3:].startswith("/"):
-            raise _fail(f"{option}: {mode!r}: ns: takes an absolute path")
+            raise UserError(f"--network: {mode!r}: ns: takes an absolute path", code)
         return mode
     if mode not in NETWORK_MODES:
         more = ", host or ns:PATH" if ns_path else " or host"
-        raise _fail(
-            f"{option}: unsupported network mode {mode!r} (none{more}: pyunion makes no "
-            "bridge, slirp4netns or pasta network)"
+        raise UserError(
+            f"--network: unsupported network mode {mode!r} (none{more}: pyunion makes no "
+            "bridge, slirp4netns or pasta network)",
+            code,
         )
     return mode
 

@@ -150,7 +150,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             layers=args.layers and not args.squash,
             store=args.store,
             quiet=args.quiet,
-            network=check_network(args.network),
+            network=check_network(args.network, code=1),
         )
     )
     print(image_id)
