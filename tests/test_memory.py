@@ -146,3 +146,38 @@ def test_stats_are_kept_compact(tmp_path: Path) -> None:
         assert f0 != f1 and f0 == compact(os.lstat(low / "f0")) and compact(f0) is f0
     finally:
         u.close()
+
+
+def test_shown_attributes_go_with_their_node(tmp_path: Path) -> None:
+    """The adaptor builds a lower object's attributes once, and keeps them on its node: when
+    the kernel forgets the nodes of a listing, what stays per name is the listing's entry
+    (name, `Entry`, `Stat`: ~270 bytes), not also the attributes shown (~250 more, kept
+    in a table of the adaptor's until it held 65,536 of them)."""
+    (tmp_path / "low" / "d").mkdir(parents=True)
+    for i in range(2000):
+        (tmp_path / "low" / "d" / f"f{i:05d}").write_text("")
+    out = python_output(
+        "import gc, tracemalloc\n"
+        "from unionfs.fuseops import FuseOps\n"
+        "from unionfs.inodes import ROOT_ID\n"
+        "from unionfs.layers import LayerStack\n"
+        "from unionfs.union import Union\n"
+        f"u = Union(LayerStack([{str(tmp_path / 'low')!r}], None), -1)\n"
+        "ops = FuseOps(u)\n"
+        "d = u.lookup(u.node(ROOT_ID), b'd')\n"
+        "tracemalloc.start()\n"
+        "fh = u.opendir(d)\n"
+        "shown = [(n.ino, ops._attr(n)) for name, n, _, counted in u.readdir(fh, 0) if counted]\n"
+        "u.releasedir(fh)\n"
+        "print(len(shown), all(ops._attr(u.node(i)) is a for i, a in shown))\n"
+        "for ino, _ in shown:\n"
+        "    u.forget(ino, 1)\n"
+        "del shown\n"
+        "gc.collect()\n"
+        "print(len(d.listing), tracemalloc.get_traced_memory()[0] // len(d.listing))\n"
+        "u.close()\n"
+    )
+    first, second = out.split("\n")[:2]
+    assert first == "2000 True"
+    n, per_name = map(int, second.split())
+    assert n == 2000 and per_name <= 350, per_name

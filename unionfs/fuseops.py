@@ -13,8 +13,9 @@ across the operations it sends us (it invalidates a parent's attributes after
 create/unlink/rename, a file's after write and setattr). Lower layers never
 change while mounted. So entries, negative entries and attributes are given
 long timeouts, and file data keeps the page cache across opens (`keep_cache`).
-The attributes of a lower object are built once and kept (`_shown`) until the
-core says the object changed (`Union.changed`: copied up, or linked by the
+The attributes of a lower object are built once and kept on its node
+(`Node.attr`, so they go when the kernel forgets it) until the core says the
+object changed (`Union.changed`: copied up, or linked by the
 daemon itself, when the kernel's copy is invalidated too). The one slow
 operation, the data copy of a large copy-up, runs in a worker thread; other
 requests on the same node wait for it, the rest go on.
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 86400.0
 THREAD_COPY_MIN = 1 << 20  # copy-ups of more bytes than this run in a worker thread
-SHOWN_MAX = 1 << 16  # attributes kept for lower objects; past that the memo starts afresh
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -111,9 +111,6 @@ class FuseOps(pyfuse3.Operations):
         # O_RDWR without O_APPEND, as that mode needs (see Union.open).
         self.enable_writeback_cache = core.writeback
         self._copying: dict[int, trio.Event] = {}
-        # What the kernel was told of lower objects (their attributes never change
-        # while they stay lower): node id -> attributes, dropped on Union.changed.
-        self._shown: dict[int, pyfuse3.EntryAttributes] = {}
         core.changed = self._changed
         if debug:
             self._wrap_debug()
@@ -185,7 +182,7 @@ class FuseOps(pyfuse3.Operations):
 
     # -- attributes ------------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        a = self._shown.get(node.ino)
+        a: pyfuse3.EntryAttributes | None = node.attr
         return a if a is not None else self._build_attr(node)
 
     def _build_attr(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -209,14 +206,14 @@ class FuseOps(pyfuse3.Operations):
         a.st_ctime_ns = ctime
         if not self.core.needs_copyup(node) or node.unlinked:
             return a  # upper objects change: ask each time
-        if len(self._shown) >= SHOWN_MAX:
-            self._shown.clear()
-        self._shown[node.ino] = a  # lower objects never change while mounted
+        # What the kernel was told of a lower object (its attributes never change while
+        # it stays lower), kept with its node: dropped on Union.changed and on FORGET.
+        node.attr = a
         return a
 
     def _changed(self, node: Node, links: bool) -> None:
         """The core's notification: `node` was copied up, or (`links`) linked by the daemon."""
-        self._shown.pop(node.ino, None)
+        node.attr = None
         if links:  # the kernel's st_nlink of the inode is stale
             # OSError: the kernel does not know the inode (ENOENT): nothing cached.
             with contextlib.suppress(OSError):
@@ -275,8 +272,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        a = self._shown.get(inode)  # a lower object's attributes: no need for its node
-        return a if a is not None else self._build_attr(self.core.node(inode))
+        return self._attr(self.core.node(inode))
 
     @_fuse_errors
     async def setattr(
@@ -424,10 +420,9 @@ class FuseOps(pyfuse3.Operations):
         core = self.core
         reply = pyfuse3.readdir_reply
         build = self._build_attr
-        shown = self._shown.get
         for name, node, nxt, counted in core.readdir(fh, start_id):
             try:
-                attr = shown(node.ino) or build(node)
+                attr = node.attr or build(node)
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     raise
@@ -524,7 +519,7 @@ class MappedFuseOps(FuseOps):
 
     Replies show `IdMap.shown_*` of what is on disk; requests hand the core
     `IdMap.disk_*` of what the kernel sent. The attributes of lower objects
-    are memoized already mapped (`_shown`), so the map costs once per object.
+    are memoized already mapped (`Node.attr`), so the map costs once per object.
     """
 
     def __init__(self, core: Union, idmap: IdMap, debug: bool = False) -> None:

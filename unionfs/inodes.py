@@ -31,7 +31,7 @@ import operator
 import os
 import struct
 import weakref
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from .handles import Handle
@@ -147,6 +147,7 @@ class Node:
 
     __slots__ = (
         "__weakref__",
+        "attr",
         "chain",
         "fds",
         "handles",
@@ -198,6 +199,9 @@ class Node:
         # upper object's xattrs change only through the daemon, which clears this.
         self.xnames: frozenset[bytes] | None = None
         self.mtime_pin: tuple[int, int] | None = None  # see Union.writeback
+        # The adaptor's memo of what it showed the kernel of a lower object (fuseops.py:
+        # `FuseOps._attr`): kept here, it goes when the node goes (FORGET).
+        self.attr: Any = None
 
     def close_fds(self) -> None:
         if self.parent is None:
