@@ -17,6 +17,7 @@ from support import daemon_of, mounted, needs_fuse, python_output
 from unionfs.inodes import ROOT_ID, STAT_FIELDS, Stat, compact, stat_fields
 from unionfs.layers import LayerStack
 from unionfs.mount import _state_name
+from unionfs.resolve import FileEntry
 from unionfs.union import Union
 
 # Shared objects a daemon would map only for TLS or OpenSSL's hashes.
@@ -114,7 +115,8 @@ def test_mounted_daemon_maps_no_openssl(layers: tuple) -> None:
 
 def test_stats_are_kept_compact(tmp_path: Path) -> None:
     """What listings and nodes keep of a lower object is a `Stat`, equal to its lstat, in one
-    object of at most 160 bytes; a time a `Stat` cannot hold keeps the whole stat."""
+    object of at most 160 bytes, which for a file is its listing entry too; a time a `Stat`
+    cannot hold keeps the whole stat."""
     low = tmp_path / "low"
     low.mkdir()
     for i in range(3):
@@ -134,7 +136,7 @@ def test_stats_are_kept_compact(tmp_path: Path) -> None:
             assert node is not None
             real = os.lstat(low / os.fsdecode(name))
             for st in (entry.st, node.st, u.stat(node)[0]):
-                assert type(st) is (os.stat_result if name == b"old" else Stat)
+                assert isinstance(st, os.stat_result if name == b"old" else Stat)
                 assert {f: getattr(st, f) for f in STAT_FIELDS} == {
                     f: getattr(real, f) for f in STAT_FIELDS
                 }
@@ -142,8 +144,12 @@ def test_stats_are_kept_compact(tmp_path: Path) -> None:
             assert entry.ident() == (real.st_dev, real.st_ino) and entry.origin is None
             assert u.resolver.resolve(root, name) == entry
         f0, f1 = listing[b"f0"].st, listing[b"f1"].st
+        # A file's entry is its stat, one object: no tuple beside it.
+        assert listing[b"f0"] is f0 and type(f0) is FileEntry and f0.layer == 1  # 0: the upper
+        assert type(listing[b"d"].st) is Stat and type(listing[b"old"].st) is os.stat_result
         assert sys.getsizeof(f0) <= 160
-        assert f0 != f1 and f0 == compact(os.lstat(low / "f0")) and compact(f0) is f0
+        assert f0 != f1 and stat_fields(f0) == stat_fields(compact(os.lstat(low / "f0")))
+        assert compact(f0) is f0
     finally:
         u.close()
 

@@ -27,6 +27,7 @@ adaptor reads all of them at once (`stat_fields`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import os
 import struct
@@ -61,6 +62,7 @@ STAT_FIELDS = (
 _fields = operator.attrgetter(*STAT_FIELDS)
 # The C types of struct stat, in the order of STAT_FIELDS; times as int64 ns (until 2262).
 _LAYOUT = struct.Struct("=IQQQIIqqqqqqQ")
+STAT_SIZE = _LAYOUT.size  # bytes of a `Stat`'s fields (a subclass's own follow them)
 
 
 def _field(i: int) -> property:
@@ -110,7 +112,7 @@ class Stat(bytes):
 AnyStat: TypeAlias = "Stat | os.stat_result"
 
 _unpack = _LAYOUT.unpack
-_pack = _LAYOUT.pack
+_unpack_from = _LAYOUT.unpack_from
 
 
 def stat_fields(
@@ -119,18 +121,32 @@ def stat_fields(
     """All of `STAT_FIELDS` at once, in that order (one unpack for a `Stat`)."""
     if type(st) is Stat:
         return _unpack(st)
+    if isinstance(st, Stat):  # with more bytes after the fields (resolve.FileEntry)
+        return _unpack_from(st)
     return _fields(st)
 
 
 def compact(st: AnyStat) -> AnyStat:
     """`st` as a `Stat`, or itself if it is one already or does not fit one (a time
     before 1678 or after 2262: kept whole, rare enough)."""
-    if type(st) is Stat:
+    if isinstance(st, Stat):
         return st
+    packed = pack_stat(st)
+    return st if packed is None else Stat(packed)
+
+
+def pack_stat(st: os.stat_result, *extra: int) -> bytes | None:
+    """The `Stat` bytes of `st`, followed by `extra` as unsigned 16-bit numbers (a subclass's
+    own fields); None if a time does not fit (see `compact`)."""
     try:
-        return Stat(_pack(*_fields(st)))
+        return (_LAYOUT if not extra else _layout_plus(len(extra))).pack(*_fields(st), *extra)
     except struct.error:
-        return st
+        return None
+
+
+@functools.cache
+def _layout_plus(n: int) -> struct.Struct:
+    return struct.Struct(_LAYOUT.format + "H" * n)
 
 
 # The `fds` of every non-directory: one shared list, never changed (only a directory's are).

@@ -29,11 +29,12 @@ import errno
 import os
 import resource
 import stat
+import struct
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 from .errors import FsError
-from .inodes import AnyStat, InodeTable, Node, compact
+from .inodes import STAT_SIZE, AnyStat, InodeTable, Node, Stat, compact, pack_stat
 from .layers import LayerStack, open_dir_at
 from .whiteout import (
     OPAQUE_XATTRS,
@@ -45,8 +46,11 @@ from .whiteout import (
 )
 
 
-class Entry(NamedTuple):
-    """A resolved name: where its topmost instance lives and, for a directory, its chain."""
+class MergedEntry(NamedTuple):
+    """A resolved name: where its topmost instance lives and, for a directory, its chain.
+
+    Most names are non-directories: those are a `FileEntry`, one object where this
+    takes two (`Entry` is either)."""
 
     layer: int
     st: AnyStat  # kept in listings and nodes: compact (inodes.compact)
@@ -59,6 +63,48 @@ class Entry(NamedTuple):
         """(dev, ino) that gives the object its identity: its topmost lower instance's."""
         o = self.origin
         return o if o is not None else (self.st.st_dev, self.st.st_ino)
+
+
+class FileEntry(Stat):
+    """A resolved non-directory: its `Stat` with its layer in two more bytes, read as an
+    `Entry` is (no chain, no origin). A listing keeps one object per such name where an
+    `Entry` would add a tuple (80 bytes) beside the `Stat`; `st` is the entry itself."""
+
+    __slots__ = ()
+    chain: tuple[int, ...] = ()
+    origin: tuple[int, int] | None = None
+
+    @property
+    def layer(self) -> int:
+        layer: int = _layer(self, STAT_SIZE)[0]
+        return layer
+
+    @property
+    def st(self) -> FileEntry:
+        return self
+
+    def ident(self) -> tuple[int, int]:
+        return (self.st_dev, self.st_ino)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not FileEntry:
+            return NotImplemented
+        return bytes.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        if type(other) is not FileEntry:
+            return NotImplemented
+        return bytes.__ne__(self, other)
+
+    __hash__ = bytes.__hash__
+
+    def __repr__(self) -> str:
+        return f"FileEntry(layer={self.layer}, st={Stat.__repr__(self)})"
+
+
+_layer = struct.Struct("=H").unpack_from
+# What a name resolves to: a `FileEntry` for most non-directories, else a `MergedEntry`.
+Entry: TypeAlias = "MergedEntry | FileEntry"
 
 
 _IFMT, _IFDIR, _IFREG, _IFCHR = 0o170000, stat.S_IFDIR, stat.S_IFREG, stat.S_IFCHR
@@ -289,9 +335,11 @@ class Resolver:
                 elif kind == _IFREG and st.st_size == 0 and self._is_xwhiteout(d, pos, name, st):
                     break
                 top = (layer, st)
-                if not stat.S_ISDIR(st.st_mode):
-                    cst = compact(st)
-                    return Entry(layer, cst, (), None)  # hides all below
+                if not stat.S_ISDIR(st.st_mode):  # hides all below
+                    packed = pack_stat(st, layer)
+                    if packed is None:
+                        return MergedEntry(layer, st, (), None)  # a time no `Stat` holds
+                    return FileEntry(packed)
                 if layer != 0:
                     origin_st = st
             elif kind != _IFDIR:
@@ -311,7 +359,7 @@ class Resolver:
             return None
         ost = None if origin_st is None or origin_st is top[1] else origin_st
         origin = None if ost is None else (ost.st_dev, ost.st_ino)
-        return Entry(top[0], compact(top[1]), tuple(chain), origin)
+        return MergedEntry(top[0], compact(top[1]), tuple(chain), origin)
 
     # -- listing -------------------------------------------------------------
     def listing(self, d: Node) -> dict[bytes, Entry]:
