@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import FsError
-from .inodes import InodeTable, Node
+from .inodes import DirNode, InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .resolve import Resolver
 from .syscalls import chmod_nofollow, fdpath
@@ -254,12 +254,13 @@ class CopyUp:
             rmtree_at(self.work_fd, tmp)
             raise
         set_times(pfd, pst)
+        assert isinstance(d, DirNode)
         d.chain = (0, *d.chain)
         d.fds.insert(0, -1)
         self.resolver.keep_fd(d, 0, fd)
         d.xwh = None
         d.xnames = None
-        parent.listing = None
+        parent.drop_listing()
         # A directory of one layer shows its own st_nlink, a merged one 1 (as the
         # kernel's): the kernel's cached count is stale when it just became merged.
         self.changed(d, len(d.chain) == 2)
@@ -354,7 +355,7 @@ class CopyUp:
         old_layer = node.layer
         node.layer = 0
         node.xnames = None
-        node.parent.listing = None
+        node.parent.drop_listing()
         self._reopen_handles(node, pfd)
         self.changed(node, False)
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and old_layer != 0:
@@ -378,7 +379,7 @@ class CopyUp:
         for parent, name in list(node.links or ()):
             self.link_alias(node, src_fd, parent, name)
             if parent.listing is not None:
-                parent.listing = None
+                parent.drop_listing()
         if node.links:
             self.changed(node, True)
 

@@ -17,7 +17,7 @@ import os
 import stat
 
 from .copyup import CopyUp
-from .inodes import InodeTable, Node
+from .inodes import DirNode, InodeTable, Node, new_node
 from .layers import LayerStack
 from .resolve import Entry, Resolver
 
@@ -48,7 +48,7 @@ class Identity:
             if not is_dir and node.layer == 0 and entry.layer != 0 and self.stack.writable:
                 # Another name of a lower hard link whose object was copied up: link it too.
                 self._link_alias(node, parent, name)
-            elif is_dir:
+            elif isinstance(node, DirNode):
                 if node.parent is not parent or node.name != name:
                     node.close_fds()
                     node.parent, node.name = parent, name
@@ -62,7 +62,7 @@ class Identity:
                 self._link_alias(up, parent, name)
                 self.table.nodes[up.ino] = up
                 return up
-        new = Node(nid, parent, name, is_dir, entry.layer, entry.chain)
+        new = new_node(nid, parent, name, is_dir, entry.layer, entry.chain)
         if entry.layer != 0:
             new.st = entry.st
         if node is not None:
@@ -75,7 +75,7 @@ class Identity:
         assert up.parent is not None
         self.copyup.link_alias(up, self.resolver.dirfd(up.parent, 0), parent, name)
         up.add_link(parent, name)
-        parent.listing = None
+        parent.drop_listing()
         self.copyup.changed(up, True)
 
     def new_upper_node(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
@@ -92,7 +92,7 @@ class Identity:
             self.table.copied[(st.st_dev, st.st_ino)] = nid
             old = None
         chain = (0,) if is_dir else ()
-        node = Node(nid, parent, name, is_dir, 0, chain)
+        node = new_node(nid, parent, name, is_dir, 0, chain)
         if old is not None:
             node.nlookup = old.nlookup
         self.table.add(node)
@@ -105,7 +105,7 @@ class Identity:
         if node.is_dir:
             node.unlinked = True
             node.close_fds()
-            node.listing = None
+            node.drop_listing()
         if node.unlinked and st is not None and (node.is_dir or st.st_nlink <= 1):
             self.table.copied.pop((st.st_dev, st.st_ino), None)
             if node.origin is not None and self.copyup.hardlinks.get(node.origin) is node:

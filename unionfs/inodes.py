@@ -157,21 +157,19 @@ class Node:
     """A merged object.
 
     Non-directories live at (`parent`, `name`) in layer `layer` (0: upper).
-    Directories merge the same name in every layer of `chain` (top first);
-    `fds` holds their directory fds in those layers, opened on demand.
+    Directories (`DirNode`) merge the same name in every layer of `chain` (top
+    first); `fds` holds their directory fds in those layers, opened on demand.
+    A non-directory has no slots for those: one is kept per name the kernel
+    holds, most names are files, and each slot is 8 bytes of every one.
     """
 
     __slots__ = (
         "__weakref__",
         "attr",
-        "chain",
-        "fds",
         "handles",
         "ino",
-        "is_dir",
         "layer",
         "links",
-        "listing",
         "mtime_pin",
         "name",
         "nlookup",
@@ -180,18 +178,15 @@ class Node:
         "st",
         "unlinked",
         "xnames",
-        "xwh",
     )
+    is_dir = False
+    # What a directory has of its own (`DirNode`): a non-directory's, never changed.
+    chain: tuple[int, ...] = ()
+    fds: list[int] = _NO_FDS
+    listing: dict[bytes, Entry] | None = None  # see Resolver.listing
+    xwh: frozenset[int] | None = None  # see Resolver.xwh_layers
 
-    def __init__(
-        self,
-        ino: int,
-        parent: Node | None,
-        name: bytes,
-        is_dir: bool,
-        layer: int,
-        chain: tuple[int, ...] = (),
-    ) -> None:
+    def __init__(self, ino: int, parent: Node | None, name: bytes, layer: int) -> None:
         self.ino = ino
         self.nlookup = 0
         self.parent = parent
@@ -200,16 +195,11 @@ class Node:
         # again is no walk of them all (a list made `ln` and `ls -l` of a file with
         # 20,000 names take 37 s of the daemon, all requests waiting).
         self.links: dict[tuple[Node, bytes], None] | None = None
-        self.is_dir = is_dir
         self.layer = layer
-        self.chain = chain
-        self.fds: list[int] = [-1] * len(chain) if is_dir else _NO_FDS
-        self.listing: dict[bytes, Entry] | None = None  # see Resolver.listing
         self.handles: list[Handle] | None = None
         # A copied-up hard link's lower (dev, ino), its key in CopyUp.hardlinks.
         self.origin: tuple[int, int] | None = None
         self.unlinked = False
-        self.xwh: frozenset[int] | None = None  # see Resolver.xwh_layers
         self.st: AnyStat | None = None  # lower objects: their (immutable) stat
         # The object's xattr names, kept once asked: lower objects never change, and an
         # upper object's xattrs change only through the daemon, which clears this.
@@ -219,6 +209,10 @@ class Node:
         # `FuseOps._attr`): kept here, it goes when the node goes (FORGET).
         self.attr: Any = None
 
+    def drop_listing(self) -> None:
+        """Forget the merged listing, which a change in the directory made stale (a
+        directory's: a non-directory has none)."""
+
     def close_fds(self) -> None:
         if self.parent is None:
             return  # the root's fds are the layers' own
@@ -227,13 +221,6 @@ class Node:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 self.fds[i] = -1
-
-    def __del__(self) -> None:
-        # A released directory's fds can be opened again (a child resolves through
-        # it); when the node goes, they go with it, or they would pin the layer
-        # until the daemon exits.
-        with contextlib.suppress(AttributeError):  # a node whose __init__ failed
-            self.close_fds()
 
     def add_link(self, parent: Node, name: bytes) -> None:
         """Remember another name of this object (hard links)."""
@@ -255,6 +242,41 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.name!r} layer={self.layer} chain={self.chain}>"
+
+
+class DirNode(Node):
+    """A merged directory: a `Node` with its chain of layers, their fds, its listing."""
+
+    __slots__ = ("chain", "fds", "listing", "xwh")
+    is_dir = True
+
+    def __init__(
+        self, ino: int, parent: Node | None, name: bytes, layer: int, chain: tuple[int, ...]
+    ) -> None:
+        super().__init__(ino, parent, name, layer)
+        self.chain = chain
+        self.fds = [-1] * len(chain)
+        self.listing = None
+        self.xwh = None
+
+    def drop_listing(self) -> None:
+        self.listing = None
+
+    def __del__(self) -> None:
+        # A released directory's fds can be opened again (a child resolves through
+        # it); when the node goes, they go with it, or they would pin the layer
+        # until the daemon exits.
+        with contextlib.suppress(AttributeError):  # a node whose __init__ failed
+            self.close_fds()
+
+
+def new_node(
+    ino: int, parent: Node | None, name: bytes, is_dir: bool, layer: int, chain: tuple[int, ...]
+) -> Node:
+    """A `DirNode` for a directory, else a `Node`."""
+    if is_dir:
+        return DirNode(ino, parent, name, layer, chain)
+    return Node(ino, parent, name, layer)
 
 
 class InodeTable:
@@ -327,5 +349,6 @@ class InodeTable:
         if self.nodes.get(node.ino) is node:
             del self.nodes[node.ino]
             self._zombies[node.ino] = node
-        node.close_fds()
-        node.listing = None
+        if node.is_dir:
+            node.close_fds()
+            node.drop_listing()

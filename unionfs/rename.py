@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from .copyup import CopyStep
 from .errors import FsError
-from .inodes import Node
+from .inodes import DirNode, Node
 from .resolve import Entry
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from .whiteout import OPQ_OCI, WH_PREFIX, is_whiteout_stat
@@ -115,6 +115,7 @@ class Renamer:
         for fd in d.fds[1:]:
             if d.parent is not None and fd >= 0:
                 os.close(fd)
+        assert isinstance(d, DirNode)
         d.chain = (0,)
         d.fds = [ufd]
         d.listing = None
@@ -222,8 +223,8 @@ class Renamer:
                 os.rename(old_name, new_name, src_dir_fd=old_pfd, dst_dir_fd=new_pfd)
             if wh == "oci":
                 os.unlink(WH_PREFIX + new_name, dir_fd=new_pfd)
-        old_parent.listing = None
-        new_parent.listing = None
+        old_parent.drop_listing()
+        new_parent.drop_listing()
         if dst is not None:
             core.identity.dropped(dst, new_parent, new_name, dst_st)
         core.identity.relink(src, old_parent, old_name, new_parent, new_name)
@@ -243,8 +244,8 @@ class Renamer:
         if b.is_dir:
             self._opaque_for_move(b, old_parent)
         renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
-        old_parent.listing = None
-        new_parent.listing = None
+        old_parent.drop_listing()
+        new_parent.drop_listing()
         # Each relink changes its own node only, and neither node has the other's name.
         core.identity.relink(a, old_parent, old_name, new_parent, new_name)
         core.identity.relink(b, new_parent, new_name, old_parent, old_name)

@@ -34,7 +34,7 @@ import weakref
 from typing import NamedTuple, TypeAlias
 
 from .errors import FsError
-from .inodes import STAT_SIZE, AnyStat, InodeTable, Node, Stat, compact, pack_stat
+from .inodes import STAT_SIZE, AnyStat, DirNode, InodeTable, Node, Stat, compact, pack_stat
 from .layers import LayerStack, open_dir_at
 from .whiteout import (
     OPAQUE_XATTRS,
@@ -267,6 +267,7 @@ class Resolver:
                         found.append(layer)
                 except OSError:
                     pass
+            assert isinstance(d, DirNode)
             d.xwh = frozenset(found)
         return d.xwh
 
@@ -397,6 +398,7 @@ class Resolver:
             entry = merge(d, name, lst, 0, lst[-1][0])
             if entry is not None:
                 result[name] = entry
+        assert isinstance(d, DirNode)
         d.listing = result
         return result
 

@@ -30,7 +30,7 @@ from .copyup import NO_COPYUPS, Changed, CopyJob, CopyPlan, CopyUp, chown_failed
 from .errors import FsError
 from .handles import DirHandle, HandleTable
 from .identity import Identity
-from .inodes import ROOT_ID, AnyStat, InodeTable, Node
+from .inodes import ROOT_ID, AnyStat, DirNode, InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
@@ -92,7 +92,7 @@ class Union:
         self.resolver = Resolver(stack, self.table)
         self.volatile = volatile
         chain = stack.root_chain()
-        root = Node(ROOT_ID, None, b"", True, chain[0], chain)
+        root = DirNode(ROOT_ID, None, b"", chain[0], chain)
         root.fds = [stack.fd(i) for i in chain]
         root.nlookup = 1
         self.root = root
@@ -492,7 +492,7 @@ class Union:
                 if is_dir:
                     self.whiteouts.set_opaque_at(pfd, name)
                 os.unlink(WH_PREFIX + name, dir_fd=pfd)
-        parent.listing = None
+        parent.drop_listing()
         return os.stat(name, dir_fd=pfd, follow_symlinks=False)
 
     def create(
@@ -632,7 +632,7 @@ class Union:
             self._remove_upper(pfd, name, whiteout, False)
         else:
             self.whiteouts.make_whiteout(pfd, name)
-        parent.listing = None
+        parent.drop_listing()
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
@@ -673,7 +673,7 @@ class Union:
                 os.rmdir(name, dir_fd=pfd)
         else:
             self.whiteouts.make_whiteout(pfd, name)
-        parent.listing = None
+        parent.drop_listing()
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
