@@ -32,7 +32,7 @@ import operator
 import os
 import struct
 import weakref
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     from .handles import Handle
@@ -165,7 +165,6 @@ class Node:
 
     __slots__ = (
         "__weakref__",
-        "attr",
         "handles",
         "ino",
         "layer",
@@ -205,9 +204,6 @@ class Node:
         # upper object's xattrs change only through the daemon, which clears this.
         self.xnames: frozenset[bytes] | None = None
         self.mtime_pin: tuple[int, int] | None = None  # see Union.writeback
-        # The adaptor's memo of what it showed the kernel of a lower object (fuseops.py:
-        # `FuseOps._attr`): kept here, it goes when the node goes (FORGET).
-        self.attr: Any = None
 
     def drop_listing(self) -> None:
         """Forget the merged listing, which a change in the directory made stale (a
