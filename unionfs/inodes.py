@@ -169,7 +169,6 @@ class Node:
         "ino",
         "layer",
         "links",
-        "mtime_pin",
         "name",
         "nlookup",
         "origin",
@@ -203,7 +202,6 @@ class Node:
         # The object's xattr names, kept once asked: lower objects never change, and an
         # upper object's xattrs change only through the daemon, which clears this.
         self.xnames: frozenset[bytes] | None = None
-        self.mtime_pin: tuple[int, int] | None = None  # see Union.writeback
 
     def drop_listing(self) -> None:
         """Forget the merged listing, which a change in the directory made stale (a

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import os
 import stat
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -86,8 +87,10 @@ class Union:
         self.owners_optional = owners_optional
         # With the kernel's writeback cache, the kernel keeps mtime and sends it in
         # a setattr, which can overtake the last data writes it flushes: the mtime
-        # it set is re-applied after such writes (Node.mtime_pin).
+        # it set is re-applied after such writes (`_pins`: a file's (atime, mtime) ns,
+        # beside the nodes, not a slot of every one, since only this mode sets it).
         self.writeback = writeback
+        self._pins: weakref.WeakKeyDictionary[Node, tuple[int, int]] = weakref.WeakKeyDictionary()
         self.table = InodeTable(list(stack.devs))
         self.resolver = Resolver(stack, self.table)
         self.volatile = volatile
@@ -392,9 +395,10 @@ class Union:
         if not h.writable:
             raise FsError(errno.EBADF)
         n = os.pwrite(h.fd, data, off)
-        pin = h.node.mtime_pin
-        if pin is not None:
-            os.utime(h.fd, ns=pin)
+        if self._pins:
+            pin = self._pins.get(h.node)
+            if pin is not None:
+                os.utime(h.fd, ns=pin)
         return n
 
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -762,7 +766,7 @@ class Union:
                 mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
             os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=not nofollow)
             if self.writeback and not node.is_dir:
-                node.mtime_pin = (atime_ns, mtime_ns)
+                self._pins[node] = (atime_ns, mtime_ns)
         node.xnames = None  # chmod rewrites an ACL
 
     def setxattr(
