@@ -583,8 +583,8 @@ class MappedFuseOps(FuseOps):
     """The adaptor with fuse-overlayfs' owner options: IDs shifted or squashed on the way.
 
     Replies show `IdMap.shown_*` of what is on disk; requests hand the core
-    `IdMap.disk_*` of what the kernel sent. The attributes of lower objects
-    are memoized already mapped (`Node.attr`), so the map costs once per object.
+    `IdMap.disk_*` of what the kernel sent. Attributes are mapped as they are
+    built (`_build_attr`); a bare entry (`BareEntry`) carries no owners to map.
     """
 
     def __init__(self, core: Union, idmap: IdMap, debug: bool = False) -> None:
@@ -592,7 +592,7 @@ class MappedFuseOps(FuseOps):
         super().__init__(core, debug)
 
     def _build_attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        # The object the memo keeps: mapped here, before anything reads it.
+        # Mapped here, before anything reads it.
         a = super()._build_attr(node)
         m = self.idmap
         a.st_uid = m.shown_uid(a.st_uid)
