@@ -232,3 +232,28 @@ def test_a_listing_read_again_shows_the_same_entries(layers: tuple) -> None:
             (False, True, False),
             (True, False, False),
         ]
+
+
+def test_a_listing_of_one_layer_holds_one_names_scan_at_a_time(tmp_path: Path) -> None:
+    """Listing a directory that lies in one layer takes no more memory on the way than it
+    keeps: each name's scan entry and stat go before the next is read. Gathered first, they
+    peaked at ~860 bytes a name beyond what stays, and the pymalloc pools they left among
+    what stays were never returned (3.6 MiB after the benchmark's `find`)."""
+    (tmp_path / "low" / "d").mkdir(parents=True)
+    for i in range(3000):
+        (tmp_path / "low" / "d" / f"f{i:05d}").write_text("")
+    out = python_output(
+        "import tracemalloc\n"
+        "from unionfs.inodes import ROOT_ID\n"
+        "from unionfs.layers import LayerStack\n"
+        "from unionfs.union import Union\n"
+        f"u = Union(LayerStack([{str(tmp_path / 'low')!r}], None), -1)\n"
+        "d = u.lookup(u.node(ROOT_ID), b'd')\n"
+        "tracemalloc.start()\n"
+        "listing = u.resolver.listing(d)\n"
+        "cur, peak = tracemalloc.get_traced_memory()\n"
+        "print(len(listing), (peak - cur) // len(listing))\n"
+        "u.close()\n"
+    )
+    n, beyond = map(int, out.split())
+    assert n == 3000 and beyond <= 64, beyond

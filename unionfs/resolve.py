@@ -367,8 +367,10 @@ class Resolver:
         """The merged listing of `d` (cached on the node until something in it changes)."""
         if d.listing is not None:
             return d.listing
-        occ: dict[bytes, list[Occurrence]] = {}
         n = len(d.chain)
+        if n == 1:
+            return self._listing_of_one(d)
+        occ: dict[bytes, list[Occurrence]] = {}
         for pos in range(n):
             fd = self.dirfd(d, pos)
             wh_here: list[bytes] = []
@@ -398,6 +400,30 @@ class Resolver:
             entry = merge(d, name, lst, 0, lst[-1][0])
             if entry is not None:
                 result[name] = entry
+        assert isinstance(d, DirNode)
+        d.listing = result
+        return result
+
+    def _listing_of_one(self, d: Node) -> dict[bytes, Entry]:
+        """`listing` of a directory in one layer: each name merged as it is read.
+
+        Nothing lies below to hide, so markers hide nothing (an OCI whiteout is skipped,
+        as a listing of more layers skips it in its own layer) and each name's
+        occurrence is its only one. Merged at once, a name's scan entry and stat go
+        before the next is read: gathered first, a 4,000-name directory held ~3 MiB of
+        them at once, and the pymalloc pools they left among the entries that stay were
+        never returned (3.6 MiB of unused pools after the benchmark's `find`).
+        """
+        result: dict[bytes, Entry] = {}
+        merge = self._merge
+        with os.scandir(self.dirfd(d, 0)) as it:
+            for e in it:
+                name = os.fsencode(e.name)
+                if name.startswith(WH_PREFIX):
+                    continue
+                entry = merge(d, name, [(0, _dtype(e), e)], 0, 0)
+                if entry is not None:
+                    result[name] = entry
         assert isinstance(d, DirNode)
         d.listing = result
         return result
