@@ -885,7 +885,7 @@ def test_stdio_files_are_not_the_containers(env: Env, tmp_path: Path) -> None:
 
 
 def test_stdio_named_fifo_is_not_the_containers(env: Env, tmp_path: Path) -> None:
-    """A named FIFO is a host file too (unlike an anonymous pipe): relayed as well."""
+    """A named FIFO is a host file too: relayed as well."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o600)
     reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
@@ -947,6 +947,31 @@ def test_a_pipe_shared_with_the_caller_stays_blocking(env: Env) -> None:
     finally:
         os.close(out_r)
         os.close(out_w)
+
+
+def test_the_callers_stdout_pipe_cannot_be_read_in_the_container(env: Env) -> None:
+    """An anonymous pipe is an inode of its own too, its creator's (0600): given the
+    caller's pipe (even opened anew), root in the container opened /proc/self/fd/1 for
+    reading and took what another writer of the caller's had put there (a CI job's
+    parallel steps, `{ pyunion run ... & secret; } | log`) before the caller's reader
+    saw it. It gets a pipe of pyunion's, which holds only its own output."""
+    out_r, out_w = os.pipe()
+    try:
+        os.write(out_w, b"SECRET\n")  # another writer's, not yet read by the caller
+        script = (
+            "dd bs=64 count=1 </proc/self/fd/1 >&2 2>/dev/null & p=$!; "
+            "sleep 1; kill $p 2>/dev/null; wait $p; echo done"
+        )
+        r = env.run_with("sh", "-c", script, stdout=out_w)
+        os.close(out_w)
+        out_w = -1
+        assert r.returncode == 0, r.stderr
+        assert "SECRET" not in r.stderr
+        assert os.read(out_r, 100) == b"SECRET\ndone\n"
+    finally:
+        for fd in (out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
 
 
 def test_stdout_and_stderr_to_one_file_keep_their_order(env: Env, tmp_path: Path) -> None:

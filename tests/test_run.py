@@ -536,7 +536,7 @@ def test_sigterm_while_nobody_reads_the_terminal(env: Env) -> None:
 
 
 def test_output_that_cannot_be_written_is_not_swallowed(env: Env, tmp_path: Path) -> None:
-    """stdout relayed by pyunion (not an anonymous pipe) whose destination fails: the
+    """stdout relayed by pyunion whose destination fails: the
     command's writes fail too (a reader gone: SIGPIPE, 141, at once) and a full device
     is said in one line, rather than the command running on with its output dropped."""
     fifo = tmp_path / "fifo"

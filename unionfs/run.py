@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import gc
 import os
 import signal
 import socket
-import stat
 import sys
 import tempfile
 import termios
@@ -881,23 +879,20 @@ class Runner:
 
 
 def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
-    """(our fd, the container's end, our end) for each stdio fd: an anonymous pipe
-    reaches the container as an open file of its own on that pipe (`_reopened`, our end
-    None); anything else (a file, a named FIFO, a terminal, a device, a socket) as a
+    """(our fd, the container's end, our end) for each stdio fd: whatever it is (a file,
+    a pipe, a named FIFO, a terminal, a device, a socket), it reaches the container as a
     pipe of ours. stderr on the same file as stdout shares its pipe (our end None), so
     that their order stays the command's.
 
-    An fd passed as is gives the container's root its inode: /proc/self/fd/1 of a
-    `> host-file` could be chmod'ed or chown'ed, a `< file` reopened for writing,
-    /dev/null or the caller's terminal made world-writable. An anonymous pipe's inode
-    is nobody's, but its open file is the caller's too: the container set O_NONBLOCK
-    on it, and the caller's next writes to a full pipe failed (EAGAIN); on a socket it
-    could also shut the caller's stream down. podman puts conmon's pipes there.
+    Nothing of the caller's is the container's: an fd passed as is gives the
+    container's root its inode, and /proc/self/fd/N opens that inode anew in any
+    direction its owner may. A `> host-file` could be chmod'ed or chown'ed, a `< file`
+    reopened for writing, /dev/null or the caller's terminal made world-writable; the
+    caller's stdout pipe (its creator's, 0600) reopened for reading, taking what the
+    caller's other writers put there before its reader saw it. The open file is the
+    caller's too: the container set O_NONBLOCK on a pipe (the caller's next writes to
+    it failed, EAGAIN) or shut a socket down. podman puts conmon's pipes there.
     """
-    probe_r, probe_w = os.pipe()
-    pipefs = os.fstat(probe_r).st_dev
-    os.close(probe_r)
-    os.close(probe_w)
     out: list[tuple[int, int, int | None]] = []
     seen: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> the container's end
     for fd in (0, 1, 2) if interactive else (1, 2):
@@ -905,11 +900,6 @@ def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
             st = os.fstat(fd)
         except OSError:
             continue
-        if stat.S_ISFIFO(st.st_mode) and st.st_dev == pipefs:
-            own = _reopened(fd)
-            if own is not None:
-                out.append((fd, own, None))
-                continue
         if fd == 2 and (st.st_dev, st.st_ino) in seen:
             out.append((2, seen[st.st_dev, st.st_ino], None))
             continue
@@ -918,19 +908,6 @@ def _relayed_stdio(interactive: bool) -> list[tuple[int, int, int | None]]:
         if fd == 1:
             seen[st.st_dev, st.st_ino] = w
     return out
-
-
-def _reopened(fd: int) -> int | None:
-    """A new open file of the anonymous pipe at FD, same direction, blocking, close-on-exec
-    (`/proc/self/fd/N` opens the pipe itself, not FD's open file); None when it cannot be
-    had: its reader is gone (ENXIO), or it is another user's pipe (EACCES)."""
-    mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-    try:
-        new = os.open(f"/proc/self/fd/{fd}", mode | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    os.set_blocking(new, True)
-    return new
 
 
 @contextlib.contextmanager

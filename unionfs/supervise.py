@@ -1,7 +1,7 @@
 """The supervisor: what `pyunion run` is while its container runs, and its teardown.
 
 Once the container goes, the run process only supervises: it forwards signals to
-pid 1, relays the stdio that is no pipe (and the pty of `-t`), waits for pid 1,
+pid 1, relays the stdio (and the pty of `-t`), waits for pid 1,
 then tears down (the daemon, the temporary upper, the janitor). Everything it
 needs is a `Supervisor` of plain values. The run process itself holds every
 module its set-up imported (~4 MiB private per container), so `pyunion run`
@@ -95,7 +95,7 @@ class Supervisor:
         self.held: list[int] = []
         self.forwarded: dict[int, int] = {}  # signal -> times forwarded (twice: SIGKILL)
         self.stopping = False  # told to stop (SIGINT, SIGTERM, SIGHUP): blocked output may go
-        # stdio that is not a pipe reaches the container through pipes of ours
+        # stdio reaches the container through pipes of ours
         self.out_pipes: dict[int, int] = {}  # our read end -> our fd 1 or 2
         self.stdin_pipe: int | None = None  # our write end, for fd 0 (-i)
         self.master: int | None = None  # the container's pty (-t)
