@@ -535,6 +535,37 @@ def test_sigterm_while_nobody_reads_the_terminal(env: Env) -> None:
     env.wait_clean()
 
 
+def test_sigterm_while_nobody_reads_the_pipe(env: Env) -> None:
+    """The same with stdout a pipe nobody reads (relayed by splice, which never blocks
+    pyunion): SIGTERM ends the run at once; and all of a pipe that is read gets there."""
+    r, w = os.pipe()
+    try:
+        p = subprocess.Popen(
+            env.cmd(command=("yes",)), stdin=subprocess.DEVNULL, stdout=w, env=env.env
+        )
+        try:
+            time.sleep(2)  # the pipe fills; we do not read it
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=10) == 143
+        finally:
+            p.kill()
+            p.wait()
+    finally:
+        os.close(r)
+        os.close(w)
+    script = "i=0; while [ $i -lt 20000 ]; do echo $i; i=$((i+1)); done"
+    out = subprocess.run(
+        env.cmd(command=("sh", "-c", script)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        env=env.env,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.split() == [str(i).encode() for i in range(20000)]
+    env.wait_clean()
+
+
 def test_output_that_cannot_be_written_is_not_swallowed(env: Env, tmp_path: Path) -> None:
     """stdout relayed by pyunion whose destination fails: the
     command's writes fail too (a reader gone: SIGPIPE, 141, at once) and a full device

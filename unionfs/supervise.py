@@ -275,7 +275,7 @@ class Supervisor:
         """Our read end of each output pipe (and the pty's) -> where it is copied to."""
         out = {src: _Dest(fd) for src, fd in self.out_pipes.items()}
         if self.master is not None and self.relay_master:
-            out[self.master] = _Dest(1)
+            out[self.master] = _Dest(1, from_pipe=False)  # its EIO is its end
         return out
 
     def _drain(self, outputs: dict[int, _Dest]) -> None:
@@ -494,16 +494,19 @@ def resume(state_fd: int) -> NoReturn:
 
 # -- relaying output -------------------------------------------------------------------------
 class _Dest:
-    """Where relayed output goes, looked at once: a regular file takes splice(2) until it
-    refuses (O_APPEND); anything else gets pieces it can take at once."""
+    """Where relayed output goes, looked at once: a regular file or a pipe takes splice(2)
+    from our pipe until it refuses (O_APPEND); anything else (and what the pty says) gets
+    pieces it can take at once."""
 
-    __slots__ = ("fd", "piece", "regular", "splice")
+    __slots__ = ("fd", "fifo", "piece", "regular", "splice")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, from_pipe: bool = True) -> None:
         self.fd = fd
-        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        mode = os.fstat(fd).st_mode
+        self.regular = stat.S_ISREG(mode)
+        self.fifo = stat.S_ISFIFO(mode)
         self.piece = 256 if os.isatty(fd) else 4096  # bytes per write to a terminal, FIFO...
-        self.splice = self.regular
+        self.splice = from_pipe and (self.regular or self.fifo)
 
 
 def _pump(src: int, dst: _Dest, giving_up: Callable[[], bool]) -> bool:
@@ -512,20 +515,29 @@ def _pump(src: int, dst: _Dest, giving_up: Callable[[], bool]) -> bool:
     caller then closes SRC, so that the command's next write fails as it would have
     on DST itself (EPIPE, SIGPIPE) rather than its output vanishing.
 
-    A regular file takes it by splice(2), without a copy through us. A terminal, FIFO
-    or device is waited for (select) and written in pieces it can take at once, so a
-    reader that stops (a terminal nobody reads) never blocks pyunion past a signal to
-    stop: once `giving_up()` and DST still takes nothing for 0.2 s, the rest is dropped.
+    A regular file or a pipe takes it by splice(2), without a copy through us (a pipe
+    never blocking: SPLICE_F_NONBLOCK). A pipe, terminal or device is waited for
+    (select) and written in pieces it can take at once, so a reader that stops (a
+    terminal nobody reads) never blocks pyunion past a signal to stop: once
+    `giving_up()` and DST still takes nothing for 0.2 s, the rest is dropped.
     """
-    if dst.splice:
+    writable = False
+    while dst.splice:
         try:
-            return os.splice(src, dst.fd, 1 << 20) > 0
-        except BlockingIOError:
-            return True  # SRC is empty
+            flags = os.SPLICE_F_NONBLOCK if dst.fifo else 0
+            return os.splice(src, dst.fd, 1 << 20, flags=flags) > 0
+        except BlockingIOError:  # SRC is empty, or DST (a pipe) is full
+            if not dst.fifo or writable:
+                return True  # DST had room: SRC is empty
         except OSError as e:
             if e.errno != errno.EINVAL:
                 return _output_failed(e)
-            dst.splice = False  # not a pipe, or O_APPEND: read and write below
+            dst.splice = False  # O_APPEND: read and write below
+            break
+        _, ready, _ = select.select([], [dst.fd], [], 0.2)
+        writable = bool(ready)
+        if not writable and giving_up():
+            break  # read below, and dropped there once DST still takes nothing
     try:
         data = os.read(src, 65536)
     except BlockingIOError:
