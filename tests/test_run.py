@@ -15,6 +15,7 @@ import pty
 import re
 import resource
 import select
+import shutil
 import signal
 import stat
 import struct
@@ -721,6 +722,51 @@ def test_janitor_is_small(env: Env) -> None:
     finally:
         p.terminate()
         p.communicate(timeout=20)
+    env.wait_clean()
+
+
+def test_supervisor_decodes_paths_as_the_run_did(env: Env, tmp_path: Path) -> None:
+    """The supervisor's fresh interpreter runs with -I, which ignores PYTHONUTF8: a caller
+    with it in a non-UTF-8 locale had the run decode TMPDIR as UTF-8 and the supervisor
+    encode it back as latin-1, and teardown silently missed the temporary tree (with the
+    container's writes), the janitor told it was done."""
+    if shutil.which("localedef") is None or not os.path.exists("/usr/share/i18n/locales/en_US"):
+        pytest.skip("needs localedef and the locale sources (package locales)")
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    subprocess.run(
+        ["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(locales / "en_US.ISO-8859-1")],
+        capture_output=True,
+        timeout=120,
+        check=False,  # a warning is exit 1 too
+    )
+    if not (locales / "en_US.ISO-8859-1").is_dir():
+        pytest.skip("localedef made no latin-1 locale here")
+    tmpdir = env.tmp / "\u00e9"  # UTF-8 c3 a9, latin-1 e9
+    tmpdir.mkdir()
+    try:
+        r = subprocess.run(
+            env.cmd(command=("sh", "-c", "echo x > /written; sleep 1; echo done")),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=dict(
+                env.env,
+                TMPDIR=str(tmpdir),
+                LOCPATH=str(locales),
+                LC_ALL="en_US.ISO-8859-1",
+                PYTHONUTF8="1",
+            ),
+        )
+        assert (r.returncode, r.stdout, r.stderr) == (0, "done\n", "")
+        deadline = time.monotonic() + 15
+        while list(tmpdir.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmpdir.iterdir()) == []
+    finally:
+        shutil.rmtree(tmpdir)
     env.wait_clean()
 
 

@@ -353,7 +353,11 @@ class Supervisor:
             os.chdir("/")
             flush_stdio()
             package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            flags = ["-I", "-S", *(["-B"] if sys.dont_write_bytecode else [])]
+            # Paths cross as str: decoded back to the same bytes only under the same file
+            # system encoding, which -I would otherwise take from the locale alone
+            # (PYTHONUTF8 ignored): a UTF-8 TMPDIR encoded as latin-1 was never removed.
+            flags = ["-I", "-S", "-X", f"utf8={sys.flags.utf8_mode}"]
+            flags += ["-B"] if sys.dont_write_bytecode else []
             # pyunion's own command line last (unread): `ps` still tells which container.
             argv = [sys.executable, *flags, "-c", _RESUME, package_parent, str(state)]
             argv += ["pyunion", *sys.argv[1:]]
