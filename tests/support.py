@@ -27,6 +27,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -504,3 +505,20 @@ def as_user(uid: int, gid: int | None = None) -> Iterator[None]:
         os.seteuid(0)
         os.setegid(0)
         os.setgroups(groups)
+
+
+@contextlib.contextmanager
+def host_listeners() -> Iterator[tuple[socket.socket, socket.socket, str]]:
+    """A TCP listener on the host's 127.0.0.1 and an abstract Unix socket (D-Bus, X11 and
+    systemd's private sockets are such), for a container to try: (the TCP listener, the
+    Unix one, the Unix one's name without its leading NUL)."""
+    name = f"pyunion-test-{os.getpid()}-{os.urandom(4).hex()}"
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
+    ):
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(4)
+        unix.bind("\0" + name)
+        unix.listen(4)
+        yield tcp, unix, name

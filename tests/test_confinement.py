@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import needs_busybox, needs_fuse, run_child
+from support import host_listeners, needs_busybox, needs_fuse, run_child
 from test_run import Env, _read_until
 
 from unionfs import seccomp
@@ -1254,15 +1254,7 @@ def test_host_services_out_of_reach(
     root container shared the host's network before, and reached both as the host's uid 0.
     With --network host it reaches them: the test fails on the old code. podman's
     `--network none` gives the same lines."""
-    name = f"pyunion-test-{os.getpid()}-{os.urandom(4).hex()}"
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
-    ):
-        tcp.bind(("127.0.0.1", 0))
-        tcp.listen(4)
-        unix.bind("\0" + name)
-        unix.listen(4)
+    with host_listeners() as (tcp, unix, name):
         port = tcp.getsockname()[1]
         script = f"grep -c @{name} /proc/net/unix; hostile connect {port}; hostile connect @{name}"
         r = env.sh(script, *opts)

@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import site
-import socket
 import stat
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import PYUNION, force_unmount, fuse_skip_reason, is_mounted, pyunion
+from support import PYUNION, force_unmount, fuse_skip_reason, host_listeners, is_mounted, pyunion
 from test_image import make_layout
 
 from unionfs import userns
@@ -900,15 +899,7 @@ def test_rootless_network(user: User, user_store: Path) -> None:
     network, where the host's /sys is bound), and neither the host's localhost nor its
     abstract Unix sockets in reach; --network host reaches both."""
     home = user_store.parents[2]
-    name = f"pyunion-test-{os.getpid()}-{os.urandom(4).hex()}"
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
-    ):
-        tcp.bind(("127.0.0.1", 0))
-        tcp.listen(4)
-        unix.bind("\0" + name)
-        unix.listen(4)
+    with host_listeners() as (tcp, _unix, name):
         port = tcp.getsockname()[1]
         script = (
             "ls /sys/class/net | tr '\\n' ' '; echo; stat -c %d /sys; "
