@@ -24,7 +24,7 @@ requests on the same node wait for it, the rest go on.
 Owners: fuse-overlayfs' owner options (`uidmapping=`, `squash_to_*`,
 `static_nlink`; idmap.py) are applied by `MappedFuseOps`, chosen at mount
 time (`make_ops`), in the four places owners cross the adaptor: the
-attributes it builds (`_build_attr`, which every reply with attributes uses),
+attributes it builds (`_attr`, which every reply with attributes uses),
 the caller's IDs (`_caller`), setattr's new owner, and the IDs inside POSIX
 ACL xattrs. The plain `FuseOps` never looks at a map, and the core never
 knows one exists.
@@ -243,9 +243,6 @@ class FuseOps(pyfuse3.Operations):
 
     # -- attributes ------------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        return self._build_attr(node)
-
-    def _build_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         st, nlink = self.core.stat(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
@@ -473,7 +470,7 @@ class FuseOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         core = self.core
         reply = pyfuse3.readdir_reply
-        build = self._build_attr
+        build = self._attr
         bare = self._bare
         for name, node, nxt, counted in core.readdir(fh, start_id):
             try:
@@ -584,16 +581,16 @@ class MappedFuseOps(FuseOps):
 
     Replies show `IdMap.shown_*` of what is on disk; requests hand the core
     `IdMap.disk_*` of what the kernel sent. Attributes are mapped as they are
-    built (`_build_attr`); a bare entry (`BareEntry`) carries no owners to map.
+    built (`_attr`); a bare entry (`BareEntry`) carries no owners to map.
     """
 
     def __init__(self, core: Union, idmap: IdMap, debug: bool = False) -> None:
         self.idmap = idmap
         super().__init__(core, debug)
 
-    def _build_attr(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         # Mapped here, before anything reads it.
-        a = super()._build_attr(node)
+        a = super()._attr(node)
         m = self.idmap
         a.st_uid = m.shown_uid(a.st_uid)
         a.st_gid = m.shown_gid(a.st_gid)
