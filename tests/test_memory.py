@@ -160,23 +160,31 @@ def test_stats_are_kept_compact(tmp_path: Path) -> None:
         u.close()
 
 
+def _union_over_one_dir(tmp_path: Path, files: int) -> str:
+    """A lower layer whose directory `d` holds FILES empty files, and the Python lines
+    that make `u`, a Union over it, and `d`, the directory's node."""
+    (tmp_path / "low" / "d").mkdir(parents=True)
+    for i in range(files):
+        (tmp_path / "low" / "d" / f"f{i:05d}").write_text("")
+    return (
+        "from unionfs.inodes import ROOT_ID\n"
+        "from unionfs.layers import LayerStack\n"
+        "from unionfs.union import Union\n"
+        f"u = Union(LayerStack([{str(tmp_path / 'low')!r}], None), -1)\n"
+        "d = u.lookup(u.node(ROOT_ID), b'd')\n"
+    )
+
+
 def test_listed_files_keep_no_attributes(tmp_path: Path) -> None:
     """What the daemon keeps per listed lower file, once the kernel holds its node (a
     readdirplus entry), is the node and the listing's entry: the attributes sent are not
     kept (a listing read again sends what the kernel holds without them, `BareEntry`).
     Before, they were kept for every lower object (~250 bytes more each)."""
-    (tmp_path / "low" / "d").mkdir(parents=True)
-    for i in range(2000):
-        (tmp_path / "low" / "d" / f"f{i:05d}").write_text("")
     out = python_output(
         "import gc, tracemalloc\n"
         "from unionfs.fuseops import FuseOps\n"
-        "from unionfs.inodes import ROOT_ID\n"
-        "from unionfs.layers import LayerStack\n"
-        "from unionfs.union import Union\n"
-        f"u = Union(LayerStack([{str(tmp_path / 'low')!r}], None), -1)\n"
-        "ops = FuseOps(u)\n"
-        "d = u.lookup(u.node(ROOT_ID), b'd')\n"
+        + _union_over_one_dir(tmp_path, 2000)
+        + "ops = FuseOps(u)\n"
         "tracemalloc.start()\n"
         "fh = u.opendir(d)\n"
         "n = sum(ops._attr(node).st_size == 0 for _, node, _, c in u.readdir(fh, 0) if c)\n"
@@ -239,17 +247,8 @@ def test_a_listing_of_one_layer_holds_one_names_scan_at_a_time(tmp_path: Path) -
     keeps: each name's scan entry and stat go before the next is read. Gathered first, they
     peaked at ~860 bytes a name beyond what stays, and the pymalloc pools they left among
     what stays were never returned (3.6 MiB after the benchmark's `find`)."""
-    (tmp_path / "low" / "d").mkdir(parents=True)
-    for i in range(3000):
-        (tmp_path / "low" / "d" / f"f{i:05d}").write_text("")
     out = python_output(
-        "import tracemalloc\n"
-        "from unionfs.inodes import ROOT_ID\n"
-        "from unionfs.layers import LayerStack\n"
-        "from unionfs.union import Union\n"
-        f"u = Union(LayerStack([{str(tmp_path / 'low')!r}], None), -1)\n"
-        "d = u.lookup(u.node(ROOT_ID), b'd')\n"
-        "tracemalloc.start()\n"
+        "import tracemalloc\n" + _union_over_one_dir(tmp_path, 3000) + "tracemalloc.start()\n"
         "listing = u.resolver.listing(d)\n"
         "cur, peak = tracemalloc.get_traced_memory()\n"
         "print(len(listing), (peak - cur) // len(listing))\n"
