@@ -36,7 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import PYUNION, force_unmount, fuse_skip_reason, host_listeners, is_mounted, pyunion
+from support import (
+    PYUNION,
+    force_unmount,
+    fuse_skip_reason,
+    host_listeners,
+    is_mounted,
+    pyunion,
+    wait_gone,
+)
 from test_image import make_layout
 
 from unionfs import userns
@@ -1094,7 +1102,11 @@ def _rootless_podman(user: User, home: Path, name: str, program: str, image: Pat
         pause = base / "tmp/libpod/tmp/pause.pid"
         for p in (pause, base / "xdg/libpod/tmp/pause.pid"):
             with contextlib.suppress(OSError, ValueError):
-                os.kill(int(p.read_text()), signal.SIGKILL)
+                pid = int(p.read_text())
+                os.kill(pid, signal.SIGKILL)
+                # SIGKILL is not death: until it is gone, the home's teardown sees it
+                # running and counts it as left behind (a flaky failure of this test).
+                wait_gone(pid, 10)
     return out
 
 
