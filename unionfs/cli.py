@@ -255,10 +255,7 @@ def run_cli(
     try:
         return handler(args)
     except UserError as e:
-        if os.environ.get("PYUNION_TRACEBACK"):
-            raise
-        print(f"pyunion: {e}", file=sys.stderr)
-        return e.code
+        return _report(e)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -267,6 +264,17 @@ def run_cli(
         os.dup2(devnull, sys.stdout.fileno())
         return 141
 
+
+def _report(e: UserError) -> int:
+    if os.environ.get("PYUNION_TRACEBACK"):
+        raise e
+    print(f"pyunion: {e}", file=sys.stderr)
+    return e.code
+
+
+# What the commands that start daemons and containers exit with when even the hard
+# open-file limit is too low for them (rlimits.py); run's code is podman's.
+_FD_HUNGRY = {"run": 125, "mount": 1, "build": 1}
 
 # Commands that leave without the interpreter's teardown (`_exit_now`) when they are the
 # program (not `main([...])` called in a process that goes on).
@@ -330,6 +338,13 @@ def _main(argv: Sequence[str] | None, program: bool = False) -> int:
     # The daemon of `run` or `mount`, forked before the command's own imports: it
     # imports trio and pyfuse3 meanwhile (the program only: never a fork of a caller
     # that calls main()).
+    if program and first in _FD_HUNGRY:
+        from . import rlimits  # before the daemon's fork below: it inherits the limit
+
+        try:
+            rlimits.ensure_fd_room(f"pyunion {first}", _FD_HUNGRY[first])
+        except UserError as e:
+            return _report(e)
     early = program and first in ("run", "mount")
     if early:
         from . import prefork

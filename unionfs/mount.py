@@ -30,6 +30,7 @@ from .procfs import mounts as mounts
 from .procfs import process_alive as process_alive
 from .procfs import unescape_mountinfo
 from .procfs import wait_gone as wait_gone
+from .rlimits import raise_fd_limit
 from .sha256 import sha256_hex
 from .syscalls import (
     MNT_DETACH,
@@ -796,7 +797,7 @@ def serve(
         owners_optional=cfg.idmap is not None and cfg.idmap.squashing,
     )
     ops = make_ops(core, cfg.idmap, debug=cfg.debug)
-    _raise_fd_limit()
+    raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     state = _state_name(real_mp) if not detached else ""
     me = os.getpid()
@@ -897,14 +898,6 @@ def serve(
             remove_pid(sfd, state, me)
             os.close(sfd)
     return 0
-
-
-def _raise_fd_limit() -> None:
-    import resource
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _preload() -> None:

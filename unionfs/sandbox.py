@@ -49,7 +49,7 @@ import termios
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from . import confine, seccomp, syscalls, userns, volumes
+from . import confine, rlimits, seccomp, syscalls, userns, volumes
 from .digits import number
 from .supervise import FORWARDED as FORWARDED  # re-exported: the supervisor owns them
 from .supervise import exit_code as exit_code
@@ -771,6 +771,7 @@ def _exec_init(
     if err is not None:
         print(f"pyunion: {spec.argv[0]}: {err.strerror}", file=sys.stderr)
         os._exit(127 if err.errno in (errno.ENOENT, errno.ENOTDIR) else 126)
+    rlimits.give_back_fd_limit()  # the caller's `ulimit -n`, not the one pyunion took
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python's SIG_IGN would be inherited
         signal.signal(sig, signal.SIG_DFL)
     # ^Z on the container's terminal: nobody could resume the command (pyunion is no
