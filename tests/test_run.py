@@ -866,6 +866,39 @@ def test_supervisor_is_a_lean_interpreter(env: Env, tmp_path: Path) -> None:
     env.wait_clean()
 
 
+def test_supervisor_that_cannot_import_is_one_line(env: Env, tmp_path: Path) -> None:
+    """pyunion removed (or upgraded) while a container runs: the supervisor's fresh
+    interpreter could not import it and printed a traceback. Now one line and 125, and
+    the container and its mount still go (a copy of the package, whose exec comes after
+    2 s here, is moved away once the command runs)."""
+    pkg = tmp_path / "pkg"
+    src = Path(__file__).resolve().parent.parent / "unionfs"
+    shutil.copytree(src, pkg / "unionfs", ignore=shutil.ignore_patterns("__pycache__"))
+    run_py = pkg / "unionfs" / "run.py"
+    text = run_py.read_text()
+    assert "\nSUPERVISOR_AFTER = 0.2\n" in text
+    run_py.write_text(text.replace("\nSUPERVISOR_AFTER = 0.2\n", "\nSUPERVISOR_AFTER = 2.0\n"))
+    p = subprocess.Popen(
+        env.cmd(command=("sh", "-c", "echo ready; sleep 6; echo finished")),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(env.env, PYTHONPATH=str(pkg)),
+        cwd=tmp_path,  # not the checkout, whose unionfs `-m` would find first
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        pkg.rename(tmp_path / "gone")
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+        p.wait(timeout=20)
+    assert p.returncode == 125 and err.count("\n") == 1, err[-2000:]
+    assert "cannot go on supervising the container" in err and out == ""
+    env.wait_clean()
+
+
 def test_run_process_keeps_no_image_modules(env: Env, tmp_path: Path) -> None:
     """An image run by name: the image is read in a short-lived child, so the run
     process, which lives as long as the container, never maps msgspec (nor holds the

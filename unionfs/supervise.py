@@ -51,9 +51,18 @@ HANDLED = (*FORWARDED, _signal.SIGCHLD, _signal.SIGWINCH)
 
 # The fresh interpreter's program: the package is found after the standard library
 # (-I -S: nothing from the caller's working directory, environment or site-packages).
+# An import that fails (pyunion upgraded or removed while the container ran) is one line
+# and exit 125; the container goes with this process (pid 1's parent-death signal) and
+# the janitor cleans up.
 _RESUME = (
-    "import sys; sys.path.append(sys.argv[1]); "
-    "from unionfs.supervise import resume; resume(int(sys.argv[2]))"
+    "import sys\n"
+    "sys.path.append(sys.argv[1])\n"
+    "try:\n"
+    "    from unionfs.supervise import resume\n"
+    "except Exception as e:\n"
+    "    sys.stderr.write(f'pyunion: cannot go on supervising the container: {e}\\n')\n"
+    "    sys.exit(125)\n"
+    "resume(int(sys.argv[2]))\n"
 )
 
 
