@@ -23,7 +23,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -429,47 +429,37 @@ def test_an_endless_env_file_is_one_line(env: Env) -> None:
     assert "larger than 4 MiB" in r.stderr
 
 
-def _fd_limit(soft: int, hard: int) -> Callable[[], None]:
+def _run_under_fd_limit(
+    env: Env, soft: int, hard: int, *command: str
+) -> subprocess.CompletedProcess[str]:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    return limit
+    return subprocess.run(
+        env.cmd(command=command),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit,
+        check=False,
+    )
 
 
 def test_a_low_soft_fd_limit_is_raised_and_given_back(env: Env) -> None:
     """Under `ulimit -Sn 12` a start failed half-way with a traceback (EMFILE on one of
     its pipes or namespace fds); pyunion takes what the hard limit allows, and the
-    command gets the caller's limit."""
-    for script in (
-        "ulimit -n; ulimit -Hn",
-        "ulimit -n; ulimit -Hn; sleep 0.4",
-    ):  # the supervisor too
-        r = subprocess.run(
-            env.cmd(command=("sh", "-c", script)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env.env,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_fd_limit(12, 4096),
-            check=False,
-        )
+    command gets the caller's limit (the supervisor's too, past its re-exec)."""
+    for script in ("ulimit -n; ulimit -Hn", "ulimit -n; ulimit -Hn; sleep 0.4"):
+        r = _run_under_fd_limit(env, 12, 4096, "sh", "-c", script)
         assert (r.returncode, r.stdout, r.stderr) == (0, "12\n4096\n", "")
 
 
 def test_a_hard_fd_limit_too_low_is_one_line(env: Env) -> None:
     """`ulimit -n 12` (soft and hard): a traceback, or with a few more fds a container
     whose mount's daemon had failed; now one line before anything is set up."""
-    r = subprocess.run(
-        env.cmd(command=("true",)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env.env,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=_fd_limit(12, 12),
-        check=False,
-    )
+    r = _run_under_fd_limit(env, 12, 12, "true")
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "open-file limit is 12" in r.stderr
 
