@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import PYUNION, is_mounted, mounted, needs_fuse, pyunion, wait_gone, wait_until
 
-from unionfs.mount import daemon_pid
+from unionfs.mount import READAHEAD_KB, daemon_pid
 
 
 def _drop_caches() -> None:
@@ -277,3 +277,25 @@ def test_pyunion_overlayfs_single_threaded_flag(layers: tuple) -> None:
     finally:
         pyunion("umount", str(mnt), check=False)
     assert not is_mounted(mnt)
+
+
+def _readahead_kb(st_dev: int) -> int:
+    """The kernel's readahead window (KiB) on the mount of device `st_dev` (its bdi)."""
+    return int(
+        Path(f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb").read_text()
+    )
+
+
+@needs_fuse
+def test_readahead_window_widened(layers: tuple) -> None:
+    """The daemon widens the kernel's readahead on its mount to one 1 MiB read (the
+    kernel's default, 128 KiB, made a sequential reader's data come in eight times as
+    many requests); the kernel's cap from INIT is past by then."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_bytes(os.urandom(3 << 20))
+    with mounted(lows, mnt, upper, work):
+        dev = os.stat(mnt).st_dev
+        wait_until(
+            lambda: _readahead_kb(dev) == READAHEAD_KB, timeout=5, what="the readahead window"
+        )
+        assert (mnt / "f").read_bytes() == (lows[0] / "f").read_bytes()

@@ -1167,3 +1167,23 @@ def test_janitor_told_a_path_with_a_newline(env: Env, tmp_path: Path) -> None:
     finally:
         bystander.kill()
         bystander.wait(timeout=15)
+
+
+def test_readahead_window_widened(env: Env) -> None:
+    """A container's detached mount gets the daemon's readahead window too (mount.py:
+    `widen_readahead`): found through its /dev/fuse, as it has no mount point on the host."""
+    from unionfs.mount import READAHEAD_KB
+
+    p = env.popen("sh", "-c", "stat -c %d /; exec sleep 20")
+    try:
+        assert p.stdout is not None
+        dev = int(p.stdout.readline())
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        deadline = time.monotonic() + 5
+        while int(bdi.read_text()) != READAHEAD_KB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert int(bdi.read_text()) == READAHEAD_KB
+    finally:
+        p.kill()
+        p.communicate(timeout=30)
+    env.wait_clean()

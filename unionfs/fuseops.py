@@ -172,6 +172,8 @@ class FuseOps(pyfuse3.Operations):
         self.enable_writeback_cache = core.writeback
         self._copying: dict[int, trio.Event] = {}
         self._bare = BareEntry.make()
+        # Run once the kernel's INIT is answered (mount.py: the readahead window).
+        self.after_init: Callable[[], None] | None = None
         core.changed = self._changed
         if debug:
             self._wrap_debug()
@@ -240,6 +242,13 @@ class FuseOps(pyfuse3.Operations):
                 return result
 
             setattr(self, name, logged)
+
+    def init(self) -> None:
+        """pyfuse3: INIT is being answered. `after_init` runs once the answer is sent:
+        pyfuse3 calls this within the request's processing, which writes the answer
+        before the loop's task yields, and trio runs the callback only then."""
+        if self.after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     # -- attributes ------------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -442,6 +451,8 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        # Inline, a page-cache miss included: misses handed to worker threads lost on
+        # the benchmark's machine (docs/architecture.md: Caching).
         return self.core.read(fh, off, size)
 
     @_fuse_errors

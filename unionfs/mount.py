@@ -25,10 +25,10 @@ from .errors import UserError
 from .layers import LayerStack
 from .options import MountConfig
 from .prefork import Prefork, forkserver_wanted
+from .procfs import fuse_device, unescape_mountinfo
 from .procfs import is_mountpoint as is_mountpoint  # re-exported: the light helpers moved
 from .procfs import mounts as mounts
 from .procfs import process_alive as process_alive
-from .procfs import unescape_mountinfo
 from .procfs import wait_gone as wait_gone
 from .rlimits import raise_fd_limit
 from .sha256 import sha256_hex
@@ -459,6 +459,33 @@ def _lock_upper(upper_fd: int, upper: str) -> None:
 
 
 # -- the daemon ------------------------------------------------------------------------
+# The kernel's readahead on the mount, in KiB: one FUSE read of the most it asks
+# (libfuse's max_pages, 256 pages). Its own default is 128 (32 pages).
+READAHEAD_KB = 1024
+
+
+def widen_readahead(kb: int = READAHEAD_KB) -> None:
+    """Let the kernel read ahead `kb` KiB on this daemon's mount (its bdi in sysfs), not 128.
+
+    A sequential reader's data then comes in reads of up to 1 MiB, not 128 KiB:
+    eight times fewer requests, each costing ~20 us of the daemon's CPU besides the
+    copy (docs/architecture.md: Caching). The kernel caps the window with the
+    daemon's answer to INIT, so this runs once that is sent (`FuseOps.init`). Only
+    root may write sysfs: elsewhere (rootless, a read-only /sys) the kernel's
+    default stays; a window made wider by an administrator is left alone.
+    """
+    dev = fuse_device()
+    if dev is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev[0]}:{dev[1]}/read_ahead_kb", "r+") as f:
+            if int(f.read()) < kb:  # the kernel's own text
+                f.seek(0)
+                f.write(f"{kb}\n")
+    except (OSError, ValueError):
+        pass
+
+
 # pyfuse3.default_options, written here so that the parent of a detached mount, which
 # makes the kernel mount itself (`kernel_mount_params`), need not import pyfuse3.
 FUSE_DEFAULT_OPTIONS = frozenset({"default_permissions"})  # the kernel checks permissions
@@ -797,6 +824,7 @@ def serve(
         owners_optional=cfg.idmap is not None and cfg.idmap.squashing,
     )
     ops = make_ops(core, cfg.idmap, debug=cfg.debug)
+    ops.after_init = widen_readahead
     raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     state = _state_name(real_mp) if not detached else ""

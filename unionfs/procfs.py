@@ -13,6 +13,29 @@ import time
 
 
 # -- mount table ---------------------------------------------------------------
+def fuse_device() -> tuple[int, int] | None:
+    """(major, minor) of the mount this process serves, from its /dev/fuse fd's
+    `fuse_connection` (fdinfo, Linux 6.x): the device that names its bdi in sysfs.
+    None when no fd says (an older kernel)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "/dev/fuse":
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key == "fuse_connection":
+                        dev = int(value)  # the kernel's dev_t: MINORBITS = 20
+                        return dev >> 20, dev & 0xFFFFF
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def unescape_mountinfo(s: str) -> str:
     return (
         s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
