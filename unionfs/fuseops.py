@@ -247,8 +247,17 @@ class FuseOps(pyfuse3.Operations):
         """pyfuse3: INIT is being answered. `after_init` runs once the answer is sent:
         pyfuse3 calls this within the request's processing, which writes the answer
         before the loop's task yields, and trio runs the callback only then."""
-        if self.after_init is not None:
-            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
+        after = self.after_init
+        if after is None:
+            return
+
+        def run() -> None:
+            try:
+                after()
+            except Exception:  # an exception here would end trio's run, and the mount
+                log.exception("internal error after INIT")
+
+        trio.lowlevel.current_trio_token().run_sync_soon(run)
 
     # -- attributes ------------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
