@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import FsError
-from .inodes import DirNode, InodeTable, Node
+from .inodes import AnyStat, DirNode, InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .resolve import Resolver
 from .syscalls import chmod_nofollow, fdpath
@@ -70,9 +70,12 @@ def chown_failed(e: OSError, optional: bool) -> None:
         raise e
 
 
-def copy_file_data(src: int, dst: int, size: int) -> None:
-    """Copy `size` bytes, skipping holes; the caller's ftruncate sets the final size."""
+def copy_file_data(src: int, dst: int, size: int) -> int:
+    """Copy `size` bytes, skipping holes; the end of the last byte written, which is the
+    copy's size (a trailing hole, or a source that shrank, leaves it short: the caller's
+    ftruncate sets the final size then)."""
     off = 0
+    end = 0
     while off < size:
         try:
             data = os.lseek(src, off, SEEK_DATA)
@@ -91,9 +94,11 @@ def copy_file_data(src: int, dst: int, size: int) -> None:
             if n == 0:
                 break
             pos += n
+            end = pos
         off = max(hole, pos)
         if pos < hole:  # the source shrank under us
             break
+    return end
 
 
 def _copy_range(src: int, dst: int, count: int, pos: int) -> int:
@@ -108,7 +113,7 @@ def _copy_range(src: int, dst: int, count: int, pos: int) -> int:
     return len(buf)
 
 
-def set_times(target: int | bytes, st: os.stat_result, follow: bool = True) -> None:
+def set_times(target: int | bytes, st: AnyStat, follow: bool = True) -> None:
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=follow)
 
 
@@ -140,11 +145,12 @@ class CopyJob:
 
     engine: CopyUp
     node: Node
-    st: os.stat_result
+    st: AnyStat
     tmp: bytes
     src_fd: int = -1
     dst_fd: int = -1
     with_data: bool = True
+    copied: int = 0  # bytes of the copy so far (its size: `copy_data`)
 
     @property
     def size(self) -> int:
@@ -153,7 +159,7 @@ class CopyJob:
     def copy_data(self) -> None:
         """The data copy: I/O on two fds only, safe in a worker thread."""
         if self.with_data and self.src_fd >= 0 and self.st.st_size:
-            copy_file_data(self.src_fd, self.dst_fd, self.st.st_size)
+            self.copied = copy_file_data(self.src_fd, self.dst_fd, self.st.st_size)
 
     def finish(self) -> None:
         """Move the copy into place and point the node at it (on the event loop)."""
@@ -195,6 +201,7 @@ class CopyUp:
         self.resolver = resolver
         self.work_fd = work_fd
         self._serial = itertools.count(1)
+        self._pid = os.getpid()  # of the daemon, which serves this mount alone
         upper = stack.upper
         self.upper_dev = upper.dev if upper is not None else 0
         # Lower hard links copied up this mount: origin (dev, ino) -> the (upper) node.
@@ -202,7 +209,7 @@ class CopyUp:
         self.changed = changed
 
     def tmpname(self) -> bytes:
-        return b"#pyunion-%d-%d" % (os.getpid(), next(self._serial))
+        return b"#pyunion-%d-%d" % (self._pid, next(self._serial))
 
     # -- directories -----------------------------------------------------------
     def upper_dirfd(self, d: Node) -> int:
@@ -282,7 +289,10 @@ class CopyUp:
         assert node.parent is not None
         self.upper_dirfd(node.parent)
         src_dir = self.resolver.location_fd(node)
-        st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
+        # A lower object's stat from its lookup: layers below the upper never change.
+        st = node.st
+        if st is None:
+            st = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
         job = CopyJob(self, node, st, self.tmpname(), with_data=with_data)
         mode = st.st_mode
         try:
@@ -322,7 +332,7 @@ class CopyUp:
             tmp_path = fdpath(self.work_fd, job.tmp)
             if job.dst_fd >= 0:
                 fd = job.dst_fd
-                if job.with_data:
+                if job.with_data and job.copied < st.st_size:  # a trailing hole
                     os.ftruncate(fd, st.st_size)
                 try:
                     os.fchown(fd, st.st_uid, st.st_gid)
@@ -349,8 +359,13 @@ class CopyUp:
         except BaseException:
             self.abort(job)
             raise
-        job.close()
-        new = os.stat(node.name, dir_fd=pfd, follow_symlinks=False)
+        try:  # the copy's identity: by its fd when it has one (no path walk)
+            if job.dst_fd >= 0:
+                new = os.fstat(job.dst_fd)
+            else:
+                new = os.stat(node.name, dir_fd=pfd, follow_symlinks=False)
+        finally:
+            job.close()
         self.table.copied[(new.st_dev, new.st_ino)] = node.ino
         old_layer = node.layer
         node.layer = 0

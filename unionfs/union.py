@@ -467,6 +467,27 @@ class Union:
                 mode |= stat.S_ISGID
         return ctx.uid, gid, mode
 
+    def _chown_new(self, st: os.stat_result, uid: int, gid: int, chown: Callable[[], None]) -> None:
+        """Give an object just made (`st`) its owner with `chown()`, unless it has it already:
+        the daemon making its own caller's objects (root's, as root: most of them), or a
+        group a set-group-ID parent gave it, as asked (`_owner`)."""
+        if st.st_uid != uid or st.st_gid != gid:
+            try:
+                chown()
+            except OSError as e:
+                chown_failed(e, self.owners_optional)
+
+    def _chown_new_at(self, dfd: int, name: bytes, uid: int, gid: int) -> os.stat_result:
+        """`_chown_new` of the object `name` in `dfd`, by name, never followed; its stat
+        (as made: its identity and type hold, its owner may have changed since)."""
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+
+        def chown() -> None:
+            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+
+        self._chown_new(st, uid, gid, chown)
+        return st
+
     def _place(
         self,
         parent: Node,
@@ -474,12 +495,15 @@ class Union:
         name: bytes,
         wh: str | None,
         is_dir: bool,
-        make: Callable[[int, bytes], None],
+        make: Callable[[int, bytes], os.stat_result],
     ) -> os.stat_result:
-        """Create an object with `make(dirfd, name)`, replacing a whiteout atomically."""
+        """Create an object with `make(dirfd, name)`, replacing a whiteout atomically.
+
+        `make` returns the new object's stat; a rename into place keeps its identity
+        and type, all that the caller reads of it."""
         if wh == "kernel":
             tmp = self.copyup.tmpname()
-            make(self.work_fd, tmp)
+            st = make(self.work_fd, tmp)
             try:
                 if is_dir:
                     self.whiteouts.set_opaque_at(self.work_fd, tmp)
@@ -491,13 +515,13 @@ class Union:
                 rmtree_at(self.work_fd, tmp)
                 raise
         else:
-            make(pfd, name)
+            st = make(pfd, name)
             if wh == "oci":
                 if is_dir:
                     self.whiteouts.set_opaque_at(pfd, name)
                 os.unlink(WH_PREFIX + name, dir_fd=pfd)
         parent.drop_listing()
-        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        return st
 
     def create(
         self, parent: Node, name: bytes, mode: int, flags: int, ctx: Ctx
@@ -506,7 +530,7 @@ class Union:
         uid, gid, mode = self._owner(pfd, ctx, False, mode & 0o7777)
         fds: list[int] = []
 
-        def make(dfd: int, n: bytes) -> None:
+        def make(dfd: int, n: bytes) -> os.stat_result:
             fd = os.open(
                 n,
                 os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -514,12 +538,11 @@ class Union:
                 dir_fd=dfd,
             )
             fds.append(fd)
-            try:
-                os.fchown(fd, uid, gid)
-            except OSError as e:
-                chown_failed(e, self.owners_optional)
+            st = os.fstat(fd)
+            self._chown_new(st, uid, gid, lambda: os.fchown(fd, uid, gid))
             if mode & (stat.S_ISUID | stat.S_ISGID):
                 os.fchmod(fd, mode)
+            return st
 
         try:
             st = self._place(parent, pfd, name, wh, False, make)
@@ -534,14 +557,12 @@ class Union:
         pfd, wh = self._prepare_new(parent, name)
         uid, gid, mode = self._owner(pfd, ctx, True, mode & 0o7777)
 
-        def make(dfd: int, n: bytes) -> None:
+        def make(dfd: int, n: bytes) -> os.stat_result:
             os.mkdir(n, mode, dir_fd=dfd)
-            try:
-                os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
-            except OSError as e:
-                chown_failed(e, self.owners_optional)
+            st = self._chown_new_at(dfd, n, uid, gid)
             if mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
                 chmod_nofollow(dfd, n, mode)
+            return st
 
         st = self._place(parent, pfd, name, wh, True, make)
         return self.identity.new_upper_node(parent, name, st)
@@ -554,14 +575,12 @@ class Union:
         pfd, wh = self._prepare_new(parent, name)
         uid, gid, _ = self._owner(pfd, ctx, False, 0)
 
-        def make(dfd: int, n: bytes) -> None:
+        def make(dfd: int, n: bytes) -> os.stat_result:
             os.mknod(n, mode, rdev, dir_fd=dfd)
-            try:
-                os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
-            except OSError as e:
-                chown_failed(e, self.owners_optional)
+            st = self._chown_new_at(dfd, n, uid, gid)
             if mode & (stat.S_ISUID | stat.S_ISGID):
                 chmod_nofollow(dfd, n, mode & 0o7777)
+            return st
 
         st = self._place(parent, pfd, name, wh, False, make)
         return self.identity.new_upper_node(parent, name, st)
@@ -570,12 +589,9 @@ class Union:
         pfd, wh = self._prepare_new(parent, name)
         uid, gid, _ = self._owner(pfd, ctx, False, 0)
 
-        def make(dfd: int, n: bytes) -> None:
+        def make(dfd: int, n: bytes) -> os.stat_result:
             os.symlink(target, n, dir_fd=dfd)
-            try:
-                os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
-            except OSError as e:
-                chown_failed(e, self.owners_optional)
+            return self._chown_new_at(dfd, n, uid, gid)
 
         st = self._place(parent, pfd, name, wh, False, make)
         return self.identity.new_upper_node(parent, name, st)
@@ -587,8 +603,9 @@ class Union:
         self._copy_ups(self.copyups_for_link(node))
         src_fd = self.resolver.location_fd(node)
 
-        def make(dfd: int, n: bytes) -> None:
+        def make(dfd: int, n: bytes) -> os.stat_result:
             os.link(node.name, n, src_dir_fd=src_fd, dst_dir_fd=dfd, follow_symlinks=False)
+            return os.stat(n, dir_fd=dfd, follow_symlinks=False)
 
         self._place(parent, pfd, name, wh, False, make)
         node.add_link(parent, name)
@@ -601,6 +618,13 @@ class Union:
         if parent.chain[0] != 0:
             return self.resolver.resolve(parent, name) is not None
         return len(parent.chain) > 1 and self.resolver.resolve(parent, name, start=1) is not None
+
+    def _lower_has_entry(self, parent: Node, name: bytes, entry: Entry) -> bool:
+        """`lower_has` of a name just resolved to `entry`: no lookup when the entry itself
+        lies in a lower layer, wholly or merged (the upper held nothing that hid it)."""
+        if entry.layer != 0 or any(entry.chain[1:]):
+            return True
+        return self.lower_has(parent, name)
 
     def _remove_upper(self, pfd: int, name: bytes, whiteout: bool, is_dir: bool) -> None:
         """Remove an upper entry, leaving a whiteout in its place if asked, atomically."""
@@ -627,7 +651,7 @@ class Union:
         entry, node = self.existing(parent, name)
         if node.is_dir:
             raise FsError(errno.EISDIR)
-        whiteout = self.lower_has(parent, name)
+        whiteout = self._lower_has_entry(parent, name, entry)
         pfd = self.copyup.upper_dirfd(parent)
         st = None
         if entry.layer == 0:
@@ -656,11 +680,11 @@ class Union:
 
     def rmdir(self, parent: Node, name: bytes) -> None:
         self._writable()
-        _entry, node = self.existing(parent, name)
+        entry, node = self.existing(parent, name)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         self.check_empty(node)
-        whiteout = self.lower_has(parent, name)
+        whiteout = self._lower_has_entry(parent, name, entry)
         pfd = self.copyup.upper_dirfd(parent)
         st = None
         if node.chain[0] == 0:
