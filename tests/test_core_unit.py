@@ -226,6 +226,36 @@ def test_readdir_counts_lookups_and_gives_back_the_one_not_taken(
     u.releasedir(fh)
 
 
+def test_a_missing_name_costs_one_stat_per_layer(
+    tmp_path: Path, made: list[Union], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual miss (a create, a probe of a search path) stats each layer once: an OCI
+    whiteout `.wh.NAME` is looked for only once the name is met below it, where it still
+    hides it."""
+    l1, l2, l3 = (tmp_path / n for n in ("l1", "l2", "l3"))
+    tree(l1, {"d": {".wh.gone": ""}})
+    tree(l2, {"d": {}})
+    tree(l3, {"d": {"gone": "3", "kept": "3"}})
+    u = make(tmp_path, made, [l1, l2, l3])
+    d = walk(u, b"d")
+    u.copyup.upper_dirfd(d)  # four layers: the upper and three lowers
+    assert len(d.chain) == 4
+    real_stat = os.stat
+    stats: list[bytes] = []
+
+    def counting_stat(path: bytes, *args: object, **kw: object) -> os.stat_result:
+        stats.append(path)
+        return real_stat(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    assert u.lookup(d, b"nowhere") is None
+    assert stats == [b"nowhere"] * 4
+    stats.clear()
+    assert u.lookup(d, b"gone") is None  # hidden by l1's marker all the same
+    kept = u.lookup(d, b"kept")
+    assert kept is not None and kept.layer == 3
+
+
 # -- copy-up: decided once, in the core ------------------------------------------------------
 def test_copy_up_plans(tmp_path: Path, made: list[Union]) -> None:
     l1 = tmp_path / "l1"

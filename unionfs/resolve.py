@@ -295,7 +295,10 @@ class Resolver:
         `start` on (a lookup: it stops at the first layer that decides, so a
         name found in the top layer costs one stat). `last` is the lowest
         position an occurrence can come from: below it there is nothing to hide,
-        so no opaque mark needs reading.
+        so no opaque mark needs reading. An OCI whiteout `.wh.NAME` in a layer
+        without the name hides only what lies below it, so it is looked for
+        once the name is met below (a name found nowhere, the usual miss, costs
+        one stat per layer).
         """
         chain: list[int] = []
         top: tuple[int, os.stat_result] | None = None
@@ -305,6 +308,7 @@ class Resolver:
         end = len(found) if found is not None else 0
         fd = -1
         src: os.stat_result | os.DirEntry[str] | None
+        absent: list[int] = []  # fds of the layers above without the name (a lookup)
         while True:
             # -- the next occurrence ------------------------------------------
             if found is None:
@@ -315,9 +319,13 @@ class Resolver:
                 try:
                     src = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except (FileNotFoundError, NotADirectoryError):
-                    if pos < last and self._has_oci_whiteout(fd, name):
-                        break  # an OCI whiteout: hides the name below this layer
+                    if pos < last:
+                        absent.append(fd)
                     continue
+                if absent:
+                    if any(self._has_oci_whiteout(afd, name) for afd in absent):
+                        break  # an OCI whiteout above: hides the name from there down
+                    absent.clear()
                 kind = src.st_mode & _IFMT
             else:
                 if i == end:
