@@ -226,6 +226,39 @@ def test_readdir_counts_lookups_and_gives_back_the_one_not_taken(
     u.releasedir(fh)
 
 
+def test_readdir_leaves_the_files_the_kernel_holds_uncounted(
+    tmp_path: Path, made: list[Union]
+) -> None:
+    """A listing read again (`held`): a lower file the kernel holds under that very name
+    comes uncounted, its lookup count untouched; a directory, a file the kernel does not
+    hold and another name of a held hard link are counted as before."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"a": "1", "b": "2", "d": {}})
+    os.link(l1 / "a", l1 / "a2")
+    u = make(tmp_path, made, [l1])
+    for name in (b"a", b"d"):
+        assert u.lookup(u.root, name) is not None
+    fh = u.opendir(u.root)
+    try:
+        entries = {n: (node, counted) for n, node, _, counted in u.readdir(fh, 0, held=True)}
+    finally:
+        u.releasedir(fh)
+    a = entries[b"a"][0]
+    assert entries[b"a"] == (a, False)
+    assert entries[b"a2"] == (a, True)  # another name: linked, counted
+    assert a.nlookup == 2  # the lookup's and a2's
+    assert entries[b"d"][1] and entries[b"d"][0].nlookup == 2
+    assert entries[b"b"][1] and entries[b"b"][0].nlookup == 1
+    # A file copied up since it was listed: the lower entry is not the node's any more.
+    u.copy_up(a)
+    fh = u.opendir(u.root)
+    try:
+        again = {n: counted for n, _, _, counted in u.readdir(fh, 0, held=True)}
+    finally:
+        u.releasedir(fh)
+    assert again[b"a"] is True
+
+
 def test_a_missing_name_costs_one_stat_per_layer(
     tmp_path: Path, made: list[Union], monkeypatch: pytest.MonkeyPatch
 ) -> None:

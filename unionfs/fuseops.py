@@ -492,9 +492,14 @@ class FuseOps(pyfuse3.Operations):
         reply = pyfuse3.readdir_reply
         build = self._attr
         bare = self._bare
-        for name, node, nxt, counted in core.readdir(fh, start_id):
+        for name, node, nxt, counted in core.readdir(fh, start_id, bare is not None):
             try:
-                if counted and bare is not None and node.nlookup > 1:
+                if not counted and not node.is_dir:
+                    # Held by the kernel under this name (`.` and `..` are directories):
+                    # never with attributes, which would hand it a reference not counted.
+                    assert bare is not None and node.st is not None  # Identity.held
+                    attr = bare.entry(node.ino, node.st.st_mode)
+                elif counted and bare is not None and node.nlookup > 1:
                     # The kernel holds this node already: its name and type suffice.
                     mode = stat.S_IFDIR if node.is_dir else node.st.st_mode if node.st else 0
                     if mode:

@@ -17,9 +17,9 @@ import os
 import stat
 
 from .copyup import CopyUp
-from .inodes import DirNode, InodeTable, Node, new_node
+from .inodes import DirNode, InodeTable, Node, new_node, stat_fields
 from .layers import LayerStack
-from .resolve import Entry, Resolver
+from .resolve import Entry, FileEntry, Resolver
 
 
 class Identity:
@@ -69,6 +69,31 @@ class Identity:
             new.nlookup = node.nlookup  # the kernel reuses its inode for this id
         self.table.add(new)
         return new
+
+    def held(self, parent: Node, name: bytes, entry: Entry) -> Node | None:
+        """The node of a lower non-directory entry if the kernel holds it under this very
+        name, else None. A listing read again meets mostly those: `node_for` would find
+        the node, link nothing and change nothing, and its lookup count would only go up
+        for the entry and down again when the kernel takes none (fuseops.BareEntry)."""
+        if type(entry) is not FileEntry:
+            return None
+        layer = entry.layer
+        if layer == 0:  # an upper object's id may be a copied-up one's (`_entry_id`)
+            return None
+        _, ino, dev = stat_fields(entry)[:3]
+        node = self.table.nodes.get(self.table.ident_to_id(dev, ino))
+        if (
+            node is None
+            or node.nlookup <= 0
+            or node.layer != layer  # copied up since: another name to link (`node_for`)
+            or node.parent is not parent
+            or node.name != name
+            or node.is_dir
+            or node.unlinked
+            or node.st is None  # its type is read from it (fuseops.readdir)
+        ):
+            return None
+        return node
 
     def _link_alias(self, up: Node, parent: Node, name: bytes) -> None:
         """Link `name` in `parent` to the copied-up object `up`, another name of it below."""

@@ -199,12 +199,17 @@ class Union:
     def dir_handle(self, fh: int) -> DirHandle:
         return self.handles.dir(fh)
 
-    def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, Node, int, bool]]:
+    def readdir(
+        self, fh: int, off: int, held: bool = False
+    ) -> Iterator[tuple[bytes, Node, int, bool]]:
         """Entries from offset `off`: (name, node, next offset, counted-as-lookup).
 
         Each entry but `.` and `..` counts as a lookup (readdirplus hands the
         kernel a reference); the caller gives back, with `unlookup`, the one
-        the kernel did not take and stops there.
+        the kernel did not take and stops there. With `held`, a lower
+        non-directory that the kernel holds under that very name is not counted
+        either (`Identity.held`): the caller sends it without attributes, which
+        takes no reference.
         """
         dh = self.handles.dir(fh)
         d = dh.node
@@ -220,8 +225,14 @@ class Union:
             off = 2
         entries = dh.entries
         node_for = self.identity.node_for
+        known = self.identity.held if held else None
         for i in range(off - 2, len(entries)):
             name, entry = entries[i]
+            if known is not None:
+                node = known(d, name, entry)
+                if node is not None:
+                    yield name, node, i + 3, False
+                    continue
             node = node_for(d, name, entry)
             node.nlookup += 1
             yield name, node, i + 3, True
