@@ -705,12 +705,13 @@ _SWAP_RACE = r"""
 import os, sys, time
 from unionfs.syscalls import RENAME_EXCHANGE, renameat2
 home, seconds = sys.argv[1], float(sys.argv[2])
+a, b = (os.fsencode(n) for n in sys.argv[3:5]) if len(sys.argv) > 4 else (b"mnt", b"swap")
 fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
 end = time.monotonic() + seconds
 n = 0
 while time.monotonic() < end:
     try:
-        renameat2(fd, b"mnt", fd, b"swap", RENAME_EXCHANGE)
+        renameat2(fd, a, fd, b, RENAME_EXCHANGE)
         n += 1
     except OSError:  # EBUSY: one of them is a mount point now
         pass
@@ -783,6 +784,103 @@ def test_a_user_cannot_make_root_mount_over_another_directory(
         for name in ("mnt", "swap"):
             force_unmount(home / name)
     assert not is_mounted(victim) and (victim / "passwd").read_text() == "root:x:0:0\n"
+    assert racer.returncode == 0 and int(out) > 0, err
+
+
+def _racer(
+    user: tuple[int, int], home: Path, seconds: float, a: str, b: str
+) -> subprocess.Popen[str]:
+    """`_SWAP_RACE` as `user`: exchanges home/a and home/b for `seconds`, prints how often."""
+    uid, gid = user
+    return subprocess.Popen(
+        [
+            *("setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", sys.executable),
+            *("-c", _SWAP_RACE, str(home), str(seconds), a, b),
+        ],
+        cwd=str(Path(__file__).parent.parent),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_user_cannot_point_roots_layers_at_another_tree(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """Root mounts (or runs a container over) layers in a user's directory. A symlink she
+    puts in place of the upper, a lower, the work dir or a parent of them (to a root-only
+    directory standing for /etc) was followed: the container's writes landed in that
+    tree, the work dir was made beside it or emptied in it, `run --upper` made its
+    directories through it. Now layers are resolved as the mount point is
+    (`tree.open_trusted`: refused, one line, nothing made or written there), each once
+    into the fd the daemon keeps, so a swap between the checks and the use changes
+    nothing. Root's own symlinks are still followed."""
+    from unionfs.sample import build_sample
+
+    t = open_tree
+    home, victim, low, mnt = t / "home", t / "etc", t / "l", t / "mnt"
+    for d in (home, victim, low, mnt, t / "real", t / "rootwork"):
+        d.mkdir()
+    victim.chmod(0o700)
+    (victim / "passwd").write_text("root:x:0:0\n")
+    (low / "marker").write_text("layer\n")
+    os.chown(home, *user)
+    _as(user, "ln", "-s", str(victim), str(home / "up"))
+    _as(user, "ln", "-s", str(t), str(home / "via"))
+    _as(user, "mkdir", str(home / "mine"))
+    before = sorted(os.listdir(t))
+    for opts in (
+        f"lowerdir={low},upperdir={home / 'up'}",
+        f"lowerdir={low},upperdir={home / 'via/etc'}",
+        f"lowerdir={home / 'up'}:{low}",
+        f"lowerdir={low},upperdir={home / 'mine'},workdir={home / 'via/etc'}",
+    ):
+        r = pyunion("mount", "-o", opts, str(mnt), check=False)
+        if r.returncode == 0:
+            pyunion("umount", str(mnt))
+        assert r.returncode != 0, opts
+        assert "symlink owned by uid" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    image = build_sample(tmp_path / "img")
+    for upper in (home / "up", home / "via/etc/new"):
+        r = subprocess.run(
+            [*PYUNION, "run", "--upper", str(upper), *image, "--", "sh", "-c", "echo x >/landed"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=dict(os.environ, TMPDIR=str(tmp_path)),
+        )
+        assert r.returncode != 0 and "symlink owned by uid" in r.stderr, r.stderr
+    assert sorted(os.listdir(victim)) == ["passwd"] and sorted(os.listdir(t)) == before
+    (t / "rootlink").symlink_to(t / "real")  # root's own: followed, as mount(8)
+    with mounted([low], mnt, upper=t / "rootlink", work=t / "rootwork"):
+        (mnt / "new").write_text("root's\n")
+    assert (t / "real/new").read_text() == "root's\n"
+    # The race: the upper (hers, a directory) and `swap` (a symlink to the victim)
+    # exchanged all the time while root mounts it and writes through the mount.
+    os.unlink(home / "up")
+    _as(user, "mkdir", str(home / "up"))
+    _as(user, "ln", "-s", str(victim), str(home / "swap"))
+    racer = _racer(user, home, 6, "up", "swap")
+    mounts = 0
+    try:
+        for i in range(12):
+            r = pyunion(
+                "mount", "-o", f"lowerdir={low},upperdir={home / 'up'}", str(mnt), check=False
+            )
+            if r.returncode != 0:
+                assert "symlink owned by uid" in r.stderr or "does not exist" in r.stderr, r.stderr
+                continue
+            mounts += 1
+            try:
+                (mnt / f"landed{i}").write_text("x\n")
+            finally:
+                pyunion("umount", str(mnt))
+    finally:
+        out, err = racer.communicate(timeout=60)
+        force_unmount(mnt)
+    assert sorted(os.listdir(victim)) == ["passwd"], "root's mount wrote into the victim"
+    assert (victim / "passwd").read_text() == "root:x:0:0\n"
     assert racer.returncode == 0 and int(out) > 0, err
 
 

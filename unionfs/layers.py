@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from .errors import FsError, UserError
-from .tree import DIR_FLAGS
+from .tree import DIR_FLAGS, UntrustedSymlink, open_trusted
 
 
 @dataclass
@@ -70,19 +70,29 @@ def open_file_at(dirfd: int, name: bytes, flags: int) -> int:
     return fd
 
 
-def _open_layer(path: str, index: int, what: str) -> Layer:
+def open_layer_dir(path: str, what: str) -> int:
+    """The directory at `path` (a layer, an upper, a work dir), opened for reading.
+
+    Root mounts layers whose paths cross directories a user can write (a home, /tmp):
+    every component is resolved once and a symlink is followed only if root or the
+    caller owns it (`tree.open_trusted`, as the mount point), so a symlink she plants
+    or swaps in never makes root's daemon write into, or show, another tree (/etc).
+    """
     try:
-        st = os.stat(path)
+        return open_trusted(path, os.O_RDONLY | os.O_DIRECTORY)
+    except UntrustedSymlink as e:
+        raise UserError(f"{what} {path!r} {e.strerror}; refusing to use it") from None
     except FileNotFoundError:
         raise UserError(f"{what} {path!r} does not exist") from None
+    except NotADirectoryError:
+        raise UserError(f"{what} {path!r} is not a directory") from None
     except OSError as e:
         raise UserError(f"{what} {path!r}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{what} {path!r} is not a directory")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise UserError(f"{what} {path!r}: {e.strerror}") from None
+
+
+def _open_layer(path: str, index: int, what: str) -> Layer:
+    fd = open_layer_dir(path, what)
+    st = os.fstat(fd)
     if index > 0:
         hold_lower(fd)
     return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from . import syscalls
 from .errors import UserError
-from .layers import LayerStack
+from .layers import LayerStack, open_layer_dir
 from .options import MountConfig
 from .prefork import Prefork, forkserver_wanted
 from .procfs import fuse_device, unescape_mountinfo
@@ -339,8 +339,8 @@ def check_separate(lowers: list[str], upper: str | None, work: str | None) -> No
 
 
 def default_workdir(upper: str) -> str:
-    """`.UPPER.work` beside the upper (so on the same filesystem)."""
-    up = os.path.realpath(upper)
+    """`.UPPER.work` beside the upper (so on the same filesystem), as resolved to open it."""
+    up = _real_dir(upper, "upper directory")
     return os.path.join(os.path.dirname(up), "." + os.path.basename(up) + ".work")
 
 
@@ -376,19 +376,15 @@ def validate(cfg: MountConfig, mp_fd: int | None) -> None:
         raise UserError(f"{mp!r} is already a mount point")
     layers = list(cfg.lowers) + ([cfg.upper] if cfg.upper else [])
     for path in layers:
-        if not os.path.exists(path):
-            raise UserError(f"layer {path!r} does not exist")
-        if not os.path.isdir(path):
-            raise UserError(f"layer {path!r} is not a directory")
+        real = _real_dir(path, "layer")
         if real_mp is None:
             continue
-        real = os.path.realpath(path)
         if _inside(real_mp, real):
             raise UserError(f"mount point {mp!r} is inside layer {path!r}")
         if _inside(real, real_mp):
             raise UserError(f"layer {path!r} is inside the mount point {mp!r}")
-    if cfg.work is not None and cfg.upper and not os.path.isdir(cfg.work):
-        raise UserError(f"work directory {cfg.work!r} does not exist or is not a directory")
+    if cfg.work is not None and cfg.upper:
+        _real_dir(cfg.work, "work directory")
     check_separate(
         cfg.lowers, cfg.upper, (cfg.work or default_workdir(cfg.upper)) if cfg.upper else None
     )
@@ -401,24 +397,43 @@ def validate(cfg: MountConfig, mp_fd: int | None) -> None:
         cfg.work = choose_workdir(cfg.upper, cfg.work)
 
 
+def _real_dir(path: str, what: str) -> str:
+    """The real path of the directory `path`, resolved as the daemon will open it
+    (`layers.open_layer_dir`: no symlink of another user's); one line if it is not one."""
+    fd = open_layer_dir(path, what)
+    try:
+        return os.readlink(fd_str(fd))
+    finally:
+        os.close(fd)
+
+
 def choose_workdir(upper: str, work: str | None) -> str:
     """The work dir: as given, or beside the upper (same filesystem), created if missing."""
     if work is None:
         work = default_workdir(upper)
         try:
-            os.mkdir(work, 0o700)  # beside the upper: its parent exists
-            print(f"pyunion: work directory: {work}", file=sys.stderr)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise UserError(f"cannot create a work directory {work!r}: {e.strerror}") from e
-    if not os.path.isdir(work):
-        raise UserError(f"work directory {work!r} does not exist or is not a directory")
-    if os.stat(work).st_dev != os.stat(upper).st_dev:
-        raise UserError(
-            f"work directory {work!r} is not on the same filesystem as the upper {upper!r}"
-        )
-    rw, ru = os.path.realpath(work), os.path.realpath(upper)
+            os.close(open_trusted(work))
+        except FileNotFoundError:
+            try:  # beside the upper: its parent exists, and was resolved as the upper
+                os.close(open_trusted(work, mkdir=0o700))
+                print(f"pyunion: work directory: {work}", file=sys.stderr)
+            except OSError as e:
+                raise UserError(f"cannot create a work directory {work!r}: {e.strerror}") from e
+        except OSError:
+            pass  # said by the checks below
+    ufd = open_layer_dir(upper, "upper directory")
+    try:
+        wfd = open_layer_dir(work, "work directory")
+        try:
+            if os.fstat(wfd).st_dev != os.fstat(ufd).st_dev:
+                raise UserError(
+                    f"work directory {work!r} is not on the same filesystem as the upper {upper!r}"
+                )
+            rw, ru = os.readlink(fd_str(wfd)), os.readlink(fd_str(ufd))
+        finally:
+            os.close(wfd)
+    finally:
+        os.close(ufd)
     if rw == ru or _inside(rw, ru) or _inside(ru, rw):
         raise UserError("the work directory and the upper directory must be separate trees")
     return work
@@ -432,7 +447,7 @@ def prepare_workdir(work: str) -> tuple[int, int]:
     move into the upper, so a WORK/work that someone else made (the owner of
     WORK, who may not be the mounter) would let her swap them for symlinks.
     """
-    lock_fd = os.open(work, DIR_FLAGS)
+    lock_fd = open_layer_dir(work, "work directory")
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

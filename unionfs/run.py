@@ -55,6 +55,7 @@ from .mount import mount_detached
 from .options import MountConfig
 from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 from .supervise import FORWARDED, HANDLED, Supervisor, janitor_cleanup
+from .tree import open_trusted
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -678,8 +679,8 @@ class Runner:
         os.mkdir(self.sup.merged)
         work = None
         if opts.upper:
-            try:
-                os.makedirs(opts.upper, exist_ok=True)
+            try:  # no symlink of another user's on the way (`tree.open_trusted`)
+                os.close(open_trusted(os.path.abspath(opts.upper), mkdir=0o755))
             except OSError as e:
                 raise _fail(
                     f"cannot create the upper directory {opts.upper!r}: {e.strerror}"

@@ -662,8 +662,8 @@ def _drop_placeholders(upper: str, lowers: list[str], created: list[str]) -> Non
     host's tree: every path is walked from the upper's fd one name at a time,
     never following a symlink.
     """
-    try:  # the upper's own path is the user's choice; what is inside is the container's
-        ufd = os.open(upper, tree.DIR_FLAGS & ~os.O_NOFOLLOW)
+    try:  # its path is the caller's, resolved as the daemon did; inside: the container's
+        ufd = tree.open_trusted(upper, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return
     lfds: list[int] = []

@@ -426,7 +426,9 @@ class UntrustedSymlink(OSError):
 MAX_SYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
 
 
-def open_trusted(path: Name, flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
+def open_trusted(
+    path: Name, flags: int = os.O_PATH | os.O_DIRECTORY, mkdir: int | None = None
+) -> int:
     """Open an absolute PATH as root may: following only root's and the caller's symlinks.
 
     Root acting on a path that crosses a directory another user can write (a
@@ -437,7 +439,10 @@ def open_trusted(path: Name, flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
     root's own, such as /var/run -> /run) and raises `UntrustedSymlink`
     (EACCES, as protected_symlinks) for any other; the caller then acts on
     the fd (`syscalls.fd_str`), so what was resolved and checked is what is
-    used. `flags` (O_PATH by default) apply to the last component.
+    used. `flags` (O_PATH by default) apply to the last component. With
+    `mkdir=MODE` a missing component is made (a directory of that mode) in the
+    directory already resolved, as `mkdir -p` would, but never through a symlink
+    refused here.
 
     In a user namespace the symlinks of unmapped owners (the overflow ID:
     the host's root and users, who all look alike there) are followed too:
@@ -457,7 +462,16 @@ def open_trusted(path: Name, flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
     try:
         while todo:
             comp = todo.pop()
-            nfd = os.open(comp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                nfd = os.open(comp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                if mkdir is None or comp == b"..":
+                    raise
+                try:  # noqa: SIM105 - no contextlib here (see the imports)
+                    os.mkdir(comp, mkdir, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made meanwhile: looked at as any other
+                nfd = os.open(comp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             st = os.fstat(nfd)
             if not stat.S_ISLNK(st.st_mode):
                 os.close(fd)
