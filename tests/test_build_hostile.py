@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -608,3 +609,111 @@ def test_pruning_a_deep_copied_up_chain_is_linear(tmp_path: Path) -> None:
     finally:  # deeper than pytest's own clean-up can remove
         rmtree(str(low))
         rmtree(str(up))
+
+
+# --- a context a user owns: no symlink of hers leads root's build out of it -------------------
+@pytest.fixture
+def user_home() -> Iterator[tuple[tuple[int, int], Path]]:
+    """A throw-away unprivileged user and a directory of hers under /tmp (every user can
+    reach it: tmp_path's ancestors are 0700); both removed afterwards."""
+    import pwd
+    import tempfile
+
+    name = f"pyu-bld-{os.getpid()}"
+    subprocess.run(
+        ["useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    base = Path(tempfile.mkdtemp(prefix="pyunion-bld-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        pw = pwd.getpwnam(name)
+        (base / "home").mkdir()
+        os.chown(base / "home", pw.pw_uid, pw.pw_gid)
+        yield (pw.pw_uid, pw.pw_gid), base
+    finally:
+        rmtree(str(base))
+        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
+
+
+def _as_user(who: tuple[int, int], *cmd: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["setpriv", f"--reuid={who[0]}", f"--regid={who[1]}", "--clear-groups", *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).parent.parent),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _she(who: tuple[int, int], script: str) -> None:
+    p = _as_user(who, "sh", "-c", script)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+
+
+_EXCHANGE = r"""
+import os, sys, time
+from unionfs.syscalls import RENAME_EXCHANGE, renameat2
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+end, n = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end:
+    renameat2(fd, b"ctx", fd, b"swap", RENAME_EXCHANGE)
+    n += 1
+    time.sleep(0.0005)
+print(n)
+"""
+
+
+@needs_fuse
+@pytest.mark.timeout(180)
+def test_a_users_symlink_never_leads_roots_build_out_of_her_context(
+    user_home: tuple[tuple[int, int], Path],
+) -> None:
+    """Root builds a context in a user's home. A symlink of hers in place of the context
+    (or a parent), swapped in while root builds, or as the Containerfile, was followed:
+    `COPY . /` put a root-only file (standing for /etc/shadow) into the layer, and a
+    Containerfile -> it showed its first line in the error. Now the context and its
+    Containerfile are resolved as root's other paths (`tree.open_trusted`: only root's
+    and the caller's symlinks), the context once, into the fd every COPY reads from."""
+    who, t = user_home
+    home, victim, store = t / "home", t / "victim", t / "store"
+    victim.mkdir(mode=0o700)
+    (victim / "shadow").write_text("root:SECRET-HASH:19000::::::\n")
+    (victim / "Containerfile").write_text("FROM scratch\nCOPY . /\n")
+    _she(
+        who,
+        f"mkdir {home}/ctx {home}/via"
+        f" && printf 'FROM scratch\\nCOPY . /\\n' >{home}/ctx/Containerfile"
+        f" && echo mine >{home}/ctx/mine && ln -s {victim} {home}/via/ctx && ln -s {t} {home}/up"
+        f" && mkdir {home}/ctx2 && ln -s {victim}/shadow {home}/ctx2/Containerfile",
+    )
+    for args in (
+        ("-f", str(home / "ctx/Containerfile"), str(home / "via/ctx")),
+        (str(home / "via/ctx"),),
+        ("-f", str(home / "ctx/Containerfile"), str(home / "up/victim")),
+        (str(home / "ctx2"),),
+    ):
+        r = _build(store, Path(args[-1]), "-t", "leak", *args[:-1])
+        assert "symlink owned by uid" in _one_line_error(r), r.stderr
+        assert "SECRET" not in r.stderr + r.stdout
+    # The race: her context and `swap` (a symlink to the victim) exchanged while root builds.
+    _she(who, f"ln -s {victim} {home}/swap")
+    racer = _as_user(who, sys.executable, "-c", _EXCHANGE, str(home), "15")
+    built = 0
+    try:
+        for i in range(10):
+            r = _build(store, home / "ctx", "-t", f"race{i}")
+            assert "SECRET" not in r.stderr + r.stdout
+            if r.returncode != 0:
+                assert "symlink owned by uid" in r.stderr, r.stderr
+                continue
+            built += 1
+            assert sorted(os.listdir(_layer(store, f"race{i}"))) == ["Containerfile", "mine"]
+    finally:
+        racer.kill()  # it ends by itself in 15 s; a failure above need not wait for it
+        racer.communicate(timeout=60)
+    print("built during the race:", built)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Literal
 
-    Resolve = Literal["beneath", "in_root", "anywhere"]
+    Resolve = Literal["beneath", "in_root", "trusted", "anywhere"]
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -306,6 +306,9 @@ def open_regular(
     - "in_root": as if `dirfd` were `/` (`syscalls.open_in_root`: symlinks,
       absolute ones too, and `..` resolve inside it, as the container itself
       would see the path);
+    - "trusted": as root may follow a path another user can write
+      (`open_trusted`: only root's and the caller's symlinks; a Containerfile
+      in a build context may be one, to anywhere, but not hers to /etc/shadow);
     - "anywhere": as an ordinary path (a file the user named, such as a
       seccomp profile: only its type and size matter).
     Only a regular file is then opened for reading, through its O_PATH fd.
@@ -316,6 +319,8 @@ def open_regular(
     try:
         if resolve == "in_root":
             pfd = syscalls.open_in_root(dirfd, path)
+        elif resolve == "trusted":
+            pfd = open_trusted(path, os.O_PATH, dir_fd=dirfd)
         elif resolve == "anywhere":
             pfd = os.open(path, os.O_PATH | os.O_CLOEXEC, dir_fd=dirfd)
         else:
@@ -426,10 +431,21 @@ class UntrustedSymlink(OSError):
 MAX_SYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
 
 
+def _trusted_uids() -> set[int]:
+    """Root and the caller; in a user namespace also the overflow ID (see `open_trusted`)."""
+    from .userns import in_user_namespace, overflow_id
+
+    me = os.geteuid()
+    return {0, me, overflow_id()} if in_user_namespace() else {0, me}
+
+
 def open_trusted(
-    path: Name, flags: int = os.O_PATH | os.O_DIRECTORY, mkdir: int | None = None
+    path: Name,
+    flags: int = os.O_PATH | os.O_DIRECTORY,
+    mkdir: int | None = None,
+    dir_fd: int | None = None,
 ) -> int:
-    """Open an absolute PATH as root may: following only root's and the caller's symlinks.
+    """Open PATH as root may: following only root's and the caller's symlinks.
 
     Root acting on a path that crosses a directory another user can write (a
     mount point in her home) would otherwise follow whatever symlink she swaps
@@ -442,22 +458,22 @@ def open_trusted(
     used. `flags` (O_PATH by default) apply to the last component. With
     `mkdir=MODE` a missing component is made (a directory of that mode) in the
     directory already resolved, as `mkdir -p` would, but never through a symlink
-    refused here.
+    refused here. A relative PATH starts at `dir_fd` (default: the working directory).
 
     In a user namespace the symlinks of unmapped owners (the overflow ID:
     the host's root and users, who all look alike there) are followed too:
     the process has no right there that they lack. A mapped user's are not
     (a namespace that maps many IDs has users of its own).
     """
-    from .userns import in_user_namespace, overflow_id
-
     p = os.fsencode(path)
-    if not p.startswith(b"/"):
+    if not p.startswith(b"/") and dir_fd is None:
         p = os.fsencode(os.getcwd()) + b"/" + p
-    me = os.geteuid()
-    trusted = {0, me, overflow_id()} if in_user_namespace() else {0, me}
+    trusted = _trusted_uids()
     todo = [c for c in reversed(p.split(b"/")) if c and c != b"."]
-    fd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if p.startswith(b"/") or dir_fd is None:
+        fd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     links = 0
     try:
         while todo:

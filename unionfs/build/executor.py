@@ -50,7 +50,7 @@ from ..image.platforms import host as host_platform
 from ..image.store import Store, normalize_tag, short_id
 from ..sandbox import DEFAULT_PATH, wait_exit_code
 from ..syscalls import fd_str
-from ..tree import NotRegularFile, read_regular
+from ..tree import NotRegularFile, UntrustedSymlink, open_trusted, read_regular
 from .cache import BuildCache, step_key
 from .copier import (
     CopyError,
@@ -79,10 +79,12 @@ LAYER_STEPS = ("RUN", "COPY", "ADD")
 def _read_context_file(path: str, limit: int, resolve: Resolve = "beneath") -> bytes | None:
     """A Containerfile or ignore file of the context (None if missing): a regular file
     (a FIFO put there would hang the build), at most `limit` bytes; no symlink unless
-    `resolve` is "anywhere" (a Containerfile may be one, as for buildah)."""
+    `resolve` is "trusted" (a Containerfile may be one, as for buildah, but not another
+    user's: her context's Containerfile -> /etc/shadow showed its first line in the
+    error). The directory is reached as the context is (`tree.open_trusted`)."""
     parent, name = os.path.split(path)
     try:
-        dfd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        dfd = open_trusted(parent or ".")
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -203,7 +205,7 @@ class Builder:
             return sys.stdin.read(MAX_DOCKERFILE), None
         if f is None:
             for name in ("Containerfile", "Dockerfile"):
-                data = _read_context_file(os.path.join(ctx, name), MAX_DOCKERFILE, "anywhere")
+                data = _read_context_file(os.path.join(ctx, name), MAX_DOCKERFILE, "trusted")
                 if data is not None:
                     f = os.path.join(ctx, name)
                     break
@@ -239,8 +241,12 @@ class Builder:
         # An ordinary user builds as root of their user namespace, as rootless buildah does
         # (the CLI enters it before anything starts a thread).
         userns.enter_rootless()
-        if not os.path.isdir(self.opts.context):
-            raise UserError(f"the build context {self.opts.context!r} is not a directory")
+        try:  # as SourceTree and the Containerfile's read resolve it: no symlink of hers
+            os.close(open_trusted(os.path.abspath(self.opts.context)))
+        except UntrustedSymlink as e:
+            raise UserError(f"the build context {self.opts.context!r} {e.strerror}") from None
+        except OSError:
+            raise UserError(f"the build context {self.opts.context!r} is not a directory") from None
         tags = [normalize_tag(t) for t in self.opts.tags]
         text, path = self._read_dockerfile()
         df = parse(text)
@@ -254,7 +260,9 @@ class Builder:
         stages = self._needed(df, global_scope)
         self.total = df.step_count(stages)
         started = time.monotonic()
-        self.context = SourceTree(os.path.abspath(self.opts.context), matcher, "the build context")
+        self.context = SourceTree(
+            os.path.abspath(self.opts.context), matcher, "the build context", user_path=True
+        )
         consumed: set[str] = set(global_scope.consumed)
         try:
             with self.store.using(), self.store.tempdir() as tmp:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .. import syscalls
 from ..errors import UserError
-from ..tree import DirCursor, NotRegularFile, open_regular
+from ..tree import DirCursor, NotRegularFile, open_regular, open_trusted
 from .ignore import Matcher
 from .pattern import compile_glob
 
@@ -59,12 +59,20 @@ def _unescape(component: str) -> str:
 class SourceTree:
     """A directory COPY reads from: the context, or a stage's mounted root."""
 
-    def __init__(self, root: str, matcher: Matcher | None, what: str) -> None:
+    def __init__(
+        self, root: str, matcher: Matcher | None, what: str, user_path: bool = False
+    ) -> None:
+        """`user_path`: ROOT was named by the caller and may cross directories a user
+        can write (a context in her home): resolved with `tree.open_trusted`, so no
+        symlink of hers is followed. A stage's root is pyunion's own `/proc/self/fd/N`."""
         self.root = root
         self.what = what
         self.matcher = matcher
         try:
-            self.fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            if user_path:
+                self.fd = open_trusted(root)
+            else:
+                self.fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise UserError(f"cannot open {what} {root}: {e.strerror}") from None
 
