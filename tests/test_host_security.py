@@ -884,6 +884,84 @@ def test_a_user_cannot_point_roots_layers_at_another_tree(
     assert racer.returncode == 0 and int(out) > 0, err
 
 
+_STEAL_TMP = r"""
+import os, sys, time
+home, victim, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end, n = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    for name in os.listdir(home):
+        path = os.path.join(home, name)
+        if name.startswith("pyunion-run-") and os.stat(path).st_uid == 0:
+            try:  # root's tree moved away, hers in its place: etc -> the victim
+                os.rename(path, os.path.join(home, f"stolen-{n}"))
+                os.mkdir(path)
+                os.symlink(victim, os.path.join(path, "etc"))
+                n += 1
+            except OSError:
+                pass
+    time.sleep(0.0005)
+print(n)
+"""
+
+
+def test_roots_temporary_tree_is_not_kept_where_a_user_can_move_it(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """`pyunion run` keeps its temporary tree (upper, work, the /etc files it binds) in
+    $TMPDIR by name; root with a user's TMPDIR (`su` keeps it) made it in her directory,
+    where she renamed it away and put hers in its place: root then wrote its hosts file
+    through her symlink into a root-only directory (and could have run the container on
+    her upper). Now a TMPDIR another user can change (hers, or shared without the sticky
+    bit) is one line; /tmp's kind (sticky) is fine."""
+    from unionfs.sample import build_sample
+
+    t = open_tree
+    home, victim, shared, sticky = t / "home", t / "victim", t / "shared", t / "sticky"
+    for d in (home, victim, shared, sticky):
+        d.mkdir()
+    victim.chmod(0o700)
+    shared.chmod(0o777)
+    sticky.chmod(0o1777)
+    (victim / "hosts").write_text("root's\n")
+    os.chown(home, *user)
+    image = build_sample(tmp_path / "img")
+    she = ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups"]
+    racer = subprocess.Popen(
+        [*she, sys.executable, "-c", _STEAL_TMP, str(home), str(victim), "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for tmpdir, why in ((home, f"owned by uid {user[0]}"), (shared, "which others can write")):
+            for _ in range(3):
+                r = subprocess.run(
+                    [*PYUNION, "run", *image, "--", "true"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                    env=dict(os.environ, TMPDIR=str(tmpdir)),
+                )
+                assert r.returncode == 125 and why in r.stderr, r.stderr
+                assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        racer.kill()
+        racer.communicate(timeout=30)
+    assert (victim / "hosts").read_text() == "root's\n" and os.listdir(victim) == ["hosts"]
+    assert os.listdir(home) == [] and os.listdir(shared) == []
+    r = subprocess.run(
+        [*PYUNION, "run", *image, "--", "echo", "ok"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ, TMPDIR=str(sticky)),
+    )
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert os.listdir(sticky) == []
+
+
 def test_a_user_cannot_swap_a_volume_source_for_a_symlink(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:

@@ -55,7 +55,7 @@ from .mount import mount_detached
 from .options import MountConfig
 from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 from .supervise import FORWARDED, HANDLED, Supervisor, janitor_cleanup
-from .tree import open_trusted
+from .tree import open_private_dir, open_trusted
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -738,6 +738,13 @@ class Runner:
         """mkdtemp, but the janitor is told the name before the directory exists: a SIGKILL
         between the two can no longer leave it behind."""
         base = tempfile.gettempdir()
+        try:  # its names are re-resolved all along: no other user may change them
+            fd = open_private_dir(base)
+        except OSError as e:
+            hint = "set TMPDIR to one no other user can change"
+            raise _fail(f"the temporary directory {base!r} {e.strerror}; {hint}") from None
+        base = os.readlink(syscalls.fd_str(fd))
+        os.close(fd)
         while True:
             path = os.path.join(base, "pyunion-run-" + os.urandom(6).hex())
             self.sup.tell_janitor("T", os.fsencode(path))

@@ -514,3 +514,50 @@ def open_trusted(
     finally:
         os.close(fd)
     return out
+
+
+class SharedDirectory(OSError):
+    """`open_private_dir` met a directory that another user can change."""
+
+
+def open_private_dir(path: Name) -> int:
+    """`open_trusted(path)`, and only if no other user can change what PATH names.
+
+    Root keeping a tree of its own by name (`pyunion run`'s temporary directory)
+    under a directory another user can write, without the sticky bit (`su` keeps
+    her TMPDIR), finds her tree under its names: she renames root's away and puts
+    hers, with her symlinks, in its place; no `O_NOFOLLOW` on the last component
+    helps. So every directory from `/` down to PATH (as resolved) must be root's or
+    the caller's and writable by no one else, unless sticky (/tmp: there she cannot
+    move another's entry); else `SharedDirectory` (EACCES) names the first one
+    that is not. Returns PATH's O_PATH fd.
+    """
+    fd = open_trusted(path)
+    try:
+        trusted = _trusted_uids()
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        dfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            where = ""
+            for comp in [""] + [c for c in real.split("/") if c]:
+                if comp:
+                    nfd = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+                    os.close(dfd)
+                    dfd = nfd
+                    where += "/" + comp
+                st = os.fstat(dfd)
+                shared = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+                if st.st_uid not in trusted:
+                    why = f"crosses {where or '/'}, owned by uid {st.st_uid}"
+                    raise SharedDirectory(errno.EACCES, why, path)
+                if shared:
+                    why = f"crosses {where or '/'}, which others can write"
+                    raise SharedDirectory(errno.EACCES, why, path)
+            if _ident(os.fstat(dfd)) != _ident(os.fstat(fd)):
+                raise OSError(errno.ESTALE, "moved while it was checked", path)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
