@@ -17,7 +17,6 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -612,32 +611,6 @@ def test_pruning_a_deep_copied_up_chain_is_linear(tmp_path: Path) -> None:
 
 
 # --- a context a user owns: no symlink of hers leads root's build out of it -------------------
-@pytest.fixture
-def user_home() -> Iterator[tuple[tuple[int, int], Path]]:
-    """A throw-away unprivileged user and a directory of hers under /tmp (every user can
-    reach it: tmp_path's ancestors are 0700); both removed afterwards."""
-    import pwd
-    import tempfile
-
-    name = f"pyu-bld-{os.getpid()}"
-    subprocess.run(
-        ["useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", name],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    base = Path(tempfile.mkdtemp(prefix="pyunion-bld-", dir="/tmp"))
-    try:
-        os.chmod(base, 0o755)
-        pw = pwd.getpwnam(name)
-        (base / "home").mkdir()
-        os.chown(base / "home", pw.pw_uid, pw.pw_gid)
-        yield (pw.pw_uid, pw.pw_gid), base
-    finally:
-        rmtree(str(base))
-        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
-
-
 def _as_user(who: tuple[int, int], *cmd: str, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["setpriv", f"--reuid={who[0]}", f"--regid={who[1]}", "--clear-groups", *cmd],
@@ -671,7 +644,7 @@ print(n)
 @needs_fuse
 @pytest.mark.timeout(180)
 def test_a_users_symlink_never_leads_roots_build_out_of_her_context(
-    user_home: tuple[tuple[int, int], Path],
+    local_user: tuple[tuple[int, int], Path],
 ) -> None:
     """Root builds a context in a user's home. A symlink of hers in place of the context
     (or a parent), swapped in while root builds, or as the Containerfile, was followed:
@@ -679,8 +652,9 @@ def test_a_users_symlink_never_leads_roots_build_out_of_her_context(
     Containerfile -> it showed its first line in the error. Now the context and its
     Containerfile are resolved as root's other paths (`tree.open_trusted`: only root's
     and the caller's symlinks), the context once, into the fd every COPY reads from."""
-    who, t = user_home
-    home, victim, store = t / "home", t / "victim", t / "store"
+    who, home = local_user
+    t = home.parent
+    victim, store = t / "victim", t / "store"
     victim.mkdir(mode=0o700)
     (victim / "shadow").write_text("root:SECRET-HASH:19000::::::\n")
     (victim / "Containerfile").write_text("FROM scratch\nCOPY . /\n")

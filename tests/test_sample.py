@@ -83,3 +83,69 @@ def test_oci_layout(sample: list[Path], tmp_path: Path) -> None:
         names = t.getnames()
     assert "etc/.wh.doomed.txt" in names and "etc/doomed.txt" not in names
     assert names.index("opt/old/.wh..wh..opq") < names.index("opt/old/new.txt")
+
+
+_STEAL_LAYERS = r"""
+import os, sys, time
+home, victim, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+layers, base = os.path.join(home, "layers"), os.path.join(home, "layers", "0-base")
+end, stage = time.monotonic() + seconds, 0
+while time.monotonic() < end and stage < 2:
+    try:  # root's `layers` moved away, hers in its place; then root's 0-base: etc -> victim
+        if stage == 0 and os.stat(layers).st_uid == 0:
+            os.rename(layers, os.path.join(home, "stolen"))
+            os.mkdir(layers)
+            stage = 1
+        elif stage == 1 and os.stat(base).st_uid == 0:
+            os.rename(base, os.path.join(layers, "stolen"))
+            os.mkdir(base)
+            os.symlink(victim, os.path.join(base, "etc"))
+            stage = 2
+    except OSError:
+        pass
+    time.sleep(0.0002)
+print(stage)
+"""
+
+
+def test_a_sample_directory_a_user_can_change_is_refused(
+    local_user: tuple[tuple[int, int], Path],
+) -> None:
+    """The README's `pyunion sample /tmp/sample`, where a user made /tmp/sample first: she
+    moved root's `layers` away and put hers in its place, whose 0-base/etc was a symlink
+    to a root-only directory (standing for /etc): root made it 0755 and wrote the
+    sample's passwd into it. The sample is written by name, so DIR must now be one no
+    other user can change (`tree.open_private_dir`), reached through no symlink of hers;
+    one line. A fresh DIR in a sticky directory (/tmp's kind) is fine."""
+    import subprocess
+    import sys
+
+    who, home = local_user
+    t = home.parent
+    victim, sticky = t / "victim", t / "sticky"
+    victim.mkdir(mode=0o700)
+    sticky.mkdir(mode=0o1777)
+    sticky.chmod(0o1777)
+    (victim / "passwd").write_text("orig\n")
+    she = ["setpriv", f"--reuid={who[0]}", f"--regid={who[1]}", "--clear-groups"]
+    racer = subprocess.Popen(
+        [*she, sys.executable, "-c", _STEAL_LAYERS, str(home), str(victim), "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        r = pyunion("sample", str(home), check=False)
+    finally:
+        racer.kill()
+        racer.communicate(timeout=30)
+    assert r.returncode != 0 and f"owned by uid {who[0]}" in r.stderr, r.stderr
+    subprocess.run([*she, "ln", "-s", str(victim), str(home / "link")], check=True, timeout=30)
+    r2 = pyunion("sample", str(home / "link"), check=False)
+    assert r2.returncode != 0 and "symlink owned by uid" in r2.stderr, r2.stderr
+    for out in (r, r2):
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o700 and os.listdir(victim) == ["passwd"]
+    assert (victim / "passwd").read_text() == "orig\n"
+    layers = pyunion("sample", str(sticky / "s")).stdout.split()
+    assert [Path(p).name for p in layers] == ["2-oci", "1-kernel", "0-base"]

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import userns
 from .errors import UserError
-from .tree import rmtree
+from .tree import open_private_dir, open_trusted, rmtree
 
 BUSYBOX = "/bin/busybox"
 LAYER_NAMES = ("2-oci", "1-kernel", "0-base")  # top first
@@ -145,6 +145,14 @@ def build_sample(dest: str | os.PathLike[str], force: bool = False) -> list[str]
     """Build the sample layers under DEST/layers; return their paths, top first."""
     if not os.path.isfile(BUSYBOX):
         raise UserError(f"{BUSYBOX} is missing: run 'bash scripts/setup.sh' (busybox-static)")
+    # Everything below is made and chmod'ed by name: no other user may be able to change
+    # a name on the way (`pyunion sample /tmp/sample` into her directory: she moved
+    # root's `layers` away and put hers, whose etc -> /etc got the sample's passwd).
+    try:
+        os.close(open_trusted(os.path.abspath(dest), mkdir=0o755))
+        os.close(open_private_dir(os.path.abspath(dest)))
+    except OSError as e:
+        raise UserError(f"cannot build the sample in {str(dest)!r}: it {e.strerror}") from None
     layers_dir = Path(dest) / "layers"
     if layers_dir.exists():
         if not force and any(layers_dir.iterdir()):
