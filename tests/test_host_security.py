@@ -962,6 +962,50 @@ def test_roots_temporary_tree_is_not_kept_where_a_user_can_move_it(
     assert os.listdir(sticky) == []
 
 
+def test_a_users_fifo_or_symlink_as_the_log_neither_hangs_nor_redirects_root(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """Root sets PYUNION_LOG=/tmp/pyunion.log, and a user was there first: her FIFO hung
+    the daemon in open(2), and root's `pyunion mount` (or `run`) waiting for it, for
+    good; her symlink had the daemon append its log to a root-only file. Now either is
+    one line before anything is mounted; a new log file still works."""
+    from unionfs.sample import build_sample
+
+    low, mnt, victim, t = (
+        open_tree / "l",
+        open_tree / "mnt",
+        open_tree / "victim",
+        open_tree / "tmp",
+    )
+    for d in (low, mnt, victim, t):
+        d.mkdir()
+    victim.chmod(0o700)
+    t.chmod(0o1777)  # as /tmp
+    (victim / "shadow").write_text("root's\n")
+    _as(user, "mkfifo", str(t / "fifo.log"))
+    _as(user, "ln", "-s", str(victim / "shadow"), str(t / "link.log"))
+    image = build_sample(tmp_path / "img")
+    try:
+        for log, why in (("fifo.log", "FIFO"), ("link.log", "symlink owned by uid")):
+            env = dict(os.environ, PYUNION_LOG=str(t / log), TMPDIR=str(tmp_path))
+            for cmd in (["mount", str(low), str(mnt)], ["run", *image, "--", "true"]):
+                try:
+                    r = pyunion(*cmd, check=False, env=env, timeout=20)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"pyunion {cmd[0]} hung on PYUNION_LOG={log}")
+                assert r.returncode != 0 and why in r.stderr, r.stderr
+                assert len(r.stderr.strip().splitlines()) == 1 and not is_mounted(mnt)
+    finally:  # an open(2) still waiting for a reader (the old way) is let go
+        with contextlib.suppress(OSError):
+            os.close(os.open(t / "fifo.log", os.O_RDONLY | os.O_NONBLOCK))
+    assert (victim / "shadow").read_text() == "root's\n"
+    env = dict(os.environ, PYUNION_LOG=str(t / "new.log"))
+    pyunion("mount", str(low), str(mnt), env=env)
+    pyunion("umount", str(mnt))
+    st = os.stat(t / "new.log")
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
+
+
 def test_a_user_cannot_swap_a_volume_source_for_a_symlink(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:

@@ -370,6 +370,7 @@ def validate(cfg: MountConfig, mp_fd: int | None) -> None:
     """
     if not os.path.exists("/dev/fuse"):
         raise UserError("/dev/fuse does not exist (is the fuse module loaded?)")
+    check_log()
     mp = cfg.mountpoint
     real_mp = os.readlink(fd_str(mp_fd)) if mp_fd is not None else None
     if real_mp is not None and any(m == real_mp for m, _, _ in mounts()):
@@ -1081,13 +1082,61 @@ def _pin_nothing(keep: set[int]) -> None:
         os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
+def open_log(path: str) -> int:
+    """$PYUNION_LOG opened for appending (made 0644 if missing): a regular file or a
+    character device (a terminal), reached through no symlink of another user's.
+
+    Root sets it to a path like /tmp/pyunion.log, where a user can be first: her
+    symlink (to /etc/shadow) had the daemon append its log there, her FIFO hung the
+    daemon in open(2), and with it root's `mount` or `run`, for good. The open never
+    blocks (a FIFO without reader is ENXIO), and a FIFO or socket is refused: its
+    reader, hers, could stop reading and stall every write of the daemon's log.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC
+    full = os.path.abspath(path)
+    try:
+        fd = open_trusted(full, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OSError(e.errno, "is a FIFO or a socket, not a file", path) from None
+        if e.errno != errno.ENOENT:
+            raise
+        parent, name = os.path.split(full)
+        pfd = open_trusted(parent)
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=pfd)
+        except FileExistsError:  # made meanwhile (another daemon's log too): as any other
+            fd = open_trusted(full, flags)
+        finally:
+            os.close(pfd)
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "is not a regular file or a terminal", path)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def check_log() -> None:
+    """$PYUNION_LOG as the daemon will open it (`open_log`); one line if it cannot be."""
+    path = os.environ.get("PYUNION_LOG")
+    if path:
+        try:
+            os.close(open_log(path))
+        except OSError as e:
+            raise UserError(f"PYUNION_LOG={path!r}: {e.strerror}") from None
+
+
 def _detach_stdio() -> None:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     logfile = os.environ.get("PYUNION_LOG")
     if logfile:
-        fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fd = open_log(logfile)
+        except OSError:  # said by `check_log` before, unless swapped since: no log then
+            fd = os.dup(null)
         os.dup2(fd, 2)
         os.close(fd)
     else:

@@ -40,7 +40,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import termios
 import time
 import tty as ttymod
@@ -737,7 +736,9 @@ class Runner:
     def _make_tmp(self) -> str:
         """mkdtemp, but the janitor is told the name before the directory exists: a SIGKILL
         between the two can no longer leave it behind."""
-        base = tempfile.gettempdir()
+        # Not tempfile.gettempdir(): it leaves its probe file behind when pyunion is killed
+        # then (the janitor knows nothing of it), and the directory is checked here anyway.
+        base = os.environ.get("TMPDIR") or "/tmp"
         try:  # its names are re-resolved all along: no other user may change them
             fd = open_private_dir(base)
         except OSError as e:
