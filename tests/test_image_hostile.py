@@ -253,6 +253,60 @@ def test_a_store_that_another_user_owns_or_points_is_refused(
     assert os.listdir(home / "xdg") == [] and (tmp_path / ".local/share/pyunion/store").is_dir()
 
 
+_EXCHANGE_STORE = r"""
+import os, sys, time
+from unionfs.syscalls import RENAME_EXCHANGE, renameat2
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+end, n = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end:
+    renameat2(fd, b"store", fd, b"swap", RENAME_EXCHANGE)
+    n += 1
+    if n % 64 == 0:
+        time.sleep(0.0002)
+print(n)
+"""
+
+
+def test_a_store_in_a_directory_another_user_can_change_is_refused(
+    local_user: tuple[tuple[int, int], Path],
+) -> None:
+    """root's own store, in a user's directory (root made it there with `--store`): she
+    exchanged it with her symlink to a root directory all the time, and a command of
+    root's that checked the store's owner used it by name a moment later: that directory
+    (standing for /etc) was made 0700 and got the store's layout. The store is used by
+    its path, so its directory must now be one no other user can change (made through no
+    symlink of hers if missing); one line."""
+    who, home = local_user
+    victim = home.parent / "victim"
+    victim.mkdir(mode=0o755)
+    victim.chmod(0o755)
+    (home / "store").mkdir(mode=0o700)  # root's own, as `--store` made it before
+    she = ["setpriv", f"--reuid={who[0]}", f"--regid={who[1]}", "--clear-groups"]
+    subprocess.run([*she, "ln", "-s", str(victim), str(home / "swap")], check=True, timeout=30)
+    r = pyunion("images", "--store", str(home / "store"), check=False)
+    assert f"crosses {home}, owned by uid {who[0]}" in one_line_failure(r)
+    racer = subprocess.Popen(
+        [*she, sys.executable, "-c", _EXCHANGE_STORE, str(home), "6"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).parent.parent),
+    )
+    try:
+        for _ in range(20):
+            r = pyunion("images", "--store", str(home / "store"), check=False)
+            assert r.returncode != 0 and "refusing to use it" in one_line_failure(r)
+    finally:
+        out, err = racer.communicate(timeout=60)
+    assert racer.returncode == 0 and int(out) > 0, err
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and os.listdir(victim) == []
+    # Missing, below her symlink: not made through it.
+    subprocess.run([*she, "ln", "-s", str(victim), str(home / "link")], check=True, timeout=30)
+    r = pyunion("images", "--store", str(home / "link/new/store"), check=False)
+    assert "symlink owned by uid" in one_line_failure(r)
+    assert os.listdir(victim) == []
+
+
 def _mount_flags(mnt: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return next(line.split()[5].split(",") for line in f if line.split()[4] == str(mnt))

@@ -53,7 +53,15 @@ from typing import Any
 
 from .. import syscalls
 from ..errors import UserError
-from ..tree import DIR_FLAGS, NotRegularFile, open_rel, read_regular, rmtree
+from ..tree import (
+    DIR_FLAGS,
+    NotRegularFile,
+    open_private_dir,
+    open_rel,
+    open_trusted,
+    read_regular,
+    rmtree,
+)
 from . import reference, schema
 from .safetext import ImageError, printable
 
@@ -125,6 +133,24 @@ def check_owner(root: str) -> None:
             )
 
 
+def check_parent(root: str, create: bool) -> None:
+    """Refuse a store in a directory another user can change (made, if missing and
+    `create`, through no symlink of another user's). The store is used by its path:
+    in her directory she could exchange root's store for her symlink to /etc between
+    `check_owner` and the next use, and root made /etc 0700 (`Store.secure`)."""
+    parent = os.path.dirname(root)
+    try:
+        if create:
+            os.close(open_trusted(parent, mkdir=0o755))
+        os.close(open_private_dir(parent))
+    except FileNotFoundError:
+        return  # no store there: said by the caller
+    except OSError as e:
+        raise UserError(
+            f"the image store {printable(root)} {e.strerror}; refusing to use it"
+        ) from None
+
+
 def syncfs(fd: int) -> None:
     """Flush the store's filesystem once before publishing, rather than fsync per file."""
     try:
@@ -193,6 +219,7 @@ class Store:
         self._secured = False
         self._damaged: dict[str, str] = {}  # manifest digest -> why it cannot be loaded
         check_owner(self.root)
+        check_parent(self.root, create)
         if create:
             self._init()
         elif not os.path.isfile(os.path.join(self.root, "index.json")):
@@ -201,7 +228,6 @@ class Store:
     # --- layout ---------------------------------------------------------------
     def _init(self) -> None:
         try:
-            os.makedirs(os.path.dirname(self.root), exist_ok=True)
             for d in ("", "blobs", "blobs/sha256", "layers", "tmp"):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(os.path.join(self.root, d), PRIVATE)
