@@ -647,11 +647,12 @@ def test_a_users_symlink_never_leads_roots_build_out_of_her_context(
     local_user: tuple[tuple[int, int], Path],
 ) -> None:
     """Root builds a context in a user's home. A symlink of hers in place of the context
-    (or a parent), swapped in while root builds, or as the Containerfile, was followed:
-    `COPY . /` put a root-only file (standing for /etc/shadow) into the layer, and a
-    Containerfile -> it showed its first line in the error. Now the context and its
-    Containerfile are resolved as root's other paths (`tree.open_trusted`: only root's
-    and the caller's symlinks), the context once, into the fd every COPY reads from."""
+    (or a parent), swapped in while root builds, or as the Containerfile (found there or
+    named by `-f`), was followed: `COPY . /` put a root-only file (standing for
+    /etc/shadow) into the layer, and a Containerfile -> it showed its first line in the
+    error; `-f` her FIFO hung the build. Now the context and its Containerfile are
+    resolved as root's other paths (`tree.open_trusted`: only root's and the caller's
+    symlinks), the context once, into the fd every COPY reads from."""
     who, home = local_user
     t = home.parent
     victim, store = t / "victim", t / "store"
@@ -670,10 +671,31 @@ def test_a_users_symlink_never_leads_roots_build_out_of_her_context(
         (str(home / "via/ctx"),),
         ("-f", str(home / "ctx/Containerfile"), str(home / "up/victim")),
         (str(home / "ctx2"),),
+        ("-f", str(home / "ctx2/Containerfile"), str(home / "ctx")),
     ):
         r = _build(store, Path(args[-1]), "-t", "leak", *args[:-1])
         assert "symlink owned by uid" in _one_line_error(r), r.stderr
         assert "SECRET" not in r.stderr + r.stdout
+    # `-f` her FIFO: one line, not a build waiting for good; `-f <(...)`, root's pipe: read.
+    _she(who, f"mkfifo {home}/fifo")
+    r = _build(store, home / "ctx", "-f", str(home / "fifo"), timeout=20)
+    assert "not a regular file or a pipe of this user's" in _one_line_error(r)
+    rfd, wfd = os.pipe()
+    os.write(wfd, b"FROM scratch\nCOPY mine /\n")
+    os.close(wfd)
+    try:
+        piped = ("-t", "piped", "-f", f"/dev/fd/{rfd}", str(home / "ctx"))
+        r = subprocess.run(
+            [*PYUNION, "build", "--store", str(store), *piped],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            pass_fds=(rfd,),
+        )
+    finally:
+        os.close(rfd)
+    assert r.returncode == 0 and os.listdir(_layer(store, "piped")) == ["mine"], r.stderr
     # The race: her context and `swap` (a symlink to the victim) exchanged while root builds.
     _she(who, f"ln -s {victim} {home}/swap")
     racer = _as_user(who, sys.executable, "-c", _EXCHANGE, str(home), "15")

@@ -431,6 +431,14 @@ class UntrustedSymlink(OSError):
 MAX_SYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
 
 
+def _on_procfs(st: os.stat_result) -> bool:
+    """Whether `st` is of the /proc mounted here (no other filesystem has magic links)."""
+    try:
+        return st.st_dev == os.stat("/proc").st_dev
+    except OSError:
+        return False
+
+
 def _trusted_uids() -> set[int]:
     """Root and the caller; in a user namespace also the overflow ID (see `open_trusted`)."""
     from .userns import in_user_namespace, overflow_id
@@ -501,6 +509,13 @@ def open_trusted(
                     raise UntrustedSymlink(
                         errno.EACCES, f"crosses a symlink owned by uid {st.st_uid}", path
                     )
+                if _on_procfs(st):
+                    # A magic link (/proc/self/fd/N: `-f <(...)`'s /dev/fd/N; /proc/self):
+                    # its target names an object, not a path; the kernel goes there.
+                    jumped = os.open(comp, os.O_PATH | os.O_CLOEXEC, dir_fd=fd)
+                    os.close(fd)
+                    fd = jumped
+                    continue
                 # The link that was checked, through its fd: by name, a rename could
                 # put another one in its place meanwhile.
                 target = os.readlink(b"", dir_fd=nfd)
