@@ -473,6 +473,19 @@ def open_trusted(
     the process has no right there that they lack. A mapped user's are not
     (a namespace that maps many IDs has users of its own).
     """
+    if mkdir is None:  # the usual path crosses no symlink at all: one openat2 says so
+        from . import syscalls
+
+        try:
+            return syscalls.openat2(
+                syscalls.AT_FDCWD if dir_fd is None else dir_fd,
+                path,
+                flags,
+                syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS,
+            )
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOSYS, errno.EPERM):
+                raise  # ELOOP: a symlink, to be judged below; ENOSYS, EPERM: no openat2
     p = os.fsencode(path)
     if not p.startswith(b"/") and dir_fd is None:
         p = os.fsencode(os.getcwd()) + b"/" + p
