@@ -1006,6 +1006,52 @@ def test_a_users_fifo_or_symlink_as_the_log_neither_hangs_nor_redirects_root(
     assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
 
 
+def test_a_users_env_file_reads_no_root_file_and_never_hangs(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """`pyunion run --env-file /home/u/app.env` as root: her symlink there to a root-only
+    K=V file (standing for an app's secrets) put its lines into the container's
+    environment, which her code in the container reads; her FIFO there hung the run for
+    good. Now the file is reached through no symlink of hers and must be a regular file
+    or a pipe of root's (`--env-file <(...)` still works); else one line."""
+    from unionfs.sample import build_sample
+
+    home, victim = open_tree / "home", open_tree / "victim"
+    for d in (home, victim):
+        d.mkdir()
+    victim.chmod(0o700)
+    (victim / "secret.env").write_text("DB_PASSWORD=SECRET\n")
+    os.chown(home, *user)
+    _as(user, "ln", "-s", str(victim / "secret.env"), str(home / "app.env"))
+    _as(user, "mkfifo", str(home / "fifo.env"))
+    image = build_sample(tmp_path / "img")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    for name, why in (("app.env", "symlink owned by uid"), ("fifo.env", "device of this user's")):
+        try:
+            r = pyunion(
+                "run", "--env-file", str(home / name), *image, "--", "env",
+                check=False, env=env, timeout=20,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"pyunion run hung on --env-file {name}")
+        finally:  # an open(2) still waiting for a writer (the old way) is let go
+            with contextlib.suppress(OSError):
+                os.close(os.open(home / "fifo.env", os.O_WRONLY | os.O_NONBLOCK))
+        assert r.returncode == 125 and why in r.stderr and "SECRET" not in r.stdout, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    rfd, wfd = os.pipe()
+    os.write(wfd, b"FROM_PIPE=yes\n")
+    os.close(wfd)
+    try:
+        r = pyunion(
+            "run", "--env-file", f"/dev/fd/{rfd}", *image, "--", "env",
+            env=env, pass_fds=(rfd,),
+        )  # fmt: skip
+    finally:
+        os.close(rfd)
+    assert "FROM_PIPE=yes" in r.stdout.splitlines(), r.stdout
+
+
 def test_a_user_cannot_swap_a_volume_source_for_a_symlink(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:

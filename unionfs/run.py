@@ -54,7 +54,7 @@ from .mount import mount_detached
 from .options import MountConfig
 from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 from .supervise import FORWARDED, HANDLED, Supervisor, janitor_cleanup
-from .tree import open_private_dir, open_trusted
+from .tree import open_private_dir, open_trusted, read_named
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -453,11 +453,10 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
         if key:
             env[key] = value
     for path in opts.env_files:
-        try:
-            with open(path, "rb") as f:  # a pipe too (`--env-file <(...)`), as podman
-                data = f.read(MAX_ENV_FILE + 1)
+        try:  # a pipe too (`--env-file <(...)`), as podman; none of another user's
+            data = read_named(path, MAX_ENV_FILE + 1)
         except OSError as e:
-            raise _fail(f"cannot read env file {path!r}: {e.strerror}") from e
+            raise _fail(f"cannot read env file {path!r}: {e.strerror}") from None
         if len(data) > MAX_ENV_FILE:  # /dev/zero: read until the machine ran out of memory
             raise _fail(f"env file {path!r} is larger than {MAX_ENV_FILE >> 20} MiB")
         try:

@@ -50,7 +50,7 @@ from ..image.platforms import host as host_platform
 from ..image.store import Store, normalize_tag, short_id
 from ..sandbox import DEFAULT_PATH, wait_exit_code
 from ..syscalls import fd_str
-from ..tree import NotRegularFile, UntrustedSymlink, open_trusted, read_regular
+from ..tree import NotRegularFile, UntrustedSymlink, open_trusted, read_named, read_regular
 from .cache import BuildCache, step_key
 from .copier import (
     CopyError,
@@ -101,33 +101,6 @@ def _read_context_file(path: str, limit: int, resolve: Resolve = "beneath") -> b
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     finally:
         os.close(dfd)
-
-
-def _read_named(path: str, limit: int) -> bytes:
-    """`-f FILE`, at most `limit` bytes: reached through no symlink of another user's
-    (`tree.open_trusted`; `-f <(...)`'s /dev/fd/N is root's or the caller's), and a
-    regular file or a FIFO of root's or the caller's (that pipe). Her Containerfile in
-    her project, a symlink to /etc/shadow, showed its first line in the error; her
-    FIFO there hung the build for good."""
-    try:
-        pfd = open_trusted(path, os.O_PATH)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(pfd)
-        mine = st.st_uid in (0, os.geteuid())
-        if not (stat.S_ISREG(st.st_mode) or (stat.S_ISFIFO(st.st_mode) and mine)):
-            raise UserError(f"cannot read {path}: not a regular file or a pipe of this user's")
-        fd = os.open(fd_str(pfd), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    finally:
-        os.close(pfd)
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            return fh.read(limit)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
 class BuildError(UserError):
@@ -239,7 +212,10 @@ class Builder:
             else:
                 raise UserError(f"no Containerfile or Dockerfile in {ctx} (use -f FILE)")
         else:  # named by the caller: a pipe (-f <(...)) is fine, the read is bounded
-            data = _read_named(f, MAX_DOCKERFILE + 1)
+            try:  # no symlink of another user's, no FIFO of hers (`tree.read_named`)
+                data = read_named(f, MAX_DOCKERFILE + 1)
+            except OSError as e:
+                raise UserError(f"cannot read {f}: {e.strerror}") from None
             if len(data) > MAX_DOCKERFILE:
                 raise UserError(f"{f} is larger than {MAX_DOCKERFILE >> 20} MiB")
         try:
