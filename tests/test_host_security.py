@@ -1052,6 +1052,31 @@ def test_a_users_env_file_reads_no_root_file_and_never_hangs(
     assert "FROM_PIPE=yes" in r.stdout.splitlines(), r.stdout
 
 
+def test_a_users_symlink_to_a_laxer_seccomp_profile_is_refused(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """`--security-opt seccomp=/home/u/proj/profile.json` as root: her symlink there to
+    another profile of root's (a laxer one, here one that allows all) confined her code in
+    the container by that one. A profile is now reached through no symlink of hers."""
+    import json
+
+    from unionfs.sample import build_sample
+
+    home, root_dir = open_tree / "home", open_tree / "profiles"
+    for d in (home, root_dir):
+        d.mkdir()
+    (root_dir / "lax.json").write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW"}))
+    os.chown(home, *user)
+    _as(user, "ln", "-s", str(root_dir / "lax.json"), str(home / "profile.json"))
+    image = build_sample(tmp_path / "img")
+    r = pyunion(
+        "run", "--security-opt", f"seccomp={home / 'profile.json'}", *image, "--", "true",
+        check=False, env=dict(os.environ, TMPDIR=str(tmp_path)),
+    )  # fmt: skip
+    assert r.returncode == 125 and "symlink owned by uid" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_a_user_cannot_swap_a_volume_source_for_a_symlink(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:

@@ -123,7 +123,8 @@ def _read(path: str) -> Any:
     from . import jsondoc  # here: the container's init imports this module and reads no profile
 
     try:
-        data = read_regular(AT_FDCWD, path, MAX_PROFILE, resolve="anywhere")
+        # resolve="trusted": her symlink in her project could name root's laxer profile
+        data = read_regular(AT_FDCWD, path, MAX_PROFILE, resolve="trusted")
     except NotRegularFile:
         raise _bad(path, "not a regular file") from None
     except OSError as e:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Literal
 
-    Resolve = Literal["beneath", "in_root", "trusted", "anywhere"]
+    Resolve = Literal["beneath", "in_root", "trusted"]
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -308,9 +308,8 @@ def open_regular(
       would see the path);
     - "trusted": as root may follow a path another user can write
       (`open_trusted`: only root's and the caller's symlinks; a Containerfile
-      in a build context may be one, to anywhere, but not hers to /etc/shadow);
-    - "anywhere": as an ordinary path (a file the user named, such as a
-      seccomp profile: only its type and size matter).
+      in a build context, a seccomp profile may be one, to anywhere, but not
+      hers to /etc/shadow or to root's laxer profile).
     Only a regular file is then opened for reading, through its O_PATH fd.
     Raises NotRegularFile for the rest.
     """
@@ -321,8 +320,6 @@ def open_regular(
             pfd = syscalls.open_in_root(dirfd, path)
         elif resolve == "trusted":
             pfd = open_trusted(path, os.O_PATH, dir_fd=dirfd)
-        elif resolve == "anywhere":
-            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC, dir_fd=dirfd)
         else:
             how = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS
             if not symlinks:
