@@ -158,20 +158,21 @@ def test_read_regular_in_root_sees_the_path_as_the_container_does(tmp_path: Path
         os.close(rfd)
 
 
-def test_read_regular_anywhere_takes_a_path_as_given(tmp_path: Path) -> None:
-    """resolve="anywhere" (a file the user named): symlinks followed, absolute paths taken,
-    but a FIFO or a device is still refused unopened, and the read is bounded."""
+def test_read_regular_trusted_takes_a_path_as_given(tmp_path: Path) -> None:
+    """resolve="trusted" (a file the caller named): root's and the caller's symlinks
+    followed, absolute paths taken, but a FIFO or a device is still refused unopened,
+    and the read is bounded."""
     (tmp_path / "profile.json").write_bytes(b"{}")
     (tmp_path / "link").symlink_to(tmp_path / "profile.json")
     os.mkfifo(tmp_path / "fifo")
     cwd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:
         for path in (str(tmp_path / "link"), "profile.json"):
-            assert read_regular(cwd, path, 10, resolve="anywhere") == b"{}"
+            assert read_regular(cwd, path, 10, resolve="trusted") == b"{}"
         for path in ("/dev/zero", str(tmp_path / "fifo"), str(tmp_path)):
-            _refused_at_once("not a regular file", read_regular, cwd, path, 10, resolve="anywhere")
+            _refused_at_once("not a regular file", read_regular, cwd, path, 10, resolve="trusted")
         with pytest.raises(OSError) as ei:
-            read_regular(cwd, "profile.json", 1, resolve="anywhere")
+            read_regular(cwd, "profile.json", 1, resolve="trusted")
         assert ei.value.errno == errno.EFBIG
     finally:
         os.close(cwd)
