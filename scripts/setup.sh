@@ -98,4 +98,9 @@ fi
 # Bytecode for pyunion itself, as an installed package has it: where the environment says
 # PYTHONDONTWRITEBYTECODE, every command would compile its modules again (~10 ms of each
 # start) and each daemon would hold ~2 MiB more.
-.venv/bin/python -m compileall -q unionfs >/dev/null
+.venv/bin/python -m compileall -q -o 0 -o 2 unionfs >/dev/null
+# And the docstring-free bytecode (`-OO`'s) of what a daemon imports, which its loads instead
+# (unionfs/bytecode.py: ~0.65 MiB less per daemon); the standard library's stays as it is.
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+.venv/bin/python -m compileall -q -o 2 \
+    "$SITE"/{trio,attr,attrs,sortedcontainers,outcome,sniffio,idna,pyfuse3} >/dev/null

@@ -345,9 +345,11 @@ def server_main(state_fd: int) -> NoReturn:
         except BlockingIOError:
             os._exit(0)  # another server runs
         # Everything a daemon needs, imported once and shared by every fork.
+        from .bytecode import strip_docstrings
         from .lazyimport import defer
 
         defer()
+        strip_docstrings()
         import_with_sonames("trio")  # no `ldconfig -p` (syscalls.SONAMES)
         import pyfuse3  # noqa: F401
         import trio  # noqa: F401

@@ -945,7 +945,11 @@ def serve(
 
 
 def _preload() -> None:
-    """Import what serving needs (most of a daemon's start-up)."""
+    """Import what serving needs (most of a daemon's start-up), without docstrings where
+    the bytecode for that was compiled (`bytecode.py`)."""
+    from .bytecode import strip_docstrings
+
+    strip_docstrings()
     import_with_sonames("trio")  # before pyfuse3, which imports it: no `ldconfig -p`
     _import_pyfuse3()
 

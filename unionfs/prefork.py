@@ -63,9 +63,11 @@ class Prefork:
         if pid == 0:
             try:
                 ours.close()
+                from .bytecode import strip_docstrings
                 from .lazyimport import DAEMON_ONLY, defer
 
                 defer(DAEMON_ONLY)
+                strip_docstrings()
                 from .mount import prefork_main  # the child's imports: forked first for them
 
                 prefork_main(theirs)
