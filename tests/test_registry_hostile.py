@@ -725,3 +725,26 @@ def test_deeply_nested_json_in_an_auth_file_is_one_line(tmp_path: Path) -> None:
     auth.write_bytes(b"[" * 100_000)
     r = pyunion("logout", "--authfile", str(auth), "example.com", check=False, timeout=60)
     _one_line(r, "nested too deeply")
+
+
+def test_another_users_fifo_or_symlink_as_the_auth_file_is_refused(
+    local_user: tuple[tuple[int, int], Path],
+) -> None:
+    """REGISTRY_AUTH_FILE or --authfile in a directory a user can write (/tmp/auth.json):
+    her FIFO there hung root's `logout` (and `pull`, `login`) for good; her symlink to a
+    file only root may read was read as root's credentials."""
+    (uid, gid), home = local_user
+    fifo = home / "auth.json"
+    os.mkfifo(fifo)
+    os.chown(fifo, uid, gid)
+    r = pyunion("logout", "--authfile", str(fifo), "example.com", check=False, timeout=30)
+    _one_line(r, "not a regular file")
+    secret = home.parent / "root-only.json"
+    secret.write_text('{"auths": {"example.com": {"auth": "dXNlcjpzZWNyZXQ="}}}')
+    secret.chmod(0o600)
+    link = home / "link.json"
+    link.symlink_to(secret)
+    os.chown(link, uid, gid, follow_symlinks=False)
+    r = pyunion("logout", "--authfile", str(link), "example.com", check=False, timeout=30)
+    _one_line(r, "symlink")
+    assert "example.com" in secret.read_text()  # not rewritten through her link

@@ -28,6 +28,7 @@ from .. import jsondoc
 from ..errors import UserError
 from ..image import reference
 from ..image.store import write_json_atomic
+from ..tree import read_named
 from ..userns import host_uid
 
 DOCKER_HUB_API = "registry-1.docker.io"  # where docker.io's /v2/ API lives
@@ -73,9 +74,11 @@ def auth_files(authfile: str | None = None) -> list[str]:
 
 
 def _read(path: str) -> dict[str, Any]:
+    """The credentials file, through no symlink of another user's and never her FIFO
+    (`tree.read_named`): REGISTRY_AUTH_FILE or --authfile in a directory she can write
+    (/tmp/auth.json) hung root's `pull` or `login` on her FIFO."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 20)
+        data = read_named(path, 1 << 20)
     except FileNotFoundError:
         return {}
     except OSError as e:
