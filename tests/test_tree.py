@@ -255,6 +255,94 @@ def test_open_trusted_is_not_raced_by_a_symlink_exchange() -> None:
         rmtree(str(base))
 
 
+_PRIVATE_DIR = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from unionfs.tree import open_private_dir
+try:
+    os.close(open_private_dir(sys.argv[1]))
+    print("ok")
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (useradd)")
+def test_private_dir_may_be_writable_by_the_users_own_group_alone() -> None:
+    """Under umask 002 (Fedora's shells, for a user-private group) her ~/.local and ~/tmp
+    are group-writable: her store and her TMPDIR were refused ("which others can write"),
+    so every rootless command; that group is hers alone. Another group's write bit (a
+    group her UPG shares with a second user, a team's group) is still refused."""
+    import grp
+    import pwd
+
+    name = f"pyu-g{os.getpid()}-{os.urandom(2).hex()}"
+    subprocess.run(["useradd", "-M", "-U", name], check=True, capture_output=True, timeout=60)
+    base = Path(tempfile.mkdtemp(prefix="pyunion-upg-"))
+    try:
+        pw, team = pwd.getpwnam(name), grp.getgrnam("users")
+        os.chmod(base, 0o755)
+        for sub, gid in (("own", pw.pw_gid), ("team", team.gr_gid)):
+            (base / sub / "d").mkdir(parents=True)
+            for d in (base / sub, base / sub / "d"):
+                os.chown(d, pw.pw_uid, gid)
+                os.chmod(d, 0o2775)
+        she = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
+
+        def check(path: Path) -> str:
+            r = subprocess.run(
+                [*she, sys.executable, "-c", _PRIVATE_DIR, str(path), str(REPO)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+                cwd="/",
+            )
+            assert r.returncode == 0, r.stderr
+            return r.stdout.strip()
+
+        assert check(base / "own/d") == "ok"
+        assert check(base / "team/d") == f"crosses {base}/team, which others can write"
+        subprocess.run(
+            ["gpasswd", "-a", "nobody", name], check=True, capture_output=True, timeout=60
+        )
+        assert check(base / "own/d") == f"crosses {base}/own, which others can write"
+    finally:
+        rmtree(str(base))
+        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
+        subprocess.run(["groupdel", name], capture_output=True, timeout=60, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a pipe made as another user)")
+def test_read_named_takes_a_pipe_handed_over_by_another_user(tmp_path: Path) -> None:
+    """`printf 'A=1' | sudo pyunion run --env-file /dev/stdin`: her shell made that pipe,
+    so it is hers, and was refused as her FIFO; a pipe with no name reaches root only as
+    an fd root was handed. Her FIFO named by path is still refused (it could hang root)."""
+    from unionfs.tree import NotRegularFile, read_named
+
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        r, w = os.pipe()
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+    try:
+        assert os.fstat(r).st_uid == 65534
+        os.write(w, b"A=1\n")
+        os.close(w)
+        w = -1
+        assert read_named(f"/dev/fd/{r}", 100) == b"A=1\n"
+        os.mkfifo(tmp_path / "fifo")
+        os.chown(tmp_path / "fifo", 65534, 65534)
+        with pytest.raises(NotRegularFile):
+            read_named(str(tmp_path / "fifo"), 100)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
 def test_walk_stops_at_the_first_path_longer_than_asked(tmp_path: Path) -> None:
     """The paths a walk holds grow with the square of the depth: a caller walking a tree
     someone else built bounds them, and the walk stops there, not at the bottom."""

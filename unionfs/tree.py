@@ -545,6 +545,29 @@ class SharedDirectory(OSError):
     """`open_private_dir` met a directory that another user can change."""
 
 
+def _users_own_group(st: os.stat_result) -> bool:
+    """Whether a directory of the caller's (not root's) has her user-private group: named
+    as she is, with no other member and no one else's primary group. Under umask 002
+    (Fedora's shells, for such groups) every directory she makes is group-writable: her
+    ~/.local, her ~/tmp; that bit lets no one else in. IDs are the host's (a rootless
+    user namespace shows her as 0)."""
+    import grp
+    import pwd
+
+    from .userns import to_host
+
+    uid, gid = to_host(st.st_uid), to_host(st.st_gid, "gid")
+    if st.st_uid != os.geteuid() or uid in (None, 0) or gid is None:
+        return False
+    try:
+        user, group = pwd.getpwuid(uid), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    if group.gr_name != user.pw_name or set(group.gr_mem) - {user.pw_name}:
+        return False
+    return all(p.pw_gid != gid or p.pw_uid == uid for p in pwd.getpwall())
+
+
 def open_private_dir(path: Name) -> int:
     """`open_trusted(path)`, and only if no other user can change what PATH names.
 
@@ -553,9 +576,10 @@ def open_private_dir(path: Name) -> int:
     her TMPDIR), finds her tree under its names: she renames root's away and puts
     hers, with her symlinks, in its place; no `O_NOFOLLOW` on the last component
     helps. So every directory from `/` down to PATH (as resolved) must be root's or
-    the caller's and writable by no one else, unless sticky (/tmp: there she cannot
-    move another's entry); else `SharedDirectory` (EACCES) names the first one
-    that is not. Returns PATH's O_PATH fd.
+    the caller's and writable by no one else (her group-writable directories are
+    fine when the group is hers alone: `_users_own_group`), unless sticky (/tmp:
+    there she cannot move another's entry); else `SharedDirectory` (EACCES) names
+    the first one that is not. Returns PATH's O_PATH fd.
     """
     fd = open_trusted(path)
     try:
@@ -572,6 +596,8 @@ def open_private_dir(path: Name) -> int:
                     where += "/" + comp
                 st = os.fstat(dfd)
                 shared = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+                if shared and not st.st_mode & 0o002 and _users_own_group(st):
+                    shared = False  # her group is she alone (umask 002): no one else writes
                 if st.st_uid not in trusted:
                     why = f"crosses {where or '/'}, owned by uid {st.st_uid}"
                     raise SharedDirectory(errno.EACCES, why, path)
@@ -588,6 +614,19 @@ def open_private_dir(path: Name) -> int:
     return fd
 
 
+def _anonymous_pipe(st: os.stat_result) -> bool:
+    """Whether `st` is a pipe with no name (pipe(2)'s: on the kernel's pipefs, not a FIFO
+    on a filesystem)."""
+    if not stat.S_ISFIFO(st.st_mode):
+        return False
+    r, w = os.pipe()
+    try:
+        return os.fstat(r).st_dev == st.st_dev
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def read_named(path: Name, limit: int) -> bytes:
     """A file the caller named (`build -f`, `run --env-file`), at most `limit` bytes.
 
@@ -596,13 +635,17 @@ def read_named(path: Name, limit: int) -> bytes:
     regular file, or a FIFO or character device of root's or the caller's (that
     pipe, /dev/stdin's terminal; /dev/zero is bounded by `limit`): in a user's
     project, her symlink to /etc/shadow was read (into an error, or the
-    container's environment), and her FIFO hung the command for good.
+    container's environment), and her FIFO hung the command for good. A pipe
+    with no name (`... | sudo pyunion run --env-file /dev/stdin`: her shell made
+    it, it is hers) is fine whoever made it: only a process's fd reaches it, and
+    the only ones followed are root's and the caller's, which were handed it.
     """
     pfd = open_trusted(path, os.O_PATH)
     try:
         st = os.fstat(pfd)
         special = stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)
-        if not (stat.S_ISREG(st.st_mode) or (special and st.st_uid in _trusted_uids())):
+        ok = stat.S_ISREG(st.st_mode) or _anonymous_pipe(st)
+        if not (ok or (special and st.st_uid in _trusted_uids())):
             why = "is not a regular file, or a pipe or device of this user's"
             raise NotRegularFile(errno.EINVAL, why)
         fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
