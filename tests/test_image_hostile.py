@@ -307,6 +307,38 @@ def test_a_store_in_a_directory_another_user_can_change_is_refused(
     assert os.listdir(victim) == []
 
 
+# She renames root's symlink on the way away and puts hers in its place.
+_SWAP_ROOTS_LINK = (
+    'cd "$1" && mv data data.root && mkdir mine && ln -s "$2" mine/store && ln -s mine data'
+)
+
+
+def test_a_store_reached_through_roots_symlink_in_her_directory_stays_roots(
+    local_user: tuple[tuple[int, int], Path],
+) -> None:
+    """Root's own symlink in a user's directory (`/home/u/data -> /srv/data`) on the way
+    to root's store: the directory it resolves to is root's alone and passed the check,
+    but the store went on by the path it was given. She renamed root's symlink away and
+    put hers in its place, and root wrote the store's index and lock through it into a
+    root directory (standing for /etc). The store is now used by the path it was checked
+    as (`tree.private_dir`)."""
+    from unionfs.image.store import Store
+
+    who, home = local_user
+    srv, victim = home.parent / "srv", home.parent / "victim"
+    srv.mkdir(mode=0o700)
+    victim.mkdir(mode=0o755)
+    (home / "data").symlink_to(srv)  # root's
+    store = Store(str(home / "data/store"))
+    she = ["setpriv", f"--reuid={who[0]}", f"--regid={who[1]}", "--clear-groups"]
+    swap = [*she, "sh", "-c", _SWAP_ROOTS_LINK, "sh", str(home), str(victim)]
+    subprocess.run(swap, check=True, timeout=30)
+    with store.edit_index():
+        pass
+    assert os.listdir(victim) == []
+    assert (srv / "store/index.json").is_file()
+
+
 def _mount_flags(mnt: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return next(line.split()[5].split(",") for line in f if line.split()[4] == str(mnt))

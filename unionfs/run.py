@@ -54,7 +54,7 @@ from .mount import mount_detached
 from .options import MountConfig
 from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 from .supervise import FORWARDED, HANDLED, Supervisor, janitor_cleanup
-from .tree import open_private_dir, open_trusted, read_named
+from .tree import open_trusted, private_dir, read_named
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -739,12 +739,10 @@ class Runner:
         # then (the janitor knows nothing of it), and the directory is checked here anyway.
         base = os.environ.get("TMPDIR") or "/tmp"
         try:  # its names are re-resolved all along: no other user may change them
-            fd = open_private_dir(base)
+            base = private_dir(base)
         except OSError as e:
             hint = "set TMPDIR to one no other user can change"
             raise _fail(f"the temporary directory {base!r} {e.strerror}; {hint}") from None
-        base = os.readlink(syscalls.fd_str(fd))
-        os.close(fd)
         while True:
             path = os.path.join(base, "pyunion-run-" + os.urandom(6).hex())
             self.sup.tell_janitor("T", os.fsencode(path))

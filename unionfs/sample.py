@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import userns
 from .errors import UserError
-from .tree import open_private_dir, open_trusted, rmtree
+from .tree import open_trusted, private_dir, rmtree
 
 BUSYBOX = "/bin/busybox"
 LAYER_NAMES = ("2-oci", "1-kernel", "0-base")  # top first
@@ -150,7 +150,7 @@ def build_sample(dest: str | os.PathLike[str], force: bool = False) -> list[str]
     # root's `layers` away and put hers, whose etc -> /etc got the sample's passwd).
     try:
         os.close(open_trusted(os.path.abspath(dest), mkdir=0o755))
-        os.close(open_private_dir(os.path.abspath(dest)))
+        dest = private_dir(os.path.abspath(dest))  # used by name: as checked (`private_dir`)
     except OSError as e:
         raise UserError(f"cannot build the sample in {str(dest)!r}: it {e.strerror}") from None
     layers_dir = Path(dest) / "layers"

@@ -614,6 +614,21 @@ def open_private_dir(path: Name) -> int:
     return fd
 
 
+def private_dir(path: Name) -> str:
+    """The directory `open_private_dir` checked, as resolved: the path to use by name.
+
+    PATH itself may cross a symlink of root's (or the caller's) that lies in a
+    directory another user can change (root's `/home/u/data -> /srv/data`): she
+    renames it away and puts her own in its place, and PATH names her tree again.
+    The resolved path crosses no symlink, and only directories she cannot change.
+    """
+    fd = open_private_dir(path)
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def _anonymous_pipe(st: os.stat_result) -> bool:
     """Whether `st` is a pipe with no name (pipe(2)'s: on the kernel's pipefs, not a FIFO
     on a filesystem)."""

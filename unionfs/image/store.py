@@ -56,9 +56,9 @@ from ..errors import UserError
 from ..tree import (
     DIR_FLAGS,
     NotRegularFile,
-    open_private_dir,
     open_rel,
     open_trusted,
+    private_dir,
     read_regular,
     rmtree,
 )
@@ -133,18 +133,20 @@ def check_owner(root: str) -> None:
             )
 
 
-def check_parent(root: str, create: bool) -> None:
+def check_parent(root: str, create: bool) -> str:
     """Refuse a store in a directory another user can change (made, if missing and
-    `create`, through no symlink of another user's). The store is used by its path:
-    in her directory she could exchange root's store for her symlink to /etc between
-    `check_owner` and the next use, and root made /etc 0700 (`Store.secure`)."""
-    parent = os.path.dirname(root)
+    `create`, through no symlink of another user's); the store's path as resolved
+    (`tree.private_dir`), to use from then on. The store is used by its path: in her
+    directory she could exchange root's store (or root's symlink on the way to it)
+    for her symlink to /etc between `check_owner` and the next use, and root made
+    /etc 0700 (`Store.secure`)."""
+    parent, name = os.path.split(root)
     try:
         if create:
             os.close(open_trusted(parent, mkdir=0o755))
-        os.close(open_private_dir(parent))
+        return os.path.join(private_dir(parent), name)
     except FileNotFoundError:
-        return  # no store there: said by the caller
+        return root  # no store there: said by the caller
     except OSError as e:
         raise UserError(
             f"the image store {printable(root)} {e.strerror}; refusing to use it"
@@ -219,7 +221,8 @@ class Store:
         self._secured = False
         self._damaged: dict[str, str] = {}  # manifest digest -> why it cannot be loaded
         check_owner(self.root)
-        check_parent(self.root, create)
+        self.root = check_parent(self.root, create)
+        check_owner(self.root)  # as resolved, if it crossed a symlink
         if create:
             self._init()
         elif not os.path.isfile(os.path.join(self.root, "index.json")):
