@@ -1006,6 +1006,33 @@ def test_a_users_fifo_or_symlink_as_the_log_neither_hangs_nor_redirects_root(
     assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
 
 
+def test_a_users_file_or_hard_link_as_the_log_gets_no_line_of_roots(
+    open_tree: Path, user: tuple[int, int]
+) -> None:
+    """PYUNION_LOG=/tmp/pyunion.log where a user was first with a plain file: the open
+    creates nothing, so the kernel's protected_regular never applied, and root's daemon
+    appended its log to her file; her hard link there to a root-only file (which
+    protected_hardlinks=0 lets her make; root makes it here) had the log appended to
+    that file. Both are refused now, before anything is written; root's own log is fine."""
+    from unionfs.mount import open_log
+
+    t, victim = open_tree / "tmp", open_tree / "victim"
+    t.mkdir()
+    t.chmod(0o1777)  # as /tmp
+    victim.mkdir(mode=0o700)
+    (victim / "shadow").write_text("root's\n")
+    _as(user, "touch", str(t / "hers.log"))
+    os.link(victim / "shadow", t / "link.log")
+    for log, why in (("hers.log", f"belongs to uid {user[0]}"), ("link.log", "hard links")):
+        with pytest.raises(OSError) as e:
+            os.close(open_log(str(t / log)))
+        assert why in str(e.value.strerror)
+    assert (victim / "shadow").read_text() == "root's\n"
+    assert (t / "hers.log").read_text() == ""
+    os.close(open_log(str(t / "root.log")))
+    os.close(open_log(str(t / "root.log")))  # made by the first, opened by the second
+
+
 def test_a_users_env_file_reads_no_root_file_and_never_hangs(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:

@@ -436,7 +436,7 @@ def _on_procfs(st: os.stat_result) -> bool:
         return False
 
 
-def _trusted_uids() -> set[int]:
+def trusted_uids() -> set[int]:
     """Root and the caller; in a user namespace also the overflow ID (see `open_trusted`)."""
     from .userns import in_user_namespace, overflow_id
 
@@ -486,7 +486,7 @@ def open_trusted(
     p = os.fsencode(path)
     if not p.startswith(b"/") and dir_fd is None:
         p = os.fsencode(os.getcwd()) + b"/" + p
-    trusted = _trusted_uids()
+    trusted = trusted_uids()
     todo = [c for c in reversed(p.split(b"/")) if c and c != b"."]
     if p.startswith(b"/") or dir_fd is None:
         fd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -583,7 +583,7 @@ def open_private_dir(path: Name) -> int:
     """
     fd = open_trusted(path)
     try:
-        trusted = _trusted_uids()
+        trusted = trusted_uids()
         real = os.readlink(f"/proc/self/fd/{fd}")
         dfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -660,7 +660,7 @@ def read_named(path: Name, limit: int) -> bytes:
         st = os.fstat(pfd)
         special = stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)
         ok = stat.S_ISREG(st.st_mode) or _anonymous_pipe(st)
-        if not (ok or (special and st.st_uid in _trusted_uids())):
+        if not (ok or (special and st.st_uid in trusted_uids())):
             why = "is not a regular file, or a pipe or device of this user's"
             raise NotRegularFile(errno.EINVAL, why)
         fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
