@@ -255,6 +255,43 @@ def test_open_trusted_is_not_raced_by_a_symlink_exchange() -> None:
         rmtree(str(base))
 
 
+# In a mount namespace of its own: the working directory, then a tmpfs over its name.
+_UNDER_A_MOUNT = """
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[2])
+from unionfs.tree import open_trusted
+os.chdir(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "none", sys.argv[1]], check=True)
+fd = open_trusted("link/f", os.O_PATH)
+print(os.readlink(f"/proc/self/fd/{fd}"))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a mount namespace)")
+def test_open_trusted_walks_a_relative_path_from_the_working_directory_itself(
+    tmp_path: Path,
+) -> None:
+    """A relative path crossing a symlink is walked one component at a time; the walk
+    started at the working directory's name (getcwd), the fast path at the directory:
+    under a mount made over that name since, the two named different trees (here the
+    walk found nothing). Both start at the directory itself now."""
+    d = tmp_path / "d"
+    (d / "real").mkdir(parents=True)
+    (d / "real/f").write_text("x")
+    (d / "link").symlink_to("real")  # root's: followed, by the walk
+    r = subprocess.run(
+        [
+            *("unshare", "-m", "--propagation", "private", sys.executable, "-c"),
+            *(_UNDER_A_MOUNT, str(d), str(REPO)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == str(d / "real/f"), r.stderr
+
+
 _PRIVATE_DIR = """
 import os, sys
 sys.path.insert(0, sys.argv[2])

@@ -484,13 +484,11 @@ def open_trusted(
             if e.errno not in (errno.ELOOP, errno.ENOSYS, errno.EPERM):
                 raise  # ELOOP: a symlink, to be judged below; ENOSYS, EPERM: no openat2
     p = os.fsencode(path)
-    if not p.startswith(b"/") and dir_fd is None:
-        p = os.fsencode(os.getcwd()) + b"/" + p
     trusted = trusted_uids()
     todo = [c for c in reversed(p.split(b"/")) if c and c != b"."]
-    if p.startswith(b"/") or dir_fd is None:
+    if p.startswith(b"/"):
         fd = os.open(b"/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    else:
+    else:  # the working directory itself, as the fast path: its name may lead elsewhere
         fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     links = 0
     try:
