@@ -149,3 +149,63 @@ def test_a_sample_directory_a_user_can_change_is_refused(
     assert (victim / "passwd").read_text() == "orig\n"
     layers = pyunion("sample", str(sticky / "s")).stdout.split()
     assert [Path(p).name for p in layers] == ["2-oci", "1-kernel", "0-base"]
+
+
+_SWAP_ROOTS_LINK = r"""
+import os, sys, time
+home, victim, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+data, mine = os.path.join(home, "data"), os.path.join(home, "mine")
+base = os.path.join(mine, "s", "layers", "0-base")
+os.makedirs(os.path.join(mine, "s", "layers"))
+end, stage = time.monotonic() + seconds, 0
+while time.monotonic() < end and stage < 2:
+    try:  # root's symlink on the way moved away, hers in its place; then 0-base: etc -> victim
+        if stage == 0 and os.path.isdir(os.path.join(data, "s", "layers")):
+            os.rename(data, os.path.join(home, "data.root"))
+            os.symlink(mine, data)
+            stage = 1
+        elif stage == 1 and os.stat(base).st_uid == 0:
+            os.rename(base, os.path.join(mine, "stolen"))
+            os.mkdir(base)
+            os.symlink(victim, os.path.join(base, "etc"))
+            stage = 2
+    except OSError:
+        pass
+    time.sleep(0.0002)
+print(stage)
+"""
+
+
+def test_a_sample_reached_through_roots_symlink_in_her_directory_is_written_as_checked(
+    local_user: tuple[tuple[int, int], Path],
+) -> None:
+    """Root's own symlink in a user's directory (`/home/u/data -> /srv/data`) on the way
+    to DIR: the directory it resolves to passed the check, but the sample was written by
+    the path given. She renamed root's symlink away once root had begun, put hers in its
+    place, then swapped root's 0-base there for hers, whose etc -> a root-only directory
+    (standing for /etc): root wrote the sample's passwd into it. The sample is now
+    written by the path as checked (`tree.private_dir`)."""
+    import subprocess
+    import sys
+
+    who, home = local_user
+    srv, victim = home.parent / "srv", home.parent / "victim"
+    srv.mkdir(mode=0o755)
+    victim.mkdir(mode=0o700)
+    (victim / "passwd").write_text("orig\n")
+    (home / "data").symlink_to(srv)  # root's
+    she = ["setpriv", f"--reuid={who[0]}", f"--regid={who[1]}", "--clear-groups"]
+    racer = subprocess.Popen(
+        [*she, sys.executable, "-c", _SWAP_ROOTS_LINK, str(home), str(victim), "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        r = pyunion("sample", str(home / "data/s"), check=False)
+    finally:
+        racer.kill()
+        racer.communicate(timeout=30)
+    assert (victim / "passwd").read_text() == "orig\n" and os.listdir(victim) == ["passwd"]
+    assert r.returncode == 0, r.stderr
+    assert [os.path.dirname(p) for p in r.stdout.split()] == [str(srv / "s/layers")] * 3
