@@ -342,6 +342,15 @@ def open_regular(
         os.close(pfd)
 
 
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """What `fd` gives up to EOF or `limit` bytes, whichever comes first (1 MiB a read)."""
+    chunks = []
+    while limit > 0 and (chunk := os.read(fd, min(limit, 1 << 20))):
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_regular(
     dirfd: int, path: Name, limit: int, symlinks: bool = False, resolve: Resolve = "beneath"
 ) -> bytes:
@@ -351,17 +360,9 @@ def read_regular(
     """
     fd = open_regular(dirfd, path, symlinks, resolve)
     try:
-        chunks = []
-        left = limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
+        data = _read_at_most(fd, limit + 1)
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
     return data
@@ -665,10 +666,6 @@ def read_named(path: Name, limit: int) -> bytes:
     finally:
         os.close(pfd)
     try:
-        chunks = []
-        while limit > 0 and (chunk := os.read(fd, min(limit, 1 << 20))):
-            chunks.append(chunk)
-            limit -= len(chunk)
+        return _read_at_most(fd, limit)
     finally:
         os.close(fd)
-    return b"".join(chunks)
