@@ -407,44 +407,35 @@ def test_a_bad_env_file_is_one_line(env: Env, tmp_path: Path, data: bytes, said:
     assert "Traceback" not in r.stderr
 
 
+def _run_under_limit(
+    env: Env, which: int, soft: int, hard: int, *command: str, opts: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`pyunion run [OPTS] IMAGE -- COMMAND` under the resource limit `which` (soft, hard)."""
+
+    def limit() -> None:
+        resource.setrlimit(which, (soft, hard))
+
+    return subprocess.run(
+        env.cmd(*opts, command=command),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit,
+        check=False,
+    )
+
+
 def test_an_endless_env_file_is_one_line(env: Env) -> None:
     """`--env-file /dev/zero` (or a symlink to it in a project's directory) was read to
     its end: the run grew until the machine ran out of memory. Bounded here by an
     address-space limit, it was a MemoryError traceback."""
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
-
-    r = subprocess.run(
-        env.cmd("--env-file", "/dev/zero", command=("true",)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env.env,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=limit,
-        check=False,
+    r = _run_under_limit(
+        env, resource.RLIMIT_AS, 3 << 30, 3 << 30, "true", opts=("--env-file", "/dev/zero")
     )
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "larger than 4 MiB" in r.stderr
-
-
-def _run_under_fd_limit(
-    env: Env, soft: int, hard: int, *command: str
-) -> subprocess.CompletedProcess[str]:
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-    return subprocess.run(
-        env.cmd(command=command),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env.env,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=limit,
-        check=False,
-    )
 
 
 def test_a_low_soft_fd_limit_is_raised_and_given_back(env: Env) -> None:
@@ -452,14 +443,14 @@ def test_a_low_soft_fd_limit_is_raised_and_given_back(env: Env) -> None:
     its pipes or namespace fds); pyunion takes what the hard limit allows, and the
     command gets the caller's limit (the supervisor's too, past its re-exec)."""
     for script in ("ulimit -n; ulimit -Hn", "ulimit -n; ulimit -Hn; sleep 0.4"):
-        r = _run_under_fd_limit(env, 12, 4096, "sh", "-c", script)
+        r = _run_under_limit(env, resource.RLIMIT_NOFILE, 12, 4096, "sh", "-c", script)
         assert (r.returncode, r.stdout, r.stderr) == (0, "12\n4096\n", "")
 
 
 def test_a_hard_fd_limit_too_low_is_one_line(env: Env) -> None:
     """`ulimit -n 12` (soft and hard): a traceback, or with a few more fds a container
     whose mount's daemon had failed; now one line before anything is set up."""
-    r = _run_under_fd_limit(env, 12, 12, "true")
+    r = _run_under_limit(env, resource.RLIMIT_NOFILE, 12, 12, "true")
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "open-file limit is 12" in r.stderr
 
