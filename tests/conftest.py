@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import force_unmount
+from support import force_unmount, throwaway_user
 
 FAST = {"test_core_unit.py", "test_tree.py"}
 
@@ -92,25 +92,16 @@ def local_user(tmp_path: Path) -> Iterator[tuple[tuple[int, int], Path]]:
     """A throw-away unprivileged user (uid, gid) and an empty directory of hers under /tmp
     (every user can reach it: tmp_path's ancestors are 0700), in a root-owned 0755
     directory; both removed afterwards, whatever the test left there."""
-    import pwd
     import tempfile
 
-    name = f"pyu-t{os.getpid()}-{os.urandom(2).hex()}"
-    subprocess.run(
-        ["useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", name],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    base = Path(tempfile.mkdtemp(prefix="pyunion-user-", dir="/tmp"))
-    try:
-        os.chmod(base, 0o755)
-        pw = pwd.getpwnam(name)
-        (base / "home").mkdir()
-        os.chown(base / "home", pw.pw_uid, pw.pw_gid)
-        yield (pw.pw_uid, pw.pw_gid), base / "home"
-    finally:
-        from unionfs.tree import rmtree
+    with throwaway_user(f"pyu-t{os.getpid()}-{os.urandom(2).hex()}") as (uid, gid):
+        base = Path(tempfile.mkdtemp(prefix="pyunion-user-", dir="/tmp"))
+        try:
+            os.chmod(base, 0o755)
+            (base / "home").mkdir()
+            os.chown(base / "home", uid, gid)
+            yield (uid, gid), base / "home"
+        finally:
+            from unionfs.tree import rmtree
 
-        rmtree(str(base))
-        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
+            rmtree(str(base))

@@ -522,3 +522,22 @@ def host_listeners() -> Iterator[tuple[socket.socket, socket.socket, str]]:
         unix.bind("\0" + name)
         unix.listen(4)
         yield tcp, unix, name
+
+
+@contextlib.contextmanager
+def throwaway_user(name: str) -> Iterator[tuple[int, int]]:
+    """An unprivileged user NAME (no home, group `users`, no shell): its (uid, gid);
+    removed afterwards, whatever happened meanwhile."""
+    import pwd
+
+    subprocess.run(
+        ["useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    try:
+        pw = pwd.getpwnam(name)
+        yield pw.pw_uid, pw.pw_gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)

@@ -34,6 +34,7 @@ from support import (
     needs_fuse,
     pyunion,
     run_child,
+    throwaway_user,
 )
 
 from unionfs.syscalls import RENAME_WHITEOUT, renameat2
@@ -236,20 +237,8 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(
 @pytest.fixture(scope="module")
 def user() -> Iterator[tuple[int, int]]:
     """A throw-away unprivileged user (uid, gid), removed afterwards."""
-    name = f"pyu-sec-{os.getpid()}"
-    subprocess.run(
-        ["useradd", "-M", "-N", "-g", "users", "-s", "/usr/sbin/nologin", name],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        import pwd
-
-        pw = pwd.getpwnam(name)
-        yield pw.pw_uid, pw.pw_gid
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
+    with throwaway_user(f"pyu-sec-{os.getpid()}") as ids:
+        yield ids
 
 
 def _as(
