@@ -9,6 +9,7 @@ the janitor, a shell, holds pyunion's stderr until it is done).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -30,6 +31,8 @@ from typing import IO, Any
 import pytest
 from support import PYUNION, fuse_skip_reason
 
+from unionfs import cgroups
+
 pytestmark = [
     pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or ""),
     pytest.mark.skipif(
@@ -47,6 +50,13 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return build_sample(tmp_path_factory.mktemp("img"))
 
 
+def _container_cgroups() -> set[Path]:
+    """The containers' cgroups there are now (`unionfs.cgroups`)."""
+    found = cgroups.pids_hierarchy()
+    parent = Path(found[0]) / cgroups.PARENT if found else None
+    return {p for p in parent.iterdir() if p.is_dir()} if parent and parent.is_dir() else set()
+
+
 class Env:
     """The sample image, a private TMPDIR for pyunion, and the leftover checks."""
 
@@ -54,6 +64,7 @@ class Env:
         self.layers = layers
         self.tmp = tmp
         self.env = dict(os.environ, TMPDIR=str(tmp))
+        self.cgroups = _container_cgroups()
 
     def cmd(self, *opts: str, command: tuple[str, ...] = ()) -> list[str]:
         return [*PYUNION, "run", *opts, *self.layers, "--", *command]
@@ -125,6 +136,8 @@ class Env:
                             out.append(f"process {pid}")
                 except OSError:
                     pass
+        # Last: the cleanup below removes them once the processes are gone.
+        out += [f"cgroup {p}" for p in sorted(_container_cgroups() - self.cgroups)]
         return out
 
     def wait_clean(self, timeout: float = 15) -> None:
@@ -149,6 +162,9 @@ def env(image: list[str], tmp_path: Path) -> Iterator[Env]:
                 subprocess.run(["kill", "-9", what], capture_output=True, check=False)
             elif kind == "mount":
                 subprocess.run(["umount", "-l", what], capture_output=True, check=False)
+            elif kind == "cgroup":
+                with contextlib.suppress(OSError):
+                    os.rmdir(what)
 
 
 def _child_of(ppid: int, timeout: float = 10) -> int:
@@ -638,6 +654,79 @@ def test_command_killed_from_the_host(env: Env) -> None:
     finally:
         p.kill()
         p.communicate(timeout=15)
+
+
+# -- the pids limit -------------------------------------------------------------------------
+needs_pids = pytest.mark.skipif(
+    cgroups.pids_hierarchy() is None, reason="no pids cgroup controller on this host"
+)
+
+
+def _print_cgroup_then_sleep() -> tuple[str, ...]:
+    """A command printing its line of /proc/self/cgroup for the pids hierarchy."""
+    found = cgroups.pids_hierarchy()
+    assert found is not None
+    pattern = "^0::" if found[1] else "^[0-9]+:pids:"
+    return ("sh", "-c", f"grep -E '{pattern}' /proc/self/cgroup; sleep 30")
+
+
+def _cgroup_of(line: str) -> Path:
+    """The host path of the container's cgroup, from its /proc/self/cgroup line."""
+    found = cgroups.pids_hierarchy()
+    assert found is not None
+    return Path(found[0]) / line.strip().split(":", 2)[2].lstrip("/")
+
+
+@needs_pids
+def test_pids_limited_by_default_like_podman(env: Env) -> None:
+    """The container is in a cgroup of its own whose pids.max is podman's 2048 (before,
+    a fork bomb in it filled the host's pid space); the group goes with the container."""
+    p = env.popen(*_print_cgroup_then_sleep())
+    try:
+        assert p.stdout is not None
+        group = _cgroup_of(p.stdout.readline())
+        assert group.parent.name == cgroups.PARENT, group
+        assert (group / "pids.max").read_text().strip() == str(cgroups.DEFAULT_PIDS_LIMIT)
+        p.terminate()  # forwarded: the command ends, pyunion tears down
+        assert p.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
+        p.communicate(timeout=20)
+    env.wait_clean()
+    assert not group.exists()
+
+
+@needs_pids
+@pytest.mark.parametrize("limit,survives", [("12", False), ("-1", True)])
+def test_fork_bomb_bounded(env: Env, limit: str, survives: bool) -> None:
+    """--pids-limit N: the container's N+1st process is refused (busybox sh stops at its
+    failed fork); -1 lifts the limit."""
+    script = "i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done; echo survived"
+    r = env.run("sh", "-c", script, opts=("--pids-limit", limit))
+    assert ("survived" in r.stdout) == survives, (r.stdout, r.stderr)
+    if not survives:
+        assert r.returncode != 0 and "fork" in r.stderr, r.stderr
+
+
+def test_pids_limit_bad_value(env: Env) -> None:
+    """A --pids-limit that is no number is one line, nothing started."""
+    r = env.run("true", opts=("--pids-limit", "many"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+
+
+@needs_pids
+def test_pyunion_killed_removes_the_cgroup(env: Env) -> None:
+    """SIGKILL to pyunion: the janitor removes the container's cgroup too."""
+    p = env.popen(*_print_cgroup_then_sleep())
+    try:
+        assert p.stdout is not None
+        group = _cgroup_of(p.stdout.readline())
+        assert group.is_dir()
+        _kill_and_wait_for_janitor(p)
+    finally:
+        p.kill()
+    env.wait_clean()
+    assert not group.exists()
 
 
 def _kill_and_wait_for_janitor(p: subprocess.Popen[str]) -> None:

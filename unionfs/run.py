@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from . import syscalls, userns
+from . import cgroups, syscalls, userns
 from .errors import UserError
 from .mount import mount_detached
 from .options import MountConfig
@@ -100,6 +100,7 @@ class RunOptions:
     privileged: bool = False
     security_opt: list[str] = field(default_factory=list)
     preserve_fds: int = 0
+    pids_limit: int | None = None  # None: podman's default where there is a pids controller
     quiet: bool = False  # no notice that the writable layer is kept (programmatic callers)
     # Become a lean supervisor once the container runs (`Supervisor.exec_self`): the
     # `pyunion run` program only, never a caller's process, which must go on.
@@ -188,6 +189,14 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="pass file descriptors 3..N+2 on to the command",
+    )
+    p.add_argument(
+        "--pids-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"at most N processes in the container (default {cgroups.DEFAULT_PIDS_LIMIT}, "
+        "as root where the pids cgroup controller is; 0 or -1: no limit)",
     )
 
 
@@ -292,6 +301,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         privileged=args.privileged,
         security_opt=args.security_opt,
         preserve_fds=args.preserve_fds,
+        pids_limit=args.pids_limit,
     )
 
 
@@ -673,6 +683,7 @@ class Runner:
         self._start_janitor()
         self.sup.tmp = self._make_tmp()
         os.chmod(self.sup.tmp, 0o700)
+        self._make_cgroup()
         self.sup.merged = os.path.join(self.sup.tmp, "merged")
         os.mkdir(self.sup.merged)
         work = None
@@ -752,6 +763,33 @@ class Runner:
                 continue  # not ours: the janitor is told the next name (the last one wins)
             return os.path.abspath(path)
 
+    def _make_cgroup(self) -> None:
+        """The container's cgroup, which bounds its processes (`cgroups`): podman's 2048
+        by default, as root where the pids controller is. Rootless, as podman's on cgroup
+        v1: no limit (a user namespace's root cannot make a group)."""
+        limit = self.opts.pids_limit
+        if limit is not None and limit <= 0:
+            return
+        if userns.in_user_namespace():
+            if limit is not None:
+                raise _fail("--pids-limit needs root (a rootless container has no cgroup)")
+            return
+        assert self.sup.tmp is not None
+        path = cgroups.path_for(os.path.basename(self.sup.tmp))
+        if path is None:
+            if limit is not None:
+                raise _fail("--pids-limit: this host has no pids cgroup controller")
+            return
+        self.sup.tell_janitor("C", os.fsencode(path))  # before it exists, as the tree
+        self.sup.cgroup = path
+        try:
+            cgroups.create(path, cgroups.DEFAULT_PIDS_LIMIT if limit is None else limit)
+        except OSError as e:
+            raise _fail(
+                f"cannot make the container's cgroup {path}: {e.strerror} "
+                "(--pids-limit -1 runs it without one)"
+            ) from None
+
     def _fork_init(self, spec: sandbox.ContainerSpec) -> None:
         """Fork pid 1 of a new pid namespace (this process stays in its own); it waits
         for "go" (`_start_and_wait`) before it enters the tree."""
@@ -769,6 +807,11 @@ class Runner:
                 self.sup.out_pipes[our_end] = fd
         try:
             self.starting = self._fork_pid1(spec, child_sock)
+            if self.sup.cgroup is not None:  # init forks nothing before "go"
+                try:
+                    cgroups.add(self.sup.cgroup, self.starting)
+                except OSError as e:
+                    raise _fail(f"cannot enter the container's cgroup: {e.strerror}") from None
         finally:
             os.close(spec.report_fd)
             os.close(spec.go_fd)

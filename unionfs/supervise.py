@@ -24,7 +24,7 @@ import stat
 import sys
 import time
 
-from . import procfs, tree
+from . import cgroups, procfs, tree
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ class Supervisor:
         self.upper: str | None = None
         self.merged: str | None = None
         self.daemon: int | None = None
+        self.cgroup: str | None = None  # the container's (`cgroups`), once init is gone
         self.keep = False
         self.quiet = False
         self.layers: list[str] = []
@@ -420,6 +421,15 @@ class Supervisor:
             _close(fd)
         self.wake_r = self.wake_w = -1
         created = self._created_mount_points()  # init is gone: its report is complete
+        if self.cgroup is not None:
+            try:
+                cgroups.remove(self.cgroup)
+            except OSError as e:
+                print(
+                    f"pyunion: cannot remove the cgroup {self.cgroup}: {e.strerror}",
+                    file=sys.stderr,
+                )
+            self.cgroup = None
         release(self.merged, self.daemon, self.tmp, self.upper, self.keep, self.quiet)
         if self.keep and self.upper is not None and os.path.isdir(self.upper):
             _drop_placeholders(self.upper, self.layers, created)
@@ -435,9 +445,10 @@ class Supervisor:
 
     def tell_janitor(self, kind: str, value: bytes = b"") -> None:
         """One line to the janitor (`janitor_cleanup` reads them): "D PID" (the daemon),
-        "U DIR" (--upper), "K" (keep the upper), "T DIR" (the temporary tree), "I PID"
-        (init), "DONE". The value goes in hex: a path may hold any byte but NUL, and a
-        newline in it (--upper, TMPDIR) made lines the janitor obeyed ("I PID": SIGKILL)."""
+        "U DIR" (--upper), "K" (keep the upper), "T DIR" (the temporary tree), "C DIR"
+        (the cgroup), "I PID" (init), "DONE". The value goes in hex: a path may hold any
+        byte but NUL, and a newline in it (--upper, TMPDIR) made lines the janitor obeyed
+        ("I PID": SIGKILL)."""
         if self.janitor_fd is not None:
             line = kind.encode() + (b" " + value.hex().encode() if value else b"") + b"\n"
             try:
@@ -726,7 +737,7 @@ def _in_layer(layer_fd: int, rel: bytes) -> bool:
 def janitor_cleanup(told: str) -> None:
     """Undo what pyunion made and told the janitor of (`Supervisor.tell_janitor`) but could
     not undo itself: it died (SIGKILL, OOM) before DONE."""
-    daemon = tmp = upper = None
+    daemon = tmp = upper = cgroup = None
     keep = False
     init: list[int] = []
     for line in os.fsencode(told).split(b"\n"):
@@ -746,11 +757,18 @@ def janitor_cleanup(told: str) -> None:
             tmp = os.fsdecode(value)
         elif kind == b"U" and value:
             upper = os.fsdecode(value)
+        elif kind == b"C" and value:
+            cgroup = os.fsdecode(value)
         elif kind == b"K":
             keep = True
     for pid in init:
         Supervisor._kill(pid, _signal.SIGKILL)
         procfs.wait_gone(pid, 10)
+    if cgroup is not None:
+        try:
+            cgroups.remove(cgroup)
+        except OSError:
+            pass
     merged = None
     if tmp is not None:
         merged = os.path.join(tmp, "merged")
