@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ocilayout import Layout
+from ocilayout import INDEX, LAYER_TAR, REF_NAME, Layout
 from support import PYUNION, kernel_overlay, pyunion, tree_view
 from test_image import BASE, make_layout, sha, tar_bytes
 
@@ -1963,3 +1963,33 @@ def test_commit_and_unpack_hold_no_record_per_entry(tmp_path: Path) -> None:
     with layer.open("rb") as src:
         assert _traced_peak(lambda: unpack(src, str(dest))) < 3 << 20
     assert len(os.listdir(dest / "d149")) == 100
+
+
+# --- work out of proportion to the input -------------------------------------------------------
+def test_an_index_named_many_times_is_read_once(tmp_path: Path, store_dir: str) -> None:
+    """index.json names one nested index 20,000 times, and that index (3 MiB) names one
+    image 20,000 times: read once, the image listed once (before: 20,000 reads and
+    parses of the 3 MiB, 60 GB, and 400 million (manifest, entry) pairs: hours, then
+    out of memory). Its name goes to the image; a second image under it comes unnamed."""
+    lay = Layout(tmp_path / "lay")
+    other = tar_bytes([("o", b"o")])
+    one = tar_bytes([("f", b"x")])
+    images = [
+        lay.image([lay.put(t, LAYER_TAR)], [sha(t)], {"architecture": "amd64", "os": "linux"})
+        for t in (other, one)
+    ]
+    nested = lay.put_json(
+        {"schemaVersion": 2, "manifests": images[:1] + images[1:] * 20_000}, INDEX
+    )
+    lay.index["manifests"] = [
+        {**nested, "annotations": {REF_NAME: "fan"}},
+        *[nested] * 20_000,
+    ]
+    (lay.path / "index.json").write_text(json.dumps(lay.index))
+    t0 = time.monotonic()
+    r = cli_import(lay.path, store_dir, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 30
+    s = Store(store_dir)
+    assert s.lookup("lay:fan").diff_ids == [sha(one)]
+    assert {tuple(i.diff_ids) for i in s.images()} >= {(sha(one),), (sha(other),)}

@@ -369,25 +369,48 @@ def verified_blob(src: Source, digest: str, what: str, size: int | None = None) 
 
 
 def _pick_manifests(
-    src: Source, descs: list[dict[str, Any]], want: dict[str, str], depth: int = 0
-) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Resolve index entries down to image manifests: (descriptor, top-level descriptor)."""
-    out = []
+    src: Source, descs: list[dict[str, Any]], want: dict[str, str]
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """Resolve index entries down to image manifests: (every manifest once, in the order
+    first met; (manifest, top-level entry) for the name each top-level entry gives).
+
+    Each index is read once however many entries name it, and each manifest is listed
+    once: a 4 MiB index.json naming one 4 MiB index 30,000 times, whose entries name
+    one manifest 30,000 times, made 30,000 reads of it and 900 million pairs (hours,
+    then out of memory). A top-level entry naming an index that holds several images
+    (one without platforms) names the last image it lists; the others come unnamed."""
+    found: dict[str, dict[str, Any]] = {}
+    last: dict[str, dict[str, Any] | None] = {}  # index digest -> the last image it lists
+
+    def visit(d: dict[str, Any], depth: int) -> dict[str, Any] | None:
+        digest = d["digest"]
+        if digest in last:
+            return last[digest]
+        if depth > 4:
+            raise ImageFormatError("image indexes nested too deep")
+        sub = schema.load_object(
+            verified_blob(src, digest, "index", d["size"]), schema.Index, f"index {digest}"
+        )
+        end: dict[str, Any] | None = None
+        for e in platforms.select(sub["manifests"], want):
+            mt = e.get("mediaType")
+            if mt in (MT_INDEX, DOCKER_LIST):
+                end = visit(e, depth + 1) or end
+            elif mt in (MT_MANIFEST, DOCKER_MANIFEST, None):
+                end = found.setdefault(e["digest"], e)
+        last[digest] = end
+        return end
+
+    named = []
     for d in descs:
         mt = d.get("mediaType")
         if mt in (MT_INDEX, DOCKER_LIST):
-            if depth > 4:
-                raise ImageFormatError("image indexes nested too deep")
-            what = f"index {d['digest']}"
-            sub = schema.load_object(
-                verified_blob(src, d["digest"], "index", d["size"]), schema.Index, what
-            )
-            entries = platforms.select(sub["manifests"], want)
-            for m, _ in _pick_manifests(src, entries, want, depth + 1):
-                out.append((m, d))
+            m = visit(d, 0)
+            if m is not None:
+                named.append((m, d))
         elif mt in (MT_MANIFEST, DOCKER_MANIFEST, None):
-            out.append((d, d))
-    return out
+            named.append((found.setdefault(d["digest"], d), d))
+    return list(found.values()), named
 
 
 def _tag_of(desc: dict[str, Any], default_repo: str) -> str | None:
@@ -422,17 +445,18 @@ def _oci_candidates(
         descs = sel
     if not descs:
         raise ImageFormatError("the image layout's index.json lists no images")
-    by_digest: dict[str, Candidate] = {}
-    for mdesc, top in _pick_manifests(src, descs, want):
-        digest = mdesc["digest"]
+    manifests, named = _pick_manifests(src, descs, want)
+    tags: dict[str, dict[str, None]] = {}  # manifest digest -> its names, in order, once
+    for mdesc, top in named:
         tag = _tag_of(top, default_repo)
-        if digest in by_digest:
-            if tag and tag not in by_digest[digest].tags:
-                by_digest[digest].tags.append(tag)
-            continue
+        if tag:
+            tags.setdefault(mdesc["digest"], {})[tag] = None
+    by_digest: dict[str, Candidate] = {}
+    for mdesc in manifests:
+        digest = mdesc["digest"]
         mbytes = verified_blob(src, digest, "manifest", mdesc["size"])
         by_digest[digest] = _from_manifest(
-            src, mbytes, digest, mdesc.get("mediaType"), [tag] if tag else [], blob_path
+            src, mbytes, digest, mdesc.get("mediaType"), list(tags.get(digest, ())), blob_path
         )
     if not by_digest:
         raise ImageFormatError("no image manifests found in the layout")
