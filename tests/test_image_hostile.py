@@ -1993,3 +1993,31 @@ def test_an_index_named_many_times_is_read_once(tmp_path: Path, store_dir: str) 
     s = Store(store_dir)
     assert s.lookup("lay:fan").diff_ids == [sha(one)]
     assert {tuple(i.diff_ids) for i in s.images()} >= {(sha(one),), (sha(other),)}
+
+
+def _one_image_named(path: Path, names: int) -> Path:
+    """A layout naming one image `names` times, each time another name."""
+    lay = Layout(path)
+    t = tar_bytes([("f", b"x")])
+    m = lay.image([lay.put(t, LAYER_TAR)], [sha(t)], {"architecture": "amd64", "os": "linux"})
+    lay.index["manifests"] = [{**m, "annotations": {REF_NAME: f"t{i}"}} for i in range(names)]
+    (path / "index.json").write_text(json.dumps(lay.index))
+    return path
+
+
+def test_an_image_named_many_times_writes_the_index_once(tmp_path: Path, store_dir: str) -> None:
+    """One image under 2,000 names is recorded in one write of the store's index; under
+    18,000 (a 4 MiB layout) it is one line, and the store's index is left readable (before:
+    one rewrite of the growing index per name, half an hour, and then an index.json of
+    4.5 MB that every later command refused to read: the store was lost)."""
+    r = cli_import(_one_image_named(tmp_path / "some", 2000), store_dir, timeout=60)
+    assert r.returncode == 0, r.stderr
+    s = Store(store_dir)
+    assert len(s.lookup("some:t1999").tags) == 2000
+    before = store_state(store_dir)
+    err = one_line_failure(
+        cli_import(_one_image_named(tmp_path / "many", 18_000), store_dir, timeout=60)
+    )
+    assert "more than the 4194304 pyunion reads back" in err
+    assert store_state(store_dir)[3] == before[3]
+    assert pyunion("images", "--store", store_dir).returncode == 0

@@ -296,9 +296,5 @@ def write_image(
     mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
     store.put_blob_bytes(mbytes, mdigest, tmpdir)
     store.sync()
-    if tags:
-        for t in tags:
-            store.add_image(mdigest, len(mbytes), t, MT_MANIFEST)
-    else:
-        store.add_image(mdigest, len(mbytes), None, MT_MANIFEST)
+    store.add_image(mdigest, len(mbytes), tags, MT_MANIFEST)
     return mdigest, cdigest

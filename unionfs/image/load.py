@@ -272,11 +272,7 @@ def _store_candidate(
         store.put_blob_bytes(mbytes, mdigest, tmp)
     if mtype not in (MT_MANIFEST, DOCKER_MANIFEST):
         mtype = MT_MANIFEST
-    if tags:
-        for t in tags:
-            store.add_image(mdigest, len(mbytes), t, mtype)
-    else:
-        store.add_image(mdigest, len(mbytes), None, mtype)
+    store.add_image(mdigest, len(mbytes), tags, mtype)
     return mdigest
 
 

@@ -161,14 +161,20 @@ def syncfs(fd: int) -> None:
         os.sync()
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON beside `path` (0600) and rename it into place."""
+def write_json_atomic(path: str, data: Any, limit: int | None = None) -> None:
+    """Write JSON beside `path` (0600) and rename it into place; with `limit`, a document
+    longer than that many bytes is a UserError and nothing is written."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"  # ASCII: len() is its size
+    if limit is not None and len(text) > limit:
+        raise UserError(
+            f"{path} would be {len(text)} bytes, more than the {limit} pyunion reads back "
+            "(too many images and names in the store: remove some with rmi)"
+        )
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
@@ -492,22 +498,31 @@ class Store:
         with self._flock(".index.lock", fcntl.LOCK_EX):
             idx = self._read_index()
             yield idx
-            write_json_atomic(os.path.join(self.root, "index.json"), idx)
+            # Never more than `_read_index` reads back: an import naming one image 20,000
+            # times made an index.json no later command could read.
+            write_json_atomic(os.path.join(self.root, "index.json"), idx, schema.MAX_JSON)
 
     def add_image(
-        self, manifest_digest: str, size: int, tag: str | None, media_type: str = MT_MANIFEST
+        self,
+        manifest_digest: str,
+        size: int,
+        tag: str | list[str] | None,
+        media_type: str = MT_MANIFEST,
     ) -> None:
-        """Record an image (its manifest blob must be in place); a tag moves to it.
+        """Record an image (its manifest blob must be in place); a tag moves to it, and so
+        does each of a list, in one write of the index (one write per name made an
+        archive naming one image 20,000 times rewrite a growing index 20,000 times).
 
         Every layer it names must be in the store already: an image is never tagged
         that `run` would then find incomplete, whichever command made it. It runs
         under the store's shared lock (`using`), so that no `rmi` can collect what
         it checked before the index names it; a command that publishes blobs or
         layers calls it inside its own `using` block, before they are unnamed."""
+        tags = [] if tag is None else [tag] if isinstance(tag, str) else tag
         with self.using():
-            self._add_image(manifest_digest, size, tag, media_type)
+            self._add_image(manifest_digest, size, tags, media_type)
 
-    def _add_image(self, manifest_digest: str, size: int, tag: str | None, media_type: str) -> None:
+    def _add_image(self, manifest_digest: str, size: int, tags: list[str], media_type: str) -> None:
         img = self._load_image(manifest_digest)
         for diff_id in img.diff_ids:
             if not self.has_layer(diff_id):
@@ -515,22 +530,23 @@ class Store:
                     f"image {short_id(manifest_digest)}: layer {diff_id} is not in the store "
                     "(the image is not recorded)"
                 )
+        names = {normalize_tag(t): None for t in tags}  # in order, once each
         with self.edit_index() as idx:
             entries = idx["manifests"]
-            if tag is not None:
-                tag = normalize_tag(tag)
+            if names:
                 for e in entries:
                     ann = e.get("annotations") or {}
-                    if ann.get(REF_NAME) == tag:
+                    if ann.get(REF_NAME) in names:
                         del ann[REF_NAME]
             desc: dict[str, Any] = {
                 "mediaType": media_type,
                 "digest": manifest_digest,
                 "size": size,
             }
-            if tag is not None:
-                desc["annotations"] = {REF_NAME: tag}
-            entries.append(desc)
+            if names:
+                entries += [{**desc, "annotations": {REF_NAME: t}} for t in names]
+            else:
+                entries.append(desc)
             idx["manifests"] = _dedupe(entries)
 
     def images(self) -> list[Image]:
