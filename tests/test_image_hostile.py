@@ -2021,3 +2021,48 @@ def test_an_image_named_many_times_writes_the_index_once(tmp_path: Path, store_d
     assert "more than the 4194304 pyunion reads back" in err
     assert store_state(store_dir)[3] == before[3]
     assert pyunion("images", "--store", store_dir).returncode == 0
+
+
+def test_a_docker_archive_repeating_its_files_reads_each_once(
+    tmp_path: Path, store_dir: str
+) -> None:
+    """An old `docker save` archive whose manifest.json names one image 3,000 times
+    (one name each) and 100 images more with configs of their own, whose layer is the
+    same 16 MiB file through 100 symlinks: the layer is read once, the repeated image is
+    one image with 3,000 names (before: 3,100 imports, each reading and hashing the
+    layer again: 50 GB; a 4 MiB manifest.json holds 60,000 entries, hours)."""
+    layer = _zeros_tar(16)
+    diff = sha(layer)
+    cfg = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff]}}
+    entries = [
+        {"Config": "c.json", "RepoTags": [f"same:{i}"], "Layers": ["l/layer.tar"]}
+        for i in range(3000)
+    ]
+    files = {"c.json": json.dumps(cfg).encode(), "l/layer.tar": layer}
+    links = {}
+    for j in range(100):
+        files[f"c{j}.json"] = json.dumps({**cfg, "author": str(j)}).encode()
+        links[f"alias{j}"] = "l/layer.tar"
+        entries.append(
+            {"Config": f"c{j}.json", "RepoTags": [f"other:{j}"], "Layers": [f"alias{j}"]}
+        )
+    files["manifest.json"] = json.dumps(entries).encode()
+    archive = tmp_path / "saved.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        for name, target in links.items():
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname = tarfile.SYMTYPE, target
+            tf.addfile(ti)
+    before = len(Store(store_dir).images())
+    layers = set(store_state(store_dir)[0])
+    r = cli_import(archive, store_dir, timeout=60)
+    assert r.returncode == 0, r.stderr
+    s = Store(store_dir)
+    assert len(s.lookup("same:2999").tags) == 3000
+    assert len(s.images()) == before + 101
+    assert set(store_state(store_dir)[0]) - layers == {diff[7:]}
+    assert store_state(store_dir)[2] == []

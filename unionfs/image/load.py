@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import IO, Any
 
 from .. import compression
@@ -219,20 +219,29 @@ def _import_layer(
     return info
 
 
+# A layer file of the source, as a DiffID it was verified to unpack to -> what it is in
+# the store (an import's earlier image had it): kept across the images of one import.
+Known = dict[tuple[Hashable, str], dict[str, Any]]
+
+
 def _store_candidate(
-    store: Store, src: Source, c: Candidate, tags: list[str], progress: Bars
+    store: Store, src: Source, c: Candidate, tags: list[str], progress: Bars, known: Known
 ) -> str:
     """Import one image; returns its manifest digest."""
     with store.tempdir() as tmp:
         # A blob listed again is the same layer (`schema.diff_ids`), and a DiffID is
         # unpacked once whatever number of blobs hold it: nothing is published before
         # the last layer is verified, so each repeat would otherwise be read, kept and
-        # unpacked again (a manifest repeating a small bomb filled the disk).
+        # unpacked again (a manifest repeating a small bomb filled the disk). A layer
+        # file an earlier image of the import had is not read again either (an old
+        # docker archive names its layers by path, not by digest: 1,000 images naming
+        # one 100 MB layer had it read and hashed 1,000 times).
         by_path: dict[str, dict[str, Any]] = {}
         unpacked: set[str] = set()
         infos = []
         for i, lr in enumerate(c.layers):
-            info = by_path.get(lr.path)
+            key = (src.identity(lr.path), lr.diff_id)
+            info = by_path.get(lr.path) or known.get(key)
             if info is None:
                 first = lr.diff_id not in unpacked
                 info = _import_layer(store, src, tmp, lr, i + 1, len(c.layers), progress, first)
@@ -242,6 +251,11 @@ def _store_candidate(
         store.sync()
         for info in by_path.values():
             info.get("publish", lambda: None)()
+        for lr, info in zip(c.layers, infos, strict=True):
+            if info.get("compression") is not None:  # None: it was in the store already
+                known[(src.identity(lr.path), lr.diff_id)] = {
+                    k: v for k, v in info.items() if k != "publish"
+                }
         store.put_blob_bytes(c.config_bytes, c.config_digest, tmp)
         if c.manifest_bytes is not None and c.manifest_digest is not None:
             mbytes, mdigest, mtype = c.manifest_bytes, c.manifest_digest, c.manifest_media_type
@@ -373,8 +387,9 @@ def import_image(
             names = [
                 [tag] if tag is not None else [_archive_name(t) for t in c.tags] for c in cands
             ]
+            known: Known = {}
             return [
-                (_store_candidate(store, src, c, tags, progress), tags)
+                (_store_candidate(store, src, c, tags, progress, known), tags)
                 for c, tags in zip(cands, names, strict=True)
             ]
         finally:
