@@ -2066,3 +2066,32 @@ def test_a_docker_archive_repeating_its_files_reads_each_once(
     assert len(s.images()) == before + 101
     assert set(store_state(store_dir)[0]) - layers == {diff[7:]}
     assert store_state(store_dir)[2] == []
+
+
+def test_import_reports_each_image_without_reading_the_whole_store(
+    tmp_path: Path, store_dir: str
+) -> None:
+    """100 images sharing one 3.7 MiB config: the import's report of each reads that image
+    only (before: a `lookup` per image, which reads every image of the store: 10,000
+    parses of the config, minutes; 2,000 images, hours)."""
+    lay = Layout(tmp_path / "lay")
+    t = tar_bytes([("f", b"x")])
+    ld = lay.put(t, LAYER_TAR)
+    cfg = {
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha(t)]},
+        "config": {"Env": ["A=" + "x" * 100] * 35_000},
+    }
+    cd = lay.put_json(cfg, "application/vnd.oci.image.config.v1+json")
+    lay.index["manifests"] = [
+        lay.put_json(
+            {"schemaVersion": 2, "config": cd, "layers": [ld], "annotations": {"n": str(i)}},
+            "application/vnd.oci.image.manifest.v1+json",
+        )
+        for i in range(100)
+    ]
+    (lay.path / "index.json").write_text(json.dumps(lay.index))
+    r = cli_import(lay.path, store_dir, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(f"Loaded image <none> ({cd['digest'][7:19]})") == 100

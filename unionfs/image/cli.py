@@ -148,7 +148,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         args.path, store, tag=args.tag, ref=args.ref, platform=plat, progress=progress
     )
     for digest, tags in done:
-        img = store.lookup(digest)
+        img = store.image(digest)
         names = printable(", ".join(tags)) if tags else "<none>"
         print(f"Loaded image {names} ({short_id(img.id)})")
     return 0
