@@ -2095,3 +2095,40 @@ def test_import_reports_each_image_without_reading_the_whole_store(
     r = cli_import(lay.path, store_dir, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(f"Loaded image <none> ({cd['digest'][7:19]})") == 100
+
+
+def test_a_command_or_workdir_of_the_image_is_printed_without_escapes(
+    tmp_path: Path, store_dir: str
+) -> None:
+    """The image's Entrypoint names a program it lacks, its WorkingDir is a directory its
+    user may not enter: init's one line shows both escaped (before: raw, an escape
+    sequence in an image's config reached the terminal of whoever ran it)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("w\x1b[2J")
+        ti.type, ti.mode = tarfile.DIRTYPE, 0o700
+        tf.addfile(ti)
+    lay = make_layout(
+        tmp_path / "lay",
+        [buf.getvalue()],
+        config_extra={
+            "config": {"Entrypoint": ["\x1b]0;owned\x07"], "WorkingDir": "/w\x1b[2J", "User": "1"}
+        },
+    )
+    pyunion("image", "import", "-q", str(lay), "--tag", "esc", "--store", store_dir)
+    run_env = dict(os.environ, TMPDIR=str(tmp_path))
+    for opts, code, said in (
+        (["-u", "0"], 127, "\\x1b]0;owned\\x07: No such file or directory"),
+        ([], 125, "cannot start the command: Permission denied (/w\\x1b[2J)"),
+    ):
+        r = subprocess.run(
+            [*PYUNION, "run", "--store", store_dir, *opts, "esc"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=run_env,
+            stdin=subprocess.DEVNULL,
+        )
+        assert r.returncode == code, r.stderr
+        assert said in r.stderr and "\x1b" not in r.stderr and "\x07" not in r.stderr

@@ -51,6 +51,7 @@ from typing import NoReturn
 
 from . import confine, rlimits, seccomp, syscalls, userns, volumes
 from .digits import number
+from .errors import printable
 from .supervise import FORWARDED as FORWARDED  # re-exported: the supervisor owns them
 from .supervise import exit_code as exit_code
 from .supervise import flush_stdio as flush_stdio
@@ -761,15 +762,15 @@ def _exec_init(
     except OSError as e:
         print(
             f"pyunion: cannot start the command: {e.strerror}"
-            + (f" ({e.filename})" if e.filename else ""),
+            + (f" ({printable(e.filename)})" if e.filename else ""),  # the image's WorkingDir
             file=sys.stderr,
         )
         os._exit(125)
     env = dict(spec.env)
     env.setdefault("HOME", ident.home)
     err = _exec_error(spec.argv[0], env)
-    if err is not None:
-        print(f"pyunion: {spec.argv[0]}: {err.strerror}", file=sys.stderr)
+    if err is not None:  # argv[0] may be the image's Entrypoint or Cmd: no escapes
+        print(f"pyunion: {printable(spec.argv[0])}: {err.strerror}", file=sys.stderr)
         os._exit(127 if err.errno in (errno.ENOENT, errno.ENOTDIR) else 126)
     rlimits.give_back_fd_limit()  # the caller's `ulimit -n`, not the one pyunion took
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python's SIG_IGN would be inherited

@@ -12,17 +12,7 @@ paragraph separators, lone surrogates) is shown as a Python escape (`\\x1b`,
 from __future__ import annotations
 
 from ..errors import UserError
-
-
-def printable(text: object) -> str:
-    """`text` with every non-printable character shown as its escape."""
-    s = text if isinstance(text, str) else str(text)
-    if s.isprintable():
-        return s
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
-        for ch in s
-    )
+from ..errors import printable as printable  # its home: init prints with it too
 
 
 class ImageError(UserError):
