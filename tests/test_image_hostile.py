@@ -2132,3 +2132,24 @@ def test_a_command_or_workdir_of_the_image_is_printed_without_escapes(
         )
         assert r.returncode == code, r.stderr
         assert said in r.stderr and "\x1b" not in r.stderr and "\x07" not in r.stderr
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_a_name_header_over_a_mebibyte_is_one_line(
+    tmp_path: Path, store_dir: str, fmt: int
+) -> None:
+    """A layer (40 KB gzipped) whose one member is named by an 8 MiB pax or GNU long-name
+    header: refused before it is read, as Go's archive/tar refuses it (before: read whole,
+    then four million nested directories made of it, for many minutes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        ti = tarfile.TarInfo("a/" * (4 << 20) + "f")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    lay = make_layout(tmp_path / "lay", [buf.getvalue()])
+    before = store_state(store_dir)
+    t0 = time.monotonic()
+    err = one_line_failure(cli_import(lay, store_dir, timeout=60))
+    assert time.monotonic() - t0 < 20
+    assert "header of" in err and "at most 1048576" in err and len(err) < 300
+    assert store_state(store_dir) == before

@@ -10,6 +10,12 @@ tarfile a `re` whose three searches start only where a run of digits starts
 `re` is tarfile's own. Every archive pyunion reads is opened with `open_tar`.
 Debian's 3.11.2 has the fix since 3.11.2-6+deb12u4 (such a header is then
 refused as invalid); this module is for any other interpreter the venv uses.
+
+tarfile also reads a pax or GNU long-name header whole into memory, whatever
+size it declares: a layer of 128 KB (gzip) held one 100 MB name, read at once,
+then made fifty million nested directories of it. `open_tar` reads through a
+TarInfo that refuses such a header over 1 MiB, as Go's archive/tar does
+(`maxSpecialFileSize`, so containers/image and podman): one line, nothing made.
 """
 
 from __future__ import annotations
@@ -49,8 +55,37 @@ if getattr(tarfile, "re", None) is re:
     tarfile.re = _Re()  # type: ignore[attr-defined]
 
 
+MAX_SPECIAL = 1 << 20  # bytes of a pax or GNU long-name header: Go's maxSpecialFileSize
+_SPECIAL = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link",
+    tarfile.XHDTYPE: "pax",
+    tarfile.XGLTYPE: "pax global",
+    tarfile.SOLARIS_XHDTYPE: "pax",
+}
+
+
+class HeaderTooLarge(tarfile.ReadError):
+    """A pax or GNU long-name header larger than MAX_SPECIAL."""
+
+
+class _TarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo, refusing a pax or GNU long-name header larger than MAX_SPECIAL
+    before tarfile reads it whole."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        kind = _SPECIAL.get(self.type)
+        if kind is not None and self.size > MAX_SPECIAL:
+            raise HeaderTooLarge(
+                f"a {kind} header of {self.size} bytes (at most {MAX_SPECIAL} are read)"
+            )
+        return super()._proc_member(tf)  # type: ignore[misc,no-any-return]
+
+
 def open_tar(*args: Any, **kwargs: Any) -> tarfile.TarFile:
-    """`tarfile.open`, for an archive that may be hostile (this module is loaded)."""
+    """`tarfile.open`, for an archive that may be hostile (this module is loaded, headers
+    are read through `_TarInfo`)."""
+    kwargs.setdefault("tarinfo", _TarInfo)
     return tarfile.open(*args, **kwargs)
 
 
