@@ -4,7 +4,7 @@ One pass per layer blob: the bytes are hashed (the blob digest) and copied to a
 temporary blob file, decompressed, hashed again (the DiffID) and unpacked into a
 temporary layer directory. Only when both digests match is anything renamed into
 the store; a layer whose DiffID is already there is hashed but not unpacked again.
-The image becomes visible (index.json) last.
+The images become visible (index.json) last, all in one write of it.
 """
 
 from __future__ import annotations
@@ -226,8 +226,9 @@ Known = dict[tuple[Hashable, str], dict[str, Any]]
 
 def _store_candidate(
     store: Store, src: Source, c: Candidate, tags: list[str], progress: Bars, known: Known
-) -> str:
-    """Import one image; returns its manifest digest."""
+) -> tuple[str, int, list[str], str]:
+    """Store one image's blobs and layers; returns what `Store.add_images` records of it
+    (manifest digest, size, tags, media type)."""
     with store.tempdir() as tmp:
         # A blob listed again is the same layer (`schema.diff_ids`), and a DiffID is
         # unpacked once whatever number of blobs hold it: nothing is published before
@@ -248,9 +249,11 @@ def _store_candidate(
                 by_path[lr.path] = info
                 unpacked.add(lr.diff_id)
             infos.append(info)
-        store.sync()
-        for info in by_path.values():
-            info.get("publish", lambda: None)()
+        pending = [info["publish"] for info in by_path.values() if "publish" in info]
+        if pending:  # an image whose layers are all in the store has nothing to flush
+            store.sync()
+        for publish in pending:
+            publish()
         for lr, info in zip(c.layers, infos, strict=True):
             if info.get("compression") is not None:  # None: it was in the store already
                 known[(src.identity(lr.path), lr.diff_id)] = {
@@ -286,8 +289,7 @@ def _store_candidate(
         store.put_blob_bytes(mbytes, mdigest, tmp)
     if mtype not in (MT_MANIFEST, DOCKER_MANIFEST):
         mtype = MT_MANIFEST
-    store.add_image(mdigest, len(mbytes), tags, mtype)
-    return mdigest
+    return mdigest, len(mbytes), tags, mtype
 
 
 _ARCHIVE_ERRORS: tuple[type[Exception], ...] = (*compression.ERRORS, ValueError)
@@ -388,9 +390,11 @@ def import_image(
                 [tag] if tag is not None else [_archive_name(t) for t in c.tags] for c in cands
             ]
             known: Known = {}
-            return [
-                (_store_candidate(store, src, c, tags, progress, known), tags)
+            images = [
+                _store_candidate(store, src, c, tags, progress, known)
                 for c, tags in zip(cands, names, strict=True)
             ]
+            store.add_images(images)  # all at once: one write of the store's index
+            return [(digest, tags) for digest, _size, tags, _mt in images]
         finally:
             src.close()
