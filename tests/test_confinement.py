@@ -1297,6 +1297,18 @@ def test_loopback_works_inside(env: Env) -> None:
     assert r.stdout == "inside\n127.0.0.1\tbox\n", r.stderr
 
 
+def test_read_only_as_podman(env: Env, podman: Podman) -> None:
+    """--read-only: tmpfs on /tmp and /var/tmp (1777) and /run (0755, root's: it was
+    1777, where any user of the container made files), as podman."""
+    script = "stat -c '%n %a' /tmp /var/tmp /run; touch /x"
+    ours = env.sh(script, "--read-only")
+    assert ours.stdout == podman.sh(script, "--read-only").stdout
+    assert ours.stdout == "/tmp 1777\n/var/tmp 1777\n/run 755\n", ours.stderr
+    assert "Read-only file system" in ours.stderr
+    r = env.sh("touch /run/x", "--read-only", "-u", "1000")
+    assert r.stdout == "" and "Permission denied" in r.stderr, r.stderr
+
+
 def test_unknown_network_mode_is_one_line(env: Env) -> None:
     r = env.sh("true", "--network", "bridge")
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr

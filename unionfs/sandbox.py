@@ -430,7 +430,8 @@ def _pivot_into(root: str) -> None:
     os.chdir("/")
 
 
-READ_ONLY_TMPFS = ("/tmp", "/var/tmp", "/run")  # writable even with --read-only, as podman
+# Writable even with --read-only, with podman's modes: /run is root's (0755), as on a host.
+READ_ONLY_TMPFS = {"/tmp": 0o1777, "/var/tmp": 0o1777, "/run": 0o755}
 
 
 def setup_root(spec: ContainerSpec) -> None:
@@ -442,8 +443,8 @@ def setup_root(spec: ContainerSpec) -> None:
         _setup_dev(rootfd, conf.privileged)
         _setup_sys(rootfd, conf.privileged)
         if spec.read_only:
-            for path in READ_ONLY_TMPFS:
-                _mount_at(rootfd, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+            for path, mode in READ_ONLY_TMPFS.items():
+                _mount_at(rootfd, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode:o}")
         for target, host_copy in spec.etc_files.items():
             _bind(rootfd, Volume(host_copy, target, recursive=False))
         for b in spec.binds:
