@@ -723,6 +723,19 @@ def test_run_network(env: Env) -> None:
     assert r.returncode == 1 and "unsupported network mode 'bridge'" in r.stderr, r.stderr
 
 
+def test_run_sees_buildahs_marks(env: Env) -> None:
+    """A RUN finds buildah's /run/.containerenv and no TERM (buildah's RUN sets none, where
+    `pyunion run`, as podman, sets xterm); the marker's mount point is left out of the layer."""
+    ctx = env.tmp / "ctx-marks"
+    ctx.mkdir()
+    text = 'FROM busybox\nUSER root\nRUN test -f /run/.containerenv && echo "[$TERM]" > /marks\n'
+    env.build(ctx, "-f", "-", "-t", "marks", stdin=text)
+    r = pyunion("run", "--store", env.store, "marks", "--", "cat", "/marks")
+    assert r.stdout == "[]\n", r.stderr
+    view, _ = env.pyunion_image("marks")
+    assert b"run/.containerenv" not in view and b"marks" in view
+
+
 def _build_within(env: Env, ctx: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`pyunion build` that must answer within 60 s (a hang is the failure looked for)."""
     return subprocess.run(

@@ -216,7 +216,7 @@ def test_init_has_no_more_than_the_command(env: Env, opts: tuple[str, ...]) -> N
         *opts,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.split() == ["HOME", "HOSTNAME", "PATH"]
+    assert r.stdout.split() == ["HOME", "HOSTNAME", "PATH", "TERM"]
 
 
 def test_pid1_is_not_the_hosts_file(env: Env) -> None:
@@ -1297,16 +1297,65 @@ def test_loopback_works_inside(env: Env) -> None:
     assert r.stdout == "inside\n127.0.0.1\tbox\n", r.stderr
 
 
+# -- what the command finds around it, as in podman --------------------------------------
+# The environment (but the host name: below), podman's mark of a container, the umask, the
+# process' status and podman's mounts in /dev. Not compared: /dev/shm's size (podman's
+# 64000k against 64 MiB), the rlimits (the caller's: README, Running a process), the mode
+# of .containerenv (podman's is 0755 with --read-only, 0644 otherwise; ours always 0644).
+VIEW = (
+    "env | grep -E '^(PATH|TERM|HOME|container)=' | sort; stat -c '%n %s' /run/.containerenv; "
+    "umask; cat /proc/self/oom_score_adj; grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; "
+    'awk \'$5 == "/dev/pts" || $5 == "/dev/mqueue" {print $5, $6, $(NF-2), $NF}\' '
+    "/proc/self/mountinfo | sort"
+)
+
+
+@pytest.mark.parametrize("opts", [(), ("--network", "none"), ("-u", "1000"), ("-w", "/etc")])
+def test_container_view_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """TERM=xterm (containers.conf's default env, without -t too), an empty
+    /run/.containerenv, /dev/mqueue of the container's ipc namespace and /dev/pts with
+    gid=5 (terminals of the tty group), as podman gives them."""
+    ours = env.sh(VIEW, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(VIEW, *opts).stdout
+    assert "TERM=xterm\n/run/.containerenv 0\n" in ours.stdout
+    assert "/dev/pts rw,nosuid,noexec,relatime devpts rw,gid=5," in ours.stdout
+    r = env.sh("echo $TERM", "-e", "TERM=vt100")
+    assert r.stdout == "vt100\n", r.stderr
+
+
 def test_read_only_as_podman(env: Env, podman: Podman) -> None:
     """--read-only: tmpfs on /tmp and /var/tmp (1777) and /run (0755, root's: it was
-    1777, where any user of the container made files), as podman."""
+    1777, where any user of the container made files), as podman; /run/.containerenv
+    is there too (podman 4.3's tmpfs hides its own)."""
     script = "stat -c '%n %a' /tmp /var/tmp /run; touch /x"
     ours = env.sh(script, "--read-only")
     assert ours.stdout == podman.sh(script, "--read-only").stdout
     assert ours.stdout == "/tmp 1777\n/var/tmp 1777\n/run 755\n", ours.stderr
     assert "Read-only file system" in ours.stderr
-    r = env.sh("touch /run/x", "--read-only", "-u", "1000")
+    r = env.sh("cat /run/.containerenv && touch /run/x", "--read-only", "-u", "1000")
     assert r.stdout == "" and "Permission denied" in r.stderr, r.stderr
+
+
+HOST_NAMES = (  # podman's /etc/hostname has no newline
+    "hostname; echo $HOSTNAME; echo $(cat /etc/hostname); grep -v -e localhost -e runsc /etc/hosts"
+)
+
+
+def test_host_name_as_podman(env: Env, podman: Podman) -> None:
+    """With a network namespace of its own, the container's name is 12 hex digits, as
+    podman names it after the container's ID (the host's name is not given away), and
+    it is on the loopback in /etc/hosts; with the host's network it is the host's."""
+    for r in (env.sh(HOST_NAMES), podman.sh(HOST_NAMES, "--network", "none")):
+        name = r.stdout.split()[0]
+        assert re.fullmatch("[0-9a-f]{12}", name), r.stdout + r.stderr
+        assert f"{name}\n{name}\n{name}\n" in r.stdout, r.stdout
+        assert re.search(f"^127.0.0.1\t{name}\\b", r.stdout, re.M), r.stdout
+        assert socket.gethostname() not in r.stdout.splitlines()[:3]
+    host = socket.gethostname()
+    for r in (env.sh(HOST_NAMES, "--network", "host"), podman.sh(HOST_NAMES)):
+        assert r.stdout.splitlines()[:2] == [host, host], r.stdout + r.stderr
+    assert env.sh("cat /etc/hostname", "--network", "host").stdout == f"{host}\n"
 
 
 def test_unknown_network_mode_is_one_line(env: Env) -> None:

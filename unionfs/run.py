@@ -102,6 +102,9 @@ class RunOptions:
     preserve_fds: int = 0
     pids_limit: int | None = None  # None: podman's default where there is a pids controller
     quiet: bool = False  # no notice that the writable layer is kept (programmatic callers)
+    # TERM unless the image sets one: podman's (containers.conf's default env, -t or not);
+    # None for none, as buildah's RUN.
+    term: str | None = "xterm"
     # Become a lean supervisor once the container runs (`Supervisor.exec_self`): the
     # `pyunion run` program only, never a caller's process, which must go on.
     lean_supervisor: bool = False
@@ -137,7 +140,10 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         help="bind-mount a host path into the container; OPTIONS: ro, rw, nosuid, "
         "nodev, noexec, bind, rbind, z, Z (ro is recursive)",
     )
-    p.add_argument("--hostname", help="the container's host name (default: the host's)")
+    p.add_argument(
+        "--hostname",
+        help="the container's host name (default: 12 hex digits; the host's with --network host)",
+    )
     p.add_argument(
         "--network",
         "--net",
@@ -451,12 +457,21 @@ def _parse_env_item(item: str, where: str) -> tuple[str, str] | None:
 MAX_ENV_FILE = 4 << 20  # twice what execve(2) takes for all of argv and the environment
 
 
+def default_hostname(network: str) -> str:
+    """The host's name with the host's network; otherwise 12 hex digits of its own, as
+    podman names such a container after its ID: the host's name is not given away, and a
+    shell's prompt tells the container from the host."""
+    return socket.gethostname() if network == "host" else os.urandom(6).hex()
+
+
 def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[str, str]:
-    """PATH and HOSTNAME, then the image's Env, then --env-file, then -e (later wins)."""
+    """PATH, HOSTNAME and TERM, then the image's Env, then --env-file, then -e (later wins)."""
     from . import sandbox
 
     env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname}
-    if opts.tty:
+    if opts.term:
+        env["TERM"] = opts.term
+    if opts.tty:  # the caller's own: the container's terminal is relayed to it
         env["TERM"] = os.environ.get("TERM", "xterm")
     for item in config.get("Env") or []:
         key, _, value = str(item).partition("=")
@@ -509,10 +524,9 @@ def parse_volumes(specs: list[str]) -> list[volumes.Volume]:
     return [volumes.parse(v) for v in specs]
 
 
-def _host_etc_copies(
-    etc_dir: str, hostname: str | None, name_inside: str, network: str
-) -> dict[str, str]:
-    """Copies of the host's resolv.conf, hosts and hostname (symlinks resolved), to bind in.
+def _host_etc_copies(etc_dir: str, name_inside: str, network: str) -> dict[str, str]:
+    """Copies of the host's resolv.conf, hosts and hostname (symlinks resolved) and an
+    empty /run/.containerenv, to bind in.
 
     With `--network none` the container's name is on its own loopback (127.0.0.1), as
     podman writes it (the host's file may give the host's name an address the container
@@ -527,19 +541,26 @@ def _host_etc_copies(
                 data = f.read()
         except OSError:
             data = b""
-        if name == "hostname" and hostname:
-            data = hostname.encode() + b"\n"
+        if name == "hostname":
+            data = name_inside.encode() + b"\n"
         if name == "hosts" and data and not data.endswith(b"\n"):
             data += b"\n"  # the line added below must not join the host's last one
         if name == "hosts" and network == "none":
             data += f"127.0.0.1\t{name_inside}\n".encode()
-        elif name == "hosts" and hostname:
-            data += f"127.0.1.1\t{hostname}\n".encode()
+        elif name == "hosts" and name_inside != socket.gethostname():
+            data += f"127.0.1.1\t{name_inside}\n".encode()
         path = os.path.join(etc_dir, name)
         with open(path, "wb") as f:
             f.write(data)
         os.chmod(path, 0o644)
         out[f"/etc/{name}"] = path
+    # podman's mark of a container (empty, as podman's without --privileged), which tools
+    # look for (systemd-detect-virt, toolbox, Ansible's facts).
+    path = os.path.join(etc_dir, "containerenv")
+    with open(path, "wb"):
+        pass
+    os.chmod(path, 0o644)
+    out["/run/.containerenv"] = path
     return out
 
 
@@ -654,7 +675,7 @@ class Runner:
         else:
             layers, config = resolve_image(opts)
         _build_filter(confinement)
-        hostname = opts.hostname or socket.gethostname()
+        hostname = opts.hostname or default_hostname(opts.network)
         spec = sandbox.ContainerSpec(
             root="",
             init=init,
@@ -702,7 +723,7 @@ class Runner:
             os.mkdir(work, 0o700)
         spec.root = self.sup.merged
         spec.etc_files = _host_etc_copies(
-            os.path.join(self.sup.tmp, "etc"), opts.hostname, spec.hostname, opts.network
+            os.path.join(self.sup.tmp, "etc"), spec.hostname, opts.network
         )
         # init prepares (its seccomp filter, catatonit) while the daemon mounts; it enters
         # the tree on "go".

@@ -14,8 +14,8 @@ Process tree (the parent side lives in `run.py`):
 copies the host's catatonit (a static binary) into a sealed memfd and waits for pyunion's "go" (with
 the tree's mount, which it attaches), then builds the container's view on top
 of the merged tree: a fresh /proc, a tmpfs /dev with the usual nodes, a new
-devpts instance, /sys read-only, the host's resolv.conf/hosts/hostname
-(copies, so the container cannot write the host's files), the user's `-v`
+devpts instance, an mqueue, /sys read-only, resolv.conf/hosts/hostname (copies of the
+host's, so the container cannot write them) and /run/.containerenv, the user's `-v`
 binds and the masked and read-only paths (`confine.py`), then pivot_root into
 the tree and detach the host's root, so nothing of the host stays reachable
 (`--read-only` then remounts just the root mount read-only). Mount points the
@@ -111,7 +111,7 @@ class ContainerSpec:
     hostname: str = "pyunion"
     network: str = "none"  # none: a namespace of its own; host: the host's; ns:PATH: join it
     binds: list[Volume] = field(default_factory=list)
-    etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x -> host copy
+    etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x (.containerenv) -> copy
     interactive: bool = False
     tty: bool = False
     read_only: bool = False
@@ -257,21 +257,12 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
         for name, target in DEV_LINKS.items():
             os.symlink(target, name, dir_fd=dev)
         os.mkdir("pts", 0o755, dir_fd=dev)
-        os.mkdir("shm", 0o1777, dir_fd=dev)
-        os.chmod("shm", 0o1777, dir_fd=dev)
+        for name in ("shm", "mqueue"):
+            os.mkdir(name, 0o1777, dir_fd=dev)
+            os.chmod(name, 0o1777, dir_fd=dev)
     finally:
         os.close(dev)
-    try:
-        _mount_at(
-            rootfd,
-            "/dev/pts",
-            "devpts",
-            "devpts",
-            MS_NOSUID | MS_NOEXEC,
-            "newinstance,ptmxmode=0666,mode=0620",
-        )
-    except OSError as e:
-        _warn(f"no /dev/pts in the container: {e.strerror}")
+    _mount_devpts(rootfd)
     _mount_at(
         rootfd,
         "/dev/shm",
@@ -280,6 +271,27 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
         MS_NOSUID | MS_NODEV | MS_NOEXEC,
         "mode=1777,size=65536k",
     )
+    # POSIX message queues (mq_open(3) looks here), of the container's ipc namespace.
+    _mount_at(rootfd, "/dev/mqueue", "mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+TTY_GID = 5  # podman's (and the FHS') tty group: `gid=5` on /dev/pts
+
+
+def _mount_devpts(rootfd: int) -> None:
+    """The container's own devpts, with podman's options: terminals opened in it belong
+    to group 5 (tty), mode 0620, as on the host (write(1), mesg(1) rely on it). In a
+    user namespace where gid 5 is not mapped the kernel refuses `gid=5`: the terminals
+    then keep their opener's group."""
+    opts = "newinstance,ptmxmode=0666,mode=0620"
+    flags = MS_NOSUID | MS_NOEXEC
+    try:
+        _mount_at(rootfd, "/dev/pts", "devpts", "devpts", flags, f"{opts},gid={TTY_GID}")
+    except OSError:
+        try:
+            _mount_at(rootfd, "/dev/pts", "devpts", "devpts", flags, opts)
+        except OSError as e:
+            _warn(f"no /dev/pts in the container: {e.strerror}")
 
 
 def _setup_sys(rootfd: int, writable: bool) -> None:

@@ -587,6 +587,7 @@ class Builder:
             upper=upper,
             network=network,
             quiet=True,
+            term=None,  # buildah's RUN has no TERM
         )
         self.out.flush()
         sys.stderr.flush()
