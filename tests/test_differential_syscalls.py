@@ -2242,6 +2242,89 @@ def test_read_only_mount_matches_kernel() -> None:
     assert not diffs, "\n  ".join(diffs)
 
 
+def _umount(d: Path) -> str:
+    """A plain umount(8) of `d` (no lazy detach): "ok", or what it says."""
+    r = subprocess.run(["umount", str(d)], capture_output=True, text=True, timeout=60)
+    return "ok" if r.returncode == 0 else "busy" if "busy" in r.stderr else r.stderr.strip()
+
+
+def _layer_filesystems(impl: str, td: Path) -> list[tuple[str, Any]]:
+    """Unmount the layers' own filesystems while `impl` is mounted on them, then use the
+    view; then, on fresh ones, unmount the layers' filesystem right after the merged mount."""
+    mount = kernel_overlay if impl == "kernel" else pyunion_mount
+    log: list[tuple[str, Any]] = []
+    for rnd in ("while mounted", "right after"):
+        lo, up, mnt = td / f"{impl}-lo", td / f"{impl}-up", td / f"{impl}-m"
+        for d in (lo, up):
+            d.mkdir(exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d)], check=True, timeout=30)
+        try:
+            (lo / "f").write_bytes(b"lower\n")
+            (up / "u").mkdir()
+            (up / "w").mkdir()
+            with mount([lo], mnt, up / "u", up / "w") as m:
+                (m / "new").write_bytes(b"upper\n")
+                with open(m / "f", "ab") as f:
+                    f.write(b"appended\n")
+                if rnd == "while mounted":
+                    log.append(("umount lower fs", _umount(lo)))
+                    log.append(("umount upper fs", _umount(up)))
+                    (m / "after").write_bytes(b"written after\n")
+                    os.rename(m / "new", m / "renamed")
+                    log.append(("view", sorted((n, (m / n).read_bytes()) for n in os.listdir(m))))
+            if rnd == "right after":
+                log.append(("umount upper fs after", _umount(up)))
+                log.append(("umount lower fs after", _umount(lo)))
+        finally:
+            for d in (up, lo):
+                force_unmount(d)
+    return log
+
+
+def test_layer_filesystems_unmount_as_with_kernel() -> None:
+    """The kernel's overlay holds its layers through private clones of their mounts: the
+    user's mounts of the layers' filesystems are never busy because of it, while it is
+    mounted or once it is unmounted. pyunion's daemon held them through her mounts (EBUSY
+    while mounted, and for a few ms after a plain umount: unionmount-testsuite's teardown)."""
+    with tempfile.TemporaryDirectory(prefix="pyunion-dsys-") as t:
+        td = Path(t)
+        logs = [_layer_filesystems(impl, td) for impl in ("kernel", "pyunion")]
+    kernel, mine = logs
+    assert dict(kernel)["umount upper fs"] == "ok", kernel
+    diffs = [
+        f"{k}: kernel {kv!r}, pyunion {pv!r}"
+        for (k, kv), (_, pv) in zip(kernel, mine, strict=True)
+        if kv != pv
+    ]
+    assert not diffs, "\n  ".join(diffs)
+
+
+def test_mount_below_a_layer_as_with_kernel() -> None:
+    """A mount below a layer's directory is not part of the layer (the kernel clones each
+    layer's mount without the mounts below it): the view shows the directory under it."""
+    with tempfile.TemporaryDirectory(prefix="pyunion-dsys-") as t:
+        td = Path(t)
+        seen = []
+        for impl in ("kernel", "pyunion"):
+            lo, up = td / f"{impl}-lo", td / f"{impl}-up"
+            (lo / "sub").mkdir(parents=True)
+            (lo / "sub" / "under").write_bytes(b"below the mount point\n")
+            (up / "u").mkdir(parents=True)
+            (up / "w").mkdir()
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "tmpfs", str(lo / "sub")], check=True, timeout=30
+            )
+            try:
+                (lo / "sub" / "in-mount").write_bytes(b"in the mount\n")
+                mount = kernel_overlay if impl == "kernel" else pyunion_mount
+                with mount([lo], td / f"{impl}-m", up / "u", up / "w") as m:
+                    seen.append(sorted(os.listdir(m / "sub")))
+            finally:
+                force_unmount(lo / "sub")
+    assert seen[0] == ["under"], seen
+    assert seen[1] == seen[0], f"kernel {seen[0]}, pyunion {seen[1]}"
+
+
 DOCUMENTED["special_names"] = {
     # `.wh.` names are pyunion's markers in every layer: refused (docs/formats.md).
     "wh name create": ("ok", "EINVAL"),
