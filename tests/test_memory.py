@@ -158,8 +158,8 @@ def test_mounted_daemon_maps_no_openssl(layers: tuple) -> None:
 
 def test_stats_are_kept_compact(tmp_path: Path) -> None:
     """What listings and nodes keep of a lower object is a `Stat`, equal to its lstat, in one
-    object of at most 160 bytes, which for a file is its listing entry too; a time a `Stat`
-    cannot hold keeps the whole stat."""
+    object of at most 128 bytes (pymalloc's class: 144 with struct stat's own types), which
+    for a file is its listing entry too; a value a `Stat` cannot hold keeps the whole stat."""
     low = tmp_path / "low"
     low.mkdir()
     for i in range(3):
@@ -190,7 +190,7 @@ def test_stats_are_kept_compact(tmp_path: Path) -> None:
         # A file's entry is its stat, one object: no tuple beside it.
         assert listing[b"f0"] is f0 and type(f0) is FileEntry and f0.layer == 1  # 0: the upper
         assert type(listing[b"d"].st) is Stat and type(listing[b"old"].st) is os.stat_result
-        assert sys.getsizeof(f0) <= 160
+        assert sys.getsizeof(f0) <= 128 and sys.getsizeof(listing[b"d"].st) <= 128
         # A file's node has no slots for what only a directory has (chain, fds, listing),
         # nor for what only writeback mode keeps (Union._pins).
         node = u.lookup(root, b"f0")
@@ -199,6 +199,20 @@ def test_stats_are_kept_compact(tmp_path: Path) -> None:
         assert compact(f0) is f0
     finally:
         u.close()
+    # Values past the narrowed fields (64-bit device numbers, link count, block size) are
+    # kept whole, never cut.
+    real = os.lstat(low / "f1")
+    named = ("st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blksize", "st_blocks", "st_rdev")
+    for field in ("st_dev", "st_nlink", "st_blksize", "st_rdev"):
+        seq = list(real[:10])  # mode, ino, dev, nlink, ...: STAT_FIELDS' order
+        extra = {f: getattr(real, f) for f in named}
+        if field in extra:
+            extra[field] = 2**40
+        else:
+            seq[STAT_FIELDS.index(field)] = 2**40
+        st = os.stat_result(seq, extra)
+        assert getattr(st, field) == 2**40
+        assert compact(st) is st and stat_fields(st) == tuple(getattr(st, f) for f in STAT_FIELDS)
 
 
 def _union_over_one_dir(tmp_path: Path, files: int) -> str:

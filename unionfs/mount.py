@@ -965,7 +965,14 @@ def _preload() -> None:
     import_with_sonames("trio")  # before pyfuse3, which imports it: no `ldconfig -p`
     _import_pyfuse3()
 
+    import linecache
+
     from . import fuseops, reqloop, union  # noqa: F401
+
+    # attrs keeps the source of each method it generates (for trio's classes: ~150 KiB) in
+    # linecache, for tracebacks through them: the memory goes to the daemon's nodes instead.
+    for key in [k for k in linecache.cache if k.startswith("<attrs generated")]:
+        del linecache.cache[key]
 
 
 def _import_pyfuse3() -> None:

@@ -139,13 +139,16 @@ class Resolver:
         self.stack = stack
         self.table = table
         self.max_fds = dir_fd_budget()
-        # The directory fds opened here, oldest first: (node, position in its chain, fd).
-        self._opened: collections.deque[tuple[weakref.ref[Node], int, int]] = collections.deque()
+        # The directory fds opened here, oldest first: each one's node and the fd, side by
+        # side (a tuple of them would be 64 bytes more per fd: up to 256 KiB at `max_fds`).
+        self._opened: collections.deque[weakref.ref[Node]] = collections.deque()
+        self._opened_fds: collections.deque[int] = collections.deque()
 
     def keep_fd(self, node: Node, pos: int, fd: int) -> None:
         """`fd` is now node.fds[pos]: count it (`trim` may close it later)."""
         node.fds[pos] = fd
-        self._opened.append((weakref.ref(node), pos, fd))
+        self._opened.append(weakref.ref(node))
+        self._opened_fds.append(fd)
 
     def trim(self) -> None:
         """Close the oldest directory fds past `max_fds` (between requests only).
@@ -158,10 +161,10 @@ class Resolver:
         place, it was taken for closed, never counted again, and stayed open:
         repeated deep copy-ups brought the daemon to its fd limit).
         """
-        opened = self._opened
+        opened, fds = self._opened, self._opened_fds
         while len(opened) > self.max_fds:
-            ref, _pos, fd = opened.popleft()
-            n = ref()
+            n = opened.popleft()()
+            fd = fds.popleft()
             if n is None or n.parent is None or fd not in n.fds:
                 continue
             n.fds[n.fds.index(fd)] = -1
