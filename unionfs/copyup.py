@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import FsError
-from .inodes import AnyStat, DirNode, InodeTable, Node
+from .inodes import UNLINKED, AnyStat, DirNode, InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .resolve import Resolver
 from .syscalls import chmod_nofollow, fdpath
@@ -204,8 +204,10 @@ class CopyUp:
         self._pid = os.getpid()  # of the daemon, which serves this mount alone
         upper = stack.upper
         self.upper_dev = upper.dev if upper is not None else 0
-        # Lower hard links copied up this mount: origin (dev, ino) -> the (upper) node.
+        # Lower hard links copied up this mount: origin (dev, ino) -> the (upper) node,
+        # and the other way (kept here, not in a slot of every node).
         self.hardlinks: dict[tuple[int, int], Node] = {}
+        self.origins: dict[Node, tuple[int, int]] = {}
         self.changed = changed
 
     def tmpname(self) -> bytes:
@@ -281,7 +283,7 @@ class CopyUp:
             return None
         if node.layer == 0:
             return None
-        if node.unlinked:
+        if node.links is UNLINKED:
             # Copying it up would put a removed name back in the merged view.
             raise FsError(errno.ENOENT)
         if self.stack.upper is None:
@@ -387,8 +389,11 @@ class CopyUp:
 
     def _link_aliases(self, node: Node, origin: tuple[int, int]) -> None:
         """Keep the other names of a lower hard link pointing at the copy (those we know)."""
+        old = self.hardlinks.get(origin)
+        if old is not None:
+            del self.origins[old]
         self.hardlinks[origin] = node
-        node.origin = origin
+        self.origins[node] = origin
         assert node.parent is not None
         src_fd = self.resolver.dirfd(node.parent, 0)
         for parent, name in list(node.links or ()):

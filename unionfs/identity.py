@@ -17,7 +17,7 @@ import os
 import stat
 
 from .copyup import CopyUp
-from .inodes import DirNode, InodeTable, Node, new_node, stat_fields
+from .inodes import UNLINKED, DirNode, InodeTable, Node, new_node, stat_fields
 from .layers import LayerStack
 from .resolve import Entry, FileEntry, Resolver
 
@@ -44,7 +44,7 @@ class Identity:
         is_dir = stat.S_ISDIR(entry.st.st_mode)
         nid = self._entry_id(entry)
         node = self.table.get(nid)
-        if node is not None and node.is_dir == is_dir and not node.unlinked:
+        if node is not None and node.is_dir == is_dir and node.links is not UNLINKED:
             if not is_dir and node.layer == 0 and entry.layer != 0 and self.stack.writable:
                 # Another name of a lower hard link whose object was copied up: link it too.
                 self._link_alias(node, parent, name)
@@ -58,7 +58,7 @@ class Identity:
             return node
         if not is_dir and entry.layer != 0 and entry.st.st_nlink > 1:
             up = self.copyup.hardlinks.get(entry.ident())
-            if up is not None and not up.unlinked and self.stack.writable:
+            if up is not None and up.links is not UNLINKED and self.stack.writable:
                 self._link_alias(up, parent, name)
                 self.table.nodes[up.ino] = up
                 return up
@@ -89,7 +89,7 @@ class Identity:
             or node.parent is not parent
             or node.name != name
             or node.is_dir
-            or node.unlinked
+            or node.links is UNLINKED
             or node.st is None  # its type is read from it (fuseops.readdir)
         ):
             return None
@@ -108,7 +108,7 @@ class Identity:
         is_dir = stat.S_ISDIR(st.st_mode)
         nid = self.table.ident_to_id(st.st_dev, st.st_ino)
         old = self.table.nodes.get(nid)
-        if old is not None and old.unlinked:
+        if old is not None and old.links is UNLINKED:
             # The upper's filesystem reused the inode number of a removed object
             # that the kernel still holds: the same node id would make the kernel
             # take the new object for the old one (ESTALE on mkdir, another
@@ -128,13 +128,14 @@ class Identity:
         """Bookkeeping after `name` in `parent` stopped naming `node` (`st`: its upper stat)."""
         node.drop_link(parent, name)
         if node.is_dir:
-            node.unlinked = True
+            node.links = UNLINKED
             node.close_fds()
             node.drop_listing()
-        if node.unlinked and st is not None and (node.is_dir or st.st_nlink <= 1):
+        if node.links is UNLINKED and st is not None and (node.is_dir or st.st_nlink <= 1):
             self.table.copied.pop((st.st_dev, st.st_ino), None)
-            if node.origin is not None and self.copyup.hardlinks.get(node.origin) is node:
-                del self.copyup.hardlinks[node.origin]
+            origin = self.copyup.origins.pop(node, None)
+            if origin is not None:
+                del self.copyup.hardlinks[origin]
 
     @staticmethod
     def relink(

@@ -158,6 +158,8 @@ def _layout_plus(n: int) -> struct.Struct:
 
 # The `fds` of every non-directory: one shared list, never changed (only a directory's are).
 _NO_FDS: list[int] = []
+# `Node.links` of an object with no name left in the merged tree: empty, never changed.
+UNLINKED: dict[tuple[Node, bytes], None] = {}
 
 
 class Node:
@@ -178,10 +180,8 @@ class Node:
         "links",
         "name",
         "nlookup",
-        "origin",
         "parent",
         "st",
-        "unlinked",
         "xnames",
     )
     is_dir = False
@@ -198,13 +198,12 @@ class Node:
         self.name = name
         # Its other names (hard links), in the order met: a dict, so that meeting one
         # again is no walk of them all (a list made `ln` and `ls -l` of a file with
-        # 20,000 names take 37 s of the daemon, all requests waiting).
+        # 20,000 names take 37 s of the daemon, all requests waiting). `UNLINKED` once
+        # it has no name left (read as `node.links is UNLINKED`: a slot of its own would
+        # be 16 bytes more per node with the one below CopyUp.origins holds).
         self.links: dict[tuple[Node, bytes], None] | None = None
         self.layer = layer
         self.handles: list[Handle] | None = None
-        # A copied-up hard link's lower (dev, ino), its key in CopyUp.hardlinks.
-        self.origin: tuple[int, int] | None = None
-        self.unlinked = False
         self.st: AnyStat | None = None  # lower objects: their (immutable) stat
         # The object's xattr names, kept once asked: lower objects never change, and an
         # upper object's xattrs change only through the daemon, which clears this.
@@ -227,9 +226,10 @@ class Node:
         """Remember another name of this object (hard links)."""
         if parent is self.parent and name == self.name:
             return
-        if self.links is None:
-            self.links = {}
-        self.links.setdefault((parent, name), None)
+        links = self.links
+        if links is None or links is UNLINKED:  # (none for an unlinked one: link is ENOENT)
+            links = self.links = {}
+        links.setdefault((parent, name), None)
 
     def drop_link(self, parent: Node, name: bytes) -> None:
         """Forget one name; if it was the primary one, promote another."""
@@ -237,7 +237,7 @@ class Node:
             if self.links:
                 (self.parent, self.name), _ = self.links.popitem()
             else:
-                self.unlinked = True
+                self.links = UNLINKED
         elif self.links:
             self.links.pop((parent, name), None)
 

@@ -34,7 +34,17 @@ import weakref
 from typing import NamedTuple, TypeAlias
 
 from .errors import FsError
-from .inodes import STAT_SIZE, AnyStat, DirNode, InodeTable, Node, Stat, compact, pack_stat
+from .inodes import (
+    STAT_SIZE,
+    UNLINKED,
+    AnyStat,
+    DirNode,
+    InodeTable,
+    Node,
+    Stat,
+    compact,
+    pack_stat,
+)
 from .layers import LayerStack, open_dir_at
 from .whiteout import (
     OPAQUE_XATTRS,
@@ -233,7 +243,7 @@ class Resolver:
         name now (a whiteout, a new file) is another object, so it is ENOENT.
         (An unlinked lower object is still at its name in its immutable layer.)
         """
-        if node.unlinked and node.layer == 0:
+        if node.links is UNLINKED and node.layer == 0:
             raise FsError(errno.ENOENT)
         parent = node.parent
         assert parent is not None

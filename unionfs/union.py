@@ -31,7 +31,7 @@ from .copyup import NO_COPYUPS, Changed, CopyJob, CopyPlan, CopyUp, chown_failed
 from .errors import FsError
 from .handles import DirHandle, HandleTable
 from .identity import Identity
-from .inodes import ROOT_ID, AnyStat, DirNode, InodeTable, Node
+from .inodes import ROOT_ID, UNLINKED, AnyStat, DirNode, InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
@@ -174,7 +174,7 @@ class Union:
             return st, (1 if len(node.chain) > 1 else st.st_nlink)
         if node.layer != 0 and node.st is not None:
             return node.st, node.st.st_nlink
-        if node.unlinked:
+        if node.links is UNLINKED:
             for h in node.handles or ():
                 st = os.fstat(h.fd)
                 return st, st.st_nlink
@@ -755,7 +755,7 @@ class Union:
             fd = self.handles.upper_fd(node, handle)
             if fd is not None:
                 target = fd  # also right for a removed file still open
-            elif node.unlinked:
+            elif node.links is UNLINKED:
                 # A removed file nobody has open: the kernel flushing its times on
                 # eviction (writeback cache). Nothing is left to change.
                 return
