@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from ocilayout import LAYER_TAR, Layout, sha
 from support import PYUNION, python_output
 
 from unionfs import __version__, cli
+from unionfs.image import Store, import_image
 
 
 def test_subcommand_table_names_what_each_module_registers() -> None:
@@ -145,6 +147,31 @@ def test_image_package_names_the_functions_whatever_was_imported_first() -> None
     )
     out = python_output(code)
     assert out.strip() == "True"
+
+
+def test_reading_the_image_to_run_needs_no_openssl_json_logging_or_tempfile(
+    tmp_path: Path,
+) -> None:
+    """What `run` reads in its short-lived child (`run._confinement_and_image`: the image
+    and the seccomp profile) imports none of hashlib (OpenSSL's libcrypto: ~4.5 MiB read
+    from a cold disk on every start), json, logging or tempfile (shutil, bz2, lzma); the
+    store checks a blob's SHA-256 with CPython's own."""
+    lay = Layout(tmp_path / "oci")
+    layer = lay.put(b"\0" * 1024, LAYER_TAR)
+    lay.tag(lay.image([layer], [sha(b"\0" * 1024)], {"config": {"Env": ["A=1"]}}), "t")
+    store = tmp_path / "store"
+    import_image(str(tmp_path / "oci"), Store(str(store)), tag="img")
+    code = (
+        "import sys; from unionfs import cli, confine, run\n"
+        "args = cli.build_parser(modules=['unionfs.run']).parse_args(\n"
+        f"    ['run', '--store', {str(store)!r}, 'img', '--', 'true'])\n"
+        "opts = run.parse_run_args(args)\n"
+        "confine.from_options([], [], False, [], 0)\n"
+        "layers, config = run.resolve_image(opts)\n"
+        "print(len(layers), config['Env'], [m for m in ('hashlib', '_hashlib', 'json', "
+        "'logging', 'tempfile', 'shutil', 'bz2', 'lzma') if m in sys.modules])"
+    )
+    assert python_output(code).strip() == "1 ['A=1'] []"
 
 
 def test_daemon_preload_skips_metadata_and_ldconfig() -> None:

@@ -39,20 +39,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
-import json
-import logging
 import os
 import re
 import stat
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import syscalls
 from ..errors import UserError
+from ..sha256 import sha256_hex
 from ..tree import (
     DIR_FLAGS,
     NotRegularFile,
@@ -65,7 +62,21 @@ from ..tree import (
 from . import reference, schema
 from .safetext import ImageError, printable
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import logging
+
+# Not imported here: hashlib (OpenSSL's libcrypto, ~4.5 MiB to read from a cold disk),
+# json, logging and tempfile (shutil, bz2, lzma, random). `pyunion run` imports this
+# module on its start-up path to read the image (`run._confinement_and_image`), which
+# uses none of them; what writes to the store imports them where it does.
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger(__name__)
+
+
 PRIVATE = 0o700
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -91,6 +102,10 @@ def check_digest(digest: object, what: str = "digest") -> str:
 
 def digest_of(data: bytes, algo: str = "sha256") -> str:
     """`ALGO:HEX` of some bytes, as descriptors name them."""
+    if algo == "sha256":  # CPython's own: no libcrypto on run's start-up (`sha256_hex`)
+        return f"{algo}:{sha256_hex(data)}"
+    import hashlib
+
     return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
 
 
@@ -164,6 +179,9 @@ def syncfs(fd: int) -> None:
 def write_json_atomic(path: str, data: Any, limit: int | None = None) -> None:
     """Write JSON beside `path` (0600) and rename it into place; with `limit`, a document
     longer than that many bytes is a UserError and nothing is written."""
+    import json
+    import tempfile
+
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"  # ASCII: len() is its size
     if limit is not None and len(text) > limit:
         raise UserError(
@@ -186,6 +204,8 @@ def write_json_atomic(path: str, data: Any, limit: int | None = None) -> None:
 
 def canonical_json(data: Any) -> bytes:
     """Stable bytes for a manifest or config we write, so equal content has one digest."""
+    import json
+
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -571,7 +591,7 @@ class Store:
                     img = self._load_image(d)
                 except UserError as err:
                     self._damaged[d] = str(err)
-                    log.warning(
+                    _log().warning(
                         "leaving out image %s: %s (pyunion rmi %s removes it)",
                         short_id(d),
                         printable(err),
@@ -738,7 +758,7 @@ class Store:
             if self._trash_unless_mounted(os.path.join(layers_root, name)):
                 deleted.append(diff_id)
             else:
-                log.warning(
+                _log().warning(
                     "layer %s is in use by a mount (a running container); it is kept until "
                     "a later rmi",
                     diff_id,
@@ -833,6 +853,6 @@ def _remove_quietly(path: str) -> None:
     try:
         rmtree(path)
     except OSError as e:
-        log.warning(
+        _log().warning(
             "could not remove %s (%s); a later command will retry", printable(path), e.strerror or e
         )
