@@ -149,6 +149,16 @@ def test_image_package_names_the_functions_whatever_was_imported_first() -> None
     assert out.strip() == "True"
 
 
+def _image_store(tmp_path: Path) -> Path:
+    """A store holding one image, `img`, of one empty layer (Env A=1)."""
+    lay = Layout(tmp_path / "oci")
+    layer = lay.put(b"\0" * 1024, LAYER_TAR)
+    lay.tag(lay.image([layer], [sha(b"\0" * 1024)], {"config": {"Env": ["A=1"]}}), "t")
+    store = tmp_path / "store"
+    import_image(str(tmp_path / "oci"), Store(str(store)), tag="img")
+    return store
+
+
 def test_reading_the_image_to_run_needs_no_openssl_json_logging_or_tempfile(
     tmp_path: Path,
 ) -> None:
@@ -156,11 +166,7 @@ def test_reading_the_image_to_run_needs_no_openssl_json_logging_or_tempfile(
     and the seccomp profile) imports none of hashlib (OpenSSL's libcrypto: ~4.5 MiB read
     from a cold disk on every start), json, logging or tempfile (shutil, bz2, lzma); the
     store checks a blob's SHA-256 with CPython's own."""
-    lay = Layout(tmp_path / "oci")
-    layer = lay.put(b"\0" * 1024, LAYER_TAR)
-    lay.tag(lay.image([layer], [sha(b"\0" * 1024)], {"config": {"Env": ["A=1"]}}), "t")
-    store = tmp_path / "store"
-    import_image(str(tmp_path / "oci"), Store(str(store)), tag="img")
+    store = _image_store(tmp_path)
     code = (
         "import sys; from unionfs import cli, confine, run\n"
         "args = cli.build_parser(modules=['unionfs.run']).parse_args(\n"
@@ -172,6 +178,63 @@ def test_reading_the_image_to_run_needs_no_openssl_json_logging_or_tempfile(
         "'logging', 'tempfile', 'shutil', 'bz2', 'lzma') if m in sys.modules])"
     )
     assert python_output(code).strip() == "1 ['A=1'] []"
+
+
+# What the program has imported when it forks the daemon-to-be (`cli._main`).
+_AT_THE_FORK = (
+    "import sys\n"
+    "import socket  # by prefork.Prefork, for its socket pair\n"
+    "from unionfs import cli, lazyimport, prefork, rlimits\n"
+    "lazyimport.defer()\n"
+    "before = set(sys.modules)\n"
+)
+# The modules imported since, whose files a cold start's prefetch did not name.
+_NOT_PREFETCHED = (
+    "from importlib.util import cache_from_source\n"
+    "from unionfs import prefetch\n"
+    "files = set(prefetch.start_files())\n"
+    "def named(m):  # or not loaded (lazyimport: a lazy module is of a subclass)\n"
+    "    if type(m) is not type(sys):\n"
+    "        return True\n"
+    "    origin = getattr(getattr(m, '__spec__', None), 'origin', None)\n"
+    "    if not isinstance(origin, str) or not origin.startswith('/'):\n"
+    "        return True\n"
+    "    if origin.endswith('.py'):\n"
+    "        return bool({cache_from_source(origin), cache_from_source(origin, optimization=2)}"
+    " & files)\n"
+    "    return origin in files\n"
+    "print(sorted(n for n in set(sys.modules) - before if not named(sys.modules[n])))\n"
+)
+
+
+def test_a_cold_start_prefetches_every_module_the_daemon_imports() -> None:
+    """`prefetch.start` names the files of what the daemon-to-be imports after its fork
+    (`prefork.Prefork`, `mount._preload`): each one left out is a round trip to a cold
+    disk on the start's longest path."""
+    code = (
+        _AT_THE_FORK
+        + "lazyimport.defer(lazyimport.DAEMON_ONLY)\n"
+        + "from unionfs import mount\n"
+        + "mount._preload()\n"
+        + _NOT_PREFETCHED
+    )
+    assert python_output(code).strip() == "[]"
+
+
+def test_a_cold_start_prefetches_every_module_run_imports(tmp_path: Path) -> None:
+    """... and of what `run` and its image-reading child import after that fork."""
+    store = _image_store(tmp_path)
+    code = (
+        _AT_THE_FORK
+        + "from unionfs import confine, run, sandbox\n"
+        + "args = cli.build_parser(modules=['unionfs.run']).parse_args(\n"
+        + f"    ['run', '--store', {str(store)!r}, 'img', '--', 'true'])\n"
+        + "opts = run.parse_run_args(args)\n"
+        + "confine.from_options([], [], False, [], 0)\n"
+        + "run.resolve_image(opts)\n"
+        + _NOT_PREFETCHED
+    )
+    assert python_output(code).strip() == "[]"
 
 
 def test_daemon_preload_skips_metadata_and_ldconfig() -> None:

@@ -63,6 +63,9 @@ class Prefork:
         if pid == 0:
             try:
                 ours.close()
+                from . import prefetch
+
+                prefetch.start()  # a cold start's reads, all queued at once
                 from .bytecode import strip_docstrings
                 from .lazyimport import DAEMON_ONLY, defer
 
