@@ -63,32 +63,37 @@ DAEMON_MODULES = (
     "urllib",
     "urllib.parse",
 )
-# What the caller of `run` and its image-reading child (`run._confinement_and_image`)
-# import once the daemon is forked, with their usual bytecode.
-CLIENT_PACKAGES = ("unionfs", "unionfs.image", "msgspec", "re", "ctypes")
-CLIENT_MODULES = (
-    "_ctypes",
+# What the caller of `run` or `mount` imports once the daemon is forked, with the usual
+# bytecode; then what only `run`'s image-reading child (`run._confinement_and_image`) does.
+CLIENT_PACKAGES = ("unionfs", "re", "ctypes")
+RUN_PACKAGES = ("unionfs.image", "msgspec")
+RUN_MODULES = (
     "_decimal",
-    "_typing",
     "_uuid",
+    "datetime",
+    "decimal",
+    "numbers",
+    "typing_extensions",
+    "uuid",
+)
+CLIENT_MODULES = (
+    "_compat_pickle",
+    "_ctypes",
+    "_typing",
     "_weakrefset",
     "argparse",
     "ast",
     "copy",
+    "copyreg",
     "dataclasses",
-    "datetime",
-    "decimal",
     "dis",
     "fnmatch",
     "gettext",
     "inspect",
     "linecache",
     "locale",
-    "numbers",
     "opcode",
     "pickle",
-    "_compat_pickle",
-    "copyreg",
     "platform",
     "struct",
     "termios",
@@ -97,8 +102,6 @@ CLIENT_MODULES = (
     "tokenize",
     "tty",
     "typing",
-    "typing_extensions",
-    "uuid",
     "weakref",
 )
 
@@ -165,8 +168,8 @@ def _package_files(name: str, stripped: bool) -> Iterator[str]:
             yield kinds[usual]
 
 
-def start_files() -> Iterator[str]:
-    """The files of the modules above, the daemon's first."""
+def start_files(run: bool = True) -> Iterator[str]:
+    """The files of the modules above, the daemon's first; `run`'s own if `run`."""
     for name in DAEMON_PACKAGES:
         yield from _package_files(name, stripped=True)
     for name in DAEMON_MODULES:  # the standard library's: no -OO bytecode (Debian's)
@@ -174,6 +177,10 @@ def start_files() -> Iterator[str]:
     for name in CLIENT_PACKAGES:
         yield from _package_files(name, stripped=False)
     for name in CLIENT_MODULES:
+        yield from _module_files(name, "")
+    for name in RUN_PACKAGES if run else ():
+        yield from _package_files(name, stripped=False)
+    for name in RUN_MODULES if run else ():
         yield from _module_files(name, "")
 
 
@@ -213,9 +220,9 @@ def advise(paths: Iterator[str]) -> int:
     return n
 
 
-def start() -> None:
-    """For a cold start: queue the reads of `start_files` (the daemon-to-be, before its
-    imports: in a thread it was no sooner, and a thread's fd could be one the daemon's
-    `_pin_nothing` closes)."""
+def start(run: bool) -> None:
+    """For a cold start of `run` (else `mount`): queue the reads of `start_files`. The
+    daemon-to-be calls it before its imports: in a thread beside them it was no sooner,
+    and a thread's fd could be one the daemon's `_pin_nothing` closes."""
     if not _warm():
-        advise(start_files())
+        advise(start_files(run))

@@ -52,7 +52,8 @@ class Prefork:
     caller gone: its socket ends) it exits, having touched nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run: bool = False) -> None:
+        """`run`: for `pyunion run` (what its start imports is prefetched: `prefetch.py`)."""
         import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -65,7 +66,7 @@ class Prefork:
                 ours.close()
                 from . import prefetch
 
-                prefetch.start()  # a cold start's reads, all queued at once
+                prefetch.start(run)  # a cold start's reads, all queued at once
                 from .bytecode import strip_docstrings
                 from .lazyimport import DAEMON_ONLY, defer
 
@@ -137,7 +138,7 @@ def start_early(command: str, args: Sequence[str]) -> None:
         return
     if any(_wants_no_early(a) for a in args):
         return
-    _early = Prefork()
+    _early = Prefork(run=command == "run")
 
 
 def take_early() -> Prefork | None:

@@ -660,7 +660,8 @@ class Runner:
 
             if forkserver.enabled():
                 return
-        self.prefork = take_early() or Prefork()  # forked by the program first thing, if it could
+        # Forked by the program first thing, if it could.
+        self.prefork = take_early() or Prefork(run=True)
         self.sup.daemon = self.prefork.pid
 
     def _prepare_and_run(self, confinement: confine.Confinement | None) -> int:
