@@ -188,11 +188,18 @@ _AT_THE_FORK = (
     "lazyimport.defer()\n"
     "before = set(sys.modules)\n"
 )
-# The modules imported since, whose files a cold start's prefetch did not name.
+
+
+def _not_prefetched(run: bool) -> str:
+    """Code printing the modules imported since, whose files the prefetch of a cold start
+    of `run` (else `mount`) did not name."""
+    return _NOT_PREFETCHED.replace("RUN", str(run))
+
+
 _NOT_PREFETCHED = (
     "from importlib.util import cache_from_source\n"
     "from unionfs import prefetch\n"
-    "files = set(prefetch.start_files())\n"
+    "files = set(prefetch.start_files(RUN))\n"
     "def named(m):  # or not loaded (lazyimport: a lazy module is of a subclass)\n"
     "    if type(m) is not type(sys):\n"
     "        return True\n"
@@ -209,14 +216,14 @@ _NOT_PREFETCHED = (
 
 def test_a_cold_start_prefetches_every_module_the_daemon_imports() -> None:
     """`prefetch.start` names the files of what the daemon-to-be imports after its fork
-    (`prefork.Prefork`, `mount._preload`): each one left out is a round trip to a cold
-    disk on the start's longest path."""
+    (`prefork.Prefork`, `mount._preload`), for `mount` too: each one left out is a round
+    trip to a cold disk on the start's longest path."""
     code = (
         _AT_THE_FORK
         + "lazyimport.defer(lazyimport.DAEMON_ONLY)\n"
         + "from unionfs import mount\n"
         + "mount._preload()\n"
-        + _NOT_PREFETCHED
+        + _not_prefetched(run=False)
     )
     assert python_output(code).strip() == "[]"
 
@@ -232,7 +239,7 @@ def test_a_cold_start_prefetches_every_module_run_imports(tmp_path: Path) -> Non
         + "opts = run.parse_run_args(args)\n"
         + "confine.from_options([], [], False, [], 0)\n"
         + "run.resolve_image(opts)\n"
-        + _NOT_PREFETCHED
+        + _not_prefetched(run=True)
     )
     assert python_output(code).strip() == "[]"
 
