@@ -183,7 +183,6 @@ def test_reading_the_image_to_run_needs_no_openssl_json_logging_or_tempfile(
 # What the program has imported when it forks the daemon-to-be (`cli._main`).
 _AT_THE_FORK = (
     "import sys\n"
-    "import socket  # by prefork.Prefork, for its socket pair\n"
     "from unionfs import cli, lazyimport, prefork, rlimits\n"
     "lazyimport.defer()\n"
     "before = set(sys.modules)\n"
@@ -270,6 +269,30 @@ def _processes_naming(marker: str) -> list[int]:
                 if marker.encode() in f.read():
                     found.append(int(entry))
     return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon is forked first thing for root only")
+def test_the_daemon_is_forked_before_socket_signal_or_enum_are_imported(tmp_path: Path) -> None:
+    """The daemon-to-be is forked on `_socket` alone: `socket` and `signal` (and their
+    enums) are imported after the fork, by each side that uses them (~3 ms sooner)."""
+    out = tmp_path / "at-fork"
+    code = (
+        "import os, sys\n"
+        "real = os.fork\n"
+        "def fork():\n"
+        f"    with open({str(out)!r}, 'a') as f:\n"
+        "        f.write(repr([m for m in ('enum', 'signal', 'socket') if m in sys.modules]))\n"
+        "    return real()\n"
+        "os.fork = fork\n"
+        f"sys.argv = ['pyunion', 'run', {str(tmp_path / 'missing')!r}, '--', 'true']\n"
+        "from unionfs import cli\n"
+        "cli.main()\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert r.returncode != 0 and r.stderr.startswith("pyunion: "), r.stderr
+    assert out.read_text().startswith("[]"), out.read_text()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon is forked first thing for root only")

@@ -16,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import signal
 from collections.abc import Sequence
 
 TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
 if TYPE_CHECKING:
-    import socket
+    import _socket
 
     from .options import MountConfig
 
@@ -54,9 +53,11 @@ class Prefork:
 
     def __init__(self, run: bool = False) -> None:
         """`run`: for `pyunion run` (what its start imports is prefetched: `prefetch.py`)."""
-        import socket
+        # `_socket`, not `socket` (and its enums, ~3 ms): the fork comes first, each side
+        # makes the pair's end a `socket.socket` when it has imported that anyway.
+        import _socket
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         # What both processes hold stays shared: the caller's later collections never
         # write to (so never copy) the pages of the objects it has now (`share_with_fork`).
         share_with_fork()
@@ -72,23 +73,27 @@ class Prefork:
 
                 defer(DAEMON_ONLY)
                 strip_docstrings()
+                import socket
+
                 from .mount import prefork_main  # the child's imports: forked first for them
 
-                prefork_main(theirs)
+                prefork_main(socket.socket(fileno=theirs.detach()))
             finally:
                 os._exit(1)  # a forked child never returns into the caller (a failed import)
         theirs.close()
         self.pid = pid
-        self.sock: socket.socket | None = ours
+        self.sock: _socket.socket | None = ours
 
     def hand_over(self, cfg: MountConfig, ready_w: int, state_fd: int | None, mp_fd: int) -> int:
         """Send the daemon its mount (it reports on `ready_w` as any daemon); its pid.
 
         `mp_fd` is /dev/fuse for a detached mount (`cfg.detached`, no `state_fd`)."""
-        sock, self.sock = self.sock, None
-        assert sock is not None, "a preforked daemon serves one mount"
+        raw, self.sock = self.sock, None
+        assert raw is not None, "a preforked daemon serves one mount"
         import pickle
         import socket
+
+        sock = socket.socket(fileno=raw.detach())
 
         fds = [ready_w, mp_fd] + ([state_fd] if state_fd is not None else [])
         with sock, contextlib.suppress(OSError):  # it died: `mount` reads no OK, reaps it
@@ -101,6 +106,8 @@ class Prefork:
             return
         self.sock.close()
         self.sock = None
+        import signal
+
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
