@@ -15,9 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import syscalls
 from .errors import FsError, UserError
-from .procfs import mount_id
 from .tree import DIR_FLAGS, UntrustedSymlink, open_trusted
 
 
@@ -96,70 +94,8 @@ def _open_layer(path: str, index: int, what: str) -> Layer:
     fd = open_layer_dir(path, what)
     st = os.fstat(fd)
     if index > 0:
-        fd = reopen_privately([fd])[0]
         hold_lower(fd)
     return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino)
-
-
-_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def reopen_privately(fds: list[int]) -> list[int]:
-    """The directories open at `fds`, opened again through one private clone of their
-    mount, the old fds closed; `fds` itself where that cannot be done.
-
-    The kernel's overlay holds its layers through private clones of their mounts
-    (`clone_private_mount`), so the mounts a user sees never stay busy: she can
-    unmount a layer's filesystem while the overlay is mounted (its superblock lives
-    on until the overlay goes), and right after unmounting the overlay. A daemon
-    that held the layers through her mounts made that `umount` fail with EBUSY, for
-    as long as it was mounted and for the few ms it takes to let go after a plain
-    `umount` (unionmount-testsuite's teardown hit it). The clone is made at the
-    directories' common ancestor, without the mounts below it (as the kernel's), so
-    the upper and the work dir share one mount and a rename between them stays
-    within it. Each directory reached through the clone must be the very one open
-    (device and inode) or nothing changes, and so where the clone is refused: no
-    CAP_SYS_ADMIN over the mount namespace (a user's mount through fusermount3),
-    a kernel before 5.2, directories on two mounts or below a mount of their own.
-    """
-    try:
-        paths = [os.readlink(f"/proc/self/fd/{fd}") for fd in fds]
-        mnt = {mount_id(fd) for fd in fds}
-        if len(mnt) != 1 or -1 in mnt or not all(p.startswith("/") for p in paths):
-            return fds
-        base = os.path.commonpath(paths)
-        bfd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if {mount_id(bfd)} != mnt:
-                return fds
-            tree = syscalls.open_tree_clone(bfd, recursive=False)
-        finally:
-            os.close(bfd)
-    except OSError:
-        return fds
-    out: list[int] = []
-    try:
-        for fd, path in zip(fds, paths, strict=True):
-            # Down to it by O_PATH, which needs no read permission on the way (as the
-            # path first opened), then opened as the old fd was.
-            out.append(os.open(".", _WALK, dir_fd=tree))
-            rel = os.path.relpath(path, base)
-            for name in ([] if rel == "." else rel.split("/")) + ["."]:
-                new = os.open(name, _WALK if name != "." else DIR_FLAGS, dir_fd=out[-1])
-                os.close(out[-1])
-                out[-1] = new
-            a, b = os.fstat(fd), os.fstat(new)
-            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-                raise OSError(errno.ESTALE, "moved while it was opened again")
-    except OSError:
-        for new in out:
-            os.close(new)
-        return fds
-    finally:
-        os.close(tree)
-    for fd in fds:
-        os.close(fd)
-    return out
 
 
 def hold_lower(fd: int) -> None:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from . import syscalls
 from .errors import UserError
-from .layers import LayerStack, open_layer_dir, reopen_privately
+from .layers import LayerStack, open_layer_dir
 from .options import MountConfig
 from .prefork import Prefork, forkserver_wanted
-from .procfs import fuse_device, mount_id, unescape_mountinfo
+from .procfs import fuse_device, unescape_mountinfo
 from .procfs import is_mountpoint as is_mountpoint  # re-exported: the light helpers moved
 from .procfs import mounts as mounts
 from .procfs import process_alive as process_alive
@@ -303,7 +303,12 @@ def _place(
     try:
         st = os.fstat(fd)
         real = os.readlink(fd_str(fd))
-        mnt_id = mount_id(fd)
+        mnt_id = -1
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "mnt_id":
+                    mnt_id = int(value)
     except (OSError, ValueError) as e:
         raise UserError(f"{what}: cannot tell where it is ({e})") from e
     finally:
@@ -443,17 +448,15 @@ def choose_workdir(upper: str, work: str | None) -> str:
     return work
 
 
-def prepare_workdir(work: str, lock_fd: int | None = None) -> tuple[int, int]:
-    """Lock the work dir for this mount (open at `lock_fd`, which this takes, or opened
-    here), make WORK/work afresh, return (lock fd, WORK/work fd).
+def prepare_workdir(work: str) -> tuple[int, int]:
+    """Lock the work dir for this mount, make WORK/work afresh, return (lock fd, WORK/work fd).
 
     WORK/work is removed and made again, the daemon's own and 0700, as the kernel
     does: the daemon makes objects there by name and works on them before they
     move into the upper, so a WORK/work that someone else made (the owner of
     WORK, who may not be the mounter) would let her swap them for symlinks.
     """
-    if lock_fd is None:
-        lock_fd = open_layer_dir(work, "work directory")
+    lock_fd = open_layer_dir(work, "work directory")
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -829,15 +832,8 @@ def serve(
     try:
         if stack.upper is not None:
             assert cfg.work is not None and cfg.upper is not None
-            # One private clone holds the upper and the work dir (`reopen_privately`).
-            held = open_layer_dir(cfg.work, "work directory")
-            stack.upper.fd, held = reopen_privately([stack.upper.fd, held])
-            try:
-                _lock_upper(stack.upper.fd, cfg.upper)
-            except BaseException:
-                os.close(held)
-                raise
-            lock_fd, work_fd = prepare_workdir(cfg.work, held)
+            _lock_upper(stack.upper.fd, cfg.upper)
+            lock_fd, work_fd = prepare_workdir(cfg.work)
     except UserError as e:
         stack.close()
         close_mount_point()
@@ -1239,7 +1235,10 @@ def _umount_pyunion(mountpoint: str, flags: int) -> None:
 
 def _is_pyunion_root(fd: int) -> bool:
     """Whether `fd` is the root of a pyunion (fuse.pyunion) mount."""
-    mnt_id = mount_id(fd)
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        mnt_id = next(
+            (int(v) for k, _, v in (line.partition(":") for line in f) if k == "mnt_id"), -1
+        )
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")

@@ -36,17 +36,6 @@ def fuse_device() -> tuple[int, int] | None:
     return None
 
 
-def mount_id(fd: int) -> int:
-    """The id of the mount `fd` is on (its fdinfo's `mnt_id`; mountinfo's first field),
-    -1 where the kernel does not say (before 3.15)."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == "mnt_id":
-                return int(value)
-    return -1
-
-
 def unescape_mountinfo(s: str) -> str:
     return (
         s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
