@@ -6,7 +6,7 @@ unless told otherwise; `pyunion run` does the same wherever the pids controller 
 (cgroup v2, or v1's own `pids` hierarchy as on hybrid hosts), under a `pyunion`
 group at the hierarchy's root (podman's cgroupfs manager: `libpod_parent`).
 
-Lean on purpose (os, errno, time): the supervisor, which removes the group at the
+Lean on purpose (os, errno, time, procfs): the supervisor, which removes the group at the
 end, imports nothing it can do without (`supervise`).
 """
 
@@ -16,25 +16,10 @@ import errno
 import os
 import time
 
+from .procfs import mounts
+
 DEFAULT_PIDS_LIMIT = 2048  # podman's (containers.conf `pids_limit`)
 PARENT = "pyunion"
-MOUNTINFO = "/proc/self/mountinfo"
-
-
-def _unescape(field: bytes) -> bytes:
-    """A mountinfo path: space, tab, newline and backslash come as octal escapes."""
-    if b"\\" not in field:
-        return field
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        if field[i : i + 1] == b"\\" and field[i + 1 : i + 4].isdigit():
-            out.append(int(field[i + 1 : i + 4], 8) & 0xFF)
-            i += 4
-        else:
-            out += field[i : i + 1]
-            i += 1
-    return bytes(out)
 
 
 def _read(path: str) -> bytes:
@@ -59,21 +44,11 @@ def _write(path: str, data: bytes) -> None:
 def pids_hierarchy() -> tuple[str, bool] | None:
     """(mount point, is v2) of the hierarchy that has the pids controller, if any: a
     cgroup v1 mount with `pids` among its options, else cgroup2 listing it."""
-    try:
-        with open(MOUNTINFO, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
     unified = None
-    for line in lines:
-        left, sep, right = line.partition(b" - ")
-        fields, rest = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(rest) < 3:
-            continue
-        point = os.fsdecode(_unescape(fields[4]))
-        if rest[0] == b"cgroup" and b"pids" in rest[2].split(b","):
+    for point, fstype, options in mounts():
+        if fstype == "cgroup" and "pids" in options.split(","):
             return point, False
-        if rest[0] == b"cgroup2" and unified is None:
+        if fstype == "cgroup2" and unified is None:
             unified = point
     if unified is not None and b"pids" in _read(unified + "/cgroup.controllers").split():
         return unified, True
@@ -97,7 +72,7 @@ def create(path: str, limit: int) -> None:
     """Make the group at `path` (from `path_for`) with `pids.max` = `limit`."""
     parent = os.path.dirname(path)
     hierarchy = os.path.dirname(parent)
-    v2 = os.path.exists(os.path.join(hierarchy, "cgroup.controllers"))
+    v2 = os.path.exists(os.path.join(hierarchy, "cgroup.controllers"))  # v1 has none
     os.makedirs(parent, 0o755, exist_ok=True)  # not contextlib: the supervisor is lean
     if v2:
         _delegate_pids(hierarchy)
