@@ -30,9 +30,9 @@ from typing import Any
 
 import pytest
 from support import host_listeners, needs_busybox, needs_fuse, run_child
-from test_run import Env, _read_until
+from test_run import Env, _read_until, needs_pids
 
-from unionfs import seccomp
+from unionfs import cgroups, seccomp
 
 pytestmark = [needs_fuse, needs_busybox, pytest.mark.timeout(120)]
 
@@ -1387,3 +1387,21 @@ def test_network_ns_path(env: Env) -> None:
     r = env.sh("true", "--network", "ns:/etc/passwd")
     assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
     assert "not a network namespace" in r.stderr
+
+
+@needs_pids
+def test_container_cannot_lift_its_pids_limit(env: Env) -> None:
+    """seccomp=unconfined lifts the filter, not the pids limit. Without the filter the
+    container's root makes a user and a cgroup namespace, mounts the pids hierarchy
+    there, whose root is then its own group, and writes "max" to that group's
+    pids.max (the host's root owns it, and is the container's: cgroup v1 has no
+    nsdelegate). The limit is on the group above, which it cannot name. The groups
+    it made below its own go with it (the leftover check)."""
+    found = cgroups.pids_hierarchy()
+    assert found is not None
+    fork = "i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done; echo survived"
+    opts = ("--pids-limit", "12", "--security-opt", "seccomp=unconfined")
+    r = env.sh(f"hostile unlimit {'V2' if found[1] else 'V1'}; {fork}", *opts)
+    assert "unlimited" in r.stdout or "write errno" in r.stdout, r.stdout  # it got that far
+    assert "survived" not in r.stdout, (r.stdout, r.stderr)
+    assert "fork" in r.stderr, r.stderr

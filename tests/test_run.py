@@ -671,10 +671,13 @@ def _print_cgroup_then_sleep() -> tuple[str, ...]:
 
 
 def _cgroup_of(line: str) -> Path:
-    """The host path of the container's cgroup, from its /proc/self/cgroup line."""
+    """The host path of the container's cgroup, the one with its limit, from its
+    /proc/self/cgroup line (its processes are in a group below: `cgroups.INNER`)."""
     found = cgroups.pids_hierarchy()
     assert found is not None
-    return Path(found[0]) / line.strip().split(":", 2)[2].lstrip("/")
+    inner = Path(found[0]) / line.strip().split(":", 2)[2].lstrip("/")
+    assert inner.name == cgroups.INNER, inner
+    return inner.parent
 
 
 @needs_pids

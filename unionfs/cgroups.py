@@ -20,6 +20,7 @@ from .procfs import mounts
 
 DEFAULT_PIDS_LIMIT = 2048  # podman's (containers.conf `pids_limit`)
 PARENT = "pyunion"
+INNER = "container"  # the group the processes are in, below the limit's (see above)
 
 
 def _read(path: str) -> bytes:
@@ -69,7 +70,8 @@ def path_for(name: str) -> str | None:
 
 
 def create(path: str, limit: int) -> None:
-    """Make the group at `path` (from `path_for`) with `pids.max` = `limit`."""
+    """Make the group at `path` (from `path_for`) with `pids.max` = `limit`, and the
+    group the processes go in below it (`INNER`)."""
     parent = os.path.dirname(path)
     hierarchy = os.path.dirname(parent)
     v2 = os.path.exists(os.path.join(hierarchy, "cgroup.controllers"))  # v1 has none
@@ -80,6 +82,7 @@ def create(path: str, limit: int) -> None:
     os.mkdir(path, 0o755)
     try:
         _write(os.path.join(path, "pids.max"), str(limit).encode())
+        os.mkdir(os.path.join(path, INNER), 0o755)
     except OSError:
         remove(path)
         raise
@@ -88,13 +91,35 @@ def create(path: str, limit: int) -> None:
 def add(path: str, pid: int) -> None:
     """Move process `pid` (of our pid namespace) into the group, before it has forked:
     its children are born there."""
-    _write(os.path.join(path, "cgroup.procs"), str(pid).encode())
+    _write(os.path.join(path, INNER, "cgroup.procs"), str(pid).encode())
 
 
 def remove(path: str, timeout: float = 5.0) -> None:
     """Remove the group once its processes are gone (an exiting one may keep it busy
-    for a moment after its parent has reaped it)."""
+    for a moment after its parent has reaped it), and every group below it, deepest
+    first: `INNER`, and those a container that mounted its view made (see above)."""
     deadline = time.monotonic() + timeout
+    for group in reversed(_groups(path)):
+        _rmdir(group, deadline)
+
+
+def _groups(path: str) -> list[str]:
+    """`path` and the groups below it, each before those below it (no recursion: a
+    container may nest its groups deeper than Python recurses)."""
+    found: list[str] = []
+    todo = [path]
+    while todo:
+        group = todo.pop()
+        found.append(group)
+        try:
+            with os.scandir(group) as entries:
+                todo += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def _rmdir(path: str, deadline: float) -> None:
     while True:
         try:
             os.rmdir(path)

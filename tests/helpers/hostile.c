@@ -22,6 +22,12 @@
  *   hostile connect @NAME|PORT             connect to the abstract Unix socket NAME or to TCP
  *                                          PORT on 127.0.0.1 and send "hostile": print
  *                                          "connected" or "errno N"
+ *   hostile unlimit V1|V2                  in a user and cgroup namespace of its own, mount
+ *                                          the pids hierarchy (cgroup v1's "pids", or
+ *                                          cgroup2) and write "max" to the pids.max of its
+ *                                          root, the container's own group, and make
+ *                                          groups below it: print "unlimited" or
+ *                                          "STEP errno N"
  *   suid-status                            the same (a setuid-root copy of this program)
  */
 #define _GNU_SOURCE
@@ -309,6 +315,49 @@ static int connect_to(const char *where) {
     return 0;
 }
 
+static int write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    int ok = fd >= 0 && write(fd, text, strlen(text)) == (ssize_t)strlen(text);
+    int saved = errno;
+    if (fd >= 0) close(fd);
+    errno = saved;
+    return ok ? 0 : -1;
+}
+
+static int unlimit(const char *version) {
+    char map[64];
+    uid_t uid = getuid();
+    gid_t gid = getgid();
+    const char *dir = "/tmp/pyunion-cg";
+    if (unshare(CLONE_NEWUSER) < 0) {
+        printf("userns errno %d\n", errno);
+        return 0;
+    }
+    write_file("/proc/self/setgroups", "deny");
+    snprintf(map, sizeof map, "0 %u 1", (unsigned)uid);
+    if (write_file("/proc/self/uid_map", map) < 0) printf("uid_map errno %d\n", errno);
+    snprintf(map, sizeof map, "0 %u 1", (unsigned)gid);
+    if (write_file("/proc/self/gid_map", map) < 0) printf("gid_map errno %d\n", errno);
+    if (unshare(CLONE_NEWCGROUP | CLONE_NEWNS) < 0) {
+        printf("cgroupns errno %d\n", errno);
+        return 0;
+    }
+    mkdir(dir, 0755);
+    int v2 = !strcmp(version, "V2");
+    if (mount("none", dir, v2 ? "cgroup2" : "cgroup", 0, v2 ? NULL : "pids") < 0) {
+        printf("mount errno %d\n", errno);
+        return 0;
+    }
+    mkdir("/tmp/pyunion-cg/sub", 0755); /* left for pyunion to remove */
+    mkdir("/tmp/pyunion-cg/sub/sub", 0755);
+    if (write_file("/tmp/pyunion-cg/pids.max", "max") < 0) {
+        printf("write errno %d\n", errno);
+        return 0;
+    }
+    printf("unlimited\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *base = strrchr(argv[0], '/');
     if (!strcmp(base ? base + 1 : argv[0], "suid-status")) return status();
@@ -324,6 +373,7 @@ int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "chroot-escape")) return chroot_escape(argv[2]);
     if (argc == 3 && !strcmp(argv[1], "shm")) return shm(argv[2]);
     if (argc == 3 && !strcmp(argv[1], "connect")) return connect_to(argv[2]);
+    if (argc == 3 && !strcmp(argv[1], "unlimit")) return unlimit(argv[2]);
     fprintf(stderr,
             "usage: hostile gethandle|openhandle|syscalls|status|tiocsti|memgrep|sessionkey ...\n");
     return 2;
