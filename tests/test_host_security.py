@@ -35,6 +35,7 @@ from support import (
     pyunion,
     run_child,
     throwaway_user,
+    wait_until,
 )
 
 from unionfs.syscalls import RENAME_WHITEOUT, renameat2
@@ -891,6 +892,82 @@ while time.monotonic() < end:
     time.sleep(0.0005)
 print(n)
 """
+
+
+def test_a_user_owning_roots_run_upper_gets_no_set_user_id_program_of_roots(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """Root runs a container with `--upper` in a user's directory. The container makes
+    /tool, then `chown 0:0 /tool; chmod 4755 /tool` (an install step); meanwhile she
+    renames her own program onto `tool` in the upper. The daemon, asked by name, made
+    her file root's and set-user-ID: a root shell for her on the host, no race to win.
+    Now an upper another user can change (or under a directory she can change) is one
+    line before anything runs; a directory only root can change still works."""
+    from unionfs.sample import build_sample
+
+    t = open_tree
+    home, sync, rootup = t / "home", t / "sync", t / "rootup"
+    for d in (home, sync):
+        d.mkdir()
+    os.chown(home, *user)
+    up, evil = home / "up", home / "evil"
+    _as(user, "mkdir", str(up))
+    _as(user, "sh", "-c", f"echo hers > {evil}; chmod 755 {evil}")
+    image = build_sample(tmp_path / "img")
+    script = (
+        "echo root > /tool; while [ ! -e /sync/go ]; do sleep 0.05; done; "
+        "chown 0:0 /tool; chmod 4755 /tool"
+    )
+
+    def run(upper: Path) -> subprocess.Popen[str]:
+        argv = [*PYUNION, "run", "--upper", str(upper), "-v", f"{sync}:/sync", *image]
+        return subprocess.Popen(
+            [*argv, "--", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, TMPDIR=str(tmp_path)),
+        )
+
+    p = run(up)
+    try:
+        wait_until(lambda: (up / "tool").exists() or p.poll() is not None, 30, "/tool")
+        if (up / "tool").exists():
+            _as(user, "mv", str(evil), str(up / "tool"))
+        (sync / "go").touch()
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.communicate(timeout=30)
+    if (up / "tool").exists():
+        st = (up / "tool").lstat()
+        hers = (up / "tool").read_text() == "hers\n"
+        assert not (hers and st.st_uid == 0 and st.st_mode & stat.S_ISUID), "her setuid root"
+    assert p.returncode == 125 and "another user could" in err, err
+    assert len(err.strip().splitlines()) == 1 and os.listdir(up) == [], err
+    # Root's own upper inside her directory: she could swap it for hers.
+    (home / "rootup").mkdir()
+    r = subprocess.run(
+        [*PYUNION, "run", "--upper", str(home / "rootup"), *image, "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ, TMPDIR=str(tmp_path)),
+    )
+    assert r.returncode == 125 and f"owned by uid {user[0]}" in r.stderr, r.stderr
+    (sync / "go").unlink()
+    p = run(rootup)  # made (under /tmp, sticky): only root can change it
+    try:
+        wait_until(lambda: (rootup / "tool").exists() or p.poll() is not None, 30, "/tool")
+        (sync / "go").touch()
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert stat.S_IMODE((rootup / "tool").stat().st_mode) == 0o4755
 
 
 def test_roots_temporary_tree_is_not_kept_where_a_user_can_move_it(

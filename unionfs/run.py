@@ -564,6 +564,36 @@ def _host_etc_copies(etc_dir: str, name_inside: str, network: str) -> dict[str, 
     return out
 
 
+def _private_upper(upper: str) -> str:
+    """`--upper`, made if missing, as resolved: a directory that no other user can change,
+    nor any on the way (`tree.open_private_dir`), and no symlink of hers followed.
+
+    The container's root sets owners and modes there by name. Where another user can
+    write, she renames her own program onto the name of a file the container has just
+    made, between its `chown root` and its `chmod u+s` or after them: the daemon then
+    changed her file, a set-user-ID program of root's she runs on the host (kernel
+    overlayfs does the same once its dentry is gone). A parent she can change lets her
+    swap the whole upper for hers. Checked before anything is made there: the deepest
+    directory that exists first."""
+    from .tree import SharedDirectory
+
+    path = os.path.abspath(upper)
+    try:
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        private_dir(existing)
+        os.close(open_trusted(path, mkdir=0o755))  # never through a symlink of hers
+        return private_dir(path)
+    except SharedDirectory as e:
+        raise _fail(
+            f"--upper {upper!r} {e.strerror}: another user could put her files where the "
+            "container's root sets owners and modes; use a directory no other user can change"
+        ) from None
+    except OSError as e:
+        raise _fail(f"cannot create the upper directory {upper!r}: {e.strerror}") from None
+
+
 # -- the run itself -----------------------------------------------------------------------
 class _Interrupted(Exception):
     def __init__(self, signo: int) -> None:
@@ -710,13 +740,7 @@ class Runner:
         os.mkdir(self.sup.merged)
         work = None
         if opts.upper:
-            try:  # no symlink of another user's on the way (`tree.open_trusted`)
-                os.close(open_trusted(os.path.abspath(opts.upper), mkdir=0o755))
-            except OSError as e:
-                raise _fail(
-                    f"cannot create the upper directory {opts.upper!r}: {e.strerror}"
-                ) from None
-            self.sup.upper = os.path.abspath(opts.upper)
+            self.sup.upper = _private_upper(opts.upper)
         else:  # with --read-only too: it holds the mount points the image lacks
             self.sup.upper = os.path.join(self.sup.tmp, "upper")
             work = os.path.join(self.sup.tmp, "work")
