@@ -970,6 +970,45 @@ def test_a_user_owning_roots_run_upper_gets_no_set_user_id_program_of_roots(
     assert stat.S_IMODE((rootup / "tool").stat().st_mode) == 0o4755
 
 
+def test_roots_cert_dir_is_not_one_a_user_can_change(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """`pull --cert-dir DIR` says whom root trusts for a registry. In a user's directory
+    she chose it: her CA (her registry in the real one's place), her FIFO named ca.crt
+    (root's pull hung in open(2) for good), or, under a directory of hers, root's own
+    directory renamed away and hers put in its place; a file of hers in root's directory
+    she can rewrite. Now each is one line before any connection; a FIFO of root's is
+    refused too (not a regular file)."""
+    t = open_tree
+    home, rootdir = t / "home", t / "rootcerts"
+    for d in (home, rootdir):
+        d.mkdir()
+    os.chown(home, *user)
+    _as(user, "mkdir", str(home / "certs"))
+    _as(user, "mkfifo", str(home / "certs" / "ca.crt"))
+    (home / "rootcerts").mkdir()
+    (rootdir / "ca.crt").write_text("hers\n")
+    os.chown(rootdir / "ca.crt", *user)
+    (t / "fifo").mkdir()
+    os.mkfifo(t / "fifo" / "ca.crt")
+    for d, why in (
+        (home / "certs", f"crosses {home}, owned by uid {user[0]}"),
+        (home / "rootcerts", f"crosses {home}, owned by uid {user[0]}"),
+        (rootdir, f"ca.crt is owned by uid {user[0]}"),
+        (t / "fifo", "not a regular file"),
+    ):
+        store = str(tmp_path / "store")
+        r = subprocess.run(
+            [*PYUNION, "pull", "--cert-dir", str(d), "--store", store, "127.0.0.1:1/x:latest"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert r.returncode != 0 and why in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_roots_temporary_tree_is_not_kept_where_a_user_can_move_it(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:

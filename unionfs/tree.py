@@ -567,6 +567,34 @@ def _users_own_group(st: os.stat_result) -> bool:
     return all(p.pw_gid != gid or p.pw_uid == uid for p in pwd.getpwall())
 
 
+def _others_can_change(st: os.stat_result, trusted: set[int]) -> str | None:
+    """Why a user other than root and the caller can change the object `st` (its owner,
+    its write bits), or None: not when only a sticky directory's (/tmp: she cannot move
+    another's entry) or her user-private group's (`_users_own_group`) allow it."""
+    if st.st_uid not in trusted:
+        return f"owned by uid {st.st_uid}"
+    shared = st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX)
+    if shared and not st.st_mode & 0o002 and _users_own_group(st):
+        shared = False  # her group is she alone (umask 002): no one else writes
+    return "which others can write" if shared else None
+
+
+def open_private_file(dirfd: int, name: Name) -> int:
+    """NAME in `dirfd` (from `open_private_dir`) opened for reading: a regular file
+    (`open_regular`: no FIFO to hang on, no symlink of another user's) that no other user
+    can change, as what root trusts (a CA, a client key) must be. Raises `SharedDirectory`
+    (EACCES) for one she owns or can write."""
+    fd = open_regular(dirfd, name, resolve="trusted")
+    try:
+        why = _others_can_change(os.fstat(fd), trusted_uids())
+        if why is not None:
+            raise SharedDirectory(errno.EACCES, f"is {why}", name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_private_dir(path: Name) -> int:
     """`open_trusted(path)`, and only if no other user can change what PATH names.
 
@@ -593,16 +621,9 @@ def open_private_dir(path: Name) -> int:
                     os.close(dfd)
                     dfd = nfd
                     where += "/" + comp
-                st = os.fstat(dfd)
-                shared = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
-                if shared and not st.st_mode & 0o002 and _users_own_group(st):
-                    shared = False  # her group is she alone (umask 002): no one else writes
-                if st.st_uid not in trusted:
-                    why = f"crosses {where or '/'}, owned by uid {st.st_uid}"
-                    raise SharedDirectory(errno.EACCES, why, path)
-                if shared:
-                    why = f"crosses {where or '/'}, which others can write"
-                    raise SharedDirectory(errno.EACCES, why, path)
+                why = _others_can_change(os.fstat(dfd), trusted)
+                if why is not None:
+                    raise SharedDirectory(errno.EACCES, f"crosses {where or '/'}, {why}", path)
             if _ident(os.fstat(dfd)) != _ident(os.fstat(fd)):
                 raise OSError(errno.ESTALE, "moved while it was checked", path)
         finally:

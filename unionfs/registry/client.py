@@ -36,7 +36,6 @@ zstd made 2 GiB before any bound was checked).
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import os
 import ssl
@@ -109,20 +108,52 @@ def ssl_context(host: str, opts: Options) -> ssl.SSLContext:
             if opts.cert_dir:
                 raise UserError(f"--cert-dir {d}: not a directory")
             continue
-        try:
-            for ca in sorted(glob.glob(os.path.join(d, "*.crt"))):
-                ctx.load_verify_locations(ca)
-            for cert in sorted(glob.glob(os.path.join(d, "*.cert"))):
-                key = cert[: -len(".cert")] + ".key"
-                if not os.path.exists(key):
-                    raise UserError(f"client certificate {cert} has no key {key}")
-                ctx.load_cert_chain(cert, key)
-        except (ssl.SSLError, OSError) as e:
-            raise UserError(f"cannot load the certificates in {d}: {e}") from None
+        _load_cert_dir(ctx, d)
     if not opts.tls_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def _load_cert_dir(ctx: ssl.SSLContext, d: str) -> None:
+    """Load a certs.d directory's CAs and client certificates into `ctx`.
+
+    What is there says whom pyunion trusts (and root pulls as): the directory, those on
+    the way and each file must be ones no other user can change (`tree.open_private_dir`,
+    `tree.open_private_file`), as the store's. In a user's directory, or hers to write,
+    she put her CA there (and so her registry in the real one's place), swapped root's
+    directory for hers, or put a FIFO there that hung the pull for good."""
+    from ..tree import SharedDirectory, open_private_dir, open_private_file
+
+    fds: list[int] = []
+
+    def checked(dfd: int, name: str) -> str:
+        fds.append(open_private_file(dfd, name))
+        return f"/proc/self/fd/{fds[-1]}"  # the file checked, not a name she may swap
+
+    try:
+        dfd = open_private_dir(d)
+        fds.append(dfd)
+        names = sorted(os.listdir(f"/proc/self/fd/{dfd}"))  # an O_PATH fd lists nothing
+        for ca in [n for n in names if n.endswith(".crt")]:
+            ctx.load_verify_locations(checked(dfd, ca))
+        for cert in [n for n in names if n.endswith(".cert")]:
+            key = cert[: -len(".cert")] + ".key"
+            if key not in names:
+                raise UserError(f"client certificate {d}/{cert} has no key {d}/{key}")
+            ctx.load_cert_chain(checked(dfd, cert), checked(dfd, key))
+    except SharedDirectory as e:
+        name = os.fsdecode(e.filename)
+        where = name if name == d else os.path.join(d, name)
+        raise UserError(
+            f"certificates {where} {e.strerror}: another user could choose whom pyunion "
+            "trusts; keep them where no other user can change them"
+        ) from None
+    except (ssl.SSLError, OSError) as e:
+        raise UserError(f"cannot load the certificates in {d}: {e}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _tls_error(exc: BaseException) -> ssl.SSLError | None:
