@@ -1009,6 +1009,95 @@ def test_roots_cert_dir_is_not_one_a_user_can_change(
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+# A FUSE filesystem mounted as if by user UID (libfuse writes user_id=getuid(): her
+# mount, which root reaches where /etc/fuse.conf has user_allow_other), whose daemon says
+# that root owns its one symlink `link` (to TARGET) and its root directory.
+_HER_FUSE = """
+import os, stat, sys
+import pyfuse3, trio
+
+mnt, uid, target = sys.argv[1], int(sys.argv[2]), os.fsencode(sys.argv[3])
+LINK = pyfuse3.ROOT_INODE + 1
+
+
+class Ops(pyfuse3.Operations):
+    def _attr(self, inode):
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        if inode == LINK:
+            a.st_mode, a.st_size = stat.S_IFLNK | 0o777, len(target)
+        else:
+            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
+        a.st_uid = a.st_gid = 0
+        return a
+
+    async def getattr(self, inode, ctx=None):
+        if inode not in (pyfuse3.ROOT_INODE, LINK):
+            raise pyfuse3.FUSEError(2)
+        return self._attr(inode)
+
+    async def lookup(self, parent, name, ctx=None):
+        if parent == pyfuse3.ROOT_INODE and name == b"link":
+            return self._attr(LINK)
+        raise pyfuse3.FUSEError(2)
+
+    async def readlink(self, inode, ctx):
+        return target
+
+
+os.setresuid(uid, 0, 0)  # mount(2) as root; her uid is the mount's user_id
+pyfuse3.init(Ops(), mnt, ["fsname=hers", "allow_other"])
+os.setresuid(uid, uid, uid)
+print("mounted", flush=True)
+try:
+    trio.run(pyfuse3.main)
+finally:
+    pyfuse3.close(unmount=False)
+"""
+
+
+def test_a_users_fuse_mount_cannot_pass_her_symlink_off_as_roots(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """A user's FUSE mount (reachable by root with user_allow_other) says what it likes
+    about owners: her `link` to a root-only file, said to be root's, was followed as
+    root's own, and root's `run --env-file` put that file into the container. What a FUSE
+    mount of another user holds is now hers, whatever it says: one line."""
+    from unionfs.sample import build_sample
+
+    t = open_tree
+    secret, mnt = t / "secret", t / "mnt"
+    for d in (secret, mnt):
+        d.mkdir()
+    secret.chmod(0o700)
+    (secret / "env").write_text("SECRET=root-only\n")
+    image = build_sample(tmp_path / "img")
+    server = subprocess.Popen(
+        [sys.executable, "-c", _HER_FUSE, str(mnt), str(user[0]), str(secret / "env")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "mounted\n"
+        assert os.lstat(mnt / "link").st_uid == 0  # what she says
+        argv = [*PYUNION, "run", "--env-file", str(mnt / "link"), *image]
+        r = subprocess.run(
+            [*argv, "--", "sh", "-c", "echo $SECRET"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=dict(os.environ, TMPDIR=str(tmp_path)),
+        )
+    finally:
+        force_unmount(mnt)
+        server.kill()
+        server.communicate(timeout=30)
+    assert "root-only" not in r.stdout
+    assert r.returncode == 125 and f"uid {user[0]} (whose FUSE mount" in r.stderr, r.stderr
+
+
 def test_roots_temporary_tree_is_not_kept_where_a_user_can_move_it(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:

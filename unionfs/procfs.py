@@ -64,6 +64,28 @@ def mounts() -> list[tuple[str, str, str]]:
     return out
 
 
+def fuse_mounter(dev: int) -> int | None:
+    """The user a FUSE filesystem of device `dev` was mounted by (its `user_id`, as the
+    kernel says it), or None where `dev` is no FUSE mount here."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rfields = left.split(), right.split()
+                if len(fields) < 3 or fields[2] != want or len(rfields) < 3:
+                    continue
+                if rfields[0] not in ("fuse", "fuseblk") and not rfields[0].startswith("fuse."):
+                    return None
+                for opt in rfields[2].split(","):
+                    if opt.startswith("user_id=") and opt[8:].isdigit():
+                        return int(opt[8:])
+                return None
+    except OSError:
+        pass
+    return None
+
+
 def is_mountpoint(path: str) -> bool:
     real = os.path.realpath(path)
     return any(mp == real for mp, _, _ in mounts())

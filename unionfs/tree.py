@@ -437,6 +437,23 @@ def _on_procfs(st: os.stat_result) -> bool:
         return False
 
 
+def _owner(st: os.stat_result) -> tuple[int, str]:
+    """Who owns `st` as far as trusting it goes, and how to say it: its owner, but on a
+    FUSE filesystem another user mounted, that user. Her daemon says who owns what: with
+    `user_allow_other` in /etc/fuse.conf, root reaches her mount, and she says that root
+    owns her symlink to a root-only file (root's `--env-file` read it into the
+    container's environment). Only a filesystem of no device of its own (major 0) can be
+    FUSE: nothing is read for a disk's."""
+    if os.major(st.st_dev) == 0:
+        from .procfs import fuse_mounter
+        from .userns import host_uid
+
+        mounter = fuse_mounter(st.st_dev)
+        if mounter is not None and mounter not in (0, os.geteuid(), host_uid()):
+            return mounter, f"uid {mounter} (whose FUSE mount it is on)"
+    return st.st_uid, f"uid {st.st_uid}"
+
+
 def trusted_uids() -> set[int]:
     """Root and the caller; in a user namespace also the overflow ID (see `open_trusted`)."""
     from .userns import in_user_namespace, overflow_id
@@ -514,10 +531,9 @@ def open_trusted(
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                if st.st_uid not in trusted:
-                    raise UntrustedSymlink(
-                        errno.EACCES, f"crosses a symlink owned by uid {st.st_uid}", path
-                    )
+                owner, who = _owner(st)
+                if owner not in trusted:
+                    raise UntrustedSymlink(errno.EACCES, f"crosses a symlink owned by {who}", path)
                 if _on_procfs(st):
                     # A magic link (/proc/self/fd/N: `-f <(...)`'s /dev/fd/N; /proc/self):
                     # its target names an object, not a path; the kernel goes there.
@@ -571,8 +587,9 @@ def _others_can_change(st: os.stat_result, trusted: set[int]) -> str | None:
     """Why a user other than root and the caller can change the object `st` (its owner,
     its write bits), or None: not when only a sticky directory's (/tmp: she cannot move
     another's entry) or her user-private group's (`_users_own_group`) allow it."""
-    if st.st_uid not in trusted:
-        return f"owned by uid {st.st_uid}"
+    owner, who = _owner(st)
+    if owner not in trusted:
+        return f"owned by {who}"
     shared = st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX)
     if shared and not st.st_mode & 0o002 and _users_own_group(st):
         shared = False  # her group is she alone (umask 002): no one else writes
