@@ -627,6 +627,40 @@ def test_a_user_owning_the_upper_cannot_make_the_daemon_chmod_another_file(
     assert r.returncode == 0 and " tries in " in r.stdout, r.stderr
 
 
+def test_a_user_owning_the_upper_cannot_have_root_chown_her_file_by_its_name(
+    open_tree: Path, user: tuple[int, int]
+) -> None:
+    """Root mounts a union whose upper a user owns, makes a file through it, then
+    `chown 0:0` and `chmod 4755` it (an install step). Between the two she renames her
+    own program onto that name in the upper: the daemon changed by name whatever was
+    there, so her file became a set-user-ID program of root's. Kernel overlayfs acts on
+    the dentry it holds; the daemon now acts on the object it checked is the node's
+    own, and the name is ENOENT for root once hers is there. Her xattr likewise."""
+    t = open_tree
+    for d in ("l", "u", "w", "mnt"):
+        (t / d).mkdir()
+    os.chown(t / "u", *user)
+    os.chown(t / "w", *user)
+    evil = t / "u" / "evil"
+    _as(user, "sh", "-c", f"echo hers > {evil}; chmod 755 {evil}")
+    with mounted([t / "l"], t / "mnt", upper=t / "u", work=t / "w") as mnt:
+        (mnt / "tool").write_text("root's\n")
+        os.stat(mnt / "tool")  # the kernel holds the name: no lookup again
+        _as(user, "mv", str(evil), str(t / "u" / "tool"))
+        for change in (
+            lambda: os.chown(mnt / "tool", 0, 0),
+            lambda: os.chmod(mnt / "tool", 0o4755),
+            lambda: os.setxattr(mnt / "tool", "security.capability", b"\x01" * 20),
+            lambda: os.setxattr(mnt / "tool", "user.root", b"1"),
+        ):
+            with contextlib.suppress(OSError):
+                change()
+        st = (t / "u" / "tool").lstat()
+        assert (t / "u" / "tool").read_text() == "hers\n"
+        assert st.st_uid == user[0] and not st.st_mode & stat.S_ISUID, st
+        assert os.listxattr(t / "u" / "tool") == []
+
+
 def test_a_work_dir_a_user_made_is_not_the_daemons_scratch_dir(
     open_tree: Path, user: tuple[int, int]
 ) -> None:

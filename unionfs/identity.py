@@ -17,7 +17,7 @@ import os
 import stat
 
 from .copyup import CopyUp
-from .inodes import UNLINKED, DirNode, InodeTable, Node, new_node, stat_fields
+from .inodes import UNLINKED, AnyStat, DirNode, InodeTable, Node, new_node, stat_fields
 from .layers import LayerStack
 from .resolve import Entry, FileEntry, Resolver
 
@@ -38,6 +38,14 @@ class Identity:
             if mapped is not None:
                 return mapped
         return self.table.ident_to_id(*entry.ident())
+
+    def upper_file_id(self, st: AnyStat) -> int:
+        """The node id of the upper non-directory `st`, as `_entry_id` gives it (only a
+        directory's entry has an origin): a copied-up object keeps its lower one."""
+        mapped = self.table.copied.get((st.st_dev, st.st_ino))
+        if mapped is not None:
+            return mapped
+        return self.table.ident_to_id(st.st_dev, st.st_ino)
 
     def node_for(self, parent: Node, name: bytes, entry: Entry) -> Node:
         """The node of a resolved entry: the live one with its id, or a new one."""

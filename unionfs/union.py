@@ -244,9 +244,44 @@ class Union:
         return os.fstatvfs(self.stack.fd(0 if self.stack.upper is not None else 1))
 
     def _xattr_target(self, node: Node) -> tuple[int | bytes, bool]:
+        """Where to read `node`'s xattrs (by name: reading another object gives nothing)."""
         if node.is_dir:
             return self.resolver.dirfd(node, 0), True
         return fdpath(self.resolver.location_fd(node), node.name), False
+
+    @contextlib.contextmanager
+    def _xattr_object(self, node: Node) -> Iterator[int | bytes]:
+        """Where to change `node`'s xattrs: the object itself (`_upper_object`), never
+        another put at its name (security.capability given to her own program)."""
+        if node.is_dir:
+            yield self.resolver.dirfd(node, 0)
+            return
+        with self._upper_object(node) as fd:
+            yield fdpath(fd)
+
+    @contextlib.contextmanager
+    def _upper_object(self, node: Node) -> Iterator[int]:
+        """An O_PATH fd of non-directory `node`'s upper object, found at its name, and
+        only if it is that very object.
+
+        Whoever can write the upper (root's mount over a user's directory) may rename
+        her own file onto that name at any time: root's `chown 0:0 f; chmod 4755 f`
+        by name then made it a set-user-ID program of root's. Kernel overlayfs acts on
+        the dentry it holds; the daemon acts on the object it checked, through its magic
+        link (which reaches a symlink itself too). Another object there is ENOENT:
+        the node's own is gone from its name (ESTALE would have the kernel look the
+        name up again and retry, on hers)."""
+        fd = os.open(
+            node.name,
+            os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=self.resolver.location_fd(node),
+        )
+        try:
+            if node.layer == 0 and self.identity.upper_file_id(os.fstat(fd)) != node.ino:
+                raise FsError(errno.ENOENT)
+            yield fd
+        finally:
+            os.close(fd)
 
     def _xattr_names(self, node: Node) -> frozenset[bytes]:
         names = node.xnames
@@ -745,63 +780,52 @@ class Union:
         self._writable()
         handle = self.handles.get(fh) if fh is not None else None
         self._copy_ups(self.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid))
-        target: int | bytes
-        dirfd: int | None = None
-        if node.is_dir:
-            target = self.resolver.dirfd(node, 0)
+        with contextlib.ExitStack() as stack:
+            target: int | bytes
+            is_link = False
+            if node.is_dir:
+                target = self.resolver.dirfd(node, 0)
+                if size is not None:
+                    raise FsError(errno.EISDIR)
+            else:
+                fd = self.handles.upper_fd(node, handle)
+                if fd is not None:
+                    target = fd  # also right for a removed file still open
+                elif node.links is UNLINKED:
+                    # A removed file nobody has open: the kernel flushing its times on
+                    # eviction (writeback cache). Nothing is left to change.
+                    return
+                else:  # the object itself, a symlink too, through its magic link
+                    ofd = stack.enter_context(self._upper_object(node))
+                    is_link = stat.S_ISLNK(os.fstat(ofd).st_mode)
+                    target = fdpath(ofd)
             if size is not None:
-                raise FsError(errno.EISDIR)
-        else:
-            fd = self.handles.upper_fd(node, handle)
-            if fd is not None:
-                target = fd  # also right for a removed file still open
-            elif node.links is UNLINKED:
-                # A removed file nobody has open: the kernel flushing its times on
-                # eviction (writeback cache). Nothing is left to change.
-                return
-            else:
-                dirfd = self.resolver.location_fd(node)
-                target = fdpath(dirfd, node.name)
-        if size is not None:
-            wfd = self.handles.upper_fd(node, handle, writable=True)
-            if wfd is not None:
-                os.ftruncate(wfd, size)
-            else:
-                # No writable handle: open one, by name or (a removed file) by its fd.
-                if isinstance(target, int):
-                    tfd = os.open(fdpath(target), os.O_WRONLY | os.O_CLOEXEC)
-                else:
-                    assert dirfd is not None  # a name: set with target above
-                    tfd = open_file_at(dirfd, node.name, os.O_WRONLY)
+                wfd = self.handles.upper_fd(node, handle, writable=True)
+                if wfd is not None:
+                    os.ftruncate(wfd, size)
+                else:  # no writable handle: one opened through the object's fd
+                    path = fdpath(target) if isinstance(target, int) else target
+                    # never waiting: the kernel sends a size for a regular file only
+                    tfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        os.ftruncate(tfd, size)
+                    finally:
+                        os.close(tfd)
+            if uid is not None or gid is not None:
                 try:
-                    os.ftruncate(tfd, size)
-                finally:
-                    os.close(tfd)
-        nofollow = not isinstance(target, int)  # a path: never follow its last component
-        if uid is not None or gid is not None:
-            try:
-                os.chown(
-                    target,
-                    -1 if uid is None else uid,
-                    -1 if gid is None else gid,
-                    follow_symlinks=not nofollow,
-                )
-            except OSError as e:
-                chown_failed(e, self.owners_optional)
-        if mode is not None:
-            if isinstance(target, int):
+                    os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid)
+                except OSError as e:
+                    chown_failed(e, self.owners_optional)
+            if mode is not None and not is_link:  # a symlink's mode cannot change
                 os.chmod(target, stat.S_IMODE(mode))
-            else:  # by name, which the upper's owner may swap for a symlink at any time
-                assert dirfd is not None
-                chmod_nofollow(dirfd, node.name, stat.S_IMODE(mode))
-        if atime_ns is not None or mtime_ns is not None:
-            if atime_ns is None or mtime_ns is None:
-                cur = self.stat(node)[0]
-                atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
-                mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(target, ns=(atime_ns, mtime_ns), follow_symlinks=not nofollow)
-            if self.writeback and not node.is_dir:
-                self._pins[node] = (atime_ns, mtime_ns)
+            if atime_ns is not None or mtime_ns is not None:
+                if atime_ns is None or mtime_ns is None:
+                    cur = self.stat(node)[0]
+                    atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
+                    mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
+                os.utime(target, ns=(atime_ns, mtime_ns))
+                if self.writeback and not node.is_dir:
+                    self._pins[node] = (atime_ns, mtime_ns)
         node.xnames = None  # chmod rewrites an ACL
 
     def setxattr(
@@ -814,8 +838,8 @@ class Union:
         if stored is None:
             raise FsError(errno.EPERM)
         self._copy_ups(self.copyups_for_xattr(node, name, remove=False))
-        target, follow = self._xattr_target(node)
-        os.setxattr(target, stored, value, flags, follow_symlinks=follow)
+        with self._xattr_object(node) as target:
+            os.setxattr(target, stored, value, flags)
         node.xnames = None
         if kill_sgid and name == ACL_ACCESS:
             self._kill_sgid_acl(node)
@@ -848,8 +872,8 @@ class Union:
         if stored is None:
             raise FsError(missing_xattr_errno(name))
         self._copy_ups(self.copyups_for_xattr(node, name, remove=True))  # ENODATA first
-        target, follow = self._xattr_target(node)
-        os.removexattr(target, stored, follow_symlinks=follow)
+        with self._xattr_object(node) as target:
+            os.removexattr(target, stored)
         node.xnames = None
 
     def close(self) -> None:
