@@ -442,8 +442,9 @@ def _owner(st: os.stat_result) -> tuple[int, str]:
     FUSE filesystem another user mounted, that user. Her daemon says who owns what: with
     `user_allow_other` in /etc/fuse.conf, root reaches her mount, and she says that root
     owns her symlink to a root-only file (root's `--env-file` read it into the
-    container's environment). Only a filesystem of no device of its own (major 0) can be
-    FUSE: nothing is read for a disk's."""
+    container's environment). A user's FUSE mount has no device of its own (major 0;
+    fusermount lets only root mount a block device's `fuseblk`): nothing is read for a
+    disk's."""
     if os.major(st.st_dev) == 0:
         from .procfs import fuse_mounter
         from .userns import host_uid
