@@ -797,7 +797,12 @@ class Union:
                     return
                 else:  # the object itself, a symlink too, through its magic link
                     ofd = stack.enter_context(self._upper_object(node))
-                    is_link = stat.S_ISLNK(os.fstat(ofd).st_mode)
+                    kind = stat.S_IFMT(os.fstat(ofd).st_mode)
+                    if size is not None and kind != stat.S_IFREG:
+                        # the kernel sends a size for a regular file only: hers, put at
+                        # the name (its inode number reused), is a FIFO or the like
+                        raise FsError(errno.EINVAL)
+                    is_link = kind == stat.S_IFLNK
                     target = fdpath(ofd)
             if size is not None:
                 wfd = self.handles.upper_fd(node, handle, writable=True)
@@ -805,7 +810,7 @@ class Union:
                     os.ftruncate(wfd, size)
                 else:  # no writable handle: one opened through the object's fd
                     path = fdpath(target) if isinstance(target, int) else target
-                    # never waiting: the kernel sends a size for a regular file only
+                    # never waiting, whatever the object (checked above)
                     tfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                     try:
                         os.ftruncate(tfd, size)
