@@ -79,11 +79,12 @@ def _kill_session(p: subprocess.Popen[str]) -> None:
         p.communicate(timeout=10)
 
 
-def drop_caches() -> None:
-    """Write back, then drop the page cache, dentries and inodes (cold runs)."""
+def drop_caches(level: int = 3) -> None:
+    """Write back, then drop the page cache (level 1), or it and the dentries and
+    inodes (3: cold runs)."""
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+        f.write(f"{level}\n")
 
 
 def mountpoints() -> set[str]:

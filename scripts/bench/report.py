@@ -165,7 +165,9 @@ def _describe(meta: dict[str, Any]) -> list[str]:
             f"Run: {meta['sizes']['name']}, {meta['reps']} repetition(s), "
             f"modes {', '.join(meta['modes'])}; every measurement on a fresh mount with a fresh "
             f"upper (native: a fresh hard-linked copy of the merged tree); cold = after "
-            f"`sync; echo 3 > /proc/sys/vm/drop_caches`; medians."
+            f"`sync; echo 3 > /proc/sys/vm/drop_caches`; warm = after the warm-up (for the "
+            f"workloads that write: after `sync; echo 1 > /proc/sys/vm/drop_caches`, then the "
+            f"warm-up) and `sync`; medians."
         ),
         (
             f"Image: {img['source']} in 3 layers (top first: {layers}); kernel-format whiteouts "

@@ -1,10 +1,23 @@
 """The measurement loop and its raw results.
 
-Each measurement: a fresh instance (mount), the warm-up if warm, `sync`, and for a
-cold run the page cache, dentries and inodes dropped; then the workload in a child
-process; then the daemon's peak RSS and CPU time; then unmount. The loops run
-repetition, mode, workload, implementation from the outside in, so a slow spell
-of the (shared) machine falls on every implementation alike.
+Each measurement: a fresh instance (mount); for a warm run the warm-up, then
+`sync`, for a cold run `sync` and the page cache, dentries and inodes dropped;
+then the workload in a child process; then the daemon's peak RSS and CPU time;
+then unmount. The loops run repetition, mode, workload, implementation from the
+outside in, so a slow spell of the (shared) machine falls on every
+implementation alike.
+
+A warm run of a workload that writes drops the page cache (not the dentries and
+inodes) before its warm-up. Without it, on ext4 without a journal (this VM's
+root filesystem) it paid for the measurements before it: for a new inode, such
+an ext4 passes over every free inode of the group that was deleted in the last
+minute (five, while its inode-table block is dirty) and whose inode-table block
+is cached (`recently_deleted()` in fs/ext4/ialloc.c), and each teardown and W5
+itself delete thousands. Every create scanned those (perf: `recently_deleted`
+and the buffer lookups under it the top of the profile); a cold run had dropped
+the blocks, so W5, W7 and W8 ran up to 8x slower warm than cold for every
+implementation, native included, by how many inodes the runs just before had
+freed. The warm-up then reads again what the workload reads: the run stays warm.
 
 The mount time is the time for the mount command to return plus a stat and a
 listing of the root of a stack of many files (cold: after dropping caches).
@@ -145,6 +158,8 @@ class Runner:
             )
             inst.find_daemon()
             if mode == "warm":
+                if BY_ID[wid].changes_tree:  # the module's docstring says why
+                    procs.drop_caches(1)
                 self.child(wid, inst.root, warmup=True)
                 os.sync()
             else:
