@@ -18,6 +18,8 @@ and the buffer lookups under it the top of the profile); a cold run had dropped
 the blocks, so W5, W7 and W8 ran up to 8x slower warm than cold for every
 implementation, native included, by how many inodes the runs just before had
 freed. The warm-up then reads again what the workload reads: the run stays warm.
+Creates right after many deletes can still pass over some (reading the block of
+a new inode reads its neighbours' blocks ahead), in both modes alike.
 
 The mount time is the time for the mount command to return plus a stat and a
 listing of the root of a stack of many files (cold: after dropping caches).
