@@ -25,7 +25,7 @@ from .errors import UserError
 from .layers import LayerStack, open_layer_dir
 from .options import MountConfig
 from .prefork import Prefork, forkserver_wanted
-from .procfs import fuse_device, unescape_mountinfo
+from .procfs import fuse_device, mount_id, mount_table
 from .procfs import is_mountpoint as is_mountpoint  # re-exported: the light helpers moved
 from .procfs import mounts as mounts
 from .procfs import process_alive as process_alive
@@ -244,20 +244,7 @@ def _inside(path: str, top: str) -> bool:
 
 def _mount_roots() -> dict[int, tuple[str, str, str]]:
     """mount id -> (device major:minor, root of the mount in its filesystem, mount point)."""
-    out = {}
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split(" - ")[0].split()
-                if len(fields) >= 5 and fields[0].isdigit():
-                    out[int(fields[0])] = (
-                        fields[2],
-                        unescape_mountinfo(fields[3]),
-                        unescape_mountinfo(fields[4]),
-                    )
-    except OSError:
-        pass
-    return out
+    return {mid: (dev, root, mp) for mid, dev, root, mp, _, _ in mount_table()}
 
 
 @dataclass(frozen=True)
@@ -303,13 +290,8 @@ def _place(
     try:
         st = os.fstat(fd)
         real = os.readlink(fd_str(fd))
-        mnt_id = -1
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key == "mnt_id":
-                    mnt_id = int(value)
-    except (OSError, ValueError) as e:
+        mnt_id = mount_id(fd)
+    except OSError as e:
         raise UserError(f"{what}: cannot tell where it is ({e})") from e
     finally:
         os.close(fd)
@@ -1235,20 +1217,10 @@ def _umount_pyunion(mountpoint: str, flags: int) -> None:
 
 def _is_pyunion_root(fd: int) -> bool:
     """Whether `fd` is the root of a pyunion (fuse.pyunion) mount."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        mnt_id = next(
-            (int(v) for k, _, v in (line.partition(":") for line in f) if k == "mnt_id"), -1
-        )
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) >= 5 and rfields and fields[0] == str(mnt_id):
-                return (
-                    rfields[0] == "fuse.pyunion"
-                    and fields[3] == "/"
-                    and os.readlink(fd_str(fd)) == unescape_mountinfo(fields[4])
-                )
+    mnt_id = mount_id(fd)
+    for mid, _, root, mp, fstype, _ in mount_table():
+        if mid == mnt_id:
+            return fstype == "fuse.pyunion" and root == "/" and os.readlink(fd_str(fd)) == mp
     return False
 
 

@@ -42,8 +42,10 @@ def unescape_mountinfo(s: str) -> str:
     )
 
 
-def mounts() -> list[tuple[str, str, str]]:
-    """(mount point, fs type, super options) of every mount in this namespace."""
+def mount_table() -> list[tuple[int, str, str, str, str, str]]:
+    """Every mount in this namespace, as /proc/self/mountinfo lists it (oldest first): (mount
+    id, device major:minor, root of the mount in its filesystem, mount point, fs type, super
+    options)."""
     out = []
     try:
         with open("/proc/self/mountinfo") as f:
@@ -51,9 +53,12 @@ def mounts() -> list[tuple[str, str, str]]:
                 left, _, right = line.partition(" - ")
                 fields = left.split()
                 rfields = right.split()
-                if len(fields) >= 5 and len(rfields) >= 3:
+                if len(fields) >= 5 and len(rfields) >= 3 and fields[0].isdigit():
                     out.append(
                         (
+                            int(fields[0]),
+                            fields[2],
+                            unescape_mountinfo(fields[3]),
                             unescape_mountinfo(fields[4]),
                             rfields[0],
                             unescape_mountinfo(rfields[2]),
@@ -64,25 +69,37 @@ def mounts() -> list[tuple[str, str, str]]:
     return out
 
 
+def mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, super options) of every mount in this namespace."""
+    return [(mp, fstype, opts) for _, _, _, mp, fstype, opts in mount_table()]
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount `fd` was opened through (its fdinfo's `mnt_id`), -1 if unknown."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "mnt_id":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
 def fuse_mounter(dev: int) -> int | None:
     """The user a FUSE filesystem of device `dev` was mounted by (its `user_id`, as the
     kernel says it), or None where `dev` is no FUSE mount here."""
     want = f"{os.major(dev)}:{os.minor(dev)}"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields, rfields = left.split(), right.split()
-                if len(fields) < 3 or fields[2] != want or len(rfields) < 3:
-                    continue
-                if rfields[0] not in ("fuse", "fuseblk") and not rfields[0].startswith("fuse."):
-                    return None
-                for opt in rfields[2].split(","):
-                    if opt.startswith("user_id=") and opt[8:].isdigit():
-                        return int(opt[8:])
-                return None
-    except OSError:
-        pass
+    for _, device, _, _, fstype, opts in mount_table():
+        if device != want:
+            continue
+        if fstype not in ("fuse", "fuseblk") and not fstype.startswith("fuse."):
+            return None
+        for opt in opts.split(","):
+            if opt.startswith("user_id=") and opt[8:].isdigit():
+                return int(opt[8:])
+        return None
     return None
 
 
