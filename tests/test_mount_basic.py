@@ -9,7 +9,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import PYUNION, is_mounted, mounted, needs_fuse, pyunion, wait_gone, wait_until
+from support import (
+    PYUNION,
+    alive,
+    daemon_of,
+    force_unmount,
+    is_mounted,
+    mounted,
+    needs_fuse,
+    pyunion,
+    wait_gone,
+    wait_until,
+)
 
 from unionfs.mount import READAHEAD_KB, daemon_pid
 
@@ -92,6 +103,91 @@ def test_sigterm_unmounts_cleanly(layers: tuple) -> None:
     finally:
         if is_mounted(mnt):
             pyunion("umount", "--lazy", str(mnt), check=False)
+
+
+def _top_fstype(path: Path) -> str | None:
+    """The type of the topmost mount at `path` (the last mountinfo lists there)."""
+    real, top = os.path.realpath(path), None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == real:
+                top = right.split()[0]
+    return top
+
+
+@needs_fuse
+def test_the_mount_points_filesystem_is_not_held(layers: tuple, tmp_path: Path) -> None:
+    """A mount point's filesystem unmounts once the mount is detached, while the daemon
+    still serves whoever uses it (as with the kernel's): the daemon held an fd on the
+    mount point's parent, to unmount on a signal."""
+    lows, upper, work, _ = layers
+    base = tmp_path / "base"
+    base.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "base", str(base)], check=True, timeout=10)
+    mnt = base / "m"
+    mnt.mkdir()
+    holder = None
+    try:
+        pyunion("mount", "-o", f"lowerdir={lows[0]},upperdir={upper},workdir={work}", str(mnt))
+        pid = daemon_of(mnt)
+        holder = subprocess.Popen(["sleep", "60"], cwd=mnt)
+        subprocess.run(["umount", "-l", str(mnt)], check=True, timeout=30)
+        r = subprocess.run(["umount", str(base)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert alive(pid), "the daemon of a mount still in use exited"
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        force_unmount(mnt)
+        force_unmount(base)
+
+
+@needs_fuse
+def test_sigterm_unmounts_its_own_mount_and_no_other(layers: tuple, tmp_path: Path) -> None:
+    """A SIGTERM'd daemon unmounts its mount, found by its id wherever it has moved (its
+    parent renamed), and never another one: not a mount made over it, nor one made at
+    the same path once it was detached. (It found it by name in the mount point's
+    parent: the topmost mount there, whichever.)"""
+    lows, _upper, _work, _ = layers
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "m").mkdir(parents=True)
+    holder = None
+    try:
+        # Moved: the parent of the mount point renamed.
+        pyunion("mount", str(lows[0]), str(a / "m"))
+        pid = daemon_of(a / "m")
+        a.rename(b)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_gone(pid)
+        assert not is_mounted(b / "m")
+        b.rename(a)
+        # Covered: a tmpfs mounted over it stays (ours cannot be reached, and stays dead).
+        pyunion("mount", str(lows[0]), str(a / "m"))
+        pid = daemon_of(a / "m")
+        subprocess.run(["mount", "-t", "tmpfs", "over", str(a / "m")], check=True, timeout=10)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_gone(pid)
+        assert _top_fstype(a / "m") == "tmpfs"
+        force_unmount(a / "m")
+        force_unmount(a / "m")
+        # Replaced: ours detached (in use), another mount made at the same path.
+        pyunion("mount", str(lows[0]), str(a / "m"))
+        pid = daemon_of(a / "m")
+        holder = subprocess.Popen(["sleep", "60"], cwd=a / "m")
+        subprocess.run(["umount", "-l", str(a / "m")], check=True, timeout=30)
+        subprocess.run(["mount", "-t", "tmpfs", "new", str(a / "m")], check=True, timeout=10)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_gone(pid)
+        assert _top_fstype(a / "m") == "tmpfs"
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        for m in (a / "m", b / "m"):
+            while is_mounted(m):
+                force_unmount(m)
 
 
 @needs_fuse

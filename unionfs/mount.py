@@ -37,7 +37,6 @@ from .syscalls import (
     UMOUNT_NOFOLLOW,
     close_range,
     fd_str,
-    fdpath,
     import_with_sonames,
     umount2,
 )
@@ -750,6 +749,7 @@ def serve(
     fuse_fd: int | None = None,
 ) -> int:
     """Mount and serve until unmounted. Reports readiness (or the error) on `ready_fd`.
+    Once mounted it never returns: the process leaves when the connection ends (`finish`).
 
     `state_fd` is the state directory (`open_state_dir`), where the daemon's pid
     is recorded for `umount`; `mp_fd` the mount point (`open_mountpoint`, taken
@@ -785,15 +785,10 @@ def serve(
             mp_fd = open_mountpoint(cfg.mountpoint)
         except UserError as e:
             return fail(str(e))
-    # The parent directory and the name, to unmount on a signal without a path lookup.
-    real_mp, mp_name, mp_parent = cfg.mountpoint, b"", -1
-    if mp_fd is not None:
-        real_mp = os.readlink(fd_str(mp_fd))
-        mp_name = os.fsencode(os.path.basename(real_mp))
-        mp_parent = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=mp_fd)
+    real_mp = os.readlink(fd_str(mp_fd)) if mp_fd is not None else cfg.mountpoint
 
     def close_mount_point() -> None:
-        """The mount point's fds: the directory under the mount is never used again."""
+        """The mount point's fd: the directory under the mount is never used again."""
         nonlocal mp_fd
         if mp_fd is not None:
             os.close(mp_fd)
@@ -807,8 +802,6 @@ def serve(
         stack = LayerStack(cfg.lowers, None if cfg.read_only else cfg.upper)
     except UserError as e:
         close_mount_point()
-        if mp_parent >= 0:
-            os.close(mp_parent)
         return fail(str(e))
     work_fd = -1
     try:
@@ -819,8 +812,6 @@ def serve(
     except UserError as e:
         stack.close()
         close_mount_point()
-        if mp_parent >= 0:
-            os.close(mp_parent)
         return fail(str(e))
     core = Union(
         stack,
@@ -841,8 +832,6 @@ def serve(
     except OSError as e:
         core.close()
         close_mount_point()
-        if mp_parent >= 0:
-            os.close(mp_parent)
         return fail(f"cannot record the daemon's pid in {state_dir()!r}: {e.strerror}")
     # Root mounts (mount(2)) on the fd's object itself; a user's mount goes through
     # fusermount3, a setuid helper that makes its own checks on the path, and so does
@@ -860,23 +849,32 @@ def serve(
         core.close()
         if not detached:
             remove_pid(sfd, state, me)
-        if mp_parent >= 0:
-            os.close(mp_parent)
         return fail(f"cannot mount {cfg.mountpoint!r}: {e}")
     finally:
         close_mount_point()
+    # Which mount is ours, to unmount it on a signal: held by its id, not by an fd on
+    # the mount point's directory, which kept the filesystem under it busy.
+    own = None if detached else _own_mount(real_mp)
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
     unmounted_by_us = False
 
-    def release() -> None:
-        """Let go of every layer (and the work dir): a lower's filesystem can then go."""
-        nonlocal lock_fd
-        core.close()
-        if lock_fd >= 0:
-            os.close(lock_fd)
-            lock_fd = -1
+    def finish(code: int, failure: BaseException | None = None) -> NoReturn:
+        """The connection is over (unmounted, or a signal): exit at once, letting go of the
+        layers first of all (the caller of `umount` may unmount their filesystems next)."""
+        _drop_fds_but({sfd} if sfd >= 0 else set())
+        try:
+            if failure is not None:
+                log.error("the request loop failed", exc_info=failure)
+            if unmounted_by_us and own is not None:
+                _detach_own_mount(*own)
+            if not detached:
+                remove_pid(sfd, state, me)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:  # whatever failed: nothing here may close an fd again, or run on
+            os._exit(code)
 
     # The request loop's hooks (reqloop.py): pyfuse3's read lock, and the poll of
     # /dev/fuse unless spin=0. Without them every request waits in epoll (README:
@@ -892,7 +890,6 @@ def serve(
         )
 
     async def main() -> None:
-        nonlocal unmounted_by_us
         async with trio.open_nursery() as nursery:
 
             async def on_signals() -> None:
@@ -902,36 +899,89 @@ def serve(
                 ) as sigs:
                     async for _ in sigs:
                         unmounted_by_us = True
-                        pyfuse3.terminate()
+                        pyfuse3.terminate()  # the requests being served are finished
                         return
 
             nursery.start_soon(on_signals)
             try:
                 await pyfuse3.main()
-            finally:
-                # The connection is over (unmounted): no request can come any more.
-                # Release the layers before anything else, the event loop's own
-                # teardown included: `umount` has returned to its caller already.
-                release()
-            nursery.cancel_scope.cancel()
+            except BaseException as e:  # noqa: BLE001 - said in the log, after letting go
+                finish(1, e)
+            # Nothing of the event loop, pyfuse3 or the interpreter is torn down: their
+            # fds are closed with the others, and the process leaves.
+            finish(0)
 
     try:
         trio.run(main)
-    finally:
-        # libfuse would unmount by the name it mounted on (a /proc/self/fd name by
-        # then meaningless): the mount is found by name in its parent, held open.
+    finally:  # reached only if trio itself failed: `finish` never returns
         with contextlib.suppress(RuntimeError, OSError):
             pyfuse3.close(unmount=False)
-        if not detached and unmounted_by_us and any(mp == real_mp for mp, _, _ in mounts()):
-            with contextlib.suppress(OSError):
-                umount2(fdpath(mp_parent, mp_name), MNT_DETACH | UMOUNT_NOFOLLOW)
-        if mp_parent >= 0:
-            os.close(mp_parent)
-        release()
+        core.close()
+        if lock_fd >= 0:
+            os.close(lock_fd)
         if not detached:
             remove_pid(sfd, state, me)
             os.close(sfd)
-    return 0
+    return 1
+
+
+def _drop_fds_but(keep: set[int]) -> None:
+    """Close every fd but stdio and `keep`: one close_range(2) per gap between them (on
+    a kernel without it, before Linux 5.9, os.closerange's loop)."""
+    low = 3
+    for fd in [*sorted(k for k in keep if k >= 3), None]:
+        last = 0xFFFFFFFF if fd is None else fd - 1
+        if last >= low:
+            try:
+                close_range(low, last)
+            except OSError:
+                os.closerange(low, min(last + 1, os.sysconf("SC_OPEN_MAX")))
+        if fd is not None:
+            low = fd + 1
+
+
+def _own_mount(real_mp: str) -> tuple[int, str] | None:
+    """(mount id, device) of the mount just made at `real_mp`: the one whose device is
+    this daemon's FUSE connection (`fuse_device`), or without that (an older kernel)
+    the newest FUSE mount there. None if none is seen (not in this namespace)."""
+    dev = fuse_device()
+    want = f"{dev[0]}:{dev[1]}" if dev is not None else None
+    found = None
+    for mid, device, root, mp, fstype, _ in mount_table():
+        if (
+            mp == real_mp
+            and root == "/"
+            and (device == want or (want is None and fstype.startswith("fuse")))
+        ):
+            found = mid, device
+    return found
+
+
+def _detach_own_mount(mnt_id: int, device: str) -> None:
+    """Detach the mount `mnt_id` (`_own_mount`) if it is still there, wherever its mount
+    point has moved to, and nothing else: not a mount made over it, nor another one at
+    the same path once it is gone (its id and device are checked on the fd the
+    unmount goes through). Errors are ignored: a user's daemon may not unmount."""
+    entry = next((e for e in mount_table() if e[0] == mnt_id and e[1] == device), None)
+    if entry is None or entry[2] != "/":
+        return  # unmounted already
+    try:
+        # The path mountinfo gives has no symlink in it; one there now is a swap.
+        fd = syscalls.openat2(
+            syscalls.AT_FDCWD,
+            entry[3],
+            os.O_PATH | os.O_DIRECTORY,
+            syscalls.RESOLVE_NO_SYMLINKS,
+        )
+    except OSError:
+        return
+    try:
+        if mount_id(fd) == mnt_id:  # another mount over ours would be found instead
+            with contextlib.suppress(OSError):
+                # /proc/self/fd/N is the very mount: the unmount follows that link.
+                umount2(fd_str(fd), MNT_DETACH)
+    finally:
+        os.close(fd)
 
 
 def _preload() -> None:
@@ -1072,15 +1122,7 @@ def _pin_nothing(keep: set[int]) -> None:
     gc.freeze()
     with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)  # the caller's wakeup fd (an event loop's) goes below
-    low = 3
-    for fd in sorted(keep):
-        if fd > low:
-            os.closerange(low, fd)
-        low = max(low, fd + 1)
-    try:
-        close_range(low)
-    except OSError:  # no close_range(2) (Linux < 5.9)
-        os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    _drop_fds_but(keep)
 
 
 def open_log(path: str) -> int:
