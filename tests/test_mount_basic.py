@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,35 @@ def test_sigterm_unmounts_its_own_mount_and_no_other(layers: tuple, tmp_path: Pa
         for m in (a / "m", b / "m"):
             while is_mounted(m):
                 force_unmount(m)
+
+
+@needs_fuse
+def test_a_signal_as_soon_as_the_daemon_is_there_leaves_no_mount(layers: tuple) -> None:
+    """A signal sent to the daemon as soon as its pid is recorded (before it mounts, or
+    right after) leaves no mount behind: it unmounts, or the daemon dies before mounting
+    and `mount` fails. The handlers were installed once the event loop ran, a few ms
+    after the mount: the signal's default action killed the daemon and left its mount,
+    dead (in about 1 of 3 signals here)."""
+    lows, _upper, _work, mnt = layers
+    try:
+        for sig in [signal.SIGTERM, signal.SIGINT, signal.SIGHUP] * 4:
+            proc = subprocess.Popen(
+                [*PYUNION, "mount", str(lows[0]), str(mnt)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            pid = None
+            deadline = time.monotonic() + 30
+            while pid is None and proc.poll() is None and time.monotonic() < deadline:
+                pid = daemon_pid(str(mnt))
+            if pid is not None:
+                os.kill(pid, sig)
+                assert wait_gone(pid)
+            proc.wait(timeout=30)
+            assert not is_mounted(mnt), f"a mount stayed after {sig.name}"
+    finally:
+        while is_mounted(mnt):
+            force_unmount(mnt)
 
 
 @needs_fuse

@@ -837,12 +837,20 @@ def serve(
     # fusermount3, a setuid helper that makes its own checks on the path, and so does
     # root's with auto_unmount: libfuse then runs fusermount3, which cannot open this
     # process's fd (the mount failed).
+    helper = False  # libfuse forks fusermount3
     if fuse_fd is not None:
         target = f"/dev/fd/{fuse_fd}"  # libfuse serves this fd and mounts nothing
     else:
         assert mp_fd is not None
-        by_fd = os.geteuid() == 0 and "auto_unmount" not in cfg.fuse_options
-        target = fd_str(mp_fd) if by_fd else real_mp
+        helper = os.geteuid() != 0 or "auto_unmount" in cfg.fuse_options
+        target = real_mp if helper else fd_str(mp_fd)
+    # A signal once mounted must not find its default action (the daemon killed, its
+    # mount left dead): held from here until trio's handlers are in place (before, the
+    # daemon dies unmounted, and `mount` says so). From after the mount when libfuse
+    # forks fusermount3, which would inherit the mask (auto_unmount's stays).
+    stops = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    if not helper:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         pyfuse3.init(ops, target, _libfuse_options(cfg))
     except (RuntimeError, OSError) as e:  # libfuse's "fuse_session_mount failed"
@@ -852,6 +860,7 @@ def serve(
         return fail(f"cannot mount {cfg.mountpoint!r}: {e}")
     finally:
         close_mount_point()
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     # Which mount is ours, to unmount it on a signal: held by its id, not by an fd on
     # the mount point's directory, which kept the filesystem under it busy.
     own = None if detached else _own_mount(real_mp)
@@ -894,9 +903,8 @@ def serve(
 
             async def on_signals() -> None:
                 nonlocal unmounted_by_us
-                with trio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-                ) as sigs:
+                with trio.open_signal_receiver(*stops) as sigs:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
                     async for _ in sigs:
                         unmounted_by_us = True
                         pyfuse3.terminate()  # the requests being served are finished
