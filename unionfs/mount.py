@@ -849,6 +849,9 @@ def serve(
     # daemon dies unmounted, and `mount` says so). From after the mount when libfuse
     # forks fusermount3, which would inherit the mask (auto_unmount's stays).
     stops = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    # Python's own SIGINT handler would raise KeyboardInterrupt wherever the daemon is,
+    # once mounted too: the default action instead (this raises one already pending).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if not helper:
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
