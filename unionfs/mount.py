@@ -15,6 +15,7 @@ import errno
 import fcntl
 import gc
 import os
+import select
 import signal
 import stat
 import sys
@@ -25,7 +26,7 @@ from .errors import UserError
 from .layers import LayerStack, open_layer_dir
 from .options import MountConfig
 from .prefork import Prefork, forkserver_wanted
-from .procfs import fuse_device, mount_id, mount_table
+from .procfs import fuse_device, fuse_fd, mount_id, mount_table
 from .procfs import is_mountpoint as is_mountpoint  # re-exported: the light helpers moved
 from .procfs import mounts as mounts
 from .procfs import process_alive as process_alive
@@ -909,7 +910,9 @@ def serve(
                 with trio.open_signal_receiver(*stops) as sigs:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
                     async for _ in sigs:
-                        unmounted_by_us = True
+                        # Not once the connection is over: its mount is gone, and the
+                        # same id and device may be another's by now.
+                        unmounted_by_us = _connected()
                         pyfuse3.terminate()  # the requests being served are finished
                         return
 
@@ -949,6 +952,17 @@ def _drop_fds_but(keep: set[int]) -> None:
                 os.closerange(low, min(last + 1, os.sysconf("SC_OPEN_MAX")))
         if fd is not None:
             low = fd + 1
+
+
+def _connected() -> bool:
+    """Whether this daemon's FUSE connection is live (/dev/fuse polls POLLERR once the
+    kernel has ended it: unmounted, or aborted)."""
+    fd = fuse_fd()
+    if fd is None:
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return not any(ev & select.POLLERR for _, ev in poll.poll(0))
 
 
 def _own_mount(real_mp: str) -> tuple[int, str] | None:

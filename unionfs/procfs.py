@@ -13,26 +13,37 @@ import time
 
 
 # -- mount table ---------------------------------------------------------------
-def fuse_device() -> tuple[int, int] | None:
-    """(major, minor) of the mount this process serves, from its /dev/fuse fd's
-    `fuse_connection` (fdinfo, Linux 6.x): the device that names its bdi in sysfs.
-    None when no fd says (an older kernel)."""
+def fuse_fd() -> int | None:
+    """This process's /dev/fuse fd (a daemon has one), None if it has none."""
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
         return None
     for name in names:
         try:
-            if os.readlink(f"/proc/self/fd/{name}") != "/dev/fuse":
-                continue
-            with open(f"/proc/self/fdinfo/{name}") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    if key == "fuse_connection":
-                        dev = int(value)  # the kernel's dev_t: MINORBITS = 20
-                        return dev >> 20, dev & 0xFFFFF
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
         except (OSError, ValueError):
             continue
+    return None
+
+
+def fuse_device() -> tuple[int, int] | None:
+    """(major, minor) of the mount this process serves, from its /dev/fuse fd's
+    `fuse_connection` (fdinfo, Linux 6.x): the device that names its bdi in sysfs.
+    None when no fd says (an older kernel)."""
+    fd = fuse_fd()
+    if fd is None:
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "fuse_connection":
+                    dev = int(value)  # the kernel's dev_t: MINORBITS = 20
+                    return dev >> 20, dev & 0xFFFFF
+    except (OSError, ValueError):
+        pass
     return None
 
 
