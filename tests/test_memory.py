@@ -314,3 +314,41 @@ def test_a_listing_of_one_layer_holds_one_names_scan_at_a_time(tmp_path: Path) -
     )
     n, beyond = map(int, out.split())
     assert n == 3000 and beyond <= 64, beyond
+
+
+def _heap_kib(pid: int) -> int:
+    """The Rss of the process's brk heap (glibc malloc's main arena)."""
+    lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    rss, in_heap = 0, False
+    for line in lines:
+        if line[:1] in "0123456789abcdef" and " " in line and "-" in line.split()[0]:
+            in_heap = line.rstrip().endswith("[heap]")
+        elif in_heap and line.startswith("Rss:"):
+            rss += int(line.split()[1])
+    return rss
+
+
+@needs_fuse
+def test_big_reads_leave_the_daemons_heap_alone(layers: tuple) -> None:
+    """A read of up to 1 MiB goes into one buffer the daemon keeps, mmapped apart from its
+    heap, and glibc's heap gives back what big blocks it had: with a new bytes object per
+    read, glibc raised its mmap threshold past 1 MiB after the first, and the heap kept
+    such blocks (and grew where small objects settled between them)."""
+    lows, upper, work, mnt = layers
+    for i in range(4):
+        (lows[0] / f"big{i}").write_bytes(os.urandom(1 << 20) * 4)
+    with mounted(lows, mnt, upper, work):
+        pid = daemon_of(mnt)
+        os.listdir(mnt)
+        before = _heap_kib(pid)
+        for _ in range(3):
+            for i in range(4):
+                fd = os.open(mnt / f"big{i}", os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read by the daemon
+                    while os.read(fd, 1 << 20):
+                        pass
+                finally:
+                    os.close(fd)
+                (mnt / f"small{i}").write_text("x")  # small objects between the reads
+        assert _heap_kib(pid) - before < 512

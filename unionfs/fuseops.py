@@ -172,6 +172,7 @@ class FuseOps(pyfuse3.Operations):
         self.enable_writeback_cache = core.writeback
         self._copying: dict[int, trio.Event] = {}
         self._bare = BareEntry.make()
+        self._read_buf = memoryview(bytearray())  # see read: as big as the largest read
         # Run once the kernel's INIT is answered (mount.py: the readahead window).
         self.after_init: Callable[[], None] | None = None
         core.changed = self._changed
@@ -459,10 +460,16 @@ class FuseOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self.core.open(node, flags, privileged), keep_cache=True)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
         # Inline, a page-cache miss included: misses handed to worker threads lost on
-        # the benchmark's machine (docs/architecture.md: Caching).
-        return self.core.read(fh, off, size)
+        # the benchmark's machine (docs/architecture.md: Caching). Into one buffer kept for
+        # every read: pyfuse3 sends the reply as soon as this returns, with no other task
+        # run in between, so the next read cannot overwrite it before. A new bytes object
+        # of up to 1 MiB per read left the daemon's heap holding several such blocks.
+        # (pyfuse3 takes any buffer, though its stub says bytes.)
+        if size > len(self._read_buf):
+            self._read_buf = memoryview(bytearray(size))
+        return self._read_buf[: self.core.read_into(fh, off, self._read_buf[:size])]
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -39,6 +39,7 @@ from .syscalls import (
     close_range,
     fd_str,
     import_with_sonames,
+    pin_malloc_thresholds,
     umount2,
 )
 from .tree import (
@@ -758,6 +759,7 @@ def serve(
     made) nothing is mounted here and there is neither mount point nor pid file.
     """
     _preload()
+    pin_malloc_thresholds()  # a daemon's big buffers come and go: its heap must not keep them
     import logging
 
     import pyfuse3

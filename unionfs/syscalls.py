@@ -613,3 +613,20 @@ def seccomp_set_filter(flags: int, program: bytes) -> None:
     _check(
         _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)), "seccomp"
     )
+
+
+# -- memory ----------------------------------------------------------------------------------
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def pin_malloc_thresholds(mmap_at: int = 128 << 10) -> None:
+    """Have glibc's malloc take every block of `mmap_at` bytes or more from mmap, and give
+    back a free top of its heap over that size, for the rest of the process's life.
+
+    By default glibc raises its mmap threshold to the size of each mmapped block freed
+    (up to 32 MiB), and its trim threshold to twice that: after the first 1 MiB buffer a
+    long-lived process freed, every later one came from the heap and stayed there, and
+    the heap grew in steps where small objects settled between them (mallopt(3))."""
+    _libc.mallopt(M_MMAP_THRESHOLD, mmap_at)
+    _libc.mallopt(M_TRIM_THRESHOLD, mmap_at)

@@ -436,6 +436,10 @@ class Union:
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self.handles.file(fh).fd, size, off)
 
+    def read_into(self, fh: int, off: int, buf: memoryview) -> int:
+        """`read` into `buf` (as much as it holds): the number of bytes read."""
+        return os.preadv(self.handles.file(fh).fd, (buf,), off)
+
     def write(self, fh: int, off: int, data: bytes) -> int:
         h = self.handles.file(fh)
         if not h.writable:
