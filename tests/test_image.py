@@ -436,6 +436,25 @@ def test_export_roundtrip(tmp_path: Path, store: Store) -> None:
             assert sha(tf.extractfile(path).read()) == diff  # type: ignore[union-attr]
 
 
+def test_export_labels_with_the_name_asked_for(tmp_path: Path, store: Store) -> None:
+    """An image with several names is exported under the one asked for, spelled short.
+
+    `export b` of an image also named a:latest wrote RepoTags ["a:latest"]: the short
+    name was looked for among the full tags, so `podman load` named it a."""
+    lay = make_layout(tmp_path / "lay", [tar_bytes(BASE)])
+    import_image(str(lay), store, tag="a")
+    import_image(str(lay), store, tag="b")
+    assert store.lookup("a").tags == ["a:latest", "b:latest"]
+    export_image(store, "b", str(tmp_path / "docker.tar"), "docker")
+    export_image(store, "localhost/b", str(tmp_path / "oci.tar"), "oci")
+    with tarfile.open(tmp_path / "docker.tar") as tf:
+        man = json.load(tf.extractfile("manifest.json"))  # type: ignore[arg-type]
+        assert man[0]["RepoTags"] == ["b:latest"]
+    with tarfile.open(tmp_path / "oci.tar") as tf:
+        index = json.load(tf.extractfile("index.json"))  # type: ignore[arg-type]
+        assert index["manifests"][0]["annotations"]["io.containerd.image.name"] == "b:latest"
+
+
 # --- the CLI ------------------------------------------------------------------------
 def test_cli(tmp_path: Path) -> None:
     st = str(tmp_path / "store")

@@ -139,9 +139,10 @@ def _write_new(dfd: int, name: str, data: bytes | IO[bytes]) -> None:
                 f.write(chunk)
 
 
-def _names(img: Image, ref: str) -> tuple[str | None, str | None]:
-    """(full name, tag part) to label the exported image with."""
-    full = ref if ref in img.tags else (img.tags[0] if img.tags else None)
+def _names(img: Image, named: str | None) -> tuple[str | None, str | None]:
+    """(full name, tag part) to label the exported image with: the tag `ref` named (as
+    `Store.find` spells it in full), else the image's first."""
+    full = named or (img.tags[0] if img.tags else None)
     if full is None:
         return None, None
     return full, full.rsplit(":", 1)[-1]
@@ -164,8 +165,8 @@ def _blobs(img: Image) -> list[str]:
     return [img.config_digest] + [d["digest"] for d in img.manifest["layers"]]
 
 
-def export_oci(store: Store, img: Image, path: str, ref: str) -> None:
-    full, tag = _names(img, ref)
+def export_oci(store: Store, img: Image, path: str, named: str | None) -> None:
+    full, tag = _names(img, named)
     index = _oci_index(store, img, full, tag)
     layout = json.dumps({"imageLayoutVersion": "1.0.0"}).encode()
     digests = [img.digest, *_blobs(img)]
@@ -217,8 +218,8 @@ def export_oci(store: Store, img: Image, path: str, ref: str) -> None:
             os.close(blobs)
 
 
-def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
-    full, _tag = _names(img, ref)
+def export_docker(store: Store, img: Image, path: str, named: str | None) -> None:
+    full, _tag = _names(img, named)
     repo_tags = [full] if full else []
     cfg_hex = img.config_digest.split(":", 1)[1]
     layer_names = []
@@ -255,11 +256,11 @@ def export_docker(store: Store, img: Image, path: str, ref: str) -> None:
 
 
 def export_image(store: Store, ref: str, path: str, fmt: str = "oci") -> Image:
-    img = store.lookup(ref)
+    img, named = store.find(ref)
     if fmt == "oci":
-        export_oci(store, img, path, ref)
+        export_oci(store, img, path, named)
     elif fmt == "docker":
-        export_docker(store, img, path, ref)
+        export_docker(store, img, path, named)
     else:
         raise UserError(f"unknown export format {fmt!r} (oci or docker)")
     return img

@@ -661,9 +661,9 @@ class Store:
     def lookup(self, ref: str) -> Image:
         """An image by tag (`name`, `name:tag`, `localhost/name`), image ID or manifest
         digest (or a prefix of either), or `name@digest`."""
-        return self._find(ref)[0]
+        return self.find(ref)[0]
 
-    def _find(self, ref: str) -> tuple[Image, str | None]:
+    def find(self, ref: str) -> tuple[Image, str | None]:
         """(image, the one tag `ref` names, or None when it names the image itself)."""
         imgs = self.images()
         if not ref:
@@ -709,7 +709,7 @@ class Store:
         """
         with self.exclusive():
             try:
-                img, named = self._find(ref)
+                img, named = self.find(ref)
                 target = img.digest
             except UserError:
                 damaged = self._damaged_match(ref)
