@@ -287,3 +287,58 @@ def test_overlay_volume_and_rootfs(base_tar: Path, tmp_path: Path) -> None:
     assert volume == "host\nnew"
     assert root.split("\n")[0] == "x" and "a" not in root.split("\n")[1:]
     assert all(r == runs[0] for r in runs), runs
+
+
+def _id_mapped_mount(p: Podman, tar: Path) -> list[str]:
+    """`podman create --uidmap`, then `podman mount`: what the mount shows of /data.
+
+    containers/storage mounts an ID-mapped container's layers through its `mapped/0/l/`
+    symlinks, chowned to the container's root (host uid 100000) in root's 0700
+    `mapped/`; pyunion refused them ("crosses a symlink owned by uid 100000"). (Running
+    such a container fails in runc with podman 4.3 and fuse-overlayfs alike: storage
+    both chowns the layers and passes `uidmapping=`.)"""
+    p("import", str(tar), "localhost/base:1")
+    ids = ("--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536")
+    ctr = p("create", "--network", "none", *ids, "localhost/base:1", "true")
+    try:
+        mnt = Path(p("mount", ctr))
+        try:
+            assert _fstype(mnt) == _fstype_of(p.program), _fstype(mnt)
+            shown = [
+                f"{e.name} {e.stat().st_uid}"
+                for e in sorted(os.scandir(mnt / "data"), key=lambda e: e.name)
+            ]
+            shown.append((mnt / "data/a").read_text())
+        finally:
+            p("unmount", ctr)
+    finally:
+        p("rm", ctr)
+    assert p.mounts() == [] and p.daemons() == [], "left mounted or running after rm"
+    return shown
+
+
+def _fstype_of(program: str) -> str:
+    name = os.path.basename(program)
+    return "fuse.pyunion" if "pyunion" in name else f"fuse.{name}"
+
+
+def _fstype(path: Path) -> str:
+    """The filesystem type of the mount at `path`."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == str(path):
+                return right.split()[0]
+    return ""
+
+
+def test_id_mapped_container_mounts(base_tar: Path, tmp_path: Path) -> None:
+    runs = []
+    programs = [("pyunion", str(PYUNION_OVERLAYFS))]
+    if FUSE_OVERLAYFS is not None:
+        programs.append(("fo", FUSE_OVERLAYFS))
+    for name, program in programs:
+        with podman(tmp_path / name, program) as p:
+            runs.append(_id_mapped_mount(p, base_tar))
+    assert runs[0][-1] == "a\n" and "mv-dir" in " ".join(runs[0])
+    assert all(r == runs[0] for r in runs), runs

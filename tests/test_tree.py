@@ -129,31 +129,45 @@ sys.exit(os.waitstatus_to_exitcode(status))
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown of a symlink)")
 def test_open_trusted_follows_only_roots_and_the_callers_symlinks(tmp_path: Path) -> None:
     """Root's and the caller's symlinks are followed (as mount(8) follows /var/run), another
-    user's is EACCES wherever it is on the path; a file is opened as well as a directory.
-    In a user namespace the host's root and users are unmapped (the overflow ID) and their
-    symlinks are followed: there the caller has no right they could borrow; a mapped
-    user's are not."""
+    user's is EACCES wherever it is on the path, unless she cannot reach it (below a 0700
+    directory of root's: containers/storage's `mapped/` of an ID-mapped container); a file
+    is opened as well as a directory. In a user namespace the host's root and users are
+    unmapped (the overflow ID) and their symlinks are followed: there the caller has no
+    right they could borrow; a mapped user's are not."""
     from unionfs.tree import UntrustedSymlink, open_trusted
 
-    (tmp_path / "real").mkdir()
-    (tmp_path / "real/file").write_text("x")
-    (tmp_path / "mine").symlink_to(tmp_path / "real")
-    (tmp_path / "theirs").symlink_to(tmp_path / "real")
-    os.chown(tmp_path / "theirs", 65534, 65534, follow_symlinks=False)
-    for path, want in (
-        ("mine", "real"),
-        ("mine/file", "real/file"),
-        ("real/../mine/./file", "real/file"),
-    ):
-        fd = open_trusted(str(tmp_path / path), os.O_PATH)
-        try:
-            assert os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / want)
-        finally:
-            os.close(fd)
-    for path in ("theirs", "theirs/file"):
-        with pytest.raises(UntrustedSymlink) as e:
-            open_trusted(str(tmp_path / path))
-        assert e.value.errno == errno.EACCES
+    reachable = Path(tempfile.mkdtemp(prefix="pyunion-trusted-"))
+    try:
+        os.chmod(reachable, 0o755)
+        for top in (tmp_path, reachable):  # pytest's base temp is root's 0700
+            (top / "real").mkdir()
+            (top / "real/file").write_text("x")
+            (top / "mine").symlink_to(top / "real")
+            (top / "theirs").symlink_to(top / "real")
+            os.chown(top / "theirs", 65534, 65534, follow_symlinks=False)
+        for path, want in (
+            ("mine", "real"),
+            ("mine/file", "real/file"),
+            ("real/../mine/./file", "real/file"),
+            ("theirs/file", "real/file"),
+        ):
+            fd = open_trusted(str(tmp_path / path), os.O_PATH)
+            try:
+                assert os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / want)
+            finally:
+                os.close(fd)
+        for path in ("theirs", "theirs/file", "real/../theirs"):
+            with pytest.raises(UntrustedSymlink) as e:
+                open_trusted(str(reachable / path))
+            assert e.value.errno == errno.EACCES
+        # Out of reach, then back up by `..` into the reachable directory: refused there.
+        (tmp_path / "up").symlink_to(reachable)
+        with pytest.raises(UntrustedSymlink):
+            open_trusted(str(tmp_path / "up/theirs"))
+        os.chmod(reachable, 0o700)  # now root's 0700 directory: out of her reach
+        os.close(open_trusted(str(reachable / "theirs")))
+    finally:
+        rmtree(str(reachable))
     with pytest.raises(NotADirectoryError):
         open_trusted(str(tmp_path / "real/file"))  # O_DIRECTORY by default
     # A user's namespace: root's /lib -> usr/lib (merged /usr) is unmapped there.

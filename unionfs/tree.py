@@ -427,6 +427,7 @@ class UntrustedSymlink(OSError):
 
 
 MAX_SYMLINKS = 40  # the kernel's limit on symlinks followed in one lookup
+MAX_LEVELS_UP = 2048  # a path of PATH_MAX (4096) has at most this many directories
 
 
 def _on_procfs(st: os.stat_result) -> bool:
@@ -453,6 +454,31 @@ def _owner(st: os.stat_result) -> tuple[int, str]:
         if mounter is not None and mounter not in (0, os.geteuid(), host_uid()):
             return mounter, f"uid {mounter} (whose FUSE mount it is on)"
     return st.st_uid, f"uid {st.st_uid}"
+
+
+def _out_of_reach(dir_fd: int, trusted: set[int]) -> bool:
+    """Whether no untrusted user can reach the directory open at `dir_fd` by its path:
+    it or a directory above it is a trusted user's and lets neither group nor others
+    search it (the group bits are the ACL mask). Her symlink there is then as she left
+    it when she could last reach it, which she never could if root made it there:
+    containers/storage lays an ID-mapped container's layers out in root's 0700
+    `mapped/`, with `l/` symlinks chowned to the container's root. Walked up by `..`
+    from the fd (`MAX_LEVELS_UP` levels at most), so what is judged is what was resolved."""
+    fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        for _ in range(MAX_LEVELS_UP):
+            st = os.fstat(fd)
+            if _owner(st)[0] in trusted and not st.st_mode & 0o011:
+                return True
+            up = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            ust = os.fstat(up)
+            os.close(fd)
+            fd = up
+            if (ust.st_dev, ust.st_ino) == (st.st_dev, st.st_ino):
+                return False  # the root
+        return False
+    finally:
+        os.close(fd)
 
 
 def trusted_uids() -> set[int]:
@@ -483,6 +509,8 @@ def open_trusted(
     `mkdir=MODE` a missing component is made (a directory of that mode) in the
     directory already resolved, as `mkdir -p` would, but never through a symlink
     refused here. A relative PATH starts at `dir_fd` (default: the working directory).
+    Another user's symlink in a directory she cannot reach (`_out_of_reach`: below a
+    0700 directory of root's) is followed: she cannot have swapped it in.
 
     In a user namespace the symlinks of unmapped owners (the overflow ID:
     the host's root and users, who all look alike there) are followed too:
@@ -533,7 +561,7 @@ def open_trusted(
                 if links > MAX_SYMLINKS:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
                 owner, who = _owner(st)
-                if owner not in trusted:
+                if owner not in trusted and not _out_of_reach(fd, trusted):
                     raise UntrustedSymlink(errno.EACCES, f"crosses a symlink owned by {who}", path)
                 if _on_procfs(st):
                     # A magic link (/proc/self/fd/N: `-f <(...)`'s /dev/fd/N; /proc/self):
