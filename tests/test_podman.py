@@ -31,6 +31,8 @@ from support import (
     storage_tool,
 )
 
+from unionfs.procfs import mounts
+
 PYUNION_OVERLAYFS = Path(
     os.environ.get("PYUNION_MOUNT_PROGRAM") or Path(sys.executable).parent / "pyunion-overlayfs"
 )
@@ -275,12 +277,17 @@ def _overlay_mounts(p: Podman, tar: Path, base: Path) -> tuple[str, str]:
     return volume, root
 
 
-def test_overlay_volume_and_rootfs(base_tar: Path, tmp_path: Path) -> None:
-    runs = []
+def _programs() -> list[tuple[str, str]]:
+    """The mount programs compared: pyunion's, and fuse-overlayfs where it is installed."""
     programs = [("pyunion", str(PYUNION_OVERLAYFS))]
     if FUSE_OVERLAYFS is not None:
         programs.append(("fo", FUSE_OVERLAYFS))
-    for name, program in programs:
+    return programs
+
+
+def test_overlay_volume_and_rootfs(base_tar: Path, tmp_path: Path) -> None:
+    runs = []
+    for name, program in _programs():
         with podman(tmp_path / name, program) as p:
             runs.append(_overlay_mounts(p, base_tar, tmp_path / f"{name}-host"))
     volume, root = runs[0]
@@ -324,20 +331,12 @@ def _fstype_of(program: str) -> str:
 
 def _fstype(path: Path) -> str:
     """The filesystem type of the mount at `path`."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if left.split()[4] == str(path):
-                return right.split()[0]
-    return ""
+    return next((t for point, t, _ in mounts() if point == str(path)), "")
 
 
 def test_id_mapped_container_mounts(base_tar: Path, tmp_path: Path) -> None:
     runs = []
-    programs = [("pyunion", str(PYUNION_OVERLAYFS))]
-    if FUSE_OVERLAYFS is not None:
-        programs.append(("fo", FUSE_OVERLAYFS))
-    for name, program in programs:
+    for name, program in _programs():
         with podman(tmp_path / name, program) as p:
             runs.append(_id_mapped_mount(p, base_tar))
     assert runs[0][-1] == "a\n" and "mv-dir" in " ".join(runs[0])
