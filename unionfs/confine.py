@@ -169,18 +169,8 @@ def close_fds(conf: Confinement, own: list[int]) -> list[int]:
         new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, conf.first_closed)
         os.close(fd)
         moved.append(new)
-    close_from(conf.first_closed, moved)
+    syscalls.close_fds_from(conf.first_closed, moved)
     return moved
-
-
-def close_from(first: int, keep: list[int]) -> None:
-    """Close every fd from `first` up, except those in `keep`."""
-    lo = first
-    for fd in sorted(k for k in keep if k >= first):
-        if fd > lo:
-            syscalls.close_range(lo, fd - 1)
-        lo = fd + 1
-    syscalls.close_range(lo)
 
 
 def mask_paths(rootfd: int, conf: Confinement) -> None:
@@ -247,7 +237,7 @@ def enter(conf: Confinement, uid: int, gid: int, groups: list[int], keep: list[i
     (the filter lets those calls through); with no_new_privs it comes last,
     so the fewest syscalls run under it before execve.
     """
-    close_from(conf.first_closed, keep)  # `keep`: the caller's own, close-on-exec
+    syscalls.close_fds_from(conf.first_closed, keep)  # `keep`: the caller's own, close-on-exec
     for fd in conf.preserved:
         os.set_inheritable(fd, True)
     if not conf.privileged:

@@ -52,7 +52,7 @@ from collections.abc import Callable
 
 from .options import MountConfig
 from .sha256 import sha256_hex
-from .syscalls import CLONE_NEWNS, fd_str, import_with_sonames, setns
+from .syscalls import CLONE_NEWNS, close_fds_from, fd_str, import_with_sonames, setns
 
 TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
 if TYPE_CHECKING:
@@ -313,8 +313,7 @@ def start_server(state_fd: int) -> None:
             os.dup2(null, fd)
         fd = os.dup(state_fd)
         os.set_inheritable(fd, True)
-        os.closerange(3, fd)
-        os.closerange(fd + 1, 1 << 16)
+        close_fds_from(3, (fd,))
         os.chdir("/")
         os.execve(
             sys.executable,

@@ -36,7 +36,7 @@ from .sha256 import sha256_hex
 from .syscalls import (
     MNT_DETACH,
     UMOUNT_NOFOLLOW,
-    close_range,
+    close_fds_from,
     fd_str,
     import_with_sonames,
     pin_malloc_thresholds,
@@ -878,7 +878,7 @@ def serve(
     def finish(code: int, failure: BaseException | None = None) -> NoReturn:
         """The connection is over (unmounted, or a signal): exit at once, letting go of the
         layers first of all (the caller of `umount` may unmount their filesystems next)."""
-        _drop_fds_but({sfd} if sfd >= 0 else set())
+        close_fds_from(3, {sfd} if sfd >= 0 else ())
         try:
             if failure is not None:
                 log.error("the request loop failed", exc_info=failure)
@@ -939,21 +939,6 @@ def serve(
             remove_pid(sfd, state, me)
             os.close(sfd)
     return 1
-
-
-def _drop_fds_but(keep: set[int]) -> None:
-    """Close every fd but stdio and `keep`: one close_range(2) per gap between them (on
-    a kernel without it, before Linux 5.9, os.closerange's loop)."""
-    low = 3
-    for fd in [*sorted(k for k in keep if k >= 3), None]:
-        last = 0xFFFFFFFF if fd is None else fd - 1
-        if last >= low:
-            try:
-                close_range(low, last)
-            except OSError:
-                os.closerange(low, min(last + 1, os.sysconf("SC_OPEN_MAX")))
-        if fd is not None:
-            low = fd + 1
 
 
 def _connected() -> bool:
@@ -1149,7 +1134,7 @@ def _pin_nothing(keep: set[int]) -> None:
     gc.freeze()
     with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)  # the caller's wakeup fd (an event loop's) goes below
-    _drop_fds_but(keep)
+    close_fds_from(3, keep)
 
 
 def open_log(path: str) -> int:

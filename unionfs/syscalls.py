@@ -20,6 +20,10 @@ import sys
 import time
 from types import ModuleType
 
+TYPE_CHECKING = False  # typing's, without importing typing (architecture.md)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -282,6 +286,21 @@ def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
         ),
         "close_range",
     )
+
+
+def close_fds_from(first: int, keep: Iterable[int] = ()) -> None:
+    """Close every fd from `first` up but those in `keep`: one close_range(2) per gap
+    between them (on a kernel without it, before Linux 5.9, os.closerange's loop)."""
+    low = first
+    for fd in [*sorted(k for k in set(keep) if k >= first), None]:
+        last = 0xFFFFFFFF if fd is None else fd - 1
+        if last >= low:
+            try:
+                close_range(low, last)
+            except OSError:
+                os.closerange(low, min(last + 1, os.sysconf("SC_OPEN_MAX")))
+        if fd is not None:
+            low = fd + 1
 
 
 # -- namespaces and mounts -----------------------------------------------------------------
