@@ -471,8 +471,9 @@ def _lock_upper(upper_fd: int, upper: str) -> None:
 READAHEAD_KB = 1024
 
 
-def widen_readahead(kb: int = READAHEAD_KB) -> None:
-    """Let the kernel read ahead `kb` KiB on this daemon's mount (its bdi in sysfs), not 128.
+def widen_readahead(dev: tuple[int, int] | None, kb: int = READAHEAD_KB) -> None:
+    """Let the kernel read ahead `kb` KiB on this daemon's mount, its FUSE device `dev`
+    (`fuse_device`; the bdi in sysfs is named by it), not 128.
 
     A sequential reader's data then comes in reads of up to 1 MiB, not 128 KiB:
     eight times fewer requests, each costing ~20 us of the daemon's CPU besides the
@@ -481,7 +482,6 @@ def widen_readahead(kb: int = READAHEAD_KB) -> None:
     root may write sysfs: elsewhere (rootless, a read-only /sys) the kernel's
     default stays; a window made wider by an administrator is left alone.
     """
-    dev = fuse_device()
     if dev is None:
         return
     try:
@@ -824,7 +824,6 @@ def serve(
         owners_optional=cfg.idmap is not None and cfg.idmap.squashing,
     )
     ops = make_ops(core, cfg.idmap, debug=cfg.debug)
-    ops.after_init = widen_readahead
     raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     state = _state_name(real_mp) if not detached else ""
@@ -869,7 +868,9 @@ def serve(
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     # Which mount is ours, to unmount it on a signal: held by its id, not by an fd on
     # the mount point's directory, which kept the filesystem under it busy.
-    own = None if detached else _own_mount(real_mp)
+    dev = fuse_device()  # the connection's, now made
+    own = None if detached else _own_mount(real_mp, dev)
+    ops.after_init = lambda: widen_readahead(dev)
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
@@ -952,11 +953,10 @@ def _connected() -> bool:
     return not any(ev & select.POLLERR for _, ev in poll.poll(0))
 
 
-def _own_mount(real_mp: str) -> tuple[int, str] | None:
+def _own_mount(real_mp: str, dev: tuple[int, int] | None) -> tuple[int, str] | None:
     """(mount id, device) of the mount just made at `real_mp`: the one whose device is
-    this daemon's FUSE connection (`fuse_device`), or without that (an older kernel)
+    `dev`, this daemon's FUSE connection (`fuse_device`), or without that (an older kernel)
     the newest FUSE mount there. None if none is seen (not in this namespace)."""
-    dev = fuse_device()
     want = f"{dev[0]}:{dev[1]}" if dev is not None else None
     found = None
     for mid, device, root, mp, fstype, _ in mount_table():
