@@ -55,6 +55,7 @@ from ..image import reference
 from ..image.safetext import printable
 from ..image.schema import MAX_JSON
 from ..image.store import digest_of
+from ..syscalls import fd_str
 from .auth import DOCKER_HUB_API, Challenge, Credentials, parse_challenges
 
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
@@ -129,12 +130,12 @@ def _load_cert_dir(ctx: ssl.SSLContext, d: str) -> None:
 
     def checked(dfd: int, name: str) -> str:
         fds.append(open_private_file(dfd, name))
-        return f"/proc/self/fd/{fds[-1]}"  # the file checked, not a name she may swap
+        return fd_str(fds[-1])  # the file checked, not a name she may swap
 
     try:
         dfd = open_private_dir(d)
         fds.append(dfd)
-        names = sorted(os.listdir(f"/proc/self/fd/{dfd}"))  # an O_PATH fd lists nothing
+        names = sorted(os.listdir(fd_str(dfd)))  # an O_PATH fd lists nothing
         for ca in [n for n in names if n.endswith(".crt")]:
             ctx.load_verify_locations(checked(dfd, ca))
         for cert in [n for n in names if n.endswith(".cert")]:
