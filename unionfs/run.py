@@ -582,7 +582,8 @@ def _private_upper(upper: str) -> str:
         existing = path
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
-        private_dir(existing)
+        if existing != path:  # else the check below is the same
+            private_dir(existing)
         os.close(open_trusted(path, mkdir=0o755))  # never through a symlink of hers
         return private_dir(path)
     except SharedDirectory as e:
