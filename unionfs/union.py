@@ -256,13 +256,13 @@ class Union:
         if node.is_dir:
             yield self.resolver.dirfd(node, 0)
             return
-        with self._upper_object(node) as fd:
+        with self._upper_object(node) as (fd, _):
             yield fdpath(fd)
 
     @contextlib.contextmanager
-    def _upper_object(self, node: Node) -> Iterator[int]:
+    def _upper_object(self, node: Node) -> Iterator[tuple[int, os.stat_result]]:
         """An O_PATH fd of non-directory `node`'s upper object, found at its name, and
-        only if it is that very object.
+        only if it is that very object; with its stat.
 
         Whoever can write the upper (root's mount over a user's directory) may rename
         her own file onto that name at any time: root's `chown 0:0 f; chmod 4755 f`
@@ -277,9 +277,10 @@ class Union:
             dir_fd=self.resolver.location_fd(node),
         )
         try:
-            if node.layer == 0 and self.identity.upper_file_id(os.fstat(fd)) != node.ino:
+            st = os.fstat(fd)
+            if node.layer == 0 and self.identity.upper_file_id(st) != node.ino:
                 raise FsError(errno.ENOENT)
-            yield fd
+            yield fd, st
         finally:
             os.close(fd)
 
@@ -800,8 +801,8 @@ class Union:
                     # eviction (writeback cache). Nothing is left to change.
                     return
                 else:  # the object itself, a symlink too, through its magic link
-                    ofd = stack.enter_context(self._upper_object(node))
-                    kind = stat.S_IFMT(os.fstat(ofd).st_mode)
+                    ofd, ost = stack.enter_context(self._upper_object(node))
+                    kind = stat.S_IFMT(ost.st_mode)
                     if size is not None and kind != stat.S_IFREG:
                         # the kernel sends a size for a regular file only: hers, put at
                         # the name (its inode number reused), is a FIFO or the like
