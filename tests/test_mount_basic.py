@@ -24,6 +24,7 @@ from support import (
 )
 
 from unionfs.mount import READAHEAD_KB, daemon_pid
+from unionfs.procfs import mounts
 
 
 def _drop_caches() -> None:
@@ -108,13 +109,8 @@ def test_sigterm_unmounts_cleanly(layers: tuple) -> None:
 
 def _top_fstype(path: Path) -> str | None:
     """The type of the topmost mount at `path` (the last mountinfo lists there)."""
-    real, top = os.path.realpath(path), None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if left.split()[4] == real:
-                top = right.split()[0]
-    return top
+    real = os.path.realpath(path)
+    return next((t for point, t, _ in reversed(mounts()) if point == real), None)
 
 
 @needs_fuse
