@@ -72,8 +72,9 @@ def open_file_at(dirfd: int, name: bytes, flags: int) -> int:
     return fd
 
 
-def open_layer_dir(path: str, what: str) -> int:
-    """The directory at `path` (a layer, an upper, a work dir), opened for reading.
+def open_layer_dir(path: str, what: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
+    """The directory at `path` (a layer, an upper, a work dir, the mount point), opened
+    with `flags` (for reading unless told).
 
     Root mounts layers whose paths cross directories a user can write (a home, /tmp):
     every component is resolved once and a symlink is followed only if root or the
@@ -81,7 +82,7 @@ def open_layer_dir(path: str, what: str) -> int:
     or swaps in never makes root's daemon write into, or show, another tree (/etc).
     """
     try:
-        return open_trusted(path, os.O_RDONLY | os.O_DIRECTORY)
+        return open_trusted(path, flags)
     except UntrustedSymlink as e:
         raise UserError(f"{what} {path!r} {e.strerror}; refusing to use it") from None
     except FileNotFoundError:

@@ -44,7 +44,6 @@ from .syscalls import (
 )
 from .tree import (
     DIR_FLAGS,
-    UntrustedSymlink,
     open_own_file,
     open_trusted,
     replace_file,
@@ -341,16 +340,7 @@ def open_mountpoint(mp: str) -> int:
     The mount is then made on `/proc/self/fd/N`: a user who owns a directory on
     the way cannot swap in a symlink to /etc between the checks and the mount.
     """
-    try:
-        return open_trusted(mp)
-    except UntrustedSymlink as e:
-        raise UserError(f"mount point {mp!r} {e.strerror}; refusing to mount there") from None
-    except FileNotFoundError:
-        raise UserError(f"mount point {mp!r} does not exist") from None
-    except NotADirectoryError:
-        raise UserError(f"mount point {mp!r} is not a directory") from None
-    except OSError as e:
-        raise UserError(f"mount point {mp!r}: {e.strerror}") from None
+    return open_layer_dir(mp, "mount point", os.O_PATH | os.O_DIRECTORY)
 
 
 def validate(cfg: MountConfig, mp_fd: int | None) -> None:
