@@ -531,3 +531,38 @@ def test_objects_without_xattrs_share_one_empty_name_set(tmp_path: Path, made: l
     assert not u.has_xattr(b, b"security.capability")
     assert a.xnames is not None and a.xnames is b.xnames
     assert u.has_xattr(c, b"user.k") and c.xnames == frozenset({b"user.k"})
+
+
+async def test_an_id_given_to_another_object_gets_a_new_generation(
+    tmp_path: Path, made: list[Union]
+) -> None:
+    l1 = tmp_path / "l1"
+    l1.mkdir()
+    u = make(tmp_path, made, [l1])
+    up = tmp_path / "upper"
+    ops = FuseOps(u)
+    ctx = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), umask=0o022)
+    # Removed through the mount while the kernel holds it: the new object on its inode
+    # number gets an id of its own (the old inode stays good for its holders).
+    held = await ops.symlink(ROOT_ID, b"h", b"old", ctx)
+    number = os.lstat(up / "h").st_ino
+    await ops.unlink(ROOT_ID, b"h")
+    again = await ops.symlink(ROOT_ID, b"h", b"new", ctx)
+    if os.lstat(up / "h").st_ino != number:
+        pytest.skip("the upper's filesystem did not reuse the inode number")
+    assert again.st_ino != held.st_ino and again.generation == held.generation == 0
+    # Removed under the mount (the daemon still thinks it linked): the same id, which the
+    # kernel holds, goes to the new object with a new generation, in every entry reply.
+    first = await ops.symlink(ROOT_ID, b"l", b"old", ctx)
+    number = os.lstat(up / "l").st_ino
+    os.unlink(up / "l")
+    new = await ops.symlink(ROOT_ID, b"n", b"new", ctx)
+    assert os.lstat(up / "n").st_ino == number
+    assert new.st_ino == first.st_ino and (first.generation, new.generation) == (0, 1)
+    assert (await ops.lookup(ROOT_ID, b"n")).generation == 1
+    # Both inodes' FORGETs come for the one id: the node goes once they add up.
+    assert u.node(new.st_ino).nlookup == 3
+    await ops.forget([(new.st_ino, 1)])
+    assert u.table.generations == {new.st_ino: 1}
+    await ops.forget([(new.st_ino, 2)])
+    assert new.st_ino not in u.table.nodes and not u.table.generations

@@ -172,6 +172,7 @@ class FuseOps(pyfuse3.Operations):
         self.enable_writeback_cache = core.writeback
         self._copying: dict[int, trio.Event] = {}
         self._bare = BareEntry.make()
+        self._generations = core.table.generations  # see InodeTable.replace
         self._read_buf = memoryview(bytearray())  # see read: as big as the largest read
         # Run once the kernel's INIT is answered (mount.py: the readahead window).
         self.after_init: Callable[[], None] | None = None
@@ -265,7 +266,9 @@ class FuseOps(pyfuse3.Operations):
         st, nlink = self.core.stat(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
-        a.generation = 0
+        # Every entry reply's (lookup, create, mknod, mkdir, symlink, link, readdirplus
+        # with attributes); a bare entry has no node id, and the kernel reads none.
+        a.generation = self._generations.get(node.ino, 0)
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
         mode, _, _, _, uid, gid, size, atime, mtime, ctime, blksize, blocks, rdev = stat_fields(st)

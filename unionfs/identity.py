@@ -73,9 +73,13 @@ class Identity:
         new = new_node(nid, parent, name, is_dir, entry.layer, entry.chain)
         if entry.layer != 0:
             new.st = entry.st
-        if node is not None:
-            new.nlookup = node.nlookup  # the kernel reuses its inode for this id
-        self.table.add(new)
+        if node is None:
+            self.table.add(new)
+        else:
+            # Unlinked and of the same type: the same object, met under another name (an
+            # id follows the object, and a new object never takes the id of one the
+            # kernel holds: `new_upper_node`). Of another type, another object.
+            self.table.replace(node, new, same_object=node.is_dir == is_dir)
         return new
 
     def held(self, parent: Node, name: bytes, entry: Entry) -> Node | None:
@@ -126,9 +130,12 @@ class Identity:
             old = None
         chain = (0,) if is_dir else ()
         node = new_node(nid, parent, name, is_dir, 0, chain)
-        if old is not None:
-            node.nlookup = old.nlookup
-        self.table.add(node)
+        if old is None:
+            self.table.add(node)
+        else:
+            # A node still linked has this id: its object left the upper without the
+            # daemon (changed under the mount). The new object is another one.
+            self.table.replace(old, node, same_object=False)
         node.nlookup += 1
         return node
 

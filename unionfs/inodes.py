@@ -287,6 +287,9 @@ class InodeTable:
         # Released nodes still referenced (as a parent or a link) stay one object per id.
         self._zombies: weakref.WeakValueDictionary[int, Node] = weakref.WeakValueDictionary()
         self.copied: dict[tuple[int, int], int] = {}
+        # The generation of a node id that went to another object while the kernel may
+        # still have held the old one (`replace`); an id not here is generation 0.
+        self.generations: dict[int, int] = {}
         self._overflow: dict[tuple[int, int], int] = {}
         self._next_overflow = _OVERFLOW_BASE
 
@@ -333,6 +336,24 @@ class InodeTable:
         self.nodes[node.ino] = node
         return node
 
+    def replace(self, old: Node, new: Node, same_object: bool) -> None:
+        """`new` takes the id of `old`, a node in the table, which the kernel may hold.
+
+        The kernel's lookups of `old` now count for `new`: the same object (another name
+        of a hard link whose other names are gone) keeps its inode there; another object
+        gets a new generation, and the kernel, meeting the id with it, makes its inode of
+        the old one bad and a new one for this (fs/fuse/inode.c `fuse_iget`: "nodeid was
+        reused"), whose FORGETs then come for this id too. With the generation it kept,
+        the kernel would take the new object for the old one: the old target of a
+        symlink (`fuseinit`), the old data of a file. Not for an object only removed
+        (`Identity.new_upper_node` gives the new one a fresh id): the kernel makes its
+        old inode bad, and an open file removed would read EIO where overlayfs reads it.
+        """
+        new.nlookup = old.nlookup
+        if not same_object:
+            self.generations[new.ino] = self.generations.get(new.ino, 0) + 1
+        self.nodes[new.ino] = new
+
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped `n` references to node `ino`."""
         node = self.nodes.get(ino)
@@ -350,6 +371,8 @@ class InodeTable:
         if self.nodes.get(node.ino) is node:
             del self.nodes[node.ino]
             self._zombies[node.ino] = node
+            if self.generations:  # the kernel holds no inode of this id any more
+                self.generations.pop(node.ino, None)
         if node.is_dir:
             node.close_fds()
             node.drop_listing()
