@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import stat
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
+from unionfs import fuseinit
 from unionfs.fuseops import TIMEOUT, FuseOps
 from unionfs.inodes import ROOT_ID, Node
 from unionfs.layers import LayerStack
@@ -566,3 +568,17 @@ async def test_an_id_given_to_another_object_gets_a_new_generation(
     assert u.table.generations == {new.st_ino: 1}
     await ops.forget([(new.st_ino, 2)])
     assert new.st_ino not in u.table.nodes and not u.table.generations
+
+
+def test_the_init_hook_finds_one_connection_or_changes_nothing() -> None:
+    conn = struct.pack("<7I", 7, 41, 1 << 17, 1 << 17, 1 << 17, 0x3FFFFF, 0x1B2000 | 1 << 13)
+    raw = bytes(100) + conn + bytes(60)
+    assert fuseinit.conn_offset(raw) == 100
+    for other in (raw + conn, bytes(200), raw.replace(b"\x07\x00\x00\x00", b"\x08\x00\x00\x00")):
+        with pytest.raises(fuseinit.NotAsked):
+            fuseinit.conn_offset(other)
+    # pyfuse3 (this build has its symbol) with no session yet: read safely, nothing written.
+    assert fuseinit.want(pyfuse3.__file__ or "", fuseinit.FUSE_CAP_CACHE_SYMLINKS) == (
+        "pyfuse3 has no session"
+    )
+    assert fuseinit.want(os.devnull, fuseinit.FUSE_CAP_CACHE_SYMLINKS) is not None

@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from . import fuseinit
 from .copyup import CopyPlan
 from .idmap import ACL_XATTRS, IdMap
 from .inodes import Node, stat_fields
@@ -248,7 +249,14 @@ class FuseOps(pyfuse3.Operations):
     def init(self) -> None:
         """pyfuse3: INIT is being answered. `after_init` runs once the answer is sent:
         pyfuse3 calls this within the request's processing, which writes the answer
-        before the loop's task yields, and trio runs the callback only then."""
+        before the loop's task yields, and trio runs the callback only then. Until
+        then the answer can still ask for what pyfuse3 does not (`fuseinit`)."""
+        why = fuseinit.want(pyfuse3.__file__ or "", fuseinit.FUSE_CAP_CACHE_SYMLINKS)
+        if why is None:
+            log.debug("INIT: the kernel keeps symlinks' targets (FUSE_CACHE_SYMLINKS)")
+        else:  # slower, not wrong: said once, and the tests read it in the debug log
+            level = logging.DEBUG if why == fuseinit.NOT_OFFERED else logging.WARNING
+            log.log(level, "INIT: symlinks' targets not cached by the kernel: %s", why)
         after = self.after_init
         if after is None:
             return

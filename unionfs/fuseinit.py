@@ -1,0 +1,153 @@
+"""INIT capabilities pyfuse3 does not ask for: the kernel keeping symlinks' targets.
+
+Without FUSE_CACHE_SYMLINKS the kernel asks the daemon for a symlink's target on
+every path walk through it: a `chroot . true` on a warm mount is 13 requests, 4 of
+them READLINKs (`/lib64`, `/lib` twice, ld.so's link). With it the target is kept in
+the symlink inode's page cache, for as long as the kernel keeps the inode. pyfuse3
+(3.5) offers no way to ask for it, but its INIT handler calls the file system's
+`init()` (`FuseOps.init`) before libfuse builds the answer from the session's
+`conn.want`. That `struct fuse_conn_info` is reached through pyfuse3's module-level
+`session` pointer, a local symbol of its extension (`SESSION_SYMBOL`, in the file's
+ELF symbol table, read here with pread), and found inside libfuse's session by its
+shape: proto_major 7, a proto_minor, max_write, max_read, max_readahead, capable,
+want, where pyfuse3 has already asked for READDIRPLUS and cleared READDIRPLUS_AUTO.
+No symbol (a stripped build), a load address not found, not exactly one place of
+that shape, a kernel that does not offer the capability: nothing is written, and
+the mount works as before (`want` says why). The process's memory is read and
+written through /proc/self/mem, so a wrong address is an error, never a crash.
+
+Why caching is safe: the kernel keeps a target per inode (node id and generation),
+and a symlink's target never changes in place. A new target is a new object: a new
+upper inode, whose node id is never one the kernel still holds for another object
+(`Identity.new_upper_node`; `InodeTable.replace` gives a new generation where an id
+does go to another object). The same rule already keeps a file's page cache right.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse's fuse_common.h: pyfuse3 requires it
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # pyfuse3 clears it from want
+FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+SESSION_SYMBOL = b"__pyx_v_7pyfuse3_session"
+# struct fuse_session's conn lies within its first bytes (libfuse 3.x: after the
+# mount point, a few ints and the ~45 handler pointers of fuse_lowlevel_ops, ~0.45 KiB
+# in; the conn itself is 128 bytes).
+SCAN_BYTES = 768
+_CONN = struct.Struct("<7I")  # proto_major, proto_minor, max_write, max_read, ..., want
+_WANT = 24  # offset of `want` in struct fuse_conn_info
+_CAPABLE = 20
+
+_SHT_SYMTAB = 2
+_PT_LOAD = 1
+_STT_OBJECT = 1
+
+
+NOT_OFFERED = "the kernel does not offer it"  # `want`'s answer for an older kernel
+
+
+class NotAsked(Exception):
+    """Why the capability was not asked for (logged; the mount goes on without it)."""
+
+
+def _symbol(path: str, name: bytes) -> tuple[int, int]:
+    """(value, size) of the symbol `name` in the ELF64 file's .symtab, its file offset 0
+    mapped at its address 0 (so the value is an offset from the load address)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = os.pread(fd, 64, 0)
+        if head[:6] != b"\x7fELF\x02\x01":  # 64-bit, little-endian
+            raise NotAsked("not a 64-bit little-endian ELF file")
+        (phoff, shoff) = struct.unpack_from("<QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+        programs = os.pread(fd, phentsize * phnum, phoff)
+        for i in range(phnum):
+            p_type, _, p_offset, p_vaddr = struct.unpack_from("<IIQQ", programs, i * phentsize)
+            if p_type == _PT_LOAD and p_offset == 0 and p_vaddr != 0:
+                raise NotAsked("its first segment is not loaded at its address 0")
+        sections = os.pread(fd, shentsize * shnum, shoff)
+        for i in range(shnum):
+            (sh_type,) = struct.unpack_from("<I", sections, i * shentsize + 4)
+            if sh_type != _SHT_SYMTAB:
+                continue
+            off, size, link = struct.unpack_from("<QQI", sections, i * shentsize + 24)
+            str_off, str_size = struct.unpack_from("<QQ", sections, link * shentsize + 24)
+            strtab = os.pread(fd, str_size, str_off)
+            whole = name + b"\0"
+            for s_name, info, value, sym_size in struct.iter_unpack(
+                "<IBxxxQQ", os.pread(fd, size, off)
+            ):
+                if info & 0xF == _STT_OBJECT and strtab.startswith(whole, s_name):
+                    return value, sym_size
+            break
+        raise NotAsked(f"no symbol {name.decode()} (a stripped build?)")
+    finally:
+        os.close(fd)
+
+
+def _load_address(path: str) -> int:
+    """Where the file at `path` is mapped in this process (its offset-0 mapping): the
+    file read by `_symbol` itself, not one installed over it since."""
+    real = os.path.realpath(path)
+    ino = str(os.stat(real).st_ino)
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            if (
+                len(fields) == 6
+                and fields[5].rstrip("\n") == real
+                and fields[4] == ino
+                and int(fields[2], 16) == 0
+            ):
+                return int(fields[0].split("-")[0], 16)
+    raise NotAsked("its extension is not mapped under its own path")
+
+
+def conn_offset(raw: bytes) -> int:
+    """The offset of the one `struct fuse_conn_info` shape in `raw` (see the docstring)."""
+    found = []
+    for k in range(0, len(raw) - _CONN.size + 1, 4):
+        major, minor, max_write, _, _, capable, want = _CONN.unpack_from(raw, k)
+        if (
+            major == 7
+            and 26 <= minor < 100
+            and max_write
+            and capable & FUSE_CAP_READDIRPLUS
+            and want & FUSE_CAP_READDIRPLUS
+            and not want & FUSE_CAP_READDIRPLUS_AUTO
+            and not want & ~capable
+        ):
+            found.append(k)
+    if len(found) != 1:
+        raise NotAsked(f"{len(found)} places in its session look like its connection, not 1")
+    return found[0]
+
+
+def want(extension: str, cap: int) -> str | None:
+    """Add `cap` to the INIT answer being built, if the kernel offers it: None once done,
+    else why not. `extension`: pyfuse3's extension module file. Only from `init()`."""
+    try:
+        value, size = _symbol(extension, SESSION_SYMBOL)
+        if size != 8:
+            raise NotAsked(f"{SESSION_SYMBOL.decode()} is not a pointer")
+        address = _load_address(extension) + value
+        mem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            (session,) = struct.unpack("<Q", os.pread(mem, 8, address))
+            if not session:
+                raise NotAsked("pyfuse3 has no session")
+            raw = os.pread(mem, SCAN_BYTES, session)
+            conn = session + conn_offset(raw)
+            (capable, wanted) = struct.unpack_from("<II", raw, conn - session + _CAPABLE)
+            if not capable & cap:
+                return NOT_OFFERED
+            os.pwrite(mem, struct.pack("<I", wanted | cap), conn + _WANT)
+        finally:
+            os.close(mem)
+    except NotAsked as e:
+        return str(e)
+    except (OSError, ValueError, IndexError, struct.error) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
