@@ -192,6 +192,24 @@ def mounted(
             )
 
 
+@contextlib.contextmanager
+def debug_mount(lows: list[Path], mnt: Path, log: Path, upper: Path, work: Path) -> Iterator[None]:
+    """A mount whose daemon logs every request to `log` (-d keeps it in the foreground)."""
+    opts = f"lowerdir={lows[0]}:{lows[1]},upperdir={upper},workdir={work}"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*PYUNION, "mount", "-d", "-o", opts, str(mnt)], stderr=err)
+    try:
+        wait_until(lambda: is_mounted(mnt), what="the mount", alive=lambda: proc.poll() is None)
+        yield
+    finally:
+        pyunion("umount", str(mnt), check=False)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def pyunion_mount(
     lowers: Sequence[Path],
     mnt: Path,

@@ -4,43 +4,19 @@ target, through readlink and through a path walk, as on kernel overlayfs."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import (
-    PYUNION,
-    is_mounted,
+    debug_mount,
     kernel_overlay,
     kernel_overlay_skip_reason,
     mounted,
     needs_fuse,
-    pyunion,
-    wait_until,
 )
 
 ROUNDS = 40
-
-
-@contextlib.contextmanager
-def debug_mount(lows: list[Path], mnt: Path, log: Path, upper: Path, work: Path) -> Iterator[None]:
-    """A mount whose daemon logs every request to `log` (-d keeps it in the foreground)."""
-    opts = f"lowerdir={lows[0]}:{lows[1]},upperdir={upper},workdir={work}"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([*PYUNION, "mount", "-d", "-o", opts, str(mnt)], stderr=err)
-    try:
-        wait_until(lambda: is_mounted(mnt), what="the mount", alive=lambda: proc.poll() is None)
-        yield
-    finally:
-        pyunion("umount", str(mnt), check=False)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @needs_fuse

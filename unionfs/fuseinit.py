@@ -1,4 +1,4 @@
-"""INIT capabilities pyfuse3 does not ask for: the kernel keeping symlinks' targets.
+"""What pyfuse3 does not ask the kernel for: symlinks' targets and listings kept.
 
 Without FUSE_CACHE_SYMLINKS the kernel asks the daemon for a symlink's target on
 every path walk through it: a `chroot . true` on a warm mount is 13 requests, 4 of
@@ -21,12 +21,25 @@ and a symlink's target never changes in place. A new target is a new object: a n
 upper inode, whose node id is never one the kernel still holds for another object
 (`Identity.new_upper_node`; `InodeTable.replace` gives a new generation where an id
 does go to another object). The same rule already keeps a file's page cache right.
+
+Listings (`keep_listings`): a directory opened with FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
+is listed once into the kernel's readdir cache (the directory's page cache) and read
+from there after, until the directory changes: the kernel drops it when a change
+through the mount touches the directory (create, unlink, rename, link: its i_version)
+or its mtime is not the one cached, as kernel overlayfs keeps a merged directory's
+listing until its version changes. pyfuse3 sets neither flag; its OPENDIR handler is
+wrapped to set them. Only the daemon's own changes are unseen by the kernel, and none
+of them adds, removes or retypes a name (a copy-up, the links of a copied-up hard
+link), so a kept listing stays true.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import struct
+from collections.abc import Iterator
 
 FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse's fuse_common.h: pyfuse3 requires it
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # pyfuse3 clears it from want
@@ -43,6 +56,18 @@ _CAPABLE = 20
 _SHT_SYMTAB = 2
 _PT_LOAD = 1
 _STT_OBJECT = 1
+_STT_FUNC = 2
+_PTR = struct.Struct("<Q")
+
+OPENDIR_SYMBOL = b"__pyx_f_7pyfuse3_fuse_opendir"
+# struct fuse_file_info (libfuse 3): int flags, then its bit-fields in one word, first
+# bit lowest: writepage, direct_io, keep_cache, flush, nonseekable, flock_release,
+# cache_readdir, noflush.
+_FI_BITS = 4
+_FI_KEEP_CACHE = 1 << 2
+_FI_CACHE_READDIR = 1 << 6
+_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
+_KEPT: list[object] = []  # the wrapper and pyfuse3's handler: alive as long as the process
 
 
 NOT_OFFERED = "the kernel does not offer it"  # `want`'s answer for an older kernel
@@ -52,7 +77,7 @@ class NotAsked(Exception):
     """Why the capability was not asked for (logged; the mount goes on without it)."""
 
 
-def _symbol(path: str, name: bytes) -> tuple[int, int]:
+def _symbol(path: str, name: bytes, kind: int) -> tuple[int, int]:
     """(value, size) of the symbol `name` in the ELF64 file's .symtab, its file offset 0
     mapped at its address 0 (so the value is an offset from the load address)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -79,7 +104,7 @@ def _symbol(path: str, name: bytes) -> tuple[int, int]:
             for s_name, info, value, sym_size in struct.iter_unpack(
                 "<IBxxxQQ", os.pread(fd, size, off)
             ):
-                if info & 0xF == _STT_OBJECT and strtab.startswith(whole, s_name):
+                if info & 0xF == kind and strtab.startswith(whole, s_name):
                     return value, sym_size
             break
         raise NotAsked(f"no symbol {name.decode()} (a stripped build?)")
@@ -125,29 +150,82 @@ def conn_offset(raw: bytes) -> int:
     return found[0]
 
 
+@contextlib.contextmanager
+def _session(extension: str) -> Iterator[tuple[int, int, int]]:
+    """(an fd on /proc/self/mem, the extension's load address, libfuse's session's
+    address) for the block. `extension`: pyfuse3's extension module file."""
+    value, size = _symbol(extension, SESSION_SYMBOL, _STT_OBJECT)
+    if size != 8:
+        raise NotAsked(f"{SESSION_SYMBOL.decode()} is not a pointer")
+    base = _load_address(extension)
+    mem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        (session,) = _PTR.unpack(os.pread(mem, 8, base + value))
+        if not session:
+            raise NotAsked("pyfuse3 has no session")
+        yield mem, base, session
+    finally:
+        os.close(mem)
+
+
+def _why(e: Exception) -> str:
+    return str(e) if isinstance(e, NotAsked) else f"{type(e).__name__}: {e}"
+
+
 def want(extension: str, cap: int) -> str | None:
     """Add `cap` to the INIT answer being built, if the kernel offers it: None once done,
     else why not. `extension`: pyfuse3's extension module file. Only from `init()`."""
     try:
-        value, size = _symbol(extension, SESSION_SYMBOL)
-        if size != 8:
-            raise NotAsked(f"{SESSION_SYMBOL.decode()} is not a pointer")
-        address = _load_address(extension) + value
-        mem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            (session,) = struct.unpack("<Q", os.pread(mem, 8, address))
-            if not session:
-                raise NotAsked("pyfuse3 has no session")
+        with _session(extension) as (mem, _, session):
             raw = os.pread(mem, SCAN_BYTES, session)
             conn = session + conn_offset(raw)
             (capable, wanted) = struct.unpack_from("<II", raw, conn - session + _CAPABLE)
             if not capable & cap:
                 return NOT_OFFERED
             os.pwrite(mem, struct.pack("<I", wanted | cap), conn + _WANT)
-        finally:
-            os.close(mem)
-    except NotAsked as e:
-        return str(e)
-    except (OSError, ValueError, IndexError, struct.error) as e:
-        return f"{type(e).__name__}: {e}"
+    except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
+        return _why(e)
+    return None
+
+
+def keep_listings(extension: str) -> str | None:
+    """Have every directory opened from now on kept in the kernel's readdir cache: None
+    once done, else why not. `extension`: pyfuse3's extension module file.
+
+    pyfuse3's OPENDIR handler (`OPENDIR_SYMBOL`) answers with a copy of the
+    `struct fuse_file_info` libfuse hands it, its own handle set and nothing else. So
+    the handler's one slot in the session's `struct fuse_lowlevel_ops` (the only word
+    of the session's first bytes that holds the handler's address) is pointed at a
+    wrapper that sets `keep_cache` and `cache_readdir` in that structure first, which
+    pyfuse3's copy then carries into the answer (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR).
+    Requests are handled one at a time in this thread, this one (INIT) included, so
+    the slot is never read while it is written.
+    """
+    try:
+        with _session(extension) as (mem, base, session):
+            value, _ = _symbol(extension, OPENDIR_SYMBOL, _STT_FUNC)
+            handler = base + value
+            raw = os.pread(mem, SCAN_BYTES, session)
+            slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
+            if len(slots) != 1:
+                raise NotAsked(f"{len(slots)} places in its session hold its OPENDIR handler")
+            # pyfuse3's handler runs Python code: called with the interpreter's lock held.
+            original = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)(
+                handler
+            )
+
+            def opendir(req: int, ino: int, fi: int) -> None:
+                try:
+                    bits = ctypes.c_uint32.from_address(fi + _FI_BITS)
+                    bits.value |= _FI_KEEP_CACHE | _FI_CACHE_READDIR
+                finally:
+                    original(req, ino, fi)
+
+            wrapper = _HANDLER(opendir)
+            address = ctypes.cast(wrapper, ctypes.c_void_p).value
+            assert address is not None
+            _KEPT.extend((original, wrapper))
+            os.pwrite(mem, _PTR.pack(address), session + slots[0])
+    except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
+        return _why(e)
     return None

@@ -257,6 +257,11 @@ class FuseOps(pyfuse3.Operations):
         else:  # slower, not wrong: said once, and the tests read it in the debug log
             level = logging.DEBUG if why == fuseinit.NOT_OFFERED else logging.WARNING
             log.log(level, "INIT: symlinks' targets not cached by the kernel: %s", why)
+        why = fuseinit.keep_listings(pyfuse3.__file__ or "")
+        if why is None:
+            log.debug("INIT: the kernel keeps directory listings (FOPEN_CACHE_DIR)")
+        else:
+            log.warning("INIT: directory listings not kept by the kernel: %s", why)
         after = self.after_init
         if after is None:
             return

@@ -1,0 +1,158 @@
+"""Directory listings kept by the kernel (FOPEN_CACHE_DIR, unionfs/fuseinit.py): a
+listing read again is not asked of the daemon, and every change made through the
+mount shows in the next listing, as on kernel overlayfs."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import debug_mount, kernel_overlay, kernel_overlay_skip_reason, mounted, needs_fuse
+
+Listing = dict[str, dict[str, str]]
+
+
+def _kind(e: os.DirEntry[str]) -> str:
+    """The entry's type as the listing says it (d_type), not as a stat would."""
+    return "l" if e.is_symlink() else "d" if e.is_dir() else "f" if e.is_file() else "o"
+
+
+def _listings(root: Path) -> Listing:
+    """Every directory's listing (name -> type), read twice: the second read is the one
+    the kernel may serve from its cache, and must agree with the first."""
+    out: Listing = {}
+    todo = [root]
+    while todo:
+        d = todo.pop()
+        first = {e.name: _kind(e) for e in os.scandir(d)}
+        again = {e.name: _kind(e) for e in os.scandir(d)}
+        assert first == again, d
+        out[str(d.relative_to(root))] = first
+        todo += [d / n for n, k in first.items() if k == "d"]
+    return out
+
+
+def _fill(low: Path) -> None:
+    """A lower layer with something for every step of `STEPS` to change."""
+    for d in ("a", "b", "a/sub", "gone", "gone/deep", "opaque"):
+        (low / d).mkdir()
+    for f in ("a/f1", "a/f2", "a/sub/s", "b/g", "gone/x", "gone/deep/y", "opaque/old"):
+        (low / f).write_text(f)
+    os.symlink("f1", low / "a" / "ln")
+
+
+def _rmtree(p: Path) -> None:
+    """`rm -rf` as it goes: each name removed as soon as the listing hands it over."""
+    with os.scandir(p) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                _rmtree(Path(e.path))
+            else:
+                os.unlink(e.path)
+    os.rmdir(p)
+
+
+Step = Callable[[Path], None]
+STEPS: list[tuple[str, Step]] = [
+    ("create in a lower dir", lambda m: (m / "a" / "new").write_text("n")),
+    ("unlink a lower file", lambda m: os.unlink(m / "a" / "f2")),
+    ("mkdir", lambda m: os.mkdir(m / "b" / "nd")),
+    ("rename within a dir", lambda m: os.rename(m / "a" / "f1", m / "a" / "f1r")),
+    ("rename to another dir", lambda m: os.rename(m / "b" / "g", m / "a" / "g")),
+    ("rename a new dir away", lambda m: os.rename(m / "b" / "nd", m / "a" / "nd")),
+    ("rename over a name", lambda m: os.rename(m / "a" / "new", m / "a" / "g")),
+    ("rm -rf a lower tree", lambda m: _rmtree(m / "gone")),
+    ("recreate it empty", lambda m: os.mkdir(m / "gone")),
+    ("a hard link", lambda m: os.link(m / "a" / "g", m / "b" / "hard")),
+    ("a symlink", lambda m: os.symlink("nowhere", m / "b" / "sl")),
+    ("a fifo", lambda m: os.mkfifo(m / "b" / "fifo")),
+    ("a file turned into a dir", lambda m: (os.unlink(m / "a" / "ln"), os.mkdir(m / "a" / "ln"))),
+    ("rmdir", lambda m: os.rmdir(m / "a" / "nd")),
+    ("opaque dir emptied", lambda m: os.unlink(m / "opaque" / "old")),
+    ("a name in the emptied dir", lambda m: (m / "opaque" / "fresh").write_text("f")),
+]
+
+
+def _walk(m: Path) -> list[Listing]:
+    """The listings before the first step and after each one."""
+    seen = [_listings(m)]
+    for _, step in STEPS:
+        step(m)
+        seen.append(_listings(m))
+    return seen
+
+
+@needs_fuse
+def test_the_kernel_keeps_listings(layers: tuple, tmp_path: Path) -> None:
+    lows, upper, work, mnt = layers
+    for i in range(50):
+        (lows[0] / f"f{i}").write_text("x")
+    log = tmp_path / "daemon.log"
+    with debug_mount(lows, mnt, log, upper, work):
+        for _ in range(20):
+            assert len(os.listdir(mnt)) == 50
+        (mnt / "new").write_text("n")  # a change through the mount: listed again, once
+        for _ in range(20):
+            assert len(os.listdir(mnt)) == 51
+        text = log.read_text()
+    assert "INIT: the kernel keeps directory listings" in text, text[:2000]
+    # Two READDIRs a listing (the entries, then the end): 80 without the kernel's copies.
+    assert text.count("readdir(") == 4, text.count("readdir(")
+
+
+@needs_fuse
+def test_every_change_shows_in_the_next_listing(layers: tuple, tmp_path: Path) -> None:
+    """Each directory listed twice before and after every step (so the kernel holds its
+    listing when the step changes it), the same as on kernel overlayfs."""
+    lows, upper, work, mnt = layers
+    _fill(lows[0])
+    with mounted(lows, mnt, upper, work):
+        seen = _walk(mnt)
+    for before, after, (what, _) in zip(seen[:-1], seen[1:], STEPS, strict=True):
+        assert before != after, what
+    reason = kernel_overlay_skip_reason()
+    if reason is not None:
+        pytest.fail(f"kernel overlayfs, the oracle, cannot be mounted: {reason}")
+    k = tmp_path / "k"
+    kl = k / "l"
+    for d in (kl, k / "u", k / "m"):
+        d.mkdir(parents=True)
+    _fill(kl)
+    with kernel_overlay([kl, lows[1]], k / "m", k / "u", k / "w") as km:
+        expected = _walk(km)
+    for got, want, what in zip(seen, expected, ["start", *(w for w, _ in STEPS)], strict=True):
+        assert got == want, what
+
+
+@needs_fuse
+def test_names_removed_while_listed_are_each_seen_once(layers: tuple) -> None:
+    """A program removing what it reads (`rm -rf`) in a kept listing: the listing is
+    dropped at each removal and read on from the daemon, no name skipped or repeated."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "d").mkdir()
+    for i in range(600):
+        (lows[0] / "d" / f"low{i}").write_text("x")
+    with mounted(lows, mnt, upper, work):
+        for i in range(300):
+            (mnt / "d" / f"up{i}").write_text("y")
+        assert len(os.listdir(mnt / "d")) == 900  # kept now
+        names = []
+        with os.scandir(mnt / "d") as it:
+            for e in it:
+                names.append(e.name)
+                os.unlink(e.path)
+        assert sorted(names) == sorted(
+            [f"low{i}" for i in range(600)] + [f"up{i}" for i in range(300)]
+        )
+        assert os.listdir(mnt / "d") == []
+        fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert os.listdir(fd) == []
+            (mnt / "d" / "late").write_text("z")
+            assert os.listdir(fd) == ["late"]  # rewound on an open fd: the directory now
+            assert stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
