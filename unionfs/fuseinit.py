@@ -228,4 +228,6 @@ def keep_listings(extension: str) -> str | None:
             os.pwrite(mem, _PTR.pack(address), session + slots[0])
     except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
         return _why(e)
+    except MemoryError as e:  # libffi found no executable memory for the callback
+        return f"no callback: {e}"
     return None
