@@ -145,7 +145,7 @@ def test_unlink_and_rmdir_write_kernel_whiteouts(tmp_path: Path, two: tuple[Path
         assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     assert names(u) == set()
     # A name only in the upper leaves no whiteout.
-    fh, _ = u.create(u.root, b"new", 0o644, os.O_WRONLY, Ctx())
+    fh, _, _ = u.create(u.root, b"new", 0o644, os.O_WRONLY, Ctx())
     u.release(fh)
     u.unlink(u.root, b"new")
     assert not os.path.lexists(upper / "new")

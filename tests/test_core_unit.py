@@ -404,9 +404,39 @@ def test_oci_whiteouts_and_opaque_dirs_written(tmp_path: Path, made: list[Union]
     assert (upper / "d" / ".wh..wh..opq").is_file()
     assert os.getxattr(upper / "d", "user.overlay.opaque") == b"y"
     assert names(u, b"d") == set()
-    fh, _ = u.create(u.root, b"f", 0o640, os.O_WRONLY, Ctx(os.getuid(), os.getgid()))
+    fh, _, _ = u.create(u.root, b"f", 0o640, os.O_WRONLY, Ctx(os.getuid(), os.getgid()))
     u.release(fh)
     assert not (upper / ".wh.f").exists() and (upper / "f").is_file()
+
+
+def test_create_returns_the_attributes_on_disk(tmp_path: Path, made: list[Union]) -> None:
+    """The attributes `create` hands the reply (taken from the fd it made, not stat'ed
+    again) are those of the object in place: after a set-ID chmod, a chown to the
+    caller, and a rename over a whiteout (which changes the ctime)."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"gone": "x"})
+    u = make(tmp_path, made, [l1])
+    u.unlink(u.root, b"gone")  # a whiteout (the kernel's form as root) to create over
+    root = os.geteuid() == 0
+    other = Ctx(1234, 5678) if root else Ctx(os.getuid(), os.getgid())
+    mine = Ctx(os.getuid(), os.getgid())
+    for name, mode, ctx in [
+        (b"plain", 0o640, mine),
+        (b"setid", 0o6755, mine),  # made 0o6700 under the umask below: chmod'ed after
+        (b"theirs", 0o644, other),
+        (b"gone", 0o600, mine),
+    ]:
+        old_umask = os.umask(0o077)
+        try:
+            fh, node, (st, nlink) = u.create(u.root, name, mode, os.O_WRONLY, ctx)
+        finally:
+            os.umask(old_umask)
+        u.release(fh)
+        disk = os.lstat(tmp_path / "upper" / os.fsdecode(name))
+        fields = ("st_ino", "st_mode", "st_uid", "st_gid", "st_size", "st_nlink")
+        assert [getattr(st, f) for f in fields] == [getattr(disk, f) for f in fields], name
+        assert (st.st_mtime_ns, st.st_ctime_ns) == (disk.st_mtime_ns, disk.st_ctime_ns), name
+        assert nlink == disk.st_nlink == 1 and u.stat(node) == (disk, 1)
 
 
 def test_rename_leaving_whiteout_falls_back_to_a_marker(tmp_path: Path) -> None:

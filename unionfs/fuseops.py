@@ -48,7 +48,7 @@ import trio
 from . import fuseinit
 from .copyup import CopyPlan
 from .idmap import ACL_XATTRS, IdMap
-from .inodes import Node, stat_fields
+from .inodes import AnyStat, Node, stat_fields
 from .union import ACL_ACCESS, Ctx, Union
 from .whiteout import missing_xattr_errno
 
@@ -275,8 +275,12 @@ class FuseOps(pyfuse3.Operations):
         trio.lowlevel.current_trio_token().run_sync_soon(run)
 
     # -- attributes ------------------------------------------------------------
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        st, nlink = self.core.stat(node)
+    def _attr(
+        self, node: Node, attrs: tuple[AnyStat, int] | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """The reply's attributes of `node`: `Union.stat`'s, or `attrs` that an operation
+        returned in its place (create: of the fd it made)."""
+        st, nlink = self.core.stat(node) if attrs is None else attrs
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         # Every entry reply's (lookup, create, mknod, mkdir, symlink, link, readdirplus
@@ -618,10 +622,10 @@ class FuseOps(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node = self.core.create(
+        fh, node, attrs = self.core.create(
             self.core.node(parent_inode), name, mode, flags, self._caller(ctx)
         )
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node, attrs)
 
 
 class MappedFuseOps(FuseOps):
@@ -636,9 +640,11 @@ class MappedFuseOps(FuseOps):
         self.idmap = idmap
         super().__init__(core, debug)
 
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attr(
+        self, node: Node, attrs: tuple[AnyStat, int] | None = None
+    ) -> pyfuse3.EntryAttributes:
         # Mapped here, before anything reads it.
-        a = super()._attr(node)
+        a = super()._attr(node, attrs)
         m = self.idmap
         a.st_uid = m.shown_uid(a.st_uid)
         a.st_gid = m.shown_gid(a.st_gid)

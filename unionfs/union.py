@@ -518,15 +518,17 @@ class Union:
                 mode |= stat.S_ISGID
         return ctx.uid, gid, mode
 
-    def _chown_new(self, st: os.stat_result, uid: int, gid: int, chown: Callable[[], None]) -> None:
+    def _chown_new(self, st: os.stat_result, uid: int, gid: int, chown: Callable[[], None]) -> bool:
         """Give an object just made (`st`) its owner with `chown()`, unless it has it already:
         the daemon making its own caller's objects (root's, as root: most of them), or a
-        group a set-group-ID parent gave it, as asked (`_owner`)."""
-        if st.st_uid != uid or st.st_gid != gid:
-            try:
-                chown()
-            except OSError as e:
-                chown_failed(e, self.owners_optional)
+        group a set-group-ID parent gave it, as asked (`_owner`). Whether it chowned."""
+        if st.st_uid == uid and st.st_gid == gid:
+            return False
+        try:
+            chown()
+        except OSError as e:
+            chown_failed(e, self.owners_optional)
+        return True
 
     def _chown_new_at(self, dfd: int, name: bytes, uid: int, gid: int) -> os.stat_result:
         """`_chown_new` of the object `name` in `dfd`, by name, never followed; its stat
@@ -576,7 +578,9 @@ class Union:
 
     def create(
         self, parent: Node, name: bytes, mode: int, flags: int, ctx: Ctx
-    ) -> tuple[int, Node]:
+    ) -> tuple[int, Node, tuple[AnyStat, int]]:
+        """The new file's handle, its node, and its attributes as `stat` gives them: taken
+        from the fd just made, so that the reply costs no stat of its own."""
         pfd, wh = self._prepare_new(parent, name)
         uid, gid, mode = self._owner(pfd, ctx, False, mode & 0o7777)
         fds: list[int] = []
@@ -590,19 +594,22 @@ class Union:
             )
             fds.append(fd)
             st = os.fstat(fd)
-            self._chown_new(st, uid, gid, lambda: os.fchown(fd, uid, gid))
+            changed = self._chown_new(st, uid, gid, lambda: os.fchown(fd, uid, gid))
             if mode & (stat.S_ISUID | stat.S_ISGID):
                 os.fchmod(fd, mode)
-            return st
+                changed = True
+            return os.fstat(fd) if changed else st
 
         try:
             st = self._place(parent, pfd, name, wh, False, make)
+            if wh == "kernel":  # renamed into place since: a new ctime
+                st = os.fstat(fds[0])
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         node = self.identity.new_upper_node(parent, name, st)
-        return self.handles.add_file(node, fds[0], True), node
+        return self.handles.add_file(node, fds[0], True), node, (st, st.st_nlink)
 
     def mkdir(self, parent: Node, name: bytes, mode: int, ctx: Ctx) -> Node:
         pfd, wh = self._prepare_new(parent, name)
