@@ -439,6 +439,38 @@ def test_create_returns_the_attributes_on_disk(tmp_path: Path, made: list[Union]
         assert nlink == disk.st_nlink == 1 and u.stat(node) == (disk, 1)
 
 
+def test_names_taken_in_an_upper_only_dir(tmp_path: Path, made: list[Union]) -> None:
+    """In an upper-only directory a new name is not looked up first: making the object
+    says EEXIST, for each kind, and leaves what is there as it was."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"f": "x"})
+    u = make(tmp_path, made, [l1])
+    me = Ctx(os.getuid(), os.getgid())
+    d = u.mkdir(u.root, b"d", 0o755, me)
+    assert d.chain == (0,)
+    fh, _, _ = u.create(d, b"f", 0o644, os.O_WRONLY, me)
+    u.write(fh, 0, b"data")
+    u.release(fh)
+    u.mkdir(d, b"sub", 0o755, me)
+    lower_f = walk(u, b"f")
+    attempts = [
+        lambda n: u.create(d, n, 0o644, os.O_WRONLY, me),
+        lambda n: u.mkdir(d, n, 0o755, me),
+        lambda n: u.mknod(d, n, stat.S_IFIFO | 0o644, 0, me),
+        lambda n: u.symlink(d, n, b"target", me),
+        lambda n: u.link(lower_f, d, n),
+    ]
+    for attempt in attempts:
+        for name in (b"f", b"sub"):
+            assert d.listing is None
+            with pytest.raises(OSError) as e:
+                attempt(name)
+            assert e.value.errno == errno.EEXIST
+    assert (tmp_path / "upper" / "d" / "f").read_bytes() == b"data"
+    assert (tmp_path / "upper" / "d" / "sub").is_dir()
+    assert sorted(os.listdir(tmp_path / "upper" / "d")) == ["f", "sub"]
+
+
 def test_rename_leaving_whiteout_falls_back_to_a_marker(tmp_path: Path) -> None:
     d = tmp_path / "d"
     d.mkdir()

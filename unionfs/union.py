@@ -503,7 +503,11 @@ class Union:
         self._writable()
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR)
-        if self.resolver.resolve(parent, name) is not None:
+        # In an upper-only directory whose listing is not at hand, the name's one stat
+        # would tell only what making the object tells as well: EEXIST (no layer below,
+        # no whiteout to replace: `upper_whiteout`).
+        upper_only = parent.chain == (0,) and parent.listing is None
+        if not upper_only and self.resolver.resolve(parent, name) is not None:
             raise FsError(errno.EEXIST)
         pfd = self.copyup.upper_dirfd(parent)
         return pfd, self.upper_whiteout(parent, pfd, name)
