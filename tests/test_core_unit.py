@@ -471,6 +471,31 @@ def test_names_taken_in_an_upper_only_dir(tmp_path: Path, made: list[Union]) -> 
     assert sorted(os.listdir(tmp_path / "upper" / "d")) == ["f", "sub"]
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_removed_file_shows_its_last_attributes(
+    tmp_path: Path, made: list[Union], listed: bool
+) -> None:
+    """A file removed while nobody has it open shows the attributes it had when removed,
+    whether its name was resolved by a stat then or from a listing cached before it
+    was written to (a listing keeps the stat it was made with)."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"low": "x"})
+    u = make(tmp_path, made, [l1])
+    me = Ctx(os.getuid(), os.getgid())
+    fh, node, _ = u.create(u.root, b"f", 0o644, os.O_WRONLY, me)
+    u.release(fh)
+    if listed:
+        u.resolver.listing(u.root)
+        assert u.root.listing is not None
+    fh = u.open(node, os.O_WRONLY)
+    u.write(fh, 0, b"grown")
+    u.release(fh)
+    disk = os.lstat(tmp_path / "upper" / "f")
+    u.unlink(u.root, b"f")
+    st, nlink = u.stat(node)
+    assert (st.st_size, st.st_mtime_ns, st.st_ino, nlink) == (5, disk.st_mtime_ns, disk.st_ino, 0)
+
+
 def test_rename_leaving_whiteout_falls_back_to_a_marker(tmp_path: Path) -> None:
     d = tmp_path / "d"
     d.mkdir()

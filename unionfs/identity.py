@@ -139,7 +139,7 @@ class Identity:
         node.nlookup += 1
         return node
 
-    def dropped(self, node: Node, parent: Node, name: bytes, st: os.stat_result | None) -> None:
+    def dropped(self, node: Node, parent: Node, name: bytes, st: AnyStat | None) -> None:
         """Bookkeeping after `name` in `parent` stopped naming `node` (`st`: its upper stat)."""
         node.drop_link(parent, name)
         if node.is_dir:

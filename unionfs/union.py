@@ -710,14 +710,18 @@ class Union:
 
     def unlink(self, parent: Node, name: bytes) -> None:
         self._writable()
+        # Without a cached listing, resolving the name stats it: that stat is current.
+        fresh = parent.listing is None
         entry, node = self.existing(parent, name)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         whiteout = self._lower_has_entry(parent, name, entry)
         pfd = self.copyup.upper_dirfd(parent)
-        st = None
+        st: AnyStat | None = None
         if entry.layer == 0:
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            # What a stat of the removed file shows (`stat`, unlinked and not open), and
+            # its link count for `Identity.dropped`.
+            st = entry.st if fresh else os.stat(name, dir_fd=pfd, follow_symlinks=False)
             node.st = st
             self._remove_upper(pfd, name, whiteout, False)
         else:
