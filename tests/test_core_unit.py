@@ -496,6 +496,32 @@ def test_a_removed_file_shows_its_last_attributes(
     assert (st.st_size, st.st_mtime_ns, st.st_ino, nlink) == (5, disk.st_mtime_ns, disk.st_ino, 0)
 
 
+def test_setting_one_time_leaves_the_other(tmp_path: Path, made: list[Union]) -> None:
+    """A setattr with one time (utimensat's UTIME_OMIT for the other, as tar sends) sets
+    that one and leaves the other as it is, on a file, a symlink and a directory, open or
+    not (`syscalls.utimens`: futimens on an fd, utimensat through the object's path)."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"f": "x", "d": {}})
+    os.symlink("f", l1 / "s")
+    for p in ("f", "s", "d"):
+        os.utime(l1 / p, ns=(10**9, 2 * 10**9), follow_symlinks=False)
+    u = make(tmp_path, made, [l1])
+    upper = tmp_path / "upper"
+    for name in (b"f", b"s", b"d"):
+        node = walk(u, name)
+        u.setattr(node, mtime_ns=5 * 10**9 + 7)
+        st = os.lstat(upper / os.fsdecode(name))
+        assert (st.st_atime_ns, st.st_mtime_ns) == (10**9, 5 * 10**9 + 7), name
+        u.setattr(node, atime_ns=3 * 10**9)
+        st = os.lstat(upper / os.fsdecode(name))
+        assert (st.st_atime_ns, st.st_mtime_ns) == (3 * 10**9, 5 * 10**9 + 7), name
+    fh = u.open(walk(u, b"f"), os.O_RDWR)
+    u.setattr(walk(u, b"f"), mtime_ns=-(10**9) - 1, fh=fh)  # before 1970: divmod's floor
+    u.release(fh)
+    st = os.lstat(upper / "f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (3 * 10**9, -(10**9) - 1)
+
+
 def test_rename_leaving_whiteout_falls_back_to_a_marker(tmp_path: Path) -> None:
     d = tmp_path / "d"
     d.mkdir()

@@ -243,6 +243,35 @@ def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flag
         raise OSError(err, os.strerror(err))
 
 
+UTIME_OMIT = (1 << 30) - 2  # a timespec's tv_nsec: leave this time as it is
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+
+
+def _timespec(ns: int | None) -> _Timespec:
+    if ns is None:
+        return _Timespec(0, UTIME_OMIT)
+    return _Timespec(*divmod(ns, 1_000_000_000))
+
+
+def utimens(target: int | bytes, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """`os.utime(target, ns=(atime_ns, mtime_ns))` where a time given as None is left as
+    it is (UTIME_OMIT): setting one time alone needs no stat to read the other first,
+    and cannot put back an older value of it. `target` is an fd or a path (followed,
+    as os.utime does: an fdpath reaches the object itself, a symlink too)."""
+    times = (_Timespec * 2)(_timespec(atime_ns), _timespec(mtime_ns))
+    if isinstance(target, int):
+        _check(_libc.futimens(target, times), "futimens")
+    else:
+        _check(_libc.utimensat(AT_FDCWD, target, times, 0), "utimensat", target)
+
+
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 

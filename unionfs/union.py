@@ -35,7 +35,7 @@ from .inodes import ROOT_ID, UNLINKED, AnyStat, DirNode, InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
-from .syscalls import RENAME_EXCHANGE, chmod_nofollow, fdpath, renameat2
+from .syscalls import RENAME_EXCHANGE, chmod_nofollow, fdpath, renameat2, utimens
 from .tree import rmtree_at
 from .whiteout import (
     OPQ_OCI,
@@ -844,12 +844,14 @@ class Union:
             if mode is not None and not is_link:  # a symlink's mode cannot change
                 os.chmod(target, stat.S_IMODE(mode))
             if atime_ns is not None or mtime_ns is not None:
-                if atime_ns is None or mtime_ns is None:
+                pin = self.writeback and not node.is_dir
+                if pin and (atime_ns is None or mtime_ns is None):
+                    # the pin re-applies both times: the one not given is read first
                     cur = self.stat(node)[0]
                     atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
                     mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
-                os.utime(target, ns=(atime_ns, mtime_ns))
-                if self.writeback and not node.is_dir:
+                utimens(target, atime_ns, mtime_ns)  # one not given: left as it is
+                if pin and atime_ns is not None and mtime_ns is not None:
                     self._pins[node] = (atime_ns, mtime_ns)
         node.xnames = None  # chmod rewrites an ACL
 
