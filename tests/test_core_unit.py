@@ -695,3 +695,25 @@ def test_the_init_hook_finds_one_connection_or_changes_nothing() -> None:
         "pyfuse3 has no session"
     )
     assert fuseinit.want(os.devnull, fuseinit.FUSE_CAP_CACHE_SYMLINKS) is not None
+
+
+def test_xattr_names_kept_across_a_change_of_times(tmp_path: Path, made: list[Union]) -> None:
+    """The names stay known across a setattr of times alone (tar's utimens, then its
+    chown, asks for security.capability in between): only a change of mode, owner or size
+    can change an object's xattrs, and it makes them read again."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"f": "1"})
+    u = make(tmp_path, made, [l1])
+    f = walk(u, b"f")
+    u.copy_up(f)
+    os.setxattr(tmp_path / "upper" / "f", "user.k", b"v")
+    f.xnames = None
+    assert u.has_xattr(f, b"user.k")
+    names = f.xnames
+    u.setattr(f, mtime_ns=10**9)
+    u.setattr(f, atime_ns=10**9, mtime_ns=10**9)
+    assert f.xnames is names
+    for change in ({"mode": 0o600}, {"uid": os.getuid()}, {"size": 0}):
+        u.setattr(f, **change)  # type: ignore[arg-type]
+        assert f.xnames is None, change
+        assert u.has_xattr(f, b"user.k")

@@ -1747,6 +1747,9 @@ def capabilities_on_chown(p: Probe) -> None:
     r = p.r
     cap = bytes.fromhex("0100000200000000000000000000000000000000")
     p.do("set caps", lambda: os.setxattr(r / "g", "security.capability", cap))
+    p.do("set times", lambda: os.utime(r / "g", ns=(T1, T1)))
+    p.do("set mtime alone", lambda: utimensat(r / "g", "omit", T0))
+    p.xattrs("after times", "g")
     p.do("chown root to root", lambda: os.chown(r / "g", 0, 0))
     p.xattrs("after chown", "g")
     p.do("set caps again", lambda: os.setxattr(r / "g", "security.capability", cap))

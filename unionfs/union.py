@@ -853,7 +853,10 @@ class Union:
                 utimens(target, atime_ns, mtime_ns)  # one not given: left as it is
                 if pin and atime_ns is not None and mtime_ns is not None:
                     self._pins[node] = (atime_ns, mtime_ns)
-        node.xnames = None  # chmod rewrites an ACL
+        if mode is not None or uid is not None or gid is not None or size is not None:
+            # chmod rewrites an ACL; a chown or a truncation drops security.capability.
+            # Times alone change no xattr.
+            node.xnames = None
 
     def setxattr(
         self, node: Node, name: bytes, value: bytes, flags: int = 0, kill_sgid: bool = False
