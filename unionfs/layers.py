@@ -42,7 +42,13 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
 
 
 def open_file_at(dirfd: int, name: bytes, flags: int) -> int:
+    """Open the regular file NAME below `dirfd` with `flags` (`open_file_stat_at`)."""
+    return open_file_stat_at(dirfd, name, flags)[0]
+
+
+def open_file_stat_at(dirfd: int, name: bytes, flags: int) -> tuple[int, os.stat_result]:
     """Open the regular file NAME below `dirfd` with `flags`; ESTALE if it is not one now.
+    With the file's stat, which the check takes (a copy-up reads it: no second fstat).
 
     Whoever owns a layer directory can swap a FIFO in for the file the node was
     looked up as: a plain open would then wait for a writer (or a reader) and
@@ -60,7 +66,8 @@ def open_file_at(dirfd: int, name: bytes, flags: int) -> int:
             raise FsError(errno.ESTALE, "not the regular file it was looked up as") from None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise FsError(errno.ESTALE, "not the regular file it was looked up as")
         if not flags & os.O_NONBLOCK:
             # the status flags are the ones just opened with (F_SETFL takes only those):
@@ -69,7 +76,7 @@ def open_file_at(dirfd: int, name: bytes, flags: int) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 def open_layer_dir(path: str, what: str, flags: int = os.O_RDONLY | os.O_DIRECTORY) -> int:
