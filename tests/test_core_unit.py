@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
-from unionfs import fuseinit
+from unionfs import copyup, fuseinit
 from unionfs.fuseops import TIMEOUT, FuseOps
 from unionfs.inodes import ROOT_ID, Node
 from unionfs.layers import LayerStack
@@ -520,6 +520,31 @@ def test_setting_one_time_leaves_the_other(tmp_path: Path, made: list[Union]) ->
     u.release(fh)
     st = os.lstat(upper / "f")
     assert (st.st_atime_ns, st.st_mtime_ns) == (3 * 10**9, -(10**9) - 1)
+
+
+def test_copy_file_data_whole_or_around_holes(tmp_path: Path) -> None:
+    """A file whose allocated blocks cover its size is copied whole (no SEEK_DATA or
+    SEEK_HOLE asked); one with holes is copied around them, which stay holes."""
+    plain, sparse = tmp_path / "plain", tmp_path / "sparse"
+    plain.write_bytes(b"x" * 5000)
+    with open(sparse, "wb") as f:
+        f.seek(8 << 20)
+        f.write(b"middle")
+        f.truncate(16 << 20)
+    for src in (plain, sparse):
+        st = os.stat(src)
+        dst = tmp_path / (src.name + ".copy")
+        sfd = os.open(src, os.O_RDONLY)
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            end = copyup.copy_file_data(sfd, dfd, st.st_size, st.st_blocks * 512)
+            os.ftruncate(dfd, st.st_size)
+        finally:
+            os.close(sfd)
+            os.close(dfd)
+        assert dst.read_bytes() == src.read_bytes()
+        assert end == 5000 if src is plain else (8 << 20) + 6 <= end < 16 << 20
+    assert os.stat(tmp_path / "sparse.copy").st_blocks * 512 < 1 << 20
 
 
 def test_rename_leaving_whiteout_falls_back_to_a_marker(tmp_path: Path) -> None:

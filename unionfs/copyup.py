@@ -70,10 +70,17 @@ def chown_failed(e: OSError, optional: bool) -> None:
         raise e
 
 
-def copy_file_data(src: int, dst: int, size: int) -> int:
+def copy_file_data(src: int, dst: int, size: int, allocated: int = 0) -> int:
     """Copy `size` bytes, skipping holes; the end of the last byte written, which is the
     copy's size (a trailing hole, or a source that shrank, leaves it short: the caller's
-    ftruncate sets the final size then)."""
+    ftruncate sets the final size then).
+
+    A file with `allocated` bytes (st_blocks * 512) as many as its size has no room for a
+    hole, unless blocks of its xattrs or preallocated past its end are counted: it is
+    copied whole without looking for holes (two lseeks less for most files, which are
+    small), such a rare hole as the zeros it reads as."""
+    if size and allocated >= size:
+        return _copy_region(src, dst, 0, size)
     off = 0
     end = 0
     while off < size:
@@ -88,17 +95,23 @@ def copy_file_data(src: int, dst: int, size: int) -> int:
         except OSError:
             hole = size
         hole = min(hole, size)
-        pos = data
-        while pos < hole:
-            n = _copy_range(src, dst, min(hole - pos, _CHUNK), pos)
-            if n == 0:
-                break
-            pos += n
+        pos = _copy_region(src, dst, data, hole)
+        if pos > data:
             end = pos
         off = max(hole, pos)
         if pos < hole:  # the source shrank under us
             break
     return end
+
+
+def _copy_region(src: int, dst: int, pos: int, end: int) -> int:
+    """Copy bytes `pos` to `end`; where it stopped (before `end`: the source shrank)."""
+    while pos < end:
+        n = _copy_range(src, dst, min(end - pos, _CHUNK), pos)
+        if n == 0:
+            break
+        pos += n
+    return pos
 
 
 def _copy_range(src: int, dst: int, count: int, pos: int) -> int:
@@ -159,7 +172,8 @@ class CopyJob:
     def copy_data(self) -> None:
         """The data copy: I/O on two fds only, safe in a worker thread."""
         if self.with_data and self.src_fd >= 0 and self.st.st_size:
-            self.copied = copy_file_data(self.src_fd, self.dst_fd, self.st.st_size)
+            st = self.st
+            self.copied = copy_file_data(self.src_fd, self.dst_fd, st.st_size, st.st_blocks * 512)
 
     def finish(self) -> None:
         """Move the copy into place and point the node at it (on the event loop)."""
