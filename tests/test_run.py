@@ -1270,3 +1270,62 @@ def test_readahead_window_widened(env: Env) -> None:
         p.kill()
         p.communicate(timeout=30)
     env.wait_clean()
+
+
+# Runs as pid 1 of a pid namespace of its own, where it chooses the next pid
+# (ns_last_pid): argv[1] the pyunion run command, which prints "ready".
+_PID_REUSE = r"""
+import os, signal, subprocess, sys, time
+
+def parent_of(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+def nested(pid):  # init: pid 1 of a pid namespace below ours
+    with open(f"/proc/{pid}/status") as f:
+        return any(l.startswith("NSpid:") and len(l.split()) > 2 for l in f)
+
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+assert p.stdout.readline() == b"ready\n"
+kids = [int(q) for q in os.listdir("/proc") if q.isdigit() and parent_of(int(q)) == p.pid]
+janitor = next(k for k in kids if open(f"/proc/{k}/cmdline", "rb").read().startswith(b"sh\0"))
+init = next(k for k in kids if nested(k))
+daemon = next(k for k in kids if k not in (janitor, init))
+os.kill(janitor, signal.SIGSTOP)  # it acts once the container's pids are another's
+p.kill()
+p.wait()
+os.kill(init, signal.SIGKILL)
+gone, deadline = set(), time.monotonic() + 20
+while gone != {init, daemon} and time.monotonic() < deadline:
+    pid, _ = os.waitpid(-1, os.WNOHANG)  # orphans are ours to reap
+    gone.add(pid) if pid else time.sleep(0.02)
+assert gone == {init, daemon}, gone
+victims = []
+for pid in (init, daemon):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    victims.append(subprocess.Popen(["sleep", "60"]))
+assert [v.pid for v in victims] == [init, daemon], [v.pid for v in victims]
+os.kill(janitor, signal.SIGCONT)
+os.waitpid(janitor, 0)
+print(" ".join("alive" if v.poll() is None else "killed" for v in victims))
+"""
+
+
+def test_janitor_kills_no_reused_pid(env: Env) -> None:
+    """SIGKILL to pyunion, then the container's init and the daemon exit and their pids go
+    to other processes before the janitor acts: it signals the processes it was told of
+    (pidfds of those very ones), never whatever holds their pids now (it SIGKILLed the one
+    at init's pid and SIGTERMed the one at the daemon's, as root)."""
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _PID_REUSE]
+    r = subprocess.run(
+        [*unshare, *env.cmd(command=("sh", "-c", "echo ready; sleep 30"))],
+        capture_output=True,
+        text=True,
+        env=env.env,
+        timeout=50,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["alive", "alive"], r.stderr
+    env.wait_clean()

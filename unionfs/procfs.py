@@ -2,7 +2,7 @@
 
 The supervisor of a running container (`supervise.py`) imports this in a fresh
 interpreter that lives as long as the container: no module here may pull in
-more than `os`, `select` and `time` (`mount.py` re-exports these names).
+more than `os`, `select`, `time` and `_signal` (`mount.py` re-exports these names).
 """
 
 from __future__ import annotations
@@ -10,6 +10,12 @@ from __future__ import annotations
 import os
 import select
 import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal
+else:
+    import _signal  # `signal` imports enum
 
 
 # -- mount table ---------------------------------------------------------------
@@ -166,3 +172,52 @@ def wait_gone(pid: int, timeout: float) -> bool:
     finally:
         if pidfd >= 0:
             os.close(pidfd)
+
+
+def start_time(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (/proc/PID/stat's 22nd
+    field); None when it is gone. With the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_id(pid: int) -> bytes:
+    """The process `pid` as "PID START", as a process that may outlive its parent is told
+    of it (`open_process`). Call it while `pid` cannot be reaped (a child of the caller)."""
+    return f"{pid} {start_time(pid) or 0}".encode()
+
+
+def open_process(told: bytes) -> int | None:
+    """A pidfd of the process `process_id` named, if it is still there (a zombie too),
+    not only its pid.
+
+    Opened first, then checked: a pid is reused as soon as its process is reaped, so the
+    number alone could name another process by now, and signalling that as root is what
+    a janitor of a killed pyunion must never do. The start time read through the pid once
+    the pidfd holds it tells whether the pidfd is of the process named."""
+    pid_s, _, start_s = told.partition(b" ")
+    if not (pid_s.isdigit() and start_s.isdigit()) or len(pid_s) > 10:  # bytes: ASCII
+        return None
+    try:
+        pidfd = os.pidfd_open(int(pid_s))
+    except OSError:
+        return None
+    if start_time(int(pid_s)) != int(start_s):
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def kill_and_wait(pidfd: int, sig: int, timeout: float) -> bool:
+    """Send `sig` (0: none) to the process of `pidfd` and wait up to `timeout` s for its
+    whole thread group to exit (the pidfd turns readable); whether it did."""
+    if sig:
+        try:
+            _signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            return True
+    return bool(select.select([pidfd], [], [], max(timeout, 0))[0])

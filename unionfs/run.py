@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from . import cgroups, syscalls, userns
+from . import cgroups, procfs, syscalls, userns
 from .errors import UserError
 from .mount import mount_detached
 from .options import MountConfig
@@ -693,7 +693,7 @@ class Runner:
                 return
         # Forked by the program first thing, if it could.
         self.prefork = take_early() or Prefork(run=True)
-        self.sup.daemon = self.prefork.pid
+        self.sup.daemon = procfs.process_id(self.prefork.pid)
 
     def _prepare_and_run(self, confinement: confine.Confinement | None) -> int:
         from . import sandbox
@@ -764,7 +764,8 @@ class Runner:
             fuse_options={"allow_other", "suid", "nodev"},
         )
         try:
-            self.sup.daemon, self.mount_fd = mount_detached(cfg, self.prefork)
+            daemon, self.mount_fd = mount_detached(cfg, self.prefork)
+            self.sup.daemon = procfs.process_id(daemon)
         except UserError as e:
             # Reaped by mount once handed over; if not, teardown stops it (cancel).
             self.sup.daemon = None
@@ -784,7 +785,7 @@ class Runner:
         self.sup.janitor, self.sup.janitor_fd = pid, w
         # What it needs besides the names told later (`_tell_janitor`).
         if self.sup.daemon is not None:
-            self.sup.tell_janitor("D", str(self.sup.daemon).encode())
+            self.sup.tell_janitor("D", self.sup.daemon)
         if self.opts.upper:
             self.sup.tell_janitor("U", os.fsencode(os.path.abspath(self.opts.upper)))
         if self.kept():
@@ -867,7 +868,7 @@ class Runner:
             for child_end in {end for _, end in self.child_stdio}:
                 os.close(child_end)
             self.child_stdio = []
-        self.sup.tell_janitor("I", str(self.starting).encode())
+        self.sup.tell_janitor("I", procfs.process_id(self.starting))
 
     def _fork_pid1(self, spec: sandbox.ContainerSpec, child_sock: socket.socket | None) -> int:
         own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)

@@ -120,7 +120,7 @@ class Supervisor:
         self.tmp: str | None = None
         self.upper: str | None = None
         self.merged: str | None = None
-        self.daemon: int | None = None
+        self.daemon: bytes | None = None  # `procfs.process_id`
         self.cgroup: str | None = None  # the container's (`cgroups`), once init is gone
         self.keep = False
         self.quiet = False
@@ -444,11 +444,11 @@ class Supervisor:
             self.janitor = None
 
     def tell_janitor(self, kind: str, value: bytes = b"") -> None:
-        """One line to the janitor (`janitor_cleanup` reads them): "D PID" (the daemon),
-        "U DIR" (--upper), "K" (keep the upper), "T DIR" (the temporary tree), "C DIR"
-        (the cgroup), "I PID" (init), "DONE". The value goes in hex: a path may hold any
-        byte but NUL, and a newline in it (--upper, TMPDIR) made lines the janitor obeyed
-        ("I PID": SIGKILL)."""
+        """One line to the janitor (`janitor_cleanup` reads them): "D PID START" (the
+        daemon, `procfs.process_id`), "U DIR" (--upper), "K" (keep the upper), "T DIR"
+        (the temporary tree), "C DIR" (the cgroup), "I PID START" (init), "DONE". The
+        value goes in hex: a path may hold any byte but NUL, and a newline in it (--upper,
+        TMPDIR) made lines the janitor obeyed ("I PID": SIGKILL)."""
         if self.janitor_fd is not None:
             line = kind.encode() + (b" " + value.hex().encode() if value else b"") + b"\n"
             try:
@@ -614,7 +614,7 @@ def _blocks(pid: int, sigs: tuple[int, ...]) -> bool:
 # -- what is left: the daemon, the temporary tree --------------------------------------------
 def release(
     merged: str | None,
-    daemon: int | None,
+    daemon: bytes | None,
     tmp: str | None,
     upper: str | None,
     keep: bool,
@@ -625,12 +625,7 @@ def release(
     Nothing to unmount: the union is a detached mount, attached only in the container's
     namespace, and it ends with that namespace (and every fd of it)."""
     if daemon is not None:
-        _reap(daemon)  # ours when we forked it; reap the zombie
-        if not procfs.wait_gone(daemon, 5):
-            Supervisor._kill(daemon, _signal.SIGTERM)
-            if not procfs.wait_gone(daemon, 5):
-                Supervisor._kill(daemon, _signal.SIGKILL)
-        _reap(daemon)
+        _stop(daemon)
     if tmp is None:
         return
     if merged is not None and procfs.is_mountpoint(merged):
@@ -657,11 +652,25 @@ def release(
         print(f"pyunion: the writable layer is kept in {upper}", file=sys.stderr)
 
 
-def _reap(pid: int) -> None:
+def _stop(daemon: bytes) -> None:
+    """Wait for the daemon named by `procfs.process_id` to exit, SIGTERM then SIGKILL it
+    if it does not; reap it if it is our child. Through a pidfd of that very process: the
+    daemon may be a child of the fork server, or of a pyunion that was killed, and its pid
+    another process's once it exited and was reaped."""
+    pidfd = procfs.open_process(daemon)
+    if pidfd is None:
+        return  # gone, and reaped
     try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+        if not procfs.kill_and_wait(pidfd, 0, 5) and not procfs.kill_and_wait(
+            pidfd, _signal.SIGTERM, 5
+        ):
+            procfs.kill_and_wait(pidfd, _signal.SIGKILL, 5)
+        try:
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            pass  # not ours
+    finally:
+        os.close(pidfd)
 
 
 def _drop_placeholders(upper: str, lowers: list[str], created: list[str]) -> None:
@@ -737,9 +746,10 @@ def _in_layer(layer_fd: int, rel: bytes) -> bool:
 def janitor_cleanup(told: str) -> None:
     """Undo what pyunion made and told the janitor of (`Supervisor.tell_janitor`) but could
     not undo itself: it died (SIGKILL, OOM) before DONE."""
-    daemon = tmp = upper = cgroup = None
+    daemon: bytes | None = None
+    tmp = upper = cgroup = None
     keep = False
-    init: list[int] = []
+    init: list[bytes] = []
     for line in os.fsencode(told).split(b"\n"):
         kind, _, hexed = line.partition(b" ")
         if kind == b"DONE":
@@ -748,11 +758,10 @@ def janitor_cleanup(told: str) -> None:
             value = bytes.fromhex(hexed.decode("ascii"))
         except ValueError:  # not a line `Supervisor.tell_janitor` wrote
             continue
-        if kind in (b"I", b"D") and value.isdigit():
-            if kind == b"I":
-                init.append(int(value))
-            else:
-                daemon = int(value)
+        if kind == b"I":  # "PID START" (`procfs.process_id`)
+            init.append(value)
+        elif kind == b"D":
+            daemon = value
         elif kind == b"T" and value:  # the last one wins (`Runner._make_tmp`)
             tmp = os.fsdecode(value)
         elif kind == b"U" and value:
@@ -761,9 +770,11 @@ def janitor_cleanup(told: str) -> None:
             cgroup = os.fsdecode(value)
         elif kind == b"K":
             keep = True
-    for pid in init:
-        Supervisor._kill(pid, _signal.SIGKILL)
-        procfs.wait_gone(pid, 10)
+    for told_init in init:
+        pidfd = procfs.open_process(told_init)  # that very process, not its pid (`_stop`)
+        if pidfd is not None:
+            procfs.kill_and_wait(pidfd, _signal.SIGKILL, 10)
+            os.close(pidfd)
     if cgroup is not None:
         try:
             cgroups.remove(cgroup)
