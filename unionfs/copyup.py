@@ -377,8 +377,10 @@ class CopyUp:
         try:  # the copy's identity: by its fd when it has one (no path walk)
             if job.dst_fd >= 0:
                 new = os.fstat(job.dst_fd)
+                self.table.bind(node, job.dst_fd)
             else:
                 new = os.stat(node.name, dir_fd=pfd, follow_symlinks=False)
+                self.table.bind(node, pfd, node.name)
         finally:
             job.close()
         self.table.copied[(new.st_dev, new.st_ino)] = node.ino

@@ -53,6 +53,8 @@ class Identity:
         nid = self._entry_id(entry)
         node = self.table.get(nid)
         if node is not None and node.is_dir == is_dir and node.links is not UNLINKED:
+            if not is_dir and entry.layer == 0 and node.ino not in self.table.fids:
+                self.table.bind(node, self.resolver.location_fd(node), node.name)
             if not is_dir and node.layer == 0 and entry.layer != 0 and self.stack.writable:
                 # Another name of a lower hard link whose object was copied up: link it too.
                 self._link_alias(node, parent, name)
@@ -80,6 +82,8 @@ class Identity:
             # id follows the object, and a new object never takes the id of one the
             # kernel holds: `new_upper_node`). Of another type, another object.
             self.table.replace(node, new, same_object=node.is_dir == is_dir)
+        if not is_dir and entry.layer == 0:
+            self.table.bind(new, self.resolver.location_fd(new), name)
         return new
 
     def held(self, parent: Node, name: bytes, entry: Entry) -> Node | None:
@@ -115,8 +119,11 @@ class Identity:
         parent.drop_listing()
         self.copyup.changed(up, True)
 
-    def new_upper_node(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
-        """The node of an object just made in the upper, its lookup count raised."""
+    def new_upper_node(
+        self, parent: Node, name: bytes, st: os.stat_result, fd: int | None = None
+    ) -> Node:
+        """The node of an object just made in the upper (`fd`: open on it), its lookup
+        count raised."""
         is_dir = stat.S_ISDIR(st.st_mode)
         nid = self.table.ident_to_id(st.st_dev, st.st_ino)
         old = self.table.nodes.get(nid)
@@ -136,6 +143,10 @@ class Identity:
             # A node still linked has this id: its object left the upper without the
             # daemon (changed under the mount). The new object is another one.
             self.table.replace(old, node, same_object=False)
+        if fd is not None:
+            self.table.bind(node, fd)
+        elif not is_dir:
+            self.table.bind(node, self.resolver.location_fd(node), name)
         node.nlookup += 1
         return node
 

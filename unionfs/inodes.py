@@ -34,6 +34,8 @@ import struct
 import weakref
 from typing import TYPE_CHECKING, TypeAlias
 
+from .syscalls import file_handle
+
 if TYPE_CHECKING:
     from .handles import Handle
     from .resolve import Entry
@@ -290,6 +292,11 @@ class InodeTable:
         # The generation of a node id that went to another object while the kernel may
         # still have held the old one (`replace`); an id not here is generation 0.
         self.generations: dict[int, int] = {}
+        # The hash of the file handle of each upper non-directory node's object while the
+        # node is in the table (`bind`): 32 bytes, not a handle's 49-65; None: none could
+        # be read, which matches no object.
+        self.fids: dict[int, int | None] = {}
+        self.has_fids = True  # False once the upper's filesystem said it has no handles
         self._overflow: dict[tuple[int, int], int] = {}
         self._next_overflow = _OVERFLOW_BASE
 
@@ -354,6 +361,43 @@ class InodeTable:
             self.generations[new.ino] = self.generations.get(new.ino, 0) + 1
         self.nodes[new.ino] = new
 
+    def bind(self, node: Node, fd: int, name: bytes = b"") -> None:
+        """Record which object upper non-directory `node` is: the file handle of NAME in
+        directory `fd`, or of `fd` itself (`syscalls.file_handle`). Called where an upper
+        node gets its object: made, looked up, copied up.
+
+        Whoever can write the upper (root's mount over a user's directory) may remove the
+        node's object and make her own, which the filesystem gives its inode number (ext4
+        at once), then rename it onto its name: device and inode number alone took hers
+        for the node's own (`Union._upper_object`), and root's `chown 0:0; chmod 4755`
+        made it a set-user-ID program of root's. A handle holds the inode's generation
+        too. Where the filesystem has no handles, the inode number is all there is."""
+        if not self.has_fids:
+            return
+        try:
+            fid = file_handle(fd, name)
+        except OSError:
+            self.fids[node.ino] = None  # its object is gone from its name already
+            return
+        if fid is None:
+            self.has_fids = False
+            self.fids.clear()
+        else:
+            self.fids[node.ino] = hash(fid)  # keyed per process: no one can aim at it
+
+    def is_bound_object(self, node: Node, fd: int) -> bool:
+        """Whether `fd` (O_PATH) is the very object `bind` recorded for upper `node`."""
+        if not self.has_fids:
+            return True
+        fid = self.fids.get(node.ino)
+        if fid is None:
+            return False
+        try:
+            have = file_handle(fd)
+        except OSError:
+            return False
+        return have is not None and hash(have) == fid
+
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped `n` references to node `ino`."""
         node = self.nodes.get(ino)
@@ -373,6 +417,7 @@ class InodeTable:
             self._zombies[node.ino] = node
             if self.generations:  # the kernel holds no inode of this id any more
                 self.generations.pop(node.ino, None)
+            self.fids.pop(node.ino, None)  # found again by a lookup, which binds it anew
         if node.is_dir:
             node.close_fds()
             node.drop_listing()

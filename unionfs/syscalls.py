@@ -298,6 +298,40 @@ def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int, mode: int =
     return _check(fd, "open", path)
 
 
+AT_HANDLE_FID = 0x200  # name_to_handle_at: a handle to tell objects apart, not to open
+_MAX_HANDLE_SZ = 128
+_HANDLE_HEAD = _MAX_HANDLE_SZ.to_bytes(4, sys.byteorder)
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_int,
+]
+_fid_flag = [AT_HANDLE_FID]  # dropped if the kernel refuses it (before 6.5)
+
+
+def file_handle(fd: int, name: bytes = b"") -> bytes | None:
+    """The file handle of NAME in directory `fd` (not followed), or of `fd` itself: its
+    type and bytes, which hold the inode's generation besides its number, so that an
+    object made where a removed one was, with its inode number, has another handle.
+    None where the filesystem has none (EOPNOTSUPP)."""
+    buf = ctypes.create_string_buffer(_HANDLE_HEAD, 8 + _MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    flags = _fid_flag[0] | (0 if name else AT_EMPTY_PATH)
+    while _name_to_handle_at(fd, name, buf, ctypes.byref(mount_id), flags) < 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL and flags & AT_HANDLE_FID:
+            _fid_flag[0] = 0
+            flags &= ~AT_HANDLE_FID
+            continue
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return None
+        raise OSError(err, os.strerror(err), name or None)
+    return buf.raw[: 8 + int.from_bytes(buf.raw[:4], sys.byteorder)]
+
+
 def open_in_root(rootfd: int, path: str | bytes, flags: int = os.O_PATH) -> int:
     """Open PATH as if `rootfd` were `/`: `..` and symlinks (absolute too) stay inside."""
     rel = path.lstrip(b"/") or b"." if isinstance(path, bytes) else path.lstrip("/") or "."

@@ -278,7 +278,10 @@ class Union:
         )
         try:
             st = os.fstat(fd)
-            if node.layer == 0 and self.identity.upper_file_id(st) != node.ino:
+            if node.layer == 0 and (
+                self.identity.upper_file_id(st) != node.ino
+                or not self.table.is_bound_object(node, fd)
+            ):
                 raise FsError(errno.ENOENT)
             yield fd, st
         finally:
@@ -612,7 +615,7 @@ class Union:
             for fd in fds:
                 os.close(fd)
             raise
-        node = self.identity.new_upper_node(parent, name, st)
+        node = self.identity.new_upper_node(parent, name, st, fds[0])
         return self.handles.add_file(node, fds[0], True), node, (st, st.st_nlink)
 
     def mkdir(self, parent: Node, name: bytes, mode: int, ctx: Ctx) -> Node:
