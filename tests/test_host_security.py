@@ -1003,9 +1003,10 @@ def test_a_user_owning_roots_run_upper_gets_no_set_user_id_program_of_roots(
     from unionfs.sample import build_sample
 
     t = open_tree
-    home, sync, rootup = t / "home", t / "sync", t / "rootup"
+    home, sync, rootup = t / "home", t / "sync", t / "private" / "rootup"
     for d in (home, sync):
         d.mkdir()
+    (t / "private").mkdir(mode=0o700)  # out of other users' reach (see the test below)
     os.chown(home, *user)
     up, evil = home / "up", home / "evil"
     _as(user, "mkdir", str(up))
@@ -1055,7 +1056,7 @@ def test_a_user_owning_roots_run_upper_gets_no_set_user_id_program_of_roots(
     )
     assert r.returncode == 125 and f"owned by uid {user[0]}" in r.stderr, r.stderr
     (sync / "go").unlink()
-    p = run(rootup)  # made (under /tmp, sticky): only root can change it
+    p = run(rootup)  # made (in root's 0700 directory): only root can change or reach it
     try:
         wait_until(lambda: (rootup / "tool").exists() or p.poll() is not None, 30, "/tool")
         (sync / "go").touch()
@@ -1065,6 +1066,43 @@ def test_a_user_owning_roots_run_upper_gets_no_set_user_id_program_of_roots(
         p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert stat.S_IMODE((rootup / "tool").stat().st_mode) == 0o4755
+
+
+def test_roots_run_upper_is_out_of_other_users_reach(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """Root runs an image with `--upper` in a directory only root can change but everyone
+    can pass (/srv/up, ./up in a 0755 home). The image's root does `chmod 4755` on a
+    program (here a copy of id(1)): in the upper, on the host, it is a set-user-ID program
+    of root's that every local user could run (`euid=0(root)`), while the container runs
+    and after. Podman keeps a container's upper below its 0700 storage; such an upper is
+    now one line, exit 125, nothing made; below a directory only root enters it works."""
+    from unionfs.sample import build_sample
+
+    top = tmp_path / "top"
+    top.mkdir()
+    shutil.copy("/usr/bin/id", top / "tool")
+    image = [str(top), *build_sample(tmp_path / "img")]
+    t = open_tree
+    (t / "private").mkdir(mode=0o700)
+    for up in (t / "up", t / "private" / "up"):
+        r = subprocess.run(
+            [*PYUNION, "run", "--upper", str(up), *image, "--", "chmod", "4755", "/tool"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=dict(os.environ, TMPDIR=str(tmp_path)),
+        )
+        tool = up / "tool"
+        # (through her shell: setpriv's own exec still passes root's 0700 directory)
+        ran = _as(user, "sh", "-c", f"exec {tool}", check=False) if tool.exists() else None
+        assert ran is None or "euid=0" not in ran.stdout, ran.stdout
+        if up.parent == t:
+            assert r.returncode == 125 and "reached by every user" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and not up.exists(), r.stderr
+        else:
+            assert r.returncode == 0 and tool.stat().st_mode & stat.S_ISUID, r.stderr
 
 
 def test_roots_cert_dir_is_not_one_a_user_can_change(

@@ -277,8 +277,9 @@ def test_closed_stdio(env: Env) -> None:
         assert r.stderr == "exit 0\n", r.stderr
 
 
-def test_upper_that_cannot_be_made(env: Env) -> None:
-    r = env.run("true", opts=("--upper", "/proc/no-such-dir/upper"))
+def test_upper_that_cannot_be_made(env: Env, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")  # in the test's 0700 directory: out of others' reach
+    r = env.run("true", opts=("--upper", str(tmp_path / "file" / "upper")))
     assert r.returncode == 125 and r.stderr.startswith("pyunion: cannot create the upper")
     assert r.stderr.count("\n") == 1, r.stderr
 

@@ -54,7 +54,7 @@ from .mount import mount_detached
 from .options import MountConfig
 from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 from .supervise import FORWARDED, HANDLED, Supervisor, janitor_cleanup
-from .tree import open_trusted, private_dir, read_named
+from .tree import open_trusted, private_dir, reachable_by_others, read_named
 
 if TYPE_CHECKING:
     from . import confine, sandbox, volumes
@@ -573,8 +573,11 @@ def _private_upper(upper: str) -> str:
     made, between its `chown root` and its `chmod u+s` or after them: the daemon then
     changed her file, a set-user-ID program of root's she runs on the host (kernel
     overlayfs does the same once its dentry is gone). A parent she can change lets her
-    swap the whole upper for hers. Checked before anything is made there: the deepest
-    directory that exists first."""
+    swap the whole upper for hers. And it must be out of other users' reach
+    (`tree.reachable_by_others`), as podman's storage is: the set-user-ID programs the
+    container's root makes there (`chmod 4755` of a copy of a shell) are programs of
+    root's on the host, for every user who can reach them. Checked before anything is
+    made there: the deepest directory that exists first."""
     from .tree import SharedDirectory
 
     path = os.path.abspath(upper)
@@ -582,10 +585,12 @@ def _private_upper(upper: str) -> str:
         existing = path
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
-        if existing != path:  # else the check below is the same
-            private_dir(existing)
-        os.close(open_trusted(path, mkdir=0o755))  # never through a symlink of hers
-        return private_dir(path)
+        real = private_dir(existing)
+        # What is missing is made 0755: the deepest directory that exists decides.
+        where = reachable_by_others(real if existing == path else os.path.join(real, "x"))
+        if where is None and existing != path:
+            os.close(open_trusted(path, mkdir=0o755))  # never through a symlink of hers
+            real = private_dir(path)
     except SharedDirectory as e:
         raise _fail(
             f"--upper {upper!r} {e.strerror}: another user could put her files where the "
@@ -593,6 +598,13 @@ def _private_upper(upper: str) -> str:
         ) from None
     except OSError as e:
         raise _fail(f"cannot create the upper directory {upper!r}: {e.strerror}") from None
+    if where is not None:
+        raise _fail(
+            f"--upper {upper!r} can be reached by every user (through {where}), and the "
+            "container's root makes set-user-ID programs there; use a directory below one "
+            "that only you can enter"
+        )
+    return real
 
 
 # -- the run itself -----------------------------------------------------------------------

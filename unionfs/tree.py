@@ -680,6 +680,34 @@ def open_private_dir(path: Name) -> int:
     return fd
 
 
+def reachable_by_others(path: str) -> str | None:
+    """Whether users other than root and the caller can reach resolved directory PATH:
+    the directory above it they can all pass (the last on the way that every one can
+    search), or None when one on the way lets none of them in.
+
+    A directory stops them when others may not search it and its group may not either,
+    or may only as root's group or the caller's user-private one (`_users_own_group`).
+    An ACL that lets a named user in without the group bits saying so is not seen."""
+    dfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        where = "/"
+        comps = [c for c in path.split("/") if c][:-1]
+        for i in range(len(comps) + 1):
+            st = os.fstat(dfd)
+            mode = st.st_mode
+            if not mode & 0o001 and (not mode & 0o010 or st.st_gid == 0 or _users_own_group(st)):
+                return None
+            if i == len(comps):
+                break
+            nfd = os.open(comps[i], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+            where = "/" + "/".join(comps[: i + 1])
+        return where
+    finally:
+        os.close(dfd)
+
+
 def private_dir(path: Name) -> str:
     """The directory `open_private_dir` checked, as resolved: the path to use by name.
 
