@@ -221,3 +221,22 @@ def kill_and_wait(pidfd: int, sig: int, timeout: float) -> bool:
         except ProcessLookupError:
             return True
     return bool(select.select([pidfd], [], [], max(timeout, 0))[0])
+
+
+def stop(told: bytes, grace: float) -> None:
+    """Wait up to `grace` s for the process `process_id` named to exit, SIGTERM it and wait
+    as long again, then SIGKILL it; reap it if it is our child. Through a pidfd of that
+    very process (`open_process`): a mount's daemon may be a child of the fork server, or
+    of a pyunion that was killed, and its pid another process's once it was reaped."""
+    pidfd = open_process(told)
+    if pidfd is None:
+        return  # gone, and reaped
+    try:
+        if not kill_and_wait(pidfd, 0, grace) and not kill_and_wait(pidfd, _signal.SIGTERM, grace):
+            kill_and_wait(pidfd, _signal.SIGKILL, grace)
+        try:  # noqa: SIM105 - no contextlib here (see the imports)
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            pass  # not ours
+    finally:
+        os.close(pidfd)

@@ -625,7 +625,7 @@ def release(
     Nothing to unmount: the union is a detached mount, attached only in the container's
     namespace, and it ends with that namespace (and every fd of it)."""
     if daemon is not None:
-        _stop(daemon)
+        procfs.stop(daemon, 5)
     if tmp is None:
         return
     if merged is not None and procfs.is_mountpoint(merged):
@@ -650,27 +650,6 @@ def release(
         print(f"pyunion: cannot remove {tmp}: {e.strerror}", file=sys.stderr)
     if keep and upper is not None and not quiet:
         print(f"pyunion: the writable layer is kept in {upper}", file=sys.stderr)
-
-
-def _stop(daemon: bytes) -> None:
-    """Wait for the daemon named by `procfs.process_id` to exit, SIGTERM then SIGKILL it
-    if it does not; reap it if it is our child. Through a pidfd of that very process: the
-    daemon may be a child of the fork server, or of a pyunion that was killed, and its pid
-    another process's once it exited and was reaped."""
-    pidfd = procfs.open_process(daemon)
-    if pidfd is None:
-        return  # gone, and reaped
-    try:
-        if not procfs.kill_and_wait(pidfd, 0, 5) and not procfs.kill_and_wait(
-            pidfd, _signal.SIGTERM, 5
-        ):
-            procfs.kill_and_wait(pidfd, _signal.SIGKILL, 5)
-        try:
-            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
-        except ChildProcessError:
-            pass  # not ours
-    finally:
-        os.close(pidfd)
 
 
 def _drop_placeholders(upper: str, lowers: list[str], created: list[str]) -> None:

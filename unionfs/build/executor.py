@@ -822,7 +822,8 @@ class Builder:
 
         The build never copies the host's mount namespace, so it pins none of its mounts.
         """
-        from ..mount import mount_detached, wait_gone
+        from .. import procfs
+        from ..mount import mount_detached
         from ..options import MountConfig
 
         mnt = os.path.join(self.tmp, "mnt-" + os.urandom(6).hex())  # names it in messages
@@ -839,15 +840,12 @@ class Builder:
             read_only=upper is None,
         )
         pid, mfd = mount_detached(cfg)
+        daemon = procfs.process_id(pid)  # it holds the mount: alive (a fork server's child?)
         try:
             yield fd_str(mfd)
         finally:
             os.close(mfd)  # the last reference (the caller closed its fds): the mount ends
-            if not wait_gone(pid, 10):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+            procfs.stop(daemon, 10)
 
 
 @dataclass
