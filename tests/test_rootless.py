@@ -588,6 +588,35 @@ def test_run_as_user(user: User, root_store: Path, user_store: Path, who: str) -
         ]
 
 
+def test_an_upper_or_tmpdir_below_another_users_directory_is_refused(
+    user: User, single_user: User, user_store: Path
+) -> None:
+    """In her user namespace another user's directory shows as `nobody`'s, as the host's
+    root's do, and passed for one no other user can change: her `--upper` (or $TMPDIR)
+    in a directory of hers inside his, which he can rename away and replace with a tree
+    of his that her container then uses. Checked as the host sees it, before she enters
+    the namespace: one line, exit 125, nothing made, as for root."""
+    home = user_store.parents[2]
+    theirs = Path(tempfile.mkdtemp(prefix="pyunion-theirs-", dir="/var/tmp"))
+    try:
+        os.chmod(theirs, 0o755)
+        os.chown(theirs, single_user.uid, single_user.gid)
+        mine = theirs / "mine"
+        mine.mkdir(mode=0o700)
+        os.chown(mine, user.uid, user.gid)
+        r = user.pyunion(
+            home, "run", "--upper", str(mine / "up"), "sample", "--", "true", check=False
+        )
+        assert r.returncode == 125 and f"owned by uid {single_user.uid}" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (mine / "up").exists()
+        cmd = ["env", f"TMPDIR={mine}", SYSTEM_PYTHON, "-m", "unionfs", "run", "sample", "true"]
+        r = user.run(home, *cmd)
+        assert r.returncode == 125 and f"owned by uid {single_user.uid}" in r.stderr, r.stderr
+        assert os.listdir(mine) == []
+    finally:
+        rmtree(str(theirs))
+
+
 def test_commit_makes_the_same_layer_as_root(
     user: User, root_store: Path, user_store: Path
 ) -> None:

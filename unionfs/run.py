@@ -564,7 +564,29 @@ def _host_etc_copies(etc_dir: str, name_inside: str, network: str) -> dict[str, 
     return out
 
 
-def _private_upper(upper: str) -> str:
+def _tmp_base() -> str:
+    """$TMPDIR (or /tmp) as resolved, if no other user can change it (`tree.private_dir`):
+    the temporary tree's names are re-resolved all along."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    try:
+        return private_dir(base)
+    except OSError as e:
+        hint = "set TMPDIR to one no other user can change"
+        raise _fail(f"the temporary directory {base!r} {e.strerror}; {hint}") from None
+
+
+def _check_on_the_host(opts: RunOptions) -> None:
+    """`_tmp_base` and `_private_upper` (nothing made) as the host sees the owners, for an
+    ordinary user before she enters her user namespace: there every owner it does not map
+    shows as `nobody`, as the host's root does, so another user's directory on the way to
+    her upper or $TMPDIR looked like root's, and he could swap her tree for his, which
+    her container then used. They are checked again inside, where the tree is made."""
+    _tmp_base()
+    if opts.upper:
+        _private_upper(opts.upper, make=False)
+
+
+def _private_upper(upper: str, make: bool = True) -> str:
     """`--upper`, made if missing, as resolved: a directory that no other user can change,
     nor any on the way (`tree.open_private_dir`), and no symlink of hers followed.
 
@@ -577,7 +599,7 @@ def _private_upper(upper: str) -> str:
     (`tree.reachable_by_others`), as podman's storage is: the set-user-ID programs the
     container's root makes there (`chmod 4755` of a copy of a shell) are programs of
     root's on the host, for every user who can reach them. Checked before anything is
-    made there: the deepest directory that exists first."""
+    made there: the deepest directory that exists first (with `make` False, all there is)."""
     from .tree import SharedDirectory
 
     path = os.path.abspath(upper)
@@ -588,7 +610,7 @@ def _private_upper(upper: str) -> str:
         real = private_dir(existing)
         # What is missing is made 0755: the deepest directory that exists decides.
         where = reachable_by_others(real if existing == path else os.path.join(real, "x"))
-        if where is None and existing != path:
+        if make and where is None and existing != path:
             os.close(open_trusted(path, mkdir=0o755))  # never through a symlink of hers
             real = private_dir(path)
     except SharedDirectory as e:
@@ -662,6 +684,8 @@ class Runner:
     # setup -----------------------------------------------------------------------------
     def run(self) -> int:
         opts = self.opts
+        if os.geteuid() != 0:
+            _check_on_the_host(opts)
         try:
             userns.enter_rootless()  # an ordinary user: root in a user namespace of their own
         except UserError as e:
@@ -808,12 +832,7 @@ class Runner:
         between the two can no longer leave it behind."""
         # Not tempfile.gettempdir(): it leaves its probe file behind when pyunion is killed
         # then (the janitor knows nothing of it), and the directory is checked here anyway.
-        base = os.environ.get("TMPDIR") or "/tmp"
-        try:  # its names are re-resolved all along: no other user may change them
-            base = private_dir(base)
-        except OSError as e:
-            hint = "set TMPDIR to one no other user can change"
-            raise _fail(f"the temporary directory {base!r} {e.strerror}; {hint}") from None
+        base = _tmp_base()
         while True:
             path = os.path.join(base, "pyunion-run-" + os.urandom(6).hex())
             self.sup.tell_janitor("T", os.fsencode(path))
