@@ -4,9 +4,11 @@ mount shows in the next listing, as on kernel overlayfs."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,106 @@ def test_names_removed_while_listed_are_each_seen_once(layers: tuple) -> None:
             assert stat.S_ISDIR(os.fstat(fd).st_mode)
         finally:
             os.close(fd)
+
+
+# -- listings read in parts: the kernel's copy filled by one pass, read by another ----------
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_GETDENTS64 = 217  # x86_64
+
+
+def _getdents(fd: int, size: int = 200) -> list[str]:
+    """One getdents64 with a small buffer (a few names): a pass read in parts, as a
+    program that stops early or reads with a small buffer does."""
+    buf = ctypes.create_string_buffer(size)
+    n = _libc.syscall(_SYS_GETDENTS64, fd, buf, size)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    names, off, raw = [], 0, buf.raw[:n]
+    while off < n:
+        reclen = struct.unpack_from("H", raw, off + 16)[0]
+        names.append(raw[off + 19 : off + reclen].split(b"\0", 1)[0].decode())
+        off += reclen
+    return [x for x in names if x not in (".", "..")] or names
+
+
+def _rest(fd: int) -> list[str]:
+    out: list[str] = []
+    while batch := _getdents(fd):
+        out += batch
+    return [x for x in out if x not in (".", "..")]
+
+
+@pytest.fixture
+def big_dir(layers: tuple) -> Iterator[tuple[Path, list[str]]]:
+    """A mount whose directory `d` holds 200 lower files: many READDIR replies."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "d").mkdir()
+    names = [f"f{i:03d}" for i in range(200)]
+    for n in names:
+        (lows[0] / "d" / n).write_text(n)
+    with mounted(lows, mnt, upper, work):
+        yield mnt / "d", names
+
+
+def _once_each(seen: list[str], kept: set[str]) -> None:
+    """Every name that was never changed during the pass is seen exactly once."""
+    dups = sorted({n for n in seen if seen.count(n) > 1})
+    assert dups == [] and sorted(kept - set(seen)) == [], (dups, sorted(kept - set(seen)))
+
+
+@needs_fuse
+def test_a_copy_up_leaves_a_partly_kept_listing_true(big_dir: tuple[Path, list[str]]) -> None:
+    """A pass that stopped early left the start of the listing in the kernel's copy; a
+    copy-up (which the kernel does not see) then must not make the next pass, which
+    completes that copy, list a name twice and another not at all, for good."""
+    d, names = big_dir
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        head = _getdents(fd)
+    finally:
+        os.close(fd)
+    assert head
+    with open(d / max(set(names) - set(head)), "a") as f:  # a name after the part read
+        f.write("more")
+    for _ in range(2):
+        listed = os.listdir(d)
+        assert len(listed) == len(names)
+        _once_each(listed, set(names))
+
+
+@needs_fuse
+def test_a_pass_read_in_parts_across_a_change(big_dir: tuple[Path, list[str]]) -> None:
+    """A pass read in parts while another program removes a name it has read and lists
+    the directory (which completes the kernel's copy from a newer listing): the rest of
+    the pass neither skips nor repeats a name that stayed, as on kernel overlayfs."""
+    d, names = big_dir
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen = _getdents(fd)
+        os.unlink(d / seen[1])
+        assert len(os.listdir(d)) == len(names) - 1
+        seen += _rest(fd)
+    finally:
+        os.close(fd)
+    _once_each(seen, set(names) - {seen[1]})
+
+
+@needs_fuse
+def test_a_pass_begun_from_the_kept_listing_goes_on_after_a_change(
+    big_dir: tuple[Path, list[str]],
+) -> None:
+    """A pass that began from the kernel's copy, which a change then drops and another
+    listing fills again: the daemon, asked to go on from an offset of that old copy,
+    goes on after the same name."""
+    d, names = big_dir
+    assert len(os.listdir(d)) == len(names)  # kept
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen = _getdents(fd)
+        os.unlink(d / seen[1])
+        assert len(os.listdir(d)) == len(names) - 1
+        seen += _rest(fd)
+    finally:
+        os.close(fd)
+    _once_each(seen, set(names) - {seen[1]})
