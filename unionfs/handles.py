@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import itertools
 import os
 import weakref
+import zlib
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,11 +30,67 @@ class Handle:
     writable: bool
 
 
+# Where a name's entry goes: below 2**31 (a 32-bit program's readdir fails on a larger
+# d_off), above the 1 and 2 of `.` and `..`, with room above for names pushed on by one
+# that took their place.
+_PLACES = (1 << 31) - (1 << 20)
+
+
 class Snapshot(list[tuple[bytes, "Entry"]]):
-    """A directory's listing as a list (readdir offsets index it), taken from one listing
-    dict, which is never changed once made (a change makes a new one)."""
+    """A directory's listing as a list, taken from one listing dict, which is never
+    changed once made (a change makes a new one).
+
+    The kernel keeps a listing (FOPEN_CACHE_DIR) by the readdir offsets it was given,
+    and fills and serves its copy across passes of different handles, so an offset
+    must mean the same place in every listing of the directory, before and after a
+    change: each name's entry goes at a place of its own (a CRC of the name, the next
+    free one if another name took it), in that order, and a pass goes on from an
+    offset with the names placed after it. Offsets that were indexes of one
+    snapshot made a pass completing another's start list a name twice and skip one
+    (a copy-up reorders the merged listing, which the kernel does not see).
+    """
 
     listing: dict[bytes, Entry]
+    offsets: array[int]  # each entry's offset (its d_off: where a pass goes on after it)
+
+    @classmethod
+    def of(cls, listing: dict[bytes, Entry]) -> Snapshot:
+        crc = zlib.crc32
+        names = list(listing)
+        places = [crc(name) % _PLACES for name in names]
+        order = sorted(range(len(names)), key=places.__getitem__)
+        names = [names[i] for i in order]
+        places = [places[i] + 3 for i in order]
+        if len(set(places)) != len(places):  # names that share a place (rare)
+            names, places = _shared_places(names, places)
+        snap = cls([(name, listing[name]) for name in names])
+        snap.listing = listing
+        snap.offsets = array("q", places)
+        return snap
+
+    def after(self, off: int) -> int:
+        """The index of the first entry a pass that has read up to offset `off` (of
+        this snapshot or of any other of the directory) reads next."""
+        return bisect.bisect_right(self.offsets, off)
+
+
+def _shared_places(names: list[bytes], places: list[int]) -> tuple[list[bytes], list[int]]:
+    """Names in the order of their places, those that share one in the order of the
+    names (as in every snapshot), each but the first of them at the next free place."""
+    out_names: list[bytes] = []
+    out_places: list[int] = []
+    last = 2
+    i = 0
+    while i < len(names):
+        j = i + 1
+        while j < len(names) and places[j] == places[i]:
+            j += 1
+        for name in sorted(names[i:j]):
+            last = max(places[i], last + 1)
+            out_names.append(name)
+            out_places.append(last)
+        i = j
+    return out_names, out_places
 
 
 @dataclass(eq=False)
@@ -63,8 +122,7 @@ class HandleTable:
         """
         snap = self._snapshots.get(node.ino)
         if snap is None or snap.listing is not listing:
-            snap = Snapshot(listing.items())
-            snap.listing = listing
+            snap = Snapshot.of(listing)
             self._snapshots[node.ino] = snap
         return snap
 

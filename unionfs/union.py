@@ -224,18 +224,19 @@ class Union:
             yield b"..", d.parent or d, 2, False
             off = 2
         entries = dh.entries
+        offsets = entries.offsets
         node_for = self.identity.node_for
         known = self.identity.held if held else None
-        for i in range(off - 2, len(entries)):
+        for i in range(entries.after(off), len(entries)):
             name, entry = entries[i]
             if known is not None:
                 node = known(d, name, entry)
                 if node is not None:
-                    yield name, node, i + 3, False
+                    yield name, node, offsets[i], False
                     continue
             node = node_for(d, name, entry)
             node.nlookup += 1
-            yield name, node, i + 3, True
+            yield name, node, offsets[i], True
 
     def releasedir(self, fh: int) -> None:
         self.handles.close_dir(fh)
