@@ -16,12 +16,14 @@
   (a busybox container on a private buildah store), `buildah_image`, `BUSYBOX`;
   buildah and podman on a private root with a mount program (`storage_tool`,
   `mounts_below`, `storage_daemons`, `stop_storage_leftovers`).
-- **Views**: `tree_view`, what a merged tree shows, for comparing two mounts.
+- **Views**: `tree_view`, what a merged tree shows, for comparing two mounts;
+  `getdents`, one batch of a listing read with a small buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import os
@@ -29,6 +31,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -559,3 +562,23 @@ def throwaway_user(name: str) -> Iterator[tuple[int, int]]:
         yield pw.pw_uid, pw.pw_gid
     finally:
         subprocess.run(["userdel", name], capture_output=True, timeout=60, check=False)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_GETDENTS64 = 217  # x86_64
+
+
+def getdents(fd: int, size: int) -> list[str]:
+    """The names (`.` and `..` too) of one getdents64 on FD with a SIZE-byte buffer: a
+    listing read in parts, as by a program that stops early or reads a few at a time."""
+    buf = ctypes.create_string_buffer(size)
+    n = _libc.syscall(_SYS_GETDENTS64, fd, buf, size)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    names, off, raw = [], 0, buf.raw[:n]
+    while off < n:
+        reclen = struct.unpack_from("H", raw, off + 16)[0]
+        names.append(os.fsdecode(raw[off + 19 : off + reclen].split(b"\0", 1)[0]))
+        off += reclen
+    return names

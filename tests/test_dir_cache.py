@@ -4,15 +4,20 @@ mount shows in the next listing, as on kernel overlayfs."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
-import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import debug_mount, kernel_overlay, kernel_overlay_skip_reason, mounted, needs_fuse
+from support import (
+    debug_mount,
+    getdents,
+    kernel_overlay,
+    kernel_overlay_skip_reason,
+    mounted,
+    needs_fuse,
+)
 
 Listing = dict[str, dict[str, str]]
 
@@ -161,23 +166,9 @@ def test_names_removed_while_listed_are_each_seen_once(layers: tuple) -> None:
 
 
 # -- listings read in parts: the kernel's copy filled by one pass, read by another ----------
-_libc = ctypes.CDLL(None, use_errno=True)
-_SYS_GETDENTS64 = 217  # x86_64
-
-
-def _getdents(fd: int, size: int = 200) -> list[str]:
-    """One getdents64 with a small buffer (a few names): a pass read in parts, as a
-    program that stops early or reads with a small buffer does."""
-    buf = ctypes.create_string_buffer(size)
-    n = _libc.syscall(_SYS_GETDENTS64, fd, buf, size)
-    if n < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    names, off, raw = [], 0, buf.raw[:n]
-    while off < n:
-        reclen = struct.unpack_from("H", raw, off + 16)[0]
-        names.append(raw[off + 19 : off + reclen].split(b"\0", 1)[0].decode())
-        off += reclen
+def _getdents(fd: int) -> list[str]:
+    """A few names of a listing (one small batch), without `.` and `..` unless alone."""
+    names = getdents(fd, 200)
     return [x for x in names if x not in (".", "..")] or names
 
 
