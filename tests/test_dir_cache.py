@@ -5,7 +5,9 @@ mount shows in the next listing, as on kernel overlayfs."""
 from __future__ import annotations
 
 import os
+import random
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,10 +15,12 @@ import pytest
 from support import (
     debug_mount,
     getdents,
+    join_children,
     kernel_overlay,
     kernel_overlay_skip_reason,
     mounted,
     needs_fuse,
+    start_children,
 )
 
 Listing = dict[str, dict[str, str]]
@@ -252,3 +256,60 @@ def test_a_pass_begun_from_the_kept_listing_goes_on_after_a_change(
     finally:
         os.close(fd)
     _once_each(seen, set(names) - {seen[1]})
+
+
+def _passes(d: Path, stable: set[str], until: float, seed: int) -> None:
+    """Passes over `d` in parts of random sizes until `until`: each must see every name
+    of `stable` exactly once, whatever else changes meanwhile."""
+    r = random.Random(seed)
+    while time.monotonic() < until:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        seen: list[str] = []
+        try:
+            while batch := getdents(fd, r.choice((64, 200, 600, 4096, 32768))):
+                seen += batch
+        finally:
+            os.close(fd)
+        _once_each([n for n in seen if n in stable], stable)
+
+
+def _churn(d: Path, until: float, seed: int) -> None:
+    """Names created and removed (changes the kernel sees), `tmp*` only."""
+    r = random.Random(seed)
+    while time.monotonic() < until:
+        p = d / f"tmp{r.randrange(100)}"
+        try:
+            if r.random() < 0.5:
+                p.write_text("t")
+            else:
+                p.unlink()
+        except OSError:
+            pass
+
+
+def _copy_ups(d: Path, names: list[str], until: float, seed: int) -> None:
+    """Lower files copied up (changes the kernel does not see: the merged order moves)."""
+    r = random.Random(seed)
+    while time.monotonic() < until:
+        os.chmod(d / r.choice(names), r.choice((0o644, 0o600)))
+        time.sleep(0.005)
+
+
+@needs_fuse
+def test_passes_in_parts_while_names_change_and_files_copy_up(layers: tuple) -> None:
+    lows, upper, work, mnt = layers
+    (lows[0] / "d").mkdir()
+    (upper / "d").mkdir()
+    names = [f"low{i}" for i in range(600)]
+    for n in names:
+        (lows[0] / "d" / n).write_text("x")
+    for i in range(150):
+        names.append(f"up{i}")
+        (upper / "d" / f"up{i}").write_text("y")
+    with mounted(lows, mnt, upper, work):
+        d = mnt / "d"
+        until = time.monotonic() + 4
+        jobs = [(_passes, (d, set(names), until, i)) for i in range(2)]
+        jobs += [(_churn, (d, until, 9)), (_copy_ups, (d, names[:600], until, 8))]
+        codes = join_children(start_children(jobs), timeout=60, mnt=mnt)
+        assert codes == [0, 0, 0, 0]
