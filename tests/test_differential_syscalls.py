@@ -882,6 +882,38 @@ def directory_nlink(p: Probe) -> None:
 
 
 @scenario
+def removed_directories_held_open(p: Probe) -> None:
+    """An fd (or a cwd) on a directory removed by rmdir or by a rename over it is the
+    removed directory: its stat and what is changed through it are its own, never
+    those of a directory made at its name afterwards."""
+    r = p.r
+    held: dict[str, int] = {}
+    for d in ("x", "y", "z"):
+        p.do(f"mkdir {d}", lambda d=d: os.mkdir(r / d, 0o755))
+    for d in ("x", "y", "t"):
+        held[d] = os.open(r / d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        p.do("rm t/tf", lambda: os.unlink(r / "t/tf"))
+        p.do("rmdir x", lambda: os.rmdir(r / "x"))
+        p.do("rmdir t", lambda: os.rmdir(r / "t"))
+        p.do("rename z over y", lambda: os.rename(r / "z", r / "y"))
+        p.do("mkdir x again", lambda: os.mkdir(r / "x", 0o755))
+        p.do("mkdir t again", lambda: os.mkdir(r / "t", 0o755))
+        for d, fd in held.items():
+            p.do(f"fstat {d}", lambda fd=fd: p.fields(os.fstat(fd)))
+            p.do(f"fchmod {d}", lambda fd=fd: os.fchmod(fd, 0o700))
+            p.do(f"fsetxattr {d}", lambda fd=fd: os.setxattr(fd, "user.held", b"h"))
+            p.do(f"fstat {d} after", lambda fd=fd: p.fields(os.fstat(fd)))
+            p.do(f"list {d}", lambda fd=fd: os.listdir(fd))
+        for d in ("x", "y", "t"):
+            p.stat(f"{d} now", d)
+            p.xattrs(f"{d} xattrs now", d)
+    finally:
+        for fd in held.values():
+            os.close(fd)
+
+
+@scenario
 def rmdir_whiteouts_only(p: Probe) -> None:
     r = p.r
     p.do("rm d/f", lambda: os.unlink(r / "d/f"))
