@@ -155,7 +155,11 @@ class Identity:
         node.drop_link(parent, name)
         if node.is_dir:
             node.links = UNLINKED
-            node.close_fds()
+            # Its upper fd stays open: the removed directory itself, which what the kernel
+            # still holds of it (an fd, a cwd) stats, chmods, lists, as on overlayfs.
+            # Opened again by its name, it was the directory made there since (its
+            # fchmod and fsetxattr went to that one) or ENOENT (fstat of a cwd).
+            node.close_fds(keep=0 if node.chain[0] == 0 else -1)
             node.drop_listing()
         if node.links is UNLINKED and st is not None and (node.is_dir or st.st_nlink <= 1):
             self.table.copied.pop((st.st_dev, st.st_ino), None)

@@ -215,11 +215,12 @@ class Node:
         """Forget the merged listing, which a change in the directory made stale (a
         directory's: a non-directory has none)."""
 
-    def close_fds(self) -> None:
+    def close_fds(self, keep: int = -1) -> None:
+        """Close the directory's fds, but the one at position `keep` of its chain."""
         if self.parent is None:
             return  # the root's fds are the layers' own
         for i, fd in enumerate(self.fds):
-            if fd >= 0:
+            if fd >= 0 and i != keep:
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 self.fds[i] = -1

@@ -164,7 +164,7 @@ class Resolver:
         """Close the oldest directory fds past `max_fds` (between requests only).
 
         An entry whose node is gone, or whose fd was closed or replaced since
-        (an unlinked directory's are closed at once: `Identity.dropped`), is
+        (a removed directory's, but its upper one: `Identity.dropped`), is
         dropped. The root's fds are the layers' own and never counted. The fd is
         looked for by value: a copy-up puts the new upper fd in front of the
         node's chain, and every fd it kept moves one place (found at its old
@@ -202,6 +202,10 @@ class Resolver:
         if fd >= 0:
             return fd
         layer = node.chain[pos]
+        if layer == 0 and node.links is UNLINKED:
+            # A removed directory's upper (its fd kept, `Identity.dropped`, then closed by
+            # `trim`): opened by its name, it would be whatever holds the name now.
+            raise FsError(errno.ENOENT)
         todo: list[tuple[Node, int]] = []
         n, p = node, pos
         while True:
