@@ -17,7 +17,7 @@
   buildah and podman on a private root with a mount program (`storage_tool`,
   `mounts_below`, `storage_daemons`, `stop_storage_leftovers`).
 - **Views**: `tree_view`, what a merged tree shows, for comparing two mounts;
-  `getdents`, one batch of a listing read with a small buffer.
+  `getdents` and `dirents`, one batch of a listing (read with a small buffer).
 """
 
 from __future__ import annotations
@@ -571,14 +571,19 @@ _SYS_GETDENTS64 = 217  # x86_64
 def getdents(fd: int, size: int) -> list[str]:
     """The names (`.` and `..` too) of one getdents64 on FD with a SIZE-byte buffer: a
     listing read in parts, as by a program that stops early or reads a few at a time."""
+    return [name for name, _ in dirents(fd, size)]
+
+
+def dirents(fd: int, size: int = 32768) -> list[tuple[str, int]]:
+    """(name, d_ino) of one getdents64 on FD with a SIZE-byte buffer."""
     buf = ctypes.create_string_buffer(size)
     n = _libc.syscall(_SYS_GETDENTS64, fd, buf, size)
     if n < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-    names, off, raw = [], 0, buf.raw[:n]
+    out, off, raw = [], 0, buf.raw[:n]
     while off < n:
-        reclen = struct.unpack_from("H", raw, off + 16)[0]
-        names.append(os.fsdecode(raw[off + 19 : off + reclen].split(b"\0", 1)[0]))
+        ino, _, reclen = struct.unpack_from("QqH", raw, off)
+        out.append((os.fsdecode(raw[off + 19 : off + reclen].split(b"\0", 1)[0]), ino))
         off += reclen
-    return names
+    return out

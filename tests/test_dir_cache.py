@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from support import (
     debug_mount,
+    dirents,
     getdents,
     join_children,
     kernel_overlay,
@@ -313,3 +314,33 @@ def test_passes_in_parts_while_names_change_and_files_copy_up(layers: tuple) -> 
         jobs += [(_churn, (d, until, 9)), (_copy_ups, (d, names[:600], until, 8))]
         codes = join_children(start_children(jobs), timeout=60, mnt=mnt)
         assert codes == [0, 0, 0, 0]
+
+
+def _dots(d: Path) -> dict[str, int]:
+    """d_ino of `.` and `..` in a whole listing of `d` (read to its end: kept then)."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    out: dict[str, int] = {}
+    try:
+        while batch := dirents(fd):
+            out.update((n, ino) for n, ino in batch if n in (".", ".."))
+    finally:
+        os.close(fd)
+    return out
+
+
+@needs_fuse
+def test_a_moved_directory_lists_its_new_parent(layers: tuple) -> None:
+    """A directory's `..` names its parent: moved elsewhere, its kept listing must not
+    go on naming the old one (the kernel drops a listing only for a change in it)."""
+    lows, upper, work, mnt = layers
+    with mounted(lows, mnt, upper, work):
+        for d in ("p1/a", "p2"):
+            (mnt / d).mkdir(parents=True)
+        (mnt / "p1/a/f").write_text("f")
+        for _ in range(2):  # kept
+            assert _dots(mnt / "p1/a")[".."] == os.stat(mnt / "p1").st_ino
+        os.rename(mnt / "p1/a", mnt / "p2/a")
+        assert _dots(mnt / "p2/a") == {
+            ".": os.stat(mnt / "p2/a").st_ino,
+            "..": os.stat(mnt / "p2").st_ino,
+        }
