@@ -134,8 +134,9 @@ def set_times(target: int | bytes, st: AnyStat, follow: bool = True) -> None:
 # being served: (node, links) - copied up (links=False: same attributes, the
 # object now lives in the upper), or linked under another name by the daemon
 # itself, or its set-ID bits cleared on open(O_TRUNC), or a directory of one layer
-# copied up, now merged with st_nlink 1 (links=True: attributes the kernel cached,
-# st_nlink or the mode, changed behind its back).
+# copied up, now merged with st_nlink 1, or a directory moved to another parent
+# (links=True: attributes the kernel cached, st_nlink or the mode, changed behind its
+# back; for a directory, also the listing it keeps, whose `..` is the old parent's).
 Changed = Callable[[Node, bool], None]
 
 

@@ -304,10 +304,10 @@ class FuseOps(pyfuse3.Operations):
 
     def _changed(self, node: Node, links: bool) -> None:
         """The core's notification: `node` was copied up, or (`links`) linked by the daemon."""
-        if links:  # the kernel's st_nlink of the inode is stale
+        if links:  # the kernel's st_nlink of the inode is stale (a directory's listing too)
             # OSError: the kernel does not know the inode (ENOENT): nothing cached.
             with contextlib.suppress(OSError):
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+                pyfuse3.invalidate_inode(node.ino, attr_only=not node.is_dir)
 
     # -- copy-up off the event loop ----------------------------------------------
     async def _settle(self, node: Node | None) -> None:

@@ -167,11 +167,14 @@ class Identity:
             if origin is not None:
                 del self.copyup.hardlinks[origin]
 
-    @staticmethod
     def relink(
-        node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
+        self, node: Node, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes
     ) -> None:
         """`node`'s name `old_name` in `old_parent` is now `new_name` in `new_parent`."""
+        if node.is_dir and new_parent is not old_parent:
+            # Its `..` names another directory now: the listing the kernel keeps of it
+            # (fuseinit.keep_listings), which no change in it drops, is stale.
+            self.copyup.changed(node, True)
         if node.parent is old_parent and node.name == old_name:
             node.parent, node.name = new_parent, new_name
         elif node.links and (old_parent, old_name) in node.links:
