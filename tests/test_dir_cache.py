@@ -344,3 +344,32 @@ def test_a_moved_directory_lists_its_new_parent(layers: tuple) -> None:
             ".": os.stat(mnt / "p2/a").st_ino,
             "..": os.stat(mnt / "p2").st_ino,
         }
+
+
+@needs_fuse
+def test_a_pass_begun_before_a_change_does_not_complete_the_kept_listing_with_it(
+    big_dir: tuple[Path, list[str]],
+) -> None:
+    """A pass that began before names were created reads on after another program
+    started the kernel's copy again and stopped early: the rest of that pass completes
+    the copy, which every later listing is served from, so it must hold the new names."""
+    d, names = big_dir
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _getdents(fd)  # from the daemon: the pass's listing is taken
+        assert len(os.listdir(d)) == len(names)  # the kernel's copy completed
+        new = [f"new{i}" for i in range(20)]
+        for n in new:
+            (d / n).write_text(n)
+        other = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            getdents(other, 2000)  # starts the copy again, from the listing with them
+        finally:
+            os.close(other)
+        _rest(fd)
+    finally:
+        os.close(fd)
+    for _ in range(2):
+        listed = os.listdir(d)
+        assert sorted(set(new) - set(listed)) == []
+        _once_each(listed, set(names) | set(new))
