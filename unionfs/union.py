@@ -213,7 +213,9 @@ class Union:
         """
         dh = self.handles.dir(fh)
         d = dh.node
-        if dh.entries is None or off == 0:
+        if off == 0:
+            self.handles.restarted(d)
+        if dh.entries is None or off == 0 or dh.entries.stale_after(off):
             # Offset 0 again is rewinddir: it shows the directory as it is now, as the
             # kernel's overlayfs does (its cache is dropped when the directory changed).
             dh.entries = self.handles.snapshot(d, self.resolver.listing(d))
@@ -582,6 +584,7 @@ class Union:
                     self.whiteouts.set_opaque_at(pfd, name)
                 os.unlink(WH_PREFIX + name, dir_fd=pfd)
         parent.drop_listing()
+        self.handles.name_changed(parent, name)
         return st
 
     def create(
@@ -731,6 +734,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
+        self.handles.name_changed(parent, name)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
@@ -772,6 +776,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
+        self.handles.name_changed(parent, name)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
