@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from support import daemon_of, mounted, needs_fuse, python_output
+from support import (
+    PYUNION,
+    daemon_of,
+    force_unmount,
+    is_mounted,
+    mounted,
+    needs_fuse,
+    python_output,
+    wait_until,
+)
 
 from unionfs.fuseops import BareEntry
 from unionfs.inodes import ROOT_ID, STAT_FIELDS, Stat, compact, stat_fields
@@ -68,6 +78,92 @@ def test_daemon_only_modules_stay_unloaded_through_the_daemons_imports() -> None
         "print(ipaddress.ip_address('127.0.0.1').is_loopback, type(ipaddress).__name__)\n"
     )
     assert out.split("\n") == ["[]", "True module", ""]
+
+
+# trio's modules a daemon never runs (`lazyimport.import_trio_core`), and what only they import.
+TRIO_UNUSED = (
+    "trio._socket",
+    "trio._ssl",
+    "trio._dtls",
+    "trio._path",
+    "trio._subprocess",
+    "pathlib",
+)
+
+
+def test_the_daemons_trio_runs_without_its_sockets_files_and_subprocesses() -> None:
+    """A daemon's imports leave out trio's sockets, TLS, DTLS, paths and subprocesses;
+    what a daemon runs of trio (a nursery, Event, a worker thread, the signal receiver,
+    pyfuse3's wait for its fd) needs none of them, and any other name of trio's still
+    loads them, as trio would have."""
+    out = python_output(
+        "import os, signal, sys, unionfs.lazyimport as l\n"
+        "l.defer(); l.defer(l.DAEMON_ONLY)\n"
+        "from unionfs import mount\n"
+        "mount._preload()\n"
+        "import pyfuse3, trio\n"
+        f"unused = {TRIO_UNUSED!r}\n"
+        "kind = lambda n: type(sys.modules[n]).__name__\n"
+        "print([n for n in unused if n in sys.modules], kind('subprocess'))\n"
+        "async def main():\n"
+        "    done = trio.Event()\n"
+        "    r, w = os.pipe()\n"
+        "    async with trio.open_nursery() as nursery:\n"
+        "        async def signals():\n"
+        "            with trio.open_signal_receiver(signal.SIGUSR1) as sigs:\n"
+        "                os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "                async for s in sigs:\n"
+        "                    done.set()\n"
+        "                    return\n"
+        "        nursery.start_soon(signals)\n"
+        "        await done.wait()\n"
+        "        os.write(w, b'x')\n"
+        "        await trio.lowlevel.wait_readable(r)\n"
+        "        lot = trio.lowlevel.ParkingLot()\n"
+        "        token = trio.lowlevel.current_trio_token()\n"
+        "        n = await trio.to_thread.run_sync(lambda: len(os.read(r, 1)))\n"
+        "        trio.lowlevel.notify_closing(r)\n"
+        "        with trio.move_on_after(5):\n"
+        "            await trio.sleep(0)\n"
+        "    return n + len(lot) + (token is not None)\n"
+        "print(trio.run(main), [n for n in unused if n in sys.modules])\n"
+        "print(trio.Path.__name__, trio.lowlevel.open_process.__name__, "
+        "[n for n in unused if n not in sys.modules], trio.run is trio._core.run)\n"
+    )
+    assert out.split("\n") == [
+        "[] _LazyModule",
+        "2 []",
+        "Path open_process [] True",
+        "",
+    ]
+
+
+@needs_fuse
+def test_a_daemon_serving_loads_no_more_of_trio(layers: tuple, tmp_path: Path) -> None:
+    """What a daemon does while it serves (pyfuse3's loop, a copy-up in a worker thread,
+    a signal) reads no name that would load the rest of trio (its debug log says so)."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "big").write_bytes(b"x" * (3 << 20))  # a copy-up over 1 MiB: a worker thread
+    (lows[0] / "small").write_text("x")
+    log = tmp_path / "daemon.log"
+    opts = f"lowerdir={lows[0]}:{lows[1]},upperdir={upper},workdir={work}"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*PYUNION, "mount", "-d", "-o", opts, str(mnt)], stderr=err)
+    try:
+        wait_until(lambda: is_mounted(mnt), what="the mount", alive=lambda: proc.poll() is None)
+        with open(mnt / "big", "ab") as f:
+            f.write(b"y")
+        os.rename(mnt / "small", mnt / "moved")
+        assert sorted(os.listdir(mnt)) == ["big", "moved"]
+        assert (mnt / "big").stat().st_size == (3 << 20) + 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        force_unmount(mnt)
+    text = log.read_text()
+    assert (upper / "big").stat().st_size == (3 << 20) + 1  # copied up (THREAD_COPY_MIN)
+    assert "request loop:" in text and "rename(" in text, text[-2000:]
+    assert "trio: all of it imported" not in text, text[-2000:]
 
 
 def test_the_daemons_imports_come_without_docstrings() -> None:

@@ -52,7 +52,7 @@ from collections.abc import Callable
 
 from .options import MountConfig
 from .sha256 import sha256_hex
-from .syscalls import CLONE_NEWNS, close_fds_from, fd_str, import_with_sonames, setns
+from .syscalls import CLONE_NEWNS, close_fds_from, fd_str, setns
 
 TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
 if TYPE_CHECKING:
@@ -349,11 +349,12 @@ def server_main(state_fd: int) -> NoReturn:
 
         defer()
         strip_docstrings()
-        import_with_sonames("trio")  # no `ldconfig -p` (syscalls.SONAMES)
-        import pyfuse3  # noqa: F401
-        import trio  # noqa: F401
+        from . import mount
 
-        from . import fuseops, mount, reqloop, union  # noqa: F401
+        mount.import_trio()  # what of it a daemon runs on, no `ldconfig -p` (syscalls.SONAMES)
+        import pyfuse3  # noqa: F401
+
+        from . import fuseops, reqloop, union  # noqa: F401
 
         logging.basicConfig(level=logging.WARNING, format="pyunion: %(levelname)s: %(message)s")
         path = f"{fd_str(state_fd)}/{sock_name}"

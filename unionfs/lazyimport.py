@@ -19,6 +19,7 @@ subclass below answers that one read from the module's own dictionary.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import importlib.util
 import sys
@@ -38,14 +39,30 @@ UNUSED_BY_DAEMON = ("ssl", "idna", "hmac")
 # daemon-to-be only (`prefork.Prefork`): on Python 3.11 a lazy module is not safe to
 # load from two threads at once (fixed in 3.12), and other commands use these from
 # worker threads (pull's unpacking: shutil.copyfileobj). `ipaddress` likewise: trio's
-# sockets import it for addresses a daemon never resolves (~0.25 MiB per daemon).
-DAEMON_ONLY = ("tempfile", "shutil", "bz2", "lzma", "ipaddress")
+# sockets import it for addresses a daemon never resolves (~0.25 MiB per daemon). And
+# `subprocess`, which ctypes.util imports for the same `find_library`, with `selectors`
+# and `locale`, which only subprocess imports there (~0.5 MiB).
+DAEMON_ONLY = (
+    "tempfile",
+    "shutil",
+    "bz2",
+    "lzma",
+    "ipaddress",
+    "subprocess",
+    "selectors",
+    "locale",
+)
 # Deferred in `pyunion mount` too, whose process only hands a daemon its mount (or is the
 # daemon, `-f`), and runs no thread before the daemon's imports: those, and `inspect`, which
 # dataclasses imports and uses only for a class without a docstring (~3 ms of every mount).
 # trio's import loads `inspect`, in the daemon's one thread, before it serves.
 MOUNT_COMMAND = (*DAEMON_ONLY, "inspect")
 
+
+# What of trio a daemon runs on: the event loop (`_core`), Event and the locks (`_sync`),
+# worker threads (`to_thread`, `from_thread`), the signal receiver (`_signals`) and
+# timeouts; not its sockets, TLS, DTLS, files, paths and subprocesses (`import_trio_core`).
+TRIO_PARTS = ("_core", "_sync", "_signals", "_timeouts", "from_thread", "to_thread")
 
 _classes: dict[type[types.ModuleType], type[types.ModuleType]] = {}
 
@@ -133,3 +150,85 @@ def when_imported(name: str, then: Callable[[types.ModuleType], None]) -> None:
         finder = _WhenImported(name)
         sys.meta_path.insert(0, finder)
     finder.then.append(then)
+
+
+def import_trio_core() -> types.ModuleType:
+    """trio with only `TRIO_PARTS` imported: a daemon's (architecture.md, start-up).
+
+    trio's `__init__` imports all of trio, most of which a daemon never runs: its
+    sockets, TLS and DTLS streams, `trio.Path` (and pathlib), files and subprocesses
+    (~1.1 MiB of each daemon's heap). Here the package is made without running it,
+    the parts are imported as its submodules, and their public names are bound in it
+    and in a `trio.lowlevel` of trio's core (trio's own imports sockets and
+    subprocesses). Any other name read of either runs trio's `__init__` then, so that
+    whatever reads it gets what trio gives: nothing is missing, only loaded late.
+    Where trio is imported already, or is not laid out so, it is imported whole.
+    """
+    if "trio" in sys.modules:
+        return sys.modules["trio"]
+    spec = importlib.util.find_spec("trio")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return importlib.import_module("trio")
+    pkg = importlib.util.module_from_spec(spec)
+    low = types.ModuleType("trio.lowlevel")
+    sys.modules["trio"] = pkg
+    sys.modules["trio.lowlevel"] = low
+    pkg.__dict__["lowlevel"] = low
+    try:
+        parts = [importlib.import_module("trio." + part) for part in TRIO_PARTS]
+    except ImportError:  # another trio: whole, as any other program imports it
+        for name in [n for n in sys.modules if n == "trio" or n.startswith("trio.")]:
+            del sys.modules[name]
+        return importlib.import_module("trio")
+    for part in parts:
+        if part.__name__ in ("trio.from_thread", "trio.to_thread"):
+            continue  # (modules of their own in trio too)
+        names = {k: v for k, v in vars(part).items() if _public(k, v)}
+        pkg.__dict__.update(names)
+        if part.__name__ == "trio._core":
+            low.__dict__.update(names)
+    lock = _thread.RLock()
+    state = ["partial"]  # then "loading" (trio's __init__ running), "whole"
+
+    def load_whole(name: str) -> bool:
+        """Run trio's `__init__` in the package; False while it runs (its own imports ask
+        for the submodules they then import)."""
+        with lock:
+            if state[0] != "partial":
+                return state[0] == "whole"
+            state[0] = "loading"
+            try:
+                del sys.modules["trio.lowlevel"], pkg.__dict__["lowlevel"]
+                assert spec.loader is not None
+                spec.loader.exec_module(pkg)  # imports the rest, binds every name
+            except BaseException:
+                state[0] = "partial"
+                raise
+            whole = sys.modules["trio.lowlevel"]
+            low.__dict__.update((k, v) for k, v in vars(whole).items() if k[:2] != "__")
+            del pkg.__dict__["__getattr__"], low.__dict__["__getattr__"]
+            state[0] = "whole"
+        import logging  # (a daemon has; the tests read its debug log for this line)
+
+        logging.getLogger(__name__).debug("trio: all of it imported, for trio.%s", name)
+        return True
+
+    def whole_package(name: str) -> object:
+        # A dunder is a probe (copy, pickle, inspect), not a name of trio's.
+        if name[:2] == "__" or not load_whole(name):
+            raise AttributeError(name)
+        return getattr(pkg, name)
+
+    def whole_lowlevel(name: str) -> object:
+        if name[:2] == "__" or not load_whole("lowlevel." + name):
+            raise AttributeError(name)
+        return getattr(sys.modules["trio.lowlevel"], name)
+
+    pkg.__dict__["__getattr__"] = whole_package
+    low.__dict__["__getattr__"] = whole_lowlevel
+    return pkg
+
+
+def _public(name: str, value: object) -> bool:
+    """A name trio's `__init__` would bind: public, and not a module the part imported."""
+    return name[:1] != "_" and not isinstance(value, types.ModuleType)

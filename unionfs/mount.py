@@ -992,7 +992,7 @@ def _preload() -> None:
     from .bytecode import strip_docstrings
 
     strip_docstrings()
-    import_with_sonames("trio")  # before pyfuse3, which imports it: no `ldconfig -p`
+    import_trio()  # before pyfuse3, which imports it
     _import_pyfuse3()
 
     import linecache
@@ -1003,6 +1003,13 @@ def _preload() -> None:
     # linecache, for tracebacks through them: the memory goes to the daemon's nodes instead.
     for key in [k for k in linecache.cache if k.startswith("<attrs generated")]:
         del linecache.cache[key]
+
+
+def import_trio() -> None:
+    """trio as a daemon runs on (`lazyimport.import_trio_core`), without `ldconfig -p`."""
+    from .lazyimport import import_trio_core
+
+    import_with_sonames("trio", lambda _: import_trio_core())
 
 
 def _import_pyfuse3() -> None:

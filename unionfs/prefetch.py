@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 DAEMON_PACKAGES = (
     "trio",
     "trio._core",
-    "trio._subprocess_platform",
     "attr",
     "attrs",
     "outcome",
@@ -54,18 +53,13 @@ DAEMON_MODULES = (
     "enum",
     "heapq",
     "logging",
-    "pathlib",
     "queue",
     "random",
-    "selectors",
     "signal",
     "socket",
     "string",
-    "subprocess",
     "threading",
     "traceback",
-    "urllib",
-    "urllib.parse",
 )
 # What the caller of `run` or `mount` imports once the daemon is forked, with the usual
 # bytecode; then what only `run`'s image-reading child (`run._confinement_and_image`) does.
@@ -99,6 +93,7 @@ CLIENT_MODULES = (
     "opcode",
     "pickle",
     "platform",
+    "selectors",
     "struct",
     "termios",
     "textwrap",

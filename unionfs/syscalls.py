@@ -22,7 +22,7 @@ from types import ModuleType
 
 TYPE_CHECKING = False  # typing's, without importing typing (architecture.md)
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -40,8 +40,11 @@ SONAMES = {
 }
 
 
-def import_with_sonames(name: str) -> ModuleType:
-    """Import module NAME with `find_library` answering SONAMES without `ldconfig -p`."""
+def import_with_sonames(
+    name: str, load: Callable[[str], ModuleType] = importlib.import_module
+) -> ModuleType:
+    """Import module NAME (with `load`) with `find_library` answering SONAMES without
+    `ldconfig -p`."""
     import ctypes.util
 
     if name in sys.modules:
@@ -60,7 +63,7 @@ def import_with_sonames(name: str) -> ModuleType:
 
     ctypes.util.find_library = find_library
     try:
-        return importlib.import_module(name)
+        return load(name)
     finally:
         ctypes.util.find_library = search
 
