@@ -448,3 +448,47 @@ def test_big_reads_leave_the_daemons_heap_alone(layers: tuple) -> None:
                     os.close(fd)
                 (mnt / f"small{i}").write_text("x")  # small objects between the reads
         assert _heap_kib(pid) - before < 512
+
+
+def _anon_kib(pid: int) -> int:
+    """The process's anonymous resident memory (RssAnon)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon")
+
+
+@needs_fuse
+def test_a_mount_with_nothing_open_keeps_no_read_buffer(layers: tuple) -> None:
+    """The read buffer's pages go back once no handle is open (FuseOps._idle), and come
+    back as reads write them: after big files were read, and closed, the daemon holds
+    no more than before (a kept buffer held up to 1 MiB from then on), and what a read
+    gives after that is the file's data."""
+    lows, upper, work, mnt = layers
+    datas = [os.urandom(1 << 20) * 2 + bytes([i]) * 5000 for i in range(3)]
+    for i, data in enumerate(datas):
+        (lows[0] / f"big{i}").write_bytes(data)
+    (lows[0] / "small").write_bytes(b"s" * 3000)
+    with mounted(lows, mnt, upper, work):
+        pid = daemon_of(mnt)
+        for i in range(3):
+            os.stat(mnt / f"big{i}")
+        assert (mnt / "small").read_bytes() == b"s" * 3000
+        before = _anon_kib(pid)
+        for i, data in enumerate(datas):
+            fd = os.open(mnt / f"big{i}", os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read by the daemon
+                got = b""
+                while chunk := os.read(fd, 1 << 20):
+                    got += chunk
+            finally:
+                os.close(fd)
+            assert got == data
+        assert _anon_kib(pid) - before < 512, (before, _anon_kib(pid))
+        fd = os.open(mnt / "small", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.read(fd, 10000) == b"s" * 3000
+        finally:
+            os.close(fd)

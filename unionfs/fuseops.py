@@ -37,6 +37,7 @@ import ctypes
 import errno
 import functools
 import logging
+import mmap
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Generator
@@ -174,7 +175,11 @@ class FuseOps(pyfuse3.Operations):
         self._copying: dict[int, trio.Event] = {}
         self._bare = BareEntry.make()
         self._generations = core.table.generations  # see InodeTable.replace
-        self._read_buf = memoryview(bytearray())  # see read: as big as the largest read
+        # See read: an anonymous map as big as the largest read, whose pages are given
+        # back whenever the mount has no handle open (`_idle`).
+        self._read_map: mmap.mmap | None = None
+        self._read_buf = memoryview(b"")
+        self._read_dirty = False  # read into since its pages were last given back
         # Run once the kernel's INIT is answered (mount.py: the readahead window).
         self.after_init: Callable[[], None] | None = None
         core.changed = self._changed
@@ -486,9 +491,13 @@ class FuseOps(pyfuse3.Operations):
         # every read: pyfuse3 sends the reply as soon as this returns, with no other task
         # run in between, so the next read cannot overwrite it before. A new bytes object
         # of up to 1 MiB per read left the daemon's heap holding several such blocks.
+        # An anonymous map, not a bytearray: its pages come as reads write them (a
+        # bytearray's are all zeroed at once), and go at `_idle`.
         # (pyfuse3 takes any buffer, though its stub says bytes.)
         if size > len(self._read_buf):
-            self._read_buf = memoryview(bytearray(size))
+            self._read_map = mmap.mmap(-1, size)  # the old one goes with its last view
+            self._read_buf = memoryview(self._read_map)
+        self._read_dirty = True
         return self._read_buf[: self.core.read_into(fh, off, self._read_buf[:size])]
 
     @_fuse_errors
@@ -504,6 +513,17 @@ class FuseOps(pyfuse3.Operations):
     @_fuse_errors
     async def release(self, fh: int) -> None:
         self.core.release(fh)
+        if self._read_dirty:
+            self._idle()
+
+    def _idle(self) -> None:
+        """Give the read buffer's pages back if no handle is open: a mount that is not
+        being read keeps none (up to 1 MiB, where a big file was read; the next read
+        faults in those it writes). Not while a reader (`tar`, `find`) holds a directory
+        open between its files, so that the pages are not given back after each."""
+        if self._read_map is not None and self.core.handles.idle():
+            self._read_map.madvise(mmap.MADV_DONTNEED)
+            self._read_dirty = False
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -559,6 +579,8 @@ class FuseOps(pyfuse3.Operations):
     @_fuse_errors
     async def releasedir(self, fh: int) -> None:
         self.core.releasedir(fh)
+        if self._read_dirty:
+            self._idle()
 
     @_fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -198,6 +198,10 @@ class HandleTable:
     def get(self, fh: int) -> Handle | DirHandle | None:
         return self._open.get(fh)
 
+    def idle(self) -> bool:
+        """No handle is open, of a file or a directory."""
+        return not self._open
+
     def file(self, fh: int) -> Handle:
         h = self._open.get(fh)
         if not isinstance(h, Handle):

@@ -53,6 +53,7 @@ DAEMON_MODULES = (
     "enum",
     "heapq",
     "logging",
+    "mmap",
     "queue",
     "random",
     "signal",
