@@ -96,6 +96,8 @@ def test_the_daemons_trio_runs_without_its_sockets_files_and_subprocesses() -> N
     what a daemon runs of trio (a nursery, Event, a worker thread, the signal receiver,
     pyfuse3's wait for its fd) needs none of them, and any other name of trio's still
     loads them, as trio would have."""
+    from importlib.metadata import version
+
     out = python_output(
         "import os, signal, sys, unionfs.lazyimport as l\n"
         "l.defer(); l.defer(l.DAEMON_ONLY)\n"
@@ -127,12 +129,14 @@ def test_the_daemons_trio_runs_without_its_sockets_files_and_subprocesses() -> N
         "            await trio.sleep(0)\n"
         "    return n + len(lot) + (token is not None)\n"
         "print(trio.run(main), [n for n in unused if n in sys.modules])\n"
+        "print(trio.__version__, [n for n in unused if n in sys.modules])\n"
         "print(trio.Path.__name__, trio.lowlevel.open_process.__name__, "
         "[n for n in unused if n not in sys.modules], trio.run is trio._core.run)\n"
     )
     assert out.split("\n") == [
         "[] _LazyModule",
         "2 []",
+        f"{version('trio')} []",
         "Path open_process [] True",
         "",
     ]

@@ -180,6 +180,7 @@ def import_trio_core() -> types.ModuleType:
         for name in [n for n in sys.modules if n == "trio" or n.startswith("trio.")]:
             del sys.modules[name]
         return importlib.import_module("trio")
+    pkg.__dict__["__version__"] = importlib.import_module("trio._version").__version__
     for part in parts:
         if part.__name__ in ("trio.from_thread", "trio.to_thread"):
             continue  # (modules of their own in trio too)
@@ -214,7 +215,7 @@ def import_trio_core() -> types.ModuleType:
         return True
 
     def whole_package(name: str) -> object:
-        # A dunder is a probe (copy, pickle, inspect), not a name of trio's.
+        # Another dunder is a probe (copy, pickle, inspect), not a name of trio's.
         if name[:2] == "__" or not load_whole(name):
             raise AttributeError(name)
         return getattr(pkg, name)
