@@ -196,9 +196,11 @@ def mounted(
 
 
 @contextlib.contextmanager
-def debug_mount(lows: list[Path], mnt: Path, log: Path, upper: Path, work: Path) -> Iterator[None]:
+def debug_mount(
+    lows: Sequence[Path], mnt: Path, log: Path, upper: Path | None = None, work: Path | None = None
+) -> Iterator[None]:
     """A mount whose daemon logs every request to `log` (-d keeps it in the foreground)."""
-    opts = f"lowerdir={lows[0]}:{lows[1]},upperdir={upper},workdir={work}"
+    opts = _layer_options(lows, upper, work)
     with open(log, "w") as err:
         proc = subprocess.Popen([*PYUNION, "mount", "-d", "-o", opts, str(mnt)], stderr=err)
     try:

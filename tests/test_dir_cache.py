@@ -222,12 +222,9 @@ def test_a_copy_up_leaves_a_partly_kept_listing_true(big_dir: tuple[Path, list[s
         _once_each(listed, set(names))
 
 
-@needs_fuse
-def test_a_pass_read_in_parts_across_a_change(big_dir: tuple[Path, list[str]]) -> None:
-    """A pass read in parts while another program removes a name it has read and lists
-    the directory (which completes the kernel's copy from a newer listing): the rest of
-    the pass neither skips nor repeats a name that stayed, as on kernel overlayfs."""
-    d, names = big_dir
+def _read_across_a_removal(d: Path, names: list[str]) -> None:
+    """A pass read in parts: its first part, then the removal of a name it has read and a
+    whole listing by another program, then the rest, each name that stayed once."""
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
         seen = _getdents(fd)
@@ -237,6 +234,14 @@ def test_a_pass_read_in_parts_across_a_change(big_dir: tuple[Path, list[str]]) -
     finally:
         os.close(fd)
     _once_each(seen, set(names) - {seen[1]})
+
+
+@needs_fuse
+def test_a_pass_read_in_parts_across_a_change(big_dir: tuple[Path, list[str]]) -> None:
+    """A pass read in parts while another program removes a name it has read and lists
+    the directory (which completes the kernel's copy from a newer listing): the rest of
+    the pass neither skips nor repeats a name that stayed, as on kernel overlayfs."""
+    _read_across_a_removal(*big_dir)
 
 
 @needs_fuse
@@ -248,15 +253,7 @@ def test_a_pass_begun_from_the_kept_listing_goes_on_after_a_change(
     goes on after the same name."""
     d, names = big_dir
     assert len(os.listdir(d)) == len(names)  # kept
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        seen = _getdents(fd)
-        os.unlink(d / seen[1])
-        assert len(os.listdir(d)) == len(names) - 1
-        seen += _rest(fd)
-    finally:
-        os.close(fd)
-    _once_each(seen, set(names) - {seen[1]})
+    _read_across_a_removal(d, names)
 
 
 def _passes(d: Path, stable: set[str], until: float, seed: int) -> None:

@@ -14,6 +14,7 @@ from support import (
     PYUNION,
     alive,
     daemon_of,
+    debug_mount,
     force_unmount,
     is_mounted,
     mounted,
@@ -61,13 +62,7 @@ def test_kernel_caches_lookups_and_attributes(layers: tuple, tmp_path: Path) -> 
     for i in range(50):
         (lows[0] / f"f{i}").write_text("x")
     log = tmp_path / "daemon.log"
-    # --debug logs every request and keeps the daemon in the foreground: run it as a child.
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [*PYUNION, "mount", "-d", "-o", f"lowerdir={lows[0]}:{lows[1]}", str(mnt)], stderr=err
-        )
-    try:
-        wait_until(lambda: is_mounted(mnt), what="the mount", alive=lambda: proc.poll() is None)
+    with debug_mount(lows[:2], mnt, log):
         for _ in range(3):
             for i in range(50):
                 os.stat(mnt / f"f{i}")
@@ -84,13 +79,6 @@ def test_kernel_caches_lookups_and_attributes(layers: tuple, tmp_path: Path) -> 
         assert 100 <= lookups <= 101, lookups
         assert getattrs <= 2, getattrs
         assert reads == 1, reads
-    finally:
-        pyunion("umount", str(mnt), check=False)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @needs_fuse
