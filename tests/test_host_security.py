@@ -647,18 +647,24 @@ def test_a_user_owning_the_upper_cannot_have_root_chown_her_file_by_its_name(
         (mnt / "tool").write_text("root's\n")
         os.stat(mnt / "tool")  # the kernel holds the name: no lookup again
         _as(user, "mv", str(evil), str(t / "u" / "tool"))
-        for change in (
-            lambda: os.chown(mnt / "tool", 0, 0),
-            lambda: os.chmod(mnt / "tool", 0o4755),
-            lambda: os.setxattr(mnt / "tool", "security.capability", b"\x01" * 20),
-            lambda: os.setxattr(mnt / "tool", "user.root", b"1"),
-        ):
-            with contextlib.suppress(OSError):
-                change()
-        st = (t / "u" / "tool").lstat()
-        assert (t / "u" / "tool").read_text() == "hers\n"
-        assert st.st_uid == user[0] and not st.st_mode & stat.S_ISUID, st
-        assert os.listxattr(t / "u" / "tool") == []
+        _make_it_roots(mnt / "tool", t / "u" / "tool", user)
+
+
+def _make_it_roots(merged: Path, in_upper: Path, user: tuple[int, int]) -> None:
+    """Root's chown 0:0, chmod 4755 and xattrs through the mount at `merged`, each allowed
+    to fail: her program at `in_upper` must come out of it as it was, hers."""
+    for change in (
+        lambda: os.chown(merged, 0, 0),
+        lambda: os.chmod(merged, 0o4755),
+        lambda: os.setxattr(merged, "security.capability", b"\x01" * 20),
+        lambda: os.setxattr(merged, "user.root", b"1"),
+    ):
+        with contextlib.suppress(OSError):
+            change()
+    st = in_upper.lstat()
+    assert in_upper.read_text() == "hers\n"
+    assert st.st_uid == user[0] and not st.st_mode & stat.S_ISUID, st
+    assert os.listxattr(in_upper) == []
 
 
 @contextlib.contextmanager
@@ -710,18 +716,7 @@ def test_a_user_owning_the_upper_cannot_pass_her_file_off_with_a_reused_inode_nu
             _as(user, "sh", "-c", f"rm {tool}; echo hers > {new}; chmod 755 {new}")
             assert new.stat().st_ino == old  # ext4 gave her the number of root's file
             _as(user, "mv", str(new), str(tool))
-            for change in (
-                lambda: os.chown(mnt / "tool", 0, 0),
-                lambda: os.chmod(mnt / "tool", 0o4755),
-                lambda: os.setxattr(mnt / "tool", "security.capability", b"\x01" * 20),
-                lambda: os.setxattr(mnt / "tool", "user.root", b"1"),
-            ):
-                with contextlib.suppress(OSError):
-                    change()
-            st = tool.lstat()
-            assert tool.read_text() == "hers\n"
-            assert st.st_uid == user[0] and not st.st_mode & stat.S_ISUID, st
-            assert os.listxattr(tool) == []
+            _make_it_roots(mnt / "tool", tool, user)
 
 
 def test_a_work_dir_a_user_made_is_not_the_daemons_scratch_dir(
