@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse's fuse_common.h: pyfuse3 requires it
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # pyfuse3 clears it from want
@@ -58,6 +59,7 @@ _PT_LOAD = 1
 _STT_OBJECT = 1
 _STT_FUNC = 2
 _PTR = struct.Struct("<Q")
+log = logging.getLogger(__name__)
 
 OPENDIR_SYMBOL = b"__pyx_f_7pyfuse3_fuse_opendir"
 # struct fuse_file_info (libfuse 3): int flags, then its bit-fields in one word, first
@@ -66,7 +68,7 @@ OPENDIR_SYMBOL = b"__pyx_f_7pyfuse3_fuse_opendir"
 _FI_BITS = 4
 _FI_KEEP_CACHE = 1 << 2
 _FI_CACHE_READDIR = 1 << 6
-_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
+_OPENDIR_ARGS = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)  # req, ino, fi
 _KEPT: list[object] = []  # the wrapper and pyfuse3's handler: alive as long as the process
 
 
@@ -188,46 +190,256 @@ def want(extension: str, cap: int) -> str | None:
     return None
 
 
+def _wrap_handler(
+    mem: int,
+    base: int,
+    session: int,
+    extension: str,
+    symbol: bytes,
+    argtypes: tuple[type, ...],
+    before: Callable[..., None],
+) -> None:
+    """Point the one slot of the session's `struct fuse_lowlevel_ops` that holds pyfuse3's
+    handler `symbol` at a wrapper that calls `before(*args)`, then the handler.
+
+    The slot is the only word of the session's first bytes that holds the handler's
+    address. Requests are handled one at a time in this thread, INIT (where this runs)
+    included, so the slot is never read while it is written.
+    """
+    value, _ = _symbol(extension, symbol, _STT_FUNC)
+    handler = base + value
+    raw = os.pread(mem, SCAN_BYTES, session)
+    slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
+    if len(slots) != 1:
+        raise NotAsked(f"{len(slots)} places in its session hold {symbol.decode()}")
+    # pyfuse3's handler runs Python code: called with the interpreter's lock held.
+    original = ctypes.PYFUNCTYPE(None, *argtypes)(handler)
+
+    def wrapper(*args: int) -> None:
+        try:
+            before(*args)
+        finally:
+            original(*args)
+
+    callback = ctypes.CFUNCTYPE(None, *argtypes)(wrapper)
+    address = ctypes.cast(callback, ctypes.c_void_p).value
+    assert address is not None
+    _KEPT.extend((original, callback))
+    os.pwrite(mem, _PTR.pack(address), session + slots[0])
+
+
 def keep_listings(extension: str) -> str | None:
     """Have every directory opened from now on kept in the kernel's readdir cache: None
     once done, else why not. `extension`: pyfuse3's extension module file.
 
     pyfuse3's OPENDIR handler (`OPENDIR_SYMBOL`) answers with a copy of the
     `struct fuse_file_info` libfuse hands it, its own handle set and nothing else. So
-    the handler's one slot in the session's `struct fuse_lowlevel_ops` (the only word
-    of the session's first bytes that holds the handler's address) is pointed at a
-    wrapper that sets `keep_cache` and `cache_readdir` in that structure first, which
-    pyfuse3's copy then carries into the answer (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR).
-    Requests are handled one at a time in this thread, this one (INIT) included, so
-    the slot is never read while it is written.
+    its slot is pointed at a wrapper (`_wrap_handler`) that sets `keep_cache` and
+    `cache_readdir` in that structure first, which pyfuse3's copy then carries into
+    the answer (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR).
     """
+
+    def opendir(req: int, ino: int, fi: int) -> None:
+        bits = ctypes.c_uint32.from_address(fi + _FI_BITS)
+        bits.value |= _FI_KEEP_CACHE | _FI_CACHE_READDIR
+
     try:
         with _session(extension) as (mem, base, session):
-            value, _ = _symbol(extension, OPENDIR_SYMBOL, _STT_FUNC)
-            handler = base + value
-            raw = os.pread(mem, SCAN_BYTES, session)
-            slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
-            if len(slots) != 1:
-                raise NotAsked(f"{len(slots)} places in its session hold its OPENDIR handler")
-            # pyfuse3's handler runs Python code: called with the interpreter's lock held.
-            original = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)(
-                handler
-            )
-
-            def opendir(req: int, ino: int, fi: int) -> None:
-                try:
-                    bits = ctypes.c_uint32.from_address(fi + _FI_BITS)
-                    bits.value |= _FI_KEEP_CACHE | _FI_CACHE_READDIR
-                finally:
-                    original(req, ino, fi)
-
-            wrapper = _HANDLER(opendir)
-            address = ctypes.cast(wrapper, ctypes.c_void_p).value
-            assert address is not None
-            _KEPT.extend((original, wrapper))
-            os.pwrite(mem, _PTR.pack(address), session + slots[0])
+            _wrap_handler(mem, base, session, extension, OPENDIR_SYMBOL, _OPENDIR_ARGS, opendir)
     except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
         return _why(e)
     except MemoryError as e:  # libffi found no executable memory for the callback
+        return f"no callback: {e}"
+    return None
+
+
+# -- set-ID bits cleared by the daemon: FUSE_HANDLE_KILLPRIV_V2 -----------------------------
+# include/uapi/linux/fuse.h (protocol 7.33, Linux 5.11)
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28  # fuse_init_out.flags
+KILLPRIV_V2_MINOR = 33
+FUSE_WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags
+# fuse_setattr_in.valid; libfuse keeps the bit (its FUSE_SET_ATTR_KILL_SUID) in `to_set`
+FATTR_KILL_SUIDGID = 1 << 11
+FUSE_CAP_SPLICE_READ = 1 << 9  # libfuse's: requests spliced into a pipe, not read
+LIBFUSE_CHECKED = 314  # fuse_version() of the libfuse whose layouts are used below
+WRITE_BUF_SYMBOL = b"__pyx_f_7pyfuse3_fuse_write_buf"
+SETATTR_SYMBOL = b"__pyx_f_7pyfuse3_fuse_setattr"
+_WRITE_BUF_ARGS = (  # req, ino, struct fuse_bufvec *, off, struct fuse_file_info *
+    ctypes.c_void_p,
+    ctypes.c_uint64,
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_void_p,
+)
+_SETATTR_ARGS = (  # req, ino, struct stat *, to_set, struct fuse_file_info * (or NULL)
+    ctypes.c_void_p,
+    ctypes.c_uint64,
+    ctypes.c_void_p,
+    ctypes.c_int,
+    ctypes.c_void_p,
+)
+# struct fuse_bufvec: count, idx, off, then buf[0]: size, flags (an int, padded), mem
+_BUFVEC = struct.Struct("<QQQQI4xQ")
+_FUSE_BUF_IS_FD = 1 << 1
+# struct fuse_write_in (7.9+), 40 bytes right before a WRITE's data: fh, offset, size,
+# write_flags (then lock_owner, flags, padding)
+_WRITE_IN = struct.Struct("<QQII")
+_WRITE_IN_SIZE = 40
+_FI_FH = 16  # struct fuse_file_info: flags, its bit-fields, padding2, then fh
+# struct fuse_init_out: major, minor, max_readahead, flags, ...
+_INIT_OUT = struct.Struct("<IIII")
+_IOVS = struct.Struct("<QQQQ")  # two struct iovec: the header, the answer
+_WRITEV = ctypes.CFUNCTYPE(
+    ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, use_errno=True
+)
+
+
+class _CustomIo(ctypes.Structure):
+    """libfuse 3.14's `struct fuse_custom_io` (32 bytes, copied by `fuse_session_custom_io`)."""
+
+    _fields_ = (
+        ("writev", ctypes.c_void_p),
+        ("read", ctypes.c_void_p),
+        ("splice_receive", ctypes.c_void_p),
+        ("splice_send", ctypes.c_void_p),
+    )
+
+
+class KillPriv:
+    """What the kernel asked of the request being handled, read by the wrappers of
+    pyfuse3's WRITE and SETATTR handlers for the file system's method pyfuse3 calls
+    right after: pyfuse3 runs that method as soon as libfuse returns, with no other
+    request in between (its coroutine starts before its first await)."""
+
+    on = False  # the INIT answer said HANDLE_KILLPRIV_V2: set-ID bits are ours to clear
+    write: tuple[int, int, int] | None = None  # fh, offset, write_flags of the WRITE
+    setattr: tuple[int, int] | None = None  # node id, to_set of the SETATTR
+
+
+def write_kills(fh: int, off: int) -> bool:
+    """Whether the WRITE being handled (`fh`, `off`) must clear set-ID bits: the kernel
+    said its writer lacks CAP_FSETID. Only from the file system's write()."""
+    if not KillPriv.on:
+        return False  # the kernel clears them itself, by a SETATTR of the mode
+    seen, KillPriv.write = KillPriv.write, None
+    if seen is None or seen[:2] != (fh, off):
+        return True  # not read (never expected): the bits go, the safe side
+    return bool(seen[2] & FUSE_WRITE_KILL_SUIDGID)
+
+
+def setattr_kills(ino: int) -> bool:
+    """Whether the SETATTR being handled (node `ino`) must clear set-ID bits, as the
+    kernel would have by sending a mode: it says so for a truncation by a caller
+    without CAP_FSETID and for a chown (FATTR_KILL_SUIDGID); and a SETATTR with
+    nothing to set comes from a chown(-1, -1), or from the kernel's own clearing
+    before a write (whose WRITE says it again). Only from the file system's setattr()."""
+    if not KillPriv.on:
+        return False
+    seen, KillPriv.setattr = KillPriv.setattr, None
+    if seen is None or seen[0] != ino:
+        return True
+    return not seen[1] or bool(seen[1] & FATTR_KILL_SUIDGID)
+
+
+def _write_seen(req: int, ino: int, bufv: int, off: int, fi: int) -> None:
+    """Keep the WRITE's write_flags: its `struct fuse_write_in` lies right before its
+    data in libfuse's read buffer (splice off); checked against what libfuse passed."""
+    KillPriv.write = None
+    _, idx, boff, size, flags, data = _BUFVEC.unpack(ctypes.string_at(bufv, _BUFVEC.size))
+    if flags & _FUSE_BUF_IS_FD or idx or boff or not data:
+        return
+    fh, offset, wsize, wflags = _WRITE_IN.unpack(
+        ctypes.string_at(data - _WRITE_IN_SIZE, _WRITE_IN.size)
+    )
+    if offset == off and wsize == size and fh == ctypes.c_uint64.from_address(fi + _FI_FH).value:
+        KillPriv.write = (fh, offset, wflags)
+
+
+def _setattr_seen(req: int, ino: int, attr: int, to_set: int, fi: int | None) -> None:
+    KillPriv.setattr = (ino, to_set)
+
+
+def handle_killpriv(extension: str) -> str | None:
+    """Answer INIT with FUSE_HANDLE_KILLPRIV_V2, so that the kernel stops asking for
+    `security.capability` before every write (it asks once per inode, then keeps
+    "nothing to clear" in S_NOSEC) and leaves set-ID bits to the daemon: None once
+    arranged, else why not. `extension`: pyfuse3's extension module file.
+
+    libfuse 3.14 builds the answer's flags from the capabilities it knows, and it
+    knows none for this one, and hands the file system neither a WRITE's write_flags
+    nor (through pyfuse3) SETATTR's `to_set` bits beyond the fields. So, in order:
+    pyfuse3's WRITE and SETATTR handlers are wrapped to keep those (`KillPriv`),
+    splice reads are turned off so that a WRITE's header stays before its data,
+    and the answer itself is written through libfuse's custom I/O
+    (`fuse_session_custom_io`, public in 3.14): a writev that adds the flag to the
+    INIT answer, then puts libc's plain read and writev in its own place, so that
+    no other request or answer passes through Python. Anything not as expected:
+    nothing is asked, and the kernel clears the bits itself, as before.
+    """
+    try:
+        with _session(extension) as (mem, base, session):
+            raw = os.pread(mem, SCAN_BYTES, session)
+            conn = session + conn_offset(raw)
+            (minor,) = struct.unpack_from("<I", raw, conn - session + 4)
+            if minor < KILLPRIV_V2_MINOR:
+                return NOT_OFFERED
+            try:
+                fuse = ctypes.CDLL("libfuse3.so.3", mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+            except OSError as e:
+                raise NotAsked(f"libfuse3.so.3 is not loaded: {e}") from None
+            fuse.fuse_version.restype = ctypes.c_int
+            version = fuse.fuse_version()
+            if version != LIBFUSE_CHECKED:
+                raise NotAsked(f"libfuse {version}, not the {LIBFUSE_CHECKED} checked")
+            fuse.fuse_session_fd.argtypes = (ctypes.c_void_p,)
+            fuse.fuse_session_fd.restype = ctypes.c_int
+            fuse.fuse_session_custom_io.argtypes = (
+                ctypes.c_void_p,
+                ctypes.POINTER(_CustomIo),
+                ctypes.c_int,
+            )
+            fuse.fuse_session_custom_io.restype = ctypes.c_int
+            fd = fuse.fuse_session_fd(session)
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+            libc.writev.restype = ctypes.c_ssize_t
+            read = ctypes.cast(libc.read, ctypes.c_void_p).value
+            plain = _CustomIo(ctypes.cast(libc.writev, ctypes.c_void_p).value, read, None, None)
+
+            def answer(out: int, iov: int, count: int, userdata: int | None) -> int:
+                """The INIT answer's writev (libfuse's first after `init()`)."""
+                try:
+                    if count == 2:
+                        _, _, body, size = _IOVS.unpack(ctypes.string_at(iov, _IOVS.size))
+                        major, _, _, flags = _INIT_OUT.unpack(
+                            ctypes.string_at(body, _INIT_OUT.size)
+                        )
+                        if major == 7 and size >= _INIT_OUT.size:
+                            flags |= FUSE_HANDLE_KILLPRIV_V2
+                            ctypes.c_uint32.from_address(body + 12).value = flags
+                            KillPriv.on = True
+                            log.debug("INIT: answered with HANDLE_KILLPRIV_V2")
+                except Exception:  # the answer goes out all the same, without the flag
+                    log.exception("INIT: HANDLE_KILLPRIV_V2 not added to the answer")
+                # libc's own from now on; failing that this one goes on, as a relay
+                fuse.fuse_session_custom_io(session, ctypes.byref(plain), fd)
+                return int(libc.writev(out, iov, count))
+
+            hook = _WRITEV(answer)
+            _KEPT.extend((hook, plain, fuse, libc))
+            _wrap_handler(
+                mem, base, session, extension, WRITE_BUF_SYMBOL, _WRITE_BUF_ARGS, _write_seen
+            )
+            _wrap_handler(
+                mem, base, session, extension, SETATTR_SYMBOL, _SETATTR_ARGS, _setattr_seen
+            )
+            (wanted,) = struct.unpack("<I", os.pread(mem, 4, conn + _WANT))
+            os.pwrite(mem, struct.pack("<I", wanted & ~FUSE_CAP_SPLICE_READ), conn + _WANT)
+            io = _CustomIo(ctypes.cast(hook, ctypes.c_void_p).value, read, None, None)
+            if fuse.fuse_session_custom_io(session, ctypes.byref(io), fd):
+                raise NotAsked("fuse_session_custom_io refused")
+    except (NotAsked, OSError, ValueError, IndexError, AttributeError, struct.error) as e:
+        return _why(e)
+    except MemoryError as e:
         return f"no callback: {e}"
     return None

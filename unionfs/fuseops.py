@@ -187,6 +187,8 @@ class FuseOps(pyfuse3.Operations):
         self._read_back = -READ_BUF_BACK_S  # when they were (time.monotonic)
         # Run once the kernel's INIT is answered (mount.py: the readahead window).
         self.after_init: Callable[[], None] | None = None
+        # Answer INIT with HANDLE_KILLPRIV_V2 (fuseinit.handle_killpriv); off: -o killpriv=0.
+        self.killpriv = True
         core.changed = self._changed
         if debug:
             self._wrap_debug()
@@ -272,6 +274,13 @@ class FuseOps(pyfuse3.Operations):
             log.debug("INIT: the kernel keeps directory listings (FOPEN_CACHE_DIR)")
         else:
             log.warning("INIT: directory listings not kept by the kernel: %s", why)
+        if self.killpriv:
+            why = fuseinit.handle_killpriv(pyfuse3.__file__ or "")
+            if why is None:
+                log.debug("INIT: asking for HANDLE_KILLPRIV_V2 (set-ID bits cleared here)")
+            else:
+                level = logging.DEBUG if why == fuseinit.NOT_OFFERED else logging.WARNING
+                log.log(level, "INIT: set-ID bits left to the kernel: %s", why)
         after = self.after_init
         if after is None:
             return
@@ -378,6 +387,7 @@ class FuseOps(pyfuse3.Operations):
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        kill = fuseinit.setattr_kills(inode)  # HANDLE_KILLPRIV_V2, read before any await
         core = self.core
         node = core.node(inode)
         size = attr.st_size if fields.update_size else None
@@ -396,6 +406,7 @@ class FuseOps(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fh=fh,
+            kill_setid=kill,
         )
         return self._attr(node)
 
@@ -507,7 +518,8 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.core.write(fh, off, buf)
+        # HANDLE_KILLPRIV_V2: the kernel's word, read before anything else runs.
+        return self.core.write(fh, off, buf, fuseinit.write_kills(fh, off))
 
     async def flush(self, fh: int) -> None:
         # Writes go straight to the upper file and we hold no per-open state to

@@ -410,7 +410,7 @@ class Union:
                 fd = open_file_at(pfd, node.name, acc | keep)
             if flags & os.O_TRUNC and not privileged:
                 try:
-                    self._kill_setid(node, fd)
+                    self._kill_setid(node, fd, True)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -422,23 +422,27 @@ class Union:
                 fd = open_file_at(pfd, node.name, os.O_RDONLY)
         return self.handles.add_file(node, fd, writing)
 
-    def _kill_setid(self, node: Node, fd: int) -> None:
-        """Clear set-user-ID, and set-group-ID with group execute, as a truncation does.
+    def _kill_setid(self, node: Node, target: int | bytes, notify: bool) -> None:
+        """Clear set-user-ID, and set-group-ID with group execute, of a regular file
+        (`target`: an fd or a path), as a write or a truncation by a caller without
+        CAP_FSETID does, and a chown by anyone.
 
-        The kernel does it for a write, a truncate and a chown by sending the
-        new mode; for open(O_TRUNC) it leaves the truncation to the daemon
-        (atomic_o_trunc) and sends none, and the daemon's own truncation, as root,
-        keeps them: a user could truncate a setuid-root file it may write and keep
-        it setuid. The kernel's cached mode is stale afterwards: `changed` says so.
+        The daemon does them as root, which keeps the bits. The kernel leaves them
+        to it for open(O_TRUNC) (atomic_o_trunc: it sends no new mode), and for
+        writes, truncations and chowns too once INIT said HANDLE_KILLPRIV_V2
+        (fuseinit.handle_killpriv). `notify`: no reply will carry the new mode, so
+        the kernel's cached one is stale: `changed` says so.
         """
-        mode = os.fstat(fd).st_mode
+        st = os.stat(target)
+        mode = st.st_mode
         kill = mode & stat.S_ISUID
         if mode & stat.S_ISGID and mode & stat.S_IXGRP:
             kill |= stat.S_ISGID
-        if kill:
-            os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+        if kill and stat.S_ISREG(mode):
+            os.chmod(target, stat.S_IMODE(mode) & ~kill)
             node.xnames = None  # a mode change may rewrite an ACL
-            self.changed(node, True)
+            if notify:
+                self.changed(node, True)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self.handles.file(fh).fd, size, off)
@@ -447,10 +451,14 @@ class Union:
         """`read` into `buf` (as much as it holds): the number of bytes read."""
         return os.preadv(self.handles.file(fh).fd, (buf,), off)
 
-    def write(self, fh: int, off: int, data: bytes) -> int:
+    def write(self, fh: int, off: int, data: bytes, kill_setid: bool = False) -> int:
+        """`kill_setid`: the writer lacks CAP_FSETID (HANDLE_KILLPRIV_V2): set-ID bits
+        go first, as the kernel's own write clears them before the data changes."""
         h = self.handles.file(fh)
         if not h.writable:
             raise FsError(errno.EBADF)
+        if kill_setid:
+            self._kill_setid(h.node, h.fd, True)
         n = os.pwrite(h.fd, data, off)
         if self._pins:
             pin = self._pins.get(h.node)
@@ -805,7 +813,10 @@ class Union:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         fh: int | None = None,
+        kill_setid: bool = False,
     ) -> None:
+        """`kill_setid`: clear set-ID bits after a truncation or a chown (or alone), as
+        the kernel would have by a new mode (HANDLE_KILLPRIV_V2: `_kill_setid`)."""
         self._writable()
         handle = self.handles.get(fh) if fh is not None else None
         self._copy_ups(self.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid))
@@ -850,6 +861,8 @@ class Union:
                     os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid)
                 except OSError as e:
                     chown_failed(e, self.owners_optional)
+            if kill_setid and not node.is_dir and not is_link:
+                self._kill_setid(node, target, False)  # the reply carries the new mode
             if mode is not None and not is_link:  # a symlink's mode cannot change
                 os.chmod(target, stat.S_IMODE(mode))
             if atime_ns is not None or mtime_ns is not None:
