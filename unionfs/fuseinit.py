@@ -327,18 +327,16 @@ def write_kills(fh: int, off: int) -> bool:
     return bool(seen[2] & FUSE_WRITE_KILL_SUIDGID)
 
 
-def setattr_kills(ino: int) -> bool:
-    """Whether the SETATTR being handled (node `ino`) must clear set-ID bits, as the
-    kernel would have by sending a mode: it says so for a truncation by a caller
-    without CAP_FSETID and for a chown (FATTR_KILL_SUIDGID); and a SETATTR with
-    nothing to set comes from a chown(-1, -1), or from the kernel's own clearing
-    before a write (whose WRITE says it again). Only from the file system's setattr()."""
+def setattr_valid(ino: int) -> int | None:
+    """The `to_set` of the SETATTR being handled (node `ino`) as the kernel sent it,
+    FATTR_KILL_SUIDGID included; None while the kernel clears set-ID bits itself.
+    Only from the file system's setattr()."""
     if not KillPriv.on:
-        return False
+        return None
     seen, KillPriv.setattr = KillPriv.setattr, None
     if seen is None or seen[0] != ino:
-        return True
-    return not seen[1] or bool(seen[1] & FATTR_KILL_SUIDGID)
+        return FATTR_KILL_SUIDGID  # not read (never expected): the bits go, the safe side
+    return seen[1]
 
 
 def _write_seen(req: int, ino: int, bufv: int, off: int, fi: int) -> None:

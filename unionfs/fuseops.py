@@ -49,6 +49,7 @@ import trio
 
 from . import fuseinit
 from .copyup import CopyPlan
+from .errors import FsError
 from .idmap import ACL_XATTRS, IdMap
 from .inodes import AnyStat, Node, stat_fields
 from .union import ACL_ACCESS, Ctx, Union
@@ -387,13 +388,18 @@ class FuseOps(pyfuse3.Operations):
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        kill = fuseinit.setattr_kills(inode)  # HANDLE_KILLPRIV_V2, read before any await
+        valid = fuseinit.setattr_valid(inode)  # HANDLE_KILLPRIV_V2, read before any await
         core = self.core
         node = core.node(inode)
         size = attr.st_size if fields.update_size else None
         mode = attr.st_mode if fields.update_mode else None
         uid = attr.st_uid if fields.update_uid else None
         gid = attr.st_gid if fields.update_gid else None
+        kill = False
+        if valid is not None:  # set-ID bits are ours to clear
+            kill = bool(valid & fuseinit.FATTR_KILL_SUIDGID) or (
+                not valid and self._empty_setattr_kills(node, ctx)
+            )
         plan = core.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid)
         if plan:
             await self._copy_ups(plan)
@@ -409,6 +415,26 @@ class FuseOps(pyfuse3.Operations):
             kill_setid=kill,
         )
         return self._attr(node)
+
+    def _empty_setattr_kills(self, node: Node, ctx: Any) -> bool:
+        """Whether a SETATTR with nothing to set clears set-ID bits (HANDLE_KILLPRIV_V2).
+
+        It is a chown(-1, -1), which clears them on kernel overlayfs (EPERM for a
+        caller who does not own the file: the new mode needs that), or the kernel's
+        own clearing before a write, for which the WRITE says it again. The kernel
+        sent no mode, and so checked no ownership: a caller who owns the file (root
+        counts as owning all) clears them; one who may write it is taken for a writer,
+        whose WRITE clears them; anyone else gets overlayfs' EPERM.
+        """
+        a = self._attr(node)  # the owners as the caller sees them
+        m = a.st_mode
+        if not stat.S_ISREG(m) or not m & (stat.S_ISUID | stat.S_ISGID):
+            return False
+        if ctx is None or ctx.uid in (0, a.st_uid):
+            return True
+        if m & (stat.S_IWGRP if _in_group(ctx, a.st_gid) else stat.S_IWOTH):
+            return False
+        raise FsError(errno.EPERM)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:

@@ -408,12 +408,16 @@ class Union:
                 fd = open_file_at(pfd, node.name, os.O_RDWR | keep)
             except PermissionError:
                 fd = open_file_at(pfd, node.name, acc | keep)
-            if flags & os.O_TRUNC and not privileged:
-                try:
-                    self._kill_setid(node, fd, True)
-                except BaseException:
-                    os.close(fd)
-                    raise
+            if flags & os.O_TRUNC:
+                # The truncation, ours, dropped security.capability: the kernel asks
+                # for it right after (to drop it itself) and must hear it is gone.
+                node.xnames = None
+                if not privileged:
+                    try:
+                        self._kill_setid(node, fd, True)
+                    except BaseException:
+                        os.close(fd)
+                        raise
         else:
             pfd = self.resolver.location_fd(node)
             try:
