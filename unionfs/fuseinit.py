@@ -257,20 +257,10 @@ def keep_listings(extension: str) -> str | None:
 # include/uapi/linux/fuse.h (protocol 7.33, Linux 5.11)
 FUSE_HANDLE_KILLPRIV_V2 = 1 << 28  # fuse_init_out.flags
 KILLPRIV_V2_MINOR = 33
-FUSE_WRITE_KILL_SUIDGID = 1 << 2  # fuse_write_in.write_flags
 # fuse_setattr_in.valid; libfuse keeps the bit (its FUSE_SET_ATTR_KILL_SUID) in `to_set`
 FATTR_KILL_SUIDGID = 1 << 11
-FUSE_CAP_SPLICE_READ = 1 << 9  # libfuse's: requests spliced into a pipe, not read
 LIBFUSE_CHECKED = 314  # fuse_version() of the libfuse whose layouts are used below
-WRITE_BUF_SYMBOL = b"__pyx_f_7pyfuse3_fuse_write_buf"
 SETATTR_SYMBOL = b"__pyx_f_7pyfuse3_fuse_setattr"
-_WRITE_BUF_ARGS = (  # req, ino, struct fuse_bufvec *, off, struct fuse_file_info *
-    ctypes.c_void_p,
-    ctypes.c_uint64,
-    ctypes.c_void_p,
-    ctypes.c_int64,
-    ctypes.c_void_p,
-)
 _SETATTR_ARGS = (  # req, ino, struct stat *, to_set, struct fuse_file_info * (or NULL)
     ctypes.c_void_p,
     ctypes.c_uint64,
@@ -278,14 +268,6 @@ _SETATTR_ARGS = (  # req, ino, struct stat *, to_set, struct fuse_file_info * (o
     ctypes.c_int,
     ctypes.c_void_p,
 )
-# struct fuse_bufvec: count, idx, off, then buf[0]: size, flags (an int, padded), mem
-_BUFVEC = struct.Struct("<QQQQI4xQ")
-_FUSE_BUF_IS_FD = 1 << 1
-# struct fuse_write_in (7.9+), 40 bytes right before a WRITE's data: fh, offset, size,
-# write_flags (then lock_owner, flags, padding)
-_WRITE_IN = struct.Struct("<QQII")
-_WRITE_IN_SIZE = 40
-_FI_FH = 16  # struct fuse_file_info: flags, its bit-fields, padding2, then fh
 # struct fuse_init_out: major, minor, max_readahead, flags, ...
 _INIT_OUT = struct.Struct("<IIII")
 _IOVS = struct.Struct("<QQQQ")  # two struct iovec: the header, the answer
@@ -306,25 +288,13 @@ class _CustomIo(ctypes.Structure):
 
 
 class KillPriv:
-    """What the kernel asked of the request being handled, read by the wrappers of
-    pyfuse3's WRITE and SETATTR handlers for the file system's method pyfuse3 calls
-    right after: pyfuse3 runs that method as soon as libfuse returns, with no other
-    request in between (its coroutine starts before its first await)."""
+    """Whether INIT was answered with HANDLE_KILLPRIV_V2, and the `to_set` of the
+    SETATTR being handled, kept by the wrapper of pyfuse3's SETATTR handler for the
+    file system's setattr(), which pyfuse3 runs as soon as libfuse returns, with no
+    other request in between (its coroutine starts before its first await)."""
 
-    on = False  # the INIT answer said HANDLE_KILLPRIV_V2: set-ID bits are ours to clear
-    write: tuple[int, int, int] | None = None  # fh, offset, write_flags of the WRITE
-    setattr: tuple[int, int] | None = None  # node id, to_set of the SETATTR
-
-
-def write_kills(fh: int, off: int) -> bool:
-    """Whether the WRITE being handled (`fh`, `off`) must clear set-ID bits: the kernel
-    said its writer lacks CAP_FSETID. Only from the file system's write()."""
-    if not KillPriv.on:
-        return False  # the kernel clears them itself, by a SETATTR of the mode
-    seen, KillPriv.write = KillPriv.write, None
-    if seen is None or seen[:2] != (fh, off):
-        return True  # not read (never expected): the bits go, the safe side
-    return bool(seen[2] & FUSE_WRITE_KILL_SUIDGID)
+    on = False  # set-ID bits are the daemon's to clear
+    setattr: tuple[int, int] | None = None  # node id, to_set
 
 
 def setattr_valid(ino: int) -> int | None:
@@ -339,36 +309,24 @@ def setattr_valid(ino: int) -> int | None:
     return seen[1]
 
 
-def _write_seen(req: int, ino: int, bufv: int, off: int, fi: int) -> None:
-    """Keep the WRITE's write_flags: its `struct fuse_write_in` lies right before its
-    data in libfuse's read buffer (splice off); checked against what libfuse passed."""
-    KillPriv.write = None
-    _, idx, boff, size, flags, data = _BUFVEC.unpack(ctypes.string_at(bufv, _BUFVEC.size))
-    if flags & _FUSE_BUF_IS_FD or idx or boff or not data:
-        return
-    fh, offset, wsize, wflags = _WRITE_IN.unpack(
-        ctypes.string_at(data - _WRITE_IN_SIZE, _WRITE_IN.size)
-    )
-    if offset == off and wsize == size and fh == ctypes.c_uint64.from_address(fi + _FI_FH).value:
-        KillPriv.write = (fh, offset, wflags)
-
-
 def _setattr_seen(req: int, ino: int, attr: int, to_set: int, fi: int | None) -> None:
     KillPriv.setattr = (ino, to_set)
 
 
 def handle_killpriv(extension: str) -> str | None:
-    """Answer INIT with FUSE_HANDLE_KILLPRIV_V2, so that the kernel stops asking for
-    `security.capability` before every write (it asks once per inode, then keeps
-    "nothing to clear" in S_NOSEC) and leaves set-ID bits to the daemon: None once
-    arranged, else why not. `extension`: pyfuse3's extension module file.
+    """Answer INIT with FUSE_HANDLE_KILLPRIV_V2: None once arranged, else why not.
+    `extension`: pyfuse3's extension module file.
+
+    With it the kernel asks for `security.capability` once per inode, not before
+    every write (it keeps "nothing to clear" in S_NOSEC), and leaves set-ID bits to
+    the daemon: before a write that clears them it sends a SETATTR with nothing to
+    set (its new mode dropped), a truncation's SETATTR says FATTR_KILL_SUIDGID when
+    the caller lacks CAP_FSETID, a chown's always (FuseOps.setattr acts on them).
 
     libfuse 3.14 builds the answer's flags from the capabilities it knows, and it
-    knows none for this one, and hands the file system neither a WRITE's write_flags
-    nor (through pyfuse3) SETATTR's `to_set` bits beyond the fields. So, in order:
-    pyfuse3's WRITE and SETATTR handlers are wrapped to keep those (`KillPriv`),
-    splice reads are turned off so that a WRITE's header stays before its data,
-    and the answer itself is written through libfuse's custom I/O
+    knows none for this one; pyfuse3 hands the file system no `to_set` bit beyond
+    the fields. So pyfuse3's SETATTR handler is wrapped to keep `to_set`
+    (`KillPriv`), and the answer is written through libfuse's custom I/O
     (`fuse_session_custom_io`, public in 3.14): a writev that adds the flag to the
     INIT answer, then puts libc's plain read and writev in its own place, so that
     no other request or answer passes through Python. Anything not as expected:
@@ -426,13 +384,8 @@ def handle_killpriv(extension: str) -> str | None:
             hook = _WRITEV(answer)
             _KEPT.extend((hook, plain, fuse, libc))
             _wrap_handler(
-                mem, base, session, extension, WRITE_BUF_SYMBOL, _WRITE_BUF_ARGS, _write_seen
-            )
-            _wrap_handler(
                 mem, base, session, extension, SETATTR_SYMBOL, _SETATTR_ARGS, _setattr_seen
             )
-            (wanted,) = struct.unpack("<I", os.pread(mem, 4, conn + _WANT))
-            os.pwrite(mem, struct.pack("<I", wanted & ~FUSE_CAP_SPLICE_READ), conn + _WANT)
             io = _CustomIo(ctypes.cast(hook, ctypes.c_void_p).value, read, None, None)
             if fuse.fuse_session_custom_io(session, ctypes.byref(io), fd):
                 raise NotAsked("fuse_session_custom_io refused")

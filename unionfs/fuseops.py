@@ -38,6 +38,7 @@ import errno
 import functools
 import logging
 import mmap
+import os
 import stat
 import sys
 import time
@@ -395,11 +396,11 @@ class FuseOps(pyfuse3.Operations):
         mode = attr.st_mode if fields.update_mode else None
         uid = attr.st_uid if fields.update_uid else None
         gid = attr.st_gid if fields.update_gid else None
-        kill = False
-        if valid is not None:  # set-ID bits are ours to clear
-            kill = bool(valid & fuseinit.FATTR_KILL_SUIDGID) or (
-                not valid and self._empty_setattr_kills(node, ctx)
-            )
+        kill = 0
+        if valid is not None and (not valid or valid & fuseinit.FATTR_KILL_SUIDGID):
+            # Set-ID bits are ours to clear (HANDLE_KILLPRIV_V2). The kernel's flag on a
+            # truncation says the caller lacks CAP_FSETID; on a chown it is always set.
+            kill = self._setid_to_kill(node, ctx, valid, size is None)
         plan = core.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid)
         if plan:
             await self._copy_ups(plan)
@@ -416,25 +417,33 @@ class FuseOps(pyfuse3.Operations):
         )
         return self._attr(node)
 
-    def _empty_setattr_kills(self, node: Node, ctx: Any) -> bool:
-        """Whether a SETATTR with nothing to set clears set-ID bits (HANDLE_KILLPRIV_V2).
+    def _setid_to_kill(self, node: Node, ctx: Any, valid: int, fsetid: bool) -> int:
+        """The set-ID bits a SETATTR clears under HANDLE_KILLPRIV_V2, as the kernel's
+        VFS would have (setattr_should_drop_suidgid): set-user-ID, and set-group-ID
+        with group execute, or without it for a caller outside the file's group
+        without CAP_FSETID (`fsetid`: the caller may hold it; uid 0 stands for it).
 
-        It is a chown(-1, -1), which clears them on kernel overlayfs (EPERM for a
-        caller who does not own the file: the new mode needs that), or the kernel's
-        own clearing before a write, for which the WRITE says it again. The kernel
-        sent no mode, and so checked no ownership: a caller who owns the file (root
-        counts as owning all) clears them; one who may write it is taken for a writer,
-        whose WRITE clears them; anyone else gets overlayfs' EPERM.
+        A SETATTR with nothing to set (`valid` 0) is the kernel's own clearing before
+        a write by a caller without CAP_FSETID, or a chown(-1, -1). The kernel sent no
+        mode for it, and so checked no ownership, which that mode needs on overlayfs:
+        a caller who neither owns the file nor may write it gets overlayfs' EPERM;
+        one who may write it is taken for a writer (README: Where pyunion differs).
         """
-        a = self._attr(node)  # the owners as the caller sees them
+        a = self._attr(node)  # owners as the caller sees them
         m = a.st_mode
         if not stat.S_ISREG(m) or not m & (stat.S_ISUID | stat.S_ISGID):
-            return False
-        if ctx is None or ctx.uid in (0, a.st_uid):
-            return True
-        if m & (stat.S_IWGRP if _in_group(ctx, a.st_gid) else stat.S_IWOTH):
-            return False
-        raise FsError(errno.EPERM)
+            return 0
+        if ctx is None:  # not a caller's: the daemon's own
+            return 0
+        uid = ctx.uid
+        kill = m & stat.S_ISUID
+        if m & stat.S_IXGRP or (not (fsetid and uid == 0) and not _in_group(ctx, a.st_gid)):
+            kill |= m & stat.S_ISGID
+        if kill and not valid and uid not in (0, a.st_uid):
+            may_write = stat.S_IWGRP if _in_group(ctx, a.st_gid) else stat.S_IWOTH
+            if not m & may_write:
+                raise FsError(errno.EPERM)
+        return kill
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
@@ -524,7 +533,11 @@ class FuseOps(pyfuse3.Operations):
             await self._copy_ups(plan)
         # uid 0 stands for CAP_FSETID (the kernel's test to keep set-ID bits on O_TRUNC).
         privileged = ctx is None or ctx.uid == 0
-        return pyfuse3.FileInfo(fh=self.core.open(node, flags, privileged), keep_cache=True)
+        outsider = False  # set-group-ID goes even without group execute
+        if flags & os.O_TRUNC and not privileged:
+            outsider = not _in_group(ctx, self._attr(node).st_gid)
+        fh = self.core.open(node, flags, privileged, outsider)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
@@ -544,8 +557,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        # HANDLE_KILLPRIV_V2: the kernel's word, read before anything else runs.
-        return self.core.write(fh, off, buf, fuseinit.write_kills(fh, off))
+        return self.core.write(fh, off, buf)
 
     async def flush(self, fh: int) -> None:
         # Writes go straight to the upper file and we hold no per-open state to

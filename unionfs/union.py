@@ -394,8 +394,10 @@ class Union:
         self.copyup.copy_up(node, with_data)
 
     # -- files -------------------------------------------------------------------
-    def open(self, node: Node, flags: int, privileged: bool = True) -> int:
-        """Open `node`; `privileged`: the caller may keep set-ID bits (CAP_FSETID: uid 0)."""
+    def open(self, node: Node, flags: int, privileged: bool = True, outsider: bool = False) -> int:
+        """Open `node`; `privileged`: the caller may keep set-ID bits (CAP_FSETID: uid 0);
+        `outsider`: it is not in the file's group, so that O_TRUNC clears set-group-ID
+        even without group execute, as the kernel's VFS does (setattr_should_drop_sgid)."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writing = bool(flags & _WRITE_FLAGS)
@@ -414,7 +416,8 @@ class Union:
                 node.xnames = None
                 if not privileged:
                     try:
-                        self._kill_setid(node, fd, True)
+                        bits = stat.S_ISUID | stat.S_ISGID if outsider else None
+                        self._kill_setid(node, fd, True, bits)
                     except BaseException:
                         os.close(fd)
                         raise
@@ -426,22 +429,23 @@ class Union:
                 fd = open_file_at(pfd, node.name, os.O_RDONLY)
         return self.handles.add_file(node, fd, writing)
 
-    def _kill_setid(self, node: Node, target: int | bytes, notify: bool) -> None:
-        """Clear set-user-ID, and set-group-ID with group execute, of a regular file
-        (`target`: an fd or a path), as a write or a truncation by a caller without
-        CAP_FSETID does, and a chown by anyone.
+    def _kill_setid(
+        self, node: Node, target: int | bytes, notify: bool, bits: int | None = None
+    ) -> None:
+        """Clear `bits` of a regular file's set-ID bits (`target`: an fd or a path); by
+        default set-user-ID, and set-group-ID with group execute: what a truncation by
+        a caller without CAP_FSETID clears.
 
-        The daemon does them as root, which keeps the bits. The kernel leaves them
-        to it for open(O_TRUNC) (atomic_o_trunc: it sends no new mode), and for
+        The daemon truncates and chowns as root, which keeps them. The kernel leaves
+        them to it for open(O_TRUNC) (atomic_o_trunc: it sends no new mode), and for
         writes, truncations and chowns too once INIT said HANDLE_KILLPRIV_V2
-        (fuseinit.handle_killpriv). `notify`: no reply will carry the new mode, so
-        the kernel's cached one is stale: `changed` says so.
+        (fuseinit.handle_killpriv, FuseOps.setattr). `notify`: no reply will carry
+        the new mode, so the kernel's cached one is stale: `changed` says so.
         """
-        st = os.stat(target)
-        mode = st.st_mode
-        kill = mode & stat.S_ISUID
-        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
-            kill |= stat.S_ISGID
+        mode = os.stat(target).st_mode
+        if bits is None:
+            bits = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        kill = mode & bits & (stat.S_ISUID | stat.S_ISGID)
         if kill and stat.S_ISREG(mode):
             os.chmod(target, stat.S_IMODE(mode) & ~kill)
             node.xnames = None  # a mode change may rewrite an ACL
@@ -455,14 +459,10 @@ class Union:
         """`read` into `buf` (as much as it holds): the number of bytes read."""
         return os.preadv(self.handles.file(fh).fd, (buf,), off)
 
-    def write(self, fh: int, off: int, data: bytes, kill_setid: bool = False) -> int:
-        """`kill_setid`: the writer lacks CAP_FSETID (HANDLE_KILLPRIV_V2): set-ID bits
-        go first, as the kernel's own write clears them before the data changes."""
+    def write(self, fh: int, off: int, data: bytes) -> int:
         h = self.handles.file(fh)
         if not h.writable:
             raise FsError(errno.EBADF)
-        if kill_setid:
-            self._kill_setid(h.node, h.fd, True)
         n = os.pwrite(h.fd, data, off)
         if self._pins:
             pin = self._pins.get(h.node)
@@ -817,10 +817,10 @@ class Union:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         fh: int | None = None,
-        kill_setid: bool = False,
+        kill_setid: int = 0,
     ) -> None:
-        """`kill_setid`: clear set-ID bits after a truncation or a chown (or alone), as
-        the kernel would have by a new mode (HANDLE_KILLPRIV_V2: `_kill_setid`)."""
+        """`kill_setid`: the set-ID bits to clear after a truncation or a chown (or
+        alone), as the kernel would have by a new mode (HANDLE_KILLPRIV_V2)."""
         self._writable()
         handle = self.handles.get(fh) if fh is not None else None
         self._copy_ups(self.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid))
@@ -866,7 +866,7 @@ class Union:
                 except OSError as e:
                     chown_failed(e, self.owners_optional)
             if kill_setid and not node.is_dir and not is_link:
-                self._kill_setid(node, target, False)  # the reply carries the new mode
+                self._kill_setid(node, target, False, kill_setid)  # the reply has the mode
             if mode is not None and not is_link:  # a symlink's mode cannot change
                 os.chmod(target, stat.S_IMODE(mode))
             if atime_ns is not None or mtime_ns is not None:
