@@ -391,6 +391,6 @@ def handle_killpriv(extension: str) -> str | None:
                 raise NotAsked("fuse_session_custom_io refused")
     except (NotAsked, OSError, ValueError, IndexError, AttributeError, struct.error) as e:
         return _why(e)
-    except MemoryError as e:
+    except MemoryError as e:  # libffi found no executable memory for the callback
         return f"no callback: {e}"
     return None

@@ -427,7 +427,8 @@ class FuseOps(pyfuse3.Operations):
         a write by a caller without CAP_FSETID, or a chown(-1, -1). The kernel sent no
         mode for it, and so checked no ownership, which that mode needs on overlayfs:
         a caller who neither owns the file nor may write it gets overlayfs' EPERM;
-        one who may write it is taken for a writer (README: Where pyunion differs).
+        one who may write it is taken for a writer (docs/semantics.md: Limits that
+        come from FUSE).
         """
         a = self._attr(node)  # owners as the caller sees them
         m = a.st_mode
