@@ -47,13 +47,19 @@ KINDS = {
     "cap": (0o777, 0, True),
     "own-suid": (0o4755, USER, False),  # the user's own
     "own-sgid": (0o2775, USER, False),
+    "usr-sgid-nx": (0o2767, USER, False),  # root is outside its group
 }
 # The kernel clearing them (killpriv=0) keeps set-group-ID without group execute on a
 # write or truncation by a user outside the group, which overlayfs clears: the FUSE
 # kernel works the new mode out again from its own rule (fs/fuse/dir.c, fuse_setattr).
-SGID_NX = ("write", "append", "truncate", "ftruncate", "chown-none")
+# (who, kind): those ops (a chown of her own file too, for root without CAP_FSETID).
+_NX = ("write", "append", "truncate", "ftruncate", "chown-none")
+SGID_NX = {("user", "sgid-nx"): _NX, ("nofsetid", "usr-sgid-nx"): (*_NX, "chown-same")}
 OPS = ("write", "append", "truncate", "ftruncate", "otrunc", "chown-none", "chown-same")
-# Runs in the mount's root as root or as the user: OP on every file named WHO-OP-*.
+# Who runs them: root, root without CAP_FSETID (a service or container whose bounding
+# set lacks it: uid 0 does not stand for the capability) and the user.
+WHO = ("root", "nofsetid", "user")
+# Runs in the mount's root as WHO: OP on every file named WHO-OP-*.
 SCRIPT = r"""
 import json, os, sys
 who, out = sys.argv[1], {}
@@ -111,10 +117,10 @@ def _make(path: Path, kind: str) -> None:
 
 
 def _cases(killpriv: str) -> Iterator[tuple[str, str, str]]:
-    for who in ("root", "user"):
+    for who in WHO:
         for op in OPS:
             for kind in KINDS:
-                if not (killpriv == "0" and who == "user" and op in SGID_NX and kind == "sgid-nx"):
+                if not (killpriv == "0" and op in SGID_NX.get((who, kind), ())):
                     yield who, op, kind
 
 
@@ -133,6 +139,8 @@ def _run(mnt: Path, who: str, script: Path) -> dict[str, str]:
     cmd = [sys.executable, str(script), who]
     if who == "user":
         cmd = ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups", *cmd]
+    elif who == "nofsetid":  # root's exec takes its bounding set: CAP_FSETID is gone
+        cmd = ["setpriv", "--bounding-set=-fsetid", "--inh-caps=-fsetid", *cmd]
     r = subprocess.run(cmd, cwd=mnt, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     result: dict[str, str] = json.loads(r.stdout)
@@ -171,9 +179,9 @@ def test_set_id_bits_and_capabilities_go_as_on_the_kernel(tree: Path, killpriv: 
         with mount:
             os.chmod(mnt, 0o777)  # the user truncates by name, opens, chowns her own
             _upper_files(mnt, killpriv)
-            results[impl] = [_run(mnt, who, script) for who in ("root", "user")]
+            results[impl] = [_run(mnt, who, script) for who in WHO]
             views[impl] = o.snapshot(mnt)
-    for who, want, got in zip(("root", "user"), results["kernel"], results["pyunion"], strict=True):
+    for who, want, got in zip(WHO, results["kernel"], results["pyunion"], strict=True):
         diff = {n: (want.get(n), got.get(n)) for n in want.keys() | got.keys()}
         diff = {n: d for n, d in diff.items() if d[0] != d[1]}
         assert not diff, f"as {who}, name: (kernel's result, pyunion's): {diff}"
@@ -181,6 +189,7 @@ def test_set_id_bits_and_capabilities_go_as_on_the_kernel(tree: Path, killpriv: 
     # The test tests something: both kinds of outcome are in it.
     modes = {n: e.mode for n, e in views["kernel"].entries.items()}
     assert modes["root-write-suid"] == 0o4777 and modes["user-write-suid"] == 0o777
+    assert modes["root-otrunc-suid"] == 0o4777 and modes["nofsetid-otrunc-suid"] == 0o777
     assert CAPS not in dict(views["kernel"].entries["root-write-cap"].xattrs)
 
 

@@ -145,6 +145,39 @@ def _fuse_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_CAP_FSETID = 1 << 4  # linux/capability.h
+_INIT_USER_NS = 0xEFFFFFFD  # PROC_USER_INIT_INO: the host's user namespace, its inode on nsfs
+
+
+def _fsetid(ctx: Any) -> bool:
+    """Whether the caller may keep set-ID bits: CAP_FSETID as the kernel's capable()
+    asks, in its effective set and in the host's user namespace (a container's root, or
+    root whose bounding set lacks it, does not hold it: uid 0 alone says nothing).
+
+    The request carries ids only, so /proc/PID is read; its fs uid there must be the
+    request's (a /proc of another pid namespace, a caller gone: no), and any doubt
+    answers no, so that the bits go: the safe side. Root only: a user with the
+    capability (a file capability) loses the bits, where the kernel would keep them.
+    """
+    if ctx is None:  # the daemon's own
+        return True
+    if ctx.uid != 0:
+        return False
+    fsuid = caps = None
+    try:
+        if os.stat(f"/proc/{ctx.pid}/ns/user").st_ino != _INIT_USER_NS:
+            return False
+        with open(f"/proc/{ctx.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    fsuid = int(line.split()[4])
+                elif line.startswith(b"CapEff:"):
+                    caps = int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return False
+    return fsuid == ctx.uid and caps is not None and bool(caps & _CAP_FSETID)
+
+
 def _in_group(ctx: Any, gid: int) -> bool:
     """Whether the caller is in group `gid`: its own, or one of its supplementary
     groups (the request has none: they are read from /proc, as the kernel sees them)."""
@@ -421,7 +454,7 @@ class FuseOps(pyfuse3.Operations):
         """The set-ID bits a SETATTR clears under HANDLE_KILLPRIV_V2, as the kernel's
         VFS would have (setattr_should_drop_suidgid): set-user-ID, and set-group-ID
         with group execute, or without it for a caller outside the file's group
-        without CAP_FSETID (`fsetid`: the caller may hold it; uid 0 stands for it).
+        without CAP_FSETID (`fsetid`: the caller may hold it; then `_fsetid` says).
 
         A SETATTR with nothing to set (`valid` 0) is the kernel's own clearing before
         a write by a caller without CAP_FSETID, or a chown(-1, -1). The kernel sent no
@@ -438,7 +471,7 @@ class FuseOps(pyfuse3.Operations):
             return 0
         uid = ctx.uid
         kill = m & stat.S_ISUID
-        if m & stat.S_IXGRP or (not (fsetid and uid == 0) and not _in_group(ctx, a.st_gid)):
+        if m & stat.S_IXGRP or (not _in_group(ctx, a.st_gid) and not (fsetid and _fsetid(ctx))):
             kill |= m & stat.S_ISGID
         if kill and not valid and uid not in (0, a.st_uid):
             may_write = stat.S_IWGRP if _in_group(ctx, a.st_gid) else stat.S_IWOTH
@@ -532,11 +565,17 @@ class FuseOps(pyfuse3.Operations):
         plan = self.core.copyups_for_open(node, flags)
         if plan:  # most opens need nothing: no coroutine for them
             await self._copy_ups(plan)
-        # uid 0 stands for CAP_FSETID (the kernel's test to keep set-ID bits on O_TRUNC).
-        privileged = ctx is None or ctx.uid == 0
+        # CAP_FSETID keeps set-ID bits on O_TRUNC (the kernel's test; its word on it,
+        # FUSE_OPEN_KILL_SUIDGID, does not reach here): asked of root on a set-ID file only.
+        privileged = True
         outsider = False  # set-group-ID goes even without group execute
-        if flags & os.O_TRUNC and not privileged:
-            outsider = not _in_group(ctx, self._attr(node).st_gid)
+        if flags & os.O_TRUNC and ctx is not None:
+            a = self._attr(node)
+            privileged = ctx.uid == 0 and (
+                not a.st_mode & (stat.S_ISUID | stat.S_ISGID) or _fsetid(ctx)
+            )
+            if not privileged:
+                outsider = not _in_group(ctx, a.st_gid)
         fh = self.core.open(node, flags, privileged, outsider)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
