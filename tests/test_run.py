@@ -1330,3 +1330,19 @@ def test_janitor_kills_no_reused_pid(env: Env) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["alive", "alive"], r.stderr
     env.wait_clean()
+
+
+def test_container_root_without_cap_fsetid_loses_setuid_on_o_trunc(env: Env) -> None:
+    """Root in the container keeps set-ID bits on a truncation only with CAP_FSETID, as
+    under podman and kernel overlayfs: uid 0 alone must not keep them (the daemon
+    truncates for `open(O_TRUNC)` itself, as root)."""
+    script = (
+        "for n in t a; do echo hi > /$n; chmod 4777 /$n; done; "
+        ": > /t; echo x >> /a; stat -c '%n %a' /t /a"
+    )
+    kept = env.sh(script)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.split() == ["/t", "4777", "/a", "4777"]
+    dropped = env.sh(script, "--cap-drop", "fsetid")
+    assert dropped.returncode == 0, dropped.stderr
+    assert dropped.stdout.split() == ["/t", "777", "/a", "777"]
