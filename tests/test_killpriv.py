@@ -55,13 +55,13 @@ KINDS = {
 # (who, kind): those ops (a chown of her own file too, for root without CAP_FSETID).
 _NX = ("write", "append", "truncate", "ftruncate", "chown-none")
 SGID_NX = {("user", "sgid-nx"): _NX, ("nofsetid", "usr-sgid-nx"): (*_NX, "chown-same")}
-OPS = ("write", "append", "truncate", "ftruncate", "otrunc", "chown-none", "chown-same")
+OPS = ("write", "append", "truncate", "ftruncate", "otrunc", "chown-none", "chown-same", "acl")
 # Who runs them: root, root without CAP_FSETID (a service or container whose bounding
 # set lacks it: uid 0 does not stand for the capability) and the user.
 WHO = ("root", "nofsetid", "user")
 # Runs in the mount's root as WHO: OP on every file named WHO-OP-*.
 SCRIPT = r"""
-import json, os, sys
+import json, os, subprocess, sys
 who, out = sys.argv[1], {}
 for name in sorted(os.listdir(".")):
     parts = name.split("-", 2)
@@ -87,6 +87,10 @@ for name in sorted(os.listdir(".")):
             os.close(os.open(name, os.O_WRONLY | os.O_TRUNC))
         elif op == "chown-none":
             os.chown(name, -1, -1)
+        elif op == "acl":  # an access ACL: set-group-ID goes for one outside the group
+            r = subprocess.run(["setfacl", "-m", "u:4321:rw", name], capture_output=True)
+            if r.returncode:
+                raise OSError(1, os.strerror(1))
         elif op == "chown-same":
             st = os.stat(name)
             os.chown(name, st.st_uid, st.st_gid)

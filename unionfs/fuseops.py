@@ -707,12 +707,12 @@ class FuseOps(pyfuse3.Operations):
         plan = self.core.copyups_for_xattr(node, name, remove=False)
         if plan:
             await self._copy_ups(plan)
-        # uid 0 stands for CAP_FSETID, as in open.
+        # CAP_FSETID read as for open (`_fsetid`): uid 0 alone does not keep the bit.
         kill = (
             name == ACL_ACCESS
             and ctx is not None
-            and ctx.uid != 0
             and not _in_group(ctx, self._attr(node).st_gid)
+            and not _fsetid(ctx)
         )
         self.core.setxattr(node, name, value, kill_sgid=kill)
 
