@@ -565,18 +565,21 @@ class FuseOps(pyfuse3.Operations):
         plan = self.core.copyups_for_open(node, flags)
         if plan:  # most opens need nothing: no coroutine for them
             await self._copy_ups(plan)
-        # CAP_FSETID keeps set-ID bits on O_TRUNC (the kernel's test; its word on it,
-        # FUSE_OPEN_KILL_SUIDGID, does not reach here): asked of root on a set-ID file only.
-        privileged = True
-        outsider = False  # set-group-ID goes even without group execute
+        setid = None
         if flags & os.O_TRUNC and ctx is not None:
-            a = self._attr(node)
-            privileged = ctx.uid == 0 and (
-                not a.st_mode & (stat.S_ISUID | stat.S_ISGID) or _fsetid(ctx)
-            )
-            if not privileged:
-                outsider = not _in_group(ctx, a.st_gid)
-        fh = self.core.open(node, flags, privileged, outsider)
+
+            def setid() -> int | None:
+                """The set-ID bits this O_TRUNC clears (asked of a set-ID file only): none
+                with CAP_FSETID (the kernel's test; its word on it, FUSE_OPEN_KILL_SUIDGID,
+                does not reach here), set-group-ID even without group execute for a
+                caller outside the group (setattr_should_drop_sgid), else the default."""
+                if _fsetid(ctx):
+                    return 0
+                if not _in_group(ctx, self._attr(node).st_gid):
+                    return stat.S_ISUID | stat.S_ISGID
+                return None
+
+        fh = self.core.open(node, flags, setid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_fuse_errors

@@ -394,10 +394,10 @@ class Union:
         self.copyup.copy_up(node, with_data)
 
     # -- files -------------------------------------------------------------------
-    def open(self, node: Node, flags: int, privileged: bool = True, outsider: bool = False) -> int:
-        """Open `node`; `privileged`: the caller may keep set-ID bits (CAP_FSETID: uid 0);
-        `outsider`: it is not in the file's group, so that O_TRUNC clears set-group-ID
-        even without group execute, as the kernel's VFS does (setattr_should_drop_sgid)."""
+    def open(self, node: Node, flags: int, setid: Callable[[], int | None] | None = None) -> int:
+        """Open `node`; `setid`: for O_TRUNC, which set-ID bits the caller's truncation
+        clears (`_kill_setid`'s `bits`), asked only of a set-ID file; None: the
+        daemon's own, which keeps them."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writing = bool(flags & _WRITE_FLAGS)
@@ -414,10 +414,9 @@ class Union:
                 # The truncation, ours, dropped security.capability: the kernel asks
                 # for it right after (to drop it itself) and must hear it is gone.
                 node.xnames = None
-                if not privileged:
+                if setid is not None:
                     try:
-                        bits = stat.S_ISUID | stat.S_ISGID if outsider else None
-                        self._kill_setid(node, fd, True, bits)
+                        self._kill_setid(node, fd, True, setid)
                     except BaseException:
                         os.close(fd)
                         raise
@@ -430,11 +429,16 @@ class Union:
         return self.handles.add_file(node, fd, writing)
 
     def _kill_setid(
-        self, node: Node, target: int | bytes, notify: bool, bits: int | None = None
+        self,
+        node: Node,
+        target: int | bytes,
+        notify: bool,
+        bits: int | Callable[[], int | None] | None = None,
     ) -> None:
         """Clear `bits` of a regular file's set-ID bits (`target`: an fd or a path); by
         default set-user-ID, and set-group-ID with group execute: what a truncation by
-        a caller without CAP_FSETID clears.
+        a caller without CAP_FSETID clears. A callable `bits` is asked for them only
+        when the file has any (it may read /proc).
 
         The daemon truncates and chowns as root, which keeps them. The kernel leaves
         them to it for open(O_TRUNC) (atomic_o_trunc: it sends no new mode), and for
@@ -443,6 +447,10 @@ class Union:
         the new mode, so the kernel's cached one is stale: `changed` says so.
         """
         mode = os.stat(target).st_mode
+        if not mode & (stat.S_ISUID | stat.S_ISGID):
+            return
+        if callable(bits):
+            bits = bits()
         if bits is None:
             bits = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
         kill = mode & bits & (stat.S_ISUID | stat.S_ISGID)
