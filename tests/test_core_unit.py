@@ -77,7 +77,7 @@ def walk(u: Union, path: bytes) -> Node:
 def names(u: Union, path: bytes = b"") -> set[bytes]:
     fh = u.opendir(walk(u, path))
     try:
-        got = {name for name, node, _, counted in u.readdir(fh, 0)}
+        got = {name for name, node, _, _, counted in u.readdir(fh, 0)}
     finally:
         u.releasedir(fh)
     return got - {b".", b".."}
@@ -212,20 +212,20 @@ def test_readdir_counts_lookups_and_gives_back_the_one_not_taken(
     before = len(u.table.nodes)
     fh = u.opendir(u.root)
     entries = list(u.readdir(fh, 0))
-    assert [(n, off, counted) for n, _, off, counted in entries[:2]] == [
+    assert [(n, off, counted) for n, _, _, off, counted in entries[:2]] == [
         (b".", 1, False),
         (b"..", 2, False),
     ]
-    offs = [off for _, _, off, _ in entries]
+    offs = [off for _, _, _, off, _ in entries]
     assert offs == sorted(set(offs)) and offs[2] > 2  # each entry's own place, in order
-    assert all(node.nlookup == 1 for _, node, _, counted in entries if counted)
+    assert all(node.nlookup == 1 for _, node, _, _, counted in entries if counted)
     assert len(u.table.nodes) == before + 5
-    for _, node, _, counted in entries:
+    for _, node, _, _, counted in entries:
         if counted:
             u.unlookup(node)
     assert len(u.table.nodes) == before
-    resumed = [n for n, _, _, _ in u.readdir(fh, offs[3])]  # an offset the kernel passed back
-    assert resumed == [n for n, _, _, _ in entries[4:]]
+    resumed = [n for n, _, _, _, _ in u.readdir(fh, offs[3])]  # an offset the kernel passed back
+    assert resumed == [n for n, _, _, _, _ in entries[4:]]
     u.releasedir(fh)
 
 
@@ -243,7 +243,7 @@ def test_readdir_leaves_the_files_the_kernel_holds_uncounted(
         assert u.lookup(u.root, name) is not None
     fh = u.opendir(u.root)
     try:
-        entries = {n: (node, counted) for n, node, _, counted in u.readdir(fh, 0, held=True)}
+        entries = {n: (node, counted) for n, node, _, _, counted in u.readdir(fh, 0, held=True)}
     finally:
         u.releasedir(fh)
     a = entries[b"a"][0]
@@ -256,7 +256,7 @@ def test_readdir_leaves_the_files_the_kernel_holds_uncounted(
     u.copy_up(a)
     fh = u.opendir(u.root)
     try:
-        again = {n: counted for n, _, _, counted in u.readdir(fh, 0, held=True)}
+        again = {n: counted for n, _, _, _, counted in u.readdir(fh, 0, held=True)}
     finally:
         u.releasedir(fh)
     assert again[b"a"] is True

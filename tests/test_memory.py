@@ -258,9 +258,11 @@ def test_mounted_daemon_maps_no_openssl(layers: tuple) -> None:
 
 
 def test_stats_are_kept_compact(tmp_path: Path) -> None:
-    """What listings and nodes keep of a lower object is a `Stat`, equal to its lstat, in one
-    object of at most 128 bytes (pymalloc's class: 144 with struct stat's own types), which
-    for a file is its listing entry too; a value a `Stat` cannot hold keeps the whole stat."""
+    """What listings and directories' nodes keep of a lower object is a `Stat`, equal to its
+    lstat, in one object of at most 128 bytes (pymalloc's class: 144 with struct stat's own
+    types), which for a file is its listing entry; a value a `Stat` cannot hold keeps the
+    whole stat. A file's node keeps none: its attributes come from its entry (`attrs`),
+    or from its lstat."""
     low = tmp_path / "low"
     low.mkdir()
     for i in range(3):
@@ -276,15 +278,20 @@ def test_stats_are_kept_compact(tmp_path: Path) -> None:
         listing = u.resolver.listing(root)
         assert sorted(listing) == [b"d", b"f0", b"f1", b"f2", b"old", b"s"]
         for name, entry in listing.items():
-            node = u.lookup(root, name)
-            assert node is not None
+            found = u.lookup_entry(root, name)
+            assert found is not None
+            node, looked_up = found
+            assert looked_up == entry
             real = os.lstat(low / os.fsdecode(name))
-            for st in (entry.st, node.st, u.stat(node)[0]):
+            assert (node.st is None) == (name != b"d")
+            kept = [st for st in (entry.st, node.st, u.attrs(node, entry)[0]) if st is not None]
+            for st in kept:
                 assert isinstance(st, os.stat_result if name == b"old" else Stat)
                 assert {f: getattr(st, f) for f in STAT_FIELDS} == {
                     f: getattr(real, f) for f in STAT_FIELDS
                 }
                 assert stat_fields(st) == tuple(getattr(real, f) for f in STAT_FIELDS)
+            assert stat_fields(u.stat(node)[0]) == tuple(getattr(real, f) for f in STAT_FIELDS)
             assert entry.ident() == (real.st_dev, real.st_ino) and entry.origin is None
             assert u.resolver.resolve(root, name) == entry
         f0, f1 = listing[b"f0"].st, listing[b"f1"].st
@@ -346,7 +353,7 @@ def test_listed_files_keep_no_attributes(tmp_path: Path) -> None:
         + "ops = FuseOps(u)\n"
         "tracemalloc.start()\n"
         "fh = u.opendir(d)\n"
-        "n = sum(ops._attr(node).st_size == 0 for _, node, _, c in u.readdir(fh, 0) if c)\n"
+        "n = sum(ops._attr(node).st_size == 0 for _, node, _, _, c in u.readdir(fh, 0) if c)\n"
         "u.releasedir(fh)\n"
         "gc.collect()\n"
         "print(n, tracemalloc.get_traced_memory()[0] // n)\n"

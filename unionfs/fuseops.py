@@ -269,6 +269,7 @@ class FuseOps(pyfuse3.Operations):
             log.log(level, "INIT: symlinks' targets not cached by the kernel: %s", why)
         why = fuseinit.keep_listings(pyfuse3.__file__ or "")
         if why is None:
+            self.core.kernel_keeps_listings = True
             log.debug("INIT: the kernel keeps directory listings (FOPEN_CACHE_DIR)")
         else:
             log.warning("INIT: directory listings not kept by the kernel: %s", why)
@@ -354,13 +355,15 @@ class FuseOps(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
-        node = self.core.lookup(self.core.node(parent_inode), name)
-        if node is None:
+        core = self.core
+        found = core.lookup_entry(core.node(parent_inode), name)
+        if found is None:
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
             a.entry_timeout = TIMEOUT
             return a
-        return self._attr(node)
+        node, entry = found
+        return self._attr(node, core.attrs(node, entry))
 
     async def forget(self, inode_list: Any) -> None:
         forget = self.core.forget
@@ -549,24 +552,29 @@ class FuseOps(pyfuse3.Operations):
         reply = pyfuse3.readdir_reply
         build = self._attr
         bare = self._bare
-        for name, node, nxt, counted in core.readdir(fh, start_id, bare is not None):
+        attrs = core.attrs
+        for name, node, entry, nxt, counted in core.readdir(fh, start_id, bare is not None):
             try:
                 if not counted and not node.is_dir:
                     # Held by the kernel under this name (`.` and `..` are directories):
                     # never with attributes, which would hand it a reference not counted.
-                    assert bare is not None and node.st is not None  # Identity.held
-                    attr = bare.entry(node.ino, node.st.st_mode)
-                elif counted and bare is not None and node.nlookup > 1:
-                    # The kernel holds this node already: its name and type suffice.
-                    mode = stat.S_IFDIR if node.is_dir else node.st.st_mode if node.st else 0
-                    if mode:
-                        core.unlookup(node)  # an entry without a node id takes no reference
-                        counted = False
-                        attr = bare.entry(node.ino, mode)
-                    else:  # an upper file: no stat kept
-                        attr = build(node)
+                    assert bare is not None and entry is not None  # Identity.held
+                    attr = bare.entry(node.ino, entry.st.st_mode)
+                elif (
+                    counted
+                    and bare is not None
+                    and node.nlookup > 1
+                    and (node.is_dir or node.layer != 0)
+                ):
+                    # The kernel holds this node already: its name and type suffice (an
+                    # upper file's attributes are sent again, read afresh).
+                    assert entry is not None  # (`.` and `..` are not counted)
+                    mode = stat.S_IFDIR if node.is_dir else entry.st.st_mode
+                    core.unlookup(node)  # an entry without a node id takes no reference
+                    counted = False
+                    attr = bare.entry(node.ino, mode)
                 else:
-                    attr = build(node)
+                    attr = build(node, attrs(node, entry))
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     raise

@@ -227,16 +227,21 @@ class HandleTable:
                 node.handles = None
         return node
 
-    def close_dir(self, fh: int) -> None:
+    def close_dir(self, fh: int) -> Node | None:
+        """Close directory handle `fh`; its directory if no open handle holds a snapshot
+        of it any more (none is taken from its listing until another pass begins)."""
         h = self._open.pop(fh, None)
-        if isinstance(h, DirHandle):
-            ino = h.node.ino
-            del h  # its snapshot goes with it, unless another handle holds it
-            live = self._live.get(ino)
-            if live is not None:
-                live[:] = [r for r in live if r() is not None]
-                if not live:
-                    del self._live[ino]
+        if not isinstance(h, DirHandle):
+            return None
+        node = h.node
+        del h  # its snapshot goes with it, unless another handle holds it
+        live = self._live.get(node.ino)
+        if live is not None:
+            live[:] = [r for r in live if r() is not None]
+            if live:
+                return None
+            del self._live[node.ino]
+        return node
 
     def close_all(self) -> None:
         for h in self._open.values():

@@ -116,6 +116,9 @@ class Union:
         self.whiteouts = WhiteoutWriter()
         self.handles = HandleTable()
         self._renamer = Renamer(self)
+        # Whether the kernel keeps directory listings (the FUSE adaptor says so once INIT
+        # is answered, fuseinit.keep_listings): then the daemon keeps none past a pass.
+        self.kernel_keeps_listings = False
 
     # -- nodes -----------------------------------------------------------------
     def node(self, ino: int) -> Node:
@@ -152,6 +155,11 @@ class Union:
     # -- reading ---------------------------------------------------------------
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """Resolve `name`; the returned node has its lookup count raised."""
+        found = self.lookup_entry(parent, name)
+        return None if found is None else found[0]
+
+    def lookup_entry(self, parent: Node, name: bytes) -> tuple[Node, Entry] | None:
+        """`lookup`, with the entry `name` resolved to (its attributes: `attrs`)."""
         check_name(name)
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR)
@@ -160,7 +168,17 @@ class Union:
             return None
         node = self.identity.node_for(parent, name, entry)
         node.nlookup += 1
-        return node
+        return node, entry
+
+    def attrs(self, node: Node, entry: Entry | None) -> tuple[AnyStat, int]:
+        """`stat(node)`, taken from `entry` (what its name resolved to, or its listing's
+        entry) where that is the object's own stat: a lower non-directory's, which never
+        changes. A reply to a lookup or a listing then costs no stat of its own, and the
+        node need not keep one (`Identity.node_for`)."""
+        if entry is not None and not node.is_dir and node.layer != 0 and entry.layer == node.layer:
+            st = entry.st
+            return st, st.st_nlink
+        return self.stat(node)
 
     def stat(self, node: Node) -> tuple[AnyStat, int]:
         """(stat of the object's topmost instance, st_nlink to show)."""
@@ -172,8 +190,16 @@ class Union:
                 if node.chain[0] != 0:
                     node.st = st
             return st, (1 if len(node.chain) > 1 else st.st_nlink)
-        if node.layer != 0 and node.st is not None:
-            return node.st, node.st.st_nlink
+        if node.layer != 0:
+            # Kept only once its name is gone (`Identity.dropped`), else read where it lies:
+            # the kernel keeps the attributes a lookup or a listing sent (`attrs`), and asks
+            # again seldom; a lower layer never changes.
+            kept = node.st
+            if kept is not None:
+                return kept, kept.st_nlink
+            loc = self.resolver.location_fd(node)
+            st = os.stat(node.name, dir_fd=loc, follow_symlinks=False)
+            return st, st.st_nlink
         if node.links is UNLINKED:
             for h in node.handles or ():
                 st = os.fstat(h.fd)
@@ -182,8 +208,6 @@ class Union:
                 return node.st, 0
             raise FsError(errno.ENOENT)
         st = os.stat(node.name, dir_fd=self.resolver.location_fd(node), follow_symlinks=False)
-        if node.layer != 0:
-            node.st = st
         return st, st.st_nlink
 
     def readlink(self, node: Node) -> bytes:
@@ -201,8 +225,9 @@ class Union:
 
     def readdir(
         self, fh: int, off: int, held: bool = False
-    ) -> Iterator[tuple[bytes, Node, int, bool]]:
-        """Entries from offset `off`: (name, node, next offset, counted-as-lookup).
+    ) -> Iterator[tuple[bytes, Node, Entry | None, int, bool]]:
+        """Entries from offset `off`: (name, node, its listing's entry (None for `.` and
+        `..`), next offset, counted-as-lookup).
 
         Each entry but `.` and `..` counts as a lookup (readdirplus hands the
         kernel a reference); the caller gives back, with `unlookup`, the one
@@ -220,10 +245,10 @@ class Union:
             # kernel's overlayfs does (its cache is dropped when the directory changed).
             dh.entries = self.handles.snapshot(d, self.resolver.listing(d))
         if off == 0:
-            yield b".", d, 1, False
+            yield b".", d, None, 1, False
             off = 1
         if off == 1:
-            yield b"..", d.parent or d, 2, False
+            yield b"..", d.parent or d, None, 2, False
             off = 2
         entries = dh.entries
         offsets = entries.offsets
@@ -234,14 +259,20 @@ class Union:
             if known is not None:
                 node = known(d, name, entry)
                 if node is not None:
-                    yield name, node, offsets[i], False
+                    yield name, node, entry, offsets[i], False
                     continue
             node = node_for(d, name, entry)
             node.nlookup += 1
-            yield name, node, offsets[i], True
+            yield name, node, entry, offsets[i], True
 
     def releasedir(self, fh: int) -> None:
-        self.handles.close_dir(fh)
+        d = self.handles.close_dir(fh)
+        if d is not None and self.kernel_keeps_listings:
+            # Its last pass is over, and the kernel keeps what it read (fuseinit.
+            # keep_listings): a listing kept here too would be read again only once the
+            # kernel drops its own (a change here drops both). Its entries were most of
+            # what the daemon held per name: ~170 bytes each, with the listing.
+            d.drop_listing()
 
     def statfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.stack.fd(0 if self.stack.upper is not None else 1))
