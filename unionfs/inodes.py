@@ -31,6 +31,7 @@ import functools
 import operator
 import os
 import struct
+import sys
 import weakref
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .resolve import Entry
 
 ROOT_ID = 1
+COMPACT_MIN = 1024  # nodes released before the tables are looked at (`InodeTable._compact`)
 _HIGH_SHIFT = 56
 _OVERFLOW_BASE = 1 << 62
 
@@ -300,6 +302,7 @@ class InodeTable:
         self.has_fids = True  # False once the upper's filesystem said it has no handles
         self._overflow: dict[tuple[int, int], int] = {}
         self._next_overflow = _OVERFLOW_BASE
+        self._released = 0  # nodes released since the tables were last rebuilt (`_compact`)
 
     def ident_to_id(self, dev: int, ino: int) -> int:
         """The node id (and st_ino) of the object whose identity is (dev, ino)."""
@@ -409,6 +412,22 @@ class InodeTable:
             node.nlookup = 0
             self.release_if_unused(node)
 
+    def _compact(self) -> None:
+        """Rebuild the node and handle tables where that makes them smaller.
+
+        A dict gives back no room when entries are deleted, only when it grows again:
+        10,000 files made and removed (the benchmark's W5) left the node table at the
+        65,536 places its peak took (1.3 MiB; 0.6 for what stays) and the handle hashes'
+        at 16,384. A copy is sized for what it holds. Checked once as many nodes have
+        been released as half of those left, so each release pays at most two entries'
+        copying."""
+        self._released = 0
+        for name in ("nodes", "fids"):
+            table = getattr(self, name)
+            fresh = dict(table)
+            if sys.getsizeof(fresh) < sys.getsizeof(table):
+                setattr(self, name, fresh)
+
     def release_if_unused(self, node: Node) -> None:
         """Drop `node` from the table unless the kernel or an open handle still uses it."""
         if node.nlookup > 0 or node.handles or node.ino == ROOT_ID:
@@ -419,6 +438,9 @@ class InodeTable:
             if self.generations:  # the kernel holds no inode of this id any more
                 self.generations.pop(node.ino, None)
             self.fids.pop(node.ino, None)  # found again by a lookup, which binds it anew
+            self._released += 1
+            if self._released >= COMPACT_MIN and 2 * self._released >= len(self.nodes):
+                self._compact()
         if node.is_dir:
             node.close_fds()
             node.drop_listing()
