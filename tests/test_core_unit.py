@@ -743,3 +743,32 @@ def test_xattr_names_kept_across_a_change_of_times(tmp_path: Path, made: list[Un
         u.setattr(f, **change)  # type: ignore[arg-type]
         assert f.xnames is None, change
         assert u.has_xattr(f, b"user.k")
+
+
+def test_a_lower_file_shows_its_stat_with_none_kept(tmp_path: Path, made: list[Union]) -> None:
+    """A lower file's node keeps no stat: a lookup's reply takes the entry's (`attrs`), a
+    getattr reads it where the file lies, and once its name is removed (a whiteout, a
+    rename over it) the node keeps the stat it had, which it shows from then on."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"a": "12345", "b": "xy", "c": "z"})
+    u = make(tmp_path, made, [l1])
+    want = {n: os.lstat(l1 / n) for n in ("a", "b", "c")}
+
+    def same(st: object, real: os.stat_result) -> bool:
+        fields = ("st_ino", "st_mode", "st_size", "st_nlink", "st_mtime_ns", "st_ctime_ns")
+        return all(getattr(st, f) == getattr(real, f) for f in fields)
+
+    found = u.lookup_entry(u.root, b"a")
+    assert found is not None
+    a, entry = found
+    assert a.st is None and same(u.attrs(a, entry)[0], want["a"]) and same(u.stat(a)[0], want["a"])
+    b = u.lookup(u.root, b"b")
+    c = u.lookup(u.root, b"c")
+    assert b is not None and c is not None
+    u.unlink(u.root, b"a")
+    u.rename(u.root, b"c", u.root, b"b")  # over b
+    for node, name in ((a, "a"), (b, "b")):
+        assert node.st is not None
+        st, nlink = u.stat(node)
+        assert same(st, want[name]) and nlink == want[name].st_nlink
+    assert u.lookup(u.root, b"a") is None and u.lookup(u.root, b"c") is None

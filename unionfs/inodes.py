@@ -288,6 +288,14 @@ def new_node(
     return Node(ino, parent, name, layer)
 
 
+def _fid_hash(fid: bytes) -> int:
+    """What `InodeTable.fids` keeps of a file handle: 60 bits of its hash, which is keyed
+    per process (no one can aim at it). 60 bits fit an int of 32 bytes, where the whole
+    hash (64) took 48: 10,000 upper files held 160 KiB less."""
+    return hash(fid) & _FID_BITS
+
+
+_FID_BITS = (1 << 60) - 1
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -311,8 +319,8 @@ class InodeTable:
         # still have held the old one (`replace`); an id not here is generation 0.
         self.generations: dict[int, int] = {}
         # The hash of the file handle of each upper non-directory node's object while the
-        # node is in the table (`bind`): 32 bytes, not a handle's 49-65; None: none could
-        # be read, which matches no object.
+        # node is in the table (`bind`, `_fid_hash`): 32 bytes, not a handle's 49-65; None:
+        # none could be read, which matches no object.
         self.fids: dict[int, int | None] = {}
         self.has_fids = True  # False once the upper's filesystem said it has no handles
         self._overflow: dict[tuple[int, int], int] = {}
@@ -402,7 +410,7 @@ class InodeTable:
             self.has_fids = False
             self.fids.clear()
         else:
-            self.fids[node.ino] = hash(fid)  # keyed per process: no one can aim at it
+            self.fids[node.ino] = _fid_hash(fid)
 
     def is_bound_object(self, node: Node, fd: int) -> bool:
         """Whether `fd` (O_PATH) is the very object `bind` recorded for upper `node`."""
@@ -415,7 +423,7 @@ class InodeTable:
             have = file_handle(fd)
         except OSError:
             return False
-        return have is not None and hash(have) == fid
+        return have is not None and _fid_hash(have) == fid
 
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped `n` references to node `ino`."""
