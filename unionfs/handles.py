@@ -10,7 +10,6 @@ import os
 import weakref
 import zlib
 from array import array
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import FsError
@@ -20,14 +19,16 @@ if TYPE_CHECKING:
     from .resolve import Entry
 
 
-@dataclass(eq=False)
 class Handle:
     """An open file: `fd` is the real file in layer `layer` (re-pointed on copy-up)."""
 
-    fd: int
-    node: Node
-    layer: int
-    writable: bool
+    __slots__ = ("fd", "layer", "node", "writable")
+
+    def __init__(self, fd: int, node: Node, layer: int, writable: bool) -> None:
+        self.fd = fd
+        self.node = node
+        self.layer = layer
+        self.writable = writable
 
 
 # Where a name's entry goes: below 2**31 (a 32-bit program's readdir fails on a larger
@@ -123,12 +124,14 @@ def _shared_places(names: list[bytes], places: list[int]) -> tuple[list[bytes], 
     return out_names, out_places
 
 
-@dataclass(eq=False)
 class DirHandle:
     """An open directory: a snapshot of its listing, taken at the first readdir."""
 
-    node: Node
-    entries: Snapshot | None = None
+    __slots__ = ("entries", "node")
+
+    def __init__(self, node: Node, entries: Snapshot | None = None) -> None:
+        self.node = node
+        self.entries = entries
 
 
 class HandleTable:

@@ -19,7 +19,6 @@ import select
 import signal
 import stat
 import sys
-from dataclasses import dataclass
 
 from . import syscalls
 from .errors import UserError
@@ -248,7 +247,6 @@ def _mount_roots() -> dict[int, tuple[str, str, str]]:
     return {mid: (dev, root, mp) for mid, dev, root, mp, _, _ in mount_table()}
 
 
-@dataclass(frozen=True)
 class _Place:
     """Where a directory is, whatever path named it: its filesystem and its path in it.
 
@@ -257,10 +255,13 @@ class _Place:
     sees it (it compares dentries, not path strings).
     """
 
-    what: str  # "layer '/x'", for messages
-    device: str  # major:minor of the filesystem
-    fspath: str  # path from the filesystem's root
-    ident: tuple[int, int]  # (st_dev, st_ino)
+    __slots__ = ("device", "fspath", "ident", "what")
+
+    def __init__(self, what: str, device: str, fspath: str, ident: tuple[int, int]) -> None:
+        self.what = what  # "layer '/x'", for messages
+        self.device = device  # major:minor of the filesystem
+        self.fspath = fspath  # path from the filesystem's root
+        self.ident = ident  # (st_dev, st_ino)
 
     def same(self, other: _Place) -> bool:
         return self.ident == other.ident or (

@@ -25,7 +25,6 @@ import os
 import stat
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from .copyup import NO_COPYUPS, Changed, CopyJob, CopyPlan, CopyUp, chown_failed
 from .errors import FsError
@@ -55,13 +54,15 @@ ACL_ACCESS = b"system.posix_acl_access"
 NO_XATTRS: frozenset[bytes] = frozenset()  # the xattr names of most objects (`_xattr_names`)
 
 
-@dataclass
 class Ctx:
     """Who asks: the caller's credentials (from the FUSE request)."""
 
-    uid: int = 0
-    gid: int = 0
-    umask: int = 0
+    __slots__ = ("gid", "uid", "umask")
+
+    def __init__(self, uid: int = 0, gid: int = 0, umask: int = 0) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.umask = umask
 
 
 def check_name(name: bytes) -> None:
