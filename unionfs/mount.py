@@ -461,6 +461,7 @@ def _lock_upper(upper_fd: int, upper: str) -> None:
 # The kernel's readahead on the mount, in KiB: one FUSE read of the most it asks
 # (libfuse's max_pages, 256 pages). Its own default is 128 (32 pages).
 READAHEAD_KB = 1024
+START_PAGES_AFTER_S = 2.0  # after the mount, the start's code pages go (`serve`)
 
 
 def widen_readahead(dev: tuple[int, int] | None, kb: int = READAHEAD_KB) -> None:
@@ -862,14 +863,7 @@ def serve(
     # the mount point's directory, which kept the filesystem under it busy.
     dev = fuse_device()  # the connection's, now made
     own = None if detached else _own_mount(real_mp, dev)
-
-    def after_init() -> None:
-        widen_readahead(dev)
-        # What the start touched of the program's and libraries' code and never runs again
-        # (the imports'): ~1 MiB, ~0.4 of it for good (README: Memory).
-        unmap_unwritten_file_pages()
-
-    ops.after_init = after_init
+    ops.after_init = lambda: widen_readahead(dev)
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
@@ -918,7 +912,18 @@ def serve(
                         pyfuse3.terminate()  # the requests being served are finished
                         return
 
+            async def give_back_start_pages() -> None:
+                # What the start touched of the program's and libraries' code and never
+                # runs again (the imports'): ~1 MiB, ~0.6 of it for good (README: Memory).
+                # Not at once: a container's start would wait the ~2 ms it takes.
+                await trio.sleep(START_PAGES_AFTER_S)
+                try:
+                    unmap_unwritten_file_pages()
+                except Exception:  # one here would end the mount
+                    log.exception("giving back the start's pages")
+
             nursery.start_soon(on_signals)
+            nursery.start_soon(give_back_start_pages)
             try:
                 await pyfuse3.main()
             except BaseException as e:  # noqa: BLE001 - said in the log, after letting go
