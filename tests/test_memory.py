@@ -30,7 +30,7 @@ from support import (
 from unionfs.fuseops import READ_BUF_BACK_S, BareEntry
 from unionfs.inodes import ROOT_ID, STAT_FIELDS, Stat, compact, stat_fields
 from unionfs.layers import LayerStack
-from unionfs.mount import _state_name
+from unionfs.mount import START_PAGES_AFTER_S, _state_name
 from unionfs.resolve import FileEntry
 from unionfs.union import Union
 
@@ -604,3 +604,29 @@ def test_unwritten_file_pages_go_and_come_back(tmp_path: Path) -> None:
     some, gone, anon_kept, data = out.split(" ", 3)
     assert some == "True" and int(gone) > 512 and anon_kept == "True", out
     assert data.strip() == "{'a': [1, 2.5, None]}"
+
+
+def _file_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile")
+
+
+@needs_fuse
+def test_a_mounted_daemon_gives_back_its_starts_code_pages(layers: tuple) -> None:
+    """`START_PAGES_AFTER_S` after the mount, the daemon's pages of code its start touched
+    leave its resident set, and it serves on (they come back as it runs them)."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("data")
+    with mounted(lows, mnt, upper, work):
+        pid = daemon_of(mnt)
+        assert (mnt / "f").read_text() == "data"
+        before = _file_kib(pid)
+        wait_until(
+            lambda: _file_kib(pid) < before - 512,
+            START_PAGES_AFTER_S + 10,
+            "the start's code pages to go",
+        )
+        (mnt / "g").write_text("new")
+        assert sorted(os.listdir(mnt)) == ["f", "g"] and (mnt / "f").read_text() == "data"
