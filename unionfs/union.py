@@ -175,8 +175,14 @@ class Union:
         """`stat(node)`, taken from `entry` (what its name resolved to, or its listing's
         entry) where that is the object's own stat: a lower non-directory's, which never
         changes. A reply to a lookup or a listing then costs no stat of its own, and the
-        node need not keep one (`Identity.node_for`)."""
-        if entry is not None and not node.is_dir and node.layer != 0 and entry.layer == node.layer:
+        node need not keep one (`Identity.node_for`); one it keeps (`stat`) comes first."""
+        if (
+            entry is not None
+            and not node.is_dir
+            and node.layer != 0
+            and node.st is None
+            and entry.layer == node.layer
+        ):
             st = entry.st
             return st, st.st_nlink
         return self.stat(node)
