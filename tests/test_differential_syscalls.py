@@ -2369,8 +2369,10 @@ DOCUMENTED["lower_hard_links"] = {
 }
 
 
-def _d_types(path: Path) -> list[tuple[bytes, int]]:
-    """readdir's names with their raw d_type (DT_FIFO, DT_SOCK, DT_CHR, ...)."""
+def _d_types(p: Probe, path: Path) -> list[tuple[bytes, int, int]]:
+    """readdir's names with their raw d_type (DT_FIFO, DT_SOCK, DT_CHR, ...) and d_ino
+    (as a class: see Probe.ino_class), in name order; "." and ".." are
+    directory_inode_numbers'."""
     ds = _Dir(path)
     out = []
     try:
@@ -2378,10 +2380,12 @@ def _d_types(path: Path) -> list[tuple[bytes, int]]:
             ctypes.set_errno(0)
             e = _libc.readdir(ds.d)
             if not e:
-                return sorted(out)
-            out.append((e.contents.d_name, e.contents.d_type))
+                break
+            if e.contents.d_name not in (b".", b".."):
+                out.append((e.contents.d_name, e.contents.d_type, e.contents.d_ino))
     finally:
         ds.close()
+    return [(n, t, p.ino_class(i)) for n, t, i in sorted(out)]
 
 
 @scenario
@@ -2396,7 +2400,7 @@ def readdir_d_types(p: Probe) -> None:
     os.mknod(r / "m/sockn", stat.S_IFSOCK | 0o600)
     os.mkfifo(r / "m/fifo")
     for d in (".", "m", "d", "t", "hl"):
-        p.do(f"d_types {d}", lambda d=d: _d_types(r / d))
+        p.do(f"d_types {d}", lambda d=d: _d_types(p, r / d))
 
 
 @scenario
