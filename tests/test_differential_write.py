@@ -866,6 +866,52 @@ def test_git_init_and_commit() -> None:
     )
 
 
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="sqlite3 is not installed")
+def test_sqlite3_and_locks() -> None:
+    """sqlite in WAL mode (a shared map of its -shm file, fcntl locks) and in rollback
+    mode, flock(1) on lower files."""
+    _run_both(
+        "sqlite3 etc/db 'pragma journal_mode=wal; create table t(x); "
+        "insert into t values(1),(2);' && "
+        "sqlite3 etc/db 'select sum(x) from t; pragma integrity_check;' && "
+        "sqlite3 srv/data/db 'pragma journal_mode=delete; create table t(x); "
+        "insert into t values(3);' && "
+        "flock etc/conf -c 'echo locked' && flock -n etc/ro true && "
+        "sqlite3 etc/db 'pragma wal_checkpoint(truncate);'"
+    )
+
+
+def test_tar_c_of_the_mount() -> None:
+    """tar of lower and copied-up files, hard links and xattrs (the archive must be
+    byte for byte the kernel's)."""
+    _run_both(
+        'mkdir x && tar --xattrs -xpf "$TARBALL" -C x && echo more >> etc/conf && '
+        "tar --sort=name --numeric-owner --mtime=@0 --xattrs "
+        "--pax-option=delete=atime,delete=ctime -cf - srv etc home x | sha256sum"
+    )
+
+
+def test_dpkg_like_replacement() -> None:
+    """dpkg's way to replace a file (NAME.dpkg-new written and synced, the old one kept
+    as a hard link NAME.dpkg-tmp until the new one is renamed over it) and to remove a
+    directory."""
+    _run_both(
+        "for f in etc/conf etc/ro srv/data/deep/f; do "
+        "cp $f $f.dpkg-new && sync $f.dpkg-new && ln $f $f.dpkg-tmp && "
+        "mv -f $f.dpkg-new $f && rm $f.dpkg-tmp; done && "
+        "mv srv/data/deep srv/data/deep.dpkg-remove && rm -r srv/data/deep.dpkg-remove"
+    )
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_rsync_into_the_mount() -> None:
+    _run_both(
+        'rsync -aHAX "$SRC"/ srv/data/ && rsync -aHAX --delete "$SRC"/ etc/ && '
+        'rsync -aHAX --inplace "$SRC"/ home/ && rsync -aHAX srv/ srv2/ && '
+        'rsync -aHAXc --dry-run -i "$SRC"/ srv/data/ | sort'
+    )
+
+
 def test_python_venv() -> None:
     try:
         import ensurepip  # noqa: F401
