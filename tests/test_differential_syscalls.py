@@ -2532,6 +2532,15 @@ def chmod_chown_of_nodes(p: Probe) -> None:
         p.stat(n, n)
 
 
+for _name in (
+    "xattrs_of_dirs_symlinks_and_nodes",
+    "open_o_trunc",
+    "chmod_chown_of_nodes",
+    "rename_flags_of_directories",
+):
+    _with_upper_on_tmpfs(_name)
+
+
 # After every scenario and DOCUMENTED entry: the parameters are taken here.
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_scenario_matches_kernel(name: str) -> None:
