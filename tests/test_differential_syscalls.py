@@ -2276,6 +2276,80 @@ def test_read_only_mount_matches_kernel() -> None:
     assert not diffs, "\n  ".join(diffs)
 
 
+def _full_upper_ops(p: Probe) -> None:
+    r = p.r
+    p.do("open a big lower file for writing", lambda: os.close(os.open(r / "big", os.O_RDWR)))
+    p.do("chmod it", lambda: os.chmod(r / "big", 0o600))
+    p.do("append to it", lambda: (r / "big").open("ab").close())
+    p.do("write a small one", lambda: (r / "small").write_bytes(b"x"))
+    p.do("a new file too big", lambda: (r / "fill").write_bytes(b"z" * (2 << 20)))
+    p.do("mkdir", lambda: os.mkdir(r / "nd"))
+    p.do("rename a lower dir too big", lambda: os.rename(r / "d", r / "d2"))
+    p.do("unlink the new file", lambda: os.unlink(r / "fill"))
+    p.do("truncate the big one to 0", lambda: os.truncate(r / "big", 0))
+    p.do("O_TRUNC of a copy of it", lambda: os.close(os.open(r / "big2", os.O_WRONLY | os.O_TRUNC)))
+    p.stat("big2", "big2")
+    p.do("list d", lambda: len(os.listdir(r / "d")))
+
+
+def test_full_upper_matches_kernel() -> None:
+    """An upper with no room for a copy-up (1 MiB of tmpfs, files of 3 MiB): ENOSPC,
+    the view as it was, nothing left in the work dir."""
+    with tempfile.TemporaryDirectory(prefix="pyunion-dsys-") as t:
+        td = Path(t)
+        lower = td / "l"
+        (lower / "d").mkdir(parents=True)
+        for n in ("big", "big2"):
+            (lower / n).write_bytes(os.urandom(3 << 20))
+        (lower / "small").write_bytes(b"small")
+        for i in range(40):
+            (lower / "d" / f"f{i}").write_bytes(os.urandom(40000))
+        _times(lower)
+        results = {}
+        try:
+            for impl in ("kernel", "pyunion"):
+                fs = td / f"{impl}-fs"
+                fs.mkdir()
+                subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(fs)],
+                    check=True,
+                    timeout=30,
+                )
+                try:
+                    up, work = fs / "u", fs / "w"
+                    up.mkdir()
+                    work.mkdir()
+                    mount = kernel_overlay if impl == "kernel" else pyunion_mount
+                    with mount([lower], td / f"{impl}-m", up, work) as m:
+                        p = Probe(m)
+                        _full_upper_ops(p)
+                        view = o.snapshot(m)
+                    left = os.listdir(work / "work")
+                    results[impl] = (dict(p.log), view, left)
+                finally:
+                    force_unmount(fs)
+        finally:
+            o.rmtree(td)
+    (klog, kview, kleft), (plog, pview, pleft) = results["kernel"], results["pyunion"]
+    assert kleft == pleft == [], (kleft, pleft)
+    # The kernel copies the data up before a truncate(2), even to 0 (ENOSPC here);
+    # pyunion copies none, as for O_TRUNC. A directory rename is the kernel's EXDEV and
+    # pyunion's copy, which runs out of room (docs/semantics.md).
+    assert (klog.pop("truncate the big one to 0"), plog.pop("truncate the big one to 0")) == (
+        "ENOSPC",
+        "ok",
+    )
+    assert (klog.pop("rename a lower dir too big"), plog.pop("rename a lower dir too big")) == (
+        "EXDEV",
+        "ENOSPC",
+    )
+    assert klog == plog
+    del kview.entries["big"], pview.entries["big"]
+    # Files pyunion's rename copied before it ran out of room stay copied (and "d",
+    # merged now, shows st_nlink 1), as mv's copies do after the kernel's EXDEV.
+    o.assert_same(kview, pview, "the view after ENOSPC", ignore=("dirlinks",))
+
+
 DOCUMENTED["special_names"] = {
     # `.wh.` names are pyunion's markers in every layer: refused (docs/formats.md).
     "wh name create": ("ok", "EINVAL"),
