@@ -903,6 +903,30 @@ def test_dpkg_like_replacement() -> None:
     )
 
 
+def _shadow_lowers(ls: list[Path]) -> None:
+    top, bottom = ls
+    (bottom / "etc").mkdir()
+    for n in ("passwd", "group", "shadow", "gshadow", "login.defs"):
+        shutil.copy2(f"/etc/{n}", bottom / "etc" / n)
+    (bottom / "home").mkdir()
+    (top / "etc").mkdir()
+    shutil.copy2("/etc/passwd", top / "etc" / "passwd")
+
+
+@pytest.mark.skipif(shutil.which("useradd") is None, reason="shadow's tools are not installed")
+def test_useradd_and_friends() -> None:
+    """shadow's tools lock /etc/passwd and the rest by a hard link whose st_nlink they
+    check, write NAME+ and rename it over NAME, keep NAME- as a backup."""
+    _run_both(
+        'useradd --prefix "$PWD" -m -u 4242 newuser && '
+        'groupadd --prefix "$PWD" -g 4343 newgroup && '
+        'usermod --prefix "$PWD" -aG newgroup newuser && '
+        'userdel --prefix "$PWD" -r newuser && useradd --prefix "$PWD" -u 4244 other && '
+        "grep -c other etc/passwd etc/shadow etc/group",
+        populate=_shadow_lowers,
+    )
+
+
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
 def test_rsync_into_the_mount() -> None:
     _run_both(
