@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import fuseinit
+from . import fuseinit, fuseread
 from .copyup import CopyPlan
 from .idmap import ACL_XATTRS, IdMap
 from .inodes import AnyStat, Node, stat_fields
@@ -187,6 +187,7 @@ class FuseOps(pyfuse3.Operations):
         self._read_back = -READ_BUF_BACK_S  # when they were (time.monotonic)
         # Run once the kernel's INIT is answered (mount.py: the readahead window).
         self.after_init: Callable[[], None] | None = None
+        self.fast_reads: fuseread.FastReads | None = None  # READ's own handler, once INIT set it
         core.changed = self._changed
         if debug:
             self._wrap_debug()
@@ -272,6 +273,15 @@ class FuseOps(pyfuse3.Operations):
             log.debug("INIT: the kernel keeps directory listings (FOPEN_CACHE_DIR)")
         else:
             log.warning("INIT: directory listings not kept by the kernel: %s", why)
+        reads = fuseread.install(pyfuse3.__file__ or "", self.core.read_fd, self._read_buffer)
+        if isinstance(reads, str):
+            log.warning("INIT: reads answered by pyfuse3, not spliced: %s", reads)
+        else:
+            log.debug(
+                "INIT: reads answered in libfuse's callback, spliced up to %d bytes",
+                reads.splice_max,
+            )
+            self.fast_reads = reads
         after = self.after_init
         if after is None:
             return
@@ -499,11 +509,16 @@ class FuseOps(pyfuse3.Operations):
         # An anonymous map, not a bytearray: its pages come as reads write them (a
         # bytearray's are all zeroed at once), and go at `_idle`.
         # (pyfuse3 takes any buffer, though its stub says bytes.)
+        buf = self._read_buffer(size)
+        return buf[: self.core.read_into(fh, off, buf[:size])]
+
+    def _read_buffer(self, size: int) -> memoryview:
+        """The read buffer, at least `size` bytes (`read`; `fuseread` for small reads)."""
         if size > len(self._read_buf):
             self._read_map = mmap.mmap(-1, size)  # the old one goes with its last view
             self._read_buf = memoryview(self._read_map)
         self._read_dirty = True
-        return self._read_buf[: self.core.read_into(fh, off, self._read_buf[:size])]
+        return self._read_buf
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -443,6 +443,10 @@ class Union:
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self.handles.file(fh).fd, size, off)
 
+    def read_fd(self, fh: int) -> int:
+        """The fd a read of `fh` reads from (EBADF for no such file handle)."""
+        return self.handles.file(fh).fd
+
     def read_into(self, fh: int, off: int, buf: memoryview) -> int:
         """`read` into `buf` (as much as it holds): the number of bytes read."""
         return os.preadv(self.handles.file(fh).fd, (buf,), off)
