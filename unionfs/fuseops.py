@@ -189,6 +189,7 @@ class FuseOps(pyfuse3.Operations):
         self.after_init: Callable[[], None] | None = None
         self.fast_reads: fuseread.FastReads | None = None  # READ's own handler, once INIT set it
         core.changed = self._changed
+        self._debug = debug
         if debug:
             self._wrap_debug()
 
@@ -273,7 +274,9 @@ class FuseOps(pyfuse3.Operations):
             log.debug("INIT: the kernel keeps directory listings (FOPEN_CACHE_DIR)")
         else:
             log.warning("INIT: directory listings not kept by the kernel: %s", why)
-        reads = fuseread.install(pyfuse3.__file__ or "", self.core.read_fd, self._read_buffer)
+        reads = fuseread.install(
+            pyfuse3.__file__ or "", self.core.read_fd, self._read_buffer, self._debug
+        )
         if isinstance(reads, str):
             log.warning("INIT: reads answered by pyfuse3, not spliced: %s", reads)
         else:

@@ -71,7 +71,9 @@ class FastReads:
         restore: Callable[[], None],
         fd_of: Callable[[int], int],
         buffer: Callable[[int], memoryview],
+        debug: bool = False,
     ) -> None:
+        self._debug = debug  # log each READ as the adaptor's debug mode logs a request
         self._reply_none = lib.fuse_reply_none
         self._reply_none.argtypes = (ctypes.c_void_p,)
         self._reply_none.restype = None
@@ -125,23 +127,30 @@ class FastReads:
                 return
             self._checked = True
         unique = ctypes.c_uint64.from_address(req + _REQ_UNIQUE).value
+        fh = ctypes.c_uint64.from_address(fi + _FI_FH).value
+        err = 0
         try:
-            fd = self._fd_of(ctypes.c_uint64.from_address(fi + _FI_FH).value)
+            fd = self._fd_of(fh)
             if SPLICE_MIN <= size <= self.splice_max:
                 self._splice(fd, off, size, unique)
             else:
                 self._copy(fd, off, size, unique)
         except OSError as e:
+            err = e.errno or errno.EIO
             if e.errno == errno.ENOENT and e.filename == DEVICE:
                 self._reply_none(req)  # interrupted: the kernel wants no answer any more
             else:
-                self._reply_err(req, e.errno or errno.EIO)
-            return
+                self._reply_err(req, err)
         except Exception:
             log.exception("internal error in read")
-            self._reply_err(req, errno.EIO)
-            return
-        self._reply_none(req)
+            err = errno.EIO
+            self._reply_err(req, err)
+        else:
+            self._reply_none(req)
+        if self._debug:
+            log.debug(
+                "read%r -> %s", (fh, off, size), errno.errorcode.get(err, err) if err else "ok"
+            )
 
     def _send(self, iov: list[memoryview | bytearray | bytes]) -> None:
         try:
@@ -202,7 +211,10 @@ class FastReads:
 
 
 def install(
-    extension: str, fd_of: Callable[[int], int], buffer: Callable[[int], memoryview]
+    extension: str,
+    fd_of: Callable[[int], int],
+    buffer: Callable[[int], memoryview],
+    debug: bool = False,
 ) -> FastReads | str:
     """Answer every READ from now on with `FastReads`: it, once done, else why not.
     `extension`: pyfuse3's extension module file. Only from `init()` (requests are
@@ -235,7 +247,7 @@ def install(
                     f.seek(slot)
                     f.write(fuseinit._PTR.pack(handler))
 
-            reads = FastReads(lib, session, original, restore, fd_of, buffer)
+            reads = FastReads(lib, session, original, restore, fd_of, buffer, debug)
             wrapper = _HANDLER(reads.read)
             address = ctypes.cast(wrapper, ctypes.c_void_p).value
             assert address is not None
