@@ -151,7 +151,7 @@ def conn_offset(raw: bytes) -> int:
 
 
 @contextlib.contextmanager
-def _session(extension: str) -> Iterator[tuple[int, int, int]]:
+def session(extension: str) -> Iterator[tuple[int, int, int]]:
     """(an fd on /proc/self/mem, the extension's load address, libfuse's session's
     address) for the block. `extension`: pyfuse3's extension module file."""
     value, size = _symbol(extension, SESSION_SYMBOL, _STT_OBJECT)
@@ -168,7 +168,24 @@ def _session(extension: str) -> Iterator[tuple[int, int, int]]:
         os.close(mem)
 
 
-def _why(e: Exception) -> str:
+def handler_slot(
+    mem: int, base: int, address: int, extension: str, symbol: bytes
+) -> tuple[int, int]:
+    """(the address of the one slot in the session at `address` that holds pyfuse3's
+    handler `symbol`, the handler's address): a slot of its `struct fuse_lowlevel_ops`,
+    found as the only word of the session's first bytes with that value. `mem`, `base`:
+    as `session` gives them."""
+    value, _ = _symbol(extension, symbol, _STT_FUNC)
+    handler = base + value
+    raw = os.pread(mem, SCAN_BYTES, address)
+    slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
+    if len(slots) != 1:
+        raise NotAsked(f"{len(slots)} places in its session hold its {symbol.decode()} handler")
+    return address + slots[0], handler
+
+
+def why(e: Exception) -> str:
+    """What an exception from the hooks says in the log (NotAsked: its reason)."""
     return str(e) if isinstance(e, NotAsked) else f"{type(e).__name__}: {e}"
 
 
@@ -176,15 +193,15 @@ def want(extension: str, cap: int) -> str | None:
     """Add `cap` to the INIT answer being built, if the kernel offers it: None once done,
     else why not. `extension`: pyfuse3's extension module file. Only from `init()`."""
     try:
-        with _session(extension) as (mem, _, session):
-            raw = os.pread(mem, SCAN_BYTES, session)
-            conn = session + conn_offset(raw)
-            (capable, wanted) = struct.unpack_from("<II", raw, conn - session + _CAPABLE)
+        with session(extension) as (mem, _, address):
+            raw = os.pread(mem, SCAN_BYTES, address)
+            conn = address + conn_offset(raw)
+            (capable, wanted) = struct.unpack_from("<II", raw, conn - address + _CAPABLE)
             if not capable & cap:
                 return NOT_OFFERED
             os.pwrite(mem, struct.pack("<I", wanted | cap), conn + _WANT)
     except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
-        return _why(e)
+        return why(e)
     return None
 
 
@@ -202,13 +219,8 @@ def keep_listings(extension: str) -> str | None:
     the slot is never read while it is written.
     """
     try:
-        with _session(extension) as (mem, base, session):
-            value, _ = _symbol(extension, OPENDIR_SYMBOL, _STT_FUNC)
-            handler = base + value
-            raw = os.pread(mem, SCAN_BYTES, session)
-            slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
-            if len(slots) != 1:
-                raise NotAsked(f"{len(slots)} places in its session hold its OPENDIR handler")
+        with session(extension) as (mem, base, address):
+            slot, handler = handler_slot(mem, base, address, extension, OPENDIR_SYMBOL)
             # pyfuse3's handler runs Python code: called with the interpreter's lock held.
             original = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)(
                 handler
@@ -222,12 +234,12 @@ def keep_listings(extension: str) -> str | None:
                     original(req, ino, fi)
 
             wrapper = _HANDLER(opendir)
-            address = ctypes.cast(wrapper, ctypes.c_void_p).value
-            assert address is not None
+            target = ctypes.cast(wrapper, ctypes.c_void_p).value
+            assert target is not None
             _KEPT.extend((original, wrapper))
-            os.pwrite(mem, _PTR.pack(address), session + slots[0])
+            os.pwrite(mem, _PTR.pack(target), slot)
     except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
-        return _why(e)
+        return why(e)
     except MemoryError as e:  # libffi found no executable memory for the callback
         return f"no callback: {e}"
     return None

@@ -5,8 +5,7 @@ lower (or upper) file into its buffer, the first copy, and writes that buffer to
 /dev/fuse, which copies it into the kernel's page cache of the mount, the second.
 fuse-overlayfs hands libfuse the file itself and libfuse splices it: the file's
 page-cache pages go into a pipe by reference and the FUSE device copies them once.
-pyfuse3 (3.5) has no way to reply so, and its handler also costs a coroutine, a
-container object and a trip through its loop per request.
+pyfuse3 (3.5) has no way to reply so.
 
 So pyfuse3's READ handler's slot in the session's `struct fuse_lowlevel_ops` (found
 as `fuseinit.keep_listings` finds OPENDIR's) is pointed at `FastReads.read`, which
@@ -14,10 +13,12 @@ answers the request itself, in the callback: a read of at least `SPLICE_MIN` byt
 the reply header written into a pipe kept for it, the file's bytes spliced after it
 and the pipe spliced into /dev/fuse in one piece; a smaller one (a splice costs two
 more syscalls) is read into the adaptor's buffer and written with the header in one
-`writev`. The request is then freed with `fuse_reply_none`, which sends nothing.
-The header needs the request's `unique`, the second word of libfuse's `struct
-fuse_req` (after its session pointer, which the first request is checked against:
-anything else and every READ goes back to pyfuse3's handler). A read that comes
+`writev` (no faster than pyfuse3's handler, measured: README, Performance; one
+path for every READ all the same). The request is then freed with
+`fuse_reply_none`, which sends nothing. The header needs the request's `unique`,
+the second word of libfuse's `struct fuse_req` (after its session pointer, which
+the first request is checked against: anything else and every READ goes back to
+pyfuse3's handler). A read that comes
 short of the size asked (the end of the file) is taken back out of the pipe and sent
 with its real length. Errors go back as `fuse_reply_err` with the errno.
 """
@@ -47,6 +48,7 @@ SPLICE_MIN = 32 << 10  # smaller reads: read into the buffer and write, two sysc
 # (`mount.READAHEAD_KB` keeps the kernel's sequential reads to that size).
 PIPE_BYTES = 1 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_PTR = struct.Struct("<Q")
 _HEADER = struct.Struct("<IiQ")  # struct fuse_out_header: len, error, unique
 _FI_FH = 16  # offset of `fh` in struct fuse_file_info (libfuse 3)
 _REQ_UNIQUE = 8  # offset of `unique` in struct fuse_req, after `se`
@@ -221,18 +223,8 @@ def install(
     handled one at a time in this thread, so the slot is never read while written)."""
     try:
         lib = ctypes.CDLL(LIBFUSE)
-        with fuseinit._session(extension) as (mem, base, session):
-            value, _ = fuseinit._symbol(extension, READ_SYMBOL, fuseinit._STT_FUNC)
-            handler = base + value
-            raw = os.pread(mem, fuseinit.SCAN_BYTES, session)
-            slots = [
-                k
-                for k in range(0, len(raw) - 7, 8)
-                if fuseinit._PTR.unpack_from(raw, k)[0] == handler
-            ]
-            if len(slots) != 1:
-                raise fuseinit.NotAsked(f"{len(slots)} places in its session hold its READ handler")
-            slot = session + slots[0]
+        with fuseinit.session(extension) as (mem, base, session):
+            slot, handler = fuseinit.handler_slot(mem, base, session, extension, READ_SYMBOL)
             original = ctypes.PYFUNCTYPE(
                 None,
                 ctypes.c_void_p,
@@ -245,16 +237,16 @@ def install(
             def restore() -> None:
                 with open("/proc/self/mem", "r+b", buffering=0) as f:
                     f.seek(slot)
-                    f.write(fuseinit._PTR.pack(handler))
+                    f.write(_PTR.pack(handler))
 
             reads = FastReads(lib, session, original, restore, fd_of, buffer, debug)
             wrapper = _HANDLER(reads.read)
             address = ctypes.cast(wrapper, ctypes.c_void_p).value
             assert address is not None
             _KEPT.extend((original, wrapper, reads))
-            os.pwrite(mem, fuseinit._PTR.pack(address), slot)
+            os.pwrite(mem, _PTR.pack(address), slot)
     except (fuseinit.NotAsked, OSError, ValueError, IndexError, struct.error) as e:
-        return fuseinit._why(e)
+        return fuseinit.why(e)
     except MemoryError as e:  # libffi found no executable memory for the callback
         return f"no callback: {e}"
     return reads
