@@ -114,6 +114,7 @@ class MountConfig:
     volatile: bool = False  # fsync=0 / volatile: skip fsync to disk
     writeback: bool = False  # writeback=1: the kernel's writeback cache (README: the mtime caveat)
     spin_us: int = 30  # poll /dev/fuse this long before sleeping (see reqloop.py)
+    killpriv: bool = True  # killpriv=0: the kernel clears set-ID bits (fuseinit.handle_killpriv)
     debug: bool = False
     foreground: bool = False
     fsname: str = "pyunion"
@@ -246,6 +247,8 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                     )
             elif key == "writeback":
                 cfg.writeback = _flag(item, value)
+            elif key == "killpriv":
+                cfg.killpriv = _flag(item, value)
             elif key == "spin":
                 spin = number(value)
                 if spin is None or spin > 10000:
