@@ -8,6 +8,7 @@ import os
 import random
 import stat
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -370,3 +371,92 @@ def test_a_pass_begun_before_a_change_does_not_complete_the_kept_listing_with_it
         listed = os.listdir(d)
         assert sorted(set(new) - set(listed)) == []
         _once_each(listed, set(names) | set(new))
+
+
+# -- names crafted to take each other's places (handles.place: a CRC-32 of the name) -------
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC = _crc_table()
+_CRC_BY_TOP = {t >> 24: i for i, t in enumerate(_CRC)}
+
+
+def _name_with_crc(prefix: bytes, crc: int) -> bytes:
+    """`prefix` and four bytes whose CRC-32 is `crc`, none of them `/` or NUL: CRC-32 is
+    linear, so the bytes are worked out backwards from the CRC wanted (anyone can)."""
+    for last in range(256):
+        head = prefix + bytes([last])
+        want, idx = crc ^ 0xFFFFFFFF, []
+        for _ in range(4):
+            idx.append(_CRC_BY_TOP[want >> 24])
+            want = ((want ^ _CRC[idx[-1]]) << 8) & 0xFFFFFFFF
+        reg, tail = zlib.crc32(head) ^ 0xFFFFFFFF, bytearray()
+        for i in reversed(idx):
+            tail.append((reg ^ i) & 0xFF)
+            reg = (reg >> 8) ^ _CRC[i]
+        name = head + bytes(tail)
+        if b"/" not in name and b"\0" not in name and last not in (0, ord("/")):
+            assert zlib.crc32(name) == crc
+            return name
+    raise AssertionError("no such name")
+
+
+def _read_to(fd: int, name: str) -> None:
+    """Read the listing one entry a getdents until `name` (each a READDIR, whose entry
+    after the one read the kernel keeps too)."""
+    while (got := getdents(fd, 32)) and got[-1] != name:
+        pass
+    assert got, name
+
+
+@needs_fuse
+@pytest.mark.parametrize("change", ["remove", "create"])
+def test_names_crafted_to_push_each_other_on_keep_the_kept_listing_true(
+    layers: tuple, change: str
+) -> None:
+    """100 names at consecutive places, and one more at the first one's, which pushes
+    every other one place on (or, removed, back). A pass read past the first 64 of
+    them before the change, another begun after it, then the first pass read to its
+    end: it completed the kernel's copy from its old listing, whose offsets name
+    other names now (a name listed twice, or one missing from every `ls` though no
+    one touched it, until the next change)."""
+    lows, upper, work, mnt = layers
+    run = [_name_with_crc(b"n%03d" % i, 1000 + i) for i in range(100)]
+    extra = _name_with_crc(b"x00", 1000)  # n000's place; sorted after it
+    for k in range(6):
+        (lows[0] / f"d{k}").mkdir()
+        for n in run + ([extra] if change == "remove" else []):
+            (lows[0] / f"d{k}" / os.fsdecode(n)).write_text("")
+    names = [os.fsdecode(n) for n in run]
+    with mounted(lows, mnt, upper, work):
+        for k in range(6):  # the other pass stops a few names either side of the first's
+            d = mnt / f"d{k}"
+            first = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _read_to(first, names[80])
+                assert len(os.listdir(d)) == 100 + (change == "remove")  # kept
+                if change == "remove":
+                    os.unlink(d / os.fsdecode(extra))
+                else:
+                    (d / os.fsdecode(extra)).write_text("")
+                other = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    _read_to(other, names[77 + k])
+                    while getdents(first, 4096):
+                        pass
+                finally:
+                    os.close(other)
+            finally:
+                os.close(first)
+            want = set(names) | ({os.fsdecode(extra)} if change == "create" else set())
+            for _ in range(2):
+                listed = os.listdir(d)
+                assert len(listed) == len(want), (k, len(listed))
+                _once_each(listed, want)
