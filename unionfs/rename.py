@@ -225,8 +225,8 @@ class Renamer:
                 os.unlink(WH_PREFIX + new_name, dir_fd=new_pfd)
         old_parent.drop_listing()
         new_parent.drop_listing()
-        core.handles.name_changed(old_parent, old_name)
-        core.handles.name_changed(new_parent, new_name)
+        core.handles.name_changed(old_parent)
+        core.handles.name_changed(new_parent)
         if dst is not None:
             core.identity.dropped(dst, new_parent, new_name, dst_st)
         core.identity.relink(src, old_parent, old_name, new_parent, new_name)
@@ -248,8 +248,8 @@ class Renamer:
         renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
         old_parent.drop_listing()
         new_parent.drop_listing()
-        core.handles.name_changed(old_parent, old_name)
-        core.handles.name_changed(new_parent, new_name)
+        core.handles.name_changed(old_parent)
+        core.handles.name_changed(new_parent)
         # Each relink changes its own node only, and neither node has the other's name.
         core.identity.relink(a, old_parent, old_name, new_parent, new_name)
         core.identity.relink(b, new_parent, new_name, old_parent, old_name)

@@ -215,7 +215,7 @@ class Union:
         d = dh.node
         if off == 0:
             self.handles.restarted(d)
-        if dh.entries is None or off == 0 or dh.entries.stale_after(off):
+        if dh.entries is None or off == 0 or dh.entries.stale():
             # Offset 0 again is rewinddir: it shows the directory as it is now, as the
             # kernel's overlayfs does (its cache is dropped when the directory changed).
             dh.entries = self.handles.snapshot(d, self.resolver.listing(d))
@@ -600,7 +600,7 @@ class Union:
                     self.whiteouts.set_opaque_at(pfd, name)
                 os.unlink(WH_PREFIX + name, dir_fd=pfd)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         return st
 
     def create(
@@ -750,7 +750,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
@@ -792,7 +792,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
