@@ -460,3 +460,75 @@ def test_names_crafted_to_push_each_other_on_keep_the_kept_listing_true(
                 listed = os.listdir(d)
                 assert len(listed) == len(want), (k, len(listed))
                 _once_each(listed, want)
+
+
+# -- a pass read on after the names it has not read yet changed --------------------------
+@pytest.fixture
+def open_pass(layers: tuple) -> Iterator[tuple[Path, int]]:
+    """A mount whose directory `d` holds 100 lower files, `f` ("lower"), a lower directory
+    `sub` and an upper one `made`, and an fd on it that has read `.` and `..` only: the
+    rest of its pass is read after a change."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "d").mkdir()
+    for i in range(100):
+        (lows[0] / "d" / f"n{i}").write_text("other")
+    (lows[0] / "d" / "f").write_text("lower")
+    (lows[0] / "d" / "sub").mkdir()
+    (lows[0] / "d" / "sub" / "inside").write_text("in sub")
+    with mounted(lows, mnt, upper, work):
+        (mnt / "d" / "made").mkdir()  # an upper directory
+        fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert getdents(fd, 64) == [".", ".."]  # the pass's listing is taken
+            yield mnt / "d", fd
+        finally:
+            os.close(fd)
+
+
+def _read_on(fd: int) -> list[str]:
+    out: list[str] = []
+    while batch := getdents(fd, 4096):
+        out += batch
+    return out
+
+
+@needs_fuse
+def test_a_name_replaced_during_a_pass_reads_as_the_new_file(open_pass: tuple[Path, int]) -> None:
+    """The rest of a pass whose listing was taken before `f` was removed and made again
+    handed the kernel the removed lower file under that name, with its attributes: `cat f`
+    then read the removed file's data, and `f` changed its inode number."""
+    d, fd = open_pass
+    os.unlink(d / "f")
+    (d / "f").write_text("new")
+    ino = os.stat(d / "f").st_ino
+    _read_on(fd)
+    assert (d / "f").read_text() == "new"
+    assert os.stat(d / "f").st_ino == ino
+
+
+@needs_fuse
+def test_a_directory_moved_away_during_a_pass_stays_where_it_went(
+    open_pass: tuple[Path, int],
+) -> None:
+    """The rest of the pass named the moved directory at its old place: the daemon took
+    its node back there, and the directory at its new name listed whatever was made at
+    the old one since."""
+    d, fd = open_pass
+    os.rename(d / "sub", d.parent / "moved")
+    (d.parent / "moved" / "added").write_text("x")
+    _read_on(fd)
+    os.mkdir(d / "sub")
+    (d / "sub" / "other").write_text("x")
+    assert sorted(os.listdir(d.parent / "moved")) == ["added", "inside"]
+    assert (d.parent / "moved" / "inside").read_text() == "in sub"
+
+
+@needs_fuse
+def test_a_directory_replaced_by_a_file_during_a_pass(open_pass: tuple[Path, int]) -> None:
+    """The rest of the pass failed with ENOTDIR (a whole `ls` or `find` of the directory)."""
+    d, fd = open_pass
+    os.rmdir(d / "made")
+    (d / "made").write_text("a file now")
+    names = _read_on(fd)
+    assert "n99" in names
+    assert (d / "made").read_text() == "a file now"
