@@ -229,8 +229,20 @@ class Union:
         offsets = entries.offsets
         node_for = self.identity.node_for
         known = self.identity.held if held else None
+        # A name changed since the snapshot was taken: its entries may be of objects gone
+        # from their names, which `node_for` would bring back there (a removed lower
+        # file's node at the name of the file made since: the kernel, given its id,
+        # read the removed file's data there; a directory moved away taken back to its
+        # old name; a directory replaced by a file, ENOTDIR for the whole pass). Each
+        # name is the object it is now, or is left out if it is gone.
+        resolve = self.resolver.resolve if entries.changed else None
         for i in range(entries.after(off), len(entries)):
             name, entry = entries[i]
+            if resolve is not None:
+                now = resolve(d, name)
+                if now is None:
+                    continue
+                entry = now
             if known is not None:
                 node = known(d, name, entry)
                 if node is not None:
