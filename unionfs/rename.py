@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from .copyup import CopyStep
 from .errors import FsError
 from .inodes import DirNode, Node
-from .resolve import Entry
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from .whiteout import OPQ_OCI, WH_PREFIX, is_whiteout_stat
 
@@ -59,13 +58,13 @@ class Renamer:
         tree can be deeper than Python's recursion limit.
         """
         core = self.core
-        stack: list[tuple[Node, Iterator[tuple[bytes, Entry]]]] = []
+        stack: list[tuple[Node, Iterator[bytes]]] = []
 
         def enter(n: Node) -> bool:
             core.copyup.upper_dirfd(n)
             if len(n.chain) == 1:
                 return False
-            stack.append((n, iter(list(core.resolver.listing(n).items()))))
+            stack.append((n, iter(list(core.resolver.listing(n)))))
             return True
 
         if not enter(top):
@@ -73,7 +72,13 @@ class Renamer:
         try:
             while stack:
                 n, items = stack[-1]
-                for name, entry in items:
+                for name in items:
+                    # What the name is now: a walk that only moves data runs between
+                    # other requests (fuseops: a big file's copy in a worker thread),
+                    # which may have removed or moved it since the listing was taken.
+                    entry = core.resolver.resolve(n, name)
+                    if entry is None:
+                        continue
                     child = core.identity.node_for(n, name, entry)
                     if child.is_dir:
                         if enter(child):
