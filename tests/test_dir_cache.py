@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import stat
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
 from support import (
     debug_mount,
@@ -532,3 +534,32 @@ def test_a_directory_replaced_by_a_file_during_a_pass(open_pass: tuple[Path, int
     names = _read_on(fd)
     assert "n99" in names
     assert (d / "made").read_text() == "a file now"
+
+
+@needs_fuse
+def test_a_pyfuse3_built_otherwise_mounts_without_the_kernels_copies(
+    layers: tuple, tmp_path: Path
+) -> None:
+    """fuseinit finds libfuse's session through a local symbol of pyfuse3's extension: a
+    build without it (stripped, or another version of Cython's names) asks the kernel
+    for neither, says why, and serves every listing and target from the daemon."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("f")
+    os.symlink("f", lows[0] / "s")
+    here = Path(pyfuse3.__file__ or "").parent
+    copy = tmp_path / "py" / "pyfuse3"
+    shutil.copytree(here, copy)
+    ext = copy / Path(pyfuse3.__file__ or "").name
+    data = ext.read_bytes()
+    assert b"__pyx_v_7pyfuse3_session\0" in data  # in its symbol table (and debug names)
+    ext.write_bytes(data.replace(b"__pyx_v_7pyfuse3_session\0", b"__pyx_v_7pyfuse3_sessioX\0"))
+    log = tmp_path / "daemon.log"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "py")}
+    with mounted(lows, mnt, upper, work, env=env, log=log):
+        for i in range(3):
+            assert sorted(os.listdir(mnt)) == sorted(["f", "s", *[f"n{j}" for j in range(i)]])
+            assert os.readlink(mnt / "s") == "f"
+            (mnt / f"n{i}").write_text("n")
+    text = log.read_text()
+    assert "symlinks' targets not cached by the kernel: no symbol" in text, text
+    assert "directory listings not kept by the kernel: no symbol" in text, text
