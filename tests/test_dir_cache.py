@@ -563,3 +563,41 @@ def test_a_pyfuse3_built_otherwise_mounts_without_the_kernels_copies(
     text = log.read_text()
     assert "symlinks' targets not cached by the kernel: no symbol" in text, text
     assert "directory listings not kept by the kernel: no symbol" in text, text
+
+
+def _forget() -> None:
+    """Have the kernel forget the inodes nothing holds (and the daemon release their nodes)."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    time.sleep(0.2)  # FORGETs are asynchronous
+
+
+@needs_fuse
+def test_a_file_copied_up_during_a_pass_keeps_its_new_data(open_pass: tuple[Path, int]) -> None:
+    """`f` written (copied up) while a pass over its directory is part-way, then forgotten
+    by the kernel: the rest of the pass, from a listing that had `f` in the lower layer,
+    gave the kernel the lower file again, whose old data `cat` then read, and whose next
+    write copied it up again over what had been written."""
+    d, fd = open_pass
+    with open(d / "f", "w") as f:
+        f.write("written")
+    _forget()
+    _read_on(fd)
+    assert (d / "f").read_text() == "written"
+    with open(d / "f", "a") as f:
+        f.write(" and more")
+    assert (d / "f").read_text() == "written and more"
+
+
+@needs_fuse
+def test_a_directory_copied_up_during_a_pass_keeps_its_new_names(
+    open_pass: tuple[Path, int],
+) -> None:
+    """`sub` copied up (a name made in it) while a pass over its parent is part-way, then
+    forgotten by the kernel: the rest of the pass gave it its lower layer alone, and its
+    new name was missing from `ls`."""
+    d, fd = open_pass
+    (d / "sub" / "new").write_text("n")
+    _forget()
+    _read_on(fd)
+    assert sorted(os.listdir(d / "sub")) == ["inside", "new"]
