@@ -229,13 +229,16 @@ class Union:
         offsets = entries.offsets
         node_for = self.identity.node_for
         known = self.identity.held if held else None
-        # A name changed since the snapshot was taken: its entries may be of objects gone
-        # from their names, which `node_for` would bring back there (a removed lower
-        # file's node at the name of the file made since: the kernel, given its id,
-        # read the removed file's data there; a directory moved away taken back to its
-        # old name; a directory replaced by a file, ENOTDIR for the whole pass). Each
-        # name is the object it is now, or is left out if it is gone.
-        resolve = self.resolver.resolve if entries.changed else None
+        # The directory changed since the snapshot was taken (its listing was dropped:
+        # a name made, removed or moved, a copy-up): an entry may be of an object gone
+        # from its name, or say where it was before a copy-up, and `node_for` would
+        # bring that back there (a removed lower file's node at the name of the file
+        # made since, or a copied-up file's lower node once the kernel had forgotten
+        # it: the kernel read the old data there, and a write copied it up again over
+        # the new; a directory moved away taken back to its old name; a directory
+        # replaced by a file, ENOTDIR for the whole pass). Each name is the object it
+        # is now, or is left out if it is gone.
+        resolve = self.resolver.resolve if entries.listing is not d.listing else None
         for i in range(entries.after(off), len(entries)):
             name, entry = entries[i]
             if resolve is not None:
