@@ -351,6 +351,8 @@ def validate(cfg: MountConfig, mp_fd: int | None) -> None:
     """
     if not os.path.exists("/dev/fuse"):
         raise UserError("/dev/fuse does not exist (is the fuse module loaded?)")
+    if not os.path.isdir("/proc/self/fd"):  # the mount is made through it, and checked there
+        raise UserError("/proc is not mounted (pyunion mounts through /proc/self/fd)")
     check_log()
     mp = cfg.mountpoint
     real_mp = os.readlink(fd_str(mp_fd)) if mp_fd is not None else None

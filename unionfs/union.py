@@ -215,7 +215,7 @@ class Union:
         d = dh.node
         if off == 0:
             self.handles.restarted(d)
-        if dh.entries is None or off == 0 or dh.entries.stale_after(off):
+        if dh.entries is None or off == 0 or dh.entries.stale():
             # Offset 0 again is rewinddir: it shows the directory as it is now, as the
             # kernel's overlayfs does (its cache is dropped when the directory changed).
             dh.entries = self.handles.snapshot(d, self.resolver.listing(d))
@@ -229,8 +229,23 @@ class Union:
         offsets = entries.offsets
         node_for = self.identity.node_for
         known = self.identity.held if held else None
+        # The directory changed since the snapshot was taken (its listing was dropped:
+        # a name made, removed or moved, a copy-up): an entry may be of an object gone
+        # from its name, or say where it was before a copy-up, and `node_for` would
+        # bring that back there (a removed lower file's node at the name of the file
+        # made since, or a copied-up file's lower node once the kernel had forgotten
+        # it: the kernel read the old data there, and a write copied it up again over
+        # the new; a directory moved away taken back to its old name; a directory
+        # replaced by a file, ENOTDIR for the whole pass). Each name is the object it
+        # is now, or is left out if it is gone.
+        resolve = self.resolver.resolve if entries.listing is not d.listing else None
         for i in range(entries.after(off), len(entries)):
             name, entry = entries[i]
+            if resolve is not None:
+                now = resolve(d, name)
+                if now is None:
+                    continue
+                entry = now
             if known is not None:
                 node = known(d, name, entry)
                 if node is not None:
@@ -600,7 +615,7 @@ class Union:
                     self.whiteouts.set_opaque_at(pfd, name)
                 os.unlink(WH_PREFIX + name, dir_fd=pfd)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         return st
 
     def create(
@@ -750,7 +765,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
@@ -792,7 +807,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
