@@ -197,12 +197,17 @@ def mounted(
 
 @contextlib.contextmanager
 def debug_mount(
-    lows: Sequence[Path], mnt: Path, log: Path, upper: Path | None = None, work: Path | None = None
+    lows: Sequence[Path],
+    mnt: Path,
+    log: Path,
+    upper: Path | None = None,
+    work: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[None]:
     """A mount whose daemon logs every request to `log` (-d keeps it in the foreground)."""
     opts = _layer_options(lows, upper, work)
     with open(log, "w") as err:
-        proc = subprocess.Popen([*PYUNION, "mount", "-d", "-o", opts, str(mnt)], stderr=err)
+        proc = subprocess.Popen([*PYUNION, "mount", "-d", "-o", opts, *extra, str(mnt)], stderr=err)
     try:
         wait_until(lambda: is_mounted(mnt), what="the mount", alive=lambda: proc.poll() is None)
         yield

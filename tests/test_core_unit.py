@@ -721,6 +721,10 @@ def test_the_init_hook_finds_one_connection_or_changes_nothing() -> None:
         "pyfuse3 has no session"
     )
     assert fuseinit.want(os.devnull, fuseinit.FUSE_CAP_CACHE_SYMLINKS) is not None
+    assert fuseinit.handle_killpriv(pyfuse3.__file__ or "") == "pyfuse3 has no session"
+    assert fuseinit.handle_killpriv(os.devnull) is not None
+    # Never answered with the flag here: the kernel clears set-ID bits, none for setattr().
+    assert not fuseinit.KillPriv.on and fuseinit.setattr_valid(1) is None
 
 
 def test_xattr_names_kept_across_a_change_of_times(tmp_path: Path, made: list[Union]) -> None:

@@ -438,8 +438,9 @@ def _heap_kib(pid: int) -> int:
 
 @needs_fuse
 def test_big_reads_leave_the_daemons_heap_alone(layers: tuple) -> None:
-    """A read of up to 1 MiB goes into one buffer the daemon keeps, mmapped apart from its
-    heap, and glibc's heap gives back what big blocks it had: with a new bytes object per
+    """A big read is spliced (unionfs/fuseread.py), a small one goes into one buffer the
+    daemon keeps, mmapped apart from its heap, and glibc's heap gives back what big
+    blocks it had: with a new bytes object per
     read, glibc raised its mmap threshold past 1 MiB after the first, and the heap kept
     such blocks (and grew where small objects settled between them)."""
     lows, upper, work, mnt = layers

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse's fuse_common.h: pyfuse3 requires it
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # pyfuse3 clears it from want
@@ -58,6 +59,7 @@ _PT_LOAD = 1
 _STT_OBJECT = 1
 _STT_FUNC = 2
 _PTR = struct.Struct("<Q")
+log = logging.getLogger(__name__)
 
 OPENDIR_SYMBOL = b"__pyx_f_7pyfuse3_fuse_opendir"
 # struct fuse_file_info (libfuse 3): int flags, then its bit-fields in one word, first
@@ -66,7 +68,7 @@ OPENDIR_SYMBOL = b"__pyx_f_7pyfuse3_fuse_opendir"
 _FI_BITS = 4
 _FI_KEEP_CACHE = 1 << 2
 _FI_CACHE_READDIR = 1 << 6
-_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
+_OPENDIR_ARGS = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)  # req, ino, fi
 _KEPT: list[object] = []  # the wrapper and pyfuse3's handler: alive as long as the process
 
 
@@ -151,7 +153,7 @@ def conn_offset(raw: bytes) -> int:
 
 
 @contextlib.contextmanager
-def _session(extension: str) -> Iterator[tuple[int, int, int]]:
+def session(extension: str) -> Iterator[tuple[int, int, int]]:
     """(an fd on /proc/self/mem, the extension's load address, libfuse's session's
     address) for the block. `extension`: pyfuse3's extension module file."""
     value, size = _symbol(extension, SESSION_SYMBOL, _STT_OBJECT)
@@ -168,7 +170,24 @@ def _session(extension: str) -> Iterator[tuple[int, int, int]]:
         os.close(mem)
 
 
-def _why(e: Exception) -> str:
+def handler_slot(
+    mem: int, base: int, address: int, extension: str, symbol: bytes
+) -> tuple[int, int]:
+    """(the address of the one slot in the session at `address` that holds pyfuse3's
+    handler `symbol`, the handler's address): a slot of its `struct fuse_lowlevel_ops`,
+    found as the only word of the session's first bytes with that value. `mem`, `base`:
+    as `session` gives them."""
+    value, _ = _symbol(extension, symbol, _STT_FUNC)
+    handler = base + value
+    raw = os.pread(mem, SCAN_BYTES, address)
+    slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
+    if len(slots) != 1:
+        raise NotAsked(f"{len(slots)} places in its session hold its {symbol.decode()} handler")
+    return address + slots[0], handler
+
+
+def why(e: Exception) -> str:
+    """What an exception from the hooks says in the log (NotAsked: its reason)."""
     return str(e) if isinstance(e, NotAsked) else f"{type(e).__name__}: {e}"
 
 
@@ -176,16 +195,49 @@ def want(extension: str, cap: int) -> str | None:
     """Add `cap` to the INIT answer being built, if the kernel offers it: None once done,
     else why not. `extension`: pyfuse3's extension module file. Only from `init()`."""
     try:
-        with _session(extension) as (mem, _, session):
-            raw = os.pread(mem, SCAN_BYTES, session)
-            conn = session + conn_offset(raw)
-            (capable, wanted) = struct.unpack_from("<II", raw, conn - session + _CAPABLE)
+        with session(extension) as (mem, _, address):
+            raw = os.pread(mem, SCAN_BYTES, address)
+            conn = address + conn_offset(raw)
+            (capable, wanted) = struct.unpack_from("<II", raw, conn - address + _CAPABLE)
             if not capable & cap:
                 return NOT_OFFERED
             os.pwrite(mem, struct.pack("<I", wanted | cap), conn + _WANT)
     except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
-        return _why(e)
+        return why(e)
     return None
+
+
+def _wrap_handler(
+    mem: int,
+    base: int,
+    address: int,
+    extension: str,
+    symbol: bytes,
+    argtypes: tuple[type, ...],
+    before: Callable[..., None],
+) -> None:
+    """Point the one slot of the session's `struct fuse_lowlevel_ops` that holds pyfuse3's
+    handler `symbol` at a wrapper that calls `before(*args)`, then the handler.
+
+    The slot is found by `handler_slot`. Requests are handled one at a time in this
+    thread, INIT (where this runs) included, so the slot is never read while it is
+    written.
+    """
+    slot, handler = handler_slot(mem, base, address, extension, symbol)
+    # pyfuse3's handler runs Python code: called with the interpreter's lock held.
+    original = ctypes.PYFUNCTYPE(None, *argtypes)(handler)
+
+    def wrapper(*args: int) -> None:
+        try:
+            before(*args)
+        finally:
+            original(*args)
+
+    callback = ctypes.CFUNCTYPE(None, *argtypes)(wrapper)
+    target = ctypes.cast(callback, ctypes.c_void_p).value
+    assert target is not None
+    _KEPT.extend((original, callback))
+    os.pwrite(mem, _PTR.pack(target), slot)
 
 
 def keep_listings(extension: str) -> str | None:
@@ -194,40 +246,163 @@ def keep_listings(extension: str) -> str | None:
 
     pyfuse3's OPENDIR handler (`OPENDIR_SYMBOL`) answers with a copy of the
     `struct fuse_file_info` libfuse hands it, its own handle set and nothing else. So
-    the handler's one slot in the session's `struct fuse_lowlevel_ops` (the only word
-    of the session's first bytes that holds the handler's address) is pointed at a
-    wrapper that sets `keep_cache` and `cache_readdir` in that structure first, which
-    pyfuse3's copy then carries into the answer (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR).
-    Requests are handled one at a time in this thread, this one (INIT) included, so
-    the slot is never read while it is written.
+    its slot is pointed at a wrapper (`_wrap_handler`) that sets `keep_cache` and
+    `cache_readdir` in that structure first, which pyfuse3's copy then carries into
+    the answer (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR).
+    """
+
+    def opendir(req: int, ino: int, fi: int) -> None:
+        bits = ctypes.c_uint32.from_address(fi + _FI_BITS)
+        bits.value |= _FI_KEEP_CACHE | _FI_CACHE_READDIR
+
+    try:
+        with session(extension) as (mem, base, address):
+            _wrap_handler(mem, base, address, extension, OPENDIR_SYMBOL, _OPENDIR_ARGS, opendir)
+    except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
+        return why(e)
+    except MemoryError as e:  # libffi found no executable memory for the callback
+        return f"no callback: {e}"
+    return None
+
+
+# -- set-ID bits cleared by the daemon: FUSE_HANDLE_KILLPRIV_V2 -----------------------------
+# include/uapi/linux/fuse.h (protocol 7.33, Linux 5.11)
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28  # fuse_init_out.flags
+KILLPRIV_V2_MINOR = 33
+# fuse_setattr_in.valid; libfuse keeps the bit (its FUSE_SET_ATTR_KILL_SUID) in `to_set`
+FATTR_KILL_SUIDGID = 1 << 11
+LIBFUSE_CHECKED = 314  # fuse_version() of the libfuse whose layouts are used below
+SETATTR_SYMBOL = b"__pyx_f_7pyfuse3_fuse_setattr"
+_SETATTR_ARGS = (  # req, ino, struct stat *, to_set, struct fuse_file_info * (or NULL)
+    ctypes.c_void_p,
+    ctypes.c_uint64,
+    ctypes.c_void_p,
+    ctypes.c_int,
+    ctypes.c_void_p,
+)
+# struct fuse_init_out: major, minor, max_readahead, flags, ...
+_INIT_OUT = struct.Struct("<IIII")
+_IOVS = struct.Struct("<QQQQ")  # two struct iovec: the header, the answer
+_WRITEV = ctypes.CFUNCTYPE(
+    ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, use_errno=True
+)
+
+
+class _CustomIo(ctypes.Structure):
+    """libfuse 3.14's `struct fuse_custom_io` (32 bytes, copied by `fuse_session_custom_io`)."""
+
+    _fields_ = (
+        ("writev", ctypes.c_void_p),
+        ("read", ctypes.c_void_p),
+        ("splice_receive", ctypes.c_void_p),
+        ("splice_send", ctypes.c_void_p),
+    )
+
+
+class KillPriv:
+    """Whether INIT was answered with HANDLE_KILLPRIV_V2, and the `to_set` of the
+    SETATTR being handled, kept by the wrapper of pyfuse3's SETATTR handler for the
+    file system's setattr(), which pyfuse3 runs as soon as libfuse returns, with no
+    other request in between (its coroutine starts before its first await)."""
+
+    on = False  # set-ID bits are the daemon's to clear
+    setattr: tuple[int, int] | None = None  # node id, to_set
+
+
+def setattr_valid(ino: int) -> int | None:
+    """The `to_set` of the SETATTR being handled (node `ino`) as the kernel sent it,
+    FATTR_KILL_SUIDGID included; None while the kernel clears set-ID bits itself.
+    Only from the file system's setattr()."""
+    if not KillPriv.on:
+        return None
+    seen, KillPriv.setattr = KillPriv.setattr, None
+    if seen is None or seen[0] != ino:
+        return FATTR_KILL_SUIDGID  # not read (never expected): the bits go, the safe side
+    return seen[1]
+
+
+def _setattr_seen(req: int, ino: int, attr: int, to_set: int, fi: int | None) -> None:
+    KillPriv.setattr = (ino, to_set)
+
+
+def handle_killpriv(extension: str) -> str | None:
+    """Answer INIT with FUSE_HANDLE_KILLPRIV_V2: None once arranged, else why not.
+    `extension`: pyfuse3's extension module file.
+
+    With it the kernel asks for `security.capability` once per inode, not before
+    every write (it keeps "nothing to clear" in S_NOSEC), and leaves set-ID bits to
+    the daemon: before a write that clears them it sends a SETATTR with nothing to
+    set (its new mode dropped), a truncation's SETATTR says FATTR_KILL_SUIDGID when
+    the caller lacks CAP_FSETID, a chown's always (FuseOps.setattr acts on them).
+
+    libfuse 3.14 builds the answer's flags from the capabilities it knows, and it
+    knows none for this one; pyfuse3 hands the file system no `to_set` bit beyond
+    the fields. So pyfuse3's SETATTR handler is wrapped to keep `to_set`
+    (`KillPriv`), and the answer is written through libfuse's custom I/O
+    (`fuse_session_custom_io`, public in 3.14): a writev that adds the flag to the
+    INIT answer, then puts libc's plain read and writev in its own place, so that
+    no other request or answer passes through Python. Anything not as expected:
+    nothing is asked, and the kernel clears the bits itself, as before.
     """
     try:
-        with _session(extension) as (mem, base, session):
-            value, _ = _symbol(extension, OPENDIR_SYMBOL, _STT_FUNC)
-            handler = base + value
-            raw = os.pread(mem, SCAN_BYTES, session)
-            slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
-            if len(slots) != 1:
-                raise NotAsked(f"{len(slots)} places in its session hold its OPENDIR handler")
-            # pyfuse3's handler runs Python code: called with the interpreter's lock held.
-            original = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)(
-                handler
+        with session(extension) as (mem, base, address):
+            raw = os.pread(mem, SCAN_BYTES, address)
+            conn = address + conn_offset(raw)
+            (minor,) = struct.unpack_from("<I", raw, conn - address + 4)
+            if minor < KILLPRIV_V2_MINOR:
+                return NOT_OFFERED
+            try:
+                fuse = ctypes.CDLL("libfuse3.so.3", mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+            except OSError as e:
+                raise NotAsked(f"libfuse3.so.3 is not loaded: {e}") from None
+            fuse.fuse_version.restype = ctypes.c_int
+            version = fuse.fuse_version()
+            if version != LIBFUSE_CHECKED:
+                raise NotAsked(f"libfuse {version}, not the {LIBFUSE_CHECKED} checked")
+            fuse.fuse_session_fd.argtypes = (ctypes.c_void_p,)
+            fuse.fuse_session_fd.restype = ctypes.c_int
+            fuse.fuse_session_custom_io.argtypes = (
+                ctypes.c_void_p,
+                ctypes.POINTER(_CustomIo),
+                ctypes.c_int,
             )
+            fuse.fuse_session_custom_io.restype = ctypes.c_int
+            fd = fuse.fuse_session_fd(address)
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+            libc.writev.restype = ctypes.c_ssize_t
+            read = ctypes.cast(libc.read, ctypes.c_void_p).value
+            plain = _CustomIo(ctypes.cast(libc.writev, ctypes.c_void_p).value, read, None, None)
 
-            def opendir(req: int, ino: int, fi: int) -> None:
+            def answer(out: int, iov: int, count: int, userdata: int | None) -> int:
+                """The INIT answer's writev (libfuse's first after `init()`)."""
                 try:
-                    bits = ctypes.c_uint32.from_address(fi + _FI_BITS)
-                    bits.value |= _FI_KEEP_CACHE | _FI_CACHE_READDIR
-                finally:
-                    original(req, ino, fi)
+                    if count == 2:
+                        _, _, body, size = _IOVS.unpack(ctypes.string_at(iov, _IOVS.size))
+                        major, _, _, flags = _INIT_OUT.unpack(
+                            ctypes.string_at(body, _INIT_OUT.size)
+                        )
+                        if major == 7 and size >= _INIT_OUT.size:
+                            flags |= FUSE_HANDLE_KILLPRIV_V2
+                            ctypes.c_uint32.from_address(body + 12).value = flags
+                            KillPriv.on = True
+                            log.debug("INIT: answered with HANDLE_KILLPRIV_V2")
+                except Exception:  # the answer goes out all the same, without the flag
+                    log.exception("INIT: HANDLE_KILLPRIV_V2 not added to the answer")
+                # libc's own from now on; failing that this one goes on, as a relay
+                fuse.fuse_session_custom_io(address, ctypes.byref(plain), fd)
+                return int(libc.writev(out, iov, count))
 
-            wrapper = _HANDLER(opendir)
-            address = ctypes.cast(wrapper, ctypes.c_void_p).value
-            assert address is not None
-            _KEPT.extend((original, wrapper))
-            os.pwrite(mem, _PTR.pack(address), session + slots[0])
-    except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
-        return _why(e)
+            hook = _WRITEV(answer)
+            _KEPT.extend((hook, plain, fuse, libc))
+            _wrap_handler(
+                mem, base, address, extension, SETATTR_SYMBOL, _SETATTR_ARGS, _setattr_seen
+            )
+            io = _CustomIo(ctypes.cast(hook, ctypes.c_void_p).value, read, None, None)
+            if fuse.fuse_session_custom_io(address, ctypes.byref(io), fd):
+                raise NotAsked("fuse_session_custom_io refused")
+    except (NotAsked, OSError, ValueError, IndexError, AttributeError, struct.error) as e:
+        return why(e)
     except MemoryError as e:  # libffi found no executable memory for the callback
         return f"no callback: {e}"
     return None

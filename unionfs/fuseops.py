@@ -38,6 +38,7 @@ import errno
 import functools
 import logging
 import mmap
+import os
 import stat
 import sys
 import time
@@ -47,8 +48,9 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import fuseinit
+from . import fuseinit, fuseread
 from .copyup import CopyPlan
+from .errors import FsError
 from .idmap import ACL_XATTRS, IdMap
 from .inodes import AnyStat, Node, stat_fields
 from .union import ACL_ACCESS, Ctx, Union
@@ -187,7 +189,11 @@ class FuseOps(pyfuse3.Operations):
         self._read_back = -READ_BUF_BACK_S  # when they were (time.monotonic)
         # Run once the kernel's INIT is answered (mount.py: the readahead window).
         self.after_init: Callable[[], None] | None = None
+        self.fast_reads: fuseread.FastReads | None = None  # READ's own handler, once INIT set it
+        # Answer INIT with HANDLE_KILLPRIV_V2 (fuseinit.handle_killpriv); off: -o killpriv=0.
+        self.killpriv = True
         core.changed = self._changed
+        self._debug = debug
         if debug:
             self._wrap_debug()
 
@@ -273,6 +279,24 @@ class FuseOps(pyfuse3.Operations):
             log.debug("INIT: the kernel keeps directory listings (FOPEN_CACHE_DIR)")
         else:
             log.warning("INIT: directory listings not kept by the kernel: %s", why)
+        reads = fuseread.install(
+            pyfuse3.__file__ or "", self.core.read_fd, self._read_buffer, self._debug
+        )
+        if isinstance(reads, str):
+            log.warning("INIT: reads answered by pyfuse3, not spliced: %s", reads)
+        else:
+            log.debug(
+                "INIT: reads answered in libfuse's callback, spliced up to %d bytes",
+                reads.splice_max,
+            )
+            self.fast_reads = reads
+        if self.killpriv:
+            why = fuseinit.handle_killpriv(pyfuse3.__file__ or "")
+            if why is None:
+                log.debug("INIT: asking for HANDLE_KILLPRIV_V2 (set-ID bits cleared here)")
+            else:
+                level = logging.DEBUG if why == fuseinit.NOT_OFFERED else logging.WARNING
+                log.log(level, "INIT: set-ID bits left to the kernel: %s", why)
         after = self.after_init
         if after is None:
             return
@@ -381,12 +405,18 @@ class FuseOps(pyfuse3.Operations):
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        valid = fuseinit.setattr_valid(inode)  # HANDLE_KILLPRIV_V2, read before any await
         core = self.core
         node = core.node(inode)
         size = attr.st_size if fields.update_size else None
         mode = attr.st_mode if fields.update_mode else None
         uid = attr.st_uid if fields.update_uid else None
         gid = attr.st_gid if fields.update_gid else None
+        kill = 0
+        if valid is not None and (not valid or valid & fuseinit.FATTR_KILL_SUIDGID):
+            # Set-ID bits are ours to clear (HANDLE_KILLPRIV_V2). The kernel's flag on a
+            # truncation says the caller lacks CAP_FSETID; on a chown it is always set.
+            kill = self._setid_to_kill(node, ctx, valid, size is None)
         plan = core.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid)
         if plan:
             await self._copy_ups(plan)
@@ -399,8 +429,38 @@ class FuseOps(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fh=fh,
+            kill_setid=kill,
         )
         return self._attr(node)
+
+    def _setid_to_kill(self, node: Node, ctx: Any, valid: int, fsetid: bool) -> int:
+        """The set-ID bits a SETATTR clears under HANDLE_KILLPRIV_V2, as the kernel's
+        VFS would have (setattr_should_drop_suidgid): set-user-ID, and set-group-ID
+        with group execute, or without it for a caller outside the file's group
+        without CAP_FSETID (`fsetid`: the caller may hold it; uid 0 stands for it).
+
+        A SETATTR with nothing to set (`valid` 0) is the kernel's own clearing before
+        a write by a caller without CAP_FSETID, or a chown(-1, -1). The kernel sent no
+        mode for it, and so checked no ownership, which that mode needs on overlayfs:
+        a caller who neither owns the file nor may write it gets overlayfs' EPERM;
+        one who may write it is taken for a writer (docs/semantics.md: Limits that
+        come from FUSE).
+        """
+        a = self._attr(node)  # owners as the caller sees them
+        m = a.st_mode
+        if not stat.S_ISREG(m) or not m & (stat.S_ISUID | stat.S_ISGID):
+            return 0
+        if ctx is None:  # not a caller's: the daemon's own
+            return 0
+        uid = ctx.uid
+        kill = m & stat.S_ISUID
+        if m & stat.S_IXGRP or (not (fsetid and uid == 0) and not _in_group(ctx, a.st_gid)):
+            kill |= m & stat.S_ISGID
+        if kill and not valid and uid not in (0, a.st_uid):
+            may_write = stat.S_IWGRP if _in_group(ctx, a.st_gid) else stat.S_IWOTH
+            if not m & may_write:
+                raise FsError(errno.EPERM)
+        return kill
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
@@ -490,7 +550,11 @@ class FuseOps(pyfuse3.Operations):
             await self._copy_ups(plan)
         # uid 0 stands for CAP_FSETID (the kernel's test to keep set-ID bits on O_TRUNC).
         privileged = ctx is None or ctx.uid == 0
-        return pyfuse3.FileInfo(fh=self.core.open(node, flags, privileged), keep_cache=True)
+        outsider = False  # set-group-ID goes even without group execute
+        if flags & os.O_TRUNC and not privileged:
+            outsider = not _in_group(ctx, self._attr(node).st_gid)
+        fh = self.core.open(node, flags, privileged, outsider)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
@@ -502,11 +566,16 @@ class FuseOps(pyfuse3.Operations):
         # An anonymous map, not a bytearray: its pages come as reads write them (a
         # bytearray's are all zeroed at once), and go at `_idle`.
         # (pyfuse3 takes any buffer, though its stub says bytes.)
+        buf = self._read_buffer(size)
+        return buf[: self.core.read_into(fh, off, buf[:size])]
+
+    def _read_buffer(self, size: int) -> memoryview:
+        """The read buffer, at least `size` bytes (`read`; `fuseread` for small reads)."""
         if size > len(self._read_buf):
             self._read_map = mmap.mmap(-1, size)  # the old one goes with its last view
             self._read_buf = memoryview(self._read_map)
         self._read_dirty = True
-        return self._read_buf[: self.core.read_into(fh, off, self._read_buf[:size])]
+        return self._read_buf
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

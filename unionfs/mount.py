@@ -353,6 +353,8 @@ def validate(cfg: MountConfig, mp_fd: int | None) -> None:
     """
     if not os.path.exists("/dev/fuse"):
         raise UserError("/dev/fuse does not exist (is the fuse module loaded?)")
+    if not os.path.isdir("/proc/self/fd"):  # the mount is made through it, and checked there
+        raise UserError("/proc is not mounted (pyunion mounts through /proc/self/fd)")
     check_log()
     mp = cfg.mountpoint
     real_mp = os.readlink(fd_str(mp_fd)) if mp_fd is not None else None
@@ -458,9 +460,11 @@ def _lock_upper(upper_fd: int, upper: str) -> None:
 
 
 # -- the daemon ------------------------------------------------------------------------
-# The kernel's readahead on the mount, in KiB: one FUSE read of the most it asks
-# (libfuse's max_pages, 256 pages). Its own default is 128 (32 pages).
-READAHEAD_KB = 1024
+# The kernel's readahead on the mount, in KiB: a sequential reader's FUSE reads are of up
+# to this size. Its own default is 128 (32 pages); libfuse's max_pages allows 1024. 1016:
+# the largest read that the daemon's 1 MiB pipe carries whole with its header
+# (`fuseread.PIPE_BYTES`: read data is spliced, not copied twice).
+READAHEAD_KB = 1016
 START_PAGES_AFTER_S = 2.0  # after the mount, the start's code pages go (`serve`)
 
 
@@ -468,7 +472,7 @@ def widen_readahead(dev: tuple[int, int] | None, kb: int = READAHEAD_KB) -> None
     """Let the kernel read ahead `kb` KiB on this daemon's mount, its FUSE device `dev`
     (`fuse_device`; the bdi in sysfs is named by it), not 128.
 
-    A sequential reader's data then comes in reads of up to 1 MiB, not 128 KiB:
+    A sequential reader's data then comes in reads of up to 1016 KiB, not 128 KiB:
     eight times fewer requests, each costing ~20 us of the daemon's CPU besides the
     copy (docs/architecture.md: Caching). The kernel caps the window with the
     daemon's answer to INIT, so this runs once that is sent (`FuseOps.init`). Only
@@ -817,6 +821,7 @@ def serve(
         owners_optional=cfg.idmap is not None and cfg.idmap.squashing,
     )
     ops = make_ops(core, cfg.idmap, debug=cfg.debug)
+    ops.killpriv = cfg.killpriv
     raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     state = _state_name(real_mp) if not detached else ""
@@ -872,6 +877,9 @@ def serve(
     def finish(code: int, failure: BaseException | None = None) -> NoReturn:
         """The connection is over (unmounted, or a signal): exit at once, letting go of the
         layers first of all (the caller of `umount` may unmount their filesystems next)."""
+        if ops.fast_reads is not None:  # the tests read this line in the debug log
+            r = ops.fast_reads
+            log.debug("reads: %d spliced, %d copied", r.spliced, r.copied)
         close_fds_from(3, {sfd} if sfd >= 0 else ())
         try:
             if failure is not None:

@@ -113,6 +113,7 @@ class MountConfig:
         "fsname",
         "fuse_options",
         "idmap",
+        "killpriv",
         "lowers",
         "mountpoint",
         "read_only",
@@ -134,6 +135,7 @@ class MountConfig:
         volatile: bool = False,
         writeback: bool = False,
         spin_us: int = 30,
+        killpriv: bool = True,
         debug: bool = False,
         foreground: bool = False,
         fsname: str = "pyunion",
@@ -149,6 +151,7 @@ class MountConfig:
         self.volatile = volatile  # fsync=0 / volatile: skip fsync to disk
         self.writeback = writeback  # writeback=1: the kernel's writeback cache (README)
         self.spin_us = spin_us  # poll /dev/fuse this long before sleeping (see reqloop.py)
+        self.killpriv = killpriv  # killpriv=0: the kernel clears set-ID bits (fuseinit)
         self.debug = debug
         self.foreground = foreground
         self.fsname = fsname
@@ -283,6 +286,8 @@ def parse_options(opts: list[str], cfg: MountConfig) -> None:
                     )
             elif key == "writeback":
                 cfg.writeback = _flag(item, value)
+            elif key == "killpriv":
+                cfg.killpriv = _flag(item, value)
             elif key == "spin":
                 spin = number(value)
                 if spin is None or spin > 10000:

@@ -71,7 +71,6 @@ class _Lowlevel:
         if not self._spin:
             await trio.lowlevel.wait_readable(fd)
             return
-        clock = time.perf_counter
         if self.spinning and self._streak < STREAK_MAX and isinstance(fd, int):
             poll = self._polls.get(fd)
             if poll is None:
@@ -79,15 +78,14 @@ class _Lowlevel:
                 p.register(fd, select.POLLIN)
                 poll = self._polls[fd] = p.poll
             self.spins += 1
-            deadline = clock() + self._spin
-            while True:
-                if poll(0):  # readable, or an error the read will report
-                    self._streak += 1
-                    self._credit = min(self._credit + HIT_CREDIT, CREDIT_MAX)
-                    self.hits += 1
-                    return
-                if clock() >= deadline:
-                    break
+            # Most requests are queued already (the program sent the next one while we
+            # answered): one poll, and no clock read, before the spin proper.
+            if poll(0) or self._spun(poll):  # readable, or an error the read will report
+                self._streak += 1
+                credit = self._credit + HIT_CREDIT
+                self._credit = credit if credit < CREDIT_MAX else CREDIT_MAX
+                self.hits += 1
+                return
             self._credit -= 1
             if self._credit <= 0:
                 self.spinning = False
@@ -95,11 +93,21 @@ class _Lowlevel:
         if self.spinning:
             await trio.lowlevel.wait_readable(fd)
             return
+        clock = time.perf_counter
         slept = clock()
         await trio.lowlevel.wait_readable(fd)
         if clock() - slept <= self._spin + WAKE_S:  # a spin would have caught this one
             self.spinning = True
             self._credit = CREDIT_START
+
+    def _spun(self, poll: Any) -> bool:
+        """Poll until a request comes (True) or the spin window has passed (False)."""
+        clock = time.perf_counter
+        deadline = clock() + self._spin
+        while clock() < deadline:
+            if poll(0):
+                return True
+        return bool(poll(0))
 
 
 class _ReadLock:

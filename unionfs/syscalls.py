@@ -342,6 +342,13 @@ def open_in_root(rootfd: int, path: str | bytes, flags: int = os.O_PATH) -> int:
     return openat2(rootfd, rel, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
 
 
+def fs_magic(fd: int) -> int:
+    """The filesystem type (statfs(2)'s f_type) of what `fd` is on; an O_PATH fd will do."""
+    buf = ctypes.create_string_buffer(128)  # struct statfs: f_type is its first word
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return int.from_bytes(buf.raw[:8], sys.byteorder) & 0xFFFFFFFF
+
+
 def syncfs(fd: int) -> None:
     _check(_libc.syncfs(fd), "syncfs")
 

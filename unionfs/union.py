@@ -259,7 +259,7 @@ class Union:
         d = dh.node
         if off == 0:
             self.handles.restarted(d)
-        if dh.entries is None or off == 0 or dh.entries.stale_after(off):
+        if dh.entries is None or off == 0 or dh.entries.stale():
             # Offset 0 again is rewinddir: it shows the directory as it is now, as the
             # kernel's overlayfs does (its cache is dropped when the directory changed).
             dh.entries = self.handles.snapshot(d, self.resolver.listing(d))
@@ -273,8 +273,23 @@ class Union:
         offsets = entries.offsets
         node_for = self.identity.node_for
         known = self.identity.held if held else None
+        # The directory changed since the snapshot was taken (its listing was dropped:
+        # a name made, removed or moved, a copy-up): an entry may be of an object gone
+        # from its name, or say where it was before a copy-up, and `node_for` would
+        # bring that back there (a removed lower file's node at the name of the file
+        # made since, or a copied-up file's lower node once the kernel had forgotten
+        # it: the kernel read the old data there, and a write copied it up again over
+        # the new; a directory moved away taken back to its old name; a directory
+        # replaced by a file, ENOTDIR for the whole pass). Each name is the object it
+        # is now, or is left out if it is gone.
+        resolve = self.resolver.resolve if entries.listing is not d.listing else None
         for i in range(entries.after(off), len(entries)):
             name, entry = entries[i]
+            if resolve is not None:
+                now = resolve(d, name)
+                if now is None:
+                    continue
+                entry = now
             if known is not None:
                 node = known(d, name, entry)
                 if node is not None:
@@ -444,8 +459,10 @@ class Union:
         self.copyup.copy_up(node, with_data)
 
     # -- files -------------------------------------------------------------------
-    def open(self, node: Node, flags: int, privileged: bool = True) -> int:
-        """Open `node`; `privileged`: the caller may keep set-ID bits (CAP_FSETID: uid 0)."""
+    def open(self, node: Node, flags: int, privileged: bool = True, outsider: bool = False) -> int:
+        """Open `node`; `privileged`: the caller may keep set-ID bits (CAP_FSETID: uid 0);
+        `outsider`: it is not in the file's group, so that O_TRUNC clears set-group-ID
+        even without group execute, as the kernel's VFS does (setattr_should_drop_sgid)."""
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writing = bool(flags & _WRITE_FLAGS)
@@ -458,12 +475,17 @@ class Union:
                 fd = open_file_at(pfd, node.name, os.O_RDWR | keep)
             except PermissionError:
                 fd = open_file_at(pfd, node.name, acc | keep)
-            if flags & os.O_TRUNC and not privileged:
-                try:
-                    self._kill_setid(node, fd)
-                except BaseException:
-                    os.close(fd)
-                    raise
+            if flags & os.O_TRUNC:
+                # The truncation, ours, dropped security.capability: the kernel asks
+                # for it right after (to drop it itself) and must hear it is gone.
+                node.xnames = None
+                if not privileged:
+                    try:
+                        bits = stat.S_ISUID | stat.S_ISGID if outsider else None
+                        self._kill_setid(node, fd, True, bits)
+                    except BaseException:
+                        os.close(fd)
+                        raise
         else:
             pfd = self.resolver.location_fd(node)
             try:
@@ -473,26 +495,35 @@ class Union:
                 fd = open_file_at(pfd, node.name, os.O_RDONLY)
         return self.handles.add_file(node, fd, writing)
 
-    def _kill_setid(self, node: Node, fd: int) -> None:
-        """Clear set-user-ID, and set-group-ID with group execute, as a truncation does.
+    def _kill_setid(
+        self, node: Node, target: int | bytes, notify: bool, bits: int | None = None
+    ) -> None:
+        """Clear `bits` of a regular file's set-ID bits (`target`: an fd or a path); by
+        default set-user-ID, and set-group-ID with group execute: what a truncation by
+        a caller without CAP_FSETID clears.
 
-        The kernel does it for a write, a truncate and a chown by sending the
-        new mode; for open(O_TRUNC) it leaves the truncation to the daemon
-        (atomic_o_trunc) and sends none, and the daemon's own truncation, as root,
-        keeps them: a user could truncate a setuid-root file it may write and keep
-        it setuid. The kernel's cached mode is stale afterwards: `changed` says so.
+        The daemon truncates and chowns as root, which keeps them. The kernel leaves
+        them to it for open(O_TRUNC) (atomic_o_trunc: it sends no new mode), and for
+        writes, truncations and chowns too once INIT said HANDLE_KILLPRIV_V2
+        (fuseinit.handle_killpriv, FuseOps.setattr). `notify`: no reply will carry
+        the new mode, so the kernel's cached one is stale: `changed` says so.
         """
-        mode = os.fstat(fd).st_mode
-        kill = mode & stat.S_ISUID
-        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
-            kill |= stat.S_ISGID
-        if kill:
-            os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+        mode = os.stat(target).st_mode
+        if bits is None:
+            bits = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        kill = mode & bits & (stat.S_ISUID | stat.S_ISGID)
+        if kill and stat.S_ISREG(mode):
+            os.chmod(target, stat.S_IMODE(mode) & ~kill)
             node.xnames = None  # a mode change may rewrite an ACL
-            self.changed(node, True)
+            if notify:
+                self.changed(node, True)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self.handles.file(fh).fd, size, off)
+
+    def read_fd(self, fh: int) -> int:
+        """The fd a read of `fh` reads from (EBADF for no such file handle)."""
+        return self.handles.file(fh).fd
 
     def read_into(self, fh: int, off: int, buf: memoryview) -> int:
         """`read` into `buf` (as much as it holds): the number of bytes read."""
@@ -635,7 +666,7 @@ class Union:
                     self.whiteouts.set_opaque_at(pfd, name)
                 os.unlink(WH_PREFIX + name, dir_fd=pfd)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         return st
 
     def create(
@@ -785,7 +816,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
@@ -827,7 +858,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
@@ -856,7 +887,10 @@ class Union:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         fh: int | None = None,
+        kill_setid: int = 0,
     ) -> None:
+        """`kill_setid`: the set-ID bits to clear after a truncation or a chown (or
+        alone), as the kernel would have by a new mode (HANDLE_KILLPRIV_V2)."""
         self._writable()
         handle = self.handles.get(fh) if fh is not None else None
         self._copy_ups(self.copyups_for_setattr(node, size=size, mode=mode, uid=uid, gid=gid))
@@ -901,6 +935,8 @@ class Union:
                     os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid)
                 except OSError as e:
                     chown_failed(e, self.owners_optional)
+            if kill_setid and not node.is_dir and not is_link:
+                self._kill_setid(node, target, False, kill_setid)  # the reply has the mode
             if mode is not None and not is_link:  # a symlink's mode cannot change
                 os.chmod(target, stat.S_IMODE(mode))
             if atime_ns is not None or mtime_ns is not None:
