@@ -8,13 +8,15 @@ cd "$(dirname "$0")/.."
 PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr busybox-static
       fuse-overlayfs unionfs-fuse fio buildah skopeo umoci zstd procps util-linux psmisc
       debootstrap docker-registry apache2-utils openssl libseccomp2 podman runc uidmap acl
-      catatonit)
+      catatonit rsync sqlite3)
 # libseccomp2: pyunion run's seccomp filter (through pyseccomp). catatonit: the
 # container's pid 1 (podman's --init), a static binary of under 1 MiB. podman and runc: the
 # reference the confinement tests compare with (Debian's crun refuses hybrid cgroups).
 # uidmap: newuidmap/newgidmap, which map an ordinary user's subordinate IDs into the user
 # namespace of rootless pyunion (as for rootless podman and buildah).
 # acl: setfacl/getfacl, with which the tests check the IDs inside POSIX ACLs (uidmapping=).
+# rsync and sqlite3: programs the differential tests run on the mount and on kernel
+# overlayfs (rsync -aHAX into lower trees; sqlite's WAL maps a shared file and locks).
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

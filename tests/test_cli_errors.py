@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import is_mounted, needs_fuse, pyunion
+from support import PYUNION, is_mounted, needs_fuse, pyunion
 
 from unionfs.errors import UserError
 from unionfs.options import MountConfig, parse_options, split_lowerdirs, split_options
@@ -179,6 +179,26 @@ def test_already_mounted(layers: tuple) -> None:
     lows, _, _, mnt = layers
     with mounted(lows, mnt):
         assert "already a mount point" in _fails("mount", str(lows[0]), str(mnt))
+
+
+@needs_fuse
+def test_no_proc(layers: tuple) -> None:
+    """In a mount namespace without /proc (a bare chroot's): one line, not a traceback of
+    the first read of /proc/self/fd; the namespace, and whatever it mounted, go with it."""
+    lows, upper, work, mnt = layers
+    script = 'mount -t tmpfs none /proc && exec "$@"'
+    opts = f"lowerdir={lows[0]},upperdir={upper},workdir={work}"
+    r = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *PYUNION, "mount", "-o", opts, str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert "/proc" in lines[0]
 
 
 @needs_fuse

@@ -343,3 +343,52 @@ def test_same_lower_file_copied_up_by_two_at_once(layers: tuple, tmp_path: Path)
     with kernel_overlay(lows, tmp_path / "kmnt", upper=upper, work=tmp_path / "kwork") as k:
         for name, data in files.items():
             assert (k / name).read_bytes() == data
+
+
+def test_a_directory_renamed_while_names_in_it_change(layers: tuple) -> None:
+    """`mv d d2` copies d's lower files up first, a big one in a worker thread while other
+    requests are served. A directory in d renamed meanwhile was then copied up under its
+    old name, from the walk's listing taken before: its node was taken back to that name,
+    whose whiteout was opened as a directory, and `mv` failed with ENOTDIR."""
+    lows, upper, work, mnt = layers
+    d = lows[1] / "d"
+    d.mkdir()
+    for i in range(40):
+        (d / f"sub{i}").mkdir()
+        (d / f"sub{i}" / "inside").write_text(str(i))
+    with open(d / "big", "wb") as f:  # copied in a worker thread (fuseops.THREAD_COPY_MIN)
+        for _ in range(128):
+            f.write(b"\1" * (1 << 20))
+    big = "big"
+    for k in range(20):  # a name the walk meets before one of the directories
+        order = os.listdir(d)
+        later = order[order.index(big) + 1 :]
+        if later:
+            break
+        os.rename(d / big, d / f"big{k}")
+        big = f"big{k}"
+    victim = later[0]
+    with mounted(lows, mnt, upper, work):
+        os.stat(mnt / "d" / victim)  # its node is in the table
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.rename(mnt / "d", mnt / "d2")
+                os._exit(0)
+            except OSError as e:
+                os._exit(e.errno)
+        try:
+            deadline = time.monotonic() + 30
+            while not any(p.stat().st_size for p in work.rglob("*") if p.is_file()):
+                assert time.monotonic() < deadline, "no copy-up under way"
+                time.sleep(0.001)
+            os.rename(mnt / "d" / victim, mnt / "d" / f"{victim}-moved")
+        finally:
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, os.strerror(
+            os.waitstatus_to_exitcode(status)
+        )
+        names = os.listdir(mnt / "d2")
+        assert victim not in names and f"{victim}-moved" in names
+        assert os.listdir(mnt / "d2" / f"{victim}-moved") == ["inside"]
+        assert len(names) == 41

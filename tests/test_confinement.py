@@ -1154,15 +1154,20 @@ def test_deep_tree_is_removed(env: Env) -> None:
     env.wait_clean()
 
 
-@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "huge", "directory"])
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "huge", "directory", "kmsg"])
 def test_hostile_passwd(env: Env, tmp_path: Path, kind: str) -> None:
-    """The image's /etc/passwd is a symlink to /dev/zero, a FIFO, 5 MiB or a directory:
-    one line and exit 125, at once (it grew the run's memory or hung it)."""
+    """The image's /etc/passwd is a symlink to /dev/zero, a FIFO, 5 MiB, a directory or
+    /proc/kmsg (a "regular file" of the container's /proc, which root's run read with
+    CAP_SYSLOG: it hung until the kernel logged something, and took the host's kernel
+    messages from whoever else reads them): one line and exit 125, at once (it grew the
+    run's memory or hung it)."""
     top = tmp_path / "top"
     (top / "etc").mkdir(parents=True)
     passwd = top / "etc/passwd"
     if kind == "dev-zero":
         os.symlink("/dev/zero", passwd)
+    elif kind == "kmsg":
+        os.symlink("/proc/kmsg", passwd)
     elif kind == "fifo":
         os.mkfifo(passwd)
     elif kind == "huge":

@@ -35,7 +35,7 @@ def names(u: Union, path: bytes = b"") -> set[bytes]:
         d = n
     fh = u.opendir(d)
     try:
-        return {name for name, _, _, _ in u.readdir(fh, 0)} - {b".", b".."}
+        return {name for name, _, _, _, _ in u.readdir(fh, 0)} - {b".", b".."}
     finally:
         u.releasedir(fh)
 

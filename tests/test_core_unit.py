@@ -77,7 +77,7 @@ def walk(u: Union, path: bytes) -> Node:
 def names(u: Union, path: bytes = b"") -> set[bytes]:
     fh = u.opendir(walk(u, path))
     try:
-        got = {name for name, node, _, counted in u.readdir(fh, 0)}
+        got = {name for name, node, _, _, counted in u.readdir(fh, 0)}
     finally:
         u.releasedir(fh)
     return got - {b".", b".."}
@@ -212,20 +212,20 @@ def test_readdir_counts_lookups_and_gives_back_the_one_not_taken(
     before = len(u.table.nodes)
     fh = u.opendir(u.root)
     entries = list(u.readdir(fh, 0))
-    assert [(n, off, counted) for n, _, off, counted in entries[:2]] == [
+    assert [(n, off, counted) for n, _, _, off, counted in entries[:2]] == [
         (b".", 1, False),
         (b"..", 2, False),
     ]
-    offs = [off for _, _, off, _ in entries]
+    offs = [off for _, _, _, off, _ in entries]
     assert offs == sorted(set(offs)) and offs[2] > 2  # each entry's own place, in order
-    assert all(node.nlookup == 1 for _, node, _, counted in entries if counted)
+    assert all(node.nlookup == 1 for _, node, _, _, counted in entries if counted)
     assert len(u.table.nodes) == before + 5
-    for _, node, _, counted in entries:
+    for _, node, _, _, counted in entries:
         if counted:
             u.unlookup(node)
     assert len(u.table.nodes) == before
-    resumed = [n for n, _, _, _ in u.readdir(fh, offs[3])]  # an offset the kernel passed back
-    assert resumed == [n for n, _, _, _ in entries[4:]]
+    resumed = [n for n, _, _, _, _ in u.readdir(fh, offs[3])]  # an offset the kernel passed back
+    assert resumed == [n for n, _, _, _, _ in entries[4:]]
     u.releasedir(fh)
 
 
@@ -243,7 +243,7 @@ def test_readdir_leaves_the_files_the_kernel_holds_uncounted(
         assert u.lookup(u.root, name) is not None
     fh = u.opendir(u.root)
     try:
-        entries = {n: (node, counted) for n, node, _, counted in u.readdir(fh, 0, held=True)}
+        entries = {n: (node, counted) for n, node, _, _, counted in u.readdir(fh, 0, held=True)}
     finally:
         u.releasedir(fh)
     a = entries[b"a"][0]
@@ -256,7 +256,7 @@ def test_readdir_leaves_the_files_the_kernel_holds_uncounted(
     u.copy_up(a)
     fh = u.opendir(u.root)
     try:
-        again = {n: counted for n, _, _, counted in u.readdir(fh, 0, held=True)}
+        again = {n: counted for n, _, _, _, counted in u.readdir(fh, 0, held=True)}
     finally:
         u.releasedir(fh)
     assert again[b"a"] is True
@@ -747,3 +747,32 @@ def test_xattr_names_kept_across_a_change_of_times(tmp_path: Path, made: list[Un
         u.setattr(f, **change)  # type: ignore[arg-type]
         assert f.xnames is None, change
         assert u.has_xattr(f, b"user.k")
+
+
+def test_a_lower_file_shows_its_stat_with_none_kept(tmp_path: Path, made: list[Union]) -> None:
+    """A lower file's node keeps no stat: a lookup's reply takes the entry's (`attrs`), a
+    getattr reads it where the file lies, and once its name is removed (a whiteout, a
+    rename over it) the node keeps the stat it had, which it shows from then on."""
+    l1 = tmp_path / "l1"
+    tree(l1, {"a": "12345", "b": "xy", "c": "z"})
+    u = make(tmp_path, made, [l1])
+    want = {n: os.lstat(l1 / n) for n in ("a", "b", "c")}
+
+    def same(st: object, real: os.stat_result) -> bool:
+        fields = ("st_ino", "st_mode", "st_size", "st_nlink", "st_mtime_ns", "st_ctime_ns")
+        return all(getattr(st, f) == getattr(real, f) for f in fields)
+
+    found = u.lookup_entry(u.root, b"a")
+    assert found is not None
+    a, entry = found
+    assert a.st is None and same(u.attrs(a, entry)[0], want["a"]) and same(u.stat(a)[0], want["a"])
+    b = u.lookup(u.root, b"b")
+    c = u.lookup(u.root, b"c")
+    assert b is not None and c is not None
+    u.unlink(u.root, b"a")
+    u.rename(u.root, b"c", u.root, b"b")  # over b
+    for node, name in ((a, "a"), (b, "b")):
+        assert node.st is not None
+        st, nlink = u.stat(node)
+        assert same(st, want[name]) and nlink == want[name].st_nlink
+    assert u.lookup(u.root, b"a") is None and u.lookup(u.root, b"c") is None

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import stat
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
 from support import (
     debug_mount,
@@ -370,3 +373,231 @@ def test_a_pass_begun_before_a_change_does_not_complete_the_kept_listing_with_it
         listed = os.listdir(d)
         assert sorted(set(new) - set(listed)) == []
         _once_each(listed, set(names) | set(new))
+
+
+# -- names crafted to take each other's places (handles.place: a CRC-32 of the name) -------
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC = _crc_table()
+_CRC_BY_TOP = {t >> 24: i for i, t in enumerate(_CRC)}
+
+
+def _name_with_crc(prefix: bytes, crc: int) -> bytes:
+    """`prefix` and four bytes whose CRC-32 is `crc`, none of them `/` or NUL: CRC-32 is
+    linear, so the bytes are worked out backwards from the CRC wanted (anyone can)."""
+    for last in range(256):
+        head = prefix + bytes([last])
+        want, idx = crc ^ 0xFFFFFFFF, []
+        for _ in range(4):
+            idx.append(_CRC_BY_TOP[want >> 24])
+            want = ((want ^ _CRC[idx[-1]]) << 8) & 0xFFFFFFFF
+        reg, tail = zlib.crc32(head) ^ 0xFFFFFFFF, bytearray()
+        for i in reversed(idx):
+            tail.append((reg ^ i) & 0xFF)
+            reg = (reg >> 8) ^ _CRC[i]
+        name = head + bytes(tail)
+        if b"/" not in name and b"\0" not in name and last not in (0, ord("/")):
+            assert zlib.crc32(name) == crc
+            return name
+    raise AssertionError("no such name")
+
+
+def _read_to(fd: int, name: str) -> None:
+    """Read the listing one entry a getdents until `name` (each a READDIR, whose entry
+    after the one read the kernel keeps too)."""
+    while (got := getdents(fd, 32)) and got[-1] != name:
+        pass
+    assert got, name
+
+
+@needs_fuse
+@pytest.mark.parametrize("change", ["remove", "create"])
+def test_names_crafted_to_push_each_other_on_keep_the_kept_listing_true(
+    layers: tuple, change: str
+) -> None:
+    """100 names at consecutive places, and one more at the first one's, which pushes
+    every other one place on (or, removed, back). A pass read past the first 64 of
+    them before the change, another begun after it, then the first pass read to its
+    end: it completed the kernel's copy from its old listing, whose offsets name
+    other names now (a name listed twice, or one missing from every `ls` though no
+    one touched it, until the next change)."""
+    lows, upper, work, mnt = layers
+    run = [_name_with_crc(b"n%03d" % i, 1000 + i) for i in range(100)]
+    extra = _name_with_crc(b"x00", 1000)  # n000's place; sorted after it
+    for k in range(6):
+        (lows[0] / f"d{k}").mkdir()
+        for n in run + ([extra] if change == "remove" else []):
+            (lows[0] / f"d{k}" / os.fsdecode(n)).write_text("")
+    names = [os.fsdecode(n) for n in run]
+    with mounted(lows, mnt, upper, work):
+        for k in range(6):  # the other pass stops a few names either side of the first's
+            d = mnt / f"d{k}"
+            first = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _read_to(first, names[80])
+                assert len(os.listdir(d)) == 100 + (change == "remove")  # kept
+                if change == "remove":
+                    os.unlink(d / os.fsdecode(extra))
+                else:
+                    (d / os.fsdecode(extra)).write_text("")
+                other = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    _read_to(other, names[77 + k])
+                    while getdents(first, 4096):
+                        pass
+                finally:
+                    os.close(other)
+            finally:
+                os.close(first)
+            want = set(names) | ({os.fsdecode(extra)} if change == "create" else set())
+            for _ in range(2):
+                listed = os.listdir(d)
+                assert len(listed) == len(want), (k, len(listed))
+                _once_each(listed, want)
+
+
+# -- a pass read on after the names it has not read yet changed --------------------------
+@pytest.fixture
+def open_pass(layers: tuple) -> Iterator[tuple[Path, int]]:
+    """A mount whose directory `d` holds 100 lower files, `f` ("lower"), a lower directory
+    `sub` and an upper one `made`, and an fd on it that has read `.` and `..` only: the
+    rest of its pass is read after a change."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "d").mkdir()
+    for i in range(100):
+        (lows[0] / "d" / f"n{i}").write_text("other")
+    (lows[0] / "d" / "f").write_text("lower")
+    (lows[0] / "d" / "sub").mkdir()
+    (lows[0] / "d" / "sub" / "inside").write_text("in sub")
+    with mounted(lows, mnt, upper, work):
+        (mnt / "d" / "made").mkdir()  # an upper directory
+        fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert getdents(fd, 64) == [".", ".."]  # the pass's listing is taken
+            yield mnt / "d", fd
+        finally:
+            os.close(fd)
+
+
+def _read_on(fd: int) -> list[str]:
+    out: list[str] = []
+    while batch := getdents(fd, 4096):
+        out += batch
+    return out
+
+
+@needs_fuse
+def test_a_name_replaced_during_a_pass_reads_as_the_new_file(open_pass: tuple[Path, int]) -> None:
+    """The rest of a pass whose listing was taken before `f` was removed and made again
+    handed the kernel the removed lower file under that name, with its attributes: `cat f`
+    then read the removed file's data, and `f` changed its inode number."""
+    d, fd = open_pass
+    os.unlink(d / "f")
+    (d / "f").write_text("new")
+    ino = os.stat(d / "f").st_ino
+    _read_on(fd)
+    assert (d / "f").read_text() == "new"
+    assert os.stat(d / "f").st_ino == ino
+
+
+@needs_fuse
+def test_a_directory_moved_away_during_a_pass_stays_where_it_went(
+    open_pass: tuple[Path, int],
+) -> None:
+    """The rest of the pass named the moved directory at its old place: the daemon took
+    its node back there, and the directory at its new name listed whatever was made at
+    the old one since."""
+    d, fd = open_pass
+    os.rename(d / "sub", d.parent / "moved")
+    (d.parent / "moved" / "added").write_text("x")
+    _read_on(fd)
+    os.mkdir(d / "sub")
+    (d / "sub" / "other").write_text("x")
+    assert sorted(os.listdir(d.parent / "moved")) == ["added", "inside"]
+    assert (d.parent / "moved" / "inside").read_text() == "in sub"
+
+
+@needs_fuse
+def test_a_directory_replaced_by_a_file_during_a_pass(open_pass: tuple[Path, int]) -> None:
+    """The rest of the pass failed with ENOTDIR (a whole `ls` or `find` of the directory)."""
+    d, fd = open_pass
+    os.rmdir(d / "made")
+    (d / "made").write_text("a file now")
+    names = _read_on(fd)
+    assert "n99" in names
+    assert (d / "made").read_text() == "a file now"
+
+
+@needs_fuse
+def test_a_pyfuse3_built_otherwise_mounts_without_the_kernels_copies(
+    layers: tuple, tmp_path: Path
+) -> None:
+    """fuseinit finds libfuse's session through a local symbol of pyfuse3's extension: a
+    build without it (stripped, or another version of Cython's names) asks the kernel
+    for neither, says why, and serves every listing and target from the daemon."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("f")
+    os.symlink("f", lows[0] / "s")
+    here = Path(pyfuse3.__file__ or "").parent
+    copy = tmp_path / "py" / "pyfuse3"
+    shutil.copytree(here, copy)
+    ext = copy / Path(pyfuse3.__file__ or "").name
+    data = ext.read_bytes()
+    assert b"__pyx_v_7pyfuse3_session\0" in data  # in its symbol table (and debug names)
+    ext.write_bytes(data.replace(b"__pyx_v_7pyfuse3_session\0", b"__pyx_v_7pyfuse3_sessioX\0"))
+    log = tmp_path / "daemon.log"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "py")}
+    with mounted(lows, mnt, upper, work, env=env, log=log):
+        for i in range(3):
+            assert sorted(os.listdir(mnt)) == sorted(["f", "s", *[f"n{j}" for j in range(i)]])
+            assert os.readlink(mnt / "s") == "f"
+            (mnt / f"n{i}").write_text("n")
+    text = log.read_text()
+    assert "symlinks' targets not cached by the kernel: no symbol" in text, text
+    assert "directory listings not kept by the kernel: no symbol" in text, text
+
+
+def _forget() -> None:
+    """Have the kernel forget the inodes nothing holds (and the daemon release their nodes)."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    time.sleep(0.2)  # FORGETs are asynchronous
+
+
+@needs_fuse
+def test_a_file_copied_up_during_a_pass_keeps_its_new_data(open_pass: tuple[Path, int]) -> None:
+    """`f` written (copied up) while a pass over its directory is part-way, then forgotten
+    by the kernel: the rest of the pass, from a listing that had `f` in the lower layer,
+    gave the kernel the lower file again, whose old data `cat` then read, and whose next
+    write copied it up again over what had been written."""
+    d, fd = open_pass
+    with open(d / "f", "w") as f:
+        f.write("written")
+    _forget()
+    _read_on(fd)
+    assert (d / "f").read_text() == "written"
+    with open(d / "f", "a") as f:
+        f.write(" and more")
+    assert (d / "f").read_text() == "written and more"
+
+
+@needs_fuse
+def test_a_directory_copied_up_during_a_pass_keeps_its_new_names(
+    open_pass: tuple[Path, int],
+) -> None:
+    """`sub` copied up (a name made in it) while a pass over its parent is part-way, then
+    forgotten by the kernel: the rest of the pass gave it its lower layer alone, and its
+    new name was missing from `ls`."""
+    d, fd = open_pass
+    (d / "sub" / "new").write_text("n")
+    _forget()
+    _read_on(fd)
+    assert sorted(os.listdir(d / "sub")) == ["inside", "new"]

@@ -30,7 +30,7 @@ from support import (
 from unionfs.fuseops import READ_BUF_BACK_S, BareEntry
 from unionfs.inodes import ROOT_ID, STAT_FIELDS, Stat, compact, stat_fields
 from unionfs.layers import LayerStack
-from unionfs.mount import _state_name
+from unionfs.mount import START_PAGES_AFTER_S, _state_name
 from unionfs.resolve import FileEntry
 from unionfs.union import Union
 
@@ -258,9 +258,11 @@ def test_mounted_daemon_maps_no_openssl(layers: tuple) -> None:
 
 
 def test_stats_are_kept_compact(tmp_path: Path) -> None:
-    """What listings and nodes keep of a lower object is a `Stat`, equal to its lstat, in one
-    object of at most 128 bytes (pymalloc's class: 144 with struct stat's own types), which
-    for a file is its listing entry too; a value a `Stat` cannot hold keeps the whole stat."""
+    """What listings and directories' nodes keep of a lower object is a `Stat`, equal to its
+    lstat, in one object of at most 128 bytes (pymalloc's class: 144 with struct stat's own
+    types), which for a file is its listing entry; a value a `Stat` cannot hold keeps the
+    whole stat. A file's node keeps none: its attributes come from its entry (`attrs`),
+    or from its lstat."""
     low = tmp_path / "low"
     low.mkdir()
     for i in range(3):
@@ -276,15 +278,20 @@ def test_stats_are_kept_compact(tmp_path: Path) -> None:
         listing = u.resolver.listing(root)
         assert sorted(listing) == [b"d", b"f0", b"f1", b"f2", b"old", b"s"]
         for name, entry in listing.items():
-            node = u.lookup(root, name)
-            assert node is not None
+            found = u.lookup_entry(root, name)
+            assert found is not None
+            node, looked_up = found
+            assert looked_up == entry
             real = os.lstat(low / os.fsdecode(name))
-            for st in (entry.st, node.st, u.stat(node)[0]):
+            assert (node.st is None) == (name != b"d")
+            kept = [st for st in (entry.st, node.st, u.attrs(node, entry)[0]) if st is not None]
+            for st in kept:
                 assert isinstance(st, os.stat_result if name == b"old" else Stat)
                 assert {f: getattr(st, f) for f in STAT_FIELDS} == {
                     f: getattr(real, f) for f in STAT_FIELDS
                 }
                 assert stat_fields(st) == tuple(getattr(real, f) for f in STAT_FIELDS)
+            assert stat_fields(u.stat(node)[0]) == tuple(getattr(real, f) for f in STAT_FIELDS)
             assert entry.ident() == (real.st_dev, real.st_ino) and entry.origin is None
             assert u.resolver.resolve(root, name) == entry
         f0, f1 = listing[b"f0"].st, listing[b"f1"].st
@@ -346,7 +353,7 @@ def test_listed_files_keep_no_attributes(tmp_path: Path) -> None:
         + "ops = FuseOps(u)\n"
         "tracemalloc.start()\n"
         "fh = u.opendir(d)\n"
-        "n = sum(ops._attr(node).st_size == 0 for _, node, _, c in u.readdir(fh, 0) if c)\n"
+        "n = sum(ops._attr(node).st_size == 0 for _, node, _, _, c in u.readdir(fh, 0) if c)\n"
         "u.releasedir(fh)\n"
         "gc.collect()\n"
         "print(n, tracemalloc.get_traced_memory()[0] // n)\n"
@@ -431,8 +438,9 @@ def _heap_kib(pid: int) -> int:
 
 @needs_fuse
 def test_big_reads_leave_the_daemons_heap_alone(layers: tuple) -> None:
-    """A read of up to 1 MiB goes into one buffer the daemon keeps, mmapped apart from its
-    heap, and glibc's heap gives back what big blocks it had: with a new bytes object per
+    """A big read is spliced (unionfs/fuseread.py), a small one goes into one buffer the
+    daemon keeps, mmapped apart from its heap, and glibc's heap gives back what big
+    blocks it had: with a new bytes object per
     read, glibc raised its mmap threshold past 1 MiB after the first, and the heap kept
     such blocks (and grew where small objects settled between them)."""
     lows, upper, work, mnt = layers
@@ -499,3 +507,127 @@ def test_a_mount_with_nothing_open_keeps_no_read_buffer(layers: tuple) -> None:
             assert os.read(fd, 10000) == b"s" * 3000
         finally:
             os.close(fd)
+
+
+def test_a_listing_goes_with_its_last_pass_where_the_kernel_keeps_listings(
+    tmp_path: Path,
+) -> None:
+    """Where the kernel keeps directory listings, the daemon keeps a listing only while a
+    handle holds a snapshot of it, and a lower file's node keeps no stat (its attributes
+    were sent from its entry): what stays per name the kernel holds is the node, its name
+    and id and its place in the table. Without the kernel's copy, the listing stays."""
+    out = python_output(
+        "import gc, tracemalloc\n"
+        "from unionfs.fuseops import FuseOps\n"
+        + _union_over_one_dir(tmp_path, 2000)
+        + "ops = FuseOps(u)\n"
+        "u.kernel_keeps_listings = True\n"
+        "u.resolver.listing(d)\n"  # kept from before (another pass, a check)
+        "tracemalloc.start()\n"
+        "fh, other = u.opendir(d), u.opendir(d)\n"
+        "n = sum(ops._attr(node, u.attrs(node, e)).st_size == 0\n"
+        "        for _, node, e, _, c in u.readdir(fh, 0) if c)\n"
+        "list(u.readdir(other, 0))\n"
+        "u.releasedir(fh)\n"
+        "kept = d.listing is not None\n"  # another handle holds a snapshot of it
+        "u.releasedir(other)\n"
+        "gc.collect()\n"
+        "files = [node for node in u.table.nodes.values() if not node.is_dir]\n"
+        "print(n, kept, d.listing is None, all(f.st is None for f in files),\n"
+        "      tracemalloc.get_traced_memory()[0] // n)\n"
+        "u.kernel_keeps_listings = False\n"
+        "fh = u.opendir(d)\n"
+        "list(u.readdir(fh, 0))\n"
+        "u.releasedir(fh)\n"
+        "print(d.listing is not None)\n"
+        "u.close()\n"
+    )
+    first, second = out.splitlines()
+    n, kept, dropped, no_stats, per_name = first.split()
+    assert (n, kept, dropped, no_stats) == ("2000", "True", "True", "True")
+    assert int(per_name) <= 230, per_name  # 385 with the entry and the listing kept
+    assert second == "True"
+
+
+def test_tables_shrink_after_many_releases(tmp_path: Path) -> None:
+    """The node table, and the upper files' handle hashes, are rebuilt smaller once many of
+    their nodes are released (a dict keeps the room of its peak): W5's 10,000 files made
+    and removed left the node table at 1.3 MiB where 0.6 held what stayed."""
+    (tmp_path / "low").mkdir()
+    (tmp_path / "up").mkdir()
+    (tmp_path / "work").mkdir()
+    out = python_output(
+        "import os, sys\n"
+        "from unionfs.layers import LayerStack\n"
+        "from unionfs.mount import prepare_workdir\n"
+        "from unionfs.union import Ctx, Union\n"
+        f"stack = LayerStack([{str(tmp_path / 'low')!r}], {str(tmp_path / 'up')!r})\n"
+        f"_, work = prepare_workdir({str(tmp_path / 'work')!r})\n"
+        "u = Union(stack, work)\n"
+        "nodes = []\n"
+        "for i in range(12000):\n"
+        "    fh, node, _ = u.create(u.root, b'f%05d' % i, 0o100644, os.O_WRONLY, Ctx())\n"
+        "    u.release(fh)\n"
+        "    nodes.append(node)\n"
+        "t = u.table\n"
+        "big = sys.getsizeof(t.nodes), sys.getsizeof(t.fids), len(t.fids)\n"
+        "for node in nodes[:9000]:\n"
+        "    u.unlink(u.root, node.name)\n"
+        "    u.forget(node.ino, node.nlookup)\n"
+        "del node\n"
+        "print(*big, sys.getsizeof(t.nodes), sys.getsizeof(t.fids), len(t.nodes), len(t.fids))\n"
+        "print(all(t.get(n.ino) is n and t.fids[n.ino] is not None for n in nodes[9000:]))\n"
+        "u.close()\n"
+    )
+    first, second = out.splitlines()
+    nodes_big, fids_big, nfids, nodes_after, fids_after, left, fids_left = map(int, first.split())
+    assert nfids == 12000 and left == 3001 and fids_left == 3000  # the root's node too
+    assert nodes_after * 3 < nodes_big and fids_after * 3 < fids_big
+    assert second == "True"
+
+
+def test_unwritten_file_pages_go_and_come_back(tmp_path: Path) -> None:
+    """The pages of code and read-only data a process's start touched leave its resident
+    set (`unmap_unwritten_file_pages`), its own pages stay, and the code runs on."""
+    out = python_output(
+        "import json, email.parser\n"
+        "from unionfs.syscalls import unmap_unwritten_file_pages\n"
+        "def kib(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key):\n"
+        "            return int(line.split()[1])\n"
+        "before, anon = kib('RssFile:'), kib('RssAnon:')\n"
+        "n = unmap_unwritten_file_pages()\n"
+        "after = kib('RssFile:')\n"
+        "data = json.loads(json.dumps({'a': [1, 2.5, None]}))\n"
+        "print(n > 0, before - after, abs(kib('RssAnon:') - anon) < 256, data)\n"
+    )
+    some, gone, anon_kept, data = out.split(" ", 3)
+    assert some == "True" and int(gone) > 512 and anon_kept == "True", out
+    assert data.strip() == "{'a': [1, 2.5, None]}"
+
+
+def _file_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile")
+
+
+@needs_fuse
+def test_a_mounted_daemon_gives_back_its_starts_code_pages(layers: tuple) -> None:
+    """`START_PAGES_AFTER_S` after the mount, the daemon's pages of code its start touched
+    leave its resident set, and it serves on (they come back as it runs them)."""
+    lows, upper, work, mnt = layers
+    (lows[0] / "f").write_text("data")
+    with mounted(lows, mnt, upper, work):
+        pid = daemon_of(mnt)
+        assert (mnt / "f").read_text() == "data"
+        before = _file_kib(pid)
+        wait_until(
+            lambda: _file_kib(pid) < before - 512,
+            START_PAGES_AFTER_S + 10,
+            "the start's code pages to go",
+        )
+        (mnt / "g").write_text("new")
+        assert sorted(os.listdir(mnt)) == ["f", "g"] and (mnt / "f").read_text() == "data"

@@ -23,7 +23,6 @@ import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from .errors import FsError
 from .inodes import UNLINKED, AnyStat, DirNode, InodeTable, Node
@@ -153,18 +152,29 @@ CopyPlan = Iterable[CopyStep]
 NO_COPYUPS: tuple[CopyStep, ...] = ()
 
 
-@dataclass
 class CopyJob:
     """One copy-up under way: begun, its data to copy, then finished or aborted."""
 
-    engine: CopyUp
-    node: Node
-    st: AnyStat
-    tmp: bytes
-    src_fd: int = -1
-    dst_fd: int = -1
-    with_data: bool = True
-    copied: int = 0  # bytes of the copy so far (its size: `copy_data`)
+    __slots__ = ("copied", "dst_fd", "engine", "node", "src_fd", "st", "tmp", "with_data")
+
+    def __init__(
+        self,
+        engine: CopyUp,
+        node: Node,
+        st: AnyStat,
+        tmp: bytes,
+        src_fd: int = -1,
+        dst_fd: int = -1,
+        with_data: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.node = node
+        self.st = st
+        self.tmp = tmp
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
+        self.with_data = with_data
+        self.copied = 0  # bytes of the copy so far (its size: `copy_data`)
 
     @property
     def size(self) -> int:

@@ -153,7 +153,7 @@ def conn_offset(raw: bytes) -> int:
 
 
 @contextlib.contextmanager
-def _session(extension: str) -> Iterator[tuple[int, int, int]]:
+def session(extension: str) -> Iterator[tuple[int, int, int]]:
     """(an fd on /proc/self/mem, the extension's load address, libfuse's session's
     address) for the block. `extension`: pyfuse3's extension module file."""
     value, size = _symbol(extension, SESSION_SYMBOL, _STT_OBJECT)
@@ -170,7 +170,24 @@ def _session(extension: str) -> Iterator[tuple[int, int, int]]:
         os.close(mem)
 
 
-def _why(e: Exception) -> str:
+def handler_slot(
+    mem: int, base: int, address: int, extension: str, symbol: bytes
+) -> tuple[int, int]:
+    """(the address of the one slot in the session at `address` that holds pyfuse3's
+    handler `symbol`, the handler's address): a slot of its `struct fuse_lowlevel_ops`,
+    found as the only word of the session's first bytes with that value. `mem`, `base`:
+    as `session` gives them."""
+    value, _ = _symbol(extension, symbol, _STT_FUNC)
+    handler = base + value
+    raw = os.pread(mem, SCAN_BYTES, address)
+    slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
+    if len(slots) != 1:
+        raise NotAsked(f"{len(slots)} places in its session hold its {symbol.decode()} handler")
+    return address + slots[0], handler
+
+
+def why(e: Exception) -> str:
+    """What an exception from the hooks says in the log (NotAsked: its reason)."""
     return str(e) if isinstance(e, NotAsked) else f"{type(e).__name__}: {e}"
 
 
@@ -178,22 +195,22 @@ def want(extension: str, cap: int) -> str | None:
     """Add `cap` to the INIT answer being built, if the kernel offers it: None once done,
     else why not. `extension`: pyfuse3's extension module file. Only from `init()`."""
     try:
-        with _session(extension) as (mem, _, session):
-            raw = os.pread(mem, SCAN_BYTES, session)
-            conn = session + conn_offset(raw)
-            (capable, wanted) = struct.unpack_from("<II", raw, conn - session + _CAPABLE)
+        with session(extension) as (mem, _, address):
+            raw = os.pread(mem, SCAN_BYTES, address)
+            conn = address + conn_offset(raw)
+            (capable, wanted) = struct.unpack_from("<II", raw, conn - address + _CAPABLE)
             if not capable & cap:
                 return NOT_OFFERED
             os.pwrite(mem, struct.pack("<I", wanted | cap), conn + _WANT)
     except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
-        return _why(e)
+        return why(e)
     return None
 
 
 def _wrap_handler(
     mem: int,
     base: int,
-    session: int,
+    address: int,
     extension: str,
     symbol: bytes,
     argtypes: tuple[type, ...],
@@ -202,16 +219,11 @@ def _wrap_handler(
     """Point the one slot of the session's `struct fuse_lowlevel_ops` that holds pyfuse3's
     handler `symbol` at a wrapper that calls `before(*args)`, then the handler.
 
-    The slot is the only word of the session's first bytes that holds the handler's
-    address. Requests are handled one at a time in this thread, INIT (where this runs)
-    included, so the slot is never read while it is written.
+    The slot is found by `handler_slot`. Requests are handled one at a time in this
+    thread, INIT (where this runs) included, so the slot is never read while it is
+    written.
     """
-    value, _ = _symbol(extension, symbol, _STT_FUNC)
-    handler = base + value
-    raw = os.pread(mem, SCAN_BYTES, session)
-    slots = [k for k in range(0, len(raw) - 7, 8) if _PTR.unpack_from(raw, k)[0] == handler]
-    if len(slots) != 1:
-        raise NotAsked(f"{len(slots)} places in its session hold {symbol.decode()}")
+    slot, handler = handler_slot(mem, base, address, extension, symbol)
     # pyfuse3's handler runs Python code: called with the interpreter's lock held.
     original = ctypes.PYFUNCTYPE(None, *argtypes)(handler)
 
@@ -222,10 +234,10 @@ def _wrap_handler(
             original(*args)
 
     callback = ctypes.CFUNCTYPE(None, *argtypes)(wrapper)
-    address = ctypes.cast(callback, ctypes.c_void_p).value
-    assert address is not None
+    target = ctypes.cast(callback, ctypes.c_void_p).value
+    assert target is not None
     _KEPT.extend((original, callback))
-    os.pwrite(mem, _PTR.pack(address), session + slots[0])
+    os.pwrite(mem, _PTR.pack(target), slot)
 
 
 def keep_listings(extension: str) -> str | None:
@@ -244,10 +256,10 @@ def keep_listings(extension: str) -> str | None:
         bits.value |= _FI_KEEP_CACHE | _FI_CACHE_READDIR
 
     try:
-        with _session(extension) as (mem, base, session):
-            _wrap_handler(mem, base, session, extension, OPENDIR_SYMBOL, _OPENDIR_ARGS, opendir)
+        with session(extension) as (mem, base, address):
+            _wrap_handler(mem, base, address, extension, OPENDIR_SYMBOL, _OPENDIR_ARGS, opendir)
     except (NotAsked, OSError, ValueError, IndexError, struct.error) as e:
-        return _why(e)
+        return why(e)
     except MemoryError as e:  # libffi found no executable memory for the callback
         return f"no callback: {e}"
     return None
@@ -333,10 +345,10 @@ def handle_killpriv(extension: str) -> str | None:
     nothing is asked, and the kernel clears the bits itself, as before.
     """
     try:
-        with _session(extension) as (mem, base, session):
-            raw = os.pread(mem, SCAN_BYTES, session)
-            conn = session + conn_offset(raw)
-            (minor,) = struct.unpack_from("<I", raw, conn - session + 4)
+        with session(extension) as (mem, base, address):
+            raw = os.pread(mem, SCAN_BYTES, address)
+            conn = address + conn_offset(raw)
+            (minor,) = struct.unpack_from("<I", raw, conn - address + 4)
             if minor < KILLPRIV_V2_MINOR:
                 return NOT_OFFERED
             try:
@@ -355,7 +367,7 @@ def handle_killpriv(extension: str) -> str | None:
                 ctypes.c_int,
             )
             fuse.fuse_session_custom_io.restype = ctypes.c_int
-            fd = fuse.fuse_session_fd(session)
+            fd = fuse.fuse_session_fd(address)
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             libc.writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
             libc.writev.restype = ctypes.c_ssize_t
@@ -378,19 +390,19 @@ def handle_killpriv(extension: str) -> str | None:
                 except Exception:  # the answer goes out all the same, without the flag
                     log.exception("INIT: HANDLE_KILLPRIV_V2 not added to the answer")
                 # libc's own from now on; failing that this one goes on, as a relay
-                fuse.fuse_session_custom_io(session, ctypes.byref(plain), fd)
+                fuse.fuse_session_custom_io(address, ctypes.byref(plain), fd)
                 return int(libc.writev(out, iov, count))
 
             hook = _WRITEV(answer)
             _KEPT.extend((hook, plain, fuse, libc))
             _wrap_handler(
-                mem, base, session, extension, SETATTR_SYMBOL, _SETATTR_ARGS, _setattr_seen
+                mem, base, address, extension, SETATTR_SYMBOL, _SETATTR_ARGS, _setattr_seen
             )
             io = _CustomIo(ctypes.cast(hook, ctypes.c_void_p).value, read, None, None)
-            if fuse.fuse_session_custom_io(session, ctypes.byref(io), fd):
+            if fuse.fuse_session_custom_io(address, ctypes.byref(io), fd):
                 raise NotAsked("fuse_session_custom_io refused")
     except (NotAsked, OSError, ValueError, IndexError, AttributeError, struct.error) as e:
-        return _why(e)
+        return why(e)
     except MemoryError as e:  # libffi found no executable memory for the callback
         return f"no callback: {e}"
     return None

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import fuseinit
+from . import fuseinit, fuseread
 from .copyup import CopyPlan
 from .errors import FsError
 from .idmap import ACL_XATTRS, IdMap
@@ -222,9 +222,11 @@ class FuseOps(pyfuse3.Operations):
         self._read_back = -READ_BUF_BACK_S  # when they were (time.monotonic)
         # Run once the kernel's INIT is answered (mount.py: the readahead window).
         self.after_init: Callable[[], None] | None = None
+        self.fast_reads: fuseread.FastReads | None = None  # READ's own handler, once INIT set it
         # Answer INIT with HANDLE_KILLPRIV_V2 (fuseinit.handle_killpriv); off: -o killpriv=0.
         self.killpriv = True
         core.changed = self._changed
+        self._debug = debug
         if debug:
             self._wrap_debug()
 
@@ -306,9 +308,21 @@ class FuseOps(pyfuse3.Operations):
             log.log(level, "INIT: symlinks' targets not cached by the kernel: %s", why)
         why = fuseinit.keep_listings(pyfuse3.__file__ or "")
         if why is None:
+            self.core.kernel_keeps_listings = True
             log.debug("INIT: the kernel keeps directory listings (FOPEN_CACHE_DIR)")
         else:
             log.warning("INIT: directory listings not kept by the kernel: %s", why)
+        reads = fuseread.install(
+            pyfuse3.__file__ or "", self.core.read_fd, self._read_buffer, self._debug
+        )
+        if isinstance(reads, str):
+            log.warning("INIT: reads answered by pyfuse3, not spliced: %s", reads)
+        else:
+            log.debug(
+                "INIT: reads answered in libfuse's callback, spliced up to %d bytes",
+                reads.splice_max,
+            )
+            self.fast_reads = reads
         if self.killpriv:
             why = fuseinit.handle_killpriv(pyfuse3.__file__ or "")
             if why is None:
@@ -398,13 +412,15 @@ class FuseOps(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
-        node = self.core.lookup(self.core.node(parent_inode), name)
-        if node is None:
+        core = self.core
+        found = core.lookup_entry(core.node(parent_inode), name)
+        if found is None:
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
             a.entry_timeout = TIMEOUT
             return a
-        return self._attr(node)
+        node, entry = found
+        return self._attr(node, core.attrs(node, entry))
 
     async def forget(self, inode_list: Any) -> None:
         forget = self.core.forget
@@ -592,11 +608,16 @@ class FuseOps(pyfuse3.Operations):
         # An anonymous map, not a bytearray: its pages come as reads write them (a
         # bytearray's are all zeroed at once), and go at `_idle`.
         # (pyfuse3 takes any buffer, though its stub says bytes.)
+        buf = self._read_buffer(size)
+        return buf[: self.core.read_into(fh, off, buf[:size])]
+
+    def _read_buffer(self, size: int) -> memoryview:
+        """The read buffer, at least `size` bytes (`read`; `fuseread` for small reads)."""
         if size > len(self._read_buf):
             self._read_map = mmap.mmap(-1, size)  # the old one goes with its last view
             self._read_buf = memoryview(self._read_map)
         self._read_dirty = True
-        return self._read_buf[: self.core.read_into(fh, off, self._read_buf[:size])]
+        return self._read_buf
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -642,24 +663,29 @@ class FuseOps(pyfuse3.Operations):
         reply = pyfuse3.readdir_reply
         build = self._attr
         bare = self._bare
-        for name, node, nxt, counted in core.readdir(fh, start_id, bare is not None):
+        attrs = core.attrs
+        for name, node, entry, nxt, counted in core.readdir(fh, start_id, bare is not None):
             try:
                 if not counted and not node.is_dir:
                     # Held by the kernel under this name (`.` and `..` are directories):
                     # never with attributes, which would hand it a reference not counted.
-                    assert bare is not None and node.st is not None  # Identity.held
-                    attr = bare.entry(node.ino, node.st.st_mode)
-                elif counted and bare is not None and node.nlookup > 1:
-                    # The kernel holds this node already: its name and type suffice.
-                    mode = stat.S_IFDIR if node.is_dir else node.st.st_mode if node.st else 0
-                    if mode:
-                        core.unlookup(node)  # an entry without a node id takes no reference
-                        counted = False
-                        attr = bare.entry(node.ino, mode)
-                    else:  # an upper file: no stat kept
-                        attr = build(node)
+                    assert bare is not None and entry is not None  # Identity.held
+                    attr = bare.entry(node.ino, entry.st.st_mode)
+                elif (
+                    counted
+                    and bare is not None
+                    and node.nlookup > 1
+                    and (node.is_dir or node.layer != 0)
+                ):
+                    # The kernel holds this node already: its name and type suffice (an
+                    # upper file's attributes are sent again, read afresh).
+                    assert entry is not None  # (`.` and `..` are not counted)
+                    mode = stat.S_IFDIR if node.is_dir else entry.st.st_mode
+                    core.unlookup(node)  # an entry without a node id takes no reference
+                    counted = False
+                    attr = bare.entry(node.ino, mode)
                 else:
-                    attr = build(node)
+                    attr = build(node, attrs(node, entry))
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     raise

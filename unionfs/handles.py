@@ -10,7 +10,6 @@ import os
 import weakref
 import zlib
 from array import array
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import FsError
@@ -20,23 +19,22 @@ if TYPE_CHECKING:
     from .resolve import Entry
 
 
-@dataclass(eq=False)
 class Handle:
     """An open file: `fd` is the real file in layer `layer` (re-pointed on copy-up)."""
 
-    fd: int
-    node: Node
-    layer: int
-    writable: bool
+    __slots__ = ("fd", "layer", "node", "writable")
+
+    def __init__(self, fd: int, node: Node, layer: int, writable: bool) -> None:
+        self.fd = fd
+        self.node = node
+        self.layer = layer
+        self.writable = writable
 
 
 # Where a name's entry goes: below 2**31 (a 32-bit program's readdir fails on a larger
 # d_off), above the 1 and 2 of `.` and `..`, with room above for names pushed on by one
 # that took their place.
 _PLACES = (1 << 31) - (1 << 20)
-# How far past its place a name may have been pushed by names that took it (a bound, not
-# a certainty: a crafted cluster of CRC collisions is the only way past it).
-_PUSHED = 64
 
 
 def place(name: bytes) -> int:
@@ -61,11 +59,11 @@ class Snapshot(list[tuple[bytes, "Entry"]]):
 
     listing: dict[bytes, Entry]
     offsets: array[int]  # each entry's offset (its d_off: where a pass goes on after it)
-    # The highest place of a name created, removed or replaced in the directory since
-    # the snapshot was taken (0: none), kept by `HandleTable.name_changed`; `restarted`:
-    # a pass began at the start of the directory after such a change (`HandleTable.
-    # restarted`), which may have begun the listing the kernel keeps again.
-    changed: int = 0
+    # A name was created, removed or replaced in the directory since the snapshot was
+    # taken (`HandleTable.name_changed`); `restarted`: a pass began at the start of the
+    # directory after such a change (`HandleTable.restarted`), which may have begun the
+    # listing the kernel keeps again (`stale`).
+    changed: bool = False
     restarted: bool = False
 
     @classmethod
@@ -82,21 +80,25 @@ class Snapshot(list[tuple[bytes, "Entry"]]):
         snap.offsets = array("q", places)
         return snap
 
-    def stale_after(self, off: int) -> bool:
-        """Whether a pass must not go on from offset `off` in this snapshot.
+    def stale(self) -> bool:
+        """Whether a pass goes on from the directory as it is now, not from this snapshot.
 
         The kernel completes the listing it keeps with the rest of whichever pass
         reaches its end, and serves every later listing from it, as of the version it
-        saw when it began that listing: the rest of a pass begun before names were
-        created, once another pass began the kernel's listing after that (`restarted`),
-        left them out of every `ls`. It goes on from the directory as it is now, then,
-        if a name after `off` changed; names the pass has read (`rm -rf` removes them)
-        leave the rest as it was. Without a pass begun since, a change drops the
-        kernel's listing anyway: a program renaming each name it reads keeps its
-        snapshot (the directory listed again at each of its reads took 7 times as long
-        for 20,000 names).
+        saw when it began that listing: the rest of a pass begun before a change, once
+        another pass began the kernel's listing after it (`restarted`), left the new
+        names out of every `ls`. Wherever the change was: a name pushes the names placed
+        after it on by one (removed, back) as far as they follow each other place by
+        place, so an offset may name another name than in the old snapshot far past the
+        change (names crafted to follow each other, as anyone can make a name of any
+        CRC, made an old rest list a name twice or leave one out of every `ls`; only
+        changes within 64 places of the offset counted). Without a pass begun since, a
+        change drops the kernel's listing anyway: a program renaming each name it reads
+        keeps its snapshot (the directory listed again at each of its reads took 7 times
+        as long for 20,000 names); with one, the pass goes on in the listing that pass
+        made, once.
         """
-        return self.restarted and self.changed + _PUSHED > off
+        return self.restarted
 
     def after(self, off: int) -> int:
         """The index of the first entry a pass that has read up to offset `off` (of
@@ -123,12 +125,14 @@ def _shared_places(names: list[bytes], places: list[int]) -> tuple[list[bytes], 
     return out_names, out_places
 
 
-@dataclass(eq=False)
 class DirHandle:
     """An open directory: a snapshot of its listing, taken at the first readdir."""
 
-    node: Node
-    entries: Snapshot | None = None
+    __slots__ = ("entries", "node")
+
+    def __init__(self, node: Node, entries: Snapshot | None = None) -> None:
+        self.node = node
+        self.entries = entries
 
 
 class HandleTable:
@@ -164,22 +168,18 @@ class HandleTable:
         return snap
 
     def restarted(self, node: Node) -> None:
-        """A pass over directory `node` begins (offset 0): see `Snapshot.stale_after`."""
+        """A pass over directory `node` begins (offset 0): see `Snapshot.stale`."""
         for ref in self._live.get(node.ino, ()):
             snap = ref()
             if snap is not None and snap.changed:
                 snap.restarted = True
 
-    def name_changed(self, node: Node, name: bytes) -> None:
-        """`name` in directory `node` was created, removed or replaced through the mount."""
-        live = self._live.get(node.ino)
-        if live is None:
-            return
-        where = place(name)
-        for ref in live:
+    def name_changed(self, node: Node) -> None:
+        """A name in directory `node` was created, removed or replaced through the mount."""
+        for ref in self._live.get(node.ino, ()):
             snap = ref()
-            if snap is not None and where > snap.changed:
-                snap.changed = where
+            if snap is not None:
+                snap.changed = True
 
     def add_file(self, node: Node, fd: int, writable: bool) -> int:
         h = Handle(fd, node, node.layer, writable)
@@ -227,16 +227,21 @@ class HandleTable:
                 node.handles = None
         return node
 
-    def close_dir(self, fh: int) -> None:
+    def close_dir(self, fh: int) -> Node | None:
+        """Close directory handle `fh`; its directory if no open handle holds a snapshot
+        of it any more (none is taken from its listing until another pass begins)."""
         h = self._open.pop(fh, None)
-        if isinstance(h, DirHandle):
-            ino = h.node.ino
-            del h  # its snapshot goes with it, unless another handle holds it
-            live = self._live.get(ino)
-            if live is not None:
-                live[:] = [r for r in live if r() is not None]
-                if not live:
-                    del self._live[ino]
+        if not isinstance(h, DirHandle):
+            return None
+        node = h.node
+        del h  # its snapshot goes with it, unless another handle holds it
+        live = self._live.get(node.ino)
+        if live is not None:
+            live[:] = [r for r in live if r() is not None]
+            if live:
+                return None
+            del self._live[node.ino]
+        return node
 
     def close_all(self) -> None:
         for h in self._open.values():

@@ -13,11 +13,21 @@ knows is linked to the copy when it is made (copyup.py), and a name met later
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
 from .copyup import CopyUp
-from .inodes import UNLINKED, AnyStat, DirNode, InodeTable, Node, new_node, stat_fields
+from .inodes import (
+    UNLINKED,
+    AnyStat,
+    DirNode,
+    InodeTable,
+    Node,
+    compact,
+    new_node,
+    stat_fields,
+)
 from .layers import LayerStack
 from .resolve import Entry, FileEntry, Resolver
 
@@ -73,7 +83,10 @@ class Identity:
                 self.table.nodes[up.ino] = up
                 return up
         new = new_node(nid, parent, name, is_dir, entry.layer, entry.chain)
-        if entry.layer != 0:
+        if is_dir and entry.layer != 0:
+            # A lower directory's stat is its attributes (`Union.stat`). A non-directory
+            # keeps none: the reply takes the entry's (`Union.attrs`), the kernel keeps it,
+            # and the entry (~130 bytes) goes with the listing.
             new.st = entry.st
         if node is None:
             self.table.add(new)
@@ -90,7 +103,8 @@ class Identity:
         """The node of a lower non-directory entry if the kernel holds it under this very
         name, else None. A listing read again meets mostly those: `node_for` would find
         the node, link nothing and change nothing, and its lookup count would only go up
-        for the entry and down again when the kernel takes none (fuseops.BareEntry)."""
+        for the entry and down again when the kernel takes none (fuseops.BareEntry, whose
+        type is the entry's)."""
         if type(entry) is not FileEntry:
             return None
         layer = entry.layer
@@ -106,7 +120,6 @@ class Identity:
             or node.name != name
             or node.is_dir
             or node.links is UNLINKED
-            or node.st is None  # its type is read from it (fuseops.readdir)
         ):
             return None
         return node
@@ -153,6 +166,12 @@ class Identity:
     def dropped(self, node: Node, parent: Node, name: bytes, st: AnyStat | None) -> None:
         """Bookkeeping after `name` in `parent` stopped naming `node` (`st`: its upper stat)."""
         node.drop_link(parent, name)
+        if node.links is UNLINKED and not node.is_dir and node.layer != 0 and node.st is None:
+            # What `Union.stat` shows of it from now on (for what the kernel still holds):
+            # its stat where it lies below, read while the directories above are as they were.
+            with contextlib.suppress(OSError):  # the name is gone all the same
+                loc = self.resolver.location_fd(node)
+                node.st = compact(os.stat(node.name, dir_fd=loc, follow_symlinks=False))
         if node.is_dir:
             node.links = UNLINKED
             # Its upper fd stays open: the removed directory itself, which what the kernel

@@ -29,7 +29,6 @@ consult this module at all.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from .digits import number
 from .errors import UserError
@@ -81,17 +80,50 @@ def _shift(extents: tuple[Extent, ...], i: int, to_shown: bool, overflow: int) -
     return overflow
 
 
-@dataclass(frozen=True)
 class IdMap:
-    """What a mount does to owners (see the module comment); `None` stands for nothing."""
+    """What a mount does to owners (see the module comment); `None` stands for nothing.
+    Never changed once made (`make`); equal to another of the same fields."""
 
-    uids: tuple[Extent, ...] = ()
-    gids: tuple[Extent, ...] = ()
-    squash_uid: int | None = None
-    squash_gid: int | None = None
-    static_nlink: bool = False
-    overflow_uid: int = 65534
-    overflow_gid: int = 65534
+    __slots__ = (
+        "gids",
+        "overflow_gid",
+        "overflow_uid",
+        "squash_gid",
+        "squash_uid",
+        "static_nlink",
+        "uids",
+    )
+
+    def __init__(
+        self,
+        uids: tuple[Extent, ...] = (),
+        gids: tuple[Extent, ...] = (),
+        squash_uid: int | None = None,
+        squash_gid: int | None = None,
+        static_nlink: bool = False,
+        overflow_uid: int = 65534,
+        overflow_gid: int = 65534,
+    ) -> None:
+        self.uids = uids
+        self.gids = gids
+        self.squash_uid = squash_uid
+        self.squash_gid = squash_gid
+        self.static_nlink = static_nlink
+        self.overflow_uid = overflow_uid
+        self.overflow_gid = overflow_gid
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in IdMap.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, IdMap) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in IdMap.__slots__)
+        return f"IdMap({fields})"
 
     @classmethod
     def make(

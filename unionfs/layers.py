@@ -13,21 +13,22 @@ import errno
 import fcntl
 import os
 import stat
-from dataclasses import dataclass
 
 from .errors import FsError, UserError
 from .tree import DIR_FLAGS, UntrustedSymlink, open_trusted
 
 
-@dataclass
 class Layer:
     """One layer, held by its directory fd: index 0 is the upper, 1.. the lowers, top first."""
 
-    index: int
-    path: str
-    fd: int
-    dev: int
-    ino: int
+    __slots__ = ("dev", "fd", "index", "ino", "path")
+
+    def __init__(self, index: int, path: str, fd: int, dev: int, ino: int) -> None:
+        self.index = index
+        self.path = path
+        self.fd = fd
+        self.dev = dev
+        self.ino = ino
 
 
 def open_dir_at(dirfd: int, name: bytes) -> int:

@@ -19,7 +19,6 @@ import select
 import signal
 import stat
 import sys
-from dataclasses import dataclass
 
 from . import syscalls
 from .errors import UserError
@@ -41,6 +40,7 @@ from .syscalls import (
     import_with_sonames,
     pin_malloc_thresholds,
     umount2,
+    unmap_unwritten_file_pages,
 )
 from .tree import (
     DIR_FLAGS,
@@ -247,7 +247,6 @@ def _mount_roots() -> dict[int, tuple[str, str, str]]:
     return {mid: (dev, root, mp) for mid, dev, root, mp, _, _ in mount_table()}
 
 
-@dataclass(frozen=True)
 class _Place:
     """Where a directory is, whatever path named it: its filesystem and its path in it.
 
@@ -256,10 +255,13 @@ class _Place:
     sees it (it compares dentries, not path strings).
     """
 
-    what: str  # "layer '/x'", for messages
-    device: str  # major:minor of the filesystem
-    fspath: str  # path from the filesystem's root
-    ident: tuple[int, int]  # (st_dev, st_ino)
+    __slots__ = ("device", "fspath", "ident", "what")
+
+    def __init__(self, what: str, device: str, fspath: str, ident: tuple[int, int]) -> None:
+        self.what = what  # "layer '/x'", for messages
+        self.device = device  # major:minor of the filesystem
+        self.fspath = fspath  # path from the filesystem's root
+        self.ident = ident  # (st_dev, st_ino)
 
     def same(self, other: _Place) -> bool:
         return self.ident == other.ident or (
@@ -351,6 +353,8 @@ def validate(cfg: MountConfig, mp_fd: int | None) -> None:
     """
     if not os.path.exists("/dev/fuse"):
         raise UserError("/dev/fuse does not exist (is the fuse module loaded?)")
+    if not os.path.isdir("/proc/self/fd"):  # the mount is made through it, and checked there
+        raise UserError("/proc is not mounted (pyunion mounts through /proc/self/fd)")
     check_log()
     mp = cfg.mountpoint
     real_mp = os.readlink(fd_str(mp_fd)) if mp_fd is not None else None
@@ -456,16 +460,19 @@ def _lock_upper(upper_fd: int, upper: str) -> None:
 
 
 # -- the daemon ------------------------------------------------------------------------
-# The kernel's readahead on the mount, in KiB: one FUSE read of the most it asks
-# (libfuse's max_pages, 256 pages). Its own default is 128 (32 pages).
-READAHEAD_KB = 1024
+# The kernel's readahead on the mount, in KiB: a sequential reader's FUSE reads are of up
+# to this size. Its own default is 128 (32 pages); libfuse's max_pages allows 1024. 1016:
+# the largest read that the daemon's 1 MiB pipe carries whole with its header
+# (`fuseread.PIPE_BYTES`: read data is spliced, not copied twice).
+READAHEAD_KB = 1016
+START_PAGES_AFTER_S = 2.0  # after the mount, the start's code pages go (`serve`)
 
 
 def widen_readahead(dev: tuple[int, int] | None, kb: int = READAHEAD_KB) -> None:
     """Let the kernel read ahead `kb` KiB on this daemon's mount, its FUSE device `dev`
     (`fuse_device`; the bdi in sysfs is named by it), not 128.
 
-    A sequential reader's data then comes in reads of up to 1 MiB, not 128 KiB:
+    A sequential reader's data then comes in reads of up to 1016 KiB, not 128 KiB:
     eight times fewer requests, each costing ~20 us of the daemon's CPU besides the
     copy (docs/architecture.md: Caching). The kernel caps the window with the
     daemon's answer to INIT, so this runs once that is sent (`FuseOps.init`). Only
@@ -870,6 +877,9 @@ def serve(
     def finish(code: int, failure: BaseException | None = None) -> NoReturn:
         """The connection is over (unmounted, or a signal): exit at once, letting go of the
         layers first of all (the caller of `umount` may unmount their filesystems next)."""
+        if ops.fast_reads is not None:  # the tests read this line in the debug log
+            r = ops.fast_reads
+            log.debug("reads: %d spliced, %d copied", r.spliced, r.copied)
         close_fds_from(3, {sfd} if sfd >= 0 else ())
         try:
             if failure is not None:
@@ -910,7 +920,18 @@ def serve(
                         pyfuse3.terminate()  # the requests being served are finished
                         return
 
+            async def give_back_start_pages() -> None:
+                # What the start touched of the program's and libraries' code and never
+                # runs again (the imports'): ~1 MiB, ~0.6 of it for good (README: Memory).
+                # Not at once: a container's start would wait the ~2 ms it takes.
+                await trio.sleep(START_PAGES_AFTER_S)
+                try:
+                    unmap_unwritten_file_pages()
+                except Exception:  # one here would end the mount
+                    log.exception("giving back the start's pages")
+
             nursery.start_soon(on_signals)
+            nursery.start_soon(give_back_start_pages)
             try:
                 await pyfuse3.main()
             except BaseException as e:  # noqa: BLE001 - said in the log, after letting go

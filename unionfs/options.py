@@ -22,7 +22,6 @@ nothing that is shown.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from .digits import number
 from .errors import UserError
@@ -101,38 +100,78 @@ IGNORED = {
 }
 
 
-@dataclass
 class MountConfig:
-    """Everything a mount needs; layers are listed top first."""
+    """Everything a mount needs; layers are listed top first.
 
-    lowers: list[str]
-    mountpoint: str
-    upper: str | None = None
-    work: str | None = None
-    fuse_options: set[str] = field(default_factory=set)
-    read_only: bool = False
-    volatile: bool = False  # fsync=0 / volatile: skip fsync to disk
-    writeback: bool = False  # writeback=1: the kernel's writeback cache (README: the mtime caveat)
-    spin_us: int = 30  # poll /dev/fuse this long before sleeping (see reqloop.py)
-    killpriv: bool = True  # killpriv=0: the kernel clears set-ID bits (fuseinit.handle_killpriv)
-    debug: bool = False
-    foreground: bool = False
-    fsname: str = "pyunion"
-    idmap: IdMap | None = None  # fuse-overlayfs' owner options; None: owners as on disk
-    detached: bool = False  # mount.mount_detached: a mount made for a container, in no namespace
+    A plain class, as every one a daemon imports: the daemon, which unpickles one, then
+    never loads `dataclasses` (and its generated methods), ~0.17 MiB of each daemon."""
+
+    __slots__ = (
+        "debug",
+        "detached",
+        "foreground",
+        "fsname",
+        "fuse_options",
+        "idmap",
+        "killpriv",
+        "lowers",
+        "mountpoint",
+        "read_only",
+        "spin_us",
+        "upper",
+        "volatile",
+        "work",
+        "writeback",
+    )
+
+    def __init__(
+        self,
+        lowers: list[str],
+        mountpoint: str,
+        upper: str | None = None,
+        work: str | None = None,
+        fuse_options: set[str] | None = None,
+        read_only: bool = False,
+        volatile: bool = False,
+        writeback: bool = False,
+        spin_us: int = 30,
+        killpriv: bool = True,
+        debug: bool = False,
+        foreground: bool = False,
+        fsname: str = "pyunion",
+        idmap: IdMap | None = None,
+        detached: bool = False,
+    ) -> None:
+        self.lowers = lowers
+        self.mountpoint = mountpoint
+        self.upper = upper
+        self.work = work
+        self.fuse_options: set[str] = set() if fuse_options is None else fuse_options
+        self.read_only = read_only
+        self.volatile = volatile  # fsync=0 / volatile: skip fsync to disk
+        self.writeback = writeback  # writeback=1: the kernel's writeback cache (README)
+        self.spin_us = spin_us  # poll /dev/fuse this long before sleeping (see reqloop.py)
+        self.killpriv = killpriv  # killpriv=0: the kernel clears set-ID bits (fuseinit)
+        self.debug = debug
+        self.foreground = foreground
+        self.fsname = fsname
+        self.idmap = idmap  # fuse-overlayfs' owner options; None: owners as on disk
+        self.detached = detached  # mount.mount_detached: a container's mount, in no namespace
 
 
-@dataclass
 class _Owners:
     """The owner options as read, made into one `IdMap` once every option is in."""
 
-    uids: tuple[Extent, ...] = ()
-    gids: tuple[Extent, ...] = ()
-    squash_root: bool = False
-    squash_uid: int | None = None
-    squash_gid: int | None = None
-    static_nlink: bool = False
-    seen: bool = False
+    __slots__ = ("gids", "seen", "squash_gid", "squash_root", "squash_uid", "static_nlink", "uids")
+
+    def __init__(self) -> None:
+        self.uids: tuple[Extent, ...] = ()
+        self.gids: tuple[Extent, ...] = ()
+        self.squash_root = False
+        self.squash_uid: int | None = None
+        self.squash_gid: int | None = None
+        self.static_nlink = False
+        self.seen = False
 
 
 def _scan(text: str, sep: str, quotes: bool) -> list[str]:

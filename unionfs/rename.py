@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from .copyup import CopyStep
 from .errors import FsError
 from .inodes import DirNode, Node
-from .resolve import Entry
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from .whiteout import OPQ_OCI, WH_PREFIX, is_whiteout_stat
 
@@ -59,13 +58,13 @@ class Renamer:
         tree can be deeper than Python's recursion limit.
         """
         core = self.core
-        stack: list[tuple[Node, Iterator[tuple[bytes, Entry]]]] = []
+        stack: list[tuple[Node, Iterator[bytes]]] = []
 
         def enter(n: Node) -> bool:
             core.copyup.upper_dirfd(n)
             if len(n.chain) == 1:
                 return False
-            stack.append((n, iter(list(core.resolver.listing(n).items()))))
+            stack.append((n, iter(list(core.resolver.listing(n)))))
             return True
 
         if not enter(top):
@@ -73,7 +72,13 @@ class Renamer:
         try:
             while stack:
                 n, items = stack[-1]
-                for name, entry in items:
+                for name in items:
+                    # What the name is now: a walk that only moves data runs between
+                    # other requests (fuseops: a big file's copy in a worker thread),
+                    # which may have removed or moved it since the listing was taken.
+                    entry = core.resolver.resolve(n, name)
+                    if entry is None:
+                        continue
                     child = core.identity.node_for(n, name, entry)
                     if child.is_dir:
                         if enter(child):
@@ -225,8 +230,8 @@ class Renamer:
                 os.unlink(WH_PREFIX + new_name, dir_fd=new_pfd)
         old_parent.drop_listing()
         new_parent.drop_listing()
-        core.handles.name_changed(old_parent, old_name)
-        core.handles.name_changed(new_parent, new_name)
+        core.handles.name_changed(old_parent)
+        core.handles.name_changed(new_parent)
         if dst is not None:
             core.identity.dropped(dst, new_parent, new_name, dst_st)
         core.identity.relink(src, old_parent, old_name, new_parent, new_name)
@@ -248,8 +253,8 @@ class Renamer:
         renameat2(old_pfd, old_name, new_pfd, new_name, RENAME_EXCHANGE)
         old_parent.drop_listing()
         new_parent.drop_listing()
-        core.handles.name_changed(old_parent, old_name)
-        core.handles.name_changed(new_parent, new_name)
+        core.handles.name_changed(old_parent)
+        core.handles.name_changed(new_parent)
         # Each relink changes its own node only, and neither node has the other's name.
         core.identity.relink(a, old_parent, old_name, new_parent, new_name)
         core.identity.relink(b, new_parent, new_name, old_parent, old_name)

@@ -293,6 +293,26 @@ class NotRegularFile(OSError):
     """`open_regular` found a symlink, a FIFO, a device or a directory where a file should be."""
 
 
+# Filesystems whose regular files are the kernel's interfaces, not data: proc, sysfs,
+# debugfs, tracefs, securityfs, configfs, efivarfs, pstore, cgroup, cgroup2, bpf. A
+# read may block or take what it reads from others (/proc/kmsg: the kernel's log).
+KERNEL_FILESYSTEMS = frozenset(
+    {
+        0x9FA0,
+        0x62656572,
+        0x64626720,
+        0x74726163,
+        0x73636673,
+        0x62656570,
+        0xDE5E81E4,
+        0x6165676C,
+        0x27E0EB,
+        0x63677270,
+        0xCAFE4A11,
+    }
+)
+
+
 def open_regular(
     dirfd: int, path: Name, symlinks: bool = False, resolve: Resolve = "beneath"
 ) -> int:
@@ -310,7 +330,8 @@ def open_regular(
       (`open_trusted`: only root's and the caller's symlinks; a Containerfile
       in a build context, a seccomp profile may be one, to anywhere, but not
       hers to /etc/shadow or to root's laxer profile).
-    Only a regular file is then opened for reading, through its O_PATH fd.
+    Only a regular file is then opened for reading, through its O_PATH fd, and not one
+    of the kernel's (`KERNEL_FILESYSTEMS`: /proc/kmsg is a regular file).
     Raises NotRegularFile for the rest.
     """
     from . import syscalls
@@ -337,6 +358,8 @@ def open_regular(
             raise NotRegularFile(errno.ELOOP, "is a symlink", path)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(errno.EINVAL, "is not a regular file", path)
+        if syscalls.fs_magic(pfd) in KERNEL_FILESYSTEMS:  # a container root's /proc, /sys
+            raise NotRegularFile(errno.EINVAL, "is one of the kernel's files", path)
         return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(pfd)

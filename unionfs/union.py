@@ -25,13 +25,12 @@ import os
 import stat
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from .copyup import NO_COPYUPS, Changed, CopyJob, CopyPlan, CopyUp, chown_failed
 from .errors import FsError
 from .handles import DirHandle, HandleTable
 from .identity import Identity
-from .inodes import ROOT_ID, UNLINKED, AnyStat, DirNode, InodeTable, Node
+from .inodes import ROOT_ID, UNLINKED, AnyStat, DirNode, InodeTable, Node, compact
 from .layers import LayerStack, open_file_at
 from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
@@ -55,13 +54,15 @@ ACL_ACCESS = b"system.posix_acl_access"
 NO_XATTRS: frozenset[bytes] = frozenset()  # the xattr names of most objects (`_xattr_names`)
 
 
-@dataclass
 class Ctx:
     """Who asks: the caller's credentials (from the FUSE request)."""
 
-    uid: int = 0
-    gid: int = 0
-    umask: int = 0
+    __slots__ = ("gid", "uid", "umask")
+
+    def __init__(self, uid: int = 0, gid: int = 0, umask: int = 0) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.umask = umask
 
 
 def check_name(name: bytes) -> None:
@@ -116,6 +117,9 @@ class Union:
         self.whiteouts = WhiteoutWriter()
         self.handles = HandleTable()
         self._renamer = Renamer(self)
+        # Whether the kernel keeps directory listings (the FUSE adaptor says so once INIT
+        # is answered, fuseinit.keep_listings): then the daemon keeps none past a pass.
+        self.kernel_keeps_listings = False
 
     # -- nodes -----------------------------------------------------------------
     def node(self, ino: int) -> Node:
@@ -152,6 +156,11 @@ class Union:
     # -- reading ---------------------------------------------------------------
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """Resolve `name`; the returned node has its lookup count raised."""
+        found = self.lookup_entry(parent, name)
+        return None if found is None else found[0]
+
+    def lookup_entry(self, parent: Node, name: bytes) -> tuple[Node, Entry] | None:
+        """`lookup`, with the entry `name` resolved to (its attributes: `attrs`)."""
         check_name(name)
         if not parent.is_dir:
             raise FsError(errno.ENOTDIR)
@@ -160,7 +169,23 @@ class Union:
             return None
         node = self.identity.node_for(parent, name, entry)
         node.nlookup += 1
-        return node
+        return node, entry
+
+    def attrs(self, node: Node, entry: Entry | None) -> tuple[AnyStat, int]:
+        """`stat(node)`, taken from `entry` (what its name resolved to, or its listing's
+        entry) where that is the object's own stat: a lower non-directory's, which never
+        changes. A reply to a lookup or a listing then costs no stat of its own, and the
+        node need not keep one (`Identity.node_for`); one it keeps (`stat`) comes first."""
+        if (
+            entry is not None
+            and not node.is_dir
+            and node.layer != 0
+            and node.st is None
+            and entry.layer == node.layer
+        ):
+            st = entry.st
+            return st, st.st_nlink
+        return self.stat(node)
 
     def stat(self, node: Node) -> tuple[AnyStat, int]:
         """(stat of the object's topmost instance, st_nlink to show)."""
@@ -172,8 +197,16 @@ class Union:
                 if node.chain[0] != 0:
                     node.st = st
             return st, (1 if len(node.chain) > 1 else st.st_nlink)
-        if node.layer != 0 and node.st is not None:
-            return node.st, node.st.st_nlink
+        if node.layer != 0:
+            # Kept only once its name is gone (`Identity.dropped`) or the daemon's own reading
+            # sets its atime (`_keep_lower_stat`), else read where it lies: the kernel keeps
+            # the attributes a lookup or a listing sent (`attrs`), and asks again seldom.
+            kept = node.st
+            if kept is not None:
+                return kept, kept.st_nlink
+            loc = self.resolver.location_fd(node)
+            st = os.stat(node.name, dir_fd=loc, follow_symlinks=False)
+            return st, st.st_nlink
         if node.links is UNLINKED:
             for h in node.handles or ():
                 st = os.fstat(h.fd)
@@ -182,14 +215,24 @@ class Union:
                 return node.st, 0
             raise FsError(errno.ENOENT)
         st = os.stat(node.name, dir_fd=self.resolver.location_fd(node), follow_symlinks=False)
-        if node.layer != 0:
-            node.st = st
         return st, st.st_nlink
 
     def readlink(self, node: Node) -> bytes:
         if node.is_dir:
             raise FsError(errno.EINVAL)
-        return os.readlink(node.name, dir_fd=self.resolver.location_fd(node))
+        loc = self.resolver.location_fd(node)
+        self._keep_lower_stat(node, loc)  # reading a symlink sets its atime
+        return os.readlink(node.name, dir_fd=loc)
+
+    def _keep_lower_stat(self, node: Node, loc: int) -> None:
+        """Keep lower non-directory `node`'s stat (at `loc`, its directory) before the daemon
+        reads the object in a way that sets its atime (readlink; an open without O_NOATIME):
+        `stat` shows it as it was before, as kernel overlayfs, which reads lower objects
+        without touching their times, shows their atime. Few objects: the kernel keeps
+        symlinks' targets (fuseinit), and O_NOATIME is refused only to whoever neither
+        owns the file nor has CAP_FOWNER."""
+        if node.layer != 0 and node.st is None:
+            node.st = compact(os.stat(node.name, dir_fd=loc, follow_symlinks=False))
 
     def opendir(self, node: Node) -> int:
         if not node.is_dir:
@@ -201,8 +244,9 @@ class Union:
 
     def readdir(
         self, fh: int, off: int, held: bool = False
-    ) -> Iterator[tuple[bytes, Node, int, bool]]:
-        """Entries from offset `off`: (name, node, next offset, counted-as-lookup).
+    ) -> Iterator[tuple[bytes, Node, Entry | None, int, bool]]:
+        """Entries from offset `off`: (name, node, its listing's entry (None for `.` and
+        `..`), next offset, counted-as-lookup).
 
         Each entry but `.` and `..` counts as a lookup (readdirplus hands the
         kernel a reference); the caller gives back, with `unlookup`, the one
@@ -215,33 +259,54 @@ class Union:
         d = dh.node
         if off == 0:
             self.handles.restarted(d)
-        if dh.entries is None or off == 0 or dh.entries.stale_after(off):
+        if dh.entries is None or off == 0 or dh.entries.stale():
             # Offset 0 again is rewinddir: it shows the directory as it is now, as the
             # kernel's overlayfs does (its cache is dropped when the directory changed).
             dh.entries = self.handles.snapshot(d, self.resolver.listing(d))
         if off == 0:
-            yield b".", d, 1, False
+            yield b".", d, None, 1, False
             off = 1
         if off == 1:
-            yield b"..", d.parent or d, 2, False
+            yield b"..", d.parent or d, None, 2, False
             off = 2
         entries = dh.entries
         offsets = entries.offsets
         node_for = self.identity.node_for
         known = self.identity.held if held else None
+        # The directory changed since the snapshot was taken (its listing was dropped:
+        # a name made, removed or moved, a copy-up): an entry may be of an object gone
+        # from its name, or say where it was before a copy-up, and `node_for` would
+        # bring that back there (a removed lower file's node at the name of the file
+        # made since, or a copied-up file's lower node once the kernel had forgotten
+        # it: the kernel read the old data there, and a write copied it up again over
+        # the new; a directory moved away taken back to its old name; a directory
+        # replaced by a file, ENOTDIR for the whole pass). Each name is the object it
+        # is now, or is left out if it is gone.
+        resolve = self.resolver.resolve if entries.listing is not d.listing else None
         for i in range(entries.after(off), len(entries)):
             name, entry = entries[i]
+            if resolve is not None:
+                now = resolve(d, name)
+                if now is None:
+                    continue
+                entry = now
             if known is not None:
                 node = known(d, name, entry)
                 if node is not None:
-                    yield name, node, offsets[i], False
+                    yield name, node, entry, offsets[i], False
                     continue
             node = node_for(d, name, entry)
             node.nlookup += 1
-            yield name, node, offsets[i], True
+            yield name, node, entry, offsets[i], True
 
     def releasedir(self, fh: int) -> None:
-        self.handles.close_dir(fh)
+        d = self.handles.close_dir(fh)
+        if d is not None and self.kernel_keeps_listings:
+            # Its last pass is over, and the kernel keeps what it read (fuseinit.
+            # keep_listings): a listing kept here too would be read again only once the
+            # kernel drops its own (a change here drops both). Its entries were most of
+            # what the daemon held per name: ~170 bytes each, with the listing.
+            d.drop_listing()
 
     def statfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.stack.fd(0 if self.stack.upper is not None else 1))
@@ -425,6 +490,7 @@ class Union:
             try:
                 fd = open_file_at(pfd, node.name, os.O_RDONLY | (_NOATIME if node.layer else 0))
             except PermissionError:
+                self._keep_lower_stat(node, pfd)
                 fd = open_file_at(pfd, node.name, os.O_RDONLY)
         return self.handles.add_file(node, fd, writing)
 
@@ -462,6 +528,10 @@ class Union:
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self.handles.file(fh).fd, size, off)
+
+    def read_fd(self, fh: int) -> int:
+        """The fd a read of `fh` reads from (EBADF for no such file handle)."""
+        return self.handles.file(fh).fd
 
     def read_into(self, fh: int, off: int, buf: memoryview) -> int:
         """`read` into `buf` (as much as it holds): the number of bytes read."""
@@ -604,7 +674,7 @@ class Union:
                     self.whiteouts.set_opaque_at(pfd, name)
                 os.unlink(WH_PREFIX + name, dir_fd=pfd)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         return st
 
     def create(
@@ -754,7 +824,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 
@@ -796,7 +866,7 @@ class Union:
         else:
             self.whiteouts.make_whiteout(pfd, name)
         parent.drop_listing()
-        self.handles.name_changed(parent, name)
+        self.handles.name_changed(parent)
         self.identity.dropped(node, parent, name, st)
         self.table.release_if_unused(node)
 

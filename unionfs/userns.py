@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from dataclasses import dataclass
 
 from . import syscalls
 from .digits import number
@@ -167,13 +166,27 @@ def subordinate_ranges(path: str, name: str, uid: int) -> list[tuple[int, int]]:
     return out
 
 
-@dataclass(frozen=True)
 class Mapping:
-    """The rootless mapping of one user: the extents for uid_map and gid_map."""
+    """The rootless mapping of one user: the extents for uid_map and gid_map. Never changed
+    once made; equal to another of the same fields."""
 
-    user: str
-    uids: tuple[Extent, ...]
-    gids: tuple[Extent, ...]
+    __slots__ = ("gids", "uids", "user")
+
+    def __init__(self, user: str, uids: tuple[Extent, ...], gids: tuple[Extent, ...]) -> None:
+        self.user = user
+        self.uids = uids
+        self.gids = gids
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return (self.user, self.uids, self.gids) == (other.user, other.uids, other.gids)
+
+    def __hash__(self) -> int:
+        return hash((self.user, self.uids, self.gids))
+
+    def __repr__(self) -> str:
+        return f"Mapping(user={self.user!r}, uids={self.uids!r}, gids={self.gids!r})"
 
     @property
     def single(self) -> bool:

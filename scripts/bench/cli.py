@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--pyunion", help="command that runs pyunion (default .venv/bin/pyunion)")
     p.add_argument(
+        "--baseline",
+        metavar="CMD",
+        help="another pyunion run as pyunion-base in the same run (a change's A/B: "
+        "another checkout's .venv/bin/pyunion, say); its ratio is the py/base column",
+    )
+    p.add_argument(
         "--verify",
         action="store_true",
         help="only check that every implementation shows the same merged tree",
@@ -167,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in wanted:
             continue
         cls = impls_mod.ALL[name]
+        command = args.baseline if cls is impls_mod.PyunionBase else args.pyunion
         impl = (
-            cls(shlex.split(args.pyunion) if args.pyunion else None)  # type: ignore[call-arg]
+            cls(shlex.split(command) if command else None)  # type: ignore[call-arg]
             if issubclass(cls, impls_mod.Pyunion)
             else cls()
         )

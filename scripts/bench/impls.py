@@ -324,6 +324,7 @@ class Pyunion(Impl):
     fuse = True
 
     def __init__(self, command: list[str] | None = None) -> None:
+        self.given = command is not None
         if command is None:
             venv = REPO / ".venv/bin/pyunion"
             found = shutil.which("pyunion")
@@ -418,6 +419,18 @@ class PyunionNoSpin(Pyunion):
     extra_opts = ",spin=0"
 
 
+class PyunionBase(Pyunion):
+    """Another pyunion in the same run (`--baseline CMD`, say main's venv): a change's
+    A/B under the same load and in the same order as the rest. Absent without it."""
+
+    name = "pyunion-base"
+
+    def missing(self) -> str | None:
+        if not self.given:
+            return "no --baseline command given"
+        return super().missing()
+
+
 class PyunionForkserver(Pyunion):
     """pyunion with its opt-in fork server (`PYUNION_FORKSERVER=1`): a mount's daemon is
     forked by a server that has imported everything (README: Using it). In the mount
@@ -462,6 +475,15 @@ class PyunionForkserver(Pyunion):
 
 ALL: dict[str, type[Impl]] = {
     c.name: c
-    for c in (Native, Kernel, FuseOverlayfs, UnionfsFuse, Pyunion, PyunionForkserver, PyunionNoSpin)
+    for c in (
+        Native,
+        Kernel,
+        FuseOverlayfs,
+        UnionfsFuse,
+        Pyunion,
+        PyunionForkserver,
+        PyunionNoSpin,
+        PyunionBase,
+    )
 }
 ORDER = list(ALL)

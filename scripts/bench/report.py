@@ -17,6 +17,7 @@ RATIOS = [
     ("kernel", "py/kernel"),
     ("unionfs-fuse", "py/unionfs"),
     ("pyunion-nospin", "spin on/off"),
+    ("pyunion-base", "py/base"),
 ]
 GOAL_MAX_RATIO = 1.2
 
