@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from . import procfs
 from .options import MountConfig
 from .sha256 import sha256_hex
 from .syscalls import CLONE_NEWNS, close_fds_from, fd_str, setns
@@ -122,18 +123,12 @@ def _peer(sock: _socket.socket) -> tuple[int, int]:
     return int(pid), int(uid)
 
 
-_CONFINEMENT = ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")
+_CONFINEMENT = (b"CapEff", b"CapPrm", b"CapBnd", b"NoNewPrivs", b"Seccomp")
 
 
-def _confinement(pid: int | str) -> dict[str, str]:
+def _confinement(pid: int | str) -> dict[bytes, bytes]:
     """What bounds a process's privileges: capability sets, no_new_privs, seccomp."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in _CONFINEMENT:
-                out[key] = value.strip()
-    return out
+    return procfs.status(pid, _CONFINEMENT)
 
 
 def _object(path: str) -> tuple[int, int]:
@@ -172,15 +167,15 @@ def _as_free_as_me(pid: int) -> bool:
             return False
     except OSError:
         return False
-    for key in ("CapEff", "CapPrm", "CapBnd"):
-        have, need = int(theirs.get(key, "0"), 16), int(mine.get(key, "0"), 16)
+    for key in (b"CapEff", b"CapPrm", b"CapBnd"):
+        have, need = int(theirs.get(key, b"0"), 16), int(mine.get(key, b"0"), 16)
         if need & ~have:
             return False
     # Two seccomp filters cannot be compared from here (only counted): a filtered caller's
     # daemon is forked directly, whatever filter the server has.
-    if theirs.get("Seccomp") != "0":
+    if theirs.get(b"Seccomp") != b"0":
         return False
-    return all(theirs.get(k) == mine.get(k) for k in ("NoNewPrivs", "Seccomp"))
+    return all(theirs.get(k) == mine.get(k) for k in (b"NoNewPrivs", b"Seccomp"))
 
 
 SO_PEERPIDFD = getattr(_socket, "SO_PEERPIDFD", 77)  # Linux 6.5

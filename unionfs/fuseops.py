@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import fuseinit, fuseread
+from . import fuseinit, fuseread, procfs
 from .copyup import CopyPlan
 from .errors import FsError
 from .idmap import ACL_XATTRS, IdMap
@@ -163,19 +163,15 @@ def _fsetid(ctx: Any) -> bool:
         return True
     if ctx.uid != 0:
         return False
-    fsuid = caps = None
     try:
         if os.stat(f"/proc/{ctx.pid}/ns/user").st_ino != _INIT_USER_NS:
             return False
-        with open(f"/proc/{ctx.pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    fsuid = int(line.split()[4])
-                elif line.startswith(b"CapEff:"):
-                    caps = int(line.split()[1], 16)
-    except (OSError, ValueError, IndexError):
+        fields = procfs.status(ctx.pid, (b"Uid", b"CapEff"))
+        fsuid = int(fields[b"Uid"].split()[3])
+        caps = int(fields[b"CapEff"], 16)
+    except (OSError, ValueError, IndexError, KeyError):
         return False
-    return fsuid == ctx.uid and caps is not None and bool(caps & _CAP_FSETID)
+    return fsuid == ctx.uid and bool(caps & _CAP_FSETID)
 
 
 def _in_group(ctx: Any, gid: int) -> bool:
@@ -184,13 +180,10 @@ def _in_group(ctx: Any, gid: int) -> bool:
     if ctx.gid == gid:
         return True
     try:
-        with open(f"/proc/{ctx.pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Groups:"):
-                    return str(gid).encode() in line.split()[1:]
+        groups = procfs.status(ctx.pid, (b"Groups",)).get(b"Groups", b"")
     except OSError:  # the caller is gone: nobody to keep the bit for
-        pass
-    return False
+        return False
+    return str(gid).encode() in groups.split()
 
 
 def _ctx(ctx: Any) -> Ctx:

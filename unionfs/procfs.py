@@ -125,6 +125,19 @@ def is_mountpoint(path: str) -> bool:
     return any(mp == real for mp, _, _ in mounts())
 
 
+def status(pid: int | str, keys: tuple[bytes, ...]) -> dict[bytes, bytes]:
+    """The fields `keys` of /proc/PID/status (`Uid`, `Groups`, `CapEff`, `SigBlk`...), each
+    value as written there, stripped; a field the file lacks is left out. OSError when
+    the process is gone (or /proc cannot be read)."""
+    out: dict[bytes, bytes] = {}
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            key, _, value = line.partition(b":")
+            if key in keys:
+                out[key] = value.strip()
+    return out
+
+
 def process_alive(pid: int) -> bool:
     """Whether a thread of process `pid` still runs.
 

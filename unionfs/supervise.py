@@ -601,14 +601,13 @@ def _output_failed(e: OSError) -> bool:
 def _blocks(pid: int, sigs: tuple[int, ...]) -> bool:
     """Whether process PID blocks all of SIGS (its /proc status; gone: nothing to wait for)."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"SigBlk:"):
-                    mask = int(line.split()[1], 16)
-                    return all(mask >> (sig - 1) & 1 for sig in sigs)
+        blocked = procfs.status(pid, (b"SigBlk",)).get(b"SigBlk")
     except OSError:
-        pass
-    return True
+        return True
+    if blocked is None:
+        return True
+    mask = int(blocked, 16)
+    return all(mask >> (sig - 1) & 1 for sig in sigs)
 
 
 # -- what is left: the daemon, the temporary tree --------------------------------------------
