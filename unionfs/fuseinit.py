@@ -42,6 +42,8 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 
+from .syscalls import SONAMES
+
 FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse's fuse_common.h: pyfuse3 requires it
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # pyfuse3 clears it from want
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
@@ -184,6 +186,16 @@ def handler_slot(
     if len(slots) != 1:
         raise NotAsked(f"{len(slots)} places in its session hold its {symbol.decode()} handler")
     return address + slots[0], handler
+
+
+def libfuse() -> ctypes.CDLL:
+    """The libfuse pyfuse3's extension is linked with, as this process has it loaded
+    (RTLD_NOLOAD: never a second copy, whose session would not be pyfuse3's)."""
+    name = SONAMES["fuse3"]
+    try:
+        return ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+    except OSError as e:
+        raise NotAsked(f"{name} is not loaded: {e}") from None
 
 
 def why(e: Exception) -> str:
@@ -351,10 +363,7 @@ def handle_killpriv(extension: str) -> str | None:
             (minor,) = struct.unpack_from("<I", raw, conn - address + 4)
             if minor < KILLPRIV_V2_MINOR:
                 return NOT_OFFERED
-            try:
-                fuse = ctypes.CDLL("libfuse3.so.3", mode=os.RTLD_NOLOAD | os.RTLD_NOW)
-            except OSError as e:
-                raise NotAsked(f"libfuse3.so.3 is not loaded: {e}") from None
+            fuse = libfuse()
             fuse.fuse_version.restype = ctypes.c_int
             version = fuse.fuse_version()
             if version != LIBFUSE_CHECKED:
@@ -368,7 +377,7 @@ def handle_killpriv(extension: str) -> str | None:
             )
             fuse.fuse_session_custom_io.restype = ctypes.c_int
             fd = fuse.fuse_session_fd(address)
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc = ctypes.CDLL(SONAMES["c"], use_errno=True)
             libc.writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
             libc.writev.restype = ctypes.c_ssize_t
             read = ctypes.cast(libc.read, ctypes.c_void_p).value

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 READ_SYMBOL = b"__pyx_f_7pyfuse3_fuse_read"
 DEVICE = "/dev/fuse"  # an OSError's filename: the answer could not be sent
-LIBFUSE = "libfuse3.so.3"  # the library pyfuse3's extension is linked with (its soname)
 SPLICE_MIN = 32 << 10  # smaller reads: read into the buffer and write, two syscalls
 # The pipe: 1 MiB, the most an unprivileged process may ask for (pipe-max-size), and more
 # needs CAP_SYS_RESOURCE, which a daemon in a container or sandbox often lacks. It takes a
@@ -222,7 +221,7 @@ def install(
     `extension`: pyfuse3's extension module file. Only from `init()` (requests are
     handled one at a time in this thread, so the slot is never read while written)."""
     try:
-        lib = ctypes.CDLL(LIBFUSE)
+        lib = fuseinit.libfuse()
         with fuseinit.session(extension) as (mem, base, session):
             slot, handler = fuseinit.handler_slot(mem, base, session, extension, READ_SYMBOL)
             original = ctypes.PYFUNCTYPE(
