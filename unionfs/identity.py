@@ -163,15 +163,28 @@ class Identity:
         node.nlookup += 1
         return node
 
+    def keep_lower_stat(self, node: Node, loc: int | None = None) -> None:
+        """Keep lower non-directory `node`'s stat as it is now (`loc`: its directory's fd,
+        if at hand), where `Union.stat` would otherwise read it where it lies: once its
+        name is gone (`dropped`), and before the daemon reads the object in a way that
+        sets its atime (readlink; an open without O_NOATIME), so that `stat` shows it as
+        it was before, as kernel overlayfs, which reads lower objects without touching
+        their times, shows their atime. Few objects: the kernel keeps symlinks' targets
+        (fuseinit), and O_NOATIME is refused only to whoever neither owns the file nor
+        has CAP_FOWNER."""
+        if node.layer != 0 and node.st is None:
+            if loc is None:
+                loc = self.resolver.location_fd(node)
+            node.st = compact(os.stat(node.name, dir_fd=loc, follow_symlinks=False))
+
     def dropped(self, node: Node, parent: Node, name: bytes, st: AnyStat | None) -> None:
         """Bookkeeping after `name` in `parent` stopped naming `node` (`st`: its upper stat)."""
         node.drop_link(parent, name)
-        if node.links is UNLINKED and not node.is_dir and node.layer != 0 and node.st is None:
+        if node.links is UNLINKED and not node.is_dir:
             # What `Union.stat` shows of it from now on (for what the kernel still holds):
             # its stat where it lies below, read while the directories above are as they were.
             with contextlib.suppress(OSError):  # the name is gone all the same
-                loc = self.resolver.location_fd(node)
-                node.st = compact(os.stat(node.name, dir_fd=loc, follow_symlinks=False))
+                self.keep_lower_stat(node)
         if node.is_dir:
             node.links = UNLINKED
             # Its upper fd stays open: the removed directory itself, which what the kernel

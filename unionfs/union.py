@@ -30,7 +30,7 @@ from .copyup import NO_COPYUPS, Changed, CopyJob, CopyPlan, CopyUp, chown_failed
 from .errors import FsError
 from .handles import DirHandle, HandleTable
 from .identity import Identity
-from .inodes import ROOT_ID, UNLINKED, AnyStat, DirNode, InodeTable, Node, compact
+from .inodes import ROOT_ID, UNLINKED, AnyStat, DirNode, InodeTable, Node
 from .layers import LayerStack, open_file_at
 from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
@@ -199,7 +199,7 @@ class Union:
             return st, (1 if len(node.chain) > 1 else st.st_nlink)
         if node.layer != 0:
             # Kept only once its name is gone (`Identity.dropped`) or the daemon's own reading
-            # sets its atime (`_keep_lower_stat`), else read where it lies: the kernel keeps
+            # sets its atime (`Identity.keep_lower_stat`), else read where it lies: the kernel keeps
             # the attributes a lookup or a listing sent (`attrs`), and asks again seldom.
             kept = node.st
             if kept is not None:
@@ -221,18 +221,8 @@ class Union:
         if node.is_dir:
             raise FsError(errno.EINVAL)
         loc = self.resolver.location_fd(node)
-        self._keep_lower_stat(node, loc)  # reading a symlink sets its atime
+        self.identity.keep_lower_stat(node, loc)  # reading a symlink sets its atime
         return os.readlink(node.name, dir_fd=loc)
-
-    def _keep_lower_stat(self, node: Node, loc: int) -> None:
-        """Keep lower non-directory `node`'s stat (at `loc`, its directory) before the daemon
-        reads the object in a way that sets its atime (readlink; an open without O_NOATIME):
-        `stat` shows it as it was before, as kernel overlayfs, which reads lower objects
-        without touching their times, shows their atime. Few objects: the kernel keeps
-        symlinks' targets (fuseinit), and O_NOATIME is refused only to whoever neither
-        owns the file nor has CAP_FOWNER."""
-        if node.layer != 0 and node.st is None:
-            node.st = compact(os.stat(node.name, dir_fd=loc, follow_symlinks=False))
 
     def opendir(self, node: Node) -> int:
         if not node.is_dir:
@@ -490,7 +480,7 @@ class Union:
             try:
                 fd = open_file_at(pfd, node.name, os.O_RDONLY | (_NOATIME if node.layer else 0))
             except PermissionError:
-                self._keep_lower_stat(node, pfd)
+                self.identity.keep_lower_stat(node, pfd)
                 fd = open_file_at(pfd, node.name, os.O_RDONLY)
         return self.handles.add_file(node, fd, writing)
 
