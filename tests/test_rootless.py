@@ -23,6 +23,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import site
@@ -246,7 +247,10 @@ def listing(out: str) -> list[str]:
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A directory both root and the users read: images to import, the static helper."""
-    d = Path(tempfile.mkdtemp(prefix="pyunion-rootless-shared-", dir="/var/tmp"))
+    # Its path is also an image reference (podman's `oci:DIR`): hex only, as mkdtemp's
+    # letters may put an underscore next to a dash, which a reference may not have.
+    d = Path("/var/tmp") / f"pyunion-rootless-shared-{secrets.token_hex(6)}"
+    d.mkdir(mode=0o755)  # a new directory, never one already there
     os.chmod(d, 0o755)
     try:
         src = d / "show-ids.c"
@@ -1109,8 +1113,8 @@ def _rootless_podman(user: User, home: Path, name: str, program: str, image: Pat
 
     out = []
     try:
-        # With its ref name: podman names an image without one after its path, which
-        # mkdtemp's letters may make an invalid reference.
+        # With its ref name: podman names an image without one after its path, and parses
+        # that path as a reference even with one (`shared` is hex for it).
         podman(
             "tag", podman("pull", "-q", f"oci:{image}:latest").splitlines()[-1], "localhost/sample"
         )
