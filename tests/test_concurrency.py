@@ -345,6 +345,15 @@ def test_same_lower_file_copied_up_by_two_at_once(layers: tuple, tmp_path: Path)
             assert (k / name).read_bytes() == data
 
 
+def _copy_under_way(work: Path) -> bool:
+    """Whether a file in the work dir has data yet; its temporaries come and go (renamed
+    into place) while it is walked, and one gone mid-walk counts as not yet."""
+    try:
+        return any(p.stat().st_size for p in work.rglob("*") if p.is_file())
+    except FileNotFoundError:
+        return False
+
+
 def test_a_directory_renamed_while_names_in_it_change(layers: tuple) -> None:
     """`mv d d2` copies d's lower files up first, a big one in a worker thread while other
     requests are served. A directory in d renamed meanwhile was then copied up under its
@@ -379,7 +388,7 @@ def test_a_directory_renamed_while_names_in_it_change(layers: tuple) -> None:
                 os._exit(e.errno)
         try:
             deadline = time.monotonic() + 30
-            while not any(p.stat().st_size for p in work.rglob("*") if p.is_file()):
+            while not _copy_under_way(work):
                 assert time.monotonic() < deadline, "no copy-up under way"
                 time.sleep(0.001)
             os.rename(mnt / "d" / victim, mnt / "d" / f"{victim}-moved")
