@@ -588,6 +588,60 @@ def test_owners_and_sources_match_buildah(env: Env) -> None:
     assert view[b"unpacked/d/f"][1:4] == (0o640, 123, 456)
 
 
+ARCHIVE_FILE = """FROM busybox
+USER root
+RUN mkdir -m 777 /exist && chown 9:9 /exist
+ADD dot.tar.gz /new/
+ADD dot.tar.gz /exist/
+ADD --chown=3:4 --chmod=700 dot.tar.gz /chowned/
+ADD links.tar /links/
+"""
+
+
+def _links_tar(path: Path) -> None:
+    """A file, then a hard link to it whose header gives other owners, mode and time."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("f")
+        ti.uid, ti.gid, ti.mode, ti.mtime, ti.size = 5, 6, 0o600, 1_500_000_000, 2
+        tf.addfile(ti, io.BytesIO(b"f\n"))
+        ti = tarfile.TarInfo("h")
+        ti.type, ti.linkname = tarfile.LNKTYPE, "f"
+        ti.uid, ti.gid, ti.mode, ti.mtime = 7, 8, 0o640, 1_400_000_000
+        tf.addfile(ti)
+    path.write_bytes(buf.getvalue())
+
+
+@needs_tools
+def test_archive_headers_of_the_destination_and_links_match_buildah(env: Env) -> None:
+    """An archive made with `tar -C dir -czf x.tgz .` starts with a `./` member: ADD gives
+    its owner, mode and time to the destination directory (new or existing, whatever
+    --chown and --chmod say), as buildah and Docker's classic builder do; it was
+    skipped. A hard link's header sets the owner, mode and time of the file it links
+    (the same inode), as it does for them."""
+    ctx = env.tmp / "ctx-archive-root"
+    _write(ctx / "Containerfile", ARCHIVE_FILE)
+    _tar_gz(ctx / "dot.tar.gz", [("./", None, 0o750), ("./a", b"a\n", 0o600)])
+    _links_tar(ctx / "links.tar")
+    env.buildah(ctx, "archive-root")
+    env.build(ctx, "-t", "archive-root")
+    ours = env.pyunion_image("archive-root")
+    compare(env.buildah_image("archive-root"), ours)
+    view = ours[0]
+    for d in (b"new", b"exist", b"chowned"):
+        assert view[d][1:4] == (0o750, 123, 456), d
+    assert view[b"links/f"][1:4] == view[b"links/h"][1:4] == (0o640, 7, 8)
+    mnt = env.tmp / "mnt-archive-root"
+    mnt.mkdir(exist_ok=True)
+    pyunion("mount", "--store", env.store, "archive-root", str(mnt))
+    try:
+        times = [int(os.lstat(mnt / n).st_mtime) for n in ("new", "exist", "chowned", "links/f")]
+    finally:
+        if pyunion("umount", str(mnt), check=False).returncode != 0:
+            force_unmount(mnt)
+    assert times == [1_600_000_000] * 3 + [1_400_000_000]
+
+
 @needs_tools
 def test_scratch_matches_buildah(env: Env) -> None:
     """`FROM scratch` starts with PATH in Env, as buildah and BuildKit have it (it had none)."""
