@@ -125,7 +125,22 @@ def parse_build_args(items: list[str]) -> dict[str, str]:
     return out
 
 
+# What any error of the build exits with, as buildah's and podman's do; a failing RUN
+# exits with its command's status (executor.StepFailed), a signal that stopped the
+# build with 128 + its number.
+TOOL_ERROR = 125
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
+    try:
+        return _build(args)
+    except UserError as e:
+        if e.code == 1 and not getattr(e, "command_status", False):
+            e.code = TOOL_ERROR
+        raise
+
+
+def _build(args: argparse.Namespace) -> int:
     from ..userns import enter_rootless
 
     # Before the executor is imported: its Containerfile parser (Go code) starts threads, and
@@ -150,7 +165,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             layers=args.layers and not args.squash,
             store=args.store,
             quiet=args.quiet,
-            network=check_network(args.network, code=1),
+            network=check_network(args.network),
         )
     )
     print(image_id)

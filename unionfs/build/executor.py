@@ -107,6 +107,14 @@ class BuildError(UserError):
     """The build stopped at a step."""
 
 
+class StepFailed(BuildError):
+    """A RUN's command failed: the build exits with the command's status (`code`), as
+    `buildah bud`, `podman build` and `docker build` do; any other error exits 125
+    (`cli.py`)."""
+
+    command_status = True
+
+
 @dataclass
 class BuildOptions:
     context: str
@@ -614,10 +622,10 @@ class Builder:
             )
             if code > 128 and code != 255:
                 what = f"the command was killed by signal {code - 128}"
-            raise BuildError(
+            raise StepFailed(
                 f"building at STEP {self.step_no}/{self.total}: "
                 f"{inst.original.splitlines()[0]}: {what}",
-                1,
+                code,
             )
 
     # --- COPY and ADD ------------------------------------------------------------------------
@@ -926,4 +934,4 @@ def build(opts: BuildOptions) -> str:
     return Builder(opts).build()
 
 
-__all__ = ["BuildError", "BuildOptions", "DockerfileError", "build"]
+__all__ = ["BuildError", "BuildOptions", "DockerfileError", "StepFailed", "build"]
