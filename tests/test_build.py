@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -527,6 +528,61 @@ def test_cache_rules(env: Env) -> None:
     assert _steps(env.build(ctx).stdout) == ["cached"] * 5 + ["ran"]
     # --no-cache runs everything, and produces the same files.
     assert _steps(env.build(ctx, "--no-cache").stdout) == ["ran"] * 6
+
+
+STAGES_CACHE_FILE = """FROM busybox AS a
+USER root
+RUN echo one > /x
+COPY d /d
+FROM busybox
+USER root
+COPY --from=a /x /x
+RUN echo hi > /hi
+COPY f /f
+"""
+
+
+def _hits(out: str) -> list[bool]:
+    """Per step, FROM included, whether it came from the cache: `--> CACHED` (pyunion)
+    or `--> Using cache` (buildah) after its `STEP` line."""
+    res: list[bool] = []
+    for line in out.splitlines():
+        if re.match(r"(\[\d+/\d+\] )?STEP \d+/\d+: ", line):
+            res.append(False)
+        elif line.startswith(("--> CACHED", "--> Using cache")) and res:
+            res[-1] = True
+    return res
+
+
+@needs_tools
+def test_cache_hits_match_buildah(env: Env) -> None:
+    """The same changes to a two-stage build hit and miss the cache in the same steps
+    as with `buildah bud --layers`. Where they differed: `COPY --from` re-ran when its
+    stage had changed but the files it copies had not (it was keyed by the stage's
+    image ID); a source directory's own mode, which COPY does not copy, counted; and a
+    `--no-cache` build whose stages share steps left the next build re-running them."""
+    ctx = env.tmp / "ctx-stages-cache"
+    _write(ctx / "Containerfile", STAGES_CACHE_FILE)
+    _write(ctx / "d/a", "a\n")
+    _write(ctx / "f", "f\n")
+
+    def both(*args: str) -> tuple[list[bool], list[bool]]:
+        theirs = sh(*env.bah, "bud", "--layers", "--isolation", "chroot", *args, ctx)
+        return _hits(theirs), _hits(env.build(ctx, *args).stdout)
+
+    both()
+    cached = [False, True, True, True, False, True, True, True, True]
+    assert both() == (cached, cached)
+    _write(ctx / "d/a", "A\n")  # stage a's last COPY only: /x is the same
+    want = [*cached[:3], False, *cached[4:]]
+    assert both() == (want, want)
+    os.chmod(ctx / "d", 0o700)
+    assert both() == (cached, cached)
+    ran = [False] * 9
+    assert both("--no-cache") == (ran, ran)
+    assert both() == (cached, cached)
+    _write(ctx / "d/new", "n\n")
+    assert both() == (want, want)
 
 
 @needs_tools

@@ -141,6 +141,20 @@ class ImageState:
         return config_digest(self.config)
 
     @property
+    def cache_id(self) -> str:
+        """What keys the steps after this state: its ID without the times of day. A step
+        run again (--no-cache, or by two stages that share it) makes the same state at
+        another time, and the steps after it keep their entries, as buildah's cache
+        compares layers and history text, not times."""
+        cfg = dict(self.config)
+        cfg.pop("created", None)
+        cfg["history"] = [
+            {k: v for k, v in h.items() if k != "created"} if isinstance(h, dict) else h
+            for h in cfg.get("history") or []
+        ]
+        return config_digest(cfg)
+
+    @property
     def diff_ids(self) -> list[str]:
         return list((self.config.get("rootfs") or {}).get("diff_ids") or [])
 
@@ -438,7 +452,9 @@ class Builder:
             raise BuildError(f"line {inst.line}: FROM inside a stage")
         new = st.image.copy()
         created_by = apply_metadata(inst, new.config, st.scope, st.state)
-        key = step_key(st.image.id, "meta", inst.cmd, created_by, st.state.cmd_set, st.state.shell)
+        key = step_key(
+            st.image.cache_id, "meta", inst.cmd, created_by, st.state.cmd_set, st.state.shell
+        )
         self._finish(st, new, key, created_by, False, t0)
 
     def _finish(
@@ -454,11 +470,7 @@ class Builder:
 
         `layer` is a NewLayer, None for an empty change, or False for a metadata step.
         """
-        cached = (
-            None
-            if layer is not False or self.opts.no_cache or st.squash_upper is not None
-            else self.cache.get(key)
-        )
+        cached = None if layer is not False or st.squash_upper is not None else self._cached(key)
         if cached is not None:
             new = ImageState(cached[0], cached[1])
             self.say(f"--> CACHED {short_id(new.id)}")
@@ -478,28 +490,43 @@ class Builder:
             new.config.pop(k, None)
         st.image = new
         if st.squash_upper is None:
-            self.cache.put(key, new.config, new.layers)
+            self._put(key, new)
         self.say(f"--> {short_id(new.id)} {time.monotonic() - t0:.2f}s")
 
+    def _cached(self, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        return None if self.opts.no_cache else self.cache.get(key)
+
+    def _put(self, key: str, state: ImageState) -> None:
+        self.cache.put(key, state.config, state.layers)
+
     def _layer_step(self, st: _Stage, inst: Instruction, t0: float) -> None:
+        plan: _CopyPlan | None = None
         if inst.cmd == "RUN":
             argv, created_by, env = self._run_spec(st, inst)
             network = self._run_network(inst)
             # The host's network keeps the key it always had; another mode is a step of its own.
             net_part = [] if network == "host" else [{"network": network}]
-            key = step_key(st.image.id, "RUN", argv, sorted(env), *net_part)
+            key = step_key(st.image.cache_id, "RUN", argv, sorted(env), *net_part)
 
             def work(upper: str, lowers: list[str]) -> None:
                 self._run(st, argv, env, upper, lowers, inst, network)
         else:
-            plan = self._copy_plan(st, inst)
+            plan = copy_plan = self._copy_plan(st, inst)
             created_by, key = plan.created_by, plan.key
 
             def work(upper: str, lowers: list[str]) -> None:
-                self._copy(st, plan, upper, lowers)
+                self._copy(st, copy_plan, upper, lowers)
 
-        if not self.opts.no_cache and st.squash_upper is None:
-            cached = self.cache.get(key)
+        # A `COPY --from` step is found by its stage's image ID (no mount needed) or else
+        # by the content it copies; what it makes is kept under both keys.
+        aliases: list[str] = []
+        if st.squash_upper is None:
+            cached = self._cached(key)
+            if cached is None and plan is not None and plan.from_state is not None:
+                aliases.append(self._from_content_key(st, plan))
+                cached = self._cached(aliases[0])
+                if cached is not None:
+                    self.cache.put(key, *cached)
             if cached is not None:
                 st.image = ImageState(cached[0], cached[1])
                 self.say(f"--> CACHED {short_id(st.image.id)}")
@@ -519,6 +546,8 @@ class Builder:
                 self._remove(upper)
             self._remove(upper + ".work")
         self._finish(st, st.image.copy(), key, created_by, layer, t0)
+        for alias in aliases:
+            self._put(alias, st.image)
 
     def _finish_squash(self, st: _Stage) -> None:
         upper = st.squash_upper
@@ -670,7 +699,13 @@ class Builder:
             src_state = self._from_state(from_ref, inst)
             plan.from_state = src_state
             plan.key = step_key(
-                st.image.id, inst.cmd, flags, plan.patterns, dest_abs, dest_is_dir, src_state.id
+                st.image.cache_id,
+                inst.cmd,
+                flags,
+                plan.patterns,
+                dest_abs,
+                dest_is_dir,
+                src_state.cache_id,
             )
             plan.created_by = f"{inst.cmd} --from={from_ref} {' '.join(plan.patterns)} in {dest}"
             plan.multi = count > 1
@@ -699,7 +734,13 @@ class Builder:
         kind = "multi" if plan.multi else ("dir" if sources and sources[0].is_dir else "file")
         plan.created_by = f"{inst.cmd} {kind}:{digest} in {dest}"
         plan.key = step_key(
-            st.image.id, inst.cmd, flags, digest, dest_abs, dest_is_dir, [s.name for s in sources]
+            st.image.cache_id,
+            inst.cmd,
+            flags,
+            digest,
+            dest_abs,
+            dest_is_dir,
+            [s.name for s in sources],
         )
         return plan
 
@@ -740,17 +781,8 @@ class Builder:
                 tree = self.context
                 sources = plan.sources
                 if plan.from_state is not None:
-                    src_lowers = self._lowers(plan.from_state)
-                    src_mnt = stack.enter_context(self._mounted(src_lowers, None))
-                    tree = SourceTree(src_mnt, None, f"--from={plan.flags['from']}")
-                    stack.callback(tree.close)
+                    tree, sources = self._from_sources(stack, plan)
                     spec.keep_owner = True
-                    sources = []
-                    for p in plan.patterns:
-                        matched = tree.expand(p)
-                        if not matched:
-                            raise BuildError(f"line {inst.line}: COPY --from: no files match {p!r}")
-                        sources += [tree.source(m) for m in matched]
                     if len(sources) > 1 and not dest_is_dir:
                         raise BuildError(
                             f"line {inst.line}: COPY with more than one source "
@@ -771,6 +803,41 @@ class Builder:
                     self._copy_heredocs(root, plan, spec, dest_is_dir)
             except CopyError as e:
                 raise BuildError(f"line {inst.line}: {inst.cmd}: {e}") from None
+
+    def _from_sources(
+        self, stack: contextlib.ExitStack, plan: _CopyPlan
+    ) -> tuple[SourceTree, list[Source]]:
+        """The tree of a `COPY --from` stage or image, mounted read-only for as long as
+        `stack` lasts, and the sources its patterns match there."""
+        assert plan.from_state is not None
+        src_mnt = stack.enter_context(self._mounted(self._lowers(plan.from_state), None))
+        tree = SourceTree(src_mnt, None, f"--from={plan.flags['from']}")
+        stack.callback(tree.close)
+        sources = []
+        for p in plan.patterns:
+            matched = tree.expand(p)
+            if not matched:
+                raise BuildError(f"line {plan.inst.line}: COPY --from: no files match {p!r}")
+            sources += [tree.source(m) for m in matched]
+        return tree, sources
+
+    def _from_content_key(self, st: _Stage, plan: _CopyPlan) -> str:
+        """The key of a `COPY --from` step by what it copies (names, modes, owners, bytes),
+        as buildah and BuildKit key it: a stage that changed elsewhere (a source file the
+        step does not copy) still hits."""
+        with contextlib.ExitStack() as stack:
+            tree, sources = self._from_sources(stack, plan)
+            digest = tree.digest(sources)
+        return step_key(
+            st.image.cache_id,
+            plan.inst.cmd,
+            plan.flags,
+            plan.patterns,
+            plan.dest,
+            plan.dest_is_dir,
+            {"from-content": digest},
+            [s.name for s in sources],
+        )
 
     def _add_archive(
         self, root: Root, tree: SourceTree, src: Source, plan: _CopyPlan, spec: CopySpec
