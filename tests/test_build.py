@@ -709,6 +709,33 @@ def test_archive_headers_of_the_destination_and_links_match_buildah(env: Env) ->
     assert times == [1_600_000_000] * 3 + [1_400_000_000]
 
 
+WORKDIR_FILE = """FROM busybox
+USER root
+WORKDIR /a//b/../c/
+RUN pwd > /pwd
+COPY f .
+USER alice
+WORKDIR /tmp/q/../r/
+RUN pwd > /tmp/pwd
+"""
+
+
+@needs_tools
+def test_workdir_as_written_matches_buildah(env: Env) -> None:
+    """An absolute WORKDIR is recorded as written (`/app/` stays `/app/`), as buildah,
+    Docker and BuildKit record it; it was cleaned. RUN makes and enters the cleaned
+    path (no /a/b, no /tmp/q)."""
+    ctx = env.tmp / "ctx-workdir"
+    _write(ctx / "Containerfile", WORKDIR_FILE)
+    _write(ctx / "f", "f\n")
+    env.buildah(ctx, "workdir")
+    env.build(ctx, "-t", "workdir")
+    ours = env.pyunion_image("workdir")
+    compare(env.buildah_image("workdir"), ours)
+    assert ours[1]["config"]["WorkingDir"] == "/tmp/q/../r/"
+    assert b"a/c/f" in ours[0] and b"a/b" not in ours[0] and b"tmp/q" not in ours[0]
+
+
 @needs_tools
 def test_scratch_matches_buildah(env: Env) -> None:
     """`FROM scratch` starts with PATH in Env, as buildah and BuildKit have it (it had none)."""

@@ -619,7 +619,9 @@ class Builder:
             layers=lowers,
             command=argv,
             env=env + image_env,
-            workdir=cfg.get("WorkingDir") or None,
+            # Cleaned as buildah cleans it for RUN: `WORKDIR /a/b/../c` (kept as written in
+            # the config) makes and enters /a/c, no /a/b.
+            workdir=posixpath.normpath(cfg["WorkingDir"]) if cfg.get("WorkingDir") else None,
             user=cfg.get("User") or None,
             upper=upper,
             network=network,
