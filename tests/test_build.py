@@ -737,6 +737,36 @@ def test_workdir_as_written_matches_buildah(env: Env) -> None:
 
 
 @needs_tools
+def test_buildah_flags_match_buildah(env: Env) -> None:
+    """The flags scripts pass to `buildah bud` and `podman build` besides the basic ones:
+    --label (LABEL steps after the last instruction), --iidfile (the ID, no newline),
+    --ignorefile (instead of the context's), and --rm, --force-rm, --pull (from the
+    store), --platform (this machine's), --format, accepted; they were refused."""
+    ctx = env.tmp / "ctx-flags"
+    _write(ctx / "Containerfile", "FROM busybox\nLABEL a=1\nCOPY . /c/\n")
+    _write(ctx / "keep", "x\n")
+    _write(ctx / "drop", "y\n")
+    _write(ctx / ".dockerignore", "keep\n")
+    _write(env.tmp / "flags.ignore", "drop\n")
+    plat = "linux/" + ("amd64" if os.uname().machine == "x86_64" else "arm64")
+    flags = ["--label", "x=y", "--label", "a=2", "--ignorefile", str(env.tmp / "flags.ignore")]
+    flags += ["--rm", "--force-rm=false", "--pull", "--platform", plat, "--format", "docker"]
+    env.buildah(ctx, "flags", *flags, "--iidfile", str(env.tmp / "flags.theirs"))
+    r = env.build(ctx, "-t", "flags", *flags, "--iidfile", str(env.tmp / "flags.ours"))
+    ours = env.pyunion_image("flags")
+    compare(env.buildah_image("flags"), ours)
+    assert ours[1]["config"]["Labels"] == {"a": "2", "x": "y"}
+    assert b"c/keep" in ours[0] and b"c/drop" not in ours[0]
+    assert [h["created_by"] for h in ours[1]["history"][-2:]] == ["LABEL x=y", "LABEL a=2"]
+    iid = (env.tmp / "flags.ours").read_text()
+    assert iid == r.stdout.splitlines()[-1] and iid.startswith("sha256:")
+    assert len((env.tmp / "flags.theirs").read_text()) == len(iid)  # buildah's: the same form
+    for bad, message in (("--pull=always", "never pulls"), ("--platform=linux/s390x", "only")):
+        r = env.build(ctx, bad, check=False)
+        assert r.returncode == 125 and message in r.stderr, r.stderr
+
+
+@needs_tools
 def test_scratch_matches_buildah(env: Env) -> None:
     """`FROM scratch` starts with PATH in Env, as buildah and BuildKit have it (it had none)."""
     ctx = env.tmp / "ctx-scratch"

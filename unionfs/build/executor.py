@@ -129,6 +129,8 @@ class BuildOptions:
     # RUN's, unless it says --network: the host's, since buildah's and BuildKit's default
     # (a private namespace with a NAT'ed connection) is one pyunion cannot make.
     network: str = "host"
+    labels: dict[str, str] = field(default_factory=dict)  # --label: on the image built
+    ignorefile: str | None = None  # --ignorefile: instead of the context's
 
 
 @dataclass
@@ -179,6 +181,16 @@ def scratch_state() -> ImageState:
     if plat.get("variant"):
         cfg["variant"] = plat["variant"]
     return ImageState(cfg, [])
+
+
+def check_platform(want: str, where: str = "") -> None:
+    """`--platform=WANT` (of FROM or of the build): this machine's only."""
+    p = host_platform()
+    if not want.startswith(f"{p['os']}/{p['architecture']}"):
+        raise BuildError(
+            f"{where}--platform={want}: only this machine's platform "
+            f"({p['os']}/{p['architecture']}) is built"
+        )
 
 
 def _is_url(src: str) -> bool:
@@ -246,6 +258,15 @@ class Builder:
             raise UserError(f"{f} is not valid UTF-8") from None
 
     def _matcher(self, dockerfile: str | None) -> Matcher | None:
+        if self.opts.ignorefile is not None:
+            f = self.opts.ignorefile
+            try:  # named by the caller, as -f: no symlink or FIFO of another user's
+                rules = read_named(f, MAX_DOCKERFILE + 1)
+            except OSError as e:
+                raise UserError(f"--ignorefile {f}: {e.strerror}") from None
+            if len(rules) > MAX_DOCKERFILE:
+                raise UserError(f"--ignorefile {f}: larger than {MAX_DOCKERFILE >> 20} MiB")
+            return read_ignore_file(rules, f)
         candidates = []
         if dockerfile is not None:
             candidates += [dockerfile + ".containerignore", dockerfile + ".dockerignore"]
@@ -293,7 +314,7 @@ class Builder:
                 final: ImageState | None = None
                 for st in stages:
                     scope = Scope(lexer, self.opts.build_args, dict(global_scope.args))
-                    final = self._build_stage(df, st, scope, global_scope, len(stages))
+                    final = self._build_stage(df, st, scope, global_scope, last=st is stages[-1])
                     consumed |= scope.consumed
                     self.stages_done[st.index] = final
                 assert final is not None
@@ -371,19 +392,14 @@ class Builder:
         return label
 
     def _build_stage(
-        self, df: Dockerfile, stage: Stage, scope: Scope, global_scope: Scope, nstages: int
+        self, df: Dockerfile, stage: Stage, scope: Scope, global_scope: Scope, last: bool
     ) -> ImageState:
         self.prefix = f"[{stage.index + 1}/{len(df.stages)}] " if len(df.stages) > 1 else ""
         base_ref = self._expand_global(stage.base, global_scope)
         self._next_step(f"FROM {base_ref}" + (f" AS {stage.name}" if stage.name else ""))
         if stage.platform:
             want = self._expand_global(stage.platform, global_scope)
-            p = host_platform()
-            if not want.startswith(f"{p['os']}/{p['architecture']}"):
-                raise BuildError(
-                    f"line {stage.line}: FROM --platform={want}: only this "
-                    f"machine's platform ({p['os']}/{p['architecture']}) is built"
-                )
+            check_platform(want, f"line {stage.line}: FROM ")
         image = self._base(df, base_ref, stage)
         st = _Stage(stage, scope, StageState(), image)
         shell = (image.config.get("config") or {}).get("Shell")
@@ -402,6 +418,9 @@ class Builder:
                     self._step(st, inst, numbered=False)
             for inst in stage.instructions:
                 self._step(st, inst)
+            if last:
+                for key, value in self.opts.labels.items():
+                    self._cli_label(st, key, value)
             if st.squash_upper is not None:
                 self._finish_squash(st)
         finally:
@@ -456,6 +475,19 @@ class Builder:
             st.image.cache_id, "meta", inst.cmd, created_by, st.state.cmd_set, st.state.shell
         )
         self._finish(st, new, key, created_by, False, t0)
+
+    def _cli_label(self, st: _Stage, key: str, value: str) -> None:
+        """`--label KEY=VALUE`: a LABEL step after the last instruction (no substitution),
+        with its history entry, as buildah adds it."""
+        t0 = time.monotonic()
+        new = st.image.copy()
+        cfg = new.config.setdefault("config", {}) or {}
+        new.config["config"] = cfg
+        cfg["Labels"] = {**(cfg.get("Labels") or {}), key: value}
+        created_by = f"LABEL {key}={value}"
+        self._finish(
+            st, new, step_key(st.image.cache_id, "--label", key, value), created_by, False, t0
+        )
 
     def _finish(
         self,
