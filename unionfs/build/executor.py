@@ -550,33 +550,36 @@ class Builder:
                 self._copy(st, copy_plan, upper, lowers)
 
         # A `COPY --from` step is found by its stage's image ID (no mount needed) or else
-        # by the content it copies; what it makes is kept under both keys.
+        # by the content it copies (the stage mounted once, for the key and the copy);
+        # what it makes is kept under both keys.
         aliases: list[str] = []
-        if st.squash_upper is None:
-            cached = self._cached(key)
-            if cached is None and plan is not None and plan.from_state is not None:
-                aliases.append(self._from_content_key(st, plan))
-                cached = self._cached(aliases[0])
+        with contextlib.ExitStack() as stack:
+            if st.squash_upper is None:
+                cached = self._cached(key)
+                if cached is None and plan is not None and plan.from_state is not None:
+                    plan.from_sources = self._from_sources(stack, plan)
+                    aliases.append(self._from_content_key(st, plan, *plan.from_sources))
+                    cached = self._cached(aliases[0])
+                    if cached is not None:
+                        self.cache.put(key, *cached)
                 if cached is not None:
-                    self.cache.put(key, *cached)
-            if cached is not None:
-                st.image = ImageState(cached[0], cached[1])
-                self.say(f"--> CACHED {short_id(st.image.id)}")
+                    st.image = ImageState(cached[0], cached[1])
+                    self.say(f"--> CACHED {short_id(st.image.id)}")
+                    return
+            if st.squash_upper is not None:
+                work(st.squash_upper, st.base_lowers)
+                self._finish(st, st.image.copy(), key, created_by, None, t0)
                 return
-        if st.squash_upper is not None:
-            work(st.squash_upper, st.base_lowers)
-            self._finish(st, st.image.copy(), key, created_by, None, t0)
-            return
-        lowers = self._lowers(st.image)
-        upper = self._new_upper()
-        try:
-            work(upper, lowers)
-            prune_upper(upper, lowers if st.image.diff_ids else [])
-            layer = None if is_empty(upper) else commit_upper(self.store, upper, self.tmp)
-        finally:
-            if os.path.exists(upper):
-                self._remove(upper)
-            self._remove(upper + ".work")
+            lowers = self._lowers(st.image)
+            upper = self._new_upper()
+            try:
+                work(upper, lowers)
+                prune_upper(upper, lowers if st.image.diff_ids else [])
+                layer = None if is_empty(upper) else commit_upper(self.store, upper, self.tmp)
+            finally:
+                if os.path.exists(upper):
+                    self._remove(upper)
+                self._remove(upper + ".work")
         self._finish(st, st.image.copy(), key, created_by, layer, t0)
         for alias in aliases:
             self._put(alias, st.image)
@@ -815,7 +818,7 @@ class Builder:
                 tree = self.context
                 sources = plan.sources
                 if plan.from_state is not None:
-                    tree, sources = self._from_sources(stack, plan)
+                    tree, sources = plan.from_sources or self._from_sources(stack, plan)
                     spec.keep_owner = True
                     if len(sources) > 1 and not dest_is_dir:
                         raise BuildError(
@@ -855,13 +858,13 @@ class Builder:
             sources += [tree.source(m) for m in matched]
         return tree, sources
 
-    def _from_content_key(self, st: _Stage, plan: _CopyPlan) -> str:
+    def _from_content_key(
+        self, st: _Stage, plan: _CopyPlan, tree: SourceTree, sources: list[Source]
+    ) -> str:
         """The key of a `COPY --from` step by what it copies (names, modes, owners, bytes),
         as buildah and BuildKit key it: a stage that changed elsewhere (a source file the
         step does not copy) still hits."""
-        with contextlib.ExitStack() as stack:
-            tree, sources = self._from_sources(stack, plan)
-            digest = tree.digest(sources)
+        digest = tree.digest(sources)
         return step_key(
             st.image.cache_id,
             plan.inst.cmd,
@@ -967,6 +970,8 @@ class _CopyPlan:
     sources: list[Source] = field(default_factory=list)
     heredocs: list[tuple[str, str]] = field(default_factory=list)
     from_state: ImageState | None = None
+    # The --from stage's tree, mounted for the cache key, and its sources: the copy's too.
+    from_sources: tuple[SourceTree, list[Source]] | None = None
     multi: bool = False
     key: str = ""
     created_by: str = ""
