@@ -741,9 +741,10 @@ def test_buildah_flags_match_buildah(env: Env) -> None:
     """The flags scripts pass to `buildah bud` and `podman build` besides the basic ones:
     --label (LABEL steps after the last instruction), --iidfile (the ID, no newline),
     --ignorefile (instead of the context's), and --rm, --force-rm, --pull (from the
-    store), --platform (this machine's), --format, accepted; they were refused."""
+    store), --platform (this machine's), --format, accepted; they were refused. A
+    relative -f that is not in the working directory is looked for in the context."""
     ctx = env.tmp / "ctx-flags"
-    _write(ctx / "Containerfile", "FROM busybox\nLABEL a=1\nCOPY . /c/\n")
+    _write(ctx / "sub/flags.Containerfile", "FROM busybox\nLABEL a=1\nCOPY . /c/\n")
     _write(ctx / "keep", "x\n")
     _write(ctx / "drop", "y\n")
     _write(ctx / ".dockerignore", "keep\n")
@@ -751,18 +752,19 @@ def test_buildah_flags_match_buildah(env: Env) -> None:
     plat = "linux/" + ("amd64" if os.uname().machine == "x86_64" else "arm64")
     flags = ["--label", "x=y", "--label", "a=2", "--ignorefile", str(env.tmp / "flags.ignore")]
     flags += ["--rm", "--force-rm=false", "--pull", "--platform", plat, "--format", "docker"]
+    flags += ["-f", "sub/flags.Containerfile"]  # not in the tests' working directory
     env.buildah(ctx, "flags", *flags, "--iidfile", str(env.tmp / "flags.theirs"))
     r = env.build(ctx, "-t", "flags", *flags, "--iidfile", str(env.tmp / "flags.ours"))
     ours = env.pyunion_image("flags")
     compare(env.buildah_image("flags"), ours)
     assert ours[1]["config"]["Labels"] == {"a": "2", "x": "y"}
-    assert b"c/keep" in ours[0] and b"c/drop" not in ours[0]
+    assert b"c/keep" in ours[0] and b"c/drop" not in ours[0] and b"c/sub" in ours[0]
     assert [h["created_by"] for h in ours[1]["history"][-2:]] == ["LABEL x=y", "LABEL a=2"]
     iid = (env.tmp / "flags.ours").read_text()
     assert iid == r.stdout.splitlines()[-1] and iid.startswith("sha256:")
     assert len((env.tmp / "flags.theirs").read_text()) == len(iid)  # buildah's: the same form
     for bad, message in (("--pull=always", "never pulls"), ("--platform=linux/s390x", "only")):
-        r = env.build(ctx, bad, check=False)
+        r = env.build(ctx, "-f", "sub/flags.Containerfile", bad, check=False)
         assert r.returncode == 125 and message in r.stderr, r.stderr
 
 

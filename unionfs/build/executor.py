@@ -247,7 +247,15 @@ class Builder:
                 raise UserError(f"no Containerfile or Dockerfile in {ctx} (use -f FILE)")
         else:  # named by the caller: a pipe (-f <(...)) is fine, the read is bounded
             try:  # no symlink of another user's, no FIFO of hers (`tree.read_named`)
-                data = read_named(f, MAX_DOCKERFILE + 1)
+                try:
+                    data = read_named(f, MAX_DOCKERFILE + 1)
+                except FileNotFoundError:
+                    # Relative and not here: in the context, as buildah looks for it.
+                    if os.path.isabs(f):
+                        raise
+                    in_context = os.path.join(ctx, f)
+                    data = read_named(in_context, MAX_DOCKERFILE + 1)
+                    f = in_context
             except OSError as e:
                 raise UserError(f"cannot read {f}: {e.strerror}") from None
             if len(data) > MAX_DOCKERFILE:
