@@ -763,6 +763,16 @@ def test_buildah_flags_match_buildah(env: Env) -> None:
     iid = (env.tmp / "flags.ours").read_text()
     assert iid == r.stdout.splitlines()[-1] and iid.startswith("sha256:")
     assert len((env.tmp / "flags.theirs").read_text()) == len(iid)  # buildah's: the same form
+    r = subprocess.run(  # no context: the working directory, as buildah takes it
+        [*PYUNION, "build", "--store", env.store, "-q", "-f", "sub/flags.Containerfile"],
+        cwd=ctx,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    named = env.build(ctx, "-q", "-f", "sub/flags.Containerfile").stdout.strip()
+    assert r.returncode == 0 and r.stdout.strip() == named, r.stderr
     for bad, message in (("--pull=always", "never pulls"), ("--platform=linux/s390x", "only")):
         r = env.build(ctx, "-f", "sub/flags.Containerfile", bad, check=False)
         assert r.returncode == 125 and message in r.stderr, r.stderr

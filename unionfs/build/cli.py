@@ -68,13 +68,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "build",
         aliases=["bud"],
         help="build an image from a Containerfile/Dockerfile",
-        usage="pyunion build [OPTIONS] CONTEXT",
+        usage="pyunion build [OPTIONS] [CONTEXT]",
         description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, one "
         "layer per RUN, COPY and ADD, each RUN in a pyunion container; unchanged "
         "steps come from the build cache. The image goes into the store; its ID is "
         "the last line printed.",
     )
-    p.add_argument("context", metavar="CONTEXT", nargs="?", help="the build context directory")
+    p.add_argument(
+        "context",
+        metavar="CONTEXT",
+        nargs="?",
+        help="the build context directory (default: the working directory, as buildah's)",
+    )
     p.add_argument(
         "-f",
         "--file",
@@ -226,9 +231,7 @@ def _build(args: argparse.Namespace) -> int:
     from ..run import check_network
     from .executor import BuildOptions, build, check_platform
 
-    context = args.context or args.context_after_flag
-    if context is None:
-        raise UserError("no build context given: pyunion build [OPTIONS] CONTEXT")
+    context = args.context or args.context_after_flag or "."
     if args.context and args.context_after_flag:
         raise UserError(f"unexpected argument {args.context_after_flag!r} (a flag's value?)")
     if args.pull not in PULL_STORE:
