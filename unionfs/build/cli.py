@@ -42,7 +42,8 @@ class _BoolAction(argparse.Action):
 
 # --pull: what buildah 1.28 and podman take. The build never pulls: these leave the base
 # image to the store (an image not there is an error saying how to get it).
-PULL_STORE = ("true", "false", "missing", "never", "ifmissing", "ifnewer")
+PULL_STORE = ("true", "false", "missing", "never", "ifmissing")
+PULL_REGISTRY = ("always", "newer", "ifnewer")
 
 
 class _PullAction(argparse.Action):
@@ -57,7 +58,7 @@ class _PullAction(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         text = "missing" if values is None else str(values).lower()
-        if text not in (*PULL_STORE, "always", "newer"):
+        if text not in (*PULL_STORE, *PULL_REGISTRY):
             namespace.context_after_flag = str(values)
             text = "missing"
         namespace.pull = text  # checked with the other options, as a one-line error
