@@ -709,6 +709,25 @@ def test_archive_headers_of_the_destination_and_links_match_buildah(env: Env) ->
     assert times == [1_600_000_000] * 3 + [1_400_000_000]
 
 
+@needs_tools
+def test_archive_owner_out_of_range_is_one_line(env: Env) -> None:
+    """A GNU base-256 header holds any owner id: ADD of a member (or of the `./` member
+    now given to the destination) owned by 2^40 was a traceback (OverflowError)."""
+    ctx = env.tmp / "ctx-archive-owner"
+    ctx.mkdir()
+    for name, dot in (("file.tar", False), ("dot.tar", True)):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+            ti = tarfile.TarInfo("./" if dot else "f")
+            ti.uid, ti.type = 2**40, tarfile.DIRTYPE if dot else tarfile.REGTYPE
+            tf.addfile(ti)
+        (ctx / name).write_bytes(buf.getvalue())
+        r = env.build(ctx, "-f", "-", check=False, stdin=f"FROM scratch\nADD {name} /x/\n")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 125 and len(lines) == 1, r.stderr
+        assert "owner id 1099511627776 is out of range" in lines[0]
+
+
 WORKDIR_FILE = """FROM busybox
 USER root
 WORKDIR /a//b/../c/
