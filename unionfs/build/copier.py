@@ -584,10 +584,10 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
     try:
         for m in archive.tar:
             parts = [p for p in m.name.split("/") if p not in ("", ".")]
-            for kind, n in (("owner", m.uid), ("group", m.gid)):
+            for id_kind, n in (("owner", m.uid), ("group", m.gid)):
                 if not 0 <= n < 2**32 - 1:  # GNU base-256 headers hold any number
                     raise CopyError(
-                        f"ADD {what}: refusing {m.name!r}: {kind} id {n} is out of range"
+                        f"ADD {what}: refusing {m.name!r}: {id_kind} id {n} is out of range"
                     )
             if not parts:
                 # `./` (`tar -C dir -cf x.tar .`) is the destination itself: its owner,
