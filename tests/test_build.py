@@ -451,6 +451,111 @@ def test_debian_build_with_dpkg_matches_buildah(env: Env, debian_image: str) -> 
     assert r.stdout == "built\nbuilder\nhello from a .deb\n"
 
 
+# --- history and output, as buildah writes them ----------------------------------------------
+HISTORY_FILE = """FROM scratch AS tiny
+ENV T=1
+COPY f.txt /f.txt
+
+FROM busybox AS base
+ARG A=1
+ARG B
+ARG C
+ENV E=$A F="two words"
+LABEL l=$A m="x y"
+WORKDIR /app
+WORKDIR sub
+USER root
+RUN echo $A $C > /a \\
+    && echo more   >> /a
+RUN true
+COPY f.txt /f.txt
+COPY d /dd/
+COPY f.txt d/a $E/
+ADD f.txt /g.txt
+EXPOSE 80
+STOPSIGNAL SIGINT
+VOLUME /v
+CMD ["sh"]
+ENTRYPOINT echo hi
+RUN ["/bin/sh", "-c", "echo exec > /e"]
+
+FROM base
+ENV Z=z
+COPY --from=tiny /f.txt /from-tiny
+RUN true
+"""
+DIGEST = re.compile(r"\b(dir|file|multi):[0-9a-f]{64} ")
+FULL_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _history(cfg: dict, base: int) -> list[tuple[str, bool, str]]:
+    """The build's own history entries: (created_by with COPY's digest left out, empty
+    layer, comment with an image ID left out). The digests are computed differently (see
+    docs/build.md); the IDs have the times of day in them."""
+    return [
+        (
+            DIGEST.sub(r"\1: ", h["created_by"]),
+            bool(h.get("empty_layer")),
+            re.sub(r"^FROM [0-9a-f]{12}$", "FROM <id>", h.get("comment", "")),
+        )
+        for h in cfg["history"][base:]
+    ]
+
+
+@needs_tools
+def test_history_matches_buildah(env: Env) -> None:
+    """The image's history is buildah's, entry by entry: `created_by` in its words (RUN
+    without the word, the line as written after `/bin/sh -c` and the build args with a
+    value; `#(nop)` and the instruction unsubstituted for the rest; ARG naming every
+    argument with a value; COPY's destination as written, with a space after), the
+    `empty_layer` flags, a layer for a RUN that changes nothing, and the `comment` naming
+    the image the step started from (`FROM localhost/busybox:latest`, then an ID; none
+    on `FROM scratch`'s first step). pyunion wrote BuildKit's text, no comment, and no
+    layer for `RUN true`."""
+    ctx = env.tmp / "ctx-history"
+    _write(ctx / "Containerfile", HISTORY_FILE)
+    _write(ctx / "f.txt", "f\n")
+    _write(ctx / "d/a", "a\n")
+    base = len(Store(env.store).lookup("busybox").config["history"])
+    for tag, args in (("hist", ("--build-arg", "C=9", "--label", "k=v")), ("histny", ())):
+        target = ("--target", "tiny") if tag == "histny" else ()
+        env.buildah(ctx, tag, *args, *target)
+        env.build(ctx, "-t", tag, *args, *target)
+        (_, theirs), (_, ours) = env.buildah_image(tag), env.pyunion_image(tag)
+        skip = base if tag == "hist" else 0
+        assert _history(ours, skip) == _history(theirs, skip)
+        assert len(ours["rootfs"]["diff_ids"]) == len(theirs["rootfs"]["diff_ids"])
+    hist = _history(ours, 0)
+    assert hist[0] == ("/bin/sh -c #(nop) ENV T=1", True, "")  # ours: the tiny stage's
+
+
+@needs_tools
+def test_build_output_matches_buildah(env: Env) -> None:
+    """What scripts read from `buildah bud`'s output: the image ID bare on the last line
+    (`tail -1`), `Successfully tagged localhost/NAME:latest`, and for a step from the
+    cache `--> Using cache FULLID`, that step's image. pyunion printed `sha256:ID`,
+    `Successfully tagged NAME:latest` and `--> CACHED SHORTID`."""
+    ctx = env.tmp / "ctx-output"
+    _write(ctx / "Containerfile", "FROM busybox\nUSER root\nRUN echo one > /one\nENV A=1\n")
+
+    def both(*args: str) -> tuple[list[str], list[str]]:
+        theirs = sh(*env.bah, "bud", "--layers", "--isolation", "chroot", *args, ctx)
+        return theirs.splitlines(), env.build(ctx, *args).stdout.splitlines()
+
+    both("-t", "out")
+    for out in both("-t", "out"):
+        assert FULL_ID.fullmatch(out[-1]), out[-1]
+        assert "Successfully tagged localhost/out:latest" in out
+        hits = [line.split()[-1] for line in out if line.startswith("--> Using cache ")]
+        assert len(hits) == 3 and all(FULL_ID.fullmatch(h) for h in hits), out
+        assert hits[-1] == out[-1]  # the last step's image is the one tagged
+    theirs, ours = both("-q")
+    assert FULL_ID.fullmatch(theirs[-1]) and FULL_ID.fullmatch(ours[-1])
+    # The bare ID names the image, as a script passes it on.
+    r = pyunion("run", "--store", env.store, ours[-1], "--", "cat", "/one", timeout=120)
+    assert r.stdout == "one\n"
+
+
 # --- the cache ------------------------------------------------------------------------------
 CACHE_FILE = """FROM busybox
 USER root
