@@ -8,10 +8,11 @@ variables), and for COPY and ADD the digest of every source file's name, mode,
 owner and bytes after the ignore rules (`sources.SourceTree.digest`). A `COPY
 --from` step has two keys: one with the source stage's ID standing for its
 content (found without mounting it), and one with the digest of what it copies,
-as buildah keys it. The value is the state after the step:
-its full config (history included) and its layer descriptors, so a hit costs
-one small file read and no layer work, and the same parent gives the same child
-ID, on and on down the Containerfile.
+as buildah keys it. The history text the step records is in its key as well, so a
+hit gives what the step would have written (buildah compares it too). The value
+is the state after the step: its full config (history included) and its layer
+descriptors, so a hit costs one small file read and no layer work, and the same
+parent gives the same child ID, on and on down the Containerfile.
 
 Entries live in STORE/build-cache/, one JSON file per key. They keep no layer
 alive: an entry whose layers `rmi` has removed is a miss (and is dropped).
@@ -30,11 +31,14 @@ from ..errors import UserError
 from ..image.store import Store, write_json_atomic
 
 CACHE_DIR = "build-cache"
+# In every key: entries written before what a step records changed (its history became
+# buildah's, and a RUN that changes nothing got a layer) miss once, not give the old.
+KEY_VERSION = 2
 MAX_ENTRY = 1 << 22
 
 
 def step_key(parent_id: str, *parts: Any) -> str:
-    data = json.dumps([parent_id, *parts], sort_keys=True, separators=(",", ":"))
+    data = json.dumps([KEY_VERSION, parent_id, *parts], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(data.encode("utf-8", "surrogateescape")).hexdigest()
 
 

@@ -15,8 +15,9 @@ tmp/ over the state's layers:
   host's mounts) and write through the merged tree by its fd (`copier.py`), so
   the destination resolves as the container sees it;
 
-then the upper is committed as one layer (`layer.py`), or recorded as an
-`empty_layer` entry when nothing changed. Every step first looks in the cache
+then the upper is committed as one layer (`layer.py`), an empty one when nothing
+changed, as buildah records it. History entries and output lines are buildah's
+(docs/build.md). Every step first looks in the cache
 (`cache.py`); a hit takes the stored state and does no work. Only stages the
 target needs are built. With `--layers=false`/`--squash` each stage runs all
 its steps on one upper and commits one layer at its end, without the cache.
@@ -501,10 +502,10 @@ class Builder:
         new = st.image.copy()
         # The key takes what the step did (values substituted); the history, buildah's text.
         effect = apply_metadata(inst, new.config, st.scope, st.state)
-        key = step_key(
-            st.image.cache_id, "meta", inst.cmd, effect, st.state.cmd_set, st.state.shell
-        )
         shown = "ARG " + " ".join(sorted(st.scope.args)) if inst.cmd == "ARG" else inst.original
+        key = step_key(
+            st.image.cache_id, "meta", inst.cmd, effect, st.state.cmd_set, st.state.shell, shown
+        )
         self._finish(st, new, key, NOP + shown, False, t0)
 
     def _cli_label(self, st: _Stage, key: str, value: str) -> None:
@@ -576,7 +577,7 @@ class Builder:
             network = self._run_network(inst)
             # The host's network keeps the key it always had; another mode is a step of its own.
             net_part = [] if network == "host" else [{"network": network}]
-            key = step_key(st.image.cache_id, "RUN", argv, sorted(env), *net_part)
+            key = step_key(st.image.cache_id, "RUN", argv, sorted(env), created_by, *net_part)
 
             def work(upper: str, lowers: list[str]) -> None:
                 self._run(st, argv, env, upper, lowers, inst, network)
@@ -783,6 +784,7 @@ class Builder:
                 dest_abs,
                 dest_is_dir,
                 src_state.cache_id,
+                dest_raw,  # the history's text
             )
             plan.multi = count > 1
             # Until the stage is mounted (a cache miss): the digest is of what it copies.
@@ -820,6 +822,7 @@ class Builder:
             dest_abs,
             dest_is_dir,
             [s.name for s in sources],
+            dest_raw,  # the history's text
         )
         return plan
 
@@ -916,6 +919,7 @@ class Builder:
             plan.dest_is_dir,
             {"from-content": digest},
             [s.name for s in sources],
+            plan.inst.args[-1],  # the history's text
         )
 
     def _add_archive(
