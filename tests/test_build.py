@@ -828,6 +828,39 @@ def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None
     assert time.monotonic() - started < 20
 
 
+def test_a_containerfile_using_a_big_variable_many_times_is_one_line(tmp_path: Path) -> None:
+    """Each word stays under its bound, but one line that names a 512 KiB variable 300
+    times asked for 150 MiB, and the next such line as much again: the build took 2.2
+    GB and 25 s, then wrote a config no command could read back ('too large to read');
+    a 16 MiB Containerfile of such words asks for terabytes. What all the words of a
+    build take in is bounded too. Run under a 1.5 GiB address-space limit (the old code
+    then dies of MemoryError)."""
+    lines = ["FROM scratch", "ENV A=" + "x" * 1024]
+    lines += ["ENV A=$A$A"] * 9  # 512 KiB, under the bound of one word
+    lines += ["ENV " + " ".join(f"B{i}=$A" for i in range(300))] * 4
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))
+
+    started = time.monotonic()
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-t", "bomb", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "line 12: ENV: the Containerfile's variables expand to more than" in r.stderr, r.stderr
+    assert time.monotonic() - started < 20
+    assert not list((tmp_path / "s/blobs/sha256").iterdir())
+
+
 # --- pure rules (no root needed) ---------------------------------------------------------------
 def test_flags_keep_their_non_ascii_text() -> None:
     """The parser library hands flags back as UTF-8 read as Latin-1: `--chown=josé` came
