@@ -861,6 +861,47 @@ def test_a_containerfile_using_a_big_variable_many_times_is_one_line(tmp_path: P
     assert not list((tmp_path / "s/blobs/sha256").iterdir())
 
 
+def _cache_bytes(store: Path) -> int:
+    cache = store / "build-cache"
+    return sum(f.stat().st_size for f in cache.iterdir()) if cache.exists() else 0
+
+
+@pytest.mark.timeout(120)
+def test_a_containerfile_of_many_metadata_steps_does_not_fill_the_disk(tmp_path: Path) -> None:
+    """Each step's state is a cache entry holding the whole config: a 1 MiB ENV and 200
+    LABEL lines wrote 200 MiB into the store, and a 200 KB Containerfile of 20,000 ENV
+    lines 5 GB in five minutes (its history grows by a line a step), terabytes for a
+    16 MiB one. A build writes at most 64 MiB of cache entries, each one at most what
+    the cache reads back (4 MiB: a bigger one was written and never read)."""
+    (tmp_path / "ctx").mkdir()
+    big = ["FROM scratch", "ENV A=" + "x" * (1 << 15)] + ["ENV A=$A$A"] * 5  # 1 MiB
+    lines = big + [f"LABEL n={i}" for i in range(200)]
+    (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-q", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than 67108864 bytes of build cache" in r.stderr, r.stderr
+    assert _cache_bytes(tmp_path / "s") < (64 + 5) << 20
+
+    five = "ENV " + " ".join(f"B{i}=$A" for i in range(5))
+    (tmp_path / "ctx/Containerfile").write_text("\n".join([*big, five]) + "\n")
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "t"), "-q", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
+    assert _cache_bytes(tmp_path / "t") == 0
+
+
 # --- pure rules (no root needed) ---------------------------------------------------------------
 def test_flags_keep_their_non_ascii_text() -> None:
     """The parser library hands flags back as UTF-8 read as Latin-1: `--chown=josé` came
