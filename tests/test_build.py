@@ -899,7 +899,7 @@ def test_a_containerfile_of_many_metadata_steps_does_not_fill_the_disk(tmp_path:
     )
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
-    assert _cache_bytes(tmp_path / "t") == 0
+    assert max(f.stat().st_size for f in (tmp_path / "t/build-cache").iterdir()) <= 4 << 20
 
 
 # --- pure rules (no root needed) ---------------------------------------------------------------
