@@ -18,8 +18,9 @@ names taken from the archive are refused if absolute or containing `..`. Files
 of a layout directory are opened only if they are regular files inside it
 (`tree.open_regular`: no FIFO, no device, no symlink out; no symlink at all
 under `blobs/`); the directory or archive itself is reached through no symlink
-of another user's (`tree.open_trusted`, in `DirSource` and `load.open_archive`). Every JSON document is checked by `schema` before anything uses
-it; the names an archive gives its images are checked by the importer.
+of another user's (`tree.open_trusted`, in `DirSource` and `load.open_archive`).
+Every JSON document is checked by `schema` before anything uses it; the names
+an archive gives its images are checked by the importer.
 """
 
 from __future__ import annotations
