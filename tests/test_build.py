@@ -810,14 +810,17 @@ def test_a_context_file_swapped_or_grown_after_the_walk(tmp_path: Path) -> None:
 
 def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None:
     """40 lines each doubling a variable ask for 2^40 characters: the expansion stops
-    at its bound with one line, at once (a value was split per character: minutes)."""
+    at its bound with one line, at once (a value was split per character: minutes).
+    Without the cache: with it, line 17's state (its values in Env and in the history)
+    is already more than a cache entry may be, which stops the build one line earlier."""
     lines = ["FROM scratch", "ENV A0=" + "x" * 32]
     lines += [f"ENV A{i}=${{A{i - 1}}}${{A{i - 1}}}" for i in range(1, 40)]
     (tmp_path / "ctx").mkdir()
     (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
     started = time.monotonic()
     r = subprocess.run(
-        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-t", "bomb", str(tmp_path / "ctx")],
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "--layers=false", "-t", "bomb"]
+        + [str(tmp_path / "ctx")],
         capture_output=True,
         text=True,
         timeout=60,
