@@ -904,6 +904,20 @@ def test_a_containerfile_of_many_metadata_steps_does_not_fill_the_disk(tmp_path:
     assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
     assert max(f.stat().st_size for f in (tmp_path / "t/build-cache").iterdir()) <= 4 << 20
 
+    # Without the cache, the same config was written into the store as a blob, which the
+    # build's last step then could not read back: a 5 MiB blob left for nothing.
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "u"), "--layers=false", "-q"]
+        + [str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
+    assert list((tmp_path / "u/blobs/sha256").iterdir()) == []
+
 
 # --- pure rules (no root needed) ---------------------------------------------------------------
 def test_flags_keep_their_non_ascii_text() -> None:
