@@ -408,6 +408,14 @@ class Store:
         os.rename(tmp_file, dst)
 
     def put_blob_bytes(self, data: bytes, digest: str, tmpdir: str) -> None:
+        """Store an image document (a config, a manifest) made or read whole: never one
+        larger than `read_blob` reads back (a build's 5 MiB config was stored, and then
+        the build failed to read it)."""
+        if len(data) > schema.MAX_JSON:
+            raise UserError(
+                f"an image config or manifest of {len(data)} bytes is more than the "
+                f"{schema.MAX_JSON} pyunion reads back"
+            )
         if self.has_blob(digest):
             return
         p = os.path.join(tmpdir, "blob-" + uuid.uuid4().hex)
