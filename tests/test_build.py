@@ -817,10 +817,10 @@ def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None
     lines += [f"ENV A{i}=${{A{i - 1}}}${{A{i - 1}}}" for i in range(1, 40)]
     (tmp_path / "ctx").mkdir()
     (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+    ctx = str(tmp_path / "ctx")
     started = time.monotonic()
     r = subprocess.run(
-        [*PYUNION, "build", "--store", str(tmp_path / "s"), "--layers=false", "-t", "bomb"]
-        + [str(tmp_path / "ctx")],
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "--layers=false", "-t", "bomb", ctx],
         capture_output=True,
         text=True,
         timeout=60,
@@ -904,11 +904,11 @@ def test_a_containerfile_of_many_metadata_steps_does_not_fill_the_disk(tmp_path:
     assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
     assert max(f.stat().st_size for f in (tmp_path / "t/build-cache").iterdir()) <= 4 << 20
 
+    ctx = str(tmp_path / "ctx")
     # Without the cache, the same config was written into the store as a blob, which the
     # build's last step then could not read back: a 5 MiB blob left for nothing.
     r = subprocess.run(
-        [*PYUNION, "build", "--store", str(tmp_path / "u"), "--layers=false", "-q"]
-        + [str(tmp_path / "ctx")],
+        [*PYUNION, "build", "--store", str(tmp_path / "u"), "--layers=false", "-q", ctx],
         capture_output=True,
         text=True,
         timeout=100,
