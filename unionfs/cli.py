@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, printable
 
 TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
 if TYPE_CHECKING:
@@ -268,7 +268,9 @@ def run_cli(
 def _report(e: UserError) -> int:
     if os.environ.get("PYUNION_TRACEBACK"):
         raise e
-    print(f"pyunion: {e}", file=sys.stderr)
+    # Escaped, whatever raised it: a message may quote someone else's text (a step of a
+    # Containerfile, a name from an image), and stays one line without a control sequence.
+    print(f"pyunion: {printable(e)}", file=sys.stderr)
     return e.code
 
 
