@@ -15,6 +15,7 @@ import json
 import os
 import pty
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -59,6 +60,15 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     shutil.copy2(bindir / "hostile", bindir / "suid-status")
     os.chmod(bindir / "suid-status", 0o4755)
+    # A group root and alice are members of (supplementary groups), and a directory
+    # with content of its own where a --tmpfs goes (podman copies it up).
+    with open(root / "etc/group", "a") as f:
+        f.write("wheel:x:10:root,alice\n")
+    (root / "srv/data").mkdir(parents=True)
+    (root / "srv/data/f").write_text("data\n")
+    os.symlink("f", root / "srv/data/link")
+    os.chown(root / "srv/data/f", 1000, 1000)
+    os.chmod(root / "srv/data", 0o750)
     return root
 
 
@@ -116,8 +126,9 @@ class Podman:
         ]
 
     def run(
-        self, *opts: str, command: tuple[str, ...], fds: str = ""
+        self, *opts: str, command: tuple[str, ...], fds: str = "", ok: bool = True
     ) -> subprocess.CompletedProcess[str]:
+        """podman's run; with `ok` it must have started the command."""
         r = subprocess.run(
             [*_with_fds(fds), *self.cmd(*opts, command=command)],
             capture_output=True,
@@ -126,7 +137,7 @@ class Podman:
             check=False,
             stdin=subprocess.DEVNULL,
         )
-        assert "Error:" not in r.stderr, r.stderr
+        assert not ok or "Error:" not in r.stderr, r.stderr
         return r
 
     def sh(self, script: str, *opts: str) -> subprocess.CompletedProcess[str]:
@@ -140,7 +151,7 @@ def podman(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Podman:
     )
     base = tmp_path_factory.mktemp("podman")
     root = base / "root"
-    shutil.copytree(rootfs, root, symlinks=True)
+    subprocess.run(["cp", "-a", str(rootfs), str(root)], check=True, timeout=60)  # owners too
     (base / "state").mkdir()
     return Podman(root, base / "state")
 
@@ -1194,7 +1205,7 @@ def test_passwd_entries_with_absurd_ids_are_skipped(env: Env, tmp_path: Path) ->
         r = env.run("id", "-u", opts=("-u", user), timeout=30)
         assert (r.returncode, r.stdout.strip()) == (0, out), r.stderr
     r = env.run("true", opts=("-u", "bob"), timeout=30)
-    assert r.returncode == 125 and "unable to find user 'bob'" in r.stderr, r.stderr
+    assert r.returncode == 126 and "unable to find user 'bob'" in r.stderr, r.stderr
 
 
 def test_passwd_symlink_resolves_inside_the_image(env: Env, tmp_path: Path) -> None:
@@ -1410,3 +1421,162 @@ def test_container_cannot_lift_its_pids_limit(env: Env) -> None:
     assert "unlimited" in r.stdout or "write errno" in r.stdout, r.stdout  # it got that far
     assert "survived" not in r.stdout, (r.stdout, r.stderr)
     assert "fork" in r.stderr, r.stderr
+
+
+# -- podman's options and their results ----------------------------------------------------
+GROUPS = "grep -E '^(Uid|Gid|Groups):' /proc/self/status"
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        (),
+        ("-u", "0"),
+        ("-u", "alice"),
+        ("-u", "root:users"),
+        ("--group-add", "users"),
+        ("--group-add", "10", "-u", "alice"),
+        ("-u", "1000:100", "--group-add", "users", "--group-add", "4242"),
+        ("-u", "4242", "--group-add", "wheel"),
+    ],
+)
+def test_groups_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """Supplementary groups: the user's memberships in the image's /etc/group, its
+    primary group only when a user is named (podman leaves it out for the default
+    user), and --group-add's by name or number."""
+    ours = env.sh(GROUPS, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(GROUPS, *opts).stdout
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("-u", "nosuch"),
+        ("-u", "alice:nosuch"),
+        ("--group-add", "nosuch"),
+        ("-w", "/etc/passwd"),
+    ],
+)
+def test_what_cannot_be_invoked_is_126_as_podman(
+    env: Env, podman: Podman, opts: tuple[str, ...]
+) -> None:
+    """A user, a group or a working directory the image cannot give: the command cannot
+    be invoked, 126 as in podman (not 125, pyunion's own failures), in one line."""
+    ours = env.sh("echo ran", *opts)
+    assert (ours.returncode, ours.stdout) == (126, ""), ours.stderr
+    assert ours.stderr.count("\n") == 1 and ours.stderr.startswith("pyunion: "), ours.stderr
+    r = podman.run(*opts, command=("sh", "-c", "echo ran"), ok=False)
+    assert (r.returncode, r.stdout) == (126, ""), r.stderr
+
+
+def test_podmans_run_options_are_taken(env: Env, podman: Podman) -> None:
+    """--rm (what pyunion always does), --init (catatonit is always pid 1) and --name
+    (on the container's line of /etc/hosts, after its host name, as podman writes it)."""
+    script = "grep -w box /etc/hosts; cat /proc/1/comm"
+    opts = ("--rm", "--init", "--name", "web.1", "--hostname", "box")
+    ours = env.sh(script, *opts)
+    assert ours.stdout.startswith("127.0.0.1\tbox web.1\n"), ours.stderr
+    assert ours.stdout.endswith("catatonit\n"), ours.stdout
+    theirs = podman.sh(script, *opts, "--network", "none")
+    assert ours.stdout.splitlines()[0] == theirs.stdout.splitlines()[0]
+    r = env.sh("true", "--rm", "--keep")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    r = env.sh("true", "--name", "a/b")
+    assert r.returncode == 125 and "--name" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_an_unknown_option_is_125(env: Env) -> None:
+    """As podman: a usage error of run exits 125 (argparse's own is 2)."""
+    r = subprocess.run(
+        env.cmd("--no-such-option", command=("true",)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 125, r.stderr
+    assert "--no-such-option" in r.stderr
+
+
+def test_tty_term_and_empty_home_as_podman(env: Env, podman: Podman) -> None:
+    """-t gives TERM=xterm whatever the caller's TERM (podman's containers.conf default),
+    and an empty HOME is the user's home (runc fills it in)."""
+    script = "echo $TERM $HOME"
+    opts = ("-t", "-u", "alice", "-e", "HOME=")
+    ours = subprocess.run(
+        env.cmd(*opts, command=("sh", "-c", script)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**env.env, "TERM": "vt100"},
+        stdin=subprocess.DEVNULL,
+    )
+    assert ours.stdout.replace("\r", "") == "xterm /home/alice\n", ours.stderr
+    theirs = podman.sh(script, *opts)
+    assert ours.stdout == theirs.stdout
+
+
+TMPFS = (
+    "awk '$5 ~ \"^/srv\" {print $5, $6, $9, $NF}' /proc/self/mountinfo; "
+    "stat -c '%n %a %u:%g' /srv/data /srv/data/f /srv/data/link; "
+    "cat /srv/data/f; readlink /srv/data/link; echo x > /srv/data/new && echo written"
+)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "/srv/data",
+        "/srv/data:ro",
+        "/srv/data:size=1m,mode=700,noexec",
+        "/srv/data:notmpcopyup,mode=1770",
+        "/srv/new:exec,nosuid",
+    ],
+)
+def test_tmpfs_as_podman(env: Env, podman: Podman, spec: str) -> None:
+    """--tmpfs: podman's options (nosuid and nodev by default, not noexec), and the
+    image's content at that place copied up into it (tmpcopyup, the default)."""
+    ours = env.sh(TMPFS, "--tmpfs", spec)
+    theirs = podman.sh(TMPFS, "--tmpfs", spec)
+    assert ours.stdout == theirs.stdout, ours.stderr
+    assert " tmpfs " in ours.stdout
+
+
+@pytest.mark.parametrize(
+    "opts,script",
+    [
+        (("--ulimit", "nofile=512:800"), "ulimit -Sn; ulimit -Hn"),
+        (("--ulimit", "nofile=300"), "ulimit -Sn; ulimit -Hn"),
+        (
+            ("--ulimit", "core=0:0", "--ulimit", "nproc=50:60", "--ulimit", "memlock=1024:4096"),
+            "ulimit -Sc; ulimit -Hc; ulimit -Su; ulimit -Hu; ulimit -Sl; ulimit -Hl",
+        ),
+    ],
+)
+def test_ulimit_as_podman(env: Env, podman: Podman, opts: tuple[str, ...], script: str) -> None:
+    """--ulimit NAME=SOFT[:HARD] (-1: unlimited), as podman sets them on the command."""
+    ours = env.sh(script, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(script, *opts).stdout
+    r = env.sh("true", "--ulimit", "nofiles=1")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_ulimit_above_the_callers_hard_limit(env: Env, podman: Podman) -> None:
+    """Raising a hard limit needs CAP_SYS_RESOURCE, where the caller has it: without it
+    one line and 126, as podman's (runc's) "error setting rlimit"."""
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("the caller's hard process limit is unlimited already")
+    opts = ("--ulimit", f"nproc={hard + 1}")
+    r = podman.run(*opts, command=("true",), ok=False)
+    ours = env.sh("ulimit -Hu", *opts)
+    if r.returncode == 0:  # the caller may raise it
+        assert ours.stdout == f"{hard + 1}\n", ours.stderr
+    else:
+        assert (ours.returncode, r.returncode) == (126, 126), ours.stderr
+        assert ours.stderr.count("\n") == 1 and "--ulimit" in ours.stderr, ours.stderr

@@ -241,7 +241,6 @@ def test_exit_codes_of_files(
 
 
 def test_tool_errors_are_125(env: Env) -> None:
-    assert env.run("true", opts=("-u", "nosuchuser")).returncode == 125
     r = subprocess.run(
         [*PYUNION, "run", "/no/such/layer", "--", "true"],
         capture_output=True,

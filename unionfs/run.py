@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import gc
 import os
+import re
 import signal
 import socket
 import sys
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from . import cgroups, procfs, syscalls, userns
+from . import cgroups, procfs, rlimits, syscalls, userns
 from .errors import UserError
 from .mount import mount_detached
 from .options import MountConfig
@@ -86,6 +87,10 @@ class RunOptions:
     workdir: str | None = None
     user: str | None = None
     volumes: list[str] = field(default_factory=list)
+    tmpfs: list[str] = field(default_factory=list)
+    group_add: list[str] = field(default_factory=list)
+    ulimits: list[str] = field(default_factory=list)
+    name: str | None = None  # --name: on the container's line of /etc/hosts
     hostname: str | None = None
     network: str = "none"  # NETWORK_MODES
     entrypoint: str | None = None
@@ -102,8 +107,9 @@ class RunOptions:
     preserve_fds: int = 0
     pids_limit: int | None = None  # None: podman's default where there is a pids controller
     quiet: bool = False  # no notice that the writable layer is kept (programmatic callers)
-    # TERM unless the image sets one: podman's (containers.conf's default env, -t or not);
-    # None for none, as buildah's RUN.
+    # TERM unless the image sets one: podman's (containers.conf's default env, -t or not:
+    # podman's terminal relay speaks xterm whatever the caller's is); None for none, as
+    # buildah's RUN.
     term: str | None = "xterm"
     # Become a lean supervisor once the container runs (`Supervisor.exec_self`): the
     # `pyunion run` program only, never a caller's process, which must go on.
@@ -141,8 +147,41 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         "nodev, noexec, bind, rbind, z, Z (ro is recursive)",
     )
     p.add_argument(
+        "--tmpfs",
+        action="append",
+        default=[],
+        metavar="CONTAINER[:OPTIONS]",
+        help="mount a tmpfs (nosuid, nodev; the image's content there copied in); OPTIONS: "
+        "ro, rw, size=, mode=, nr_inodes=, exec, noexec, suid, dev, notmpcopyup",
+    )
+    p.add_argument(
+        "--group-add",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="add a supplementary group (name from the image's /etc/group, or number)",
+    )
+    p.add_argument(
+        "--ulimit",
+        action="append",
+        default=[],
+        metavar="NAME=SOFT[:HARD]",
+        help="set a resource limit of the command (nofile, nproc, core, ...; -1: unlimited)",
+    )
+    p.add_argument(
         "--hostname",
         help="the container's host name (default: 12 hex digits; the host's with --network host)",
+    )
+    p.add_argument("--name", help="the container's name, given beside its host name in /etc/hosts")
+    p.add_argument(
+        "--rm",
+        action="store_true",
+        help="remove the container when it exits (always done: for podman's command lines)",
+    )
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="an init as pid 1 (always: catatonit; for podman's command lines)",
     )
     p.add_argument(
         "--network",
@@ -229,6 +268,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 HOST_NAME_MAX = 64  # the kernel's limit for sethostname(2)
+CONTAINER_NAME = re.compile("[a-zA-Z0-9][a-zA-Z0-9_.-]*", re.ASCII)  # podman's rule for --name
 # none: a network namespace of the container's own, only its loopback up (podman's
 # `--network none`); host: the host's network, its localhost and abstract Unix sockets;
 # ns:PATH (run only): join the network namespace at PATH (`ip netns`'s, /proc/PID/ns/net).
@@ -277,6 +317,10 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
                 cur = getattr(args, key)
                 setattr(args, key, cur + value if isinstance(value, list) else value)
         before = extra.layers
+    if args.rm and (args.keep or args.upper):
+        raise _fail("--rm throws the writable layer away, --keep and --upper keep it")
+    if args.name is not None and not CONTAINER_NAME.fullmatch(args.name):
+        raise _fail(f"--name {args.name!r}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]*")
     host = args.hostname
     if host and len(os.fsencode(host)) > HOST_NAME_MAX:
         # sethostname(2) refused it, and the container kept the host's name unsaid.
@@ -293,6 +337,10 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         workdir=args.workdir,
         user=args.user,
         volumes=args.volume,
+        tmpfs=args.tmpfs,
+        group_add=args.group_add,
+        ulimits=args.ulimit,
+        name=args.name,
         hostname=args.hostname,
         network=check_network(args.network or DEFAULT_NETWORK, ns_path=True),
         entrypoint=args.entrypoint,
@@ -471,8 +519,6 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
     env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname}
     if opts.term:
         env["TERM"] = opts.term
-    if opts.tty:  # the caller's own: the container's terminal is relayed to it
-        env["TERM"] = os.environ.get("TERM", "xterm")
     for item in config.get("Env") or []:
         key, _, value = str(item).partition("=")
         if key:
@@ -524,14 +570,24 @@ def parse_volumes(specs: list[str]) -> list[volumes.Volume]:
     return [volumes.parse(v) for v in specs]
 
 
-def _host_etc_copies(etc_dir: str, name_inside: str, network: str) -> dict[str, str]:
+def parse_tmpfs(specs: list[str]) -> list[volumes.Tmpfs]:
+    from . import volumes
+
+    return [volumes.parse_tmpfs(v) for v in specs]
+
+
+def _host_etc_copies(
+    etc_dir: str, name_inside: str, network: str, container: str | None = None
+) -> dict[str, str]:
     """Copies of the host's resolv.conf, hosts and hostname (symlinks resolved) and an
     empty /run/.containerenv, to bind in.
 
     With `--network none` the container's name is on its own loopback (127.0.0.1), as
     podman writes it (the host's file may give the host's name an address the container
     cannot reach), and no resolv.conf is bound (the image keeps its own): no name server
-    is reachable, as in podman."""
+    is reachable, as in podman. `--name` follows the host name on that line, as podman
+    writes it."""
+    line = " ".join(n for n in (name_inside, container) if n)
     os.makedirs(etc_dir, exist_ok=True)
     out = {}
     names = ("hosts", "hostname") if network == "none" else ("resolv.conf", "hosts", "hostname")
@@ -546,9 +602,9 @@ def _host_etc_copies(etc_dir: str, name_inside: str, network: str) -> dict[str, 
         if name == "hosts" and data and not data.endswith(b"\n"):
             data += b"\n"  # the line added below must not join the host's last one
         if name == "hosts" and network == "none":
-            data += f"127.0.0.1\t{name_inside}\n".encode()
-        elif name == "hosts" and name_inside != socket.gethostname():
-            data += f"127.0.1.1\t{name_inside}\n".encode()
+            data += f"127.0.0.1\t{line}\n".encode()
+        elif name == "hosts" and line != socket.gethostname():
+            data += f"127.0.1.1\t{line}\n".encode()
         path = os.path.join(etc_dir, name)
         with open(path, "wb") as f:
             f.write(data)
@@ -754,6 +810,9 @@ class Runner:
             hostname=hostname,
             network=opts.network,
             binds=parse_volumes(opts.volumes),
+            tmpfs=parse_tmpfs(opts.tmpfs),
+            group_add=opts.group_add,
+            rlimits=[rlimits.parse_ulimit(u) for u in opts.ulimits],
             interactive=opts.interactive,
             tty=opts.tty,
             read_only=opts.read_only,
@@ -785,7 +844,7 @@ class Runner:
             os.mkdir(work, 0o700)
         spec.root = self.sup.merged
         spec.etc_files = _host_etc_copies(
-            os.path.join(self.sup.tmp, "etc"), spec.hostname, opts.network
+            os.path.join(self.sup.tmp, "etc"), spec.hostname, opts.network, opts.name
         )
         # init prepares (its seccomp filter, catatonit) while the daemon mounts; it enters
         # the tree on "go".

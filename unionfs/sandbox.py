@@ -41,6 +41,7 @@ import errno
 import fcntl
 import gc
 import os
+import resource
 import signal
 import socket
 import stat
@@ -111,6 +112,10 @@ class ContainerSpec:
     hostname: str = "pyunion"
     network: str = "none"  # none: a namespace of its own; host: the host's; ns:PATH: join it
     binds: list[Volume] = field(default_factory=list)
+    tmpfs: list[volumes.Tmpfs] = field(default_factory=list)
+    group_add: list[str] = field(default_factory=list)  # --group-add: names or numbers
+    # --ulimit: (RLIMIT_*, soft, hard)
+    rlimits: list[tuple[int, int, int]] = field(default_factory=list)
     etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x (.containerenv) -> copy
     interactive: bool = False
     tty: bool = False
@@ -124,7 +129,16 @@ class ContainerSpec:
 
 
 class SetupError(Exception):
-    """The container could not be set up: init prints it and exits 125."""
+    """The container could not be set up: init prints it and exits with `code`, 125, or
+    126 where podman says the command cannot be invoked (its user, group or working
+    directory is not in the image)."""
+
+    def __init__(self, msg: str, code: int = 125) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+CANNOT_INVOKE = 126
 
 
 # -- building the container's view ------------------------------------------------------
@@ -349,6 +363,95 @@ def _bind(rootfd: int, vol: Volume) -> None:
             os.close(fd)
 
 
+def _mount_tmpfs(rootfd: int, fs: volumes.Tmpfs) -> None:
+    """A `--tmpfs`, as runc mounts it for podman: the image's directory there keeps its
+    mode on the tmpfs' root, and with `copyup` its content is copied in (owners, modes,
+    symlinks, special files; hard links become copies), through fds below the
+    directory, which is still reachable under the new mount. Nothing of the image has
+    run yet, so the tree holds still; a copy bigger than the tmpfs fails (ENOSPC)."""
+    made = len(CREATED)
+    under = _ensure(rootfd, fs.target, True)
+    existed = len(CREATED) == made
+    try:
+        st = os.stat(under)
+        old = -1
+        if fs.copyup and stat.S_ISDIR(st.st_mode):
+            old = os.open(fd_str(under), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            mount("tmpfs", fd_str(under), "tmpfs", fs.flags & ~MS_RDONLY, fs.data or None)
+            top = open_in_root(rootfd, fs.target, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if old >= 0:
+                    _copy_tree(old, top)
+                if existed and stat.S_ISDIR(st.st_mode):
+                    os.chmod(top, stat.S_IMODE(st.st_mode))
+                if fs.flags & MS_RDONLY:
+                    mount(None, fd_str(top), None, MS_REMOUNT | MS_BIND | MS_RDONLY | fs.flags)
+            finally:
+                os.close(top)
+        finally:
+            if old >= 0:
+                os.close(old)
+    finally:
+        os.close(under)
+
+
+def _copy_tree(src: int, dst: int) -> None:
+    """Copy the directory `src` into `dst` (fds; never a symlink followed), depth first
+    without recursion (an image's tree may be deep)."""
+    stack = [(os.dup(src), os.dup(dst))]
+    try:
+        while stack:
+            s, d = stack.pop()
+            try:
+                for entry in os.scandir(s):
+                    _copy_entry(s, d, entry.name, stack)
+            finally:
+                os.close(s)
+                os.close(d)
+    finally:
+        for s, d in stack:
+            os.close(s)
+            os.close(d)
+
+
+def _copy_entry(s: int, d: int, name: str, stack: list[tuple[int, int]]) -> None:
+    st = os.stat(name, dir_fd=s, follow_symlinks=False)
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode):
+        os.mkdir(name, 0o700, dir_fd=d)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        sub_s = os.open(name, flags, dir_fd=s)
+        try:
+            sub_d = os.open(name, flags, dir_fd=d)
+        except BaseException:
+            os.close(sub_s)
+            raise
+        stack.append((sub_s, sub_d))
+    elif stat.S_ISREG(st.st_mode):
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fi = os.open(name, flags, dir_fd=s)
+        try:
+            fo = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=d)
+            try:
+                while os.sendfile(fo, fi, None, 1 << 20):
+                    pass
+            finally:
+                os.close(fo)
+        finally:
+            os.close(fi)
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(name, dir_fd=s), name, dir_fd=d)
+    else:  # a FIFO, a socket's name, a device node (which the tmpfs' nodev keeps shut)
+        try:
+            os.mknod(name, st.st_mode, st.st_rdev, dir_fd=d)
+        except PermissionError:  # no CAP_MKNOD (rootless): as runc, a node it cannot make
+            return
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=d, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):  # after chown, which clears the set-ID bits
+        os.chmod(name, mode, dir_fd=d)
+
+
 def _clone_with_attrs(src: int, vol: Volume) -> int:
     """A detached bind of `src` with `vol`'s attributes set; -1 if the kernel cannot."""
     try:
@@ -459,7 +562,17 @@ def setup_root(spec: ContainerSpec) -> None:
                 _mount_at(rootfd, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode:o}")
         for target, host_copy in spec.etc_files.items():
             _bind(rootfd, Volume(host_copy, target, recursive=False))
-        for b in spec.binds:
+        # Outer mounts first, as podman sorts them: a volume inside a tmpfs, or the other
+        # way round, ends up on top.
+        mounts: list[Volume | volumes.Tmpfs] = [*spec.binds, *spec.tmpfs]
+        mounts.sort(key=lambda m: os.path.normpath(m.target).count("/"))
+        for b in mounts:
+            if isinstance(b, volumes.Tmpfs):
+                try:
+                    _mount_tmpfs(rootfd, b)
+                except OSError as e:
+                    raise SetupError(f"cannot mount --tmpfs {b.target!r}: {e.strerror}") from e
+                continue
             # nodev, as /dev: podman's devices cgroup would refuse a node of the volume
             b.nodev = b.nodev or not conf.privileged
             try:
@@ -527,12 +640,15 @@ def _read_db(path: str) -> list[list[str]]:
         os.close(rootfd)
 
 
-def resolve_user(user: str | None) -> Identity:
-    """USER[:GROUP] (names or numbers) from /etc/passwd and /etc/group (call after pivot)."""
+def resolve_user(user: str | None, group_add: list[str] | None = None) -> Identity:
+    """USER[:GROUP] (names or numbers) from /etc/passwd and /etc/group (call after pivot),
+    with podman's supplementary groups: the user's memberships in /etc/group (unless a
+    GROUP is given), the primary group only when a user is named (podman leaves it out
+    for the default user, root), and `group_add`'s, names or numbers."""
     name, _, group = (user or "0").partition(":")
-    for part in (name, group):
+    for part in (name, group, *(group_add or [])):
         if part.isdigit() and _id(part) is None:
-            raise SetupError(f"user or group id {part} is out of range")
+            raise SetupError(f"user or group id {part} is out of range", CANNOT_INVOKE)
     # Entries with ids that are not numbers, or out of range, are ignored like nss does.
     passwd = [e for e in _read_db("/etc/passwd") if len(e) >= 7 and _id(e[2]) is not None]
     groups = [e for e in _read_db("/etc/group") if len(e) >= 3 and _id(e[2]) is not None]
@@ -543,23 +659,19 @@ def resolve_user(user: str | None) -> Identity:
     else:
         entry = next((e for e in passwd if e[0] == name), None)
         if entry is None:
-            raise SetupError(f"unable to find user {name!r} in the image's /etc/passwd")
+            raise SetupError(
+                f"unable to find user {name!r} in the image's /etc/passwd", CANNOT_INVOKE
+            )
         uid = int(entry[2])
     gid = (_id(entry[3]) if entry is not None else None) or 0
     if group:
-        gid_given = _id(group)
-        if gid_given is not None:
-            gid = gid_given
-        else:
-            g = next((e for e in groups if e[0] == group), None)
-            if g is None:
-                raise SetupError(f"unable to find group {group!r} in the image's /etc/group")
-            gid = int(g[2])
-    extra = [gid]
+        gid = _group_id(groups, group)
+    extra = [gid] if user else []
     if entry is not None and not group:
         for g in groups:
             if len(g) >= 4 and entry[0] in g[3].split(","):
                 extra.append(int(g[2]))
+    extra += [_group_id(groups, g) for g in group_add or []]
     home = entry[5] if entry is not None and entry[5] else "/"
     ids = sorted(set(extra))
     if len(ids) > NGROUPS_MAX:  # setgroups(2) would say EINVAL: say why instead
@@ -568,6 +680,17 @@ def resolve_user(user: str | None) -> Identity:
             f"more than the kernel's limit of {NGROUPS_MAX}"
         )
     return Identity(uid, gid, ids, home)
+
+
+def _group_id(groups: list[list[str]], group: str) -> int:
+    """GROUP's ID: a number as it is, a name from the image's /etc/group."""
+    gid = _id(group)
+    if gid is not None:
+        return gid
+    g = next((e for e in groups if e[0] == group), None)
+    if g is None:
+        raise SetupError(f"unable to find group {group!r} in the image's /etc/group", CANNOT_INVOKE)
+    return int(g[2])
 
 
 def _id(s: str) -> int | None:
@@ -742,6 +865,19 @@ def _take_signals(go: socket.socket | None) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+def _set_rlimits(limits: list[tuple[int, int, int]]) -> None:
+    """`--ulimit`, before the capabilities go: raising a hard limit needs
+    CAP_SYS_RESOURCE. Refused, the command cannot be invoked (126, as runc's "error
+    setting rlimit")."""
+    for res, soft, hard in limits:
+        try:
+            resource.setrlimit(res, (soft, hard))
+        except (ValueError, OSError) as e:
+            name = next((k for k, v in rlimits.ULIMITS.items() if v == res), str(res))
+            print(f"pyunion: cannot set --ulimit {name}: {e}", file=sys.stderr)
+            os._exit(CANNOT_INVOKE)
+
+
 def _exec_init(
     spec: ContainerSpec, ident: Identity, exe: int, go: socket.socket | None, slave: int | None
 ) -> NoReturn:
@@ -763,6 +899,7 @@ def _exec_init(
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             os.close(null)
+        _set_rlimits(spec.rlimits)
         keep = [exe] if go is None else [exe, go.fileno()]
         confine.enter(spec.confinement, ident.uid, ident.gid, ident.groups, keep)
         set_pdeathsig(signal.SIGKILL)  # a new user clears it; kept across execve
@@ -780,12 +917,14 @@ def _exec_init(
         )
         os._exit(125)
     env = dict(spec.env)
-    env.setdefault("HOME", ident.home)
+    if not env.get("HOME"):  # unset or empty: the user's, as runc fills it in
+        env["HOME"] = ident.home
     err = _exec_error(spec.argv[0], env)
     if err is not None:  # argv[0] may be the image's Entrypoint or Cmd: no escapes
         print(f"pyunion: {printable(spec.argv[0])}: {err.strerror}", file=sys.stderr)
         os._exit(127 if err.errno in (errno.ENOENT, errno.ENOTDIR) else 126)
-    rlimits.give_back_fd_limit()  # the caller's `ulimit -n`, not the one pyunion took
+    if not any(res == resource.RLIMIT_NOFILE for res, _, _ in spec.rlimits):
+        rlimits.give_back_fd_limit()  # the caller's `ulimit -n`, not the one pyunion took
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python's SIG_IGN would be inherited
         signal.signal(sig, signal.SIG_DFL)
     # ^Z on the container's terminal: nobody could resume the command (pyunion is no
@@ -906,15 +1045,20 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
                 with contextlib.suppress(OSError):
                     os.write(spec.report_fd, "".join(p + "\n" for p in CREATED).encode())
                 os.close(spec.report_fd)
-        ident = resolve_user(spec.user)
+        ident = resolve_user(spec.user, spec.group_add)
         if userns.unmapped([ident.uid]) or userns.unmapped([ident.gid], "gid"):
             raise SetupError(f"user {spec.user!r} ({ident.uid}:{ident.gid}) is {spec.outside}")
         if spec.workdir and not os.path.isdir(spec.workdir):
+            if os.path.lexists(spec.workdir):
+                raise SetupError(
+                    f"the working directory {spec.workdir!r} is not a directory", CANNOT_INVOKE
+                )
             try:
                 _make_workdir(spec.workdir, ident.uid, ident.gid)
             except OSError as e:
                 raise SetupError(
-                    f"cannot create the working directory {spec.workdir!r}: {e.strerror}"
+                    f"cannot create the working directory {spec.workdir!r}: {e.strerror}",
+                    CANNOT_INVOKE,
                 ) from e
         if spec.read_only:  # the root mount only: /dev, /proc, binds, tmpfs keep their flags
             mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY)
@@ -927,6 +1071,7 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         _exec_init(spec, ident, exe, go_sock, slave)
     except SetupError as e:
         print(f"pyunion: {e}", file=sys.stderr)
+        code = e.code
     except OSError as e:
         print(
             f"pyunion: cannot set up the container: {e.strerror}"

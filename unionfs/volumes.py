@@ -7,7 +7,7 @@ ignored, there is no SELinux here), `private`/`rprivate` (what the
 container's mount namespace is anyway). Read-only and the other attributes
 apply to every mount below the target (mount_setattr with AT_RECURSIVE), as
 Docker does for `:ro`; kernels older than 5.12 get the same by a remount of
-each submount.
+each submount. `--tmpfs CONTAINER[:OPTIONS]` is parsed here too (`parse_tmpfs`).
 """
 
 from __future__ import annotations
@@ -115,6 +115,59 @@ def parse(spec: str) -> Volume:
         nodev="nodev" in seen,
         noexec="noexec" in seen,
     )
+
+
+# -- --tmpfs CONTAINER[:OPTIONS] ------------------------------------------------------------
+@dataclass
+class Tmpfs:
+    """A `--tmpfs` mount: podman's defaults are nosuid and nodev (not noexec), and the
+    image's content at the target copied up into it (`tmpcopyup`)."""
+
+    target: str
+    flags: int = MS_NOSUID | MS_NODEV
+    data: str = ""  # size=, mode=, nr_inodes=, nr_blocks=: the kernel's tmpfs options
+    copyup: bool = True
+
+
+# The flags podman's --tmpfs takes, each with its opposite (MS_* set, cleared).
+TMPFS_FLAGS = {
+    "ro": (MS_RDONLY, 0),
+    "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0),
+    "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0),
+    "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0),
+    "exec": (0, MS_NOEXEC),
+}
+TMPFS_DATA = ("size", "mode", "nr_inodes", "nr_blocks")
+
+
+def parse_tmpfs(spec: str) -> Tmpfs:
+    """One `--tmpfs` value; a bad one is a UserError (exit 125), as podman's."""
+    target, _, options = spec.partition(":")
+    if not target.startswith("/") or os.path.normpath(target) == "/":
+        raise UserError(f"bad --tmpfs {spec!r}: the container path must be absolute and not /", 125)
+    fs = Tmpfs(target)
+    data = []
+    for opt in options.split(",") if options else []:
+        key, eq, value = opt.partition("=")
+        if opt in TMPFS_FLAGS:
+            add, clear = TMPFS_FLAGS[opt]
+            fs.flags = (fs.flags | add) & ~clear
+        elif opt in ("tmpcopyup", "notmpcopyup"):
+            fs.copyup = opt == "tmpcopyup"
+        elif eq and key in TMPFS_DATA and value and "\0" not in value:  # the kernel checks it
+            data.append(opt)
+        else:
+            raise UserError(
+                f"bad --tmpfs {spec!r}: unknown option {opt!r} (supported: ro, rw, nosuid, "
+                "suid, nodev, dev, noexec, exec, size=, mode=, nr_inodes=, nr_blocks=, "
+                "tmpcopyup, notmpcopyup)",
+                125,
+            )
+    fs.data = ",".join(data)
+    return fs
 
 
 # -- mount attributes, recursively --------------------------------------------------------------

@@ -583,7 +583,9 @@ class Builder:
             command=argv,
             env=env + image_env,
             workdir=cfg.get("WorkingDir") or None,
-            user=cfg.get("User") or None,
+            # Named, as buildah names root: its primary group is then among the
+            # supplementary ones (podman's run leaves it out for a default user).
+            user=cfg.get("User") or "0",
             upper=upper,
             network=network,
             quiet=True,
