@@ -143,6 +143,26 @@ class Podman:
     def sh(self, script: str, *opts: str) -> subprocess.CompletedProcess[str]:
         return self.run(*opts, command=("sh", "-c", script))
 
+    def podman(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """podman ARGS on the same storage, its output as text."""
+        base = self.cmd(command=())
+        return subprocess.run(
+            [*base[: base.index("run")], *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def run_image(
+        self, image: str, *opts: str, command: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        """podman run of an image it loaded (not --rootfs), with this class' options."""
+        argv = self.cmd(*opts, command=command)
+        i = argv.index("--rootfs")
+        return self.podman(*argv[argv.index("run") : i], image, *argv[i + 2 :])
+
 
 @pytest.fixture(scope="module")
 def podman(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Podman:
@@ -1580,3 +1600,96 @@ def test_ulimit_above_the_callers_hard_limit(env: Env, podman: Podman) -> None:
     else:
         assert (ours.returncode, r.returncode) == (126, 126), ours.stderr
         assert ours.stderr.count("\n") == 1 and "--ulimit" in ours.stderr, ours.stderr
+
+
+# -- an image, run by name -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def images(
+    rootfs: Path, podman: Podman, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Callable[..., subprocess.CompletedProcess[str]]]:
+    """The rootfs as images in a store of pyunion's and, loaded from pyunion's own
+    `docker save` export, in podman's: t/base (the sample's config: User alice,
+    WorkingDir /home/alice), t/ep (Entrypoint, Cmd, a WorkingDir the tree lacks).
+    Returns the store and a `pyunion run --store STORE` runner."""
+    from unionfs.sample import build_sample_oci
+
+    base = tmp_path_factory.mktemp("images")
+    store = str(base / "store")
+
+    def pyunion(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "unionfs", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "TMPDIR": str(tmp_path_factory.mktemp("tmpdir"))},
+            **kw,
+        )
+
+    oci = build_sample_oci(base, [str(rootfs)])
+    r = pyunion("image", "import", "-q", "--store", store, "--tag", "t/base", oci)
+    assert r.returncode == 0, r.stderr
+    (base / "empty").mkdir()
+    config = ("--entrypoint", '["echo", "E"]', "--cmd", '["c1", "c2"]', "-w", "/wd")
+    r = pyunion(
+        "commit",
+        str(base / "empty"),
+        "--image",
+        "t/base",
+        "--tag",
+        "t/ep",
+        "--store",
+        store,
+        *config,
+    )
+    assert r.returncode == 0, r.stderr
+    for name in ("t/base", "t/ep"):
+        archive = base / (name.replace("/", "-") + ".tar")
+        r = pyunion("image", "export", "--format", "docker", "--store", store, name, str(archive))
+        assert r.returncode == 0, r.stderr
+        r = podman.podman("load", "-q", "-i", str(archive), timeout=120)
+        assert r.returncode == 0, r.stderr
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return pyunion("run", "--store", store, *args)
+
+    return store, run
+
+
+IMAGE_CASES = [
+    ("t/ep", (), ()),
+    ("t/ep", (), ("x", "y")),
+    ("t/ep", ("--entrypoint", ""), ("echo", "hi")),
+    ("t/ep", ("--entrypoint", "echo"), ()),
+    ("t/ep", ("--entrypoint", '["echo", "J"]'), ("q",)),
+    ("t/ep", ("--entrypoint", "echo K"), ("q",)),
+    ("t/ep", ("--entrypoint", "sh", "-u", "0"), ("-c", "pwd; id; ls -ld /wd")),
+    ("t/ep", ("--entrypoint", "sh"), ("-c", "pwd; id; ls -ld /wd")),
+    ("t/ep", ("--entrypoint", "sh", "-w", "/no/such"), ("-c", "pwd")),
+    ("t/ep", ("--entrypoint", "sh", "--read-only"), ("-c", "pwd; ls -ld /wd")),
+    ("t/base", (), ("sh", "-c", "pwd; id; env | grep -v ^HOSTNAME= | sort")),
+    ("t/base", ("-e", "container=other"), ("sh", "-c", "echo $container")),
+    ("t/base", ("-w", "/etc"), ("pwd",)),
+]
+
+
+@pytest.mark.parametrize("image,opts,command", IMAGE_CASES)
+def test_image_run_as_podman(
+    images: tuple[str, Callable[..., subprocess.CompletedProcess[str]]],
+    podman: Podman,
+    image: str,
+    opts: tuple[str, ...],
+    command: tuple[str, ...],
+) -> None:
+    """An image run by name: its Entrypoint and Cmd with --entrypoint (a JSON array
+    too) and a command, its User and WorkingDir (made when the tree lacks it; a
+    missing -w is 126), its Env with podman's `container=podman`, as podman runs it."""
+    _, run = images
+    ours = run("--network", "host", *opts, image, "--", *command)
+    theirs = podman.run_image("localhost/" + image, *opts, command=command)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), (
+        ours.stderr,
+        theirs.stderr,
+    )

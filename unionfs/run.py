@@ -111,6 +111,9 @@ class RunOptions:
     # podman's terminal relay speaks xterm whatever the caller's is); None for none, as
     # buildah's RUN.
     term: str | None = "xterm"
+    # Make the working directory when the tree lacks it: the image's WorkingDir (and a
+    # build's WORKDIR) are, `-w` is not (podman: "workdir does not exist", 126).
+    make_workdir: bool = False
     # Become a lean supervisor once the container runs (`Supervisor.exec_self`): the
     # `pyunion run` program only, never a caller's process, which must go on.
     lean_supervisor: bool = False
@@ -370,7 +373,7 @@ def resolve_image(opts: RunOptions) -> tuple[list[str], dict[str, Any]]:
     """Layer dirs (top first) and the image's config (Env, Cmd, ...; {} for plain layers)."""
     if not opts.layers:
         raise _fail("no layers given: pyunion run LAYER... -- COMMAND")
-    if len(opts.layers) == 1 and not os.path.isdir(opts.layers[0]):
+    if is_image_name(opts.layers):
         from . import image  # only for an image name: plain layers start faster without it
 
         ref = opts.layers[0]
@@ -512,13 +515,22 @@ def default_hostname(network: str) -> str:
     return socket.gethostname() if network == "host" else os.urandom(6).hex()
 
 
+def is_image_name(layers: list[str]) -> bool:
+    """One argument that is no directory: an image of the store (`resolve_image`)."""
+    return len(layers) == 1 and not os.path.isdir(layers[0])
+
+
 def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[str, str]:
-    """PATH, HOSTNAME and TERM, then the image's Env, then --env-file, then -e (later wins)."""
+    """PATH, HOSTNAME and TERM (and `container=podman` for an image run by name, as
+    podman sets it then, not with --rootfs), then the image's Env, then --env-file, then
+    -e (later wins)."""
     from . import sandbox
 
     env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname}
     if opts.term:
         env["TERM"] = opts.term
+    if is_image_name(opts.layers):
+        env["container"] = "podman"
     for item in config.get("Env") or []:
         key, _, value = str(item).partition("=")
         if key:
@@ -550,10 +562,23 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
     return env
 
 
+def entrypoint_argv(entrypoint: str) -> list[str]:
+    """--entrypoint as podman reads it: a JSON array of strings is the argv (`'["sh",
+    "-c"]'`), anything else one program name; "" none."""
+    if entrypoint.startswith("["):
+        import json
+
+        with contextlib.suppress(ValueError):
+            value = json.loads(entrypoint)
+            if isinstance(value, list) and all(isinstance(a, str) for a in value):
+                return value
+    return [entrypoint] if entrypoint else []
+
+
 def build_argv(opts: RunOptions, config: dict[str, Any]) -> list[str]:
     """Entrypoint + (COMMAND or the image's Cmd), as podman does."""
     if opts.entrypoint is not None:
-        entry = [opts.entrypoint] if opts.entrypoint else []
+        entry = entrypoint_argv(opts.entrypoint)
     else:
         entry = list(config.get("Entrypoint") or [])
     # A new entrypoint drops the image's Cmd, as in podman.
@@ -806,6 +831,7 @@ class Runner:
             argv=build_argv(opts, config),
             env=build_env(opts, config, hostname),
             workdir=opts.workdir or config.get("WorkingDir") or None,
+            make_workdir=opts.make_workdir or not opts.workdir,
             user=opts.user or config.get("User") or None,
             hostname=hostname,
             network=opts.network,

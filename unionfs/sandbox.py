@@ -108,6 +108,7 @@ class ContainerSpec:
     argv: list[str]
     env: dict[str, str]
     workdir: str | None = None
+    make_workdir: bool = True  # made when missing (the image's); else 126, as podman's -w
     user: str | None = None  # USER[:GROUP], names or numbers, from the image's files
     hostname: str = "pyunion"
     network: str = "none"  # none: a namespace of its own; host: the host's; ns:PATH: join it
@@ -1052,6 +1053,10 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
             if os.path.lexists(spec.workdir):
                 raise SetupError(
                     f"the working directory {spec.workdir!r} is not a directory", CANNOT_INVOKE
+                )
+            if not spec.make_workdir:
+                raise SetupError(
+                    f"the working directory {spec.workdir!r} does not exist", CANNOT_INVOKE
                 )
             try:
                 _make_workdir(spec.workdir, ident.uid, ident.gid)

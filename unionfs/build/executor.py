@@ -583,6 +583,7 @@ class Builder:
             command=argv,
             env=env + image_env,
             workdir=cfg.get("WorkingDir") or None,
+            make_workdir=True,  # buildah makes WORKDIR
             # Named, as buildah names root: its primary group is then among the
             # supplementary ones (podman's run leaves it out for a default user).
             user=cfg.get("User") or "0",
