@@ -1693,3 +1693,37 @@ def test_image_run_as_podman(
         ours.stderr,
         theirs.stderr,
     )
+
+
+def test_env_file_as_podman(env: Env, podman: Podman, tmp_path: Path) -> None:
+    """--env-file as podman reads it: leading blanks dropped, the rest of the line kept
+    (trailing blanks, quotes, `=` in the value), CRLF line ends, a bare name taking the
+    caller's value (and none when unset), `#` comments; then -e NAME from the caller."""
+    envfile = tmp_path / "envfile"
+    envfile.write_bytes(
+        b'  A=1\nC="q"\nD\nE=\nF=a=b\n# c\n\nG=tab\tx \r\nH=crlf\r\nNOPE\nI=\x0bv\x1cw\n'
+    )
+    script = "env | grep -E '^[A-IW]' | grep -v -e ^HOSTNAME= -e ^HOME= | sort"
+    opts = ("--env-file", str(envfile), "-e", "W", "-e", "B= sp")
+    host = {**os.environ, "D": "fromD", "W": "fromW"}
+    host.pop("NOPE", None)
+    ours = subprocess.run(
+        env.cmd(*opts, command=("sh", "-c", script)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**env.env, **host},
+        stdin=subprocess.DEVNULL,
+    )
+    theirs = subprocess.run(
+        podman.cmd(*opts, command=("sh", "-c", script)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=host,
+        stdin=subprocess.DEVNULL,
+    )
+    assert ours.stdout == theirs.stdout, (ours.stderr, theirs.stderr)
+    assert "G=tab\tx \n" in ours.stdout and "D=fromD\n" in ours.stdout

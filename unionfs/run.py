@@ -543,11 +543,13 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
         if len(data) > MAX_ENV_FILE:  # /dev/zero: read until the machine ran out of memory
             raise _fail(f"env file {path!r} is larger than {MAX_ENV_FILE >> 20} MiB")
         try:
-            lines = data.decode("utf-8").splitlines()
+            lines = data.decode("utf-8").split("\n")
         except UnicodeDecodeError as e:  # a traceback before
             raise _fail(f"env file {path!r} is not UTF-8 text (byte {e.start})") from None
         for line in lines:
-            line = line.strip()
+            # podman's reading: lines end at \n (a \r before it dropped), leading blanks
+            # go, the rest of the line is the value (trailing blanks too).
+            line = line.removesuffix("\r").lstrip(" \t")
             if line and not line.startswith("#"):
                 kv = _parse_env_item(line, path)
                 if kv:
