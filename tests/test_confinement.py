@@ -1727,3 +1727,17 @@ def test_env_file_as_podman(env: Env, podman: Podman, tmp_path: Path) -> None:
     )
     assert ours.stdout == theirs.stdout, (ours.stderr, theirs.stderr)
     assert "G=tab\tx \n" in ours.stdout and "D=fromD\n" in ours.stdout
+
+
+def test_privileged_dev_as_podman(env: Env, podman: Podman) -> None:
+    """--privileged: the host's device nodes, below /dev's directories too, with their
+    numbers, modes and owners, as podman gives them (not the console, nor the host's
+    ptmx: the container's pts has its own)."""
+    script = (
+        "find /dev \\( -type c -o -type b \\) -exec stat -c '%n %F %t:%T %a %u:%g' {} + | sort"
+    )
+    ours = env.sh(script, "--privileged")
+    theirs = podman.sh(script, "--privileged")
+    assert ours.stdout == theirs.stdout, ours.stderr
+    assert "/dev/fuse character special file a:e5 666" in ours.stdout
+    assert "/dev/fuse" not in env.sh(script).stdout  # not without it

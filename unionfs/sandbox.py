@@ -271,6 +271,8 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
             )
         for name, target in DEV_LINKS.items():
             os.symlink(target, name, dir_fd=dev)
+        if privileged:
+            _host_devices(dev)
         os.mkdir("pts", 0o755, dir_fd=dev)
         for name in ("shm", "mqueue"):
             os.mkdir(name, 0o1777, dir_fd=dev)
@@ -288,6 +290,52 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
     )
     # POSIX message queues (mq_open(3) looks here), of the container's ipc namespace.
     _mount_at(rootfd, "/dev/mqueue", "mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+# What `--privileged` does not take from the host's /dev, as podman (runc's device
+# list): the container's own pts, shm, mqueue and fd, the host's console and ptmx.
+HOST_DEV_SKIP = {"pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev", "console", "ptmx"}
+
+
+def _host_devices(dev: int) -> None:
+    """`--privileged`: every device node of the host's /dev (below it too: /dev/net/tun,
+    /dev/cpu/0/msr), made in the container's /dev with the host's type, numbers, mode
+    and owner, as podman gives them; bound from the host where mknod is refused (a user
+    namespace). Runs before pivot_root, while the host's /dev is in view."""
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        try:
+            entries = list(os.scandir(os.path.join("/dev", rel)))
+        except OSError:
+            continue
+        for entry in entries:
+            name = os.path.join(rel, entry.name)
+            if entry.name in HOST_DEV_SKIP and not rel:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(name)
+                continue
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                continue
+            if os.path.lexists(os.path.join(fd_str(dev), name)):
+                continue  # one of the usual nodes, made already
+            if rel:
+                os.makedirs(os.path.join(fd_str(dev), rel), 0o755, exist_ok=True)
+            try:
+                os.mknod(name, st.st_mode, st.st_rdev, dir_fd=dev)
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=dev)
+                os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dev)
+            except PermissionError:  # no CAP_MKNOD, or the owner unmapped: bind it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dev)
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dev))
+                with contextlib.suppress(OSError):
+                    mount(entry.path, f"{fd_str(dev)}/{name}", None, MS_BIND)
 
 
 TTY_GID = 5  # podman's (and the FHS') tty group: `gid=5` on /dev/pts
