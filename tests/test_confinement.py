@@ -1733,9 +1733,7 @@ def test_privileged_dev_as_podman(env: Env, podman: Podman) -> None:
     """--privileged: the host's device nodes, below /dev's directories too, with their
     numbers, modes and owners, as podman gives them (not the console, nor the host's
     ptmx: the container's pts has its own)."""
-    script = (
-        "find /dev \\( -type c -o -type b \\) -exec stat -c '%n %F %t:%T %a %u:%g' {} + | sort"
-    )
+    script = "find /dev \\( -type c -o -type b \\) -exec stat -c '%n %F %t:%T %a %u:%g' {} + | sort"
     ours = env.sh(script, "--privileged")
     theirs = podman.sh(script, "--privileged")
     assert ours.stdout == theirs.stdout, ours.stderr
