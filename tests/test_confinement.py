@@ -1739,3 +1739,41 @@ def test_privileged_dev_as_podman(env: Env, podman: Podman) -> None:
     assert ours.stdout == theirs.stdout, ours.stderr
     assert "/dev/fuse character special file a:e5 666" in ours.stdout
     assert "/dev/fuse" not in env.sh(script).stdout  # not without it
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ref:1",
+        "library/ref:1",
+        "docker.io/ref:1",
+        "docker.io/library/ref:1",
+        "index.docker.io/library/ref:1",
+        "index.docker.io/ref:1",
+        "ref",
+        "quay.io/library/ref:1",
+        "localhost/ref:1",
+    ],
+)
+def test_image_names_as_podman(
+    images: tuple[str, Callable[..., subprocess.CompletedProcess[str]]],
+    podman: Podman,
+    tmp_path: Path,
+    name: str,
+) -> None:
+    """docker.io/library/ref:1 is found by the names podman finds it by (docker's
+    normalisation: `docker.io/ref`, `index.docker.io/...`, the short name), and only by
+    those."""
+    store, _ = images
+    pyunion = [sys.executable, "-m", "unionfs"]
+    tag = "docker.io/library/ref:1"
+    subprocess.run([*pyunion, "tag", "--store", store, "t/base", tag], check=True, timeout=60)
+    archive = tmp_path / "ref.tar"
+    export = ["image", "export", "--format", "docker", "--store", store, tag, str(archive)]
+    subprocess.run([*pyunion, *export], check=True, timeout=120, capture_output=True)
+    assert podman.podman("load", "-q", "-i", str(archive), timeout=120).returncode == 0
+    theirs = podman.podman("image", "inspect", name)
+    ours = subprocess.run(
+        [*pyunion, "inspect", "--store", store, name], capture_output=True, text=True, timeout=60
+    )
+    assert (ours.returncode == 0) == (theirs.returncode == 0), (ours.stderr, theirs.stderr)
