@@ -1777,3 +1777,29 @@ def test_image_names_as_podman(
         [*pyunion, "inspect", "--store", store, name], capture_output=True, text=True, timeout=60
     )
     assert (ours.returncode == 0) == (theirs.returncode == 0), (ours.stderr, theirs.stderr)
+
+
+def test_mount_option_as_podman(env: Env, podman: Podman, tmp_path: Path) -> None:
+    """--mount type=bind|tmpfs, podman's long form of -v and --tmpfs, with their keys
+    (src/source, dst/target/destination, readonly, tmpfs-size, tmpfs-mode)."""
+    vol = tmp_path / "vol"
+    (vol / "sub").mkdir(parents=True)
+    (vol / "f").write_text("v\n")
+    opts = (
+        *("--mount", f"type=bind,source={vol},target=/srv/v,readonly"),
+        *("--mount", f"type=bind,src={vol},dst=/srv/w,readonly=false"),
+        *("--mount", "type=tmpfs,destination=/srv/data,tmpfs-size=1m,tmpfs-mode=0700"),
+    )
+    script = (
+        "awk '$5 ~ \"^/srv\" {print $5, $6, $9, $NF}' /proc/self/mountinfo | sort; "
+        "cat /srv/v/f /srv/data/f; touch /srv/w/new && touch /srv/v/new"
+    )
+    ours = env.sh(script, *opts)
+    theirs = podman.sh(script, *opts)
+    # pyunion's binds are nodev (Security): that aside, the mounts are podman's.
+    assert "/srv/v ro,nodev,relatime " in ours.stdout
+    assert re.sub(r"(/srv/[vw] r[ow]),nodev", r"\1", ours.stdout) == theirs.stdout, ours.stderr
+    assert "Read-only file system" in ours.stderr
+    for bad in ("type=volume,target=/x", "type=bind,target=/x", f"type=bind,src={vol},dst=/x,nope"):
+        r = env.sh("true", "--mount", bad)
+        assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr

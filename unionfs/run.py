@@ -88,6 +88,7 @@ class RunOptions:
     user: str | None = None
     volumes: list[str] = field(default_factory=list)
     tmpfs: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)  # --mount type=bind|tmpfs,...
     group_add: list[str] = field(default_factory=list)
     ulimits: list[str] = field(default_factory=list)
     name: str | None = None  # --name: on the container's line of /etc/hosts
@@ -156,6 +157,14 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         metavar="CONTAINER[:OPTIONS]",
         help="mount a tmpfs (nosuid, nodev; the image's content there copied in); OPTIONS: "
         "ro, rw, size=, mode=, nr_inodes=, exec, noexec, suid, dev, notmpcopyup",
+    )
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="type=bind|tmpfs,...",
+        help="a bind (source=,target=,readonly,bind-nonrecursive) or a tmpfs (target=, "
+        "tmpfs-size=, tmpfs-mode=), podman's long form of -v and --tmpfs",
     )
     p.add_argument(
         "--group-add",
@@ -341,6 +350,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         user=args.user,
         volumes=args.volume,
         tmpfs=args.tmpfs,
+        mounts=args.mount,
         group_add=args.group_add,
         ulimits=args.ulimit,
         name=args.name,
@@ -603,6 +613,20 @@ def parse_tmpfs(specs: list[str]) -> list[volumes.Tmpfs]:
     return [volumes.parse_tmpfs(v) for v in specs]
 
 
+def parse_mounts(opts: RunOptions) -> tuple[list[volumes.Volume], list[volumes.Tmpfs]]:
+    """-v, --tmpfs and --mount, as the binds and the tmpfs mounts they make."""
+    from . import volumes
+
+    binds, tmpfs = parse_volumes(opts.volumes), parse_tmpfs(opts.tmpfs)
+    for spec in opts.mounts:
+        m = volumes.parse_mount(spec)
+        if isinstance(m, volumes.Tmpfs):
+            tmpfs.append(m)
+        else:
+            binds.append(m)
+    return binds, tmpfs
+
+
 def _host_etc_copies(
     etc_dir: str, name_inside: str, network: str, container: str | None = None
 ) -> dict[str, str]:
@@ -827,6 +851,7 @@ class Runner:
             layers, config = resolve_image(opts)
         _build_filter(confinement)
         hostname = opts.hostname or default_hostname(opts.network)
+        binds, tmpfs = parse_mounts(opts)
         spec = sandbox.ContainerSpec(
             root="",
             init=init,
@@ -837,8 +862,8 @@ class Runner:
             user=opts.user or config.get("User") or None,
             hostname=hostname,
             network=opts.network,
-            binds=parse_volumes(opts.volumes),
-            tmpfs=parse_tmpfs(opts.tmpfs),
+            binds=binds,
+            tmpfs=tmpfs,
             group_add=opts.group_add,
             rlimits=[rlimits.parse_ulimit(u) for u in opts.ulimits],
             interactive=opts.interactive,

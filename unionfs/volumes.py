@@ -88,6 +88,11 @@ def parse(spec: str) -> Volume:
                 f"bad volume {spec!r}: option {opt!r} given twice or with its opposite", 125
             )
         seen.add(opt)
+    return _volume(spec, src, dst, seen)
+
+
+def _volume(spec: str, src: str, dst: str, seen: set[str]) -> Volume:
+    """The bind of SRC (resolved on the host) at DST with the options `seen`."""
     if not src.startswith("/"):
         raise UserError(
             f"bad volume {spec!r}: the host path must be absolute "
@@ -146,11 +151,15 @@ TMPFS_DATA = ("size", "mode", "nr_inodes", "nr_blocks")
 def parse_tmpfs(spec: str) -> Tmpfs:
     """One `--tmpfs` value; a bad one is a UserError (exit 125), as podman's."""
     target, _, options = spec.partition(":")
+    return _tmpfs(spec, target, options.split(",") if options else [])
+
+
+def _tmpfs(spec: str, target: str, options: list[str]) -> Tmpfs:
     if not target.startswith("/") or os.path.normpath(target) == "/":
         raise UserError(f"bad --tmpfs {spec!r}: the container path must be absolute and not /", 125)
     fs = Tmpfs(target)
     data = []
-    for opt in options.split(",") if options else []:
+    for opt in options:
         key, eq, value = opt.partition("=")
         if opt in TMPFS_FLAGS:
             add, clear = TMPFS_FLAGS[opt]
@@ -168,6 +177,55 @@ def parse_tmpfs(spec: str) -> Tmpfs:
             )
     fs.data = ",".join(data)
     return fs
+
+
+# -- --mount type=bind|tmpfs,... -----------------------------------------------------------
+MOUNT_KEYS = {"source": "src", "src": "src", "destination": "dst", "dst": "dst", "target": "dst"}
+MOUNT_IGNORED = {"z", "Z", "relabel", "bind-propagation"}  # no SELinux; private already
+
+
+def parse_mount(spec: str) -> Volume | Tmpfs:
+    """One `--mount` value (podman's and docker's long form) as the bind or tmpfs it
+    means: `type=bind,source=HOST,target=CONTAINER[,readonly][,bind-nonrecursive]...`
+    or `type=tmpfs,target=CONTAINER[,tmpfs-size=N][,tmpfs-mode=OCTAL]...`; the flags
+    of `-v` and `--tmpfs` are taken too. A bad one is a UserError (125)."""
+    kind = None
+    paths: dict[str, str] = {}
+    flags: list[str] = []
+    for item in spec.split(","):
+        key, eq, value = item.partition("=")
+        if key == "type" and eq:
+            kind = value
+        elif key in MOUNT_KEYS and eq and value:
+            paths[MOUNT_KEYS[key]] = value
+        elif key in ("readonly", "ro") and value in ("", "true", "false"):
+            flags.append("rw" if value == "false" else "ro")
+        elif key == "bind-nonrecursive" and value in ("", "true", "false"):
+            flags.append("rbind" if value == "false" else "bind")
+        elif key == "tmpfs-size" and value:
+            flags.append(f"size={value}")
+        elif key == "tmpfs-mode" and value:
+            flags.append(f"mode={value}")
+        elif key in MOUNT_IGNORED:
+            continue
+        elif item:
+            flags.append(item)
+    if kind not in ("bind", "tmpfs"):
+        raise UserError(
+            f"bad --mount {spec!r}: type=bind or type=tmpfs is needed (no named volumes)", 125
+        )
+    if "dst" not in paths or ("src" in paths) != (kind == "bind"):
+        what = "source= and target=" if kind == "bind" else "target= and no source="
+        raise UserError(f"bad --mount {spec!r}: type={kind} takes {what}", 125)
+    if kind == "tmpfs":
+        return _tmpfs(spec, paths["dst"], flags)
+    seen: set[str] = set()
+    for opt in flags:
+        if opt not in OPPOSITE:
+            raise UserError(f"bad --mount {spec!r}: unknown option {opt!r}", 125)
+        seen.discard(OPPOSITE[opt])
+        seen.add(opt)
+    return _volume(spec, paths["src"], paths["dst"], seen)
 
 
 # -- mount attributes, recursively --------------------------------------------------------------
