@@ -1803,3 +1803,16 @@ def test_mount_option_as_podman(env: Env, podman: Podman, tmp_path: Path) -> Non
     for bad in ("type=volume,target=/x", "type=bind,target=/x", f"type=bind,src={vol},dst=/x,nope"):
         r = env.sh("true", "--mount", bad)
         assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_etc_files_read_only_as_podman(env: Env, podman: Podman) -> None:
+    """With --read-only, /etc/hosts and /etc/hostname are read-only too (nosuid, nodev,
+    noexec), as podman binds them; without it they are writable, as in podman."""
+    script = (
+        'awk \'$5 == "/etc/hosts" || $5 == "/etc/hostname" {print $5, $6}\' '
+        "/proc/self/mountinfo | sort; echo >> /etc/hosts && echo written"
+    )
+    for opts in (("--read-only",), ()):
+        ours = env.sh(script, *opts)
+        assert ours.stdout == podman.sh(script, *opts).stdout, ours.stderr
+    assert "written" not in env.sh(script, "--read-only").stdout

@@ -609,8 +609,10 @@ def setup_root(spec: ContainerSpec) -> None:
         if spec.read_only:
             for path, mode in READ_ONLY_TMPFS.items():
                 _mount_at(rootfd, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode:o}")
+        ro = spec.read_only  # --read-only: podman binds them read-only, nosuid, nodev, noexec
         for target, host_copy in spec.etc_files.items():
-            _bind(rootfd, Volume(host_copy, target, recursive=False))
+            vol = Volume(host_copy, target, ro, False, nosuid=ro, nodev=ro, noexec=ro)
+            _bind(rootfd, vol)
         # Outer mounts first, as podman sorts them: a volume inside a tmpfs, or the other
         # way round, ends up on top.
         mounts: list[Volume | volumes.Tmpfs] = [*spec.binds, *spec.tmpfs]
