@@ -1816,3 +1816,15 @@ def test_etc_files_read_only_as_podman(env: Env, podman: Podman) -> None:
         ours = env.sh(script, *opts)
         assert ours.stdout == podman.sh(script, *opts).stdout, ours.stderr
     assert "written" not in env.sh(script, "--read-only").stdout
+
+
+def test_dev_mount_options_as_podman(env: Env, podman: Podman) -> None:
+    """/dev is a tmpfs with strictatime (no relatime shown), as runc mounts it; its
+    nodev is pyunion's (Security). The masks bound from /dev/null carry the same."""
+    script = (
+        'awk \'$5 == "/dev" || $5 == "/proc/keys" {print $5, $6, $9, $NF}\' '
+        "/proc/self/mountinfo | sort"
+    )
+    ours = env.sh(script)
+    assert ours.stdout.replace("nosuid,nodev,", "nosuid,") == podman.sh(script).stdout
+    assert ours.stdout.startswith("/dev rw,nosuid,nodev,noexec tmpfs"), ours.stdout

@@ -251,7 +251,9 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
     usual node is bound onto itself first: a mount of its own, which keeps the
     right to open. `--privileged` lifts it, as podman lifts its devices cgroup.
     """
-    _mount_at(rootfd, "/dev", "tmpfs", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k")
+    # strictatime, as runc mounts it (podman's /dev shows no relatime)
+    flags = MS_NOSUID | MS_NOEXEC | syscalls.MS_STRICTATIME
+    _mount_at(rootfd, "/dev", "tmpfs", "tmpfs", flags, "mode=755,size=65536k")
     dev = open_in_root(rootfd, "/dev", os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name, (major, minor) in DEV_NODES.items():
