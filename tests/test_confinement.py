@@ -1828,3 +1828,46 @@ def test_dev_mount_options_as_podman(env: Env, podman: Podman) -> None:
     ours = env.sh(script)
     assert ours.stdout.replace("nosuid,nodev,", "nosuid,") == podman.sh(script).stdout
     assert ours.stdout.startswith("/dev rw,nosuid,nodev,noexec tmpfs"), ours.stdout
+
+
+@pytest.mark.parametrize(
+    "fmt,names",
+    [
+        ("docker-archive", ("localhost/t/ep",)),
+        ("oci-archive", ("localhost/t/ep",)),
+        ("oci-dir", ("localhost/t/ep",)),
+        ("docker-archive", ("localhost/t/ep", "localhost/t/base")),  # podman save -m
+    ],
+)
+def test_import_what_podman_saves(
+    images: tuple[str, Callable[..., subprocess.CompletedProcess[str]]],
+    podman: Podman,
+    tmp_path: Path,
+    fmt: str,
+    names: tuple[str, ...],
+) -> None:
+    """podman save's archives (one image or several) import under podman's names, and
+    run as podman runs them."""
+    out = tmp_path / "saved"
+    multi = ("-m",) if len(names) > 1 else ()
+    r = podman.podman("save", "-q", *multi, "--format", fmt, "-o", str(out), *names, timeout=120)
+    assert r.returncode == 0, r.stderr
+    store = str(tmp_path / "store")
+    pyunion = [sys.executable, "-m", "unionfs"]
+    r = subprocess.run(
+        [*pyunion, "image", "import", "--store", store, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    listed = subprocess.run(
+        [*pyunion, "images", "--store", store], capture_output=True, text=True, timeout=60
+    ).stdout
+    for name in names:
+        assert f"{name} " in listed, listed
+    run = [*pyunion, "run", "--store", store, "--network", "host", names[0]]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    ours = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+    assert (ours.returncode, ours.stdout) == (0, "E c1 c2\n"), ours.stderr
+    assert podman.run_image(names[0]).stdout == ours.stdout
