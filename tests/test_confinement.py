@@ -1871,3 +1871,16 @@ def test_import_what_podman_saves(
     ours = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
     assert (ours.returncode, ours.stdout) == (0, "E c1 c2\n"), ours.stderr
     assert podman.run_image(names[0]).stdout == ours.stdout
+
+
+def test_add_host_as_podman(env: Env, podman: Podman) -> None:
+    """--add-host NAME:IP (IPv6 too) puts its lines first in /etc/hosts, as podman; a
+    bad one is one line and 125."""
+    opts = ("--add-host", "db:10.0.0.5", "--add-host", "web.local:fe80::1")
+    script = "head -2 /etc/hosts; ping -c1 -W1 db 2>&1 | head -1"
+    ours = env.sh(script, *opts)
+    assert ours.stdout.startswith("10.0.0.5\tdb\nfe80::1\tweb.local\n"), ours.stderr
+    assert ours.stdout == podman.sh(script, *opts, "--network", "none").stdout
+    for bad in ("db", "db:10.0.0.256", "d b:10.0.0.1", ":10.0.0.1"):
+        r = env.sh("true", "--add-host", bad)
+        assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr

@@ -92,6 +92,7 @@ class RunOptions:
     group_add: list[str] = field(default_factory=list)
     ulimits: list[str] = field(default_factory=list)
     name: str | None = None  # --name: on the container's line of /etc/hosts
+    add_hosts: list[str] = field(default_factory=list)  # --add-host NAME:IP
     hostname: str | None = None
     network: str = "none"  # NETWORK_MODES
     entrypoint: str | None = None
@@ -185,6 +186,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         help="the container's host name (default: 12 hex digits; the host's with --network host)",
     )
     p.add_argument("--name", help="the container's name, given beside its host name in /etc/hosts")
+    p.add_argument(
+        "--add-host",
+        action="append",
+        default=[],
+        metavar="NAME:IP",
+        help="add a line to the container's /etc/hosts",
+    )
     p.add_argument(
         "--rm",
         action="store_true",
@@ -288,6 +296,21 @@ NETWORK_MODES = ("none", "host")
 DEFAULT_NETWORK = "none"
 
 
+def check_add_host(item: str) -> tuple[str, str]:
+    """`--add-host NAME:IP` as (NAME, IP): split at the first colon (an IPv6 address has
+    more), the address checked, the name one word of printable text."""
+    import ipaddress
+
+    name, _, ip = item.partition(":")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise _fail(f"--add-host {item!r}: expected NAME:IP with an IPv4 or IPv6 address") from None
+    if not name or not name.isprintable() or any(c.isspace() for c in name):
+        raise _fail(f"--add-host {item!r}: the name must be one word")
+    return name, ip
+
+
 def check_network(mode: str, ns_path: bool = False, code: int = TOOL_ERROR) -> str:
     """MODE if pyunion has that network mode (with `ns_path`, ns:PATH too), else a
     one-line error (exit `code`: run's 125, build's 1)."""
@@ -333,6 +356,8 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         raise _fail("--rm throws the writable layer away, --keep and --upper keep it")
     if args.name is not None and not CONTAINER_NAME.fullmatch(args.name):
         raise _fail(f"--name {args.name!r}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]*")
+    for item in args.add_host:
+        check_add_host(item)
     host = args.hostname
     if host and len(os.fsencode(host)) > HOST_NAME_MAX:
         # sethostname(2) refused it, and the container kept the host's name unsaid.
@@ -354,6 +379,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         group_add=args.group_add,
         ulimits=args.ulimit,
         name=args.name,
+        add_hosts=args.add_host,
         hostname=args.hostname,
         network=check_network(args.network or DEFAULT_NETWORK, ns_path=True),
         entrypoint=args.entrypoint,
@@ -628,7 +654,11 @@ def parse_mounts(opts: RunOptions) -> tuple[list[volumes.Volume], list[volumes.T
 
 
 def _host_etc_copies(
-    etc_dir: str, name_inside: str, network: str, container: str | None = None
+    etc_dir: str,
+    name_inside: str,
+    network: str,
+    container: str | None = None,
+    add_hosts: list[tuple[str, str]] | None = None,
 ) -> dict[str, str]:
     """Copies of the host's resolv.conf, hosts and hostname (symlinks resolved) and an
     empty /run/.containerenv, to bind in.
@@ -637,7 +667,7 @@ def _host_etc_copies(
     podman writes it (the host's file may give the host's name an address the container
     cannot reach), and no resolv.conf is bound (the image keeps its own): no name server
     is reachable, as in podman. `--name` follows the host name on that line, as podman
-    writes it."""
+    writes it; `--add-host`'s lines come first, as podman puts them."""
     line = " ".join(n for n in (name_inside, container) if n)
     os.makedirs(etc_dir, exist_ok=True)
     out = {}
@@ -650,6 +680,8 @@ def _host_etc_copies(
             data = b""
         if name == "hostname":
             data = name_inside.encode() + b"\n"
+        if name == "hosts" and add_hosts:
+            data = "".join(f"{ip}\t{host}\n" for host, ip in add_hosts).encode() + data
         if name == "hosts" and data and not data.endswith(b"\n"):
             data += b"\n"  # the line added below must not join the host's last one
         if name == "hosts" and network == "none":
@@ -897,7 +929,11 @@ class Runner:
             os.mkdir(work, 0o700)
         spec.root = self.sup.merged
         spec.etc_files = _host_etc_copies(
-            os.path.join(self.sup.tmp, "etc"), spec.hostname, opts.network, opts.name
+            os.path.join(self.sup.tmp, "etc"),
+            spec.hostname,
+            opts.network,
+            opts.name,
+            [check_add_host(h) for h in opts.add_hosts],
         )
         # init prepares (its seccomp filter, catatonit) while the daemon mounts; it enters
         # the tree on "go".
