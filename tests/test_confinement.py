@@ -1884,3 +1884,32 @@ def test_add_host_as_podman(env: Env, podman: Podman) -> None:
     for bad in ("db", "db:10.0.0.256", "d b:10.0.0.1", ":10.0.0.1"):
         r = env.sh("true", "--add-host", bad)
         assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_relative_volume_source_as_podman(env: Env, podman: Podman, tmp_path: Path) -> None:
+    """-v ./DIR:... is the caller's DIR (podman: a source starting with "." is a path,
+    made absolute; one without "/" or "." would be a named volume)."""
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel/f").write_text("relative\n")
+    opts = ("-v", "./rel:/srv/r:ro")
+    ours = subprocess.run(
+        env.cmd(*opts, command=("cat", "/srv/r/f")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env.env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    theirs = subprocess.run(
+        podman.cmd(*opts, command=("cat", "/srv/r/f")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert (ours.returncode, ours.stdout) == (0, "relative\n"), ours.stderr
+    assert ours.stdout == theirs.stdout

@@ -1,5 +1,8 @@
 """`-v HOST:CONTAINER[:OPTIONS]` of `pyunion run`: the spec podman takes, and the bind it makes.
 
+HOST is absolute, or starts with "." (relative to the working directory, as podman
+reads it); anything else would be one of podman's named volumes, which pyunion lacks.
+
 Options (comma-separated, podman's spelling): `ro`/`rw`, `nosuid`/`suid`,
 `nodev`/`dev`, `noexec`/`exec`, `rbind` (the default: mounts below HOST come
 along) or `bind` (HOST alone), `z`/`Z` (SELinux relabelling: accepted and
@@ -92,7 +95,10 @@ def parse(spec: str) -> Volume:
 
 
 def _volume(spec: str, src: str, dst: str, seen: set[str]) -> Volume:
-    """The bind of SRC (resolved on the host) at DST with the options `seen`."""
+    """The bind of SRC (resolved on the host) at DST with the options `seen`. A SRC that
+    starts with "." is relative to the working directory, as in podman."""
+    if src.startswith("."):
+        src = os.path.abspath(src)
     if not src.startswith("/"):
         raise UserError(
             f"bad volume {spec!r}: the host path must be absolute "
