@@ -28,7 +28,8 @@ The parent side (this module) owns everything that must be undone:
    unless `--keep`/`--upper`, through fds (`tree.py`): the container wrote it.
 
 Exit codes follow podman/docker: the command's own, 125 when pyunion fails,
-126 cannot execute, 127 not found, 128+N killed by signal N.
+126 cannot execute or invoke (a user, group or working directory the image lacks),
+127 not found, 128+N killed by signal N.
 """
 
 from __future__ import annotations
@@ -274,8 +275,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "layer, run COMMAND chroot'd in the merged tree with private mount, pid, "
         "uts, ipc and network namespaces (--network host: the host's network), then "
         "unmount and throw the writable layer away. "
-        "Exit status: the command's; 125 pyunion failed; 126 cannot execute; "
-        "127 not found; 128+N killed by signal N.",
+        "Exit status: the command's; 125 pyunion failed (or a bad option); 126 cannot "
+        "execute (or no such user, group or working directory); 127 not found; 128+N "
+        "killed by signal N.",
     )
     _add_options(p)
     p.add_argument(
