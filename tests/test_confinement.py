@@ -1913,3 +1913,19 @@ def test_relative_volume_source_as_podman(env: Env, podman: Podman, tmp_path: Pa
     )
     assert (ours.returncode, ours.stdout) == (0, "relative\n"), ours.stderr
     assert ours.stdout == theirs.stdout
+
+
+def test_tmpfs_dev_keeps_device_nodes_shut(env: Env, tmp_path: Path) -> None:
+    """--tmpfs DIR:dev stays nodev (as every mount the container can write, Security):
+    a device node the image ships there, copied up, must not open (podman's devices
+    cgroup refuses it; there is none here). --privileged lifts it, as for /dev."""
+    top = tmp_path / "top"
+    (top / "srv/nodes").mkdir(parents=True)
+    os.mknod(top / "srv/nodes/zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    env.layers = [str(top), *env.layers]
+    script = "head -c1 /srv/nodes/zero | od -An -c; grep ' /srv/nodes ' /proc/self/mountinfo"
+    r = env.sh(script, "--tmpfs", "/srv/nodes:dev")
+    assert "Permission denied" in r.stderr, r.stderr
+    assert r.stdout.split()[5].split(",")[:3] == ["rw", "nosuid", "nodev"], r.stdout
+    r = env.sh(script, "--tmpfs", "/srv/nodes:dev", "--privileged")
+    assert r.stdout.split()[0] == "\\0", r.stderr

@@ -621,6 +621,8 @@ def setup_root(spec: ContainerSpec) -> None:
         mounts.sort(key=lambda m: os.path.normpath(m.target).count("/"))
         for b in mounts:
             if isinstance(b, volumes.Tmpfs):
+                if not conf.privileged:  # `dev` or not: a node copied up must not open
+                    b.flags |= MS_NODEV
                 try:
                     _mount_tmpfs(rootfd, b)
                 except OSError as e:
