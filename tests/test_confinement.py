@@ -1929,3 +1929,30 @@ def test_tmpfs_dev_keeps_device_nodes_shut(env: Env, tmp_path: Path) -> None:
     assert r.stdout.split()[5].split(",")[:3] == ["rw", "nosuid", "nodev"], r.stdout
     r = env.sh(script, "--tmpfs", "/srv/nodes:dev", "--privileged")
     assert r.stdout.split()[0] == "\\0", r.stderr
+
+
+def test_tmpfs_on_etc_as_podman(env: Env, podman: Podman) -> None:
+    """--tmpfs /etc: the image's /etc copied in, and /etc/hosts and /etc/hostname bound
+    on top of it (podman sorts its mounts outer first)."""
+    script = (
+        "awk '$5 ~ \"^/etc\" {print $5, $6, $9}' /proc/self/mountinfo | sort; "
+        "grep -w box /etc/hosts | cut -f1; echo $(cat /etc/hostname); "
+        '[ "$(stat -c %d /etc/hosts)" != "$(stat -c %d /etc)" ] && echo hosts bound on top'
+    )
+    opts = ("--tmpfs", "/etc", "--hostname", "box")
+    ours = env.sh(script, *opts)
+    assert ours.stdout == podman.sh(script, *opts, "--network", "none").stdout, ours.stderr
+    assert ours.stdout.startswith("/etc rw,nosuid,nodev,relatime tmpfs\n"), ours.stdout
+    assert ours.stdout.endswith("box\nhosts bound on top\n"), ours.stdout
+    assert env.sh("cat /etc/os-release", *opts).stdout == env.sh("cat /etc/os-release").stdout
+
+
+def test_tmpfs_copies_nothing_a_symlink_leads_to(env: Env, tmp_path: Path) -> None:
+    """An image whose --tmpfs target is a symlink to /proc/sys: the tmpfs goes there (in
+    the tree), but nothing of procfs is copied into it, only the image's own files are."""
+    top = tmp_path / "top"
+    (top / "srv").mkdir(parents=True)
+    os.symlink("/proc/sys/kernel", top / "srv/k")
+    env.layers = [str(top), *env.layers]
+    r = env.sh("ls /proc/sys/kernel | wc -l", "--tmpfs", "/srv/k")
+    assert r.stdout == "0\n", r.stderr

@@ -423,17 +423,20 @@ def _mount_tmpfs(rootfd: int, fs: volumes.Tmpfs) -> None:
     made = len(CREATED)
     under = _ensure(rootfd, fs.target, True)
     existed = len(CREATED) == made
+    union = os.fstat(rootfd).st_dev
     try:
         st = os.stat(under)
         old = -1
-        if fs.copyup and stat.S_ISDIR(st.st_mode):
+        # Only the image's own content: not what a symlink of the image there leads to
+        # (/proc/sys, a volume), whose files root would read and hand to the container.
+        if fs.copyup and stat.S_ISDIR(st.st_mode) and st.st_dev == union:
             old = os.open(fd_str(under), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             mount("tmpfs", fd_str(under), "tmpfs", fs.flags & ~MS_RDONLY, fs.data or None)
             top = open_in_root(rootfd, fs.target, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 if old >= 0:
-                    _copy_tree(old, top)
+                    _copy_tree(old, top, union)
                 if existed and stat.S_ISDIR(st.st_mode):
                     os.chmod(top, stat.S_IMODE(st.st_mode))
                 if fs.flags & MS_RDONLY:
@@ -447,16 +450,17 @@ def _mount_tmpfs(rootfd: int, fs: volumes.Tmpfs) -> None:
         os.close(under)
 
 
-def _copy_tree(src: int, dst: int) -> None:
+def _copy_tree(src: int, dst: int, dev: int) -> None:
     """Copy the directory `src` into `dst` (fds; never a symlink followed), depth first
-    without recursion (an image's tree may be deep)."""
+    without recursion (an image's tree may be deep); only what is on `dev` (the union),
+    as `cp -x`: a mount below (/etc/hosts, a volume) is not the image's."""
     stack = [(os.dup(src), os.dup(dst))]
     try:
         while stack:
             s, d = stack.pop()
             try:
                 for entry in os.scandir(s):
-                    _copy_entry(s, d, entry.name, stack)
+                    _copy_entry(s, d, entry.name, stack, dev)
             finally:
                 os.close(s)
                 os.close(d)
@@ -466,8 +470,10 @@ def _copy_tree(src: int, dst: int) -> None:
             os.close(d)
 
 
-def _copy_entry(s: int, d: int, name: str, stack: list[tuple[int, int]]) -> None:
+def _copy_entry(s: int, d: int, name: str, stack: list[tuple[int, int]], dev: int) -> None:
     st = os.stat(name, dir_fd=s, follow_symlinks=False)
+    if st.st_dev != dev:
+        return
     mode = stat.S_IMODE(st.st_mode)
     if stat.S_ISDIR(st.st_mode):
         os.mkdir(name, 0o700, dir_fd=d)
@@ -612,12 +618,14 @@ def setup_root(spec: ContainerSpec) -> None:
             for path, mode in READ_ONLY_TMPFS.items():
                 _mount_at(rootfd, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode:o}")
         ro = spec.read_only  # --read-only: podman binds them read-only, nosuid, nodev, noexec
-        for target, host_copy in spec.etc_files.items():
-            vol = Volume(host_copy, target, ro, False, nosuid=ro, nodev=ro, noexec=ro)
-            _bind(rootfd, vol)
-        # Outer mounts first, as podman sorts them: a volume inside a tmpfs, or the other
-        # way round, ends up on top.
-        mounts: list[Volume | volumes.Tmpfs] = [*spec.binds, *spec.tmpfs]
+        etc = [
+            Volume(host_copy, target, ro, False, nosuid=ro, nodev=ro, noexec=ro)
+            for target, host_copy in spec.etc_files.items()
+        ]
+        # Outer mounts first, as podman sorts them (stable: pyunion's /etc files before
+        # a volume on the same path): a tmpfs or a volume on /etc stays below
+        # /etc/hosts, a volume inside a tmpfs on top of it.
+        mounts: list[Volume | volumes.Tmpfs] = [*etc, *spec.binds, *spec.tmpfs]
         mounts.sort(key=lambda m: os.path.normpath(m.target).count("/"))
         for b in mounts:
             if isinstance(b, volumes.Tmpfs):
@@ -628,8 +636,9 @@ def setup_root(spec: ContainerSpec) -> None:
                 except OSError as e:
                     raise SetupError(f"cannot mount --tmpfs {b.target!r}: {e.strerror}") from e
                 continue
-            # nodev, as /dev: podman's devices cgroup would refuse a node of the volume
-            b.nodev = b.nodev or not conf.privileged
+            if b not in etc:
+                # nodev, as /dev: podman's devices cgroup would refuse a node of the volume
+                b.nodev = b.nodev or not conf.privileged
             try:
                 _bind(rootfd, b)
             except OSError as e:
