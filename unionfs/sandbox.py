@@ -636,7 +636,7 @@ def setup_root(spec: ContainerSpec) -> None:
                 except OSError as e:
                     raise SetupError(f"cannot mount --tmpfs {b.target!r}: {e.strerror}") from e
                 continue
-            if b not in etc:
+            if not any(b is e for e in etc):
                 # nodev, as /dev: podman's devices cgroup would refuse a node of the volume
                 b.nodev = b.nodev or not conf.privileged
             try:
