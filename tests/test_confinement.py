@@ -1956,3 +1956,39 @@ def test_tmpfs_copies_nothing_a_symlink_leads_to(env: Env, tmp_path: Path) -> No
     env.layers = [str(top), *env.layers]
     r = env.sh("ls /proc/sys/kernel | wc -l", "--tmpfs", "/srv/k")
     assert r.stdout == "0\n", r.stderr
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [(), ("--http-proxy=false",), ("--env-host", "-e", "FOO_H=cli"), ("--env-host",)],
+)
+def test_proxy_and_host_env_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """The caller's proxy variables reach the command (podman's --http-proxy, on by
+    default); --env-host passes the caller's whole environment, under the image's Env
+    and -e."""
+    # TMPDIR: pyunion's own temporary tree, and podman sets one for itself
+    script = "env | grep -v -e ^HOSTNAME= -e ^PWD= -e ^SHLVL= -e ^_= -e ^TMPDIR= | sort"
+    host = {
+        "LANG": "C.UTF-8",  # else Python coerces the C locale, adding LC_CTYPE (PEP 538)
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/root",
+        "http_proxy": "http://proxy:3128",
+        "NO_PROXY": "localhost",
+        "FOO_H": "host",
+    }
+
+    def run(cmd: list[str], extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**host, **extra},
+            stdin=subprocess.DEVNULL,
+        )
+
+    ours = run(env.cmd(*opts, command=("sh", "-c", script)), {"TMPDIR": str(env.tmp)})
+    theirs = run(podman.cmd(*opts, command=("sh", "-c", script)), {})
+    assert ours.stdout == theirs.stdout, ours.stderr
+    assert ("http_proxy=http://proxy:3128\n" in ours.stdout) == (opts != ("--http-proxy=false",))

@@ -85,6 +85,8 @@ class RunOptions:
     command: list[str]
     env: list[str] = field(default_factory=list)
     env_files: list[str] = field(default_factory=list)
+    env_host: bool = False  # --env-host: the caller's environment, under the image's Env
+    http_proxy: bool = True  # the caller's proxy variables, as podman's --http-proxy
     workdir: str | None = None
     user: str | None = None
     volumes: list[str] = field(default_factory=list)
@@ -135,6 +137,20 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--env-file", action="append", default=[], metavar="FILE", help="read K=V lines from FILE"
+    )
+    p.add_argument(
+        "--env-host",
+        action="store_true",
+        help="pass pyunion's whole environment (the image's Env and -e override it)",
+    )
+    p.add_argument(
+        "--http-proxy",
+        nargs="?",
+        const="true",
+        default="true",
+        choices=("true", "false"),
+        help="pass pyunion's http_proxy, https_proxy, ftp_proxy and no_proxy (also upper "
+        "case) on to the command (default true)",
     )
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside")
     p.add_argument(
@@ -373,6 +389,8 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         command=command,
         env=args.env,
         env_files=args.env_file,
+        env_host=args.env_host,
+        http_proxy=args.http_proxy == "true",
         workdir=args.workdir,
         user=args.user,
         volumes=args.volume,
@@ -543,6 +561,12 @@ def _parse_env_item(item: str, where: str) -> tuple[str, str] | None:
     return key, value
 
 
+# What podman's --http-proxy (on by default) takes from the caller's environment.
+PROXY_VARIABLES = frozenset(
+    name
+    for base in ("http_proxy", "https_proxy", "ftp_proxy", "no_proxy")
+    for name in (base, base.upper())
+)
 MAX_ENV_FILE = 4 << 20  # twice what execve(2) takes for all of argv and the environment
 
 
@@ -564,9 +588,14 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
     -e (later wins)."""
     from . import sandbox
 
-    env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname}
+    env = {"PATH": sandbox.DEFAULT_PATH}
     if opts.term:
         env["TERM"] = opts.term
+    if opts.env_host:  # podman's order: its defaults, the caller's, then the image's
+        env.update(os.environ)
+    elif opts.http_proxy:
+        env.update((k, v) for k, v in os.environ.items() if k in PROXY_VARIABLES)
+    env["HOSTNAME"] = hostname
     if is_image_name(opts.layers):
         env["container"] = "podman"
     for item in config.get("Env") or []:
