@@ -1992,3 +1992,21 @@ def test_proxy_and_host_env_as_podman(env: Env, podman: Podman, opts: tuple[str,
     theirs = run(podman.cmd(*opts, command=("sh", "-c", script)), {})
     assert ours.stdout == theirs.stdout, ours.stderr
     assert ("http_proxy=http://proxy:3128\n" in ours.stdout) == (opts != ("--http-proxy=false",))
+
+
+def test_device_as_podman(env: Env, podman: Podman) -> None:
+    """--device HOST[:CONTAINER[:PERMS]]: the host's node (numbers, mode, owner), under
+    /dev or anywhere, and it opens although pyunion's mounts are nodev."""
+    opts = (
+        *("--device", "/dev/fuse", "--device", "/dev/zero:/dev/myzero"),
+        *("--device", "/dev/net/tun:rwm", "--device", "/dev/zero:/srv/z"),
+    )
+    nodes = "/dev/fuse /dev/myzero /dev/net/tun /srv/z"
+    script = f"stat -c '%n %F %t:%T %a %u:%g' {nodes}; head -c1 /srv/z | od -An -c"
+    ours = env.sh(script, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(script, *opts).stdout
+    assert ours.stdout.endswith("\\0\n"), ours.stdout
+    for bad in ("/etc/passwd", "/dev/null:/dev/n:r", "/dev/null:rel", "/no/such"):
+        r = env.sh("true", "--device", bad)
+        assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr

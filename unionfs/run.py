@@ -92,6 +92,8 @@ class RunOptions:
     volumes: list[str] = field(default_factory=list)
     tmpfs: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)  # --mount type=bind|tmpfs,...
+    # --device HOST[:CONTAINER[:PERMS]], checked (`check_device`): (host node, container path)
+    devices: list[tuple[str, str]] = field(default_factory=list)
     group_add: list[str] = field(default_factory=list)
     ulimits: list[str] = field(default_factory=list)
     name: str | None = None  # --name: on the container's line of /etc/hosts
@@ -183,6 +185,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         metavar="type=bind|tmpfs,...",
         help="a bind (source=,target=,readonly,bind-nonrecursive) or a tmpfs (target=, "
         "tmpfs-size=, tmpfs-mode=), podman's long form of -v and --tmpfs",
+    )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="HOST[:CONTAINER[:PERMS]]",
+        help="add a host device node to the container (/dev/fuse, /dev/net/tun, ...)",
     )
     p.add_argument(
         "--group-add",
@@ -329,6 +338,33 @@ def check_add_host(item: str) -> tuple[str, str]:
     return name, ip
 
 
+def check_device(spec: str) -> tuple[str, str]:
+    """`--device HOST[:CONTAINER[:PERMS]]` checked: HOST a device node (symlinks
+    followed, as podman), CONTAINER absolute, PERMS of r, w and m. podman's devices
+    cgroup can restrict a node to reading; there is none here, so PERMS must allow
+    reading and writing."""
+    import stat
+
+    host, _, rest = spec.partition(":")
+    target, _, perms = rest.partition(":")
+    if not target.startswith("/") and set(target) <= set("rwm") and target and not perms:
+        target, perms = "", target  # HOST:PERMS
+    try:
+        st = os.stat(host)
+    except OSError as e:
+        raise _fail(f"--device {spec!r}: {host!r}: {e.strerror}") from None
+    if not host.startswith("/") or not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise _fail(f"--device {spec!r}: {host!r} is not a device node")
+    if target and (not target.startswith("/") or os.path.normpath(target) == "/"):
+        raise _fail(f"--device {spec!r}: the container path must be absolute")
+    if not set(perms) <= set("rwm") or (perms and not {"r", "w"} <= set(perms)):
+        raise _fail(
+            f"--device {spec!r}: PERMS must be rw or rwm (pyunion has no devices cgroup to "
+            "restrict a node to reading or writing)"
+        )
+    return os.path.realpath(host), target or host
+
+
 def check_network(mode: str, ns_path: bool = False, code: int = TOOL_ERROR) -> str:
     """MODE if pyunion has that network mode (with `ns_path`, ns:PATH too), else a
     one-line error (exit `code`: run's 125, build's 1)."""
@@ -396,6 +432,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         volumes=args.volume,
         tmpfs=args.tmpfs,
         mounts=args.mount,
+        devices=[check_device(d) for d in args.device],
         group_add=args.group_add,
         ulimits=args.ulimit,
         name=args.name,
@@ -927,6 +964,7 @@ class Runner:
             network=opts.network,
             binds=binds,
             tmpfs=tmpfs,
+            devices=opts.devices,
             group_add=opts.group_add,
             rlimits=[rlimits.parse_ulimit(u) for u in opts.ulimits],
             interactive=opts.interactive,

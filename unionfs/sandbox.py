@@ -47,6 +47,7 @@ import socket
 import stat
 import sys
 import termios
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -114,6 +115,7 @@ class ContainerSpec:
     network: str = "none"  # none: a namespace of its own; host: the host's; ns:PATH: join it
     binds: list[Volume] = field(default_factory=list)
     tmpfs: list[volumes.Tmpfs] = field(default_factory=list)
+    devices: list[tuple[str, str]] = field(default_factory=list)  # --device: (host, container)
     group_add: list[str] = field(default_factory=list)  # --group-add: names or numbers
     # --ulimit: (RLIMIT_*, soft, hard)
     rlimits: list[tuple[int, int, int]] = field(default_factory=list)
@@ -242,7 +244,7 @@ DEV_LINKS = {
 }
 
 
-def _setup_dev(rootfd: int, privileged: bool) -> None:
+def _setup_dev(rootfd: int, privileged: bool, devices: Sequence[tuple[str, str]] = ()) -> None:
     """A tmpfs /dev with the usual nodes, where no other device node opens.
 
     podman's devices cgroup lets a container open only those nodes, whatever it
@@ -265,6 +267,8 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
                 os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dev))
                 source = f"/dev/{name}"
             mount(source, f"{fd_str(dev)}/{name}", None, MS_BIND)
+        for host, target in devices:  # bound while /dev can still give them the right
+            _add_device(rootfd, dev, host, target)
         if not privileged:
             volumes.set_attrs(
                 dev,
@@ -338,6 +342,34 @@ def _host_devices(dev: int) -> None:
                 os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dev))
                 with contextlib.suppress(OSError):
                     mount(entry.path, f"{fd_str(dev)}/{name}", None, MS_BIND)
+
+
+def _add_device(rootfd: int, dev: int, host: str, target: str) -> None:
+    """`--device HOST:TARGET`: the host's node (its numbers, mode and owner) at TARGET,
+    able to open although /dev and the tree are nodev: made in /dev before it becomes
+    nodev, and bound (a mount of its own, which keeps the right) where TARGET is."""
+    st = os.stat(host)
+    staging = f".pyunion-device-{os.urandom(6).hex()}"
+    try:
+        os.mknod(staging, st.st_mode, st.st_rdev, dir_fd=dev)
+        os.chown(staging, st.st_uid, st.st_gid, dir_fd=dev)
+        os.chmod(staging, stat.S_IMODE(st.st_mode), dir_fd=dev)
+        source = f"{fd_str(dev)}/{staging}"
+    except PermissionError:  # no CAP_MKNOD (a user namespace): the host's own node
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging, dir_fd=dev)
+        source = host
+    try:
+        fd = _ensure(rootfd, target, False)
+        try:
+            mount(source, fd_str(fd), None, MS_BIND)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise SetupError(f"cannot add the device {host!r} at {target!r}: {e.strerror}") from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging, dir_fd=dev)
 
 
 TTY_GID = 5  # podman's (and the FHS') tty group: `gid=5` on /dev/pts
@@ -612,7 +644,7 @@ def setup_root(spec: ContainerSpec) -> None:
     rootfd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, plain=True)
-        _setup_dev(rootfd, conf.privileged)
+        _setup_dev(rootfd, conf.privileged, spec.devices)
         _setup_sys(rootfd, conf.privileged)
         if spec.read_only:
             for path, mode in READ_ONLY_TMPFS.items():
