@@ -349,8 +349,15 @@ def check_device(spec: str) -> tuple[str, str]:
     target, _, perms = rest.partition(":")
     if not target.startswith("/") and set(target) <= set("rwm") and target and not perms:
         target, perms = "", target  # HOST:PERMS
+    from .tree import open_trusted
+
     try:
-        st = os.stat(host)
+        fd = open_trusted(host, os.O_PATH)  # no symlink of another user's followed
+        try:
+            st = os.fstat(fd)
+            real = os.readlink(syscalls.fd_str(fd))
+        finally:
+            os.close(fd)
     except OSError as e:
         raise _fail(f"--device {spec!r}: {host!r}: {e.strerror}") from None
     if not host.startswith("/") or not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -362,7 +369,7 @@ def check_device(spec: str) -> tuple[str, str]:
             f"--device {spec!r}: PERMS must be rw or rwm (pyunion has no devices cgroup to "
             "restrict a node to reading or writing)"
         )
-    return os.path.realpath(host), target or host
+    return real, target or host
 
 
 def check_network(mode: str, ns_path: bool = False, code: int = TOOL_ERROR) -> str:

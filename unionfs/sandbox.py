@@ -347,8 +347,23 @@ def _host_devices(dev: int) -> None:
 def _add_device(rootfd: int, dev: int, host: str, target: str) -> None:
     """`--device HOST:TARGET`: the host's node (its numbers, mode and owner) at TARGET,
     able to open although /dev and the tree are nodev: made in /dev before it becomes
-    nodev, and bound (a mount of its own, which keeps the right) where TARGET is."""
-    st = os.stat(host)
+    nodev, and bound (a mount of its own, which keeps the right) where TARGET is. HOST
+    is resolved as root's other paths (`tree.open_trusted`: no symlink of another user's
+    followed), once."""
+    try:
+        src = open_trusted(host, os.O_PATH)
+    except OSError as e:
+        raise SetupError(f"cannot add the device {host!r}: {e.strerror}") from e
+    try:
+        _add_device_from(rootfd, dev, src, host, target)
+    finally:
+        os.close(src)
+
+
+def _add_device_from(rootfd: int, dev: int, src: int, host: str, target: str) -> None:
+    st = os.fstat(src)
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise SetupError(f"cannot add the device {host!r}: not a device node")
     staging = f".pyunion-device-{os.urandom(6).hex()}"
     try:
         os.mknod(staging, st.st_mode, st.st_rdev, dir_fd=dev)
@@ -358,7 +373,7 @@ def _add_device(rootfd: int, dev: int, host: str, target: str) -> None:
     except PermissionError:  # no CAP_MKNOD (a user namespace): the host's own node
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staging, dir_fd=dev)
-        source = host
+        source = fd_str(src)
     try:
         fd = _ensure(rootfd, target, False)
         try:
