@@ -1335,8 +1335,8 @@ def test_loopback_works_inside(env: Env) -> None:
 
 # -- what the command finds around it, as in podman --------------------------------------
 # The environment (but the host name: below), podman's mark of a container, the umask, the
-# process' status and podman's mounts in /dev. Not compared: /dev/shm's size (podman's
-# 64000k against 64 MiB), the rlimits (the caller's: README, Running a process), the mode
+# process' status and podman's mounts in /dev. Not compared: the rlimits (the caller's:
+# README, Running a process), the mode
 # of .containerenv (podman's is 0755 with --read-only, 0644 otherwise; ours always 0644).
 VIEW = (
     "env | grep -E '^(PATH|TERM|HOME|container)=' | sort; stat -c '%n %s' /run/.containerenv; "
@@ -2010,3 +2010,16 @@ def test_device_as_podman(env: Env, podman: Podman) -> None:
     for bad in ("/etc/passwd", "/dev/null:/dev/n:r", "/dev/null:rel", "/no/such"):
         r = env.sh("true", "--device", bad)
         assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize(
+    "opts", [(), ("--shm-size", "1g"), ("--shm-size=128m",), ("--shm-size", "100000")]
+)
+def test_shm_size_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """/dev/shm is podman's 64000k by default, --shm-size sets it (docker's units)."""
+    script = "awk '$5 == \"/dev/shm\" {print $6, $9, $NF}' /proc/self/mountinfo"
+    ours = env.sh(script, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(script, *opts).stdout
+    r = env.sh("true", "--shm-size", "lots")
+    assert r.returncode == 125 and "--shm-size: 'lots' is no size" in r.stderr, r.stderr

@@ -92,6 +92,7 @@ class RunOptions:
     volumes: list[str] = field(default_factory=list)
     tmpfs: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)  # --mount type=bind|tmpfs,...
+    shm_size: int | None = None  # --shm-size in bytes (None: podman's 64000k)
     # --device HOST[:CONTAINER[:PERMS]], checked (`check_device`): (host node, container path)
     devices: list[tuple[str, str]] = field(default_factory=list)
     group_add: list[str] = field(default_factory=list)
@@ -192,6 +193,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="HOST[:CONTAINER[:PERMS]]",
         help="add a host device node to the container (/dev/fuse, /dev/net/tun, ...)",
+    )
+    p.add_argument(
+        "--shm-size",
+        type=_ram_size,
+        default=None,
+        metavar="SIZE",
+        help="the size of /dev/shm (bytes, or with b, k, m, g; default 64000k, as podman)",
     )
     p.add_argument(
         "--group-add",
@@ -338,6 +346,15 @@ def check_add_host(item: str) -> tuple[str, str]:
     return name, ip
 
 
+def _ram_size(text: str) -> int:
+    """docker's RAMInBytes (podman's --shm-size): a number, maybe with a fraction, and a
+    binary unit b, k, m, g, t (also kb, mb, ...; any case)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmgt]?)b?", text.strip().lower(), re.ASCII)
+    if m is None or len(m[1]) > 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is no size (a number, maybe with k, m, g)")
+    return int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " ") if m[2] != "b" else float(m[1]))
+
+
 def check_device(spec: str) -> tuple[str, str]:
     """`--device HOST[:CONTAINER[:PERMS]]` checked: HOST a device node (symlinks
     followed, as podman), CONTAINER absolute, PERMS of r, w and m. podman's devices
@@ -439,6 +456,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         volumes=args.volume,
         tmpfs=args.tmpfs,
         mounts=args.mount,
+        shm_size=args.shm_size,
         devices=[check_device(d) for d in args.device],
         group_add=args.group_add,
         ulimits=args.ulimit,
@@ -971,6 +989,7 @@ class Runner:
             network=opts.network,
             binds=binds,
             tmpfs=tmpfs,
+            shm_size=opts.shm_size,
             devices=opts.devices,
             group_add=opts.group_add,
             rlimits=[rlimits.parse_ulimit(u) for u in opts.ulimits],

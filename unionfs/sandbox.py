@@ -116,6 +116,7 @@ class ContainerSpec:
     binds: list[Volume] = field(default_factory=list)
     tmpfs: list[volumes.Tmpfs] = field(default_factory=list)
     devices: list[tuple[str, str]] = field(default_factory=list)  # --device: (host, container)
+    shm_size: int | None = None  # /dev/shm in bytes; None: podman's 64000k
     group_add: list[str] = field(default_factory=list)  # --group-add: names or numbers
     # --ulimit: (RLIMIT_*, soft, hard)
     rlimits: list[tuple[int, int, int]] = field(default_factory=list)
@@ -244,7 +245,12 @@ DEV_LINKS = {
 }
 
 
-def _setup_dev(rootfd: int, privileged: bool, devices: Sequence[tuple[str, str]] = ()) -> None:
+def _setup_dev(
+    rootfd: int,
+    privileged: bool,
+    devices: Sequence[tuple[str, str]] = (),
+    shm_size: int | None = None,
+) -> None:
     """A tmpfs /dev with the usual nodes, where no other device node opens.
 
     podman's devices cgroup lets a container open only those nodes, whatever it
@@ -292,7 +298,7 @@ def _setup_dev(rootfd: int, privileged: bool, devices: Sequence[tuple[str, str]]
         "shm",
         "tmpfs",
         MS_NOSUID | MS_NODEV | MS_NOEXEC,
-        "mode=1777,size=65536k",
+        f"mode=1777,size={shm_size}" if shm_size else "mode=1777,size=64000k",  # podman's
     )
     # POSIX message queues (mq_open(3) looks here), of the container's ipc namespace.
     _mount_at(rootfd, "/dev/mqueue", "mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -659,7 +665,7 @@ def setup_root(spec: ContainerSpec) -> None:
     rootfd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, plain=True)
-        _setup_dev(rootfd, conf.privileged, spec.devices)
+        _setup_dev(rootfd, conf.privileged, spec.devices, spec.shm_size)
         _setup_sys(rootfd, conf.privileged)
         if spec.read_only:
             for path, mode in READ_ONLY_TMPFS.items():
