@@ -190,6 +190,38 @@ def _open_state_dir(create: bool) -> int | None:
     return fd
 
 
+SAID_MAX_BYTES = 4096
+
+
+def say_once(key: str, text: str) -> None:
+    """Warn `text` on stderr once for this user: not again while the state directory
+    holds it as KEY.said (a warning that every run would repeat about the host, which
+    she can do nothing about each time, is noise). Said again when it changes."""
+    line = f"pyunion: warning: {text}"
+    name = f"{key}.said"
+    data = text.encode(errors="surrogateescape")
+    try:
+        dfd = open_state_dir()
+    except UserError:
+        print(line, file=sys.stderr)
+        return
+    try:
+        got = open_own_file(dfd, name)
+        if got is not None:
+            try:
+                if os.read(got[0], SAID_MAX_BYTES) == data:
+                    return
+            except OSError:
+                pass
+            finally:
+                os.close(got[0])
+        print(line, file=sys.stderr)
+        with contextlib.suppress(OSError):
+            replace_file(dfd, name, data, 0o600)
+    finally:
+        os.close(dfd)
+
+
 def _state_name(mountpoint: str) -> str:
     """The pid file's name for `mountpoint` (call before mounting: realpath stats)."""
     key = sha256_hex(os.fsencode(os.path.realpath(mountpoint)))[:24]
