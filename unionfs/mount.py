@@ -852,8 +852,7 @@ def serve(
         writeback=cfg.writeback and stack.upper is not None,
         owners_optional=cfg.idmap is not None and cfg.idmap.squashing,
     )
-    ops = make_ops(core, cfg.idmap, debug=cfg.debug)
-    ops.killpriv = cfg.killpriv
+    ops = make_ops(core, cfg.idmap, debug=cfg.debug, killpriv=cfg.killpriv)
     raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     state = _state_name(real_mp) if not detached else ""

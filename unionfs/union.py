@@ -516,15 +516,14 @@ class Union:
             if notify:
                 self.changed(node, True)
 
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.handles.file(fh).fd, size, off)
-
     def read_fd(self, fh: int) -> int:
         """The fd a read of `fh` reads from (EBADF for no such file handle)."""
         return self.handles.file(fh).fd
 
     def read_into(self, fh: int, off: int, buf: memoryview) -> int:
-        """`read` into `buf` (as much as it holds): the number of bytes read."""
+        """Read handle `fh` at `off` into `buf` (as much as it holds): the number of
+        bytes read. The adaptor's READ when libfuse's callback does not answer it
+        (`fuseread`, which reads `read_fd`)."""
         return os.preadv(self.handles.file(fh).fd, (buf,), off)
 
     def write(self, fh: int, off: int, data: bytes) -> int:
