@@ -1190,7 +1190,7 @@ def release_lifeline_last(before: set[int]) -> None:
 
     fusermount3 waits for that socket's end; it then unmounts only if opening the
     mount point fails with ENOTCONN (3.14: not ECONNABORTED). A killed daemon's
-    files are released in an order the kernel picks (by fd, last first since 5.11):
+    files are released in an order the kernel picks (6.x: by fd, the highest first):
     the socket before /dev/fuse, and fusermount3's open, sent to the still connected
     mount, came back ECONNABORTED when the connection was aborted: the mount stayed,
     dead (test_auto_unmount, 2 runs in 15 under load). The socket is now held only as
