@@ -1268,3 +1268,52 @@ def test_rootless_without_a_delegated_cgroup(user: User, home: Path) -> None:
     assert r.stdout == "ran\n" and "no limit" not in r.stderr, r.stderr
     r = user.pyunion(home, "run", "--pids-limit", "12", str(layer), "--", "true", check=False)
     assert "--pids-limit: no cgroup for a rootless container" in one_line(r, 125)
+
+
+def test_a_users_daemon_sets_no_atime_of_her_lower_files(user: User, home: Path) -> None:
+    """A user's daemon cannot read her layers through a read-only copy of their mounts (not
+    hers to make: `layers.read_only_view`): it opens her lower files and directories with
+    O_NOATIME, as kernel overlayfs for files its mounter owns, so reads, listings and
+    copy-ups leave their atimes on disk (a `strictatime` tmpfs: every access sets one). A
+    symlink's is set when the daemon first reads it (readlink(2) has no O_NOATIME); stat
+    on the mount still shows the one it had."""
+    top = Path(tempfile.mkdtemp(prefix="pyunion-atime-", dir="/var/tmp"))
+    mnt = top / "mnt"
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "strictatime,mode=0700", "tmpfs", str(top)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        os.chown(top, user.uid, user.gid)
+        old = "@1500000000"
+        script = (
+            f"cd {top} && mkdir -p low/d up work mnt && echo data > low/f && echo c > low/c"
+            f" && echo x > low/d/x && ln -s f low/l && touch -a -d {old} low/f low/c low/d"
+            f" low/d/x low && touch -h -a -d {old} low/l"
+        )
+        user.run(home, "sh", "-c", script)
+        py = (SYSTEM_PYTHON, "-m", "unionfs")
+        opts = f"lowerdir={top}/low,upperdir={top}/up,workdir={top}/work"
+        r = user.run(home, *py, "mount", "-o", opts, str(mnt))
+        assert r.returncode == 0, r.stderr
+        try:
+            use = (
+                f"cat {mnt}/f >/dev/null && ls {mnt} {mnt}/d >/dev/null && readlink {mnt}/l"
+                f" && echo more >> {mnt}/c && echo y >> {mnt}/d/x && stat -c %X {mnt}/l"
+            )
+            r = user.run(home, "sh", "-c", use)
+            assert r.returncode == 0 and r.stdout.split() == ["f", "1500000000"], r
+        finally:
+            user.run(home, *py, "umount", str(mnt))
+            force_unmount(mnt)
+        low = top / "low"
+        atimes = {
+            n: os.stat(low / n, follow_symlinks=False).st_atime
+            for n in ("f", "c", "d", "d/x", ".", "l")
+        }
+        changed = sorted(n for n, t in atimes.items() if t != 1500000000)
+        assert changed == ["l"], atimes
+    finally:
+        subprocess.run(["umount", "-l", str(top)], capture_output=True, timeout=30, check=False)
+        os.rmdir(top)
