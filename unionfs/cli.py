@@ -273,8 +273,8 @@ def _report(e: UserError) -> int:
 
 
 # What the commands that start daemons and containers exit with when even the hard
-# open-file limit is too low for them (rlimits.py); run's code is podman's.
-_FD_HUNGRY = {"run": 125, "mount": 1, "build": 1}
+# open-file limit is too low for them (rlimits.py); run's and build's are podman's.
+_FD_HUNGRY = {"run": 125, "mount": 1, "build": 125}
 
 # Commands that leave without the interpreter's teardown (`_exit_now`) when they are the
 # program (not `main([...])` called in a process that goes on).

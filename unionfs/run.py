@@ -237,19 +237,19 @@ NETWORK_MODES = ("none", "host")
 DEFAULT_NETWORK = "none"
 
 
-def check_network(mode: str, ns_path: bool = False, code: int = TOOL_ERROR) -> str:
+def check_network(mode: str, ns_path: bool = False) -> str:
     """MODE if pyunion has that network mode (with `ns_path`, ns:PATH too), else a
-    one-line error (exit `code`: run's 125, build's 1)."""
+    one-line error (exit 125, run's and build's)."""
     if ns_path and mode.startswith("ns:"):
         if not mode[3:].startswith("/"):
-            raise UserError(f"--network: {mode!r}: ns: takes an absolute path", code)
+            raise UserError(f"--network: {mode!r}: ns: takes an absolute path", TOOL_ERROR)
         return mode
     if mode not in NETWORK_MODES:
         more = ", host or ns:PATH" if ns_path else " or host"
         raise UserError(
             f"--network: unsupported network mode {mode!r} (none{more}: pyunion makes no "
             "bridge, slirp4netns or pasta network)",
-            code,
+            TOOL_ERROR,
         )
     return mode
 
