@@ -279,8 +279,8 @@ def _report(e: UserError) -> int:
 
 
 # What the commands that start daemons and containers exit with when even the hard
-# open-file limit is too low for them (rlimits.py); run's code is podman's.
-_FD_HUNGRY = {"run": 125, "mount": 1, "build": 1}
+# open-file limit is too low for them (rlimits.py); run's and build's are podman's.
+_FD_HUNGRY = {"run": 125, "mount": 1, "build": 125}
 
 # What a usage error (an unknown option) exits with where argparse's 2 is not the rule:
 # run's is podman's.

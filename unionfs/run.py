@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import cgroups, procfs, rlimits, syscalls, userns
 from .errors import UserError
-from .mount import mount_detached
+from .mount import mount_detached, say_once
 from .options import MountConfig
 from .prefork import Prefork, cancel_early, forkserver_wanted, take_early
 from .supervise import FORWARDED, HANDLED, Supervisor, janitor_cleanup
@@ -295,7 +295,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help=f"at most N processes in the container (default {cgroups.DEFAULT_PIDS_LIMIT}, "
-        "as root where the pids cgroup controller is; 0 or -1: no limit)",
+        "where the pids cgroup controller is; rootless: in a delegated cgroup; "
+        "0 or -1: no limit)",
     )
 
 
@@ -389,19 +390,19 @@ def check_device(spec: str) -> tuple[str, str]:
     return real, target or host
 
 
-def check_network(mode: str, ns_path: bool = False, code: int = TOOL_ERROR) -> str:
+def check_network(mode: str, ns_path: bool = False) -> str:
     """MODE if pyunion has that network mode (with `ns_path`, ns:PATH too), else a
-    one-line error (exit `code`: run's 125, build's 1)."""
+    one-line error (exit 125, run's and build's)."""
     if ns_path and mode.startswith("ns:"):
         if not mode[3:].startswith("/"):
-            raise UserError(f"--network: {mode!r}: ns: takes an absolute path", code)
+            raise UserError(f"--network: {mode!r}: ns: takes an absolute path", TOOL_ERROR)
         return mode
     if mode not in NETWORK_MODES:
         more = ", host or ns:PATH" if ns_path else " or host"
         raise UserError(
             f"--network: unsupported network mode {mode!r} (none{more}: pyunion makes no "
             "bridge, slirp4netns or pasta network)",
-            code,
+            TOOL_ERROR,
         )
     return mode
 
@@ -1087,28 +1088,35 @@ class Runner:
 
     def _make_cgroup(self) -> None:
         """The container's cgroup, which bounds its processes (`cgroups`): podman's 2048
-        by default, as root where the pids controller is. Rootless, as podman's on cgroup
-        v1: no limit (a user namespace's root cannot make a group)."""
+        by default, as root where the pids controller is. Rootless, in the user's
+        delegated cgroup (`cgroups.delegated`); without one, as podman without systemd's:
+        no limit, and why said once (`mount.say_once`), or an error for `--pids-limit N`."""
         limit = self.opts.pids_limit
         if limit is not None and limit <= 0:
             return
-        if userns.in_user_namespace():
-            if limit is not None:
-                raise _fail("--pids-limit needs root (a rootless container has no cgroup)")
-            return
         assert self.sup.tmp is not None
-        path = cgroups.path_for(os.path.basename(self.sup.tmp))
-        if path is None:
-            if limit is not None:
-                raise _fail("--pids-limit: this host has no pids cgroup controller")
-            return
-        self.sup.tell_janitor("C", os.fsencode(path))  # before it exists, as the tree
-        self.sup.cgroup = path
+        name = os.path.basename(self.sup.tmp)
+        if userns.in_user_namespace():
+            group = cgroups.delegated(name)
+            if isinstance(group, str):
+                if limit is not None:
+                    raise _fail(f"--pids-limit: no cgroup for a rootless container: {group}")
+                say_once("no-pids-limit", f"no limit on the container's processes: {group}")
+                return
+        else:
+            found = cgroups.path_for(name)
+            if found is None:
+                if limit is not None:
+                    raise _fail("--pids-limit: this host has no pids cgroup controller")
+                return
+            group = found
+        self.sup.tell_janitor("C", os.fsencode(group.path))  # before it exists, as the tree
+        self.sup.cgroup = group.path
         try:
-            cgroups.create(path, cgroups.DEFAULT_PIDS_LIMIT if limit is None else limit)
+            cgroups.create(group, cgroups.DEFAULT_PIDS_LIMIT if limit is None else limit)
         except OSError as e:
             raise _fail(
-                f"cannot make the container's cgroup {path}: {e.strerror} "
+                f"cannot make the container's cgroup {group.path}: {e.strerror} "
                 "(--pids-limit -1 runs it without one)"
             ) from None
 
