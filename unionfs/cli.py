@@ -248,7 +248,13 @@ def run_cli(
 ) -> int:
     """Parse and run one command; `program`: this process is pyunion itself (not `main([...])`
     called in a process that goes on), which `run` may re-execute (`run.SUPERVISOR_AFTER`)."""
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's usage error (2), said on stderr already
+        first = (list(argv) if argv is not None else sys.argv[1:])[:1]
+        if e.code == 2 and first and first[0] in _USAGE_ERROR:
+            return _USAGE_ERROR[first[0]]
+        raise
     args.program = program
     _setup_logging(getattr(args, "debug", False))
     handler: Handler = args.handler
@@ -275,8 +281,12 @@ def _report(e: UserError) -> int:
 
 
 # What the commands that start daemons and containers exit with when even the hard
-# open-file limit is too low for them (rlimits.py); run's code is podman's.
-_FD_HUNGRY = {"run": 125, "mount": 1, "build": 1}
+# open-file limit is too low for them (rlimits.py); run's and build's are podman's.
+_FD_HUNGRY = {"run": 125, "mount": 1, "build": 125}
+
+# What a usage error (an unknown option) exits with where argparse's 2 is not the rule:
+# run's is podman's.
+_USAGE_ERROR = {"run": 125}
 
 # Commands that leave without the interpreter's teardown (`_exit_now`) when they are the
 # program (not `main([...])` called in a process that goes on).

@@ -1,11 +1,14 @@
 """The build cache: which image state a step produced from which parent.
 
-A step's key is the sha256 of its parent state's image ID and of what the step
-does after substitution: the instruction's text, the build arguments it sees
-(all of them for RUN, which gets them as environment variables), and for COPY
-and ADD the digest of every source file's name, mode, owner and bytes after
-the ignore rules (`sources.SourceTree.digest`); for `COPY --from` the source
-stage's image ID stands for its content. The value is the state after the step:
+A step's key is the sha256 of its parent state's image ID without the times
+of day (`ImageState.cache_id`: a step run again keeps the entries after it) and
+of what the step does after substitution: the instruction's text, the build
+arguments it sees (all of them for RUN, which gets them as environment
+variables), and for COPY and ADD the digest of every source file's name, mode,
+owner and bytes after the ignore rules (`sources.SourceTree.digest`). A `COPY
+--from` step has two keys: one with the source stage's ID standing for its
+content (found without mounting it), and one with the digest of what it copies,
+as buildah keys it. The value is the state after the step:
 its full config (history included) and its layer descriptors, so a hit costs
 one small file read and no layer work, and the same parent gives the same child
 ID, on and on down the Containerfile.

@@ -17,9 +17,10 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
-class _LayersAction(argparse.Action):
-    """`--layers`, `--layers=true|false`; `--layers DIR` is the flag and then the context
-    (as buildah users type it), not a bad boolean."""
+class _BoolAction(argparse.Action):
+    """`--layers`, `--layers=true|false` (and --rm, --force-rm); `--layers DIR` is the
+    flag and then the context (as buildah users type it, Go's flags taking a boolean's
+    value only after `=`), not a bad boolean."""
 
     def __call__(
         self,
@@ -29,14 +30,38 @@ class _LayersAction(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         if values is None:
-            namespace.layers = True
+            setattr(namespace, self.dest, True)
             return
         text = str(values)
         try:
-            namespace.layers = _bool(text)
+            setattr(namespace, self.dest, _bool(text))
         except argparse.ArgumentTypeError:
-            namespace.layers = True
-            namespace.context_after_layers = text
+            setattr(namespace, self.dest, True)
+            namespace.context_after_flag = text
+
+
+# --pull: what buildah 1.28 and podman take. The build never pulls: these leave the base
+# image to the store (an image not there is an error saying how to get it).
+PULL_STORE = ("true", "false", "missing", "never", "ifmissing")
+PULL_REGISTRY = ("always", "newer", "ifnewer")
+
+
+class _PullAction(argparse.Action):
+    """`--pull[=POLICY]`; `--pull DIR` is the flag and then the context. A policy that
+    pulls every time is refused: pyunion build uses no network."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        text = "missing" if values is None else str(values).lower()
+        if text not in (*PULL_STORE, *PULL_REGISTRY):
+            namespace.context_after_flag = str(values)
+            text = "missing"
+        namespace.pull = text  # checked with the other options, as a one-line error
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,13 +69,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "build",
         aliases=["bud"],
         help="build an image from a Containerfile/Dockerfile",
-        usage="pyunion build [OPTIONS] CONTEXT",
+        usage="pyunion build [OPTIONS] [CONTEXT]",
         description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, one "
         "layer per RUN, COPY and ADD, each RUN in a pyunion container; unchanged "
         "steps come from the build cache. The image goes into the store; its ID is "
         "the last line printed.",
     )
-    p.add_argument("context", metavar="CONTEXT", nargs="?", help="the build context directory")
+    p.add_argument(
+        "context",
+        metavar="CONTEXT",
+        nargs="?",
+        help="the build context directory (default: the working directory, as buildah's)",
+    )
     p.add_argument(
         "-f",
         "--file",
@@ -81,7 +111,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--layers",
-        action=_LayersAction,
+        action=_BoolAction,
         nargs="?",
         default=True,
         metavar="true|false",
@@ -107,8 +137,51 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the network of RUN steps without their own --network: host (default) "
         "or none (a namespace with only the loopback)",
     )
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add a label to the image (a LABEL step after the last instruction, as buildah)",
+    )
+    p.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
+    p.add_argument(
+        "--ignorefile",
+        metavar="FILE",
+        help="the ignore rules (.containerignore syntax) instead of the context's",
+    )
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH",
+        help="only this machine's platform is built (accepted for scripts that name it)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("oci", "docker"),
+        default="oci",
+        help="accepted for buildah's scripts: the config always keeps Docker's fields "
+        "(Healthcheck, OnBuild, Shell)",
+    )
+    p.add_argument(
+        "--pull",
+        action=_PullAction,
+        nargs="?",
+        metavar="POLICY",
+        default="missing",
+        help="missing, never (and true, false): the base image comes from the store, "
+        "never from a registry; always and newer are refused",
+    )
+    for flag, default in (("--rm", True), ("--force-rm", False)):
+        p.add_argument(
+            flag,
+            action=_BoolAction,
+            nargs="?",
+            default=default,
+            metavar="true|false",
+            help="accepted for buildah's scripts: no intermediate container is kept",
+        )
     p.add_argument("--store", metavar="DIR", help="image store directory")
-    p.set_defaults(handler=_cmd_build, context_after_layers=None)
+    p.set_defaults(handler=_cmd_build, context_after_flag=None)
 
 
 def parse_build_args(items: list[str]) -> dict[str, str]:
@@ -125,20 +198,50 @@ def parse_build_args(items: list[str]) -> dict[str, str]:
     return out
 
 
+# What any error of the build exits with, as buildah's and podman's do; a failing RUN
+# exits with its command's status (executor.StepFailed), a signal that stopped the
+# build with 128 + its number.
+TOOL_ERROR = 125
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key:
+            raise UserError(f"--label {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
+    try:
+        return _build(args)
+    except UserError as e:
+        if e.code == 1 and not getattr(e, "command_status", False):
+            e.code = TOOL_ERROR
+        raise
+
+
+def _build(args: argparse.Namespace) -> int:
     from ..userns import enter_rootless
 
     # Before the executor is imported: its Containerfile parser (Go code) starts threads, and
     # a multi-threaded process cannot enter a user namespace.
     enter_rootless()
     from ..run import check_network
-    from .executor import BuildOptions, build
+    from .executor import BuildOptions, build, check_platform
 
-    context = args.context or args.context_after_layers
-    if context is None:
-        raise UserError("no build context given: pyunion build [OPTIONS] CONTEXT")
-    if args.context and args.context_after_layers:
-        raise UserError(f"--layers takes true or false, not {args.context_after_layers!r}")
+    context = args.context or args.context_after_flag or "."
+    if args.context and args.context_after_flag:
+        raise UserError(f"unexpected argument {args.context_after_flag!r} (a flag's value?)")
+    if args.pull not in PULL_STORE:
+        raise UserError(
+            f"--pull={args.pull}: pyunion build never pulls (the base image comes from "
+            "the store: 'pyunion pull' it first)"
+        )
+    if args.platform is not None:
+        check_platform(args.platform)
     image_id = build(
         BuildOptions(
             context=context,
@@ -150,8 +253,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
             layers=args.layers and not args.squash,
             store=args.store,
             quiet=args.quiet,
-            network=check_network(args.network, code=1),
+            network=check_network(args.network),
+            labels=parse_labels(args.label),
+            ignorefile=args.ignorefile,
         )
     )
+    if args.iidfile:
+        try:
+            with open(args.iidfile, "w") as f:
+                f.write(image_id)  # buildah's: the ID, no newline
+        except OSError as e:
+            raise UserError(f"--iidfile {args.iidfile}: {e.strerror}") from None
     print(image_id)
     return 0

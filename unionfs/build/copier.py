@@ -284,6 +284,17 @@ class Writer:
         os.chown(name, o[0], o[1], dir_fd=pfd, follow_symlinks=False)
         os.chmod(name, self._mode(mode), dir_fd=pfd, follow_symlinks=False)
 
+    def metadata(
+        self, pfd: int, name: str, uid: int, gid: int, mode: int, atime: int, mtime: int
+    ) -> None:
+        """Owner, mode and times of NAME, which exists already (a symlink has no mode)."""
+        if stat.S_ISLNK(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
+            o = self._owner(uid, gid)
+            os.chown(name, o[0], o[1], dir_fd=pfd, follow_symlinks=False)
+        else:
+            self._meta(pfd, name, uid, gid, mode)
+        os.utime(name, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
+
     def directory(
         self,
         pfd: int,
@@ -569,10 +580,22 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
     w = Writer(CopySpec(keep_owner=True), dest, dfd)
     cur = DirCursor(dfd)
     holes = 0
+    dest_time: int | None = None  # the `./` member's, set once the members are in
     try:
         for m in archive.tar:
             parts = [p for p in m.name.split("/") if p not in ("", ".")]
+            for id_kind, n in (("owner", m.uid), ("group", m.gid)):
+                if not 0 <= n < 2**32 - 1:  # GNU base-256 headers hold any number
+                    raise CopyError(
+                        f"ADD {what}: refusing {m.name!r}: {id_kind} id {n} is out of range"
+                    )
             if not parts:
+                # `./` (`tar -C dir -cf x.tar .`) is the destination itself: its owner,
+                # mode and time, as buildah and Docker's classic builder give them.
+                if m.isdir():
+                    os.chown(dfd, m.uid, m.gid)
+                    os.chmod(dfd, stat.S_IMODE(m.mode))
+                    dest_time = int(m.mtime * 1_000_000_000)
                 continue
             if ".." in parts:
                 raise CopyError(f"ADD {what}: refusing archive member {m.name!r} ('..')")
@@ -619,7 +642,10 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
                 elif m.issym():
                     w.symlink(pfd, name, m.linkname, m.uid, m.gid, mt, mt, where)
                 elif m.islnk():
+                    # The link's header sets the (shared) inode's owner, mode and time,
+                    # as buildah and Docker unpack it.
                     _archive_link(dfd, pfd, name, m.linkname, where, what)
+                    w.metadata(pfd, name, m.uid, m.gid, m.mode, mt, mt)
                 elif m.ischr() or m.isblk() or m.isfifo():
                     kind = (
                         stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
@@ -644,6 +670,9 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
     finally:
         cur.close()
         w.close()
+        if dest_time is not None:
+            with contextlib.suppress(OSError):
+                os.utime(dfd, ns=(dest_time, dest_time))
         os.close(dfd)
 
 

@@ -107,6 +107,14 @@ class BuildError(UserError):
     """The build stopped at a step."""
 
 
+class StepFailed(BuildError):
+    """A RUN's command failed: the build exits with the command's status (`code`), as
+    `buildah bud`, `podman build` and `docker build` do; any other error exits 125
+    (`cli.py`)."""
+
+    command_status = True
+
+
 @dataclass
 class BuildOptions:
     context: str
@@ -121,6 +129,8 @@ class BuildOptions:
     # RUN's, unless it says --network: the host's, since buildah's and BuildKit's default
     # (a private namespace with a NAT'ed connection) is one pyunion cannot make.
     network: str = "host"
+    labels: dict[str, str] = field(default_factory=dict)  # --label: on the image built
+    ignorefile: str | None = None  # --ignorefile: instead of the context's
 
 
 @dataclass
@@ -131,6 +141,20 @@ class ImageState:
     @property
     def id(self) -> str:
         return config_digest(self.config)
+
+    @property
+    def cache_id(self) -> str:
+        """What keys the steps after this state: its ID without the times of day. A step
+        run again (--no-cache, or by two stages that share it) makes the same state at
+        another time, and the steps after it keep their entries, as buildah's cache
+        compares layers and history text, not times."""
+        cfg = dict(self.config)
+        cfg.pop("created", None)
+        cfg["history"] = [
+            {k: v for k, v in h.items() if k != "created"} if isinstance(h, dict) else h
+            for h in cfg.get("history") or []
+        ]
+        return config_digest(cfg)
 
     @property
     def diff_ids(self) -> list[str]:
@@ -157,6 +181,16 @@ def scratch_state() -> ImageState:
     if plat.get("variant"):
         cfg["variant"] = plat["variant"]
     return ImageState(cfg, [])
+
+
+def check_platform(want: str, where: str = "") -> None:
+    """`--platform=WANT` (of FROM or of the build): this machine's only."""
+    p = host_platform()
+    if not want.startswith(f"{p['os']}/{p['architecture']}"):
+        raise BuildError(
+            f"{where}--platform={want}: only this machine's platform "
+            f"({p['os']}/{p['architecture']}) is built"
+        )
 
 
 def _is_url(src: str) -> bool:
@@ -215,7 +249,15 @@ class Builder:
                 raise UserError(f"no Containerfile or Dockerfile in {ctx} (use -f FILE)")
         else:  # named by the caller: a pipe (-f <(...)) is fine, the read is bounded
             try:  # no symlink of another user's, no FIFO of hers (`tree.read_named`)
-                data = read_named(f, MAX_DOCKERFILE + 1)
+                try:
+                    data = read_named(f, MAX_DOCKERFILE + 1)
+                except FileNotFoundError:
+                    # Relative and not here: in the context, as buildah looks for it.
+                    if os.path.isabs(f):
+                        raise
+                    in_context = os.path.join(ctx, f)
+                    data = read_named(in_context, MAX_DOCKERFILE + 1)
+                    f = in_context
             except OSError as e:
                 raise UserError(f"cannot read {f}: {e.strerror}") from None
             if len(data) > MAX_DOCKERFILE:
@@ -226,6 +268,15 @@ class Builder:
             raise UserError(f"{f} is not valid UTF-8") from None
 
     def _matcher(self, dockerfile: str | None) -> Matcher | None:
+        if self.opts.ignorefile is not None:
+            f = self.opts.ignorefile
+            try:  # named by the caller, as -f: no symlink or FIFO of another user's
+                rules = read_named(f, MAX_DOCKERFILE + 1)
+            except OSError as e:
+                raise UserError(f"--ignorefile {f}: {e.strerror}") from None
+            if len(rules) > MAX_DOCKERFILE:
+                raise UserError(f"--ignorefile {f}: larger than {MAX_DOCKERFILE >> 20} MiB")
+            return read_ignore_file(rules, f)
         candidates = []
         if dockerfile is not None:
             candidates += [dockerfile + ".containerignore", dockerfile + ".dockerignore"]
@@ -273,7 +324,7 @@ class Builder:
                 final: ImageState | None = None
                 for st in stages:
                     scope = Scope(lexer, self.opts.build_args, dict(global_scope.args))
-                    final = self._build_stage(df, st, scope, global_scope, len(stages))
+                    final = self._build_stage(df, st, scope, global_scope, last=st is stages[-1])
                     consumed |= scope.consumed
                     self.stages_done[st.index] = final
                 assert final is not None
@@ -351,19 +402,14 @@ class Builder:
         return label
 
     def _build_stage(
-        self, df: Dockerfile, stage: Stage, scope: Scope, global_scope: Scope, nstages: int
+        self, df: Dockerfile, stage: Stage, scope: Scope, global_scope: Scope, last: bool
     ) -> ImageState:
         self.prefix = f"[{stage.index + 1}/{len(df.stages)}] " if len(df.stages) > 1 else ""
         base_ref = self._expand_global(stage.base, global_scope)
         self._next_step(f"FROM {base_ref}" + (f" AS {stage.name}" if stage.name else ""))
         if stage.platform:
             want = self._expand_global(stage.platform, global_scope)
-            p = host_platform()
-            if not want.startswith(f"{p['os']}/{p['architecture']}"):
-                raise BuildError(
-                    f"line {stage.line}: FROM --platform={want}: only this "
-                    f"machine's platform ({p['os']}/{p['architecture']}) is built"
-                )
+            check_platform(want, f"line {stage.line}: FROM ")
         image = self._base(df, base_ref, stage)
         st = _Stage(stage, scope, StageState(), image)
         shell = (image.config.get("config") or {}).get("Shell")
@@ -382,6 +428,9 @@ class Builder:
                     self._step(st, inst, numbered=False)
             for inst in stage.instructions:
                 self._step(st, inst)
+            if last:
+                for key, value in self.opts.labels.items():
+                    self._cli_label(st, key, value)
             if st.squash_upper is not None:
                 self._finish_squash(st)
         finally:
@@ -432,8 +481,23 @@ class Builder:
             raise BuildError(f"line {inst.line}: FROM inside a stage")
         new = st.image.copy()
         created_by = apply_metadata(inst, new.config, st.scope, st.state)
-        key = step_key(st.image.id, "meta", inst.cmd, created_by, st.state.cmd_set, st.state.shell)
+        key = step_key(
+            st.image.cache_id, "meta", inst.cmd, created_by, st.state.cmd_set, st.state.shell
+        )
         self._finish(st, new, key, created_by, False, t0)
+
+    def _cli_label(self, st: _Stage, key: str, value: str) -> None:
+        """`--label KEY=VALUE`: a LABEL step after the last instruction (no substitution),
+        with its history entry, as buildah adds it."""
+        t0 = time.monotonic()
+        new = st.image.copy()
+        cfg = new.config.setdefault("config", {}) or {}
+        new.config["config"] = cfg
+        cfg["Labels"] = {**(cfg.get("Labels") or {}), key: value}
+        created_by = f"LABEL {key}={value}"
+        self._finish(
+            st, new, step_key(st.image.cache_id, "--label", key, value), created_by, False, t0
+        )
 
     def _finish(
         self,
@@ -448,11 +512,7 @@ class Builder:
 
         `layer` is a NewLayer, None for an empty change, or False for a metadata step.
         """
-        cached = (
-            None
-            if layer is not False or self.opts.no_cache or st.squash_upper is not None
-            else self.cache.get(key)
-        )
+        cached = None if layer is not False or st.squash_upper is not None else self._cached(key)
         if cached is not None:
             new = ImageState(cached[0], cached[1])
             self.say(f"--> CACHED {short_id(new.id)}")
@@ -472,47 +532,67 @@ class Builder:
             new.config.pop(k, None)
         st.image = new
         if st.squash_upper is None:
-            self.cache.put(key, new.config, new.layers)
+            self._put(key, new)
         self.say(f"--> {short_id(new.id)} {time.monotonic() - t0:.2f}s")
 
+    def _cached(self, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        return None if self.opts.no_cache else self.cache.get(key)
+
+    def _put(self, key: str, state: ImageState) -> None:
+        self.cache.put(key, state.config, state.layers)
+
     def _layer_step(self, st: _Stage, inst: Instruction, t0: float) -> None:
+        plan: _CopyPlan | None = None
         if inst.cmd == "RUN":
             argv, created_by, env = self._run_spec(st, inst)
             network = self._run_network(inst)
             # The host's network keeps the key it always had; another mode is a step of its own.
             net_part = [] if network == "host" else [{"network": network}]
-            key = step_key(st.image.id, "RUN", argv, sorted(env), *net_part)
+            key = step_key(st.image.cache_id, "RUN", argv, sorted(env), *net_part)
 
             def work(upper: str, lowers: list[str]) -> None:
                 self._run(st, argv, env, upper, lowers, inst, network)
         else:
-            plan = self._copy_plan(st, inst)
+            plan = copy_plan = self._copy_plan(st, inst)
             created_by, key = plan.created_by, plan.key
 
             def work(upper: str, lowers: list[str]) -> None:
-                self._copy(st, plan, upper, lowers)
+                self._copy(st, copy_plan, upper, lowers)
 
-        if not self.opts.no_cache and st.squash_upper is None:
-            cached = self.cache.get(key)
-            if cached is not None:
-                st.image = ImageState(cached[0], cached[1])
-                self.say(f"--> CACHED {short_id(st.image.id)}")
+        # A `COPY --from` step is found by its stage's image ID (no mount needed) or else
+        # by the content it copies (the stage mounted once, for the key and the copy);
+        # what it makes is kept under both keys.
+        aliases: list[str] = []
+        with contextlib.ExitStack() as stack:
+            if st.squash_upper is None:
+                cached = self._cached(key)
+                if cached is None and plan is not None and plan.from_state is not None:
+                    plan.from_sources = self._from_sources(stack, plan)
+                    aliases.append(self._from_content_key(st, plan, *plan.from_sources))
+                    cached = self._cached(aliases[0])
+                    if cached is not None:
+                        self.cache.put(key, *cached)
+                if cached is not None:
+                    st.image = ImageState(cached[0], cached[1])
+                    self.say(f"--> CACHED {short_id(st.image.id)}")
+                    return
+            if st.squash_upper is not None:
+                work(st.squash_upper, st.base_lowers)
+                self._finish(st, st.image.copy(), key, created_by, None, t0)
                 return
-        if st.squash_upper is not None:
-            work(st.squash_upper, st.base_lowers)
-            self._finish(st, st.image.copy(), key, created_by, None, t0)
-            return
-        lowers = self._lowers(st.image)
-        upper = self._new_upper()
-        try:
-            work(upper, lowers)
-            prune_upper(upper, lowers if st.image.diff_ids else [])
-            layer = None if is_empty(upper) else commit_upper(self.store, upper, self.tmp)
-        finally:
-            if os.path.exists(upper):
-                self._remove(upper)
-            self._remove(upper + ".work")
+            lowers = self._lowers(st.image)
+            upper = self._new_upper()
+            try:
+                work(upper, lowers)
+                prune_upper(upper, lowers if st.image.diff_ids else [])
+                layer = None if is_empty(upper) else commit_upper(self.store, upper, self.tmp)
+            finally:
+                if os.path.exists(upper):
+                    self._remove(upper)
+                self._remove(upper + ".work")
         self._finish(st, st.image.copy(), key, created_by, layer, t0)
+        for alias in aliases:
+            self._put(alias, st.image)
 
     def _finish_squash(self, st: _Stage) -> None:
         upper = st.squash_upper
@@ -584,8 +664,13 @@ class Builder:
             layers=lowers,
             command=argv,
             env=env + image_env,
-            workdir=cfg.get("WorkingDir") or None,
-            user=cfg.get("User") or None,
+            # Cleaned as buildah cleans it for RUN: `WORKDIR /a/b/../c` (kept as written in
+            # the config) makes and enters /a/c, no /a/b.
+            workdir=posixpath.normpath(cfg["WorkingDir"]) if cfg.get("WorkingDir") else None,
+            make_workdir=True,  # buildah makes WORKDIR
+            # Named, as buildah names root: its primary group is then among the
+            # supplementary ones (podman's run leaves it out for a default user).
+            user=cfg.get("User") or "0",
             upper=upper,
             network=network,
             quiet=True,
@@ -616,10 +701,10 @@ class Builder:
             )
             if code > 128 and code != 255:
                 what = f"the command was killed by signal {code - 128}"
-            raise BuildError(
+            raise StepFailed(
                 f"building at STEP {self.step_no}/{self.total}: "
                 f"{inst.original.splitlines()[0]}: {what}",
-                1,
+                code,
             )
 
     # --- COPY and ADD ------------------------------------------------------------------------
@@ -664,7 +749,13 @@ class Builder:
             src_state = self._from_state(from_ref, inst)
             plan.from_state = src_state
             plan.key = step_key(
-                st.image.id, inst.cmd, flags, plan.patterns, dest_abs, dest_is_dir, src_state.id
+                st.image.cache_id,
+                inst.cmd,
+                flags,
+                plan.patterns,
+                dest_abs,
+                dest_is_dir,
+                src_state.cache_id,
             )
             plan.created_by = f"{inst.cmd} --from={from_ref} {' '.join(plan.patterns)} in {dest}"
             plan.multi = count > 1
@@ -693,7 +784,13 @@ class Builder:
         kind = "multi" if plan.multi else ("dir" if sources and sources[0].is_dir else "file")
         plan.created_by = f"{inst.cmd} {kind}:{digest} in {dest}"
         plan.key = step_key(
-            st.image.id, inst.cmd, flags, digest, dest_abs, dest_is_dir, [s.name for s in sources]
+            st.image.cache_id,
+            inst.cmd,
+            flags,
+            digest,
+            dest_abs,
+            dest_is_dir,
+            [s.name for s in sources],
         )
         return plan
 
@@ -734,17 +831,8 @@ class Builder:
                 tree = self.context
                 sources = plan.sources
                 if plan.from_state is not None:
-                    src_lowers = self._lowers(plan.from_state)
-                    src_mnt = stack.enter_context(self._mounted(src_lowers, None))
-                    tree = SourceTree(src_mnt, None, f"--from={plan.flags['from']}")
-                    stack.callback(tree.close)
+                    tree, sources = plan.from_sources or self._from_sources(stack, plan)
                     spec.keep_owner = True
-                    sources = []
-                    for p in plan.patterns:
-                        matched = tree.expand(p)
-                        if not matched:
-                            raise BuildError(f"line {inst.line}: COPY --from: no files match {p!r}")
-                        sources += [tree.source(m) for m in matched]
                     if len(sources) > 1 and not dest_is_dir:
                         raise BuildError(
                             f"line {inst.line}: COPY with more than one source "
@@ -765,6 +853,41 @@ class Builder:
                     self._copy_heredocs(root, plan, spec, dest_is_dir)
             except CopyError as e:
                 raise BuildError(f"line {inst.line}: {inst.cmd}: {e}") from None
+
+    def _from_sources(
+        self, stack: contextlib.ExitStack, plan: _CopyPlan
+    ) -> tuple[SourceTree, list[Source]]:
+        """The tree of a `COPY --from` stage or image, mounted read-only for as long as
+        `stack` lasts, and the sources its patterns match there."""
+        assert plan.from_state is not None
+        src_mnt = stack.enter_context(self._mounted(self._lowers(plan.from_state), None))
+        tree = SourceTree(src_mnt, None, f"--from={plan.flags['from']}")
+        stack.callback(tree.close)
+        sources = []
+        for p in plan.patterns:
+            matched = tree.expand(p)
+            if not matched:
+                raise BuildError(f"line {plan.inst.line}: COPY --from: no files match {p!r}")
+            sources += [tree.source(m) for m in matched]
+        return tree, sources
+
+    def _from_content_key(
+        self, st: _Stage, plan: _CopyPlan, tree: SourceTree, sources: list[Source]
+    ) -> str:
+        """The key of a `COPY --from` step by what it copies (names, modes, owners, bytes),
+        as buildah and BuildKit key it: a stage that changed elsewhere (a source file the
+        step does not copy) still hits."""
+        digest = tree.digest(sources)
+        return step_key(
+            st.image.cache_id,
+            plan.inst.cmd,
+            plan.flags,
+            plan.patterns,
+            plan.dest,
+            plan.dest_is_dir,
+            {"from-content": digest},
+            [s.name for s in sources],
+        )
 
     def _add_archive(
         self, root: Root, tree: SourceTree, src: Source, plan: _CopyPlan, spec: CopySpec
@@ -860,6 +983,8 @@ class _CopyPlan:
     sources: list[Source] = field(default_factory=list)
     heredocs: list[tuple[str, str]] = field(default_factory=list)
     from_state: ImageState | None = None
+    # The --from stage's tree, mounted for the cache key, and its sources: the copy's too.
+    from_sources: tuple[SourceTree, list[Source]] | None = None
     multi: bool = False
     key: str = ""
     created_by: str = ""
@@ -928,4 +1053,4 @@ def build(opts: BuildOptions) -> str:
     return Builder(opts).build()
 
 
-__all__ = ["BuildError", "BuildOptions", "DockerfileError", "build"]
+__all__ = ["BuildError", "BuildOptions", "DockerfileError", "StepFailed", "build"]

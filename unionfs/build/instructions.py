@@ -68,6 +68,16 @@ def platform_args() -> dict[str, str]:
     return out
 
 
+def _workdir(current: str, path: str) -> str:
+    """WORKDIR PATH after WORKDIR CURRENT: an absolute PATH as written (`/app/` stays
+    `/app/`), a relative one joined to CURRENT and cleaned, as buildah, Docker and
+    BuildKit (`system.NormalizeWorkdir`) record it."""
+    if path.startswith("/"):
+        return path
+    joined = posixpath.normpath(posixpath.join("/", current, path))
+    return "/" + joined.lstrip("/")  # Go's path.Clean: one leading slash, never two
+
+
 def _fail(inst: Instruction, msg: str) -> DockerfileError:
     return DockerfileError(f"line {inst.line}: {inst.cmd}: {msg}")
 
@@ -291,9 +301,8 @@ def apply_metadata(
         if len(inst.args) != 1:
             raise _fail(inst, "takes exactly one argument")
         path = scope.word(inst, inst.args[0], cfg)
-        base = cfg.get("WorkingDir") or "/"
         # Only recorded: as in buildah, a RUN creates it (owned by USER), or a COPY into it.
-        cfg["WorkingDir"] = posixpath.normpath(posixpath.join(base, path))
+        cfg["WorkingDir"] = _workdir(cfg.get("WorkingDir") or "/", path)
         return f"WORKDIR {cfg['WorkingDir']}"
     if cmd == "CMD":
         cfg["Cmd"] = _json_or_shell(inst, state)

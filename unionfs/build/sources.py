@@ -9,7 +9,8 @@ symlinks and never followed. Directories are walked iteratively, pruning what
 the ignore file excludes (unless an exception pattern may bring something back).
 
 The digest of a set of sources covers exactly what the copy depends on: every
-entry's path, type, mode, owner, size, content and symlink target. It keys
+entry's path, type, mode, owner, size, content and symlink target (a source
+directory's own mode and owner are left out: its contents are copied). It keys
 the build cache and names the sources in the history (`COPY file:DIGEST in /dst`).
 """
 
@@ -235,6 +236,11 @@ class SourceTree:
             h.update(b"S" + src.name.encode("utf-8", "surrogateescape") + b"\0")
             for e in src.entries:
                 st = e.st
+                if not e.rel and src.is_dir:
+                    # A directory source's contents are copied, not the directory: its
+                    # mode and owner change nothing (buildah's cache ignores them too).
+                    h.update(b"D\n")
+                    continue
                 rec = (
                     f"{e.rel}\0{stat.S_IFMT(st.st_mode):o}\0{stat.S_IMODE(st.st_mode):o}\0"
                     f"{st.st_uid}\0{st.st_gid}\0"

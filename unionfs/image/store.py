@@ -690,9 +690,10 @@ class Store:
                 return same[0], None
             raise ImageError(f"no image {ref!r} in the store {self.root}")
         exact = _exact_names(ref)
+        canon = reference.docker_canonical(exact[1])  # docker.io/x ~ docker.io/library/x
         for img in imgs:
             for t in img.tags:
-                if t in exact:
+                if t in exact or (canon is not None and reference.docker_canonical(t) == canon):
                     return img, t
         # A short name matches a tag that ends with it ("busybox" ~ "docker.io/library/busybox").
         bare = exact[1]
