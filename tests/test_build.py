@@ -1155,14 +1155,17 @@ def test_a_context_file_swapped_or_grown_after_the_walk(tmp_path: Path) -> None:
 
 def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None:
     """40 lines each doubling a variable ask for 2^40 characters: the expansion stops
-    at its bound with one line, at once (a value was split per character: minutes)."""
+    at its bound with one line, at once (a value was split per character: minutes).
+    Without the cache: with it, line 17's state (its values in Env and in the history)
+    is already more than a cache entry may be, which stops the build one line earlier."""
     lines = ["FROM scratch", "ENV A0=" + "x" * 32]
     lines += [f"ENV A{i}=${{A{i - 1}}}${{A{i - 1}}}" for i in range(1, 40)]
     (tmp_path / "ctx").mkdir()
     (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+    ctx = str(tmp_path / "ctx")
     started = time.monotonic()
     r = subprocess.run(
-        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-t", "bomb", str(tmp_path / "ctx")],
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "--layers=false", "-t", "bomb", ctx],
         capture_output=True,
         text=True,
         timeout=60,
@@ -1171,6 +1174,94 @@ def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "line 18: ENV: expands to more than 1048576 characters" in r.stderr
     assert time.monotonic() - started < 20
+
+
+def test_a_containerfile_using_a_big_variable_many_times_is_one_line(tmp_path: Path) -> None:
+    """Each word stays under its bound, but one line that names a 512 KiB variable 300
+    times asked for 150 MiB, and the next such line as much again: the build took 2.2
+    GB and 25 s, then wrote a config no command could read back ('too large to read');
+    a 16 MiB Containerfile of such words asks for terabytes. What all the words of a
+    build take in is bounded too. Run under a 1.5 GiB address-space limit (the old code
+    then dies of MemoryError)."""
+    lines = ["FROM scratch", "ENV A=" + "x" * 1024]
+    lines += ["ENV A=$A$A"] * 9  # 512 KiB, under the bound of one word
+    lines += ["ENV " + " ".join(f"B{i}=$A" for i in range(300))] * 4
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))
+
+    started = time.monotonic()
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-t", "bomb", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "line 12: ENV: the Containerfile's variables expand to more than" in r.stderr, r.stderr
+    assert time.monotonic() - started < 20
+    assert not list((tmp_path / "s/blobs/sha256").iterdir())
+
+
+def _cache_bytes(store: Path) -> int:
+    cache = store / "build-cache"
+    return sum(f.stat().st_size for f in cache.iterdir()) if cache.exists() else 0
+
+
+@pytest.mark.timeout(120)
+def test_a_containerfile_of_many_metadata_steps_does_not_fill_the_disk(tmp_path: Path) -> None:
+    """Each step's state is a cache entry holding the whole config: a 1 MiB ENV and 200
+    LABEL lines wrote 200 MiB into the store, and a 200 KB Containerfile of 20,000 ENV
+    lines 5 GB in five minutes (its history grows by a line a step), terabytes for a
+    16 MiB one. A build writes at most 64 MiB of cache entries, each one at most what
+    the cache reads back (4 MiB: a bigger one was written and never read)."""
+    (tmp_path / "ctx").mkdir()
+    big = ["FROM scratch", "ENV A=" + "x" * (1 << 15)] + ["ENV A=$A$A"] * 5  # 1 MiB
+    lines = big + [f"LABEL n={i}" for i in range(200)]
+    (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-q", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than 67108864 bytes of build cache" in r.stderr, r.stderr
+    assert _cache_bytes(tmp_path / "s") < (64 + 5) << 20
+
+    five = "ENV " + " ".join(f"B{i}=$A" for i in range(5))
+    (tmp_path / "ctx/Containerfile").write_text("\n".join([*big, five]) + "\n")
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "t"), "-q", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
+    assert max(f.stat().st_size for f in (tmp_path / "t/build-cache").iterdir()) <= 4 << 20
+
+    ctx = str(tmp_path / "ctx")
+    # Without the cache, the same config was written into the store as a blob, which the
+    # build's last step then could not read back: a 5 MiB blob left for nothing.
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "u"), "--layers=false", "-q", ctx],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
+    assert list((tmp_path / "u/blobs/sha256").iterdir()) == []
 
 
 # --- pure rules (no root needed) ---------------------------------------------------------------

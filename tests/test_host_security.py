@@ -551,7 +551,9 @@ def test_a_deep_released_chain_resolves_without_recursion(tmp_path: Path) -> Non
             core.forget(ino, 1)
         assert core.listxattr(leaf) == []
         core.copy_up(leaf)  # parents first, from the top
-        assert core.read(fh, 0, 100) == b"deep data"
+        buf = bytearray(100)  # as the adaptor reads (`FuseOps.read`)
+        n = core.read_into(fh, 0, memoryview(buf))
+        assert bytes(buf[:n]) == b"deep data"
     finally:
         core.close()
         os.close(lock_fd)
@@ -964,6 +966,51 @@ def test_a_user_cannot_point_roots_layers_at_another_tree(
     assert sorted(os.listdir(victim)) == ["passwd"], "root's mount wrote into the victim"
     assert (victim / "passwd").read_text() == "root:x:0:0\n"
     assert racer.returncode == 0 and int(out) > 0, err
+
+
+def test_the_upper_in_use_check_follows_no_swap(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """With an overlay mount on the host, `mount` looks for the upper among their
+    `upperdir=`: it named the upper by `os.path.realpath`, which follows her symlinks and,
+    when she swaps one for a directory between its lstat and its readlink, raises
+    EINVAL: a traceback (seen under load, when other tests had overlay mounts). The
+    upper is named as it was resolved (`tree.open_trusted`): one line or a mount."""
+    t = open_tree
+    home, victim, low, mnt = t / "home", t / "etc", t / "l", t / "mnt"
+    for d in (home, victim, low, mnt, t / "work"):
+        d.mkdir()
+    victim.chmod(0o700)
+    os.chown(home, *user)
+    _as(user, "mkdir", str(home / "up"))
+    _as(user, "ln", "-s", str(victim), str(home / "swap"))
+    with contextlib.ExitStack() as overlays:
+        for i in range(8):  # the old check resolved the upper again for each of them
+            kl, ku, kw = tmp_path / f"kl{i}", tmp_path / f"ku{i}", tmp_path / f"kw{i}"
+            for d in (kl, ku):
+                d.mkdir()
+            overlays.enter_context(kernel_overlay([kl], tmp_path / f"kmnt{i}", ku, kw))
+        racer = _racer(user, home, 5, "up", "swap")
+        outcomes: dict[str, int] = {}
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                opts = f"lowerdir={low},upperdir={home / 'up'},workdir={t / 'work'}"
+                r = pyunion("mount", "-o", opts, str(mnt), check=False)
+                if r.returncode == 0:
+                    pyunion("umount", str(mnt))
+                    outcomes["mounted"] = outcomes.get("mounted", 0) + 1
+                    continue
+                assert "Traceback" not in r.stderr, r.stderr
+                assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+                key = "refused" if "symlink owned by uid" in r.stderr else r.stderr.strip()
+                outcomes[key] = outcomes.get(key, 0) + 1
+        finally:
+            out, err = racer.communicate(timeout=60)
+            force_unmount(mnt)
+    assert racer.returncode == 0 and int(out) > 0, err
+    assert set(outcomes) <= {"mounted", "refused"}, outcomes
+    assert sorted(os.listdir(victim)) == []
 
 
 _STEAL_TMP = r"""

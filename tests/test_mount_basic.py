@@ -222,6 +222,23 @@ def test_stale_mount_of_dead_daemon_is_cleaned(layers: tuple) -> None:
         assert (mnt / "f").read_text() == "x"
 
 
+def _processes_named(*words: str) -> list[str]:
+    """`pid state command` of the processes whose command line holds one of `words`, or
+    whose pid is one (what an unmount waits for)."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if p in words or any(w in cmd for w in words):
+            out.append(f"{p} {state} {cmd.strip()}")
+    return out
+
+
 @needs_fuse
 def test_auto_unmount(layers: tuple) -> None:
     """`-o auto_unmount` (libfuse's: fusermount3 watches the daemon and unmounts when it
@@ -231,16 +248,23 @@ def test_auto_unmount(layers: tuple) -> None:
     lows, upper, work, mnt = layers
     (lows[0] / "f").write_text("x")
     opts = f"lowerdir={lows[0]},upperdir={upper},workdir={work},auto_unmount"
-    try:
-        pyunion("mount", "-o", opts, str(mnt), timeout=20)
-        assert (mnt / "f").read_text() == "x"
-        pid = daemon_pid(str(mnt))
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not is_mounted(mnt), what="fusermount3's unmount of a dead daemon")
-    finally:
-        if is_mounted(mnt):
-            pyunion("umount", "--lazy", str(mnt), check=False)
+    # Three times: a killed daemon's socket to fusermount3 closed before its /dev/fuse,
+    # and the mount stayed (mount.release_lifeline_last), in 1 run in 5 under load.
+    for _ in range(3):
+        try:
+            pyunion("mount", "-o", opts, str(mnt), timeout=20)
+            assert (mnt / "f").read_text() == "x"
+            pid = daemon_pid(str(mnt))
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            try:
+                wait_until(lambda: not is_mounted(mnt), what="fusermount3's unmount")
+            except AssertionError as e:
+                left = _processes_named("fusermount3", str(pid))
+                raise AssertionError(f"{e}; left: {left}") from e
+        finally:
+            if is_mounted(mnt):
+                pyunion("umount", "--lazy", str(mnt), check=False)
 
 
 @needs_fuse

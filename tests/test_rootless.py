@@ -48,7 +48,7 @@ from support import (
 )
 from test_image import make_layout
 
-from unionfs import userns
+from unionfs import cgroups, userns
 from unionfs.tree import rmtree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,9 +82,15 @@ class User:
     gid: int
 
     def run(
-        self, home: Path, *argv: str, timeout: float = 120, input: str | None = None
+        self,
+        home: Path,
+        *argv: str,
+        timeout: float = 120,
+        input: str | None = None,
+        cgroup: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """ARGV as this user: own IDs, supplementary groups from /etc/group, no capability."""
+        """ARGV as this user: own IDs, supplementary groups from /etc/group, no capability;
+        started in `cgroup` if given (moved there by root, as a login manager would)."""
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": str(home),
@@ -94,8 +100,10 @@ class User:
             "PYTHONPATH": ":".join([str(REPO), *site.getsitepackages()]),
             "PYTHONDONTWRITEBYTECODE": "1",
         }
+        enter = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup)]
         return subprocess.run(
             [
+                *(enter if cgroup is not None else []),
                 "setpriv",
                 f"--reuid={self.uid}",
                 f"--regid={self.gid}",
@@ -114,9 +122,14 @@ class User:
         )
 
     def pyunion(
-        self, home: Path, *args: str, check: bool = True, timeout: float = 120
+        self,
+        home: Path,
+        *args: str,
+        check: bool = True,
+        timeout: float = 120,
+        cgroup: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        r = self.run(home, SYSTEM_PYTHON, "-m", "unionfs", *args, timeout=timeout)
+        r = self.run(home, SYSTEM_PYTHON, "-m", "unionfs", *args, timeout=timeout, cgroup=cgroup)
         if check and r.returncode != 0:
             raise AssertionError(
                 f"pyunion {' '.join(args)} as {self.name} failed ({r.returncode}): {r.stderr}"
@@ -1171,3 +1184,136 @@ def test_rootless_podman_with_pyunion_as_with_fuse_overlayfs(
     assert ours[-1].split()[2] == "fuse.pyunion" and theirs[-1].split()[2] == "fuse.fuse-overlayfs"
     assert ours[:-1] == theirs[:-1], f"pyunion: {ours}\nfuse-overlayfs: {theirs}"
     assert ours[0].startswith("host\nw\n") and "A /srv/n" in ours[1] and "D /opt/old" in ours[1]
+
+
+# -- the pids limit -------------------------------------------------------------------------
+needs_pids = pytest.mark.skipif(
+    cgroups.pids_hierarchy() is None, reason="no pids cgroup controller on this host"
+)
+BOMB = "i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done; echo survived"
+
+
+def _busybox_layer(u: User, home: Path) -> Path:
+    layer = home / "layer"
+    (layer / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, layer / "bin/busybox")
+    for name in ("sh", "sleep", "grep"):
+        os.symlink("busybox", layer / "bin" / name)
+    for p in (layer, layer / "bin"):
+        os.chown(p, u.uid, u.gid)
+    return layer
+
+
+@pytest.fixture
+def user_cgroup(user: User) -> Iterator[Path]:
+    """A cgroup delegated to the user, as systemd's `Delegate=yes` or pam_cgfs make one:
+    hers, with a group below it she is put in (`0`); removed afterwards."""
+    found = cgroups.pids_hierarchy()
+    assert found is not None
+    point, v2 = found
+    top = Path(point) / f"pyunion-test-user-{secrets.token_hex(6)}"
+    top.mkdir()
+    try:
+        if v2:
+            cgroups._delegate_pids(point)
+        (top / "0").mkdir()
+        for d in (top, top / "0"):
+            os.chown(d, user.uid, user.gid)
+            for f in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads", "tasks"):
+                if (d / f).exists():
+                    os.chown(d / f, user.uid, user.gid)
+        yield top / "0"
+    finally:
+        cgroups.remove(str(top), timeout=20)
+
+
+@needs_pids
+def test_rootless_pids_limit_in_the_delegated_cgroup(
+    user: User, home: Path, user_cgroup: Path
+) -> None:
+    """Rootless, the container gets podman's pids limit in the user's delegated cgroup
+    (podman asks systemd for a scope there): a group of its own right below it, with
+    pids.max, gone afterwards; --pids-limit N bounds a fork bomb as root's does."""
+    layer = _busybox_layer(user, home)
+    found = cgroups.pids_hierarchy()
+    assert found is not None
+    point, v2 = found
+    parent = user_cgroup.parent if v2 else user_cgroup
+    script = "grep -E '" + ("^0::" if v2 else "^[0-9]+:pids:") + "' /proc/self/cgroup"
+    r = user.pyunion(home, "run", str(layer), "--", "sh", "-c", script, cgroup=user_cgroup)
+    assert "warning" not in r.stderr, r.stderr
+    inner = Path(point) / r.stdout.strip().split(":", 2)[2].lstrip("/")
+    assert inner.name == cgroups.INNER and inner.parent.parent == parent, inner
+    assert inner.parent.name.startswith(cgroups.PARENT + "-pyunion-run-"), inner
+    assert not inner.parent.exists()
+    r = user.pyunion(
+        home, "run", "--pids-limit", "12", str(layer), "--", "sh", "-c", BOMB,
+        check=False, cgroup=user_cgroup,
+    )  # fmt: skip
+    assert "survived" not in r.stdout and "fork" in r.stderr, (r.stdout, r.stderr)
+    assert [p.name for p in parent.iterdir() if p.is_dir()] == (["0"] if v2 else [])
+
+
+def test_rootless_without_a_delegated_cgroup(user: User, home: Path) -> None:
+    """No cgroup of hers (a root-owned group, as after `su`): the container runs without a
+    limit and pyunion says why in one line, once (not at every run); --pids-limit N is
+    an error of one line."""
+    layer = _busybox_layer(user, home)
+    r = user.pyunion(home, "run", str(layer), "--", "sh", "-c", "echo ran")
+    assert r.stdout == "ran\n"
+    warned = [x for x in r.stderr.splitlines() if "no limit on the container's processes" in x]
+    assert len(warned) == 1 and warned[0].startswith("pyunion: warning:"), r.stderr
+    assert "Traceback" not in r.stderr
+    r = user.pyunion(home, "run", str(layer), "--", "sh", "-c", "echo ran")
+    assert r.stdout == "ran\n" and "no limit" not in r.stderr, r.stderr
+    r = user.pyunion(home, "run", "--pids-limit", "12", str(layer), "--", "true", check=False)
+    assert "--pids-limit: no cgroup for a rootless container" in one_line(r, 125)
+
+
+def test_a_users_daemon_sets_no_atime_of_her_lower_files(user: User, home: Path) -> None:
+    """A user's daemon cannot read her layers through a read-only copy of their mounts (not
+    hers to make: `layers.read_only_view`): it opens her lower files and directories with
+    O_NOATIME, as kernel overlayfs for files its mounter owns, so reads, listings and
+    copy-ups leave their atimes on disk (a `strictatime` tmpfs: every access sets one). A
+    symlink's is set when the daemon first reads it (readlink(2) has no O_NOATIME); stat
+    on the mount still shows the one it had."""
+    top = Path(tempfile.mkdtemp(prefix="pyunion-atime-", dir="/var/tmp"))
+    mnt = top / "mnt"
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "strictatime,mode=0700", "tmpfs", str(top)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        os.chown(top, user.uid, user.gid)
+        old = "@1500000000"
+        script = (
+            f"cd {top} && mkdir -p low/d up work mnt && echo data > low/f && echo c > low/c"
+            f" && echo x > low/d/x && ln -s f low/l && touch -a -d {old} low/f low/c low/d"
+            f" low/d/x low && touch -h -a -d {old} low/l"
+        )
+        user.run(home, "sh", "-c", script)
+        py = (SYSTEM_PYTHON, "-m", "unionfs")
+        opts = f"lowerdir={top}/low,upperdir={top}/up,workdir={top}/work"
+        r = user.run(home, *py, "mount", "-o", opts, str(mnt))
+        assert r.returncode == 0, r.stderr
+        try:
+            use = (
+                f"cat {mnt}/f >/dev/null && ls {mnt} {mnt}/d >/dev/null && readlink {mnt}/l"
+                f" && echo more >> {mnt}/c && echo y >> {mnt}/d/x && stat -c %X {mnt}/l"
+            )
+            r = user.run(home, "sh", "-c", use)
+            assert r.returncode == 0 and r.stdout.split() == ["f", "1500000000"], r
+        finally:
+            user.run(home, *py, "umount", str(mnt))
+            force_unmount(mnt)
+        low = top / "low"
+        atimes = {
+            n: os.stat(low / n, follow_symlinks=False).st_atime
+            for n in ("f", "c", "d", "d/x", ".", "l")
+        }
+        changed = sorted(n for n, t in atimes.items() if t != 1500000000)
+        assert changed == ["l"], atimes
+    finally:
+        subprocess.run(["umount", "-l", str(top)], capture_output=True, timeout=30, check=False)
+        os.rmdir(top)

@@ -472,3 +472,41 @@ def test_rmtree_of_a_wide_directory_is_linear(
     monkeypatch.undo()
     assert not top.exists()
     assert len(reads) <= 6, len(reads)  # batches of 4096, then one that finds it empty
+
+
+# -- mountinfo read once per device a call meets (`tree.Mounters`) ---------------------------
+_COUNT_MOUNTINFO = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from unionfs import tree
+reads = []
+sys.addaudithook(lambda ev, args: reads.append(args[0]) if ev == "open" and
+                 str(args[0]).endswith("/mountinfo") else None)
+os.close(tree.open_private_dir(sys.argv[2]))
+os.close(tree.open_trusted(sys.argv[3], os.O_PATH))
+print(len(reads))
+"""
+
+
+def test_mountinfo_read_once_per_device_in_a_call() -> None:
+    """On a device with major 0 (a tmpfs: whose FUSE mount is it?) /proc/self/mountinfo
+    was read for every directory `open_private_dir` checked and every level
+    `open_trusted` walked up to judge a symlink: now once per device per call."""
+    base = Path(tempfile.mkdtemp(dir="/dev/shm"))  # a tmpfs (major 0)
+    try:
+        deep = base.joinpath(*"abcdefghij")
+        deep.mkdir(parents=True)
+        (deep / "to-deep").symlink_to(deep)
+        devs = {
+            os.stat(p).st_dev for p in [deep, *deep.parents] if os.major(os.stat(p).st_dev) == 0
+        }
+        r = subprocess.run(
+            [sys.executable, "-c", _COUNT_MOUNTINFO, str(REPO), str(deep), str(deep / "to-deep")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert 0 < int(r.stdout) <= 2 * len(devs), (r.stdout, devs)
+    finally:
+        rmtree(str(base))

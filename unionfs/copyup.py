@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 
 from .errors import FsError
 from .inodes import UNLINKED, AnyStat, DirNode, InodeTable, Node
-from .layers import LayerStack, open_file_at, open_file_stat_at
+from .layers import LayerStack, open_file_at, open_lower_file
 from .resolve import Resolver
 from .syscalls import chmod_nofollow, fdpath
 from .tree import DIR_FLAGS, rmtree_at
@@ -326,7 +326,7 @@ class CopyUp:
             if stat.S_ISREG(mode):
                 if with_data and st.st_size:
                     # Data is read through this fd only; its own stat rules (size, owner).
-                    job.src_fd, job.st = open_file_stat_at(src_dir, node.name, os.O_RDONLY)
+                    job.src_fd, job.st, _ = open_lower_file(src_dir, node.name)
                 job.dst_fd = os.open(
                     job.tmp,
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,

@@ -197,7 +197,7 @@ class FuseOps(pyfuse3.Operations):
 
     _caller = staticmethod(_ctx)  # who asks, as the core sees them (MappedFuseOps shifts it)
 
-    def __init__(self, core: Union, debug: bool = False) -> None:
+    def __init__(self, core: Union, debug: bool = False, killpriv: bool = True) -> None:
         super().__init__()
         self.core = core
         # Read by pyfuse3.init(). The kernel then gathers small writes into big
@@ -217,7 +217,7 @@ class FuseOps(pyfuse3.Operations):
         self.after_init: Callable[[], None] | None = None
         self.fast_reads: fuseread.FastReads | None = None  # READ's own handler, once INIT set it
         # Answer INIT with HANDLE_KILLPRIV_V2 (fuseinit.handle_killpriv); off: -o killpriv=0.
-        self.killpriv = True
+        self.killpriv = killpriv
         core.changed = self._changed
         self._debug = debug
         if debug:
@@ -780,9 +780,11 @@ class MappedFuseOps(FuseOps):
     built (`_attr`); a bare entry (`BareEntry`) carries no owners to map.
     """
 
-    def __init__(self, core: Union, idmap: IdMap, debug: bool = False) -> None:
+    def __init__(
+        self, core: Union, idmap: IdMap, debug: bool = False, killpriv: bool = True
+    ) -> None:
         self.idmap = idmap
-        super().__init__(core, debug)
+        super().__init__(core, debug, killpriv)
 
     def _attr(
         self, node: Node, attrs: tuple[AnyStat, int] | None = None
@@ -820,6 +822,10 @@ class MappedFuseOps(FuseOps):
         await super().setxattr(inode, name, value, ctx)
 
 
-def make_ops(core: Union, idmap: IdMap | None, debug: bool = False) -> FuseOps:
+def make_ops(
+    core: Union, idmap: IdMap | None, debug: bool = False, killpriv: bool = True
+) -> FuseOps:
     """The adaptor for a mount: the plain one unless owner options change something."""
-    return FuseOps(core, debug) if idmap is None else MappedFuseOps(core, idmap, debug)
+    if idmap is None:
+        return FuseOps(core, debug, killpriv)
+    return MappedFuseOps(core, idmap, debug, killpriv)

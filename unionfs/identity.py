@@ -163,19 +163,24 @@ class Identity:
         node.nlookup += 1
         return node
 
-    def keep_lower_stat(self, node: Node, loc: int | None = None) -> None:
+    def keep_lower_stat(
+        self, node: Node, loc: int | None = None, st: os.stat_result | None = None
+    ) -> None:
         """Keep lower non-directory `node`'s stat as it is now (`loc`: its directory's fd,
-        if at hand), where `Union.stat` would otherwise read it where it lies: once its
-        name is gone (`dropped`), and before the daemon reads the object in a way that
-        sets its atime (readlink; an open without O_NOATIME), so that `stat` shows it as
-        it was before, as kernel overlayfs, which reads lower objects without touching
-        their times, shows their atime. Few objects: the kernel keeps symlinks' targets
-        (fuseinit), and O_NOATIME is refused only to whoever neither owns the file nor
-        has CAP_FOWNER."""
+        if at hand; `st`: its stat, just taken), where `Union.stat` would otherwise read
+        it where it lies: once its name is gone (`dropped`), and before the daemon reads
+        the object in a way that may set its atime (readlink, where the layer is no
+        read-only view: `layers.read_only_view`; an open refused O_NOATIME), so that
+        `stat` shows it as it was before, as kernel overlayfs, which reads lower objects
+        without touching their times, shows their atime. Few objects: the kernel keeps
+        symlinks' targets (fuseinit), and O_NOATIME is refused only to whoever neither
+        owns the file nor has CAP_FOWNER."""
         if node.layer != 0 and node.st is None:
-            if loc is None:
-                loc = self.resolver.location_fd(node)
-            node.st = compact(os.stat(node.name, dir_fd=loc, follow_symlinks=False))
+            if st is None:
+                if loc is None:
+                    loc = self.resolver.location_fd(node)
+                st = os.stat(node.name, dir_fd=loc, follow_symlinks=False)
+            node.st = compact(st)
 
     def dropped(self, node: Node, parent: Node, name: bytes, st: AnyStat | None) -> None:
         """Bookkeeping after `name` in `parent` stopped naming `node` (`st`: its upper stat)."""

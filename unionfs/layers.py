@@ -14,8 +14,14 @@ import fcntl
 import os
 import stat
 
+from . import syscalls
 from .errors import FsError, UserError
 from .tree import DIR_FLAGS, UntrustedSymlink, open_trusted
+
+# A lower object is read without setting its atime, as kernel overlayfs reads it
+# (ovl_path_open, ovl_open_realfile): refused (EPERM) to whoever neither owns it nor has
+# CAP_FOWNER, as there, and then opened without it.
+NOATIME = getattr(os, "O_NOATIME", 0)
 
 
 class Layer:
@@ -31,11 +37,15 @@ class Layer:
         self.ino = ino
 
 
-def open_dir_at(dirfd: int, name: bytes) -> int:
-    """Open a directory below `dirfd` without following a symlink."""
+def open_dir_at(dirfd: int, name: bytes, lower: bool = False) -> int:
+    """Open a directory below `dirfd` without following a symlink; one of a `lower`
+    layer with O_NOATIME where it may (its listing then leaves its atime)."""
+    flags = DIR_FLAGS | NOATIME if lower else DIR_FLAGS
     try:
-        return os.open(name, DIR_FLAGS, dir_fd=dirfd)
-    except PermissionError:
+        return os.open(name, flags, dir_fd=dirfd)
+    except PermissionError as e:
+        if e.errno == errno.EPERM and flags != DIR_FLAGS:
+            return open_dir_at(dirfd, name)  # O_NOATIME refused: not her directory
         # An unreadable directory can still be used as a dir fd for *at calls.
         return os.open(
             name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd
@@ -45,6 +55,19 @@ def open_dir_at(dirfd: int, name: bytes) -> int:
 def open_file_at(dirfd: int, name: bytes, flags: int) -> int:
     """Open the regular file NAME below `dirfd` with `flags` (`open_file_stat_at`)."""
     return open_file_stat_at(dirfd, name, flags)[0]
+
+
+def open_lower_file(dirfd: int, name: bytes) -> tuple[int, os.stat_result, bool]:
+    """A lower layer's regular file NAME below `dirfd` opened for reading, with its stat,
+    and whether with O_NOATIME (if not, reading it sets its atime: `Identity.keep_lower_stat`
+    first, where its stat is shown)."""
+    if NOATIME:
+        try:
+            return (*open_file_stat_at(dirfd, name, os.O_RDONLY | NOATIME), True)
+        except PermissionError as e:
+            if e.errno != errno.EPERM:
+                raise
+    return (*open_file_stat_at(dirfd, name, os.O_RDONLY), False)
 
 
 def open_file_stat_at(dirfd: int, name: bytes, flags: int) -> tuple[int, os.stat_result]:
@@ -103,10 +126,47 @@ def open_layer_dir(path: str, what: str, flags: int = os.O_RDONLY | os.O_DIRECTO
 
 def _open_layer(path: str, index: int, what: str) -> Layer:
     fd = open_layer_dir(path, what)
+    if index > 0:
+        fd = read_only_view(fd)
     st = os.fstat(fd)
     if index > 0:
         hold_lower(fd)
     return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino)
+
+
+def read_only_view(fd: int) -> int:
+    """The lower layer directory open at `fd`, reopened through a read-only copy of its
+    mounts (detached, the daemon's alone); `fd` itself where that cannot be made.
+
+    Kernel overlayfs never sets a lower object's atime: it opens files and directories
+    with O_NOATIME (which `open_lower_file` and `open_dir_at` do too, where allowed) and
+    reads a symlink's target without the atime update that readlink(2) makes, which no
+    flag turns off. On a read-only mount no access writes an atime, readlink's included.
+    The copy needs CAP_SYS_ADMIN over the mount namespace (root; not the root of a user
+    namespace over the host's, rootless `run`'s daemon): without it a lower symlink's
+    atime is set the first time the daemon reads it (then the kernel keeps the target,
+    FUSE_CACHE_SYMLINKS), and the stat shown is the one it had (`keep_lower_stat`).
+    Where it cannot, the directory is opened again with O_NOATIME (`open_dir_at`).
+    `fd` is closed: the fd returned replaces it. The copy goes with its last fd."""
+    try:
+        view = _read_only_copy(fd)
+    except OSError:  # EPERM: not ours to copy; ENOSYS, or filtered: an older kernel
+        try:
+            view = open_dir_at(fd, b".", lower=True)
+        except OSError:
+            return fd
+    os.close(fd)
+    return view
+
+
+def _read_only_copy(fd: int) -> int:
+    tree = syscalls.open_tree_clone(fd, recursive=True)
+    try:
+        flags = syscalls.AT_EMPTY_PATH | syscalls.AT_RECURSIVE
+        syscalls.mount_setattr(tree, "", flags, syscalls.MOUNT_ATTR_RDONLY)
+        return os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=tree)
+    finally:
+        os.close(tree)
 
 
 def hold_lower(fd: int) -> None:

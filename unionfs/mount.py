@@ -190,6 +190,38 @@ def _open_state_dir(create: bool) -> int | None:
     return fd
 
 
+SAID_MAX_BYTES = 4096
+
+
+def say_once(key: str, text: str) -> None:
+    """Warn `text` on stderr once for this user: not again while the state directory
+    holds it as KEY.said (a warning that every run would repeat about the host, which
+    she can do nothing about each time, is noise). Said again when it changes."""
+    line = f"pyunion: warning: {text}"
+    name = f"{key}.said"
+    data = text.encode(errors="surrogateescape")
+    try:
+        dfd = open_state_dir()
+    except UserError:
+        print(line, file=sys.stderr)
+        return
+    try:
+        got = open_own_file(dfd, name)
+        if got is not None:
+            try:
+                if os.read(got[0], SAID_MAX_BYTES) == data:
+                    return
+            except OSError:
+                pass
+            finally:
+                os.close(got[0])
+        print(line, file=sys.stderr)
+        with contextlib.suppress(OSError):
+            replace_file(dfd, name, data, 0o600)
+    finally:
+        os.close(dfd)
+
+
 def _state_name(mountpoint: str) -> str:
     """The pid file's name for `mountpoint` (call before mounting: realpath stats)."""
     key = sha256_hex(os.fsencode(os.path.realpath(mountpoint)))[:24]
@@ -375,8 +407,11 @@ def validate(cfg: MountConfig, mp_fd: int | None) -> None:
         cfg.lowers, cfg.upper, (cfg.work or default_workdir(cfg.upper)) if cfg.upper else None
     )
     if cfg.upper:
+        # As resolved to open it, once: os.path.realpath followed her symlinks, and raised
+        # EINVAL (a traceback) when she swapped one for a directory while it read it.
+        upperdir = "upperdir=" + _real_dir(cfg.upper, "upper directory")
         for m, fstype, opts in mounts():
-            if fstype == "overlay" and f"upperdir={os.path.realpath(cfg.upper)}" in opts.split(","):
+            if fstype == "overlay" and upperdir in opts.split(","):
                 raise UserError(
                     f"upper directory {cfg.upper!r} is in use by the overlay mount at {m}"
                 )
@@ -820,8 +855,7 @@ def serve(
         writeback=cfg.writeback and stack.upper is not None,
         owners_optional=cfg.idmap is not None and cfg.idmap.squashing,
     )
-    ops = make_ops(core, cfg.idmap, debug=cfg.debug)
-    ops.killpriv = cfg.killpriv
+    ops = make_ops(core, cfg.idmap, debug=cfg.debug, killpriv=cfg.killpriv)
     raise_fd_limit()
     # Never touch the mount point once mounted: the daemon would wait on itself.
     state = _state_name(real_mp) if not detached else ""
@@ -854,6 +888,8 @@ def serve(
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if not helper:
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    lifeline = helper and "auto_unmount" in cfg.fuse_options
+    fds_before = open_fds() if lifeline else set()
     try:
         pyfuse3.init(ops, target, _libfuse_options(cfg))
     except (RuntimeError, OSError) as e:  # libfuse's "fuse_session_mount failed"
@@ -863,6 +899,8 @@ def serve(
         return fail(f"cannot mount {cfg.mountpoint!r}: {e}")
     finally:
         close_mount_point()
+    if lifeline:
+        release_lifeline_last(fds_before)
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     # Which mount is ours, to unmount it on a signal: held by its id, not by an fd on
     # the mount point's directory, which kept the filesystem under it busy.
@@ -1139,6 +1177,46 @@ def run_daemon(cfg: MountConfig, ready_fd: int, state_fd: int | None, mp_fd: int
     if cfg.detached:
         return serve(cfg, ready_fd, fuse_fd=mp_fd)
     return serve(cfg, ready_fd, state_fd, mp_fd)
+
+
+def open_fds() -> set[int]:
+    """The fds open now (with the one that lists them, closed since)."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def release_lifeline_last(before: set[int]) -> None:
+    """auto_unmount: have a dead daemon's socket to fusermount3 (libfuse's, made while
+    mounting: open then, not in `before`) closed only after its /dev/fuse.
+
+    fusermount3 waits for that socket's end; it then unmounts only if opening the
+    mount point fails with ENOTCONN (3.14: not ECONNABORTED). A killed daemon's
+    files are released in an order the kernel picks (6.x: by fd, the highest first):
+    the socket before /dev/fuse, and fusermount3's open, sent to the still connected
+    mount, came back ECONNABORTED when the connection was aborted: the mount stayed,
+    dead (test_auto_unmount, 2 runs in 15 under load). The socket is now held only as
+    a message in flight on a socket pair of the daemon's: released with that pair's
+    end, it is put after every file the exit released at once, /dev/fuse among them.
+    It is the one socket the mount made (libfuse 3's `fuse_mount_fusermount`); nothing
+    is done if there are more."""
+    import socket
+
+    theirs = []
+    for fd in sorted(open_fds() - before):
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                theirs.append(fd)
+    if len(theirs) != 1:
+        return
+    keep, hold = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        socket.send_fds(keep, [b"L"], theirs)
+    except OSError:
+        keep.close()
+        hold.close()
+        return
+    os.close(theirs[0])
+    keep.detach()  # both ends stay open as long as the daemon lives
+    hold.detach()
 
 
 def _pin_nothing(keep: set[int]) -> None:

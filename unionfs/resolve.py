@@ -226,7 +226,7 @@ class Resolver:
         passing = -1
         try:
             for n, p in reversed(todo):
-                nfd = open_dir_at(fd, n.name)
+                nfd = open_dir_at(fd, n.name, layer != 0)
                 if passing >= 0:
                     os.close(passing)
                     passing = -1

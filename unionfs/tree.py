@@ -461,25 +461,66 @@ def _on_procfs(st: os.stat_result) -> bool:
         return False
 
 
-def _owner(st: os.stat_result) -> tuple[int, str]:
+class Mounters:
+    """Who mounted the FUSE filesystems met during one call (`open_trusted`,
+    `open_private_dir`), by device: /proc/self/mountinfo read once per device, not at
+    every component, symlink and level walked up on it (a walk up 20 levels of a tmpfs
+    read it 20 times).
+
+    Correct for as long as the call holds it: a device number names one superblock
+    while that lives, and a FUSE superblock's mounter (`user_id`) is fixed when it is
+    mounted. Each device asked about is pinned by a dup of the fd its stat came from,
+    so that its superblock cannot go and another (her new FUSE mount) take its number
+    before `close`; one unmounted meanwhile keeps the mounter it had (a read then
+    would find no mount and trust what her daemon says). Nothing is kept across calls:
+    mounts come and go between them."""
+
+    __slots__ = ("_known", "_pins")
+
+    def __init__(self) -> None:
+        self._known: dict[int, int | None] = {}
+        self._pins: list[int] = []
+
+    def mounter(self, st: os.stat_result, fd: int) -> int | None:
+        """`procfs.fuse_mounter` of `st` (the stat of open `fd`), read once per device."""
+        dev = st.st_dev
+        if dev in self._known:
+            return self._known[dev]
+        from .procfs import fuse_mounter
+
+        pin = os.dup(fd)
+        self._pins.append(pin)
+        found = self._known[dev] = fuse_mounter(dev)
+        return found
+
+    def close(self) -> None:
+        while self._pins:
+            os.close(self._pins.pop())
+
+
+def _owner(st: os.stat_result, mounters: Mounters | None = None, fd: int = -1) -> tuple[int, str]:
     """Who owns `st` as far as trusting it goes, and how to say it: its owner, but on a
     FUSE filesystem another user mounted, that user. Her daemon says who owns what: with
     `user_allow_other` in /etc/fuse.conf, root reaches her mount, and she says that root
     owns her symlink to a root-only file (root's `--env-file` read it into the
     container's environment). A user's FUSE mount has no device of its own (major 0;
     fusermount lets only root mount a block device's `fuseblk`): nothing is read for a
-    disk's."""
+    disk's. `mounters` (with `fd`, which `st` is of): what the call read already."""
     if os.major(st.st_dev) == 0:
-        from .procfs import fuse_mounter
         from .userns import host_uid
 
-        mounter = fuse_mounter(st.st_dev)
+        if mounters is not None:
+            mounter = mounters.mounter(st, fd)
+        else:
+            from .procfs import fuse_mounter
+
+            mounter = fuse_mounter(st.st_dev)
         if mounter is not None and mounter not in (0, os.geteuid(), host_uid()):
             return mounter, f"uid {mounter} (whose FUSE mount it is on)"
     return st.st_uid, f"uid {st.st_uid}"
 
 
-def _out_of_reach(dir_fd: int, trusted: set[int]) -> bool:
+def _out_of_reach(dir_fd: int, trusted: set[int], mounters: Mounters | None = None) -> bool:
     """Whether no untrusted user can reach the directory open at `dir_fd` by its path:
     it or a directory above it is a trusted user's and lets neither group nor others
     search it (the group bits are the ACL mask). Her symlink there is then as she left
@@ -491,7 +532,7 @@ def _out_of_reach(dir_fd: int, trusted: set[int]) -> bool:
     try:
         for _ in range(MAX_LEVELS_UP):
             st = os.fstat(fd)
-            if _owner(st)[0] in trusted and not st.st_mode & 0o011:
+            if _owner(st, mounters, fd)[0] in trusted and not st.st_mode & 0o011:
                 return True
             up = os.open(b"..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
             ust = os.fstat(up)
@@ -561,6 +602,7 @@ def open_trusted(
     else:  # the working directory itself, as the fast path: its name may lead elsewhere
         fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     links = 0
+    mounters = Mounters()
     try:
         while todo:
             comp = todo.pop()
@@ -583,8 +625,8 @@ def open_trusted(
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-                owner, who = _owner(st)
-                if owner not in trusted and not _out_of_reach(fd, trusted):
+                owner, who = _owner(st, mounters, nfd)
+                if owner not in trusted and not _out_of_reach(fd, trusted, mounters):
                     raise UntrustedSymlink(errno.EACCES, f"crosses a symlink owned by {who}", path)
                 if _on_procfs(st):
                     # A magic link (/proc/self/fd/N: `-f <(...)`'s /dev/fd/N; /proc/self):
@@ -605,6 +647,7 @@ def open_trusted(
         out = os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)  # the object, not a path
     finally:
         os.close(fd)
+        mounters.close()
     return out
 
 
@@ -635,11 +678,14 @@ def _users_own_group(st: os.stat_result) -> bool:
     return all(p.pw_gid != gid or p.pw_uid == uid for p in pwd.getpwall())
 
 
-def _others_can_change(st: os.stat_result, trusted: set[int]) -> str | None:
+def _others_can_change(
+    st: os.stat_result, trusted: set[int], mounters: Mounters | None = None, fd: int = -1
+) -> str | None:
     """Why a user other than root and the caller can change the object `st` (its owner,
     its write bits), or None: not when only a sticky directory's (/tmp: she cannot move
-    another's entry) or her user-private group's (`_users_own_group`) allow it."""
-    owner, who = _owner(st)
+    another's entry) or her user-private group's (`_users_own_group`) allow it.
+    `mounters`, `fd`: as `_owner`'s."""
+    owner, who = _owner(st, mounters, fd)
     if owner not in trusted:
         return f"owned by {who}"
     shared = st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX)
@@ -678,6 +724,7 @@ def open_private_dir(path: Name) -> int:
     the first one that is not. Returns PATH's O_PATH fd.
     """
     fd = open_trusted(path)
+    mounters = Mounters()
     try:
         trusted = trusted_uids()
         real = os.readlink(f"/proc/self/fd/{fd}")
@@ -690,13 +737,14 @@ def open_private_dir(path: Name) -> int:
                     os.close(dfd)
                     dfd = nfd
                     where += "/" + comp
-                why = _others_can_change(os.fstat(dfd), trusted)
+                why = _others_can_change(os.fstat(dfd), trusted, mounters, dfd)
                 if why is not None:
                     raise SharedDirectory(errno.EACCES, f"crosses {where or '/'}, {why}", path)
             if _ident(os.fstat(dfd)) != _ident(os.fstat(fd)):
                 raise OSError(errno.ESTALE, "moved while it was checked", path)
         finally:
             os.close(dfd)
+            mounters.close()
     except BaseException:
         os.close(fd)
         raise

@@ -31,7 +31,7 @@ from .errors import FsError
 from .handles import DirHandle, HandleTable
 from .identity import Identity
 from .inodes import ROOT_ID, UNLINKED, AnyStat, DirNode, InodeTable, Node
-from .layers import LayerStack, open_file_at
+from .layers import LayerStack, open_file_at, open_lower_file
 from .rename import Renamer, check_rename_flags, needs_materialize
 from .resolve import Entry, Resolver
 from .syscalls import RENAME_EXCHANGE, chmod_nofollow, fdpath, renameat2, utimens
@@ -49,7 +49,6 @@ from .whiteout import (
 NAME_MAX = 255
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 _OPEN_KEEP = os.O_SYNC | os.O_DSYNC | os.O_TRUNC
-_NOATIME = getattr(os, "O_NOATIME", 0)
 ACL_ACCESS = b"system.posix_acl_access"
 NO_XATTRS: frozenset[bytes] = frozenset()  # the xattr names of most objects (`_xattr_names`)
 
@@ -477,11 +476,12 @@ class Union:
                         raise
         else:
             pfd = self.resolver.location_fd(node)
-            try:
-                fd = open_file_at(pfd, node.name, os.O_RDONLY | (_NOATIME if node.layer else 0))
-            except PermissionError:
-                self.identity.keep_lower_stat(node, pfd)
+            if node.layer == 0:
                 fd = open_file_at(pfd, node.name, os.O_RDONLY)
+            else:
+                fd, st, noatime = open_lower_file(pfd, node.name)
+                if not noatime:  # O_NOATIME refused: reading it sets its atime
+                    self.identity.keep_lower_stat(node, pfd, st)
         return self.handles.add_file(node, fd, writing)
 
     def _kill_setid(
@@ -516,15 +516,14 @@ class Union:
             if notify:
                 self.changed(node, True)
 
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.handles.file(fh).fd, size, off)
-
     def read_fd(self, fh: int) -> int:
         """The fd a read of `fh` reads from (EBADF for no such file handle)."""
         return self.handles.file(fh).fd
 
     def read_into(self, fh: int, off: int, buf: memoryview) -> int:
-        """`read` into `buf` (as much as it holds): the number of bytes read."""
+        """Read handle `fh` at `off` into `buf` (as much as it holds): the number of
+        bytes read. The adaptor's READ when libfuse's callback does not answer it
+        (`fuseread`, which reads `read_fd`)."""
         return os.preadv(self.handles.file(fh).fd, (buf,), off)
 
     def write(self, fh: int, off: int, data: bytes) -> int:

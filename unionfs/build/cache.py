@@ -16,6 +16,11 @@ parent gives the same child ID, on and on down the Containerfile.
 
 Entries live in STORE/build-cache/, one JSON file per key. They keep no layer
 alive: an entry whose layers `rmi` has removed is a miss (and is dropped).
+
+Each entry holds its state's whole config, history included, so what a build
+writes grows with the square of its steps: an entry is at most what `get` reads
+back (`MAX_ENTRY`), and one build writes at most `MAX_WRITTEN` of them (a 200 KB
+Containerfile of 20,000 ENV lines wrote 5 GB in five minutes, and went on).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ CACHE_DIR = "build-cache"
 # buildah's, and a RUN that changes nothing got a layer) miss once, not give the old.
 KEY_VERSION = 2
 MAX_ENTRY = 1 << 22
+MAX_WRITTEN = 64 << 20  # bytes of entries one build writes: sixteen of the largest
 
 
 def step_key(parent_id: str, *parts: Any) -> str:
@@ -46,6 +52,7 @@ class BuildCache:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.dir = os.path.join(store.root, CACHE_DIR)
+        self.written = 0  # bytes of entries this build wrote (MAX_WRITTEN)
 
     def _path(self, key: str) -> str:
         return os.path.join(self.dir, key + ".json")
@@ -71,5 +78,15 @@ class BuildCache:
         return config, layers
 
     def put(self, key: str, config: dict[str, Any], layers: list[dict[str, Any]]) -> None:
+        if self.written > MAX_WRITTEN:
+            raise UserError(
+                f"the build's steps take more than {MAX_WRITTEN} bytes of build cache "
+                "(configs too large, or too many steps; --layers=false keeps no cache)"
+            )
         os.makedirs(self.dir, mode=0o700, exist_ok=True)  # private, like the rest of the store
-        write_json_atomic(self._path(key), {"config": config, "layers": layers})
+        self.written += write_json_atomic(
+            self._path(key),
+            {"config": config, "layers": layers},
+            MAX_ENTRY,
+            "the step's image config is too large",
+        )

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import userns
 from ..digits import number
-from ..errors import UserError
+from ..errors import UserError, printable
 from ..image.platforms import host as host_platform
 from ..image.reference import normalize_local
 from ..image.store import Store, normalize_tag, short_id
@@ -234,8 +234,10 @@ class Builder:
 
     # --- output ------------------------------------------------------------------
     def say(self, text: str) -> None:
+        """A line of progress; a step's text (a Containerfile's, an ONBUILD trigger's: someone
+        else's) is shown escaped, each line of a heredoc step on a line of its own."""
         if not self.opts.quiet:
-            self.out.write(text + "\n")
+            self.out.write("\n".join(printable(line) for line in text.split("\n")) + "\n")
             self.out.flush()
 
     # --- inputs --------------------------------------------------------------------
@@ -698,7 +700,10 @@ class Builder:
             # Cleaned as buildah cleans it for RUN: `WORKDIR /a/b/../c` (kept as written in
             # the config) makes and enters /a/c, no /a/b.
             workdir=posixpath.normpath(cfg["WorkingDir"]) if cfg.get("WorkingDir") else None,
-            user=cfg.get("User") or None,
+            make_workdir=True,  # buildah makes WORKDIR
+            # Named, as buildah names root: its primary group is then among the
+            # supplementary ones (podman's run leaves it out for a default user).
+            user=cfg.get("User") or "0",
             upper=upper,
             network=network,
             quiet=True,
@@ -712,7 +717,7 @@ class Builder:
             try:
                 code = run(opts)
             except UserError as e:
-                print(f"pyunion: {e}", file=sys.stderr)
+                print(f"pyunion: {printable(e)}", file=sys.stderr)
                 code = e.code
             except BaseException as e:  # noqa: BLE001 - a forked child never returns
                 print(f"pyunion: RUN failed: {e!r}", file=sys.stderr)
