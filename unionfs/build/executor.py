@@ -215,6 +215,8 @@ class _Stage:
     # `FROM localhost/busybox:latest` for the stage's first step, `FROM <12 hex of the
     # image before>` after (a stage's image too); none on `FROM scratch`'s first step.
     parent: str = ""
+    base_name: str = ""  # the parent of its first step: what --squash's one comment names
+    base_history: int = 0  # the base image's history entries
 
 
 class Builder:
@@ -357,9 +359,11 @@ class Builder:
         by_name = {s.name: s for s in df.stages if s.name}
         self.stage_names = {n: s.index for n, s in by_name.items()}
         if self.opts.target is not None:
-            t = by_name.get(self.opts.target.lower())
-            if t is None:
+            # By its name, else by its index (`--target 0`), as buildah takes both.
+            idx = self._stage_index(self.opts.target)
+            if idx is None or idx >= len(df.stages):
                 raise UserError(f"no stage named {self.opts.target!r} in the Containerfile")
+            t = df.stages[idx]
         else:
             t = df.stages[-1]
         need: set[int] = set()
@@ -419,9 +423,9 @@ class Builder:
             want = self._expand_global(stage.platform, global_scope)
             check_platform(want, f"line {stage.line}: FROM ")
         image = self._base(df, base_ref, stage)
-        st = _Stage(
-            stage, scope, StageState(), image, parent=self._parent_name(df, base_ref, stage)
-        )
+        parent = self._parent_name(df, base_ref, stage)
+        st = _Stage(stage, scope, StageState(), image, parent=parent, base_name=parent)
+        st.base_history = len(image.config.get("history") or [])
         shell = (image.config.get("config") or {}).get("Shell")
         if isinstance(shell, list) and shell and all(isinstance(x, str) for x in shell):
             st.state.shell = list(shell)
@@ -501,27 +505,34 @@ class Builder:
             return
         if inst.cmd in ("FROM",):
             raise BuildError(f"line {inst.line}: FROM inside a stage")
-        new = st.image.copy()
+        new = self._next_state(st)
         # The key takes what the step did (values substituted); the history, buildah's text.
         effect = apply_metadata(inst, new.config, st.scope, st.state)
         shown = "ARG " + " ".join(sorted(st.scope.args)) if inst.cmd == "ARG" else inst.original
-        key = step_key(
-            st.image.cache_id, "meta", inst.cmd, effect, st.state.cmd_set, st.state.shell, shown
-        )
+        key = self._key(st, "meta", inst.cmd, effect, st.state.cmd_set, st.state.shell, shown)
         self._finish(st, new, key, NOP + shown, False, t0)
 
     def _cli_label(self, st: _Stage, key: str, value: str) -> None:
         """`--label KEY=VALUE`: a LABEL step after the last instruction (no substitution),
         with its history entry, as buildah adds it."""
         t0 = time.monotonic()
-        new = st.image.copy()
+        new = self._next_state(st)
         cfg = new.config.setdefault("config", {}) or {}
         new.config["config"] = cfg
         cfg["Labels"] = {**(cfg.get("Labels") or {}), key: value}
         created_by = f'{NOP}LABEL "{key}"="{value}"'
-        self._finish(
-            st, new, step_key(st.image.cache_id, "--label", key, value), created_by, False, t0
-        )
+        self._finish(st, new, self._key(st, "--label", key, value), created_by, False, t0)
+
+    def _next_state(self, st: _Stage) -> ImageState:
+        """The state a step changes: a copy, since the one before is cached (or a cache
+        hit's); with --layers=false/--squash, the stage's own, changed in place (copying
+        it made each step cost as much as the history before it)."""
+        return st.image if st.squash_upper is not None else st.image.copy()
+
+    def _key(self, st: _Stage, *parts: Any) -> str:
+        """A step's cache key: the state before it and `parts`; none with --layers=false
+        or --squash, which use no cache (the state's digest is over the whole history)."""
+        return "" if st.squash_upper is not None else step_key(st.image.cache_id, *parts)
 
     def _finish(
         self,
@@ -542,7 +553,7 @@ class Builder:
             return
         now = _now()
         entry: dict[str, Any] = {"created": now, "created_by": created_by}
-        if st.parent:
+        if st.parent and st.squash_upper is None:  # --squash: one, at the end (`_finish_squash`)
             entry["comment"] = f"FROM {st.parent}"
         if not isinstance(layer, NewLayer):
             entry["empty_layer"] = True
@@ -550,14 +561,20 @@ class Builder:
             new.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
             new.config["rootfs"].setdefault("diff_ids", []).append(layer.diff_id)
             new.layers.append(layer.descriptor())
-        new.config["history"] = [*list(new.config.get("history") or []), entry]
+        # `new` is a copy or the stage's own (`_next_state`): its history is its own.
+        history = new.config.get("history")
+        if not isinstance(history, list):
+            history = new.config["history"] = list(history or [])
+        history.append(entry)
         new.config["created"] = now
         for k in ("container", "container_config"):
             new.config.pop(k, None)
         st.image = new
+        if st.squash_upper is not None:  # no ID: one would be a digest of the whole history
+            self.say(f"--> {time.monotonic() - t0:.2f}s")
+            return
         st.parent = bare_id(new.id)[:12]
-        if st.squash_upper is None:
-            self._put(key, new)
+        self._put(key, new)
         self.say(f"--> {short_id(new.id)} {time.monotonic() - t0:.2f}s")
 
     def _hit(self, st: _Stage, state: ImageState) -> None:
@@ -579,7 +596,7 @@ class Builder:
             network = self._run_network(inst)
             # The host's network keeps the key it always had; another mode is a step of its own.
             net_part = [] if network == "host" else [{"network": network}]
-            key = step_key(st.image.cache_id, "RUN", argv, sorted(env), created_by, *net_part)
+            key = self._key(st, "RUN", argv, sorted(env), created_by, *net_part)
 
             def work(upper: str, lowers: list[str]) -> None:
                 self._run(st, argv, env, upper, lowers, inst, network)
@@ -612,7 +629,7 @@ class Builder:
                     created_by = plan.created_by
             if st.squash_upper is not None:
                 work(st.squash_upper, st.base_lowers)
-                self._finish(st, st.image.copy(), key, created_by, None, t0)
+                self._finish(st, st.image, key, created_by, None, t0)
                 return
             lowers = self._lowers(st.image)
             upper = self._new_upper()
@@ -632,14 +649,18 @@ class Builder:
     def _finish_squash(self, st: _Stage) -> None:
         upper = st.squash_upper
         assert upper is not None
+        hist = st.image.config.get("history") or []
+        if len(hist) > st.base_history and st.base_name:
+            # The one comment, on the stage's last entry: its base, as `buildah bud
+            # --layers=false` writes it.
+            hist[-1]["comment"] = f"FROM {st.base_name}"
         prune_upper(upper, st.base_lowers if st.image.diff_ids else [])
         if is_empty(upper):
             return
         layer = commit_upper(self.store, upper, self.tmp)
         st.image.config["rootfs"]["diff_ids"].append(layer.diff_id)
         st.image.layers.append(layer.descriptor())
-        hist = st.image.config.get("history") or []
-        if hist:
+        if len(hist) > st.base_history:
             hist[-1].pop("empty_layer", None)
 
     def _new_upper(self) -> str:

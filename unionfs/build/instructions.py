@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,13 +93,42 @@ class Scope:
     global_args: dict[str, str]  # values of the ARGs before the first FROM
     args: dict[str, str] = field(default_factory=dict)  # declared here, with a value
     consumed: set[str] = field(default_factory=set)  # build args some ARG declared
+    # The Env list last read and its variables (`env_vars`), so that a step does not
+    # read the whole Env again: 20,000 ENV lines took minutes, each reading all before.
+    _env_list: list[Any] | None = field(default=None, repr=False)
+    _env_vars: dict[str, str] = field(default_factory=dict, repr=False)
+    _env_seen: int = field(default=0, repr=False)
 
-    def variables(self, config: dict[str, Any]) -> dict[str, str]:
-        out = dict(self.args)
-        for item in config.get("Env") or []:
+    def env_vars(self, config: dict[str, Any]) -> dict[str, str]:
+        """The config's Env as a dict (the last of a name wins); read again only when
+        the config holds another list than the one read before, or that list has grown
+        (ENV appends to it: only the new items are read). Not to be changed."""
+        env = config.get("Env")
+        if not isinstance(env, list):
+            env = config["Env"] = list(env or [])
+        if env is not self._env_list:
+            self._env_list, self._env_vars = env, {}
+            self._env_seen = 0
+        for item in env[self._env_seen :]:
             k, _, v = str(item).partition("=")
-            out[k] = v
-        return out
+            self._env_vars[k] = v
+        self._env_seen = len(env)
+        return self._env_vars
+
+    def set_env(self, config: dict[str, Any], key: str, value: str) -> None:
+        """ENV KEY=VALUE on `config` (a state of the step's own: its Env list is changed
+        in place). A name set again moves to the end, as buildah (and `pyunion commit`)
+        do; only then is the list rewritten."""
+        current = self.env_vars(config)
+        env = config["Env"]
+        if key in current:
+            env[:] = [e for e in env if str(e).partition("=")[0] != key]
+            self._env_list = None  # read again, from the rewritten list
+        env.append(f"{key}={value}")
+
+    def variables(self, config: dict[str, Any]) -> Mapping[str, str]:
+        """What a word's `$NAME` sees: the image's Env over the ARGs in scope."""
+        return ChainMap(self.env_vars(config), self.args)
 
     def word(self, inst: Instruction, text: str, config: dict[str, Any]) -> str:
         try:
@@ -254,13 +285,10 @@ def apply_metadata(
     cmd = inst.cmd
     if cmd == "ENV":
         values = {k: scope.word(inst, v, cfg) for k, v in _pairs(inst)}
-        env = list(cfg.get("Env") or [])
+        if any(not k for k in values):
+            raise _fail(inst, "empty variable name")
         for k, v in values.items():
-            if not k:
-                raise _fail(inst, "empty variable name")
-            # A variable set again moves to the end, as buildah (and `pyunion commit`) do.
-            env = [e for e in env if e.partition("=")[0] != k] + [f"{k}={v}"]
-        cfg["Env"] = env
+            scope.set_env(cfg, k, v)
         return "ENV " + " ".join(f"{k}={v}" for k, v in values.items())
     if cmd == "LABEL":
         labels = dict(cfg.get("Labels") or {})

@@ -24,6 +24,7 @@ for terabytes from a 16 MiB Containerfile.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import UserError
@@ -161,7 +162,7 @@ class Lexer:
         self.escape = escape
         self.expanded = 0  # characters of values all its words took in (MAX_BUILD_EXPANSION)
 
-    def process(self, word: str, env: dict[str, str]) -> Result:
+    def process(self, word: str, env: Mapping[str, str]) -> Result:
         state = _State(self.escape, env, _Scan(word), MAX_BUILD_EXPANSION - self.expanded)
         try:
             value, words = state.until("", raw_escapes=False)
@@ -171,12 +172,12 @@ class Lexer:
             self.expanded += state.expanded
         return Result(value, words, state.used)
 
-    def word(self, word: str, env: dict[str, str]) -> str:
+    def word(self, word: str, env: Mapping[str, str]) -> str:
         return self.process(word, env).value
 
 
 class _State:
-    def __init__(self, escape: str, env: dict[str, str], scan: _Scan, left: int) -> None:
+    def __init__(self, escape: str, env: Mapping[str, str], scan: _Scan, left: int) -> None:
         self.escape = escape
         self.env = env
         self.scan = scan
