@@ -98,6 +98,8 @@ class Scope:
     _env_list: list[Any] | None = field(default=None, repr=False)
     _env_vars: dict[str, str] = field(default_factory=dict, repr=False)
     _env_seen: int = field(default=0, repr=False)
+    _env_index: dict[str, int] = field(default_factory=dict, repr=False)  # last item of a name
+    env_set: set[str] = field(default_factory=set)  # names an ENV of this stage set
 
     def env_vars(self, config: dict[str, Any]) -> dict[str, str]:
         """The config's Env as a dict (the last of a name wins); read again only when
@@ -107,24 +109,32 @@ class Scope:
         if not isinstance(env, list):
             env = config["Env"] = list(env or [])
         if env is not self._env_list:
-            self._env_list, self._env_vars = env, {}
+            self._env_list, self._env_vars, self._env_index = env, {}, {}
             self._env_seen = 0
-        for item in env[self._env_seen :]:
-            k, _, v = str(item).partition("=")
+        for i in range(self._env_seen, len(env)):
+            k, _, v = str(env[i]).partition("=")
             self._env_vars[k] = v
+            self._env_index[k] = i
         self._env_seen = len(env)
         return self._env_vars
 
     def set_env(self, config: dict[str, Any], key: str, value: str) -> None:
         """ENV KEY=VALUE on `config` (a state of the step's own: its Env list is changed
-        in place). A name set again moves to the end, as buildah (and `pyunion commit`)
-        do; only then is the list rewritten."""
+        in place). As buildah orders them: a name of the base image moves to the end the
+        first time the stage sets it; a name the stage set before keeps its place (`ENV
+        A=1`, `ENV B=2`, `ENV A=3` is `A=3 B=2`). Only a move rewrites the list."""
         current = self.env_vars(config)
         env = config["Env"]
+        item = f"{key}={value}"
+        if key in self.env_set and key in current:
+            env[self._env_index[key]] = item
+            current[key] = value
+            return
+        self.env_set.add(key)
         if key in current:
             env[:] = [e for e in env if str(e).partition("=")[0] != key]
             self._env_list = None  # read again, from the rewritten list
-        env.append(f"{key}={value}")
+        env.append(item)
 
     def variables(self, config: dict[str, Any]) -> Mapping[str, str]:
         """What a word's `$NAME` sees: the image's Env over the ARGs in scope."""
