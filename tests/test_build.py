@@ -691,7 +691,7 @@ def test_many_steps_without_layers_take_linear_time(tmp_path: Path) -> None:
     cfg = Store(store).lookup("many").config
     envs = cfg["config"]["Env"]
     assert len(envs) == 1 + 20000 and envs[0].startswith("PATH=")
-    assert envs[1:4] == ["V0=x", "V1=x", "V2=x"] and envs[-3] == "V19998=x"
+    assert envs[1:4] == ["V0=x", "V1=x", "V2=x"] and envs[-3] == "V19997=x"
     assert envs[6] == "V5=again" and envs[-2:] == ["V19998=x", "V19999=again"]
     assert len(cfg["history"]) == 20002 and cfg["history"][-1]["created_by"].endswith("$V5")
 
