@@ -20,7 +20,8 @@ changed, as buildah records it. History entries and output lines are buildah's
 (docs/build.md). Every step first looks in the cache
 (`cache.py`); a hit takes the stored state and does no work. Only stages the
 target needs are built. With `--layers=false`/`--squash` each stage runs all
-its steps on one upper and commits one layer at its end, without the cache.
+its steps on one upper and commits one layer at its end, without the cache, its
+state changed in place (no copy, ID or key a step: those cost the whole history).
 
 A failing step stops the build with the step, the command and its exit status;
 its upper is thrown away, and nothing but complete layers and cache entries of
@@ -802,8 +803,8 @@ class Builder:
         if from_ref is not None:
             src_state = self._from_state(from_ref, inst)
             plan.from_state = src_state
-            plan.key = step_key(
-                st.image.cache_id,
+            plan.key = self._key(
+                st,
                 inst.cmd,
                 flags,
                 plan.patterns,
@@ -840,8 +841,8 @@ class Builder:
         if plan.heredocs:
             digest = step_key(digest, plan.heredocs)
         plan.created_by = _copy_history(inst, plan.multi, sources, digest)
-        plan.key = step_key(
-            st.image.cache_id,
+        plan.key = self._key(
+            st,
             inst.cmd,
             flags,
             digest,
