@@ -1450,6 +1450,44 @@ def test_a_users_env_file_reads_no_root_file_and_never_hangs(
     assert "FROM_PIPE=yes" in r.stdout.splitlines(), r.stdout
 
 
+def test_a_users_symlink_or_fifo_as_the_iidfile_writes_no_root_file(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """`pyunion build --iidfile /home/u/proj/iid /home/u/proj` as root: her symlink
+    there to a root-only file had root truncate it and write the image ID into it (a
+    plain open(2)); her FIFO hung the build for good. The ID file follows the log's
+    rule now (`tree.open_named_output`): one line, the root file as it was; a new file,
+    and root's own one written again, still take the ID."""
+    home, victim = open_tree / "home", open_tree / "victim"
+    for d in (home, victim):
+        d.mkdir()
+    victim.chmod(0o700)
+    (victim / "shadow").write_text("root's\n")
+    os.chown(home, *user)
+    _as(user, "sh", "-c", f"printf 'FROM scratch\\nLABEL a=b\\n' > {home}/Containerfile")
+    _as(user, "ln", "-s", str(victim / "shadow"), str(home / "link.iid"))
+    _as(user, "mkfifo", str(home / "fifo.iid"))
+    store = str(tmp_path / "store")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    for name, why in (("link.iid", "symlink owned by uid"), ("fifo.iid", "FIFO")):
+        try:
+            r = pyunion(
+                "build", "--store", store, "--iidfile", str(home / name), str(home),
+                check=False, env=env, timeout=60,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"pyunion build hung on --iidfile {name}")
+        finally:  # an open(2) still waiting for a reader (the old way) is let go
+            with contextlib.suppress(OSError):
+                os.close(os.open(home / "fifo.iid", os.O_RDONLY | os.O_NONBLOCK))
+        assert r.returncode == 125 and why in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("pyunion: --iidfile"), r.stderr
+    assert (victim / "shadow").read_text() == "root's\n"
+    for _ in range(2):  # made, then written again (shorter or not: truncated)
+        r = pyunion("build", "--store", store, "--iidfile", str(home / "new.iid"), str(home))
+        assert (home / "new.iid").read_text() == r.stdout.strip().splitlines()[-1]
+
+
 def test_a_users_symlink_to_a_laxer_seccomp_profile_is_refused(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:

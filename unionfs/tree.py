@@ -651,6 +651,52 @@ def open_trusted(
     return out
 
 
+def open_named_output(path: str, flags: int = 0) -> int:
+    """A file the caller named for pyunion to write (`$PYUNION_LOG`, `build --iidfile`),
+    opened O_WRONLY | `flags` (made 0644 if missing, never truncated here): a regular
+    file of root's or the caller's with no other name, or a character device (a
+    terminal), reached through no symlink of another user's (`open_trusted`).
+
+    Root names a path where a user can be first (/tmp/pyunion.log, her project's
+    iid file): her symlink (to /etc/shadow) had root write there, her FIFO hung the
+    open for good. The open never blocks (a FIFO without reader is ENXIO), and a FIFO
+    or socket is refused: its reader, hers, could stop reading and stall every write.
+    Her file there is refused too (the open does not create it, so the kernel's
+    protected_regular does not apply): what root wrote was hers to read, and her hard
+    link (where protected_hardlinks is off) had root write to /etc/shadow.
+    """
+    flags |= os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    full = os.path.abspath(path)
+    try:
+        fd = open_trusted(full, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OSError(e.errno, "is a FIFO or a socket, not a file", path) from None
+        if e.errno != errno.ENOENT:
+            raise
+        parent, name = os.path.split(full)
+        pfd = open_trusted(parent)
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=pfd)
+        except FileExistsError:  # made meanwhile (another daemon's log too): as any other
+            fd = open_trusted(full, flags)
+        finally:
+            os.close(pfd)
+    st = os.fstat(fd)
+    why = None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        why = errno.EINVAL, "is not a regular file or a terminal"
+    elif stat.S_ISREG(st.st_mode) and st.st_uid not in trusted_uids():
+        why = errno.EACCES, f"belongs to uid {st.st_uid}"
+    elif stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+        why = errno.EACCES, "has other names (hard links)"
+    if why:
+        os.close(fd)
+        raise OSError(*why, path)
+    os.set_blocking(fd, True)
+    return fd
+
+
 class SharedDirectory(OSError):
     """`open_private_dir` met a directory that another user can change."""
 
