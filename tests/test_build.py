@@ -313,8 +313,8 @@ def test_busybox_build_matches_buildah(env: Env) -> None:
     args = ("--build-arg", "GREETING=bonjour")
     env.buildah(ctx, "bb", *args)
     r = env.build(ctx, "-t", "bb", *args)
-    assert r.stdout.strip().splitlines()[-1].startswith("sha256:")
-    assert "STEP 1/" in r.stdout and "Successfully tagged bb:latest" in r.stdout
+    assert re.fullmatch(r"[0-9a-f]{64}", r.stdout.strip().splitlines()[-1])
+    assert "STEP 1/" in r.stdout and "Successfully tagged localhost/bb:latest" in r.stdout
     ours = env.pyunion_image("bb")
     compare(env.buildah_image("bb"), ours)
     view = ours[0]
@@ -326,9 +326,12 @@ def test_busybox_build_matches_buildah(env: Env) -> None:
     assert b"etc/motd" not in view and b"opt/old" not in view
     cfg = ours[1]
     hist = [h["created_by"] for h in cfg["history"]]
-    assert "RUN |1 GREETING=bonjour /bin/sh -c touch /home/alice/made-by-alice" in hist
-    assert any(h.startswith("COPY dir:") and h.endswith(" in ./src/") for h in hist)
-    assert "COPY --from=builder /out in ./" in hist and "USER alice" in hist
+    assert "|1 GREETING=bonjour /bin/sh -c touch /home/alice/made-by-alice" in hist
+    assert any(
+        h.startswith("/bin/sh -c #(nop) COPY dir:") and h.endswith(" in ./src/ ") for h in hist
+    )
+    assert any(re.fullmatch(r"/bin/sh -c #\(nop\) COPY dir:[0-9a-f]{64} in \./ ", h) for h in hist)
+    assert "/bin/sh -c #(nop) USER alice" in hist
     assert len(cfg["rootfs"]["diff_ids"]) == 3 + 10  # the sample's three, one per RUN/COPY/ADD
     layered = [h for h in cfg["history"] if not h.get("empty_layer")]
     assert len(layered) == len(cfg["rootfs"]["diff_ids"])
@@ -451,6 +454,134 @@ def test_debian_build_with_dpkg_matches_buildah(env: Env, debian_image: str) -> 
     assert r.stdout == "built\nbuilder\nhello from a .deb\n"
 
 
+# --- history and output, as buildah writes them ----------------------------------------------
+HISTORY_FILE = """FROM scratch AS tiny
+ENV T=1
+COPY f.txt /f.txt
+
+FROM busybox AS base
+ARG A=1
+ARG B
+ARG C
+ENV E=$A F="two words"
+LABEL l=$A m="x y"
+WORKDIR /app
+WORKDIR sub
+USER root
+RUN echo $A $C > /a \\
+    && echo more   >> /a
+RUN true
+COPY f.txt /f.txt
+COPY d /dd/
+COPY f.txt d/a $E/
+ADD f.txt /g.txt
+EXPOSE 80
+STOPSIGNAL SIGINT
+VOLUME /v
+CMD ["sh"]
+ENTRYPOINT echo hi
+RUN ["/bin/sh", "-c", "echo exec > /e"]
+
+FROM base
+ENV Z=z
+COPY --from=tiny /f.txt /from-tiny
+RUN true
+"""
+DIGEST = re.compile(r"\b(dir|file|multi):[0-9a-f]{64} ")
+FULL_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _history(cfg: dict, base: int) -> list[tuple[str, bool, str]]:
+    """The build's own history entries: (created_by with COPY's digest left out, empty
+    layer, comment with an image ID left out). The digests are computed differently (see
+    docs/build.md); the IDs have the times of day in them."""
+    return [
+        (
+            DIGEST.sub(r"\1: ", h["created_by"]),
+            bool(h.get("empty_layer")),
+            re.sub(r"^FROM [0-9a-f]{12}$", "FROM <id>", h.get("comment", "")),
+        )
+        for h in cfg["history"][base:]
+    ]
+
+
+@needs_tools
+def test_history_matches_buildah(env: Env) -> None:
+    """The image's history is buildah's, entry by entry: `created_by` in its words (RUN
+    without the word, the line as written after `/bin/sh -c` and the build args with a
+    value; `#(nop)` and the instruction unsubstituted for the rest; ARG naming every
+    argument with a value; COPY's destination as written, with a space after), the
+    `empty_layer` flags, a layer for a RUN that changes nothing, and the `comment` naming
+    the image the step started from (`FROM localhost/busybox:latest`, then an ID; none
+    on `FROM scratch`'s first step). pyunion wrote BuildKit's text, no comment, and no
+    layer for `RUN true`."""
+    ctx = env.tmp / "ctx-history"
+    _write(ctx / "Containerfile", HISTORY_FILE)
+    _write(ctx / "f.txt", "f\n")
+    _write(ctx / "d/a", "a\n")
+    base = len(Store(env.store).lookup("busybox").config["history"])
+    for tag, args in (("hist", ("--build-arg", "C=9", "--label", "k=v")), ("histny", ())):
+        target = ("--target", "tiny") if tag == "histny" else ()
+        env.buildah(ctx, tag, *args, *target)
+        env.build(ctx, "-t", tag, *args, *target)
+        (_, theirs), (_, ours) = env.buildah_image(tag), env.pyunion_image(tag)
+        skip = base if tag == "hist" else 0
+        assert _history(ours, skip) == _history(theirs, skip)
+        assert len(ours["rootfs"]["diff_ids"]) == len(theirs["rootfs"]["diff_ids"])
+    hist = _history(ours, 0)
+    assert hist[0] == ("/bin/sh -c #(nop) ENV T=1", True, "")  # ours: the tiny stage's
+
+
+@needs_tools
+def test_build_output_matches_buildah(env: Env) -> None:
+    """What scripts read from `buildah bud`'s output: the image ID bare on the last line
+    (`tail -1`), `Successfully tagged localhost/NAME:latest`, and for a step from the
+    cache `--> Using cache FULLID`, that step's image. pyunion printed `sha256:ID`,
+    `Successfully tagged NAME:latest` and `--> CACHED SHORTID`."""
+    ctx = env.tmp / "ctx-output"
+    _write(ctx / "Containerfile", "FROM busybox\nUSER root\nRUN echo one > /one\nENV A=1\n")
+
+    def both(*args: str) -> tuple[list[str], list[str]]:
+        theirs = sh(*env.bah, "bud", "--layers", "--isolation", "chroot", *args, ctx)
+        return theirs.splitlines(), env.build(ctx, *args).stdout.splitlines()
+
+    both("-t", "out")
+    for out in both("-t", "out"):
+        assert FULL_ID.fullmatch(out[-1]), out[-1]
+        assert "Successfully tagged localhost/out:latest" in out
+        hits = [line.split()[-1] for line in out if line.startswith("--> Using cache ")]
+        assert len(hits) == 3 and all(FULL_ID.fullmatch(h) for h in hits), out
+        assert hits[-1] == out[-1]  # the last step's image is the one tagged
+    theirs, ours = both("-q")
+    assert FULL_ID.fullmatch(theirs[-1]) and FULL_ID.fullmatch(ours[-1])
+    # The bare ID names the image, as a script passes it on.
+    r = pyunion("run", "--store", env.store, ours[-1], "--", "cat", "/one", timeout=120)
+    assert r.stdout == "one\n"
+
+
+@needs_tools
+def test_history_text_keys_the_cache_as_buildah(env: Env) -> None:
+    """A step that does the same but is written otherwise (`ENV A=$X` with X=1, then
+    `ENV A=1`; `RUN  true` with two spaces) misses the cache, in buildah as in pyunion:
+    a hit gives the history text the step itself would write."""
+    ctx = env.tmp / "ctx-history-key"
+    first = "FROM busybox\nARG X=1\nENV A=$X\nRUN true\n"
+
+    def both() -> tuple[list[bool], list[bool]]:
+        theirs = sh(*env.bah, "bud", "--layers", "--isolation", "chroot", ctx)
+        return _hits(theirs), _hits(env.build(ctx).stdout)
+
+    _write(ctx / "Containerfile", first)
+    both()
+    assert both() == ([False, True, True, True],) * 2
+    _write(ctx / "Containerfile", first.replace("$X", "1"))
+    assert both() == ([False, True, False, False],) * 2
+    _write(ctx / "Containerfile", first.replace("$X", "1").replace("RUN true", "RUN  true"))
+    assert both() == ([False, True, True, False],) * 2
+    ours = Store(env.store).lookup(env.build(ctx, "-q").stdout.split()[-1]).config
+    assert ours["history"][-1]["created_by"] == "|1 X=1 /bin/sh -c  true"
+
+
 # --- the cache ------------------------------------------------------------------------------
 CACHE_FILE = """FROM busybox
 USER root
@@ -466,7 +597,7 @@ def _steps(out: str) -> list[str]:
     """Per step: 'cached' or 'ran', from the build's output."""
     res = []
     for line in out.splitlines():
-        if line.startswith("--> CACHED"):
+        if line.startswith("--> Using cache "):
             res.append("cached")
         elif line.startswith("--> ") and "built in" not in line:
             res.append("ran")
@@ -543,13 +674,13 @@ COPY f /f
 
 
 def _hits(out: str) -> list[bool]:
-    """Per step, FROM included, whether it came from the cache: `--> CACHED` (pyunion)
-    or `--> Using cache` (buildah) after its `STEP` line."""
+    """Per step, FROM included, whether it came from the cache: `--> Using cache` after
+    its `STEP` line (both print it)."""
     res: list[bool] = []
     for line in out.splitlines():
         if re.match(r"(\[\d+/\d+\] )?STEP \d+/\d+: ", line):
             res.append(False)
-        elif line.startswith(("--> CACHED", "--> Using cache")) and res:
+        elif line.startswith("--> Using cache ") and res:
             res[-1] = True
     return res
 
@@ -778,9 +909,12 @@ def test_buildah_flags_match_buildah(env: Env) -> None:
     compare(env.buildah_image("flags"), ours)
     assert ours[1]["config"]["Labels"] == {"a": "2", "x": "y"}
     assert b"c/keep" in ours[0] and b"c/drop" not in ours[0] and b"c/sub" in ours[0]
-    assert [h["created_by"] for h in ours[1]["history"][-2:]] == ["LABEL x=y", "LABEL a=2"]
+    assert [h["created_by"] for h in ours[1]["history"][-2:]] == [
+        '/bin/sh -c #(nop) LABEL "x"="y"',
+        '/bin/sh -c #(nop) LABEL "a"="2"',
+    ]
     iid = (env.tmp / "flags.ours").read_text()
-    assert iid == r.stdout.splitlines()[-1] and iid.startswith("sha256:")
+    assert iid == "sha256:" + r.stdout.splitlines()[-1]  # the file: with `sha256:`
     assert len((env.tmp / "flags.theirs").read_text()) == len(iid)  # buildah's: the same form
     r = subprocess.run(  # no context: the working directory, as buildah takes it
         [*PYUNION, "build", "--store", env.store, "-q", "-f", "sub/flags.Containerfile"],
@@ -855,8 +989,8 @@ RUN exit 1
         "Interval": 30 * 10**9,
         "Retries": 3,
     }
-    nop = next(h for h in cfg["history"] if h["created_by"] == "RUN /bin/sh -c true")
-    assert nop.get("empty_layer") is True  # nothing changed: no layer
+    nop = next(h for h in cfg["history"] if h["created_by"] == "/bin/sh -c true")
+    assert "empty_layer" not in nop  # nothing changed: an empty layer, as buildah's
     r = pyunion(
         "run",
         "--store",
@@ -881,7 +1015,7 @@ RUN exit 1
     assert r.stdout == "from scratch\n"
     hist = json.loads(pyunion("history", "--format", "json", "child", "--store", env.store).stdout)
     assert hist[0]["id"].startswith("sha256:")
-    assert hist[0]["createdBy"].startswith("HEALTHCHECK ")
+    assert hist[0]["createdBy"].startswith("/bin/sh -c #(nop) HEALTHCHECK ")
     table = pyunion("history", "child", "--store", env.store).stdout.splitlines()
     assert table[0].split() == ["IMAGE", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]
 
@@ -1021,14 +1155,17 @@ def test_a_context_file_swapped_or_grown_after_the_walk(tmp_path: Path) -> None:
 
 def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None:
     """40 lines each doubling a variable ask for 2^40 characters: the expansion stops
-    at its bound with one line, at once (a value was split per character: minutes)."""
+    at its bound with one line, at once (a value was split per character: minutes).
+    Without the cache: with it, line 17's state (its values in Env and in the history)
+    is already more than a cache entry may be, which stops the build one line earlier."""
     lines = ["FROM scratch", "ENV A0=" + "x" * 32]
     lines += [f"ENV A{i}=${{A{i - 1}}}${{A{i - 1}}}" for i in range(1, 40)]
     (tmp_path / "ctx").mkdir()
     (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+    ctx = str(tmp_path / "ctx")
     started = time.monotonic()
     r = subprocess.run(
-        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-t", "bomb", str(tmp_path / "ctx")],
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "--layers=false", "-t", "bomb", ctx],
         capture_output=True,
         text=True,
         timeout=60,
@@ -1037,6 +1174,94 @@ def test_a_containerfile_doubling_a_variable_is_one_line(tmp_path: Path) -> None
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "line 18: ENV: expands to more than 1048576 characters" in r.stderr
     assert time.monotonic() - started < 20
+
+
+def test_a_containerfile_using_a_big_variable_many_times_is_one_line(tmp_path: Path) -> None:
+    """Each word stays under its bound, but one line that names a 512 KiB variable 300
+    times asked for 150 MiB, and the next such line as much again: the build took 2.2
+    GB and 25 s, then wrote a config no command could read back ('too large to read');
+    a 16 MiB Containerfile of such words asks for terabytes. What all the words of a
+    build take in is bounded too. Run under a 1.5 GiB address-space limit (the old code
+    then dies of MemoryError)."""
+    lines = ["FROM scratch", "ENV A=" + "x" * 1024]
+    lines += ["ENV A=$A$A"] * 9  # 512 KiB, under the bound of one word
+    lines += ["ENV " + " ".join(f"B{i}=$A" for i in range(300))] * 4
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))
+
+    started = time.monotonic()
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-t", "bomb", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "line 12: ENV: the Containerfile's variables expand to more than" in r.stderr, r.stderr
+    assert time.monotonic() - started < 20
+    assert not list((tmp_path / "s/blobs/sha256").iterdir())
+
+
+def _cache_bytes(store: Path) -> int:
+    cache = store / "build-cache"
+    return sum(f.stat().st_size for f in cache.iterdir()) if cache.exists() else 0
+
+
+@pytest.mark.timeout(120)
+def test_a_containerfile_of_many_metadata_steps_does_not_fill_the_disk(tmp_path: Path) -> None:
+    """Each step's state is a cache entry holding the whole config: a 1 MiB ENV and 200
+    LABEL lines wrote 200 MiB into the store, and a 200 KB Containerfile of 20,000 ENV
+    lines 5 GB in five minutes (its history grows by a line a step), terabytes for a
+    16 MiB one. A build writes at most 64 MiB of cache entries, each one at most what
+    the cache reads back (4 MiB: a bigger one was written and never read)."""
+    (tmp_path / "ctx").mkdir()
+    big = ["FROM scratch", "ENV A=" + "x" * (1 << 15)] + ["ENV A=$A$A"] * 5  # 1 MiB
+    lines = big + [f"LABEL n={i}" for i in range(200)]
+    (tmp_path / "ctx/Containerfile").write_text("\n".join(lines) + "\n")
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "s"), "-q", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than 67108864 bytes of build cache" in r.stderr, r.stderr
+    assert _cache_bytes(tmp_path / "s") < (64 + 5) << 20
+
+    five = "ENV " + " ".join(f"B{i}=$A" for i in range(5))
+    (tmp_path / "ctx/Containerfile").write_text("\n".join([*big, five]) + "\n")
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "t"), "-q", str(tmp_path / "ctx")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
+    assert max(f.stat().st_size for f in (tmp_path / "t/build-cache").iterdir()) <= 4 << 20
+
+    ctx = str(tmp_path / "ctx")
+    # Without the cache, the same config was written into the store as a blob, which the
+    # build's last step then could not read back: a 5 MiB blob left for nothing.
+    r = subprocess.run(
+        [*PYUNION, "build", "--store", str(tmp_path / "u"), "--layers=false", "-q", ctx],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "more than the 4194304 pyunion reads back" in r.stderr, r.stderr
+    assert list((tmp_path / "u/blobs/sha256").iterdir()) == []
 
 
 # --- pure rules (no root needed) ---------------------------------------------------------------

@@ -714,3 +714,34 @@ def test_a_users_symlink_never_leads_roots_build_out_of_her_context(
         racer.kill()  # it ends by itself in 15 s; a failure above need not wait for it
         racer.communicate(timeout=60)
     print("built during the race:", built)
+
+
+# --- a Containerfile's text reaches the terminal escaped ----------------------------------------
+_CONTROLS = ("\x1b", "\x07", "\x9b")
+
+
+@needs_fuse
+@pytest.mark.timeout(120)
+def test_a_containerfiles_escape_sequences_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    """A Containerfile from the internet, or an ONBUILD trigger of a base image, is text
+    someone else wrote: `pyunion build` printed each step as written, so a LABEL holding
+    `ESC ] 0 ; ... BEL` retitled the terminal (any sequence reached it: cleared lines,
+    faked output), and so did the error naming a step that failed. Now printed as
+    `history` shows them: `\\x1b`."""
+    title = "\x1b]0;PWNED\x07"
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Containerfile").write_text(
+        f'FROM scratch\nLABEL a="{title}"\nENV B="\x1b[31mred"\nONBUILD LABEL c="{title}"\n'
+    )
+    r = _build(tmp_path / "s", ctx, "-t", "parent")
+    assert r.returncode == 0, r.stderr
+    assert not any(c in r.stdout + r.stderr for c in _CONTROLS), repr(r.stdout)
+    assert 'LABEL a="\\x1b]0;PWNED\\x07"' in r.stdout, r.stdout
+    # The trigger comes from the image: the child's Containerfile is plain.
+    (ctx / "Containerfile").write_text(f'FROM parent\nRUN ["/nowhere{title}"]\n')
+    r = _build(tmp_path / "s", ctx, "-t", "child")
+    assert not any(c in r.stdout + r.stderr for c in _CONTROLS), repr(r.stdout + r.stderr)
+    assert 'ONBUILD LABEL c="\\x1b]0;PWNED\\x07"' in r.stdout, r.stdout
+    last = r.stderr.splitlines()[-1]
+    assert r.returncode != 0 and 'STEP 2/2: RUN ["/nowhere\\x1b]0;PWNED\\x07"]' in last, last

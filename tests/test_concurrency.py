@@ -147,7 +147,10 @@ def worker(mnt: str, seed: int, ops: int, stats_path: str) -> None:
         os.link(rand_path(rng), rand_path(rng))
 
     def op_symlink() -> None:
-        os.symlink(rng.choice([b"f0", b"../d1/f1", b"/nonexistent"]), rand_path(rng))
+        # An absolute target whose directory does not exist: a create or chmod through it
+        # follows it to the host's root (the mount is not chroot'ed) and must fail there.
+        target = rng.choice([b"f0", b"../d1/f1", b"/nonexistent-pyunion-test/target"])
+        os.symlink(target, rand_path(rng))
 
     def op_chmod() -> None:
         os.chmod(rand_path(rng), rng.choice([0o600, 0o644, 0o755]), follow_symlinks=True)

@@ -15,6 +15,7 @@ import json
 import os
 import pty
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -59,6 +60,15 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     shutil.copy2(bindir / "hostile", bindir / "suid-status")
     os.chmod(bindir / "suid-status", 0o4755)
+    # A group root and alice are members of (supplementary groups), and a directory
+    # with content of its own where a --tmpfs goes (podman copies it up).
+    with open(root / "etc/group", "a") as f:
+        f.write("wheel:x:10:root,alice\n")
+    (root / "srv/data").mkdir(parents=True)
+    (root / "srv/data/f").write_text("data\n")
+    os.symlink("f", root / "srv/data/link")
+    os.chown(root / "srv/data/f", 1000, 1000)
+    os.chmod(root / "srv/data", 0o750)
     return root
 
 
@@ -116,8 +126,9 @@ class Podman:
         ]
 
     def run(
-        self, *opts: str, command: tuple[str, ...], fds: str = ""
+        self, *opts: str, command: tuple[str, ...], fds: str = "", ok: bool = True
     ) -> subprocess.CompletedProcess[str]:
+        """podman's run; with `ok` it must have started the command."""
         r = subprocess.run(
             [*_with_fds(fds), *self.cmd(*opts, command=command)],
             capture_output=True,
@@ -126,11 +137,31 @@ class Podman:
             check=False,
             stdin=subprocess.DEVNULL,
         )
-        assert "Error:" not in r.stderr, r.stderr
+        assert not ok or "Error:" not in r.stderr, r.stderr
         return r
 
     def sh(self, script: str, *opts: str) -> subprocess.CompletedProcess[str]:
         return self.run(*opts, command=("sh", "-c", script))
+
+    def podman(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """podman ARGS on the same storage, its output as text."""
+        base = self.cmd(command=())
+        return subprocess.run(
+            [*base[: base.index("run")], *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def run_image(
+        self, image: str, *opts: str, command: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        """podman run of an image it loaded (not --rootfs), with this class' options."""
+        argv = self.cmd(*opts, command=command)
+        i = argv.index("--rootfs")
+        return self.podman(*argv[argv.index("run") : i], image, *argv[i + 2 :])
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +171,7 @@ def podman(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Podman:
     )
     base = tmp_path_factory.mktemp("podman")
     root = base / "root"
-    shutil.copytree(rootfs, root, symlinks=True)
+    subprocess.run(["cp", "-a", str(rootfs), str(root)], check=True, timeout=60)  # owners too
     (base / "state").mkdir()
     return Podman(root, base / "state")
 
@@ -1194,7 +1225,7 @@ def test_passwd_entries_with_absurd_ids_are_skipped(env: Env, tmp_path: Path) ->
         r = env.run("id", "-u", opts=("-u", user), timeout=30)
         assert (r.returncode, r.stdout.strip()) == (0, out), r.stderr
     r = env.run("true", opts=("-u", "bob"), timeout=30)
-    assert r.returncode == 125 and "unable to find user 'bob'" in r.stderr, r.stderr
+    assert r.returncode == 126 and "unable to find user 'bob'" in r.stderr, r.stderr
 
 
 def test_passwd_symlink_resolves_inside_the_image(env: Env, tmp_path: Path) -> None:
@@ -1304,8 +1335,8 @@ def test_loopback_works_inside(env: Env) -> None:
 
 # -- what the command finds around it, as in podman --------------------------------------
 # The environment (but the host name: below), podman's mark of a container, the umask, the
-# process' status and podman's mounts in /dev. Not compared: /dev/shm's size (podman's
-# 64000k against 64 MiB), the rlimits (the caller's: README, Running a process), the mode
+# process' status and podman's mounts in /dev. Not compared: the rlimits (the caller's:
+# README, Running a process), the mode
 # of .containerenv (podman's is 0755 with --read-only, 0644 otherwise; ours always 0644).
 VIEW = (
     "env | grep -E '^(PATH|TERM|HOME|container)=' | sort; stat -c '%n %s' /run/.containerenv; "
@@ -1410,3 +1441,585 @@ def test_container_cannot_lift_its_pids_limit(env: Env) -> None:
     assert "unlimited" in r.stdout or "write errno" in r.stdout, r.stdout  # it got that far
     assert "survived" not in r.stdout, (r.stdout, r.stderr)
     assert "fork" in r.stderr, r.stderr
+
+
+# -- podman's options and their results ----------------------------------------------------
+GROUPS = "grep -E '^(Uid|Gid|Groups):' /proc/self/status"
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        (),
+        ("-u", "0"),
+        ("-u", "alice"),
+        ("-u", "root:users"),
+        ("--group-add", "users"),
+        ("--group-add", "10", "-u", "alice"),
+        ("-u", "1000:100", "--group-add", "users", "--group-add", "4242"),
+        ("-u", "4242", "--group-add", "wheel"),
+    ],
+)
+def test_groups_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """Supplementary groups: the user's memberships in the image's /etc/group, its
+    primary group only when a user is named (podman leaves it out for the default
+    user), and --group-add's by name or number."""
+    ours = env.sh(GROUPS, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(GROUPS, *opts).stdout
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("-u", "nosuch"),
+        ("-u", "alice:nosuch"),
+        ("--group-add", "nosuch"),
+        ("-w", "/etc/passwd"),
+    ],
+)
+def test_what_cannot_be_invoked_is_126_as_podman(
+    env: Env, podman: Podman, opts: tuple[str, ...]
+) -> None:
+    """A user, a group or a working directory the image cannot give: the command cannot
+    be invoked, 126 as in podman (not 125, pyunion's own failures), in one line."""
+    ours = env.sh("echo ran", *opts)
+    assert (ours.returncode, ours.stdout) == (126, ""), ours.stderr
+    assert ours.stderr.count("\n") == 1 and ours.stderr.startswith("pyunion: "), ours.stderr
+    r = podman.run(*opts, command=("sh", "-c", "echo ran"), ok=False)
+    assert (r.returncode, r.stdout) == (126, ""), r.stderr
+
+
+def test_podmans_run_options_are_taken(env: Env, podman: Podman) -> None:
+    """--rm (what pyunion always does), --init (catatonit is always pid 1) and --name
+    (on the container's line of /etc/hosts, after its host name, as podman writes it)."""
+    script = "grep -w box /etc/hosts; cat /proc/1/comm"
+    opts = ("--rm", "--init", "--name", "web.1", "--hostname", "box")
+    ours = env.sh(script, *opts)
+    assert ours.stdout.startswith("127.0.0.1\tbox web.1\n"), ours.stderr
+    assert ours.stdout.endswith("catatonit\n"), ours.stdout
+    theirs = podman.sh(script, *opts, "--network", "none")
+    assert ours.stdout.splitlines()[0] == theirs.stdout.splitlines()[0]
+    r = env.sh("true", "--rm", "--keep")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    r = env.sh("true", "--name", "a/b")
+    assert r.returncode == 125 and "--name" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_an_unknown_option_is_125(env: Env) -> None:
+    """As podman: a usage error of run exits 125 (argparse's own is 2)."""
+    r = subprocess.run(
+        env.cmd("--no-such-option", command=("true",)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env.env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 125, r.stderr
+    assert "--no-such-option" in r.stderr
+
+
+def test_tty_term_and_empty_home_as_podman(env: Env, podman: Podman) -> None:
+    """-t gives TERM=xterm whatever the caller's TERM (podman's containers.conf default),
+    and an empty HOME is the user's home (runc fills it in)."""
+    script = "echo $TERM $HOME"
+    opts = ("-t", "-u", "alice", "-e", "HOME=")
+    ours = subprocess.run(
+        env.cmd(*opts, command=("sh", "-c", script)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**env.env, "TERM": "vt100"},
+        stdin=subprocess.DEVNULL,
+    )
+    assert ours.stdout.replace("\r", "") == "xterm /home/alice\n", ours.stderr
+    theirs = podman.sh(script, *opts)
+    assert ours.stdout == theirs.stdout
+
+
+TMPFS = (
+    "awk '$5 ~ \"^/srv\" {print $5, $6, $9, $NF}' /proc/self/mountinfo; "
+    "stat -c '%n %a %u:%g' /srv/data /srv/data/f /srv/data/link; "
+    "cat /srv/data/f; readlink /srv/data/link; echo x > /srv/data/new && echo written"
+)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "/srv/data",
+        "/srv/data:ro",
+        "/srv/data:size=1m,mode=700,noexec",
+        "/srv/data:notmpcopyup,mode=1770",
+        "/srv/new:exec,nosuid",
+    ],
+)
+def test_tmpfs_as_podman(env: Env, podman: Podman, spec: str) -> None:
+    """--tmpfs: podman's options (nosuid and nodev by default, not noexec), and the
+    image's content at that place copied up into it (tmpcopyup, the default)."""
+    ours = env.sh(TMPFS, "--tmpfs", spec)
+    theirs = podman.sh(TMPFS, "--tmpfs", spec)
+    assert ours.stdout == theirs.stdout, ours.stderr
+    assert " tmpfs " in ours.stdout
+
+
+@pytest.mark.parametrize(
+    "opts,script",
+    [
+        (("--ulimit", "nofile=512:800"), "ulimit -Sn; ulimit -Hn"),
+        (("--ulimit", "nofile=300"), "ulimit -Sn; ulimit -Hn"),
+        (
+            ("--ulimit", "core=0:0", "--ulimit", "nproc=50:60", "--ulimit", "memlock=1024:4096"),
+            "ulimit -Sc; ulimit -Hc; ulimit -Su; ulimit -Hu; ulimit -Sl; ulimit -Hl",
+        ),
+    ],
+)
+def test_ulimit_as_podman(env: Env, podman: Podman, opts: tuple[str, ...], script: str) -> None:
+    """--ulimit NAME=SOFT[:HARD] (-1: unlimited), as podman sets them on the command."""
+    ours = env.sh(script, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(script, *opts).stdout
+    r = env.sh("true", "--ulimit", "nofiles=1")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_ulimit_above_the_callers_hard_limit(env: Env, podman: Podman) -> None:
+    """Raising a hard limit needs CAP_SYS_RESOURCE, where the caller has it: without it
+    one line and 126, as podman's (runc's) "error setting rlimit"."""
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("the caller's hard process limit is unlimited already")
+    opts = ("--ulimit", f"nproc={hard + 1}")
+    r = podman.run(*opts, command=("true",), ok=False)
+    ours = env.sh("ulimit -Hu", *opts)
+    if r.returncode == 0:  # the caller may raise it
+        assert ours.stdout == f"{hard + 1}\n", ours.stderr
+    else:
+        assert (ours.returncode, r.returncode) == (126, 126), ours.stderr
+        assert ours.stderr.count("\n") == 1 and "--ulimit" in ours.stderr, ours.stderr
+
+
+# -- an image, run by name -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def images(
+    rootfs: Path, podman: Podman, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Callable[..., subprocess.CompletedProcess[str]]]:
+    """The rootfs as images in a store of pyunion's and, loaded from pyunion's own
+    `docker save` export, in podman's: t/base (the sample's config: User alice,
+    WorkingDir /home/alice), t/ep (Entrypoint, Cmd, a WorkingDir the tree lacks).
+    Returns the store and a `pyunion run --store STORE` runner."""
+    from unionfs.sample import build_sample_oci
+
+    base = tmp_path_factory.mktemp("images")
+    store = str(base / "store")
+
+    def pyunion(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "unionfs", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "TMPDIR": str(tmp_path_factory.mktemp("tmpdir"))},
+            **kw,
+        )
+
+    oci = build_sample_oci(base, [str(rootfs)])
+    r = pyunion("image", "import", "-q", "--store", store, "--tag", "t/base", oci)
+    assert r.returncode == 0, r.stderr
+    (base / "empty").mkdir()
+    config = ("--entrypoint", '["echo", "E"]', "--cmd", '["c1", "c2"]', "-w", "/wd")
+    r = pyunion(
+        "commit",
+        str(base / "empty"),
+        "--image",
+        "t/base",
+        "--tag",
+        "t/ep",
+        "--store",
+        store,
+        *config,
+    )
+    assert r.returncode == 0, r.stderr
+    for name in ("t/base", "t/ep"):
+        archive = base / (name.replace("/", "-") + ".tar")
+        r = pyunion("image", "export", "--format", "docker", "--store", store, name, str(archive))
+        assert r.returncode == 0, r.stderr
+        r = podman.podman("load", "-q", "-i", str(archive), timeout=120)
+        assert r.returncode == 0, r.stderr
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return pyunion("run", "--store", store, *args)
+
+    return store, run
+
+
+IMAGE_CASES = [
+    ("t/ep", (), ()),
+    ("t/ep", (), ("x", "y")),
+    ("t/ep", ("--entrypoint", ""), ("echo", "hi")),
+    ("t/ep", ("--entrypoint", "echo"), ()),
+    ("t/ep", ("--entrypoint", '["echo", "J"]'), ("q",)),
+    ("t/ep", ("--entrypoint", "echo K"), ("q",)),
+    ("t/ep", ("--entrypoint", "sh", "-u", "0"), ("-c", "pwd; id; ls -ld /wd")),
+    ("t/ep", ("--entrypoint", "sh"), ("-c", "pwd; id; ls -ld /wd")),
+    ("t/ep", ("--entrypoint", "sh", "-w", "/no/such"), ("-c", "pwd")),
+    ("t/ep", ("--entrypoint", "sh", "--read-only"), ("-c", "pwd; ls -ld /wd")),
+    ("t/base", (), ("sh", "-c", "pwd; id; env | grep -v ^HOSTNAME= | sort")),
+    ("t/base", ("-e", "container=other"), ("sh", "-c", "echo $container")),
+    ("t/base", ("-w", "/etc"), ("pwd",)),
+]
+
+
+@pytest.mark.parametrize("image,opts,command", IMAGE_CASES)
+def test_image_run_as_podman(
+    images: tuple[str, Callable[..., subprocess.CompletedProcess[str]]],
+    podman: Podman,
+    image: str,
+    opts: tuple[str, ...],
+    command: tuple[str, ...],
+) -> None:
+    """An image run by name: its Entrypoint and Cmd with --entrypoint (a JSON array
+    too) and a command, its User and WorkingDir (made when the tree lacks it; a
+    missing -w is 126), its Env with podman's `container=podman`, as podman runs it."""
+    _, run = images
+    ours = run("--network", "host", *opts, image, "--", *command)
+    theirs = podman.run_image("localhost/" + image, *opts, command=command)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), (
+        ours.stderr,
+        theirs.stderr,
+    )
+
+
+def test_env_file_as_podman(env: Env, podman: Podman, tmp_path: Path) -> None:
+    """--env-file as podman reads it: leading blanks dropped, the rest of the line kept
+    (trailing blanks, quotes, `=` in the value), CRLF line ends, a bare name taking the
+    caller's value (and none when unset), `#` comments; then -e NAME from the caller."""
+    envfile = tmp_path / "envfile"
+    envfile.write_bytes(
+        b'  A=1\nC="q"\nD\nE=\nF=a=b\n# c\n\nG=tab\tx \r\nH=crlf\r\nNOPE\nI=\x0bv\x1cw\n'
+    )
+    script = "env | grep -E '^[A-IW]' | grep -v -e ^HOSTNAME= -e ^HOME= | sort"
+    opts = ("--env-file", str(envfile), "-e", "W", "-e", "B= sp")
+    host = {**os.environ, "D": "fromD", "W": "fromW"}
+    host.pop("NOPE", None)
+    ours = subprocess.run(
+        env.cmd(*opts, command=("sh", "-c", script)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**env.env, **host},
+        stdin=subprocess.DEVNULL,
+    )
+    theirs = subprocess.run(
+        podman.cmd(*opts, command=("sh", "-c", script)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=host,
+        stdin=subprocess.DEVNULL,
+    )
+    assert ours.stdout == theirs.stdout, (ours.stderr, theirs.stderr)
+    assert "G=tab\tx \n" in ours.stdout and "D=fromD\n" in ours.stdout
+
+
+def test_privileged_dev_as_podman(env: Env, podman: Podman) -> None:
+    """--privileged: the host's device nodes, below /dev's directories too, with their
+    numbers, modes and owners, as podman gives them (not the console, nor the host's
+    ptmx: the container's pts has its own)."""
+    script = "find /dev \\( -type c -o -type b \\) -exec stat -c '%n %F %t:%T %a %u:%g' {} + | sort"
+    ours = env.sh(script, "--privileged")
+    theirs = podman.sh(script, "--privileged")
+    assert ours.stdout == theirs.stdout, ours.stderr
+    assert "/dev/fuse character special file a:e5 666" in ours.stdout
+    assert "/dev/fuse" not in env.sh(script).stdout  # not without it
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ref:1",
+        "library/ref:1",
+        "docker.io/ref:1",
+        "docker.io/library/ref:1",
+        "index.docker.io/library/ref:1",
+        "index.docker.io/ref:1",
+        "ref",
+        "quay.io/library/ref:1",
+        "localhost/ref:1",
+    ],
+)
+def test_image_names_as_podman(
+    images: tuple[str, Callable[..., subprocess.CompletedProcess[str]]],
+    podman: Podman,
+    tmp_path: Path,
+    name: str,
+) -> None:
+    """docker.io/library/ref:1 is found by the names podman finds it by (docker's
+    normalisation: `docker.io/ref`, `index.docker.io/...`, the short name), and only by
+    those."""
+    store, _ = images
+    pyunion = [sys.executable, "-m", "unionfs"]
+    tag = "docker.io/library/ref:1"
+    subprocess.run([*pyunion, "tag", "--store", store, "t/base", tag], check=True, timeout=60)
+    archive = tmp_path / "ref.tar"
+    export = ["image", "export", "--format", "docker", "--store", store, tag, str(archive)]
+    subprocess.run([*pyunion, *export], check=True, timeout=120, capture_output=True)
+    assert podman.podman("load", "-q", "-i", str(archive), timeout=120).returncode == 0
+    theirs = podman.podman("image", "inspect", name)
+    ours = subprocess.run(
+        [*pyunion, "inspect", "--store", store, name], capture_output=True, text=True, timeout=60
+    )
+    assert (ours.returncode == 0) == (theirs.returncode == 0), (ours.stderr, theirs.stderr)
+
+
+def test_mount_option_as_podman(env: Env, podman: Podman, tmp_path: Path) -> None:
+    """--mount type=bind|tmpfs, podman's long form of -v and --tmpfs, with their keys
+    (src/source, dst/target/destination, readonly, tmpfs-size, tmpfs-mode)."""
+    vol = tmp_path / "vol"
+    (vol / "sub").mkdir(parents=True)
+    (vol / "f").write_text("v\n")
+    opts = (
+        *("--mount", f"type=bind,source={vol},target=/srv/v,readonly"),
+        *("--mount", f"type=bind,src={vol},dst=/srv/w,readonly=false"),
+        *("--mount", "type=tmpfs,destination=/srv/data,tmpfs-size=1m,tmpfs-mode=0700"),
+    )
+    script = (
+        "awk '$5 ~ \"^/srv\" {print $5, $6, $9, $NF}' /proc/self/mountinfo | sort; "
+        "cat /srv/v/f /srv/data/f; touch /srv/w/new && touch /srv/v/new"
+    )
+    ours = env.sh(script, *opts)
+    theirs = podman.sh(script, *opts)
+    # pyunion's binds are nodev (Security): that aside, the mounts are podman's.
+    assert "/srv/v ro,nodev,relatime " in ours.stdout
+    assert re.sub(r"(/srv/[vw] r[ow]),nodev", r"\1", ours.stdout) == theirs.stdout, ours.stderr
+    assert "Read-only file system" in ours.stderr
+    for bad in ("type=volume,target=/x", "type=bind,target=/x", f"type=bind,src={vol},dst=/x,nope"):
+        r = env.sh("true", "--mount", bad)
+        assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_etc_files_read_only_as_podman(env: Env, podman: Podman) -> None:
+    """With --read-only, /etc/hosts and /etc/hostname are read-only too (nosuid, nodev,
+    noexec), as podman binds them; without it they are writable, as in podman."""
+    script = (
+        'awk \'$5 == "/etc/hosts" || $5 == "/etc/hostname" {print $5, $6}\' '
+        "/proc/self/mountinfo | sort; echo >> /etc/hosts && echo written"
+    )
+    for opts in (("--read-only",), ()):
+        ours = env.sh(script, *opts)
+        assert ours.stdout == podman.sh(script, *opts).stdout, ours.stderr
+    assert "written" not in env.sh(script, "--read-only").stdout
+
+
+def test_dev_mount_options_as_podman(env: Env, podman: Podman) -> None:
+    """/dev is a tmpfs with strictatime (no relatime shown), as runc mounts it; its
+    nodev is pyunion's (Security). The masks bound from /dev/null carry the same."""
+    script = (
+        'awk \'$5 == "/dev" || $5 == "/proc/keys" {print $5, $6, $9, $NF}\' '
+        "/proc/self/mountinfo | sort"
+    )
+    ours = env.sh(script)
+    assert ours.stdout.replace("nosuid,nodev,", "nosuid,") == podman.sh(script).stdout
+    assert ours.stdout.startswith("/dev rw,nosuid,nodev,noexec tmpfs"), ours.stdout
+
+
+@pytest.mark.parametrize(
+    "fmt,names",
+    [
+        ("docker-archive", ("localhost/t/ep",)),
+        ("oci-archive", ("localhost/t/ep",)),
+        ("oci-dir", ("localhost/t/ep",)),
+        ("docker-archive", ("localhost/t/ep", "localhost/t/base")),  # podman save -m
+    ],
+)
+def test_import_what_podman_saves(
+    images: tuple[str, Callable[..., subprocess.CompletedProcess[str]]],
+    podman: Podman,
+    tmp_path: Path,
+    fmt: str,
+    names: tuple[str, ...],
+) -> None:
+    """podman save's archives (one image or several) import under podman's names, and
+    run as podman runs them."""
+    out = tmp_path / "saved"
+    multi = ("-m",) if len(names) > 1 else ()
+    r = podman.podman("save", "-q", *multi, "--format", fmt, "-o", str(out), *names, timeout=120)
+    assert r.returncode == 0, r.stderr
+    store = str(tmp_path / "store")
+    pyunion = [sys.executable, "-m", "unionfs"]
+    r = subprocess.run(
+        [*pyunion, "image", "import", "--store", store, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    listed = subprocess.run(
+        [*pyunion, "images", "--store", store], capture_output=True, text=True, timeout=60
+    ).stdout
+    for name in names:
+        assert f"{name} " in listed, listed
+    run = [*pyunion, "run", "--store", store, "--network", "host", names[0]]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    ours = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+    assert (ours.returncode, ours.stdout) == (0, "E c1 c2\n"), ours.stderr
+    assert podman.run_image(names[0]).stdout == ours.stdout
+
+
+def test_add_host_as_podman(env: Env, podman: Podman) -> None:
+    """--add-host NAME:IP (IPv6 too) puts its lines first in /etc/hosts, as podman; a
+    bad one is one line and 125."""
+    opts = ("--add-host", "db:10.0.0.5", "--add-host", "web.local:fe80::1")
+    script = "head -2 /etc/hosts; ping -c1 -W1 db 2>&1 | head -1"
+    ours = env.sh(script, *opts)
+    assert ours.stdout.startswith("10.0.0.5\tdb\nfe80::1\tweb.local\n"), ours.stderr
+    assert ours.stdout == podman.sh(script, *opts, "--network", "none").stdout
+    for bad in ("db", "db:10.0.0.256", "d b:10.0.0.1", ":10.0.0.1"):
+        r = env.sh("true", "--add-host", bad)
+        assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_relative_volume_source_as_podman(env: Env, podman: Podman, tmp_path: Path) -> None:
+    """-v ./DIR:... is the caller's DIR (podman: a source starting with "." is a path,
+    made absolute; one without "/" or "." would be a named volume)."""
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel/f").write_text("relative\n")
+    opts = ("-v", "./rel:/srv/r:ro")
+    ours = subprocess.run(
+        env.cmd(*opts, command=("cat", "/srv/r/f")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env.env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    theirs = subprocess.run(
+        podman.cmd(*opts, command=("cat", "/srv/r/f")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert (ours.returncode, ours.stdout) == (0, "relative\n"), ours.stderr
+    assert ours.stdout == theirs.stdout
+
+
+def test_tmpfs_dev_keeps_device_nodes_shut(env: Env, tmp_path: Path) -> None:
+    """--tmpfs DIR:dev stays nodev (as every mount the container can write, Security):
+    a device node the image ships there, copied up, must not open (podman's devices
+    cgroup refuses it; there is none here). --privileged lifts it, as for /dev."""
+    top = tmp_path / "top"
+    (top / "srv/nodes").mkdir(parents=True)
+    os.mknod(top / "srv/nodes/zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    env.layers = [str(top), *env.layers]
+    script = "head -c1 /srv/nodes/zero | od -An -c; grep ' /srv/nodes ' /proc/self/mountinfo"
+    r = env.sh(script, "--tmpfs", "/srv/nodes:dev")
+    assert "Permission denied" in r.stderr, r.stderr
+    assert r.stdout.split()[5].split(",")[:3] == ["rw", "nosuid", "nodev"], r.stdout
+    r = env.sh(script, "--tmpfs", "/srv/nodes:dev", "--privileged")
+    assert r.stdout.split()[0] == "\\0", r.stderr
+
+
+def test_tmpfs_on_etc_as_podman(env: Env, podman: Podman) -> None:
+    """--tmpfs /etc: the image's /etc copied in, and /etc/hosts and /etc/hostname bound
+    on top of it (podman sorts its mounts outer first)."""
+    script = (
+        "awk '$5 ~ \"^/etc\" {print $5, $6, $9}' /proc/self/mountinfo | sort; "
+        "grep -w box /etc/hosts | cut -f1; echo $(cat /etc/hostname); "
+        '[ "$(stat -c %d /etc/hosts)" != "$(stat -c %d /etc)" ] && echo hosts bound on top'
+    )
+    opts = ("--tmpfs", "/etc", "--hostname", "box")
+    ours = env.sh(script, *opts)
+    assert ours.stdout == podman.sh(script, *opts, "--network", "none").stdout, ours.stderr
+    assert ours.stdout.startswith("/etc rw,nosuid,nodev,relatime tmpfs\n"), ours.stdout
+    assert ours.stdout.endswith("box\nhosts bound on top\n"), ours.stdout
+    assert env.sh("cat /etc/os-release", *opts).stdout == env.sh("cat /etc/os-release").stdout
+
+
+def test_tmpfs_copies_nothing_a_symlink_leads_to(env: Env, tmp_path: Path) -> None:
+    """An image whose --tmpfs target is a symlink to /proc/sys: the tmpfs goes there (in
+    the tree), but nothing of procfs is copied into it, only the image's own files are."""
+    top = tmp_path / "top"
+    (top / "srv").mkdir(parents=True)
+    os.symlink("/proc/sys/kernel", top / "srv/k")
+    env.layers = [str(top), *env.layers]
+    r = env.sh("ls /proc/sys/kernel | wc -l", "--tmpfs", "/srv/k")
+    assert r.stdout == "0\n", r.stderr
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [(), ("--http-proxy=false",), ("--env-host", "-e", "FOO_H=cli"), ("--env-host",)],
+)
+def test_proxy_and_host_env_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """The caller's proxy variables reach the command (podman's --http-proxy, on by
+    default); --env-host passes the caller's whole environment, under the image's Env
+    and -e."""
+    # TMPDIR: pyunion's own temporary tree, and podman sets one for itself
+    script = "env | grep -v -e ^HOSTNAME= -e ^PWD= -e ^SHLVL= -e ^_= -e ^TMPDIR= | sort"
+    host = {
+        "LANG": "C.UTF-8",  # else Python coerces the C locale, adding LC_CTYPE (PEP 538)
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/root",
+        "http_proxy": "http://proxy:3128",
+        "NO_PROXY": "localhost",
+        "FOO_H": "host",
+    }
+
+    def run(cmd: list[str], extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**host, **extra},
+            stdin=subprocess.DEVNULL,
+        )
+
+    ours = run(env.cmd(*opts, command=("sh", "-c", script)), {"TMPDIR": str(env.tmp)})
+    theirs = run(podman.cmd(*opts, command=("sh", "-c", script)), {})
+    assert ours.stdout == theirs.stdout, ours.stderr
+    assert ("http_proxy=http://proxy:3128\n" in ours.stdout) == (opts != ("--http-proxy=false",))
+
+
+def test_device_as_podman(env: Env, podman: Podman) -> None:
+    """--device HOST[:CONTAINER[:PERMS]]: the host's node (numbers, mode, owner), under
+    /dev or anywhere, and it opens although pyunion's mounts are nodev."""
+    opts = (
+        *("--device", "/dev/fuse", "--device", "/dev/zero:/dev/myzero"),
+        *("--device", "/dev/net/tun:rwm", "--device", "/dev/zero:/srv/z"),
+    )
+    nodes = "/dev/fuse /dev/myzero /dev/net/tun /srv/z"
+    script = f"stat -c '%n %F %t:%T %a %u:%g' {nodes}; head -c1 /srv/z | od -An -c"
+    ours = env.sh(script, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(script, *opts).stdout
+    assert ours.stdout.endswith("\\0\n"), ours.stdout
+    for bad in ("/etc/passwd", "/dev/null:/dev/n:r", "/dev/null:rel", "/no/such"):
+        r = env.sh("true", "--device", bad)
+        assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize(
+    "opts", [(), ("--shm-size", "1g"), ("--shm-size=128m",), ("--shm-size", "100000")]
+)
+def test_shm_size_as_podman(env: Env, podman: Podman, opts: tuple[str, ...]) -> None:
+    """/dev/shm is podman's 64000k by default, --shm-size sets it (docker's units)."""
+    script = "awk '$5 == \"/dev/shm\" {print $6, $9, $NF}' /proc/self/mountinfo"
+    ours = env.sh(script, *opts)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == podman.sh(script, *opts).stdout
+    r = env.sh("true", "--shm-size", "lots")
+    assert r.returncode == 125 and "--shm-size: 'lots' is no size" in r.stderr, r.stderr

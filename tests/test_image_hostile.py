@@ -1929,6 +1929,47 @@ def test_commit_never_follows_another_users_symlink_to_the_upper(
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("kind", ["layout", "archive"])
+def test_import_never_follows_another_users_symlink(
+    tmp_path: Path, test_user: str, open_dir: Path, kind: str
+) -> None:
+    """Root imports an image a user left in her directory. She swapped it (or a directory
+    on the way) for a symlink to root's private layout or archive, which she cannot
+    read: root imported that under the name it chose, printing its names. The path is
+    now resolved as root's other paths are (`tree.open_trusted`): one line, nothing
+    stored; root's own symlink and her real image still import."""
+    store = str(tmp_path / "store")
+    Store(store)
+    secret = open_dir / "secret"
+    secret.mkdir()
+    os.chmod(secret, 0o700)
+    private = make_layout(secret / "img", [tar_bytes([("key", b"root's\n")])])
+    home = open_dir / "home"
+    make_layout(home / "work" / "img", [tar_bytes([("mine", b"hers\n")])])
+    name = "img"
+    if kind == "archive":
+        with tarfile.open(secret / "img.tar", "w") as t:
+            t.add(private, ".")
+        with tarfile.open(home / "work" / "img.tar", "w") as t:
+            t.add(home / "work" / "img", ".")
+        name = "img.tar"
+    subprocess.run(["chown", "-R", test_user, str(home)], check=True, timeout=30)
+    r = as_user(test_user, "sh", "-c", f"cd {home} && mv work old && ln -s {secret} work")
+    assert r.returncode == 0, r.stderr
+    before = store_state(store)
+    err = one_line_failure(cli_import(home / "work" / name, store, "-t", "x"))
+    assert "crosses a symlink owned by uid" in err, err
+    assert store_state(store) == before
+    r = as_user(test_user, "sh", "-c", f"ln -s {secret / name} {home / 'direct'}")
+    assert r.returncode == 0, r.stderr
+    one_line_failure(cli_import(home / "direct", store, "-t", "x"))
+    assert store_state(store) == before
+    os.symlink(secret / name, tmp_path / "roots")
+    assert cli_import(tmp_path / "roots", store, "-t", "y").returncode == 0
+    r = cli_import(home / "old" / name, store, "-t", "z")
+    assert r.returncode == 0, r.stderr
+
+
 def _traced_peak(fn: Any) -> int:
     import tracemalloc
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, printable
 
 TYPE_CHECKING = False  # typing's, without importing typing on a mount's start (architecture.md)
 if TYPE_CHECKING:
@@ -248,7 +248,13 @@ def run_cli(
 ) -> int:
     """Parse and run one command; `program`: this process is pyunion itself (not `main([...])`
     called in a process that goes on), which `run` may re-execute (`run.SUPERVISOR_AFTER`)."""
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's usage error (2), said on stderr already
+        first = (list(argv) if argv is not None else sys.argv[1:])[:1]
+        if e.code == 2 and first and first[0] in _USAGE_ERROR:
+            return _USAGE_ERROR[first[0]]
+        raise
     args.program = program
     _setup_logging(getattr(args, "debug", False))
     handler: Handler = args.handler
@@ -268,13 +274,19 @@ def run_cli(
 def _report(e: UserError) -> int:
     if os.environ.get("PYUNION_TRACEBACK"):
         raise e
-    print(f"pyunion: {e}", file=sys.stderr)
+    # Escaped, whatever raised it: a message may quote someone else's text (a step of a
+    # Containerfile, a name from an image), and stays one line without a control sequence.
+    print(f"pyunion: {printable(e)}", file=sys.stderr)
     return e.code
 
 
 # What the commands that start daemons and containers exit with when even the hard
 # open-file limit is too low for them (rlimits.py); run's and build's are podman's.
 _FD_HUNGRY = {"run": 125, "mount": 1, "build": 125}
+
+# What a usage error (an unknown option) exits with where argparse's 2 is not the rule:
+# run's is podman's.
+_USAGE_ERROR = {"run": 125}
 
 # Commands that leave without the interpreter's teardown (`_exit_now`) when they are the
 # program (not `main([...])` called in a process that goes on).

@@ -52,3 +52,52 @@ def give_back_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != _caller_soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (_caller_soft, hard))
+
+
+# `--ulimit NAME=SOFT[:HARD]`: podman's (docker's) names; values as setrlimit(2) takes
+# them (bytes, not ulimit(1)'s KiB), -1 for unlimited.
+ULIMITS = {
+    "as": resource.RLIMIT_AS,
+    "core": resource.RLIMIT_CORE,
+    "cpu": resource.RLIMIT_CPU,
+    "data": resource.RLIMIT_DATA,
+    "fsize": resource.RLIMIT_FSIZE,
+    "locks": 10,  # RLIMIT_LOCKS (linux/resource.h), which Python does not name
+    "memlock": resource.RLIMIT_MEMLOCK,
+    "msgqueue": resource.RLIMIT_MSGQUEUE,
+    "nice": resource.RLIMIT_NICE,
+    "nofile": resource.RLIMIT_NOFILE,
+    "nproc": resource.RLIMIT_NPROC,
+    "rss": resource.RLIMIT_RSS,
+    "rtprio": resource.RLIMIT_RTPRIO,
+    "rttime": resource.RLIMIT_RTTIME,
+    "sigpending": resource.RLIMIT_SIGPENDING,
+    "stack": resource.RLIMIT_STACK,
+}
+
+
+def parse_ulimit(spec: str) -> tuple[int, int, int]:
+    """One `--ulimit` value as (RLIMIT_*, soft, hard); a bad one is a UserError (125).
+    A soft limit alone is the hard one too, as in podman."""
+    name, eq, values = spec.partition("=")
+    soft_s, _, hard_s = values.partition(":")
+
+    def value(text: str) -> int:
+        if text == "-1":
+            return resource.RLIM_INFINITY
+        if text.isascii() and text.isdigit() and len(text) < 20:
+            return int(text)
+        raise UserError(f"--ulimit {spec!r}: {text!r} is no limit (a number, or -1)", 125)
+
+    if name not in ULIMITS or not eq:
+        raise UserError(
+            f"--ulimit {spec!r}: expected NAME=SOFT[:HARD] with NAME one of "
+            + ", ".join(sorted(ULIMITS)),
+            125,
+        )
+    soft = value(soft_s)
+    hard = value(hard_s) if hard_s else soft
+    unlimited = resource.RLIM_INFINITY
+    if hard != unlimited and (soft == unlimited or soft > hard):
+        raise UserError(f"--ulimit {spec!r}: the soft limit is above the hard one", 125)
+    return ULIMITS[name], soft, hard

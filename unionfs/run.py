@@ -28,7 +28,8 @@ The parent side (this module) owns everything that must be undone:
    unless `--keep`/`--upper`, through fds (`tree.py`): the container wrote it.
 
 Exit codes follow podman/docker: the command's own, 125 when pyunion fails,
-126 cannot execute, 127 not found, 128+N killed by signal N.
+126 cannot execute or invoke (a user, group or working directory the image lacks),
+127 not found, 128+N killed by signal N.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import argparse
 import contextlib
 import gc
 import os
+import re
 import signal
 import socket
 import sys
@@ -48,7 +50,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from . import cgroups, procfs, syscalls, userns
+from . import cgroups, procfs, rlimits, syscalls, userns
 from .errors import UserError
 from .mount import mount_detached, say_once
 from .options import MountConfig
@@ -83,9 +85,20 @@ class RunOptions:
     command: list[str]
     env: list[str] = field(default_factory=list)
     env_files: list[str] = field(default_factory=list)
+    env_host: bool = False  # --env-host: the caller's environment, under the image's Env
+    http_proxy: bool = True  # the caller's proxy variables, as podman's --http-proxy
     workdir: str | None = None
     user: str | None = None
     volumes: list[str] = field(default_factory=list)
+    tmpfs: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)  # --mount type=bind|tmpfs,...
+    shm_size: int | None = None  # --shm-size in bytes (None: podman's 64000k)
+    # --device HOST[:CONTAINER[:PERMS]], checked (`check_device`): (host node, container path)
+    devices: list[tuple[str, str]] = field(default_factory=list)
+    group_add: list[str] = field(default_factory=list)
+    ulimits: list[str] = field(default_factory=list)
+    name: str | None = None  # --name: on the container's line of /etc/hosts
+    add_hosts: list[str] = field(default_factory=list)  # --add-host NAME:IP
     hostname: str | None = None
     network: str = "none"  # NETWORK_MODES
     entrypoint: str | None = None
@@ -102,9 +115,13 @@ class RunOptions:
     preserve_fds: int = 0
     pids_limit: int | None = None  # None: podman's default where there is a pids controller
     quiet: bool = False  # no notice that the writable layer is kept (programmatic callers)
-    # TERM unless the image sets one: podman's (containers.conf's default env, -t or not);
-    # None for none, as buildah's RUN.
+    # TERM unless the image sets one: podman's (containers.conf's default env, -t or not:
+    # podman's terminal relay speaks xterm whatever the caller's is); None for none, as
+    # buildah's RUN.
     term: str | None = "xterm"
+    # Make the working directory when the tree lacks it: the image's WorkingDir (and a
+    # build's WORKDIR) are, `-w` is not (podman: "workdir does not exist", 126).
+    make_workdir: bool = False
     # Become a lean supervisor once the container runs (`Supervisor.exec_self`): the
     # `pyunion run` program only, never a caller's process, which must go on.
     lean_supervisor: bool = False
@@ -124,6 +141,20 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--env-file", action="append", default=[], metavar="FILE", help="read K=V lines from FILE"
     )
+    p.add_argument(
+        "--env-host",
+        action="store_true",
+        help="pass pyunion's whole environment (the image's Env and -e override it)",
+    )
+    p.add_argument(
+        "--http-proxy",
+        nargs="?",
+        const="true",
+        default="true",
+        choices=("true", "false"),
+        help="pass pyunion's http_proxy, https_proxy, ftp_proxy and no_proxy (also upper "
+        "case) on to the command (default true)",
+    )
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside")
     p.add_argument(
         "-u",
@@ -141,8 +172,70 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         "nodev, noexec, bind, rbind, z, Z (ro is recursive)",
     )
     p.add_argument(
+        "--tmpfs",
+        action="append",
+        default=[],
+        metavar="CONTAINER[:OPTIONS]",
+        help="mount a tmpfs (nosuid, nodev; the image's content there copied in); OPTIONS: "
+        "ro, rw, size=, mode=, nr_inodes=, exec, noexec, suid, dev, notmpcopyup",
+    )
+    p.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="type=bind|tmpfs,...",
+        help="a bind (source=,target=,readonly,bind-nonrecursive) or a tmpfs (target=, "
+        "tmpfs-size=, tmpfs-mode=), podman's long form of -v and --tmpfs",
+    )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="HOST[:CONTAINER[:PERMS]]",
+        help="add a host device node to the container (/dev/fuse, /dev/net/tun, ...)",
+    )
+    p.add_argument(
+        "--shm-size",
+        type=_ram_size,
+        default=None,
+        metavar="SIZE",
+        help="the size of /dev/shm (bytes, or with b, k, m, g; default 64000k, as podman)",
+    )
+    p.add_argument(
+        "--group-add",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="add a supplementary group (name from the image's /etc/group, or number)",
+    )
+    p.add_argument(
+        "--ulimit",
+        action="append",
+        default=[],
+        metavar="NAME=SOFT[:HARD]",
+        help="set a resource limit of the command (nofile, nproc, core, ...; -1: unlimited)",
+    )
+    p.add_argument(
         "--hostname",
         help="the container's host name (default: 12 hex digits; the host's with --network host)",
+    )
+    p.add_argument("--name", help="the container's name, given beside its host name in /etc/hosts")
+    p.add_argument(
+        "--add-host",
+        action="append",
+        default=[],
+        metavar="NAME:IP",
+        help="add a line to the container's /etc/hosts",
+    )
+    p.add_argument(
+        "--rm",
+        action="store_true",
+        help="remove the container when it exits (always done: for podman's command lines)",
+    )
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="an init as pid 1 (always: catatonit; for podman's command lines)",
     )
     p.add_argument(
         "--network",
@@ -216,8 +309,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "layer, run COMMAND chroot'd in the merged tree with private mount, pid, "
         "uts, ipc and network namespaces (--network host: the host's network), then "
         "unmount and throw the writable layer away. "
-        "Exit status: the command's; 125 pyunion failed; 126 cannot execute; "
-        "127 not found; 128+N killed by signal N.",
+        "Exit status: the command's; 125 pyunion failed (or a bad option); 126 cannot "
+        "execute (or no such user, group or working directory); 127 not found; 128+N "
+        "killed by signal N.",
     )
     _add_options(p)
     p.add_argument(
@@ -230,11 +324,70 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 HOST_NAME_MAX = 64  # the kernel's limit for sethostname(2)
+CONTAINER_NAME = re.compile("[a-zA-Z0-9][a-zA-Z0-9_.-]*", re.ASCII)  # podman's rule for --name
 # none: a network namespace of the container's own, only its loopback up (podman's
 # `--network none`); host: the host's network, its localhost and abstract Unix sockets;
 # ns:PATH (run only): join the network namespace at PATH (`ip netns`'s, /proc/PID/ns/net).
 NETWORK_MODES = ("none", "host")
 DEFAULT_NETWORK = "none"
+
+
+def check_add_host(item: str) -> tuple[str, str]:
+    """`--add-host NAME:IP` as (NAME, IP): split at the first colon (an IPv6 address has
+    more), the address checked, the name one word of printable text."""
+    import ipaddress
+
+    name, _, ip = item.partition(":")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise _fail(f"--add-host {item!r}: expected NAME:IP with an IPv4 or IPv6 address") from None
+    if not name or not name.isprintable() or any(c.isspace() for c in name):
+        raise _fail(f"--add-host {item!r}: the name must be one word")
+    return name, ip
+
+
+def _ram_size(text: str) -> int:
+    """docker's RAMInBytes (podman's --shm-size): a number, maybe with a fraction, and a
+    binary unit b, k, m, g, t (also kb, mb, ...; any case)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmgt]?)b?", text.strip().lower(), re.ASCII)
+    if m is None or len(m[1]) > 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is no size (a number, maybe with k, m, g)")
+    return int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " ") if m[2] != "b" else float(m[1]))
+
+
+def check_device(spec: str) -> tuple[str, str]:
+    """`--device HOST[:CONTAINER[:PERMS]]` checked: HOST a device node (symlinks
+    followed, as podman), CONTAINER absolute, PERMS of r, w and m. podman's devices
+    cgroup can restrict a node to reading; there is none here, so PERMS must allow
+    reading and writing."""
+    import stat
+
+    host, _, rest = spec.partition(":")
+    target, _, perms = rest.partition(":")
+    if not target.startswith("/") and set(target) <= set("rwm") and target and not perms:
+        target, perms = "", target  # HOST:PERMS
+    from .tree import open_trusted
+
+    try:
+        fd = open_trusted(host, os.O_PATH)  # no symlink of another user's followed
+        try:
+            st = os.fstat(fd)
+            real = os.readlink(syscalls.fd_str(fd))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _fail(f"--device {spec!r}: {host!r}: {e.strerror}") from None
+    if not host.startswith("/") or not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise _fail(f"--device {spec!r}: {host!r} is not a device node")
+    if target and (not target.startswith("/") or os.path.normpath(target) == "/"):
+        raise _fail(f"--device {spec!r}: the container path must be absolute")
+    if not set(perms) <= set("rwm") or (perms and not {"r", "w"} <= set(perms)):
+        raise _fail(
+            f"--device {spec!r}: PERMS must be rw or rwm (pyunion has no devices cgroup to "
+            "restrict a node to reading or writing)"
+        )
+    return real, target or host
 
 
 def check_network(mode: str, ns_path: bool = False) -> str:
@@ -278,6 +431,12 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
                 cur = getattr(args, key)
                 setattr(args, key, cur + value if isinstance(value, list) else value)
         before = extra.layers
+    if args.rm and (args.keep or args.upper):
+        raise _fail("--rm throws the writable layer away, --keep and --upper keep it")
+    if args.name is not None and not CONTAINER_NAME.fullmatch(args.name):
+        raise _fail(f"--name {args.name!r}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]*")
+    for item in args.add_host:
+        check_add_host(item)
     host = args.hostname
     if host and len(os.fsencode(host)) > HOST_NAME_MAX:
         # sethostname(2) refused it, and the container kept the host's name unsaid.
@@ -291,9 +450,19 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         command=command,
         env=args.env,
         env_files=args.env_file,
+        env_host=args.env_host,
+        http_proxy=args.http_proxy == "true",
         workdir=args.workdir,
         user=args.user,
         volumes=args.volume,
+        tmpfs=args.tmpfs,
+        mounts=args.mount,
+        shm_size=args.shm_size,
+        devices=[check_device(d) for d in args.device],
+        group_add=args.group_add,
+        ulimits=args.ulimit,
+        name=args.name,
+        add_hosts=args.add_host,
         hostname=args.hostname,
         network=check_network(args.network or DEFAULT_NETWORK, ns_path=True),
         entrypoint=args.entrypoint,
@@ -323,7 +492,7 @@ def resolve_image(opts: RunOptions) -> tuple[list[str], dict[str, Any]]:
     """Layer dirs (top first) and the image's config (Env, Cmd, ...; {} for plain layers)."""
     if not opts.layers:
         raise _fail("no layers given: pyunion run LAYER... -- COMMAND")
-    if len(opts.layers) == 1 and not os.path.isdir(opts.layers[0]):
+    if is_image_name(opts.layers):
         from . import image  # only for an image name: plain layers start faster without it
 
         ref = opts.layers[0]
@@ -455,6 +624,12 @@ def _parse_env_item(item: str, where: str) -> tuple[str, str] | None:
     return key, value
 
 
+# What podman's --http-proxy (on by default) takes from the caller's environment.
+PROXY_VARIABLES = frozenset(
+    name
+    for base in ("http_proxy", "https_proxy", "ftp_proxy", "no_proxy")
+    for name in (base, base.upper())
+)
 MAX_ENV_FILE = 4 << 20  # twice what execve(2) takes for all of argv and the environment
 
 
@@ -465,15 +640,27 @@ def default_hostname(network: str) -> str:
     return socket.gethostname() if network == "host" else os.urandom(6).hex()
 
 
+def is_image_name(layers: list[str]) -> bool:
+    """One argument that is no directory: an image of the store (`resolve_image`)."""
+    return len(layers) == 1 and not os.path.isdir(layers[0])
+
+
 def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[str, str]:
-    """PATH, HOSTNAME and TERM, then the image's Env, then --env-file, then -e (later wins)."""
+    """PATH, HOSTNAME and TERM (and `container=podman` for an image run by name, as
+    podman sets it then, not with --rootfs), then the image's Env, then --env-file, then
+    -e (later wins)."""
     from . import sandbox
 
-    env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname}
+    env = {"PATH": sandbox.DEFAULT_PATH}
     if opts.term:
         env["TERM"] = opts.term
-    if opts.tty:  # the caller's own: the container's terminal is relayed to it
-        env["TERM"] = os.environ.get("TERM", "xterm")
+    if opts.env_host:  # podman's order: its defaults, the caller's, then the image's
+        env.update(os.environ)
+    elif opts.http_proxy:
+        env.update((k, v) for k, v in os.environ.items() if k in PROXY_VARIABLES)
+    env["HOSTNAME"] = hostname
+    if is_image_name(opts.layers):
+        env["container"] = "podman"
     for item in config.get("Env") or []:
         key, _, value = str(item).partition("=")
         if key:
@@ -486,11 +673,13 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
         if len(data) > MAX_ENV_FILE:  # /dev/zero: read until the machine ran out of memory
             raise _fail(f"env file {path!r} is larger than {MAX_ENV_FILE >> 20} MiB")
         try:
-            lines = data.decode("utf-8").splitlines()
+            lines = data.decode("utf-8").split("\n")
         except UnicodeDecodeError as e:  # a traceback before
             raise _fail(f"env file {path!r} is not UTF-8 text (byte {e.start})") from None
         for line in lines:
-            line = line.strip()
+            # podman's reading: lines end at \n (a \r before it dropped), leading blanks
+            # go, the rest of the line is the value (trailing blanks too).
+            line = line.removesuffix("\r").lstrip(" \t")
             if line and not line.startswith("#"):
                 kv = _parse_env_item(line, path)
                 if kv:
@@ -505,10 +694,23 @@ def build_env(opts: RunOptions, config: dict[str, Any], hostname: str) -> dict[s
     return env
 
 
+def entrypoint_argv(entrypoint: str) -> list[str]:
+    """--entrypoint as podman reads it: a JSON array of strings is the argv (`'["sh",
+    "-c"]'`), anything else one program name; "" none."""
+    if entrypoint.startswith("["):
+        import json
+
+        with contextlib.suppress(ValueError):
+            value = json.loads(entrypoint)
+            if isinstance(value, list) and all(isinstance(a, str) for a in value):
+                return value
+    return [entrypoint] if entrypoint else []
+
+
 def build_argv(opts: RunOptions, config: dict[str, Any]) -> list[str]:
     """Entrypoint + (COMMAND or the image's Cmd), as podman does."""
     if opts.entrypoint is not None:
-        entry = [opts.entrypoint] if opts.entrypoint else []
+        entry = entrypoint_argv(opts.entrypoint)
     else:
         entry = list(config.get("Entrypoint") or [])
     # A new entrypoint drops the image's Cmd, as in podman.
@@ -525,14 +727,42 @@ def parse_volumes(specs: list[str]) -> list[volumes.Volume]:
     return [volumes.parse(v) for v in specs]
 
 
-def _host_etc_copies(etc_dir: str, name_inside: str, network: str) -> dict[str, str]:
+def parse_tmpfs(specs: list[str]) -> list[volumes.Tmpfs]:
+    from . import volumes
+
+    return [volumes.parse_tmpfs(v) for v in specs]
+
+
+def parse_mounts(opts: RunOptions) -> tuple[list[volumes.Volume], list[volumes.Tmpfs]]:
+    """-v, --tmpfs and --mount, as the binds and the tmpfs mounts they make."""
+    from . import volumes
+
+    binds, tmpfs = parse_volumes(opts.volumes), parse_tmpfs(opts.tmpfs)
+    for spec in opts.mounts:
+        m = volumes.parse_mount(spec)
+        if isinstance(m, volumes.Tmpfs):
+            tmpfs.append(m)
+        else:
+            binds.append(m)
+    return binds, tmpfs
+
+
+def _host_etc_copies(
+    etc_dir: str,
+    name_inside: str,
+    network: str,
+    container: str | None = None,
+    add_hosts: list[tuple[str, str]] | None = None,
+) -> dict[str, str]:
     """Copies of the host's resolv.conf, hosts and hostname (symlinks resolved) and an
     empty /run/.containerenv, to bind in.
 
     With `--network none` the container's name is on its own loopback (127.0.0.1), as
     podman writes it (the host's file may give the host's name an address the container
     cannot reach), and no resolv.conf is bound (the image keeps its own): no name server
-    is reachable, as in podman."""
+    is reachable, as in podman. `--name` follows the host name on that line, as podman
+    writes it; `--add-host`'s lines come first, as podman puts them."""
+    line = " ".join(n for n in (name_inside, container) if n)
     os.makedirs(etc_dir, exist_ok=True)
     out = {}
     names = ("hosts", "hostname") if network == "none" else ("resolv.conf", "hosts", "hostname")
@@ -544,12 +774,14 @@ def _host_etc_copies(etc_dir: str, name_inside: str, network: str) -> dict[str, 
             data = b""
         if name == "hostname":
             data = name_inside.encode() + b"\n"
+        if name == "hosts" and add_hosts:
+            data = "".join(f"{ip}\t{host}\n" for host, ip in add_hosts).encode() + data
         if name == "hosts" and data and not data.endswith(b"\n"):
             data += b"\n"  # the line added below must not join the host's last one
         if name == "hosts" and network == "none":
-            data += f"127.0.0.1\t{name_inside}\n".encode()
-        elif name == "hosts" and name_inside != socket.gethostname():
-            data += f"127.0.1.1\t{name_inside}\n".encode()
+            data += f"127.0.0.1\t{line}\n".encode()
+        elif name == "hosts" and line != socket.gethostname():
+            data += f"127.0.1.1\t{line}\n".encode()
         path = os.path.join(etc_dir, name)
         with open(path, "wb") as f:
             f.write(data)
@@ -745,16 +977,23 @@ class Runner:
             layers, config = resolve_image(opts)
         _build_filter(confinement)
         hostname = opts.hostname or default_hostname(opts.network)
+        binds, tmpfs = parse_mounts(opts)
         spec = sandbox.ContainerSpec(
             root="",
             init=init,
             argv=build_argv(opts, config),
             env=build_env(opts, config, hostname),
             workdir=opts.workdir or config.get("WorkingDir") or None,
+            make_workdir=opts.make_workdir or not opts.workdir,
             user=opts.user or config.get("User") or None,
             hostname=hostname,
             network=opts.network,
-            binds=parse_volumes(opts.volumes),
+            binds=binds,
+            tmpfs=tmpfs,
+            shm_size=opts.shm_size,
+            devices=opts.devices,
+            group_add=opts.group_add,
+            rlimits=[rlimits.parse_ulimit(u) for u in opts.ulimits],
             interactive=opts.interactive,
             tty=opts.tty,
             read_only=opts.read_only,
@@ -786,7 +1025,11 @@ class Runner:
             os.mkdir(work, 0o700)
         spec.root = self.sup.merged
         spec.etc_files = _host_etc_copies(
-            os.path.join(self.sup.tmp, "etc"), spec.hostname, opts.network
+            os.path.join(self.sup.tmp, "etc"),
+            spec.hostname,
+            opts.network,
+            opts.name,
+            [check_add_host(h) for h in opts.add_hosts],
         )
         # init prepares (its seccomp filter, catatonit) while the daemon mounts; it enters
         # the tree on "go".

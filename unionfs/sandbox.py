@@ -41,11 +41,13 @@ import errno
 import fcntl
 import gc
 import os
+import resource
 import signal
 import socket
 import stat
 import sys
 import termios
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -107,10 +109,17 @@ class ContainerSpec:
     argv: list[str]
     env: dict[str, str]
     workdir: str | None = None
+    make_workdir: bool = True  # made when missing (the image's); else 126, as podman's -w
     user: str | None = None  # USER[:GROUP], names or numbers, from the image's files
     hostname: str = "pyunion"
     network: str = "none"  # none: a namespace of its own; host: the host's; ns:PATH: join it
     binds: list[Volume] = field(default_factory=list)
+    tmpfs: list[volumes.Tmpfs] = field(default_factory=list)
+    devices: list[tuple[str, str]] = field(default_factory=list)  # --device: (host, container)
+    shm_size: int | None = None  # /dev/shm in bytes; None: podman's 64000k
+    group_add: list[str] = field(default_factory=list)  # --group-add: names or numbers
+    # --ulimit: (RLIMIT_*, soft, hard)
+    rlimits: list[tuple[int, int, int]] = field(default_factory=list)
     etc_files: dict[str, str] = field(default_factory=dict)  # /etc/x (.containerenv) -> copy
     interactive: bool = False
     tty: bool = False
@@ -124,7 +133,16 @@ class ContainerSpec:
 
 
 class SetupError(Exception):
-    """The container could not be set up: init prints it and exits 125."""
+    """The container could not be set up: init prints it and exits with `code`, 125, or
+    126 where podman says the command cannot be invoked (its user, group or working
+    directory is not in the image)."""
+
+    def __init__(self, msg: str, code: int = 125) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+CANNOT_INVOKE = 126
 
 
 # -- building the container's view ------------------------------------------------------
@@ -227,7 +245,12 @@ DEV_LINKS = {
 }
 
 
-def _setup_dev(rootfd: int, privileged: bool) -> None:
+def _setup_dev(
+    rootfd: int,
+    privileged: bool,
+    devices: Sequence[tuple[str, str]] = (),
+    shm_size: int | None = None,
+) -> None:
     """A tmpfs /dev with the usual nodes, where no other device node opens.
 
     podman's devices cgroup lets a container open only those nodes, whatever it
@@ -236,7 +259,9 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
     usual node is bound onto itself first: a mount of its own, which keeps the
     right to open. `--privileged` lifts it, as podman lifts its devices cgroup.
     """
-    _mount_at(rootfd, "/dev", "tmpfs", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k")
+    # strictatime, as runc mounts it (podman's /dev shows no relatime)
+    flags = MS_NOSUID | MS_NOEXEC | syscalls.MS_STRICTATIME
+    _mount_at(rootfd, "/dev", "tmpfs", "tmpfs", flags, "mode=755,size=65536k")
     dev = open_in_root(rootfd, "/dev", os.O_RDONLY | os.O_DIRECTORY)
     try:
         for name, (major, minor) in DEV_NODES.items():
@@ -248,6 +273,8 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
                 os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dev))
                 source = f"/dev/{name}"
             mount(source, f"{fd_str(dev)}/{name}", None, MS_BIND)
+        for host, target in devices:  # bound while /dev can still give them the right
+            _add_device(rootfd, dev, host, target)
         if not privileged:
             volumes.set_attrs(
                 dev,
@@ -256,6 +283,8 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
             )
         for name, target in DEV_LINKS.items():
             os.symlink(target, name, dir_fd=dev)
+        if privileged:
+            _host_devices(dev)
         os.mkdir("pts", 0o755, dir_fd=dev)
         for name in ("shm", "mqueue"):
             os.mkdir(name, 0o1777, dir_fd=dev)
@@ -269,10 +298,99 @@ def _setup_dev(rootfd: int, privileged: bool) -> None:
         "shm",
         "tmpfs",
         MS_NOSUID | MS_NODEV | MS_NOEXEC,
-        "mode=1777,size=65536k",
+        f"mode=1777,size={shm_size}" if shm_size else "mode=1777,size=64000k",  # podman's
     )
     # POSIX message queues (mq_open(3) looks here), of the container's ipc namespace.
     _mount_at(rootfd, "/dev/mqueue", "mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+# What `--privileged` does not take from the host's /dev, as podman (runc's device
+# list): the container's own pts, shm, mqueue and fd, the host's console and ptmx.
+HOST_DEV_SKIP = {"pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev", "console", "ptmx"}
+
+
+def _host_devices(dev: int) -> None:
+    """`--privileged`: every device node of the host's /dev (below it too: /dev/net/tun,
+    /dev/cpu/0/msr), made in the container's /dev with the host's type, numbers, mode
+    and owner, as podman gives them; bound from the host where mknod is refused (a user
+    namespace). Runs before pivot_root, while the host's /dev is in view."""
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        try:
+            entries = list(os.scandir(os.path.join("/dev", rel)))
+        except OSError:
+            continue
+        for entry in entries:
+            name = os.path.join(rel, entry.name)
+            if entry.name in HOST_DEV_SKIP and not rel:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(name)
+                continue
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                continue
+            if os.path.lexists(os.path.join(fd_str(dev), name)):
+                continue  # one of the usual nodes, made already
+            if rel:
+                os.makedirs(os.path.join(fd_str(dev), rel), 0o755, exist_ok=True)
+            try:
+                os.mknod(name, st.st_mode, st.st_rdev, dir_fd=dev)
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=dev)
+                os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dev)
+            except PermissionError:  # no CAP_MKNOD, or the owner unmapped: bind it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dev)
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dev))
+                with contextlib.suppress(OSError):
+                    mount(entry.path, f"{fd_str(dev)}/{name}", None, MS_BIND)
+
+
+def _add_device(rootfd: int, dev: int, host: str, target: str) -> None:
+    """`--device HOST:TARGET`: the host's node (its numbers, mode and owner) at TARGET,
+    able to open although /dev and the tree are nodev: made in /dev before it becomes
+    nodev, and bound (a mount of its own, which keeps the right) where TARGET is. HOST
+    is resolved as root's other paths (`tree.open_trusted`: no symlink of another user's
+    followed), once."""
+    try:
+        src = open_trusted(host, os.O_PATH)
+    except OSError as e:
+        raise SetupError(f"cannot add the device {host!r}: {e.strerror}") from e
+    try:
+        _add_device_from(rootfd, dev, src, host, target)
+    finally:
+        os.close(src)
+
+
+def _add_device_from(rootfd: int, dev: int, src: int, host: str, target: str) -> None:
+    st = os.fstat(src)
+    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise SetupError(f"cannot add the device {host!r}: not a device node")
+    staging = f".pyunion-device-{os.urandom(6).hex()}"
+    try:
+        os.mknod(staging, st.st_mode, st.st_rdev, dir_fd=dev)
+        os.chown(staging, st.st_uid, st.st_gid, dir_fd=dev)
+        os.chmod(staging, stat.S_IMODE(st.st_mode), dir_fd=dev)
+        source = f"{fd_str(dev)}/{staging}"
+    except PermissionError:  # no CAP_MKNOD (a user namespace): the host's own node
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging, dir_fd=dev)
+        source = fd_str(src)
+    try:
+        fd = _ensure(rootfd, target, False)
+        try:
+            mount(source, fd_str(fd), None, MS_BIND)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise SetupError(f"cannot add the device {host!r} at {target!r}: {e.strerror}") from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging, dir_fd=dev)
 
 
 TTY_GID = 5  # podman's (and the FHS') tty group: `gid=5` on /dev/pts
@@ -347,6 +465,101 @@ def _bind(rootfd: int, vol: Volume) -> None:
             volumes.set_attrs(fd, vol.attrs, vol.recursive)
         finally:
             os.close(fd)
+
+
+def _mount_tmpfs(rootfd: int, fs: volumes.Tmpfs) -> None:
+    """A `--tmpfs`, as runc mounts it for podman: the image's directory there keeps its
+    mode on the tmpfs' root, and with `copyup` its content is copied in (owners, modes,
+    symlinks, special files; hard links become copies), through fds below the
+    directory, which is still reachable under the new mount. Nothing of the image has
+    run yet, so the tree holds still; a copy bigger than the tmpfs fails (ENOSPC)."""
+    made = len(CREATED)
+    under = _ensure(rootfd, fs.target, True)
+    existed = len(CREATED) == made
+    union = os.fstat(rootfd).st_dev
+    try:
+        st = os.stat(under)
+        old = -1
+        # Only the image's own content: not what a symlink of the image there leads to
+        # (/proc/sys, a volume), whose files root would read and hand to the container.
+        if fs.copyup and stat.S_ISDIR(st.st_mode) and st.st_dev == union:
+            old = os.open(fd_str(under), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            mount("tmpfs", fd_str(under), "tmpfs", fs.flags & ~MS_RDONLY, fs.data or None)
+            top = open_in_root(rootfd, fs.target, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if old >= 0:
+                    _copy_tree(old, top, union)
+                if existed and stat.S_ISDIR(st.st_mode):
+                    os.chmod(top, stat.S_IMODE(st.st_mode))
+                if fs.flags & MS_RDONLY:
+                    mount(None, fd_str(top), None, MS_REMOUNT | MS_BIND | MS_RDONLY | fs.flags)
+            finally:
+                os.close(top)
+        finally:
+            if old >= 0:
+                os.close(old)
+    finally:
+        os.close(under)
+
+
+def _copy_tree(src: int, dst: int, dev: int) -> None:
+    """Copy the directory `src` into `dst` (fds; never a symlink followed), depth first
+    without recursion (an image's tree may be deep); only what is on `dev` (the union),
+    as `cp -x`: a mount below (/etc/hosts, a volume) is not the image's."""
+    stack = [(os.dup(src), os.dup(dst))]
+    try:
+        while stack:
+            s, d = stack.pop()
+            try:
+                for entry in os.scandir(s):
+                    _copy_entry(s, d, entry.name, stack, dev)
+            finally:
+                os.close(s)
+                os.close(d)
+    finally:
+        for s, d in stack:
+            os.close(s)
+            os.close(d)
+
+
+def _copy_entry(s: int, d: int, name: str, stack: list[tuple[int, int]], dev: int) -> None:
+    st = os.stat(name, dir_fd=s, follow_symlinks=False)
+    if st.st_dev != dev:
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode):
+        os.mkdir(name, 0o700, dir_fd=d)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        sub_s = os.open(name, flags, dir_fd=s)
+        try:
+            sub_d = os.open(name, flags, dir_fd=d)
+        except BaseException:
+            os.close(sub_s)
+            raise
+        stack.append((sub_s, sub_d))
+    elif stat.S_ISREG(st.st_mode):
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fi = os.open(name, flags, dir_fd=s)
+        try:
+            fo = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=d)
+            try:
+                while os.sendfile(fo, fi, None, 1 << 20):
+                    pass
+            finally:
+                os.close(fo)
+        finally:
+            os.close(fi)
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(name, dir_fd=s), name, dir_fd=d)
+    else:  # a FIFO, a socket's name, a device node (which the tmpfs' nodev keeps shut)
+        try:
+            os.mknod(name, st.st_mode, st.st_rdev, dir_fd=d)
+        except PermissionError:  # no CAP_MKNOD (rootless): as runc, a node it cannot make
+            return
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=d, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):  # after chown, which clears the set-ID bits
+        os.chmod(name, mode, dir_fd=d)
 
 
 def _clone_with_attrs(src: int, vol: Volume) -> int:
@@ -452,16 +665,33 @@ def setup_root(spec: ContainerSpec) -> None:
     rootfd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _mount_at(rootfd, "/proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, plain=True)
-        _setup_dev(rootfd, conf.privileged)
+        _setup_dev(rootfd, conf.privileged, spec.devices, spec.shm_size)
         _setup_sys(rootfd, conf.privileged)
         if spec.read_only:
             for path, mode in READ_ONLY_TMPFS.items():
                 _mount_at(rootfd, path, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode:o}")
-        for target, host_copy in spec.etc_files.items():
-            _bind(rootfd, Volume(host_copy, target, recursive=False))
-        for b in spec.binds:
-            # nodev, as /dev: podman's devices cgroup would refuse a node of the volume
-            b.nodev = b.nodev or not conf.privileged
+        ro = spec.read_only  # --read-only: podman binds them read-only, nosuid, nodev, noexec
+        etc = [
+            Volume(host_copy, target, ro, False, nosuid=ro, nodev=ro, noexec=ro)
+            for target, host_copy in spec.etc_files.items()
+        ]
+        # Outer mounts first, as podman sorts them (stable: pyunion's /etc files before
+        # a volume on the same path): a tmpfs or a volume on /etc stays below
+        # /etc/hosts, a volume inside a tmpfs on top of it.
+        mounts: list[Volume | volumes.Tmpfs] = [*etc, *spec.binds, *spec.tmpfs]
+        mounts.sort(key=lambda m: os.path.normpath(m.target).count("/"))
+        for b in mounts:
+            if isinstance(b, volumes.Tmpfs):
+                if not conf.privileged:  # `dev` or not: a node copied up must not open
+                    b.flags |= MS_NODEV
+                try:
+                    _mount_tmpfs(rootfd, b)
+                except OSError as e:
+                    raise SetupError(f"cannot mount --tmpfs {b.target!r}: {e.strerror}") from e
+                continue
+            if not any(b is e for e in etc):
+                # nodev, as /dev: podman's devices cgroup would refuse a node of the volume
+                b.nodev = b.nodev or not conf.privileged
             try:
                 _bind(rootfd, b)
             except OSError as e:
@@ -527,12 +757,15 @@ def _read_db(path: str) -> list[list[str]]:
         os.close(rootfd)
 
 
-def resolve_user(user: str | None) -> Identity:
-    """USER[:GROUP] (names or numbers) from /etc/passwd and /etc/group (call after pivot)."""
+def resolve_user(user: str | None, group_add: list[str] | None = None) -> Identity:
+    """USER[:GROUP] (names or numbers) from /etc/passwd and /etc/group (call after pivot),
+    with podman's supplementary groups: the user's memberships in /etc/group (unless a
+    GROUP is given), the primary group only when a user is named (podman leaves it out
+    for the default user, root), and `group_add`'s, names or numbers."""
     name, _, group = (user or "0").partition(":")
-    for part in (name, group):
+    for part in (name, group, *(group_add or [])):
         if part.isdigit() and _id(part) is None:
-            raise SetupError(f"user or group id {part} is out of range")
+            raise SetupError(f"user or group id {part} is out of range", CANNOT_INVOKE)
     # Entries with ids that are not numbers, or out of range, are ignored like nss does.
     passwd = [e for e in _read_db("/etc/passwd") if len(e) >= 7 and _id(e[2]) is not None]
     groups = [e for e in _read_db("/etc/group") if len(e) >= 3 and _id(e[2]) is not None]
@@ -543,23 +776,19 @@ def resolve_user(user: str | None) -> Identity:
     else:
         entry = next((e for e in passwd if e[0] == name), None)
         if entry is None:
-            raise SetupError(f"unable to find user {name!r} in the image's /etc/passwd")
+            raise SetupError(
+                f"unable to find user {name!r} in the image's /etc/passwd", CANNOT_INVOKE
+            )
         uid = int(entry[2])
     gid = (_id(entry[3]) if entry is not None else None) or 0
     if group:
-        gid_given = _id(group)
-        if gid_given is not None:
-            gid = gid_given
-        else:
-            g = next((e for e in groups if e[0] == group), None)
-            if g is None:
-                raise SetupError(f"unable to find group {group!r} in the image's /etc/group")
-            gid = int(g[2])
-    extra = [gid]
+        gid = _group_id(groups, group)
+    extra = [gid] if user else []
     if entry is not None and not group:
         for g in groups:
             if len(g) >= 4 and entry[0] in g[3].split(","):
                 extra.append(int(g[2]))
+    extra += [_group_id(groups, g) for g in group_add or []]
     home = entry[5] if entry is not None and entry[5] else "/"
     ids = sorted(set(extra))
     if len(ids) > NGROUPS_MAX:  # setgroups(2) would say EINVAL: say why instead
@@ -568,6 +797,17 @@ def resolve_user(user: str | None) -> Identity:
             f"more than the kernel's limit of {NGROUPS_MAX}"
         )
     return Identity(uid, gid, ids, home)
+
+
+def _group_id(groups: list[list[str]], group: str) -> int:
+    """GROUP's ID: a number as it is, a name from the image's /etc/group."""
+    gid = _id(group)
+    if gid is not None:
+        return gid
+    g = next((e for e in groups if e[0] == group), None)
+    if g is None:
+        raise SetupError(f"unable to find group {group!r} in the image's /etc/group", CANNOT_INVOKE)
+    return int(g[2])
 
 
 def _id(s: str) -> int | None:
@@ -742,6 +982,19 @@ def _take_signals(go: socket.socket | None) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+def _set_rlimits(limits: list[tuple[int, int, int]]) -> None:
+    """`--ulimit`, before the capabilities go: raising a hard limit needs
+    CAP_SYS_RESOURCE. Refused, the command cannot be invoked (126, as runc's "error
+    setting rlimit")."""
+    for res, soft, hard in limits:
+        try:
+            resource.setrlimit(res, (soft, hard))
+        except (ValueError, OSError) as e:
+            name = next((k for k, v in rlimits.ULIMITS.items() if v == res), str(res))
+            print(f"pyunion: cannot set --ulimit {name}: {e}", file=sys.stderr)
+            os._exit(CANNOT_INVOKE)
+
+
 def _exec_init(
     spec: ContainerSpec, ident: Identity, exe: int, go: socket.socket | None, slave: int | None
 ) -> NoReturn:
@@ -763,6 +1016,7 @@ def _exec_init(
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             os.close(null)
+        _set_rlimits(spec.rlimits)
         keep = [exe] if go is None else [exe, go.fileno()]
         confine.enter(spec.confinement, ident.uid, ident.gid, ident.groups, keep)
         set_pdeathsig(signal.SIGKILL)  # a new user clears it; kept across execve
@@ -780,12 +1034,14 @@ def _exec_init(
         )
         os._exit(125)
     env = dict(spec.env)
-    env.setdefault("HOME", ident.home)
+    if not env.get("HOME"):  # unset or empty: the user's, as runc fills it in
+        env["HOME"] = ident.home
     err = _exec_error(spec.argv[0], env)
     if err is not None:  # argv[0] may be the image's Entrypoint or Cmd: no escapes
         print(f"pyunion: {printable(spec.argv[0])}: {err.strerror}", file=sys.stderr)
         os._exit(127 if err.errno in (errno.ENOENT, errno.ENOTDIR) else 126)
-    rlimits.give_back_fd_limit()  # the caller's `ulimit -n`, not the one pyunion took
+    if not any(res == resource.RLIMIT_NOFILE for res, _, _ in spec.rlimits):
+        rlimits.give_back_fd_limit()  # the caller's `ulimit -n`, not the one pyunion took
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python's SIG_IGN would be inherited
         signal.signal(sig, signal.SIG_DFL)
     # ^Z on the container's terminal: nobody could resume the command (pyunion is no
@@ -906,15 +1162,24 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
                 with contextlib.suppress(OSError):
                     os.write(spec.report_fd, "".join(p + "\n" for p in CREATED).encode())
                 os.close(spec.report_fd)
-        ident = resolve_user(spec.user)
+        ident = resolve_user(spec.user, spec.group_add)
         if userns.unmapped([ident.uid]) or userns.unmapped([ident.gid], "gid"):
             raise SetupError(f"user {spec.user!r} ({ident.uid}:{ident.gid}) is {spec.outside}")
         if spec.workdir and not os.path.isdir(spec.workdir):
+            if os.path.lexists(spec.workdir):
+                raise SetupError(
+                    f"the working directory {spec.workdir!r} is not a directory", CANNOT_INVOKE
+                )
+            if not spec.make_workdir:
+                raise SetupError(
+                    f"the working directory {spec.workdir!r} does not exist", CANNOT_INVOKE
+                )
             try:
                 _make_workdir(spec.workdir, ident.uid, ident.gid)
             except OSError as e:
                 raise SetupError(
-                    f"cannot create the working directory {spec.workdir!r}: {e.strerror}"
+                    f"cannot create the working directory {spec.workdir!r}: {e.strerror}",
+                    CANNOT_INVOKE,
                 ) from e
         if spec.read_only:  # the root mount only: /dev, /proc, binds, tmpfs keep their flags
             mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY)
@@ -927,6 +1192,7 @@ def container_init(spec: ContainerSpec, tty_sock: socket.socket | None) -> NoRet
         _exec_init(spec, ident, exe, go_sock, slave)
     except SetupError as e:
         print(f"pyunion: {e}", file=sys.stderr)
+        code = e.code
     except OSError as e:
         print(
             f"pyunion: cannot set up the container: {e.strerror}"

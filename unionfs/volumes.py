@@ -1,5 +1,8 @@
 """`-v HOST:CONTAINER[:OPTIONS]` of `pyunion run`: the spec podman takes, and the bind it makes.
 
+HOST is absolute, or starts with "." (relative to the working directory, as podman
+reads it); anything else would be one of podman's named volumes, which pyunion lacks.
+
 Options (comma-separated, podman's spelling): `ro`/`rw`, `nosuid`/`suid`,
 `nodev`/`dev`, `noexec`/`exec`, `rbind` (the default: mounts below HOST come
 along) or `bind` (HOST alone), `z`/`Z` (SELinux relabelling: accepted and
@@ -7,7 +10,7 @@ ignored, there is no SELinux here), `private`/`rprivate` (what the
 container's mount namespace is anyway). Read-only and the other attributes
 apply to every mount below the target (mount_setattr with AT_RECURSIVE), as
 Docker does for `:ro`; kernels older than 5.12 get the same by a remount of
-each submount.
+each submount. `--tmpfs CONTAINER[:OPTIONS]` is parsed here too (`parse_tmpfs`).
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ def parse(spec: str) -> Volume:
                 f"bad volume {spec!r}: option {opt!r} given twice or with its opposite", 125
             )
         seen.add(opt)
+    return _volume(spec, src, dst, seen)
+
+
+def _volume(spec: str, src: str, dst: str, seen: set[str]) -> Volume:
+    """The bind of SRC (resolved on the host) at DST with the options `seen`. A SRC that
+    starts with "." is relative to the working directory, as in podman."""
+    if src.startswith("."):
+        src = os.path.abspath(src)
     if not src.startswith("/"):
         raise UserError(
             f"bad volume {spec!r}: the host path must be absolute "
@@ -115,6 +126,112 @@ def parse(spec: str) -> Volume:
         nodev="nodev" in seen,
         noexec="noexec" in seen,
     )
+
+
+# -- --tmpfs CONTAINER[:OPTIONS] ------------------------------------------------------------
+@dataclass
+class Tmpfs:
+    """A `--tmpfs` mount: podman's defaults are nosuid and nodev (not noexec), and the
+    image's content at the target copied up into it (`tmpcopyup`)."""
+
+    target: str
+    flags: int = MS_NOSUID | MS_NODEV
+    data: str = ""  # size=, mode=, nr_inodes=, nr_blocks=: the kernel's tmpfs options
+    copyup: bool = True
+
+
+# The flags podman's --tmpfs takes, each with its opposite (MS_* set, cleared).
+TMPFS_FLAGS = {
+    "ro": (MS_RDONLY, 0),
+    "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0),
+    "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0),
+    "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0),
+    "exec": (0, MS_NOEXEC),
+}
+TMPFS_DATA = ("size", "mode", "nr_inodes", "nr_blocks")
+
+
+def parse_tmpfs(spec: str) -> Tmpfs:
+    """One `--tmpfs` value; a bad one is a UserError (exit 125), as podman's."""
+    target, _, options = spec.partition(":")
+    return _tmpfs(spec, target, options.split(",") if options else [])
+
+
+def _tmpfs(spec: str, target: str, options: list[str]) -> Tmpfs:
+    if not target.startswith("/") or os.path.normpath(target) == "/":
+        raise UserError(f"bad --tmpfs {spec!r}: the container path must be absolute and not /", 125)
+    fs = Tmpfs(target)
+    data = []
+    for opt in options:
+        key, eq, value = opt.partition("=")
+        if opt in TMPFS_FLAGS:
+            add, clear = TMPFS_FLAGS[opt]
+            fs.flags = (fs.flags | add) & ~clear
+        elif opt in ("tmpcopyup", "notmpcopyup"):
+            fs.copyup = opt == "tmpcopyup"
+        elif eq and key in TMPFS_DATA and value and "\0" not in value:  # the kernel checks it
+            data.append(opt)
+        else:
+            raise UserError(
+                f"bad --tmpfs {spec!r}: unknown option {opt!r} (supported: ro, rw, nosuid, "
+                "suid, nodev, dev, noexec, exec, size=, mode=, nr_inodes=, nr_blocks=, "
+                "tmpcopyup, notmpcopyup)",
+                125,
+            )
+    fs.data = ",".join(data)
+    return fs
+
+
+# -- --mount type=bind|tmpfs,... -----------------------------------------------------------
+MOUNT_KEYS = {"source": "src", "src": "src", "destination": "dst", "dst": "dst", "target": "dst"}
+MOUNT_IGNORED = {"z", "Z", "relabel", "bind-propagation"}  # no SELinux; private already
+
+
+def parse_mount(spec: str) -> Volume | Tmpfs:
+    """One `--mount` value (podman's and docker's long form) as the bind or tmpfs it
+    means: `type=bind,source=HOST,target=CONTAINER[,readonly][,bind-nonrecursive]...`
+    or `type=tmpfs,target=CONTAINER[,tmpfs-size=N][,tmpfs-mode=OCTAL]...`; the flags
+    of `-v` and `--tmpfs` are taken too. A bad one is a UserError (125)."""
+    kind = None
+    paths: dict[str, str] = {}
+    flags: list[str] = []
+    for item in spec.split(","):
+        key, eq, value = item.partition("=")
+        if key == "type" and eq:
+            kind = value
+        elif key in MOUNT_KEYS and eq and value:
+            paths[MOUNT_KEYS[key]] = value
+        elif key in ("readonly", "ro") and value in ("", "true", "false"):
+            flags.append("rw" if value == "false" else "ro")
+        elif key == "bind-nonrecursive" and value in ("", "true", "false"):
+            flags.append("rbind" if value == "false" else "bind")
+        elif key == "tmpfs-size" and value:
+            flags.append(f"size={value}")
+        elif key == "tmpfs-mode" and value:
+            flags.append(f"mode={value}")
+        elif key in MOUNT_IGNORED:
+            continue
+        elif item:
+            flags.append(item)
+    if kind not in ("bind", "tmpfs"):
+        raise UserError(
+            f"bad --mount {spec!r}: type=bind or type=tmpfs is needed (no named volumes)", 125
+        )
+    if "dst" not in paths or ("src" in paths) != (kind == "bind"):
+        what = "source= and target=" if kind == "bind" else "target= and no source="
+        raise UserError(f"bad --mount {spec!r}: type={kind} takes {what}", 125)
+    if kind == "tmpfs":
+        return _tmpfs(spec, paths["dst"], flags)
+    seen: set[str] = set()
+    for opt in flags:
+        if opt not in OPPOSITE:
+            raise UserError(f"bad --mount {spec!r}: unknown option {opt!r}", 125)
+        seen.discard(OPPOSITE[opt])
+        seen.add(opt)
+    return _volume(spec, paths["src"], paths["dst"], seen)
 
 
 # -- mount attributes, recursively --------------------------------------------------------------

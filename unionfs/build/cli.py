@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, one "
         "layer per RUN, COPY and ADD, each RUN in a pyunion container; unchanged "
         "steps come from the build cache. The image goes into the store; its ID is "
-        "the last line printed.",
+        "the last line printed (bare hex, as buildah prints it).",
     )
     p.add_argument(
         "context",
@@ -231,7 +231,7 @@ def _build(args: argparse.Namespace) -> int:
     # a multi-threaded process cannot enter a user namespace.
     enter_rootless()
     from ..run import check_network
-    from .executor import BuildOptions, build, check_platform
+    from .executor import BuildOptions, bare_id, build, check_platform
 
     context = args.context or args.context_after_flag or "."
     if args.context and args.context_after_flag:
@@ -269,5 +269,5 @@ def _build(args: argparse.Namespace) -> int:
                 os.close(fd)
         except OSError as e:
             raise UserError(f"--iidfile {args.iidfile}: {e.strerror}") from None
-    print(image_id)
+    print(bare_id(image_id))  # last, on its own line, bare as buildah prints it
     return 0

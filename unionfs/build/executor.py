@@ -15,8 +15,9 @@ tmp/ over the state's layers:
   host's mounts) and write through the merged tree by its fd (`copier.py`), so
   the destination resolves as the container sees it;
 
-then the upper is committed as one layer (`layer.py`), or recorded as an
-`empty_layer` entry when nothing changed. Every step first looks in the cache
+then the upper is committed as one layer (`layer.py`), an empty one when nothing
+changed, as buildah records it. History entries and output lines are buildah's
+(docs/build.md). Every step first looks in the cache
 (`cache.py`); a hit takes the stored state and does no work. Only stages the
 target needs are built. With `--layers=false`/`--squash` each stage runs all
 its steps on one upper and commits one layer at its end, without the cache.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import json
 import os
 import posixpath
 import signal
@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import userns
 from ..digits import number
-from ..errors import UserError
+from ..errors import UserError, printable
 from ..image.platforms import host as host_platform
+from ..image.reference import normalize_local
 from ..image.store import Store, normalize_tag, short_id
 from ..sandbox import DEFAULT_PATH, wait_exit_code
 from ..syscalls import fd_str
@@ -147,11 +148,14 @@ class ImageState:
         """What keys the steps after this state: its ID without the times of day. A step
         run again (--no-cache, or by two stages that share it) makes the same state at
         another time, and the steps after it keep their entries, as buildah's cache
-        compares layers and history text, not times."""
+        compares layers and history text, not times. The `comment` goes too: it names
+        the image before, whose ID has the times in it."""
         cfg = dict(self.config)
         cfg.pop("created", None)
         cfg["history"] = [
-            {k: v for k, v in h.items() if k != "created"} if isinstance(h, dict) else h
+            {k: v for k, v in h.items() if k not in ("created", "comment")}
+            if isinstance(h, dict)
+            else h
             for h in cfg.get("history") or []
         ]
         return config_digest(cfg)
@@ -207,6 +211,10 @@ class _Stage:
     image: ImageState
     squash_upper: str | None = None  # --squash: the one upper every step writes to
     base_lowers: list[str] = field(default_factory=list)
+    # What the next step's history `comment` names as its parent, as buildah writes it:
+    # `FROM localhost/busybox:latest` for the stage's first step, `FROM <12 hex of the
+    # image before>` after (a stage's image too); none on `FROM scratch`'s first step.
+    parent: str = ""
 
 
 class Builder:
@@ -226,8 +234,10 @@ class Builder:
 
     # --- output ------------------------------------------------------------------
     def say(self, text: str) -> None:
+        """A line of progress; a step's text (a Containerfile's, an ONBUILD trigger's: someone
+        else's) is shown escaped, each line of a heredoc step on a line of its own."""
         if not self.opts.quiet:
-            self.out.write(text + "\n")
+            self.out.write("\n".join(printable(line) for line in text.split("\n")) + "\n")
             self.out.flush()
 
     # --- inputs --------------------------------------------------------------------
@@ -327,7 +337,7 @@ class Builder:
                     self.stages_done[st.index] = final
                 assert final is not None
                 if tags:
-                    self.say(f"COMMIT {' '.join(tags)}")
+                    self.say(f"COMMIT {' '.join(self.opts.tags)}")
                 _, cdigest = write_image(self.store, final.config, final.layers, tags, tmp)
         finally:
             self.context.close()
@@ -338,8 +348,8 @@ class Builder:
                 file=sys.stderr,
             )
         self.say(f"--> {short_id(cdigest)} (built in {time.monotonic() - started:.2f}s)")
-        for t in tags:
-            self.say(f"Successfully tagged {t}")
+        for t in tags:  # buildah's line and name (`localhost/` for a name without registry)
+            self.say(f"Successfully tagged {normalize_local(t)}")
         return cdigest
 
     def _needed(self, df: Dockerfile, global_scope: Scope) -> list[Stage]:
@@ -409,7 +419,9 @@ class Builder:
             want = self._expand_global(stage.platform, global_scope)
             check_platform(want, f"line {stage.line}: FROM ")
         image = self._base(df, base_ref, stage)
-        st = _Stage(stage, scope, StageState(), image)
+        st = _Stage(
+            stage, scope, StageState(), image, parent=self._parent_name(df, base_ref, stage)
+        )
         shell = (image.config.get("config") or {}).get("Shell")
         if isinstance(shell, list) and shell and all(isinstance(x, str) for x in shell):
             st.state.shell = list(shell)
@@ -459,6 +471,18 @@ class Builder:
                 raise BuildError(f"image {ref!r}: layer {d} is missing from the store")
         return state
 
+    def _parent_name(self, df: Dockerfile, ref: str, stage: Stage) -> str:
+        """The parent the first step's history `comment` names (see `_Stage.parent`)."""
+        if ref.lower() == "scratch":
+            return ""
+        dep = self._stage_ref(df, ref, stage.index)
+        if dep is not None:
+            return bare_id(self.stages_done[dep.index].id)[:12]
+        try:
+            return normalize_local(ref)
+        except UserError:
+            return ref
+
     def _lowers(self, image: ImageState) -> list[str]:
         dirs = self.store.lower_dirs(image.diff_ids)
         return dirs or [self.empty_layer_dir]
@@ -478,11 +502,13 @@ class Builder:
         if inst.cmd in ("FROM",):
             raise BuildError(f"line {inst.line}: FROM inside a stage")
         new = st.image.copy()
-        created_by = apply_metadata(inst, new.config, st.scope, st.state)
+        # The key takes what the step did (values substituted); the history, buildah's text.
+        effect = apply_metadata(inst, new.config, st.scope, st.state)
+        shown = "ARG " + " ".join(sorted(st.scope.args)) if inst.cmd == "ARG" else inst.original
         key = step_key(
-            st.image.cache_id, "meta", inst.cmd, created_by, st.state.cmd_set, st.state.shell
+            st.image.cache_id, "meta", inst.cmd, effect, st.state.cmd_set, st.state.shell, shown
         )
-        self._finish(st, new, key, created_by, False, t0)
+        self._finish(st, new, key, NOP + shown, False, t0)
 
     def _cli_label(self, st: _Stage, key: str, value: str) -> None:
         """`--label KEY=VALUE`: a LABEL step after the last instruction (no substitution),
@@ -492,7 +518,7 @@ class Builder:
         cfg = new.config.setdefault("config", {}) or {}
         new.config["config"] = cfg
         cfg["Labels"] = {**(cfg.get("Labels") or {}), key: value}
-        created_by = f"LABEL {key}={value}"
+        created_by = f'{NOP}LABEL "{key}"="{value}"'
         self._finish(
             st, new, step_key(st.image.cache_id, "--label", key, value), created_by, False, t0
         )
@@ -512,12 +538,12 @@ class Builder:
         """
         cached = None if layer is not False or st.squash_upper is not None else self._cached(key)
         if cached is not None:
-            new = ImageState(cached[0], cached[1])
-            self.say(f"--> CACHED {short_id(new.id)}")
-            st.image = new
+            self._hit(st, ImageState(cached[0], cached[1]))
             return
         now = _now()
         entry: dict[str, Any] = {"created": now, "created_by": created_by}
+        if st.parent:
+            entry["comment"] = f"FROM {st.parent}"
         if not isinstance(layer, NewLayer):
             entry["empty_layer"] = True
         else:
@@ -529,9 +555,16 @@ class Builder:
         for k in ("container", "container_config"):
             new.config.pop(k, None)
         st.image = new
+        st.parent = bare_id(new.id)[:12]
         if st.squash_upper is None:
             self._put(key, new)
         self.say(f"--> {short_id(new.id)} {time.monotonic() - t0:.2f}s")
+
+    def _hit(self, st: _Stage, state: ImageState) -> None:
+        """A step found in the cache: buildah's line, which scripts look for."""
+        st.image = state
+        st.parent = bare_id(state.id)[:12]
+        self.say(f"--> Using cache {bare_id(state.id)}")
 
     def _cached(self, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         return None if self.opts.no_cache else self.cache.get(key)
@@ -546,7 +579,7 @@ class Builder:
             network = self._run_network(inst)
             # The host's network keeps the key it always had; another mode is a step of its own.
             net_part = [] if network == "host" else [{"network": network}]
-            key = step_key(st.image.cache_id, "RUN", argv, sorted(env), *net_part)
+            key = step_key(st.image.cache_id, "RUN", argv, sorted(env), created_by, *net_part)
 
             def work(upper: str, lowers: list[str]) -> None:
                 self._run(st, argv, env, upper, lowers, inst, network)
@@ -571,9 +604,12 @@ class Builder:
                     if cached is not None:
                         self.cache.put(key, *cached)
                 if cached is not None:
-                    st.image = ImageState(cached[0], cached[1])
-                    self.say(f"--> CACHED {short_id(st.image.id)}")
+                    self._hit(st, ImageState(cached[0], cached[1]))
                     return
+                if plan is not None and plan.from_sources is not None:
+                    tree, sources = plan.from_sources
+                    plan.created_by = _copy_history(inst, plan.multi, sources, tree.digest(sources))
+                    created_by = plan.created_by
             if st.squash_upper is not None:
                 work(st.squash_upper, st.base_lowers)
                 self._finish(st, st.image.copy(), key, created_by, None, t0)
@@ -583,7 +619,8 @@ class Builder:
             try:
                 work(upper, lowers)
                 prune_upper(upper, lowers if st.image.diff_ids else [])
-                layer = None if is_empty(upper) else commit_upper(self.store, upper, self.tmp)
+                # Every RUN, COPY and ADD has its layer, empty or not, as in buildah's image.
+                layer = commit_upper(self.store, upper, self.tmp)
             finally:
                 if os.path.exists(upper):
                     self._remove(upper)
@@ -626,18 +663,16 @@ class Builder:
         shell = st.state.shell
         if inst.json:
             argv = list(inst.args)
-            shown = json.dumps(argv)
         elif inst.heredocs:
             argv = [*shell, _heredoc_script(inst)]
-            shown = " ".join(shell) + " " + argv[-1]
         else:
-            text = " ".join(inst.args)
-            argv = [*shell, text]
-            shown = " ".join(shell) + " " + text
+            argv = [*shell, " ".join(inst.args)]
         if not argv:
             raise BuildError(f"line {inst.line}: RUN needs a command")
         env = st.scope.run_env(st.image.config["config"])
-        return argv, "RUN " + st.scope.history_args() + shown, env
+        # buildah's text: the line as written after `RUN `, behind `/bin/sh -c` whatever
+        # the SHELL or form, and the build args in scope.
+        return argv, st.scope.history_args() + "/bin/sh -c " + inst.original[4:], env
 
     def _run_network(self, inst: Instruction) -> str:
         """RUN --network= (checked by the parser), `default` being the build's --network."""
@@ -665,7 +700,10 @@ class Builder:
             # Cleaned as buildah cleans it for RUN: `WORKDIR /a/b/../c` (kept as written in
             # the config) makes and enters /a/c, no /a/b.
             workdir=posixpath.normpath(cfg["WorkingDir"]) if cfg.get("WorkingDir") else None,
-            user=cfg.get("User") or None,
+            make_workdir=True,  # buildah makes WORKDIR
+            # Named, as buildah names root: its primary group is then among the
+            # supplementary ones (podman's run leaves it out for a default user).
+            user=cfg.get("User") or "0",
             upper=upper,
             network=network,
             quiet=True,
@@ -679,7 +717,7 @@ class Builder:
             try:
                 code = run(opts)
             except UserError as e:
-                print(f"pyunion: {e}", file=sys.stderr)
+                print(f"pyunion: {printable(e)}", file=sys.stderr)
                 code = e.code
             except BaseException as e:  # noqa: BLE001 - a forked child never returns
                 print(f"pyunion: RUN failed: {e!r}", file=sys.stderr)
@@ -751,9 +789,13 @@ class Builder:
                 dest_abs,
                 dest_is_dir,
                 src_state.cache_id,
+                dest_raw,  # the history's text
             )
-            plan.created_by = f"{inst.cmd} --from={from_ref} {' '.join(plan.patterns)} in {dest}"
             plan.multi = count > 1
+            # Until the stage is mounted (a cache miss): the digest is of what it copies.
+            plan.created_by = (
+                f"{NOP}{inst.cmd} --from={from_ref} {' '.join(plan.patterns)} in {dest_raw} "
+            )
             return plan
         assert self.context is not None
         sources: list[Source] = []
@@ -776,8 +818,7 @@ class Builder:
         digest = self.context.digest(sources)
         if plan.heredocs:
             digest = step_key(digest, plan.heredocs)
-        kind = "multi" if plan.multi else ("dir" if sources and sources[0].is_dir else "file")
-        plan.created_by = f"{inst.cmd} {kind}:{digest} in {dest}"
+        plan.created_by = _copy_history(inst, plan.multi, sources, digest)
         plan.key = step_key(
             st.image.cache_id,
             inst.cmd,
@@ -786,6 +827,7 @@ class Builder:
             dest_abs,
             dest_is_dir,
             [s.name for s in sources],
+            dest_raw,  # the history's text
         )
         return plan
 
@@ -882,6 +924,7 @@ class Builder:
             plan.dest_is_dir,
             {"from-content": digest},
             [s.name for s in sources],
+            plan.inst.args[-1],  # the history's text
         )
 
     def _add_archive(
@@ -983,6 +1026,21 @@ class _CopyPlan:
     multi: bool = False
     key: str = ""
     created_by: str = ""
+
+
+NOP = "/bin/sh -c #(nop) "  # buildah's history prefix of every step but RUN
+
+
+def bare_id(digest: str) -> str:
+    """An image ID as buildah prints it: the hex, no `sha256:`."""
+    return digest.split(":", 1)[-1]
+
+
+def _copy_history(inst: Instruction, multi: bool, sources: list[Source], digest: str) -> str:
+    """buildah's history text of a COPY or ADD: the kind and digest of what it copies, and
+    the destination as written (unsubstituted), with its trailing space."""
+    kind = "multi" if multi else ("dir" if sources and sources[0].is_dir else "file")
+    return f"{NOP}{inst.cmd} {kind}:{digest} in {inst.args[-1]} "
 
 
 def _heredoc_name(word: str) -> str | None:

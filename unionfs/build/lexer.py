@@ -15,7 +15,10 @@ cache can key a step by the build arguments it depends on.
 
 What one word expands to is bounded (`MAX_EXPANSION`): a Containerfile whose
 lines each double a variable (`ENV B=$A$A`, `ENV C=$B$B`, ...) would otherwise
-grow past any memory in 40 lines; past the bound it is one line of error.
+grow past any memory in 40 lines; past the bound it is one line of error. So is
+what all the words one `Lexer` (one build) expands take in (`MAX_BUILD_EXPANSION`):
+words each under the first bound, naming a big variable thousands of times, asked
+for terabytes from a 16 MiB Containerfile.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class SubstitutionError(UserError):
 
 
 MAX_EXPANSION = 1 << 20  # characters of variable values one word may take in
+# ... and all the words of a build together: four image configs' worth (a config is read
+# back up to 4 MiB, schema.MAX_JSON), far above what variables used as meant take in.
+MAX_BUILD_EXPANSION = 16 << 20
 
 
 _SPECIAL = set("@*#?-$!0")
@@ -153,13 +159,16 @@ class Lexer:
 
     def __init__(self, escape: str = "\\") -> None:
         self.escape = escape
+        self.expanded = 0  # characters of values all its words took in (MAX_BUILD_EXPANSION)
 
     def process(self, word: str, env: dict[str, str]) -> Result:
-        state = _State(self.escape, env, _Scan(word))
+        state = _State(self.escape, env, _Scan(word), MAX_BUILD_EXPANSION - self.expanded)
         try:
             value, words = state.until("", raw_escapes=False)
         except SubstitutionError as e:
             raise SubstitutionError(f"{e} (in {word!r})") from None
+        finally:
+            self.expanded += state.expanded
         return Result(value, words, state.used)
 
     def word(self, word: str, env: dict[str, str]) -> str:
@@ -167,13 +176,14 @@ class Lexer:
 
 
 class _State:
-    def __init__(self, escape: str, env: dict[str, str], scan: _Scan) -> None:
+    def __init__(self, escape: str, env: dict[str, str], scan: _Scan, left: int) -> None:
         self.escape = escape
         self.env = env
         self.scan = scan
         self.raw_escapes = False
         self.used: set[str] = set()
         self.expanded = 0  # characters of values taken in so far (MAX_EXPANSION)
+        self.left = left  # what the build's other words left of MAX_BUILD_EXPANSION
 
     def lookup(self, name: str) -> tuple[str, bool]:
         if name in self.env:
@@ -182,6 +192,11 @@ class _State:
             self.expanded += len(value)
             if self.expanded > MAX_EXPANSION:
                 raise SubstitutionError(f"expands to more than {MAX_EXPANSION} characters")
+            if self.expanded > self.left:
+                raise SubstitutionError(
+                    "the Containerfile's variables expand to more than "
+                    f"{MAX_BUILD_EXPANSION} characters in all"
+                )
             return value, True
         return "", False
 

@@ -320,7 +320,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
         try:
             untagged, deleted = store.remove(ref)
         except UserError as e:
-            print(f"pyunion: {e}", file=sys.stderr)
+            print(f"pyunion: {printable(e)}", file=sys.stderr)  # escaped, as cli._report does
             status = 1
             continue
         for t in untagged:

@@ -19,6 +19,7 @@ from .. import compression
 from ..digits import number
 from ..errors import UserError
 from ..progress import Bars
+from ..tree import open_trusted
 from . import reference
 from .oci import (
     DECOMPRESS_ERRORS,
@@ -297,9 +298,11 @@ _ARCHIVE_ERRORS: tuple[type[Exception], ...] = (*compression.ERRORS, ValueError)
 
 def open_archive(path: str) -> IO[bytes]:
     """The archive PATH, opened once: only a regular file (opened non-blocking, so a FIFO
-    swapped in after a check by name cannot hang the import; read as usual after)."""
+    swapped in after a check by name cannot hang the import; read as usual after),
+    reached through no symlink of another user's (`tree.open_trusted`): root importing
+    her archive read root's private one through her symlink."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = open_trusted(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file or directory") from None
     except OSError as e:

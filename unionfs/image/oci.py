@@ -17,8 +17,10 @@ digest and its declared size while it streams (nothing past size+1 is read);
 names taken from the archive are refused if absolute or containing `..`. Files
 of a layout directory are opened only if they are regular files inside it
 (`tree.open_regular`: no FIFO, no device, no symlink out; no symlink at all
-under `blobs/`). Every JSON document is checked by `schema` before anything uses
-it; the names an archive gives its images are checked by the importer.
+under `blobs/`); the directory or archive itself is reached through no symlink
+of another user's (`tree.open_trusted`, in `DirSource` and `load.open_archive`).
+Every JSON document is checked by `schema` before anything uses it; the names
+an archive gives its images are checked by the importer.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import IO, Any, BinaryIO
 from .. import compression
 from ..errors import UserError
 from ..tarsafe import open_tar
-from ..tree import DIR_FLAGS, NotRegularFile, open_regular
+from ..tree import DIR_FLAGS, NotRegularFile, open_regular, open_trusted
 from . import platforms, schema
 from .schema import MAX_JSON, ImageFormatError
 from .store import (
@@ -116,8 +118,8 @@ class DirSource(Source):
 
     def __init__(self, root: str) -> None:
         self.root = root
-        try:
-            self.fd = os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW)
+        try:  # as root's other paths: her directory may be a symlink of hers to root's
+            self.fd = open_trusted(root, DIR_FLAGS & ~os.O_NOFOLLOW)
         except OSError as e:
             raise ImageFormatError(f"cannot open {root}: {e.strerror}") from e
 

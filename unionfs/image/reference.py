@@ -22,7 +22,7 @@ domain only if it has a "." or ":" or is "localhost" (or has upper case).
 transport prefix `docker://` may stand in front; it gives the registry,
 repository, tag and digest apart, and `normalize_remote` the same as one
 string. The store keeps names as they were given (plus ":latest") and treats
-`localhost/NAME` as `NAME`.
+`localhost/NAME` as `NAME`, and a docker.io name as `docker_canonical` has it.
 """
 
 from __future__ import annotations
@@ -189,6 +189,20 @@ def _with_tag(ref: Reference) -> str:
     if ref.tag is not None and ref.digest is not None:  # podman keeps the digest only
         return str(Reference(ref.domain, ref.path, None, ref.digest))
     return str(ref)
+
+
+def docker_canonical(name: str) -> str | None:
+    """docker's full name for a NAME:TAG whose registry is docker.io (or its old name
+    index.docker.io), `library/` before a one-component path: what podman finds
+    `docker.io/busybox` by. None for any other registry, no registry, or no valid name."""
+    try:
+        ref = parse(name)
+    except InvalidReference:
+        return None
+    if ref.domain not in (DOCKER_DOMAIN, DOCKER_LEGACY_DOMAIN):
+        return None
+    path = ref.path if "/" in ref.path else f"{DOCKER_OFFICIAL}/{ref.path}"
+    return _with_tag(Reference(DOCKER_DOMAIN, path, ref.tag, ref.digest))
 
 
 def local_aliases(name: str) -> list[str]:

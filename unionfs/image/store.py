@@ -176,17 +176,18 @@ def syncfs(fd: int) -> None:
         os.sync()
 
 
-def write_json_atomic(path: str, data: Any, limit: int | None = None) -> None:
-    """Write JSON beside `path` (0600) and rename it into place; with `limit`, a document
-    longer than that many bytes is a UserError and nothing is written."""
+def write_json_atomic(path: str, data: Any, limit: int | None = None, why: str = "") -> int:
+    """Write JSON beside `path` (0600) and rename it into place; returns its size. With
+    `limit`, a document longer than that many bytes is a UserError (saying `why` it
+    grew so) and nothing is written."""
     import json
     import tempfile
 
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"  # ASCII: len() is its size
     if limit is not None and len(text) > limit:
         raise UserError(
-            f"{path} would be {len(text)} bytes, more than the {limit} pyunion reads back "
-            "(too many images and names in the store: remove some with rmi)"
+            f"{path} would be {len(text)} bytes, more than the {limit} pyunion reads back"
+            + (f" ({why})" if why else "")
         )
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
@@ -200,6 +201,7 @@ def write_json_atomic(path: str, data: Any, limit: int | None = None) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return len(text)
 
 
 def canonical_json(data: Any) -> bytes:
@@ -406,6 +408,14 @@ class Store:
         os.rename(tmp_file, dst)
 
     def put_blob_bytes(self, data: bytes, digest: str, tmpdir: str) -> None:
+        """Store an image document (a config, a manifest) made or read whole: never one
+        larger than `read_blob` reads back (a build's 5 MiB config was stored, and then
+        the build failed to read it)."""
+        if len(data) > schema.MAX_JSON:
+            raise UserError(
+                f"an image config or manifest of {len(data)} bytes is more than the "
+                f"{schema.MAX_JSON} pyunion reads back"
+            )
         if self.has_blob(digest):
             return
         p = os.path.join(tmpdir, "blob-" + uuid.uuid4().hex)
@@ -520,7 +530,12 @@ class Store:
             yield idx
             # Never more than `_read_index` reads back: an import naming one image 20,000
             # times made an index.json no later command could read.
-            write_json_atomic(os.path.join(self.root, "index.json"), idx, schema.MAX_JSON)
+            write_json_atomic(
+                os.path.join(self.root, "index.json"),
+                idx,
+                schema.MAX_JSON,
+                "too many images and names in the store: remove some with rmi",
+            )
 
     def add_image(
         self,
@@ -675,9 +690,10 @@ class Store:
                 return same[0], None
             raise ImageError(f"no image {ref!r} in the store {self.root}")
         exact = _exact_names(ref)
+        canon = reference.docker_canonical(exact[1])  # docker.io/x ~ docker.io/library/x
         for img in imgs:
             for t in img.tags:
-                if t in exact:
+                if t in exact or (canon is not None and reference.docker_canonical(t) == canon):
                     return img, t
         # A short name matches a tag that ends with it ("busybox" ~ "docker.io/library/busybox").
         bare = exact[1]
