@@ -51,10 +51,14 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def _container_cgroups() -> set[Path]:
-    """The containers' cgroups there are now (`unionfs.cgroups`)."""
-    found = cgroups.pids_hierarchy()
-    parent = Path(found[0]) / cgroups.PARENT if found else None
-    return {p for p in parent.iterdir() if p.is_dir()} if parent and parent.is_dir() else set()
+    """The containers' cgroups there are now (`unionfs.cgroups`), in each hierarchy."""
+    out: set[Path] = set()
+    for controller in ("pids", "memory", "cpu"):
+        found = cgroups.hierarchy(controller)
+        parent = Path(found[0]) / cgroups.PARENT if found else None
+        if parent and parent.is_dir():
+            out |= {p for p in parent.iterdir() if p.is_dir()}
+    return out
 
 
 class Env:
