@@ -120,10 +120,8 @@ class Limits:
             and self.memory_reservation > self.memory
         ):
             return "--memory-reservation: must not be more than --memory"
-        if self.cpus is not None and self.cpus < 0:
-            return "--cpus: must be a positive number of CPUs"
-        if self.cpus is not None and round(self.cpus * CPU_PERIOD) < 1000:
-            return "--cpus: at least 0.01"
+        if self.cpus is not None and not 0.01 <= self.cpus <= 1 << 20:  # NaN too
+            return "--cpus: must be a number of CPUs from 0.01 (0: no limit)"
         if self.cpu_shares is not None and not 2 <= self.cpu_shares <= 262144:
             return "--cpu-shares: must be from 2 to 262144"
         return None

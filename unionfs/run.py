@@ -306,7 +306,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m",
         "--memory",
-        type=_ram_size,
+        type=str,
         default=None,
         metavar="SIZE",
         help="memory limit (b, k, m, g; at least 6m): past it the kernel kills the "
@@ -314,28 +314,28 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--memory-swap",
-        type=_swap_size,
+        type=str,
         default=None,
         metavar="SIZE",
         help="memory plus swap limit (default twice --memory; -1: unlimited swap)",
     )
     p.add_argument(
         "--memory-reservation",
-        type=_ram_size,
+        type=str,
         default=None,
         metavar="SIZE",
         help="memory soft limit (memory.low on cgroup v2)",
     )
     p.add_argument(
         "--cpus",
-        type=float,
+        type=str,
         default=None,
         metavar="N",
         help="at most N CPUs' time (a fraction too: cpu.max quota per 100000 us period)",
     )
     p.add_argument(
         "--cpu-shares",
-        type=int,
+        type=str,
         default=None,
         metavar="N",
         help="relative CPU weight, 2 to 262144 (default 1024; a cpu.weight on cgroup v2)",
@@ -396,6 +396,19 @@ def _ram_size(text: str) -> int:
     if m is None or len(m[1]) > 20:
         raise argparse.ArgumentTypeError(f"{text!r} is no size (a number, maybe with k, m, g)")
     return int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " ") if m[2] != "b" else float(m[1]))
+
+
+def _option_value(option: str, text: str | None, parse: Callable[[str], T]) -> T | None:
+    """A resource option's value, or one line and 125 (podman's) when it is none: not
+    argparse's usage and error."""
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as e:
+        raise _fail(f"{option}: {e}") from None
+    except ValueError:
+        raise _fail(f"{option}: {text!r} is no number") from None
 
 
 def _swap_size(text: str) -> int:
@@ -525,11 +538,13 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         security_opt=args.security_opt,
         preserve_fds=args.preserve_fds,
         pids_limit=args.pids_limit,
-        memory=args.memory,
-        memory_swap=args.memory_swap,
-        memory_reservation=args.memory_reservation,
-        cpus=args.cpus,
-        cpu_shares=args.cpu_shares,
+        memory=_option_value("--memory", args.memory, _ram_size),
+        memory_swap=_option_value("--memory-swap", args.memory_swap, _swap_size),
+        memory_reservation=_option_value(
+            "--memory-reservation", args.memory_reservation, _ram_size
+        ),
+        cpus=_option_value("--cpus", args.cpus, float),
+        cpu_shares=_option_value("--cpu-shares", args.cpu_shares, int),
     )
 
 
