@@ -411,6 +411,24 @@ def _option_value(option: str, text: str | None, parse: Callable[[str], T]) -> T
         raise _fail(f"{option}: {text!r} is no number") from None
 
 
+def limits_of(opts: RunOptions) -> cgroups.Limits:
+    """The resource options as `cgroups.Limits`, checked as podman checks them: when the
+    options are read (nothing started) and again when the group is made (a caller's
+    own `RunOptions`)."""
+    limits = cgroups.Limits(
+        pids=opts.pids_limit,
+        memory=opts.memory,
+        memory_swap=opts.memory_swap,
+        memory_reservation=opts.memory_reservation,
+        cpus=opts.cpus,
+        cpu_shares=opts.cpu_shares,
+    )
+    why = limits.check()
+    if why is not None:
+        raise _fail(why)
+    return limits
+
+
 def _swap_size(text: str) -> int:
     """--memory-swap: a size (`_ram_size`) or -1, unlimited swap."""
     return -1 if text.strip() == "-1" else _ram_size(text)
@@ -505,7 +523,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         # Bytes that are no UTF-8 (a UnicodeEncodeError traceback writing /etc/hostname);
         # a newline, tab or space wrote lines and names of its own into /etc/hosts.
         raise _fail(f"--hostname: {host!r} holds a space, a control character or no text")
-    return RunOptions(
+    opts = RunOptions(
         layers=before,
         command=command,
         env=args.env,
@@ -546,6 +564,8 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         cpus=_option_value("--cpus", args.cpus, float),
         cpu_shares=_option_value("--cpu-shares", args.cpu_shares, int),
     )
+    limits_of(opts)  # a bad combination: before anything is started
+    return opts
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -1153,29 +1173,13 @@ class Runner:
                 continue  # not ours: the janitor is told the next name (the last one wins)
             return os.path.abspath(path)
 
-    def _limits(self) -> cgroups.Limits:
-        """The resource options as `cgroups.Limits`, checked as podman checks them."""
-        opts = self.opts
-        limits = cgroups.Limits(
-            pids=opts.pids_limit,
-            memory=opts.memory,
-            memory_swap=opts.memory_swap,
-            memory_reservation=opts.memory_reservation,
-            cpus=opts.cpus,
-            cpu_shares=opts.cpu_shares,
-        )
-        why = limits.check()
-        if why is not None:
-            raise _fail(why)
-        return limits
-
     def _make_cgroup(self) -> None:
         """The container's cgroup, which bounds its processes (`cgroups`): podman's 2048
         by default, as root where the pids controller is, and the memory and CPU limits
         asked for. Rootless, in the user's delegated cgroup (`cgroups.delegated`);
         without one, as podman without systemd's: no limit, and why said once
         (`mount.say_once`), or an error for a limit asked for."""
-        limits = self._limits()
+        limits = limits_of(self.opts)
         required, optional = limits.required(), limits.optional()
         if not required and not optional:
             return
