@@ -136,6 +136,7 @@ class Podman:
             timeout=60,
             check=False,
             stdin=subprocess.DEVNULL,
+            cwd=self.state,  # conmon writes an "oom" file in its working directory
         )
         assert not ok or "Error:" not in r.stderr, r.stderr
         return r
