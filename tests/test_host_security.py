@@ -1275,6 +1275,66 @@ def test_a_users_fuse_mount_cannot_pass_her_symlink_off_as_roots(
     assert r.returncode == 125 and f"uid {user[0]} (whose FUSE mount" in r.stderr, r.stderr
 
 
+# Her FUSE mount as `_HER_FUSE`, which detaches itself (`fusermount3 -u -z`, as she may)
+# while it answers the second lookup of `link` (the first is openat2's, which stops at any
+# symlink): the symlink then stands on a mount that /proc/self/mountinfo no longer lists.
+_HER_VANISHING_FUSE = _HER_FUSE.replace(
+    """    async def lookup(self, parent, name, ctx=None):
+        if parent == pyfuse3.ROOT_INODE and name == b"link":
+            return self._attr(LINK)""",
+    """    lookups = 0
+
+    async def lookup(self, parent, name, ctx=None):
+        if parent == pyfuse3.ROOT_INODE and name == b"link":
+            Ops.lookups += 1
+            if Ops.lookups == 2:
+                import subprocess
+                await trio.to_thread.run_sync(
+                    lambda: subprocess.run(["fusermount3", "-u", "-z", mnt], check=True)
+                )
+            a = self._attr(LINK)
+            a.entry_timeout = a.attr_timeout = 0
+            return a""",
+)
+assert _HER_VANISHING_FUSE != _HER_FUSE
+
+
+def test_a_users_fuse_mount_detached_while_root_walks_it_is_still_hers(
+    open_tree: Path, user: tuple[int, int]
+) -> None:
+    """Her daemon answers root's lookup of her `link` only after detaching her mount
+    (`fusermount3 -u -z`): root's walk holds the mount by its fds, but mountinfo no
+    longer lists it, and its mounter was read as "no FUSE mount": her symlink, said to
+    be root's, was followed as root's, and `read_named` (`run --env-file`) read the
+    root-only file it names. A FUSE filesystem whose mounter cannot be read is now no
+    trusted user's: one error."""
+    from unionfs.tree import UntrustedSymlink, read_named
+
+    t = open_tree
+    secret, mnt = t / "secret", t / "mnt"
+    for d in (secret, mnt):
+        d.mkdir()
+    secret.chmod(0o700)
+    (secret / "env").write_text("SECRET=root-only\n")
+    server = subprocess.Popen(
+        [sys.executable, "-c", _HER_VANISHING_FUSE, str(mnt), str(user[0]), str(secret / "env")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "mounted\n"
+        got = b""
+        with pytest.raises(UntrustedSymlink) as e:
+            got = read_named(str(mnt / "link"), 100)
+        assert got == b"" and "FUSE" in str(e.value.strerror), e.value
+        assert not is_mounted(mnt)  # she did detach it, while root walked it
+    finally:
+        force_unmount(mnt)
+        server.kill()
+        server.communicate(timeout=30)
+
+
 def test_roots_temporary_tree_is_not_kept_where_a_user_can_move_it(
     open_tree: Path, user: tuple[int, int], tmp_path: Path
 ) -> None:
@@ -1448,6 +1508,45 @@ def test_a_users_env_file_reads_no_root_file_and_never_hangs(
     finally:
         os.close(rfd)
     assert "FROM_PIPE=yes" in r.stdout.splitlines(), r.stdout
+
+
+def test_a_users_symlink_or_fifo_as_the_iidfile_writes_no_root_file(
+    open_tree: Path, user: tuple[int, int], tmp_path: Path
+) -> None:
+    """`pyunion build --iidfile /home/u/proj/iid /home/u/proj` as root: her symlink
+    there to a root-only file had root truncate it and write the image ID into it (a
+    plain open(2)); her FIFO hung the build for good. The ID file follows the log's
+    rule now (`tree.open_named_output`): one line, the root file as it was; a new file,
+    and root's own one written again, still take the ID."""
+    home, victim = open_tree / "home", open_tree / "victim"
+    for d in (home, victim):
+        d.mkdir()
+    victim.chmod(0o700)
+    (victim / "shadow").write_text("root's\n")
+    os.chown(home, *user)
+    _as(user, "sh", "-c", f"printf 'FROM scratch\\nLABEL a=b\\n' > {home}/Containerfile")
+    _as(user, "ln", "-s", str(victim / "shadow"), str(home / "link.iid"))
+    _as(user, "mkfifo", str(home / "fifo.iid"))
+    store = str(tmp_path / "store")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    for name, why in (("link.iid", "symlink owned by uid"), ("fifo.iid", "FIFO")):
+        try:
+            r = pyunion(
+                "build", "--store", store, "--iidfile", str(home / name), str(home),
+                check=False, env=env, timeout=60,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"pyunion build hung on --iidfile {name}")
+        finally:  # an open(2) still waiting for a reader (the old way) is let go
+            with contextlib.suppress(OSError):
+                os.close(os.open(home / "fifo.iid", os.O_RDONLY | os.O_NONBLOCK))
+        assert r.returncode == 125 and why in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("pyunion: --iidfile"), r.stderr
+    assert (victim / "shadow").read_text() == "root's\n"
+    for _ in range(2):  # made, then written again (shorter or not: truncated)
+        r = pyunion("build", "--store", store, "--iidfile", str(home / "new.iid"), str(home))
+        last = r.stdout.strip().splitlines()[-1]  # the bare ID, as buildah prints it
+        assert (home / "new.iid").read_text() == "sha256:" + last
 
 
 def test_a_users_symlink_to_a_laxer_seccomp_profile_is_refused(

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import force_unmount, kernel_overlay, kernel_overlay_skip_reason, pyunion_mount
+from support import (
+    PYUNION,
+    force_unmount,
+    kernel_overlay,
+    kernel_overlay_skip_reason,
+    pyunion_mount,
+)
 
 pytestmark = pytest.mark.skipif(
     kernel_overlay_skip_reason() is not None, reason=kernel_overlay_skip_reason() or ""
@@ -99,3 +105,48 @@ def test_reads_through_the_mount_leave_lower_atimes(strict_tmpfs: Path, impl: st
         force_unmount(mnt)
     changed = {n: t for n, t in _atimes(low).items() if t != before[n]}
     assert changed == {}, f"{impl} changed the atime of lower {sorted(changed)}"
+
+
+def test_a_mount_below_a_lower_is_not_held_by_the_daemon(strict_tmpfs: Path) -> None:
+    """A pyunion mount at `low/sub`, below another mount's lower layer: unmounting it
+    while the other stays mounted (and holds nothing of it open: else it is busy, as for
+    any process) ends its daemon at once, and a mount made below the
+    lower afterwards shows through, as before the read-only copy of the lower's mounts
+    (`layers.read_only_view`), which copied `low/sub` with the lower: its daemon never
+    saw the unmount (the copy held its filesystem), `pyunion umount` waited 30 s and
+    failed, and the daemon lived on until the other mount went."""
+    top = strict_tmpfs
+    inner, low, mnt = top / "inner", top / "low", top / "mnt"
+    (low / "sub").mkdir(parents=True)
+    (low / "late").mkdir()
+    inner.mkdir()
+    (inner / "f").write_text("inner\n")
+    try:
+        subprocess.run(
+            [*PYUNION, "mount", str(inner), str(low / "sub")],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        with pyunion_mount([low], mnt) as m:
+            assert sorted(os.listdir(m)) == ["late", "sub"]  # nothing in sub/ opened
+            r = subprocess.run(
+                [*PYUNION, "umount", str(low / "sub")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert r.returncode == 0, r.stderr
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "late", str(low / "late")],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            (low / "late" / "x").write_text("late\n")
+            assert os.listdir(m / "late") == ["x"]
+    finally:
+        for p in (mnt, low / "sub"):
+            force_unmount(p)
+        subprocess.run(["umount", "-l", str(low / "late")], capture_output=True, timeout=30)

@@ -923,6 +923,26 @@ def test_build_gives_the_user_roots_image(user: User, root_store: Path, user_sto
     assert configs[0]["Config"] == configs[1]["Config"]
 
 
+def test_a_users_archive_root_owned_by_an_unmapped_id_is_named_not_corrupt(
+    user: User, home: Path
+) -> None:
+    """ADD of an archive whose `./` member (the destination itself) is owned by an ID
+    outside her namespace's ranges: chown fails (EINVAL), which came out as "corrupt or
+    truncated archive" (the archive is fine); now it names the member, as for any other."""
+    ctx = home / "ctx"
+    ctx.mkdir()
+    with tarfile.open(ctx / "a.tar", "w") as t:
+        ti = tarfile.TarInfo("./")
+        ti.type, ti.mode, ti.uid, ti.gid = tarfile.DIRTYPE, 0o755, 300000, 300000
+        t.addfile(ti)
+    (ctx / "Containerfile").write_text("FROM scratch\nADD a.tar /dest/\n")
+    for p in (ctx, ctx / "a.tar", ctx / "Containerfile"):
+        os.chown(p, user.uid, user.gid)
+    r = user.pyunion(home, "build", "-q", str(ctx), check=False, timeout=300)
+    assert r.returncode == 125, r.stderr
+    assert "cannot unpack '.': Invalid argument" in r.stderr and "corrupt" not in r.stderr
+
+
 PROBES = (
     "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status; "
     "wc -c < /proc/kcore; ls -A /sys/firmware | wc -l; "

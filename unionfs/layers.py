@@ -16,6 +16,7 @@ import stat
 
 from . import syscalls
 from .errors import FsError, UserError
+from .procfs import mount_table
 from .tree import DIR_FLAGS, UntrustedSymlink, open_trusted
 
 # A lower object is read without setting its atime, as kernel overlayfs reads it
@@ -124,17 +125,17 @@ def open_layer_dir(path: str, what: str, flags: int = os.O_RDONLY | os.O_DIRECTO
         raise UserError(f"{what} {path!r}: {e.strerror}") from None
 
 
-def _open_layer(path: str, index: int, what: str) -> Layer:
+def _open_layer(path: str, index: int, what: str, mount_points: list[str] | None = None) -> Layer:
     fd = open_layer_dir(path, what)
     if index > 0:
-        fd = read_only_view(fd)
+        fd = read_only_view(fd, mount_points)
     st = os.fstat(fd)
     if index > 0:
         hold_lower(fd)
     return Layer(index, os.path.abspath(path), fd, st.st_dev, st.st_ino)
 
 
-def read_only_view(fd: int) -> int:
+def read_only_view(fd: int, mount_points: list[str] | None = None) -> int:
     """The lower layer directory open at `fd`, reopened through a read-only copy of its
     mounts (detached, the daemon's alone); `fd` itself where that cannot be made.
 
@@ -147,8 +148,16 @@ def read_only_view(fd: int) -> int:
     atime is set the first time the daemon reads it (then the kernel keeps the target,
     FUSE_CACHE_SYMLINKS), and the stat shown is the one it had (`keep_lower_stat`).
     Where it cannot, the directory is opened again with O_NOATIME (`open_dir_at`).
-    `fd` is closed: the fd returned replaces it. The copy goes with its last fd."""
+    `fd` is closed: the fd returned replaces it. The copy goes with its last fd.
+
+    Not where a mount lies below the directory (`mount_points`, this namespace's; read
+    here if not given): the copy would hold those mounts' filesystems for as long as
+    the daemon lives (a pyunion mount at `lower/sub` never saw its unmount: its daemon
+    lived on, `pyunion umount` waited 30 s and failed), and show them as they were at
+    mount time, where the directory itself shows them as they are."""
     try:
+        if _mounts_below(fd, mount_points):
+            raise OSError(errno.EBUSY, "mounts below the layer")
         view = _read_only_copy(fd)
     except OSError:  # EPERM: not ours to copy; ENOSYS, or filtered: an older kernel
         try:
@@ -157,6 +166,18 @@ def read_only_view(fd: int) -> int:
             return fd
     os.close(fd)
     return view
+
+
+def _mounts_below(fd: int, mount_points: list[str] | None) -> bool:
+    """Whether a mount of this namespace lies below the directory open at `fd` (or its
+    path cannot be told: then one may)."""
+    path = os.readlink(syscalls.fd_str(fd))
+    if not path.startswith("/") or path.endswith(" (deleted)"):
+        return True
+    if mount_points is None:
+        mount_points = [mp for _, _, _, mp, _, _ in mount_table()]
+    prefix = path.rstrip("/") + "/"
+    return any(mp.startswith(prefix) for mp in mount_points)
 
 
 def _read_only_copy(fd: int) -> int:
@@ -191,8 +212,10 @@ class LayerStack:
         try:
             if upper is not None:
                 self.layers[0] = _open_layer(upper, 0, "upper directory")
+            # Read once for all lowers: each is copied only with no mount below it.
+            mount_points = [mp for _, _, _, mp, _, _ in mount_table()] if lowers else []
             for i, path in enumerate(lowers, start=1):
-                self.layers.append(_open_layer(path, i, "layer"))
+                self.layers.append(_open_layer(path, i, "layer", mount_points))
         except BaseException:
             self.close()
             raise

@@ -44,11 +44,11 @@ from .syscalls import (
 )
 from .tree import (
     DIR_FLAGS,
+    open_named_output,
     open_own_file,
     open_trusted,
     replace_file,
     rmtree_at,
-    trusted_uids,
 )
 from .userns import host_uid, in_user_namespace
 
@@ -1235,49 +1235,10 @@ def _pin_nothing(keep: set[int]) -> None:
 
 
 def open_log(path: str) -> int:
-    """$PYUNION_LOG opened for appending (made 0644 if missing): a regular file of
-    root's or the caller's with no other name, or a character device (a terminal),
-    reached through no symlink of another user's.
-
-    Root sets it to a path like /tmp/pyunion.log, where a user can be first: her
-    symlink (to /etc/shadow) had the daemon append its log there, her FIFO hung the
-    daemon in open(2), and with it root's `mount` or `run`, for good. The open never
-    blocks (a FIFO without reader is ENXIO), and a FIFO or socket is refused: its
-    reader, hers, could stop reading and stall every write of the daemon's log. Her
-    file there is refused too (the open does not create it, so the kernel's
-    protected_regular does not apply): root's log was hers to read, and her hard link
-    (where protected_hardlinks is off) had root append to /etc/shadow.
-    """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC
-    full = os.path.abspath(path)
-    try:
-        fd = open_trusted(full, flags)
-    except OSError as e:
-        if e.errno == errno.ENXIO:
-            raise OSError(e.errno, "is a FIFO or a socket, not a file", path) from None
-        if e.errno != errno.ENOENT:
-            raise
-        parent, name = os.path.split(full)
-        pfd = open_trusted(parent)
-        try:
-            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=pfd)
-        except FileExistsError:  # made meanwhile (another daemon's log too): as any other
-            fd = open_trusted(full, flags)
-        finally:
-            os.close(pfd)
-    st = os.fstat(fd)
-    why = None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-        why = errno.EINVAL, "is not a regular file or a terminal"
-    elif stat.S_ISREG(st.st_mode) and st.st_uid not in trusted_uids():
-        why = errno.EACCES, f"belongs to uid {st.st_uid}"  # root's log was hers to read
-    elif stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
-        why = errno.EACCES, "has other names (hard links)"  # hers, to /etc/shadow
-    if why:
-        os.close(fd)
-        raise OSError(*why, path)
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return fd
+    """$PYUNION_LOG opened for appending, by the rule for files root is named to write
+    (`tree.open_named_output`): the daemon runs as root, and /tmp/pyunion.log can be a
+    user's symlink or FIFO put there first."""
+    return open_named_output(path, os.O_APPEND)
 
 
 def check_log() -> None:

@@ -472,8 +472,8 @@ class Mounters:
     mounted. Each device asked about is pinned by a dup of the fd its stat came from,
     so that its superblock cannot go and another (her new FUSE mount) take its number
     before `close`; one unmounted meanwhile keeps the mounter it had (a read then
-    would find no mount and trust what her daemon says). Nothing is kept across calls:
-    mounts come and go between them."""
+    would find no mount: `_read_mounter` then trusts no one there). Nothing is kept
+    across calls: mounts come and go between them."""
 
     __slots__ = ("_known", "_pins")
 
@@ -482,20 +482,45 @@ class Mounters:
         self._pins: list[int] = []
 
     def mounter(self, st: os.stat_result, fd: int) -> int | None:
-        """`procfs.fuse_mounter` of `st` (the stat of open `fd`), read once per device."""
+        """`_read_mounter` of `st` (the stat of open `fd`), read once per device."""
         dev = st.st_dev
         if dev in self._known:
             return self._known[dev]
-        from .procfs import fuse_mounter
-
         pin = os.dup(fd)
         self._pins.append(pin)
-        found = self._known[dev] = fuse_mounter(dev)
+        found = self._known[dev] = _read_mounter(dev, fd)
         return found
 
     def close(self) -> None:
         while self._pins:
             os.close(self._pins.pop())
+
+
+FUSE_SUPER_MAGIC = 0x65735546
+UNLISTED_FUSE = -1  # `_read_mounter`: no user's, so never trusted
+
+
+def _read_mounter(dev: int, fd: int = -1) -> int | None:
+    """Who mounted the FUSE filesystem of device `dev` (`procfs.fuse_mounter`); None if
+    it is none; `UNLISTED_FUSE` if `fd` (open on it) is on a FUSE filesystem that
+    /proc/self/mountinfo does not list. Her daemon, answering root's lookup in her
+    mount, can detach it first (`fusermount3 -u -z`): root's walk goes on through its
+    fds, but no entry says whose it is, and it was taken for no FUSE mount at all (her
+    symlink, said to be root's, was followed). f_type is the kernel's, not her daemon's;
+    a statfs she fails leaves it unknown, as unlisted."""
+    from .procfs import fuse_mounter
+
+    found = fuse_mounter(dev)
+    if found is None and fd >= 0:
+        from .syscalls import fs_magic
+
+        try:  # FUSE asks her daemon, which may fail it: then not known to be no FUSE
+            magic = fs_magic(fd)
+        except OSError:
+            return UNLISTED_FUSE
+        if magic == FUSE_SUPER_MAGIC:
+            return UNLISTED_FUSE
+    return found
 
 
 def _owner(st: os.stat_result, mounters: Mounters | None = None, fd: int = -1) -> tuple[int, str]:
@@ -509,12 +534,9 @@ def _owner(st: os.stat_result, mounters: Mounters | None = None, fd: int = -1) -
     if os.major(st.st_dev) == 0:
         from .userns import host_uid
 
-        if mounters is not None:
-            mounter = mounters.mounter(st, fd)
-        else:
-            from .procfs import fuse_mounter
-
-            mounter = fuse_mounter(st.st_dev)
+        mounter = mounters.mounter(st, fd) if mounters else _read_mounter(st.st_dev, fd)
+        if mounter == UNLISTED_FUSE:
+            return mounter, "a FUSE mount not listed here (detached, or another namespace's)"
         if mounter is not None and mounter not in (0, os.geteuid(), host_uid()):
             return mounter, f"uid {mounter} (whose FUSE mount it is on)"
     return st.st_uid, f"uid {st.st_uid}"
@@ -651,6 +673,52 @@ def open_trusted(
     return out
 
 
+def open_named_output(path: str, flags: int = 0) -> int:
+    """A file the caller named for pyunion to write (`$PYUNION_LOG`, `build --iidfile`),
+    opened O_WRONLY | `flags` (made 0644 if missing, never truncated here): a regular
+    file of root's or the caller's with no other name, or a character device (a
+    terminal), reached through no symlink of another user's (`open_trusted`).
+
+    Root names a path where a user can be first (/tmp/pyunion.log, her project's
+    iid file): her symlink (to /etc/shadow) had root write there, her FIFO hung the
+    open for good. The open never blocks (a FIFO without reader is ENXIO), and a FIFO
+    or socket is refused: its reader, hers, could stop reading and stall every write.
+    Her file there is refused too (the open does not create it, so the kernel's
+    protected_regular does not apply): what root wrote was hers to read, and her hard
+    link (where protected_hardlinks is off) had root write to /etc/shadow.
+    """
+    flags |= os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    full = os.path.abspath(path)
+    try:
+        fd = open_trusted(full, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OSError(e.errno, "is a FIFO or a socket, not a file", path) from None
+        if e.errno != errno.ENOENT:
+            raise
+        parent, name = os.path.split(full)
+        pfd = open_trusted(parent)
+        try:
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=pfd)
+        except FileExistsError:  # made meanwhile (another daemon's log too): as any other
+            fd = open_trusted(full, flags)
+        finally:
+            os.close(pfd)
+    st = os.fstat(fd)
+    why = None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        why = errno.EINVAL, "is not a regular file or a terminal"
+    elif stat.S_ISREG(st.st_mode) and st.st_uid not in trusted_uids():
+        why = errno.EACCES, f"belongs to uid {st.st_uid}"
+    elif stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+        why = errno.EACCES, "has other names (hard links)"
+    if why:
+        os.close(fd)
+        raise OSError(*why, path)
+    os.set_blocking(fd, True)
+    return fd
+
+
 class SharedDirectory(OSError):
     """`open_private_dir` met a directory that another user can change."""
 
@@ -701,7 +769,7 @@ def open_private_file(dirfd: int, name: Name) -> int:
     (EACCES) for one she owns or can write."""
     fd = open_regular(dirfd, name, resolve="trusted")
     try:
-        why = _others_can_change(os.fstat(fd), trusted_uids())
+        why = _others_can_change(os.fstat(fd), trusted_uids(), None, fd)
         if why is not None:
             raise SharedDirectory(errno.EACCES, f"is {why}", name)
     except BaseException:

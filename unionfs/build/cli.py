@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..errors import UserError
+from ..tree import open_named_output
 
 
 def _bool(text: str) -> bool:
@@ -259,9 +260,13 @@ def _build(args: argparse.Namespace) -> int:
         )
     )
     if args.iidfile:
-        try:
-            with open(args.iidfile, "w") as f:
-                f.write(image_id)  # buildah's: the ID, no newline
+        try:  # as root may write a path a user can reach (no symlink or FIFO of hers)
+            fd = open_named_output(args.iidfile)
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, image_id.encode())  # buildah's: the ID, no newline
+            finally:
+                os.close(fd)
         except OSError as e:
             raise UserError(f"--iidfile {args.iidfile}: {e.strerror}") from None
     print(bare_id(image_id))  # last, on its own line, bare as buildah prints it

@@ -593,8 +593,13 @@ def extract_archive(root: Root, archive: Archive, dest: str, spec: CopySpec, wha
                 # `./` (`tar -C dir -cf x.tar .`) is the destination itself: its owner,
                 # mode and time, as buildah and Docker's classic builder give them.
                 if m.isdir():
-                    os.chown(dfd, m.uid, m.gid)
-                    os.chmod(dfd, stat.S_IMODE(m.mode))
+                    try:
+                        os.chown(dfd, m.uid, m.gid)
+                        os.chmod(dfd, stat.S_IMODE(m.mode))
+                    except OSError as e:  # an ID unmapped in her namespace: not "corrupt"
+                        raise CopyError(
+                            f"ADD {what}: cannot unpack {m.name!r}: {e.strerror}"
+                        ) from None
                     dest_time = int(m.mtime * 1_000_000_000)
                 continue
             if ".." in parts:
