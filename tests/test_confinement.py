@@ -136,6 +136,7 @@ class Podman:
             timeout=60,
             check=False,
             stdin=subprocess.DEVNULL,
+            cwd=self.state,  # conmon writes an "oom" file in its working directory
         )
         assert not ok or "Error:" not in r.stderr, r.stderr
         return r
@@ -1441,6 +1442,44 @@ def test_container_cannot_lift_its_pids_limit(env: Env) -> None:
     assert "unlimited" in r.stdout or "write errno" in r.stdout, r.stdout  # it got that far
     assert "survived" not in r.stdout, (r.stdout, r.stderr)
     assert "fork" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(cgroups.hierarchy("memory") is None, reason="no memory cgroup controller")
+def test_memory_limit_as_podman(env: Env, podman: Podman) -> None:
+    """--memory 32m: past it the command is killed, 137, under it it runs, as podman's;
+    the limit podman's container reads in its cgroup is the one pyunion's group has
+    (memory plus swap too: podman's default, twice the memory)."""
+    grow = "awk 'BEGIN {{ s = \"x\"; while (length(s) < {}) s = s s; print length(s) }}'"
+    for size, status in ((128 << 20, 137), (4 << 20, 0)):
+        ours = env.sh(grow.format(size), "--memory", "32m")
+        theirs = podman.sh(grow.format(size), "--memory", "32m")
+        assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), ours.stderr
+        assert ours.returncode == status, ours.stderr
+    point, v2 = cgroups.hierarchy("memory")  # type: ignore[misc]
+    files = ("memory.max", "memory.swap.max") if v2 else ("memory.limit_in_bytes",)
+    if not v2 and os.path.exists(os.path.join(point, "memory.memsw.limit_in_bytes")):
+        files += ("memory.memsw.limit_in_bytes",)
+    inside = "/sys/fs/cgroup/" if v2 else "/sys/fs/cgroup/memory/"
+    theirs = podman.sh(f"cd {inside} && cat {' '.join(files)}", "--memory", "32m")
+    assert theirs.returncode == 0, theirs.stderr
+    script = "grep -E '" + ("^0::" if v2 else "^[0-9]+:memory:") + "' /proc/self/cgroup; sleep 30"
+    p = subprocess.Popen(
+        env.cmd("--memory", "32m", command=("sh", "-c", script)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env.env,
+    )
+    try:
+        assert p.stdout is not None
+        rel = p.stdout.readline().strip().split(":", 2)[2].lstrip("/")
+        group = Path(point, rel).parent  # above `cgroups.INNER`
+        ours_files = "".join((group / f).read_text() for f in files)
+        assert ours_files == theirs.stdout
+    finally:
+        p.kill()
+        p.communicate(timeout=20)
 
 
 # -- podman's options and their results ----------------------------------------------------

@@ -1288,6 +1288,10 @@ def test_rootless_without_a_delegated_cgroup(user: User, home: Path) -> None:
     assert r.stdout == "ran\n" and "no limit" not in r.stderr, r.stderr
     r = user.pyunion(home, "run", "--pids-limit", "12", str(layer), "--", "true", check=False)
     assert "--pids-limit: no cgroup for a rootless container" in one_line(r, 125)
+    for opts in (("--memory", "32m"), ("--cpus", "0.5")):  # podman errors, never runs unbound
+        r = user.pyunion(home, "run", *opts, str(layer), "--", "echo", "ran", check=False)
+        assert f"{opts[0]}: no cgroup for a rootless container" in one_line(r, 125)
+        assert "ran" not in r.stdout
 
 
 def test_a_users_daemon_sets_no_atime_of_her_lower_files(user: User, home: Path) -> None:

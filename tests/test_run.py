@@ -51,10 +51,14 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def _container_cgroups() -> set[Path]:
-    """The containers' cgroups there are now (`unionfs.cgroups`)."""
-    found = cgroups.pids_hierarchy()
-    parent = Path(found[0]) / cgroups.PARENT if found else None
-    return {p for p in parent.iterdir() if p.is_dir()} if parent and parent.is_dir() else set()
+    """The containers' cgroups there are now (`unionfs.cgroups`), in each hierarchy."""
+    out: set[Path] = set()
+    for controller in ("pids", "memory", "cpu"):
+        found = cgroups.hierarchy(controller)
+        parent = Path(found[0]) / cgroups.PARENT if found else None
+        if parent and parent.is_dir():
+            out |= {p for p in parent.iterdir() if p.is_dir()}
+    return out
 
 
 class Env:
@@ -65,6 +69,7 @@ class Env:
         self.tmp = tmp
         self.env = dict(os.environ, TMPDIR=str(tmp))
         self.cgroups = _container_cgroups()
+        self.started: subprocess.Popen[str] | None = None  # ended by the test (`_end`)
 
     def cmd(self, *opts: str, command: tuple[str, ...] = ()) -> list[str]:
         return [*PYUNION, "run", *opts, *self.layers, "--", *command]
@@ -734,6 +739,148 @@ def test_pyunion_killed_removes_the_cgroup(env: Env) -> None:
         p.kill()
     env.wait_clean()
     assert not group.exists()
+
+
+# -- memory and CPU limits -------------------------------------------------------------------
+needs_memory = pytest.mark.skipif(
+    cgroups.hierarchy("memory") is None, reason="no memory cgroup controller on this host"
+)
+needs_cpu = pytest.mark.skipif(
+    cgroups.hierarchy("cpu") is None, reason="no cpu cgroup controller on this host"
+)
+# busybox awk doubles a string to SIZE bytes (each step holds the old and the new one)
+GROW = "awk 'BEGIN {{ s = \"x\"; while (length(s) < {size}) s = s s; print length(s) }}'"
+
+
+def _group_of(controller: str, opts: tuple[str, ...], env: Env) -> tuple[Path, bool]:
+    """Start a container with `opts` and the host path of its group in the hierarchy of
+    `controller` (the one with the limits, above `cgroups.INNER`) while it sleeps; it is
+    ended by the caller (`_end`)."""
+    found = cgroups.hierarchy(controller)
+    assert found is not None
+    point, v2 = found
+    pattern = "^0::" if v2 else f"^[0-9]+:([a-z_,]*,)?{controller}(,[a-z_,]*)?:"
+    script = f"grep -E '{pattern}' /proc/self/cgroup; sleep 30"
+    p = subprocess.Popen(
+        env.cmd(*opts, command=("sh", "-c", script)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env.env,
+    )
+    env.started = p
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line, p.communicate(timeout=20)
+    inner = Path(point) / line.strip().split(":", 2)[2].lstrip("/")
+    assert inner.name == cgroups.INNER, inner
+    return inner.parent, v2
+
+
+def _end(env: Env) -> None:
+    p = env.started
+    if p is not None:
+        p.kill()
+        p.communicate(timeout=20)
+
+
+@needs_memory
+@pytest.mark.parametrize("size,killed", [(128 << 20, True), (4 << 20, False)])
+def test_memory_limit_kills_past_it(env: Env, size: int, killed: bool) -> None:
+    """--memory 32m: a command allocating past it is killed by the kernel (137, as
+    podman's), one well under it runs to its end; the group goes with the container."""
+    r = env.sh(GROW.format(size=size), "--memory", "32m")
+    if killed:
+        assert r.returncode == 137 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    else:
+        assert r.returncode == 0 and r.stdout == f"{size}\n", (r.returncode, r.stderr)
+    r = env.sh(GROW.format(size=size))  # no limit: the same runs
+    assert r.returncode == 0 and r.stdout == f"{size}\n", (r.returncode, r.stderr)
+
+
+@needs_memory
+def test_memory_limits_written_as_podman(env: Env) -> None:
+    """--memory, --memory-swap (memory plus swap; v2: swap alone), --memory-reservation:
+    the group's files say them while the container runs, and the group goes after."""
+    opts = ("--memory", "32m", "--memory-swap", "96m", "--memory-reservation", "16m")
+    try:
+        group, v2 = _group_of("memory", opts, env)
+        if v2:
+            files = {"memory.max": 32 << 20, "memory.swap.max": 64 << 20, "memory.low": 16 << 20}
+        else:
+            files = {
+                "memory.limit_in_bytes": 32 << 20,
+                "memory.memsw.limit_in_bytes": 96 << 20,
+                "memory.soft_limit_in_bytes": 16 << 20,
+            }
+        for name, value in files.items():
+            if name.startswith("memory.memsw") and not (group / name).exists():
+                continue  # the kernel accounts no swap (then --memory-swap is refused)
+            assert int((group / name).read_text()) == value, name
+    finally:
+        _end(env)
+    env.wait_clean()
+    assert not group.exists()
+
+
+@needs_cpu
+def test_cpus_written_as_podman(env: Env) -> None:
+    """--cpus 0.5: a quota of 50000 us per period of 100000 (v2's cpu.max "50000 100000");
+    --cpu-shares: cpu.shares (v2: crun's weight)."""
+    try:
+        group, v2 = _group_of("cpu", ("--cpus", "0.5", "--cpu-shares", "512"), env)
+        if v2:
+            assert (group / "cpu.max").read_text() == "50000 100000\n"
+            assert (group / "cpu.weight").read_text() == "20\n"
+        else:
+            quota = (group / "cpu.cfs_quota_us").read_text()
+            period = (group / "cpu.cfs_period_us").read_text()
+            assert (quota, period) == ("50000\n", "100000\n")
+            assert (group / "cpu.shares").read_text() == "512\n"
+    finally:
+        _end(env)
+    env.wait_clean()
+    assert not group.exists()
+
+
+@needs_memory
+@needs_cpu
+def test_pyunion_killed_removes_every_limits_group(env: Env) -> None:
+    """SIGKILL to pyunion with memory and CPU limits: the janitor removes the container's
+    group in each hierarchy (v1: one a controller)."""
+    opts = ("--memory", "32m", "--cpus", "0.5")
+    try:
+        group, _ = _group_of("memory", opts, env)
+        assert env.started is not None
+        cpu = Path(cgroups.hierarchy("cpu")[0]) / cgroups.PARENT / group.name  # type: ignore[index]
+        assert cpu.is_dir() or cpu == group
+        _kill_and_wait_for_janitor(env.started)
+    finally:
+        _end(env)
+    env.wait_clean()
+    assert not group.exists() and not cpu.exists()
+
+
+@pytest.mark.parametrize(
+    "opts,says",
+    [
+        (("--memory", "lots"), "--memory: 'lots' is no size"),
+        (("--memory", "1m"), "--memory: the minimum memory limit allowed is 6MB"),
+        (("--memory-swap", "64m"), "--memory-swap: needs --memory"),
+        (("--memory", "64m", "--memory-swap", "32m"), "--memory-swap: must be -1 or at least"),
+        (("--memory", "32m", "--memory-reservation", "64m"), "--memory-reservation: must not"),
+        (("--cpus", "half"), "--cpus: 'half' is no number"),
+        (("--cpus", "-1"), "--cpus: must be a number of CPUs"),
+        (("--cpus", "nan"), "--cpus: must be a number of CPUs"),
+        (("--cpu-shares", "1"), "--cpu-shares: must be from 2 to 262144"),
+    ],
+)
+def test_resource_limit_bad_values(env: Env, opts: tuple[str, ...], says: str) -> None:
+    """A bad memory or CPU limit is one line and 125 (podman's), nothing started."""
+    r = env.run("echo", "ran", opts=opts)
+    assert r.returncode == 125 and r.stdout == "", (r.returncode, r.stdout)
+    assert r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
 
 
 def _kill_and_wait_for_janitor(p: subprocess.Popen[str]) -> None:

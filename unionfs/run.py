@@ -114,6 +114,11 @@ class RunOptions:
     security_opt: list[str] = field(default_factory=list)
     preserve_fds: int = 0
     pids_limit: int | None = None  # None: podman's default where there is a pids controller
+    memory: int | None = None  # --memory and the others: `cgroups.Limits`
+    memory_swap: int | None = None  # -1: unlimited
+    memory_reservation: int | None = None
+    cpus: float | None = None
+    cpu_shares: int | None = None
     quiet: bool = False  # no notice that the writable layer is kept (programmatic callers)
     # TERM unless the image sets one: podman's (containers.conf's default env, -t or not:
     # podman's terminal relay speaks xterm whatever the caller's is); None for none, as
@@ -298,6 +303,43 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         "where the pids cgroup controller is; rootless: in a delegated cgroup; "
         "0 or -1: no limit)",
     )
+    p.add_argument(
+        "-m",
+        "--memory",
+        type=str,
+        default=None,
+        metavar="SIZE",
+        help="memory limit (b, k, m, g; at least 6m): past it the kernel kills the "
+        "container's largest process (exit 137 when it is the command)",
+    )
+    p.add_argument(
+        "--memory-swap",
+        type=str,
+        default=None,
+        metavar="SIZE",
+        help="memory plus swap limit (default twice --memory; -1: unlimited swap)",
+    )
+    p.add_argument(
+        "--memory-reservation",
+        type=str,
+        default=None,
+        metavar="SIZE",
+        help="memory soft limit (memory.low on cgroup v2)",
+    )
+    p.add_argument(
+        "--cpus",
+        type=str,
+        default=None,
+        metavar="N",
+        help="at most N CPUs' time (a fraction too: cpu.max quota per 100000 us period)",
+    )
+    p.add_argument(
+        "--cpu-shares",
+        type=str,
+        default=None,
+        metavar="N",
+        help="relative CPU weight, 2 to 262144 (default 1024; a cpu.weight on cgroup v2)",
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -354,6 +396,42 @@ def _ram_size(text: str) -> int:
     if m is None or len(m[1]) > 20:
         raise argparse.ArgumentTypeError(f"{text!r} is no size (a number, maybe with k, m, g)")
     return int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " ") if m[2] != "b" else float(m[1]))
+
+
+def _option_value(option: str, text: str | None, parse: Callable[[str], T]) -> T | None:
+    """A resource option's value, or one line and 125 (podman's) when it is none: not
+    argparse's usage and error."""
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as e:
+        raise _fail(f"{option}: {e}") from None
+    except ValueError:
+        raise _fail(f"{option}: {text!r} is no number") from None
+
+
+def limits_of(opts: RunOptions) -> cgroups.Limits:
+    """The resource options as `cgroups.Limits`, checked as podman checks them: when the
+    options are read (nothing started) and again when the group is made (a caller's
+    own `RunOptions`)."""
+    limits = cgroups.Limits(
+        pids=opts.pids_limit,
+        memory=opts.memory,
+        memory_swap=opts.memory_swap,
+        memory_reservation=opts.memory_reservation,
+        cpus=opts.cpus,
+        cpu_shares=opts.cpu_shares,
+    )
+    why = limits.check()
+    if why is not None:
+        raise _fail(why)
+    return limits
+
+
+def _swap_size(text: str) -> int:
+    """--memory-swap: a size (`_ram_size`) or -1, unlimited swap."""
+    return -1 if text.strip() == "-1" else _ram_size(text)
 
 
 def check_device(spec: str) -> tuple[str, str]:
@@ -445,7 +523,7 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         # Bytes that are no UTF-8 (a UnicodeEncodeError traceback writing /etc/hostname);
         # a newline, tab or space wrote lines and names of its own into /etc/hosts.
         raise _fail(f"--hostname: {host!r} holds a space, a control character or no text")
-    return RunOptions(
+    opts = RunOptions(
         layers=before,
         command=command,
         env=args.env,
@@ -478,7 +556,16 @@ def parse_run_args(args: argparse.Namespace) -> RunOptions:
         security_opt=args.security_opt,
         preserve_fds=args.preserve_fds,
         pids_limit=args.pids_limit,
+        memory=_option_value("--memory", args.memory, _ram_size),
+        memory_swap=_option_value("--memory-swap", args.memory_swap, _swap_size),
+        memory_reservation=_option_value(
+            "--memory-reservation", args.memory_reservation, _ram_size
+        ),
+        cpus=_option_value("--cpus", args.cpus, float),
+        cpu_shares=_option_value("--cpu-shares", args.cpu_shares, int),
     )
+    limits_of(opts)  # a bad combination: before anything is started
+    return opts
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -1088,36 +1175,38 @@ class Runner:
 
     def _make_cgroup(self) -> None:
         """The container's cgroup, which bounds its processes (`cgroups`): podman's 2048
-        by default, as root where the pids controller is. Rootless, in the user's
-        delegated cgroup (`cgroups.delegated`); without one, as podman without systemd's:
-        no limit, and why said once (`mount.say_once`), or an error for `--pids-limit N`."""
-        limit = self.opts.pids_limit
-        if limit is not None and limit <= 0:
+        by default, as root where the pids controller is, and the memory and CPU limits
+        asked for. Rootless, in the user's delegated cgroup (`cgroups.delegated`);
+        without one, as podman without systemd's: no limit, and why said once
+        (`mount.say_once`), or an error for a limit asked for."""
+        limits = limits_of(self.opts)
+        required, optional = limits.required(), limits.optional()
+        if not required and not optional:
             return
         assert self.sup.tmp is not None
         name = os.path.basename(self.sup.tmp)
-        if userns.in_user_namespace():
-            group = cgroups.delegated(name)
-            if isinstance(group, str):
-                if limit is not None:
-                    raise _fail(f"--pids-limit: no cgroup for a rootless container: {group}")
-                say_once("no-pids-limit", f"no limit on the container's processes: {group}")
-                return
-        else:
-            found = cgroups.path_for(name)
-            if found is None:
-                if limit is not None:
-                    raise _fail("--pids-limit: this host has no pids cgroup controller")
-                return
-            group = found
-        self.sup.tell_janitor("C", os.fsencode(group.path))  # before it exists, as the tree
-        self.sup.cgroup = group.path
+        rootless = userns.in_user_namespace()
+        where = cgroups.delegated if rootless else cgroups.path_for
+        groups = where(name, required, optional)
+        if isinstance(groups, str) or not groups:
+            why = groups or "this host has no pids cgroup controller"
+            if required:
+                option = cgroups.OPTION[required[0]]
+                if rootless:
+                    raise _fail(f"{option}: no cgroup for a rootless container: {why}")
+                raise _fail(f"{option}: {why}")
+            if rootless:
+                say_once("no-pids-limit", f"no limit on the container's processes: {why}")
+            return
+        for group in groups:  # before it exists, as the tree
+            self.sup.tell_janitor("C", os.fsencode(group.path))
+        self.sup.cgroups = [group.path for group in groups]
         try:
-            cgroups.create(group, cgroups.DEFAULT_PIDS_LIMIT if limit is None else limit)
+            cgroups.create(groups, limits)
         except OSError as e:
             raise _fail(
-                f"cannot make the container's cgroup {group.path}: {e.strerror} "
-                "(--pids-limit -1 runs it without one)"
+                f"cannot make the container's cgroup {e.filename or groups[0].path}: "
+                f"{e.strerror}" + ("" if required else " (--pids-limit -1 runs it without one)")
             ) from None
 
     def _fork_init(self, spec: sandbox.ContainerSpec) -> None:
@@ -1137,9 +1226,9 @@ class Runner:
                 self.sup.out_pipes[our_end] = fd
         try:
             self.starting = self._fork_pid1(spec, child_sock)
-            if self.sup.cgroup is not None:  # init forks nothing before "go"
+            if self.sup.cgroups:  # init forks nothing before "go"
                 try:
-                    cgroups.add(self.sup.cgroup, self.starting)
+                    cgroups.add(self.sup.cgroups, self.starting)
                 except OSError as e:
                     raise _fail(f"cannot enter the container's cgroup: {e.strerror}") from None
         finally:

@@ -121,7 +121,7 @@ class Supervisor:
         self.upper: str | None = None
         self.merged: str | None = None
         self.daemon: bytes | None = None  # `procfs.process_id`
-        self.cgroup: str | None = None  # the container's (`cgroups`), once init is gone
+        self.cgroups: list[str] = []  # the container's, one a hierarchy (`cgroups`)
         self.keep = False
         self.quiet = False
         self.layers: list[str] = []
@@ -421,15 +421,12 @@ class Supervisor:
             _close(fd)
         self.wake_r = self.wake_w = -1
         created = self._created_mount_points()  # init is gone: its report is complete
-        if self.cgroup is not None:
+        for group in self.cgroups:  # init is gone
             try:
-                cgroups.remove(self.cgroup)
+                cgroups.remove(group)
             except OSError as e:
-                print(
-                    f"pyunion: cannot remove the cgroup {self.cgroup}: {e.strerror}",
-                    file=sys.stderr,
-                )
-            self.cgroup = None
+                print(f"pyunion: cannot remove the cgroup {group}: {e.strerror}", file=sys.stderr)
+        self.cgroups = []
         release(self.merged, self.daemon, self.tmp, self.upper, self.keep, self.quiet)
         if self.keep and self.upper is not None and os.path.isdir(self.upper):
             _drop_placeholders(self.upper, self.layers, created)
@@ -446,7 +443,7 @@ class Supervisor:
     def tell_janitor(self, kind: str, value: bytes = b"") -> None:
         """One line to the janitor (`janitor_cleanup` reads them): "D PID START" (the
         daemon, `procfs.process_id`), "U DIR" (--upper), "K" (keep the upper), "T DIR"
-        (the temporary tree), "C DIR" (the cgroup), "I PID START" (init), "DONE". The
+        (the temporary tree), "C DIR" (a cgroup, one a hierarchy), "I PID START" (init), "DONE". The
         value goes in hex: a path may hold any byte but NUL, and a newline in it (--upper,
         TMPDIR) made lines the janitor obeyed ("I PID": SIGKILL)."""
         if self.janitor_fd is not None:
@@ -725,7 +722,8 @@ def janitor_cleanup(told: str) -> None:
     """Undo what pyunion made and told the janitor of (`Supervisor.tell_janitor`) but could
     not undo itself: it died (SIGKILL, OOM) before DONE."""
     daemon: bytes | None = None
-    tmp = upper = cgroup = None
+    tmp = upper = None
+    groups: list[str] = []
     keep = False
     init: list[bytes] = []
     for line in os.fsencode(told).split(b"\n"):
@@ -745,7 +743,7 @@ def janitor_cleanup(told: str) -> None:
         elif kind == b"U" and value:
             upper = os.fsdecode(value)
         elif kind == b"C" and value:
-            cgroup = os.fsdecode(value)
+            groups.append(os.fsdecode(value))
         elif kind == b"K":
             keep = True
     for told_init in init:
@@ -753,9 +751,9 @@ def janitor_cleanup(told: str) -> None:
         if pidfd is not None:
             procfs.kill_and_wait(pidfd, _signal.SIGKILL, 10)
             os.close(pidfd)
-    if cgroup is not None:
+    for group in groups:
         try:
-            cgroups.remove(cgroup)
+            cgroups.remove(group)
         except OSError:
             pass
     merged = None
