@@ -120,6 +120,24 @@ def test_one_option_parser_for_both_commands(tmp_path: Path, opts: str, error: s
         assert len(err.strip().splitlines()) == 1 and error in err, err
 
 
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (("run", "--shm-size", "abc", "x"), "--shm-size"),
+        (("run", "--pids-limit", "abc", "x"), "--pids-limit"),
+        (("run", "--bogus", "x"), "--bogus"),
+        (("bogus",), "bogus"),
+        (("mount",), "required"),
+        (("image", "rm"), "rm"),
+    ],
+)
+def test_usage_errors_are_one_line(args: tuple[str, ...], word: str) -> None:
+    """argparse's usage errors too (it prints the usage text before them): one line naming
+    what was wrong and where the help is."""
+    line = _fails(*args)
+    assert word in line and "--help" in line, line
+
+
 @needs_fuse
 def test_a_comma_in_the_file_system_name_is_no_option_of_its_own(tmp_path: Path) -> None:
     """`fsname=a\\,ro` names the mount "a,ro"; handed to libfuse unescaped, which splits

@@ -213,6 +213,11 @@ def build_parser(
             kwargs.setdefault("formatter_class", _formatter)
             super().__init__(**kwargs)
 
+        def error(self, message: str) -> NoReturn:
+            """A usage error in one line, as every other bad input (argparse adds the usage
+            text before it); `--help` has the usage."""
+            self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
     parser: argparse.ArgumentParser = Parser(
         prog="pyunion", description="A userspace union filesystem for container image layers."
     )
