@@ -230,8 +230,9 @@ def _build(args: argparse.Namespace) -> int:
     # Before the executor is imported: its Containerfile parser (Go code) starts threads, and
     # a multi-threaded process cannot enter a user namespace.
     enter_rootless()
+    from ..image.store import bare_id
     from ..run import check_network
-    from .executor import BuildOptions, bare_id, build, check_platform
+    from .executor import BuildOptions, build, check_platform
 
     context = args.context or args.context_after_flag or "."
     if args.context and args.context_after_flag:

@@ -49,7 +49,7 @@ from ..digits import number
 from ..errors import UserError, printable
 from ..image.platforms import host as host_platform
 from ..image.reference import normalize_local
-from ..image.store import Store, normalize_tag, short_id
+from ..image.store import Store, bare_id, normalize_tag, short_id
 from ..sandbox import DEFAULT_PATH, wait_exit_code
 from ..syscalls import fd_str
 from ..tree import NotRegularFile, UntrustedSymlink, open_trusted, read_named, read_regular
@@ -482,7 +482,7 @@ class Builder:
             return ""
         dep = self._stage_ref(df, ref, stage.index)
         if dep is not None:
-            return bare_id(self.stages_done[dep.index].id)[:12]
+            return short_id(self.stages_done[dep.index].id)
         try:
             return normalize_local(ref)
         except UserError:
@@ -574,14 +574,14 @@ class Builder:
         if st.squash_upper is not None:  # no ID: one would be a digest of the whole history
             self.say(f"--> {time.monotonic() - t0:.2f}s")
             return
-        st.parent = bare_id(new.id)[:12]
+        st.parent = short_id(new.id)
         self._put(key, new)
         self.say(f"--> {short_id(new.id)} {time.monotonic() - t0:.2f}s")
 
     def _hit(self, st: _Stage, state: ImageState) -> None:
         """A step found in the cache: buildah's line, which scripts look for."""
         st.image = state
-        st.parent = bare_id(state.id)[:12]
+        st.parent = short_id(state.id)
         self.say(f"--> Using cache {bare_id(state.id)}")
 
     def _cached(self, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
@@ -1051,11 +1051,6 @@ class _CopyPlan:
 
 
 NOP = "/bin/sh -c #(nop) "  # buildah's history prefix of every step but RUN
-
-
-def bare_id(digest: str) -> str:
-    """An image ID as buildah prints it: the hex, no `sha256:`."""
-    return digest.split(":", 1)[-1]
 
 
 def _copy_history(inst: Instruction, multi: bool, sources: list[Source], digest: str) -> str:

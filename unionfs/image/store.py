@@ -109,8 +109,13 @@ def digest_of(data: bytes, algo: str = "sha256") -> str:
     return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
 
 
+def bare_id(digest: str) -> str:
+    """An image ID as buildah prints it: the hex, no `sha256:`."""
+    return digest.split(":", 1)[-1]
+
+
 def short_id(digest: str) -> str:
-    return digest.split(":", 1)[-1][:12]
+    return bare_id(digest)[:12]
 
 
 def default_store() -> str:
