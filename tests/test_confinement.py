@@ -1434,7 +1434,7 @@ def test_container_cannot_lift_its_pids_limit(env: Env) -> None:
     pids.max (the host's root owns it, and is the container's: cgroup v1 has no
     nsdelegate). The limit is on the group above, which it cannot name. The groups
     it made below its own go with it (the leftover check)."""
-    found = cgroups.pids_hierarchy()
+    found = cgroups.hierarchy("pids")
     assert found is not None
     fork = "i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done; echo survived"
     opts = ("--pids-limit", "12", "--security-opt", "seccomp=unconfined")

@@ -1208,7 +1208,7 @@ def test_rootless_podman_with_pyunion_as_with_fuse_overlayfs(
 
 # -- the pids limit -------------------------------------------------------------------------
 needs_pids = pytest.mark.skipif(
-    cgroups.pids_hierarchy() is None, reason="no pids cgroup controller on this host"
+    cgroups.hierarchy("pids") is None, reason="no pids cgroup controller on this host"
 )
 BOMB = "i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done; echo survived"
 
@@ -1228,14 +1228,14 @@ def _busybox_layer(u: User, home: Path) -> Path:
 def user_cgroup(user: User) -> Iterator[Path]:
     """A cgroup delegated to the user, as systemd's `Delegate=yes` or pam_cgfs make one:
     hers, with a group below it she is put in (`0`); removed afterwards."""
-    found = cgroups.pids_hierarchy()
+    found = cgroups.hierarchy("pids")
     assert found is not None
     point, v2 = found
     top = Path(point) / f"pyunion-test-user-{secrets.token_hex(6)}"
     top.mkdir()
     try:
         if v2:
-            cgroups._delegate_pids(point)
+            cgroups._delegate(point, ("pids",))
         (top / "0").mkdir()
         for d in (top, top / "0"):
             os.chown(d, user.uid, user.gid)
@@ -1255,7 +1255,7 @@ def test_rootless_pids_limit_in_the_delegated_cgroup(
     (podman asks systemd for a scope there): a group of its own right below it, with
     pids.max, gone afterwards; --pids-limit N bounds a fork bomb as root's does."""
     layer = _busybox_layer(user, home)
-    found = cgroups.pids_hierarchy()
+    found = cgroups.hierarchy("pids")
     assert found is not None
     point, v2 = found
     parent = user_cgroup.parent if v2 else user_cgroup

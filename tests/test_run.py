@@ -667,13 +667,13 @@ def test_command_killed_from_the_host(env: Env) -> None:
 
 # -- the pids limit -------------------------------------------------------------------------
 needs_pids = pytest.mark.skipif(
-    cgroups.pids_hierarchy() is None, reason="no pids cgroup controller on this host"
+    cgroups.hierarchy("pids") is None, reason="no pids cgroup controller on this host"
 )
 
 
 def _print_cgroup_then_sleep() -> tuple[str, ...]:
     """A command printing its line of /proc/self/cgroup for the pids hierarchy."""
-    found = cgroups.pids_hierarchy()
+    found = cgroups.hierarchy("pids")
     assert found is not None
     pattern = "^0::" if found[1] else "^[0-9]+:pids:"
     return ("sh", "-c", f"grep -E '{pattern}' /proc/self/cgroup; sleep 30")
@@ -682,7 +682,7 @@ def _print_cgroup_then_sleep() -> tuple[str, ...]:
 def _cgroup_of(line: str) -> Path:
     """The host path of the container's cgroup, the one with its limit, from its
     /proc/self/cgroup line (its processes are in a group below: `cgroups.INNER`)."""
-    found = cgroups.pids_hierarchy()
+    found = cgroups.hierarchy("pids")
     assert found is not None
     inner = Path(found[0]) / line.strip().split(":", 2)[2].lstrip("/")
     assert inner.name == cgroups.INNER, inner

@@ -72,11 +72,6 @@ def hierarchy(controller: str) -> tuple[str, bool] | None:
     return None
 
 
-def pids_hierarchy() -> tuple[str, bool] | None:
-    """`hierarchy("pids")`: the one every container's group is in by default."""
-    return hierarchy("pids")
-
-
 MIN_MEMORY = 6 * 1024 * 1024  # podman's ("minimum memory limit allowed is 6MB")
 CPU_PERIOD = 100000  # podman's --cpus period (us)
 OPTION = {"pids": "--pids-limit", "memory": "--memory", "cpu": "--cpus"}  # for messages
@@ -202,10 +197,6 @@ def _delegate(group: str, controllers: tuple[str, ...]) -> None:
     if missing:
         line = " ".join("+" + c for c in missing)
         _write(os.path.join(group, "cgroup.subtree_control"), line.encode())
-
-
-def _delegate_pids(group: str) -> None:
-    _delegate(group, ("pids",))
 
 
 def _by_hierarchy(
